@@ -1,0 +1,24 @@
+"""rpo_engine: GRPO/DAPO fine-tuning with Partial Reasoning Optimization (arXiv 2601.19404)."""
+from rpo_engine.errors import UserError
+from rpo_engine.model import CausalLM, ModelConfig, load_model, load_tokenizer
+
+__version__ = "0.1.0"
+
+# The rollout engine and the trainer import lazily: `import rpo_engine` stays cheap.
+_LAZY = {
+    "RolloutEngine": "rpo_engine.rollout",
+    "SamplingParams": "rpo_engine.rollout",
+    "TrainConfig": "rpo_engine.config",
+    "Trainer": "rpo_engine.trainer",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'rpo_engine' has no attribute {name!r}")
+
+
+__all__ = ["CausalLM", "ModelConfig", "UserError", "load_model", "load_tokenizer", *_LAZY]

@@ -1,0 +1,161 @@
+"""Hugging Face checkpoint directories in and out: config.json + safetensors (single file or sharded).
+
+Loading checks every tensor the architecture needs: a missing or misshaped one is a UserError naming
+the file and the tensor, never a half-initialised model. Saving writes into a temporary directory
+and renames it into place, so an interrupted save never leaves a broken model where a good one was.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from rpo_engine.errors import UserError
+from rpo_engine.model.config import ModelConfig, rope_inv_freq
+from rpo_engine.model.decoder import CausalLM
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
+                   "generation_config.json")
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    raise UserError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+
+
+def _weight_files(directory: Path) -> dict[str, Path]:
+    """tensor name -> file holding it."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{index}: not a valid safetensors index ({e!r})") from None
+        files = {name: directory / shard for name, shard in weight_map.items()}
+        for shard in set(files.values()):
+            if not shard.is_file():
+                raise UserError(f"{index}: shard {shard.name} is missing")
+        return files
+    single = directory / "model.safetensors"
+    if not single.is_file():
+        raise UserError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+    try:
+        with safe_open(single, framework="pt") as f:
+            return {name: single for name in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{single}: not a readable safetensors file ({e})") from None
+
+
+def load_model(path, dtype=None, device=None) -> CausalLM:
+    """Load a Llama / Qwen2 / Qwen3 checkpoint directory.
+
+    dtype None keeps the dtype the weights are stored in; device None means CPU.
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        raise UserError(f"{directory}: model directory not found")
+    config = ModelConfig.from_file(directory / "config.json")
+    dtype = resolve_dtype(dtype)
+    device = torch.device(device or "cpu")
+    files = _weight_files(directory)
+
+    with torch.device("meta"):
+        model = CausalLM(config)
+    expected = {name: p for name, p in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")  # shares embed_tokens.weight; checkpoints usually omit it
+    missing = sorted(set(expected) - set(files))
+    if missing:
+        raise UserError(f"{directory}: checkpoint is missing {len(missing)} tensor(s), first {missing[0]!r}")
+
+    state = {}
+    by_file: dict[Path, list[str]] = {}
+    for name in expected:
+        by_file.setdefault(files[name], []).append(name)
+    for file, names in by_file.items():
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name in names:
+                    tensor = f.get_tensor(name)
+                    if tuple(tensor.shape) != tuple(expected[name].shape):
+                        raise UserError(f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                        f"expected {tuple(expected[name].shape)}")
+                    state[name] = tensor
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{file}: not a readable safetensors file ({e})") from None
+
+    if dtype is None:
+        dtype = state["model.embed_tokens.weight"].dtype
+    model = model.to_empty(device=device)
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()},
+                          strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight  # assign=True replaced the shared Parameter
+    model.model.rotary_emb.inv_freq = rope_inv_freq(config).to(device)  # to_empty left it uninitialised
+    model.source_dir = directory
+    return model
+
+
+def save_pretrained(model: CausalLM, directory, tokenizer=None) -> None:
+    """Write config.json + model.safetensors (+ tokenizer files) so that transformers loads the model.
+
+    The tokenizer comes from `tokenizer` (anything with save_pretrained) or is copied from the
+    directory the model was loaded from.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight")  # safetensors refuses shared tensors; transformers re-ties on load
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        hf = model.config.to_hf_dict()
+        hf["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        elif model.source_dir is not None:
+            for name in TOKENIZER_FILES:
+                src = Path(model.source_dir) / name
+                if src.is_file():
+                    shutil.copy2(src, tmp / name)
+        # Swap in: the old directory (if any) is only removed once the new one is complete.
+        old = None
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            directory.rename(old)
+        tmp.rename(directory)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_tokenizer(path):
+    """A transformers tokenizer from a model directory (tokenizer.json and friends)."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise UserError(f"{directory}: tokenizer directory not found")
+    if not any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise UserError(f"{directory}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory))
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise UserError(f"{directory}: tokenizer could not be loaded ({str(e).splitlines()[0]})") from None

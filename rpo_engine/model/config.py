@@ -1,0 +1,196 @@
+"""ModelConfig: the decoder's hyper-parameters, read from (and written back to) a Hugging Face config.json.
+
+One dataclass covers the Llama, Qwen2 and Qwen3 families; the differences are three switches
+(`qkv_bias`, `o_bias`, `qk_norm`) plus the RoPE scaling rule. Anything we do not implement
+(sliding windows, other RoPE types, other activations) is a UserError naming the field, never a
+silently different model.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rpo_engine.errors import UserError
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor", "low_freq_factor", ...} or None
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2: always on; Llama/Qwen3: `attention_bias`
+    o_bias: bool = False  # Llama/Qwen3 `attention_bias` also biases o_proj; Qwen2 never does
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    # The raw config.json we were built from, written back on save so fields we do not use survive.
+    hf_config: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self):
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise UserError(f"unsupported model_type {self.model_type!r}; expected one of {SUPPORTED_MODEL_TYPES}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise UserError(f"config field {name} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise UserError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                            f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.head_dim % 2:
+            raise UserError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.rope_scaling is not None:
+            rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if rope_type not in SUPPORTED_ROPE_TYPES:
+                raise UserError(f"unsupported rope_scaling type {rope_type!r}; expected one of {SUPPORTED_ROPE_TYPES}")
+            if rope_type == "llama3":
+                missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                       "original_max_position_embeddings") if k not in self.rope_scaling]
+                if missing:
+                    raise UserError(f"llama3 rope_scaling is missing {missing}")
+
+    @property
+    def num_query_groups(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
+        def need(key):
+            if key not in hf:
+                raise UserError(f"{source}: missing required field {key!r}")
+            return hf[key]
+
+        model_type = need("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise UserError(f"{source}: unsupported model_type {model_type!r}; expected one of {SUPPORTED_MODEL_TYPES}")
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise UserError(f"{source}: unsupported hidden_act {act!r}; expected 'silu'")
+        if hf.get("use_sliding_window", False):
+            raise UserError(f"{source}: use_sliding_window=true is not supported")
+
+        # transformers>=5 nests rope_theta and the scaling rule in `rope_parameters`; older configs
+        # (and every released Qwen/Llama checkpoint) keep `rope_theta` and `rope_scaling` at the top.
+        rope_params = dict(hf.get("rope_parameters") or {})
+        rope_theta = float(hf.get("rope_theta", rope_params.get("rope_theta", 10000.0)))
+        rope_scaling = hf.get("rope_scaling") or rope_params or None
+        if rope_scaling is not None:
+            rope_scaling = {k: v for k, v in rope_scaling.items() if k != "rope_theta"}
+            rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+            if rope_type == "default":
+                rope_scaling = None
+
+        num_heads = need("num_attention_heads")
+        hidden = need("hidden_size")
+        attention_bias = bool(hf.get("attention_bias", False))
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        try:
+            return cls(
+                model_type=model_type,
+                vocab_size=need("vocab_size"),
+                hidden_size=hidden,
+                intermediate_size=need("intermediate_size"),
+                num_hidden_layers=need("num_hidden_layers"),
+                num_attention_heads=num_heads,
+                num_key_value_heads=hf.get("num_key_value_heads") or num_heads,
+                head_dim=hf.get("head_dim") or hidden // num_heads,
+                max_position_embeddings=hf.get("max_position_embeddings", 2048),
+                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                rope_theta=rope_theta,
+                rope_scaling=rope_scaling,
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", model_type != "llama")),
+                qkv_bias=True if model_type == "qwen2" else attention_bias,
+                o_bias=False if model_type == "qwen2" else attention_bias,
+                mlp_bias=bool(hf.get("mlp_bias", False)),
+                qk_norm=model_type == "qwen3",
+                bos_token_id=hf.get("bos_token_id"),
+                eos_token_ids=eos_ids,
+                pad_token_id=hf.get("pad_token_id"),
+                hf_config=dict(hf),
+            )
+        except UserError as e:
+            raise UserError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: config.json not found")
+        try:
+            hf = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(hf, dict):
+            raise UserError(f"{path}: expected a JSON object, got {type(hf).__name__}")
+        return cls.from_hf_dict(hf, source=str(path))
+
+    def to_hf_dict(self) -> dict:
+        """A config.json that transformers (4.x and 5.x) loads into the same architecture."""
+        hf = dict(self.hf_config)
+        hf.pop("rope_parameters", None)  # rewritten below in the form every transformers version reads
+        hf.update(
+            model_type=self.model_type,
+            architectures=[{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                            "qwen3": "Qwen3ForCausalLM"}[self.model_type]],
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            max_position_embeddings=self.max_position_embeddings,
+            rms_norm_eps=self.rms_norm_eps,
+            rope_theta=self.rope_theta,
+            rope_scaling=self.rope_scaling,
+            tie_word_embeddings=self.tie_word_embeddings,
+            hidden_act="silu",
+            bos_token_id=self.bos_token_id,
+            eos_token_id=(list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0])
+            if self.eos_token_ids else None,
+            pad_token_id=self.pad_token_id,
+        )
+        if self.model_type != "qwen2":
+            hf["attention_bias"] = self.qkv_bias
+        if self.model_type == "llama":
+            hf["mlp_bias"] = self.mlp_bias
+        return hf
+
+
+def rope_inv_freq(config: ModelConfig):
+    """Inverse frequencies [head_dim // 2] in fp32, with Llama-3 frequency scaling when configured."""
+    import torch
+
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if config.rope_scaling is None:
+        return inv_freq
+    # Llama 3.1: long wavelengths are divided by `factor`, short ones kept, the band between interpolated.
+    s = config.rope_scaling
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_context = s["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_context / low, old_context / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)

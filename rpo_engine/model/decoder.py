@@ -1,0 +1,200 @@
+"""Our own decoder for the Llama, Qwen2 and Qwen3 families, in plain PyTorch.
+
+Module and parameter names mirror transformers' (`model.layers.0.self_attn.q_proj.weight`, ...), so a
+checkpoint's state dict loads and saves without renaming. The families differ by three switches in
+ModelConfig: q/k/v biases (Qwen2), q/k RMSNorm (Qwen3), and the RoPE scaling rule (Llama 3).
+
+Attention is pluggable: every layer computes q, k, v (after norm and RoPE) and hands them to an
+`attn` object, `attn(layer_idx, q, k, v) -> out`. The default, `PaddedAttention`, is causal SDPA over a
+padded batch (training, teacher forcing, parity tests). The rollout engine passes a paged-KV-cache
+backend instead, and shared-prefix training a prefix-aware one; the decoder itself never changes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from rpo_engine.model.config import ModelConfig, rope_inv_freq
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()  # the variance is taken in fp32, as in the reference implementations
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [B, T, heads, D]; cos/sin [B, T, D] broadcast over heads
+    return x * cos.unsqueeze(2) + rotate_half(x) * sin.unsqueeze(2)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        # Not a checkpoint tensor (persistent=False): always recomputed from the config.
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype):
+        # positions [B, T] -> cos, sin [B, T, D], computed in fp32 then cast (as transformers does)
+        freqs = positions.float().unsqueeze(-1) * self.inv_freq.float()  # [B, T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class PaddedAttention:
+    """Causal attention over a padded batch with torch SDPA.
+
+    `attention_mask` [B, T] marks real tokens (1) and padding (0), left or right. A padding query
+    row attends to itself only, so it stays finite; its output is never used.
+    """
+
+    def __init__(self, attention_mask: torch.Tensor | None, seq_len: int, device: torch.device):
+        self.mask = None  # None: plain causal, the fast SDPA path
+        if attention_mask is not None and not bool(attention_mask.all()):  # host sync, once per forward
+            keep = attention_mask.bool()  # [B, T]
+            causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+            eye = torch.eye(seq_len, dtype=torch.bool, device=device)
+            self.mask = ((causal & keep[:, None, :]) | eye)[:, None]  # [B, 1, T, T]
+
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q [B, T, H, D], k/v [B, T, KVH, D] -> [B, T, H, D]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, is_causal=self.mask is None,
+                                             enable_gqa=k.shape[1] != q.shape[1])
+        return out.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        h, d = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=config.o_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(d, config.rms_norm_eps)
+            self.k_norm = RMSNorm(d, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
+
+    def forward(self, x, cos, sin, attn) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)  # [B, T, H, D]
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # [B, T, KVH, D]
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attn(self.layer_idx, q, k, v)  # [B, T, H, D]
+        return self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, attn):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+class CausalLM(nn.Module):
+    """Decoder-only LM. `model(input_ids, attention_mask=None)` -> logits [B, T, vocab]."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+        self.source_dir = None  # the checkpoint directory we were loaded from, if any (for tokenizer files)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, attn=None) -> torch.Tensor:
+        """Final (normed) hidden states [B, T, hidden]: the input of the LM head, for fused log-prob kernels.
+
+        position_ids default to each token's index among the real tokens of its row (so left-padded
+        rows start at 0), or 0..T-1 without a mask. `attn` defaults to causal SDPA over the padded batch.
+        """
+        B, T = input_ids.shape
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+            else:
+                position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        if attn is None:
+            attn = PaddedAttention(attention_mask, T, input_ids.device)
+        x = self.model.embed_tokens(input_ids)  # [B, T, hidden]
+        cos, sin = self.model.rotary_emb(position_ids, x.dtype)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                # Recompute the layer in backward instead of keeping its activations.
+                x = checkpoint(layer, x, cos, sin, attn, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, attn)
+        return self.model.norm(x)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, attn=None) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, attn))
+
+    def gradient_checkpointing_enable(self):
+        self.gradient_checkpointing = True
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # parameters() yields a tied weight once
+
+    def save_pretrained(self, directory, tokenizer=None) -> None:
+        from rpo_engine.model.checkpoint import save_pretrained
+
+        save_pretrained(self, directory, tokenizer=tokenizer)

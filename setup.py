@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+# torch is required but pinned loosely: installing rpo_engine must never replace a torch that is
+# already installed (a CPU build here, a CUDA build on a GPU box).
+setup(
+    name="rpo_engine",
+    version="0.1.0",
+    description="Reinforcement fine-tuning with Partial Reasoning Optimization (RPO): a self-contained GRPO/DAPO engine",
+    packages=find_packages(include=["rpo_engine", "rpo_engine.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "safetensors>=0.4",
+        "tokenizers>=0.19",
+        "transformers>=4.45",
+        "math-verify>=0.5",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark"],
+        "gpu": ["flash-attn", "xformers"],
+    },
+    entry_points={"console_scripts": ["rpo-train=rpo_engine.train:main", "rpo-eval=rpo_engine.eval:main"]},
+)

@@ -1,0 +1,51 @@
+"""Tiny random Hugging Face checkpoints for tests: built with transformers, saved as safetensors."""
+from __future__ import annotations
+
+import torch
+
+FAMILIES = {
+    # GQA 4:2, untied, Llama-3 RoPE scaling, every bias on, odd sizes
+    "llama": dict(model_type="llama", hidden_size=48, intermediate_size=97, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=131, attention_bias=True, mlp_bias=True,
+                  tie_word_embeddings=False, rope_theta=50000.0,
+                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    # MQA (4:1), q/k/v biases, tied embeddings
+    "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=80, num_attention_heads=4,
+                  num_key_value_heads=1, vocab_size=127, tie_word_embeddings=True, rope_theta=1e6),
+    # q/k norm, head_dim not hidden/heads, no GQA, untied
+    "qwen3": dict(model_type="qwen3", hidden_size=40, intermediate_size=72, num_attention_heads=4,
+                  num_key_value_heads=4, head_dim=16, vocab_size=113, tie_word_embeddings=False),
+}
+
+
+def hf_config(family: str, num_layers: int = 2, **overrides):
+    from transformers import AutoConfig
+
+    kwargs = dict(FAMILIES[family])
+    kwargs.update(overrides)
+    model_type = kwargs.pop("model_type")
+    return AutoConfig.for_model(model_type, num_hidden_layers=num_layers, max_position_embeddings=256,
+                                bos_token_id=1, eos_token_id=2, pad_token_id=0, **kwargs)
+
+
+def make_hf_model(family: str, seed: int = 0, **overrides):
+    """A transformers model with every weight random (norms around 1, biases nonzero), fp32, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    config = hf_config(family, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            else:
+                p.copy_(0.15 * torch.randn_like(p))
+    return model.eval()
+
+
+def save_hf_checkpoint(family: str, directory, seed: int = 0, **overrides):
+    model = make_hf_model(family, seed, **overrides)
+    model.save_pretrained(str(directory))
+    return model
