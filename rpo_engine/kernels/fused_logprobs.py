@@ -1,0 +1,284 @@
+"""Fused LM-head log-probabilities: log p(target) (and entropy) without the full [N, V] logits.
+
+`fused_logprobs(hidden, weight, targets)` equals
+`log_softmax((hidden @ weight.T).float() / T, -1).gather(targets)`, forward and backward.
+
+Forward: an online logsumexp over vocabulary tiles; only lse (fp32), the target logit and optionally
+the entropy are kept, O(N) memory. Backward: tokens are processed in chunks of C rows; each chunk
+recomputes its logits, forms grad_logits = (onehot - softmax) * grad / T [C, V] and feeds two matmuls,
+so the peak extra memory is a few [C, V] buffers plus an fp32 [V, H] grad_weight accumulator.
+
+Backends: "torch" chunks the forward the same way (any device); "triton" runs the forward as one
+program per token block looping over vocabulary tiles, and in the backward a Triton kernel
+recomputes each [BLOCK_N, BLOCK_V] logits tile with the same tiling as the forward (so softmax uses
+exactly the saved lse) and writes grad_logits; the two matmuls stay in cuBLAS. Liger-Kernel's fused
+linear cross-entropy does the gradient in the forward instead; recomputing keeps the forward cheap
+when the log-probs of a rollout are computed without grad (old/ref log-probs).
+"""
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # the torch backend needs nothing else
+    HAS_TRITON = False
+
+BACKENDS = ("auto", "torch", "triton")
+# Rows per chunk so that one [C, V] fp32 buffer is about 128 MiB.
+_CHUNK_ELEMS = 1 << 25
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _logits_tile(h_ptr, w_ptr, offs_n, offs_v, mask_n, mask_v, H, temperature,
+                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                     UPCAST: tl.constexpr):
+        """(hidden[offs_n] @ weight[offs_v].T) / T as an fp32 [BLOCK_N, BLOCK_V] tile."""
+        acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+        for h0 in range(0, H, BLOCK_H):
+            offs_h = h0 + tl.arange(0, BLOCK_H)
+            mask_h = offs_h < H
+            a = tl.load(h_ptr + offs_n[:, None] * H + offs_h[None, :],
+                        mask=mask_n[:, None] & mask_h[None, :], other=0.0)  # [BLOCK_N, BLOCK_H]
+            b = tl.load(w_ptr + offs_v[:, None] * H + offs_h[None, :],
+                        mask=mask_v[:, None] & mask_h[None, :], other=0.0)  # [BLOCK_V, BLOCK_H]
+            if UPCAST:  # the interpreter's bf16 dot is wrong (triton 3.9); bf16 products are exact in fp32
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")  # no TF32: exact to the reference
+        return acc / temperature
+
+    @triton.jit
+    def _fwd_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, tgt_logit_ptr, ent_ptr, N, V, H, temperature,
+                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                    UPCAST: tl.constexpr, WITH_ENTROPY: tl.constexpr):
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        tgt = tl.load(tgt_ptr + offs_n, mask=mask_n, other=0)  # [BLOCK_N]
+        row_max = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+        sum_exp = tl.zeros([BLOCK_N], dtype=tl.float32)
+        sum_exp_x = tl.zeros([BLOCK_N], dtype=tl.float32)  # sum exp(x - max) * x, for the entropy
+        tgt_logit = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            offs_v = v0 + tl.arange(0, BLOCK_V)
+            mask_v = offs_v < V
+            x = _logits_tile(h_ptr, w_ptr, offs_n, offs_v, mask_n, mask_v, H, temperature,
+                             BLOCK_N, BLOCK_V, BLOCK_H, UPCAST)  # [BLOCK_N, BLOCK_V]
+            x = tl.where(mask_v[None, :], x, float("-inf"))
+            new_max = tl.maximum(row_max, tl.max(x, axis=1))  # [BLOCK_N]
+            scale = tl.exp(row_max - new_max)  # 0 on the first tile (row_max = -inf)
+            p = tl.exp(x - new_max[:, None])  # [BLOCK_N, BLOCK_V]
+            sum_exp = sum_exp * scale + tl.sum(p, axis=1)
+            if WITH_ENTROPY:
+                sum_exp_x = sum_exp_x * scale + tl.sum(p * tl.where(mask_v[None, :], x, 0.0), axis=1)
+            tgt_logit += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], x, 0.0), axis=1)
+            row_max = new_max
+        lse = row_max + tl.log(sum_exp)
+        tl.store(lse_ptr + offs_n, lse, mask=mask_n)
+        tl.store(tgt_logit_ptr + offs_n, tgt_logit, mask=mask_n)
+        if WITH_ENTROPY:  # H = lse - E_p[x]
+            tl.store(ent_ptr + offs_n, lse - sum_exp_x / sum_exp, mask=mask_n)
+
+    @triton.jit
+    def _grad_logits_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, grad_ptr, out_ptr, N, V, H, temperature,
+                            BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                            UPCAST: tl.constexpr):
+        """out[n, v] = (onehot(target_n)[v] - softmax(x_n)[v]) * grad_n / T for one [BLOCK_N, BLOCK_V] tile."""
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+        mask_n = offs_n < N
+        mask_v = offs_v < V
+        x = _logits_tile(h_ptr, w_ptr, offs_n, offs_v, mask_n, mask_v, H, temperature,
+                         BLOCK_N, BLOCK_V, BLOCK_H, UPCAST)  # [BLOCK_N, BLOCK_V]
+        lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)  # [BLOCK_N]
+        tgt = tl.load(tgt_ptr + offs_n, mask=mask_n, other=-1)  # [BLOCK_N]
+        g = tl.load(grad_ptr + offs_n, mask=mask_n, other=0.0) / temperature  # [BLOCK_N]
+        p = tl.exp(x - lse[:, None])  # [BLOCK_N, BLOCK_V]
+        onehot = (offs_v[None, :] == tgt[:, None]).to(tl.float32)
+        grad = (onehot - p) * g[:, None]
+        tl.store(out_ptr + offs_n[:, None] * V + offs_v[None, :], grad.to(out_ptr.dtype.element_ty),
+                 mask=mask_n[:, None] & mask_v[None, :])
+
+
+def _triton_interpreted():
+    return HAS_TRITON and type(_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def _block_sizes(device):
+    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps). tl.dot needs every block >= 16."""
+    if device.type == "cuda":
+        return 64, 128, 64, 8
+    # Interpreter: numpy per block, so big blocks are faster; these still give several vocab tiles
+    # and a ragged last tile on the test shapes.
+    return 32, 128, 32, 4
+
+
+def _chunk_rows(n, v, chunk_size):
+    if chunk_size is None:
+        chunk_size = max(64, (_CHUNK_ELEMS // v) // 64 * 64)
+    return max(1, min(n, int(chunk_size)))
+
+
+# ---- forward ---------------------------------------------------------------------------------------
+
+def _torch_forward(hidden, weight, targets, temperature, chunk, with_entropy):
+    n = hidden.shape[0]
+    lse = hidden.new_empty(n, dtype=torch.float32)  # [N]
+    tgt_logit = torch.empty_like(lse)  # [N]
+    entropy = torch.empty_like(lse) if with_entropy else None  # [N]
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        x = (hidden[s:e] @ weight.T).float().div_(temperature)  # [C, V]
+        lse[s:e] = torch.logsumexp(x, dim=-1)
+        tgt_logit[s:e] = x.gather(1, targets[s:e, None]).squeeze(1)
+        if with_entropy:
+            p = torch.exp(x - lse[s:e, None])  # [C, V]
+            entropy[s:e] = lse[s:e] - (p * x).sum(-1)
+    return lse, tgt_logit, entropy
+
+
+def _triton_forward(hidden, weight, targets, temperature, with_entropy):
+    n, h = hidden.shape
+    v = weight.shape[0]
+    lse = hidden.new_empty(n, dtype=torch.float32)  # [N]
+    tgt_logit = torch.empty_like(lse)  # [N]
+    entropy = torch.empty_like(lse) if with_entropy else lse  # [N]; lse is a dummy pointer when unused
+    if n == 0:
+        return lse, tgt_logit, entropy if with_entropy else None
+    block_n, block_v, block_h, warps = _block_sizes(hidden.device)
+    _fwd_kernel[(triton.cdiv(n, block_n),)](
+        hidden, weight, targets, lse, tgt_logit, entropy, n, v, h, temperature,
+        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, UPCAST=_triton_interpreted(),
+        WITH_ENTROPY=with_entropy, num_warps=warps)
+    return lse, tgt_logit, entropy if with_entropy else None
+
+
+# ---- backward: grad_logits for one chunk of tokens -------------------------------------------------
+
+def _torch_grad_logits(h_c, weight, tgt_c, lse_c, g_c, temperature):
+    x = (h_c @ weight.T).float().div_(temperature)  # [C, V]
+    scale = g_c / temperature  # [C]
+    grad = x.sub_(lse_c[:, None]).exp_().mul_(-scale[:, None])  # -softmax * g / T, in place
+    grad[torch.arange(h_c.shape[0], device=h_c.device), tgt_c] += scale
+    return grad.to(h_c.dtype)  # [C, V] in the matmul dtype, as autograd of the reference does
+
+
+def _triton_grad_logits(h_c, weight, tgt_c, lse_c, g_c, temperature):
+    c, h = h_c.shape
+    v = weight.shape[0]
+    out = h_c.new_empty(c, v)  # [C, V]
+    block_n, block_v, block_h, warps = _block_sizes(h_c.device)
+    _grad_logits_kernel[(triton.cdiv(c, block_n), triton.cdiv(v, block_v))](
+        h_c, weight, tgt_c, lse_c, g_c, out, c, v, h, temperature,
+        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, UPCAST=_triton_interpreted(), num_warps=warps)
+    return out
+
+
+class _FusedLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, use_triton, chunk, with_entropy):
+        if use_triton:
+            lse, tgt_logit, entropy = _triton_forward(hidden, weight, targets, temperature, with_entropy)
+        else:
+            lse, tgt_logit, entropy = _torch_forward(hidden, weight, targets, temperature, chunk, with_entropy)
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.temperature, ctx.use_triton, ctx.chunk = temperature, use_triton, chunk
+        logp = tgt_logit - lse  # [N]
+        if entropy is None:
+            entropy = logp.new_empty(0)
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        grad_logits_fn = _triton_grad_logits if ctx.use_triton else _torch_grad_logits
+        g = grad_logp.float().contiguous()  # [N]
+        n, chunk = hidden.shape[0], ctx.chunk
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None  # [N, H]
+        # fp32 accumulator across chunks: summing bf16 partial products would round once per chunk.
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            grad_x = grad_logits_fn(hidden[s:e], weight, targets[s:e], lse[s:e], g[s:e], ctx.temperature)  # [C, V]
+            if need_hidden:
+                torch.matmul(grad_x, weight, out=grad_hidden[s:e])
+            if need_weight:
+                if grad_x.dtype == torch.float32:
+                    grad_weight.addmm_(grad_x.T, hidden[s:e])
+                else:
+                    grad_weight += (grad_x.T @ hidden[s:e]).float()  # [V, H]
+        if need_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def _check_inputs(hidden, weight, targets, temperature, backend):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 2 or not hidden.is_floating_point():
+        raise ValueError(f"hidden must be a floating tensor of shape [..., H], got "
+                         f"{getattr(hidden, 'dtype', type(hidden))} {tuple(getattr(hidden, 'shape', ()))}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"weight must be a floating tensor of shape [V, H], got "
+                         f"{getattr(weight, 'dtype', type(weight))} {tuple(getattr(weight, 'shape', ()))}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"hidden dim mismatch: hidden has H={hidden.shape[-1]} but weight is "
+                         f"{tuple(weight.shape)} (expected [V, {hidden.shape[-1]}])")
+    if weight.dtype != hidden.dtype or weight.device != hidden.device:
+        raise ValueError(f"hidden and weight must share dtype and device, got hidden {hidden.dtype} on "
+                         f"{hidden.device} and weight {weight.dtype} on {weight.device}")
+    if not isinstance(targets, torch.Tensor) or targets.is_floating_point() or targets.is_complex() \
+            or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be an integer tensor, got {getattr(targets, 'dtype', type(targets))}")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"targets shape {tuple(targets.shape)} must equal hidden.shape[:-1] = "
+                         f"{tuple(hidden.shape[:-1])}")
+    if targets.device != hidden.device:
+        raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
+    vocab = weight.shape[0]
+    if targets.numel() and bool(((targets < 0) | (targets >= vocab)).any()):
+        raise ValueError(f"targets must lie in [0, {vocab}) (vocab size of weight), got values in "
+                         f"[{int(targets.min())}, {int(targets.max())}]")
+    try:
+        t = float(temperature)
+    except (TypeError, ValueError):
+        t = float("nan")
+    if not (math.isfinite(t) and t > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+
+
+def fused_logprobs(hidden, weight, targets, temperature=1.0, backend="auto", return_entropy=False,
+                   chunk_size=None):
+    """Per-token log p(target) fp32 [...] from hidden [..., H], LM-head weight [V, H], targets [...].
+
+    Differentiable w.r.t. hidden and weight (gradients in their dtypes). With return_entropy=True also
+    returns the softmax entropy per token, fp32, without grad. `chunk_size` bounds the tokens whose
+    [chunk, V] logits exist at once (default: ~128 MiB of fp32 logits).
+    """
+    _check_inputs(hidden, weight, targets, temperature, backend)
+    if backend == "auto":
+        backend = "triton" if HAS_TRITON and hidden.is_cuda else "torch"
+    if backend == "triton":
+        if not HAS_TRITON:
+            raise ValueError("backend='triton' needs the triton package, which does not import here")
+        if not hidden.is_cuda and not _triton_interpreted():
+            raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is "
+                             "first imported")
+    if chunk_size is not None and int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    out_shape = targets.shape
+    hidden2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()  # [N, H]
+    targets2 = targets.reshape(-1).to(torch.int64).contiguous()  # [N]
+    chunk = _chunk_rows(hidden2.shape[0], weight.shape[0], chunk_size)
+    logp, entropy = _FusedLogprobs.apply(hidden2, weight.contiguous(), targets2, float(temperature),
+                                         backend == "triton", chunk, bool(return_entropy))
+    if return_entropy:
+        return logp.reshape(out_shape), entropy.reshape(out_shape)
+    return logp.reshape(out_shape)

@@ -1,0 +1,169 @@
+"""Clipped-ratio policy loss (PPO/GRPO/DAPO/Dr.GRPO) with optional k3 KL, fused in Triton.
+
+Per masked token: ratio = exp(logp - old_logp),
+    loss_t = max(-A * ratio, -A * clip(ratio, 1 - eps_low, 1 + eps_high)) + kl_coef * k3,
+    k3 = exp(ref_logp - logp) - (ref_logp - logp) - 1.
+The aggregation modes differ only in a per-token weight w (reference.loss_token_weights), so the
+loss is sum(w * loss_t) for all of them: one elementwise kernel serves GRPO, DAPO and Dr.GRPO, and
+the reduction is a torch sum (Liger's warning: no kernel copy per paper).
+
+The Triton kernel writes w * dloss_t/dlogp in the forward (one [B, T] fp32 buffer) instead of
+recomputing it in a backward kernel: the backward is then a single scale by the incoming gradient.
+Each program also writes its partial sums (loss, clip counts, KL, ratio), reduced in torch without
+atomics, so the result is deterministic.
+"""
+import torch
+
+from .fused_logprobs import HAS_TRITON, _triton_interpreted
+from .reference import LOSS_AGG_MODES, loss_token_weights, policy_loss_reference
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    _NUM_PARTIALS = 5  # loss, clip_low count, clip_high count, k3 sum, ratio sum
+
+    @triton.jit
+    def _policy_loss_kernel(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, w_ptr, grad_ptr, partial_ptr,
+                            num_el, T, eps_low, eps_high, kl_coef,
+                            HAS_REF: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        active = (offs < num_el) & (tl.load(mask_ptr + offs, mask=offs < num_el, other=0.0) != 0.0)
+        # Inactive tokens load zeros, so garbage (-inf padding) never reaches exp.
+        logp = tl.load(logp_ptr + offs, mask=active, other=0.0)
+        old = tl.load(old_ptr + offs, mask=active, other=0.0)
+        adv = tl.load(adv_ptr + offs // T, mask=active, other=0.0)
+        w = tl.load(w_ptr + offs, mask=active, other=0.0)
+        ratio = tl.exp(logp - old)
+        pg_unclipped = -adv * ratio
+        pg_clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high)
+        loss = tl.maximum(pg_unclipped, pg_clipped)
+        # d(-A * ratio)/dlogp = -A * ratio; the clipped branch, when it wins, is constant in logp.
+        dloss = tl.where(pg_unclipped >= pg_clipped, pg_unclipped, 0.0)
+        k3 = tl.zeros([BLOCK], dtype=tl.float32)
+        if HAS_REF:
+            diff = tl.load(ref_ptr + offs, mask=active, other=0.0) - logp
+            exp_diff = tl.exp(diff)
+            k3 = exp_diff - diff - 1.0
+            loss += kl_coef * k3
+            dloss += kl_coef * (1.0 - exp_diff)
+        tl.store(grad_ptr + offs, tl.where(active, w * dloss, 0.0), mask=offs < num_el)
+        clip_low = active & (ratio < 1.0 - eps_low) & (adv < 0.0)
+        clip_high = active & (ratio > 1.0 + eps_high) & (adv > 0.0)
+        base = partial_ptr + pid * 5
+        tl.store(base + 0, tl.sum(tl.where(active, w * loss, 0.0), axis=0))
+        tl.store(base + 1, tl.sum(clip_low.to(tl.float32), axis=0))
+        tl.store(base + 2, tl.sum(clip_high.to(tl.float32), axis=0))
+        tl.store(base + 3, tl.sum(tl.where(active, k3, 0.0), axis=0))
+        tl.store(base + 4, tl.sum(tl.where(active, ratio, 0.0), axis=0))
+
+
+class _PolicyLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logp, old_logp, ref_logp, advantages, mask, weights, eps_low, eps_high, kl_coef):
+        num_el, seq_len = logp.numel(), logp.shape[-1]
+        block = 1024 if logp.is_cuda else 256
+        num_blocks = max(1, triton.cdiv(num_el, block))
+        grad = torch.empty_like(logp)  # [B, T], w * dloss/dlogp
+        partials = torch.zeros(num_blocks, _NUM_PARTIALS, dtype=torch.float32, device=logp.device)
+        if num_el:
+            _policy_loss_kernel[(num_blocks,)](
+                logp, old_logp, ref_logp if ref_logp is not None else logp, advantages, mask, weights, grad,
+                partials, num_el, seq_len, eps_low, eps_high, kl_coef,
+                HAS_REF=ref_logp is not None, BLOCK=block)
+        ctx.save_for_backward(grad)
+        sums = partials.sum(0)  # [5]
+        ctx.mark_non_differentiable(sums)
+        return sums[0].clone(), sums
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_sums):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss, None, None, None, None, None, None, None, None
+
+
+def _triton_policy_loss(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg,
+                        norm_length):
+    weights = loss_token_weights(mask, loss_agg, norm_length).contiguous()  # [B, T]
+    mask_f = mask.to(torch.float32).contiguous()  # [B, T]
+    ref = ref_logp.float().contiguous() if ref_logp is not None else None
+    loss, sums = _PolicyLoss.apply(logp.float().contiguous(), old_logp.float().contiguous(), ref,
+                                   advantages.float().contiguous(), mask_f, weights,
+                                   float(eps_low), float(eps_high), float(kl_coef))
+    num_tokens = mask_f.sum().clamp(min=1.0)
+    stats = {
+        "clip_low_frac": sums[1] / num_tokens,
+        "clip_high_frac": sums[2] / num_tokens,
+        "clip_frac": (sums[1] + sums[2]) / num_tokens,
+        "kl_mean": sums[3] / num_tokens,
+        "ratio_mean": sums[4] / num_tokens,
+    }
+    return loss, stats
+
+
+def _check_inputs(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg,
+                  norm_length, backend):
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be one of ('auto', 'torch', 'triton'), got {backend!r}")
+    if loss_agg not in LOSS_AGG_MODES:
+        raise ValueError(f"loss_agg must be one of {LOSS_AGG_MODES}, got {loss_agg!r}")
+    if not isinstance(logp, torch.Tensor) or logp.dim() != 2 or not logp.is_floating_point():
+        raise ValueError(f"logp must be a floating tensor of shape [B, T], got "
+                         f"{getattr(logp, 'dtype', type(logp))} {tuple(getattr(logp, 'shape', ()))}")
+    shape = tuple(logp.shape)
+    for name, t in (("old_logp", old_logp), ("mask", mask), ("ref_logp", ref_logp)):
+        if name == "ref_logp" and t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have the shape of logp {shape}, got {tuple(getattr(t, 'shape', ()))}")
+        if t.device != logp.device:
+            raise ValueError(f"{name} is on {t.device} but logp is on {logp.device}")
+    if not isinstance(advantages, torch.Tensor) or tuple(advantages.shape) != shape[:1]:
+        raise ValueError(f"advantages must have shape [B] = {shape[:1]}, got "
+                         f"{tuple(getattr(advantages, 'shape', ()))}")
+    if advantages.device != logp.device:
+        raise ValueError(f"advantages is on {advantages.device} but logp is on {logp.device}")
+    for name, eps in (("eps_low", eps_low), ("eps_high", eps_high)):
+        if not eps >= 0:
+            raise ValueError(f"{name} must be >= 0, got {eps}")
+    if eps_low >= 1:
+        raise ValueError(f"eps_low must be < 1 (the lower clip bound is 1 - eps_low), got {eps_low}")
+    if not kl_coef >= 0:
+        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+    if kl_coef > 0 and ref_logp is None:
+        raise ValueError(f"kl_coef={kl_coef} needs ref_logp")
+    if norm_length is not None and not norm_length > 0:
+        raise ValueError(f"norm_length must be > 0, got {norm_length}")
+
+
+def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2, eps_high=0.2, kl_coef=0.0,
+                loss_agg="seq-mean-token-mean", norm_length=None, backend="auto"):
+    """Clipped-ratio policy loss over masked tokens; returns (loss, stats).
+
+    logp, old_logp, ref_logp: [B, T] log-probs (logp carries the grad); advantages [B]; mask [B, T]
+    (bool or 0/1; False for padding and for tokens outside the loss, e.g. a cached prefix).
+    loss_agg: "token-mean" (DAPO), "seq-mean-token-mean" (GRPO) or "seq-mean-token-sum-norm"
+    (Dr.GRPO: per-row sum / norm_length, default T). Seq modes average over rows with a masked token.
+
+    stats (detached fp32 scalars, averaged over masked tokens; 0 when there are none):
+      clip_low_frac  tokens with ratio < 1 - eps_low and A < 0: the clipped branch is the active one
+      clip_high_frac tokens with ratio > 1 + eps_high and A > 0: likewise on the high side
+      clip_frac      their sum, i.e. verl's pg_clipfrac (tokens whose gradient the clip zeroes)
+      kl_mean        mean k3 KL to the reference (0 without ref_logp)
+      ratio_mean     mean ratio
+    """
+    _check_inputs(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg, norm_length,
+                  backend)
+    if backend == "auto":
+        backend = "triton" if HAS_TRITON and logp.is_cuda else "torch"
+    if backend == "triton":
+        if not HAS_TRITON:
+            raise ValueError("backend='triton' needs the triton package, which does not import here")
+        if not logp.is_cuda and not _triton_interpreted():
+            raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is "
+                             "first imported")
+        return _triton_policy_loss(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef,
+                                   loss_agg, norm_length)
+    return policy_loss_reference(logp, old_logp, advantages, mask, ref_logp=ref_logp, eps_low=eps_low,
+                                 eps_high=eps_high, kl_coef=kl_coef, loss_agg=loss_agg, norm_length=norm_length)

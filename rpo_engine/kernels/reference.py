@@ -1,0 +1,82 @@
+"""Pure-torch references for the kernels: the naive log-prob/entropy and the clipped-ratio policy loss.
+
+Tests compare every backend against these, benchmarks use them as the baseline, and the "torch"
+backend of `policy_loss` is `policy_loss_reference` itself. The naive log-prob materializes the full
+[N, V] logits; `fused_logprobs` is the memory-bounded version of it.
+"""
+import torch
+
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def logprobs_reference(hidden, weight, targets, temperature=1.0):
+    """log p(target) = log_softmax((hidden @ weight.T).float() / T).gather(targets), fp32 (fp64 stays fp64)."""
+    logits = (hidden @ weight.T).float() if hidden.dtype != torch.float64 else hidden @ weight.T  # [..., V]
+    logp = torch.log_softmax(logits / temperature, dim=-1)  # [..., V]
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [...]
+
+
+def entropy_reference(hidden, weight, temperature=1.0):
+    """Entropy of softmax(logits / T) per token, computed on the full logits."""
+    logits = (hidden @ weight.T).float() if hidden.dtype != torch.float64 else hidden @ weight.T  # [..., V]
+    logp = torch.log_softmax(logits / temperature, dim=-1)  # [..., V]
+    return -(logp.exp() * logp).sum(-1)  # [...]
+
+
+def loss_token_weights(mask, loss_agg, norm_length=None):
+    """Per-token weights w [B, T] such that loss = sum(w * per_token_loss) for each aggregation mode.
+
+    token-mean              (DAPO):     w = m / (number of masked tokens in the batch)
+    seq-mean-token-mean     (GRPO):     w = m / (len_b * number of non-empty rows)
+    seq-mean-token-sum-norm (Dr.GRPO):  w = m / (norm_length * number of non-empty rows)
+    Rows without a masked token get weight 0 and are not counted; an all-masked batch gives w = 0.
+    """
+    m = mask.to(torch.float32)  # [B, T]
+    if loss_agg == "token-mean":
+        return m / m.sum().clamp(min=1.0)
+    lengths = m.sum(-1)  # [B]
+    num_rows = (lengths > 0).sum().clamp(min=1).to(torch.float32)
+    if loss_agg == "seq-mean-token-mean":
+        return m / (lengths.clamp(min=1.0) * num_rows).unsqueeze(-1)
+    if loss_agg == "seq-mean-token-sum-norm":
+        norm = float(mask.shape[-1] if norm_length is None else norm_length)
+        return m / (norm * num_rows)
+    raise ValueError(f"loss_agg must be one of {LOSS_AGG_MODES}, got {loss_agg!r}")
+
+
+def policy_loss_reference(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2, eps_high=0.2,
+                          kl_coef=0.0, loss_agg="seq-mean-token-mean", norm_length=None):
+    """Clipped-ratio surrogate (+ k3 KL) aggregated by `loss_agg`; returns (loss, stats). See policy_loss."""
+    m = mask.bool()  # [B, T]
+    # Masked positions may hold garbage (padding, -inf): zero them before exp so no NaN reaches the
+    # loss or flows back through torch.where's gradient.
+    logp = torch.where(m, logp.float(), 0.0)  # [B, T]
+    old_logp = torch.where(m, old_logp.float(), 0.0)  # [B, T]
+    adv = advantages.float().unsqueeze(-1)  # [B, 1]
+    ratio = torch.exp(logp - old_logp)  # [B, T]
+    pg_unclipped = -adv * ratio  # [B, T]
+    pg_clipped = -adv * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)  # [B, T]
+    per_token = torch.maximum(pg_unclipped, pg_clipped)  # [B, T]
+    if ref_logp is not None:
+        diff = torch.where(m, ref_logp.float(), 0.0) - logp  # [B, T]
+        k3 = torch.exp(diff) - diff - 1.0  # [B, T]
+        per_token = per_token + kl_coef * k3
+    weights = loss_token_weights(mask, loss_agg, norm_length)  # [B, T]
+    loss = (weights * torch.where(m, per_token, 0.0)).sum()
+
+    with torch.no_grad():
+        mf = m.float()
+        num_tokens = mf.sum().clamp(min=1.0)
+        # Fractions of masked tokens where the clipped branch is the active one (verl's pg_clipfrac,
+        # split by side): low = ratio < 1 - eps_low with A < 0, high = ratio > 1 + eps_high with A > 0.
+        clip_low = ((ratio < 1.0 - eps_low) & (adv < 0) & m).float().sum() / num_tokens
+        clip_high = ((ratio > 1.0 + eps_high) & (adv > 0) & m).float().sum() / num_tokens
+        kl_mean = (k3 * mf).sum() / num_tokens if ref_logp is not None else torch.zeros((), device=logp.device)
+        stats = {
+            "clip_low_frac": clip_low,
+            "clip_high_frac": clip_high,
+            "clip_frac": clip_low + clip_high,
+            "kl_mean": kl_mean.float(),
+            "ratio_mean": (ratio * mf).sum() / num_tokens,
+        }
+    return loss, stats

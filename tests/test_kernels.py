@@ -1,0 +1,329 @@
+"""Kernels against fp64 naive references: values and gradients, every backend, odd shapes.
+
+Triton runs through the interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1), so shapes are
+small but odd: vocab 331 is 3 vocab tiles of 128 with a ragged last one, hidden 48 is 2 ragged tiles
+of 32, 37 tokens are 2 ragged token blocks, and chunk_size=16 gives 3 backward chunks.
+"""
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from rpo_engine.kernels import (entropy_reference, fused_logprobs, logprobs_reference, policy_loss,
+                                policy_loss_reference)
+
+BACKENDS = ["torch", "triton"]
+AGG_MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+
+
+def _lm_inputs(n, h, v, dtype=torch.float32):
+    hidden = torch.randn(n, h)  # [N, H]
+    weight = torch.randn(v, h) / math.sqrt(h) * 3  # [V, H], logits of a few units, like a trained head
+    targets = torch.randint(0, v, (n,))  # [N]
+    return hidden.to(dtype), weight.to(dtype), targets
+
+
+def _fp64_reference(hidden, weight, targets, temperature, grad_out):
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()
+    logp = logprobs_reference(h, w, targets, temperature)
+    logp.backward(grad_out.double())
+    return logp.detach(), h.grad, w.grad
+
+
+def _ours(hidden, weight, targets, temperature, grad_out, backend, **kw):
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    logp = fused_logprobs(h, w, targets, temperature, backend=backend, **kw)
+    logp.backward(grad_out)
+    return logp.detach(), h.grad, w.grad
+
+
+def _max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+# ---- fused_logprobs ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,h,v,temperature,chunk_size", [
+    (37, 48, 331, 1.0, 16),   # several chunks, ragged last chunk / token block / vocab tile / hidden tile
+    (37, 48, 331, 0.7, None),  # default chunking (one chunk), temperature < 1
+    (1, 48, 331, 1.7, None),   # a single token
+    (20, 16, 128, 1.0, 7),     # vocab an exact multiple of the tile, chunk not a multiple of the block
+])
+def test_logprobs_fp32_matches_fp64(backend, n, h, v, temperature, chunk_size):
+    hidden, weight, targets = _lm_inputs(n, h, v)
+    grad_out = torch.randn(n)  # [N]
+    ref, ref_gh, ref_gw = _fp64_reference(hidden, weight, targets, temperature, grad_out)
+    logp, gh, gw = _ours(hidden, weight, targets, temperature, grad_out, backend, chunk_size=chunk_size)
+    assert logp.dtype == torch.float32 and logp.shape == (n,)
+    assert gh.dtype == hidden.dtype and gw.dtype == weight.dtype
+    assert _max_err(logp, ref) < 2e-5
+    assert _max_err(gh, ref_gh) < 2e-5
+    assert _max_err(gw, ref_gw) < 2e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logprobs_leading_dims_and_weight_only_grad(backend):
+    hidden, weight, targets = _lm_inputs(3 * 7, 48, 331)
+    hidden, targets = hidden.reshape(3, 7, 48), targets.reshape(3, 7)  # [B, T, H], [B, T]
+    w = weight.clone().requires_grad_()
+    logp = fused_logprobs(hidden, w, targets, 1.3, backend=backend, chunk_size=8)  # hidden has no grad
+    assert logp.shape == (3, 7)
+    grad_out = torch.randn(3, 7)
+    logp.backward(grad_out)
+    ref, _, ref_gw = _fp64_reference(hidden.reshape(21, 48), weight, targets.reshape(21), 1.3, grad_out.reshape(21))
+    assert _max_err(logp.detach().reshape(21), ref) < 2e-5
+    assert _max_err(w.grad, ref_gw) < 2e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entropy_matches_naive(backend):
+    hidden, weight, targets = _lm_inputs(37, 48, 331)
+    h = hidden.clone().requires_grad_()
+    logp, entropy = fused_logprobs(h, weight, targets, 0.8, backend=backend, return_entropy=True, chunk_size=16)
+    assert entropy.dtype == torch.float32 and entropy.shape == (37,) and not entropy.requires_grad
+    assert logp.requires_grad
+    ref = entropy_reference(hidden.double(), weight.double(), 0.8)
+    assert _max_err(entropy, ref) < 2e-5
+    assert _max_err(logp.detach(), logprobs_reference(hidden.double(), weight.double(), targets, 0.8)) < 2e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logprobs_bf16_within_reference_error(backend):
+    hidden, weight, targets = _lm_inputs(37, 48, 331, torch.bfloat16)
+    grad_out = torch.randn(37)
+    # Exact answer for these bf16 values, and how far the naive bf16 reference is from it: bf16 logits
+    # carry ~2^-9 relative rounding and bf16 gradients another, so that measured error (not a guess)
+    # sets the bar. Ours may round differently (fp32 logits in Triton, fp32 grad_weight accumulation),
+    # so it must be within 2x the reference's own error plus a hair.
+    exact, exact_gh, exact_gw = _fp64_reference(hidden, weight, targets, 1.0, grad_out)
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    naive = logprobs_reference(h, w, targets)
+    naive.backward(grad_out)
+    logp, gh, gw = _ours(hidden, weight, targets, 1.0, grad_out, backend, chunk_size=16)
+    assert gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16
+    for ours, ref_bf16, ex in ((logp, naive.detach(), exact), (gh, h.grad, exact_gh), (gw, w.grad, exact_gw)):
+        err_ref = _max_err(ref_bf16, ex)
+        assert err_ref > 0  # the measurement is real
+        assert _max_err(ours, ex) <= 2 * err_ref + 1e-4
+
+
+class _MaxBytes(TorchDispatchMode):
+    """Records the largest tensor (in bytes) any aten op produces, the interpreter's host copies included."""
+
+    def __init__(self):
+        super().__init__()
+        self.max_bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.max_bytes = max(self.max_bytes, t.numel() * t.element_size())
+        return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logprobs_never_materializes_full_logits(backend):
+    n, h, v, chunk = 64, 16, 331, 16
+    hidden, weight, targets = _lm_inputs(n, h, v)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t), _MaxBytes() as mode:
+        logp = fused_logprobs(hidden, weight, targets, backend=backend, chunk_size=chunk)
+        logp.sum().backward()
+    # Saved for backward: the inputs plus O(N) (the fp32 lse); transient: at most [chunk, V] or [V, H]
+    # fp32, never the [N, V] logits.
+    assert all(t.data_ptr() in (hidden.data_ptr(), weight.data_ptr()) or t.numel() <= n for t in saved)
+    assert mode.max_bytes <= 4 * max(chunk * v, v * h) < 4 * n * v
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logprobs_bad_inputs(backend):
+    hidden, weight, targets = _lm_inputs(5, 8, 11)
+    cases = [
+        (dict(targets=targets[:4]), "targets"),
+        (dict(targets=targets.float()), "integer"),
+        (dict(targets=torch.full((5,), 11)), r"\[0, 11\)"),
+        (dict(targets=torch.full((5,), -1)), r"\[0, 11\)"),
+        (dict(weight=torch.randn(11, 9)), "hidden dim"),
+        (dict(weight=weight.double()), "dtype"),
+        (dict(hidden=torch.randn(8)), "hidden"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(backend="cuda"), "backend"),
+    ]
+    for override, match in cases:
+        args = dict(hidden=hidden, weight=weight, targets=targets, temperature=1.0, backend=backend) | override
+        with pytest.raises(ValueError, match=match):
+            fused_logprobs(**args)
+
+
+def test_logprobs_auto_is_torch_on_cpu():
+    hidden, weight, targets = _lm_inputs(9, 16, 50)
+    assert torch.equal(fused_logprobs(hidden, weight, targets, backend="auto"),
+                       fused_logprobs(hidden, weight, targets, backend="torch"))
+
+
+# ---- policy_loss ------------------------------------------------------------------------------------
+
+def _naive_policy_loss(logp, old_logp, adv, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg, norm_length):
+    """Row by row, in the spec's words: -min(r A, clip(r) A) + kl_coef k3, then the mode's means."""
+    rows, all_tokens = [], []
+    for b in range(logp.shape[0]):
+        m = mask[b].bool()
+        if not m.any():
+            continue
+        ratio = torch.exp(logp[b][m] - old_logp[b][m])
+        tok = -torch.min(ratio * adv[b], torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv[b])
+        if ref_logp is not None:
+            d = ref_logp[b][m] - logp[b][m]
+            tok = tok + kl_coef * (torch.exp(d) - d - 1)
+        all_tokens.append(tok)
+        rows.append({"token-mean": tok.sum(), "seq-mean-token-mean": tok.mean(),
+                     "seq-mean-token-sum-norm": tok.sum() / (norm_length or logp.shape[1])}[loss_agg])
+    if not rows:
+        return logp.sum() * 0.0
+    if loss_agg == "token-mean":
+        return torch.cat(all_tokens).sum() / sum(t.numel() for t in all_tokens)
+    return torch.stack(rows).mean()
+
+
+def _naive_stats(logp, old_logp, adv, mask, ref_logp, eps_low, eps_high):
+    m = mask.bool()
+    ratio = torch.exp(logp - old_logp)[m]
+    a = adv[:, None].expand_as(logp)[m]
+    n = max(int(m.sum()), 1)
+    low = ((ratio < 1 - eps_low) & (a < 0)).sum().item() / n
+    high = ((ratio > 1 + eps_high) & (a > 0)).sum().item() / n
+    kl = 0.0
+    if ref_logp is not None:
+        d = (ref_logp - logp)[m]
+        kl = (torch.exp(d) - d - 1).sum().item() / n
+    return {"clip_low_frac": low, "clip_high_frac": high, "clip_frac": low + high, "kl_mean": kl,
+            "ratio_mean": ratio.sum().item() / n}
+
+
+def _policy_inputs(b=6, t=13):
+    logp = torch.randn(b, t) * 0.5 - 1.5  # [B, T]
+    old_logp = logp + torch.randn(b, t) * 0.3  # ratios spread across both clip bounds
+    ref_logp = logp + torch.randn(b, t) * 0.2
+    adv = torch.randn(b)  # [B]
+    mask = torch.rand(b, t) > 0.3  # [B, T]
+    mask[1] = False  # a row without tokens
+    mask[-1, :2] = False  # a cached prefix
+    adv[-2] = 0.0  # a group whose rewards were all equal
+    return logp, old_logp, ref_logp, adv, mask
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_agg", AGG_MODES)
+@pytest.mark.parametrize("with_ref", [False, True])
+def test_policy_loss_matches_naive(backend, loss_agg, with_ref):
+    logp, old_logp, ref_logp, adv, mask = _policy_inputs()
+    ref_logp = ref_logp if with_ref else None
+    kl_coef = 0.05 if with_ref else 0.0
+    norm_length = 20 if loss_agg == "seq-mean-token-sum-norm" else None
+    kw = dict(eps_low=0.2, eps_high=0.28, kl_coef=kl_coef, loss_agg=loss_agg, norm_length=norm_length)
+    garbage = logp.masked_fill(~mask, float("-inf"))  # padding values must not leak into the loss or grads
+
+    lp = garbage.clone().requires_grad_()
+    loss, stats = policy_loss(lp, old_logp, adv, mask, ref_logp=ref_logp, backend=backend, **kw)
+    loss.backward()
+
+    lp64 = logp.double().requires_grad_()
+    expected = _naive_policy_loss(lp64, old_logp.double(), adv.double(), mask,
+                                  None if ref_logp is None else ref_logp.double(),
+                                  kw["eps_low"], kw["eps_high"], kl_coef, loss_agg, norm_length)
+    expected.backward()
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert abs(loss.item() - expected.item()) < 1e-6
+    assert torch.isfinite(lp.grad).all() and (lp.grad[~mask] == 0).all()
+    assert _max_err(lp.grad, lp64.grad) < 1e-7
+    want = _naive_stats(logp.double(), old_logp.double(), adv.double(), mask,
+                        None if ref_logp is None else ref_logp.double(), 0.2, 0.28)
+    assert want["clip_low_frac"] > 0 and want["clip_high_frac"] > 0  # the inputs exercise both sides
+    for key, value in want.items():
+        assert stats[key].dtype == torch.float32 and not stats[key].requires_grad
+        assert abs(stats[key].item() - value) < 1e-6, key
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_policy_loss_clip_stats_by_hand(backend):
+    # ratios 0.5, 0.9, 1.1, 1.5 for A = +1 and A = -1; eps_low 0.2, eps_high 0.3.
+    ratios = torch.tensor([0.5, 0.9, 1.1, 1.5])
+    old_logp = torch.zeros(2, 4)
+    logp = ratios.log().expand(2, 4).clone().requires_grad_()
+    adv = torch.tensor([1.0, -1.0])
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    loss, stats = policy_loss(logp, old_logp, adv, mask, eps_low=0.2, eps_high=0.3, loss_agg="token-mean",
+                              backend=backend)
+    # A=+1: 1.5 is clipped high (active); 0.5 is below the low bound but with A > 0 the unclipped term wins.
+    # A=-1: 0.5 is clipped low (active); 1.5 is above the high bound but with A < 0 the unclipped term wins.
+    assert stats["clip_high_frac"].item() == pytest.approx(1 / 8)
+    assert stats["clip_low_frac"].item() == pytest.approx(1 / 8)
+    assert stats["clip_frac"].item() == pytest.approx(2 / 8)
+    assert stats["ratio_mean"].item() == pytest.approx(1.0)
+    assert stats["kl_mean"].item() == 0.0
+    # loss per token: A=+1 -> -[0.5, 0.9, 1.1, 1.3]; A=-1 -> [0.8, 0.9, 1.1, 1.5]
+    assert loss.item() == pytest.approx((-(0.5 + 0.9 + 1.1 + 1.3) + (0.8 + 0.9 + 1.1 + 1.5)) / 8, abs=1e-6)
+    loss.backward()
+    # Clipped tokens get no gradient; the others get -A * ratio / 8.
+    expected = torch.tensor([[-0.5, -0.9, -1.1, 0.0], [0.0, 0.9, 1.1, 1.5]]) / 8
+    assert torch.allclose(logp.grad, expected, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_agg", AGG_MODES)
+def test_policy_loss_all_masked(backend, loss_agg):
+    logp, old_logp, ref_logp, adv, _ = _policy_inputs(3, 5)
+    mask = torch.zeros(3, 5)  # float 0/1 mask, nothing selected
+    lp = logp.masked_fill(mask == 0, float("nan")).requires_grad_()
+    loss, stats = policy_loss(lp, old_logp, adv, mask, ref_logp=ref_logp, kl_coef=0.1, loss_agg=loss_agg,
+                              backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0 and (lp.grad == 0).all()
+    assert all(v.item() == 0.0 for v in stats.values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_policy_loss_float_mask_equals_bool_mask(backend):
+    logp, old_logp, ref_logp, adv, mask = _policy_inputs()
+    a, _ = policy_loss(logp, old_logp, adv, mask, ref_logp=ref_logp, kl_coef=0.1, backend=backend)
+    b, _ = policy_loss(logp, old_logp, adv, mask.float(), ref_logp=ref_logp, kl_coef=0.1, backend=backend)
+    assert torch.equal(a, b)
+
+
+def test_policy_loss_torch_backend_is_the_reference():
+    logp, old_logp, ref_logp, adv, mask = _policy_inputs()
+    a, sa = policy_loss(logp, old_logp, adv, mask, ref_logp=ref_logp, kl_coef=0.1, backend="auto")
+    b, sb = policy_loss_reference(logp, old_logp, adv, mask, ref_logp=ref_logp, kl_coef=0.1)
+    assert torch.equal(a, b) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_policy_loss_bad_inputs(backend):
+    logp, old_logp, ref_logp, adv, mask = _policy_inputs(3, 5)
+    cases = [
+        (dict(old_logp=old_logp[:, :4]), "old_logp"),
+        (dict(mask=mask[:2]), "mask"),
+        (dict(ref_logp=ref_logp[:, :1]), "ref_logp"),
+        (dict(advantages=adv[:2]), "advantages"),
+        (dict(advantages=adv[:, None].expand(3, 5)), "advantages"),
+        (dict(logp=logp[0]), "logp"),
+        (dict(eps_low=-0.1), "eps_low"),
+        (dict(eps_high=-0.1), "eps_high"),
+        (dict(loss_agg="seq-sum"), "loss_agg"),
+        (dict(kl_coef=0.1), "ref_logp"),
+        (dict(loss_agg="seq-mean-token-sum-norm", norm_length=0), "norm_length"),
+        (dict(backend="cuda"), "backend"),
+    ]
+    for override, match in cases:
+        args = dict(logp=logp, old_logp=old_logp, advantages=adv, mask=mask, backend=backend) | override
+        with pytest.raises(ValueError, match=match):
+            policy_loss(**args)
