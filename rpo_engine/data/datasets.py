@@ -1,0 +1,165 @@
+"""Loading user datasets: JSONL or Parquet rows with a ``prompt`` string and an ``answer`` string.
+
+Every problem is reported as a `UserError` with a one-line message ``<file>:<line>: <what was expected>``
+(``<file>: row <n>: ...`` for Parquet, whose rows have no line numbers), so the command line prints it and
+exits with code 2.
+
+Row rules:
+- ``prompt``: a non-empty string.
+- ``answer``: a non-empty string. An integer (``"answer": 42``) or a finite float is accepted and converted
+  with ``str()`` (``"42"``, ``"0.5"``), because numeric answers are common in math datasets and the rewards
+  compare strings/expressions; booleans, lists, objects and null are rejected.
+- ``id``: optional; a string or an integer (converted to a string). Default: the row's index (0-based,
+  counting only non-blank lines) as a string. Ids must be unique.
+- Other fields (e.g. ``solution``) are kept as they are.
+Blank lines are skipped; a UTF-8 byte-order mark is ignored; ``.json`` may also hold one JSON array of rows.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from rpo_engine.errors import UserError
+
+__all__ = ["load_dataset_rows", "validate_rows"]
+
+_EXPECTED = "expected a JSON object with a 'prompt' string and an 'answer' string"
+_JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+
+
+def _short(value) -> str:
+    s = repr(value)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _type_name(value) -> str:
+    if value is None:
+        return "null"
+    return {dict: "an object", list: "a list", bool: "a boolean", str: "a string",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _check_row(row, where: str, index: int) -> dict:
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: {_EXPECTED}, got {_type_name(row)}")
+    out = dict(row)
+    for key in ("prompt", "answer"):
+        if key not in row:
+            raise UserError(f"{where}: missing '{key}' ({_EXPECTED}; found keys {sorted(map(str, row))})")
+        v = row[key]
+        if key == "answer" and isinstance(v, (int, float)) and not isinstance(v, bool):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UserError(f"{where}: 'answer' must be a string, got {_short(v)}")
+            v = str(v)  # numeric answers are accepted and compared as their text (42 -> "42")
+        if not isinstance(v, str):
+            raise UserError(f"{where}: '{key}' must be a string, got {_type_name(v)} {_short(v)}")
+        if not v.strip():
+            raise UserError(f"{where}: '{key}' is empty (expected a non-empty string)")
+        out[key] = v
+    if "id" in row and row["id"] is not None:
+        rid = row["id"]
+        if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+            raise UserError(f"{where}: 'id' must be a string or an integer, got {_type_name(rid)} {_short(rid)}")
+        out["id"] = str(rid)
+    else:
+        out["id"] = str(index)
+    return out
+
+
+def validate_rows(rows, wheres, source: str) -> list[dict]:
+    """Check rows (see the module doc) and that ids are unique. `wheres[i]` names row i in messages."""
+    out: list[dict] = []
+    first_seen: dict[str, str] = {}
+    for i, (row, where) in enumerate(zip(rows, wheres)):
+        r = _check_row(row, where, i)
+        if r["id"] in first_seen:
+            raise UserError(f"{where}: duplicate id {r['id']!r} (first used at {first_seen[r['id']]}); ids must be unique")
+        first_seen[r["id"]] = where
+        out.append(r)
+    if not out:
+        raise UserError(f"{source}: the dataset is empty ({_EXPECTED} per line)")
+    return out
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    rows, wheres = [], []
+    with open(path, "rb") as f:
+        data = f.read()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    if path.lower().endswith(".json") and data.lstrip()[:1] == b"[":
+        return _read_json_array(path, data)
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{where}: not valid UTF-8 (byte {e.start + 1}); expected UTF-8 JSON lines") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); {_EXPECTED}") from None
+        rows.append(row)
+        wheres.append(where)
+    return validate_rows(rows, wheres, path)
+
+
+def _read_json_array(path: str, data: bytes) -> list[dict]:
+    try:
+        rows = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not valid UTF-8 (byte {e.start + 1})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}); "
+                        f"expected a JSON array of rows or JSON lines") from None
+    return validate_rows(rows, [f"{path}: row {i}" for i in range(len(rows))], path)
+
+
+def _read_parquet(path: str) -> list[dict]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        pq = None
+    if pq is not None:
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
+            raise UserError(f"{path}: not a readable Parquet file ({' '.join(str(e).split())[:200]})") from None
+    else:
+        try:
+            import pandas as pd
+        except ImportError:
+            raise UserError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+        try:
+            rows = pd.read_parquet(path).to_dict(orient="records")
+        except ImportError:
+            raise UserError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"{path}: not a readable Parquet file ({' '.join(str(e).split())[:200]})") from None
+    return validate_rows(rows, [f"{path}: row {i}" for i in range(len(rows))], path)
+
+
+def load_dataset_rows(path) -> list[dict]:
+    """Rows of a JSONL (``.jsonl``/``.json``/``.ndjson``) or Parquet (``.parquet``) dataset, each a dict with
+    ``id``, ``prompt`` and ``answer`` strings (plus any other fields of the row). Raises UserError (one line,
+    naming the file and line) for a missing file, an unknown extension, an unparsable line, a row without a
+    ``prompt``/``answer`` string, a duplicate id, or an empty dataset."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such file (expected a .jsonl or .parquet dataset)")
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a directory (expected a .jsonl or .parquet dataset file)")
+    lower = path.lower()
+    try:
+        if lower.endswith(_JSONL_SUFFIXES):
+            return _read_jsonl(path)
+        if lower.endswith((".parquet", ".pq")):
+            return _read_parquet(path)
+    except PermissionError:
+        raise UserError(f"{path}: permission denied (cannot read the dataset)") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory (expected a dataset file)") from None
+    raise UserError(f"{path}: unknown dataset format (expected a .jsonl, .json or .parquet file)")

@@ -1,0 +1,213 @@
+"""Verifiable rewards on a completion's final answer.
+
+Convention for every reward function (built-in or user-supplied): ``fn(completion_text: str, answer: str)
+-> float``, where ``completion_text`` is the decoded completion (the kept RPO path + the generated suffix,
+without the prompt) and ``answer`` is the dataset row's reference answer.
+
+A reference answer may itself be a worked solution ending in ``#### <answer>`` (GSM8K style); then only
+the part after its last ``####`` is compared.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import re
+import sys
+import threading
+from fractions import Fraction
+
+from rpo_engine.data.arithmetic import extract_answer
+from rpo_engine.errors import UserError
+
+__all__ = [
+    "extract_answer",
+    "exact_answer_reward",
+    "math_answer_reward",
+    "format_reward",
+    "load_reward_fn",
+    "BUILTIN_REWARDS",
+]
+
+# math-verify is only ever shown the tail of a completion: the final answer is at the end, and parsing a
+# huge degenerate completion is where its time goes.
+_MATH_MAX_CHARS = 2000
+_MATH_TIMEOUT_S = 2  # per parse / verify call (math-verify's signal timeout: main thread only)
+
+
+def _reference(answer) -> str:
+    ref = "" if answer is None else str(answer).strip()
+    if "####" in ref:
+        ref = extract_answer(ref) or ""
+    return ref
+
+
+def exact_answer_reward(completion_text: str, answer: str) -> float:
+    """1.0 when the answer after the completion's last ``####`` equals the reference (both stripped), else 0.0."""
+    pred = extract_answer(completion_text)
+    ref = _reference(answer)
+    return 1.0 if pred is not None and ref and pred == ref else 0.0
+
+
+# ------------------------------------------------------------------------------------------ math-verify
+
+_NUMBER_RE = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[+-]?\.\d+")
+
+
+def _as_number(text: str):
+    """A plain decimal number (``42``, ``-3.50``, ``1,234``; an optional trailing ``.``) as a Fraction, else None."""
+    t = text.strip().rstrip(".").strip()
+    if t.startswith("$") and t.endswith("$") and len(t) >= 2:
+        t = t.strip("$").strip()
+    if not _NUMBER_RE.fullmatch(t):
+        return None
+    return Fraction(t.replace(",", ""))
+
+
+def _timeouts() -> int | None:
+    # math-verify's timeouts use signal.alarm, which only works in the main thread (it raises elsewhere)
+    return _MATH_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+
+
+def _parse(text: str, timeout):
+    from math_verify import parse
+
+    return parse(text, parsing_timeout=timeout, raise_on_error=False)
+
+
+def _parse_short_answer(text: str, timeout):
+    """Parse a bare answer (a reference, or what follows ``####``) as math: ``x^2 + 2x`` is read as LaTeX
+    (unwrapped, math-verify would pick out its last number)."""
+    if "$" in text or "\\boxed" in text:
+        return _parse(text, timeout)
+    return _parse(f"${text}$", timeout) or _parse(text, timeout)
+
+
+def math_answer_reward(completion_text: str, answer: str) -> float:
+    """1.0 when the completion's final answer is mathematically equal to the reference, else 0.0.
+
+    The final answer is the one after the last ``####`` if there is one, else what math-verify finds in the
+    completion (``\\boxed{...}`` first, then the last expression). Plain numbers are compared exactly without
+    math-verify (fast path); anything else goes through ``math_verify.parse``/``verify`` with a timeout.
+    Never raises: garbage, timeouts and parser errors give 0.0.
+    """
+    try:
+        if not isinstance(completion_text, str) or not completion_text.strip():
+            return 0.0
+        ref = _reference(answer)
+        if not ref:
+            return 0.0
+        hashed = extract_answer(completion_text)
+        pred_text = hashed if hashed is not None else completion_text[-_MATH_MAX_CHARS:]
+        pred_num, ref_num = _as_number(pred_text), _as_number(ref)
+        if pred_num is not None and ref_num is not None:
+            return 1.0 if pred_num == ref_num else 0.0
+
+        from math_verify import verify
+
+        timeout = _timeouts()
+        gold = _parse_short_answer(ref, timeout)
+        if not gold:
+            return 0.0
+        if hashed is not None:
+            pred = _parse_short_answer(pred_text[-_MATH_MAX_CHARS:], timeout)
+        else:
+            pred = _parse(pred_text, timeout)
+        if not pred:
+            return 0.0
+        return 1.0 if verify(gold, pred, timeout_seconds=timeout, raise_on_error=False) else 0.0
+    except Exception:  # noqa: BLE001 - a reward must never take the training step down
+        return 0.0
+
+
+# ------------------------------------------------------------------------------------------ format
+
+_FINAL_LINE_RE = re.compile(r"####[ \t]*[^\s#][^\n#]{0,99}")
+
+
+def _boxed_content(line: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` in `line` with balanced braces, else None."""
+    start = line.rfind("\\boxed{")
+    if start < 0:
+        return None
+    i, depth = start + len("\\boxed{"), 1
+    while i < len(line):
+        ch = line[i]
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                content = line[start + len("\\boxed{"): i]
+                rest = line[i + 1:].strip()
+                # only closing math / punctuation may follow the box
+                if content.strip() and re.fullmatch(r"[$.\\\])\s]*", rest):
+                    return content
+                return None
+        i += 1
+    return None
+
+
+def format_reward(completion_text: str) -> float:
+    """1.0 when the completion ends with a well-formed final answer: a last line ``#### <answer>`` (non-empty,
+    one line, at most 100 characters) or a last line holding a closed ``\\boxed{<answer>}``; else 0.0."""
+    if not isinstance(completion_text, str):
+        return 0.0
+    text = completion_text.rstrip()
+    if not text:
+        return 0.0
+    last = text.rsplit("\n", 1)[-1].strip()
+    if _FINAL_LINE_RE.fullmatch(last):
+        return 1.0
+    return 1.0 if _boxed_content(last) is not None else 0.0
+
+
+# ------------------------------------------------------------------------------------------ user rewards
+
+BUILTIN_REWARDS = {
+    "exact_answer": exact_answer_reward,
+    "math_answer": math_answer_reward,
+    "format": lambda completion_text, answer=None: format_reward(completion_text),
+}
+
+
+def load_reward_fn(path: str):
+    """Resolve a reward function: a built-in name (``exact_answer``, ``math_answer``, ``format``),
+    ``"package.module:function"`` (imported), or ``"path/to/file.py:function"`` (loaded from the file).
+    ``function`` may be dotted (``module:obj.method``). Raises UserError with a one-line message naming
+    `path` when it cannot be imported, has no such attribute, or is not callable."""
+    if not isinstance(path, str) or not path.strip():
+        raise UserError(f"reward function {path!r}: expected 'module:function' or one of {sorted(BUILTIN_REWARDS)}")
+    path = path.strip()
+    if path in BUILTIN_REWARDS:
+        return BUILTIN_REWARDS[path]
+    module_name, sep, attr = path.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise UserError(f"reward function {path!r}: expected 'module:function' "
+                        f"(e.g. 'my_rewards:score') or one of {sorted(BUILTIN_REWARDS)}")
+    try:
+        if module_name.endswith(".py") or os.sep in module_name or "/" in module_name:
+            if not os.path.isfile(module_name):
+                raise UserError(f"reward function {path!r}: no such file {module_name!r}")
+            name = "_rpo_user_reward_" + re.sub(r"\W", "_", os.path.abspath(module_name))
+            spec = importlib.util.spec_from_file_location(name, module_name)
+            if spec is None or spec.loader is None:
+                raise UserError(f"reward function {path!r}: cannot load {module_name!r} as a Python file")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - ImportError, or anything the module raises while importing
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise UserError(f"reward function {path!r}: cannot import {module_name!r} ({type(e).__name__}: {msg})") from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise UserError(f"reward function {path!r}: {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise UserError(f"reward function {path!r}: {attr!r} is a {type(obj).__name__}, not a callable")
+    return obj

@@ -1,0 +1,123 @@
+"""Loading user datasets (JSONL / Parquet) and their one-line errors."""
+import json
+import sys
+
+import pytest
+
+from rpo_engine.data.datasets import load_dataset_rows
+from rpo_engine.errors import UserError
+
+
+def _write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _error(path):
+    with pytest.raises(UserError) as e:
+        load_dataset_rows(path)
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg, msg
+    return msg
+
+
+def test_jsonl_rows(tmp_path):
+    p = _write(tmp_path / "d.jsonl",
+               '{"prompt": "Q: 1+1\\nA:", "answer": "2"}\n'
+               "\n   \n"
+               '{"prompt": "p2", "answer": 42, "solution": "s"}\n'
+               '{"id": "x7", "prompt": "p3", "answer": "a3"}\n'
+               '{"id": 9, "prompt": "p4", "answer": "2.5"}')  # no trailing newline
+    rows = load_dataset_rows(p)
+    assert rows == [
+        {"id": "0", "prompt": "Q: 1+1\nA:", "answer": "2"},
+        {"id": "1", "prompt": "p2", "answer": "42", "solution": "s"},  # numeric answer -> string, extras kept
+        {"id": "x7", "prompt": "p3", "answer": "a3"},
+        {"id": "9", "prompt": "p4", "answer": "2.5"},
+    ]
+    assert load_dataset_rows(str(p)) == rows
+
+
+def test_json_suffix_lines_bom_and_array(tmp_path):
+    p = tmp_path / "d.json"
+    p.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "p", "answer": "a"}\r\n{"prompt": "q", "answer": "b"}\r\n')
+    assert [r["answer"] for r in load_dataset_rows(p)] == ["a", "b"]
+    arr = _write(tmp_path / "arr.json", json.dumps([{"prompt": "p", "answer": "a"}, {"prompt": "q", "answer": 1}]))
+    assert load_dataset_rows(arr) == [{"id": "0", "prompt": "p", "answer": "a"}, {"id": "1", "prompt": "q", "answer": "1"}]
+    assert "row 1" in _error(_write(tmp_path / "arr2.json", json.dumps([{"prompt": "p", "answer": "a"}, {"prompt": "q"}])))
+
+
+def test_missing_file_directory_and_extension(tmp_path):
+    assert "no such file" in _error(tmp_path / "nope.jsonl")
+    assert "directory" in _error(tmp_path)
+    assert "unknown dataset format" in _error(_write(tmp_path / "d.csv", "prompt,answer\n"))
+
+
+@pytest.mark.parametrize("content, line, why", [
+    ('{"prompt": "p", "answer": "a"}\n{"prompt": "p", "answer": \n', 2, "not valid JSON"),
+    ('{"prompt": "p", "answer": "a"}\n\nnot json at all\n', 3, "not valid JSON"),
+    ('{"prompt": "p", "answer": "a"}\n{"answer": "a"}\n', 2, "missing 'prompt'"),
+    ('{"prompt": "p"}\n', 1, "missing 'answer'"),
+    ('{"prompt": ["p"], "answer": "a"}\n', 1, "'prompt' must be a string"),
+    ('{"prompt": "p", "answer": null}\n', 1, "'answer' must be a string"),
+    ('{"prompt": "p", "answer": true}\n', 1, "'answer' must be a string"),
+    ('{"prompt": "p", "answer": {"x": 1}}\n', 1, "'answer' must be a string"),
+    ('{"prompt": "", "answer": "a"}\n', 1, "'prompt' is empty"),
+    ('{"prompt": "p", "answer": "  "}\n', 1, "'answer' is empty"),
+    ('["p", "a"]\n', 1, "expected a JSON object"),
+    ('{"prompt": "p", "answer": "a", "id": [1]}\n', 1, "'id' must be a string"),
+    ('{"id": "a", "prompt": "p", "answer": "a"}\n{"id": "b", "prompt": "p", "answer": "a"}\n'
+     '{"id": "a", "prompt": "p", "answer": "a"}\n', 3, "duplicate id 'a'"),
+    ('{"prompt": "p", "answer": "a"}\n{"id": "0", "prompt": "p", "answer": "a"}\n', 2, "duplicate id '0'"),
+])
+def test_jsonl_errors_name_file_and_line(tmp_path, content, line, why):
+    p = _write(tmp_path / "bad.jsonl", content)
+    msg = _error(p)
+    assert f"{p}:{line}:" in msg and why in msg, msg
+
+
+def test_duplicate_id_names_first_line(tmp_path):
+    p = _write(tmp_path / "dup.jsonl", '{"id": "a", "prompt": "p", "answer": "a"}\n{"id": "a", "prompt": "p", "answer": "a"}\n')
+    assert f"first used at {p}:1" in _error(p)
+
+
+def test_empty_files(tmp_path):
+    assert "empty" in _error(_write(tmp_path / "e.jsonl", ""))
+    assert "empty" in _error(_write(tmp_path / "blank.jsonl", "\n  \n\n"))
+    assert "empty" in _error(_write(tmp_path / "e.json", "[]"))
+
+
+def test_invalid_utf8(tmp_path):
+    p = tmp_path / "bin.jsonl"
+    p.write_bytes(b'{"prompt": "p", "answer": "a"}\n{"prompt": "\xff\xfe", "answer": "a"}\n')
+    msg = _error(p)
+    assert f"{p}:2:" in msg and "UTF-8" in msg
+
+
+def test_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    p = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"prompt": ["p0", "p1"], "answer": ["1", "2"], "id": ["a", "b"]}), p)
+    assert load_dataset_rows(p) == [{"prompt": "p0", "answer": "1", "id": "a"}, {"prompt": "p1", "answer": "2", "id": "b"}]
+    q = tmp_path / "noans.parquet"
+    pq.write_table(pa.table({"prompt": ["p0"], "question": ["x"]}), q)
+    assert "row 0" in _error(q) and "missing 'answer'" in _error(q)
+    n = tmp_path / "null.parquet"
+    pq.write_table(pa.table({"prompt": ["p0", None], "answer": ["1", "2"]}), n)
+    assert "row 1" in _error(n) and "'prompt' must be a string" in _error(n)
+    assert "not a readable Parquet file" in _error(_write(tmp_path / "junk.parquet", "not parquet"))
+    assert "empty" in _error(_write_parquet(pq, pa, tmp_path / "empty.parquet"))
+
+
+def _write_parquet(pq, pa, path):
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string()), "answer": pa.array([], pa.string())}), path)
+    return path
+
+
+def test_parquet_without_pyarrow_or_pandas(tmp_path, monkeypatch):
+    for mod in ("pyarrow", "pyarrow.parquet", "pandas"):
+        monkeypatch.setitem(sys.modules, mod, None)  # makes `import mod` raise ImportError
+    msg = _error(_write(tmp_path / "d.parquet", "whatever"))
+    assert "pip install pyarrow" in msg

@@ -1,0 +1,134 @@
+"""Verifiable rewards: exact `####` match, math-verify equivalence, format, user reward loading."""
+import threading
+import time
+
+import pytest
+
+from rpo_engine.errors import UserError
+from rpo_engine.rewards import (
+    exact_answer_reward, extract_answer, format_reward, load_reward_fn, math_answer_reward,
+)
+
+GARBAGE = ["", "   ", "\x00\x01\x02", "{{{{{{", "\\boxed{", "#### ", "####", "$$$", "\\frac{", "}}}{{{" * 50,
+           "1/0", "nan", "\\boxed{\\boxed{\\boxed{", "(" * 200, "#" * 1000]
+
+
+def test_exact_answer_reward():
+    assert exact_answer_reward(" 3+4\n#### 7", "7") == 1.0
+    assert exact_answer_reward("#### 7  \n", " 7 ") == 1.0
+    assert exact_answer_reward("#### 1\n...\n#### 7", "7") == 1.0       # the last #### counts
+    assert exact_answer_reward("#### 7\n#### 8", "7") == 0.0
+    assert exact_answer_reward(" trace\n#### 8", "7") == 0.0           # wrong
+    assert exact_answer_reward("the answer is 7", "7") == 0.0          # missing ####
+    assert exact_answer_reward("#### 07", "7") == 0.0                  # exact, not numeric
+    assert exact_answer_reward("\\boxed{7}", "7") == 0.0
+    assert exact_answer_reward("#### 72", "Natalia sold 48+24 = 72 clips.\n#### 72") == 1.0  # GSM8K-style ref
+    for g in GARBAGE:
+        assert exact_answer_reward(g, "7") == 0.0
+    assert exact_answer_reward("####", "") == 0.0
+
+
+def test_math_answer_reward_plain_and_hash():
+    assert math_answer_reward("#### 7", "7") == 1.0
+    assert math_answer_reward("#### 07", "7") == 1.0
+    assert math_answer_reward("#### 1,234", "1234") == 1.0
+    assert math_answer_reward("#### 0.50", "1/2") == 1.0
+    assert math_answer_reward("#### 8", "7") == 0.0
+    assert math_answer_reward("7", "7") == 1.0
+    assert math_answer_reward("#### 7", 7) == 1.0
+
+
+def test_math_answer_reward_boxed_and_latex():
+    assert math_answer_reward("so the answer is $\\boxed{\\frac{1}{2}}$.", "0.5") == 1.0
+    assert math_answer_reward("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}") == 1.0
+    assert math_answer_reward("... therefore \\boxed{2\\sqrt{2}}", "\\sqrt{8}") == 1.0
+    assert math_answer_reward("\\boxed{3}", "4") == 0.0
+    assert math_answer_reward("The answer is 12.", "12") == 1.0
+    assert math_answer_reward("#### x^2 + 2x + 1", "(x+1)^2") == 1.0
+
+
+def test_math_answer_reward_never_raises_on_garbage():
+    t = time.time()
+    for g in GARBAGE:
+        assert math_answer_reward(g, "7") == 0.0
+        assert math_answer_reward("#### 7", g) in (0.0, 1.0)
+    assert math_answer_reward(None, "7") == 0.0
+    assert math_answer_reward(12345, "7") == 0.0
+    assert math_answer_reward("#### 7", None) == 0.0
+    assert math_answer_reward("x" * 200_000 + " \\boxed{7}", "7") == 1.0  # long completions stay fast
+    assert time.time() - t < 10
+
+
+def test_math_answer_reward_in_a_thread():
+    # math-verify's signal timeouts only work in the main thread; the reward must still work elsewhere
+    out = []
+    th = threading.Thread(target=lambda: out.extend([math_answer_reward("\\boxed{\\frac{2}{4}}", "1/2"),
+                                                     math_answer_reward("\\boxed{3}", "1/2")]))
+    th.start(); th.join()
+    assert out == [1.0, 0.0]
+
+
+def test_format_reward():
+    assert format_reward(" 3+4\n#### 7") == 1.0
+    assert format_reward(" 3+4\n#### 7\n\n") == 1.0
+    assert format_reward("#### -12") == 1.0
+    assert format_reward("so $\\boxed{\\frac{1}{2}}$.") == 1.0
+    assert format_reward("\\boxed{7}") == 1.0
+    assert format_reward("#### 7\nand then some more text") == 0.0     # answer line is not last
+    assert format_reward("the answer is 7") == 0.0
+    assert format_reward("\\boxed{7") == 0.0                            # unclosed
+    assert format_reward("\\boxed{} ") == 0.0                           # empty
+    assert format_reward("\\boxed{7} and more words") == 0.0
+    assert format_reward("#### " + "9" * 500) == 0.0                   # not a sane final line
+    for g in GARBAGE:
+        assert format_reward(g) == 0.0, g
+    assert format_reward(None) == 0.0
+
+
+def test_rewards_on_task_rows():
+    from rpo_engine.data.arithmetic import make_split
+
+    for r in make_split("eval", 30, seed=0):
+        sol = r["solution"]
+        assert extract_answer(sol) == r["answer"]
+        assert exact_answer_reward(sol, r["answer"]) == 1.0
+        assert math_answer_reward(sol, r["answer"]) == 1.0
+        assert format_reward(sol) == 1.0
+        wrong = sol.rsplit("#### ", 1)[0] + f"#### {int(r['answer']) + 1}"
+        assert exact_answer_reward(wrong, r["answer"]) == 0.0
+        assert math_answer_reward(wrong, r["answer"]) == 0.0
+        assert format_reward(sol.rsplit("\n", 1)[0]) == 0.0  # truncated before the answer line
+
+
+def test_load_reward_fn(tmp_path, monkeypatch):
+    assert load_reward_fn("rpo_engine.rewards:exact_answer_reward") is exact_answer_reward
+    assert load_reward_fn("rpo_engine.rewards.answers:math_answer_reward") is math_answer_reward
+    assert load_reward_fn("exact_answer") is exact_answer_reward
+    assert load_reward_fn("format")("#### 3", "3") == 1.0
+
+    (tmp_path / "my_rewards.py").write_text(
+        "def score(completion_text, answer):\n    return float(answer in completion_text)\n"
+        "class K:\n    @staticmethod\n    def m(c, a):\n        return 0.5\n"
+        "NOT_CALLABLE = 3\n")
+    (tmp_path / "broken_rewards.py").write_text("import does_not_exist_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert load_reward_fn("my_rewards:score")("abc 42", "42") == 1.0
+    assert load_reward_fn("my_rewards:K.m")("", "") == 0.5
+    assert load_reward_fn(f"{tmp_path / 'my_rewards.py'}:score")("x", "x") == 1.0
+
+    cases = {
+        "no_such_module_xyz:fn": "cannot import",
+        "broken_rewards:fn": "cannot import",
+        "my_rewards:nope": "no attribute",
+        "my_rewards:NOT_CALLABLE": "not a callable",
+        "my_rewards": "expected 'module:function'",
+        ":score": "expected 'module:function'",
+        f"{tmp_path / 'missing.py'}:score": "no such file",
+    }
+    for path, why in cases.items():
+        with pytest.raises(UserError) as e:
+            load_reward_fn(path)
+        msg = str(e.value)
+        assert path in msg and why in msg and "\n" not in msg, msg
+    with pytest.raises(UserError):
+        load_reward_fn("")
