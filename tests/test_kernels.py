@@ -2,7 +2,8 @@
 
 Triton runs through the interpreter on CPU (tests/conftest.py sets TRITON_INTERPRET=1), so shapes are
 small but odd: vocab 331 is 3 vocab tiles of 128 with a ragged last one, hidden 48 is 2 ragged tiles
-of 32, 37 tokens are 2 ragged token blocks, and chunk_size=16 gives 3 backward chunks.
+of 32, 37 tokens are 2 ragged token blocks. A small chunk_numel forces several chunks: the backward
+chunks the vocabulary when N <= V and the tokens when N > V, so shapes of both kinds appear.
 """
 import math
 
@@ -47,17 +48,18 @@ def _max_err(a, b):
 # ---- fused_logprobs ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("n,h,v,temperature,chunk_size", [
-    (37, 48, 331, 1.0, 16),   # several chunks, ragged last chunk / token block / vocab tile / hidden tile
-    (37, 48, 331, 0.7, None),  # default chunking (one chunk), temperature < 1
-    (1, 48, 331, 1.7, None),   # a single token
-    (20, 16, 128, 1.0, 7),     # vocab an exact multiple of the tile, chunk not a multiple of the block
+@pytest.mark.parametrize("n,h,v,temperature,chunk_numel", [
+    (37, 48, 331, 1.0, 37 * 128),  # 3 vocab chunks in backward, 3 token chunks in the torch forward
+    (37, 48, 331, 0.7, None),      # default chunking (one chunk), temperature < 1
+    (1, 48, 331, 1.7, None),       # a single token
+    (20, 16, 128, 1.0, 20 * 50),   # vocab an exact multiple of the tile; vocab chunks 50, 50, 28
+    (150, 16, 67, 1.3, 40 * 67),   # N > V: token chunks 40, 40, 40, 30; vocab smaller than one tile
 ])
-def test_logprobs_fp32_matches_fp64(backend, n, h, v, temperature, chunk_size):
+def test_logprobs_fp32_matches_fp64(backend, n, h, v, temperature, chunk_numel):
     hidden, weight, targets = _lm_inputs(n, h, v)
     grad_out = torch.randn(n)  # [N]
     ref, ref_gh, ref_gw = _fp64_reference(hidden, weight, targets, temperature, grad_out)
-    logp, gh, gw = _ours(hidden, weight, targets, temperature, grad_out, backend, chunk_size=chunk_size)
+    logp, gh, gw = _ours(hidden, weight, targets, temperature, grad_out, backend, chunk_numel=chunk_numel)
     assert logp.dtype == torch.float32 and logp.shape == (n,)
     assert gh.dtype == hidden.dtype and gw.dtype == weight.dtype
     assert _max_err(logp, ref) < 2e-5
@@ -70,7 +72,7 @@ def test_logprobs_leading_dims_and_weight_only_grad(backend):
     hidden, weight, targets = _lm_inputs(3 * 7, 48, 331)
     hidden, targets = hidden.reshape(3, 7, 48), targets.reshape(3, 7)  # [B, T, H], [B, T]
     w = weight.clone().requires_grad_()
-    logp = fused_logprobs(hidden, w, targets, 1.3, backend=backend, chunk_size=8)  # hidden has no grad
+    logp = fused_logprobs(hidden, w, targets, 1.3, backend=backend, chunk_numel=21 * 100)  # hidden has no grad
     assert logp.shape == (3, 7)
     grad_out = torch.randn(3, 7)
     logp.backward(grad_out)
@@ -83,7 +85,7 @@ def test_logprobs_leading_dims_and_weight_only_grad(backend):
 def test_entropy_matches_naive(backend):
     hidden, weight, targets = _lm_inputs(37, 48, 331)
     h = hidden.clone().requires_grad_()
-    logp, entropy = fused_logprobs(h, weight, targets, 0.8, backend=backend, return_entropy=True, chunk_size=16)
+    logp, entropy = fused_logprobs(h, weight, targets, 0.8, backend=backend, return_entropy=True, chunk_numel=16 * 331)
     assert entropy.dtype == torch.float32 and entropy.shape == (37,) and not entropy.requires_grad
     assert logp.requires_grad
     ref = entropy_reference(hidden.double(), weight.double(), 0.8)
@@ -92,9 +94,10 @@ def test_entropy_matches_naive(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_logprobs_bf16_within_reference_error(backend):
-    hidden, weight, targets = _lm_inputs(37, 48, 331, torch.bfloat16)
-    grad_out = torch.randn(37)
+@pytest.mark.parametrize("n,h,v,chunk_numel", [(37, 48, 331, 37 * 128), (150, 16, 67, 40 * 67)])
+def test_logprobs_bf16_within_reference_error(backend, n, h, v, chunk_numel):
+    hidden, weight, targets = _lm_inputs(n, h, v, torch.bfloat16)
+    grad_out = torch.randn(n)
     # Exact answer for these bf16 values, and how far the naive bf16 reference is from it: bf16 logits
     # carry ~2^-9 relative rounding and bf16 gradients another, so that measured error (not a guess)
     # sets the bar. Ours may round differently (fp32 logits in Triton, fp32 grad_weight accumulation),
@@ -104,7 +107,7 @@ def test_logprobs_bf16_within_reference_error(backend):
     w = weight.clone().requires_grad_()
     naive = logprobs_reference(h, w, targets)
     naive.backward(grad_out)
-    logp, gh, gw = _ours(hidden, weight, targets, 1.0, grad_out, backend, chunk_size=16)
+    logp, gh, gw = _ours(hidden, weight, targets, 1.0, grad_out, backend, chunk_numel=chunk_numel)
     assert gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16
     for ours, ref_bf16, ex in ((logp, naive.detach(), exact), (gh, h.grad, exact_gh), (gw, w.grad, exact_gw)):
         err_ref = _max_err(ref_bf16, ex)
@@ -128,19 +131,20 @@ class _MaxBytes(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_logprobs_never_materializes_full_logits(backend):
-    n, h, v, chunk = 64, 16, 331, 16
+@pytest.mark.parametrize("n,h,v", [(64, 16, 331), (300, 16, 50)])
+def test_logprobs_never_materializes_full_logits(backend, n, h, v):
+    chunk_numel = 32 * max(n, v)
     hidden, weight, targets = _lm_inputs(n, h, v)
     hidden.requires_grad_()
     weight.requires_grad_()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t), _MaxBytes() as mode:
-        logp = fused_logprobs(hidden, weight, targets, backend=backend, chunk_size=chunk)
+        logp = fused_logprobs(hidden, weight, targets, backend=backend, chunk_numel=chunk_numel)
         logp.sum().backward()
-    # Saved for backward: the inputs plus O(N) (the fp32 lse); transient: at most [chunk, V] or [V, H]
-    # fp32, never the [N, V] logits.
+    # Saved for backward: the inputs plus O(N) (the fp32 lse). Transient: one fp32 logits chunk, or an
+    # [N, H] / [V, H] gradient; never the [N, V] logits.
     assert all(t.data_ptr() in (hidden.data_ptr(), weight.data_ptr()) or t.numel() <= n for t in saved)
-    assert mode.max_bytes <= 4 * max(chunk * v, v * h) < 4 * n * v
+    assert mode.max_bytes <= 4 * max(chunk_numel, v * h, n * h) < 4 * n * v
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

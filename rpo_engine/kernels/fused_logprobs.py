@@ -3,17 +3,23 @@
 `fused_logprobs(hidden, weight, targets)` equals
 `log_softmax((hidden @ weight.T).float() / T, -1).gather(targets)`, forward and backward.
 
-Forward: an online logsumexp over vocabulary tiles; only lse (fp32), the target logit and optionally
-the entropy are kept, O(N) memory. Backward: tokens are processed in chunks of C rows; each chunk
-recomputes its logits, forms grad_logits = (onehot - softmax) * grad / T [C, V] and feeds two matmuls,
-so the peak extra memory is a few [C, V] buffers plus an fp32 [V, H] grad_weight accumulator.
+Forward: only lse (fp32), the target logit and optionally the entropy are kept, O(N) memory. Backward:
+the logits are recomputed one chunk at a time, grad_logits = (onehot - softmax) * grad / T for the
+chunk, and two matmuls give its share of grad_hidden and grad_weight. A chunk holds at most
+`chunk_numel` logits (default 2^25, 128 MiB in fp32), never the full [N, V].
 
-Backends: "torch" chunks the forward the same way (any device); "triton" runs the forward as one
-program per token block looping over vocabulary tiles, and in the backward a Triton kernel
-recomputes each [BLOCK_N, BLOCK_V] logits tile with the same tiling as the forward (so softmax uses
-exactly the saved lse) and writes grad_logits; the two matmuls stay in cuBLAS. Liger-Kernel's fused
-linear cross-entropy does the gradient in the forward instead; recomputing keeps the forward cheap
-when the log-probs of a rollout are computed without grad (old/ref log-probs).
+The backward chunks along whichever axis makes the accumulated gradient the smaller one: with
+N <= V (the usual case: 16k tokens, 152k vocab) it takes vocabulary slices [N, V_c], writes each
+grad_weight slice once and accumulates grad_hidden [N, H] in fp32; with N > V it takes token slices
+[C, V] and accumulates grad_weight [V, H] in fp32. Chunking tokens against a large vocabulary would
+re-read and re-write a [V, H] accumulator once per chunk (GBs each time).
+
+Backends: "torch" chunks the forward over tokens (any device); "triton" runs the forward as one
+program per token block looping over vocabulary tiles with an online logsumexp, and in the backward a
+Triton kernel recomputes each [BLOCK_N, BLOCK_V] logits tile the way the forward did (so the softmax
+uses exactly the saved lse) and writes grad_logits; the two matmuls stay in cuBLAS. Liger-Kernel's
+fused linear cross-entropy does the gradient in the forward instead; recomputing keeps the forward
+cheap when log-probs are computed without grad (old/ref log-probs of a rollout).
 """
 import math
 
@@ -28,8 +34,7 @@ except ImportError:  # the torch backend needs nothing else
     HAS_TRITON = False
 
 BACKENDS = ("auto", "torch", "triton")
-# Rows per chunk so that one [C, V] fp32 buffer is about 128 MiB.
-_CHUNK_ELEMS = 1 << 25
+_CHUNK_NUMEL = 1 << 25  # logits per chunk: 128 MiB in fp32
 
 
 if HAS_TRITON:
@@ -85,10 +90,12 @@ if HAS_TRITON:
             tl.store(ent_ptr + offs_n, lse - sum_exp_x / sum_exp, mask=mask_n)
 
     @triton.jit
-    def _grad_logits_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, grad_ptr, out_ptr, N, V, H, temperature,
+    def _grad_logits_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, grad_ptr, out_ptr, N, V, H, v_offset, temperature,
                             BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                             UPCAST: tl.constexpr):
-        """out[n, v] = (onehot(target_n)[v] - softmax(x_n)[v]) * grad_n / T for one [BLOCK_N, BLOCK_V] tile."""
+        """out[n, v] = (onehot(target_n)[v] - softmax(x_n)[v]) * grad_n / T for one [BLOCK_N, BLOCK_V] tile.
+
+        w_ptr/V are a slice of the vocabulary starting at v_offset; out is [N, V] for that slice."""
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
         mask_n = offs_n < N
@@ -99,7 +106,7 @@ if HAS_TRITON:
         tgt = tl.load(tgt_ptr + offs_n, mask=mask_n, other=-1)  # [BLOCK_N]
         g = tl.load(grad_ptr + offs_n, mask=mask_n, other=0.0) / temperature  # [BLOCK_N]
         p = tl.exp(x - lse[:, None])  # [BLOCK_N, BLOCK_V]
-        onehot = (offs_v[None, :] == tgt[:, None]).to(tl.float32)
+        onehot = (offs_v[None, :] + v_offset == tgt[:, None]).to(tl.float32)
         grad = (onehot - p) * g[:, None]
         tl.store(out_ptr + offs_n[:, None] * V + offs_v[None, :], grad.to(out_ptr.dtype.element_ty),
                  mask=mask_n[:, None] & mask_v[None, :])
@@ -118,16 +125,17 @@ def _block_sizes(device):
     return 32, 128, 32, 4
 
 
-def _chunk_rows(n, v, chunk_size):
-    if chunk_size is None:
-        chunk_size = max(64, (_CHUNK_ELEMS // v) // 64 * 64)
-    return max(1, min(n, int(chunk_size)))
+def _chunk_len(numel, other, total):
+    """Length of a chunk along one axis so that chunk x other <= numel (rounded to 128 when large)."""
+    length = max(1, numel // max(other, 1))
+    return max(1, min(total, length // 128 * 128 if length >= 256 else length))
 
 
 # ---- forward ---------------------------------------------------------------------------------------
 
-def _torch_forward(hidden, weight, targets, temperature, chunk, with_entropy):
-    n = hidden.shape[0]
+def _torch_forward(hidden, weight, targets, temperature, chunk_numel, with_entropy):
+    n, v = hidden.shape[0], weight.shape[0]
+    chunk = _chunk_len(chunk_numel, v, n)
     lse = hidden.new_empty(n, dtype=torch.float32)  # [N]
     tgt_logit = torch.empty_like(lse)  # [N]
     entropy = torch.empty_like(lse) if with_entropy else None  # [N]
@@ -158,36 +166,49 @@ def _triton_forward(hidden, weight, targets, temperature, with_entropy):
     return lse, tgt_logit, entropy if with_entropy else None
 
 
-# ---- backward: grad_logits for one chunk of tokens -------------------------------------------------
+# ---- backward: grad_logits for one chunk, tokens h_c [C, H] x vocabulary slice w_c [V_c, H] ----------
 
-def _torch_grad_logits(h_c, weight, tgt_c, lse_c, g_c, temperature):
-    x = (h_c @ weight.T).float().div_(temperature)  # [C, V]
+def _torch_grad_logits(h_c, w_c, tgt_c, lse_c, g_c, v_offset, temperature):
+    x = (h_c @ w_c.T).float().div_(temperature)  # [C, V_c]
     scale = g_c / temperature  # [C]
     grad = x.sub_(lse_c[:, None]).exp_().mul_(-scale[:, None])  # -softmax * g / T, in place
-    grad[torch.arange(h_c.shape[0], device=h_c.device), tgt_c] += scale
-    return grad.to(h_c.dtype)  # [C, V] in the matmul dtype, as autograd of the reference does
+    local = tgt_c - v_offset  # [C]; targets outside this slice add nothing (no boolean indexing: no sync)
+    inside = (local >= 0) & (local < w_c.shape[0])
+    grad.scatter_add_(1, local.clamp(0, w_c.shape[0] - 1)[:, None], torch.where(inside, scale, 0.0)[:, None])
+    return grad.to(h_c.dtype)  # [C, V_c] in the matmul dtype, as autograd of the reference does
 
 
-def _triton_grad_logits(h_c, weight, tgt_c, lse_c, g_c, temperature):
+def _triton_grad_logits(h_c, w_c, tgt_c, lse_c, g_c, v_offset, temperature):
     c, h = h_c.shape
-    v = weight.shape[0]
-    out = h_c.new_empty(c, v)  # [C, V]
+    v = w_c.shape[0]
+    out = h_c.new_empty(c, v)  # [C, V_c]
     block_n, block_v, block_h, warps = _block_sizes(h_c.device)
     _grad_logits_kernel[(triton.cdiv(c, block_n), triton.cdiv(v, block_v))](
-        h_c, weight, tgt_c, lse_c, g_c, out, c, v, h, temperature,
+        h_c, w_c, tgt_c, lse_c, g_c, out, c, v, h, v_offset, temperature,
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, UPCAST=_triton_interpreted(), num_warps=warps)
     return out
 
 
+def _write_or_accumulate(out, index, a, b, accumulate):
+    """out[index] = a @ b, or out += a @ b into an fp32 accumulator (one rounding at the end, not per chunk)."""
+    if not accumulate:
+        torch.matmul(a, b, out=out[index])
+    elif a.dtype == torch.float32:
+        out.addmm_(a, b)
+    else:
+        out.add_(a @ b)  # the bf16 product is one [C, H] or [V_c, H] slice, promoted into the fp32 sum
+
+
 class _FusedLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, use_triton, chunk, with_entropy):
+    def forward(ctx, hidden, weight, targets, temperature, use_triton, chunk_numel, with_entropy):
         if use_triton:
             lse, tgt_logit, entropy = _triton_forward(hidden, weight, targets, temperature, with_entropy)
         else:
-            lse, tgt_logit, entropy = _torch_forward(hidden, weight, targets, temperature, chunk, with_entropy)
+            lse, tgt_logit, entropy = _torch_forward(hidden, weight, targets, temperature, chunk_numel,
+                                                     with_entropy)
         ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.temperature, ctx.use_triton, ctx.chunk = temperature, use_triton, chunk
+        ctx.temperature, ctx.use_triton, ctx.chunk_numel = temperature, use_triton, chunk_numel
         logp = tgt_logit - lse  # [N]
         if entropy is None:
             entropy = logp.new_empty(0)
@@ -200,22 +221,28 @@ class _FusedLogprobs(torch.autograd.Function):
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         grad_logits_fn = _triton_grad_logits if ctx.use_triton else _torch_grad_logits
         g = grad_logp.float().contiguous()  # [N]
-        n, chunk = hidden.shape[0], ctx.chunk
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None  # [N, H]
-        # fp32 accumulator across chunks: summing bf16 partial products would round once per chunk.
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
-        for s in range(0, n, chunk):
-            e = min(s + chunk, n)
-            grad_x = grad_logits_fn(hidden[s:e], weight, targets[s:e], lse[s:e], g[s:e], ctx.temperature)  # [C, V]
+        (n, h), v = hidden.shape, weight.shape[0]
+        by_vocab = n <= v  # accumulate the smaller of grad_hidden [N, H] and grad_weight [V, H]
+        grad_hidden = grad_weight = None
+        if need_hidden:  # [N, H]
+            grad_hidden = hidden.new_zeros(n, h, dtype=torch.float32) if by_vocab else torch.empty_like(hidden)
+        if need_weight:  # [V, H]
+            grad_weight = weight.new_zeros(v, h, dtype=torch.float32) if not by_vocab else torch.empty_like(weight)
+        if by_vocab:
+            step = _chunk_len(ctx.chunk_numel, n, v)
+            chunks = [(slice(0, n), slice(s, min(s + step, v))) for s in range(0, v, step)]
+        else:
+            step = _chunk_len(ctx.chunk_numel, v, n)
+            chunks = [(slice(s, min(s + step, n)), slice(0, v)) for s in range(0, n, step)]
+        for rows, cols in chunks:
+            h_c, w_c = hidden[rows], weight[cols]  # [C, H], [V_c, H]
+            grad_x = grad_logits_fn(h_c, w_c, targets[rows], lse[rows], g[rows], cols.start, ctx.temperature)
             if need_hidden:
-                torch.matmul(grad_x, weight, out=grad_hidden[s:e])
+                _write_or_accumulate(grad_hidden, rows, grad_x, w_c, accumulate=by_vocab)
             if need_weight:
-                if grad_x.dtype == torch.float32:
-                    grad_weight.addmm_(grad_x.T, hidden[s:e])
-                else:
-                    grad_weight += (grad_x.T @ hidden[s:e]).float()  # [V, H]
-        if need_weight:
-            grad_weight = grad_weight.to(weight.dtype)
+                _write_or_accumulate(grad_weight, cols, grad_x.T, h_c, accumulate=not by_vocab)
+        grad_hidden = grad_hidden.to(hidden.dtype) if need_hidden else None
+        grad_weight = grad_weight.to(weight.dtype) if need_weight else None
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
@@ -255,12 +282,12 @@ def _check_inputs(hidden, weight, targets, temperature, backend):
 
 
 def fused_logprobs(hidden, weight, targets, temperature=1.0, backend="auto", return_entropy=False,
-                   chunk_size=None):
+                   chunk_numel=None):
     """Per-token log p(target) fp32 [...] from hidden [..., H], LM-head weight [V, H], targets [...].
 
     Differentiable w.r.t. hidden and weight (gradients in their dtypes). With return_entropy=True also
-    returns the softmax entropy per token, fp32, without grad. `chunk_size` bounds the tokens whose
-    [chunk, V] logits exist at once (default: ~128 MiB of fp32 logits).
+    returns the softmax entropy per token, fp32, without grad. `chunk_numel` bounds the logits that
+    exist at once (default 2^25: 128 MiB in fp32).
     """
     _check_inputs(hidden, weight, targets, temperature, backend)
     if backend == "auto":
@@ -271,14 +298,13 @@ def fused_logprobs(hidden, weight, targets, temperature=1.0, backend="auto", ret
         if not hidden.is_cuda and not _triton_interpreted():
             raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is "
                              "first imported")
-    if chunk_size is not None and int(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if chunk_numel is not None and int(chunk_numel) < 1:
+        raise ValueError(f"chunk_numel must be >= 1, got {chunk_numel}")
     out_shape = targets.shape
     hidden2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()  # [N, H]
     targets2 = targets.reshape(-1).to(torch.int64).contiguous()  # [N]
-    chunk = _chunk_rows(hidden2.shape[0], weight.shape[0], chunk_size)
     logp, entropy = _FusedLogprobs.apply(hidden2, weight.contiguous(), targets2, float(temperature),
-                                         backend == "triton", chunk, bool(return_entropy))
+                                         backend == "triton", int(chunk_numel or _CHUNK_NUMEL), bool(return_entropy))
     if return_entropy:
         return logp.reshape(out_shape), entropy.reshape(out_shape)
     return logp.reshape(out_shape)
