@@ -1,0 +1,100 @@
+"""fused_logprobs forward+backward: naive torch vs chunked torch vs Triton (CUDA) vs Liger FLCE (if installed).
+
+Each method runs in a fresh child process so its peak memory is its own: on CUDA
+torch.cuda.max_memory_allocated minus what was allocated before the call, on CPU the peak RSS
+(ru_maxrss) minus the peak before the call. Both count everything the step allocates, the returned
+gradients included. Time: median of a few repeats after one warm-up. CPU runs fp32 and no Triton
+(the interpreter is not a benchmark). Usage: python benchmarks/bench_kernels.py [--repeats 3]
+"""
+import argparse, datetime, importlib.metadata, importlib.util, json, os, platform  # noqa: E401
+import resource, statistics, subprocess, sys, time  # noqa: E401
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+from rpo_engine.kernels import fused_logprobs, logprobs_reference  # noqa: E402
+
+CPU_SHAPES = [(8192, 256, 32000, torch.float32)]
+GPU_SHAPES = [(16384, 1536, 151936, torch.bfloat16), (16384, 3584, 151936, torch.bfloat16)]
+
+
+def step(method, hidden, weight, targets):
+    if method == "naive":
+        logp = logprobs_reference(hidden, weight, targets)
+    elif method == "liger":  # cross-entropy = -logp summed; Liger computes its gradients in the forward
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+        logp = -liger_fused_linear_cross_entropy(hidden, weight, targets, reduction="sum")
+    else:
+        logp = fused_logprobs(hidden, weight, targets, backend=method)
+    logp.sum().backward()
+
+
+def child(method, n, h, v, dtype, repeats):
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    hidden = torch.randn(n, h, device=dev, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(v, h, device=dev) / h**0.5).to(dtype).requires_grad_()
+    targets = torch.randint(0, v, (n,), device=dev)
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    peak_bytes = torch.cuda.max_memory_allocated if dev == "cuda" else (
+        lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # ru_maxrss is in KiB on Linux
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if dev == "cuda" else peak_bytes()
+    times = []
+    for _ in range(repeats + 1):
+        hidden.grad = weight.grad = None
+        sync()
+        t0 = time.perf_counter()
+        step(method, hidden, weight, targets)
+        sync()
+        times.append(time.perf_counter() - t0)
+    print(json.dumps({"ms": 1e3 * statistics.median(times[1:]), "peak_extra_mib": (peak_bytes() - base) / 2**20}))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        m, n, h, v, dt = args.child
+        return child(m, int(n), int(h), int(v), getattr(torch, dt), args.repeats)
+    cuda = torch.cuda.is_available()
+    liger = cuda and importlib.util.find_spec("liger_kernel") is not None
+    methods = ["naive", "torch"] + ["triton"] * cuda + ["liger"] * liger
+    cpu = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
+    machine = torch.cuda.get_device_name() if cuda else f"{platform.platform()}, {cpu[0]} x{os.cpu_count()}"
+    rows = []
+    print(f"{machine}: fused_logprobs fwd+bwd, median of {args.repeats}; memory = "
+          f"{'max_memory_allocated' if cuda else 'peak RSS (ru_maxrss)'} delta incl. gradients")
+    print(f"{'tokens':>6} {'hidden':>6} {'vocab':>6} {'dtype':>8} {'method':>7} {'ms':>9} {'peak MiB':>9} "
+          f"{'time/naive':>10} {'mem/naive':>9}")
+    for n, h, v, dtype in GPU_SHAPES if cuda else CPU_SHAPES:
+        dt = str(dtype).split(".")[1]
+        for m in methods:
+            out = subprocess.run([sys.executable, __file__, "--repeats", str(args.repeats), "--child", m, str(n),
+                                  str(h), str(v), dt], capture_output=True, text=True)
+            if out.returncode:
+                print(f"{m}: failed: {out.stderr.strip().splitlines()[-1]}")
+                continue
+            r = dict(json.loads(out.stdout.strip().splitlines()[-1]), tokens=n, hidden=h, vocab=v, dtype=dt, method=m)
+            naive = next((x for x in rows if x["method"] == "naive" and x["hidden"] == h), r)
+            print(f"{n:>6} {h:>6} {v:>6} {dt:>8} {m:>7} {r['ms']:>9.1f} {r['peak_extra_mib']:>9.0f} "
+                  f"{r['ms'] / naive['ms']:>10.2f} {r['peak_extra_mib'] / naive['peak_extra_mib']:>9.3f}")
+            rows.append(r)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    triton_version = importlib.metadata.version("triton") if importlib.util.find_spec("triton") else None
+    result = {"machine": machine, "date": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": commit,
+              "torch": torch.__version__, "triton": triton_version, "repeats": args.repeats,
+              "memory_method": "cuda max_memory_allocated delta" if cuda else "ru_maxrss delta (fresh process)",
+              "results": rows}
+    path = os.path.join(HERE, "results", f"kernels_{'cuda' if cuda else 'cpu'}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
