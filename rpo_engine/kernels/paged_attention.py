@@ -1,0 +1,106 @@
+"""Triton paged-attention decode: one query token per sequence over its K/V cache blocks.
+
+`paged_decode(q, k_cache, v_cache, block_tables, context_lens, num_splits)` equals softmax attention
+of q [S, H, D] over the first context_lens[s] tokens found through block_tables[s] (the torch
+reference is rollout.attention.paged_decode_reference). Ragged lengths, GQA (H a multiple of KVH),
+any head dim and any block size (both padded to powers of two and masked).
+
+One program per (sequence, KV head, split): it loads the GROUP query heads that share the KV head
+as one [BLOCK_G, BLOCK_D] tile (so each K/V block is read once for all of them), walks its share of
+the sequence's blocks in tiles of at most 64 tokens with an online softmax, and writes a normalized
+partial output and its log-sum-exp. `num_splits > 1` is flash-decoding: long contexts are cut into
+splits so that few sequences still fill the GPU; the splits are merged by their lse in torch. Every
+shape is fixed by (S, num_splits), so the launch can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr,
+                         stride_qs, stride_qh, stride_kb, stride_kt, stride_kh, stride_tab, scale,
+                         HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                         BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, TILE_N: tl.constexpr,
+                         NUM_SPLITS: tl.constexpr, UPCAST: tl.constexpr):
+    seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, TILE_N)
+    mask_g, mask_d = offs_g < GROUP, offs_d < HEAD_DIM
+    heads = kv_head * GROUP + offs_g  # [BLOCK_G] query heads of this KV head
+
+    q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_g[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+    if UPCAST:  # the interpreter's low-precision dot is unreliable; fp32 products of bf16 are exact
+        q = q.to(tl.float32)
+    n_ctx = tl.load(lens_ptr + seq)
+    n_blocks = tl.cdiv(n_ctx, BLOCK_SIZE)
+    per_split = tl.cdiv(n_blocks, NUM_SPLITS)
+    first = split * per_split
+    last = tl.minimum(first + per_split, n_blocks)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for b in range(first, last):
+        block_id = tl.load(tables_ptr + seq * stride_tab + b).to(tl.int64)
+        for t0 in range(0, BLOCK_SIZE, TILE_N):
+            offs_t = t0 + offs_n  # [TILE_N] offsets inside the block
+            valid = (offs_t < BLOCK_SIZE) & (b * BLOCK_SIZE + offs_t < n_ctx)
+            kv_off = block_id * stride_kb + offs_t[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :]
+            kv_mask = valid[:, None] & mask_d[None, :]
+            k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)  # [TILE_N, BLOCK_D]
+            v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [BLOCK_G, TILE_N] fp32
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every visited tile holds a valid token
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            m_i = m_new
+
+    empty = l_i == 0.0  # a split with no blocks: weight 0 in the merge
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+    base = (seq * tl.num_programs(1) * GROUP + heads) * NUM_SPLITS + split  # [BLOCK_G] rows of [S, H, NUM_SPLITS]
+    tl.store(out_ptr + base[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask_g[:, None] & mask_d[None, :])
+    tl.store(lse_ptr + base, lse, mask=mask_g)
+
+
+def _pow2(x: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(x))
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                 context_lens: torch.Tensor, num_splits: int = 1) -> torch.Tensor:
+    """q [S, H, D]; k/v_cache [num_blocks, block_size, KVH, D]; block_tables [S, max_blocks] int32;
+    context_lens [S] int32 (each >= 1) -> out [S, H, D] in q's dtype."""
+    S, H, D = q.shape
+    _, block_size, KVH, Dk = k_cache.shape
+    if Dk != D or H % KVH or v_cache.shape != k_cache.shape:
+        raise ValueError(f"paged_decode: q {tuple(q.shape)} does not fit the cache {tuple(k_cache.shape)}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and block_tables.stride(1) == 1):
+        raise ValueError("paged_decode: the caches and block tables must be contiguous")
+    q = q.contiguous()
+    group = H // KVH
+    out = torch.empty(S, H, num_splits, D, device=q.device, dtype=torch.float32)  # partial outputs
+    lse = torch.empty(S, H, num_splits, device=q.device, dtype=torch.float32)
+    upcast = os.environ.get("TRITON_INTERPRET") == "1" or q.dtype == torch.float32
+    _paged_decode_kernel[(S, KVH, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, lse,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        D ** -0.5, HEAD_DIM=D, GROUP=group, BLOCK_SIZE=block_size, BLOCK_G=_pow2(group), BLOCK_D=_pow2(D),
+        TILE_N=min(64, _pow2(block_size)), NUM_SPLITS=num_splits, UPCAST=upcast)
+    if num_splits == 1:
+        return out[:, :, 0].to(q.dtype)
+    weights = (lse - lse.logsumexp(-1, keepdim=True)).exp()  # [S, H, splits]; empty splits get 0
+    return (out * weights[..., None]).sum(2).to(q.dtype)

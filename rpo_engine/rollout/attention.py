@@ -1,0 +1,182 @@
+"""Paged-KV-cache attention backends for the decoder's `attn(layer_idx, q, k, v) -> out` hook.
+
+Cache: k_cache / v_cache [num_layers, num_blocks, block_size, KVH, D]; a token's slot is
+block_id * block_size + offset. Every backend first writes the new K/V at their slots, then reads.
+
+- PagedPrefill: a packed varlen batch (B = 1, T = all new tokens). Per sequence, causal SDPA over
+  its new tokens, or, with a cached prefix, SDPA over [prefix + new] gathered from its blocks.
+  All K/V of a layer are written before any sequence reads, so a sequence may use blocks another
+  sequence of the same batch is filling (a prefix-cache hit within one batch).
+- PagedDecode: one query per sequence (B = S, T = 1), pure torch, runs anywhere. Two-level
+  ("cascade") attention: the leading blocks a group of samples shares (its prompt) are gathered and
+  attended ONCE per group, as one matmul for all its queries; each sequence's own tail separately;
+  the two are merged by their log-sum-exps. With G samples per prompt this reads the prompt's K/V
+  once instead of G times, which is what decode time on a CPU is made of.
+- TritonDecode: the Triton paged-decode kernel (kernels/paged_attention.py), one pass over each
+  sequence's blocks, fixed-shape metadata: used on CUDA and under CUDA graphs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor):
+    # k_cache [num_blocks, block_size, KVH, D]; k/v [N, KVH, D]; slots [N]
+    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slots, k)
+    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slots, v)
+
+
+def gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    # cache [num_blocks, block_size, KVH, D]; tables [B, nb] -> [B, nb * block_size, KVH, D]
+    B, nb = tables.shape
+    return cache.index_select(0, tables.reshape(-1)).view(B, nb * cache.shape[1], *cache.shape[2:])
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor):
+    """Softmax attention of M queries over the first lens[b] keys, GQA, in fp32, with the lse.
+
+    q [B, M, H, D]; k/v [B, L, KVH, D]; lens [B] -> out [B, M, H, D] fp32, lse [B, M, H] fp32.
+    """
+    B, M, H, D = q.shape
+    L, KVH = k.shape[1], k.shape[2]
+    R = H // KVH
+    # Put the R query heads of each KV head (and all M queries) on one matmul: [B, KVH, M*R, D].
+    qf = q.float().view(B, M, KVH, R, D).permute(0, 2, 1, 3, 4).reshape(B, KVH, M * R, D)
+    scores = qf @ k.float().permute(0, 2, 3, 1) * D ** -0.5  # [B, KVH, M*R, L]
+    valid = torch.arange(L, device=q.device)[None, :] < lens[:, None]  # [B, L]
+    scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    lse = scores.logsumexp(-1)  # [B, KVH, M*R]
+    out = (scores - lse[..., None]).exp() @ v.float().permute(0, 2, 1, 3)  # [B, KVH, M*R, D]
+    out = out.view(B, KVH, M, R, D).permute(0, 2, 1, 3, 4).reshape(B, M, H, D)
+    return out, lse.view(B, KVH, M, R).permute(0, 2, 1, 3).reshape(B, M, H)
+
+
+@dataclass
+class PrefillMetadata:
+    slot_mapping: torch.Tensor  # [N] long: where each new token's K/V go
+    new_lens: list[int]  # new tokens per sequence, in packing order
+    cached_lens: list[int]  # tokens of each sequence already in the cache (its prefix)
+    block_tables: list[torch.Tensor | None]  # [num_blocks] long per sequence with a cached prefix
+
+
+class PagedPrefill:
+    def __init__(self, k_cache, v_cache, meta: PrefillMetadata):
+        self.k_cache, self.v_cache, self.meta = k_cache, v_cache, meta
+
+    def __call__(self, layer_idx, q, k, v):
+        # q [1, N, H, D]; k/v [1, N, KVH, D] -> [1, N, H, D]
+        kc, vc, m = self.k_cache[layer_idx], self.v_cache[layer_idx], self.meta
+        write_kv(kc, vc, k[0], v[0], m.slot_mapping)
+        gqa = k.shape[2] != q.shape[2]
+        outs, start = [], 0
+        for n, c, table in zip(m.new_lens, m.cached_lens, m.block_tables):
+            qi = q[0, start:start + n]  # [n, H, D]
+            if c == 0:
+                ki, vi, mask = k[0, start:start + n], v[0, start:start + n], None  # [n, KVH, D]
+            else:
+                ki = gather(kc, table[None])[0, :c + n]  # [c + n, KVH, D]
+                vi = gather(vc, table[None])[0, :c + n]
+                pos = torch.arange(c + n, device=q.device)
+                mask = pos[None, :] <= (c + pos[:n])[:, None]  # [n, c + n]: query j sits at position c + j
+            o = F.scaled_dot_product_attention(qi.transpose(0, 1)[None], ki.transpose(0, 1)[None],
+                                               vi.transpose(0, 1)[None], attn_mask=mask,
+                                               is_causal=mask is None, enable_gqa=gqa)  # [1, H, n, D]
+            outs.append(o[0].transpose(0, 1))
+            start += n
+        return torch.cat(outs)[None]
+
+
+@dataclass
+class DecodeMetadata:
+    slot_mapping: torch.Tensor  # [S] long
+    context_lens: torch.Tensor  # [S] int32: keys each query sees, itself included
+    block_tables: torch.Tensor  # [S, max_blocks] int32, padded with a valid block id
+    # Cascade split (torch path): shared leading blocks per group, then each sequence's own tail.
+    group_tables: torch.Tensor | None = None  # [G, max_group_blocks] long
+    group_lens: torch.Tensor | None = None  # [G]
+    member_index: torch.Tensor | None = None  # [G, max_members]: query row, or S for padding
+    member_slot: torch.Tensor | None = None  # [S]: g * max_members + m, or G * max_members if no group
+    tail_tables: torch.Tensor | None = None  # [S, max_tail_blocks] long
+    tail_lens: torch.Tensor | None = None  # [S]
+
+
+def decode_metadata(block_tables: list[list[int]], context_lens: list[int], num_shared_blocks: list[int],
+                    block_size: int, pad_block: int, device, cascade: bool = True) -> DecodeMetadata:
+    """Host-side metadata for S decode queries. num_shared_blocks[s]: leading blocks of sequence s
+    that are grouped with every other sequence starting with the same block ids."""
+    def padded(rows, dtype):
+        width = max(1, max(len(r) for r in rows))
+        return torch.tensor([r + [pad_block] * (width - len(r)) for r in rows], dtype=dtype, device=device)
+
+    S = len(block_tables)
+    meta = DecodeMetadata(
+        slot_mapping=torch.tensor([t[(n - 1) // block_size] * block_size + (n - 1) % block_size
+                                   for t, n in zip(block_tables, context_lens)], dtype=torch.long, device=device),
+        context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
+        block_tables=padded(block_tables, torch.int32))
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for s, (table, k) in enumerate(zip(block_tables, num_shared_blocks)):
+        if cascade and k > 0:
+            groups.setdefault(tuple(table[:k]), []).append(s)
+    shared = [0] * S
+    width = max((len(m) for m in groups.values()), default=0)
+    slot = [len(groups) * width] * S
+    for g, (key, members) in enumerate(groups.items()):
+        for m, s in enumerate(members):
+            shared[s], slot[s] = len(key), g * width + m
+    if groups:
+        meta.group_tables = padded([list(key) for key in groups], torch.long)
+        meta.group_lens = torch.tensor([len(key) * block_size for key in groups], device=device)
+        meta.member_index = padded([m + [S] * (width - len(m)) for m in groups.values()], torch.long)
+        meta.member_slot = torch.tensor(slot, device=device)
+    meta.tail_tables = padded([t[k:] for t, k in zip(block_tables, shared)], torch.long)
+    meta.tail_lens = torch.tensor([n - k * block_size for n, k in zip(context_lens, shared)], device=device)
+    return meta
+
+
+class PagedDecode:
+    def __init__(self, k_cache, v_cache, meta: DecodeMetadata):
+        self.k_cache, self.v_cache, self.meta = k_cache, v_cache, meta
+
+    def __call__(self, layer_idx, q, k, v):
+        # q [S, 1, H, D]; k/v [S, 1, KVH, D] -> [S, 1, H, D]
+        kc, vc, m = self.k_cache[layer_idx], self.v_cache[layer_idx], self.meta
+        write_kv(kc, vc, k[:, 0], v[:, 0], m.slot_mapping)
+        out, lse = attend(q, gather(kc, m.tail_tables), gather(vc, m.tail_tables), m.tail_lens)  # [S, 1, H, *]
+        if m.group_tables is not None:
+            S, _, H, D = q.shape
+            q_pad = torch.cat([q[:, 0], q.new_zeros(1, H, D)])  # [S + 1, H, D]: row S is padding
+            out_g, lse_g = attend(q_pad[m.member_index], gather(kc, m.group_tables), gather(vc, m.group_tables),
+                                  m.group_lens)  # [G, M, H, D], [G, M, H]
+            out_g = torch.cat([out_g.flatten(0, 1), out_g.new_zeros(1, H, D)])[m.member_slot]  # [S, H, D]
+            lse_g = torch.cat([lse_g.flatten(0, 1), lse_g.new_full((1, H), float("-inf"))])[m.member_slot]
+            lse_t, out_t = lse[:, 0], out[:, 0]
+            total = torch.logaddexp(lse_g, lse_t)  # [S, H]
+            out = (out_g * (lse_g - total).exp()[..., None] + out_t * (lse_t - total).exp()[..., None])[:, None]
+        return out.to(q.dtype)
+
+
+class TritonDecode:
+    def __init__(self, k_cache, v_cache, meta: DecodeMetadata, num_splits: int = 1):
+        self.k_cache, self.v_cache, self.meta, self.num_splits = k_cache, v_cache, meta, num_splits
+
+    def __call__(self, layer_idx, q, k, v):
+        from rpo_engine.kernels.paged_attention import paged_decode
+
+        kc, vc, m = self.k_cache[layer_idx], self.v_cache[layer_idx], self.meta
+        write_kv(kc, vc, k[:, 0], v[:, 0], m.slot_mapping)
+        return paged_decode(q[:, 0], kc, vc, m.block_tables, m.context_lens, self.num_splits)[:, None]
+
+
+def paged_decode_reference(q, k_cache, v_cache, block_tables: list[list[int]], context_lens: list[int]):
+    """One sequence at a time, SDPA over its gathered blocks. q [S, H, D] -> [S, H, D]; for tests."""
+    outs = []
+    for qi, table, n in zip(q, block_tables, context_lens):
+        idx = torch.tensor(table, device=q.device)
+        ki = k_cache[idx].flatten(0, 1)[:n].transpose(0, 1)  # [KVH, n, D]
+        vi = v_cache[idx].flatten(0, 1)[:n].transpose(0, 1)
+        outs.append(F.scaled_dot_product_attention(qi[:, None], ki, vi, enable_gqa=ki.shape[0] != qi.shape[0])[:, 0])
+    return torch.stack(outs)

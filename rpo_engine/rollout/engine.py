@@ -1,0 +1,166 @@
+"""RolloutEngine: batched generation from a live model with a paged K/V cache.
+
+`generate(prompts, params)` validates everything first, then loops `step()`: schedule, run one
+forward, fork fresh prefills into their n samples, sample, append. Each prompt is prefilled once and
+its n samples share its blocks; identical full blocks across the prompts of a call are reused. The
+prefix cache is emptied at the start of every call, because the model may have been trained since.
+Lengths: prompt + max_new_tokens must fit in max_position_embeddings (a ValueError otherwise).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import torch
+
+from rpo_engine.rollout.block_manager import BlockManager
+from rpo_engine.rollout.model_runner import ModelRunner
+from rpo_engine.rollout.sampler import request_key, sample_sequences
+from rpo_engine.rollout.scheduler import Scheduler
+from rpo_engine.rollout.sequence import Completion, SamplingParams, Sequence
+
+
+@dataclass
+class RolloutStats:
+    prefill_tokens: int = 0  # tokens computed by prefill forwards
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache instead
+    forked_tokens: int = 0  # prompt tokens a sample got from its fork instead of its own prefill
+    decode_tokens: int = 0  # tokens computed by decode forwards
+    sampled_tokens: int = 0  # new tokens returned
+    preemptions: int = 0
+    prefill_steps: int = 0
+    decode_steps: int = 0
+    prefill_time_s: float = 0.0
+    decode_time_s: float = 0.0
+    blocks_used: int = 0  # now (not a counter)
+    peak_blocks_used: int = 0  # most blocks held at once (over the engine's life, or the call for a delta)
+
+    @property
+    def reused_tokens(self) -> int:
+        return self.cached_tokens + self.forked_tokens
+
+    def delta(self, before: "RolloutStats", peak: int) -> "RolloutStats":
+        out = RolloutStats(**{f.name: getattr(self, f.name) - getattr(before, f.name)
+                              for f in dataclasses.fields(self)})
+        out.blocks_used, out.peak_blocks_used = self.blocks_used, peak
+        return out
+
+
+class RolloutEngine:
+    def __init__(self, model, block_size: int = 16, num_blocks: int | None = None, kv_cache_bytes: int | None = None,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
+                 use_cuda_graphs: bool | None = None, attention_backend: str = "auto",
+                 enable_prefix_sharing: bool = True, gpu_memory_utilization: float = 0.9):
+        """num_blocks / kv_cache_bytes: the K/V budget (default: see ModelRunner._default_kv_bytes).
+        attention_backend: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
+        use_cuda_graphs: None = on with Triton on CUDA. enable_prefix_sharing=False turns off forks,
+        prefix caching and the shared-prefix decode, so each sample prefills its own prompt (a baseline)."""
+        if attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton', got {attention_backend!r}")
+        if block_size < 1 or max_num_seqs < 1:
+            raise ValueError("block_size and max_num_seqs must be >= 1")
+        cuda = model.device.type == "cuda"
+        if attention_backend == "auto":
+            attention_backend = "triton" if cuda else "torch"
+        if use_cuda_graphs is None:
+            use_cuda_graphs = cuda and attention_backend == "triton"
+        if use_cuda_graphs and not (cuda and attention_backend == "triton"):
+            raise ValueError("use_cuda_graphs needs a CUDA model and the triton attention backend")
+        self.model, self.config = model, model.config
+        self.block_size, self.max_num_seqs = block_size, max_num_seqs
+        self.enable_prefix_sharing = enable_prefix_sharing
+        max_num_batched_tokens = max_num_batched_tokens or max(8192, self.config.max_position_embeddings)
+        self.runner = ModelRunner(model, block_size, num_blocks, kv_cache_bytes, max_num_seqs, max_num_batched_tokens,
+                                  attention_backend, use_cuda_graphs, gpu_memory_utilization, enable_prefix_sharing)
+        self.block_manager = BlockManager(self.runner.num_blocks, block_size, enable_prefix_sharing)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        self.stats = RolloutStats()  # cumulative
+        self.last_stats = RolloutStats()  # the last generate call's share
+        self._call_peak = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return self.runner.num_blocks
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[list[Completion]]:
+        params_list = self._validate(prompts, params)
+        self.block_manager.reset_prefix_cache()
+        self.runner.refresh()
+        before, self._call_peak = dataclasses.replace(self.stats), self.block_manager.num_used_blocks
+        outputs: list[list[Completion | None]] = [[None] * p.n for p in params_list]
+        for i, (prompt, p) in enumerate(zip(prompts, params_list)):
+            if p.max_new_tokens == 0:
+                outputs[i] = [Completion([], [], "length") for _ in range(p.n)]
+                continue
+            seed = p.seed if p.seed is not None else int(torch.randint(0, 2 ** 62, ()).item())
+            stop = p.stop_token_ids if p.stop_token_ids is not None else self.config.eos_token_ids
+            key = request_key(seed, prompt)
+            if self.enable_prefix_sharing:
+                self.scheduler.add(Sequence(prompt, p, self.block_size, stop, key, i, num_forks=p.n))
+            else:
+                for j in range(p.n):
+                    self.scheduler.add(Sequence(prompt, p, self.block_size, stop, key, i, sample_index=j))
+        while not self.scheduler.is_finished():
+            for seq in self.step():
+                outputs[seq.request_index][seq.sample_index] = seq.completion()
+        self.last_stats = self.stats.delta(before, self._call_peak)
+        return outputs
+
+    def step(self) -> list[Sequence]:
+        """One forward for the scheduled batch; returns the sequences that finished."""
+        start = time.perf_counter()
+        seqs, is_prefill, copies = self.scheduler.schedule()
+        held = self.block_manager.num_used_blocks  # the step's high-water mark: nothing is freed yet
+        logits = self.runner.run(seqs, is_prefill, copies)  # [len(seqs), vocab] fp32
+        s = self.stats
+        if is_prefill:
+            s.prefill_tokens += sum(len(seq) - seq.num_cached_tokens for seq in seqs)
+            s.cached_tokens += sum(seq.num_cached_tokens for seq in seqs)
+            s.forked_tokens += sum((seq.num_forks - 1) * len(seq) for seq in seqs)
+            rows = torch.tensor([i for i, seq in enumerate(seqs) for _ in range(seq.num_forks)], device=logits.device)
+            seqs = [sample for seq in seqs for sample in self.scheduler.fork(seq)]
+            logits = logits[rows] if len(rows) != len(logits) else logits
+        else:
+            s.decode_tokens += len(seqs)
+        token_ids, logprobs = sample_sequences(logits, seqs)  # the step's one host sync
+        finished = self.scheduler.postprocess(seqs, token_ids, logprobs)
+        s.sampled_tokens += len(seqs)
+        s.preemptions = self.scheduler.num_preemptions
+        s.blocks_used = self.block_manager.num_used_blocks
+        s.peak_blocks_used = max(s.peak_blocks_used, held)
+        self._call_peak = max(self._call_peak, held)
+        elapsed = time.perf_counter() - start
+        if is_prefill:
+            s.prefill_steps, s.prefill_time_s = s.prefill_steps + 1, s.prefill_time_s + elapsed
+        else:
+            s.decode_steps, s.decode_time_s = s.decode_steps + 1, s.decode_time_s + elapsed
+        return finished
+
+    def _validate(self, prompts, params) -> list[SamplingParams]:
+        if params is None:
+            params = SamplingParams()
+        if not isinstance(prompts, (list, tuple)):
+            raise ValueError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        params = list(params)
+        if len(params) != len(prompts) or not all(isinstance(p, SamplingParams) for p in params):
+            raise ValueError(f"params must be one SamplingParams or a list of {len(prompts)} (one per prompt)")
+        vocab, max_len = self.config.vocab_size, self.config.max_position_embeddings
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            if isinstance(prompt, (str, bytes)) or not isinstance(prompt, (list, tuple)) or len(prompt) == 0:
+                raise ValueError(f"prompt {i} must be a non-empty list of token ids")
+            if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in prompt):
+                bad = next(t for t in prompt if not (isinstance(t, int) and 0 <= t < vocab))
+                raise ValueError(f"prompt {i}: token id {bad!r} is not in the vocabulary [0, {vocab})")
+            if len(prompt) + p.max_new_tokens > max_len:
+                raise ValueError(f"prompt {i}: {len(prompt)} tokens + max_new_tokens {p.max_new_tokens} exceed "
+                                 f"the model's max_position_embeddings {max_len}")
+            if -(-(len(prompt) + p.max_new_tokens) // self.block_size) > self.num_blocks:
+                raise ValueError(f"prompt {i}: {len(prompt) + p.max_new_tokens} tokens do not fit the KV cache "
+                                 f"({self.num_blocks} blocks of {self.block_size}); raise num_blocks/kv_cache_bytes")
+            if p.n > self.max_num_seqs:
+                raise ValueError(f"prompt {i}: n={p.n} is more than max_num_seqs={self.max_num_seqs}")
+        return params

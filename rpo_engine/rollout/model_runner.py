@@ -1,0 +1,174 @@
+"""Model runner: the only place that touches the K/V cache tensors.
+
+It sizes and allocates the cache, turns a scheduled batch into flat inputs (token ids, positions,
+slot mapping, attention metadata), runs ONE forward of the live model for all sequences of the step
+with a paged backend, and returns fp32 logits of each sequence's last token. Prefill packs every new
+token into one row (B = 1); decode puts one token per row (B = S). On CUDA the decode step replays a
+CUDA graph captured for the next batch size up on a ladder; graphs hold the parameters' addresses,
+so `refresh()` recaptures them if a parameter's storage was replaced (in-place updates are seen).
+The cache has one spare block past `num_blocks`: padding rows of a graph batch write and read there.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rpo_engine.rollout.attention import (DecodeMetadata, PagedDecode, PagedPrefill, PrefillMetadata, TritonDecode,
+                                          decode_metadata)
+from rpo_engine.rollout.sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, model, block_size: int, num_blocks: int | None, kv_cache_bytes: int | None,
+                 max_num_seqs: int, max_num_batched_tokens: int, attention_backend: str, use_cuda_graphs: bool,
+                 gpu_memory_utilization: float, cascade: bool):
+        cfg = model.config
+        self.model, self.block_size, self.cascade = model, block_size, cascade
+        self.device, self.dtype = model.device, model.dtype
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.attention_backend = attention_backend
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        self.block_bytes = 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+        if num_blocks is None:
+            num_blocks = (kv_cache_bytes or self._default_kv_bytes(gpu_memory_utilization)) // self.block_bytes
+        if num_blocks < 1:
+            raise ValueError(f"KV cache budget too small: not one block of {self.block_bytes} bytes")
+        self.num_blocks = int(num_blocks)
+        shape = (cfg.num_hidden_layers, self.num_blocks + 1, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)  # zeros: padding reads stay finite
+        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.pad_block = self.num_blocks
+        self.max_blocks_per_seq = -(-cfg.max_position_embeddings // block_size)
+        self.graphs: dict[int, tuple] = {}
+        self.use_cuda_graphs = use_cuda_graphs
+        self._param_ptrs = None
+        if use_cuda_graphs:
+            self.capture()
+
+    def _default_kv_bytes(self, utilization: float) -> int:
+        if self.device.type != "cuda":
+            # CPU: 64k tokens, but no more than the weights' own size, and room for 16k tokens at least.
+            weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+            token_bytes = self.block_bytes // self.block_size
+            return min(65536, max(16384, weight_bytes // token_bytes)) * token_bytes
+        # CUDA: run the largest prefill once, then give the cache what is left under `utilization`.
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.no_grad():
+            ids = torch.zeros(1, self.max_num_batched_tokens, dtype=torch.long, device=self.device)
+            self.model.hidden_states(ids)[:, -1:] @ self.model.lm_head.weight.T
+        torch.cuda.synchronize()
+        free, total = torch.cuda.mem_get_info()
+        stats = torch.cuda.memory_stats()
+        peak_extra = stats["allocated_bytes.all.peak"] - stats["allocated_bytes.all.current"]
+        return int(total * utilization - (total - free) - peak_extra)
+
+    # ---- one step ----------------------------------------------------------------------------
+    def run(self, seqs: list[Sequence], is_prefill: bool, copies: list[tuple[int, int]]) -> torch.Tensor:
+        """-> logits [len(seqs), vocab] fp32 at each sequence's last token."""
+        if copies:  # copy-on-write of shared partial blocks, before this step writes into them
+            src, dst = (torch.tensor(c, device=self.device) for c in zip(*copies))
+            self.k_cache[:, dst] = self.k_cache[:, src]
+            self.v_cache[:, dst] = self.v_cache[:, src]
+        with torch.no_grad():  # not inference_mode: the same weights are trained with autograd later
+            if is_prefill:
+                ids, pos, attn, last = self._prepare_prefill(seqs)
+                hidden = self.model.hidden_states(ids, position_ids=pos, attn=attn)[0, last]  # [S, hidden]
+                return F.linear(hidden, self.model.lm_head.weight).float()
+            if self.graphs:
+                return self._replay(seqs)
+            ids, pos, meta = self._prepare_decode(seqs)
+            return self._decode_forward(ids, pos, self._decode_backend(meta, len(seqs))).float()
+
+    def _prepare_prefill(self, seqs):
+        bs, ids, pos, slots, new_lens, cached_lens, tables, last = self.block_size, [], [], [], [], [], [], []
+        for seq in seqs:
+            c, n = seq.num_cached_tokens, len(seq)
+            ids += seq.token_ids[c:]
+            pos += range(c, n)
+            for i in range(c // bs, seq.num_blocks):  # slots of tokens c..n-1, block by block
+                base = seq.block_table[i] * bs
+                slots += range(base + max(c - i * bs, 0), base + min(n - i * bs, bs))
+            new_lens.append(n - c)
+            cached_lens.append(c)
+            tables.append(torch.tensor(seq.block_table, device=self.device) if c else None)
+            last.append(len(ids) - 1)
+        meta = PrefillMetadata(torch.tensor(slots, device=self.device), new_lens, cached_lens, tables)
+        ids = torch.tensor([ids], device=self.device)  # [1, N]
+        pos = torch.tensor([pos], device=self.device)  # [1, N]
+        return ids, pos, PagedPrefill(self.k_cache, self.v_cache, meta), torch.tensor(last, device=self.device)
+
+    def _prepare_decode(self, seqs):
+        ids = torch.tensor([[seq.last_token] for seq in seqs], device=self.device)  # [S, 1]
+        pos = torch.tensor([[len(seq) - 1] for seq in seqs], device=self.device)  # [S, 1]
+        # Samples of one prompt share its full blocks: the torch backend reads them once per group.
+        shared = [seq.num_prompt_tokens // self.block_size for seq in seqs]
+        meta = decode_metadata([seq.block_table for seq in seqs], [len(seq) for seq in seqs], shared,
+                               self.block_size, self.pad_block, self.device,
+                               cascade=self.cascade and self.attention_backend == "torch")
+        return ids, pos, meta
+
+    def _decode_backend(self, meta: DecodeMetadata, batch: int):
+        if self.attention_backend == "triton":
+            return TritonDecode(self.k_cache, self.v_cache, meta, self._num_splits(batch))
+        return PagedDecode(self.k_cache, self.v_cache, meta)
+
+    def _num_splits(self, batch: int) -> int:
+        # Flash-decoding: enough (sequence, kv head, split) programs to cover the SMs twice.
+        if self.device.type != "cuda":
+            return 1
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        return max(1, min(16, -(-2 * sms // (batch * self.model.config.num_key_value_heads))))
+
+    def _decode_forward(self, ids, pos, attn) -> torch.Tensor:
+        hidden = self.model.hidden_states(ids, position_ids=pos, attn=attn)[:, 0]  # [S, hidden]
+        return F.linear(hidden, self.model.lm_head.weight)  # [S, vocab] in the model dtype
+
+    # ---- CUDA graphs ------------------------------------------------------------------------------
+    def capture(self):
+        """Capture the decode forward for batch sizes 1, 2, 4, 8, 16, 32, ... up to max_num_seqs."""
+        n, d = self.max_num_seqs, self.device
+        sizes = sorted({1, 2, 4, 8, *range(16, n + 1, 16), n})
+        self.g_ids = torch.zeros(n, 1, dtype=torch.long, device=d)
+        self.g_pos = torch.zeros(n, 1, dtype=torch.long, device=d)
+        self.g_slots = torch.zeros(n, dtype=torch.long, device=d)
+        self.g_lens = torch.ones(n, dtype=torch.int32, device=d)
+        self.g_tables = torch.full((n, self.max_blocks_per_seq), self.pad_block, dtype=torch.int32, device=d)
+        self.graphs, pool = {}, None
+        with torch.no_grad():
+            for size in reversed(sizes):  # largest first, so smaller graphs fit in its memory pool
+                meta = DecodeMetadata(self.g_slots[:size], self.g_lens[:size], self.g_tables[:size])
+                attn = TritonDecode(self.k_cache, self.v_cache, meta, self._num_splits(size))
+                self._fill_padding(0, size)
+                self._decode_forward(self.g_ids[:size], self.g_pos[:size], attn)  # warm-up: compiles kernels
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool):
+                    logits = self._decode_forward(self.g_ids[:size], self.g_pos[:size], attn)
+                pool = graph.pool()
+                self.graphs[size] = (graph, logits)
+        torch.cuda.synchronize()
+        self._param_ptrs = [p.data_ptr() for p in self.model.parameters()]
+
+    def refresh(self):
+        if self.graphs and self._param_ptrs != [p.data_ptr() for p in self.model.parameters()]:
+            self.capture()
+
+    def _fill_padding(self, start: int, end: int):
+        self.g_ids[start:end] = 0
+        self.g_pos[start:end] = 0
+        self.g_slots[start:end] = self.pad_block * self.block_size
+        self.g_lens[start:end] = 1
+        self.g_tables[start:end, 0] = self.pad_block
+
+    def _replay(self, seqs) -> torch.Tensor:
+        S = len(seqs)
+        size = min(s for s in self.graphs if s >= S)
+        ids, pos, meta = self._prepare_decode(seqs)
+        width = meta.block_tables.shape[1]
+        self.g_ids[:S], self.g_pos[:S] = ids, pos
+        self.g_slots[:S], self.g_lens[:S] = meta.slot_mapping, meta.context_lens
+        self.g_tables[:S, :width] = meta.block_tables
+        self._fill_padding(S, size)
+        graph, logits = self.graphs[size]
+        graph.replay()
+        return logits[:S].float()

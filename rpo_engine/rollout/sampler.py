@@ -1,0 +1,91 @@
+"""Sampling: temperature, top-k, top-p, greedy, with a counter-based random stream per sample.
+
+Randomness. Each draw uses one uniform number u = splitmix64(key, sample index, position), where
+`key` mixes the request's seed with its prompt tokens. So a sample depends only on (seed, prompt,
+sample index, position): not on the batch it ran in, on preemptions, or on CUDA graphs, and two
+different prompts with the same seed do not get correlated noise. The token is drawn by inverse CDF
+(u against the fp64 cumulative sum of the truncated, renormalized probabilities), so one uniform per
+row is all the host computes, and a zero-probability token can never be drawn.
+
+Log-probs. The returned log-prob is log_softmax(logits / T) at the drawn token, BEFORE top-k/top-p
+truncation (T = 1 for greedy): exactly what the trainer recomputes by teacher forcing. With top-k or
+top-p on, the token was drawn from the truncated distribution, whose log-prob is this minus
+log(kept mass).
+"""
+from __future__ import annotations
+
+import torch
+
+_M64 = (1 << 64) - 1
+
+
+def splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def request_key(seed: int, prompt: list[int]) -> int:
+    return splitmix64((seed & _M64) ^ (hash(tuple(prompt)) & _M64))
+
+
+def uniform(key: int, sample_index: int, position: int) -> float:
+    """A uniform in [0, 1) (53 bits) for one draw."""
+    return (splitmix64(splitmix64(key ^ sample_index) ^ position) >> 11) * 2.0 ** -53
+
+
+def truncate_sorted(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask (-inf) all but the top-k, then all but the top-p nucleus of what is left.
+
+    sorted_logits [R, V] in descending order (temperature applied); top_k [R] (<= 0: off); top_p [R].
+    The nucleus is the smallest prefix whose mass reaches top_p (the token that crosses it is kept).
+    """
+    R, V = sorted_logits.shape
+    ranks = torch.arange(V, device=sorted_logits.device)  # [V]
+    k = torch.where(top_k > 0, top_k, V)  # [R]
+    logits = sorted_logits.masked_fill(ranks[None, :] >= k[:, None], float("-inf"))
+    probs = logits.softmax(-1)
+    mass_before = probs.cumsum(-1) - probs  # [R, V] mass of the strictly better tokens
+    outside = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1)  # top_p 1 is off, whatever the rounding
+    return logits.masked_fill(outside, float("-inf"))
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+           u: torch.Tensor, truncate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [R, V] fp32; temperature/top_p [R] float; top_k [R] long; u [R] fp64 in [0, 1).
+
+    Returns token ids [R] and their log-probs [R] (see the module docstring). `truncate=False`
+    skips the sort when no row uses top-k or top-p.
+    """
+    logits = logits.float()
+    greedy = temperature == 0  # [R]
+    scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]  # [R, V]
+    logp = scaled.log_softmax(-1)  # [R, V]
+    if truncate:
+        sorted_logits, order = scaled.sort(-1, descending=True)  # [R, V]
+        probs = truncate_sorted(sorted_logits, top_k, top_p).softmax(-1)
+    else:
+        probs, order = logp.exp(), None
+    cdf = probs.double().cumsum(-1)  # [R, V]
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)  # [R, 1]
+    # u * total can round up to total: stay on the last token with nonzero probability.
+    last = probs.shape[1] - 1 - (probs > 0).flip(-1).int().argmax(-1, keepdim=True)  # [R, 1]
+    idx = torch.minimum(idx, last)
+    drawn = (order.gather(1, idx) if order is not None else idx).squeeze(1)  # [R]
+    tokens = torch.where(greedy, logits.argmax(-1), drawn)
+    return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
+
+
+def sample_sequences(logits: torch.Tensor, seqs) -> tuple[list[int], list[float]]:
+    """Sample the next token of each sequence from its logits row [len(seqs), V]; one host sync."""
+    device = logits.device
+    params = [seq.params for seq in seqs]
+    temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
+    top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=device)
+    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
+    u = torch.tensor([uniform(seq.key, seq.sample_index, len(seq)) for seq in seqs], dtype=torch.float64,
+                     device=device)
+    truncate = any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in params)
+    tokens, logp = sample(logits, temperature, top_k, top_p, u, truncate)
+    return tokens.tolist(), logp.tolist()

@@ -1,0 +1,129 @@
+"""Request-level types (SamplingParams, Completion) and Sequence: counters plus a block table.
+
+A Sequence holds its token ids (prompt, then sampled tokens), how many of them already have keys
+and values in the paged cache (`num_cached_tokens`), the ids of its cache blocks, and what the
+sampler needs (params, seed key, sample index). It owns no tensors. A fresh request is ONE sequence
+with `num_forks = n`; after its prefill it splits into n samples that share its blocks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum, auto
+from itertools import count
+
+
+@dataclass
+class SamplingParams:
+    """How to sample. `top_k` 0 or -1 and `top_p` 1.0 are off; `temperature` 0 is greedy.
+
+    `stop_token_ids=None` stops at the model's eos ids, `[]` never stops early. `seed=None` draws a
+    fresh seed from torch's global generator (so `torch.manual_seed` reproduces a run).
+    """
+
+    n: int = 1
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_token_ids: list[int] | None = None
+    seed: int | None = None
+
+    def __post_init__(self):
+        def is_int(x):
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        if not is_int(self.n) or self.n < 1:
+            raise ValueError(f"SamplingParams.n must be an integer >= 1, got {self.n!r}")
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 0:
+            raise ValueError(f"SamplingParams.max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p!r}")
+        if not is_int(self.top_k) or self.top_k < -1:
+            raise ValueError(f"SamplingParams.top_k must be an integer >= 1, or 0 / -1 for off, got {self.top_k!r}")
+        if self.stop_token_ids is not None:
+            if isinstance(self.stop_token_ids, (str, bytes)) or not all(is_int(t) for t in self.stop_token_ids):
+                raise ValueError(f"SamplingParams.stop_token_ids must be a list of ints or None, "
+                                 f"got {self.stop_token_ids!r}")
+            self.stop_token_ids = list(self.stop_token_ids)
+        if self.seed is not None and not is_int(self.seed):
+            raise ValueError(f"SamplingParams.seed must be an integer or None, got {self.seed!r}")
+
+
+@dataclass
+class Completion:
+    """One sample. `logprobs[i]` = log_softmax(logits / T)[token_ids[i]] (T = 1 when greedy), taken
+    BEFORE top-k/top-p truncation: the trainer's teacher-forced log-prob of the same token."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" (the stop token is the last of token_ids) or "length"
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    _ids = count()
+
+    def __init__(self, token_ids: list[int], params: SamplingParams, block_size: int, stop_token_ids,
+                 key: int, request_index: int, num_forks: int = 1, sample_index: int = 0):
+        self.seq_id = next(Sequence._ids)
+        self.token_ids = list(token_ids)
+        self.num_prompt_tokens = len(token_ids)  # the request's prompt; never changes (not even on preemption)
+        self.num_cached_tokens = 0  # leading tokens whose K/V are in the cache
+        self.block_table: list[int] = []
+        self.block_size = block_size
+        self.status = SequenceStatus.WAITING
+        self.params = params
+        self.stop_token_ids = frozenset(stop_token_ids)
+        self.key = key  # seed mixed with the prompt: the sampler's random stream for this request
+        self.request_index = request_index
+        self.num_forks = num_forks  # > 1 only for a fresh request, until its prefill
+        self.sample_index = sample_index
+        self.logprobs: list[float] = []
+        self.finish_reason: str | None = None
+
+    def __len__(self):
+        return len(self.token_ids)
+
+    @property
+    def num_blocks(self) -> int:
+        return -(-len(self.token_ids) // self.block_size)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def last_token(self) -> int:
+        return self.token_ids[-1]
+
+    def block(self, i: int) -> tuple[int, ...]:
+        return tuple(self.token_ids[i * self.block_size:(i + 1) * self.block_size])
+
+    def fork(self, sample_index: int) -> "Sequence":
+        """A sibling sample with the same tokens and block table (the block manager adds the refs)."""
+        child = Sequence(self.token_ids, self.params, self.block_size, self.stop_token_ids, self.key,
+                         self.request_index, 1, sample_index)
+        child.num_prompt_tokens = self.num_prompt_tokens
+        child.num_cached_tokens = self.num_cached_tokens
+        child.block_table = list(self.block_table)
+        child.status = self.status
+        return child
+
+    def append_token(self, token_id: int, logprob: float):
+        self.token_ids.append(token_id)
+        self.logprobs.append(logprob)
+        p = self.params
+        if token_id in self.stop_token_ids:
+            self.finish_reason = "stop"
+        elif self.num_completion_tokens >= p.max_new_tokens:
+            self.finish_reason = "length"
+
+    def completion(self) -> Completion:
+        return Completion(self.token_ids[self.num_prompt_tokens:], list(self.logprobs), self.finish_reason)

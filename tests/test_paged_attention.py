@@ -1,0 +1,128 @@
+"""Paged attention: the Triton decode kernel (interpreter on CPU) and the torch backends against plain SDPA."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rpo_engine.rollout.attention import (PagedDecode, PagedPrefill, PrefillMetadata, decode_metadata,
+                                          paged_decode_reference)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: a second thread only adds wake-up latency (seconds, on a busy 2-core box).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_cache(num_blocks, block_size, kv_heads, head_dim, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    return torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype)
+
+
+def scattered_tables(lens, block_size, num_blocks, seed=0):
+    """Each sequence gets its own blocks, in a shuffled order (so paging is really exercised)."""
+    perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
+    tables, i = [], 0
+    for n in lens:
+        nb = -(-n // block_size)
+        tables.append(perm[i:i + nb])
+        i += nb
+    return tables
+
+
+def padded(tables, pad=0):
+    width = max(map(len, tables))
+    return torch.tensor([t + [pad] * (width - len(t)) for t in tables], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size,splits,dtype", [
+    (4, 2, 12, 16, 1, torch.float32),  # GQA 2:1, small odd head dim (the llama test model)
+    (4, 1, 16, 5, 3, torch.float32),  # MQA, block size not a power of two, flash-decoding splits
+    (8, 8, 64, 32, 2, torch.float32),  # MHA, head dim 64
+    (12, 2, 128, 16, 1, torch.float32),  # Qwen2.5-1.5B's head layout: 6 query heads per KV head, D 128
+    (6, 2, 64, 100, 1, torch.float32),  # a block larger than one 64-token tile
+    (4, 2, 64, 16, 2, torch.bfloat16),
+])
+def test_triton_decode_matches_torch(heads, kv_heads, head_dim, block_size, splits, dtype):
+    from rpo_engine.kernels.paged_attention import paged_decode
+
+    lens = [1, block_size, block_size + 3, 3 * block_size - 1, 57]  # ragged, block edges included
+    num_blocks = sum(-(-n // block_size) for n in lens) + 3
+    k_cache, v_cache = random_cache(num_blocks, block_size, kv_heads, head_dim, dtype)
+    tables = scattered_tables(lens, block_size, num_blocks)
+    q = torch.randn(len(lens), heads, head_dim).to(dtype)
+    out = paged_decode(q, k_cache, v_cache, padded(tables), torch.tensor(lens, dtype=torch.int32), splits)
+    ref = paged_decode_reference(q.float(), k_cache.float(), v_cache.float(), tables, lens)
+    assert out.dtype == dtype and out.shape == q.shape
+    atol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: one rounding of the output
+    torch.testing.assert_close(out.float(), ref, atol=atol, rtol=0)
+    # And the torch backend the engine uses on CPU. It first writes each query's own K/V: give it
+    # what the cache already holds there, so both read the same cache.
+    kc, vc = k_cache.float(), v_cache.float()
+    last = [(t[(n - 1) // block_size], (n - 1) % block_size) for t, n in zip(tables, lens)]
+    k_last = torch.stack([kc[b, o] for b, o in last])[:, None]  # [S, 1, KVH, D]
+    v_last = torch.stack([vc[b, o] for b, o in last])[:, None]
+    meta = decode_metadata(tables, lens, [0] * len(lens), block_size, 0, "cpu")
+    torch_out = PagedDecode(kc[None], vc[None], meta)(0, q.float()[:, None], k_last, v_last)[:, 0]
+    torch.testing.assert_close(out.float(), torch_out, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_torch_cascade_decode_matches_reference(block_size):
+    """Samples that share prompt blocks (read once per group) + their own tails, and a lone sequence."""
+    # caches are [layers, blocks, block_size, KVH, D] in the backends: the tests use one layer
+    H, KVH, D = 4, 2, 16
+    num_blocks = 64
+    k_cache, v_cache = random_cache(num_blocks + 1, block_size, KVH, D)
+    prompt_blocks = [[3, 7, 1], [9, 2]]  # two prompts' shared full blocks
+    free = [b for b in range(num_blocks) if b not in (3, 7, 1, 9, 2)]
+    tables, lens, shared = [], [], []
+    for g, (pb, tail_tokens) in enumerate([(prompt_blocks[0], [1, 5, block_size + 2]),
+                                           (prompt_blocks[1], [2 * block_size, 3]), ([], [11])]):
+        for t in tail_tokens:
+            nb = -(-t // block_size)
+            tables.append(pb + [free.pop() for _ in range(nb)])
+            lens.append(len(pb) * block_size + t)
+            shared.append(len(pb))
+    S = len(lens)
+    q = torch.randn(S, 1, H, D)
+    new_k, new_v = torch.randn(S, 1, KVH, D), torch.randn(S, 1, KVH, D)
+    meta = decode_metadata(tables, lens, shared, block_size, num_blocks, "cpu")
+    assert meta.group_tables.shape[0] == 2  # the lone sequence has no shared prefix
+    out = PagedDecode(k_cache[None], v_cache[None], meta)(0, q, new_k, new_v)  # writes new_k/new_v at each last slot
+    for s in range(S):
+        p = lens[s] - 1
+        assert torch.equal(k_cache[tables[s][p // block_size], p % block_size], new_k[s, 0])
+    ref = paged_decode_reference(q[:, 0], k_cache, v_cache, tables, lens)
+    torch.testing.assert_close(out[:, 0], ref, atol=1e-5, rtol=0)
+    flat = PagedDecode(k_cache[None], v_cache[None], decode_metadata(tables, lens, shared, block_size, num_blocks, "cpu",
+                                                         cascade=False))(0, q, new_k, new_v)
+    torch.testing.assert_close(flat, out, atol=1e-5, rtol=0)
+
+
+def test_prefill_with_cached_prefix_matches_causal_sdpa():
+    """A packed batch: one sequence from scratch, one whose first 8 tokens are already cached."""
+    H, KVH, D, bs = 4, 2, 8, 4
+    k_cache = torch.zeros(1, 10, bs, KVH, D)
+    v_cache = torch.zeros(1, 10, bs, KVH, D)
+    full = [(torch.randn(n, H, D), torch.randn(n, KVH, D), torch.randn(n, KVH, D)) for n in (7, 11)]
+    tables = [[5, 0], [8, 2, 6]]
+    cached = [0, 8]
+    for (q, k, v), table, c in zip(full, tables, cached):  # put the cached prefix in place
+        for p in range(c):
+            k_cache[0, table[p // bs], p % bs], v_cache[0, table[p // bs], p % bs] = k[p], v[p]
+    slots = [table[p // bs] * bs + p % bs for (q, _, _), table, c in zip(full, tables, cached) for p in range(c, len(q))]
+    meta = PrefillMetadata(torch.tensor(slots), [7, 3], cached, [None, torch.tensor(tables[1])])
+    q_new = torch.cat([q[c:] for (q, _, _), c in zip(full, cached)])[None]
+    k_new = torch.cat([k[c:] for (_, k, _), c in zip(full, cached)])[None]
+    v_new = torch.cat([v[c:] for (_, _, v), c in zip(full, cached)])[None]
+    out = PagedPrefill(k_cache, v_cache, meta)(0, q_new, k_new, v_new)[0]
+    refs = []
+    for (q, k, v), c in zip(full, cached):
+        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                           is_causal=True, enable_gqa=True).transpose(0, 1)
+        refs.append(o[c:])
+    torch.testing.assert_close(out, torch.cat(refs), atol=1e-5, rtol=0)

@@ -1,0 +1,278 @@
+"""RolloutEngine on tiny random checkpoints: greedy parity with transformers, exact log-probs, sampling
+distributions, block accounting, prefix reuse, preemption, seeds, live weights, bad input."""
+import dataclasses
+import math
+
+import pytest
+import torch
+
+import rpo_engine
+from rpo_engine.rollout import RolloutEngine, SamplingParams
+from rpo_engine.rollout.sampler import request_key, sample, uniform
+from tests.helpers import save_hf_checkpoint
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: a second thread only adds wake-up latency (seconds, on a busy 2-core box).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    out = {}
+    for family in ("llama", "qwen2", "qwen3"):
+        directory = tmp_path_factory.mktemp(family)
+        out[family] = (save_hf_checkpoint(family, directory), rpo_engine.load_model(directory))
+    return out
+
+
+def random_prompts(vocab, lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def hf_greedy(hf, prompt, max_new_tokens):
+    ids = torch.tensor([prompt])
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
+                      min_new_tokens=max_new_tokens, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_greedy_matches_transformers(checkpoints, family):
+    hf, model = checkpoints[family]
+    prompts = random_prompts(hf.config.vocab_size, [5, 13, 8, 3, 16])
+    budgets = [12, 6, 15, 9, 4]  # a different budget per prompt, as RPO asks for
+    engine = RolloutEngine(model, block_size=4)  # small blocks: many blocks, forks, copy-on-write
+    params = [SamplingParams(n=3, max_new_tokens=b, temperature=0, stop_token_ids=[]) for b in budgets]
+    outs = engine.generate(prompts, params)
+    assert [len(o) for o in outs] == [3] * len(prompts)
+    for prompt, budget, samples in zip(prompts, budgets, outs):
+        expected = hf_greedy(hf, prompt, budget)
+        for c in samples:
+            assert c.token_ids == expected and c.finish_reason == "length" and len(c.logprobs) == budget
+    stats = engine.last_stats
+    assert stats.prefill_tokens == sum(map(len, prompts))  # each prompt prefilled once
+    assert stats.forked_tokens == 2 * sum(map(len, prompts))
+    assert stats.blocks_used == 0  # nothing leaks
+    # Same results with sharing off (each sample prefills its own prompt).
+    plain = RolloutEngine(model, block_size=4, enable_prefix_sharing=False).generate(prompts, params)
+    assert [[c.token_ids for c in o] for o in plain] == [[c.token_ids for c in o] for o in outs]
+
+
+def test_stop_tokens(checkpoints):
+    hf, model = checkpoints["qwen2"]
+    prompt = random_prompts(hf.config.vocab_size, [7])[0]
+    free = RolloutEngine(model, block_size=4).generate([prompt], SamplingParams(max_new_tokens=12, temperature=0,
+                                                                                stop_token_ids=[]))[0][0]
+    stop = free.token_ids[4]
+    first = free.token_ids.index(stop)
+    got = RolloutEngine(model).generate([prompt], SamplingParams(max_new_tokens=12, temperature=0,
+                                                                  stop_token_ids=[stop]))[0][0]
+    assert got.token_ids == free.token_ids[:first + 1] and got.finish_reason == "stop"  # stop token included
+    original = model.config
+    model.config = dataclasses.replace(original, eos_token_ids=(stop,))  # None means the model's eos ids
+    try:
+        got = RolloutEngine(model).generate([prompt], SamplingParams(max_new_tokens=12, temperature=0))[0][0]
+    finally:
+        model.config = original
+    assert got.token_ids == free.token_ids[:first + 1] and got.finish_reason == "stop"
+
+
+def teacher_forced_logprobs(model, prompt, completion, temperature):
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(ids)[0, len(prompt) - 1:-1].float()  # [len(completion), V]
+    t = temperature if temperature > 0 else 1.0
+    return torch.log_softmax(logits / t, -1).gather(1, torch.tensor(completion)[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.3, 5, 0.9), (0.0, 0, 1.0)])
+def test_logprobs_equal_teacher_forcing(checkpoints, temperature, top_k, top_p):
+    hf, model = checkpoints["llama"]
+    prompts = random_prompts(hf.config.vocab_size, [6, 11])
+    params = SamplingParams(n=4, max_new_tokens=10, temperature=temperature, top_k=top_k, top_p=top_p,
+                            stop_token_ids=[], seed=3)
+    outs = RolloutEngine(model, block_size=4).generate(prompts, params)
+    for prompt, samples in zip(prompts, outs):
+        for c in samples:
+            expected = teacher_forced_logprobs(model, prompt, c.token_ids, temperature)
+            torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=1e-5, rtol=0)
+
+
+def exact_distribution(logits, temperature, top_k, top_p):
+    p = torch.softmax(logits.double() / temperature, -1)
+    order = p.argsort(descending=True)
+    keep = torch.zeros_like(p, dtype=torch.bool)
+    kept_k = order[:top_k] if top_k > 0 else order
+    q = torch.zeros_like(p)
+    q[kept_k] = p[kept_k]
+    q /= q.sum()
+    mass = 0.0
+    for i in order.tolist():  # nucleus: the smallest prefix whose mass reaches top_p
+        if q[i] == 0 or mass >= top_p:
+            break
+        keep[i] = True
+        mass += q[i].item()
+    q = torch.where(keep, q, 0.0)
+    return q / q.sum()
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.6, 0, 1.0), (1.0, 4, 1.0),
+                                                     (1.0, 0, 0.7), (1.5, 6, 0.8)])
+def test_sampler_draws_from_the_truncated_distribution(temperature, top_k, top_p):
+    V, N = 12, 20000
+    logits = torch.randn(V, generator=torch.Generator().manual_seed(7)) * 1.5
+    key = request_key(11, [1, 2, 3])
+    u = torch.tensor([uniform(key, i, 5) for i in range(N)], dtype=torch.float64)
+    rows = logits.expand(N, V)
+    tokens, logp = sample(rows, torch.full((N,), temperature), torch.full((N,), top_k),
+                          torch.full((N,), top_p), u)
+    expected = exact_distribution(logits, temperature, top_k, top_p)
+    counts = torch.bincount(tokens, minlength=V).double()
+    assert counts[expected == 0].sum() == 0  # never a truncated token
+    kept = expected > 0
+    chi2 = ((counts[kept] - N * expected[kept]) ** 2 / (N * expected[kept])).sum().item()
+    df = int(kept.sum()) - 1
+    if df > 0:  # Wilson-Hilferty critical value at p = 1e-4
+        crit = df * (1 - 2 / (9 * df) + 3.719 * math.sqrt(2 / (9 * df))) ** 3
+        assert chi2 < crit, (chi2, crit)
+    assert 0.5 * (counts / N - expected).abs().sum() < 0.02  # total variation
+    # Log-probs are those of the untruncated tempered distribution.
+    torch.testing.assert_close(logp, torch.log_softmax(logits / temperature, -1)[tokens], atol=1e-6, rtol=0)
+
+
+def test_forks_share_prefix_blocks_and_accounting_holds_every_step(checkpoints):
+    hf, model = checkpoints["qwen3"]
+    G, bs = 6, 4
+    prompt = random_prompts(hf.config.vocab_size, [10])[0]  # 2 full blocks + a partial one
+    engine = RolloutEngine(model, block_size=bs, num_blocks=64)
+    bm, seen = engine.block_manager, []
+    step = engine.step
+
+    def checked_step():
+        finished = step()
+        assert bm.num_free_blocks + bm.num_used_blocks == bm.num_blocks
+        if not seen:  # right after the prefill: G samples, the prompt's full blocks held once each
+            running = list(engine.scheduler.running)
+            assert len(running) == G
+            table = running[0].block_table
+            assert all(s.block_table == table for s in running)
+            assert [bm.blocks[b].ref_count for b in table] == [G] * 3
+            assert bm.num_used_blocks == 3
+        seen.append(bm.num_used_blocks)
+        return finished
+
+    engine.step = checked_step
+    outs = engine.generate([prompt], SamplingParams(n=G, max_new_tokens=6, seed=0, stop_token_ids=[]))
+    assert len(outs[0]) == G and len({tuple(c.token_ids) for c in outs[0]}) > 1
+    assert bm.num_used_blocks == 0 and bm.num_free_blocks == bm.num_blocks  # nothing leaks
+    # K/V written for positions 0..14: 2 shared full blocks + per sample its copy of block 2 and block 3.
+    assert engine.last_stats.peak_blocks_used == max(seen) == 2 + 2 * G
+
+
+def test_prefix_cache_hit_on_repeated_prompt(checkpoints):
+    hf, model = checkpoints["llama"]
+    prompt = random_prompts(hf.config.vocab_size, [13])[0]
+    engine = RolloutEngine(model, block_size=4)
+    params = SamplingParams(n=2, max_new_tokens=5, temperature=0, stop_token_ids=[])
+    a, b = engine.generate([prompt, prompt], params)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    stats = engine.last_stats
+    assert stats.cached_tokens == 12  # 3 full blocks; the last token's block is computed
+    assert stats.prefill_tokens == 13 + 1
+    assert stats.reused_tokens == 12 + 2 * 13
+    assert engine.stats.cached_tokens == 12  # cumulative
+
+
+def test_preemption_under_a_small_kv_budget_gives_same_results(checkpoints):
+    hf, model = checkpoints["qwen2"]
+    prompts = random_prompts(hf.config.vocab_size, [9, 14, 6, 11])
+    greedy = [SamplingParams(n=3, max_new_tokens=b, temperature=0, stop_token_ids=[]) for b in (20, 14, 24, 18)]
+    sampled = SamplingParams(n=3, max_new_tokens=16, temperature=1.0, top_p=0.9, stop_token_ids=[], seed=5)
+    roomy = RolloutEngine(model, block_size=4)
+    tight = RolloutEngine(model, block_size=4, num_blocks=12)  # 48 tokens for 12 sequences of up to 38
+    for params in (greedy, sampled):
+        expected, got = roomy.generate(prompts, params), tight.generate(prompts, params)
+        assert tight.last_stats.preemptions > 0 and roomy.last_stats.preemptions == 0
+        assert tight.block_manager.num_used_blocks == 0
+        # Counter-based random streams: even sampled tokens do not depend on preemption.
+        assert [[c.token_ids for c in o] for o in got] == [[c.token_ids for c in o] for o in expected]
+        for o, e in zip(got, expected):
+            for c, d in zip(o, e):
+                torch.testing.assert_close(c.logprobs, d.logprobs, atol=1e-5, rtol=0)
+    assert tight.stats.preemptions >= tight.last_stats.preemptions
+
+
+def test_seeds_reproduce_regardless_of_batch(checkpoints):
+    hf, model = checkpoints["qwen3"]
+    a, b, c = random_prompts(hf.config.vocab_size, [7, 12, 4])
+    engine = RolloutEngine(model, block_size=4)
+    p = SamplingParams(n=3, max_new_tokens=8, seed=42, stop_token_ids=[])
+    alone = engine.generate([a], p)[0]
+    again = engine.generate([a], p)[0]
+    mixed = engine.generate([b, a, c], [SamplingParams(n=2, max_new_tokens=5, seed=1), p,
+                                        SamplingParams(n=4, max_new_tokens=9)])[1]
+    assert [x.token_ids for x in alone] == [x.token_ids for x in again] == [x.token_ids for x in mixed]
+    other = engine.generate([a], SamplingParams(n=3, max_new_tokens=8, seed=43, stop_token_ids=[]))[0]
+    assert [x.token_ids for x in other] != [x.token_ids for x in alone]
+    torch.manual_seed(0)
+    x = engine.generate([a], SamplingParams(n=2, max_new_tokens=8))[0]
+    torch.manual_seed(0)
+    y = engine.generate([a], SamplingParams(n=2, max_new_tokens=8))[0]  # seed=None follows torch's seed
+    assert [s.token_ids for s in x] == [s.token_ids for s in y]
+
+
+def test_reads_live_weights(checkpoints):
+    hf, model = checkpoints["llama"]
+    prompt = random_prompts(hf.config.vocab_size, [12])[0]
+    engine = RolloutEngine(model, block_size=4)
+    params = SamplingParams(max_new_tokens=6, temperature=0, stop_token_ids=[])
+    before = engine.generate([prompt], params)[0][0].token_ids
+    saved = [p.detach().clone() for p in model.parameters()]
+    try:
+        with torch.no_grad():  # an optimizer step, in place
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        after = engine.generate([prompt], params)[0][0].token_ids  # the prompt's cached blocks are stale now
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(6):
+                ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+        assert after == ids[len(prompt):] and after != before
+    finally:
+        with torch.no_grad():
+            for p, s in zip(model.parameters(), saved):
+                p.copy_(s)
+
+
+def test_edge_cases_and_bad_input(checkpoints):
+    hf, model = checkpoints["qwen2"]
+    engine = RolloutEngine(model, block_size=4, num_blocks=40)
+    assert engine.generate([], SamplingParams()) == []
+    empty = engine.generate([[5, 6]], SamplingParams(n=2, max_new_tokens=0))
+    assert [(c.token_ids, c.finish_reason) for c in empty[0]] == [([], "length")] * 2
+    V, max_len = model.config.vocab_size, model.config.max_position_embeddings
+    bad = [
+        ([[]], SamplingParams()),  # empty prompt
+        ([[1, V]], SamplingParams()),  # token out of vocab
+        ([[1, -1]], SamplingParams()),
+        ([[1] * (max_len + 1)], SamplingParams(max_new_tokens=0)),  # prompt too long
+        ([[1] * 100], SamplingParams(max_new_tokens=max_len - 99)),  # prompt + budget too long
+        ([[1] * 100], SamplingParams(max_new_tokens=80)),  # more than the KV cache holds (160 tokens)
+        ([[1, 2], [3]], [SamplingParams()]),  # one params per prompt
+        ("not a list", SamplingParams()),
+        ([[1, 2]], SamplingParams(n=1000)),  # more samples than max_num_seqs
+    ]
+    for prompts, params in bad:
+        with pytest.raises(ValueError):
+            engine.generate(prompts, params)
+    with pytest.raises(ValueError):
+        SamplingParams(n=0)
+    with pytest.raises(ValueError):
+        SamplingParams(max_new_tokens=-1)
+    assert engine.block_manager.num_used_blocks == 0 and engine.stats.prefill_tokens == 0  # no work was done
