@@ -88,12 +88,12 @@ def main():
     result = {"machine": machine, "date": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": commit,
               "torch": torch.__version__, "triton": triton_version, "repeats": args.repeats,
               "memory_method": "cuda max_memory_allocated delta" if cuda else "ru_maxrss delta (fresh process)",
-              "results": rows}
+              "load_avg_1m": os.getloadavg()[0], "results": rows}  # other jobs skew the times, not memory
     path = os.path.join(HERE, "results", f"kernels_{'cuda' if cuda else 'cpu'}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"wrote {path}")
+    print(f"wrote {path} (1-min load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
 
 
 if __name__ == "__main__":
