@@ -7,8 +7,9 @@ any head dim and any block size (both padded to powers of two and masked).
 
 One program per (sequence, KV head, split): it loads the GROUP query heads that share the KV head
 as one [BLOCK_G, BLOCK_D] tile (so each K/V block is read once for all of them), walks its share of
-the sequence's blocks in tiles of at most 64 tokens with an online softmax, and writes a normalized
-partial output and its log-sum-exp. `num_splits > 1` is flash-decoding: long contexts are cut into
+the sequence's tokens in tiles of TILE_N (each token's row found through the block table, so a tile
+may span blocks and any block size works) with an online softmax, and writes a normalized partial
+output and its log-sum-exp. `num_splits > 1` is flash-decoding: long contexts are cut into
 splits so that few sequences still fill the GPU; the splits are merged by their lse in torch. Every
 shape is fixed by (S, num_splits), so the launch can be captured in a CUDA graph.
 """
@@ -39,34 +40,34 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, lse
     if UPCAST:  # the interpreter's low-precision dot is unreliable; fp32 products of bf16 are exact
         q = q.to(tl.float32)
     n_ctx = tl.load(lens_ptr + seq)
-    n_blocks = tl.cdiv(n_ctx, BLOCK_SIZE)
-    per_split = tl.cdiv(n_blocks, NUM_SPLITS)
+    n_tiles = tl.cdiv(n_ctx, TILE_N)
+    per_split = tl.cdiv(n_tiles, NUM_SPLITS)
     first = split * per_split
-    last = tl.minimum(first + per_split, n_blocks)
+    last = tl.minimum(first + per_split, n_tiles)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for b in range(first, last):
-        block_id = tl.load(tables_ptr + seq * stride_tab + b).to(tl.int64)
-        for t0 in range(0, BLOCK_SIZE, TILE_N):
-            offs_t = t0 + offs_n  # [TILE_N] offsets inside the block
-            valid = (offs_t < BLOCK_SIZE) & (b * BLOCK_SIZE + offs_t < n_ctx)
-            kv_off = block_id * stride_kb + offs_t[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :]
-            kv_mask = valid[:, None] & mask_d[None, :]
-            k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)  # [TILE_N, BLOCK_D]
-            v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [BLOCK_G, TILE_N] fp32
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every visited tile holds a valid token
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            m_i = m_new
+    for t in range(first, last):
+        tok = t * TILE_N + offs_n  # [TILE_N] positions; a tile may span several cache blocks
+        valid = tok < n_ctx
+        block_id = tl.load(tables_ptr + seq * stride_tab + tok // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        kv_off = (block_id[:, None] * stride_kb + (tok % BLOCK_SIZE)[:, None] * stride_kt + kv_head * stride_kh
+                  + offs_d[None, :])
+        kv_mask = valid[:, None] & mask_d[None, :]
+        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)  # [TILE_N, BLOCK_D]
+        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [BLOCK_G, TILE_N] fp32
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every visited tile holds a valid token
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        m_i = m_new
 
     empty = l_i == 0.0  # a split with no blocks: weight 0 in the merge
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -99,7 +100,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         q, k_cache, v_cache, block_tables, context_lens, out, lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         D ** -0.5, HEAD_DIM=D, GROUP=group, BLOCK_SIZE=block_size, BLOCK_G=_pow2(group), BLOCK_D=_pow2(D),
-        TILE_N=min(64, _pow2(block_size)), NUM_SPLITS=num_splits, UPCAST=upcast)
+        TILE_N=64 if D <= 64 else 32, NUM_SPLITS=num_splits, UPCAST=upcast)
     if num_splits == 1:
         return out[:, :, 0].to(q.dtype)
     weights = (lse - lse.logsumexp(-1, keepdim=True)).exp()  # [S, H, splits]; empty splits get 0

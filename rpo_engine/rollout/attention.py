@@ -36,22 +36,31 @@ def gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor):
-    """Softmax attention of M queries over the first lens[b] keys, GQA, in fp32, with the lse.
+    """Softmax attention of M queries over the first lens[b] keys, GQA, with the log-sum-exp.
 
     q [B, M, H, D]; k/v [B, L, KVH, D]; lens [B] -> out [B, M, H, D] fp32, lse [B, M, H] fp32.
     """
     B, M, H, D = q.shape
     L, KVH = k.shape[1], k.shape[2]
     R = H // KVH
-    # Put the R query heads of each KV head (and all M queries) on one matmul: [B, KVH, M*R, D].
-    qf = q.float().view(B, M, KVH, R, D).permute(0, 2, 1, 3, 4).reshape(B, KVH, M * R, D)
-    scores = qf @ k.float().permute(0, 2, 3, 1) * D ** -0.5  # [B, KVH, M*R, L]
+    # Put the R query heads of each KV head (and all M queries) in one attention row block: [B, KVH, M*R, D].
+    qf = q.view(B, M, KVH, R, D).permute(0, 2, 1, 3, 4).reshape(B, KVH, M * R, D)
+    kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # [B, KVH, L, D] views, no copy
     valid = torch.arange(L, device=q.device)[None, :] < lens[:, None]  # [B, L]
-    scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
-    lse = scores.logsumexp(-1)  # [B, KVH, M*R]
-    out = (scores - lse[..., None]).exp() @ v.float().permute(0, 2, 1, 3)  # [B, KVH, M*R, D]
-    out = out.view(B, KVH, M, R, D).permute(0, 2, 1, 3, 4).reshape(B, M, H, D)
-    return out, lse.view(B, KVH, M, R).permute(0, 2, 1, 3).reshape(B, M, H)
+    if q.device.type == "cpu" and _CPU_FLASH is not None:
+        bias = torch.zeros(B, 1, 1, L, dtype=q.dtype, device=q.device).masked_fill_(~valid[:, None, None], float("-inf"))
+        out, lse = _CPU_FLASH(qf, kt, vt, attn_mask=bias)  # [B, KVH, M*R, D], [B, KVH, M*R]; fused, ~4x the matmuls
+    else:
+        scores = qf.float() @ kt.float().transpose(-1, -2) * D ** -0.5  # [B, KVH, M*R, L]
+        scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
+        lse = scores.logsumexp(-1)  # [B, KVH, M*R]
+        out = (scores - lse[..., None]).exp() @ vt.float()  # [B, KVH, M*R, D]
+    out = out.float().view(B, KVH, M, R, D).permute(0, 2, 1, 3, 4).reshape(B, M, H, D)
+    return out, lse.float().view(B, KVH, M, R).permute(0, 2, 1, 3).reshape(B, M, H)
+
+
+# torch's CPU flash-attention kernel, which also returns the lse that merging two attention parts needs.
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 @dataclass

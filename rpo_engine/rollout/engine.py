@@ -52,10 +52,16 @@ class RolloutEngine:
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  use_cuda_graphs: bool | None = None, attention_backend: str = "auto",
                  enable_prefix_sharing: bool = True, gpu_memory_utilization: float = 0.9):
-        """num_blocks / kv_cache_bytes: the K/V budget (default: see ModelRunner._default_kv_bytes).
+        """
+        block_size: tokens per K/V block. num_blocks or kv_cache_bytes: the K/V budget; by default
+          64k tokens on CPU (capped at max(weights' size, 1 GiB)), and on CUDA what is left of
+          `gpu_memory_utilization` of the device after a warm-up forward (pass kv_cache_bytes when a
+          trainer shares the GPU). max_num_seqs: sequences decoded together (and the largest CUDA
+          graph); max_num_batched_tokens: tokens per prefill step (default max(8192, max positions)).
         attention_backend: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
-        use_cuda_graphs: None = on with Triton on CUDA. enable_prefix_sharing=False turns off forks,
-        prefix caching and the shared-prefix decode, so each sample prefills its own prompt (a baseline)."""
+        use_cuda_graphs: None = on for CUDA + Triton. enable_prefix_sharing=False turns off forks,
+          prefix caching and the shared-prefix decode: each sample prefills its own prompt (a baseline).
+        """
         if attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton', got {attention_backend!r}")
         if block_size < 1 or max_num_seqs < 1:
@@ -102,9 +108,13 @@ class RolloutEngine:
             else:
                 for j in range(p.n):
                     self.scheduler.add(Sequence(prompt, p, self.block_size, stop, key, i, sample_index=j))
-        while not self.scheduler.is_finished():
-            for seq in self.step():
-                outputs[seq.request_index][seq.sample_index] = seq.completion()
+        try:
+            while not self.scheduler.is_finished():
+                for seq in self.step():
+                    outputs[seq.request_index][seq.sample_index] = seq.completion()
+        except BaseException:  # e.g. KeyboardInterrupt: drop the call's sequences, keep the engine usable
+            self.scheduler.abort()
+            raise
         self.last_stats = self.stats.delta(before, self._call_peak)
         return outputs
 

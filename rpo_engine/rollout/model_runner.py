@@ -47,10 +47,9 @@ class ModelRunner:
 
     def _default_kv_bytes(self, utilization: float) -> int:
         if self.device.type != "cuda":
-            # CPU: 64k tokens, but no more than the weights' own size, and room for 16k tokens at least.
+            # CPU: 64k tokens, capped at the weights' own size (but 1 GiB is always allowed).
             weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-            token_bytes = self.block_bytes // self.block_size
-            return min(65536, max(16384, weight_bytes // token_bytes)) * token_bytes
+            return min(65536 * (self.block_bytes // self.block_size), max(weight_bytes, 1 << 30))
         # CUDA: run the largest prefill once, then give the cache what is left under `utilization`.
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

@@ -4,8 +4,8 @@ Randomness. Each draw uses one uniform number u = splitmix64(key, sample index, 
 `key` mixes the request's seed with its prompt tokens. So a sample depends only on (seed, prompt,
 sample index, position): not on the batch it ran in, on preemptions, or on CUDA graphs, and two
 different prompts with the same seed do not get correlated noise. The token is drawn by inverse CDF
-(u against the fp64 cumulative sum of the truncated, renormalized probabilities), so one uniform per
-row is all the host computes, and a zero-probability token can never be drawn.
+(u against the fp64 cumulative sum of the truncated, renormalized probabilities): one uniform per row
+is all the host computes, and a zero-probability token can never be drawn.
 
 Log-probs. The returned log-prob is log_softmax(logits / T) at the drawn token, BEFORE top-k/top-p
 truncation (T = 1 for greedy): exactly what the trainer recomputes by teacher forcing. With top-k or
@@ -52,11 +52,11 @@ def truncate_sorted(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: tor
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           u: torch.Tensor, truncate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+           u: torch.Tensor, truncate: bool = True, any_greedy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [R, V] fp32; temperature/top_p [R] float; top_k [R] long; u [R] fp64 in [0, 1).
 
     Returns token ids [R] and their log-probs [R] (see the module docstring). `truncate=False`
-    skips the sort when no row uses top-k or top-p.
+    skips the sort when no row uses top-k or top-p, `any_greedy=False` the argmax when no row is greedy.
     """
     logits = logits.float()
     greedy = temperature == 0  # [R]
@@ -68,12 +68,12 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     else:
         probs, order = logp.exp(), None
     cdf = probs.double().cumsum(-1)  # [R, V]
-    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)  # [R, 1]
-    # u * total can round up to total: stay on the last token with nonzero probability.
-    last = probs.shape[1] - 1 - (probs > 0).flip(-1).int().argmax(-1, keepdim=True)  # [R, 1]
-    idx = torch.minimum(idx, last)
+    # First token whose cdf reaches u * total: P(i) = p_i / total. u * total <= total (u < 1), and the
+    # floor keeps a leading zero-probability token out when u = 0.
+    target = (u * cdf[:, -1]).clamp_min(torch.finfo(torch.float64).tiny)[:, None]  # [R, 1]
+    idx = torch.searchsorted(cdf, target).clamp_max(cdf.shape[1] - 1)  # [R, 1]
     drawn = (order.gather(1, idx) if order is not None else idx).squeeze(1)  # [R]
-    tokens = torch.where(greedy, logits.argmax(-1), drawn)
+    tokens = torch.where(greedy, logits.argmax(-1), drawn) if any_greedy else drawn
     return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
 
 
@@ -87,5 +87,6 @@ def sample_sequences(logits: torch.Tensor, seqs) -> tuple[list[int], list[float]
     u = torch.tensor([uniform(seq.key, seq.sample_index, len(seq)) for seq in seqs], dtype=torch.float64,
                      device=device)
     truncate = any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in params)
-    tokens, logp = sample(logits, temperature, top_k, top_p, u, truncate)
+    any_greedy = any(p.temperature == 0 for p in params)
+    tokens, logp = sample(logits, temperature, top_k, top_p, u, truncate, any_greedy)
     return tokens.tolist(), logp.tolist()

@@ -72,6 +72,12 @@ class Scheduler:
         self.running.extendleft(reversed(scheduled))
         return scheduled, False, copies
 
+    def abort(self):
+        for seq in (*self.running, *self.waiting):
+            self.block_manager.free(seq)
+        self.running.clear()
+        self.waiting.clear()
+
     def preempt(self, seq: Sequence):
         self.num_preemptions += 1
         self.block_manager.free(seq)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum, auto
-from itertools import count
 
 
 @dataclass
@@ -68,11 +67,8 @@ class SequenceStatus(Enum):
 
 
 class Sequence:
-    _ids = count()
-
     def __init__(self, token_ids: list[int], params: SamplingParams, block_size: int, stop_token_ids,
                  key: int, request_index: int, num_forks: int = 1, sample_index: int = 0):
-        self.seq_id = next(Sequence._ids)
         self.token_ids = list(token_ids)
         self.num_prompt_tokens = len(token_ids)  # the request's prompt; never changes (not even on preemption)
         self.num_cached_tokens = 0  # leading tokens whose K/V are in the cache

@@ -1,0 +1,141 @@
+"""Rollout throughput: RolloutEngine against transformers.generate on the same random checkpoint.
+
+CPU (default): a tiny Qwen2-shaped model; 8 prompts x 16 samples, 256-token prompts, 128 new tokens
+(transformers: one generate call, num_return_sequences=16, same sampling settings). Then an RPO-shaped
+load, 16 suffixes of 64 tokens from each of 8 1k-token prefixes, with and without prefix sharing.
+--gpu (default on CUDA): Qwen2.5-1.5B's shape in bf16, 64 and 256 sequences at 1k and 4k context:
+tokens/s, achieved GB/s (weights + K/V read per decode step / step time) against a measured device copy
+bandwidth, and the ratio to transformers. New tokens/s counts every returned token over the call's wall time.
+Writes benchmarks/results/rollout_<cpu|cuda>.json.
+"""
+import argparse, datetime, json, platform, statistics, subprocess, tempfile, time  # noqa: E401
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import rpo_engine
+from rpo_engine.rollout import RolloutEngine, SamplingParams
+
+TINY = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=4096, max_position_embeddings=2048, tie_word_embeddings=True)
+QWEN25_15B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, tie_word_embeddings=True,
+                  rope_theta=1e6)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, repeats, device):
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def machine(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    names = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")]
+    return f"{names[0] if names else platform.processor()} ({torch.get_num_threads()} threads)"
+
+
+def copy_bandwidth(device):
+    x = torch.empty(1 << 28, dtype=torch.float32, device=device)  # 1 GiB
+    y = torch.empty_like(x)
+    y.copy_(x)
+    return 2 * x.numel() * 4 / median_time(lambda: y.copy_(x), 5, device) / 1e9  # read + write
+
+
+def run_case(name, hf, model, num_prompts, n, prompt_len, new_tokens, repeats, with_hf=True, engine_kwargs=None):
+    device = model.device
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, model.config.vocab_size, (num_prompts, prompt_len), generator=g)
+    engine = RolloutEngine(model, **(engine_kwargs or {}))
+    params = SamplingParams(n=n, max_new_tokens=new_tokens, temperature=1.0, top_p=1.0, top_k=0, stop_token_ids=[])
+    engine.generate(prompts[:2, :32].tolist(), SamplingParams(n=2, max_new_tokens=4))  # warm-up
+    ours = median_time(lambda: engine.generate(prompts.tolist(), params), repeats, device)
+    s = engine.last_stats
+    total = num_prompts * n * new_tokens
+    assert s.sampled_tokens == total, (s.sampled_tokens, total)
+    row = dict(case=name, num_prompts=num_prompts, n=n, prompt_len=prompt_len, new_tokens=new_tokens,
+               ours_s=ours, ours_tok_s=total / ours, prefill_tokens=s.prefill_tokens, reused_tokens=s.reused_tokens,
+               decode_step_ms=1e3 * s.decode_time_s / max(1, s.decode_steps), num_blocks=engine.num_blocks)
+    if device.type == "cuda":  # bytes a decode step reads: every weight once + each sequence's K/V
+        cfg = model.config
+        kv_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * model.dtype.itemsize
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        step_bytes = weights + num_prompts * n * (prompt_len + new_tokens / 2) * kv_token
+        row["achieved_GB_s"] = step_bytes / (s.decode_time_s / s.decode_steps) / 1e9
+    if with_hf and hf is not None:
+        ids = prompts.to(device)
+        kw = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, pad_token_id=0)
+        warm = ids[:2, :32]
+        try:
+            hf.generate(warm, attention_mask=torch.ones_like(warm), num_return_sequences=2, max_new_tokens=4, **kw)
+            kw.update(attention_mask=torch.ones_like(ids), num_return_sequences=n, max_new_tokens=new_tokens,
+                      min_new_tokens=new_tokens)  # min_new_tokens: no early eos, same token count as ours
+            with torch.no_grad():
+                theirs = median_time(lambda: hf.generate(ids, **kw), repeats, device)
+            row.update(hf_s=theirs, hf_tok_s=total / theirs, speedup=theirs / ours)
+        except torch.OutOfMemoryError:
+            row.update(hf_s=None, hf_tok_s=None, speedup=None, hf_note="out of memory")
+    del engine
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--gpu", action="store_true", default=torch.cuda.is_available())
+    ap.add_argument("--cpu", dest="gpu", action="store_false")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--skip-hf", action="store_true")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.gpu else "cpu")
+    dtype = torch.bfloat16 if args.gpu else torch.float32
+    shape = QWEN25_15B if args.gpu else TINY
+    config = AutoConfig.for_model("qwen2", bos_token_id=1, eos_token_id=2, pad_token_id=0, **shape)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        with torch.device(device):
+            hf = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").eval()
+        hf.save_pretrained(tmp)
+        model = rpo_engine.load_model(tmp, dtype=dtype, device=device)
+    hf = None if args.skip_hf else hf
+    rows = []
+    if not args.gpu:
+        rows.append(run_case("8x16 p256 g128", hf, model, 8, 16, 256, 128, args.repeats))
+        for share in (True, False):
+            rows.append(run_case(f"rpo 8x16 p1024 g64 sharing={share}", hf, model, 8, 16, 1024, 64, args.repeats,
+                                 with_hf=share, engine_kwargs=dict(enable_prefix_sharing=share)))
+    else:
+        for num_seqs in (64, 256):
+            for ctx in (1024, 4096):
+                rows.append(run_case(f"{num_seqs} seqs ctx {ctx}", hf, model, num_seqs // 8, 8, ctx - 256, 256,
+                                     args.repeats))
+    result = dict(benchmark="rollout", device=device.type, machine=machine(device),
+                  date=datetime.datetime.now().isoformat(timespec="seconds"),
+                  git_commit=subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+                  torch=torch.__version__, threads=torch.get_num_threads(), model=shape, dtype=str(dtype),
+                  copy_GB_s=copy_bandwidth(device), rows=rows)
+    out = Path(__file__).parent / "results" / f"rollout_{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
