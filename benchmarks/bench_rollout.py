@@ -8,7 +8,7 @@ tokens/s, achieved GB/s (weights + K/V read per decode step / step time) against
 bandwidth, and the ratio to transformers. New tokens/s counts every returned token over the call's wall time.
 Writes benchmarks/results/rollout_<cpu|cuda>.json.
 """
-import argparse, datetime, json, platform, statistics, subprocess, tempfile, time  # noqa: E401
+import argparse, datetime, json, os, platform, statistics, subprocess, tempfile, time  # noqa: E401
 from pathlib import Path
 
 import torch
@@ -130,6 +130,7 @@ def main():
                   date=datetime.datetime.now().isoformat(timespec="seconds"),
                   git_commit=subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
                   torch=torch.__version__, threads=torch.get_num_threads(), model=shape, dtype=str(dtype),
+                  load_average_1_5_15=os.getloadavg() if device.type == "cpu" else None,  # the box may be shared
                   copy_GB_s=copy_bandwidth(device), rows=rows)
     out = Path(__file__).parent / "results" / f"rollout_{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

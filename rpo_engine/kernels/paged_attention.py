@@ -27,7 +27,7 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, lse
                          stride_qs, stride_qh, stride_kb, stride_kt, stride_kh, stride_tab, scale,
                          HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                          BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, TILE_N: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr, UPCAST: tl.constexpr):
+                         NUM_SPLITS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -60,13 +60,13 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, lse
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [BLOCK_G, TILE_N] fp32
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_G, TILE_N] fp32
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every visited tile holds a valid token
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
     empty = l_i == 0.0  # a split with no blocks: weight 0 in the merge
@@ -100,7 +100,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         q, k_cache, v_cache, block_tables, context_lens, out, lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         D ** -0.5, HEAD_DIM=D, GROUP=group, BLOCK_SIZE=block_size, BLOCK_G=_pow2(group), BLOCK_D=_pow2(D),
-        TILE_N=64 if D <= 64 else 32, NUM_SPLITS=num_splits, UPCAST=upcast)
+        TILE_N=64 if D <= 64 else 32, NUM_SPLITS=num_splits, UPCAST=upcast,
+        PRECISION="ieee" if upcast else "tf32")  # fp32 operands: no TF32 rounding; bf16/fp16: native MMA
     if num_splits == 1:
         return out[:, :, 0].to(q.dtype)
     weights = (lse - lse.logsumexp(-1, keepdim=True)).exp()  # [S, H, splits]; empty splits get 0

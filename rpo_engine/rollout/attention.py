@@ -170,14 +170,16 @@ class PagedDecode:
 
 class TritonDecode:
     def __init__(self, k_cache, v_cache, meta: DecodeMetadata, num_splits: int = 1):
+        from rpo_engine.kernels.paged_attention import paged_decode  # imports triton: only when used
+
         self.k_cache, self.v_cache, self.meta, self.num_splits = k_cache, v_cache, meta, num_splits
+        self.kernel = paged_decode
 
     def __call__(self, layer_idx, q, k, v):
-        from rpo_engine.kernels.paged_attention import paged_decode
-
+        # q [S, 1, H, D]; k/v [S, 1, KVH, D] -> [S, 1, H, D]
         kc, vc, m = self.k_cache[layer_idx], self.v_cache[layer_idx], self.meta
         write_kv(kc, vc, k[:, 0], v[:, 0], m.slot_mapping)
-        return paged_decode(q[:, 0], kc, vc, m.block_tables, m.context_lens, self.num_splits)[:, None]
+        return self.kernel(q[:, 0], kc, vc, m.block_tables, m.context_lens, self.num_splits)[:, None]
 
 
 def paged_decode_reference(q, k_cache, v_cache, block_tables: list[list[int]], context_lens: list[int]):
