@@ -188,6 +188,18 @@ class CausalLM(nn.Module):
     def forward(self, input_ids, attention_mask=None, position_ids=None, attn=None) -> torch.Tensor:
         return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, attn))
 
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02) -> "CausalLM":
+        """transformers' initialisation: N(0, std) for every matrix, ones for norms, zeros for biases."""
+        for name, p in self.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std)
+        return self
+
     def gradient_checkpointing_enable(self):
         self.gradient_checkpointing = True
 

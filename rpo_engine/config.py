@@ -1,0 +1,216 @@
+"""Training configuration: small dataclasses per concern, a YAML file, and CLI flags generated from them.
+
+Every field is an option: `--learning-rate 1e-5` on the command line, `learning_rate: 1e-5` in the
+YAML file (flat, or nested under the section names `rpo:` / `algo:`). Precedence: defaults < YAML <
+flags. Names follow TRL's GRPOConfig where TRL has one (learning_rate, num_generations,
+max_completion_length, beta, epsilon, epsilon_high, num_iterations, temperature, ...).
+Validation happens once, in `__post_init__`, with messages that name the option.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from rpo_engine.errors import UserError
+
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+CACHE_POLICIES = ("epsilon-greedy", "correct-only")
+
+
+def _check(cond: bool, message: str):
+    if not cond:
+        raise UserError(message)
+
+
+@dataclass
+class RPOConfig:
+    """Partial Reasoning Optimization: regenerate only the tail of each prompt's cached reasoning path."""
+    rpo: bool = field(default=True, metadata={"help": "generate suffixes from cached paths (--no-rpo: full-path GRPO/DAPO)"})
+    rpo_min_cut: int = field(default=1, metadata={"help": "fewest tokens cut from the end of a cached path"})
+    rpo_max_cut: int = field(default=300, metadata={"help": "most tokens cut from the end of a cached path (paper: 300)"})
+    rpo_max_cut_fraction: float = field(default=0.25, metadata={"help": "never cut more than this fraction of the path"})
+    rpo_extra_budget: int = field(default=16, metadata={"help": "suffix budget = cut + this many tokens"})
+    rpo_cache_policy: str = field(default="epsilon-greedy", metadata={"help": f"cache update rule: {CACHE_POLICIES}"})
+    rpo_epsilon: float = field(default=0.5, metadata={"help": "probability of caching the best completion (else a random one)"})
+    rpo_loss_on_prefix: bool = field(default=False, metadata={"help": "also train on the cached-prefix tokens"})
+    length_shaping: bool = field(default=True, metadata={"help": "length-aware accuracy reward among a group's correct answers"})
+    length_alpha: float = field(default=0.1, metadata={"help": "sigmoid slope of the length-aware reward"})
+
+    def __post_init__(self):
+        _check(self.rpo_min_cut >= 1, f"--rpo-min-cut must be >= 1, got {self.rpo_min_cut}")
+        _check(self.rpo_max_cut >= self.rpo_min_cut,
+               f"--rpo-max-cut ({self.rpo_max_cut}) must be >= --rpo-min-cut ({self.rpo_min_cut})")
+        _check(0 < self.rpo_max_cut_fraction <= 1, f"--rpo-max-cut-fraction must be in (0, 1], got {self.rpo_max_cut_fraction}")
+        _check(self.rpo_extra_budget >= 0, f"--rpo-extra-budget must be >= 0, got {self.rpo_extra_budget}")
+        _check(self.rpo_cache_policy in CACHE_POLICIES,
+               f"--rpo-cache-policy must be one of {CACHE_POLICIES}, got {self.rpo_cache_policy!r}")
+        _check(0 <= self.rpo_epsilon <= 1, f"--rpo-epsilon must be in [0, 1], got {self.rpo_epsilon}")
+        _check(self.length_alpha > 0, f"--length-alpha must be > 0, got {self.length_alpha}")
+
+
+@dataclass
+class AlgoConfig:
+    """GRPO or DAPO. `algo` picks the defaults of the fields left as None."""
+    algo: str = field(default="grpo", metadata={"help": "grpo or dapo"})
+    epsilon: float = field(default=0.2, metadata={"help": "lower clip range of the ratio (eps_low)"})
+    epsilon_high: float | None = field(default=None, metadata={"help": "upper clip range (default: grpo 0.2, dapo 0.28)"})
+    beta: float | None = field(default=None, metadata={"help": "KL coefficient to the frozen reference (default 0: no reference model)"})
+    loss_agg: str | None = field(default=None, metadata={"help": f"{LOSS_AGGREGATIONS} (default: grpo seq-mean-token-mean, dapo token-mean)"})
+    num_iterations: int = field(default=1, metadata={"help": "optimizer passes over each rollout batch"})
+    scale_rewards: bool = field(default=True, metadata={"help": "divide group advantages by the group's reward std"})
+    dynamic_sampling: bool | None = field(default=None, metadata={"help": "drop groups with equal rewards and resample (default: dapo on)"})
+    max_resample_rounds: int = field(default=3, metadata={"help": "extra sampling rounds allowed to fill a dynamic-sampling batch"})
+    overlong_buffer: int | None = field(default=None, metadata={"help": "soft overlong penalty over the last N budget tokens (default: dapo L/4, grpo 0)"})
+    overlong_penalty: float = field(default=1.0, metadata={"help": "reward subtracted at the very end of the overlong buffer"})
+
+    def __post_init__(self):
+        _check(self.algo in ("grpo", "dapo"), f"--algo must be grpo or dapo, got {self.algo!r}")
+        dapo = self.algo == "dapo"
+        if self.epsilon_high is None:
+            self.epsilon_high = 0.28 if dapo else self.epsilon
+        if self.beta is None:
+            self.beta = 0.0
+        if self.loss_agg is None:
+            self.loss_agg = "token-mean" if dapo else "seq-mean-token-mean"
+        if self.dynamic_sampling is None:
+            self.dynamic_sampling = dapo
+        _check(self.loss_agg in LOSS_AGGREGATIONS, f"--loss-agg must be one of {LOSS_AGGREGATIONS}, got {self.loss_agg!r}")
+        _check(self.epsilon >= 0 and self.epsilon_high >= 0, "--epsilon and --epsilon-high must be >= 0")
+        _check(self.beta >= 0, f"--beta must be >= 0, got {self.beta}")
+        _check(self.num_iterations >= 1, f"--num-iterations must be >= 1, got {self.num_iterations}")
+        _check(self.max_resample_rounds >= 0, f"--max-resample-rounds must be >= 0, got {self.max_resample_rounds}")
+        _check(self.overlong_buffer is None or self.overlong_buffer >= 0, "--overlong-buffer must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    model: str | None = field(default=None, metadata={"help": "Hugging Face model directory (default: the built-in starter model)"})
+    dataset: str | None = field(default=None, metadata={"help": "JSONL/Parquet rows with prompt and answer (default: the built-in arithmetic task)"})
+    train_size: int = field(default=64, metadata={"help": "built-in task: training problems; each recurs every train_size / prompts_per_step steps, where RPO's cache pays off"})
+    eval_dataset: str | None = field(default=None, metadata={"help": "held-out rows for eval (default: the built-in task's eval split, or none)"})
+    output: str = field(default="runs/default", metadata={"help": "output directory (metrics.jsonl, checkpoints, final/)"})
+    resume: bool = field(default=False, metadata={"help": "resume from the latest checkpoint in --output"})
+    config: str | None = field(default=None, metadata={"help": "YAML file of options (flags override it)"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    steps: int = field(default=40, metadata={"help": "training steps"})
+    prompts_per_step: int = field(default=8, metadata={"help": "prompts per step (B)"})
+    num_generations: int = field(default=8, metadata={"help": "completions per prompt (G)"})
+    max_prompt_length: int = field(default=512, metadata={"help": "longest prompt in tokens; longer is an error"})
+    max_completion_length: int = field(default=320, metadata={"help": "token budget of a full completion"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
+    top_k: int = field(default=0, metadata={"help": "top-k sampling (0: off)"})
+    learning_rate: float = field(default=2e-4, metadata={"help": "peak learning rate (AdamW)"})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "fraction of steps of linear warmup before cosine decay"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    micro_batch_tokens: int = field(default=16384, metadata={"help": "token budget of one forward/backward micro-batch"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    reward: str = field(default="auto", metadata={"help": "exact | math | module:function (auto: exact for the built-in task, math otherwise)"})
+    format_reward_weight: float = field(default=0.0, metadata={"help": "weight of the format reward added to accuracy"})
+    eval_steps: int = field(default=10, metadata={"help": "greedy eval every N steps (0: never)"})
+    eval_size: int = field(default=128, metadata={"help": "eval prompts"})
+    save_steps: int = field(default=20, metadata={"help": "checkpoint every N steps (0: only at the end)"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
+    dtype: str = field(default="auto", metadata={"help": "float32 | bfloat16 | auto (bf16 on CUDA, fp32 on CPU)"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    rpo: RPOConfig = field(default_factory=RPOConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+
+    def __post_init__(self):
+        for name in ("steps", "train_size", "prompts_per_step", "num_generations", "max_prompt_length", "max_completion_length",
+                     "micro_batch_tokens", "eval_size"):
+            _check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        _check(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
+        _check(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
+        _check(self.top_k >= 0, f"--top-k must be >= 0, got {self.top_k}")
+        _check(self.learning_rate > 0, f"--learning-rate must be > 0, got {self.learning_rate}")
+        _check(0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        _check(self.eval_steps >= 0 and self.save_steps >= 0, "--eval-steps and --save-steps must be >= 0")
+        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+               f"--device must be cpu, cuda or auto, got {self.device!r}")
+        _check(self.dtype in ("auto", "float32", "bfloat16"), f"--dtype must be float32, bfloat16 or auto, got {self.dtype!r}")
+
+
+SECTIONS = {"rpo": RPOConfig, "algo": AlgoConfig}
+
+
+def _flat_fields():
+    """(section or None, Field) for every option, in --help order."""
+    for f in fields(TrainConfig):
+        if f.name in SECTIONS:
+            yield from ((f.name, sub) for sub in fields(SECTIONS[f.name]))
+        else:
+            yield None, f
+
+
+def _is_bool(f) -> bool:
+    return f.type in ("bool", "bool | None", bool)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m rpo_engine.train",
+        description="GRPO/DAPO fine-tuning with RPO (partial reasoning optimization). "
+                    "With no arguments: the built-in arithmetic task on the built-in starter model.")
+    for section, f in _flat_fields():
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if _is_bool(f):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(f.type, str)
+            default = f.default if f.default is not dataclasses.MISSING else None
+            parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper(),
+                                help=f"{help_text} (default: {default})")
+    return parser
+
+
+def _load_yaml(path: str) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{p}: expected a mapping of option: value")
+    flat = {}
+    for key, value in data.items():
+        key = key.replace("-", "_")
+        if key in SECTIONS and isinstance(value, dict):
+            flat.update({k.replace("-", "_"): v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def config_from_dict(values: dict, source: str = "options") -> TrainConfig:
+    known = {f.name: section for section, f in _flat_fields()}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise UserError(f"{source}: unknown option {unknown[0]!r}")
+    top = {k: v for k, v in values.items() if known[k] is None}
+    sub = {name: {k: v for k, v in values.items() if known[k] == name} for name in SECTIONS}
+    try:
+        return TrainConfig(**top, **{name: cls(**sub[name]) for name, cls in SECTIONS.items()})
+    except TypeError as e:
+        raise UserError(f"{source}: {e}") from None
+
+
+def parse_args(argv=None) -> TrainConfig:
+    args = vars(build_parser().parse_args(argv))
+    values = {}
+    if args.get("config"):
+        values.update(_load_yaml(args["config"]))
+    values.update({k: v for k, v in args.items() if v is not None})
+    return config_from_dict(values, source=args.get("config") or "options")
+
+
+def config_to_dict(config: TrainConfig) -> dict:
+    return dataclasses.asdict(config)

@@ -1,0 +1,194 @@
+"""`python -m rpo_engine.train`: GRPO/DAPO with RPO from the command line.
+
+With no arguments it trains the built-in starter model (built on first use, ~3 minutes on 2 CPU
+cores) on the built-in arithmetic task. Writes OUTPUT/metrics.jsonl (one JSON object per step, plus a
+step-0 record with the starting model's eval accuracy), OUTPUT/checkpoints/step-N/, OUTPUT/final/
+(a Hugging Face model directory with its tokenizer) and OUTPUT/curves.png.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from rpo_engine.config import TrainConfig, config_to_dict, parse_args
+from rpo_engine.errors import UserError, run_cli
+
+
+def resolve_device(config: TrainConfig) -> tuple[torch.device, torch.dtype]:
+    if config.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(config.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available")
+    if config.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[config.dtype]
+    return device, dtype
+
+
+def load_rows(config: TrainConfig) -> tuple[list[dict], list[dict]]:
+    from rpo_engine.data.arithmetic import make_split
+    from rpo_engine.data.datasets import load_dataset_rows
+
+    if config.dataset is None:
+        train = make_split("train", config.train_size, config.seed)
+        eval_rows = make_split("eval", config.eval_size, config.seed)
+    else:
+        train = load_dataset_rows(config.dataset)
+        eval_rows = load_dataset_rows(config.eval_dataset)[:config.eval_size] if config.eval_dataset else []
+    if config.eval_dataset and config.dataset is None:
+        eval_rows = load_dataset_rows(config.eval_dataset)[:config.eval_size]
+    # ids name prompts in the experience cache; keep the two splits apart.
+    eval_rows = [dict(r, id=f"eval:{r['id']}") for r in eval_rows]
+    return train, eval_rows
+
+
+def resolve_reward(config: TrainConfig):
+    from rpo_engine.rewards import exact_answer_reward, load_reward_fn, math_answer_reward
+
+    name = config.reward
+    if name == "auto":
+        name = "exact" if config.dataset is None else "math"
+    if name == "exact":
+        return exact_answer_reward
+    if name == "math":
+        return math_answer_reward
+    if ":" in name:
+        return load_reward_fn(name)
+    raise UserError(f"--reward must be exact, math or module:function, got {config.reward!r}")
+
+
+def latest_checkpoint(output: Path) -> Path | None:
+    ckpts = sorted((output / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    complete = [p for p in ckpts if (p / "trainer_state.pt").is_file()]
+    return complete[-1] if complete else None
+
+
+def write_plot(metrics: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [m for m in metrics if "reward_mean" in m]
+    evals = [m for m in metrics if "eval_accuracy" in m]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    axes[0].plot([m["step"] for m in steps], [m["reward_mean"] for m in steps])
+    axes[0].set(title="reward (mean over samples)", xlabel="step")
+    axes[1].plot([m["step"] for m in evals], [m["eval_accuracy"] for m in evals], marker="o")
+    axes[1].set(title="greedy eval accuracy", xlabel="step", ylim=(0, 1))
+    axes[2].plot([m["step"] for m in steps], [m["rollout_generated_tokens"] for m in steps])
+    axes[2].set(title="generated tokens per step", xlabel="step", ylim=(0, None))
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def build_trainer(config: TrainConfig, model_dir: Path | None = None):
+    """A Trainer for `config`; `model_dir` overrides the model (a checkpoint's, on resume)."""
+    import rpo_engine
+    from rpo_engine.trainer import Trainer
+
+    device, dtype = resolve_device(config)
+    if model_dir is None and config.model is None:
+        from rpo_engine.data.starter import ensure_starter_model
+
+        model_dir = ensure_starter_model(progress=config.progress)
+    model_dir = Path(model_dir or config.model)
+    model = rpo_engine.load_model(model_dir, dtype=dtype, device=device)
+    tokenizer = rpo_engine.load_tokenizer(model_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train_rows, eval_rows = load_rows(config)
+    return Trainer(config, model, tokenizer, train_rows, eval_rows, resolve_reward(config), device)
+
+
+def main(argv=None) -> int:
+    from tqdm.auto import tqdm
+
+    config = parse_args(argv)
+    output = Path(config.output)
+    metrics_path = output / "metrics.jsonl"
+    if metrics_path.exists() and not config.resume:
+        raise UserError(f"{output}: already holds a run (metrics.jsonl); pass --resume or another --output")
+    checkpoint = latest_checkpoint(output) if config.resume else None
+    if config.resume and checkpoint is None and metrics_path.exists():
+        raise UserError(f"{output}: --resume found no complete checkpoint")
+
+    trainer = build_trainer(config, model_dir=checkpoint / "model" if checkpoint is not None else None)
+    records = []
+    if checkpoint is not None:
+        state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+        trainer.load_state_dict(state)
+        records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        records = [r for r in records if r["step"] <= trainer.step_num]
+        print(f"resumed from {checkpoint} at step {trainer.step_num}")
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+    writer = _tensorboard(output)
+
+    with open(metrics_path, "w") as f:  # rewritten: a resumed run drops the steps after its checkpoint
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    log = open(metrics_path, "a")
+    if trainer.step_num == 0 and config.eval_steps and trainer.eval_rows:
+        record = {"step": 0, "eval_accuracy": trainer.evaluate()}
+        records.append(record)
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        print(f"step 0: eval accuracy {record['eval_accuracy']:.3f}")
+
+    algo_name = f"{'RPO-' if config.rpo.rpo else ''}{config.algo.algo.upper()}"
+    bar = tqdm(total=config.steps, initial=trainer.step_num, desc=algo_name, disable=not config.progress,
+               dynamic_ncols=True)
+    generated, seconds = 0, 0.0
+    while trainer.step_num < config.steps:
+        m = trainer.step()
+        step = m["step"]
+        if config.eval_steps and trainer.eval_rows and (step % config.eval_steps == 0 or step == config.steps):
+            m["eval_accuracy"] = trainer.evaluate()
+        records.append(m)
+        log.write(json.dumps(m) + "\n")
+        log.flush()
+        if writer is not None:
+            for key, value in m.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    writer.add_scalar(key, value, step)
+        generated += m["rollout_generated_tokens"]
+        seconds += m["step_time_s"]
+        postfix = {"reward": f"{m['reward_mean']:.3f}", "gen_tok/s": f"{generated / seconds:.0f}",
+                   "step_s": f"{m['step_time_s']:.1f}"}
+        if "eval_accuracy" in m:
+            postfix["eval"] = f"{m['eval_accuracy']:.3f}"
+        bar.set_postfix(postfix)
+        bar.update(1)
+        if (config.save_steps and step % config.save_steps == 0) or step == config.steps:
+            trainer.save_checkpoint(output / "checkpoints" / f"step-{step}")
+    bar.close()
+    log.close()
+    trainer.model.save_pretrained(output / "final", tokenizer=trainer.tokenizer)
+    write_plot(records, output / "curves.png", f"{algo_name} on {config.dataset or 'the built-in arithmetic task'}")
+    evals = [r["eval_accuracy"] for r in records if "eval_accuracy" in r]
+    summary = f"done: {output / 'final'}"
+    if evals:
+        summary += f"; eval accuracy {evals[0]:.3f} -> {evals[-1]:.3f}"
+    print(summary)
+    return 0
+
+
+def _tensorboard(output: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(output / "tensorboard"))
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

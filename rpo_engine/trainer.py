@@ -1,0 +1,409 @@
+"""The training loop: prefixes -> rollout -> rewards -> advantages -> cache update -> policy update -> log.
+
+One step, `Trainer.step()`, reads top to bottom. With RPO on, each prompt's prefix is the prompt plus
+its cached reasoning path minus a sampled tail (rpo/), and only the G suffixes are generated; with
+RPO off the prefix is the prompt and the same code is full-path GRPO/DAPO. Both roll out with our
+RolloutEngine on the live weights of the model being trained, prefilling each prefix once.
+
+Where we depart from the RPO paper's code, see rpo/cache.py, rpo/truncation.py and
+rewards/shaping.py; in addition the loss covers the generated suffix tokens only (the code trained
+on the cached prefix too, weighted by each sample's advantage; `--rpo-loss-on-prefix` restores it).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rpo_engine.algos.grpo import group_advantages, informative_groups
+from rpo_engine.config import TrainConfig, config_to_dict
+from rpo_engine.errors import UserError
+from rpo_engine.kernels import fused_logprobs, policy_loss
+from rpo_engine.rewards.shaping import length_aware_accuracy, overlong_penalty
+from rpo_engine.rpo.cache import ExperienceCache
+from rpo_engine.rpo.truncation import sample_truncation
+
+
+@dataclass
+class Group:
+    """One prompt's G samples: the shared prefix (prompt + kept path) and the generated suffixes."""
+    row: dict
+    prompt_ids: list[int]
+    kept_ids: list[int]  # the cached path's kept part ([] with RPO off)
+    suffix_ids: list[list[int]]
+    suffix_logprobs: list[list[float]]
+    finish_reasons: list[str]
+    rewards: list[float] = field(default_factory=list)
+    correct: list[bool] = field(default_factory=list)
+    advantages: list[float] = field(default_factory=list)
+
+    def answer_ids(self, i: int) -> list[int]:
+        return self.kept_ids + self.suffix_ids[i]
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, model, tokenizer, train_rows: list[dict], eval_rows: list[dict],
+                 reward_fn, device: torch.device):
+        from rpo_engine.rollout import RolloutEngine
+
+        self.config, self.model, self.tokenizer = config, model, tokenizer
+        self.train_rows, self.eval_rows, self.reward_fn, self.device = train_rows, eval_rows, reward_fn, device
+        self.algo, self.rpo = config.algo, config.rpo
+        self.prompt_ids = {row["id"]: self.encode_prompt(row) for row in train_rows + eval_rows}
+        self.engine = RolloutEngine(model)
+        self.reference = None
+        if self.algo.beta > 0:  # frozen copy of the initial policy for the KL term
+            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        decay = [p for p in model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}],
+                                           lr=config.learning_rate, betas=(0.9, 0.99))
+        warmup = int(config.warmup_ratio * config.steps)
+
+        def lr_lambda(step):  # linear warmup, then cosine to 10% of the peak
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, config.steps - warmup)))
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
+        self.cache = ExperienceCache(self.rpo.rpo_cache_policy, self.rpo.rpo_epsilon)
+        self.rng = random.Random(config.seed)  # cuts, cache choices, data order: all saved in checkpoints
+        self.step_num = 0
+        self.data_order: list[int] = []
+        self.data_pos = 0
+        self.eos_ids = list(model.config.eos_token_ids) or [tokenizer.eos_token_id]
+
+    # ---- data --------------------------------------------------------------------------------
+    def encode_prompt(self, row: dict) -> list[int]:
+        text = row["prompt"]
+        if getattr(self.tokenizer, "chat_template", None):
+            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                     tokenize=True)
+            ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        else:
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if not ids:
+            raise UserError(f"prompt of row {row['id']!r} is empty after tokenization")
+        limit = min(self.config.max_prompt_length,
+                    self.model.config.max_position_embeddings - self.config.max_completion_length)
+        if len(ids) > limit:
+            raise UserError(f"prompt of row {row['id']!r} has {len(ids)} tokens, more than the {limit} allowed "
+                            f"(--max-prompt-length, and the model's context minus --max-completion-length)")
+        return ids
+
+    def next_rows(self, n: int) -> list[dict]:
+        rows = []
+        while len(rows) < n:
+            if self.data_pos >= len(self.data_order):  # a new epoch, shuffled by our own RNG
+                self.data_order = list(range(len(self.train_rows)))
+                self.rng.shuffle(self.data_order)
+                self.data_pos = 0
+            rows.append(self.train_rows[self.data_order[self.data_pos]])
+            self.data_pos += 1
+        return rows
+
+    # ---- rollout -----------------------------------------------------------------------------
+    def sampling_params(self, n: int, budget: int, seed: int):
+        from rpo_engine.rollout import SamplingParams
+
+        c = self.config
+        return SamplingParams(n=n, max_new_tokens=budget, temperature=c.temperature, top_p=c.top_p,
+                              top_k=c.top_k, stop_token_ids=self.eos_ids, seed=seed)
+
+    def seed_for(self, row_index: int, salt: int) -> int:
+        # Sampling seeds derive from (run seed, step, position): resumed runs draw the same samples.
+        return (self.config.seed * 1_000_003 + self.step_num * 10_007 + row_index * 101 + salt) % (2**31)
+
+    def rollout(self, rows: list[dict], round_index: int) -> tuple[list[Group], dict]:
+        """Generate G samples per row: suffixes of cached paths (RPO) or full completions."""
+        c, G = self.config, self.config.num_generations
+        counters = {"generated": 0, "cold_starts": 0, "cache_hits": 0}
+        prompts = [self.prompt_ids[row["id"]] for row in rows]
+        kept = [[] for _ in rows]
+        budgets = [c.max_completion_length] * len(rows)
+        if self.rpo.rpo:
+            cold = [i for i, row in enumerate(rows) if row["id"] not in self.cache]
+            counters["cache_hits"] = len(rows) - len(cold)
+            if cold:  # cold start: one full completion per uncached prompt becomes its path
+                params = [self.sampling_params(1, c.max_completion_length, self.seed_for(i, 7919 + round_index))
+                          for i in cold]
+                outs = self.engine.generate([prompts[i] for i in cold], params)
+                for i, out in zip(cold, outs):
+                    self.cache.put(rows[i]["id"], out[0].token_ids, float("nan"), self.step_num)
+                    counters["generated"] += len(out[0].token_ids)
+                counters["cold_starts"] = len(cold)
+            for i, row in enumerate(rows):
+                path = self.cache.get(row["id"]).token_ids
+                cut = sample_truncation(len(path), self.rng, self.rpo.rpo_min_cut, self.rpo.rpo_max_cut,
+                                        self.rpo.rpo_max_cut_fraction, self.rpo.rpo_extra_budget,
+                                        c.max_completion_length)
+                kept[i], budgets[i] = path[:cut.kept], cut.budget
+        params = [self.sampling_params(G, budgets[i], self.seed_for(i, round_index)) for i in range(len(rows))]
+        outs = self.engine.generate([p + k for p, k in zip(prompts, kept)], params)
+        groups = []
+        for row, p, k, out in zip(rows, prompts, kept, outs):
+            groups.append(Group(row, p, k, [o.token_ids for o in out], [o.logprobs for o in out],
+                                [o.finish_reason for o in out]))
+            counters["generated"] += sum(len(o.token_ids) for o in out)
+        return groups, counters
+
+    # ---- rewards -----------------------------------------------------------------------------
+    def score(self, group: Group) -> None:
+        c = self.config
+        texts = [self.tokenizer.decode(group.answer_ids(i), skip_special_tokens=True) for i in range(len(group.suffix_ids))]
+        accuracy = [float(self.reward_fn(t, group.row["answer"])) for t in texts]
+        group.correct = [a >= 1.0 for a in accuracy]
+        lengths = [len(group.answer_ids(i)) for i in range(len(texts))]
+        if self.rpo.length_shaping:
+            rewards = length_aware_accuracy(group.correct, lengths, self.rpo.length_alpha)
+        else:
+            rewards = accuracy
+        if c.format_reward_weight:
+            from rpo_engine.rewards import format_reward
+
+            rewards = [r + c.format_reward_weight * format_reward(t) for r, t in zip(rewards, texts)]
+        buffer = self.algo.overlong_buffer
+        if buffer is None:
+            buffer = c.max_completion_length // 4 if self.algo.algo == "dapo" else 0
+        if buffer:
+            rewards = [r + overlong_penalty(n, c.max_completion_length, buffer, self.algo.overlong_penalty)
+                       for r, n in zip(rewards, lengths)]
+        group.rewards = rewards
+
+    # ---- update ------------------------------------------------------------------------------
+    def training_batch(self, groups: list[Group]) -> list[dict]:
+        """One entry per sample: full token ids, the loss-mask start, rollout log-probs, advantage."""
+        samples = []
+        for g in groups:
+            for i, suffix in enumerate(g.suffix_ids):
+                ids = g.prompt_ids + g.kept_ids + suffix
+                loss_start = len(g.prompt_ids) + (0 if self.rpo.rpo_loss_on_prefix else len(g.kept_ids))
+                samples.append({"ids": ids, "loss_start": loss_start, "rollout_logp": g.suffix_logprobs[i],
+                                "advantage": g.advantages[i], "num_suffix": len(suffix)})
+        return samples
+
+    def micro_batches(self, samples: list[dict]) -> list[list[dict]]:
+        """Group samples (sorted by length) so that rows x longest row <= micro_batch_tokens."""
+        order = sorted(samples, key=lambda s: len(s["ids"]))
+        batches, current = [], []
+        for s in order:
+            if current and (len(current) + 1) * len(s["ids"]) > self.config.micro_batch_tokens:
+                batches.append(current)
+                current = []
+            current.append(s)
+        return batches + ([current] if current else [])
+
+    def sequence_logprobs(self, model, batch: list[dict]):
+        """Per-token log p of each sample's tokens from position loss_start on: logp [b, T], mask [b, T]
+        (T = longest loss span), computed from hidden states with the fused LM-head kernel."""
+        T_in = max(len(s["ids"]) for s in batch) - 1
+        span = max(len(s["ids"]) - s["loss_start"] for s in batch)
+        pad = self.tokenizer.pad_token_id or 0
+        input_ids = torch.full((len(batch), T_in), pad, dtype=torch.long)
+        targets = torch.zeros(len(batch), span, dtype=torch.long)
+        rows_idx, cols_idx, mask = [], [], torch.zeros(len(batch), span, dtype=torch.bool)
+        for b, s in enumerate(batch):
+            ids = s["ids"]
+            input_ids[b, :len(ids) - 1] = torch.tensor(ids[:-1])
+            n = len(ids) - s["loss_start"]
+            targets[b, :n] = torch.tensor(ids[s["loss_start"]:])
+            mask[b, :n] = True
+            rows_idx += [b] * n
+            cols_idx += range(s["loss_start"] - 1, len(ids) - 1)  # the position that predicts each target
+        input_ids, targets, mask = input_ids.to(self.device), targets.to(self.device), mask.to(self.device)
+        hidden = model.hidden_states(input_ids)  # [b, T_in, H]; right padding is invisible under causal attention
+        picked = hidden[torch.tensor(rows_idx, device=self.device), torch.tensor(cols_idx, device=self.device)]  # [n, H]
+        logp_flat = fused_logprobs(picked, model.lm_head.weight, targets[mask], self.config.temperature)  # [n]
+        logp = torch.zeros(len(batch), span, device=self.device, dtype=torch.float32)
+        logp = logp.masked_scatter(mask, logp_flat)  # [b, span]
+        return logp, mask
+
+    def update(self, groups: list[Group]) -> dict:
+        """num_iterations optimizer passes over the batch; one optimizer step per pass."""
+        algo, samples = self.algo, self.training_batch(groups)
+        batches = self.micro_batches(samples)
+        # Global normalisers, so micro-batching gives the same loss as one big batch.
+        num_tokens = sum(len(s["ids"]) - s["loss_start"] for s in samples)
+        num_rows = sum(1 for s in samples if len(s["ids"]) > s["loss_start"])
+        old, ref, mismatch = [], [], []
+        with torch.no_grad():
+            for batch in batches:
+                logp, mask = self.sequence_logprobs(self.model, batch)
+                old.append(logp if algo.num_iterations > 1 else None)
+                ref.append(self.sequence_logprobs(self.reference, batch)[0] if self.reference is not None else None)
+                for b, s in enumerate(batch):  # rollout vs training log-prob of the generated suffix
+                    n = s["num_suffix"]
+                    if n:
+                        span = int(mask[b].sum())
+                        rollout = torch.tensor(s["rollout_logp"], device=self.device)
+                        mismatch.append((logp[b, span - n:span] - rollout).abs().mean().item())
+        stats = {"loss": 0.0, "clip_frac": 0.0, "clip_low_frac": 0.0, "clip_high_frac": 0.0, "kl": 0.0}
+        grad_norms, skipped = [], 0
+        for _ in range(algo.num_iterations):
+            self.optimizer.zero_grad(set_to_none=True)
+            pass_loss = 0.0
+            for batch, old_logp, ref_logp in zip(batches, old, ref):
+                logp, mask = self.sequence_logprobs(self.model, batch)
+                adv = torch.tensor([s["advantage"] for s in batch], device=self.device)
+                loss, st = policy_loss(logp, logp.detach() if old_logp is None else old_logp, adv, mask,
+                                       ref_logp=ref_logp, eps_low=algo.epsilon, eps_high=algo.epsilon_high,
+                                       kl_coef=algo.beta, loss_agg=algo.loss_agg,
+                                       norm_length=self.config.max_completion_length)
+                if algo.loss_agg == "token-mean":
+                    share = int(mask.sum()) / max(1, num_tokens)
+                else:
+                    share = int(mask.any(-1).sum()) / max(1, num_rows)
+                (loss * share).backward()
+                pass_loss += loss.item() * share
+                weight = share / algo.num_iterations
+                stats["clip_frac"] += st["clip_frac"].item() * weight
+                stats["clip_low_frac"] += st["clip_low_frac"].item() * weight
+                stats["clip_high_frac"] += st["clip_high_frac"].item() * weight
+                stats["kl"] += st["kl_mean"].item() * weight
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+            if not (math.isfinite(pass_loss) and torch.isfinite(grad_norm)):
+                warnings.warn(f"step {self.step_num}: non-finite loss or gradient; update skipped")
+                self.optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                continue
+            self.optimizer.step()
+            grad_norms.append(grad_norm.item())
+            stats["loss"] += pass_loss / algo.num_iterations
+        stats["grad_norm"] = sum(grad_norms) / max(1, len(grad_norms))
+        stats["skipped_updates"] = skipped
+        stats["logprob_mismatch"] = sum(mismatch) / max(1, len(mismatch))
+        stats["num_micro_batches"] = len(batches)
+        return stats
+
+    # ---- the step ----------------------------------------------------------------------------
+    def step(self) -> dict:
+        c, algo, G = self.config, self.algo, self.config.num_generations
+        start = time.perf_counter()
+        before = self.engine_counters()
+        # 1. rollout (DAPO: keep sampling until the batch has enough groups with distinct rewards)
+        kept_groups, totals = [], {"generated": 0, "cold_starts": 0, "cache_hits": 0, "prompts": 0}
+        all_rewards = []
+        for round_index in range(1 + (algo.max_resample_rounds if algo.dynamic_sampling else 0)):
+            rows = self.next_rows(c.prompts_per_step if round_index == 0 else c.prompts_per_step - len(kept_groups))
+            groups, counters = self.rollout(rows, round_index)
+            for key in counters:
+                totals[key] += counters[key]
+            totals["prompts"] += len(rows)
+            # 2. rewards, 3. cache update (every group, kept or not)
+            for g in groups:
+                self.score(g)
+                all_rewards += g.rewards
+                if self.rpo.rpo:
+                    self.cache.update(g.row["id"], [g.answer_ids(i) for i in range(G)], g.rewards,
+                                      self.step_num, self.rng)
+            if algo.dynamic_sampling:
+                informative = informative_groups(torch.tensor([g.rewards for g in groups]))
+                groups = [g for g, keep in zip(groups, informative.tolist()) if keep]
+            kept_groups += groups
+            if len(kept_groups) >= c.prompts_per_step:
+                break
+        kept_groups = kept_groups[:c.prompts_per_step]
+        rollout_time = time.perf_counter() - start
+        # 4. advantages
+        if kept_groups:
+            adv = group_advantages(torch.tensor([g.rewards for g in kept_groups]), algo.scale_rewards)
+            for g, a in zip(kept_groups, adv.tolist()):
+                g.advantages = a
+        # 5. policy update over the generated suffix tokens
+        update_start = time.perf_counter()
+        if kept_groups:
+            stats = self.update(kept_groups)
+        else:  # DAPO found no group with distinct rewards within its resampling bound: nothing to learn
+            stats = dict.fromkeys(("loss", "clip_frac", "clip_low_frac", "clip_high_frac", "kl", "grad_norm",
+                                   "logprob_mismatch", "num_micro_batches"), 0.0)
+            stats["skipped_updates"] = algo.num_iterations
+        self.scheduler.step()
+        self.step_num += 1
+        after = self.engine_counters()
+        suffix_lens = [len(s) for g in kept_groups for s in g.suffix_ids]
+        metrics = {
+            "step": self.step_num,
+            "reward_mean": sum(all_rewards) / len(all_rewards),
+            "reward_std": float(torch.tensor(all_rewards).std()) if len(all_rewards) > 1 else 0.0,
+            "accuracy_mean": sum(c for g in kept_groups for c in g.correct) / max(1, len(kept_groups) * G),
+            "rollout_generated_tokens": totals["generated"],
+            "rollout_prefill_tokens": after["prefill"] - before["prefill"],
+            "rollout_reused_tokens": after["reused"] - before["reused"],
+            "suffix_len_mean": sum(suffix_lens) / max(1, len(suffix_lens)),
+            "num_prompts_sampled": totals["prompts"],
+            "num_groups_trained": len(kept_groups),
+            "cache_hit_rate": totals["cache_hits"] / totals["prompts"] if self.rpo.rpo else 0.0,
+            "cold_starts": totals["cold_starts"],
+            "lr": self.scheduler.get_last_lr()[0],
+            "rollout_time_s": rollout_time,
+            "update_time_s": time.perf_counter() - update_start,
+            "step_time_s": time.perf_counter() - start,
+            **stats,
+        }
+        return metrics
+
+    def engine_counters(self) -> dict:
+        s = self.engine.stats
+        return {"prefill": s.prefill_tokens, "reused": s.reused_tokens}
+
+    # ---- eval --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        return evaluate_accuracy(self.engine, self.tokenizer, self.eval_rows, self.reward_fn,
+                                 [self.prompt_ids[r["id"]] for r in self.eval_rows],
+                                 self.config.max_completion_length, self.eos_ids)
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"step": self.step_num, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "rng": list(self.rng.getstate()),
+                "torch_rng": torch.get_rng_state(), "data_order": list(self.data_order),
+                "data_pos": self.data_pos, "cache": self.cache.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_num = state["step"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        torch.set_rng_state(state["torch_rng"])
+        self.data_order, self.data_pos = list(state["data_order"]), state["data_pos"]
+        self.cache.load_state_dict(state["cache"])
+
+    def save_checkpoint(self, directory: Path) -> None:
+        """model/ (a Hugging Face directory) + trainer_state.pt, written under a temporary name, then renamed."""
+        directory = Path(directory)
+        tmp = directory.with_name(f".{directory.name}.tmp")
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        self.model.save_pretrained(tmp / "model", tokenizer=self.tokenizer)
+        torch.save(self.state_dict(), tmp / "trainer_state.pt")
+        (tmp / "config.json").write_text(json.dumps(config_to_dict(self.config), indent=2) + "\n")
+        tmp.rename(directory)
+
+
+@torch.no_grad()
+def evaluate_accuracy(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens, eos_ids) -> float:
+    """Greedy accuracy: the fraction of rows whose greedy completion earns the full reward."""
+    from rpo_engine.rollout import SamplingParams
+
+    if not rows:
+        return float("nan")
+    params = SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=eos_ids)
+    outs = engine.generate(prompt_ids, params)
+    correct = [reward_fn(tokenizer.decode(o[0].token_ids, skip_special_tokens=True), r["answer"]) >= 1.0
+               for o, r in zip(outs, rows)]
+    return sum(correct) / len(correct)

@@ -1,0 +1,124 @@
+"""GRPO/DAPO arithmetic, RPO truncation and cache rules, reward shaping: hand-computed cases."""
+import math
+import random
+
+import pytest
+import torch
+
+from rpo_engine.algos.grpo import group_advantages, informative_groups
+from rpo_engine.config import AlgoConfig, RPOConfig, TrainConfig, config_from_dict
+from rpo_engine.errors import UserError
+from rpo_engine.rewards.shaping import length_aware_accuracy, overlong_penalty
+from rpo_engine.rpo.cache import ExperienceCache
+from rpo_engine.rpo.truncation import sample_truncation
+
+
+def test_group_advantages_hand_computed():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5]])
+    adv = group_advantages(rewards)
+    std = math.sqrt(4 * 0.25 / 3)  # unbiased std of [1, 0, 0, 1]
+    expected = torch.tensor([[0.5, -0.5, -0.5, 0.5]]) / (std + 1e-4)
+    torch.testing.assert_close(adv[0:1], expected)
+    assert torch.equal(adv[1], torch.zeros(4))
+    torch.testing.assert_close(group_advantages(rewards, scale_rewards=False)[0], torch.tensor([0.5, -0.5, -0.5, 0.5]))
+
+
+def test_informative_groups():
+    rewards = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.5, 0.5, 0.51]])
+    assert informative_groups(rewards).tolist() == [False, False, True, True]
+
+
+def test_overlong_penalty_hand_computed():
+    # budget 100, buffer 20: free up to 80, linear to -1 at 100, -1 beyond
+    assert overlong_penalty(80, 100, 20) == 0.0
+    assert overlong_penalty(90, 100, 20) == pytest.approx(-0.5)
+    assert overlong_penalty(100, 100, 20, penalty=2.0) == pytest.approx(-2.0)
+    assert overlong_penalty(130, 100, 20) == pytest.approx(-1.0)
+    assert overlong_penalty(130, 100, 0) == 0.0
+
+
+def test_length_aware_accuracy_hand_computed():
+    correct = [True, True, False, True]
+    lengths = [10, 20, 5, 30]  # mean of correct lengths = 20
+    r = length_aware_accuracy(correct, lengths, alpha=0.1)
+    assert r[0] == pytest.approx(1 / (1 + math.exp(-1.0)))  # 10 shorter than mean: sigmoid(1) = 0.731
+    assert r[1] == pytest.approx(0.5)  # at the mean
+    assert r[2] == 0.0  # wrong
+    assert r[3] == pytest.approx(0.5)  # longer: clipped to 0.5
+    assert length_aware_accuracy([False, False], [3, 4]) == [0.0, 0.0]
+    assert length_aware_accuracy([True], [1000], alpha=0.1) == [0.5]
+
+
+@pytest.mark.parametrize("path_len", [0, 1, 3, 40, 200, 5000])
+def test_truncation_bounds(path_len):
+    rng = random.Random(0)
+    for _ in range(300):
+        t = sample_truncation(path_len, rng, min_cut=2, max_cut=300, max_cut_fraction=0.25, extra_budget=16,
+                              max_answer_length=400)
+        assert 0 <= t.cut <= path_len and t.kept == path_len - t.cut
+        assert t.cut <= max(2, int(0.25 * path_len)) and t.cut <= 300
+        if path_len >= 2:
+            assert t.cut >= 2
+        assert 1 <= t.budget <= t.cut + 16 and t.kept + t.budget <= max(400, t.kept + 1)
+
+
+def test_truncation_covers_its_range():
+    rng = random.Random(1)
+    cuts = {sample_truncation(1000, rng, 1, 10, 1.0, 0, 2000).cut for _ in range(2000)}
+    assert cuts == set(range(1, 11))
+    budgets = {sample_truncation(100, rng, 5, 5, 1.0, 16, 110).budget for _ in range(10)}
+    assert budgets == {15}  # cut + 16 = 21 tokens, but kept (95) + suffix may only reach 110
+
+
+def test_cache_epsilon_greedy_picks():
+    rng = random.Random(0)
+    greedy = ExperienceCache("epsilon-greedy", epsilon=1.0)
+    picks = {greedy.choose([0.0, 1.0, 0.3, 1.0], rng) for _ in range(200)}
+    assert picks == {1, 3}  # ties for the best broken at random, both reachable
+    explore = ExperienceCache("epsilon-greedy", epsilon=0.0)
+    picks = {explore.choose([0.0, 1.0, 0.3, 1.0], rng) for _ in range(400)}
+    assert picks == {0, 1, 2, 3}  # uniform over all G, the last included
+
+
+def test_cache_correct_only_keeps_old_path():
+    rng = random.Random(0)
+    cache = ExperienceCache("correct-only", epsilon=0.0)
+    cache.put("p", [1, 2, 3], 1.0, step=0)
+    assert not cache.update("p", [[7], [8]], [0.0, 0.0], step=1, rng=rng)
+    assert cache.get("p").token_ids == [1, 2, 3]
+    assert cache.update("p", [[7], [8]], [1.0, 1.0], step=2, rng=rng)
+    assert cache.get("p").token_ids in ([7], [8]) and cache.get("p").step == 2
+
+
+def test_cache_state_round_trip():
+    cache = ExperienceCache("epsilon-greedy", 0.3)
+    cache.put("a", [1, 2], 0.5, 3)
+    other = ExperienceCache()
+    other.load_state_dict(cache.state_dict())
+    assert other.get("a").token_ids == [1, 2] and other.epsilon == 0.3 and len(other) == 1
+
+
+def test_algo_defaults():
+    grpo, dapo = AlgoConfig("grpo"), AlgoConfig("dapo")
+    assert (grpo.epsilon_high, grpo.loss_agg, grpo.dynamic_sampling) == (0.2, "seq-mean-token-mean", False)
+    assert (dapo.epsilon_high, dapo.loss_agg, dapo.dynamic_sampling) == (0.28, "token-mean", True)
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"algo": "ppo"}, "--algo must be grpo or dapo"),
+    ({"loss_agg": "sum"}, "--loss-agg must be one of"),
+    ({"steps": 0}, "--steps must be >= 1"),
+    ({"rpo_max_cut": 0}, r"--rpo-max-cut \(0\) must be >= --rpo-min-cut"),
+    ({"temperature": 0}, "--temperature must be > 0"),
+    ({"bogus": 1}, "unknown option 'bogus'"),
+    ({"rpo_cache_policy": "best"}, "--rpo-cache-policy must be one of"),
+])
+def test_bad_options(values, message):
+    with pytest.raises(UserError, match=message):
+        config_from_dict(values)
+
+
+def test_config_sections_route_flat_names():
+    c = config_from_dict({"algo": "dapo", "rpo": False, "rpo_max_cut": 40, "steps": 3})
+    assert isinstance(c, TrainConfig) and isinstance(c.rpo, RPOConfig)
+    assert (c.algo.algo, c.rpo.rpo, c.rpo.rpo_max_cut, c.steps) == ("dapo", False, 40, 3)

@@ -1,0 +1,160 @@
+"""The training loop end to end on a tiny random model, resume equivalence, and the CLI's bad-input handling."""
+import json
+import subprocess
+import sys
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from rpo_engine.data.tokenizer import build_task_tokenizer
+from rpo_engine.model import CausalLM, ModelConfig
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A random 2-layer Qwen2-shaped model with the task tokenizer: fast, and (small init) its samples vary."""
+    directory = tmp_path_factory.mktemp("tiny")
+    tok = build_task_tokenizer()
+    config = ModelConfig.from_hf_dict(dict(
+        model_type="qwen2", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    torch.manual_seed(0)
+    CausalLM(config).init_weights(0.02).save_pretrained(directory, tokenizer=tok)
+    return directory
+
+
+def run_train(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "rpo_engine.train", "--no-progress", *map(str, args)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def read_metrics(output):
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+SMALL = ["--prompts-per-step", 3, "--num-generations", 4, "--max-completion-length", 48, "--eval-size", 4,
+         "--learning-rate", 1e-3]
+
+
+def test_train_resume_matches_uninterrupted(tmp_path, tiny_model_dir):
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_train("--model", tiny_model_dir, "--steps", 4, "--output", full, "--save-steps", 2, "--eval-steps", 2, *SMALL)
+    run_train("--model", tiny_model_dir, "--steps", 2, "--output", part, "--save-steps", 2, "--eval-steps", 2, *SMALL)
+    run_train("--model", tiny_model_dir, "--steps", 4, "--output", part, "--save-steps", 2, "--eval-steps", 2,
+              "--resume", *SMALL)
+    a, b = read_metrics(full), read_metrics(part)
+    assert [m["step"] for m in a] == [0, 1, 2, 3, 4] == [m["step"] for m in b]
+    for x, y in zip(a[3:], b[3:]):  # the steps after the resume point
+        for key in ("reward_mean", "rollout_generated_tokens", "rollout_prefill_tokens", "loss", "grad_norm"):
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), key
+    for m in a[1:]:
+        assert m["rollout_generated_tokens"] > 0 and m["step_time_s"] > 0
+        assert m["logprob_mismatch"] < 1e-4  # rollout log-probs equal the training forward's
+    assert (full / "final" / "model.safetensors").is_file() and (full / "final" / "tokenizer.json").is_file()
+    assert (full / "curves.png").stat().st_size > 1000
+    assert (full / "checkpoints" / "step-4" / "trainer_state.pt").is_file()
+
+
+def test_rpo_generates_fewer_tokens_than_full_path(tmp_path, tiny_model_dir):
+    rpo, full = tmp_path / "rpo", tmp_path / "full"
+    # three training prompts, three per step: every prompt recurs each step
+    common = ["--model", tiny_model_dir, "--steps", 3, "--eval-steps", 0, "--rpo-max-cut", 8, "--train-size", 3,
+              *SMALL]
+    run_train(*common, "--output", rpo)
+    run_train(*common, "--output", full, "--no-rpo")
+    r, f = read_metrics(rpo), read_metrics(full)
+    assert r[0]["cold_starts"] == 3 and r[1]["cache_hit_rate"] == 1.0
+    assert all(m["suffix_len_mean"] <= 8 + 16 for m in r)
+    assert f[0]["cold_starts"] == 0 and f[0]["cache_hit_rate"] == 0.0
+    # after the cold start, RPO generates only suffixes
+    assert sum(m["rollout_generated_tokens"] for m in r[1:]) < sum(m["rollout_generated_tokens"] for m in f[1:])
+
+
+def test_dapo_dynamic_sampling_is_bounded(tmp_path, tiny_model_dir):
+    out = tmp_path / "dapo"
+    run_train("--model", tiny_model_dir, "--steps", 1, "--output", out, "--algo", "dapo", "--eval-steps", 0,
+              "--overlong-buffer", 0, *SMALL)
+    m = read_metrics(out)[0]
+    # a random model earns no reward, so no group is informative: 1 + 3 resampling rounds, then no update
+    assert m["reward_mean"] == 0.0 and m["reward_std"] == 0.0
+    assert m["num_prompts_sampled"] == 3 * (1 + 3) and m["num_groups_trained"] == 0 and m["skipped_updates"] == 1
+
+
+def test_kl_to_reference(tmp_path, tiny_model_dir):
+    out = tmp_path / "kl"
+    run_train("--model", tiny_model_dir, "--steps", 2, "--output", out, "--beta", 0.05, "--eval-steps", 0,
+              "--reward", "tests.reward_fns:hash_reward", *SMALL)
+    first, second = read_metrics(out)
+    assert first["reward_std"] > 0 and first["grad_norm"] > 0
+    assert first["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy is the reference before its first update
+    assert second["kl"] > 0
+
+
+# ---- bad input: one line, exit 2, no traceback, nothing overwritten -----------------------------
+
+def assert_user_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines, "expected an error message"
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]
+
+
+def test_missing_model(tmp_path):
+    assert_user_error(run_train("--model", tmp_path / "nope", "--output", tmp_path / "o", check=False),
+                      "nope", "not found")
+
+
+def test_bad_dataset_line(tmp_path, tiny_model_dir):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "1+1", "answer": "2"}\n{"prompt": oops}\n')
+    proc = run_train("--model", tiny_model_dir, "--dataset", data, "--output", tmp_path / "o", check=False)
+    assert_user_error(proc, "data.jsonl:2", "not valid JSON")
+
+
+def test_unknown_algo_and_option(tmp_path):
+    proc = run_train("--algo", "ppo", "--output", tmp_path / "o", check=False)
+    assert_user_error(proc, "--algo must be grpo or dapo")
+    proc = run_train("--no-such-option", "1", check=False)
+    assert proc.returncode == 2 and "unrecognized arguments: --no-such-option" in proc.stderr
+
+
+def test_prompt_too_long(tmp_path, tiny_model_dir):
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"prompt": "1+" * 400, "answer": "2"}) + "\n")
+    proc = run_train("--model", tiny_model_dir, "--dataset", data, "--output", tmp_path / "o", check=False)
+    assert_user_error(proc, "tokens, more than the")
+
+
+def test_existing_run_is_not_overwritten(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    proc = run_train("--model", tiny_model_dir, "--output", out, check=False)
+    assert_user_error(proc, "already holds a run")
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_broken_config_file(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("steps: [1, 2\n")
+    assert_user_error(run_train("--config", cfg, check=False), "c.yaml", "not valid YAML")
+    cfg.write_text("stepz: 3\n")
+    assert_user_error(run_train("--config", cfg, check=False), "unknown option 'stepz'")
+
+
+def test_help_lists_options():
+    out = subprocess.run([sys.executable, "-m", "rpo_engine.train", "--help"], capture_output=True, text=True).stdout
+    for flag in ("--model", "--dataset", "--algo", "--rpo", "--no-rpo", "--steps", "--output", "--resume", "--seed",
+                 "--config", "--num-generations", "--prompts-per-step", "--max-completion-length", "--learning-rate"):
+        assert flag in out
