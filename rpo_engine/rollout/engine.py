@@ -124,29 +124,36 @@ class RolloutEngine:
         seqs, is_prefill, copies = self.scheduler.schedule()
         held = self.block_manager.num_used_blocks  # the step's high-water mark: nothing is freed yet
         logits = self.runner.run(seqs, is_prefill, copies)  # [len(seqs), vocab] fp32
+        self._count_work(seqs, is_prefill)
+        if is_prefill:  # fresh requests split into their n samples, all drawn from the request's row
+            rows = torch.tensor([i for i, seq in enumerate(seqs) for _ in range(seq.num_forks)], device=logits.device)
+            seqs = [sample for seq in seqs for sample in self.scheduler.fork(seq)]
+            logits = logits[rows]  # [num samples, vocab]
+        token_ids, logprobs = sample_sequences(logits, seqs)  # the step's one host sync
+        finished = self.scheduler.postprocess(seqs, token_ids, logprobs)
+        self._count_step(len(seqs), is_prefill, held, time.perf_counter() - start)
+        return finished
+
+    def _count_work(self, seqs: list[Sequence], is_prefill: bool):
         s = self.stats
         if is_prefill:
             s.prefill_tokens += sum(len(seq) - seq.num_cached_tokens for seq in seqs)
             s.cached_tokens += sum(seq.num_cached_tokens for seq in seqs)
             s.forked_tokens += sum((seq.num_forks - 1) * len(seq) for seq in seqs)
-            rows = torch.tensor([i for i, seq in enumerate(seqs) for _ in range(seq.num_forks)], device=logits.device)
-            seqs = [sample for seq in seqs for sample in self.scheduler.fork(seq)]
-            logits = logits[rows] if len(rows) != len(logits) else logits
         else:
             s.decode_tokens += len(seqs)
-        token_ids, logprobs = sample_sequences(logits, seqs)  # the step's one host sync
-        finished = self.scheduler.postprocess(seqs, token_ids, logprobs)
-        s.sampled_tokens += len(seqs)
+
+    def _count_step(self, num_sampled: int, is_prefill: bool, held: int, elapsed: float):
+        s = self.stats
+        s.sampled_tokens += num_sampled
         s.preemptions = self.scheduler.num_preemptions
         s.blocks_used = self.block_manager.num_used_blocks
         s.peak_blocks_used = max(s.peak_blocks_used, held)
         self._call_peak = max(self._call_peak, held)
-        elapsed = time.perf_counter() - start
         if is_prefill:
             s.prefill_steps, s.prefill_time_s = s.prefill_steps + 1, s.prefill_time_s + elapsed
         else:
             s.decode_steps, s.decode_time_s = s.decode_steps + 1, s.decode_time_s + elapsed
-        return finished
 
     def _validate(self, prompts, params) -> list[SamplingParams]:
         if params is None:
