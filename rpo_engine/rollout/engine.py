@@ -51,13 +51,14 @@ class RolloutEngine:
     def __init__(self, model, block_size: int = 16, num_blocks: int | None = None, kv_cache_bytes: int | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  use_cuda_graphs: bool | None = None, attention_backend: str = "auto",
-                 enable_prefix_sharing: bool = True, gpu_memory_utilization: float = 0.9):
+                 enable_prefix_sharing: bool = True, gpu_memory_utilization: float = 0.5):
         """
         block_size: tokens per K/V block. num_blocks or kv_cache_bytes: the K/V budget; by default
           64k tokens on CPU (capped at max(weights' size, 1 GiB)), and on CUDA what is left of
-          `gpu_memory_utilization` of the device after a warm-up forward (pass kv_cache_bytes when a
-          trainer shares the GPU). max_num_seqs: sequences decoded together (and the largest CUDA
-          graph); max_num_batched_tokens: tokens per prefill step (default max(8192, max positions)).
+          `gpu_memory_utilization` of the device after a warm-up forward (0.5 by default, since
+          training shares the GPU; a rollout-only process can ask for 0.9).
+        max_num_seqs: sequences decoded together (and the largest CUDA graph).
+        max_num_batched_tokens: tokens per prefill step (default max(8192, max_position_embeddings)).
         attention_backend: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
         use_cuda_graphs: None = on for CUDA + Triton. enable_prefix_sharing=False turns off forks,
           prefix caching and the shared-prefix decode: each sample prefills its own prompt (a baseline).
