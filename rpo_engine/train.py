@@ -53,7 +53,7 @@ def resolve_reward(config: TrainConfig):
 
     name = config.reward
     if name == "auto":
-        name = "exact" if config.dataset is None else "math"
+        name = "exact" if config.dataset is None and config.eval_dataset is None else "math"
     if name == "exact":
         return exact_answer_reward
     if name == "math":

@@ -85,21 +85,7 @@ class Trainer:
 
     # ---- data --------------------------------------------------------------------------------
     def encode_prompt(self, row: dict) -> list[int]:
-        text = row["prompt"]
-        if getattr(self.tokenizer, "chat_template", None):
-            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                     tokenize=True)
-            ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-        else:
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
-        if not ids:
-            raise UserError(f"prompt of row {row['id']!r} is empty after tokenization")
-        limit = min(self.config.max_prompt_length,
-                    self.model.config.max_position_embeddings - self.config.max_completion_length)
-        if len(ids) > limit:
-            raise UserError(f"prompt of row {row['id']!r} has {len(ids)} tokens, more than the {limit} allowed "
-                            f"(--max-prompt-length, and the model's context minus --max-completion-length)")
-        return ids
+        return encode_prompt(self.tokenizer, row, prompt_token_limit(self.config, self.model))
 
     def next_rows(self, n: int) -> list[dict]:
         rows = []
@@ -393,6 +379,27 @@ class Trainer:
         torch.save(self.state_dict(), tmp / "trainer_state.pt")
         (tmp / "config.json").write_text(json.dumps(config_to_dict(self.config), indent=2) + "\n")
         tmp.rename(directory)
+
+
+def prompt_token_limit(config: TrainConfig, model) -> int:
+    return min(config.max_prompt_length, model.config.max_position_embeddings - config.max_completion_length)
+
+
+def encode_prompt(tokenizer, row: dict, limit: int) -> list[int]:
+    """Token ids of a row's prompt: through the chat template when the tokenizer has one."""
+    text = row["prompt"]
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    else:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+    if not ids:
+        raise UserError(f"prompt of row {row['id']!r} is empty after tokenization")
+    if len(ids) > limit:
+        raise UserError(f"prompt of row {row['id']!r} has {len(ids)} tokens, more than the {limit} allowed "
+                        f"(--max-prompt-length, and the model's context minus --max-completion-length)")
+    return ids
 
 
 @torch.no_grad()

@@ -158,3 +158,12 @@ def test_help_lists_options():
     for flag in ("--model", "--dataset", "--algo", "--rpo", "--no-rpo", "--steps", "--output", "--resume", "--seed",
                  "--config", "--num-generations", "--prompts-per-step", "--max-completion-length", "--learning-rate"):
         assert flag in out
+
+
+def test_eval_cli(tmp_path, tiny_model_dir):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "Q: 1+1\\nA:", "answer": "2"}\n{"prompt": "Q: 2+2\\nA:", "answer": "4"}\n')
+    proc = subprocess.run([sys.executable, "-m", "rpo_engine.eval", "--model", str(tiny_model_dir), "--dataset",
+                           str(data), "--max-completion-length", "8"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "accuracy 0.0000 on 2 rows" in proc.stdout  # a random model answers nothing right
