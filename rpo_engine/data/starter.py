@@ -43,8 +43,10 @@ class StarterRecipe:
     init_std: float = 0.02
 
     def key(self) -> str:
+        # A sample trace stands for the task's format: a format change builds a new starter model.
+        sample = make_split("train", 4, 0, ArithmeticConfig())
         blob = json.dumps({"recipe": dataclasses.asdict(self), "arch": STARTER_ARCH,
-                           "task": dataclasses.asdict(ArithmeticConfig())}, sort_keys=True)
+                           "task": dataclasses.asdict(ArithmeticConfig()), "sample": sample}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
