@@ -26,7 +26,7 @@ from rpo_engine.data.tokenizer import build_task_tokenizer
 from rpo_engine.model.config import ModelConfig
 from rpo_engine.model.decoder import CausalLM
 
-STARTER_ARCH = dict(model_type="qwen2", hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+STARTER_ARCH = dict(model_type="qwen2", hidden_size=256, intermediate_size=768, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                     rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
 
@@ -35,7 +35,7 @@ STARTER_ARCH = dict(model_type="qwen2", hidden_size=256, intermediate_size=768, 
 class StarterRecipe:
     seed: int = 0
     num_train_rows: int = 20000
-    steps: int = 240
+    steps: int = 320
     batch_size: int = 32
     learning_rate: float = 3e-3
     warmup_steps: int = 20
