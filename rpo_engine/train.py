@@ -37,12 +37,15 @@ def load_rows(config: TrainConfig) -> tuple[list[dict], list[dict]]:
 
     if config.dataset is None:
         train = make_split("train", config.train_size, config.seed)
-        eval_rows = make_split("eval", config.eval_size, config.seed)
     else:
         train = load_dataset_rows(config.dataset)
-        eval_rows = load_dataset_rows(config.eval_dataset)[:config.eval_size] if config.eval_dataset else []
-    if config.eval_dataset and config.dataset is None:
+    # Eval: the given file, else the built-in task's held-out split (only when training on it), else none.
+    if config.eval_dataset:
         eval_rows = load_dataset_rows(config.eval_dataset)[:config.eval_size]
+    elif config.dataset is None:
+        eval_rows = make_split("eval", config.eval_size, config.seed)
+    else:
+        eval_rows = []
     # ids name prompts in the experience cache; keep the two splits apart.
     eval_rows = [dict(r, id=f"eval:{r['id']}") for r in eval_rows]
     return train, eval_rows
