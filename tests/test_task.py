@@ -31,27 +31,27 @@ def _problem(row):
 
 def test_example_format():
     assert format_prompt(48, "*", 37) == "Q: 48*37\nA:"
-    sol = solve_trace(48, "*", 37)
-    assert sol.startswith(" 48*37\n48*7:\n0: 8*7+0=56 w6 c5\n1: 4*7+5=33 w3 c3\n= 336\n")
-    assert sol.endswith("\n= 1776\n#### 1776")
-    add = solve_trace(4821, "+", 937)
-    assert add.split("\n")[:4] == [" 004821+000937", "0: 1+7+0=08 w8 c0", "1: 2+3+0=05 w5 c0", "2: 8+9+0=17 w7 c1"]
-    assert add.endswith("\n= 005758\n#### 5758")
+    assert solve_trace(48, "*", 37) == (
+        " 48*37: 8*7+0=56 w6 c5 r6\n4*37: 4*7+5=33 w3 c3 r36\n*37: 0*7+3=03 w3 c0 r336\n"
+        "480*3: 0*3+0=00 w0 c0 r0\n48*3: 8*3+0=24 w4 c2 r40\n4*3: 4*3+2=14 w4 c1 r440\n*3: 0*3+1=01 w1 c0 r1440\n"
+        "336+1440: 6+0+0=06 w6 c0 r6\n33+144: 3+4+0=07 w7 c0 r76\n3+14: 3+4+0=07 w7 c0 r776\n+1: 0+1+0=01 w1 c0 r1776\n"
+        "#### 1776")
+    assert solve_trace(4821, "+", 937) == (
+        " 4821+937: 1+7+0=08 w8 c0 r8\n482+93: 2+3+0=05 w5 c0 r58\n48+9: 8+9+0=17 w7 c1 r758\n"
+        "4+: 4+0+1=05 w5 c0 r5758\n#### 5758")
+    assert solve_trace(95, "+", 7).endswith("\n9+: 9+0+1=10 w0 c1 r02\n+: 0+0+1=01 w1 c0 r102\n#### 102")
+    assert solve_trace(0, "*", 0) == " 0*0: 0*0+0=00 w0 c0 r0\n#### 0"
 
 
 def test_traces_are_correct_for_random_problems():
     rng = random.Random(0)
-    cfgs = [ArithmeticConfig(), ArithmeticConfig(add_min_digits=1, add_max_digits=9, mul_min_digits_a=1,
-                                                 mul_max_digits_a=5, mul_min_digits_b=1, mul_max_digits_b=4)]
     n = 0
-    for cfg in cfgs:
+    for max_digits, max_b in ((5, 2), (9, 4)):
         for _ in range(300):
             op = rng.choice("+*")
-            if op == "+":
-                a, b = (rng.randint(0, 10 ** cfg.add_max_digits - 1) for _ in range(2))
-            else:
-                a, b = rng.randint(0, 10 ** cfg.mul_max_digits_a - 1), rng.randint(0, 10 ** cfg.mul_max_digits_b - 1)
-            sol = solve_trace(a, op, b, cfg)
+            a = rng.randint(0, 10 ** rng.randint(1, max_digits) - 1)
+            b = rng.randint(0, 10 ** rng.randint(1, max_digits if op == "+" else max_b) - 1)
+            sol = solve_trace(a, op, b)
             want = a + b if op == "+" else a * b
             assert extract_answer(sol) == str(want), (a, op, b)
             assert check_trace(sol) == [], (a, op, b, check_trace(sol))
@@ -66,19 +66,36 @@ def test_split_rows_answers_and_traces():
             a, op, b = _problem(row)
             assert row["answer"] == str(a + b if op == "+" else a * b)
             assert extract_answer(row["solution"]) == row["answer"]
-            assert row["solution"].startswith(" ") and "####" not in row["prompt"]
+            assert row["solution"].startswith(f" {a}{op}{b}: ") and "####" not in row["prompt"]
             assert check_trace(row["solution"]) == []
 
 
 def test_check_trace_catches_errors():
-    sol = solve_trace(4821, "+", 937)
-    assert check_trace(sol.replace("2: 8+9+0=17 w7 c1", "2: 8+9+0=16 w6 c1"))       # wrong sum
-    assert check_trace(sol.replace("3: 4+0+1=05 w5 c0", "3: 4+0+0=04 w4 c0"))       # dropped carry
-    assert check_trace(sol.replace("= 005758", "= 005768"))                          # misread digits
-    assert check_trace(sol.replace("#### 5758", "#### 5768"))                        # wrong final answer
+    add = solve_trace(4821, "+", 937)
+    assert check_trace(add) == []
+    bad = {
+        "48+9: 8+9+0=17 w7 c1": "48+9: 8+9+0=16 w6 c1",      # wrong sum
+        "4+: 4+0+1=05 w5 c0": "4+: 4+0+0=04 w4 c0",         # dropped carry
+        "482+93: 2+3+0=05": "482+93: 8+3+0=11",             # wrong digit taken
+        "r5758": "r5768",                                   # result not built from the written digits
+        "#### 5758": "#### 5768",                           # wrong final answer
+        "\n4+: 4+0+1=05 w5 c0 r5758": "",                   # chain stopped early
+        "482+93:": "482+9:",                                # operands not shortened by one digit
+    }
+    for old, new in bad.items():
+        assert old in add
+        assert check_trace(add.replace(old, new)), (old, new)
     mul = solve_trace(48, "*", 37)
-    assert check_trace(mul.replace("1: 4*7+5=33 w3 c3", "1: 4*7+5=32 w2 c3"))
-    assert check_trace(mul.replace("= 336", "= 36"))
+    assert check_trace(mul) == []
+    bad = {
+        "4*37: 4*7+5=33 w3 c3": "4*37: 4*7+5=32 w2 c3",    # wrong product
+        "r1440": "r144",                                   # result not built from the written digits
+        "4*37: 4*7": "4*37: 4*3",                           # multiplier digit is the last one
+        "4*3: 4*3+2=14 w4 c1 r440": "4*3: 4*3+2=14 w4 c1 r440\n4*3: 4*3+2=14 w4 c1 r440",  # repeated step
+    }
+    for old, new in bad.items():
+        assert old in mul
+        assert check_trace(mul.replace(old, new)), (old, new)
 
 
 def test_extract_answer():
@@ -215,9 +232,15 @@ def test_tokenizer_save_and_autotokenizer_reload(tok, tmp_path):
 
 
 def test_trace_token_lengths_default_config(tok):
+    # Measured for the default config (solution tokens, no eos): min 47, p5 47, p25 69, p50 101, p75 161,
+    # p95 255, max 255. Easy problems (2-digit addition, 2-digit x 1-digit) are short by nature: one step
+    # line per digit; nothing is padded, to keep every token worth learning.
     rows = make_split("train", 600, seed=0)
     lens = sorted(len(tok.encode(r["solution"], add_special_tokens=False)) for r in rows)
-    p5, p95 = lens[len(lens) * 5 // 100], lens[len(lens) * 95 // 100]
-    assert 100 <= p5 and p95 <= 400, (p5, p95)
+    p5, p50, p95 = (lens[len(lens) * q // 100] for q in (5, 50, 95))
+    assert 40 <= p5 and 80 <= p50 <= 160 and p95 <= 300, (p5, p50, p95)
     full = [len(tok.encode(r["prompt"] + r["solution"], add_special_tokens=False)) for r in rows]
     assert max(full) <= 400
+    # the hardest problems of the default config stay well inside the budget
+    assert len(tok.encode(solve_trace(99999, "+", 99999), add_special_tokens=False)) <= 200
+    assert len(tok.encode(solve_trace(99, "*", 99), add_special_tokens=False)) <= 300

@@ -1,50 +1,47 @@
 """The built-in reasoning task: multi-step arithmetic with a worked, checkable trace.
 
 Each problem is an addition or a multiplication of non-negative integers. The prompt is plain text for a
-base model (no chat template) and the solution is a trace in which every step is explicit and every line
-has a fixed shape, so that a tiny model can learn it by supervised fine-tuning and an RL run can then
-improve it. The final line is always ``#### <integer>``.
+base model (no chat template); the solution restates the problem, then works digit by digit, right to
+left, one step per line, and ends with ``#### <integer>``. Every step line has the same shape::
 
-Addition (operands padded with zeros to ``add_max_digits + 1`` digits, columns right to left; each column
-line is ``<column>: <digit a>+<digit b>+<carry in>=<two-digit sum> w<written digit> c<carry out>``)::
+    <x left><op><y left>: <dx><op><dy>+<carry in>=<two-digit value> w<written digit> c<carry out> r<result so far>
+
+It shows what is left of the operands (each step drops their last digit; an operand that has run out is
+empty and reads as 0), works on their last digits, and puts the written digit in front of the result so
+far. So every token of a step is either a short copy from the line above or a one-digit fact: nothing
+needs counting or reversing, which is what lets a tiny model learn it in a few minutes of SFT.
+
+Addition (prompt ``"Q: 4821+937\\nA:"``, solution = the rest, starting with a space)::
 
     Q: 4821+937
-    A: 004821+000937
-    0: 1+7+0=08 w8 c0
-    1: 2+3+0=05 w5 c0
-    2: 8+9+0=17 w7 c1
-    3: 4+0+1=05 w5 c0
-    4: 0+0+0=00 w0 c0
-    5: 0+0+0=00 w0 c0
-    = 005758
+    A: 4821+937
+    4821+937: 1+7+0=08 w8 c0 r8
+    482+93: 2+3+0=05 w5 c0 r58
+    48+9: 8+9+0=17 w7 c1 r758
+    4+: 4+0+1=05 w5 c0 r5758
     #### 5758
 
-Multiplication (``a`` padded to ``mul_max_digits_a`` digits and ``b`` to ``mul_max_digits_b``; one
-partial product per digit of ``b``, right to left, each computed digit by digit with
-``<column>: <digit a>*<digit b>+<carry in>=<two-digit value> w<written digit> c<carry out>``, then the
-partial products, shifted and padded to the result width, are added column by column)::
+Multiplication: one block per digit of the multiplier, right to left (block j multiplies ``a`` shifted by
+j places, i.e. ``a`` followed by j zeros, by the multiplier's j-th digit; its header line shows the shifted
+``a`` and what is left of the multiplier), then the partial products are added with the same steps::
 
     Q: 48*37
     A: 48*37
-    48*7:
-    0: 8*7+0=56 w6 c5
-    1: 4*7+5=33 w3 c3
-    = 336
-    48*3:
-    0: 8*3+0=24 w4 c2
-    1: 4*3+2=14 w4 c1
-    = 144
-    0336+1440:
-    0: 6+0+0=06 w6 c0
-    1: 3+4+0=07 w7 c0
-    2: 3+4+0=07 w7 c0
-    3: 0+1+0=01 w1 c0
-    = 1776
+    48*7: 8*7+0=56 w6 c5 r6
+    4*7: 4*7+5=33 w3 c3 r36
+    *7: 0*7+3=03 w3 c0 r336
+    480*3
+    480*3: 0*3+0=00 w0 c0 r0
+    48*3: 8*3+0=24 w4 c2 r40
+    4*3: 4*3+2=14 w4 c1 r440
+    *3: 0*3+1=01 w1 c0 r1440
+    336+1440: 6+0+0=06 w6 c0 r6
+    33+144: 3+4+0=07 w7 c0 r76
+    3+14: 3+4+0=07 w7 c0 r776
+    +1: 0+1+0=01 w1 c0 r1776
     #### 1776
 
-(The prompt is ``"Q: 48*37\\nA:"`` and the solution is everything after ``A:``, starting with a space.)
-Because the widths depend only on the config, every addition (and every multiplication) of a config has
-the same template: only the digits change. That regularity is what makes the task learnable quickly.
+(A multiplier with three or more digits adds its partial products one at a time, the running total first.)
 
 Train and eval never share a problem: a problem's split is fixed by a hash of its canonical form (the op
 and its operands, sorted, since both ops commute), independent of any seed, so an eval set drawn with any
@@ -75,7 +72,7 @@ __all__ = [
 
 # One problem in EVAL_BUCKETS (by hash) belongs to the held-out eval split; the rest are train problems.
 EVAL_BUCKETS = 8
-_MAX_DIGITS = 9  # keeps traces within a few hundred tokens and sums within two digits
+_MAX_DIGITS = 9  # keeps traces within a few hundred tokens
 
 
 @dataclass(frozen=True)
@@ -119,83 +116,67 @@ def format_prompt(a: int, op: str, b: int) -> str:
     return f"Q: {a}{op}{b}\nA:"
 
 
-def _digits_lsb(n: int, width: int) -> list[int]:
-    s = str(n).zfill(width)
-    assert len(s) == width, (n, width)
-    return [int(ch) for ch in reversed(s)]
+def _chain(op: str, x: str, y: str) -> tuple[list[str], str]:
+    """Digit-by-digit ``x op y``, right to left. op "+": the sum; op "*": `x` times the last digit of `y`
+    (`y` is what is left of the multiplier and stays the same along the chain).
 
+    Each line shows what is left of the operands, then works on their last digits::
 
-def _column_add(numbers: list[int], width: int) -> tuple[list[str], int]:
-    """Column addition of `numbers` (each at most `width` digits, sum too): one line per column."""
-    cols = [_digits_lsb(n, width) for n in numbers]
-    lines, carry, written = [], 0, []
-    for k in range(width):
-        ds = [c[k] for c in cols]
-        s = sum(ds) + carry
-        assert s < 100
-        w, cout = s % 10, s // 10
-        lines.append(f"{k}: " + "+".join(str(d) for d in ds) + f"+{carry}={s:02d} w{w} c{cout}")
-        written.append(w)
+        <x left><op><y left>: <dx><op><dy>+<carry in>=<two-digit value> w<written digit> c<carry out> r<result so far>
+
+    An operand that has run out is empty and reads as 0; the written digit is put in front of the previous
+    result; the chain goes on while an operand has digits left or the carry is not 0. Returns the lines and
+    the result (a string of digits, read from the last ``r``).
+    """
+    lines, carry, result = [], 0, ""
+    while x or (y and op == "+") or carry:
+        dx = int(x[-1]) if x else 0
+        dy = int(y[-1]) if y else 0
+        v = dx + dy + carry if op == "+" else dx * dy + carry
+        w, cout = v % 10, v // 10
+        result = f"{w}{result}"
+        lines.append(f"{x}{op}{y}: {dx}{op}{dy}+{carry}={v:02d} w{w} c{cout} r{result}")
         carry = cout
-    assert carry == 0
-    total = sum(numbers)
-    result = "".join(str(w) for w in reversed(written))
-    assert int(result) == total and len(result) == width
-    lines.append(f"= {result}")
-    return lines, total
+        x = x[:-1]
+        if op == "+":
+            y = y[:-1]
+    return lines, result
 
 
-def _addition_trace(a: int, b: int, cfg: ArithmeticConfig) -> tuple[list[str], int]:
-    width = cfg.add_max_digits + 1
-    lines = [f"{a:0{width}d}+{b:0{width}d}"]
-    col_lines, total = _column_add([a, b], width)
-    return lines + col_lines, total
+def _addition_trace(a: int, b: int) -> tuple[list[str], str]:
+    return _chain("+", str(a), str(b))
 
 
-def _multiplication_trace(a: int, b: int, cfg: ArithmeticConfig) -> tuple[list[str], int]:
-    wa, wb = cfg.mul_max_digits_a, cfg.mul_max_digits_b
-    a_s, b_s = f"{a:0{wa}d}", f"{b:0{wb}d}"
-    lines = [f"{a_s}*{b_s}"]
-    a_lsb = _digits_lsb(a, wa)
-    partials = []
-    for j, bd in enumerate(_digits_lsb(b, wb)):
-        lines.append(f"{a_s}*{bd}:")
-        carry, written = 0, []
-        for k, ad in enumerate(a_lsb):
-            v = ad * bd + carry
-            w, cout = v % 10, v // 10
-            lines.append(f"{k}: {ad}*{bd}+{carry}={v:02d} w{w} c{cout}")
-            written.append(w)
-            carry = cout
-        p = f"{carry}" + "".join(str(w) for w in reversed(written))
-        assert int(p) == a * bd
-        lines.append(f"= {p}")
-        partials.append(int(p) * 10 ** j)
-    width = wa + wb
-    if wb == 1:
-        total = partials[0]
-    else:
-        lines.append("+".join(f"{p:0{width}d}" for p in partials) + ":")
-        col_lines, total = _column_add(partials, width)
-        lines += col_lines
-    assert total == a * b
+def _multiplication_trace(a: int, b: int) -> tuple[list[str], str]:
+    lines, partials = [], []
+    a_s, b_s = str(a), str(b)
+    for j in range(len(b_s)):
+        a_shift, b_left = a_s + "0" * j, b_s[: len(b_s) - j]
+        block, p = _chain("*", a_shift, b_left)
+        lines += block
+        partials.append(p)
+    total = partials[0]
+    for p in partials[1:]:
+        block, total = _chain("+", total, p)
+        lines += block
     return lines, total
 
 
 def solve_trace(a: int, op: str, b: int, config: ArithmeticConfig | None = None) -> str:
-    """The solution text for `a op b`: ``" <trace lines>\\n#### <result>"`` (it follows the prompt's ``A:``)."""
-    cfg = config or ArithmeticConfig()
+    """The solution text for `a op b` (non-negative integers): ``" <step lines>\\n#### <result>"``, which follows
+    the prompt's ``A:``. (`config` is accepted for symmetry; the trace does not depend on it.)"""
+    if isinstance(a, bool) or isinstance(b, bool) or not isinstance(a, int) or not isinstance(b, int) or a < 0 or b < 0:
+        raise ValueError(f"operands must be non-negative integers, got {a!r} and {b!r}")
     if op == "+":
-        if max(len(str(a)), len(str(b))) > cfg.add_max_digits:
-            raise ValueError(f"{a}+{b} has more digits than add_max_digits={cfg.add_max_digits}")
-        lines, total = _addition_trace(a, b, cfg)
+        lines, result = _addition_trace(a, b)
+        want = a + b
     elif op == "*":
-        if len(str(a)) > cfg.mul_max_digits_a or len(str(b)) > cfg.mul_max_digits_b:
-            raise ValueError(f"{a}*{b} has more digits than the config allows")
-        lines, total = _multiplication_trace(a, b, cfg)
+        lines, result = _multiplication_trace(a, b)
+        want = a * b
     else:
         raise ValueError(f"unknown op {op!r}")
-    return " " + "\n".join(lines) + f"\n#### {total}"
+    assert int(result or "0") == want, (a, op, b, result)
+    return " " + "\n".join(lines) + f"\n#### {want}"
 
 
 # ----------------------------------------------------------------------------------------------- answers
@@ -215,50 +196,60 @@ def extract_answer(text: str) -> str | None:
     return ans or None
 
 
-_ADD_LINE = re.compile(r"^(\d+): (\d(?:\+\d)+)=(\d\d) w(\d) c(\d)$")
-_MUL_LINE = re.compile(r"^(\d+): (\d)\*(\d)\+(\d)=(\d\d) w(\d) c(\d)$")
+_STEP_LINE = re.compile(r"^(\d*)([+*])(\d*): (\d)([+*])(\d)\+(\d)=(\d\d) w(\d) c(\d) r(\d+)$")
 
 
 def check_trace(solution: str) -> list[str]:
-    """Arithmetic check of every step line of a trace: returns the problems found (empty = all correct).
+    """Check every step of a trace: returns the problems found (empty = all correct).
 
-    Checks each column line (sum/product, written digit, carry out), that carries chain from one column to
-    the next, and that each ``= <digits>`` line is the written digits read back (final carry first).
-    Used by the tests; also handy to grade the reasoning of a model's completion, not only its answer.
+    For each step line: the digits worked on are the last digits of the operands shown (0 for an empty
+    one); the value, written digit and carry out are right; the carry in is the previous step's carry out
+    (0 at the start of a chain); the result is the written digit in front of the previous result; a chain
+    goes on (operands shortened by their last digit) until nothing is left and the carry is 0; and the
+    ``####`` line is the last result. Used by the tests; also handy to grade a model's reasoning, not only
+    its answer.
     """
     errors: list[str] = []
-    carry, written, last_carry, is_mul, last_value = 0, [], 0, False, None
-    for i, line in enumerate(solution.strip("\n").split("\n")):
-        line = line.strip()
-        m = _ADD_LINE.match(line)
-        mm = _MUL_LINE.match(line)
-        if m or mm:
-            if mm:
-                k, x, y, cin, v, w, c = mm.groups()
-                expect = int(x) * int(y) + int(cin)
-            else:
-                k, terms, v, w, c = m.groups()
-                ds = [int(t) for t in terms.split("+")]
-                cin, expect = str(ds[-1]), sum(ds)
-            if int(k) == 0:
-                carry, written = 0, []
-            if int(cin) != carry:
-                errors.append(f"line {i + 1}: carry in {cin}, expected {carry}: {line!r}")
-            if int(v) != expect or int(w) != expect % 10 or int(c) != expect // 10:
-                errors.append(f"line {i + 1}: wrong arithmetic: {line!r}")
-            carry, last_carry, is_mul = int(c), int(c), bool(mm)
-            written.append(w)
-        elif line.startswith("= "):
-            got = line[2:]
-            want = "".join(reversed(written))
-            if is_mul:  # a partial product ends with its final carry
-                want = str(last_carry) + want
-            if got != want:
-                errors.append(f"line {i + 1}: {got!r} is not the written digits {want!r}")
-            written, last_value = [], got
-        elif line.startswith("####"):
-            if last_value is None or extract_answer(line) != str(int(last_value)):
-                errors.append(f"line {i + 1}: final answer {line!r} does not match the last result {last_value!r}")
+    prev = None  # (x, op, y, carry out, result) of the previous step line, while its chain goes on
+    last_result = None
+    for i, raw in enumerate(solution.strip("\n").split("\n")):
+        line, where = raw.strip(), f"line {i + 1}"
+        m = _STEP_LINE.match(line)
+        if not m:
+            if prev is not None:
+                errors.append(f"{where}: the chain above stopped before its operands and carry ran out")
+                prev = None
+            if line.startswith("####"):
+                if last_result is None or extract_answer(line) != str(int(last_result)):
+                    errors.append(f"{where}: final answer {line!r} is not the last result {last_result!r}")
+            continue
+        x, op, y, dx, op2, dy, cin, v, w, c, r = m.groups()
+        if op2 != op or (op == "*" and not y):
+            errors.append(f"{where}: malformed step {line!r}")
+            prev = None
+            continue
+        if prev is not None:
+            px, pop, py, pc, pr = prev
+            want_x, want_y = px[:-1], (py[:-1] if pop == "+" else py)
+            if (op, x, y) != (pop, want_x, want_y):
+                errors.append(f"{where}: expected the operands {want_x}{pop}{want_y}, got {x}{op}{y}")
+            want_cin, want_r_tail = pc, pr
+        else:
+            want_cin, want_r_tail = 0, ""
+        if int(dx) != (int(x[-1]) if x else 0) or int(dy) != (int(y[-1]) if y else 0):
+            errors.append(f"{where}: wrong digits taken from {x}{op}{y}: {line!r}")
+        expect = int(dx) + int(dy) + int(cin) if op == "+" else int(dx) * int(dy) + int(cin)
+        if int(cin) != want_cin:
+            errors.append(f"{where}: carry in {cin}, expected {want_cin}: {line!r}")
+        if int(v) != expect or int(w) != expect % 10 or int(c) != expect // 10:
+            errors.append(f"{where}: wrong arithmetic: {line!r}")
+        if r != w + want_r_tail:
+            errors.append(f"{where}: result r{r} is not w{w} in front of {want_r_tail!r}")
+        last_result = r
+        left_x, left_y = x[:-1], (y[:-1] if op == "+" else "")  # a product chain ends with its x
+        prev = (x, op, y, int(c), r) if (left_x or left_y or int(c)) else None
+    if prev is not None:
+        errors.append("end: the last chain stopped before its operands and carry ran out")
     return errors
 
 
