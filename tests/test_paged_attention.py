@@ -7,13 +7,7 @@ from rpo_engine.rollout.attention import (PagedDecode, PagedPrefill, PrefillMeta
                                           paged_decode_reference)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: a second thread only adds wake-up latency (seconds, on a busy 2-core box).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_cache(num_blocks, block_size, kv_heads, head_dim, dtype=torch.float32, seed=0):
