@@ -136,10 +136,8 @@ def main(argv=None) -> int:
     (output / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
     writer = _tensorboard(output)
 
-    with open(metrics_path, "w") as f:  # rewritten: a resumed run drops the steps after its checkpoint
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    log = open(metrics_path, "a")
+    log = open(metrics_path, "w")  # rewritten: a resumed run drops the steps after its checkpoint
+    log.writelines(json.dumps(r) + "\n" for r in records)
     if trainer.step_num == 0 and config.eval_steps and trainer.eval_rows:
         record = {"step": 0, "eval_accuracy": trainer.evaluate()}
         records.append(record)
@@ -175,6 +173,8 @@ def main(argv=None) -> int:
             trainer.save_checkpoint(output / "checkpoints" / f"step-{step}")
     bar.close()
     log.close()
+    if writer is not None:
+        writer.close()
     trainer.model.save_pretrained(output / "final", tokenizer=trainer.tokenizer)
     write_plot(records, output / "curves.png", f"{algo_name} on {config.dataset or 'the built-in arithmetic task'}")
     evals = [r["eval_accuracy"] for r in records if "eval_accuracy" in r]
