@@ -26,6 +26,7 @@ from rpo_engine.algos.grpo import group_advantages, informative_groups
 from rpo_engine.config import TrainConfig, config_to_dict
 from rpo_engine.errors import UserError
 from rpo_engine.kernels import fused_logprobs, policy_loss
+from rpo_engine.optim import make_adamw
 from rpo_engine.rewards.shaping import length_aware_accuracy, overlong_penalty
 from rpo_engine.rpo.cache import ExperienceCache
 from rpo_engine.rpo.truncation import sample_truncation
@@ -63,11 +64,8 @@ class Trainer:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        decay = [p for p in model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in model.parameters() if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                            {"params": no_decay, "weight_decay": 0.0}],
-                                           lr=config.learning_rate, betas=(0.9, 0.99))
+        # bf16 weights (GPU default) are stepped through fp32 masters inside the optimizer (rpo_engine/optim.py)
+        self.optimizer = make_adamw(model, config.learning_rate, config.weight_decay)
         warmup = int(config.warmup_ratio * config.steps)
 
         def lr_lambda(step):  # linear warmup, then cosine to 10% of the peak

@@ -1,0 +1,91 @@
+"""AdamW for a model whose weights are kept in bf16, with fp32 master weights inside the optimizer.
+
+The rollout engine reads the live weights of the model being trained, so on a GPU those weights are
+bf16 (fast decode, half the memory) and there is no second copy to sync. Updating bf16 weights in place
+loses every update smaller than half a bf16 ulp (about 0.4% of the weight), which at RL learning rates
+is most of them. So the optimizer keeps an fp32 copy of each bf16 parameter, steps AdamW on the copy
+with the gradient promoted to fp32, and writes the rounded result back into the model: the usual
+"bf16 params + fp32 master weights" mixed precision (Megatron, DeepSpeed), without autocast re-casting
+weights on every forward. Parameters that are already fp32 are stepped in place, as plain AdamW does.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class MasterWeightAdamW(torch.optim.AdamW):
+    """`torch.optim.AdamW` over fp32 masters of the model's low-precision parameters.
+
+    Takes the model's parameters (or param groups) like AdamW. `step()` copies each low-precision
+    parameter's gradient into its master, steps, and copies the master back; `zero_grad()` clears the
+    model's gradients. `state_dict()` carries the masters, so a resumed run continues from the exact
+    fp32 weights rather than from their bf16 rounding.
+    """
+
+    def __init__(self, params, **kwargs):
+        groups = list(params)
+        if groups and not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        self.model_params: list[torch.Tensor] = []
+        master_groups = []
+        for group in groups:
+            masters = []
+            for p in group["params"]:
+                self.model_params.append(p)
+                if p.dtype == torch.float32:
+                    masters.append(p)
+                else:
+                    masters.append(p.detach().float().clone().requires_grad_(p.requires_grad))
+            master_groups.append(dict(group, params=masters))
+        super().__init__(master_groups, **kwargs)
+
+    def masters(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        pairs = [(p, m) for p, m in zip(self.model_params, self.masters()) if p is not m]
+        for p, m in pairs:
+            m.grad = None if p.grad is None else p.grad.float()
+        loss = super().step(closure)
+        for p, m in pairs:
+            p.copy_(m)  # round to the model's dtype
+            m.grad = None
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True):
+        super().zero_grad(set_to_none)
+        for p in self.model_params:
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
+
+    def state_dict(self):
+        state = super().state_dict()
+        state["master_weights"] = [m.detach().clone() for p, m in zip(self.model_params, self.masters())
+                                   if p is not m]
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        saved = state_dict.pop("master_weights", [])
+        super().load_state_dict(state_dict)
+        low = [(p, m) for p, m in zip(self.model_params, self.masters()) if p is not m]
+        if len(saved) != len(low):
+            raise ValueError(f"optimizer state has {len(saved)} master weights, the model needs {len(low)}")
+        for (p, m), w in zip(low, saved):
+            m.copy_(w)
+            p.copy_(m)
+
+
+def make_adamw(model, lr: float, weight_decay: float, betas=(0.9, 0.99)) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only; fp32 masters when the model's weights are low precision."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        return MasterWeightAdamW(groups, lr=lr, betas=betas)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
