@@ -99,6 +99,24 @@ def test_kl_to_reference(tmp_path, tiny_model_dir):
     assert second["kl"] > 0
 
 
+def test_bf16_weights_train_through_fp32_masters(tmp_path, tiny_model_dir):
+    # The GPU default (bf16 weights read live by the rollout engine), run on the CPU: updates land, resume is exact.
+    full, part = tmp_path / "full", tmp_path / "part"
+    common = ["--model", tiny_model_dir, "--dtype", "bfloat16", "--eval-steps", 0, "--save-steps", 1,
+              "--reward", "tests.reward_fns:hash_reward", *SMALL]
+    run_train(*common, "--steps", 2, "--output", full)
+    run_train(*common, "--steps", 1, "--output", part)
+    run_train(*common, "--steps", 2, "--output", part, "--resume")
+    a, b = read_metrics(full), read_metrics(part)
+    assert a[0]["grad_norm"] > 0 and a[1]["loss"] == pytest.approx(b[1]["loss"], rel=1e-4, abs=1e-6)
+    from safetensors.torch import load_file
+    start, end = load_file(tiny_model_dir / "model.safetensors"), load_file(full / "final" / "model.safetensors")
+    assert end["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+    assert not torch.equal(start["model.layers.0.mlp.up_proj.weight"].bfloat16(), end["model.layers.0.mlp.up_proj.weight"])
+    state = torch.load(full / "checkpoints" / "step-2" / "trainer_state.pt", weights_only=True)
+    assert len(state["optimizer"]["master_weights"]) == len(start)
+
+
 # ---- bad input: one line, exit 2, no traceback, nothing overwritten -----------------------------
 
 def assert_user_error(proc, *fragments):
