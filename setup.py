@@ -23,6 +23,8 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark"],
         "gpu": ["flash-attn", "xformers"],
+        # benchmarks/bench_trl.py (the TRL peer). Install torch first: with a torch present pip keeps it.
+        "bench": ["trl>=1.16", "datasets", "accelerate"],
     },
     entry_points={"console_scripts": ["rpo-train=rpo_engine.train:main", "rpo-eval=rpo_engine.eval:main"]},
 )

@@ -1,0 +1,178 @@
+"""RPO vs full-path GRPO at the paper's lengths: one rollout + update step on a random-weight model.
+
+The RPO paper (arXiv 2601.19404) trains on reasoning paths of 1-2k tokens and regenerates only a
+suffix (its code cuts U{1..299} tokens). The built-in task's paths are a few hundred tokens, so this
+benchmark reads the token and step-time reduction at paper lengths directly:
+  full path: B prompts, G samples of `--full-len` new tokens each (no stop tokens: fixed lengths);
+  RPO:       B prefixes = prompt + (full_len - suffix_len) cached tokens, G suffixes of `--suffix-len`.
+The update is one forward+backward over each sample with the fused LM-head log-prob kernel and the
+clipped-ratio loss on the generated tokens only (the suffix for RPO, as the trainer does), then an
+AdamW step. The update runs the plain padded batch, as rpo_engine/trainer.py does in this tree: every
+RPO sample still runs its whole prefix through the forward. Medians over --repeats, full and RPO
+interleaved in one process.
+
+    python benchmarks/bench_paper_shape.py                 # CPU: small model, 1 x 8 samples of 1536 tokens
+    python benchmarks/bench_paper_shape.py --gpu           # CUDA: Qwen2.5-1.5B shape, bf16, 8 x 8 samples
+Writes benchmarks/results/paper_shape_<cpu|cuda>.json (or --out PATH).
+"""
+import argparse, datetime, json, os, platform, random, statistics, subprocess, time  # noqa: E401
+from pathlib import Path
+
+import torch
+
+from rpo_engine.kernels import fused_logprobs, policy_loss
+from rpo_engine.model.config import ModelConfig
+from rpo_engine.model.decoder import CausalLM
+from rpo_engine.rollout import RolloutEngine, SamplingParams
+
+CPU_SHAPE = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=4096, max_position_embeddings=4096, rope_theta=1e6)
+QWEN25_15B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def machine(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    names = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")]
+    return f"{names[0] if names else platform.processor()} ({torch.get_num_threads()} threads)"
+
+
+def random_model(shape, device, dtype):
+    config = ModelConfig.from_hf_dict(dict(model_type="qwen2", tie_word_embeddings=True, eos_token_id=2,
+                                           bos_token_id=1, pad_token_id=0, **shape))
+    torch.manual_seed(0)
+    with torch.device(device):
+        return CausalLM(config).init_weights(0.02).to(dtype)
+
+
+def update(model, optimizer, samples, micro_batch_tokens, norm_length):
+    """One optimizer step: fwd+bwd over every sample, loss on tokens from loss_start on (trainer.update's core)."""
+    device = model.device
+    optimizer.zero_grad(set_to_none=True)
+    order = sorted(samples, key=lambda s: len(s["ids"]))
+    rows_per_batch = max(1, micro_batch_tokens // len(order[-1]["ids"]))
+    for i in range(0, len(order), rows_per_batch):
+        batch = order[i:i + rows_per_batch]
+        T = max(len(s["ids"]) for s in batch) - 1
+        span = max(len(s["ids"]) - s["loss_start"] for s in batch)
+        input_ids = torch.zeros(len(batch), T, dtype=torch.long)
+        targets = torch.zeros(len(batch), span, dtype=torch.long)
+        mask = torch.zeros(len(batch), span, dtype=torch.bool)
+        rows_idx, cols_idx = [], []
+        for b, s in enumerate(batch):
+            ids, n = s["ids"], len(s["ids"]) - s["loss_start"]
+            input_ids[b, :len(ids) - 1] = torch.tensor(ids[:-1])
+            targets[b, :n] = torch.tensor(ids[s["loss_start"]:])
+            mask[b, :n] = True
+            rows_idx += [b] * n
+            cols_idx += range(s["loss_start"] - 1, len(ids) - 1)  # the position that predicts each target
+        input_ids, targets, mask = input_ids.to(device), targets.to(device), mask.to(device)
+        hidden = model.hidden_states(input_ids)  # [b, T, H]
+        picked = hidden[torch.tensor(rows_idx, device=device), torch.tensor(cols_idx, device=device)]  # [n, H]
+        logp = torch.zeros(len(batch), span, device=device).masked_scatter(
+            mask, fused_logprobs(picked, model.lm_head.weight, targets[mask]))  # [b, span]
+        adv = torch.tensor([s["advantage"] for s in batch], device=device)
+        loss, _ = policy_loss(logp, logp.detach(), adv, mask, norm_length=norm_length)
+        (loss * len(batch) / len(samples)).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+
+
+def one_step(model, engine, optimizer, prompts, cached, args, seed):
+    """Rollout + update; `cached` is None for the full path, else each prompt's cached path (RPO)."""
+    device, rng = model.device, random.Random(seed)
+    prefixes = prompts if cached is None else [p + c for p, c in zip(prompts, cached)]
+    new_tokens = args.full_len if cached is None else args.suffix_len
+    params = SamplingParams(n=args.num_generations, max_new_tokens=new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+                            stop_token_ids=[], seed=seed)  # [] never stops early: fixed lengths
+    sync(device)
+    t0 = time.perf_counter()
+    outs = engine.generate(prefixes, params)
+    sync(device)
+    t1 = time.perf_counter()
+    samples = [{"ids": prefix + o.token_ids, "loss_start": len(prefix), "advantage": rng.gauss(0, 1)}
+               for prefix, group in zip(prefixes, outs) for o in group]
+    update(model, optimizer, samples, args.micro_batch_tokens, args.full_len)
+    sync(device)
+    t2 = time.perf_counter()
+    generated = sum(len(o.token_ids) for group in outs for o in group)
+    return dict(generated_tokens=generated, prefill_tokens=engine.last_stats.prefill_tokens,
+                trained_tokens=sum(len(s["ids"]) - s["loss_start"] for s in samples),
+                forward_tokens=sum(len(s["ids"]) - 1 for s in samples),
+                rollout_s=t1 - t0, update_s=t2 - t1, step_s=t2 - t0)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--gpu", action="store_true", default=torch.cuda.is_available())
+    ap.add_argument("--cpu", dest="gpu", action="store_false")
+    ap.add_argument("--prompts", type=int, default=None, help="prompts per step B (default: 1 CPU, 8 GPU)")
+    ap.add_argument("--num-generations", type=int, default=8, help="samples per prompt G")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--full-len", type=int, default=1536, help="full-path completion length")
+    ap.add_argument("--suffix-len", type=int, default=100, help="RPO suffix length (cached path = full-len - this)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--micro-batch-tokens", type=int, default=None, help="default: 16384 CPU, 8192 GPU")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    device = torch.device("cuda" if args.gpu else "cpu")
+    dtype = torch.bfloat16 if args.gpu else torch.float32
+    shape = QWEN25_15B if args.gpu else CPU_SHAPE
+    args.prompts = args.prompts or (8 if args.gpu else 1)
+    args.micro_batch_tokens = args.micro_batch_tokens or (8192 if args.gpu else 16384)
+    model = random_model(shape, device, dtype)
+    if args.gpu:  # 1.5B at 8k tokens per micro-batch: keep only each layer's input, recompute the rest
+        model.gradient_checkpointing_enable()
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    engine = RolloutEngine(model)
+    g = torch.Generator().manual_seed(0)
+    V = shape["vocab_size"]
+    prompts = torch.randint(3, V, (args.prompts, args.prompt_len), generator=g).tolist()
+    # The cached paths stand in for each prompt's last full completion (random tokens: the model is random too).
+    cached = torch.randint(3, V, (args.prompts, args.full_len - args.suffix_len), generator=g).tolist()
+
+    # Warm-up: allocator, CUDA graphs, Triton compiles, on short lengths.
+    warm = argparse.Namespace(**{**vars(args), "full_len": 16, "suffix_len": 8})
+    one_step(model, engine, optimizer, [p[:32] for p in prompts], None, warm, seed=0)
+    one_step(model, engine, optimizer, [p[:32] for p in prompts], [c[:8] for c in cached], warm, seed=0)
+    runs = {"full": [], "rpo": []}
+    for r in range(args.repeats):  # interleaved, so drift on a shared box hits both alike
+        for name, c in (("full", None), ("rpo", cached)):
+            runs[name].append(one_step(model, engine, optimizer, prompts, c, args, seed=1 + r))
+            print(name, json.dumps({k: round(v, 3) for k, v in runs[name][-1].items()}), flush=True)
+    med = {name: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for name, rs in runs.items()}
+    full, rpo = med["full"], med["rpo"]
+    reduction = {k: 1 - rpo[k] / full[k] for k in ("generated_tokens", "rollout_s", "update_s", "step_s")}
+    print(f"RPO vs full path: generated tokens {-reduction['generated_tokens']:+.1%}, rollout time "
+          f"{-reduction['rollout_s']:+.1%}, update time {-reduction['update_s']:+.1%}, step time {-reduction['step_s']:+.1%}"
+          f" (paper: ~95% fewer tokens, 72-90% less training time)")
+    result = dict(benchmark="paper_shape", device=device.type, machine=machine(device),
+                  date=datetime.datetime.now().isoformat(timespec="seconds"),
+                  git_commit=subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                            cwd=Path(__file__).parent).stdout.strip(),
+                  torch=torch.__version__, threads=torch.get_num_threads(), dtype=str(dtype), model=shape,
+                  num_parameters=model.num_parameters(),
+                  load_average_1_5_15=os.getloadavg() if device.type == "cpu" else None,
+                  settings=dict(prompts=args.prompts, num_generations=args.num_generations, prompt_len=args.prompt_len,
+                                full_len=args.full_len, suffix_len=args.suffix_len,
+                                cached_len=args.full_len - args.suffix_len, repeats=args.repeats,
+                                micro_batch_tokens=args.micro_batch_tokens,
+                                gradient_checkpointing=bool(args.gpu),
+                                update="padded batch: each RPO sample runs prompt + cached path + suffix forward; "
+                                       "loss on generated tokens only"),
+                  median={"full": full, "rpo": rpo}, reduction=reduction, runs=runs)
+    out = args.out or Path(__file__).parent / "results" / f"paper_shape_{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

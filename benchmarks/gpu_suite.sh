@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Everything a lent GPU machine should run, in one call of under ~9 minutes:
+#   install (no network: pip --no-deps), env.json, GPU tests, then each benchmark in --gpu mode.
+# Every step has its own time limit (also cut to what is left of SUITE_BUDGET_S), a failing or
+# timed-out step is recorded and the suite goes on. Results land in $OUT:
+#   env.json           GPU (nvidia-smi), torch/triton/python versions, importable extras, git commit, date
+#   suite.json         per step: status (ok / failed / timeout / skipped), exit code, seconds
+#   logs/<step>.log    each step's output;  tests.xml  pytest's JUnit report
+#   <bench>_cuda.json  each benchmark's results
+# Usage, from the repository root:  OUT=/some/dir bash benchmarks/gpu_suite.sh
+#   SUITE_BUDGET_S=530 total seconds;  SUITE_SKIP_INSTALL=1 skips the pip step (a dry run on a dev box)
+#   GIT_COMMIT=<sha>   names the commit when the copy has no .git
+#   .cache/rpo_engine  (git-ignored) is used as the starter-model cache when present: carry a copy of
+#                      ~/.cache/rpo_engine there to skip building the starter model on the device.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT/logs"
+BUDGET=${SUITE_BUDGET_S:-530}
+START=$SECONDS
+unset TRITON_INTERPRET  # tests/conftest.py sets it only without nvidia-smi; never inherit it here
+export PYTHONUNBUFFERED=1
+[ -d .cache/rpo_engine ] && export RPO_ENGINE_CACHE=${RPO_ENGINE_CACHE:-$PWD/.cache/rpo_engine}
+RESULTS=benchmarks/results
+mkdir -p "$RESULTS"
+STEPS_JSON=$OUT/.steps.jsonl
+: > "$STEPS_JSON"
+
+record() {  # name status rc seconds
+  printf '{"step": "%s", "status": "%s", "rc": %s, "seconds": %s}\n' "$1" "$2" "$3" "$4" >> "$STEPS_JSON"
+  echo "== $1: $2 (rc $3, $4 s; $((SECONDS - START)) s into the suite)"
+}
+
+# step NAME LIMIT_S CMD...: run CMD under min(LIMIT_S, time left), log to logs/NAME.log.
+step() {
+  local name=$1 limit=$2; shift 2
+  local left=$((BUDGET - (SECONDS - START)))
+  if [ "$left" -lt 20 ]; then record "$name" skipped null 0; return; fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "== $name (limit ${limit} s): $*"
+  local t0=$SECONDS
+  timeout -s INT -k 15 "$limit" "$@" > "$OUT/logs/$name.log" 2>&1
+  local rc=$?
+  local status=ok
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then status=timeout; elif [ $rc -ne 0 ]; then status=failed; fi
+  record "$name" "$status" "$rc" $((SECONDS - t0))
+  tail -n 3 "$OUT/logs/$name.log"
+}
+
+# bench NAME LIMIT_S CMD...: a step, then every results/*.json (and .png) it wrote is copied to $OUT
+# (bench_rollout/kernels/train/shared_prefix write only to benchmarks/results/; a stale file is never copied).
+bench() {
+  local marker; marker=$(mktemp)
+  step "$@"
+  find "$RESULTS" -maxdepth 1 \( -name '*.json' -o -name '*.png' \) -newer "$marker" -exec cp {} "$OUT/" \;
+  rm -f "$marker"
+}
+
+if [ -z "${SUITE_SKIP_INSTALL:-}" ]; then
+  step install 90 pip install --no-deps --no-build-isolation -e .
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # this copy wins even if the install step failed
+
+GIT_COMMIT=${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)} \
+python - "$OUT/env.json" <<'EOF' > "$OUT/logs/env.log" 2>&1
+import datetime, importlib, json, os, platform, subprocess, sys
+env = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": os.environ["GIT_COMMIT"],
+       "python": sys.version, "platform": platform.platform(), "cpu_count": os.cpu_count()}
+try:
+    env["nvidia_smi"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
+                                        "--format=csv"], capture_output=True, text=True).stdout
+    env["nvidia_smi_full"] = subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout
+except FileNotFoundError:
+    env["nvidia_smi"] = None
+for name in ("torch", "triton", "transformers", "tokenizers", "safetensors", "math_verify", "pytest", "trl",
+             "liger_kernel", "rpo_engine"):
+    try:
+        env[name] = getattr(importlib.import_module(name), "__version__", "importable")
+    except Exception as e:  # noqa: BLE001 -- record why, keep going
+        env[name] = f"not importable: {type(e).__name__}: {e}"
+import torch
+env["cuda_available"] = torch.cuda.is_available()
+env["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+env["torch_cuda"] = torch.version.cuda
+json.dump(env, open(sys.argv[1], "w"), indent=1)
+print(json.dumps({k: v for k, v in env.items() if k != "nvidia_smi_full"}, indent=1))
+EOF
+cat "$OUT/logs/env.log"
+
+step tests 150 python -m pytest -q -p no:cacheprovider tests --junitxml="$OUT/tests.xml"
+
+bench paper_shape 150 python benchmarks/bench_paper_shape.py --gpu --repeats 2 --out "$OUT/paper_shape_cuda.json"
+bench rollout 150 python benchmarks/bench_rollout.py --gpu --repeats 1
+bench kernels 80 python benchmarks/bench_kernels.py --repeats 3
+if [ -f benchmarks/bench_shared_prefix.py ]; then  # written on another branch; run it when it is here
+  bench shared_prefix 60 python benchmarks/bench_shared_prefix.py --gpu
+else
+  record shared_prefix skipped null 0
+fi
+bench train 90 python benchmarks/bench_train.py --seeds 0 --steps 10
+if python -c "import trl, datasets" 2>/dev/null; then
+  bench trl 90 python benchmarks/bench_trl.py --gpu --passes 1 --out "$OUT/trl_cuda.json"
+else
+  record trl skipped null 0
+fi
+
+python - "$STEPS_JSON" "$OUT/suite.json" $((SECONDS - START)) <<'EOF'
+import json, sys
+steps = [json.loads(line) for line in open(sys.argv[1])]
+failed = [s["step"] for s in steps if s["status"] in ("failed", "timeout")]
+json.dump({"total_seconds": int(sys.argv[3]), "failed": failed, "steps": steps}, open(sys.argv[2], "w"), indent=1)
+print(f"suite: {len(steps)} steps, failed or timed out: {failed or 'none'}; {sys.argv[3]} s")
+EOF
+rm -f "$STEPS_JSON"

@@ -1,0 +1,139 @@
+"""A GRPO training loop with RPO, written by hand from rpo_engine's pieces (no Trainer).
+
+Each step, top to bottom: pick prompts -> build prefixes (prompt + the kept part of the cached path)
+-> RolloutEngine.generate on the live model -> rewards on kept path + suffix -> group advantages ->
+experience-cache update -> fused log-probs of the suffix tokens -> clipped-ratio loss -> AdamW step.
+
+Where this departs from rpo_engine.trainer (to stay short): a prompt without a cached path gets a
+full-path group (G complete samples) instead of one cold-start completion followed by suffixes; one
+padded forward per step (no micro-batching); no eval, checkpoints or KL.
+
+    python examples/custom_loop.py                   # the built-in starter model (built once, ~3 min on CPU)
+    python examples/custom_loop.py --tiny --steps 3  # a tiny random model: seconds, for a smoke test
+    python examples/custom_loop.py --tiny --reward tests.reward_fns:hash_reward   # a reward that varies
+"""
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+import rpo_engine
+from rpo_engine.algos.grpo import group_advantages
+from rpo_engine.data.arithmetic import make_split
+from rpo_engine.kernels import fused_logprobs, policy_loss
+from rpo_engine.rewards import exact_answer_reward, load_reward_fn
+from rpo_engine.rollout import RolloutEngine, SamplingParams
+from rpo_engine.rpo.cache import ExperienceCache
+from rpo_engine.rpo.truncation import sample_truncation
+
+
+def build_model(tiny: bool, seed: int):
+    """(model, tokenizer): the starter model, or a 2-layer random Qwen2-shaped model with the task tokenizer."""
+    if not tiny:
+        from rpo_engine.data.starter import ensure_starter_model
+
+        path = ensure_starter_model()
+        return rpo_engine.load_model(path), rpo_engine.load_tokenizer(path)
+    from rpo_engine.data.tokenizer import build_task_tokenizer
+
+    tokenizer = build_task_tokenizer()
+    config = rpo_engine.ModelConfig.from_hf_dict(dict(
+        model_type="qwen2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    torch.manual_seed(seed)
+    return rpo_engine.CausalLM(config).init_weights(0.02), tokenizer
+
+
+def suffix_logprobs(model, sequences):
+    """sequences: (ids, loss_start) pairs -> logp [N, S] of the tokens from loss_start on, and mask [N, S]."""
+    T = max(len(ids) for ids, _ in sequences) - 1
+    S = max(len(ids) - start for ids, start in sequences)
+    input_ids = torch.zeros(len(sequences), T, dtype=torch.long)  # right padding: invisible to causal attention
+    targets = torch.zeros(len(sequences), S, dtype=torch.long)
+    mask = torch.zeros(len(sequences), S, dtype=torch.bool)
+    rows, cols = [], []
+    for b, (ids, start) in enumerate(sequences):
+        input_ids[b, :len(ids) - 1] = torch.tensor(ids[:-1])
+        targets[b, :len(ids) - start] = torch.tensor(ids[start:])
+        mask[b, :len(ids) - start] = True
+        rows += [b] * (len(ids) - start)
+        cols += range(start - 1, len(ids) - 1)  # position t predicts token t + 1
+    hidden = model.hidden_states(input_ids)[rows, cols]  # [num_suffix_tokens, H]: only these reach the LM head
+    logp = fused_logprobs(hidden, model.lm_head.weight, targets[mask])  # [num_suffix_tokens], no [n, vocab] logits
+    return torch.zeros(mask.shape).masked_scatter(mask, logp), mask
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny random model instead of the starter model")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--prompts-per-step", type=int, default=4)
+    ap.add_argument("--num-generations", type=int, default=8)
+    ap.add_argument("--max-completion-length", type=int, default=320)
+    ap.add_argument("--train-size", type=int, default=8, help="prompts recur every train_size/B steps")
+    ap.add_argument("--learning-rate", type=float, default=2e-4)
+    ap.add_argument("--no-rpo", dest="rpo", action="store_false", help="full-path GRPO")
+    ap.add_argument("--reward", default=None, help="module:function (default: exact answer)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--output", type=Path, default=None, help="writes metrics.jsonl and final/ here")
+    args = ap.parse_args(argv)
+    model, tokenizer = build_model(args.tiny, args.seed)
+    reward_fn = load_reward_fn(args.reward) if args.reward else exact_answer_reward
+    rows = make_split("train", args.train_size, args.seed)
+    prompt_ids = {r["id"]: tokenizer.encode(r["prompt"], add_special_tokens=False) for r in rows}
+    eos = list(model.config.eos_token_ids) or [tokenizer.eos_token_id]
+    engine = RolloutEngine(model)  # reads the live weights: what the optimizer changes, the next rollout sees
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    cache, rng, G = ExperienceCache("epsilon-greedy", epsilon=0.5), random.Random(args.seed), args.num_generations
+    log = None
+    if args.output:
+        args.output.mkdir(parents=True, exist_ok=True)
+        log = open(args.output / "metrics.jsonl", "w")
+    for step in range(1, args.steps + 1):
+        start = time.perf_counter()
+        batch = [rows[((step - 1) * args.prompts_per_step + i) % len(rows)] for i in range(args.prompts_per_step)]
+        # 1. prefixes: RPO keeps the cached path minus a sampled tail; a new prompt starts from scratch
+        kept, params = [], []
+        for i, row in enumerate(batch):
+            path = cache.get(row["id"]).token_ids if args.rpo and row["id"] in cache else []
+            cut = sample_truncation(len(path), rng, 1, 300, 0.25, 16, args.max_completion_length) if path else None
+            kept.append(path[:cut.kept] if cut else [])
+            params.append(SamplingParams(n=G, max_new_tokens=cut.budget if cut else args.max_completion_length,
+                                         temperature=1.0, stop_token_ids=eos, seed=args.seed * 1000 + step * 10 + i))
+        # 2. rollout: each prefix is prefilled once, its G samples share its K/V blocks
+        with torch.no_grad():
+            outs = engine.generate([prompt_ids[r["id"]] + k for r, k in zip(batch, kept)], params)
+        # 3. rewards score the whole answer (kept path + suffix); 4. advantages per group
+        answers = [[k + o.token_ids for o in group] for k, group in zip(kept, outs)]
+        rewards = torch.tensor([[reward_fn(tokenizer.decode(a, skip_special_tokens=True), r["answer"]) for a in group]
+                                for r, group in zip(batch, answers)])  # [B, G]
+        advantages = group_advantages(rewards)  # [B, G]: (r - mean) / (std + eps) within each group
+        # 5. the cache keeps one whole answer per prompt (the best with probability epsilon, else a random one)
+        for r, group, rew in zip(batch, answers, rewards.tolist()):
+            cache.update(r["id"], group, rew, step, rng)
+        # 6. update: loss on the generated tokens only (on-policy: old_logp = logp.detach(), ratio 1)
+        sequences = [(prompt_ids[r["id"]] + a, len(prompt_ids[r["id"]]) + len(k))
+                     for r, k, group in zip(batch, kept, answers) for a in group]
+        logp, mask = suffix_logprobs(model, sequences)
+        loss, stats = policy_loss(logp, logp.detach(), advantages.flatten(), mask, loss_agg="seq-mean-token-mean")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        record = {"step": step, "reward_mean": rewards.mean().item(), "loss": loss.item(),
+                  "grad_norm": grad_norm.item(), "generated_tokens": sum(len(o.token_ids) for g in outs for o in g),
+                  "cached_prompts": len(cache), "step_time_s": time.perf_counter() - start}
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}), flush=True)
+        if log:
+            log.write(json.dumps(record) + "\n")
+    if args.output:
+        log.close()
+        model.save_pretrained(args.output / "final", tokenizer=tokenizer)
+
+
+if __name__ == "__main__":
+    main()
