@@ -21,13 +21,12 @@ from pathlib import Path
 import torch
 
 import rpo_engine
-from rpo_engine.algos.grpo import group_advantages
+from rpo_engine.algos import group_advantages
 from rpo_engine.data.arithmetic import make_split
 from rpo_engine.kernels import fused_logprobs, policy_loss
 from rpo_engine.rewards import exact_answer_reward, load_reward_fn
 from rpo_engine.rollout import RolloutEngine, SamplingParams
-from rpo_engine.rpo.cache import ExperienceCache
-from rpo_engine.rpo.truncation import sample_truncation
+from rpo_engine.rpo import ExperienceCache, sample_truncation
 
 
 def build_model(tiny: bool, seed: int):

@@ -1,8 +1,8 @@
 """The built-in reasoning task: multi-step arithmetic with a worked, checkable trace.
 
 Each problem is an addition or a multiplication of non-negative integers. The prompt is plain text for a
-base model (no chat template); the solution restates the problem, then works digit by digit, right to
-left, one step per line, and ends with ``#### <integer>``. Every step line has the same shape::
+base model (no chat template); the solution works digit by digit, right to left, one step per line, and
+ends with ``#### <integer>``. Every step line has the same shape::
 
     <x left><op><y left>: <dx><op><dy>+<carry in>=<two-digit value> w<written digit> c<carry out> r<result so far>
 
@@ -11,26 +11,23 @@ empty and reads as 0), works on their last digits, and puts the written digit in
 far. So every token of a step is either a short copy from the line above or a one-digit fact: nothing
 needs counting or reversing, which is what lets a tiny model learn it in a few minutes of SFT.
 
-Addition (prompt ``"Q: 4821+937\\nA:"``, solution = the rest, starting with a space)::
+Addition (prompt ``"Q: 4821+937\nA:"``, solution = the rest, starting with a space)::
 
     Q: 4821+937
-    A: 4821+937
-    4821+937: 1+7+0=08 w8 c0 r8
+    A: 4821+937: 1+7+0=08 w8 c0 r8
     482+93: 2+3+0=05 w5 c0 r58
     48+9: 8+9+0=17 w7 c1 r758
     4+: 4+0+1=05 w5 c0 r5758
     #### 5758
 
-Multiplication: one block per digit of the multiplier, right to left (block j multiplies ``a`` shifted by
-j places, i.e. ``a`` followed by j zeros, by the multiplier's j-th digit; its header line shows the shifted
-``a`` and what is left of the multiplier), then the partial products are added with the same steps::
+Multiplication: one chain per digit of the multiplier, right to left. Chain j multiplies ``a`` shifted by
+j places (``a`` followed by j zeros) by the last digit of what is left of the multiplier, which its lines
+show unchanged; then the partial products are added with the same steps::
 
     Q: 48*37
-    A: 48*37
-    48*7: 8*7+0=56 w6 c5 r6
-    4*7: 4*7+5=33 w3 c3 r36
-    *7: 0*7+3=03 w3 c0 r336
-    480*3
+    A: 48*37: 8*7+0=56 w6 c5 r6
+    4*37: 4*7+5=33 w3 c3 r36
+    *37: 0*7+3=03 w3 c0 r336
     480*3: 0*3+0=00 w0 c0 r0
     48*3: 8*3+0=24 w4 c2 r40
     4*3: 4*3+2=14 w4 c1 r440
