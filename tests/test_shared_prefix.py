@@ -116,3 +116,39 @@ def test_micro_batches_pack_whole_groups(shared):
     for b in batches:
         assert layout_tokens(b, shared) <= budget or (len(b) == 1 and len(b[0].suffix_ids) == 1)
     assert len(batches) < len(pieces)  # small groups do share a micro-batch
+
+
+# ---- the trainer: sharing on and off give the same run ------------------------------------------
+
+from tests.test_train import tiny_model_dir  # noqa: E402,F401  (the module-scoped fixture)
+
+
+def one_step(model_dir, *flags):
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+
+    trainer = build_trainer(parse_args(["--model", str(model_dir), "--no-progress", "--prompts-per-step", "3",
+                                        "--num-generations", "4", "--max-completion-length", "40",
+                                        "--eval-steps", "0", "--reward", "tests.reward_fns:hash_reward",
+                                        "--micro-batch-tokens", "200", *flags]))
+    suffixes, update = [], trainer.update
+    trainer.update = lambda groups: (suffixes.append([g.suffix_ids for g in groups]), update(groups))[1]
+    return trainer.step(), suffixes
+
+
+@pytest.mark.parametrize("flags", [
+    ["--num-iterations", "2", "--beta", "0.05"],  # RPO, old and reference log-probs
+    ["--rpo-loss-on-prefix", "--gradient-checkpointing"],  # the kept path's tokens in the loss
+    ["--no-rpo", "--algo", "dapo"],  # full path: prefix = prompt, token-mean
+])
+def test_trainer_step_same_with_and_without_sharing(tiny_model_dir, flags):
+    on, tokens_on = one_step(tiny_model_dir, *flags)
+    off, tokens_off = one_step(tiny_model_dir, *flags, "--no-prefix-sharing")
+    assert tokens_on == tokens_off and tokens_on[0]
+    for key in ("reward_mean", "rollout_generated_tokens", "num_groups_trained"):
+        assert on[key] == off[key], key
+    assert on["num_groups_trained"] > 0 and on["grad_norm"] > 0
+    for key in ("loss", "grad_norm", "kl", "clip_frac", "logprob_mismatch"):
+        assert on[key] == pytest.approx(off[key], rel=1e-4, abs=1e-6), key
+    assert on["logprob_mismatch"] < 1e-4  # rollout log-probs equal the shared-prefix training forward's
+    assert on["num_micro_batches"] < off["num_micro_batches"]  # the budget counts each prefix once
