@@ -77,6 +77,13 @@ class SharedPrefixAttention:
             same = (sample_ids[:, :, None] == sample_ids[:, None, :]) & (sample_ids[:, :, None] >= 0)  # [B, S, S]
             causal = torch.ones(S, S, dtype=torch.bool, device=prefix_lens.device).tril()
             self.mask = torch.cat([to_prefix, same & causal], dim=-1)[:, None]  # [B, 1, S, P + S]
+        self.bias = None  # the mask as an additive float tensor, built once per forward, not per layer
+
+    def attn_bias(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.bias is None or self.bias.dtype != dtype:
+            self.bias = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device).masked_fill(
+                ~self.mask, float("-inf"))
+        return self.bias
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q [B, P + S, H, D], k/v [B, P + S, KVH, D] -> [B, P + S, H, D]
@@ -86,7 +93,8 @@ class SharedPrefixAttention:
         out = F.scaled_dot_product_attention(q[:, :, :P], k[:, :, :P], v[:, :, :P], is_causal=True, enable_gqa=gqa)
         if self.mask is not None:
             # Suffix queries: keys are the whole row, [prefix ; all suffixes of the group], masked.
-            out_suffix = F.scaled_dot_product_attention(q[:, :, P:], k, v, attn_mask=self.mask, enable_gqa=gqa)
+            out_suffix = F.scaled_dot_product_attention(q[:, :, P:], k, v, attn_mask=self.attn_bias(q.dtype),
+                                                        enable_gqa=gqa)
             out = torch.cat([out, out_suffix], dim=2)
         return out.transpose(1, 2)
 
