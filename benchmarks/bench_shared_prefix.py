@@ -3,7 +3,8 @@
 RPO-shaped load: one group per micro-batch, prefix (prompt + kept path) of 1024-2048 tokens, G = 8 and
 16 suffixes of 64-128 tokens (~5%), the loss over the suffix tokens. One step = group_logprobs (fused
 LM-head log-probs) + policy_loss + backward, both paths side by side in one process on the same
-random-weight model. Time: median of --repeats after one warm-up. Activation memory: bytes of the
+random-weight model. Time: median of --repeats after one warm-up, wall clock and (on CPU) this
+process's CPU time, which other jobs on a shared machine disturb less. Activation memory: bytes of the
 distinct tensors autograd saves for backward (a saved-tensors hook; parameters excluded), on every
 device; on CUDA also torch.cuda.max_memory_allocated minus what was allocated before the step.
 CPU: a small Qwen2-shaped model in fp32. --gpu (default on CUDA): Qwen2.5-1.5B's shape in bf16.
@@ -59,19 +60,22 @@ def saved_activation_bytes(model, groups, shared):
 def measure(model, groups, shared, repeats):
     cuda = model.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats + 1):
         model.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step(model, groups, shared)
         sync()
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
     row = {"ms": 1e3 * statistics.median(times[1:]), "layout_tokens": layout_tokens(groups, shared),
            "saved_mib": saved_activation_bytes(model, groups, shared) / 2**20}
+    if not cuda:
+        row["cpu_ms"] = 1e3 * statistics.median(cpu_times[1:])
     if cuda:  # of the last timed step: activations + gradients + transients
         row["cuda_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
     return row
@@ -92,17 +96,21 @@ def main():
     machine = torch.cuda.get_device_name() if args.gpu else f"{platform.platform()}, {cpu[0]} x{os.cpu_count()}"
     print(f"{machine}, {torch.get_num_threads()} threads; {model.num_parameters() / 1e6:.1f}M params {dtype}; "
           f"fwd+bwd median of {args.repeats}; memory = bytes saved for backward")
-    print(f"{'prefix':>6} {'G':>3} {'path':>7} {'tokens':>7} {'ms':>9} {'saved MiB':>10} {'speedup':>8} {'mem /':>7}")
+    print(f"{'prefix':>6} {'G':>3} {'path':>7} {'tokens':>7} {'ms':>9} {'speedup':>8} {'cpu ms':>9} {'speedup':>8} "
+          f"{'saved MiB':>10} {'mem /':>7}")
     rows, rng = [], random.Random(0)
     for prefix_len, G in LOADS:
         groups = [make_group(prefix_len, G, config.vocab_size, rng)]
         plain = dict(measure(model, groups, False, args.repeats), path="padded", prefix=prefix_len, G=G)
         shared = dict(measure(model, groups, True, args.repeats), path="shared", prefix=prefix_len, G=G)
         shared["speedup"] = plain["ms"] / shared["ms"]
+        if "cpu_ms" in plain:
+            shared["cpu_speedup"] = plain["cpu_ms"] / shared["cpu_ms"]
         shared["memory_reduction"] = plain["saved_mib"] / shared["saved_mib"]
         for r in (plain, shared):
-            print(f"{prefix_len:>6} {G:>3} {r['path']:>7} {r['layout_tokens']:>7} {r['ms']:>9.0f} {r['saved_mib']:>10.1f} "
-                  f"{r.get('speedup', 1):>7.2f}x {r.get('memory_reduction', 1):>6.2f}x"
+            print(f"{prefix_len:>6} {G:>3} {r['path']:>7} {r['layout_tokens']:>7} {r['ms']:>9.0f} "
+                  f"{r.get('speedup', 1):>7.2f}x {r.get('cpu_ms', float('nan')):>9.0f} {r.get('cpu_speedup', 1):>7.2f}x "
+                  f"{r['saved_mib']:>10.1f} {r.get('memory_reduction', 1):>6.2f}x"
                   + (f"  cuda peak {r['cuda_peak_mib']:.0f} MiB" if "cuda_peak_mib" in r else ""))
         rows += [plain, shared]
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
