@@ -28,7 +28,7 @@ from rpo_engine.algos.grpo import group_advantages, informative_groups
 from rpo_engine.config import TrainConfig, config_to_dict
 from rpo_engine.errors import UserError
 from rpo_engine.kernels import policy_loss
-from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, micro_batches
+from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, micro_batches, sharing_pays
 from rpo_engine.rewards.shaping import length_aware_accuracy, overlong_penalty
 from rpo_engine.rpo.cache import ExperienceCache
 from rpo_engine.rpo.truncation import sample_truncation
@@ -177,23 +177,32 @@ class Trainer:
                             advantages=g.advantages, rollout_logp=g.suffix_logprobs)
                 for g in groups]
 
-    def sequence_logprobs(self, model, batch: list[PrefixGroup]):
+    def micro_batches(self, groups: list[PrefixGroup]) -> list[tuple[list[PrefixGroup], bool]]:
+        """(micro-batch, shared layout?) pairs. With prefix sharing on, a group runs shared where that
+        costs fewer FLOPs (nearly always after RPO; not for long completions of a short prompt)."""
+        use = [self.config.prefix_sharing and sharing_pays(g, self.model.config) for g in groups]
+        return [(batch, shared) for shared in (True, False)
+                for batch in micro_batches([g for g, u in zip(groups, use) if u == shared],
+                                           self.config.micro_batch_tokens, shared)]
+
+    def sequence_logprobs(self, model, batch: list[PrefixGroup], shared: bool):
         """Per-token log p of each sample's tokens from loss_start on: logp [b, span], mask [b, span]."""
-        return group_logprobs(model, batch, self.config.temperature, shared=self.config.prefix_sharing)
+        return group_logprobs(model, batch, self.config.temperature, shared=shared)
 
     def update(self, groups: list[Group]) -> dict:
         """num_iterations optimizer passes over the batch; one optimizer step per pass."""
         algo, batch_groups = self.algo, self.training_batch(groups)
-        batches = micro_batches(batch_groups, self.config.micro_batch_tokens, shared=self.config.prefix_sharing)
+        batches = self.micro_batches(batch_groups)
         # Global normalisers, so micro-batching gives the same loss as one big batch.
         spans = [g.span(i) for g in batch_groups for i in range(len(g.suffix_ids))]
         num_tokens, num_rows = sum(spans), sum(1 for n in spans if n)
         old, ref, mismatch = [], [], []
         with torch.no_grad():
-            for batch in batches:
-                logp, mask = self.sequence_logprobs(self.model, batch)
+            for batch, shared in batches:
+                logp, mask = self.sequence_logprobs(self.model, batch, shared)
                 old.append(logp if algo.num_iterations > 1 else None)
-                ref.append(self.sequence_logprobs(self.reference, batch)[0] if self.reference is not None else None)
+                ref.append(self.sequence_logprobs(self.reference, batch, shared)[0] if self.reference is not None
+                           else None)
                 samples = [(g.span(i), len(g.suffix_ids[i]), g.rollout_logp[i]) for g in batch
                            for i in range(len(g.suffix_ids))]
                 for b, (span, n, rollout) in enumerate(samples):  # rollout vs training log-prob of the suffix
@@ -205,8 +214,8 @@ class Trainer:
         for _ in range(algo.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             pass_loss = 0.0
-            for batch, old_logp, ref_logp in zip(batches, old, ref):
-                logp, mask = self.sequence_logprobs(self.model, batch)
+            for (batch, shared), old_logp, ref_logp in zip(batches, old, ref):
+                logp, mask = self.sequence_logprobs(self.model, batch, shared)
                 adv = torch.tensor([a for g in batch for a in g.advantages], device=self.device)
                 loss, st = policy_loss(logp, logp.detach() if old_logp is None else old_logp, adv, mask,
                                        ref_logp=ref_logp, eps_low=algo.epsilon, eps_high=algo.epsilon_high,
@@ -236,6 +245,7 @@ class Trainer:
         stats["skipped_updates"] = skipped
         stats["logprob_mismatch"] = sum(mismatch) / max(1, len(mismatch))
         stats["num_micro_batches"] = len(batches)
+        stats["prefix_shared_groups"] = len({id(g.prefix_ids) for batch, shared in batches if shared for g in batch})
         return stats
 
     # ---- the step ----------------------------------------------------------------------------
@@ -278,7 +288,7 @@ class Trainer:
             stats = self.update(kept_groups)
         else:  # DAPO found no group with distinct rewards within its resampling bound: nothing to learn
             stats = dict.fromkeys(("loss", "clip_frac", "clip_low_frac", "clip_high_frac", "kl", "grad_norm",
-                                   "logprob_mismatch", "num_micro_batches"), 0.0)
+                                   "logprob_mismatch", "num_micro_batches", "prefix_shared_groups"), 0.0)
             stats["skipped_updates"] = algo.num_iterations
         self.scheduler.step()
         self.step_num += 1

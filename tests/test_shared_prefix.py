@@ -7,7 +7,7 @@ import torch
 from rpo_engine.kernels import policy_loss
 from rpo_engine.model import CausalLM, ModelConfig
 from rpo_engine.model.shared_prefix import (PrefixGroup, layout_tokens, micro_batches, padded_logprobs,
-                                            shared_prefix_logprobs)
+                                            shared_prefix_logprobs, sharing_pays)
 from tests.helpers import FAMILIES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -123,6 +123,16 @@ def test_micro_batches_pack_whole_groups(shared):
 from tests.test_train import tiny_model_dir  # noqa: E402,F401  (the module-scoped fixture)
 
 
+def test_sharing_pays_for_rpo_prefixes_not_long_completions():
+    config = ModelConfig.from_hf_dict(dict(model_type="qwen2", vocab_size=151936, hidden_size=1536,
+                                           intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                                           num_key_value_heads=2))  # Qwen2.5-1.5B
+    group = lambda P, n, G: PrefixGroup([5] * P, [[5] * n] * G, P)  # noqa: E731
+    assert sharing_pays(group(1500, 100, 8), config) and sharing_pays(group(1500, 100, 1), config) is False
+    assert sharing_pays(group(200, 300, 8), config)  # full path, moderate completions: still pays
+    assert not sharing_pays(group(100, 4096, 16), config)  # the dense 64k x 64k suffix block does not
+
+
 def one_step(model_dir, *flags):
     from rpo_engine.config import parse_args
     from rpo_engine.train import build_trainer
@@ -141,13 +151,18 @@ def one_step(model_dir, *flags):
     ["--rpo-loss-on-prefix", "--gradient-checkpointing"],  # the kept path's tokens in the loss
     ["--no-rpo", "--algo", "dapo"],  # full path: prefix = prompt, token-mean
 ])
-def test_trainer_step_same_with_and_without_sharing(tiny_model_dir, flags):
+def test_trainer_step_same_with_and_without_sharing(tiny_model_dir, flags, monkeypatch):
+    import rpo_engine.trainer
+
+    # the tiny model's short prompts and long completions would not pay to share: share them anyway
+    monkeypatch.setattr(rpo_engine.trainer, "sharing_pays", lambda group, config: True)
     on, tokens_on = one_step(tiny_model_dir, *flags)
     off, tokens_off = one_step(tiny_model_dir, *flags, "--no-prefix-sharing")
     assert tokens_on == tokens_off and tokens_on[0]
     for key in ("reward_mean", "rollout_generated_tokens", "num_groups_trained"):
         assert on[key] == off[key], key
     assert on["num_groups_trained"] > 0 and on["grad_norm"] > 0
+    assert on["prefix_shared_groups"] == on["num_groups_trained"] and off["prefix_shared_groups"] == 0
     for key in ("loss", "grad_norm", "kl", "clip_frac", "logprob_mismatch"):
         assert on[key] == pytest.approx(off[key], rel=1e-4, abs=1e-6), key
     assert on["logprob_mismatch"] < 1e-4  # rollout log-probs equal the shared-prefix training forward's

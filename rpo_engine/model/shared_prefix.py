@@ -174,6 +174,26 @@ def group_logprobs(model, groups: list[PrefixGroup], temperature: float = 1.0, s
     return (shared_prefix_logprobs if shared else padded_logprobs)(model, groups, temperature)
 
 
+def sharing_pays(group: PrefixGroup, config) -> bool:
+    """Whether the shared layout costs fewer FLOPs than one padded row per sample (per layer, forward).
+
+    Shared: P + S tokens, the prefix causal (P^2 / 2 query-key pairs) and every suffix query against
+    the whole row (S x (P + S) pairs: the S x S block is dense under the mask, though only each
+    suffix's own triangle is kept). Padded: G rows of T = P + longest suffix, T^2 / 2 pairs each.
+    A token costs about 2 x (parameters of a layer), a pair 4 x heads x head_dim. With an RPO prefix
+    sharing wins by about G; with a short prompt and long completions (full-path runs) the dense
+    suffix block can cost more than the prefix it saves.
+    """
+    P, lens = len(group.prefix_ids), [len(s) for s in group.suffix_ids]
+    S, T, G = sum(lens), P + max(lens), len(lens)
+    h, q_dim = config.hidden_size, config.num_attention_heads * config.head_dim
+    per_token = 2 * (2 * h * q_dim + 2 * h * config.num_key_value_heads * config.head_dim + 3 * h * config.intermediate_size)
+    per_pair = 4 * q_dim
+    shared = (P + S) * per_token + (P * P / 2 + S * (P + S)) * per_pair
+    padded = G * T * per_token + G * T * T / 2 * per_pair
+    return shared < padded
+
+
 def layout_tokens(groups: list[PrefixGroup], shared: bool) -> int:
     """Tokens of the padded layout `groups` run as: what a micro-batch budget bounds."""
     if shared:  # one row per group: longest prefix + longest packed suffixes
