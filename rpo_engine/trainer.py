@@ -4,8 +4,8 @@ One step, `Trainer.step()`, reads top to bottom. With RPO on, each prompt's pref
 its cached reasoning path minus a sampled tail (rpo/), and only the G suffixes are generated; with
 RPO off the prefix is the prompt and the same code is full-path GRPO/DAPO. Both roll out with our
 RolloutEngine on the live weights of the model being trained, prefilling each prefix once; the update
-likewise runs each group's shared prefix once in forward and backward (model/shared_prefix.py;
-`--no-prefix-sharing` runs one padded row per sample, the reference it must equal).
+likewise runs each group's shared prefix once in forward and backward where that costs fewer FLOPs
+(model/shared_prefix.py; `--no-prefix-sharing` runs one padded row per sample, the reference it must equal).
 
 Where we depart from the RPO paper's code, see rpo/cache.py, rpo/truncation.py and
 rewards/shaping.py; in addition the loss covers the generated suffix tokens only (the code trained
