@@ -3,7 +3,9 @@
 One step, `Trainer.step()`, reads top to bottom. With RPO on, each prompt's prefix is the prompt plus
 its cached reasoning path minus a sampled tail (rpo/), and only the G suffixes are generated; with
 RPO off the prefix is the prompt and the same code is full-path GRPO/DAPO. Both roll out with our
-RolloutEngine on the live weights of the model being trained, prefilling each prefix once.
+RolloutEngine on the live weights of the model being trained, prefilling each prefix once; the update
+likewise runs each group's shared prefix once in forward and backward where that costs fewer FLOPs
+(model/shared_prefix.py; `--no-prefix-sharing` runs one padded row per sample, the reference it must equal).
 
 Where we depart from the RPO paper's code, see rpo/cache.py, rpo/truncation.py and
 rewards/shaping.py; in addition the loss covers the generated suffix tokens only (the code trained
@@ -25,7 +27,8 @@ import torch
 from rpo_engine.algos.grpo import group_advantages, informative_groups
 from rpo_engine.config import TrainConfig, config_to_dict
 from rpo_engine.errors import UserError
-from rpo_engine.kernels import fused_logprobs, policy_loss
+from rpo_engine.kernels import policy_loss
+from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, micro_batches, sharing_pays
 from rpo_engine.optim import make_adamw
 from rpo_engine.rewards.shaping import length_aware_accuracy, overlong_penalty
 from rpo_engine.rpo.cache import ExperienceCache
@@ -165,80 +168,53 @@ class Trainer:
         group.rewards = rewards
 
     # ---- update ------------------------------------------------------------------------------
-    def training_batch(self, groups: list[Group]) -> list[dict]:
-        """One entry per sample: full token ids, the loss-mask start, rollout log-probs, advantage."""
-        samples = []
-        for g in groups:
-            for i, suffix in enumerate(g.suffix_ids):
-                ids = g.prompt_ids + g.kept_ids + suffix
-                loss_start = len(g.prompt_ids) + (0 if self.rpo.rpo_loss_on_prefix else len(g.kept_ids))
-                samples.append({"ids": ids, "loss_start": loss_start, "rollout_logp": g.suffix_logprobs[i],
-                                "advantage": g.advantages[i], "num_suffix": len(suffix)})
-        return samples
+    def training_batch(self, groups: list[Group]) -> list[PrefixGroup]:
+        """One entry per group: the shared prefix, the suffixes, the loss start, advantages, rollout log-probs."""
+        return [PrefixGroup(g.prompt_ids + g.kept_ids, g.suffix_ids,
+                            len(g.prompt_ids) + (0 if self.rpo.rpo_loss_on_prefix else len(g.kept_ids)),
+                            advantages=g.advantages, rollout_logp=g.suffix_logprobs)
+                for g in groups]
 
-    def micro_batches(self, samples: list[dict]) -> list[list[dict]]:
-        """Group samples (sorted by length) so that rows x longest row <= micro_batch_tokens."""
-        order = sorted(samples, key=lambda s: len(s["ids"]))
-        batches, current = [], []
-        for s in order:
-            if current and (len(current) + 1) * len(s["ids"]) > self.config.micro_batch_tokens:
-                batches.append(current)
-                current = []
-            current.append(s)
-        return batches + ([current] if current else [])
+    def micro_batches(self, groups: list[PrefixGroup]) -> list[tuple[list[PrefixGroup], bool]]:
+        """(micro-batch, shared layout?) pairs. With prefix sharing on, a group runs shared where that
+        costs fewer FLOPs (nearly always after RPO; not for long completions of a short prompt)."""
+        use = [self.config.prefix_sharing and sharing_pays(g, self.model.config) for g in groups]
+        return [(batch, shared) for shared in (True, False)
+                for batch in micro_batches([g for g, u in zip(groups, use) if u == shared],
+                                           self.config.micro_batch_tokens, shared)]
 
-    def sequence_logprobs(self, model, batch: list[dict]):
-        """Per-token log p of each sample's tokens from position loss_start on: logp [b, T], mask [b, T]
-        (T = longest loss span), computed from hidden states with the fused LM-head kernel."""
-        T_in = max(len(s["ids"]) for s in batch) - 1
-        span = max(len(s["ids"]) - s["loss_start"] for s in batch)
-        pad = self.tokenizer.pad_token_id or 0
-        input_ids = torch.full((len(batch), T_in), pad, dtype=torch.long)
-        targets = torch.zeros(len(batch), span, dtype=torch.long)
-        rows_idx, cols_idx, mask = [], [], torch.zeros(len(batch), span, dtype=torch.bool)
-        for b, s in enumerate(batch):
-            ids = s["ids"]
-            input_ids[b, :len(ids) - 1] = torch.tensor(ids[:-1])
-            n = len(ids) - s["loss_start"]
-            targets[b, :n] = torch.tensor(ids[s["loss_start"]:])
-            mask[b, :n] = True
-            rows_idx += [b] * n
-            cols_idx += range(s["loss_start"] - 1, len(ids) - 1)  # the position that predicts each target
-        input_ids, targets, mask = input_ids.to(self.device), targets.to(self.device), mask.to(self.device)
-        hidden = model.hidden_states(input_ids)  # [b, T_in, H]; right padding is invisible under causal attention
-        picked = hidden[torch.tensor(rows_idx, device=self.device), torch.tensor(cols_idx, device=self.device)]  # [n, H]
-        logp_flat = fused_logprobs(picked, model.lm_head.weight, targets[mask], self.config.temperature)  # [n]
-        logp = torch.zeros(len(batch), span, device=self.device, dtype=torch.float32)
-        logp = logp.masked_scatter(mask, logp_flat)  # [b, span]
-        return logp, mask
+    def sequence_logprobs(self, model, batch: list[PrefixGroup], shared: bool):
+        """Per-token log p of each sample's tokens from loss_start on: logp [b, span], mask [b, span]."""
+        return group_logprobs(model, batch, self.config.temperature, shared=shared)
 
     def update(self, groups: list[Group]) -> dict:
         """num_iterations optimizer passes over the batch; one optimizer step per pass."""
-        algo, samples = self.algo, self.training_batch(groups)
-        batches = self.micro_batches(samples)
+        algo, batch_groups = self.algo, self.training_batch(groups)
+        batches = self.micro_batches(batch_groups)
         # Global normalisers, so micro-batching gives the same loss as one big batch.
-        num_tokens = sum(len(s["ids"]) - s["loss_start"] for s in samples)
-        num_rows = sum(1 for s in samples if len(s["ids"]) > s["loss_start"])
+        spans = [g.span(i) for g in batch_groups for i in range(len(g.suffix_ids))]
+        num_tokens, num_rows = sum(spans), sum(1 for n in spans if n)
         old, ref, mismatch = [], [], []
         with torch.no_grad():
-            for batch in batches:
-                logp, mask = self.sequence_logprobs(self.model, batch)
+            for batch, shared in batches:
+                logp, mask = self.sequence_logprobs(self.model, batch, shared)
                 old.append(logp if algo.num_iterations > 1 else None)
-                ref.append(self.sequence_logprobs(self.reference, batch)[0] if self.reference is not None else None)
-                for b, s in enumerate(batch):  # rollout vs training log-prob of the generated suffix
-                    n = s["num_suffix"]
+                ref.append(self.sequence_logprobs(self.reference, batch, shared)[0] if self.reference is not None
+                           else None)
+                samples = [(g.span(i), len(g.suffix_ids[i]), g.rollout_logp[i]) for g in batch
+                           for i in range(len(g.suffix_ids))]
+                for b, (span, n, rollout) in enumerate(samples):  # rollout vs training log-prob of the suffix
                     if n:
-                        span = int(mask[b].sum())
-                        rollout = torch.tensor(s["rollout_logp"], device=self.device)
+                        rollout = torch.tensor(rollout, device=self.device)
                         mismatch.append((logp[b, span - n:span] - rollout).abs().mean().item())
         stats = {"loss": 0.0, "clip_frac": 0.0, "clip_low_frac": 0.0, "clip_high_frac": 0.0, "kl": 0.0}
         grad_norms, skipped = [], 0
         for _ in range(algo.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             pass_loss = 0.0
-            for batch, old_logp, ref_logp in zip(batches, old, ref):
-                logp, mask = self.sequence_logprobs(self.model, batch)
-                adv = torch.tensor([s["advantage"] for s in batch], device=self.device)
+            for (batch, shared), old_logp, ref_logp in zip(batches, old, ref):
+                logp, mask = self.sequence_logprobs(self.model, batch, shared)
+                adv = torch.tensor([a for g in batch for a in g.advantages], device=self.device)
                 loss, st = policy_loss(logp, logp.detach() if old_logp is None else old_logp, adv, mask,
                                        ref_logp=ref_logp, eps_low=algo.epsilon, eps_high=algo.epsilon_high,
                                        kl_coef=algo.beta, loss_agg=algo.loss_agg,
@@ -267,6 +243,7 @@ class Trainer:
         stats["skipped_updates"] = skipped
         stats["logprob_mismatch"] = sum(mismatch) / max(1, len(mismatch))
         stats["num_micro_batches"] = len(batches)
+        stats["prefix_shared_groups"] = len({id(g.prefix_ids) for batch, shared in batches if shared for g in batch})
         return stats
 
     # ---- the step ----------------------------------------------------------------------------
@@ -309,7 +286,7 @@ class Trainer:
             stats = self.update(kept_groups)
         else:  # DAPO found no group with distinct rewards within its resampling bound: nothing to learn
             stats = dict.fromkeys(("loss", "clip_frac", "clip_low_frac", "clip_high_frac", "kl", "grad_norm",
-                                   "logprob_mismatch", "num_micro_batches"), 0.0)
+                                   "logprob_mismatch", "num_micro_batches", "prefix_shared_groups"), 0.0)
             stats["skipped_updates"] = algo.num_iterations
         self.scheduler.step()
         self.step_num += 1

@@ -1,0 +1,135 @@
+"""Shared-prefix training vs the plain padded batch: forward+backward time and activation memory.
+
+RPO-shaped load: one group per micro-batch, prefix (prompt + kept path) of 1024-2048 tokens, G = 8 and
+16 suffixes of 64-128 tokens (~5%), the loss over the suffix tokens. One step = group_logprobs (fused
+LM-head log-probs) + policy_loss + backward, both paths side by side in one process on the same
+random-weight model. Time: median of --repeats after one warm-up, wall clock and (on CPU) this
+process's CPU time, which other jobs on a shared machine disturb less. Activation memory: bytes of the
+distinct tensors autograd saves for backward (a saved-tensors hook; parameters excluded), on every
+device; on CUDA also torch.cuda.max_memory_allocated minus what was allocated before the step.
+CPU: a small Qwen2-shaped model in fp32. --gpu (default on CUDA): Qwen2.5-1.5B's shape in bf16.
+Writes benchmarks/results/shared_prefix_<cpu|cuda>.json. Usage: python benchmarks/bench_shared_prefix.py
+"""
+import argparse, datetime, json, os, platform, random, statistics, subprocess, sys, time  # noqa: E401
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+from rpo_engine.kernels import policy_loss  # noqa: E402
+from rpo_engine.model import CausalLM, ModelConfig  # noqa: E402
+from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, layout_tokens  # noqa: E402
+
+SMALL = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=8192)
+QWEN25_15B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                  num_key_value_heads=2, vocab_size=151936, rope_theta=1e6)
+LOADS = [(1024, 8), (2048, 8), (2048, 16)]  # (prefix length, G)
+
+
+def make_group(prefix_len, G, vocab, rng):
+    tokens = lambda n: [rng.randrange(vocab) for _ in range(n)]  # noqa: E731
+    return PrefixGroup(tokens(prefix_len), [tokens(rng.randint(64, 128)) for _ in range(G)], prefix_len,
+                       advantages=[rng.gauss(0, 1) for _ in range(G)])
+
+
+def step(model, groups, shared):
+    logp, mask = group_logprobs(model, groups, shared=shared)
+    adv = torch.tensor([a for g in groups for a in g.advantages], device=logp.device)
+    loss, _ = policy_loss(logp, logp.detach(), adv, mask, loss_agg="seq-mean-token-mean")
+    loss.backward()
+
+
+def saved_activation_bytes(model, groups, shared):
+    """Bytes of the distinct storages autograd keeps for backward, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step(model, groups, shared)
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values())
+
+
+def measure(model, groups, shared, repeats):
+    cuda = model.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    row, times, cpu_times = {"layout_tokens": layout_tokens(groups, shared)}, [], []
+    try:
+        for _ in range(repeats + 1):
+            model.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            sync()
+            t0, c0 = time.perf_counter(), time.process_time()
+            step(model, groups, shared)
+            sync()
+            times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
+        if cuda:  # of the last timed step: activations + gradients + transients
+            row["cuda_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        else:  # CPU time of this 1-thread process: less disturbed by other jobs than the wall clock
+            row["cpu_ms"] = 1e3 * statistics.median(cpu_times[1:])
+        row["ms"] = 1e3 * statistics.median(times[1:])
+        row["saved_mib"] = saved_activation_bytes(model, groups, shared) / 2**20
+    except torch.cuda.OutOfMemoryError:  # the padded batch of the 1.5B shape at G=16 may not fit
+        model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        row["oom"] = True
+    return row
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--gpu", action="store_true", default=torch.cuda.is_available())
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    device, dtype = ("cuda", torch.bfloat16) if args.gpu else ("cpu", torch.float32)
+    shape = QWEN25_15B if args.gpu else SMALL
+    config = ModelConfig.from_hf_dict(dict(model_type="qwen2", max_position_embeddings=32768, tie_word_embeddings=True,
+                                           **shape))
+    torch.manual_seed(0)
+    model = CausalLM(config).init_weights().to(device=device, dtype=dtype).train()
+    cpu = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
+    machine = torch.cuda.get_device_name() if args.gpu else f"{platform.platform()}, {cpu[0]} x{os.cpu_count()}"
+    print(f"{machine}, {torch.get_num_threads()} threads; {model.num_parameters() / 1e6:.1f}M params {dtype}; "
+          f"fwd+bwd median of {args.repeats}; memory = bytes saved for backward")
+    print(f"{'prefix':>6} {'G':>3} {'path':>7} {'tokens':>7} {'ms':>8} {'cpu ms':>8} {'saved MiB':>10} {'cuda MiB':>9} "
+          f"{'speedup':>8} {'mem /':>6}")
+    rows, rng, nan = [], random.Random(0), float("nan")
+    for prefix_len, G in LOADS:
+        groups = [make_group(prefix_len, G, config.vocab_size, rng)]
+        plain = dict(measure(model, groups, False, args.repeats), path="padded", prefix=prefix_len, G=G)
+        shared = dict(measure(model, groups, True, args.repeats), path="shared", prefix=prefix_len, G=G)
+        if not plain.get("oom") and not shared.get("oom"):
+            shared["speedup"] = plain["ms"] / shared["ms"]
+            shared["memory_reduction"] = plain["saved_mib"] / shared["saved_mib"]
+        for r in (plain, shared):
+            print(f"{prefix_len:>6} {G:>3} {r['path']:>7} {r['layout_tokens']:>7} {r.get('ms', nan):>8.0f} "
+                  f"{r.get('cpu_ms', nan):>8.0f} {r.get('saved_mib', nan):>10.1f} {r.get('cuda_peak_mib', nan):>9.0f}"
+                  + (f" {r['speedup']:>7.2f}x {r['memory_reduction']:>5.2f}x" if "speedup" in r else "")
+                  + ("  OOM" if r.get("oom") else ""))
+        rows += [plain, shared]
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    result = {"machine": machine, "date": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": commit,
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(dtype), "model": shape,
+              "suffix_tokens": "uniform 64..128", "repeats": args.repeats,
+              "memory_method": "distinct storages saved for backward (saved_tensors_hooks), parameters excluded"
+                               + ("; cuda max_memory_allocated delta" if args.gpu else ""),
+              "load_avg_1m": os.getloadavg()[0], "results": rows}  # other jobs skew the times, not memory
+    path = os.path.join(HERE, "results", f"shared_prefix_{'cuda' if args.gpu else 'cpu'}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {path} (1-min load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""Per-token log-probs of GRPO groups (one prefix, G suffixes), with the prefix run once.
+
+After RPO a group's G sequences share prompt + kept reasoning path, often 90%+ of their tokens. The
+plain padded batch (`padded_logprobs`, the reference) runs that prefix through forward and backward
+G times. `shared_prefix_logprobs` lays each group out as ONE row,
+
+    [ prefix (right-padded to the longest prefix) | suffix_1 suffix_2 ... suffix_G (packed, padded) ]
+
+with positions 0..P-1 for the prefix and P.. for each suffix, and attends in two SDPA calls per layer
+(`SharedPrefixAttention`): the prefix part causally over itself (the plain flash path, no mask), the
+suffix part with keys = the whole row, [prefix K/V ; suffix K/V], under a block mask (the real prefix,
+and causally the suffix's own tokens). The keys are the row itself: no K/V is copied, per suffix or
+at all, and the mask is [suffix tokens x row length] per group, linear in the prefix. Gradients reach
+each prefix token once per group. verl's PrefixGrouper instead repeats the prefix K/V per suffix
+and concatenates ("concat-attention"), which flash-attention's varlen kernels need.
+
+Both functions return the same thing, so the trainer and the tests swap them freely:
+logp [S, span] fp32 and mask [S, span] for the S = sum of G samples, in group order; column j is the
+sample's token at position loss_start + j (then padding, logp 0). The first suffix token's log-prob
+comes from the last prefix position's hidden state. Tokens scored inside the prefix
+(loss_start < len(prefix), `--rpo-loss-on-prefix`) are computed once per group and repeated per sample.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from rpo_engine.kernels import fused_logprobs
+
+
+@dataclass
+class PrefixGroup:
+    """One prefix and its G suffixes; the loss covers positions loss_start.. of each prefix + suffix.
+
+    `advantages` and `rollout_logp` are the trainer's per-sample data, carried along when a group is
+    split across micro-batches (`take`); the log-prob functions do not read them.
+    """
+    prefix_ids: list[int]
+    suffix_ids: list[list[int]]
+    loss_start: int
+    advantages: list[float] | None = None
+    rollout_logp: list[list[float]] | None = None
+
+    def __post_init__(self):
+        if not 1 <= self.loss_start <= len(self.prefix_ids):
+            raise ValueError(f"loss_start must be in [1, len(prefix) = {len(self.prefix_ids)}], got {self.loss_start}")
+
+    def take(self, start: int, stop: int) -> "PrefixGroup":
+        """The samples start..stop-1 with the same prefix."""
+        cut = (lambda xs: None if xs is None else xs[start:stop])
+        return dataclasses.replace(self, suffix_ids=self.suffix_ids[start:stop], advantages=cut(self.advantages),
+                                   rollout_logp=cut(self.rollout_logp))
+
+    def span(self, i: int) -> int:
+        """Number of scored tokens of sample i."""
+        return len(self.prefix_ids) - self.loss_start + len(self.suffix_ids[i])
+
+
+class SharedPrefixAttention:
+    """Attention backend for rows laid out as [prefix (prefix_len) | packed suffixes].
+
+    prefix_lens [B]: real prefix length per row (padding follows it). sample_ids [B, S]: which
+    suffix each suffix column belongs to, -1 for padding. A padding query attends to the real prefix
+    (never empty), so it stays finite; its output is never used.
+    """
+
+    def __init__(self, prefix_lens: torch.Tensor, sample_ids: torch.Tensor, prefix_len: int):
+        self.prefix_len = prefix_len
+        S = sample_ids.shape[1]
+        self.mask = None
+        if S:
+            cols = torch.arange(prefix_len, device=prefix_lens.device)
+            to_prefix = (cols[None, :] < prefix_lens[:, None])[:, None, :].expand(-1, S, -1)  # [B, S, P]
+            same = (sample_ids[:, :, None] == sample_ids[:, None, :]) & (sample_ids[:, :, None] >= 0)  # [B, S, S]
+            causal = torch.ones(S, S, dtype=torch.bool, device=prefix_lens.device).tril()
+            self.mask = torch.cat([to_prefix, same & causal], dim=-1)[:, None]  # [B, 1, S, P + S]
+        self.bias = None  # the mask as an additive float tensor, built once per forward, not per layer
+
+    def attn_bias(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.bias is None or self.bias.dtype != dtype:
+            self.bias = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device).masked_fill(
+                ~self.mask, float("-inf"))
+        return self.bias
+
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q [B, P + S, H, D], k/v [B, P + S, KVH, D] -> [B, P + S, H, D]
+        P, gqa = self.prefix_len, k.shape[2] != q.shape[2]
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, P + S, D]
+        # Prefix queries see only the prefix: plain causal; right padding is invisible to real tokens.
+        out = F.scaled_dot_product_attention(q[:, :, :P], k[:, :, :P], v[:, :, :P], is_causal=True, enable_gqa=gqa)
+        if self.mask is not None:
+            # Suffix queries: keys are the whole row, [prefix ; all suffixes of the group], masked.
+            out_suffix = F.scaled_dot_product_attention(q[:, :, P:], k, v, attn_mask=self.attn_bias(q.dtype),
+                                                        enable_gqa=gqa)
+            out = torch.cat([out, out_suffix], dim=2)
+        return out.transpose(1, 2)
+
+
+def _scatter_rows(logp_flat: torch.Tensor, take: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """logp [S, span] with logp[s, j] = logp_flat[take[s][j]], padded with 0; mask [S, span]."""
+    span = max((len(t) for t in take), default=0)
+    pad = logp_flat.shape[0]  # index of a 0 appended below: padding reads it, its gradient is dropped
+    index = torch.tensor([t + [pad] * (span - len(t)) for t in take], dtype=torch.long).reshape(len(take), span)
+    mask = torch.tensor([[True] * len(t) + [False] * (span - len(t)) for t in take]).reshape(len(take), span)
+    logp = F.pad(logp_flat, (0, 1))[index.to(device)]  # [S, span]
+    return logp, mask.to(device)
+
+
+def shared_prefix_logprobs(model, groups: list[PrefixGroup], temperature: float = 1.0):
+    """Fast path: each group's prefix run once. Returns logp [S, span], mask [S, span] (module docstring)."""
+    device = model.device
+    P = max(len(g.prefix_ids) for g in groups)
+    S = max(sum(len(s) for s in g.suffix_ids) for g in groups)
+    L = P + S
+    input_ids = torch.zeros(len(groups), L, dtype=torch.long)  # padding id 0: never attended by a real token
+    position_ids = torch.zeros(len(groups), L, dtype=torch.long)
+    sample_ids = torch.full((len(groups), S), -1, dtype=torch.long)
+    rows, targets, take = [], [], []  # hidden row (flat) and target of each distinct scored token
+    for r, g in enumerate(groups):
+        n = len(g.prefix_ids)
+        input_ids[r, :n] = torch.tensor(g.prefix_ids)
+        position_ids[r, :n] = torch.arange(n)
+        base = r * L
+        # Scored prefix tokens: the same for every sample of the group, computed once.
+        prefix_take = list(range(len(rows), len(rows) + n - g.loss_start))
+        rows += range(base + g.loss_start - 1, base + n - 1)
+        targets += g.prefix_ids[g.loss_start:]
+        col = P  # the next free suffix column of this row
+        for i, suffix in enumerate(g.suffix_ids):
+            m = len(suffix)
+            if m:
+                input_ids[r, col:col + m] = torch.tensor(suffix)
+                position_ids[r, col:col + m] = torch.arange(n, n + m)  # positions continue from the prefix
+                sample_ids[r, col - P:col - P + m] = i
+            # suffix[0] is predicted by the last prefix position, suffix[j] by the column before it
+            take.append(prefix_take + list(range(len(rows), len(rows) + m)))
+            if m:
+                rows += [base + n - 1] + list(range(base + col, base + col + m - 1))
+                targets += suffix
+            col += m
+    prefix_lens = torch.tensor([len(g.prefix_ids) for g in groups], device=device)
+    attn = SharedPrefixAttention(prefix_lens, sample_ids.to(device), P)
+    hidden = model.hidden_states(input_ids.to(device), position_ids=position_ids.to(device), attn=attn)  # [B, L, H]
+    picked = hidden.reshape(-1, hidden.shape[-1])[torch.tensor(rows, dtype=torch.long, device=device)]  # [n, H]
+    logp_flat = fused_logprobs(picked, model.lm_head.weight, torch.tensor(targets, dtype=torch.long, device=device),
+                               temperature)  # [n]
+    return _scatter_rows(logp_flat, take, device)
+
+
+def padded_logprobs(model, groups: list[PrefixGroup], temperature: float = 1.0):
+    """Reference path: every sample as its own right-padded row, prefix included. Same returns."""
+    device = model.device
+    seqs = [(g.prefix_ids + s, g.loss_start) for g in groups for s in g.suffix_ids]
+    T = max(len(ids) for ids, _ in seqs) - 1
+    input_ids = torch.zeros(len(seqs), T, dtype=torch.long)  # right padding: invisible under causal attention
+    rows, targets, take = [], [], []
+    for b, (ids, start) in enumerate(seqs):
+        input_ids[b, :len(ids) - 1] = torch.tensor(ids[:-1])
+        take.append(list(range(len(rows), len(rows) + len(ids) - start)))
+        rows += range(b * T + start - 1, b * T + len(ids) - 1)  # the position that predicts each target
+        targets += ids[start:]
+    hidden = model.hidden_states(input_ids.to(device))  # [b, T, H]
+    picked = hidden.reshape(-1, hidden.shape[-1])[torch.tensor(rows, dtype=torch.long, device=device)]  # [n, H]
+    logp_flat = fused_logprobs(picked, model.lm_head.weight, torch.tensor(targets, dtype=torch.long, device=device),
+                               temperature)  # [n]
+    return _scatter_rows(logp_flat, take, device)
+
+
+def group_logprobs(model, groups: list[PrefixGroup], temperature: float = 1.0, shared: bool = True):
+    """logp [S, span], mask [S, span] for the samples of `groups`, by either path."""
+    return (shared_prefix_logprobs if shared else padded_logprobs)(model, groups, temperature)
+
+
+def sharing_pays(group: PrefixGroup, config) -> bool:
+    """Whether the shared layout costs fewer FLOPs than one padded row per sample (per layer, forward).
+
+    Shared: P + S tokens, the prefix causal (P^2 / 2 query-key pairs) and every suffix query against
+    the whole row (S x (P + S) pairs: the S x S block is dense under the mask, though only each
+    suffix's own triangle is kept). Padded: G rows of T = P + longest suffix, T^2 / 2 pairs each.
+    A token costs about 2 x (parameters of a layer), a pair 4 x heads x head_dim. With an RPO prefix
+    sharing wins by about G; with a short prompt and long completions (full-path runs) the dense
+    suffix block can cost more than the prefix it saves.
+    """
+    P, lens = len(group.prefix_ids), [len(s) for s in group.suffix_ids]
+    S, T, G = sum(lens), P + max(lens), len(lens)
+    h, q_dim = config.hidden_size, config.num_attention_heads * config.head_dim
+    per_token = 2 * (2 * h * q_dim + 2 * h * config.num_key_value_heads * config.head_dim + 3 * h * config.intermediate_size)
+    per_pair = 4 * q_dim
+    shared = (P + S) * per_token + (P * P / 2 + S * (P + S)) * per_pair
+    padded = G * T * per_token + G * T * T / 2 * per_pair
+    return shared < padded
+
+
+def layout_tokens(groups: list[PrefixGroup], shared: bool) -> int:
+    """Tokens of the padded layout `groups` run as: what a micro-batch budget bounds."""
+    if shared:  # one row per group: longest prefix + longest packed suffixes
+        return len(groups) * (max(len(g.prefix_ids) for g in groups)
+                              + max(sum(len(s) for s in g.suffix_ids) for g in groups))
+    return sum(len(g.suffix_ids) for g in groups) * max(len(g.prefix_ids) + len(s) for g in groups for s in g.suffix_ids)
+
+
+def micro_batches(groups: list[PrefixGroup], token_budget: int, shared: bool) -> list[list[PrefixGroup]]:
+    """Pack whole groups (sorted by size) into micro-batches of at most `token_budget` layout tokens.
+
+    A group is the unit: splitting one re-runs its prefix. Only a group that alone exceeds the
+    budget is split, into runs of consecutive samples that fit (one sample at least).
+    """
+    pieces = []
+    for g in groups:
+        if layout_tokens([g], shared) <= token_budget:
+            pieces.append(g)
+            continue
+        start = 0
+        while start < len(g.suffix_ids):
+            stop = start + 1
+            while stop < len(g.suffix_ids) and layout_tokens([g.take(start, stop + 1)], shared) <= token_budget:
+                stop += 1
+            pieces.append(g.take(start, stop))
+            start = stop
+    pieces.sort(key=lambda g: layout_tokens([g], shared))
+    batches, current = [], []
+    for g in pieces:
+        if current and layout_tokens(current + [g], shared) > token_budget:
+            batches.append(current)
+            current = []
+        current.append(g)
+    return batches + ([current] if current else [])

@@ -1,0 +1,169 @@
+"""Shared-prefix training equals the plain padded per-sequence batch: log-probs, loss, every gradient."""
+import random
+
+import pytest
+import torch
+
+from rpo_engine.kernels import policy_loss
+from rpo_engine.model import CausalLM, ModelConfig
+from rpo_engine.model.shared_prefix import (PrefixGroup, layout_tokens, micro_batches, padded_logprobs,
+                                            shared_prefix_logprobs, sharing_pays)
+from tests.helpers import FAMILIES
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tiny_model(family, **overrides):
+    config = ModelConfig.from_hf_dict(dict(FAMILIES[family], num_hidden_layers=2, max_position_embeddings=256,
+                                           **overrides))
+    torch.manual_seed(0)
+    model = CausalLM(config)
+    with torch.no_grad():  # every weight random and O(1) effect, as tests/helpers.make_hf_model does
+        for name, p in model.named_parameters():
+            p.copy_(1.0 + 0.3 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
+    return model.train()
+
+
+def make_groups(vocab, prefix_lens, suffix_lens, loss_start_back=0, seed=0):
+    """Groups with random tokens; loss_start = len(prefix) - loss_start_back."""
+    rng = random.Random(seed)
+    tokens = lambda n: [rng.randrange(3, vocab) for _ in range(n)]  # noqa: E731
+    return [PrefixGroup(tokens(p), [tokens(n) for n in lens], p - loss_start_back,
+                        advantages=[rng.gauss(0, 1) for _ in lens])
+            for p, lens in zip(prefix_lens, suffix_lens)]
+
+
+def loss_and_grads(model, groups, fn, loss_agg):
+    model.zero_grad(set_to_none=True)
+    logp, mask = fn(model, groups)
+    adv = torch.tensor([a for g in groups for a in g.advantages])
+    # old log-probs off by a fixed pattern, so ratios differ from 1 and some clip on each side
+    old = logp.detach() + 0.3 * torch.sin(torch.arange(logp.numel()).reshape(logp.shape).float())
+    loss, stats = policy_loss(logp, old, adv, mask, eps_low=0.2, eps_high=0.28, loss_agg=loss_agg, backend="torch")
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return logp.detach(), mask, loss.detach(), stats, grads
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+CASES = {
+    # several groups per micro-batch, ragged suffixes (one empty), different prefix lengths
+    "ragged": dict(prefix_lens=[11, 17, 6], suffix_lens=[[5, 1, 8, 3], [2, 9, 0, 4], [7, 7, 1, 5]]),
+    "g1": dict(prefix_lens=[13, 8], suffix_lens=[[6], [9]]),
+    "all_empty_but_one": dict(prefix_lens=[10, 7], suffix_lens=[[0, 0, 5, 0], [3, 4, 2, 6]]),
+    "loss_in_prefix": dict(prefix_lens=[15, 9], suffix_lens=[[4, 0, 6], [1, 5, 3]], loss_start_back=6),
+}
+
+
+@pytest.mark.parametrize("loss_agg", ["seq-mean-token-mean", "token-mean"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_shared_equals_padded(case, loss_agg):
+    model = tiny_model("llama")  # GQA 4:2, biases, Llama-3 RoPE
+    groups = make_groups(model.config.vocab_size, **CASES[case])
+    check_equal(model, groups, loss_agg)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])  # MQA 4:1 tied; qk-norm without GQA
+def test_shared_equals_padded_families_with_checkpointing(family):
+    model = tiny_model(family)
+    model.gradient_checkpointing_enable()
+    groups = make_groups(model.config.vocab_size, **CASES["ragged"], loss_start_back=2)
+    check_equal(model, groups, "seq-mean-token-mean")
+
+
+def check_equal(model, groups, loss_agg):
+    ref = loss_and_grads(model, groups, padded_logprobs, loss_agg)
+    got = loss_and_grads(model, groups, shared_prefix_logprobs, loss_agg)
+    (logp_r, mask_r, loss_r, stats_r, grads_r), (logp, mask, loss, stats, grads) = ref, got
+    assert torch.equal(mask, mask_r)
+    assert mask.sum(-1).tolist() == [g.span(i) for g in groups for i in range(len(g.suffix_ids))]
+    assert (logp[~mask] == 0).all()
+    assert rel(logp, logp_r) < 1e-5
+    assert rel(loss, loss_r) < 1e-5 and loss_r.abs() > 0
+    assert stats["clip_frac"] == stats_r["clip_frac"] and stats_r["clip_frac"] > 0  # the clipped branch ran
+    for name, g in grads_r.items():
+        assert g.abs().max() > 0, f"{name}: no gradient, the comparison would prove nothing"
+        assert rel(grads[name], g) < 1e-5, name
+
+
+def test_prefix_runs_once():
+    """The shared layout feeds each prefix token through the model once per group, not G times."""
+    model = tiny_model("qwen2")
+    groups = make_groups(model.config.vocab_size, [40], [[3, 5, 2, 4, 1, 6, 2, 3]])
+    seen = []
+    model.model.embed_tokens.register_forward_hook(lambda m, args, out: seen.append(args[0].numel()))
+    with torch.no_grad():
+        shared_prefix_logprobs(model, groups)
+        padded_logprobs(model, groups)
+    assert seen == [40 + 26, 8 * (40 + 6 - 1)]
+    assert layout_tokens(groups, shared=True) == 66 and layout_tokens(groups, shared=False) == 8 * 46
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_micro_batches_pack_whole_groups(shared):
+    groups = make_groups(100, [30, 5, 12, 40, 8], [[4] * 4, [2] * 4, [9, 1, 0, 3], [60, 50, 70, 20], [1] * 4])
+    budget = 150
+    batches = micro_batches(groups, budget, shared)
+    pieces = [g for b in batches for g in b]
+    for g in groups:  # every sample exactly once, with its advantage
+        parts = [p for p in pieces if p.prefix_ids is g.prefix_ids]
+        samples = sorted((a, s) for p in parts for a, s in zip(p.advantages, p.suffix_ids))
+        assert samples == sorted(zip(g.advantages, g.suffix_ids))
+        assert len(parts) == 1 or layout_tokens([g], shared) > budget  # split only when it must be
+    for b in batches:
+        assert layout_tokens(b, shared) <= budget or (len(b) == 1 and len(b[0].suffix_ids) == 1)
+    assert len(batches) < len(pieces)  # small groups do share a micro-batch
+
+
+# ---- the trainer: sharing on and off give the same run ------------------------------------------
+
+from tests.test_train import tiny_model_dir  # noqa: E402,F401  (the module-scoped fixture)
+
+
+def test_sharing_pays_for_rpo_prefixes_not_long_completions():
+    config = ModelConfig.from_hf_dict(dict(model_type="qwen2", vocab_size=151936, hidden_size=1536,
+                                           intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                                           num_key_value_heads=2))  # Qwen2.5-1.5B
+    group = lambda P, n, G: PrefixGroup([5] * P, [[5] * n] * G, P)  # noqa: E731
+    assert sharing_pays(group(1500, 100, 8), config) and sharing_pays(group(1500, 100, 1), config) is False
+    assert sharing_pays(group(200, 300, 8), config)  # full path, moderate completions: still pays
+    assert not sharing_pays(group(100, 4096, 16), config)  # the dense 64k x 64k suffix block does not
+
+
+def one_step(model_dir, *flags):
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+
+    trainer = build_trainer(parse_args(["--model", str(model_dir), "--no-progress", "--prompts-per-step", "3",
+                                        "--num-generations", "4", "--max-completion-length", "40",
+                                        "--eval-steps", "0", "--reward", "tests.reward_fns:hash_reward",
+                                        "--micro-batch-tokens", "200", *flags]))
+    suffixes, update = [], trainer.update
+    trainer.update = lambda groups: (suffixes.append([g.suffix_ids for g in groups]), update(groups))[1]
+    return trainer.step(), suffixes
+
+
+@pytest.mark.parametrize("flags", [
+    ["--num-iterations", "2", "--beta", "0.05"],  # RPO, old and reference log-probs
+    ["--rpo-loss-on-prefix", "--gradient-checkpointing"],  # the kept path's tokens in the loss
+    ["--no-rpo", "--algo", "dapo"],  # full path: prefix = prompt, token-mean
+])
+def test_trainer_step_same_with_and_without_sharing(tiny_model_dir, flags, monkeypatch):
+    import rpo_engine.trainer
+
+    # the tiny model's short prompts and long completions would not pay to share: share them anyway
+    monkeypatch.setattr(rpo_engine.trainer, "sharing_pays", lambda group, config: True)
+    on, tokens_on = one_step(tiny_model_dir, *flags)
+    off, tokens_off = one_step(tiny_model_dir, *flags, "--no-prefix-sharing")
+    assert tokens_on == tokens_off and tokens_on[0]
+    for key in ("reward_mean", "rollout_generated_tokens", "num_groups_trained"):
+        assert on[key] == off[key], key
+    assert on["num_groups_trained"] > 0 and on["grad_norm"] > 0
+    assert on["prefix_shared_groups"] == on["num_groups_trained"] and off["prefix_shared_groups"] == 0
+    for key in ("loss", "grad_norm", "kl", "clip_frac", "logprob_mismatch"):
+        assert on[key] == pytest.approx(off[key], rel=1e-4, abs=1e-6), key
+    assert on["logprob_mismatch"] < 1e-4  # rollout log-probs equal the shared-prefix training forward's
+    assert on["num_micro_batches"] < off["num_micro_batches"]  # the budget counts each prefix once
