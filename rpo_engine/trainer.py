@@ -187,6 +187,18 @@ class Trainer:
         """Per-token log p of each sample's tokens from loss_start on: logp [b, span], mask [b, span]."""
         return group_logprobs(model, batch, self.config.temperature, shared=shared)
 
+    def rollout_mismatch(self, batch: list[PrefixGroup], logp: torch.Tensor) -> list[float]:
+        """Per sample: mean |rollout log-prob - training log-prob| over its generated suffix tokens."""
+        out, b = [], 0
+        for g in batch:
+            for i, suffix in enumerate(g.suffix_ids):
+                n, span = len(suffix), g.span(i)
+                if n:
+                    rollout = torch.tensor(g.rollout_logp[i], device=logp.device)
+                    out.append((logp[b, span - n:span] - rollout).abs().mean().item())
+                b += 1
+        return out
+
     def update(self, groups: list[Group]) -> dict:
         """num_iterations optimizer passes over the batch; one optimizer step per pass."""
         algo, batch_groups = self.algo, self.training_batch(groups)
@@ -194,26 +206,25 @@ class Trainer:
         # Global normalisers, so micro-batching gives the same loss as one big batch.
         spans = [g.span(i) for g in batch_groups for i in range(len(g.suffix_ids))]
         num_tokens, num_rows = sum(spans), sum(1 for n in spans if n)
-        old, ref, mismatch = [], [], []
-        with torch.no_grad():
-            for batch, shared in batches:
-                logp, mask = self.sequence_logprobs(self.model, batch, shared)
-                old.append(logp if algo.num_iterations > 1 else None)
-                ref.append(self.sequence_logprobs(self.reference, batch, shared)[0] if self.reference is not None
-                           else None)
-                samples = [(g.span(i), len(g.suffix_ids[i]), g.rollout_logp[i]) for g in batch
-                           for i in range(len(g.suffix_ids))]
-                for b, (span, n, rollout) in enumerate(samples):  # rollout vs training log-prob of the suffix
-                    if n:
-                        rollout = torch.tensor(rollout, device=self.device)
-                        mismatch.append((logp[b, span - n:span] - rollout).abs().mean().item())
+        # Old log-probs need a no-grad pass only when the weights move between passes (num_iterations > 1);
+        # with one pass they are the gradient pass's own values, detached.
+        old, ref, mismatch = [None] * len(batches), [None] * len(batches), []
+        if algo.num_iterations > 1 or self.reference is not None:
+            with torch.no_grad():
+                for k, (batch, shared) in enumerate(batches):
+                    if algo.num_iterations > 1:
+                        old[k] = self.sequence_logprobs(self.model, batch, shared)[0]
+                    if self.reference is not None:
+                        ref[k] = self.sequence_logprobs(self.reference, batch, shared)[0]
         stats = {"loss": 0.0, "clip_frac": 0.0, "clip_low_frac": 0.0, "clip_high_frac": 0.0, "kl": 0.0}
         grad_norms, skipped = [], 0
-        for _ in range(algo.num_iterations):
+        for iteration in range(algo.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             pass_loss = 0.0
             for (batch, shared), old_logp, ref_logp in zip(batches, old, ref):
                 logp, mask = self.sequence_logprobs(self.model, batch, shared)
+                if iteration == 0:  # the weights the rollout used
+                    mismatch += self.rollout_mismatch(batch, logp.detach())
                 adv = torch.tensor([a for g in batch for a in g.advantages], device=self.device)
                 loss, st = policy_loss(logp, logp.detach() if old_logp is None else old_logp, adv, mask,
                                        ref_logp=ref_logp, eps_low=algo.epsilon, eps_high=algo.epsilon_high,
