@@ -116,7 +116,9 @@ class Dist:
             dist.barrier()
 
     def close(self) -> None:
+        """End of a good run: wait for every rank (rank 0 still writes), then leave the group together."""
         if self.enabled and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
     # ---- the model -----------------------------------------------------------------------------

@@ -108,20 +108,29 @@ def build_trainer(config: TrainConfig, model_dir: Path | None = None, dist: Dist
     device, dtype = resolve_device(config)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
-    if model_dir is None and config.model is None:
+
+    def initial_model_dir() -> Path:
+        if config.model is not None:
+            return Path(config.model)
         from rpo_engine.data.starter import ensure_starter_model
 
         if dist.local_rank == 0:  # one builder per machine; the others wait, then load it
             ensure_starter_model(progress=config.progress)
         dist.barrier()
-        model_dir = ensure_starter_model(progress=config.progress)
-    model_dir = Path(model_dir or config.model)
+        return ensure_starter_model(progress=config.progress)
+
+    resuming = model_dir is not None
+    model_dir = Path(model_dir) if resuming else initial_model_dir()
     model = rpo_engine.load_model(model_dir, dtype=dtype, device=device)
     tokenizer = rpo_engine.load_tokenizer(model_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     train_rows, eval_rows = load_rows(config)
-    return Trainer(config, model, tokenizer, train_rows, eval_rows, resolve_reward(config), device, dist)
+    reference = None
+    if resuming and config.algo.beta > 0:  # the KL reference is the starting model, not the checkpoint's
+        reference = rpo_engine.load_model(initial_model_dir(), dtype=dtype, device=device)
+    return Trainer(config, model, tokenizer, train_rows, eval_rows, resolve_reward(config), device, dist,
+                   reference=reference)
 
 
 @record  # under torchrun, a rank's exception reaches torchrun's failure summary

@@ -60,7 +60,8 @@ class Group:
 
 class Trainer:
     def __init__(self, config: TrainConfig, model, tokenizer, train_rows: list[dict], eval_rows: list[dict],
-                 reward_fn, device: torch.device, dist: Dist | None = None):
+                 reward_fn, device: torch.device, dist: Dist | None = None, reference=None):
+        """`reference`: the frozen KL reference when it is not `model` (on resume, the starting model)."""
         from rpo_engine.rollout import RolloutEngine
 
         self.config, self.tokenizer, self.dist = config, tokenizer, dist or Dist()
@@ -76,7 +77,7 @@ class Trainer:
         self.engine = RolloutEngine(self.model)
         self.reference = None
         if self.algo.beta > 0:  # frozen copy of the initial policy for the KL term
-            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+            self.reference = (reference or copy.deepcopy(self.model)).eval().requires_grad_(False)
         # bf16 weights (GPU default) are stepped through fp32 masters inside the optimizer (rpo_engine/optim.py)
         self.optimizer = make_adamw(self.policy, config.learning_rate, config.weight_decay)
         warmup = int(config.warmup_ratio * config.steps)
