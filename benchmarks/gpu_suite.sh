@@ -89,6 +89,26 @@ cat "$OUT/logs/env.log"
 
 step tests 150 python -m pytest -q -p no:cacheprovider tests --junitxml="$OUT/tests.xml"
 
+# torchrun on the GPU, 1 rank (NCCL): 3 steps with DDP, then 3 with FSDP2, on a tiny random model.
+TINY=$OUT/torchrun/tiny_model
+python - "$TINY" <<'EOF' > "$OUT/logs/tiny_model.log" 2>&1
+import sys, torch
+from rpo_engine.data.tokenizer import build_task_tokenizer
+from rpo_engine.model import CausalLM, ModelConfig
+tok = build_task_tokenizer()
+config = ModelConfig.from_hf_dict(dict(model_type="qwen2", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+torch.manual_seed(0)
+CausalLM(config).init_weights(0.02).save_pretrained(sys.argv[1], tokenizer=tok)
+EOF
+TORCHRUN="python -m torch.distributed.run --standalone --nproc-per-node 1 -m rpo_engine.train --model $TINY"
+TORCHRUN+=" --no-progress --steps 3 --prompts-per-step 4 --num-generations 8 --max-completion-length 64"
+TORCHRUN+=" --eval-size 8 --eval-steps 3 --reward tests.reward_fns:hash_reward"
+step torchrun 90 bash -c "$TORCHRUN --output $OUT/torchrun/ddp && $TORCHRUN --parallel fsdp --output $OUT/torchrun/fsdp"
+rm -rf "$OUT/torchrun/tiny_model" "$OUT/torchrun/ddp/final" "$OUT/torchrun/fsdp/final" \
+  "$OUT/torchrun/ddp/checkpoints" "$OUT/torchrun/fsdp/checkpoints"  # bring back metrics.jsonl, not weights
+
 bench paper_shape 150 python benchmarks/bench_paper_shape.py --gpu --repeats 2 --out "$OUT/paper_shape_cuda.json"
 bench rollout 150 python benchmarks/bench_rollout.py --gpu --repeats 1
 bench kernels 80 python benchmarks/bench_kernels.py --repeats 3

@@ -116,6 +116,8 @@ class TrainConfig:
     save_steps: int = field(default=20, metadata={"help": "checkpoint every N steps (0: only at the end)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
     dtype: str = field(default="auto", metadata={"help": "float32 | bfloat16 | auto (bf16 on CUDA, fp32 on CPU)"})
+    parallel: str = field(default="ddp", metadata={"help": "under torchrun: ddp (full model per rank) or fsdp (FSDP2: sharded float32 weights, grads and AdamW state)"})
+    dist_timeout: float = field(default=1800.0, metadata={"help": "under torchrun: seconds a collective waits for the other ranks before the job fails"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     rpo: RPOConfig = field(default_factory=RPOConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
@@ -133,6 +135,8 @@ class TrainConfig:
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                f"--device must be cpu, cuda or auto, got {self.device!r}")
         _check(self.dtype in ("auto", "float32", "bfloat16"), f"--dtype must be float32, bfloat16 or auto, got {self.dtype!r}")
+        _check(self.parallel in ("ddp", "fsdp"), f"--parallel must be ddp or fsdp, got {self.parallel!r}")
+        _check(self.dist_timeout > 0, f"--dist-timeout must be > 0, got {self.dist_timeout}")
 
 
 SECTIONS = {"rpo": RPOConfig, "algo": AlgoConfig}

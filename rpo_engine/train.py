@@ -4,16 +4,22 @@ With no arguments it trains the built-in starter model (built on first use, ~3 m
 cores) on the built-in arithmetic task. Writes OUTPUT/metrics.jsonl (one JSON object per step, plus a
 step-0 record with the starting model's eval accuracy), OUTPUT/checkpoints/step-N/, OUTPUT/final/
 (a Hugging Face model directory with its tokenizer) and OUTPUT/curves.png.
+
+Under torchrun (`torchrun --nproc-per-node N -m rpo_engine.train ...`) the ranks train one model
+(--parallel ddp or fsdp, rpo_engine/distributed.py) and rank 0 writes every output.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from rpo_engine.config import TrainConfig, config_to_dict, parse_args
+from rpo_engine.distributed import Dist, check_divisible
 from rpo_engine.errors import UserError, run_cli
 
 
@@ -93,29 +99,54 @@ def write_plot(metrics: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def build_trainer(config: TrainConfig, model_dir: Path | None = None):
+def build_trainer(config: TrainConfig, model_dir: Path | None = None, dist: Dist | None = None):
     """A Trainer for `config`; `model_dir` overrides the model (a checkpoint's, on resume)."""
     import rpo_engine
     from rpo_engine.trainer import Trainer
 
+    dist = dist or Dist()
     device, dtype = resolve_device(config)
-    if model_dir is None and config.model is None:
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+
+    def initial_model_dir() -> Path:
+        if config.model is not None:
+            return Path(config.model)
         from rpo_engine.data.starter import ensure_starter_model
 
-        model_dir = ensure_starter_model(progress=config.progress)
-    model_dir = Path(model_dir or config.model)
+        if dist.local_rank == 0:  # one builder per machine; the others wait, then load it
+            ensure_starter_model(progress=config.progress)
+        dist.barrier()
+        return ensure_starter_model(progress=config.progress)
+
+    resuming = model_dir is not None
+    model_dir = Path(model_dir) if resuming else initial_model_dir()
     model = rpo_engine.load_model(model_dir, dtype=dtype, device=device)
     tokenizer = rpo_engine.load_tokenizer(model_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     train_rows, eval_rows = load_rows(config)
-    return Trainer(config, model, tokenizer, train_rows, eval_rows, resolve_reward(config), device)
+    reference = None
+    if resuming and config.algo.beta > 0:  # the KL reference is the starting model, not the checkpoint's
+        reference = rpo_engine.load_model(initial_model_dir(), dtype=dtype, device=device)
+    return Trainer(config, model, tokenizer, train_rows, eval_rows, resolve_reward(config), device, dist,
+                   reference=reference)
 
 
+@record  # under torchrun, a rank's exception reaches torchrun's failure summary
 def main(argv=None) -> int:
+    config = parse_args(argv)
+    dist = Dist.from_env(config.parallel, resolve_device(config)[0].type, config.dist_timeout)
+    code = train(config, dist)
+    dist.close()  # not on an exception: torchrun stops the other ranks, a peer would hang in a collective
+    return code
+
+
+def train(config: TrainConfig, dist: Dist) -> int:
     from tqdm.auto import tqdm
 
-    config = parse_args(argv)
+    check_divisible(config.prompts_per_step, dist.world_size)
+    main_rank = dist.is_main  # rank 0 writes every output; the others compute
     output = Path(config.output)
     metrics_path = output / "metrics.jsonl"
     if metrics_path.exists() and not config.resume:
@@ -123,59 +154,71 @@ def main(argv=None) -> int:
     checkpoint = latest_checkpoint(output) if config.resume else None
     if config.resume and checkpoint is None and metrics_path.exists():
         raise UserError(f"{output}: --resume found no complete checkpoint")
+    if len(set(dist.gather(str(checkpoint)))) > 1:  # also: every rank has looked before rank 0 writes
+        raise UserError(f"{output}: the ranks see different checkpoints; --output must be on a filesystem every node shares")
 
-    trainer = build_trainer(config, model_dir=checkpoint / "model" if checkpoint is not None else None)
+    trainer = build_trainer(config, model_dir=checkpoint / "model" if checkpoint is not None else None, dist=dist)
     records = []
     if checkpoint is not None:
         state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
         trainer.load_state_dict(state)
         records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
         records = [r for r in records if r["step"] <= trainer.step_num]
-        print(f"resumed from {checkpoint} at step {trainer.step_num}")
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
-    writer = _tensorboard(output)
-
-    log = open(metrics_path, "w")  # rewritten: a resumed run drops the steps after its checkpoint
-    log.writelines(json.dumps(r) + "\n" for r in records)
+        if main_rank:
+            print(f"resumed from {checkpoint} at step {trainer.step_num}" +
+                  (f" on {dist.world_size} ranks" if dist.enabled else ""))
+    writer, log = None, None
+    if main_rank:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+        writer = _tensorboard(output)
+        log = open(metrics_path, "w")  # rewritten: a resumed run drops the steps after its checkpoint
+        log.writelines(json.dumps(r) + "\n" for r in records)
     if trainer.step_num == 0 and config.eval_steps and trainer.eval_rows:
         record = {"step": 0, "eval_accuracy": trainer.evaluate()}
         records.append(record)
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-        print(f"step 0: eval accuracy {record['eval_accuracy']:.3f}")
+        if main_rank:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            print(f"step 0: eval accuracy {record['eval_accuracy']:.3f}")
 
     algo_name = f"{'RPO-' if config.rpo.rpo else ''}{config.algo.algo.upper()}"
-    bar = tqdm(total=config.steps, initial=trainer.step_num, desc=algo_name, disable=not config.progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=config.steps, initial=trainer.step_num, desc=algo_name,
+               disable=not (config.progress and main_rank), dynamic_ncols=True)
     generated, seconds = 0, 0.0
+    fail_at = os.environ.get("RPO_ENGINE_TEST_FAIL_AT")  # tests only, "RANK:STEP": that rank raises there
     while trainer.step_num < config.steps:
+        if fail_at == f"{dist.rank}:{trainer.step_num + 1}":
+            raise RuntimeError(f"RPO_ENGINE_TEST_FAIL_AT: rank {dist.rank} fails at step {trainer.step_num + 1}")
         m = trainer.step()
         step = m["step"]
         if config.eval_steps and trainer.eval_rows and (step % config.eval_steps == 0 or step == config.steps):
             m["eval_accuracy"] = trainer.evaluate()
-        records.append(m)
-        log.write(json.dumps(m) + "\n")
-        log.flush()
-        if writer is not None:
-            for key, value in m.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    writer.add_scalar(key, value, step)
-        generated += m["rollout_generated_tokens"]
-        seconds += m["step_time_s"]
-        postfix = {"reward": f"{m['reward_mean']:.3f}", "gen_tok/s": f"{generated / seconds:.0f}",
-                   "step_s": f"{m['step_time_s']:.1f}"}
-        if "eval_accuracy" in m:
-            postfix["eval"] = f"{m['eval_accuracy']:.3f}"
-        bar.set_postfix(postfix)
-        bar.update(1)
+        if main_rank:
+            records.append(m)
+            log.write(json.dumps(m) + "\n")
+            log.flush()
+            if writer is not None:
+                for key, value in m.items():
+                    if isinstance(value, (int, float)) and key != "step":
+                        writer.add_scalar(key, value, step)
+            generated += m["rollout_generated_tokens"]
+            seconds += m["step_time_s"]
+            postfix = {"reward": f"{m['reward_mean']:.3f}", "gen_tok/s": f"{generated / seconds:.0f}",
+                       "step_s": f"{m['step_time_s']:.1f}"}
+            if "eval_accuracy" in m:
+                postfix["eval"] = f"{m['eval_accuracy']:.3f}"
+            bar.set_postfix(postfix)
+            bar.update(1)
         if (config.save_steps and step % config.save_steps == 0) or step == config.steps:
-            trainer.save_checkpoint(output / "checkpoints" / f"step-{step}")
+            trainer.save_checkpoint(output / "checkpoints" / f"step-{step}")  # every rank: a collective under fsdp
     bar.close()
+    trainer.save_model(output / "final")
+    if not main_rank:
+        return 0
     log.close()
     if writer is not None:
         writer.close()
-    trainer.model.save_pretrained(output / "final", tokenizer=trainer.tokenizer)
     write_plot(records, output / "curves.png", f"{algo_name} on {config.dataset or 'the built-in arithmetic task'}")
     evals = [r["eval_accuracy"] for r in records if "eval_accuracy" in r]
     summary = f"done: {output / 'final'}"

@@ -7,12 +7,17 @@ RolloutEngine on the live weights of the model being trained, prefilling each pr
 likewise runs each group's shared prefix once in forward and backward where that costs fewer FLOPs
 (model/shared_prefix.py; `--no-prefix-sharing` runs one padded row per sample, the reference it must equal).
 
+Under torchrun each rank rolls out its share of the step's prompts and trains on its own groups;
+everything that steers the step (rewards, cache choices, DAPO's filter, loss normalisers, metrics) is
+reduced across ranks so that N ranks take the same step as one process (rpo_engine/distributed.py).
+
 Where we depart from the RPO paper's code, see rpo/cache.py, rpo/truncation.py and
 rewards/shaping.py; in addition the loss covers the generated suffix tokens only (the code trained
 on the cached prefix too, weighted by each sample's advantage; `--rpo-loss-on-prefix` restores it).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -26,6 +31,7 @@ import torch
 
 from rpo_engine.algos.grpo import group_advantages, informative_groups
 from rpo_engine.config import TrainConfig, config_to_dict
+from rpo_engine.distributed import Dist, consolidated_optimizer_state, full_tensor, load_consolidated_optimizer_state
 from rpo_engine.errors import UserError
 from rpo_engine.kernels import policy_loss
 from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, micro_batches, sharing_pays
@@ -54,21 +60,26 @@ class Group:
 
 class Trainer:
     def __init__(self, config: TrainConfig, model, tokenizer, train_rows: list[dict], eval_rows: list[dict],
-                 reward_fn, device: torch.device):
+                 reward_fn, device: torch.device, dist: Dist | None = None, reference=None):
+        """`reference`: the frozen KL reference when it is not `model` (on resume, the starting model)."""
         from rpo_engine.rollout import RolloutEngine
 
-        self.config, self.model, self.tokenizer = config, model, tokenizer
+        self.config, self.tokenizer, self.dist = config, tokenizer, dist or Dist()
         self.train_rows, self.eval_rows, self.reward_fn, self.device = train_rows, eval_rows, reward_fn, device
         self.algo, self.rpo = config.algo, config.rpo
-        self.prompt_ids = {row["id"]: self.encode_prompt(row) for row in train_rows + eval_rows}
-        self.engine = RolloutEngine(model)
-        self.reference = None
-        if self.algo.beta > 0:  # frozen copy of the initial policy for the KL term
-            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        # model: full weights, read live by the engine (and evaluated, saved); policy: the gradient
+        # forward, under torchrun wrapped in DDP or FSDP2 (then `model` is a replica of the shards).
+        self.model, self.policy = self.dist.wrap(model, config.temperature)
+        self.replica_stale = False
+        self.prompt_ids = {row["id"]: self.encode_prompt(row) for row in train_rows + eval_rows}
+        self.engine = RolloutEngine(self.model)
+        self.reference = None
+        if self.algo.beta > 0:  # frozen copy of the initial policy for the KL term
+            self.reference = (reference or copy.deepcopy(self.model)).eval().requires_grad_(False)
         # bf16 weights (GPU default) are stepped through fp32 masters inside the optimizer (rpo_engine/optim.py)
-        self.optimizer = make_adamw(model, config.learning_rate, config.weight_decay)
+        self.optimizer = make_adamw(self.policy, config.learning_rate, config.weight_decay)
         warmup = int(config.warmup_ratio * config.steps)
 
         def lr_lambda(step):  # linear warmup, then cosine to 10% of the peak
@@ -111,35 +122,46 @@ class Trainer:
         # Sampling seeds derive from (run seed, step, position): resumed runs draw the same samples.
         return (self.config.seed * 1_000_003 + self.step_num * 10_007 + row_index * 101 + salt) % (2**31)
 
+    def generate(self, prompts: list[list[int]], params: list) -> list:
+        return self.engine.generate(prompts, params) if prompts else []
+
     def rollout(self, rows: list[dict], round_index: int) -> tuple[list[Group], dict]:
-        """Generate G samples per row: suffixes of cached paths (RPO) or full completions."""
+        """Generate G samples for this rank's share of `rows` (the round's prompts, the same list on
+        every rank): suffixes of cached paths (RPO) or full completions. A prompt's seed follows its
+        position in `rows`, never the rank, so any rank count draws the same samples."""
         c, G = self.config, self.config.num_generations
+        mine = self.dist.share(len(rows))
         counters = {"generated": 0, "cold_starts": 0, "cache_hits": 0}
         prompts = [self.prompt_ids[row["id"]] for row in rows]
         kept = [[] for _ in rows]
         budgets = [c.max_completion_length] * len(rows)
         if self.rpo.rpo:
             cold = [i for i, row in enumerate(rows) if row["id"] not in self.cache]
-            counters["cache_hits"] = len(rows) - len(cold)
+            my_cold = [i for i in cold if i in mine]
+            counters["cache_hits"] = len(mine) - len(my_cold)
             if cold:  # cold start: one full completion per uncached prompt becomes its path
                 params = [self.sampling_params(1, c.max_completion_length, self.seed_for(i, 7919 + round_index))
-                          for i in cold]
-                outs = self.engine.generate([prompts[i] for i in cold], params)
-                for i, out in zip(cold, outs):
-                    self.cache.put(rows[i]["id"], out[0].token_ids, float("nan"), self.step_num)
-                    counters["generated"] += len(out[0].token_ids)
-                counters["cold_starts"] = len(cold)
+                          for i in my_cold]
+                outs = self.generate([prompts[i] for i in my_cold], params)
+                paths = {i: out[0].token_ids for i, out in zip(my_cold, outs)}
+                counters["generated"] = sum(len(p) for p in paths.values())
+                counters["cold_starts"] = len(my_cold)
+                for part in self.dist.gather(paths):  # every rank caches every new path
+                    paths.update(part)
+                for i in cold:
+                    self.cache.put(rows[i]["id"], paths[i], float("nan"), self.step_num)
+            # Every rank draws every cut, in order, so the RNG stays the same on all ranks.
             for i, row in enumerate(rows):
                 path = self.cache.get(row["id"]).token_ids
                 cut = sample_truncation(len(path), self.rng, self.rpo.rpo_min_cut, self.rpo.rpo_max_cut,
                                         self.rpo.rpo_max_cut_fraction, self.rpo.rpo_extra_budget,
                                         c.max_completion_length)
                 kept[i], budgets[i] = path[:cut.kept], cut.budget
-        params = [self.sampling_params(G, budgets[i], self.seed_for(i, round_index)) for i in range(len(rows))]
-        outs = self.engine.generate([p + k for p, k in zip(prompts, kept)], params)
+        params = [self.sampling_params(G, budgets[i], self.seed_for(i, round_index)) for i in mine]
+        outs = self.generate([prompts[i] + kept[i] for i in mine], params)
         groups = []
-        for row, p, k, out in zip(rows, prompts, kept, outs):
-            groups.append(Group(row, p, k, [o.token_ids for o in out], [o.logprobs for o in out],
+        for i, out in zip(mine, outs):
+            groups.append(Group(rows[i], prompts[i], kept[i], [o.token_ids for o in out], [o.logprobs for o in out],
                                 [o.finish_reason for o in out]))
             counters["generated"] += sum(len(o.token_ids) for o in out)
         return groups, counters
@@ -166,6 +188,17 @@ class Trainer:
             rewards = [r + overlong_penalty(n, c.max_completion_length, buffer, self.algo.overlong_penalty)
                        for r, n in zip(rewards, lengths)]
         group.rewards = rewards
+
+    def update_cache(self, rows: list[dict], groups: list[Group], rewards: list[list[float]]) -> None:
+        """Keep one answer per group of the round (rows, rewards: every rank's; groups: this rank's).
+        Every rank draws every group's choice from the same RNG, in order; each group's rank sends the
+        chosen answer, so every rank ends with the whole cache."""
+        picks = [self.cache.choose(r, self.rng) for r in rewards]
+        chosen = [None if picks[i] is None else g.answer_ids(picks[i]) for i, g in zip(self.dist.share(len(rows)), groups)]
+        answers = [a for part in self.dist.gather(chosen) for a in part]
+        for row, pick, answer, r in zip(rows, picks, answers, rewards):
+            if pick is not None:
+                self.cache.put(row["id"], answer, r[pick], self.step_num)
 
     # ---- update ------------------------------------------------------------------------------
     def training_batch(self, groups: list[Group]) -> list[PrefixGroup]:
@@ -200,17 +233,26 @@ class Trainer:
         return out
 
     def update(self, groups: list[Group]) -> dict:
-        """num_iterations optimizer passes over the batch; one optimizer step per pass."""
+        """num_iterations optimizer passes over the batch (this rank's groups, maybe none); one
+        optimizer step per pass."""
         algo, batch_groups = self.algo, self.training_batch(groups)
         batches = self.micro_batches(batch_groups)
-        # Global normalisers, so micro-batching gives the same loss as one big batch.
+        num_real = len(batches)
+        # Global normalisers (all micro-batches of all ranks), so micro-batching and ranks give the
+        # same loss as one big batch.
         spans = [g.span(i) for g in batch_groups for i in range(len(g.suffix_ids))]
-        num_tokens, num_rows = sum(spans), sum(1 for n in spans if n)
+        num_tokens, num_rows = self.dist.sum([sum(spans), sum(1 for n in spans if n)])
+        # DDP and FSDP2 communicate in every forward/backward: all ranks run as many micro-batches as
+        # the busiest, padding with a zero-weight one (a rank with no group still joins).
+        num_batches = int(self.dist.max([num_real])[0])
+        batches += [([self.padding_group()], True)] * (num_batches - num_real)
+        # DDP and FSDP2 average gradients over ranks; the loss is already normalised globally.
+        grad_scale = self.dist.world_size
         # Old log-probs need a no-grad pass only when the weights move between passes (num_iterations > 1);
         # with one pass they are the gradient pass's own values, detached.
         old, ref, mismatch = [None] * len(batches), [None] * len(batches), []
         if algo.num_iterations > 1 or self.reference is not None:
-            with torch.no_grad():
+            with torch.no_grad():  # self.model holds the weights the rollout used
                 for k, (batch, shared) in enumerate(batches):
                     if algo.num_iterations > 1:
                         old[k] = self.sequence_logprobs(self.model, batch, shared)[0]
@@ -221,70 +263,90 @@ class Trainer:
         for iteration in range(algo.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             pass_loss = 0.0
-            for (batch, shared), old_logp, ref_logp in zip(batches, old, ref):
-                logp, mask = self.sequence_logprobs(self.model, batch, shared)
-                if iteration == 0:  # the weights the rollout used
-                    mismatch += self.rollout_mismatch(batch, logp.detach())
-                adv = torch.tensor([a for g in batch for a in g.advantages], device=self.device)
-                loss, st = policy_loss(logp, logp.detach() if old_logp is None else old_logp, adv, mask,
-                                       ref_logp=ref_logp, eps_low=algo.epsilon, eps_high=algo.epsilon_high,
-                                       kl_coef=algo.beta, loss_agg=algo.loss_agg,
-                                       norm_length=self.config.max_completion_length)
-                if algo.loss_agg == "token-mean":
-                    share = int(mask.sum()) / max(1, num_tokens)
-                else:
-                    share = int(mask.any(-1).sum()) / max(1, num_rows)
-                (loss * share).backward()
+            for k, ((batch, shared), old_logp, ref_logp) in enumerate(zip(batches, old, ref)):
+                # DDP: gradients are all-reduced once, in the pass's last backward
+                last = k == num_batches - 1 or self.dist.parallel != "ddp"
+                with contextlib.nullcontext() if last else self.policy.no_sync():
+                    logp, mask = self.policy(batch, shared)
+                    if iteration == 0 and k < num_real:  # the weights the rollout used
+                        mismatch += self.rollout_mismatch(batch, logp.detach())
+                    adv = torch.tensor([a for g in batch for a in g.advantages], device=self.device)
+                    loss, st = policy_loss(logp, logp.detach() if old_logp is None else old_logp, adv, mask,
+                                           ref_logp=ref_logp, eps_low=algo.epsilon, eps_high=algo.epsilon_high,
+                                           kl_coef=algo.beta, loss_agg=algo.loss_agg,
+                                           norm_length=self.config.max_completion_length)
+                    if k >= num_real:
+                        share = 0.0
+                    elif algo.loss_agg == "token-mean":
+                        share = int(mask.sum()) / max(1, num_tokens)
+                    else:
+                        share = int(mask.any(-1).sum()) / max(1, num_rows)
+                    (loss * (share * grad_scale)).backward()
                 pass_loss += loss.item() * share
                 weight = share / algo.num_iterations
                 stats["clip_frac"] += st["clip_frac"].item() * weight
                 stats["clip_low_frac"] += st["clip_low_frac"].item() * weight
                 stats["clip_high_frac"] += st["clip_high_frac"].item() * weight
                 stats["kl"] += st["kl_mean"].item() * weight
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.max_grad_norm))
+            pass_loss = self.dist.sum([pass_loss])[0]  # every rank skips, or none does
             if not (math.isfinite(pass_loss) and torch.isfinite(grad_norm)):
                 warnings.warn(f"step {self.step_num}: non-finite loss or gradient; update skipped")
                 self.optimizer.zero_grad(set_to_none=True)
                 skipped += 1
                 continue
             self.optimizer.step()
+            self.replica_stale = True
             grad_norms.append(grad_norm.item())
             stats["loss"] += pass_loss / algo.num_iterations
         stats["grad_norm"] = sum(grad_norms) / max(1, len(grad_norms))
         stats["skipped_updates"] = skipped
-        stats["logprob_mismatch"] = sum(mismatch) / max(1, len(mismatch))
-        stats["num_micro_batches"] = len(batches)
-        stats["prefix_shared_groups"] = len({id(g.prefix_ids) for batch, shared in batches if shared for g in batch})
+        shared_groups = len({id(g.prefix_ids) for batch, shared in batches[:num_real] if shared for g in batch})
+        keys = ("clip_frac", "clip_low_frac", "clip_high_frac", "kl")
+        totals = self.dist.sum([stats[k] for k in keys] + [sum(mismatch), len(mismatch), num_real, shared_groups])
+        stats.update(zip(keys, totals[:4]))
+        stats["logprob_mismatch"] = totals[4] / max(1, totals[5])
+        stats["num_micro_batches"], stats["prefix_shared_groups"] = int(totals[6]), int(totals[7])
         return stats
+
+    def padding_group(self) -> PrefixGroup:
+        """A one-token group for a rank with fewer micro-batches than another; its loss weight is 0."""
+        return PrefixGroup([self.eos_ids[0]], [[self.eos_ids[0]]], 1, advantages=[0.0], rollout_logp=[[0.0]])
 
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> dict:
         c, algo, G = self.config, self.algo, self.config.num_generations
         start = time.perf_counter()
+        self.sync_rollout_weights()
         before = self.engine_counters()
-        # 1. rollout (DAPO: keep sampling until the batch has enough groups with distinct rewards)
-        kept_groups, totals = [], {"generated": 0, "cold_starts": 0, "cache_hits": 0, "prompts": 0}
-        all_rewards = []
+        # 1. rollout (DAPO: keep sampling until the batch has enough groups with distinct rewards).
+        # Ranks roll out their share of each round's rows; `kept` counts every rank's kept groups,
+        # `kept_groups` are this rank's (the round asks for at most what is missing, so never too many).
+        kept_groups, kept, totals = [], [], {"generated": 0, "cold_starts": 0, "cache_hits": 0}
+        all_rewards, num_prompts = [], 0
         for round_index in range(1 + (algo.max_resample_rounds if algo.dynamic_sampling else 0)):
-            rows = self.next_rows(c.prompts_per_step if round_index == 0 else c.prompts_per_step - len(kept_groups))
+            rows = self.next_rows(c.prompts_per_step - len(kept))
             groups, counters = self.rollout(rows, round_index)
             for key in counters:
                 totals[key] += counters[key]
-            totals["prompts"] += len(rows)
-            # 2. rewards, 3. cache update (every group, kept or not)
+            num_prompts += len(rows)
+            # 2. rewards; every rank sees every group's (rewards, correct, suffix lengths)
             for g in groups:
                 self.score(g)
-                all_rewards += g.rewards
-                if self.rpo.rpo:
-                    self.cache.update(g.row["id"], [g.answer_ids(i) for i in range(G)], g.rewards,
-                                      self.step_num, self.rng)
+            results = [r for part in self.dist.gather([(g.rewards, g.correct, [len(s) for s in g.suffix_ids])
+                                                       for g in groups]) for r in part]
+            all_rewards += [x for r in results for x in r[0]]
+            # 3. cache update (every group, kept or not)
+            if self.rpo.rpo:
+                self.update_cache(rows, groups, [r[0] for r in results])
+            informative = [True] * len(results)
             if algo.dynamic_sampling:
-                informative = informative_groups(torch.tensor([g.rewards for g in groups]))
-                groups = [g for g, keep in zip(groups, informative.tolist()) if keep]
-            kept_groups += groups
-            if len(kept_groups) >= c.prompts_per_step:
+                informative = informative_groups(torch.tensor([r[0] for r in results])).tolist()
+            mine = self.dist.share(len(rows))
+            kept_groups += [g for g, keep in zip(groups, informative[mine.start:mine.stop]) if keep]
+            kept += [r for r, keep in zip(results, informative) if keep]
+            if len(kept) >= c.prompts_per_step:
                 break
-        kept_groups = kept_groups[:c.prompts_per_step]
         rollout_time = time.perf_counter() - start
         # 4. advantages
         if kept_groups:
@@ -293,7 +355,7 @@ class Trainer:
                 g.advantages = a
         # 5. policy update over the generated suffix tokens
         update_start = time.perf_counter()
-        if kept_groups:
+        if kept:  # every rank updates, or none (a rank with no kept group joins with a zero-weight pass)
             stats = self.update(kept_groups)
         else:  # DAPO found no group with distinct rewards within its resampling bound: nothing to learn
             stats = dict.fromkeys(("loss", "clip_frac", "clip_low_frac", "clip_high_frac", "kl", "grad_norm",
@@ -302,24 +364,29 @@ class Trainer:
         self.scheduler.step()
         self.step_num += 1
         after = self.engine_counters()
-        suffix_lens = [len(s) for g in kept_groups for s in g.suffix_ids]
+        generated, cold_starts, cache_hits, prefill, reused = map(int, self.dist.sum(
+            [totals["generated"], totals["cold_starts"], totals["cache_hits"], after["prefill"] - before["prefill"],
+             after["reused"] - before["reused"]]))
+        suffix_lens = [n for r in kept for n in r[2]]
+        rollout_time, update_time, step_time = self.dist.max(
+            [rollout_time, time.perf_counter() - update_start, time.perf_counter() - start])  # the slowest rank's
         metrics = {
             "step": self.step_num,
             "reward_mean": sum(all_rewards) / len(all_rewards),
             "reward_std": float(torch.tensor(all_rewards).std()) if len(all_rewards) > 1 else 0.0,
-            "accuracy_mean": sum(c for g in kept_groups for c in g.correct) / max(1, len(kept_groups) * G),
-            "rollout_generated_tokens": totals["generated"],
-            "rollout_prefill_tokens": after["prefill"] - before["prefill"],
-            "rollout_reused_tokens": after["reused"] - before["reused"],
+            "accuracy_mean": sum(x for r in kept for x in r[1]) / max(1, len(kept) * G),
+            "rollout_generated_tokens": generated,
+            "rollout_prefill_tokens": prefill,
+            "rollout_reused_tokens": reused,
             "suffix_len_mean": sum(suffix_lens) / max(1, len(suffix_lens)),
-            "num_prompts_sampled": totals["prompts"],
-            "num_groups_trained": len(kept_groups),
-            "cache_hit_rate": totals["cache_hits"] / totals["prompts"] if self.rpo.rpo else 0.0,
-            "cold_starts": totals["cold_starts"],
+            "num_prompts_sampled": num_prompts,
+            "num_groups_trained": len(kept),
+            "cache_hit_rate": cache_hits / num_prompts if self.rpo.rpo else 0.0,
+            "cold_starts": cold_starts,
             "lr": self.scheduler.get_last_lr()[0],
             "rollout_time_s": rollout_time,
-            "update_time_s": time.perf_counter() - update_start,
-            "step_time_s": time.perf_counter() - start,
+            "update_time_s": update_time,
+            "step_time_s": step_time,
             **stats,
         }
         return metrics
@@ -328,23 +395,43 @@ class Trainer:
         s = self.engine.stats
         return {"prefill": s.prefill_tokens, "reused": s.reused_tokens}
 
+    def sync_rollout_weights(self) -> None:
+        """fsdp: refresh the rollout replica from the shards after an update (a collective)."""
+        if self.dist.parallel == "fsdp" and self.replica_stale:
+            self.dist.copy_to_replica(self.policy, self.model)
+            self.replica_stale = False
+
     # ---- eval --------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> float:
-        return evaluate_accuracy(self.engine, self.tokenizer, self.eval_rows, self.reward_fn,
-                                 [self.prompt_ids[r["id"]] for r in self.eval_rows],
-                                 self.config.max_completion_length, self.eos_ids)
+        """Greedy accuracy on the eval rows; each rank evaluates its share."""
+        self.sync_rollout_weights()
+        rows = [self.eval_rows[i] for i in self.dist.share(len(self.eval_rows))]
+        accuracy = evaluate_accuracy(self.engine, self.tokenizer, rows, self.reward_fn,
+                                     [self.prompt_ids[r["id"]] for r in rows],
+                                     self.config.max_completion_length, self.eos_ids)
+        correct, total = self.dist.sum([round(accuracy * len(rows)) if rows else 0, len(rows)])
+        return correct / total if total else float("nan")
 
     # ---- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"step": self.step_num, "optimizer": self.optimizer.state_dict(),
+        """Independent of the rank count: a checkpoint resumes on any number of ranks (a collective under fsdp)."""
+        if self.dist.parallel == "fsdp":
+            optimizer = consolidated_optimizer_state(self.optimizer, self.model.dtype != torch.float32)
+        else:
+            optimizer = self.optimizer.state_dict()
+        return {"step": self.step_num, "optimizer": optimizer,
                 "scheduler": self.scheduler.state_dict(), "rng": list(self.rng.getstate()),
                 "torch_rng": torch.get_rng_state(), "data_order": list(self.data_order),
                 "data_pos": self.data_pos, "cache": self.cache.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.step_num = state["step"]
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.dist.parallel == "fsdp":
+            load_consolidated_optimizer_state(self.optimizer, state["optimizer"])
+            self.replica_stale = True  # the float32 masters may differ from the loaded (bf16) weights
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
@@ -352,8 +439,19 @@ class Trainer:
         self.data_order, self.data_pos = list(state["data_order"]), state["data_pos"]
         self.cache.load_state_dict(state["cache"])
 
+    def save_model(self, directory: Path) -> None:
+        """The model as a Hugging Face directory, written by rank 0 (every rank calls it)."""
+        self.sync_rollout_weights()
+        if self.dist.is_main:
+            self.model.save_pretrained(directory, tokenizer=self.tokenizer)
+
     def save_checkpoint(self, directory: Path) -> None:
-        """model/ (a Hugging Face directory) + trainer_state.pt, written under a temporary name, then renamed."""
+        """model/ (a Hugging Face directory) + trainer_state.pt, written under a temporary name, then
+        renamed; by rank 0 (every rank calls it)."""
+        self.sync_rollout_weights()
+        state = self.state_dict()
+        if not self.dist.is_main:
+            return
         directory = Path(directory)
         tmp = directory.with_name(f".{directory.name}.tmp")
         if tmp.exists():
@@ -362,7 +460,7 @@ class Trainer:
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         self.model.save_pretrained(tmp / "model", tokenizer=self.tokenizer)
-        torch.save(self.state_dict(), tmp / "trainer_state.pt")
+        torch.save(state, tmp / "trainer_state.pt")
         (tmp / "config.json").write_text(json.dumps(config_to_dict(self.config), indent=2) + "\n")
         tmp.rename(directory)
 

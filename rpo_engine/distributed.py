@@ -1,0 +1,204 @@
+"""Training across processes and nodes with torchrun: process group, DDP / FSDP2 wrapping, collectives.
+
+`torchrun --nproc-per-node N -m rpo_engine.train ...` starts N ranks; `Dist.from_env` sees torchrun's
+RANK / WORLD_SIZE / LOCAL_RANK and joins the process group (NCCL on CUDA, gloo on the CPU). Without
+torchrun nothing here touches torch.distributed and every collective below is the identity.
+
+How the trainer splits a step (trainer.py): every rank holds the same config, data order, RNG and
+experience cache. The step's prompts are the same list on every rank; rank r rolls out a contiguous
+share of them, whole groups only, with its own RolloutEngine. What decides the next move (rewards,
+the cache's pick per group, DAPO's informative groups) is gathered to every rank, so all ranks draw
+the same cuts and cache choices from the same RNG and agree on resample rounds and on updating. The
+update then runs each rank's own groups; gradients are reduced by DDP or FSDP2.
+
+Weights for rollout:
+- ddp: every rank holds the full model; the engine reads it live, as in one process.
+- fsdp: FSDP2 (`fully_shard`, per decoder layer + root) shards a float32 copy of the model (params,
+  grads and AdamW state: what dominates memory); the model the trainer was given stays a plain,
+  unsharded module in its own dtype (bf16 on a GPU) that the engine reads. It is refreshed from the
+  shards (`DTensor.full_tensor()`, one all-gather per parameter) once after each optimizer step, when
+  the next rollout, eval or save needs it. We keep this replica rather than unsharding around
+  `generate` because FSDP2's forward hooks all-gather inside every layer call, and ranks decode
+  different numbers of steps: collectives inside generation would deadlock, and a plain module keeps
+  the engine's CUDA graphs valid (parameters are copied in place, their addresses never change).
+  The sharded copy computes in the replica's dtype (MixedPrecisionPolicy) and reduces in float32.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from rpo_engine.errors import UserError
+from rpo_engine.model.shared_prefix import group_logprobs
+
+class PolicyForward(nn.Module):
+    """The training forward as a module call: (groups, shared) -> (logp, mask).
+
+    The log-prob path calls `model.hidden_states` and reads `lm_head.weight` directly; DDP and
+    fully_shard hook `forward`, so the gradient pass must enter through a module's forward.
+    """
+
+    def __init__(self, model: nn.Module, temperature: float):
+        super().__init__()
+        self.model, self.temperature = model, temperature
+
+    def forward(self, groups, shared: bool):
+        return group_logprobs(self.model, groups, self.temperature, shared=shared)
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    parallel: str = "none"  # "none": one process, no torch.distributed; else ddp or fsdp
+    device: torch.device = torch.device("cpu")  # where collective tensors live (CUDA for NCCL)
+
+    @classmethod
+    def from_env(cls, parallel: str, device_type: str, timeout_s: float) -> "Dist":
+        """Join torchrun's process group, or a single process when not launched by torchrun."""
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            return cls()
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if device_type == "cuda":
+            torch.cuda.set_device(local_rank)
+            backend, device = "nccl", torch.device("cuda", local_rank)
+        else:
+            backend, device = "gloo", torch.device("cpu")
+        # The timeout bounds a collective that waits on a dead peer (gloo raises; NCCL aborts), so a
+        # failure torchrun does not see (another node's) still ends the job instead of hanging it.
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        return cls(dist.get_rank(), dist.get_world_size(), local_rank, parallel, device)
+
+    @property
+    def enabled(self) -> bool:
+        return self.parallel != "none"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, n: int) -> range:
+        """This rank's contiguous share of n items (sizes differ by at most one; may be empty)."""
+        base, extra = divmod(n, self.world_size)
+        lo = self.rank * base + min(self.rank, extra)
+        return range(lo, lo + base + (self.rank < extra))
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def sum(self, values: list[float]) -> list[float]:
+        return self._reduce(values, dist.ReduceOp.SUM)
+
+    def max(self, values: list[float]) -> list[float]:
+        return self._reduce(values, dist.ReduceOp.MAX)
+
+    def _reduce(self, values, op) -> list[float]:
+        if not self.enabled:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=op)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def close(self) -> None:
+        """End of a good run: wait for every rank (rank 0 still writes), then leave the group together."""
+        if self.enabled and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+    # ---- the model -----------------------------------------------------------------------------
+    def wrap(self, model: nn.Module, temperature: float) -> tuple[nn.Module, nn.Module]:
+        """(rollout model, policy): the plain module with full weights, and the gradient forward."""
+        if self.parallel == "none":
+            return model, PolicyForward(model, temperature)
+        if self.parallel == "ddp":
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            # Rank 0's weights (and buffers) are broadcast here; buffers (RoPE frequencies) never change,
+            # so they are not broadcast on every forward.
+            ids = [self.local_rank] if self.device.type == "cuda" else None
+            return model, DDP(PolicyForward(model, temperature), device_ids=ids, forward_sync_buffers=False)
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        train = copy.deepcopy(model).float()  # sharded float32 masters; `model` stays the rollout replica
+        mp = MixedPrecisionPolicy(param_dtype=model.dtype, reduce_dtype=torch.float32)
+        for layer in train.model.layers:
+            fully_shard(layer, mp_policy=mp)
+        policy = fully_shard(PolicyForward(train, temperature), mp_policy=mp)
+        return model, policy
+
+    @torch.no_grad()
+    def copy_to_replica(self, policy: nn.Module, replica: nn.Module) -> None:
+        """fsdp: write the sharded weights, gathered whole, into the rollout replica (a collective)."""
+        from torch.distributed.tensor import DTensor
+
+        sharded = list(policy.parameters())
+        plain = list(replica.parameters())
+        assert len(sharded) == len(plain)
+        for p, q in zip(sharded, plain):
+            q.copy_(p.full_tensor() if isinstance(p, DTensor) else p)
+
+
+def full_tensor(t):
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def consolidated_optimizer_state(optimizer, low_precision: bool) -> dict:
+    """fsdp: the optimizer's state with every sharded tensor gathered whole (a collective).
+
+    The result has the layout of a one-process optimizer's state_dict, so a checkpoint resumes on any
+    number of ranks, sharded or not. When the replica is low precision, the float32 shards are also
+    written as the `master_weights` a one-process bf16 run keeps (rpo_engine/optim.py).
+    """
+    state = optimizer.state_dict()
+    state["state"] = {i: {k: full_tensor(v).cpu() for k, v in s.items()} for i, s in state["state"].items()}
+    if low_precision:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        state["master_weights"] = [full_tensor(p.detach()).cpu() for p in params]
+    return state
+
+
+@torch.no_grad()
+def load_consolidated_optimizer_state(optimizer, state: dict) -> None:
+    """fsdp: load a one-process layout state (any rank count wrote it), sharding it like the parameters."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    state = dict(state)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    masters = state.pop("master_weights", [])
+
+    def like(t, p):
+        if isinstance(p, DTensor) and isinstance(t, torch.Tensor) and t.shape == p.shape:
+            return distribute_tensor(t.to(p.device, p.dtype), p.device_mesh, p.placements)
+        return t
+
+    if masters:  # exact float32 weights of a low-precision run
+        if len(masters) != len(params):
+            raise ValueError(f"optimizer state has {len(masters)} master weights, the model needs {len(params)}")
+        for p, w in zip(params, masters):
+            p.copy_(like(w, p))
+    state["state"] = {i: {k: like(v, params[int(i)]) for k, v in s.items()} for i, s in state["state"].items()}
+    optimizer.load_state_dict(state)
+
+
+def check_divisible(prompts_per_step: int, world_size: int) -> None:
+    if prompts_per_step % world_size:
+        raise UserError(f"--prompts-per-step ({prompts_per_step}) must be divisible by the number of ranks "
+                        f"({world_size}): each rank rolls out prompts_per_step / world_size prompts")

@@ -1,0 +1,137 @@
+"""torchrun on the CPU (gloo): 2 ranks take the same steps as 1 process, with DDP and FSDP2; a 2-rank
+checkpoint resumes on 1 rank; a failing rank stops the job; bad launches are one-line errors."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rpo_engine.data.tokenizer import build_task_tokenizer
+from rpo_engine.model import CausalLM, ModelConfig
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A random 2-layer Qwen2-shaped model (tied embeddings) with the task tokenizer."""
+    directory = tmp_path_factory.mktemp("tiny")
+    tok = build_task_tokenizer()
+    config = ModelConfig.from_hf_dict(dict(
+        model_type="qwen2", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    torch.manual_seed(0)
+    CausalLM(config).init_weights(0.02).save_pretrained(directory, tokenizer=tok)
+    return directory
+
+
+def run(args, nproc=None, env=None, timeout=300):
+    """`python -m rpo_engine.train ARGS`, or under torchrun with `nproc` ranks."""
+    launch = [sys.executable, "-m", "rpo_engine.train"]
+    if nproc is not None:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                  "-m", "rpo_engine.train"]
+    return subprocess.run([*launch, "--no-progress", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env=dict(ENV, **(env or {})))
+
+
+def check(proc):
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def read_metrics(output):
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_steps(a, b, steps):
+    """Same samples (rewards, tokens) and the same update (loss, grad norm, KL) at each of `steps`."""
+    by_step = ({m["step"]: m for m in a}, {m["step"]: m for m in b})
+    for step in steps:
+        x, y = by_step[0][step], by_step[1][step]
+        for key in ("reward_mean", "reward_std", "accuracy_mean", "rollout_generated_tokens", "num_prompts_sampled",
+                    "num_groups_trained", "cache_hit_rate", "cold_starts", "suffix_len_mean", "lr"):
+            assert x[key] == y[key], (step, key, x[key], y[key])
+        for key in ("loss", "grad_norm", "kl", "clip_frac"):
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (step, key)
+
+
+# DAPO with coin-flip rewards: dynamic sampling drops a group at step 3 and resamples 1 prompt, so
+# one rank rolls out none; two optimizer passes (the second off-policy: the loss is not trivially 0) and a KL reference; small micro-batches, so at step 3 one rank runs more of them than
+# the other (which pads with zero-weight ones).
+COMMON = ["--steps", 3, "--save-steps", 2, "--eval-steps", 3, "--eval-size", 5, "--algo", "dapo", "--seed", 1,
+          "--prompts-per-step", 4, "--num-generations", 4, "--max-completion-length", 48, "--train-size", 6,
+          "--overlong-buffer", 0, "--no-length-shaping", "--num-iterations", 2, "--beta", 0.05,
+          "--micro-batch-tokens", 72, "--learning-rate", 1e-3, "--reward", "tests.reward_fns:hash_reward",
+          "--dist-timeout", 60, "--device", "cpu"]  # gloo: on a GPU box two ranks cannot share its one GPU
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    """The same job on 1 process, on 2 ranks with DDP and on 2 ranks with FSDP2."""
+    root = tmp_path_factory.mktemp("dist")
+    common = ["--model", tiny_model_dir, *COMMON]
+    check(run([*common, "--output", root / "one"]))
+    check(run([*common, "--output", root / "ddp"], nproc=2))
+    check(run([*common, "--output", root / "fsdp", "--parallel", "fsdp"], nproc=2))
+    return root
+
+
+def test_two_ranks_match_one_process(runs):
+    one, ddp = read_metrics(runs / "one"), read_metrics(runs / "ddp")
+    assert [m["step"] for m in ddp] == [0, 1, 2, 3]
+    assert_same_steps(one, ddp, [1, 2, 3])
+    assert one[-1]["eval_accuracy"] == ddp[-1]["eval_accuracy"]
+    assert any(m["num_prompts_sampled"] > 4 for m in one[1:])  # a resample round ran (odd rows: a rank without)
+    assert all(m["grad_norm"] > 0 and abs(m["loss"]) > 1e-3 and m["kl"] > 0 for m in one[1:])
+    assert (runs / "ddp" / "final" / "model.safetensors").is_file() and (runs / "ddp" / "curves.png").is_file()
+
+
+def test_fsdp_matches_ddp(runs):
+    ddp, fsdp = read_metrics(runs / "ddp"), read_metrics(runs / "fsdp")
+    assert_same_steps(ddp, fsdp, [1, 2, 3])
+    from safetensors.torch import load_file
+    a, b = load_file(runs / "ddp" / "final" / "model.safetensors"), load_file(runs / "fsdp" / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:  # the gathered FSDP2 weights, saved by rank 0, equal the DDP replica's
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+
+
+def test_two_rank_checkpoint_resumes_on_one_rank(runs, tiny_model_dir, tmp_path):
+    # The FSDP2 run's step-2 checkpoint (sharded optimizer state, consolidated by rank 0), resumed
+    # by one plain process, gives the uninterrupted 1-process run's step 3.
+    part = tmp_path / "part"
+    shutil.copytree(runs / "fsdp", part, ignore=shutil.ignore_patterns("step-3", "final", "tensorboard"))
+    proc = check(run(["--model", tiny_model_dir, *COMMON, "--output", part, "--resume"]))
+    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
+    one, resumed = read_metrics(runs / "one"), read_metrics(part)
+    assert [m["step"] for m in resumed] == [0, 1, 2, 3]
+    assert_same_steps(one, resumed, [3])
+
+
+def test_failing_rank_stops_the_job(tiny_model_dir, tmp_path):
+    start = time.monotonic()
+    proc = run(["--model", tiny_model_dir, *COMMON, "--output", tmp_path / "o", "--dist-timeout", 30], nproc=2,
+               env={"RPO_ENGINE_TEST_FAIL_AT": "1:2"}, timeout=120)
+    assert proc.returncode != 0
+    assert "RPO_ENGINE_TEST_FAIL_AT: rank 1 fails at step 2" in proc.stderr
+    assert time.monotonic() - start < 60  # rank 0, waiting in a collective, did not hang to the timeout
+    assert [m["step"] for m in read_metrics(tmp_path / "o")] == [0, 1]
+
+
+def test_bad_launch_is_a_one_line_error(tiny_model_dir, tmp_path):
+    proc = run(["--parallel", "zero3", "--output", tmp_path / "o"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "error: --parallel must be ddp or fsdp, got 'zero3'"
+    proc = run(["--model", tiny_model_dir, "--prompts-per-step", 3, "--device", "cpu", "--output", tmp_path / "o"],
+               nproc=2, timeout=120)
+    assert proc.returncode != 0 and not (tmp_path / "o").exists()
+    assert ("error: --prompts-per-step (3) must be divisible by the number of ranks (2)") in proc.stderr
+    assert "exitcode  : 2" in proc.stderr  # torchrun reports the rank's user-error exit code
