@@ -1,0 +1,54 @@
+"""The starter model's recipe plumbing: length-bucketed batches, the cache key, build once and reuse."""
+import json
+import random
+
+import pytest
+import torch
+
+import rpo_engine
+from rpo_engine.data import starter
+from rpo_engine.data.starter import StarterRecipe, ensure_starter_model, length_bucketed_batches
+
+
+def test_length_bucketed_batches_cover_random_pools_with_little_padding():
+    rng = random.Random(0)
+    examples = [([1] * rng.randint(1, 5), [2] * rng.randint(1, 300)) for _ in range(2000)]
+    batches = length_bucketed_batches(examples, batch_size=16, rng=random.Random(1), pool_batches=8)
+    drawn = [next(batches) for _ in range(64)]
+    assert all(len(b) == 16 for b in drawn)
+    ids = [id(e) for b in drawn[:8] for e in b]
+    assert len(set(ids)) == 128  # one pool: 8 batches of distinct examples
+    length = lambda e: len(e[0]) + len(e[1])
+    padded = sum(16 * max(map(length, b)) for b in drawn)
+    real = sum(length(e) for b in drawn for e in b)
+    random_batches = [random.Random(2).sample(examples, 16) for _ in range(64)]
+    padded_random = sum(16 * max(map(length, b)) for b in random_batches)
+    assert real / padded > 0.85 and padded < 0.7 * padded_random
+    # batches of a pool come in random order, not shortest first
+    firsts = [max(map(length, b)) for b in drawn[:8]]
+    assert firsts != sorted(firsts)
+
+
+def test_cache_key_follows_recipe_and_architecture(monkeypatch):
+    base = StarterRecipe().key()
+    assert StarterRecipe(steps=5).key() != base
+    assert StarterRecipe().key() == base
+    monkeypatch.setitem(starter.STARTER_ARCH, "hidden_size", 64)
+    assert StarterRecipe().key() != base
+
+
+def test_built_once_then_reused(tmp_path):
+    recipe = StarterRecipe(num_train_rows=64, steps=3, batch_size=4, warmup_steps=1)
+    directory = ensure_starter_model(tmp_path, progress=False, recipe=recipe)
+    assert directory.parent == tmp_path and directory.name == f"starter-{recipe.key()}"
+    summary = json.loads((directory / "starter.json").read_text())
+    assert summary["recipe"]["steps"] == 3 and summary["num_parameters"] > 0
+    model, tok = rpo_engine.load_model(directory), rpo_engine.load_tokenizer(directory)
+    assert model.config.hidden_size == starter.STARTER_ARCH["hidden_size"]
+    assert tok.decode(tok.encode("Q: 12+34\nA:")) == "Q: 12+34\nA:"
+    stamp = (directory / "model.safetensors").stat().st_mtime_ns
+    assert ensure_starter_model(tmp_path, progress=False, recipe=recipe) == directory
+    assert (directory / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    with torch.no_grad():
+        logits = model(torch.tensor([tok.encode("Q: 12+34\nA:")]))
+    assert torch.isfinite(logits).all()
