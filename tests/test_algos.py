@@ -90,6 +90,23 @@ def test_cache_correct_only_keeps_old_path():
     assert cache.get("p").token_ids in ([7], [8]) and cache.get("p").step == 2
 
 
+def test_cache_correct_only_drops_an_unverified_path_whose_answers_all_fail():
+    rng = random.Random(0)
+    cache = ExperienceCache("correct-only", epsilon=1.0)
+    cache.put("cold", [1, 2, 3], float("nan"), step=0)  # a cold start's path: never scored
+    cache.put("good", [4, 5], 1.0, step=0)
+    assert cache.update("cold", [[7], [8]], [0.0, 0.0], step=1, rng=rng) and "cold" not in cache
+    assert not cache.update("good", [[7], [8]], [0.0, 0.0], step=1, rng=rng)
+    assert cache.get("good").token_ids == [4, 5]  # a verified path stays
+    cache.put("cold", [1, 2, 3], float("nan"), step=2)
+    assert cache.update("cold", [[7], [8]], [0.0, 0.6], step=3, rng=rng)
+    assert cache.get("cold").token_ids == [8]
+    paper = ExperienceCache("epsilon-greedy", epsilon=1.0)
+    paper.put("cold", [1, 2, 3], float("nan"), step=0)
+    paper.update("cold", [[7], [8]], [0.0, 0.0], step=1, rng=rng)
+    assert "cold" in paper  # the paper's rule keeps some path
+
+
 def test_cache_state_round_trip():
     cache = ExperienceCache("epsilon-greedy", 0.3)
     cache.put("a", [1, 2], 0.5, 3)

@@ -6,7 +6,10 @@ from the paper's public code (yhz5613813/RPO), and why:
   the policy produced (re-tokenizing text can merge tokens differently);
 - ties for the best reward are broken at random, and the random pick covers all G completions
   (the code's `argmax` always took the first of equal rewards and its `randint(0, G-1)` never the last);
-- `correct-only` keeps the old path unless the chosen completion is correct (reward >= threshold).
+- `correct-only` keeps the old path unless the chosen completion is correct (reward >= threshold), and
+  drops a path not known to be correct (a cold start's, reward NaN) once none of the G answers grown from
+  it is correct: for a weak model most first paths are wrong early on, every suffix of a wrong kept prefix
+  is wrong too, and the prompt would give zero-advantage groups forever. Dropped, it cold-starts again.
 The cache saves to / restores from a plain JSON-able dict, stored inside every checkpoint.
 """
 from __future__ import annotations
@@ -54,6 +57,11 @@ class ExperienceCache:
                rng: random.Random) -> bool:
         """Keep one of a group's whole answers (kept path + suffix). Returns whether the path changed."""
         index = self.choose(rewards, rng)
+        if self.policy == "correct-only" and max(rewards) < self.correct_threshold:
+            old = self.paths.get(prompt_id)
+            if old is not None and not old.reward >= self.correct_threshold:  # NaN: never verified
+                del self.paths[prompt_id]
+                return True
         if index is None:
             return False
         self.put(prompt_id, answers[index], rewards[index], step)
