@@ -32,7 +32,8 @@ class RPOConfig:
     rpo_max_cut: int = field(default=300, metadata={"help": "most tokens cut from the end of a cached path (paper: 300)"})
     rpo_max_cut_fraction: float = field(default=0.25, metadata={"help": "never cut more than this fraction of the path"})
     rpo_extra_budget: int = field(default=16, metadata={"help": "suffix budget = cut + this many tokens"})
-    rpo_cache_policy: str = field(default="epsilon-greedy", metadata={"help": f"cache update rule: {CACHE_POLICIES}"})
+    rpo_cache_policy: str = field(default="correct-only", metadata={
+        "help": f"cache update rule: {CACHE_POLICIES} (paper: epsilon-greedy; correct-only also drops a path none of whose answers is correct)"})
     rpo_epsilon: float = field(default=0.5, metadata={"help": "probability of caching the best completion (else a random one)"})
     rpo_loss_on_prefix: bool = field(default=False, metadata={"help": "also train on the cached-prefix tokens"})
     length_shaping: bool = field(default=True, metadata={"help": "length-aware accuracy reward among a group's correct answers"})
@@ -102,7 +103,7 @@ class TrainConfig:
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
     top_k: int = field(default=0, metadata={"help": "top-k sampling (0: off)"})
-    learning_rate: float = field(default=2e-4, metadata={"help": "peak learning rate (AdamW)"})
+    learning_rate: float = field(default=3e-5, metadata={"help": "peak learning rate (AdamW; the default suits the built-in starter model, use ~1e-6 for 1B+ models)"})
     warmup_ratio: float = field(default=0.05, metadata={"help": "fraction of steps of linear warmup before cosine decay"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})

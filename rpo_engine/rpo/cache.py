@@ -53,15 +53,23 @@ class ExperienceCache:
             return None
         return index
 
+    def drop_if_refuted(self, prompt_id: str, rewards: list[float]) -> bool:
+        """correct-only: drop the path if it was never verified correct (reward NaN or low) and none of the
+        G answers grown from it is correct. Returns whether it was dropped."""
+        if self.policy != "correct-only" or max(rewards) >= self.correct_threshold:
+            return False
+        old = self.paths.get(prompt_id)
+        if old is None or old.reward >= self.correct_threshold:  # NaN compares False: unverified
+            return False
+        del self.paths[prompt_id]
+        return True
+
     def update(self, prompt_id: str, answers: list[list[int]], rewards: list[float], step: int,
                rng: random.Random) -> bool:
         """Keep one of a group's whole answers (kept path + suffix). Returns whether the path changed."""
         index = self.choose(rewards, rng)
-        if self.policy == "correct-only" and max(rewards) < self.correct_threshold:
-            old = self.paths.get(prompt_id)
-            if old is not None and not old.reward >= self.correct_threshold:  # NaN: never verified
-                del self.paths[prompt_id]
-                return True
+        if self.drop_if_refuted(prompt_id, rewards):
+            return True
         if index is None:
             return False
         self.put(prompt_id, answers[index], rewards[index], step)
