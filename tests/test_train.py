@@ -69,7 +69,8 @@ def test_rpo_generates_fewer_tokens_than_full_path(tmp_path, tiny_model_dir):
     # three training prompts, three per step: every prompt recurs each step
     common = ["--model", tiny_model_dir, "--steps", 3, "--eval-steps", 0, "--rpo-max-cut", 8, "--train-size", 3,
               *SMALL]
-    run_train(*common, "--output", rpo)
+    # the paper's cache rule keeps a path whatever its reward (a random model earns none)
+    run_train(*common, "--output", rpo, "--rpo-cache-policy", "epsilon-greedy")
     run_train(*common, "--output", full, "--no-rpo")
     r, f = read_metrics(rpo), read_metrics(full)
     assert r[0]["cold_starts"] == 3 and r[1]["cache_hit_rate"] == 1.0
@@ -77,6 +78,16 @@ def test_rpo_generates_fewer_tokens_than_full_path(tmp_path, tiny_model_dir):
     assert f[0]["cold_starts"] == 0 and f[0]["cache_hit_rate"] == 0.0
     # after the cold start, RPO generates only suffixes
     assert sum(m["rollout_generated_tokens"] for m in r[1:]) < sum(m["rollout_generated_tokens"] for m in f[1:])
+
+
+def test_correct_only_cache_cold_starts_again_after_a_refuted_path(tmp_path, tiny_model_dir):
+    out = tmp_path / "correct-only"
+    run_train("--model", tiny_model_dir, "--steps", 2, "--eval-steps", 0, "--train-size", 3, "--output", out,
+              "--rpo-cache-policy", "correct-only", *SMALL)
+    first, second = read_metrics(out)
+    # a random model answers nothing right: every cold path is dropped and cold-started again
+    assert first["reward_mean"] == 0.0 and first["cold_starts"] == 3
+    assert second["cold_starts"] == 3 and second["cache_hit_rate"] == 0.0
 
 
 def test_dapo_dynamic_sampling_is_bounded(tmp_path, tiny_model_dir):
