@@ -23,3 +23,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A random 2-layer Qwen2-shaped model (tied embeddings) with the task tokenizer: fast, and (small init)
+    its samples vary."""
+    from rpo_engine.data.tokenizer import build_task_tokenizer
+    from rpo_engine.model import CausalLM, ModelConfig
+
+    directory = tmp_path_factory.mktemp("tiny")
+    tok = build_task_tokenizer()
+    config = ModelConfig.from_hf_dict(dict(
+        model_type="qwen2", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+    torch.manual_seed(0)
+    CausalLM(config).init_weights(0.02).save_pretrained(directory, tokenizer=tok)
+    return directory
