@@ -7,9 +7,10 @@ benchmark reads the token and step-time reduction at paper lengths directly:
   RPO:       B prefixes = prompt + (full_len - suffix_len) cached tokens, G suffixes of `--suffix-len`.
 The update is one forward+backward over each sample with the fused LM-head log-prob kernel and the
 clipped-ratio loss on the generated tokens only (the suffix for RPO, as the trainer does), then an
-AdamW step. The update runs the plain padded batch, as rpo_engine/trainer.py does in this tree: every
-RPO sample still runs its whole prefix through the forward. Medians over --repeats, full and RPO
-interleaved in one process.
+AdamW step, through the trainer's own path: a group's prefix runs once in forward and backward
+(shared-prefix layout) where that costs fewer FLOPs, which is every RPO group here; full-path groups
+(short prompt, long completions) run padded. `--no-prefix-sharing` pads every group, to compare.
+Medians over --repeats, full and RPO interleaved in one process.
 
     python benchmarks/bench_paper_shape.py                 # CPU: small model, 1 x 8 samples of 1536 tokens
     python benchmarks/bench_paper_shape.py --gpu           # CUDA: Qwen2.5-1.5B shape, bf16, 8 x 8 samples
@@ -20,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-from rpo_engine.kernels import fused_logprobs, policy_loss
+from rpo_engine.kernels import policy_loss
 from rpo_engine.model.config import ModelConfig
 from rpo_engine.model.decoder import CausalLM
+from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, micro_batches, sharing_pays
 from rpo_engine.rollout import RolloutEngine, SamplingParams
 
 CPU_SHAPE = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
@@ -51,35 +53,18 @@ def random_model(shape, device, dtype):
         return CausalLM(config).init_weights(0.02).to(dtype)
 
 
-def update(model, optimizer, samples, micro_batch_tokens, norm_length):
-    """One optimizer step: fwd+bwd over every sample, loss on tokens from loss_start on (trainer.update's core)."""
-    device = model.device
+def update(model, optimizer, groups, micro_batch_tokens, norm_length, prefix_sharing):
+    """One optimizer step over the groups, as Trainer.update does it: groups are the micro-batch unit, a
+    group runs its prefix once (shared layout) where `sharing_pays`, else one padded row per sample."""
     optimizer.zero_grad(set_to_none=True)
-    order = sorted(samples, key=lambda s: len(s["ids"]))
-    rows_per_batch = max(1, micro_batch_tokens // len(order[-1]["ids"]))
-    for i in range(0, len(order), rows_per_batch):
-        batch = order[i:i + rows_per_batch]
-        T = max(len(s["ids"]) for s in batch) - 1
-        span = max(len(s["ids"]) - s["loss_start"] for s in batch)
-        input_ids = torch.zeros(len(batch), T, dtype=torch.long)
-        targets = torch.zeros(len(batch), span, dtype=torch.long)
-        mask = torch.zeros(len(batch), span, dtype=torch.bool)
-        rows_idx, cols_idx = [], []
-        for b, s in enumerate(batch):
-            ids, n = s["ids"], len(s["ids"]) - s["loss_start"]
-            input_ids[b, :len(ids) - 1] = torch.tensor(ids[:-1])
-            targets[b, :n] = torch.tensor(ids[s["loss_start"]:])
-            mask[b, :n] = True
-            rows_idx += [b] * n
-            cols_idx += range(s["loss_start"] - 1, len(ids) - 1)  # the position that predicts each target
-        input_ids, targets, mask = input_ids.to(device), targets.to(device), mask.to(device)
-        hidden = model.hidden_states(input_ids)  # [b, T, H]
-        picked = hidden[torch.tensor(rows_idx, device=device), torch.tensor(cols_idx, device=device)]  # [n, H]
-        logp = torch.zeros(len(batch), span, device=device).masked_scatter(
-            mask, fused_logprobs(picked, model.lm_head.weight, targets[mask]))  # [b, span]
-        adv = torch.tensor([s["advantage"] for s in batch], device=device)
-        loss, _ = policy_loss(logp, logp.detach(), adv, mask, norm_length=norm_length)
-        (loss * len(batch) / len(samples)).backward()
+    total = sum(len(g.suffix_ids) for g in groups)
+    use = [prefix_sharing and sharing_pays(g, model.config) for g in groups]
+    for shared in (True, False):
+        for batch in micro_batches([g for g, u in zip(groups, use) if u == shared], micro_batch_tokens, shared):
+            logp, mask = group_logprobs(model, batch, shared=shared)  # [S, span]
+            adv = torch.tensor([a for g in batch for a in g.advantages], device=model.device)
+            loss, _ = policy_loss(logp, logp.detach(), adv, mask, norm_length=norm_length)
+            (loss * len(adv) / total).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
 
@@ -96,15 +81,15 @@ def one_step(model, engine, optimizer, prompts, cached, args, seed):
     outs = engine.generate(prefixes, params)
     sync(device)
     t1 = time.perf_counter()
-    samples = [{"ids": prefix + o.token_ids, "loss_start": len(prefix), "advantage": rng.gauss(0, 1)}
-               for prefix, group in zip(prefixes, outs) for o in group]
-    update(model, optimizer, samples, args.micro_batch_tokens, args.full_len)
+    groups = [PrefixGroup(prefix, [o.token_ids for o in group], len(prefix),
+                          advantages=[rng.gauss(0, 1) for _ in group]) for prefix, group in zip(prefixes, outs)]
+    update(model, optimizer, groups, args.micro_batch_tokens, args.full_len, args.prefix_sharing)
     sync(device)
     t2 = time.perf_counter()
     generated = sum(len(o.token_ids) for group in outs for o in group)
     return dict(generated_tokens=generated, prefill_tokens=engine.last_stats.prefill_tokens,
-                trained_tokens=sum(len(s["ids"]) - s["loss_start"] for s in samples),
-                forward_tokens=sum(len(s["ids"]) - 1 for s in samples),
+                trained_tokens=sum(len(x) for g in groups for x in g.suffix_ids),
+                padded_forward_tokens=sum(len(g.prefix_ids) + len(x) - 1 for g in groups for x in g.suffix_ids),
                 rollout_s=t1 - t0, update_s=t2 - t1, step_s=t2 - t0)
 
 
@@ -120,6 +105,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--micro-batch-tokens", type=int, default=None, help="default: 16384 CPU, 8192 GPU")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--no-prefix-sharing", dest="prefix_sharing", action="store_false",
+                    help="update with one padded row per sample (the trainer's --no-prefix-sharing)")
     args = ap.parse_args()
     device = torch.device("cuda" if args.gpu else "cpu")
     dtype = torch.bfloat16 if args.gpu else torch.float32
@@ -165,8 +152,10 @@ def main():
                                 cached_len=args.full_len - args.suffix_len, repeats=args.repeats,
                                 micro_batch_tokens=args.micro_batch_tokens,
                                 gradient_checkpointing=bool(args.gpu),
-                                update="padded batch: each RPO sample runs prompt + cached path + suffix forward; "
-                                       "loss on generated tokens only"),
+                                prefix_sharing=args.prefix_sharing,
+                                update=("the trainer's path: shared-prefix groups where sharing_pays, else padded"
+                                        if args.prefix_sharing else "padded batch: every sample runs its whole prefix")
+                                       + "; loss on generated tokens only"),
                   median={"full": full, "rpo": rpo}, reduction=reduction, runs=runs)
     out = args.out or Path(__file__).parent / "results" / f"paper_shape_{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
