@@ -120,8 +120,6 @@ def test_micro_batches_pack_whole_groups(shared):
 
 # ---- the trainer: sharing on and off give the same run ------------------------------------------
 
-from tests.test_train import tiny_model_dir  # noqa: E402,F401  (the module-scoped fixture)
-
 
 def test_sharing_pays_for_rpo_prefixes_not_long_completions():
     config = ModelConfig.from_hf_dict(dict(model_type="qwen2", vocab_size=151936, hidden_size=1536,
