@@ -13,6 +13,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+from common import git_commit, machine, save_json  # noqa: E402
 from rpo_engine.kernels import fused_logprobs, logprobs_reference  # noqa: E402
 
 CPU_SHAPES = [(8192, 256, 32000, torch.float32)]
@@ -55,6 +56,7 @@ def child(method, n, h, v, dtype, repeats):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/)")
     p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -63,10 +65,8 @@ def main():
     cuda = torch.cuda.is_available()
     liger = cuda and importlib.util.find_spec("liger_kernel") is not None
     methods = ["naive", "torch"] + ["triton"] * cuda + ["liger"] * liger
-    cpu = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
-    machine = torch.cuda.get_device_name() if cuda else f"{platform.platform()}, {cpu[0]} x{os.cpu_count()}"
     rows = []
-    print(f"{machine}: fused_logprobs fwd+bwd, median of {args.repeats}; memory = "
+    print(f"{machine('cuda' if cuda else 'cpu')}: fused_logprobs fwd+bwd, median of {args.repeats}; memory = "
           f"{'max_memory_allocated' if cuda else 'peak RSS (ru_maxrss)'} delta incl. gradients")
     print(f"{'tokens':>6} {'hidden':>6} {'vocab':>6} {'dtype':>8} {'method':>7} {'ms':>9} {'peak MiB':>9} "
           f"{'time/naive':>10} {'mem/naive':>9}")
@@ -83,17 +83,13 @@ def main():
             print(f"{n:>6} {h:>6} {v:>6} {dt:>8} {m:>7} {r['ms']:>9.1f} {r['peak_extra_mib']:>9.0f} "
                   f"{r['ms'] / naive['ms']:>10.2f} {r['peak_extra_mib'] / naive['peak_extra_mib']:>9.3f}")
             rows.append(r)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
     triton_version = importlib.metadata.version("triton") if importlib.util.find_spec("triton") else None
-    result = {"machine": machine, "date": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": commit,
+    result = {"machine": machine("cuda" if cuda else "cpu"), "platform": platform.platform(),
+              "date": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": git_commit(),
               "torch": torch.__version__, "triton": triton_version, "repeats": args.repeats,
               "memory_method": "cuda max_memory_allocated delta" if cuda else "ru_maxrss delta (fresh process)",
               "load_avg_1m": os.getloadavg()[0], "results": rows}  # other jobs skew the times, not memory
-    path = os.path.join(HERE, "results", f"kernels_{'cuda' if cuda else 'cpu'}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {path} (1-min load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
+    save_json(args.out or os.path.join(HERE, "results", f"kernels_{'cuda' if cuda else 'cpu'}.json"), result)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,12 @@ Medians over --repeats, full and RPO interleaved in one process.
     python benchmarks/bench_paper_shape.py --gpu           # CUDA: Qwen2.5-1.5B shape, bf16, 8 x 8 samples
 Writes benchmarks/results/paper_shape_<cpu|cuda>.json (or --out PATH).
 """
-import argparse, datetime, json, os, platform, random, statistics, subprocess, time  # noqa: E401
+import argparse, datetime, json, os, random, statistics, time  # noqa: E401
 from pathlib import Path
 
 import torch
 
+from common import git_commit, machine, save_json
 from rpo_engine.kernels import policy_loss
 from rpo_engine.model.config import ModelConfig
 from rpo_engine.model.decoder import CausalLM
@@ -36,13 +37,6 @@ QWEN25_15B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def machine(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    names = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")]
-    return f"{names[0] if names else platform.processor()} ({torch.get_num_threads()} threads)"
 
 
 def random_model(shape, device, dtype):
@@ -142,8 +136,7 @@ def main():
           f" (paper: ~95% fewer tokens, 72-90% less training time)")
     result = dict(benchmark="paper_shape", device=device.type, machine=machine(device),
                   date=datetime.datetime.now().isoformat(timespec="seconds"),
-                  git_commit=subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                            cwd=Path(__file__).parent).stdout.strip(),
+                  git_commit=git_commit(),
                   torch=torch.__version__, threads=torch.get_num_threads(), dtype=str(dtype), model=shape,
                   num_parameters=model.num_parameters(),
                   load_average_1_5_15=os.getloadavg() if device.type == "cpu" else None,
@@ -157,10 +150,7 @@ def main():
                                         if args.prefix_sharing else "padded batch: every sample runs its whole prefix")
                                        + "; loss on generated tokens only"),
                   median={"full": full, "rpo": rpo}, reduction=reduction, runs=runs)
-    out = args.out or Path(__file__).parent / "results" / f"paper_shape_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    save_json(args.out or Path(__file__).parent / "results" / f"paper_shape_{device.type}.json", result)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,14 @@ tokens/s, achieved GB/s (weights + K/V read per decode step / step time) against
 bandwidth, and the ratio to transformers. New tokens/s counts every returned token over the call's wall time.
 Writes benchmarks/results/rollout_<cpu|cuda>.json.
 """
-import argparse, datetime, json, os, platform, statistics, subprocess, tempfile, time  # noqa: E401
+import argparse, datetime, json, os, statistics, tempfile, time  # noqa: E401
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import rpo_engine
+from common import git_commit, machine, save_json
 from rpo_engine.rollout import RolloutEngine, SamplingParams
 
 TINY = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -38,13 +39,6 @@ def median_time(fn, repeats, device):
         sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def machine(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    names = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")]
-    return f"{names[0] if names else platform.processor()} ({torch.get_num_threads()} threads)"
 
 
 def copy_bandwidth(device):
@@ -102,6 +96,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -129,14 +124,11 @@ def main():
                                      args.repeats, engine_kwargs=dict(gpu_memory_utilization=0.9)))
     result = dict(benchmark="rollout", device=device.type, machine=machine(device),
                   date=datetime.datetime.now().isoformat(timespec="seconds"),
-                  git_commit=subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+                  git_commit=git_commit(),
                   torch=torch.__version__, threads=torch.get_num_threads(), model=shape, dtype=str(dtype),
                   load_average_1_5_15=os.getloadavg() if device.type == "cpu" else None,  # the box may be shared
                   copy_GB_s=copy_bandwidth(device), rows=rows)
-    out = Path(__file__).parent / "results" / f"rollout_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    save_json(args.out or Path(__file__).parent / "results" / f"rollout_{device.type}.json", result)
 
 
 if __name__ == "__main__":

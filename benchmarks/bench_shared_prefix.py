@@ -10,12 +10,13 @@ device; on CUDA also torch.cuda.max_memory_allocated minus what was allocated be
 CPU: a small Qwen2-shaped model in fp32. --gpu (default on CUDA): Qwen2.5-1.5B's shape in bf16.
 Writes benchmarks/results/shared_prefix_<cpu|cuda>.json. Usage: python benchmarks/bench_shared_prefix.py
 """
-import argparse, datetime, json, os, platform, random, statistics, subprocess, sys, time  # noqa: E401
+import argparse, datetime, os, platform, random, statistics, sys, time  # noqa: E401
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+from common import git_commit, machine, save_json  # noqa: E402
 from rpo_engine.kernels import policy_loss  # noqa: E402
 from rpo_engine.model import CausalLM, ModelConfig  # noqa: E402
 from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, layout_tokens  # noqa: E402
@@ -90,6 +91,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gpu", action="store_true", default=torch.cuda.is_available())
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/)")
     args = p.parse_args()
     device, dtype = ("cuda", torch.bfloat16) if args.gpu else ("cpu", torch.float32)
     shape = QWEN25_15B if args.gpu else SMALL
@@ -97,9 +99,7 @@ def main():
                                            **shape))
     torch.manual_seed(0)
     model = CausalLM(config).init_weights().to(device=device, dtype=dtype).train()
-    cpu = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
-    machine = torch.cuda.get_device_name() if args.gpu else f"{platform.platform()}, {cpu[0]} x{os.cpu_count()}"
-    print(f"{machine}, {torch.get_num_threads()} threads; {model.num_parameters() / 1e6:.1f}M params {dtype}; "
+    print(f"{machine('cuda' if args.gpu else 'cpu')}; {model.num_parameters() / 1e6:.1f}M params {dtype}; "
           f"fwd+bwd median of {args.repeats}; memory = bytes saved for backward")
     print(f"{'prefix':>6} {'G':>3} {'path':>7} {'tokens':>7} {'ms':>8} {'cpu ms':>8} {'saved MiB':>10} {'cuda MiB':>9} "
           f"{'speedup':>8} {'mem /':>6}")
@@ -117,18 +117,14 @@ def main():
                   + (f" {r['speedup']:>7.2f}x {r['memory_reduction']:>5.2f}x" if "speedup" in r else "")
                   + ("  OOM" if r.get("oom") else ""))
         rows += [plain, shared]
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
-    result = {"machine": machine, "date": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": commit,
+    result = {"machine": machine("cuda" if args.gpu else "cpu"), "platform": platform.platform(),
+              "date": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": git_commit(),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(dtype), "model": shape,
               "suffix_tokens": "uniform 64..128", "repeats": args.repeats,
               "memory_method": "distinct storages saved for backward (saved_tensors_hooks), parameters excluded"
                                + ("; cuda max_memory_allocated delta" if args.gpu else ""),
               "load_avg_1m": os.getloadavg()[0], "results": rows}  # other jobs skew the times, not memory
-    path = os.path.join(HERE, "results", f"shared_prefix_{'cuda' if args.gpu else 'cpu'}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {path} (1-min load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
+    save_json(args.out or os.path.join(HERE, "results", f"shared_prefix_{'cuda' if args.gpu else 'cpu'}.json"), result)
 
 
 if __name__ == "__main__":

@@ -12,23 +12,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
-import subprocess
 import tempfile
 from pathlib import Path
 
 import torch
 
+from common import git_commit, machine, save_json
 from rpo_engine.train import main as train_main
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    return f"{cpu} x{torch.get_num_threads()} threads"
 
 
 def run(algo: str, rpo: bool, seed: int, steps: int, extra: list[str], out: Path) -> dict:
@@ -81,6 +72,7 @@ def main():
     parser.add_argument("--algos", nargs="+", default=["grpo"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (the PNG goes beside it)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more rpo_engine.train flags")
     args = parser.parse_args()
     runs = []
@@ -109,13 +101,11 @@ def main():
               f"{row['step_time_ratio']:.1%}; final eval full {row['final_eval_full']} rpo {row['final_eval_rpo']}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results = Path(__file__).parent / "results"
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     record = {"benchmark": "train", "machine": machine(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "git_commit": commit, "torch": torch.__version__, "steps": args.steps, "seeds": args.seeds,
+              "git_commit": git_commit(), "torch": torch.__version__, "steps": args.steps, "seeds": args.seeds,
               "extra_flags": args.extra, "summary": summary, "runs": runs}
-    (results / f"train_{device}.json").write_text(json.dumps(record, indent=1) + "\n")
-    plot(runs, results / f"train_{device}.png")
-    print(f"wrote {results / f'train_{device}.json'} and .png")
+    out = save_json(args.out or results / f"train_{device}.json", record)
+    plot(runs, out.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -16,25 +16,19 @@ Reported per system: median seconds per step (split into rollout and update; TRL
 by our engine on the same held-out rows.
 Writes benchmarks/results/trl_<cpu|cuda>.json (or --out). Needs `pip install -e ".[bench]"`.
 """
-import argparse, datetime, json, os, platform, statistics, subprocess, tempfile, time  # noqa: E401
+import argparse, datetime, json, os, statistics, tempfile, time  # noqa: E401
 from pathlib import Path
 
 import torch
 
 import rpo_engine
+from common import git_commit, machine, save_json
 from rpo_engine.data.arithmetic import make_split
 from rpo_engine.data.starter import ensure_starter_model
 from rpo_engine.rewards import exact_answer_reward
 from rpo_engine.rollout import RolloutEngine
 from rpo_engine.train import main as train_main
 from rpo_engine.trainer import encode_prompt, evaluate_accuracy
-
-
-def machine(device):
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    names = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")]
-    return f"{names[0] if names else platform.processor()} ({torch.get_num_threads()} threads)"
 
 
 def run_trl(model_dir, rows, args, device, output):
@@ -193,8 +187,7 @@ def main():
         print(f"{k}: {v:.3f}")
     record = dict(benchmark="trl", device=device, machine=machine(device),
                   date=datetime.datetime.now().isoformat(timespec="seconds"),
-                  git_commit=subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                            cwd=Path(__file__).parent).stdout.strip(),
+                  git_commit=git_commit(),
                   torch=torch.__version__, trl=trl.__version__, threads=torch.get_num_threads(),
                   load_average_1_5_15=os.getloadavg(), model=str(model_dir.name),
                   settings=dict(steps=args.steps, passes=args.passes, measured_from_step=skip + 1, prompts_per_step=args.prompts_per_step,
@@ -202,10 +195,7 @@ def main():
                                 train_size=args.train_size, learning_rate=args.learning_rate, seed=args.seed,
                                 eval_size=args.eval_size, reward="exact answer, 0/1"),
                   initial_eval_accuracy=initial, ratios=ratios, results=results)
-    out = args.out or Path(__file__).parent / "results" / f"trl_{device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {out}")
+    save_json(args.out or Path(__file__).parent / "results" / f"trl_{device}.json", record)
 
 
 if __name__ == "__main__":
