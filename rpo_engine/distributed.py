@@ -37,6 +37,7 @@ import torch.nn as nn
 from rpo_engine.errors import UserError
 from rpo_engine.model.shared_prefix import group_logprobs
 
+
 class PolicyForward(nn.Module):
     """The training forward as a module call: (groups, shared) -> (logp, mask).
 
