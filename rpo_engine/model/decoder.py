@@ -6,7 +6,8 @@ ModelConfig: q/k/v biases (Qwen2), q/k RMSNorm (Qwen3), and the RoPE scaling rul
 
 Attention is pluggable: every layer computes q, k, v (after norm and RoPE) and hands them to an
 `attn` object, `attn(layer_idx, q, k, v) -> out`. The default, `PaddedAttention`, is causal SDPA over a
-padded batch (training, teacher forcing, parity tests). The rollout engine passes a paged-KV-cache
+padded batch (training, teacher forcing, parity tests); `VarlenAttention` runs the real tokens packed
+through flash-attn's varlen kernel when that optional extra is installed. The rollout engine passes a paged-KV-cache
 backend instead, and shared-prefix training a prefix-aware one; the decoder itself never changes.
 """
 from __future__ import annotations
@@ -76,6 +77,65 @@ class PaddedAttention:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, is_causal=self.mask is None,
                                              enable_gqa=k.shape[1] != q.shape[1])
         return out.transpose(1, 2)
+
+
+def flash_attn_available() -> bool:
+    """flash-attn is an optional GPU extra (`pip install rpo_engine[gpu]`): used when importable, never required."""
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def flash_varlen(q, k, v, cu_seqlens, max_seqlen):
+    """flash-attn's variable-length causal attention over packed sequences (GQA native)."""
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
+
+
+def sdpa_varlen(q, k, v, cu_seqlens, max_seqlen):
+    """Reference for `flash_varlen`: causal SDPA over each packed sequence in turn. q [N, H, D], k/v [N, KVH, D]."""
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, n, D]
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=ks.shape[1] != qs.shape[1])
+        out[start:end] = o[0].transpose(0, 1)
+    return out
+
+
+class VarlenAttention:
+    """Causal attention over a padded batch computed on the real tokens only, packed end to end.
+
+    SDPA over a padded batch with a mask pays for the padding and leaves torch's flash kernel (which
+    takes no mask); flash-attn's varlen kernel runs the packed tokens with per-row boundaries
+    (`cu_seqlens`) instead. `varlen_fn(q, k, v, cu_seqlens, max_seqlen)` is `flash_varlen` on a GPU
+    and `sdpa_varlen` (its reference) in the tests. Padding positions come out as zeros, never read.
+    """
+
+    def __init__(self, attention_mask: torch.Tensor, varlen_fn=flash_varlen):
+        keep = attention_mask.bool()  # [B, T]
+        lengths = keep.sum(-1)
+        self.index = keep.flatten().nonzero().squeeze(1)  # packed order: row by row, left to right
+        self.cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        self.max_seqlen = int(lengths.max())
+        self.varlen_fn = varlen_fn
+
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        B, T, H, D = q.shape
+        pack = lambda t: t.reshape(B * T, t.shape[2], D)[self.index]  # noqa: E731
+        out = self.varlen_fn(pack(q), pack(k), pack(v), self.cu_seqlens, self.max_seqlen)
+        full = q.new_zeros(B * T, H, D)
+        full[self.index] = out
+        return full.view(B, T, H, D)
+
+
+def default_attention(attention_mask, seq_len: int, device: torch.device, dtype: torch.dtype):
+    """flash-attn varlen for padded half-precision batches on a GPU when installed, else causal SDPA."""
+    if (attention_mask is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+            and flash_attn_available() and not bool(attention_mask.all())):
+        return VarlenAttention(attention_mask)
+    return PaddedAttention(attention_mask, seq_len, device)
 
 
 class Attention(nn.Module):
@@ -165,7 +225,8 @@ class CausalLM(nn.Module):
         """Final (normed) hidden states [B, T, hidden]: the input of the LM head, for fused log-prob kernels.
 
         position_ids default to each token's index among the real tokens of its row (so left-padded
-        rows start at 0), or 0..T-1 without a mask. `attn` defaults to causal SDPA over the padded batch.
+        rows start at 0), or 0..T-1 without a mask. `attn` defaults to causal SDPA over the padded batch
+        (flash-attn's varlen kernel instead, for a padded bf16/fp16 batch on a GPU, when it is installed).
         """
         B, T = input_ids.shape
         if position_ids is None:
@@ -174,7 +235,7 @@ class CausalLM(nn.Module):
             else:
                 position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         if attn is None:
-            attn = PaddedAttention(attention_mask, T, input_ids.device)
+            attn = default_attention(attention_mask, T, input_ids.device, self.dtype)
         x = self.model.embed_tokens(input_ids)  # [B, T, hidden]
         cos, sin = self.model.rotary_emb(position_ids, x.dtype)
         for layer in self.model.layers:
