@@ -197,10 +197,7 @@ class Trainer:
         chosen = [None if picks[i] is None else g.answer_ids(picks[i]) for i, g in zip(self.dist.share(len(rows)), groups)]
         answers = [a for part in self.dist.gather(chosen) for a in part]
         for row, pick, answer, r in zip(rows, picks, answers, rewards):
-            if self.cache.drop_if_refuted(row["id"], r):
-                continue
-            if pick is not None:
-                self.cache.put(row["id"], answer, r[pick], self.step_num)
+            self.cache.apply(row["id"], pick, answer, r, self.step_num)
 
     # ---- update ------------------------------------------------------------------------------
     def training_batch(self, groups: list[Group]) -> list[PrefixGroup]:

@@ -68,11 +68,18 @@ class ExperienceCache:
                rng: random.Random) -> bool:
         """Keep one of a group's whole answers (kept path + suffix). Returns whether the path changed."""
         index = self.choose(rewards, rng)
+        return self.apply(prompt_id, index, None if index is None else answers[index], rewards, step)
+
+    def apply(self, prompt_id: str, index: int | None, answer: list[int] | None, rewards: list[float],
+              step: int) -> bool:
+        """The update once `choose` has picked `index` (None: keep) and its `answer`: a refuted path is
+        dropped, else the answer is kept. Split from `update` for callers that choose before they hold
+        the answer (under torchrun the answer lives on the rank that generated it)."""
         if self.drop_if_refuted(prompt_id, rewards):
             return True
         if index is None:
             return False
-        self.put(prompt_id, answers[index], rewards[index], step)
+        self.put(prompt_id, answer, rewards[index], step)
         return True
 
     def state_dict(self) -> dict:
