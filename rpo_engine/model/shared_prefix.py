@@ -99,6 +99,15 @@ class SharedPrefixAttention:
         return out.transpose(1, 2)
 
 
+def _score(model, hidden, rows: list[int], targets: list[int], take: list[list[int]], temperature: float):
+    """Log-probs of `targets` from the flat hidden rows `rows` (fused LM head), laid out per sample by `take`."""
+    device = hidden.device
+    picked = hidden.reshape(-1, hidden.shape[-1])[torch.tensor(rows, dtype=torch.long, device=device)]  # [n, H]
+    logp_flat = fused_logprobs(picked, model.lm_head.weight, torch.tensor(targets, dtype=torch.long, device=device),
+                               temperature)  # [n]
+    return _scatter_rows(logp_flat, take, device)
+
+
 def _scatter_rows(logp_flat: torch.Tensor, take: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
     """logp [S, span] with logp[s, j] = logp_flat[take[s][j]], padded with 0; mask [S, span]."""
     span = max((len(t) for t in take), default=0)
@@ -144,10 +153,7 @@ def shared_prefix_logprobs(model, groups: list[PrefixGroup], temperature: float 
     prefix_lens = torch.tensor([len(g.prefix_ids) for g in groups], device=device)
     attn = SharedPrefixAttention(prefix_lens, sample_ids.to(device), P)
     hidden = model.hidden_states(input_ids.to(device), position_ids=position_ids.to(device), attn=attn)  # [B, L, H]
-    picked = hidden.reshape(-1, hidden.shape[-1])[torch.tensor(rows, dtype=torch.long, device=device)]  # [n, H]
-    logp_flat = fused_logprobs(picked, model.lm_head.weight, torch.tensor(targets, dtype=torch.long, device=device),
-                               temperature)  # [n]
-    return _scatter_rows(logp_flat, take, device)
+    return _score(model, hidden, rows, targets, take, temperature)
 
 
 def padded_logprobs(model, groups: list[PrefixGroup], temperature: float = 1.0):
@@ -163,10 +169,7 @@ def padded_logprobs(model, groups: list[PrefixGroup], temperature: float = 1.0):
         rows += range(b * T + start - 1, b * T + len(ids) - 1)  # the position that predicts each target
         targets += ids[start:]
     hidden = model.hidden_states(input_ids.to(device))  # [b, T, H]
-    picked = hidden.reshape(-1, hidden.shape[-1])[torch.tensor(rows, dtype=torch.long, device=device)]  # [n, H]
-    logp_flat = fused_logprobs(picked, model.lm_head.weight, torch.tensor(targets, dtype=torch.long, device=device),
-                               temperature)  # [n]
-    return _scatter_rows(logp_flat, take, device)
+    return _score(model, hidden, rows, targets, take, temperature)
 
 
 def group_logprobs(model, groups: list[PrefixGroup], temperature: float = 1.0, shared: bool = True):
