@@ -146,13 +146,11 @@ class Dist:
     @torch.no_grad()
     def copy_to_replica(self, policy: nn.Module, replica: nn.Module) -> None:
         """fsdp: write the sharded weights, gathered whole, into the rollout replica (a collective)."""
-        from torch.distributed.tensor import DTensor
-
         sharded = list(policy.parameters())
         plain = list(replica.parameters())
         assert len(sharded) == len(plain)
         for p, q in zip(sharded, plain):
-            q.copy_(p.full_tensor() if isinstance(p, DTensor) else p)
+            q.copy_(full_tensor(p))
 
 
 def full_tensor(t):
