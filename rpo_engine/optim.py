@@ -42,9 +42,13 @@ class MasterWeightAdamW(torch.optim.AdamW):
     def masters(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
+    def low_precision_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(model parameter, its fp32 master) for the parameters that are not fp32 themselves."""
+        return [(p, m) for p, m in zip(self.model_params, self.masters()) if p is not m]
+
     @torch.no_grad()
     def step(self, closure=None):
-        pairs = [(p, m) for p, m in zip(self.model_params, self.masters()) if p is not m]
+        pairs = self.low_precision_pairs()
         for p, m in pairs:
             m.grad = None if p.grad is None else p.grad.float()
         loss = super().step(closure)
@@ -64,8 +68,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
     def state_dict(self):
         state = super().state_dict()
-        state["master_weights"] = [m.detach().clone() for p, m in zip(self.model_params, self.masters())
-                                   if p is not m]
+        state["master_weights"] = [m.detach().clone() for _, m in self.low_precision_pairs()]
         return state
 
     @torch.no_grad()
@@ -73,7 +76,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
         state_dict = dict(state_dict)
         saved = state_dict.pop("master_weights", [])
         super().load_state_dict(state_dict)
-        low = [(p, m) for p, m in zip(self.model_params, self.masters()) if p is not m]
+        low = self.low_precision_pairs()
         if len(saved) != len(low):
             raise ValueError(f"optimizer state has {len(saved)} master weights, the model needs {len(low)}")
         for (p, m), w in zip(low, saved):
