@@ -6,7 +6,7 @@ experience-cache update -> fused log-probs of the suffix tokens -> clipped-ratio
 
 Where this departs from rpo_engine.trainer (to stay short): a prompt without a cached path gets a
 full-path group (G complete samples) instead of one cold-start completion followed by suffixes; one
-padded forward per step (no micro-batching); no eval, checkpoints or KL.
+forward per step (no micro-batching); no eval, checkpoints or KL.
 
     python examples/custom_loop.py                   # the built-in starter model (built once, ~3 min on CPU)
     python examples/custom_loop.py --tiny --steps 3  # a tiny random model: seconds, for a smoke test
@@ -23,7 +23,8 @@ import torch
 import rpo_engine
 from rpo_engine.algos import group_advantages
 from rpo_engine.data.arithmetic import make_split
-from rpo_engine.kernels import fused_logprobs, policy_loss
+from rpo_engine.kernels import policy_loss
+from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs
 from rpo_engine.rewards import exact_answer_reward, load_reward_fn
 from rpo_engine.rollout import RolloutEngine, SamplingParams
 from rpo_engine.rpo import ExperienceCache, sample_truncation
@@ -45,25 +46,6 @@ def build_model(tiny: bool, seed: int):
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
     torch.manual_seed(seed)
     return rpo_engine.CausalLM(config).init_weights(0.02), tokenizer
-
-
-def suffix_logprobs(model, sequences):
-    """sequences: (ids, loss_start) pairs -> logp [N, S] of the tokens from loss_start on, and mask [N, S]."""
-    T = max(len(ids) for ids, _ in sequences) - 1
-    S = max(len(ids) - start for ids, start in sequences)
-    input_ids = torch.zeros(len(sequences), T, dtype=torch.long)  # right padding: invisible to causal attention
-    targets = torch.zeros(len(sequences), S, dtype=torch.long)
-    mask = torch.zeros(len(sequences), S, dtype=torch.bool)
-    rows, cols = [], []
-    for b, (ids, start) in enumerate(sequences):
-        input_ids[b, :len(ids) - 1] = torch.tensor(ids[:-1])
-        targets[b, :len(ids) - start] = torch.tensor(ids[start:])
-        mask[b, :len(ids) - start] = True
-        rows += [b] * (len(ids) - start)
-        cols += range(start - 1, len(ids) - 1)  # position t predicts token t + 1
-    hidden = model.hidden_states(input_ids)[rows, cols]  # [num_suffix_tokens, H]: only these reach the LM head
-    logp = fused_logprobs(hidden, model.lm_head.weight, targets[mask])  # [num_suffix_tokens], no [n, vocab] logits
-    return torch.zeros(mask.shape).masked_scatter(mask, logp), mask
 
 
 def main(argv=None):
@@ -114,10 +96,11 @@ def main(argv=None):
         # 5. the cache keeps one whole answer per prompt (the best with probability epsilon, else a random one)
         for r, group, rew in zip(batch, answers, rewards.tolist()):
             cache.update(r["id"], group, rew, step, rng)
-        # 6. update: loss on the generated tokens only (on-policy: old_logp = logp.detach(), ratio 1)
-        sequences = [(prompt_ids[r["id"]] + a, len(prompt_ids[r["id"]]) + len(k))
-                     for r, k, group in zip(batch, kept, answers) for a in group]
-        logp, mask = suffix_logprobs(model, sequences)
+        # 6. update: loss on the generated tokens only (on-policy: old_logp = logp.detach(), ratio 1); each
+        #    group's prefix runs once in forward and backward, log-probs by the fused LM-head kernel
+        groups = [PrefixGroup(prompt_ids[r["id"]] + k, [o.token_ids for o in group], len(prompt_ids[r["id"]]) + len(k))
+                  for r, k, group in zip(batch, kept, outs)]
+        logp, mask = group_logprobs(model, groups)  # [B * G, longest suffix]
         loss, stats = policy_loss(logp, logp.detach(), advantages.flatten(), mask, loss_agg="seq-mean-token-mean")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
