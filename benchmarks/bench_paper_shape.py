@@ -25,7 +25,7 @@ from common import git_commit, machine, save_json
 from rpo_engine.kernels import policy_loss
 from rpo_engine.model.config import ModelConfig
 from rpo_engine.model.decoder import CausalLM
-from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, micro_batches, sharing_pays
+from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, plan_micro_batches
 from rpo_engine.rollout import RolloutEngine, SamplingParams
 
 CPU_SHAPE = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
@@ -52,13 +52,11 @@ def update(model, optimizer, groups, micro_batch_tokens, norm_length, prefix_sha
     group runs its prefix once (shared layout) where `sharing_pays`, else one padded row per sample."""
     optimizer.zero_grad(set_to_none=True)
     total = sum(len(g.suffix_ids) for g in groups)
-    use = [prefix_sharing and sharing_pays(g, model.config) for g in groups]
-    for shared in (True, False):
-        for batch in micro_batches([g for g, u in zip(groups, use) if u == shared], micro_batch_tokens, shared):
-            logp, mask = group_logprobs(model, batch, shared=shared)  # [S, span]
-            adv = torch.tensor([a for g in batch for a in g.advantages], device=model.device)
-            loss, _ = policy_loss(logp, logp.detach(), adv, mask, norm_length=norm_length)
-            (loss * len(adv) / total).backward()
+    for batch, shared in plan_micro_batches(groups, model.config, micro_batch_tokens, prefix_sharing):
+        logp, mask = group_logprobs(model, batch, shared=shared)  # [S, span]
+        adv = torch.tensor([a for g in batch for a in g.advantages], device=model.device)
+        loss, _ = policy_loss(logp, logp.detach(), adv, mask, norm_length=norm_length)
+        (loss * len(adv) / total).backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
 

@@ -34,7 +34,7 @@ from rpo_engine.config import TrainConfig, config_to_dict
 from rpo_engine.distributed import Dist, consolidated_optimizer_state, full_tensor, load_consolidated_optimizer_state
 from rpo_engine.errors import UserError
 from rpo_engine.kernels import policy_loss
-from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, micro_batches, sharing_pays
+from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, plan_micro_batches
 from rpo_engine.optim import make_adamw
 from rpo_engine.rewards.shaping import length_aware_accuracy, overlong_penalty
 from rpo_engine.rpo.cache import ExperienceCache
@@ -207,14 +207,6 @@ class Trainer:
                             advantages=g.advantages, rollout_logp=g.suffix_logprobs)
                 for g in groups]
 
-    def micro_batches(self, groups: list[PrefixGroup]) -> list[tuple[list[PrefixGroup], bool]]:
-        """(micro-batch, shared layout?) pairs. With prefix sharing on, a group runs shared where that
-        costs fewer FLOPs (nearly always after RPO; not for long completions of a short prompt)."""
-        use = [self.config.prefix_sharing and sharing_pays(g, self.model.config) for g in groups]
-        return [(batch, shared) for shared in (True, False)
-                for batch in micro_batches([g for g, u in zip(groups, use) if u == shared],
-                                           self.config.micro_batch_tokens, shared)]
-
     def sequence_logprobs(self, model, batch: list[PrefixGroup], shared: bool):
         """Per-token log p of each sample's tokens from loss_start on: logp [b, span], mask [b, span]."""
         return group_logprobs(model, batch, self.config.temperature, shared=shared)
@@ -235,7 +227,9 @@ class Trainer:
         """num_iterations optimizer passes over the batch (this rank's groups, maybe none); one
         optimizer step per pass."""
         algo, batch_groups = self.algo, self.training_batch(groups)
-        batches = self.micro_batches(batch_groups)
+        # (micro-batch, shared layout?) pairs: a group's prefix runs once where that costs fewer FLOPs
+        batches = plan_micro_batches(batch_groups, self.model.config, self.config.micro_batch_tokens,
+                                     self.config.prefix_sharing)
         num_real = len(batches)
         # Global normalisers (all micro-batches of all ranks), so micro-batching and ranks give the
         # same loss as one big batch.

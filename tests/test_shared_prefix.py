@@ -150,10 +150,10 @@ def one_step(model_dir, *flags):
     ["--no-rpo", "--algo", "dapo"],  # full path: prefix = prompt, token-mean
 ])
 def test_trainer_step_same_with_and_without_sharing(tiny_model_dir, flags, monkeypatch):
-    import rpo_engine.trainer
+    import rpo_engine.model.shared_prefix
 
     # the tiny model's short prompts and long completions would not pay to share: share them anyway
-    monkeypatch.setattr(rpo_engine.trainer, "sharing_pays", lambda group, config: True)
+    monkeypatch.setattr(rpo_engine.model.shared_prefix, "sharing_pays", lambda group, config: True)
     on, tokens_on = one_step(tiny_model_dir, *flags)
     off, tokens_off = one_step(tiny_model_dir, *flags, "--no-prefix-sharing")
     assert tokens_on == tokens_off and tokens_on[0]

@@ -231,3 +231,12 @@ def micro_batches(groups: list[PrefixGroup], token_budget: int, shared: bool) ->
             current = []
         current.append(g)
     return batches + ([current] if current else [])
+
+
+def plan_micro_batches(groups: list[PrefixGroup], model_config, token_budget: int,
+                       prefix_sharing: bool = True) -> list[tuple[list[PrefixGroup], bool]]:
+    """(micro-batch, shared layout?) pairs: with sharing on, a group runs shared where `sharing_pays`
+    (nearly always after RPO; not for long completions of a short prompt), else padded."""
+    use = [prefix_sharing and sharing_pays(g, model_config) for g in groups]
+    return [(batch, shared) for shared in (True, False)
+            for batch in micro_batches([g for g, u in zip(groups, use) if u == shared], token_budget, shared)]
