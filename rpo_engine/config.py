@@ -29,11 +29,14 @@ class RPOConfig:
     """Partial Reasoning Optimization: regenerate only the tail of each prompt's cached reasoning path."""
     rpo: bool = field(default=True, metadata={"help": "generate suffixes from cached paths (--no-rpo: full-path GRPO/DAPO)"})
     rpo_min_cut: int = field(default=1, metadata={"help": "fewest tokens cut from the end of a cached path"})
-    rpo_max_cut: int = field(default=300, metadata={"help": "most tokens cut from the end of a cached path (paper: 300)"})
-    rpo_max_cut_fraction: float = field(default=0.25, metadata={"help": "never cut more than this fraction of the path"})
+    rpo_max_cut: int = field(default=300, metadata={"help": "most tokens cut from the end of a verified path (paper: 300)"})
+    rpo_max_cut_fraction: float = field(default=0.25, metadata={"help": "never cut more than this fraction of a verified path"})
+    rpo_unverified_cut_fraction: float = field(default=1.0, metadata={
+        "help": "a path not verified correct (a cold start's, or a wrong answer kept in its place) is cut by up to "
+                "this fraction of it, with no token cap (the paper's code cuts a cold-start path anywhere)"})
     rpo_extra_budget: int = field(default=16, metadata={"help": "suffix budget = cut + this many tokens"})
     rpo_cache_policy: str = field(default="correct-only", metadata={
-        "help": f"cache update rule: {CACHE_POLICIES} (paper: epsilon-greedy; correct-only also drops a path none of whose answers is correct)"})
+        "help": f"cache update rule: {CACHE_POLICIES} (paper: epsilon-greedy; correct-only never replaces a correct path by a wrong answer)"})
     rpo_epsilon: float = field(default=0.5, metadata={"help": "probability of caching the best completion (else a random one)"})
     rpo_loss_on_prefix: bool = field(default=False, metadata={"help": "also train on the cached-prefix tokens"})
     length_shaping: bool = field(default=True, metadata={"help": "length-aware accuracy reward among a group's correct answers"})
@@ -44,6 +47,8 @@ class RPOConfig:
         _check(self.rpo_max_cut >= self.rpo_min_cut,
                f"--rpo-max-cut ({self.rpo_max_cut}) must be >= --rpo-min-cut ({self.rpo_min_cut})")
         _check(0 < self.rpo_max_cut_fraction <= 1, f"--rpo-max-cut-fraction must be in (0, 1], got {self.rpo_max_cut_fraction}")
+        _check(0 < self.rpo_unverified_cut_fraction <= 1,
+               f"--rpo-unverified-cut-fraction must be in (0, 1], got {self.rpo_unverified_cut_fraction}")
         _check(self.rpo_extra_budget >= 0, f"--rpo-extra-budget must be >= 0, got {self.rpo_extra_budget}")
         _check(self.rpo_cache_policy in CACHE_POLICIES,
                f"--rpo-cache-policy must be one of {CACHE_POLICIES}, got {self.rpo_cache_policy!r}")

@@ -153,9 +153,12 @@ class Trainer:
             # Every rank draws every cut, in order, so the RNG stays the same on all ranks.
             for i, row in enumerate(rows):
                 path = self.cache.get(row["id"]).token_ids
-                cut = sample_truncation(len(path), self.rng, self.rpo.rpo_min_cut, self.rpo.rpo_max_cut,
-                                        self.rpo.rpo_max_cut_fraction, self.rpo.rpo_extra_budget,
-                                        c.max_completion_length)
+                if self.cache.verified(row["id"]):
+                    max_cut, max_fraction = self.rpo.rpo_max_cut, self.rpo.rpo_max_cut_fraction
+                else:  # a path not known to be correct may be wrong anywhere: cut it anywhere
+                    max_cut, max_fraction = len(path), self.rpo.rpo_unverified_cut_fraction
+                cut = sample_truncation(len(path), self.rng, self.rpo.rpo_min_cut, max_cut, max_fraction,
+                                        self.rpo.rpo_extra_budget, c.max_completion_length)
                 kept[i], budgets[i] = path[:cut.kept], cut.budget
         params = [self.sampling_params(G, budgets[i], self.seed_for(i, round_index)) for i in mine]
         outs = self.generate([prompts[i] + kept[i] for i in mine], params)
@@ -194,10 +197,10 @@ class Trainer:
         Every rank draws every group's choice from the same RNG, in order; each group's rank sends the
         chosen answer, so every rank ends with the whole cache."""
         picks = [self.cache.choose(r, self.rng) for r in rewards]
-        chosen = [None if picks[i] is None else g.answer_ids(picks[i]) for i, g in zip(self.dist.share(len(rows)), groups)]
+        chosen = [g.answer_ids(picks[i]) for i, g in zip(self.dist.share(len(rows)), groups)]
         answers = [a for part in self.dist.gather(chosen) for a in part]
         for row, pick, answer, r in zip(rows, picks, answers, rewards):
-            self.cache.apply(row["id"], pick, answer, r, self.step_num)
+            self.cache.apply(row["id"], answer, r[pick], self.step_num)
 
     # ---- update ------------------------------------------------------------------------------
     def training_batch(self, groups: list[Group]) -> list[PrefixGroup]:

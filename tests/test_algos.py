@@ -90,21 +90,21 @@ def test_cache_correct_only_keeps_old_path():
     assert cache.get("p").token_ids in ([7], [8]) and cache.get("p").step == 2
 
 
-def test_cache_correct_only_drops_an_unverified_path_whose_answers_all_fail():
+def test_cache_correct_only_replaces_an_unverified_path_by_any_answer():
     rng = random.Random(0)
     cache = ExperienceCache("correct-only", epsilon=1.0)
     cache.put("cold", [1, 2, 3], float("nan"), step=0)  # a cold start's path: never scored
     cache.put("good", [4, 5], 1.0, step=0)
-    assert cache.update("cold", [[7], [8]], [0.0, 0.0], step=1, rng=rng) and "cold" not in cache
+    assert not cache.verified("cold") and cache.verified("good") and not cache.verified("absent")
+    # an unverified path gives way to a wrong answer too (the prompt is not cold-started again) ...
+    assert cache.update("cold", [[7], [8]], [0.0, 0.0], step=1, rng=rng)
+    assert cache.get("cold").token_ids in ([7], [8]) and not cache.verified("cold")
+    # ... and a correct answer verifies it
+    assert cache.update("cold", [[7], [8]], [0.0, 0.6], step=2, rng=rng)
+    assert cache.get("cold").token_ids == [8] and cache.verified("cold")
+    # a verified path is never traded for a wrong answer
     assert not cache.update("good", [[7], [8]], [0.0, 0.0], step=1, rng=rng)
-    assert cache.get("good").token_ids == [4, 5]  # a verified path stays
-    cache.put("cold", [1, 2, 3], float("nan"), step=2)
-    assert cache.update("cold", [[7], [8]], [0.0, 0.6], step=3, rng=rng)
-    assert cache.get("cold").token_ids == [8]
-    paper = ExperienceCache("epsilon-greedy", epsilon=1.0)
-    paper.put("cold", [1, 2, 3], float("nan"), step=0)
-    paper.update("cold", [[7], [8]], [0.0, 0.0], step=1, rng=rng)
-    assert "cold" in paper  # the paper's rule keeps some path
+    assert cache.get("good").token_ids == [4, 5]
 
 
 def test_cache_state_round_trip():

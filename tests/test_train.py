@@ -53,25 +53,27 @@ def test_rpo_generates_fewer_tokens_than_full_path(tmp_path, tiny_model_dir):
     # three training prompts, three per step: every prompt recurs each step
     common = ["--model", tiny_model_dir, "--steps", 3, "--eval-steps", 0, "--rpo-max-cut", 8, "--train-size", 3,
               *SMALL]
-    # the paper's cache rule keeps a path whatever its reward (a random model earns none)
-    run_train(*common, "--output", rpo, "--rpo-cache-policy", "epsilon-greedy")
+    # a random model answers nothing right, so every path stays unverified: cut by at most a quarter of it
+    run_train(*common, "--output", rpo, "--rpo-unverified-cut-fraction", 0.25)
     run_train(*common, "--output", full, "--no-rpo")
     r, f = read_metrics(rpo), read_metrics(full)
     assert r[0]["cold_starts"] == 3 and r[1]["cache_hit_rate"] == 1.0
-    assert all(m["suffix_len_mean"] <= 8 + 16 for m in r)
+    assert all(m["suffix_len_mean"] <= 48 // 4 + 16 for m in r)
     assert f[0]["cold_starts"] == 0 and f[0]["cache_hit_rate"] == 0.0
     # after the cold start, RPO generates only suffixes
     assert sum(m["rollout_generated_tokens"] for m in r[1:]) < sum(m["rollout_generated_tokens"] for m in f[1:])
 
 
-def test_correct_only_cache_cold_starts_again_after_a_refuted_path(tmp_path, tiny_model_dir):
+def test_unverified_paths_are_kept_and_cut_anywhere(tmp_path, tiny_model_dir):
     out = tmp_path / "correct-only"
     run_train("--model", tiny_model_dir, "--steps", 2, "--eval-steps", 0, "--train-size", 3, "--output", out,
-              "--rpo-cache-policy", "correct-only", *SMALL)
+              "--rpo-cache-policy", "correct-only", "--rpo-max-cut", 2, "--rpo-extra-budget", 0, *SMALL)
     first, second = read_metrics(out)
-    # a random model answers nothing right: every cold path is dropped and cold-started again
+    # a random model answers nothing right: its wrong answers replace the cold paths, no second cold start
     assert first["reward_mean"] == 0.0 and first["cold_starts"] == 3
-    assert second["cold_starts"] == 3 and second["cache_hit_rate"] == 0.0
+    assert second["cold_starts"] == 0 and second["cache_hit_rate"] == 1.0
+    # --rpo-max-cut bounds verified paths only: these are cut anywhere (a verified one: <= 2 new tokens)
+    assert first["suffix_len_mean"] > 2 and second["suffix_len_mean"] > 2
 
 
 def test_dapo_dynamic_sampling_is_bounded(tmp_path, tiny_model_dir):

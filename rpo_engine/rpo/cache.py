@@ -6,10 +6,13 @@ from the paper's public code (yhz5613813/RPO), and why:
   the policy produced (re-tokenizing text can merge tokens differently);
 - ties for the best reward are broken at random, and the random pick covers all G completions
   (the code's `argmax` always took the first of equal rewards and its `randint(0, G-1)` never the last);
-- `correct-only` keeps the old path unless the chosen completion is correct (reward >= threshold), and
-  drops a path not known to be correct (a cold start's, reward NaN) once none of the G answers grown from
-  it is correct: for a weak model most first paths are wrong early on, every suffix of a wrong kept prefix
-  is wrong too, and the prompt would give zero-advantage groups forever. Dropped, it cold-starts again.
+- a path is *verified* once its reward reached the threshold (a correct answer). The trainer cuts a verified
+  path by at most `--rpo-max-cut-fraction` / `--rpo-max-cut`, and an unverified one (a cold start's, reward
+  NaN, or a wrong answer kept in its place) anywhere along it, as the paper's code cuts a cold-start path:
+  every suffix of a wrong kept prefix is usually wrong too, so a shallow cut of a wrong path teaches nothing;
+- `correct-only` never replaces a verified path by a wrong answer (the paper's rule, `epsilon-greedy`, does,
+  and a weak model then trades its few correct paths for wrong ones); an unverified path is replaced by
+  the chosen answer whatever its reward, so a prompt is cold-started only once.
 The cache saves to / restores from a plain JSON-able dict, stored inside every checkpoint.
 """
 from __future__ import annotations
@@ -42,44 +45,32 @@ class ExperienceCache:
     def put(self, prompt_id: str, token_ids: list[int], reward: float, step: int) -> None:
         self.paths[prompt_id] = CachedPath(list(token_ids), float(reward), step)
 
-    def choose(self, rewards: list[float], rng: random.Random) -> int | None:
-        """Index of the completion to keep for a group, or None to keep the old path."""
+    def verified(self, prompt_id: str) -> bool:
+        """Whether the prompt's path is known to be correct (NaN, a cold start's reward, compares False)."""
+        path = self.paths.get(prompt_id)
+        return path is not None and path.reward >= self.correct_threshold
+
+    def choose(self, rewards: list[float], rng: random.Random) -> int:
+        """Index of the completion to keep for a group: the best (ties at random) with probability
+        epsilon, else a random one."""
         if rng.random() < self.epsilon:
             best = max(rewards)
-            index = rng.choice([i for i, r in enumerate(rewards) if r == best])
-        else:
-            index = rng.randrange(len(rewards))
-        if self.policy == "correct-only" and rewards[index] < self.correct_threshold:
-            return None
-        return index
-
-    def drop_if_refuted(self, prompt_id: str, rewards: list[float]) -> bool:
-        """correct-only: drop the path if it was never verified correct (reward NaN or low) and none of the
-        G answers grown from it is correct. Returns whether it was dropped."""
-        if self.policy != "correct-only" or max(rewards) >= self.correct_threshold:
-            return False
-        old = self.paths.get(prompt_id)
-        if old is None or old.reward >= self.correct_threshold:  # NaN compares False: unverified
-            return False
-        del self.paths[prompt_id]
-        return True
+            return rng.choice([i for i, r in enumerate(rewards) if r == best])
+        return rng.randrange(len(rewards))
 
     def update(self, prompt_id: str, answers: list[list[int]], rewards: list[float], step: int,
                rng: random.Random) -> bool:
         """Keep one of a group's whole answers (kept path + suffix). Returns whether the path changed."""
         index = self.choose(rewards, rng)
-        return self.apply(prompt_id, index, None if index is None else answers[index], rewards, step)
+        return self.apply(prompt_id, answers[index], rewards[index], step)
 
-    def apply(self, prompt_id: str, index: int | None, answer: list[int] | None, rewards: list[float],
-              step: int) -> bool:
-        """The update once `choose` has picked `index` (None: keep) and its `answer`: a refuted path is
-        dropped, else the answer is kept. Split from `update` for callers that choose before they hold
-        the answer (under torchrun the answer lives on the rank that generated it)."""
-        if self.drop_if_refuted(prompt_id, rewards):
-            return True
-        if index is None:
+    def apply(self, prompt_id: str, answer: list[int], reward: float, step: int) -> bool:
+        """The update once `choose` has picked an `answer` with `reward`. Split from `update`
+        for callers that choose before they hold the answer (under torchrun the answer lives on the rank
+        that generated it). Returns whether the path changed."""
+        if self.policy == "correct-only" and self.verified(prompt_id) and not reward >= self.correct_threshold:
             return False
-        self.put(prompt_id, answer, rewards[index], step)
+        self.put(prompt_id, answer, reward, step)
         return True
 
     def state_dict(self) -> dict:
