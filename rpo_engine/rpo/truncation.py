@@ -4,7 +4,9 @@ The paper's code draws cut ~ U{1..299} tokens and gives the suffix a budget of e
 We draw cut ~ U{min_cut..max_cut}, additionally bounded by `max_cut_fraction` of the path (so a
 short path is never regenerated almost whole; at paper lengths, 2k tokens, the 300 cap binds first)
 and by the path itself, and give the suffix `cut + extra_budget` tokens so a suffix slightly longer
-than what it replaces can still finish its answer.
+than what it replaces can still finish its answer. These bounds are for a path verified correct; the
+trainer cuts any other path anywhere (`max_cut` = its length, `max_cut_fraction` =
+`--rpo-unverified-cut-fraction`), as the paper's code cuts a cold-start completion.
 """
 from __future__ import annotations
 
