@@ -403,10 +403,10 @@ class Trainer:
         """Greedy accuracy on the eval rows; each rank evaluates its share."""
         self.sync_rollout_weights()
         rows = [self.eval_rows[i] for i in self.dist.share(len(self.eval_rows))]
-        accuracy = evaluate_accuracy(self.engine, self.tokenizer, rows, self.reward_fn,
-                                     [self.prompt_ids[r["id"]] for r in rows],
-                                     self.config.max_completion_length, self.eos_ids)
-        correct, total = self.dist.sum([round(accuracy * len(rows)) if rows else 0, len(rows)])
+        correct = greedy_correct(self.engine, self.tokenizer, rows, self.reward_fn,
+                                 [self.prompt_ids[r["id"]] for r in rows], self.config.max_completion_length,
+                                 self.eos_ids)
+        correct, total = self.dist.sum([correct, len(rows)])
         return correct / total if total else float("nan")
 
     # ---- checkpoints -------------------------------------------------------------------------
@@ -483,14 +483,20 @@ def encode_prompt(tokenizer, row: dict, limit: int) -> list[int]:
 
 
 @torch.no_grad()
-def evaluate_accuracy(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens, eos_ids) -> float:
-    """Greedy accuracy: the fraction of rows whose greedy completion earns the full reward."""
+def greedy_correct(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens, eos_ids) -> int:
+    """How many rows' greedy completions earn the full reward."""
     from rpo_engine.rollout import SamplingParams
 
     if not rows:
-        return float("nan")
+        return 0
     params = SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=eos_ids)
     outs = engine.generate(prompt_ids, params)
-    correct = [reward_fn(tokenizer.decode(o[0].token_ids, skip_special_tokens=True), r["answer"]) >= 1.0
-               for o, r in zip(outs, rows)]
-    return sum(correct) / len(correct)
+    return sum(reward_fn(tokenizer.decode(o[0].token_ids, skip_special_tokens=True), r["answer"]) >= 1.0
+               for o, r in zip(outs, rows))
+
+
+def evaluate_accuracy(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens, eos_ids) -> float:
+    """Greedy accuracy: the fraction of rows whose greedy completion earns the full reward."""
+    if not rows:
+        return float("nan")
+    return greedy_correct(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens, eos_ids) / len(rows)
