@@ -1,7 +1,7 @@
 """RPO against full-path GRPO/DAPO on the built-in task and starter model, side by side in one process.
 
 For each algorithm pair (full path vs RPO) and seed: generated tokens per step, prefill tokens,
-median step time, final eval accuracy. Writes benchmarks/results/train_<device>.json and a PNG with
+median step time, training wall-clock to reach a target eval accuracy, final eval accuracy. Writes benchmarks/results/train_<device>.json and a PNG with
 reward and eval accuracy against steps and against wall-clock.
 
     python benchmarks/bench_train.py                      # GRPO vs RPO-GRPO, 3 seeds, default job settings
@@ -42,27 +42,59 @@ def run(algo: str, rpo: bool, seed: int, steps: int, extra: list[str], out: Path
                       "eval_step": [r["step"] for r in evals], "eval_accuracy": [r["eval_accuracy"] for r in evals]}}
 
 
+def seconds_to_reach(run: dict, target: float) -> float | None:
+    """Training wall-clock (step times summed, evals excluded) at the first eval at or above `target`."""
+    wall_at = [0.0] + run["curve"]["wall_s"]
+    for step, accuracy in zip(run["curve"]["eval_step"], run["curve"]["eval_accuracy"]):
+        if accuracy >= target:
+            return wall_at[step]
+    return None
+
+
+def summarize(runs: list[dict], target: float) -> list[dict]:
+    summary = []
+    for algo in dict.fromkeys(r["algo"] for r in runs):
+        full = [r for r in runs if r["algo"] == algo and not r["rpo"]]
+        rpo = [r for r in runs if r["algo"] == algo and r["rpo"]]
+        gaps = [b["final_eval_accuracy"] - a["final_eval_accuracy"] for a, b in zip(full, rpo)]  # same seeds, in order
+        summary.append({
+            "algo": algo,
+            "token_ratio": statistics.mean(r["generated_tokens_per_step"] for r in rpo)
+            / statistics.mean(r["generated_tokens_per_step"] for r in full),
+            "step_time_ratio": statistics.median(r["median_step_time_s"] for r in rpo)
+            / statistics.median(r["median_step_time_s"] for r in full),
+            "final_eval_full": [r["final_eval_accuracy"] for r in full],
+            "final_eval_rpo": [r["final_eval_accuracy"] for r in rpo],
+            "eval_gap_mean": statistics.mean(gaps), "eval_gap_std": statistics.stdev(gaps) if len(gaps) > 1 else 0.0,
+            "target_eval_accuracy": target,
+            "seconds_to_target_full": [seconds_to_reach(r, target) for r in full],
+            "seconds_to_target_rpo": [seconds_to_reach(r, target) for r in rpo]})
+    return summary
+
+
 def plot(runs: list[dict], path: Path) -> None:
+    """One row per algorithm pair: reward against steps, eval accuracy against steps and wall-clock."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    colors = {}
-    for r in runs:
-        label = f"{'RPO-' if r['rpo'] else ''}{r['algo'].upper()}"
-        color = colors.setdefault(label, f"C{len(colors)}")
-        c = r["curve"]
-        kw = dict(color=color, alpha=0.8, label=label if r["seed"] == runs[0]["seed"] else None)
-        axes[0].plot(c["step"], c["reward"], **kw)
-        axes[1].plot(c["eval_step"], c["eval_accuracy"], marker="o", **kw)
-        wall_at = [0.0] + c["wall_s"]
-        axes[2].plot([wall_at[s] for s in c["eval_step"]], c["eval_accuracy"], marker="o", **kw)
-    axes[0].set(title="reward", xlabel="step")
-    axes[1].set(title="greedy eval accuracy", xlabel="step")
-    axes[2].set(title="greedy eval accuracy", xlabel="training wall-clock (s)")
-    axes[0].legend()
+    algos = list(dict.fromkeys(r["algo"] for r in runs))
+    fig, axes = plt.subplots(len(algos), 3, figsize=(15, 4 * len(algos)), squeeze=False)
+    for row, algo in zip(axes, algos):
+        pair = [r for r in runs if r["algo"] == algo]
+        for r in pair:
+            label = f"{'RPO-' if r['rpo'] else ''}{algo.upper()}"
+            c = r["curve"]
+            kw = dict(color="C1" if r["rpo"] else "C0", alpha=0.8, label=label if r["seed"] == pair[0]["seed"] else None)
+            row[0].plot(c["step"], c["reward"], **kw)
+            row[1].plot(c["eval_step"], c["eval_accuracy"], marker="o", **kw)
+            wall_at = [0.0] + c["wall_s"]
+            row[2].plot([wall_at[s] for s in c["eval_step"]], c["eval_accuracy"], marker="o", **kw)
+        row[0].set(title=f"{algo.upper()}: reward (one line per seed)", xlabel="step")
+        row[1].set(title="greedy eval accuracy", xlabel="step")
+        row[2].set(title="greedy eval accuracy", xlabel="training wall-clock (s)")
+        row[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -72,6 +104,8 @@ def main():
     parser.add_argument("--algos", nargs="+", default=["grpo"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--target", type=float, default=0.42,
+                        help="eval accuracy whose first crossing is timed (the starter model scores 0.367)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (the PNG goes beside it)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more rpo_engine.train flags")
     args = parser.parse_args()
@@ -85,20 +119,12 @@ def main():
                     print(f"{algo:5s} rpo={r['rpo']!s:5s} seed={seed} gen_tok/step={r['generated_tokens_per_step']:8.0f} "
                           f"median_step={r['median_step_time_s']:6.2f}s eval {r['initial_eval_accuracy']:.3f} -> "
                           f"{r['final_eval_accuracy']:.3f}", flush=True)
-    summary = []
-    for algo in args.algos:
-        full = [r for r in runs if r["algo"] == algo and not r["rpo"]]
-        rpo = [r for r in runs if r["algo"] == algo and r["rpo"]]
-        row = {"algo": algo,
-               "token_ratio": statistics.mean(r["generated_tokens_per_step"] for r in rpo)
-               / statistics.mean(r["generated_tokens_per_step"] for r in full),
-               "step_time_ratio": statistics.median(r["median_step_time_s"] for r in rpo)
-               / statistics.median(r["median_step_time_s"] for r in full),
-               "final_eval_full": [r["final_eval_accuracy"] for r in full],
-               "final_eval_rpo": [r["final_eval_accuracy"] for r in rpo]}
-        summary.append(row)
-        print(f"{algo}: RPO generates {row['token_ratio']:.1%} of full-path tokens, median step time "
-              f"{row['step_time_ratio']:.1%}; final eval full {row['final_eval_full']} rpo {row['final_eval_rpo']}")
+    summary = summarize(runs, args.target)
+    for row in summary:
+        print(f"{row['algo']}: RPO generates {row['token_ratio']:.1%} of full-path tokens, median step time "
+              f"{row['step_time_ratio']:.1%}; final eval full {row['final_eval_full']} rpo {row['final_eval_rpo']} "
+              f"(RPO - full: {row['eval_gap_mean']:+.3f} +- {row['eval_gap_std']:.3f}); seconds to eval >= "
+              f"{args.target}: full {row['seconds_to_target_full']} rpo {row['seconds_to_target_rpo']}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results = Path(__file__).parent / "results"
     record = {"benchmark": "train", "machine": machine(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
