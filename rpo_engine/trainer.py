@@ -89,26 +89,36 @@ class Trainer:
 
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
         self.cache = ExperienceCache(self.rpo.rpo_cache_policy, self.rpo.rpo_epsilon)
-        self.rng = random.Random(config.seed)  # cuts, cache choices, data order: all saved in checkpoints
+        self.rng = random.Random(config.seed)  # cuts and cache choices: saved in checkpoints
         self.step_num = 0
-        self.data_order: list[int] = []
-        self.data_pos = 0
+        self.rows_drawn = 0  # training rows handed out so far, over all epochs
+        self.epoch_orders: dict[int, list[int]] = {}
         self.eos_ids = list(model.config.eos_token_ids) or [tokenizer.eos_token_id]
 
     # ---- data --------------------------------------------------------------------------------
     def encode_prompt(self, row: dict) -> list[int]:
         return encode_prompt(self.tokenizer, row, prompt_token_limit(self.config, self.model))
 
+    def row_at(self, position: int) -> dict:
+        """The training row handed out at `position` (counted over all epochs). Each epoch's order is a
+        shuffle seeded by (run seed, epoch), so rows can be read ahead without touching any RNG."""
+        epoch, index = divmod(position, len(self.train_rows))
+        if epoch not in self.epoch_orders:
+            order = list(range(len(self.train_rows)))
+            random.Random(self.config.seed * 1_000_003 + epoch).shuffle(order)
+            # keep the epoch before (a read-ahead may straddle the boundary), drop older ones
+            self.epoch_orders = {e: o for e, o in self.epoch_orders.items() if e >= epoch - 1}
+            self.epoch_orders[epoch] = order
+        return self.train_rows[self.epoch_orders[epoch][index]]
+
     def next_rows(self, n: int) -> list[dict]:
-        rows = []
-        while len(rows) < n:
-            if self.data_pos >= len(self.data_order):  # a new epoch, shuffled by our own RNG
-                self.data_order = list(range(len(self.train_rows)))
-                self.rng.shuffle(self.data_order)
-                self.data_pos = 0
-            rows.append(self.train_rows[self.data_order[self.data_pos]])
-            self.data_pos += 1
+        rows = [self.row_at(self.rows_drawn + j) for j in range(n)]
+        self.rows_drawn += n
         return rows
+
+    def peek_rows(self, n: int) -> list[dict]:
+        """The rows the next `next_rows(n)` will return."""
+        return [self.row_at(self.rows_drawn + j) for j in range(n)]
 
     # ---- rollout -----------------------------------------------------------------------------
     def sampling_params(self, n: int, budget: int, seed: int):
@@ -118,17 +128,38 @@ class Trainer:
         return SamplingParams(n=n, max_new_tokens=budget, temperature=c.temperature, top_p=c.top_p,
                               top_k=c.top_k, stop_token_ids=self.eos_ids, seed=seed)
 
-    def seed_for(self, row_index: int, salt: int) -> int:
+    def seed_for(self, row_index: int, salt: int, step: int | None = None) -> int:
         # Sampling seeds derive from (run seed, step, position): resumed runs draw the same samples.
-        return (self.config.seed * 1_000_003 + self.step_num * 10_007 + row_index * 101 + salt) % (2**31)
+        step = self.step_num if step is None else step
+        return (self.config.seed * 1_000_003 + step * 10_007 + row_index * 101 + salt) % (2**31)
 
     def generate(self, prompts: list[list[int]], params: list) -> list:
         return self.engine.generate(prompts, params) if prompts else []
 
-    def rollout(self, rows: list[dict], round_index: int) -> tuple[list[Group], dict]:
+    def cold_start_requests(self, rows: list[dict], indices, salt: int, step: int | None = None):
+        """One full completion for each of `rows[i]`, i in `indices`: the prompt's first path."""
+        prompts = [self.prompt_ids[rows[i]["id"]] for i in indices]
+        params = [self.sampling_params(1, self.config.max_completion_length, self.seed_for(i, salt, step))
+                  for i in indices]
+        return prompts, params
+
+    def cache_cold_paths(self, rows: list[dict], indices, my_paths: dict[int, list[int]]) -> None:
+        """Every rank caches every rank's new paths (`my_paths`: row index -> this rank's cold completions)."""
+        paths = {}
+        for part in self.dist.gather(my_paths):
+            paths.update(part)
+        for i in indices:
+            self.cache.put(rows[i]["id"], paths[i], float("nan"), self.step_num)
+
+    def rollout(self, rows: list[dict], round_index: int, upcoming: list[dict] = ()) -> tuple[list[Group], dict]:
         """Generate G samples for this rank's share of `rows` (the round's prompts, the same list on
         every rank): suffixes of cached paths (RPO) or full completions. A prompt's seed follows its
-        position in `rows`, never the rank, so any rank count draws the same samples."""
+        position in `rows`, never the rank, so any rank count draws the same samples.
+
+        RPO: a prompt without a path first gets one full completion (its cold start), which takes a
+        decode loop of its own before the suffixes can start. `upcoming`, uncached prompts of the next
+        step, have theirs generated here, in the same loop as this round's suffixes; so their path
+        comes from weights one update older, as any cached path does."""
         c, G = self.config, self.config.num_generations
         mine = self.dist.share(len(rows))
         counters = {"generated": 0, "cold_starts": 0, "cache_hits": 0}
@@ -139,17 +170,12 @@ class Trainer:
             cold = [i for i, row in enumerate(rows) if row["id"] not in self.cache]
             my_cold = [i for i in cold if i in mine]
             counters["cache_hits"] = len(mine) - len(my_cold)
-            if cold:  # cold start: one full completion per uncached prompt becomes its path
-                params = [self.sampling_params(1, c.max_completion_length, self.seed_for(i, 7919 + round_index))
-                          for i in my_cold]
-                outs = self.generate([prompts[i] for i in my_cold], params)
+            if cold:
+                outs = self.generate(*self.cold_start_requests(rows, my_cold, 7919 + round_index))
                 paths = {i: out[0].token_ids for i, out in zip(my_cold, outs)}
                 counters["generated"] = sum(len(p) for p in paths.values())
                 counters["cold_starts"] = len(my_cold)
-                for part in self.dist.gather(paths):  # every rank caches every new path
-                    paths.update(part)
-                for i in cold:
-                    self.cache.put(rows[i]["id"], paths[i], float("nan"), self.step_num)
+                self.cache_cold_paths(rows, cold, paths)
             # Every rank draws every cut, in order, so the RNG stays the same on all ranks.
             for i, row in enumerate(rows):
                 path = self.cache.get(row["id"]).token_ids
@@ -161,7 +187,15 @@ class Trainer:
                                         self.rpo.rpo_extra_budget, c.max_completion_length)
                 kept[i], budgets[i] = path[:cut.kept], cut.budget
         params = [self.sampling_params(G, budgets[i], self.seed_for(i, round_index)) for i in mine]
-        outs = self.generate([prompts[i] + kept[i] for i in mine], params)
+        my_upcoming = self.dist.share(len(upcoming))
+        ahead_prompts, ahead_params = self.cold_start_requests(upcoming, my_upcoming, 7919, self.step_num + 1)
+        outs = self.generate([prompts[i] + kept[i] for i in mine] + ahead_prompts, params + ahead_params)
+        outs, ahead = outs[:len(mine)], outs[len(mine):]
+        if upcoming:
+            paths = {i: out[0].token_ids for i, out in zip(my_upcoming, ahead)}
+            counters["generated"] += sum(len(p) for p in paths.values())
+            counters["cold_starts"] += len(my_upcoming)
+            self.cache_cold_paths(upcoming, range(len(upcoming)), paths)
         groups = []
         for i, out in zip(mine, outs):
             groups.append(Group(rows[i], prompts[i], kept[i], [o.token_ids for o in out], [o.logprobs for o in out],
@@ -309,6 +343,18 @@ class Trainer:
         """A one-token group for a rank with fewer micro-batches than another; its loss weight is 0."""
         return PrefixGroup([self.eos_ids[0]], [[self.eos_ids[0]]], 1, advantages=[0.0], rollout_logp=[[0.0]])
 
+    def upcoming_cold_rows(self, rows: list[dict]) -> list[dict]:
+        """RPO: the next step's prompts that will need a cold start (not cached, not among `rows`), to
+        generate their paths alongside this step's suffixes. The last step reads ahead too, so a run
+        resumed with more steps continues exactly. (DAPO's extra sampling rounds may draw other prompts
+        next step; those paths wait in the cache for their turn.)"""
+        if not self.rpo.rpo:
+            return []
+        now = {row["id"] for row in rows}
+        ahead = {row["id"]: row for row in self.peek_rows(self.config.prompts_per_step)
+                 if row["id"] not in self.cache and row["id"] not in now}
+        return list(ahead.values())
+
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> dict:
         c, algo, G = self.config, self.algo, self.config.num_generations
@@ -322,7 +368,8 @@ class Trainer:
         all_rewards, num_prompts = [], 0
         for round_index in range(1 + (algo.max_resample_rounds if algo.dynamic_sampling else 0)):
             rows = self.next_rows(c.prompts_per_step - len(kept))
-            groups, counters = self.rollout(rows, round_index)
+            upcoming = self.upcoming_cold_rows(rows) if round_index == 0 else []
+            groups, counters = self.rollout(rows, round_index, upcoming)
             for key in counters:
                 totals[key] += counters[key]
             num_prompts += len(rows)
@@ -418,8 +465,8 @@ class Trainer:
             optimizer = self.optimizer.state_dict()
         return {"step": self.step_num, "optimizer": optimizer,
                 "scheduler": self.scheduler.state_dict(), "rng": list(self.rng.getstate()),
-                "torch_rng": torch.get_rng_state(), "data_order": list(self.data_order),
-                "data_pos": self.data_pos, "cache": self.cache.state_dict()}
+                "torch_rng": torch.get_rng_state(), "rows_drawn": self.rows_drawn,
+                "cache": self.cache.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.step_num = state["step"]
@@ -432,7 +479,7 @@ class Trainer:
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
         torch.set_rng_state(state["torch_rng"])
-        self.data_order, self.data_pos = list(state["data_order"]), state["data_pos"]
+        self.rows_drawn = state["rows_drawn"]
         self.cache.load_state_dict(state["cache"])
 
     def save_model(self, directory: Path) -> None:

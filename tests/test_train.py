@@ -182,3 +182,14 @@ def test_eval_cli(tmp_path, tiny_model_dir):
                            str(data), "--max-completion-length", "8"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert "accuracy 0.0000 on 2 rows" in proc.stdout  # a random model answers nothing right
+
+
+def test_next_steps_cold_starts_run_with_this_steps_suffixes(tmp_path, tiny_model_dir):
+    out = tmp_path / "ahead"
+    run_train("--model", tiny_model_dir, "--steps", 3, "--eval-steps", 0, "--train-size", 6, "--output", out, *SMALL)
+    first, second, third = read_metrics(out)
+    # step 1 cold-starts its 3 prompts first, then the next step's 3 beside its own suffixes
+    assert first["cold_starts"] == 6 and first["cache_hit_rate"] == 0.0
+    # every later prompt finds its path ready
+    assert second["cold_starts"] == 0 and second["cache_hit_rate"] == 1.0
+    assert third["cold_starts"] == 0 and third["cache_hit_rate"] == 1.0
