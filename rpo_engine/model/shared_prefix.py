@@ -63,15 +63,26 @@ class SharedPrefixAttention:
     """Attention backend for rows laid out as [prefix (prefix_len) | packed suffixes].
 
     prefix_lens [B]: real prefix length per row (padding follows it). sample_ids [B, S]: which
-    suffix each suffix column belongs to, -1 for padding. A padding query attends to the real prefix
-    (never empty), so it stays finite; its output is never used.
+    suffix each suffix column belongs to, -1 for padding. Prefix queries: plain causal SDPA (right
+    padding is invisible to real tokens). Suffix queries, two exact ways:
+
+    - split (default on CPU, `_SplitSuffixAttention`): each group's suffix queries against its
+      prefix K/V unmasked, and each suffix causally against itself, merged by log-sum-exp. It needs
+      a flash kernel that returns the log-sum-exp (torch's CPU one); padding columns come out 0.
+    - masked (the reference, and the path elsewhere): one SDPA with keys = the whole row under a
+      dense block mask [S x (P + S)], which pays for the whole S x S block. A padding query attends
+      to the real prefix, so it stays finite. Its output is never used.
     """
 
-    def __init__(self, prefix_lens: torch.Tensor, sample_ids: torch.Tensor, prefix_len: int):
+    def __init__(self, prefix_lens: torch.Tensor, sample_ids: torch.Tensor, prefix_len: int,
+                 split: bool | None = None):
         self.prefix_len = prefix_len
-        S = sample_ids.shape[1]
-        self.mask = None
-        if S:
+        B, S = sample_ids.shape
+        self.split = prefix_lens.device.type == "cpu" if split is None else split
+        self.mask = self.layout = None
+        if S and self.split:
+            self.layout = _SuffixLayout(prefix_lens, sample_ids, prefix_len)
+        elif S:
             cols = torch.arange(prefix_len, device=prefix_lens.device)
             to_prefix = (cols[None, :] < prefix_lens[:, None])[:, None, :].expand(-1, S, -1)  # [B, S, P]
             same = (sample_ids[:, :, None] == sample_ids[:, None, :]) & (sample_ids[:, :, None] >= 0)  # [B, S, S]
@@ -88,15 +99,111 @@ class SharedPrefixAttention:
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q [B, P + S, H, D], k/v [B, P + S, KVH, D] -> [B, P + S, H, D]
         P, gqa = self.prefix_len, k.shape[2] != q.shape[2]
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, P + S, D]
-        # Prefix queries see only the prefix: plain causal; right padding is invisible to real tokens.
-        out = F.scaled_dot_product_attention(q[:, :, :P], k[:, :, :P], v[:, :, :P], is_causal=True, enable_gqa=gqa)
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, P + S, D]
+        out = F.scaled_dot_product_attention(qt[:, :, :P], kt[:, :, :P], vt[:, :, :P], is_causal=True,
+                                             enable_gqa=gqa)
         if self.mask is not None:
-            # Suffix queries: keys are the whole row, [prefix ; all suffixes of the group], masked.
-            out_suffix = F.scaled_dot_product_attention(q[:, :, P:], k, v, attn_mask=self.attn_bias(q.dtype),
+            out_suffix = F.scaled_dot_product_attention(qt[:, :, P:], kt, vt, attn_mask=self.attn_bias(q.dtype),
                                                         enable_gqa=gqa)
             out = torch.cat([out, out_suffix], dim=2)
-        return out.transpose(1, 2)
+        out = out.transpose(1, 2)
+        if self.layout is not None:
+            lay, (B, L, H, D) = self.layout, q.shape
+            pick = lambda t: t.reshape(B * L, t.shape[2], D)[lay.rows]  # noqa: E731  [N, heads, D]
+            out_suffix = _SplitSuffixAttention.apply(pick(q), pick(k), pick(v), k[:, :P], v[:, :P], lay)
+            out_suffix = q.new_zeros(B * (L - P), H, D).index_copy(0, lay.columns, out_suffix)
+            out = torch.cat([out, out_suffix.view(B, L - P, H, D)], dim=1)
+        return out
+
+
+class _SuffixLayout:
+    """Index maps of the N real suffix tokens of a batch (row by row, left to right), for the split path.
+
+    rows [N]: each token's flat index in [B * (P + S)]; columns [N]: in [B * S]. groups: (row, prefix
+    length, first token, token count) per row with suffix tokens. The M suffixes laid out padded,
+    [M, longest]: `padded` [M * longest] picks a token for each slot (a padding slot repeats its
+    suffix's first token: causal, so only later padding slots see it); `slot` [N] is each token's slot.
+    """
+
+    def __init__(self, prefix_lens: torch.Tensor, sample_ids: torch.Tensor, prefix_len: int):
+        B, S = sample_ids.shape
+        device = sample_ids.device
+        real = (sample_ids >= 0).flatten().nonzero().squeeze(1)  # [N] in [B * S]
+        row = real // S
+        self.columns, self.rows = real, row * (prefix_len + S) + prefix_len + real % S
+        counts, starts = (sample_ids >= 0).sum(1).tolist(), 0
+        self.groups = []
+        for r, (n, count) in enumerate(zip(prefix_lens.tolist(), counts)):
+            if count:
+                self.groups.append((r, n, starts, count))
+            starts += count
+        # suffixes are packed runs of one sample id within a row
+        _, lengths = torch.unique_consecutive(row * (sample_ids.max() + 1) + sample_ids.flatten()[real],
+                                              return_counts=True)
+        self.longest = int(lengths.max())
+        first = lengths.cumsum(0) - lengths  # [M]
+        j = torch.arange(self.longest, device=device)
+        self.padded = torch.where(j < lengths[:, None], first[:, None] + j, first[:, None]).flatten()
+        suffix = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)  # [N]
+        self.slot = suffix * self.longest + torch.arange(len(real), device=device) - first[suffix]
+
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # (out, logsumexp); GQA native
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+class _SplitSuffixAttention(torch.autograd.Function):
+    """Suffix queries over [own prefix ; own suffix, causal], as two flash calls merged by log-sum-exp.
+
+    Part a: a group's suffix queries against the group's prefix K/V, unmasked: one call per group on
+    the row's own K/V, never copied. Part b: every suffix causally against itself, [M, longest]
+    padded. out = (e^lse_a out_a + e^lse_b out_b) / (e^lse_a + e^lse_b). Backward: each part's flash
+    backward given the MERGED out and lse yields that part's share of the joint softmax's gradient.
+    Inputs q_s [N, H, D], k_s/v_s [N, KVH, D] (the real suffix tokens), k_p/v_p [B, P, KVH, D].
+    """
+
+    @staticmethod
+    def forward(ctx, q_s, k_s, v_s, k_p, v_p, lay):
+        heads = lambda t: t[None].transpose(1, 2)  # noqa: E731  [c, heads, ...] -> [1, heads, c, ...]
+        o_a, lse_a = zip(*(_flash(heads(q_s[i:i + c]), heads(k_p[r, :n]), heads(v_p[r, :n]))
+                           for r, n, i, c in lay.groups))
+        o_a, lse_a = torch.cat(o_a, 2)[0].transpose(0, 1), torch.cat(lse_a, 2)[0].transpose(0, 1)  # [N, H, D], [N, H]
+        o_b, lse_b = _flash(*(_pad(t, lay) for t in (q_s, k_s, v_s)), is_causal=True)  # [M, H, longest, D]
+        lse = torch.logaddexp(lse_a, _unpad(lse_b, lay))  # fp32
+        out = (o_a * (lse_a - lse).exp()[..., None]
+               + _unpad(o_b, lay) * (_unpad(lse_b, lay) - lse).exp()[..., None]).to(q_s.dtype)
+        ctx.save_for_backward(q_s, k_s, v_s, k_p, v_p, out, lse, lse_b)
+        ctx.lay = lay
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q_s, k_s, v_s, k_p, v_p, out, lse, lse_b = ctx.saved_tensors
+        lay = ctx.lay
+        heads = lambda t: t[None].transpose(1, 2)  # noqa: E731
+        dq_s, dk_p, dv_p = torch.empty_like(q_s), torch.zeros_like(k_p), torch.zeros_like(v_p)
+        for r, n, i, c in lay.groups:
+            dq, dk, dv = _flash_backward(*(heads(t[i:i + c]) for t in (d_out, q_s)), heads(k_p[r, :n]),
+                                         heads(v_p[r, :n]), *(heads(t[i:i + c]) for t in (out, lse)), 0.0, False)
+            dq_s[i:i + c], dk_p[r, :n], dv_p[r, :n] = (t[0].transpose(0, 1) for t in (dq, dk, dv))
+        # Part b on the padded layout: padding slots get d_out 0 and their own part-b lse, so they add 0.
+        zeros = d_out.new_zeros(len(lay.padded), *d_out.shape[1:])
+        dq, dk, dv = _flash_backward(_pad(d_out, lay, zeros), *(_pad(t, lay) for t in (q_s, k_s, v_s)),
+                                     _pad(out, lay, zeros), _pad(lse, lay, lse_b.transpose(1, 2).flatten(0, 1)),
+                                     0.0, True)
+        return dq_s + _unpad(dq, lay), _unpad(dk, lay), _unpad(dv, lay), dk_p, dv_p, None
+
+
+def _pad(t: torch.Tensor, lay: _SuffixLayout, base: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, heads, ...] -> [M, heads, longest, ...], the padding slots a copy of their suffix's first
+    token, or the rows of `base` [M * longest, heads, ...]."""
+    padded = t[lay.padded] if base is None else base.index_copy(0, lay.slot, t)
+    return padded.view(-1, lay.longest, *t.shape[1:]).transpose(1, 2)
+
+
+def _unpad(t: torch.Tensor, lay: _SuffixLayout) -> torch.Tensor:
+    """[M, heads, longest, ...] -> [N, heads, ...]: the real tokens."""
+    return t.transpose(1, 2).flatten(0, 1)[lay.slot]
 
 
 def _score(model, hidden, rows: list[int], targets: list[int], take: list[list[int]], temperature: float):
