@@ -6,13 +6,14 @@ G times. `shared_prefix_logprobs` lays each group out as ONE row,
 
     [ prefix (right-padded to the longest prefix) | suffix_1 suffix_2 ... suffix_G (packed, padded) ]
 
-with positions 0..P-1 for the prefix and P.. for each suffix, and attends in two SDPA calls per layer
-(`SharedPrefixAttention`): the prefix part causally over itself (the plain flash path, no mask), the
-suffix part with keys = the whole row, [prefix K/V ; suffix K/V], under a block mask (the real prefix,
-and causally the suffix's own tokens). The keys are the row itself: no K/V is copied, per suffix or
-at all, and the mask is [suffix tokens x row length] per group, linear in the prefix. Gradients reach
-each prefix token once per group. verl's PrefixGrouper instead repeats the prefix K/V per suffix
-and concatenates ("concat-attention"), which flash-attention's varlen kernels need.
+with positions 0..P-1 for the prefix and P.. for each suffix (`SharedPrefixAttention`). Prefix
+queries attend causally over the prefix; a suffix query over the real prefix and, causally, its own
+suffix. On CPU that is three unmasked flash calls per layer: the prefix causally, each group's suffix
+queries against its prefix K/V, each suffix causally against itself (padded to the longest), the last
+two merged exactly by their log-sum-exps. Elsewhere it is two SDPA calls, the second with keys = the
+whole row under a block mask. Either way the keys are the row itself: no K/V is copied, per suffix or
+at all. Gradients reach each prefix token once per group. verl's PrefixGrouper instead repeats the
+prefix K/V per suffix and concatenates ("concat-attention"), which flash-attention's varlen kernels need.
 
 Both functions return the same thing, so the trainer and the tests swap them freely:
 logp [S, span] fp32 and mask [S, span] for the S = sum of G samples, in group order; column j is the
@@ -63,13 +64,13 @@ class SharedPrefixAttention:
     """Attention backend for rows laid out as [prefix (prefix_len) | packed suffixes].
 
     prefix_lens [B]: real prefix length per row (padding follows it). sample_ids [B, S]: which
-    suffix each suffix column belongs to, -1 for padding. Prefix queries: plain causal SDPA (right
-    padding is invisible to real tokens). Suffix queries, two exact ways:
+    suffix each suffix column belongs to, -1 for padding. Two exact ways:
 
-    - split (default on CPU, `_SplitSuffixAttention`): each group's suffix queries against its
-      prefix K/V unmasked, and each suffix causally against itself, merged by log-sum-exp. It needs
-      a flash kernel that returns the log-sum-exp (torch's CPU one); padding columns come out 0.
-    - masked (the reference, and the path elsewhere): one SDPA with keys = the whole row under a
+    - split (default on CPU, `_SplitAttention`): flash calls with no mask, the suffix queries'
+      attention split into prefix and own-suffix parts merged by log-sum-exp. It needs a flash
+      kernel that returns the log-sum-exp (torch's CPU one). Padding columns come out 0.
+    - masked (the reference, and the path elsewhere): prefix queries by causal SDPA (right padding
+      is invisible to real tokens); suffix queries by one SDPA with keys = the whole row under a
       dense block mask [S x (P + S)], which pays for the whole S x S block. A padding query attends
       to the real prefix, so it stays finite. Its output is never used.
     """
@@ -98,39 +99,35 @@ class SharedPrefixAttention:
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q [B, P + S, H, D], k/v [B, P + S, KVH, D] -> [B, P + S, H, D]
+        if self.layout is not None:
+            return _SplitAttention.apply(q, k, v, self.layout)
         P, gqa = self.prefix_len, k.shape[2] != q.shape[2]
-        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, P + S, D]
-        out = F.scaled_dot_product_attention(qt[:, :, :P], kt[:, :, :P], vt[:, :, :P], is_causal=True,
-                                             enable_gqa=gqa)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, P + S, D]
+        out = F.scaled_dot_product_attention(q[:, :, :P], k[:, :, :P], v[:, :, :P], is_causal=True, enable_gqa=gqa)
         if self.mask is not None:
-            out_suffix = F.scaled_dot_product_attention(qt[:, :, P:], kt, vt, attn_mask=self.attn_bias(q.dtype),
+            out_suffix = F.scaled_dot_product_attention(q[:, :, P:], k, v, attn_mask=self.attn_bias(q.dtype),
                                                         enable_gqa=gqa)
             out = torch.cat([out, out_suffix], dim=2)
-        out = out.transpose(1, 2)
-        if self.layout is not None:
-            lay, (B, L, H, D) = self.layout, q.shape
-            pick = lambda t: t.reshape(B * L, t.shape[2], D)[lay.rows]  # noqa: E731  [N, heads, D]
-            out_suffix = _SplitSuffixAttention.apply(pick(q), pick(k), pick(v), k[:, :P], v[:, :P], lay)
-            out_suffix = q.new_zeros(B * (L - P), H, D).index_copy(0, lay.columns, out_suffix)
-            out = torch.cat([out, out_suffix.view(B, L - P, H, D)], dim=1)
-        return out
+        return out.transpose(1, 2)
 
 
 class _SuffixLayout:
-    """Index maps of the N real suffix tokens of a batch (row by row, left to right), for the split path.
+    """Where the N real suffix tokens of a batch are (row by row, left to right), for the split path.
 
-    rows [N]: each token's flat index in [B * (P + S)]; columns [N]: in [B * S]. groups: (row, prefix
-    length, first token, token count) per row with suffix tokens. The M suffixes laid out padded,
-    [M, longest]: `padded` [M * longest] picks a token for each slot (a padding slot repeats its
-    suffix's first token: causal, so only later padding slots see it); `slot` [N] is each token's slot.
+    rows [N]: each token's flat index in [B * (P + S)]. groups: (row, prefix length, first token,
+    token count) per row with suffix tokens, which sit at columns P.. of the row. The M suffixes laid
+    out padded, [M, longest]: `padded` [M * longest] picks a token for each slot (a padding slot
+    repeats its suffix's first token: causal, so only later padding slots see it); `slot` [N] is each
+    token's slot.
     """
 
     def __init__(self, prefix_lens: torch.Tensor, sample_ids: torch.Tensor, prefix_len: int):
         B, S = sample_ids.shape
         device = sample_ids.device
+        self.prefix_len = prefix_len
         real = (sample_ids >= 0).flatten().nonzero().squeeze(1)  # [N] in [B * S]
         row = real // S
-        self.columns, self.rows = real, row * (prefix_len + S) + prefix_len + real % S
+        self.rows = row * (prefix_len + S) + prefix_len + real % S
         counts, starts = (sample_ids >= 0).sum(1).tolist(), 0
         self.groups = []
         for r, (n, count) in enumerate(zip(prefix_lens.tolist(), counts)):
@@ -152,58 +149,80 @@ _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # (out, log
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
-class _SplitSuffixAttention(torch.autograd.Function):
-    """Suffix queries over [own prefix ; own suffix, causal], as two flash calls merged by log-sum-exp.
+def _heads(t: torch.Tensor) -> torch.Tensor:
+    """[B, T, heads, ...] <-> [B, heads, T, ...], the layout the flash kernels take."""
+    return t.transpose(1, 2)
 
-    Part a: a group's suffix queries against the group's prefix K/V, unmasked: one call per group on
-    the row's own K/V, never copied. Part b: every suffix causally against itself, [M, longest]
-    padded. out = (e^lse_a out_a + e^lse_b out_b) / (e^lse_a + e^lse_b). Backward: each part's flash
-    backward given the MERGED out and lse yields that part's share of the joint softmax's gradient.
-    Inputs q_s [N, H, D], k_s/v_s [N, KVH, D] (the real suffix tokens), k_p/v_p [B, P, KVH, D].
+
+class _SplitAttention(torch.autograd.Function):
+    """All of a shared-prefix layout's attention in flash calls, no mask, gradients written in place.
+
+    Prefix queries: causal over the prefix. Suffix queries see [own prefix ; own suffix, causal],
+    as two parts: (a) a group's suffix queries against the group's prefix K/V, unmasked (one call per
+    group on the row's own K/V, never copied); (b) every suffix causally against itself, [M, longest]
+    padded. Merged exactly: out = (e^lse_a out_a + e^lse_b out_b) / (e^lse_a + e^lse_b). Backward:
+    each part's flash backward given the MERGED out and lse yields that part's share of the joint
+    softmax's gradient. Padding columns come out 0 and get no gradient.
     """
 
     @staticmethod
-    def forward(ctx, q_s, k_s, v_s, k_p, v_p, lay):
-        heads = lambda t: t[None].transpose(1, 2)  # noqa: E731  [c, heads, ...] -> [1, heads, c, ...]
-        o_a, lse_a = zip(*(_flash(heads(q_s[i:i + c]), heads(k_p[r, :n]), heads(v_p[r, :n]))
+    def forward(ctx, q, k, v, lay):
+        P = lay.prefix_len
+        out = torch.zeros_like(q)
+        o_p, lse_p = _flash(*(_heads(t[:, :P]) for t in (q, k, v)), is_causal=True)
+        out[:, :P] = _heads(o_p)
+        o_a, lse_a = zip(*(_flash(_heads(q[r:r + 1, P:P + c]), _heads(k[r:r + 1, :n]), _heads(v[r:r + 1, :n]))
                            for r, n, i, c in lay.groups))
-        o_a, lse_a = torch.cat(o_a, 2)[0].transpose(0, 1), torch.cat(lse_a, 2)[0].transpose(0, 1)  # [N, H, D], [N, H]
-        o_b, lse_b = _flash(*(_pad(t, lay) for t in (q_s, k_s, v_s)), is_causal=True)  # [M, H, longest, D]
-        lse = torch.logaddexp(lse_a, _unpad(lse_b, lay))  # fp32
-        out = (o_a * (lse_a - lse).exp()[..., None]
-               + _unpad(o_b, lay) * (_unpad(lse_b, lay) - lse).exp()[..., None]).to(q_s.dtype)
-        ctx.save_for_backward(q_s, k_s, v_s, k_p, v_p, out, lse, lse_b)
+        o_a, lse_a = (torch.cat([_heads(t)[0] for t in ts]) for ts in (o_a, lse_a))  # [N, H, D], [N, H] fp32
+        o_b, lse_b = _flash(*(_pad(_real(t, lay), lay) for t in (q, k, v)), is_causal=True)
+        lse = torch.logaddexp(lse_a, _unpad(lse_b, lay))
+        o_s = o_a * (lse_a - lse).exp()[..., None] + _unpad(o_b, lay) * (_unpad(lse_b, lay) - lse).exp()[..., None]
+        out.flatten(0, 1).index_copy_(0, lay.rows, o_s.to(q.dtype))
+        ctx.save_for_backward(q, k, v, out, lse_p, lse, lse_b)
         ctx.lay = lay
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        q_s, k_s, v_s, k_p, v_p, out, lse, lse_b = ctx.saved_tensors
-        lay = ctx.lay
-        heads = lambda t: t[None].transpose(1, 2)  # noqa: E731
-        dq_s, dk_p, dv_p = torch.empty_like(q_s), torch.zeros_like(k_p), torch.zeros_like(v_p)
-        for r, n, i, c in lay.groups:
-            dq, dk, dv = _flash_backward(*(heads(t[i:i + c]) for t in (d_out, q_s)), heads(k_p[r, :n]),
-                                         heads(v_p[r, :n]), *(heads(t[i:i + c]) for t in (out, lse)), 0.0, False)
-            dq_s[i:i + c], dk_p[r, :n], dv_p[r, :n] = (t[0].transpose(0, 1) for t in (dq, dk, dv))
+        q, k, v, out, lse_p, lse, lse_b = ctx.saved_tensors
+        lay, P = ctx.lay, ctx.lay.prefix_len
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        grads = _flash_backward(*(_heads(t[:, :P]) for t in (d_out, q, k, v, out)), lse_p, 0.0, True)
+        for grad, g in zip((dq, dk, dv), grads):
+            grad[:, :P] = _heads(g)
+        for r, n, i, c in lay.groups:  # part a
+            suffix = lambda t: _heads(t[r:r + 1, P:P + c])  # noqa: E731
+            dq_a, dk_a, dv_a = _flash_backward(suffix(d_out), suffix(q), _heads(k[r:r + 1, :n]),
+                                               _heads(v[r:r + 1, :n]), suffix(out), _heads(lse[None, i:i + c]),
+                                               0.0, False)
+            dq[r, P:P + c] += _heads(dq_a)[0]
+            dk[r, :n] += _heads(dk_a)[0]
+            dv[r, :n] += _heads(dv_a)[0]
         # Part b on the padded layout: padding slots get d_out 0 and their own part-b lse, so they add 0.
-        zeros = d_out.new_zeros(len(lay.padded), *d_out.shape[1:])
-        dq, dk, dv = _flash_backward(_pad(d_out, lay, zeros), *(_pad(t, lay) for t in (q_s, k_s, v_s)),
-                                     _pad(out, lay, zeros), _pad(lse, lay, lse_b.transpose(1, 2).flatten(0, 1)),
-                                     0.0, True)
-        return dq_s + _unpad(dq, lay), _unpad(dk, lay), _unpad(dv, lay), dk_p, dv_p, None
+        zeros = d_out.new_zeros(len(lay.padded), *d_out.shape[2:])
+        d_out_b, out_b = (_pad(_real(t, lay), lay, zeros) for t in (d_out, out))
+        lse_b = _pad(lse, lay, _heads(lse_b).flatten(0, 1))
+        grads = _flash_backward(d_out_b, *(_pad(_real(t, lay), lay) for t in (q, k, v)), out_b, lse_b, 0.0, True)
+        for grad, g in zip((dq, dk, dv), grads):
+            grad.flatten(0, 1).index_add_(0, lay.rows, _unpad(g, lay))
+        return dq, dk, dv, None
 
 
 def _pad(t: torch.Tensor, lay: _SuffixLayout, base: torch.Tensor | None = None) -> torch.Tensor:
     """[N, heads, ...] -> [M, heads, longest, ...], the padding slots a copy of their suffix's first
     token, or the rows of `base` [M * longest, heads, ...]."""
-    padded = t[lay.padded] if base is None else base.index_copy(0, lay.slot, t)
+    padded = t.index_select(0, lay.padded) if base is None else base.index_copy(0, lay.slot, t)
     return padded.view(-1, lay.longest, *t.shape[1:]).transpose(1, 2)
+
+
+def _real(t: torch.Tensor, lay: _SuffixLayout) -> torch.Tensor:
+    """[B, P + S, heads, ...] -> [N, heads, ...]: the real suffix tokens."""
+    return t.flatten(0, 1).index_select(0, lay.rows)
 
 
 def _unpad(t: torch.Tensor, lay: _SuffixLayout) -> torch.Tensor:
     """[M, heads, longest, ...] -> [N, heads, ...]: the real tokens."""
-    return t.transpose(1, 2).flatten(0, 1)[lay.slot]
+    return t.transpose(1, 2).flatten(0, 1).index_select(0, lay.slot)
 
 
 def _score(model, hidden, rows: list[int], targets: list[int], take: list[list[int]], temperature: float):
