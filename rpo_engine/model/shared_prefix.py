@@ -78,10 +78,10 @@ class SharedPrefixAttention:
     def __init__(self, prefix_lens: torch.Tensor, sample_ids: torch.Tensor, prefix_len: int,
                  split: bool | None = None):
         self.prefix_len = prefix_len
-        B, S = sample_ids.shape
-        self.split = prefix_lens.device.type == "cpu" if split is None else split
+        S = sample_ids.shape[1]
+        split = prefix_lens.device.type == "cpu" if split is None else split
         self.mask = self.layout = None
-        if S and self.split:
+        if S and split:
             self.layout = _SuffixLayout(prefix_lens, sample_ids, prefix_len)
         elif S:
             cols = torch.arange(prefix_len, device=prefix_lens.device)
@@ -103,8 +103,10 @@ class SharedPrefixAttention:
             return _SplitAttention.apply(q, k, v, self.layout)
         P, gqa = self.prefix_len, k.shape[2] != q.shape[2]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, P + S, D]
+        # Prefix queries see only the prefix: plain causal; right padding is invisible to real tokens.
         out = F.scaled_dot_product_attention(q[:, :, :P], k[:, :, :P], v[:, :, :P], is_causal=True, enable_gqa=gqa)
         if self.mask is not None:
+            # Suffix queries: keys are the whole row, [prefix ; all suffixes of the group], masked.
             out_suffix = F.scaled_dot_product_attention(q[:, :, P:], k, v, attn_mask=self.attn_bias(q.dtype),
                                                         enable_gqa=gqa)
             out = torch.cat([out, out_suffix], dim=2)
@@ -122,8 +124,7 @@ class _SuffixLayout:
     """
 
     def __init__(self, prefix_lens: torch.Tensor, sample_ids: torch.Tensor, prefix_len: int):
-        B, S = sample_ids.shape
-        device = sample_ids.device
+        S, device = sample_ids.shape[1], sample_ids.device
         self.prefix_len = prefix_len
         real = (sample_ids >= 0).flatten().nonzero().squeeze(1)  # [N] in [B * S]
         row = real // S
@@ -185,7 +186,7 @@ class _SplitAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, out, lse_p, lse, lse_b = ctx.saved_tensors
-        lay, P = ctx.lay, ctx.lay.prefix_len
+        lay, P, d_out = ctx.lay, ctx.lay.prefix_len, d_out.contiguous()
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         grads = _flash_backward(*(_heads(t[:, :P]) for t in (d_out, q, k, v, out)), lse_p, 0.0, True)
         for grad, g in zip((dq, dk, dv), grads):
@@ -311,7 +312,8 @@ def sharing_pays(group: PrefixGroup, config) -> bool:
     suffix's own triangle is kept). Padded: G rows of T = P + longest suffix, T^2 / 2 pairs each.
     A token costs about 2 x (parameters of a layer), a pair 4 x heads x head_dim. With an RPO prefix
     sharing wins by about G; with a short prompt and long completions (full-path runs) the dense
-    suffix block can cost more than the prefix it saves.
+    suffix block can cost more than the prefix it saves. This models the masked attention (GPU); the
+    split one on CPU pays only S x P + each suffix's own block, so there the answer is conservative.
     """
     P, lens = len(group.prefix_ids), [len(s) for s in group.suffix_ids]
     S, T, G = sum(lens), P + max(lens), len(lens)
