@@ -6,13 +6,14 @@ G times. `shared_prefix_logprobs` lays each group out as ONE row,
 
     [ prefix (right-padded to the longest prefix) | suffix_1 suffix_2 ... suffix_G (packed, padded) ]
 
-with positions 0..P-1 for the prefix and P.. for each suffix, and attends in two SDPA calls per layer
-(`SharedPrefixAttention`): the prefix part causally over itself (the plain flash path, no mask), the
-suffix part with keys = the whole row, [prefix K/V ; suffix K/V], under a block mask (the real prefix,
-and causally the suffix's own tokens). The keys are the row itself: no K/V is copied, per suffix or
-at all, and the mask is [suffix tokens x row length] per group, linear in the prefix. Gradients reach
-each prefix token once per group. verl's PrefixGrouper instead repeats the prefix K/V per suffix
-and concatenates ("concat-attention"), which flash-attention's varlen kernels need.
+with positions 0..P-1 for the prefix and P.. for each suffix (`SharedPrefixAttention`). Prefix
+queries attend causally over the prefix; a suffix query over the real prefix and, causally, its own
+suffix. On CPU that is three unmasked flash calls per layer: the prefix causally, each group's suffix
+queries against its prefix K/V, each suffix causally against itself (padded to the longest), the last
+two merged exactly by their log-sum-exps. Elsewhere it is two SDPA calls, the second with keys = the
+whole row under a block mask. Either way the keys are the row itself: no K/V is copied, per suffix or
+at all. Gradients reach each prefix token once per group. verl's PrefixGrouper instead repeats the
+prefix K/V per suffix and concatenates ("concat-attention"), which flash-attention's varlen kernels need.
 
 Both functions return the same thing, so the trainer and the tests swap them freely:
 logp [S, span] fp32 and mask [S, span] for the S = sum of G samples, in group order; column j is the
@@ -63,15 +64,26 @@ class SharedPrefixAttention:
     """Attention backend for rows laid out as [prefix (prefix_len) | packed suffixes].
 
     prefix_lens [B]: real prefix length per row (padding follows it). sample_ids [B, S]: which
-    suffix each suffix column belongs to, -1 for padding. A padding query attends to the real prefix
-    (never empty), so it stays finite; its output is never used.
+    suffix each suffix column belongs to, -1 for padding. Two exact ways:
+
+    - split (default on CPU, `_SplitAttention`): flash calls with no mask, the suffix queries'
+      attention split into prefix and own-suffix parts merged by log-sum-exp. It needs a flash
+      kernel that returns the log-sum-exp (torch's CPU one). Padding columns come out 0.
+    - masked (the reference, and the path elsewhere): prefix queries by causal SDPA (right padding
+      is invisible to real tokens); suffix queries by one SDPA with keys = the whole row under a
+      dense block mask [S x (P + S)], which pays for the whole S x S block. A padding query attends
+      to the real prefix, so it stays finite. Its output is never used.
     """
 
-    def __init__(self, prefix_lens: torch.Tensor, sample_ids: torch.Tensor, prefix_len: int):
+    def __init__(self, prefix_lens: torch.Tensor, sample_ids: torch.Tensor, prefix_len: int,
+                 split: bool | None = None):
         self.prefix_len = prefix_len
         S = sample_ids.shape[1]
-        self.mask = None
-        if S:
+        split = prefix_lens.device.type == "cpu" if split is None else split
+        self.mask = self.layout = None
+        if S and split:
+            self.layout = _SuffixLayout(prefix_lens, sample_ids, prefix_len)
+        elif S:
             cols = torch.arange(prefix_len, device=prefix_lens.device)
             to_prefix = (cols[None, :] < prefix_lens[:, None])[:, None, :].expand(-1, S, -1)  # [B, S, P]
             same = (sample_ids[:, :, None] == sample_ids[:, None, :]) & (sample_ids[:, :, None] >= 0)  # [B, S, S]
@@ -87,6 +99,8 @@ class SharedPrefixAttention:
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q [B, P + S, H, D], k/v [B, P + S, KVH, D] -> [B, P + S, H, D]
+        if self.layout is not None:
+            return _SplitAttention.apply(q, k, v, self.layout)
         P, gqa = self.prefix_len, k.shape[2] != q.shape[2]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, P + S, D]
         # Prefix queries see only the prefix: plain causal; right padding is invisible to real tokens.
@@ -97,6 +111,119 @@ class SharedPrefixAttention:
                                                         enable_gqa=gqa)
             out = torch.cat([out, out_suffix], dim=2)
         return out.transpose(1, 2)
+
+
+class _SuffixLayout:
+    """Where the N real suffix tokens of a batch are (row by row, left to right), for the split path.
+
+    rows [N]: each token's flat index in [B * (P + S)]. groups: (row, prefix length, first token,
+    token count) per row with suffix tokens, which sit at columns P.. of the row. The M suffixes laid
+    out padded, [M, longest]: `padded` [M * longest] picks a token for each slot (a padding slot
+    repeats its suffix's first token: causal, so only later padding slots see it); `slot` [N] is each
+    token's slot.
+    """
+
+    def __init__(self, prefix_lens: torch.Tensor, sample_ids: torch.Tensor, prefix_len: int):
+        S, device = sample_ids.shape[1], sample_ids.device
+        self.prefix_len = prefix_len
+        real = (sample_ids >= 0).flatten().nonzero().squeeze(1)  # [N] in [B * S]
+        row = real // S
+        self.rows = row * (prefix_len + S) + prefix_len + real % S
+        counts, starts = (sample_ids >= 0).sum(1).tolist(), 0
+        self.groups = []
+        for r, (n, count) in enumerate(zip(prefix_lens.tolist(), counts)):
+            if count:
+                self.groups.append((r, n, starts, count))
+            starts += count
+        # suffixes are packed runs of one sample id within a row
+        _, lengths = torch.unique_consecutive(row * (sample_ids.max() + 1) + sample_ids.flatten()[real],
+                                              return_counts=True)
+        self.longest = int(lengths.max())
+        first = lengths.cumsum(0) - lengths  # [M]
+        j = torch.arange(self.longest, device=device)
+        self.padded = torch.where(j < lengths[:, None], first[:, None] + j, first[:, None]).flatten()
+        suffix = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)  # [N]
+        self.slot = suffix * self.longest + torch.arange(len(real), device=device) - first[suffix]
+
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # (out, logsumexp); GQA native
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _heads(t: torch.Tensor) -> torch.Tensor:
+    """[B, T, heads, ...] <-> [B, heads, T, ...], the layout the flash kernels take."""
+    return t.transpose(1, 2)
+
+
+class _SplitAttention(torch.autograd.Function):
+    """All of a shared-prefix layout's attention in flash calls, no mask, gradients written in place.
+
+    Prefix queries: causal over the prefix. Suffix queries see [own prefix ; own suffix, causal],
+    as two parts: (a) a group's suffix queries against the group's prefix K/V, unmasked (one call per
+    group on the row's own K/V, never copied); (b) every suffix causally against itself, [M, longest]
+    padded. Merged exactly: out = (e^lse_a out_a + e^lse_b out_b) / (e^lse_a + e^lse_b). Backward:
+    each part's flash backward given the MERGED out and lse yields that part's share of the joint
+    softmax's gradient. Padding columns come out 0 and get no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, lay):
+        P = lay.prefix_len
+        out = torch.zeros_like(q)
+        o_p, lse_p = _flash(*(_heads(t[:, :P]) for t in (q, k, v)), is_causal=True)
+        out[:, :P] = _heads(o_p)
+        o_a, lse_a = zip(*(_flash(_heads(q[r:r + 1, P:P + c]), _heads(k[r:r + 1, :n]), _heads(v[r:r + 1, :n]))
+                           for r, n, i, c in lay.groups))
+        o_a, lse_a = (torch.cat([_heads(t)[0] for t in ts]) for ts in (o_a, lse_a))  # [N, H, D], [N, H] fp32
+        o_b, lse_b = _flash(*(_pad(_real(t, lay), lay) for t in (q, k, v)), is_causal=True)
+        lse = torch.logaddexp(lse_a, _unpad(lse_b, lay))
+        o_s = o_a * (lse_a - lse).exp()[..., None] + _unpad(o_b, lay) * (_unpad(lse_b, lay) - lse).exp()[..., None]
+        out.flatten(0, 1).index_copy_(0, lay.rows, o_s.to(q.dtype))
+        ctx.save_for_backward(q, k, v, out, lse_p, lse, lse_b)
+        ctx.lay = lay
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v, out, lse_p, lse, lse_b = ctx.saved_tensors
+        lay, P, d_out = ctx.lay, ctx.lay.prefix_len, d_out.contiguous()
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        grads = _flash_backward(*(_heads(t[:, :P]) for t in (d_out, q, k, v, out)), lse_p, 0.0, True)
+        for grad, g in zip((dq, dk, dv), grads):
+            grad[:, :P] = _heads(g)
+        for r, n, i, c in lay.groups:  # part a
+            suffix = lambda t: _heads(t[r:r + 1, P:P + c])  # noqa: E731
+            dq_a, dk_a, dv_a = _flash_backward(suffix(d_out), suffix(q), _heads(k[r:r + 1, :n]),
+                                               _heads(v[r:r + 1, :n]), suffix(out), _heads(lse[None, i:i + c]),
+                                               0.0, False)
+            dq[r, P:P + c] += _heads(dq_a)[0]
+            dk[r, :n] += _heads(dk_a)[0]
+            dv[r, :n] += _heads(dv_a)[0]
+        # Part b on the padded layout: padding slots get d_out 0 and their own part-b lse, so they add 0.
+        zeros = d_out.new_zeros(len(lay.padded), *d_out.shape[2:])
+        d_out_b, out_b = (_pad(_real(t, lay), lay, zeros) for t in (d_out, out))
+        lse_b = _pad(lse, lay, _heads(lse_b).flatten(0, 1))
+        grads = _flash_backward(d_out_b, *(_pad(_real(t, lay), lay) for t in (q, k, v)), out_b, lse_b, 0.0, True)
+        for grad, g in zip((dq, dk, dv), grads):
+            grad.flatten(0, 1).index_add_(0, lay.rows, _unpad(g, lay))
+        return dq, dk, dv, None
+
+
+def _pad(t: torch.Tensor, lay: _SuffixLayout, base: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, heads, ...] -> [M, heads, longest, ...], the padding slots a copy of their suffix's first
+    token, or the rows of `base` [M * longest, heads, ...]."""
+    padded = t.index_select(0, lay.padded) if base is None else base.index_copy(0, lay.slot, t)
+    return padded.view(-1, lay.longest, *t.shape[1:]).transpose(1, 2)
+
+
+def _real(t: torch.Tensor, lay: _SuffixLayout) -> torch.Tensor:
+    """[B, P + S, heads, ...] -> [N, heads, ...]: the real suffix tokens."""
+    return t.flatten(0, 1).index_select(0, lay.rows)
+
+
+def _unpad(t: torch.Tensor, lay: _SuffixLayout) -> torch.Tensor:
+    """[M, heads, longest, ...] -> [N, heads, ...]: the real tokens."""
+    return t.transpose(1, 2).flatten(0, 1).index_select(0, lay.slot)
 
 
 def _score(model, hidden, rows: list[int], targets: list[int], take: list[list[int]], temperature: float):
@@ -185,7 +312,8 @@ def sharing_pays(group: PrefixGroup, config) -> bool:
     suffix's own triangle is kept). Padded: G rows of T = P + longest suffix, T^2 / 2 pairs each.
     A token costs about 2 x (parameters of a layer), a pair 4 x heads x head_dim. With an RPO prefix
     sharing wins by about G; with a short prompt and long completions (full-path runs) the dense
-    suffix block can cost more than the prefix it saves.
+    suffix block can cost more than the prefix it saves. This models the masked attention (GPU); the
+    split one on CPU pays only S x P + each suffix's own block, so there the answer is conservative.
     """
     P, lens = len(group.prefix_ids), [len(s) for s in group.suffix_ids]
     S, T, G = sum(lens), P + max(lens), len(lens)
