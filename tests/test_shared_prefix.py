@@ -116,6 +116,17 @@ def test_split_attention_equals_masked(kv_heads, dtype):
         assert rel(got, ref) < (1e-5 if dtype == torch.float32 else 1e-12)
 
 
+def test_split_attention_is_the_cpu_default_on_this_torch():
+    """The probe finds torch's CPU flash kernel (CI's torch has it), so the fast path is what the
+    trainer runs on CPU, not only what the test above forces."""
+    from rpo_engine.model.shared_prefix import split_attention_available
+
+    if tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13):
+        assert split_attention_available()
+    layout = SharedPrefixAttention(torch.tensor([3]), torch.tensor([[0, 0, 1, -1]]), 3)
+    assert (layout.layout is not None) == split_attention_available()
+
+
 def test_prefix_runs_once():
     """The shared layout feeds each prefix token through the model once per group, not G times."""
     model = tiny_model("qwen2")

@@ -24,6 +24,7 @@ comes from the last prefix position's hidden state. Tokens scored inside the pre
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -79,7 +80,8 @@ class SharedPrefixAttention:
                  split: bool | None = None):
         self.prefix_len = prefix_len
         S = sample_ids.shape[1]
-        split = prefix_lens.device.type == "cpu" if split is None else split
+        if split is None:
+            split = prefix_lens.device.type == "cpu" and split_attention_available()
         self.mask = self.layout = None
         if S and split:
             self.layout = _SuffixLayout(prefix_lens, sample_ids, prefix_len)
@@ -146,8 +148,27 @@ class _SuffixLayout:
         self.slot = suffix * self.longest + torch.arange(len(real), device=device) - first[suffix]
 
 
-_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # (out, logsumexp); GQA native
-_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+def _flash(*args, **kwargs):  # -> (out, logsumexp); takes fewer K/V heads than query heads
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*args, **kwargs)
+
+
+def _flash_backward(*args):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(*args)
+
+
+@functools.cache
+def split_attention_available() -> bool:
+    """The split path runs on torch's CPU flash kernel, a private op (it returns the log-sum-exp the
+    merge needs). Probe it once, grouped K/V heads included, against SDPA; on a torch without it, or
+    where it behaves otherwise, the masked path runs instead."""
+    gen = torch.Generator().manual_seed(0)  # leaves the global RNG alone
+    q, k, v = (torch.randn(1, heads, 5, 8, generator=gen) for heads in (4, 2, 2))
+    try:
+        out, lse = _flash(q, k, v, is_causal=True)
+    except (AttributeError, RuntimeError, TypeError):
+        return False
+    ref = F.scaled_dot_product_attention(q, *(t.repeat_interleave(2, dim=1) for t in (k, v)), is_causal=True)
+    return out.shape == ref.shape and lse.shape == (1, 4, 5) and torch.allclose(out, ref, atol=1e-5)
 
 
 def _heads(t: torch.Tensor) -> torch.Tensor:
