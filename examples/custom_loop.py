@@ -56,7 +56,7 @@ def main(argv=None):
     ap.add_argument("--num-generations", type=int, default=8)
     ap.add_argument("--max-completion-length", type=int, default=320)
     ap.add_argument("--train-size", type=int, default=8, help="prompts recur every train_size/B steps")
-    ap.add_argument("--learning-rate", type=float, default=3e-5)  # the trainer's default for the starter model
+    ap.add_argument("--learning-rate", type=float, default=1.5e-5)  # the trainer's default for the starter model
     ap.add_argument("--no-rpo", dest="rpo", action="store_false", help="full-path GRPO")
     ap.add_argument("--reward", default=None, help="module:function (default: exact answer)")
     ap.add_argument("--seed", type=int, default=0)

@@ -108,7 +108,7 @@ class TrainConfig:
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
     top_k: int = field(default=0, metadata={"help": "top-k sampling (0: off)"})
-    learning_rate: float = field(default=3e-5, metadata={"help": "peak learning rate (AdamW; the default suits the built-in starter model, use ~1e-6 for 1B+ models)"})
+    learning_rate: float = field(default=1.5e-5, metadata={"help": "peak learning rate (AdamW; the default suits the built-in starter model, use ~1e-6 for 1B+ models)"})
     warmup_ratio: float = field(default=0.05, metadata={"help": "fraction of steps of linear warmup before cosine decay"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
