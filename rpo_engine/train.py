@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -160,8 +161,12 @@ def train(config: TrainConfig, dist: Dist) -> int:
     trainer = build_trainer(config, model_dir=checkpoint / "model" if checkpoint is not None else None, dist=dist)
     records = []
     if checkpoint is not None:
-        state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
-        trainer.load_state_dict(state)
+        try:
+            trainer.load_state_dict(torch.load(checkpoint / "trainer_state.pt", weights_only=True))
+        except (KeyError, TypeError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            first_line = next(iter(str(e).strip().splitlines()), "")  # torch's load errors run to many lines
+            raise UserError(f"{checkpoint / 'trainer_state.pt'}: not a checkpoint this rpo_engine can resume "
+                            f"({type(e).__name__}: {first_line})") from None
         records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
         records = [r for r in records if r["step"] <= trainer.step_num]
         if main_rank:

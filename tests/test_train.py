@@ -209,3 +209,19 @@ def test_data_order_reads_ahead_exactly(tmp_path, tiny_model_dir):
         seen += [r["id"] for r in rows]
     assert sorted(seen[:5]) == sorted(seen[5:10])  # each epoch is a permutation of the 5 rows
     assert seen[:5] != seen[5:10]  # reshuffled (seed 3 gives different orders)
+
+
+def test_broken_checkpoint_is_a_user_error(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    run_train("--model", tiny_model_dir, "--steps", 1, "--eval-steps", 0, "--output", out, *SMALL)
+    metrics = (out / "metrics.jsonl").read_text()
+    state = out / "checkpoints" / "step-1" / "trainer_state.pt"
+    for broken in (b"not a checkpoint", None):
+        if broken is None:  # a loadable file that lacks what a trainer state holds
+            torch.save({"step": 1}, state)
+        else:
+            state.write_bytes(broken)
+        proc = run_train("--model", tiny_model_dir, "--steps", 2, "--eval-steps", 0, "--output", out, "--resume",
+                         *SMALL, check=False)
+        assert_user_error(proc, "trainer_state.pt", "not a checkpoint this rpo_engine can resume")
+        assert (out / "metrics.jsonl").read_text() == metrics
