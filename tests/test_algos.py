@@ -105,6 +105,9 @@ def test_cache_correct_only_replaces_an_unverified_path_by_any_answer():
     # a verified path is never traded for a wrong answer
     assert not cache.update("good", [[7], [8]], [0.0, 0.0], step=1, rng=rng)
     assert cache.get("good").token_ids == [4, 5]
+    paper = ExperienceCache("epsilon-greedy", epsilon=1.0)  # the paper's rule does trade it
+    paper.put("good", [4, 5], 1.0, step=0)
+    assert paper.update("good", [[7], [8]], [0.0, 0.0], step=1, rng=rng) and not paper.verified("good")
 
 
 def test_cache_state_round_trip():
