@@ -112,7 +112,7 @@ class Trainer:
         return self.train_rows[self.epoch_orders[epoch][index]]
 
     def next_rows(self, n: int) -> list[dict]:
-        rows = [self.row_at(self.rows_drawn + j) for j in range(n)]
+        rows = self.peek_rows(n)
         self.rows_drawn += n
         return rows
 
@@ -143,8 +143,12 @@ class Trainer:
                   for i in indices]
         return prompts, params
 
-    def cache_cold_paths(self, rows: list[dict], indices, my_paths: dict[int, list[int]]) -> None:
-        """Every rank caches every rank's new paths (`my_paths`: row index -> this rank's cold completions)."""
+    def cache_cold_paths(self, rows: list[dict], indices, my_indices, outs: list, counters: dict) -> None:
+        """Cache the cold-start completions of `rows[i]`, i in `indices`; this rank generated `outs` for
+        its `my_indices` of them and counts those. Every rank caches every rank's new paths."""
+        my_paths = {i: out[0].token_ids for i, out in zip(my_indices, outs)}
+        counters["generated"] += sum(len(p) for p in my_paths.values())
+        counters["cold_starts"] += len(my_paths)
         paths = {}
         for part in self.dist.gather(my_paths):
             paths.update(part)
@@ -172,10 +176,7 @@ class Trainer:
             counters["cache_hits"] = len(mine) - len(my_cold)
             if cold:
                 outs = self.generate(*self.cold_start_requests(rows, my_cold, 7919 + round_index))
-                paths = {i: out[0].token_ids for i, out in zip(my_cold, outs)}
-                counters["generated"] = sum(len(p) for p in paths.values())
-                counters["cold_starts"] = len(my_cold)
-                self.cache_cold_paths(rows, cold, paths)
+                self.cache_cold_paths(rows, cold, my_cold, outs, counters)
             # Every rank draws every cut, in order, so the RNG stays the same on all ranks.
             for i, row in enumerate(rows):
                 path = self.cache.get(row["id"]).token_ids
@@ -192,10 +193,7 @@ class Trainer:
         outs = self.generate([prompts[i] + kept[i] for i in mine] + ahead_prompts, params + ahead_params)
         outs, ahead = outs[:len(mine)], outs[len(mine):]
         if upcoming:
-            paths = {i: out[0].token_ids for i, out in zip(my_upcoming, ahead)}
-            counters["generated"] += sum(len(p) for p in paths.values())
-            counters["cold_starts"] += len(my_upcoming)
-            self.cache_cold_paths(upcoming, range(len(upcoming)), paths)
+            self.cache_cold_paths(upcoming, range(len(upcoming)), my_upcoming, ahead, counters)
         groups = []
         for i, out in zip(mine, outs):
             groups.append(Group(rows[i], prompts[i], kept[i], [o.token_ids for o in out], [o.logprobs for o in out],
