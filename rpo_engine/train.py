@@ -180,12 +180,12 @@ def train(config: TrainConfig, dist: Dist) -> int:
         log = open(metrics_path, "w")  # rewritten: a resumed run drops the steps after its checkpoint
         log.writelines(json.dumps(r) + "\n" for r in records)
     if trainer.step_num == 0 and config.eval_steps and trainer.eval_rows:
-        record = {"step": 0, "eval_accuracy": trainer.evaluate()}
-        records.append(record)
+        first_eval = {"step": 0, "eval_accuracy": trainer.evaluate()}
+        records.append(first_eval)
         if main_rank:
-            log.write(json.dumps(record) + "\n")
+            log.write(json.dumps(first_eval) + "\n")
             log.flush()
-            print(f"step 0: eval accuracy {record['eval_accuracy']:.3f}")
+            print(f"step 0: eval accuracy {first_eval['eval_accuracy']:.3f}")
 
     algo_name = f"{'RPO-' if config.rpo.rpo else ''}{config.algo.algo.upper()}"
     bar = tqdm(total=config.steps, initial=trainer.step_num, desc=algo_name,
