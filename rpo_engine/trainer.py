@@ -224,15 +224,16 @@ class Trainer:
                        for r, n in zip(rewards, lengths)]
         group.rewards = rewards
 
-    def update_cache(self, rows: list[dict], groups: list[Group], rewards: list[list[float]]) -> None:
-        """Keep one answer per group of the round (rows, rewards: every rank's; groups: this rank's).
+    def update_cache(self, rows: list[dict], groups: list[Group], rewards: list[list[float]],
+                     correct: list[list[bool]]) -> None:
+        """Keep one answer per group of the round (rows, rewards, correct: every rank's; groups: this rank's).
         Every rank draws every group's choice from the same RNG, in order; each group's rank sends the
         chosen answer, so every rank ends with the whole cache."""
         picks = [self.cache.choose(r, self.rng) for r in rewards]
         chosen = [g.answer_ids(picks[i]) for i, g in zip(self.dist.share(len(rows)), groups)]
         answers = [a for part in self.dist.gather(chosen) for a in part]
-        for row, pick, answer, r in zip(rows, picks, answers, rewards):
-            self.cache.apply(row["id"], answer, r[pick], self.step_num)
+        for row, pick, answer, r, right in zip(rows, picks, answers, rewards, correct):
+            self.cache.apply(row["id"], answer, r[pick], self.step_num, right[pick])
 
     # ---- update ------------------------------------------------------------------------------
     def training_batch(self, groups: list[Group]) -> list[PrefixGroup]:
@@ -264,7 +265,7 @@ class Trainer:
         algo, batch_groups = self.algo, self.training_batch(groups)
         # (micro-batch, shared layout?) pairs: a group's prefix runs once where that costs fewer FLOPs
         batches = plan_micro_batches(batch_groups, self.model.config, self.config.micro_batch_tokens,
-                                     self.config.prefix_sharing)
+                                     self.config.prefix_sharing, self.device)
         num_real = len(batches)
         # Global normalisers (all micro-batches of all ranks), so micro-batching and ranks give the
         # same loss as one big batch.
@@ -379,7 +380,7 @@ class Trainer:
             all_rewards += [x for r in results for x in r[0]]
             # 3. cache update (every group, kept or not)
             if self.rpo.rpo:
-                self.update_cache(rows, groups, [r[0] for r in results])
+                self.update_cache(rows, groups, [r[0] for r in results], [r[1] for r in results])
             informative = [True] * len(results)
             if algo.dynamic_sampling:
                 informative = informative_groups(torch.tensor([r[0] for r in results])).tolist()

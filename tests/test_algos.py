@@ -110,12 +110,30 @@ def test_cache_correct_only_replaces_an_unverified_path_by_any_answer():
     assert paper.update("good", [[7], [8]], [0.0, 0.0], step=1, rng=rng) and not paper.verified("good")
 
 
+def test_cache_verified_follows_correctness_not_shaped_reward():
+    rng = random.Random(0)
+    cache = ExperienceCache("correct-only", epsilon=1.0)
+    # DAPO's overlong penalty took a right answer to 0.2; a format bonus took a wrong one to 1.5
+    assert cache.update("p", [[1], [2]], [0.2, 0.0], step=1, rng=rng, correct=[True, False])
+    assert cache.get("p").token_ids == [1] and cache.verified("p")
+    assert not cache.update("p", [[3], [4]], [1.5, 0.0], step=2, rng=rng, correct=[False, False])
+    assert cache.get("p").token_ids == [1]
+    cache.apply("q", [5], 1.5, step=3, correct=False)
+    assert not cache.verified("q")
+
+
 def test_cache_state_round_trip():
     cache = ExperienceCache("epsilon-greedy", 0.3)
     cache.put("a", [1, 2], 0.5, 3)
+    cache.put("b", [3], 0.1, 4, correct=True)
     other = ExperienceCache()
     other.load_state_dict(cache.state_dict())
-    assert other.get("a").token_ids == [1, 2] and other.epsilon == 0.3 and len(other) == 1
+    assert other.get("a").token_ids == [1, 2] and other.epsilon == 0.3 and len(other) == 2
+    assert other.verified("a") and other.verified("b")
+    old = cache.state_dict()  # a checkpoint written before paths carried `correct`: judged by reward
+    old["paths"] = {k: v[:3] for k, v in old["paths"].items()}
+    other.load_state_dict(old)
+    assert other.verified("a") and not other.verified("b")
 
 
 def test_algo_defaults():

@@ -76,6 +76,25 @@ def test_unverified_paths_are_kept_and_cut_anywhere(tmp_path, tiny_model_dir):
     assert first["suffix_len_mean"] > 2 and second["suffix_len_mean"] > 2
 
 
+def test_cache_verifies_right_answers_whatever_their_shaped_reward(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from tests.reward_fns import hash_reward
+
+    out = tmp_path / "overlong"
+    # an overlong buffer as long as the budget: every answer's reward is pushed down by its length
+    run_train("--model", tiny_model_dir, "--steps", 2, "--eval-steps", 0, "--train-size", 3, "--output", out,
+              "--reward", "tests.reward_fns:hash_reward", "--overlong-buffer", 48, *SMALL)
+    paths = torch.load(out / "checkpoints" / "step-2" / "trainer_state.pt", weights_only=True)["cache"]["paths"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    verified_low = 0
+    for ids, reward, _, verified in paths.values():
+        right = hash_reward(tokenizer.decode(ids, skip_special_tokens=True), "") == 1.0
+        assert verified == (right and reward == reward)  # a cold start's path (reward NaN) is not verified
+        verified_low += verified and reward < 0.5
+    assert verified_low > 0  # right answers whose shaped reward fell below the old 0.5 threshold
+
+
 def test_dapo_dynamic_sampling_is_bounded(tmp_path, tiny_model_dir):
     out = tmp_path / "dapo"
     run_train("--model", tiny_model_dir, "--steps", 1, "--output", out, "--algo", "dapo", "--eval-steps", 0,

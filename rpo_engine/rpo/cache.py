@@ -6,7 +6,10 @@ from the paper's public code (yhz5613813/RPO), and why:
   the policy produced (re-tokenizing text can merge tokens differently);
 - ties for the best reward are broken at random, and the random pick covers all G completions
   (the code's `argmax` always took the first of equal rewards and its `randint(0, G-1)` never the last);
-- a path is *verified* once its reward reached the threshold (a correct answer). The trainer cuts a verified
+- a path is *verified* when it was a correct answer: the trainer passes each answer's correctness (its
+  accuracy reward, before any shaping: a length or overlong penalty can push a right answer's shaped
+  reward low, and a format bonus a wrong one's high); callers without one get `reward >= correct_threshold`.
+  The trainer cuts a verified
   path by at most `--rpo-max-cut-fraction` / `--rpo-max-cut`, and an unverified one (a cold start's, reward
   NaN, or a wrong answer kept in its place) anywhere along it, as the paper's code cuts a cold-start path:
   every suffix of a wrong kept prefix is usually wrong too, so a shallow cut of a wrong path teaches nothing;
@@ -26,6 +29,7 @@ class CachedPath:
     token_ids: list[int]
     reward: float
     step: int
+    correct: bool = False  # the answer was right (a cold start's is not known: False)
 
 
 class ExperienceCache:
@@ -42,13 +46,16 @@ class ExperienceCache:
     def get(self, prompt_id: str) -> CachedPath | None:
         return self.paths.get(prompt_id)
 
-    def put(self, prompt_id: str, token_ids: list[int], reward: float, step: int) -> None:
-        self.paths[prompt_id] = CachedPath(list(token_ids), float(reward), step)
+    def put(self, prompt_id: str, token_ids: list[int], reward: float, step: int, correct: bool | None = None) -> None:
+        """Store a path; `correct` defaults to reward >= correct_threshold (NaN, a cold start's, is not)."""
+        if correct is None:
+            correct = reward >= self.correct_threshold
+        self.paths[prompt_id] = CachedPath(list(token_ids), float(reward), step, bool(correct))
 
     def verified(self, prompt_id: str) -> bool:
-        """Whether the prompt's path is known to be correct (NaN, a cold start's reward, compares False)."""
+        """Whether the prompt's path is known to be a correct answer."""
         path = self.paths.get(prompt_id)
-        return path is not None and path.reward >= self.correct_threshold
+        return path is not None and path.correct
 
     def choose(self, rewards: list[float], rng: random.Random) -> int:
         """Index of the completion to keep for a group: the best (ties at random) with probability
@@ -59,25 +66,30 @@ class ExperienceCache:
         return rng.randrange(len(rewards))
 
     def update(self, prompt_id: str, answers: list[list[int]], rewards: list[float], step: int,
-               rng: random.Random) -> bool:
-        """Keep one of a group's whole answers (kept path + suffix). Returns whether the path changed."""
+               rng: random.Random, correct: list[bool] | None = None) -> bool:
+        """Keep one of a group's whole answers (kept path + suffix), chosen by reward; `correct` says
+        which answers are right (default: reward >= correct_threshold). Returns whether the path changed."""
         index = self.choose(rewards, rng)
-        return self.apply(prompt_id, answers[index], rewards[index], step)
+        return self.apply(prompt_id, answers[index], rewards[index], step, None if correct is None else correct[index])
 
-    def apply(self, prompt_id: str, answer: list[int], reward: float, step: int) -> bool:
+    def apply(self, prompt_id: str, answer: list[int], reward: float, step: int, correct: bool | None = None) -> bool:
         """The update once `choose` has picked an `answer` with `reward`. Split from `update`
         for callers that choose before they hold the answer (under torchrun the answer lives on the rank
         that generated it). Returns whether the path changed."""
-        if self.policy == "correct-only" and self.verified(prompt_id) and not reward >= self.correct_threshold:
+        if correct is None:
+            correct = reward >= self.correct_threshold
+        if self.policy == "correct-only" and self.verified(prompt_id) and not correct:
             return False
-        self.put(prompt_id, answer, reward, step)
+        self.put(prompt_id, answer, reward, step, correct)
         return True
 
     def state_dict(self) -> dict:
         return {"policy": self.policy, "epsilon": self.epsilon, "correct_threshold": self.correct_threshold,
-                "paths": {k: [v.token_ids, v.reward, v.step] for k, v in self.paths.items()}}
+                "paths": {k: [v.token_ids, v.reward, v.step, v.correct] for k, v in self.paths.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.policy, self.epsilon = state["policy"], state["epsilon"]
         self.correct_threshold = state["correct_threshold"]
-        self.paths = {k: CachedPath(list(ids), float(r), int(s)) for k, (ids, r, s) in state["paths"].items()}
+        self.paths = {}
+        for k, (ids, r, s, *correct) in state["paths"].items():  # checkpoints before `correct` judged by reward
+            self.put(k, ids, r, int(s), bool(correct[0]) if correct else None)
