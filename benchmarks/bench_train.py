@@ -6,12 +6,20 @@ reward and eval accuracy against steps and against wall-clock.
 
     python benchmarks/bench_train.py                      # GRPO vs RPO-GRPO, 3 seeds, default job settings
     python benchmarks/bench_train.py --algos grpo dapo --seeds 0 1 2 --steps 40
+    python benchmarks/bench_train.py --rpo-variants "--rpo-unverified-cut-fraction 0.5" --jobs 2
+                                                          # more RPO settings against the same full-path runs
+
+--jobs N runs N trainings at once, one process each: on an N-core box give each one thread
+(OMP_NUM_THREADS=1), so step times stay comparable within the run.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import json
+import re
+import shlex
 import statistics
 import tempfile
 from pathlib import Path
@@ -22,10 +30,12 @@ from common import git_commit, machine, save_json
 from rpo_engine.train import main as train_main
 
 
-def run(algo: str, rpo: bool, seed: int, steps: int, extra: list[str], out: Path) -> dict:
-    output = out / f"{algo}-{'rpo' if rpo else 'full'}-s{seed}"
+def run(algo: str, rpo: bool, seed: int, steps: int, extra: list[str], out: Path, variant: str = "") -> dict:
+    """One training run; `variant` holds more flags for an RPO run ("" = the defaults)."""
+    name = f"{algo}-{'rpo' if rpo else 'full'}-s{seed}" + re.sub(r"[^\w.]+", "_", variant)
+    output = out / name
     train_main(["--algo", algo, "--rpo" if rpo else "--no-rpo", "--seed", str(seed), "--steps", str(steps),
-                "--output", str(output), "--no-progress", *extra])
+                "--output", str(output), "--no-progress", *extra, *shlex.split(variant)])
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     steps_ = [r for r in records if "reward_mean" in r]
     evals = [r for r in records if "eval_accuracy" in r]
@@ -33,7 +43,7 @@ def run(algo: str, rpo: bool, seed: int, steps: int, extra: list[str], out: Path
     for r in steps_:
         t += r["step_time_s"]
         wall.append(t)
-    return {"algo": algo, "rpo": rpo, "seed": seed,
+    return {"algo": algo, "rpo": rpo, "variant": variant if rpo else None, "seed": seed,
             "generated_tokens_per_step": statistics.mean(r["rollout_generated_tokens"] for r in steps_),
             "prefill_tokens_per_step": statistics.mean(r["rollout_prefill_tokens"] for r in steps_),
             "median_step_time_s": statistics.median(r["step_time_s"] for r in steps_),
@@ -52,24 +62,31 @@ def seconds_to_reach(run: dict, target: float) -> float | None:
 
 
 def summarize(runs: list[dict], target: float) -> list[dict]:
+    """One row per (algorithm, RPO variant), each against the algorithm's full-path runs of the same seeds."""
     summary = []
     for algo in dict.fromkeys(r["algo"] for r in runs):
-        full = [r for r in runs if r["algo"] == algo and not r["rpo"]]
-        rpo = [r for r in runs if r["algo"] == algo and r["rpo"]]
-        gaps = [b["final_eval_accuracy"] - a["final_eval_accuracy"] for a, b in zip(full, rpo)]  # same seeds, in order
-        summary.append({
-            "algo": algo,
-            "token_ratio": statistics.mean(r["generated_tokens_per_step"] for r in rpo)
-            / statistics.mean(r["generated_tokens_per_step"] for r in full),
-            "step_time_ratio": statistics.median(r["median_step_time_s"] for r in rpo)
-            / statistics.median(r["median_step_time_s"] for r in full),
-            "final_eval_full": [r["final_eval_accuracy"] for r in full],
-            "final_eval_rpo": [r["final_eval_accuracy"] for r in rpo],
-            "eval_gap_mean": statistics.mean(gaps), "eval_gap_std": statistics.stdev(gaps) if len(gaps) > 1 else 0.0,
-            "target_eval_accuracy": target,
-            "seconds_to_target_full": [seconds_to_reach(r, target) for r in full],
-            "seconds_to_target_rpo": [seconds_to_reach(r, target) for r in rpo]})
+        full = sorted((r for r in runs if r["algo"] == algo and not r["rpo"]), key=lambda r: r["seed"])
+        for variant in dict.fromkeys(r["variant"] for r in runs if r["algo"] == algo and r["rpo"]):
+            rpo = sorted((r for r in runs if r["algo"] == algo and r["rpo"] and r["variant"] == variant),
+                         key=lambda r: r["seed"])
+            summary.append(compare(algo, variant, full, rpo, target))
     return summary
+
+
+def compare(algo: str, variant: str, full: list[dict], rpo: list[dict], target: float) -> dict:
+    gaps = [b["final_eval_accuracy"] - a["final_eval_accuracy"] for a, b in zip(full, rpo)]  # same seeds, in order
+    return {
+        "algo": algo, "variant": variant,
+        "token_ratio": statistics.mean(r["generated_tokens_per_step"] for r in rpo)
+        / statistics.mean(r["generated_tokens_per_step"] for r in full),
+        "step_time_ratio": statistics.median(r["median_step_time_s"] for r in rpo)
+        / statistics.median(r["median_step_time_s"] for r in full),
+        "final_eval_full": [r["final_eval_accuracy"] for r in full],
+        "final_eval_rpo": [r["final_eval_accuracy"] for r in rpo],
+        "eval_gap_mean": statistics.mean(gaps), "eval_gap_std": statistics.stdev(gaps) if len(gaps) > 1 else 0.0,
+        "target_eval_accuracy": target,
+        "seconds_to_target_full": [seconds_to_reach(r, target) for r in full],
+        "seconds_to_target_rpo": [seconds_to_reach(r, target) for r in rpo]}
 
 
 def plot(runs: list[dict], path: Path) -> None:
@@ -83,10 +100,12 @@ def plot(runs: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(len(algos), 3, figsize=(15, 4 * len(algos)), squeeze=False)
     for row, algo in zip(axes, algos):
         pair = [r for r in runs if r["algo"] == algo]
+        kinds = list(dict.fromkeys((r["rpo"], r["variant"]) for r in pair))  # full path, RPO, RPO variants
         for r in pair:
-            label = f"{'RPO-' if r['rpo'] else ''}{algo.upper()}"
+            label = f"{'RPO-' if r['rpo'] else ''}{algo.upper()}" + (f" [{r['variant']}]" if r["variant"] else "")
             c = r["curve"]
-            kw = dict(color="C1" if r["rpo"] else "C0", alpha=0.8, label=label if r["seed"] == pair[0]["seed"] else None)
+            kw = dict(color=f"C{kinds.index((r['rpo'], r['variant']))}", alpha=0.8,
+                      label=label if r["seed"] == pair[0]["seed"] else None)
             row[0].plot(c["step"], c["reward"], **kw)
             row[1].plot(c["eval_step"], c["eval_accuracy"], marker="o", **kw)
             wall_at = [0.0] + c["wall_s"]
@@ -107,21 +126,29 @@ def main():
     parser.add_argument("--target", type=float, default=0.42,
                         help="eval accuracy whose first crossing is timed (the starter model scores 0.367)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (the PNG goes beside it)")
+    parser.add_argument("--rpo-variants", nargs="*", default=[], metavar="FLAGS",
+                        help='more RPO runs per seed, each with these train flags: one quoted string each, '
+                        'with a leading space if it is one flag (" --no-length-shaping")')
+    parser.add_argument("--jobs", type=int, default=1, help="trainings run at once (one process each)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more rpo_engine.train flags")
     args = parser.parse_args()
-    runs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for algo in args.algos:
-            for seed in args.seeds:
-                for rpo in (False, True):
-                    runs.append(run(algo, rpo, seed, args.steps, args.extra, Path(tmp)))
-                    r = runs[-1]
-                    print(f"{algo:5s} rpo={r['rpo']!s:5s} seed={seed} gen_tok/step={r['generated_tokens_per_step']:8.0f} "
-                          f"median_step={r['median_step_time_s']:6.2f}s eval {r['initial_eval_accuracy']:.3f} -> "
-                          f"{r['final_eval_accuracy']:.3f}", flush=True)
+    args.rpo_variants = [v.strip() for v in args.rpo_variants]
+    plan = [(algo, rpo, seed, variant) for algo in args.algos for seed in args.seeds
+            for rpo, variant in [(False, ""), (True, "")] + [(True, v) for v in args.rpo_variants]]
+    with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
+        futures = [pool.submit(run, algo, rpo, seed, args.steps, args.extra, Path(tmp), variant)
+                   for algo, rpo, seed, variant in plan]
+        runs = []
+        for future in futures:
+            runs.append(future.result())
+            r = runs[-1]
+            print(f"{r['algo']:5s} rpo={r['rpo']!s:5s} seed={r['seed']} {r['variant'] or ''} "
+                  f"gen_tok/step={r['generated_tokens_per_step']:8.0f} median_step={r['median_step_time_s']:6.2f}s "
+                  f"eval {r['initial_eval_accuracy']:.3f} -> {r['final_eval_accuracy']:.3f}", flush=True)
     summary = summarize(runs, args.target)
     for row in summary:
-        print(f"{row['algo']}: RPO generates {row['token_ratio']:.1%} of full-path tokens, median step time "
+        print(f"{row['algo']}{' [' + row['variant'] + ']' if row['variant'] else ''}: RPO generates "
+              f"{row['token_ratio']:.1%} of full-path tokens, median step time "
               f"{row['step_time_ratio']:.1%}; final eval full {row['final_eval_full']} rpo {row['final_eval_rpo']} "
               f"(RPO - full: {row['eval_gap_mean']:+.3f} +- {row['eval_gap_std']:.3f}); seconds to eval >= "
               f"{args.target}: full {row['seconds_to_target_full']} rpo {row['seconds_to_target_rpo']}")
@@ -129,7 +156,8 @@ def main():
     results = Path(__file__).parent / "results"
     record = {"benchmark": "train", "machine": machine(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "git_commit": git_commit(), "torch": torch.__version__, "steps": args.steps, "seeds": args.seeds,
-              "extra_flags": args.extra, "summary": summary, "runs": runs}
+              "extra_flags": args.extra, "rpo_variants": args.rpo_variants, "jobs": args.jobs,
+              "summary": summary, "runs": runs}
     out = save_json(args.out or results / f"train_{device}.json", record)
     plot(runs, out.with_suffix(".png"))
 
