@@ -364,7 +364,7 @@ class Trainer:
         # Ranks roll out their share of each round's rows; `kept` counts every rank's kept groups,
         # `kept_groups` are this rank's (the round asks for at most what is missing, so never too many).
         kept_groups, kept, totals = [], [], {"generated": 0, "cold_starts": 0, "cache_hits": 0}
-        all_rewards, num_prompts = [], 0
+        all_rewards, num_prompts, zero_std = [], 0, 0
         for round_index in range(1 + (algo.max_resample_rounds if algo.dynamic_sampling else 0)):
             rows = self.next_rows(c.prompts_per_step - len(kept))
             upcoming = self.upcoming_cold_rows(rows) if round_index == 0 else []
@@ -378,6 +378,7 @@ class Trainer:
             results = [r for part in self.dist.gather([(g.rewards, g.correct, [len(s) for s in g.suffix_ids])
                                                        for g in groups]) for r in part]
             all_rewards += [x for r in results for x in r[0]]
+            zero_std += sum(1 for r in results if max(r[0]) == min(r[0]))  # no advantage: no gradient
             # 3. cache update (every group, kept or not)
             if self.rpo.rpo:
                 self.update_cache(rows, groups, [r[0] for r in results], [r[1] for r in results])
@@ -423,6 +424,7 @@ class Trainer:
             "suffix_len_mean": sum(suffix_lens) / max(1, len(suffix_lens)),
             "num_prompts_sampled": num_prompts,
             "num_groups_trained": len(kept),
+            "frac_reward_zero_std": zero_std / num_prompts,
             "cache_hit_rate": cache_hits / num_prompts if self.rpo.rpo else 0.0,
             "cold_starts": cold_starts,
             "lr": self.scheduler.get_last_lr()[0],

@@ -103,6 +103,7 @@ def test_dapo_dynamic_sampling_is_bounded(tmp_path, tiny_model_dir):
     # a random model earns no reward, so no group is informative: 1 + 3 resampling rounds, then no update
     assert m["reward_mean"] == 0.0 and m["reward_std"] == 0.0
     assert m["num_prompts_sampled"] == 3 * (1 + 3) and m["num_groups_trained"] == 0 and m["skipped_updates"] == 1
+    assert m["frac_reward_zero_std"] == 1.0
 
 
 def test_kl_to_reference(tmp_path, tiny_model_dir):
@@ -110,7 +111,7 @@ def test_kl_to_reference(tmp_path, tiny_model_dir):
     run_train("--model", tiny_model_dir, "--steps", 2, "--output", out, "--beta", 0.05, "--eval-steps", 0,
               "--reward", "tests.reward_fns:hash_reward", *SMALL)
     first, second = read_metrics(out)
-    assert first["reward_std"] > 0 and first["grad_norm"] > 0
+    assert first["reward_std"] > 0 and first["grad_norm"] > 0 and first["frac_reward_zero_std"] < 1.0
     assert first["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy is the reference before its first update
     assert second["kl"] > 0
 
