@@ -113,9 +113,9 @@ def plot(runs: list[dict], path: Path) -> None:
         row[0].set(title=f"{algo.upper()}: reward (one line per seed)", xlabel="step")
         row[1].set(title="greedy eval accuracy", xlabel="step")
         row[2].set(title="greedy eval accuracy", xlabel="training wall-clock (s)")
-        row[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+        row[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(0, -0.2))  # below the axes: long labels
+    fig.tight_layout(h_pad=5)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
 
 
 def main():
