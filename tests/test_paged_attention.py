@@ -95,6 +95,11 @@ def test_torch_cascade_decode_matches_reference(block_size):
     flat = PagedDecode(k_cache[None], v_cache[None], decode_metadata(tables, lens, shared, block_size, num_blocks, "cpu",
                                                          cascade=False))(0, q, new_k, new_v)
     torch.testing.assert_close(flat, out, atol=1e-5, rtol=0)
+    # grouping that saves too little is not worth a second attention: no groups at all
+    saved = (3 - 1) * 3 * block_size + (2 - 1) * 2 * block_size
+    groups = lambda least: decode_metadata(tables, lens, shared, block_size, num_blocks, "cpu",  # noqa: E731
+                                           min_saved_tokens=least).group_tables
+    assert groups(saved) is not None and groups(saved + 1) is None
 
 
 def test_prefill_with_cached_prefix_matches_causal_sdpa():

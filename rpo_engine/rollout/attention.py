@@ -113,9 +113,12 @@ class DecodeMetadata:
 
 
 def decode_metadata(block_tables: list[list[int]], context_lens: list[int], num_shared_blocks: list[int],
-                    block_size: int, pad_block: int, device, cascade: bool = True) -> DecodeMetadata:
+                    block_size: int, pad_block: int, device, cascade: bool = True,
+                    min_saved_tokens: int = 0) -> DecodeMetadata:
     """Host-side metadata for S decode queries. num_shared_blocks[s]: leading blocks of sequence s
-    that are grouped with every other sequence starting with the same block ids."""
+    that are grouped with every other sequence starting with the same block ids. The cascade split
+    costs a second attention and a merge per layer: it is used only when grouping saves reading at
+    least `min_saved_tokens` K/V tokens (sum over groups of (members - 1) x shared tokens)."""
     def padded(rows, dtype):
         width = max(1, max(len(r) for r in rows))
         return torch.tensor([r + [pad_block] * (width - len(r)) for r in rows], dtype=dtype, device=device)
@@ -130,6 +133,9 @@ def decode_metadata(block_tables: list[list[int]], context_lens: list[int], num_
     for s, (table, k) in enumerate(zip(block_tables, num_shared_blocks)):
         if cascade and k > 0:
             groups.setdefault(tuple(table[:k]), []).append(s)
+    groups = {key: members for key, members in groups.items() if len(members) > 1}  # one member saves nothing
+    if sum((len(m) - 1) * len(key) * block_size for key, m in groups.items()) < max(1, min_saved_tokens):
+        groups = {}
     shared = [0] * S
     width = max((len(m) for m in groups.values()), default=0)
     slot = [len(groups) * width] * S
