@@ -42,6 +42,7 @@ def test_greedy_matches_transformers(checkpoints, family):
     prompts = random_prompts(hf.config.vocab_size, [5, 13, 8, 3, 16])
     budgets = [12, 6, 15, 9, 4]  # a different budget per prompt, as RPO asks for
     engine = RolloutEngine(model, block_size=4)  # small blocks: many blocks, forks, copy-on-write
+    engine.runner.cascade_min_saved_tokens = 1  # group samples by prompt blocks even for these short prompts
     params = [SamplingParams(n=3, max_new_tokens=b, temperature=0, stop_token_ids=[]) for b in budgets]
     outs = engine.generate(prompts, params)
     assert [len(o) for o in outs] == [3] * len(prompts)
@@ -91,7 +92,9 @@ def test_logprobs_equal_teacher_forcing(checkpoints, temperature, top_k, top_p):
     prompts = random_prompts(hf.config.vocab_size, [6, 11])
     params = SamplingParams(n=4, max_new_tokens=10, temperature=temperature, top_k=top_k, top_p=top_p,
                             stop_token_ids=[], seed=3)
-    outs = RolloutEngine(model, block_size=4).generate(prompts, params)
+    engine = RolloutEngine(model, block_size=4)
+    engine.runner.cascade_min_saved_tokens = 1  # the grouped (cascade) decode path, as for long prefixes
+    outs = engine.generate(prompts, params)
     for prompt, samples in zip(prompts, outs):
         for c in samples:
             expected = teacher_forced_logprobs(model, prompt, c.token_ids, temperature)
