@@ -10,8 +10,8 @@
 # Usage, from the repository root:  OUT=/some/dir bash benchmarks/gpu_suite.sh
 #   SUITE_BUDGET_S=530 total seconds;  SUITE_SKIP_INSTALL=1 skips the pip step (a dry run on a dev box)
 #   GIT_COMMIT=<sha>   names the commit when the copy has no .git
-#   .cache/rpo_engine  (git-ignored) is used as the starter-model cache when present: carry a copy of
-#                      ~/.cache/rpo_engine there to skip building the starter model on the device.
+#   .cache/rpo_engine  (git-ignored) is used as the starter-model cache when present, and .whl/ (git-ignored)
+#                      wheels are installed: benchmarks/gpu_prepare.sh fills both here; carry [".whl", ".cache"].
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
@@ -58,6 +58,11 @@ bench() {
 
 if [ -z "${SUITE_SKIP_INSTALL:-}" ]; then
   step install 90 pip install --no-deps --no-build-isolation -e .
+  if ls .whl/*.whl > /dev/null 2>&1; then  # benchmarks/gpu_prepare.sh: peers and extras the image lacks
+    step wheels 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/rpo_site .whl/*.whl
+    export PYTHONPATH=/tmp/rpo_site
+  fi
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # this copy wins even if the install step failed
 

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Run HERE (a machine with pip access) before handing the repo to a lent GPU machine, which has no
+# network. Fills two git-ignored folders that the device call carries (carry: [".whl", ".cache"]):
+#   .whl/             wheels of what the GPU image lacks: TRL and datasets (bench_trl's peer),
+#                     Liger-Kernel (bench_kernels' peer), math-verify (the math reward, its tests);
+#                     gpu_suite.sh installs them with pip --no-index --target, nothing else touched
+#   .cache/rpo_engine a copy of the starter model, so the suite does not rebuild it there
+# The versions are the ones our CPU runs use; the image's own torch/transformers/accelerate stay.
+set -eu
+cd "$(dirname "$0")/.."
+rm -rf .whl && mkdir -p .whl
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+  trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 liger-kernel==0.8.5 \
+  math-verify==0.9.0 latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2
+python3 - <<'PY'
+from rpo_engine.data.starter import ensure_starter_model
+import shutil
+src = ensure_starter_model()
+dst = f".cache/rpo_engine/{src.name}"
+shutil.rmtree(dst, ignore_errors=True)
+shutil.copytree(src, dst)
+print("starter model copied to", dst)
+PY
+du -sh .whl .cache
+echo 'device run: command "OUT=$OUT bash benchmarks/gpu_suite.sh", carry [".whl", ".cache"]'
