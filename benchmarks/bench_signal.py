@@ -1,0 +1,89 @@
+"""Where a run's learning signal comes from, on the built-in task: every training answer graded twice.
+
+GRPO learns which answers are right only from groups that hold both right and wrong ones ("mixed";
+length shaping alone separates right answers by length). For each run this counts, over all steps,
+the answers of mixed and uniform groups, right or wrong by the exact-answer
+reward, and whether their worked trace is valid (`check_trace`: every step line right, the final
+line the last result). A right answer with an invalid trace is rewarded for a final line its working
+does not support. RPO groups are split by the cached path they continue: verified (a right answer)
+or unverified (a cold start's, or a wrong answer kept in its place).
+
+Reported per run: right answers in mixed groups, their rate per 1k generated tokens, the share of them
+with an invalid trace, and the final greedy eval accuracy. Writes benchmarks/results/signal_<device>.json.
+
+    python benchmarks/bench_signal.py                  # full path, RPO, RPO with unverified cuts at most halfway
+    python benchmarks/bench_signal.py --seed 1 --runs "--no-rpo" "--rpo --rpo-unverified-cut-fraction 0.25"
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import shlex
+import tempfile
+from pathlib import Path
+
+import torch
+
+from common import git_commit, machine, save_json
+from rpo_engine.config import parse_args
+from rpo_engine.data.arithmetic import check_trace
+from rpo_engine.train import build_trainer
+
+
+def audit(flags: str, seed: int, steps: int, output: Path) -> dict:
+    config = parse_args(["--seed", str(seed), "--steps", str(steps), "--eval-steps", "0", "--no-progress",
+                         "--output", str(output), *shlex.split(flags)])
+    if config.dataset is not None:
+        raise SystemExit("bench_signal grades traces of the built-in task: run it without --dataset")
+    trainer = build_trainer(config)
+    counts, score = collections.Counter(), trainer.score
+
+    def graded_score(group):  # the trainer's own scoring, then the trace grade of each answer
+        score(group)
+        if not group.kept_ids:
+            kind = "full"
+        else:
+            kind = "verified" if trainer.cache.verified(group.row["id"]) else "unverified"
+        mixed = "mixed" if len(set(group.correct)) > 1 else "uniform"
+        for i, right in enumerate(group.correct):
+            text = trainer.tokenizer.decode(group.answer_ids(i), skip_special_tokens=True)
+            trace = "invalid" if check_trace(text) else "valid"
+            counts[f"{kind} {mixed} {'right' if right else 'wrong'} {trace}"] += 1
+
+    trainer.score = graded_score  # called before the cache update, so `verified` is the path's state as cut
+    generated = sum(trainer.step()["rollout_generated_tokens"] for _ in range(steps))
+    right_mixed = sum(n for k, n in counts.items() if " mixed right" in k)
+    invalid = sum(n for k, n in counts.items() if " mixed right invalid" in k)
+    return {"flags": flags, "seed": seed, "steps": steps, "generated_tokens": generated,
+            "right_answers_in_mixed_groups": right_mixed,
+            "per_1k_generated_tokens": 1000 * right_mixed / generated,
+            "invalid_trace_share": invalid / max(1, right_mixed),
+            "final_eval_accuracy": trainer.evaluate(), "counts": dict(sorted(counts.items()))}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--runs", nargs="+", metavar="FLAGS",
+                        default=["--no-rpo", "--rpo", "--rpo --rpo-unverified-cut-fraction 0.5"],
+                        help="train flags of each run, one quoted string each")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, flags in enumerate(args.runs):
+            r = audit(flags, args.seed, args.steps, Path(tmp) / f"run{k}")
+            runs.append(r)
+            print(f"[{flags}] right answers in mixed groups {r['right_answers_in_mixed_groups']} "
+                  f"({r['per_1k_generated_tokens']:.2f} per 1k generated tokens), invalid trace "
+                  f"{r['invalid_trace_share']:.0%}; final eval {r['final_eval_accuracy']:.3f}", flush=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    record = {"benchmark": "signal", "machine": machine(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "git_commit": git_commit(), "torch": torch.__version__, "runs": runs}
+    save_json(args.out or Path(__file__).parent / "results" / f"signal_{device}.json", record)
+
+
+if __name__ == "__main__":
+    main()
