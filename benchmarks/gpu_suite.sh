@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine should run, in one call of under ~9 minutes:
-#   install (no network: pip --no-deps), env.json, GPU tests, then each benchmark in --gpu mode.
-# Every step has its own time limit (also cut to what is left of SUITE_BUDGET_S), a failing or
-# timed-out step is recorded and the suite goes on. Results land in $OUT:
-#   env.json           GPU (nvidia-smi), torch/triton/python versions, importable extras, git commit, date
+# Everything a lent GPU machine should run: install (no network: pip --no-deps), env.json, GPU
+# tests, then each benchmark in --gpu mode. Every step has its own time limit (also cut to what is
+# left of SUITE_BUDGET_S), a failing or timed-out step is recorded and the suite goes on.
+# All of it is more than one 10-minute device call: SUITE_STEPS picks the steps of a call, e.g.
+#   SUITE_STEPS="tests torchrun", then "kernels rollout paper_shape", then "shared_prefix train trl"
+# (install and wheels always run; each call's $OUT comes back on its own). Results, in $OUT (the device returns at most 8 files):
 #   suite.json         per step: status (ok / failed / timeout / skipped), exit code, seconds
-#   logs/<step>.log    each step's output;  tests.xml  pytest's JUnit report
-#   <bench>_cuda.json  each benchmark's results
+#   env.json           GPU (nvidia-smi), torch/triton/python versions, importable extras, git commit, date
+#   suite.tar.gz       raw/: logs/<step>.log of each step, tests.xml (pytest's JUnit report),
+#                      <bench>_cuda.json (and .png) of each benchmark, torchrun/ metrics
 # Usage, from the repository root:  OUT=/some/dir bash benchmarks/gpu_suite.sh
-#   SUITE_BUDGET_S=530 total seconds;  SUITE_SKIP_INSTALL=1 skips the pip step (a dry run on a dev box)
+#   SUITE_BUDGET_S=530 total seconds;  SUITE_SKIP_INSTALL=1 skips the pip steps (a dry run on a dev box)
 #   GIT_COMMIT=<sha>   names the commit when the copy has no .git
 #   .cache/rpo_engine  (git-ignored) is used as the starter-model cache when present, and .whl/ (git-ignored)
 #                      wheels are installed: benchmarks/gpu_prepare.sh fills both here; carry [".whl", ".cache"].
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
+FINAL=$OUT
+OUT=$FINAL/raw  # everything lands here, then goes into suite.tar.gz
 mkdir -p "$OUT/logs"
 BUDGET=${SUITE_BUDGET_S:-530}
 START=$SECONDS
@@ -34,6 +38,7 @@ record() {  # name status rc seconds
 # step NAME LIMIT_S CMD...: run CMD under min(LIMIT_S, time left), log to logs/NAME.log.
 step() {
   local name=$1 limit=$2; shift 2
+  if [ -n "${SUITE_STEPS:-}" ] && [[ " $SUITE_STEPS install wheels " != *" $name "* ]]; then return; fi
   local left=$((BUDGET - (SECONDS - START)))
   if [ "$left" -lt 20 ]; then record "$name" skipped null 0; return; fi
   [ "$limit" -gt "$left" ] && limit=$left
@@ -92,7 +97,7 @@ print(json.dumps({k: v for k, v in env.items() if k != "nvidia_smi_full"}, inden
 EOF
 cat "$OUT/logs/env.log"
 
-step tests 150 python -m pytest -q -p no:cacheprovider tests --junitxml="$OUT/tests.xml"
+step tests 240 python -m pytest -q -p no:cacheprovider tests --junitxml="$OUT/tests.xml"
 
 # torchrun on the GPU, 1 rank (NCCL): 3 steps with DDP, then 3 with FSDP2, on a tiny random model.
 TINY=$OUT/torchrun/tiny_model
@@ -122,10 +127,10 @@ bench train 90 python benchmarks/bench_train.py --seeds 0 --steps 10 --out "$OUT
 if python -c "import trl, datasets" 2>/dev/null; then
   bench trl 90 python benchmarks/bench_trl.py --gpu --passes 1 --out "$OUT/trl_cuda.json"
 else
-  record trl skipped null 0
+  step trl 20 python -c "import trl, datasets"  # recorded failed (no TRL here: gpu_prepare.sh), or not selected
 fi
 
-python - "$STEPS_JSON" "$OUT/suite.json" $((SECONDS - START)) <<'EOF'
+python - "$STEPS_JSON" "$FINAL/suite.json" $((SECONDS - START)) <<'EOF'
 import json, sys
 steps = [json.loads(line) for line in open(sys.argv[1])]
 failed = [s["step"] for s in steps if s["status"] in ("failed", "timeout")]
@@ -133,3 +138,6 @@ json.dump({"total_seconds": int(sys.argv[3]), "failed": failed, "steps": steps},
 print(f"suite: {len(steps)} steps, failed or timed out: {failed or 'none'}; {sys.argv[3]} s")
 EOF
 rm -f "$STEPS_JSON"
+cp "$OUT/env.json" "$FINAL/env.json" 2>/dev/null
+tar -czf "$FINAL/suite.tar.gz" -C "$FINAL" raw && rm -rf "$OUT"
+ls -la "$FINAL"
