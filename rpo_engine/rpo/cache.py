@@ -9,10 +9,10 @@ from the paper's public code (yhz5613813/RPO), and why:
 - a path is *verified* when it was a correct answer: the trainer passes each answer's correctness (its
   accuracy reward, before any shaping: a length or overlong penalty can push a right answer's shaped
   reward low, and a format bonus a wrong one's high); callers without one get `reward >= correct_threshold`.
-  The trainer cuts a verified
-  path by at most `--rpo-max-cut-fraction` / `--rpo-max-cut`, and an unverified one (a cold start's, reward
-  NaN, or a wrong answer kept in its place) anywhere along it, as the paper's code cuts a cold-start path:
-  every suffix of a wrong kept prefix is usually wrong too, so a shallow cut of a wrong path teaches nothing;
+  The trainer cuts a verified path by at most `--rpo-max-cut-fraction` / `--rpo-max-cut`, and an
+  unverified one (a cold start's, reward NaN, or a wrong answer kept in its place) anywhere along it, as
+  the paper's code cuts a cold-start path: every suffix of a wrong kept prefix is usually wrong too, so a
+  shallow cut of a wrong path teaches nothing;
 - `correct-only` never replaces a verified path by a wrong answer (the paper's rule, `epsilon-greedy`, does,
   and a weak model then trades its few correct paths for wrong ones); an unverified path is replaced by
   the chosen answer whatever its reward, so a prompt is cold-started only once.
