@@ -52,7 +52,7 @@ def update(model, optimizer, groups, micro_batch_tokens, norm_length, prefix_sha
     group runs its prefix once (shared layout) where `sharing_pays`, else one padded row per sample."""
     optimizer.zero_grad(set_to_none=True)
     total = sum(len(g.suffix_ids) for g in groups)
-    for batch, shared in plan_micro_batches(groups, model.config, micro_batch_tokens, prefix_sharing, model.device):
+    for batch, shared in plan_micro_batches(groups, model.config, micro_batch_tokens, prefix_sharing):
         logp, mask = group_logprobs(model, batch, shared=shared)  # [S, span]
         adv = torch.tensor([a for g in batch for a in g.advantages], device=model.device)
         loss, _ = policy_loss(logp, logp.detach(), adv, mask, norm_length=norm_length)

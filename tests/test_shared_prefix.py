@@ -167,9 +167,6 @@ def test_sharing_pays_for_rpo_prefixes_not_long_completions():
     assert sharing_pays(group(1500, 100, 8), config) and sharing_pays(group(1500, 100, 1), config) is False
     assert sharing_pays(group(200, 300, 8), config)  # full path, moderate completions: still pays
     assert not sharing_pays(group(100, 4096, 16), config)  # the dense 64k x 64k suffix block does not
-    # the split path (CPU) pays only each suffix's own block: sharing pays for any G > 1
-    assert sharing_pays(group(100, 4096, 16), config, split=True) and sharing_pays(group(10, 300, 2), config, True)
-    assert not sharing_pays(group(1500, 100, 1), config, split=True)
 
 
 def one_step(model_dir, *flags):
@@ -194,7 +191,7 @@ def test_trainer_step_same_with_and_without_sharing(tiny_model_dir, flags, monke
     import rpo_engine.model.shared_prefix
 
     # the tiny model's short prompts and long completions would not pay to share: share them anyway
-    monkeypatch.setattr(rpo_engine.model.shared_prefix, "sharing_pays", lambda group, config, split=False: True)
+    monkeypatch.setattr(rpo_engine.model.shared_prefix, "sharing_pays", lambda group, config: True)
     on, tokens_on = one_step(tiny_model_dir, *flags)
     off, tokens_off = one_step(tiny_model_dir, *flags, "--no-prefix-sharing")
     assert tokens_on == tokens_off and tokens_on[0]

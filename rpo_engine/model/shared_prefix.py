@@ -81,7 +81,7 @@ class SharedPrefixAttention:
         self.prefix_len = prefix_len
         S = sample_ids.shape[1]
         if split is None:
-            split = uses_split_attention(prefix_lens.device)
+            split = prefix_lens.device.type == "cpu" and split_attention_available()
         self.mask = self.layout = None
         if S and split:
             self.layout = _SuffixLayout(prefix_lens, sample_ids, prefix_len)
@@ -169,11 +169,6 @@ def split_attention_available() -> bool:
         return False
     ref = F.scaled_dot_product_attention(q, *(t.repeat_interleave(2, dim=1) for t in (k, v)), is_causal=True)
     return out.shape == ref.shape and lse.shape == (1, 4, 5) and torch.allclose(out, ref, atol=1e-5)
-
-
-def uses_split_attention(device) -> bool:
-    """Whether shared-prefix layouts on `device` run the split path by default (CPU, where the probe passes)."""
-    return torch.device(device).type == "cpu" and split_attention_available()
 
 
 def _heads(t: torch.Tensor) -> torch.Tensor:
@@ -330,25 +325,23 @@ def group_logprobs(model, groups: list[PrefixGroup], temperature: float = 1.0, s
     return (shared_prefix_logprobs if shared else padded_logprobs)(model, groups, temperature)
 
 
-def sharing_pays(group: PrefixGroup, config, split: bool = False) -> bool:
+def sharing_pays(group: PrefixGroup, config) -> bool:
     """Whether the shared layout costs fewer FLOPs than one padded row per sample (per layer, forward).
 
-    Shared: P + S tokens, the prefix causal (P^2 / 2 query-key pairs), then the suffix queries.
-    Masked path (GPU): every suffix query against the whole row, S x (P + S) pairs (the S x S block
-    is dense under the mask, though only each suffix's own triangle is kept). Split path (`split`,
-    CPU): S x P against the prefix, then each suffix causally against itself padded to the longest,
-    G x longest^2 / 2. Padded: G rows of T = P + longest suffix, T^2 / 2 pairs each. A token costs
-    about 2 x (parameters of a layer), a pair 4 x heads x head_dim. With an RPO prefix sharing wins
-    by about G; masked, with a short prompt and long completions (full-path runs) the dense suffix
-    block can cost more than the prefix it saves. Split, it pays for any G > 1.
+    Shared: P + S tokens, the prefix causal (P^2 / 2 query-key pairs) and every suffix query against
+    the whole row (S x (P + S) pairs: the S x S block is dense under the mask, though only each
+    suffix's own triangle is kept). Padded: G rows of T = P + longest suffix, T^2 / 2 pairs each.
+    A token costs about 2 x (parameters of a layer), a pair 4 x heads x head_dim. With an RPO prefix
+    sharing wins by about G; with a short prompt and long completions (full-path runs) the dense
+    suffix block can cost more than the prefix it saves. This models the masked attention (GPU); the
+    split one on CPU pays only S x P + each suffix's own block, so there the answer is conservative.
     """
     P, lens = len(group.prefix_ids), [len(s) for s in group.suffix_ids]
     S, T, G = sum(lens), P + max(lens), len(lens)
     h, q_dim = config.hidden_size, config.num_attention_heads * config.head_dim
     per_token = 2 * (2 * h * q_dim + 2 * h * config.num_key_value_heads * config.head_dim + 3 * h * config.intermediate_size)
     per_pair = 4 * q_dim
-    suffix_pairs = S * P + G * max(lens) ** 2 / 2 if split else S * (P + S)
-    shared = (P + S) * per_token + (P * P / 2 + suffix_pairs) * per_pair
+    shared = (P + S) * per_token + (P * P / 2 + S * (P + S)) * per_pair
     padded = G * T * per_token + G * T * T / 2 * per_pair
     return shared < padded
 
@@ -390,11 +383,9 @@ def micro_batches(groups: list[PrefixGroup], token_budget: int, shared: bool) ->
 
 
 def plan_micro_batches(groups: list[PrefixGroup], model_config, token_budget: int,
-                       prefix_sharing: bool = True, device="cpu") -> list[tuple[list[PrefixGroup], bool]]:
+                       prefix_sharing: bool = True) -> list[tuple[list[PrefixGroup], bool]]:
     """(micro-batch, shared layout?) pairs: with sharing on, a group runs shared where `sharing_pays`
-    on `device`'s attention path (nearly always after RPO; masked, not for long completions of a
-    short prompt), else padded."""
-    split = uses_split_attention(device)
-    use = [prefix_sharing and sharing_pays(g, model_config, split) for g in groups]
+    (nearly always after RPO; not for long completions of a short prompt), else padded."""
+    use = [prefix_sharing and sharing_pays(g, model_config) for g in groups]
     return [(batch, shared) for shared in (True, False)
             for batch in micro_batches([g for g, u in zip(groups, use) if u == shared], token_budget, shared)]
