@@ -265,7 +265,7 @@ class Trainer:
         algo, batch_groups = self.algo, self.training_batch(groups)
         # (micro-batch, shared layout?) pairs: a group's prefix runs once where that costs fewer FLOPs
         batches = plan_micro_batches(batch_groups, self.model.config, self.config.micro_batch_tokens,
-                                     self.config.prefix_sharing, self.device)
+                                     self.config.prefix_sharing)
         num_real = len(batches)
         # Global normalisers (all micro-batches of all ranks), so micro-batching and ranks give the
         # same loss as one big batch.

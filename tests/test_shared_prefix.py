@@ -142,7 +142,8 @@ def test_prefix_runs_once():
 
 @pytest.mark.parametrize("shared", [True, False])
 def test_micro_batches_pack_whole_groups(shared):
-    groups = make_groups(100, [30, 5, 12, 40, 8], [[4] * 4, [2] * 4, [9, 1, 0, 3], [60, 50, 70, 20], [1] * 4])
+    groups = make_groups(100, [30, 5, 12, 40, 8, 8, 9],
+                         [[4] * 4, [2] * 4, [9, 1, 0, 3], [60, 50, 70, 20], [1] * 4, [1] * 4, [2, 1, 1, 1]])
     budget = 150
     batches = micro_batches(groups, budget, shared)
     pieces = [g for b in batches for g in b]
@@ -153,7 +154,16 @@ def test_micro_batches_pack_whole_groups(shared):
         assert len(parts) == 1 or layout_tokens([g], shared) > budget  # split only when it must be
     for b in batches:
         assert layout_tokens(b, shared) <= budget or (len(b) == 1 and len(b[0].suffix_ids) == 1)
-    assert len(batches) < len(pieces)  # small groups do share a micro-batch
+    assert len(batches) < len(pieces)  # small groups of about one size share a micro-batch
+
+
+def test_micro_batches_keep_padding_down():
+    """Rows are padded to a micro-batch's longest: a group much larger than the batch starts its own."""
+    small, large = make_groups(100, [8, 8], [[2] * 4, [2] * 4]), make_groups(100, [60], [[40] * 4])
+    for shared in (True, False):
+        batches = micro_batches(small + large, 10_000, shared)
+        assert [len(b) for b in batches] == [2, 1]  # the two small groups together, the large one alone
+        assert micro_batches(small + large, 10_000, shared, max_padding=100.0) == [small + large]
 
 
 # ---- the trainer: sharing on and off give the same run ------------------------------------------
