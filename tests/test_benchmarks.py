@@ -1,0 +1,50 @@
+"""Smoke runs of the training benchmarks on a tiny random model, so the scripts cannot rot unseen.
+
+The figures themselves are measured by hand (README); these check that the scripts run end to end and
+write what the README reads from them.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_bench(script, *args):
+    env = {**os.environ, "PYTHONPATH": str(BENCHMARKS.parent)}  # the user reward function lives in tests/
+    proc = subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True, timeout=600,
+                          cwd=BENCHMARKS, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def tiny_flags(model_dir):
+    return ["--model", model_dir, "--prompts-per-step", "2", "--num-generations", "3", "--max-completion-length",
+            "16", "--eval-size", "4", "--train-size", "2", "--reward", "tests.reward_fns:hash_reward"]
+
+
+def test_bench_train_compares_each_rpo_variant_with_full_path(tmp_path, tiny_model_dir):
+    out = tmp_path / "train.json"
+    run_bench("bench_train.py", "--seeds", 0, 1, "--steps", 2, "--jobs", 2, "--out", out,
+              "--rpo-variants", "--rpo-unverified-cut-fraction 0.5",
+              "--extra", *tiny_flags(tiny_model_dir), "--eval-steps", 1)
+    record = json.loads(out.read_text())
+    assert [(r["algo"], r["variant"]) for r in record["summary"]] == [
+        ("grpo", ""), ("grpo", "--rpo-unverified-cut-fraction 0.5")]
+    assert len(record["runs"]) == 2 * 3  # per seed: full path, RPO, the variant
+    for row in record["summary"]:
+        assert row["token_ratio"] > 0 and len(row["final_eval_rpo"]) == 2
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_bench_signal_grades_every_answer(tmp_path, tiny_model_dir):
+    out = tmp_path / "signal.json"
+    flags = " ".join(map(str, tiny_flags(tiny_model_dir)))
+    run_bench("bench_signal.py", "--steps", 2, "--out", out, "--runs", f"--no-rpo {flags}", f"--rpo {flags}")
+    full, rpo = json.loads(out.read_text())["runs"]
+    # every sampled answer is counted once: 2 steps x 2 prompts x 3 samples
+    assert sum(full["counts"].values()) == sum(rpo["counts"].values()) == 2 * 2 * 3
+    assert all(k.startswith("full ") for k in full["counts"])
+    assert all(k.split()[0] in ("verified", "unverified") for k in rpo["counts"])
