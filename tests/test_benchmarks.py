@@ -48,3 +48,13 @@ def test_bench_signal_grades_every_answer(tmp_path, tiny_model_dir):
     assert sum(full["counts"].values()) == sum(rpo["counts"].values()) == 2 * 2 * 3
     assert all(k.startswith("full ") for k in full["counts"])
     assert all(k.split()[0] in ("verified", "unverified") for k in rpo["counts"])
+
+
+def test_bench_paper_shape_runs_the_trainers_update(tmp_path):
+    out = tmp_path / "paper_shape.json"
+    run_bench("bench_paper_shape.py", "--cpu", "--prompt-len", 16, "--full-len", 48, "--suffix-len", 8,
+              "--repeats", 1, "--out", out)
+    record = json.loads(out.read_text())
+    full, rpo = record["median"]["full"], record["median"]["rpo"]
+    assert full["generated_tokens"] == 8 * 48 and rpo["generated_tokens"] == 8 * 8
+    assert 0 < record["reduction"]["generated_tokens"] < 1 and rpo["update_s"] > 0
