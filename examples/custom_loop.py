@@ -27,7 +27,7 @@ from rpo_engine.kernels import policy_loss
 from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs
 from rpo_engine.rewards import exact_answer_reward, load_reward_fn
 from rpo_engine.rollout import RolloutEngine, SamplingParams
-from rpo_engine.rpo import ExperienceCache, sample_truncation
+from rpo_engine.rpo import ExperienceCache, cut_cached_path
 
 
 def build_model(tiny: bool, seed: int):
@@ -82,8 +82,8 @@ def main(argv=None):
         for i, row in enumerate(batch):
             path = cache.get(row["id"]).token_ids if args.rpo and row["id"] in cache else []
             # a path verified correct loses at most a quarter (<= 300 tokens); any other may be wrong anywhere
-            bounds = (300, 0.25) if cache.verified(row["id"]) else (len(path), 1.0)
-            cut = sample_truncation(len(path), rng, 1, *bounds, 16, args.max_completion_length) if path else None
+            verified = cache.verified(row["id"])
+            cut = cut_cached_path(len(path), verified, rng, args.max_completion_length) if path else None
             kept.append(path[:cut.kept] if cut else [])
             params.append(SamplingParams(n=G, max_new_tokens=cut.budget if cut else args.max_completion_length,
                                          temperature=1.0, stop_token_ids=eos, seed=args.seed * 1000 + step * 10 + i))

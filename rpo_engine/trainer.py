@@ -38,7 +38,7 @@ from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, plan_mic
 from rpo_engine.optim import make_adamw
 from rpo_engine.rewards.shaping import length_aware_accuracy, overlong_penalty
 from rpo_engine.rpo.cache import ExperienceCache
-from rpo_engine.rpo.truncation import sample_truncation
+from rpo_engine.rpo.truncation import cut_cached_path
 
 
 @dataclass
@@ -180,12 +180,9 @@ class Trainer:
             # Every rank draws every cut, in order, so the RNG stays the same on all ranks.
             for i, row in enumerate(rows):
                 path = self.cache.get(row["id"]).token_ids
-                if self.cache.verified(row["id"]):
-                    max_cut, max_fraction = self.rpo.rpo_max_cut, self.rpo.rpo_max_cut_fraction
-                else:  # a path not known to be correct may be wrong anywhere: cut it anywhere
-                    max_cut, max_fraction = len(path), self.rpo.rpo_unverified_cut_fraction
-                cut = sample_truncation(len(path), self.rng, self.rpo.rpo_min_cut, max_cut, max_fraction,
-                                        self.rpo.rpo_extra_budget, c.max_completion_length)
+                cut = cut_cached_path(len(path), self.cache.verified(row["id"]), self.rng, c.max_completion_length,
+                                      self.rpo.rpo_min_cut, self.rpo.rpo_max_cut, self.rpo.rpo_max_cut_fraction,
+                                      self.rpo.rpo_unverified_cut_fraction, self.rpo.rpo_extra_budget)
                 kept[i], budgets[i] = path[:cut.kept], cut.budget
         params = [self.sampling_params(G, budgets[i], self.seed_for(i, round_index)) for i in mine]
         my_upcoming = self.dist.share(len(upcoming))

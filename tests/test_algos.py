@@ -10,7 +10,7 @@ from rpo_engine.config import AlgoConfig, RPOConfig, TrainConfig, config_from_di
 from rpo_engine.errors import UserError
 from rpo_engine.rewards.shaping import length_aware_accuracy, overlong_penalty
 from rpo_engine.rpo.cache import ExperienceCache
-from rpo_engine.rpo.truncation import sample_truncation
+from rpo_engine.rpo.truncation import cut_cached_path, sample_truncation
 
 
 def test_group_advantages_hand_computed():
@@ -68,6 +68,16 @@ def test_truncation_covers_its_range():
     assert cuts == set(range(1, 11))
     budgets = {sample_truncation(100, rng, 5, 5, 1.0, 16, 110).budget for _ in range(10)}
     assert budgets == {15}  # cut + 16 = 21 tokens, but kept (95) + suffix may only reach 110
+
+
+def test_cut_cached_path_cuts_verified_paths_shallow_and_others_anywhere():
+    rng = random.Random(2)
+    verified = [cut_cached_path(2000, True, rng, 4000).cut for _ in range(500)]
+    assert max(verified) <= 300 and min(verified) >= 1  # the token cap binds before a quarter of 2000
+    assert max(cut_cached_path(400, True, rng, 4000).cut for _ in range(500)) == 100  # a quarter of 400
+    unverified = [cut_cached_path(2000, False, rng, 4000).cut for _ in range(500)]
+    assert max(unverified) > 1500 and min(unverified) >= 1  # anywhere along the path, past the cap
+    assert max(cut_cached_path(2000, False, rng, 4000, unverified_cut_fraction=0.1).cut for _ in range(500)) == 200
 
 
 def test_cache_epsilon_greedy_picks():
