@@ -1,8 +1,9 @@
 """RPO against full-path GRPO/DAPO on the built-in task and starter model, side by side in one process.
 
 For each algorithm pair (full path vs RPO) and seed: generated tokens per step, prefill tokens,
-median step time, training wall-clock to reach a target eval accuracy, final eval accuracy. Writes benchmarks/results/train_<device>.json and a PNG with
-reward and eval accuracy against steps and against wall-clock.
+median step time, training wall-clock to reach a target eval accuracy, final eval accuracy. Writes
+benchmarks/results/train_<device>.json and a PNG with reward and eval accuracy against steps and
+against wall-clock.
 
     python benchmarks/bench_train.py                      # GRPO vs RPO-GRPO, 3 seeds, default job settings
     python benchmarks/bench_train.py --algos grpo dapo --seeds 0 1 2 --steps 40
