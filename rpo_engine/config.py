@@ -93,7 +93,7 @@ class AlgoConfig:
 @dataclass
 class TrainConfig:
     model: str | None = field(default=None, metadata={"help": "Hugging Face model directory (default: the built-in starter model)"})
-    dataset: str | None = field(default=None, metadata={"help": "JSONL/Parquet rows with prompt and answer (default: the built-in arithmetic task)"})
+    dataset: str | None = field(default=None, metadata={"help": "JSONL/Parquet rows with prompt and answer, or a `datasets` save_to_disk directory (default: the built-in arithmetic task)"})
     train_size: int = field(default=64, metadata={"help": "built-in task: training problems; each recurs every train_size / prompts_per_step steps, where RPO's cache pays off"})
     eval_dataset: str | None = field(default=None, metadata={"help": "held-out rows for eval (default: the built-in task's eval split, or none)"})
     output: str = field(default="runs/default", metadata={"help": "output directory (metrics.jsonl, checkpoints, final/)"})

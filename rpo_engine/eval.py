@@ -19,7 +19,7 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m rpo_engine.eval", description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="Hugging Face model directory (default: the built-in starter model)")
-    parser.add_argument("--dataset", help="JSONL/Parquet rows with prompt and answer (default: built-in eval split)")
+    parser.add_argument("--dataset", help="JSONL/Parquet rows with prompt and answer, or a `datasets` save_to_disk directory (default: built-in eval split)")
     parser.add_argument("--eval-size", type=int, default=512, help="most rows to evaluate (default: 512)")
     parser.add_argument("--max-completion-length", type=int, default=320, help="greedy token budget")
     parser.add_argument("--reward", default="auto", help="exact | math | module:function")

@@ -1,4 +1,4 @@
-"""Loading user datasets (JSONL / Parquet) and their one-line errors."""
+"""Loading user datasets (JSONL / Parquet / `datasets` directories) and their one-line errors."""
 import json
 import sys
 
@@ -49,7 +49,7 @@ def test_json_suffix_lines_bom_and_array(tmp_path):
 
 def test_missing_file_directory_and_extension(tmp_path):
     assert "no such file" in _error(tmp_path / "nope.jsonl")
-    assert "directory" in _error(tmp_path)
+    assert "directory without state.json" in _error(tmp_path)
     assert "unknown dataset format" in _error(_write(tmp_path / "d.csv", "prompt,answer\n"))
 
 
@@ -121,3 +121,47 @@ def test_parquet_without_pyarrow_or_pandas(tmp_path, monkeypatch):
         monkeypatch.setitem(sys.modules, mod, None)  # makes `import mod` raise ImportError
     msg = _error(_write(tmp_path / "d.parquet", "whatever"))
     assert "pip install pyarrow" in msg
+
+
+def _save_arrow_dir(pa, path, table, files=("data-00000-of-00001.arrow",)):
+    """What `Dataset.save_to_disk` writes (state.json naming Arrow stream files), made with pyarrow alone."""
+    path.mkdir()
+    for name in files:
+        with pa.OSFile(str(path / name), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+    (path / "state.json").write_text(json.dumps({"_data_files": [{"filename": n} for n in files]}))
+    return path
+
+
+def test_datasets_directory(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    table = pa.table({"prompt": ["p0", "p1"], "answer": [1, 2], "solution": ["s0", "s1"]})
+    d = _save_arrow_dir(pa, tmp_path / "ds", table, files=("data-00000-of-00002.arrow", "data-00001-of-00002.arrow"))
+    rows = load_dataset_rows(d)
+    assert [r["prompt"] for r in rows] == ["p0", "p1", "p0", "p1"]
+    assert rows[0]["answer"] == "1" and rows[1]["solution"] == "s1"
+    assert [r["id"] for r in rows] == ["0", "1", "2", "3"]
+    bad = _save_arrow_dir(pa, tmp_path / "noans", pa.table({"prompt": ["p0"]}))
+    assert "row 0" in _error(bad) and "missing 'answer'" in _error(bad)
+    (bad / "data-00000-of-00001.arrow").write_bytes(b"not arrow")
+    assert "not a readable Arrow stream" in _error(bad)
+    (bad / "data-00000-of-00001.arrow").unlink()
+    assert "missing (listed in" in _error(bad)
+    (bad / "state.json").write_text("{}")
+    assert "not a `datasets` state file" in _error(bad)
+    splits = tmp_path / "dd"
+    splits.mkdir()
+    (splits / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+    msg = _error(splits)
+    assert "splits train, test" in msg and str(splits / "train") in msg
+
+
+def test_datasets_save_to_disk_roundtrip(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_list([{"prompt": f"p{i}", "answer": str(i), "id": i} for i in range(5)])
+    ds.shuffle(seed=1).select([0, 3]).save_to_disk(tmp_path / "sub")  # indices are applied on save
+    expected = [{**r, "id": str(r["id"])} for r in datasets.load_from_disk(tmp_path / "sub")]
+    assert load_dataset_rows(tmp_path / "sub") == expected and len(expected) == 2
+    datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(tmp_path / "dd")
+    assert "splits train, test" in _error(tmp_path / "dd")
+    assert len(load_dataset_rows(tmp_path / "dd" / "train")) == 5

@@ -1,7 +1,9 @@
-"""Loading user datasets: JSONL or Parquet rows with a ``prompt`` string and an ``answer`` string.
+"""Loading user datasets: JSONL or Parquet rows, or a `datasets` directory (``save_to_disk``), with a
+``prompt`` string and an ``answer`` string.
 
 Every problem is reported as a `UserError` with a one-line message ``<file>:<line>: <what was expected>``
-(``<file>: row <n>: ...`` for Parquet, whose rows have no line numbers), so the command line prints it and
+(``<file>: row <n>: ...`` for Parquet and `datasets` directories, whose rows have no line
+numbers), so the command line prints it and
 exits with code 2.
 
 Row rules:
@@ -142,16 +144,59 @@ def _read_parquet(path: str) -> list[dict]:
     return validate_rows(rows, [f"{path}: row {i}" for i in range(len(rows))], path)
 
 
+def _read_arrow_dir(path: str) -> list[dict]:
+    """A directory written by `datasets`' ``Dataset.save_to_disk``: state.json names the Arrow stream files
+    (indices are already applied on save). Read with pyarrow, which `datasets` itself is built on, so
+    `datasets` need not be installed. A ``DatasetDict`` directory names its splits instead."""
+    splits = os.path.join(path, "dataset_dict.json")
+    if os.path.isfile(splits):
+        try:
+            with open(splits) as f:
+                names = json.load(f)["splits"]
+        except (OSError, ValueError, KeyError, TypeError):
+            names = sorted(n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n)))
+        raise UserError(f"{path}: a `datasets` DatasetDict with splits {', '.join(map(str, names))}; "
+                        f"pass one split's directory, e.g. {os.path.join(path, str(names[0]) if names else 'train')}")
+    state = os.path.join(path, "state.json")
+    try:
+        with open(state) as f:
+            files = [entry["filename"] for entry in json.load(f)["_data_files"]]
+    except FileNotFoundError:
+        raise UserError(f"{path}: is a directory without state.json (expected a .jsonl or .parquet file, "
+                        f"or a directory written by `datasets`' save_to_disk)") from None
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{state}: not a `datasets` state file (expected JSON with a '_data_files' list)") from None
+    try:
+        import pyarrow as pa
+    except ImportError:
+        raise UserError(f"{path}: reading a `datasets` directory needs pyarrow (pip install pyarrow)") from None
+    rows = []
+    for name in files:
+        file = os.path.join(path, name)
+        try:
+            with pa.memory_map(file) as source:
+                rows += pa.ipc.open_stream(source).read_all().to_pylist()
+        except FileNotFoundError:
+            raise UserError(f"{file}: missing (listed in {state})") from None
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
+            raise UserError(f"{file}: not a readable Arrow stream ({' '.join(str(e).split())[:200]})") from None
+    return validate_rows(rows, [f"{path}: row {i}" for i in range(len(rows))], path)
+
+
 def load_dataset_rows(path) -> list[dict]:
-    """Rows of a JSONL (``.jsonl``/``.json``/``.ndjson``) or Parquet (``.parquet``) dataset, each a dict with
-    ``id``, ``prompt`` and ``answer`` strings (plus any other fields of the row). Raises UserError (one line,
-    naming the file and line) for a missing file, an unknown extension, an unparsable line, a row without a
-    ``prompt``/``answer`` string, a duplicate id, or an empty dataset."""
+    """Rows of a JSONL (``.jsonl``/``.json``/``.ndjson``) or Parquet (``.parquet``) dataset, or of a directory
+    written by `datasets`' ``save_to_disk``, each a dict with ``id``, ``prompt`` and ``answer`` strings (plus
+    any other fields of the row). Raises UserError (one line, naming the file and line) for a missing file,
+    an unknown extension, an unparsable line, a row without a ``prompt``/``answer`` string, a duplicate id,
+    or an empty dataset."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise UserError(f"{path}: no such file (expected a .jsonl or .parquet dataset)")
     if os.path.isdir(path):
-        raise UserError(f"{path}: is a directory (expected a .jsonl or .parquet dataset file)")
+        try:
+            return _read_arrow_dir(path)
+        except PermissionError:
+            raise UserError(f"{path}: permission denied (cannot read the dataset)") from None
     lower = path.lower()
     try:
         if lower.endswith(_JSONL_SUFFIXES):
