@@ -59,11 +59,16 @@ if HAS_TRITON:
         tl.store(base + 4, tl.sum(tl.where(active, ratio, 0.0), axis=0))
 
 
+def _block_size(device: torch.device) -> int:
+    """Tokens per program: large on a GPU; small under the interpreter, which runs numpy per block."""
+    return 1024 if device.type == "cuda" else 256
+
+
 class _PolicyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logp, old_logp, ref_logp, advantages, mask, weights, eps_low, eps_high, kl_coef):
         num_el, seq_len = logp.numel(), logp.shape[-1]
-        block = 1024 if logp.is_cuda else 256
+        block = _block_size(logp.device)
         num_blocks = max(1, triton.cdiv(num_el, block))
         grad = torch.empty_like(logp)  # [B, T], w * dloss/dlogp
         partials = torch.zeros(num_blocks, _NUM_PARTIALS, dtype=torch.float32, device=logp.device)
