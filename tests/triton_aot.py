@@ -116,13 +116,13 @@ def ptxas_usage(log: str) -> dict:
     return {"registers": int(registers.group(1)) if registers else None, "spill_bytes": sum(spills)}
 
 
-def compile_launches() -> None:
-    """Compile each distinct recorded launch for every target; print one JSON line per compile."""
+def compile_launches() -> list[dict]:
+    """Compile each distinct recorded launch for every target; print (and return) one JSON line per compile."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    seen = set()
+    seen, rows = set(), []
     for rec in record_launches():
         for args, kwargs in rec.launches:
             signature, constexprs, options = _signature(rec.fn, args, kwargs)
@@ -136,17 +136,20 @@ def compile_launches() -> None:
                 with contextlib.redirect_stdout(log):  # where ptxas's report is printed
                     kernel = triton.compile(ASTSource(fn=rec.fn, signature=signature, constexprs=constexprs),
                                             target=GPUTarget("cuda", arch, 32), options=options)
-                print(json.dumps({
+                rows.append({
                     "kernel": rec.label, "target": target,
                     "config": {rec.fn.arg_names[i[0]]: v for i, v in constexprs.items()},
                     "dtypes": {k: v for k, v in signature.items() if v.startswith("*")},
                     "options": options, "shared_bytes": kernel.metadata.shared, "shared_limit": smem_limit,
                     **ptxas_usage(log.getvalue()),
-                    "cubin_bytes": len(kernel.asm["cubin"]), "seconds": round(time.perf_counter() - start, 2)}),
-                    flush=True)
+                    "cubin_bytes": len(kernel.asm["cubin"]), "seconds": round(time.perf_counter() - start, 2)})
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def main() -> int:
+    """`python tests/triton_aot.py [--out FILE]`: FILE gets the report with the machine, date and commit."""
+    out = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("run without TRITON_INTERPRET=1: the interpreter replaces the kernels", file=sys.stderr)
         return 2
@@ -155,7 +158,19 @@ def main() -> int:
     knobs.nvidia.dump_ptxas_log = True  # ptxas -v's report (registers, spills), printed during the compile
     with tempfile.TemporaryDirectory() as cache:
         knobs.cache.dir = cache  # compile afresh: a cached kernel skips ptxas and its report
-        compile_launches()
+        rows = compile_launches()
+    if out:
+        import datetime
+
+        import triton
+
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
+        from common import git_commit, machine, save_json
+
+        save_json(out, {"what": "ahead-of-time compile for sm_90 on a CPU machine (no GPU): registers, spills, "
+                                "shared memory per launch configuration; tests/triton_aot.py",
+                        "machine": machine("cpu"), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                        "git_commit": git_commit(), "triton": triton.__version__, "results": rows})
     return 0
 
 
