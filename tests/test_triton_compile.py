@@ -1,4 +1,4 @@
-"""Every Triton kernel compiles for an H100 (sm_90) at its production launch configurations.
+"""Every Triton kernel compiles for an H100 (sm_90) and an A100 (sm_80) at its production launch configurations.
 
 The other kernel tests run through the interpreter, which checks values but accepts code the compiler
 rejects and knows no shared-memory or register limits. tests/triton_aot.py records each launch site's
@@ -29,10 +29,11 @@ def compiled():
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
-def test_every_kernel_compiles_for_sm90_within_shared_memory(compiled):
+def test_every_kernel_compiles_within_shared_memory(compiled):
     kernels = {r["kernel"] for r in compiled}
     assert kernels == {"_fwd_kernel", "_grad_logits_kernel", "_policy_loss_kernel", "_paged_decode_kernel"}
-    assert len(compiled) >= 13  # every distinct launch recorded: dtypes x entropy x KL x head shapes x splits
+    assert {r["target"] for r in compiled} == {"sm_90", "sm_80"}
+    assert len(compiled) >= 2 * 13  # every distinct launch: dtypes x entropy x KL x head shapes x splits, per target
     for r in compiled:
         assert r["cubin_bytes"] > 0, r
         assert 0 <= r["shared_bytes"] <= r["shared_limit"], r  # else the launch fails: out of resources

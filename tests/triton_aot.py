@@ -1,4 +1,4 @@
-"""Compile every Triton kernel for a real GPU (sm_90, an H100) on a machine without one.
+"""Compile every Triton kernel for real GPUs (sm_90: H100; sm_80: A100) on a machine without one.
 
 The CPU tests run the kernels through the interpreter, which checks their numbers but not that they
 compile: the interpreter accepts code the compiler rejects, and it has no shared-memory limit. Here
@@ -21,7 +21,7 @@ import tempfile
 import time
 
 # (name, arch, shared memory a block may opt into, bytes)
-TARGETS = {"sm_90": (90, 232448)}  # H100/H200: 227 KiB per block
+TARGETS = {"sm_90": (90, 232448), "sm_80": (80, 166912)}  # H100/H200: 227 KiB per block; A100: 163 KiB
 
 _DTYPES = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.int32": "i32",
            "torch.int64": "i64", "torch.uint8": "u8", "torch.bool": "i1"}
@@ -71,7 +71,7 @@ def record_launches():
     pa = importlib.import_module("rpo_engine.kernels.paged_attention")
     cuda = torch.device("cuda")  # a device object only: nothing is allocated there
     block_sizes, block_size = fl._block_sizes, pl._block_size
-    fl._block_sizes = lambda device: block_sizes(cuda)
+    fl._block_sizes = lambda device, dtype: block_sizes(cuda, dtype)
     pl._block_size = lambda device: block_size(cuda)
     recorders = {name: Recorder(getattr(mod, name), name) for mod, name in
                  ((fl, "_fwd_kernel"), (fl, "_grad_logits_kernel"), (pl, "_policy_loss_kernel"),
@@ -94,7 +94,8 @@ def record_launches():
             pl._PolicyLoss.apply(logp, logp, ref, torch.zeros(4), logp, logp, 0.2, 0.28, 0.04)
         # Paged decode: (heads, KV heads, head dim) of Qwen2.5-0.5B, Qwen2.5-1.5B, Llama-3-8B / Qwen3-8B;
         # bf16 and fp16 caches, and fp32 (a float32 model); one split and flash-decoding splits.
-        shapes = [((14, 2, 64), torch.bfloat16, 1), ((12, 2, 128), torch.bfloat16, 1), ((32, 8, 128), torch.bfloat16, 4),
+        bf16 = torch.bfloat16
+        shapes = [((14, 2, 64), bf16, 1), ((12, 2, 128), bf16, 1), ((32, 8, 128), bf16, 4),
                   ((12, 2, 128), torch.float16, 2), ((12, 2, 128), torch.float32, 1)]
         for (heads, kv_heads, dim), dtype, splits in shapes:
             cache = torch.zeros(8, 16, kv_heads, dim, dtype=dtype)  # [num_blocks, block_size, KVH, D]
@@ -167,8 +168,8 @@ def main() -> int:
         sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
         from common import git_commit, machine, save_json
 
-        save_json(out, {"what": "ahead-of-time compile for sm_90 on a CPU machine (no GPU): registers, spills, "
-                                "shared memory per launch configuration; tests/triton_aot.py",
+        save_json(out, {"what": "ahead-of-time compile for sm_90 and sm_80 on a CPU machine (no GPU): "
+                                "registers, spills, shared memory per launch configuration; tests/triton_aot.py",
                         "machine": machine("cpu"), "date": datetime.datetime.now().isoformat(timespec="seconds"),
                         "git_commit": git_commit(), "triton": triton.__version__, "results": rows})
     return 0

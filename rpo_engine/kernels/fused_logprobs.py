@@ -116,10 +116,12 @@ def _triton_interpreted():
     return HAS_TRITON and type(_fwd_kernel).__name__ == "InterpretedFunction"
 
 
-def _block_sizes(device):
+def _block_sizes(device, dtype):
     """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps). tl.dot needs every block >= 16."""
     if device.type == "cuda":
-        return 64, 128, 64, 8
+        # fp32 operands take twice the registers: at BLOCK_H 64 ptxas spilled ~3 KB per thread on sm_80
+        # (56-160 B on sm_90), at 32 it spills 0-124 B (compiled ahead of time, tests/triton_aot.py).
+        return (64, 128, 32, 8) if dtype == torch.float32 else (64, 128, 64, 8)
     # Interpreter: numpy per block, so big blocks are faster; these still give several vocab tiles
     # and a ragged last tile on the test shapes.
     return 32, 128, 32, 4
@@ -158,7 +160,7 @@ def _triton_forward(hidden, weight, targets, temperature, with_entropy):
     entropy = torch.empty_like(lse) if with_entropy else lse  # [N]; lse is a dummy pointer when unused
     if n == 0:
         return lse, tgt_logit, entropy if with_entropy else None
-    block_n, block_v, block_h, warps = _block_sizes(hidden.device)
+    block_n, block_v, block_h, warps = _block_sizes(hidden.device, hidden.dtype)
     _fwd_kernel[(triton.cdiv(n, block_n),)](
         hidden, weight, targets, lse, tgt_logit, entropy, n, v, h, temperature,
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, UPCAST=_triton_interpreted(),
@@ -182,7 +184,7 @@ def _triton_grad_logits(h_c, w_c, tgt_c, lse_c, g_c, v_offset, temperature):
     c, h = h_c.shape
     v = w_c.shape[0]
     out = h_c.new_empty(c, v)  # [C, V_c]
-    block_n, block_v, block_h, warps = _block_sizes(h_c.device)
+    block_n, block_v, block_h, warps = _block_sizes(h_c.device, h_c.dtype)
     _grad_logits_kernel[(triton.cdiv(c, block_n), triton.cdiv(v, block_v))](
         h_c, w_c, tgt_c, lse_c, g_c, out, c, v, h, v_offset, temperature,
         BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, UPCAST=_triton_interpreted(), num_warps=warps)
