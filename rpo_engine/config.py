@@ -120,6 +120,7 @@ class TrainConfig:
     eval_steps: int = field(default=10, metadata={"help": "greedy eval every N steps (0: never)"})
     eval_size: int = field(default=128, metadata={"help": "eval prompts"})
     save_steps: int = field(default=20, metadata={"help": "checkpoint every N steps (0: only at the end)"})
+    save_total_limit: int = field(default=0, metadata={"help": "keep only the newest N checkpoints, deleting older ones after each save (0: keep all)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
     dtype: str = field(default="auto", metadata={"help": "float32 | bfloat16 | auto (bf16 on CUDA, fp32 on CPU)"})
     parallel: str = field(default="ddp", metadata={"help": "under torchrun: ddp (full model per rank) or fsdp (FSDP2: sharded float32 weights, grads and AdamW state)"})
@@ -138,6 +139,7 @@ class TrainConfig:
         _check(self.learning_rate > 0, f"--learning-rate must be > 0, got {self.learning_rate}")
         _check(0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         _check(self.eval_steps >= 0 and self.save_steps >= 0, "--eval-steps and --save-steps must be >= 0")
+        _check(self.save_total_limit >= 0, f"--save-total-limit must be >= 0, got {self.save_total_limit}")
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                f"--device must be cpu, cuda or auto, got {self.device!r}")
         _check(self.dtype in ("auto", "float32", "bfloat16"), f"--dtype must be float32, bfloat16 or auto, got {self.dtype!r}")

@@ -79,6 +79,17 @@ def latest_checkpoint(output: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def prune_checkpoints(output: Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints (HF Trainer's save_total_limit): a 7B run's
+    checkpoint holds weights and AdamW state, ~12 bytes per parameter."""
+    import shutil
+
+    ckpts = sorted((output / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    complete = [p for p in ckpts if (p / "trainer_state.pt").is_file()]
+    for old in complete[:-keep]:
+        shutil.rmtree(old)
+
+
 def write_plot(metrics: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -217,6 +228,8 @@ def train(config: TrainConfig, dist: Dist) -> int:
             bar.update(1)
         if (config.save_steps and step % config.save_steps == 0) or step == config.steps:
             trainer.save_checkpoint(output / "checkpoints" / f"step-{step}")  # every rank: a collective under fsdp
+            if main_rank and config.save_total_limit:
+                prune_checkpoints(output, config.save_total_limit)
     bar.close()
     trainer.save_model(output / "final")
     if not main_rank:

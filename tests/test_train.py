@@ -34,7 +34,7 @@ def test_train_resume_matches_uninterrupted(tmp_path, tiny_model_dir):
     run_train("--model", tiny_model_dir, "--steps", 4, "--output", full, "--save-steps", 2, "--eval-steps", 2, *SMALL)
     run_train("--model", tiny_model_dir, "--steps", 2, "--output", part, "--save-steps", 2, "--eval-steps", 2, *SMALL)
     run_train("--model", tiny_model_dir, "--steps", 4, "--output", part, "--save-steps", 2, "--eval-steps", 2,
-              "--resume", *SMALL)
+              "--resume", "--save-total-limit", 1, *SMALL)
     a, b = read_metrics(full), read_metrics(part)
     assert [m["step"] for m in a] == [0, 1, 2, 3, 4] == [m["step"] for m in b]
     for x, y in zip(a[3:], b[3:]):  # the steps after the resume point
@@ -46,6 +46,8 @@ def test_train_resume_matches_uninterrupted(tmp_path, tiny_model_dir):
     assert (full / "final" / "model.safetensors").is_file() and (full / "final" / "tokenizer.json").is_file()
     assert (full / "curves.png").stat().st_size > 1000
     assert (full / "checkpoints" / "step-4" / "trainer_state.pt").is_file()
+    assert sorted(p.name for p in (full / "checkpoints").iterdir()) == ["step-2", "step-4"]  # no limit: all kept
+    assert [p.name for p in (part / "checkpoints").iterdir()] == ["step-4"]  # --save-total-limit 1 dropped step-2
 
 
 def test_rpo_generates_fewer_tokens_than_full_path(tmp_path, tiny_model_dir):
