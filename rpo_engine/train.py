@@ -73,9 +73,14 @@ def resolve_reward(config: TrainConfig):
     raise UserError(f"--reward must be exact, math or module:function, got {config.reward!r}")
 
 
-def latest_checkpoint(output: Path) -> Path | None:
+def complete_checkpoints(output: Path) -> list[Path]:
+    """OUTPUT/checkpoints/step-N directories that were fully written, oldest first."""
     ckpts = sorted((output / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    complete = [p for p in ckpts if (p / "trainer_state.pt").is_file()]
+    return [p for p in ckpts if (p / "trainer_state.pt").is_file()]
+
+
+def latest_checkpoint(output: Path) -> Path | None:
+    complete = complete_checkpoints(output)
     return complete[-1] if complete else None
 
 
@@ -84,9 +89,7 @@ def prune_checkpoints(output: Path, keep: int) -> None:
     checkpoint holds weights and AdamW state, ~12 bytes per parameter."""
     import shutil
 
-    ckpts = sorted((output / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    complete = [p for p in ckpts if (p / "trainer_state.pt").is_file()]
-    for old in complete[:-keep]:
+    for old in complete_checkpoints(output)[:-keep]:
         shutil.rmtree(old)
 
 
