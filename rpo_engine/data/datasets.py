@@ -2,9 +2,8 @@
 ``prompt`` string and an ``answer`` string.
 
 Every problem is reported as a `UserError` with a one-line message ``<file>:<line>: <what was expected>``
-(``<file>: row <n>: ...`` for Parquet and `datasets` directories, whose rows have no line
-numbers), so the command line prints it and
-exits with code 2.
+(``<file>: row <n>: ...`` for Parquet and `datasets` directories, whose rows have no line numbers), so
+the command line prints it and exits with code 2.
 
 Row rules:
 - ``prompt``: a non-empty string.
