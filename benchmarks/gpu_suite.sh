@@ -97,7 +97,7 @@ print(json.dumps({k: v for k, v in env.items() if k != "nvidia_smi_full"}, inden
 EOF
 cat "$OUT/logs/env.log"
 
-step tests 240 python -m pytest -q -p no:cacheprovider tests --junitxml="$OUT/tests.xml"
+step tests 400 python -m pytest -q -p no:cacheprovider tests --junitxml="$OUT/tests.xml"
 
 # torchrun on the GPU, 1 rank (NCCL): 3 steps with DDP, then 3 with FSDP2, on a tiny random model.
 TINY=$OUT/torchrun/tiny_model
