@@ -47,10 +47,12 @@ class ExperienceCache:
         return self.paths.get(prompt_id)
 
     def put(self, prompt_id: str, token_ids: list[int], reward: float, step: int, correct: bool | None = None) -> None:
-        """Store a path; `correct` defaults to reward >= correct_threshold (NaN, a cold start's, is not)."""
-        if correct is None:
-            correct = reward >= self.correct_threshold
-        self.paths[prompt_id] = CachedPath(list(token_ids), float(reward), step, bool(correct))
+        """Store a path; `correct` defaults to reward >= correct_threshold (`is_correct`)."""
+        self.paths[prompt_id] = CachedPath(list(token_ids), float(reward), step, self.is_correct(reward, correct))
+
+    def is_correct(self, reward: float, correct: bool | None) -> bool:
+        """`correct` when the caller knows it, else reward >= correct_threshold (NaN, a cold start's, is not)."""
+        return bool(reward >= self.correct_threshold) if correct is None else bool(correct)
 
     def verified(self, prompt_id: str) -> bool:
         """Whether the prompt's path is known to be a correct answer."""
@@ -76,8 +78,7 @@ class ExperienceCache:
         """The update once `choose` has picked an `answer` with `reward`. Split from `update`
         for callers that choose before they hold the answer (under torchrun the answer lives on the rank
         that generated it). Returns whether the path changed."""
-        if correct is None:
-            correct = reward >= self.correct_threshold
+        correct = self.is_correct(reward, correct)
         if self.policy == "correct-only" and self.verified(prompt_id) and not correct:
             return False
         self.put(prompt_id, answer, reward, step, correct)
