@@ -1,13 +1,21 @@
 import os
-import shutil
 
-# Triton kernels run on the CPU through the interpreter when there is no GPU. The variable must be
-# set before triton is first imported, so it is set here, ahead of every test module.
-if shutil.which("nvidia-smi") is None:
+# Tests run on RPO_TEST_DEVICE: "cpu" (the default, also on a GPU box) or "cuda". On the CPU the Triton
+# kernels run through the interpreter, which must be switched on before triton is first imported, so it
+# is set here, ahead of every test module. On "cuda" they compile for the GPU, and `-m gpu` picks the
+# tests written to run there (kernels, rollout engine, shared-prefix training, a training run).
+DEVICE_NAME = os.environ.get("RPO_TEST_DEVICE", "cpu")
+if DEVICE_NAME not in ("cpu", "cuda"):
+    raise SystemExit(f"RPO_TEST_DEVICE must be 'cpu' or 'cuda', got {DEVICE_NAME!r}")
+if DEVICE_NAME == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # on a GPU box too: "auto" devices (the CLI's) resolve to the CPU, as in CI
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if DEVICE_NAME == "cuda" and not torch.cuda.is_available():
+    raise SystemExit("RPO_TEST_DEVICE=cuda, but torch sees no CUDA device")
 
 
 @pytest.fixture(autouse=True)

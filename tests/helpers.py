@@ -1,7 +1,13 @@
 """Tiny random Hugging Face checkpoints for tests: built with transformers, saved as safetensors."""
 from __future__ import annotations
 
+import os
+
 import torch
+
+# Where tests marked `gpu` put their tensors and models (tests/conftest.py checks the value).
+DEVICE = torch.device(os.environ.get("RPO_TEST_DEVICE", "cpu"))
+ON_CUDA = DEVICE.type == "cuda"
 
 FAMILIES = {
     # GQA 4:2, untied, Llama-3 RoPE scaling, every bias on, odd sizes

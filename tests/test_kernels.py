@@ -4,6 +4,7 @@ Triton runs through the interpreter on CPU (tests/conftest.py sets TRITON_INTERP
 small but odd: vocab 331 is 3 vocab tiles of 128 with a ragged last one, hidden 48 is 2 ragged tiles
 of 32, 37 tokens are 2 ragged token blocks. A small chunk_numel forces several chunks: the backward
 chunks the vocabulary when N <= V and the tokens when N > V, so shapes of both kinds appear.
+With RPO_TEST_DEVICE=cuda every tensor is made on the GPU and the Triton kernels run compiled.
 """
 import math
 
@@ -13,9 +14,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from rpo_engine.kernels import (entropy_reference, fused_logprobs, logprobs_reference, policy_loss,
                                 policy_loss_reference)
+from tests.helpers import DEVICE, ON_CUDA
+
+pytestmark = pytest.mark.gpu
 
 BACKENDS = ["torch", "triton"]
 AGG_MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+
+
+@pytest.fixture(autouse=True)
+def _tensors_on_test_device():
+    with torch.device(DEVICE):  # every factory call below (randn, full, tensor, ...) makes its tensor there
+        yield
 
 
 def _lm_inputs(n, h, v, dtype=torch.float32):
@@ -108,6 +118,17 @@ def test_entropy_matches_naive(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n,h,v,chunk_numel", [(37, 48, 331, 37 * 128), (150, 16, 67, 40 * 67)])
 def test_logprobs_bf16_within_reference_error(backend, n, h, v, chunk_numel):
+    _check_bf16_within_reference_error(backend, n, h, v, chunk_numel)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="production shapes: run with RPO_TEST_DEVICE=cuda")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("h", [1536, 3584])  # Qwen2.5-1.5B's and 7B's hidden size, their 151,936-token vocab
+def test_logprobs_bf16_production_shapes(backend, h):
+    _check_bf16_within_reference_error(backend, 2048, h, 151936, None)
+
+
+def _check_bf16_within_reference_error(backend, n, h, v, chunk_numel):
     hidden, weight, targets = _lm_inputs(n, h, v, torch.bfloat16)
     grad_out = torch.randn(n)
     # Exact answer for these bf16 values, and how far the naive bf16 reference is from it: bf16 logits
@@ -180,10 +201,10 @@ def test_logprobs_bad_inputs(backend):
             fused_logprobs(**args)
 
 
-def test_logprobs_auto_is_torch_on_cpu():
+def test_logprobs_auto_is_triton_on_cuda_else_torch():
     hidden, weight, targets = _lm_inputs(9, 16, 50)
     assert torch.equal(fused_logprobs(hidden, weight, targets, backend="auto"),
-                       fused_logprobs(hidden, weight, targets, backend="torch"))
+                       fused_logprobs(hidden, weight, targets, backend="triton" if ON_CUDA else "torch"))
 
 
 # ---- policy_loss ------------------------------------------------------------------------------------
@@ -315,11 +336,15 @@ def test_policy_loss_float_mask_equals_bool_mask(backend):
     assert torch.equal(a, b)
 
 
-def test_policy_loss_torch_backend_is_the_reference():
+def test_policy_loss_torch_backend_is_the_reference_and_auto_picks_by_device():
     logp, old_logp, ref_logp, adv, mask = _policy_inputs()
-    a, sa = policy_loss(logp, old_logp, adv, mask, ref_logp=ref_logp, kl_coef=0.1, backend="auto")
+    a, sa = policy_loss(logp, old_logp, adv, mask, ref_logp=ref_logp, kl_coef=0.1, backend="torch")
     b, sb = policy_loss_reference(logp, old_logp, adv, mask, ref_logp=ref_logp, kl_coef=0.1)
     assert torch.equal(a, b) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    c, _ = policy_loss(logp, old_logp, adv, mask, ref_logp=ref_logp, kl_coef=0.1, backend="auto")
+    d, _ = policy_loss(logp, old_logp, adv, mask, ref_logp=ref_logp, kl_coef=0.1,
+                       backend="triton" if ON_CUDA else "torch")
+    assert torch.equal(c, d)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

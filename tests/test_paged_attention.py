@@ -1,10 +1,12 @@
-"""Paged attention: the Triton decode kernel (interpreter on CPU) and the torch backends against plain SDPA."""
+"""Paged attention: the Triton decode kernel (interpreter on CPU, compiled with RPO_TEST_DEVICE=cuda) and the
+torch backends against plain SDPA."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from rpo_engine.rollout.attention import (PagedDecode, PagedPrefill, PrefillMetadata, decode_metadata,
                                           paged_decode_reference)
+from tests.helpers import DEVICE, ON_CUDA
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,6 +34,7 @@ def padded(tables, pad=0):
     return torch.tensor([t + [pad] * (width - len(t)) for t in tables], dtype=torch.int32)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size,splits,dtype", [
     (4, 2, 12, 16, 1, torch.float32),  # GQA 2:1, small odd head dim (the llama test model)
     (4, 1, 16, 5, 3, torch.float32),  # MQA, block size not a power of two, flash-decoding splits
@@ -41,16 +44,9 @@ def padded(tables, pad=0):
     (4, 2, 64, 16, 2, torch.bfloat16),
 ])
 def test_triton_decode_matches_torch(heads, kv_heads, head_dim, block_size, splits, dtype):
-    from rpo_engine.kernels.paged_attention import paged_decode
-
     lens = [1, block_size, block_size + 3, 3 * block_size - 1, 57]  # ragged, block edges included
-    num_blocks = sum(-(-n // block_size) for n in lens) + 3
-    k_cache, v_cache = random_cache(num_blocks, block_size, kv_heads, head_dim, dtype)
-    tables = scattered_tables(lens, block_size, num_blocks)
-    q = torch.randn(len(lens), heads, head_dim).to(dtype)
-    out = paged_decode(q, k_cache, v_cache, padded(tables), torch.tensor(lens, dtype=torch.int32), splits)
-    ref = paged_decode_reference(q.float(), k_cache.float(), v_cache.float(), tables, lens)
-    assert out.dtype == dtype and out.shape == q.shape
+    out, ref, (k_cache, v_cache, q, tables) = _triton_decode_and_reference(heads, kv_heads, head_dim, block_size,
+                                                                           splits, dtype, lens)
     atol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: one rounding of the output
     torch.testing.assert_close(out.float(), ref, atol=atol, rtol=0)
     # And the torch backend the engine uses on CPU. It first writes each query's own K/V: give it
@@ -62,6 +58,33 @@ def test_triton_decode_matches_torch(heads, kv_heads, head_dim, block_size, spli
     meta = decode_metadata(tables, lens, [0] * len(lens), block_size, 0, "cpu")
     torch_out = PagedDecode(kc[None], vc[None], meta)(0, q.float()[:, None], k_last, v_last)[:, 0]
     torch.testing.assert_close(out.float(), torch_out, atol=atol, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_CUDA, reason="production shapes: run with RPO_TEST_DEVICE=cuda")
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(12, 2, 128), (14, 2, 64), (32, 8, 128)])  # 1.5B, 0.5B, 8B
+@pytest.mark.parametrize("splits", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_decode_production_shapes(heads, kv_heads, head_dim, splits, dtype):
+    lens = torch.randint(1, 4097, (64,), generator=torch.Generator().manual_seed(1)).tolist() + [1, 16, 17, 4096]
+    out, ref, _ = _triton_decode_and_reference(heads, kv_heads, head_dim, 16, splits, dtype, lens)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2 if dtype == torch.bfloat16 else 4e-3, rtol=0)
+
+
+def _triton_decode_and_reference(heads, kv_heads, head_dim, block_size, splits, dtype, lens):
+    """The kernel on DEVICE against the fp32 reference on the CPU, over a cache with scattered blocks.
+    -> (kernel output on the CPU, reference, (k_cache, v_cache, q, tables) as used, on the CPU)."""
+    from rpo_engine.kernels.paged_attention import paged_decode
+
+    num_blocks = sum(-(-n // block_size) for n in lens) + 3
+    k_cache, v_cache = random_cache(num_blocks, block_size, kv_heads, head_dim, dtype)
+    tables = scattered_tables(lens, block_size, num_blocks)
+    q = torch.randn(len(lens), heads, head_dim).to(dtype)
+    out = paged_decode(q.to(DEVICE), k_cache.to(DEVICE), v_cache.to(DEVICE), padded(tables).to(DEVICE),
+                       torch.tensor(lens, dtype=torch.int32, device=DEVICE), splits)
+    assert out.dtype == dtype and out.shape == q.shape and out.device == DEVICE
+    ref = paged_decode_reference(q.float(), k_cache.float(), v_cache.float(), tables, lens)
+    return out.cpu(), ref, (k_cache, v_cache, q, tables)
 
 
 @pytest.mark.parametrize("block_size", [4, 16])

@@ -1,5 +1,8 @@
 """RolloutEngine on tiny random checkpoints: greedy parity with transformers, exact log-probs, sampling
-distributions, block accounting, prefix reuse, preemption, seeds, live weights, bad input."""
+distributions, block accounting, prefix reuse, preemption, seeds, live weights, bad input.
+
+Our models live on tests.helpers.DEVICE: with RPO_TEST_DEVICE=cuda every test here runs the engine's CUDA
+path (Triton decode attention, CUDA graphs) against transformers on the CPU."""
 import dataclasses
 import math
 
@@ -9,10 +12,10 @@ import torch
 import rpo_engine
 from rpo_engine.rollout import RolloutEngine, SamplingParams
 from rpo_engine.rollout.sampler import request_key, sample, uniform
-from tests.helpers import save_hf_checkpoint
+from tests.helpers import DEVICE, ON_CUDA, save_hf_checkpoint
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.gpu]
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +23,18 @@ def checkpoints(tmp_path_factory):
     out = {}
     for family in ("llama", "qwen2", "qwen3"):
         directory = tmp_path_factory.mktemp(family)
-        out[family] = (save_hf_checkpoint(family, directory), rpo_engine.load_model(directory))
+        out[family] = (save_hf_checkpoint(family, directory), rpo_engine.load_model(directory, device=DEVICE))
     return out
+
+
+@pytest.fixture(autouse=True)
+def _modest_kv_budget_on_cuda(monkeypatch):
+    """On CUDA an engine's default K/V budget is what is left of half the GPU, so a second live engine
+    (several tests hold two) would find none: give each 64 MiB, plenty for these models."""
+    if ON_CUDA:
+        from rpo_engine.rollout.model_runner import ModelRunner
+
+        monkeypatch.setattr(ModelRunner, "_default_kv_bytes", lambda self, utilization: 64 << 20)
 
 
 def random_prompts(vocab, lengths, seed=1):
@@ -79,9 +92,9 @@ def test_stop_tokens(checkpoints):
 
 
 def teacher_forced_logprobs(model, prompt, completion, temperature):
-    ids = torch.tensor([prompt + completion])
+    ids = torch.tensor([prompt + completion], device=model.device)
     with torch.no_grad():
-        logits = model(ids)[0, len(prompt) - 1:-1].float()  # [len(completion), V]
+        logits = model(ids)[0, len(prompt) - 1:-1].float().cpu()  # [len(completion), V]
     t = temperature if temperature > 0 else 1.0
     return torch.log_softmax(logits / t, -1).gather(1, torch.tensor(completion)[:, None])[:, 0]
 
@@ -239,7 +252,7 @@ def test_reads_live_weights(checkpoints):
         ids = list(prompt)
         with torch.no_grad():
             for _ in range(6):
-                ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+                ids.append(int(model(torch.tensor([ids], device=model.device))[0, -1].argmax()))
         assert after == ids[len(prompt):] and after != before
     finally:
         with torch.no_grad():
@@ -277,13 +290,69 @@ def test_edge_cases_and_bad_input(checkpoints):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_triton_backend_end_to_end(checkpoints, family):
-    """The engine with the Triton decode kernel (the CUDA path; the interpreter on CPU) matches torch."""
+    """The engine with the Triton decode kernel (the interpreter on CPU; compiled, under CUDA graphs, on
+    CUDA) matches the torch backend."""
     hf, model = checkpoints[family]
     prompts = random_prompts(hf.config.vocab_size, [6, 9])
     params = SamplingParams(n=2, max_new_tokens=5, temperature=0.8, seed=1, stop_token_ids=[])
-    want = RolloutEngine(model, block_size=4).generate(prompts, params)
-    got = RolloutEngine(model, block_size=4, attention_backend="triton").generate(prompts, params)
+    want = RolloutEngine(model, block_size=4, attention_backend="torch").generate(prompts, params)
+    engine = RolloutEngine(model, block_size=4, attention_backend="triton")
+    assert bool(engine.runner.graphs) == ON_CUDA  # graphs by default wherever they exist
+    got = engine.generate(prompts, params)
+    assert_same_samples(got, want)
+
+
+def assert_same_samples(got, want, atol=1e-5):
     assert [[c.token_ids for c in o] for o in got] == [[c.token_ids for c in o] for o in want]
     for o, w in zip(got, want):
         for c, d in zip(o, w):
-            torch.testing.assert_close(c.logprobs, d.logprobs, atol=1e-5, rtol=0)
+            torch.testing.assert_close(c.logprobs, d.logprobs, atol=atol, rtol=0)
+
+
+class EagerGraph:
+    """Stands in for torch.cuda.CUDAGraph where there is none: replay() reruns the captured forward into
+    the same output tensor, reading the same static input buffers, which is what a graph replay does."""
+    replays: list[int] = []
+
+    def __init__(self, forward, output):
+        self.forward, self.output = forward, output
+
+    def replay(self):
+        self.replays.append(self.output.shape[0])
+        self.output.copy_(self.forward())
+
+    def pool(self):
+        return None
+
+
+def test_graph_replay_pads_batches_and_recaptures_replaced_weights(checkpoints, monkeypatch):
+    """The CUDA-graph bookkeeping (static buffers, batches padded up the size ladder onto the spare block,
+    recapture when a parameter's storage is replaced) on any device, with EagerGraph for the capture."""
+    from rpo_engine.rollout.model_runner import ModelRunner
+
+    def capture_eagerly(forward, pool):
+        output = forward()
+        return EagerGraph(forward, output), output
+
+    monkeypatch.setattr(ModelRunner, "_capture_graph", staticmethod(capture_eagerly))
+    monkeypatch.setattr(EagerGraph, "replays", [])
+    hf, model = checkpoints["qwen2"]  # one K/V head: the fewest interpreted decode programs
+    prompts = random_prompts(hf.config.vocab_size, [5, 11, 7])
+    # 9 samples finishing at different steps: decode batches of 9, 6, 3 run in graphs of 16, 8, 4.
+    params = [SamplingParams(n=3, max_new_tokens=b, temperature=1.0, seed=2, stop_token_ids=[]) for b in (4, 9, 6)]
+    eager = RolloutEngine(model, block_size=4, attention_backend="triton", use_cuda_graphs=False, max_num_seqs=16)
+    graphed = RolloutEngine(model, block_size=4, attention_backend="triton", use_cuda_graphs=False, max_num_seqs=16)
+    graphed.runner.capture()
+    assert sorted(graphed.runner.graphs) == [1, 2, 4, 8, 16]
+    assert_same_samples(graphed.generate(prompts, params), eager.generate(prompts, params))
+    assert set(EagerGraph.replays) == {16, 8, 4} and graphed.block_manager.num_used_blocks == 0
+
+    graphs_before = dict(graphed.runner.graphs)
+    weight = model.model.layers[0].mlp.down_proj.weight
+    original = weight.data
+    try:
+        weight.data = original * 1.5  # new storage: the captured graphs would read the old one
+        assert_same_samples(graphed.generate(prompts, params), eager.generate(prompts, params))
+        assert all(graphed.runner.graphs[s] is not graphs_before[s] for s in graphs_before)  # recaptured
+    finally:
+        weight.data = original

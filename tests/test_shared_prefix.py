@@ -8,7 +8,7 @@ from rpo_engine.kernels import policy_loss
 from rpo_engine.model import CausalLM, ModelConfig
 from rpo_engine.model.shared_prefix import (PrefixGroup, SharedPrefixAttention, layout_tokens, micro_batches,
                                             padded_logprobs, shared_prefix_logprobs, sharing_pays)
-from tests.helpers import FAMILIES
+from tests.helpers import DEVICE, FAMILIES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -21,7 +21,7 @@ def tiny_model(family, **overrides):
     with torch.no_grad():  # every weight random and O(1) effect, as tests/helpers.make_hf_model does
         for name, p in model.named_parameters():
             p.copy_(1.0 + 0.3 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
-    return model.train()
+    return model.train().to(DEVICE)
 
 
 def make_groups(vocab, prefix_lens, suffix_lens, loss_start_back=0, seed=0):
@@ -36,9 +36,9 @@ def make_groups(vocab, prefix_lens, suffix_lens, loss_start_back=0, seed=0):
 def loss_and_grads(model, groups, fn, loss_agg):
     model.zero_grad(set_to_none=True)
     logp, mask = fn(model, groups)
-    adv = torch.tensor([a for g in groups for a in g.advantages])
+    adv = torch.tensor([a for g in groups for a in g.advantages], device=logp.device)
     # old log-probs off by a fixed pattern, so ratios differ from 1 and some clip on each side
-    old = logp.detach() + 0.3 * torch.sin(torch.arange(logp.numel()).reshape(logp.shape).float())
+    old = logp.detach() + 0.3 * torch.sin(torch.arange(logp.numel(), device=logp.device).reshape(logp.shape).float())
     loss, stats = policy_loss(logp, old, adv, mask, eps_low=0.2, eps_high=0.28, loss_agg=loss_agg, backend="torch")
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -58,6 +58,7 @@ CASES = {
 }
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("loss_agg", ["seq-mean-token-mean", "token-mean"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_shared_equals_padded(case, loss_agg):
@@ -66,6 +67,7 @@ def test_shared_equals_padded(case, loss_agg):
     check_equal(model, groups, loss_agg)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])  # MQA 4:1 tied; qk-norm without GQA
 def test_shared_equals_padded_families_with_checkpointing(family):
     model = tiny_model(family)

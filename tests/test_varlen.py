@@ -4,6 +4,7 @@ import torch
 
 from rpo_engine.model import CausalLM, ModelConfig
 from rpo_engine.model.decoder import PaddedAttention, VarlenAttention, flash_attn_available, sdpa_varlen
+from tests.helpers import ON_CUDA
 
 
 def _mask(lengths, T, left):
@@ -45,7 +46,8 @@ def test_model_with_varlen_backend_matches_default(one_thread):
     assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() and flash_attn_available()), reason="needs a GPU and flash-attn")
+@pytest.mark.gpu
+@pytest.mark.skipif(not (ON_CUDA and flash_attn_available()), reason="needs RPO_TEST_DEVICE=cuda and flash-attn")
 def test_flash_varlen_matches_sdpa_reference_on_gpu():
     from rpo_engine.model.decoder import flash_varlen
 

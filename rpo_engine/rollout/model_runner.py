@@ -10,6 +10,8 @@ The cache has one spare block past `num_blocks`: padding rows of a graph batch w
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -33,10 +35,15 @@ class ModelRunner:
         self.attention_backend = attention_backend
         elem = torch.empty((), dtype=self.dtype).element_size()
         self.block_bytes = 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+        sized_by_default = num_blocks is None and not kv_cache_bytes
         if num_blocks is None:
             num_blocks = (kv_cache_bytes or self._default_kv_bytes(gpu_memory_utilization)) // self.block_bytes
         if num_blocks < 1:
-            raise ValueError(f"KV cache budget too small: not one block of {self.block_bytes} bytes")
+            hint = ""
+            if sized_by_default and self.device.type == "cuda":  # e.g. another engine already holds its share
+                hint = (f"; {gpu_memory_utilization:.0%} of the GPU is already in use: raise gpu_memory_utilization "
+                        "or pass kv_cache_bytes / num_blocks")
+            raise ValueError(f"KV cache budget too small: not one block of {self.block_bytes} bytes{hint}")
         self.num_blocks = int(num_blocks)
         shape = (cfg.num_hidden_layers, self.num_blocks + 1, block_size, cfg.num_key_value_heads, cfg.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)  # zeros: padding reads stay finite
@@ -144,14 +151,23 @@ class ModelRunner:
                 meta = DecodeMetadata(self.g_slots[:size], self.g_lens[:size], self.g_tables[:size])
                 attn = TritonDecode(self.k_cache, self.v_cache, meta, self._num_splits(size))
                 self._fill_padding(0, size)
-                self._decode_forward(self.g_ids[:size], self.g_pos[:size], attn)  # warm-up: compiles kernels
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool):
-                    logits = self._decode_forward(self.g_ids[:size], self.g_pos[:size], attn)
+                forward = functools.partial(self._decode_forward, self.g_ids[:size], self.g_pos[:size], attn)
+                forward()  # warm-up: compiles the kernels outside the capture
+                graph, logits = self._capture_graph(forward, pool)
                 pool = graph.pool()
                 self.graphs[size] = (graph, logits)
-        torch.cuda.synchronize()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
         self._param_ptrs = [p.data_ptr() for p in self.model.parameters()]
+
+    @staticmethod
+    def _capture_graph(forward, pool):
+        """-> (graph, output): graph.replay() reruns forward's kernels on the same input and output buffers.
+        The one CUDA-only call here; tests stand an eager replay in for it to check the buffer logic on CPU."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool):
+            output = forward()
+        return graph, output
 
     def refresh(self):
         if self.graphs and self._param_ptrs != [p.data_ptr() for p in self.model.parameters()]:
