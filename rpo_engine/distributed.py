@@ -26,6 +26,7 @@ Weights for rollout:
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -36,6 +37,14 @@ import torch.nn as nn
 
 from rpo_engine.errors import UserError
 from rpo_engine.model.shared_prefix import group_logprobs
+
+
+def no_forward_buffer_sync(ddp_class) -> dict:
+    """DDP's keyword for "do not broadcast buffers before each forward": forward_sync_buffers since torch
+    2.13 (which deprecates broadcast_buffers=False), broadcast_buffers before (the GPU image has 2.11)."""
+    if "forward_sync_buffers" in inspect.signature(ddp_class.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 class PolicyForward(nn.Module):
@@ -130,10 +139,10 @@ class Dist:
         if self.parallel == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            # Rank 0's weights (and buffers) are broadcast here; buffers (RoPE frequencies) never change,
-            # so they are not broadcast on every forward.
+            # Rank 0's weights are broadcast here; buffers (RoPE frequencies, computed from the config on every
+            # rank) never change, so they are not broadcast on every forward.
             ids = [self.local_rank] if self.device.type == "cuda" else None
-            return model, DDP(PolicyForward(model, temperature), device_ids=ids, forward_sync_buffers=False)
+            return model, DDP(PolicyForward(model, temperature), device_ids=ids, **no_forward_buffer_sync(DDP))
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         train = copy.deepcopy(model).float()  # sharded float32 masters; `model` stays the rollout replica

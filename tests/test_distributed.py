@@ -1,5 +1,6 @@
 """torchrun on the CPU (gloo): 2 ranks take the same steps as 1 process, with DDP and FSDP2; a 2-rank
 checkpoint resumes on 1 rank; a failing rank stops the job; bad launches are one-line errors."""
+import inspect
 import json
 import os
 import shutil
@@ -119,3 +120,19 @@ def test_bad_launch_is_a_one_line_error(tiny_model_dir, tmp_path):
     assert proc.returncode != 0 and not (tmp_path / "o").exists()
     assert ("error: --prompts-per-step (3) must be divisible by the number of ranks (2)") in proc.stderr
     assert "exitcode  : 2" in proc.stderr  # torchrun reports the rank's user-error exit code
+
+
+def test_ddp_buffer_sync_keyword_follows_the_torch_version():
+    """torch 2.13 takes forward_sync_buffers (broadcast_buffers=False is deprecated there); the 2.11 on the
+    GPU image knows only broadcast_buffers, and an unknown keyword would stop DDP at construction."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from rpo_engine.distributed import no_forward_buffer_sync
+
+    class OldDDP:  # the torch <= 2.12 signature's buffer keyword
+        def __init__(self, module, device_ids=None, broadcast_buffers=True):
+            pass
+
+    assert no_forward_buffer_sync(OldDDP) == {"broadcast_buffers": False}
+    expected = no_forward_buffer_sync(DistributedDataParallel)
+    assert set(expected) <= set(inspect.signature(DistributedDataParallel.__init__).parameters)
