@@ -70,6 +70,13 @@ def main():
           f"{'max_memory_allocated' if cuda else 'peak RSS (ru_maxrss)'} delta incl. gradients")
     print(f"{'tokens':>6} {'hidden':>6} {'vocab':>6} {'dtype':>8} {'method':>7} {'ms':>9} {'peak MiB':>9} "
           f"{'time/naive':>10} {'mem/naive':>9}")
+    triton_version = importlib.metadata.version("triton") if importlib.util.find_spec("triton") else None
+    result = {"machine": machine("cuda" if cuda else "cpu"), "platform": platform.platform(),
+              "date": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": git_commit(),
+              "torch": torch.__version__, "triton": triton_version, "repeats": args.repeats,
+              "memory_method": "cuda max_memory_allocated delta" if cuda else "ru_maxrss delta (fresh process)",
+              "results": rows}
+    out_path = args.out or os.path.join(HERE, "results", f"kernels_{'cuda' if cuda else 'cpu'}.json")
     for n, h, v, dtype in GPU_SHAPES if cuda else CPU_SHAPES:
         dt = str(dtype).split(".")[1]
         for m in methods:
@@ -83,13 +90,8 @@ def main():
             print(f"{n:>6} {h:>6} {v:>6} {dt:>8} {m:>7} {r['ms']:>9.1f} {r['peak_extra_mib']:>9.0f} "
                   f"{r['ms'] / naive['ms']:>10.2f} {r['peak_extra_mib'] / naive['peak_extra_mib']:>9.3f}")
             rows.append(r)
-    triton_version = importlib.metadata.version("triton") if importlib.util.find_spec("triton") else None
-    result = {"machine": machine("cuda" if cuda else "cpu"), "platform": platform.platform(),
-              "date": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": git_commit(),
-              "torch": torch.__version__, "triton": triton_version, "repeats": args.repeats,
-              "memory_method": "cuda max_memory_allocated delta" if cuda else "ru_maxrss delta (fresh process)",
-              "load_avg_1m": os.getloadavg()[0], "results": rows}  # other jobs skew the times, not memory
-    save_json(args.out or os.path.join(HERE, "results", f"kernels_{'cuda' if cuda else 'cpu'}.json"), result)
+            result["load_avg_1m"] = os.getloadavg()[0]  # other jobs skew the times, not memory
+            save_json(out_path, result)  # after every row: a run stopped at its time limit keeps what it measured
 
 
 if __name__ == "__main__":

@@ -98,7 +98,8 @@ def main():
     config = ModelConfig.from_hf_dict(dict(model_type="qwen2", max_position_embeddings=32768, tie_word_embeddings=True,
                                            **shape))
     torch.manual_seed(0)
-    model = CausalLM(config).init_weights().to(device=device, dtype=dtype).train()
+    with torch.device(device):  # a 1.5B model made and initialised on the CPU would take ~20 s before any GPU work
+        model = CausalLM(config).init_weights().to(dtype).train()
     print(f"{machine('cuda' if args.gpu else 'cpu')}; {model.num_parameters() / 1e6:.1f}M params {dtype}; "
           f"fwd+bwd median of {args.repeats}; memory = bytes saved for backward")
     print(f"{'prefix':>6} {'G':>3} {'path':>7} {'tokens':>7} {'ms':>8} {'cpu ms':>8} {'saved MiB':>10} {'cuda MiB':>9} "

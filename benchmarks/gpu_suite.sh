@@ -124,7 +124,7 @@ rm -rf "$OUT/torchrun/tiny_model" "$OUT/torchrun/ddp/final" "$OUT/torchrun/fsdp/
 
 bench paper_shape 150 python benchmarks/bench_paper_shape.py --gpu --repeats 2 --out "$OUT/paper_shape_cuda.json"
 bench rollout 150 python benchmarks/bench_rollout.py --gpu --repeats 1 --out "$OUT/rollout_cuda.json"
-bench kernels 80 python benchmarks/bench_kernels.py --repeats 3 --out "$OUT/kernels_cuda.json"
+bench kernels 150 python benchmarks/bench_kernels.py --repeats 3 --out "$OUT/kernels_cuda.json"
 bench shared_prefix 60 python benchmarks/bench_shared_prefix.py --gpu --out "$OUT/shared_prefix_cuda.json"
 bench train 90 python benchmarks/bench_train.py --seeds 0 --steps 10 --out "$OUT/train_cuda.json"
 if python -c "import trl, datasets" 2>/dev/null; then

@@ -260,6 +260,13 @@ def test_reads_live_weights(checkpoints):
                 p.copy_(s)
 
 
+def test_default_kv_budget_is_capped_at_what_the_batch_can_use(checkpoints):
+    _, model = checkpoints["qwen2"]
+    per_seq = model.config.max_position_embeddings // 4  # blocks of 4 tokens
+    assert RolloutEngine(model, block_size=4, max_num_seqs=3).runner.num_blocks == 3 * per_seq
+    assert RolloutEngine(model, block_size=4, max_num_seqs=3, num_blocks=5000).runner.num_blocks == 5000  # asked for
+
+
 def test_edge_cases_and_bad_input(checkpoints):
     hf, model = checkpoints["qwen2"]
     engine = RolloutEngine(model, block_size=4, num_blocks=40)

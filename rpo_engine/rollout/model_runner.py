@@ -11,6 +11,7 @@ The cache has one spare block past `num_blocks`: padding rows of a graph batch w
 from __future__ import annotations
 
 import functools
+import gc
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +36,14 @@ class ModelRunner:
         self.attention_backend = attention_backend
         elem = torch.empty((), dtype=self.dtype).element_size()
         self.block_bytes = 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+        self.max_blocks_per_seq = -(-cfg.max_position_embeddings // block_size)
         sized_by_default = num_blocks is None and not kv_cache_bytes
         if num_blocks is None:
             num_blocks = (kv_cache_bytes or self._default_kv_bytes(gpu_memory_utilization)) // self.block_bytes
+        if sized_by_default:
+            # No more than max_num_seqs full-context sequences can use: a small model would otherwise get
+            # millions of blocks (half an H100), each a Python object in the block manager.
+            num_blocks = min(num_blocks, max_num_seqs * self.max_blocks_per_seq)
         if num_blocks < 1:
             hint = ""
             if sized_by_default and self.device.type == "cuda":  # e.g. another engine already holds its share
@@ -49,7 +55,6 @@ class ModelRunner:
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)  # zeros: padding reads stay finite
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.pad_block = self.num_blocks
-        self.max_blocks_per_seq = -(-cfg.max_position_embeddings // block_size)
         self.graphs: dict[int, tuple] = {}
         self.use_cuda_graphs = use_cuda_graphs
         self._param_ptrs = None
@@ -62,12 +67,14 @@ class ModelRunner:
             weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
             return min(65536 * (self.block_bytes // self.block_size), max(weight_bytes, 1 << 30))
         # CUDA: run the largest prefill once, then give the cache what is left under `utilization`.
+        gc.collect()  # an engine that is garbage but still in a reference cycle would hold its cache
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         with torch.no_grad():
             ids = torch.zeros(1, self.max_num_batched_tokens, dtype=torch.long, device=self.device)
             self.model.hidden_states(ids)[:, -1:] @ self.model.lm_head.weight.T
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the prefill's freed activations: counted below as peak_extra, not twice
         free, total = torch.cuda.mem_get_info()
         stats = torch.cuda.memory_stats()
         peak_extra = stats["allocated_bytes.all.peak"] - stats["allocated_bytes.all.current"]
