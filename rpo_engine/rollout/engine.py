@@ -56,7 +56,8 @@ class RolloutEngine:
         block_size: tokens per K/V block. num_blocks or kv_cache_bytes: the K/V budget; by default
           64k tokens on CPU (capped at max(weights' size, 1 GiB)), and on CUDA what is left of
           `gpu_memory_utilization` of the device after a warm-up forward (0.5 by default, since
-          training shares the GPU; a rollout-only process can ask for 0.9).
+          training shares the GPU; a rollout-only process can ask for 0.9); either default at most
+          what max_num_seqs sequences of the model's full context can fill.
         max_num_seqs: sequences decoded together (and the largest CUDA graph).
         max_num_batched_tokens: tokens per prefill step (default max(8192, max_position_embeddings)).
         attention_backend: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
