@@ -27,16 +27,6 @@ def checkpoints(tmp_path_factory):
     return out
 
 
-@pytest.fixture(autouse=True)
-def _modest_kv_budget_on_cuda(monkeypatch):
-    """On CUDA an engine's default K/V budget is what is left of half the GPU, so a second live engine
-    (several tests hold two) would find none: give each 64 MiB, plenty for these models."""
-    if ON_CUDA:
-        from rpo_engine.rollout.model_runner import ModelRunner
-
-        monkeypatch.setattr(ModelRunner, "_default_kv_bytes", lambda self, utilization: 64 << 20)
-
-
 def random_prompts(vocab, lengths, seed=1):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
@@ -261,6 +251,8 @@ def test_reads_live_weights(checkpoints):
 
 
 def test_default_kv_budget_is_capped_at_what_the_batch_can_use(checkpoints):
+    """Uncapped, a tiny model on CUDA would get half the GPU: millions of blocks, and a second engine
+    alive beside it (several tests here hold two) would find no memory left."""
     _, model = checkpoints["qwen2"]
     per_seq = model.config.max_position_embeddings // 4  # blocks of 4 tokens
     assert RolloutEngine(model, block_size=4, max_num_seqs=3).runner.num_blocks == 3 * per_seq
