@@ -181,8 +181,7 @@ class Trainer:
             for i, row in enumerate(rows):
                 path = self.cache.get(row["id"]).token_ids
                 cut = cut_cached_path(len(path), self.cache.verified(row["id"]), self.rng, c.max_completion_length,
-                                      self.rpo.rpo_min_cut, self.rpo.rpo_max_cut, self.rpo.rpo_max_cut_fraction,
-                                      self.rpo.rpo_unverified_cut_fraction, self.rpo.rpo_extra_budget)
+                                      self.rpo)
                 kept[i], budgets[i] = path[:cut.kept], cut.budget
         params = [self.sampling_params(G, budgets[i], self.seed_for(i, round_index)) for i in mine]
         my_upcoming = self.dist.share(len(upcoming))

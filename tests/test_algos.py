@@ -77,7 +77,7 @@ def test_cut_cached_path_cuts_verified_paths_shallow_and_others_anywhere():
     assert max(cut_cached_path(400, True, rng, 4000).cut for _ in range(500)) == 100  # a quarter of 400
     unverified = [cut_cached_path(2000, False, rng, 4000).cut for _ in range(500)]
     assert max(unverified) > 1500 and min(unverified) >= 1  # anywhere along the path, past the cap
-    assert max(cut_cached_path(2000, False, rng, 4000, unverified_cut_fraction=0.1).cut for _ in range(500)) == 200
+    assert max(cut_cached_path(2000, False, rng, 4000, RPOConfig(rpo_unverified_cut_fraction=0.1)).cut for _ in range(500)) == 200
 
 
 def test_cache_epsilon_greedy_picks():
