@@ -55,3 +55,17 @@ def save_hf_checkpoint(family: str, directory, seed: int = 0, **overrides):
     model = make_hf_model(family, seed, **overrides)
     model.save_pretrained(str(directory))
     return model
+
+
+def check_tables(bm, seqs):
+    """The host mirror holds each live sequence's block table in its own row, padding elsewhere."""
+    tables, live = bm.tables, [s for s in seqs if s.block_table]
+    assert all(s.slot is None for s in seqs if not s.block_table)
+    slots = [s.slot for s in live]
+    assert len(set(slots)) == len(slots) and not set(slots) & set(tables.free_slots)
+    assert len(slots) + len(tables.free_slots) == tables.rows.shape[0]
+    for s in live:
+        row = tables.rows[s.slot].tolist()
+        assert row == s.block_table + [tables.pad] * (tables.width - len(s.block_table))
+    for slot in tables.free_slots:
+        assert tables.rows[slot].eq(tables.pad).all()

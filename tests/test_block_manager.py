@@ -1,10 +1,13 @@
 """Block manager and scheduler bookkeeping: ref counts, copy-on-write, prefix hashing, preemption."""
+import random
+
 import pytest
 
 from rpo_engine.rollout import SamplingParams, block_manager as bm_module
 from rpo_engine.rollout.block_manager import BlockManager
 from rpo_engine.rollout.scheduler import Scheduler
 from rpo_engine.rollout.sequence import Sequence
+from tests.helpers import check_tables
 
 BS = 4
 
@@ -58,10 +61,12 @@ def test_forks_share_full_blocks_and_copy_partial_on_write():
     assert samples[-1].block_table[2] == partial and bm.blocks[partial].ref_count == 1
     assert all(bm.blocks[b].ref_count == G for b in full)
     assert bm.num_used_blocks == 2 + G
+    check_tables(bm, samples)
     for s in samples:
         bm.free(s)
     assert bm.num_used_blocks == 0
     check_totals(bm)
+    check_tables(bm, samples)
 
 
 def test_new_block_at_boundary_and_hash_on_fill():
@@ -143,3 +148,36 @@ def test_scheduler_preempts_newest_when_blocks_run_out():
 def test_sampling_params_validation(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_workload_keeps_tables_mirrored_and_frees_everything(seed):
+    """Prefills with forks, copy-on-write, prefix-cache hits, preemption under a tight budget and
+    random finishes: after every step the accounting holds and each live table's mirror row equals
+    it; at the end every block and slot is free. The mirror starts small, so it also grows."""
+    rng = random.Random(seed)
+    bm = BlockManager(14, BS, tables=bm_module.BlockTables(width=14, pad=14, capacity=2))
+    sched = Scheduler(bm, max_num_seqs=12, max_num_batched_tokens=40)
+    common = [rng.randrange(3, 50) for _ in range(2 * BS)]  # a shared prompt start: prefix-cache hits
+    seqs = []
+    for _ in range(8):
+        tokens = (common if rng.random() < 0.5 else []) + [rng.randrange(3, 50) for _ in range(rng.randint(1, 9))]
+        seq = Sequence(tokens, SamplingParams(n=rng.randint(1, 4), max_new_tokens=rng.randint(1, 14)), BS,
+                       stop_token_ids=(2,), key=0, request_index=0, num_forks=0)
+        seq.num_forks = seq.params.n
+        sched.add(seq)
+        seqs.append(seq)
+    for _ in range(500):
+        if sched.is_finished():
+            break
+        batch, is_prefill, _ = sched.schedule()
+        if is_prefill:
+            batch = [sample for seq in batch for sample in sched.fork(seq)]
+            seqs += [s for s in batch if s not in seqs]
+        tokens = [2 if rng.random() < 0.08 else rng.randrange(3, 50) for _ in batch]  # 2 stops a sample
+        sched.postprocess(batch, tokens, [0.0] * len(batch))
+        check_totals(bm)
+        check_tables(bm, seqs)
+    assert sched.is_finished() and all(s.finish_reason for s in seqs)
+    assert sched.num_preemptions > 0 and bm.tables.rows.shape[0] > 2
+    assert bm.num_used_blocks == 0 and len(bm.tables.free_slots) == bm.tables.rows.shape[0]

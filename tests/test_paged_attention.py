@@ -55,7 +55,7 @@ def test_triton_decode_matches_torch(heads, kv_heads, head_dim, block_size, spli
     last = [(t[(n - 1) // block_size], (n - 1) % block_size) for t, n in zip(tables, lens)]
     k_last = torch.stack([kc[b, o] for b, o in last])[:, None]  # [S, 1, KVH, D]
     v_last = torch.stack([vc[b, o] for b, o in last])[:, None]
-    meta = decode_metadata(tables, lens, [0] * len(lens), block_size, 0, "cpu")
+    meta = decode_metadata(padded(tables), lens, block_size, 0, "cpu")
     torch_out = PagedDecode(kc[None], vc[None], meta)(0, q.float()[:, None], k_last, v_last)[:, 0]
     torch.testing.assert_close(out.float(), torch_out, atol=atol, rtol=0)
 
@@ -107,21 +107,27 @@ def test_torch_cascade_decode_matches_reference(block_size):
     S = len(lens)
     q = torch.randn(S, 1, H, D)
     new_k, new_v = torch.randn(S, 1, KVH, D), torch.randn(S, 1, KVH, D)
-    meta = decode_metadata(tables, lens, shared, block_size, num_blocks, "cpu")
+    prefixes = [tuple(t[:k]) for t, k in zip(tables, shared)]
+    meta = decode_metadata(padded(tables, num_blocks), lens, block_size, num_blocks, "cpu", prefixes)
     assert meta.group_tables.shape[0] == 2  # the lone sequence has no shared prefix
+    for s, (t, k) in enumerate(zip(tables, shared)):  # each tail: the table after its shared blocks, then padding
+        tail = meta.tail_tables[s].tolist()
+        assert tail == t[k:] + [num_blocks] * (len(tail) - len(t) + k)
+        assert meta.tail_lens[s] == lens[s] - k * block_size
     out = PagedDecode(k_cache[None], v_cache[None], meta)(0, q, new_k, new_v)  # writes new_k/new_v at each last slot
     for s in range(S):
         p = lens[s] - 1
         assert torch.equal(k_cache[tables[s][p // block_size], p % block_size], new_k[s, 0])
     ref = paged_decode_reference(q[:, 0], k_cache, v_cache, tables, lens)
     torch.testing.assert_close(out[:, 0], ref, atol=1e-5, rtol=0)
-    flat = PagedDecode(k_cache[None], v_cache[None], decode_metadata(tables, lens, shared, block_size, num_blocks, "cpu",
-                                                         cascade=False))(0, q, new_k, new_v)
+    flat_meta = decode_metadata(padded(tables, num_blocks), lens, block_size, num_blocks, "cpu")
+    assert flat_meta.group_tables is None and flat_meta.tail_tables is None
+    flat = PagedDecode(k_cache[None], v_cache[None], flat_meta)(0, q, new_k, new_v)
     torch.testing.assert_close(flat, out, atol=1e-5, rtol=0)
     # grouping that saves too little is not worth a second attention: no groups at all
     saved = (3 - 1) * 3 * block_size + (2 - 1) * 2 * block_size
-    groups = lambda least: decode_metadata(tables, lens, shared, block_size, num_blocks, "cpu",  # noqa: E731
-                                           min_saved_tokens=least).group_tables
+    groups = lambda least: decode_metadata(padded(tables, num_blocks), lens, block_size, num_blocks,  # noqa: E731
+                                           "cpu", prefixes, min_saved_tokens=least).group_tables
     assert groups(saved) is not None and groups(saved + 1) is None
 
 

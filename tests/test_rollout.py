@@ -12,7 +12,7 @@ import torch
 import rpo_engine
 from rpo_engine.rollout import RolloutEngine, SamplingParams
 from rpo_engine.rollout.sampler import request_key, sample, uniform
-from tests.helpers import DEVICE, ON_CUDA, save_hf_checkpoint
+from tests.helpers import DEVICE, ON_CUDA, check_tables, save_hf_checkpoint
 
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.gpu]
@@ -152,11 +152,13 @@ def test_forks_share_prefix_blocks_and_accounting_holds_every_step(checkpoints):
     prompt = random_prompts(hf.config.vocab_size, [10])[0]  # 2 full blocks + a partial one
     engine = RolloutEngine(model, block_size=bs, num_blocks=64)
     bm, seen = engine.block_manager, []
+    assert bm.tables is engine.runner.block_tables
     step = engine.step
 
     def checked_step():
         finished = step()
         assert bm.num_free_blocks + bm.num_used_blocks == bm.num_blocks
+        check_tables(bm, [*engine.scheduler.running, *finished])  # the decode step reads these rows
         if not seen:  # right after the prefill: G samples, the prompt's full blocks held once each
             running = list(engine.scheduler.running)
             assert len(running) == G

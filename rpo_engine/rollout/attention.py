@@ -108,47 +108,53 @@ class DecodeMetadata:
     group_lens: torch.Tensor | None = None  # [G]
     member_index: torch.Tensor | None = None  # [G, max_members]: query row, or S for padding
     member_slot: torch.Tensor | None = None  # [S]: g * max_members + m, or G * max_members if no group
-    tail_tables: torch.Tensor | None = None  # [S, max_tail_blocks] long
+    tail_tables: torch.Tensor | None = None  # [S, max_tail_blocks]; None: no groups, the tails are block_tables
     tail_lens: torch.Tensor | None = None  # [S]
 
 
-def decode_metadata(block_tables: list[list[int]], context_lens: list[int], num_shared_blocks: list[int],
-                    block_size: int, pad_block: int, device, cascade: bool = True,
-                    min_saved_tokens: int = 0) -> DecodeMetadata:
-    """Host-side metadata for S decode queries. num_shared_blocks[s]: leading blocks of sequence s
-    that are grouped with every other sequence starting with the same block ids. The cascade split
-    costs a second attention and a merge per layer: it is used only when grouping saves reading at
-    least `min_saved_tokens` K/V tokens (sum over groups of (members - 1) x shared tokens)."""
-    def padded(rows, dtype):
-        width = max(1, max(len(r) for r in rows))
-        return torch.tensor([r + [pad_block] * (width - len(r)) for r in rows], dtype=dtype, device=device)
+def decode_metadata(block_tables: torch.Tensor, context_lens: list[int], block_size: int, pad_block: int, device,
+                    shared_prefixes: list[tuple[int, ...]] | None = None, min_saved_tokens: int = 0
+                    ) -> DecodeMetadata:
+    """Metadata for S decode queries from their block tables, a host int32 tensor [S, W] padded with
+    `pad_block`, and their context lengths.
 
-    S = len(block_tables)
-    meta = DecodeMetadata(
-        slot_mapping=torch.tensor([t[(n - 1) // block_size] * block_size + (n - 1) % block_size
-                                   for t, n in zip(block_tables, context_lens)], dtype=torch.long, device=device),
-        context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
-        block_tables=padded(block_tables, torch.int32))
+    shared_prefixes (torch path only): for each sequence, the leading block ids it may share with
+    other sequences (its prompt's full blocks); sequences with equal ones form a cascade group. The
+    split costs a second attention and a merge per layer: it is used only when grouping saves reading
+    at least `min_saved_tokens` K/V tokens (sum over groups of (members - 1) x shared tokens).
+    """
+    S, W = block_tables.shape
+    lens = torch.tensor(context_lens, dtype=torch.int32)
+    last = block_tables.gather(1, ((lens - 1) // block_size).long()[:, None])[:, 0]  # block of each last token
+    meta = DecodeMetadata(slot_mapping=(last.long() * block_size + (lens - 1) % block_size).to(device),
+                          context_lens=lens.to(device), block_tables=block_tables.to(device))
     groups: dict[tuple[int, ...], list[int]] = {}
-    for s, (table, k) in enumerate(zip(block_tables, num_shared_blocks)):
-        if cascade and k > 0:
-            groups.setdefault(tuple(table[:k]), []).append(s)
+    for s, prefix in enumerate(shared_prefixes or ()):
+        if prefix:
+            groups.setdefault(prefix, []).append(s)
     groups = {key: members for key, members in groups.items() if len(members) > 1}  # one member saves nothing
     if sum((len(m) - 1) * len(key) * block_size for key, m in groups.items()) < max(1, min_saved_tokens):
-        groups = {}
-    shared = [0] * S
-    width = max((len(m) for m in groups.values()), default=0)
-    slot = [len(groups) * width] * S
+        return meta
+
+    def padded(rows, value):
+        width = max(len(r) for r in rows)
+        return torch.tensor([r + [value] * (width - len(r)) for r in rows], device=device)
+
+    width = max(len(m) for m in groups.values())
+    shared, slot = [0] * S, [len(groups) * width] * S
     for g, (key, members) in enumerate(groups.items()):
         for m, s in enumerate(members):
             shared[s], slot[s] = len(key), g * width + m
-    if groups:
-        meta.group_tables = padded([list(key) for key in groups], torch.long)
-        meta.group_lens = torch.tensor([len(key) * block_size for key in groups], device=device)
-        meta.member_index = padded([m + [S] * (width - len(m)) for m in groups.values()], torch.long)
-        meta.member_slot = torch.tensor(slot, device=device)
-    meta.tail_tables = padded([t[k:] for t, k in zip(block_tables, shared)], torch.long)
-    meta.tail_lens = torch.tensor([n - k * block_size for n, k in zip(context_lens, shared)], device=device)
+    meta.group_tables = padded([list(key) for key in groups], pad_block)
+    meta.group_lens = torch.tensor([len(key) * block_size for key in groups], device=device)
+    meta.member_index = padded(list(groups.values()), S)
+    meta.member_slot = torch.tensor(slot, device=device)
+    # Each tail: the table from its first unshared block on, shifted left, padded past the table's end.
+    k = torch.tensor(shared)
+    index = k[:, None] + torch.arange(W - min(shared))[None, :]  # [S, tail width]
+    tails = block_tables.gather(1, index.clamp_max(W - 1)).masked_fill_(index >= W, pad_block)
+    meta.tail_tables = tails.long().to(device)
+    meta.tail_lens = (lens - k * block_size).to(device)
     return meta
 
 
@@ -160,17 +166,18 @@ class PagedDecode:
         # q [S, 1, H, D]; k/v [S, 1, KVH, D] -> [S, 1, H, D]
         kc, vc, m = self.k_cache[layer_idx], self.v_cache[layer_idx], self.meta
         write_kv(kc, vc, k[:, 0], v[:, 0], m.slot_mapping)
+        if m.group_tables is None:  # no cascade groups: one attention over each whole table
+            return attend(q, gather(kc, m.block_tables), gather(vc, m.block_tables), m.context_lens)[0].to(q.dtype)
         out, lse = attend(q, gather(kc, m.tail_tables), gather(vc, m.tail_tables), m.tail_lens)  # [S, 1, H, *]
-        if m.group_tables is not None:
-            S, _, H, D = q.shape
-            q_pad = torch.cat([q[:, 0], q.new_zeros(1, H, D)])  # [S + 1, H, D]: row S is padding
-            out_g, lse_g = attend(q_pad[m.member_index], gather(kc, m.group_tables), gather(vc, m.group_tables),
-                                  m.group_lens)  # [G, M, H, D], [G, M, H]
-            out_g = torch.cat([out_g.flatten(0, 1), out_g.new_zeros(1, H, D)])[m.member_slot]  # [S, H, D]
-            lse_g = torch.cat([lse_g.flatten(0, 1), lse_g.new_full((1, H), float("-inf"))])[m.member_slot]
-            lse_t, out_t = lse[:, 0], out[:, 0]
-            total = torch.logaddexp(lse_g, lse_t)  # [S, H]
-            out = (out_g * (lse_g - total).exp()[..., None] + out_t * (lse_t - total).exp()[..., None])[:, None]
+        S, _, H, D = q.shape
+        q_pad = torch.cat([q[:, 0], q.new_zeros(1, H, D)])  # [S + 1, H, D]: row S is padding
+        out_g, lse_g = attend(q_pad[m.member_index], gather(kc, m.group_tables), gather(vc, m.group_tables),
+                              m.group_lens)  # [G, M, H, D], [G, M, H]
+        out_g = torch.cat([out_g.flatten(0, 1), out_g.new_zeros(1, H, D)])[m.member_slot]  # [S, H, D]
+        lse_g = torch.cat([lse_g.flatten(0, 1), lse_g.new_full((1, H), float("-inf"))])[m.member_slot]
+        lse_t, out_t = lse[:, 0], out[:, 0]
+        total = torch.logaddexp(lse_g, lse_t)  # [S, H]
+        out = (out_g * (lse_g - total).exp()[..., None] + out_t * (lse_t - total).exp()[..., None])[:, None]
         return out.to(q.dtype)
 
 

@@ -1,6 +1,6 @@
 """Block manager: which cache blocks are free, who holds each one, and which full blocks hold which tokens.
 
-Pure bookkeeping, no tensors (the model runner owns the K/V cache). Each block has a reference
+Bookkeeping only (the model runner owns the K/V cache). Each block has a reference
 count: forked samples share their parent's blocks, and a prefix-cache hit shares another request's.
 Only full blocks are hashed, each hash chained on the previous block's, and a hit is confirmed by
 comparing token ids, so a hash collision can never hand out wrong K/V. Freed blocks keep their hash
@@ -10,10 +10,52 @@ A hash is registered when a block is allocated, before its K/V are written. A hi
 the same prefill batch is safe because the prefill backend writes every new K/V of a layer before any
 sequence reads the cache. A sequence's block that holds its last token is never taken from the cache:
 that token must be computed to get its logits.
+
+Every live sequence's block table is mirrored in a row of one host tensor (`BlockTables`), written
+where the table changes (allocate, fork, a new or copied block, free), so a decode step gathers its
+[S, width] table with one index instead of converting S x width Python ints each step.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
+import torch
+
 from rpo_engine.rollout.sequence import Sequence
+
+
+class BlockTables:
+    """Host int32 rows [slot, block index] -> block id, one slot per sequence holding blocks; unused
+    entries hold `pad` (a valid block id: the runner's spare block). Grows when slots run out."""
+
+    def __init__(self, width: int, pad: int, capacity: int = 64):
+        self.width, self.pad = width, pad
+        self.rows = torch.full((capacity, width), pad, dtype=torch.int32)
+        self.free_slots = list(range(capacity - 1, -1, -1))  # pop() hands out the lowest first
+
+    def assign(self, seq: Sequence):
+        """Give `seq` a slot and write its whole block table there."""
+        if not self.free_slots:
+            old = self.rows.shape[0]
+            self.rows = torch.cat([self.rows, torch.full_like(self.rows, self.pad)])
+            self.free_slots = list(range(2 * old - 1, old - 1, -1))
+        seq.slot = self.free_slots.pop()
+        if seq.block_table:
+            self.rows[seq.slot, :len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+
+    def set(self, seq: Sequence, index: int, block_id: int):
+        self.rows[seq.slot, index] = block_id
+
+    def release(self, seq: Sequence, num_entries: int):
+        self.rows[seq.slot, :num_entries] = self.pad
+        self.free_slots.append(seq.slot)
+        seq.slot = None
+
+    def gather(self, seqs: list[Sequence]) -> torch.Tensor:
+        """-> [len(seqs), longest table] int32: the sequences' tables, padded with `pad`."""
+        width = max(len(seq.block_table) for seq in seqs)
+        slots = torch.tensor([seq.slot for seq in seqs])
+        return self.rows[:, :width].index_select(0, slots)
 
 
 class Block:
@@ -32,11 +74,17 @@ def chain_hash(token_ids: tuple[int, ...], prefix_hash: int) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 tables: BlockTables | None = None):
+        """tables: where to mirror the block tables (the model runner's); by default a new one that
+        is as wide as the cache, padded with block id `num_blocks`."""
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free_block_ids = dict.fromkeys(range(num_blocks))  # insertion-ordered set: oldest freed first
+        # An ordered set, oldest freed first. Not a dict: taking from the front of a dict walks over
+        # the slots its deletions left (measured 22 us a block at 100k blocks; OrderedDict 0.3 us).
+        self.free_block_ids = OrderedDict.fromkeys(range(num_blocks))
+        self.tables = tables if tables is not None else BlockTables(max(1, num_blocks), pad=num_blocks)
         self.used_block_ids: set[int] = set()
         self.hash_to_block_id: dict[int, int] = {}
 
@@ -123,12 +171,15 @@ class BlockManager:
                 if h != -1 and self.enable_prefix_caching:
                     self._register(block_id, seq.block(i), h)
             seq.block_table.append(block_id)
+        self.tables.assign(seq)
         seq.num_cached_tokens = num_hit_blocks * self.block_size
         return seq.num_cached_tokens
 
     def free(self, seq: Sequence):
         for block_id in reversed(seq.block_table):
             self._release(block_id)
+        if seq.slot is not None:
+            self.tables.release(seq, len(seq.block_table))
         seq.block_table = []
         seq.num_cached_tokens = 0
 
@@ -136,6 +187,7 @@ class BlockManager:
         """`child` was copied from a sequence's block table: it now holds every block too."""
         for block_id in child.block_table:
             self.blocks[block_id].ref_count += 1
+        self.tables.assign(child)
 
     def can_append(self, seq: Sequence) -> bool:
         return self.num_free_blocks >= self._append_cost(seq)
@@ -152,12 +204,14 @@ class BlockManager:
         copy = None
         if idx == len(seq.block_table):
             seq.block_table.append(self._take_new())
+            self.tables.set(seq, idx, seq.block_table[idx])
         else:
             block_id = seq.block_table[idx]
             if self.blocks[block_id].ref_count > 1:
                 new_id = self._take_new()
                 self._release(block_id)
                 seq.block_table[idx] = new_id
+                self.tables.set(seq, idx, new_id)
                 copy = (block_id, new_id)
         if len(seq) % self.block_size == 0 and self.enable_prefix_caching:  # this step fills the block
             prev = self.blocks[seq.block_table[idx - 1]].hash if idx > 0 else -1

@@ -81,7 +81,8 @@ class RolloutEngine:
         max_num_batched_tokens = max_num_batched_tokens or max(8192, self.config.max_position_embeddings)
         self.runner = ModelRunner(model, block_size, num_blocks, kv_cache_bytes, max_num_seqs, max_num_batched_tokens,
                                   attention_backend, use_cuda_graphs, gpu_memory_utilization, enable_prefix_sharing)
-        self.block_manager = BlockManager(self.runner.num_blocks, block_size, enable_prefix_sharing)
+        self.block_manager = BlockManager(self.runner.num_blocks, block_size, enable_prefix_sharing,
+                                          tables=self.runner.block_tables)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self.stats = RolloutStats()  # cumulative
         self.last_stats = RolloutStats()  # the last generate call's share

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from rpo_engine.rollout.attention import (DecodeMetadata, PagedDecode, PagedPrefill, PrefillMetadata, TritonDecode,
                                           decode_metadata)
+from rpo_engine.rollout.block_manager import BlockTables
 from rpo_engine.rollout.sequence import Sequence
 
 
@@ -55,6 +56,9 @@ class ModelRunner:
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)  # zeros: padding reads stay finite
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.pad_block = self.num_blocks
+        # The block manager writes each live sequence's block table here (a row per sequence).
+        self.block_tables = BlockTables(min(self.max_blocks_per_seq, self.num_blocks), self.pad_block,
+                                        capacity=min(max_num_seqs, 1024))
         self.graphs: dict[int, tuple] = {}
         self.use_cuda_graphs = use_cuda_graphs
         self._param_ptrs = None
@@ -118,12 +122,13 @@ class ModelRunner:
     def _prepare_decode(self, seqs):
         ids = torch.tensor([[seq.last_token] for seq in seqs], device=self.device)  # [S, 1]
         pos = torch.tensor([[len(seq) - 1] for seq in seqs], device=self.device)  # [S, 1]
-        # Samples of one prompt share its full blocks: the torch backend reads them once per group.
-        shared = [seq.num_prompt_tokens // self.block_size for seq in seqs]
-        meta = decode_metadata([seq.block_table for seq in seqs], [len(seq) for seq in seqs], shared,
-                               self.block_size, self.pad_block, self.device,
-                               cascade=self.cascade and self.attention_backend == "torch",
-                               min_saved_tokens=self.cascade_min_saved_tokens)
+        shared = None
+        if self.cascade and self.attention_backend == "torch":
+            # Samples of one prompt share its full blocks: the torch backend reads them once per group.
+            bs = self.block_size
+            shared = [tuple(seq.block_table[:seq.num_prompt_tokens // bs]) for seq in seqs]
+        meta = decode_metadata(self.block_tables.gather(seqs), [len(seq) for seq in seqs], self.block_size,
+                               self.pad_block, self.device, shared, self.cascade_min_saved_tokens)
         return ids, pos, meta
 
     def _decode_backend(self, meta: DecodeMetadata, batch: int):

@@ -73,6 +73,7 @@ class Sequence:
         self.num_prompt_tokens = len(token_ids)  # the request's prompt; never changes (not even on preemption)
         self.num_cached_tokens = 0  # leading tokens whose K/V are in the cache
         self.block_table: list[int] = []
+        self.slot: int | None = None  # its row in the block manager's BlockTables while it holds blocks
         self.block_size = block_size
         self.status = SequenceStatus.WAITING
         self.params = params
