@@ -58,3 +58,15 @@ def test_bench_paper_shape_runs_the_trainers_update(tmp_path):
     full, rpo = record["median"]["full"], record["median"]["rpo"]
     assert full["generated_tokens"] == 8 * 48 and rpo["generated_tokens"] == 8 * 8
     assert 0 < record["reduction"]["generated_tokens"] < 1 and rpo["update_s"] > 0
+
+
+def test_bench_host_times_decode_steps_beside_a_baseline_checkout(tmp_path):
+    out = tmp_path / "host.json"
+    repo = BENCHMARKS.parent  # as its own baseline: the script's subprocess path works
+    run_bench("bench_host.py", "--cases", "16x256", "--repeats", 1, "--baseline-src", repo, "--out", out)
+    record = json.loads(out.read_text())
+    assert [(r["num_seqs"], r["context"], r["backend"]) for r in record["rows"]] == [(16, 256, "triton"),
+                                                                                    (16, 256, "torch")]
+    for row in record["rows"]:
+        assert row["decode_steps"] == 127 and row["host_ms_per_decode_step"] > 0 and row["speedup"] > 0
+    assert len(record["baseline"]["rows"]) == 2

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rpo_engine.rollout.attention import (PagedDecode, PagedPrefill, PrefillMetadata, decode_metadata,
-                                          paged_decode_reference)
+from rpo_engine.rollout.attention import (PagedDecode, PagedPrefill, PrefillMetadata, cascade_groups,
+                                          decode_metadata, paged_decode_reference)
 from tests.helpers import DEVICE, ON_CUDA
 
 
@@ -107,8 +107,7 @@ def test_torch_cascade_decode_matches_reference(block_size):
     S = len(lens)
     q = torch.randn(S, 1, H, D)
     new_k, new_v = torch.randn(S, 1, KVH, D), torch.randn(S, 1, KVH, D)
-    prefixes = [tuple(t[:k]) for t, k in zip(tables, shared)]
-    meta = decode_metadata(padded(tables, num_blocks), lens, block_size, num_blocks, "cpu", prefixes)
+    meta = decode_metadata(padded(tables, num_blocks), lens, block_size, num_blocks, "cpu", shared)
     assert meta.group_tables.shape[0] == 2  # the lone sequence has no shared prefix
     for s, (t, k) in enumerate(zip(tables, shared)):  # each tail: the table after its shared blocks, then padding
         tail = meta.tail_tables[s].tolist()
@@ -127,8 +126,33 @@ def test_torch_cascade_decode_matches_reference(block_size):
     # grouping that saves too little is not worth a second attention: no groups at all
     saved = (3 - 1) * 3 * block_size + (2 - 1) * 2 * block_size
     groups = lambda least: decode_metadata(padded(tables, num_blocks), lens, block_size, num_blocks,  # noqa: E731
-                                           "cpu", prefixes, min_saved_tokens=least).group_tables
+                                           "cpu", shared, min_saved_tokens=least).group_tables
     assert groups(saved) is not None and groups(saved + 1) is None
+
+
+def test_cascade_groups_are_sequences_with_the_same_leading_blocks():
+    """Against grouping by the tuple of leading block ids, on random tables of forked samples."""
+    g = torch.Generator().manual_seed(0)
+    tables, shared, next_id = [], [], 0
+    for _ in range(12):  # prompts: k shared blocks, then 1-5 samples with tails of their own
+        k = int(torch.randint(0, 4, (), generator=g))
+        prompt = list(range(next_id, next_id + k))
+        next_id += k
+        for _ in range(int(torch.randint(1, 6, (), generator=g))):
+            tail = int(torch.randint(1, 4, (), generator=g))
+            tables.append(prompt + list(range(next_id, next_id + tail)))
+            shared.append(k)
+            next_id += tail
+    expected: dict[tuple, list[int]] = {}
+    for s, (t, k) in enumerate(zip(tables, shared)):
+        if k:
+            expected.setdefault(tuple(t[:k]), []).append(s)
+    got = cascade_groups(padded(tables, 999), shared)
+    assert sorted(members for _, members in got) == sorted(m for m in expected.values() if len(m) > 1)
+    assert all(k == shared[members[0]] for k, members in got)
+    # Two rows ending their shared part in the same block but differing before it are not a group.
+    assert cascade_groups(padded([[1, 2, 7], [3, 2, 8]]), [2, 2]) == []
+    assert cascade_groups(padded([[1, 2, 7], [1, 2, 8], [3, 2, 9]]), [2, 2, 2]) == [(2, [0, 1])]
 
 
 def test_prefill_with_cached_prefix_matches_causal_sdpa():

@@ -193,14 +193,15 @@ class BlockManager:
         return self.num_free_blocks >= self._append_cost(seq)
 
     def _append_cost(self, seq: Sequence) -> int:
-        idx = (len(seq) - 1) // self.block_size  # the block the last token is written to
+        idx = (len(seq.token_ids) - 1) // self.block_size  # the block the last token is written to
         if idx == len(seq.block_table):
             return 1
         return int(self.blocks[seq.block_table[idx]].ref_count > 1)  # shared partial block: copy on write
 
     def may_append(self, seq: Sequence) -> tuple[int, int] | None:
         """Make room for the last token's K/V. Returns (src, dst) when a shared block must be copied."""
-        idx = (len(seq) - 1) // self.block_size
+        n = len(seq.token_ids)
+        idx = (n - 1) // self.block_size
         copy = None
         if idx == len(seq.block_table):
             seq.block_table.append(self._take_new())
@@ -213,7 +214,7 @@ class BlockManager:
                 seq.block_table[idx] = new_id
                 self.tables.set(seq, idx, new_id)
                 copy = (block_id, new_id)
-        if len(seq) % self.block_size == 0 and self.enable_prefix_caching:  # this step fills the block
+        if n % self.block_size == 0 and self.enable_prefix_caching:  # this step fills the block
             prev = self.blocks[seq.block_table[idx - 1]].hash if idx > 0 else -1
             if idx == 0 or prev != -1:
                 tokens = seq.block(idx)

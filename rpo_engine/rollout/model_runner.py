@@ -121,14 +121,14 @@ class ModelRunner:
 
     def _prepare_decode(self, seqs):
         ids = torch.tensor([[seq.last_token] for seq in seqs], device=self.device)  # [S, 1]
-        pos = torch.tensor([[len(seq) - 1] for seq in seqs], device=self.device)  # [S, 1]
+        lens = [len(seq.token_ids) for seq in seqs]
+        pos = torch.tensor([[n - 1] for n in lens], device=self.device)  # [S, 1]
         shared = None
         if self.cascade and self.attention_backend == "torch":
             # Samples of one prompt share its full blocks: the torch backend reads them once per group.
-            bs = self.block_size
-            shared = [tuple(seq.block_table[:seq.num_prompt_tokens // bs]) for seq in seqs]
-        meta = decode_metadata(self.block_tables.gather(seqs), [len(seq) for seq in seqs], self.block_size,
-                               self.pad_block, self.device, shared, self.cascade_min_saved_tokens)
+            shared = [seq.num_prompt_tokens // self.block_size for seq in seqs]
+        meta = decode_metadata(self.block_tables.gather(seqs), lens, self.block_size, self.pad_block, self.device,
+                               shared, self.cascade_min_saved_tokens)
         return ids, pos, meta
 
     def _decode_backend(self, meta: DecodeMetadata, batch: int):

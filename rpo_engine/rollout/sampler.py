@@ -30,9 +30,18 @@ def request_key(seed: int, prompt: list[int]) -> int:
     return splitmix64((seed & _M64) ^ (hash(tuple(prompt)) & _M64))
 
 
+def sample_stream(key: int, sample_index: int) -> int:
+    """One sample's stream: a Sequence computes it once, then draws `stream_uniform(stream, position)`."""
+    return splitmix64(key ^ sample_index)
+
+
+def stream_uniform(stream: int, position: int) -> float:
+    return (splitmix64(stream ^ position) >> 11) * 2.0 ** -53
+
+
 def uniform(key: int, sample_index: int, position: int) -> float:
     """A uniform in [0, 1) (53 bits) for one draw."""
-    return (splitmix64(splitmix64(key ^ sample_index) ^ position) >> 11) * 2.0 ** -53
+    return stream_uniform(sample_stream(key, sample_index), position)
 
 
 def truncate_sorted(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -84,7 +93,7 @@ def sample_sequences(logits: torch.Tensor, seqs) -> tuple[list[int], list[float]
     temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
     top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=device)
     top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
-    u = torch.tensor([uniform(seq.key, seq.sample_index, len(seq)) for seq in seqs], dtype=torch.float64,
+    u = torch.tensor([stream_uniform(seq.stream, len(seq.token_ids)) for seq in seqs], dtype=torch.float64,
                      device=device)
     truncate = any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in params)
     any_greedy = any(p.temperature == 0 for p in params)

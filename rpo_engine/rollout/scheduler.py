@@ -99,7 +99,7 @@ class Scheduler:
         """Append each sampled token; free and return the sequences that finished."""
         finished = []
         for seq, token_id, logprob in zip(seqs, token_ids, logprobs):
-            seq.num_cached_tokens = len(seq)  # every token so far now has its K/V in the cache
+            seq.num_cached_tokens = len(seq.token_ids)  # every token so far now has its K/V in the cache
             seq.append_token(token_id, logprob)
             if seq.finish_reason is not None:
                 seq.status = SequenceStatus.FINISHED

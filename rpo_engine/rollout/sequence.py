@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum, auto
 
+from rpo_engine.rollout.sampler import sample_stream
+
 
 @dataclass
 class SamplingParams:
@@ -82,6 +84,7 @@ class Sequence:
         self.request_index = request_index
         self.num_forks = num_forks  # > 1 only for a fresh request, until its prefill
         self.sample_index = sample_index
+        self.stream = sample_stream(key, sample_index)  # the sampler's draws for this sample
         self.logprobs: list[float] = []
         self.finish_reason: str | None = None
 

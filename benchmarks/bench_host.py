@@ -1,0 +1,124 @@
+"""Host time per decode step: what RolloutEngine does on the CPU around the model forward.
+
+That is scheduling, block bookkeeping, the block-table and attention-metadata build, the sampler's
+inputs and appending the sampled tokens. Here the forward is replaced by zero logits, so only that
+host work is timed (plus sampling a 512-token vocabulary on the CPU). On a GPU a decode step ends in one
+host sync (the sampled tokens), so this time is added to every step's device time: compare it with
+`decode_step_ms` in rollout_cuda.json. Not counted: on CUDA, the copies into the CUDA graph's input
+buffers and the graph launch.
+
+Cases: 64 and 256 sequences (8 samples of each prompt) at 1k and 4k tokens of context, 128 new tokens,
+a 150k-block cache (what half an H100 holds for a 1.5B model), for the metadata of the Triton decode
+kernel (the CUDA path) and of the torch cascade path (the CPU one). --baseline-src DIR runs the same
+cases on another checkout of the package (e.g. a git worktree of an older commit) in a subprocess of the
+same run, so both appear side by side. Writes benchmarks/results/host_cpu.json.
+"""
+import argparse, datetime, json, os, statistics, subprocess, sys, time  # noqa: E401
+from pathlib import Path
+
+import torch
+
+import rpo_engine
+from common import git_commit, machine, save_json
+from rpo_engine.model import CausalLM, ModelConfig
+from rpo_engine.rollout import RolloutEngine, SamplingParams
+
+CASES = [(64, 1024), (64, 4096), (256, 1024), (256, 4096)]  # (sequences, context tokens)
+SAMPLES, NEW_TOKENS, NUM_BLOCKS, VOCAB = 8, 128, 150_000, 512
+
+
+def host_only(runner, vocab):
+    """runner.run without the forward: prepare the step's inputs and metadata, return zero logits."""
+    def run(seqs, is_prefill, copies):
+        if is_prefill:
+            runner._prepare_prefill(seqs)
+        else:
+            runner._prepare_decode(seqs)
+        return torch.zeros(len(seqs), vocab)
+    return run
+
+
+def measure(num_seqs, context, backend, repeats):
+    config = ModelConfig(model_type="qwen2", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                         max_position_embeddings=8192)
+    engine = RolloutEngine(CausalLM(config).eval(), attention_backend=backend, num_blocks=NUM_BLOCKS,
+                           max_num_seqs=256)
+    engine.runner.run = host_only(engine.runner, VOCAB)
+    step, decode_times, call_times = engine.step, [], []
+
+    def timed_step():
+        decode_steps = engine.stats.decode_steps
+        start = time.perf_counter()
+        finished = step()
+        if engine.stats.decode_steps > decode_steps:
+            decode_times.append(time.perf_counter() - start)
+        return finished
+
+    engine.step = timed_step
+    g = torch.Generator().manual_seed(0)
+    prompt_len = context - NEW_TOKENS
+    prompts = torch.randint(3, VOCAB, (num_seqs // SAMPLES, prompt_len), generator=g).tolist()
+    params = SamplingParams(n=SAMPLES, max_new_tokens=NEW_TOKENS, stop_token_ids=[], seed=0)
+    engine.generate(prompts, params)  # warm-up
+    decode_times.clear()
+    for _ in range(repeats):
+        start = time.perf_counter()
+        engine.generate(prompts, params)
+        call_times.append(time.perf_counter() - start)
+    return dict(num_seqs=num_seqs, context=context, backend=backend, decode_steps=len(decode_times),
+                host_ms_per_decode_step=1e3 * statistics.median(decode_times),
+                host_s_per_call=statistics.median(call_times))
+
+
+def measure_all(repeats, cases):
+    rows = []
+    for num_seqs, context in cases:
+        for backend in ("triton", "torch"):
+            row = measure(num_seqs, context, backend, repeats)
+            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+            rows.append(row)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=3, help="generate calls per case (each ~128 decode steps)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--cases", default=",".join(f"{s}x{c}" for s, c in CASES), help="e.g. 64x1024,256x4096")
+    ap.add_argument("--baseline-src", type=Path, default=None,
+                    help="another checkout of the repository: the same cases run on its rpo_engine too")
+    ap.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)  # the baseline subprocess
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/host_cpu.json)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cases = [tuple(map(int, c.split("x"))) for c in args.cases.split(",")]
+    if args.rows_only:
+        print("ROWS " + json.dumps(measure_all(args.repeats, cases)))
+        return
+    if Path(rpo_engine.__file__).resolve().parents[1] != Path(__file__).resolve().parents[1]:
+        sys.exit(f"rpo_engine is imported from {rpo_engine.__file__}, not this checkout: pip install -e .")
+    result = dict(benchmark="host", machine=machine("cpu"), date=datetime.datetime.now().isoformat(timespec="seconds"),
+                  git_commit=git_commit(), torch=torch.__version__, threads=args.threads,
+                  settings=dict(samples_per_prompt=SAMPLES, new_tokens=NEW_TOKENS, num_blocks=NUM_BLOCKS, vocab=VOCAB,
+                                repeats=args.repeats),
+                  load_average_1_5_15=os.getloadavg(), rows=measure_all(args.repeats, cases))
+    if args.baseline_src:
+        src = args.baseline_src.resolve()
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=src).stdout.strip()
+        env = {**os.environ, "PYTHONPATH": str(src)}  # its rpo_engine before the installed one
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--rows-only", "--repeats", str(args.repeats),
+                               "--threads", str(args.threads), "--cases", args.cases],
+                              capture_output=True, text=True, env=env, cwd=Path(__file__).parent)
+        if proc.returncode:
+            sys.exit(f"baseline run failed: {proc.stderr[-2000:]}")
+        line = next(line for line in proc.stdout.splitlines() if line.startswith("ROWS "))
+        result["baseline"] = dict(src=str(src), git_commit=commit or "unknown", rows=json.loads(line[5:]))
+        for row, base in zip(result["rows"], result["baseline"]["rows"]):
+            row["baseline_host_ms_per_decode_step"] = base["host_ms_per_decode_step"]
+            row["speedup"] = base["host_ms_per_decode_step"] / row["host_ms_per_decode_step"]
+    save_json(args.out or Path(__file__).parent / "results" / "host_cpu.json", result)
+
+
+if __name__ == "__main__":
+    main()
