@@ -8,10 +8,11 @@ host sync (the sampled tokens), so this time is added to every step's device tim
 buffers and the graph launch.
 
 Cases: 64 and 256 sequences (8 samples of each prompt) at 1k and 4k tokens of context, 128 new tokens,
-a 150k-block cache (what half an H100 holds for a 1.5B model), for the metadata of the Triton decode
-kernel (the CUDA path) and of the torch cascade path (the CPU one). --baseline-src DIR runs the same
-cases on another checkout of the package (e.g. a git worktree of an older commit) in a subprocess of the
-same run, so both appear side by side. Writes benchmarks/results/host_cpu.json.
+a 150k-block cache (about what bench_rollout --gpu gives a 1.5B model: 90% of an H100, 448 KiB a
+block), for the metadata of the Triton decode kernel (the CUDA path) and of the torch cascade path
+(the CPU one). --baseline-src DIR runs the same cases on another checkout of the package (e.g. a git
+worktree of an older commit) in a subprocess of the same run, so both appear side by side. Writes
+benchmarks/results/host_cpu.json.
 """
 import argparse, datetime, json, os, statistics, subprocess, sys, time  # noqa: E401
 from pathlib import Path
