@@ -87,15 +87,19 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
 
 
 def sample_sequences(logits: torch.Tensor, seqs) -> tuple[list[int], list[float]]:
-    """Sample the next token of each sequence from its logits row [len(seqs), V]; one host sync."""
-    device = logits.device
+    """Sample the next token of each sequence from its logits row [len(seqs), V]; one host sync.
+
+    The per-row inputs go to the device in one copy, made after all the Python work: on CUDA a copy
+    from pageable memory waits for the forward still running, so work done before it overlaps that
+    forward and work after it does not.
+    """
     params = [seq.params for seq in seqs]
-    temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device)
-    top_k = torch.tensor([p.top_k for p in params], dtype=torch.long, device=device)
-    top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
-    u = torch.tensor([stream_uniform(seq.stream, len(seq.token_ids)) for seq in seqs], dtype=torch.float64,
-                     device=device)
+    temperature = [p.temperature for p in params]
+    top_p = [p.top_p for p in params]
+    top_k = [p.top_k for p in params]  # ints < 2**53: exact in fp64
+    u = [stream_uniform(seq.stream, len(seq.token_ids)) for seq in seqs]
     truncate = any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in params)
-    any_greedy = any(p.temperature == 0 for p in params)
-    tokens, logp = sample(logits, temperature, top_k, top_p, u, truncate, any_greedy)
+    any_greedy = any(t == 0 for t in temperature)
+    rows = torch.tensor([temperature, top_p, top_k, u], dtype=torch.float64, device=logits.device)  # [4, S]
+    tokens, logp = sample(logits, rows[0].float(), rows[2].long(), rows[1].float(), rows[3], truncate, any_greedy)
     return tokens.tolist(), logp.tolist()
