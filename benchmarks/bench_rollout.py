@@ -5,8 +5,9 @@ CPU (default): a tiny Qwen2-shaped model; 8 prompts x 16 samples, 256-token prom
 load, 16 suffixes of 64 tokens from each of 8 1k-token prefixes, with and without prefix sharing.
 --gpu (default on CUDA): Qwen2.5-1.5B's shape in bf16, 64 and 256 sequences at 1k and 4k context:
 tokens/s, achieved GB/s (weights + K/V read per decode step / step time) against a measured device copy
-bandwidth, and the ratio to transformers. New tokens/s counts every returned token over the call's wall time.
-Writes benchmarks/results/rollout_<cpu|cuda>.json.
+bandwidth, and the ratio to transformers; also the decode forward's own device time (CUDA events around
+each graph replay) and the GB/s it reaches, so host work and kernel speed show apart. New tokens/s
+counts every returned token over the call's wall time. Writes benchmarks/results/rollout_<cpu|cuda>.json.
 """
 import argparse, datetime, json, os, statistics, tempfile, time  # noqa: E401
 from pathlib import Path
@@ -48,6 +49,20 @@ def copy_bandwidth(device):
     return 2 * x.numel() * 4 / median_time(lambda: y.copy_(x), 5, device) / 1e9  # read + write
 
 
+class TimedGraph:
+    """A captured decode graph whose replays are timed on the device: CUDA events around each replay."""
+
+    def __init__(self, graph, events: list):
+        self.graph, self.events = graph, events
+
+    def replay(self):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        self.graph.replay()
+        end.record()
+        self.events.append((start, end))
+
+
 def run_case(name, hf, model, num_prompts, n, prompt_len, new_tokens, repeats, with_hf=True, engine_kwargs=None):
     device = model.device
     g = torch.Generator().manual_seed(0)
@@ -55,6 +70,9 @@ def run_case(name, hf, model, num_prompts, n, prompt_len, new_tokens, repeats, w
     engine = RolloutEngine(model, **(engine_kwargs or {}))
     params = SamplingParams(n=n, max_new_tokens=new_tokens, temperature=1.0, top_p=1.0, top_k=0, stop_token_ids=[])
     engine.generate(prompts[:2, :32].tolist(), SamplingParams(n=2, max_new_tokens=4))  # warm-up
+    replays = []  # (start, end) events of each decode forward, when it runs as a CUDA graph
+    engine.runner.graphs = {size: (TimedGraph(graph, replays), out)
+                            for size, (graph, out) in engine.runner.graphs.items()}
     ours = median_time(lambda: engine.generate(prompts.tolist(), params), repeats, device)
     s = engine.last_stats
     total = num_prompts * n * new_tokens
@@ -68,6 +86,10 @@ def run_case(name, hf, model, num_prompts, n, prompt_len, new_tokens, repeats, w
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         step_bytes = weights + num_prompts * n * (prompt_len + new_tokens / 2) * kv_token
         row["achieved_GB_s"] = step_bytes / (s.decode_time_s / s.decode_steps) / 1e9
+        if replays:  # the forward alone, on the device: what is left of decode_step_ms is host work and sampling
+            graph_ms = statistics.mean(start.elapsed_time(end) for start, end in replays)
+            row.update(graph_ms_per_decode_step=graph_ms, graph_GB_s=step_bytes / graph_ms / 1e6,
+                       graph_share_of_decode_step=graph_ms / row["decode_step_ms"])
     del engine  # give its K/V cache back before transformers runs
     if device.type == "cuda":
         torch.cuda.empty_cache()
