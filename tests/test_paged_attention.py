@@ -61,6 +61,45 @@ def test_triton_decode_matches_torch(heads, kv_heads, head_dim, block_size, spli
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("heads,kv_heads,head_dim,block_size,splits,dtype", [
+    (12, 2, 32, 4, 1, torch.float32),  # 6 query heads per KV head: 10 members a program, 13 in a group
+    (4, 4, 16, 16, 2, torch.float32),  # MHA: 64 members a program
+    (4, 2, 64, 16, 3, torch.bfloat16),
+])
+def test_triton_cascade_matches_reference(heads, kv_heads, head_dim, block_size, splits, dtype):
+    """Shared prompt blocks attended once per group (members' queries together) + each sample's own tail,
+    merged by lse, equal attention over each whole table; rows in no group get the tail alone."""
+    from rpo_engine.kernels.paged_attention import cascade_partials, merge_partials, paged_decode_partials
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [(5, 13), (2, 3), (0, 2)]  # (shared blocks, samples): 13 samples > 10 a program; no shared blocks
+    num_blocks = 80
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    tables, lens, shared = [], [], []
+    for k, samples in prompts:
+        prompt = [perm.pop() for _ in range(k)]
+        for _ in range(samples):
+            tail = int(torch.randint(1, 2 * block_size, (), generator=g))
+            tables.append(prompt + [perm.pop() for _ in range(-(-tail // block_size))])
+            lens.append(k * block_size + tail)
+            shared.append(k)
+    k_cache, v_cache = random_cache(num_blocks + 1, block_size, kv_heads, head_dim, dtype)
+    q = torch.randn(len(lens), heads, head_dim, generator=g).to(dtype)
+    meta = decode_metadata(padded(tables, num_blocks), lens, block_size, num_blocks, "cpu", shared)
+    assert meta.group_tables.shape[0] == 2 and meta.member_index.shape[1] == 13
+    dev = lambda t: t.to(DEVICE)  # noqa: E731
+    kc, vc, qd = dev(k_cache), dev(v_cache), dev(q)
+    out_t, lse_t = paged_decode_partials(qd, kc, vc, dev(meta.tail_tables.int()), dev(meta.tail_lens.int()), splits)
+    out_g, lse_g = cascade_partials(qd, kc, vc, dev(meta.group_tables), dev(meta.group_lens), dev(meta.member_index),
+                                    splits)
+    grouped = meta.member_slot < meta.member_index.numel()
+    assert torch.isinf(lse_g[dev(~grouped)]).all() and torch.isfinite(lse_g[dev(grouped)]).any(-1).all()
+    out = merge_partials(torch.cat([out_t, out_g], 2), torch.cat([lse_t, lse_g], 2), dtype).cpu()
+    ref = paged_decode_reference(q.float(), k_cache.float(), v_cache.float(), tables, lens)
+    torch.testing.assert_close(out.float(), ref, atol=1e-5 if dtype == torch.float32 else 2e-2, rtol=0)
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(not ON_CUDA, reason="production shapes: run with RPO_TEST_DEVICE=cuda")
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(12, 2, 128), (14, 2, 64), (32, 8, 128)])  # 1.5B, 0.5B, 8B
 @pytest.mark.parametrize("splits", [1, 4])

@@ -303,6 +303,26 @@ def test_triton_backend_end_to_end(checkpoints, family):
     assert_same_samples(got, want)
 
 
+def test_triton_cascade_end_to_end(checkpoints, monkeypatch):
+    """With triton_cascade on, samples of a prompt read its shared blocks once (one more launch, merged
+    by lse) and the engine still matches the torch backend; those decode steps skip the CUDA graphs."""
+    from rpo_engine.rollout import attention
+
+    hf, model = checkpoints["qwen2"]
+    prompts = random_prompts(hf.config.vocab_size, [13, 22, 3])  # 3 and 5 full blocks of 4; one with none
+    params = SamplingParams(n=3, max_new_tokens=6, temperature=0.8, seed=2, stop_token_ids=[])
+    want = RolloutEngine(model, block_size=4, attention_backend="torch").generate(prompts, params)
+    engine = RolloutEngine(model, block_size=4, attention_backend="triton", triton_cascade=True)
+    engine.runner.cascade_min_saved_tokens = 1  # group even these short prompts
+    groups = []
+    build = attention.decode_metadata
+    monkeypatch.setattr("rpo_engine.rollout.model_runner.decode_metadata", lambda *a, **k: groups.append(
+        build(*a, **k)) or groups[-1])
+    got = engine.generate(prompts, params)
+    assert_same_samples(got, want)
+    assert groups and all(m.group_tables is not None and m.group_tables.shape[0] == 2 for m in groups)
+
+
 def assert_same_samples(got, want, atol=1e-5):
     assert [[c.token_ids for c in o] for o in got] == [[c.token_ids for c in o] for o in want]
     for o, w in zip(got, want):

@@ -101,6 +101,11 @@ def record_launches():
             cache = torch.zeros(8, 16, kv_heads, dim, dtype=dtype)  # [num_blocks, block_size, KVH, D]
             pa.paged_decode(torch.zeros(3, heads, dim, dtype=dtype), cache, cache.clone(),
                             torch.zeros(3, 4, dtype=torch.int32), torch.ones(3, dtype=torch.int32), splits)
+            # The cascade launch: one program per run of shared prompt blocks, its members' queries together.
+            members = torch.zeros(2, pa.members_per_program(heads // kv_heads), dtype=torch.int32)
+            pa.paged_decode_partials(torch.zeros(3, heads, dim, dtype=dtype), cache, cache.clone(),
+                                     torch.zeros(2, 4, dtype=torch.int32), torch.ones(2, dtype=torch.int32), splits,
+                                     members)
     finally:
         for mod in (fl, pl, pa):
             for name, rec in recorders.items():

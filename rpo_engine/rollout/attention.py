@@ -207,17 +207,29 @@ class PagedDecode:
 
 
 class TritonDecode:
+    """With cascade groups in `meta`: each sample's own tail and each group's shared blocks (read once for
+    all its members) in two launches, merged by their log-sum-exps; else one launch over each table."""
+
     def __init__(self, k_cache, v_cache, meta: DecodeMetadata, num_splits: int = 1):
-        from rpo_engine.kernels.paged_attention import paged_decode  # imports triton: only when used
+        from rpo_engine.kernels import paged_attention  # imports triton: only when used
 
         self.k_cache, self.v_cache, self.meta, self.num_splits = k_cache, v_cache, meta, num_splits
-        self.kernel = paged_decode
+        self.kernels = paged_attention
+        if meta.group_tables is not None:  # the kernel's index types, converted once for every layer
+            self.tail_tables, self.tail_lens = meta.tail_tables.int(), meta.tail_lens.int()
+            self.group_tables, self.group_lens = meta.group_tables.int(), meta.group_lens.int()
+            self.member_index = meta.member_index.int()
 
     def __call__(self, layer_idx, q, k, v):
         # q [S, 1, H, D]; k/v [S, 1, KVH, D] -> [S, 1, H, D]
-        kc, vc, m = self.k_cache[layer_idx], self.v_cache[layer_idx], self.meta
+        kc, vc, m, pa = self.k_cache[layer_idx], self.v_cache[layer_idx], self.meta, self.kernels
         write_kv(kc, vc, k[:, 0], v[:, 0], m.slot_mapping)
-        return self.kernel(q[:, 0], kc, vc, m.block_tables, m.context_lens, self.num_splits)[:, None]
+        if m.group_tables is None:
+            return pa.paged_decode(q[:, 0], kc, vc, m.block_tables, m.context_lens, self.num_splits)[:, None]
+        out_t, lse_t = pa.paged_decode_partials(q[:, 0], kc, vc, self.tail_tables, self.tail_lens)
+        out_g, lse_g = pa.cascade_partials(q[:, 0], kc, vc, self.group_tables, self.group_lens, self.member_index,
+                                           self.num_splits)
+        return pa.merge_partials(torch.cat([out_t, out_g], 2), torch.cat([lse_t, lse_g], 2), q.dtype)[:, None]
 
 
 def paged_decode_reference(q, k_cache, v_cache, block_tables: list[list[int]], context_lens: list[int]):

@@ -51,7 +51,8 @@ class RolloutEngine:
     def __init__(self, model, block_size: int = 16, num_blocks: int | None = None, kv_cache_bytes: int | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  use_cuda_graphs: bool | None = None, attention_backend: str = "auto",
-                 enable_prefix_sharing: bool = True, gpu_memory_utilization: float = 0.5):
+                 enable_prefix_sharing: bool = True, gpu_memory_utilization: float = 0.5,
+                 triton_cascade: bool = False):
         """
         block_size: tokens per K/V block. num_blocks or kv_cache_bytes: the K/V budget; by default
           64k tokens on CPU (capped at max(weights' size, 1 GiB)), and on CUDA what is left of
@@ -63,6 +64,10 @@ class RolloutEngine:
         attention_backend: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
         use_cuda_graphs: None = on for CUDA + Triton. enable_prefix_sharing=False turns off forks,
           prefix caching and the shared-prefix decode: each sample prefills its own prompt (a baseline).
+        triton_cascade: the Triton backend reads a prompt's shared K/V blocks once for all its samples
+          (as the torch backend always does) in a second kernel launch, merged by log-sum-exp. Those
+          steps run eagerly, not as CUDA graphs. Off by default until measured on a GPU
+          (bench_rollout.py --gpu runs both).
         """
         if attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton', got {attention_backend!r}")
@@ -80,7 +85,8 @@ class RolloutEngine:
         self.enable_prefix_sharing = enable_prefix_sharing
         max_num_batched_tokens = max_num_batched_tokens or max(8192, self.config.max_position_embeddings)
         self.runner = ModelRunner(model, block_size, num_blocks, kv_cache_bytes, max_num_seqs, max_num_batched_tokens,
-                                  attention_backend, use_cuda_graphs, gpu_memory_utilization, enable_prefix_sharing)
+                                  attention_backend, use_cuda_graphs, gpu_memory_utilization, enable_prefix_sharing,
+                                  triton_cascade)
         self.block_manager = BlockManager(self.runner.num_blocks, block_size, enable_prefix_sharing,
                                           tables=self.runner.block_tables)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)

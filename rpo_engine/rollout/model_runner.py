@@ -25,9 +25,10 @@ from rpo_engine.rollout.sequence import Sequence
 class ModelRunner:
     def __init__(self, model, block_size: int, num_blocks: int | None, kv_cache_bytes: int | None,
                  max_num_seqs: int, max_num_batched_tokens: int, attention_backend: str, use_cuda_graphs: bool,
-                 gpu_memory_utilization: float, cascade: bool):
+                 gpu_memory_utilization: float, cascade: bool, triton_cascade: bool = False):
         cfg = model.config
         self.model, self.block_size, self.cascade = model, block_size, cascade
+        self.triton_cascade = triton_cascade  # the Triton backend groups samples too (eager steps; see the engine)
         # The torch decode path groups samples by shared prompt blocks only when that saves reading
         # >= 512 K/V tokens a step: below, the second attention and merge cost more (measured on CPU,
         # starter model: full-path rollout 11% faster than always grouping, 1k-token prefixes no slower).
@@ -96,9 +97,9 @@ class ModelRunner:
                 ids, pos, attn, last = self._prepare_prefill(seqs)
                 hidden = self.model.hidden_states(ids, position_ids=pos, attn=attn)[0, last]  # [S, hidden]
                 return F.linear(hidden, self.model.lm_head.weight).float()
-            if self.graphs:
-                return self._replay(seqs)
             ids, pos, meta = self._prepare_decode(seqs)
+            if self.graphs and meta.group_tables is None:  # a cascade step runs eagerly: its shapes vary
+                return self._replay(ids, pos, meta)
             return self._decode_forward(ids, pos, self._decode_backend(meta, len(seqs))).float()
 
     def _prepare_prefill(self, seqs):
@@ -124,7 +125,7 @@ class ModelRunner:
         lens = [len(seq.token_ids) for seq in seqs]
         pos = torch.tensor([[n - 1] for n in lens], device=self.device)  # [S, 1]
         shared = None
-        if self.cascade and self.attention_backend == "torch":
+        if self.cascade and (self.attention_backend == "torch" or self.triton_cascade):
             # Samples of one prompt share its full blocks: the torch backend reads them once per group.
             shared = [seq.num_prompt_tokens // self.block_size for seq in seqs]
         meta = decode_metadata(self.block_tables.gather(seqs), lens, self.block_size, self.pad_block, self.device,
@@ -192,10 +193,9 @@ class ModelRunner:
         self.g_lens[start:end] = 1
         self.g_tables[start:end, 0] = self.pad_block
 
-    def _replay(self, seqs) -> torch.Tensor:
-        S = len(seqs)
+    def _replay(self, ids, pos, meta: DecodeMetadata) -> torch.Tensor:
+        S = ids.shape[0]
         size = min(s for s in self.graphs if s >= S)
-        ids, pos, meta = self._prepare_decode(seqs)
         width = meta.block_tables.shape[1]
         self.g_ids[:S], self.g_pos[:S] = ids, pos
         self.g_slots[:S], self.g_lens[:S] = meta.slot_mapping, meta.context_lens
