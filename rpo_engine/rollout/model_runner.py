@@ -4,8 +4,9 @@ It sizes and allocates the cache, turns a scheduled batch into flat inputs (toke
 slot mapping, attention metadata), runs ONE forward of the live model for all sequences of the step
 with a paged backend, and returns fp32 logits of each sequence's last token. Prefill packs every new
 token into one row (B = 1); decode puts one token per row (B = S). On CUDA the decode step replays a
-CUDA graph captured for the next batch size up on a ladder; graphs hold the parameters' addresses,
-so `refresh()` recaptures them if a parameter's storage was replaced (in-place updates are seen).
+CUDA graph captured for the next batch size up on a ladder (a step with cascade groups, whose metadata
+shapes vary, runs eagerly); graphs hold the parameters' addresses, so `refresh()` recaptures them if a
+parameter's storage was replaced (in-place updates are seen).
 The cache has one spare block past `num_blocks`: padding rows of a graph batch write and read there.
 """
 from __future__ import annotations
@@ -126,7 +127,7 @@ class ModelRunner:
         pos = torch.tensor([[n - 1] for n in lens], device=self.device)  # [S, 1]
         shared = None
         if self.cascade and (self.attention_backend == "torch" or self.triton_cascade):
-            # Samples of one prompt share its full blocks: the torch backend reads them once per group.
+            # Samples of one prompt share its full blocks: read once per group (torch; Triton if asked).
             shared = [seq.num_prompt_tokens // self.block_size for seq in seqs]
         meta = decode_metadata(self.block_tables.gather(seqs), lens, self.block_size, self.pad_block, self.device,
                                shared, self.cascade_min_saved_tokens)
