@@ -7,8 +7,8 @@ load, 16 suffixes of 64 tokens from each of 8 1k-token prefixes, with and withou
 tokens/s, achieved GB/s (weights + K/V read per decode step / step time) against a measured device copy
 bandwidth, and the ratio to transformers; also the decode forward's own device time (CUDA events around
 each graph replay) and the GB/s it reaches, so host work and kernel speed show apart; at 4k context
-also with triton_cascade=True (shared prompt K/V read once per prompt, steps not in graphs; its
-achieved_GB_s is then an effective figure: the bytes the plain path reads). New tokens/s counts every
+also with triton_cascade=True (shared prompt K/V read once per prompt; its achieved_GB_s is then an
+effective figure: the bytes the plain path reads). New tokens/s counts every
 returned token over the call's wall time. Writes benchmarks/results/rollout_<cpu|cuda>.json.
 """
 import argparse, datetime, json, os, statistics, tempfile, time  # noqa: E401
@@ -146,7 +146,7 @@ def main():
             for ctx in (1024, 4096):
                 rows.append(run_case(f"{num_seqs} seqs ctx {ctx}", hf, model, num_seqs // 8, 8, ctx - 256, 256,
                                      args.repeats, engine_kwargs=dict(gpu_memory_utilization=0.9)))
-                if ctx == 4096:  # the same load with each prompt's K/V read once for its 8 samples (eager steps)
+                if ctx == 4096:  # the same load with each prompt's K/V read once for its 8 samples
                     rows.append(run_case(f"{num_seqs} seqs ctx {ctx} triton_cascade", hf, model, num_seqs // 8, 8,
                                          ctx - 256, 256, args.repeats, with_hf=False,
                                          engine_kwargs=dict(gpu_memory_utilization=0.9, triton_cascade=True)))

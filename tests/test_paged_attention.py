@@ -69,7 +69,8 @@ def test_triton_decode_matches_torch(heads, kv_heads, head_dim, block_size, spli
 def test_triton_cascade_matches_reference(heads, kv_heads, head_dim, block_size, splits, dtype):
     """Shared prompt blocks attended once per group (members' queries together) + each sample's own tail,
     merged by lse, equal attention over each whole table; rows in no group get the tail alone."""
-    from rpo_engine.kernels.paged_attention import cascade_partials, merge_partials, paged_decode_partials
+    from rpo_engine.kernels.paged_attention import (cascade_programs, members_per_program, merge_partials,
+                                                    paged_decode_partials)
 
     g = torch.Generator().manual_seed(0)
     prompts = [(5, 13), (2, 3), (0, 2)]  # (shared blocks, samples): 13 samples > 10 a program; no shared blocks
@@ -90,8 +91,13 @@ def test_triton_cascade_matches_reference(heads, kv_heads, head_dim, block_size,
     dev = lambda t: t.to(DEVICE)  # noqa: E731
     kc, vc, qd = dev(k_cache), dev(v_cache), dev(q)
     out_t, lse_t = paged_decode_partials(qd, kc, vc, dev(meta.tail_tables.int()), dev(meta.tail_lens.int()), splits)
-    out_g, lse_g = cascade_partials(qd, kc, vc, dev(meta.group_tables), dev(meta.group_lens), dev(meta.member_index),
-                                    splits)
+    per = members_per_program(heads // kv_heads)
+    tables_p, lens_p, members_p = cascade_programs(dev(meta.group_tables), dev(meta.group_lens),
+                                                   dev(meta.member_index), len(lens), per, len(lens))
+    assert members_p.shape == (-(-13 // per) + -(-3 // per), per)  # 13 samples: two programs when 10 fit one
+    assert sorted(members_p[members_p < len(lens)].tolist()) == meta.member_index[meta.member_index < len(lens)
+                                                                                  ].sort().values.tolist()
+    out_g, lse_g = paged_decode_partials(qd, kc, vc, tables_p, lens_p, splits, members_p)
     grouped = meta.member_slot < meta.member_index.numel()
     assert torch.isinf(lse_g[dev(~grouped)]).all() and torch.isfinite(lse_g[dev(grouped)]).any(-1).all()
     out = merge_partials(torch.cat([out_t, out_g], 2), torch.cat([lse_t, lse_g], 2), dtype).cpu()

@@ -368,6 +368,23 @@ def test_graph_replay_pads_batches_and_recaptures_replaced_weights(checkpoints, 
     assert_same_samples(graphed.generate(prompts, params), eager.generate(prompts, params))
     assert set(EagerGraph.replays) == {16, 8, 4} and graphed.block_manager.num_used_blocks == 0
 
+    # With triton_cascade every graph also holds the cascade launch over fixed program buffers: steps with
+    # groups fill them (tails in the main tables), steps without leave them empty.
+    cascaded = RolloutEngine(model, block_size=4, attention_backend="triton", use_cuda_graphs=False, max_num_seqs=16,
+                             triton_cascade=True)
+    cascaded.runner.cascade_min_saved_tokens = 1
+    cascaded.runner.capture()
+    programs, replay = [], cascaded.runner._replay
+
+    def counted(ids, pos, meta):
+        logits = replay(ids, pos, meta)
+        programs.append(int((cascaded.runner.g_program_lens > 0).sum()))
+        return logits
+
+    cascaded.runner._replay = counted
+    assert_same_samples(cascaded.generate(prompts, params), eager.generate(prompts, params))
+    assert sorted(set(programs)) == [1, 2, 3]  # a group per prompt whose samples are still running
+
     graphs_before = dict(graphed.runner.graphs)
     weight = model.model.layers[0].mlp.down_proj.weight
     original = weight.data

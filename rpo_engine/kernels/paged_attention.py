@@ -15,8 +15,9 @@ shape is fixed by (S, num_splits), so the launch can be captured in a CUDA graph
 
 Cascade (`paged_decode_partials(..., members=...)`): a program may serve the queries of SEVERAL
 sequences, `members[p]`, over one block table: the prompt blocks that G samples share are then read
-once for up to ~64 query rows (members x query heads of a KV head) instead of once per sample. The
-engine attends each sample's own tail with the plain launch and merges both parts by their lse.
+once for up to 64 query rows (members x query heads of a KV head) instead of once per sample. The
+engine attends each sample's own tail with the plain launch and merges both parts by their lse; a
+program with no members reads nothing, so a CUDA graph can hold a fixed number of programs.
 """
 from __future__ import annotations
 
@@ -152,22 +153,25 @@ def paged_decode_partials(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     return out, lse
 
 
-def cascade_partials(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group_tables: torch.Tensor,
-                     group_lens: torch.Tensor, member_index: torch.Tensor, num_splits: int = 1
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each group's shared blocks, attended once per program for up to `members_per_program` members.
-
-    group_tables [G, W], group_lens [G] (tokens), member_index [G, max_members] (S = none) -> partials as
-    `paged_decode_partials` returns them. A group with more members is served by several programs."""
-    S, H, _ = q.shape
-    per = members_per_program(H // k_cache.shape[2])
+def cascade_programs(group_tables: torch.Tensor, group_lens: torch.Tensor, member_index: torch.Tensor,
+                     num_seqs: int, per_program: int, pad_member: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cascade groups as kernel programs of at most `per_program` members each, a group of m members
+    getting ceil(m / per_program) programs over its blocks (so never more programs than members):
+    -> (tables [P, W] int32, lens [P] int32, members [P, per_program] int32), for
+    `paged_decode_partials(..., members=)`. group_tables [G, W], group_lens [G] (tokens), member_index
+    [G, max_members] with `num_seqs` marking an empty place, which becomes `pad_member` (at least the
+    batch's row count: a CUDA graph's batch has padding rows past num_seqs)."""
     G, width = member_index.shape
-    chunks = -(-width // per)
-    members = torch.full((G, chunks * per), S, dtype=torch.int32, device=q.device)
-    members[:, :width] = member_index
-    members = members.view(G * chunks, per)
-    return paged_decode_partials(q, k_cache, v_cache, group_tables.int().repeat_interleave(chunks, 0).contiguous(),
-                                 group_lens.int().repeat_interleave(chunks, 0), num_splits, members)
+    device = member_index.device
+    chunks = ((member_index < num_seqs).sum(1) + per_program - 1) // per_program  # [G] programs per group
+    group_of = torch.repeat_interleave(torch.arange(G, device=device), chunks)  # [P]
+    first = chunks.cumsum(0) - chunks  # [G] each group's first program
+    chunk = torch.arange(group_of.shape[0], device=device) - first[group_of]  # [P] which chunk of its group
+    cols = chunk[:, None] * per_program + torch.arange(per_program, device=device)[None, :]  # [P, per_program]
+    members = member_index[group_of[:, None], cols.clamp_max(width - 1)]
+    members = torch.where((cols < width) & (members < num_seqs), members, pad_member).int()
+    return group_tables[group_of].int().contiguous(), group_lens[group_of].int(), members.contiguous()
 
 
 def members_per_program(group: int) -> int:

@@ -65,9 +65,9 @@ class RolloutEngine:
         use_cuda_graphs: None = on for CUDA + Triton. enable_prefix_sharing=False turns off forks,
           prefix caching and the shared-prefix decode: each sample prefills its own prompt (a baseline).
         triton_cascade: the Triton backend reads a prompt's shared K/V blocks once for all its samples
-          (as the torch backend always does) in a second kernel launch, merged by log-sum-exp. Those
-          steps run eagerly, not as CUDA graphs. Off by default until measured on a GPU
-          (bench_rollout.py --gpu runs both).
+          (as the torch backend always does) in a second kernel launch, merged by log-sum-exp; the CUDA
+          graphs hold that launch too. Off by default until measured on a GPU (bench_rollout.py --gpu
+          runs both): without groups in a step it costs a launch and a merge per layer for nothing.
         """
         if attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton', got {attention_backend!r}")

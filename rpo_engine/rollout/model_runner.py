@@ -4,9 +4,10 @@ It sizes and allocates the cache, turns a scheduled batch into flat inputs (toke
 slot mapping, attention metadata), runs ONE forward of the live model for all sequences of the step
 with a paged backend, and returns fp32 logits of each sequence's last token. Prefill packs every new
 token into one row (B = 1); decode puts one token per row (B = S). On CUDA the decode step replays a
-CUDA graph captured for the next batch size up on a ladder (a step with cascade groups, whose metadata
-shapes vary, runs eagerly); graphs hold the parameters' addresses, so `refresh()` recaptures them if a
-parameter's storage was replaced (in-place updates are seen).
+CUDA graph captured for the next batch size up on a ladder (with triton_cascade, each graph also holds
+the cascade launch, over fixed program buffers that a step without groups leaves empty); graphs hold
+the parameters' addresses, so `refresh()` recaptures them if a parameter's storage was replaced
+(in-place updates are seen).
 The cache has one spare block past `num_blocks`: padding rows of a graph batch write and read there.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ class ModelRunner:
                  gpu_memory_utilization: float, cascade: bool, triton_cascade: bool = False):
         cfg = model.config
         self.model, self.block_size, self.cascade = model, block_size, cascade
-        self.triton_cascade = triton_cascade  # the Triton backend groups samples too (eager steps; see the engine)
+        self.triton_cascade = triton_cascade  # the Triton backend groups samples too (see the engine)
         # The torch decode path groups samples by shared prompt blocks only when that saves reading
         # >= 512 K/V tokens a step: below, the second attention and merge cost more (measured on CPU,
         # starter model: full-path rollout 11% faster than always grouping, 1k-token prefixes no slower).
@@ -99,7 +100,7 @@ class ModelRunner:
                 hidden = self.model.hidden_states(ids, position_ids=pos, attn=attn)[0, last]  # [S, hidden]
                 return F.linear(hidden, self.model.lm_head.weight).float()
             ids, pos, meta = self._prepare_decode(seqs)
-            if self.graphs and meta.group_tables is None:  # a cascade step runs eagerly: its shapes vary
+            if self.graphs:
                 return self._replay(ids, pos, meta)
             return self._decode_forward(ids, pos, self._decode_backend(meta, len(seqs))).float()
 
@@ -159,10 +160,20 @@ class ModelRunner:
         self.g_slots = torch.zeros(n, dtype=torch.long, device=d)
         self.g_lens = torch.ones(n, dtype=torch.int32, device=d)
         self.g_tables = torch.full((n, self.max_blocks_per_seq), self.pad_block, dtype=torch.int32, device=d)
+        if self.triton_cascade:  # cascade programs: at most one per sequence (a group has >= 2 members)
+            from rpo_engine.kernels.paged_attention import members_per_program  # triton: only when used
+
+            self.per_program = members_per_program(self.model.config.num_query_groups)
+            self.g_program_tables = torch.full_like(self.g_tables, self.pad_block)
+            self.g_program_lens = torch.zeros(n, dtype=torch.int32, device=d)  # 0: the program reads nothing
+            self.g_program_members = torch.full((n, self.per_program), n, dtype=torch.int32, device=d)  # n: none
         self.graphs, pool = {}, None
         with torch.no_grad():
             for size in reversed(sizes):  # largest first, so smaller graphs fit in its memory pool
                 meta = DecodeMetadata(self.g_slots[:size], self.g_lens[:size], self.g_tables[:size])
+                if self.triton_cascade:
+                    meta.program_tables, meta.program_lens, meta.program_members = (
+                        self.g_program_tables[:size], self.g_program_lens[:size], self.g_program_members[:size])
                 attn = TritonDecode(self.k_cache, self.v_cache, meta, self._num_splits(size))
                 self._fill_padding(0, size)
                 forward = functools.partial(self._decode_forward, self.g_ids[:size], self.g_pos[:size], attn)
@@ -197,10 +208,24 @@ class ModelRunner:
     def _replay(self, ids, pos, meta: DecodeMetadata) -> torch.Tensor:
         S = ids.shape[0]
         size = min(s for s in self.graphs if s >= S)
-        width = meta.block_tables.shape[1]
+        tables, lens = meta.block_tables, meta.context_lens
+        if self.triton_cascade:  # this graph also runs the cascade programs: fill them, or leave them empty
+            num_programs = 0
+            if meta.group_tables is not None:
+                from rpo_engine.kernels.paged_attention import cascade_programs
+
+                tables, lens = meta.tail_tables, meta.tail_lens
+                p_tables, p_lens, p_members = cascade_programs(meta.group_tables, meta.group_lens, meta.member_index,
+                                                               S, self.per_program, self.max_num_seqs)
+                num_programs, width = p_tables.shape
+                self.g_program_tables[:num_programs, :width] = p_tables
+                self.g_program_lens[:num_programs], self.g_program_members[:num_programs] = p_lens, p_members
+            self.g_program_lens[num_programs:size] = 0
+            self.g_program_members[num_programs:size] = self.max_num_seqs
+        width = tables.shape[1]
         self.g_ids[:S], self.g_pos[:S] = ids, pos
-        self.g_slots[:S], self.g_lens[:S] = meta.slot_mapping, meta.context_lens
-        self.g_tables[:S, :width] = meta.block_tables
+        self.g_slots[:S], self.g_lens[:S] = meta.slot_mapping, lens
+        self.g_tables[:S, :width] = tables
         self._fill_padding(S, size)
         graph, logits = self.graphs[size]
         graph.replay()
