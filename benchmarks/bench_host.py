@@ -9,8 +9,8 @@ buffers and the graph launch.
 
 Cases: 64 and 256 sequences (8 samples of each prompt) at 1k and 4k tokens of context, 128 new tokens,
 a 150k-block cache (about what bench_rollout --gpu gives a 1.5B model: 90% of an H100, 448 KiB a
-block), for the metadata of the Triton decode kernel (the CUDA path) and of the torch cascade path
-(the CPU one). --baseline-src DIR runs the same cases on another checkout of the package (e.g. a git
+block), for the metadata of the Triton decode kernel (the CUDA path), of the same with
+triton_cascade=True, and of the torch cascade path (the CPU one). --baseline-src DIR runs the same cases on another checkout of the package (e.g. a git
 worktree of an older commit) in a subprocess of the same run, so both appear side by side. Writes
 benchmarks/results/host_cpu.json.
 """
@@ -29,12 +29,18 @@ SAMPLES, NEW_TOKENS, NUM_BLOCKS, VOCAB = 8, 128, 150_000, 512
 
 
 def host_only(runner, vocab):
-    """runner.run without the forward: prepare the step's inputs and metadata, return zero logits."""
+    """runner.run without the forward: prepare the step's inputs and metadata (with triton_cascade also the
+    cascade programs a CUDA graph replay fills), return zero logits."""
     def run(seqs, is_prefill, copies):
         if is_prefill:
             runner._prepare_prefill(seqs)
-        else:
-            runner._prepare_decode(seqs)
+            return torch.zeros(len(seqs), vocab)
+        _, _, meta = runner._prepare_decode(seqs)
+        if getattr(runner, "triton_cascade", False) and meta.group_tables is not None:
+            from rpo_engine.kernels.paged_attention import cascade_programs, members_per_program
+
+            cascade_programs(meta.group_tables, meta.group_lens, meta.member_index, len(seqs),
+                             members_per_program(runner.model.config.num_query_groups), runner.max_num_seqs)
         return torch.zeros(len(seqs), vocab)
     return run
 
@@ -43,8 +49,12 @@ def measure(num_seqs, context, backend, repeats):
     config = ModelConfig(model_type="qwen2", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
                          max_position_embeddings=8192)
-    engine = RolloutEngine(CausalLM(config).eval(), attention_backend=backend, num_blocks=NUM_BLOCKS,
-                           max_num_seqs=256)
+    extra = dict(triton_cascade=True) if backend == "triton_cascade" else {}
+    try:
+        engine = RolloutEngine(CausalLM(config).eval(), attention_backend=backend.split("_")[0],
+                               num_blocks=NUM_BLOCKS, max_num_seqs=256, **extra)
+    except TypeError:  # a baseline checkout from before triton_cascade
+        return None
     engine.runner.run = host_only(engine.runner, VOCAB)
     step, decode_times, call_times = engine.step, [], []
 
@@ -75,9 +85,10 @@ def measure(num_seqs, context, backend, repeats):
 def measure_all(repeats, cases):
     rows = []
     for num_seqs, context in cases:
-        for backend in ("triton", "torch"):
+        for backend in ("triton", "triton_cascade", "torch"):
             row = measure(num_seqs, context, backend, repeats)
-            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+            if row is not None:
+                print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
             rows.append(row)
     return rows
 
@@ -116,8 +127,9 @@ def main():
         line = next(line for line in proc.stdout.splitlines() if line.startswith("ROWS "))
         result["baseline"] = dict(src=str(src), git_commit=commit or "unknown", rows=json.loads(line[5:]))
         for row, base in zip(result["rows"], result["baseline"]["rows"]):
-            row["baseline_host_ms_per_decode_step"] = base["host_ms_per_decode_step"]
-            row["speedup"] = base["host_ms_per_decode_step"] / row["host_ms_per_decode_step"]
+            if base is not None:
+                row["baseline_host_ms_per_decode_step"] = base["host_ms_per_decode_step"]
+                row["speedup"] = base["host_ms_per_decode_step"] / row["host_ms_per_decode_step"]
     save_json(args.out or Path(__file__).parent / "results" / "host_cpu.json", result)
 
 
