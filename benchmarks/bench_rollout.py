@@ -11,7 +11,7 @@ also with triton_cascade=True (shared prompt K/V read once per prompt; its achie
 effective figure: the bytes the plain path reads). New tokens/s counts every
 returned token over the call's wall time. Writes benchmarks/results/rollout_<cpu|cuda>.json.
 """
-import argparse, datetime, json, os, statistics, tempfile, time  # noqa: E401
+import argparse, datetime, json, os, statistics, sys, tempfile, time, traceback  # noqa: E401
 from pathlib import Path
 
 import torch
@@ -135,28 +135,38 @@ def main():
         hf.save_pretrained(tmp)
         model = rpo_engine.load_model(tmp, dtype=dtype, device=device)
     hf = None if args.skip_hf else hf
-    rows = []
+    cases = []  # (name, run_case arguments after hf and model, keyword arguments)
     if not args.gpu:
-        rows.append(run_case("8x16 p256 g128", hf, model, 8, 16, 256, 128, args.repeats))
+        cases.append(("8x16 p256 g128", (8, 16, 256, 128, args.repeats), {}))
         for share in (True, False):
-            rows.append(run_case(f"rpo 8x16 p1024 g64 sharing={share}", hf, model, 8, 16, 1024, 64, args.repeats,
-                                 with_hf=share, engine_kwargs=dict(enable_prefix_sharing=share)))
+            cases.append((f"rpo 8x16 p1024 g64 sharing={share}", (8, 16, 1024, 64, args.repeats),
+                          dict(with_hf=share, engine_kwargs=dict(enable_prefix_sharing=share))))
     else:
         for num_seqs in (64, 256):
             for ctx in (1024, 4096):
-                rows.append(run_case(f"{num_seqs} seqs ctx {ctx}", hf, model, num_seqs // 8, 8, ctx - 256, 256,
-                                     args.repeats, engine_kwargs=dict(gpu_memory_utilization=0.9)))
+                load = (num_seqs // 8, 8, ctx - 256, 256, args.repeats)
+                cases.append((f"{num_seqs} seqs ctx {ctx}", load, dict(engine_kwargs=dict(gpu_memory_utilization=0.9))))
                 if ctx == 4096:  # the same load with each prompt's K/V read once for its 8 samples
-                    rows.append(run_case(f"{num_seqs} seqs ctx {ctx} triton_cascade", hf, model, num_seqs // 8, 8,
-                                         ctx - 256, 256, args.repeats, with_hf=False,
-                                         engine_kwargs=dict(gpu_memory_utilization=0.9, triton_cascade=True)))
+                    cases.append((f"{num_seqs} seqs ctx {ctx} triton_cascade", load, dict(
+                        with_hf=False, engine_kwargs=dict(gpu_memory_utilization=0.9, triton_cascade=True))))
     result = dict(benchmark="rollout", device=device.type, machine=machine(device),
                   date=datetime.datetime.now().isoformat(timespec="seconds"),
                   git_commit=git_commit(),
                   torch=torch.__version__, threads=torch.get_num_threads(), model=shape, dtype=str(dtype),
                   load_average_1_5_15=os.getloadavg() if device.type == "cpu" else None,  # the box may be shared
-                  copy_GB_s=copy_bandwidth(device), rows=rows)
-    save_json(args.out or Path(__file__).parent / "results" / f"rollout_{device.type}.json", result)
+                  copy_GB_s=copy_bandwidth(device), rows=[])
+    out = args.out or Path(__file__).parent / "results" / f"rollout_{device.type}.json"
+    for name, load, kwargs in cases:  # a failing case is recorded and the others still run (one GPU lease)
+        try:
+            result["rows"].append(run_case(name, hf, model, *load, **kwargs))
+        except Exception as e:  # noqa: BLE001 -- recorded in the results, and the exit code says so
+            traceback.print_exc()
+            result["rows"].append(dict(case=name, error=f"{type(e).__name__}: {e}"))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        save_json(out, result)  # after every case: a time limit keeps what was measured
+    if any("error" in row for row in result["rows"]):
+        sys.exit(1)
 
 
 if __name__ == "__main__":
