@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from rpo_engine.rollout.attention import (PagedDecode, PagedPrefill, PrefillMetadata, cascade_groups,
-                                          decode_metadata, paged_decode_reference)
+                                          cascade_layout, decode_metadata, paged_decode_reference)
 from tests.helpers import DEVICE, ON_CUDA
 
 
@@ -86,7 +86,9 @@ def test_triton_cascade_matches_reference(heads, kv_heads, head_dim, block_size,
             shared.append(k)
     k_cache, v_cache = random_cache(num_blocks + 1, block_size, kv_heads, head_dim, dtype)
     q = torch.randn(len(lens), heads, head_dim, generator=g).to(dtype)
-    meta = decode_metadata(padded(tables, num_blocks), lens, block_size, num_blocks, "cpu", shared)
+    table = padded(tables, num_blocks)
+    meta = decode_metadata(table, lens, block_size, num_blocks, "cpu",
+                           cascade_layout(table, shared, block_size, num_blocks, "cpu"))
     assert meta.group_tables.shape[0] == 2 and meta.member_index.shape[1] == 13
     dev = lambda t: t.to(DEVICE)  # noqa: E731
     kc, vc, qd = dev(k_cache), dev(v_cache), dev(q)
@@ -152,7 +154,9 @@ def test_torch_cascade_decode_matches_reference(block_size):
     S = len(lens)
     q = torch.randn(S, 1, H, D)
     new_k, new_v = torch.randn(S, 1, KVH, D), torch.randn(S, 1, KVH, D)
-    meta = decode_metadata(padded(tables, num_blocks), lens, block_size, num_blocks, "cpu", shared)
+    table = padded(tables, num_blocks)
+    meta = decode_metadata(table, lens, block_size, num_blocks, "cpu",
+                           cascade_layout(table, shared, block_size, num_blocks, "cpu"))
     assert meta.group_tables.shape[0] == 2  # the lone sequence has no shared prefix
     for s, (t, k) in enumerate(zip(tables, shared)):  # each tail: the table after its shared blocks, then padding
         tail = meta.tail_tables[s].tolist()
@@ -170,9 +174,8 @@ def test_torch_cascade_decode_matches_reference(block_size):
     torch.testing.assert_close(flat, out, atol=1e-5, rtol=0)
     # grouping that saves too little is not worth a second attention: no groups at all
     saved = (3 - 1) * 3 * block_size + (2 - 1) * 2 * block_size
-    groups = lambda least: decode_metadata(padded(tables, num_blocks), lens, block_size, num_blocks,  # noqa: E731
-                                           "cpu", shared, min_saved_tokens=least).group_tables
-    assert groups(saved) is not None and groups(saved + 1) is None
+    layout = lambda least: cascade_layout(table, shared, block_size, num_blocks, "cpu", least)  # noqa: E731
+    assert layout(saved) is not None and layout(saved + 1) is None
 
 
 def test_cascade_groups_are_sequences_with_the_same_leading_blocks():

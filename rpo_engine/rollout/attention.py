@@ -117,26 +117,28 @@ class DecodeMetadata:
     program_members: torch.Tensor | None = None  # [P, per_program] int32 query rows (>= the batch: none)
 
 
-def decode_metadata(block_tables: torch.Tensor, context_lens: list[int], block_size: int, pad_block: int, device,
-                    num_shared_blocks: list[int] | None = None, min_saved_tokens: int = 0) -> DecodeMetadata:
-    """Metadata for S decode queries from their block tables, a host int32 tensor [S, W] padded with
-    `pad_block`, and their context lengths.
+@dataclass
+class CascadeLayout:
+    """Which decode rows read which shared leading blocks together. It depends only on which sequences
+    are in the batch, in which order (a live sequence's full prompt blocks never change), so the model
+    runner builds it again only when they change."""
+    shared: torch.Tensor  # [S] host long: leading blocks each row's group reads for it (0: in no group)
+    group_tables: torch.Tensor  # [G, max_shared_blocks] long
+    group_lens: torch.Tensor  # [G] tokens
+    member_index: torch.Tensor  # [G, max_members]: rows, S for padding
+    member_slot: torch.Tensor  # [S]: g * max_members + m, or G * max_members if in no group
 
-    num_shared_blocks (torch path only): for each sequence, how many leading blocks it may share with
-    other sequences (its prompt's full blocks); sequences whose first k blocks are the same form a
-    cascade group. The split costs a second attention and a merge per layer: it is used only when
-    grouping saves reading at least `min_saved_tokens` K/V tokens (sum over groups of (members - 1) x
-    shared tokens). Everything past the Python lists of length S is tensor work: a nested list of
-    Python ints converts at ~150 ns an int, which at 256 sequences of 4k tokens was milliseconds a step.
-    """
-    S, W = block_tables.shape
-    lens = torch.tensor(context_lens, dtype=torch.int32)
-    last = block_tables.gather(1, ((lens - 1) // block_size).long()[:, None])[:, 0]  # block of each last token
-    meta = DecodeMetadata(slot_mapping=(last.long() * block_size + (lens - 1) % block_size).to(device),
-                          context_lens=lens.to(device), block_tables=block_tables.to(device))
-    groups = cascade_groups(block_tables, num_shared_blocks) if num_shared_blocks else []
+
+def cascade_layout(block_tables: torch.Tensor, num_shared_blocks: list[int], block_size: int, pad_block: int,
+                   device, min_saved_tokens: int = 0) -> CascadeLayout | None:
+    """Group the rows of `block_tables` (host int32 [S, W], padded with `pad_block`) whose first k blocks
+    are the same, k = num_shared_blocks[row] (a sequence's prompt's full blocks). None when grouping saves
+    reading fewer than `min_saved_tokens` K/V tokens a step (sum over groups of (members - 1) x shared
+    tokens): then a second attention and a merge per layer cost more than they save."""
+    S = block_tables.shape[0]
+    groups = cascade_groups(block_tables, num_shared_blocks)
     if sum((len(members) - 1) * k * block_size for k, members in groups) < max(1, min_saved_tokens):
-        return meta
+        return None
     width = max(len(members) for _, members in groups)
     shared, slot = [0] * S, [len(groups) * width] * S
     for g, (k, members) in enumerate(groups):
@@ -147,13 +149,35 @@ def decode_metadata(block_tables: torch.Tensor, context_lens: list[int], block_s
     group_k = torch.tensor([k for k, _ in groups])
     columns = torch.arange(int(group_k.max()))[None, :]
     group_tables = block_tables.index_select(0, first)[:, :columns.shape[1]]
-    meta.group_tables = group_tables.masked_fill(columns >= group_k[:, None], pad_block).long().to(device)
-    meta.group_lens = (group_k * block_size).to(device)
-    meta.member_index = torch.tensor([members + [S] * (width - len(members)) for _, members in groups], device=device)
-    meta.member_slot = torch.tensor(slot, device=device)
+    return CascadeLayout(
+        shared=torch.tensor(shared),
+        group_tables=group_tables.masked_fill(columns >= group_k[:, None], pad_block).long().to(device),
+        group_lens=(group_k * block_size).to(device),
+        member_index=torch.tensor([members + [S] * (width - len(members)) for _, members in groups], device=device),
+        member_slot=torch.tensor(slot, device=device))
+
+
+def decode_metadata(block_tables: torch.Tensor, context_lens: list[int], block_size: int, pad_block: int, device,
+                    layout: CascadeLayout | None = None) -> DecodeMetadata:
+    """Metadata for S decode queries from their block tables, a host int32 tensor [S, W] padded with
+    `pad_block`, and their context lengths; with a cascade `layout` (torch path, or Triton with
+    triton_cascade), also each group's tables and each row's tail after its group's blocks.
+
+    Everything past the Python lists of length S is tensor work: a nested list of Python ints converts
+    at ~150 ns an int, which at 256 sequences of 4k tokens was milliseconds a step.
+    """
+    W = block_tables.shape[1]
+    lens = torch.tensor(context_lens, dtype=torch.int32)
+    last = block_tables.gather(1, ((lens - 1) // block_size).long()[:, None])[:, 0]  # block of each last token
+    meta = DecodeMetadata(slot_mapping=(last.long() * block_size + (lens - 1) % block_size).to(device),
+                          context_lens=lens.to(device), block_tables=block_tables.to(device))
+    if layout is None:
+        return meta
+    meta.group_tables, meta.group_lens = layout.group_tables, layout.group_lens
+    meta.member_index, meta.member_slot = layout.member_index, layout.member_slot
     # Each tail: the table from its first unshared block on, shifted left, padded past the table's end.
-    k = torch.tensor(shared)
-    index = k[:, None] + torch.arange(W - min(shared))[None, :]  # [S, tail width]
+    k = layout.shared
+    index = k[:, None] + torch.arange(W - int(k.min()))[None, :]  # [S, tail width]
     tails = block_tables.gather(1, index.clamp_max(W - 1)).masked_fill_(index >= W, pad_block)
     meta.tail_tables = tails.long().to(device)
     meta.tail_lens = (lens - k * block_size).to(device)

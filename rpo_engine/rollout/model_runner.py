@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from rpo_engine.rollout.attention import (DecodeMetadata, PagedDecode, PagedPrefill, PrefillMetadata, TritonDecode,
-                                          decode_metadata)
+                                          cascade_layout, decode_metadata)
 from rpo_engine.rollout.block_manager import BlockTables
 from rpo_engine.rollout.sequence import Sequence
 
@@ -35,6 +35,7 @@ class ModelRunner:
         # >= 512 K/V tokens a step: below, the second attention and merge cost more (measured on CPU,
         # starter model: full-path rollout 11% faster than always grouping, 1k-token prefixes no slower).
         self.cascade_min_saved_tokens = 512
+        self._layout_batch, self._layout = None, None  # the last decode batch's sequence ids and cascade layout
         self.device, self.dtype = model.device, model.dtype
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.attention_backend = attention_backend
@@ -126,13 +127,17 @@ class ModelRunner:
         ids = torch.tensor([[seq.last_token] for seq in seqs], device=self.device)  # [S, 1]
         lens = [len(seq.token_ids) for seq in seqs]
         pos = torch.tensor([[n - 1] for n in lens], device=self.device)  # [S, 1]
-        shared = None
+        tables, layout = self.block_tables.gather(seqs), None
         if self.cascade and (self.attention_backend == "torch" or self.triton_cascade):
             # Samples of one prompt share its full blocks: read once per group (torch; Triton if asked).
-            shared = [seq.num_prompt_tokens // self.block_size for seq in seqs]
-        meta = decode_metadata(self.block_tables.gather(seqs), lens, self.block_size, self.pad_block, self.device,
-                               shared, self.cascade_min_saved_tokens)
-        return ids, pos, meta
+            batch = tuple(seq.uid for seq in seqs)
+            if batch != self._layout_batch:  # else the same sequences in the same order: the same groups
+                self._layout = cascade_layout(tables, [seq.num_prompt_tokens // self.block_size for seq in seqs],
+                                              self.block_size, self.pad_block, self.device,
+                                              self.cascade_min_saved_tokens)
+                self._layout_batch = batch
+            layout = self._layout
+        return ids, pos, decode_metadata(tables, lens, self.block_size, self.pad_block, self.device, layout)
 
     def _decode_backend(self, meta: DecodeMetadata, batch: int):
         if self.attention_backend == "triton":

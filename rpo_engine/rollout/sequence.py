@@ -7,6 +7,7 @@ with `num_forks = n`; after its prefill it splits into n samples that share its 
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from enum import Enum, auto
 
@@ -69,8 +70,11 @@ class SequenceStatus(Enum):
 
 
 class Sequence:
+    _uids = itertools.count()
+
     def __init__(self, token_ids: list[int], params: SamplingParams, block_size: int, stop_token_ids,
                  key: int, request_index: int, num_forks: int = 1, sample_index: int = 0):
+        self.uid = next(Sequence._uids)  # unique over the process: names the sequence in a batch's identity
         self.token_ids = list(token_ids)
         self.num_prompt_tokens = len(token_ids)  # the request's prompt; never changes (not even on preemption)
         self.num_cached_tokens = 0  # leading tokens whose K/V are in the cache
