@@ -260,7 +260,8 @@ class TritonDecode:
             S, H = q.shape[0], q.shape[2]
             self.programs = pa.cascade_programs(m.group_tables, m.group_lens, m.member_index, S,
                                                 pa.members_per_program(H // k.shape[2]), S)
-        out_t, lse_t = pa.paged_decode_partials(q[:, 0], kc, vc, self.tables, self.lens)
+        # Splits for the tails too: in a graph whose step has no groups, the "tails" are whole contexts.
+        out_t, lse_t = pa.paged_decode_partials(q[:, 0], kc, vc, self.tables, self.lens, self.num_splits)
         tables, lens, members = self.programs
         out_g, lse_g = pa.paged_decode_partials(q[:, 0], kc, vc, tables, lens, self.num_splits, members)
         return pa.merge_partials(torch.cat([out_t, out_g], 2), torch.cat([lse_t, lse_g], 2), q.dtype)[:, None]
