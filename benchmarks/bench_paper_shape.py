@@ -10,7 +10,8 @@ clipped-ratio loss on the generated tokens only (the suffix for RPO, as the trai
 AdamW step, through the trainer's own path: a group's prefix runs once in forward and backward
 (shared-prefix layout) where that costs fewer FLOPs, which is every RPO group here; full-path groups
 (short prompt, long completions) run padded. `--no-prefix-sharing` pads every group, to compare.
-Medians over --repeats, full and RPO interleaved in one process.
+Medians over --repeats, full and RPO interleaved in one process. With --gpu (or --cascade-variant) RPO
+also runs on a second engine with triton_cascade=True, each prefix's K/V read once for its G suffixes.
 
     python benchmarks/bench_paper_shape.py                 # CPU: small model, 1 x 8 samples of 1536 tokens
     python benchmarks/bench_paper_shape.py --gpu           # CUDA: Qwen2.5-1.5B shape, bf16, 8 x 8 samples
@@ -99,6 +100,9 @@ def main():
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--no-prefix-sharing", dest="prefix_sharing", action="store_false",
                     help="update with one padded row per sample (the trainer's --no-prefix-sharing)")
+    ap.add_argument("--cascade-variant", action=argparse.BooleanOptionalAction, default=None,
+                    help="also run RPO with a second engine, Triton decode with triton_cascade=True (its own "
+                         "small K/V budget); default on with --gpu (on the CPU it is the Triton interpreter: slow)")
     args = ap.parse_args()
     device = torch.device("cuda" if args.gpu else "cpu")
     dtype = torch.bfloat16 if args.gpu else torch.float32
@@ -111,6 +115,12 @@ def main():
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     engine = RolloutEngine(model)
+    engines = {"full": engine, "rpo": engine}
+    if args.gpu if args.cascade_variant is None else args.cascade_variant:
+        # Room for every sample's whole path without sharing: the first engine holds its share of the GPU.
+        blocks = args.prompts * args.num_generations * -(-(args.prompt_len + args.full_len) // 16)
+        engines["rpo_cascade"] = RolloutEngine(model, attention_backend="triton", triton_cascade=True,
+                                               num_blocks=blocks, max_num_seqs=args.prompts * args.num_generations)
     g = torch.Generator().manual_seed(0)
     V = shape["vocab_size"]
     prompts = torch.randint(3, V, (args.prompts, args.prompt_len), generator=g).tolist()
@@ -119,16 +129,20 @@ def main():
 
     # Warm-up: allocator, CUDA graphs, Triton compiles, on short lengths.
     warm = argparse.Namespace(**{**vars(args), "full_len": 16, "suffix_len": 8})
-    one_step(model, engine, optimizer, [p[:32] for p in prompts], None, warm, seed=0)
-    one_step(model, engine, optimizer, [p[:32] for p in prompts], [c[:8] for c in cached], warm, seed=0)
-    runs = {"full": [], "rpo": []}
-    for r in range(args.repeats):  # interleaved, so drift on a shared box hits both alike
-        for name, c in (("full", None), ("rpo", cached)):
-            runs[name].append(one_step(model, engine, optimizer, prompts, c, args, seed=1 + r))
+    for name, eng in engines.items():
+        one_step(model, eng, optimizer, [p[:32] for p in prompts], None if name == "full" else [c[:8] for c in cached],
+                 warm, seed=0)
+    runs = {name: [] for name in engines}
+    for r in range(args.repeats):  # interleaved, so drift on a shared box hits all alike
+        for name, eng in engines.items():
+            runs[name].append(one_step(model, eng, optimizer, prompts, None if name == "full" else cached, args,
+                                       seed=1 + r))
             print(name, json.dumps({k: round(v, 3) for k, v in runs[name][-1].items()}), flush=True)
     med = {name: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for name, rs in runs.items()}
     full, rpo = med["full"], med["rpo"]
     reduction = {k: 1 - rpo[k] / full[k] for k in ("generated_tokens", "rollout_s", "update_s", "step_s")}
+    if "rpo_cascade" in med:  # the same RPO step, its rollout reading each prefix's K/V once for the G suffixes
+        print(f"RPO rollout with triton_cascade: {med['rpo_cascade']['rollout_s']:.3f} s vs {rpo['rollout_s']:.3f} s")
     print(f"RPO vs full path: generated tokens {-reduction['generated_tokens']:+.1%}, rollout time "
           f"{-reduction['rollout_s']:+.1%}, update time {-reduction['update_s']:+.1%}, step time {-reduction['step_s']:+.1%}"
           f" (paper: ~95% fewer tokens, 72-90% less training time)")
@@ -147,7 +161,7 @@ def main():
                                 update=("the trainer's path: shared-prefix groups where sharing_pays, else padded"
                                         if args.prefix_sharing else "padded batch: every sample runs its whole prefix")
                                        + "; loss on generated tokens only"),
-                  median={"full": full, "rpo": rpo}, reduction=reduction, runs=runs)
+                  median=med, reduction=reduction, runs=runs)
     save_json(args.out or Path(__file__).parent / "results" / f"paper_shape_{device.type}.json", result)
 
 

@@ -58,6 +58,15 @@ def test_bench_paper_shape_runs_the_trainers_update(tmp_path):
     full, rpo = record["median"]["full"], record["median"]["rpo"]
     assert full["generated_tokens"] == 8 * 48 and rpo["generated_tokens"] == 8 * 8
     assert 0 < record["reduction"]["generated_tokens"] < 1 and rpo["update_s"] > 0
+    assert "rpo_cascade" not in record["median"]  # a GPU run's variant only, unless asked for
+
+
+def test_bench_paper_shape_cascade_variant(tmp_path):
+    out = tmp_path / "paper_shape.json"
+    run_bench("bench_paper_shape.py", "--cpu", "--prompt-len", 16, "--full-len", 24, "--suffix-len", 4,
+              "--num-generations", 3, "--repeats", 1, "--cascade-variant", "--out", out)
+    median = json.loads(out.read_text())["median"]
+    assert median["rpo_cascade"]["generated_tokens"] == median["rpo"]["generated_tokens"] == 3 * 4
 
 
 def test_bench_host_times_decode_steps_beside_a_baseline_checkout(tmp_path):
