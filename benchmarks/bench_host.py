@@ -37,10 +37,7 @@ def host_only(runner, vocab):
             return torch.zeros(len(seqs), vocab)
         _, _, meta = runner._prepare_decode(seqs)
         if getattr(runner, "triton_cascade", False) and meta.group_tables is not None:
-            from rpo_engine.kernels.paged_attention import cascade_programs, members_per_program
-
-            cascade_programs(meta.group_tables, meta.group_lens, meta.member_index, len(seqs),
-                             members_per_program(runner.model.config.num_query_groups), runner.max_num_seqs)
+            runner._cascade_programs(meta)  # what a graph replay makes (or reuses) before filling its buffers
         return torch.zeros(len(seqs), vocab)
     return run
 

@@ -110,11 +110,6 @@ class DecodeMetadata:
     member_slot: torch.Tensor | None = None  # [S]: g * max_members + m, or G * max_members if no group
     tail_tables: torch.Tensor | None = None  # [S, max_tail_blocks]; None: no groups, the tails are block_tables
     tail_lens: torch.Tensor | None = None  # [S]
-    # Cascade as Triton programs (a CUDA graph's fixed buffers, filled each replay): then block_tables /
-    # context_lens hold each sequence's tail, and program p attends its run of shared blocks for members[p].
-    program_tables: torch.Tensor | None = None  # [P, max_blocks] int32
-    program_lens: torch.Tensor | None = None  # [P] int32 tokens (0: an unused program)
-    program_members: torch.Tensor | None = None  # [P, per_program] int32 query rows (>= the batch: none)
 
 
 @dataclass
@@ -236,30 +231,26 @@ class PagedDecode:
 
 
 class TritonDecode:
-    """One launch over each sequence's table; or, with cascade groups in `meta`, each sample's own tail
-    plus each group's shared blocks read once for all its members (a second launch), merged by lse."""
+    """One launch over each sequence's table; or, given cascade `programs` (tables, lens, members, as
+    kernels.paged_attention.cascade_programs makes them), each sample's own tail plus each group's shared
+    blocks read once for all its members (a second launch), merged by lse. The tails are `meta`'s tail
+    tables when it has groups, else its block tables (a CUDA graph's buffers, filled with tails)."""
 
-    def __init__(self, k_cache, v_cache, meta: DecodeMetadata, num_splits: int = 1):
+    def __init__(self, k_cache, v_cache, meta: DecodeMetadata, num_splits: int = 1, programs=None):
         from rpo_engine.kernels import paged_attention  # imports triton: only when used
 
         self.k_cache, self.v_cache, self.meta, self.num_splits = k_cache, v_cache, meta, num_splits
-        self.kernels = paged_attention
-        self.tables, self.lens, self.programs = meta.block_tables, meta.context_lens, None
-        if meta.program_members is not None:  # a graph's buffers: tails and programs filled at replay
-            self.programs = (meta.program_tables, meta.program_lens, meta.program_members)
-        elif meta.group_tables is not None:  # a cascade step without graphs: programs made at the first layer
+        self.kernels, self.programs = paged_attention, programs
+        self.tables, self.lens = meta.block_tables, meta.context_lens
+        if programs is not None and meta.tail_tables is not None:
             self.tables, self.lens = meta.tail_tables.int(), meta.tail_lens.int()
 
     def __call__(self, layer_idx, q, k, v):
         # q [S, 1, H, D]; k/v [S, 1, KVH, D] -> [S, 1, H, D]
-        kc, vc, m, pa = self.k_cache[layer_idx], self.v_cache[layer_idx], self.meta, self.kernels
-        write_kv(kc, vc, k[:, 0], v[:, 0], m.slot_mapping)
-        if self.programs is None and m.group_tables is None:
-            return pa.paged_decode(q[:, 0], kc, vc, self.tables, self.lens, self.num_splits)[:, None]
+        kc, vc, pa = self.k_cache[layer_idx], self.v_cache[layer_idx], self.kernels
+        write_kv(kc, vc, k[:, 0], v[:, 0], self.meta.slot_mapping)
         if self.programs is None:
-            S, H = q.shape[0], q.shape[2]
-            self.programs = pa.cascade_programs(m.group_tables, m.group_lens, m.member_index, S,
-                                                pa.members_per_program(H // k.shape[2]), S)
+            return pa.paged_decode(q[:, 0], kc, vc, self.tables, self.lens, self.num_splits)[:, None]
         # Splits for the tails too: in a graph whose step has no groups, the "tails" are whole contexts.
         out_t, lse_t = pa.paged_decode_partials(q[:, 0], kc, vc, self.tables, self.lens, self.num_splits)
         tables, lens, members = self.programs

@@ -31,6 +31,11 @@ class ModelRunner:
         cfg = model.config
         self.model, self.block_size, self.cascade = model, block_size, cascade
         self.triton_cascade = triton_cascade  # the Triton backend groups samples too (see the engine)
+        if triton_cascade:
+            from rpo_engine.kernels.paged_attention import members_per_program  # triton: only when used
+
+            self.per_program = members_per_program(cfg.num_query_groups)
+        self._programs_of, self._programs = None, None  # the cascade layout's member_index, its Triton programs
         # The torch decode path groups samples by shared prompt blocks only when that saves reading
         # >= 512 K/V tokens a step: below, the second attention and merge cost more (measured on CPU,
         # starter model: full-path rollout 11% faster than always grouping, 1k-token prefixes no slower).
@@ -141,8 +146,22 @@ class ModelRunner:
 
     def _decode_backend(self, meta: DecodeMetadata, batch: int):
         if self.attention_backend == "triton":
-            return TritonDecode(self.k_cache, self.v_cache, meta, self._num_splits(batch))
+            programs = self._cascade_programs(meta) if meta.group_tables is not None else None
+            return TritonDecode(self.k_cache, self.v_cache, meta, self._num_splits(batch), programs)
         return PagedDecode(self.k_cache, self.v_cache, meta)
+
+    def _cascade_programs(self, meta: DecodeMetadata):
+        """The Triton cascade launch's (tables, lens, members) for `meta`'s groups. They follow from the
+        cascade layout, which `_prepare_decode` keeps while the batch's sequences stay the same: made
+        again only for a new layout (its member_index tensor)."""
+        if meta.member_index is not self._programs_of:
+            from rpo_engine.kernels.paged_attention import cascade_programs  # triton: only when used
+
+            # Empty places point past every row of any batch or graph (max_num_seqs): they read nothing.
+            self._programs = cascade_programs(meta.group_tables, meta.group_lens, meta.member_index,
+                                              meta.context_lens.shape[0], self.per_program, self.max_num_seqs)
+            self._programs_of = meta.member_index
+        return self._programs
 
     def _num_splits(self, batch: int) -> int:
         # Flash-decoding: enough (sequence, kv head, split) programs to cover the SMs twice.
@@ -166,9 +185,6 @@ class ModelRunner:
         self.g_lens = torch.ones(n, dtype=torch.int32, device=d)
         self.g_tables = torch.full((n, self.max_blocks_per_seq), self.pad_block, dtype=torch.int32, device=d)
         if self.triton_cascade:  # cascade programs: at most one per sequence (a group has >= 2 members)
-            from rpo_engine.kernels.paged_attention import members_per_program  # triton: only when used
-
-            self.per_program = members_per_program(self.model.config.num_query_groups)
             self.g_program_tables = torch.full_like(self.g_tables, self.pad_block)
             self.g_program_lens = torch.zeros(n, dtype=torch.int32, device=d)  # 0: the program reads nothing
             self.g_program_members = torch.full((n, self.per_program), n, dtype=torch.int32, device=d)  # n: none
@@ -176,10 +192,11 @@ class ModelRunner:
         with torch.no_grad():
             for size in reversed(sizes):  # largest first, so smaller graphs fit in its memory pool
                 meta = DecodeMetadata(self.g_slots[:size], self.g_lens[:size], self.g_tables[:size])
+                programs = None  # with triton_cascade: the graph's buffers, g_tables then holding the tails
                 if self.triton_cascade:
-                    meta.program_tables, meta.program_lens, meta.program_members = (
-                        self.g_program_tables[:size], self.g_program_lens[:size], self.g_program_members[:size])
-                attn = TritonDecode(self.k_cache, self.v_cache, meta, self._num_splits(size))
+                    programs = (self.g_program_tables[:size], self.g_program_lens[:size],
+                                self.g_program_members[:size])
+                attn = TritonDecode(self.k_cache, self.v_cache, meta, self._num_splits(size), programs)
                 self._fill_padding(0, size)
                 forward = functools.partial(self._decode_forward, self.g_ids[:size], self.g_pos[:size], attn)
                 forward()  # warm-up: compiles the kernels outside the capture
@@ -217,11 +234,8 @@ class ModelRunner:
         if self.triton_cascade:  # this graph also runs the cascade programs: fill them, or leave them empty
             num_programs = 0
             if meta.group_tables is not None:
-                from rpo_engine.kernels.paged_attention import cascade_programs
-
                 tables, lens = meta.tail_tables, meta.tail_lens
-                p_tables, p_lens, p_members = cascade_programs(meta.group_tables, meta.group_lens, meta.member_index,
-                                                               S, self.per_program, self.max_num_seqs)
+                p_tables, p_lens, p_members = self._cascade_programs(meta)
                 num_programs, width = p_tables.shape
                 self.g_program_tables[:num_programs, :width] = p_tables
                 self.g_program_lens[:num_programs], self.g_program_members[:num_programs] = p_lens, p_members
