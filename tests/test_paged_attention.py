@@ -158,6 +158,8 @@ def test_torch_cascade_decode_matches_reference(block_size):
     meta = decode_metadata(table, lens, block_size, num_blocks, "cpu",
                            cascade_layout(table, shared, block_size, num_blocks, "cpu"))
     assert meta.group_tables.shape[0] == 2  # the lone sequence has no shared prefix
+    # tails are as wide as the longest tail, not padded to the longest table by the lone sequence
+    assert meta.tail_tables.shape[1] == max(len(t) - k for t, k in zip(tables, shared)) < table.shape[1]
     for s, (t, k) in enumerate(zip(tables, shared)):  # each tail: the table after its shared blocks, then padding
         tail = meta.tail_tables[s].tolist()
         assert tail == t[k:] + [num_blocks] * (len(tail) - len(t) + k)

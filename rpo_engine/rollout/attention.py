@@ -171,8 +171,11 @@ def decode_metadata(block_tables: torch.Tensor, context_lens: list[int], block_s
     meta.group_tables, meta.group_lens = layout.group_tables, layout.group_lens
     meta.member_index, meta.member_slot = layout.member_index, layout.member_slot
     # Each tail: the table from its first unshared block on, shifted left, padded past the table's end.
+    # As wide as the longest tail, not W - min(k): rows of a short prompt and a short context would
+    # otherwise pad every row's tail to the longest context (in RPO rollouts, ~3x the tail blocks).
     k = layout.shared
-    index = k[:, None] + torch.arange(W - int(k.min()))[None, :]  # [S, tail width]
+    width = int(((lens + block_size - 1) // block_size - k).max())
+    index = k[:, None] + torch.arange(width)[None, :]  # [S, tail width]
     tails = block_tables.gather(1, index.clamp_max(W - 1)).masked_fill_(index >= W, pad_block)
     meta.tail_tables = tails.long().to(device)
     meta.tail_lens = (lens - k * block_size).to(device)

@@ -36,15 +36,18 @@ class ModelRunner:
 
             self.per_program = members_per_program(cfg.num_query_groups)
         self._programs_of, self._programs = None, None  # the cascade layout's member_index, its Triton programs
-        # The torch decode path groups samples by shared prompt blocks only when that saves reading
-        # >= 512 K/V tokens a step: below, the second attention and merge cost more (measured on CPU,
-        # starter model: full-path rollout 11% faster than always grouping, 1k-token prefixes no slower).
-        self.cascade_min_saved_tokens = 512
         self._layout_batch, self._layout = None, None  # the last decode batch's sequence ids and cascade layout
         self.device, self.dtype = model.device, model.dtype
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.attention_backend = attention_backend
         elem = torch.empty((), dtype=self.dtype).element_size()
+        # The torch decode path groups samples by shared prompt blocks only when that saves reading
+        # >= 1.25 MiB of K/V per layer a step: below, the second attention and the merge (~0.2 ms a
+        # layer on the CPU) cost more than they save. Measured on CPU, 2-layer models, engine A/B: even
+        # at 2.2k saved tokens of 512 B (the starter model) and 0.7k of 2 KiB (head dim 128). The
+        # Triton cascade keeps 512 tokens (not yet measured on a GPU).
+        kv_token_bytes = 2 * cfg.num_key_value_heads * cfg.head_dim * elem  # one token's K and V, one layer
+        self.cascade_min_saved_tokens = -(-(5 << 18) // kv_token_bytes) if attention_backend == "torch" else 512
         self.block_bytes = 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
         self.max_blocks_per_seq = -(-cfg.max_position_embeddings // block_size)
         sized_by_default = num_blocks is None and not kv_cache_bytes
