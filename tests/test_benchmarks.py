@@ -79,3 +79,11 @@ def test_bench_host_times_decode_steps_beside_a_baseline_checkout(tmp_path):
         assert (row["num_seqs"], row["context"], row["decode_steps"]) == (16, 256, 127)
         assert row["host_ms_per_decode_step"] > 0 and row["speedup"] > 0
     assert len(record["baseline"]["rows"]) == 3
+
+
+def test_bench_sampler_compares_with_the_reference(tmp_path):
+    out = tmp_path / "sampler.json"
+    run_bench("bench_sampler.py", "--rows", 4, "--vocab", 5000, "--repeats", 1, "--out", out)
+    record = json.loads(out.read_text())
+    assert len(record["results"]) == 2 * 4  # two logit scales x four settings
+    assert all(r["same_tokens"] and r["fast_ms"] > 0 and r["reference_ms"] > 0 for r in record["results"])

@@ -11,7 +11,7 @@ import torch
 
 import rpo_engine
 from rpo_engine.rollout import RolloutEngine, SamplingParams
-from rpo_engine.rollout.sampler import request_key, sample, uniform
+from rpo_engine.rollout.sampler import CANDIDATES, CHUNK, inverse_cdf, request_key, sample, sample_reference, uniform
 from tests.helpers import DEVICE, ON_CUDA, check_tables, save_hf_checkpoint
 
 
@@ -144,6 +144,57 @@ def test_sampler_draws_from_the_truncated_distribution(temperature, top_k, top_p
     assert 0.5 * (counts / N - expected).abs().sum() < 0.02  # total variation
     # Log-probs are those of the untruncated tempered distribution.
     torch.testing.assert_close(logp, torch.log_softmax(logits / temperature, -1)[tokens], atol=1e-6, rtol=0)
+
+
+def test_inverse_cdf_draws_like_a_full_fp64_cumsum_and_never_a_zero_weight():
+    """The two-level search against one fp64 cumulative sum over the row, with zero-weight tokens and chunks,
+    a vocabulary that is not a multiple of the chunk, and u at 0, just below 1 and on chunk boundaries."""
+    g = torch.Generator().manual_seed(3)
+    V = 3 * CHUNK + 37
+    weights = torch.rand(6, V, generator=g) ** 8  # some tiny, many near zero
+    weights[:, CHUNK:2 * CHUNK] = 0  # a whole empty chunk
+    weights[weights < 0.05] = 0
+    weights[1, :] = 0
+    weights[1, [5, CHUNK - 1, 3 * CHUNK + 36]] = torch.tensor([1.0, 2.0, 0.5])  # three tokens, one in the tail
+    cdf = weights.double().cumsum(-1)
+    u = torch.cat([torch.tensor([0.0, 1 - 2 ** -53]), torch.rand(198, generator=g, dtype=torch.float64)])
+    for row in range(weights.shape[0]):
+        w = weights[row].expand(len(u), V).to(DEVICE)
+        got = inverse_cdf(w, u.to(DEVICE)).cpu()
+        want = torch.searchsorted(cdf[row].expand(len(u), V).contiguous(),
+                                  (u * cdf[row, -1]).clamp_min(torch.finfo(torch.float64).tiny)[:, None])[:, 0]
+        assert (weights[row, got] > 0).all()
+        assert torch.equal(got, want), row
+
+
+def test_sample_equals_the_reference_on_a_large_vocabulary():
+    """Every path of the fast sampler (untruncated, top-k, top-p found among the candidates, top-p of a flat
+    row that falls back to the whole sort, top-k + top-p, greedy) draws what sample_reference draws, with
+    the same log-probs, at a vocabulary where the candidate search is taken."""
+    g = torch.Generator().manual_seed(5)
+    V = 4 * CANDIDATES + 301
+    kinds = [(1.0, 0, 1.0, 4.0), (0.7, 50, 1.0, 4.0), (1.3, 0, 0.9, 6.0), (1.0, 0, 0.9, 0.5), (0.9, 20, 0.5, 3.0),
+             (0.0, 0, 1.0, 4.0), (0.0, 7, 0.8, 4.0)]
+    rows = [kind for kind in kinds for _ in range(24)]
+    logits = torch.stack([torch.randn(V, generator=g) * scale for *_, scale in rows])
+    temperature = torch.tensor([r[0] for r in rows])
+    top_k = torch.tensor([r[1] for r in rows])
+    top_p = torch.tensor([r[2] for r in rows])
+    u = torch.rand(len(rows), generator=g, dtype=torch.float64)
+    u[:2] = torch.tensor([0.0, 1 - 2 ** -53])
+    args = [t.to(DEVICE) for t in (logits, temperature, top_k, top_p, u)]
+    want, want_logp = sample_reference(*args)
+    for flags in [dict(), dict(truncate=True, any_greedy=True)]:
+        got, got_logp = sample(*args, **flags)
+        assert torch.equal(got, want)
+        torch.testing.assert_close(got_logp, want_logp, atol=2e-5, rtol=0)
+    # a whole batch of one kind, as the engine runs it (flags from its Python lists)
+    for i, (t, k, p, _) in enumerate(kinds):
+        part = slice(24 * i, 24 * (i + 1))
+        got, got_logp = sample(*[a[part] for a in args], truncate=t > 0 and (k > 0 or p < 1),
+                               any_greedy=t == 0, all_greedy=t == 0)
+        assert torch.equal(got, want[part]), kinds[i]
+        torch.testing.assert_close(got_logp, want_logp[part], atol=2e-5, rtol=0)
 
 
 def test_forks_share_prefix_blocks_and_accounting_holds_every_step(checkpoints):

@@ -1,0 +1,79 @@
+"""The rollout sampler at Qwen's 151,936-token vocabulary: `sample` (linear in the vocabulary: no sort, no
+fp64 copy of the logits) against `sample_reference` (the whole row in fp64, sorted when a row truncates;
+the engine's sampler before commit 5614041's successor, draw for draw), side by side in one process.
+
+Cases: rows of 64 (CPU) or 64 and 256 (--gpu) sequences, each row's logits N(0, scale^2): scale 6 is a
+peaked distribution (a top-p 0.95 nucleus of ~10-80 tokens, as a trained model's usually is), scale 1 a
+flat one (a nucleus of most of the vocabulary: top-p falls back to the sort). Settings as the engine runs
+them (flags from its Python lists): T = 1 (RL rollouts' default), top-p 0.95, top-k 50 at T = 0.7, greedy.
+Each case checks that both draw the same tokens. Reports median ms per call. Writes
+benchmarks/results/sampler_cpu.json (sampler_cuda.json with --gpu).
+"""
+import argparse, datetime, statistics, sys, time  # noqa: E401
+from pathlib import Path
+
+import torch
+
+from common import git_commit, machine, save_json
+from rpo_engine.rollout.sampler import sample, sample_reference
+
+VOCAB = 151_936
+SETTINGS = {"T=1": (1.0, 0, 1.0), "top_p=0.95": (1.0, 0, 0.95), "top_k=50,T=0.7": (0.7, 50, 1.0), "greedy": (0.0, 0, 1.0)}
+
+
+def timed(fn, repeats: int, device) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gpu", action="store_true", help="run on CUDA (64 and 256 rows)")
+    parser.add_argument("--rows", type=int, nargs="+", help="rows per call (default 64; with --gpu 64 256)")
+    parser.add_argument("--vocab", type=int, default=VOCAB)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if args.gpu else "cpu")
+    if args.gpu and not torch.cuda.is_available():
+        sys.exit("--gpu: no CUDA device")
+    rows_list = args.rows or ([64, 256] if args.gpu else [64])
+    g = torch.Generator().manual_seed(0)
+    results = []
+    for rows in rows_list:
+        for scale in (6.0, 1.0):
+            logits = (torch.randn(rows, args.vocab, generator=g) * scale).to(device)
+            u = torch.rand(rows, generator=g, dtype=torch.float64).to(device)
+            for name, (t, k, p) in SETTINGS.items():
+                inputs = (logits, torch.full((rows,), t, device=device), torch.full((rows,), k, device=device),
+                          torch.full((rows,), p, device=device), u)
+                flags = dict(truncate=t > 0 and (k > 0 or p < 1), any_greedy=t == 0, all_greedy=t == 0)
+                fast_tokens = sample(*inputs, **flags)[0]
+                same = bool(torch.equal(fast_tokens, sample_reference(*inputs)[0]))
+                fast = timed(lambda: sample(*inputs, **flags), args.repeats, device)
+                reference = timed(lambda: sample_reference(*inputs), args.repeats, device)
+                row = dict(rows=rows, logit_scale=scale, setting=name, fast_ms=round(fast, 3),
+                           reference_ms=round(reference, 3), speedup=round(reference / fast, 2), same_tokens=same)
+                results.append(row)
+                print(f"{rows} rows, scale {scale}, {name}: {fast:.2f} ms vs reference {reference:.2f} ms "
+                      f"({reference / fast:.1f}x), same tokens: {same}", flush=True)
+    record = dict(benchmark="sampler", machine=machine(device), date=datetime.date.today().isoformat(),
+                  git_commit=git_commit(), torch=torch.__version__, vocab=args.vocab, repeats=args.repeats,
+                  results=results)
+    default = f"sampler_{'cuda' if args.gpu else 'cpu'}.json"
+    save_json(args.out or Path(__file__).resolve().parent / "results" / default, record)
+    if not all(r["same_tokens"] for r in results):
+        sys.exit("the fast sampler drew other tokens than the reference")
+
+
+if __name__ == "__main__":
+    main()
