@@ -1,6 +1,6 @@
 """The rollout sampler at Qwen's 151,936-token vocabulary: `sample` (linear in the vocabulary: no sort, no
 fp64 copy of the logits) against `sample_reference` (the whole row in fp64, sorted when a row truncates;
-the engine's sampler before commit 5614041's successor, draw for draw), side by side in one process.
+the engine's sampler before commit 206462f, draw for draw), side by side in one process.
 
 Cases: rows of 64 (CPU) or 64 and 256 (--gpu) sequences, each row's logits N(0, scale^2): scale 6 is a
 peaked distribution (a top-p 0.95 nucleus of ~10-80 tokens, as a trained model's usually is), scale 1 a
