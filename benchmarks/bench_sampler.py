@@ -18,7 +18,8 @@ from common import git_commit, machine, save_json
 from rpo_engine.rollout.sampler import sample, sample_reference
 
 VOCAB = 151_936
-SETTINGS = {"T=1": (1.0, 0, 1.0), "top_p=0.95": (1.0, 0, 0.95), "top_k=50,T=0.7": (0.7, 50, 1.0), "greedy": (0.0, 0, 1.0)}
+SETTINGS = {"T=1": (1.0, 0, 1.0), "top_p=0.95": (1.0, 0, 0.95), "top_k=50,T=0.7": (0.7, 50, 1.0),
+            "greedy": (0.0, 0, 1.0)}
 
 
 def timed(fn, repeats: int, device) -> float:

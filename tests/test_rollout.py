@@ -197,6 +197,38 @@ def test_sample_equals_the_reference_on_a_large_vocabulary():
         torch.testing.assert_close(got_logp, want_logp[part], atol=2e-5, rtol=0)
 
 
+def test_top_p_looks_among_more_candidates_before_sorting_the_vocabulary(monkeypatch):
+    """A nucleus past the first CANDIDATES tokens is found among 8x as many; only a flat row sorts the whole
+    vocabulary (sample_reference). The draws are the reference's either way."""
+    import rpo_engine.rollout.sampler as sampler
+
+    g = torch.Generator().manual_seed(9)
+    V = 32 * CANDIDATES + 11
+    scales = [4.0] * 6 + [2.5] * 6 + [1.0] * 4  # nucleus of ~10-300, ~3.5k, ~20k tokens
+    logits = torch.stack([torch.randn(V, generator=g) * scale for scale in scales]).to(DEVICE)
+    R = len(scales)
+    args = (logits, torch.ones(R, device=DEVICE), torch.zeros(R, dtype=torch.long, device=DEVICE),
+            torch.full((R,), 0.9, device=DEVICE), torch.rand(R, generator=g, dtype=torch.float64).to(DEVICE))
+    want = sample_reference(*args)[0]
+    sorted_rows = []
+    reference = sampler.sample_reference
+    monkeypatch.setattr(sampler, "sample_reference", lambda *a: sorted_rows.append(len(a[0])) or reference(*a))
+    assert torch.equal(sample(*args, truncate=True, any_greedy=False)[0], want)
+    assert sorted_rows == [4]
+    # At the edge: the top CANDIDATES tokens hold 0.85 of the mass, top_p = 0.9 needs more of the rest.
+    V, R = 4 * CANDIDATES + 301, 16
+    probs = torch.cat([torch.linspace(2, 1, CANDIDATES), torch.linspace(0.1, 0.09, V - CANDIDATES)])
+    head, tail = probs[:CANDIDATES], probs[CANDIDATES:]
+    probs = torch.cat([0.85 * head / head.sum(), 0.15 * tail / tail.sum()])
+    args = (probs.log().expand(R, V).to(DEVICE), torch.ones(R, device=DEVICE),
+            torch.zeros(R, dtype=torch.long, device=DEVICE), torch.full((R,), 0.9, device=DEVICE),
+            ((torch.arange(R, dtype=torch.float64) + 0.5) / R).to(DEVICE))
+    sorted_rows.clear()
+    got = sample(*args, truncate=True, any_greedy=False)[0]
+    assert torch.equal(got, reference(*args)[0]) and (got >= CANDIDATES).any()
+    assert sorted_rows == [R]
+
+
 def test_forks_share_prefix_blocks_and_accounting_holds_every_step(checkpoints):
     hf, model = checkpoints["qwen3"]
     G, bs = 6, 4

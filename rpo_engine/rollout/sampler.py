@@ -133,7 +133,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     Nothing of size [R, V] is sorted or held in fp64: the probabilities are exp(logit - max) in fp32, drawn
     from by `inverse_cdf`. Top-k/top-p look for their tokens among the top K (topk, not a sort), K the
     largest of the rows' top_k (CANDIDATES for a row with top-p alone); a row whose top-p nucleus is not
-    among them (a flat distribution) is drawn by `sample_reference`.
+    among them looks among 8x as many, then (a flat distribution) is drawn by `sample_reference`.
     """
     logits = logits.float()
     if any_greedy is None:
@@ -157,12 +157,12 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     return tokens, scaled.gather(1, tokens[:, None]).squeeze(1) - top[:, 0] - log_total
 
 
-def _sample_truncated(logits, scaled, weights, temperature, top_k, top_p, u) -> torch.Tensor:
+def _sample_truncated(logits, scaled, weights, temperature, top_k, top_p, u, candidates=CANDIDATES) -> torch.Tensor:
     """Top-k/top-p draws (rows without either get some token, replaced by the caller)."""
     R, V = scaled.shape
     k = torch.where(top_k > 0, top_k.clamp_max(V), V)  # [R]
-    # Candidates: each row's top-k, or CANDIDATES for a top-p-only row. Host syncs: truncation is rare in RL.
-    K = min(V, int(torch.where(top_k > 0, k, CANDIDATES).max()))
+    # Candidates: each row's top-k, or `candidates` for a top-p-only row. Host syncs: truncation is rare in RL.
+    K = min(V, int(torch.where(top_k > 0, k, candidates).max()))
     if 4 * K > V:  # most of the vocabulary: the plain sort costs no more
         return sample_reference(logits, temperature, top_k, top_p, u)[0]
     values, order = scaled.topk(K, -1)  # [R, K] descending
@@ -176,9 +176,10 @@ def _sample_truncated(logits, scaled, weights, temperature, top_k, top_p, u) -> 
     # Without top-k, the nucleus lies among the K candidates only if their mass reaches top_p (else the
     # next token would be in it too).
     outside = (top_k <= 0) & (top_p < 1) & (cum[:, -1] / total < top_p)
-    if bool(outside.any()):  # a flat distribution: its nucleus is drawn from the whole sorted vocabulary
+    if bool(outside.any()):  # a flatter row: look among 8x as many, then in the whole sorted vocabulary
         rows = outside.nonzero().squeeze(1)
-        tokens[rows] = sample_reference(logits[rows], temperature[rows], top_k[rows], top_p[rows], u[rows])[0]
+        tokens[rows] = _sample_truncated(logits[rows], scaled[rows], weights[rows], temperature[rows], top_k[rows],
+                                         top_p[rows], u[rows], 8 * candidates)
     return tokens
 
 
