@@ -42,6 +42,31 @@ def test_logits_match_transformers_fp32(tmp_path, family, overrides):
     assert rel_err(got, expected) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_and_rope_equal_their_written_out_forms_bit_for_bit(dtype):
+    """RMSNorm is F.rms_norm and RoPE a roll with a pre-signed sine: the same bits as transformers' formulas."""
+    from rpo_engine.model.config import ModelConfig
+    from rpo_engine.model.decoder import RMSNorm, RotaryEmbedding, apply_rope, rms_norm_reference, rotate_half
+
+    g = torch.Generator().manual_seed(0)
+    for dim, shape in [(64, (1, 1, 4)), (128, (3, 7, 2)), (896, (2, 5)), (4096, (1, 3))]:
+        norm = RMSNorm(dim, 1e-6).to(dtype)
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(dim, generator=g))
+        x = (torch.randn(*shape, dim, generator=g) * 3).to(dtype)
+        assert torch.equal(norm(x), rms_norm_reference(x, norm.weight, 1e-6))
+    config = ModelConfig(model_type="qwen2", vocab_size=16, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=4096,
+                         rope_theta=1e6)
+    positions = torch.randint(0, 4096, (2, 9), generator=g)
+    cos, signed_sin = RotaryEmbedding(config)(positions, dtype)
+    freqs = positions.float().unsqueeze(-1) * RotaryEmbedding(config).inv_freq  # transformers' way
+    emb = torch.cat((freqs, freqs), -1)
+    x = torch.randn(2, 9, 3, 32, generator=g).to(dtype)
+    want = x * emb.cos().to(dtype)[:, :, None] + rotate_half(x) * emb.sin().to(dtype)[:, :, None]
+    assert torch.equal(apply_rope(x, cos, signed_sin), want)
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_padded_batch_matches_transformers(tmp_path, family):
     hf = save_hf_checkpoint(family, tmp_path)

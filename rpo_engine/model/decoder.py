@@ -27,10 +27,19 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()  # the variance is taken in fp32, as in the reference implementations
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # x * rsqrt(mean(x^2) + eps) in fp32, cast back, times the weight, as in the reference
+        # implementations; F.rms_norm computes it bit for bit the same (tests/test_model.py), in one op.
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm written out, as transformers writes it: what RMSNorm must equal."""
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -38,9 +47,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x [B, T, heads, D]; cos/sin [B, T, D] broadcast over heads
-    return x * cos.unsqueeze(2) + rotate_half(x) * sin.unsqueeze(2)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, heads, D]; cos and signed_sin [B, T, 1, D] from RotaryEmbedding. Equals
+    x * cos + rotate_half(x) * sin bit for bit: rotate_half(x) * sin = roll(x, D/2) * (-sin1, sin2), and
+    negating either factor of a product rounds the same. One roll instead of a split, a negation and a cat."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
 class RotaryEmbedding(nn.Module):
@@ -50,10 +61,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype):
-        # positions [B, T] -> cos, sin [B, T, D], computed in fp32 then cast (as transformers does)
+        """positions [B, T] -> cos, signed sin [B, T, 1, D] (broadcast over heads), for `apply_rope`: computed in
+        fp32, then cast (as transformers does); the sine's first half negated (exact), for the roll."""
         freqs = positions.float().unsqueeze(-1) * self.inv_freq.float()  # [B, T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
+        return torch.cat((cos, cos), -1).unsqueeze(2), torch.cat((-sin, sin), -1).unsqueeze(2)
 
 
 class PaddedAttention:
