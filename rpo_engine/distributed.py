@@ -48,7 +48,7 @@ def no_forward_buffer_sync(ddp_class) -> dict:
 
 
 class PolicyForward(nn.Module):
-    """The training forward as a module call: (groups, shared) -> (logp, mask).
+    """The training forward as a module call: (groups, shared, with_entropy) -> (logp, mask[, entropy]).
 
     The log-prob path calls `model.hidden_states` and reads `lm_head.weight` directly; DDP and
     fully_shard hook `forward`, so the gradient pass must enter through a module's forward.
@@ -58,8 +58,8 @@ class PolicyForward(nn.Module):
         super().__init__()
         self.model, self.temperature = model, temperature
 
-    def forward(self, groups, shared: bool):
-        return group_logprobs(self.model, groups, self.temperature, shared=shared)
+    def forward(self, groups, shared: bool, with_entropy: bool = False):
+        return group_logprobs(self.model, groups, self.temperature, shared=shared, with_entropy=with_entropy)
 
 
 @dataclass

@@ -285,6 +285,7 @@ class Trainer:
                         ref[k] = self.sequence_logprobs(self.reference, batch, shared)[0]
         stats = {"loss": 0.0, "clip_frac": 0.0, "clip_low_frac": 0.0, "clip_high_frac": 0.0, "kl": 0.0}
         grad_norms, skipped = [], 0
+        entropy_sum, entropy_tokens = 0.0, 0  # the policy's entropy over the loss tokens, before the update
         for iteration in range(algo.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             pass_loss = 0.0
@@ -292,9 +293,11 @@ class Trainer:
                 # DDP: gradients are all-reduced once, in the pass's last backward
                 last = k == num_batches - 1 or self.dist.parallel != "ddp"
                 with contextlib.nullcontext() if last else self.policy.no_sync():
-                    logp, mask = self.policy(batch, shared)
+                    logp, mask, *entropy = self.policy(batch, shared, iteration == 0)
                     if iteration == 0 and k < num_real:  # the weights the rollout used
                         mismatch += self.rollout_mismatch(batch, logp.detach())
+                        entropy_sum += float((entropy[0] * mask).sum())
+                        entropy_tokens += int(mask.sum())
                     adv = torch.tensor([a for g in batch for a in g.advantages], device=self.device)
                     loss, st = policy_loss(logp, logp.detach() if old_logp is None else old_logp, adv, mask,
                                            ref_logp=ref_logp, eps_low=algo.epsilon, eps_high=algo.epsilon_high,
@@ -328,9 +331,11 @@ class Trainer:
         stats["skipped_updates"] = skipped
         shared_groups = len({id(g.prefix_ids) for batch, shared in batches[:num_real] if shared for g in batch})
         keys = ("clip_frac", "clip_low_frac", "clip_high_frac", "kl")
-        totals = self.dist.sum([stats[k] for k in keys] + [sum(mismatch), len(mismatch), num_real, shared_groups])
+        totals = self.dist.sum([stats[k] for k in keys] + [sum(mismatch), len(mismatch), num_real, shared_groups,
+                                                           entropy_sum, entropy_tokens])
         stats.update(zip(keys, totals[:4]))
         stats["logprob_mismatch"] = totals[4] / max(1, totals[5])
+        stats["entropy"] = totals[8] / max(1, totals[9])
         stats["num_micro_batches"], stats["prefix_shared_groups"] = int(totals[6]), int(totals[7])
         return stats
 
@@ -400,6 +405,7 @@ class Trainer:
             stats = dict.fromkeys(("loss", "clip_frac", "clip_low_frac", "clip_high_frac", "kl", "grad_norm",
                                    "logprob_mismatch", "num_micro_batches", "prefix_shared_groups"), 0.0)
             stats["skipped_updates"] = algo.num_iterations
+            stats["entropy"] = None  # no token was trained
         self.scheduler.step()
         self.step_num += 1
         after = self.engine_counters()

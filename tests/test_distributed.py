@@ -46,6 +46,11 @@ def assert_same_steps(a, b, steps):
             assert x[key] == y[key], (step, key, x[key], y[key])
         for key in ("loss", "grad_norm", "kl", "clip_frac"):
             assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (step, key)
+        if x["entropy"] is None or y["entropy"] is None:  # a step without an update
+            assert x["entropy"] is y["entropy"] is None, step
+        else:  # a token mean over every rank's trained tokens;
+            # near log(vocab) for the random model: ranks' own means would differ from it by ~1e-5
+            assert x["entropy"] == pytest.approx(y["entropy"], rel=1e-6, abs=0), step
 
 
 # DAPO with coin-flip rewards: dynamic sampling drops a group at step 3 and resamples 1 prompt, so

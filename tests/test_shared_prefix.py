@@ -76,6 +76,30 @@ def test_shared_equals_padded_families_with_checkpointing(family):
     check_equal(model, groups, "seq-mean-token-mean")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("shared", [True, False])
+def test_entropy_is_that_of_each_scored_tokens_distribution(shared):
+    """with_entropy: the entropy of softmax(logits / T) at the position that predicts each scored token, from
+    the model's plain full-logits forward of each sample, laid out as the log-probs are."""
+    model = tiny_model("qwen2")
+    groups = make_groups(model.config.vocab_size, **CASES["loss_in_prefix"])
+    temperature = 0.7
+    fn = shared_prefix_logprobs if shared else padded_logprobs
+    logp, mask, entropy = fn(model, groups, temperature, with_entropy=True)
+    assert torch.equal(logp, fn(model, groups, temperature)[0]) and not entropy.requires_grad
+    row = 0
+    with torch.no_grad():
+        for g in groups:
+            for suffix in g.suffix_ids:
+                ids = torch.tensor([g.prefix_ids + suffix], device=DEVICE)
+                logits = model(ids)[0, g.loss_start - 1:-1].double() / temperature  # predicts tokens loss_start..
+                want = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+                n = len(want)
+                assert mask[row, :n].all() and not mask[row, n:].any()
+                torch.testing.assert_close(entropy[row, :n].double(), want, atol=1e-5, rtol=1e-5)
+                row += 1
+
+
 def check_equal(model, groups, loss_agg):
     ref = loss_and_grads(model, groups, padded_logprobs, loss_agg)
     got = loss_and_grads(model, groups, shared_prefix_logprobs, loss_agg)
@@ -211,7 +235,8 @@ def test_trainer_step_same_with_and_without_sharing(tiny_model_dir, flags, monke
         assert on[key] == off[key], key
     assert on["num_groups_trained"] > 0 and on["grad_norm"] > 0
     assert on["prefix_shared_groups"] == on["num_groups_trained"] and off["prefix_shared_groups"] == 0
-    for key in ("loss", "grad_norm", "kl", "clip_frac", "logprob_mismatch"):
+    for key in ("loss", "grad_norm", "kl", "clip_frac", "logprob_mismatch", "entropy"):
         assert on[key] == pytest.approx(off[key], rel=1e-4, abs=1e-6), key
+    assert on["entropy"] > 0
     assert on["logprob_mismatch"] < 1e-4  # rollout log-probs equal the shared-prefix training forward's
     assert on["num_micro_batches"] < off["num_micro_batches"]  # the budget counts each prefix once

@@ -247,13 +247,18 @@ def _unpad(t: torch.Tensor, lay: _SuffixLayout) -> torch.Tensor:
     return t.transpose(1, 2).flatten(0, 1).index_select(0, lay.slot)
 
 
-def _score(model, hidden, rows: list[int], targets: list[int], take: list[list[int]], temperature: float):
-    """Log-probs of `targets` from the flat hidden rows `rows` (fused LM head), laid out per sample by `take`."""
+def _score(model, hidden, rows: list[int], targets: list[int], take: list[list[int]], temperature: float,
+           with_entropy: bool = False):
+    """Log-probs of `targets` from the flat hidden rows `rows` (fused LM head), laid out per sample by `take`;
+    with_entropy: also the entropy of each of those tokens' next-token distributions, laid out alike."""
     device = hidden.device
     picked = hidden.reshape(-1, hidden.shape[-1])[torch.tensor(rows, dtype=torch.long, device=device)]  # [n, H]
-    logp_flat = fused_logprobs(picked, model.lm_head.weight, torch.tensor(targets, dtype=torch.long, device=device),
-                               temperature)  # [n]
-    return _scatter_rows(logp_flat, take, device)
+    out = fused_logprobs(picked, model.lm_head.weight, torch.tensor(targets, dtype=torch.long, device=device),
+                         temperature, return_entropy=with_entropy)  # [n], or ([n], [n])
+    if not with_entropy:
+        return _scatter_rows(out, take, device)
+    logp, mask = _scatter_rows(out[0], take, device)
+    return logp, mask, _scatter_rows(out[1], take, device)[0]
 
 
 def _scatter_rows(logp_flat: torch.Tensor, take: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,8 +271,9 @@ def _scatter_rows(logp_flat: torch.Tensor, take: list[list[int]], device) -> tup
     return logp, mask.to(device)
 
 
-def shared_prefix_logprobs(model, groups: list[PrefixGroup], temperature: float = 1.0):
-    """Fast path: each group's prefix run once. Returns logp [S, span], mask [S, span] (module docstring)."""
+def shared_prefix_logprobs(model, groups: list[PrefixGroup], temperature: float = 1.0, with_entropy: bool = False):
+    """Fast path: each group's prefix run once. Returns logp [S, span], mask [S, span] (module docstring), and
+    with_entropy the entropy [S, span] (fp32, no grad) of the distribution each scored token was drawn from."""
     device = model.device
     P = max(len(g.prefix_ids) for g in groups)
     S = max(sum(len(s) for s in g.suffix_ids) for g in groups)
@@ -301,10 +307,10 @@ def shared_prefix_logprobs(model, groups: list[PrefixGroup], temperature: float 
     prefix_lens = torch.tensor([len(g.prefix_ids) for g in groups], device=device)
     attn = SharedPrefixAttention(prefix_lens, sample_ids.to(device), P)
     hidden = model.hidden_states(input_ids.to(device), position_ids=position_ids.to(device), attn=attn)  # [B, L, H]
-    return _score(model, hidden, rows, targets, take, temperature)
+    return _score(model, hidden, rows, targets, take, temperature, with_entropy)
 
 
-def padded_logprobs(model, groups: list[PrefixGroup], temperature: float = 1.0):
+def padded_logprobs(model, groups: list[PrefixGroup], temperature: float = 1.0, with_entropy: bool = False):
     """Reference path: every sample as its own right-padded row, prefix included. Same returns."""
     device = model.device
     seqs = [(g.prefix_ids + s, g.loss_start) for g in groups for s in g.suffix_ids]
@@ -317,12 +323,14 @@ def padded_logprobs(model, groups: list[PrefixGroup], temperature: float = 1.0):
         rows += range(b * T + start - 1, b * T + len(ids) - 1)  # the position that predicts each target
         targets += ids[start:]
     hidden = model.hidden_states(input_ids.to(device))  # [b, T, H]
-    return _score(model, hidden, rows, targets, take, temperature)
+    return _score(model, hidden, rows, targets, take, temperature, with_entropy)
 
 
-def group_logprobs(model, groups: list[PrefixGroup], temperature: float = 1.0, shared: bool = True):
-    """logp [S, span], mask [S, span] for the samples of `groups`, by either path."""
-    return (shared_prefix_logprobs if shared else padded_logprobs)(model, groups, temperature)
+def group_logprobs(model, groups: list[PrefixGroup], temperature: float = 1.0, shared: bool = True,
+                   with_entropy: bool = False):
+    """logp [S, span], mask [S, span] for the samples of `groups`, by either path (and the entropy
+    [S, span] with_entropy)."""
+    return (shared_prefix_logprobs if shared else padded_logprobs)(model, groups, temperature, with_entropy)
 
 
 def sharing_pays(group: PrefixGroup, config) -> bool:
