@@ -1,7 +1,8 @@
 """RPO against full-path GRPO/DAPO on the built-in task and starter model, side by side in one process.
 
 For each algorithm pair (full path vs RPO) and seed: generated tokens per step, prefill tokens,
-median step time, training wall-clock to reach a target eval accuracy, final eval accuracy. Writes
+median step time, training wall-clock to reach a target eval accuracy (by default the seed's starting
+accuracy + 0.05: the starter model's own accuracy depends on the machine that built it), final eval accuracy. Writes
 benchmarks/results/train_<device>.json and a PNG with reward and eval accuracy against steps and
 against wall-clock.
 
@@ -53,6 +54,12 @@ def run(algo: str, rpo: bool, seed: int, steps: int, extra: list[str], out: Path
                       "eval_step": [r["step"] for r in evals], "eval_accuracy": [r["eval_accuracy"] for r in evals]}}
 
 
+def target_accuracy(run: dict, target: float | None, gain: float) -> float:
+    """`target` if given, else the run's starting eval accuracy + `gain` (the same for a seed's full-path and
+    RPO runs: one starter model, one eval set)."""
+    return target if target is not None else round(run["initial_eval_accuracy"] + gain, 6)
+
+
 def seconds_to_reach(run: dict, target: float) -> float | None:
     """Training wall-clock (step times summed, evals excluded) at the first eval at or above `target`."""
     wall_at = [0.0] + run["curve"]["wall_s"]
@@ -62,7 +69,7 @@ def seconds_to_reach(run: dict, target: float) -> float | None:
     return None
 
 
-def summarize(runs: list[dict], target: float) -> list[dict]:
+def summarize(runs: list[dict], target: float | None, gain: float = 0.05) -> list[dict]:
     """One row per (algorithm, RPO variant), each against the algorithm's full-path runs of the same seeds."""
     summary = []
     for algo in dict.fromkeys(r["algo"] for r in runs):
@@ -70,11 +77,12 @@ def summarize(runs: list[dict], target: float) -> list[dict]:
         for variant in dict.fromkeys(r["variant"] for r in runs if r["algo"] == algo and r["rpo"]):
             rpo = sorted((r for r in runs if r["algo"] == algo and r["rpo"] and r["variant"] == variant),
                          key=lambda r: r["seed"])
-            summary.append(compare(algo, variant, full, rpo, target))
+            summary.append(compare(algo, variant, full, rpo, target, gain))
     return summary
 
 
-def compare(algo: str, variant: str, full: list[dict], rpo: list[dict], target: float) -> dict:
+def compare(algo: str, variant: str, full: list[dict], rpo: list[dict], target: float | None, gain: float) -> dict:
+    targets = [target_accuracy(r, target, gain) for r in full]  # per seed
     gaps = [b["final_eval_accuracy"] - a["final_eval_accuracy"] for a, b in zip(full, rpo)]  # same seeds, in order
     return {
         "algo": algo, "variant": variant,
@@ -85,9 +93,9 @@ def compare(algo: str, variant: str, full: list[dict], rpo: list[dict], target: 
         "final_eval_full": [r["final_eval_accuracy"] for r in full],
         "final_eval_rpo": [r["final_eval_accuracy"] for r in rpo],
         "eval_gap_mean": statistics.mean(gaps), "eval_gap_std": statistics.stdev(gaps) if len(gaps) > 1 else 0.0,
-        "target_eval_accuracy": target,
-        "seconds_to_target_full": [seconds_to_reach(r, target) for r in full],
-        "seconds_to_target_rpo": [seconds_to_reach(r, target) for r in rpo]}
+        "target_eval_accuracy": targets,
+        "seconds_to_target_full": [seconds_to_reach(r, t) for r, t in zip(full, targets)],
+        "seconds_to_target_rpo": [seconds_to_reach(r, t) for r, t in zip(rpo, targets)]}
 
 
 def plot(runs: list[dict], path: Path) -> None:
@@ -124,8 +132,10 @@ def main():
     parser.add_argument("--algos", nargs="+", default=["grpo"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--target", type=float, default=0.42,
-                        help="eval accuracy whose first crossing is timed (the starter model scores 0.367)")
+    parser.add_argument("--target", type=float, default=None,
+                        help="eval accuracy whose first crossing is timed (default: each seed's starting accuracy "
+                        "+ --target-gain)")
+    parser.add_argument("--target-gain", type=float, default=0.05)
     parser.add_argument("--out", type=Path, default=None, help="JSON path (the PNG goes beside it)")
     parser.add_argument("--rpo-variants", nargs="*", default=[], metavar="FLAGS",
                         help='more RPO runs per seed, each with these train flags: one quoted string each, '
@@ -146,13 +156,13 @@ def main():
             print(f"{r['algo']:5s} rpo={r['rpo']!s:5s} seed={r['seed']} {r['variant'] or ''} "
                   f"gen_tok/step={r['generated_tokens_per_step']:8.0f} median_step={r['median_step_time_s']:6.2f}s "
                   f"eval {r['initial_eval_accuracy']:.3f} -> {r['final_eval_accuracy']:.3f}", flush=True)
-    summary = summarize(runs, args.target)
+    summary = summarize(runs, args.target, args.target_gain)
     for row in summary:
         print(f"{row['algo']}{' [' + row['variant'] + ']' if row['variant'] else ''}: RPO generates "
               f"{row['token_ratio']:.1%} of full-path tokens, median step time "
               f"{row['step_time_ratio']:.1%}; final eval full {row['final_eval_full']} rpo {row['final_eval_rpo']} "
               f"(RPO - full: {row['eval_gap_mean']:+.3f} +- {row['eval_gap_std']:.3f}); seconds to eval >= "
-              f"{args.target}: full {row['seconds_to_target_full']} rpo {row['seconds_to_target_rpo']}")
+              f"{row['target_eval_accuracy']}: full {row['seconds_to_target_full']} rpo {row['seconds_to_target_rpo']}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results = Path(__file__).parent / "results"
     record = {"benchmark": "train", "machine": machine(), "date": datetime.datetime.now().isoformat(timespec="seconds"),

@@ -34,8 +34,10 @@ def test_bench_train_compares_each_rpo_variant_with_full_path(tmp_path, tiny_mod
     assert [(r["algo"], r["variant"]) for r in record["summary"]] == [
         ("grpo", ""), ("grpo", "--rpo-unverified-cut-fraction 0.5")]
     assert len(record["runs"]) == 2 * 3  # per seed: full path, RPO, the variant
+    starts = [r["initial_eval_accuracy"] for r in sorted(record["runs"], key=lambda r: r["seed"]) if not r["rpo"]]
     for row in record["summary"]:
         assert row["token_ratio"] > 0 and len(row["final_eval_rpo"]) == 2
+        assert row["target_eval_accuracy"] == [round(a + 0.05, 6) for a in starts]  # per seed, from its start
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
