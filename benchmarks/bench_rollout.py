@@ -8,8 +8,10 @@ tokens/s, achieved GB/s (weights + K/V read per decode step / step time) against
 bandwidth, and the ratio to transformers; also the decode forward's own device time (CUDA events around
 each graph replay) and the GB/s it reaches, so host work and kernel speed show apart; at 4k context
 also with triton_cascade=True (shared prompt K/V read once per prompt; its achieved_GB_s is then an
-effective figure: the bytes the plain path reads). New tokens/s counts every
-returned token over the call's wall time. Writes benchmarks/results/rollout_<cpu|cuda>.json.
+effective figure: the bytes the plain path reads). Every load also runs with async_scheduling=True (each
+decode step scheduled while the previous one runs), on the CPU too, where it has nothing to overlap and
+should cost nothing. New tokens/s counts every returned token over the call's wall time. Writes
+benchmarks/results/rollout_<cpu|cuda>.json.
 """
 import argparse, datetime, json, os, statistics, sys, tempfile, time, traceback  # noqa: E401
 from pathlib import Path
@@ -138,6 +140,8 @@ def main():
     cases = []  # (name, run_case arguments after hf and model, keyword arguments)
     if not args.gpu:
         cases.append(("8x16 p256 g128", (8, 16, 256, 128, args.repeats), {}))
+        cases.append(("8x16 p256 g128 async_scheduling", (8, 16, 256, 128, args.repeats),
+                      dict(with_hf=False, engine_kwargs=dict(async_scheduling=True))))
         for share in (True, False):
             cases.append((f"rpo 8x16 p1024 g64 sharing={share}", (8, 16, 1024, 64, args.repeats),
                           dict(with_hf=share, engine_kwargs=dict(enable_prefix_sharing=share))))
@@ -146,6 +150,8 @@ def main():
             for ctx in (1024, 4096):
                 load = (num_seqs // 8, 8, ctx - 256, 256, args.repeats)
                 cases.append((f"{num_seqs} seqs ctx {ctx}", load, dict(engine_kwargs=dict(gpu_memory_utilization=0.9))))
+                cases.append((f"{num_seqs} seqs ctx {ctx} async_scheduling", load, dict(
+                    with_hf=False, engine_kwargs=dict(gpu_memory_utilization=0.9, async_scheduling=True))))
                 if ctx == 4096:  # the same load with each prompt's K/V read once for its 8 samples
                     cases.append((f"{num_seqs} seqs ctx {ctx} triton_cascade", load, dict(
                         with_hf=False, engine_kwargs=dict(gpu_memory_utilization=0.9, triton_cascade=True))))

@@ -3,7 +3,7 @@
 # tests, then each benchmark in --gpu mode. Every step has its own time limit (also cut to what is
 # left of SUITE_BUDGET_S), a failing or timed-out step is recorded and the suite goes on.
 # All of it is more than one 10-minute device call: SUITE_STEPS picks the steps of a call, e.g.
-#   SUITE_STEPS="tests torchrun", then "kernels rollout host sampler", then "paper_shape shared_prefix train trl"
+#   SUITE_STEPS="tests torchrun", then "kernels rollout host", then "paper_shape shared_prefix train trl sampler"
 # (install and wheels always run; each call's $OUT comes back on its own). Results, in $OUT (the device returns at most 8 files):
 #   suite.json         per step: status (ok / failed / timeout / skipped), exit code, seconds
 #   env.json           GPU (nvidia-smi), torch/triton/python versions, importable extras, git commit, date
@@ -123,7 +123,7 @@ rm -rf "$OUT/torchrun/tiny_model" "$OUT/torchrun/ddp/final" "$OUT/torchrun/fsdp/
   "$OUT/torchrun/ddp/checkpoints" "$OUT/torchrun/fsdp/checkpoints"  # bring back metrics.jsonl, not weights
 
 bench paper_shape 150 python benchmarks/bench_paper_shape.py --gpu --repeats 2 --out "$OUT/paper_shape_cuda.json"
-bench rollout 200 python benchmarks/bench_rollout.py --gpu --repeats 1 --out "$OUT/rollout_cuda.json"
+bench rollout 260 python benchmarks/bench_rollout.py --gpu --repeats 1 --out "$OUT/rollout_cuda.json"
 # The engine's host work per decode step on this box's CPU: it adds to rollout_cuda.json's decode_step_ms.
 bench host 60 python benchmarks/bench_host.py --repeats 2 --out "$OUT/host_gpu_box.json"
 bench sampler 60 python benchmarks/bench_sampler.py --gpu --out "$OUT/sampler_cuda.json"

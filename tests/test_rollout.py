@@ -477,3 +477,90 @@ def test_graph_replay_pads_batches_and_recaptures_replaced_weights(checkpoints, 
         assert all(graphed.runner.graphs[s] is not graphs_before[s] for s in graphs_before)  # recaptured
     finally:
         weight.data = original
+
+
+def async_twin(model, **kwargs):
+    """(sync engine, async engine) with the same settings; the async one records which decode steps ran
+    on tokens still on the device (scheduled before the previous step's tokens were read)."""
+    sync = RolloutEngine(model, **kwargs)
+    engine = RolloutEngine(model, async_scheduling=True, **kwargs)
+    engine.ahead_steps, run = [], engine.runner.run
+
+    def recorded(seqs, is_prefill, copies, input_ids=None):
+        engine.ahead_steps.append(input_ids is not None)
+        return run(seqs, is_prefill, copies, input_ids)
+
+    engine.runner.run = recorded
+    return sync, engine
+
+
+def test_async_scheduling_gives_the_same_completions(checkpoints):
+    """Decode steps scheduled ahead of their input tokens draw what synchronous steps draw: mixed prompt
+    lengths and budgets, n > 1, stop tokens that fire (a stopped sample runs one void step), greedy and
+    sampled, prefix sharing on and off; the same blocks get hashed for the prefix cache, nothing leaks."""
+    hf, model = checkpoints["llama"]
+    V = hf.config.vocab_size
+    prompts = random_prompts(V, [9, 14, 6, 11])
+    stops = list(range(3, V, 9))  # ~1 token in 9: most samples stop early, at different steps
+    cases = [[SamplingParams(n=3, max_new_tokens=b, temperature=1.0, seed=3, stop_token_ids=stops)
+              for b in (20, 7, 24, 13)],
+             SamplingParams(n=2, max_new_tokens=12, temperature=0, stop_token_ids=[]),
+             SamplingParams(n=3, max_new_tokens=10, temperature=0.8, top_k=20, top_p=0.9, seed=4, stop_token_ids=stops)]
+    for sharing in (True, False):
+        sync, engine = async_twin(model, block_size=4, enable_prefix_sharing=sharing)
+        for params in cases:
+            engine.ahead_steps.clear()
+            want, got = sync.generate(prompts, params), engine.generate(prompts, params)
+            assert_same_samples(got, want)
+            assert [[c.finish_reason for c in o] for o in got] == [[c.finish_reason for c in o] for o in want]
+            assert sum(engine.ahead_steps) > len(engine.ahead_steps) // 2  # most decode steps ran ahead
+            a, s = engine.last_stats, sync.last_stats
+            assert a.sampled_tokens == s.sampled_tokens == sum(len(c.token_ids) for o in got for c in o)
+            stopped = sum(c.finish_reason == "stop" for o in got for c in o)
+            assert s.decode_tokens <= a.decode_tokens <= s.decode_tokens + stopped  # one void row per stop at most
+            if params is cases[0]:
+                assert stopped > 3 and a.decode_tokens > s.decode_tokens
+            assert engine.block_manager.num_used_blocks == 0 and engine._inflight is None
+            assert all(seq.num_pending == 0 for seq in engine.scheduler.running)
+            if sharing:  # every block the sync run hashed (prompts and filled decode blocks), and no other
+                assert set(engine.block_manager.hash_to_block_id) == set(sync.block_manager.hash_to_block_id)
+
+
+def test_async_scheduling_falls_back_to_sync_steps_for_preemption(checkpoints):
+    """Under a KV budget too small for the batch, a step that would preempt reads the in-flight tokens
+    first; the completions still equal a roomy synchronous run."""
+    hf, model = checkpoints["qwen2"]
+    prompts = random_prompts(hf.config.vocab_size, [9, 14, 6, 11])
+    roomy = RolloutEngine(model, block_size=4)
+    # 12 blocks: most requests wait while others decode. 14 blocks for one prompt's 6 samples: all are
+    # admitted, and decode runs out of blocks with nothing waiting (26 needed: 2 shared + 4 each).
+    for prompts, num_blocks, n in ((prompts, 12, 3), ([prompts[0][:8]], 14, 6)):
+        params = SamplingParams(n=n, max_new_tokens=16, temperature=1.0, seed=5, stop_token_ids=[])
+        tight = RolloutEngine(model, block_size=4, num_blocks=num_blocks, async_scheduling=True)
+        preempted_in_flight, preempt = [], tight.scheduler.preempt
+        tight.scheduler.preempt = lambda seq: preempted_in_flight.append(tight._inflight is not None) or preempt(seq)
+        want, got = roomy.generate(prompts, params), tight.generate(prompts, params)
+        assert tight.last_stats.preemptions > 0 and not any(preempted_in_flight)
+        assert_same_samples(got, want)
+        assert tight.block_manager.num_used_blocks == 0
+
+
+def test_async_scheduling_under_graph_replay(checkpoints, monkeypatch):
+    """The CUDA-graph path (EagerGraph standing in) with input ids taken from the previous step's tokens
+    on the device, batches shrinking down the graph ladder as samples stop."""
+    from rpo_engine.rollout.model_runner import ModelRunner
+
+    def capture_eagerly(forward, pool):
+        output = forward()
+        return EagerGraph(forward, output), output
+
+    monkeypatch.setattr(ModelRunner, "_capture_graph", staticmethod(capture_eagerly))
+    monkeypatch.setattr(EagerGraph, "replays", [])
+    hf, model = checkpoints["qwen2"]
+    prompts = random_prompts(hf.config.vocab_size, [5, 11, 7])
+    params = [SamplingParams(n=3, max_new_tokens=b, temperature=1.0, seed=2, stop_token_ids=[]) for b in (4, 9, 6)]
+    eager, graphed = async_twin(model, block_size=4, attention_backend="triton", use_cuda_graphs=False,
+                                max_num_seqs=16)
+    graphed.runner.capture()
+    assert_same_samples(graphed.generate(prompts, params), eager.generate(prompts, params))
+    assert set(EagerGraph.replays) == {16, 8, 4} and any(graphed.ahead_steps)

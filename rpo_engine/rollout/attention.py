@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from rpo_engine.rollout.transfer import host_tensor, to_device
+
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor):
     # k_cache [num_blocks, block_size, KVH, D]; k/v [N, KVH, D]; slots [N]
@@ -146,10 +148,10 @@ def cascade_layout(block_tables: torch.Tensor, num_shared_blocks: list[int], blo
     group_tables = block_tables.index_select(0, first)[:, :columns.shape[1]]
     return CascadeLayout(
         shared=torch.tensor(shared),
-        group_tables=group_tables.masked_fill(columns >= group_k[:, None], pad_block).long().to(device),
-        group_lens=(group_k * block_size).to(device),
-        member_index=torch.tensor([members + [S] * (width - len(members)) for _, members in groups], device=device),
-        member_slot=torch.tensor(slot, device=device))
+        group_tables=to_device(group_tables.masked_fill(columns >= group_k[:, None], pad_block).long(), device),
+        group_lens=to_device(group_k * block_size, device),
+        member_index=host_tensor([members + [S] * (width - len(members)) for _, members in groups], device),
+        member_slot=host_tensor(slot, device))
 
 
 def decode_metadata(block_tables: torch.Tensor, context_lens: list[int], block_size: int, pad_block: int, device,
@@ -164,8 +166,8 @@ def decode_metadata(block_tables: torch.Tensor, context_lens: list[int], block_s
     W = block_tables.shape[1]
     lens = torch.tensor(context_lens, dtype=torch.int32)
     last = block_tables.gather(1, ((lens - 1) // block_size).long()[:, None])[:, 0]  # block of each last token
-    meta = DecodeMetadata(slot_mapping=(last.long() * block_size + (lens - 1) % block_size).to(device),
-                          context_lens=lens.to(device), block_tables=block_tables.to(device))
+    meta = DecodeMetadata(slot_mapping=to_device(last.long() * block_size + (lens - 1) % block_size, device),
+                          context_lens=to_device(lens, device), block_tables=to_device(block_tables, device))
     if layout is None:
         return meta
     meta.group_tables, meta.group_lens = layout.group_tables, layout.group_lens
@@ -177,8 +179,8 @@ def decode_metadata(block_tables: torch.Tensor, context_lens: list[int], block_s
     width = int(((lens + block_size - 1) // block_size - k).max())
     index = k[:, None] + torch.arange(width)[None, :]  # [S, tail width]
     tails = block_tables.gather(1, index.clamp_max(W - 1)).masked_fill_(index >= W, pad_block)
-    meta.tail_tables = tails.long().to(device)
-    meta.tail_lens = (lens - k * block_size).to(device)
+    meta.tail_tables = to_device(tails.long(), device)
+    meta.tail_lens = to_device(lens - k * block_size, device)
     return meta
 
 

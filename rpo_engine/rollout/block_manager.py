@@ -190,17 +190,18 @@ class BlockManager:
         self.tables.assign(child)
 
     def can_append(self, seq: Sequence) -> bool:
-        return self.num_free_blocks >= self._append_cost(seq)
+        return self.num_free_blocks >= self.append_cost(seq)
 
-    def _append_cost(self, seq: Sequence) -> int:
-        idx = (len(seq.token_ids) - 1) // self.block_size  # the block the last token is written to
+    def append_cost(self, seq: Sequence) -> int:
+        """Free blocks the next decode step of `seq` takes: a new block, or a copy of a shared partial one."""
+        idx = (seq.num_tokens - 1) // self.block_size  # the block the last token is written to
         if idx == len(seq.block_table):
             return 1
         return int(self.blocks[seq.block_table[idx]].ref_count > 1)  # shared partial block: copy on write
 
     def may_append(self, seq: Sequence) -> tuple[int, int] | None:
         """Make room for the last token's K/V. Returns (src, dst) when a shared block must be copied."""
-        n = len(seq.token_ids)
+        n = seq.num_tokens
         idx = (n - 1) // self.block_size
         copy = None
         if idx == len(seq.block_table):
@@ -214,9 +215,16 @@ class BlockManager:
                 seq.block_table[idx] = new_id
                 self.tables.set(seq, idx, new_id)
                 copy = (block_id, new_id)
-        if n % self.block_size == 0 and self.enable_prefix_caching:  # this step fills the block
-            prev = self.blocks[seq.block_table[idx - 1]].hash if idx > 0 else -1
-            if idx == 0 or prev != -1:
-                tokens = seq.block(idx)
-                self._register(seq.block_table[idx], tokens, chain_hash(tokens, prev))
+        if n % self.block_size == 0 and not seq.num_pending:  # this step fills the block (a pending
+            self.register_filled_block(seq, idx)  # last token is not known yet: registered when it arrives)
         return copy
+
+    def register_filled_block(self, seq: Sequence, idx: int):
+        """Hash block `idx` of `seq` for prefix caching: it is full, and the step that writes its last
+        token's K/V is scheduled."""
+        if not self.enable_prefix_caching:
+            return
+        prev = self.blocks[seq.block_table[idx - 1]].hash if idx > 0 else -1
+        if idx == 0 or prev != -1:
+            tokens = seq.block(idx)
+            self._register(seq.block_table[idx], tokens, chain_hash(tokens, prev))

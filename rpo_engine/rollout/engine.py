@@ -5,6 +5,14 @@ forward, fork fresh prefills into their n samples, sample, append. Each prompt i
 its n samples share its blocks; identical full blocks across the prompts of a call are reused. The
 prefix cache is emptied at the start of every call, because the model may have been trained since.
 Lengths: prompt + max_new_tokens must fit in max_position_embeddings (a ValueError otherwise).
+
+Async scheduling (`async_scheduling=True`): a decode step is scheduled and launched before the
+previous step's sampled tokens reach the host; its input ids are those tokens, still on the device,
+and the host appends them (and finds who stopped) while the new step runs. On a GPU this hides the
+host's work per step (scheduling, metadata, appending) behind the device's. The draws are the same
+as without it (each depends only on its request, sample and position); a sequence that sampled a stop
+token runs one more step for nothing. It falls back to a synchronous step where the next step needs
+every token: a prefill (requests waiting) or a preemption.
 """
 from __future__ import annotations
 
@@ -18,7 +26,35 @@ from rpo_engine.rollout.block_manager import BlockManager
 from rpo_engine.rollout.model_runner import ModelRunner
 from rpo_engine.rollout.sampler import request_key, sample_sequences
 from rpo_engine.rollout.scheduler import Scheduler
-from rpo_engine.rollout.sequence import Completion, SamplingParams, Sequence
+from rpo_engine.rollout.sequence import Completion, SamplingParams, Sequence, SequenceStatus
+from rpo_engine.rollout.transfer import host_tensor
+
+
+class InFlight:
+    """A launched decode step whose tokens the host has not read yet."""
+
+    def __init__(self, seqs: list[Sequence], tokens: torch.Tensor, logprobs: torch.Tensor):
+        self.seqs, self.tokens = seqs, tokens  # tokens stay on the device: the next step's input ids
+        self.event = None
+        if tokens.device.type == "cuda":  # start the copy to the host now; `result` waits only for it
+            self.host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                         for t in (tokens, logprobs)]
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = [tokens, logprobs]
+
+    def input_ids(self, seqs: list[Sequence], device) -> torch.Tensor:
+        """[len(seqs)] the pending tokens of `seqs` (all from this step), in their order."""
+        if len(seqs) == len(self.seqs) and all(a is b for a, b in zip(seqs, self.seqs)):
+            return self.tokens
+        row = {seq.uid: i for i, seq in enumerate(self.seqs)}
+        return self.tokens.index_select(0, host_tensor([row[seq.uid] for seq in seqs], device))
+
+    def result(self) -> tuple[list[int], list[float]]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host[0].tolist(), self.host[1].tolist()
 
 
 @dataclass
@@ -26,7 +62,7 @@ class RolloutStats:
     prefill_tokens: int = 0  # tokens computed by prefill forwards
     cached_tokens: int = 0  # prompt tokens found in the prefix cache instead
     forked_tokens: int = 0  # prompt tokens a sample got from its fork instead of its own prefill
-    decode_tokens: int = 0  # tokens computed by decode forwards
+    decode_tokens: int = 0  # tokens computed by decode forwards (async: also the rows after a stop token)
     sampled_tokens: int = 0  # new tokens returned
     preemptions: int = 0
     prefill_steps: int = 0
@@ -52,7 +88,7 @@ class RolloutEngine:
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  use_cuda_graphs: bool | None = None, attention_backend: str = "auto",
                  enable_prefix_sharing: bool = True, gpu_memory_utilization: float = 0.5,
-                 triton_cascade: bool = False):
+                 triton_cascade: bool = False, async_scheduling: bool = False):
         """
         block_size: tokens per K/V block. num_blocks or kv_cache_bytes: the K/V budget; by default
           64k tokens on CPU (capped at max(weights' size, 1 GiB)), and on CUDA what is left of
@@ -68,6 +104,9 @@ class RolloutEngine:
           (as the torch backend always does) in a second kernel launch, merged by log-sum-exp; the CUDA
           graphs hold that launch too. Off by default until measured on a GPU (bench_rollout.py --gpu
           runs both): without groups in a step it costs a launch and a merge per layer for nothing.
+        async_scheduling: schedule each decode step while the previous one runs (module docstring): the
+          same completions. Off by default until measured on a GPU (bench_rollout.py --gpu runs both);
+          on a CPU, where every op finishes before the next starts, it has nothing to overlap.
         """
         if attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton', got {attention_backend!r}")
@@ -83,6 +122,8 @@ class RolloutEngine:
         self.model, self.config = model, model.config
         self.block_size, self.max_num_seqs = block_size, max_num_seqs
         self.enable_prefix_sharing = enable_prefix_sharing
+        self.async_scheduling = async_scheduling
+        self._inflight: InFlight | None = None
         max_num_batched_tokens = max_num_batched_tokens or max(8192, self.config.max_position_embeddings)
         self.runner = ModelRunner(model, block_size, num_blocks, kv_cache_bytes, max_num_seqs, max_num_batched_tokens,
                                   attention_backend, use_cuda_graphs, gpu_memory_utilization, enable_prefix_sharing,
@@ -118,29 +159,60 @@ class RolloutEngine:
                 for j in range(p.n):
                     self.scheduler.add(Sequence(prompt, p, self.block_size, stop, key, i, sample_index=j))
         try:
-            while not self.scheduler.is_finished():
+            while not self.scheduler.is_finished() or self._inflight is not None:
                 for seq in self.step():
                     outputs[seq.request_index][seq.sample_index] = seq.completion()
         except BaseException:  # e.g. KeyboardInterrupt: drop the call's sequences, keep the engine usable
+            self._inflight = None
+            for seq in (*self.scheduler.running, *self.scheduler.waiting):
+                seq.num_pending = 0
             self.scheduler.abort()
             raise
         self.last_stats = self.stats.delta(before, self._call_peak)
         return outputs
 
     def step(self) -> list[Sequence]:
-        """One forward for the scheduled batch; returns the sequences that finished."""
+        """One forward for the scheduled batch; returns the sequences that finished (with async
+        scheduling: those whose last token the host has read, which may be a step later)."""
         start = time.perf_counter()
+        finished = []
+        if self._inflight is not None and not self.scheduler.fits_ahead():
+            finished += self._collect(scheduled_ahead=False)  # the next step needs every token first
         seqs, is_prefill, copies = self.scheduler.schedule()
+        if not seqs:  # async: every running sequence has its last token pending
+            return finished + (self._collect(scheduled_ahead=False) if self._inflight is not None else [])
+        assert not (is_prefill and self._inflight is not None), "a prefill runs only after the tokens are read"
         held = self.block_manager.num_used_blocks  # the step's high-water mark: nothing is freed yet
-        logits = self.runner.run(seqs, is_prefill, copies)  # [len(seqs), vocab] fp32
+        input_ids = self._inflight.input_ids(seqs, self.runner.device) if self._inflight is not None else None
+        logits = self.runner.run(seqs, is_prefill, copies, input_ids)  # [len(seqs), vocab] fp32
         self._count_work(seqs, is_prefill)
         if is_prefill:  # fresh requests split into their n samples, all drawn from the request's row
             rows = torch.tensor([i for i, seq in enumerate(seqs) for _ in range(seq.num_forks)], device=logits.device)
             seqs = [sample for seq in seqs for sample in self.scheduler.fork(seq)]
             logits = logits[rows]  # [num samples, vocab]
-        token_ids, logprobs = sample_sequences(logits, seqs)  # the step's one host sync
-        finished = self.scheduler.postprocess(seqs, token_ids, logprobs)
-        self._count_step(len(seqs), is_prefill, held, time.perf_counter() - start)
+        tokens, logprobs = sample_sequences(logits, seqs)
+        if self.async_scheduling and not is_prefill:
+            step = InFlight(seqs, tokens, logprobs)
+            for seq in seqs:
+                seq.num_pending += 1
+            if self._inflight is not None:  # read the previous step's tokens while this one runs
+                finished += self._collect(scheduled_ahead=True)
+            self._inflight = step
+            num_sampled = 0  # counted when read
+        else:
+            finished += self.scheduler.postprocess(seqs, tokens.tolist(), logprobs.tolist())  # the host sync
+            num_sampled = len(seqs)
+        self._count_step(num_sampled, is_prefill, held, time.perf_counter() - start)
+        return finished
+
+    def _collect(self, scheduled_ahead: bool) -> list[Sequence]:
+        """Append the in-flight step's tokens; -> the sequences that finished."""
+        step, self._inflight = self._inflight, None
+        token_ids, logprobs = step.result()
+        live = sum(seq.status is not SequenceStatus.FINISHED for seq in step.seqs)
+        finished = self.scheduler.postprocess(step.seqs, token_ids, logprobs, scheduled_ahead)
+        self.stats.sampled_tokens += live
+        self.stats.blocks_used = self.block_manager.num_used_blocks
         return finished
 
     def _count_work(self, seqs: list[Sequence], is_prefill: bool):

@@ -22,6 +22,7 @@ from rpo_engine.rollout.attention import (DecodeMetadata, PagedDecode, PagedPref
                                           cascade_layout, decode_metadata)
 from rpo_engine.rollout.block_manager import BlockTables
 from rpo_engine.rollout.sequence import Sequence
+from rpo_engine.rollout.transfer import host_tensor
 
 
 class ModelRunner:
@@ -97,10 +98,12 @@ class ModelRunner:
         return int(total * utilization - (total - free) - peak_extra)
 
     # ---- one step ----------------------------------------------------------------------------
-    def run(self, seqs: list[Sequence], is_prefill: bool, copies: list[tuple[int, int]]) -> torch.Tensor:
-        """-> logits [len(seqs), vocab] fp32 at each sequence's last token."""
+    def run(self, seqs: list[Sequence], is_prefill: bool, copies: list[tuple[int, int]],
+            input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """-> logits [len(seqs), vocab] fp32 at each sequence's last token. `input_ids` [S] (decode, async
+        scheduling): the sequences' last tokens, still on the device where the previous step sampled them."""
         if copies:  # copy-on-write of shared partial blocks, before this step writes into them
-            src, dst = (torch.tensor(c, device=self.device) for c in zip(*copies))
+            src, dst = (host_tensor(c, self.device) for c in zip(*copies))
             self.k_cache[:, dst] = self.k_cache[:, src]
             self.v_cache[:, dst] = self.v_cache[:, src]
         with torch.no_grad():  # not inference_mode: the same weights are trained with autograd later
@@ -108,7 +111,7 @@ class ModelRunner:
                 ids, pos, attn, last = self._prepare_prefill(seqs)
                 hidden = self.model.hidden_states(ids, position_ids=pos, attn=attn)[0, last]  # [S, hidden]
                 return F.linear(hidden, self.model.lm_head.weight).float()
-            ids, pos, meta = self._prepare_decode(seqs)
+            ids, pos, meta = self._prepare_decode(seqs, input_ids)
             if self.graphs:
                 return self._replay(ids, pos, meta)
             return self._decode_forward(ids, pos, self._decode_backend(meta, len(seqs))).float()
@@ -131,10 +134,13 @@ class ModelRunner:
         pos = torch.tensor([pos], device=self.device)  # [1, N]
         return ids, pos, PagedPrefill(self.k_cache, self.v_cache, meta), torch.tensor(last, device=self.device)
 
-    def _prepare_decode(self, seqs):
-        ids = torch.tensor([[seq.last_token] for seq in seqs], device=self.device)  # [S, 1]
-        lens = [len(seq.token_ids) for seq in seqs]
-        pos = torch.tensor([[n - 1] for n in lens], device=self.device)  # [S, 1]
+    def _prepare_decode(self, seqs, input_ids=None):
+        if input_ids is None:
+            ids = host_tensor([[seq.last_token] for seq in seqs], self.device)  # [S, 1]
+        else:
+            ids = input_ids[:, None]
+        lens = [seq.num_tokens for seq in seqs]
+        pos = host_tensor([[n - 1] for n in lens], self.device)  # [S, 1]
         tables, layout = self.block_tables.gather(seqs), None
         if self.cascade and (self.attention_backend == "torch" or self.triton_cascade):
             # Samples of one prompt share its full blocks: read once per group (torch; Triton if asked).

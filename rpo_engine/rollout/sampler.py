@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from rpo_engine.rollout.transfer import host_tensor
+
 _M64 = (1 << 64) - 1
 
 
@@ -185,21 +187,19 @@ def _sample_truncated(logits, scaled, weights, temperature, top_k, top_p, u, can
     return tokens
 
 
-def sample_sequences(logits: torch.Tensor, seqs) -> tuple[list[int], list[float]]:
-    """Sample the next token of each sequence from its logits row [len(seqs), V]; one host sync.
-
-    The per-row inputs go to the device in one copy, made after all the Python work: on CUDA a copy
-    from pageable memory waits for the forward still running, so work done before it overlaps that
-    forward and work after it does not.
+def sample_sequences(logits: torch.Tensor, seqs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample the next token of each sequence from its logits row [len(seqs), V] -> (token ids [S] long,
+    log-probs [S] fp32) on the logits' device. No host sync (but with top-k/top-p, see `sample`): the
+    per-row inputs go to the device in one copy from pinned memory, which does not wait for the forward.
+    Each token is drawn for position `seq.num_tokens` (a pending token of async scheduling counted).
     """
     params = [seq.params for seq in seqs]
     temperature = [p.temperature for p in params]
     top_p = [p.top_p for p in params]
     top_k = [p.top_k for p in params]  # ints < 2**53: exact in fp64
-    u = [stream_uniform(seq.stream, len(seq.token_ids)) for seq in seqs]
+    u = [stream_uniform(seq.stream, seq.num_tokens) for seq in seqs]
     truncate = any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in params)
     num_greedy = sum(t == 0 for t in temperature)
-    rows = torch.tensor([temperature, top_p, top_k, u], dtype=torch.float64, device=logits.device)  # [4, S]
-    tokens, logp = sample(logits, rows[0].float(), rows[2].long(), rows[1].float(), rows[3], truncate,
-                          num_greedy > 0, num_greedy == len(seqs))
-    return tokens.tolist(), logp.tolist()
+    rows = host_tensor([temperature, top_p, top_k, u], logits.device, torch.float64)  # [4, S]
+    return sample(logits, rows[0].float(), rows[2].long(), rows[1].float(), rows[3], truncate,
+                  num_greedy > 0, num_greedy == len(seqs))

@@ -6,6 +6,11 @@ sequence. When a decode step runs out of blocks, the most recently admitted sequ
 its blocks are freed and it goes back to the front of the waiting queue, to be recomputed from its
 tokens (prompt + what it has sampled so far; its full blocks are often still cached). A fresh request
 admits as one sequence; after its prefill `fork` splits it into its n samples.
+
+With async scheduling (the engine's), a decode step is scheduled while the previous one's tokens are
+still on the device: each sequence then counts one pending token, a sequence whose pending token is its
+last (its budget reached) is not scheduled again, and one that turns out to have sampled a stop token
+has run one step on a token nobody keeps (`postprocess` skips that row).
 """
 from __future__ import annotations
 
@@ -55,9 +60,12 @@ class Scheduler:
             self.running.extend(scheduled)
             return scheduled, True, []
 
-        copies = []
+        copies, kept = [], []  # kept: scheduled, and those done sampling but for a pending token
         while self.running:
             seq = self.running.popleft()
+            if seq.num_pending and seq.num_completion_tokens + seq.num_pending >= seq.params.max_new_tokens:
+                kept.append(seq)  # its pending token is its last: it finishes when that arrives
+                continue
             while not bm.can_append(seq):
                 if self.running:
                     self.preempt(self.running.pop())  # the newest sequence yields
@@ -69,8 +77,20 @@ class Scheduler:
                 if copy is not None:
                     copies.append(copy)
                 scheduled.append(seq)
-        self.running.extendleft(reversed(scheduled))
+                kept.append(seq)
+        self.running.extendleft(reversed(kept))
         return scheduled, False, copies
+
+    def fits_ahead(self) -> bool:
+        """Whether the next decode step can be scheduled before the in-flight step's tokens arrive: no
+        request waits (a prefill would need every token) and no running sequence would be preempted."""
+        if self.waiting:
+            return False
+        bm, need = self.block_manager, 0
+        for seq in self.running:
+            if not (seq.num_pending and seq.num_completion_tokens + seq.num_pending >= seq.params.max_new_tokens):
+                need += bm.append_cost(seq)
+        return need <= bm.num_free_blocks
 
     def abort(self):
         for seq in (*self.running, *self.waiting):
@@ -95,10 +115,15 @@ class Scheduler:
         self.running.extend(samples[1:])
         return samples
 
-    def postprocess(self, seqs: list[Sequence], token_ids: list[int], logprobs: list[float]) -> list[Sequence]:
-        """Append each sampled token; free and return the sequences that finished."""
-        finished = []
+    def postprocess(self, seqs: list[Sequence], token_ids: list[int], logprobs: list[float],
+                    scheduled_ahead: bool = False) -> list[Sequence]:
+        """Append each sampled token; free and return the sequences that finished. `scheduled_ahead`: the
+        next decode step (async) was scheduled before these tokens arrived, so it writes their K/V."""
+        finished, bs = [], self.block_manager.block_size
         for seq, token_id, logprob in zip(seqs, token_ids, logprobs):
+            if seq.status is SequenceStatus.FINISHED:  # async: it stopped a step ago, this row's token is void
+                continue
+            seq.num_pending = max(0, seq.num_pending - 1)
             seq.num_cached_tokens = len(seq.token_ids)  # every token so far now has its K/V in the cache
             seq.append_token(token_id, logprob)
             if seq.finish_reason is not None:
@@ -106,4 +131,6 @@ class Scheduler:
                 self.block_manager.free(seq)
                 self.running.remove(seq)
                 finished.append(seq)
+            elif scheduled_ahead and len(seq.token_ids) % bs == 0:  # the step in flight fills this block
+                self.block_manager.register_filled_block(seq, len(seq.token_ids) // bs - 1)
         return finished

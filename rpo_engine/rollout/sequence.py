@@ -78,6 +78,9 @@ class Sequence:
         self.token_ids = list(token_ids)
         self.num_prompt_tokens = len(token_ids)  # the request's prompt; never changes (not even on preemption)
         self.num_cached_tokens = 0  # leading tokens whose K/V are in the cache
+        # With async scheduling: tokens sampled on the device whose ids the host has not read yet (0 or 1).
+        # They count in num_tokens: the next decode step is planned before they arrive.
+        self.num_pending = 0
         self.block_table: list[int] = []
         self.slot: int | None = None  # its row in the block manager's BlockTables while it holds blocks
         self.block_size = block_size
@@ -98,6 +101,12 @@ class Sequence:
     @property
     def num_blocks(self) -> int:
         return -(-len(self.token_ids) // self.block_size)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens so far, a pending one included: the next decode step computes the K/V of token
+        num_tokens - 1 and samples token num_tokens."""
+        return len(self.token_ids) + self.num_pending
 
     @property
     def num_completion_tokens(self) -> int:
