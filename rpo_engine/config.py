@@ -115,6 +115,7 @@ class TrainConfig:
     micro_batch_tokens: int = field(default=16384, metadata={"help": "token budget of one forward/backward micro-batch (a shared prefix counts once)"})
     prefix_sharing: bool = field(default=True, metadata={"help": "run each group's shared prefix once in the update's forward/backward (--no-prefix-sharing: one padded row per sample)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    async_scheduling: bool = field(default=False, metadata={"help": "rollout: schedule each decode step while the previous one runs, hiding the host's work behind the GPU's (the same samples; nothing to gain on a CPU)"})
     reward: str = field(default="auto", metadata={"help": "exact | math | module:function (auto: exact for the built-in task, math otherwise)"})
     format_reward_weight: float = field(default=0.0, metadata={"help": "weight of the format reward added to accuracy"})
     eval_steps: int = field(default=10, metadata={"help": "greedy eval every N steps (0: never)"})

@@ -74,7 +74,7 @@ class Trainer:
         self.model, self.policy = self.dist.wrap(model, config.temperature)
         self.replica_stale = False
         self.prompt_ids = {row["id"]: self.encode_prompt(row) for row in train_rows + eval_rows}
-        self.engine = RolloutEngine(self.model)
+        self.engine = RolloutEngine(self.model, async_scheduling=config.async_scheduling)
         self.reference = None
         if self.algo.beta > 0:  # frozen copy of the initial policy for the KL term
             self.reference = (reference or copy.deepcopy(self.model)).eval().requires_grad_(False)
