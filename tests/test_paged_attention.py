@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rpo_engine.rollout.attention import (PagedDecode, PagedPrefill, PrefillMetadata, cascade_groups,
-                                          cascade_layout, decode_metadata, paged_decode_reference)
+from rpo_engine.rollout.attention import (DecodeKV, PagedDecode, PagedPrefill, PrefillMetadata, cascade_groups,
+                                          cascade_layout, decode_metadata, gather, paged_decode_reference)
 from tests.helpers import DEVICE, ON_CUDA
 
 
@@ -178,6 +178,39 @@ def test_torch_cascade_decode_matches_reference(block_size):
     saved = (3 - 1) * 3 * block_size + (2 - 1) * 2 * block_size
     layout = lambda least: cascade_layout(table, shared, block_size, num_blocks, "cpu", least)  # noqa: E731
     assert layout(saved) is not None and layout(saved + 1) is None
+
+
+def test_kept_decode_kv_equals_gathering_each_step():
+    """DecodeKV over steps that add one token a row: its copies equal a fresh gather of each row's blocks
+    up to its length, across rows outgrowing their copy; a step whose lengths did not grow by exactly one,
+    or another batch, gathers anew."""
+    block_size, num_blocks, S = 4, 64, 3
+    k_cache, v_cache = random_cache(num_blocks + 1, block_size, 2, 8)
+    lens = [3, 9, 6]
+    tables = scattered_tables([n + 20 for n in lens], block_size, num_blocks)  # blocks for 20 more tokens
+    kept, g = DecodeKV(), torch.Generator().manual_seed(1)
+    for step in range(20):
+        width = max(-(-n // block_size) for n in lens)
+        table = padded([t[:width] for t in tables], num_blocks)
+        meta = decode_metadata(table, lens, block_size, num_blocks, "cpu")
+        new_k, new_v = torch.randn(S, 2, 8, generator=g), torch.randn(S, 2, 8, generator=g)
+        meta_slots = meta.slot_mapping
+        k_cache.view(-1, 2, 8)[meta_slots], v_cache.view(-1, 2, 8)[meta_slots] = new_k, new_v  # as write_kv does
+        assert kept.start_step(("batch",), meta, 1, 1)
+        before = kept.tail_kv[0][0].shape[1] if kept.tail_kv else 0  # the copy's capacity in tokens
+        keys, values = kept.tails(0, k_cache, v_cache, meta.block_tables, meta.context_lens, new_k, new_v)
+        assert keys.shape[1] == values.shape[1] == max(lens)
+        for s, n in enumerate(lens):  # what attention reads: each row up to its length
+            assert torch.equal(keys[s, :n], gather(k_cache, table)[s, :n])
+            assert torch.equal(values[s, :n], gather(v_cache, table)[s, :n])
+        capacity = kept.tail_kv[0][0].shape[1]
+        assert (capacity != before) == (max(lens) > before)  # gathered again only when a row outgrew it
+        lens = [n + 1 for n in lens]
+    assert capacity > 2 * -(-9 // block_size) * block_size  # it grew (the first copy had twice 3 blocks)
+    assert kept.start_step(("batch",), meta, 1, 1) and not kept.tail_kv  # the same lengths again: anew
+    kept.tails(0, k_cache, v_cache, meta.block_tables, meta.context_lens, new_k, new_v)
+    assert kept.start_step(("other",), meta, 1, 1) and not kept.tail_kv and kept.key == ("other",)
+    assert not kept.start_step(("other",), meta, 1, 10 ** 9)  # over max_bytes: nothing kept
 
 
 def test_cascade_groups_are_sequences_with_the_same_leading_blocks():

@@ -564,3 +564,36 @@ def test_async_scheduling_under_graph_replay(checkpoints, monkeypatch):
     graphed.runner.capture()
     assert_same_samples(graphed.generate(prompts, params), eager.generate(prompts, params))
     assert set(EagerGraph.replays) == {16, 8, 4} and any(graphed.ahead_steps)
+
+
+@pytest.mark.skipif(ON_CUDA, reason="the kept K/V copies are the CPU torch path's")
+def test_decode_keeps_gathered_kv_across_steps(checkpoints, monkeypatch):
+    """The torch decode path keeps each batch's gathered K/V and appends one token a step, instead of
+    gathering every block again: the same samples as gathering each step, with and without cascade groups,
+    as rows outgrow their copies and the batch shrinks; far fewer gathers; none kept above max_bytes."""
+    from rpo_engine.rollout import attention
+
+    hf, model = checkpoints["qwen3"]
+    prompts = random_prompts(hf.config.vocab_size, [9, 21, 5])
+    params = [SamplingParams(n=3, max_new_tokens=b, temperature=1.0, seed=7, stop_token_ids=[]) for b in (30, 12, 22)]
+    gathers, gather = [], attention.gather
+    monkeypatch.setattr(attention, "gather", lambda *a: gathers.append(1) or gather(*a))
+    for min_saved in (1, 10 ** 9):  # cascade groups on every step, or never
+        counts = {}
+        for name in ("kept", "gathered", "over budget"):
+            engine = RolloutEngine(model, block_size=4)
+            engine.runner.cascade_min_saved_tokens = min_saved
+            if name == "gathered":
+                engine.runner.decode_kv = None
+            elif name == "over budget":
+                engine.runner.decode_kv.max_bytes = 0
+            gathers.clear()
+            out = engine.generate(prompts, params)
+            counts[name] = len(gathers)
+            if name == "kept":
+                want = out
+                assert engine.runner.decode_kv.key is None  # released after the call
+            else:
+                assert_same_samples(out, want)
+        # per layer and step: 2 (K, V) or 4 (cascade) gathers without; with, only where a copy is rebuilt
+        assert counts["kept"] < counts["gathered"] // 4 and counts["over budget"] == counts["gathered"]

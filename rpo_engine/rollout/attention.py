@@ -11,7 +11,9 @@ block_id * block_size + offset. Every backend first writes the new K/V at their 
   ("cascade") attention: the leading blocks a group of samples shares (its prompt) are gathered and
   attended ONCE per group, as one matmul for all its queries; each sequence's own tail separately;
   the two are merged by their log-sum-exps. With G samples per prompt this reads the prompt's K/V
-  once instead of G times, which is what decode time on a CPU is made of.
+  once instead of G times, which is what decode time on a CPU is made of. On the CPU a DecodeKV keeps
+  the gathered K/V from step to step (a step adds one token a sequence), instead of gathering every
+  sequence's blocks again each step and layer.
 - TritonDecode: the Triton paged-decode kernel (kernels/paged_attention.py), one pass over each
   sequence's blocks, fixed-shape metadata: used on CUDA and under CUDA graphs.
 """
@@ -212,21 +214,86 @@ def cascade_groups(block_tables: torch.Tensor, num_shared_blocks: list[int]) -> 
     return groups
 
 
+class DecodeKV:
+    """The decode batch's K/V gathered out of the paged cache, kept from one step to the next (torch path).
+
+    Gathering copies every sequence's whole context, per layer and step: on the CPU about as long as the
+    attention itself. While the batch (its sequences, in order, so also its cascade layout) stays the same,
+    a step only adds one token to each sequence: the kept copy takes that token and nothing else is
+    copied. Each row's copy has room to grow (twice its blocks); when a row outgrows it, when the batch
+    changes, or when the lengths did not grow by exactly one, it is gathered again. The copies hold the
+    cache's own values, so attention over them is the same. Above `max_bytes` nothing is kept.
+    """
+
+    def __init__(self, max_bytes: int = 256 << 20):
+        self.max_bytes = max_bytes
+        self.reset()
+
+    def reset(self):
+        self.key, self.lens, self.tail_kv, self.shared_kv = None, None, {}, {}
+
+    def start_step(self, key, meta: DecodeMetadata, num_layers: int, block_bytes: int) -> bool:
+        """Before a decode step: `key` names the batch (its sequence ids, in order), `block_bytes` is one
+        block's K and V in one layer. -> whether this step uses the kept copies."""
+        tables, lens = (meta.block_tables, meta.context_lens) if meta.group_tables is None else \
+            (meta.tail_tables, meta.tail_lens)
+        if key != self.key or self.lens is None or not torch.equal(lens, self.lens + 1):
+            self.reset()
+            self.key = key
+        self.lens = lens
+        blocks = 2 * tables.numel() + (0 if meta.group_tables is None else meta.group_tables.numel())
+        if blocks * num_layers * block_bytes > self.max_bytes:
+            self.reset()
+            return False
+        return True
+
+    def tails(self, layer, kc, vc, tables, lens, k_new, v_new):
+        """The K/V of each row's `tables` up to its length, [S, L, KVH, D] each (L = lens.max()), given the
+        step's new K/V [S, KVH, D], already written to the cache at each row's last position."""
+        L = int(lens.max())
+        kept = self.tail_kv.get(layer)
+        if kept is None or kept[0].shape[1] < L:  # gathered with room for as many blocks again (the
+            wide = torch.cat([tables, tables[:, -1:].expand(-1, tables.shape[1])], 1)  # extra read, unused)
+            kept = (gather(kc, wide), gather(vc, wide))
+            self.tail_kv[layer] = kept
+        else:  # one new token a row, at its last position
+            rows, last = torch.arange(lens.shape[0]), (lens - 1).long()
+            kept[0][rows, last] = k_new
+            kept[1][rows, last] = v_new
+        return kept[0][:, :L], kept[1][:, :L]
+
+    def group_kv(self, layer, kc, vc, group_tables):
+        """The cascade groups' shared blocks: the same all through a layout, gathered once."""
+        if layer not in self.shared_kv:
+            self.shared_kv[layer] = (gather(kc, group_tables), gather(vc, group_tables))
+        return self.shared_kv[layer]
+
+
 class PagedDecode:
-    def __init__(self, k_cache, v_cache, meta: DecodeMetadata):
-        self.k_cache, self.v_cache, self.meta = k_cache, v_cache, meta
+    def __init__(self, k_cache, v_cache, meta: DecodeMetadata, kept: DecodeKV | None = None):
+        self.k_cache, self.v_cache, self.meta, self.kept = k_cache, v_cache, meta, kept
+
+    def _kv(self, layer_idx, kc, vc, tables, lens, k, v):
+        if self.kept is None:
+            return gather(kc, tables), gather(vc, tables)
+        return self.kept.tails(layer_idx, kc, vc, tables, lens, k[:, 0], v[:, 0])
 
     def __call__(self, layer_idx, q, k, v):
         # q [S, 1, H, D]; k/v [S, 1, KVH, D] -> [S, 1, H, D]
         kc, vc, m = self.k_cache[layer_idx], self.v_cache[layer_idx], self.meta
         write_kv(kc, vc, k[:, 0], v[:, 0], m.slot_mapping)
         if m.group_tables is None:  # no cascade groups: one attention over each whole table
-            return attend(q, gather(kc, m.block_tables), gather(vc, m.block_tables), m.context_lens)[0].to(q.dtype)
-        out, lse = attend(q, gather(kc, m.tail_tables), gather(vc, m.tail_tables), m.tail_lens)  # [S, 1, H, *]
+            keys, values = self._kv(layer_idx, kc, vc, m.block_tables, m.context_lens, k, v)
+            return attend(q, keys, values, m.context_lens)[0].to(q.dtype)
+        keys, values = self._kv(layer_idx, kc, vc, m.tail_tables, m.tail_lens, k, v)
+        out, lse = attend(q, keys, values, m.tail_lens)  # [S, 1, H, *]
         S, _, H, D = q.shape
         q_pad = torch.cat([q[:, 0], q.new_zeros(1, H, D)])  # [S + 1, H, D]: row S is padding
-        out_g, lse_g = attend(q_pad[m.member_index], gather(kc, m.group_tables), gather(vc, m.group_tables),
-                              m.group_lens)  # [G, M, H, D], [G, M, H]
+        if self.kept is None:
+            keys, values = gather(kc, m.group_tables), gather(vc, m.group_tables)
+        else:
+            keys, values = self.kept.group_kv(layer_idx, kc, vc, m.group_tables)
+        out_g, lse_g = attend(q_pad[m.member_index], keys, values, m.group_lens)  # [G, M, H, D], [G, M, H]
         out_g = torch.cat([out_g.flatten(0, 1), out_g.new_zeros(1, H, D)])[m.member_slot]  # [S, H, D]
         lse_g = torch.cat([lse_g.flatten(0, 1), lse_g.new_full((1, H), float("-inf"))])[m.member_slot]
         lse_t, out_t = lse[:, 0], out[:, 0]

@@ -168,6 +168,8 @@ class RolloutEngine:
                 seq.num_pending = 0
             self.scheduler.abort()
             raise
+        finally:
+            self.runner.release()
         self.last_stats = self.stats.delta(before, self._call_peak)
         return outputs
 

@@ -18,8 +18,8 @@ import gc
 import torch
 import torch.nn.functional as F
 
-from rpo_engine.rollout.attention import (DecodeMetadata, PagedDecode, PagedPrefill, PrefillMetadata, TritonDecode,
-                                          cascade_layout, decode_metadata)
+from rpo_engine.rollout.attention import (DecodeKV, DecodeMetadata, PagedDecode, PagedPrefill, PrefillMetadata,
+                                          TritonDecode, cascade_layout, decode_metadata)
 from rpo_engine.rollout.block_manager import BlockTables
 from rpo_engine.rollout.sequence import Sequence
 from rpo_engine.rollout.transfer import host_tensor
@@ -72,6 +72,9 @@ class ModelRunner:
         # The block manager writes each live sequence's block table here (a row per sequence).
         self.block_tables = BlockTables(min(self.max_blocks_per_seq, self.num_blocks), self.pad_block,
                                         capacity=min(max_num_seqs, 1024))
+        # The torch decode path on the CPU keeps each batch's gathered K/V from step to step.
+        self.decode_kv = DecodeKV() if attention_backend == "torch" and self.device.type == "cpu" else None
+        self._batch = None  # the decode batch's sequence ids, in order
         self.graphs: dict[int, tuple] = {}
         self.use_cuda_graphs = use_cuda_graphs
         self._param_ptrs = None
@@ -142,9 +145,9 @@ class ModelRunner:
         lens = [seq.num_tokens for seq in seqs]
         pos = host_tensor([[n - 1] for n in lens], self.device)  # [S, 1]
         tables, layout = self.block_tables.gather(seqs), None
+        self._batch = batch = tuple(seq.uid for seq in seqs)
         if self.cascade and (self.attention_backend == "torch" or self.triton_cascade):
             # Samples of one prompt share its full blocks: read once per group (torch; Triton if asked).
-            batch = tuple(seq.uid for seq in seqs)
             if batch != self._layout_batch:  # else the same sequences in the same order: the same groups
                 self._layout = cascade_layout(tables, [seq.num_prompt_tokens // self.block_size for seq in seqs],
                                               self.block_size, self.pad_block, self.device,
@@ -157,7 +160,11 @@ class ModelRunner:
         if self.attention_backend == "triton":
             programs = self._cascade_programs(meta) if meta.group_tables is not None else None
             return TritonDecode(self.k_cache, self.v_cache, meta, self._num_splits(batch), programs)
-        return PagedDecode(self.k_cache, self.v_cache, meta)
+        kept = self.decode_kv
+        layers = self.model.config.num_hidden_layers
+        if kept is not None and not kept.start_step(self._batch, meta, layers, self.block_bytes // layers):
+            kept = None
+        return PagedDecode(self.k_cache, self.v_cache, meta, kept)
 
     def _cascade_programs(self, meta: DecodeMetadata):
         """The Triton cascade launch's (tables, lens, members) for `meta`'s groups. They follow from the
@@ -224,6 +231,11 @@ class ModelRunner:
         with torch.cuda.graph(graph, pool):
             output = forward()
         return graph, output
+
+    def release(self):
+        """After a generate call: drop what was kept for its decode steps."""
+        if self.decode_kv is not None:
+            self.decode_kv.reset()
 
     def refresh(self):
         if self.graphs and self._param_ptrs != [p.data_ptr() for p in self.model.parameters()]:
