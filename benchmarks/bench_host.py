@@ -31,7 +31,7 @@ SAMPLES, NEW_TOKENS, NUM_BLOCKS, VOCAB = 8, 128, 150_000, 512
 def host_only(runner, vocab):
     """runner.run without the forward: prepare the step's inputs and metadata (with triton_cascade also the
     cascade programs a CUDA graph replay fills), return zero logits."""
-    def run(seqs, is_prefill, copies):
+    def run(seqs, is_prefill, copies, input_ids=None):
         if is_prefill:
             runner._prepare_prefill(seqs)
             return torch.zeros(len(seqs), vocab)
