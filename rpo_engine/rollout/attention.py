@@ -156,17 +156,17 @@ def cascade_layout(block_tables: torch.Tensor, num_shared_blocks: list[int], blo
         member_slot=host_tensor(slot, device))
 
 
-def decode_metadata(block_tables: torch.Tensor, context_lens: list[int], block_size: int, pad_block: int, device,
+def decode_metadata(block_tables: torch.Tensor, context_lens, block_size: int, pad_block: int, device,
                     layout: CascadeLayout | None = None) -> DecodeMetadata:
     """Metadata for S decode queries from their block tables, a host int32 tensor [S, W] padded with
-    `pad_block`, and their context lengths; with a cascade `layout` (torch path, or Triton with
+    `pad_block`, and their context lengths (a list, or a host tensor); with a cascade `layout` (torch path, or Triton with
     triton_cascade), also each group's tables and each row's tail after its group's blocks.
 
     Everything past the Python lists of length S is tensor work: a nested list of Python ints converts
     at ~150 ns an int, which at 256 sequences of 4k tokens was milliseconds a step.
     """
     W = block_tables.shape[1]
-    lens = torch.tensor(context_lens, dtype=torch.int32)
+    lens = torch.as_tensor(context_lens, dtype=torch.int32)
     last = block_tables.gather(1, ((lens - 1) // block_size).long()[:, None])[:, 0]  # block of each last token
     meta = DecodeMetadata(slot_mapping=to_device(last.long() * block_size + (lens - 1) % block_size, device),
                           context_lens=to_device(lens, device), block_tables=to_device(block_tables, device))

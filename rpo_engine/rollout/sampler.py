@@ -197,7 +197,7 @@ def sample_sequences(logits: torch.Tensor, seqs) -> tuple[torch.Tensor, torch.Te
     temperature = [p.temperature for p in params]
     top_p = [p.top_p for p in params]
     top_k = [p.top_k for p in params]  # ints < 2**53: exact in fp64
-    u = [stream_uniform(seq.stream, seq.num_tokens) for seq in seqs]
+    u = [stream_uniform(seq.stream, len(seq.token_ids) + seq.num_pending) for seq in seqs]  # at seq.num_tokens
     truncate = any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in params)
     num_greedy = sum(t == 0 for t in temperature)
     rows = host_tensor([temperature, top_p, top_k, u], logits.device, torch.float64)  # [4, S]

@@ -61,10 +61,16 @@ class Scheduler:
             return scheduled, True, []
 
         copies, kept = [], []  # kept: scheduled, and those done sampling but for a pending token
+        bs, blocks = bm.block_size, bm.blocks
         while self.running:
             seq = self.running.popleft()
-            if seq.num_pending and seq.num_completion_tokens + seq.num_pending >= seq.params.max_new_tokens:
+            n = len(seq.token_ids) + seq.num_pending  # seq.num_tokens, inlined: this loop is per sequence and step
+            if seq.num_pending and n - seq.num_prompt_tokens >= seq.params.max_new_tokens:
                 kept.append(seq)  # its pending token is its last: it finishes when that arrives
+                continue
+            if (n - 1) % bs and n % bs and blocks[seq.block_table[(n - 1) // bs]].ref_count == 1:
+                scheduled.append(seq)  # mid-block, the block its own: no new block, no copy, no hash (most steps)
+                kept.append(seq)
                 continue
             while not bm.can_append(seq):
                 if self.running:

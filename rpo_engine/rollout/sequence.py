@@ -132,10 +132,9 @@ class Sequence:
     def append_token(self, token_id: int, logprob: float):
         self.token_ids.append(token_id)
         self.logprobs.append(logprob)
-        p = self.params
         if token_id in self.stop_token_ids:
             self.finish_reason = "stop"
-        elif self.num_completion_tokens >= p.max_new_tokens:
+        elif len(self.token_ids) - self.num_prompt_tokens >= self.params.max_new_tokens:
             self.finish_reason = "length"
 
     def completion(self) -> Completion:
