@@ -11,7 +11,8 @@ import torch
 
 import rpo_engine
 from rpo_engine.rollout import RolloutEngine, SamplingParams
-from rpo_engine.rollout.sampler import CANDIDATES, CHUNK, inverse_cdf, request_key, sample, sample_reference, uniform
+from rpo_engine.rollout.sampler import (CANDIDATES, CHUNK, inverse_cdf, request_key, sample, sample_reference,
+                                        stream_uniform, stream_uniforms, uniform)
 from tests.helpers import DEVICE, ON_CUDA, check_tables, save_hf_checkpoint
 
 
@@ -144,6 +145,16 @@ def test_sampler_draws_from_the_truncated_distribution(temperature, top_k, top_p
     assert 0.5 * (counts / N - expected).abs().sum() < 0.02  # total variation
     # Log-probs are those of the untruncated tempered distribution.
     torch.testing.assert_close(logp, torch.log_softmax(logits / temperature, -1)[tokens], atol=1e-6, rtol=0)
+
+
+def test_stream_uniforms_equal_the_scalar_draws():
+    """The decode step's draws, made for all sequences at once in uint64 arrays, are the scalar splitmix64
+    draws bit for bit, at the edges of the 64-bit range too."""
+    g = torch.Generator().manual_seed(0)
+    streams = [int(x) for x in torch.randint(0, 2 ** 62, (500,), generator=g)] + [0, 2 ** 64 - 1, 2 ** 63]
+    streams = [s * 3 % 2 ** 64 for s in streams]  # spread over all 64 bits
+    positions = [int(x) for x in torch.randint(0, 2 ** 31, (len(streams),), generator=g)]
+    assert stream_uniforms(streams, positions).tolist() == [stream_uniform(s, p) for s, p in zip(streams, positions)]
 
 
 def test_inverse_cdf_draws_like_a_full_fp64_cumsum_and_never_a_zero_weight():

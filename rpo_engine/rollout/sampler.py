@@ -16,9 +16,10 @@ log(kept mass).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from rpo_engine.rollout.transfer import host_tensor
+from rpo_engine.rollout.transfer import to_device
 
 _M64 = (1 << 64) - 1
 
@@ -41,6 +42,17 @@ def sample_stream(key: int, sample_index: int) -> int:
 
 def stream_uniform(stream: int, position: int) -> float:
     return (splitmix64(stream ^ position) >> 11) * 2.0 ** -53
+
+
+def stream_uniforms(streams: list[int], positions: list[int]) -> np.ndarray:
+    """`stream_uniform` of each (stream, position) pair at once, in uint64 arrays (which wrap as the
+    masks above do): one decode step's draws for hundreds of sequences in microseconds."""
+    x = np.array(streams, dtype=np.uint64) ^ np.array(positions, dtype=np.uint64)
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
 
 
 def uniform(key: int, sample_index: int, position: int) -> float:
@@ -195,11 +207,14 @@ def sample_sequences(logits: torch.Tensor, seqs) -> tuple[torch.Tensor, torch.Te
     """
     params = [seq.params for seq in seqs]
     temperature = [p.temperature for p in params]
-    top_p = [p.top_p for p in params]
-    top_k = [p.top_k for p in params]  # ints < 2**53: exact in fp64
-    u = [stream_uniform(seq.stream, len(seq.token_ids) + seq.num_pending) for seq in seqs]  # at seq.num_tokens
+    rows = np.empty((4, len(seqs)))  # fp64
+    rows[0] = temperature
+    rows[1] = [p.top_p for p in params]
+    rows[2] = [p.top_k for p in params]  # ints < 2**53: exact in fp64
+    rows[3] = stream_uniforms([seq.stream for seq in seqs],
+                              [len(seq.token_ids) + seq.num_pending for seq in seqs])  # at seq.num_tokens
     truncate = any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in params)
     num_greedy = sum(t == 0 for t in temperature)
-    rows = host_tensor([temperature, top_p, top_k, u], logits.device, torch.float64)  # [4, S]
+    rows = to_device(torch.from_numpy(rows), logits.device)  # [4, S]
     return sample(logits, rows[0].float(), rows[2].long(), rows[1].float(), rows[3], truncate,
                   num_greedy > 0, num_greedy == len(seqs))

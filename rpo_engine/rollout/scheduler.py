@@ -125,11 +125,12 @@ class Scheduler:
                     scheduled_ahead: bool = False) -> list[Sequence]:
         """Append each sampled token; free and return the sequences that finished. `scheduled_ahead`: the
         next decode step (async) was scheduled before these tokens arrived, so it writes their K/V."""
-        finished, bs = [], self.block_manager.block_size
+        finished, bs, done = [], self.block_manager.block_size, SequenceStatus.FINISHED
         for seq, token_id, logprob in zip(seqs, token_ids, logprobs):
-            if seq.status is SequenceStatus.FINISHED:  # async: it stopped a step ago, this row's token is void
+            if seq.status is done:  # async: it stopped a step ago, this row's token is void
                 continue
-            seq.num_pending = max(0, seq.num_pending - 1)
+            if seq.num_pending:
+                seq.num_pending -= 1
             seq.num_cached_tokens = len(seq.token_ids)  # every token so far now has its K/V in the cache
             seq.append_token(token_id, logprob)
             if seq.finish_reason is not None:
