@@ -112,10 +112,6 @@ class Sequence:
     def num_completion_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
 
-    @property
-    def last_token(self) -> int:
-        return self.token_ids[-1]
-
     def block(self, i: int) -> tuple[int, ...]:
         return tuple(self.token_ids[i * self.block_size:(i + 1) * self.block_size])
 
