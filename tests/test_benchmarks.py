@@ -89,3 +89,32 @@ def test_bench_sampler_compares_with_the_reference(tmp_path):
     record = json.loads(out.read_text())
     assert len(record["results"]) == 2 * 4  # two logit scales x four settings
     assert all(r["same_tokens"] and r["fast_ms"] > 0 and r["reference_ms"] > 0 for r in record["results"])
+
+
+def test_gpu_suite_skeleton_and_its_benchmark_flags(tmp_path):
+    """A lent GPU is rare and short: the suite must not fail on a typo. Its skeleton (env.json, suite.json,
+    the archive) runs here with no step selected, and every flag it passes a benchmark is one that
+    benchmark's --help lists."""
+    import re
+    import shlex
+
+    script = BENCHMARKS / "gpu_suite.sh"
+    env = {**os.environ, "SUITE_SKIP_INSTALL": "1", "SUITE_STEPS": "none", "OUT": str(tmp_path / "out")}
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=300, cwd=BENCHMARKS.parent,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    suite = json.loads((tmp_path / "out" / "suite.json").read_text())
+    assert suite["steps"] == [] and suite["failed"] == []
+    assert json.loads((tmp_path / "out" / "env.json").read_text())["git_commit"]
+    assert (tmp_path / "out" / "suite.tar.gz").stat().st_size > 0
+    lines = [line.strip() for line in script.read_text().splitlines() if line.strip().startswith("bench ")]
+    assert len(lines) >= 8
+    for line in lines:
+        words = shlex.split(line.split("#")[0])
+        bench = next(w for w in words if w.startswith("benchmarks/bench_"))
+        flags = [w for w in words[words.index(bench) + 1:] if w.startswith("--")]
+        usage = subprocess.run([sys.executable, bench, "--help"], capture_output=True, text=True, timeout=120,
+                               cwd=BENCHMARKS.parent, env={**os.environ, "PYTHONPATH": str(BENCHMARKS.parent)})
+        assert usage.returncode == 0, (bench, usage.stderr[-2000:])
+        listed = set(re.findall(r"--[a-z][a-z0-9-]*", usage.stdout))
+        assert set(flags) <= listed, (bench, set(flags) - listed)
