@@ -65,7 +65,7 @@ class Scheduler:
         while self.running:
             seq = self.running.popleft()
             n = len(seq.token_ids) + seq.num_pending  # seq.num_tokens, inlined: this loop is per sequence and step
-            if seq.num_pending and n - seq.num_prompt_tokens >= seq.params.max_new_tokens:
+            if seq.num_pending and n - seq.num_prompt_tokens >= seq.params.max_new_tokens:  # _last_is_pending
                 kept.append(seq)  # its pending token is its last: it finishes when that arrives
                 continue
             if (n - 1) % bs and n % bs and blocks[seq.block_table[(n - 1) // bs]].ref_count == 1:
@@ -92,11 +92,14 @@ class Scheduler:
         request waits (a prefill would need every token) and no running sequence would be preempted."""
         if self.waiting:
             return False
-        bm, need = self.block_manager, 0
-        for seq in self.running:
-            if not (seq.num_pending and seq.num_completion_tokens + seq.num_pending >= seq.params.max_new_tokens):
-                need += bm.append_cost(seq)
+        bm = self.block_manager
+        need = sum(bm.append_cost(seq) for seq in self.running if not self._last_is_pending(seq))
         return need <= bm.num_free_blocks
+
+    @staticmethod
+    def _last_is_pending(seq: Sequence) -> bool:
+        """Async: the sequence's pending token is its last (its budget is reached): no more steps for it."""
+        return seq.num_pending > 0 and seq.num_completion_tokens + seq.num_pending >= seq.params.max_new_tokens
 
     def abort(self):
         for seq in (*self.running, *self.waiting):
