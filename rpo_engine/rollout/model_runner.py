@@ -143,8 +143,10 @@ class ModelRunner:
         lens = torch.tensor([len(seq.token_ids) + seq.num_pending for seq in seqs], dtype=torch.int32)  # num_tokens
         pos = to_device((lens - 1).long(), self.device)
         tables, layout = self.block_tables.gather(seqs), None
-        self._batch = batch = tuple(seq.uid for seq in seqs)
-        if self.cascade and (self.attention_backend == "torch" or self.triton_cascade):
+        grouped = self.cascade and (self.attention_backend == "torch" or self.triton_cascade)
+        if grouped or self.decode_kv is not None:  # both keep state for as long as the batch stays the same
+            self._batch = batch = tuple(seq.uid for seq in seqs)
+        if grouped:
             # Samples of one prompt share its full blocks: read once per group (torch; Triton if asked).
             if batch != self._layout_batch:  # else the same sequences in the same order: the same groups
                 self._layout = cascade_layout(tables, [seq.num_prompt_tokens // self.block_size for seq in seqs],

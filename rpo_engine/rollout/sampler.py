@@ -22,12 +22,13 @@ import torch
 from rpo_engine.rollout.transfer import to_device
 
 _M64 = (1 << 64) - 1
+_GAMMA, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # splitmix64's constants
 
 
 def splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _M64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    x = (x + _GAMMA) & _M64
+    x = ((x ^ (x >> 30)) * _MIX1) & _M64
+    x = ((x ^ (x >> 27)) * _MIX2) & _M64
     return x ^ (x >> 31)
 
 
@@ -48,9 +49,9 @@ def stream_uniforms(streams: list[int], positions: list[int]) -> np.ndarray:
     """`stream_uniform` of each (stream, position) pair at once, in uint64 arrays (which wrap as the
     masks above do): one decode step's draws for hundreds of sequences in microseconds."""
     x = np.array(streams, dtype=np.uint64) ^ np.array(positions, dtype=np.uint64)
-    x = x + np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x = x + np.uint64(_GAMMA)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(_MIX1)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(_MIX2)
     x = x ^ (x >> np.uint64(31))
     return (x >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
 
