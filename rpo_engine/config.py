@@ -17,6 +17,7 @@ from rpo_engine.errors import UserError
 
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 CACHE_POLICIES = ("epsilon-greedy", "correct-only")
+UNVERIFIED_CUTS = ("uniform", "least-likely")
 
 
 def _check(cond: bool, message: str):
@@ -34,6 +35,10 @@ class RPOConfig:
     rpo_unverified_cut_fraction: float = field(default=1.0, metadata={
         "help": "a path not verified correct (a cold start's, or a wrong answer kept in its place) is cut by up to "
                 "this fraction of it, with no token cap (the paper's code cuts a cold-start path anywhere)"})
+    rpo_unverified_cut: str = field(default="uniform", metadata={
+        "help": f"where a path not verified correct is cut, within that bound: {UNVERIFIED_CUTS}; uniform draws the "
+                "cut (the paper's code), least-likely regenerates from the path's least likely token (its sampling "
+                "log-prob), where a wrong path most often went wrong"})
     rpo_extra_budget: int = field(default=16, metadata={"help": "suffix budget = cut + this many tokens"})
     rpo_cache_policy: str = field(default="correct-only", metadata={
         "help": f"cache update rule: {CACHE_POLICIES} (paper: epsilon-greedy; correct-only never replaces a correct path by a wrong answer)"})
@@ -49,6 +54,8 @@ class RPOConfig:
         _check(0 < self.rpo_max_cut_fraction <= 1, f"--rpo-max-cut-fraction must be in (0, 1], got {self.rpo_max_cut_fraction}")
         _check(0 < self.rpo_unverified_cut_fraction <= 1,
                f"--rpo-unverified-cut-fraction must be in (0, 1], got {self.rpo_unverified_cut_fraction}")
+        _check(self.rpo_unverified_cut in UNVERIFIED_CUTS,
+               f"--rpo-unverified-cut must be one of {UNVERIFIED_CUTS}, got {self.rpo_unverified_cut!r}")
         _check(self.rpo_extra_budget >= 0, f"--rpo-extra-budget must be >= 0, got {self.rpo_extra_budget}")
         _check(self.rpo_cache_policy in CACHE_POLICIES,
                f"--rpo-cache-policy must be one of {CACHE_POLICIES}, got {self.rpo_cache_policy!r}")

@@ -50,12 +50,17 @@ class Group:
     suffix_ids: list[list[int]]
     suffix_logprobs: list[list[float]]
     finish_reasons: list[str]
+    kept_logprobs: list[float] | None = None  # the kept part's sampling log-probs, when the cache has them
     rewards: list[float] = field(default_factory=list)
     correct: list[bool] = field(default_factory=list)
     advantages: list[float] = field(default_factory=list)
 
     def answer_ids(self, i: int) -> list[int]:
         return self.kept_ids + self.suffix_ids[i]
+
+    def answer_logprobs(self, i: int) -> list[float] | None:
+        """Each answer token's sampling log-prob (None when the kept part's are not known)."""
+        return None if self.kept_logprobs is None else self.kept_logprobs + self.suffix_logprobs[i]
 
 
 class Trainer:
@@ -146,14 +151,15 @@ class Trainer:
     def cache_cold_paths(self, rows: list[dict], indices, my_indices, outs: list, counters: dict) -> None:
         """Cache the cold-start completions of `rows[i]`, i in `indices`; this rank generated `outs` for
         its `my_indices` of them and counts those. Every rank caches every rank's new paths."""
-        my_paths = {i: out[0].token_ids for i, out in zip(my_indices, outs)}
-        counters["generated"] += sum(len(p) for p in my_paths.values())
+        my_paths = {i: (out[0].token_ids, out[0].logprobs) for i, out in zip(my_indices, outs)}
+        counters["generated"] += sum(len(p) for p, _ in my_paths.values())
         counters["cold_starts"] += len(my_paths)
         paths = {}
         for part in self.dist.gather(my_paths):
             paths.update(part)
         for i in indices:
-            self.cache.put(rows[i]["id"], paths[i], float("nan"), self.step_num)
+            token_ids, logprobs = paths[i]
+            self.cache.put(rows[i]["id"], token_ids, float("nan"), self.step_num, logprobs=logprobs)
 
     def rollout(self, rows: list[dict], round_index: int, upcoming: list[dict] = ()) -> tuple[list[Group], dict]:
         """Generate G samples for this rank's share of `rows` (the round's prompts, the same list on
@@ -168,7 +174,7 @@ class Trainer:
         mine = self.dist.share(len(rows))
         counters = {"generated": 0, "cold_starts": 0, "cache_hits": 0}
         prompts = [self.prompt_ids[row["id"]] for row in rows]
-        kept = [[] for _ in rows]
+        kept, kept_logprobs = [[] for _ in rows], [None] * len(rows)
         budgets = [c.max_completion_length] * len(rows)
         if self.rpo.rpo:
             cold = [i for i, row in enumerate(rows) if row["id"] not in self.cache]
@@ -179,10 +185,12 @@ class Trainer:
                 self.cache_cold_paths(rows, cold, my_cold, outs, counters)
             # Every rank draws every cut, in order, so the RNG stays the same on all ranks.
             for i, row in enumerate(rows):
-                path = self.cache.get(row["id"]).token_ids
-                cut = cut_cached_path(len(path), self.cache.verified(row["id"]), self.rng, c.max_completion_length,
-                                      self.rpo)
-                kept[i], budgets[i] = path[:cut.kept], cut.budget
+                path = self.cache.get(row["id"])
+                cut = cut_cached_path(len(path.token_ids), path.correct, self.rng, c.max_completion_length,
+                                      self.rpo, path.logprobs)
+                kept[i], budgets[i] = path.token_ids[:cut.kept], cut.budget
+                if path.logprobs is not None:
+                    kept_logprobs[i] = path.logprobs[:cut.kept]
         params = [self.sampling_params(G, budgets[i], self.seed_for(i, round_index)) for i in mine]
         my_upcoming = self.dist.share(len(upcoming))
         ahead_prompts, ahead_params = self.cold_start_requests(upcoming, my_upcoming, 7919, self.step_num + 1)
@@ -193,7 +201,7 @@ class Trainer:
         groups = []
         for i, out in zip(mine, outs):
             groups.append(Group(rows[i], prompts[i], kept[i], [o.token_ids for o in out], [o.logprobs for o in out],
-                                [o.finish_reason for o in out]))
+                                [o.finish_reason for o in out], kept_logprobs=kept_logprobs[i]))
             counters["generated"] += sum(len(o.token_ids) for o in out)
         return groups, counters
 
@@ -226,10 +234,10 @@ class Trainer:
         Every rank draws every group's choice from the same RNG, in order; each group's rank sends the
         chosen answer, so every rank ends with the whole cache."""
         picks = [self.cache.choose(r, self.rng) for r in rewards]
-        chosen = [g.answer_ids(picks[i]) for i, g in zip(self.dist.share(len(rows)), groups)]
+        chosen = [(g.answer_ids(picks[i]), g.answer_logprobs(picks[i])) for i, g in zip(self.dist.share(len(rows)), groups)]
         answers = [a for part in self.dist.gather(chosen) for a in part]
-        for row, pick, answer, r, right in zip(rows, picks, answers, rewards, correct):
-            self.cache.apply(row["id"], answer, r[pick], self.step_num, right[pick])
+        for row, pick, (answer, logprobs), r, right in zip(rows, picks, answers, rewards, correct):
+            self.cache.apply(row["id"], answer, r[pick], self.step_num, right[pick], logprobs)
 
     # ---- update ------------------------------------------------------------------------------
     def training_batch(self, groups: list[Group]) -> list[PrefixGroup]:

@@ -10,7 +10,7 @@ from rpo_engine.config import AlgoConfig, RPOConfig, TrainConfig, config_from_di
 from rpo_engine.errors import UserError
 from rpo_engine.rewards.shaping import length_aware_accuracy, overlong_penalty
 from rpo_engine.rpo.cache import ExperienceCache
-from rpo_engine.rpo.truncation import cut_cached_path, sample_truncation
+from rpo_engine.rpo.truncation import cut_cached_path, least_likely_truncation, sample_truncation
 
 
 def test_group_advantages_hand_computed():
@@ -80,6 +80,33 @@ def test_cut_cached_path_cuts_verified_paths_shallow_and_others_anywhere():
     assert max(cut_cached_path(2000, False, rng, 4000, RPOConfig(rpo_unverified_cut_fraction=0.1)).cut for _ in range(500)) == 200
 
 
+def test_least_likely_cut_regrows_from_the_least_likely_token_in_bounds():
+    logprobs = [-0.1, -3.0, -0.2, -0.5, -3.0, -0.01, -0.3, -2.0]  # two equal minima: tokens 1 and 4
+    t = least_likely_truncation(logprobs, 1, 8, 1.0, 4, 100)
+    assert (t.kept, t.cut, t.budget) == (1, 7, 11)  # the earliest: regrow from token 1
+    t = least_likely_truncation(logprobs, 1, 8, 0.5, 4, 100)  # at most 4 cut: tokens 4..7 may go
+    assert (t.kept, t.cut) == (4, 4)
+    t = least_likely_truncation(logprobs, 2, 8, 0.25, 0, 100)  # 2 cut exactly: token 7 may not be kept
+    assert (t.kept, t.cut, t.budget) == (6, 2, 2)
+    assert least_likely_truncation(logprobs, 1, 8, 1.0, 16, 10).budget == 9  # kept 1 + 9 = the answer length
+    assert least_likely_truncation([], 1, 8, 1.0, 4, 100).cut == 0
+
+
+def test_cut_cached_path_least_likely_applies_to_unverified_paths_with_logprobs():
+    rpo = RPOConfig(rpo_unverified_cut="least-likely", rpo_min_cut=1)
+    logprobs = [-0.1] * 40
+    logprobs[30] = -5.0
+    rng = random.Random(0)
+    assert cut_cached_path(40, False, rng, 400, rpo, logprobs).kept == 30
+    state = rng.getstate()  # no draw taken: the cut is a function of the path
+    assert cut_cached_path(40, False, rng, 400, rpo, logprobs).kept == 30 and rng.getstate() == state
+    # a verified path keeps the shallow uniform cut; without log-probs (an old checkpoint's path) a uniform one
+    assert all(cut_cached_path(40, True, rng, 400, rpo, logprobs).cut <= 10 for _ in range(200))
+    assert len({cut_cached_path(40, False, rng, 400, rpo, None).kept for _ in range(200)}) > 10
+    with pytest.raises(ValueError, match="log-probs"):
+        cut_cached_path(41, False, rng, 400, rpo, logprobs)
+
+
 def test_cache_epsilon_greedy_picks():
     rng = random.Random(0)
     greedy = ExperienceCache("epsilon-greedy", epsilon=1.0)
@@ -144,6 +171,11 @@ def test_cache_state_round_trip():
     old["paths"] = {k: v[:3] for k, v in old["paths"].items()}
     other.load_state_dict(old)
     assert other.verified("a") and not other.verified("b")
+    cache.apply("c", [5, 6], 0.0, 5, logprobs=[-0.25, -1.5])
+    other.load_state_dict(cache.state_dict())
+    assert other.get("c").logprobs == [-0.25, -1.5] and other.get("a").logprobs is None
+    with pytest.raises(ValueError, match="log-probs"):
+        cache.put("d", [1, 2, 3], 0.0, 6, logprobs=[-1.0])
 
 
 def test_algo_defaults():
@@ -160,6 +192,7 @@ def test_algo_defaults():
     ({"temperature": 0}, "--temperature must be > 0"),
     ({"bogus": 1}, "unknown option 'bogus'"),
     ({"rpo_cache_policy": "best"}, "--rpo-cache-policy must be one of"),
+    ({"rpo_unverified_cut": "random"}, "--rpo-unverified-cut must be one of"),
 ])
 def test_bad_options(values, message):
     with pytest.raises(UserError, match=message):

@@ -90,11 +90,37 @@ def test_cache_verifies_right_answers_whatever_their_shaped_reward(tmp_path, tin
     paths = torch.load(out / "checkpoints" / "step-2" / "trainer_state.pt", weights_only=True)["cache"]["paths"]
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     verified_low = 0
-    for ids, reward, _, verified in paths.values():
+    for ids, reward, _, verified, logprobs in paths.values():
+        assert len(logprobs) == len(ids)
         right = hash_reward(tokenizer.decode(ids, skip_special_tokens=True), "") == 1.0
         assert verified == (right and reward == reward)  # a cold start's path (reward NaN) is not verified
         verified_low += verified and reward < 0.5
     assert verified_low > 0  # right answers whose shaped reward fell below the old 0.5 threshold
+
+
+def test_cached_paths_carry_their_sampling_logprobs(tmp_path, tiny_model_dir):
+    """Each cached path's log-probs (kept part's from earlier steps + the suffix's) are its tokens' log-probs
+    under the policy: with the weights all but frozen, a teacher-forced pass over prompt + path gives them."""
+    import rpo_engine
+    from rpo_engine.data.arithmetic import make_split
+
+    out = tmp_path / "least-likely"
+    run_train("--model", tiny_model_dir, "--steps", 3, "--eval-steps", 0, "--train-size", 3, "--output", out,
+              "--rpo-unverified-cut", "least-likely", "--seed", 0, "--save-steps", 3, "--temperature", 0.7,
+              *SMALL, "--learning-rate", 1e-12)
+    metrics = read_metrics(out)
+    assert [m["cold_starts"] for m in metrics] == [3, 0, 0]  # paths were cut and regrown twice
+    paths = torch.load(out / "checkpoints" / "step-3" / "trainer_state.pt", weights_only=True)["cache"]["paths"]
+    model, tokenizer = rpo_engine.load_model(out / "final"), rpo_engine.load_tokenizer(out / "final")
+    rows = {r["id"]: r for r in make_split("train", 3, 0)}
+    assert set(paths) == set(rows)
+    for row_id, (ids, _, step, _, logprobs) in paths.items():
+        assert step >= 1  # replaced by a whole answer (kept path + suffix), not the cold start's
+        prompt = tokenizer.encode(rows[row_id]["prompt"], add_special_tokens=False)
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + ids]))[0, len(prompt) - 1:-1].float()
+        expected = torch.log_softmax(logits / 0.7, -1).gather(-1, torch.tensor(ids)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(logprobs), expected, atol=1e-4, rtol=0)
 
 
 def test_dapo_dynamic_sampling_is_bounded(tmp_path, tiny_model_dir):

@@ -15,7 +15,9 @@ from the paper's public code (yhz5613813/RPO), and why:
   shallow cut of a wrong path teaches nothing;
 - `correct-only` never replaces a verified path by a wrong answer (the paper's rule, `epsilon-greedy`, does,
   and a weak model then trades its few correct paths for wrong ones); an unverified path is replaced by
-  the chosen answer whatever its reward, so a prompt is cold-started only once.
+  the chosen answer whatever its reward, so a prompt is cold-started only once;
+- a path may carry the log-probability each of its tokens was sampled with, so a wrong path can be cut at
+  its least likely token (`--rpo-unverified-cut least-likely`).
 The cache saves to / restores from a plain JSON-able dict, stored inside every checkpoint.
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ class CachedPath:
     reward: float
     step: int
     correct: bool = False  # the answer was right (a cold start's is not known: False)
+    logprobs: list[float] | None = None  # each token's sampling log-prob, when the caller gave them
 
 
 class ExperienceCache:
@@ -46,9 +49,14 @@ class ExperienceCache:
     def get(self, prompt_id: str) -> CachedPath | None:
         return self.paths.get(prompt_id)
 
-    def put(self, prompt_id: str, token_ids: list[int], reward: float, step: int, correct: bool | None = None) -> None:
-        """Store a path; `correct` defaults to reward >= correct_threshold (`is_correct`)."""
-        self.paths[prompt_id] = CachedPath(list(token_ids), float(reward), step, self.is_correct(reward, correct))
+    def put(self, prompt_id: str, token_ids: list[int], reward: float, step: int, correct: bool | None = None,
+            logprobs: list[float] | None = None) -> None:
+        """Store a path; `correct` defaults to reward >= correct_threshold (`is_correct`); `logprobs`, one per
+        token, are optional."""
+        if logprobs is not None and len(logprobs) != len(token_ids):
+            raise ValueError(f"path of {len(token_ids)} tokens with {len(logprobs)} log-probs")
+        self.paths[prompt_id] = CachedPath(list(token_ids), float(reward), step, self.is_correct(reward, correct),
+                                           None if logprobs is None else [float(x) for x in logprobs])
 
     def is_correct(self, reward: float, correct: bool | None) -> bool:
         """`correct` when the caller knows it, else reward >= correct_threshold (NaN, a cold start's, is not)."""
@@ -68,29 +76,34 @@ class ExperienceCache:
         return rng.randrange(len(rewards))
 
     def update(self, prompt_id: str, answers: list[list[int]], rewards: list[float], step: int,
-               rng: random.Random, correct: list[bool] | None = None) -> bool:
+               rng: random.Random, correct: list[bool] | None = None,
+               logprobs: list[list[float]] | None = None) -> bool:
         """Keep one of a group's whole answers (kept path + suffix), chosen by reward; `correct` says
-        which answers are right (default: reward >= correct_threshold). Returns whether the path changed."""
+        which answers are right (default: reward >= correct_threshold); `logprobs`, optional, each answer's
+        per-token sampling log-probs. Returns whether the path changed."""
         index = self.choose(rewards, rng)
-        return self.apply(prompt_id, answers[index], rewards[index], step, None if correct is None else correct[index])
+        return self.apply(prompt_id, answers[index], rewards[index], step, None if correct is None else correct[index],
+                          None if logprobs is None else logprobs[index])
 
-    def apply(self, prompt_id: str, answer: list[int], reward: float, step: int, correct: bool | None = None) -> bool:
+    def apply(self, prompt_id: str, answer: list[int], reward: float, step: int, correct: bool | None = None,
+              logprobs: list[float] | None = None) -> bool:
         """The update once `choose` has picked an `answer` with `reward`. Split from `update`
         for callers that choose before they hold the answer (under torchrun the answer lives on the rank
         that generated it). Returns whether the path changed."""
         correct = self.is_correct(reward, correct)
         if self.policy == "correct-only" and self.verified(prompt_id) and not correct:
             return False
-        self.put(prompt_id, answer, reward, step, correct)
+        self.put(prompt_id, answer, reward, step, correct, logprobs)
         return True
 
     def state_dict(self) -> dict:
         return {"policy": self.policy, "epsilon": self.epsilon, "correct_threshold": self.correct_threshold,
-                "paths": {k: [v.token_ids, v.reward, v.step, v.correct] for k, v in self.paths.items()}}
+                "paths": {k: [v.token_ids, v.reward, v.step, v.correct, v.logprobs] for k, v in self.paths.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.policy, self.epsilon = state["policy"], state["epsilon"]
         self.correct_threshold = state["correct_threshold"]
         self.paths = {}
-        for k, (ids, r, s, *correct) in state["paths"].items():  # checkpoints before `correct` judged by reward
-            self.put(k, ids, r, int(s), bool(correct[0]) if correct else None)
+        # older checkpoints: no `correct` (judged by reward), no `logprobs`
+        for k, (ids, r, s, *rest) in state["paths"].items():
+            self.put(k, ids, r, int(s), bool(rest[0]) if rest else None, rest[1] if len(rest) > 1 else None)

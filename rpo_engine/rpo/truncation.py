@@ -6,7 +6,7 @@ short path is never regenerated almost whole; at paper lengths, 2k tokens, the 3
 and by the path itself, and give the suffix `cut + extra_budget` tokens so a suffix slightly longer
 than what it replaces can still finish its answer. These bounds are for a path verified correct;
 `cut_cached_path` cuts any other path anywhere (up to `rpo_unverified_cut_fraction` of it, no token cap),
-as the paper's code cuts a cold-start completion.
+as the paper's code cuts a cold-start completion: at a uniform draw, or at the path's least likely token.
 """
 from __future__ import annotations
 
@@ -23,27 +23,56 @@ class Truncation:
     budget: int  # max_new_tokens for the suffixes
 
 
-def sample_truncation(path_len: int, rng: random.Random, min_cut: int, max_cut: int, max_cut_fraction: float,
-                      extra_budget: int, max_answer_length: int) -> Truncation:
-    """A cut for a path of `path_len` tokens; kept path + suffix never exceeds `max_answer_length`."""
+def cut_bounds(path_len: int, min_cut: int, max_cut: int, max_cut_fraction: float) -> tuple[int, int]:
+    """The fewest and most tokens a path of `path_len` tokens may lose (0, 0 for an empty path)."""
     upper = min(max_cut, max(min_cut, int(path_len * max_cut_fraction)), path_len)
-    lower = min(min_cut, upper)
-    cut = rng.randint(lower, upper) if upper > 0 else 0
+    return min(min_cut, upper), upper
+
+
+def truncation_at(path_len: int, cut: int, extra_budget: int, max_answer_length: int) -> Truncation:
+    """Cut `cut` tokens; kept path + suffix never exceeds `max_answer_length`."""
     kept = path_len - cut
     budget = min(cut + extra_budget, max_answer_length - kept)
     return Truncation(cut=cut, kept=kept, budget=max(budget, 1))
 
 
+def sample_truncation(path_len: int, rng: random.Random, min_cut: int, max_cut: int, max_cut_fraction: float,
+                      extra_budget: int, max_answer_length: int) -> Truncation:
+    """A cut drawn uniformly within the bounds for a path of `path_len` tokens."""
+    lower, upper = cut_bounds(path_len, min_cut, max_cut, max_cut_fraction)
+    cut = rng.randint(lower, upper) if upper > 0 else 0
+    return truncation_at(path_len, cut, extra_budget, max_answer_length)
+
+
+def least_likely_truncation(logprobs: list[float], min_cut: int, max_cut: int, max_cut_fraction: float,
+                            extra_budget: int, max_answer_length: int) -> Truncation:
+    """The cut that regenerates the path from its least likely token within the bounds (the earliest of
+    equals). `logprobs[t]` is token t's log-prob under the policy (at the sampling temperature) when it was
+    sampled. A wrong path most often went wrong at a token the policy itself found unlikely: on the default
+    task's starter model, suffixes regrown from there were right 3x as often as from a uniform cut, at the same length (README)."""
+    path_len = len(logprobs)
+    lower, upper = cut_bounds(path_len, min_cut, max_cut, max_cut_fraction)
+    if upper == 0:
+        return truncation_at(path_len, 0, extra_budget, max_answer_length)
+    first = min(range(path_len - upper, path_len - lower + 1), key=logprobs.__getitem__)
+    return truncation_at(path_len, path_len - first, extra_budget, max_answer_length)
+
+
 def cut_cached_path(path_len: int, verified: bool, rng: random.Random, max_answer_length: int,
-                    rpo: RPOConfig | None = None) -> Truncation:
+                    rpo: RPOConfig | None = None, logprobs: list[float] | None = None) -> Truncation:
     """RPO's cut for a cached path, by the `rpo` settings (the CLI's defaults when None): a path verified
     correct loses at most `rpo_max_cut` tokens and `rpo_max_cut_fraction` of it; any other (a cold start's,
     or a wrong answer kept in its place) may be wrong anywhere, so it is cut anywhere, up to
-    `rpo_unverified_cut_fraction` of it."""
+    `rpo_unverified_cut_fraction` of it: uniformly, or with `rpo_unverified_cut="least-likely"` at its
+    least likely token (by the path's sampling `logprobs`; uniformly when they are not known)."""
     rpo = rpo or RPOConfig()
     if verified:
-        max_cut, max_cut_fraction = rpo.rpo_max_cut, rpo.rpo_max_cut_fraction
-    else:
-        max_cut, max_cut_fraction = path_len, rpo.rpo_unverified_cut_fraction
-    return sample_truncation(path_len, rng, rpo.rpo_min_cut, max_cut, max_cut_fraction, rpo.rpo_extra_budget,
-                             max_answer_length)
+        return sample_truncation(path_len, rng, rpo.rpo_min_cut, rpo.rpo_max_cut, rpo.rpo_max_cut_fraction,
+                                 rpo.rpo_extra_budget, max_answer_length)
+    if rpo.rpo_unverified_cut == "least-likely" and logprobs is not None:
+        if len(logprobs) != path_len:
+            raise ValueError(f"path of {path_len} tokens has {len(logprobs)} log-probs")
+        return least_likely_truncation(logprobs, rpo.rpo_min_cut, path_len, rpo.rpo_unverified_cut_fraction,
+                                       rpo.rpo_extra_budget, max_answer_length)
+    return sample_truncation(path_len, rng, rpo.rpo_min_cut, path_len, rpo.rpo_unverified_cut_fraction,
+                             rpo.rpo_extra_budget, max_answer_length)
