@@ -172,7 +172,7 @@ class Trainer:
         comes from weights one update older, as any cached path does."""
         c, G = self.config, self.config.num_generations
         mine = self.dist.share(len(rows))
-        counters = {"generated": 0, "cold_starts": 0, "cache_hits": 0}
+        counters = {"generated": 0, "cold_starts": 0, "cache_hits": 0, "verified": 0}
         prompts = [self.prompt_ids[row["id"]] for row in rows]
         kept, kept_logprobs = [[] for _ in rows], [None] * len(rows)
         budgets = [c.max_completion_length] * len(rows)
@@ -189,6 +189,7 @@ class Trainer:
                 cut = cut_cached_path(len(path.token_ids), path.correct, self.rng, c.max_completion_length,
                                       self.rpo, path.logprobs)
                 kept[i], budgets[i] = path.token_ids[:cut.kept], cut.budget
+                counters["verified"] += path.correct and i in mine
                 if path.logprobs is not None:
                     kept_logprobs[i] = path.logprobs[:cut.kept]
         params = [self.sampling_params(G, budgets[i], self.seed_for(i, round_index)) for i in mine]
@@ -372,7 +373,7 @@ class Trainer:
         # 1. rollout (DAPO: keep sampling until the batch has enough groups with distinct rewards).
         # Ranks roll out their share of each round's rows; `kept` counts every rank's kept groups,
         # `kept_groups` are this rank's (the round asks for at most what is missing, so never too many).
-        kept_groups, kept, totals = [], [], {"generated": 0, "cold_starts": 0, "cache_hits": 0}
+        kept_groups, kept, totals = [], [], {"generated": 0, "cold_starts": 0, "cache_hits": 0, "verified": 0}
         all_rewards, num_prompts, zero_std = [], 0, 0
         for round_index in range(1 + (algo.max_resample_rounds if algo.dynamic_sampling else 0)):
             rows = self.next_rows(c.prompts_per_step - len(kept))
@@ -417,9 +418,9 @@ class Trainer:
         self.scheduler.step()
         self.step_num += 1
         after = self.engine_counters()
-        generated, cold_starts, cache_hits, prefill, reused = map(int, self.dist.sum(
-            [totals["generated"], totals["cold_starts"], totals["cache_hits"], after["prefill"] - before["prefill"],
-             after["reused"] - before["reused"]]))
+        generated, cold_starts, cache_hits, verified, prefill, reused = map(int, self.dist.sum(
+            [totals["generated"], totals["cold_starts"], totals["cache_hits"], totals["verified"],
+             after["prefill"] - before["prefill"], after["reused"] - before["reused"]]))
         suffix_lens = [n for r in kept for n in r[2]]
         rollout_time, update_time, step_time = self.dist.max(
             [rollout_time, time.perf_counter() - update_start, time.perf_counter() - start])  # the slowest rank's
@@ -436,6 +437,7 @@ class Trainer:
             "num_groups_trained": len(kept),
             "frac_reward_zero_std": zero_std / num_prompts,
             "cache_hit_rate": cache_hits / num_prompts if self.rpo.rpo else 0.0,
+            "cache_verified_rate": verified / num_prompts if self.rpo.rpo else 0.0,
             "cold_starts": cold_starts,
             "lr": self.scheduler.get_last_lr()[0],
             "rollout_time_s": rollout_time,

@@ -42,7 +42,7 @@ def assert_same_steps(a, b, steps):
     for step in steps:
         x, y = by_step[0][step], by_step[1][step]
         for key in ("reward_mean", "reward_std", "accuracy_mean", "rollout_generated_tokens", "num_prompts_sampled",
-                    "num_groups_trained", "cache_hit_rate", "cold_starts", "suffix_len_mean", "lr"):
+                    "num_groups_trained", "cache_hit_rate", "cache_verified_rate", "cold_starts", "suffix_len_mean", "lr"):
             assert x[key] == y[key], (step, key, x[key], y[key])
         for key in ("loss", "grad_norm", "kl", "clip_frac"):
             assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (step, key)

@@ -74,6 +74,7 @@ def test_unverified_paths_are_kept_and_cut_anywhere(tmp_path, tiny_model_dir):
     # a random model answers nothing right: its wrong answers replace the cold paths, no second cold start
     assert first["reward_mean"] == 0.0 and first["cold_starts"] == 3
     assert second["cold_starts"] == 0 and second["cache_hit_rate"] == 1.0
+    assert first["cache_verified_rate"] == second["cache_verified_rate"] == 0.0
     # --rpo-max-cut bounds verified paths only: these are cut anywhere (a verified one: <= 2 new tokens)
     assert first["suffix_len_mean"] > 2 and second["suffix_len_mean"] > 2
 
@@ -86,8 +87,11 @@ def test_cache_verifies_right_answers_whatever_their_shaped_reward(tmp_path, tin
     out = tmp_path / "overlong"
     # an overlong buffer as long as the budget: every answer's reward is pushed down by its length
     run_train("--model", tiny_model_dir, "--steps", 2, "--eval-steps", 0, "--train-size", 3, "--output", out,
-              "--reward", "tests.reward_fns:hash_reward", "--overlong-buffer", 48, *SMALL)
+              "--reward", "tests.reward_fns:hash_reward", "--overlong-buffer", 48, "--save-steps", 1, *SMALL)
     paths = torch.load(out / "checkpoints" / "step-2" / "trainer_state.pt", weights_only=True)["cache"]["paths"]
+    first = torch.load(out / "checkpoints" / "step-1" / "trainer_state.pt", weights_only=True)["cache"]["paths"]
+    # step 2 cut the paths step 1 left: its metric counts those verified
+    assert read_metrics(out)[1]["cache_verified_rate"] == sum(p[3] for p in first.values()) / 3
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     verified_low = 0
     for ids, reward, _, verified, logprobs in paths.values():
