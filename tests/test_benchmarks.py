@@ -52,6 +52,18 @@ def test_bench_signal_grades_every_answer(tmp_path, tiny_model_dir):
     assert all(k.split()[0] in ("verified", "unverified") for k in rpo["counts"])
 
 
+def test_bench_cut_regrows_every_wrong_path_by_each_rule(tmp_path, tiny_model_dir):
+    out = tmp_path / "cut.json"
+    run_bench("bench_cut.py", "--model", tiny_model_dir, "--seeds", 0, 1, "--prompts", 3, "--num-generations", 2,
+              "--max-completion-length", 24, "--out", out)
+    record = json.loads(out.read_text())
+    assert [r["seed"] for r in record["runs"]] == [0, 1]
+    for run in record["runs"]:
+        assert run["wrong_paths"] == 3  # a random model answers nothing right
+        for rule in ("uniform", "least-likely"):
+            assert 1 <= run[rule]["mean_cut"] <= run["mean_wrong_path_tokens"] and run[rule]["tokens_per_suffix"] > 0
+
+
 def test_bench_paper_shape_runs_the_trainers_update(tmp_path):
     out = tmp_path / "paper_shape.json"
     run_bench("bench_paper_shape.py", "--cpu", "--prompt-len", 16, "--full-len", 48, "--suffix-len", 8,

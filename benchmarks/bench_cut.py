@@ -1,0 +1,102 @@
+"""Where to cut a wrong reasoning path: suffixes regrown from a uniform cut vs from its least likely token.
+
+RPO cuts a cached path that is not known to be right anywhere along it (`--rpo-unverified-cut uniform`,
+as the paper's code cuts a cold start), or just before its least likely token (`least-likely`: the
+token the policy found least probable when it sampled it, where a wrong path most often went wrong).
+This measures the two rules on the same paths, without training: for each seed, one full completion
+(a cold start) of each of N training prompts at the sampling temperature; each wrong one is cut by
+each rule and G suffixes are regrown from the kept prefix. Reported per rule: the suffixes' success
+rate (the whole answer right), the groups with both right and wrong answers (the ones GRPO learns
+from), and the tokens generated per suffix. Writes benchmarks/results/cut_<device>.json.
+
+    python benchmarks/bench_cut.py                          # the starter model, 64 prompts x 3 seeds, G = 8
+    python benchmarks/bench_cut.py --model DIR --prompts 16 --seeds 0
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import random
+import statistics
+
+import torch
+
+import rpo_engine
+from common import git_commit, machine, save_json
+from rpo_engine.config import RPOConfig
+from rpo_engine.data.arithmetic import make_split
+from rpo_engine.rewards.answers import exact_answer_reward
+from rpo_engine.rollout import RolloutEngine, SamplingParams
+from rpo_engine.rpo.truncation import cut_cached_path
+from rpo_engine.trainer import encode_prompt
+
+RULES = ("uniform", "least-likely")
+
+
+def measure(engine, tokenizer, seed: int, args) -> dict:
+    rows = make_split("train", args.prompts, seed)
+    prompts = [encode_prompt(tokenizer, r, 10**6) for r in rows]
+
+    def right(row, ids) -> bool:
+        return exact_answer_reward(tokenizer.decode(ids, skip_special_tokens=True), row["answer"]) >= 1.0
+
+    def params(n, budget, salt):
+        return SamplingParams(n=n, max_new_tokens=budget, temperature=args.temperature, seed=seed * 1009 + salt)
+
+    cold = engine.generate(prompts, params(1, args.max_completion_length, 0))
+    wrong = [(row, prompt, out[0]) for row, prompt, out in zip(rows, prompts, cold) if not right(row, out[0].token_ids)]
+    result = {"seed": seed, "cold_right": len(rows) - len(wrong), "wrong_paths": len(wrong),
+              "mean_wrong_path_tokens": statistics.mean(len(c.token_ids) for _, _, c in wrong) if wrong else 0.0}
+    for rule in RULES:
+        rpo, rng = RPOConfig(rpo_unverified_cut=rule), random.Random(seed)
+        cuts = [cut_cached_path(len(c.token_ids), False, rng, args.max_completion_length, rpo, c.logprobs)
+                for _, _, c in wrong]
+        outs = engine.generate([p + c.token_ids[:cut.kept] for (_, p, c), cut in zip(wrong, cuts)],
+                               [params(args.num_generations, cut.budget, 1 + i) for i, cut in enumerate(cuts)])
+        wins = [[right(row, c.token_ids[:cut.kept] + s.token_ids) for s in out]
+                for (row, _, c), cut, out in zip(wrong, cuts, outs)]
+        samples = max(1, len(wrong) * args.num_generations)
+        result[rule] = {
+            "suffix_success": sum(map(sum, wins)) / samples,
+            "mixed_groups": sum(0 < sum(w) < len(w) for w in wins),
+            "groups_with_a_right_answer": sum(any(w) for w in wins),
+            "tokens_per_suffix": sum(len(s.token_ids) for out in outs for s in out) / samples,
+            "mean_cut": statistics.mean(cut.cut for cut in cuts) if cuts else 0.0,
+        }
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="model directory (default: the starter model, built if missing)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--num-generations", type=int, default=8)
+    parser.add_argument("--max-completion-length", type=int, default=320)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--out", default=None, help="JSON path (default: results/cut_<device>.json)")
+    args = parser.parse_args(argv)
+    if args.model is None:
+        from rpo_engine.data.starter import ensure_starter_model
+        args.model = str(ensure_starter_model())
+    torch.manual_seed(0)
+    model, tokenizer = rpo_engine.load_model(args.model), rpo_engine.load_tokenizer(args.model)
+    engine = RolloutEngine(model)
+    runs = []
+    for seed in args.seeds:
+        runs.append(measure(engine, tokenizer, seed, args))
+        r = runs[-1]
+        print(f"seed {seed}: {r['wrong_paths']} wrong cold paths of {args.prompts} (~{r['mean_wrong_path_tokens']:.0f} tokens); "
+              + "; ".join(f"{rule}: suffixes right {r[rule]['suffix_success']:.3f}, mixed groups {r[rule]['mixed_groups']}, "
+                          f"{r[rule]['tokens_per_suffix']:.1f} tokens a suffix" for rule in RULES))
+    summary = {rule: {key: statistics.mean(r[rule][key] for r in runs)
+                      for key in ("suffix_success", "mixed_groups", "tokens_per_suffix", "mean_cut")} for rule in RULES}
+    device = "cpu" if not torch.cuda.is_available() else "cuda"
+    save_json(args.out or f"{__file__.rsplit('/', 1)[0]}/results/cut_{device}.json", {
+        "benchmark": "bench_cut", "machine": machine(), "date": datetime.date.today().isoformat(),
+        "git_commit": git_commit(), "torch": torch.__version__, "model": args.model,
+        "settings": {k: v for k, v in vars(args).items() if k != "model"}, "summary": summary, "runs": runs})
+
+
+if __name__ == "__main__":
+    main()
