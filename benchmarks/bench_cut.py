@@ -7,7 +7,9 @@ This measures the two rules on the same paths, without training: for each seed, 
 (a cold start) of each of N training prompts at the sampling temperature; each wrong one is cut by
 each rule and G suffixes are regrown from the kept prefix. Reported per rule: the suffixes' success
 rate (the whole answer right), the groups with both right and wrong answers (the ones GRPO learns
-from), and the tokens generated per suffix. Writes benchmarks/results/cut_<device>.json.
+from), and the tokens generated per suffix. The right cold starts are cut the same two ways within a
+verified path's bounds (`--rpo-max-cut`, `--rpo-max-cut-fraction`; the trainer draws those uniformly),
+to show whether the rule would matter there. Writes benchmarks/results/cut_<device>.json.
 
     python benchmarks/bench_cut.py                          # the starter model, 64 prompts x 3 seeds, G = 8
     python benchmarks/bench_cut.py --model DIR --prompts 16 --seeds 0
@@ -25,9 +27,9 @@ import rpo_engine
 from common import git_commit, machine, save_json
 from rpo_engine.config import RPOConfig
 from rpo_engine.data.arithmetic import make_split
-from rpo_engine.rewards.answers import exact_answer_reward
+from rpo_engine.rewards.answers import exact_answer_reward, load_reward_fn
 from rpo_engine.rollout import RolloutEngine, SamplingParams
-from rpo_engine.rpo.truncation import cut_cached_path
+from rpo_engine.rpo.truncation import cut_cached_path, least_likely_truncation
 from rpo_engine.trainer import encode_prompt
 
 RULES = ("uniform", "least-likely")
@@ -37,32 +39,45 @@ def measure(engine, tokenizer, seed: int, args) -> dict:
     rows = make_split("train", args.prompts, seed)
     prompts = [encode_prompt(tokenizer, r, 10**6) for r in rows]
 
+    reward_fn = exact_answer_reward if args.reward == "exact" else load_reward_fn(args.reward)
+
     def right(row, ids) -> bool:
-        return exact_answer_reward(tokenizer.decode(ids, skip_special_tokens=True), row["answer"]) >= 1.0
+        return reward_fn(tokenizer.decode(ids, skip_special_tokens=True), row["answer"]) >= 1.0
 
     def params(n, budget, salt):
         return SamplingParams(n=n, max_new_tokens=budget, temperature=args.temperature, seed=seed * 1009 + salt)
 
     cold = engine.generate(prompts, params(1, args.max_completion_length, 0))
-    wrong = [(row, prompt, out[0]) for row, prompt, out in zip(rows, prompts, cold) if not right(row, out[0].token_ids)]
-    result = {"seed": seed, "cold_right": len(rows) - len(wrong), "wrong_paths": len(wrong),
+    paths = {"wrong": [], "right": []}
+    for row, prompt, out in zip(rows, prompts, cold):
+        paths["right" if right(row, out[0].token_ids) else "wrong"].append((row, prompt, out[0]))
+    wrong = paths["wrong"]
+    result = {"seed": seed, "cold_right": len(paths["right"]), "wrong_paths": len(wrong),
               "mean_wrong_path_tokens": statistics.mean(len(c.token_ids) for _, _, c in wrong) if wrong else 0.0}
-    for rule in RULES:
-        rpo, rng = RPOConfig(rpo_unverified_cut=rule), random.Random(seed)
-        cuts = [cut_cached_path(len(c.token_ids), False, rng, args.max_completion_length, rpo, c.logprobs)
-                for _, _, c in wrong]
-        outs = engine.generate([p + c.token_ids[:cut.kept] for (_, p, c), cut in zip(wrong, cuts)],
-                               [params(args.num_generations, cut.budget, 1 + i) for i, cut in enumerate(cuts)])
+
+    def regrow(group, cuts, salt) -> dict:
+        outs = engine.generate([p + c.token_ids[:cut.kept] for (_, p, c), cut in zip(group, cuts)],
+                               [params(args.num_generations, cut.budget, salt + i) for i, cut in enumerate(cuts)])
         wins = [[right(row, c.token_ids[:cut.kept] + s.token_ids) for s in out]
-                for (row, _, c), cut, out in zip(wrong, cuts, outs)]
-        samples = max(1, len(wrong) * args.num_generations)
-        result[rule] = {
-            "suffix_success": sum(map(sum, wins)) / samples,
-            "mixed_groups": sum(0 < sum(w) < len(w) for w in wins),
-            "groups_with_a_right_answer": sum(any(w) for w in wins),
-            "tokens_per_suffix": sum(len(s.token_ids) for out in outs for s in out) / samples,
-            "mean_cut": statistics.mean(cut.cut for cut in cuts) if cuts else 0.0,
-        }
+                for (row, _, c), cut, out in zip(group, cuts, outs)]
+        samples = max(1, len(group) * args.num_generations)
+        return {"suffix_success": sum(map(sum, wins)) / samples,
+                "mixed_groups": sum(0 < sum(w) < len(w) for w in wins),
+                "groups_with_a_right_answer": sum(any(w) for w in wins),
+                "tokens_per_suffix": sum(len(s.token_ids) for out in outs for s in out) / samples,
+                "mean_cut": statistics.mean(cut.cut for cut in cuts) if cuts else 0.0}
+
+    rpo = RPOConfig()
+    for rule in RULES:
+        rng = random.Random(seed)
+        cuts = [cut_cached_path(len(c.token_ids), False, rng, args.max_completion_length,
+                                RPOConfig(rpo_unverified_cut=rule), c.logprobs) for _, _, c in wrong]
+        result[rule] = regrow(wrong, cuts, 1)
+        bounds = (rpo.rpo_min_cut, rpo.rpo_max_cut, rpo.rpo_max_cut_fraction, rpo.rpo_extra_budget,
+                  args.max_completion_length)
+        cuts = [cut_cached_path(len(c.token_ids), True, rng, args.max_completion_length, rpo) if rule == "uniform"
+                else least_likely_truncation(c.logprobs, *bounds) for _, _, c in paths["right"]]
+        result[f"verified {rule}"] = regrow(paths["right"], cuts, 100_003)
     return result
 
 
@@ -74,6 +89,7 @@ def main(argv=None):
     parser.add_argument("--num-generations", type=int, default=8)
     parser.add_argument("--max-completion-length", type=int, default=320)
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--reward", default="exact", help="exact (the task's answer line) or module:function")
     parser.add_argument("--out", default=None, help="JSON path (default: results/cut_<device>.json)")
     args = parser.parse_args(argv)
     if args.model is None:
@@ -88,9 +104,13 @@ def main(argv=None):
         r = runs[-1]
         print(f"seed {seed}: {r['wrong_paths']} wrong cold paths of {args.prompts} (~{r['mean_wrong_path_tokens']:.0f} tokens); "
               + "; ".join(f"{rule}: suffixes right {r[rule]['suffix_success']:.3f}, mixed groups {r[rule]['mixed_groups']}, "
-                          f"{r[rule]['tokens_per_suffix']:.1f} tokens a suffix" for rule in RULES))
-    summary = {rule: {key: statistics.mean(r[rule][key] for r in runs)
-                      for key in ("suffix_success", "mixed_groups", "tokens_per_suffix", "mean_cut")} for rule in RULES}
+                          f"{r[rule]['tokens_per_suffix']:.1f} tokens a suffix" for rule in RULES)
+              + f"; {r['cold_right']} right cold paths, " + "; ".join(
+                  f"cut as verified, {rule}: suffixes right {r['verified ' + rule]['suffix_success']:.3f}, mixed groups "
+                  f"{r['verified ' + rule]['mixed_groups']}" for rule in RULES))
+    cases = [*RULES, *(f"verified {rule}" for rule in RULES)]
+    summary = {case: {key: statistics.mean(r[case][key] for r in runs)
+                      for key in ("suffix_success", "mixed_groups", "tokens_per_suffix", "mean_cut")} for case in cases}
     device = "cpu" if not torch.cuda.is_available() else "cuda"
     save_json(args.out or f"{__file__.rsplit('/', 1)[0]}/results/cut_{device}.json", {
         "benchmark": "bench_cut", "machine": machine(), "date": datetime.date.today().isoformat(),

@@ -12,7 +12,8 @@ Reported per run: right answers in mixed groups, their rate per 1k generated tok
 with an invalid trace, and the final greedy eval accuracy. Writes benchmarks/results/signal_<device>.json.
 
     python benchmarks/bench_signal.py                  # full path, RPO, RPO with unverified cuts at most halfway
-    python benchmarks/bench_signal.py --seed 1 --runs "--no-rpo" "--rpo --rpo-unverified-cut-fraction 0.25"
+    python benchmarks/bench_signal.py --seed 1 --runs " --no-rpo" "--rpo --rpo-unverified-cut-fraction 0.25"
+                                                       # a one-flag run needs a leading space
 """
 from __future__ import annotations
 

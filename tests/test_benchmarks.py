@@ -54,14 +54,15 @@ def test_bench_signal_grades_every_answer(tmp_path, tiny_model_dir):
 
 def test_bench_cut_regrows_every_wrong_path_by_each_rule(tmp_path, tiny_model_dir):
     out = tmp_path / "cut.json"
-    run_bench("bench_cut.py", "--model", tiny_model_dir, "--seeds", 0, 1, "--prompts", 3, "--num-generations", 2,
-              "--max-completion-length", 24, "--out", out)
+    run_bench("bench_cut.py", "--model", tiny_model_dir, "--seeds", 0, 1, "--prompts", 8, "--num-generations", 2,
+              "--max-completion-length", 24, "--reward", "tests.reward_fns:hash_reward", "--out", out)
     record = json.loads(out.read_text())
     assert [r["seed"] for r in record["runs"]] == [0, 1]
     for run in record["runs"]:
-        assert run["wrong_paths"] == 3  # a random model answers nothing right
+        assert run["wrong_paths"] + run["cold_right"] == 8 and run["wrong_paths"] and run["cold_right"]
         for rule in ("uniform", "least-likely"):
             assert 1 <= run[rule]["mean_cut"] <= run["mean_wrong_path_tokens"] and run[rule]["tokens_per_suffix"] > 0
+            assert 1 <= run[f"verified {rule}"]["mean_cut"] <= 24 * 0.25  # a verified path's bound
 
 
 def test_bench_paper_shape_runs_the_trainers_update(tmp_path):
