@@ -78,13 +78,15 @@ def main(argv=None):
         start = time.perf_counter()
         batch = [rows[((step - 1) * args.prompts_per_step + i) % len(rows)] for i in range(args.prompts_per_step)]
         # 1. prefixes: RPO keeps the cached path minus a sampled tail; a new prompt starts from scratch
-        kept, params = [], []
+        kept, kept_logprobs, params = [], [], []
         for i, row in enumerate(batch):
-            path = cache.get(row["id"]).token_ids if args.rpo and row["id"] in cache else []
-            # a path verified correct loses at most a quarter (<= 300 tokens); any other may be wrong anywhere
-            verified = cache.verified(row["id"])
-            cut = cut_cached_path(len(path), verified, rng, args.max_completion_length) if path else None
-            kept.append(path[:cut.kept] if cut else [])
+            path = cache.get(row["id"]) if args.rpo and row["id"] in cache else None
+            # a path verified correct loses at most a quarter (<= 300 tokens); any other may be wrong anywhere,
+            # and is regrown from its least likely token (by the log-probs it was sampled with)
+            cut = cut_cached_path(len(path.token_ids), path.correct, rng, args.max_completion_length,
+                                  logprobs=path.logprobs) if path else None
+            kept.append(path.token_ids[:cut.kept] if cut else [])
+            kept_logprobs.append(path.logprobs[:cut.kept] if cut else [])
             params.append(SamplingParams(n=G, max_new_tokens=cut.budget if cut else args.max_completion_length,
                                          temperature=1.0, stop_token_ids=eos, seed=args.seed * 1000 + step * 10 + i))
         # 2. rollout: each prefix is prefilled once, its G samples share its K/V blocks
@@ -97,8 +99,8 @@ def main(argv=None):
         advantages = group_advantages(rewards)  # [B, G]: (r - mean) / (std + eps) within each group
         # 5. the cache keeps one whole answer per prompt (the best with probability epsilon, else a random one;
         #    a path verified correct is never replaced by a wrong answer)
-        for r, group, rew in zip(batch, answers, rewards.tolist()):
-            cache.update(r["id"], group, rew, step, rng)
+        for r, group, rew, klp, out in zip(batch, answers, rewards.tolist(), kept_logprobs, outs):
+            cache.update(r["id"], group, rew, step, rng, logprobs=[klp + o.logprobs for o in out])
         # 6. update: loss on the generated tokens only (on-policy: old_logp = logp.detach(), ratio 1); each
         #    group's prefix runs once in forward and backward, log-probs by the fused LM-head kernel
         groups = [PrefixGroup(prompt_ids[r["id"]] + k, [o.token_ids for o in group], len(prompt_ids[r["id"]]) + len(k))
