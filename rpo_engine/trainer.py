@@ -235,7 +235,8 @@ class Trainer:
         Every rank draws every group's choice from the same RNG, in order; each group's rank sends the
         chosen answer, so every rank ends with the whole cache."""
         picks = [self.cache.choose(r, self.rng) for r in rewards]
-        chosen = [(g.answer_ids(picks[i]), g.answer_logprobs(picks[i])) for i, g in zip(self.dist.share(len(rows)), groups)]
+        chosen = [(g.answer_ids(picks[i]), g.answer_logprobs(picks[i]))
+                  for i, g in zip(self.dist.share(len(rows)), groups)]
         answers = [a for part in self.dist.gather(chosen) for a in part]
         for row, pick, (answer, logprobs), r, right in zip(rows, picks, answers, rewards, correct):
             self.cache.apply(row["id"], answer, r[pick], self.step_num, right[pick], logprobs)

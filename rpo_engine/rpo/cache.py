@@ -17,7 +17,8 @@ from the paper's public code (yhz5613813/RPO), and why:
   and a weak model then trades its few correct paths for wrong ones); an unverified path is replaced by
   the chosen answer whatever its reward, so a prompt is cold-started only once;
 - a path may carry the log-probability each of its tokens was sampled with, so a wrong path can be cut at
-  its least likely token (`--rpo-unverified-cut least-likely`).
+  its least likely token (`--rpo-unverified-cut least-likely`). A path restored from a checkpoint that did
+  not store them has none, nor do the answers grown from it: that prompt keeps the uniform cut.
 The cache saves to / restores from a plain JSON-able dict, stored inside every checkpoint.
 """
 from __future__ import annotations
