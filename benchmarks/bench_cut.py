@@ -8,8 +8,10 @@ This measures the two rules on the same paths, without training: for each seed, 
 each rule and G suffixes are regrown from the kept prefix. Reported per rule: the suffixes' success
 rate (the whole answer right), the groups with both right and wrong answers (the ones GRPO learns
 from), and the tokens generated per suffix. The right cold starts are cut the same two ways within a
-verified path's bounds (`--rpo-max-cut`, `--rpo-max-cut-fraction`; the trainer draws those uniformly),
-to show whether the rule would matter there. Writes benchmarks/results/cut_<device>.json.
+verified path's bounds (`--max-cut-fraction`; the trainer draws those uniformly), to show whether the
+rule would matter there. The bounds default to those the committed figures were measured with (a wrong
+path cut anywhere, a right one by at most a quarter), not the trainer's defaults. Writes
+benchmarks/results/cut_<device>.json.
 
     python benchmarks/bench_cut.py                          # the starter model, 64 prompts x 3 seeds, G = 8
     python benchmarks/bench_cut.py --model DIR --prompts 16 --seeds 0
@@ -67,11 +69,12 @@ def measure(engine, tokenizer, seed: int, args) -> dict:
                 "tokens_per_suffix": sum(len(s.token_ids) for out in outs for s in out) / samples,
                 "mean_cut": statistics.mean(cut.cut for cut in cuts) if cuts else 0.0}
 
-    rpo = RPOConfig()
     for rule in RULES:
         rng = random.Random(seed)
-        cuts = [cut_cached_path(len(c.token_ids), False, rng, args.max_completion_length,
-                                RPOConfig(rpo_unverified_cut=rule), c.logprobs) for _, _, c in wrong]
+        rpo = RPOConfig(rpo_unverified_cut=rule, rpo_unverified_cut_fraction=args.unverified_cut_fraction,
+                        rpo_max_cut_fraction=args.max_cut_fraction)
+        cuts = [cut_cached_path(len(c.token_ids), False, rng, args.max_completion_length, rpo, c.logprobs)
+                for _, _, c in wrong]
         result[rule] = regrow(wrong, cuts, 1)
         bounds = (rpo.rpo_min_cut, rpo.rpo_max_cut, rpo.rpo_max_cut_fraction, rpo.rpo_extra_budget,
                   args.max_completion_length)
@@ -89,6 +92,9 @@ def main(argv=None):
     parser.add_argument("--num-generations", type=int, default=8)
     parser.add_argument("--max-completion-length", type=int, default=320)
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--unverified-cut-fraction", type=float, default=1.0,
+                        help="a wrong path is cut within this last fraction of it (1.0: anywhere)")
+    parser.add_argument("--max-cut-fraction", type=float, default=0.25, help="a right path's bound")
     parser.add_argument("--reward", default="exact", help="exact (the task's answer line) or module:function")
     parser.add_argument("--out", default=None, help="JSON path (default: results/cut_<device>.json)")
     args = parser.parse_args(argv)
