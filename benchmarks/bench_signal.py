@@ -42,7 +42,7 @@ def audit(flags: str, seed: int, steps: int, output: Path) -> dict:
 
     def graded_score(group):  # the trainer's own scoring, then the trace grade of each answer
         score(group)
-        if not group.kept_ids:
+        if not trainer.rpo.rpo:  # (an RPO group may keep nothing: a path cut whole at its first token)
             kind = "full"
         else:
             kind = "verified" if trainer.cache.verified(group.row["id"]) else "unverified"

@@ -2,7 +2,7 @@
 
 The paper's code draws cut ~ U{1..299} tokens and gives the suffix a budget of exactly `cut`.
 We draw cut ~ U{min_cut..max_cut}, additionally bounded by `max_cut_fraction` of the path (so a
-short path is never regenerated almost whole; with the default 0.1 the 300 cap binds above 3k tokens)
+short path is never regenerated almost whole; at paper lengths, 2k tokens, the 300 cap binds first)
 and by the path itself, and give the suffix `cut + extra_budget` tokens so a suffix slightly longer
 than what it replaces can still finish its answer. These bounds are for a path verified correct;
 `cut_cached_path` cuts any other path anywhere (up to `rpo_unverified_cut_fraction` of it, no token cap),
