@@ -22,26 +22,25 @@ import argparse
 import datetime
 import random
 import statistics
+from pathlib import Path
 
 import torch
 
 import rpo_engine
 from common import git_commit, machine, save_json
-from rpo_engine.config import RPOConfig
+from rpo_engine.config import RPOConfig, TrainConfig
 from rpo_engine.data.arithmetic import make_split
-from rpo_engine.rewards.answers import exact_answer_reward, load_reward_fn
 from rpo_engine.rollout import RolloutEngine, SamplingParams
 from rpo_engine.rpo.truncation import cut_cached_path, least_likely_truncation
+from rpo_engine.train import resolve_reward
 from rpo_engine.trainer import encode_prompt
 
 RULES = ("uniform", "least-likely")
 
 
-def measure(engine, tokenizer, seed: int, args) -> dict:
+def measure(engine, tokenizer, reward_fn, seed: int, args) -> dict:
     rows = make_split("train", args.prompts, seed)
     prompts = [encode_prompt(tokenizer, r, 10**6) for r in rows]
-
-    reward_fn = exact_answer_reward if args.reward == "exact" else load_reward_fn(args.reward)
 
     def right(row, ids) -> bool:
         return reward_fn(tokenizer.decode(ids, skip_special_tokens=True), row["answer"]) >= 1.0
@@ -95,7 +94,7 @@ def main(argv=None):
     parser.add_argument("--unverified-cut-fraction", type=float, default=1.0,
                         help="a wrong path is cut within this last fraction of it (1.0: anywhere)")
     parser.add_argument("--max-cut-fraction", type=float, default=0.25, help="a right path's bound")
-    parser.add_argument("--reward", default="exact", help="exact (the task's answer line) or module:function")
+    parser.add_argument("--reward", default="exact", help="as the trainer's --reward: exact, math or module:function")
     parser.add_argument("--out", default=None, help="JSON path (default: results/cut_<device>.json)")
     args = parser.parse_args(argv)
     if args.model is None:
@@ -103,10 +102,10 @@ def main(argv=None):
         args.model = str(ensure_starter_model())
     torch.manual_seed(0)
     model, tokenizer = rpo_engine.load_model(args.model), rpo_engine.load_tokenizer(args.model)
-    engine = RolloutEngine(model)
+    engine, reward_fn = RolloutEngine(model), resolve_reward(TrainConfig(reward=args.reward))
     runs = []
     for seed in args.seeds:
-        runs.append(measure(engine, tokenizer, seed, args))
+        runs.append(measure(engine, tokenizer, reward_fn, seed, args))
         r = runs[-1]
         print(f"seed {seed}: {r['wrong_paths']} wrong cold paths of {args.prompts} (~{r['mean_wrong_path_tokens']:.0f} tokens); "
               + "; ".join(f"{rule}: suffixes right {r[rule]['suffix_success']:.3f}, mixed groups {r[rule]['mixed_groups']}, "
@@ -117,8 +116,8 @@ def main(argv=None):
     cases = [*RULES, *(f"verified {rule}" for rule in RULES)]
     summary = {case: {key: statistics.mean(r[case][key] for r in runs)
                       for key in ("suffix_success", "mixed_groups", "tokens_per_suffix", "mean_cut")} for case in cases}
-    device = "cpu" if not torch.cuda.is_available() else "cuda"
-    save_json(args.out or f"{__file__.rsplit('/', 1)[0]}/results/cut_{device}.json", {
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    save_json(args.out or Path(__file__).parent / "results" / f"cut_{device}.json", {
         "benchmark": "bench_cut", "machine": machine(), "date": datetime.date.today().isoformat(),
         "git_commit": git_commit(), "torch": torch.__version__, "model": args.model,
         "settings": {k: v for k, v in vars(args).items() if k != "model"}, "summary": summary, "runs": runs})
