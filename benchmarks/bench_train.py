@@ -49,8 +49,11 @@ def run(algo: str, rpo: bool, seed: int, steps: int, extra: list[str], out: Path
             "generated_tokens_per_step": statistics.mean(r["rollout_generated_tokens"] for r in steps_),
             "prefill_tokens_per_step": statistics.mean(r["rollout_prefill_tokens"] for r in steps_),
             "median_step_time_s": statistics.median(r["step_time_s"] for r in steps_),
+            # groups whose rewards were all equal: no advantage, so no gradient (RPO's easy suffixes)
+            "frac_groups_no_signal": statistics.mean(r["frac_reward_zero_std"] for r in steps_),
             "initial_eval_accuracy": evals[0]["eval_accuracy"], "final_eval_accuracy": evals[-1]["eval_accuracy"],
             "curve": {"step": [r["step"] for r in steps_], "wall_s": wall, "reward": [r["reward_mean"] for r in steps_],
+                      "generated_tokens": [r["rollout_generated_tokens"] for r in steps_],
                       "eval_step": [r["step"] for r in evals], "eval_accuracy": [r["eval_accuracy"] for r in evals]}}
 
 
@@ -90,6 +93,8 @@ def compare(algo: str, variant: str, full: list[dict], rpo: list[dict], target: 
         / statistics.mean(r["generated_tokens_per_step"] for r in full),
         "step_time_ratio": statistics.median(r["median_step_time_s"] for r in rpo)
         / statistics.median(r["median_step_time_s"] for r in full),
+        "frac_groups_no_signal_full": statistics.mean(r["frac_groups_no_signal"] for r in full),
+        "frac_groups_no_signal_rpo": statistics.mean(r["frac_groups_no_signal"] for r in rpo),
         "final_eval_full": [r["final_eval_accuracy"] for r in full],
         "final_eval_rpo": [r["final_eval_accuracy"] for r in rpo],
         "eval_gap_mean": statistics.mean(gaps), "eval_gap_std": statistics.stdev(gaps) if len(gaps) > 1 else 0.0,
@@ -160,7 +165,8 @@ def main():
     for row in summary:
         print(f"{row['algo']}{' [' + row['variant'] + ']' if row['variant'] else ''}: RPO generates "
               f"{row['token_ratio']:.1%} of full-path tokens, median step time "
-              f"{row['step_time_ratio']:.1%}; final eval full {row['final_eval_full']} rpo {row['final_eval_rpo']} "
+              f"{row['step_time_ratio']:.1%}; groups without signal full {row['frac_groups_no_signal_full']:.0%} "
+              f"rpo {row['frac_groups_no_signal_rpo']:.0%}; final eval full {row['final_eval_full']} rpo {row['final_eval_rpo']} "
               f"(RPO - full: {row['eval_gap_mean']:+.3f} +- {row['eval_gap_std']:.3f}); seconds to eval >= "
               f"{row['target_eval_accuracy']}: full {row['seconds_to_target_full']} rpo {row['seconds_to_target_rpo']}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
