@@ -9,11 +9,16 @@ does not support. RPO groups are split by the cached path they continue: verifie
 or unverified (a cold start's, or a wrong answer kept in its place).
 
 Reported per run: right answers in mixed groups, their rate per 1k generated tokens, the share of them
-with an invalid trace, and the final greedy eval accuracy. Writes benchmarks/results/signal_<device>.json.
+with an invalid trace, and the final greedy eval accuracy. Then what the trained model learned where: its
+greedy answers to the training problems and to --grade-eval held-out ones, and for each wrong one the
+first line of its trace that differs from the reference solution, by quarter of that solution (RPO
+regenerates a verified path's last quarter at most, so its first three quarters are trained only where
+a path was not verified). Writes benchmarks/results/signal_<device>.json.
 
     python benchmarks/bench_signal.py                  # full path, RPO, RPO with unverified cuts at most halfway
     python benchmarks/bench_signal.py --seed 1 --runs " --no-rpo" "--rpo --rpo-unverified-cut-fraction 0.25"
                                                        # a one-flag run needs a leading space
+    python benchmarks/bench_signal.py --steps 120 --runs " --no-rpo" " --rpo"   # a longer run
 """
 from __future__ import annotations
 
@@ -28,11 +33,40 @@ import torch
 
 from common import git_commit, machine, save_json
 from rpo_engine.config import parse_args
-from rpo_engine.data.arithmetic import check_trace
+from rpo_engine.data.arithmetic import check_trace, make_split
+from rpo_engine.rollout import SamplingParams
 from rpo_engine.train import build_trainer
 
+QUARTERS = ("first", "second", "third", "fourth")
 
-def audit(flags: str, seed: int, steps: int, output: Path) -> dict:
+
+def first_wrong_quarter(text: str, solution: str) -> str:
+    """The quarter of the reference `solution` holding the first line where `text` departs from it."""
+    want, got = solution.strip().split("\n"), text.strip().split("\n")
+    first = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
+    return QUARTERS[min(3, 4 * first // len(want))]
+
+
+def grade_greedy(trainer, rows: list[dict]) -> dict:
+    """Greedy answers of the trainer's model to `rows` (built-in task rows, with their solution): accuracy,
+    and where the wrong ones first depart from the reference trace."""
+    tok = trainer.tokenizer
+    prompts = [trainer.encode_prompt(r) for r in rows]
+    params = SamplingParams(n=1, max_new_tokens=trainer.config.max_completion_length, temperature=0.0,
+                            stop_token_ids=trainer.eos_ids)
+    wrong = collections.Counter()
+    right = 0
+    for row, out in zip(rows, trainer.engine.generate(prompts, params)):
+        text = tok.decode(out[0].token_ids, skip_special_tokens=True)
+        if trainer.reward_fn(text, row["answer"]) >= 1.0:
+            right += 1
+        else:
+            wrong[first_wrong_quarter(text, row["solution"])] += 1
+    return {"problems": len(rows), "accuracy": right / len(rows),
+            "wrong_from_quarter": {q: wrong[q] for q in QUARTERS}}
+
+
+def audit(flags: str, seed: int, steps: int, output: Path, grade_eval: int) -> dict:
     config = parse_args(["--seed", str(seed), "--steps", str(steps), "--eval-steps", "0", "--no-progress",
                          "--output", str(output), *shlex.split(flags)])
     if config.dataset is not None:
@@ -60,7 +94,9 @@ def audit(flags: str, seed: int, steps: int, output: Path) -> dict:
             "right_answers_in_mixed_groups": right_mixed,
             "per_1k_generated_tokens": 1000 * right_mixed / generated,
             "invalid_trace_share": invalid / max(1, right_mixed),
-            "final_eval_accuracy": trainer.evaluate(), "counts": dict(sorted(counts.items()))}
+            "final_eval_accuracy": trainer.evaluate(), "counts": dict(sorted(counts.items())),
+            "greedy_train": grade_greedy(trainer, trainer.train_rows),
+            "greedy_eval": grade_greedy(trainer, make_split("eval", grade_eval, seed))}
 
 
 def main():
@@ -70,16 +106,21 @@ def main():
     parser.add_argument("--runs", nargs="+", metavar="FLAGS",
                         default=["--no-rpo", "--rpo", "--rpo --rpo-unverified-cut-fraction 0.5"],
                         help="train flags of each run, one quoted string each")
+    parser.add_argument("--grade-eval", type=int, default=512,
+                        help="held-out problems the trained model answers greedily, graded line by line")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for k, flags in enumerate(args.runs):
-            r = audit(flags, args.seed, args.steps, Path(tmp) / f"run{k}")
+            r = audit(flags, args.seed, args.steps, Path(tmp) / f"run{k}", args.grade_eval)
             runs.append(r)
             print(f"[{flags}] right answers in mixed groups {r['right_answers_in_mixed_groups']} "
                   f"({r['per_1k_generated_tokens']:.2f} per 1k generated tokens), invalid trace "
-                  f"{r['invalid_trace_share']:.0%}; final eval {r['final_eval_accuracy']:.3f}", flush=True)
+                  f"{r['invalid_trace_share']:.0%}; final eval {r['final_eval_accuracy']:.3f}; greedy "
+                  + "; ".join(f"{split} {g['accuracy']:.3f}, wrong answers by the quarter of the trace they first "
+                              f"depart in {list(g['wrong_from_quarter'].values())}"
+                              for split, g in (("train", r["greedy_train"]), ("eval", r["greedy_eval"]))), flush=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     record = {"benchmark": "signal", "machine": machine(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "git_commit": git_commit(), "torch": torch.__version__, "runs": runs}

@@ -44,12 +44,33 @@ def test_bench_train_compares_each_rpo_variant_with_full_path(tmp_path, tiny_mod
 def test_bench_signal_grades_every_answer(tmp_path, tiny_model_dir):
     out = tmp_path / "signal.json"
     flags = " ".join(map(str, tiny_flags(tiny_model_dir)))
-    run_bench("bench_signal.py", "--steps", 2, "--out", out, "--runs", f"--no-rpo {flags}", f"--rpo {flags}")
+    run_bench("bench_signal.py", "--steps", 2, "--out", out, "--grade-eval", 5,
+              "--runs", f"--no-rpo {flags}", f"--rpo {flags}")
     full, rpo = json.loads(out.read_text())["runs"]
     # every sampled answer is counted once: 2 steps x 2 prompts x 3 samples
     assert sum(full["counts"].values()) == sum(rpo["counts"].values()) == 2 * 2 * 3
     assert all(k.startswith("full ") for k in full["counts"])
     assert all(k.split()[0] in ("verified", "unverified") for k in rpo["counts"])
+    for run in (full, rpo):  # the final model's greedy answers: each wrong one placed in one quarter
+        for split, problems in (("greedy_train", 2), ("greedy_eval", 5)):
+            graded = run[split]
+            assert graded["problems"] == problems
+            wrong = sum(graded["wrong_from_quarter"].values())
+            assert wrong == round(problems * (1 - graded["accuracy"]))
+
+
+def test_first_wrong_quarter_places_the_first_departing_line():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from bench_signal import first_wrong_quarter
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    solution = " a\nb\nc\nd\ne\nf\ng\n#### 8"  # 8 lines: two a quarter
+    assert first_wrong_quarter(" a\nX\nc", solution) == "first"  # line 1
+    assert first_wrong_quarter(" a\nb\nX", solution) == "second"  # line 2
+    assert first_wrong_quarter(" a\nb\nc\nd\ne\nX", solution) == "third"  # line 5
+    assert first_wrong_quarter(" a\nb\nc\nd\ne\nf\ng\n#### 9", solution) == "fourth"  # line 7
+    assert first_wrong_quarter(" a\nb\nc", solution) == "second"  # stopped after line 2: line 3 missing
 
 
 def test_bench_cut_regrows_every_wrong_path_by_each_rule(tmp_path, tiny_model_dir):
