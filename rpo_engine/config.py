@@ -211,11 +211,40 @@ def _load_yaml(path: str) -> dict:
     return flat
 
 
+_KINDS = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
+
+
+def _typed(name: str, kind: str, value, source: str):
+    """`value` (from YAML or a caller's dict) as option `name`'s type `kind` ("int", "float | None", ...).
+
+    YAML 1.1 reads `1e-5` (no dot) as a string, so a number written that way is taken as the float it
+    means; anything else of the wrong type is an error naming the option."""
+    base, optional = kind.removesuffix(" | None"), kind.endswith(" | None")
+    if value is None and optional:
+        return None
+    if base == "bool" and isinstance(value, bool):
+        return value
+    if base == "str" and isinstance(value, str):
+        return value
+    if base in ("int", "float") and isinstance(value, int) and not isinstance(value, bool):
+        return value if base == "int" else float(value)
+    if base == "float" and isinstance(value, float):
+        return value
+    if base == "float" and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise UserError(f"{source}: {name} must be {_KINDS[base]}{' or null' if optional else ''}, got {value!r}")
+
+
 def config_from_dict(values: dict, source: str = "options") -> TrainConfig:
-    known = {f.name: section for section, f in _flat_fields()}
+    fields_by_name = {f.name: (section, f) for section, f in _flat_fields()}
+    known = {name: section for name, (section, _) in fields_by_name.items()}
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise UserError(f"{source}: unknown option {unknown[0]!r}")
+    values = {k: _typed(k, fields_by_name[k][1].type, v, source) for k, v in values.items()}
     top = {k: v for k, v in values.items() if known[k] is None}
     sub = {name: {k: v for k, v in values.items() if known[k] == name} for name in SECTIONS}
     try:

@@ -73,6 +73,17 @@ def resolve_reward(config: TrainConfig):
     raise UserError(f"--reward must be exact, math or module:function, got {config.reward!r}")
 
 
+def check_output_dir(output: Path) -> None:
+    """Fail before minutes of loading when --output cannot become a directory we write to."""
+    existing = output
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{existing}: is a file, not a directory (--output {output})")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{existing}: not writable (--output {output})")
+
+
 def complete_checkpoints(output: Path) -> list[Path]:
     """OUTPUT/checkpoints/step-N directories that were fully written, oldest first."""
     ckpts = sorted((output / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
@@ -163,6 +174,7 @@ def train(config: TrainConfig, dist: Dist) -> int:
     check_divisible(config.prompts_per_step, dist.world_size)
     main_rank = dist.is_main  # rank 0 writes every output; the others compute
     output = Path(config.output)
+    check_output_dir(output)
     metrics_path = output / "metrics.jsonl"
     if metrics_path.exists() and not config.resume:
         raise UserError(f"{output}: already holds a run (metrics.jsonl); pass --resume or another --output")

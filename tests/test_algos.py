@@ -201,10 +201,23 @@ def test_algo_defaults():
     ({"bogus": 1}, "unknown option 'bogus'"),
     ({"rpo_cache_policy": "best"}, "--rpo-cache-policy must be one of"),
     ({"rpo_unverified_cut": "random"}, "--rpo-unverified-cut must be one of"),
+    ({"steps": "ten"}, "steps must be an integer, got 'ten'"),  # a YAML file's values arrive untyped
+    ({"steps": 2.5}, "steps must be an integer"),
+    ({"rpo": "no"}, "rpo must be true or false"),
+    ({"learning_rate": "fast"}, "learning_rate must be a number"),
+    ({"top_k": True}, "top_k must be an integer"),
+    ({"model": 3}, "model must be a string or null"),
 ])
 def test_bad_options(values, message):
     with pytest.raises(UserError, match=message):
         config_from_dict(values)
+
+
+def test_config_values_take_their_option_type():
+    # YAML 1.1 reads 1e-5 (no dot) as a string; an int where a float is expected is that float
+    c = config_from_dict({"learning_rate": "1e-5", "temperature": 1, "model": None, "eval_size": 7})
+    assert c.learning_rate == 1e-5 and c.temperature == 1.0 and isinstance(c.temperature, float)
+    assert c.model is None and c.eval_size == 7
 
 
 def test_config_sections_route_flat_names():

@@ -261,6 +261,16 @@ def test_broken_config_file(tmp_path):
     assert_user_error(run_train("--config", cfg, check=False), "c.yaml", "not valid YAML")
     cfg.write_text("stepz: 3\n")
     assert_user_error(run_train("--config", cfg, check=False), "unknown option 'stepz'")
+    cfg.write_text("steps: ten\n")
+    assert_user_error(run_train("--config", cfg, check=False), "c.yaml", "steps must be an integer, got 'ten'")
+
+
+def test_output_that_is_a_file(tmp_path):
+    taken = tmp_path / "taken"
+    taken.write_text("keep me")
+    for output in (taken, taken / "run"):
+        assert_user_error(run_train("--output", output, check=False), "taken: is a file, not a directory")
+    assert taken.read_text() == "keep me"
 
 
 def test_help_lists_options():
