@@ -65,7 +65,7 @@ def test_first_wrong_quarter_places_the_first_departing_line():
         from bench_signal import first_wrong_quarter
     finally:
         sys.path.remove(str(BENCHMARKS))
-    solution = " a\nb\nc\nd\ne\nf\ng\n#### 8"  # 8 lines: two a quarter
+    solution = " a\nb\nc\nd\ne\nf\ng\n#### 8"  # 8 lines, two a quarter; line numbers below count from 0
     assert first_wrong_quarter(" a\nX\nc", solution) == "first"  # line 1
     assert first_wrong_quarter(" a\nb\nX", solution) == "second"  # line 2
     assert first_wrong_quarter(" a\nb\nc\nd\ne\nX", solution) == "third"  # line 5
