@@ -34,8 +34,8 @@ import torch
 from common import git_commit, machine, save_json
 from rpo_engine.config import parse_args
 from rpo_engine.data.arithmetic import check_trace, make_split
-from rpo_engine.rollout import SamplingParams
 from rpo_engine.train import build_trainer
+from rpo_engine.trainer import greedy_texts
 
 QUARTERS = ("first", "second", "third", "fourth")
 
@@ -50,14 +50,11 @@ def first_wrong_quarter(text: str, solution: str) -> str:
 def grade_greedy(trainer, rows: list[dict]) -> dict:
     """Greedy answers of the trainer's model to `rows` (built-in task rows, with their solution): accuracy,
     and where the wrong ones first depart from the reference trace."""
-    tok = trainer.tokenizer
-    prompts = [trainer.encode_prompt(r) for r in rows]
-    params = SamplingParams(n=1, max_new_tokens=trainer.config.max_completion_length, temperature=0.0,
-                            stop_token_ids=trainer.eos_ids)
+    texts = greedy_texts(trainer.engine, trainer.tokenizer, [trainer.encode_prompt(r) for r in rows],
+                         trainer.config.max_completion_length, trainer.eos_ids)
     wrong = collections.Counter()
     right = 0
-    for row, out in zip(rows, trainer.engine.generate(prompts, params)):
-        text = tok.decode(out[0].token_ids, skip_special_tokens=True)
+    for row, text in zip(rows, texts):
         if trainer.reward_fn(text, row["answer"]) >= 1.0:
             right += 1
         else:

@@ -544,16 +544,20 @@ def encode_prompt(tokenizer, row: dict, limit: int) -> list[int]:
 
 
 @torch.no_grad()
-def greedy_correct(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens, eos_ids) -> int:
-    """How many rows' greedy completions earn the full reward."""
+def greedy_texts(engine, tokenizer, prompt_ids, max_new_tokens, eos_ids) -> list[str]:
+    """The greedy completion of each prompt, decoded."""
     from rpo_engine.rollout import SamplingParams
 
-    if not rows:
-        return 0
+    if not prompt_ids:
+        return []
     params = SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=eos_ids)
-    outs = engine.generate(prompt_ids, params)
-    return sum(reward_fn(tokenizer.decode(o[0].token_ids, skip_special_tokens=True), r["answer"]) >= 1.0
-               for o, r in zip(outs, rows))
+    return [tokenizer.decode(o[0].token_ids, skip_special_tokens=True) for o in engine.generate(prompt_ids, params)]
+
+
+def greedy_correct(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens, eos_ids) -> int:
+    """How many rows' greedy completions earn the full reward."""
+    texts = greedy_texts(engine, tokenizer, prompt_ids, max_new_tokens, eos_ids)
+    return sum(reward_fn(text, r["answer"]) >= 1.0 for text, r in zip(texts, rows))
 
 
 def evaluate_accuracy(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens, eos_ids) -> float:
