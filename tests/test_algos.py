@@ -23,6 +23,16 @@ def test_group_advantages_hand_computed():
     torch.testing.assert_close(group_advantages(rewards, scale_rewards=False)[0], torch.tensor([0.5, -0.5, -0.5, 0.5]))
 
 
+def test_group_advantages_equal_rewards_are_exactly_zero():
+    # 0.7 and 1/3 (fp32): eight equal values whose mean misses them by an ulp (the std + 1e-4
+    # division made that ~6e-4 before the fix); the mixed group beside them keeps its advantages
+    rewards = torch.tensor([[0.7] * 8, [1 / 3] * 8, [0.7] * 7 + [0.1]])
+    for scale in (True, False):
+        adv = group_advantages(rewards, scale_rewards=scale)
+        assert torch.equal(adv[:2], torch.zeros(2, 8))
+        assert (adv[2] != 0).all()
+
+
 def test_informative_groups():
     rewards = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.5, 0.5, 0.51]])
     assert informative_groups(rewards).tolist() == [False, False, True, True]
