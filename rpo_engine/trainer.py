@@ -265,21 +265,28 @@ class Trainer:
                 b += 1
         return out
 
-    def update(self, groups: list[Group]) -> dict:
+    def update(self, groups: list[Group], skip_zero_advantage: bool = True) -> dict:
         """num_iterations optimizer passes over the batch (this rank's groups, maybe none); one
-        optimizer step per pass."""
+        optimizer step per pass. Without a KL term a group whose advantages are all zero (its rewards
+        were equal) has a zero gradient, so `skip_zero_advantage` leaves it out of the forward and
+        backward; it still counts in the loss normalisers, so the step is the one the whole batch gives.
+        The policy's entropy and `logprob_mismatch` are then measured over the groups that were run."""
         algo, batch_groups = self.algo, self.training_batch(groups)
+        # Global normalisers (all groups, all micro-batches, all ranks), so skipping, micro-batching and
+        # ranks give the same loss as one big batch.
+        spans = [g.span(i) for g in batch_groups for i in range(len(g.suffix_ids))]
+        num_tokens, num_rows = self.dist.sum([sum(spans), sum(1 for n in spans if n)])
+        if skip_zero_advantage and self.reference is None:
+            batch_groups = [g for g in batch_groups if any(g.advantages)]
         # (micro-batch, shared layout?) pairs: a group's prefix runs once where that costs fewer FLOPs
         batches = plan_micro_batches(batch_groups, self.model.config, self.config.micro_batch_tokens,
                                      self.config.prefix_sharing)
         num_real = len(batches)
-        # Global normalisers (all micro-batches of all ranks), so micro-batching and ranks give the
-        # same loss as one big batch.
-        spans = [g.span(i) for g in batch_groups for i in range(len(g.suffix_ids))]
-        num_tokens, num_rows = self.dist.sum([sum(spans), sum(1 for n in spans if n)])
         # DDP and FSDP2 communicate in every forward/backward: all ranks run as many micro-batches as
-        # the busiest, padding with a zero-weight one (a rank with no group still joins).
-        num_batches = int(self.dist.max([num_real])[0])
+        # the busiest, padding with a zero-weight one (a rank with no group still joins). At least one
+        # runs, so every parameter gets a (zero) gradient and AdamW's step, which moves the weights by
+        # its running moments even at zero gradient, is the one the full batch would have taken.
+        num_batches = max(1, int(self.dist.max([num_real])[0]))
         batches += [([self.padding_group()], True)] * (num_batches - num_real)
         # DDP and FSDP2 average gradients over ranks; the loss is already normalised globally.
         grad_scale = self.dist.world_size
@@ -345,7 +352,7 @@ class Trainer:
                                                            entropy_sum, entropy_tokens])
         stats.update(zip(keys, totals[:4]))
         stats["logprob_mismatch"] = totals[4] / max(1, totals[5])
-        stats["entropy"] = totals[8] / max(1, totals[9])
+        stats["entropy"] = totals[8] / totals[9] if totals[9] else None  # None: no group was run
         stats["num_micro_batches"], stats["prefix_shared_groups"] = int(totals[6]), int(totals[7])
         return stats
 

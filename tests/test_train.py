@@ -209,6 +209,42 @@ def test_async_scheduling_trains_on_the_same_samples(tmp_path, tiny_model_dir):
                 assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (x["step"], key)
 
 
+@pytest.mark.parametrize("flags", [[], ["--num-iterations", "2", "--algo", "dapo"], ["--no-prefix-sharing"]])
+def test_update_skipping_zero_advantage_groups_takes_the_same_step(tiny_model_dir, flags):
+    """Without a KL term, a group whose advantages are all zero adds nothing to the gradient: leaving it out
+    of the forward and backward (the default) must give the weights the full batch gives, also when every
+    group is left out (AdamW still moves the weights by its moments)."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+    from rpo_engine.trainer import Group
+
+    def groups(seed, zero):
+        gen = torch.Generator().manual_seed(seed)
+        out = []
+        for k in range(6):
+            G, prefix = 4, torch.randint(3, 40, (int(torch.randint(4, 12, (1,), generator=gen)),), generator=gen)
+            suffixes = [torch.randint(3, 40, (int(n),), generator=gen).tolist()
+                        for n in torch.randint(0, 9, (G,), generator=gen)]
+            suffixes[0] = suffixes[0] or [5]  # at least one generated token per group
+            adv = [0.0] * G if k in zero else torch.randn(G, generator=gen).tolist()
+            out.append(Group({"id": str(k)}, prefix[:3].tolist(), prefix[3:].tolist(), suffixes,
+                             [[-1.0] * len(x) for x in suffixes], ["stop"] * G, advantages=adv))
+        return out
+
+    trainers = [build_trainer(parse_args(["--model", str(tiny_model_dir), "--micro-batch-tokens", "60",
+                                          "--learning-rate", "1e-2", *flags])) for _ in range(2)]
+    for zero in ({1, 3, 4}, set(range(6))):  # some groups with zero advantages, then all of them
+        batch, before = groups(len(zero), zero), [t.detach().clone() for t in trainers[0].model.parameters()]
+        skipped, full = trainers[0].update(batch), trainers[1].update(batch, skip_zero_advantage=False)
+        assert skipped["num_micro_batches"] < full["num_micro_batches"]
+        for key in ("loss", "grad_norm", "clip_frac"):
+            assert skipped[key] == pytest.approx(full[key], rel=1e-5, abs=1e-7), key
+        for a, b in zip(trainers[0].model.parameters(), trainers[1].model.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        assert not all(torch.equal(a, b) for a, b in zip(trainers[0].model.parameters(), before))  # it stepped
+    assert skipped["entropy"] is None and full["grad_norm"] == 0.0  # nothing to learn, and nothing was run
+
+
 # ---- bad input: one line, exit 2, no traceback, nothing overwritten -----------------------------
 
 def assert_user_error(proc, *fragments):
