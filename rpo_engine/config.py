@@ -141,6 +141,8 @@ class TrainConfig:
         for name in ("steps", "train_size", "prompts_per_step", "num_generations", "max_prompt_length", "max_completion_length",
                      "micro_batch_tokens", "eval_size"):
             _check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        # one sample is its group's mean: its advantage is always 0, so nothing would be learned (TRL: >= 2 too)
+        _check(self.num_generations >= 2, f"--num-generations must be >= 2, got {self.num_generations}")
         _check(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
         _check(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
         _check(self.top_k >= 0, f"--top-k must be >= 0, got {self.top_k}")

@@ -206,6 +206,7 @@ def test_algo_defaults():
     ({"algo": "ppo"}, "--algo must be grpo or dapo"),
     ({"loss_agg": "sum"}, "--loss-agg must be one of"),
     ({"steps": 0}, "--steps must be >= 1"),
+    ({"num_generations": 1}, "--num-generations must be >= 2"),
     ({"rpo_max_cut": 0}, r"--rpo-max-cut \(0\) must be >= --rpo-min-cut"),
     ({"temperature": 0}, "--temperature must be > 0"),
     ({"bogus": 1}, "unknown option 'bogus'"),
