@@ -5,3 +5,13 @@ import hashlib
 def hash_reward(completion_text: str, answer: str) -> float:
     """Varied, deterministic rewards for a random model: a coin flip keyed by the text."""
     return float(hashlib.sha256(completion_text.encode()).digest()[0] % 2)
+
+
+def text_reward(completion_text: str, answer: str):
+    """A user mistake: a reward that is not a number."""
+    return "right" if answer in completion_text else "wrong"
+
+
+def failing_reward(completion_text: str, answer: str) -> float:
+    """A user mistake: a reward function that raises."""
+    return float(completion_text.split("####")[5])

@@ -132,3 +132,22 @@ def test_load_reward_fn(tmp_path, monkeypatch):
         assert path in msg and why in msg and "\n" not in msg, msg
     with pytest.raises(UserError):
         load_reward_fn("")
+
+
+def test_user_reward_mistakes_are_one_line_errors(tmp_path, monkeypatch):
+    (tmp_path / "user_rewards.py").write_text(
+        "import math\n"
+        "def text(c, a):\n    return 'right'\n"
+        "def nothing(c, a):\n    pass\n"
+        "def nan(c, a):\n    return math.nan\n"
+        "def boom(c, a):\n    return 1 / 0\n"
+        "def numpyish(c, a):\n    return True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for fn, why in (("text", "returned 'right' (str)"), ("nothing", "returned None"), ("nan", "returned nan"),
+                    ("boom", "raised ZeroDivisionError: division by zero (")):
+        with pytest.raises(UserError) as e:
+            load_reward_fn(f"user_rewards:{fn}")("#### 3", "3")
+        msg = str(e.value)
+        assert f"user_rewards:{fn}" in msg and why in msg and "reference answer '3'" in msg and "\n" not in msg, msg
+    assert "user_rewards.py:9;" in msg  # where the user's code raised
+    assert load_reward_fn("user_rewards:numpyish")("", "") == 1.0  # a bool is a number

@@ -275,6 +275,15 @@ def test_unknown_algo_and_option(tmp_path):
     assert proc.returncode == 2 and "unrecognized arguments: --no-such-option" in proc.stderr
 
 
+def test_user_reward_mistakes(tmp_path, tiny_model_dir):
+    for fn, why in (("text_reward", "returned 'wrong' (str), expected a finite number"),
+                    ("failing_reward", "raised IndexError: list index out of range (")):
+        out = tmp_path / fn
+        proc = run_train("--model", tiny_model_dir, "--steps", 1, "--output", out, "--reward", f"tests.reward_fns:{fn}",
+                         *SMALL, check=False)
+        assert_user_error(proc, f"reward function 'tests.reward_fns:{fn}'", why)
+
+
 def test_prompt_too_long(tmp_path, tiny_model_dir):
     data = tmp_path / "long.jsonl"
     data.write_text(json.dumps({"prompt": "1+" * 400, "answer": "2"}) + "\n")

@@ -210,4 +210,33 @@ def load_reward_fn(path: str):
         obj = getattr(obj, part)
     if not callable(obj):
         raise UserError(f"reward function {path!r}: {attr!r} is a {type(obj).__name__}, not a callable")
-    return obj
+    return obj if obj in BUILTIN_REWARDS.values() else checked_reward(obj, path)  # ours are checked by tests
+
+
+def checked_reward(fn, name: str):
+    """`fn` made to fail in one line that names it: when it raises (with the file and line where its own
+    code raised) or returns something that is not a finite number (a str, None, NaN). A NaN would reach the
+    group's advantages and skip the update; a str would fail deep inside the trainer."""
+    import functools
+    import math
+    import traceback
+
+    @functools.wraps(fn)
+    def reward(completion_text: str, answer: str) -> float:
+        try:
+            value = fn(completion_text, answer)
+        except Exception as e:  # noqa: BLE001 - the user's code; reported, not hidden
+            frame = traceback.extract_tb(e.__traceback__)[-1]
+            msg = " ".join(str(e).split()) or "(no message)"
+            raise UserError(f"reward function {name!r} raised {type(e).__name__}: {msg} "
+                            f"({frame.filename}:{frame.lineno}; reference answer {answer!r})") from None
+        try:
+            number = float(value) if not isinstance(value, (str, bytes)) else math.nan
+        except (TypeError, ValueError):
+            number = math.nan
+        if not math.isfinite(number):
+            raise UserError(f"reward function {name!r} returned {value!r} ({type(value).__name__}), "
+                            f"expected a finite number (reference answer {answer!r})")
+        return number
+
+    return reward
