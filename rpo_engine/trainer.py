@@ -351,8 +351,8 @@ class Trainer:
         totals = self.dist.sum([stats[k] for k in keys] + [sum(mismatch), len(mismatch), num_real, shared_groups,
                                                            entropy_sum, entropy_tokens])
         stats.update(zip(keys, totals[:4]))
-        stats["logprob_mismatch"] = totals[4] / max(1, totals[5])
-        stats["entropy"] = totals[8] / totals[9] if totals[9] else None  # None: no group was run
+        stats["logprob_mismatch"] = totals[4] / totals[5] if totals[5] else None
+        stats["entropy"] = totals[8] / totals[9] if totals[9] else None  # None (both): no group was run
         stats["num_micro_batches"], stats["prefix_shared_groups"] = int(totals[6]), int(totals[7])
         return stats
 
@@ -420,7 +420,7 @@ class Trainer:
             stats = self.update(kept_groups)
         else:  # DAPO found no group with distinct rewards within its resampling bound: nothing to learn
             stats = dict.fromkeys(("loss", "clip_frac", "clip_low_frac", "clip_high_frac", "kl", "grad_norm",
-                                   "logprob_mismatch", "num_micro_batches", "prefix_shared_groups"), 0.0)
+                                   "num_micro_batches", "prefix_shared_groups"), 0.0)
             stats["skipped_updates"] = algo.num_iterations
             stats["entropy"] = None  # no token was trained
         self.scheduler.step()
