@@ -363,7 +363,8 @@ class Trainer:
     def upcoming_cold_rows(self, rows: list[dict]) -> list[dict]:
         """RPO: the next step's prompts that will need a cold start (not cached, not among `rows`), to
         generate their paths alongside this step's suffixes. The last step reads ahead too, so a run
-        resumed with more steps continues exactly. (DAPO's extra sampling rounds may draw other prompts
+        resumed with more steps finds its next prompts' paths ready, as they would have been (its
+        learning-rate schedule, which spans --steps, changes all the same). (DAPO's extra sampling rounds may draw other prompts
         next step; those paths wait in the cache for their turn.)"""
         if not self.rpo.rpo:
             return []
