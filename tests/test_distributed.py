@@ -106,6 +106,21 @@ def test_two_rank_checkpoint_resumes_on_one_rank(runs, tiny_model_dir, tmp_path)
     assert_same_steps(one, resumed, [3])
 
 
+def test_two_ranks_skipping_groups_without_signal_match_one_process(tiny_model_dir, tmp_path):
+    """GRPO without a KL term: each rank leaves its groups with all-equal rewards out of the forward and
+    backward (coin flips over G = 2: half the groups), so ranks run different numbers of micro-batches, or
+    none and pad; the loss normalisers still count every group of every rank."""
+    common = ["--model", tiny_model_dir, "--steps", 3, "--eval-steps", 0, "--seed", 2, "--prompts-per-step", 4,
+              "--num-generations", 2, "--max-completion-length", 32, "--train-size", 8, "--no-length-shaping",
+              "--micro-batch-tokens", 40, "--learning-rate", 1e-3, "--reward", "tests.reward_fns:hash_reward",
+              "--dist-timeout", 60, "--device", "cpu"]
+    check(run([*common, "--output", tmp_path / "one"]))
+    check(run([*common, "--output", tmp_path / "ddp"], nproc=2))
+    one, ddp = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "ddp")
+    assert_same_steps(one, ddp, [1, 2, 3])
+    assert all(0 < m["frac_reward_zero_std"] < 1 and m["grad_norm"] > 0 for m in one[1:])
+
+
 def test_failing_rank_stops_the_job(tiny_model_dir, tmp_path):
     start = time.monotonic()
     proc = run(["--model", tiny_model_dir, *COMMON, "--output", tmp_path / "o", "--dist-timeout", 30], nproc=2,
