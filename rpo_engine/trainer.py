@@ -364,8 +364,8 @@ class Trainer:
         """RPO: the next step's prompts that will need a cold start (not cached, not among `rows`), to
         generate their paths alongside this step's suffixes. The last step reads ahead too, so a run
         resumed with more steps finds its next prompts' paths ready, as they would have been (its
-        learning-rate schedule, which spans --steps, changes all the same). (DAPO's extra sampling rounds may draw other prompts
-        next step; those paths wait in the cache for their turn.)"""
+        learning-rate schedule, which spans --steps, changes all the same). (DAPO's extra sampling
+        rounds may draw other prompts next step; those paths wait in the cache for their turn.)"""
         if not self.rpo.rpo:
             return []
         now = {row["id"] for row in rows}
@@ -423,7 +423,7 @@ class Trainer:
             stats = dict.fromkeys(("loss", "clip_frac", "clip_low_frac", "clip_high_frac", "kl", "grad_norm",
                                    "num_micro_batches", "prefix_shared_groups"), 0.0)
             stats["skipped_updates"] = algo.num_iterations
-            stats["entropy"] = None  # no token was trained
+            stats["entropy"] = stats["logprob_mismatch"] = None  # no token was trained
         self.scheduler.step()
         self.step_num += 1
         after = self.engine_counters()

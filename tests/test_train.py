@@ -149,6 +149,7 @@ def test_dapo_dynamic_sampling_is_bounded(tmp_path, tiny_model_dir):
     assert m["reward_mean"] == 0.0 and m["reward_std"] == 0.0
     assert m["num_prompts_sampled"] == 3 * (1 + 3) and m["num_groups_trained"] == 0 and m["skipped_updates"] == 1
     assert m["frac_reward_zero_std"] == 1.0
+    assert m["entropy"] is None and m["logprob_mismatch"] is None  # no token was trained, none measured
 
 
 def test_kl_to_reference(tmp_path, tiny_model_dir):

@@ -9,12 +9,15 @@ the part after its last ``####`` is compared.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
+import math
 import os
 import re
 import sys
 import threading
+import traceback
 from fractions import Fraction
 
 from rpo_engine.data.arithmetic import extract_answer
@@ -214,13 +217,9 @@ def load_reward_fn(path: str):
 
 
 def checked_reward(fn, name: str):
-    """`fn` made to fail in one line that names it: when it raises (with the file and line where its own
-    code raised) or returns something that is not a finite number (a str, None, NaN). A NaN would reach the
+    """`fn` made to fail in one line that names it: when it raises (with the file and line the exception
+    came from) or returns something that is not a finite number (a str, None, NaN). A NaN would reach the
     group's advantages and skip the update; a str would fail deep inside the trainer."""
-    import functools
-    import math
-    import traceback
-
     @functools.wraps(fn)
     def reward(completion_text: str, answer: str) -> float:
         try:
