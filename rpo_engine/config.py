@@ -125,6 +125,7 @@ class TrainConfig:
     async_scheduling: bool = field(default=False, metadata={"help": "rollout: schedule each decode step while the previous one runs, hiding the host's work behind the GPU's (the same samples; nothing to gain on a CPU)"})
     reward: str = field(default="auto", metadata={"help": "exact | math | module:function (auto: exact for the built-in task, math otherwise)"})
     format_reward_weight: float = field(default=0.0, metadata={"help": "weight of the format reward added to accuracy"})
+    log_completions: bool = field(default=False, metadata={"help": "write every sampled completion (prompt, kept path, generated text, reward, advantage) to OUTPUT/completions.jsonl (TRL's name)"})
     eval_steps: int = field(default=10, metadata={"help": "greedy eval every N steps (0: never)"})
     eval_size: int = field(default=128, metadata={"help": "eval prompts"})
     save_steps: int = field(default=20, metadata={"help": "checkpoint every N steps (0: only at the end)"})

@@ -198,13 +198,15 @@ def train(config: TrainConfig, dist: Dist) -> int:
         if main_rank:
             print(f"resumed from {checkpoint} at step {trainer.step_num}" +
                   (f" on {dist.world_size} ranks" if dist.enabled else ""))
-    writer, log = None, None
+    writer, log, completions_log = None, None, None
     if main_rank:
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
         writer = _tensorboard(output)
         log = open(metrics_path, "w")  # rewritten: a resumed run drops the steps after its checkpoint
         log.writelines(json.dumps(r) + "\n" for r in records)
+        if config.log_completions:
+            completions_log = open_completions_log(output / "completions.jsonl", trainer.step_num)
     if trainer.step_num == 0 and config.eval_steps and trainer.eval_rows:
         first_eval = {"step": 0, "eval_accuracy": trainer.evaluate()}
         records.append(first_eval)
@@ -229,6 +231,9 @@ def train(config: TrainConfig, dist: Dist) -> int:
             records.append(m)
             log.write(json.dumps(m) + "\n")
             log.flush()
+            if completions_log is not None:
+                completions_log.writelines(json.dumps(r) + "\n" for r in trainer.completions)
+                completions_log.flush()
             if writer is not None:
                 for key, value in m.items():
                     if isinstance(value, (int, float)) and key != "step":
@@ -250,6 +255,8 @@ def train(config: TrainConfig, dist: Dist) -> int:
     if not main_rank:
         return 0
     log.close()
+    if completions_log is not None:
+        completions_log.close()
     if writer is not None:
         writer.close()
     write_plot(records, output / "curves.png", f"{algo_name} on {config.dataset or 'the built-in arithmetic task'}")
@@ -259,6 +266,15 @@ def train(config: TrainConfig, dist: Dist) -> int:
         summary += f"; eval accuracy {evals[0]:.3f} -> {evals[-1]:.3f}"
     print(summary)
     return 0
+
+
+def open_completions_log(path: Path, step: int):
+    """OUTPUT/completions.jsonl opened for appending, after dropping any records past `step` (a resumed
+    run writes the steps after its checkpoint again)."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+    return open(path, "a")
 
 
 def _tensorboard(output: Path):

@@ -96,6 +96,7 @@ class Trainer:
         self.cache = ExperienceCache(self.rpo.rpo_cache_policy, self.rpo.rpo_epsilon)
         self.rng = random.Random(config.seed)  # cuts and cache choices: saved in checkpoints
         self.step_num = 0
+        self.completions: list[dict] = []  # the last step's sampled completions, with --log-completions
         self.rows_drawn = 0  # training rows handed out so far, over all epochs
         self.epoch_orders: dict[int, list[int]] = {}
         self.eos_ids = list(model.config.eos_token_ids) or [tokenizer.eos_token_id]
@@ -383,6 +384,7 @@ class Trainer:
         # Ranks roll out their share of each round's rows; `kept` counts every rank's kept groups,
         # `kept_groups` are this rank's (the round asks for at most what is missing, so never too many).
         kept_groups, kept, totals = [], [], {"generated": 0, "cold_starts": 0, "cache_hits": 0, "verified": 0}
+        completions = []  # --log-completions: every round's, every rank's, in the order of the rows
         all_rewards, num_prompts, zero_std = [], 0, 0
         for round_index in range(1 + (algo.max_resample_rounds if algo.dynamic_sampling else 0)):
             rows = self.next_rows(c.prompts_per_step - len(kept))
@@ -407,6 +409,8 @@ class Trainer:
             mine = self.dist.share(len(rows))
             kept_groups += [g for g, keep in zip(groups, informative[mine.start:mine.stop]) if keep]
             kept += [r for r, keep in zip(results, informative) if keep]
+            if c.log_completions:
+                completions.append(groups)
             if len(kept) >= c.prompts_per_step:
                 break
         rollout_time = time.perf_counter() - start
@@ -426,6 +430,9 @@ class Trainer:
             stats["entropy"] = stats["logprob_mismatch"] = None  # no token was trained
         self.scheduler.step()
         self.step_num += 1
+        if c.log_completions:  # after the advantages are set; a rank's share of a round is a run of its rows
+            self.completions = [r for groups in completions
+                                for part in self.dist.gather(self.completion_records(groups)) for r in part]
         after = self.engine_counters()
         generated, cold_starts, cache_hits, verified, prefill, reused = map(int, self.dist.sum(
             [totals["generated"], totals["cold_starts"], totals["cache_hits"], totals["verified"],
@@ -455,6 +462,24 @@ class Trainer:
             **stats,
         }
         return metrics
+
+    def completion_records(self, groups: list[Group]) -> list[dict]:
+        """One record per sampled completion of `groups`, as text: the prompt, the kept part of its cached
+        path (RPO; "" on the full path), the generated text, and what the step made of it. `advantage` is
+        None for a group DAPO's dynamic sampling dropped."""
+        def decode(ids):
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+        records = []
+        for g in groups:
+            prompt, kept = decode(g.prompt_ids), decode(g.kept_ids)
+            for i, suffix in enumerate(g.suffix_ids):
+                records.append({"step": self.step_num, "prompt_id": g.row["id"], "prompt": prompt, "kept": kept,
+                                "kept_tokens": len(g.kept_ids), "completion": decode(suffix),
+                                "completion_tokens": len(suffix), "finish_reason": g.finish_reasons[i],
+                                "reward": g.rewards[i], "correct": g.correct[i],
+                                "advantage": g.advantages[i] if g.advantages else None})
+        return records
 
     def engine_counters(self) -> dict:
         s = self.engine.stats

@@ -60,7 +60,8 @@ COMMON = ["--steps", 3, "--save-steps", 2, "--eval-steps", 3, "--eval-size", 5, 
           "--prompts-per-step", 4, "--num-generations", 4, "--max-completion-length", 48, "--train-size", 6,
           "--overlong-buffer", 0, "--no-length-shaping", "--num-iterations", 2, "--beta", 0.05,
           "--micro-batch-tokens", 72, "--learning-rate", 1e-3, "--reward", "tests.reward_fns:hash_reward",
-          "--dist-timeout", 60, "--device", "cpu"]  # gloo: on a GPU box two ranks cannot share its one GPU
+          "--dist-timeout", 60, "--log-completions",
+          "--device", "cpu"]  # gloo: on a GPU box two ranks cannot share its one GPU
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,8 @@ def test_two_ranks_match_one_process(runs):
     assert [m["step"] for m in ddp] == [0, 1, 2, 3]
     assert_same_steps(one, ddp, [1, 2, 3])
     assert one[-1]["eval_accuracy"] == ddp[-1]["eval_accuracy"]
+    # every round's completions of every rank, in the one process's order (a resample round included)
+    assert (runs / "one" / "completions.jsonl").read_text() == (runs / "ddp" / "completions.jsonl").read_text()
     assert any(m["num_prompts_sampled"] > 4 for m in one[1:])  # a resample round ran (odd rows: a rank without)
     assert all(m["grad_norm"] > 0 and abs(m["loss"]) > 1e-3 and m["kl"] > 0 for m in one[1:])
     assert (runs / "ddp" / "final" / "model.safetensors").is_file() and (runs / "ddp" / "curves.png").is_file()
@@ -104,6 +107,7 @@ def test_two_rank_checkpoint_resumes_on_one_rank(runs, tiny_model_dir, tmp_path)
     one, resumed = read_metrics(runs / "one"), read_metrics(part)
     assert [m["step"] for m in resumed] == [0, 1, 2, 3]
     assert_same_steps(one, resumed, [3])
+    assert (runs / "one" / "completions.jsonl").read_text() == (part / "completions.jsonl").read_text()
 
 
 def test_two_ranks_skipping_groups_without_signal_match_one_process(tiny_model_dir, tmp_path):
@@ -114,10 +118,12 @@ def test_two_ranks_skipping_groups_without_signal_match_one_process(tiny_model_d
               "--num-generations", 2, "--max-completion-length", 32, "--train-size", 8, "--no-length-shaping",
               "--micro-batch-tokens", 40, "--learning-rate", 1e-3, "--reward", "tests.reward_fns:hash_reward",
               "--dist-timeout", 60, "--device", "cpu"]
-    check(run([*common, "--output", tmp_path / "one"]))
-    check(run([*common, "--output", tmp_path / "ddp"], nproc=2))
+    check(run([*common, "--output", tmp_path / "one", "--log-completions"]))
+    check(run([*common, "--output", tmp_path / "ddp", "--log-completions"], nproc=2))
     one, ddp = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "ddp")
     assert_same_steps(one, ddp, [1, 2, 3])
+    # rank 0 writes every rank's completions, in the one process's order
+    assert (tmp_path / "one" / "completions.jsonl").read_text() == (tmp_path / "ddp" / "completions.jsonl").read_text()
     assert all(0 < m["frac_reward_zero_std"] < 1 and m["grad_norm"] > 0 for m in one[1:])
 
 

@@ -35,8 +35,10 @@ def stopped_after(run, step, copy):
     started with --steps `step` would not do: its learning-rate schedule spans fewer steps, so its weights
     at `step` differ)."""
     shutil.copytree(run / "checkpoints" / f"step-{step}", copy / "checkpoints" / f"step-{step}")
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    (copy / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
+    for name in ("metrics.jsonl", "completions.jsonl"):
+        if (run / name).exists():
+            lines = (run / name).read_text().splitlines()
+            (copy / name).write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
 
 
 def test_train_resume_matches_uninterrupted(tmp_path, tiny_model_dir):
@@ -45,9 +47,11 @@ def test_train_resume_matches_uninterrupted(tmp_path, tiny_model_dir):
     # three prompts, three a step: each comes back every step, so the restored cache and RNG steer the next
     common = ["--model", tiny_model_dir, "--save-steps", 2, "--eval-steps", 2, "--reward", "tests.reward_fns:hash_reward",
               "--train-size", 3, *SMALL]
-    run_train(*common, "--steps", 4, "--output", full)
+    run_train(*common, "--steps", 4, "--output", full, "--log-completions")
     stopped_after(full, 2, part)
-    run_train(*common, "--steps", 4, "--output", part, "--resume", "--save-total-limit", 1)
+    run_train(*common, "--steps", 4, "--output", part, "--resume", "--save-total-limit", 1, "--log-completions")
+    # the resumed run samples the uninterrupted run's very completions, and its log holds each step once
+    assert (full / "completions.jsonl").read_text() == (part / "completions.jsonl").read_text()
     a, b = read_metrics(full), read_metrics(part)
     assert [m["step"] for m in a] == [0, 1, 2, 3, 4] == [m["step"] for m in b]
     for x, y in zip(a[3:], b[3:]):  # the steps after the resume point
@@ -61,6 +65,26 @@ def test_train_resume_matches_uninterrupted(tmp_path, tiny_model_dir):
     assert (full / "checkpoints" / "step-4" / "trainer_state.pt").is_file()
     assert sorted(p.name for p in (full / "checkpoints").iterdir()) == ["step-2", "step-4"]  # no limit: all kept
     assert [p.name for p in (part / "checkpoints").iterdir()] == ["step-4"]  # --save-total-limit 1 dropped step-2
+
+
+def test_log_completions(tmp_path, tiny_model_dir):
+    common = ["--model", tiny_model_dir, "--steps", 2, "--eval-steps", 0, "--train-size", 3, "--log-completions",
+              "--reward", "tests.reward_fns:hash_reward", *SMALL]
+    for name, flags in (("rpo", []), ("full", ["--no-rpo"])):
+        run_train(*common, "--output", tmp_path / name, *flags)
+        records = [json.loads(line) for line in (tmp_path / name / "completions.jsonl").read_text().splitlines()]
+        metrics = read_metrics(tmp_path / name)
+        assert len(records) == 2 * 3 * 4  # steps x prompts x G
+        for m in metrics:
+            step = [r for r in records if r["step"] == m["step"]]
+            assert sum(r["reward"] for r in step) / len(step) == pytest.approx(m["reward_mean"])
+            for prompt_id in {r["prompt_id"] for r in step}:  # group-normalised: the advantages sum to 0
+                assert sum(r["advantage"] for r in step if r["prompt_id"] == prompt_id) == pytest.approx(0, abs=1e-5)
+            if name == "full":  # no cold starts: the completions are every generated token
+                assert sum(r["completion_tokens"] for r in step) == m["rollout_generated_tokens"]
+        assert all(isinstance(r["completion"], str) and r["finish_reason"] in ("stop", "length") for r in records)
+        kept = [r["kept_tokens"] for r in records]
+        assert (max(kept) > 0) if name == "rpo" else (max(kept) == 0 and {r["kept"] for r in records} == {""})
 
 
 def test_rpo_generates_fewer_tokens_than_full_path(tmp_path, tiny_model_dir):
