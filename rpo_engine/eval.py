@@ -1,13 +1,16 @@
 """`python -m rpo_engine.eval --model DIR --dataset FILE`: greedy accuracy of a model on a dataset.
 
 Without --dataset it uses the built-in task's held-out split; without --model, the starter model.
+`--output FILE.jsonl` also writes each row's greedy completion, reward and verdict.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
-from rpo_engine.errors import run_cli
+from rpo_engine.errors import UserError, run_cli
 
 
 def main(argv=None) -> int:
@@ -15,7 +18,7 @@ def main(argv=None) -> int:
     from rpo_engine.config import config_from_dict
     from rpo_engine.rollout import RolloutEngine
     from rpo_engine.train import load_rows, resolve_device, resolve_reward
-    from rpo_engine.trainer import encode_prompt, evaluate_accuracy, prompt_token_limit
+    from rpo_engine.trainer import encode_prompt, greedy_texts, prompt_token_limit
 
     parser = argparse.ArgumentParser(prog="python -m rpo_engine.eval", description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="Hugging Face model directory (default: the built-in starter model)")
@@ -24,7 +27,13 @@ def main(argv=None) -> int:
     parser.add_argument("--max-completion-length", type=int, default=320, help="greedy token budget")
     parser.add_argument("--reward", default="auto", help="exact | math | module:function")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--output", help="JSONL file for each row's completion, reward and verdict (must not exist)")
     args = parser.parse_args(argv)
+    output = Path(args.output) if args.output else None
+    if output is not None and output.exists():
+        raise UserError(f"{output}: already exists; pass another --output")
+    if output is not None and not output.parent.is_dir():  # before minutes of decoding, not after
+        raise UserError(f"{output.parent}: no such directory (--output {output})")
 
     # The same option checks and loaders as training: the dataset is the eval set here.
     config = config_from_dict({"model": args.model, "eval_dataset": args.dataset, "eval_size": args.eval_size,
@@ -40,9 +49,19 @@ def main(argv=None) -> int:
     _, rows = load_rows(config)
     prompts = [encode_prompt(tokenizer, r, prompt_token_limit(config, model)) for r in rows]
     eos_ids = list(model.config.eos_token_ids) or [tokenizer.eos_token_id]
-    accuracy = evaluate_accuracy(RolloutEngine(model), tokenizer, rows, resolve_reward(config), prompts,
-                                 config.max_completion_length, eos_ids)
-    print(f"accuracy {accuracy:.4f} on {len(rows)} rows ({args.dataset or 'built-in eval split'})")
+    texts = greedy_texts(RolloutEngine(model), tokenizer, prompts, config.max_completion_length, eos_ids)
+    reward_fn = resolve_reward(config)
+    rewards = [float(reward_fn(text, row["answer"])) for text, row in zip(texts, rows)]
+    correct = [r >= 1.0 for r in rewards]  # the full reward, as in training's eval
+    if output is not None:
+        try:
+            with open(output, "x") as f:
+                for row, text, reward, right in zip(rows, texts, rewards, correct):
+                    f.write(json.dumps({"id": row["id"], "prompt": row["prompt"], "answer": row["answer"],
+                                        "completion": text, "reward": reward, "correct": right}) + "\n")
+        except OSError as e:
+            raise UserError(f"{output}: cannot write ({e.strerror or e})") from None
+    print(f"accuracy {sum(correct) / len(rows):.4f} on {len(rows)} rows ({args.dataset or 'built-in eval split'})")
     return 0
 
 

@@ -371,10 +371,20 @@ def test_help_lists_options():
 def test_eval_cli(tmp_path, tiny_model_dir):
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "Q: 1+1\\nA:", "answer": "2"}\n{"prompt": "Q: 2+2\\nA:", "answer": "4"}\n')
-    proc = subprocess.run([sys.executable, "-m", "rpo_engine.eval", "--model", str(tiny_model_dir), "--dataset",
-                           str(data), "--max-completion-length", "8"], capture_output=True, text=True, cwd=REPO)
+    preds = tmp_path / "preds.jsonl"
+    cmd = [sys.executable, "-m", "rpo_engine.eval", "--model", str(tiny_model_dir), "--dataset", str(data),
+           "--max-completion-length", "8", "--output", str(preds)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert "accuracy 0.0000 on 2 rows" in proc.stdout  # a random model answers nothing right
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert [r["answer"] for r in rows] == ["2", "4"] and all(r["correct"] is False and r["reward"] == 0.0 for r in rows)
+    assert all(isinstance(r["completion"], str) and r["prompt"].startswith("Q: ") for r in rows)
+    before = preds.read_text()
+    assert_user_error(subprocess.run(cmd, capture_output=True, text=True, cwd=REPO), f"{preds}: already exists")
+    assert preds.read_text() == before  # nothing overwritten
+    missing = [*cmd[:-1], str(tmp_path / "no" / "p.jsonl")]
+    assert_user_error(subprocess.run(missing, capture_output=True, text=True, cwd=REPO), "no such directory")
 
 
 def test_next_steps_cold_starts_run_with_this_steps_suffixes(tmp_path, tiny_model_dir):
