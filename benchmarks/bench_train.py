@@ -49,6 +49,8 @@ def run(algo: str, rpo: bool, seed: int, steps: int, extra: list[str], out: Path
             "generated_tokens_per_step": statistics.mean(r["rollout_generated_tokens"] for r in steps_),
             "prefill_tokens_per_step": statistics.mean(r["rollout_prefill_tokens"] for r in steps_),
             "median_step_time_s": statistics.median(r["step_time_s"] for r in steps_),
+            "median_rollout_time_s": statistics.median(r["rollout_time_s"] for r in steps_),
+            "median_update_time_s": statistics.median(r["update_time_s"] for r in steps_),
             # groups whose rewards were all equal: no advantage, so no gradient (RPO's easy suffixes)
             "frac_groups_no_signal": statistics.mean(r["frac_reward_zero_std"] for r in steps_),
             "initial_eval_accuracy": evals[0]["eval_accuracy"], "final_eval_accuracy": evals[-1]["eval_accuracy"],

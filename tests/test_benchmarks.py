@@ -34,6 +34,9 @@ def test_bench_train_compares_each_rpo_variant_with_full_path(tmp_path, tiny_mod
     assert [(r["algo"], r["variant"]) for r in record["summary"]] == [
         ("grpo", ""), ("grpo", "--rpo-unverified-cut-fraction 0.5")]
     assert len(record["runs"]) == 2 * 3  # per seed: full path, RPO, the variant
+    for run in record["runs"]:  # each part of a step is at most the step, so is its median
+        assert 0 < run["median_update_time_s"] <= run["median_step_time_s"]
+        assert 0 < run["median_rollout_time_s"] <= run["median_step_time_s"]
     starts = [r["initial_eval_accuracy"] for r in sorted(record["runs"], key=lambda r: r["seed"]) if not r["rpo"]]
     for row in record["summary"]:
         assert row["token_ratio"] > 0 and len(row["final_eval_rpo"]) == 2
