@@ -35,7 +35,7 @@ from common import git_commit, machine, save_json
 from rpo_engine.config import parse_args
 from rpo_engine.data.arithmetic import check_trace, make_split
 from rpo_engine.train import build_trainer
-from rpo_engine.trainer import greedy_texts
+from rpo_engine.trainer import greedy_graded
 
 QUARTERS = ("first", "second", "third", "fourth")
 
@@ -50,15 +50,12 @@ def first_wrong_quarter(text: str, solution: str) -> str:
 def grade_greedy(trainer, rows: list[dict]) -> dict:
     """Greedy answers of the trainer's model to `rows` (built-in task rows, with their solution): accuracy,
     and where the wrong ones first depart from the reference trace."""
-    texts = greedy_texts(trainer.engine, trainer.tokenizer, [trainer.encode_prompt(r) for r in rows],
-                         trainer.config.max_completion_length, trainer.eos_ids)
-    wrong = collections.Counter()
-    right = 0
-    for row, text in zip(rows, texts):
-        if trainer.reward_fn(text, row["answer"]) >= 1.0:
-            right += 1
-        else:
-            wrong[first_wrong_quarter(text, row["solution"])] += 1
+    graded = greedy_graded(trainer.engine, trainer.tokenizer, rows, trainer.reward_fn,
+                           [trainer.encode_prompt(r) for r in rows], trainer.config.max_completion_length,
+                           trainer.eos_ids)
+    wrong = collections.Counter(first_wrong_quarter(text, row["solution"])
+                                for row, (text, _, right) in zip(rows, graded) if not right)
+    right = sum(right for _, _, right in graded)
     return {"problems": len(rows), "accuracy": right / len(rows),
             "wrong_from_quarter": {q: wrong[q] for q in QUARTERS}}
 

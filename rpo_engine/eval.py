@@ -18,7 +18,7 @@ def main(argv=None) -> int:
     from rpo_engine.config import config_from_dict
     from rpo_engine.rollout import RolloutEngine
     from rpo_engine.train import load_rows, resolve_device, resolve_reward
-    from rpo_engine.trainer import encode_prompt, greedy_texts, prompt_token_limit
+    from rpo_engine.trainer import encode_prompt, greedy_graded, prompt_token_limit
 
     parser = argparse.ArgumentParser(prog="python -m rpo_engine.eval", description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="Hugging Face model directory (default: the built-in starter model)")
@@ -49,19 +49,18 @@ def main(argv=None) -> int:
     _, rows = load_rows(config)
     prompts = [encode_prompt(tokenizer, r, prompt_token_limit(config, model)) for r in rows]
     eos_ids = list(model.config.eos_token_ids) or [tokenizer.eos_token_id]
-    texts = greedy_texts(RolloutEngine(model), tokenizer, prompts, config.max_completion_length, eos_ids)
-    reward_fn = resolve_reward(config)
-    rewards = [float(reward_fn(text, row["answer"])) for text, row in zip(texts, rows)]
-    correct = [r >= 1.0 for r in rewards]  # the full reward, as in training's eval
+    graded = greedy_graded(RolloutEngine(model), tokenizer, rows, resolve_reward(config), prompts,
+                           config.max_completion_length, eos_ids)
     if output is not None:
         try:
             with open(output, "x") as f:
-                for row, text, reward, right in zip(rows, texts, rewards, correct):
+                for row, (text, reward, right) in zip(rows, graded):
                     f.write(json.dumps({"id": row["id"], "prompt": row["prompt"], "answer": row["answer"],
                                         "completion": text, "reward": reward, "correct": right}) + "\n")
         except OSError as e:
             raise UserError(f"{output}: cannot write ({e.strerror or e})") from None
-    print(f"accuracy {sum(correct) / len(rows):.4f} on {len(rows)} rows ({args.dataset or 'built-in eval split'})")
+    accuracy = sum(right for _, _, right in graded) / len(rows)
+    print(f"accuracy {accuracy:.4f} on {len(rows)} rows ({args.dataset or 'built-in eval split'})")
     return 0
 
 

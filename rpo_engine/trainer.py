@@ -384,7 +384,7 @@ class Trainer:
         # Ranks roll out their share of each round's rows; `kept` counts every rank's kept groups,
         # `kept_groups` are this rank's (the round asks for at most what is missing, so never too many).
         kept_groups, kept, totals = [], [], {"generated": 0, "cold_starts": 0, "cache_hits": 0, "verified": 0}
-        completions = []  # --log-completions: every round's, every rank's, in the order of the rows
+        completions = []  # --log-completions: this rank's groups of each round (gathered once advantages are set)
         all_rewards, num_prompts, zero_std = [], 0, 0
         for round_index in range(1 + (algo.max_resample_rounds if algo.dynamic_sampling else 0)):
             rows = self.next_rows(c.prompts_per_step - len(kept))
@@ -587,10 +587,18 @@ def greedy_texts(engine, tokenizer, prompt_ids, max_new_tokens, eos_ids) -> list
     return [tokenizer.decode(o[0].token_ids, skip_special_tokens=True) for o in engine.generate(prompt_ids, params)]
 
 
+def greedy_graded(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens,
+                  eos_ids) -> list[tuple[str, float, bool]]:
+    """Each row's greedy completion, its reward, and whether that is the full reward (a right answer)."""
+    texts = greedy_texts(engine, tokenizer, prompt_ids, max_new_tokens, eos_ids)
+    rewards = [float(reward_fn(text, r["answer"])) for text, r in zip(texts, rows)]
+    return [(text, reward, reward >= 1.0) for text, reward in zip(texts, rewards)]
+
+
 def greedy_correct(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens, eos_ids) -> int:
     """How many rows' greedy completions earn the full reward."""
-    texts = greedy_texts(engine, tokenizer, prompt_ids, max_new_tokens, eos_ids)
-    return sum(reward_fn(text, r["answer"]) >= 1.0 for text, r in zip(texts, rows))
+    graded = greedy_graded(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens, eos_ids)
+    return sum(right for _, _, right in graded)
 
 
 def evaluate_accuracy(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens, eos_ids) -> float:
