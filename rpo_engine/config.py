@@ -182,13 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
     for section, f in _flat_fields():
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if "(default" not in help_text:  # a help text that already says its default (None: decided later)
+            shown = "none" if default is None else ("on" if default else "off") if _is_bool(f) else default
+            help_text = f"{help_text} (default: {shown})"
         if _is_bool(f):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(f.type, str)
-            default = f.default if f.default is not dataclasses.MISSING else None
-            parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper(),
-                                help=f"{help_text} (default: {default})")
+            parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=help_text)
     return parser
 
 

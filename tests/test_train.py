@@ -368,6 +368,18 @@ def test_help_lists_options():
         assert flag in out
 
 
+def test_help_gives_each_option_one_default():
+    from rpo_engine.config import build_parser
+
+    for action in build_parser()._actions:
+        if action.option_strings == ["-h", "--help"]:
+            continue
+        assert action.help.count("(default") == 1, (action.option_strings, action.help)
+        assert "(default: None)" not in action.help, action.option_strings
+    rpo = next(a for a in build_parser()._actions if "--rpo" in a.option_strings)
+    assert rpo.help.endswith("(default: on)")
+
+
 def test_eval_cli(tmp_path, tiny_model_dir):
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "Q: 1+1\\nA:", "answer": "2"}\n{"prompt": "Q: 2+2\\nA:", "answer": "4"}\n')
