@@ -110,7 +110,7 @@ def eval_accuracy(model_dir, eval_rows, args, device):
     model = rpo_engine.load_model(model_dir, dtype=dtype, device=device)
     tokenizer = rpo_engine.load_tokenizer(model_dir)
     prompt_ids = [encode_prompt(tokenizer, r, 10**6) for r in eval_rows]
-    eos = list(model.config.eos_token_ids) or [tokenizer.eos_token_id]
+    eos = list(model.config.stop_token_ids) or [tokenizer.eos_token_id]
     return evaluate_accuracy(RolloutEngine(model), tokenizer, eval_rows, exact_answer_reward, prompt_ids,
                              args.max_completion_length, eos)
 

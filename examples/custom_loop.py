@@ -66,7 +66,7 @@ def main(argv=None):
     reward_fn = load_reward_fn(args.reward) if args.reward else exact_answer_reward
     rows = make_split("train", args.train_size, args.seed)
     prompt_ids = {r["id"]: tokenizer.encode(r["prompt"], add_special_tokens=False) for r in rows}
-    eos = list(model.config.eos_token_ids) or [tokenizer.eos_token_id]
+    eos = list(model.config.stop_token_ids) or [tokenizer.eos_token_id]
     engine = RolloutEngine(model)  # reads the live weights: what the optimizer changes, the next rollout sees
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
     cache, rng, G = ExperienceCache("correct-only", epsilon=0.5), random.Random(args.seed), args.num_generations

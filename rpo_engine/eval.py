@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     tokenizer = rpo_engine.load_tokenizer(config.model)
     _, rows = load_rows(config)
     prompts = [encode_prompt(tokenizer, r, prompt_token_limit(config, model)) for r in rows]
-    eos_ids = list(model.config.eos_token_ids) or [tokenizer.eos_token_id]
+    eos_ids = list(model.config.stop_token_ids) or [tokenizer.eos_token_id]
     graded = greedy_graded(RolloutEngine(model), tokenizer, rows, resolve_reward(config), prompts,
                            config.max_completion_length, eos_ids)
     if output is not None:

@@ -99,7 +99,7 @@ class Trainer:
         self.completions: list[dict] = []  # the last step's sampled completions, with --log-completions
         self.rows_drawn = 0  # training rows handed out so far, over all epochs
         self.epoch_orders: dict[int, list[int]] = {}
-        self.eos_ids = list(model.config.eos_token_ids) or [tokenizer.eos_token_id]
+        self.eos_ids = list(model.config.stop_token_ids) or [tokenizer.eos_token_id]
 
     # ---- data --------------------------------------------------------------------------------
     def encode_prompt(self, row: dict) -> list[int]:

@@ -137,6 +137,13 @@ def test_save_copies_tokenizer_and_replaces_atomically(tmp_path):
     assert (out / "tokenizer.json").is_file() and not (out / "stale.txt").exists()
     assert rpo_engine.load_tokenizer(out).encode("a b", add_special_tokens=False) == [1, 2]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
+    # generation_config.json (stop tokens, sampling defaults) is copied also when a tokenizer is given, as the
+    # trainer saves its checkpoints and final/.
+    (src / "generation_config.json").write_text('{"eos_token_id": [1, 2], "temperature": 0.6}')
+    model = rpo_engine.load_model(src)
+    model.save_pretrained(tmp_path / "trained", tokenizer=rpo_engine.load_tokenizer(src))
+    assert json.loads((tmp_path / "trained" / "generation_config.json").read_text())["temperature"] == 0.6
+    assert rpo_engine.load_model(tmp_path / "trained").config.generation_eos_token_ids == (1, 2)
 
 
 def test_sharded_checkpoint(tmp_path):
@@ -183,6 +190,16 @@ def test_config_not_json(tmp_path):
     save_hf_checkpoint("qwen2", tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(UserError, match=r"config\.json: not valid JSON"):
+        rpo_engine.load_model(tmp_path)
+
+
+@pytest.mark.parametrize("text,message", [("{not json", "not valid JSON"), ("[1]", "expected a JSON object"),
+                                          ('{"eos_token_id": "</s>"}', "eos_token_id must be a token id"),
+                                          ('{"eos_token_id": [2, -1]}', "eos_token_id must be a token id")])
+def test_broken_generation_config(tmp_path, text, message):
+    save_hf_checkpoint("qwen2", tmp_path)
+    (tmp_path / "generation_config.json").write_text(text)
+    with pytest.raises(UserError, match=rf"generation_config\.json: {message}"):
         rpo_engine.load_model(tmp_path)
 
 

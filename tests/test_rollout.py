@@ -82,6 +82,33 @@ def test_stop_tokens(checkpoints):
     assert got.token_ids == free.token_ids[:first + 1] and got.finish_reason == "stop"
 
 
+def test_generation_config_eos_stops_like_transformers(tmp_path):
+    """Llama-3-Instruct names its end of turn (<|eot_id|>) only in generation_config.json's eos list: by
+    default the engine stops where transformers' generate, which reads that file, stops."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    hf = save_hf_checkpoint("llama", tmp_path / "src")
+    prompt = random_prompts(hf.config.vocab_size, [7])[0]
+    free = hf_greedy(hf, prompt, 12)
+    end_of_turn = free[5]
+    assert end_of_turn not in free[:5] and end_of_turn != hf.config.eos_token_id
+    (tmp_path / "src" / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": [hf.config.eos_token_id, end_of_turn], "bos_token_id": hf.config.bos_token_id}))
+    reference = AutoModelForCausalLM.from_pretrained(str(tmp_path / "src")).eval()
+    ids = torch.tensor([prompt])
+    expected = reference.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
+                                  pad_token_id=0)[0, len(prompt):].tolist()
+    assert expected == free[:6]  # transformers stopped at the end of turn, which it emits
+    model = rpo_engine.load_model(tmp_path / "src", device=DEVICE)
+    assert model.config.stop_token_ids == (hf.config.eos_token_id, end_of_turn)
+    got = RolloutEngine(model).generate([prompt], SamplingParams(max_new_tokens=12, temperature=0))[0][0]
+    assert got.token_ids == expected and got.finish_reason == "stop"
+    model.save_pretrained(tmp_path / "out", tokenizer=None)  # the file travels with the saved model
+    assert rpo_engine.load_model(tmp_path / "out").config.stop_token_ids == model.config.stop_token_ids
+
+
 def teacher_forced_logprobs(model, prompt, completion, temperature):
     ids = torch.tensor([prompt + completion], device=model.device)
     with torch.no_grad():

@@ -6,6 +6,7 @@ and renames it into place, so an interrupted save never leaves a broken model wh
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,12 +18,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from rpo_engine.errors import UserError
-from rpo_engine.model.config import ModelConfig, rope_inv_freq
+from rpo_engine.model.config import ModelConfig, read_generation_eos, rope_inv_freq
 from rpo_engine.model.decoder import CausalLM
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
-                   "generation_config.json")
+                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -68,6 +68,8 @@ def load_model(path, dtype=None, device=None) -> CausalLM:
     if not directory.is_dir():
         raise UserError(f"{directory}: model directory not found")
     config = ModelConfig.from_file(directory / "config.json")
+    config = dataclasses.replace(config, generation_eos_token_ids=read_generation_eos(
+        directory / "generation_config.json"))
     dtype = resolve_dtype(dtype)
     device = torch.device(device or "cpu")
     files = _weight_files(directory)
@@ -126,10 +128,12 @@ def save_pretrained(model: CausalLM, directory, tokenizer=None) -> None:
         hf = model.config.to_hf_dict()
         hf["torch_dtype"] = str(model.dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+        # generation_config.json comes along either way: its stop tokens and sampling defaults are the model's.
+        copied = ("generation_config.json",) + (TOKENIZER_FILES if tokenizer is None else ())
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        elif model.source_dir is not None:
-            for name in TOKENIZER_FILES:
+        if model.source_dir is not None:
+            for name in copied:
                 src = Path(model.source_dir) / name
                 if src.is_file():
                     shutil.copy2(src, tmp / name)

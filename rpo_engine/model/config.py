@@ -39,9 +39,18 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # generation_config.json's eos_token_id, where a checkpoint has one: what transformers' generate and
+    # vLLM stop at. Llama-3-Instruct ends a turn with <|eot_id|> (128009), named only there.
+    generation_eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     # The raw config.json we were built from, written back on save so fields we do not use survive.
     hf_config: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]:
+        """Where generation ends by default: config.json's eos ids, then generation_config.json's others."""
+        return self.eos_token_ids + tuple(t for t in dict.fromkeys(self.generation_eos_token_ids)
+                                          if t not in self.eos_token_ids)
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -173,6 +182,25 @@ class ModelConfig:
         if self.model_type == "llama":
             hf["mlp_bias"] = self.mlp_bias
         return hf
+
+
+def read_generation_eos(path: str | Path) -> tuple[int, ...]:
+    """The eos_token_id of a generation_config.json (an int or a list of ints), () if it has none or there
+    is no such file."""
+    path = Path(path)
+    if not path.is_file():
+        return ()
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    eos = data.get("eos_token_id")
+    ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+        raise UserError(f"{path}: eos_token_id must be a token id or a list of them, got {eos!r}")
+    return tuple(ids)
 
 
 def rope_inv_freq(config: ModelConfig):

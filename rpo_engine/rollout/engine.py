@@ -151,7 +151,7 @@ class RolloutEngine:
                 outputs[i] = [Completion([], [], "length") for _ in range(p.n)]
                 continue
             seed = p.seed if p.seed is not None else int(torch.randint(0, 2 ** 62, ()).item())
-            stop = p.stop_token_ids if p.stop_token_ids is not None else self.config.eos_token_ids
+            stop = p.stop_token_ids if p.stop_token_ids is not None else self.config.stop_token_ids
             key = request_key(seed, prompt)
             if self.enable_prefix_sharing:
                 self.scheduler.add(Sequence(prompt, p, self.block_size, stop, key, i, num_forks=p.n))

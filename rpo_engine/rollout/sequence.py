@@ -18,8 +18,9 @@ from rpo_engine.rollout.sampler import sample_stream
 class SamplingParams:
     """How to sample. `top_k` 0 or -1 and `top_p` 1.0 are off; `temperature` 0 is greedy.
 
-    `stop_token_ids=None` stops at the model's eos ids, `[]` never stops early. `seed=None` draws a
-    fresh seed from torch's global generator (so `torch.manual_seed` reproduces a run).
+    `stop_token_ids=None` stops at the model's eos ids (config.json's and generation_config.json's), `[]`
+    never stops early. `seed=None` draws a fresh seed from torch's global generator (so
+    `torch.manual_seed` reproduces a run).
     """
 
     n: int = 1
