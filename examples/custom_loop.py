@@ -28,6 +28,7 @@ from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs
 from rpo_engine.rewards import exact_answer_reward, load_reward_fn
 from rpo_engine.rollout import RolloutEngine, SamplingParams
 from rpo_engine.rpo import ExperienceCache, cut_cached_path
+from rpo_engine.trainer import encode_prompt
 
 
 def build_model(tiny: bool, seed: int):
@@ -65,7 +66,9 @@ def main(argv=None):
     model, tokenizer = build_model(args.tiny, args.seed)
     reward_fn = load_reward_fn(args.reward) if args.reward else exact_answer_reward
     rows = make_split("train", args.train_size, args.seed)
-    prompt_ids = {r["id"]: tokenizer.encode(r["prompt"], add_special_tokens=False) for r in rows}
+    # The trainer's encoding: the chat template when the tokenizer has one, else the text (with Llama's BOS).
+    limit = model.config.max_position_embeddings - args.max_completion_length
+    prompt_ids = {r["id"]: encode_prompt(tokenizer, r, limit) for r in rows}
     eos = list(model.config.stop_token_ids) or [tokenizer.eos_token_id]
     engine = RolloutEngine(model)  # reads the live weights: what the optimizer changes, the next rollout sees
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)

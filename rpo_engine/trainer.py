@@ -560,14 +560,18 @@ def prompt_token_limit(config: TrainConfig, model) -> int:
 
 
 def encode_prompt(tokenizer, row: dict, limit: int) -> list[int]:
-    """Token ids of a row's prompt: through the chat template when the tokenizer has one."""
+    """Token ids of a row's prompt: through the chat template when the tokenizer has one (as a user turn,
+    with the assistant turn opened), else the text with the tokenizer's leading special tokens."""
     text = row["prompt"]
     if getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                             tokenize=True)
         ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-    else:
-        ids = tokenizer.encode(text, add_special_tokens=False)
+    else:  # with the tokenizer's special tokens (Llama's BOS), as TRL and vLLM encode a text prompt
+        ids = tokenizer.encode(text)
+        eos = tokenizer.eos_token_id
+        if eos is not None and ids and ids[-1] == eos and tokenizer.encode(text, add_special_tokens=False)[-1:] != [eos]:
+            ids = ids[:-1]  # a tokenizer that also appends EOS would end the prompt before the answer
     if not ids:
         raise UserError(f"prompt of row {row['id']!r} is empty after tokenization")
     if len(ids) > limit:

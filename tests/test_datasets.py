@@ -165,3 +165,51 @@ def test_datasets_save_to_disk_roundtrip(tmp_path):
     datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(tmp_path / "dd")
     assert "splits train, test" in _error(tmp_path / "dd")
     assert len(load_dataset_rows(tmp_path / "dd" / "train")) == 5
+
+
+# ---- prompt encoding -------------------------------------------------------------------------
+
+QWEN_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def word_tokenizer(bos=False, eos=False, chat_template=None):
+    """A word-level tokenizer with Qwen's chat markers; its post-processor adds BOS and/or EOS like Llama's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "user", "assistant", "what", "is", "1+1", "?"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    single = " ".join((["<s>"] if bos else []) + ["$A"] + (["</s>"] if eos else []))
+    tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=[("<s>", 1), ("</s>", 2)])
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                  additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    out.chat_template = chat_template
+    return out
+
+
+def test_prompt_through_the_chat_template():
+    from rpo_engine.trainer import encode_prompt
+
+    tok = word_tokenizer(chat_template=QWEN_CHAT_TEMPLATE)
+    ids = encode_prompt(tok, {"id": "r", "prompt": "what is 1+1 ?"}, 100)
+    assert tok.convert_ids_to_tokens(ids) == ["<|im_start|>", "user", "what", "is", "1+1", "?", "<|im_end|>",
+                                              "<|im_start|>", "assistant"]
+
+
+@pytest.mark.parametrize("bos,eos", [(False, False), (True, False), (True, True)])
+def test_text_prompt_keeps_bos_and_never_ends_in_eos(bos, eos):
+    from rpo_engine.trainer import encode_prompt
+
+    ids = encode_prompt(word_tokenizer(bos, eos), {"id": "r", "prompt": "what is 1+1 ?"}, 100)
+    assert ids == [1] * bos + [7, 8, 9, 10]  # Llama's BOS kept (TRL and vLLM add it); an appended EOS is not
+
+
+def test_prompt_empty_or_too_long():
+    from rpo_engine.trainer import encode_prompt
+
+    with pytest.raises(UserError, match="prompt of row 'r' is empty after tokenization"):
+        encode_prompt(word_tokenizer(), {"id": "r", "prompt": " "}, 100)
+    with pytest.raises(UserError, match="prompt of row 'r' has 5 tokens, more than the 4 allowed"):
+        encode_prompt(word_tokenizer(bos=True), {"id": "r", "prompt": "what is 1+1 ?"}, 4)
