@@ -560,13 +560,20 @@ def prompt_token_limit(config: TrainConfig, model) -> int:
 
 
 def encode_prompt(tokenizer, row: dict, limit: int) -> list[int]:
-    """Token ids of a row's prompt: through the chat template when the tokenizer has one (as a user turn,
-    with the assistant turn opened), else the text with the tokenizer's leading special tokens."""
+    """Token ids of a row's prompt: through the chat template when the tokenizer has one (a string as a user
+    turn; a conversation as it is; the assistant turn opened), else the text with the tokenizer's leading
+    special tokens."""
     text = row["prompt"]
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True)
+        messages = [{"role": "user", "content": text}] if isinstance(text, str) else text
+        # A conversation ending in an assistant message continues it (TRL's rule), else a new turn opens.
+        prefilled = messages[-1]["role"] == "assistant"
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=not prefilled,
+                                            continue_final_message=prefilled, tokenize=True)
         ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    elif not isinstance(text, str):
+        raise UserError(f"prompt of row {row['id']!r} is a conversation, and the tokenizer has no chat template "
+                        f"to render it (give the prompt as a string)")
     else:  # with the tokenizer's special tokens (Llama's BOS), as TRL and vLLM encode a text prompt
         ids = tokenizer.encode(text)
         eos = tokenizer.eos_token_id

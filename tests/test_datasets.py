@@ -58,7 +58,11 @@ def test_missing_file_directory_and_extension(tmp_path):
     ('{"prompt": "p", "answer": "a"}\n\nnot json at all\n', 3, "not valid JSON"),
     ('{"prompt": "p", "answer": "a"}\n{"answer": "a"}\n', 2, "missing 'prompt'"),
     ('{"prompt": "p"}\n', 1, "missing 'answer'"),
-    ('{"prompt": ["p"], "answer": "a"}\n', 1, "'prompt' must be a string"),
+    ('{"prompt": 5, "answer": "a"}\n', 1, "'prompt' must be a string or a list of"),
+    ('{"prompt": [], "answer": "a"}\n', 1, "'prompt' must be a string or a list of"),
+    ('{"prompt": ["p"], "answer": "a"}\n', 1, "prompt message 0 must have a non-empty 'role' and 'content'"),
+    ('{"prompt": [{"role": "user", "content": "q"}, {"role": "user"}], "answer": "a"}\n', 1,
+     "prompt message 1 must have"),
     ('{"prompt": "p", "answer": null}\n', 1, "'answer' must be a string"),
     ('{"prompt": "p", "answer": true}\n', 1, "'answer' must be a string"),
     ('{"prompt": "p", "answer": {"x": 1}}\n', 1, "'answer' must be a string"),
@@ -178,7 +182,7 @@ def word_tokenizer(bos=False, eos=False, chat_template=None):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    words = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "user", "assistant", "what", "is", "1+1", "?"]
+    words = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "user", "assistant", "what", "is", "1+1", "?", "system"]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     single = " ".join((["<s>"] if bos else []) + ["$A"] + (["</s>"] if eos else []))
@@ -213,3 +217,32 @@ def test_prompt_empty_or_too_long():
         encode_prompt(word_tokenizer(), {"id": "r", "prompt": " "}, 100)
     with pytest.raises(UserError, match="prompt of row 'r' has 5 tokens, more than the 4 allowed"):
         encode_prompt(word_tokenizer(bos=True), {"id": "r", "prompt": "what is 1+1 ?"}, 4)
+
+
+def test_conversational_prompts(tmp_path):
+    """TRL's conversational rows: a system message, then the user's; and an assistant turn to continue."""
+    from rpo_engine.trainer import encode_prompt
+
+    system = {"role": "system", "content": "what is"}
+    p = _write(tmp_path / "chat.jsonl", json.dumps({"prompt": [system, {"role": "user", "content": "1+1 ?"}],
+                                                    "answer": "2"}) + "\n" + json.dumps(
+        {"prompt": [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "what"}], "answer": "2"}))
+    rows = load_dataset_rows(p)
+    assert rows[0]["prompt"] == [system, {"role": "user", "content": "1+1 ?"}]
+    tok = word_tokenizer(chat_template=QWEN_CHAT_TEMPLATE)
+    assert tok.convert_ids_to_tokens(encode_prompt(tok, rows[0], 100)) == [
+        "<|im_start|>", "system", "what", "is", "<|im_end|>", "<|im_start|>", "user", "1+1", "?", "<|im_end|>",
+        "<|im_start|>", "assistant"]
+    assert tok.convert_ids_to_tokens(encode_prompt(tok, rows[1], 100)) == [  # the assistant's words continue
+        "<|im_start|>", "user", "1+1", "<|im_end|>", "<|im_start|>", "assistant", "what"]
+    with pytest.raises(UserError, match="prompt of row '0' is a conversation, and the tokenizer has no chat template"):
+        encode_prompt(word_tokenizer(), rows[0], 100)
+
+
+def test_conversational_prompts_from_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
+    pq.write_table(pa.Table.from_pylist([{"prompt": messages, "answer": "4"}]), tmp_path / "chat.parquet")
+    assert load_dataset_rows(tmp_path / "chat.parquet")[0]["prompt"] == messages

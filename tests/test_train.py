@@ -87,6 +87,26 @@ def test_log_completions(tmp_path, tiny_model_dir):
         assert (max(kept) > 0) if name == "rpo" else (max(kept) == 0 and {r["kept"] for r in records} == {""})
 
 
+def test_conversational_dataset_through_the_chat_template(tmp_path, tiny_model_dir):
+    """TRL-style rows (a system message, then the user's) train through the model's chat template."""
+    import rpo_engine
+
+    model_dir = tmp_path / "chat_model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    tokenizer = rpo_engine.load_tokenizer(model_dir)
+    tokenizer.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}[assistant] {% endif %}")
+    tokenizer.save_pretrained(str(model_dir))
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"prompt": [{"role": "system", "content": "Add."},
+                                                   {"role": "user", "content": f"{i}+{i}="}], "answer": str(2 * i)})
+                            + "\n" for i in range(3)))
+    run_train("--model", model_dir, "--dataset", data, "--steps", 1, "--eval-steps", 0, "--log-completions",
+              "--output", tmp_path / "out", *SMALL)
+    records = [json.loads(line) for line in (tmp_path / "out" / "completions.jsonl").read_text().splitlines()]
+    assert {r["prompt"] for r in records} == {f"[system] Add.\n[user] {i}+{i}=\n[assistant] " for i in range(3)}
+
+
 def test_rpo_generates_fewer_tokens_than_full_path(tmp_path, tiny_model_dir):
     rpo, full = tmp_path / "rpo", tmp_path / "full"
     # three training prompts, three per step: every prompt recurs each step

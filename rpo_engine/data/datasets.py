@@ -6,7 +6,9 @@ Every problem is reported as a `UserError` with a one-line message ``<file>:<lin
 the command line prints it and exits with code 2.
 
 Row rules:
-- ``prompt``: a non-empty string.
+- ``prompt``: a non-empty string, or a conversation as TRL takes it: a non-empty list of messages
+  ``{"role": str, "content": str}`` (e.g. a system message, then the user's), which needs a tokenizer with
+  a chat template.
 - ``answer``: a non-empty string. An integer (``"answer": 42``) or a finite float is accepted and converted
   with ``str()`` (``"42"``, ``"0.5"``), because numeric answers are common in math datasets and the rewards
   compare strings/expressions; booleans, lists, objects and null are rejected.
@@ -49,6 +51,9 @@ def _check_row(row, where: str, index: int) -> dict:
         if key not in row:
             raise UserError(f"{where}: missing '{key}' ({_EXPECTED}; found keys {sorted(map(str, row))})")
         v = row[key]
+        if key == "prompt" and not isinstance(v, str):
+            out[key] = _check_messages(v, where)
+            continue
         if key == "answer" and isinstance(v, (int, float)) and not isinstance(v, bool):
             if isinstance(v, float) and not math.isfinite(v):
                 raise UserError(f"{where}: 'answer' must be a string, got {_short(v)}")
@@ -65,6 +70,22 @@ def _check_row(row, where: str, index: int) -> dict:
         out["id"] = str(rid)
     else:
         out["id"] = str(index)
+    return out
+
+
+def _check_messages(messages, where: str) -> list[dict]:
+    """A conversational prompt: [{"role", "content"}, ...], each a non-empty string."""
+    if hasattr(messages, "tolist"):  # pandas reads a Parquet list column as a numpy array
+        messages = messages.tolist()
+    expected = "'prompt' must be a string or a list of {\"role\": str, \"content\": str} messages"
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise UserError(f"{where}: {expected}, got {_type_name(messages)} {_short(messages)}")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not all(isinstance(m.get(k), str) and m[k].strip() for k in ("role", "content")):
+            raise UserError(f"{where}: prompt message {i} must have a non-empty 'role' and 'content' string, "
+                            f"got {_short(m)}")
+        out.append({"role": m["role"], "content": m["content"]})
     return out
 
 
