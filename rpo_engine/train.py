@@ -193,9 +193,8 @@ def train(config: TrainConfig, dist: Dist) -> int:
             first_line = next(iter(str(e).strip().splitlines()), "")  # torch's load errors run to many lines
             raise UserError(f"{checkpoint / 'trainer_state.pt'}: not a checkpoint this rpo_engine can resume "
                             f"({type(e).__name__}: {first_line})") from None
-        records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-        records = [r for r in records if r["step"] <= trainer.step_num]
-        if main_rank:
+        if main_rank:  # the log loses the steps after the checkpoint: this run writes them again
+            records = truncate_log(metrics_path, trainer.step_num, keep=True)
             print(f"resumed from {checkpoint} at step {trainer.step_num}" +
                   (f" on {dist.world_size} ranks" if dist.enabled else ""))
     writer, log, completions_log = None, None, None
@@ -203,10 +202,10 @@ def train(config: TrainConfig, dist: Dist) -> int:
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
         writer = _tensorboard(output)
-        log = open(metrics_path, "w")  # rewritten: a resumed run drops the steps after its checkpoint
-        log.writelines(json.dumps(r) + "\n" for r in records)
+        log = open(metrics_path, "a")
         if config.log_completions:
-            completions_log = open_completions_log(output / "completions.jsonl", trainer.step_num)
+            truncate_log(output / "completions.jsonl", trainer.step_num)
+            completions_log = open(output / "completions.jsonl", "a")
     if trainer.step_num == 0 and config.eval_steps and trainer.eval_rows:
         first_eval = {"step": 0, "eval_accuracy": trainer.evaluate()}
         records.append(first_eval)
@@ -268,13 +267,34 @@ def train(config: TrainConfig, dist: Dist) -> int:
     return 0
 
 
-def open_completions_log(path: Path, step: int):
-    """OUTPUT/completions.jsonl opened for appending, after dropping any records past `step` (a resumed
-    run writes the steps after its checkpoint again)."""
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
-    return open(path, "a")
+def truncate_log(path: Path, step: int, keep: bool = False) -> list[dict]:
+    """Drop the records of a JSONL log past `step`, line by line into a temporary file renamed over it (a
+    crash here loses nothing); -> the kept records if `keep`. A last line cut short (the run was killed
+    while writing it) is dropped; any other line that does not parse is a UserError."""
+    kept = []
+    if not path.exists():
+        return kept
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(path) as src, open(tmp, "w") as dst:
+            broken = None
+            for number, line in enumerate(src, 1):
+                if broken is not None:  # the bad line was not the last
+                    raise UserError(f"{path}:{broken}: not a JSON record with a step; fix or remove the line")
+                try:
+                    record = json.loads(line) if line.strip() else None
+                    record_step = None if record is None else int(record["step"])
+                except (ValueError, TypeError, KeyError):
+                    broken = number
+                    continue
+                if record_step is not None and record_step <= step:
+                    dst.write(line if line.endswith("\n") else line + "\n")
+                    if keep:
+                        kept.append(record)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return kept
 
 
 def _tensorboard(output: Path):

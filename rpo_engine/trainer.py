@@ -36,6 +36,7 @@ from rpo_engine.errors import UserError
 from rpo_engine.kernels import policy_loss
 from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, plan_micro_batches
 from rpo_engine.optim import make_adamw
+from rpo_engine.rewards.answers import is_correct
 from rpo_engine.rewards.shaping import length_aware_accuracy, overlong_penalty
 from rpo_engine.rpo.cache import ExperienceCache
 from rpo_engine.rpo.truncation import cut_cached_path
@@ -212,7 +213,7 @@ class Trainer:
         c = self.config
         texts = [self.tokenizer.decode(group.answer_ids(i), skip_special_tokens=True) for i in range(len(group.suffix_ids))]
         accuracy = [float(self.reward_fn(t, group.row["answer"])) for t in texts]
-        group.correct = [a >= 1.0 for a in accuracy]
+        group.correct = [is_correct(a) for a in accuracy]
         lengths = [len(group.answer_ids(i)) for i in range(len(texts))]
         if self.rpo.length_shaping:
             rewards = length_aware_accuracy(group.correct, lengths, self.rpo.length_alpha)
@@ -603,7 +604,7 @@ def greedy_graded(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens
     """Each row's greedy completion, its reward, and whether that is the full reward (a right answer)."""
     texts = greedy_texts(engine, tokenizer, prompt_ids, max_new_tokens, eos_ids)
     rewards = [float(reward_fn(text, r["answer"])) for text, r in zip(texts, rows)]
-    return [(text, reward, reward >= 1.0) for text, reward in zip(texts, rewards)]
+    return [(text, reward, is_correct(reward)) for text, reward in zip(texts, rewards)]
 
 
 def greedy_correct(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens, eos_ids) -> int:

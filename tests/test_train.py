@@ -31,14 +31,16 @@ SMALL = ["--prompts-per-step", 3, "--num-generations", 4, "--max-completion-leng
 
 
 def stopped_after(run, step, copy):
-    """`copy`: the output directory of `run` as it was when its step-`step` checkpoint had been written (a run
-    started with --steps `step` would not do: its learning-rate schedule spans fewer steps, so its weights
-    at `step` differ)."""
+    """`copy`: the output directory of `run` as if it had been killed after its step-`step` checkpoint, one step
+    later, while writing a line of its logs (a run started with --steps `step` would not do: its learning-rate
+    schedule spans fewer steps, so its weights at `step` differ). Resuming drops the records past `step`."""
     shutil.copytree(run / "checkpoints" / f"step-{step}", copy / "checkpoints" / f"step-{step}")
     for name in ("metrics.jsonl", "completions.jsonl"):
         if (run / name).exists():
             lines = (run / name).read_text().splitlines()
-            (copy / name).write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= step))
+            ran = [line for line in lines if json.loads(line)["step"] <= step + 1]
+            torn = [line[:len(line) // 2] for line in lines if json.loads(line)["step"] > step + 1][:1]
+            (copy / name).write_text("".join(line + "\n" for line in ran) + "".join(torn))
 
 
 def test_train_resume_matches_uninterrupted(tmp_path, tiny_model_dir):
@@ -65,6 +67,21 @@ def test_train_resume_matches_uninterrupted(tmp_path, tiny_model_dir):
     assert (full / "checkpoints" / "step-4" / "trainer_state.pt").is_file()
     assert sorted(p.name for p in (full / "checkpoints").iterdir()) == ["step-2", "step-4"]  # no limit: all kept
     assert [p.name for p in (part / "checkpoints").iterdir()] == ["step-4"]  # --save-total-limit 1 dropped step-2
+
+
+def test_truncate_log(tmp_path):
+    from rpo_engine.errors import UserError
+    from rpo_engine.train import truncate_log
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "a": 1}\n\n{"step": 2}\n{"step": 3}\n{"step": 4, "a"')  # killed mid-line
+    assert truncate_log(log, 2, keep=True) == [{"step": 1, "a": 1}, {"step": 2}]
+    assert log.read_text() == '{"step": 1, "a": 1}\n{"step": 2}\n'
+    log.write_text('{"step": 1}\n{"step": 2, "a"\n{"step": 3}\n')  # a bad line that is not the last
+    with pytest.raises(UserError, match=r"metrics\.jsonl:2: not a JSON record with a step"):
+        truncate_log(log, 5)
+    assert log.read_text() == '{"step": 1}\n{"step": 2, "a"\n{"step": 3}\n'  # untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # no temporary file left
 
 
 def test_log_completions(tmp_path, tiny_model_dir):

@@ -4,6 +4,7 @@ from rpo_engine.rewards.answers import (
     exact_answer_reward,
     extract_answer,
     format_reward,
+    is_correct,
     load_reward_fn,
     math_answer_reward,
 )
@@ -13,6 +14,7 @@ __all__ = [
     "exact_answer_reward",
     "extract_answer",
     "format_reward",
+    "is_correct",
     "load_reward_fn",
     "math_answer_reward",
 ]

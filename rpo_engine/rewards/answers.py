@@ -29,6 +29,7 @@ __all__ = [
     "math_answer_reward",
     "format_reward",
     "load_reward_fn",
+    "is_correct",
     "BUILTIN_REWARDS",
 ]
 
@@ -36,6 +37,12 @@ __all__ = [
 # huge degenerate completion is where its time goes.
 _MATH_MAX_CHARS = 2000
 _MATH_TIMEOUT_S = 2  # per parse / verify call (math-verify's signal timeout: main thread only)
+
+
+def is_correct(accuracy: float) -> bool:
+    """An answer is right when its reward function gives it full marks (1.0): what the experience cache
+    verifies, eval accuracy counts and length shaping ranks, whatever partial credit the function gives."""
+    return accuracy >= 1.0
 
 
 def _reference(answer) -> str:
