@@ -27,6 +27,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-completion-length", type=int, default=320, help="greedy token budget (default: 320)")
     parser.add_argument("--reward", default="auto", help="exact | math | module:function (default: auto: exact for the built-in task, math otherwise)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: one, on stderr)")
     parser.add_argument("--output", help="JSONL file for each row's completion, reward and verdict (must not exist)")
     args = parser.parse_args(argv)
     output = Path(args.output) if args.output else None
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
     prompts = [encode_prompt(tokenizer, r, prompt_token_limit(config, model)) for r in rows]
     eos_ids = list(model.config.stop_token_ids) or [tokenizer.eos_token_id]
     graded = greedy_graded(RolloutEngine(model), tokenizer, rows, resolve_reward(config), prompts,
-                           config.max_completion_length, eos_ids)
+                           config.max_completion_length, eos_ids, progress=not args.no_progress)
     if output is not None:
         try:
             with open(output, "x") as f:

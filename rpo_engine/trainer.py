@@ -589,20 +589,21 @@ def encode_prompt(tokenizer, row: dict, limit: int) -> list[int]:
 
 
 @torch.no_grad()
-def greedy_texts(engine, tokenizer, prompt_ids, max_new_tokens, eos_ids) -> list[str]:
+def greedy_texts(engine, tokenizer, prompt_ids, max_new_tokens, eos_ids, progress=False) -> list[str]:
     """The greedy completion of each prompt, decoded."""
     from rpo_engine.rollout import SamplingParams
 
     if not prompt_ids:
         return []
     params = SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=eos_ids)
-    return [tokenizer.decode(o[0].token_ids, skip_special_tokens=True) for o in engine.generate(prompt_ids, params)]
+    outs = engine.generate(prompt_ids, params, progress=progress)
+    return [tokenizer.decode(o[0].token_ids, skip_special_tokens=True) for o in outs]
 
 
 def greedy_graded(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens,
-                  eos_ids) -> list[tuple[str, float, bool]]:
+                  eos_ids, progress=False) -> list[tuple[str, float, bool]]:
     """Each row's greedy completion, its reward, and whether that is the full reward (a right answer)."""
-    texts = greedy_texts(engine, tokenizer, prompt_ids, max_new_tokens, eos_ids)
+    texts = greedy_texts(engine, tokenizer, prompt_ids, max_new_tokens, eos_ids, progress)
     rewards = [float(reward_fn(text, r["answer"])) for text, r in zip(texts, rows)]
     return [(text, reward, is_correct(reward)) for text, reward in zip(texts, rewards)]
 

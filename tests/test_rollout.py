@@ -82,6 +82,16 @@ def test_stop_tokens(checkpoints):
     assert got.token_ids == free.token_ids[:first + 1] and got.finish_reason == "stop"
 
 
+def test_progress_bar_changes_nothing(checkpoints, capsys):
+    hf, model = checkpoints["qwen2"]
+    prompts = random_prompts(hf.config.vocab_size, [5, 9])
+    params = [SamplingParams(n=3, max_new_tokens=6, seed=1), SamplingParams(n=2, max_new_tokens=0)]
+    plain = RolloutEngine(model).generate(prompts, params)
+    shown = RolloutEngine(model).generate(prompts, params, progress=True)
+    assert [[c.token_ids for c in o] for o in shown] == [[c.token_ids for c in o] for o in plain]
+    assert "5/5" in capsys.readouterr().err  # every sample counted, the budget-0 ones too
+
+
 def test_generation_config_eos_stops_like_transformers(tmp_path):
     """Llama-3-Instruct names its end of turn (<|eot_id|>) only in generation_config.json's eos list: by
     default the engine stops where transformers' generate, which reads that file, stops."""

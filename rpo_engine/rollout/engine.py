@@ -139,8 +139,10 @@ class RolloutEngine:
     def num_blocks(self) -> int:
         return self.runner.num_blocks
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
-                 ) -> list[list[Completion]]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                 progress: bool = False) -> list[list[Completion]]:
+        """-> for each prompt its n completions. progress: a bar of finished samples with new tokens/s
+        (vLLM's use_tqdm), for long offline runs such as an eval."""
         params_list = self._validate(prompts, params)
         self.block_manager.reset_prefix_cache()
         self.runner.refresh()
@@ -158,10 +160,22 @@ class RolloutEngine:
             else:
                 for j in range(p.n):
                     self.scheduler.add(Sequence(prompt, p, self.block_size, stop, key, i, sample_index=j))
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=sum(p.n for p in params_list), desc="generate", unit="seq", dynamic_ncols=True)
+            bar.update(sum(p.n for p in params_list if p.max_new_tokens == 0))
         try:
             while not self.scheduler.is_finished() or self._inflight is not None:
-                for seq in self.step():
+                finished = self.step()
+                for seq in finished:
                     outputs[seq.request_index][seq.sample_index] = seq.completion()
+                if bar is not None and finished:
+                    elapsed = bar.format_dict["elapsed"]
+                    new_tokens = self.stats.sampled_tokens - before.sampled_tokens
+                    bar.set_postfix_str(f"{new_tokens / max(elapsed, 1e-9):.0f} tok/s", refresh=False)
+                    bar.update(len(finished))
         except BaseException:  # e.g. KeyboardInterrupt: drop the call's sequences, keep the engine usable
             self._inflight = None
             for seq in (*self.scheduler.running, *self.scheduler.waiting):
@@ -170,6 +184,8 @@ class RolloutEngine:
             raise
         finally:
             self.runner.release()
+            if bar is not None:
+                bar.close()
         self.last_stats = self.stats.delta(before, self._call_peak)
         return outputs
 
