@@ -30,7 +30,7 @@ import rpo_engine
 from common import git_commit, machine, save_json
 from rpo_engine.config import RPOConfig, TrainConfig
 from rpo_engine.data.arithmetic import make_split
-from rpo_engine.rewards import is_correct
+from rpo_engine.rewards import is_correct, score_completions
 from rpo_engine.rollout import RolloutEngine, SamplingParams
 from rpo_engine.rpo.truncation import cut_cached_path, least_likely_truncation
 from rpo_engine.train import resolve_reward
@@ -44,7 +44,7 @@ def measure(engine, tokenizer, reward_fn, seed: int, args) -> dict:
     prompts = [encode_prompt(tokenizer, r, 10**6) for r in rows]
 
     def right(row, ids) -> bool:
-        return is_correct(reward_fn(tokenizer.decode(ids, skip_special_tokens=True), row["answer"]))
+        return is_correct(score_completions(reward_fn, [tokenizer.decode(ids, skip_special_tokens=True)], [row], [ids])[0])
 
     def params(n, budget, salt):
         return SamplingParams(n=n, max_new_tokens=budget, temperature=args.temperature, seed=seed * 1009 + salt)

@@ -25,7 +25,7 @@ from rpo_engine.algos import group_advantages
 from rpo_engine.data.arithmetic import make_split
 from rpo_engine.kernels import policy_loss
 from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs
-from rpo_engine.rewards import exact_answer_reward, load_reward_fn
+from rpo_engine.rewards import exact_answer_reward, load_reward_fn, score_completions
 from rpo_engine.rollout import RolloutEngine, SamplingParams
 from rpo_engine.rpo import ExperienceCache, cut_cached_path
 from rpo_engine.trainer import encode_prompt
@@ -97,7 +97,8 @@ def main(argv=None):
             outs = engine.generate([prompt_ids[r["id"]] + k for r, k in zip(batch, kept)], params)
         # 3. rewards score the whole answer (kept path + suffix); 4. advantages per group
         answers = [[k + o.token_ids for o in group] for k, group in zip(kept, outs)]
-        rewards = torch.tensor([[reward_fn(tokenizer.decode(a, skip_special_tokens=True), r["answer"]) for a in group]
+        rewards = torch.tensor([score_completions(reward_fn, [tokenizer.decode(a, skip_special_tokens=True) for a in group],
+                                                  [r] * len(group), group)  # ours or a TRL-style function
                                 for r, group in zip(batch, answers)])  # [B, G]
         advantages = group_advantages(rewards)  # [B, G]: (r - mean) / (std + eps) within each group
         # 5. the cache keeps one whole answer per prompt (the best with probability epsilon, else a random one;

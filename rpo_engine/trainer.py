@@ -36,7 +36,7 @@ from rpo_engine.errors import UserError
 from rpo_engine.kernels import policy_loss
 from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, plan_micro_batches
 from rpo_engine.optim import make_adamw
-from rpo_engine.rewards.answers import is_correct
+from rpo_engine.rewards.answers import is_correct, score_completions
 from rpo_engine.rewards.shaping import length_aware_accuracy, overlong_penalty
 from rpo_engine.rpo.cache import ExperienceCache
 from rpo_engine.rpo.truncation import cut_cached_path
@@ -211,8 +211,9 @@ class Trainer:
     # ---- rewards -----------------------------------------------------------------------------
     def score(self, group: Group) -> None:
         c = self.config
-        texts = [self.tokenizer.decode(group.answer_ids(i), skip_special_tokens=True) for i in range(len(group.suffix_ids))]
-        accuracy = [float(self.reward_fn(t, group.row["answer"])) for t in texts]
+        answers = [group.answer_ids(i) for i in range(len(group.suffix_ids))]
+        texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in answers]
+        accuracy = score_completions(self.reward_fn, texts, [group.row] * len(texts), answers)
         group.correct = [is_correct(a) for a in accuracy]
         lengths = [len(group.answer_ids(i)) for i in range(len(texts))]
         if self.rpo.length_shaping:
@@ -589,22 +590,23 @@ def encode_prompt(tokenizer, row: dict, limit: int) -> list[int]:
 
 
 @torch.no_grad()
-def greedy_texts(engine, tokenizer, prompt_ids, max_new_tokens, eos_ids, progress=False) -> list[str]:
-    """The greedy completion of each prompt, decoded."""
+def greedy_texts(engine, tokenizer, prompt_ids, max_new_tokens, eos_ids,
+                 progress=False) -> tuple[list[str], list[list[int]]]:
+    """The greedy completion of each prompt: decoded, and its token ids."""
     from rpo_engine.rollout import SamplingParams
 
     if not prompt_ids:
-        return []
+        return [], []
     params = SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=eos_ids)
-    outs = engine.generate(prompt_ids, params, progress=progress)
-    return [tokenizer.decode(o[0].token_ids, skip_special_tokens=True) for o in outs]
+    ids = [o[0].token_ids for o in engine.generate(prompt_ids, params, progress=progress)]
+    return [tokenizer.decode(i, skip_special_tokens=True) for i in ids], ids
 
 
 def greedy_graded(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens,
                   eos_ids, progress=False) -> list[tuple[str, float, bool]]:
     """Each row's greedy completion, its reward, and whether that is the full reward (a right answer)."""
-    texts = greedy_texts(engine, tokenizer, prompt_ids, max_new_tokens, eos_ids, progress)
-    rewards = [float(reward_fn(text, r["answer"])) for text, r in zip(texts, rows)]
+    texts, ids = greedy_texts(engine, tokenizer, prompt_ids, max_new_tokens, eos_ids, progress)
+    rewards = score_completions(reward_fn, texts, rows, ids)
     return [(text, reward, is_correct(reward)) for text, reward in zip(texts, rewards)]
 
 

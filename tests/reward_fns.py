@@ -15,3 +15,9 @@ def text_reward(completion_text: str, answer: str):
 def failing_reward(completion_text: str, answer: str) -> float:
     """A user mistake: a reward function that raises."""
     return float(completion_text.split("####")[5])
+
+
+def trl_hash_reward(completions, completion_ids, answer, **kwargs):
+    """hash_reward written for TRL's GRPOTrainer: a list of completions in, one reward each out."""
+    assert len(completions) == len(completion_ids) == len(answer) == len(kwargs["prompts"])
+    return [hash_reward(c, a) for c, a in zip(completions, answer)]

@@ -151,3 +151,50 @@ def test_user_reward_mistakes_are_one_line_errors(tmp_path, monkeypatch):
         assert f"user_rewards:{fn}" in msg and why in msg and "reference answer '3'" in msg and "\n" not in msg, msg
     assert "user_rewards.py:9;" in msg  # where the user's code raised
     assert load_reward_fn("user_rewards:numpyish")("", "") == 1.0  # a bool is a number
+
+
+def test_trl_style_reward_is_called_the_way_trl_calls_it(tmp_path, monkeypatch):
+    """A function with a `completions` parameter gets TRL's keyword arguments, one call per group."""
+    from rpo_engine.rewards import TRLStyleReward, score_completions
+
+    (tmp_path / "trl_rewards.py").write_text(
+        "calls = []\n"
+        "def accuracy(completions, solution, **kwargs):\n"
+        "    calls.append(dict(kwargs, completions=completions, solution=solution))\n"
+        "    return [float(s in (c if isinstance(c, str) else c[0]['content'])) for c, s in zip(completions, solution)]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reward = load_reward_fn("trl_rewards:accuracy")
+    assert isinstance(reward, TRLStyleReward)
+    import trl_rewards
+
+    rows = [{"id": "a", "prompt": "1+1=", "answer": "2", "solution": "2"},
+            {"id": "b", "prompt": "2+2=", "answer": "4", "solution": "4"}]
+    assert score_completions(reward, ["it is 2", "it is 5"], rows, [[7, 8], [9]]) == [1.0, 0.0]
+    call = trl_rewards.calls[-1]
+    assert call == {"prompts": ["1+1=", "2+2="], "completions": ["it is 2", "it is 5"], "completion_ids": [[7, 8], [9]],
+                    "answer": ["2", "4"], "id": ["a", "b"], "solution": ["2", "4"]}
+    chat = [dict(rows[0], prompt=[{"role": "user", "content": "1+1="}])]
+    assert score_completions(reward, ["2"], chat) == [1.0]  # a conversation's completion is an assistant message
+    assert trl_rewards.calls[-1]["completions"] == [[{"role": "assistant", "content": "2"}]]
+    # ours, one call per completion, through the same entry point
+    assert score_completions(exact_answer_reward, ["#### 2", "#### 3"], rows, None) == [1.0, 0.0]
+
+
+def test_trl_style_reward_mistakes_are_one_line_errors(tmp_path, monkeypatch):
+    (tmp_path / "bad_trl_rewards.py").write_text(
+        "def short(completions, **kwargs):\n    return [1.0]\n"
+        "def none(completions, **kwargs):\n    return [None for _ in completions]\n"
+        "def scalar(completions, **kwargs):\n    return 1.0\n"
+        "def boom(completions, **kwargs):\n    return [1 / 0]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from rpo_engine.rewards import score_completions
+
+    rows = [{"id": "a", "prompt": "p", "answer": "2"}] * 2
+    for fn, why in (("short", "returned 1 values for 2 completions"), ("none", "returned None (NoneType)"),
+                    ("scalar", "returned 1.0 for 2 completions"),
+                    ("boom", "raised ZeroDivisionError: division by zero (")):
+        with pytest.raises(UserError) as e:
+            score_completions(load_reward_fn(f"bad_trl_rewards:{fn}"), ["x", "y"], rows)
+        msg = str(e.value)
+        assert f"bad_trl_rewards:{fn}" in msg and why in msg and "\n" not in msg, msg
+    assert "bad_trl_rewards.py:8;" in msg

@@ -124,6 +124,18 @@ def test_conversational_dataset_through_the_chat_template(tmp_path, tiny_model_d
     assert {r["prompt"] for r in records} == {f"[system] Add.\n[user] {i}+{i}=\n[assistant] " for i in range(3)}
 
 
+def test_trl_style_reward_trains_like_ours(tmp_path, tiny_model_dir):
+    """The same reward written TRL's way (a list of completions in, a list of rewards out) trains the same run."""
+    common = ["--model", tiny_model_dir, "--steps", 2, "--eval-steps", 2, "--train-size", 3, *SMALL]
+    run_train(*common, "--reward", "tests.reward_fns:hash_reward", "--output", tmp_path / "ours")
+    run_train(*common, "--reward", "tests.reward_fns:trl_hash_reward", "--output", tmp_path / "trl")
+    ours, trl = read_metrics(tmp_path / "ours"), read_metrics(tmp_path / "trl")
+    assert len(ours) == len(trl) == 3 and 0 < ours[1]["reward_mean"] < 1
+    for a, b in zip(ours, trl):
+        for key in ("eval_accuracy", "reward_mean", "rollout_generated_tokens", "loss", "grad_norm", "cache_verified_rate"):
+            assert a.get(key) == b.get(key), key
+
+
 def test_rpo_generates_fewer_tokens_than_full_path(tmp_path, tiny_model_dir):
     rpo, full = tmp_path / "rpo", tmp_path / "full"
     # three training prompts, three per step: every prompt recurs each step

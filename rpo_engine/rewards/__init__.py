@@ -1,4 +1,5 @@
-"""Verifiable rewards. Every reward function has the signature ``fn(completion_text: str, answer: str) -> float``."""
+"""Verifiable rewards. A reward function has the signature ``fn(completion_text: str, answer: str) -> float``,
+or TRL's (``fn(prompts, completions, completion_ids, **columns) -> list[float]``): see answers.py."""
 from rpo_engine.rewards.answers import (
     BUILTIN_REWARDS,
     exact_answer_reward,
@@ -7,6 +8,8 @@ from rpo_engine.rewards.answers import (
     is_correct,
     load_reward_fn,
     math_answer_reward,
+    score_completions,
+    TRLStyleReward,
 )
 
 __all__ = [
@@ -17,4 +20,6 @@ __all__ = [
     "is_correct",
     "load_reward_fn",
     "math_answer_reward",
+    "score_completions",
+    "TRLStyleReward",
 ]

@@ -2,7 +2,10 @@
 
 Convention for every reward function (built-in or user-supplied): ``fn(completion_text: str, answer: str)
 -> float``, where ``completion_text`` is the decoded completion (the kept RPO path + the generated suffix,
-without the prompt) and ``answer`` is the dataset row's reference answer.
+without the prompt) and ``answer`` is the dataset row's reference answer. A user function with a
+``completions`` parameter is called TRL's way instead, once per group of completions:
+``fn(prompts=[...], completions=[...], completion_ids=[...], answer=[...], <other columns>=[...])
+-> list[float]`` (`TRLStyleReward`). `score_completions` calls either kind.
 
 A reference answer may itself be a worked solution ending in ``#### <answer>`` (GSM8K style); then only
 the part after its last ``####`` is compared.
@@ -12,6 +15,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import inspect
 import math
 import os
 import re
@@ -30,6 +34,8 @@ __all__ = [
     "format_reward",
     "load_reward_fn",
     "is_correct",
+    "score_completions",
+    "TRLStyleReward",
     "BUILTIN_REWARDS",
 ]
 
@@ -220,7 +226,75 @@ def load_reward_fn(path: str):
         obj = getattr(obj, part)
     if not callable(obj):
         raise UserError(f"reward function {path!r}: {attr!r} is a {type(obj).__name__}, not a callable")
-    return obj if obj in BUILTIN_REWARDS.values() else checked_reward(obj, path)  # ours are checked by tests
+    if obj in BUILTIN_REWARDS.values():
+        return obj  # ours are checked by tests
+    return TRLStyleReward(obj, path) if takes_completions(obj) else checked_reward(obj, path)
+
+
+def takes_completions(fn) -> bool:
+    """Whether `fn` follows TRL's reward convention (a `completions` parameter) rather than ours."""
+    try:
+        return "completions" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a callable without a signature (some builtins): ours
+        return False
+
+
+def _raised(name: str, e: Exception, context: str) -> UserError:
+    frame = traceback.extract_tb(e.__traceback__)[-1]
+    msg = " ".join(str(e).split()) or "(no message)"
+    return UserError(f"reward function {name!r} raised {type(e).__name__}: {msg} "
+                     f"({frame.filename}:{frame.lineno}; {context})")
+
+
+def _finite(value) -> float:
+    try:
+        return float(value) if not isinstance(value, (str, bytes)) else math.nan
+    except (TypeError, ValueError):
+        return math.nan
+
+
+class TRLStyleReward:
+    """A reward function written for TRL's GRPOTrainer, called the way TRL calls it: keyword arguments
+    `prompts` (each row's prompt: a string, or its messages), `completions` (strings; for conversational
+    prompts TRL's `[{"role": "assistant", "content": text}]`), `completion_ids`, and each of the rows' other
+    columns as a list (`answer`, `id`, ...); one finite number per completion back. TRL's `None` ("does not
+    apply", for one of several weighted functions) has no meaning for a single reward, so it is an error."""
+
+    def __init__(self, fn, name: str):
+        self.fn, self.name = fn, name
+        functools.update_wrapper(self, fn)
+
+    def score(self, texts: list[str], rows: list[dict], completion_ids: list[list[int]] | None = None) -> list[float]:
+        if not texts:
+            return []
+        conversational = not isinstance(rows[0]["prompt"], str)
+        completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else list(texts)
+        columns = {key: [row.get(key) for row in rows] for key in rows[0] if key not in ("prompt", "completion")}
+        try:
+            values = self.fn(prompts=[row["prompt"] for row in rows], completions=completions,
+                             completion_ids=completion_ids, **columns)
+        except Exception as e:  # noqa: BLE001 - the user's code; reported, not hidden
+            raise _raised(self.name, e, f"called TRL's way on {len(texts)} completions") from None
+        values = values.tolist() if hasattr(values, "tolist") else values
+        if isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or len(values) != len(texts):
+            got = f"{len(values)} values" if hasattr(values, "__len__") and not isinstance(values, str) else repr(values)
+            raise UserError(f"reward function {self.name!r} returned {got} for {len(texts)} completions, "
+                            f"expected a list of one number per completion (TRL's convention)")
+        numbers = [_finite(v) for v in values]
+        for value, number, row in zip(values, numbers, rows):
+            if not math.isfinite(number):
+                raise UserError(f"reward function {self.name!r} returned {value!r} ({type(value).__name__}) for a "
+                                f"completion, expected a finite number (reference answer {row['answer']!r})")
+        return numbers
+
+
+def score_completions(reward_fn, texts: list[str], rows: list[dict],
+                      completion_ids: list[list[int]] | None = None) -> list[float]:
+    """Rewards of `texts`, completion i answering `rows[i]`: a TRLStyleReward once for all, any other reward
+    function (ours: `fn(completion_text, answer)`) once per completion."""
+    if isinstance(reward_fn, TRLStyleReward):
+        return reward_fn.score(texts, rows, completion_ids)
+    return [float(reward_fn(text, row["answer"])) for text, row in zip(texts, rows)]
 
 
 def checked_reward(fn, name: str):
@@ -232,14 +306,8 @@ def checked_reward(fn, name: str):
         try:
             value = fn(completion_text, answer)
         except Exception as e:  # noqa: BLE001 - the user's code; reported, not hidden
-            frame = traceback.extract_tb(e.__traceback__)[-1]
-            msg = " ".join(str(e).split()) or "(no message)"
-            raise UserError(f"reward function {name!r} raised {type(e).__name__}: {msg} "
-                            f"({frame.filename}:{frame.lineno}; reference answer {answer!r})") from None
-        try:
-            number = float(value) if not isinstance(value, (str, bytes)) else math.nan
-        except (TypeError, ValueError):
-            number = math.nan
+            raise _raised(name, e, f"reference answer {answer!r}") from None
+        number = _finite(value)
         if not math.isfinite(number):
             raise UserError(f"reward function {name!r} returned {value!r} ({type(value).__name__}), "
                             f"expected a finite number (reference answer {answer!r})")
