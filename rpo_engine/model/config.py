@@ -143,13 +143,7 @@ class ModelConfig:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"{path}: config.json not found")
-        try:
-            hf = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(hf, dict):
-            raise UserError(f"{path}: expected a JSON object, got {type(hf).__name__}")
-        return cls.from_hf_dict(hf, source=str(path))
+        return cls.from_hf_dict(read_json_object(path), source=str(path))
 
     def to_hf_dict(self) -> dict:
         """A config.json that transformers (4.x and 5.x) loads into the same architecture."""
@@ -184,19 +178,23 @@ class ModelConfig:
         return hf
 
 
-def read_generation_eos(path: str | Path) -> tuple[int, ...]:
-    """The eos_token_id of a generation_config.json (an int or a list of ints), () if it has none or there
-    is no such file."""
-    path = Path(path)
-    if not path.is_file():
-        return ()
+def read_json_object(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    eos = data.get("eos_token_id")
+    return data
+
+
+def read_generation_eos(path: str | Path) -> tuple[int, ...]:
+    """The eos_token_id of a generation_config.json (an int or a list of ints), () if it has none or there
+    is no such file."""
+    path = Path(path)
+    if not path.is_file():
+        return ()
+    eos = read_json_object(path).get("eos_token_id")
     ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
     if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
         raise UserError(f"{path}: eos_token_id must be a token id or a list of them, got {eos!r}")
