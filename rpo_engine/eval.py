@@ -2,11 +2,14 @@
 
 Without --dataset it uses the built-in task's held-out split; without --model, the starter model.
 `--output FILE.jsonl` also writes each row's greedy completion, reward and verdict.
+`--num-samples K --temperature T` samples K completions a row instead (one prefill each, shared by its
+samples) and reports their mean accuracy (avg@K) and the fraction of rows with a right one (pass@K).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -16,9 +19,9 @@ from rpo_engine.errors import UserError, run_cli
 def main(argv=None) -> int:
     import rpo_engine
     from rpo_engine.config import config_from_dict
-    from rpo_engine.rollout import RolloutEngine
+    from rpo_engine.rollout import RolloutEngine, SamplingParams
     from rpo_engine.train import load_rows, resolve_device, resolve_reward
-    from rpo_engine.trainer import encode_prompt, greedy_graded, prompt_token_limit
+    from rpo_engine.trainer import encode_prompt, prompt_token_limit, sampled_graded
 
     parser = argparse.ArgumentParser(prog="python -m rpo_engine.eval", description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="Hugging Face model directory (default: the built-in starter model)")
@@ -27,9 +30,24 @@ def main(argv=None) -> int:
     parser.add_argument("--max-completion-length", type=int, default=320, help="greedy token budget (default: 320)")
     parser.add_argument("--reward", default="auto", help="exact | math | module:function (default: auto: exact for the built-in task, math otherwise)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    parser.add_argument("--num-samples", type=int, default=1,
+                        help="completions a row (K > 1 needs --temperature > 0): avg@K and pass@K (default: 1)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default: 0)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1.0)")
+    parser.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0: off (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed; row i draws from seed + i (default: 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: one, on stderr)")
     parser.add_argument("--output", help="JSONL file for each row's completion, reward and verdict (must not exist)")
     args = parser.parse_args(argv)
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.num_samples > 1 and args.temperature <= 0:
+        raise UserError(f"--num-samples {args.num_samples} needs --temperature > 0 (greedy samples are all the same)")
+    try:  # before any loading: SamplingParams checks the sampling options
+        SamplingParams(n=args.num_samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                       seed=args.seed)
+    except ValueError as e:  # its message names the field: say the option
+        raise UserError(re.sub(r"SamplingParams\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(e))) from None
     output = Path(args.output) if args.output else None
     if output is not None and output.exists():
         raise UserError(f"{output}: already exists; pass another --output")
@@ -50,18 +68,33 @@ def main(argv=None) -> int:
     _, rows = load_rows(config)
     prompts = [encode_prompt(tokenizer, r, prompt_token_limit(config, model)) for r in rows]
     eos_ids = list(model.config.stop_token_ids) or [tokenizer.eos_token_id]
-    graded = greedy_graded(RolloutEngine(model), tokenizer, rows, resolve_reward(config), prompts,
-                           config.max_completion_length, eos_ids, progress=not args.no_progress)
+    params = [SamplingParams(n=args.num_samples, max_new_tokens=config.max_completion_length,
+                             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                             stop_token_ids=eos_ids, seed=args.seed + i) for i in range(len(rows))]
+    graded = sampled_graded(RolloutEngine(model), tokenizer, rows, resolve_reward(config), prompts, params,
+                            progress=not args.no_progress)
     if output is not None:
         try:
             with open(output, "x") as f:
-                for row, (text, reward, right) in zip(rows, graded):
-                    f.write(json.dumps({"id": row["id"], "prompt": row["prompt"], "answer": row["answer"],
-                                        "completion": text, "reward": reward, "correct": right}) + "\n")
+                for row, samples in zip(rows, graded):
+                    record = {"id": row["id"], "prompt": row["prompt"], "answer": row["answer"]}
+                    if args.num_samples == 1:
+                        (text, reward, right), = samples
+                        record.update(completion=text, reward=reward, correct=right)
+                    else:
+                        record.update(completions=[t for t, _, _ in samples], rewards=[r for _, r, _ in samples],
+                                      correct=[c for _, _, c in samples])
+                    f.write(json.dumps(record) + "\n")
         except OSError as e:
             raise UserError(f"{output}: cannot write ({e.strerror or e})") from None
-    accuracy = sum(right for _, _, right in graded) / len(rows)
-    print(f"accuracy {accuracy:.4f} on {len(rows)} rows ({args.dataset or 'built-in eval split'})")
+    source = args.dataset or "built-in eval split"
+    mean = sum(right for samples in graded for _, _, right in samples) / (len(rows) * args.num_samples)
+    if args.num_samples == 1:
+        print(f"accuracy {mean:.4f} on {len(rows)} rows ({source})")
+    else:
+        solved = sum(any(right for _, _, right in samples) for samples in graded) / len(rows)
+        print(f"avg@{args.num_samples} {mean:.4f}, pass@{args.num_samples} {solved:.4f} on {len(rows)} rows, "
+              f"temperature {args.temperature:g} ({source})")
     return 0
 
 

@@ -590,24 +590,27 @@ def encode_prompt(tokenizer, row: dict, limit: int) -> list[int]:
 
 
 @torch.no_grad()
-def greedy_texts(engine, tokenizer, prompt_ids, max_new_tokens, eos_ids,
-                 progress=False) -> tuple[list[str], list[list[int]]]:
-    """The greedy completion of each prompt: decoded, and its token ids."""
-    from rpo_engine.rollout import SamplingParams
-
-    if not prompt_ids:
-        return [], []
-    params = SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=eos_ids)
-    ids = [o[0].token_ids for o in engine.generate(prompt_ids, params, progress=progress)]
-    return [tokenizer.decode(i, skip_special_tokens=True) for i in ids], ids
-
-
 def greedy_graded(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens,
                   eos_ids, progress=False) -> list[tuple[str, float, bool]]:
     """Each row's greedy completion, its reward, and whether that is the full reward (a right answer)."""
-    texts, ids = greedy_texts(engine, tokenizer, prompt_ids, max_new_tokens, eos_ids, progress)
-    rewards = score_completions(reward_fn, texts, rows, ids)
-    return [(text, reward, is_correct(reward)) for text, reward in zip(texts, rewards)]
+    from rpo_engine.rollout import SamplingParams
+
+    params = SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=eos_ids)
+    return [samples[0] for samples in sampled_graded(engine, tokenizer, rows, reward_fn, prompt_ids, params, progress)]
+
+
+def sampled_graded(engine, tokenizer, rows, reward_fn, prompt_ids, params,
+                   progress=False) -> list[list[tuple[str, float, bool]]]:
+    """Each row's samples under `params` (one SamplingParams, or one a row), each decoded, with its reward
+    and whether that is the full reward (a right answer)."""
+    outs = engine.generate(prompt_ids, params, progress=progress) if prompt_ids else []
+    graded = []
+    for row, samples in zip(rows, outs):
+        ids = [c.token_ids for c in samples]
+        texts = [tokenizer.decode(i, skip_special_tokens=True) for i in ids]
+        rewards = score_completions(reward_fn, texts, [row] * len(texts), ids)
+        graded.append([(text, reward, is_correct(reward)) for text, reward in zip(texts, rewards)])
+    return graded
 
 
 def greedy_correct(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens, eos_ids) -> int:

@@ -448,6 +448,30 @@ def test_eval_cli(tmp_path, tiny_model_dir):
     assert_user_error(subprocess.run(missing, capture_output=True, text=True, cwd=REPO), "no such directory")
 
 
+def test_eval_cli_samples(tmp_path, tiny_model_dir):
+    """--num-samples K: K sampled completions a row, avg@K and pass@K from their verdicts, the same again
+    from the same seed."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q: {i}+1\nA:", "answer": str(i + 1)}) + "\n" for i in range(6)))
+    cmd = [sys.executable, "-m", "rpo_engine.eval", "--model", str(tiny_model_dir), "--dataset", str(data),
+           "--max-completion-length", "8", "--num-samples", "4", "--temperature", "1", "--no-progress",
+           "--reward", "tests.reward_fns:hash_reward"]
+    outs = []
+    for name in ("a.jsonl", "b.jsonl"):
+        proc = subprocess.run([*cmd, "--output", str(tmp_path / name)], capture_output=True, text=True, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr
+        outs.append([json.loads(line) for line in (tmp_path / name).read_text().splitlines()])
+    assert outs[0] == outs[1]  # seeded
+    rows = outs[0]
+    assert all(len(r["completions"]) == len(r["rewards"]) == len(r["correct"]) == 4 for r in rows)
+    assert len({c for r in rows for c in r["completions"]}) > 6  # sampled, not the same completion four times
+    avg = sum(sum(r["correct"]) for r in rows) / 24
+    solved = sum(any(r["correct"]) for r in rows) / 6
+    assert 0 < avg < 1 and f"avg@4 {avg:.4f}, pass@4 {solved:.4f} on 6 rows" in proc.stdout
+    assert_user_error(subprocess.run([*cmd, "--temperature", "0"], capture_output=True, text=True, cwd=REPO),
+                      "--num-samples 4 needs --temperature > 0")
+
+
 def test_next_steps_cold_starts_run_with_this_steps_suffixes(tmp_path, tiny_model_dir):
     out = tmp_path / "ahead"
     run_train("--model", tiny_model_dir, "--steps", 3, "--eval-steps", 0, "--train-size", 6, "--output", out, *SMALL)
