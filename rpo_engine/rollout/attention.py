@@ -39,10 +39,18 @@ def gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     return cache.index_select(0, tables.reshape(-1)).view(B, nb * cache.shape[1], *cache.shape[2:])
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor):
+def key_bias(lens: torch.Tensor, L: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, 1, L]: 0 for each row's first lens[b] keys, -inf past them (an additive attention mask)."""
+    valid = torch.arange(L, device=lens.device)[None, :] < lens[:, None]  # [B, L]
+    return torch.zeros(lens.shape[0], 1, 1, L, dtype=dtype, device=lens.device).masked_fill_(
+        ~valid[:, None, None], float("-inf"))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, bias: torch.Tensor | None = None):
     """Softmax attention of M queries over the first lens[b] keys, GQA, with the log-sum-exp.
 
     q [B, M, H, D]; k/v [B, L, KVH, D]; lens [B] -> out [B, M, H, D] fp32, lse [B, M, H] fp32.
+    `bias`: key_bias(lens, L, q.dtype), when the caller has it (the same for every layer of a step).
     """
     B, M, H, D = q.shape
     L, KVH = k.shape[1], k.shape[2]
@@ -50,13 +58,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor
     # Put the R query heads of each KV head (and all M queries) in one attention row block: [B, KVH, M*R, D].
     qf = q.view(B, M, KVH, R, D).permute(0, 2, 1, 3, 4).reshape(B, KVH, M * R, D)
     kt, vt = k.transpose(1, 2), v.transpose(1, 2)  # [B, KVH, L, D] views, no copy
-    valid = torch.arange(L, device=q.device)[None, :] < lens[:, None]  # [B, L]
+    if bias is None:
+        bias = key_bias(lens, L, q.dtype)
     if q.device.type == "cpu" and _CPU_FLASH is not None:
-        bias = torch.zeros(B, 1, 1, L, dtype=q.dtype, device=q.device).masked_fill_(~valid[:, None, None], float("-inf"))
         out, lse = _CPU_FLASH(qf, kt, vt, attn_mask=bias)  # [B, KVH, M*R, D], [B, KVH, M*R]; fused, ~4x the matmuls
     else:
         scores = qf.float() @ kt.float().transpose(-1, -2) * D ** -0.5  # [B, KVH, M*R, L]
-        scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
+        scores += bias.float()  # -inf past each row's keys
         lse = scores.logsumexp(-1)  # [B, KVH, M*R]
         out = (scores - lse[..., None]).exp() @ vt.float()  # [B, KVH, M*R, D]
     out = out.float().view(B, KVH, M, R, D).permute(0, 2, 1, 3, 4).reshape(B, M, H, D)
@@ -243,6 +251,7 @@ class DecodeKV:
             self.reset()
             self.key = key
         self.lens = lens
+        self.rows, self.last = torch.arange(lens.shape[0]), (lens - 1).long()  # where each row's new K/V go
         blocks = 2 * tables.numel() + (0 if meta.group_tables is None else meta.group_tables.numel())
         if blocks * num_layers * block_bytes > self.max_bytes:
             self.reset()
@@ -260,9 +269,8 @@ class DecodeKV:
             kept = (gather(kc, wide), gather(vc, wide))
             self.tail_kv[layer] = kept
         else:  # one new token a row, at its last position
-            rows, last = torch.arange(lens.shape[0]), (lens - 1).long()
-            kept[0][rows, last] = k_new
-            kept[1][rows, last] = v_new
+            kept[0][self.rows, self.last] = k_new
+            kept[1][self.rows, self.last] = v_new
         return kept[0][:, :L], kept[1][:, :L]
 
     def group_kv(self, layer, kc, vc, group_tables):
@@ -275,11 +283,18 @@ class DecodeKV:
 class PagedDecode:
     def __init__(self, k_cache, v_cache, meta: DecodeMetadata, kept: DecodeKV | None = None):
         self.k_cache, self.v_cache, self.meta, self.kept = k_cache, v_cache, meta, kept
+        self._biases = {}  # the step's attention masks, made by its first layer for all the others
 
     def _kv(self, layer_idx, kc, vc, tables, lens, k, v):
         if self.kept is None:
             return gather(kc, tables), gather(vc, tables)
         return self.kept.tails(layer_idx, kc, vc, tables, lens, k[:, 0], v[:, 0])
+
+    def _attend(self, name: str, q, keys, values, lens):
+        key = (name, keys.shape[1])
+        if key not in self._biases:
+            self._biases[key] = key_bias(lens, keys.shape[1], q.dtype)
+        return attend(q, keys, values, lens, self._biases[key])
 
     def __call__(self, layer_idx, q, k, v):
         # q [S, 1, H, D]; k/v [S, 1, KVH, D] -> [S, 1, H, D]
@@ -287,16 +302,16 @@ class PagedDecode:
         write_kv(kc, vc, k[:, 0], v[:, 0], m.slot_mapping)
         if m.group_tables is None:  # no cascade groups: one attention over each whole table
             keys, values = self._kv(layer_idx, kc, vc, m.block_tables, m.context_lens, k, v)
-            return attend(q, keys, values, m.context_lens)[0].to(q.dtype)
+            return self._attend("whole", q, keys, values, m.context_lens)[0].to(q.dtype)
         keys, values = self._kv(layer_idx, kc, vc, m.tail_tables, m.tail_lens, k, v)
-        out, lse = attend(q, keys, values, m.tail_lens)  # [S, 1, H, *]
+        out, lse = self._attend("tail", q, keys, values, m.tail_lens)  # [S, 1, H, *]
         S, _, H, D = q.shape
         q_pad = torch.cat([q[:, 0], q.new_zeros(1, H, D)])  # [S + 1, H, D]: row S is padding
         if self.kept is None:
             keys, values = gather(kc, m.group_tables), gather(vc, m.group_tables)
         else:
             keys, values = self.kept.group_kv(layer_idx, kc, vc, m.group_tables)
-        out_g, lse_g = attend(q_pad[m.member_index], keys, values, m.group_lens)  # [G, M, H, D], [G, M, H]
+        out_g, lse_g = self._attend("group", q_pad[m.member_index], keys, values, m.group_lens)  # [G, M, H, *]
         out_g = torch.cat([out_g.flatten(0, 1), out_g.new_zeros(1, H, D)])[m.member_slot]  # [S, H, D]
         lse_g = torch.cat([lse_g.flatten(0, 1), lse_g.new_full((1, H), float("-inf"))])[m.member_slot]
         lse_t, out_t = lse[:, 0], out[:, 0]

@@ -78,21 +78,24 @@ def truncate_sorted(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: tor
 
 
 def sample_reference(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                     u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                     u: torch.Tensor, truncate: bool | None = None,
+                     any_greedy: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`sample` written plainly, for tests and benchmarks: an fp64 cumulative sum over the whole
     vocabulary, in token order, or in descending order (the whole vocabulary sorted) for a row with top-k
-    or top-p. At Qwen's 152k-token vocabulary, 64 rows take ~0.15 s on one CPU core, ~1.2 s with a sort."""
+    or top-p. At Qwen's 152k-token vocabulary, 64 rows take ~0.15 s on one CPU core, ~1.2 s with a sort.
+    `truncate` / `any_greedy` False skip work no row needs (None: read from the tensors)."""
     logits = logits.float()
     greedy = temperature == 0  # [R]
     scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]  # [R, V]
     logp = scaled.log_softmax(-1)  # [R, V]
     tokens = _draw(logp.exp(), u).squeeze(1)
     truncating = (top_k > 0) | (top_p < 1)
-    if bool(truncating.any()):
+    if truncate if truncate is not None else bool(truncating.any()):
         sorted_logits, order = scaled.sort(-1, descending=True)  # [R, V]
         truncated = order.gather(1, _draw(truncate_sorted(sorted_logits, top_k, top_p).softmax(-1), u))
         tokens = torch.where(truncating, truncated.squeeze(1), tokens)
-    tokens = torch.where(greedy, logits.argmax(-1), tokens)
+    if any_greedy is not False:
+        tokens = torch.where(greedy, logits.argmax(-1), tokens)
     return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
 
 
@@ -157,7 +160,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
         tokens = logits.argmax(-1)
         return tokens, logits.gather(1, tokens[:, None]).squeeze(1) - logits.logsumexp(-1)
     if logits.shape[1] <= 2 * CHUNK:  # a small vocabulary: fewer, larger ops win (measured at 64 rows, 1 CPU thread)
-        return sample_reference(logits, temperature, top_k, top_p, u)
+        return sample_reference(logits, temperature, top_k, top_p, u, truncate, any_greedy)
     if truncate is None:
         truncate = bool(((temperature > 0) & ((top_k > 0) | (top_p < 1))).any())
     greedy = temperature == 0  # [R]
