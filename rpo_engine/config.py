@@ -16,6 +16,9 @@ from pathlib import Path
 from rpo_engine.errors import UserError
 
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+# TRL's GRPOConfig.loss_type -> ours (verl's names). TRL's dr_grpo, like ours, divides by max_completion_length.
+TRL_LOSS_TYPES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dapo": "token-mean",
+                  "dr_grpo": "seq-mean-token-sum-norm"}
 CACHE_POLICIES = ("epsilon-greedy", "correct-only")
 UNVERIFIED_CUTS = ("uniform", "least-likely")
 
@@ -71,6 +74,7 @@ class AlgoConfig:
     epsilon_high: float | None = field(default=None, metadata={"help": "upper clip range (default: grpo 0.2, dapo 0.28)"})
     beta: float | None = field(default=None, metadata={"help": "KL coefficient to the frozen reference (default 0: no reference model)"})
     loss_agg: str | None = field(default=None, metadata={"help": f"{LOSS_AGGREGATIONS} (default: grpo seq-mean-token-mean, dapo token-mean)"})
+    loss_type: str | None = field(default=None, metadata={"help": "TRL's name for the aggregation, instead of --loss-agg: grpo (seq-mean-token-mean), bnpo or dapo (token-mean), dr_grpo (seq-mean-token-sum-norm, over --max-completion-length) (default: none)"})
     num_iterations: int = field(default=1, metadata={"help": "optimizer passes over each rollout batch"})
     scale_rewards: bool = field(default=True, metadata={"help": "divide group advantages by the group's reward std"})
     dynamic_sampling: bool | None = field(default=None, metadata={"help": "drop groups with equal rewards and resample (default: dapo on)"})
@@ -85,6 +89,13 @@ class AlgoConfig:
             self.epsilon_high = 0.28 if dapo else self.epsilon
         if self.beta is None:
             self.beta = 0.0
+        if self.loss_type is not None:
+            _check(self.loss_type in TRL_LOSS_TYPES,
+                   f"--loss-type must be one of {tuple(TRL_LOSS_TYPES)}, got {self.loss_type!r}")
+            _check(self.loss_agg in (None, TRL_LOSS_TYPES[self.loss_type]),
+                   f"--loss-type {self.loss_type} is --loss-agg {TRL_LOSS_TYPES[self.loss_type]}, "
+                   f"not {self.loss_agg}: give one of the two")
+            self.loss_agg = TRL_LOSS_TYPES[self.loss_type]
         if self.loss_agg is None:
             self.loss_agg = "token-mean" if dapo else "seq-mean-token-mean"
         if self.dynamic_sampling is None:

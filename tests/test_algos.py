@@ -200,11 +200,18 @@ def test_algo_defaults():
     grpo, dapo = AlgoConfig("grpo"), AlgoConfig("dapo")
     assert (grpo.epsilon_high, grpo.loss_agg, grpo.dynamic_sampling) == (0.2, "seq-mean-token-mean", False)
     assert (dapo.epsilon_high, dapo.loss_agg, dapo.dynamic_sampling) == (0.28, "token-mean", True)
+    # TRL's loss_type names the same aggregations
+    assert [AlgoConfig(algo, loss_type=t).loss_agg for algo, t in [("dapo", "grpo"), ("grpo", "bnpo"), ("grpo", "dapo"),
+                                                                   ("grpo", "dr_grpo")]] == [
+        "seq-mean-token-mean", "token-mean", "token-mean", "seq-mean-token-sum-norm"]
+    assert AlgoConfig("grpo", loss_agg="token-mean", loss_type="dapo").loss_agg == "token-mean"  # agreeing: fine
 
 
 @pytest.mark.parametrize("values,message", [
     ({"algo": "ppo"}, "--algo must be grpo or dapo"),
     ({"loss_agg": "sum"}, "--loss-agg must be one of"),
+    ({"loss_type": "ppo"}, "--loss-type must be one of"),
+    ({"loss_type": "grpo", "loss_agg": "token-mean"}, "--loss-type grpo is --loss-agg seq-mean-token-mean, not token-mean"),
     ({"steps": 0}, "--steps must be >= 1"),
     ({"num_generations": 1}, "--num-generations must be >= 2"),
     ({"rpo_max_cut": 0}, r"--rpo-max-cut \(0\) must be >= --rpo-min-cut"),
