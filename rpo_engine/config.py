@@ -81,6 +81,7 @@ class AlgoConfig:
     max_resample_rounds: int = field(default=3, metadata={"help": "extra sampling rounds allowed to fill a dynamic-sampling batch"})
     overlong_buffer: int | None = field(default=None, metadata={"help": "soft overlong penalty over the last N budget tokens (default: dapo L/4, grpo 0)"})
     overlong_penalty: float = field(default=1.0, metadata={"help": "reward subtracted at the very end of the overlong buffer"})
+    mask_truncated_completions: bool = field(default=False, metadata={"help": "leave completions that ran out of budget (no EOS; with RPO, the suffix's budget) out of the loss, still counted in their group's advantages (TRL's name; DAPO's overlong filtering)"})
 
     def __post_init__(self):
         _check(self.algo in ("grpo", "dapo"), f"--algo must be grpo or dapo, got {self.algo!r}")

@@ -247,9 +247,11 @@ class Trainer:
     # ---- update ------------------------------------------------------------------------------
     def training_batch(self, groups: list[Group]) -> list[PrefixGroup]:
         """One entry per group: the shared prefix, the suffixes, the loss start, advantages, rollout log-probs."""
+        mask_truncated = self.algo.mask_truncated_completions
         return [PrefixGroup(g.prompt_ids + g.kept_ids, g.suffix_ids,
                             len(g.prompt_ids) + (0 if self.rpo.rpo_loss_on_prefix else len(g.kept_ids)),
-                            advantages=g.advantages, rollout_logp=g.suffix_logprobs)
+                            advantages=g.advantages, rollout_logp=g.suffix_logprobs,
+                            trained=[r != "length" for r in g.finish_reasons] if mask_truncated else None)
                 for g in groups]
 
     def sequence_logprobs(self, model, batch: list[PrefixGroup], shared: bool):
@@ -277,7 +279,7 @@ class Trainer:
         algo, batch_groups = self.algo, self.training_batch(groups)
         # Global normalisers (all groups, all micro-batches, all ranks), so skipping, micro-batching and
         # ranks give the same loss as one big batch.
-        spans = [g.span(i) for g in batch_groups for i in range(len(g.suffix_ids))]
+        spans = [g.span(i) for g in batch_groups for i in range(len(g.suffix_ids)) if g.is_trained(i)]
         num_tokens, num_rows = self.dist.sum([sum(spans), sum(1 for n in spans if n)])
         if skip_zero_advantage and self.reference is None:
             batch_groups = [g for g in batch_groups if any(g.advantages)]
@@ -314,6 +316,9 @@ class Trainer:
                 last = k == num_batches - 1 or self.dist.parallel != "ddp"
                 with contextlib.nullcontext() if last else self.policy.no_sync():
                     logp, mask, *entropy = self.policy(batch, shared, iteration == 0)
+                    if any(g.trained is not None for g in batch):  # --mask-truncated-completions
+                        mask = mask & torch.tensor([g.is_trained(i) for g in batch for i in range(len(g.suffix_ids))],
+                                                   device=mask.device)[:, None]
                     if iteration == 0 and k < num_real:  # the weights the rollout used
                         mismatch += self.rollout_mismatch(batch, logp.detach())
                         entropy_sum += float((entropy[0] * mask).sum())
@@ -398,8 +403,9 @@ class Trainer:
             # 2. rewards; every rank sees every group's (rewards, correct, suffix lengths)
             for g in groups:
                 self.score(g)
-            results = [r for part in self.dist.gather([(g.rewards, g.correct, [len(s) for s in g.suffix_ids])
-                                                       for g in groups]) for r in part]
+            results = [r for part in self.dist.gather([(g.rewards, g.correct, [len(s) for s in g.suffix_ids],
+                                                        g.finish_reasons.count("length")) for g in groups])
+                       for r in part]
             all_rewards += [x for r in results for x in r[0]]
             zero_std += sum(1 for r in results if max(r[0]) == min(r[0]))  # no advantage: no gradient
             # 3. cache update (every group, kept or not)
@@ -451,6 +457,7 @@ class Trainer:
             "rollout_prefill_tokens": prefill,
             "rollout_reused_tokens": reused,
             "suffix_len_mean": sum(suffix_lens) / max(1, len(suffix_lens)),
+            "frac_truncated": sum(r[3] for r in kept) / max(1, len(suffix_lens)),  # out of budget (TRL: clipped_ratio)
             "num_prompts_sampled": num_prompts,
             "num_groups_trained": len(kept),
             "frac_reward_zero_std": zero_std / num_prompts,

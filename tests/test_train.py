@@ -95,6 +95,7 @@ def test_log_completions(tmp_path, tiny_model_dir):
         for m in metrics:
             step = [r for r in records if r["step"] == m["step"]]
             assert sum(r["reward"] for r in step) / len(step) == pytest.approx(m["reward_mean"])
+            assert sum(r["finish_reason"] == "length" for r in step) / len(step) == pytest.approx(m["frac_truncated"])
             for prompt_id in {r["prompt_id"] for r in step}:  # group-normalised: the advantages sum to 0
                 assert sum(r["advantage"] for r in step if r["prompt_id"] == prompt_id) == pytest.approx(0, abs=1e-5)
             if name == "full":  # no cold starts: the completions are every generated token
@@ -335,6 +336,44 @@ def test_update_skipping_zero_advantage_groups_takes_the_same_step(tiny_model_di
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
         assert not all(torch.equal(a, b) for a, b in zip(trainers[0].model.parameters(), before))  # it stepped
     assert skipped["entropy"] is None and full["grad_norm"] == 0.0  # nothing to learn, and nothing was run
+
+
+@pytest.mark.parametrize("flags", [[], ["--algo", "dapo", "--num-iterations", "2"], ["--loss-type", "dr_grpo"],
+                                   ["--no-prefix-sharing"]])
+def test_masking_truncated_completions_trains_as_without_them(tiny_model_dir, flags):
+    """--mask-truncated-completions: the samples that ran out of budget add nothing to the loss and do not
+    count in its normalisers, so the step is the one the batch without them gives (the others keep the
+    advantages their whole group gave them)."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+    from rpo_engine.trainer import Group
+
+    gen = torch.Generator().manual_seed(0)
+    groups, kept = [], []
+    for k in range(5):
+        G, prefix = 4, torch.randint(3, 40, (int(torch.randint(4, 12, (1,), generator=gen)),), generator=gen)
+        suffixes = [torch.randint(3, 40, (int(n),), generator=gen).tolist() for n in torch.randint(1, 9, (G,), generator=gen)]
+        reasons = ["length" if r else "stop" for r in torch.rand(G, generator=gen).lt(0.4).tolist()]
+        reasons[-1] = "length" if k == 2 else reasons[-1]  # group 2: every sample truncated
+        reasons = ["length"] * G if k == 2 else reasons
+        adv = torch.randn(G, generator=gen).tolist()
+        make = lambda idx: Group({"id": str(k)}, prefix[:3].tolist(), prefix[3:].tolist(), [suffixes[i] for i in idx],
+                                 [[-1.0] * len(suffixes[i]) for i in idx], [reasons[i] for i in idx],
+                                 advantages=[adv[i] for i in idx])
+        groups.append(make(range(G)))
+        if any(r == "stop" for r in reasons):
+            kept.append(make([i for i in range(G) if reasons[i] == "stop"]))
+    assert sum(len(g.suffix_ids) for g in kept) < sum(len(g.suffix_ids) for g in groups) - 4  # some masked
+    common = ["--model", str(tiny_model_dir), "--micro-batch-tokens", "60", "--learning-rate", "1e-2", *flags]
+    masked = build_trainer(parse_args([*common, "--mask-truncated-completions"]))
+    plain = build_trainer(parse_args(common))
+    a, b = masked.update(groups), plain.update(kept)
+    for key in ("loss", "grad_norm", "clip_frac"):
+        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+    # The two run different micro-batches, so their gradients round differently; AdamW divides each by its
+    # running scale, which turns the rounding of a near-zero gradient into up to ~1e-5 after two passes.
+    for x, y in zip(masked.model.parameters(), plain.model.parameters()):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=3e-5)
 
 
 # ---- bad input: one line, exit 2, no traceback, nothing overwritten -----------------------------

@@ -37,14 +37,16 @@ from rpo_engine.kernels import fused_logprobs
 class PrefixGroup:
     """One prefix and its G suffixes; the loss covers positions loss_start.. of each prefix + suffix.
 
-    `advantages` and `rollout_logp` are the trainer's per-sample data, carried along when a group is
-    split across micro-batches (`take`); the log-prob functions do not read them.
+    `advantages`, `rollout_logp` and `trained` (False: the sample is left out of the loss; None: all are
+    in) are the trainer's per-sample data, carried along when a group is split across micro-batches
+    (`take`); the log-prob functions do not read them.
     """
     prefix_ids: list[int]
     suffix_ids: list[list[int]]
     loss_start: int
     advantages: list[float] | None = None
     rollout_logp: list[list[float]] | None = None
+    trained: list[bool] | None = None
 
     def __post_init__(self):
         if not 1 <= self.loss_start <= len(self.prefix_ids):
@@ -54,11 +56,14 @@ class PrefixGroup:
         """The samples start..stop-1 with the same prefix."""
         cut = (lambda xs: None if xs is None else xs[start:stop])
         return dataclasses.replace(self, suffix_ids=self.suffix_ids[start:stop], advantages=cut(self.advantages),
-                                   rollout_logp=cut(self.rollout_logp))
+                                   rollout_logp=cut(self.rollout_logp), trained=cut(self.trained))
 
     def span(self, i: int) -> int:
         """Number of scored tokens of sample i."""
         return len(self.prefix_ids) - self.loss_start + len(self.suffix_ids[i])
+
+    def is_trained(self, i: int) -> bool:
+        return self.trained is None or self.trained[i]
 
 
 class SharedPrefixAttention:
