@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -21,6 +22,18 @@ TRL_LOSS_TYPES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dapo": "
                   "dr_grpo": "seq-mean-token-sum-norm"}
 CACHE_POLICIES = ("epsilon-greedy", "correct-only")
 UNVERIFIED_CUTS = ("uniform", "least-likely")
+
+
+def reward_names(config) -> list[str]:
+    """The --reward functions, in order (the first is the accuracy)."""
+    return [name.strip() for name in config.reward.split(",")]
+
+
+def reward_weights(config) -> list[float]:
+    """Each --reward function's weight (--reward-weights; 1 each by default)."""
+    if config.reward_weights is None:
+        return [1.0] * len(reward_names(config))
+    return [float(w) for w in config.reward_weights.split(",")]
 
 
 def _check(cond: bool, message: str):
@@ -135,7 +148,8 @@ class TrainConfig:
     prefix_sharing: bool = field(default=True, metadata={"help": "run each group's shared prefix once in the update's forward/backward (--no-prefix-sharing: one padded row per sample)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     async_scheduling: bool = field(default=False, metadata={"help": "rollout: schedule each decode step while the previous one runs, hiding the host's work behind the GPU's (the same samples; nothing to gain on a CPU)"})
-    reward: str = field(default="auto", metadata={"help": "exact | math | module:function (auto: exact for the built-in task, math otherwise)"})
+    reward: str = field(default="auto", metadata={"help": "exact | math | module:function (auto: exact for the built-in task, math otherwise); or several, comma-separated: the first decides right answers (eval accuracy, RPO's verified paths), each adds its weighted score to the reward"})
+    reward_weights: str | None = field(default=None, metadata={"help": "comma-separated weight of each --reward function (TRL's name) (default: 1 each)"})
     format_reward_weight: float = field(default=0.0, metadata={"help": "weight of the format reward added to accuracy"})
     log_completions: bool = field(default=False, metadata={"help": "write every sampled completion (prompt, kept path, generated text, reward, advantage) to OUTPUT/completions.jsonl (TRL's name)"})
     eval_steps: int = field(default=10, metadata={"help": "greedy eval every N steps (0: never)"})
@@ -167,6 +181,18 @@ class TrainConfig:
                f"--device must be cpu, cuda or auto, got {self.device!r}")
         _check(self.dtype in ("auto", "float32", "bfloat16"), f"--dtype must be float32, bfloat16 or auto, got {self.dtype!r}")
         _check(self.parallel in ("ddp", "fsdp"), f"--parallel must be ddp or fsdp, got {self.parallel!r}")
+        names = reward_names(self)
+        _check(all(names) and ("auto" not in names or len(names) == 1),
+               f"--reward must name one function or a comma-separated list of them (auto alone), got {self.reward!r}")
+        if self.reward_weights is not None:
+            weights = self.reward_weights.split(",")
+            try:
+                ok = all(math.isfinite(float(w)) for w in weights)
+            except ValueError:
+                ok = False
+            _check(ok and len(weights) == len(names),
+                   f"--reward-weights must be {len(names)} comma-separated number(s), one per --reward function, "
+                   f"got {self.reward_weights!r}")
         _check(self.dist_timeout > 0, f"--dist-timeout must be > 0, got {self.dist_timeout}")
 
 
@@ -221,6 +247,8 @@ def _load_yaml(path: str) -> dict:
     flat = {}
     for key, value in data.items():
         key = key.replace("-", "_")
+        if key in ("reward", "reward_weights") and isinstance(value, list):  # a YAML list of functions/weights
+            value = ",".join(map(str, value))
         if key in SECTIONS and isinstance(value, dict):
             flat.update({k.replace("-", "_"): v for k, v in value.items()})
         else:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from rpo_engine.config import TrainConfig, config_to_dict, parse_args
+from rpo_engine.config import TrainConfig, config_to_dict, parse_args, reward_names
 from rpo_engine.distributed import Dist, check_divisible
 from rpo_engine.errors import UserError, run_cli
 
@@ -58,19 +58,27 @@ def load_rows(config: TrainConfig) -> tuple[list[dict], list[dict]]:
     return train, eval_rows
 
 
-def resolve_reward(config: TrainConfig):
+def resolve_rewards(config: TrainConfig) -> list:
+    """The --reward functions, in order: the first is the accuracy (what counts as a right answer)."""
     from rpo_engine.rewards import exact_answer_reward, load_reward_fn, math_answer_reward
 
-    name = config.reward
-    if name == "auto":
-        name = "exact" if config.dataset is None and config.eval_dataset is None else "math"
-    if name == "exact":
-        return exact_answer_reward
-    if name == "math":
-        return math_answer_reward
-    if ":" in name:
-        return load_reward_fn(name)
-    raise UserError(f"--reward must be exact, math or module:function, got {config.reward!r}")
+    functions = []
+    for name in reward_names(config):
+        if name == "auto":
+            name = "exact" if config.dataset is None and config.eval_dataset is None else "math"
+        if name in ("exact", "math"):
+            functions.append(exact_answer_reward if name == "exact" else math_answer_reward)
+        elif ":" in name:
+            functions.append(load_reward_fn(name))
+        else:
+            raise UserError(f"--reward must be exact, math or module:function (or a comma-separated list), "
+                            f"got {name!r}")
+    return functions
+
+
+def resolve_reward(config: TrainConfig):
+    """The accuracy reward: the first --reward function."""
+    return resolve_rewards(config)[0]
 
 
 def check_output_dir(output: Path) -> None:
@@ -155,8 +163,9 @@ def build_trainer(config: TrainConfig, model_dir: Path | None = None, dist: Dist
     reference = None
     if resuming and config.algo.beta > 0:  # the KL reference is the starting model, not the checkpoint's
         reference = rpo_engine.load_model(initial_model_dir(), dtype=dtype, device=device)
-    return Trainer(config, model, tokenizer, train_rows, eval_rows, resolve_reward(config), device, dist,
-                   reference=reference)
+    accuracy, *extra_rewards = resolve_rewards(config)
+    return Trainer(config, model, tokenizer, train_rows, eval_rows, accuracy, device, dist, reference=reference,
+                   extra_rewards=extra_rewards)
 
 
 @record  # under torchrun, a rank's exception reaches torchrun's failure summary

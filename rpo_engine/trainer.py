@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from rpo_engine.algos.grpo import group_advantages, informative_groups
-from rpo_engine.config import TrainConfig, config_to_dict
+from rpo_engine.config import TrainConfig, config_to_dict, reward_weights
 from rpo_engine.distributed import Dist, consolidated_optimizer_state, full_tensor, load_consolidated_optimizer_state
 from rpo_engine.errors import UserError
 from rpo_engine.kernels import policy_loss
@@ -66,13 +66,20 @@ class Group:
 
 class Trainer:
     def __init__(self, config: TrainConfig, model, tokenizer, train_rows: list[dict], eval_rows: list[dict],
-                 reward_fn, device: torch.device, dist: Dist | None = None, reference=None):
-        """`reference`: the frozen KL reference when it is not `model` (on resume, the starting model)."""
+                 reward_fn, device: torch.device, dist: Dist | None = None, reference=None, extra_rewards=()):
+        """`reward_fn`: the accuracy (its full marks make a right answer); `extra_rewards`: more reward
+        functions, each adding its score to the reward, all weighted by config.reward_weights (1 each by
+        default). `reference`: the frozen KL reference when it is not `model` (on resume, the starting model)."""
         from rpo_engine.rollout import RolloutEngine
 
         self.config, self.tokenizer, self.dist = config, tokenizer, dist or Dist()
         self.train_rows, self.eval_rows, self.reward_fn, self.device = train_rows, eval_rows, reward_fn, device
         self.algo, self.rpo = config.algo, config.rpo
+        self.extra_rewards = list(extra_rewards)
+        self.reward_weights = reward_weights(config) if config.reward_weights is not None else \
+            [1.0] * (1 + len(self.extra_rewards))
+        if len(self.reward_weights) != 1 + len(self.extra_rewards):
+            raise ValueError(f"{len(self.reward_weights)} reward weights for {1 + len(self.extra_rewards)} functions")
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         # model: full weights, read live by the engine (and evaluated, saved); policy: the gradient
@@ -220,6 +227,10 @@ class Trainer:
             rewards = length_aware_accuracy(group.correct, lengths, self.rpo.length_alpha)
         else:
             rewards = accuracy
+        weight, *extra_weights = self.reward_weights
+        rewards = [weight * r for r in rewards]
+        for fn, w in zip(self.extra_rewards, extra_weights):
+            rewards = [r + w * x for r, x in zip(rewards, score_completions(fn, texts, [group.row] * len(texts), answers))]
         if c.format_reward_weight:
             from rpo_engine.rewards import format_reward
 

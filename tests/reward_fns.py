@@ -21,3 +21,8 @@ def trl_hash_reward(completions, completion_ids, answer, **kwargs):
     """hash_reward written for TRL's GRPOTrainer: a list of completions in, one reward each out."""
     assert len(completions) == len(completion_ids) == len(answer) == len(kwargs["prompts"])
     return [hash_reward(c, a) for c, a in zip(completions, answer)]
+
+
+def length_reward(completion_text: str, answer: str) -> float:
+    """A second reward to weigh against the first: longer text, more reward."""
+    return len(completion_text) / 100

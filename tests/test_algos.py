@@ -211,6 +211,11 @@ def test_algo_defaults():
     ({"algo": "ppo"}, "--algo must be grpo or dapo"),
     ({"loss_agg": "sum"}, "--loss-agg must be one of"),
     ({"loss_type": "ppo"}, "--loss-type must be one of"),
+    ({"reward": "math,"}, "--reward must name one function or a comma-separated list"),
+    ({"reward": "auto,math"}, "--reward must name one function or a comma-separated list"),
+    ({"reward": "math,m:f", "reward_weights": "1"}, "--reward-weights must be 2 comma-separated number"),
+    ({"reward_weights": "x"}, "--reward-weights must be 1 comma-separated number"),
+    ({"reward_weights": "nan"}, "--reward-weights must be 1"),
     ({"loss_type": "grpo", "loss_agg": "token-mean"}, "--loss-type grpo is --loss-agg seq-mean-token-mean, not token-mean"),
     ({"steps": 0}, "--steps must be >= 1"),
     ({"num_generations": 1}, "--num-generations must be >= 2"),
@@ -242,3 +247,12 @@ def test_config_sections_route_flat_names():
     c = config_from_dict({"algo": "dapo", "rpo": False, "rpo_max_cut": 40, "steps": 3})
     assert isinstance(c, TrainConfig) and isinstance(c.rpo, RPOConfig)
     assert (c.algo.algo, c.rpo.rpo, c.rpo.rpo_max_cut, c.steps) == ("dapo", False, 40, 3)
+
+
+def test_yaml_lists_of_rewards_and_weights(tmp_path):
+    from rpo_engine.config import parse_args, reward_names, reward_weights
+
+    path = tmp_path / "run.yaml"
+    path.write_text("reward: [math, 'tests.reward_fns:hash_reward']\nreward_weights: [1, 0.5]\n")
+    config = parse_args(["--config", str(path)])
+    assert reward_names(config) == ["math", "tests.reward_fns:hash_reward"] and reward_weights(config) == [1.0, 0.5]

@@ -137,6 +137,25 @@ def test_trl_style_reward_trains_like_ours(tmp_path, tiny_model_dir):
             assert a.get(key) == b.get(key), key
 
 
+def test_several_rewards_add_their_weighted_scores(tiny_model_dir):
+    """--reward a,b --reward-weights wa,wb: the reward is wa * a + wb * b; only a decides right answers."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+    from rpo_engine.trainer import Group
+    from tests.reward_fns import hash_reward, length_reward
+
+    trainer = build_trainer(parse_args(["--model", str(tiny_model_dir), "--no-length-shaping", "--reward",
+                                        "tests.reward_fns:hash_reward, tests.reward_fns:length_reward",
+                                        "--reward-weights", "2,0.25"]))
+    suffixes = [[10 + i, 20 + i, 30 + 2 * i] for i in range(8)]
+    group = Group({"id": "0", "answer": "3"}, [5, 6], [7, 8, 9], suffixes, [[0.0] * 3] * 8, ["stop"] * 8)
+    trainer.score(group)
+    texts = [trainer.tokenizer.decode(group.answer_ids(i), skip_special_tokens=True) for i in range(8)]
+    assert group.rewards == [2 * hash_reward(t, "3") + 0.25 * length_reward(t, "3") for t in texts]
+    assert group.correct == [hash_reward(t, "3") == 1.0 for t in texts]
+    assert 0 < sum(group.correct) < 8
+
+
 def test_rpo_generates_fewer_tokens_than_full_path(tmp_path, tiny_model_dir):
     rpo, full = tmp_path / "rpo", tmp_path / "full"
     # three training prompts, three per step: every prompt recurs each step
