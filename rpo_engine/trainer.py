@@ -55,6 +55,7 @@ class Group:
     rewards: list[float] = field(default_factory=list)
     correct: list[bool] = field(default_factory=list)
     advantages: list[float] = field(default_factory=list)
+    scores: list[list[float]] = field(default_factory=list)  # each reward function's scores, unweighted
 
     def answer_ids(self, i: int) -> list[int]:
         return self.kept_ids + self.suffix_ids[i]
@@ -216,6 +217,11 @@ class Trainer:
         return groups, counters
 
     # ---- rewards -----------------------------------------------------------------------------
+    def reward_names(self) -> list[str]:
+        """A name for each reward function (its own, numbered where two share one)."""
+        names = [getattr(fn, "__name__", type(fn).__name__) for fn in [self.reward_fn, *self.extra_rewards]]
+        return [name if names.count(name) == 1 else f"{name}_{i}" for i, name in enumerate(names)]
+
     def score(self, group: Group) -> None:
         c = self.config
         answers = [group.answer_ids(i) for i in range(len(group.suffix_ids))]
@@ -228,9 +234,10 @@ class Trainer:
         else:
             rewards = accuracy
         weight, *extra_weights = self.reward_weights
-        rewards = [weight * r for r in rewards]
+        rewards, group.scores = [weight * r for r in rewards], [accuracy]
         for fn, w in zip(self.extra_rewards, extra_weights):
-            rewards = [r + w * x for r, x in zip(rewards, score_completions(fn, texts, [group.row] * len(texts), answers))]
+            group.scores.append(score_completions(fn, texts, [group.row] * len(texts), answers))
+            rewards = [r + w * x for r, x in zip(rewards, group.scores[-1])]
         if c.format_reward_weight:
             from rpo_engine.rewards import format_reward
 
@@ -404,6 +411,7 @@ class Trainer:
         kept_groups, kept, totals = [], [], {"generated": 0, "cold_starts": 0, "cache_hits": 0, "verified": 0}
         completions = []  # --log-completions: this rank's groups of each round (gathered once advantages are set)
         all_rewards, num_prompts, zero_std = [], 0, 0
+        score_sums = [0.0] * len(self.reward_weights)  # each reward function's, unweighted
         for round_index in range(1 + (algo.max_resample_rounds if algo.dynamic_sampling else 0)):
             rows = self.next_rows(c.prompts_per_step - len(kept))
             upcoming = self.upcoming_cold_rows(rows) if round_index == 0 else []
@@ -415,9 +423,12 @@ class Trainer:
             for g in groups:
                 self.score(g)
             results = [r for part in self.dist.gather([(g.rewards, g.correct, [len(s) for s in g.suffix_ids],
-                                                        g.finish_reasons.count("length")) for g in groups])
+                                                        g.finish_reasons.count("length"), [sum(x) for x in g.scores])
+                                                       for g in groups])
                        for r in part]
             all_rewards += [x for r in results for x in r[0]]
+            for r in results:
+                score_sums = [a + b for a, b in zip(score_sums, r[4])]
             zero_std += sum(1 for r in results if max(r[0]) == min(r[0]))  # no advantage: no gradient
             # 3. cache update (every group, kept or not)
             if self.rpo.rpo:
@@ -481,6 +492,9 @@ class Trainer:
             "step_time_s": step_time,
             **stats,
         }
+        if self.extra_rewards:  # each function's mean score, unweighted (TRL's rewards/<name>/mean)
+            metrics.update({f"rewards/{name}/mean": total / len(all_rewards)
+                            for name, total in zip(self.reward_names(), score_sums)})
         return metrics
 
     def completion_records(self, groups: list[Group]) -> list[dict]:

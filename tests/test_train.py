@@ -146,7 +146,9 @@ def test_several_rewards_add_their_weighted_scores(tiny_model_dir):
 
     trainer = build_trainer(parse_args(["--model", str(tiny_model_dir), "--no-length-shaping", "--reward",
                                         "tests.reward_fns:hash_reward, tests.reward_fns:length_reward",
-                                        "--reward-weights", "2,0.25"]))
+                                        "--reward-weights", "2,0.25", "--prompts-per-step", "3",
+                                        "--num-generations", "4", "--max-completion-length", "24",
+                                        "--train-size", "3", "--eval-size", "2"]))
     suffixes = [[10 + i, 20 + i, 30 + 2 * i] for i in range(8)]
     group = Group({"id": "0", "answer": "3"}, [5, 6], [7, 8, 9], suffixes, [[0.0] * 3] * 8, ["stop"] * 8)
     trainer.score(group)
@@ -154,6 +156,9 @@ def test_several_rewards_add_their_weighted_scores(tiny_model_dir):
     assert group.rewards == [2 * hash_reward(t, "3") + 0.25 * length_reward(t, "3") for t in texts]
     assert group.correct == [hash_reward(t, "3") == 1.0 for t in texts]
     assert 0 < sum(group.correct) < 8
+    m = trainer.step()  # each function's mean score is logged, TRL's way
+    means = m["rewards/hash_reward/mean"], m["rewards/length_reward/mean"]
+    assert m["reward_mean"] == pytest.approx(2 * means[0] + 0.25 * means[1]) and means[1] > 0
 
 
 def test_rpo_generates_fewer_tokens_than_full_path(tmp_path, tiny_model_dir):
