@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", help="Hugging Face model directory (default: the built-in starter model)")
     parser.add_argument("--dataset", help="JSONL/Parquet rows with prompt and answer, or a `datasets` save_to_disk directory (default: built-in eval split)")
     parser.add_argument("--eval-size", type=int, default=512, help="most rows to evaluate (default: 512)")
-    parser.add_argument("--max-completion-length", type=int, default=320, help="greedy token budget (default: 320)")
+    parser.add_argument("--max-completion-length", type=int, default=320, help="token budget of each completion (default: 320)")
     parser.add_argument("--reward", default="auto", help="exact | math | module:function (default: auto: exact for the built-in task, math otherwise)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     parser.add_argument("--num-samples", type=int, default=1,
