@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -149,6 +150,7 @@ class TrainConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     async_scheduling: bool = field(default=False, metadata={"help": "rollout: schedule each decode step while the previous one runs, hiding the host's work behind the GPU's (the same samples; nothing to gain on a CPU)"})
     reward: str = field(default="auto", metadata={"help": "exact | math | module:function (auto: exact for the built-in task, math otherwise); or several, comma-separated: the first decides right answers (eval accuracy, RPO's verified paths), each adds its weighted score to the reward"})
+    chat_template_kwargs: str | None = field(default=None, metadata={"help": "a JSON object of extra arguments for the chat template (TRL's name), e.g. '{\"enable_thinking\": false}' for Qwen3 (default: none)"})
     reward_weights: str | None = field(default=None, metadata={"help": "comma-separated weight of each --reward function (TRL's name) (default: 1 each)"})
     format_reward_weight: float = field(default=0.0, metadata={"help": "weight of the format reward added to accuracy"})
     log_completions: bool = field(default=False, metadata={"help": "write every sampled completion (prompt, kept path, generated text, reward, advantage) to OUTPUT/completions.jsonl (TRL's name)"})
@@ -181,6 +183,13 @@ class TrainConfig:
                f"--device must be cpu, cuda or auto, got {self.device!r}")
         _check(self.dtype in ("auto", "float32", "bfloat16"), f"--dtype must be float32, bfloat16 or auto, got {self.dtype!r}")
         _check(self.parallel in ("ddp", "fsdp"), f"--parallel must be ddp or fsdp, got {self.parallel!r}")
+        if self.chat_template_kwargs is not None:
+            try:
+                kwargs = json.loads(self.chat_template_kwargs)
+            except ValueError:
+                kwargs = None
+            _check(isinstance(kwargs, dict),
+                   f"--chat-template-kwargs must be a JSON object, got {self.chat_template_kwargs!r}")
         names = reward_names(self)
         _check(all(names) and ("auto" not in names or len(names) == 1),
                f"--reward must name one function or a comma-separated list of them (auto alone), got {self.reward!r}")
@@ -249,6 +258,8 @@ def _load_yaml(path: str) -> dict:
         key = key.replace("-", "_")
         if key in ("reward", "reward_weights") and isinstance(value, list):  # a YAML list of functions/weights
             value = ",".join(map(str, value))
+        if key == "chat_template_kwargs" and isinstance(value, dict):  # a YAML mapping: the flag's JSON
+            value = json.dumps(value)
         if key in SECTIONS and isinstance(value, dict):
             flat.update({k.replace("-", "_"): v for k, v in value.items()})
         else:

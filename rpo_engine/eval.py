@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     from rpo_engine.config import config_from_dict
     from rpo_engine.rollout import RolloutEngine, SamplingParams
     from rpo_engine.train import load_rows, resolve_device, resolve_reward
-    from rpo_engine.trainer import encode_prompt, prompt_token_limit, sampled_graded
+    from rpo_engine.trainer import chat_template_kwargs, encode_prompt, prompt_token_limit, sampled_graded
 
     parser = argparse.ArgumentParser(prog="python -m rpo_engine.eval", description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="Hugging Face model directory (default: the built-in starter model)")
@@ -36,6 +36,8 @@ def main(argv=None) -> int:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1.0)")
     parser.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0: off (default: 0)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed; row i draws from seed + i (default: 0)")
+    parser.add_argument("--chat-template-kwargs", help="a JSON object of extra arguments for the chat template, "
+                                                       "as in training (default: none)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: one, on stderr)")
     parser.add_argument("--output", help="JSONL file for each row's completion, reward and verdict (must not exist)")
     args = parser.parse_args(argv)
@@ -57,7 +59,7 @@ def main(argv=None) -> int:
     # The same option checks and loaders as training: the dataset is the eval set here.
     config = config_from_dict({"model": args.model, "eval_dataset": args.dataset, "eval_size": args.eval_size,
                                "max_completion_length": args.max_completion_length, "reward": args.reward,
-                               "device": args.device})
+                               "device": args.device, "chat_template_kwargs": args.chat_template_kwargs})
     device, dtype = resolve_device(config)
     if config.model is None:
         from rpo_engine.data.starter import ensure_starter_model
@@ -66,7 +68,8 @@ def main(argv=None) -> int:
     model = rpo_engine.load_model(config.model, dtype=dtype, device=device)
     tokenizer = rpo_engine.load_tokenizer(config.model)
     _, rows = load_rows(config)
-    prompts = [encode_prompt(tokenizer, r, prompt_token_limit(config, model)) for r in rows]
+    prompts = [encode_prompt(tokenizer, r, prompt_token_limit(config, model), chat_template_kwargs(config))
+               for r in rows]
     eos_ids = list(model.config.stop_token_ids) or [tokenizer.eos_token_id]
     params = [SamplingParams(n=args.num_samples, max_new_tokens=config.max_completion_length,
                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,

@@ -112,7 +112,8 @@ class Trainer:
 
     # ---- data --------------------------------------------------------------------------------
     def encode_prompt(self, row: dict) -> list[int]:
-        return encode_prompt(self.tokenizer, row, prompt_token_limit(self.config, self.model))
+        return encode_prompt(self.tokenizer, row, prompt_token_limit(self.config, self.model),
+                             chat_template_kwargs(self.config))
 
     def row_at(self, position: int) -> dict:
         """The training row handed out at `position` (counted over all epochs). Each epoch's order is a
@@ -593,17 +594,21 @@ def prompt_token_limit(config: TrainConfig, model) -> int:
     return min(config.max_prompt_length, model.config.max_position_embeddings - config.max_completion_length)
 
 
-def encode_prompt(tokenizer, row: dict, limit: int) -> list[int]:
+def chat_template_kwargs(config: TrainConfig) -> dict:
+    return {} if config.chat_template_kwargs is None else json.loads(config.chat_template_kwargs)
+
+
+def encode_prompt(tokenizer, row: dict, limit: int, template_kwargs: dict | None = None) -> list[int]:
     """Token ids of a row's prompt: through the chat template when the tokenizer has one (a string as a user
-    turn; a conversation as it is; the assistant turn opened), else the text with the tokenizer's leading
-    special tokens."""
+    turn; a conversation as it is; the assistant turn opened; `template_kwargs` passed to the template),
+    else the text with the tokenizer's leading special tokens."""
     text = row["prompt"]
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": text}] if isinstance(text, str) else text
         # A conversation ending in an assistant message continues it (TRL's rule), else a new turn opens.
         prefilled = messages[-1]["role"] == "assistant"
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=not prefilled,
-                                            continue_final_message=prefilled, tokenize=True)
+                                            continue_final_message=prefilled, tokenize=True, **(template_kwargs or {}))
         ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     elif not isinstance(text, str):
         raise UserError(f"prompt of row {row['id']!r} is a conversation, and the tokenizer has no chat template "

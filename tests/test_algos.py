@@ -211,6 +211,8 @@ def test_algo_defaults():
     ({"algo": "ppo"}, "--algo must be grpo or dapo"),
     ({"loss_agg": "sum"}, "--loss-agg must be one of"),
     ({"loss_type": "ppo"}, "--loss-type must be one of"),
+    ({"chat_template_kwargs": "enable_thinking=false"}, "--chat-template-kwargs must be a JSON object"),
+    ({"chat_template_kwargs": "[1]"}, "--chat-template-kwargs must be a JSON object"),
     ({"reward": "math,"}, "--reward must name one function or a comma-separated list"),
     ({"reward": "auto,math"}, "--reward must name one function or a comma-separated list"),
     ({"reward": "math,m:f", "reward_weights": "1"}, "--reward-weights must be 2 comma-separated number"),
@@ -249,10 +251,12 @@ def test_config_sections_route_flat_names():
     assert (c.algo.algo, c.rpo.rpo, c.rpo.rpo_max_cut, c.steps) == ("dapo", False, 40, 3)
 
 
-def test_yaml_lists_of_rewards_and_weights(tmp_path):
+def test_yaml_lists_and_mappings(tmp_path):
     from rpo_engine.config import parse_args, reward_names, reward_weights
 
     path = tmp_path / "run.yaml"
-    path.write_text("reward: [math, 'tests.reward_fns:hash_reward']\nreward_weights: [1, 0.5]\n")
+    path.write_text("reward: [math, 'tests.reward_fns:hash_reward']\nreward_weights: [1, 0.5]\n"
+                    "chat_template_kwargs: {enable_thinking: false}\n")
     config = parse_args(["--config", str(path)])
     assert reward_names(config) == ["math", "tests.reward_fns:hash_reward"] and reward_weights(config) == [1.0, 0.5]
+    assert config.chat_template_kwargs == '{"enable_thinking": false}'  # a YAML mapping, as the flag's JSON

@@ -246,3 +246,16 @@ def test_conversational_prompts_from_parquet(tmp_path):
     messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
     pq.write_table(pa.Table.from_pylist([{"prompt": messages, "answer": "4"}]), tmp_path / "chat.parquet")
     assert load_dataset_rows(tmp_path / "chat.parquet")[0]["prompt"] == messages
+
+
+def test_chat_template_kwargs_reach_the_template():
+    """--chat-template-kwargs (TRL's name): e.g. Qwen3's enable_thinking switch."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.trainer import chat_template_kwargs, encode_prompt
+
+    template = QWEN_CHAT_TEMPLATE + "{% if enable_thinking is defined and not enable_thinking %}what{% endif %}"
+    tok, row = word_tokenizer(chat_template=template), {"id": "r", "prompt": "1+1"}
+    kwargs = chat_template_kwargs(parse_args(["--chat-template-kwargs", '{"enable_thinking": false}']))
+    assert kwargs == {"enable_thinking": False}
+    assert tok.convert_ids_to_tokens(encode_prompt(tok, row, 100, kwargs))[-3:] == ["<|im_start|>", "assistant", "what"]
+    assert tok.convert_ids_to_tokens(encode_prompt(tok, row, 100))[-2:] == ["<|im_start|>", "assistant"]
