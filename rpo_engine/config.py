@@ -300,6 +300,12 @@ def config_from_dict(values: dict, source: str = "options") -> TrainConfig:
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise UserError(f"{source}: unknown option {unknown[0]!r}")
+    if isinstance(values.get("scale_rewards"), str):  # TRL's string form: "group" (ours), "none", "batch"
+        trl = values["scale_rewards"]
+        if trl == "batch":
+            raise UserError(f"{source}: scale_rewards 'batch' (TRL: one std over the whole batch) is not supported; "
+                            f"use 'group' (true) or 'none' (false)")
+        values = dict(values, scale_rewards={"group": True, "none": False}.get(trl, trl))
     values = {k: _typed(k, fields_by_name[k][1].type, v, source) for k, v in values.items()}
     top = {k: v for k, v in values.items() if known[k] is None}
     sub = {name: {k: v for k, v in values.items() if known[k] == name} for name in SECTIONS}

@@ -213,6 +213,8 @@ def test_algo_defaults():
     ({"loss_type": "ppo"}, "--loss-type must be one of"),
     ({"chat_template_kwargs": "enable_thinking=false"}, "--chat-template-kwargs must be a JSON object"),
     ({"chat_template_kwargs": "[1]"}, "--chat-template-kwargs must be a JSON object"),
+    ({"scale_rewards": "batch"}, "scale_rewards 'batch' .* is not supported"),
+    ({"scale_rewards": "std"}, "scale_rewards must be true or false, got 'std'"),
     ({"reward": "math,"}, "--reward must name one function or a comma-separated list"),
     ({"reward": "auto,math"}, "--reward must name one function or a comma-separated list"),
     ({"reward": "math,m:f", "reward_weights": "1"}, "--reward-weights must be 2 comma-separated number"),
@@ -249,6 +251,11 @@ def test_config_sections_route_flat_names():
     c = config_from_dict({"algo": "dapo", "rpo": False, "rpo_max_cut": 40, "steps": 3})
     assert isinstance(c, TrainConfig) and isinstance(c.rpo, RPOConfig)
     assert (c.algo.algo, c.rpo.rpo, c.rpo.rpo_max_cut, c.steps) == ("dapo", False, 40, 3)
+
+
+def test_trl_scale_rewards_strings():
+    assert config_from_dict({"scale_rewards": "group"}).algo.scale_rewards is True
+    assert config_from_dict({"scale_rewards": "none"}).algo.scale_rewards is False
 
 
 def test_yaml_lists_and_mappings(tmp_path):
