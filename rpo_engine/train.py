@@ -209,6 +209,8 @@ def train(config: TrainConfig, dist: Dist) -> int:
     writer, log, completions_log = None, None, None
     if main_rank:
         output.mkdir(parents=True, exist_ok=True)
+        if checkpoint is not None:
+            warn_changed_options(output / "config.json", config)
         (output / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
         writer = _tensorboard(output)
         log = open(metrics_path, "a")
@@ -274,6 +276,29 @@ def train(config: TrainConfig, dist: Dist) -> int:
         summary += f"; eval accuracy {evals[0]:.3f} -> {evals[-1]:.3f}"
     print(summary)
     return 0
+
+
+# Options a resumed run may change without changing what it trains (more --steps extends the run).
+_RESUME_FREE = {"resume", "steps", "output", "config", "progress", "log_completions", "eval_steps", "eval_size",
+                "save_steps", "save_total_limit", "dist_timeout", "async_scheduling"}
+
+
+def warn_changed_options(saved: Path, config: TrainConfig) -> None:
+    """A resumed run that changes a training option (the learning rate, G, the algorithm, ...) is no longer
+    the run it continues: say which, once, on stderr (it goes on; changing them can be deliberate)."""
+    try:
+        before = _flat(json.loads(saved.read_text()))
+    except (OSError, ValueError):
+        return  # no readable record of the options: nothing to compare
+    now = _flat(config_to_dict(config))
+    changed = [f"{k} {before[k]!r} -> {now[k]!r}" for k in now if k in before and k not in _RESUME_FREE
+               and before[k] != now[k]]
+    if changed:
+        print(f"warning: resuming with changed options: {'; '.join(changed)}", file=sys.stderr)
+
+
+def _flat(options: dict) -> dict:
+    return {k2: v2 for k, v in options.items() for k2, v2 in (v.items() if isinstance(v, dict) else [(k, v)])}
 
 
 def truncate_log(path: Path, step: int, keep: bool = False) -> list[dict]:

@@ -51,7 +51,10 @@ def test_train_resume_matches_uninterrupted(tmp_path, tiny_model_dir):
               "--train-size", 3, *SMALL]
     run_train(*common, "--steps", 4, "--output", full, "--log-completions")
     stopped_after(full, 2, part)
-    run_train(*common, "--steps", 4, "--output", part, "--resume", "--save-total-limit", 1, "--log-completions")
+    shutil.copy(full / "config.json", part / "config.json")
+    resumed = run_train(*common, "--steps", 4, "--output", part, "--resume", "--save-total-limit", 1,
+                        "--log-completions")
+    assert "changed options" not in resumed.stderr  # the same training options
     # the resumed run samples the uninterrupted run's very completions, and its log holds each step once
     assert (full / "completions.jsonl").read_text() == (part / "completions.jsonl").read_text()
     a, b = read_metrics(full), read_metrics(part)
@@ -67,6 +70,12 @@ def test_train_resume_matches_uninterrupted(tmp_path, tiny_model_dir):
     assert (full / "checkpoints" / "step-4" / "trainer_state.pt").is_file()
     assert sorted(p.name for p in (full / "checkpoints").iterdir()) == ["step-2", "step-4"]  # no limit: all kept
     assert [p.name for p in (part / "checkpoints").iterdir()] == ["step-4"]  # --save-total-limit 1 dropped step-2
+    # resumed with another learning rate: it goes on, and says what changed
+    changed = tmp_path / "changed"
+    stopped_after(full, 2, changed)
+    shutil.copy(full / "config.json", changed / "config.json")
+    proc = run_train(*common, "--steps", 3, "--output", changed, "--resume", "--learning-rate", 2e-3)
+    assert "warning: resuming with changed options: learning_rate 0.001 -> 0.002" in proc.stderr
 
 
 def test_truncate_log(tmp_path):
