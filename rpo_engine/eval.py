@@ -35,6 +35,7 @@ def main(argv=None) -> int:
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default: 0)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1.0)")
     parser.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0: off (default: 0)")
+    parser.add_argument("--min-p", type=float, default=0.0, help="min-p sampling, 0: off (default: 0)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed; row i draws from seed + i (default: 0)")
     parser.add_argument("--chat-template-kwargs", help="a JSON object of extra arguments for the chat template, "
                                                        "as in training (default: none)")
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
         raise UserError(f"--num-samples {args.num_samples} needs --temperature > 0 (greedy samples are all the same)")
     try:  # before any loading: SamplingParams checks the sampling options
         SamplingParams(n=args.num_samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                       seed=args.seed)
+                       min_p=args.min_p, seed=args.seed)
     except ValueError as e:  # its message names the field: say the option
         raise UserError(re.sub(r"SamplingParams\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(e))) from None
     output = Path(args.output) if args.output else None
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
                for r in rows]
     eos_ids = list(model.config.stop_token_ids) or [tokenizer.eos_token_id]
     params = [SamplingParams(n=args.num_samples, max_new_tokens=config.max_completion_length,
-                             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                              stop_token_ids=eos_ids, seed=args.seed + i) for i in range(len(rows))]
     graded = sampled_graded(RolloutEngine(model), tokenizer, rows, resolve_reward(config), prompts, params,
                             progress=not args.no_progress)

@@ -127,12 +127,13 @@ def teacher_forced_logprobs(model, prompt, completion, temperature):
     return torch.log_softmax(logits / t, -1).gather(1, torch.tensor(completion)[:, None])[:, 0]
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.3, 5, 0.9), (0.0, 0, 1.0)])
-def test_logprobs_equal_teacher_forcing(checkpoints, temperature, top_k, top_p):
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [(0.7, 0, 1.0, 0.0), (1.3, 5, 0.9, 0.0), (0.0, 0, 1.0, 0.0),
+                                                           (1.0, 0, 1.0, 0.2)])
+def test_logprobs_equal_teacher_forcing(checkpoints, temperature, top_k, top_p, min_p):
     hf, model = checkpoints["llama"]
     prompts = random_prompts(hf.config.vocab_size, [6, 11])
     params = SamplingParams(n=4, max_new_tokens=10, temperature=temperature, top_k=top_k, top_p=top_p,
-                            stop_token_ids=[], seed=3)
+                            stop_token_ids=[], seed=3, min_p=min_p)
     engine = RolloutEngine(model, block_size=4)
     engine.runner.cascade_min_saved_tokens = 1  # the grouped (cascade) decode path, as for long prefixes
     outs = engine.generate(prompts, params)
@@ -142,8 +143,9 @@ def test_logprobs_equal_teacher_forcing(checkpoints, temperature, top_k, top_p):
             torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=1e-5, rtol=0)
 
 
-def exact_distribution(logits, temperature, top_k, top_p):
+def exact_distribution(logits, temperature, top_k, top_p, min_p=0.0):
     p = torch.softmax(logits.double() / temperature, -1)
+    low = p < min_p * p.max()  # min-p: relative to the most likely token, whatever top-k/top-p keep
     order = p.argsort(descending=True)
     keep = torch.zeros_like(p, dtype=torch.bool)
     kept_k = order[:top_k] if top_k > 0 else order
@@ -156,21 +158,24 @@ def exact_distribution(logits, temperature, top_k, top_p):
             break
         keep[i] = True
         mass += q[i].item()
-    q = torch.where(keep, q, 0.0)
+    q = torch.where(keep & ~low, q, 0.0)
     return q / q.sum()
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.6, 0, 1.0), (1.0, 4, 1.0),
-                                                     (1.0, 0, 0.7), (1.5, 6, 0.8)])
-def test_sampler_draws_from_the_truncated_distribution(temperature, top_k, top_p):
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [(1.0, 0, 1.0, 0.0), (0.6, 0, 1.0, 0.0), (1.0, 4, 1.0, 0.0),
+                                                           (1.0, 0, 0.7, 0.0), (1.5, 6, 0.8, 0.0), (1.0, 0, 1.0, 0.15),
+                                                           (1.5, 8, 0.9, 0.3)])
+def test_sampler_draws_from_the_truncated_distribution(temperature, top_k, top_p, min_p):
     V, N = 12, 20000
     logits = torch.randn(V, generator=torch.Generator().manual_seed(7)) * 1.5
     key = request_key(11, [1, 2, 3])
     u = torch.tensor([uniform(key, i, 5) for i in range(N)], dtype=torch.float64)
     rows = logits.expand(N, V)
     tokens, logp = sample(rows, torch.full((N,), temperature), torch.full((N,), top_k),
-                          torch.full((N,), top_p), u)
-    expected = exact_distribution(logits, temperature, top_k, top_p)
+                          torch.full((N,), top_p), u, min_p=torch.full((N,), min_p) if min_p else None)
+    expected = exact_distribution(logits, temperature, top_k, top_p, min_p)
+    if min_p:  # it cuts something the other settings keep
+        assert (expected == 0).sum() > (exact_distribution(logits, temperature, top_k, top_p) == 0).sum()
     counts = torch.bincount(tokens, minlength=V).double()
     assert counts[expected == 0].sum() == 0  # never a truncated token
     kept = expected > 0
@@ -221,26 +226,28 @@ def test_sample_equals_the_reference_on_a_large_vocabulary():
     the same log-probs, at a vocabulary where the candidate search is taken."""
     g = torch.Generator().manual_seed(5)
     V = 4 * CANDIDATES + 301
-    kinds = [(1.0, 0, 1.0, 4.0), (0.7, 50, 1.0, 4.0), (1.3, 0, 0.9, 6.0), (1.0, 0, 0.9, 0.5), (0.9, 20, 0.5, 3.0),
-             (0.0, 0, 1.0, 4.0), (0.0, 7, 0.8, 4.0)]
+    kinds = [(1.0, 0, 1.0, 4.0, 0.0), (0.7, 50, 1.0, 4.0, 0.0), (1.3, 0, 0.9, 6.0, 0.0), (1.0, 0, 0.9, 0.5, 0.0),
+             (0.9, 20, 0.5, 3.0, 0.0), (0.0, 0, 1.0, 4.0, 0.0), (0.0, 7, 0.8, 4.0, 0.0), (1.0, 0, 1.0, 4.0, 0.05),
+             (1.2, 0, 0.9, 2.0, 0.1), (1.0, 30, 1.0, 4.0, 0.2), (1.0, 0, 0.9, 0.5, 0.9)]
     rows = [kind for kind in kinds for _ in range(24)]
-    logits = torch.stack([torch.randn(V, generator=g) * scale for *_, scale in rows])
+    logits = torch.stack([torch.randn(V, generator=g) * kind[3] for kind in rows])
     temperature = torch.tensor([r[0] for r in rows])
     top_k = torch.tensor([r[1] for r in rows])
     top_p = torch.tensor([r[2] for r in rows])
+    min_p = torch.tensor([r[4] for r in rows])
     u = torch.rand(len(rows), generator=g, dtype=torch.float64)
     u[:2] = torch.tensor([0.0, 1 - 2 ** -53])
     args = [t.to(DEVICE) for t in (logits, temperature, top_k, top_p, u)]
-    want, want_logp = sample_reference(*args)
+    want, want_logp = sample_reference(*args, min_p=min_p.to(DEVICE))
     for flags in [dict(), dict(truncate=True, any_greedy=True)]:
-        got, got_logp = sample(*args, **flags)
+        got, got_logp = sample(*args, **flags, min_p=min_p.to(DEVICE))
         assert torch.equal(got, want)
         torch.testing.assert_close(got_logp, want_logp, atol=2e-5, rtol=0)
     # a whole batch of one kind, as the engine runs it (flags from its Python lists)
-    for i, (t, k, p, _) in enumerate(kinds):
+    for i, (t, k, p, _, m) in enumerate(kinds):
         part = slice(24 * i, 24 * (i + 1))
         got, got_logp = sample(*[a[part] for a in args], truncate=t > 0 and (k > 0 or p < 1),
-                               any_greedy=t == 0, all_greedy=t == 0)
+                               any_greedy=t == 0, all_greedy=t == 0, min_p=min_p[part].to(DEVICE) if m else None)
         assert torch.equal(got, want[part]), kinds[i]
         torch.testing.assert_close(got_logp, want_logp[part], atol=2e-5, rtol=0)
 
@@ -260,7 +267,7 @@ def test_top_p_looks_among_more_candidates_before_sorting_the_vocabulary(monkeyp
     want = sample_reference(*args)[0]
     sorted_rows = []
     reference = sampler.sample_reference
-    monkeypatch.setattr(sampler, "sample_reference", lambda *a: sorted_rows.append(len(a[0])) or reference(*a))
+    monkeypatch.setattr(sampler, "sample_reference", lambda *a, **k: sorted_rows.append(len(a[0])) or reference(*a, **k))
     assert torch.equal(sample(*args, truncate=True, any_greedy=False)[0], want)
     assert sorted_rows == [4]
     # At the edge: the top CANDIDATES tokens hold 0.85 of the mass, top_p = 0.9 needs more of the rest.

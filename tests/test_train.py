@@ -146,6 +146,19 @@ def test_trl_style_reward_trains_like_ours(tmp_path, tiny_model_dir):
             assert a.get(key) == b.get(key), key
 
 
+def test_sampling_options_reach_the_engine(tiny_model_dir):
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+
+    trainer = build_trainer(parse_args(["--model", str(tiny_model_dir), "--temperature", "0.9", "--top-p", "0.95",
+                                        "--top-k", "40", "--min-p", "0.05"]))
+    p = trainer.sampling_params(4, 16, seed=1)
+    assert (p.n, p.max_new_tokens, p.temperature, p.top_p, p.top_k, p.min_p) == (4, 16, 0.9, 0.95, 40, 0.05)
+    rows = trainer.train_rows[:2]
+    groups, _ = trainer.rollout(rows, 0)  # and the engine samples with them
+    assert all(len(g.suffix_ids) == 8 for g in groups)
+
+
 def test_several_rewards_add_their_weighted_scores(tiny_model_dir):
     """--reward a,b --reward-weights wa,wb: the reward is wa * a + wb * b; only a decides right answers."""
     from rpo_engine.config import parse_args

@@ -9,10 +9,9 @@ searched): one uniform per row is all the host computes, and a zero-probability 
 drawn. `sample` does it in work linear in the vocabulary (no sort, no fp64 copy of the logits);
 `sample_reference` is the plain version it is tested against.
 
-Log-probs. The returned log-prob is log_softmax(logits / T) at the drawn token, BEFORE top-k/top-p
-truncation (T = 1 for greedy): exactly what the trainer recomputes by teacher forcing. With top-k or
-top-p on, the token was drawn from the truncated distribution, whose log-prob is this minus
-log(kept mass).
+Log-probs. The returned log-prob is log_softmax(logits / T) at the drawn token, BEFORE top-k/top-p/min-p
+truncation (T = 1 for greedy): exactly what the trainer recomputes by teacher forcing. With one of them
+on, the token was drawn from the truncated distribution, whose log-prob is this minus log(kept mass).
 """
 from __future__ import annotations
 
@@ -61,11 +60,15 @@ def uniform(key: int, sample_index: int, position: int) -> float:
     return stream_uniform(sample_stream(key, sample_index), position)
 
 
-def truncate_sorted(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Mask (-inf) all but the top-k, then all but the top-p nucleus of what is left.
+def truncate_sorted(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                    min_p: torch.Tensor | None = None) -> torch.Tensor:
+    """Mask (-inf) all but the top-k, then all but the top-p nucleus of what is left, then (min-p) every
+    token less likely than min_p times the most likely one (transformers' order; as the most likely token
+    is always kept, min-p is then just the intersection).
 
-    sorted_logits [R, V] in descending order (temperature applied); top_k [R] (<= 0: off); top_p [R].
-    The nucleus is the smallest prefix whose mass reaches top_p (the token that crosses it is kept).
+    sorted_logits [R, V] in descending order (temperature applied); top_k [R] (<= 0: off); top_p [R];
+    min_p [R] (0: off). The nucleus is the smallest prefix whose mass reaches top_p (the token that
+    crosses it is kept).
     """
     R, V = sorted_logits.shape
     ranks = torch.arange(V, device=sorted_logits.device)  # [V]
@@ -74,25 +77,30 @@ def truncate_sorted(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: tor
     probs = logits.softmax(-1)
     mass_before = probs.cumsum(-1) - probs  # [R, V] mass of the strictly better tokens
     outside = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1)  # top_p 1 is off, whatever the rounding
+    if min_p is not None:  # p / p_max, computed as `sample` computes it, so both cut at the same tokens
+        outside |= (sorted_logits - sorted_logits[:, :1]).exp() < min_p[:, None]
     return logits.masked_fill(outside, float("-inf"))
 
 
 def sample_reference(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                     u: torch.Tensor, truncate: bool | None = None,
-                     any_greedy: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     u: torch.Tensor, truncate: bool | None = None, any_greedy: bool | None = None,
+                     min_p: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`sample` written plainly, for tests and benchmarks: an fp64 cumulative sum over the whole
-    vocabulary, in token order, or in descending order (the whole vocabulary sorted) for a row with top-k
-    or top-p. At Qwen's 152k-token vocabulary, 64 rows take ~0.15 s on one CPU core, ~1.2 s with a sort.
-    `truncate` / `any_greedy` False skip work no row needs (None: read from the tensors)."""
+    vocabulary, in token order, or in descending order (the whole vocabulary sorted) for a row with top-k,
+    top-p or min-p. At Qwen's 152k-token vocabulary, 64 rows take ~0.15 s on one CPU core, ~1.2 s with a
+    sort. `truncate` / `any_greedy` False skip work no row needs (None: read from the tensors)."""
     logits = logits.float()
     greedy = temperature == 0  # [R]
     scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]  # [R, V]
     logp = scaled.log_softmax(-1)  # [R, V]
-    tokens = _draw(logp.exp(), u).squeeze(1)
-    truncating = (top_k > 0) | (top_p < 1)
+    probs = logp.exp()
+    if min_p is not None:  # in token order, as `sample` draws a row without top-k/top-p
+        probs = probs.masked_fill((scaled - scaled.amax(-1, keepdim=True)).exp() < min_p[:, None], 0.0)
+    tokens = _draw(probs, u).squeeze(1)
+    truncating = (top_k > 0) | (top_p < 1)  # drawn in descending order (min-p included)
     if truncate if truncate is not None else bool(truncating.any()):
         sorted_logits, order = scaled.sort(-1, descending=True)  # [R, V]
-        truncated = order.gather(1, _draw(truncate_sorted(sorted_logits, top_k, top_p).softmax(-1), u))
+        truncated = order.gather(1, _draw(truncate_sorted(sorted_logits, top_k, top_p, min_p).softmax(-1), u))
         tokens = torch.where(truncating, truncated.squeeze(1), tokens)
     if any_greedy is not False:
         tokens = torch.where(greedy, logits.argmax(-1), tokens)
@@ -139,13 +147,16 @@ def inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
            u: torch.Tensor, truncate: bool | None = None, any_greedy: bool | None = None,
-           all_greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [R, V] fp32; temperature/top_p [R] float; top_k [R] long; u [R] fp64 in [0, 1).
+           all_greedy: bool = False, min_p: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [R, V] fp32; temperature/top_p [R] float; top_k [R] long; u [R] fp64 in [0, 1); min_p [R]
+    float or None (off for every row).
 
     Returns token ids [R] and their log-probs [R] (see the module docstring), the same draws as
     `sample_reference` but for rounding (a u within ~1e-7 of a boundary between two tokens). `truncate`
     (any row uses top-k/top-p), `any_greedy` and `all_greedy` let the caller skip work it knows no row
     needs; None: read from the tensors (a host sync on CUDA, which the engine avoids by passing them).
+    Min-p (None: no row uses it) is a mask on the probabilities relative to the row's most likely token,
+    which the fp32 weights below already are: no candidates needed.
 
     Nothing of size [R, V] is sorted or held in fp64: the probabilities are exp(logit - max) in fp32, drawn
     from by `inverse_cdf`. Top-k/top-p look for their tokens among the top K (topk, not a sort), K the
@@ -160,31 +171,33 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
         tokens = logits.argmax(-1)
         return tokens, logits.gather(1, tokens[:, None]).squeeze(1) - logits.logsumexp(-1)
     if logits.shape[1] <= 2 * CHUNK:  # a small vocabulary: fewer, larger ops win (measured at 64 rows, 1 CPU thread)
-        return sample_reference(logits, temperature, top_k, top_p, u, truncate, any_greedy)
+        return sample_reference(logits, temperature, top_k, top_p, u, truncate, any_greedy, min_p)
     if truncate is None:
         truncate = bool(((temperature > 0) & ((top_k > 0) | (top_p < 1))).any())
     greedy = temperature == 0  # [R]
     scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]  # [R, V]
     top = scaled.amax(-1, keepdim=True)  # [R, 1]
-    weights = (scaled - top).exp_()  # [R, V] probabilities times the row's partition function
-    tokens = inverse_cdf(weights, u)
+    weights = (scaled - top).exp_()  # [R, V] probabilities over the most likely token's (itself 1)
+    drawn_from = weights if min_p is None else weights.masked_fill(weights < min_p[:, None], 0.0)
+    tokens = inverse_cdf(drawn_from, u)
     if truncate:
         tokens = torch.where((top_k > 0) | (top_p < 1), _sample_truncated(logits, scaled, weights, temperature,
-                                                                          top_k, top_p, u), tokens)
+                                                                          top_k, top_p, u, min_p=min_p), tokens)
     if any_greedy:
         tokens = torch.where(greedy, logits.argmax(-1), tokens)
-    log_total = weights.sum(-1).log()  # [R]
+    log_total = weights.sum(-1).log()  # [R], over the whole vocabulary: log-probs before truncation
     return tokens, scaled.gather(1, tokens[:, None]).squeeze(1) - top[:, 0] - log_total
 
 
-def _sample_truncated(logits, scaled, weights, temperature, top_k, top_p, u, candidates=CANDIDATES) -> torch.Tensor:
-    """Top-k/top-p draws (rows without either get some token, replaced by the caller)."""
+def _sample_truncated(logits, scaled, weights, temperature, top_k, top_p, u, candidates=CANDIDATES,
+                      min_p=None) -> torch.Tensor:
+    """Top-k/top-p (and min-p) draws (rows without top-k or top-p get some token, replaced by the caller)."""
     R, V = scaled.shape
     k = torch.where(top_k > 0, top_k.clamp_max(V), V)  # [R]
     # Candidates: each row's top-k, or `candidates` for a top-p-only row. Host syncs: truncation is rare in RL.
     K = min(V, int(torch.where(top_k > 0, k, candidates).max()))
     if 4 * K > V:  # most of the vocabulary: the plain sort costs no more
-        return sample_reference(logits, temperature, top_k, top_p, u)[0]
+        return sample_reference(logits, temperature, top_k, top_p, u, min_p=min_p)[0]
     values, order = scaled.topk(K, -1)  # [R, K] descending
     ranks = torch.arange(K, device=scaled.device)
     top_weights = torch.exp(values - values[:, :1]).masked_fill_(ranks[None, :] >= k[:, None], 0.0)  # [R, K]
@@ -192,6 +205,8 @@ def _sample_truncated(logits, scaled, weights, temperature, top_k, top_p, u, can
     cum = top_weights.cumsum(-1)  # [R, K]
     total = torch.where(top_k > 0, cum[:, -1], weights.sum(-1))  # [R] (the row's max has weight 1 in both)
     nucleus = ((cum - top_weights) / total[:, None] < top_p[:, None]) | (top_p[:, None] >= 1)
+    if min_p is not None:  # top_weights are p / p_max (values[:, :1] is the row's max), as in `sample`
+        nucleus &= top_weights >= min_p[:, None]
     tokens = order.gather(1, inverse_cdf(top_weights.masked_fill_(~nucleus, 0.0), u)[:, None]).squeeze(1)
     # Without top-k, the nucleus lies among the K candidates only if their mass reaches top_p (else the
     # next token would be in it too).
@@ -199,7 +214,8 @@ def _sample_truncated(logits, scaled, weights, temperature, top_k, top_p, u, can
     if bool(outside.any()):  # a flatter row: look among 8x as many, then in the whole sorted vocabulary
         rows = outside.nonzero().squeeze(1)
         tokens[rows] = _sample_truncated(logits[rows], scaled[rows], weights[rows], temperature[rows], top_k[rows],
-                                         top_p[rows], u[rows], 8 * candidates)
+                                         top_p[rows], u[rows], 8 * candidates,
+                                         None if min_p is None else min_p[rows])
     return tokens
 
 
@@ -211,14 +227,17 @@ def sample_sequences(logits: torch.Tensor, seqs) -> tuple[torch.Tensor, torch.Te
     """
     params = [seq.params for seq in seqs]
     temperature = [p.temperature for p in params]
-    rows = np.empty((4, len(seqs)))  # fp64
+    any_min_p = any(p.min_p > 0 for p in params)
+    rows = np.empty((4 + any_min_p, len(seqs)))  # fp64
     rows[0] = temperature
     rows[1] = [p.top_p for p in params]
     rows[2] = [p.top_k for p in params]  # ints < 2**53: exact in fp64
     rows[3] = stream_uniforms([seq.stream for seq in seqs],
                               [len(seq.token_ids) + seq.num_pending for seq in seqs])  # at seq.num_tokens
+    if any_min_p:
+        rows[4] = [p.min_p for p in params]
     truncate = any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in params)
     num_greedy = sum(t == 0 for t in temperature)
-    rows = to_device(torch.from_numpy(rows), logits.device)  # [4, S]
+    rows = to_device(torch.from_numpy(rows), logits.device)  # [4 or 5, S]
     return sample(logits, rows[0].float(), rows[2].long(), rows[1].float(), rows[3], truncate,
-                  num_greedy > 0, num_greedy == len(seqs))
+                  num_greedy > 0, num_greedy == len(seqs), rows[4].float() if any_min_p else None)

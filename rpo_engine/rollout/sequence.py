@@ -16,7 +16,8 @@ from rpo_engine.rollout.sampler import sample_stream
 
 @dataclass
 class SamplingParams:
-    """How to sample. `top_k` 0 or -1 and `top_p` 1.0 are off; `temperature` 0 is greedy.
+    """How to sample. `top_k` 0 or -1, `top_p` 1.0 and `min_p` 0 are off; `temperature` 0 is greedy.
+    `min_p` (vLLM's and TRL's): drop tokens less likely than min_p times the most likely one.
 
     `stop_token_ids=None` stops at the model's eos ids (config.json's and generation_config.json's), `[]`
     never stops early. `seed=None` draws a fresh seed from torch's global generator (so
@@ -30,6 +31,7 @@ class SamplingParams:
     top_k: int = 0
     stop_token_ids: list[int] | None = None
     seed: int | None = None
+    min_p: float = 0.0
 
     def __post_init__(self):
         def is_int(x):
@@ -45,6 +47,8 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p!r}")
         if not is_int(self.top_k) or self.top_k < -1:
             raise ValueError(f"SamplingParams.top_k must be an integer >= 1, or 0 / -1 for off, got {self.top_k!r}")
+        if isinstance(self.min_p, bool) or not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p <= 1:
+            raise ValueError(f"SamplingParams.min_p must be in [0, 1], got {self.min_p!r}")
         if self.stop_token_ids is not None:
             if isinstance(self.stop_token_ids, (str, bytes)) or not all(is_int(t) for t in self.stop_token_ids):
                 raise ValueError(f"SamplingParams.stop_token_ids must be a list of ints or None, "
@@ -57,7 +61,7 @@ class SamplingParams:
 @dataclass
 class Completion:
     """One sample. `logprobs[i]` = log_softmax(logits / T)[token_ids[i]] (T = 1 when greedy), taken
-    BEFORE top-k/top-p truncation: the trainer's teacher-forced log-prob of the same token."""
+    BEFORE top-k/top-p/min-p truncation: the trainer's teacher-forced log-prob of the same token."""
 
     token_ids: list[int]
     logprobs: list[float]
