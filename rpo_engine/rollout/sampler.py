@@ -86,9 +86,9 @@ def sample_reference(logits: torch.Tensor, temperature: torch.Tensor, top_k: tor
                      u: torch.Tensor, truncate: bool | None = None, any_greedy: bool | None = None,
                      min_p: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`sample` written plainly, for tests and benchmarks: an fp64 cumulative sum over the whole
-    vocabulary, in token order, or in descending order (the whole vocabulary sorted) for a row with top-k,
-    top-p or min-p. At Qwen's 152k-token vocabulary, 64 rows take ~0.15 s on one CPU core, ~1.2 s with a
-    sort. `truncate` / `any_greedy` False skip work no row needs (None: read from the tensors)."""
+    vocabulary, in token order, or in descending order (the whole vocabulary sorted) for a row with top-k
+    or top-p; min-p masks either. At Qwen's 152k-token vocabulary, 64 rows take ~0.15 s on one CPU core,
+    ~1.2 s with a sort. `truncate` / `any_greedy` False skip work no row needs (None: read from the tensors)."""
     logits = logits.float()
     greedy = temperature == 0  # [R]
     scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]  # [R, V]
