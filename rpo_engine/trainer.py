@@ -237,7 +237,7 @@ class Trainer:
         weight, *extra_weights = self.reward_weights
         rewards, group.scores = [weight * r for r in rewards], [accuracy]
         for fn, w in zip(self.extra_rewards, extra_weights):
-            group.scores.append(score_completions(fn, texts, [group.row] * len(texts), answers))
+            group.scores.append(score_completions(fn, texts, [group.row] * len(texts), answers, none_as_zero=True))
             rewards = [r + w * x for r, x in zip(rewards, group.scores[-1])]
         if c.format_reward_weight:
             from rpo_engine.rewards import format_reward

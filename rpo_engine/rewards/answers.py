@@ -258,13 +258,15 @@ class TRLStyleReward:
     `prompts` (each row's prompt: a string, or its messages), `completions` (strings; for conversational
     prompts TRL's `[{"role": "assistant", "content": text}]`), `completion_ids`, and each of the rows' other
     columns as a list (`answer`, `id`, ...); one finite number per completion back. TRL's `None` ("does not
-    apply", for one of several weighted functions) has no meaning for a single reward, so it is an error."""
+    apply") adds nothing from a second or later function (`none_as_zero`, TRL's nansum over functions); from
+    the accuracy, which must say right or wrong, it is an error."""
 
     def __init__(self, fn, name: str):
         self.fn, self.name = fn, name
         functools.update_wrapper(self, fn)
 
-    def score(self, texts: list[str], rows: list[dict], completion_ids: list[list[int]] | None = None) -> list[float]:
+    def score(self, texts: list[str], rows: list[dict], completion_ids: list[list[int]] | None = None,
+              none_as_zero: bool = False) -> list[float]:
         if not texts:
             return []
         conversational = not isinstance(rows[0]["prompt"], str)
@@ -280,7 +282,7 @@ class TRLStyleReward:
             got = f"{len(values)} values" if hasattr(values, "__len__") and not isinstance(values, str) else repr(values)
             raise UserError(f"reward function {self.name!r} returned {got} for {len(texts)} completions, "
                             f"expected a list of one number per completion (TRL's convention)")
-        numbers = [_finite(v) for v in values]
+        numbers = [0.0 if v is None and none_as_zero else _finite(v) for v in values]
         for value, number, row in zip(values, numbers, rows):
             if not math.isfinite(number):
                 raise UserError(f"reward function {self.name!r} returned {value!r} ({type(value).__name__}) for a "
@@ -289,11 +291,12 @@ class TRLStyleReward:
 
 
 def score_completions(reward_fn, texts: list[str], rows: list[dict],
-                      completion_ids: list[list[int]] | None = None) -> list[float]:
+                      completion_ids: list[list[int]] | None = None, none_as_zero: bool = False) -> list[float]:
     """Rewards of `texts`, completion i answering `rows[i]`: a TRLStyleReward once for all, any other reward
-    function (ours: `fn(completion_text, answer)`) once per completion."""
+    function (ours: `fn(completion_text, answer)`) once per completion. `none_as_zero`: a TRL-style
+    function's None counts 0 (an extra reward that does not apply to a completion)."""
     if isinstance(reward_fn, TRLStyleReward):
-        return reward_fn.score(texts, rows, completion_ids)
+        return reward_fn.score(texts, rows, completion_ids, none_as_zero)
     return [float(reward_fn(text, row["answer"])) for text, row in zip(texts, rows)]
 
 
