@@ -28,7 +28,7 @@ from rpo_engine.data.starter import ensure_starter_model
 from rpo_engine.rewards import exact_answer_reward
 from rpo_engine.rollout import RolloutEngine
 from rpo_engine.train import main as train_main
-from rpo_engine.trainer import encode_prompt, evaluate_accuracy
+from rpo_engine.trainer import encode_prompt, evaluate_accuracy, stop_ids
 
 
 def run_trl(model_dir, rows, args, device, output):
@@ -110,7 +110,7 @@ def eval_accuracy(model_dir, eval_rows, args, device):
     model = rpo_engine.load_model(model_dir, dtype=dtype, device=device)
     tokenizer = rpo_engine.load_tokenizer(model_dir)
     prompt_ids = [encode_prompt(tokenizer, r, 10**6) for r in eval_rows]
-    eos = list(model.config.stop_token_ids) or [tokenizer.eos_token_id]
+    eos = stop_ids(model, tokenizer)
     return evaluate_accuracy(RolloutEngine(model), tokenizer, eval_rows, exact_answer_reward, prompt_ids,
                              args.max_completion_length, eos)
 

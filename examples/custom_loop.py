@@ -28,7 +28,7 @@ from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs
 from rpo_engine.rewards import exact_answer_reward, load_reward_fn, score_completions
 from rpo_engine.rollout import RolloutEngine, SamplingParams
 from rpo_engine.rpo import ExperienceCache, cut_cached_path
-from rpo_engine.trainer import encode_prompt
+from rpo_engine.trainer import encode_prompt, stop_ids
 
 
 def build_model(tiny: bool, seed: int):
@@ -69,7 +69,7 @@ def main(argv=None):
     # The trainer's encoding: the chat template when the tokenizer has one, else the text (with Llama's BOS).
     limit = model.config.max_position_embeddings - args.max_completion_length
     prompt_ids = {r["id"]: encode_prompt(tokenizer, r, limit) for r in rows}
-    eos = list(model.config.stop_token_ids) or [tokenizer.eos_token_id]
+    eos = stop_ids(model, tokenizer)
     engine = RolloutEngine(model)  # reads the live weights: what the optimizer changes, the next rollout sees
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
     cache, rng, G = ExperienceCache("correct-only", epsilon=0.5), random.Random(args.seed), args.num_generations

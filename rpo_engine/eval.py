@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     from rpo_engine.config import config_from_dict
     from rpo_engine.rollout import RolloutEngine, SamplingParams
     from rpo_engine.train import load_rows, resolve_device, resolve_reward
-    from rpo_engine.trainer import chat_template_kwargs, encode_prompt, prompt_token_limit, sampled_graded
+    from rpo_engine.trainer import chat_template_kwargs, encode_prompt, prompt_token_limit, sampled_graded, stop_ids
 
     parser = argparse.ArgumentParser(prog="python -m rpo_engine.eval", description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="Hugging Face model directory (default: the built-in starter model)")
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     _, rows = load_rows(config)
     prompts = [encode_prompt(tokenizer, r, prompt_token_limit(config, model), chat_template_kwargs(config))
                for r in rows]
-    eos_ids = list(model.config.stop_token_ids) or [tokenizer.eos_token_id]
+    eos_ids = stop_ids(model, tokenizer)
     params = [SamplingParams(n=args.num_samples, max_new_tokens=config.max_completion_length,
                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                              stop_token_ids=eos_ids, seed=args.seed + i) for i in range(len(rows))]

@@ -108,7 +108,7 @@ class Trainer:
         self.completions: list[dict] = []  # the last step's sampled completions, with --log-completions
         self.rows_drawn = 0  # training rows handed out so far, over all epochs
         self.epoch_orders: dict[int, list[int]] = {}
-        self.eos_ids = list(model.config.stop_token_ids) or [tokenizer.eos_token_id]
+        self.eos_ids = stop_ids(model, tokenizer)
 
     # ---- data --------------------------------------------------------------------------------
     def encode_prompt(self, row: dict) -> list[int]:
@@ -588,6 +588,17 @@ class Trainer:
         torch.save(state, tmp / "trainer_state.pt")
         (tmp / "config.json").write_text(json.dumps(config_to_dict(self.config), indent=2) + "\n")
         tmp.rename(directory)
+
+
+def stop_ids(model, tokenizer) -> list[int]:
+    """The tokens a completion ends at: the model's eos ids (config.json, generation_config.json), else the
+    tokenizer's eos token. None of them is a one-line error: no completion could ever stop."""
+    ids = list(model.config.stop_token_ids) or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    if not ids:
+        where = getattr(model, "source_dir", None) or "the model"
+        raise UserError(f"{where}: no end-of-sequence token (config.json's or generation_config.json's eos_token_id, "
+                        f"or the tokenizer's eos_token); completions could never stop")
+    return ids
 
 
 def prompt_token_limit(config: TrainConfig, model) -> int:

@@ -433,6 +433,21 @@ def assert_user_error(proc, *fragments):
         assert fragment in lines[-1], lines[-1]
 
 
+def test_model_without_an_end_of_sequence_token(tmp_path, tiny_model_dir):
+    import rpo_engine
+
+    model_dir = tmp_path / "no_eos"
+    shutil.copytree(tiny_model_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config.pop("eos_token_id")
+    (model_dir / "config.json").write_text(json.dumps(config))
+    tokenizer = rpo_engine.load_tokenizer(model_dir)
+    tokenizer.eos_token = None
+    tokenizer.save_pretrained(str(model_dir))
+    assert_user_error(run_train("--model", model_dir, "--output", tmp_path / "o", "--steps", 1, check=False),
+                      "no_eos: no end-of-sequence token", "completions could never stop")
+
+
 def test_missing_model(tmp_path):
     assert_user_error(run_train("--model", tmp_path / "nope", "--output", tmp_path / "o", check=False),
                       "nope", "not found")
