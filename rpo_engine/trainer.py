@@ -505,7 +505,7 @@ class Trainer:
         def decode(ids):
             return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-        records = []
+        records, names = [], self.reward_names() if self.extra_rewards else None
         for g in groups:
             prompt, kept = decode(g.prompt_ids), decode(g.kept_ids)
             for i, suffix in enumerate(g.suffix_ids):
@@ -514,6 +514,8 @@ class Trainer:
                                 "completion_tokens": len(suffix), "finish_reason": g.finish_reasons[i],
                                 "reward": g.rewards[i], "correct": g.correct[i],
                                 "advantage": g.advantages[i] if g.advantages else None})
+                if names:  # several reward functions: each one's score, unweighted (TRL's table has a column each)
+                    records[-1]["scores"] = {name: scores[i] for name, scores in zip(names, g.scores)}
         return records
 
     def engine_counters(self) -> dict:

@@ -178,6 +178,10 @@ def test_several_rewards_add_their_weighted_scores(tiny_model_dir):
     assert group.rewards == [2 * hash_reward(t, "3") + 0.25 * length_reward(t, "3") for t in texts]
     assert group.correct == [hash_reward(t, "3") == 1.0 for t in texts]
     assert 0 < sum(group.correct) < 8
+    for record in trainer.completion_records([group]):  # --log-completions: each function's score
+        scores = record["scores"]
+        assert list(scores) == ["hash_reward", "length_reward"]
+        assert record["reward"] == 2 * scores["hash_reward"] + 0.25 * scores["length_reward"]
     m = trainer.step()  # each function's mean score is logged, TRL's way
     means = m["rewards/hash_reward/mean"], m["rewards/length_reward/mean"]
     assert m["reward_mean"] == pytest.approx(2 * means[0] + 0.25 * means[1]) and means[1] > 0
