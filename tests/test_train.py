@@ -142,8 +142,10 @@ def test_trl_style_reward_trains_like_ours(tmp_path, tiny_model_dir):
     ours, trl = read_metrics(tmp_path / "ours"), read_metrics(tmp_path / "trl")
     assert len(ours) == len(trl) == 3 and 0 < ours[1]["reward_mean"] < 1
     for a, b in zip(ours, trl):
-        for key in ("eval_accuracy", "reward_mean", "rollout_generated_tokens", "loss", "grad_norm", "cache_verified_rate"):
+        for key in ("eval_accuracy", "reward_mean", "rollout_generated_tokens", "cache_verified_rate"):
             assert a.get(key) == b.get(key), key
+        for key in ("loss", "grad_norm"):  # the same computation; approx only against thread-count rounding
+            assert a.get(key) == pytest.approx(b.get(key), rel=1e-5, abs=1e-8), key
 
 
 def test_sampling_options_reach_the_engine(tiny_model_dir):
