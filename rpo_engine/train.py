@@ -250,8 +250,9 @@ def train(config: TrainConfig, dist: Dist) -> int:
                         writer.add_scalar(key, value, step)
             generated += m["rollout_generated_tokens"]
             seconds += m["step_time_s"]
-            postfix = {"reward": f"{m['reward_mean']:.3f}", "gen_tok/s": f"{generated / seconds:.0f}",
-                       "step_s": f"{m['step_time_s']:.1f}"}
+            # accuracy beside the reward: the reward also holds length shaping and any other functions
+            postfix = {"reward": f"{m['reward_mean']:.3f}", "acc": f"{m['accuracy_mean']:.3f}",
+                       "gen_tok/s": f"{generated / seconds:.0f}", "step_s": f"{m['step_time_s']:.1f}"}
             if "eval_accuracy" in m:
                 postfix["eval"] = f"{m['eval_accuracy']:.3f}"
             bar.set_postfix(postfix)
