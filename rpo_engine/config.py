@@ -196,12 +196,11 @@ class TrainConfig:
         _check(all(names) and ("auto" not in names or len(names) == 1),
                f"--reward must name one function or a comma-separated list of them (auto alone), got {self.reward!r}")
         if self.reward_weights is not None:
-            weights = self.reward_weights.split(",")
             try:
-                ok = all(math.isfinite(float(w)) for w in weights)
+                weights = reward_weights(self)
             except ValueError:
-                ok = False
-            _check(ok and len(weights) == len(names),
+                weights = []
+            _check(len(weights) == len(names) and all(map(math.isfinite, weights)),
                    f"--reward-weights must be {len(names)} comma-separated number(s), one per --reward function, "
                    f"got {self.reward_weights!r}")
         _check(self.dist_timeout > 0, f"--dist-timeout must be > 0, got {self.dist_timeout}")

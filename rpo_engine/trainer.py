@@ -229,7 +229,7 @@ class Trainer:
         texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in answers]
         accuracy = score_completions(self.reward_fn, texts, [group.row] * len(texts), answers)
         group.correct = [is_correct(a) for a in accuracy]
-        lengths = [len(group.answer_ids(i)) for i in range(len(texts))]
+        lengths = [len(ids) for ids in answers]
         if self.rpo.length_shaping:
             rewards = length_aware_accuracy(group.correct, lengths, self.rpo.length_alpha)
         else:
@@ -639,7 +639,6 @@ def encode_prompt(tokenizer, row: dict, limit: int, template_kwargs: dict | None
     return ids
 
 
-@torch.no_grad()
 def greedy_graded(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens,
                   eos_ids, progress=False) -> list[tuple[str, float, bool]]:
     """Each row's greedy completion, its reward, and whether that is the full reward (a right answer)."""
@@ -649,6 +648,7 @@ def greedy_graded(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens
     return [samples[0] for samples in sampled_graded(engine, tokenizer, rows, reward_fn, prompt_ids, params, progress)]
 
 
+@torch.no_grad()
 def sampled_graded(engine, tokenizer, rows, reward_fn, prompt_ids, params,
                    progress=False) -> list[list[tuple[str, float, bool]]]:
     """Each row's samples under `params` (one SamplingParams, or one a row), each decoded, with its reward
