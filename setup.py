@@ -21,7 +21,8 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark"],
+        # peft: the LoRA tests load our adapters in PEFT and PEFT's in ours (pure Python)
+        "test": ["pytest>=8", "pytest-benchmark", "peft>=0.13"],
         "gpu": ["flash-attn", "xformers"],
         # benchmarks/bench_trl.py (the TRL peer). Install torch first: with a torch present pip keeps it.
         "bench": ["trl>=1.16", "datasets", "accelerate"],

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from rpo_engine.errors import UserError
+from rpo_engine.model.lora import TARGETS as LORA_TARGETS
 
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 # TRL's GRPOConfig.loss_type -> ours (verl's names). TRL's dr_grpo, like ours, divides by max_completion_length.
@@ -149,6 +150,10 @@ class TrainConfig:
     micro_batch_tokens: int = field(default=16384, metadata={"help": "token budget of one forward/backward micro-batch (a shared prefix counts once)"})
     prefix_sharing: bool = field(default=True, metadata={"help": "run each group's shared prefix once in the update's forward/backward (--no-prefix-sharing: one padded row per sample)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    use_peft: bool = field(default=False, metadata={"help": "train LoRA adapters on the frozen base model instead of every weight (TRL's name): the memory of a 7-8B model on one GPU; the KL reference is the base, checkpoints hold the adapter, final/ the merged model and final-adapter/ the adapter in PEFT's layout"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (with --use-peft)"})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scale: the weight update is B A * alpha / r (with --use-peft)"})
+    lora_target_modules: str = field(default="all-linear", metadata={"help": f"projections given adapters (with --use-peft): all-linear or a comma-separated subset of {','.join(LORA_TARGETS)}"})
     async_scheduling: bool = field(default=False, metadata={"help": "rollout: schedule each decode step while the previous one runs, hiding the host's work behind the GPU's (the same samples; nothing to gain on a CPU)"})
     reward: str = field(default="auto", metadata={"help": "exact | math | module:function (auto: exact for the built-in task, math otherwise); or several, comma-separated: the first decides right answers (eval accuracy, RPO's verified paths), each adds its weighted score to the reward"})
     chat_template_kwargs: str | None = field(default=None, metadata={"help": "a JSON object of extra arguments for the chat template (TRL's name), e.g. '{\"enable_thinking\": false}' for Qwen3 (default: none)"})
@@ -185,6 +190,14 @@ class TrainConfig:
                f"--device must be cpu, cuda or auto, got {self.device!r}")
         _check(self.dtype in ("auto", "float32", "bfloat16"), f"--dtype must be float32, bfloat16 or auto, got {self.dtype!r}")
         _check(self.parallel in ("ddp", "fsdp"), f"--parallel must be ddp or fsdp, got {self.parallel!r}")
+        _check(self.lora_r >= 1, f"--lora-r must be >= 1, got {self.lora_r}")
+        _check(self.lora_alpha > 0 and math.isfinite(self.lora_alpha), f"--lora-alpha must be > 0, got {self.lora_alpha}")
+        targets = [n.strip() for n in self.lora_target_modules.split(",")]
+        _check(targets == ["all-linear"] or (targets and set(targets) <= set(LORA_TARGETS)),
+               f"--lora-target-modules must be all-linear or a comma-separated subset of {','.join(LORA_TARGETS)}, "
+               f"got {self.lora_target_modules!r}")
+        # a frozen bf16 base fits each GPU (2 bytes a parameter): DDP replicates it, there is nothing to shard
+        _check(not (self.use_peft and self.parallel == "fsdp"), "--use-peft trains with --parallel ddp, not fsdp")
         if self.chat_template_kwargs is not None:
             try:
                 kwargs = json.loads(self.chat_template_kwargs)
@@ -257,7 +270,7 @@ def _load_yaml(path: str) -> dict:
     flat = {}
     for key, value in data.items():
         key = key.replace("-", "_")
-        if key in ("reward", "reward_weights") and isinstance(value, list):  # a YAML list of functions/weights
+        if key in ("reward", "reward_weights", "lora_target_modules") and isinstance(value, list):  # a YAML list of functions/weights
             value = ",".join(map(str, value))
         if key == "chat_template_kwargs" and isinstance(value, dict):  # a YAML mapping: the flag's JSON
             value = json.dumps(value)

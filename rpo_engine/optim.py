@@ -85,10 +85,12 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
 
 def make_adamw(model, lr: float, weight_decay: float, betas=(0.9, 0.99)) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only; fp32 masters when the model's weights are low precision."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    """AdamW over the trainable parameters (frozen ones, a LoRA base, get no state and no fp32 master), with
+    weight decay on matrices only; fp32 masters when the trained weights are low precision."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.ndim >= 2]
+    no_decay = [p for p in trained if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if any(p.dtype != torch.float32 for p in model.parameters()):
+    if any(p.dtype != torch.float32 for p in trained):
         return MasterWeightAdamW(groups, lr=lr, betas=betas)
     return torch.optim.AdamW(groups, lr=lr, betas=betas)

@@ -98,6 +98,14 @@ def complete_checkpoints(output: Path) -> list[Path]:
     return [p for p in ckpts if (p / "trainer_state.pt").is_file()]
 
 
+def check_checkpoint_kind(checkpoint: Path, config: TrainConfig) -> None:
+    """A LoRA run resumes from an adapter, a full fine-tuning run from a model: the other is a user error."""
+    if config.use_peft and not (checkpoint / "adapter").is_dir():
+        raise UserError(f"{checkpoint}: holds full weights, not a LoRA adapter; resume without --use-peft")
+    if not config.use_peft and not (checkpoint / "model").is_dir():
+        raise UserError(f"{checkpoint}: holds a LoRA adapter; resume with --use-peft and the same --model")
+
+
 def latest_checkpoint(output: Path) -> Path | None:
     complete = complete_checkpoints(output)
     return complete[-1] if complete else None
@@ -133,9 +141,10 @@ def write_plot(metrics: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def build_trainer(config: TrainConfig, model_dir: Path | None = None, dist: Dist | None = None):
-    """A Trainer for `config`; `model_dir` overrides the model (a checkpoint's, on resume)."""
+def build_trainer(config: TrainConfig, checkpoint: Path | None = None, dist: Dist | None = None):
+    """A Trainer for `config`, its weights from `checkpoint` (a step-N directory) when resuming."""
     import rpo_engine
+    from rpo_engine.model.lora import apply_lora, load_adapter
     from rpo_engine.trainer import Trainer
 
     dist = dist or Dist()
@@ -153,15 +162,23 @@ def build_trainer(config: TrainConfig, model_dir: Path | None = None, dist: Dist
         dist.barrier()
         return ensure_starter_model(progress=config.progress)
 
-    resuming = model_dir is not None
-    model_dir = Path(model_dir) if resuming else initial_model_dir()
+    resuming = checkpoint is not None
+    if resuming:
+        check_checkpoint_kind(checkpoint, config)
+    # Under LoRA the checkpoint holds the adapter only: the base is --model, as when the run started.
+    model_dir = checkpoint / "model" if resuming and not config.use_peft else initial_model_dir()
     model = rpo_engine.load_model(model_dir, dtype=dtype, device=device)
     tokenizer = rpo_engine.load_tokenizer(model_dir)
+    if config.use_peft:
+        apply_lora(model, config.lora_r, config.lora_alpha, config.lora_target_modules, seed=config.seed)
+        if resuming:
+            load_adapter(model, checkpoint / "adapter")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     train_rows, eval_rows = load_rows(config)
     reference = None
-    if resuming and config.algo.beta > 0:  # the KL reference is the starting model, not the checkpoint's
+    # the KL reference is the starting model, not the checkpoint's (under LoRA: the base, adapters off)
+    if resuming and config.algo.beta > 0 and not config.use_peft:
         reference = rpo_engine.load_model(initial_model_dir(), dtype=dtype, device=device)
     accuracy, *extra_rewards = resolve_rewards(config)
     return Trainer(config, model, tokenizer, train_rows, eval_rows, accuracy, device, dist, reference=reference,
@@ -193,7 +210,7 @@ def train(config: TrainConfig, dist: Dist) -> int:
     if len(set(dist.gather(str(checkpoint)))) > 1:  # also: every rank has looked before rank 0 writes
         raise UserError(f"{output}: the ranks see different checkpoints; --output must be on a filesystem every node shares")
 
-    trainer = build_trainer(config, model_dir=checkpoint / "model" if checkpoint is not None else None, dist=dist)
+    trainer = build_trainer(config, checkpoint, dist=dist)
     records = []
     if checkpoint is not None:
         try:

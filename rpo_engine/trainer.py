@@ -34,6 +34,7 @@ from rpo_engine.config import TrainConfig, config_to_dict, reward_weights
 from rpo_engine.distributed import Dist, consolidated_optimizer_state, full_tensor, load_consolidated_optimizer_state
 from rpo_engine.errors import UserError
 from rpo_engine.kernels import policy_loss
+from rpo_engine.model.lora import adapters_disabled, lora_settings, save_adapter
 from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, plan_micro_batches
 from rpo_engine.optim import make_adamw
 from rpo_engine.rewards.answers import is_correct, score_completions
@@ -89,8 +90,11 @@ class Trainer:
         self.replica_stale = False
         self.prompt_ids = {row["id"]: self.encode_prompt(row) for row in train_rows + eval_rows}
         self.engine = RolloutEngine(self.model, async_scheduling=config.async_scheduling)
+        # The KL reference: with LoRA the base model itself, its adapters switched off (no second model);
+        # else a frozen copy of the initial policy.
+        self.lora = lora_settings(self.model) is not None
         self.reference = None
-        if self.algo.beta > 0:  # frozen copy of the initial policy for the KL term
+        if self.algo.beta > 0 and not self.lora:
             self.reference = (reference or copy.deepcopy(self.model)).eval().requires_grad_(False)
         # bf16 weights (GPU default) are stepped through fp32 masters inside the optimizer (rpo_engine/optim.py)
         self.optimizer = make_adamw(self.policy, config.learning_rate, config.weight_decay)
@@ -277,6 +281,13 @@ class Trainer:
         """Per-token log p of each sample's tokens from loss_start on: logp [b, span], mask [b, span]."""
         return group_logprobs(model, batch, self.config.temperature, shared=shared)
 
+    def reference_logprobs(self, batch: list[PrefixGroup], shared: bool) -> torch.Tensor:
+        """The KL reference's logp [b, span]: the base model (adapters off) under LoRA, else the frozen copy."""
+        if self.lora:
+            with adapters_disabled(self.model):
+                return self.sequence_logprobs(self.model, batch, shared)[0]
+        return self.sequence_logprobs(self.reference, batch, shared)[0]
+
     def rollout_mismatch(self, batch: list[PrefixGroup], logp: torch.Tensor) -> list[float]:
         """Per sample: mean |rollout log-prob - training log-prob| over its generated suffix tokens."""
         out, b = [], 0
@@ -300,7 +311,7 @@ class Trainer:
         # ranks give the same loss as one big batch.
         spans = [g.span(i) for g in batch_groups for i in range(len(g.suffix_ids)) if g.is_trained(i)]
         num_tokens, num_rows = self.dist.sum([sum(spans), sum(1 for n in spans if n)])
-        if skip_zero_advantage and self.reference is None:
+        if skip_zero_advantage and self.algo.beta == 0:
             batch_groups = [g for g in batch_groups if any(g.advantages)]
         # (micro-batch, shared layout?) pairs: a group's prefix runs once where that costs fewer FLOPs
         batches = plan_micro_batches(batch_groups, self.model.config, self.config.micro_batch_tokens,
@@ -317,13 +328,13 @@ class Trainer:
         # Old log-probs need a no-grad pass only when the weights move between passes (num_iterations > 1);
         # with one pass they are the gradient pass's own values, detached.
         old, ref, mismatch = [None] * len(batches), [None] * len(batches), []
-        if algo.num_iterations > 1 or self.reference is not None:
+        if algo.num_iterations > 1 or algo.beta > 0:
             with torch.no_grad():  # self.model holds the weights the rollout used
                 for k, (batch, shared) in enumerate(batches):
                     if algo.num_iterations > 1:
                         old[k] = self.sequence_logprobs(self.model, batch, shared)[0]
-                    if self.reference is not None:
-                        ref[k] = self.sequence_logprobs(self.reference, batch, shared)[0]
+                    if algo.beta > 0:
+                        ref[k] = self.reference_logprobs(batch, shared)
         stats = {"loss": 0.0, "clip_frac": 0.0, "clip_low_frac": 0.0, "clip_high_frac": 0.0, "kl": 0.0}
         grad_norms, skipped = [], 0
         entropy_sum, entropy_tokens = 0.0, 0  # the policy's entropy over the loss tokens, before the update
@@ -567,14 +578,18 @@ class Trainer:
         self.cache.load_state_dict(state["cache"])
 
     def save_model(self, directory: Path) -> None:
-        """The model as a Hugging Face directory, written by rank 0 (every rank calls it)."""
+        """The model as a Hugging Face directory (LoRA adapters merged in), and under LoRA the adapter alone
+        in PEFT's layout beside it (DIRECTORY-adapter/); written by rank 0 (every rank calls it)."""
         self.sync_rollout_weights()
         if self.dist.is_main:
             self.model.save_pretrained(directory, tokenizer=self.tokenizer)
+            if self.lora:
+                directory = Path(directory)
+                save_adapter(self.model, directory.with_name(f"{directory.name}-adapter"))
 
     def save_checkpoint(self, directory: Path) -> None:
-        """model/ (a Hugging Face directory) + trainer_state.pt, written under a temporary name, then
-        renamed; by rank 0 (every rank calls it)."""
+        """model/ (a Hugging Face directory; under LoRA adapter/, the base being the run's --model) +
+        trainer_state.pt, written under a temporary name, then renamed; by rank 0 (every rank calls it)."""
         self.sync_rollout_weights()
         state = self.state_dict()
         if not self.dist.is_main:
@@ -586,7 +601,10 @@ class Trainer:
 
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        self.model.save_pretrained(tmp / "model", tokenizer=self.tokenizer)
+        if self.lora:
+            save_adapter(self.model, tmp / "adapter")
+        else:
+            self.model.save_pretrained(tmp / "model", tokenizer=self.tokenizer)
         torch.save(state, tmp / "trainer_state.pt")
         (tmp / "config.json").write_text(json.dumps(config_to_dict(self.config), indent=2) + "\n")
         tmp.rename(directory)

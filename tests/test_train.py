@@ -310,6 +310,55 @@ def test_bf16_weights_train_through_fp32_masters(tmp_path, tiny_model_dir):
     assert len(state["optimizer"]["master_weights"]) == len(start)
 
 
+def test_lora_run_resumes_exactly_and_saves_merged_and_peft(tmp_path, tiny_model_dir):
+    # --use-peft: adapters on a frozen base; the KL reference is the base (adapters off), checkpoints hold the adapter
+    import rpo_engine
+    from rpo_engine.model.lora import load_adapter, merged_state_dict
+    from safetensors.torch import load_file
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    common = ["--model", tiny_model_dir, "--use-peft", "--lora-r", 4, "--lora-alpha", 8, "--lora-target-modules",
+              "q_proj,v_proj,down_proj", "--beta", 0.05, "--save-steps", 2, "--eval-steps", 2,
+              "--reward", "tests.reward_fns:hash_reward", "--train-size", 3, *SMALL]
+    run_train(*common, "--steps", 4, "--output", full)
+    assert sorted(p.name for p in (full / "checkpoints" / "step-2").iterdir()) == ["adapter", "config.json", "trainer_state.pt"]
+    stopped_after(full, 2, part)
+    shutil.copy(full / "config.json", part / "config.json")
+    run_train(*common, "--steps", 4, "--output", part, "--resume")
+    a, b = read_metrics(full), read_metrics(part)
+    assert a[1]["kl"] == pytest.approx(0.0, abs=1e-7) and a[2]["kl"] > 0  # B = 0: the policy starts as the base
+    for x, y in zip(a[3:], b[3:]):
+        for key in ("reward_mean", "rollout_generated_tokens", "loss", "grad_norm", "kl"):
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-7), key
+    assert all(m["grad_norm"] > 0 and m["logprob_mismatch"] < 1e-4 for m in a[1:] if "grad_norm" in m)
+    ends = [load_file(run / "final-adapter" / "adapter_model.safetensors") for run in (full, part)]
+    assert ends[0].keys() == ends[1].keys() and len(ends[0]) == 2 * 3 * 2
+    assert all(torch.allclose(ends[0][k], ends[1][k], rtol=1e-5, atol=1e-7) for k in ends[0])
+    # final/ is the base with the adapter merged into the three targets, every other tensor the base's own
+    base, final = load_file(tiny_model_dir / "model.safetensors"), load_file(full / "final" / "model.safetensors")
+    changed = sorted(k for k in base if not torch.equal(base[k], final[k]))
+    assert changed == sorted(f"model.layers.{i}.{m}.weight" for i in range(2)
+                             for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"))
+    adapted = load_adapter(rpo_engine.load_model(tiny_model_dir), full / "final-adapter")
+    assert all(torch.equal(v, final[k]) for k, v in merged_state_dict(adapted).items() if k in final)
+    # resuming it as another kind of run, or with other adapter settings, is a one-line error
+    for flags, message in ((["--no-use-peft"], "holds a LoRA adapter; resume with --use-peft"),
+                           (["--lora-r", 8], "adapter has r=4, alpha=8, targets q_proj,v_proj,down_proj; this run has r=8")):
+        assert_user_error(run_train(*common, *flags, "--steps", 5, "--output", full, "--resume", check=False), message)
+    fake = tmp_path / "fake" / "checkpoints" / "step-1"  # a full fine-tuning run's checkpoint
+    (fake / "model").mkdir(parents=True)
+    (fake / "trainer_state.pt").touch()
+    assert_user_error(run_train(*common, "--steps", 5, "--output", tmp_path / "fake", "--resume", check=False),
+                      "step-1: holds full weights, not a LoRA adapter; resume without --use-peft")
+
+
+def test_lora_option_mistakes(tmp_path):
+    for flags, message in ((["--lora-target-modules", "q_proj,lm_head"], "--lora-target-modules must be all-linear or"),
+                           (["--lora-r", 0], "--lora-r must be >= 1, got 0"),
+                           (["--use-peft", "--parallel", "fsdp"], "--use-peft trains with --parallel ddp")):
+        assert_user_error(run_train(*flags, "--output", tmp_path / "o", check=False), message)
+
+
 @pytest.mark.gpu
 def test_trains_on_the_test_device(tmp_path, tiny_model_dir):
     """On CUDA the job's defaults differ from the CPU's: bf16 weights with fp32 masters, the Triton

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from rpo_engine.errors import UserError
 from rpo_engine.model.config import ModelConfig, read_generation_eos, rope_inv_freq
 from rpo_engine.model.decoder import CausalLM
+from rpo_engine.model.lora import merged_state_dict
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
@@ -112,7 +113,8 @@ def load_model(path, dtype=None, device=None) -> CausalLM:
 
 
 def save_pretrained(model: CausalLM, directory, tokenizer=None) -> None:
-    """Write config.json + model.safetensors (+ tokenizer files) so that transformers loads the model.
+    """Write config.json + model.safetensors (+ tokenizer files) so that transformers loads the model
+    (with any LoRA adapters merged into the weights).
 
     The tokenizer comes from `tokenizer` (anything with save_pretrained) or is copied from the
     directory the model was loaded from.
@@ -121,7 +123,8 @@ def save_pretrained(model: CausalLM, directory, tokenizer=None) -> None:
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        # LoRA adapters are merged into their weights: the directory is a plain model (model/lora.py)
+        state = {k: v.detach().contiguous().cpu() for k, v in merged_state_dict(model).items()}
         if model.config.tie_word_embeddings:
             state.pop("lm_head.weight")  # safetensors refuses shared tensors; transformers re-ties on load
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})

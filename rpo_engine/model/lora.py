@@ -1,0 +1,261 @@
+"""LoRA: train low-rank updates of the projection matrices while the base weights stay frozen.
+
+Why: fully fine-tuning a 7-8B model keeps ~16 bytes a parameter on the GPU (bf16 weights and
+gradients, fp32 master weights and two AdamW moments), 120+ GB, more than one H100 holds. With LoRA
+the base stays bf16 and frozen (2 bytes a parameter) and only the adapters carry gradients and
+optimizer state; the KL reference is the base itself, the adapters switched off (TRL with PEFT does
+the same), so no second model is loaded.
+
+Each target `nn.Linear` becomes a `LoRALinear` that computes y = x W^T + b + B(A x) * alpha / r, with
+A [r, in] drawn as nn.Linear's default (kaiming-uniform, PEFT's too) and B [out, r] = 0, so training
+starts from the base model exactly. W and b stay the same Parameters, so the rollout engine, the
+shared-prefix update and the padded reference, which all call the modules, read the adapters live:
+nothing is merged for rollout and nothing is synced.
+
+Adapters are saved in PEFT's layout (adapter_model.safetensors with `base_model.model.<module>.lora_A.weight`
+keys, adapter_config.json), so `peft.PeftModel.from_pretrained` loads them; `save_pretrained` writes
+the merged weights W + B A alpha / r, a plain Hugging Face model. Not supported (a clear error when
+an adapter asks for them): dropout on the adapter input (it would make the training forward differ
+from the rollout's, which the policy ratio reads as a change of policy), rsLoRA, DoRA, bias training,
+adapters on the embeddings or the LM head.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rpo_engine.errors import UserError
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+_PEFT_PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel -> LoraModel -> the transformers model
+
+
+@dataclass(frozen=True)
+class LoRASettings:
+    r: int
+    alpha: float
+    target_modules: tuple[str, ...]
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+def parse_targets(spec) -> tuple[str, ...]:
+    """"all-linear" (every projection, PEFT's name; never the LM head), or a comma-separated / list of
+    projection names; in TARGETS order."""
+    names = [n.strip() for n in spec.split(",")] if isinstance(spec, str) else [str(n) for n in spec]
+    if names == ["all-linear"]:
+        return TARGETS
+    unknown = [n for n in names if n not in TARGETS]
+    if unknown or not names:
+        raise UserError(f"LoRA target modules must be all-linear or names among {', '.join(TARGETS)}; "
+                        f"got {unknown[0] if unknown else spec!r}")
+    return tuple(n for n in TARGETS if n in names)
+
+
+class LoRALinear(nn.Linear):
+    """`base` (its own weight and bias Parameters, frozen) plus B(A x) * scaling."""
+
+    def __init__(self, base: nn.Linear, r: int, scaling: float):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.register_parameter("weight", base.weight)
+        self.register_parameter("bias", base.bias)
+        kw = dict(bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Linear(self.in_features, r, **kw)  # [r, in]
+        self.lora_B = nn.Linear(r, self.out_features, **kw)  # [out, r]
+        self.scaling = scaling
+        self.adapter_enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if not self.adapter_enabled:
+            return out
+        return out + self.lora_B(self.lora_A(x)) * self.scaling
+
+    def merged_weight(self) -> torch.Tensor:
+        """W + B A * scaling [out, in], computed in fp32 (fp64 for an fp64 model) and rounded to W's dtype."""
+        dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        delta = (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype)) * self.scaling
+        return (self.weight.to(dtype) + delta).to(self.weight.dtype)
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """module name -> LoRALinear, in model order ({} for a model without adapters)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_settings(model: nn.Module) -> LoRASettings | None:
+    return getattr(model, "lora_settings", None)
+
+
+def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32.0, target_modules="all-linear",
+               seed: int = 0) -> nn.Module:
+    """Freeze every weight of `model` (our CausalLM) and give each target projection of each layer a LoRA
+    adapter, in place; returns the model. A is drawn from a generator seeded by `seed`, so a run's
+    starting adapters depend on its seed only."""
+    if lora_settings(model) is not None:
+        raise ValueError("the model already has LoRA adapters")
+    if r < 1:
+        raise UserError(f"LoRA rank must be >= 1, got {r}")
+    if not (alpha > 0 and math.isfinite(alpha)):
+        raise UserError(f"LoRA alpha must be > 0, got {alpha}")
+    settings = LoRASettings(int(r), float(alpha), parse_targets(target_modules))
+    model.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
+    for layer in model.model.layers:
+        for name in settings.target_modules:
+            parent = getattr(layer, _PARENT[name])
+            adapted = LoRALinear(getattr(parent, name), settings.r, settings.scaling)
+            with torch.no_grad():
+                bound = 1 / math.sqrt(adapted.in_features)  # nn.Linear's kaiming_uniform(a=sqrt(5)) bound
+                a = torch.rand(adapted.lora_A.weight.shape, generator=generator, dtype=torch.float64) * 2 - 1
+                adapted.lora_A.weight.copy_(a * bound)
+                adapted.lora_B.weight.zero_()
+            setattr(parent, name, adapted)
+    model.lora_settings = settings
+    return model
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """The base model, for the KL reference: every adapter switched off inside the block."""
+    modules = list(lora_modules(model).values())
+    for m in modules:
+        m.adapter_enabled = False
+    try:
+        yield model
+    finally:
+        for m in modules:
+            m.adapter_enabled = True
+
+
+@torch.no_grad()
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with each adapter merged into its weight (in fp32, then rounded to the
+    weight's dtype, as PEFT's merge_and_unload) and the adapter tensors left out: a plain model's
+    tensors. A model without adapters gives its state dict unchanged."""
+    state = model.state_dict()
+    for name, m in lora_modules(model).items():
+        del state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"]
+        state[f"{name}.weight"] = m.merged_weight()
+    return state
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors under PEFT's saved names."""
+    return {f"{_PEFT_PREFIX}{name}.lora_{ab}.weight": getattr(m, f"lora_{ab}").weight.detach().contiguous().cpu()
+            for name, m in lora_modules(model).items() for ab in "AB"}
+
+
+def save_adapter(model: nn.Module, directory, base_model_name_or_path: str | None = None) -> None:
+    """adapter_model.safetensors + adapter_config.json (PEFT's layout), written under a temporary name and
+    renamed into place, so an interrupted save never replaces a good adapter with a broken one."""
+    from safetensors.torch import save_file
+
+    settings = lora_settings(model)
+    if settings is None:
+        raise ValueError("the model has no LoRA adapters")
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        save_file(adapter_state_dict(model), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        config = {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": settings.r, "lora_alpha": settings.alpha,
+            "target_modules": list(settings.target_modules), "lora_dropout": 0.0, "bias": "none",
+            "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "modules_to_save": None,
+            "layers_to_transform": None, "init_lora_weights": True, "inference_mode": True,
+            "base_model_name_or_path": base_model_name_or_path or (str(model.source_dir) if model.source_dir else None),
+        }
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        old = None
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            directory.rename(old)
+        tmp.rename(directory)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_adapter_settings(directory) -> LoRASettings:
+    """The LoRA settings of a PEFT adapter directory; anything we cannot apply exactly is a UserError."""
+    path = Path(directory) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise UserError(f"{directory}: no {ADAPTER_CONFIG} (not a LoRA adapter directory)")
+    try:
+        config = json.loads(path.read_text())
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise UserError(f"{path}: peft_type {config.get('peft_type')!r}, only LORA adapters are supported")
+    for key, plain in (("use_rslora", False), ("use_dora", False), ("bias", "none"), ("fan_in_fan_out", False),
+                       ("modules_to_save", None), ("layers_to_transform", None)):
+        if config.get(key, plain) not in (plain, [] if plain is None else plain):
+            raise UserError(f"{path}: {key} = {config[key]!r} is not supported (only plain LoRA)")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            raise UserError(f"{path}: {key} is not supported (one rank and alpha for every module)")
+    try:
+        return LoRASettings(int(config["r"]), float(config.get("lora_alpha", 8)),
+                            parse_targets(config.get("target_modules") or "all-linear"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: bad LoRA settings ({e!r})") from None
+
+
+def load_adapter(model: nn.Module, directory) -> nn.Module:
+    """Load a PEFT LoRA adapter into `model`: adapters are applied first when the model has none; a model
+    that has them must have the same rank, alpha and targets. Every tensor is checked by name and shape."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    settings = read_adapter_settings(directory)
+    if lora_settings(model) is None:
+        apply_lora(model, settings.r, settings.alpha, settings.target_modules)
+    elif lora_settings(model) != settings:
+        mine = lora_settings(model)
+        raise UserError(f"{directory}: adapter has r={settings.r}, alpha={settings.alpha:g}, targets "
+                        f"{','.join(settings.target_modules)}; this run has r={mine.r}, alpha={mine.alpha:g}, "
+                        f"targets {','.join(mine.target_modules)}")
+    path = directory / ADAPTER_WEIGHTS
+    try:
+        saved = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+    expected = {}
+    for name, m in lora_modules(model).items():
+        for ab in "AB":
+            expected[f"{_PEFT_PREFIX}{name}.lora_{ab}.weight"] = getattr(m, f"lora_{ab}").weight
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    if missing:
+        raise UserError(f"{path}: adapter is missing {len(missing)} tensor(s), first {missing[0]!r}")
+    if unexpected:
+        raise UserError(f"{path}: adapter has {len(unexpected)} tensor(s) this model has no place for, "
+                        f"first {unexpected[0]!r}")
+    with torch.no_grad():
+        for name, param in expected.items():
+            if saved[name].shape != param.shape:
+                raise UserError(f"{path}: tensor {name!r} has shape {tuple(saved[name].shape)}, "
+                                f"expected {tuple(param.shape)}")
+            param.copy_(saved[name])
+    return model

@@ -1,0 +1,203 @@
+"""LoRA adapters: the adapted forward and its gradients against the merged weights, PEFT's format both ways,
+the rollout engine reading live adapters, the optimizer holding adapter state only, and bad adapters."""
+import json
+
+import pytest
+import torch
+from torch.func import functional_call
+
+import rpo_engine
+from rpo_engine.errors import UserError
+from rpo_engine.model.lora import (
+    TARGETS, adapter_state_dict, adapters_disabled, apply_lora, load_adapter, lora_modules, merged_state_dict,
+    save_adapter)
+from rpo_engine.optim import MasterWeightAdamW, make_adamw
+from tests.helpers import FAMILIES, save_hf_checkpoint
+
+
+def randomize_adapters(model, seed=1, std=0.2):
+    """B starts at zero (the base model exactly); a trained adapter's B does not."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=generator) * std)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family_dir(request, tmp_path_factory):
+    directory = tmp_path_factory.mktemp(request.param)
+    save_hf_checkpoint(request.param, directory)
+    return directory
+
+
+def test_adapted_forward_and_gradients_equal_the_merged_weights(family_dir):
+    # fp64 throughout: the adapted path (W x + B A x * s) against W + s B A as one matrix, values and gradients
+    model = apply_lora(rpo_engine.load_model(family_dir, dtype=torch.float64), r=3, alpha=5.0,
+                       target_modules="q_proj,v_proj,o_proj,up_proj,down_proj")
+    randomize_adapters(model)
+    assert [n.split(".")[-1] for n in lora_modules(model)][:5] == ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    targets = torch.randint(0, model.config.vocab_size, (2, 9))
+    loss = torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), targets.flatten())
+    loss.backward()
+
+    adapters = {name: (m.lora_A.weight.detach().clone().requires_grad_(), m.lora_B.weight.detach().clone().requires_grad_())
+                for name, m in lora_modules(model).items()}
+    plain = rpo_engine.load_model(family_dir, dtype=torch.float64)
+    weights = dict(plain.named_parameters())
+    for name, (a, b) in adapters.items():
+        weights[f"{name}.weight"] = weights[f"{name}.weight"] + (b @ a) * (5.0 / 3)
+    reference = torch.nn.functional.cross_entropy(functional_call(plain, weights, (ids,)).flatten(0, 1), targets.flatten())
+    reference.backward()
+    torch.testing.assert_close(loss, reference, rtol=1e-12, atol=0)
+    for name, m in lora_modules(model).items():
+        a, b = adapters[name]
+        torch.testing.assert_close(m.lora_A.weight.grad, a.grad, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(m.lora_B.weight.grad, b.grad, rtol=1e-10, atol=1e-14)
+    # only the adapters train: the base weights, embeddings, norms and LM head get no gradient
+    trained = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert trained == {n for n, p in model.named_parameters() if ".lora_" in n}
+    assert all(not p.requires_grad for n, p in model.named_parameters() if ".lora_" not in n)
+    # the merged state dict is the plain model's layout, and it computes the adapted model
+    merged = merged_state_dict(model)
+    assert set(merged) == set(plain.state_dict())
+    plain.load_state_dict(merged)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids), model(ids), rtol=1e-12, atol=1e-12)
+
+
+def test_adapters_start_at_the_base_and_switch_off(family_dir):
+    base = rpo_engine.load_model(family_dir)
+    model = apply_lora(rpo_engine.load_model(family_dir), r=4, alpha=8.0, seed=3)
+    assert len(lora_modules(model)) == len(TARGETS) * model.config.num_hidden_layers  # all-linear: never lm_head
+    ids = torch.randint(0, model.config.vocab_size, (3, 7))
+    with torch.no_grad():
+        expected = base(ids)
+        torch.testing.assert_close(model(ids), expected, rtol=0, atol=0)  # B = 0
+        randomize_adapters(model)
+        assert (model(ids) - expected).abs().max() > 1e-2
+        with adapters_disabled(model):
+            torch.testing.assert_close(model(ids), expected, rtol=0, atol=0)
+        assert (model(ids) - expected).abs().max() > 1e-2  # back on after the block
+    # A is drawn from the seed alone, not from the global RNG
+    again = apply_lora(rpo_engine.load_model(family_dir), r=4, alpha=8.0, seed=3)
+    other = apply_lora(rpo_engine.load_model(family_dir), r=4, alpha=8.0, seed=4)
+    a = [m.lora_A.weight for m in lora_modules(model).values()]
+    assert all(torch.equal(x, m.lora_A.weight) for x, m in zip(a, lora_modules(again).values()))
+    assert not torch.equal(a[0], next(iter(lora_modules(other).values())).lora_A.weight)
+
+
+def test_adapter_and_merged_model_load_in_peft_and_transformers(family_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    model = apply_lora(rpo_engine.load_model(family_dir), r=4, alpha=12.0, target_modules="q_proj,k_proj,gate_proj")
+    randomize_adapters(model)
+    save_adapter(model, tmp_path / "adapter")
+    model.save_pretrained(tmp_path / "merged")
+    ids = torch.randint(0, model.config.vocab_size, (2, 11))
+    with torch.no_grad():
+        ours = model(ids)
+        hf = AutoModelForCausalLM.from_pretrained(family_dir, attn_implementation="eager", dtype=torch.float32)
+        theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+        torch.testing.assert_close(theirs(ids).logits, ours, rtol=1e-5, atol=1e-5)
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager", dtype=torch.float32)
+        torch.testing.assert_close(merged(ids).logits, ours, rtol=1e-5, atol=1e-5)
+
+    # the other way: an adapter PEFT trained and saved loads into our model and computes what PEFT's does
+    hf = AutoModelForCausalLM.from_pretrained(family_dir, attn_implementation="eager", dtype=torch.float32)
+    config = peft.LoraConfig(r=5, lora_alpha=7, target_modules=["v_proj", "o_proj", "down_proj"], lora_dropout=0.0)
+    peft_model = peft.get_peft_model(hf, config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    peft_model.save_pretrained(tmp_path / "from_peft")
+    ours = load_adapter(rpo_engine.load_model(family_dir), tmp_path / "from_peft")
+    assert [n.split(".")[-1] for n in lora_modules(ours)][:3] == ["v_proj", "o_proj", "down_proj"]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), peft_model.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_rollout_reads_the_live_adapters(tmp_path, tiny_model_dir):
+    from rpo_engine.rollout import RolloutEngine, SamplingParams
+
+    model = apply_lora(rpo_engine.load_model(tiny_model_dir), r=4, alpha=16.0)
+    engine = RolloutEngine(model)
+    prompts = [[5, 9, 13, 7], [11, 4, 6], [8, 8, 3, 12, 10]]
+    params = SamplingParams(n=2, max_new_tokens=12, temperature=1.0, seed=7)
+
+    def check_against_merged():
+        merged = rpo_engine.load_model(tiny_model_dir)
+        merged.load_state_dict(merged_state_dict(model))
+        greedy = engine.generate(prompts, SamplingParams(max_new_tokens=12, temperature=0.0))
+        reference = RolloutEngine(merged).generate(prompts, SamplingParams(max_new_tokens=12, temperature=0.0))
+        assert [c[0].token_ids for c in greedy] == [c[0].token_ids for c in reference]
+        for prompt, group in zip(prompts, engine.generate(prompts, params)):
+            for c in group:  # sampled log-probs equal the merged model's teacher-forced ones
+                with torch.no_grad():
+                    logits = merged(torch.tensor([prompt + c.token_ids]))[0, len(prompt) - 1:-1].float()
+                expected = logits.log_softmax(-1).gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
+                torch.testing.assert_close(torch.tensor(c.logprobs), expected, rtol=1e-5, atol=1e-5)
+        return greedy
+
+    before = check_against_merged()
+    randomize_adapters(model, std=2.0)  # what an optimizer step does: the same tensors, new values
+    after = check_against_merged()
+    assert [c[0].token_ids for c in before] != [c[0].token_ids for c in after]
+
+
+def test_optimizer_holds_adapter_state_only(tiny_model_dir):
+    for dtype in (torch.float32, torch.bfloat16):
+        model = apply_lora(rpo_engine.load_model(tiny_model_dir, dtype=dtype), r=2, alpha=4.0, target_modules="q_proj")
+        optimizer = make_adamw(model, 1e-3, 0.1)
+        assert isinstance(optimizer, MasterWeightAdamW) == (dtype == torch.bfloat16)
+        held = [p for group in optimizer.param_groups for p in group["params"]]
+        assert sum(p.numel() for p in held) == sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+        base = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" not in n}
+        randomize_adapters(model)
+        model(torch.tensor([[3, 4, 5, 6]])).float().square().mean().backward()
+        optimizer.step()
+        assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
+        assert all(p.dtype == dtype for n, p in model.named_parameters())
+
+
+def test_bad_adapters_are_user_errors(tmp_path, tiny_model_dir, monkeypatch):
+    with pytest.raises(UserError, match="target modules .* got 'lm_head'"):
+        apply_lora(rpo_engine.load_model(tiny_model_dir), target_modules="q_proj,lm_head")
+    with pytest.raises(UserError, match="rank must be >= 1"):
+        apply_lora(rpo_engine.load_model(tiny_model_dir), r=0)
+    with pytest.raises(UserError, match="not a LoRA adapter directory"):
+        load_adapter(rpo_engine.load_model(tiny_model_dir), tmp_path)
+    model = apply_lora(rpo_engine.load_model(tiny_model_dir), r=2, alpha=4.0, target_modules="q_proj,v_proj")
+    save_adapter(model, tmp_path / "a")
+    with pytest.raises(UserError, match="adapter has r=2.*this run has r=3"):
+        load_adapter(apply_lora(rpo_engine.load_model(tiny_model_dir), r=3, alpha=4.0, target_modules="q_proj,v_proj"),
+                     tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(dict(config, use_dora=True)))
+    with pytest.raises(UserError, match="use_dora = True is not supported"):
+        load_adapter(rpo_engine.load_model(tiny_model_dir), tmp_path / "a")
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(dict(config, target_modules=["q_proj", "k_proj"])))
+    with pytest.raises(UserError, match="missing 4 tensor"):  # k_proj's A and B, in both layers
+        load_adapter(rpo_engine.load_model(tiny_model_dir), tmp_path / "a")
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(dict(config, target_modules=["q_proj"])))
+    with pytest.raises(UserError, match="no place for"):  # v_proj's tensors
+        load_adapter(rpo_engine.load_model(tiny_model_dir), tmp_path / "a")
+    (tmp_path / "a" / "adapter_config.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_adapter(rpo_engine.load_model(tiny_model_dir), tmp_path / "a")
+    # a save that fails midway leaves the adapter that was there
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
+    import safetensors.torch
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    randomize_adapters(model)
+    with pytest.raises(OSError):
+        save_adapter(model, tmp_path / "a")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no temporary left behind
