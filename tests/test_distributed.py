@@ -127,6 +127,21 @@ def test_two_ranks_skipping_groups_without_signal_match_one_process(tiny_model_d
     assert all(0 < m["frac_reward_zero_std"] < 1 and m["grad_norm"] > 0 for m in one[1:])
 
 
+def test_two_ranks_train_lora_adapters_like_one_process(tiny_model_dir, tmp_path):
+    """--use-peft under DDP: only the adapters are all-reduced; the KL reference is each rank's base."""
+    common = ["--model", tiny_model_dir, *COMMON, "--use-peft", "--lora-r", 4, "--steps", 2, "--eval-steps", 0]
+    check(run([*common, "--output", tmp_path / "one"]))
+    check(run([*common, "--output", tmp_path / "ddp"], nproc=2))
+    one, ddp = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "ddp")
+    assert_same_steps(one, ddp, [1, 2])
+    assert all(m["grad_norm"] > 0 for m in one)
+    from safetensors.torch import load_file
+    a, b = (load_file(tmp_path / run / "final-adapter" / "adapter_model.safetensors") for run in ("one", "ddp"))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+
+
 def test_failing_rank_stops_the_job(tiny_model_dir, tmp_path):
     start = time.monotonic()
     proc = run(["--model", tiny_model_dir, *COMMON, "--output", tmp_path / "o", "--dist-timeout", 30], nproc=2,

@@ -41,7 +41,7 @@ def loss_and_grads(model, groups, fn, loss_agg):
     old = logp.detach() + 0.3 * torch.sin(torch.arange(logp.numel(), device=logp.device).reshape(logp.shape).float())
     loss, stats = policy_loss(logp, old, adv, mask, eps_low=0.2, eps_high=0.28, loss_agg=loss_agg, backend="torch")
     loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     return logp.detach(), mask, loss.detach(), stats, grads
 
 
@@ -74,6 +74,21 @@ def test_shared_equals_padded_families_with_checkpointing(family):
     model.gradient_checkpointing_enable()
     groups = make_groups(model.config.vocab_size, **CASES["ragged"], loss_start_back=2)
     check_equal(model, groups, "seq-mean-token-mean")
+
+
+@pytest.mark.gpu
+def test_shared_equals_padded_with_lora_adapters():
+    # LoRA (--use-peft): the frozen base gets no gradient, the adapters theirs, equal on both layouts
+    from rpo_engine.model.lora import apply_lora, lora_modules
+
+    model = apply_lora(tiny_model("qwen3"), r=3, alpha=6.0, target_modules="q_proj,k_proj,v_proj,o_proj,up_proj")
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.normal_(0, 0.3)
+    model.gradient_checkpointing_enable()
+    groups = make_groups(model.config.vocab_size, **CASES["ragged"], loss_start_back=2)
+    check_equal(model, groups, "seq-mean-token-sum-norm")
+    assert all(".lora_" in n for n, p in model.named_parameters() if p.grad is not None)
 
 
 @pytest.mark.gpu
