@@ -3,7 +3,8 @@
 # tests, then each benchmark in --gpu mode. Every step has its own time limit (also cut to what is
 # left of SUITE_BUDGET_S), a failing or timed-out step is recorded and the suite goes on.
 # All of it is more than one 10-minute device call: SUITE_STEPS picks the steps of a call, e.g.
-#   SUITE_STEPS="tests torchrun", then "kernels rollout host", then "paper_shape shared_prefix train trl sampler"
+#   SUITE_STEPS="tests torchrun", then "kernels rollout host", then "paper_shape shared_prefix train trl sampler",
+#   then "lora"
 # (install and wheels always run; each call's $OUT comes back on its own). Results, in $OUT (the device returns at most 8 files):
 #   suite.json         per step: status (ok / failed / timeout / skipped), exit code, seconds
 #   env.json           GPU (nvidia-smi), torch/triton/python versions, importable extras, git commit, date
@@ -129,6 +130,8 @@ bench host 60 python benchmarks/bench_host.py --repeats 2 --out "$OUT/host_gpu_b
 bench sampler 60 python benchmarks/bench_sampler.py --gpu --out "$OUT/sampler_cuda.json"
 bench kernels 150 python benchmarks/bench_kernels.py --repeats 3 --out "$OUT/kernels_cuda.json"
 bench shared_prefix 60 python benchmarks/bench_shared_prefix.py --gpu --out "$OUT/shared_prefix_cuda.json"
+# LoRA: full fine-tuning vs adapters at Qwen2.5-1.5B's shape, and a 7B-shaped model trained with adapters on one GPU
+bench lora 120 python benchmarks/bench_lora.py --gpu --repeats 2 --out "$OUT/lora_cuda.json"
 bench train 90 python benchmarks/bench_train.py --seeds 0 --steps 10 --out "$OUT/train_cuda.json"
 if python -c "import trl, datasets" 2>/dev/null; then
   bench trl 90 python benchmarks/bench_trl.py --gpu --passes 1 --out "$OUT/trl_cuda.json"

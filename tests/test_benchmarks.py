@@ -128,6 +128,17 @@ def test_bench_sampler_compares_with_the_reference(tmp_path):
     assert all(r["same_tokens"] and r["fast_ms"] > 0 and r["reference_ms"] > 0 for r in record["results"])
 
 
+def test_bench_lora_measures_full_and_adapter_training(tmp_path):
+    out = tmp_path / "lora.json"
+    run_bench("bench_lora.py", "--repeats", 1, "--out", out)
+    full, lora = json.loads(out.read_text())["results"]
+    assert full["method"] == "full" and lora["method"].startswith("lora")
+    assert lora["trained_params"] < full["trained_params"] / 10 and lora["weights_gib"] > full["weights_gib"]
+    # AdamW holds two moments per trained parameter: full fine-tuning's state is twice the weights
+    assert full["optimizer_gib"] > 1.9 * full["weights_gib"] and lora["optimizer_gib"] < full["optimizer_gib"] / 10
+    assert all(r["update_ms"] > 0 and r["tokens_per_s"] > 0 for r in (full, lora))
+
+
 def test_gpu_suite_skeleton_and_its_benchmark_flags(tmp_path):
     """A lent GPU is rare and short: the suite must not fail on a typo. Its skeleton (env.json, suite.json,
     the archive) runs here with no step selected, and every flag it passes a benchmark is one that

@@ -1,0 +1,142 @@
+"""LoRA (--use-peft) against full fine-tuning: memory held for training, update time, the adapters' decode cost.
+
+Per model shape, side by side in one process on the same random weights:
+  update  one training update as the trainer runs it (shared-prefix group_logprobs + policy_loss + backward +
+          AdamW step; fp32 masters for bf16 weights), full vs LoRA (r=16, alpha=32, all-linear): median time
+          over --repeats after a warm-up, and the training state it leaves resident: the distinct storages of
+          the parameters, their gradients and the optimizer's state (moments, fp32 masters), measured from the
+          tensors. On CUDA also the step's peak allocation (torch.cuda.max_memory_allocated).
+  decode  RolloutEngine.generate on the same prompts, the plain model vs the model with adapters (read live,
+          unmerged): new tokens/s.
+CPU: a small Qwen2-shaped model in fp32. --gpu: Qwen2.5-1.5B's shape (full and LoRA) and Qwen2.5-7B's (LoRA
+only: its full fine-tuning state, ~16 bytes a parameter, is more than an 80 GB GPU holds) in bf16.
+Writes benchmarks/results/lora_<cpu|cuda>.json. Usage: python benchmarks/bench_lora.py [--gpu]
+"""
+import argparse, datetime, gc, os, platform, random, statistics, sys, time  # noqa: E401
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+from bench_shared_prefix import QWEN25_15B, SMALL, make_group  # noqa: E402
+from common import git_commit, machine, save_json  # noqa: E402
+from rpo_engine.kernels import policy_loss  # noqa: E402
+from rpo_engine.model import CausalLM, ModelConfig, apply_lora  # noqa: E402
+from rpo_engine.model.shared_prefix import group_logprobs  # noqa: E402
+from rpo_engine.optim import make_adamw  # noqa: E402
+from rpo_engine.rollout import RolloutEngine, SamplingParams  # noqa: E402
+
+QWEN25_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                 num_key_value_heads=4, vocab_size=152064, rope_theta=1e6, tie_word_embeddings=False)
+
+
+def make_model(shape, device, dtype, lora):
+    config = ModelConfig.from_hf_dict(dict(dict(model_type="qwen2", max_position_embeddings=32768,
+                                                tie_word_embeddings=True), **shape))
+    torch.manual_seed(0)
+    with torch.device(device):  # made and initialised on the device: a 7B model on the CPU first would take minutes
+        model = CausalLM(config).init_weights().to(dtype).train()
+    return apply_lora(model, r=16, alpha=32.0) if lora else model
+
+
+def resident_bytes(model, optimizer) -> dict:
+    """Bytes of the distinct storages held by parameters, gradients and optimizer state (moments, masters)."""
+    def total(tensors):
+        return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+    params = list(model.parameters())
+    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    masters = [p for g in optimizer.param_groups for p in g["params"] if all(p is not q for q in params)]
+    return {"weights": total(params), "grads": total(p.grad for p in params if p.grad is not None),
+            "optimizer": total(state + masters)}
+
+
+def measure_update(model, groups, repeats):
+    cuda = model.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    optimizer = make_adamw(model, 1e-6, 0.0)
+    times = []
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(repeats + 1):
+        sync()
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=False)
+        logp, mask = group_logprobs(model, groups, shared=True)
+        adv = torch.tensor([a for g in groups for a in g.advantages], device=logp.device)
+        loss, _ = policy_loss(logp, logp.detach(), adv, mask, loss_agg="seq-mean-token-mean")
+        loss.backward()
+        optimizer.step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    row = {"update_ms": 1e3 * statistics.median(times[1:]),
+           "trained_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+           **{f"{k}_gib": v / 2**30 for k, v in resident_bytes(model, optimizer).items()}}
+    row["training_state_gib"] = row["weights_gib"] + row["grads_gib"] + row["optimizer_gib"]
+    if cuda:
+        row["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    del optimizer
+    return row
+
+
+def measure_decode(model, prompts, new_tokens, n):
+    cuda = model.device.type == "cuda"
+    engine = RolloutEngine(model)
+    params = SamplingParams(n=n, max_new_tokens=new_tokens, temperature=1.0, stop_token_ids=[], seed=0)  # full budget
+    engine.generate(prompts[:1], SamplingParams(n=1, max_new_tokens=4, seed=0))  # warm-up (graphs, kernels)
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = engine.generate(prompts, params)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(c.token_ids) for group in out for c in group)
+    del engine
+    return {"decode_s": seconds, "new_tokens": tokens, "tokens_per_s": tokens / seconds}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--gpu", action="store_true", default=torch.cuda.is_available())
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/)")
+    args = p.parse_args()
+    device, dtype = ("cuda", torch.bfloat16) if args.gpu else ("cpu", torch.float32)
+    # (name, shape, run full fine-tuning too?), prefix length, G, prompts x samples x (prompt, new) tokens of the decode
+    shapes = [("qwen2.5-1.5b", QWEN25_15B, True), ("qwen2.5-7b", QWEN25_7B, False)] if args.gpu else [("small", SMALL, True)]
+    prefix_len, G = (1024, 8) if args.gpu else (512, 8)
+    num_prompts, n, prompt_len, new_tokens = (16, 8, 512, 128) if args.gpu else (4, 4, 64, 64)
+    rng = random.Random(0)
+    print(f"{machine(device)}; {dtype}; update = one group, prefix {prefix_len} + G={G} suffixes of 64-128 tokens, "
+          f"median of {args.repeats}; decode = {num_prompts} prompts x {n}, {prompt_len} + {new_tokens} tokens")
+    rows = []
+    for name, shape, with_full in shapes:
+        for lora in ([False, True] if with_full else [True]):
+            model = make_model(shape, device, dtype, lora)
+            vocab = model.config.vocab_size
+            groups = [make_group(prefix_len, G, vocab, rng)]
+            prompts = [[rng.randrange(vocab) for _ in range(prompt_len)] for _ in range(num_prompts)]
+            row = {"model": name, "params": model.num_parameters(), "method": "lora r=16 all-linear" if lora else "full"}
+            row.update(measure_update(model, groups, args.repeats))
+            model.zero_grad(set_to_none=True)
+            row.update(measure_decode(model.eval(), prompts, new_tokens, n))
+            rows.append(row)
+            print(f"{name:>13} {row['method']:>20}: update {row['update_ms']:8.0f} ms, training state "
+                  f"{row['training_state_gib']:6.2f} GiB (weights {row['weights_gib']:.2f}, grads {row['grads_gib']:.2f}, "
+                  f"optimizer {row['optimizer_gib']:.2f})" + (f", peak {row['cuda_peak_gib']:.1f} GiB" if args.gpu else "")
+                  + f"; decode {row['tokens_per_s']:8.0f} tokens/s")
+            del model
+            gc.collect()
+            if args.gpu:
+                torch.cuda.empty_cache()
+    result = {"benchmark": "lora", "machine": machine(device), "platform": platform.platform(),
+              "date": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": git_commit(),
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(dtype),
+              "update_load": {"prefix": prefix_len, "G": G, "suffix_tokens": "uniform 64..128"},
+              "decode_load": {"prompts": num_prompts, "n": n, "prompt_tokens": prompt_len, "new_tokens": new_tokens},
+              "repeats": args.repeats, "load_avg_1m": os.getloadavg()[0], "results": rows}
+    save_json(args.out or os.path.join(HERE, "results", f"lora_{'cuda' if args.gpu else 'cpu'}.json"), result)
+
+
+if __name__ == "__main__":
+    main()
