@@ -1,7 +1,8 @@
 """`python -m rpo_engine.eval --model DIR --dataset FILE`: greedy accuracy of a model on a dataset.
 
 Without --dataset it uses the built-in task's held-out split; without --model, the starter model.
-`--output FILE.jsonl` also writes each row's greedy completion, reward and verdict.
+`--output FILE.jsonl` also writes each row's greedy completion, reward and verdict. `--adapter DIR` applies a
+LoRA adapter (a run's final-adapter/, or one PEFT saved) to --model.
 `--num-samples K --temperature T` samples K completions a row instead (one prefill each, shared by its
 samples) and reports their mean accuracy (avg@K) and the fraction of rows with a right one (pass@K).
 """
@@ -19,12 +20,15 @@ from rpo_engine.errors import UserError, run_cli
 def main(argv=None) -> int:
     import rpo_engine
     from rpo_engine.config import config_from_dict
+    from rpo_engine.model.lora import load_adapter
     from rpo_engine.rollout import RolloutEngine, SamplingParams
     from rpo_engine.train import load_rows, resolve_device, resolve_reward
     from rpo_engine.trainer import chat_template_kwargs, encode_prompt, prompt_token_limit, sampled_graded, stop_ids
 
     parser = argparse.ArgumentParser(prog="python -m rpo_engine.eval", description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="Hugging Face model directory (default: the built-in starter model)")
+    parser.add_argument("--adapter", help="a LoRA adapter directory (PEFT's layout, e.g. a run's final-adapter/) applied to "
+                                           "--model, unmerged (default: none)")
     parser.add_argument("--dataset", help="JSONL/Parquet rows with prompt and answer, or a `datasets` save_to_disk directory (default: built-in eval split)")
     parser.add_argument("--eval-size", type=int, default=512, help="most rows to evaluate (default: 512)")
     parser.add_argument("--max-completion-length", type=int, default=320, help="token budget of each completion (default: 320)")
@@ -67,6 +71,8 @@ def main(argv=None) -> int:
 
         config.model = str(ensure_starter_model())
     model = rpo_engine.load_model(config.model, dtype=dtype, device=device)
+    if args.adapter is not None:
+        load_adapter(model, args.adapter)
     tokenizer = rpo_engine.load_tokenizer(config.model)
     _, rows = load_rows(config)
     prompts = [encode_prompt(tokenizer, r, prompt_token_limit(config, model), chat_template_kwargs(config))

@@ -12,7 +12,7 @@ from rpo_engine.model.lora import (
     TARGETS, adapter_state_dict, adapters_disabled, apply_lora, load_adapter, lora_modules, merged_state_dict,
     save_adapter)
 from rpo_engine.optim import MasterWeightAdamW, make_adamw
-from tests.helpers import FAMILIES, save_hf_checkpoint
+from tests.helpers import DEVICE, FAMILIES, save_hf_checkpoint
 
 
 def randomize_adapters(model, seed=1, std=0.2):
@@ -20,7 +20,7 @@ def randomize_adapters(model, seed=1, std=0.2):
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in lora_modules(model).values():
-            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=generator) * std)
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=generator) * std)  # in place
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -119,16 +119,18 @@ def test_adapter_and_merged_model_load_in_peft_and_transformers(family_dir, tmp_
         torch.testing.assert_close(ours(ids), peft_model.eval()(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.gpu
 def test_rollout_reads_the_live_adapters(tmp_path, tiny_model_dir):
+    # on CUDA the decode step replays CUDA graphs: they must see the adapters' new values, not the captured ones
     from rpo_engine.rollout import RolloutEngine, SamplingParams
 
-    model = apply_lora(rpo_engine.load_model(tiny_model_dir), r=4, alpha=16.0)
+    model = apply_lora(rpo_engine.load_model(tiny_model_dir, device=DEVICE), r=4, alpha=16.0)
     engine = RolloutEngine(model)
     prompts = [[5, 9, 13, 7], [11, 4, 6], [8, 8, 3, 12, 10]]
     params = SamplingParams(n=2, max_new_tokens=12, temperature=1.0, seed=7)
 
     def check_against_merged():
-        merged = rpo_engine.load_model(tiny_model_dir)
+        merged = rpo_engine.load_model(tiny_model_dir, device=DEVICE)
         merged.load_state_dict(merged_state_dict(model))
         greedy = engine.generate(prompts, SamplingParams(max_new_tokens=12, temperature=0.0))
         reference = RolloutEngine(merged).generate(prompts, SamplingParams(max_new_tokens=12, temperature=0.0))
@@ -136,7 +138,7 @@ def test_rollout_reads_the_live_adapters(tmp_path, tiny_model_dir):
         for prompt, group in zip(prompts, engine.generate(prompts, params)):
             for c in group:  # sampled log-probs equal the merged model's teacher-forced ones
                 with torch.no_grad():
-                    logits = merged(torch.tensor([prompt + c.token_ids]))[0, len(prompt) - 1:-1].float()
+                    logits = merged(torch.tensor([prompt + c.token_ids], device=DEVICE))[0, len(prompt) - 1:-1].float().cpu()
                 expected = logits.log_softmax(-1).gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
                 torch.testing.assert_close(torch.tensor(c.logprobs), expected, rtol=1e-5, atol=1e-5)
         return greedy

@@ -345,6 +345,19 @@ def test_lora_run_resumes_exactly_and_saves_merged_and_peft(tmp_path, tiny_model
     for flags, message in ((["--no-use-peft"], "holds a LoRA adapter; resume with --use-peft"),
                            (["--lora-r", 8], "adapter has r=4, alpha=8, targets q_proj,v_proj,down_proj; this run has r=8")):
         assert_user_error(run_train(*common, *flags, "--steps", 5, "--output", full, "--resume", check=False), message)
+    # eval: the base with the adapter applied (--adapter) answers as the merged final/ does
+    evals = []
+    for model_flags in (["--model", full / "final"], ["--model", tiny_model_dir, "--adapter", full / "final-adapter"]):
+        out = tmp_path / f"eval{len(evals)}.jsonl"
+        proc = subprocess.run([sys.executable, "-m", "rpo_engine.eval", *map(str, model_flags), "--eval-size", "4",
+                               "--max-completion-length", "8", "--no-progress", "--output", str(out)],
+                              capture_output=True, text=True, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        evals.append([json.loads(line)["completion"] for line in out.read_text().splitlines()])
+    assert evals[0] == evals[1] and len(evals[0]) == 4
+    proc = subprocess.run([sys.executable, "-m", "rpo_engine.eval", "--model", str(tiny_model_dir), "--adapter",
+                           str(tmp_path)], capture_output=True, text=True, cwd=REPO)
+    assert_user_error(proc, "not a LoRA adapter directory")
     fake = tmp_path / "fake" / "checkpoints" / "step-1"  # a full fine-tuning run's checkpoint
     (fake / "model").mkdir(parents=True)
     (fake / "trainer_state.pt").touch()
