@@ -79,8 +79,12 @@ def test_adapters_start_at_the_base_and_switch_off(family_dir):
         with adapters_disabled(model):
             torch.testing.assert_close(model(ids), expected, rtol=0, atol=0)
         assert (model(ids) - expected).abs().max() > 1e-2  # back on after the block
-    # A is drawn from the seed alone, not from the global RNG
+    # A is drawn from the seed alone, and the global RNG is left as it was
+    torch.manual_seed(5)
+    untouched = torch.rand(4)
+    torch.manual_seed(5)
     again = apply_lora(rpo_engine.load_model(family_dir), r=4, alpha=8.0, seed=3)
+    assert torch.equal(torch.rand(4), untouched)
     other = apply_lora(rpo_engine.load_model(family_dir), r=4, alpha=8.0, seed=4)
     a = [m.lora_A.weight for m in lora_modules(model).values()]
     assert all(torch.equal(x, m.lora_A.weight) for x, m in zip(a, lora_modules(again).values()))

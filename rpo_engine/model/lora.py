@@ -75,9 +75,10 @@ class LoRALinear(nn.Linear):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.register_parameter("weight", base.weight)
         self.register_parameter("bias", base.bias)
+        # skip_init: uninitialised (apply_lora fills them), and no draw from the global RNG
         kw = dict(bias=False, device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_A = nn.Linear(self.in_features, r, **kw)  # [r, in]
-        self.lora_B = nn.Linear(r, self.out_features, **kw)  # [out, r]
+        self.lora_A = nn.utils.skip_init(nn.Linear, self.in_features, r, **kw)  # [r, in]
+        self.lora_B = nn.utils.skip_init(nn.Linear, r, self.out_features, **kw)  # [out, r]
         self.scaling = scaling
         self.adapter_enabled = True
 
