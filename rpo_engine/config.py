@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from rpo_engine.errors import UserError
-from rpo_engine.model.lora import TARGETS as LORA_TARGETS
+from rpo_engine.model.lora import TARGETS as LORA_TARGETS, parse_targets as parse_lora_targets
 
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 # TRL's GRPOConfig.loss_type -> ours (verl's names). TRL's dr_grpo, like ours, divides by max_completion_length.
@@ -192,10 +192,7 @@ class TrainConfig:
         _check(self.parallel in ("ddp", "fsdp"), f"--parallel must be ddp or fsdp, got {self.parallel!r}")
         _check(self.lora_r >= 1, f"--lora-r must be >= 1, got {self.lora_r}")
         _check(self.lora_alpha > 0 and math.isfinite(self.lora_alpha), f"--lora-alpha must be > 0, got {self.lora_alpha}")
-        targets = [n.strip() for n in self.lora_target_modules.split(",")]
-        _check(targets == ["all-linear"] or (targets and set(targets) <= set(LORA_TARGETS)),
-               f"--lora-target-modules must be all-linear or a comma-separated subset of {','.join(LORA_TARGETS)}, "
-               f"got {self.lora_target_modules!r}")
+        parse_lora_targets(self.lora_target_modules, "--lora-target-modules")
         # a frozen bf16 base fits each GPU (2 bytes a parameter): DDP replicates it, there is nothing to shard
         _check(not (self.use_peft and self.parallel == "fsdp"), "--use-peft trains with --parallel ddp, not fsdp")
         if self.chat_template_kwargs is not None:
@@ -270,7 +267,7 @@ def _load_yaml(path: str) -> dict:
     flat = {}
     for key, value in data.items():
         key = key.replace("-", "_")
-        if key in ("reward", "reward_weights", "lora_target_modules") and isinstance(value, list):  # a YAML list of functions/weights
+        if key in ("reward", "reward_weights", "lora_target_modules") and isinstance(value, list):  # YAML lists
             value = ",".join(map(str, value))
         if key == "chat_template_kwargs" and isinstance(value, dict):  # a YAML mapping: the flag's JSON
             value = json.dumps(value)

@@ -366,6 +366,12 @@ def test_lora_run_resumes_exactly_and_saves_merged_and_peft(tmp_path, tiny_model
 
 
 def test_lora_option_mistakes(tmp_path):
+    from rpo_engine.config import parse_args
+
+    yaml = tmp_path / "peft.yaml"
+    yaml.write_text("use_peft: true\nlora_r: 8\nlora_target_modules: [v_proj, q_proj]\n")  # TRL's YAML list form
+    config = parse_args(["--config", str(yaml)])
+    assert (config.use_peft, config.lora_r, config.lora_target_modules) == (True, 8, "v_proj,q_proj")
     for flags, message in ((["--lora-target-modules", "q_proj,lm_head"], "--lora-target-modules must be all-linear or"),
                            (["--lora-r", 0], "--lora-r must be >= 1, got 0"),
                            (["--use-peft", "--parallel", "fsdp"], "--use-peft trains with --parallel ddp")):

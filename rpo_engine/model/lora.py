@@ -54,15 +54,15 @@ class LoRASettings:
         return self.alpha / self.r
 
 
-def parse_targets(spec) -> tuple[str, ...]:
+def parse_targets(spec, what: str = "LoRA target modules") -> tuple[str, ...]:
     """"all-linear" (every projection, PEFT's name; never the LM head), or a comma-separated / list of
-    projection names; in TARGETS order."""
+    projection names; in TARGETS order. `what` names the option in the error."""
     names = [n.strip() for n in spec.split(",")] if isinstance(spec, str) else [str(n) for n in spec]
     if names == ["all-linear"]:
         return TARGETS
     unknown = [n for n in names if n not in TARGETS]
     if unknown or not names:
-        raise UserError(f"LoRA target modules must be all-linear or names among {', '.join(TARGETS)}; "
+        raise UserError(f"{what} must be all-linear or a comma-separated subset of {','.join(TARGETS)}; "
                         f"got {unknown[0] if unknown else spec!r}")
     return tuple(n for n in TARGETS if n in names)
 
