@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from rpo_engine.errors import UserError
+from rpo_engine.model.atomic import replacing_directory
 from rpo_engine.model.config import ModelConfig, read_generation_eos, rope_inv_freq
 from rpo_engine.model.decoder import CausalLM
 from rpo_engine.model.lora import merged_state_dict
@@ -119,10 +118,7 @@ def save_pretrained(model: CausalLM, directory, tokenizer=None) -> None:
     The tokenizer comes from `tokenizer` (anything with save_pretrained) or is copied from the
     directory the model was loaded from.
     """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
+    with replacing_directory(directory) as tmp:
         # LoRA adapters are merged into their weights: the directory is a plain model (model/lora.py)
         state = {k: v.detach().contiguous().cpu() for k, v in merged_state_dict(model).items()}
         if model.config.tie_word_embeddings:
@@ -140,17 +136,6 @@ def save_pretrained(model: CausalLM, directory, tokenizer=None) -> None:
                 src = Path(model.source_dir) / name
                 if src.is_file():
                     shutil.copy2(src, tmp / name)
-        # Swap in: the old directory (if any) is only removed once the new one is complete.
-        old = None
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            directory.rename(old)
-        tmp.rename(directory)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_tokenizer(path):

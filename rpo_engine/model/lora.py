@@ -24,9 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rpo_engine.errors import UserError
+from rpo_engine.model.atomic import replacing_directory
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
@@ -171,10 +169,7 @@ def save_adapter(model: nn.Module, directory, base_model_name_or_path: str | Non
     settings = lora_settings(model)
     if settings is None:
         raise ValueError("the model has no LoRA adapters")
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
+    with replacing_directory(directory) as tmp:
         save_file(adapter_state_dict(model), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         config = {
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": settings.r, "lora_alpha": settings.alpha,
@@ -184,16 +179,6 @@ def save_adapter(model: nn.Module, directory, base_model_name_or_path: str | Non
             "base_model_name_or_path": base_model_name_or_path or (str(model.source_dir) if model.source_dir else None),
         }
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        old = None
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            directory.rename(old)
-        tmp.rename(directory)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def read_adapter_settings(directory) -> LoRASettings:
