@@ -154,6 +154,7 @@ class TrainConfig:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (with --use-peft)"})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scale: the weight update is B A * alpha / r (with --use-peft)"})
     lora_target_modules: str = field(default="all-linear", metadata={"help": f"projections given adapters (with --use-peft): all-linear or a comma-separated subset of {','.join(LORA_TARGETS)}"})
+    gpu_memory_utilization: float = field(default=0.5, metadata={"help": "CUDA: the share of the GPU's memory that the weights and the rollout's K/V cache may fill; the rest is the update's (vLLM's name): lower it when the update runs out of memory"})
     async_scheduling: bool = field(default=False, metadata={"help": "rollout: schedule each decode step while the previous one runs, hiding the host's work behind the GPU's (the same samples; nothing to gain on a CPU)"})
     reward: str = field(default="auto", metadata={"help": "exact | math | module:function (auto: exact for the built-in task, math otherwise); or several, comma-separated: the first decides right answers (eval accuracy, RPO's verified paths), each adds its weighted score to the reward"})
     chat_template_kwargs: str | None = field(default=None, metadata={"help": "a JSON object of extra arguments for the chat template (TRL's name), e.g. '{\"enable_thinking\": false}' for Qwen3 (default: none)"})
@@ -190,6 +191,8 @@ class TrainConfig:
                f"--device must be cpu, cuda or auto, got {self.device!r}")
         _check(self.dtype in ("auto", "float32", "bfloat16"), f"--dtype must be float32, bfloat16 or auto, got {self.dtype!r}")
         _check(self.parallel in ("ddp", "fsdp"), f"--parallel must be ddp or fsdp, got {self.parallel!r}")
+        _check(0 < self.gpu_memory_utilization <= 1,
+               f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         _check(self.lora_r >= 1, f"--lora-r must be >= 1, got {self.lora_r}")
         _check(self.lora_alpha > 0 and math.isfinite(self.lora_alpha), f"--lora-alpha must be > 0, got {self.lora_alpha}")
         parse_lora_targets(self.lora_target_modules, "--lora-target-modules")

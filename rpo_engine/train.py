@@ -211,6 +211,9 @@ def train(config: TrainConfig, dist: Dist) -> int:
         raise UserError(f"{output}: the ranks see different checkpoints; --output must be on a filesystem every node shares")
 
     trainer = build_trainer(config, checkpoint, dist=dist)
+    if main_rank and trainer.device.type == "cuda":  # what --gpu-memory-utilization gave the rollout
+        print(f"rollout K/V cache: {trainer.engine.kv_cache_bytes / 2**30:.1f} GiB, "
+              f"{trainer.engine.num_blocks * trainer.engine.block_size} tokens")
     records = []
     if checkpoint is not None:
         try:
@@ -250,7 +253,7 @@ def train(config: TrainConfig, dist: Dist) -> int:
     while trainer.step_num < config.steps:
         if fail_at == f"{dist.rank}:{trainer.step_num + 1}":
             raise RuntimeError(f"RPO_ENGINE_TEST_FAIL_AT: rank {dist.rank} fails at step {trainer.step_num + 1}")
-        m = trainer.step()
+        m = step_or_explain(trainer, config)
         step = m["step"]
         if config.eval_steps and trainer.eval_rows and (step % config.eval_steps == 0 or step == config.steps):
             m["eval_accuracy"] = trainer.evaluate()
@@ -296,9 +299,23 @@ def train(config: TrainConfig, dist: Dist) -> int:
     return 0
 
 
+def step_or_explain(trainer, config: TrainConfig) -> dict:
+    """trainer.step(); running out of GPU memory is a setting too large for this GPU: a one-line error
+    that names the settings to change, not a traceback."""
+    try:
+        return trainer.step()
+    except torch.cuda.OutOfMemoryError as e:
+        kv_gib = trainer.engine.kv_cache_bytes / 2**30
+        first = next(iter(str(e).strip().splitlines()), "")
+        raise UserError(f"out of GPU memory in step {trainer.step_num + 1} ({first[:200]}); the rollout's K/V cache "
+                        f"holds {kv_gib:.1f} GiB: lower --gpu-memory-utilization (now {config.gpu_memory_utilization}) "
+                        f"or --micro-batch-tokens (now {config.micro_batch_tokens}), or add --gradient-checkpointing"
+                        + ("" if config.use_peft else " or --use-peft")) from None
+
+
 # Options a resumed run may change without changing what it trains (more --steps extends the run).
 _RESUME_FREE = {"resume", "steps", "output", "config", "progress", "log_completions", "eval_steps", "eval_size",
-                "save_steps", "save_total_limit", "dist_timeout", "async_scheduling"}
+                "save_steps", "save_total_limit", "dist_timeout", "async_scheduling", "gpu_memory_utilization"}
 
 
 def warn_changed_options(saved: Path, config: TrainConfig) -> None:

@@ -89,7 +89,11 @@ class Trainer:
         self.model, self.policy = self.dist.wrap(model, config.temperature)
         self.replica_stale = False
         self.prompt_ids = {row["id"]: self.encode_prompt(row) for row in train_rows + eval_rows}
-        self.engine = RolloutEngine(self.model, async_scheduling=config.async_scheduling)
+        try:
+            self.engine = RolloutEngine(self.model, async_scheduling=config.async_scheduling,
+                                        gpu_memory_utilization=config.gpu_memory_utilization)
+        except ValueError as e:  # its K/V budget: the weights alone fill the --gpu-memory-utilization share
+            raise UserError(f"rollout engine: {e} (--gpu-memory-utilization {config.gpu_memory_utilization})") from None
         # The KL reference: with LoRA the base model itself, its adapters switched off (no second model);
         # else a frozen copy of the initial policy.
         self.lora = lora_settings(self.model) is not None

@@ -365,6 +365,39 @@ def test_lora_run_resumes_exactly_and_saves_merged_and_peft(tmp_path, tiny_model
                       "step-1: holds full weights, not a LoRA adapter; resume without --use-peft")
 
 
+def test_out_of_gpu_memory_is_a_one_line_error_naming_the_settings(tmp_path, tiny_model_dir, monkeypatch):
+    from rpo_engine.config import parse_args
+    from rpo_engine.distributed import Dist
+    from rpo_engine.errors import UserError
+    from rpo_engine.train import train
+    from rpo_engine.trainer import Trainer
+
+    def out_of_memory(self):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.50 GiB. GPU 0 has a total capacity"
+                                          " of 79.1 GiB\nof which ...")
+
+    monkeypatch.setattr(Trainer, "step", out_of_memory)
+    config = parse_args(["--model", str(tiny_model_dir), "--output", str(tmp_path / "o"), "--no-progress",
+                         "--eval-steps", "0", "--micro-batch-tokens", "4096", "--gpu-memory-utilization", "0.4"])
+    with pytest.raises(UserError) as e:
+        train(config, Dist())
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("out of GPU memory in step 1 (CUDA out of memory. Tried to allocate 9.50 GiB.")
+    assert "K/V cache holds" in message and "--gpu-memory-utilization (now 0.4) or --micro-batch-tokens (now 4096)" in message
+    assert message.endswith("add --gradient-checkpointing or --use-peft")
+    # weights that fill the --gpu-memory-utilization share alone leave the K/V cache nothing: said at start
+    import rpo_engine.rollout
+    from rpo_engine.train import build_trainer
+
+    def no_budget(self, model, **kwargs):
+        assert kwargs["gpu_memory_utilization"] == 0.4
+        raise ValueError("KV cache budget too small: not one block of 4096 bytes; 40% of the GPU is already in use")
+
+    monkeypatch.setattr(rpo_engine.rollout.RolloutEngine, "__init__", no_budget)
+    with pytest.raises(UserError, match=r"^rollout engine: KV cache budget too small: .* \(--gpu-memory-utilization 0.4\)$"):
+        build_trainer(config)
+
+
 def test_lora_option_mistakes(tmp_path):
     from rpo_engine.config import parse_args
 
@@ -374,7 +407,8 @@ def test_lora_option_mistakes(tmp_path):
     assert (config.use_peft, config.lora_r, config.lora_target_modules) == (True, 8, "v_proj,q_proj")
     for flags, message in ((["--lora-target-modules", "q_proj,lm_head"], "--lora-target-modules must be all-linear or"),
                            (["--lora-r", 0], "--lora-r must be >= 1, got 0"),
-                           (["--use-peft", "--parallel", "fsdp"], "--use-peft trains with --parallel ddp")):
+                           (["--use-peft", "--parallel", "fsdp"], "--use-peft trains with --parallel ddp"),
+                           (["--gpu-memory-utilization", 1.5], "--gpu-memory-utilization must be in (0, 1], got 1.5")):
         assert_user_error(run_train(*flags, "--output", tmp_path / "o", check=False), message)
 
 

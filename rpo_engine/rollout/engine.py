@@ -139,6 +139,11 @@ class RolloutEngine:
     def num_blocks(self) -> int:
         return self.runner.num_blocks
 
+    @property
+    def kv_cache_bytes(self) -> int:
+        """The K/V cache's size (both tensors, every layer, the padding block left out)."""
+        return self.runner.num_blocks * self.runner.block_bytes
+
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
                  progress: bool = False) -> list[list[Completion]]:
         """-> for each prompt its n completions. progress: a bar of finished samples with new tokens/s
