@@ -132,7 +132,8 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32.0, target_module
 
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module):
-    """The base model, for the KL reference: every adapter switched off inside the block."""
+    """The base model, for the KL reference: every adapter switched off inside the block. (A RolloutEngine's
+    CUDA graphs replay the forward they captured, adapters on: generate from the base with graphs off.)"""
     modules = list(lora_modules(model).values())
     for m in modules:
         m.adapter_enabled = False
