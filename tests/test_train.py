@@ -413,15 +413,17 @@ def test_lora_option_mistakes(tmp_path):
 
 
 @pytest.mark.gpu
-def test_trains_on_the_test_device(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("peft", [[], ["--use-peft", "--lora-r", 4]], ids=["full", "lora"])
+def test_trains_on_the_test_device(tmp_path, tiny_model_dir, peft):
     """On CUDA the job's defaults differ from the CPU's: bf16 weights with fp32 masters, the Triton
-    log-prob, loss and decode kernels, CUDA-graph rollouts of the live weights. They train, evaluate and
-    save, and the rollout's log-probs stay close to the training forward's."""
+    log-prob, loss and decode kernels, CUDA-graph rollouts of the live weights (with LoRA: of the live
+    adapters, on a frozen base). They train, evaluate and save, and the rollout's log-probs stay close to
+    the training forward's."""
     import rpo_engine
 
     out = tmp_path / "run"
     run_train("--model", tiny_model_dir, "--device", DEVICE.type, "--steps", 3, "--eval-steps", 3, "--output", out,
-              "--reward", "tests.reward_fns:hash_reward", *SMALL)
+              "--reward", "tests.reward_fns:hash_reward", *SMALL, *peft)
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [0, 1, 2, 3] and "eval_accuracy" in metrics[-1]
     for m in metrics[1:]:
