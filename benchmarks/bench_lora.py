@@ -6,8 +6,9 @@ Per model shape, side by side in one process on the same random weights:
           over --repeats after a warm-up, and the training state it leaves resident: the distinct storages of
           the parameters, their gradients and the optimizer's state (moments, fp32 masters), measured from the
           tensors. On CUDA also the step's peak allocation (torch.cuda.max_memory_allocated).
-  decode  RolloutEngine.generate on the same prompts, the plain model vs the model with adapters (read live,
-          unmerged): new tokens/s.
+  decode  RolloutEngine.generate on the same prompts: new tokens/s of the plain model, and of the model with
+          adapters read live (unmerged) and from merged rollout copies (RolloutEngine(merge_lora=True),
+          --lora-merged-rollout in training).
 CPU: a small Qwen2-shaped model in fp32. --gpu: Qwen2.5-1.5B's shape (full and LoRA) and Qwen2.5-7B's (LoRA
 only: its full fine-tuning state, ~16 bytes a parameter, is more than an 80 GB GPU holds) in bf16.
 Writes benchmarks/results/lora_<cpu|cuda>.json. Usage: python benchmarks/bench_lora.py [--gpu]
@@ -78,9 +79,9 @@ def measure_update(model, groups, repeats):
     return row
 
 
-def measure_decode(model, prompts, new_tokens, n):
+def measure_decode(model, prompts, new_tokens, n, merge_lora=False):
     cuda = model.device.type == "cuda"
-    engine = RolloutEngine(model)
+    engine = RolloutEngine(model, merge_lora=merge_lora)
     params = SamplingParams(n=n, max_new_tokens=new_tokens, temperature=1.0, stop_token_ids=[], seed=0)  # full budget
     engine.generate(prompts[:1], SamplingParams(n=1, max_new_tokens=4, seed=0))  # warm-up (graphs, kernels)
     if cuda:
@@ -92,6 +93,8 @@ def measure_decode(model, prompts, new_tokens, n):
     seconds = time.perf_counter() - t0
     tokens = sum(len(c.token_ids) for group in out for c in group)
     del engine
+    if merge_lora:
+        return {"merged_decode_s": seconds, "merged_tokens_per_s": tokens / seconds}
     return {"decode_s": seconds, "new_tokens": tokens, "tokens_per_s": tokens / seconds}
 
 
@@ -120,11 +123,14 @@ def main():
             row.update(measure_update(model, groups, args.repeats))
             model.zero_grad(set_to_none=True)
             row.update(measure_decode(model.eval(), prompts, new_tokens, n))
+            if lora:
+                row.update(measure_decode(model, prompts, new_tokens, n, merge_lora=True))
             rows.append(row)
             print(f"{name:>13} {row['method']:>20}: update {row['update_ms']:8.0f} ms, training state "
                   f"{row['training_state_gib']:6.2f} GiB (weights {row['weights_gib']:.2f}, grads {row['grads_gib']:.2f}, "
                   f"optimizer {row['optimizer_gib']:.2f})" + (f", peak {row['cuda_peak_gib']:.1f} GiB" if args.gpu else "")
-                  + f"; decode {row['tokens_per_s']:8.0f} tokens/s")
+                  + f"; decode {row['tokens_per_s']:6.0f} tokens/s"
+                  + (f" ({row['merged_tokens_per_s']:.0f} merged)" if lora else ""))
             del model
             gc.collect()
             if args.gpu:

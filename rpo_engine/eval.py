@@ -81,7 +81,8 @@ def main(argv=None) -> int:
     params = [SamplingParams(n=args.num_samples, max_new_tokens=config.max_completion_length,
                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                              stop_token_ids=eos_ids, seed=args.seed + i) for i in range(len(rows))]
-    graded = sampled_graded(RolloutEngine(model), tokenizer, rows, resolve_reward(config), prompts, params,
+    engine = RolloutEngine(model, merge_lora=True)  # an adapter is decoded merged: nothing trains it here
+    graded = sampled_graded(engine, tokenizer, rows, resolve_reward(config), prompts, params,
                             progress=not args.no_progress)
     if output is not None:
         try:

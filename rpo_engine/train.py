@@ -315,7 +315,8 @@ def step_or_explain(trainer, config: TrainConfig) -> dict:
 
 # Options a resumed run may change without changing what it trains (more --steps extends the run).
 _RESUME_FREE = {"resume", "steps", "output", "config", "progress", "log_completions", "eval_steps", "eval_size",
-                "save_steps", "save_total_limit", "dist_timeout", "async_scheduling", "gpu_memory_utilization"}
+                "save_steps", "save_total_limit", "dist_timeout", "async_scheduling", "gpu_memory_utilization",
+                "lora_merged_rollout"}
 
 
 def warn_changed_options(saved: Path, config: TrainConfig) -> None:

@@ -91,7 +91,8 @@ class Trainer:
         self.prompt_ids = {row["id"]: self.encode_prompt(row) for row in train_rows + eval_rows}
         try:
             self.engine = RolloutEngine(self.model, async_scheduling=config.async_scheduling,
-                                        gpu_memory_utilization=config.gpu_memory_utilization)
+                                        gpu_memory_utilization=config.gpu_memory_utilization,
+                                        merge_lora=config.lora_merged_rollout)
         except ValueError as e:  # its K/V budget: the weights alone fill the --gpu-memory-utilization share
             raise UserError(f"rollout engine: {e} (--gpu-memory-utilization {config.gpu_memory_utilization})") from None
         # The KL reference: with LoRA the base model itself, its adapters switched off (no second model);

@@ -136,7 +136,7 @@ def test_bench_lora_measures_full_and_adapter_training(tmp_path):
     assert lora["trained_params"] < full["trained_params"] / 10 and lora["weights_gib"] > full["weights_gib"]
     # AdamW holds two moments per trained parameter: full fine-tuning's state is twice the weights
     assert full["optimizer_gib"] > 1.9 * full["weights_gib"] and lora["optimizer_gib"] < full["optimizer_gib"] / 10
-    assert all(r["update_ms"] > 0 and r["tokens_per_s"] > 0 for r in (full, lora))
+    assert all(r["update_ms"] > 0 and r["tokens_per_s"] > 0 for r in (full, lora)) and lora["merged_tokens_per_s"] > 0
 
 
 def test_gpu_suite_skeleton_and_its_benchmark_flags(tmp_path):

@@ -124,12 +124,14 @@ def test_adapter_and_merged_model_load_in_peft_and_transformers(family_dir, tmp_
 
 
 @pytest.mark.gpu
-def test_rollout_reads_the_live_adapters(tmp_path, tiny_model_dir):
-    # on CUDA the decode step replays CUDA graphs: they must see the adapters' new values, not the captured ones
+@pytest.mark.parametrize("merge_lora", [False, True], ids=["live", "merged"])
+def test_rollout_reads_the_live_adapters(tmp_path, tiny_model_dir, merge_lora):
+    # on CUDA the decode step replays CUDA graphs: they must see the adapters' new values, not the captured ones;
+    # merge_lora: the merged rollout copies are brought up to date at each generate call
     from rpo_engine.rollout import RolloutEngine, SamplingParams
 
     model = apply_lora(rpo_engine.load_model(tiny_model_dir, device=DEVICE), r=4, alpha=16.0)
-    engine = RolloutEngine(model)
+    engine = RolloutEngine(model, merge_lora=merge_lora)
     prompts = [[5, 9, 13, 7], [11, 4, 6], [8, 8, 3, 12, 10]]
     params = SamplingParams(n=2, max_new_tokens=12, temperature=1.0, seed=7)
 
@@ -151,6 +153,14 @@ def test_rollout_reads_the_live_adapters(tmp_path, tiny_model_dir):
     randomize_adapters(model, std=2.0)  # what an optimizer step does: the same tensors, new values
     after = check_against_merged()
     assert [c[0].token_ids for c in before] != [c[0].token_ids for c in after]
+    # outside generate the model runs its live adapters (the training forward), never a stale merged copy
+    randomize_adapters(model, seed=9, std=1.0)
+    merged = rpo_engine.load_model(tiny_model_dir, device=DEVICE)
+    merged.load_state_dict(merged_state_dict(model))
+    ids = torch.tensor([prompts[0]], device=DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), merged(ids), rtol=1e-5, atol=1e-5)
+    assert all((m.rollout_weight is not None) == merge_lora for m in lora_modules(model).values())
 
 
 def test_optimizer_holds_adapter_state_only(tiny_model_dir):

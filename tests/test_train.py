@@ -365,6 +365,20 @@ def test_lora_run_resumes_exactly_and_saves_merged_and_peft(tmp_path, tiny_model
                       "step-1: holds full weights, not a LoRA adapter; resume without --use-peft")
 
 
+def test_lora_merged_rollout_samples_what_the_live_adapters_do(tmp_path, tiny_model_dir):
+    # the merged rollout copies differ from the live adapters by fp32 rounding only: the same completions
+    common = ["--model", tiny_model_dir, "--use-peft", "--lora-r", 4, "--steps", 3, "--eval-steps", 3,
+              "--reward", "tests.reward_fns:hash_reward", "--train-size", 3, "--log-completions", *SMALL]
+    run_train(*common, "--output", tmp_path / "live")
+    run_train(*common, "--output", tmp_path / "merged", "--lora-merged-rollout")
+    assert (tmp_path / "live" / "completions.jsonl").read_text() == (tmp_path / "merged" / "completions.jsonl").read_text()
+    live, merged = read_metrics(tmp_path / "live"), read_metrics(tmp_path / "merged")
+    assert live[-1]["eval_accuracy"] == merged[-1]["eval_accuracy"]
+    for a, b in zip(live[1:], merged[1:]):
+        assert a["grad_norm"] > 0 and a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+        assert b["logprob_mismatch"] < 1e-4  # the training forward (live adapters) scores what the rollout drew
+
+
 def test_out_of_gpu_memory_is_a_one_line_error_naming_the_settings(tmp_path, tiny_model_dir, monkeypatch):
     from rpo_engine.config import parse_args
     from rpo_engine.distributed import Dist

@@ -79,8 +79,14 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.utils.skip_init(nn.Linear, r, self.out_features, **kw)  # [out, r]
         self.scaling = scaling
         self.adapter_enabled = True
+        # A merged copy for rollouts (RolloutEngine(merge_lora=True)); not a parameter, not saved.
+        self.rollout_weight: torch.Tensor | None = None
+        self.rollout_weight_versions: tuple[int, int, int] | None = None  # of W, A, B when it was merged
+        self.use_rollout_weight = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_rollout_weight:
+            return F.linear(x, self.rollout_weight, self.bias)
         out = F.linear(x, self.weight, self.bias)
         if not self.adapter_enabled:
             return out
@@ -142,6 +148,41 @@ def adapters_disabled(model: nn.Module):
     finally:
         for m in modules:
             m.adapter_enabled = True
+
+
+@torch.no_grad()
+def refresh_rollout_weights(model: nn.Module) -> int:
+    """Give each adapter a merged copy of its weight for rollouts (allocated on the first call) and bring
+    it up to date: recomputed only where W, A or B changed in place since (their version counters, which
+    an optimizer step or a load bumps), and written in place, so captured CUDA graphs read the new values.
+    Returns how many were recomputed."""
+    done = 0
+    for m in lora_modules(model).values():
+        versions = (m.weight._version, m.lora_A.weight._version, m.lora_B.weight._version)
+        if m.rollout_weight is None:
+            m.rollout_weight = torch.empty_like(m.weight)
+        elif versions == m.rollout_weight_versions:
+            continue
+        m.rollout_weight.copy_(m.merged_weight())
+        m.rollout_weight_versions = versions
+        done += 1
+    return done
+
+
+@contextlib.contextmanager
+def rollout_weights_in_use(model: nn.Module):
+    """Inside the block every adapted projection computes with its merged rollout copy (one matmul instead
+    of three); outside, the training forward runs the live adapters."""
+    modules = list(lora_modules(model).values())
+    if any(m.rollout_weight is None for m in modules):
+        raise RuntimeError("refresh_rollout_weights(model) first")
+    for m in modules:
+        m.use_rollout_weight = True
+    try:
+        yield model
+    finally:
+        for m in modules:
+            m.use_rollout_weight = False
 
 
 @torch.no_grad()

@@ -16,12 +16,14 @@ every token: a prefill (requests waiting) or a preemption.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
 
 import torch
 
+from rpo_engine.model.lora import lora_modules, refresh_rollout_weights, rollout_weights_in_use
 from rpo_engine.rollout.block_manager import BlockManager
 from rpo_engine.rollout.model_runner import ModelRunner
 from rpo_engine.rollout.sampler import request_key, sample_sequences
@@ -88,7 +90,7 @@ class RolloutEngine:
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  use_cuda_graphs: bool | None = None, attention_backend: str = "auto",
                  enable_prefix_sharing: bool = True, gpu_memory_utilization: float = 0.5,
-                 triton_cascade: bool = False, async_scheduling: bool = False):
+                 triton_cascade: bool = False, async_scheduling: bool = False, merge_lora: bool = False):
         """
         block_size: tokens per K/V block. num_blocks or kv_cache_bytes: the K/V budget; by default
           64k tokens on CPU (capped at max(weights' size, 1 GiB)), and on CUDA what is left of
@@ -107,6 +109,10 @@ class RolloutEngine:
         async_scheduling: schedule each decode step while the previous one runs (module docstring): the
           same completions. Off by default until measured on a GPU (bench_rollout.py --gpu runs both);
           on a CPU, where every op finishes before the next starts, it has nothing to overlap.
+        merge_lora: a model with LoRA adapters decodes from merged copies of its adapted weights (W + B A
+          alpha / r, recomputed at each generate call where an adapter changed) instead of the live adapters:
+          one matmul a projection instead of three, for a copy of each adapted weight in memory. Off by
+          default until measured on a GPU (bench_lora.py runs both); without adapters it does nothing.
         """
         if attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton', got {attention_backend!r}")
@@ -125,15 +131,22 @@ class RolloutEngine:
         self.async_scheduling = async_scheduling
         self._inflight: InFlight | None = None
         max_num_batched_tokens = max_num_batched_tokens or max(8192, self.config.max_position_embeddings)
-        self.runner = ModelRunner(model, block_size, num_blocks, kv_cache_bytes, max_num_seqs, max_num_batched_tokens,
-                                  attention_backend, use_cuda_graphs, gpu_memory_utilization, enable_prefix_sharing,
-                                  triton_cascade)
+        self.merge_lora = merge_lora and bool(lora_modules(model))
+        if self.merge_lora:
+            refresh_rollout_weights(model)  # allocated before the K/V cache is sized, so counted as in use
+        with self._rollout_weights():  # the CUDA graphs capture the forward generate will run
+            self.runner = ModelRunner(model, block_size, num_blocks, kv_cache_bytes, max_num_seqs,
+                                      max_num_batched_tokens, attention_backend, use_cuda_graphs,
+                                      gpu_memory_utilization, enable_prefix_sharing, triton_cascade)
         self.block_manager = BlockManager(self.runner.num_blocks, block_size, enable_prefix_sharing,
                                           tables=self.runner.block_tables)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
         self.stats = RolloutStats()  # cumulative
         self.last_stats = RolloutStats()  # the last generate call's share
         self._call_peak = 0
+
+    def _rollout_weights(self):
+        return rollout_weights_in_use(self.model) if self.merge_lora else contextlib.nullcontext()
 
     @property
     def num_blocks(self) -> int:
@@ -149,6 +162,12 @@ class RolloutEngine:
         """-> for each prompt its n completions. progress: a bar of finished samples with new tokens/s
         (vLLM's use_tqdm), for long offline runs such as an eval."""
         params_list = self._validate(prompts, params)
+        if self.merge_lora:
+            refresh_rollout_weights(self.model)
+        with self._rollout_weights():
+            return self._generate(prompts, params_list, progress)
+
+    def _generate(self, prompts, params_list, progress) -> list[list[Completion]]:
         self.block_manager.reset_prefix_cache()
         self.runner.refresh()
         before, self._call_peak = dataclasses.replace(self.stats), self.block_manager.num_used_blocks
