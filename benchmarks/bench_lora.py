@@ -8,7 +8,7 @@ Per model shape, side by side in one process on the same random weights:
           tensors. On CUDA also the step's peak allocation (torch.cuda.max_memory_allocated).
   decode  RolloutEngine.generate on the same prompts: new tokens/s of the plain model, and of the model with
           adapters read live (unmerged) and from merged rollout copies (RolloutEngine(merge_lora=True),
-          --lora-merged-rollout in training).
+          --lora-merged-rollout in training): median of --repeats calls after a warm-up.
 CPU: a small Qwen2-shaped model in fp32. --gpu: Qwen2.5-1.5B's shape (full and LoRA) and Qwen2.5-7B's (LoRA
 only: its full fine-tuning state, ~16 bytes a parameter, is more than an 80 GB GPU holds) in bf16.
 Writes benchmarks/results/lora_<cpu|cuda>.json. Usage: python benchmarks/bench_lora.py [--gpu]
@@ -79,18 +79,22 @@ def measure_update(model, groups, repeats):
     return row
 
 
-def measure_decode(model, prompts, new_tokens, n, merge_lora=False):
+def measure_decode(model, prompts, new_tokens, n, repeats, merge_lora=False):
+    """Median over `repeats` generate calls, after a warm-up."""
     cuda = model.device.type == "cuda"
     engine = RolloutEngine(model, merge_lora=merge_lora)
     params = SamplingParams(n=n, max_new_tokens=new_tokens, temperature=1.0, stop_token_ids=[], seed=0)  # full budget
     engine.generate(prompts[:1], SamplingParams(n=1, max_new_tokens=4, seed=0))  # warm-up (graphs, kernels)
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = engine.generate(prompts, params)
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = engine.generate(prompts, params)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    seconds = statistics.median(times)
     tokens = sum(len(c.token_ids) for group in out for c in group)
     del engine
     if merge_lora:
@@ -122,9 +126,9 @@ def main():
             row = {"model": name, "params": model.num_parameters(), "method": "lora r=16 all-linear" if lora else "full"}
             row.update(measure_update(model, groups, args.repeats))
             model.zero_grad(set_to_none=True)
-            row.update(measure_decode(model.eval(), prompts, new_tokens, n))
+            row.update(measure_decode(model.eval(), prompts, new_tokens, n, args.repeats))
             if lora:
-                row.update(measure_decode(model, prompts, new_tokens, n, merge_lora=True))
+                row.update(measure_decode(model, prompts, new_tokens, n, args.repeats, merge_lora=True))
             rows.append(row)
             print(f"{name:>13} {row['method']:>20}: update {row['update_ms']:8.0f} ms, training state "
                   f"{row['training_state_gib']:6.2f} GiB (weights {row['weights_gib']:.2f}, grads {row['grads_gib']:.2f}, "
