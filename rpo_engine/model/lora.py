@@ -187,8 +187,8 @@ def rollout_weights_in_use(model: nn.Module):
 
 @torch.no_grad()
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict with each adapter merged into its weight (in fp32, then rounded to the
-    weight's dtype, as PEFT's merge_and_unload) and the adapter tensors left out: a plain model's
+    """The model's state dict with each adapter merged into its weight (in fp32 or wider, then rounded to
+    the weight's dtype, as PEFT's merge_and_unload) and the adapter tensors left out: a plain model's
     tensors. A model without adapters gives its state dict unchanged."""
     state = model.state_dict()
     for name, m in lora_modules(model).items():
@@ -238,7 +238,8 @@ def read_adapter_settings(directory) -> LoRASettings:
         raise UserError(f"{path}: peft_type {config.get('peft_type')!r}, only LORA adapters are supported")
     for key, plain in (("use_rslora", False), ("use_dora", False), ("bias", "none"), ("fan_in_fan_out", False),
                        ("modules_to_save", None), ("layers_to_transform", None)):
-        if config.get(key, plain) not in (plain, [] if plain is None else plain):
+        value = config.get(key, plain)
+        if value != plain and not (plain is None and value == []):
             raise UserError(f"{path}: {key} = {config[key]!r} is not supported (only plain LoRA)")
     for key in ("rank_pattern", "alpha_pattern"):
         if config.get(key):
