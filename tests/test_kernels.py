@@ -209,8 +209,10 @@ def test_logprobs_auto_is_triton_on_cuda_else_torch():
 
 # ---- policy_loss ------------------------------------------------------------------------------------
 
-def _naive_policy_loss(logp, old_logp, adv, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg, norm_length):
-    """Row by row, in the spec's words: -min(r A, clip(r) A) + kl_coef k3, then the mode's means."""
+def _naive_policy_loss(logp, old_logp, adv, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg, norm_length,
+                       is_weights=None):
+    """Row by row, in the spec's words: -min(r A, clip(r) A) (times the IS weight) + kl_coef k3, then the
+    mode's means."""
     rows, all_tokens = [], []
     for b in range(logp.shape[0]):
         m = mask[b].bool()
@@ -218,6 +220,8 @@ def _naive_policy_loss(logp, old_logp, adv, mask, ref_logp, eps_low, eps_high, k
             continue
         ratio = torch.exp(logp[b][m] - old_logp[b][m])
         tok = -torch.min(ratio * adv[b], torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv[b])
+        if is_weights is not None:
+            tok = tok * is_weights[b][m]
         if ref_logp is not None:
             d = ref_logp[b][m] - logp[b][m]
             tok = tok + kl_coef * (torch.exp(d) - d - 1)
@@ -261,22 +265,27 @@ def _policy_inputs(b=6, t=13):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss_agg", AGG_MODES)
 @pytest.mark.parametrize("with_ref", [False, True])
-def test_policy_loss_matches_naive(backend, loss_agg, with_ref):
+@pytest.mark.parametrize("with_is", [False, True])
+def test_policy_loss_matches_naive(backend, loss_agg, with_ref, with_is):
     logp, old_logp, ref_logp, adv, mask = _policy_inputs()
     ref_logp = ref_logp if with_ref else None
+    # truncated importance weights: some 0 (masked out), some at the cap, the rest in between
+    is_weights = (torch.rand(logp.shape) * 3.0).clamp(max=2.0).masked_fill(torch.rand(logp.shape) < 0.1, 0.0) \
+        if with_is else None
     kl_coef = 0.05 if with_ref else 0.0
     norm_length = 20 if loss_agg == "seq-mean-token-sum-norm" else None
     kw = dict(eps_low=0.2, eps_high=0.28, kl_coef=kl_coef, loss_agg=loss_agg, norm_length=norm_length)
     garbage = logp.masked_fill(~mask, float("-inf"))  # padding values must not leak into the loss or grads
 
     lp = garbage.clone().requires_grad_()
-    loss, stats = policy_loss(lp, old_logp, adv, mask, ref_logp=ref_logp, backend=backend, **kw)
+    loss, stats = policy_loss(lp, old_logp, adv, mask, ref_logp=ref_logp, backend=backend, is_weights=is_weights, **kw)
     loss.backward()
 
     lp64 = logp.double().requires_grad_()
     expected = _naive_policy_loss(lp64, old_logp.double(), adv.double(), mask,
                                   None if ref_logp is None else ref_logp.double(),
-                                  kw["eps_low"], kw["eps_high"], kl_coef, loss_agg, norm_length)
+                                  kw["eps_low"], kw["eps_high"], kl_coef, loss_agg, norm_length,
+                                  None if is_weights is None else is_weights.double())
     expected.backward()
     assert loss.dtype == torch.float32 and loss.dim() == 0
     assert abs(loss.item() - expected.item()) < 1e-6
@@ -354,6 +363,7 @@ def test_policy_loss_bad_inputs(backend):
         (dict(old_logp=old_logp[:, :4]), "old_logp"),
         (dict(mask=mask[:2]), "mask"),
         (dict(ref_logp=ref_logp[:, :1]), "ref_logp"),
+        (dict(is_weights=torch.ones(3, 4)), "is_weights"),
         (dict(advantages=adv[:2]), "advantages"),
         (dict(advantages=adv[:, None].expand(3, 5)), "advantages"),
         (dict(logp=logp[0]), "logp"),

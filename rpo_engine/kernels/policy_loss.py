@@ -1,8 +1,9 @@
 """Clipped-ratio policy loss (PPO/GRPO/DAPO/Dr.GRPO) with optional k3 KL, fused in Triton.
 
 Per masked token: ratio = exp(logp - old_logp),
-    loss_t = max(-A * ratio, -A * clip(ratio, 1 - eps_low, 1 + eps_high)) + kl_coef * k3,
-    k3 = exp(ref_logp - logp) - (ref_logp - logp) - 1.
+    loss_t = s * max(-A * ratio, -A * clip(ratio, 1 - eps_low, 1 + eps_high)) + kl_coef * k3,
+    k3 = exp(ref_logp - logp) - (ref_logp - logp) - 1,
+s an optional importance-sampling weight (1 without one), a constant to the gradient.
 The aggregation modes differ only in a per-token weight w (reference.loss_token_weights), so the
 loss is sum(w * loss_t) for all of them: one elementwise kernel serves GRPO, DAPO and Dr.GRPO, and
 the reduction is a torch sum (Liger's warning: no kernel copy per paper).
@@ -24,9 +25,9 @@ if HAS_TRITON:
     _NUM_PARTIALS = 5  # loss, clip_low count, clip_high count, k3 sum, ratio sum
 
     @triton.jit
-    def _policy_loss_kernel(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, w_ptr, grad_ptr, partial_ptr,
+    def _policy_loss_kernel(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, w_ptr, is_ptr, grad_ptr, partial_ptr,
                             num_el, T, eps_low, eps_high, kl_coef,
-                            HAS_REF: tl.constexpr, BLOCK: tl.constexpr):
+                            HAS_REF: tl.constexpr, HAS_IS: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         active = (offs < num_el) & (tl.load(mask_ptr + offs, mask=offs < num_el, other=0.0) != 0.0)
@@ -41,6 +42,10 @@ if HAS_TRITON:
         loss = tl.maximum(pg_unclipped, pg_clipped)
         # d(-A * ratio)/dlogp = -A * ratio; the clipped branch, when it wins, is constant in logp.
         dloss = tl.where(pg_unclipped >= pg_clipped, pg_unclipped, 0.0)
+        if HAS_IS:  # importance-sampling weight of the surrogate (not of the KL below)
+            s = tl.load(is_ptr + offs, mask=active, other=0.0)
+            loss = s * loss
+            dloss = s * dloss
         k3 = tl.zeros([BLOCK], dtype=tl.float32)
         if HAS_REF:
             diff = tl.load(ref_ptr + offs, mask=active, other=0.0) - logp
@@ -66,7 +71,7 @@ def _block_size(device: torch.device) -> int:
 
 class _PolicyLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logp, old_logp, ref_logp, advantages, mask, weights, eps_low, eps_high, kl_coef):
+    def forward(ctx, logp, old_logp, ref_logp, advantages, mask, weights, is_weights, eps_low, eps_high, kl_coef):
         num_el, seq_len = logp.numel(), logp.shape[-1]
         block = _block_size(logp.device)
         num_blocks = max(1, triton.cdiv(num_el, block))
@@ -74,9 +79,9 @@ class _PolicyLoss(torch.autograd.Function):
         partials = torch.zeros(num_blocks, _NUM_PARTIALS, dtype=torch.float32, device=logp.device)
         if num_el:
             _policy_loss_kernel[(num_blocks,)](
-                logp, old_logp, ref_logp if ref_logp is not None else logp, advantages, mask, weights, grad,
-                partials, num_el, seq_len, eps_low, eps_high, kl_coef,
-                HAS_REF=ref_logp is not None, BLOCK=block)
+                logp, old_logp, ref_logp if ref_logp is not None else logp, advantages, mask, weights,
+                is_weights if is_weights is not None else logp, grad, partials, num_el, seq_len, eps_low, eps_high,
+                kl_coef, HAS_REF=ref_logp is not None, HAS_IS=is_weights is not None, BLOCK=block)
         ctx.save_for_backward(grad)
         sums = partials.sum(0)  # [5]
         ctx.mark_non_differentiable(sums)
@@ -85,16 +90,17 @@ class _PolicyLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_sums):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss, None, None, None, None, None, None, None, None
+        return grad * grad_loss, None, None, None, None, None, None, None, None, None
 
 
 def _triton_policy_loss(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg,
-                        norm_length):
+                        norm_length, is_weights):
     weights = loss_token_weights(mask, loss_agg, norm_length).contiguous()  # [B, T]
     mask_f = mask.to(torch.float32).contiguous()  # [B, T]
     ref = ref_logp.float().contiguous() if ref_logp is not None else None
+    is_w = is_weights.detach().float().contiguous() if is_weights is not None else None
     loss, sums = _PolicyLoss.apply(logp.float().contiguous(), old_logp.float().contiguous(), ref,
-                                   advantages.float().contiguous(), mask_f, weights,
+                                   advantages.float().contiguous(), mask_f, weights, is_w,
                                    float(eps_low), float(eps_high), float(kl_coef))
     num_tokens = mask_f.sum().clamp(min=1.0)
     stats = {
@@ -108,7 +114,7 @@ def _triton_policy_loss(logp, old_logp, advantages, mask, ref_logp, eps_low, eps
 
 
 def _check_inputs(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg,
-                  norm_length, backend):
+                  norm_length, backend, is_weights=None):
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be one of ('auto', 'torch', 'triton'), got {backend!r}")
     if loss_agg not in LOSS_AGG_MODES:
@@ -117,8 +123,8 @@ def _check_inputs(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high,
         raise ValueError(f"logp must be a floating tensor of shape [B, T], got "
                          f"{getattr(logp, 'dtype', type(logp))} {tuple(getattr(logp, 'shape', ()))}")
     shape = tuple(logp.shape)
-    for name, t in (("old_logp", old_logp), ("mask", mask), ("ref_logp", ref_logp)):
-        if name == "ref_logp" and t is None:
+    for name, t in (("old_logp", old_logp), ("mask", mask), ("ref_logp", ref_logp), ("is_weights", is_weights)):
+        if name in ("ref_logp", "is_weights") and t is None:
             continue
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
             raise ValueError(f"{name} must have the shape of logp {shape}, got {tuple(getattr(t, 'shape', ()))}")
@@ -143,13 +149,16 @@ def _check_inputs(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high,
 
 
 def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2, eps_high=0.2, kl_coef=0.0,
-                loss_agg="seq-mean-token-mean", norm_length=None, backend="auto"):
+                loss_agg="seq-mean-token-mean", norm_length=None, is_weights=None, backend="auto"):
     """Clipped-ratio policy loss over masked tokens; returns (loss, stats).
 
     logp, old_logp, ref_logp: [B, T] log-probs (logp carries the grad); advantages [B]; mask [B, T]
     (bool or 0/1; False for padding and for tokens outside the loss, e.g. a cached prefix).
     loss_agg: "token-mean" (DAPO), "seq-mean-token-mean" (GRPO) or "seq-mean-token-sum-norm"
     (Dr.GRPO: per-row sum / norm_length, default T). Seq modes average over rows with a masked token.
+    is_weights [B, T] (optional, >= 0, no gradient): each token's surrogate is multiplied by it, the KL term
+    not: truncated importance sampling, min(p_train / p_rollout, C), when the rollout's distribution
+    differs from the one trained (TRL's vllm_importance_sampling_correction).
 
     stats (detached fp32 scalars, averaged over masked tokens; 0 when there are none):
       clip_low_frac  tokens with ratio < 1 - eps_low and A < 0: the clipped branch is the active one
@@ -159,7 +168,7 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2,
       ratio_mean     mean ratio
     """
     _check_inputs(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg, norm_length,
-                  backend)
+                  backend, is_weights)
     if backend == "auto":
         backend = "triton" if HAS_TRITON and logp.is_cuda else "torch"
     if backend == "triton":
@@ -169,6 +178,7 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2,
             raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is "
                              "first imported")
         return _triton_policy_loss(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef,
-                                   loss_agg, norm_length)
+                                   loss_agg, norm_length, is_weights)
     return policy_loss_reference(logp, old_logp, advantages, mask, ref_logp=ref_logp, eps_low=eps_low,
-                                 eps_high=eps_high, kl_coef=kl_coef, loss_agg=loss_agg, norm_length=norm_length)
+                                 eps_high=eps_high, kl_coef=kl_coef, loss_agg=loss_agg, norm_length=norm_length,
+                                 is_weights=is_weights)

@@ -45,8 +45,9 @@ def loss_token_weights(mask, loss_agg, norm_length=None):
 
 
 def policy_loss_reference(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2, eps_high=0.2,
-                          kl_coef=0.0, loss_agg="seq-mean-token-mean", norm_length=None):
-    """Clipped-ratio surrogate (+ k3 KL) aggregated by `loss_agg`; returns (loss, stats). See policy_loss."""
+                          kl_coef=0.0, loss_agg="seq-mean-token-mean", norm_length=None, is_weights=None):
+    """Clipped-ratio surrogate (times is_weights) (+ k3 KL) aggregated by `loss_agg`; returns (loss, stats).
+    See policy_loss."""
     m = mask.bool()  # [B, T]
     # Masked positions may hold garbage (padding, -inf): zero them before exp so no NaN reaches the
     # loss or flows back through torch.where's gradient.
@@ -57,6 +58,8 @@ def policy_loss_reference(logp, old_logp, advantages, mask, *, ref_logp=None, ep
     pg_unclipped = -adv * ratio  # [B, T]
     pg_clipped = -adv * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)  # [B, T]
     per_token = torch.maximum(pg_unclipped, pg_clipped)  # [B, T]
+    if is_weights is not None:  # importance-sampling correction of the surrogate only, never of the KL
+        per_token = per_token * torch.where(m, is_weights.detach().float(), 0.0)
     if ref_logp is not None:
         diff = torch.where(m, ref_logp.float(), 0.0) - logp  # [B, T]
         k3 = torch.exp(diff) - diff - 1.0  # [B, T]
