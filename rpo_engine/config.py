@@ -23,6 +23,7 @@ LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-no
 TRL_LOSS_TYPES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dapo": "token-mean",
                   "dr_grpo": "seq-mean-token-sum-norm"}
 CACHE_POLICIES = ("epsilon-greedy", "correct-only")
+IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 UNVERIFIED_CUTS = ("uniform", "least-likely")
 
 
@@ -96,6 +97,9 @@ class AlgoConfig:
     max_resample_rounds: int = field(default=3, metadata={"help": "extra sampling rounds allowed to fill a dynamic-sampling batch"})
     overlong_buffer: int | None = field(default=None, metadata={"help": "soft overlong penalty over the last N budget tokens (default: dapo L/4, grpo 0)"})
     overlong_penalty: float = field(default=1.0, metadata={"help": "reward subtracted at the very end of the overlong buffer"})
+    importance_sampling_correction: bool = field(default=False, metadata={"help": "weight each token's surrogate by p_train / p_rollout, the training forward's probability of the token over the one it was sampled with, truncated or masked at --importance-sampling-clip-max (TRL's vllm_importance_sampling_correction, on there by default for vLLM's different kernels); here the rollout reads the trained weights and in fp32 matches the training forward exactly: for bf16 GPU runs and --lora-merged-rollout"})
+    importance_sampling_mode: str = field(default="sequence_mask", metadata={"help": f"{IS_MODES} (TRL's names): per token or per sequence (the product of its tokens' ratios); truncate clips the ratio at the cap, mask zeroes it above the cap"})
+    importance_sampling_clip_max: float = field(default=3.0, metadata={"help": "the cap of the importance-sampling ratio (TRL's vllm_importance_sampling_clip_max)"})
     mask_truncated_completions: bool = field(default=False, metadata={"help": "leave completions that ran out of budget (no EOS; with RPO, the suffix's budget) out of the loss, still counted in their group's advantages (TRL's name; DAPO's overlong filtering)"})
 
     def __post_init__(self):
@@ -122,6 +126,10 @@ class AlgoConfig:
         _check(self.num_iterations >= 1, f"--num-iterations must be >= 1, got {self.num_iterations}")
         _check(self.max_resample_rounds >= 0, f"--max-resample-rounds must be >= 0, got {self.max_resample_rounds}")
         _check(self.overlong_buffer is None or self.overlong_buffer >= 0, "--overlong-buffer must be >= 0")
+        _check(self.importance_sampling_mode in IS_MODES,
+               f"--importance-sampling-mode must be one of {IS_MODES}, got {self.importance_sampling_mode!r}")
+        _check(self.importance_sampling_clip_max > 0,
+               f"--importance-sampling-clip-max must be > 0, got {self.importance_sampling_clip_max}")
 
 
 @dataclass

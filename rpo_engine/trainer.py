@@ -293,6 +293,29 @@ class Trainer:
                 return self.sequence_logprobs(self.model, batch, shared)[0]
         return self.sequence_logprobs(self.reference, batch, shared)[0]
 
+    def importance_weights(self, batch: list[PrefixGroup], old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """--importance-sampling-correction: [b, span] weights p_train / p_rollout of the loss tokens, per token
+        or per sequence (the product), truncated or masked at the cap (TRL's modes). old_logp: the training
+        forward's log-probs under the rollout's weights. Tokens without a rollout log-prob (a kept prefix
+        trained with --rpo-loss-on-prefix) count as ratio 1."""
+        algo = self.algo
+        rollout = torch.full_like(old_logp, float("nan"))  # [b, span]
+        b = 0
+        for g in batch:
+            for i, suffix in enumerate(g.suffix_ids):
+                n, span = len(suffix), g.span(i)
+                if n:
+                    rollout[b, span - n:span] = torch.tensor(g.rollout_logp[i], device=old_logp.device)
+                b += 1
+        diff = torch.nan_to_num(old_logp - rollout, nan=0.0) * mask  # [b, span]
+        if algo.importance_sampling_mode.startswith("sequence"):
+            diff = diff.sum(-1, keepdim=True)  # [b, 1]
+        ratio = diff.exp()
+        cap = algo.importance_sampling_clip_max
+        ratio = ratio.clamp(max=cap) if algo.importance_sampling_mode.endswith("truncate") else \
+            ratio.masked_fill(ratio > cap, 0.0)
+        return ratio.expand_as(old_logp)
+
     def rollout_mismatch(self, batch: list[PrefixGroup], logp: torch.Tensor) -> list[float]:
         """Per sample: mean |rollout log-prob - training log-prob| over its generated suffix tokens."""
         out, b = [], 0
@@ -341,6 +364,7 @@ class Trainer:
                     if algo.beta > 0:
                         ref[k] = self.reference_logprobs(batch, shared)
         stats = {"loss": 0.0, "clip_frac": 0.0, "clip_low_frac": 0.0, "clip_high_frac": 0.0, "kl": 0.0}
+        is_weights, is_sum, is_count, is_min, is_max = [None] * len(batches), 0.0, 0, math.inf, -math.inf
         grad_norms, skipped = [], 0
         entropy_sum, entropy_tokens = 0.0, 0  # the policy's entropy over the loss tokens, before the update
         for iteration in range(algo.num_iterations):
@@ -358,11 +382,18 @@ class Trainer:
                         mismatch += self.rollout_mismatch(batch, logp.detach())
                         entropy_sum += float((entropy[0] * mask).sum())
                         entropy_tokens += int(mask.sum())
+                    if old_logp is None:
+                        old_logp = logp.detach()  # one pass: the weights have not moved since the rollout
+                    if algo.importance_sampling_correction and iteration == 0:
+                        is_weights[k] = self.importance_weights(batch, old_logp, mask)
+                        if k < num_real and mask.any():
+                            real = is_weights[k][mask]
+                            is_sum, is_count = is_sum + float(real.sum()), is_count + real.numel()
+                            is_min, is_max = min(is_min, float(real.min())), max(is_max, float(real.max()))
                     adv = torch.tensor([a for g in batch for a in g.advantages], device=self.device)
-                    loss, st = policy_loss(logp, logp.detach() if old_logp is None else old_logp, adv, mask,
-                                           ref_logp=ref_logp, eps_low=algo.epsilon, eps_high=algo.epsilon_high,
-                                           kl_coef=algo.beta, loss_agg=algo.loss_agg,
-                                           norm_length=self.config.max_completion_length)
+                    loss, st = policy_loss(logp, old_logp, adv, mask, ref_logp=ref_logp, eps_low=algo.epsilon,
+                                           eps_high=algo.epsilon_high, kl_coef=algo.beta, loss_agg=algo.loss_agg,
+                                           norm_length=self.config.max_completion_length, is_weights=is_weights[k])
                     if k >= num_real:
                         share = 0.0
                     elif algo.loss_agg == "token-mean":
@@ -397,6 +428,12 @@ class Trainer:
         stats["logprob_mismatch"] = totals[4] / totals[5] if totals[5] else None
         stats["entropy"] = totals[8] / totals[9] if totals[9] else None  # None (both): no group was run
         stats["num_micro_batches"], stats["prefix_shared_groups"] = int(totals[6]), int(totals[7])
+        if algo.importance_sampling_correction:  # TRL's names
+            is_sum, is_count = self.dist.sum([is_sum, is_count])
+            neg_min, is_max = self.dist.max([-is_min, is_max])
+            stats["sampling/importance_sampling_ratio/mean"] = is_sum / is_count if is_count else None
+            stats["sampling/importance_sampling_ratio/min"] = -neg_min if is_count else None
+            stats["sampling/importance_sampling_ratio/max"] = is_max if is_count else None
         return stats
 
     def padding_group(self) -> PrefixGroup:

@@ -1,5 +1,6 @@
 """The training loop end to end on a tiny random model, resume equivalence, and the CLI's bad-input handling."""
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -379,6 +380,59 @@ def test_lora_merged_rollout_samples_what_the_live_adapters_do(tmp_path, tiny_mo
         assert b["logprob_mismatch"] < 1e-4  # the training forward (live adapters) scores what the rollout drew
 
 
+@pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
+def test_importance_weights_by_hand(mode):
+    # two samples: rollout log-probs 0.5 above / 1.0 below the training forward's on their suffix tokens; a
+    # kept-prefix token (loss on prefix) has no rollout log-prob: ratio 1; the cap is 2
+    from types import SimpleNamespace
+
+    from rpo_engine.model.shared_prefix import PrefixGroup
+    from rpo_engine.trainer import Trainer
+
+    group = PrefixGroup([5, 6, 7], [[8, 9], [10, 11, 12]], 2, advantages=[1.0, -1.0],
+                        rollout_logp=[[-1.5, -0.5], [-3.0, -2.0, -4.0]])
+    old = torch.tensor([[-2.0, -2.0, -1.0, 0.0], [-2.0, -2.0, -1.0, -3.0]])  # [b, span]: prefix token, then suffix
+    mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    algo = SimpleNamespace(importance_sampling_mode=mode, importance_sampling_clip_max=2.0)
+    got = Trainer.importance_weights(SimpleNamespace(algo=algo), [group], old, mask)
+    e = torch.exp
+    token = torch.tensor([[1.0, e(torch.tensor(-0.5)), e(torch.tensor(-0.5)), 1.0],
+                          [1.0, e(torch.tensor(1.0)), e(torch.tensor(1.0)), e(torch.tensor(1.0))]])
+    sequence = torch.tensor([[e(torch.tensor(-1.0))] * 4, [e(torch.tensor(3.0))] * 4])
+    want = {"token_truncate": token.clamp(max=2.0), "token_mask": token.masked_fill(token > 2.0, 0.0),
+            "sequence_truncate": sequence.clamp(max=2.0), "sequence_mask": sequence.masked_fill(sequence > 2.0, 0.0)}
+    torch.testing.assert_close(got, want[mode] * torch.ones_like(old), rtol=1e-6, atol=1e-7)
+
+
+def test_importance_sampling_correction_scales_the_step_by_the_weights(tiny_model_dir):
+    # rollout log-probs shifted by +0.5 (a rollout that is off by a constant): token_truncate weights every
+    # surrogate by exp(-0.5); at the first step (ratio 1, nothing clipped) the gradient scales by exactly that
+    import dataclasses
+
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+
+    def first_step(*flags):
+        trainer = build_trainer(parse_args(["--model", str(tiny_model_dir), "--no-progress", "--no-rpo", "--eval-steps",
+                                            "0", "--reward", "tests.reward_fns:hash_reward", *map(str, SMALL), *flags]))
+        generate = trainer.engine.generate
+
+        def shifted(*args, **kwargs):
+            return [[dataclasses.replace(c, logprobs=[x + 0.5 for x in c.logprobs]) for c in group]
+                    for group in generate(*args, **kwargs)]
+
+        trainer.engine.generate = shifted
+        return trainer.step()
+
+    plain = first_step()
+    weighted = first_step("--importance-sampling-correction", "--importance-sampling-mode", "token_truncate")
+    assert plain["rollout_generated_tokens"] == weighted["rollout_generated_tokens"]  # the same samples
+    assert weighted["grad_norm"] == pytest.approx(plain["grad_norm"] * math.exp(-0.5), rel=1e-4)
+    for key in ("mean", "min", "max"):
+        assert weighted[f"sampling/importance_sampling_ratio/{key}"] == pytest.approx(math.exp(-0.5), rel=1e-4)
+    assert "sampling/importance_sampling_ratio/mean" not in plain
+
+
 def test_out_of_gpu_memory_is_a_one_line_error_naming_the_settings(tmp_path, tiny_model_dir, monkeypatch):
     from rpo_engine.config import parse_args
     from rpo_engine.distributed import Dist
@@ -587,6 +641,8 @@ def test_bad_dataset_line(tmp_path, tiny_model_dir):
 def test_unknown_algo_and_option(tmp_path):
     proc = run_train("--algo", "ppo", "--output", tmp_path / "o", check=False)
     assert_user_error(proc, "--algo must be grpo or dapo")
+    proc = run_train("--importance-sampling-mode", "token", "--output", tmp_path / "o", check=False)
+    assert_user_error(proc, "--importance-sampling-mode must be one of ('token_truncate', 'token_mask', ")
     proc = run_train("--no-such-option", "1", check=False)
     assert proc.returncode == 2 and "unrecognized arguments: --no-such-option" in proc.stderr
 
