@@ -293,20 +293,27 @@ class Trainer:
                 return self.sequence_logprobs(self.model, batch, shared)[0]
         return self.sequence_logprobs(self.reference, batch, shared)[0]
 
+    @staticmethod
+    def rollout_logp_layout(batch: list[PrefixGroup], like: torch.Tensor) -> torch.Tensor:
+        """[b, span] laid out as the training log-probs: each sample's rollout log-probs at its generated
+        suffix tokens, NaN elsewhere (a kept prefix, padding)."""
+        rollout = torch.full_like(like, float("nan"))
+        b = 0
+        for g in batch:
+            for i, suffix in enumerate(g.suffix_ids):
+                n, span = len(suffix), g.span(i)
+                if n:
+                    rollout[b, span - n:span] = torch.tensor(g.rollout_logp[i], device=like.device)
+                b += 1
+        return rollout
+
     def importance_weights(self, batch: list[PrefixGroup], old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """--importance-sampling-correction: [b, span] weights p_train / p_rollout of the loss tokens, per token
         or per sequence (the product), truncated or masked at the cap (TRL's modes). old_logp: the training
         forward's log-probs under the rollout's weights. Tokens without a rollout log-prob (a kept prefix
         trained with --rpo-loss-on-prefix) count as ratio 1."""
         algo = self.algo
-        rollout = torch.full_like(old_logp, float("nan"))  # [b, span]
-        b = 0
-        for g in batch:
-            for i, suffix in enumerate(g.suffix_ids):
-                n, span = len(suffix), g.span(i)
-                if n:
-                    rollout[b, span - n:span] = torch.tensor(g.rollout_logp[i], device=old_logp.device)
-                b += 1
+        rollout = self.rollout_logp_layout(batch, old_logp)  # [b, span]
         diff = torch.nan_to_num(old_logp - rollout, nan=0.0) * mask  # [b, span]
         if algo.importance_sampling_mode.startswith("sequence"):
             diff = diff.sum(-1, keepdim=True)  # [b, 1]
@@ -317,16 +324,11 @@ class Trainer:
         return ratio.expand_as(old_logp)
 
     def rollout_mismatch(self, batch: list[PrefixGroup], logp: torch.Tensor) -> list[float]:
-        """Per sample: mean |rollout log-prob - training log-prob| over its generated suffix tokens."""
-        out, b = [], 0
-        for g in batch:
-            for i, suffix in enumerate(g.suffix_ids):
-                n, span = len(suffix), g.span(i)
-                if n:
-                    rollout = torch.tensor(g.rollout_logp[i], device=logp.device)
-                    out.append((logp[b, span - n:span] - rollout).abs().mean().item())
-                b += 1
-        return out
+        """Per sample with generated tokens: mean |rollout log-prob - training log-prob| over them."""
+        rollout = self.rollout_logp_layout(batch, logp)  # [b, span]
+        generated = ~rollout.isnan()
+        gap = torch.where(generated, logp - rollout, 0.0).abs().sum(-1) / generated.sum(-1).clamp(min=1)  # [b]
+        return gap[generated.any(-1)].tolist()
 
     def update(self, groups: list[Group], skip_zero_advantage: bool = True) -> dict:
         """num_iterations optimizer passes over the batch (this rank's groups, maybe none); one

@@ -394,7 +394,8 @@ def test_importance_weights_by_hand(mode):
     old = torch.tensor([[-2.0, -2.0, -1.0, 0.0], [-2.0, -2.0, -1.0, -3.0]])  # [b, span]: prefix token, then suffix
     mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
     algo = SimpleNamespace(importance_sampling_mode=mode, importance_sampling_clip_max=2.0)
-    got = Trainer.importance_weights(SimpleNamespace(algo=algo), [group], old, mask)
+    got = Trainer.importance_weights(SimpleNamespace(algo=algo, rollout_logp_layout=Trainer.rollout_logp_layout),
+                                     [group], old, mask)
     e = torch.exp
     token = torch.tensor([[1.0, e(torch.tensor(-0.5)), e(torch.tensor(-0.5)), 1.0],
                           [1.0, e(torch.tensor(1.0)), e(torch.tensor(1.0)), e(torch.tensor(1.0))]])
