@@ -11,6 +11,7 @@ forward per step (no micro-batching); no eval, checkpoints or KL.
     python examples/custom_loop.py                   # the built-in starter model (built once, ~3 min on CPU)
     python examples/custom_loop.py --tiny --steps 3  # a tiny random model: seconds, for a smoke test
     python examples/custom_loop.py --tiny --reward tests.reward_fns:hash_reward   # a reward that varies
+    python examples/custom_loop.py --lora-r 8 --learning-rate 1.5e-4   # LoRA adapters on a frozen base
 """
 import argparse
 import json
@@ -24,6 +25,7 @@ import rpo_engine
 from rpo_engine.algos import group_advantages
 from rpo_engine.data.arithmetic import make_split
 from rpo_engine.kernels import policy_loss
+from rpo_engine.model import apply_lora, save_adapter
 from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs
 from rpo_engine.rewards import exact_answer_reward, load_reward_fn, score_completions
 from rpo_engine.rollout import RolloutEngine, SamplingParams
@@ -61,9 +63,12 @@ def main(argv=None):
     ap.add_argument("--no-rpo", dest="rpo", action="store_false", help="full-path GRPO")
     ap.add_argument("--reward", default=None, help="module:function (default: exact answer)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lora-r", type=int, default=0, help="train LoRA adapters of this rank (alpha 2r) on a frozen base")
     ap.add_argument("--output", type=Path, default=None, help="writes metrics.jsonl and final/ here")
     args = ap.parse_args(argv)
     model, tokenizer = build_model(args.tiny, args.seed)
+    if args.lora_r:  # before the engine and the optimizer: both then see the adapters
+        apply_lora(model, r=args.lora_r, alpha=2.0 * args.lora_r, seed=args.seed)
     reward_fn = load_reward_fn(args.reward) if args.reward else exact_answer_reward
     rows = make_split("train", args.train_size, args.seed)
     # The trainer's encoding: the chat template when the tokenizer has one, else the text (with Llama's BOS).
@@ -71,7 +76,8 @@ def main(argv=None):
     prompt_ids = {r["id"]: encode_prompt(tokenizer, r, limit) for r in rows}
     eos = stop_ids(model, tokenizer)
     engine = RolloutEngine(model)  # reads the live weights: what the optimizer changes, the next rollout sees
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    trained = [p for p in model.parameters() if p.requires_grad]  # with LoRA: the adapters only
+    optimizer = torch.optim.AdamW(trained, lr=args.learning_rate, weight_decay=0.0)
     cache, rng, G = ExperienceCache("correct-only", epsilon=0.5), random.Random(args.seed), args.num_generations
     log = None
     if args.output:
@@ -113,7 +119,7 @@ def main(argv=None):
         loss, stats = policy_loss(logp, logp.detach(), advantages.flatten(), mask, loss_agg="seq-mean-token-mean")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         record = {"step": step, "reward_mean": rewards.mean().item(), "loss": loss.item(),
                   "grad_norm": grad_norm.item(), "generated_tokens": sum(len(o.token_ids) for g in outs for o in g),
@@ -123,7 +129,9 @@ def main(argv=None):
             log.write(json.dumps(record) + "\n")
     if args.output:
         log.close()
-        model.save_pretrained(args.output / "final", tokenizer=tokenizer)
+        model.save_pretrained(args.output / "final", tokenizer=tokenizer)  # adapters merged in
+        if args.lora_r:
+            save_adapter(model, args.output / "final-adapter")  # PEFT's layout
 
 
 if __name__ == "__main__":

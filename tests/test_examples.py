@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import rpo_engine
@@ -15,12 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "custom_loop.py"
 
 
-def test_custom_loop_trains_tiny_model(tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_custom_loop_trains_tiny_model(tmp_path, lora):
     # hash_reward: a random model never gets the exact answer right, so all-zero rewards would give
     # zero advantages and no update; a keyed coin flip gives varied rewards and a real gradient.
     cmd = [sys.executable, str(EXAMPLE), "--tiny", "--steps", "2", "--prompts-per-step", "2", "--num-generations", "4",
            "--max-completion-length", "32", "--train-size", "2", "--reward", str(ROOT / "tests/reward_fns.py") + ":hash_reward",
-           "--output", str(tmp_path)]
+           "--output", str(tmp_path)] + (["--lora-r", "4", "--learning-rate", "1e-3"] if lora else [])
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -46,4 +48,6 @@ def test_custom_loop_trains_tiny_model(tmp_path):
     changed = [name for name, p in final.state_dict().items()
                if not torch.equal(p, initial.state_dict()[name])]
     assert changed, "no parameter changed"
+    if lora:  # the adapters' targets (every projection), merged into final/; nothing else moved
+        assert all(name.endswith("_proj.weight") for name in changed) and (tmp_path / "final-adapter").is_dir()
     assert all(torch.isfinite(p).all() for p in final.state_dict().values())
