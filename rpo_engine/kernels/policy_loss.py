@@ -157,8 +157,8 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2,
     loss_agg: "token-mean" (DAPO), "seq-mean-token-mean" (GRPO) or "seq-mean-token-sum-norm"
     (Dr.GRPO: per-row sum / norm_length, default T). Seq modes average over rows with a masked token.
     is_weights [B, T] (optional, >= 0, no gradient): each token's surrogate is multiplied by it, the KL term
-    not: truncated importance sampling, min(p_train / p_rollout, C), when the rollout's distribution
-    differs from the one trained (TRL's vllm_importance_sampling_correction).
+    not: importance sampling when the rollout's distribution differs from the one trained, e.g. truncated,
+    min(p_train / p_rollout, C) (TRL's vllm_importance_sampling_correction; the trainer's modes).
 
     stats (detached fp32 scalars, averaged over masked tokens; 0 when there are none):
       clip_low_frac  tokens with ratio < 1 - eps_low and A < 0: the clipped branch is the active one
