@@ -161,6 +161,7 @@ class TrainConfig:
     use_peft: bool = field(default=False, metadata={"help": "train LoRA adapters on the frozen base model instead of every weight (TRL's name): the memory of a 7-8B model on one GPU; the KL reference is the base, checkpoints hold the adapter, final/ the merged model and final-adapter/ the adapter in PEFT's layout"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (with --use-peft)"})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scale: the weight update is B A * alpha / r (with --use-peft)"})
+    use_rslora: bool = field(default=False, metadata={"help": "rank-stabilized LoRA: scale the update by alpha / sqrt(r) instead of alpha / r (TRL's and PEFT's name; with --use-peft)"})
     lora_merged_rollout: bool = field(default=False, metadata={"help": "with --use-peft: roll out from merged copies of the adapted weights, refreshed after each update (one matmul a projection instead of three, for a copy of those weights in memory) instead of the live adapters"})
     lora_target_modules: str = field(default="all-linear", metadata={"help": f"projections given adapters (with --use-peft): all-linear or a comma-separated subset of {','.join(LORA_TARGETS)}"})
     gpu_memory_utilization: float = field(default=0.5, metadata={"help": "CUDA: the share of the GPU's memory that the weights and the rollout's K/V cache may fill; the rest is the update's (vLLM's name): lower it when the update runs out of memory"})

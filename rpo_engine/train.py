@@ -170,7 +170,8 @@ def build_trainer(config: TrainConfig, checkpoint: Path | None = None, dist: Dis
     model = rpo_engine.load_model(model_dir, dtype=dtype, device=device)
     tokenizer = rpo_engine.load_tokenizer(model_dir)
     if config.use_peft:
-        apply_lora(model, config.lora_r, config.lora_alpha, config.lora_target_modules, seed=config.seed)
+        apply_lora(model, config.lora_r, config.lora_alpha, config.lora_target_modules, seed=config.seed,
+                   use_rslora=config.use_rslora)
         if resuming:
             load_adapter(model, checkpoint / "adapter")
     if tokenizer.pad_token_id is None:

@@ -95,7 +95,9 @@ def test_adapter_and_merged_model_load_in_peft_and_transformers(family_dir, tmp_
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
-    model = apply_lora(rpo_engine.load_model(family_dir), r=4, alpha=12.0, target_modules="q_proj,k_proj,gate_proj")
+    model = apply_lora(rpo_engine.load_model(family_dir), r=4, alpha=12.0, target_modules="q_proj,k_proj,gate_proj",
+                       use_rslora=True)  # scale alpha / sqrt(r): 6, not 3
+    assert next(iter(lora_modules(model).values())).scaling == 6.0
     randomize_adapters(model)
     save_adapter(model, tmp_path / "adapter")
     model.save_pretrained(tmp_path / "merged")
@@ -111,6 +113,7 @@ def test_adapter_and_merged_model_load_in_peft_and_transformers(family_dir, tmp_
     # the other way: an adapter PEFT trained and saved loads into our model and computes what PEFT's does
     hf = AutoModelForCausalLM.from_pretrained(family_dir, attn_implementation="eager", dtype=torch.float32)
     config = peft.LoraConfig(r=5, lora_alpha=7, target_modules=["v_proj", "o_proj", "down_proj"], lora_dropout=0.0)
+    assert not config.use_rslora  # this direction checks the plain scale, alpha / r
     peft_model = peft.get_peft_model(hf, config)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():

@@ -467,13 +467,18 @@ def test_out_of_gpu_memory_is_a_one_line_error_naming_the_settings(tmp_path, tin
         build_trainer(config)
 
 
-def test_lora_option_mistakes(tmp_path):
+def test_lora_options_and_their_mistakes(tmp_path, tiny_model_dir):
     from rpo_engine.config import parse_args
+    from rpo_engine.model.lora import lora_settings
+    from rpo_engine.train import build_trainer
 
     yaml = tmp_path / "peft.yaml"
-    yaml.write_text("use_peft: true\nlora_r: 8\nlora_target_modules: [v_proj, q_proj]\n")  # TRL's YAML list form
+    yaml.write_text(f"model: {tiny_model_dir}\nuse_peft: true\nlora_r: 4\nlora_alpha: 8\nuse_rslora: true\n"
+                    "lora_target_modules: [v_proj, q_proj]\n")  # TRL's YAML list form
     config = parse_args(["--config", str(yaml)])
-    assert (config.use_peft, config.lora_r, config.lora_target_modules) == (True, 8, "v_proj,q_proj")
+    assert (config.use_peft, config.lora_r, config.lora_target_modules) == (True, 4, "v_proj,q_proj")
+    settings = lora_settings(build_trainer(config).model)
+    assert settings.target_modules == ("q_proj", "v_proj") and settings.scaling == 8 / 4 ** 0.5  # rsLoRA
     for flags, message in ((["--lora-target-modules", "q_proj,lm_head"], "--lora-target-modules must be all-linear or"),
                            (["--lora-r", 0], "--lora-r must be >= 1, got 0"),
                            (["--use-peft", "--parallel", "fsdp"], "--use-peft trains with --parallel ddp"),

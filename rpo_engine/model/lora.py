@@ -14,10 +14,10 @@ nothing is merged for rollout and nothing is synced.
 
 Adapters are saved in PEFT's layout (adapter_model.safetensors with `base_model.model.<module>.lora_A.weight`
 keys, adapter_config.json), so `peft.PeftModel.from_pretrained` loads them; `save_pretrained` writes
-the merged weights W + B A alpha / r, a plain Hugging Face model. Not supported (a clear error when
-an adapter asks for them): dropout on the adapter input (it would make the training forward differ
-from the rollout's, which the policy ratio reads as a change of policy), rsLoRA, DoRA, bias training,
-adapters on the embeddings or the LM head.
+the merged weights W + B A alpha / r, a plain Hugging Face model. rsLoRA (alpha / sqrt(r), PEFT's
+use_rslora) is supported. Not supported (a clear error when an adapter asks for them): dropout on the
+adapter input (it would make the training forward differ from the rollout's, which the policy ratio
+reads as a change of policy), DoRA, bias training, adapters on the embeddings or the LM head.
 """
 from __future__ import annotations
 
@@ -46,10 +46,15 @@ class LoRASettings:
     r: int
     alpha: float
     target_modules: tuple[str, ...]
+    use_rslora: bool = False  # rank-stabilized LoRA: alpha / sqrt(r), so high ranks still learn
 
     @property
     def scaling(self) -> float:
-        return self.alpha / self.r
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+    def describe(self) -> str:
+        return (f"r={self.r}, alpha={self.alpha:g}, targets {','.join(self.target_modules)}"
+                + (", rsLoRA" if self.use_rslora else ""))
 
 
 def parse_targets(spec, what: str = "LoRA target modules") -> tuple[str, ...]:
@@ -109,17 +114,17 @@ def lora_settings(model: nn.Module) -> LoRASettings | None:
 
 
 def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32.0, target_modules="all-linear",
-               seed: int = 0) -> nn.Module:
+               seed: int = 0, use_rslora: bool = False) -> nn.Module:
     """Freeze every weight of `model` (our CausalLM) and give each target projection of each layer a LoRA
     adapter, in place; returns the model. A is drawn from a generator seeded by `seed`, so a run's
-    starting adapters depend on its seed only."""
+    starting adapters depend on its seed only. use_rslora: scale by alpha / sqrt(r) instead of alpha / r."""
     if lora_settings(model) is not None:
         raise ValueError("the model already has LoRA adapters")
     if r < 1:
         raise UserError(f"LoRA rank must be >= 1, got {r}")
     if not (alpha > 0 and math.isfinite(alpha)):
         raise UserError(f"LoRA alpha must be > 0, got {alpha}")
-    settings = LoRASettings(int(r), float(alpha), parse_targets(target_modules))
+    settings = LoRASettings(int(r), float(alpha), parse_targets(target_modules), bool(use_rslora))
     model.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed)
     for layer in model.model.layers:
@@ -216,7 +221,7 @@ def save_adapter(model: nn.Module, directory, base_model_name_or_path: str | Non
         config = {
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": settings.r, "lora_alpha": settings.alpha,
             "target_modules": list(settings.target_modules), "lora_dropout": 0.0, "bias": "none",
-            "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "modules_to_save": None,
+            "fan_in_fan_out": False, "use_rslora": settings.use_rslora, "use_dora": False, "modules_to_save": None,
             "layers_to_transform": None, "init_lora_weights": True, "inference_mode": True,
             "base_model_name_or_path": base_model_name_or_path or (str(model.source_dir) if model.source_dir else None),
         }
@@ -236,7 +241,7 @@ def read_adapter_settings(directory) -> LoRASettings:
         raise UserError(f"{path}: not valid JSON ({e})") from None
     if config.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{path}: peft_type {config.get('peft_type')!r}, only LORA adapters are supported")
-    for key, plain in (("use_rslora", False), ("use_dora", False), ("bias", "none"), ("fan_in_fan_out", False),
+    for key, plain in (("use_dora", False), ("bias", "none"), ("fan_in_fan_out", False),
                        ("modules_to_save", None), ("layers_to_transform", None)):
         value = config.get(key, plain)
         if value != plain and not (plain is None and value == []):
@@ -246,7 +251,8 @@ def read_adapter_settings(directory) -> LoRASettings:
             raise UserError(f"{path}: {key} is not supported (one rank and alpha for every module)")
     try:
         return LoRASettings(int(config["r"]), float(config.get("lora_alpha", 8)),
-                            parse_targets(config.get("target_modules") or "all-linear"))
+                            parse_targets(config.get("target_modules") or "all-linear"),
+                            bool(config.get("use_rslora", False)))
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{path}: bad LoRA settings ({e!r})") from None
 
@@ -260,12 +266,9 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
     directory = Path(directory)
     settings = read_adapter_settings(directory)
     if lora_settings(model) is None:
-        apply_lora(model, settings.r, settings.alpha, settings.target_modules)
+        apply_lora(model, settings.r, settings.alpha, settings.target_modules, use_rslora=settings.use_rslora)
     elif lora_settings(model) != settings:
-        mine = lora_settings(model)
-        raise UserError(f"{directory}: adapter has r={settings.r}, alpha={settings.alpha:g}, targets "
-                        f"{','.join(settings.target_modules)}; this run has r={mine.r}, alpha={mine.alpha:g}, "
-                        f"targets {','.join(mine.target_modules)}")
+        raise UserError(f"{directory}: adapter has {settings.describe()}; this run has {lora_settings(model).describe()}")
     path = directory / ADAPTER_WEIGHTS
     try:
         saved = load_file(str(path))
