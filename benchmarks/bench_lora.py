@@ -19,12 +19,10 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from bench_shared_prefix import QWEN25_15B, SMALL, make_group  # noqa: E402
+from bench_shared_prefix import QWEN25_15B, SMALL, make_group, step  # noqa: E402
 from common import git_commit, machine, save_json  # noqa: E402
-from rpo_engine.kernels import policy_loss  # noqa: E402
 from rpo_engine.model import CausalLM, ModelConfig, apply_lora  # noqa: E402
-from rpo_engine.model.shared_prefix import group_logprobs  # noqa: E402
-from rpo_engine.optim import make_adamw  # noqa: E402
+from rpo_engine.optim import MasterWeightAdamW, make_adamw  # noqa: E402
 from rpo_engine.rollout import RolloutEngine, SamplingParams  # noqa: E402
 
 QWEN25_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
@@ -46,7 +44,7 @@ def resident_bytes(model, optimizer) -> dict:
         return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
     params = list(model.parameters())
     state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    masters = [p for g in optimizer.param_groups for p in g["params"] if all(p is not q for q in params)]
+    masters = [m for _, m in optimizer.low_precision_pairs()] if isinstance(optimizer, MasterWeightAdamW) else []
     return {"weights": total(params), "grads": total(p.grad for p in params if p.grad is not None),
             "optimizer": total(state + masters)}
 
@@ -62,10 +60,7 @@ def measure_update(model, groups, repeats):
         sync()
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=False)
-        logp, mask = group_logprobs(model, groups, shared=True)
-        adv = torch.tensor([a for g in groups for a in g.advantages], device=logp.device)
-        loss, _ = policy_loss(logp, logp.detach(), adv, mask, loss_agg="seq-mean-token-mean")
-        loss.backward()
+        step(model, groups, shared=True)  # the forward + loss + backward bench_shared_prefix times
         optimizer.step()
         sync()
         times.append(time.perf_counter() - t0)
