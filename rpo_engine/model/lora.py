@@ -142,17 +142,22 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32.0, target_module
 
 
 @contextlib.contextmanager
-def adapters_disabled(model: nn.Module):
-    """The base model, for the KL reference: every adapter switched off inside the block. (A RolloutEngine's
-    CUDA graphs replay the forward they captured, adapters on: generate from the base with graphs off.)"""
+def _switched(model: nn.Module, flag: str, value: bool):
+    """Every adapter's `flag` set to `value` inside the block, back to `not value` after."""
     modules = list(lora_modules(model).values())
     for m in modules:
-        m.adapter_enabled = False
+        setattr(m, flag, value)
     try:
         yield model
     finally:
         for m in modules:
-            m.adapter_enabled = True
+            setattr(m, flag, not value)
+
+
+def adapters_disabled(model: nn.Module):
+    """The base model, for the KL reference: every adapter switched off inside the block. (A RolloutEngine's
+    CUDA graphs replay the forward they captured, adapters on: generate from the base with graphs off.)"""
+    return _switched(model, "adapter_enabled", False)
 
 
 @torch.no_grad()
@@ -174,20 +179,12 @@ def refresh_rollout_weights(model: nn.Module) -> int:
     return done
 
 
-@contextlib.contextmanager
 def rollout_weights_in_use(model: nn.Module):
     """Inside the block every adapted projection computes with its merged rollout copy (one matmul instead
     of three); outside, the training forward runs the live adapters."""
-    modules = list(lora_modules(model).values())
-    if any(m.rollout_weight is None for m in modules):
+    if any(m.rollout_weight is None for m in lora_modules(model).values()):
         raise RuntimeError("refresh_rollout_weights(model) first")
-    for m in modules:
-        m.use_rollout_weight = True
-    try:
-        yield model
-    finally:
-        for m in modules:
-            m.use_rollout_weight = False
+    return _switched(model, "use_rollout_weight", True)
 
 
 @torch.no_grad()
