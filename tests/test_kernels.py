@@ -194,6 +194,8 @@ def test_logprobs_bad_inputs(backend):
         (dict(temperature=0.0), "temperature"),
         (dict(temperature=-1.0), "temperature"),
         (dict(backend="cuda"), "backend"),
+        (dict(delta=1.1), "delta"),  # not above 1 + eps_high
+        (dict(ratio_level="group"), "ratio_level"),
     ]
     for override, match in cases:
         args = dict(hidden=hidden, weight=weight, targets=targets, temperature=1.0, backend=backend) | override
@@ -299,6 +301,116 @@ def test_policy_loss_matches_naive(backend, loss_agg, with_ref, with_is):
         assert abs(stats[key].item() - value) < 1e-6, key
 
 
+def _naive_trl_loss(logp, old_logp, adv, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg, norm_length,
+                    is_weights, delta, level):
+    """TRL's GRPOTrainer._compute_loss written row by row: the log importance weight per token, or per
+    sequence (the masked mean, GSPO), coef_1 = exp of it capped at delta, coef_2 = clip(exp of it),
+    -min(coef_1 A, coef_2 A) (times the IS weight) + beta k3, then the aggregation."""
+    rows, all_tokens = [], []
+    for b in range(logp.shape[0]):
+        m = mask[b].bool()
+        if not m.any():
+            continue
+        log_w = logp[b][m] - old_logp[b][m]
+        if level == "sequence":
+            log_w = log_w.mean().expand(int(m.sum()))
+        coef_2 = torch.clamp(torch.exp(log_w), 1 - eps_low, 1 + eps_high)
+        coef_1 = torch.exp(log_w) if delta is None else torch.clamp(torch.exp(log_w), max=delta)
+        tok = -torch.min(coef_1 * adv[b], coef_2 * adv[b])
+        if is_weights is not None:
+            tok = tok * is_weights[b][m]
+        if ref_logp is not None:
+            d = ref_logp[b][m] - logp[b][m]
+            tok = tok + kl_coef * (torch.exp(d) - d - 1)
+        all_tokens.append(tok)
+        rows.append({"token-mean": tok.sum(), "seq-mean-token-mean": tok.mean(),
+                     "seq-mean-token-sum-norm": tok.sum() / (norm_length or logp.shape[1])}[loss_agg])
+    if loss_agg == "token-mean":
+        return torch.cat(all_tokens).sum() / sum(t.numel() for t in all_tokens)
+    return torch.stack(rows).mean()
+
+
+def _spread_policy_inputs(b=8, t=13):
+    """Rows whose mean log-ratio sits well past each bound, for both signs of the advantage: a sequence-level
+    ratio is clipped low, clipped high, capped by delta and left alone in the same batch."""
+    logp, _, ref_logp, adv, mask = _policy_inputs(b, t)
+    offsets = torch.tensor([-0.7, -0.7, 0.7, 0.7, 1.2, 1.2, 0.05, -0.05])[:b]  # log-ratio of each row
+    old_logp = logp - offsets[:, None] + torch.randn(b, t) * 0.1
+    adv = adv.abs() * torch.tensor([1.0, -1.0] * (b // 2))  # rows alternate A > 0, A < 0
+    mask[1] = True  # (_policy_inputs empties row 1)
+    mask[5, :] = False  # a row without tokens
+    return logp, old_logp, ref_logp, adv, mask
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_agg", AGG_MODES)
+@pytest.mark.parametrize("level,delta", [("token", 1.5), ("sequence", None), ("sequence", 1.5)])
+@pytest.mark.parametrize("with_ref_is", [False, True])
+def test_policy_loss_delta_and_sequence_level_match_trl(backend, loss_agg, level, delta, with_ref_is):
+    logp, old_logp, ref_logp, adv, mask = _spread_policy_inputs()
+    ref_logp = ref_logp if with_ref_is else None
+    is_weights = (torch.rand(logp.shape) * 3.0).clamp(max=2.0) if with_ref_is else None
+    kl_coef = 0.05 if with_ref_is else 0.0
+    norm_length = 20 if loss_agg == "seq-mean-token-sum-norm" else None
+    kw = dict(eps_low=0.2, eps_high=0.28, kl_coef=kl_coef, loss_agg=loss_agg, norm_length=norm_length)
+    lp = logp.masked_fill(~mask, float("-inf")).requires_grad_()  # padding must not leak in
+    loss, stats = policy_loss(lp, old_logp, adv, mask, ref_logp=ref_logp, is_weights=is_weights, delta=delta,
+                              ratio_level=level, backend=backend, **kw)
+    loss.backward()
+
+    lp64 = logp.double().requires_grad_()
+    expected = _naive_trl_loss(lp64, old_logp.double(), adv.double(), mask,
+                               None if ref_logp is None else ref_logp.double(), kw["eps_low"], kw["eps_high"],
+                               kl_coef, loss_agg, norm_length, None if is_weights is None else is_weights.double(),
+                               delta, level)
+    expected.backward()
+    assert abs(loss.item() - expected.item()) < 1e-6
+    assert torch.isfinite(lp.grad).all() and (lp.grad[~mask] == 0).all()
+    assert _max_err(lp.grad, lp64.grad) < 1e-7
+    # Clip fractions count tokens, each with its row's ratio at the sequence level.
+    m = mask.bool()
+    lr = (logp - old_logp).double()
+    if level == "sequence":
+        lr = (torch.where(m, lr, 0.0).sum(-1) / m.sum(-1).clamp(min=1))[:, None].expand_as(lr)
+    ratio, a = lr.exp()[m], adv.double()[:, None].expand_as(lr)[m]
+    low = ((ratio < 0.8) & (a < 0)).sum().item() / m.sum().item()
+    high = (((ratio > 1.28) & (a > 0)) | ((ratio > (delta or math.inf)) & (a < 0))).sum().item() / m.sum().item()
+    capped = ((ratio > (delta or math.inf)) & (a < 0)).sum().item()
+    assert low > 0 and high > 0 and (capped > 0) == (delta is not None)  # the inputs reach every bound
+    assert stats["clip_low_frac"].item() == pytest.approx(low, abs=1e-6)
+    assert stats["clip_high_frac"].item() == pytest.approx(high, abs=1e-6)
+    assert stats["ratio_mean"].item() == pytest.approx(ratio.mean().item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_policy_loss_delta_by_hand(backend):
+    # A = -1, ratios 0.5, 1.1, 2.0, 4.0; eps 0.2 / 0.3; delta 3. Unclipped -A * min(r, 3) = 0.5, 1.1, 2.0, 3.0
+    # against the clipped 0.8, 1.1, 1.3, 1.3: the max is 0.8, 1.1, 2.0, 3.0, and the last has no gradient.
+    logp = torch.tensor([[0.5, 1.1, 2.0, 4.0]]).log().requires_grad_()
+    loss, stats = policy_loss(logp, torch.zeros(1, 4), torch.tensor([-1.0]), torch.ones(1, 4), eps_low=0.2,
+                              eps_high=0.3, delta=3.0, loss_agg="token-mean", backend=backend)
+    assert loss.item() == pytest.approx((0.8 + 1.1 + 2.0 + 3.0) / 4, abs=1e-6)
+    loss.backward()
+    assert torch.allclose(logp.grad, torch.tensor([[0.0, 1.1, 2.0, 0.0]]) / 4, atol=1e-7)
+    assert stats["clip_low_frac"].item() == pytest.approx(1 / 4) and stats["clip_high_frac"].item() == pytest.approx(1 / 4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_policy_loss_sequence_level_by_hand(backend):
+    # One row of 3 tokens, log-ratios 0.1, 0.2, 0.6 (mean 0.3, ratio e^0.3 = 1.35 > 1.2), A = +1, token-mean:
+    # every token's loss is -min(1.35, 1.2) = -1.2 (so is their mean) and the clip zeroes the gradient; with
+    # A = -1 the unclipped 1.35 wins and each token gets d/dlogp_t = -A * e^0.3 / 3 (its share of the mean).
+    old = torch.zeros(1, 3)
+    for adv, want_loss, want_grad in [(1.0, -1.2, 0.0), (-1.0, math.exp(0.3), math.exp(0.3) / 3)]:
+        logp = torch.tensor([[0.1, 0.2, 0.6]], requires_grad=True)
+        loss, stats = policy_loss(logp, old, torch.tensor([adv]), torch.ones(1, 3), eps_low=0.2, eps_high=0.2,
+                                  ratio_level="sequence", loss_agg="token-mean", backend=backend)
+        loss.backward()
+        assert loss.item() == pytest.approx(want_loss, abs=1e-6)
+        assert torch.allclose(logp.grad, torch.full((1, 3), want_grad), atol=1e-7)
+        assert stats["clip_high_frac"].item() == (1.0 if adv > 0 else 0.0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_policy_loss_clip_stats_by_hand(backend):
     # ratios 0.5, 0.9, 1.1, 1.5 for A = +1 and A = -1; eps_low 0.2, eps_high 0.3.
@@ -373,6 +485,8 @@ def test_policy_loss_bad_inputs(backend):
         (dict(kl_coef=0.1), "ref_logp"),
         (dict(loss_agg="seq-mean-token-sum-norm", norm_length=0), "norm_length"),
         (dict(backend="cuda"), "backend"),
+        (dict(delta=1.1), "delta"),  # not above 1 + eps_high
+        (dict(ratio_level="group"), "ratio_level"),
     ]
     for override, match in cases:
         args = dict(logp=logp, old_logp=old_logp, advantages=adv, mask=mask, backend=backend) | override

@@ -92,7 +92,8 @@ def record_launches():
         logp = torch.zeros(4, 300)
         for ref in (None, logp):
             for is_weights in (None, logp):
-                pl._PolicyLoss.apply(logp, logp, ref, torch.zeros(4), logp, logp, is_weights, 0.2, 0.28, 0.04)
+                pl._PolicyLoss.apply(logp, logp, ref, torch.zeros(4), logp, logp, is_weights, 0.2, 0.28, 0.04,
+                                     float("inf"))
         # Paged decode: (heads, KV heads, head dim) of Qwen2.5-0.5B, Qwen2.5-1.5B, Llama-3-8B / Qwen3-8B;
         # bf16 and fp16 caches, and fp32 (a float32 model); one split and flash-decoding splits.
         bf16 = torch.bfloat16

@@ -1,12 +1,17 @@
 """Clipped-ratio policy loss (PPO/GRPO/DAPO/Dr.GRPO) with optional k3 KL, fused in Triton.
 
 Per masked token: ratio = exp(logp - old_logp),
-    loss_t = s * max(-A * ratio, -A * clip(ratio, 1 - eps_low, 1 + eps_high)) + kl_coef * k3,
+    loss_t = s * max(-A * min(ratio, delta), -A * clip(ratio, 1 - eps_low, 1 + eps_high)) + kl_coef * k3,
     k3 = exp(ref_logp - logp) - (ref_logp - logp) - 1,
-s an optional importance-sampling weight (1 without one), a constant to the gradient.
+s an optional importance-sampling weight (1 without one), a constant to the gradient; delta the
+optional two-sided clip (INTELLECT-2, TRL's `delta`; infinity without it), which bounds the ratio of a
+negative-advantage token. GSPO's sequence-level ratio (TRL's importance_sampling_level="sequence") uses
+one ratio per row, exp of the mean log-ratio over its masked tokens, for each of its tokens.
 The aggregation modes differ only in a per-token weight w (reference.loss_token_weights), so the
 loss is sum(w * loss_t) for all of them: one elementwise kernel serves GRPO, DAPO and Dr.GRPO, and
-the reduction is a torch sum (Liger's warning: no kernel copy per paper).
+the reduction is a torch sum (Liger's warning: no kernel copy per paper). The sequence level runs the
+same kernel twice: once over rows ([B, 1]: the row's log-ratio, weight sum_t w_t s_t) for the clipped
+surrogate, once over tokens with A = 0 for the KL term.
 
 The Triton kernel writes w * dloss_t/dlogp in the forward (one [B, T] fp32 buffer) instead of
 recomputing it in a backward kernel: the backward is then a single scale by the incoming gradient.
@@ -16,7 +21,7 @@ atomics, so the result is deterministic.
 import torch
 
 from .fused_logprobs import HAS_TRITON, _triton_interpreted
-from .reference import LOSS_AGG_MODES, loss_token_weights, policy_loss_reference
+from .reference import LOSS_AGG_MODES, RATIO_LEVELS, loss_token_weights, policy_loss_reference
 
 if HAS_TRITON:
     import triton
@@ -26,7 +31,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _policy_loss_kernel(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, w_ptr, is_ptr, grad_ptr, partial_ptr,
-                            num_el, T, eps_low, eps_high, kl_coef,
+                            num_el, T, eps_low, eps_high, kl_coef, delta,
                             HAS_REF: tl.constexpr, HAS_IS: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -37,11 +42,12 @@ if HAS_TRITON:
         adv = tl.load(adv_ptr + offs // T, mask=active, other=0.0)
         w = tl.load(w_ptr + offs, mask=active, other=0.0)
         ratio = tl.exp(logp - old)
-        pg_unclipped = -adv * ratio
+        pg_unclipped = -adv * tl.minimum(ratio, delta)
         pg_clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high)
         loss = tl.maximum(pg_unclipped, pg_clipped)
-        # d(-A * ratio)/dlogp = -A * ratio; the clipped branch, when it wins, is constant in logp.
-        dloss = tl.where(pg_unclipped >= pg_clipped, pg_unclipped, 0.0)
+        # d(-A * ratio)/dlogp = -A * ratio; the clipped branch, when it wins, is constant in logp, and so is
+        # the unclipped one past delta.
+        dloss = tl.where((pg_unclipped >= pg_clipped) & (ratio <= delta), pg_unclipped, 0.0)
         if HAS_IS:  # importance-sampling weight of the surrogate (not of the KL below)
             s = tl.load(is_ptr + offs, mask=active, other=0.0)
             loss = s * loss
@@ -55,7 +61,7 @@ if HAS_TRITON:
             dloss += kl_coef * (1.0 - exp_diff)
         tl.store(grad_ptr + offs, tl.where(active, w * dloss, 0.0), mask=offs < num_el)
         clip_low = active & (ratio < 1.0 - eps_low) & (adv < 0.0)
-        clip_high = active & (ratio > 1.0 + eps_high) & (adv > 0.0)
+        clip_high = active & (((ratio > 1.0 + eps_high) & (adv > 0.0)) | ((ratio > delta) & (adv < 0.0)))
         base = partial_ptr + pid * 5
         tl.store(base + 0, tl.sum(tl.where(active, w * loss, 0.0), axis=0))
         tl.store(base + 1, tl.sum(clip_low.to(tl.float32), axis=0))
@@ -71,7 +77,8 @@ def _block_size(device: torch.device) -> int:
 
 class _PolicyLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logp, old_logp, ref_logp, advantages, mask, weights, is_weights, eps_low, eps_high, kl_coef):
+    def forward(ctx, logp, old_logp, ref_logp, advantages, mask, weights, is_weights, eps_low, eps_high, kl_coef,
+                delta):
         num_el, seq_len = logp.numel(), logp.shape[-1]
         block = _block_size(logp.device)
         num_blocks = max(1, triton.cdiv(num_el, block))
@@ -81,7 +88,7 @@ class _PolicyLoss(torch.autograd.Function):
             _policy_loss_kernel[(num_blocks,)](
                 logp, old_logp, ref_logp if ref_logp is not None else logp, advantages, mask, weights,
                 is_weights if is_weights is not None else logp, grad, partials, num_el, seq_len, eps_low, eps_high,
-                kl_coef, HAS_REF=ref_logp is not None, HAS_IS=is_weights is not None, BLOCK=block)
+                kl_coef, delta, HAS_REF=ref_logp is not None, HAS_IS=is_weights is not None, BLOCK=block)
         ctx.save_for_backward(grad)
         sums = partials.sum(0)  # [5]
         ctx.mark_non_differentiable(sums)
@@ -90,31 +97,57 @@ class _PolicyLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_sums):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss, None, None, None, None, None, None, None, None, None
+        return grad * grad_loss, None, None, None, None, None, None, None, None, None, None
 
 
 def _triton_policy_loss(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg,
-                        norm_length, is_weights):
+                        norm_length, is_weights, delta, ratio_level):
     weights = loss_token_weights(mask, loss_agg, norm_length).contiguous()  # [B, T]
     mask_f = mask.to(torch.float32).contiguous()  # [B, T]
     ref = ref_logp.float().contiguous() if ref_logp is not None else None
     is_w = is_weights.detach().float().contiguous() if is_weights is not None else None
-    loss, sums = _PolicyLoss.apply(logp.float().contiguous(), old_logp.float().contiguous(), ref,
-                                   advantages.float().contiguous(), mask_f, weights, is_w,
-                                   float(eps_low), float(eps_high), float(kl_coef))
+    logp, old_logp = logp.float().contiguous(), old_logp.float().contiguous()
+    advantages = advantages.float().contiguous()
+    delta = float("inf") if delta is None else float(delta)
     num_tokens = mask_f.sum().clamp(min=1.0)
+    if ratio_level == "token":
+        loss, sums = _PolicyLoss.apply(logp, old_logp, ref, advantages, mask_f, weights, is_w,
+                                       float(eps_low), float(eps_high), float(kl_coef), delta)
+        clip_low, clip_high, kl_sum, ratio_sum = sums[1], sums[2], sums[3], sums[4]
+    else:  # GSPO: the clipped surrogate over rows, its ratio the mean log-ratio of the row's tokens
+        m = mask_f.bool()
+        lengths = mask_f.sum(-1)  # [B]
+        log_ratio = torch.where(m, logp - old_logp, 0.0).sum(-1) / lengths.clamp(min=1.0)  # [B], carries the grad
+        # Every token of a row has the row's surrogate: the row weighs sum_t w_t s_t.
+        row_weights = (weights * (is_w if is_w is not None else 1.0) * mask_f).sum(-1, keepdim=True)  # [B, 1]
+        row_mask = (lengths > 0).to(torch.float32)[:, None]  # [B, 1]
+        loss, _ = _PolicyLoss.apply(log_ratio[:, None].contiguous(), torch.zeros_like(row_mask), None, advantages,
+                                    row_mask, row_weights.contiguous(), None, float(eps_low), float(eps_high), 0.0,
+                                    delta)
+        kl_sum = torch.zeros((), device=logp.device)
+        if ref is not None:  # the KL term per token, with A = 0 (no surrogate) and ratio 1
+            kl_loss, kl_sums = _PolicyLoss.apply(logp, logp.detach(), ref, torch.zeros_like(advantages), mask_f,
+                                                 weights, None, float(eps_low), float(eps_high), float(kl_coef),
+                                                 delta)
+            loss, kl_sum = loss + kl_loss, kl_sums[3]
+        with torch.no_grad():  # token counts of the rows whose ratio is clipped, as the token level counts them
+            ratio = log_ratio.detach().exp()
+            low = (ratio < 1.0 - eps_low) & (advantages < 0)
+            high = ((ratio > 1.0 + eps_high) & (advantages > 0)) | ((ratio > delta) & (advantages < 0))
+            clip_low, clip_high = (lengths * low).sum(), (lengths * high).sum()
+            ratio_sum = (lengths * ratio).sum()
     stats = {
-        "clip_low_frac": sums[1] / num_tokens,
-        "clip_high_frac": sums[2] / num_tokens,
-        "clip_frac": (sums[1] + sums[2]) / num_tokens,
-        "kl_mean": sums[3] / num_tokens,
-        "ratio_mean": sums[4] / num_tokens,
+        "clip_low_frac": clip_low / num_tokens,
+        "clip_high_frac": clip_high / num_tokens,
+        "clip_frac": (clip_low + clip_high) / num_tokens,
+        "kl_mean": kl_sum / num_tokens,
+        "ratio_mean": ratio_sum / num_tokens,
     }
     return loss, stats
 
 
 def _check_inputs(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg,
-                  norm_length, backend, is_weights=None):
+                  norm_length, backend, is_weights=None, delta=None, ratio_level="token"):
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be one of ('auto', 'torch', 'triton'), got {backend!r}")
     if loss_agg not in LOSS_AGG_MODES:
@@ -146,10 +179,15 @@ def _check_inputs(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high,
         raise ValueError(f"kl_coef={kl_coef} needs ref_logp")
     if norm_length is not None and not norm_length > 0:
         raise ValueError(f"norm_length must be > 0, got {norm_length}")
+    if delta is not None and not delta > 1 + eps_high:  # else it would clip positive advantages too
+        raise ValueError(f"delta must be > 1 + eps_high = {1 + eps_high}, got {delta}")
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"ratio_level must be one of {RATIO_LEVELS}, got {ratio_level!r}")
 
 
 def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2, eps_high=0.2, kl_coef=0.0,
-                loss_agg="seq-mean-token-mean", norm_length=None, is_weights=None, backend="auto"):
+                loss_agg="seq-mean-token-mean", norm_length=None, is_weights=None, delta=None, ratio_level="token",
+                backend="auto"):
     """Clipped-ratio policy loss over masked tokens; returns (loss, stats).
 
     logp, old_logp, ref_logp: [B, T] log-probs (logp carries the grad); advantages [B]; mask [B, T]
@@ -159,16 +197,21 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2,
     is_weights [B, T] (optional, >= 0, no gradient): each token's surrogate is multiplied by it, the KL term
     not: importance sampling when the rollout's distribution differs from the one trained, e.g. truncated,
     min(p_train / p_rollout, C) (TRL's vllm_importance_sampling_correction; the trainer's modes).
+    delta (optional, > 1 + eps_high): two-sided clipping (INTELLECT-2; TRL's `delta`): a token with A < 0 has
+    its ratio capped at delta in the unclipped term, so a large ratio cannot make its loss unbounded.
+    ratio_level: "token" (PPO/GRPO) or "sequence" (GSPO; TRL's importance_sampling_level): each row's tokens
+    share one ratio, exp(mean over the row's masked tokens of logp - old_logp), clipped as a token's is.
 
     stats (detached fp32 scalars, averaged over masked tokens; 0 when there are none):
       clip_low_frac  tokens with ratio < 1 - eps_low and A < 0: the clipped branch is the active one
-      clip_high_frac tokens with ratio > 1 + eps_high and A > 0: likewise on the high side
+      clip_high_frac tokens with ratio > 1 + eps_high and A > 0 (or ratio > delta and A < 0): likewise
+                     on the high side
       clip_frac      their sum, i.e. verl's pg_clipfrac (tokens whose gradient the clip zeroes)
       kl_mean        mean k3 KL to the reference (0 without ref_logp)
       ratio_mean     mean ratio
     """
     _check_inputs(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg, norm_length,
-                  backend, is_weights)
+                  backend, is_weights, delta, ratio_level)
     if backend == "auto":
         backend = "triton" if HAS_TRITON and logp.is_cuda else "torch"
     if backend == "triton":
@@ -178,7 +221,7 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2,
             raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is "
                              "first imported")
         return _triton_policy_loss(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef,
-                                   loss_agg, norm_length, is_weights)
+                                   loss_agg, norm_length, is_weights, delta, ratio_level)
     return policy_loss_reference(logp, old_logp, advantages, mask, ref_logp=ref_logp, eps_low=eps_low,
                                  eps_high=eps_high, kl_coef=kl_coef, loss_agg=loss_agg, norm_length=norm_length,
-                                 is_weights=is_weights)
+                                 is_weights=is_weights, delta=delta, ratio_level=ratio_level)

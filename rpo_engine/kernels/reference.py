@@ -7,6 +7,7 @@ backend of `policy_loss` is `policy_loss_reference` itself. The naive log-prob m
 import torch
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+RATIO_LEVELS = ("token", "sequence")  # PPO/GRPO's per-token ratio; GSPO's one ratio per sequence
 
 
 def logprobs_reference(hidden, weight, targets, temperature=1.0):
@@ -45,7 +46,8 @@ def loss_token_weights(mask, loss_agg, norm_length=None):
 
 
 def policy_loss_reference(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2, eps_high=0.2,
-                          kl_coef=0.0, loss_agg="seq-mean-token-mean", norm_length=None, is_weights=None):
+                          kl_coef=0.0, loss_agg="seq-mean-token-mean", norm_length=None, is_weights=None, delta=None,
+                          ratio_level="token"):
     """Clipped-ratio surrogate (times is_weights) (+ k3 KL) aggregated by `loss_agg`; returns (loss, stats).
     See policy_loss."""
     m = mask.bool()  # [B, T]
@@ -54,8 +56,13 @@ def policy_loss_reference(logp, old_logp, advantages, mask, *, ref_logp=None, ep
     logp = torch.where(m, logp.float(), 0.0)  # [B, T]
     old_logp = torch.where(m, old_logp.float(), 0.0)  # [B, T]
     adv = advantages.float().unsqueeze(-1)  # [B, 1]
-    ratio = torch.exp(logp - old_logp)  # [B, T]
-    pg_unclipped = -adv * ratio  # [B, T]
+    if ratio_level == "sequence":  # GSPO: one ratio per row, from the mean log-ratio of its tokens
+        log_ratio = (logp - old_logp).sum(-1) / m.sum(-1).clamp(min=1)  # [B]
+        ratio = torch.exp(log_ratio)[:, None].expand_as(logp)  # [B, T]
+    else:
+        ratio = torch.exp(logp - old_logp)  # [B, T]
+    capped = ratio if delta is None else torch.clamp(ratio, max=delta)  # two-sided clipping
+    pg_unclipped = -adv * capped  # [B, T]
     pg_clipped = -adv * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)  # [B, T]
     per_token = torch.maximum(pg_unclipped, pg_clipped)  # [B, T]
     if is_weights is not None:  # importance-sampling correction of the surrogate only, never of the KL
@@ -71,9 +78,13 @@ def policy_loss_reference(logp, old_logp, advantages, mask, *, ref_logp=None, ep
         mf = m.float()
         num_tokens = mf.sum().clamp(min=1.0)
         # Fractions of masked tokens where the clipped branch is the active one (verl's pg_clipfrac,
-        # split by side): low = ratio < 1 - eps_low with A < 0, high = ratio > 1 + eps_high with A > 0.
+        # split by side): low = ratio < 1 - eps_low with A < 0, high = ratio > 1 + eps_high with A > 0
+        # (or, with two-sided clipping, ratio > delta with A < 0).
         clip_low = ((ratio < 1.0 - eps_low) & (adv < 0) & m).float().sum() / num_tokens
-        clip_high = ((ratio > 1.0 + eps_high) & (adv > 0) & m).float().sum() / num_tokens
+        high = (ratio > 1.0 + eps_high) & (adv > 0)
+        if delta is not None:  # a negative advantage's ratio past delta: its gradient is zeroed too
+            high = high | ((ratio > delta) & (adv < 0))
+        clip_high = (high & m).float().sum() / num_tokens
         kl_mean = (k3 * mf).sum() / num_tokens if ref_logp is not None else torch.zeros((), device=logp.device)
         stats = {
             "clip_low_frac": clip_low,
