@@ -24,6 +24,8 @@ TRL_LOSS_TYPES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dapo": "
                   "dr_grpo": "seq-mean-token-sum-norm"}
 CACHE_POLICIES = ("epsilon-greedy", "correct-only")
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+RATIO_LEVELS = ("token", "sequence")  # TRL's importance_sampling_level: GRPO's per-token ratio, GSPO's per sequence
+SCALE_REWARDS = ("group", "batch", "none")
 UNVERIFIED_CUTS = ("uniform", "least-likely")
 
 
@@ -92,7 +94,7 @@ class AlgoConfig:
     loss_agg: str | None = field(default=None, metadata={"help": f"{LOSS_AGGREGATIONS} (default: grpo seq-mean-token-mean, dapo token-mean)"})
     loss_type: str | None = field(default=None, metadata={"help": "TRL's name for the aggregation, instead of --loss-agg: grpo (seq-mean-token-mean), bnpo or dapo (token-mean), dr_grpo (seq-mean-token-sum-norm, over --max-completion-length) (default: none)"})
     num_iterations: int = field(default=1, metadata={"help": "optimizer passes over each rollout batch"})
-    scale_rewards: bool = field(default=True, metadata={"help": "divide group advantages by the group's reward std"})
+    scale_rewards: str = field(default="group", metadata={"help": "divide each advantage r - group mean by the std of the group's rewards (group), of the whole batch's (batch: Lite PPO) or by nothing (none: Dr.GRPO) (TRL's name and values; true / false in YAML: group / none)"})
     dynamic_sampling: bool | None = field(default=None, metadata={"help": "drop groups with equal rewards and resample (default: dapo on)"})
     max_resample_rounds: int = field(default=3, metadata={"help": "extra sampling rounds allowed to fill a dynamic-sampling batch"})
     overlong_buffer: int | None = field(default=None, metadata={"help": "soft overlong penalty over the last N budget tokens (default: dapo L/4, grpo 0)"})
@@ -100,6 +102,8 @@ class AlgoConfig:
     importance_sampling_correction: bool = field(default=False, metadata={"help": "weight each token's surrogate by p_train / p_rollout, the training forward's probability of the token over the one it was sampled with, truncated or masked at --importance-sampling-clip-max (TRL's vllm_importance_sampling_correction, on there by default for vLLM's different kernels); here the rollout reads the trained weights and in fp32 matches the training forward exactly: for bf16 GPU runs and --lora-merged-rollout"})
     importance_sampling_mode: str = field(default="sequence_mask", metadata={"help": f"{IS_MODES} (TRL's names): per token or per sequence (the product of its tokens' ratios); truncate clips the ratio at the cap, mask zeroes it above the cap"})
     importance_sampling_clip_max: float = field(default=3.0, metadata={"help": "the cap of the importance-sampling ratio (TRL's vllm_importance_sampling_clip_max)"})
+    delta: float | None = field(default=None, metadata={"help": "two-sided clipping (TRL's name; INTELLECT-2): the ratio of a token with a negative advantage is capped at delta, so one unlikely token cannot make the loss unbounded; must be > 1 + epsilon_high (INTELLECT-2: 4) (default: off)"})
+    importance_sampling_level: str = field(default="token", metadata={"help": "token (GRPO: a ratio per token) or sequence (GSPO: one ratio per completion, the exp of its tokens' mean log-ratio, clipped as a token's; the GSPO paper clips at --epsilon 3e-4 --epsilon-high 4e-4) (TRL's name)"})
     mask_truncated_completions: bool = field(default=False, metadata={"help": "leave completions that ran out of budget (no EOS; with RPO, the suffix's budget) out of the loss, still counted in their group's advantages (TRL's name; DAPO's overlong filtering)"})
 
     def __post_init__(self):
@@ -130,6 +134,13 @@ class AlgoConfig:
                f"--importance-sampling-mode must be one of {IS_MODES}, got {self.importance_sampling_mode!r}")
         _check(self.importance_sampling_clip_max > 0,
                f"--importance-sampling-clip-max must be > 0, got {self.importance_sampling_clip_max}")
+        _check(self.scale_rewards in SCALE_REWARDS,
+               f"--scale-rewards must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}")
+        _check(self.importance_sampling_level in RATIO_LEVELS,
+               f"--importance-sampling-level must be one of {RATIO_LEVELS}, got {self.importance_sampling_level!r}")
+        _check(self.delta is None or self.delta > 1 + self.epsilon_high,
+               f"--delta must be > 1 + epsilon_high = {1 + self.epsilon_high:g} (else it clips positive advantages "
+               f"too), got {self.delta}")
 
 
 @dataclass
@@ -324,12 +335,8 @@ def config_from_dict(values: dict, source: str = "options") -> TrainConfig:
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise UserError(f"{source}: unknown option {unknown[0]!r}")
-    if isinstance(values.get("scale_rewards"), str):  # TRL's string form: "group" (ours), "none", "batch"
-        trl = values["scale_rewards"]
-        if trl == "batch":
-            raise UserError(f"{source}: scale_rewards 'batch' (TRL: one std over the whole batch) is not supported; "
-                            f"use 'group' (true) or 'none' (false)")
-        values = dict(values, scale_rewards={"group": True, "none": False}.get(trl, trl))
+    if isinstance(values.get("scale_rewards"), bool):  # TRL's boolean form: true is "group", false "none"
+        values = dict(values, scale_rewards="group" if values["scale_rewards"] else "none")
     values = {k: _typed(k, fields_by_name[k][1].type, v, source) for k, v in values.items()}
     top = {k: v for k, v in values.items() if known[k] is None}
     sub = {name: {k: v for k, v in values.items() if known[k] == name} for name in SECTIONS}

@@ -395,7 +395,8 @@ class Trainer:
                     adv = torch.tensor([a for g in batch for a in g.advantages], device=self.device)
                     loss, st = policy_loss(logp, old_logp, adv, mask, ref_logp=ref_logp, eps_low=algo.epsilon,
                                            eps_high=algo.epsilon_high, kl_coef=algo.beta, loss_agg=algo.loss_agg,
-                                           norm_length=self.config.max_completion_length, is_weights=is_weights[k])
+                                           norm_length=self.config.max_completion_length, is_weights=is_weights[k],
+                                           delta=algo.delta, ratio_level=algo.importance_sampling_level)
                     if k >= num_real:
                         share = 0.0
                     elif algo.loss_agg == "token-mean":
@@ -502,7 +503,8 @@ class Trainer:
         rollout_time = time.perf_counter() - start
         # 4. advantages
         if kept_groups:
-            adv = group_advantages(torch.tensor([g.rewards for g in kept_groups]), algo.scale_rewards)
+            adv = group_advantages(torch.tensor([g.rewards for g in kept_groups]), algo.scale_rewards,
+                                   torch.tensor([x for r in kept for x in r[0]]))  # every rank's kept rewards
             for g, a in zip(kept_groups, adv.tolist()):
                 g.advantages = a
         # 5. policy update over the generated suffix tokens

@@ -20,14 +20,25 @@ def test_group_advantages_hand_computed():
     expected = torch.tensor([[0.5, -0.5, -0.5, 0.5]]) / (std + 1e-4)
     torch.testing.assert_close(adv[0:1], expected)
     assert torch.equal(adv[1], torch.zeros(4))
-    torch.testing.assert_close(group_advantages(rewards, scale_rewards=False)[0], torch.tensor([0.5, -0.5, -0.5, 0.5]))
+    torch.testing.assert_close(group_advantages(rewards, scale_rewards="none")[0], torch.tensor([0.5, -0.5, -0.5, 0.5]))
+    # batch: the same centred rewards over the std of all eight rewards
+    batch_std = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5]).std().item()  # 1/sqrt(7): mean 0.5
+    assert batch_std == pytest.approx(math.sqrt(1 / 7))
+    torch.testing.assert_close(group_advantages(rewards, scale_rewards="batch")[0],
+                               torch.tensor([0.5, -0.5, -0.5, 0.5]) / (batch_std + 1e-4))
+    # a rank's groups are scaled by the whole batch's std, which it is given
+    everything = torch.tensor([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 0.0]])
+    torch.testing.assert_close(group_advantages(rewards[:1], "batch", everything)[0],
+                               torch.tensor([0.5, -0.5, -0.5, 0.5]) / (everything.std() + 1e-4))
+    with pytest.raises(ValueError, match="scale_rewards must be"):
+        group_advantages(rewards, scale_rewards=True)
 
 
 def test_group_advantages_equal_rewards_are_exactly_zero():
     # 0.7 and 1/3 (fp32): eight equal values whose mean misses them by an ulp (the std + 1e-4
     # division made that ~6e-4 before the fix); the mixed group beside them keeps its advantages
     rewards = torch.tensor([[0.7] * 8, [1 / 3] * 8, [0.7] * 7 + [0.1]])
-    for scale in (True, False):
+    for scale in ("group", "batch", "none"):
         adv = group_advantages(rewards, scale_rewards=scale)
         assert torch.equal(adv[:2], torch.zeros(2, 8))
         assert (adv[2] != 0).all()
@@ -213,8 +224,11 @@ def test_algo_defaults():
     ({"loss_type": "ppo"}, "--loss-type must be one of"),
     ({"chat_template_kwargs": "enable_thinking=false"}, "--chat-template-kwargs must be a JSON object"),
     ({"chat_template_kwargs": "[1]"}, "--chat-template-kwargs must be a JSON object"),
-    ({"scale_rewards": "batch"}, "scale_rewards 'batch' .* is not supported"),
-    ({"scale_rewards": "std"}, "scale_rewards must be true or false, got 'std'"),
+    ({"scale_rewards": "std"}, r"--scale-rewards must be one of \('group', 'batch', 'none'\), got 'std'"),
+    ({"scale_rewards": 1}, "scale_rewards must be a string"),
+    ({"importance_sampling_level": "group"}, "--importance-sampling-level must be one of"),
+    ({"delta": 1.1}, r"--delta must be > 1 \+ epsilon_high = 1.2 .*, got 1.1"),
+    ({"algo": "dapo", "delta": 1.25}, r"--delta must be > 1 \+ epsilon_high = 1.28"),
     ({"reward": "math,"}, "--reward must name one function or a comma-separated list"),
     ({"reward": "auto,math"}, "--reward must name one function or a comma-separated list"),
     ({"reward": "math,m:f", "reward_weights": "1"}, "--reward-weights must be 2 comma-separated number"),
@@ -253,9 +267,12 @@ def test_config_sections_route_flat_names():
     assert (c.algo.algo, c.rpo.rpo, c.rpo.rpo_max_cut, c.steps) == ("dapo", False, 40, 3)
 
 
-def test_trl_scale_rewards_strings():
-    assert config_from_dict({"scale_rewards": "group"}).algo.scale_rewards is True
-    assert config_from_dict({"scale_rewards": "none"}).algo.scale_rewards is False
+def test_trl_scale_rewards_values():
+    for value in ("group", "batch", "none"):
+        assert config_from_dict({"scale_rewards": value}).algo.scale_rewards == value
+    # TRL's booleans (and this project's before it took TRL's strings)
+    assert config_from_dict({"scale_rewards": True}).algo.scale_rewards == "group"
+    assert config_from_dict({"scale_rewards": False}).algo.scale_rewards == "none"
 
 
 def test_yaml_lists_and_mappings(tmp_path):

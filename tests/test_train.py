@@ -532,7 +532,39 @@ def test_async_scheduling_trains_on_the_same_samples(tmp_path, tiny_model_dir):
                 assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (x["step"], key)
 
 
-@pytest.mark.parametrize("flags", [[], ["--num-iterations", "2", "--algo", "dapo"], ["--no-prefix-sharing"]])
+def test_loss_options_reach_the_loss(tiny_model_dir, monkeypatch):
+    """--importance-sampling-level (GSPO), --delta and --scale-rewards batch: what the step hands the loss and
+    the advantages (each is tested against TRL's formulas in test_kernels.py / test_algos.py)."""
+    import rpo_engine.trainer as trainer_module
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+
+    calls = {"loss": [], "advantages": []}
+    real_loss, real_advantages = trainer_module.policy_loss, trainer_module.group_advantages
+
+    def loss_spy(*args, **kwargs):
+        calls["loss"].append(kwargs)
+        return real_loss(*args, **kwargs)
+
+    def advantages_spy(rewards, scale, batch_rewards):
+        calls["advantages"].append((rewards, scale, batch_rewards))
+        return real_advantages(rewards, scale, batch_rewards)
+
+    monkeypatch.setattr(trainer_module, "policy_loss", loss_spy)
+    monkeypatch.setattr(trainer_module, "group_advantages", advantages_spy)
+    trainer = build_trainer(parse_args(["--model", str(tiny_model_dir), "--no-progress", "--no-rpo", "--eval-steps", "0",
+                                        "--reward", "tests.reward_fns:hash_reward", *map(str, SMALL),
+                                        "--importance-sampling-level", "sequence", "--delta", "4",
+                                        "--scale-rewards", "batch", "--num-iterations", "2"]))
+    metrics = trainer.step()
+    assert math.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+    assert calls["loss"] and all(k["ratio_level"] == "sequence" and k["delta"] == 4.0 for k in calls["loss"])
+    (rewards, scale, batch_rewards), = calls["advantages"]
+    assert scale == "batch" and sorted(batch_rewards.tolist()) == sorted(rewards.flatten().tolist())
+
+
+@pytest.mark.parametrize("flags", [[], ["--num-iterations", "2", "--algo", "dapo"], ["--no-prefix-sharing"],
+                                   ["--num-iterations", "2", "--importance-sampling-level", "sequence", "--delta", "1.5"]])
 def test_update_skipping_zero_advantage_groups_takes_the_same_step(tiny_model_dir, flags):
     """Without a KL term, a group whose advantages are all zero adds nothing to the gradient: leaving it out
     of the forward and backward (the default) must give the weights the full batch gives, also when every

@@ -1,7 +1,8 @@
 """GRPO / DAPO group arithmetic: advantages and DAPO's dynamic-sampling filter.
 
 Advantages follow TRL and the paper's code: (r - mean) / (std + 1e-4) per group, with the unbiased
-std; `scale_rewards=False` gives Dr.GRPO's unscaled (r - mean). A group whose rewards are all equal gets
+std; TRL's `scale_rewards="batch"` divides by the std of the whole batch's rewards instead (Lite PPO), and
+"none" gives Dr.GRPO's unscaled (r - mean). A group whose rewards are all equal gets
 exact zeros: its float mean can miss the common value by an ulp, which the division by std + 1e-4 would
 turn into advantages of up to ~6e-4 (all rewards 0.7, fp32) that only fit noise.
 """
@@ -12,12 +13,20 @@ import torch
 ADVANTAGE_EPS = 1e-4
 
 
-def group_advantages(rewards: torch.Tensor, scale_rewards: bool = True) -> torch.Tensor:
-    """rewards [num_groups, G] -> advantages [num_groups, G]."""
+def group_advantages(rewards: torch.Tensor, scale_rewards: str = "group",
+                     batch_rewards: torch.Tensor | None = None) -> torch.Tensor:
+    """rewards [num_groups, G] -> advantages [num_groups, G]. scale_rewards: "group", "batch" or "none".
+    `batch_rewards`: every reward of the batch, for "batch" (default: `rewards`; a rank passes the whole
+    batch's, of which its groups are a share)."""
+    if scale_rewards not in ("group", "batch", "none"):
+        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
     centered = rewards - rewards.mean(dim=1, keepdim=True)
     centered = torch.where(informative_groups(rewards)[:, None], centered, 0.0)
-    if not scale_rewards or rewards.shape[1] < 2:
+    if scale_rewards == "none" or rewards.shape[1] < 2:
         return centered
+    if scale_rewards == "batch":
+        everything = (rewards if batch_rewards is None else batch_rewards).flatten()
+        return centered / (everything.std() + ADVANTAGE_EPS)
     return centered / (rewards.std(dim=1, keepdim=True) + ADVANTAGE_EPS)
 
 
