@@ -104,6 +104,7 @@ class AlgoConfig:
     importance_sampling_clip_max: float = field(default=3.0, metadata={"help": "the cap of the importance-sampling ratio (TRL's vllm_importance_sampling_clip_max)"})
     delta: float | None = field(default=None, metadata={"help": "two-sided clipping (TRL's name; INTELLECT-2): the ratio of a token with a negative advantage is capped at delta, so one unlikely token cannot make the loss unbounded; must be > 1 + epsilon_high (INTELLECT-2: 4) (default: off)"})
     importance_sampling_level: str = field(default="token", metadata={"help": "token (GRPO: a ratio per token) or sequence (GSPO: one ratio per completion, the exp of its tokens' mean log-ratio, clipped as a token's; the GSPO paper clips at --epsilon 3e-4 --epsilon-high 4e-4) (TRL's name)"})
+    top_entropy_quantile: float = field(default=1.0, metadata={"help": "keep in the policy-gradient term (not the KL) only the tokens whose entropy is in this top fraction of the step's, the policy's entropy before the update over every rank's trained tokens with a nonzero advantage (TRL's name; 'Beyond the 80/20 rule' trains on the top 0.2); 1 keeps all; below 1 the update runs one more forward without gradient"})
     mask_truncated_completions: bool = field(default=False, metadata={"help": "leave completions that ran out of budget (no EOS; with RPO, the suffix's budget) out of the loss, still counted in their group's advantages (TRL's name; DAPO's overlong filtering)"})
 
     def __post_init__(self):
@@ -138,6 +139,8 @@ class AlgoConfig:
                f"--scale-rewards must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}")
         _check(self.importance_sampling_level in RATIO_LEVELS,
                f"--importance-sampling-level must be one of {RATIO_LEVELS}, got {self.importance_sampling_level!r}")
+        _check(0 <= self.top_entropy_quantile <= 1,
+               f"--top-entropy-quantile must be in [0, 1], got {self.top_entropy_quantile}")
         _check(self.delta is None or self.delta > 1 + self.epsilon_high,
                f"--delta must be > 1 + epsilon_high = {1 + self.epsilon_high:g} (else it clips positive advantages "
                f"too), got {self.delta}")

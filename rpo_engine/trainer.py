@@ -282,9 +282,31 @@ class Trainer:
                             trained=[r != "length" for r in g.finish_reasons] if mask_truncated else None)
                 for g in groups]
 
-    def sequence_logprobs(self, model, batch: list[PrefixGroup], shared: bool):
-        """Per-token log p of each sample's tokens from loss_start on: logp [b, span], mask [b, span]."""
-        return group_logprobs(model, batch, self.config.temperature, shared=shared)
+    def sequence_logprobs(self, model, batch: list[PrefixGroup], shared: bool, with_entropy: bool = False):
+        """Per-token log p of each sample's tokens from loss_start on: logp [b, span], mask [b, span] (and the
+        entropy [b, span] with_entropy)."""
+        return group_logprobs(model, batch, self.config.temperature, shared=shared, with_entropy=with_entropy)
+
+    @staticmethod
+    def loss_mask(batch: list[PrefixGroup], mask: torch.Tensor) -> torch.Tensor:
+        """The forward's mask [b, span] less the samples --mask-truncated-completions leaves out."""
+        if all(g.trained is None for g in batch):
+            return mask
+        trained = [g.is_trained(i) for g in batch for i in range(len(g.suffix_ids))]
+        return mask & torch.tensor(trained, device=mask.device)[:, None]
+
+    def entropy_threshold(self, batches, entropies: list[torch.Tensor]) -> float:
+        """--top-entropy-quantile: the (1 - quantile) quantile of the entropies of every rank's trained tokens
+        of samples with a nonzero advantage (the others carry no policy gradient, so they neither count
+        here nor change with the zero-advantage skip or the micro-batching); inf if there are none."""
+        own = []
+        for (batch, _), entropy in zip(batches, entropies):  # entropy [b, span]: NaN outside the loss mask
+            moving = torch.tensor([a != 0 for g in batch for a in g.advantages], device=entropy.device)
+            own += entropy[moving[:, None] & ~entropy.isnan()].tolist()
+        values = torch.tensor([x for part in self.dist.gather(own) for x in part], dtype=torch.float64)
+        if not values.numel():
+            return math.inf
+        return float(torch.quantile(values, 1.0 - self.algo.top_entropy_quantile))
 
     def reference_logprobs(self, batch: list[PrefixGroup], shared: bool) -> torch.Tensor:
         """The KL reference's logp [b, span]: the base model (adapters off) under LoRA, else the frozen copy."""
@@ -358,13 +380,22 @@ class Trainer:
         # Old log-probs need a no-grad pass only when the weights move between passes (num_iterations > 1);
         # with one pass they are the gradient pass's own values, detached.
         old, ref, mismatch = [None] * len(batches), [None] * len(batches), []
-        if algo.num_iterations > 1 or algo.beta > 0:
+        # --top-entropy-quantile: which tokens the surrogate keeps, from every micro-batch's entropies at once
+        select = algo.top_entropy_quantile < 1
+        keep, entropies = [None] * len(batches), []
+        if algo.num_iterations > 1 or algo.beta > 0 or select:
             with torch.no_grad():  # self.model holds the weights the rollout used
                 for k, (batch, shared) in enumerate(batches):
-                    if algo.num_iterations > 1:
-                        old[k] = self.sequence_logprobs(self.model, batch, shared)[0]
+                    if algo.num_iterations > 1 or select:
+                        logp, mask, *entropy = self.sequence_logprobs(self.model, batch, shared, with_entropy=select)
+                        old[k] = logp if algo.num_iterations > 1 else None
+                        if select:
+                            entropies.append(entropy[0].masked_fill(~self.loss_mask(batch, mask), math.nan))
                     if algo.beta > 0:
                         ref[k] = self.reference_logprobs(batch, shared)
+        if select:
+            threshold = self.entropy_threshold(batches[:num_real], entropies[:num_real])
+            keep = [entropy >= threshold for entropy in entropies]  # NaN (outside the loss): False
         stats = {"loss": 0.0, "clip_frac": 0.0, "clip_low_frac": 0.0, "clip_high_frac": 0.0, "kl": 0.0}
         is_weights, is_sum, is_count, is_min, is_max = [None] * len(batches), 0.0, 0, math.inf, -math.inf
         grad_norms, skipped = [], 0
@@ -377,9 +408,7 @@ class Trainer:
                 last = k == num_batches - 1 or self.dist.parallel != "ddp"
                 with contextlib.nullcontext() if last else self.policy.no_sync():
                     logp, mask, *entropy = self.policy(batch, shared, iteration == 0)
-                    if any(g.trained is not None for g in batch):  # --mask-truncated-completions
-                        mask = mask & torch.tensor([g.is_trained(i) for g in batch for i in range(len(g.suffix_ids))],
-                                                   device=mask.device)[:, None]
+                    mask = self.loss_mask(batch, mask)  # --mask-truncated-completions
                     if iteration == 0 and k < num_real:  # the weights the rollout used
                         mismatch += self.rollout_mismatch(batch, logp.detach())
                         entropy_sum += float((entropy[0] * mask).sum())
@@ -393,10 +422,14 @@ class Trainer:
                             is_sum, is_count = is_sum + float(real.sum()), is_count + real.numel()
                             is_min, is_max = min(is_min, float(real.min())), max(is_max, float(real.max()))
                     adv = torch.tensor([a for g in batch for a in g.advantages], device=self.device)
+                    surrogate_weights = is_weights[k]  # of the policy-gradient term only, not the KL
+                    if keep[k] is not None:
+                        surrogate_weights = keep[k].float() * (1.0 if surrogate_weights is None else surrogate_weights)
                     loss, st = policy_loss(logp, old_logp, adv, mask, ref_logp=ref_logp, eps_low=algo.epsilon,
                                            eps_high=algo.epsilon_high, kl_coef=algo.beta, loss_agg=algo.loss_agg,
-                                           norm_length=self.config.max_completion_length, is_weights=is_weights[k],
-                                           delta=algo.delta, ratio_level=algo.importance_sampling_level)
+                                           norm_length=self.config.max_completion_length,
+                                           is_weights=surrogate_weights, delta=algo.delta,
+                                           ratio_level=algo.importance_sampling_level)
                     if k >= num_real:
                         share = 0.0
                     elif algo.loss_agg == "token-mean":
@@ -431,6 +464,8 @@ class Trainer:
         stats["logprob_mismatch"] = totals[4] / totals[5] if totals[5] else None
         stats["entropy"] = totals[8] / totals[9] if totals[9] else None  # None (both): no group was run
         stats["num_micro_batches"], stats["prefix_shared_groups"] = int(totals[6]), int(totals[7])
+        if select:  # the entropy a kept token has at least
+            stats["entropy_threshold"] = threshold if math.isfinite(threshold) else None
         if algo.importance_sampling_correction:  # TRL's names
             is_sum, is_count = self.dist.sum([is_sum, is_count])
             neg_min, is_max = self.dist.max([-is_min, is_max])

@@ -61,6 +61,7 @@ COMMON = ["--steps", 3, "--save-steps", 2, "--eval-steps", 3, "--eval-size", 5, 
           "--overlong-buffer", 0, "--no-length-shaping", "--num-iterations", 2, "--beta", 0.05,
           "--micro-batch-tokens", 72, "--learning-rate", 1e-3, "--reward", "tests.reward_fns:hash_reward",
           "--scale-rewards", "batch",  # each rank's advantages divided by the std of every rank's rewards
+          "--top-entropy-quantile", 0.5,  # one entropy threshold from every rank's tokens
           "--dist-timeout", 60, "--log-completions",
           "--device", "cpu"]  # gloo: on a GPU box two ranks cannot share its one GPU
 

@@ -563,33 +563,77 @@ def test_loss_options_reach_the_loss(tiny_model_dir, monkeypatch):
     assert scale == "batch" and sorted(batch_rewards.tolist()) == sorted(rewards.flatten().tolist())
 
 
+def random_groups(seed, zero=(), num_groups=6, min_len=0):
+    """Groups of 4 samples: random prefixes and ragged suffixes; the groups in `zero` have zero advantages."""
+    from rpo_engine.trainer import Group
+
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for k in range(num_groups):
+        G, prefix = 4, torch.randint(3, 40, (int(torch.randint(4, 12, (1,), generator=gen)),), generator=gen)
+        suffixes = [torch.randint(3, 40, (int(n),), generator=gen).tolist()
+                    for n in torch.randint(min_len, 9, (G,), generator=gen)]
+        suffixes[0] = suffixes[0] or [5]  # at least one generated token per group
+        adv = [0.0] * G if k in zero else torch.randn(G, generator=gen).tolist()
+        out.append(Group({"id": str(k)}, prefix[:3].tolist(), prefix[3:].tolist(), suffixes,
+                         [[-1.0] * len(x) for x in suffixes], ["stop"] * G, advantages=adv))
+    return out
+
+
+@pytest.mark.parametrize("quantile", [0.3, 0.0])
+def test_top_entropy_quantile_keeps_the_high_entropy_tokens(tiny_model_dir, monkeypatch, quantile):
+    """The surrogate keeps the tokens at or above the (1 - q) quantile of the step's entropies, whatever the
+    micro-batches: the threshold and the count of kept tokens against one forward over the whole batch."""
+    import rpo_engine.trainer as trainer_module
+    from rpo_engine.config import parse_args
+    from rpo_engine.model.shared_prefix import group_logprobs
+    from rpo_engine.train import build_trainer
+
+    kept, thresholds = [], []
+    real_loss, real_threshold = trainer_module.policy_loss, trainer_module.Trainer.entropy_threshold
+
+    def loss_spy(logp, old_logp, adv, mask, **kwargs):
+        kept.append(float((kwargs["is_weights"] * mask).sum()))
+        return real_loss(logp, old_logp, adv, mask, **kwargs)
+
+    def threshold_spy(self, *args):
+        thresholds.append(real_threshold(self, *args))
+        return thresholds[-1]
+
+    monkeypatch.setattr(trainer_module, "policy_loss", loss_spy)
+    monkeypatch.setattr(trainer_module.Trainer, "entropy_threshold", threshold_spy)
+    trainer = build_trainer(parse_args(["--model", str(tiny_model_dir), "--micro-batch-tokens", "60",
+                                        "--top-entropy-quantile", str(quantile)]))
+    groups = random_groups(0, min_len=1)
+    with torch.no_grad():  # the whole batch at once, before the update
+        _, mask, entropy = group_logprobs(trainer.model, trainer.training_batch(groups), shared=False,
+                                          with_entropy=True)
+    population = entropy[mask].double()
+    want = float(torch.quantile(population, 1 - quantile))
+    stats = trainer.update(groups)
+    assert thresholds == [pytest.approx(want, rel=1e-6)] and stats["entropy_threshold"] == thresholds[0]
+    assert len(kept) > 1  # several micro-batches
+    assert sum(kept) == int((population >= thresholds[0]).sum())
+    if quantile == 0:  # the one token of highest entropy
+        assert sum(kept) == 1
+    else:
+        assert population.numel() * (quantile - 0.05) < sum(kept) < population.numel() * (quantile + 0.05)
+
+
 @pytest.mark.parametrize("flags", [[], ["--num-iterations", "2", "--algo", "dapo"], ["--no-prefix-sharing"],
-                                   ["--num-iterations", "2", "--importance-sampling-level", "sequence", "--delta", "1.5"]])
+                                   ["--num-iterations", "2", "--importance-sampling-level", "sequence", "--delta", "1.5"],
+                                   ["--top-entropy-quantile", "0.3"]])
 def test_update_skipping_zero_advantage_groups_takes_the_same_step(tiny_model_dir, flags):
     """Without a KL term, a group whose advantages are all zero adds nothing to the gradient: leaving it out
     of the forward and backward (the default) must give the weights the full batch gives, also when every
     group is left out (AdamW still moves the weights by its moments)."""
     from rpo_engine.config import parse_args
     from rpo_engine.train import build_trainer
-    from rpo_engine.trainer import Group
-
-    def groups(seed, zero):
-        gen = torch.Generator().manual_seed(seed)
-        out = []
-        for k in range(6):
-            G, prefix = 4, torch.randint(3, 40, (int(torch.randint(4, 12, (1,), generator=gen)),), generator=gen)
-            suffixes = [torch.randint(3, 40, (int(n),), generator=gen).tolist()
-                        for n in torch.randint(0, 9, (G,), generator=gen)]
-            suffixes[0] = suffixes[0] or [5]  # at least one generated token per group
-            adv = [0.0] * G if k in zero else torch.randn(G, generator=gen).tolist()
-            out.append(Group({"id": str(k)}, prefix[:3].tolist(), prefix[3:].tolist(), suffixes,
-                             [[-1.0] * len(x) for x in suffixes], ["stop"] * G, advantages=adv))
-        return out
 
     trainers = [build_trainer(parse_args(["--model", str(tiny_model_dir), "--micro-batch-tokens", "60",
                                           "--learning-rate", "1e-2", *flags])) for _ in range(2)]
     for zero in ({1, 3, 4}, set(range(6))):  # some groups with zero advantages, then all of them
-        batch, before = groups(len(zero), zero), [t.detach().clone() for t in trainers[0].model.parameters()]
+        batch, before = random_groups(len(zero), zero), [t.detach().clone() for t in trainers[0].model.parameters()]
         skipped, full = trainers[0].update(batch), trainers[1].update(batch, skip_zero_advantage=False)
         assert skipped["num_micro_batches"] < full["num_micro_batches"]
         for key in ("loss", "grad_norm", "clip_frac"):
