@@ -93,7 +93,8 @@ class AlgoConfig:
     beta: float | None = field(default=None, metadata={"help": "KL coefficient to the frozen reference (default 0: no reference model)"})
     loss_agg: str | None = field(default=None, metadata={"help": f"{LOSS_AGGREGATIONS} (default: grpo seq-mean-token-mean, dapo token-mean)"})
     loss_type: str | None = field(default=None, metadata={"help": "TRL's name for the aggregation, instead of --loss-agg: grpo (seq-mean-token-mean), bnpo or dapo (token-mean), dr_grpo (seq-mean-token-sum-norm, over --max-completion-length) (default: none)"})
-    num_iterations: int = field(default=1, metadata={"help": "optimizer passes over each rollout batch"})
+    num_iterations: int = field(default=1, metadata={"help": "passes over each rollout batch"})
+    ppo_mini_batch_size: int | None = field(default=None, metadata={"help": "prompts (groups) per optimizer step: each pass splits the rollout batch into ceil(groups / this) mini-batches, one optimizer step each, the ratio taken against the rollout's log-probs (verl's name; TRL's steps_per_generation = that many x gradient_accumulation_steps) (default: the whole batch, one step a pass)"})
     scale_rewards: str = field(default="group", metadata={"help": "divide each advantage r - group mean by the std of the group's rewards (group), of the whole batch's (batch: Lite PPO) or by nothing (none: Dr.GRPO) (TRL's name and values; true / false in YAML: group / none)"})
     dynamic_sampling: bool | None = field(default=None, metadata={"help": "drop groups with equal rewards and resample (default: dapo on)"})
     max_resample_rounds: int = field(default=3, metadata={"help": "extra sampling rounds allowed to fill a dynamic-sampling batch"})
@@ -129,6 +130,8 @@ class AlgoConfig:
         _check(self.epsilon >= 0 and self.epsilon_high >= 0, "--epsilon and --epsilon-high must be >= 0")
         _check(self.beta >= 0, f"--beta must be >= 0, got {self.beta}")
         _check(self.num_iterations >= 1, f"--num-iterations must be >= 1, got {self.num_iterations}")
+        _check(self.ppo_mini_batch_size is None or self.ppo_mini_batch_size >= 1,
+               f"--ppo-mini-batch-size must be >= 1, got {self.ppo_mini_batch_size}")
         _check(self.max_resample_rounds >= 0, f"--max-resample-rounds must be >= 0, got {self.max_resample_rounds}")
         _check(self.overlong_buffer is None or self.overlong_buffer >= 0, "--overlong-buffer must be >= 0")
         _check(self.importance_sampling_mode in IS_MODES,

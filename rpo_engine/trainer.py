@@ -352,111 +352,131 @@ class Trainer:
         gap = torch.where(generated, logp - rollout, 0.0).abs().sum(-1) / generated.sum(-1).clamp(min=1)  # [b]
         return gap[generated.any(-1)].tolist()
 
-    def update(self, groups: list[Group], skip_zero_advantage: bool = True) -> dict:
-        """num_iterations optimizer passes over the batch (this rank's groups, maybe none); one
-        optimizer step per pass. Without a KL term a group whose advantages are all zero (its rewards
-        were equal) has a zero gradient, so `skip_zero_advantage` leaves it out of the forward and
-        backward; it still counts in the loss normalisers, so the step is the one the whole batch gives.
-        The policy's entropy and `logprob_mismatch` are then measured over the groups that were run."""
+    def update(self, groups: list[Group], skip_zero_advantage: bool = True, positions: list[int] | None = None) -> dict:
+        """num_iterations passes over the batch (this rank's groups, maybe none). The batch is split into
+        mini-batches of --ppo-mini-batch-size groups (one by default), by each group's position in the
+        whole step's batch (`positions`, every rank's groups counted; default: 0, 1, ...): group i goes to
+        mini-batch i mod M, so the split is the same on any number of ranks. Each mini-batch is one
+        optimizer step; after the first, the ratio is taken against the log-probs the rollout's weights gave.
+        Without a KL term a group whose advantages are all zero (its rewards were equal) has a zero
+        gradient, so `skip_zero_advantage` leaves it out of the forward and backward; it still counts in
+        the loss normalisers, so the step is the one the whole mini-batch gives. The policy's entropy and
+        `logprob_mismatch` are then measured over the groups that were run."""
         algo, batch_groups = self.algo, self.training_batch(groups)
-        # Global normalisers (all groups, all micro-batches, all ranks), so skipping, micro-batching and
-        # ranks give the same loss as one big batch.
-        spans = [g.span(i) for g in batch_groups for i in range(len(g.suffix_ids)) if g.is_trained(i)]
-        num_tokens, num_rows = self.dist.sum([sum(spans), sum(1 for n in spans if n)])
+        positions = list(range(len(groups))) if positions is None else positions
+        num_groups = int(self.dist.sum([len(groups)])[0])
+        M = max(1, -(-num_groups // algo.ppo_mini_batch_size)) if algo.ppo_mini_batch_size else 1
+        minis = [[g for g, p in zip(batch_groups, positions) if p % M == j] for j in range(M)]
+        # Global normalisers of each mini-batch (all its groups, micro-batches and ranks), so skipping,
+        # micro-batching and ranks give the same loss as one big batch.
+        counts = []
+        for mini in minis:
+            spans = [g.span(i) for g in mini for i in range(len(g.suffix_ids)) if g.is_trained(i)]
+            counts += [sum(spans), sum(1 for n in spans if n)]
+        counts = self.dist.sum(counts)
         if skip_zero_advantage and self.algo.beta == 0:
-            batch_groups = [g for g in batch_groups if any(g.advantages)]
+            minis = [[g for g in mini if any(g.advantages)] for mini in minis]
         # (micro-batch, shared layout?) pairs: a group's prefix runs once where that costs fewer FLOPs
-        batches = plan_micro_batches(batch_groups, self.model.config, self.config.micro_batch_tokens,
-                                     self.config.prefix_sharing)
-        num_real = len(batches)
-        # DDP and FSDP2 communicate in every forward/backward: all ranks run as many micro-batches as
-        # the busiest, padding with a zero-weight one (a rank with no group still joins). At least one
-        # runs, so every parameter gets a (zero) gradient and AdamW's step, which moves the weights by
-        # its running moments even at zero gradient, is the one the full batch would have taken.
-        num_batches = max(1, int(self.dist.max([num_real])[0]))
-        batches += [([self.padding_group()], True)] * (num_batches - num_real)
+        plans = [plan_micro_batches(mini, self.model.config, self.config.micro_batch_tokens, self.config.prefix_sharing)
+                 for mini in minis]
+        # DDP and FSDP2 communicate in every forward/backward: in each mini-batch all ranks run as many
+        # micro-batches as the busiest, padding with zero-weight ones (a rank with no group still joins). At
+        # least one runs, so every parameter gets a (zero) gradient and AdamW's step, which moves the weights
+        # by its running moments even at zero gradient, is the one the full batch would have taken.
+        sizes = [max(1, int(n)) for n in self.dist.max([len(plan) for plan in plans])]
+        # Micro-batches of every mini-batch in one list: (batch, shared, mini-batch, real?)
+        batches = [(batch, shared, j, True) for j, plan in enumerate(plans) for batch, shared in plan]
+        batches += [([self.padding_group()], True, j, False) for j, plan in enumerate(plans)
+                    for _ in range(sizes[j] - len(plan))]
+        batches.sort(key=lambda b: b[2])  # stable: each mini-batch's real micro-batches, then its padding
+        num_real = sum(len(plan) for plan in plans)
         # DDP and FSDP2 average gradients over ranks; the loss is already normalised globally.
         grad_scale = self.dist.world_size
-        # Old log-probs need a no-grad pass only when the weights move between passes (num_iterations > 1);
-        # with one pass they are the gradient pass's own values, detached.
+        # Old log-probs need a no-grad pass only when the weights move before a micro-batch runs (several
+        # optimizer steps); with one they are the gradient pass's own values, detached.
+        moves = algo.num_iterations > 1 or M > 1
         old, ref, mismatch = [None] * len(batches), [None] * len(batches), []
         # --top-entropy-quantile: which tokens the surrogate keeps, from every micro-batch's entropies at once
         select = algo.top_entropy_quantile < 1
         keep, entropies = [None] * len(batches), []
-        if algo.num_iterations > 1 or algo.beta > 0 or select:
+        if moves or algo.beta > 0 or select:
             with torch.no_grad():  # self.model holds the weights the rollout used
-                for k, (batch, shared) in enumerate(batches):
-                    if algo.num_iterations > 1 or select:
+                for k, (batch, shared, _, _) in enumerate(batches):
+                    if moves or select:
                         logp, mask, *entropy = self.sequence_logprobs(self.model, batch, shared, with_entropy=select)
-                        old[k] = logp if algo.num_iterations > 1 else None
+                        old[k] = logp if moves else None
                         if select:
                             entropies.append(entropy[0].masked_fill(~self.loss_mask(batch, mask), math.nan))
                     if algo.beta > 0:
                         ref[k] = self.reference_logprobs(batch, shared)
         if select:
-            threshold = self.entropy_threshold(batches[:num_real], entropies[:num_real])
+            threshold = self.entropy_threshold([(b[0], b[1]) for b in batches if b[3]],
+                                               [e for b, e in zip(batches, entropies) if b[3]])
             keep = [entropy >= threshold for entropy in entropies]  # NaN (outside the loss): False
         stats = {"loss": 0.0, "clip_frac": 0.0, "clip_low_frac": 0.0, "clip_high_frac": 0.0, "kl": 0.0}
         is_weights, is_sum, is_count, is_min, is_max = [None] * len(batches), 0.0, 0, math.inf, -math.inf
-        grad_norms, skipped = [], 0
+        grad_norms, skipped, num_steps = [], 0, algo.num_iterations * M
         entropy_sum, entropy_tokens = 0.0, 0  # the policy's entropy over the loss tokens, before the update
         for iteration in range(algo.num_iterations):
-            self.optimizer.zero_grad(set_to_none=True)
-            pass_loss = 0.0
-            for k, ((batch, shared), old_logp, ref_logp) in enumerate(zip(batches, old, ref)):
-                # DDP: gradients are all-reduced once, in the pass's last backward
-                last = k == num_batches - 1 or self.dist.parallel != "ddp"
-                with contextlib.nullcontext() if last else self.policy.no_sync():
-                    logp, mask, *entropy = self.policy(batch, shared, iteration == 0)
-                    mask = self.loss_mask(batch, mask)  # --mask-truncated-completions
-                    if iteration == 0 and k < num_real:  # the weights the rollout used
-                        mismatch += self.rollout_mismatch(batch, logp.detach())
-                        entropy_sum += float((entropy[0] * mask).sum())
-                        entropy_tokens += int(mask.sum())
-                    if old_logp is None:
-                        old_logp = logp.detach()  # one pass: the weights have not moved since the rollout
-                    if algo.importance_sampling_correction and iteration == 0:
-                        is_weights[k] = self.importance_weights(batch, old_logp, mask)
-                        if k < num_real and mask.any():
-                            real = is_weights[k][mask]
-                            is_sum, is_count = is_sum + float(real.sum()), is_count + real.numel()
-                            is_min, is_max = min(is_min, float(real.min())), max(is_max, float(real.max()))
-                    adv = torch.tensor([a for g in batch for a in g.advantages], device=self.device)
-                    surrogate_weights = is_weights[k]  # of the policy-gradient term only, not the KL
-                    if keep[k] is not None:
-                        surrogate_weights = keep[k].float() * (1.0 if surrogate_weights is None else surrogate_weights)
-                    loss, st = policy_loss(logp, old_logp, adv, mask, ref_logp=ref_logp, eps_low=algo.epsilon,
-                                           eps_high=algo.epsilon_high, kl_coef=algo.beta, loss_agg=algo.loss_agg,
-                                           norm_length=self.config.max_completion_length,
-                                           is_weights=surrogate_weights, delta=algo.delta,
-                                           ratio_level=algo.importance_sampling_level)
-                    if k >= num_real:
-                        share = 0.0
-                    elif algo.loss_agg == "token-mean":
-                        share = int(mask.sum()) / max(1, num_tokens)
-                    else:
-                        share = int(mask.any(-1).sum()) / max(1, num_rows)
-                    (loss * (share * grad_scale)).backward()
-                pass_loss += loss.item() * share
-                weight = share / algo.num_iterations
-                stats["clip_frac"] += st["clip_frac"].item() * weight
-                stats["clip_low_frac"] += st["clip_low_frac"].item() * weight
-                stats["clip_high_frac"] += st["clip_high_frac"].item() * weight
-                stats["kl"] += st["kl_mean"].item() * weight
-            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.max_grad_norm))
-            pass_loss = self.dist.sum([pass_loss])[0]  # every rank skips, or none does
-            if not (math.isfinite(pass_loss) and torch.isfinite(grad_norm)):
-                warnings.warn(f"step {self.step_num}: non-finite loss or gradient; update skipped")
+            for j in range(M):
                 self.optimizer.zero_grad(set_to_none=True)
-                skipped += 1
-                continue
-            self.optimizer.step()
-            self.replica_stale = True
-            grad_norms.append(grad_norm.item())
-            stats["loss"] += pass_loss / algo.num_iterations
+                step_loss, num_tokens, num_rows = 0.0, counts[2 * j], counts[2 * j + 1]
+                mine = [k for k, b in enumerate(batches) if b[2] == j]
+                for k in mine:
+                    (batch, shared, _, real), old_logp, ref_logp = batches[k], old[k], ref[k]
+                    # DDP: gradients are all-reduced once, in the mini-batch's last backward
+                    last = k == mine[-1] or self.dist.parallel != "ddp"
+                    with contextlib.nullcontext() if last else self.policy.no_sync():
+                        logp, mask, *entropy = self.policy(batch, shared, iteration == 0)
+                        mask = self.loss_mask(batch, mask)  # --mask-truncated-completions
+                        if iteration == 0 and real:  # the weights the rollout used (the mini-batch's first step)
+                            mismatch += self.rollout_mismatch(batch, logp.detach())
+                            entropy_sum += float((entropy[0] * mask).sum())
+                            entropy_tokens += int(mask.sum())
+                        if old_logp is None:
+                            old_logp = logp.detach()  # one step: the weights have not moved since the rollout
+                        if algo.importance_sampling_correction and iteration == 0:
+                            is_weights[k] = self.importance_weights(batch, old_logp, mask)
+                            if real and mask.any():
+                                values = is_weights[k][mask]
+                                is_sum, is_count = is_sum + float(values.sum()), is_count + values.numel()
+                                is_min, is_max = min(is_min, float(values.min())), max(is_max, float(values.max()))
+                        adv = torch.tensor([a for g in batch for a in g.advantages], device=self.device)
+                        surrogate_weights = is_weights[k]  # of the policy-gradient term only, not the KL
+                        if keep[k] is not None:
+                            surrogate_weights = keep[k].float() * (1.0 if surrogate_weights is None else surrogate_weights)
+                        loss, st = policy_loss(logp, old_logp, adv, mask, ref_logp=ref_logp, eps_low=algo.epsilon,
+                                               eps_high=algo.epsilon_high, kl_coef=algo.beta, loss_agg=algo.loss_agg,
+                                               norm_length=self.config.max_completion_length,
+                                               is_weights=surrogate_weights, delta=algo.delta,
+                                               ratio_level=algo.importance_sampling_level)
+                        if not real:
+                            share = 0.0
+                        elif algo.loss_agg == "token-mean":
+                            share = int(mask.sum()) / max(1, num_tokens)
+                        else:
+                            share = int(mask.any(-1).sum()) / max(1, num_rows)
+                        (loss * (share * grad_scale)).backward()
+                    step_loss += loss.item() * share
+                    weight = share / num_steps
+                    stats["clip_frac"] += st["clip_frac"].item() * weight
+                    stats["clip_low_frac"] += st["clip_low_frac"].item() * weight
+                    stats["clip_high_frac"] += st["clip_high_frac"].item() * weight
+                    stats["kl"] += st["kl_mean"].item() * weight
+                grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.max_grad_norm))
+                step_loss = self.dist.sum([step_loss])[0]  # every rank skips, or none does
+                if not (math.isfinite(step_loss) and torch.isfinite(grad_norm)):
+                    warnings.warn(f"step {self.step_num}: non-finite loss or gradient; update skipped")
+                    self.optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                    continue
+                self.optimizer.step()
+                self.replica_stale = True
+                grad_norms.append(grad_norm.item())
+                stats["loss"] += step_loss / num_steps
         stats["grad_norm"] = sum(grad_norms) / max(1, len(grad_norms))
         stats["skipped_updates"] = skipped
-        shared_groups = len({id(g.prefix_ids) for batch, shared in batches[:num_real] if shared for g in batch})
+        shared_groups = len({id(g.prefix_ids) for batch, shared, _, real in batches if real and shared for g in batch})
         keys = ("clip_frac", "clip_low_frac", "clip_high_frac", "kl")
         totals = self.dist.sum([stats[k] for k in keys] + [sum(mismatch), len(mismatch), num_real, shared_groups,
                                                            entropy_sum, entropy_tokens])
@@ -500,7 +520,8 @@ class Trainer:
         # 1. rollout (DAPO: keep sampling until the batch has enough groups with distinct rewards).
         # Ranks roll out their share of each round's rows; `kept` counts every rank's kept groups,
         # `kept_groups` are this rank's (the round asks for at most what is missing, so never too many).
-        kept_groups, kept, totals = [], [], {"generated": 0, "cold_starts": 0, "cache_hits": 0, "verified": 0}
+        kept_groups, kept_positions, kept = [], [], []
+        totals = {"generated": 0, "cold_starts": 0, "cache_hits": 0, "verified": 0}
         completions = []  # --log-completions: this rank's groups of each round (gathered once advantages are set)
         all_rewards, num_prompts, zero_std = [], 0, 0
         score_sums = [0.0] * len(self.reward_weights)  # each reward function's, unweighted
@@ -530,6 +551,8 @@ class Trainer:
                 informative = informative_groups(torch.tensor([r[0] for r in results])).tolist()
             mine = self.dist.share(len(rows))
             kept_groups += [g for g, keep in zip(groups, informative[mine.start:mine.stop]) if keep]
+            # each of this rank's kept groups' place among every rank's (the update's mini-batches follow it)
+            kept_positions += [len(kept) + sum(informative[:i]) for i in mine if informative[i]]
             kept += [r for r, keep in zip(results, informative) if keep]
             if c.log_completions:
                 completions.append(groups)
@@ -545,7 +568,7 @@ class Trainer:
         # 5. policy update over the generated suffix tokens
         update_start = time.perf_counter()
         if kept:  # every rank updates, or none (a rank with no kept group joins with a zero-weight pass)
-            stats = self.update(kept_groups)
+            stats = self.update(kept_groups, positions=kept_positions)
         else:  # DAPO found no group with distinct rewards within its resampling bound: nothing to learn
             stats = dict.fromkeys(("loss", "clip_frac", "clip_low_frac", "clip_high_frac", "kl", "grad_norm",
                                    "num_micro_batches", "prefix_shared_groups"), 0.0)

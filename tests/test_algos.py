@@ -227,6 +227,8 @@ def test_algo_defaults():
     ({"scale_rewards": "std"}, r"--scale-rewards must be one of \('group', 'batch', 'none'\), got 'std'"),
     ({"scale_rewards": 1}, "scale_rewards must be a string"),
     ({"importance_sampling_level": "group"}, "--importance-sampling-level must be one of"),
+    ({"ppo_mini_batch_size": 0}, "--ppo-mini-batch-size must be >= 1, got 0"),
+    ({"top_entropy_quantile": 1.5}, r"--top-entropy-quantile must be in \[0, 1\], got 1.5"),
     ({"delta": 1.1}, r"--delta must be > 1 \+ epsilon_high = 1.2 .*, got 1.1"),
     ({"algo": "dapo", "delta": 1.25}, r"--delta must be > 1 \+ epsilon_high = 1.28"),
     ({"reward": "math,"}, "--reward must name one function or a comma-separated list"),

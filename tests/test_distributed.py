@@ -62,6 +62,7 @@ COMMON = ["--steps", 3, "--save-steps", 2, "--eval-steps", 3, "--eval-size", 5, 
           "--micro-batch-tokens", 72, "--learning-rate", 1e-3, "--reward", "tests.reward_fns:hash_reward",
           "--scale-rewards", "batch",  # each rank's advantages divided by the std of every rank's rewards
           "--top-entropy-quantile", 0.5,  # one entropy threshold from every rank's tokens
+          "--ppo-mini-batch-size", 2,  # mini-batches by each group's place in the whole batch, on any rank count
           "--dist-timeout", 60, "--log-completions",
           "--device", "cpu"]  # gloo: on a GPU box two ranks cannot share its one GPU
 

@@ -620,6 +620,47 @@ def test_top_entropy_quantile_keeps_the_high_entropy_tokens(tiny_model_dir, monk
         assert population.numel() * (quantile - 0.05) < sum(kept) < population.numel() * (quantile + 0.05)
 
 
+@pytest.mark.parametrize("flags", [["--algo", "dapo"], ["--num-iterations", "2", "--beta", "0.1"]])
+def test_mini_batches_step_as_a_plain_loop(tiny_model_dir, flags):
+    """--ppo-mini-batch-size 2 over 6 groups: mini-batches {0, 3}, {1, 4}, {2, 5} (position mod 3), one
+    optimizer step each, the ratio against the rollout's log-probs; equal to a plain loop over one padded
+    batch per mini-batch (no micro-batches, no skipped groups, no shared prefixes)."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.kernels import policy_loss
+    from rpo_engine.model.shared_prefix import group_logprobs
+    from rpo_engine.train import build_trainer
+
+    common = ["--model", str(tiny_model_dir), "--micro-batch-tokens", "60", "--learning-rate", "1e-2",
+              "--ppo-mini-batch-size", "2", *flags]
+    engine, plain = (build_trainer(parse_args(common)) for _ in range(2))
+    groups = random_groups(3, zero={4})
+    stats = engine.update(groups)
+
+    algo, model = plain.algo, plain.model
+    batch = plain.training_batch(groups)
+    minis = [[batch[i] for i in (j, j + 3)] for j in range(3)]
+    with torch.no_grad():
+        old = [group_logprobs(model, mini, shared=False)[0] for mini in minis]
+        ref = [group_logprobs(plain.reference if algo.beta else model, mini, shared=False)[0] for mini in minis]
+    ratios = []
+    for _ in range(algo.num_iterations):
+        for mini, old_logp, ref_logp in zip(minis, old, ref):
+            plain.optimizer.zero_grad()
+            logp, mask = group_logprobs(model, mini, shared=False)
+            adv = torch.tensor([a for g in mini for a in g.advantages])
+            loss, st = policy_loss(logp, old_logp, adv, mask, ref_logp=ref_logp, eps_low=algo.epsilon,
+                                   eps_high=algo.epsilon_high, kl_coef=algo.beta, loss_agg=algo.loss_agg,
+                                   backend="torch")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), plain.config.max_grad_norm)
+            plain.optimizer.step()
+            ratios.append(st["ratio_mean"].item())
+    assert ratios[0] == 1.0 and all(abs(r - 1) > 1e-4 for r in ratios[1:])  # the later steps ran off-policy
+    assert stats["num_micro_batches"] >= 3
+    for a, b in zip(engine.model.parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=3e-5)
+
+
 @pytest.mark.parametrize("flags", [[], ["--num-iterations", "2", "--algo", "dapo"], ["--no-prefix-sharing"],
                                    ["--num-iterations", "2", "--importance-sampling-level", "sequence", "--delta", "1.5"],
                                    ["--top-entropy-quantile", "0.3"]])
