@@ -229,7 +229,7 @@ def one_step(model_dir, *flags):
                                         "--eval-steps", "0", "--reward", "tests.reward_fns:hash_reward",
                                         "--micro-batch-tokens", "200", *flags]))
     suffixes, update = [], trainer.update
-    trainer.update = lambda groups: (suffixes.append([g.suffix_ids for g in groups]), update(groups))[1]
+    trainer.update = lambda groups, **kw: (suffixes.append([g.suffix_ids for g in groups]), update(groups, **kw))[1]
     return trainer.step(), suffixes
 
 
