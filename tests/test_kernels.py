@@ -210,16 +210,21 @@ def test_logprobs_auto_is_triton_on_cuda_else_torch():
 # ---- policy_loss ------------------------------------------------------------------------------------
 
 def _naive_policy_loss(logp, old_logp, adv, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg, norm_length,
-                       is_weights=None):
-    """Row by row, in the spec's words: -min(r A, clip(r) A) (times the IS weight) + kl_coef k3, then the
-    mode's means."""
+                       is_weights=None, delta=None, level="token"):
+    """Row by row, as TRL's GRPOTrainer._compute_loss writes it: the log importance weight per token, or per
+    sequence (the masked mean, GSPO), coef_1 = exp of it capped at delta, coef_2 = clip(exp of it),
+    -min(coef_1 A, coef_2 A) (times the IS weight) + kl_coef k3, then the mode's means."""
     rows, all_tokens = [], []
     for b in range(logp.shape[0]):
         m = mask[b].bool()
         if not m.any():
             continue
-        ratio = torch.exp(logp[b][m] - old_logp[b][m])
-        tok = -torch.min(ratio * adv[b], torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv[b])
+        log_w = logp[b][m] - old_logp[b][m]
+        if level == "sequence":
+            log_w = log_w.mean().expand(int(m.sum()))
+        coef_2 = torch.clamp(torch.exp(log_w), 1 - eps_low, 1 + eps_high)
+        coef_1 = torch.exp(log_w) if delta is None else torch.clamp(torch.exp(log_w), max=delta)
+        tok = -torch.min(coef_1 * adv[b], coef_2 * adv[b])
         if is_weights is not None:
             tok = tok * is_weights[b][m]
         if ref_logp is not None:
@@ -299,35 +304,6 @@ def test_policy_loss_matches_naive(backend, loss_agg, with_ref, with_is):
         assert abs(stats[key].item() - value) < 1e-6, key
 
 
-def _naive_trl_loss(logp, old_logp, adv, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg, norm_length,
-                    is_weights, delta, level):
-    """TRL's GRPOTrainer._compute_loss written row by row: the log importance weight per token, or per
-    sequence (the masked mean, GSPO), coef_1 = exp of it capped at delta, coef_2 = clip(exp of it),
-    -min(coef_1 A, coef_2 A) (times the IS weight) + beta k3, then the aggregation."""
-    rows, all_tokens = [], []
-    for b in range(logp.shape[0]):
-        m = mask[b].bool()
-        if not m.any():
-            continue
-        log_w = logp[b][m] - old_logp[b][m]
-        if level == "sequence":
-            log_w = log_w.mean().expand(int(m.sum()))
-        coef_2 = torch.clamp(torch.exp(log_w), 1 - eps_low, 1 + eps_high)
-        coef_1 = torch.exp(log_w) if delta is None else torch.clamp(torch.exp(log_w), max=delta)
-        tok = -torch.min(coef_1 * adv[b], coef_2 * adv[b])
-        if is_weights is not None:
-            tok = tok * is_weights[b][m]
-        if ref_logp is not None:
-            d = ref_logp[b][m] - logp[b][m]
-            tok = tok + kl_coef * (torch.exp(d) - d - 1)
-        all_tokens.append(tok)
-        rows.append({"token-mean": tok.sum(), "seq-mean-token-mean": tok.mean(),
-                     "seq-mean-token-sum-norm": tok.sum() / (norm_length or logp.shape[1])}[loss_agg])
-    if loss_agg == "token-mean":
-        return torch.cat(all_tokens).sum() / sum(t.numel() for t in all_tokens)
-    return torch.stack(rows).mean()
-
-
 def _spread_policy_inputs(b=8, t=13):
     """Rows whose mean log-ratio sits well past each bound, for both signs of the advantage: a sequence-level
     ratio is clipped low, clipped high, capped by delta and left alone in the same batch."""
@@ -357,10 +333,10 @@ def test_policy_loss_delta_and_sequence_level_match_trl(backend, loss_agg, level
     loss.backward()
 
     lp64 = logp.double().requires_grad_()
-    expected = _naive_trl_loss(lp64, old_logp.double(), adv.double(), mask,
-                               None if ref_logp is None else ref_logp.double(), kw["eps_low"], kw["eps_high"],
-                               kl_coef, loss_agg, norm_length, None if is_weights is None else is_weights.double(),
-                               delta, level)
+    expected = _naive_policy_loss(lp64, old_logp.double(), adv.double(), mask,
+                                  None if ref_logp is None else ref_logp.double(), kw["eps_low"], kw["eps_high"],
+                                  kl_coef, loss_agg, norm_length, None if is_weights is None else is_weights.double(),
+                                  delta, level)
     expected.backward()
     assert abs(loss.item() - expected.item()) < 1e-6
     assert torch.isfinite(lp.grad).all() and (lp.grad[~mask] == 0).all()
