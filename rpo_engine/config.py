@@ -93,6 +93,9 @@ class AlgoConfig:
     beta: float | None = field(default=None, metadata={"help": "KL coefficient to the frozen reference (default 0: no reference model)"})
     loss_agg: str | None = field(default=None, metadata={"help": f"{LOSS_AGGREGATIONS} (default: grpo seq-mean-token-mean, dapo token-mean)"})
     loss_type: str | None = field(default=None, metadata={"help": "TRL's name for the aggregation, instead of --loss-agg: grpo (seq-mean-token-mean), bnpo or dapo (token-mean), dr_grpo (seq-mean-token-sum-norm, over --max-completion-length) (default: none)"})
+    sync_ref_model: bool = field(default=False, metadata={"help": "move the KL reference toward the policy every --ref-model-sync-steps steps: ref = alpha * policy + (1 - alpha) * ref (TRL's name, TR-DPO); needs --beta > 0; checkpoints then hold the reference too"})
+    ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "alpha of --sync-ref-model (TRL's name)"})
+    ref_model_sync_steps: int = field(default=512, metadata={"help": "steps between reference syncs of --sync-ref-model (TRL's name)"})
     num_iterations: int = field(default=1, metadata={"help": "passes over each rollout batch"})
     ppo_mini_batch_size: int | None = field(default=None, metadata={"help": "prompts (groups) per optimizer step: each pass splits the rollout batch into ceil(groups / this) mini-batches, one optimizer step each, the ratio taken against the rollout's log-probs (verl's name; TRL's steps_per_generation = that many x gradient_accumulation_steps) (default: the whole batch, one step a pass)"})
     scale_rewards: str = field(default="group", metadata={"help": "divide each advantage r - group mean by the std of the group's rewards (group), of the whole batch's (batch: Lite PPO) or by nothing (none: Dr.GRPO) (TRL's name and values; true / false in YAML: group / none)"})
@@ -129,6 +132,11 @@ class AlgoConfig:
         _check(self.loss_agg in LOSS_AGGREGATIONS, f"--loss-agg must be one of {LOSS_AGGREGATIONS}, got {self.loss_agg!r}")
         _check(self.epsilon >= 0 and self.epsilon_high >= 0, "--epsilon and --epsilon-high must be >= 0")
         _check(self.beta >= 0, f"--beta must be >= 0, got {self.beta}")
+        _check(not self.sync_ref_model or self.beta > 0,
+               "--sync-ref-model needs --beta > 0 (without a KL term there is no reference to sync)")
+        _check(0 < self.ref_model_mixup_alpha <= 1,
+               f"--ref-model-mixup-alpha must be in (0, 1], got {self.ref_model_mixup_alpha}")
+        _check(self.ref_model_sync_steps >= 1, f"--ref-model-sync-steps must be >= 1, got {self.ref_model_sync_steps}")
         _check(self.num_iterations >= 1, f"--num-iterations must be >= 1, got {self.num_iterations}")
         _check(self.ppo_mini_batch_size is None or self.ppo_mini_batch_size >= 1,
                f"--ppo-mini-batch-size must be >= 1, got {self.ppo_mini_batch_size}")
@@ -225,6 +233,8 @@ class TrainConfig:
         parse_lora_targets(self.lora_target_modules, "--lora-target-modules")
         # a frozen bf16 base fits each GPU (2 bytes a parameter): DDP replicates it, there is nothing to shard
         _check(not (self.use_peft and self.parallel == "fsdp"), "--use-peft trains with --parallel ddp, not fsdp")
+        # under LoRA the reference is the base itself (adapters off): there is no second model to move
+        _check(not (self.use_peft and self.algo.sync_ref_model), "--sync-ref-model does not apply with --use-peft")
         if self.chat_template_kwargs is not None:
             try:
                 kwargs = json.loads(self.chat_template_kwargs)

@@ -178,9 +178,12 @@ def build_trainer(config: TrainConfig, checkpoint: Path | None = None, dist: Dis
         tokenizer.pad_token = tokenizer.eos_token
     train_rows, eval_rows = load_rows(config)
     reference = None
-    # the KL reference is the starting model, not the checkpoint's (under LoRA: the base, adapters off)
+    # the KL reference is the starting model, not the checkpoint's (under LoRA: the base, adapters off), or
+    # with --sync-ref-model the checkpoint's reference/ (a checkpoint of a run without it has none)
     if resuming and config.algo.beta > 0 and not config.use_peft:
-        reference = rpo_engine.load_model(initial_model_dir(), dtype=dtype, device=device)
+        synced = checkpoint / "reference"
+        reference = rpo_engine.load_model(synced if config.algo.sync_ref_model and synced.is_dir()
+                                          else initial_model_dir(), dtype=dtype, device=device)
     accuracy, *extra_rewards = resolve_rewards(config)
     return Trainer(config, model, tokenizer, train_rows, eval_rows, accuracy, device, dist, reference=reference,
                    extra_rewards=extra_rewards)

@@ -576,6 +576,8 @@ class Trainer:
             stats["entropy"] = stats["logprob_mismatch"] = None  # no token was trained
         self.scheduler.step()
         self.step_num += 1
+        if algo.sync_ref_model and self.step_num % algo.ref_model_sync_steps == 0:
+            self.sync_reference()
         if c.log_completions:  # after the advantages are set; a rank's share of a round is a run of its rows
             self.completions = [r for groups in completions
                                 for part in self.dist.gather(self.completion_records(groups)) for r in part]
@@ -632,6 +634,14 @@ class Trainer:
                 if names:  # several reward functions: each one's score, unweighted (TRL's table has a column each)
                     records[-1]["scores"] = {name: scores[i] for name, scores in zip(names, g.scores)}
         return records
+
+    @torch.no_grad()
+    def sync_reference(self) -> None:
+        """--sync-ref-model (TR-DPO; TRL's SyncRefModelCallback): ref = alpha * policy + (1 - alpha) * ref."""
+        self.sync_rollout_weights()  # fsdp: the replica holds the step's weights
+        alpha = self.algo.ref_model_mixup_alpha
+        for ref, policy in zip(self.reference.parameters(), self.model.parameters()):
+            ref.lerp_(policy, alpha)
 
     def engine_counters(self) -> dict:
         s = self.engine.stats
@@ -693,7 +703,8 @@ class Trainer:
 
     def save_checkpoint(self, directory: Path) -> None:
         """model/ (a Hugging Face directory; under LoRA adapter/, the base being the run's --model) +
-        trainer_state.pt, written under a temporary name, then renamed; by rank 0 (every rank calls it)."""
+        trainer_state.pt (+ reference/ with --sync-ref-model), written under a temporary name, then renamed;
+        by rank 0 (every rank calls it)."""
         self.sync_rollout_weights()
         state = self.state_dict()
         if not self.dist.is_main:
@@ -709,6 +720,8 @@ class Trainer:
             save_adapter(self.model, tmp / "adapter")
         else:
             self.model.save_pretrained(tmp / "model", tokenizer=self.tokenizer)
+        if self.algo.sync_ref_model:  # the reference has moved: a resume needs it, not the starting model
+            self.reference.save_pretrained(tmp / "reference")
         torch.save(state, tmp / "trainer_state.pt")
         (tmp / "config.json").write_text(json.dumps(config_to_dict(self.config), indent=2) + "\n")
         tmp.rename(directory)

@@ -65,13 +65,16 @@ COMMON = ["--steps", 3, "--save-steps", 2, "--eval-steps", 3, "--eval-size", 5, 
           "--ppo-mini-batch-size", 2,  # mini-batches by each group's place in the whole batch, on any rank count
           "--dist-timeout", 60, "--log-completions",
           "--device", "cpu"]  # gloo: on a GPU box two ranks cannot share its one GPU
+# The full-weight runs also move their KL reference after step 2 (saved in the step-2 checkpoint, so the
+# 2-rank checkpoint resumed on one rank must load it to give step 3's KL).
+SYNC = ["--sync-ref-model", "--ref-model-sync-steps", 2, "--ref-model-mixup-alpha", 0.5]
 
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory):
     """The same job on 1 process, on 2 ranks with DDP and on 2 ranks with FSDP2."""
     root = tmp_path_factory.mktemp("dist")
-    common = ["--model", tiny_model_dir, *COMMON]
+    common = ["--model", tiny_model_dir, *COMMON, *SYNC]
     check(run([*common, "--output", root / "one"]))
     check(run([*common, "--output", root / "ddp"], nproc=2))
     check(run([*common, "--output", root / "fsdp", "--parallel", "fsdp"], nproc=2))
@@ -105,7 +108,7 @@ def test_two_rank_checkpoint_resumes_on_one_rank(runs, tiny_model_dir, tmp_path)
     # by one plain process, gives the uninterrupted 1-process run's step 3.
     part = tmp_path / "part"
     shutil.copytree(runs / "fsdp", part, ignore=shutil.ignore_patterns("step-3", "final", "tensorboard"))
-    proc = check(run(["--model", tiny_model_dir, *COMMON, "--output", part, "--resume"]))
+    proc = check(run(["--model", tiny_model_dir, *COMMON, *SYNC, "--output", part, "--resume"]))
     assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
     one, resumed = read_metrics(runs / "one"), read_metrics(part)
     assert [m["step"] for m in resumed] == [0, 1, 2, 3]

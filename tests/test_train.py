@@ -289,6 +289,25 @@ def test_kl_to_reference(tmp_path, tiny_model_dir):
     assert second["kl"] > 0
 
 
+def test_sync_ref_model_moves_the_reference(tiny_model_dir):
+    """--sync-ref-model (TRL's names): every --ref-model-sync-steps steps the KL reference becomes
+    alpha * policy + (1 - alpha) * reference; in between it stays."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+
+    trainer = build_trainer(parse_args(["--model", str(tiny_model_dir), "--no-progress", "--no-rpo", "--eval-steps", "0",
+                                        "--reward", "tests.reward_fns:hash_reward", *map(str, SMALL), "--beta", "0.05",
+                                        "--sync-ref-model", "--ref-model-sync-steps", "2",
+                                        "--ref-model-mixup-alpha", "0.6"]))
+    start = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.step()
+    assert all(torch.equal(r, s) for r, s in zip(trainer.reference.parameters(), start))  # step 1: not yet
+    assert not all(torch.equal(p, s) for p, s in zip(trainer.model.parameters(), start))
+    trainer.step()
+    for r, p, s in zip(trainer.reference.parameters(), trainer.model.parameters(), start):
+        torch.testing.assert_close(r, 0.6 * p + 0.4 * s, rtol=1e-6, atol=1e-7)
+
+
 def test_bf16_weights_train_through_fp32_masters(tmp_path, tiny_model_dir):
     # The GPU default (bf16 weights read live by the rollout engine), run on the CPU: updates land, resume is exact.
     full, part = tmp_path / "full", tmp_path / "part"
