@@ -58,27 +58,37 @@ def load_rows(config: TrainConfig) -> tuple[list[dict], list[dict]]:
     return train, eval_rows
 
 
-def resolve_rewards(config: TrainConfig) -> list:
-    """The --reward functions, in order: the first is the accuracy (what counts as a right answer)."""
+def resolve_rewards(config: TrainConfig, device: torch.device | None = None, first_only: bool = False) -> list:
+    """The --reward functions, in order: the first is the accuracy (what counts as a right answer). A reward
+    model directory (TRL's reward_funcs given a model) is loaded on `device`; it scores, so it cannot be the
+    first, which must say right or wrong."""
     from rpo_engine.rewards import exact_answer_reward, load_reward_fn, math_answer_reward
+    from rpo_engine.rewards.model import RewardModel, is_reward_model_dir
 
     functions = []
-    for name in reward_names(config):
+    for i, name in enumerate(reward_names(config)[:1] if first_only else reward_names(config)):
         if name == "auto":
             name = "exact" if config.dataset is None and config.eval_dataset is None else "math"
         if name in ("exact", "math"):
             functions.append(exact_answer_reward if name == "exact" else math_answer_reward)
+        elif is_reward_model_dir(name):
+            if i == 0:
+                raise UserError(f"--reward {config.reward}: the first reward decides right answers (eval accuracy, "
+                                f"RPO's verified paths), so it cannot be the reward model {name!r}; put an answer "
+                                f"check first (exact, math or module:function)")
+            device = device or torch.device("cpu")
+            functions.append(RewardModel(name, device, torch.bfloat16 if device.type == "cuda" else torch.float32))
         elif ":" in name:
             functions.append(load_reward_fn(name))
         else:
-            raise UserError(f"--reward must be exact, math or module:function (or a comma-separated list), "
-                            f"got {name!r}")
+            raise UserError(f"--reward must be exact, math, module:function or a reward model directory (or a "
+                            f"comma-separated list), got {name!r}")
     return functions
 
 
 def resolve_reward(config: TrainConfig):
     """The accuracy reward: the first --reward function."""
-    return resolve_rewards(config)[0]
+    return resolve_rewards(config, first_only=True)[0]
 
 
 def check_output_dir(output: Path) -> None:
@@ -184,7 +194,7 @@ def build_trainer(config: TrainConfig, checkpoint: Path | None = None, dist: Dis
         synced = checkpoint / "reference"
         reference = rpo_engine.load_model(synced if config.algo.sync_ref_model and synced.is_dir()
                                           else initial_model_dir(), dtype=dtype, device=device)
-    accuracy, *extra_rewards = resolve_rewards(config)
+    accuracy, *extra_rewards = resolve_rewards(config, device)
     return Trainer(config, model, tokenizer, train_rows, eval_rows, accuracy, device, dist, reference=reference,
                    extra_rewards=extra_rewards)
 

@@ -200,3 +200,97 @@ def test_trl_style_reward_mistakes_are_one_line_errors(tmp_path, monkeypatch):
     assert "bad_trl_rewards.py:8;" in msg
     # an extra reward's None ("does not apply"): 0, as TRL's nansum over functions makes it
     assert score_completions(load_reward_fn("bad_trl_rewards:none"), ["x", "y"], rows, none_as_zero=True) == [0.0, 0.0]
+
+
+# ---- a reward model (TRL's reward_funcs given a model) ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def reward_model_dir(tmp_path_factory):
+    """A random 2-layer Qwen2 sequence classifier with one label and the task tokenizer, plus a chat template."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from rpo_engine.data.tokenizer import build_task_tokenizer
+
+    directory = tmp_path_factory.mktemp("reward_model")
+    tok = build_task_tokenizer()
+    tok.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}[assistant] {% endif %}")
+    config = AutoConfig.for_model("qwen2", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_labels=1,
+                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(str(directory))
+    tok.save_pretrained(str(directory))
+    return directory
+
+
+def test_reward_model_scores_prompt_and_completion_as_transformers_does(reward_model_dir):
+    """Each completion's reward is the classifier's logit on prompt + completion (string prompts) or on the
+    conversation with the completion as the assistant's turn, whatever the batch and its padding."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rpo_engine.rewards import score_completions
+    from rpo_engine.rewards.model import RewardModel
+
+    rows = [{"prompt": "12+3=", "answer": "15"}, {"prompt": "7+8=", "answer": "15"},
+            {"prompt": [{"role": "user", "content": "2+2="}], "answer": "4"}]
+    texts = [" 15\n#### 15", " 1\n#### 1 and a much longer completion 1+1+1+1", " 4"]
+    model = RewardModel(str(reward_model_dir), batch_size=2)  # two batches, ragged within the first
+    got = score_completions(model, texts, rows)
+    hf = AutoModelForSequenceClassification.from_pretrained(str(reward_model_dir)).eval()
+    tok = AutoTokenizer.from_pretrained(str(reward_model_dir))
+    inputs = ["12+3= 15\n#### 15", "7+8= 1\n#### 1 and a much longer completion 1+1+1+1",
+              "[user] 2+2=\n[assistant]  4\n"]
+    with torch.no_grad():
+        want = [hf(**tok(t, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item() for t in inputs]
+    assert got == pytest.approx(want, abs=1e-5)
+    assert len(set(got)) == 3 and model.__name__ == reward_model_dir.name
+
+
+def test_reward_model_mistakes_are_one_line_errors(tmp_path, reward_model_dir, tiny_model_dir):
+    from rpo_engine.config import config_from_dict
+    from rpo_engine.rewards.model import RewardModel
+    from rpo_engine.train import resolve_rewards
+
+    with pytest.raises(UserError, match="the first reward decides right answers"):
+        resolve_rewards(config_from_dict({"reward": f"{reward_model_dir},exact"}))
+    with pytest.raises(UserError, match="not a \\*ForSequenceClassification model"):
+        RewardModel(str(tiny_model_dir))  # a causal LM
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match="config.json: not a readable model config"):
+        RewardModel(str(broken))
+    with pytest.raises(UserError, match="or a reward model directory"):
+        resolve_rewards(config_from_dict({"reward": f"exact,{tmp_path / 'missing'}"}))
+
+
+def test_reward_model_adds_its_weighted_score_in_training(reward_model_dir, tiny_model_dir):
+    """--reward fn,RM_DIR --reward-weights 1,0.5: each completion's reward is its accuracy plus half the reward
+    model's logit on it; the metric rewards/<model>/mean is the model's mean score."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+
+    trainer = build_trainer(parse_args(["--model", str(tiny_model_dir), "--no-progress", "--no-rpo", "--eval-steps", "0",
+                                        "--prompts-per-step", "2", "--num-generations", "3",
+                                        "--max-completion-length", "16", "--no-length-shaping",
+                                        "--reward", f"tests.reward_fns:hash_reward,{reward_model_dir}",
+                                        "--reward-weights", "1,0.5"]))
+    rm = trainer.extra_rewards[0]
+    scored = []
+    score = trainer.score
+
+    def spy(group):
+        score(group)
+        scored.append(group)
+
+    trainer.score = spy
+    metrics = trainer.step()
+    model_scores = [x for g in scored for x in g.scores[1]]
+    for g in scored:
+        texts = [trainer.tokenizer.decode(g.answer_ids(i), skip_special_tokens=True) for i in range(len(g.suffix_ids))]
+        assert g.scores[1] == pytest.approx(rm.score(texts, [g.row] * len(texts)), abs=1e-6)
+        assert g.rewards == pytest.approx([a + 0.5 * m for a, m in zip(g.scores[0], g.scores[1])], abs=1e-6)
+    assert metrics[f"rewards/{reward_model_dir.name}/mean"] == pytest.approx(sum(model_scores) / len(model_scores))

@@ -1,0 +1,72 @@
+"""A learned reward: a Hugging Face sequence-classification model scoring each prompt + completion.
+
+TRL's GRPOTrainer takes a model among its `reward_funcs`; this is that, called the way TRL calls it:
+a string prompt is joined to its completion as text, a conversation gets the completion as its assistant
+turn through the reward model's own chat template; the batch is tokenized without special tokens, padded
+on the right, and each row's first logit is its reward. The model reads its own tokenizer, so it need
+not share the policy's vocabulary.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from rpo_engine.errors import UserError
+
+
+def is_reward_model_dir(name: str) -> bool:
+    """Whether a --reward entry names a model directory (a config.json inside) rather than a function."""
+    return (Path(name) / "config.json").is_file()
+
+
+class RewardModel:
+    """`score(texts, rows)` -> one float per completion (TRLStyleReward's interface). Runs without gradient
+    in batches of `batch_size` rows, on `device` in `dtype` (bf16 on a GPU, as the policy)."""
+
+    def __init__(self, path: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 batch_size: int = 32):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        directory = Path(path)
+        try:
+            config = json.loads((directory / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"{directory / 'config.json'}: not a readable model config ({e})") from None
+        if not any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
+            raise UserError(f"reward model {path!r}: its config.json names {config.get('architectures')}, "
+                            f"not a *ForSequenceClassification model (a reward model has a scalar head)")
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(directory))
+            self.model = AutoModelForSequenceClassification.from_pretrained(str(directory), dtype=dtype)
+        except (OSError, ValueError) as e:
+            raise UserError(f"reward model {path!r}: cannot load ({' '.join(str(e).split())[:200]})") from None
+        if self.tokenizer.pad_token is None:  # Llama's: padding on the right is never read
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if self.model.config.pad_token_id is None:  # the head pools each row's last token before padding
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model.to(device).eval().requires_grad_(False)
+        self.device, self.batch_size = torch.device(device), batch_size
+        self.__name__ = directory.resolve().name  # the metric's name: rewards/<name>/mean (TRL: the model's)
+
+    def texts(self, completions: list[str], rows: list[dict]) -> list[str]:
+        """What the reward model reads: prompt + completion, a conversation through its chat template."""
+        out = []
+        for text, row in zip(completions, rows):
+            prompt = row["prompt"]
+            if isinstance(prompt, str):
+                out.append(prompt + text)
+            else:
+                out.append(self.tokenizer.apply_chat_template(
+                    [*prompt, {"role": "assistant", "content": text}], tokenize=False))
+        return out
+
+    @torch.no_grad()
+    def score(self, texts: list[str], rows: list[dict], completion_ids=None, none_as_zero: bool = False) -> list[float]:
+        inputs, scores = self.texts(texts, rows), []
+        for start in range(0, len(inputs), self.batch_size):
+            batch = self.tokenizer(inputs[start:start + self.batch_size], return_tensors="pt", padding=True,
+                                   padding_side="right", add_special_tokens=False).to(self.device)
+            scores += self.model(**batch).logits[:, 0].float().tolist()  # [b]
+        return scores
