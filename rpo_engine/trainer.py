@@ -352,6 +352,35 @@ class Trainer:
         gap = torch.where(generated, logp - rollout, 0.0).abs().sum(-1) / generated.sum(-1).clamp(min=1)  # [b]
         return gap[generated.any(-1)].tolist()
 
+    def plan_update(self, batch_groups: list[PrefixGroup], positions: list[int], skip_zero_advantage: bool):
+        """-> (micro-batches, normalisers, M). Micro-batches: (groups, shared layout?, mini-batch, real?) in run
+        order, each mini-batch's own, then the zero-weight padding that gives every rank as many as the
+        busiest (DDP and FSDP2 communicate in every forward/backward; a rank with no group still joins).
+        At least one runs per mini-batch, so every parameter gets a (zero) gradient and AdamW's step, which
+        moves the weights by its running moments even at zero gradient, is the one the full batch would
+        have taken. Normalisers: each mini-batch's tokens and rows over all its groups and ranks, so
+        skipping, micro-batching and ranks give the same loss as one big batch."""
+        algo = self.algo
+        num_groups = int(self.dist.sum([len(batch_groups)])[0])
+        M = max(1, -(-num_groups // algo.ppo_mini_batch_size)) if algo.ppo_mini_batch_size else 1
+        minis = [[g for g, p in zip(batch_groups, positions) if p % M == j] for j in range(M)]
+        counts = []
+        for mini in minis:
+            spans = [g.span(i) for g in mini for i in range(len(g.suffix_ids)) if g.is_trained(i)]
+            counts += [sum(spans), sum(1 for n in spans if n)]
+        counts = self.dist.sum(counts)
+        if skip_zero_advantage and algo.beta == 0:
+            minis = [[g for g in mini if any(g.advantages)] for mini in minis]
+        # (micro-batch, shared layout?) pairs: a group's prefix runs once where that costs fewer FLOPs
+        plans = [plan_micro_batches(mini, self.model.config, self.config.micro_batch_tokens, self.config.prefix_sharing)
+                 for mini in minis]
+        sizes = [max(1, int(n)) for n in self.dist.max([len(plan) for plan in plans])]
+        batches = []
+        for j, plan in enumerate(plans):
+            batches += [(batch, shared, j, True) for batch, shared in plan]
+            batches += [([self.padding_group()], True, j, False)] * (sizes[j] - len(plan))
+        return batches, counts, M
+
     def update(self, groups: list[Group], skip_zero_advantage: bool = True, positions: list[int] | None = None) -> dict:
         """num_iterations passes over the batch (this rank's groups, maybe none). The batch is split into
         mini-batches of --ppo-mini-batch-size groups (one by default), by each group's position in the
@@ -362,34 +391,10 @@ class Trainer:
         gradient, so `skip_zero_advantage` leaves it out of the forward and backward; it still counts in
         the loss normalisers, so the step is the one the whole mini-batch gives. The policy's entropy and
         `logprob_mismatch` are then measured over the groups that were run."""
-        algo, batch_groups = self.algo, self.training_batch(groups)
+        algo = self.algo
         positions = list(range(len(groups))) if positions is None else positions
-        num_groups = int(self.dist.sum([len(groups)])[0])
-        M = max(1, -(-num_groups // algo.ppo_mini_batch_size)) if algo.ppo_mini_batch_size else 1
-        minis = [[g for g, p in zip(batch_groups, positions) if p % M == j] for j in range(M)]
-        # Global normalisers of each mini-batch (all its groups, micro-batches and ranks), so skipping,
-        # micro-batching and ranks give the same loss as one big batch.
-        counts = []
-        for mini in minis:
-            spans = [g.span(i) for g in mini for i in range(len(g.suffix_ids)) if g.is_trained(i)]
-            counts += [sum(spans), sum(1 for n in spans if n)]
-        counts = self.dist.sum(counts)
-        if skip_zero_advantage and self.algo.beta == 0:
-            minis = [[g for g in mini if any(g.advantages)] for mini in minis]
-        # (micro-batch, shared layout?) pairs: a group's prefix runs once where that costs fewer FLOPs
-        plans = [plan_micro_batches(mini, self.model.config, self.config.micro_batch_tokens, self.config.prefix_sharing)
-                 for mini in minis]
-        # DDP and FSDP2 communicate in every forward/backward: in each mini-batch all ranks run as many
-        # micro-batches as the busiest, padding with zero-weight ones (a rank with no group still joins). At
-        # least one runs, so every parameter gets a (zero) gradient and AdamW's step, which moves the weights
-        # by its running moments even at zero gradient, is the one the full batch would have taken.
-        sizes = [max(1, int(n)) for n in self.dist.max([len(plan) for plan in plans])]
-        # Micro-batches of every mini-batch in one list: (batch, shared, mini-batch, real?)
-        batches = [(batch, shared, j, True) for j, plan in enumerate(plans) for batch, shared in plan]
-        batches += [([self.padding_group()], True, j, False) for j, plan in enumerate(plans)
-                    for _ in range(sizes[j] - len(plan))]
-        batches.sort(key=lambda b: b[2])  # stable: each mini-batch's real micro-batches, then its padding
-        num_real = sum(len(plan) for plan in plans)
+        batches, counts, M = self.plan_update(self.training_batch(groups), positions, skip_zero_advantage)
+        num_real = sum(1 for b in batches if b[3])
         # DDP and FSDP2 average gradients over ranks; the loss is already normalised globally.
         grad_scale = self.dist.world_size
         # Old log-probs need a no-grad pass only when the weights move before a micro-batch runs (several
@@ -421,11 +426,11 @@ class Trainer:
             for j in range(M):
                 self.optimizer.zero_grad(set_to_none=True)
                 step_loss, num_tokens, num_rows = 0.0, counts[2 * j], counts[2 * j + 1]
-                mine = [k for k, b in enumerate(batches) if b[2] == j]
-                for k in mine:
+                members = [k for k, b in enumerate(batches) if b[2] == j]
+                for k in members:
                     (batch, shared, _, real), old_logp, ref_logp = batches[k], old[k], ref[k]
                     # DDP: gradients are all-reduced once, in the mini-batch's last backward
-                    last = k == mine[-1] or self.dist.parallel != "ddp"
+                    last = k == members[-1] or self.dist.parallel != "ddp"
                     with contextlib.nullcontext() if last else self.policy.no_sync():
                         logp, mask, *entropy = self.policy(batch, shared, iteration == 0)
                         mask = self.loss_mask(batch, mask)  # --mask-truncated-completions
