@@ -660,7 +660,7 @@ def test_mini_batches_step_as_a_plain_loop(tiny_model_dir, flags):
     minis = [[batch[i] for i in (j, j + 3)] for j in range(3)]
     with torch.no_grad():
         old = [group_logprobs(model, mini, shared=False)[0] for mini in minis]
-        ref = [group_logprobs(plain.reference if algo.beta else model, mini, shared=False)[0] for mini in minis]
+        ref = [group_logprobs(plain.reference, mini, shared=False)[0] if algo.beta else None for mini in minis]
     ratios = []
     for _ in range(algo.num_iterations):
         for mini, old_logp, ref_logp in zip(minis, old, ref):
