@@ -21,7 +21,7 @@ from rpo_engine.model.lora import TARGETS as LORA_TARGETS, parse_targets as pars
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 # TRL's GRPOConfig.loss_type -> ours (verl's names). TRL's dr_grpo, like ours, divides by max_completion_length.
 TRL_LOSS_TYPES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dapo": "token-mean",
-                  "dr_grpo": "seq-mean-token-sum-norm"}
+                  "dr_grpo": "seq-mean-token-sum-norm", "cispo": "token-mean"}
 CACHE_POLICIES = ("epsilon-greedy", "correct-only")
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 RATIO_LEVELS = ("token", "sequence")  # TRL's importance_sampling_level: GRPO's per-token ratio, GSPO's per sequence
@@ -92,7 +92,7 @@ class AlgoConfig:
     epsilon_high: float | None = field(default=None, metadata={"help": "upper clip range (default: grpo 0.2, dapo 0.28)"})
     beta: float | None = field(default=None, metadata={"help": "KL coefficient to the frozen reference (default 0: no reference model)"})
     loss_agg: str | None = field(default=None, metadata={"help": f"{LOSS_AGGREGATIONS} (default: grpo seq-mean-token-mean, dapo token-mean)"})
-    loss_type: str | None = field(default=None, metadata={"help": "TRL's name for the aggregation, instead of --loss-agg: grpo (seq-mean-token-mean), bnpo or dapo (token-mean), dr_grpo (seq-mean-token-sum-norm, over --max-completion-length) (default: none)"})
+    loss_type: str | None = field(default=None, metadata={"help": "TRL's name for the aggregation, instead of --loss-agg: grpo (seq-mean-token-mean), bnpo or dapo (token-mean), dr_grpo (seq-mean-token-sum-norm, over --max-completion-length); or cispo (MiniMax-M1: token-mean, each token's log-prob weighted by its ratio capped at --epsilon-high, which is then the cap itself, as in TRL, and must be given) (default: none)"})
     sync_ref_model: bool = field(default=False, metadata={"help": "move the KL reference toward the policy every --ref-model-sync-steps steps: ref = alpha * policy + (1 - alpha) * ref (TRL's name, TR-DPO); needs --beta > 0; checkpoints then hold the reference too"})
     ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "alpha of --sync-ref-model (TRL's name)"})
     ref_model_sync_steps: int = field(default=512, metadata={"help": "steps between reference syncs of --sync-ref-model (TRL's name)"})
@@ -114,6 +114,12 @@ class AlgoConfig:
     def __post_init__(self):
         _check(self.algo in ("grpo", "dapo"), f"--algo must be grpo or dapo, got {self.algo!r}")
         dapo = self.algo == "dapo"
+        if self.loss_type == "cispo":  # TRL's convention: epsilon_high is the cap of the weight itself
+            _check(self.epsilon_high is not None and self.epsilon_high > 1,
+                   f"--loss-type cispo caps each token's importance weight at --epsilon-high: give it, above 1 "
+                   f"(got {self.epsilon_high})")
+            _check(self.delta is None and self.importance_sampling_level == "token",
+                   "--loss-type cispo weighs each token by its own capped ratio: no --delta, no sequence level")
         if self.epsilon_high is None:
             self.epsilon_high = 0.28 if dapo else self.epsilon
         if self.beta is None:
@@ -152,9 +158,21 @@ class AlgoConfig:
                f"--importance-sampling-level must be one of {RATIO_LEVELS}, got {self.importance_sampling_level!r}")
         _check(0 <= self.top_entropy_quantile <= 1,
                f"--top-entropy-quantile must be in [0, 1], got {self.top_entropy_quantile}")
-        _check(self.delta is None or self.delta > 1 + self.epsilon_high,
+        _check(self.delta is None or self.loss_type == "cispo" or self.delta > 1 + self.epsilon_high,
                f"--delta must be > 1 + epsilon_high = {1 + self.epsilon_high:g} (else it clips positive advantages "
                f"too), got {self.delta}")
+
+
+    @property
+    def surrogate(self) -> str:
+        """policy_loss's surrogate: CISPO's capped weight, or PPO's clipped ratio."""
+        return "cispo" if self.loss_type == "cispo" else "clip"
+
+    @property
+    def loss_eps_high(self) -> float:
+        """policy_loss's eps_high: the ratio's upper clip is 1 + eps_high; under CISPO, --epsilon-high is the
+        cap itself (TRL's convention)."""
+        return self.epsilon_high - 1 if self.surrogate == "cispo" else self.epsilon_high
 
 
 @dataclass

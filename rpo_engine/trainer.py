@@ -451,10 +451,10 @@ class Trainer:
                         if keep[k] is not None:
                             surrogate_weights = keep[k].float() * (1.0 if surrogate_weights is None else surrogate_weights)
                         loss, st = policy_loss(logp, old_logp, adv, mask, ref_logp=ref_logp, eps_low=algo.epsilon,
-                                               eps_high=algo.epsilon_high, kl_coef=algo.beta, loss_agg=algo.loss_agg,
-                                               norm_length=self.config.max_completion_length,
+                                               eps_high=algo.loss_eps_high, kl_coef=algo.beta,
+                                               loss_agg=algo.loss_agg, norm_length=self.config.max_completion_length,
                                                is_weights=surrogate_weights, delta=algo.delta,
-                                               ratio_level=algo.importance_sampling_level)
+                                               ratio_level=algo.importance_sampling_level, surrogate=algo.surrogate)
                         if not real:
                             share = 0.0
                         elif algo.loss_agg == "token-mean":

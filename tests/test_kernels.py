@@ -210,7 +210,7 @@ def test_logprobs_auto_is_triton_on_cuda_else_torch():
 # ---- policy_loss ------------------------------------------------------------------------------------
 
 def _naive_policy_loss(logp, old_logp, adv, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg, norm_length,
-                       is_weights=None, delta=None, level="token"):
+                       is_weights=None, delta=None, level="token", surrogate="clip"):
     """Row by row, as TRL's GRPOTrainer._compute_loss writes it: the log importance weight per token, or per
     sequence (the masked mean, GSPO), coef_1 = exp of it capped at delta, coef_2 = clip(exp of it),
     -min(coef_1 A, coef_2 A) (times the IS weight) + kl_coef k3, then the mode's means."""
@@ -225,6 +225,8 @@ def _naive_policy_loss(logp, old_logp, adv, mask, ref_logp, eps_low, eps_high, k
         coef_2 = torch.clamp(torch.exp(log_w), 1 - eps_low, 1 + eps_high)
         coef_1 = torch.exp(log_w) if delta is None else torch.clamp(torch.exp(log_w), max=delta)
         tok = -torch.min(coef_1 * adv[b], coef_2 * adv[b])
+        if surrogate == "cispo":  # TRL's cispo: -sg(min(coef_1, cap)) * A * logp (its cap: our 1 + eps_high)
+            tok = -torch.clamp(torch.exp(log_w), max=1 + eps_high).detach() * adv[b] * logp[b][m]
         if is_weights is not None:
             tok = tok * is_weights[b][m]
         if ref_logp is not None:
@@ -357,6 +359,37 @@ def test_policy_loss_delta_and_sequence_level_match_trl(backend, loss_agg, level
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_agg", AGG_MODES)
+@pytest.mark.parametrize("with_ref_is", [False, True])
+def test_policy_loss_cispo_matches_trl(backend, loss_agg, with_ref_is):
+    logp, old_logp, ref_logp, adv, mask = _spread_policy_inputs()
+    ref_logp = ref_logp if with_ref_is else None
+    is_weights = (torch.rand(logp.shape) * 3.0).clamp(max=2.0) if with_ref_is else None
+    kl_coef = 0.05 if with_ref_is else 0.0
+    norm_length = 20 if loss_agg == "seq-mean-token-sum-norm" else None
+    lp = logp.masked_fill(~mask, float("-inf")).requires_grad_()
+    loss, stats = policy_loss(lp, old_logp, adv, mask, ref_logp=ref_logp, is_weights=is_weights, eps_high=1.0,
+                              kl_coef=kl_coef, loss_agg=loss_agg, norm_length=norm_length, surrogate="cispo",
+                              backend=backend)
+    loss.backward()
+    lp64 = logp.double().requires_grad_()
+    expected = _naive_policy_loss(lp64, old_logp.double(), adv.double(), mask,
+                                  None if ref_logp is None else ref_logp.double(), 0.2, 1.0, kl_coef, loss_agg,
+                                  norm_length, None if is_weights is None else is_weights.double(), surrogate="cispo")
+    expected.backward()
+    assert abs(loss.item() - expected.item()) < 1e-6
+    assert torch.isfinite(lp.grad).all() and (lp.grad[~mask] == 0).all()
+    assert _max_err(lp.grad, lp64.grad) < 1e-7
+    m = mask.bool()
+    ratio, a = (logp - old_logp).exp()[m], adv[:, None].expand_as(logp)[m]
+    capped = ((ratio > 2.0) & (a > 0)).sum().item()
+    assert capped > 0 and stats["clip_high_frac"].item() == pytest.approx(capped / m.sum().item(), abs=1e-6)
+    assert stats["clip_low_frac"].item() == 0.0
+    # every token keeps a gradient: -A * min(ratio, 2) * w, none zeroed by a clip
+    assert (lp.grad[m & (adv[:, None] != 0)] != 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_policy_loss_delta_by_hand(backend):
     # A = -1, ratios 0.5, 1.1, 2.0, 4.0; eps 0.2 / 0.3; delta 3. Unclipped -A * min(r, 3) = 0.5, 1.1, 2.0, 3.0
     # against the clipped 0.8, 1.1, 1.3, 1.3: the max is 0.8, 1.1, 2.0, 3.0, and the last has no gradient.
@@ -461,6 +494,9 @@ def test_policy_loss_bad_inputs(backend):
         (dict(backend="cuda"), "backend"),
         (dict(delta=1.1), "delta"),  # not above 1 + eps_high
         (dict(ratio_level="group"), "ratio_level"),
+        (dict(surrogate="ppo"), "surrogate"),
+        (dict(surrogate="cispo", ratio_level="sequence"), "cispo"),
+        (dict(surrogate="cispo", delta=4.0), "cispo"),
     ]
     for override, match in cases:
         args = dict(logp=logp, old_logp=old_logp, advantages=adv, mask=mask, backend=backend) | override

@@ -2,6 +2,7 @@
 
 Per masked token: ratio = exp(logp - old_logp),
     loss_t = s * max(-A * min(ratio, delta), -A * clip(ratio, 1 - eps_low, 1 + eps_high)) + kl_coef * k3,
+(or with CISPO's surrogate s * -A * sg(min(ratio, 1 + eps_high)) * logp + kl_coef * k3)
     k3 = exp(ref_logp - logp) - (ref_logp - logp) - 1,
 s an optional importance-sampling weight (1 without one), a constant to the gradient; delta the
 optional two-sided clip (INTELLECT-2, TRL's `delta`; infinity without it), which bounds the ratio of a
@@ -21,7 +22,7 @@ atomics, so the result is deterministic.
 import torch
 
 from .fused_logprobs import HAS_TRITON, _triton_interpreted
-from .reference import LOSS_AGG_MODES, RATIO_LEVELS, loss_token_weights, policy_loss_reference
+from .reference import LOSS_AGG_MODES, RATIO_LEVELS, SURROGATES, loss_token_weights, policy_loss_reference
 
 if HAS_TRITON:
     import triton
@@ -32,7 +33,7 @@ if HAS_TRITON:
     @triton.jit
     def _policy_loss_kernel(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, w_ptr, is_ptr, grad_ptr, partial_ptr,
                             num_el, T, eps_low, eps_high, kl_coef, delta,
-                            HAS_REF: tl.constexpr, HAS_IS: tl.constexpr, BLOCK: tl.constexpr):
+                            HAS_REF: tl.constexpr, HAS_IS: tl.constexpr, CISPO: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         active = (offs < num_el) & (tl.load(mask_ptr + offs, mask=offs < num_el, other=0.0) != 0.0)
@@ -42,12 +43,21 @@ if HAS_TRITON:
         adv = tl.load(adv_ptr + offs // T, mask=active, other=0.0)
         w = tl.load(w_ptr + offs, mask=active, other=0.0)
         ratio = tl.exp(logp - old)
-        pg_unclipped = -adv * tl.minimum(ratio, delta)
-        pg_clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high)
-        loss = tl.maximum(pg_unclipped, pg_clipped)
-        # d(-A * ratio)/dlogp = -A * ratio; the clipped branch, when it wins, is constant in logp, and so is
-        # the unclipped one past delta.
-        dloss = tl.where((pg_unclipped >= pg_clipped) & (ratio <= delta), pg_unclipped, 0.0)
+        if CISPO:  # the capped ratio is a constant weight on the log-prob: every token keeps a gradient
+            weight = tl.minimum(ratio, 1.0 + eps_high)
+            loss = -adv * weight * logp
+            dloss = -adv * weight
+            clip_low = active & (ratio < 0.0)  # none: CISPO has no lower bound
+            clip_high = active & (ratio > 1.0 + eps_high) & (adv > 0.0)
+        else:
+            pg_unclipped = -adv * tl.minimum(ratio, delta)
+            pg_clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high)
+            loss = tl.maximum(pg_unclipped, pg_clipped)
+            # d(-A * ratio)/dlogp = -A * ratio; the clipped branch, when it wins, is constant in logp, and so is
+            # the unclipped one past delta.
+            dloss = tl.where((pg_unclipped >= pg_clipped) & (ratio <= delta), pg_unclipped, 0.0)
+            clip_low = active & (ratio < 1.0 - eps_low) & (adv < 0.0)
+            clip_high = active & (((ratio > 1.0 + eps_high) & (adv > 0.0)) | ((ratio > delta) & (adv < 0.0)))
         if HAS_IS:  # importance-sampling weight of the surrogate (not of the KL below)
             s = tl.load(is_ptr + offs, mask=active, other=0.0)
             loss = s * loss
@@ -60,8 +70,6 @@ if HAS_TRITON:
             loss += kl_coef * k3
             dloss += kl_coef * (1.0 - exp_diff)
         tl.store(grad_ptr + offs, tl.where(active, w * dloss, 0.0), mask=offs < num_el)
-        clip_low = active & (ratio < 1.0 - eps_low) & (adv < 0.0)
-        clip_high = active & (((ratio > 1.0 + eps_high) & (adv > 0.0)) | ((ratio > delta) & (adv < 0.0)))
         base = partial_ptr + pid * 5
         tl.store(base + 0, tl.sum(tl.where(active, w * loss, 0.0), axis=0))
         tl.store(base + 1, tl.sum(clip_low.to(tl.float32), axis=0))
@@ -78,7 +86,7 @@ def _block_size(device: torch.device) -> int:
 class _PolicyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logp, old_logp, ref_logp, advantages, mask, weights, is_weights, eps_low, eps_high, kl_coef,
-                delta):
+                delta, cispo=False):
         num_el, seq_len = logp.numel(), logp.shape[-1]
         block = _block_size(logp.device)
         num_blocks = max(1, triton.cdiv(num_el, block))
@@ -88,7 +96,8 @@ class _PolicyLoss(torch.autograd.Function):
             _policy_loss_kernel[(num_blocks,)](
                 logp, old_logp, ref_logp if ref_logp is not None else logp, advantages, mask, weights,
                 is_weights if is_weights is not None else logp, grad, partials, num_el, seq_len, eps_low, eps_high,
-                kl_coef, delta, HAS_REF=ref_logp is not None, HAS_IS=is_weights is not None, BLOCK=block)
+                kl_coef, delta, HAS_REF=ref_logp is not None, HAS_IS=is_weights is not None, CISPO=cispo,
+                BLOCK=block)
         ctx.save_for_backward(grad)
         sums = partials.sum(0)  # [5]
         ctx.mark_non_differentiable(sums)
@@ -97,11 +106,11 @@ class _PolicyLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_sums):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss, None, None, None, None, None, None, None, None, None, None
+        return grad * grad_loss, None, None, None, None, None, None, None, None, None, None, None
 
 
 def _triton_policy_loss(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg,
-                        norm_length, is_weights, delta, ratio_level):
+                        norm_length, is_weights, delta, ratio_level, surrogate="clip"):
     weights = loss_token_weights(mask, loss_agg, norm_length).contiguous()  # [B, T]
     mask_f = mask.to(torch.float32).contiguous()  # [B, T]
     ref = ref_logp.float().contiguous() if ref_logp is not None else None
@@ -112,7 +121,7 @@ def _triton_policy_loss(logp, old_logp, advantages, mask, ref_logp, eps_low, eps
     num_tokens = mask_f.sum().clamp(min=1.0)
     if ratio_level == "token":
         loss, sums = _PolicyLoss.apply(logp, old_logp, ref, advantages, mask_f, weights, is_w,
-                                       float(eps_low), float(eps_high), float(kl_coef), delta)
+                                       float(eps_low), float(eps_high), float(kl_coef), delta, surrogate == "cispo")
         clip_low, clip_high, kl_sum, ratio_sum = sums[1], sums[2], sums[3], sums[4]
     else:  # GSPO: the clipped surrogate over rows, its ratio the mean log-ratio of the row's tokens
         m = mask_f.bool()
@@ -147,7 +156,7 @@ def _triton_policy_loss(logp, old_logp, advantages, mask, ref_logp, eps_low, eps
 
 
 def _check_inputs(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg,
-                  norm_length, backend, is_weights=None, delta=None, ratio_level="token"):
+                  norm_length, backend, is_weights=None, delta=None, ratio_level="token", surrogate="clip"):
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be one of ('auto', 'torch', 'triton'), got {backend!r}")
     if loss_agg not in LOSS_AGG_MODES:
@@ -183,11 +192,15 @@ def _check_inputs(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high,
         raise ValueError(f"delta must be > 1 + eps_high = {1 + eps_high}, got {delta}")
     if ratio_level not in RATIO_LEVELS:
         raise ValueError(f"ratio_level must be one of {RATIO_LEVELS}, got {ratio_level!r}")
+    if surrogate not in SURROGATES:
+        raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
+    if surrogate == "cispo" and (delta is not None or ratio_level != "token"):
+        raise ValueError("surrogate='cispo' weighs each token by its own capped ratio: no delta, ratio_level='token'")
 
 
 def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2, eps_high=0.2, kl_coef=0.0,
                 loss_agg="seq-mean-token-mean", norm_length=None, is_weights=None, delta=None, ratio_level="token",
-                backend="auto"):
+                surrogate="clip", backend="auto"):
     """Clipped-ratio policy loss over masked tokens; returns (loss, stats).
 
     logp, old_logp, ref_logp: [B, T] log-probs (logp carries the grad); advantages [B]; mask [B, T]
@@ -201,6 +214,9 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2,
     its ratio capped at delta in the unclipped term, so a large ratio cannot make its loss unbounded.
     ratio_level: "token" (PPO/GRPO) or "sequence" (GSPO; TRL's importance_sampling_level): each row's tokens
     share one ratio, exp(mean over the row's masked tokens of logp - old_logp), clipped as a token's is.
+    surrogate: "clip" (PPO's clipped ratio, the above) or "cispo" (MiniMax-M1; TRL's loss_type="cispo"):
+    -A * sg(min(ratio, 1 + eps_high)) * logp, the capped ratio a constant weight, so no token loses its
+    gradient; eps_low unused, clip_high_frac counts the capped tokens with A > 0 (TRL's cispo clip ratio).
 
     stats (detached fp32 scalars, averaged over masked tokens; 0 when there are none):
       clip_low_frac  tokens with ratio < 1 - eps_low and A < 0: the clipped branch is the active one
@@ -211,7 +227,7 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2,
       ratio_mean     mean ratio
     """
     _check_inputs(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg, norm_length,
-                  backend, is_weights, delta, ratio_level)
+                  backend, is_weights, delta, ratio_level, surrogate)
     if backend == "auto":
         backend = "triton" if HAS_TRITON and logp.is_cuda else "torch"
     if backend == "triton":
@@ -221,7 +237,7 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2,
             raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is "
                              "first imported")
         return _triton_policy_loss(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef,
-                                   loss_agg, norm_length, is_weights, delta, ratio_level)
+                                   loss_agg, norm_length, is_weights, delta, ratio_level, surrogate)
     return policy_loss_reference(logp, old_logp, advantages, mask, ref_logp=ref_logp, eps_low=eps_low,
                                  eps_high=eps_high, kl_coef=kl_coef, loss_agg=loss_agg, norm_length=norm_length,
-                                 is_weights=is_weights, delta=delta, ratio_level=ratio_level)
+                                 is_weights=is_weights, delta=delta, ratio_level=ratio_level, surrogate=surrogate)
