@@ -158,10 +158,9 @@ class AlgoConfig:
                f"--importance-sampling-level must be one of {RATIO_LEVELS}, got {self.importance_sampling_level!r}")
         _check(0 <= self.top_entropy_quantile <= 1,
                f"--top-entropy-quantile must be in [0, 1], got {self.top_entropy_quantile}")
-        _check(self.delta is None or self.loss_type == "cispo" or self.delta > 1 + self.epsilon_high,
+        _check(self.delta is None or self.delta > 1 + self.epsilon_high,
                f"--delta must be > 1 + epsilon_high = {1 + self.epsilon_high:g} (else it clips positive advantages "
                f"too), got {self.delta}")
-
 
     @property
     def surrogate(self) -> str:
