@@ -448,8 +448,8 @@ class Trainer:
                                 is_min, is_max = min(is_min, float(values.min())), max(is_max, float(values.max()))
                         adv = torch.tensor([a for g in batch for a in g.advantages], device=self.device)
                         surrogate_weights = is_weights[k]  # of the policy-gradient term only, not the KL
-                        if keep[k] is not None:
-                            surrogate_weights = keep[k].float() * (1.0 if surrogate_weights is None else surrogate_weights)
+                        if keep[k] is not None:  # --top-entropy-quantile
+                            surrogate_weights = keep[k].float() * (1.0 if is_weights[k] is None else is_weights[k])
                         loss, st = policy_loss(logp, old_logp, adv, mask, ref_logp=ref_logp, eps_low=algo.epsilon,
                                                eps_high=algo.loss_eps_high, kl_coef=algo.beta,
                                                loss_agg=algo.loss_agg, norm_length=self.config.max_completion_length,
