@@ -21,7 +21,7 @@ from rpo_engine.model.lora import TARGETS as LORA_TARGETS, parse_targets as pars
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 # TRL's GRPOConfig.loss_type -> ours (verl's names). TRL's dr_grpo, like ours, divides by max_completion_length.
 TRL_LOSS_TYPES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dapo": "token-mean",
-                  "dr_grpo": "seq-mean-token-sum-norm", "cispo": "token-mean"}
+                  "dr_grpo": "seq-mean-token-sum-norm", "cispo": "token-mean", "sapo": "seq-mean-token-mean"}
 CACHE_POLICIES = ("epsilon-greedy", "correct-only")
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 RATIO_LEVELS = ("token", "sequence")  # TRL's importance_sampling_level: GRPO's per-token ratio, GSPO's per sequence
@@ -92,7 +92,9 @@ class AlgoConfig:
     epsilon_high: float | None = field(default=None, metadata={"help": "upper clip range (default: grpo 0.2, dapo 0.28)"})
     beta: float | None = field(default=None, metadata={"help": "KL coefficient to the frozen reference (default 0: no reference model)"})
     loss_agg: str | None = field(default=None, metadata={"help": f"{LOSS_AGGREGATIONS} (default: grpo seq-mean-token-mean, dapo token-mean)"})
-    loss_type: str | None = field(default=None, metadata={"help": "TRL's name for the aggregation, instead of --loss-agg: grpo (seq-mean-token-mean), bnpo or dapo (token-mean), dr_grpo (seq-mean-token-sum-norm, over --max-completion-length); or cispo (MiniMax-M1: token-mean, each token's log-prob weighted by its ratio capped at --epsilon-high, which is then the cap itself, as in TRL, and must be given) (default: none)"})
+    loss_type: str | None = field(default=None, metadata={"help": "TRL's name for the aggregation, instead of --loss-agg: grpo (seq-mean-token-mean), bnpo or dapo (token-mean), dr_grpo (seq-mean-token-sum-norm, over --max-completion-length); or cispo (MiniMax-M1: token-mean, each token's log-prob weighted by its ratio capped at --epsilon-high, which is then the cap itself, as in TRL, and must be given: TRL recommends 5.0, ScaleRL's eps_max) or sapo (seq-mean-token-mean, a sigmoid gate of the ratio in place of the clip, --sapo-temperature-pos/-neg) (default: none)"})
+    sapo_temperature_pos: float = field(default=1.0, metadata={"help": "--loss-type sapo: the gate's temperature for tokens with a positive advantage (TRL's name)"})
+    sapo_temperature_neg: float = field(default=1.05, metadata={"help": "--loss-type sapo: the gate's temperature for the others (TRL's name)"})
     sync_ref_model: bool = field(default=False, metadata={"help": "move the KL reference toward the policy every --ref-model-sync-steps steps: ref = alpha * policy + (1 - alpha) * ref (TRL's name, TR-DPO); needs --beta > 0; checkpoints then hold the reference too"})
     ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "alpha of --sync-ref-model (TRL's name)"})
     ref_model_sync_steps: int = field(default=512, metadata={"help": "steps between reference syncs of --sync-ref-model (TRL's name)"})
@@ -118,8 +120,12 @@ class AlgoConfig:
             _check(self.epsilon_high is not None and self.epsilon_high > 1,
                    f"--loss-type cispo caps each token's importance weight at --epsilon-high: give it, above 1 "
                    f"(got {self.epsilon_high})")
-            _check(self.delta is None and self.importance_sampling_level == "token",
-                   "--loss-type cispo weighs each token by its own capped ratio: no --delta, no sequence level")
+            _check(self.importance_sampling_level == "token",
+                   "--loss-type cispo weighs each token's log-prob by its own capped ratio: no sequence level")
+        _check(self.delta is None or self.loss_type not in ("cispo", "sapo"),
+               f"--delta caps the clipped ratio; --loss-type {self.loss_type} has none")
+        _check(self.sapo_temperature_pos > 0 and self.sapo_temperature_neg > 0,
+               "--sapo-temperature-pos and --sapo-temperature-neg must be > 0")
         if self.epsilon_high is None:
             self.epsilon_high = 0.28 if dapo else self.epsilon
         if self.beta is None:
@@ -164,8 +170,8 @@ class AlgoConfig:
 
     @property
     def surrogate(self) -> str:
-        """policy_loss's surrogate: CISPO's capped weight, or PPO's clipped ratio."""
-        return "cispo" if self.loss_type == "cispo" else "clip"
+        """policy_loss's surrogate: CISPO's capped weight, SAPO's gate, or PPO's clipped ratio."""
+        return self.loss_type if self.loss_type in ("cispo", "sapo") else "clip"
 
     @property
     def loss_eps_high(self) -> float:

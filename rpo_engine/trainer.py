@@ -454,7 +454,8 @@ class Trainer:
                                                eps_high=algo.loss_eps_high, kl_coef=algo.beta,
                                                loss_agg=algo.loss_agg, norm_length=self.config.max_completion_length,
                                                is_weights=surrogate_weights, delta=algo.delta,
-                                               ratio_level=algo.importance_sampling_level, surrogate=algo.surrogate)
+                                               ratio_level=algo.importance_sampling_level, surrogate=algo.surrogate,
+                                               sapo_temperatures=(algo.sapo_temperature_pos, algo.sapo_temperature_neg))
                         if not real:
                             share = 0.0
                         elif algo.loss_agg == "token-mean":

@@ -227,6 +227,9 @@ def _naive_policy_loss(logp, old_logp, adv, mask, ref_logp, eps_low, eps_high, k
         tok = -torch.min(coef_1 * adv[b], coef_2 * adv[b])
         if surrogate == "cispo":  # TRL's cispo: -sg(min(coef_1, cap)) * A * logp (its cap: our 1 + eps_high)
             tok = -torch.clamp(torch.exp(log_w), max=1 + eps_high).detach() * adv[b] * logp[b][m]
+        if surrogate == "sapo":  # TRL's sapo: -sigmoid(tau (coef_1 - 1)) * 4 / tau * A, tau by the sign of A
+            tau = 1.5 if adv[b] > 0 else 0.7
+            tok = -torch.sigmoid(tau * (torch.exp(log_w) - 1)) * 4 / tau * adv[b]
         if is_weights is not None:
             tok = tok * is_weights[b][m]
         if ref_logp is not None:
@@ -390,6 +393,42 @@ def test_policy_loss_cispo_matches_trl(backend, loss_agg, with_ref_is):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_agg", AGG_MODES)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("with_ref_is", [False, True])
+def test_policy_loss_sapo_matches_trl(backend, loss_agg, level, with_ref_is):
+    logp, old_logp, ref_logp, adv, mask = _spread_policy_inputs()
+    ref_logp = ref_logp if with_ref_is else None
+    is_weights = (torch.rand(logp.shape) * 3.0).clamp(max=2.0) if with_ref_is else None
+    kl_coef = 0.05 if with_ref_is else 0.0
+    norm_length = 20 if loss_agg == "seq-mean-token-sum-norm" else None
+    lp = logp.masked_fill(~mask, float("-inf")).requires_grad_()
+    loss, stats = policy_loss(lp, old_logp, adv, mask, ref_logp=ref_logp, is_weights=is_weights, kl_coef=kl_coef,
+                              loss_agg=loss_agg, norm_length=norm_length, ratio_level=level, surrogate="sapo",
+                              sapo_temperatures=(1.5, 0.7), backend=backend)
+    loss.backward()
+    lp64 = logp.double().requires_grad_()
+    expected = _naive_policy_loss(lp64, old_logp.double(), adv.double(), mask,
+                                  None if ref_logp is None else ref_logp.double(), 0.2, 0.2, kl_coef, loss_agg,
+                                  norm_length, None if is_weights is None else is_weights.double(), level=level,
+                                  surrogate="sapo")
+    expected.backward()
+    assert abs(loss.item() - expected.item()) < 1e-6
+    assert torch.isfinite(lp.grad).all() and (lp.grad[~mask] == 0).all()
+    assert _max_err(lp.grad, lp64.grad) < 1e-7
+    assert stats["clip_frac"].item() == 0.0  # a gate, no clip
+
+
+def test_sapo_gate_has_the_clipped_ratio_slope_at_one():
+    # on-policy (ratio 1) the gate's gradient equals PPO's: -A per token, whatever the temperatures
+    logp = torch.randn(3, 5, requires_grad=True)
+    adv, mask = torch.tensor([1.0, -2.0, 0.5]), torch.ones(3, 5)
+    policy_loss(logp, logp.detach(), adv, mask, loss_agg="token-mean", surrogate="sapo",
+                sapo_temperatures=(2.0, 0.5), backend="torch")[0].backward()
+    torch.testing.assert_close(logp.grad, -adv[:, None].expand(3, 5) / 15)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_policy_loss_delta_by_hand(backend):
     # A = -1, ratios 0.5, 1.1, 2.0, 4.0; eps 0.2 / 0.3; delta 3. Unclipped -A * min(r, 3) = 0.5, 1.1, 2.0, 3.0
     # against the clipped 0.8, 1.1, 1.3, 1.3: the max is 0.8, 1.1, 2.0, 3.0, and the last has no gradient.
@@ -497,6 +536,8 @@ def test_policy_loss_bad_inputs(backend):
         (dict(surrogate="ppo"), "surrogate"),
         (dict(surrogate="cispo", ratio_level="sequence"), "cispo"),
         (dict(surrogate="cispo", delta=4.0), "cispo"),
+        (dict(surrogate="sapo", delta=4.0), "delta caps"),
+        (dict(surrogate="sapo", sapo_temperatures=(1.0, 0.0)), "sapo_temperatures"),
     ]
     for override, match in cases:
         args = dict(logp=logp, old_logp=old_logp, advantages=adv, mask=mask, backend=backend) | override

@@ -582,9 +582,14 @@ def test_loss_options_reach_the_loss(tiny_model_dir, monkeypatch):
     assert scale == "batch" and sorted(batch_rewards.tolist()) == sorted(rewards.flatten().tolist())
 
 
-def test_cispo_reaches_the_loss(tiny_model_dir, monkeypatch):
-    """--loss-type cispo --epsilon-high 5 (TRL's convention: the cap itself): the loss gets CISPO's surrogate
-    with 1 + eps_high = 5 and token-mean aggregation (the surrogate is tested against TRL's in test_kernels.py)."""
+@pytest.mark.parametrize("flags,want", [
+    (["--loss-type", "cispo", "--epsilon-high", "5"], ("cispo", 4.0, "token-mean", (1.0, 1.05))),
+    (["--loss-type", "sapo", "--sapo-temperature-pos", "2", "--importance-sampling-level", "sequence"],
+     ("sapo", 0.2, "seq-mean-token-mean", (2.0, 1.05)))])
+def test_cispo_and_sapo_reach_the_loss(tiny_model_dir, monkeypatch, flags, want):
+    """--loss-type cispo --epsilon-high 5 (TRL's convention: the cap itself) and --loss-type sapo: the loss gets
+    their surrogate, CISPO's cap as 1 + eps_high = 5, SAPO's temperatures, and TRL's aggregation for each (the
+    surrogates are tested against TRL's formulas in test_kernels.py)."""
     import rpo_engine.trainer as trainer_module
     from rpo_engine.config import parse_args
     from rpo_engine.train import build_trainer
@@ -598,10 +603,10 @@ def test_cispo_reaches_the_loss(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(trainer_module, "policy_loss", loss_spy)
     trainer = build_trainer(parse_args(["--model", str(tiny_model_dir), "--no-progress", "--no-rpo", "--eval-steps", "0",
                                         "--reward", "tests.reward_fns:hash_reward", *map(str, SMALL),
-                                        "--loss-type", "cispo", "--epsilon-high", "5", "--num-iterations", "2"]))
+                                        *flags, "--num-iterations", "2"]))
     metrics = trainer.step()
     assert math.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
-    assert calls and all((k["surrogate"], k["eps_high"], k["loss_agg"]) == ("cispo", 4.0, "token-mean") for k in calls)
+    assert calls and all((k["surrogate"], k["eps_high"], k["loss_agg"], k["sapo_temperatures"]) == want for k in calls)
 
 
 def random_groups(seed, zero=(), num_groups=6, min_len=0):
@@ -705,7 +710,8 @@ def test_mini_batches_step_as_a_plain_loop(tiny_model_dir, flags):
 @pytest.mark.parametrize("flags", [[], ["--num-iterations", "2", "--algo", "dapo"], ["--no-prefix-sharing"],
                                    ["--num-iterations", "2", "--importance-sampling-level", "sequence", "--delta", "1.5"],
                                    ["--top-entropy-quantile", "0.3"],
-                                   ["--loss-type", "cispo", "--epsilon-high", "3", "--num-iterations", "2"]])
+                                   ["--loss-type", "cispo", "--epsilon-high", "3", "--num-iterations", "2"],
+                                   ["--loss-type", "sapo", "--num-iterations", "2"]])
 def test_update_skipping_zero_advantage_groups_takes_the_same_step(tiny_model_dir, flags):
     """Without a KL term, a group whose advantages are all zero adds nothing to the gradient: leaving it out
     of the forward and backward (the default) must give the weights the full batch gives, also when every

@@ -88,14 +88,16 @@ def record_launches():
             for entropy in (False, True):
                 fl._triton_forward(hidden, weight, targets, 1.0, entropy)
             fl._triton_grad_logits(hidden, weight[:4096], targets, torch.zeros(64), torch.zeros(64), 0, 1.0)
-        # Policy loss, with and without the KL term and importance-sampling weights; CISPO's.
+        # Policy loss, with and without the KL term and importance-sampling weights; CISPO's and SAPO's.
         logp = torch.zeros(4, 300)
         for ref in (None, logp):
             for is_weights in (None, logp):
                 pl._PolicyLoss.apply(logp, logp, ref, torch.zeros(4), logp, logp, is_weights, 0.2, 0.28, 0.04,
                                      float("inf"))
-            # CISPO's surrogate (--loss-type cispo), with and without the KL term
-            pl._PolicyLoss.apply(logp, logp, ref, torch.zeros(4), logp, logp, None, 0.2, 4.0, 0.04, float("inf"), True)
+            # CISPO's and SAPO's surrogates (--loss-type cispo / sapo), with and without the KL term
+            for surrogate in (1, 2):
+                pl._PolicyLoss.apply(logp, logp, ref, torch.zeros(4), logp, logp, None, 0.2, 4.0, 0.04, float("inf"),
+                                     surrogate, 1.0, 1.05)
         # Paged decode: (heads, KV heads, head dim) of Qwen2.5-0.5B, Qwen2.5-1.5B, Llama-3-8B / Qwen3-8B;
         # bf16 and fp16 caches, and fp32 (a float32 model); one split and flash-decoding splits.
         bf16 = torch.bfloat16

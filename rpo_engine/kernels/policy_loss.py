@@ -2,7 +2,8 @@
 
 Per masked token: ratio = exp(logp - old_logp),
     loss_t = s * max(-A * min(ratio, delta), -A * clip(ratio, 1 - eps_low, 1 + eps_high)) + kl_coef * k3,
-(or with CISPO's surrogate s * -A * sg(min(ratio, 1 + eps_high)) * logp + kl_coef * k3)
+(or with CISPO's surrogate s * -A * sg(min(ratio, 1 + eps_high)) * logp + kl_coef * k3, or SAPO's
+s * -A * sigmoid(tau (ratio - 1)) * 4 / tau + kl_coef * k3)
     k3 = exp(ref_logp - logp) - (ref_logp - logp) - 1,
 s an optional importance-sampling weight (1 without one), a constant to the gradient; delta the
 optional two-sided clip (INTELLECT-2, TRL's `delta`; infinity without it), which bounds the ratio of a
@@ -32,8 +33,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _policy_loss_kernel(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, w_ptr, is_ptr, grad_ptr, partial_ptr,
-                            num_el, T, eps_low, eps_high, kl_coef, delta,
-                            HAS_REF: tl.constexpr, HAS_IS: tl.constexpr, CISPO: tl.constexpr, BLOCK: tl.constexpr):
+                            num_el, T, eps_low, eps_high, kl_coef, delta, tau_pos, tau_neg,
+                            HAS_REF: tl.constexpr, HAS_IS: tl.constexpr, SURROGATE: tl.constexpr,
+                            BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         active = (offs < num_el) & (tl.load(mask_ptr + offs, mask=offs < num_el, other=0.0) != 0.0)
@@ -43,12 +45,19 @@ if HAS_TRITON:
         adv = tl.load(adv_ptr + offs // T, mask=active, other=0.0)
         w = tl.load(w_ptr + offs, mask=active, other=0.0)
         ratio = tl.exp(logp - old)
-        if CISPO:  # the capped ratio is a constant weight on the log-prob: every token keeps a gradient
+        if SURROGATE == 1:  # CISPO: the capped ratio, a constant weight on the log-prob: every token keeps a gradient
             weight = tl.minimum(ratio, 1.0 + eps_high)
             loss = -adv * weight * logp
             dloss = -adv * weight
             clip_low = active & (ratio < 0.0)  # none: CISPO has no lower bound
             clip_high = active & (ratio > 1.0 + eps_high) & (adv > 0.0)
+        elif SURROGATE == 2:  # SAPO: a sigmoid gate in place of the clip, its slope 1 at ratio 1
+            tau = tl.where(adv > 0.0, tau_pos, tau_neg)
+            gate = tl.sigmoid(tau * (ratio - 1.0))
+            loss = -adv * gate * 4.0 / tau
+            dloss = -adv * 4.0 * gate * (1.0 - gate) * ratio
+            clip_low = active & (ratio < 0.0)  # none: nothing is clipped
+            clip_high = clip_low
         else:
             pg_unclipped = -adv * tl.minimum(ratio, delta)
             pg_clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high)
@@ -86,7 +95,7 @@ def _block_size(device: torch.device) -> int:
 class _PolicyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logp, old_logp, ref_logp, advantages, mask, weights, is_weights, eps_low, eps_high, kl_coef,
-                delta, cispo=False):
+                delta, surrogate=0, tau_pos=1.0, tau_neg=1.0):
         num_el, seq_len = logp.numel(), logp.shape[-1]
         block = _block_size(logp.device)
         num_blocks = max(1, triton.cdiv(num_el, block))
@@ -96,8 +105,8 @@ class _PolicyLoss(torch.autograd.Function):
             _policy_loss_kernel[(num_blocks,)](
                 logp, old_logp, ref_logp if ref_logp is not None else logp, advantages, mask, weights,
                 is_weights if is_weights is not None else logp, grad, partials, num_el, seq_len, eps_low, eps_high,
-                kl_coef, delta, HAS_REF=ref_logp is not None, HAS_IS=is_weights is not None, CISPO=cispo,
-                BLOCK=block)
+                kl_coef, delta, tau_pos, tau_neg, HAS_REF=ref_logp is not None, HAS_IS=is_weights is not None,
+                SURROGATE=surrogate, BLOCK=block)
         ctx.save_for_backward(grad)
         sums = partials.sum(0)  # [5]
         ctx.mark_non_differentiable(sums)
@@ -106,11 +115,11 @@ class _PolicyLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_sums):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss, None, None, None, None, None, None, None, None, None, None, None
+        return grad * grad_loss, *[None] * 14
 
 
 def _triton_policy_loss(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg,
-                        norm_length, is_weights, delta, ratio_level, surrogate="clip"):
+                        norm_length, is_weights, delta, ratio_level, surrogate="clip", sapo_temperatures=(1.0, 1.05)):
     weights = loss_token_weights(mask, loss_agg, norm_length).contiguous()  # [B, T]
     mask_f = mask.to(torch.float32).contiguous()  # [B, T]
     ref = ref_logp.float().contiguous() if ref_logp is not None else None
@@ -118,10 +127,11 @@ def _triton_policy_loss(logp, old_logp, advantages, mask, ref_logp, eps_low, eps
     logp, old_logp = logp.float().contiguous(), old_logp.float().contiguous()
     advantages = advantages.float().contiguous()
     delta = float("inf") if delta is None else float(delta)
+    kind, (tau_pos, tau_neg) = SURROGATES.index(surrogate), map(float, sapo_temperatures)
     num_tokens = mask_f.sum().clamp(min=1.0)
     if ratio_level == "token":
         loss, sums = _PolicyLoss.apply(logp, old_logp, ref, advantages, mask_f, weights, is_w,
-                                       float(eps_low), float(eps_high), float(kl_coef), delta, surrogate == "cispo")
+                                       float(eps_low), float(eps_high), float(kl_coef), delta, kind, tau_pos, tau_neg)
         clip_low, clip_high, kl_sum, ratio_sum = sums[1], sums[2], sums[3], sums[4]
     else:  # GSPO: the clipped surrogate over rows, its ratio the mean log-ratio of the row's tokens
         m = mask_f.bool()
@@ -132,7 +142,7 @@ def _triton_policy_loss(logp, old_logp, advantages, mask, ref_logp, eps_low, eps
         row_mask = (lengths > 0).to(torch.float32)[:, None]  # [B, 1]
         loss, _ = _PolicyLoss.apply(log_ratio[:, None].contiguous(), torch.zeros_like(row_mask), None, advantages,
                                     row_mask, row_weights.contiguous(), None, float(eps_low), float(eps_high), 0.0,
-                                    delta)
+                                    delta, kind, tau_pos, tau_neg)
         kl_sum = torch.zeros((), device=logp.device)
         if ref is not None:  # the KL term per token, with A = 0 (no surrogate) and ratio 1
             kl_loss, kl_sums = _PolicyLoss.apply(logp, logp.detach(), ref, torch.zeros_like(advantages), mask_f,
@@ -141,8 +151,9 @@ def _triton_policy_loss(logp, old_logp, advantages, mask, ref_logp, eps_low, eps
             loss, kl_sum = loss + kl_loss, kl_sums[3]
         with torch.no_grad():  # token counts of the rows whose ratio is clipped, as the token level counts them
             ratio = log_ratio.detach().exp()
-            low = (ratio < 1.0 - eps_low) & (advantages < 0)
-            high = ((ratio > 1.0 + eps_high) & (advantages > 0)) | ((ratio > delta) & (advantages < 0))
+            clipped = surrogate == "clip"  # SAPO's gate clips nothing
+            low = (ratio < 1.0 - eps_low) & (advantages < 0) & clipped
+            high = (((ratio > 1.0 + eps_high) & (advantages > 0)) | ((ratio > delta) & (advantages < 0))) & clipped
             clip_low, clip_high = (lengths * low).sum(), (lengths * high).sum()
             ratio_sum = (lengths * ratio).sum()
     stats = {
@@ -156,7 +167,8 @@ def _triton_policy_loss(logp, old_logp, advantages, mask, ref_logp, eps_low, eps
 
 
 def _check_inputs(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg,
-                  norm_length, backend, is_weights=None, delta=None, ratio_level="token", surrogate="clip"):
+                  norm_length, backend, is_weights=None, delta=None, ratio_level="token", surrogate="clip",
+                  sapo_temperatures=(1.0, 1.05)):
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be one of ('auto', 'torch', 'triton'), got {backend!r}")
     if loss_agg not in LOSS_AGG_MODES:
@@ -194,13 +206,17 @@ def _check_inputs(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high,
         raise ValueError(f"ratio_level must be one of {RATIO_LEVELS}, got {ratio_level!r}")
     if surrogate not in SURROGATES:
         raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
-    if surrogate == "cispo" and (delta is not None or ratio_level != "token"):
-        raise ValueError("surrogate='cispo' weighs each token by its own capped ratio: no delta, ratio_level='token'")
+    if surrogate == "cispo" and ratio_level != "token":
+        raise ValueError("surrogate='cispo' weighs each token's log-prob by its own capped ratio: ratio_level='token'")
+    if surrogate != "clip" and delta is not None:
+        raise ValueError(f"delta caps the clipped surrogate's ratio; surrogate={surrogate!r} has none")
+    if not all(t > 0 for t in sapo_temperatures):
+        raise ValueError(f"sapo_temperatures must be > 0, got {sapo_temperatures}")
 
 
 def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2, eps_high=0.2, kl_coef=0.0,
                 loss_agg="seq-mean-token-mean", norm_length=None, is_weights=None, delta=None, ratio_level="token",
-                surrogate="clip", backend="auto"):
+                surrogate="clip", sapo_temperatures=(1.0, 1.05), backend="auto"):
     """Clipped-ratio policy loss over masked tokens; returns (loss, stats).
 
     logp, old_logp, ref_logp: [B, T] log-probs (logp carries the grad); advantages [B]; mask [B, T]
@@ -216,7 +232,9 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2,
     share one ratio, exp(mean over the row's masked tokens of logp - old_logp), clipped as a token's is.
     surrogate: "clip" (PPO's clipped ratio, the above) or "cispo" (MiniMax-M1; TRL's loss_type="cispo"):
     -A * sg(min(ratio, 1 + eps_high)) * logp, the capped ratio a constant weight, so no token loses its
-    gradient; eps_low unused, clip_high_frac counts the capped tokens with A > 0 (TRL's cispo clip ratio).
+    gradient; eps_low unused, clip_high_frac counts the capped tokens with A > 0 (TRL's cispo clip ratio);
+    or "sapo" (SAPO; TRL's loss_type="sapo"): -A * sigmoid(tau (ratio - 1)) * 4 / tau, tau = sapo_temperatures[0]
+    where A > 0, else [1], a soft gate in place of the clip (nothing counts as clipped).
 
     stats (detached fp32 scalars, averaged over masked tokens; 0 when there are none):
       clip_low_frac  tokens with ratio < 1 - eps_low and A < 0: the clipped branch is the active one
@@ -227,7 +245,7 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2,
       ratio_mean     mean ratio
     """
     _check_inputs(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg, norm_length,
-                  backend, is_weights, delta, ratio_level, surrogate)
+                  backend, is_weights, delta, ratio_level, surrogate, sapo_temperatures)
     if backend == "auto":
         backend = "triton" if HAS_TRITON and logp.is_cuda else "torch"
     if backend == "triton":
@@ -237,7 +255,8 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2,
             raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is "
                              "first imported")
         return _triton_policy_loss(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef,
-                                   loss_agg, norm_length, is_weights, delta, ratio_level, surrogate)
+                                   loss_agg, norm_length, is_weights, delta, ratio_level, surrogate, sapo_temperatures)
     return policy_loss_reference(logp, old_logp, advantages, mask, ref_logp=ref_logp, eps_low=eps_low,
                                  eps_high=eps_high, kl_coef=kl_coef, loss_agg=loss_agg, norm_length=norm_length,
-                                 is_weights=is_weights, delta=delta, ratio_level=ratio_level, surrogate=surrogate)
+                                 is_weights=is_weights, delta=delta, ratio_level=ratio_level, surrogate=surrogate,
+                                 sapo_temperatures=sapo_temperatures)

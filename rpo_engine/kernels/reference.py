@@ -8,7 +8,7 @@ import torch
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 RATIO_LEVELS = ("token", "sequence")  # PPO/GRPO's per-token ratio; GSPO's one ratio per sequence
-SURROGATES = ("clip", "cispo")  # PPO's clipped ratio; CISPO's capped ratio as a constant weight on logp
+SURROGATES = ("clip", "cispo", "sapo")  # PPO's clipped ratio; CISPO's capped ratio weighing logp; SAPO's gate
 
 
 def logprobs_reference(hidden, weight, targets, temperature=1.0):
@@ -48,7 +48,7 @@ def loss_token_weights(mask, loss_agg, norm_length=None):
 
 def policy_loss_reference(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2, eps_high=0.2,
                           kl_coef=0.0, loss_agg="seq-mean-token-mean", norm_length=None, is_weights=None, delta=None,
-                          ratio_level="token", surrogate="clip"):
+                          ratio_level="token", surrogate="clip", sapo_temperatures=(1.0, 1.05)):
     """Clipped-ratio surrogate (times is_weights) (+ k3 KL) aggregated by `loss_agg`; returns (loss, stats).
     See policy_loss."""
     m = mask.bool()  # [B, T]
@@ -64,6 +64,9 @@ def policy_loss_reference(logp, old_logp, advantages, mask, *, ref_logp=None, ep
         ratio = torch.exp(logp - old_logp)  # [B, T]
     if surrogate == "cispo":  # the capped ratio weighs the log-prob, as a constant
         per_token = -adv * torch.clamp(ratio, max=1.0 + eps_high).detach() * logp  # [B, T]
+    elif surrogate == "sapo":  # a sigmoid gate of the ratio, by the advantage's sign
+        tau = torch.where(adv > 0, float(sapo_temperatures[0]), float(sapo_temperatures[1]))  # [B, 1]
+        per_token = -adv * torch.sigmoid(tau * (ratio - 1.0)) * 4.0 / tau  # [B, T]
     else:
         capped = ratio if delta is None else torch.clamp(ratio, max=delta)  # two-sided clipping
         pg_unclipped = -adv * capped  # [B, T]
@@ -84,9 +87,9 @@ def policy_loss_reference(logp, old_logp, advantages, mask, *, ref_logp=None, ep
         # Fractions of masked tokens where the clipped branch is the active one (verl's pg_clipfrac,
         # split by side): low = ratio < 1 - eps_low with A < 0, high = ratio > 1 + eps_high with A > 0
         # (or, with two-sided clipping, ratio > delta with A < 0).
-        low = (ratio < 1.0 - eps_low) & (adv < 0) & (surrogate != "cispo")  # CISPO: no lower bound
+        low = (ratio < 1.0 - eps_low) & (adv < 0) & (surrogate == "clip")  # CISPO: no lower bound; SAPO: no clip
         clip_low = (low & m).float().sum() / num_tokens
-        high = (ratio > 1.0 + eps_high) & (adv > 0)
+        high = (ratio > 1.0 + eps_high) & (adv > 0) & (surrogate != "sapo")
         if delta is not None:  # a negative advantage's ratio past delta: its gradient is zeroed too
             high = high | ((ratio > delta) & (adv < 0))
         clip_high = (high & m).float().sum() / num_tokens
