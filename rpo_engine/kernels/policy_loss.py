@@ -2,9 +2,9 @@
 
 Per masked token: ratio = exp(logp - old_logp),
     loss_t = s * max(-A * min(ratio, delta), -A * clip(ratio, 1 - eps_low, 1 + eps_high)) + kl_coef * k3,
-(or with CISPO's surrogate s * -A * sg(min(ratio, 1 + eps_high)) * logp + kl_coef * k3, or SAPO's
-s * -A * sigmoid(tau (ratio - 1)) * 4 / tau + kl_coef * k3)
     k3 = exp(ref_logp - logp) - (ref_logp - logp) - 1,
+or with CISPO's surrogate s * -A * sg(min(ratio, 1 + eps_high)) * logp, or SAPO's
+s * -A * sigmoid(tau (ratio - 1)) * 4 / tau, in place of the clipped one;
 s an optional importance-sampling weight (1 without one), a constant to the gradient; delta the
 optional two-sided clip (INTELLECT-2, TRL's `delta`; infinity without it), which bounds the ratio of a
 negative-advantage token. GSPO's sequence-level ratio (TRL's importance_sampling_level="sequence") uses
@@ -115,7 +115,7 @@ class _PolicyLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_sums):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss, *[None] * 14
+        return grad * grad_loss, *[None] * 13  # logp's gradient; the other 13 inputs take none
 
 
 def _triton_policy_loss(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg,
