@@ -210,7 +210,7 @@ def test_logprobs_auto_is_triton_on_cuda_else_torch():
 # ---- policy_loss ------------------------------------------------------------------------------------
 
 def _naive_policy_loss(logp, old_logp, adv, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg, norm_length,
-                       is_weights=None, delta=None, level="token", surrogate="clip"):
+                       is_weights=None, delta=None, level="token", surrogate="clip", sapo_temperatures=(1.0, 1.05)):
     """Row by row, as TRL's GRPOTrainer._compute_loss writes it: the log importance weight per token, or per
     sequence (the masked mean, GSPO), coef_1 = exp of it capped at delta, coef_2 = clip(exp of it),
     -min(coef_1 A, coef_2 A) (times the IS weight) + kl_coef k3, then the mode's means."""
@@ -228,7 +228,7 @@ def _naive_policy_loss(logp, old_logp, adv, mask, ref_logp, eps_low, eps_high, k
         if surrogate == "cispo":  # TRL's cispo: -sg(min(coef_1, cap)) * A * logp (its cap: our 1 + eps_high)
             tok = -torch.clamp(torch.exp(log_w), max=1 + eps_high).detach() * adv[b] * logp[b][m]
         if surrogate == "sapo":  # TRL's sapo: -sigmoid(tau (coef_1 - 1)) * 4 / tau * A, tau by the sign of A
-            tau = 1.5 if adv[b] > 0 else 0.7
+            tau = sapo_temperatures[0] if adv[b] > 0 else sapo_temperatures[1]
             tok = -torch.sigmoid(tau * (torch.exp(log_w) - 1)) * 4 / tau * adv[b]
         if is_weights is not None:
             tok = tok * is_weights[b][m]
@@ -321,31 +321,39 @@ def _spread_policy_inputs(b=8, t=13):
     return logp, old_logp, ref_logp, adv, mask
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("loss_agg", AGG_MODES)
-@pytest.mark.parametrize("level,delta", [("token", 1.5), ("sequence", None), ("sequence", 1.5)])
-@pytest.mark.parametrize("with_ref_is", [False, True])
-def test_policy_loss_delta_and_sequence_level_match_trl(backend, loss_agg, level, delta, with_ref_is):
+def _matches_naive(backend, loss_agg, with_ref_is, eps_high=0.28, delta=None, level="token", surrogate="clip",
+                   sapo_temperatures=(1.0, 1.05)):
+    """policy_loss on the spread inputs (garbage at padding; KL and IS weights with_ref_is) against
+    _naive_policy_loss in fp64: value and gradient. -> (logp, old_logp, adv, mask, logp's gradient, stats)."""
     logp, old_logp, ref_logp, adv, mask = _spread_policy_inputs()
     ref_logp = ref_logp if with_ref_is else None
     is_weights = (torch.rand(logp.shape) * 3.0).clamp(max=2.0) if with_ref_is else None
     kl_coef = 0.05 if with_ref_is else 0.0
     norm_length = 20 if loss_agg == "seq-mean-token-sum-norm" else None
-    kw = dict(eps_low=0.2, eps_high=0.28, kl_coef=kl_coef, loss_agg=loss_agg, norm_length=norm_length)
+    options = dict(delta=delta, ratio_level=level, surrogate=surrogate, sapo_temperatures=sapo_temperatures)
     lp = logp.masked_fill(~mask, float("-inf")).requires_grad_()  # padding must not leak in
-    loss, stats = policy_loss(lp, old_logp, adv, mask, ref_logp=ref_logp, is_weights=is_weights, delta=delta,
-                              ratio_level=level, backend=backend, **kw)
+    loss, stats = policy_loss(lp, old_logp, adv, mask, ref_logp=ref_logp, is_weights=is_weights, eps_low=0.2,
+                              eps_high=eps_high, kl_coef=kl_coef, loss_agg=loss_agg, norm_length=norm_length,
+                              backend=backend, **options)
     loss.backward()
-
     lp64 = logp.double().requires_grad_()
     expected = _naive_policy_loss(lp64, old_logp.double(), adv.double(), mask,
-                                  None if ref_logp is None else ref_logp.double(), kw["eps_low"], kw["eps_high"],
-                                  kl_coef, loss_agg, norm_length, None if is_weights is None else is_weights.double(),
-                                  delta, level)
+                                  None if ref_logp is None else ref_logp.double(), 0.2, eps_high, kl_coef, loss_agg,
+                                  norm_length, None if is_weights is None else is_weights.double(), delta, level,
+                                  surrogate, sapo_temperatures)
     expected.backward()
     assert abs(loss.item() - expected.item()) < 1e-6
     assert torch.isfinite(lp.grad).all() and (lp.grad[~mask] == 0).all()
     assert _max_err(lp.grad, lp64.grad) < 1e-7
+    return logp, old_logp, adv, mask, lp.grad, stats
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_agg", AGG_MODES)
+@pytest.mark.parametrize("level,delta", [("token", 1.5), ("sequence", None), ("sequence", 1.5)])
+@pytest.mark.parametrize("with_ref_is", [False, True])
+def test_policy_loss_delta_and_sequence_level_match_trl(backend, loss_agg, level, delta, with_ref_is):
+    logp, old_logp, adv, mask, _, stats = _matches_naive(backend, loss_agg, with_ref_is, delta=delta, level=level)
     # Clip fractions count tokens, each with its row's ratio at the sequence level.
     m = mask.bool()
     lr = (logp - old_logp).double()
@@ -365,31 +373,15 @@ def test_policy_loss_delta_and_sequence_level_match_trl(backend, loss_agg, level
 @pytest.mark.parametrize("loss_agg", AGG_MODES)
 @pytest.mark.parametrize("with_ref_is", [False, True])
 def test_policy_loss_cispo_matches_trl(backend, loss_agg, with_ref_is):
-    logp, old_logp, ref_logp, adv, mask = _spread_policy_inputs()
-    ref_logp = ref_logp if with_ref_is else None
-    is_weights = (torch.rand(logp.shape) * 3.0).clamp(max=2.0) if with_ref_is else None
-    kl_coef = 0.05 if with_ref_is else 0.0
-    norm_length = 20 if loss_agg == "seq-mean-token-sum-norm" else None
-    lp = logp.masked_fill(~mask, float("-inf")).requires_grad_()
-    loss, stats = policy_loss(lp, old_logp, adv, mask, ref_logp=ref_logp, is_weights=is_weights, eps_high=1.0,
-                              kl_coef=kl_coef, loss_agg=loss_agg, norm_length=norm_length, surrogate="cispo",
-                              backend=backend)
-    loss.backward()
-    lp64 = logp.double().requires_grad_()
-    expected = _naive_policy_loss(lp64, old_logp.double(), adv.double(), mask,
-                                  None if ref_logp is None else ref_logp.double(), 0.2, 1.0, kl_coef, loss_agg,
-                                  norm_length, None if is_weights is None else is_weights.double(), surrogate="cispo")
-    expected.backward()
-    assert abs(loss.item() - expected.item()) < 1e-6
-    assert torch.isfinite(lp.grad).all() and (lp.grad[~mask] == 0).all()
-    assert _max_err(lp.grad, lp64.grad) < 1e-7
+    logp, old_logp, adv, mask, grad, stats = _matches_naive(backend, loss_agg, with_ref_is, eps_high=1.0,
+                                                            surrogate="cispo")
     m = mask.bool()
     ratio, a = (logp - old_logp).exp()[m], adv[:, None].expand_as(logp)[m]
     capped = ((ratio > 2.0) & (a > 0)).sum().item()
     assert capped > 0 and stats["clip_high_frac"].item() == pytest.approx(capped / m.sum().item(), abs=1e-6)
     assert stats["clip_low_frac"].item() == 0.0
     # every token keeps a gradient: -A * min(ratio, 2) * w, none zeroed by a clip
-    assert (lp.grad[m & (adv[:, None] != 0)] != 0).all()
+    assert (grad[m & (adv[:, None] != 0)] != 0).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -397,25 +389,8 @@ def test_policy_loss_cispo_matches_trl(backend, loss_agg, with_ref_is):
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("with_ref_is", [False, True])
 def test_policy_loss_sapo_matches_trl(backend, loss_agg, level, with_ref_is):
-    logp, old_logp, ref_logp, adv, mask = _spread_policy_inputs()
-    ref_logp = ref_logp if with_ref_is else None
-    is_weights = (torch.rand(logp.shape) * 3.0).clamp(max=2.0) if with_ref_is else None
-    kl_coef = 0.05 if with_ref_is else 0.0
-    norm_length = 20 if loss_agg == "seq-mean-token-sum-norm" else None
-    lp = logp.masked_fill(~mask, float("-inf")).requires_grad_()
-    loss, stats = policy_loss(lp, old_logp, adv, mask, ref_logp=ref_logp, is_weights=is_weights, kl_coef=kl_coef,
-                              loss_agg=loss_agg, norm_length=norm_length, ratio_level=level, surrogate="sapo",
-                              sapo_temperatures=(1.5, 0.7), backend=backend)
-    loss.backward()
-    lp64 = logp.double().requires_grad_()
-    expected = _naive_policy_loss(lp64, old_logp.double(), adv.double(), mask,
-                                  None if ref_logp is None else ref_logp.double(), 0.2, 0.2, kl_coef, loss_agg,
-                                  norm_length, None if is_weights is None else is_weights.double(), level=level,
-                                  surrogate="sapo")
-    expected.backward()
-    assert abs(loss.item() - expected.item()) < 1e-6
-    assert torch.isfinite(lp.grad).all() and (lp.grad[~mask] == 0).all()
-    assert _max_err(lp.grad, lp64.grad) < 1e-7
+    *_, stats = _matches_naive(backend, loss_agg, with_ref_is, eps_high=0.2, level=level, surrogate="sapo",
+                               sapo_temperatures=(1.5, 0.7))
     assert stats["clip_frac"].item() == 0.0  # a gate, no clip
 
 
