@@ -361,8 +361,9 @@ class Trainer:
         have taken. Normalisers: each mini-batch's tokens and rows over all its groups and ranks, so
         skipping, micro-batching and ranks give the same loss as one big batch."""
         algo = self.algo
-        num_groups = int(self.dist.sum([len(batch_groups)])[0])
-        M = max(1, -(-num_groups // algo.ppo_mini_batch_size)) if algo.ppo_mini_batch_size else 1
+        M = 1
+        if algo.ppo_mini_batch_size:  # every rank's groups count (a collective only when mini-batches are asked for)
+            M = max(1, -(-int(self.dist.sum([len(batch_groups)])[0]) // algo.ppo_mini_batch_size))
         minis = [[g for g, p in zip(batch_groups, positions) if p % M == j] for j in range(M)]
         counts = []
         for mini in minis:
