@@ -111,6 +111,12 @@ class AlgoConfig:
     delta: float | None = field(default=None, metadata={"help": "two-sided clipping (TRL's name; INTELLECT-2): the ratio of a token with a negative advantage is capped at delta, so one unlikely token cannot make the loss unbounded; must be > 1 + epsilon_high (INTELLECT-2: 4) (default: off)"})
     importance_sampling_level: str = field(default="token", metadata={"help": "token (GRPO: a ratio per token) or sequence (GSPO: one ratio per completion, the exp of its tokens' mean log-ratio, clipped as a token's; the GSPO paper clips at --epsilon 3e-4 --epsilon-high 4e-4) (TRL's name)"})
     top_entropy_quantile: float = field(default=1.0, metadata={"help": "keep in the policy-gradient term (not the KL) only the tokens whose entropy is in this top fraction of the step's, the policy's entropy before the update over every rank's trained tokens with a nonzero advantage (TRL's name; 'Beyond the 80/20 rule' trains on the top 0.2); 1 keeps all; below 1 the update runs one more forward without gradient"})
+    entropy_coef: float = field(default=0.0, metadata={"help": "entropy bonus: subtract this times the policy's mean entropy over the step's trained tokens (every rank's; those --top-entropy-quantile keeps) from the loss, to keep the policy from collapsing (TRL's name; verl's entropy_coeff). The zero-advantage skip is then off: every group carries the bonus's gradient (default: 0, off)"})
+    use_adaptive_entropy: bool = field(default=False, metadata={"help": "Skywork-OR1's adaptive entropy control (TRL's name): after each optimizer step --entropy-coef moves by --entropy-coef-delta, up while the measured entropy is at or below --entropy-target and down otherwise (within --entropy-coef-min/-max), and the bonus applies only while the last measured entropy is at or below the target"})
+    entropy_coef_min: float = field(default=0.0, metadata={"help": "lower bound of the adaptive --entropy-coef (TRL's name)"})
+    entropy_coef_max: float = field(default=1.0, metadata={"help": "upper bound of the adaptive --entropy-coef (TRL's name)"})
+    entropy_coef_delta: float = field(default=0.005, metadata={"help": "step of the adaptive --entropy-coef per optimizer step (TRL's name)"})
+    entropy_target: float = field(default=0.2, metadata={"help": "entropy (nats, mean over the trained tokens) the adaptive control holds the policy above (TRL's name); set it near the `entropy` metric of the first steps"})
     mask_truncated_completions: bool = field(default=False, metadata={"help": "leave completions that ran out of budget (no EOS; with RPO, the suffix's budget) out of the loss, still counted in their group's advantages (TRL's name; DAPO's overlong filtering)"})
 
     def __post_init__(self):
@@ -164,6 +170,16 @@ class AlgoConfig:
                f"--importance-sampling-level must be one of {RATIO_LEVELS}, got {self.importance_sampling_level!r}")
         _check(0 <= self.top_entropy_quantile <= 1,
                f"--top-entropy-quantile must be in [0, 1], got {self.top_entropy_quantile}")
+        _check(self.entropy_coef >= 0, f"--entropy-coef must be >= 0, got {self.entropy_coef}")
+        if self.use_adaptive_entropy:
+            _check(0 <= self.entropy_coef_min <= self.entropy_coef_max,
+                   f"--entropy-coef-min ({self.entropy_coef_min}) must be >= 0 and <= --entropy-coef-max "
+                   f"({self.entropy_coef_max})")
+            _check(self.entropy_coef_min <= self.entropy_coef <= self.entropy_coef_max,
+                   f"--entropy-coef ({self.entropy_coef}) must lie in [--entropy-coef-min, --entropy-coef-max] = "
+                   f"[{self.entropy_coef_min}, {self.entropy_coef_max}] with --use-adaptive-entropy")
+            _check(self.entropy_coef_delta > 0, f"--entropy-coef-delta must be > 0, got {self.entropy_coef_delta}")
+            _check(self.entropy_target >= 0, f"--entropy-target must be >= 0, got {self.entropy_target}")
         _check(self.delta is None or self.delta > 1 + self.epsilon_high,
                f"--delta must be > 1 + epsilon_high = {1 + self.epsilon_high:g} (else it clips positive advantages "
                f"too), got {self.delta}")
@@ -172,6 +188,11 @@ class AlgoConfig:
     def surrogate(self) -> str:
         """policy_loss's surrogate: CISPO's capped weight, SAPO's gate, or PPO's clipped ratio."""
         return self.loss_type if self.loss_type in ("cispo", "sapo") else "clip"
+
+    @property
+    def entropy_bonus(self) -> bool:
+        """Whether the loss carries an entropy bonus (adaptive control may still gate it off on a step)."""
+        return self.entropy_coef > 0 or self.use_adaptive_entropy
 
     @property
     def loss_eps_high(self) -> float:

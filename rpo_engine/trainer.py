@@ -114,6 +114,9 @@ class Trainer:
         self.cache = ExperienceCache(self.rpo.rpo_cache_policy, self.rpo.rpo_epsilon)
         self.rng = random.Random(config.seed)  # cuts and cache choices: saved in checkpoints
         self.step_num = 0
+        # --entropy-coef, moved by --use-adaptive-entropy after each optimizer step, which also gates the bonus
+        # on the entropy the last step measured (inf: none yet, so no bonus on the first); both checkpointed
+        self.entropy_coef, self.last_entropy = self.algo.entropy_coef, math.inf
         self.completions: list[dict] = []  # the last step's sampled completions, with --log-completions
         self.rows_drawn = 0  # training rows handed out so far, over all epochs
         self.epoch_orders: dict[int, list[int]] = {}
@@ -370,7 +373,7 @@ class Trainer:
             spans = [g.span(i) for g in mini for i in range(len(g.suffix_ids)) if g.is_trained(i)]
             counts += [sum(spans), sum(1 for n in spans if n)]
         counts = self.dist.sum(counts)
-        if skip_zero_advantage and algo.beta == 0:
+        if skip_zero_advantage and algo.beta == 0 and not algo.entropy_bonus:  # then the gradient is 0
             minis = [[g for g in mini if any(g.advantages)] for mini in minis]
         # (micro-batch, shared layout?) pairs: a group's prefix runs once where that costs fewer FLOPs
         plans = [plan_micro_batches(mini, self.model.config, self.config.micro_batch_tokens, self.config.prefix_sharing)
@@ -391,7 +394,9 @@ class Trainer:
         Without a KL term a group whose advantages are all zero (its rewards were equal) has a zero
         gradient, so `skip_zero_advantage` leaves it out of the forward and backward; it still counts in
         the loss normalisers, so the step is the one the whole mini-batch gives. The policy's entropy and
-        `logprob_mismatch` are then measured over the groups that were run."""
+        `logprob_mismatch` are then measured over the groups that were run. --entropy-coef subtracts the
+        coefficient times the mean entropy of the mini-batch's trained tokens (every rank's, those
+        --top-entropy-quantile keeps) from each optimizer step's loss."""
         algo = self.algo
         positions = list(range(len(groups))) if positions is None else positions
         batches, counts, M = self.plan_update(self.training_batch(groups), positions, skip_zero_advantage)
@@ -419,25 +424,36 @@ class Trainer:
             threshold = self.entropy_threshold([(b[0], b[1]) for b in batches if b[3]],
                                                [e for b, e in zip(batches, entropies) if b[3]])
             keep = [entropy >= threshold for entropy in entropies]  # NaN (outside the loss): False
+        bonus = algo.entropy_bonus
+        bonus_tokens = [counts[2 * j] for j in range(M)]  # the tokens each mini-batch's entropy is averaged over
+        if bonus and select:
+            bonus_tokens = [0] * M
+            for k, (_, _, j, real) in enumerate(batches):
+                bonus_tokens[j] += int(keep[k].sum()) if real else 0
+            bonus_tokens = self.dist.sum(bonus_tokens)
         stats = {"loss": 0.0, "clip_frac": 0.0, "clip_low_frac": 0.0, "clip_high_frac": 0.0, "kl": 0.0}
         is_weights, is_sum, is_count, is_min, is_max = [None] * len(batches), 0.0, 0, math.inf, -math.inf
         grad_norms, skipped, num_steps = [], 0, algo.num_iterations * M
         entropy_sum, entropy_tokens = 0.0, 0  # the policy's entropy over the loss tokens, before the update
+        policy_loss_total = 0.0  # the loss less the entropy bonus (logged when there is one)
         for iteration in range(algo.num_iterations):
             for j in range(M):
                 self.optimizer.zero_grad(set_to_none=True)
                 step_loss, num_tokens, num_rows = 0.0, counts[2 * j], counts[2 * j + 1]
+                step_policy_loss, window = 0.0, [0.0, 0]  # the bonus's entropy over this step's tokens: sum, count
+                adaptive_off = algo.use_adaptive_entropy and not self.last_entropy <= algo.entropy_target
+                coef = 0.0 if adaptive_off else self.entropy_coef
                 members = [k for k, b in enumerate(batches) if b[2] == j]
                 for k in members:
                     (batch, shared, _, real), old_logp, ref_logp = batches[k], old[k], ref[k]
                     # DDP: gradients are all-reduced once, in the mini-batch's last backward
                     last = k == members[-1] or self.dist.parallel != "ddp"
                     with contextlib.nullcontext() if last else self.policy.no_sync():
-                        logp, mask, *entropy = self.policy(batch, shared, iteration == 0)
+                        logp, mask, *entropy = self.policy(batch, shared, iteration == 0 or bonus)
                         mask = self.loss_mask(batch, mask)  # --mask-truncated-completions
                         if iteration == 0 and real:  # the weights the rollout used (the mini-batch's first step)
                             mismatch += self.rollout_mismatch(batch, logp.detach())
-                            entropy_sum += float((entropy[0] * mask).sum())
+                            entropy_sum += float((entropy[0].detach() * mask).sum())
                             entropy_tokens += int(mask.sum())
                         if old_logp is None:
                             old_logp = logp.detach()  # one step: the weights have not moved since the rollout
@@ -463,15 +479,24 @@ class Trainer:
                             share = int(mask.sum()) / max(1, num_tokens)
                         else:
                             share = int(mask.any(-1).sum()) / max(1, num_rows)
-                        (loss * (share * grad_scale)).backward()
-                    step_loss += loss.item() * share
+                        objective = loss * share
+                        if bonus and real:  # the mean entropy over the mini-batch's (kept) trained tokens
+                            tokens = mask if keep[k] is None else mask & keep[k]
+                            entropy_in = (entropy[0] * tokens).sum()
+                            window = [window[0] + float(entropy_in.detach()), window[1] + int(tokens.sum())]
+                            objective = objective - coef * entropy_in / max(1, bonus_tokens[j])
+                        (objective * grad_scale).backward()
+                    step_loss += objective.item()
+                    step_policy_loss += loss.item() * share
                     weight = share / num_steps
                     stats["clip_frac"] += st["clip_frac"].item() * weight
                     stats["clip_low_frac"] += st["clip_low_frac"].item() * weight
                     stats["clip_high_frac"] += st["clip_high_frac"].item() * weight
                     stats["kl"] += st["kl_mean"].item() * weight
                 grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.max_grad_norm))
-                step_loss = self.dist.sum([step_loss])[0]  # every rank skips, or none does
+                step_loss, step_policy_loss = self.dist.sum([step_loss, step_policy_loss])  # every rank skips, or none
+                if algo.use_adaptive_entropy:
+                    self.adapt_entropy_coef(*self.dist.sum(window))
                 if not (math.isfinite(step_loss) and torch.isfinite(grad_norm)):
                     warnings.warn(f"step {self.step_num}: non-finite loss or gradient; update skipped")
                     self.optimizer.zero_grad(set_to_none=True)
@@ -481,7 +506,10 @@ class Trainer:
                 self.replica_stale = True
                 grad_norms.append(grad_norm.item())
                 stats["loss"] += step_loss / num_steps
+                policy_loss_total += step_policy_loss / num_steps
         stats["grad_norm"] = sum(grad_norms) / max(1, len(grad_norms))
+        if bonus:  # TRL's names: the surrogate (and KL) part of the loss; the coefficient after this update
+            stats["policy_loss"], stats["entropy_coef"] = policy_loss_total, self.entropy_coef
         stats["skipped_updates"] = skipped
         shared_groups = len({id(g.prefix_ids) for batch, shared, _, real in batches if real and shared for g in batch})
         keys = ("clip_frac", "clip_low_frac", "clip_high_frac", "kl")
@@ -500,6 +528,19 @@ class Trainer:
             stats["sampling/importance_sampling_ratio/min"] = -neg_min if is_count else None
             stats["sampling/importance_sampling_ratio/max"] = is_max if is_count else None
         return stats
+
+    def adapt_entropy_coef(self, entropy_sum: float, tokens: int) -> None:
+        """--use-adaptive-entropy (Skywork-OR1, TRL's rule): after an optimizer step, the coefficient moves by
+        --entropy-coef-delta toward more bonus if the entropy its tokens had is at or below --entropy-target,
+        toward less otherwise; that entropy also decides whether the next step applies the bonus."""
+        if not tokens or not math.isfinite(entropy_sum):
+            return
+        algo = self.algo
+        self.last_entropy = entropy_sum / tokens
+        if self.last_entropy <= algo.entropy_target:
+            self.entropy_coef = min(self.entropy_coef + algo.entropy_coef_delta, algo.entropy_coef_max)
+        else:
+            self.entropy_coef = max(self.entropy_coef - algo.entropy_coef_delta, algo.entropy_coef_min)
 
     def padding_group(self) -> PrefixGroup:
         """A one-token group for a rank with fewer micro-batches than another; its loss weight is 0."""
@@ -581,6 +622,8 @@ class Trainer:
                                    "num_micro_batches", "prefix_shared_groups"), 0.0)
             stats["skipped_updates"] = algo.num_iterations
             stats["entropy"] = stats["logprob_mismatch"] = None  # no token was trained
+            if algo.entropy_bonus:
+                stats["policy_loss"], stats["entropy_coef"] = 0.0, self.entropy_coef
         self.scheduler.step()
         self.step_num += 1
         if algo.sync_ref_model and self.step_num % algo.ref_model_sync_steps == 0:
@@ -682,7 +725,7 @@ class Trainer:
         return {"step": self.step_num, "optimizer": optimizer,
                 "scheduler": self.scheduler.state_dict(), "rng": list(self.rng.getstate()),
                 "torch_rng": torch.get_rng_state(), "rows_drawn": self.rows_drawn,
-                "cache": self.cache.state_dict()}
+                "cache": self.cache.state_dict(), "entropy_control": [self.entropy_coef, self.last_entropy]}
 
     def load_state_dict(self, state: dict) -> None:
         self.step_num = state["step"]
@@ -697,6 +740,8 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.rows_drawn = state["rows_drawn"]
         self.cache.load_state_dict(state["cache"])
+        if self.algo.use_adaptive_entropy and "entropy_control" in state:  # else --entropy-coef is the config's
+            self.entropy_coef, self.last_entropy = state["entropy_control"]
 
     def save_model(self, directory: Path) -> None:
         """The model as a Hugging Face directory (LoRA adapters merged in), and under LoRA the adapter alone

@@ -44,8 +44,10 @@ def assert_same_steps(a, b, steps):
         for key in ("reward_mean", "reward_std", "accuracy_mean", "rollout_generated_tokens", "num_prompts_sampled",
                     "num_groups_trained", "cache_hit_rate", "cache_verified_rate", "cold_starts", "suffix_len_mean", "lr"):
             assert x[key] == y[key], (step, key, x[key], y[key])
-        for key in ("loss", "grad_norm", "kl", "clip_frac"):
-            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (step, key)
+        for key in ("loss", "grad_norm", "kl", "clip_frac", "policy_loss"):
+            if key in x or key in y:
+                assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (step, key)
+        assert x.get("entropy_coef") == y.get("entropy_coef"), step
         if x["entropy"] is None or y["entropy"] is None:  # a step without an update
             assert x["entropy"] is y["entropy"] is None, step
         else:  # a token mean over every rank's trained tokens;
@@ -63,6 +65,9 @@ COMMON = ["--steps", 3, "--save-steps", 2, "--eval-steps", 3, "--eval-size", 5, 
           "--scale-rewards", "batch",  # each rank's advantages divided by the std of every rank's rewards
           "--top-entropy-quantile", 0.5,  # one entropy threshold from every rank's tokens
           "--ppo-mini-batch-size", 2,  # mini-batches by each group's place in the whole batch, on any rank count
+          # an entropy bonus over every rank's kept tokens; its coefficient moves each optimizer step (up: the
+          # entropy is below the target) and must come back from a checkpoint
+          "--use-adaptive-entropy", "--entropy-coef", 0.02, "--entropy-coef-delta", 0.01, "--entropy-target", 10,
           "--dist-timeout", 60, "--log-completions",
           "--device", "cpu"]  # gloo: on a GPU box two ranks cannot share its one GPU
 # The full-weight runs also move their KL reference after step 2 (saved in the step-2 checkpoint, so the
@@ -90,6 +95,9 @@ def test_two_ranks_match_one_process(runs):
     assert (runs / "one" / "completions.jsonl").read_text() == (runs / "ddp" / "completions.jsonl").read_text()
     assert any(m["num_prompts_sampled"] > 4 for m in one[1:])  # a resample round ran (odd rows: a rank without)
     assert all(m["grad_norm"] > 0 and abs(m["loss"]) > 1e-3 and m["kl"] > 0 for m in one[1:])
+    # the bonus applied from the second optimizer step on (4 a step: 2 passes x mini-batches of 2 of the 4 groups)
+    assert [m["entropy_coef"] for m in one[1:]] == pytest.approx([0.06, 0.10, 0.14])
+    assert all(m["loss"] < m["policy_loss"] for m in one[1:])
     assert (runs / "ddp" / "final" / "model.safetensors").is_file() and (runs / "ddp" / "curves.png").is_file()
 
 

@@ -103,16 +103,77 @@ def test_logprobs_leading_dims_and_weight_only_grad(backend):
     assert _scaled_err(w.grad, ref_gw) < FP32_TOL
 
 
+def _fp64_with_entropy(hidden, weight, targets, temperature, grad_logp, grad_entropy):
+    """logp, entropy and the gradients of sum(grad_logp * logp + grad_entropy * entropy), in fp64."""
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()
+    logp = logprobs_reference(h, w, targets, temperature)
+    entropy = entropy_reference(h, w, temperature)
+    objective = entropy.mul(grad_entropy.double()).sum()
+    if grad_logp is not None:
+        objective = objective + logp.mul(grad_logp.double()).sum()
+    objective.backward()
+    return logp.detach(), entropy.detach(), h.grad, w.grad
+
+
+def _ours_with_entropy(hidden, weight, targets, temperature, grad_logp, grad_entropy, backend, **kw):
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    logp, entropy = fused_logprobs(h, w, targets, temperature, backend=backend, return_entropy=True, **kw)
+    assert entropy.dtype == torch.float32 and entropy.shape == targets.shape and entropy.requires_grad
+    objective = entropy.mul(grad_entropy).sum()
+    if grad_logp is not None:  # else logp takes no part: its gradient reaches the backward as None
+        objective = objective + logp.mul(grad_logp).sum()
+    objective.backward()
+    return logp.detach(), entropy.detach(), h.grad, w.grad
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_entropy_matches_naive(backend):
+@pytest.mark.parametrize("n,h,v,temperature,chunk_numel,with_logp", [
+    (37, 48, 331, 0.8, 16 * 331, True),  # vocab chunks in the backward, temperature < 1
+    (37, 48, 331, 1.0, None, False),     # the entropy alone has a gradient
+    (1, 48, 331, 1.7, None, True),       # a single token
+    (150, 16, 67, 1.3, 40 * 67, True),   # N > V: token chunks
+])
+def test_entropy_values_and_gradients_match_fp64(backend, n, h, v, temperature, chunk_numel, with_logp):
+    hidden, weight, targets = _lm_inputs(n, h, v)
+    grad_logp = torch.randn(n) if with_logp else None  # [N]
+    grad_entropy = torch.randn(n)  # [N]
+    ref = _fp64_with_entropy(hidden, weight, targets, temperature, grad_logp, grad_entropy)
+    ours = _ours_with_entropy(hidden, weight, targets, temperature, grad_logp, grad_entropy, backend,
+                              chunk_numel=chunk_numel)
+    for a, b in zip(ours, ref):  # logp, entropy, grad_hidden, grad_weight
+        assert _scaled_err(a, b) < FP32_TOL
+    # the entropy term is really in the gradient: without it the gradient is far off
+    _, _, gh_logp_only, _ = _fp64_with_entropy(hidden, weight, targets, temperature, grad_logp, grad_entropy * 0)
+    assert _scaled_err(ours[2], gh_logp_only) > 100 * FP32_TOL
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entropy_without_grad_is_a_plain_value(backend):
     hidden, weight, targets = _lm_inputs(37, 48, 331)
-    h = hidden.clone().requires_grad_()
-    logp, entropy = fused_logprobs(h, weight, targets, 0.8, backend=backend, return_entropy=True, chunk_numel=16 * 331)
-    assert entropy.dtype == torch.float32 and entropy.shape == (37,) and not entropy.requires_grad
-    assert logp.requires_grad
-    ref = entropy_reference(hidden.double(), weight.double(), 0.8)
-    assert _scaled_err(entropy, ref) < FP32_TOL
-    assert _scaled_err(logp.detach(), logprobs_reference(hidden.double(), weight.double(), targets, 0.8)) < FP32_TOL
+    with torch.no_grad():
+        logp, entropy = fused_logprobs(hidden, weight, targets, 0.8, backend=backend, return_entropy=True)
+    assert not entropy.requires_grad and not logp.requires_grad
+    assert _scaled_err(entropy, entropy_reference(hidden.double(), weight.double(), 0.8)) < FP32_TOL
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entropy_gradient_bf16_within_reference_error(backend):
+    n, h, v = 37, 48, 331
+    hidden, weight, targets = _lm_inputs(n, h, v, torch.bfloat16)
+    grad_logp, grad_entropy = torch.randn(n), torch.randn(n)
+    _, exact_ent, exact_gh, exact_gw = _fp64_with_entropy(hidden, weight, targets, 1.0, grad_logp, grad_entropy)
+    hr, wr = hidden.clone().requires_grad_(), weight.clone().requires_grad_()  # the naive path in bf16
+    naive_ent = entropy_reference(hr, wr)
+    (naive_ent * grad_entropy).sum().add((logprobs_reference(hr, wr, targets) * grad_logp).sum()).backward()
+    _, ent, gh, gw = _ours_with_entropy(hidden, weight, targets, 1.0, grad_logp, grad_entropy, backend,
+                                        chunk_numel=n * 128)
+    assert gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16
+    for ours, ref_bf16, ex in ((ent, naive_ent.detach(), exact_ent), (gh, hr.grad, exact_gh), (gw, wr.grad, exact_gw)):
+        err_ref = _max_err(ref_bf16, ex)
+        assert err_ref > 0
+        assert _max_err(ours, ex) <= 2 * err_ref + 1e-4
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -165,17 +226,20 @@ class _MaxBytes(TorchDispatchMode):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n,h,v", [(64, 16, 331), (300, 16, 50)])
-def test_logprobs_never_materializes_full_logits(backend, n, h, v):
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_logprobs_never_materializes_full_logits(backend, n, h, v, with_entropy):
     chunk_numel = 32 * max(n, v)
     hidden, weight, targets = _lm_inputs(n, h, v)
     hidden.requires_grad_()
     weight.requires_grad_()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t), _MaxBytes() as mode:
-        logp = fused_logprobs(hidden, weight, targets, backend=backend, chunk_numel=chunk_numel)
-        logp.sum().backward()
-    # Saved for backward: the inputs plus O(N) (the fp32 lse). Transient: one fp32 logits chunk, or an
-    # [N, H] / [V, H] gradient; never the [N, V] logits.
+        out = fused_logprobs(hidden, weight, targets, backend=backend, chunk_numel=chunk_numel,
+                             return_entropy=with_entropy)
+        (out[0] + 0.1 * out[1] if with_entropy else out).sum().backward()
+    # Saved for backward: the inputs plus O(N) (the fp32 lse, the entropy). Transient: one fp32 logits
+    # chunk (the entropy's gradient: two of half the size), or an [N, H] / [V, H] gradient; never the
+    # [N, V] logits.
     assert all(t.data_ptr() in (hidden.data_ptr(), weight.data_ptr()) or t.numel() <= n for t in saved)
     assert mode.max_bytes <= 4 * max(chunk_numel, v * h, n * h) < 4 * n * v
 

@@ -733,6 +733,86 @@ def test_update_skipping_zero_advantage_groups_takes_the_same_step(tiny_model_di
     assert skipped["entropy"] is None and full["grad_norm"] == 0.0  # nothing to learn, and nothing was run
 
 
+@pytest.mark.parametrize("flags", [[], ["--top-entropy-quantile", "0.3"],
+                                   ["--ppo-mini-batch-size", "2", "--num-iterations", "2", "--algo", "dapo"]])
+def test_entropy_bonus_steps_as_a_plain_loop(tiny_model_dir, flags):
+    """--entropy-coef c: each optimizer step minimises the surrogate minus c times the mean entropy of its
+    mini-batch's trained tokens (those --top-entropy-quantile keeps, from the entropies before the update);
+    equal to a plain loop over one padded batch per mini-batch. Groups with zero advantages are not
+    skipped: the bonus moves them too."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.kernels import policy_loss
+    from rpo_engine.model.shared_prefix import group_logprobs
+    from rpo_engine.train import build_trainer
+
+    coef = 0.05
+    common = ["--model", str(tiny_model_dir), "--micro-batch-tokens", "60", "--learning-rate", "1e-2",
+              "--entropy-coef", str(coef), *flags]
+    engine, plain, without = (build_trainer(parse_args(args)) for args in (common, common,
+                                                                           [*common, "--entropy-coef", "0"]))
+    groups = random_groups(5, zero={1, 4})
+    stats = engine.update(groups)
+    without.update(groups)
+
+    algo, model = plain.algo, plain.model
+    batch = plain.training_batch(groups)
+    M = 3 if algo.ppo_mini_batch_size else 1
+    minis = [batch[j::M] for j in range(M)]
+    with torch.no_grad():
+        old = [group_logprobs(model, mini, shared=False, with_entropy=True) for mini in minis]
+    keep = [mask for _, mask, _ in old]
+    if algo.top_entropy_quantile < 1:  # the threshold over every token of a sample with a nonzero advantage
+        moving = [torch.tensor([a != 0 for g in mini for a in g.advantages])[:, None] & mask
+                  for mini, (_, mask, _) in zip(minis, old)]
+        values = torch.cat([e[m] for (_, _, e), m in zip(old, moving)]).double()
+        threshold = float(torch.quantile(values, 1 - algo.top_entropy_quantile))
+        keep = [mask & (e >= threshold) for _, mask, e in old]
+    for _ in range(algo.num_iterations):
+        for mini, (old_logp, _, _), kept in zip(minis, old, keep):
+            plain.optimizer.zero_grad()
+            logp, mask, entropy = group_logprobs(model, mini, shared=False, with_entropy=True)
+            adv = torch.tensor([a for g in mini for a in g.advantages])
+            loss, _ = policy_loss(logp, old_logp, adv, mask, eps_low=algo.epsilon, eps_high=algo.epsilon_high,
+                                  loss_agg=algo.loss_agg, is_weights=kept.float(), backend="torch")
+            (loss - coef * (entropy * kept).sum() / kept.sum()).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), plain.config.max_grad_norm)
+            plain.optimizer.step()
+    assert stats["num_micro_batches"] >= 3 and stats["entropy_coef"] == coef
+    assert stats["loss"] < stats["policy_loss"]  # the bonus was subtracted
+    for a, b in zip(engine.model.parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=3e-5)
+    # the bonus took a step of its own: the weights differ from the run without it
+    assert max((a - b).abs().max() for a, b in zip(engine.model.parameters(), without.model.parameters())) > 1e-3
+
+
+def test_adaptive_entropy_control(tiny_model_dir, tmp_path):
+    """--use-adaptive-entropy (TRL's rule): no bonus until an entropy was measured; then the coefficient
+    moves by delta each optimizer step, up at or below the target and down above it, within its bounds,
+    and the bonus applies while the last measured entropy is at or below the target. Checkpointed."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+
+    common = ["--model", str(tiny_model_dir), "--use-adaptive-entropy", "--entropy-coef", "0.3",
+              "--entropy-coef-delta", "0.1", "--entropy-coef-max", "0.45"]
+    trainer = build_trainer(parse_args([*common, "--entropy-target", "100"]))  # always below the target
+    groups = random_groups(2, zero={0})
+    first = trainer.update(groups)
+    assert first["loss"] == pytest.approx(first["policy_loss"], abs=1e-7)  # nothing measured yet: no bonus
+    assert trainer.last_entropy == pytest.approx(first["entropy"], rel=1e-5) and trainer.entropy_coef == 0.4
+    second = trainer.update(groups)  # the bonus at 0.4, over the entropy before this step
+    assert second["loss"] == pytest.approx(second["policy_loss"] - 0.4 * second["entropy"], rel=1e-5)
+    assert trainer.entropy_coef == 0.45  # capped at --entropy-coef-max
+    state = trainer.state_dict()
+    resumed = build_trainer(parse_args([*common, "--entropy-target", "100"]))
+    resumed.load_state_dict(state)
+    assert (resumed.entropy_coef, resumed.last_entropy) == (trainer.entropy_coef, trainer.last_entropy)
+
+    above = build_trainer(parse_args([*common, "--entropy-target", "0.001"]))  # the entropy stays above it
+    for want in (0.2, 0.1, 0.0, 0.0):  # down to --entropy-coef-min, never applied
+        stats = above.update(groups)
+        assert above.entropy_coef == pytest.approx(want) and stats["loss"] == pytest.approx(stats["policy_loss"])
+
+
 @pytest.mark.parametrize("flags", [[], ["--algo", "dapo", "--num-iterations", "2"], ["--loss-type", "dr_grpo"],
                                    ["--no-prefix-sharing"]])
 def test_masking_truncated_completions_trains_as_without_them(tiny_model_dir, flags):

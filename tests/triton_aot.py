@@ -87,7 +87,9 @@ def record_launches():
             targets = torch.zeros(64, dtype=torch.int64)
             for entropy in (False, True):
                 fl._triton_forward(hidden, weight, targets, 1.0, entropy)
-            fl._triton_grad_logits(hidden, weight[:4096], targets, torch.zeros(64), torch.zeros(64), 0, 1.0)
+            zeros = torch.zeros(64)
+            for entropy_grad in (None, zeros):  # the entropy bonus's gradient (--entropy-coef) too
+                fl._triton_grad_logits(hidden, weight[:4096], targets, zeros, zeros, entropy_grad, entropy_grad, 0, 1.0)
         # Policy loss, with and without the KL term and importance-sampling weights; CISPO's and SAPO's.
         logp = torch.zeros(4, 300)
         for ref in (None, logp):

@@ -1,11 +1,13 @@
 """Fused LM-head log-probabilities: log p(target) (and entropy) without the full [N, V] logits.
 
 `fused_logprobs(hidden, weight, targets)` equals
-`log_softmax((hidden @ weight.T).float() / T, -1).gather(targets)`, forward and backward.
+`log_softmax((hidden @ weight.T).float() / T, -1).gather(targets)`, forward and backward; with
+`return_entropy=True` also the entropy of each row's softmax, differentiable too (an entropy bonus).
 
 Forward: only lse (fp32), the target logit and optionally the entropy are kept, O(N) memory. Backward:
 the logits are recomputed one chunk at a time, grad_logits = (onehot - softmax) * grad / T for the
-chunk, and two matmuls give its share of grad_hidden and grad_weight. A chunk holds at most
+chunk (plus -p * (log p + H) * grad_entropy / T when the entropy has a gradient: dH/dx_j =
+-p_j (log p_j + H)), and two matmuls give its share of grad_hidden and grad_weight. A chunk holds at most
 `chunk_numel` logits (default 2^25, 128 MiB in fp32), never the full [N, V].
 
 The backward chunks along whichever axis makes the accumulated gradient the smaller one: with
@@ -90,10 +92,12 @@ if HAS_TRITON:
             tl.store(ent_ptr + offs_n, lse - sum_exp_x / sum_exp, mask=mask_n)
 
     @triton.jit
-    def _grad_logits_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, grad_ptr, out_ptr, N, V, H, v_offset, temperature,
+    def _grad_logits_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, grad_ptr, ent_ptr, grad_ent_ptr, out_ptr, N, V, H,
+                            v_offset, temperature,
                             BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                            UPCAST: tl.constexpr):
-        """out[n, v] = (onehot(target_n)[v] - softmax(x_n)[v]) * grad_n / T for one [BLOCK_N, BLOCK_V] tile.
+                            UPCAST: tl.constexpr, ENTROPY_GRAD: tl.constexpr):
+        """out[n, v] = (onehot(target_n)[v] - softmax(x_n)[v]) * grad_n / T for one [BLOCK_N, BLOCK_V] tile,
+        minus p * (log p + H_n) * grad_entropy_n / T with ENTROPY_GRAD.
 
         w_ptr/V are a slice of the vocabulary starting at v_offset; out is [N, V] for that slice."""
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -107,7 +111,12 @@ if HAS_TRITON:
         g = tl.load(grad_ptr + offs_n, mask=mask_n, other=0.0) / temperature  # [BLOCK_N]
         p = tl.exp(x - lse[:, None])  # [BLOCK_N, BLOCK_V]
         onehot = (offs_v[None, :] + v_offset == tgt[:, None]).to(tl.float32)
-        grad = (onehot - p) * g[:, None]
+        if ENTROPY_GRAD:
+            ent = tl.load(ent_ptr + offs_n, mask=mask_n, other=0.0)  # [BLOCK_N]
+            ge = tl.load(grad_ent_ptr + offs_n, mask=mask_n, other=0.0) / temperature  # [BLOCK_N]
+            grad = onehot * g[:, None] - p * (g[:, None] + ge[:, None] * (x - lse[:, None] + ent[:, None]))
+        else:
+            grad = (onehot - p) * g[:, None]
         tl.store(out_ptr + offs_n[:, None] * V + offs_v[None, :], grad.to(out_ptr.dtype.element_ty),
                  mask=mask_n[:, None] & mask_v[None, :])
 
@@ -170,24 +179,32 @@ def _triton_forward(hidden, weight, targets, temperature, with_entropy):
 
 # ---- backward: grad_logits for one chunk, tokens h_c [C, H] x vocabulary slice w_c [V_c, H] ----------
 
-def _torch_grad_logits(h_c, w_c, tgt_c, lse_c, g_c, v_offset, temperature):
+def _torch_grad_logits(h_c, w_c, tgt_c, lse_c, g_c, ent_c, ge_c, v_offset, temperature):
     x = (h_c @ w_c.T).float().div_(temperature)  # [C, V_c]
     scale = g_c / temperature  # [C]
-    grad = x.sub_(lse_c[:, None]).exp_().mul_(-scale[:, None])  # -softmax * g / T, in place
+    if ge_c is None:
+        grad = x.sub_(lse_c[:, None]).exp_().mul_(-scale[:, None])  # -softmax * g / T, in place
+    else:  # -p * (g + ge * (log p + H)) / T: a second [C, V_c] buffer (the backward halves its chunks)
+        logp = x.sub_(lse_c[:, None])
+        p = logp.exp()
+        grad = logp.add_(ent_c[:, None]).mul_(ge_c[:, None] / temperature).add_(scale[:, None]).mul_(p).neg_()
     local = tgt_c - v_offset  # [C]; targets outside this slice add nothing (no boolean indexing: no sync)
     inside = (local >= 0) & (local < w_c.shape[0])
     grad.scatter_add_(1, local.clamp(0, w_c.shape[0] - 1)[:, None], torch.where(inside, scale, 0.0)[:, None])
     return grad.to(h_c.dtype)  # [C, V_c] in the matmul dtype, as autograd of the reference does
 
 
-def _triton_grad_logits(h_c, w_c, tgt_c, lse_c, g_c, v_offset, temperature):
+def _triton_grad_logits(h_c, w_c, tgt_c, lse_c, g_c, ent_c, ge_c, v_offset, temperature):
     c, h = h_c.shape
     v = w_c.shape[0]
     out = h_c.new_empty(c, v)  # [C, V_c]
     block_n, block_v, block_h, warps = _block_sizes(h_c.device, h_c.dtype)
+    entropy_grad = ge_c is not None  # else lse stands in for the two unused pointers
     _grad_logits_kernel[(triton.cdiv(c, block_n), triton.cdiv(v, block_v))](
-        h_c, w_c, tgt_c, lse_c, g_c, out, c, v, h, v_offset, temperature,
-        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, UPCAST=_triton_interpreted(), num_warps=warps)
+        h_c, w_c, tgt_c, lse_c, g_c, ent_c if entropy_grad else lse_c, ge_c if entropy_grad else lse_c, out,
+        c, v, h, v_offset, temperature,
+        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, UPCAST=_triton_interpreted(),
+        ENTROPY_GRAD=entropy_grad, num_warps=warps)
     return out
 
 
@@ -209,21 +226,25 @@ class _FusedLogprobs(torch.autograd.Function):
         else:
             lse, tgt_logit, entropy = _torch_forward(hidden, weight, targets, temperature, chunk_numel,
                                                      with_entropy)
-        ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.temperature, ctx.use_triton, ctx.chunk_numel = temperature, use_triton, chunk_numel
         logp = tgt_logit - lse  # [N]
         if entropy is None:
             entropy = logp.new_empty(0)
-        ctx.mark_non_differentiable(entropy)
+            ctx.mark_non_differentiable(entropy)
+        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+        ctx.temperature, ctx.use_triton, ctx.chunk_numel = temperature, use_triton, chunk_numel
+        ctx.set_materialize_grads(False)  # an output nobody used gets None: no work for it
         return logp, entropy
 
     @staticmethod
-    def backward(ctx, grad_logp, _grad_entropy):
-        hidden, weight, targets, lse = ctx.saved_tensors
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, targets, lse, entropy = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         grad_logits_fn = _triton_grad_logits if ctx.use_triton else _torch_grad_logits
-        g = grad_logp.float().contiguous()  # [N]
+        g = grad_logp.float().contiguous() if grad_logp is not None else torch.zeros_like(lse)  # [N]
+        ge = grad_entropy.float().contiguous() if grad_entropy is not None else None  # [N]
         (n, h), v = hidden.shape, weight.shape[0]
+        # the torch backend holds two [C, V_c] buffers per chunk for the entropy's gradient
+        chunk_numel = ctx.chunk_numel // 2 if ge is not None and not ctx.use_triton else ctx.chunk_numel
         by_vocab = n <= v  # accumulate the smaller of grad_hidden [N, H] and grad_weight [V, H]
         grad_hidden = grad_weight = None
         if need_hidden:  # [N, H]
@@ -231,14 +252,15 @@ class _FusedLogprobs(torch.autograd.Function):
         if need_weight:  # [V, H]
             grad_weight = weight.new_zeros(v, h, dtype=torch.float32) if not by_vocab else torch.empty_like(weight)
         if by_vocab:
-            step = _chunk_len(ctx.chunk_numel, n, v)
+            step = _chunk_len(chunk_numel, n, v)
             chunks = [(slice(0, n), slice(s, min(s + step, v))) for s in range(0, v, step)]
         else:
-            step = _chunk_len(ctx.chunk_numel, v, n)
+            step = _chunk_len(chunk_numel, v, n)
             chunks = [(slice(s, min(s + step, n)), slice(0, v)) for s in range(0, n, step)]
         for rows, cols in chunks:
             h_c, w_c = hidden[rows], weight[cols]  # [C, H], [V_c, H]
-            grad_x = grad_logits_fn(h_c, w_c, targets[rows], lse[rows], g[rows], cols.start, ctx.temperature)
+            grad_x = grad_logits_fn(h_c, w_c, targets[rows], lse[rows], g[rows], entropy[rows] if ge is not None
+                                    else None, ge[rows] if ge is not None else None, cols.start, ctx.temperature)
             if need_hidden:
                 _write_or_accumulate(grad_hidden, rows, grad_x, w_c, accumulate=by_vocab)
             if need_weight:
@@ -288,8 +310,8 @@ def fused_logprobs(hidden, weight, targets, temperature=1.0, backend="auto", ret
     """Per-token log p(target) fp32 [...] from hidden [..., H], LM-head weight [V, H], targets [...].
 
     Differentiable w.r.t. hidden and weight (gradients in their dtypes). With return_entropy=True also
-    returns the softmax entropy per token, fp32, without grad. `chunk_numel` bounds the logits that
-    exist at once (default 2^25: 128 MiB in fp32).
+    returns the softmax entropy per token, fp32, differentiable as well (an entropy bonus in the loss).
+    `chunk_numel` bounds the logits that exist at once (default 2^25: 128 MiB in fp32).
     """
     _check_inputs(hidden, weight, targets, temperature, backend)
     if backend == "auto":
