@@ -1,5 +1,9 @@
 """fused_logprobs forward+backward: naive torch vs chunked torch vs Triton (CUDA) vs Liger FLCE (if installed).
 
+Also with an entropy bonus in the objective (method names ending in +entropy: sum(logp + 0.01 * entropy),
+the gradient of both; the naive path takes both from one log-softmax of the full logits). Liger has no
+differentiable entropy, so it runs without.
+
 Each method runs in a fresh child process so its peak memory is its own: on CUDA
 torch.cuda.max_memory_allocated minus what was allocated before the call, on CPU the peak RSS
 (ru_maxrss) minus the peak before the call. Both count everything the step allocates, the returned
@@ -21,6 +25,16 @@ GPU_SHAPES = [(16384, 1536, 151936, torch.bfloat16), (16384, 3584, 151936, torch
 
 
 def step(method, hidden, weight, targets):
+    if method == "naive+entropy":
+        logits = (hidden @ weight.T).float()  # [N, V]
+        log_probs = torch.log_softmax(logits, dim=-1)  # [N, V]
+        entropy = -(log_probs.exp() * log_probs).sum(-1)  # [N]
+        (log_probs.gather(-1, targets[:, None]).squeeze(-1) + 0.01 * entropy).sum().backward()
+        return
+    if method.endswith("+entropy"):
+        logp, entropy = fused_logprobs(hidden, weight, targets, backend=method.split("+")[0], return_entropy=True)
+        (logp + 0.01 * entropy).sum().backward()
+        return
     if method == "naive":
         logp = logprobs_reference(hidden, weight, targets)
     elif method == "liger":  # cross-entropy = -logp summed; Liger computes its gradients in the forward
@@ -65,10 +79,11 @@ def main():
     cuda = torch.cuda.is_available()
     liger = cuda and importlib.util.find_spec("liger_kernel") is not None
     methods = ["naive", "torch"] + ["triton"] * cuda + ["liger"] * liger
+    methods += ["naive+entropy", "torch+entropy"] + ["triton+entropy"] * cuda
     rows = []
     print(f"{machine('cuda' if cuda else 'cpu')}: fused_logprobs fwd+bwd, median of {args.repeats}; memory = "
           f"{'max_memory_allocated' if cuda else 'peak RSS (ru_maxrss)'} delta incl. gradients")
-    print(f"{'tokens':>6} {'hidden':>6} {'vocab':>6} {'dtype':>8} {'method':>7} {'ms':>9} {'peak MiB':>9} "
+    print(f"{'tokens':>6} {'hidden':>6} {'vocab':>6} {'dtype':>8} {'method':>14} {'ms':>9} {'peak MiB':>9} "
           f"{'time/naive':>10} {'mem/naive':>9}")
     triton_version = importlib.metadata.version("triton") if importlib.util.find_spec("triton") else None
     result = {"machine": machine("cuda" if cuda else "cpu"), "platform": platform.platform(),
@@ -86,8 +101,9 @@ def main():
                 print(f"{m}: failed: {out.stderr.strip().splitlines()[-1]}")
                 continue
             r = dict(json.loads(out.stdout.strip().splitlines()[-1]), tokens=n, hidden=h, vocab=v, dtype=dt, method=m)
-            naive = next((x for x in rows if x["method"] == "naive" and x["hidden"] == h), r)
-            print(f"{n:>6} {h:>6} {v:>6} {dt:>8} {m:>7} {r['ms']:>9.1f} {r['peak_extra_mib']:>9.0f} "
+            baseline = "naive+entropy" if m.endswith("+entropy") else "naive"
+            naive = next((x for x in rows if x["method"] == baseline and x["hidden"] == h), r)
+            print(f"{n:>6} {h:>6} {v:>6} {dt:>8} {m:>14} {r['ms']:>9.1f} {r['peak_extra_mib']:>9.0f} "
                   f"{r['ms'] / naive['ms']:>10.2f} {r['peak_extra_mib'] / naive['peak_extra_mib']:>9.3f}")
             rows.append(r)
             result["load_avg_1m"] = os.getloadavg()[0]  # other jobs skew the times, not memory

@@ -145,19 +145,25 @@ def _chunk_len(numel, other, total):
 # ---- forward ---------------------------------------------------------------------------------------
 
 def _torch_forward(hidden, weight, targets, temperature, chunk_numel, with_entropy):
+    """One [C, V] fp32 buffer per chunk, worked in place (two of half the size with the entropy)."""
     n, v = hidden.shape[0], weight.shape[0]
-    chunk = _chunk_len(chunk_numel, v, n)
+    chunk = _chunk_len(chunk_numel // 2 if with_entropy else chunk_numel, v, n)
     lse = hidden.new_empty(n, dtype=torch.float32)  # [N]
     tgt_logit = torch.empty_like(lse)  # [N]
     entropy = torch.empty_like(lse) if with_entropy else None  # [N]
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
         x = (hidden[s:e] @ weight.T).float().div_(temperature)  # [C, V]
-        lse[s:e] = torch.logsumexp(x, dim=-1)
         tgt_logit[s:e] = x.gather(1, targets[s:e, None]).squeeze(1)
-        if with_entropy:
-            p = torch.exp(x - lse[s:e, None])  # [C, V]
-            entropy[s:e] = lse[s:e] - (p * x).sum(-1)
+        row_max = x.amax(-1, keepdim=True)  # [C, 1]
+        x.sub_(row_max)  # x - max: exp below cannot overflow
+        if with_entropy:  # H = lse - E_p[x] = log(sum exp(x - max)) - E_p[x - max]
+            p = x.exp()  # [C, V], unnormalised
+            sum_exp = p.sum(-1)  # [C]
+            entropy[s:e] = sum_exp.log() - p.mul_(x).sum(-1) / sum_exp
+        else:
+            sum_exp = x.exp_().sum(-1)  # [C]
+        lse[s:e] = row_max.squeeze(1) + sum_exp.log()
     return lse, tgt_logit, entropy
 
 
