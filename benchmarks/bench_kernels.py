@@ -1,7 +1,8 @@
 """fused_logprobs forward+backward: naive torch vs chunked torch vs Triton (CUDA) vs Liger FLCE (if installed).
 
 Also with an entropy bonus in the objective (method names ending in +entropy: sum(logp + 0.01 * entropy),
-the gradient of both; the naive path takes both from one log-softmax of the full logits). Liger has no
+the gradient of both; the naive path takes both from one log-softmax of the full logits), at the first
+shape only (on a GPU each method is a fresh process: CUDA start-up and Triton compiles). Liger has no
 differentiable entropy, so it runs without.
 
 Each method runs in a fresh child process so its peak memory is its own: on CUDA
@@ -79,7 +80,7 @@ def main():
     cuda = torch.cuda.is_available()
     liger = cuda and importlib.util.find_spec("liger_kernel") is not None
     methods = ["naive", "torch"] + ["triton"] * cuda + ["liger"] * liger
-    methods += ["naive+entropy", "torch+entropy"] + ["triton+entropy"] * cuda
+    with_entropy = ["naive+entropy", "torch+entropy"] + ["triton+entropy"] * cuda
     rows = []
     print(f"{machine('cuda' if cuda else 'cpu')}: fused_logprobs fwd+bwd, median of {args.repeats}; memory = "
           f"{'max_memory_allocated' if cuda else 'peak RSS (ru_maxrss)'} delta incl. gradients")
@@ -92,9 +93,9 @@ def main():
               "memory_method": "cuda max_memory_allocated delta" if cuda else "ru_maxrss delta (fresh process)",
               "results": rows}
     out_path = args.out or os.path.join(HERE, "results", f"kernels_{'cuda' if cuda else 'cpu'}.json")
-    for n, h, v, dtype in GPU_SHAPES if cuda else CPU_SHAPES:
+    for i, (n, h, v, dtype) in enumerate(GPU_SHAPES if cuda else CPU_SHAPES):
         dt = str(dtype).split(".")[1]
-        for m in methods:
+        for m in methods + (with_entropy if i == 0 else []):
             out = subprocess.run([sys.executable, __file__, "--repeats", str(args.repeats), "--child", m, str(n),
                                   str(h), str(v), dt], capture_output=True, text=True)
             if out.returncode:

@@ -56,6 +56,9 @@ def run(algo: str, rpo: bool, seed: int, steps: int, extra: list[str], out: Path
             "initial_eval_accuracy": evals[0]["eval_accuracy"], "final_eval_accuracy": evals[-1]["eval_accuracy"],
             "curve": {"step": [r["step"] for r in steps_], "wall_s": wall, "reward": [r["reward_mean"] for r in steps_],
                       "generated_tokens": [r["rollout_generated_tokens"] for r in steps_],
+                      # the policy's entropy over the trained tokens (None: no update), the bonus's coefficient
+                      "entropy": [r.get("entropy") for r in steps_],
+                      **({"entropy_coef": [r["entropy_coef"] for r in steps_]} if "entropy_coef" in steps_[0] else {}),
                       "eval_step": [r["step"] for r in evals], "eval_accuracy": [r["eval_accuracy"] for r in evals]}}
 
 

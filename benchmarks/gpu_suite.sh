@@ -128,7 +128,7 @@ bench rollout 260 python benchmarks/bench_rollout.py --gpu --repeats 1 --out "$O
 # The engine's host work per decode step on this box's CPU: it adds to rollout_cuda.json's decode_step_ms.
 bench host 60 python benchmarks/bench_host.py --repeats 2 --out "$OUT/host_gpu_box.json"
 bench sampler 60 python benchmarks/bench_sampler.py --gpu --out "$OUT/sampler_cuda.json"
-bench kernels 150 python benchmarks/bench_kernels.py --repeats 3 --out "$OUT/kernels_cuda.json"
+bench kernels 180 python benchmarks/bench_kernels.py --repeats 3 --out "$OUT/kernels_cuda.json"
 bench shared_prefix 60 python benchmarks/bench_shared_prefix.py --gpu --out "$OUT/shared_prefix_cuda.json"
 # LoRA: full fine-tuning vs adapters at Qwen2.5-1.5B's shape, and a 7B-shaped model trained with adapters on one GPU
 bench lora 120 python benchmarks/bench_lora.py --gpu --repeats 2 --out "$OUT/lora_cuda.json"

@@ -111,6 +111,7 @@ class AlgoConfig:
     delta: float | None = field(default=None, metadata={"help": "two-sided clipping (TRL's name; INTELLECT-2): the ratio of a token with a negative advantage is capped at delta, so one unlikely token cannot make the loss unbounded; must be > 1 + epsilon_high (INTELLECT-2: 4) (default: off)"})
     importance_sampling_level: str = field(default="token", metadata={"help": "token (GRPO: a ratio per token) or sequence (GSPO: one ratio per completion, the exp of its tokens' mean log-ratio, clipped as a token's; the GSPO paper clips at --epsilon 3e-4 --epsilon-high 4e-4) (TRL's name)"})
     top_entropy_quantile: float = field(default=1.0, metadata={"help": "keep in the policy-gradient term (not the KL) only the tokens whose entropy is in this top fraction of the step's, the policy's entropy before the update over every rank's trained tokens with a nonzero advantage (TRL's name; 'Beyond the 80/20 rule' trains on the top 0.2); 1 keeps all; below 1 the update runs one more forward without gradient"})
+    off_policy_mask_threshold: float | None = field(default=None, metadata={"help": "DeepSeek-V3.2's off-policy sequence masking (TRL's name): a sample with a negative advantage whose mean log p_rollout - log p_current over its generated tokens exceeds this is left out of the policy-gradient term (not the KL), so stale negative samples cannot destabilise a step; e.g. 0.5. In fp32 the rollout's log-probs are the training forward's, so it acts off-policy only: --num-iterations > 1, --ppo-mini-batch-size, bf16 GPU runs, --lora-merged-rollout (default: off)"})
     entropy_coef: float = field(default=0.0, metadata={"help": "entropy bonus: subtract this times the policy's mean entropy over the step's trained tokens (every rank's; those --top-entropy-quantile keeps) from the loss, to keep the policy from collapsing (TRL's name; verl's entropy_coeff). The zero-advantage skip is then off: every group carries the bonus's gradient (default: 0, off)"})
     use_adaptive_entropy: bool = field(default=False, metadata={"help": "Skywork-OR1's adaptive entropy control (TRL's name): after each optimizer step --entropy-coef moves by --entropy-coef-delta, up while the measured entropy is at or below --entropy-target and down otherwise (within --entropy-coef-min/-max), and the bonus applies only while the last measured entropy is at or below the target"})
     entropy_coef_min: float = field(default=0.0, metadata={"help": "lower bound of the adaptive --entropy-coef (TRL's name)"})
@@ -170,6 +171,8 @@ class AlgoConfig:
                f"--importance-sampling-level must be one of {RATIO_LEVELS}, got {self.importance_sampling_level!r}")
         _check(0 <= self.top_entropy_quantile <= 1,
                f"--top-entropy-quantile must be in [0, 1], got {self.top_entropy_quantile}")
+        _check(self.off_policy_mask_threshold is None or self.off_policy_mask_threshold > 0,
+               f"--off-policy-mask-threshold must be > 0, got {self.off_policy_mask_threshold}")
         _check(self.entropy_coef >= 0, f"--entropy-coef must be >= 0, got {self.entropy_coef}")
         if self.use_adaptive_entropy:
             _check(0 <= self.entropy_coef_min <= self.entropy_coef_max,

@@ -348,6 +348,18 @@ class Trainer:
             ratio.masked_fill(ratio > cap, 0.0)
         return ratio.expand_as(old_logp)
 
+    def off_policy_mask(self, batch: list[PrefixGroup], logp: torch.Tensor, mask: torch.Tensor,
+                        advantages: torch.Tensor) -> torch.Tensor:
+        """--off-policy-mask-threshold (DeepSeek-V3.2's sequence masking, TRL's rule): [b, 1], 0 for a sample
+        with a negative advantage whose mean log p_rollout - log p_current over its loss tokens is above the
+        threshold, else 1. Tokens without a rollout log-prob (a kept prefix trained with
+        --rpo-loss-on-prefix) count as 0; logp is the current forward's, detached."""
+        rollout = self.rollout_logp_layout(batch, logp)  # [b, span]
+        drift = torch.nan_to_num(rollout - logp, nan=0.0) * mask  # [b, span]
+        mean_drift = drift.sum(-1) / mask.sum(-1).clamp(min=1)  # [b]
+        keep = (advantages >= 0) | (mean_drift <= self.algo.off_policy_mask_threshold)
+        return keep.to(logp.dtype)[:, None]
+
     def rollout_mismatch(self, batch: list[PrefixGroup], logp: torch.Tensor) -> list[float]:
         """Per sample with generated tokens: mean |rollout log-prob - training log-prob| over them."""
         rollout = self.rollout_logp_layout(batch, logp)  # [b, span]
@@ -436,6 +448,7 @@ class Trainer:
         grad_norms, skipped, num_steps = [], 0, algo.num_iterations * M
         entropy_sum, entropy_tokens = 0.0, 0  # the policy's entropy over the loss tokens, before the update
         policy_loss_total = 0.0  # the loss less the entropy bonus (logged when there is one)
+        opsm = [0, 0]  # --off-policy-mask-threshold: samples masked, samples seen (every optimizer step)
         for iteration in range(algo.num_iterations):
             for j in range(M):
                 self.optimizer.zero_grad(set_to_none=True)
@@ -467,6 +480,14 @@ class Trainer:
                         surrogate_weights = is_weights[k]  # of the policy-gradient term only, not the KL
                         if keep[k] is not None:  # --top-entropy-quantile
                             surrogate_weights = keep[k].float() * (1.0 if is_weights[k] is None else is_weights[k])
+                        if algo.off_policy_mask_threshold is not None:
+                            kept_rows = self.off_policy_mask(batch, logp.detach(), mask, adv)  # [b, 1]
+                            if real:
+                                trained_rows = mask.any(-1)
+                                opsm = [opsm[0] + int((kept_rows[:, 0] == 0)[trained_rows].sum()),
+                                        opsm[1] + int(trained_rows.sum())]
+                            surrogate_weights = kept_rows.expand_as(logp) if surrogate_weights is None else \
+                                kept_rows * surrogate_weights
                         loss, st = policy_loss(logp, old_logp, adv, mask, ref_logp=ref_logp, eps_low=algo.epsilon,
                                                eps_high=algo.loss_eps_high, kl_coef=algo.beta,
                                                loss_agg=algo.loss_agg, norm_length=self.config.max_completion_length,
@@ -521,6 +542,9 @@ class Trainer:
         stats["num_micro_batches"], stats["prefix_shared_groups"] = int(totals[6]), int(totals[7])
         if select:  # the entropy a kept token has at least
             stats["entropy_threshold"] = threshold if math.isfinite(threshold) else None
+        if algo.off_policy_mask_threshold is not None:  # the share of trained samples it masked, over the passes
+            masked, seen = self.dist.sum(opsm)
+            stats["off_policy_masked_frac"] = masked / seen if seen else None
         if algo.importance_sampling_correction:  # TRL's names
             is_sum, is_count = self.dist.sum([is_sum, is_count])
             neg_min, is_max = self.dist.max([-is_min, is_max])

@@ -44,7 +44,7 @@ def assert_same_steps(a, b, steps):
         for key in ("reward_mean", "reward_std", "accuracy_mean", "rollout_generated_tokens", "num_prompts_sampled",
                     "num_groups_trained", "cache_hit_rate", "cache_verified_rate", "cold_starts", "suffix_len_mean", "lr"):
             assert x[key] == y[key], (step, key, x[key], y[key])
-        for key in ("loss", "grad_norm", "kl", "clip_frac", "policy_loss"):
+        for key in ("loss", "grad_norm", "kl", "clip_frac", "policy_loss", "off_policy_masked_frac"):
             if key in x or key in y:
                 assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (step, key)
         assert x.get("entropy_coef") == y.get("entropy_coef"), step
@@ -68,6 +68,7 @@ COMMON = ["--steps", 3, "--save-steps", 2, "--eval-steps", 3, "--eval-size", 5, 
           # an entropy bonus over every rank's kept tokens; its coefficient moves each optimizer step (up: the
           # entropy is below the target) and must come back from a checkpoint
           "--use-adaptive-entropy", "--entropy-coef", 0.02, "--entropy-coef-delta", 0.01, "--entropy-target", 10,
+          "--off-policy-mask-threshold", 1e-3,  # samples drifted since the rollout, masked on any rank
           "--dist-timeout", 60, "--log-completions",
           "--device", "cpu"]  # gloo: on a GPU box two ranks cannot share its one GPU
 # The full-weight runs also move their KL reference after step 2 (saved in the step-2 checkpoint, so the
@@ -98,6 +99,7 @@ def test_two_ranks_match_one_process(runs):
     # the bonus applied from the second optimizer step on (4 a step: 2 passes x mini-batches of 2 of the 4 groups)
     assert [m["entropy_coef"] for m in one[1:]] == pytest.approx([0.06, 0.10, 0.14])
     assert all(m["loss"] < m["policy_loss"] for m in one[1:])
+    assert any(m["off_policy_masked_frac"] > 0 for m in one[1:])
     assert (runs / "ddp" / "final" / "model.safetensors").is_file() and (runs / "ddp" / "curves.png").is_file()
 
 

@@ -785,6 +785,52 @@ def test_entropy_bonus_steps_as_a_plain_loop(tiny_model_dir, flags):
     assert max((a - b).abs().max() for a, b in zip(engine.model.parameters(), without.model.parameters())) > 1e-3
 
 
+def test_off_policy_mask_steps_as_a_plain_loop(tiny_model_dir):
+    """--off-policy-mask-threshold d (DeepSeek-V3.2, TRL's rule): in each pass, a sample with a negative
+    advantage whose mean log p_rollout - log p_current over its tokens is above d leaves the surrogate
+    (not the KL); equal to a plain loop. The groups' rollout log-probs (-1 a token) sit above the tiny
+    model's, so the threshold is put among the samples' drifts: some are masked, some not."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.kernels import policy_loss
+    from rpo_engine.model.shared_prefix import group_logprobs
+    from rpo_engine.train import build_trainer
+
+    groups = random_groups(7, zero={2}, min_len=1)
+    probe = build_trainer(parse_args(["--model", str(tiny_model_dir)]))
+    batch = probe.training_batch(groups)
+    with torch.no_grad():
+        logp, mask = group_logprobs(probe.model, batch, shared=False)
+    drift = ((-1.0 - logp) * mask).sum(-1) / mask.sum(-1)  # [b]
+    adv = torch.tensor([a for g in batch for a in g.advantages])
+    threshold = float(drift[adv < 0].median())
+    common = ["--model", str(tiny_model_dir), "--micro-batch-tokens", "60", "--learning-rate", "1e-2",
+              "--num-iterations", "2", "--beta", "0.1", "--off-policy-mask-threshold", str(threshold)]
+    engine, plain = (build_trainer(parse_args(common)) for _ in range(2))
+    stats = engine.update(groups)
+
+    algo, model = plain.algo, plain.model
+    with torch.no_grad():
+        old_logp, _ = group_logprobs(model, batch, shared=False)
+        ref_logp, _ = group_logprobs(plain.reference, batch, shared=False)
+    masked = []
+    for _ in range(2):
+        plain.optimizer.zero_grad()
+        logp, mask = group_logprobs(model, batch, shared=False)
+        drift = ((-1.0 - logp.detach()) * mask).sum(-1) / mask.sum(-1)
+        keep = ~((adv < 0) & (drift > threshold))  # [b]
+        masked.append(int((~keep).sum()))
+        loss, _ = policy_loss(logp, old_logp, adv, mask, ref_logp=ref_logp, eps_low=algo.epsilon,
+                              eps_high=algo.epsilon_high, kl_coef=algo.beta, loss_agg=algo.loss_agg,
+                              is_weights=keep[:, None].float().expand_as(logp), backend="torch")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), plain.config.max_grad_norm)
+        plain.optimizer.step()
+    assert 0 < masked[0] < int((adv < 0).sum())
+    assert stats["off_policy_masked_frac"] == pytest.approx(sum(masked) / (2 * len(adv)))
+    for a, b in zip(engine.model.parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=3e-5)
+
+
 def test_adaptive_entropy_control(tiny_model_dir, tmp_path):
     """--use-adaptive-entropy (TRL's rule): no bonus until an entropy was measured; then the coefficient
     moves by delta each optimizer step, up at or below the target and down above it, within its bounds,
