@@ -95,6 +95,7 @@ class AlgoConfig:
     loss_type: str | None = field(default=None, metadata={"help": "TRL's name for the aggregation, instead of --loss-agg: grpo (seq-mean-token-mean), bnpo or dapo (token-mean), dr_grpo (seq-mean-token-sum-norm, over --max-completion-length); or cispo (MiniMax-M1: token-mean, each token's log-prob weighted by its ratio capped at --epsilon-high, which is then the cap itself, as in TRL, and must be given: TRL recommends 5.0, ScaleRL's eps_max) or sapo (seq-mean-token-mean, a sigmoid gate of the ratio in place of the clip, --sapo-temperature-pos/-neg) (default: none)"})
     sapo_temperature_pos: float = field(default=1.0, metadata={"help": "--loss-type sapo: the gate's temperature for tokens with a positive advantage (TRL's name)"})
     sapo_temperature_neg: float = field(default=1.05, metadata={"help": "--loss-type sapo: the gate's temperature for the others (TRL's name)"})
+    use_bias_correction_kl: bool = field(default=False, metadata={"help": "weight each token's KL term by its importance ratio (differentiable), so the KL's gradient is the unbiased gradient of the reverse KL, ratio * (logp - ref_logp), where the k3 estimator's own gradient is biased (TRL's name, on by default there; DeepSeek-V3.2); token level only; needs --beta > 0 (default: off, verl's low_var_kl)"})
     sync_ref_model: bool = field(default=False, metadata={"help": "move the KL reference toward the policy every --ref-model-sync-steps steps: ref = alpha * policy + (1 - alpha) * ref (TRL's name, TR-DPO); needs --beta > 0; checkpoints then hold the reference too"})
     ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "alpha of --sync-ref-model (TRL's name)"})
     ref_model_sync_steps: int = field(default=512, metadata={"help": "steps between reference syncs of --sync-ref-model (TRL's name)"})
@@ -151,6 +152,10 @@ class AlgoConfig:
         _check(self.loss_agg in LOSS_AGGREGATIONS, f"--loss-agg must be one of {LOSS_AGGREGATIONS}, got {self.loss_agg!r}")
         _check(self.epsilon >= 0 and self.epsilon_high >= 0, "--epsilon and --epsilon-high must be >= 0")
         _check(self.beta >= 0, f"--beta must be >= 0, got {self.beta}")
+        _check(not self.use_bias_correction_kl or self.beta > 0,
+               "--use-bias-correction-kl weights the KL term: it needs --beta > 0")
+        _check(not self.use_bias_correction_kl or self.importance_sampling_level == "token",
+               "--use-bias-correction-kl weighs each token's KL by its own ratio: --importance-sampling-level token")
         _check(not self.sync_ref_model or self.beta > 0,
                "--sync-ref-model needs --beta > 0 (without a KL term there is no reference to sync)")
         _check(0 < self.ref_model_mixup_alpha <= 1,

@@ -493,7 +493,8 @@ class Trainer:
                                                loss_agg=algo.loss_agg, norm_length=self.config.max_completion_length,
                                                is_weights=surrogate_weights, delta=algo.delta,
                                                ratio_level=algo.importance_sampling_level, surrogate=algo.surrogate,
-                                               sapo_temperatures=(algo.sapo_temperature_pos, algo.sapo_temperature_neg))
+                                               sapo_temperatures=(algo.sapo_temperature_pos, algo.sapo_temperature_neg),
+                                               kl_ratio_weighted=algo.use_bias_correction_kl)
                         if not real:
                             share = 0.0
                         elif algo.loss_agg == "token-mean":

@@ -241,6 +241,8 @@ def test_algo_defaults():
     ({"delta": 1.1}, r"--delta must be > 1 \+ epsilon_high = 1.2 .*, got 1.1"),
     ({"entropy_coef": -0.1}, r"--entropy-coef must be >= 0, got -0.1"),
     ({"off_policy_mask_threshold": 0.0}, r"--off-policy-mask-threshold must be > 0, got 0.0"),
+    ({"use_bias_correction_kl": True}, "--use-bias-correction-kl weights the KL term: it needs --beta > 0"),
+    ({"use_bias_correction_kl": True, "beta": 0.1, "importance_sampling_level": "sequence"}, "--importance-sampling-level token"),
     ({"use_adaptive_entropy": True, "entropy_coef": 2.0}, r"--entropy-coef \(2.0\) must lie in \[--entropy-coef-min"),
     ({"use_adaptive_entropy": True, "entropy_coef_min": 0.5, "entropy_coef_max": 0.1}, "--entropy-coef-min .0.5."),
     ({"use_adaptive_entropy": True, "entropy_coef_delta": 0.0}, "--entropy-coef-delta must be > 0"),

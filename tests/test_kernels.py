@@ -274,7 +274,8 @@ def test_logprobs_auto_is_triton_on_cuda_else_torch():
 # ---- policy_loss ------------------------------------------------------------------------------------
 
 def _naive_policy_loss(logp, old_logp, adv, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg, norm_length,
-                       is_weights=None, delta=None, level="token", surrogate="clip", sapo_temperatures=(1.0, 1.05)):
+                       is_weights=None, delta=None, level="token", surrogate="clip", sapo_temperatures=(1.0, 1.05),
+                       bias_correction_kl=False):
     """Row by row, as TRL's GRPOTrainer._compute_loss writes it: the log importance weight per token, or per
     sequence (the masked mean, GSPO), coef_1 = exp of it capped at delta, coef_2 = clip(exp of it),
     -min(coef_1 A, coef_2 A) (times the IS weight) + kl_coef k3, then the mode's means."""
@@ -298,7 +299,10 @@ def _naive_policy_loss(logp, old_logp, adv, mask, ref_logp, eps_low, eps_high, k
             tok = tok * is_weights[b][m]
         if ref_logp is not None:
             d = ref_logp[b][m] - logp[b][m]
-            tok = tok + kl_coef * (torch.exp(d) - d - 1)
+            kl = torch.exp(d) - d - 1
+            if bias_correction_kl:  # TRL's use_bias_correction_kl: per_token_kl * coef_1 (before delta's cap)
+                kl = kl * torch.exp(log_w)
+            tok = tok + kl_coef * kl
         all_tokens.append(tok)
         rows.append({"token-mean": tok.sum(), "seq-mean-token-mean": tok.mean(),
                      "seq-mean-token-sum-norm": tok.sum() / (norm_length or logp.shape[1])}[loss_agg])
@@ -386,7 +390,7 @@ def _spread_policy_inputs(b=8, t=13):
 
 
 def _matches_naive(backend, loss_agg, with_ref_is, eps_high=0.28, delta=None, level="token", surrogate="clip",
-                   sapo_temperatures=(1.0, 1.05)):
+                   sapo_temperatures=(1.0, 1.05), kl_ratio_weighted=False):
     """policy_loss on the spread inputs (garbage at padding; KL and IS weights with_ref_is) against
     _naive_policy_loss in fp64: value and gradient. -> (logp, old_logp, adv, mask, logp's gradient, stats)."""
     logp, old_logp, ref_logp, adv, mask = _spread_policy_inputs()
@@ -394,7 +398,8 @@ def _matches_naive(backend, loss_agg, with_ref_is, eps_high=0.28, delta=None, le
     is_weights = (torch.rand(logp.shape) * 3.0).clamp(max=2.0) if with_ref_is else None
     kl_coef = 0.05 if with_ref_is else 0.0
     norm_length = 20 if loss_agg == "seq-mean-token-sum-norm" else None
-    options = dict(delta=delta, ratio_level=level, surrogate=surrogate, sapo_temperatures=sapo_temperatures)
+    options = dict(delta=delta, ratio_level=level, surrogate=surrogate, sapo_temperatures=sapo_temperatures,
+                   kl_ratio_weighted=kl_ratio_weighted)
     lp = logp.masked_fill(~mask, float("-inf")).requires_grad_()  # padding must not leak in
     loss, stats = policy_loss(lp, old_logp, adv, mask, ref_logp=ref_logp, is_weights=is_weights, eps_low=0.2,
                               eps_high=eps_high, kl_coef=kl_coef, loss_agg=loss_agg, norm_length=norm_length,
@@ -404,7 +409,7 @@ def _matches_naive(backend, loss_agg, with_ref_is, eps_high=0.28, delta=None, le
     expected = _naive_policy_loss(lp64, old_logp.double(), adv.double(), mask,
                                   None if ref_logp is None else ref_logp.double(), 0.2, eps_high, kl_coef, loss_agg,
                                   norm_length, None if is_weights is None else is_weights.double(), delta, level,
-                                  surrogate, sapo_temperatures)
+                                  surrogate, sapo_temperatures, kl_ratio_weighted)
     expected.backward()
     assert abs(loss.item() - expected.item()) < 1e-6
     assert torch.isfinite(lp.grad).all() and (lp.grad[~mask] == 0).all()
@@ -431,6 +436,35 @@ def test_policy_loss_delta_and_sequence_level_match_trl(backend, loss_agg, level
     assert stats["clip_low_frac"].item() == pytest.approx(low, abs=1e-6)
     assert stats["clip_high_frac"].item() == pytest.approx(high, abs=1e-6)
     assert stats["ratio_mean"].item() == pytest.approx(ratio.mean().item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_agg", AGG_MODES)
+@pytest.mark.parametrize("surrogate,delta,eps_high", [("clip", None, 0.28), ("clip", 1.5, 0.28), ("cispo", None, 1.0),
+                                                      ("sapo", None, 0.28)])
+def test_policy_loss_bias_corrected_kl_matches_trl(backend, loss_agg, surrogate, delta, eps_high):
+    """kl_ratio_weighted: TRL's use_bias_correction_kl, the KL term times the differentiable ratio."""
+    _, _, _, _, grad, _ = _matches_naive(backend, loss_agg, True, eps_high=eps_high, delta=delta, surrogate=surrogate,
+                                         kl_ratio_weighted=True)
+    _, _, _, _, plain_grad, _ = _matches_naive(backend, loss_agg, True, eps_high=eps_high, delta=delta,
+                                               surrogate=surrogate)
+    assert _max_err(grad, plain_grad) > 1e-4  # the weighting changes the gradient
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bias_corrected_kl_gradient_on_policy_is_the_unbiased_one(backend):
+    """At ratio 1 the weighted KL's value is k3 and its gradient (logp - ref) w, k1's (the reverse KL's
+    unbiased score-function gradient), where k3's own is (1 - exp(ref - logp)) w."""
+    logp, _, ref_logp, adv, mask = _policy_inputs()
+    lp = logp.clone().requires_grad_()
+    loss, stats = policy_loss(lp, logp, adv * 0, mask, ref_logp=ref_logp, kl_coef=1.0, loss_agg="token-mean",
+                              kl_ratio_weighted=True, backend=backend)
+    loss.backward()
+    m = mask.bool()
+    w = m.float() / m.sum()
+    d = ref_logp - logp
+    assert loss.item() == pytest.approx(float((w * (d.exp() - d - 1)).sum()), rel=1e-6)
+    torch.testing.assert_close(lp.grad, torch.where(m, w * (logp - ref_logp), 0.0), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -577,6 +611,7 @@ def test_policy_loss_bad_inputs(backend):
         (dict(surrogate="cispo", delta=4.0), "cispo"),
         (dict(surrogate="sapo", delta=4.0), "delta caps"),
         (dict(surrogate="sapo", sapo_temperatures=(1.0, 0.0)), "sapo_temperatures"),
+        (dict(kl_ratio_weighted=True, ratio_level="sequence"), "kl_ratio_weighted weighs each token"),
     ]
     for override, match in cases:
         args = dict(logp=logp, old_logp=old_logp, advantages=adv, mask=mask, backend=backend) | override

@@ -583,13 +583,14 @@ def test_loss_options_reach_the_loss(tiny_model_dir, monkeypatch):
 
 
 @pytest.mark.parametrize("flags,want", [
-    (["--loss-type", "cispo", "--epsilon-high", "5"], ("cispo", 4.0, "token-mean", (1.0, 1.05))),
+    (["--loss-type", "cispo", "--epsilon-high", "5"], ("cispo", 4.0, "token-mean", (1.0, 1.05), False)),
     (["--loss-type", "sapo", "--sapo-temperature-pos", "2", "--importance-sampling-level", "sequence"],
-     ("sapo", 0.2, "seq-mean-token-mean", (2.0, 1.05)))])
-def test_cispo_and_sapo_reach_the_loss(tiny_model_dir, monkeypatch, flags, want):
+     ("sapo", 0.2, "seq-mean-token-mean", (2.0, 1.05), False)),
+    (["--beta", "0.1", "--use-bias-correction-kl"], ("clip", 0.2, "seq-mean-token-mean", (1.0, 1.05), True))])
+def test_loss_types_and_kl_correction_reach_the_loss(tiny_model_dir, monkeypatch, flags, want):
     """--loss-type cispo --epsilon-high 5 (TRL's convention: the cap itself) and --loss-type sapo: the loss gets
-    their surrogate, CISPO's cap as 1 + eps_high = 5, SAPO's temperatures, and TRL's aggregation for each (the
-    surrogates are tested against TRL's formulas in test_kernels.py)."""
+    their surrogate, CISPO's cap as 1 + eps_high = 5, SAPO's temperatures, and TRL's aggregation for each;
+    --use-bias-correction-kl its ratio-weighted KL (each tested against TRL's formulas in test_kernels.py)."""
     import rpo_engine.trainer as trainer_module
     from rpo_engine.config import parse_args
     from rpo_engine.train import build_trainer
@@ -606,7 +607,8 @@ def test_cispo_and_sapo_reach_the_loss(tiny_model_dir, monkeypatch, flags, want)
                                         *flags, "--num-iterations", "2"]))
     metrics = trainer.step()
     assert math.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
-    assert calls and all((k["surrogate"], k["eps_high"], k["loss_agg"], k["sapo_temperatures"]) == want for k in calls)
+    assert calls and all((k["surrogate"], k["eps_high"], k["loss_agg"], k["sapo_temperatures"], k["kl_ratio_weighted"])
+                         == want for k in calls)
 
 
 def random_groups(seed, zero=(), num_groups=6, min_len=0):

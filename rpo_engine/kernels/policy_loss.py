@@ -2,7 +2,7 @@
 
 Per masked token: ratio = exp(logp - old_logp),
     loss_t = s * max(-A * min(ratio, delta), -A * clip(ratio, 1 - eps_low, 1 + eps_high)) + kl_coef * k3,
-    k3 = exp(ref_logp - logp) - (ref_logp - logp) - 1,
+    k3 = exp(ref_logp - logp) - (ref_logp - logp) - 1 (times the ratio, with kl_ratio_weighted),
 or with CISPO's surrogate s * -A * sg(min(ratio, 1 + eps_high)) * logp, or SAPO's
 s * -A * sigmoid(tau (ratio - 1)) * 4 / tau, in place of the clipped one;
 s an optional importance-sampling weight (1 without one), a constant to the gradient; delta the
@@ -35,7 +35,7 @@ if HAS_TRITON:
     def _policy_loss_kernel(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, w_ptr, is_ptr, grad_ptr, partial_ptr,
                             num_el, T, eps_low, eps_high, kl_coef, delta, tau_pos, tau_neg,
                             HAS_REF: tl.constexpr, HAS_IS: tl.constexpr, SURROGATE: tl.constexpr,
-                            BLOCK: tl.constexpr):
+                            KL_RATIO: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         active = (offs < num_el) & (tl.load(mask_ptr + offs, mask=offs < num_el, other=0.0) != 0.0)
@@ -76,8 +76,12 @@ if HAS_TRITON:
             diff = tl.load(ref_ptr + offs, mask=active, other=0.0) - logp
             exp_diff = tl.exp(diff)
             k3 = exp_diff - diff - 1.0
-            loss += kl_coef * k3
-            dloss += kl_coef * (1.0 - exp_diff)
+            if KL_RATIO:  # ratio * k3: d/dlogp = ratio * (k3 + 1 - exp_diff) = ratio * (logp - ref)
+                loss += kl_coef * ratio * k3
+                dloss += kl_coef * ratio * -diff
+            else:
+                loss += kl_coef * k3
+                dloss += kl_coef * (1.0 - exp_diff)
         tl.store(grad_ptr + offs, tl.where(active, w * dloss, 0.0), mask=offs < num_el)
         base = partial_ptr + pid * 5
         tl.store(base + 0, tl.sum(tl.where(active, w * loss, 0.0), axis=0))
@@ -95,7 +99,7 @@ def _block_size(device: torch.device) -> int:
 class _PolicyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logp, old_logp, ref_logp, advantages, mask, weights, is_weights, eps_low, eps_high, kl_coef,
-                delta, surrogate=0, tau_pos=1.0, tau_neg=1.0):
+                delta, surrogate=0, tau_pos=1.0, tau_neg=1.0, kl_ratio=False):
         num_el, seq_len = logp.numel(), logp.shape[-1]
         block = _block_size(logp.device)
         num_blocks = max(1, triton.cdiv(num_el, block))
@@ -106,7 +110,7 @@ class _PolicyLoss(torch.autograd.Function):
                 logp, old_logp, ref_logp if ref_logp is not None else logp, advantages, mask, weights,
                 is_weights if is_weights is not None else logp, grad, partials, num_el, seq_len, eps_low, eps_high,
                 kl_coef, delta, tau_pos, tau_neg, HAS_REF=ref_logp is not None, HAS_IS=is_weights is not None,
-                SURROGATE=surrogate, BLOCK=block)
+                SURROGATE=surrogate, KL_RATIO=kl_ratio, BLOCK=block)
         ctx.save_for_backward(grad)
         sums = partials.sum(0)  # [5]
         ctx.mark_non_differentiable(sums)
@@ -115,11 +119,12 @@ class _PolicyLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_sums):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss, *[None] * 13  # logp's gradient; the other 13 inputs take none
+        return grad * grad_loss, *[None] * 14  # logp's gradient; the other 14 inputs take none
 
 
 def _triton_policy_loss(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg,
-                        norm_length, is_weights, delta, ratio_level, surrogate="clip", sapo_temperatures=(1.0, 1.05)):
+                        norm_length, is_weights, delta, ratio_level, surrogate="clip", sapo_temperatures=(1.0, 1.05),
+                        kl_ratio_weighted=False):
     weights = loss_token_weights(mask, loss_agg, norm_length).contiguous()  # [B, T]
     mask_f = mask.to(torch.float32).contiguous()  # [B, T]
     ref = ref_logp.float().contiguous() if ref_logp is not None else None
@@ -131,7 +136,8 @@ def _triton_policy_loss(logp, old_logp, advantages, mask, ref_logp, eps_low, eps
     num_tokens = mask_f.sum().clamp(min=1.0)
     if ratio_level == "token":
         loss, sums = _PolicyLoss.apply(logp, old_logp, ref, advantages, mask_f, weights, is_w,
-                                       float(eps_low), float(eps_high), float(kl_coef), delta, kind, tau_pos, tau_neg)
+                                       float(eps_low), float(eps_high), float(kl_coef), delta, kind, tau_pos, tau_neg,
+                                       bool(kl_ratio_weighted and ref is not None))
         clip_low, clip_high, kl_sum, ratio_sum = sums[1], sums[2], sums[3], sums[4]
     else:  # GSPO: the clipped surrogate over rows, its ratio the mean log-ratio of the row's tokens
         m = mask_f.bool()
@@ -168,7 +174,7 @@ def _triton_policy_loss(logp, old_logp, advantages, mask, ref_logp, eps_low, eps
 
 def _check_inputs(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg,
                   norm_length, backend, is_weights=None, delta=None, ratio_level="token", surrogate="clip",
-                  sapo_temperatures=(1.0, 1.05)):
+                  sapo_temperatures=(1.0, 1.05), kl_ratio_weighted=False):
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be one of ('auto', 'torch', 'triton'), got {backend!r}")
     if loss_agg not in LOSS_AGG_MODES:
@@ -210,13 +216,15 @@ def _check_inputs(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high,
         raise ValueError("surrogate='cispo' weighs each token's log-prob by its own capped ratio: ratio_level='token'")
     if surrogate != "clip" and delta is not None:
         raise ValueError(f"delta caps the clipped surrogate's ratio; surrogate={surrogate!r} has none")
+    if kl_ratio_weighted and ratio_level != "token":  # TRL: the unbiased gradient holds at token level only
+        raise ValueError("kl_ratio_weighted weighs each token's KL by its own ratio: ratio_level='token'")
     if not all(t > 0 for t in sapo_temperatures):
         raise ValueError(f"sapo_temperatures must be > 0, got {sapo_temperatures}")
 
 
 def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2, eps_high=0.2, kl_coef=0.0,
                 loss_agg="seq-mean-token-mean", norm_length=None, is_weights=None, delta=None, ratio_level="token",
-                surrogate="clip", sapo_temperatures=(1.0, 1.05), backend="auto"):
+                surrogate="clip", sapo_temperatures=(1.0, 1.05), kl_ratio_weighted=False, backend="auto"):
     """Clipped-ratio policy loss over masked tokens; returns (loss, stats).
 
     logp, old_logp, ref_logp: [B, T] log-probs (logp carries the grad); advantages [B]; mask [B, T]
@@ -235,6 +243,9 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2,
     gradient; eps_low unused, clip_high_frac counts the capped tokens with A > 0 (TRL's cispo clip ratio);
     or "sapo" (SAPO; TRL's loss_type="sapo"): -A * sigmoid(tau (ratio - 1)) * 4 / tau, tau = sapo_temperatures[0]
     where A > 0, else [1], a soft gate in place of the clip (nothing counts as clipped).
+    kl_ratio_weighted (TRL's use_bias_correction_kl, DeepSeek-V3.2): the KL term is ratio * k3, the ratio
+    differentiable, so its gradient is ratio * (logp - ref_logp) * dlogp, the unbiased gradient of the
+    reverse KL for samples drawn from the old policy (k3's own gradient is not); token level only.
 
     stats (detached fp32 scalars, averaged over masked tokens; 0 when there are none):
       clip_low_frac  tokens with ratio < 1 - eps_low and A < 0: the clipped branch is the active one
@@ -245,7 +256,7 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2,
       ratio_mean     mean ratio
     """
     _check_inputs(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg, norm_length,
-                  backend, is_weights, delta, ratio_level, surrogate, sapo_temperatures)
+                  backend, is_weights, delta, ratio_level, surrogate, sapo_temperatures, kl_ratio_weighted)
     if backend == "auto":
         backend = "triton" if HAS_TRITON and logp.is_cuda else "torch"
     if backend == "triton":
@@ -255,8 +266,9 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2,
             raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is "
                              "first imported")
         return _triton_policy_loss(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef,
-                                   loss_agg, norm_length, is_weights, delta, ratio_level, surrogate, sapo_temperatures)
+                                   loss_agg, norm_length, is_weights, delta, ratio_level, surrogate, sapo_temperatures,
+                                   kl_ratio_weighted)
     return policy_loss_reference(logp, old_logp, advantages, mask, ref_logp=ref_logp, eps_low=eps_low,
                                  eps_high=eps_high, kl_coef=kl_coef, loss_agg=loss_agg, norm_length=norm_length,
                                  is_weights=is_weights, delta=delta, ratio_level=ratio_level, surrogate=surrogate,
-                                 sapo_temperatures=sapo_temperatures)
+                                 sapo_temperatures=sapo_temperatures, kl_ratio_weighted=kl_ratio_weighted)

@@ -48,8 +48,10 @@ def loss_token_weights(mask, loss_agg, norm_length=None):
 
 def policy_loss_reference(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2, eps_high=0.2,
                           kl_coef=0.0, loss_agg="seq-mean-token-mean", norm_length=None, is_weights=None, delta=None,
-                          ratio_level="token", surrogate="clip", sapo_temperatures=(1.0, 1.05)):
-    """Clipped-ratio surrogate (times is_weights) (+ k3 KL) aggregated by `loss_agg`; returns (loss, stats).
+                          ratio_level="token", surrogate="clip", sapo_temperatures=(1.0, 1.05),
+                          kl_ratio_weighted=False):
+    """Clipped-ratio surrogate (times is_weights) (+ k3 KL, times the ratio with kl_ratio_weighted) aggregated
+    by `loss_agg`; returns (loss, stats).
     See policy_loss."""
     m = mask.bool()  # [B, T]
     # Masked positions may hold garbage (padding, -inf): zero them before exp so no NaN reaches the
@@ -77,7 +79,9 @@ def policy_loss_reference(logp, old_logp, advantages, mask, *, ref_logp=None, ep
     if ref_logp is not None:
         diff = torch.where(m, ref_logp.float(), 0.0) - logp  # [B, T]
         k3 = torch.exp(diff) - diff - 1.0  # [B, T]
-        per_token = per_token + kl_coef * k3
+        # times the (differentiable) ratio: the unbiased gradient of KL(pi || ref) off-policy and on (TRL's
+        # use_bias_correction_kl, DeepSeek-V3.2); its value is k3 on-policy, its gradient ratio * (logp - ref)
+        per_token = per_token + kl_coef * (k3 * ratio if kl_ratio_weighted else k3)
     weights = loss_token_weights(mask, loss_agg, norm_length)  # [B, T]
     loss = (weights * torch.where(m, per_token, 0.0)).sum()
 
