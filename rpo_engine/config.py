@@ -18,10 +18,11 @@ from pathlib import Path
 from rpo_engine.errors import UserError
 from rpo_engine.model.lora import TARGETS as LORA_TARGETS, parse_targets as parse_lora_targets
 
-LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "seq-mean-token-sum")
 # TRL's GRPOConfig.loss_type -> ours (verl's names). TRL's dr_grpo, like ours, divides by max_completion_length.
 TRL_LOSS_TYPES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dapo": "token-mean",
-                  "dr_grpo": "seq-mean-token-sum-norm", "cispo": "token-mean", "sapo": "seq-mean-token-mean"}
+                  "dr_grpo": "seq-mean-token-sum-norm", "cispo": "token-mean", "sapo": "seq-mean-token-mean",
+                  "luspo": "seq-mean-token-sum"}
 CACHE_POLICIES = ("epsilon-greedy", "correct-only")
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 RATIO_LEVELS = ("token", "sequence")  # TRL's importance_sampling_level: GRPO's per-token ratio, GSPO's per sequence
@@ -92,7 +93,7 @@ class AlgoConfig:
     epsilon_high: float | None = field(default=None, metadata={"help": "upper clip range (default: grpo 0.2, dapo 0.28)"})
     beta: float | None = field(default=None, metadata={"help": "KL coefficient to the frozen reference (default 0: no reference model)"})
     loss_agg: str | None = field(default=None, metadata={"help": f"{LOSS_AGGREGATIONS} (default: grpo seq-mean-token-mean, dapo token-mean)"})
-    loss_type: str | None = field(default=None, metadata={"help": "TRL's name for the aggregation, instead of --loss-agg: grpo (seq-mean-token-mean), bnpo or dapo (token-mean), dr_grpo (seq-mean-token-sum-norm, over --max-completion-length); or cispo (MiniMax-M1: token-mean, each token's log-prob weighted by its ratio capped at --epsilon-high, which is then the cap itself, as in TRL, and must be given: TRL recommends 5.0, ScaleRL's eps_max) or sapo (seq-mean-token-mean, a sigmoid gate of the ratio in place of the clip, --sapo-temperature-pos/-neg) (default: none)"})
+    loss_type: str | None = field(default=None, metadata={"help": "TRL's name for the aggregation, instead of --loss-agg: grpo (seq-mean-token-mean), bnpo or dapo (token-mean), dr_grpo (seq-mean-token-sum-norm, over --max-completion-length); or cispo (MiniMax-M1: token-mean, each token's log-prob weighted by its ratio capped at --epsilon-high, which is then the cap itself, as in TRL, and must be given: TRL recommends 5.0, ScaleRL's eps_max) or sapo (seq-mean-token-mean, a sigmoid gate of the ratio in place of the clip, --sapo-temperature-pos/-neg) or luspo (seq-mean-token-sum: GSPO with each sequence's loss scaled by its length, meant with --importance-sampling-level sequence) (default: none)"})
     sapo_temperature_pos: float = field(default=1.0, metadata={"help": "--loss-type sapo: the gate's temperature for tokens with a positive advantage (TRL's name)"})
     sapo_temperature_neg: float = field(default=1.05, metadata={"help": "--loss-type sapo: the gate's temperature for the others (TRL's name)"})
     use_bias_correction_kl: bool = field(default=False, metadata={"help": "weight each token's KL term by its importance ratio (differentiable), so the KL's gradient is the unbiased gradient of the reverse KL, ratio * (logp - ref_logp), where the k3 estimator's own gradient is biased (TRL's name, on by default there; DeepSeek-V3.2); token level only; needs --beta > 0 (default: off, verl's low_var_kl)"})

@@ -586,7 +586,9 @@ def test_loss_options_reach_the_loss(tiny_model_dir, monkeypatch):
     (["--loss-type", "cispo", "--epsilon-high", "5"], ("cispo", 4.0, "token-mean", (1.0, 1.05), False)),
     (["--loss-type", "sapo", "--sapo-temperature-pos", "2", "--importance-sampling-level", "sequence"],
      ("sapo", 0.2, "seq-mean-token-mean", (2.0, 1.05), False)),
-    (["--beta", "0.1", "--use-bias-correction-kl"], ("clip", 0.2, "seq-mean-token-mean", (1.0, 1.05), True))])
+    (["--beta", "0.1", "--use-bias-correction-kl"], ("clip", 0.2, "seq-mean-token-mean", (1.0, 1.05), True)),
+    (["--loss-type", "luspo", "--importance-sampling-level", "sequence"],
+     ("clip", 0.2, "seq-mean-token-sum", (1.0, 1.05), False))])
 def test_loss_types_and_kl_correction_reach_the_loss(tiny_model_dir, monkeypatch, flags, want):
     """--loss-type cispo --epsilon-high 5 (TRL's convention: the cap itself) and --loss-type sapo: the loss gets
     their surrogate, CISPO's cap as 1 + eps_high = 5, SAPO's temperatures, and TRL's aggregation for each;

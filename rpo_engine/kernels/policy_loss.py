@@ -229,8 +229,9 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2,
 
     logp, old_logp, ref_logp: [B, T] log-probs (logp carries the grad); advantages [B]; mask [B, T]
     (bool or 0/1; False for padding and for tokens outside the loss, e.g. a cached prefix).
-    loss_agg: "token-mean" (DAPO), "seq-mean-token-mean" (GRPO) or "seq-mean-token-sum-norm"
-    (Dr.GRPO: per-row sum / norm_length, default T). Seq modes average over rows with a masked token.
+    loss_agg: "token-mean" (DAPO), "seq-mean-token-mean" (GRPO), "seq-mean-token-sum-norm"
+    (Dr.GRPO: per-row sum / norm_length, default T) or "seq-mean-token-sum" (LUSPO: per-row sum). Seq modes
+    average over rows with a masked token.
     is_weights [B, T] (optional, >= 0, no gradient): each token's surrogate is multiplied by it, the KL term
     not: importance sampling when the rollout's distribution differs from the one trained, e.g. truncated,
     min(p_train / p_rollout, C) (TRL's vllm_importance_sampling_correction; the trainer's modes).

@@ -6,7 +6,7 @@ backend of `policy_loss` is `policy_loss_reference` itself. The naive log-prob m
 """
 import torch
 
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "seq-mean-token-sum")
 RATIO_LEVELS = ("token", "sequence")  # PPO/GRPO's per-token ratio; GSPO's one ratio per sequence
 SURROGATES = ("clip", "cispo", "sapo")  # PPO's clipped ratio; CISPO's capped ratio weighing logp; SAPO's gate
 
@@ -31,6 +31,7 @@ def loss_token_weights(mask, loss_agg, norm_length=None):
     token-mean              (DAPO):     w = m / (number of masked tokens in the batch)
     seq-mean-token-mean     (GRPO):     w = m / (len_b * number of non-empty rows)
     seq-mean-token-sum-norm (Dr.GRPO):  w = m / (norm_length * number of non-empty rows)
+    seq-mean-token-sum      (LUSPO):    w = m / (number of non-empty rows): each row's loss scaled by its length
     Rows without a masked token get weight 0 and are not counted; an all-masked batch gives w = 0.
     """
     m = mask.to(torch.float32)  # [B, T]
@@ -40,6 +41,8 @@ def loss_token_weights(mask, loss_agg, norm_length=None):
     num_rows = (lengths > 0).sum().clamp(min=1).to(torch.float32)
     if loss_agg == "seq-mean-token-mean":
         return m / (lengths.clamp(min=1.0) * num_rows).unsqueeze(-1)
+    if loss_agg == "seq-mean-token-sum":
+        return m / num_rows
     if loss_agg == "seq-mean-token-sum-norm":
         norm = float(mask.shape[-1] if norm_length is None else norm_length)
         return m / (norm * num_rows)
