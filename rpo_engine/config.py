@@ -22,7 +22,7 @@ LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-no
 # TRL's GRPOConfig.loss_type -> ours (verl's names). TRL's dr_grpo, like ours, divides by max_completion_length.
 TRL_LOSS_TYPES = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dapo": "token-mean",
                   "dr_grpo": "seq-mean-token-sum-norm", "cispo": "token-mean", "sapo": "seq-mean-token-mean",
-                  "luspo": "seq-mean-token-sum"}
+                  "luspo": "seq-mean-token-sum", "vespo": "token-mean"}
 CACHE_POLICIES = ("epsilon-greedy", "correct-only")
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 RATIO_LEVELS = ("token", "sequence")  # TRL's importance_sampling_level: GRPO's per-token ratio, GSPO's per sequence
@@ -94,9 +94,13 @@ class AlgoConfig:
     epsilon_high: float | None = field(default=None, metadata={"help": "upper clip range (default: grpo 0.2, dapo 0.28)"})
     beta: float | None = field(default=None, metadata={"help": "KL coefficient to the frozen reference (default 0: no reference model)"})
     loss_agg: str | None = field(default=None, metadata={"help": f"{LOSS_AGGREGATIONS} (default: grpo seq-mean-token-mean, dapo token-mean)"})
-    loss_type: str | None = field(default=None, metadata={"help": "TRL's name for the aggregation, instead of --loss-agg: grpo (seq-mean-token-mean), bnpo or dapo (token-mean), dr_grpo (seq-mean-token-sum-norm, over --max-completion-length); or cispo (MiniMax-M1: token-mean, each token's log-prob weighted by its ratio capped at --epsilon-high, which is then the cap itself, as in TRL, and must be given: TRL recommends 5.0, ScaleRL's eps_max) or sapo (seq-mean-token-mean, a sigmoid gate of the ratio in place of the clip, --sapo-temperature-pos/-neg) or luspo (seq-mean-token-sum: GSPO with each sequence's loss scaled by its length, meant with --importance-sampling-level sequence) (default: none)"})
+    loss_type: str | None = field(default=None, metadata={"help": "TRL's name for the aggregation, instead of --loss-agg: grpo (seq-mean-token-mean), bnpo or dapo (token-mean), dr_grpo (seq-mean-token-sum-norm, over --max-completion-length); or cispo (MiniMax-M1: token-mean, each token's log-prob weighted by its ratio capped at --epsilon-high, which is then the cap itself, as in TRL, and must be given: TRL recommends 5.0, ScaleRL's eps_max) or sapo (seq-mean-token-mean, a sigmoid gate of the ratio in place of the clip, --sapo-temperature-pos/-neg) or luspo (seq-mean-token-sum: GSPO with each sequence's loss scaled by its length, meant with --importance-sampling-level sequence) or vespo (token-mean, each token's log-prob weighted by a gamma function of its sequence's importance ratio, --vespo-k-pos/--vespo-lambda-pos/--vespo-k-neg/--vespo-lambda-neg, in place of the clip) (default: none)"})
     sapo_temperature_pos: float = field(default=1.0, metadata={"help": "--loss-type sapo: the gate's temperature for tokens with a positive advantage (TRL's name)"})
     sapo_temperature_neg: float = field(default=1.05, metadata={"help": "--loss-type sapo: the gate's temperature for the others (TRL's name)"})
+    vespo_k_pos: float = field(default=2.0, metadata={"help": "--loss-type vespo: the power k of the weight e^lambda w^k e^(-lambda w) of a sequence with a nonnegative advantage, w its importance ratio: how hard w < 1 is down-weighted (TRL's name)"})
+    vespo_lambda_pos: float = field(default=3.0, metadata={"help": "--loss-type vespo: the decay lambda of that weight, how hard w > 1 is down-weighted (TRL's name)"})
+    vespo_k_neg: float = field(default=3.0, metadata={"help": "--loss-type vespo: k for a sequence with a negative advantage (TRL's name)"})
+    vespo_lambda_neg: float = field(default=2.0, metadata={"help": "--loss-type vespo: lambda for a sequence with a negative advantage (TRL's name)"})
     use_bias_correction_kl: bool = field(default=False, metadata={"help": "weight each token's KL term by its importance ratio (differentiable), so the KL's gradient is the unbiased gradient of the reverse KL, ratio * (logp - ref_logp), where the k3 estimator's own gradient is biased (TRL's name, on by default there; DeepSeek-V3.2); token level only; needs --beta > 0 (default: off, verl's low_var_kl)"})
     sync_ref_model: bool = field(default=False, metadata={"help": "move the KL reference toward the policy every --ref-model-sync-steps steps: ref = alpha * policy + (1 - alpha) * ref (TRL's name, TR-DPO); needs --beta > 0; checkpoints then hold the reference too"})
     ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "alpha of --sync-ref-model (TRL's name)"})
@@ -132,7 +136,15 @@ class AlgoConfig:
                    f"(got {self.epsilon_high})")
             _check(self.importance_sampling_level == "token",
                    "--loss-type cispo weighs each token's log-prob by its own capped ratio: no sequence level")
-        _check(self.delta is None or self.loss_type not in ("cispo", "sapo"),
+        if self.loss_type == "vespo":
+            _check(self.importance_sampling_level == "token",
+                   "--loss-type vespo weighs each sequence by its summed token log-ratios: no sequence level")
+            _check(not self.importance_sampling_correction,
+                   "--loss-type vespo with --importance-sampling-correction: TRL folds the rollout's ratio into "
+                   "VESPO's sequence weight; not supported here")
+            _check(min(self.vespo_k_pos, self.vespo_lambda_pos, self.vespo_k_neg, self.vespo_lambda_neg) >= 0,
+                   "--vespo-k-pos, --vespo-lambda-pos, --vespo-k-neg and --vespo-lambda-neg must be >= 0")
+        _check(self.delta is None or self.loss_type not in ("cispo", "sapo", "vespo"),
                f"--delta caps the clipped ratio; --loss-type {self.loss_type} has none")
         _check(self.sapo_temperature_pos > 0 and self.sapo_temperature_neg > 0,
                "--sapo-temperature-pos and --sapo-temperature-neg must be > 0")
@@ -196,8 +208,8 @@ class AlgoConfig:
 
     @property
     def surrogate(self) -> str:
-        """policy_loss's surrogate: CISPO's capped weight, SAPO's gate, or PPO's clipped ratio."""
-        return self.loss_type if self.loss_type in ("cispo", "sapo") else "clip"
+        """policy_loss's surrogate: CISPO's capped weight, SAPO's gate, VESPO's gamma weight, or PPO's clipped ratio."""
+        return self.loss_type if self.loss_type in ("cispo", "sapo", "vespo") else "clip"
 
     @property
     def entropy_bonus(self) -> bool:

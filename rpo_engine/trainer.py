@@ -494,7 +494,9 @@ class Trainer:
                                                is_weights=surrogate_weights, delta=algo.delta,
                                                ratio_level=algo.importance_sampling_level, surrogate=algo.surrogate,
                                                sapo_temperatures=(algo.sapo_temperature_pos, algo.sapo_temperature_neg),
-                                               kl_ratio_weighted=algo.use_bias_correction_kl)
+                                               kl_ratio_weighted=algo.use_bias_correction_kl,
+                                               vespo_params=(algo.vespo_k_pos, algo.vespo_lambda_pos,
+                                                             algo.vespo_k_neg, algo.vespo_lambda_neg))
                         if not real:
                             share = 0.0
                         elif algo.loss_agg == "token-mean":

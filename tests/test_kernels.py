@@ -275,7 +275,7 @@ def test_logprobs_auto_is_triton_on_cuda_else_torch():
 
 def _naive_policy_loss(logp, old_logp, adv, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg, norm_length,
                        is_weights=None, delta=None, level="token", surrogate="clip", sapo_temperatures=(1.0, 1.05),
-                       bias_correction_kl=False):
+                       bias_correction_kl=False, vespo_params=(2.0, 3.0, 3.0, 2.0)):
     """Row by row, as TRL's GRPOTrainer._compute_loss writes it: the log importance weight per token, or per
     sequence (the masked mean, GSPO), coef_1 = exp of it capped at delta, coef_2 = clip(exp of it),
     -min(coef_1 A, coef_2 A) (times the IS weight) + kl_coef k3, then the mode's means."""
@@ -295,6 +295,12 @@ def _naive_policy_loss(logp, old_logp, adv, mask, ref_logp, eps_low, eps_high, k
         if surrogate == "sapo":  # TRL's sapo: -sigmoid(tau (coef_1 - 1)) * 4 / tau * A, tau by the sign of A
             tau = sapo_temperatures[0] if adv[b] > 0 else sapo_temperatures[1]
             tok = -torch.sigmoid(tau * (torch.exp(log_w) - 1)) * 4 / tau * adv[b]
+        if surrogate == "vespo":  # TRL's get_gamma_weights, then -phi * A * logp
+            k_pos, lambda_pos, k_neg, lambda_neg = vespo_params
+            log_w_seq = torch.clamp(torch.clamp(logp[b][m] - old_logp[b][m], -20, 20).sum(), math.log(1e-8), 20)
+            k, lam = (k_pos, lambda_pos) if adv[b] >= 0 else (k_neg, lambda_neg)
+            phi = torch.exp(lam + k * log_w_seq - lam * torch.exp(log_w_seq)).detach()
+            tok = -phi * adv[b] * logp[b][m]
         if is_weights is not None:
             tok = tok * is_weights[b][m]
         if ref_logp is not None:
@@ -391,16 +397,17 @@ def _spread_policy_inputs(b=8, t=13):
 
 
 def _matches_naive(backend, loss_agg, with_ref_is, eps_high=0.28, delta=None, level="token", surrogate="clip",
-                   sapo_temperatures=(1.0, 1.05), kl_ratio_weighted=False):
+                   sapo_temperatures=(1.0, 1.05), kl_ratio_weighted=False, vespo_params=(2.0, 3.0, 3.0, 2.0), inputs=None):
     """policy_loss on the spread inputs (garbage at padding; KL and IS weights with_ref_is) against
-    _naive_policy_loss in fp64: value and gradient. -> (logp, old_logp, adv, mask, logp's gradient, stats)."""
-    logp, old_logp, ref_logp, adv, mask = _spread_policy_inputs()
+    _naive_policy_loss in fp64: value and gradient. -> (logp, old_logp, adv, mask, logp's gradient, stats).
+    `inputs` replaces the spread inputs (logp, old_logp, ref_logp, adv, mask)."""
+    logp, old_logp, ref_logp, adv, mask = inputs or _spread_policy_inputs()
     ref_logp = ref_logp if with_ref_is else None
     is_weights = (torch.rand(logp.shape) * 3.0).clamp(max=2.0) if with_ref_is else None
     kl_coef = 0.05 if with_ref_is else 0.0
     norm_length = 20 if loss_agg == "seq-mean-token-sum-norm" else None
     options = dict(delta=delta, ratio_level=level, surrogate=surrogate, sapo_temperatures=sapo_temperatures,
-                   kl_ratio_weighted=kl_ratio_weighted)
+                   kl_ratio_weighted=kl_ratio_weighted, vespo_params=vespo_params)
     lp = logp.masked_fill(~mask, float("-inf")).requires_grad_()  # padding must not leak in
     loss, stats = policy_loss(lp, old_logp, adv, mask, ref_logp=ref_logp, is_weights=is_weights, eps_low=0.2,
                               eps_high=eps_high, kl_coef=kl_coef, loss_agg=loss_agg, norm_length=norm_length,
@@ -410,7 +417,7 @@ def _matches_naive(backend, loss_agg, with_ref_is, eps_high=0.28, delta=None, le
     expected = _naive_policy_loss(lp64, old_logp.double(), adv.double(), mask,
                                   None if ref_logp is None else ref_logp.double(), 0.2, eps_high, kl_coef, loss_agg,
                                   norm_length, None if is_weights is None else is_weights.double(), delta, level,
-                                  surrogate, sapo_temperatures, kl_ratio_weighted)
+                                  surrogate, sapo_temperatures, kl_ratio_weighted, vespo_params)
     expected.backward()
     # fp32 rounding scales with the size of the sums: the token-sum mode's are a row's length larger
     scale = 13.0 if loss_agg == "seq-mean-token-sum" else 1.0
@@ -452,6 +459,37 @@ def test_policy_loss_bias_corrected_kl_matches_trl(backend, loss_agg, surrogate,
     _, _, _, _, plain_grad, _ = _matches_naive(backend, loss_agg, True, eps_high=eps_high, delta=delta,
                                                surrogate=surrogate)
     assert _max_err(grad, plain_grad) > 1e-4  # the weighting changes the gradient
+
+
+def _vespo_inputs():
+    """Rows whose summed log-ratios (the sequence ratio VESPO weighs) spread over -1.2..0.9: the spread
+    inputs' row offsets, per token, would sum to ratios of e^+-15, where phi is 0."""
+    logp, old_logp, ref_logp, adv, mask = _spread_policy_inputs()
+    offsets = torch.tensor([-0.09, -0.03, 0.0, 0.02, 0.07, 0.0, -0.05, 0.04])  # per token
+    return logp, logp - offsets[:, None] + torch.randn(logp.shape) * 0.02, ref_logp, adv, mask
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_agg", AGG_MODES)
+@pytest.mark.parametrize("with_ref_is", [False, True])
+@pytest.mark.parametrize("params", [(2.0, 3.0, 3.0, 2.0), (1.0, 0.5, 4.0, 6.0)])
+def test_policy_loss_vespo_matches_trl(backend, loss_agg, with_ref_is, params):
+    _, _, _, _, _, stats = _matches_naive(backend, loss_agg, with_ref_is, surrogate="vespo", vespo_params=params,
+                                          inputs=_vespo_inputs())
+    assert stats["clip_frac"].item() == 0.0  # a weight, not a clip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vespo_weight_is_one_on_policy(backend):
+    """phi(1) = 1: at ratio 1 VESPO's gradient is REINFORCE's, which is the clipped surrogate's there."""
+    logp, _, _, adv, mask = _policy_inputs()
+    grads = []
+    for surrogate in ("vespo", "clip"):
+        lp = logp.clone().requires_grad_()
+        loss, _ = policy_loss(lp, logp, adv, mask, surrogate=surrogate, loss_agg="token-mean", backend=backend)
+        loss.backward()
+        grads.append(lp.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -615,6 +653,9 @@ def test_policy_loss_bad_inputs(backend):
         (dict(surrogate="sapo", delta=4.0), "delta caps"),
         (dict(surrogate="sapo", sapo_temperatures=(1.0, 0.0)), "sapo_temperatures"),
         (dict(kl_ratio_weighted=True, ratio_level="sequence"), "kl_ratio_weighted weighs each token"),
+        (dict(surrogate="vespo", ratio_level="sequence"), "surrogate='vespo' takes its sequence weight"),
+        (dict(surrogate="vespo", vespo_params=(1.0, -1.0, 1.0, 1.0)), "vespo_params must be four finite"),
+        (dict(surrogate="vespo", delta=4.0), "delta caps"),
     ]
     for override, match in cases:
         args = dict(logp=logp, old_logp=old_logp, advantages=adv, mask=mask, backend=backend) | override

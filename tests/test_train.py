@@ -588,7 +588,8 @@ def test_loss_options_reach_the_loss(tiny_model_dir, monkeypatch):
      ("sapo", 0.2, "seq-mean-token-mean", (2.0, 1.05), False)),
     (["--beta", "0.1", "--use-bias-correction-kl"], ("clip", 0.2, "seq-mean-token-mean", (1.0, 1.05), True)),
     (["--loss-type", "luspo", "--importance-sampling-level", "sequence"],
-     ("clip", 0.2, "seq-mean-token-sum", (1.0, 1.05), False))])
+     ("clip", 0.2, "seq-mean-token-sum", (1.0, 1.05), False)),
+    (["--loss-type", "vespo", "--vespo-k-pos", "1.5"], ("vespo", 0.2, "token-mean", (1.0, 1.05), False))])
 def test_loss_types_and_kl_correction_reach_the_loss(tiny_model_dir, monkeypatch, flags, want):
     """--loss-type cispo --epsilon-high 5 (TRL's convention: the cap itself) and --loss-type sapo: the loss gets
     their surrogate, CISPO's cap as 1 + eps_high = 5, SAPO's temperatures, and TRL's aggregation for each;
@@ -611,6 +612,8 @@ def test_loss_types_and_kl_correction_reach_the_loss(tiny_model_dir, monkeypatch
     assert math.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
     assert calls and all((k["surrogate"], k["eps_high"], k["loss_agg"], k["sapo_temperatures"], k["kl_ratio_weighted"])
                          == want for k in calls)
+    vespo = (1.5 if "vespo" in flags else 2.0, 3.0, 3.0, 2.0)  # (k_pos, lambda_pos, k_neg, lambda_neg)
+    assert all(k["vespo_params"] == vespo for k in calls)
 
 
 def random_groups(seed, zero=(), num_groups=6, min_len=0):

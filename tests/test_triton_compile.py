@@ -32,7 +32,11 @@ def compiled():
 def test_every_kernel_compiles_within_shared_memory(compiled):
     kernels = {r["kernel"] for r in compiled}
     assert kernels == {"_fwd_kernel", "_grad_logits_kernel", "_policy_loss_kernel", "_paged_decode_kernel"}
-    assert {r["config"]["SURROGATE"] for r in compiled if r["kernel"] == "_policy_loss_kernel"} == {0, 1, 2}
+    policy = [r["config"] for r in compiled if r["kernel"] == "_policy_loss_kernel"]
+    assert {c["SURROGATE"] for c in policy} == {0, 1, 2, 3}  # clip, CISPO, SAPO, VESPO
+    assert {c["KL_RATIO"] for c in policy} == {False, True}
+    grad_logits = [r["config"] for r in compiled if r["kernel"] == "_grad_logits_kernel"]
+    assert {c["ENTROPY_GRAD"] for c in grad_logits} == {False, True}  # with the entropy bonus's gradient
     assert {r["target"] for r in compiled} == {"sm_90", "sm_80"}
     assert len(compiled) >= 2 * 18  # every distinct launch: dtypes x entropy x KL x head shapes x splits (x cascade),
     # per target

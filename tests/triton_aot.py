@@ -100,6 +100,9 @@ def record_launches():
             for surrogate in (1, 2):
                 pl._PolicyLoss.apply(logp, logp, ref, torch.zeros(4), logp, logp, None, 0.2, 4.0, 0.04, float("inf"),
                                      surrogate, 1.0, 1.05)
+        # VESPO's: its sequence weight always arrives as the IS weight
+        pl._PolicyLoss.apply(logp, logp, None, torch.zeros(4), logp, logp, logp, 0.2, 0.28, 0.0, float("inf"),
+                             3, 1.0, 1.05)
         # the KL term weighted by the ratio (--use-bias-correction-kl)
         pl._PolicyLoss.apply(logp, logp, logp, torch.zeros(4), logp, logp, None, 0.2, 0.28, 0.04, float("inf"),
                              0, 1.0, 1.05, True)

@@ -3,8 +3,9 @@
 Per masked token: ratio = exp(logp - old_logp),
     loss_t = s * max(-A * min(ratio, delta), -A * clip(ratio, 1 - eps_low, 1 + eps_high)) + kl_coef * k3,
     k3 = exp(ref_logp - logp) - (ref_logp - logp) - 1 (times the ratio, with kl_ratio_weighted),
-or with CISPO's surrogate s * -A * sg(min(ratio, 1 + eps_high)) * logp, or SAPO's
-s * -A * sigmoid(tau (ratio - 1)) * 4 / tau, in place of the clipped one;
+or with CISPO's surrogate s * -A * sg(min(ratio, 1 + eps_high)) * logp, SAPO's
+s * -A * sigmoid(tau (ratio - 1)) * 4 / tau, or VESPO's s * -A * sg(phi) * logp (phi the gamma weight of the
+sequence's ratio, computed in torch and passed in as part of s), in place of the clipped one;
 s an optional importance-sampling weight (1 without one), a constant to the gradient; delta the
 optional two-sided clip (INTELLECT-2, TRL's `delta`; infinity without it), which bounds the ratio of a
 negative-advantage token. GSPO's sequence-level ratio (TRL's importance_sampling_level="sequence") uses
@@ -20,10 +21,13 @@ recomputing it in a backward kernel: the backward is then a single scale by the 
 Each program also writes its partial sums (loss, clip counts, KL, ratio), reduced in torch without
 atomics, so the result is deterministic.
 """
+import math
+
 import torch
 
 from .fused_logprobs import HAS_TRITON, _triton_interpreted
-from .reference import LOSS_AGG_MODES, RATIO_LEVELS, SURROGATES, loss_token_weights, policy_loss_reference
+from .reference import (LOSS_AGG_MODES, RATIO_LEVELS, SURROGATES, VESPO_PARAMS, loss_token_weights,
+                        policy_loss_reference, vespo_weights)
 
 if HAS_TRITON:
     import triton
@@ -56,6 +60,11 @@ if HAS_TRITON:
             gate = tl.sigmoid(tau * (ratio - 1.0))
             loss = -adv * gate * 4.0 / tau
             dloss = -adv * 4.0 * gate * (1.0 - gate) * ratio
+            clip_low = active & (ratio < 0.0)  # none: nothing is clipped
+            clip_high = clip_low
+        elif SURROGATE == 3:  # VESPO: -A * logp; the sequence's gamma weight arrives in the IS weight s
+            loss = -adv * logp
+            dloss = -adv
             clip_low = active & (ratio < 0.0)  # none: nothing is clipped
             clip_high = clip_low
         else:
@@ -124,11 +133,14 @@ class _PolicyLoss(torch.autograd.Function):
 
 def _triton_policy_loss(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg,
                         norm_length, is_weights, delta, ratio_level, surrogate="clip", sapo_temperatures=(1.0, 1.05),
-                        kl_ratio_weighted=False):
+                        kl_ratio_weighted=False, vespo_params=VESPO_PARAMS):
     weights = loss_token_weights(mask, loss_agg, norm_length).contiguous()  # [B, T]
     mask_f = mask.to(torch.float32).contiguous()  # [B, T]
     ref = ref_logp.float().contiguous() if ref_logp is not None else None
     is_w = is_weights.detach().float().contiguous() if is_weights is not None else None
+    if surrogate == "vespo":  # its per-sequence weight joins the IS weight: the kernel's surrogate is -A * logp
+        phi = vespo_weights(logp, old_logp, advantages, mask, vespo_params).expand_as(logp)  # [B, T]
+        is_w = (phi if is_w is None else phi * is_w).contiguous()
     logp, old_logp = logp.float().contiguous(), old_logp.float().contiguous()
     advantages = advantages.float().contiguous()
     delta = float("inf") if delta is None else float(delta)
@@ -174,7 +186,7 @@ def _triton_policy_loss(logp, old_logp, advantages, mask, ref_logp, eps_low, eps
 
 def _check_inputs(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg,
                   norm_length, backend, is_weights=None, delta=None, ratio_level="token", surrogate="clip",
-                  sapo_temperatures=(1.0, 1.05), kl_ratio_weighted=False):
+                  sapo_temperatures=(1.0, 1.05), kl_ratio_weighted=False, vespo_params=VESPO_PARAMS):
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be one of ('auto', 'torch', 'triton'), got {backend!r}")
     if loss_agg not in LOSS_AGG_MODES:
@@ -214,6 +226,12 @@ def _check_inputs(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high,
         raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
     if surrogate == "cispo" and ratio_level != "token":
         raise ValueError("surrogate='cispo' weighs each token's log-prob by its own capped ratio: ratio_level='token'")
+    if surrogate == "vespo" and ratio_level != "token":
+        raise ValueError("surrogate='vespo' takes its sequence weight from the summed token log-ratios: "
+                         "ratio_level='token'")
+    if len(vespo_params) != 4 or not all(math.isfinite(x) for x in vespo_params) or min(vespo_params) < 0:
+        raise ValueError(f"vespo_params must be four finite numbers >= 0 (k_pos, lambda_pos, k_neg, lambda_neg), "
+                         f"got {vespo_params}")
     if surrogate != "clip" and delta is not None:
         raise ValueError(f"delta caps the clipped surrogate's ratio; surrogate={surrogate!r} has none")
     if kl_ratio_weighted and ratio_level != "token":  # TRL: the unbiased gradient holds at token level only
@@ -224,7 +242,8 @@ def _check_inputs(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high,
 
 def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2, eps_high=0.2, kl_coef=0.0,
                 loss_agg="seq-mean-token-mean", norm_length=None, is_weights=None, delta=None, ratio_level="token",
-                surrogate="clip", sapo_temperatures=(1.0, 1.05), kl_ratio_weighted=False, backend="auto"):
+                surrogate="clip", sapo_temperatures=(1.0, 1.05), kl_ratio_weighted=False, vespo_params=VESPO_PARAMS,
+                backend="auto"):
     """Clipped-ratio policy loss over masked tokens; returns (loss, stats).
 
     logp, old_logp, ref_logp: [B, T] log-probs (logp carries the grad); advantages [B]; mask [B, T]
@@ -244,6 +263,9 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2,
     gradient; eps_low unused, clip_high_frac counts the capped tokens with A > 0 (TRL's cispo clip ratio);
     or "sapo" (SAPO; TRL's loss_type="sapo"): -A * sigmoid(tau (ratio - 1)) * 4 / tau, tau = sapo_temperatures[0]
     where A > 0, else [1], a soft gate in place of the clip (nothing counts as clipped).
+    or "vespo" (VESPO; TRL's loss_type="vespo"): -A * sg(phi(w)) * logp, w = exp(the row's summed log-ratio),
+    phi(w) = e^lambda w^k e^(-lambda w) (1 at w = 1), (k, lambda) = vespo_params[:2] where A >= 0, else [2:];
+    a soft, asymmetric weight in place of the clip (nothing counts as clipped); token level only.
     kl_ratio_weighted (TRL's use_bias_correction_kl, DeepSeek-V3.2): the KL term is ratio * k3, the ratio
     differentiable, so its gradient is ratio * (logp - ref_logp) * dlogp, the unbiased gradient of the
     reverse KL for samples drawn from the old policy (k3's own gradient is not); token level only.
@@ -257,7 +279,8 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2,
       ratio_mean     mean ratio
     """
     _check_inputs(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg, norm_length,
-                  backend, is_weights, delta, ratio_level, surrogate, sapo_temperatures, kl_ratio_weighted)
+                  backend, is_weights, delta, ratio_level, surrogate, sapo_temperatures, kl_ratio_weighted,
+                  vespo_params)
     if backend == "auto":
         backend = "triton" if HAS_TRITON and logp.is_cuda else "torch"
     if backend == "triton":
@@ -268,8 +291,9 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2,
                              "first imported")
         return _triton_policy_loss(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef,
                                    loss_agg, norm_length, is_weights, delta, ratio_level, surrogate, sapo_temperatures,
-                                   kl_ratio_weighted)
+                                   kl_ratio_weighted, vespo_params)
     return policy_loss_reference(logp, old_logp, advantages, mask, ref_logp=ref_logp, eps_low=eps_low,
                                  eps_high=eps_high, kl_coef=kl_coef, loss_agg=loss_agg, norm_length=norm_length,
                                  is_weights=is_weights, delta=delta, ratio_level=ratio_level, surrogate=surrogate,
-                                 sapo_temperatures=sapo_temperatures, kl_ratio_weighted=kl_ratio_weighted)
+                                 sapo_temperatures=sapo_temperatures, kl_ratio_weighted=kl_ratio_weighted,
+                                 vespo_params=vespo_params)

@@ -4,11 +4,15 @@ Tests compare every backend against these, benchmarks use them as the baseline, 
 backend of `policy_loss` is `policy_loss_reference` itself. The naive log-prob materializes the full
 [N, V] logits; `fused_logprobs` is the memory-bounded version of it.
 """
+import math
+
 import torch
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "seq-mean-token-sum")
 RATIO_LEVELS = ("token", "sequence")  # PPO/GRPO's per-token ratio; GSPO's one ratio per sequence
-SURROGATES = ("clip", "cispo", "sapo")  # PPO's clipped ratio; CISPO's capped ratio weighing logp; SAPO's gate
+SURROGATES = ("clip", "cispo", "sapo", "vespo")  # PPO's clipped ratio; CISPO's capped ratio weighing logp; SAPO's
+# gate; VESPO's gamma weight of the sequence's ratio weighing logp
+VESPO_PARAMS = (2.0, 3.0, 3.0, 2.0)  # (k_pos, lambda_pos, k_neg, lambda_neg): TRL's defaults
 
 
 def logprobs_reference(hidden, weight, targets, temperature=1.0):
@@ -23,6 +27,22 @@ def entropy_reference(hidden, weight, temperature=1.0):
     logits = (hidden @ weight.T).float() if hidden.dtype != torch.float64 else hidden @ weight.T  # [..., V]
     logp = torch.log_softmax(logits / temperature, dim=-1)  # [..., V]
     return -(logp.exp() * logp).sum(-1)  # [...]
+
+
+@torch.no_grad()
+def vespo_weights(logp, old_logp, advantages, mask, params=VESPO_PARAMS):
+    """VESPO's per-sequence weight [B, 1] (no grad), TRL's get_gamma_weights: w = exp(sum over the row's
+    masked tokens of logp - old_logp), phi(w) = e^lambda w^k e^(-lambda w) (phi(1) = 1), with (k, lambda)
+    by the sign of the advantage (A >= 0: the first pair); log-ratios clamped to [-20, 20], log w to
+    [log 1e-8, 20], as there."""
+    k_pos, lambda_pos, k_neg, lambda_neg = params
+    m = mask.bool()
+    log_ratio = torch.clamp(torch.where(m, logp.float() - old_logp.float(), 0.0), -20.0, 20.0)  # [B, T]
+    log_w = torch.clamp(log_ratio.sum(-1, keepdim=True), math.log(1e-8), 20.0)  # [B, 1]
+    positive = advantages.float()[:, None] >= 0  # [B, 1]
+    k = torch.where(positive, float(k_pos), float(k_neg))
+    lam = torch.where(positive, float(lambda_pos), float(lambda_neg)).clamp(min=1e-4)
+    return torch.exp(lam + k * log_w - lam * log_w.exp()).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def loss_token_weights(mask, loss_agg, norm_length=None):
@@ -52,7 +72,7 @@ def loss_token_weights(mask, loss_agg, norm_length=None):
 def policy_loss_reference(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2, eps_high=0.2,
                           kl_coef=0.0, loss_agg="seq-mean-token-mean", norm_length=None, is_weights=None, delta=None,
                           ratio_level="token", surrogate="clip", sapo_temperatures=(1.0, 1.05),
-                          kl_ratio_weighted=False):
+                          kl_ratio_weighted=False, vespo_params=VESPO_PARAMS):
     """Clipped-ratio surrogate (times is_weights) (+ k3 KL, times the ratio with kl_ratio_weighted) aggregated
     by `loss_agg`; returns (loss, stats).
     See policy_loss."""
@@ -67,7 +87,9 @@ def policy_loss_reference(logp, old_logp, advantages, mask, *, ref_logp=None, ep
         ratio = torch.exp(log_ratio)[:, None].expand_as(logp)  # [B, T]
     else:
         ratio = torch.exp(logp - old_logp)  # [B, T]
-    if surrogate == "cispo":  # the capped ratio weighs the log-prob, as a constant
+    if surrogate == "vespo":  # the sequence's gamma weight (a constant) weighs the log-prob
+        per_token = -adv * vespo_weights(logp, old_logp, advantages, m, vespo_params) * logp  # [B, T]
+    elif surrogate == "cispo":  # the capped ratio weighs the log-prob, as a constant
         per_token = -adv * torch.clamp(ratio, max=1.0 + eps_high).detach() * logp  # [B, T]
     elif surrogate == "sapo":  # a sigmoid gate of the ratio, by the advantage's sign
         tau = torch.where(adv > 0, float(sapo_temperatures[0]), float(sapo_temperatures[1]))  # [B, 1]
@@ -96,7 +118,7 @@ def policy_loss_reference(logp, old_logp, advantages, mask, *, ref_logp=None, ep
         # (or, with two-sided clipping, ratio > delta with A < 0).
         low = (ratio < 1.0 - eps_low) & (adv < 0) & (surrogate == "clip")  # CISPO: no lower bound; SAPO: no clip
         clip_low = (low & m).float().sum() / num_tokens
-        high = (ratio > 1.0 + eps_high) & (adv > 0) & (surrogate != "sapo")
+        high = (ratio > 1.0 + eps_high) & (adv > 0) & (surrogate in ("clip", "cispo"))  # SAPO, VESPO: no clip
         if delta is not None:  # a negative advantage's ratio past delta: its gradient is zeroed too
             high = high | ((ratio > delta) & (adv < 0))
         clip_high = (high & m).float().sum() / num_tokens
