@@ -101,7 +101,8 @@ def test_entropy_is_that_of_each_scored_tokens_distribution(shared):
     temperature = 0.7
     fn = shared_prefix_logprobs if shared else padded_logprobs
     logp, mask, entropy = fn(model, groups, temperature, with_entropy=True)
-    assert torch.equal(logp, fn(model, groups, temperature)[0]) and not entropy.requires_grad
+    assert torch.equal(logp, fn(model, groups, temperature)[0])
+    assert entropy.requires_grad  # differentiable: an entropy bonus's gradient flows through it
     row = 0
     with torch.no_grad():
         for g in groups:
@@ -113,6 +114,23 @@ def test_entropy_is_that_of_each_scored_tokens_distribution(shared):
                 assert mask[row, :n].all() and not mask[row, n:].any()
                 torch.testing.assert_close(entropy[row, :n].double(), want, atol=1e-5, rtol=1e-5)
                 row += 1
+
+
+@pytest.mark.parametrize("case", ["ragged", "loss_in_prefix"])
+def test_entropy_gradient_of_shared_prefix_equals_padded(case):
+    """The entropy bonus's gradient (--entropy-coef) through the shared-prefix forward equals the padded
+    batch's: every parameter, a prefix trained once per group included."""
+    model = tiny_model("qwen2")
+    groups = make_groups(model.config.vocab_size, **CASES[case])
+    grads = []
+    for fn in (padded_logprobs, shared_prefix_logprobs):
+        model.zero_grad(set_to_none=True)
+        logp, mask, entropy = fn(model, groups, 0.7, with_entropy=True)
+        (0.5 * (logp * mask).sum() - (entropy * mask).sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for name, g in grads[0].items():
+        assert g.abs().max() > 0, name
+        assert rel(grads[1][name], g) < 1e-5, name
 
 
 def check_equal(model, groups, loss_agg):

@@ -278,7 +278,7 @@ def _scatter_rows(logp_flat: torch.Tensor, take: list[list[int]], device) -> tup
 
 def shared_prefix_logprobs(model, groups: list[PrefixGroup], temperature: float = 1.0, with_entropy: bool = False):
     """Fast path: each group's prefix run once. Returns logp [S, span], mask [S, span] (module docstring), and
-    with_entropy the entropy [S, span] (fp32, no grad) of the distribution each scored token was drawn from."""
+    with_entropy the entropy [S, span] (fp32, differentiable) of the distribution each scored token was drawn from."""
     device = model.device
     P = max(len(g.prefix_ids) for g in groups)
     S = max(sum(len(s) for s in g.suffix_ids) for g in groups)
