@@ -348,6 +348,21 @@ class Trainer:
             ratio.masked_fill(ratio > cap, 0.0)
         return ratio.expand_as(old_logp)
 
+    def surrogate_weights(self, batch: list[PrefixGroup], logp: torch.Tensor, mask: torch.Tensor,
+                          advantages: torch.Tensor, is_weights: torch.Tensor | None, keep: torch.Tensor | None):
+        """The policy-gradient term's weights [b, span] (None: all ones; never the KL's): the importance-sampling
+        weights, times the tokens --top-entropy-quantile keeps (`keep`), times the samples
+        --off-policy-mask-threshold keeps. Also which samples that mask dropped ([b] bool, or None)."""
+        weights = is_weights
+        if keep is not None:
+            weights = keep.float() * (1.0 if weights is None else weights)
+        dropped = None
+        if self.algo.off_policy_mask_threshold is not None:
+            kept_rows = self.off_policy_mask(batch, logp.detach(), mask, advantages)  # [b, 1]
+            dropped = kept_rows[:, 0] == 0
+            weights = kept_rows.expand_as(logp) if weights is None else kept_rows * weights
+        return weights, dropped
+
     def off_policy_mask(self, batch: list[PrefixGroup], logp: torch.Tensor, mask: torch.Tensor,
                         advantages: torch.Tensor) -> torch.Tensor:
         """--off-policy-mask-threshold (DeepSeek-V3.2's sequence masking, TRL's rule): [b, 1], 0 for a sample
@@ -477,17 +492,11 @@ class Trainer:
                                 is_sum, is_count = is_sum + float(values.sum()), is_count + values.numel()
                                 is_min, is_max = min(is_min, float(values.min())), max(is_max, float(values.max()))
                         adv = torch.tensor([a for g in batch for a in g.advantages], device=self.device)
-                        surrogate_weights = is_weights[k]  # of the policy-gradient term only, not the KL
-                        if keep[k] is not None:  # --top-entropy-quantile
-                            surrogate_weights = keep[k].float() * (1.0 if is_weights[k] is None else is_weights[k])
-                        if algo.off_policy_mask_threshold is not None:
-                            kept_rows = self.off_policy_mask(batch, logp.detach(), mask, adv)  # [b, 1]
-                            if real:
-                                trained_rows = mask.any(-1)
-                                opsm = [opsm[0] + int((kept_rows[:, 0] == 0)[trained_rows].sum()),
-                                        opsm[1] + int(trained_rows.sum())]
-                            surrogate_weights = kept_rows.expand_as(logp) if surrogate_weights is None else \
-                                kept_rows * surrogate_weights
+                        surrogate_weights, masked = self.surrogate_weights(batch, logp, mask, adv, is_weights[k],
+                                                                           keep[k])
+                        if masked is not None and real:  # --off-policy-mask-threshold's count
+                            trained_rows = mask.any(-1)
+                            opsm = [opsm[0] + int(masked[trained_rows].sum()), opsm[1] + int(trained_rows.sum())]
                         loss, st = policy_loss(logp, old_logp, adv, mask, ref_logp=ref_logp, eps_low=algo.epsilon,
                                                eps_high=algo.loss_eps_high, kl_coef=algo.beta,
                                                loss_agg=algo.loss_agg, norm_length=self.config.max_completion_length,
