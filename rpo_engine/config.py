@@ -139,9 +139,6 @@ class AlgoConfig:
         if self.loss_type == "vespo":
             _check(self.importance_sampling_level == "token",
                    "--loss-type vespo weighs each sequence by its summed token log-ratios: no sequence level")
-            _check(not self.importance_sampling_correction,
-                   "--loss-type vespo with --importance-sampling-correction: TRL folds the rollout's ratio into "
-                   "VESPO's sequence weight; not supported here")
             _check(min(self.vespo_k_pos, self.vespo_lambda_pos, self.vespo_k_neg, self.vespo_lambda_neg) >= 0,
                    "--vespo-k-pos, --vespo-lambda-pos, --vespo-k-neg and --vespo-lambda-neg must be >= 0")
         _check(self.delta is None or self.loss_type not in ("cispo", "sapo", "vespo"),

@@ -351,9 +351,10 @@ class Trainer:
     def surrogate_weights(self, batch: list[PrefixGroup], logp: torch.Tensor, mask: torch.Tensor,
                           advantages: torch.Tensor, is_weights: torch.Tensor | None, keep: torch.Tensor | None):
         """The policy-gradient term's weights [b, span] (None: all ones; never the KL's): the importance-sampling
-        weights, times the tokens --top-entropy-quantile keeps (`keep`), times the samples
-        --off-policy-mask-threshold keeps. Also which samples that mask dropped ([b] bool, or None)."""
-        weights = is_weights
+        weights (not under --loss-type vespo, which folds them into its sequence weight: vespo_log_is), times
+        the tokens --top-entropy-quantile keeps (`keep`), times the samples --off-policy-mask-threshold keeps.
+        Also which samples that mask dropped ([b] bool, or None)."""
+        weights = None if self.algo.surrogate == "vespo" else is_weights
         if keep is not None:
             weights = keep.float() * (1.0 if weights is None else weights)
         dropped = None
@@ -362,6 +363,17 @@ class Trainer:
             dropped = kept_rows[:, 0] == 0
             weights = kept_rows.expand_as(logp) if weights is None else kept_rows * weights
         return weights, dropped
+
+    def vespo_log_is(self, is_weights: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor | None:
+        """--loss-type vespo with --importance-sampling-correction: each sample's log importance ratio [b],
+        which VESPO adds to its sequence log-ratio (TRL's fold: the log of each truncated or masked ratio,
+        clamped to [log 1e-8, 20], summed over the tokens; a sequence mode's one ratio counted once)."""
+        if self.algo.surrogate != "vespo" or is_weights is None:
+            return None
+        logs = torch.clamp(torch.log(is_weights), math.log(1e-8), 20.0)  # [b, span]
+        if self.algo.importance_sampling_mode.startswith("sequence"):
+            return logs[:, 0]  # the row's ratio, laid over its tokens
+        return (logs * mask).sum(-1)
 
     def off_policy_mask(self, batch: list[PrefixGroup], logp: torch.Tensor, mask: torch.Tensor,
                         advantages: torch.Tensor) -> torch.Tensor:
@@ -505,7 +517,8 @@ class Trainer:
                                                sapo_temperatures=(algo.sapo_temperature_pos, algo.sapo_temperature_neg),
                                                kl_ratio_weighted=algo.use_bias_correction_kl,
                                                vespo_params=(algo.vespo_k_pos, algo.vespo_lambda_pos,
-                                                             algo.vespo_k_neg, algo.vespo_lambda_neg))
+                                                             algo.vespo_k_neg, algo.vespo_lambda_neg),
+                                               vespo_log_is=self.vespo_log_is(is_weights[k], mask))
                         if not real:
                             share = 0.0
                         elif algo.loss_agg == "token-mean":

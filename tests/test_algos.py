@@ -243,7 +243,6 @@ def test_algo_defaults():
     ({"off_policy_mask_threshold": 0.0}, r"--off-policy-mask-threshold must be > 0, got 0.0"),
     ({"use_bias_correction_kl": True}, "--use-bias-correction-kl weights the KL term: it needs --beta > 0"),
     ({"loss_type": "vespo", "importance_sampling_level": "sequence"}, "--loss-type vespo weighs each sequence"),
-    ({"loss_type": "vespo", "importance_sampling_correction": True}, "TRL folds the rollout's ratio"),
     ({"loss_type": "vespo", "vespo_lambda_neg": -1.0}, "--vespo-lambda-neg must be >= 0"),
     ({"loss_type": "vespo", "delta": 4.0}, "--delta caps the clipped ratio; --loss-type vespo has none"),
     ({"use_bias_correction_kl": True, "beta": 0.1, "importance_sampling_level": "sequence"}, "--importance-sampling-level token"),

@@ -275,7 +275,7 @@ def test_logprobs_auto_is_triton_on_cuda_else_torch():
 
 def _naive_policy_loss(logp, old_logp, adv, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg, norm_length,
                        is_weights=None, delta=None, level="token", surrogate="clip", sapo_temperatures=(1.0, 1.05),
-                       bias_correction_kl=False, vespo_params=(2.0, 3.0, 3.0, 2.0)):
+                       bias_correction_kl=False, vespo_params=(2.0, 3.0, 3.0, 2.0), vespo_log_is=None):
     """Row by row, as TRL's GRPOTrainer._compute_loss writes it: the log importance weight per token, or per
     sequence (the masked mean, GSPO), coef_1 = exp of it capped at delta, coef_2 = clip(exp of it),
     -min(coef_1 A, coef_2 A) (times the IS weight) + kl_coef k3, then the mode's means."""
@@ -297,7 +297,10 @@ def _naive_policy_loss(logp, old_logp, adv, mask, ref_logp, eps_low, eps_high, k
             tok = -torch.sigmoid(tau * (torch.exp(log_w) - 1)) * 4 / tau * adv[b]
         if surrogate == "vespo":  # TRL's get_gamma_weights, then -phi * A * logp
             k_pos, lambda_pos, k_neg, lambda_neg = vespo_params
-            log_w_seq = torch.clamp(torch.clamp(logp[b][m] - old_logp[b][m], -20, 20).sum(), math.log(1e-8), 20)
+            seq_log_ratio = torch.clamp(logp[b][m] - old_logp[b][m], -20, 20).sum()
+            if vespo_log_is is not None:  # TRL: the rollout's log importance ratio added before the clamp
+                seq_log_ratio = seq_log_ratio + vespo_log_is[b]
+            log_w_seq = torch.clamp(seq_log_ratio, math.log(1e-8), 20)
             k, lam = (k_pos, lambda_pos) if adv[b] >= 0 else (k_neg, lambda_neg)
             phi = torch.exp(lam + k * log_w_seq - lam * torch.exp(log_w_seq)).detach()
             tok = -phi * adv[b] * logp[b][m]
@@ -397,7 +400,8 @@ def _spread_policy_inputs(b=8, t=13):
 
 
 def _matches_naive(backend, loss_agg, with_ref_is, eps_high=0.28, delta=None, level="token", surrogate="clip",
-                   sapo_temperatures=(1.0, 1.05), kl_ratio_weighted=False, vespo_params=(2.0, 3.0, 3.0, 2.0), inputs=None):
+                   sapo_temperatures=(1.0, 1.05), kl_ratio_weighted=False, vespo_params=(2.0, 3.0, 3.0, 2.0), inputs=None,
+                   vespo_log_is=None):
     """policy_loss on the spread inputs (garbage at padding; KL and IS weights with_ref_is) against
     _naive_policy_loss in fp64: value and gradient. -> (logp, old_logp, adv, mask, logp's gradient, stats).
     `inputs` replaces the spread inputs (logp, old_logp, ref_logp, adv, mask)."""
@@ -407,7 +411,7 @@ def _matches_naive(backend, loss_agg, with_ref_is, eps_high=0.28, delta=None, le
     kl_coef = 0.05 if with_ref_is else 0.0
     norm_length = 20 if loss_agg == "seq-mean-token-sum-norm" else None
     options = dict(delta=delta, ratio_level=level, surrogate=surrogate, sapo_temperatures=sapo_temperatures,
-                   kl_ratio_weighted=kl_ratio_weighted, vespo_params=vespo_params)
+                   kl_ratio_weighted=kl_ratio_weighted, vespo_params=vespo_params, vespo_log_is=vespo_log_is)
     lp = logp.masked_fill(~mask, float("-inf")).requires_grad_()  # padding must not leak in
     loss, stats = policy_loss(lp, old_logp, adv, mask, ref_logp=ref_logp, is_weights=is_weights, eps_low=0.2,
                               eps_high=eps_high, kl_coef=kl_coef, loss_agg=loss_agg, norm_length=norm_length,
@@ -417,7 +421,8 @@ def _matches_naive(backend, loss_agg, with_ref_is, eps_high=0.28, delta=None, le
     expected = _naive_policy_loss(lp64, old_logp.double(), adv.double(), mask,
                                   None if ref_logp is None else ref_logp.double(), 0.2, eps_high, kl_coef, loss_agg,
                                   norm_length, None if is_weights is None else is_weights.double(), delta, level,
-                                  surrogate, sapo_temperatures, kl_ratio_weighted, vespo_params)
+                                  surrogate, sapo_temperatures, kl_ratio_weighted, vespo_params,
+                                  None if vespo_log_is is None else vespo_log_is.double())
     expected.backward()
     # fp32 rounding scales with the size of the sums: the token-sum mode's are a row's length larger
     scale = 13.0 if loss_agg == "seq-mean-token-sum" else 1.0
@@ -472,10 +477,12 @@ def _vespo_inputs():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss_agg", AGG_MODES)
 @pytest.mark.parametrize("with_ref_is", [False, True])
-@pytest.mark.parametrize("params", [(2.0, 3.0, 3.0, 2.0), (1.0, 0.5, 4.0, 6.0)])
-def test_policy_loss_vespo_matches_trl(backend, loss_agg, with_ref_is, params):
+@pytest.mark.parametrize("params,with_log_is", [((2.0, 3.0, 3.0, 2.0), False), ((1.0, 0.5, 4.0, 6.0), False),
+                                               ((2.0, 3.0, 3.0, 2.0), True)])
+def test_policy_loss_vespo_matches_trl(backend, loss_agg, with_ref_is, params, with_log_is):
+    log_is = torch.tensor([0.3, -0.2, 0.0, -25.0, 0.1, 0.0, 0.4, -0.6]) if with_log_is else None  # -25: masked
     _, _, _, _, _, stats = _matches_naive(backend, loss_agg, with_ref_is, surrogate="vespo", vespo_params=params,
-                                          inputs=_vespo_inputs())
+                                          inputs=_vespo_inputs(), vespo_log_is=log_is)
     assert stats["clip_frac"].item() == 0.0  # a weight, not a clip
 
 
@@ -656,6 +663,8 @@ def test_policy_loss_bad_inputs(backend):
         (dict(surrogate="vespo", ratio_level="sequence"), "surrogate='vespo' takes its sequence weight"),
         (dict(surrogate="vespo", vespo_params=(1.0, -1.0, 1.0, 1.0)), "vespo_params must be four finite"),
         (dict(surrogate="vespo", delta=4.0), "delta caps"),
+        (dict(vespo_log_is=torch.zeros(6)), "vespo_log_is is a"),
+        (dict(surrogate="vespo", vespo_log_is=torch.zeros(5)), "vespo_log_is is a"),
     ]
     for override, match in cases:
         args = dict(logp=logp, old_logp=old_logp, advantages=adv, mask=mask, backend=backend) | override

@@ -842,6 +842,40 @@ def test_off_policy_mask_steps_as_a_plain_loop(tiny_model_dir):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=3e-5)
 
 
+@pytest.mark.parametrize("mode", ["token_truncate", "sequence_mask"])
+def test_vespo_folds_the_importance_ratio_into_its_weight(tiny_model_dir, monkeypatch, mode):
+    """--loss-type vespo --importance-sampling-correction (TRL's fold): the loss gets no IS weights, and each
+    sample's log ratio p_train / p_rollout (truncated or masked at the cap, its log clamped at log 1e-8)
+    summed over its tokens, or its sequence ratio's log once, as vespo_log_is."""
+    import rpo_engine.trainer as trainer_module
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+
+    calls, real_loss = [], trainer_module.policy_loss
+
+    def loss_spy(logp, old_logp, adv, mask, **kwargs):
+        calls.append((old_logp, mask, kwargs))
+        return real_loss(logp, old_logp, adv, mask, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "policy_loss", loss_spy)
+    trainer = build_trainer(parse_args(["--model", str(tiny_model_dir), "--loss-type", "vespo",
+                                        "--importance-sampling-correction", "--importance-sampling-mode", mode]))
+    trainer.update(random_groups(4, min_len=1))
+    folded = []
+    for old_logp, mask, kwargs in calls:  # each micro-batch: the training forward's log-probs before the step
+        diff = (old_logp + 1.0) * mask  # the groups' rollout log-probs are -1 a token
+        if mode == "token_truncate":
+            want = (torch.clamp(torch.log(diff.exp().clamp(max=3.0)), math.log(1e-8), 20.0) * mask).sum(-1)
+        else:
+            ratio = diff.sum(-1).exp()
+            want = torch.clamp(torch.log(ratio.masked_fill(ratio > 3.0, 0.0)), math.log(1e-8), 20.0)
+        assert kwargs["is_weights"] is None
+        torch.testing.assert_close(kwargs["vespo_log_is"], want, rtol=1e-5, atol=1e-5)
+        folded.append(want)
+    folded = torch.cat(folded)
+    assert (folded < -1).any() and (folded > -10).any()  # the inputs reach the fold (and, by sequence, the mask)
+
+
 def test_adaptive_entropy_control(tiny_model_dir, tmp_path):
     """--use-adaptive-entropy (TRL's rule): no bonus until an entropy was measured; then the coefficient
     moves by delta each optimizer step, up at or below the target and down above it, within its bounds,

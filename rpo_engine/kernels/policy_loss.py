@@ -133,13 +133,13 @@ class _PolicyLoss(torch.autograd.Function):
 
 def _triton_policy_loss(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg,
                         norm_length, is_weights, delta, ratio_level, surrogate="clip", sapo_temperatures=(1.0, 1.05),
-                        kl_ratio_weighted=False, vespo_params=VESPO_PARAMS):
+                        kl_ratio_weighted=False, vespo_params=VESPO_PARAMS, vespo_log_is=None):
     weights = loss_token_weights(mask, loss_agg, norm_length).contiguous()  # [B, T]
     mask_f = mask.to(torch.float32).contiguous()  # [B, T]
     ref = ref_logp.float().contiguous() if ref_logp is not None else None
     is_w = is_weights.detach().float().contiguous() if is_weights is not None else None
     if surrogate == "vespo":  # its per-sequence weight joins the IS weight: the kernel's surrogate is -A * logp
-        phi = vespo_weights(logp, old_logp, advantages, mask, vespo_params).expand_as(logp)  # [B, T]
+        phi = vespo_weights(logp, old_logp, advantages, mask, vespo_params, vespo_log_is).expand_as(logp)  # [B, T]
         is_w = (phi if is_w is None else phi * is_w).contiguous()
     logp, old_logp = logp.float().contiguous(), old_logp.float().contiguous()
     advantages = advantages.float().contiguous()
@@ -186,7 +186,8 @@ def _triton_policy_loss(logp, old_logp, advantages, mask, ref_logp, eps_low, eps
 
 def _check_inputs(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg,
                   norm_length, backend, is_weights=None, delta=None, ratio_level="token", surrogate="clip",
-                  sapo_temperatures=(1.0, 1.05), kl_ratio_weighted=False, vespo_params=VESPO_PARAMS):
+                  sapo_temperatures=(1.0, 1.05), kl_ratio_weighted=False, vespo_params=VESPO_PARAMS,
+                  vespo_log_is=None):
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be one of ('auto', 'torch', 'triton'), got {backend!r}")
     if loss_agg not in LOSS_AGG_MODES:
@@ -229,6 +230,10 @@ def _check_inputs(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high,
     if surrogate == "vespo" and ratio_level != "token":
         raise ValueError("surrogate='vespo' takes its sequence weight from the summed token log-ratios: "
                          "ratio_level='token'")
+    if vespo_log_is is not None and (surrogate != "vespo" or not isinstance(vespo_log_is, torch.Tensor)
+                                     or tuple(vespo_log_is.shape) != shape[:1]):
+        raise ValueError(f"vespo_log_is is a [B] = {shape[:1]} tensor for surrogate='vespo', got "
+                         f"{tuple(getattr(vespo_log_is, 'shape', ()))} with surrogate={surrogate!r}")
     if len(vespo_params) != 4 or not all(math.isfinite(x) for x in vespo_params) or min(vespo_params) < 0:
         raise ValueError(f"vespo_params must be four finite numbers >= 0 (k_pos, lambda_pos, k_neg, lambda_neg), "
                          f"got {vespo_params}")
@@ -243,7 +248,7 @@ def _check_inputs(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high,
 def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2, eps_high=0.2, kl_coef=0.0,
                 loss_agg="seq-mean-token-mean", norm_length=None, is_weights=None, delta=None, ratio_level="token",
                 surrogate="clip", sapo_temperatures=(1.0, 1.05), kl_ratio_weighted=False, vespo_params=VESPO_PARAMS,
-                backend="auto"):
+                vespo_log_is=None, backend="auto"):
     """Clipped-ratio policy loss over masked tokens; returns (loss, stats).
 
     logp, old_logp, ref_logp: [B, T] log-probs (logp carries the grad); advantages [B]; mask [B, T]
@@ -266,6 +271,8 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2,
     or "vespo" (VESPO; TRL's loss_type="vespo"): -A * sg(phi(w)) * logp, w = exp(the row's summed log-ratio),
     phi(w) = e^lambda w^k e^(-lambda w) (1 at w = 1), (k, lambda) = vespo_params[:2] where A >= 0, else [2:];
     a soft, asymmetric weight in place of the clip (nothing counts as clipped); token level only.
+    vespo_log_is [B] (optional): the log of the rollout's importance ratio per sequence, added to log w (TRL
+    folds vLLM's ratio into VESPO's weight this way instead of multiplying the loss by it).
     kl_ratio_weighted (TRL's use_bias_correction_kl, DeepSeek-V3.2): the KL term is ratio * k3, the ratio
     differentiable, so its gradient is ratio * (logp - ref_logp) * dlogp, the unbiased gradient of the
     reverse KL for samples drawn from the old policy (k3's own gradient is not); token level only.
@@ -280,7 +287,7 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2,
     """
     _check_inputs(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg, norm_length,
                   backend, is_weights, delta, ratio_level, surrogate, sapo_temperatures, kl_ratio_weighted,
-                  vespo_params)
+                  vespo_params, vespo_log_is)
     if backend == "auto":
         backend = "triton" if HAS_TRITON and logp.is_cuda else "torch"
     if backend == "triton":
@@ -291,9 +298,9 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2,
                              "first imported")
         return _triton_policy_loss(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef,
                                    loss_agg, norm_length, is_weights, delta, ratio_level, surrogate, sapo_temperatures,
-                                   kl_ratio_weighted, vespo_params)
+                                   kl_ratio_weighted, vespo_params, vespo_log_is)
     return policy_loss_reference(logp, old_logp, advantages, mask, ref_logp=ref_logp, eps_low=eps_low,
                                  eps_high=eps_high, kl_coef=kl_coef, loss_agg=loss_agg, norm_length=norm_length,
                                  is_weights=is_weights, delta=delta, ratio_level=ratio_level, surrogate=surrogate,
                                  sapo_temperatures=sapo_temperatures, kl_ratio_weighted=kl_ratio_weighted,
-                                 vespo_params=vespo_params)
+                                 vespo_params=vespo_params, vespo_log_is=vespo_log_is)

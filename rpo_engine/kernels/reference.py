@@ -30,15 +30,18 @@ def entropy_reference(hidden, weight, temperature=1.0):
 
 
 @torch.no_grad()
-def vespo_weights(logp, old_logp, advantages, mask, params=VESPO_PARAMS):
+def vespo_weights(logp, old_logp, advantages, mask, params=VESPO_PARAMS, log_is=None):
     """VESPO's per-sequence weight [B, 1] (no grad), TRL's get_gamma_weights: w = exp(sum over the row's
-    masked tokens of logp - old_logp), phi(w) = e^lambda w^k e^(-lambda w) (phi(1) = 1), with (k, lambda)
-    by the sign of the advantage (A >= 0: the first pair); log-ratios clamped to [-20, 20], log w to
-    [log 1e-8, 20], as there."""
+    masked tokens of logp - old_logp, plus log_is [B] when given: the rollout's importance ratio folded
+    in), phi(w) = e^lambda w^k e^(-lambda w) (phi(1) = 1), with (k, lambda) by the sign of the advantage
+    (A >= 0: the first pair); log-ratios clamped to [-20, 20], log w to [log 1e-8, 20], as there."""
     k_pos, lambda_pos, k_neg, lambda_neg = params
     m = mask.bool()
     log_ratio = torch.clamp(torch.where(m, logp.float() - old_logp.float(), 0.0), -20.0, 20.0)  # [B, T]
-    log_w = torch.clamp(log_ratio.sum(-1, keepdim=True), math.log(1e-8), 20.0)  # [B, 1]
+    seq_log_ratio = log_ratio.sum(-1, keepdim=True)  # [B, 1]
+    if log_is is not None:
+        seq_log_ratio = seq_log_ratio + log_is.float()[:, None]
+    log_w = torch.clamp(seq_log_ratio, math.log(1e-8), 20.0)  # [B, 1]
     positive = advantages.float()[:, None] >= 0  # [B, 1]
     k = torch.where(positive, float(k_pos), float(k_neg))
     lam = torch.where(positive, float(lambda_pos), float(lambda_neg)).clamp(min=1e-4)
@@ -72,7 +75,7 @@ def loss_token_weights(mask, loss_agg, norm_length=None):
 def policy_loss_reference(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2, eps_high=0.2,
                           kl_coef=0.0, loss_agg="seq-mean-token-mean", norm_length=None, is_weights=None, delta=None,
                           ratio_level="token", surrogate="clip", sapo_temperatures=(1.0, 1.05),
-                          kl_ratio_weighted=False, vespo_params=VESPO_PARAMS):
+                          kl_ratio_weighted=False, vespo_params=VESPO_PARAMS, vespo_log_is=None):
     """Clipped-ratio surrogate (times is_weights) (+ k3 KL, times the ratio with kl_ratio_weighted) aggregated
     by `loss_agg`; returns (loss, stats).
     See policy_loss."""
@@ -88,7 +91,7 @@ def policy_loss_reference(logp, old_logp, advantages, mask, *, ref_logp=None, ep
     else:
         ratio = torch.exp(logp - old_logp)  # [B, T]
     if surrogate == "vespo":  # the sequence's gamma weight (a constant) weighs the log-prob
-        per_token = -adv * vespo_weights(logp, old_logp, advantages, m, vespo_params) * logp  # [B, T]
+        per_token = -adv * vespo_weights(logp, old_logp, advantages, m, vespo_params, vespo_log_is) * logp  # [B, T]
     elif surrogate == "cispo":  # the capped ratio weighs the log-prob, as a constant
         per_token = -adv * torch.clamp(ratio, max=1.0 + eps_high).detach() * logp  # [B, T]
     elif surrogate == "sapo":  # a sigmoid gate of the ratio, by the advantage's sign
