@@ -595,9 +595,10 @@ def test_loss_options_reach_the_loss(tiny_model_dir, monkeypatch):
      ("clip", 0.2, "seq-mean-token-sum", (1.0, 1.05), False)),
     (["--loss-type", "vespo", "--vespo-k-pos", "1.5"], ("vespo", 0.2, "token-mean", (1.0, 1.05), False))])
 def test_loss_types_and_kl_correction_reach_the_loss(tiny_model_dir, monkeypatch, flags, want):
-    """--loss-type cispo --epsilon-high 5 (TRL's convention: the cap itself) and --loss-type sapo: the loss gets
-    their surrogate, CISPO's cap as 1 + eps_high = 5, SAPO's temperatures, and TRL's aggregation for each;
-    --use-bias-correction-kl its ratio-weighted KL (each tested against TRL's formulas in test_kernels.py)."""
+    """--loss-type cispo --epsilon-high 5 (TRL's convention: the cap itself), sapo, luspo and vespo: the loss gets
+    their surrogate, CISPO's cap as 1 + eps_high = 5, SAPO's temperatures, VESPO's parameters, and TRL's
+    aggregation for each; --use-bias-correction-kl its ratio-weighted KL (each tested against TRL's formulas
+    in test_kernels.py)."""
     import rpo_engine.trainer as trainer_module
     from rpo_engine.config import parse_args
     from rpo_engine.train import build_trainer
