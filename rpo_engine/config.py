@@ -54,6 +54,11 @@ class RPOConfig:
     rpo_min_cut: int = field(default=1, metadata={"help": "fewest tokens cut from the end of a cached path"})
     rpo_max_cut: int = field(default=300, metadata={"help": "most tokens cut from the end of a verified path (paper: 300)"})
     rpo_max_cut_fraction: float = field(default=0.25, metadata={"help": "never cut more than this fraction of a verified path (runs where each prompt recurs many times kept their accuracy better at 0.5: README)"})
+    rpo_saturated_cut_growth: float = field(default=1.0, metadata={
+        "help": "each consecutive visit on which all of a prompt's G answers were right (a group without signal) "
+                "multiplies the next cut of its verified path, fraction and token cap, by this, up to the whole "
+                "path; a right answer came back right from a shallow cut, so regrow more of it (1: the cut stays "
+                "fixed; 2: a quarter, then half, then all)"})
     rpo_unverified_cut_fraction: float = field(default=1.0, metadata={
         "help": "a path not verified correct (a cold start's, or a wrong answer kept in its place) is cut by up to "
                 "this fraction of it, with no token cap (the paper's code cuts a cold-start path anywhere)"})
@@ -75,6 +80,8 @@ class RPOConfig:
         _check(self.rpo_max_cut >= self.rpo_min_cut,
                f"--rpo-max-cut ({self.rpo_max_cut}) must be >= --rpo-min-cut ({self.rpo_min_cut})")
         _check(0 < self.rpo_max_cut_fraction <= 1, f"--rpo-max-cut-fraction must be in (0, 1], got {self.rpo_max_cut_fraction}")
+        _check(self.rpo_saturated_cut_growth >= 1,
+               f"--rpo-saturated-cut-growth must be >= 1, got {self.rpo_saturated_cut_growth}")
         _check(0 < self.rpo_unverified_cut_fraction <= 1,
                f"--rpo-unverified-cut-fraction must be in (0, 1], got {self.rpo_unverified_cut_fraction}")
         _check(self.rpo_unverified_cut in UNVERIFIED_CUTS,

@@ -210,7 +210,7 @@ class Trainer:
             for i, row in enumerate(rows):
                 path = self.cache.get(row["id"])
                 cut = cut_cached_path(len(path.token_ids), path.correct, self.rng, c.max_completion_length,
-                                      self.rpo, path.logprobs)
+                                      self.rpo, path.logprobs, self.cache.saturation(row["id"]))
                 kept[i], budgets[i] = path.token_ids[:cut.kept], cut.budget
                 counters["verified"] += path.correct and i in mine
                 if path.logprobs is not None:
@@ -274,6 +274,7 @@ class Trainer:
         answers = [a for part in self.dist.gather(chosen) for a in part]
         for row, pick, (answer, logprobs), r, right in zip(rows, picks, answers, rewards, correct):
             self.cache.apply(row["id"], answer, r[pick], self.step_num, right[pick], logprobs)
+            self.cache.note_group(row["id"], all(right))
 
     # ---- update ------------------------------------------------------------------------------
     def training_batch(self, groups: list[Group]) -> list[PrefixGroup]:

@@ -26,3 +26,8 @@ def trl_hash_reward(completions, completion_ids, answer, **kwargs):
 def length_reward(completion_text: str, answer: str) -> float:
     """A second reward to weigh against the first: longer text, more reward."""
     return len(completion_text) / 100
+
+
+def always_right(completion_text: str, answer: str) -> float:
+    """Every answer right: every group's G answers agree, so no group carries signal."""
+    return 1.0

@@ -136,6 +136,41 @@ def test_cut_cached_path_least_likely_applies_to_unverified_paths_with_logprobs(
         cut_cached_path(41, False, rng, 400, rpo, logprobs)
 
 
+def test_saturated_paths_are_cut_deeper():
+    """--rpo-saturated-cut-growth 2: a verified path whose last k visits all came back right has its cut
+    bounds doubled k times (a quarter of 40 tokens: 10, then 20, then all 40); 1 never moves them, and an
+    unverified path is cut anywhere whatever its count."""
+    grow = RPOConfig(rpo_saturated_cut_growth=2.0, rpo_min_cut=1)
+    rng = random.Random(0)
+    for saturated, most in ((0, 10), (1, 20), (2, 40), (5, 40)):
+        cuts = [cut_cached_path(40, True, rng, 400, grow, None, saturated).cut for _ in range(400)]
+        assert max(cuts) == most and min(cuts) == 1
+    fixed = RPOConfig(rpo_min_cut=1)
+    assert max(cut_cached_path(40, True, rng, 400, fixed, None, 3).cut for _ in range(400)) == 10
+    # the token cap grows too: 300 -> 600 for a 2000-token path once saturated
+    long = [cut_cached_path(2000, True, rng, 4000, grow, None, 1).cut for _ in range(400)]
+    assert 300 < max(long) <= 600
+    assert max(cut_cached_path(40, False, rng, 400, grow, None, 0).cut for _ in range(400)) > 30
+    with pytest.raises(UserError, match="--rpo-saturated-cut-growth must be >= 1"):
+        RPOConfig(rpo_saturated_cut_growth=0.5)
+
+
+def test_cache_counts_saturated_visits_and_restores_them():
+    cache = ExperienceCache("correct-only", epsilon=1.0)
+    for all_right in (True, True, False, True):
+        cache.note_group("p", all_right)
+    assert cache.saturation("p") == 1 and cache.saturation("q") == 0
+    cache.note_group("q", True)
+    cache.note_group("q", True)
+    restored = ExperienceCache()
+    restored.load_state_dict(cache.state_dict())
+    assert (restored.saturation("p"), restored.saturation("q")) == (1, 2)
+    old = cache.state_dict()
+    del old["saturated"]  # a checkpoint from before the count
+    restored.load_state_dict(old)
+    assert restored.saturation("q") == 0
+
+
 def test_cache_epsilon_greedy_picks():
     rng = random.Random(0)
     greedy = ExperienceCache("epsilon-greedy", epsilon=1.0)

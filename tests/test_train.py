@@ -877,6 +877,29 @@ def test_vespo_folds_the_importance_ratio_into_its_weight(tiny_model_dir, monkey
     assert (folded < -1).any() and (folded > -10).any()  # the inputs reach the fold (and, by sequence, the mask)
 
 
+def test_saturated_prompts_are_cut_deeper_on_their_next_visit(tiny_model_dir, monkeypatch):
+    """--rpo-saturated-cut-growth: the trainer counts each prompt's consecutive all-right visits in the cache
+    and hands the count to the cut; with every answer right, a prompt's count grows by one a visit."""
+    import rpo_engine.trainer as trainer_module
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+
+    seen, real_cut = [], trainer_module.cut_cached_path
+
+    def cut_spy(path_len, verified, rng, max_answer_length, rpo, logprobs, saturated):
+        seen.append((verified, saturated))
+        return real_cut(path_len, verified, rng, max_answer_length, rpo, logprobs, saturated)
+
+    monkeypatch.setattr(trainer_module, "cut_cached_path", cut_spy)
+    trainer = build_trainer(parse_args(["--model", str(tiny_model_dir), "--reward", "tests.reward_fns:always_right",
+                                        "--train-size", "3", "--rpo-saturated-cut-growth", "2", "--no-progress",
+                                        *map(str, SMALL)]))
+    for _ in range(3):
+        trainer.step()
+    # three prompts a step, each every step: cold paths (unknown), then right and saturated once, twice
+    assert seen == [(False, 0)] * 3 + [(True, 1)] * 3 + [(True, 2)] * 3
+
+
 def test_adaptive_entropy_control(tiny_model_dir, tmp_path):
     """--use-adaptive-entropy (TRL's rule): no bonus until an entropy was measured; then the coefficient
     moves by delta each optimizer step, up at or below the target and down above it, within its bounds,

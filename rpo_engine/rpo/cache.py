@@ -19,6 +19,8 @@ from the paper's public code (yhz5613813/RPO), and why:
 - a path may carry the log-probability each of its tokens was sampled with, so a wrong path can be cut at
   its least likely token (`--rpo-unverified-cut least-likely`). A path restored from a checkpoint that did
   not store them has none, nor do the answers grown from it: that prompt keeps the uniform cut.
+- it counts, per prompt, the consecutive visits on which all G answers were right (`saturated`), so the
+  trainer can cut a path that keeps coming back right deeper (`--rpo-saturated-cut-growth`).
 The cache saves to / restores from a plain JSON-able dict, stored inside every checkpoint.
 """
 from __future__ import annotations
@@ -40,6 +42,7 @@ class ExperienceCache:
     def __init__(self, policy: str = "epsilon-greedy", epsilon: float = 0.5, correct_threshold: float = 0.5):
         self.policy, self.epsilon, self.correct_threshold = policy, epsilon, correct_threshold
         self.paths: dict[str, CachedPath] = {}
+        self.saturated: dict[str, int] = {}  # consecutive visits whose G answers were all right
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -67,6 +70,14 @@ class ExperienceCache:
         """Whether the prompt's path is known to be a correct answer."""
         path = self.paths.get(prompt_id)
         return path is not None and path.correct
+
+    def note_group(self, prompt_id: str, all_right: bool) -> None:
+        """After a visit: one more consecutive visit whose answers were all right, or back to none."""
+        self.saturated[prompt_id] = self.saturated.get(prompt_id, 0) + 1 if all_right else 0
+
+    def saturation(self, prompt_id: str) -> int:
+        """Consecutive visits, up to the last, on which all of the prompt's answers were right."""
+        return self.saturated.get(prompt_id, 0)
 
     def choose(self, rewards: list[float], rng: random.Random) -> int:
         """Index of the completion to keep for a group: the best (ties at random) with probability
@@ -99,12 +110,14 @@ class ExperienceCache:
 
     def state_dict(self) -> dict:
         return {"policy": self.policy, "epsilon": self.epsilon, "correct_threshold": self.correct_threshold,
-                "paths": {k: [v.token_ids, v.reward, v.step, v.correct, v.logprobs] for k, v in self.paths.items()}}
+                "paths": {k: [v.token_ids, v.reward, v.step, v.correct, v.logprobs] for k, v in self.paths.items()},
+                "saturated": dict(self.saturated)}
 
     def load_state_dict(self, state: dict) -> None:
         self.policy, self.epsilon = state["policy"], state["epsilon"]
         self.correct_threshold = state["correct_threshold"]
         self.paths = {}
+        self.saturated = {k: int(v) for k, v in state.get("saturated", {}).items()}  # older checkpoints: none
         # older checkpoints: no `correct` (judged by reward), no `logprobs`
         for k, (ids, r, s, *rest) in state["paths"].items():
             self.put(k, ids, r, int(s), bool(rest[0]) if rest else None, rest[1] if len(rest) > 1 else None)

@@ -60,16 +60,21 @@ def least_likely_truncation(logprobs: list[float], min_cut: int, max_cut: int, m
 
 
 def cut_cached_path(path_len: int, verified: bool, rng: random.Random, max_answer_length: int,
-                    rpo: RPOConfig | None = None, logprobs: list[float] | None = None) -> Truncation:
+                    rpo: RPOConfig | None = None, logprobs: list[float] | None = None,
+                    saturated: int = 0) -> Truncation:
     """RPO's cut for a cached path, by the `rpo` settings (the CLI's defaults when None): a path verified
     correct loses at most `rpo_max_cut` tokens and `rpo_max_cut_fraction` of it; any other (a cold start's,
     or a wrong answer kept in its place) may be wrong anywhere, so it is cut anywhere, up to
     `rpo_unverified_cut_fraction` of it: uniformly, or with `rpo_unverified_cut="least-likely"` at its
-    least likely token (by the path's sampling `logprobs`; uniformly when they are not known)."""
+    least likely token (by the path's sampling `logprobs`; uniformly when they are not known). A verified
+    path whose last `saturated` visits all came back right has both its bounds multiplied by
+    `rpo_saturated_cut_growth` that many times (the fraction up to 1)."""
     rpo = rpo or RPOConfig()
     if verified:
-        return sample_truncation(path_len, rng, rpo.rpo_min_cut, rpo.rpo_max_cut, rpo.rpo_max_cut_fraction,
-                                 rpo.rpo_extra_budget, max_answer_length)
+        growth = rpo.rpo_saturated_cut_growth ** saturated
+        return sample_truncation(path_len, rng, rpo.rpo_min_cut, int(min(rpo.rpo_max_cut * growth, path_len)),
+                                 min(1.0, rpo.rpo_max_cut_fraction * growth), rpo.rpo_extra_budget,
+                                 max_answer_length)
     if rpo.rpo_unverified_cut == "least-likely" and logprobs is not None:
         if len(logprobs) != path_len:
             raise ValueError(f"path of {path_len} tokens has {len(logprobs)} log-probs")
