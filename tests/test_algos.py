@@ -151,6 +151,7 @@ def test_saturated_paths_are_cut_deeper():
     long = [cut_cached_path(2000, True, rng, 4000, grow, None, 1).cut for _ in range(400)]
     assert 300 < max(long) <= 600
     assert max(cut_cached_path(40, False, rng, 400, grow, None, 0).cut for _ in range(400)) > 30
+    assert cut_cached_path(40, True, rng, 400, RPOConfig(rpo_saturated_cut_growth=10.0), None, 5000).cut <= 40
     with pytest.raises(UserError, match="--rpo-saturated-cut-growth must be >= 1"):
         RPOConfig(rpo_saturated_cut_growth=0.5)
 

@@ -10,6 +10,7 @@ as the paper's code cuts a cold-start completion: at a uniform draw, or at the p
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -71,7 +72,8 @@ def cut_cached_path(path_len: int, verified: bool, rng: random.Random, max_answe
     `rpo_saturated_cut_growth` that many times (the fraction up to 1)."""
     rpo = rpo or RPOConfig()
     if verified:
-        growth = rpo.rpo_saturated_cut_growth ** saturated
+        # growth ** saturated, kept finite for a prompt saturated thousands of times (the bounds cap it anyway)
+        growth = math.exp(min(saturated * math.log(rpo.rpo_saturated_cut_growth), 700.0))
         return sample_truncation(path_len, rng, rpo.rpo_min_cut, int(min(rpo.rpo_max_cut * growth, path_len)),
                                  min(1.0, rpo.rpo_max_cut_fraction * growth), rpo.rpo_extra_budget,
                                  max_answer_length)
