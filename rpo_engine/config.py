@@ -148,7 +148,7 @@ class AlgoConfig:
                    "--loss-type vespo weighs each sequence by its summed token log-ratios: no sequence level")
             _check(min(self.vespo_k_pos, self.vespo_lambda_pos, self.vespo_k_neg, self.vespo_lambda_neg) >= 0,
                    "--vespo-k-pos, --vespo-lambda-pos, --vespo-k-neg and --vespo-lambda-neg must be >= 0")
-        _check(self.delta is None or self.loss_type not in ("cispo", "sapo", "vespo"),
+        _check(self.delta is None or self.surrogate == "clip",
                f"--delta caps the clipped ratio; --loss-type {self.loss_type} has none")
         _check(self.sapo_temperature_pos > 0 and self.sapo_temperature_neg > 0,
                "--sapo-temperature-pos and --sapo-temperature-neg must be > 0")
