@@ -27,7 +27,7 @@ CACHE_POLICIES = ("epsilon-greedy", "correct-only")
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 RATIO_LEVELS = ("token", "sequence")  # TRL's importance_sampling_level: GRPO's per-token ratio, GSPO's per sequence
 SCALE_REWARDS = ("group", "batch", "none")
-UNVERIFIED_CUTS = ("uniform", "least-likely")
+UNVERIFIED_CUTS = ("uniform", "least-likely", "full")
 
 
 def reward_names(config) -> list[str]:
@@ -66,7 +66,9 @@ class RPOConfig:
         "help": f"where a path not verified correct is cut, within that bound: {UNVERIFIED_CUTS}; uniform draws "
                 "the cut (the paper's code); least-likely regenerates it from its least likely token (by the "
                 "log-prob it was sampled with), where a wrong path most often went wrong: fewer tokens with one "
-                "starter model; with a weaker one 2.3 eval points lower over 40 steps, 1.6 higher over 120 (README)"})
+                "starter model; with a weaker one 2.3 eval points lower over 40 steps, 1.6 higher over 120 (README); "
+                "full regenerates it whole (a full completion, --max-completion-length tokens), so RPO continues "
+                "only paths known to be right"})
     rpo_extra_budget: int = field(default=16, metadata={"help": "suffix budget = cut + this many tokens"})
     rpo_cache_policy: str = field(default="correct-only", metadata={
         "help": f"cache update rule: {CACHE_POLICIES} (paper: epsilon-greedy; correct-only never replaces a correct path by a wrong answer)"})

@@ -200,15 +200,17 @@ class Trainer:
         kept, kept_logprobs = [[] for _ in rows], [None] * len(rows)
         budgets = [c.max_completion_length] * len(rows)
         if self.rpo.rpo:
-            cold = [i for i, row in enumerate(rows) if row["id"] not in self.cache]
-            my_cold = [i for i in cold if i in mine]
-            counters["cache_hits"] = len(mine) - len(my_cold)
-            if cold:
+            uncached = [i for i, row in enumerate(rows) if row["id"] not in self.cache]
+            counters["cache_hits"] = len(mine) - sum(1 for i in uncached if i in mine)
+            if uncached and self.cold_starts_needed():
+                my_cold = [i for i in uncached if i in mine]
                 outs = self.generate(*self.cold_start_requests(rows, my_cold, 7919 + round_index))
-                self.cache_cold_paths(rows, cold, my_cold, outs, counters)
+                self.cache_cold_paths(rows, uncached, my_cold, outs, counters)
             # Every rank draws every cut, in order, so the RNG stays the same on all ranks.
             for i, row in enumerate(rows):
                 path = self.cache.get(row["id"])
+                if path is None:  # --rpo-unverified-cut full: no path yet, a full-path group (as a wrong one is)
+                    continue
                 cut = cut_cached_path(len(path.token_ids), path.correct, self.rng, c.max_completion_length,
                                       self.rpo, path.logprobs, self.cache.saturation(row["id"]))
                 kept[i], budgets[i] = path.token_ids[:cut.kept], cut.budget
@@ -596,13 +598,18 @@ class Trainer:
         """A one-token group for a rank with fewer micro-batches than another; its loss weight is 0."""
         return PrefixGroup([self.eos_ids[0]], [[self.eos_ids[0]]], 1, advantages=[0.0], rollout_logp=[[0.0]])
 
+    def cold_starts_needed(self) -> bool:
+        """RPO gives an uncached prompt one full completion to cut, unless a path not known to be right is
+        regrown whole anyway (--rpo-unverified-cut full): then its first group is a full-path one."""
+        return self.rpo.rpo and self.rpo.rpo_unverified_cut != "full"
+
     def upcoming_cold_rows(self, rows: list[dict]) -> list[dict]:
         """RPO: the next step's prompts that will need a cold start (not cached, not among `rows`), to
         generate their paths alongside this step's suffixes. The last step reads ahead too, so a run
         resumed with more steps finds its next prompts' paths ready, as they would have been (its
         learning-rate schedule, which spans --steps, changes all the same). (DAPO's extra sampling
         rounds may draw other prompts next step; those paths wait in the cache for their turn.)"""
-        if not self.rpo.rpo:
+        if not self.cold_starts_needed():
             return []
         now = {row["id"] for row in rows}
         ahead = {row["id"]: row for row in self.peek_rows(self.config.prompts_per_step)

@@ -136,6 +136,18 @@ def test_cut_cached_path_least_likely_applies_to_unverified_paths_with_logprobs(
         cut_cached_path(41, False, rng, 400, rpo, logprobs)
 
 
+def test_cut_cached_path_full_regrows_unverified_paths_whole():
+    """--rpo-unverified-cut full: a path not known to be right keeps nothing and gets a full completion's
+    budget (not path + extra); a verified one keeps its shallow uniform cut."""
+    rpo = RPOConfig(rpo_unverified_cut="full")
+    rng = random.Random(0)
+    state = rng.getstate()
+    t = cut_cached_path(40, False, rng, 300, rpo, [-0.5] * 40)
+    assert (t.kept, t.cut, t.budget) == (0, 40, 300) and rng.getstate() == state  # no draw taken
+    assert cut_cached_path(0, False, rng, 300, rpo).budget == 300
+    assert all(30 <= cut_cached_path(40, True, rng, 300, rpo).kept < 40 for _ in range(200))
+
+
 def test_saturated_paths_are_cut_deeper():
     """--rpo-saturated-cut-growth 2: a verified path whose last k visits all came back right has its cut
     bounds doubled k times (a quarter of 40 tokens: 10, then 20, then all 40); 1 never moves them, and an

@@ -267,6 +267,34 @@ def test_cached_paths_carry_their_sampling_logprobs(tmp_path, tiny_model_dir):
         torch.testing.assert_close(torch.tensor(logprobs), expected, atol=1e-4, rtol=0)
 
 
+def test_full_unverified_cut_keeps_only_right_paths(tmp_path, tiny_model_dir):
+    """--rpo-unverified-cut full: no cold starts; a prompt without a right path gets a full-path group (its
+    first visit is the --no-rpo run's, sample for sample); only a path once answered right is cut and kept."""
+    common = ["--model", tiny_model_dir, "--steps", 3, "--eval-steps", 0, "--train-size", 3, "--seed", 1,
+              "--reward", "tests.reward_fns:hash_reward", "--log-completions", *SMALL]
+    run_train(*common, "--output", tmp_path / "full-cut", "--rpo-unverified-cut", "full")
+    run_train(*common, "--output", tmp_path / "no-rpo", "--no-rpo")
+    metrics = read_metrics(tmp_path / "full-cut")
+    assert [m["cold_starts"] for m in metrics] == [0, 0, 0]
+    assert [m["cache_hit_rate"] for m in metrics] == [0.0, 1.0, 1.0]
+    records = [json.loads(line) for line in (tmp_path / "full-cut" / "completions.jsonl").read_text().splitlines()]
+    first = [r for r in records if r["step"] == 1]
+    plain = [json.loads(line) for line in (tmp_path / "no-rpo" / "completions.jsonl").read_text().splitlines()]
+    assert [(r["completion"], r["reward"]) for r in first] == [(r["completion"], r["reward"]) for r in plain
+                                                                 if r["step"] == 1]
+    assert metrics[0]["rollout_generated_tokens"] == read_metrics(tmp_path / "no-rpo")[0]["rollout_generated_tokens"]
+    right_answers, kept = {}, []
+    for step in (1, 2, 3):
+        now = [r for r in records if r["step"] == step]
+        for r in now:  # a kept prefix is the start of an earlier right answer (a wrong one would be regrown whole)
+            kept.append(r["kept_tokens"] > 0)
+            assert r["kept_tokens"] == 0 or any(a.startswith(r["kept"]) for a in right_answers[r["prompt_id"]])
+        for r in now:
+            if r["correct"]:
+                right_answers.setdefault(r["prompt_id"], []).append(r["kept"] + r["completion"])
+    assert sum(kept) >= 4 and not all(kept)  # both kinds of group occurred
+
+
 def test_dapo_dynamic_sampling_is_bounded(tmp_path, tiny_model_dir):
     out = tmp_path / "dapo"
     run_train("--model", tiny_model_dir, "--steps", 1, "--output", out, "--algo", "dapo", "--eval-steps", 0,

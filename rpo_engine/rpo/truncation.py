@@ -67,7 +67,8 @@ def cut_cached_path(path_len: int, verified: bool, rng: random.Random, max_answe
     correct loses at most `rpo_max_cut` tokens and `rpo_max_cut_fraction` of it; any other (a cold start's,
     or a wrong answer kept in its place) may be wrong anywhere, so it is cut anywhere, up to
     `rpo_unverified_cut_fraction` of it: uniformly, or with `rpo_unverified_cut="least-likely"` at its
-    least likely token (by the path's sampling `logprobs`; uniformly when they are not known). A verified
+    least likely token (by the path's sampling `logprobs`; uniformly when they are not known), or with
+    "full" whole, with a full completion's budget. A verified
     path whose last `saturated` visits all came back right has both its bounds multiplied by
     `rpo_saturated_cut_growth` that many times (the fraction up to 1)."""
     rpo = rpo or RPOConfig()
@@ -77,6 +78,8 @@ def cut_cached_path(path_len: int, verified: bool, rng: random.Random, max_answe
         return sample_truncation(path_len, rng, rpo.rpo_min_cut, int(min(rpo.rpo_max_cut * growth, path_len)),
                                  min(1.0, rpo.rpo_max_cut_fraction * growth), rpo.rpo_extra_budget,
                                  max_answer_length)
+    if rpo.rpo_unverified_cut == "full":  # no prefix kept: the prompt's G samples are full completions
+        return Truncation(cut=path_len, kept=0, budget=max_answer_length)
     if rpo.rpo_unverified_cut == "least-likely" and logprobs is not None:
         if len(logprobs) != path_len:
             raise ValueError(f"path of {path_len} tokens has {len(logprobs)} log-probs")
