@@ -51,6 +51,7 @@ def run(algo: str, rpo: bool, seed: int, steps: int, extra: list[str], out: Path
             "median_step_time_s": statistics.median(r["step_time_s"] for r in steps_),
             "median_rollout_time_s": statistics.median(r["rollout_time_s"] for r in steps_),
             "median_update_time_s": statistics.median(r["update_time_s"] for r in steps_),
+            "median_decode_steps": statistics.median(r["rollout_decode_steps"] for r in steps_),
             # groups whose rewards were all equal: no advantage, so no gradient (RPO's easy suffixes)
             "frac_groups_no_signal": statistics.mean(r["frac_reward_zero_std"] for r in steps_),
             "initial_eval_accuracy": evals[0]["eval_accuracy"], "final_eval_accuracy": evals[-1]["eval_accuracy"],
@@ -165,6 +166,7 @@ def main():
             r = runs[-1]
             print(f"{r['algo']:5s} rpo={r['rpo']!s:5s} seed={r['seed']} {r['variant'] or ''} "
                   f"gen_tok/step={r['generated_tokens_per_step']:8.0f} median_step={r['median_step_time_s']:6.2f}s "
+                  f"({r['median_decode_steps']:.0f} decode steps) "
                   f"eval {r['initial_eval_accuracy']:.3f} -> {r['final_eval_accuracy']:.3f}", flush=True)
     summary = summarize(runs, args.target, args.target_gain)
     for row in summary:

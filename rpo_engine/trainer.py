@@ -693,8 +693,9 @@ class Trainer:
             [totals["generated"], totals["cold_starts"], totals["cache_hits"], totals["verified"],
              after["prefill"] - before["prefill"], after["reused"] - before["reused"]]))
         suffix_lens = [n for r in kept for n in r[2]]
-        rollout_time, update_time, step_time = self.dist.max(
-            [rollout_time, time.perf_counter() - update_start, time.perf_counter() - start])  # the slowest rank's
+        rollout_time, update_time, step_time, decode_steps = self.dist.max(  # the slowest rank's
+            [rollout_time, time.perf_counter() - update_start, time.perf_counter() - start,
+             after["decode_steps"] - before["decode_steps"]])
         metrics = {
             "step": self.step_num,
             "reward_mean": sum(all_rewards) / len(all_rewards),
@@ -703,6 +704,7 @@ class Trainer:
             "rollout_generated_tokens": generated,
             "rollout_prefill_tokens": prefill,
             "rollout_reused_tokens": reused,
+            "rollout_decode_steps": int(decode_steps),  # the rollout's depth: its longest completion sets it
             "suffix_len_mean": sum(suffix_lens) / max(1, len(suffix_lens)),
             "frac_truncated": sum(r[3] for r in kept) / max(1, len(suffix_lens)),  # out of budget (TRL: clipped_ratio)
             "num_prompts_sampled": num_prompts,
@@ -752,7 +754,7 @@ class Trainer:
 
     def engine_counters(self) -> dict:
         s = self.engine.stats
-        return {"prefill": s.prefill_tokens, "reused": s.reused_tokens}
+        return {"prefill": s.prefill_tokens, "reused": s.reused_tokens, "decode_steps": s.decode_steps}
 
     def sync_rollout_weights(self) -> None:
         """fsdp: refresh the rollout replica from the shards after an update (a collective)."""

@@ -37,6 +37,7 @@ def test_bench_train_compares_each_rpo_variant_with_full_path(tmp_path, tiny_mod
     for run in record["runs"]:  # each part of a step is at most the step, so is its median
         assert 0 < run["median_update_time_s"] <= run["median_step_time_s"]
         assert 0 < run["median_rollout_time_s"] <= run["median_step_time_s"]
+        assert run["median_decode_steps"] > 0
     starts = [r["initial_eval_accuracy"] for r in sorted(record["runs"], key=lambda r: r["seed"]) if not r["rpo"]]
     for row in record["summary"]:
         assert row["token_ratio"] > 0 and len(row["final_eval_rpo"]) == 2

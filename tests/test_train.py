@@ -283,6 +283,8 @@ def test_full_unverified_cut_keeps_only_right_paths(tmp_path, tiny_model_dir):
     assert [(r["completion"], r["reward"]) for r in first] == [(r["completion"], r["reward"]) for r in plain
                                                                  if r["step"] == 1]
     assert metrics[0]["rollout_generated_tokens"] == read_metrics(tmp_path / "no-rpo")[0]["rollout_generated_tokens"]
+    for m in read_metrics(tmp_path / "no-rpo"):  # one decode loop a step: the prefill draws each first token
+        assert m["rollout_decode_steps"] == max(r["completion_tokens"] for r in plain if r["step"] == m["step"]) - 1
     right_answers, kept = {}, []
     for step in (1, 2, 3):
         now = [r for r in records if r["step"] == step]
