@@ -28,6 +28,8 @@ IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"
 RATIO_LEVELS = ("token", "sequence")  # TRL's importance_sampling_level: GRPO's per-token ratio, GSPO's per sequence
 SCALE_REWARDS = ("group", "batch", "none")
 UNVERIFIED_CUTS = ("uniform", "least-likely", "full")
+# Hugging Face's lr_scheduler_type names (the warmup is ours in each: it starts above 0, see optim.lr_multiplier)
+LR_SCHEDULERS = ("cosine_with_min_lr", "cosine", "linear", "constant", "constant_with_warmup")
 
 
 def reward_names(config) -> list[str]:
@@ -249,7 +251,11 @@ class TrainConfig:
     top_k: int = field(default=0, metadata={"help": "top-k sampling (0: off)"})
     min_p: float = field(default=0.0, metadata={"help": "min-p sampling: drop tokens less likely than min_p times the most likely one (0: off)"})
     learning_rate: float = field(default=1.5e-5, metadata={"help": "peak learning rate (AdamW; the default suits the built-in starter model, use ~1e-6 for 1B+ models)"})
-    warmup_ratio: float = field(default=0.05, metadata={"help": "fraction of steps of linear warmup before cosine decay"})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "fraction of steps of linear warmup before the decay (none with --lr-scheduler-type constant)"})
+    lr_scheduler_type: str = field(default="cosine_with_min_lr", metadata={"help": f"learning-rate decay after the warmup (Hugging Face's names): {', '.join(LR_SCHEDULERS)}; cosine_with_min_lr ends at 10%% of the peak, cosine and linear at 0 (Hugging Face's default is linear)"})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    adam_beta2: float = field(default=0.99, metadata={"help": "AdamW beta2 (Hugging Face's default is 0.999)"})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
     micro_batch_tokens: int = field(default=16384, metadata={"help": "token budget of one forward/backward micro-batch (a shared prefix counts once)"})
@@ -292,6 +298,11 @@ class TrainConfig:
         _check(0 <= self.min_p <= 1, f"--min-p must be in [0, 1], got {self.min_p}")
         _check(self.learning_rate > 0, f"--learning-rate must be > 0, got {self.learning_rate}")
         _check(0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        _check(self.lr_scheduler_type in LR_SCHEDULERS,
+               f"--lr-scheduler-type must be one of {LR_SCHEDULERS}, got {self.lr_scheduler_type!r}")
+        _check(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1,
+               f"--adam-beta1 and --adam-beta2 must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
+        _check(self.adam_epsilon > 0, f"--adam-epsilon must be > 0, got {self.adam_epsilon}")
         _check(self.eval_steps >= 0 and self.save_steps >= 0, "--eval-steps and --save-steps must be >= 0")
         _check(self.save_total_limit >= 0, f"--save-total-limit must be >= 0, got {self.save_total_limit}")
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),

@@ -10,6 +10,8 @@ weights on every forward. Parameters that are already fp32 are stepped in place,
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -84,7 +86,29 @@ class MasterWeightAdamW(torch.optim.AdamW):
             p.copy_(m)
 
 
-def make_adamw(model, lr: float, weight_decay: float, betas=(0.9, 0.99)) -> torch.optim.AdamW:
+def lr_multiplier(step: int, total: int, warmup: int, kind: str = "cosine_with_min_lr") -> float:
+    """The learning rate at optimizer step `step` (0-based) of `total`, as a fraction of the peak: a linear
+    warmup over the first `warmup` steps, then `kind`'s decay over the rest (Hugging Face's schedules by
+    name; cosine_with_min_lr at its min_lr_rate 0.1). The warmup starts at 1 / (warmup + 1), not at 0 as
+    Hugging Face's does, so no step is spent at a zero learning rate."""
+    if kind == "constant":
+        return 1.0
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "constant_with_warmup":
+        return 1.0
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    cosine = max(0.0, 0.5 * (1 + math.cos(math.pi * progress)))
+    if kind == "cosine":
+        return cosine
+    if kind == "cosine_with_min_lr":
+        return 0.1 + 0.9 * cosine
+    raise ValueError(f"unknown learning-rate schedule {kind!r}")
+
+
+def make_adamw(model, lr: float, weight_decay: float, betas=(0.9, 0.99), eps: float = 1e-8) -> torch.optim.AdamW:
     """AdamW over the trainable parameters (frozen ones, a LoRA base, get no state and no fp32 master), with
     weight decay on matrices only; fp32 masters when the trained weights are low precision."""
     trained = [p for p in model.parameters() if p.requires_grad]
@@ -92,5 +116,5 @@ def make_adamw(model, lr: float, weight_decay: float, betas=(0.9, 0.99)) -> torc
     no_decay = [p for p in trained if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if any(p.dtype != torch.float32 for p in trained):
-        return MasterWeightAdamW(groups, lr=lr, betas=betas)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+        return MasterWeightAdamW(groups, lr=lr, betas=betas, eps=eps)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)

@@ -36,7 +36,7 @@ from rpo_engine.errors import UserError
 from rpo_engine.kernels import policy_loss
 from rpo_engine.model.lora import adapters_disabled, lora_settings, save_adapter
 from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, plan_micro_batches
-from rpo_engine.optim import make_adamw
+from rpo_engine.optim import lr_multiplier, make_adamw
 from rpo_engine.rewards.answers import is_correct, score_completions
 from rpo_engine.rewards.shaping import length_aware_accuracy, overlong_penalty
 from rpo_engine.rpo.cache import ExperienceCache
@@ -102,15 +102,11 @@ class Trainer:
         if self.algo.beta > 0 and not self.lora:
             self.reference = (reference or copy.deepcopy(self.model)).eval().requires_grad_(False)
         # bf16 weights (GPU default) are stepped through fp32 masters inside the optimizer (rpo_engine/optim.py)
-        self.optimizer = make_adamw(self.policy, config.learning_rate, config.weight_decay)
+        self.optimizer = make_adamw(self.policy, config.learning_rate, config.weight_decay,
+                                    (config.adam_beta1, config.adam_beta2), config.adam_epsilon)
         warmup = int(config.warmup_ratio * config.steps)
-
-        def lr_lambda(step):  # linear warmup, then cosine to 10% of the peak
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            return 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, config.steps - warmup)))
-
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_multiplier(step, config.steps, warmup, config.lr_scheduler_type))
         self.cache = ExperienceCache(self.rpo.rpo_cache_policy, self.rpo.rpo_epsilon)
         self.rng = random.Random(config.seed)  # cuts and cache choices: saved in checkpoints
         self.step_num = 0

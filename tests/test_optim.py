@@ -1,9 +1,10 @@
 """MasterWeightAdamW: bf16 model weights stepped through fp32 masters."""
 import io
 
+import pytest
 import torch
 
-from rpo_engine.optim import MasterWeightAdamW, make_adamw
+from rpo_engine.optim import MasterWeightAdamW, lr_multiplier, make_adamw
 
 
 def _pair(seed=0):
@@ -90,3 +91,38 @@ def test_make_adamw_is_plain_adamw_for_fp32_models():
     assert type(opt) is torch.optim.AdamW
     assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
     assert isinstance(make_adamw(model.bfloat16(), lr=1e-3, weight_decay=0.01), MasterWeightAdamW)
+
+
+def test_lr_schedules_match_hugging_face_after_the_warmup():
+    """Each --lr-scheduler-type is Hugging Face's schedule of that name from the warmup's end on (during the
+    warmup ours starts at 1 / (warmup + 1) instead of 0), on fresh lengths."""
+    from transformers import get_scheduler
+
+    g = torch.Generator().manual_seed(0)
+    for kind in ("cosine_with_min_lr", "cosine", "linear", "constant_with_warmup", "constant"):
+        total = int(torch.randint(5, 60, (1,), generator=g))
+        warmup = 0 if kind == "constant" else int(torch.randint(0, total // 2 + 1, (1,), generator=g))
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+        kwargs = {"min_lr_rate": 0.1} if kind == "cosine_with_min_lr" else {}
+        hf = get_scheduler(kind, opt, num_warmup_steps=warmup, num_training_steps=total, scheduler_specific_kwargs=kwargs)
+        for step in range(total):
+            expected = hf.get_last_lr()[0] / 2.0
+            ours = lr_multiplier(step, total, warmup, kind)
+            if step >= warmup:
+                assert abs(ours - expected) < 1e-12, (kind, step)
+            else:  # linear from above 0 to 1
+                assert ours == (step + 1) / (warmup + 1)
+            opt.step()
+            hf.step()
+    assert lr_multiplier(0, 10, 3, "constant") == 1.0  # no warmup, as Hugging Face's constant
+    assert lr_multiplier(9, 10, 0, "cosine_with_min_lr") > 0.1 and lr_multiplier(10, 10, 0, "cosine_with_min_lr") == 0.1
+    with pytest.raises(ValueError, match="schedule"):
+        lr_multiplier(0, 10, 0, "exponential")
+
+
+def test_make_adamw_takes_betas_and_eps():
+    model = torch.nn.Linear(4, 2)
+    opt = make_adamw(model, 1e-3, 0.0, (0.8, 0.95), 1e-6)
+    assert all(g["betas"] == (0.8, 0.95) and g["eps"] == 1e-6 for g in opt.param_groups)
+    low = make_adamw(torch.nn.Linear(4, 2).bfloat16(), 1e-3, 0.0, (0.8, 0.95), 1e-6)
+    assert isinstance(low, MasterWeightAdamW) and low.param_groups[0]["eps"] == 1e-6

@@ -162,6 +162,24 @@ def test_sampling_options_reach_the_engine(tiny_model_dir):
     assert all(len(g.suffix_ids) == 8 for g in groups)
 
 
+def test_optimizer_options_reach_the_optimizer(tiny_model_dir):
+    from rpo_engine.config import parse_args
+    from rpo_engine.optim import lr_multiplier
+    from rpo_engine.train import build_trainer
+
+    trainer = build_trainer(parse_args(["--model", str(tiny_model_dir), "--adam-beta1", "0.8", "--adam-beta2", "0.9",
+                                        "--adam-epsilon", "1e-6", "--lr-scheduler-type", "linear", "--steps", "10",
+                                        "--warmup-ratio", "0.2", "--learning-rate", "1e-3"]))
+    assert all(g["betas"] == (0.8, 0.9) and g["eps"] == 1e-6 for g in trainer.optimizer.param_groups)
+    lrs = []
+    for _ in range(10):
+        lrs.append(trainer.scheduler.get_last_lr()[0])
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+    assert lrs == pytest.approx([1e-3 * lr_multiplier(s, 10, 2, "linear") for s in range(10)])
+    assert lrs[2] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1.25e-4)  # down by 1/8 a step after the warmup
+
+
 def test_several_rewards_add_their_weighted_scores(tiny_model_dir):
     """--reward a,b --reward-weights wa,wb: the reward is wa * a + wb * b; only a decides right answers."""
     from rpo_engine.config import parse_args
