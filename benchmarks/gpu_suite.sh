@@ -3,7 +3,7 @@
 # tests, then each benchmark in --gpu mode. Every step has its own time limit (also cut to what is
 # left of SUITE_BUDGET_S), a failing or timed-out step is recorded and the suite goes on.
 # All of it is more than one 10-minute device call: SUITE_STEPS picks the steps of a call, e.g.
-#   SUITE_STEPS="tests torchrun", then "kernels rollout host", then "paper_shape shared_prefix train trl sampler",
+#   SUITE_STEPS="tests torchrun", then "kernels rollout host rewards", then "paper_shape shared_prefix train trl sampler",
 #   then "lora"
 # (install and wheels always run; each call's $OUT comes back on its own). Results, in $OUT (the device returns at most 8 files):
 #   suite.json         per step: status (ok / failed / timeout / skipped), exit code, seconds
@@ -127,6 +127,8 @@ bench paper_shape 150 python benchmarks/bench_paper_shape.py --gpu --repeats 2 -
 bench rollout 260 python benchmarks/bench_rollout.py --gpu --repeats 1 --out "$OUT/rollout_cuda.json"
 # The engine's host work per decode step on this box's CPU: it adds to rollout_cuda.json's decode_step_ms.
 bench host 60 python benchmarks/bench_host.py --repeats 2 --out "$OUT/host_gpu_box.json"
+# math-verify over a step's 512 completions on this box's CPUs, in the trainer's process and in --reward-workers.
+bench rewards 60 python benchmarks/bench_rewards.py --repeats 3 --out "$OUT/rewards_gpu_box.json"
 bench sampler 60 python benchmarks/bench_sampler.py --gpu --out "$OUT/sampler_cuda.json"
 bench kernels 180 python benchmarks/bench_kernels.py --repeats 3 --out "$OUT/kernels_cuda.json"
 bench shared_prefix 60 python benchmarks/bench_shared_prefix.py --gpu --out "$OUT/shared_prefix_cuda.json"

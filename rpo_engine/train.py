@@ -62,15 +62,13 @@ def resolve_rewards(config: TrainConfig, device: torch.device | None = None, fir
     """The --reward functions, in order: the first is the accuracy (what counts as a right answer). A reward
     model directory (TRL's reward_funcs given a model) is loaded on `device`; it scores, so it cannot be the
     first, which must say right or wrong."""
-    from rpo_engine.rewards import exact_answer_reward, load_reward_fn, math_answer_reward
     from rpo_engine.rewards.model import RewardModel, is_reward_model_dir
+    from rpo_engine.rewards.pool import reward_function
 
     functions = []
-    for i, name in enumerate(reward_names(config)[:1] if first_only else reward_names(config)):
-        if name == "auto":
-            name = "exact" if config.dataset is None and config.eval_dataset is None else "math"
+    for i, name in enumerate(reward_specs(config)[:1] if first_only else reward_specs(config)):
         if name in ("exact", "math"):
-            functions.append(exact_answer_reward if name == "exact" else math_answer_reward)
+            functions.append(reward_function(name))
         elif is_reward_model_dir(name):
             if i == 0:
                 raise UserError(f"--reward {config.reward}: the first reward decides right answers (eval accuracy, "
@@ -79,11 +77,31 @@ def resolve_rewards(config: TrainConfig, device: torch.device | None = None, fir
             device = device or torch.device("cpu")
             functions.append(RewardModel(name, device, torch.bfloat16 if device.type == "cuda" else torch.float32))
         elif ":" in name:
-            functions.append(load_reward_fn(name))
+            functions.append(reward_function(name))
         else:
             raise UserError(f"--reward must be exact, math, module:function or a reward model directory (or a "
                             f"comma-separated list), got {name!r}")
     return functions
+
+
+def reward_specs(config: TrainConfig) -> list[str]:
+    """The --reward names, with auto made exact (the built-in task) or math (a dataset)."""
+    auto = "exact" if config.dataset is None and config.eval_dataset is None else "math"
+    return [auto if name == "auto" else name for name in reward_names(config)]
+
+
+def reward_pool(config: TrainConfig, functions: list):
+    """--reward-workers N: a RewardPool for those of `functions` (resolved from --reward, in order) that score
+    one completion a call; None when N is 0 or none does."""
+    from rpo_engine.rewards import TRLStyleReward
+    from rpo_engine.rewards.model import RewardModel
+    from rpo_engine.rewards.pool import RewardPool
+
+    if not config.reward_workers:
+        return None
+    pooled = {i: name for i, (name, fn) in enumerate(zip(reward_specs(config), functions))
+              if not isinstance(fn, (TRLStyleReward, RewardModel))}
+    return RewardPool(pooled, config.reward_workers) if pooled else None
 
 
 def resolve_reward(config: TrainConfig):
@@ -194,9 +212,9 @@ def build_trainer(config: TrainConfig, checkpoint: Path | None = None, dist: Dis
         synced = checkpoint / "reference"
         reference = rpo_engine.load_model(synced if config.algo.sync_ref_model and synced.is_dir()
                                           else initial_model_dir(), dtype=dtype, device=device)
-    accuracy, *extra_rewards = resolve_rewards(config, device)
+    accuracy, *extra_rewards = functions = resolve_rewards(config, device)
     return Trainer(config, model, tokenizer, train_rows, eval_rows, accuracy, device, dist, reference=reference,
-                   extra_rewards=extra_rewards)
+                   extra_rewards=extra_rewards, reward_pool=reward_pool(config, functions))
 
 
 @record  # under torchrun, a rank's exception reaches torchrun's failure summary
@@ -296,6 +314,7 @@ def train(config: TrainConfig, dist: Dist) -> int:
             if main_rank and config.save_total_limit:
                 prune_checkpoints(output, config.save_total_limit)
     bar.close()
+    trainer.close()
     trainer.save_model(output / "final")
     if not main_rank:
         return 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import json
 import math
 import random
@@ -68,16 +69,19 @@ class Group:
 
 class Trainer:
     def __init__(self, config: TrainConfig, model, tokenizer, train_rows: list[dict], eval_rows: list[dict],
-                 reward_fn, device: torch.device, dist: Dist | None = None, reference=None, extra_rewards=()):
+                 reward_fn, device: torch.device, dist: Dist | None = None, reference=None, extra_rewards=(),
+                 reward_pool=None):
         """`reward_fn`: the accuracy (its full marks make a right answer); `extra_rewards`: more reward
         functions, each adding its score to the reward, all weighted by config.reward_weights (1 each by
-        default). `reference`: the frozen KL reference when it is not `model` (on resume, the starting model)."""
+        default). `reference`: the frozen KL reference when it is not `model` (on resume, the starting model).
+        `reward_pool`: a rewards.pool.RewardPool that scores some of those functions (by their index, the
+        accuracy's 0) in worker processes; `close()` shuts it down."""
         from rpo_engine.rollout import RolloutEngine
 
         self.config, self.tokenizer, self.dist = config, tokenizer, dist or Dist()
         self.train_rows, self.eval_rows, self.reward_fn, self.device = train_rows, eval_rows, reward_fn, device
         self.algo, self.rpo = config.algo, config.rpo
-        self.extra_rewards = list(extra_rewards)
+        self.extra_rewards, self.reward_pool = list(extra_rewards), reward_pool
         self.reward_weights = reward_weights(config) if config.reward_weights is not None else \
             [1.0] * (1 + len(self.extra_rewards))
         if len(self.reward_weights) != 1 + len(self.extra_rewards):
@@ -234,21 +238,42 @@ class Trainer:
         return [name if names.count(name) == 1 else f"{name}_{i}" for i, name in enumerate(names)]
 
     def score(self, group: Group) -> None:
+        self.score_groups([group])
+
+    def score_groups(self, groups: list[Group]) -> None:
+        """Each group's rewards (and correct answers, and each reward function's scores). A function the
+        reward pool serves scores every group's answers in one call, spread over its workers; any other
+        (a TRL-style function, a reward model) is called once per group, in this process."""
+        answers = [[g.answer_ids(i) for i in range(len(g.suffix_ids))] for g in groups]
+        texts = [[self.tokenizer.decode(ids, skip_special_tokens=True) for ids in group] for group in answers]
+        scores = []  # [function][group][sample]
+        for index, fn in enumerate([self.reward_fn, *self.extra_rewards]):
+            if self.reward_pool is not None and self.reward_pool.serves(index):
+                flat = self.reward_pool.score(index, [t for group in texts for t in group],
+                                              [g.row["answer"] for g, group in zip(groups, texts) for _ in group])
+                starts = list(itertools.accumulate((len(group) for group in texts), initial=0))
+                scores.append([flat[a:b] for a, b in zip(starts, starts[1:])])
+            else:
+                scores.append([score_completions(fn, t, [g.row] * len(t), a, none_as_zero=index > 0)
+                               for g, t, a in zip(groups, texts, answers)])
+        for j, g in enumerate(groups):
+            self.shape_rewards(g, [len(ids) for ids in answers[j]], texts[j], [s[j] for s in scores])
+
+    def shape_rewards(self, group: Group, lengths: list[int], texts: list[str], scores: list[list[float]]) -> None:
+        """The group's rewards from each reward function's `scores` (the accuracy's first): the accuracy,
+        length-shaped among the right answers, plus each other function's weighted score, the format bonus and
+        DAPO's overlong penalty."""
         c = self.config
-        answers = [group.answer_ids(i) for i in range(len(group.suffix_ids))]
-        texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in answers]
-        accuracy = score_completions(self.reward_fn, texts, [group.row] * len(texts), answers)
+        accuracy = scores[0]
         group.correct = [is_correct(a) for a in accuracy]
-        lengths = [len(ids) for ids in answers]
         if self.rpo.length_shaping:
             rewards = length_aware_accuracy(group.correct, lengths, self.rpo.length_alpha)
         else:
             rewards = accuracy
         weight, *extra_weights = self.reward_weights
-        rewards, group.scores = [weight * r for r in rewards], [accuracy]
-        for fn, w in zip(self.extra_rewards, extra_weights):
-            group.scores.append(score_completions(fn, texts, [group.row] * len(texts), answers, none_as_zero=True))
-            rewards = [r + w * x for r, x in zip(rewards, group.scores[-1])]
+        rewards, group.scores = [weight * r for r in rewards], list(scores)
+        for extra, w in zip(scores[1:], extra_weights):
+            rewards = [r + w * x for r, x in zip(rewards, extra)]
         if c.format_reward_weight:
             from rpo_engine.rewards import format_reward
 
@@ -634,8 +659,7 @@ class Trainer:
                 totals[key] += counters[key]
             num_prompts += len(rows)
             # 2. rewards; every rank sees every group's (rewards, correct, suffix lengths)
-            for g in groups:
-                self.score(g)
+            self.score_groups(groups)
             results = [r for part in self.dist.gather([(g.rewards, g.correct, [len(s) for s in g.suffix_ids],
                                                         g.finish_reasons.count("length"), [sum(x) for x in g.scores])
                                                        for g in groups])
@@ -757,6 +781,12 @@ class Trainer:
         if self.dist.parallel == "fsdp" and self.replica_stale:
             self.dist.copy_to_replica(self.policy, self.model)
             self.replica_stale = False
+
+    def close(self) -> None:
+        """Shut the reward pool's workers down (the trainer can still evaluate and save after)."""
+        if self.reward_pool is not None:
+            self.reward_pool.close()
+            self.reward_pool = None
 
     # ---- eval --------------------------------------------------------------------------------
     @torch.no_grad()

@@ -314,6 +314,7 @@ def test_algo_defaults():
     ({"lr_scheduler_type": "exponential"}, "--lr-scheduler-type must be one of"),
     ({"adam_beta2": 1.0}, r"--adam-beta1 and --adam-beta2 must be in \[0, 1\)"),
     ({"adam_epsilon": 0}, "--adam-epsilon must be > 0"),
+    ({"reward_workers": -1}, "--reward-workers must be >= 0, got -1"),
     ({"steps": "ten"}, "steps must be an integer, got 'ten'"),  # a YAML file's values arrive untyped
     ({"steps": 2.5}, "steps must be an integer"),
     ({"rpo": "no"}, "rpo must be true or false"),

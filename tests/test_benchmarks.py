@@ -129,6 +129,15 @@ def test_bench_sampler_compares_with_the_reference(tmp_path):
     assert all(r["same_tokens"] and r["fast_ms"] > 0 and r["reference_ms"] > 0 for r in record["results"])
 
 
+def test_bench_rewards_scores_in_workers_as_here(tmp_path):
+    out = tmp_path / "rewards.json"
+    run_bench("bench_rewards.py", "--completions", 24, "--workers", 2, "--repeats", 1, "--out", out)
+    record = json.loads(out.read_text())
+    assert 0 < record["right"] < 24
+    assert [r["workers"] for r in record["results"]] == [0, 2]
+    assert all(r["same_scores"] and r["median_s"] > 0 for r in record["results"])
+
+
 def test_bench_lora_measures_full_and_adapter_training(tmp_path):
     out = tmp_path / "lora.json"
     run_bench("bench_lora.py", "--repeats", 1, "--out", out)

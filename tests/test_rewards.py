@@ -280,13 +280,13 @@ def test_reward_model_adds_its_weighted_score_in_training(reward_model_dir, tiny
                                         "--reward-weights", "1,0.5"]))
     rm = trainer.extra_rewards[0]
     scored = []
-    score = trainer.score
+    score = trainer.score_groups
 
-    def spy(group):
-        score(group)
-        scored.append(group)
+    def spy(groups):
+        score(groups)
+        scored.extend(groups)
 
-    trainer.score = spy
+    trainer.score_groups = spy
     metrics = trainer.step()
     model_scores = [x for g in scored for x in g.scores[1]]
     for g in scored:
@@ -294,3 +294,40 @@ def test_reward_model_adds_its_weighted_score_in_training(reward_model_dir, tiny
         assert g.scores[1] == pytest.approx(rm.score(texts, [g.row] * len(texts)), abs=1e-6)
         assert g.rewards == pytest.approx([a + 0.5 * m for a, m in zip(g.scores[0], g.scores[1])], abs=1e-6)
     assert metrics[f"rewards/{reward_model_dir.name}/mean"] == pytest.approx(sum(model_scores) / len(model_scores))
+
+
+def test_reward_pool_scores_as_the_functions_do():
+    """RewardPool: each pooled function's scores from worker processes equal its own calls here, in order, on
+    completions of every kind (plain numbers, LaTeX, #### answers, garbage), chunked over two workers."""
+    import random
+
+    from rpo_engine.rewards.pool import RewardPool, reward_function
+
+    rng = random.Random(0)
+    forms = ["The answer is \\boxed{{{a}}}.", "so x = {a}\n#### {a}", "#### {b}", "\\boxed{{\\frac{{{a}}}{{2}}}}",
+             "no answer here", "", "{a}.0", "$${b}$$"]
+    texts, answers = [], []
+    for _ in range(37):  # not a multiple of the chunking
+        a, b = rng.randint(0, 20), rng.randint(0, 20)
+        texts.append(rng.choice(forms).format(a=a, b=b))
+        answers.append(rng.choice([str(a), f"\\frac{{{a}}}{{2}}", str(b)]))
+    names = {0: "math", 2: "exact", 3: "tests.reward_fns:hash_reward"}
+    with RewardPool(names, workers=2) as pool:
+        assert not pool.serves(1)
+        for index, name in names.items():
+            fn = reward_function(name)
+            expected = [float(fn(t, a)) for t, a in zip(texts, answers)]
+            assert pool.score(index, texts, answers) == expected, name
+            assert 0 < sum(expected) < len(expected), name  # both verdicts occurred
+        assert pool.score(0, [], []) == []
+
+
+def test_reward_pool_reports_a_user_functions_mistake():
+    from rpo_engine.rewards.pool import RewardPool
+
+    with RewardPool({0: "tests.reward_fns:text_reward", 1: "tests.reward_fns:failing_reward"}, workers=1) as pool:
+        with pytest.raises(UserError, match="text_reward.* returned 'wrong'"):
+            pool.score(0, ["x"], ["42"])
+        with pytest.raises(UserError, match="failing_reward"):
+            pool.score(1, ["x"], ["42"])
+        assert pool.score(0, [], []) == []  # the workers live on

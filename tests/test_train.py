@@ -180,6 +180,19 @@ def test_optimizer_options_reach_the_optimizer(tiny_model_dir):
     assert lrs[2] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1.25e-4)  # down by 1/8 a step after the warmup
 
 
+def test_reward_workers_give_the_same_run(tmp_path, tiny_model_dir):
+    """--reward-workers 2 scores the per-completion functions in worker processes (a TRL-style one stays here):
+    the same rewards, so the same samples, updates and cache, step for step."""
+    common = ["--model", tiny_model_dir, "--steps", 2, "--eval-steps", 0, "--train-size", 3, "--log-completions",
+              "--reward", "tests.reward_fns:hash_reward,exact,tests.reward_fns:trl_hash_reward", *SMALL]
+    run_train(*common, "--output", tmp_path / "here")
+    run_train(*common, "--output", tmp_path / "pooled", "--reward-workers", 2)
+    assert (tmp_path / "here" / "completions.jsonl").read_text() == (tmp_path / "pooled" / "completions.jsonl").read_text()
+    timing = ("rollout_time_s", "update_time_s", "step_time_s")
+    for a, b in zip(read_metrics(tmp_path / "here"), read_metrics(tmp_path / "pooled"), strict=True):
+        assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
+
+
 def test_several_rewards_add_their_weighted_scores(tiny_model_dir):
     """--reward a,b --reward-weights wa,wb: the reward is wa * a + wb * b; only a decides right answers."""
     from rpo_engine.config import parse_args

@@ -1,0 +1,77 @@
+"""Reward functions run in worker processes (`--reward-workers N`).
+
+math-verify takes 3-6 ms a completion on one CPU core (`benchmarks/bench_rewards.py`), so a step of
+64 prompts x 8 samples spends 2-3 s scoring one after the other: on a GPU, as long as an RPO rollout of
+a small model. A reward function of the per-completion kind, `fn(completion_text, answer)`, is a pure
+function of its two strings, so its calls can spread over processes and come back as the same numbers
+in the same order.
+
+The workers resolve the functions from their `--reward` names themselves (a closure, or the checked
+wrapper around a user's function, does not pickle), and are started by spawn: a forked copy of a
+process that holds torch's thread pools can deadlock. TRL-style functions (called once per group, and
+free to batch or keep state) and reward models (a model on the GPU) are scored in the trainer's process.
+A user function that raises, or returns something that is not a number, fails the same one-line way as
+in the trainer's process: the error comes back from the worker.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+
+_FUNCTIONS: dict[int, object] = {}  # in a worker: the pooled functions, by their index among --reward's
+
+
+def reward_function(name: str):
+    """The per-completion reward function `name` stands for: exact, math, or module:function (a function
+    written for TRL comes back as a TRLStyleReward)."""
+    from rpo_engine.rewards.answers import exact_answer_reward, load_reward_fn, math_answer_reward
+
+    if name == "exact":
+        return exact_answer_reward
+    if name == "math":
+        return math_answer_reward
+    return load_reward_fn(name)
+
+
+def _load(names: dict[int, str]) -> None:
+    _FUNCTIONS.update({index: reward_function(name) for index, name in names.items()})
+
+
+def _score(index: int, texts: list[str], answers: list[str]) -> list[float]:
+    fn = _FUNCTIONS[index]
+    return [float(fn(text, answer)) for text, answer in zip(texts, answers)]
+
+
+class RewardPool:
+    """`workers` processes that score the reward functions `names` maps to (their index among --reward's
+    -> the name a worker resolves: exact, math or module:function; names with "auto" already resolved)."""
+
+    def __init__(self, names: dict[int, str], workers: int):
+        if workers < 1:
+            raise ValueError(f"a reward pool needs at least one worker, got {workers}")
+        self.names, self.workers = dict(names), workers
+        self.executor = concurrent.futures.ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_load, initargs=(self.names,))
+
+    def serves(self, index: int) -> bool:
+        return index in self.names
+
+    def score(self, index: int, texts: list[str], answers: list[str]) -> list[float]:
+        """Reward function `index`'s score of each text against its answer, in order."""
+        if len(texts) != len(answers):
+            raise ValueError(f"{len(texts)} texts for {len(answers)} answers")
+        # Several chunks a worker, so one slow completion (a math-verify timeout) holds up little else.
+        size = max(1, -(-len(texts) // (4 * self.workers)))
+        starts = range(0, len(texts), size)
+        parts = self.executor.map(_score, [index] * len(starts), [texts[i:i + size] for i in starts],
+                                  [answers[i:i + size] for i in starts])
+        return [score for part in parts for score in part]
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
