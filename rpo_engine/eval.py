@@ -22,7 +22,7 @@ def main(argv=None) -> int:
     from rpo_engine.config import config_from_dict
     from rpo_engine.model.lora import load_adapter
     from rpo_engine.rollout import RolloutEngine, SamplingParams
-    from rpo_engine.train import load_rows, resolve_device, resolve_reward
+    from rpo_engine.train import load_rows, resolve_device, resolve_reward, reward_pool
     from rpo_engine.trainer import chat_template_kwargs, encode_prompt, prompt_token_limit, sampled_graded, stop_ids
 
     parser = argparse.ArgumentParser(prog="python -m rpo_engine.eval", description=__doc__.splitlines()[0])
@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-size", type=int, default=512, help="most rows to evaluate (default: 512)")
     parser.add_argument("--max-completion-length", type=int, default=320, help="token budget of each completion (default: 320)")
     parser.add_argument("--reward", default="auto", help="exact | math | module:function (default: auto: exact for the built-in task, math otherwise)")
+    parser.add_argument("--reward-workers", type=int, default=0,
+                        help="score the reward in this many worker processes, as in training (default: 0, here)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     parser.add_argument("--num-samples", type=int, default=1,
                         help="completions a row (K > 1 needs --temperature > 0): avg@K and pass@K (default: 1)")
@@ -64,7 +66,8 @@ def main(argv=None) -> int:
     # The same option checks and loaders as training: the dataset is the eval set here.
     config = config_from_dict({"model": args.model, "eval_dataset": args.dataset, "eval_size": args.eval_size,
                                "max_completion_length": args.max_completion_length, "reward": args.reward,
-                               "device": args.device, "chat_template_kwargs": args.chat_template_kwargs})
+                               "device": args.device, "chat_template_kwargs": args.chat_template_kwargs,
+                               "reward_workers": args.reward_workers})
     device, dtype = resolve_device(config)
     if config.model is None:
         from rpo_engine.data.starter import ensure_starter_model
@@ -82,8 +85,14 @@ def main(argv=None) -> int:
                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                              stop_token_ids=eos_ids, seed=args.seed + i) for i in range(len(rows))]
     engine = RolloutEngine(model, merge_lora=True)  # an adapter is decoded merged: nothing trains it here
-    graded = sampled_graded(engine, tokenizer, rows, resolve_reward(config), prompts, params,
-                            progress=not args.no_progress)
+    reward = resolve_reward(config)
+    pool = reward_pool(config, [reward])
+    try:
+        graded = sampled_graded(engine, tokenizer, rows, reward if pool is None else pool.functions([reward])[0],
+                                prompts, params, progress=not args.no_progress)
+    finally:
+        if pool is not None:
+            pool.close()
     if output is not None:
         try:
             with open(output, "x") as f:

@@ -91,8 +91,8 @@ def reward_specs(config: TrainConfig) -> list[str]:
 
 
 def reward_pool(config: TrainConfig, functions: list):
-    """--reward-workers N: a RewardPool for those of `functions` (resolved from --reward, in order) that score
-    one completion a call; None when N is 0 or none does."""
+    """--reward-workers N: a RewardPool for those of `functions` (resolved from --reward, in order; the first
+    alone for `resolve_reward`'s) that score one completion a call; None when N is 0 or none does."""
     from rpo_engine.rewards import TRLStyleReward
     from rpo_engine.rewards.model import RewardModel
     from rpo_engine.rewards.pool import RewardPool
@@ -212,9 +212,11 @@ def build_trainer(config: TrainConfig, checkpoint: Path | None = None, dist: Dis
         synced = checkpoint / "reference"
         reference = rpo_engine.load_model(synced if config.algo.sync_ref_model and synced.is_dir()
                                           else initial_model_dir(), dtype=dtype, device=device)
-    accuracy, *extra_rewards = functions = resolve_rewards(config, device)
+    functions = resolve_rewards(config, device)
+    pool = reward_pool(config, functions)
+    accuracy, *extra_rewards = functions if pool is None else pool.functions(functions)
     return Trainer(config, model, tokenizer, train_rows, eval_rows, accuracy, device, dist, reference=reference,
-                   extra_rewards=extra_rewards, reward_pool=reward_pool(config, functions))
+                   extra_rewards=extra_rewards)
 
 
 @record  # under torchrun, a rank's exception reaches torchrun's failure summary

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import itertools
 import json
 import math
 import random
@@ -39,6 +38,7 @@ from rpo_engine.model.lora import adapters_disabled, lora_settings, save_adapter
 from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, plan_micro_batches
 from rpo_engine.optim import lr_multiplier, make_adamw
 from rpo_engine.rewards.answers import is_correct, score_completions
+from rpo_engine.rewards.pool import PooledReward
 from rpo_engine.rewards.shaping import length_aware_accuracy, overlong_penalty
 from rpo_engine.rpo.cache import ExperienceCache
 from rpo_engine.rpo.truncation import cut_cached_path
@@ -69,19 +69,17 @@ class Group:
 
 class Trainer:
     def __init__(self, config: TrainConfig, model, tokenizer, train_rows: list[dict], eval_rows: list[dict],
-                 reward_fn, device: torch.device, dist: Dist | None = None, reference=None, extra_rewards=(),
-                 reward_pool=None):
+                 reward_fn, device: torch.device, dist: Dist | None = None, reference=None, extra_rewards=()):
         """`reward_fn`: the accuracy (its full marks make a right answer); `extra_rewards`: more reward
         functions, each adding its score to the reward, all weighted by config.reward_weights (1 each by
-        default). `reference`: the frozen KL reference when it is not `model` (on resume, the starting model).
-        `reward_pool`: a rewards.pool.RewardPool that scores some of those functions (by their index, the
-        accuracy's 0) in worker processes; `close()` shuts it down."""
+        default); any may be a rewards.pool.PooledReward (scored in worker processes; `close()` shuts its
+        pool down). `reference`: the frozen KL reference when it is not `model` (on resume, the starting model)."""
         from rpo_engine.rollout import RolloutEngine
 
         self.config, self.tokenizer, self.dist = config, tokenizer, dist or Dist()
         self.train_rows, self.eval_rows, self.reward_fn, self.device = train_rows, eval_rows, reward_fn, device
         self.algo, self.rpo = config.algo, config.rpo
-        self.extra_rewards, self.reward_pool = list(extra_rewards), reward_pool
+        self.extra_rewards = list(extra_rewards)
         self.reward_weights = reward_weights(config) if config.reward_weights is not None else \
             [1.0] * (1 + len(self.extra_rewards))
         if len(self.reward_weights) != 1 + len(self.extra_rewards):
@@ -241,18 +239,15 @@ class Trainer:
         self.score_groups([group])
 
     def score_groups(self, groups: list[Group]) -> None:
-        """Each group's rewards (and correct answers, and each reward function's scores). A function the
-        reward pool serves scores every group's answers in one call, spread over its workers; any other
-        (a TRL-style function, a reward model) is called once per group, in this process."""
+        """Each group's rewards (and correct answers, and each reward function's scores). A PooledReward
+        scores every group's answers in one call, spread over its pool's workers; any other function is
+        called per group (a TRL-style one, or a reward model, once per group), in this process."""
         answers = [[g.answer_ids(i) for i in range(len(g.suffix_ids))] for g in groups]
         texts = [[self.tokenizer.decode(ids, skip_special_tokens=True) for ids in group] for group in answers]
         scores = []  # [function][group][sample]
         for index, fn in enumerate([self.reward_fn, *self.extra_rewards]):
-            if self.reward_pool is not None and self.reward_pool.serves(index):
-                flat = self.reward_pool.score(index, [t for group in texts for t in group],
-                                              [g.row["answer"] for g, group in zip(groups, texts) for _ in group])
-                starts = list(itertools.accumulate((len(group) for group in texts), initial=0))
-                scores.append([flat[a:b] for a, b in zip(starts, starts[1:])])
+            if isinstance(fn, PooledReward):
+                scores.append(fn.score_groups(texts, [g.row for g in groups]))
             else:
                 scores.append([score_completions(fn, t, [g.row] * len(t), a, none_as_zero=index > 0)
                                for g, t, a in zip(groups, texts, answers)])
@@ -783,10 +778,12 @@ class Trainer:
             self.replica_stale = False
 
     def close(self) -> None:
-        """Shut the reward pool's workers down (the trainer can still evaluate and save after)."""
-        if self.reward_pool is not None:
-            self.reward_pool.close()
-            self.reward_pool = None
+        """Shut down the worker processes of any PooledReward (the trainer still evaluates and saves after,
+        scoring those functions in this process)."""
+        functions = [self.reward_fn, *self.extra_rewards]
+        for pool in {id(fn.pool): fn.pool for fn in functions if isinstance(fn, PooledReward)}.values():
+            pool.close()
+        self.reward_fn, *self.extra_rewards = [fn.fn if isinstance(fn, PooledReward) else fn for fn in functions]
 
     # ---- eval --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -926,13 +923,14 @@ def sampled_graded(engine, tokenizer, rows, reward_fn, prompt_ids, params,
     """Each row's samples under `params` (one SamplingParams, or one a row), each decoded, with its reward
     and whether that is the full reward (a right answer)."""
     outs = engine.generate(prompt_ids, params, progress=progress) if prompt_ids else []
-    graded = []
-    for row, samples in zip(rows, outs):
-        ids = [c.token_ids for c in samples]
-        texts = [tokenizer.decode(i, skip_special_tokens=True) for i in ids]
-        rewards = score_completions(reward_fn, texts, [row] * len(texts), ids)
-        graded.append([(text, reward, is_correct(reward)) for text, reward in zip(texts, rewards)])
-    return graded
+    ids = [[c.token_ids for c in samples] for samples in outs]
+    texts = [[tokenizer.decode(i, skip_special_tokens=True) for i in row_ids] for row_ids in ids]
+    if isinstance(reward_fn, PooledReward):  # every row's samples in one call, over the pool's workers
+        rewards = reward_fn.score_groups(texts, rows)
+    else:  # one row at a time (a TRL-style function: once per row's samples)
+        rewards = [score_completions(reward_fn, t, [row] * len(t), i) for row, t, i in zip(rows, texts, ids)]
+    return [[(text, reward, is_correct(reward)) for text, reward in zip(row_texts, row_rewards)]
+            for row_texts, row_rewards in zip(texts, rewards)]
 
 
 def greedy_correct(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens, eos_ids) -> int:

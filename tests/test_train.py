@@ -182,8 +182,8 @@ def test_optimizer_options_reach_the_optimizer(tiny_model_dir):
 
 def test_reward_workers_give_the_same_run(tmp_path, tiny_model_dir):
     """--reward-workers 2 scores the per-completion functions in worker processes (a TRL-style one stays here):
-    the same rewards, so the same samples, updates and cache, step for step."""
-    common = ["--model", tiny_model_dir, "--steps", 2, "--eval-steps", 0, "--train-size", 3, "--log-completions",
+    the same rewards, so the same samples, updates, cache and eval accuracies, step for step."""
+    common = ["--model", tiny_model_dir, "--steps", 2, "--eval-steps", 1, "--train-size", 3, "--log-completions",
               "--reward", "tests.reward_fns:hash_reward,exact,tests.reward_fns:trl_hash_reward", *SMALL]
     run_train(*common, "--output", tmp_path / "here")
     run_train(*common, "--output", tmp_path / "pooled", "--reward-workers", 2)
@@ -1164,11 +1164,11 @@ def test_eval_cli_samples(tmp_path, tiny_model_dir):
            "--max-completion-length", "8", "--num-samples", "4", "--temperature", "1", "--no-progress",
            "--reward", "tests.reward_fns:hash_reward"]
     outs = []
-    for name in ("a.jsonl", "b.jsonl"):
-        proc = subprocess.run([*cmd, "--output", str(tmp_path / name)], capture_output=True, text=True, cwd=REPO)
+    for name, more in (("a.jsonl", []), ("b.jsonl", []), ("pooled.jsonl", ["--reward-workers", "2"])):
+        proc = subprocess.run([*cmd, *more, "--output", str(tmp_path / name)], capture_output=True, text=True, cwd=REPO)
         assert proc.returncode == 0, proc.stderr
         outs.append([json.loads(line) for line in (tmp_path / name).read_text().splitlines()])
-    assert outs[0] == outs[1]  # seeded
+    assert outs[0] == outs[1] == outs[2]  # seeded; scored in worker processes the same
     rows = outs[0]
     assert all(len(r["completions"]) == len(r["rewards"]) == len(r["correct"]) == 4 for r in rows)
     assert len({c for r in rows for c in r["completions"]}) > 6  # sampled, not the same completion four times

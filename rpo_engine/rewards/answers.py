@@ -292,12 +292,13 @@ class TRLStyleReward:
 
 def score_completions(reward_fn, texts: list[str], rows: list[dict],
                       completion_ids: list[list[int]] | None = None, none_as_zero: bool = False) -> list[float]:
-    """Rewards of `texts`, completion i answering `rows[i]`: a TRLStyleReward or a RewardModel once for all, any
-    other reward function (ours: `fn(completion_text, answer)`) once per completion. `none_as_zero`: a TRL-style
-    function's None counts 0 (an extra reward that does not apply to a completion)."""
+    """Rewards of `texts`, completion i answering `rows[i]`: a TRLStyleReward, a RewardModel or a PooledReward
+    once for all, any other reward function (ours: `fn(completion_text, answer)`) once per completion.
+    `none_as_zero`: a TRL-style function's None counts 0 (an extra reward that does not apply to a completion)."""
     from rpo_engine.rewards.model import RewardModel  # here: answers.py itself imports no torch
+    from rpo_engine.rewards.pool import PooledReward
 
-    if isinstance(reward_fn, (TRLStyleReward, RewardModel)):  # one call for all
+    if isinstance(reward_fn, (TRLStyleReward, RewardModel, PooledReward)):  # one call for all
         return reward_fn.score(texts, rows, completion_ids, none_as_zero)
     return [float(reward_fn(text, row["answer"])) for text, row in zip(texts, rows)]
 
