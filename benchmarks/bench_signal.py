@@ -66,21 +66,22 @@ def audit(flags: str, seed: int, steps: int, output: Path, grade_eval: int) -> d
     if config.dataset is not None:
         raise SystemExit("bench_signal grades traces of the built-in task: run it without --dataset")
     trainer = build_trainer(config)
-    counts, score = collections.Counter(), trainer.score
+    counts, score = collections.Counter(), trainer.score_groups
 
-    def graded_score(group):  # the trainer's own scoring, then the trace grade of each answer
-        score(group)
-        if not trainer.rpo.rpo:  # (an RPO group may keep nothing: a path cut whole at its first token)
-            kind = "full"
-        else:
-            kind = "verified" if trainer.cache.verified(group.row["id"]) else "unverified"
-        mixed = "mixed" if len(set(group.correct)) > 1 else "uniform"
-        for i, right in enumerate(group.correct):
-            text = trainer.tokenizer.decode(group.answer_ids(i), skip_special_tokens=True)
-            trace = "invalid" if check_trace(text) else "valid"
-            counts[f"{kind} {mixed} {'right' if right else 'wrong'} {trace}"] += 1
+    def graded_score(groups):  # the trainer's own scoring, then the trace grade of each answer
+        score(groups)
+        for group in groups:
+            if not trainer.rpo.rpo:  # (an RPO group may keep nothing: a path cut whole at its first token)
+                kind = "full"
+            else:
+                kind = "verified" if trainer.cache.verified(group.row["id"]) else "unverified"
+            mixed = "mixed" if len(set(group.correct)) > 1 else "uniform"
+            for i, right in enumerate(group.correct):
+                text = trainer.tokenizer.decode(group.answer_ids(i), skip_special_tokens=True)
+                trace = "invalid" if check_trace(text) else "valid"
+                counts[f"{kind} {mixed} {'right' if right else 'wrong'} {trace}"] += 1
 
-    trainer.score = graded_score  # called before the cache update, so `verified` is the path's state as cut
+    trainer.score_groups = graded_score  # called before the cache update: `verified` is the path's state as cut
     generated = sum(trainer.step()["rollout_generated_tokens"] for _ in range(steps))
     right_mixed = sum(n for k, n in counts.items() if " mixed right" in k)
     invalid = sum(n for k, n in counts.items() if " mixed right invalid" in k)

@@ -68,9 +68,9 @@ def cut_cached_path(path_len: int, verified: bool, rng: random.Random, max_answe
     or a wrong answer kept in its place) may be wrong anywhere, so it is cut anywhere, up to
     `rpo_unverified_cut_fraction` of it: uniformly, or with `rpo_unverified_cut="least-likely"` at its
     least likely token (by the path's sampling `logprobs`; uniformly when they are not known), or with
-    "full" whole, with a full completion's budget. A verified
-    path whose last `saturated` visits all came back right has both its bounds multiplied by
-    `rpo_saturated_cut_growth` that many times (the fraction up to 1)."""
+    "full" whole, with a full completion's budget. A verified path whose last `saturated` visits all came
+    back right has both its bounds multiplied by `rpo_saturated_cut_growth` that many times (the fraction
+    up to 1)."""
     rpo = rpo or RPOConfig()
     if verified:
         # growth ** saturated, kept finite for a prompt saturated thousands of times (the bounds cap it anyway)
