@@ -31,3 +31,11 @@ def length_reward(completion_text: str, answer: str) -> float:
 def always_right(completion_text: str, answer: str) -> float:
     """Every answer right: every group's G answers agree, so no group carries signal."""
     return 1.0
+
+
+def slow_reward(completion_text: str, answer: str) -> float:
+    """A reward that takes half a second a call."""
+    import time
+
+    time.sleep(0.5)
+    return 0.0

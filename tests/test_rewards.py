@@ -331,3 +331,23 @@ def test_reward_pool_reports_a_user_functions_mistake():
         with pytest.raises(UserError, match="failing_reward"):
             pool.score(1, ["x"], ["42"])
         assert pool.score(0, [], []) == []  # the workers live on
+
+
+def test_reward_pool_left_on_an_error_stops_its_workers_at_once():
+    """Leaving a pool's `with` block by an exception (an interrupt, a failing step) stops its workers mid-call
+    instead of waiting out the work in flight (here 10 s of it)."""
+    from rpo_engine.rewards import pool as pool_module
+
+    start = None
+    with pytest.raises(RuntimeError, match="stop"):
+        with pool_module.RewardPool({0: "tests.reward_fns:slow_reward"}, workers=1) as pool:
+            assert pool.score(0, ["x"], ["1"]) == [0.0]  # the worker is up
+            pool.executor.submit(pool_module._score, 0, ["x"] * 20, ["1"] * 20)
+            time.sleep(1.0)  # the worker is inside that call
+            processes = list(pool.executor._processes.values())
+            start = time.perf_counter()
+            raise RuntimeError("stop")
+    assert time.perf_counter() - start < 5
+    for process in processes:
+        process.join(5)
+        assert not process.is_alive()

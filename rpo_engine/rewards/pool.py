@@ -11,7 +11,9 @@ wrapper around a user's function, does not pickle), and are started by spawn: a 
 process that holds torch's thread pools can deadlock. TRL-style functions (called once per group, and
 free to batch or keep state) and reward models (a model on the GPU) are scored in the trainer's process.
 A user function that raises, or returns something that is not a number, fails the same one-line way as
-in the trainer's process: the error comes back from the worker.
+in the trainer's process: the error comes back from the worker. As with any spawned worker, a script of
+your own that starts a pool (or a Trainer with `reward_workers`) needs the `if __name__ == "__main__":`
+guard: each worker imports the script's main module.
 """
 from __future__ import annotations
 
@@ -67,8 +69,13 @@ class RewardPool:
                                   [answers[i:i + size] for i in starts])
         return [score for part in parts for score in part]
 
-    def close(self) -> None:
-        self.executor.shutdown(wait=True, cancel_futures=True)
+    def close(self, wait: bool = True) -> None:
+        """Shut the workers down once their calls in flight are done, or (`wait=False`: an error or an
+        interrupt is on its way) at once."""
+        if not wait:  # before Python 3.14 no public call stops a worker in the middle of its chunk
+            for process in list((getattr(self.executor, "_processes", None) or {}).values()):
+                process.terminate()
+        self.executor.shutdown(wait=wait, cancel_futures=True)
 
     def functions(self, functions: list) -> list:
         """`functions` (resolved from --reward, in order) with each one this pool serves made a PooledReward."""
@@ -77,8 +84,8 @@ class RewardPool:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        self.close(wait=exc_type is None)
 
 
 class PooledReward:
