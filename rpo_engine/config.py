@@ -27,6 +27,7 @@ CACHE_POLICIES = ("epsilon-greedy", "correct-only")
 IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 RATIO_LEVELS = ("token", "sequence")  # TRL's importance_sampling_level: GRPO's per-token ratio, GSPO's per sequence
 SCALE_REWARDS = ("group", "batch", "none")
+AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")  # TRL's multi_objective_aggregation
 UNVERIFIED_CUTS = ("uniform", "least-likely", "full")
 # Hugging Face's lr_scheduler_type names (the warmup is ours in each: it starts above 0, see optim.lr_multiplier)
 LR_SCHEDULERS = ("cosine_with_min_lr", "cosine", "linear", "constant", "constant_with_warmup")
@@ -118,6 +119,7 @@ class AlgoConfig:
     ref_model_sync_steps: int = field(default=512, metadata={"help": "steps between reference syncs of --sync-ref-model (TRL's name)"})
     num_iterations: int = field(default=1, metadata={"help": "passes over each rollout batch"})
     ppo_mini_batch_size: int | None = field(default=None, metadata={"help": "prompts (groups) per optimizer step: each pass splits the rollout batch into ceil(groups / this) mini-batches, one optimizer step each, the ratio taken against the rollout's log-probs (verl's name; TRL's steps_per_generation = that many x gradient_accumulation_steps) (default: the whole batch, one step a pass)"})
+    multi_objective_aggregation: str = field(default="sum_then_normalize", metadata={"help": "how several reward terms (the --reward functions, the format bonus, the overlong penalty) make the advantage (TRL's name and values): sum_then_normalize adds their weighted scores, then --scale-rewards applies; normalize_then_sum (GDPO) normalizes each term within its group first, sums them weighted, and scales by the batch's std (--scale-rewards does not apply)"})
     scale_rewards: str = field(default="group", metadata={"help": "divide each advantage r - group mean by the std of the group's rewards (group), of the whole batch's (batch: Lite PPO) or by nothing (none: Dr.GRPO) (TRL's name and values; true / false in YAML: group / none)"})
     dynamic_sampling: bool | None = field(default=None, metadata={"help": "drop groups with equal rewards and resample (default: dapo on)"})
     max_resample_rounds: int = field(default=3, metadata={"help": "extra sampling rounds allowed to fill a dynamic-sampling batch"})
@@ -192,6 +194,8 @@ class AlgoConfig:
                f"--importance-sampling-mode must be one of {IS_MODES}, got {self.importance_sampling_mode!r}")
         _check(self.importance_sampling_clip_max > 0,
                f"--importance-sampling-clip-max must be > 0, got {self.importance_sampling_clip_max}")
+        _check(self.multi_objective_aggregation in AGGREGATIONS,
+               f"--multi-objective-aggregation must be one of {AGGREGATIONS}, got {self.multi_objective_aggregation!r}")
         _check(self.scale_rewards in SCALE_REWARDS,
                f"--scale-rewards must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}")
         _check(self.importance_sampling_level in RATIO_LEVELS,

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from rpo_engine.algos.grpo import group_advantages, informative_groups
+from rpo_engine.algos.grpo import decoupled_rewards, group_advantages, informative_groups
 from rpo_engine.config import TrainConfig, config_to_dict, reward_weights
 from rpo_engine.distributed import Dist, consolidated_optimizer_state, full_tensor, load_consolidated_optimizer_state
 from rpo_engine.errors import UserError
@@ -58,6 +58,7 @@ class Group:
     correct: list[bool] = field(default_factory=list)
     advantages: list[float] = field(default_factory=list)
     scores: list[list[float]] = field(default_factory=list)  # each reward function's scores, unweighted
+    terms: list[list[float]] = field(default_factory=list)  # each term of the reward, unweighted (Trainer.reward_terms)
 
     def answer_ids(self, i: int) -> list[int]:
         return self.kept_ids + self.suffix_ids[i]
@@ -266,20 +267,39 @@ class Trainer:
         else:
             rewards = accuracy
         weight, *extra_weights = self.reward_weights
-        rewards, group.scores = [weight * r for r in rewards], list(scores)
+        rewards, group.scores, group.terms = [weight * r for r in rewards], list(scores), [rewards, *scores[1:]]
         for extra, w in zip(scores[1:], extra_weights):
             rewards = [r + w * x for r, x in zip(rewards, extra)]
         if c.format_reward_weight:
             from rpo_engine.rewards import format_reward
 
-            rewards = [r + c.format_reward_weight * format_reward(t) for r, t in zip(rewards, texts)]
-        buffer = self.algo.overlong_buffer
-        if buffer is None:
-            buffer = c.max_completion_length // 4 if self.algo.algo == "dapo" else 0
-        if buffer:
-            rewards = [r + overlong_penalty(n, c.max_completion_length, buffer, self.algo.overlong_penalty)
-                       for r, n in zip(rewards, lengths)]
+            group.terms.append([format_reward(t) for t in texts])
+            rewards = [r + c.format_reward_weight * f for r, f in zip(rewards, group.terms[-1])]
+        if self.overlong_buffer():
+            group.terms.append([overlong_penalty(n, c.max_completion_length, self.overlong_buffer(),
+                                                 self.algo.overlong_penalty) for n in lengths])
+            rewards = [r + p for r, p in zip(rewards, group.terms[-1])]
         group.rewards = rewards
+
+    def advantage_rewards(self, group: Group) -> list[float]:
+        """What the group's advantages are taken from: its rewards, or under GDPO (--multi-objective-aggregation
+        normalize_then_sum) its terms normalized within the group and summed."""
+        if self.algo.multi_objective_aggregation == "sum_then_normalize":
+            return group.rewards
+        parts = torch.tensor(group.terms, dtype=torch.float64).T[None]  # [1, G, terms]
+        return decoupled_rewards(parts, torch.tensor(self.reward_terms(), dtype=torch.float64))[0].tolist()
+
+    def overlong_buffer(self) -> int:
+        """DAPO's overlong shaping: the last tokens of the budget where a longer answer is penalized (0: none)."""
+        buffer = self.algo.overlong_buffer
+        return self.config.max_completion_length // 4 if buffer is None and self.algo.algo == "dapo" else buffer or 0
+
+    def reward_terms(self) -> list[float]:
+        """The weight of each term of the reward, in Group.terms' order: the (length-shaped) accuracy, each
+        other --reward function, the format bonus (with --format-reward-weight), DAPO's overlong penalty (with
+        a buffer). The reward is their weighted sum; GDPO normalizes each term before the sum."""
+        return [*self.reward_weights, *([self.config.format_reward_weight] if self.config.format_reward_weight else []),
+                *([1.0] if self.overlong_buffer() else [])]
 
     def update_cache(self, rows: list[dict], groups: list[Group], rewards: list[list[float]],
                      correct: list[list[bool]]) -> None:
@@ -656,7 +676,8 @@ class Trainer:
             # 2. rewards; every rank sees every group's (rewards, correct, suffix lengths)
             self.score_groups(groups)
             results = [r for part in self.dist.gather([(g.rewards, g.correct, [len(s) for s in g.suffix_ids],
-                                                        g.finish_reasons.count("length"), [sum(x) for x in g.scores])
+                                                        g.finish_reasons.count("length"), [sum(x) for x in g.scores],
+                                                        self.advantage_rewards(g))
                                                        for g in groups])
                        for r in part]
             all_rewards += [x for r in results for x in r[0]]
@@ -668,7 +689,7 @@ class Trainer:
                 self.update_cache(rows, groups, [r[0] for r in results], [r[1] for r in results])
             informative = [True] * len(results)
             if algo.dynamic_sampling:
-                informative = informative_groups(torch.tensor([r[0] for r in results])).tolist()
+                informative = informative_groups(torch.tensor([r[5] for r in results])).tolist()
             mine = self.dist.share(len(rows))
             kept_groups += [g for g, keep in zip(groups, informative[mine.start:mine.stop]) if keep]
             # each of this rank's kept groups' place among every rank's (the update's mini-batches follow it)
@@ -681,8 +702,9 @@ class Trainer:
         rollout_time = time.perf_counter() - start
         # 4. advantages
         if kept_groups:
-            adv = group_advantages(torch.tensor([g.rewards for g in kept_groups]), algo.scale_rewards,
-                                   torch.tensor([x for r in kept for x in r[0]]))  # every rank's kept rewards
+            scale = "batch" if algo.multi_objective_aggregation == "normalize_then_sum" else algo.scale_rewards
+            adv = group_advantages(torch.tensor([self.advantage_rewards(g) for g in kept_groups]), scale,
+                                   torch.tensor([x for r in kept for x in r[5]]))  # every rank's kept groups'
             for g, a in zip(kept_groups, adv.tolist()):
                 g.advantages = a
         # 5. policy update over the generated suffix tokens

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from rpo_engine.algos.grpo import group_advantages, informative_groups
+from rpo_engine.algos.grpo import decoupled_rewards, group_advantages, informative_groups
 from rpo_engine.config import AlgoConfig, RPOConfig, TrainConfig, config_from_dict
 from rpo_engine.errors import UserError
 from rpo_engine.rewards.shaping import length_aware_accuracy, overlong_penalty
@@ -32,6 +32,34 @@ def test_group_advantages_hand_computed():
                                torch.tensor([0.5, -0.5, -0.5, 0.5]) / (everything.std() + 1e-4))
     with pytest.raises(ValueError, match="scale_rewards must be"):
         group_advantages(rewards, scale_rewards=True)
+
+
+def _gdpo_as_trl_writes_it(per_func, weights, G):
+    """TRL's normalize_then_sum branch (GRPOTrainer), in fp64 on [N * G, K] rewards: per function, within each
+    group, (x - mean) / (unbiased std + 1e-4); the weighted sum; then (s - batch mean) / (batch std + 1e-4)."""
+    grouped = per_func.view(-1, G, per_func.shape[1])
+    mean_k = grouped.mean(dim=1, keepdim=True)
+    std_k = grouped.std(dim=1, keepdim=True)
+    rewards = (((grouped - mean_k) / (std_k + 1e-4)).view(-1, per_func.shape[1]) * weights).sum(1)
+    return ((rewards - rewards.mean()) / (rewards.std() + 1e-4)).view(-1, G)
+
+
+def test_decoupled_rewards_are_trls_normalize_then_sum():
+    """GDPO on fresh scores: 5 groups of 6, three terms (a 0/1 accuracy, a graded score, a penalty) with their
+    weights; one group whose terms are all constant, one where only the penalty varies. The batch-scaled
+    advantages of decoupled_rewards equal TRL's written-out branch; the constant group's are exactly 0."""
+    g = torch.Generator().manual_seed(7)
+    N, G = 5, 6
+    parts = torch.stack([torch.randint(0, 2, (N, G), generator=g).double(), torch.rand(N, G, generator=g,
+                         dtype=torch.float64), -torch.rand(N, G, generator=g, dtype=torch.float64)], -1)
+    parts[1] = parts[1, :1]  # every term constant over the group
+    parts[2, :, :2] = parts[2, :1, :2]  # only the penalty varies
+    weights = torch.tensor([1.0, 0.3, 0.5], dtype=torch.float64)
+    sums = decoupled_rewards(parts, weights)
+    ours = group_advantages(sums, "batch", sums)
+    torch.testing.assert_close(ours, _gdpo_as_trl_writes_it(parts.view(-1, 3), weights, G), rtol=1e-9, atol=1e-9)
+    assert torch.equal(ours[1], torch.zeros(G)) and bool((ours[2] != 0).all())
+    assert torch.allclose(sums.mean(1), torch.zeros(N, dtype=torch.float64), atol=1e-12)  # centered in each group
 
 
 def test_group_advantages_equal_rewards_are_exactly_zero():
@@ -315,6 +343,7 @@ def test_algo_defaults():
     ({"adam_beta2": 1.0}, r"--adam-beta1 and --adam-beta2 must be in \[0, 1\)"),
     ({"adam_epsilon": 0}, "--adam-epsilon must be > 0"),
     ({"reward_workers": -1}, "--reward-workers must be >= 0, got -1"),
+    ({"multi_objective_aggregation": "mean"}, "--multi-objective-aggregation must be one of"),
     ({"steps": "ten"}, "steps must be an integer, got 'ten'"),  # a YAML file's values arrive untyped
     ({"steps": 2.5}, "steps must be an integer"),
     ({"rpo": "no"}, "rpo must be true or false"),

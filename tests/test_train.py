@@ -221,6 +221,42 @@ def test_several_rewards_add_their_weighted_scores(tiny_model_dir):
     assert m["reward_mean"] == pytest.approx(2 * means[0] + 0.25 * means[1]) and means[1] > 0
 
 
+def test_gdpo_normalizes_each_reward_term_before_the_sum(tiny_model_dir):
+    """--multi-objective-aggregation normalize_then_sum: a step's advantages are each group's terms (the
+    length-shaped accuracy, a second function, the format bonus, the overlong penalty) normalized within the
+    group, summed with their weights, over the kept groups' std; the reward itself is still the weighted sum."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.rewards import format_reward
+    from rpo_engine.train import build_trainer
+    from tests.test_algos import _gdpo_as_trl_writes_it
+
+    trainer = build_trainer(parse_args([
+        "--model", str(tiny_model_dir), "--reward", "tests.reward_fns:hash_reward,tests.reward_fns:length_reward",
+        "--reward-weights", "1,0.25", "--format-reward-weight", "0.5", "--overlong-buffer", "8",
+        "--multi-objective-aggregation", "normalize_then_sum", "--prompts-per-step", "3", "--num-generations", "4",
+        "--max-completion-length", "24", "--train-size", "3", "--eval-size", "2", "--no-rpo"]))
+    assert trainer.reward_terms() == [1.0, 0.25, 0.5, 1.0]
+    seen, update = [], trainer.update
+
+    def spy(groups, *args, **kwargs):
+        seen.extend(groups)
+        return update(groups, *args, **kwargs)
+
+    trainer.update = spy
+    trainer.step()
+    assert len(seen) == 3
+    for g in seen:
+        texts = [trainer.tokenizer.decode(g.answer_ids(i), skip_special_tokens=True) for i in range(4)]
+        assert g.terms[2] == [format_reward(t) for t in texts] and len(g.terms) == 4
+        assert g.rewards == pytest.approx([sum(w * t[i] for w, t in zip(trainer.reward_terms(), g.terms))
+                                           for i in range(4)])
+    per_func = torch.tensor([[t[i] for t in g.terms] for g in seen for i in range(4)], dtype=torch.float64)
+    expected = _gdpo_as_trl_writes_it(per_func, torch.tensor(trainer.reward_terms(), dtype=torch.float64), 4)
+    torch.testing.assert_close(torch.tensor([g.advantages for g in seen], dtype=torch.float64), expected,
+                               rtol=1e-5, atol=1e-5)
+    assert any(any(g.advantages) for g in seen)
+
+
 def test_rpo_generates_fewer_tokens_than_full_path(tmp_path, tiny_model_dir):
     rpo, full = tmp_path / "rpo", tmp_path / "full"
     # three training prompts, three per step: every prompt recurs each step

@@ -30,6 +30,17 @@ def group_advantages(rewards: torch.Tensor, scale_rewards: str = "group",
     return centered / (rewards.std(dim=1, keepdim=True) + ADVANTAGE_EPS)
 
 
+def decoupled_rewards(parts: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """GDPO's normalize-then-sum (arXiv 2601.05242; TRL's multi_objective_aggregation="normalize_then_sum"):
+    parts [num_groups, G, K], each of the K reward terms' unweighted scores; each term normalized within its
+    group, (x - mean) / (std + eps) (a term constant over the group gives 0), then summed with `weights` [K]
+    -> [num_groups, G]. Each group's sum has mean 0, so the method's advantages are these over the whole
+    batch's std: group_advantages(sums, "batch", every sum of the batch)."""
+    centered = parts - parts.mean(dim=1, keepdim=True)
+    std = parts.std(dim=1, keepdim=True) if parts.shape[1] > 1 else torch.zeros_like(centered)
+    return (centered / (std + ADVANTAGE_EPS) * weights).sum(-1)
+
+
 def informative_groups(rewards: torch.Tensor) -> torch.Tensor:
     """DAPO dynamic sampling: bool [num_groups], False where every reward of the group is equal
     (its advantages are all zero, so it would only dilute the batch)."""
