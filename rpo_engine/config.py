@@ -239,6 +239,7 @@ class AlgoConfig:
 class TrainConfig:
     model: str | None = field(default=None, metadata={"help": "Hugging Face model directory (default: the built-in starter model)"})
     dataset: str | None = field(default=None, metadata={"help": "JSONL/Parquet rows with prompt and answer, or a `datasets` save_to_disk directory (default: the built-in arithmetic task)"})
+    shuffle_dataset: bool = field(default=True, metadata={"help": "each epoch in a fresh order, seeded by --seed and the epoch (TRL's name; --no-shuffle-dataset: the dataset's own order, e.g. a curriculum)"})
     train_size: int = field(default=64, metadata={"help": "built-in task: training problems; each recurs every train_size / prompts_per_step steps, where RPO's cache pays off"})
     eval_dataset: str | None = field(default=None, metadata={"help": "held-out rows for eval (default: the built-in task's eval split, or none)"})
     output: str = field(default="runs/default", metadata={"help": "output directory (metrics.jsonl, checkpoints, final/)"})

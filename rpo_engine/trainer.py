@@ -128,8 +128,11 @@ class Trainer:
 
     def row_at(self, position: int) -> dict:
         """The training row handed out at `position` (counted over all epochs). Each epoch's order is a
-        shuffle seeded by (run seed, epoch), so rows can be read ahead without touching any RNG."""
+        shuffle seeded by (run seed, epoch), so rows can be read ahead without touching any RNG; with
+        --no-shuffle-dataset, the file's order."""
         epoch, index = divmod(position, len(self.train_rows))
+        if not self.config.shuffle_dataset:
+            return self.train_rows[index]
         if epoch not in self.epoch_orders:
             order = list(range(len(self.train_rows)))
             random.Random(self.config.seed * 1_000_003 + epoch).shuffle(order)

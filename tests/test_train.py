@@ -1240,6 +1240,13 @@ def test_data_order_reads_ahead_exactly(tmp_path, tiny_model_dir):
         seen += [r["id"] for r in rows]
     assert sorted(seen[:5]) == sorted(seen[5:10])  # each epoch is a permutation of the 5 rows
     assert seen[:5] != seen[5:10]  # reshuffled (seed 3 gives different orders)
+    assert seen[:5] != [r["id"] for r in trainer.train_rows]
+    # --no-shuffle-dataset (TRL's shuffle_dataset=False): the dataset's order, epoch after epoch
+    trainer = build_trainer(parse_args(["--model", str(tiny_model_dir), "--train-size", "5", "--output",
+                                        str(tmp_path), "--seed", "3", "--no-shuffle-dataset"]))
+    assert trainer.peek_rows(3) == trainer.next_rows(3)
+    in_order = [r["id"] for r in trainer.train_rows]
+    assert [r["id"] for r in trainer.next_rows(9)] == in_order[3:] + in_order + in_order[:2]
 
 
 def test_broken_checkpoint_is_a_user_error(tmp_path, tiny_model_dir):
