@@ -39,3 +39,10 @@ def slow_reward(completion_text: str, answer: str) -> float:
 
     time.sleep(0.5)
     return 0.0
+
+
+def exiting_reward(completion_text: str, answer: str) -> float:
+    """A reward that ends its process (as a crash in native code would)."""
+    import os
+
+    os._exit(3)

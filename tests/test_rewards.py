@@ -331,6 +331,9 @@ def test_reward_pool_reports_a_user_functions_mistake():
         with pytest.raises(UserError, match="failing_reward"):
             pool.score(1, ["x"], ["42"])
         assert pool.score(0, [], []) == []  # the workers live on
+    with RewardPool({0: "tests.reward_fns:exiting_reward"}, workers=1) as pool:
+        with pytest.raises(UserError, match="exiting_reward.*a --reward-workers process died"):
+            pool.score(0, ["x"], ["42"])
 
 
 def test_reward_pool_left_on_an_error_stops_its_workers_at_once():

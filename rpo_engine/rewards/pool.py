@@ -18,7 +18,10 @@ guard: each worker imports the script's main module.
 from __future__ import annotations
 
 import concurrent.futures
+import concurrent.futures.process
 import multiprocessing
+
+from rpo_engine.errors import UserError
 
 _FUNCTIONS: dict[int, object] = {}  # in a worker: the pooled functions, by their index among --reward's
 
@@ -65,9 +68,14 @@ class RewardPool:
         # Several chunks a worker, so one slow completion (a math-verify timeout) holds up little else.
         size = max(1, -(-len(texts) // (4 * self.workers)))
         starts = range(0, len(texts), size)
-        parts = self.executor.map(_score, [index] * len(starts), [texts[i:i + size] for i in starts],
-                                  [answers[i:i + size] for i in starts])
-        return [score for part in parts for score in part]
+        try:
+            parts = self.executor.map(_score, [index] * len(starts), [texts[i:i + size] for i in starts],
+                                      [answers[i:i + size] for i in starts])
+            return [score for part in parts for score in part]
+        except concurrent.futures.process.BrokenProcessPool:
+            raise UserError(f"reward function {self.names[index]!r}: a --reward-workers process died while "
+                            f"scoring (a crash or an exit in the function, or out of memory); without "
+                            f"--reward-workers its error shows here") from None
 
     def close(self, wait: bool = True) -> None:
         """Shut the workers down once their calls in flight are done, or (`wait=False`: an error or an
