@@ -28,6 +28,7 @@ IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"
 RATIO_LEVELS = ("token", "sequence")  # TRL's importance_sampling_level: GRPO's per-token ratio, GSPO's per sequence
 SCALE_REWARDS = ("group", "batch", "none")
 AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")  # TRL's multi_objective_aggregation
+FILTER_METRICS = ("acc", "reward")  # verl's algorithm.filter_groups.metric (its acc and seq_reward)
 UNVERIFIED_CUTS = ("uniform", "least-likely", "full")
 # Hugging Face's lr_scheduler_type names (the warmup is ours in each: it starts above 0, see optim.lr_multiplier)
 LR_SCHEDULERS = ("cosine_with_min_lr", "cosine", "linear", "constant", "constant_with_warmup")
@@ -121,7 +122,8 @@ class AlgoConfig:
     ppo_mini_batch_size: int | None = field(default=None, metadata={"help": "prompts (groups) per optimizer step: each pass splits the rollout batch into ceil(groups / this) mini-batches, one optimizer step each, the ratio taken against the rollout's log-probs (verl's name; TRL's steps_per_generation = that many x gradient_accumulation_steps) (default: the whole batch, one step a pass)"})
     multi_objective_aggregation: str = field(default="sum_then_normalize", metadata={"help": "how several reward terms (the --reward functions, the format bonus, the overlong penalty) make the advantage (TRL's name and values): sum_then_normalize adds their weighted scores, then --scale-rewards applies; normalize_then_sum (GDPO) normalizes each term within its group first, sums them weighted, and scales by the batch's std (--scale-rewards does not apply)"})
     scale_rewards: str = field(default="group", metadata={"help": "divide each advantage r - group mean by the std of the group's rewards (group), of the whole batch's (batch: Lite PPO) or by nothing (none: Dr.GRPO) (TRL's name and values; true / false in YAML: group / none)"})
-    dynamic_sampling: bool | None = field(default=None, metadata={"help": "drop groups with equal rewards and resample (default: dapo on)"})
+    dynamic_sampling: bool | None = field(default=None, metadata={"help": "drop groups without signal and sample more prompts (default: dapo on)"})
+    dynamic_sampling_metric: str = field(default="acc", metadata={"help": f"which groups dynamic sampling drops (verl's filter_groups.metric): {FILTER_METRICS}; acc: those whose answers are all right or all wrong (the DAPO paper's rule); reward: those whose rewards are all equal (a length penalty or bonus can tell apart answers that are all wrong)"})
     max_resample_rounds: int = field(default=3, metadata={"help": "extra sampling rounds allowed to fill a dynamic-sampling batch"})
     overlong_buffer: int | None = field(default=None, metadata={"help": "soft overlong penalty over the last N budget tokens (default: dapo L/4, grpo 0)"})
     overlong_penalty: float = field(default=1.0, metadata={"help": "reward subtracted at the very end of the overlong buffer"})
@@ -189,6 +191,8 @@ class AlgoConfig:
         _check(self.ppo_mini_batch_size is None or self.ppo_mini_batch_size >= 1,
                f"--ppo-mini-batch-size must be >= 1, got {self.ppo_mini_batch_size}")
         _check(self.max_resample_rounds >= 0, f"--max-resample-rounds must be >= 0, got {self.max_resample_rounds}")
+        _check(self.dynamic_sampling_metric in FILTER_METRICS,
+               f"--dynamic-sampling-metric must be one of {FILTER_METRICS}, got {self.dynamic_sampling_metric!r}")
         _check(self.overlong_buffer is None or self.overlong_buffer >= 0, "--overlong-buffer must be >= 0")
         _check(self.importance_sampling_mode in IS_MODES,
                f"--importance-sampling-mode must be one of {IS_MODES}, got {self.importance_sampling_mode!r}")

@@ -691,8 +691,9 @@ class Trainer:
             if self.rpo.rpo:
                 self.update_cache(rows, groups, [r[0] for r in results], [r[1] for r in results])
             informative = [True] * len(results)
-            if algo.dynamic_sampling:
-                informative = informative_groups(torch.tensor([r[5] for r in results])).tolist()
+            if algo.dynamic_sampling:  # DAPO: a group is kept when its answers are neither all right nor all wrong
+                signal = [r[1] if algo.dynamic_sampling_metric == "acc" else r[5] for r in results]
+                informative = informative_groups(torch.tensor([[float(x) for x in v] for v in signal])).tolist()
             mine = self.dist.share(len(rows))
             kept_groups += [g for g, keep in zip(groups, informative[mine.start:mine.stop]) if keep]
             # each of this rank's kept groups' place among every rank's (the update's mini-batches follow it)

@@ -344,6 +344,7 @@ def test_algo_defaults():
     ({"adam_epsilon": 0}, "--adam-epsilon must be > 0"),
     ({"reward_workers": -1}, "--reward-workers must be >= 0, got -1"),
     ({"multi_objective_aggregation": "mean"}, "--multi-objective-aggregation must be one of"),
+    ({"dynamic_sampling_metric": "score"}, "--dynamic-sampling-metric must be one of"),
     ({"steps": "ten"}, "steps must be an integer, got 'ten'"),  # a YAML file's values arrive untyped
     ({"steps": 2.5}, "steps must be an integer"),
     ({"rpo": "no"}, "rpo must be true or false"),
