@@ -661,7 +661,7 @@ class Trainer:
         start = time.perf_counter()
         self.sync_rollout_weights()
         before = self.engine_counters()
-        # 1. rollout (DAPO: keep sampling until the batch has enough groups with distinct rewards).
+        # 1. rollout (DAPO: keep sampling until the batch has enough groups with signal: answers neither all right nor all wrong).
         # Ranks roll out their share of each round's rows; `kept` counts every rank's kept groups,
         # `kept_groups` are this rank's (the round asks for at most what is missing, so never too many).
         kept_groups, kept_positions, kept = [], [], []
@@ -715,7 +715,7 @@ class Trainer:
         update_start = time.perf_counter()
         if kept:  # every rank updates, or none (a rank with no kept group joins with a zero-weight pass)
             stats = self.update(kept_groups, positions=kept_positions)
-        else:  # DAPO found no group with distinct rewards within its resampling bound: nothing to learn
+        else:  # DAPO found no group with signal within its resampling bound: nothing to learn
             stats = dict.fromkeys(("loss", "clip_frac", "clip_low_frac", "clip_high_frac", "kl", "grad_norm",
                                    "num_micro_batches", "prefix_shared_groups"), 0.0)
             stats["skipped_updates"] = algo.num_iterations
