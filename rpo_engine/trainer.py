@@ -661,7 +661,7 @@ class Trainer:
         start = time.perf_counter()
         self.sync_rollout_weights()
         before = self.engine_counters()
-        # 1. rollout (DAPO: keep sampling until the batch has enough groups with signal: answers neither all right nor all wrong).
+        # 1. rollout (DAPO: keep sampling until the batch has enough groups with signal: accuracy scores not all equal).
         # Ranks roll out their share of each round's rows; `kept` counts every rank's kept groups,
         # `kept_groups` are this rank's (the round asks for at most what is missing, so never too many).
         kept_groups, kept_positions, kept = [], [], []
@@ -680,7 +680,7 @@ class Trainer:
             self.score_groups(groups)
             results = [r for part in self.dist.gather([(g.rewards, g.correct, [len(s) for s in g.suffix_ids],
                                                         g.finish_reasons.count("length"), [sum(x) for x in g.scores],
-                                                        self.advantage_rewards(g))
+                                                        self.advantage_rewards(g), g.scores[0])
                                                        for g in groups])
                        for r in part]
             all_rewards += [x for r in results for x in r[0]]
@@ -691,9 +691,9 @@ class Trainer:
             if self.rpo.rpo:
                 self.update_cache(rows, groups, [r[0] for r in results], [r[1] for r in results])
             informative = [True] * len(results)
-            if algo.dynamic_sampling:  # DAPO: a group is kept when its answers are neither all right nor all wrong
-                signal = [r[1] if algo.dynamic_sampling_metric == "acc" else r[5] for r in results]
-                informative = informative_groups(torch.tensor([[float(x) for x in v] for v in signal])).tolist()
+            if algo.dynamic_sampling:  # DAPO: a group is kept when its accuracy scores differ (not all right or wrong)
+                signal = [r[6] if algo.dynamic_sampling_metric == "acc" else r[5] for r in results]
+                informative = informative_groups(torch.tensor(signal)).tolist()
             mine = self.dist.share(len(rows))
             kept_groups += [g for g, keep in zip(groups, informative[mine.start:mine.stop]) if keep]
             # each of this rank's kept groups' place among every rank's (the update's mini-batches follow it)

@@ -376,14 +376,18 @@ def test_dapo_dynamic_sampling_is_bounded(tmp_path, tiny_model_dir):
     assert m["entropy"] is None and m["logprob_mismatch"] is None  # no token was trained, none measured
     # all wrong but told apart by a second reward (a length score): DAPO's rule (acc, the default) drops those
     # groups as it would all-wrong ones; --dynamic-sampling-metric reward keeps them
-    common = ["--model", tiny_model_dir, "--steps", 1, "--algo", "dapo", "--eval-steps", 0, "--overlong-buffer", 0,
-              "--reward", "exact,tests.reward_fns:length_reward", *SMALL]
+    dapo = ["--model", tiny_model_dir, "--steps", 1, "--algo", "dapo", "--eval-steps", 0, "--overlong-buffer", 0, *SMALL]
+    common = [*dapo, "--reward", "exact,tests.reward_fns:length_reward"]
     run_train(*common, "--output", tmp_path / "acc")
     run_train(*common, "--output", tmp_path / "reward", "--dynamic-sampling-metric", "reward")
     by_acc, by_reward = read_metrics(tmp_path / "acc")[0], read_metrics(tmp_path / "reward")[0]
     assert by_acc["reward_std"] > 0 and by_acc["accuracy_mean"] == 0.0
     assert by_acc["num_groups_trained"] == 0 and by_acc["num_prompts_sampled"] == 3 * (1 + 3)
     assert by_reward["num_groups_trained"] == 3 and by_reward["num_prompts_sampled"] == 3
+    # a graded accuracy (never full marks, so never "right"): its scores differ, so the groups carry signal
+    run_train(*dapo, "--reward", "tests.reward_fns:length_reward", "--output", tmp_path / "graded")
+    m = read_metrics(tmp_path / "graded")[0]
+    assert m["accuracy_mean"] == 0.0 and m["num_groups_trained"] == 3 and m["num_prompts_sampled"] == 3
 
 
 def test_kl_to_reference(tmp_path, tiny_model_dir):
