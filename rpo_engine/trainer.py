@@ -26,6 +26,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -37,7 +38,7 @@ from rpo_engine.kernels import policy_loss
 from rpo_engine.model.lora import adapters_disabled, lora_settings, save_adapter
 from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, plan_micro_batches
 from rpo_engine.optim import lr_multiplier, make_adamw
-from rpo_engine.rewards.answers import is_correct, score_completions
+from rpo_engine.rewards.answers import is_correct, score_groups
 from rpo_engine.rewards.pool import PooledReward
 from rpo_engine.rewards.shaping import length_aware_accuracy, overlong_penalty
 from rpo_engine.rpo.cache import ExperienceCache
@@ -66,6 +67,17 @@ class Group:
     def answer_logprobs(self, i: int) -> list[float] | None:
         """Each answer token's sampling log-prob (None when the kept part's are not known)."""
         return None if self.kept_logprobs is None else self.kept_logprobs + self.suffix_logprobs[i]
+
+
+class GroupResult(NamedTuple):
+    """What every rank learns of each group of a round (gathered from the rank that generated it)."""
+    rewards: list[float]
+    correct: list[bool]
+    suffix_lens: list[int]
+    truncated: int  # samples that ran out of budget
+    score_sums: list[float]  # each reward function's scores, summed over the samples
+    advantage_rewards: list[float]  # what the advantages are taken from (Trainer.advantage_rewards)
+    accuracy: list[float]  # the accuracy function's scores, before shaping (DAPO's filter)
 
 
 class Trainer:
@@ -248,13 +260,8 @@ class Trainer:
         called per group (a TRL-style one, or a reward model, once per group), in this process."""
         answers = [[g.answer_ids(i) for i in range(len(g.suffix_ids))] for g in groups]
         texts = [[self.tokenizer.decode(ids, skip_special_tokens=True) for ids in group] for group in answers]
-        scores = []  # [function][group][sample]
-        for index, fn in enumerate([self.reward_fn, *self.extra_rewards]):
-            if isinstance(fn, PooledReward):
-                scores.append(fn.score_groups(texts, [g.row for g in groups]))
-            else:
-                scores.append([score_completions(fn, t, [g.row] * len(t), a, none_as_zero=index > 0)
-                               for g, t, a in zip(groups, texts, answers)])
+        scores = [score_groups(fn, texts, [g.row for g in groups], answers, none_as_zero=index > 0)
+                  for index, fn in enumerate([self.reward_fn, *self.extra_rewards])]  # [function][group][sample]
         for j, g in enumerate(groups):
             self.shape_rewards(g, [len(ids) for ids in answers[j]], texts[j], [s[j] for s in scores])
 
@@ -278,9 +285,10 @@ class Trainer:
 
             group.terms.append([format_reward(t) for t in texts])
             rewards = [r + c.format_reward_weight * f for r, f in zip(rewards, group.terms[-1])]
-        if self.overlong_buffer():
-            group.terms.append([overlong_penalty(n, c.max_completion_length, self.overlong_buffer(),
-                                                 self.algo.overlong_penalty) for n in lengths])
+        buffer = self.overlong_buffer()
+        if buffer:
+            group.terms.append([overlong_penalty(n, c.max_completion_length, buffer, self.algo.overlong_penalty)
+                                for n in lengths])
             rewards = [r + p for r, p in zip(rewards, group.terms[-1])]
         group.rewards = rewards
 
@@ -678,21 +686,21 @@ class Trainer:
             num_prompts += len(rows)
             # 2. rewards; every rank sees every group's (rewards, correct, suffix lengths)
             self.score_groups(groups)
-            results = [r for part in self.dist.gather([(g.rewards, g.correct, [len(s) for s in g.suffix_ids],
-                                                        g.finish_reasons.count("length"), [sum(x) for x in g.scores],
-                                                        self.advantage_rewards(g), g.scores[0])
-                                                       for g in groups])
+            results = [r for part in self.dist.gather([
+                GroupResult(g.rewards, g.correct, [len(s) for s in g.suffix_ids], g.finish_reasons.count("length"),
+                            [sum(x) for x in g.scores], self.advantage_rewards(g), g.scores[0]) for g in groups])
                        for r in part]
-            all_rewards += [x for r in results for x in r[0]]
+            all_rewards += [x for r in results for x in r.rewards]
             for r in results:
-                score_sums = [a + b for a, b in zip(score_sums, r[4])]
-            zero_std += sum(1 for r in results if max(r[0]) == min(r[0]))  # no advantage: no gradient
+                score_sums = [a + b for a, b in zip(score_sums, r.score_sums)]
+            zero_std += sum(1 for r in results if max(r.rewards) == min(r.rewards))  # no advantage: no gradient
             # 3. cache update (every group, kept or not)
             if self.rpo.rpo:
-                self.update_cache(rows, groups, [r[0] for r in results], [r[1] for r in results])
+                self.update_cache(rows, groups, [r.rewards for r in results], [r.correct for r in results])
             informative = [True] * len(results)
             if algo.dynamic_sampling:  # DAPO: a group is kept when its accuracy scores differ (not all right or wrong)
-                signal = [r[6] if algo.dynamic_sampling_metric == "acc" else r[5] for r in results]
+                signal = [r.accuracy if algo.dynamic_sampling_metric == "acc" else r.advantage_rewards
+                          for r in results]
                 informative = informative_groups(torch.tensor(signal)).tolist()
             mine = self.dist.share(len(rows))
             kept_groups += [g for g, keep in zip(groups, informative[mine.start:mine.stop]) if keep]
@@ -708,7 +716,7 @@ class Trainer:
         if kept_groups:
             scale = "batch" if algo.multi_objective_aggregation == "normalize_then_sum" else algo.scale_rewards
             adv = group_advantages(torch.tensor([self.advantage_rewards(g) for g in kept_groups]), scale,
-                                   torch.tensor([x for r in kept for x in r[5]]))  # every rank's kept groups'
+                                   torch.tensor([x for r in kept for x in r.advantage_rewards]))  # every rank's
             for g, a in zip(kept_groups, adv.tolist()):
                 g.advantages = a
         # 5. policy update over the generated suffix tokens
@@ -733,7 +741,7 @@ class Trainer:
         generated, cold_starts, cache_hits, verified, prefill, reused = map(int, self.dist.sum(
             [totals["generated"], totals["cold_starts"], totals["cache_hits"], totals["verified"],
              after["prefill"] - before["prefill"], after["reused"] - before["reused"]]))
-        suffix_lens = [n for r in kept for n in r[2]]
+        suffix_lens = [n for r in kept for n in r.suffix_lens]
         rollout_time, update_time, step_time, decode_steps = self.dist.max(  # the slowest rank's
             [rollout_time, time.perf_counter() - update_start, time.perf_counter() - start,
              after["decode_steps"] - before["decode_steps"]])
@@ -741,13 +749,13 @@ class Trainer:
             "step": self.step_num,
             "reward_mean": sum(all_rewards) / len(all_rewards),
             "reward_std": float(torch.tensor(all_rewards).std()) if len(all_rewards) > 1 else 0.0,
-            "accuracy_mean": sum(x for r in kept for x in r[1]) / max(1, len(kept) * G),
+            "accuracy_mean": sum(x for r in kept for x in r.correct) / max(1, len(kept) * G),
             "rollout_generated_tokens": generated,
             "rollout_prefill_tokens": prefill,
             "rollout_reused_tokens": reused,
             "rollout_decode_steps": int(decode_steps),  # the rollout's depth: its longest completion sets it
             "suffix_len_mean": sum(suffix_lens) / max(1, len(suffix_lens)),
-            "frac_truncated": sum(r[3] for r in kept) / max(1, len(suffix_lens)),  # out of budget (TRL: clipped_ratio)
+            "frac_truncated": sum(r.truncated for r in kept) / max(1, len(suffix_lens)),  # out of budget (TRL: clipped_ratio)
             "num_prompts_sampled": num_prompts,
             "num_groups_trained": len(kept),
             "frac_reward_zero_std": zero_std / num_prompts,
@@ -951,10 +959,7 @@ def sampled_graded(engine, tokenizer, rows, reward_fn, prompt_ids, params,
     outs = engine.generate(prompt_ids, params, progress=progress) if prompt_ids else []
     ids = [[c.token_ids for c in samples] for samples in outs]
     texts = [[tokenizer.decode(i, skip_special_tokens=True) for i in row_ids] for row_ids in ids]
-    if isinstance(reward_fn, PooledReward):  # every row's samples in one call, over the pool's workers
-        rewards = reward_fn.score_groups(texts, rows)
-    else:  # one row at a time (a TRL-style function: once per row's samples)
-        rewards = [score_completions(reward_fn, t, [row] * len(t), i) for row, t, i in zip(rows, texts, ids)]
+    rewards = score_groups(reward_fn, texts, rows, ids)  # a row's samples are a group
     return [[(text, reward, is_correct(reward)) for text, reward in zip(row_texts, row_rewards)]
             for row_texts, row_rewards in zip(texts, rewards)]
 

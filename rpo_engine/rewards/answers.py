@@ -35,6 +35,7 @@ __all__ = [
     "load_reward_fn",
     "is_correct",
     "score_completions",
+    "score_groups",
     "TRLStyleReward",
     "BUILTIN_REWARDS",
 ]
@@ -301,6 +302,22 @@ def score_completions(reward_fn, texts: list[str], rows: list[dict],
     if isinstance(reward_fn, (TRLStyleReward, RewardModel, PooledReward)):  # one call for all
         return reward_fn.score(texts, rows, completion_ids, none_as_zero)
     return [float(reward_fn(text, row["answer"])) for text, row in zip(texts, rows)]
+
+
+def score_groups(reward_fn, texts: list[list[str]], rows: list[dict],
+                 completion_ids: list[list[list[int]]] | None = None, none_as_zero: bool = False) -> list[list[float]]:
+    """Rewards of several groups of completions, group j's `texts[j]` answering `rows[j]`: a PooledReward
+    scores every group in one call, spread over its workers; any other function group by group
+    (`score_completions`: a TRL-style function or a reward model once per group)."""
+    from rpo_engine.rewards.pool import PooledReward
+
+    if isinstance(reward_fn, PooledReward):
+        flat = iter(reward_fn.score([t for group in texts for t in group],
+                                    [row for row, group in zip(rows, texts) for _ in group]))
+        return [[next(flat) for _ in group] for group in texts]
+    ids = completion_ids if completion_ids is not None else [None] * len(texts)
+    return [score_completions(reward_fn, group, [row] * len(group), group_ids, none_as_zero)
+            for group, row, group_ids in zip(texts, rows, ids)]
 
 
 def checked_reward(fn, name: str):

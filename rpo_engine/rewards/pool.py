@@ -99,7 +99,7 @@ class RewardPool:
 class PooledReward:
     """Reward function `fn`, the pool's function `index`: called on one completion it is `fn` (here, in this
     process); `score(texts, rows)` scores many at once over the pool's workers, which is how the trainer and
-    eval call it (score_completions). It keeps `fn`'s name, for the metrics."""
+    eval call it (answers.score_groups). It keeps `fn`'s name, for the metrics."""
 
     def __init__(self, pool: RewardPool, index: int, fn):
         self.pool, self.index, self.fn = pool, index, fn
@@ -110,9 +110,3 @@ class PooledReward:
 
     def score(self, texts: list[str], rows: list[dict], completion_ids=None, none_as_zero: bool = False) -> list[float]:
         return self.pool.score(self.index, list(texts), [row["answer"] for row in rows])
-
-    def score_groups(self, texts: list[list[str]], rows: list[dict]) -> list[list[float]]:
-        """Each group's scores, group j's texts answering rows[j]: every group in one call."""
-        flat = iter(self.score([t for group in texts for t in group],
-                               [row for row, group in zip(rows, texts) for _ in group]))
-        return [[next(flat) for _ in group] for group in texts]
