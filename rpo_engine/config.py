@@ -51,6 +51,15 @@ def _check(cond: bool, message: str):
         raise UserError(message)
 
 
+def _check_finite(config) -> None:
+    """Every float option a finite number: a NaN passes every `x > 0` check as False and every `x <= 1` too,
+    so without this `--weight-decay nan` trained to NaN weights without a word."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+
+
 @dataclass
 class RPOConfig:
     """Partial Reasoning Optimization: regenerate only the tail of each prompt's cached reasoning path."""
@@ -82,6 +91,7 @@ class RPOConfig:
     length_alpha: float = field(default=0.1, metadata={"help": "sigmoid slope of the length-aware reward"})
 
     def __post_init__(self):
+        _check_finite(self)
         _check(self.rpo_min_cut >= 1, f"--rpo-min-cut must be >= 1, got {self.rpo_min_cut}")
         _check(self.rpo_max_cut >= self.rpo_min_cut,
                f"--rpo-max-cut ({self.rpo_max_cut}) must be >= --rpo-min-cut ({self.rpo_min_cut})")
@@ -143,6 +153,7 @@ class AlgoConfig:
     mask_truncated_completions: bool = field(default=False, metadata={"help": "leave completions that ran out of budget (no EOS; with RPO, the suffix's budget) out of the loss, still counted in their group's advantages (TRL's name; DAPO's overlong filtering)"})
 
     def __post_init__(self):
+        _check_finite(self)
         _check(self.algo in ("grpo", "dapo"), f"--algo must be grpo or dapo, got {self.algo!r}")
         dapo = self.algo == "dapo"
         if self.loss_type == "cispo":  # TRL's convention: epsilon_high is the cap of the weight itself
@@ -266,7 +277,7 @@ class TrainConfig:
     adam_beta2: float = field(default=0.99, metadata={"help": "AdamW beta2 (Hugging Face's default is 0.999)"})
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient's global norm to this (0: no clipping)"})
     micro_batch_tokens: int = field(default=16384, metadata={"help": "token budget of one forward/backward micro-batch (a shared prefix counts once)"})
     prefix_sharing: bool = field(default=True, metadata={"help": "run each group's shared prefix once in the update's forward/backward (--no-prefix-sharing: one padded row per sample)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
@@ -297,6 +308,7 @@ class TrainConfig:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
 
     def __post_init__(self):
+        _check_finite(self)
         for name in ("steps", "train_size", "prompts_per_step", "num_generations", "max_prompt_length", "max_completion_length",
                      "micro_batch_tokens", "eval_size"):
             _check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -313,6 +325,9 @@ class TrainConfig:
         _check(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1,
                f"--adam-beta1 and --adam-beta2 must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
         _check(self.adam_epsilon > 0, f"--adam-epsilon must be > 0, got {self.adam_epsilon}")
+        _check(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        # 0 turns clipping off, as in Hugging Face's Trainer; a negative bound would flip the gradient's sign
+        _check(self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0 (0: no clipping), got {self.max_grad_norm}")
         _check(self.eval_steps >= 0 and self.save_steps >= 0, "--eval-steps and --save-steps must be >= 0")
         _check(self.reward_workers >= 0, f"--reward-workers must be >= 0, got {self.reward_workers}")
         _check(self.save_total_limit >= 0, f"--save-total-limit must be >= 0, got {self.save_total_limit}")
@@ -366,8 +381,15 @@ def _is_bool(f) -> bool:
     return f.type in ("bool", "bool | None", bool)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line (a UserError: exit 2), not the whole usage: train's runs to 100 lines."""
+
+    def error(self, message):
+        raise UserError(f"{message} (python {self.prog.removeprefix('python ')} --help lists every option)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m rpo_engine.train",
         description="GRPO/DAPO fine-tuning with RPO (partial reasoning optimization). "
                     "With no arguments: the built-in arithmetic task on the built-in starter model.")

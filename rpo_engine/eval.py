@@ -8,7 +8,6 @@ samples) and reports their mean accuracy (avg@K) and the fraction of rows with a
 """
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -19,18 +18,20 @@ from rpo_engine.errors import UserError, run_cli
 
 def main(argv=None) -> int:
     import rpo_engine
-    from rpo_engine.config import config_from_dict
+    from rpo_engine.config import OneLineParser, config_from_dict
     from rpo_engine.model.lora import load_adapter
     from rpo_engine.rollout import RolloutEngine, SamplingParams
     from rpo_engine.train import load_rows, resolve_device, resolve_reward, reward_pool
     from rpo_engine.trainer import chat_template_kwargs, encode_prompt, prompt_token_limit, sampled_graded, stop_ids
 
-    parser = argparse.ArgumentParser(prog="python -m rpo_engine.eval", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m rpo_engine.eval", description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="Hugging Face model directory (default: the built-in starter model)")
     parser.add_argument("--adapter", help="a LoRA adapter directory (PEFT's layout, e.g. a run's final-adapter/) applied to "
                                            "--model (default: none)")
     parser.add_argument("--dataset", help="JSONL/Parquet rows with prompt and answer, or a `datasets` save_to_disk directory (default: built-in eval split)")
     parser.add_argument("--eval-size", type=int, default=512, help="most rows to evaluate (default: 512)")
+    parser.add_argument("--max-prompt-length", type=int, default=512,
+                        help="longest prompt in tokens, as in training; longer is an error (default: 512)")
     parser.add_argument("--max-completion-length", type=int, default=320, help="token budget of each completion (default: 320)")
     parser.add_argument("--reward", default="auto", help="exact | math | module:function (default: auto: exact for the built-in task, math otherwise)")
     parser.add_argument("--reward-workers", type=int, default=0,
@@ -65,6 +66,7 @@ def main(argv=None) -> int:
 
     # The same option checks and loaders as training: the dataset is the eval set here.
     config = config_from_dict({"model": args.model, "eval_dataset": args.dataset, "eval_size": args.eval_size,
+                               "max_prompt_length": args.max_prompt_length,
                                "max_completion_length": args.max_completion_length, "reward": args.reward,
                                "device": args.device, "chat_template_kwargs": args.chat_template_kwargs,
                                "reward_workers": args.reward_workers})
@@ -97,7 +99,8 @@ def main(argv=None) -> int:
         try:
             with open(output, "x") as f:
                 for row, samples in zip(rows, graded):
-                    record = {"id": row["id"], "prompt": row["prompt"], "answer": row["answer"]}
+                    # the dataset's own id (load_rows prefixes eval rows' ids to keep them apart from training's)
+                    record = {"id": row["id"].removeprefix("eval:"), "prompt": row["prompt"], "answer": row["answer"]}
                     if args.num_samples == 1:
                         (text, reward, right), = samples
                         record.update(completion=text, reward=reward, correct=right)

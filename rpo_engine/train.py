@@ -120,6 +120,30 @@ def check_output_dir(output: Path) -> None:
         raise UserError(f"{existing}: not writable (--output {output})")
 
 
+# what a run writes at the top of --output: finding one of them without metrics.jsonl means the directory is
+# something else (a model's: its config.json would be overwritten by the run's options)
+RUN_FILES = ("config.json", "curves.png", "completions.jsonl", "final", "final-adapter", "checkpoints")
+
+
+def check_not_foreign(output: Path) -> None:
+    """--output, not a run's directory, is new or holds none of what a run writes: never a model directory or
+    other data that the run would overwrite."""
+    clashes = [name for name in RUN_FILES if (output / name).exists()]
+    if clashes:
+        raise UserError(f"{output}: holds {', '.join(clashes)} but no run of rpo_engine (metrics.jsonl, a "
+                        f"checkpoint), so a run would overwrite them (is it a model directory?); pass another --output")
+
+
+def load_error_reason(e: Exception) -> str:
+    """Why torch.load failed, in a line. Its weights-only refusal suggests loading with weights_only=False, which
+    is no advice for a corrupt or foreign file (and would run whatever it holds): keep only the unpickler's reason."""
+    text = str(e).strip()
+    if isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in text:
+        reason = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines() if "WeightsUnpickler error:" in text else []
+        return "unreadable as a weights-only torch file" + (f": {reason[0].split('. ')[0]}" if reason else "")
+    return f"{type(e).__name__}: {next(iter(text.splitlines()), '')}"  # torch's load errors run to many lines
+
+
 def complete_checkpoints(output: Path) -> list[Path]:
     """OUTPUT/checkpoints/step-N directories that were fully written, oldest first."""
     ckpts = sorted((output / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
@@ -236,11 +260,20 @@ def train(config: TrainConfig, dist: Dist) -> int:
     output = Path(config.output)
     check_output_dir(output)
     metrics_path = output / "metrics.jsonl"
-    if metrics_path.exists() and not config.resume:
-        raise UserError(f"{output}: already holds a run (metrics.jsonl); pass --resume or another --output")
-    checkpoint = latest_checkpoint(output) if config.resume else None
-    if config.resume and checkpoint is None and metrics_path.exists():
-        raise UserError(f"{output}: --resume found no complete checkpoint")
+    found = latest_checkpoint(output)
+    if metrics_path.exists() or found:  # a run's directory
+        if not config.resume:
+            raise UserError(f"{output}: already holds a run; pass --resume or another --output" if found
+                            else f"{output}: holds a run that stopped before its first checkpoint (metrics.jsonl, no "
+                                 f"checkpoints/step-N); remove it or pass another --output")
+        if found is None:
+            raise UserError(f"{output}: --resume found no complete checkpoint (the run stopped before its first "
+                            f"--save-steps); remove the directory to start again")
+    else:
+        check_not_foreign(output)
+        if config.resume and dist.is_main:  # resume-or-start, as a preempted job's command reruns as it is
+            print(f"--resume: {output} holds no run yet; starting a new one")
+    checkpoint = found if config.resume else None
     if len(set(dist.gather(str(checkpoint)))) > 1:  # also: every rank has looked before rank 0 writes
         raise UserError(f"{output}: the ranks see different checkpoints; --output must be on a filesystem every node shares")
 
@@ -253,9 +286,8 @@ def train(config: TrainConfig, dist: Dist) -> int:
         try:
             trainer.load_state_dict(torch.load(checkpoint / "trainer_state.pt", weights_only=True))
         except (KeyError, TypeError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
-            first_line = next(iter(str(e).strip().splitlines()), "")  # torch's load errors run to many lines
             raise UserError(f"{checkpoint / 'trainer_state.pt'}: not a checkpoint this rpo_engine can resume "
-                            f"({type(e).__name__}: {first_line})") from None
+                            f"({load_error_reason(e)})") from None
         if main_rank:  # the log loses the steps after the checkpoint: this run writes them again
             records = truncate_log(metrics_path, trainer.step_num, keep=True)
             print(f"resumed from {checkpoint} at step {trainer.step_num}" +

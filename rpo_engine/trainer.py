@@ -93,6 +93,7 @@ class Trainer:
         self.train_rows, self.eval_rows, self.reward_fn, self.device = train_rows, eval_rows, reward_fn, device
         self.algo, self.rpo = config.algo, config.rpo
         self.extra_rewards = list(extra_rewards)
+        self.warned_partial_scores = False
         self.reward_weights = reward_weights(config) if config.reward_weights is not None else \
             [1.0] * (1 + len(self.extra_rewards))
         if len(self.reward_weights) != 1 + len(self.extra_rewards):
@@ -273,6 +274,12 @@ class Trainer:
         accuracy = scores[0]
         group.correct = [is_correct(a) for a in accuracy]
         if self.rpo.length_shaping:
+            partial = next((a for a in accuracy if a not in (0.0, 1.0)), None)
+            if partial is not None and not self.warned_partial_scores:
+                self.warned_partial_scores = True
+                warnings.warn(f"the first reward ({self.reward_names()[0]}) gave a score other than 0 or 1 ({partial:g}); "
+                              f"length shaping (on by default) counts a score of 1 or more as right and any other as 0: "
+                              f"pass --no-length-shaping to train on its scores as they are", stacklevel=2)
             rewards = length_aware_accuracy(group.correct, lengths, self.rpo.length_alpha)
         else:
             rewards = accuracy
@@ -589,7 +596,8 @@ class Trainer:
                     stats["clip_low_frac"] += st["clip_low_frac"].item() * weight
                     stats["clip_high_frac"] += st["clip_high_frac"].item() * weight
                     stats["kl"] += st["kl_mean"].item() * weight
-                grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.max_grad_norm))
+                grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(
+                    self.policy.parameters(), self.config.max_grad_norm or math.inf))
                 step_loss, step_policy_loss = self.dist.sum([step_loss, step_policy_loss])  # every rank skips, or none
                 if algo.use_adaptive_entropy:
                     self.adapt_entropy_coef(*self.dist.sum(window))
@@ -730,7 +738,10 @@ class Trainer:
             stats["entropy"] = stats["logprob_mismatch"] = None  # no token was trained
             if algo.entropy_bonus:
                 stats["policy_loss"], stats["entropy_coef"] = 0.0, self.entropy_coef
-        self.scheduler.step()
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step trained at (the schedule moves on below)
+        with warnings.catch_warnings():  # a step without an optimizer step (DAPO found no signal) still moves the schedule
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            self.scheduler.step()
         self.step_num += 1
         if algo.sync_ref_model and self.step_num % algo.ref_model_sync_steps == 0:
             self.sync_reference()
@@ -762,7 +773,7 @@ class Trainer:
             "cache_hit_rate": cache_hits / num_prompts if self.rpo.rpo else 0.0,
             "cache_verified_rate": verified / num_prompts if self.rpo.rpo else 0.0,
             "cold_starts": cold_starts,
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": lr,
             "rollout_time_s": rollout_time,
             "update_time_s": update_time,
             "step_time_s": step_time,
@@ -776,13 +787,14 @@ class Trainer:
     def completion_records(self, groups: list[Group]) -> list[dict]:
         """One record per sampled completion of `groups`, as text: the prompt, the kept part of its cached
         path (RPO; "" on the full path), the generated text, and what the step made of it. `advantage` is
-        None for a group DAPO's dynamic sampling dropped."""
+        None for a group DAPO's dynamic sampling dropped. The prompt is the text the model read, chat-template
+        markers and all; the answer's parts are decoded as the reward functions read them."""
         def decode(ids):
             return self.tokenizer.decode(ids, skip_special_tokens=True)
 
         records, names = [], self.reward_names() if self.extra_rewards else None
         for g in groups:
-            prompt, kept = decode(g.prompt_ids), decode(g.kept_ids)
+            prompt, kept = self.tokenizer.decode(g.prompt_ids), decode(g.kept_ids)
             for i, suffix in enumerate(g.suffix_ids):
                 records.append({"step": self.step_num, "prompt_id": g.row["id"], "prompt": prompt, "kept": kept,
                                 "kept_tokens": len(g.kept_ids), "completion": decode(suffix),
@@ -907,7 +919,12 @@ def stop_ids(model, tokenizer) -> list[int]:
 
 
 def prompt_token_limit(config: TrainConfig, model) -> int:
-    return min(config.max_prompt_length, model.config.max_position_embeddings - config.max_completion_length)
+    context = model.config.max_position_embeddings
+    if config.max_completion_length >= context:
+        where = getattr(model, "source_dir", None) or "the model"
+        raise UserError(f"--max-completion-length {config.max_completion_length} leaves no room for a prompt in "
+                        f"{where}'s context of {context} tokens (max_position_embeddings)")
+    return min(config.max_prompt_length, context - config.max_completion_length)
 
 
 def chat_template_kwargs(config: TrainConfig) -> dict:

@@ -1,6 +1,7 @@
 """The training loop end to end on a tiny random model, resume equivalence, and the CLI's bad-input handling."""
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -63,6 +64,10 @@ def test_train_resume_matches_uninterrupted(tmp_path, tiny_model_dir):
     for x, y in zip(a[3:], b[3:]):  # the steps after the resume point
         for key in ("reward_mean", "rollout_generated_tokens", "rollout_prefill_tokens", "loss", "grad_norm"):
             assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), key
+    from rpo_engine.optim import lr_multiplier
+
+    # each step logs the rate it trained at (4 steps, no warmup: the peak first, the decay's last value at step 4)
+    assert [m["lr"] for m in a[1:]] == pytest.approx([1e-3 * lr_multiplier(s, 4, 0) for s in range(4)])
     for m in a[1:]:
         assert m["rollout_generated_tokens"] > 0 and m["step_time_s"] > 0
         assert m["grad_norm"] > 0 and m["logprob_mismatch"] < 1e-4  # rollout log-probs equal the training forward's
@@ -122,7 +127,8 @@ def test_conversational_dataset_through_the_chat_template(tmp_path, tiny_model_d
     model_dir = tmp_path / "chat_model"
     shutil.copytree(tiny_model_dir, model_dir)
     tokenizer = rpo_engine.load_tokenizer(model_dir)
-    tokenizer.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    # each turn ends in a special token, as Qwen's <|im_end|>: the logged prompt keeps it (what the model read)
+    tokenizer.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}<|endoftext|>\n{% endfor %}"
                                "{% if add_generation_prompt %}[assistant] {% endif %}")
     tokenizer.save_pretrained(str(model_dir))
     data = tmp_path / "chat.jsonl"
@@ -132,7 +138,8 @@ def test_conversational_dataset_through_the_chat_template(tmp_path, tiny_model_d
     run_train("--model", model_dir, "--dataset", data, "--steps", 1, "--eval-steps", 0, "--log-completions",
               "--output", tmp_path / "out", *SMALL)
     records = [json.loads(line) for line in (tmp_path / "out" / "completions.jsonl").read_text().splitlines()]
-    assert {r["prompt"] for r in records} == {f"[system] Add.\n[user] {i}+{i}=\n[assistant] " for i in range(3)}
+    assert {r["prompt"] for r in records} == {f"[system] Add.<|endoftext|>\n[user] {i}+{i}=<|endoftext|>\n[assistant] "
+                                              for i in range(3)}
 
 
 def test_trl_style_reward_trains_like_ours(tmp_path, tiny_model_dir):
@@ -146,7 +153,9 @@ def test_trl_style_reward_trains_like_ours(tmp_path, tiny_model_dir):
         for key in ("eval_accuracy", "reward_mean", "rollout_generated_tokens", "cache_verified_rate"):
             assert a.get(key) == b.get(key), key
         for key in ("loss", "grad_norm"):  # the same computation; approx only against thread-count rounding
-            assert a.get(key) == pytest.approx(b.get(key), rel=1e-5, abs=1e-8), key
+            assert (key in a) == (key in b), key  # step 0's record is an eval alone (pytest 9.2's approx refuses None)
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-8), key
 
 
 def test_sampling_options_reach_the_engine(tiny_model_dir):
@@ -178,6 +187,48 @@ def test_optimizer_options_reach_the_optimizer(tiny_model_dir):
         trainer.scheduler.step()
     assert lrs == pytest.approx([1e-3 * lr_multiplier(s, 10, 2, "linear") for s in range(10)])
     assert lrs[2] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1.25e-4)  # down by 1/8 a step after the warmup
+
+
+def test_max_grad_norm_zero_turns_clipping_off(tiny_model_dir):
+    """--max-grad-norm 0 is Hugging Face's "no clipping": the step a bound that never binds gives (clipping to 0
+    would zero the gradient, and AdamW's first step with it would not move the weights at all)."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+
+    trainers = [build_trainer(parse_args(["--model", str(tiny_model_dir), "--max-grad-norm", bound]))
+                for bound in ("0", "1e9")]
+    before = [p.detach().clone() for p in trainers[0].model.parameters()]
+    stats = [t.update(random_groups(0)) for t in trainers]
+    assert stats[0]["grad_norm"] == pytest.approx(stats[1]["grad_norm"], rel=1e-6) and stats[0]["grad_norm"] > 0
+    for a, b in zip(trainers[0].model.parameters(), trainers[1].model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not all(torch.equal(a, b) for a, b in zip(trainers[0].model.parameters(), before))
+
+
+def test_partial_scores_under_length_shaping_are_named_once(tiny_model_dir):
+    """Length shaping reads the first reward as right (1) or wrong: a graded one's partial scores all become 0,
+    so the run says so, once, and names the way out; without shaping, or with 0/1 scores, it says nothing."""
+    import warnings
+
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+
+    said = {}
+    for reward, flags, warned in (("length_reward", [], 1), ("length_reward", ["--no-length-shaping"], 0),
+                                  ("hash_reward", [], 0)):
+        trainer = build_trainer(parse_args(["--model", str(tiny_model_dir), "--reward", f"tests.reward_fns:{reward}",
+                                            "--max-completion-length", "16", *flags]))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                groups, _ = trainer.rollout(trainer.train_rows[:2], 0)
+                trainer.score_groups(groups)
+        messages = [str(w.message) for w in caught if "length shaping" in str(w.message)]
+        assert len(messages) == warned, (reward, flags, messages)
+        said[reward, *flags] = messages
+    message, = said["length_reward",]
+    assert "the first reward (length_reward) gave a score other than 0 or 1" in message
+    assert "pass --no-length-shaping" in message
 
 
 def test_reward_workers_give_the_same_run(tmp_path, tiny_model_dir):
@@ -1120,8 +1171,11 @@ def test_unknown_algo_and_option(tmp_path):
     assert_user_error(proc, "--algo must be grpo or dapo")
     proc = run_train("--importance-sampling-mode", "token", "--output", tmp_path / "o", check=False)
     assert_user_error(proc, "--importance-sampling-mode must be one of ('token_truncate', 'token_mask', ")
-    proc = run_train("--no-such-option", "1", check=False)
-    assert proc.returncode == 2 and "unrecognized arguments: --no-such-option" in proc.stderr
+    # argparse's mistakes are one line too, not its 100-line usage
+    assert_user_error(run_train("--no-such-option", "1", check=False), "unrecognized arguments: --no-such-option 1",
+                      "--help lists every option")
+    assert_user_error(run_train("--steps", "ten", check=False), "argument --steps: invalid int value: 'ten'")
+    assert len(run_train("--steps", "ten", check=False).stderr.strip().splitlines()) == 1
 
 
 def test_user_reward_mistakes(tmp_path, tiny_model_dir):
@@ -1138,15 +1192,73 @@ def test_prompt_too_long(tmp_path, tiny_model_dir):
     data.write_text(json.dumps({"prompt": "1+" * 400, "answer": "2"}) + "\n")
     proc = run_train("--model", tiny_model_dir, "--dataset", data, "--output", tmp_path / "o", check=False)
     assert_user_error(proc, "tokens, more than the")
+    # a completion budget the model's context cannot hold is named as such, not as a negative prompt limit
+    context = json.loads((Path(tiny_model_dir) / "config.json").read_text())["max_position_embeddings"]
+    proc = run_train("--model", tiny_model_dir, "--max-completion-length", context, "--output", tmp_path / "o",
+                     check=False)
+    assert_user_error(proc, f"--max-completion-length {context} leaves no room for a prompt",
+                      f"context of {context} tokens")
 
 
 def test_existing_run_is_not_overwritten(tmp_path, tiny_model_dir):
     out = tmp_path / "run"
-    out.mkdir()
+    (out / "checkpoints" / "step-1").mkdir(parents=True)
+    (out / "checkpoints" / "step-1" / "trainer_state.pt").write_bytes(b"")
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
     proc = run_train("--model", tiny_model_dir, "--output", out, check=False)
-    assert_user_error(proc, "already holds a run")
+    assert_user_error(proc, "already holds a run", "pass --resume or another --output")
+    # a run that stopped before its first checkpoint: each message says the way out, not the other command
+    shutil.rmtree(out / "checkpoints")
+    proc = run_train("--model", tiny_model_dir, "--output", out, check=False)
+    assert_user_error(proc, "holds a run that stopped before its first checkpoint", "remove it or pass another --output")
+    proc = run_train("--model", tiny_model_dir, "--output", out, "--resume", check=False)
+    assert_user_error(proc, "--resume found no complete checkpoint", "remove the directory to start again")
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_output_holding_a_model_is_refused(tmp_path, tiny_model_dir):
+    """A run writes its options to OUTPUT/config.json: --output pointed at a model directory (--model's own
+    too) would overwrite the model's config.json, so a directory holding a run's files but no run is refused."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
+    for model in (tiny_model_dir, model_dir):
+        proc = run_train("--model", model, "--output", model_dir, "--steps", 1, check=False)
+        assert_user_error(proc, f"{model_dir}: holds config.json but no run of rpo_engine", "pass another --output")
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == before
+
+
+def test_resume_without_a_run_starts_one(tmp_path, tiny_model_dir):
+    """--resume where no run is yet starts one (a preempted job's command reruns as it is), and says so."""
+    out = tmp_path / "new"
+    proc = run_train("--model", tiny_model_dir, "--steps", 1, "--eval-steps", 0, "--output", out, "--resume", *SMALL)
+    assert f"--resume: {out} holds no run yet; starting a new one" in proc.stdout
+    assert [m["step"] for m in read_metrics(out)] == [1]
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--weight-decay", "nan", "--weight-decay must be a finite number, got nan"),  # trained to NaN weights before
+    ("--max-grad-norm", "nan", "--max-grad-norm must be a finite number, got nan"),
+    ("--temperature", "inf", "--temperature must be a finite number, got inf"),
+    ("--format-reward-weight", "nan", "--format-reward-weight must be a finite number"),
+    ("--rpo-epsilon", "nan", "--rpo-epsilon must be a finite number"),  # each section's options
+    ("--epsilon-high", "inf", "--epsilon-high must be a finite number"),
+    ("--max-grad-norm", "-1", "--max-grad-norm must be >= 0 (0: no clipping), got -1.0"),
+    ("--weight-decay", "-0.1", "--weight-decay must be >= 0, got -0.1"),
+])
+def test_non_finite_and_negative_options(flag, value, message):
+    from rpo_engine.config import parse_args
+    from rpo_engine.errors import UserError
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        parse_args([flag, value])
+
+
+def test_non_finite_option_on_the_command_line(tmp_path):
+    out = tmp_path / "o"
+    assert_user_error(run_train("--weight-decay", "nan", "--output", out, check=False),
+                      "--weight-decay must be a finite number, got nan")
+    assert not out.exists()
 
 
 def test_broken_config_file(tmp_path):
@@ -1197,12 +1309,22 @@ def test_eval_cli(tmp_path, tiny_model_dir):
     assert "accuracy 0.0000 on 2 rows" in proc.stdout  # a random model answers nothing right
     rows = [json.loads(line) for line in preds.read_text().splitlines()]
     assert [r["answer"] for r in rows] == ["2", "4"] and all(r["correct"] is False and r["reward"] == 0.0 for r in rows)
+    assert [r["id"] for r in rows] == ["0", "1"]  # the dataset's ids (here its row numbers), to join the file back
     assert all(isinstance(r["completion"], str) and r["prompt"].startswith("Q: ") for r in rows)
     before = preds.read_text()
     assert_user_error(subprocess.run(cmd, capture_output=True, text=True, cwd=REPO), f"{preds}: already exists")
     assert preds.read_text() == before  # nothing overwritten
     missing = [*cmd[:-1], str(tmp_path / "no" / "p.jsonl")]
     assert_user_error(subprocess.run(missing, capture_output=True, text=True, cwd=REPO), "no such directory")
+    # --max-prompt-length, as in training (the default, 512, is training's; the tiny model's context is 512)
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "1+" * 200 + "1=", "answer": "201"}) + "\n")  # 402 tokens
+    cmd = [sys.executable, "-m", "rpo_engine.eval", "--model", str(tiny_model_dir), "--dataset", str(long),
+           "--max-completion-length", "8", "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0 and "accuracy 0.0000 on 1 rows" in proc.stdout, proc.stderr
+    assert_user_error(subprocess.run([*cmd, "--max-prompt-length", "300"], capture_output=True, text=True, cwd=REPO),
+                      "has 402 tokens, more than the 300 allowed")
 
 
 def test_eval_cli_samples(tmp_path, tiny_model_dir):
