@@ -75,7 +75,8 @@ def resolve_rewards(config: TrainConfig, device: torch.device | None = None, fir
                                 f"RPO's verified paths), so it cannot be the reward model {name!r}; put an answer "
                                 f"check first (exact, math or module:function)")
             device = device or torch.device("cpu")
-            functions.append(RewardModel(name, device, torch.bfloat16 if device.type == "cuda" else torch.float32))
+            functions.append(RewardModel(name, device, torch.bfloat16 if device.type == "cuda" else torch.float32,
+                                         progress=config.progress))
         elif ":" in name:
             functions.append(reward_function(name))
         else:

@@ -354,3 +354,15 @@ def test_reward_pool_left_on_an_error_stops_its_workers_at_once():
     for process in processes:
         process.join(5)
         assert not process.is_alive()
+
+
+def test_reward_model_loads_without_a_bar_under_no_progress(reward_model_dir, capfd):
+    """--no-progress silences transformers' "Loading weights" bar too, and leaves it on for whoever comes after."""
+    from transformers.utils import logging as hf_logging
+
+    from rpo_engine.rewards.model import RewardModel
+
+    RewardModel(str(reward_model_dir), progress=False)
+    assert "Loading weights" not in capfd.readouterr().err and hf_logging.is_progress_bar_enabled()
+    RewardModel(str(reward_model_dir))
+    assert "Loading weights" in capfd.readouterr().err

@@ -26,8 +26,9 @@ class RewardModel:
     in batches of `batch_size` rows, on `device` in `dtype` (bf16 on a GPU, as the policy)."""
 
     def __init__(self, path: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 batch_size: int = 32):
+                 batch_size: int = 32, progress: bool = True):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
         directory = Path(path)
         try:
@@ -37,11 +38,17 @@ class RewardModel:
         if not any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
             raise UserError(f"reward model {path!r}: its config.json names {config.get('architectures')}, "
                             f"not a *ForSequenceClassification model (a reward model has a scalar head)")
+        bars = hf_logging.is_progress_bar_enabled()
+        if not progress:  # --no-progress: transformers' "Loading weights" bar too
+            hf_logging.disable_progress_bar()
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(directory))
             self.model = AutoModelForSequenceClassification.from_pretrained(str(directory), dtype=dtype)
         except (OSError, ValueError) as e:
             raise UserError(f"reward model {path!r}: cannot load ({' '.join(str(e).split())[:200]})") from None
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         if self.tokenizer.pad_token is None:  # Llama's: padding on the right is never read
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if self.model.config.pad_token_id is None:  # the head pools each row's last token before padding
