@@ -10,7 +10,7 @@ from rpo_engine.config import AlgoConfig, RPOConfig, TrainConfig, config_from_di
 from rpo_engine.errors import UserError
 from rpo_engine.rewards.shaping import length_aware_accuracy, overlong_penalty
 from rpo_engine.rpo.cache import ExperienceCache
-from rpo_engine.rpo.truncation import cut_cached_path, least_likely_truncation, sample_truncation
+from rpo_engine.rpo.truncation import cut_cached_path, least_likely_truncation, sample_truncation, truncation_at
 
 
 def test_group_advantages_hand_computed():
@@ -98,17 +98,24 @@ def test_length_aware_accuracy_hand_computed():
     assert length_aware_accuracy([True], [1000], alpha=0.1) == [0.5]
 
 
-@pytest.mark.parametrize("path_len", [0, 1, 3, 40, 200, 5000])
+@pytest.mark.parametrize("path_len", [0, 1, 3, 40, 200, 400, 5000])
 def test_truncation_bounds(path_len):
     rng = random.Random(0)
     for _ in range(300):
         t = sample_truncation(path_len, rng, min_cut=2, max_cut=300, max_cut_fraction=0.25, extra_budget=16,
                               max_answer_length=400)
         assert 0 <= t.cut <= path_len and t.kept == path_len - t.cut
-        assert t.cut <= max(2, int(0.25 * path_len)) and t.cut <= 300
-        if path_len >= 2:
-            assert t.cut >= 2
-        assert 1 <= t.budget <= t.cut + 16 and t.kept + t.budget <= max(400, t.kept + 1)
+        assert 1 <= t.budget <= t.cut + 16 and t.kept + t.budget <= 400  # the answer limit holds, whatever the path
+        if path_len <= 400:  # a path the limit holds is cut within the bounds
+            assert t.cut <= max(2, int(0.25 * path_len)) and t.cut <= 300
+            if path_len >= 2:
+                assert t.cut >= 2
+        else:  # one cached before the limit was lowered (on resume) is cut to leave the suffix one token
+            assert (t.kept, t.budget) == (399, 1)
+    with pytest.raises(ValueError, match="cannot cut 5 tokens of a 3-token path"):
+        truncation_at(3, 5, 16, 400)
+    with pytest.raises(ValueError, match="cannot cut 0 tokens of a -3-token path"):
+        truncation_at(-3, 0, 16, 400)
 
 
 def test_truncation_covers_its_range():
@@ -220,6 +227,24 @@ def test_cache_epsilon_greedy_picks():
     explore = ExperienceCache("epsilon-greedy", epsilon=0.0)
     picks = {explore.choose([0.0, 1.0, 0.3, 1.0], rng) for _ in range(400)}
     assert picks == {0, 1, 2, 3}  # uniform over all G, the last included
+
+
+def test_cache_skips_nan_rewards_and_refuses_bad_arguments():
+    """A NaN reward (a function that could not score) is never the best; a mistyped policy, an epsilon outside
+    [0, 1] or a group whose lists disagree in length is an error, not a silent other behaviour."""
+    cache = ExperienceCache(epsilon=1.0)
+    for seed in range(20):
+        assert cache.choose([float("nan"), 0.2, float("nan"), 0.7], random.Random(seed)) == 3
+    assert cache.choose([float("nan")] * 3, random.Random(0)) in range(3)  # nothing scored: a random one
+    assert cache.update("p", [[1], [2]], [float("nan"), 1.0], 0, random.Random(0)) and cache.get("p").token_ids == [2]
+    with pytest.raises(ValueError, match="policy must be one of"):
+        ExperienceCache("correct_only")
+    with pytest.raises(ValueError, match="epsilon must be in"):
+        ExperienceCache(epsilon=2.0)
+    with pytest.raises(ValueError, match="2 answers with 3 rewards"):
+        cache.update("p", [[1], [2]], [0.0, 1.0, 0.5], 0, random.Random(0))
+    with pytest.raises(ValueError, match="a group of no completions"):
+        cache.update("p", [], [], 0, random.Random(0))
 
 
 def test_cache_correct_only_keeps_old_path():

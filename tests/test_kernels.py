@@ -624,6 +624,23 @@ def test_policy_loss_float_mask_equals_bool_mask(backend):
     assert torch.equal(a, b)
 
 
+def test_policy_loss_differentiates_logp_alone():
+    """old_logp, ref_logp, advantages and is_weights that require grad (e.g. old_logp = logp, GRPO's first pass
+    computed in one graph) are constants in both backends: the same gradient for logp, none for them."""
+    logp, old_logp, ref_logp, adv, mask = _policy_inputs(3, 5)
+    weights, grads = torch.rand_like(logp), {}
+    for backend in BACKENDS:
+        lp = logp.clone().requires_grad_()
+        others = [t.clone().requires_grad_() for t in (ref_logp, adv, weights)]
+        loss, _ = policy_loss(lp, lp, others[1], mask, ref_logp=others[0], kl_coef=0.1, is_weights=others[2],
+                              backend=backend)  # old_logp is logp itself
+        loss.backward()
+        assert all(t.grad is None for t in others), backend
+        grads[backend] = lp.grad
+    assert grads["torch"].abs().sum() > 0
+    torch.testing.assert_close(grads["torch"], grads["triton"], rtol=1e-5, atol=1e-7)
+
+
 def test_policy_loss_torch_backend_is_the_reference_and_auto_picks_by_device():
     logp, old_logp, ref_logp, adv, mask = _policy_inputs()
     a, sa = policy_loss(logp, old_logp, adv, mask, ref_logp=ref_logp, kl_coef=0.1, backend="torch")

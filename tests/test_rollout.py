@@ -3,6 +3,7 @@ distributions, block accounting, prefix reuse, preemption, seeds, live weights, 
 
 Our models live on tests.helpers.DEVICE: with RPO_TEST_DEVICE=cuda every test here runs the engine's CUDA
 path (Triton decode attention, CUDA graphs) against transformers on the CPU."""
+import copy
 import dataclasses
 import math
 
@@ -424,7 +425,52 @@ def test_edge_cases_and_bad_input(checkpoints):
         SamplingParams(n=0)
     with pytest.raises(ValueError):
         SamplingParams(max_new_tokens=-1)
+    # each mistake is named: the field, the token, the argument
+    for kwargs, message in (({"temperature": float("inf")}, "temperature must be a finite number"),
+                            ({"temperature": True}, "temperature must be a finite number"),
+                            ({"stop_token_ids": 2}, "stop_token_ids must be a list of ints or None"),
+                            ({"top_p": float("nan")}, "top_p must be in")):
+        with pytest.raises(ValueError, match=message):
+            SamplingParams(**kwargs)
+    with pytest.raises(ValueError, match="prompt 0: token id True is not an integer"):
+        engine.generate([[5, True]], SamplingParams(max_new_tokens=2))
+    changed = SamplingParams(max_new_tokens=3)
+    for field, value in (("n", 0), ("temperature", -1.0)):  # changed after it was checked: checked again
+        setattr(changed, field, value)
+        with pytest.raises(ValueError, match=f"SamplingParams.{field} must be"):
+            engine.generate([[5, 6]], changed)
+        setattr(changed, field, SamplingParams.__dataclass_fields__[field].default)
     assert engine.block_manager.num_used_blocks == 0 and engine.stats.prefill_tokens == 0  # no work was done
+    with pytest.raises(TypeError, match="needs a model from rpo_engine.load_model"):
+        RolloutEngine(hf)
+    with pytest.raises(ValueError, match="block_size and max_num_seqs must be integers >= 1"):
+        RolloutEngine(model, block_size=16.0)
+
+
+def test_numpy_token_ids_and_params_sample_as_ints(checkpoints):
+    """Token ids and counts from numpy (a dataset's arrays) are integers like any other: the same samples."""
+    import numpy as np
+
+    _, model = checkpoints["qwen2"]
+    engine = RolloutEngine(model, block_size=4, num_blocks=80)
+    want = engine.generate([[5, 6, 7]], SamplingParams(n=2, max_new_tokens=5, seed=3, stop_token_ids=[]))
+    got = engine.generate([list(np.array([5, 6, 7]))], SamplingParams(n=np.int64(2), max_new_tokens=np.int32(5),
+                                                                     seed=np.int64(3), stop_token_ids=np.array([], int)))
+    assert [c.token_ids for c in got[0]] == [c.token_ids for c in want[0]]
+
+
+def test_engine_made_in_inference_mode_and_a_changed_dtype(checkpoints):
+    """An engine made inside torch.inference_mode() generates outside it (its cache is a normal tensor); a
+    model whose dtype changed under the engine is named, not an index_copy_ error deep in a layer."""
+    _, model = checkpoints["qwen2"]
+    with torch.inference_mode():
+        engine = RolloutEngine(model, block_size=4, num_blocks=40)
+    assert len(engine.generate([[5, 6]], SamplingParams(n=2, max_new_tokens=3))[0]) == 2
+    twin = copy.deepcopy(model)
+    engine = RolloutEngine(twin, block_size=4, num_blocks=40)
+    twin.to(torch.float64)
+    with pytest.raises(RuntimeError, match="make a new RolloutEngine"):
+        engine.generate([[5, 6]], SamplingParams(max_new_tokens=3))
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

@@ -3,6 +3,11 @@
 `fused_logprobs(hidden, weight, targets)` equals
 `log_softmax((hidden @ weight.T).float() / T, -1).gather(targets)`, forward and backward; with
 `return_entropy=True` also the entropy of each row's softmax, differentiable too (an entropy bonus).
+In bf16 the two backends round differently: "torch" rounds the logits to bf16 (cuBLAS's output) before
+the fp32 softmax, as that formula does, while "triton" accumulates each logit in fp32 and never rounds it,
+so it is the closer to the exact (fp64) value by ~1e-2 on a bf16 model, and "auto" (Triton on CUDA) gives
+slightly different values on a GPU than on a CPU. The result is fp32 whatever the inputs' dtype (fp64 too),
+and every target must be a vocabulary index: there is no ignore index (mask the positions you do not want).
 
 Forward: only lse (fp32), the target logit and optionally the entropy are kept, O(N) memory. Backward:
 the logits are recomputed one chunk at a time, grad_logits = (onehot - softmax) * grad / T for the

@@ -251,7 +251,8 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2,
                 vespo_log_is=None, backend="auto"):
     """Clipped-ratio policy loss over masked tokens; returns (loss, stats).
 
-    logp, old_logp, ref_logp: [B, T] log-probs (logp carries the grad); advantages [B]; mask [B, T]
+    logp, old_logp, ref_logp: [B, T] log-probs (only logp carries the grad: every other tensor argument is
+    taken as a constant, detached); advantages [B]; mask [B, T]
     (bool or 0/1; False for padding and for tokens outside the loss, e.g. a cached prefix).
     loss_agg: "token-mean" (DAPO), "seq-mean-token-mean" (GRPO), "seq-mean-token-sum-norm"
     (Dr.GRPO: per-row sum / norm_length, default T) or "seq-mean-token-sum" (LUSPO: per-row sum). Seq modes
@@ -288,6 +289,10 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2,
     _check_inputs(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg, norm_length,
                   backend, is_weights, delta, ratio_level, surrogate, sapo_temperatures, kl_ratio_weighted,
                   vespo_params, vespo_log_is)
+    # only logp is differentiated: the others are constants of the step in both backends (the Triton one has no
+    # gradient for them; through torch, an old_logp that requires grad would cancel logp's gradient)
+    old_logp, advantages, ref_logp, is_weights, vespo_log_is = (
+        None if t is None else t.detach() for t in (old_logp, advantages, ref_logp, is_weights, vespo_log_is))
     if backend == "auto":
         backend = "triton" if HAS_TRITON and logp.is_cuda else "torch"
     if backend == "triton":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import numbers
 import time
 from dataclasses import dataclass
 
@@ -114,13 +115,24 @@ class RolloutEngine:
           one matmul a projection instead of three, for a copy of each adapted weight in memory. Off by
           default until measured on a GPU (bench_lora.py runs both); without adapters it does nothing.
         """
+        from rpo_engine.model import CausalLM
+
+        if not isinstance(model, CausalLM):  # it reads our decoder's config and layers, not transformers' model
+            raise TypeError(f"RolloutEngine needs a model from rpo_engine.load_model (our decoder), got "
+                            f"{type(model).__name__}")
         if attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton', got {attention_backend!r}")
-        if block_size < 1 or max_num_seqs < 1:
-            raise ValueError("block_size and max_num_seqs must be >= 1")
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in (block_size, max_num_seqs)):
+            raise ValueError(f"block_size and max_num_seqs must be integers >= 1, got {block_size!r}, {max_num_seqs!r}")
         cuda = model.device.type == "cuda"
         if attention_backend == "auto":
             attention_backend = "triton" if cuda else "torch"
+        if attention_backend == "triton" and not cuda:
+            from rpo_engine.kernels.fused_logprobs import _triton_interpreted
+
+            if not _triton_interpreted():
+                raise ValueError("attention_backend='triton' on a CPU model needs TRITON_INTERPRET=1 set before "
+                                 "triton is first imported (or the 'torch' backend)")
         if use_cuda_graphs is None:
             use_cuda_graphs = cuda and attention_backend == "triton"
         if use_cuda_graphs and not (cuda and attention_backend == "triton"):
@@ -134,7 +146,9 @@ class RolloutEngine:
         self.merge_lora = merge_lora and bool(lora_modules(model))
         if self.merge_lora:
             refresh_rollout_weights(model)  # allocated before the K/V cache is sized, so counted as in use
-        with self._rollout_weights():  # the CUDA graphs capture the forward generate will run
+        # the CUDA graphs capture the forward generate will run; the cache is made a normal tensor even in an
+        # inference_mode block (an inference tensor could not be written to outside one)
+        with self._rollout_weights(), torch.inference_mode(False):
             self.runner = ModelRunner(model, block_size, num_blocks, kv_cache_bytes, max_num_seqs,
                                       max_num_batched_tokens, attention_backend, use_cuda_graphs,
                                       gpu_memory_utilization, enable_prefix_sharing, triton_cascade)
@@ -162,6 +176,7 @@ class RolloutEngine:
         """-> for each prompt its n completions. progress: a bar of finished samples with new tokens/s
         (vLLM's use_tqdm), for long offline runs such as an eval."""
         params_list = self._validate(prompts, params)
+        prompts = [[int(t) for t in prompt] for prompt in prompts]  # numpy's integers too
         if self.merge_lora:
             refresh_rollout_weights(self.model)
         with self._rollout_weights():
@@ -288,13 +303,17 @@ class RolloutEngine:
         params = list(params)
         if len(params) != len(prompts) or not all(isinstance(p, SamplingParams) for p in params):
             raise ValueError(f"params must be one SamplingParams or a list of {len(prompts)} (one per prompt)")
+        for p in {id(p): p for p in params}.values():  # again: a SamplingParams' fields may have changed since
+            p.validate()
         vocab, max_len = self.config.vocab_size, self.config.max_position_embeddings
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             if isinstance(prompt, (str, bytes)) or not isinstance(prompt, (list, tuple)) or len(prompt) == 0:
                 raise ValueError(f"prompt {i} must be a non-empty list of token ids")
-            if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in prompt):
-                bad = next(t for t in prompt if not (isinstance(t, int) and 0 <= t < vocab))
-                raise ValueError(f"prompt {i}: token id {bad!r} is not in the vocabulary [0, {vocab})")
+            for t in prompt:
+                if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+                    raise ValueError(f"prompt {i}: token id {t!r} is not an integer")
+                if not 0 <= t < vocab:
+                    raise ValueError(f"prompt {i}: token id {t!r} is not in the vocabulary [0, {vocab})")
             if len(prompt) + p.max_new_tokens > max_len:
                 raise ValueError(f"prompt {i}: {len(prompt)} tokens + max_new_tokens {p.max_new_tokens} exceed "
                                  f"the model's max_position_embeddings {max_len}")

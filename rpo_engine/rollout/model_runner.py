@@ -239,6 +239,9 @@ class ModelRunner:
             self.decode_kv.reset()
 
     def refresh(self):
+        if (self.model.dtype, self.model.device) != (self.dtype, self.device):  # the cache is sized and typed for these
+            raise RuntimeError(f"the model is now {self.model.dtype} on {self.model.device}; this RolloutEngine's "
+                               f"K/V cache was made for {self.dtype} on {self.device}: make a new RolloutEngine")
         if self.graphs and self._param_ptrs != [p.data_ptr() for p in self.model.parameters()]:
             self.capture()
 

@@ -8,6 +8,8 @@ with `num_forks = n`; after its prefill it splits into n samples that share its 
 from __future__ import annotations
 
 import itertools
+import math
+import numbers
 from dataclasses import dataclass
 from enum import Enum, auto
 
@@ -21,7 +23,9 @@ class SamplingParams:
 
     `stop_token_ids=None` stops at the model's eos ids (config.json's and generation_config.json's), `[]`
     never stops early. `seed=None` draws a fresh seed from torch's global generator (so
-    `torch.manual_seed` reproduces a run).
+    `torch.manual_seed` reproduces a run). A sample's draws depend only on its request's seed and prompt,
+    its index among the n and its position (as vLLM's per-request seeds): the same prompt given twice with
+    one seed samples the same completions twice, so ask for G samples of a prompt with n=G, not G copies.
     """
 
     n: int = 1
@@ -34,27 +38,41 @@ class SamplingParams:
     min_p: float = 0.0
 
     def __post_init__(self):
-        def is_int(x):
-            return isinstance(x, int) and not isinstance(x, bool)
+        self.validate()
 
-        if not is_int(self.n) or self.n < 1:
+    def validate(self) -> None:
+        """Check every field (a ValueError naming it); integers of any kind (numpy's too) become ints. The
+        engine checks again at each generate call: the fields may have been changed since."""
+        def integer(name, low):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                return False
+            setattr(self, name, int(value))
+            return True
+
+        def real(value):
+            return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+        if not integer("n", 1):
             raise ValueError(f"SamplingParams.n must be an integer >= 1, got {self.n!r}")
-        if not is_int(self.max_new_tokens) or self.max_new_tokens < 0:
+        if not integer("max_new_tokens", 0):
             raise ValueError(f"SamplingParams.max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
-            raise ValueError(f"SamplingParams.temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+        if not real(self.temperature) or not self.temperature >= 0:
+            raise ValueError(f"SamplingParams.temperature must be a finite number >= 0 (0 = greedy), "
+                             f"got {self.temperature!r}")
+        if not real(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p!r}")
-        if not is_int(self.top_k) or self.top_k < -1:
+        if not integer("top_k", -1):
             raise ValueError(f"SamplingParams.top_k must be an integer >= 1, or 0 / -1 for off, got {self.top_k!r}")
-        if isinstance(self.min_p, bool) or not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p <= 1:
+        if not real(self.min_p) or not 0 <= self.min_p <= 1:
             raise ValueError(f"SamplingParams.min_p must be in [0, 1], got {self.min_p!r}")
         if self.stop_token_ids is not None:
-            if isinstance(self.stop_token_ids, (str, bytes)) or not all(is_int(t) for t in self.stop_token_ids):
-                raise ValueError(f"SamplingParams.stop_token_ids must be a list of ints or None, "
-                                 f"got {self.stop_token_ids!r}")
-            self.stop_token_ids = list(self.stop_token_ids)
-        if self.seed is not None and not is_int(self.seed):
+            ids = self.stop_token_ids
+            if (isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__")
+                    or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids)):
+                raise ValueError(f"SamplingParams.stop_token_ids must be a list of ints or None, got {ids!r}")
+            self.stop_token_ids = [int(t) for t in ids]
+        if self.seed is not None and not integer("seed", -2 ** 63):
             raise ValueError(f"SamplingParams.seed must be an integer or None, got {self.seed!r}")
 
 

@@ -28,6 +28,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from rpo_engine.config import CACHE_POLICIES
+
 
 @dataclass
 class CachedPath:
@@ -40,6 +42,10 @@ class CachedPath:
 
 class ExperienceCache:
     def __init__(self, policy: str = "epsilon-greedy", epsilon: float = 0.5, correct_threshold: float = 0.5):
+        if policy not in CACHE_POLICIES:
+            raise ValueError(f"ExperienceCache policy must be one of {CACHE_POLICIES}, got {policy!r}")
+        if not 0 <= epsilon <= 1:
+            raise ValueError(f"ExperienceCache epsilon must be in [0, 1], got {epsilon}")
         self.policy, self.epsilon, self.correct_threshold = policy, epsilon, correct_threshold
         self.paths: dict[str, CachedPath] = {}
         self.saturated: dict[str, int] = {}  # consecutive visits whose G answers were all right
@@ -80,10 +86,13 @@ class ExperienceCache:
         return self.saturated.get(prompt_id, 0)
 
     def choose(self, rewards: list[float], rng: random.Random) -> int:
-        """Index of the completion to keep for a group: the best (ties at random) with probability
-        epsilon, else a random one."""
-        if rng.random() < self.epsilon:
-            best = max(rewards)
+        """Index of the completion to keep for a group: the best (ties at random; a NaN reward is never the
+        best) with probability epsilon, else a random one."""
+        if not rewards:
+            raise ValueError("ExperienceCache.choose: a group of no completions")
+        scored = [r for r in rewards if r == r]  # NaN != NaN
+        if rng.random() < self.epsilon and scored:
+            best = max(scored)
             return rng.choice([i for i, r in enumerate(rewards) if r == best])
         return rng.randrange(len(rewards))
 
@@ -93,6 +102,9 @@ class ExperienceCache:
         """Keep one of a group's whole answers (kept path + suffix), chosen by reward; `correct` says
         which answers are right (default: reward >= correct_threshold); `logprobs`, optional, each answer's
         per-token sampling log-probs. Returns whether the path changed."""
+        for name, values in (("rewards", rewards), ("correct", correct), ("logprobs", logprobs)):
+            if values is not None and len(values) != len(answers):
+                raise ValueError(f"ExperienceCache.update: {len(answers)} answers with {len(values)} {name}")
         index = self.choose(rewards, rng)
         return self.apply(prompt_id, answers[index], rewards[index], step, None if correct is None else correct[index],
                           None if logprobs is None else logprobs[index])

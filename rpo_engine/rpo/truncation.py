@@ -31,10 +31,14 @@ def cut_bounds(path_len: int, min_cut: int, max_cut: int, max_cut_fraction: floa
 
 
 def truncation_at(path_len: int, cut: int, extra_budget: int, max_answer_length: int) -> Truncation:
-    """Cut `cut` tokens; kept path + suffix never exceeds `max_answer_length`."""
+    """Cut `cut` tokens; kept path + suffix never exceeds `max_answer_length`, and the suffix gets at least one
+    token: a path longer than that allows (cached before the limit was lowered on resume) is cut further."""
+    if not (0 <= cut <= path_len and max_answer_length >= 1):
+        raise ValueError(f"cannot cut {cut} tokens of a {path_len}-token path for answers of at most "
+                         f"{max_answer_length} tokens")
+    cut = max(cut, path_len - (max_answer_length - 1))
     kept = path_len - cut
-    budget = min(cut + extra_budget, max_answer_length - kept)
-    return Truncation(cut=cut, kept=kept, budget=max(budget, 1))
+    return Truncation(cut=cut, kept=kept, budget=max(1, min(cut + extra_budget, max_answer_length - kept)))
 
 
 def sample_truncation(path_len: int, rng: random.Random, min_cut: int, max_cut: int, max_cut_fraction: float,
