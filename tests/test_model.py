@@ -92,6 +92,8 @@ def test_bf16_within_transformers_own_bf16_error(tmp_path, family):
     hf16 = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.bfloat16, attn_implementation="eager")
     ours16 = rpo_engine.load_model(tmp_path, dtype="bf16")
     assert ours16.dtype == torch.bfloat16
+    # "auto", transformers' name, keeps the stored dtype as None does
+    assert rpo_engine.load_model(tmp_path, dtype="auto").dtype == rpo_engine.load_model(tmp_path).dtype == hf32.dtype
     ids = random_ids(hf32.config.vocab_size)
     with torch.no_grad():
         ref = hf32(ids).logits

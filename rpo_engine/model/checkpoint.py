@@ -29,8 +29,8 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def resolve_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):  # "auto": transformers' name for None's
+        return None if dtype == "auto" else dtype
     if dtype in DTYPES:
         return DTYPES[dtype]
     raise UserError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
@@ -62,7 +62,8 @@ def _weight_files(directory: Path) -> dict[str, Path]:
 def load_model(path, dtype=None, device=None) -> CausalLM:
     """Load a Llama / Qwen2 / Qwen3 checkpoint directory.
 
-    dtype None keeps the dtype the weights are stored in; device None means CPU.
+    dtype None (or "auto", transformers' spelling) keeps the dtype the weights are stored in; device None means
+    CPU. The model comes back in train mode (it has no dropout, so eval mode changes nothing).
     """
     directory = Path(path)
     if not directory.is_dir():

@@ -21,7 +21,8 @@ from the paper's public code (yhz5613813/RPO), and why:
   not store them has none, nor do the answers grown from it: that prompt keeps the uniform cut.
 - it counts, per prompt, the consecutive visits on which all G answers were right (`saturated`), so the
   trainer can cut a path that keeps coming back right deeper (`--rpo-saturated-cut-growth`).
-The cache saves to / restores from a plain JSON-able dict, stored inside every checkpoint.
+The cache saves to / restores from a plain dict of strings, lists and numbers (a cold start's reward is
+NaN), stored inside every checkpoint's trainer_state.pt (torch.save, loaded with weights_only=True).
 """
 from __future__ import annotations
 
