@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import sys
 from pathlib import Path
 
@@ -146,8 +147,10 @@ def load_error_reason(e: Exception) -> str:
 
 
 def complete_checkpoints(output: Path) -> list[Path]:
-    """OUTPUT/checkpoints/step-N directories that were fully written, oldest first."""
-    ckpts = sorted((output / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    """OUTPUT/checkpoints/step-N directories that were fully written, oldest first (other names, a user's
+    step-4.bak, are not ours)."""
+    ckpts = [p for p in (output / "checkpoints").glob("step-*") if re.fullmatch(r"step-\d+", p.name)]
+    ckpts.sort(key=lambda p: int(p.name.split("-")[1]))
     return [p for p in ckpts if (p / "trainer_state.pt").is_file()]
 
 
@@ -384,7 +387,7 @@ def step_or_explain(trainer, config: TrainConfig) -> dict:
 # Options a resumed run may change without changing what it trains (more --steps extends the run).
 _RESUME_FREE = {"resume", "steps", "output", "config", "progress", "log_completions", "eval_steps", "eval_size",
                 "save_steps", "save_total_limit", "dist_timeout", "async_scheduling", "gpu_memory_utilization",
-                "lora_merged_rollout"}
+                "lora_merged_rollout", "parallel", "reward_workers"}  # the last two: how, not what, is computed
 
 
 def warn_changed_options(saved: Path, config: TrainConfig) -> None:

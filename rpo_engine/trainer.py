@@ -857,12 +857,22 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         self.step_num = state["step"]
+        # torch restores the checkpoint's hyperparameters with the moments and the schedule's position: this run's
+        # options (a --learning-rate, --weight-decay or AdamW beta changed on resume; a longer --steps, which
+        # stretches the schedule) must govern from the first resumed step, as the changed-options warning says
+        configured = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in self.optimizer.param_groups]
+        base_lrs = list(self.scheduler.base_lrs)
         if self.dist.parallel == "fsdp":
             load_consolidated_optimizer_state(self.optimizer, state["optimizer"])
             self.replica_stale = True  # the float32 masters may differ from the loaded (bf16) weights
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.base_lrs = base_lrs
+        for group, options, base, multiplier in zip(self.optimizer.param_groups, configured, base_lrs,
+                                                    self.scheduler.lr_lambdas):
+            group.update(options, lr=base * multiplier(self.scheduler.last_epoch))
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
         torch.set_rng_state(state["torch_rng"])
@@ -889,11 +899,11 @@ class Trainer:
         state = self.state_dict()
         if not self.dist.is_main:
             return
+        import shutil
+
         directory = Path(directory)
         tmp = directory.with_name(f".{directory.name}.tmp")
         if tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         if self.lora:
@@ -904,6 +914,8 @@ class Trainer:
             self.reference.save_pretrained(tmp / "reference")
         torch.save(state, tmp / "trainer_state.pt")
         (tmp / "config.json").write_text(json.dumps(config_to_dict(self.config), indent=2) + "\n")
+        if directory.exists():  # one left incomplete (a save cut short), which a resume from an earlier one redoes
+            shutil.rmtree(directory)
         tmp.rename(directory)
 
 

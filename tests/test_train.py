@@ -82,6 +82,26 @@ def test_train_resume_matches_uninterrupted(tmp_path, tiny_model_dir):
     shutil.copy(full / "config.json", changed / "config.json")
     proc = run_train(*common, "--steps", 3, "--output", changed, "--resume", "--learning-rate", 2e-3)
     assert "warning: resuming with changed options: learning_rate 0.001 -> 0.002" in proc.stderr
+    # and the change governs from the first resumed step: the new peak, on the schedule of the new length
+    assert read_metrics(changed)[-1]["lr"] == pytest.approx(2e-3 * lr_multiplier(2, 3, 0))
+
+
+def test_resume_redoes_an_incomplete_checkpoint_and_ignores_names_not_ours(tmp_path, tiny_model_dir):
+    """A step-N directory without its trainer state (a save cut short, a file removed) is passed over, and the
+    resumed run writes step-N again over it; a step-3.bak beside them is a user's, not a checkpoint."""
+    out = tmp_path / "run"
+    common = ["--model", tiny_model_dir, "--save-steps", 2, "--eval-steps", 0, "--reward", "tests.reward_fns:hash_reward",
+              "--train-size", 3, *SMALL]
+    run_train(*common, "--steps", 4, "--output", out)
+    before = read_metrics(out)
+    (out / "checkpoints" / "step-4" / "trainer_state.pt").unlink()
+    (out / "checkpoints" / "step-3.bak").mkdir()
+    proc = run_train(*common, "--steps", 4, "--output", out, "--resume")
+    assert f"resumed from {out / 'checkpoints' / 'step-2'} at step 2" in proc.stdout
+    assert (out / "checkpoints" / "step-4" / "trainer_state.pt").is_file()
+    for x, y in zip(before, read_metrics(out), strict=True):
+        for key in ("reward_mean", "rollout_generated_tokens", "loss"):
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (x["step"], key)
 
 
 def test_truncate_log(tmp_path):
@@ -187,6 +207,35 @@ def test_optimizer_options_reach_the_optimizer(tiny_model_dir):
         trainer.scheduler.step()
     assert lrs == pytest.approx([1e-3 * lr_multiplier(s, 10, 2, "linear") for s in range(10)])
     assert lrs[2] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1.25e-4)  # down by 1/8 a step after the warmup
+
+
+def test_resume_applies_this_runs_optimizer_options(tiny_model_dir):
+    """A checkpoint carries the moments and the schedule's position; the learning rate, its schedule's length
+    and AdamW's hyperparameters are the resuming run's options, from its first step (torch's load_state_dict
+    would bring back the checkpoint's)."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.optim import lr_multiplier
+    from rpo_engine.train import build_trainer
+
+    first = build_trainer(parse_args(["--model", str(tiny_model_dir), "--steps", "4", "--lr-scheduler-type", "linear"]))
+    for _ in range(4):  # the schedule run to its end: a rate of 0
+        first.optimizer.step()
+        first.scheduler.step()
+    first.step_num = 4
+    state = first.state_dict()
+    resumed = build_trainer(parse_args(["--model", str(tiny_model_dir), "--steps", "6", "--lr-scheduler-type", "linear",
+                                        "--learning-rate", "3e-4", "--weight-decay", "0.1", "--adam-beta2", "0.95",
+                                        "--adam-epsilon", "1e-6"]))
+    resumed.load_state_dict(state)
+    decay, no_decay = resumed.optimizer.param_groups
+    assert decay["lr"] == no_decay["lr"] == pytest.approx(3e-4 * lr_multiplier(4, 6, 0, "linear")) and decay["lr"] > 0
+    assert resumed.scheduler.get_last_lr() == [decay["lr"], no_decay["lr"]]
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    assert all(g["betas"] == (0.9, 0.95) and g["eps"] == 1e-6 for g in (decay, no_decay))
+    assert resumed.optimizer.state_dict()["state"].keys() == first.optimizer.state_dict()["state"].keys()  # the moments came
+    resumed.optimizer.step()
+    resumed.scheduler.step()
+    assert decay["lr"] == pytest.approx(3e-4 * lr_multiplier(5, 6, 0, "linear"))
 
 
 def test_max_grad_norm_zero_turns_clipping_off(tiny_model_dir):
