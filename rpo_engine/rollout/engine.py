@@ -175,8 +175,7 @@ class RolloutEngine:
                  progress: bool = False) -> list[list[Completion]]:
         """-> for each prompt its n completions. progress: a bar of finished samples with new tokens/s
         (vLLM's use_tqdm), for long offline runs such as an eval."""
-        params_list = self._validate(prompts, params)
-        prompts = [[int(t) for t in prompt] for prompt in prompts]  # numpy's integers too
+        prompts, params_list = self._validate(prompts, params)
         if self.merge_lora:
             refresh_rollout_weights(self.model)
         with self._rollout_weights():
@@ -293,7 +292,8 @@ class RolloutEngine:
         else:
             s.decode_steps, s.decode_time_s = s.decode_steps + 1, s.decode_time_s + elapsed
 
-    def _validate(self, prompts, params) -> list[SamplingParams]:
+    def _validate(self, prompts, params) -> tuple[list[list[int]], list[SamplingParams]]:
+        """The prompts (any integer token ids made ints) and one SamplingParams each, every one checked."""
         if params is None:
             params = SamplingParams()
         if not isinstance(prompts, (list, tuple)):
@@ -306,14 +306,20 @@ class RolloutEngine:
         for p in {id(p): p for p in params}.values():  # again: a SamplingParams' fields may have changed since
             p.validate()
         vocab, max_len = self.config.vocab_size, self.config.max_position_embeddings
+        prompts = list(prompts)
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             if isinstance(prompt, (str, bytes)) or not isinstance(prompt, (list, tuple)) or len(prompt) == 0:
                 raise ValueError(f"prompt {i} must be a non-empty list of token ids")
+            cast = False
             for t in prompt:
-                if isinstance(t, bool) or not isinstance(t, numbers.Integral):
-                    raise ValueError(f"prompt {i}: token id {t!r} is not an integer")
+                if type(t) is not int:  # numpy's integers are taken too (made ints below); bools are not
+                    if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+                        raise ValueError(f"prompt {i}: token id {t!r} is not an integer")
+                    cast = True
                 if not 0 <= t < vocab:
                     raise ValueError(f"prompt {i}: token id {t!r} is not in the vocabulary [0, {vocab})")
+            if cast:
+                prompts[i] = prompt = [int(t) for t in prompt]
             if len(prompt) + p.max_new_tokens > max_len:
                 raise ValueError(f"prompt {i}: {len(prompt)} tokens + max_new_tokens {p.max_new_tokens} exceed "
                                  f"the model's max_position_embeddings {max_len}")
@@ -322,4 +328,4 @@ class RolloutEngine:
                                  f"({self.num_blocks} blocks of {self.block_size}); raise num_blocks/kv_cache_bytes")
             if p.n > self.max_num_seqs:
                 raise ValueError(f"prompt {i}: n={p.n} is more than max_num_seqs={self.max_num_seqs}")
-        return params
+        return prompts, params
