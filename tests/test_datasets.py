@@ -83,6 +83,19 @@ def test_jsonl_errors_name_file_and_line(tmp_path, content, line, why):
 def test_duplicate_id_names_first_line(tmp_path):
     p = _write(tmp_path / "dup.jsonl", '{"id": "a", "prompt": "p", "answer": "a"}\n{"id": "a", "prompt": "p", "answer": "a"}\n')
     assert f"first used at {p}:1" in _error(p)
+    # a row without an id takes its row number, which may be another row's id: the message says so
+    p = _write(tmp_path / "dup2.jsonl", '{"id": "1", "prompt": "p", "answer": "a"}\n{"prompt": "p", "answer": "a"}\n')
+    assert "duplicate id '1' (this row has no id: its row number, counted from 0, stands in)" in _error(p)
+
+
+def test_float_answers_are_written_out_and_math_columns_named(tmp_path):
+    p = _write(tmp_path / "f.jsonl", '{"prompt": "p", "answer": 1e-05}\n{"prompt": "q", "answer": 1e20}\n'
+                                     '{"prompt": "r", "answer": 0.5}\n')
+    assert [r["answer"] for r in load_dataset_rows(p)] == ["0.00001", "100000000000000000000", "0.5"]
+    p = _write(tmp_path / "math.jsonl", '{"problem": "p", "solution": "s"}\n')  # MATH's columns
+    assert "rename 'problem' to 'prompt'?" in _error(p)
+    p = _write(tmp_path / "gsm.jsonl", '{"prompt": "p", "solution": "s"}\n')
+    assert "rename 'solution' to 'answer'?" in _error(p)
 
 
 def test_empty_files(tmp_path):

@@ -1,6 +1,7 @@
 """Verifiable rewards: exact `####` match, math-verify equivalence, format, user reward loading."""
 import threading
 import time
+import warnings
 
 import pytest
 
@@ -47,11 +48,46 @@ def test_math_answer_reward_boxed_and_latex():
     assert math_answer_reward("#### x^2 + 2x + 1", "(x+1)^2") == 1.0
 
 
+def test_math_answer_reward_reads_what_models_write():
+    """The forms Qwen / R1-distilled models end with, graded as TRL's and verl's math rewards grade them."""
+    m = math_answer_reward
+    # a Markdown "####" heading is not the answer: the box after it is (or the text after it, unboxed)
+    assert m("#### Step 1: Setup\n6*3 = 18\n#### Step 2\nSo the answer is \\boxed{18}.", "18") == 1.0
+    assert m("### Step 1\n...\n#### Final Answer\n\\boxed{18}", "18") == 1.0
+    assert m("#### Final Answer\nThe answer is 18.", "18") == 1.0
+    assert m("#### 5\nWait, I made an error. The answer is \\boxed{7}", "7") == 1.0
+    assert m("#### 5\nWait, I made an error. The answer is \\boxed{7}", "5") == 0.0
+    # a GSM8K line's number, before words, units or Markdown (verl's gsm8k rule); not a fraction's numerator
+    for line in ("#### 18 dollars", "#### 18 eggs", "#### **18**", "#### 18 (since 6*3)", "#### 18."):
+        assert m(line, "18") == 1.0, line
+    assert m("#### 18/5", "18") == 0.0 and m("#### 18 dollars", "19") == 0.0
+    # MATH's escaped dollar is a currency sign, not math mode
+    assert m("so \\boxed{\\$1.17}", "\\$1.17") == 1.0 and m("\\boxed{1.17}", "\\$1.17") == 1.0
+    assert m("\\boxed{32000}", "\\$32,\\!000") == 1.0 and m("\\boxed{1.18}", "\\$1.17") == 0.0
+    # after </think> only the answer counts, not a guess inside the thinking
+    assert m("<think>guess \\boxed{5}</think> The total is 7.", "7") == 1.0
+    assert m("<think>guess \\boxed{5}</think> The total is 7.", "5") == 0.0
+    # an answer boxed, then checked at length: the box, though it is 2000+ characters back
+    assert m("\\boxed{18}" + " and checking 1 2 3" * 200, "18") == 1.0
+
+
+def test_math_reward_names_a_reference_it_cannot_read_once():
+    import rpo_engine.rewards.answers as answers
+
+    answers._UNREADABLE_REFERENCES.discard("\\")
+    with pytest.warns(UserWarning, match="cannot read the reference answer") as caught:
+        assert math_answer_reward("\\boxed{1}", "\\") == 0.0
+        assert math_answer_reward("\\boxed{2}", "\\") == 0.0
+    assert len([w for w in caught if "cannot read" in str(w.message)]) == 1
+
+
 def test_math_answer_reward_never_raises_on_garbage():
     t = time.time()
     for g in GARBAGE:
         assert math_answer_reward(g, "7") == 0.0
-        assert math_answer_reward("#### 7", g) in (0.0, 1.0)
+        with warnings.catch_warnings():  # an unreadable garbage reference is named (tested below)
+            warnings.simplefilter("ignore", UserWarning)
+            assert math_answer_reward("#### 7", g) in (0.0, 1.0)
     assert math_answer_reward(None, "7") == 0.0
     assert math_answer_reward(12345, "7") == 0.0
     assert math_answer_reward("#### 7", None) == 0.0
@@ -83,6 +119,10 @@ def test_format_reward():
     for g in GARBAGE:
         assert format_reward(g) == 0.0, g
     assert format_reward(None) == 0.0
+    # Qwen's display-math endings and Markdown bold around the box
+    for text in ("Thus:\n\\[\n\\boxed{18}\n\\]", "$$\n\\boxed{18}\n$$", "**\\boxed{18}**", "\\[ \\boxed{18} \\]"):
+        assert format_reward(text) == 1.0, text
+    assert format_reward("\\]") == 0.0 and format_reward("\\boxed{7} and more\n$$") == 0.0
 
 
 def test_rewards_on_task_rows():
@@ -185,13 +225,15 @@ def test_trl_style_reward_mistakes_are_one_line_errors(tmp_path, monkeypatch):
         "def short(completions, **kwargs):\n    return [1.0]\n"
         "def none(completions, **kwargs):\n    return [None for _ in completions]\n"
         "def scalar(completions, **kwargs):\n    return 1.0\n"
-        "def boom(completions, **kwargs):\n    return [1 / 0]\n")
+        "def boom(completions, **kwargs):\n    return [1 / 0]\n"
+        "def keyed(completions, **kwargs):\n    return {i: 1.0 for i in range(len(completions))}\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     from rpo_engine.rewards import score_completions
 
     rows = [{"id": "a", "prompt": "p", "answer": "2"}] * 2
     for fn, why in (("short", "returned 1 values for 2 completions"), ("none", "returned None (NoneType)"),
                     ("scalar", "returned 1.0 for 2 completions"),
+                    ("keyed", "returned a dict for 2 completions"),  # its keys are not scores
                     ("boom", "raised ZeroDivisionError: division by zero (")):
         with pytest.raises(UserError) as e:
             score_completions(load_reward_fn(f"bad_trl_rewards:{fn}"), ["x", "y"], rows)

@@ -10,8 +10,8 @@ Row rules:
   ``{"role": str, "content": str}`` (e.g. a system message, then the user's), which needs a tokenizer with
   a chat template.
 - ``answer``: a non-empty string. An integer (``"answer": 42``) or a finite float is accepted and converted
-  with ``str()`` (``"42"``, ``"0.5"``), because numeric answers are common in math datasets and the rewards
-  compare strings/expressions; booleans, lists, objects and null are rejected.
+  to its text (``"42"``, ``"0.5"``; ``1e-05`` written out, ``"0.00001"``), because numeric answers are common
+  in math datasets and the rewards compare strings/expressions; booleans, lists, objects and null are rejected.
 - ``id``: optional; a string or an integer (converted to a string). Default: the row's index (0-based,
   counting only non-blank lines) as a string. Ids must be unique.
 - Other fields (e.g. ``solution``) are kept as they are.
@@ -19,6 +19,7 @@ Blank lines are skipped; a UTF-8 byte-order mark is ignored; ``.json`` may also 
 """
 from __future__ import annotations
 
+import decimal
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from rpo_engine.errors import UserError
 __all__ = ["load_dataset_rows", "validate_rows"]
 
 _EXPECTED = "expected a JSON object with a 'prompt' string and an 'answer' string"
+_ALIASES = {"prompt": ("problem", "question", "query", "input"), "answer": ("solution", "ground_truth", "target")}
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
 
@@ -49,7 +51,9 @@ def _check_row(row, where: str, index: int) -> dict:
     out = dict(row)
     for key in ("prompt", "answer"):
         if key not in row:
-            raise UserError(f"{where}: missing '{key}' ({_EXPECTED}; found keys {sorted(map(str, row))})")
+            alias = next((k for k in _ALIASES[key] if k in row), None)  # MATH's problem/solution, GSM8K's question
+            hint = f"; rename '{alias}' to '{key}'?" if alias else ""
+            raise UserError(f"{where}: missing '{key}' ({_EXPECTED}; found keys {sorted(map(str, row))}{hint})")
         v = row[key]
         if key == "prompt" and not isinstance(v, str):
             out[key] = _check_messages(v, where)
@@ -57,7 +61,9 @@ def _check_row(row, where: str, index: int) -> dict:
         if key == "answer" and isinstance(v, (int, float)) and not isinstance(v, bool):
             if isinstance(v, float) and not math.isfinite(v):
                 raise UserError(f"{where}: 'answer' must be a string, got {_short(v)}")
-            v = str(v)  # numeric answers are accepted and compared as their text (42 -> "42")
+            # numeric answers are accepted and compared as their text (42 -> "42"), written out positionally:
+            # str(1e-05) is "1e-05", which no completion writes
+            v = str(v) if isinstance(v, int) else format(decimal.Decimal(repr(v)), "f")
         if not isinstance(v, str):
             raise UserError(f"{where}: '{key}' must be a string, got {_type_name(v)} {_short(v)}")
         if not v.strip():
@@ -96,7 +102,9 @@ def validate_rows(rows, wheres, source: str) -> list[dict]:
     for i, (row, where) in enumerate(zip(rows, wheres)):
         r = _check_row(row, where, i)
         if r["id"] in first_seen:
-            raise UserError(f"{where}: duplicate id {r['id']!r} (first used at {first_seen[r['id']]}); ids must be unique")
+            own = row.get("id") is not None if isinstance(row, dict) else True
+            raise UserError(f"{where}: duplicate id {r['id']!r}" + ("" if own else " (this row has no id: its row number, "
+                            "counted from 0, stands in)") + f" (first used at {first_seen[r['id']]}); ids must be unique")
         first_seen[r["id"]] = where
         out.append(r)
     if not out:

@@ -22,6 +22,7 @@ import re
 import sys
 import threading
 import traceback
+import warnings
 from fractions import Fraction
 
 from rpo_engine.data.arithmetic import extract_answer
@@ -92,21 +93,63 @@ def _parse(text: str, timeout):
     return parse(text, parsing_timeout=timeout, raise_on_error=False)
 
 
+_UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")  # math mode, not MATH's escaped currency sign (\$1.17)
+_LEADING_NUMBER = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?=$|[\s*),;:!]|\.(?!\d))")
+_UNREADABLE_REFERENCES: set[str] = set()  # each warned about once
+
+
 def _parse_short_answer(text: str, timeout):
     """Parse a bare answer (a reference, or what follows ``####``) as math: ``x^2 + 2x`` is read as LaTeX
     (unwrapped, math-verify would pick out its last number)."""
-    if "$" in text or "\\boxed" in text:
+    if _UNESCAPED_DOLLAR.search(text) or "\\boxed" in text:
         return _parse(text, timeout)
     return _parse(f"${text}$", timeout) or _parse(text, timeout)
+
+
+def _graded_part(completion_text: str) -> tuple[str, str | None]:
+    """(the text to grade, its ``####`` answer or None). After a reasoning model's last ``</think>`` only what
+    follows it counts (TRL's reasoning_accuracy_reward). The last ``####`` line is the answer unless it is a
+    Markdown heading: a ``\\boxed`` follows it, or it does not start with a number and more text follows
+    (``#### Step 2: ...``, ``#### Final Answer``)."""
+    text = completion_text
+    think_end = text.rfind("</think>")
+    if think_end >= 0:
+        text = text[think_end + len("</think>"):]
+    hashed = extract_answer(text)
+    if hashed is not None:
+        after = text[text.rfind("####"):]
+        below = after.partition("\n")[2]
+        if "\\boxed" in after or (below.strip() and _hashed_number(hashed) is None):
+            hashed = None
+    return text, hashed
+
+
+def _tail(text: str) -> str:
+    """What math-verify reads of a long completion: its last _MATH_MAX_CHARS characters, or from its last
+    ``\\boxed`` on when that lies before them (an answer boxed, then checked at length)."""
+    start, box = max(len(text) - _MATH_MAX_CHARS, 0), text.rfind("\\boxed")
+    return text[box:box + _MATH_MAX_CHARS] if 0 <= box < start else text[start:]
+
+
+def _hashed_number(hashed: str):
+    """A ``####`` answer's number: all of it, or (GSM8K graders' rule) the number it starts with, before words,
+    units or Markdown (``18 dollars``, ``**18**``); None when it starts otherwise (``18/5``, ``x = 3``)."""
+    number = _as_number(hashed)
+    if number is None:
+        match = _LEADING_NUMBER.match(hashed.strip().lstrip("*_$ "))
+        number = Fraction(match.group().replace(",", "")) if match else None
+    return number
 
 
 def math_answer_reward(completion_text: str, answer: str) -> float:
     """1.0 when the completion's final answer is mathematically equal to the reference, else 0.0.
 
-    The final answer is the one after the last ``####`` if there is one, else what math-verify finds in the
-    completion (``\\boxed{...}`` first, then the last expression). Plain numbers are compared exactly without
-    math-verify (fast path); anything else goes through ``math_verify.parse``/``verify`` with a timeout.
-    Never raises: garbage, timeouts and parser errors give 0.0.
+    The final answer is the one after the last ``####`` if there is one and no ``\\boxed`` follows it, else
+    what math-verify finds in the completion (``\\boxed{...}`` first, then the last expression); after a
+    ``</think>``, only what follows it is read. Plain numbers are compared exactly without math-verify (fast
+    path; a ``####`` answer by the number it starts with); anything else goes through
+    ``math_verify.parse``/``verify`` with a timeout. Never raises: garbage, timeouts and parser errors give
+    0.0. A reference math-verify cannot read scores every completion 0, with a warning (once per reference).
     """
     try:
         if not isinstance(completion_text, str) or not completion_text.strip():
@@ -114,9 +157,10 @@ def math_answer_reward(completion_text: str, answer: str) -> float:
         ref = _reference(answer)
         if not ref:
             return 0.0
-        hashed = extract_answer(completion_text)
-        pred_text = hashed if hashed is not None else completion_text[-_MATH_MAX_CHARS:]
-        pred_num, ref_num = _as_number(pred_text), _as_number(ref)
+        text, hashed = _graded_part(completion_text)
+        pred_text = hashed if hashed is not None else _tail(text)
+        ref_num = _as_number(ref)
+        pred_num = _as_number(pred_text) if hashed is None else _hashed_number(hashed)
         if pred_num is not None and ref_num is not None:
             return 1.0 if pred_num == ref_num else 0.0
 
@@ -125,6 +169,10 @@ def math_answer_reward(completion_text: str, answer: str) -> float:
         timeout = _timeouts()
         gold = _parse_short_answer(ref, timeout)
         if not gold:
+            if ref not in _UNREADABLE_REFERENCES:
+                _UNREADABLE_REFERENCES.add(ref)
+                warnings.warn(f"math reward: math-verify cannot read the reference answer {ref!r}, so every "
+                              f"completion for it scores 0", stacklevel=2)
             return 0.0
         if hashed is not None:
             pred = _parse_short_answer(pred_text[-_MATH_MAX_CHARS:], timeout)
@@ -157,23 +205,30 @@ def _boxed_content(line: str) -> str | None:
             if depth == 0:
                 content = line[start + len("\\boxed{"): i]
                 rest = line[i + 1:].strip()
-                # only closing math / punctuation may follow the box
-                if content.strip() and re.fullmatch(r"[$.\\\])\s]*", rest):
+                # only closing math, Markdown bold and punctuation may follow the box
+                if content.strip() and re.fullmatch(r"[$.*\\\])\s]*", rest):
                     return content
                 return None
         i += 1
     return None
 
 
+_CLOSING_LINE_RE = re.compile(r"\s*(?:\\\]|\$\$|\$|\\\))\s*")  # a display-math block's last line: \] or $$
+
+
 def format_reward(completion_text: str) -> float:
     """1.0 when the completion ends with a well-formed final answer: a last line ``#### <answer>`` (non-empty,
-    one line, at most 100 characters) or a last line holding a closed ``\\boxed{<answer>}``; else 0.0."""
+    one line, at most 100 characters) or a last line holding a closed ``\\boxed{<answer>}`` (Markdown bold and
+    closing math after it allowed, and a display block's closing ``\\]`` or ``$$`` on a line of its own after
+    it, as Qwen writes it); else 0.0."""
     if not isinstance(completion_text, str):
         return 0.0
-    text = completion_text.rstrip()
-    if not text:
+    lines = completion_text.rstrip().split("\n")
+    while len(lines) > 1 and _CLOSING_LINE_RE.fullmatch(lines[-1]):
+        lines.pop()
+    last = lines[-1].strip()
+    if not last:
         return 0.0
-    last = text.rsplit("\n", 1)[-1].strip()
     if _FINAL_LINE_RE.fullmatch(last):
         return 1.0
     return 1.0 if _boxed_content(last) is not None else 0.0
@@ -279,8 +334,9 @@ class TRLStyleReward:
         except Exception as e:  # noqa: BLE001 - the user's code; reported, not hidden
             raise _raised(self.name, e, f"called TRL's way on {len(texts)} completions") from None
         values = values.tolist() if hasattr(values, "tolist") else values
-        if isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or len(values) != len(texts):
-            got = f"{len(values)} values" if hasattr(values, "__len__") and not isinstance(values, str) else repr(values)
+        if not isinstance(values, (list, tuple)) or len(values) != len(texts):  # a dict's keys are no scores
+            got = f"{len(values)} values" if isinstance(values, (list, tuple)) else \
+                f"a {type(values).__name__}" if hasattr(values, "__len__") else repr(values)
             raise UserError(f"reward function {self.name!r} returned {got} for {len(texts)} completions, "
                             f"expected a list of one number per completion (TRL's convention)")
         numbers = [0.0 if v is None and none_as_zero else _finite(v) for v in values]
