@@ -549,7 +549,9 @@ class Trainer:
                         logp, mask, *entropy = self.policy(batch, shared, iteration == 0 or bonus)
                         mask = self.loss_mask(batch, mask)  # --mask-truncated-completions
                         if iteration == 0 and real:  # the weights the rollout used (the mini-batch's first step)
-                            mismatch += self.rollout_mismatch(batch, logp.detach())
+                            # a later mini-batch's forward runs on weights already stepped: its old_logp was taken
+                            # before the update, on the rollout's weights
+                            mismatch += self.rollout_mismatch(batch, logp.detach() if old_logp is None else old_logp)
                             entropy_sum += float((entropy[0].detach() * mask).sum())
                             entropy_tokens += int(mask.sum())
                         if old_logp is None:
@@ -591,7 +593,9 @@ class Trainer:
                         (objective * grad_scale).backward()
                     step_loss += objective.item()
                     step_policy_loss += loss.item() * share
-                    weight = share / num_steps
+                    # the statistics are token means over the step whatever the loss's aggregation: a row share
+                    # would weigh each micro-batch's token mean by how the groups happened to be packed
+                    weight = (int(mask.sum()) / max(1, num_tokens) if real else 0.0) / num_steps
                     stats["clip_frac"] += st["clip_frac"].item() * weight
                     stats["clip_low_frac"] += st["clip_low_frac"].item() * weight
                     stats["clip_high_frac"] += st["clip_high_frac"].item() * weight

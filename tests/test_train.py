@@ -238,6 +238,61 @@ def test_resume_applies_this_runs_optimizer_options(tiny_model_dir):
     assert decay["lr"] == pytest.approx(3e-4 * lr_multiplier(5, 6, 0, "linear"))
 
 
+@pytest.mark.parametrize("flags", [["--top-entropy-quantile", "0.5"], ["--mask-truncated-completions"]])
+@pytest.mark.parametrize("sharing", [True, False])
+def test_a_group_of_empty_suffixes_updates_with_token_selection(tiny_model_dir, monkeypatch, flags, sharing):
+    """A micro-batch whose samples generated nothing (a group of empty suffixes, in a batch of its own under a
+    small budget) has a [S, 0] mask: a bool one, so the token selections of these options apply to it."""
+    import rpo_engine.model.shared_prefix as shared_prefix
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+    from rpo_engine.trainer import Group
+
+    monkeypatch.setattr(shared_prefix, "sharing_pays", lambda group, config: sharing)
+    groups = [Group({"id": "0"}, [5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [[], [], []], [[], [], []], ["stop"] * 3,
+                    advantages=[1.0, -1.0, 0.5]),
+              Group({"id": "1"}, [5, 6, 7], [20, 21, 22, 23, 24], [[30, 31, 32], [33, 34]], [[-1.0] * 3, [-1.0] * 2],
+                    ["stop", "length"], advantages=[1.0, -1.0])]
+    trainer = build_trainer(parse_args(["--model", str(tiny_model_dir), "--micro-batch-tokens", "12", *flags]))
+    stats = trainer.update(groups)
+    assert math.isfinite(stats["loss"]) and stats["grad_norm"] > 0
+
+
+@pytest.mark.parametrize("algo", ["grpo", "dapo"])
+def test_step_statistics_do_not_depend_on_the_packing(tiny_model_dir, algo):
+    """kl and the clip fractions are token means over the step: the same whatever the micro-batch budget and
+    prefix sharing pack together (GRPO's loss averages rows, and weighing each micro-batch's token mean by its
+    rows made them depend on the packing)."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+
+    stats = []
+    for flags in (["--micro-batch-tokens", "16384"], ["--micro-batch-tokens", "30"], ["--no-prefix-sharing"]):
+        trainer = build_trainer(parse_args(["--model", str(tiny_model_dir), "--algo", algo, "--beta", "0.04",
+                                            "--num-iterations", "2", "--learning-rate", "1e-2", "--epsilon", "0.01",
+                                            *flags]))
+        stats.append(trainer.update(random_groups(5, min_len=1)))
+    assert stats[0]["kl"] > 0 and stats[0]["clip_frac"] > 0
+    for other in stats[1:]:
+        for key in ("kl", "clip_frac", "clip_low_frac", "clip_high_frac", "loss"):
+            assert other[key] == pytest.approx(stats[0][key], rel=1e-4, abs=1e-7), key
+
+
+def test_logprob_mismatch_is_read_on_the_rollouts_weights_with_mini_batches(tiny_model_dir):
+    """With several optimizer steps a batch, a later mini-batch is trained on weights already stepped; the
+    rollout-vs-training mismatch compares the rollout with the weights it sampled from (fp32: ~0)."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+
+    trainer = build_trainer(parse_args(["--model", str(tiny_model_dir), "--ppo-mini-batch-size", "1",
+                                        "--learning-rate", "1e-2", "--max-completion-length", "16"]))
+    groups, _ = trainer.rollout(trainer.train_rows[:3], 0)
+    for k, g in enumerate(groups):
+        g.advantages = [(-1.0) ** (i + k) for i in range(len(g.suffix_ids))]
+    stats = trainer.update(groups, positions=[0, 1, 2])
+    assert stats["grad_norm"] > 0 and stats["logprob_mismatch"] < 1e-5
+
+
 def test_max_grad_norm_zero_turns_clipping_off(tiny_model_dir):
     """--max-grad-norm 0 is Hugging Face's "no clipping": the step a bound that never binds gives (clipping to 0
     would zero the gradient, and AdamW's first step with it would not move the weights at all)."""

@@ -271,7 +271,8 @@ def _scatter_rows(logp_flat: torch.Tensor, take: list[list[int]], device) -> tup
     span = max((len(t) for t in take), default=0)
     pad = logp_flat.shape[0]  # index of a 0 appended below: padding reads it, its gradient is dropped
     index = torch.tensor([t + [pad] * (span - len(t)) for t in take], dtype=torch.long).reshape(len(take), span)
-    mask = torch.tensor([[True] * len(t) + [False] * (span - len(t)) for t in take]).reshape(len(take), span)
+    mask = torch.tensor([[True] * len(t) + [False] * (span - len(t)) for t in take],
+                        dtype=torch.bool).reshape(len(take), span)  # bool even when every row is empty (span 0)
     logp = F.pad(logp_flat, (0, 1))[index.to(device)]  # [S, span]
     return logp, mask.to(device)
 
