@@ -578,10 +578,11 @@ class Trainer:
                                                vespo_params=(algo.vespo_k_pos, algo.vespo_lambda_pos,
                                                              algo.vespo_k_neg, algo.vespo_lambda_neg),
                                                vespo_log_is=self.vespo_log_is(is_weights[k], mask))
-                        if not real:
-                            share = 0.0
-                        elif algo.loss_agg == "token-mean":
-                            share = int(mask.sum()) / max(1, num_tokens)
+                        # the statistics below are token means over the step whatever the loss's aggregation: a
+                        # row share would weigh each micro-batch's token mean by how the groups happened to be packed
+                        token_share = int(mask.sum()) / max(1, num_tokens) if real else 0.0
+                        if not real or algo.loss_agg == "token-mean":
+                            share = token_share
                         else:
                             share = int(mask.any(-1).sum()) / max(1, num_rows)
                         objective = loss * share
@@ -593,9 +594,7 @@ class Trainer:
                         (objective * grad_scale).backward()
                     step_loss += objective.item()
                     step_policy_loss += loss.item() * share
-                    # the statistics are token means over the step whatever the loss's aggregation: a row share
-                    # would weigh each micro-batch's token mean by how the groups happened to be packed
-                    weight = (int(mask.sum()) / max(1, num_tokens) if real else 0.0) / num_steps
+                    weight = token_share / num_steps
                     stats["clip_frac"] += st["clip_frac"].item() * weight
                     stats["clip_low_frac"] += st["clip_low_frac"].item() * weight
                     stats["clip_high_frac"] += st["clip_high_frac"].item() * weight
@@ -727,7 +726,8 @@ class Trainer:
         # 4. advantages
         if kept_groups:
             scale = "batch" if algo.multi_objective_aggregation == "normalize_then_sum" else algo.scale_rewards
-            adv = group_advantages(torch.tensor([self.advantage_rewards(g) for g in kept_groups]), scale,
+            # this rank's kept groups are kept[p] for p in kept_positions: their advantage rewards, already computed
+            adv = group_advantages(torch.tensor([kept[p].advantage_rewards for p in kept_positions]), scale,
                                    torch.tensor([x for r in kept for x in r.advantage_rewards]))  # every rank's
             for g, a in zip(kept_groups, adv.tolist()):
                 g.advantages = a
