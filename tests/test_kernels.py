@@ -287,6 +287,7 @@ def _naive_policy_loss(logp, old_logp, adv, mask, ref_logp, eps_low, eps_high, k
         log_w = logp[b][m] - old_logp[b][m]
         if level == "sequence":
             log_w = log_w.mean().expand(int(m.sum()))
+        log_w = torch.clamp(log_w, -20, 20)  # verl's guard: exp never overflows (TRL has none)
         coef_2 = torch.clamp(torch.exp(log_w), 1 - eps_low, 1 + eps_high)
         coef_1 = torch.exp(log_w) if delta is None else torch.clamp(torch.exp(log_w), max=delta)
         tok = -torch.min(coef_1 * adv[b], coef_2 * adv[b])
@@ -307,7 +308,7 @@ def _naive_policy_loss(logp, old_logp, adv, mask, ref_logp, eps_low, eps_high, k
         if is_weights is not None:
             tok = tok * is_weights[b][m]
         if ref_logp is not None:
-            d = ref_logp[b][m] - logp[b][m]
+            d = torch.clamp(ref_logp[b][m] - logp[b][m], -20, 20)
             kl = torch.exp(d) - d - 1
             if bias_correction_kl:  # TRL's use_bias_correction_kl: per_token_kl * coef_1 (before delta's cap)
                 kl = kl * torch.exp(log_w)
@@ -614,6 +615,39 @@ def test_policy_loss_all_masked(backend, loss_agg):
     loss.backward()
     assert loss.item() == 0.0 and (lp.grad == 0).all()
     assert all(v.item() == 0.0 for v in stats.values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("surrogate,level,delta,kl_ratio_weighted", [
+    ("clip", "token", None, False), ("clip", "token", 3.0, True), ("clip", "sequence", None, False),
+    ("cispo", "token", None, False), ("sapo", "token", None, False), ("sapo", "sequence", None, False),
+    ("vespo", "token", None, False)])
+@pytest.mark.parametrize("kl_coef", [0.0, 0.05])
+def test_policy_loss_far_off_policy_stays_finite(backend, surrogate, level, delta, kl_ratio_weighted, kl_coef):
+    """Log-ratios far past exp's fp32 range (a stale old_logp, a -inf log-prob from the rollout) are clamped to
+    +-20 in both backends, so no inf * 0 turns into NaN: not with A = 0, not through a saturated SAPO gate, not
+    from ref_logp with kl_coef = 0. Values and gradients match the fp64 reference, which clamps the same way."""
+    logp, old_logp, ref_logp, adv, mask = _policy_inputs(6, 13)
+    mask[1] = True
+    far = torch.tensor([-300.0, -100.0, -25.0, 25.0, 100.0, 300.0])
+    old_logp[:, 3] = logp[:, 3] - far  # one far token per row; rows 0, 2 and 4 whole-sequence too
+    old_logp[0], old_logp[2] = logp[0] + 95.0, logp[2] - 95.0
+    ref_logp[:, 5] = logp[:, 5] + far.flip(0)
+    adv[0] = 0.0  # a zero advantage on a token whose ratio overflowed fp32 made NaN
+    kw = dict(ref_logp=ref_logp, kl_coef=kl_coef, eps_low=0.2, eps_high=0.28, delta=delta, ratio_level=level,
+              surrogate=surrogate, kl_ratio_weighted=kl_ratio_weighted)
+    lp = logp.clone().requires_grad_()
+    loss, stats = policy_loss(lp, old_logp, adv, mask, backend=backend, **kw)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(lp.grad).all()
+    assert all(torch.isfinite(value) for value in stats.values())
+    lp64 = logp.double().requires_grad_()
+    expected = _naive_policy_loss(lp64, old_logp.double(), adv.double(), mask, ref_logp.double(), 0.2, 0.28, kl_coef,
+                                  "seq-mean-token-mean", None, None, delta, level, surrogate,
+                                  bias_correction_kl=kl_ratio_weighted)
+    expected.backward()
+    torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lp.grad.double(), lp64.grad, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -3,6 +3,7 @@
 Per masked token: ratio = exp(logp - old_logp),
     loss_t = s * max(-A * min(ratio, delta), -A * clip(ratio, 1 - eps_low, 1 + eps_high)) + kl_coef * k3,
     k3 = exp(ref_logp - logp) - (ref_logp - logp) - 1 (times the ratio, with kl_ratio_weighted),
+both log-differences clamped to +-20 before exp (verl's guard against fp32 overflow),
 or with CISPO's surrogate s * -A * sg(min(ratio, 1 + eps_high)) * logp, SAPO's
 s * -A * sigmoid(tau (ratio - 1)) * 4 / tau, or VESPO's s * -A * sg(phi) * logp (phi the gamma weight of the
 sequence's ratio, computed in torch and passed in as part of s), in place of the clipped one;
@@ -26,8 +27,8 @@ import math
 import torch
 
 from .fused_logprobs import HAS_TRITON, _triton_interpreted
-from .reference import (LOSS_AGG_MODES, RATIO_LEVELS, SURROGATES, VESPO_PARAMS, loss_token_weights,
-                        policy_loss_reference, vespo_weights)
+from .reference import (LOG_RATIO_CLAMP, LOSS_AGG_MODES, RATIO_LEVELS, SURROGATES, VESPO_PARAMS,
+                        loss_token_weights, policy_loss_reference, vespo_weights)
 
 if HAS_TRITON:
     import triton
@@ -37,7 +38,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _policy_loss_kernel(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, w_ptr, is_ptr, grad_ptr, partial_ptr,
-                            num_el, T, eps_low, eps_high, kl_coef, delta, tau_pos, tau_neg,
+                            num_el, T, eps_low, eps_high, kl_coef, delta, tau_pos, tau_neg, clamp,
                             HAS_REF: tl.constexpr, HAS_IS: tl.constexpr, SURROGATE: tl.constexpr,
                             KL_RATIO: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
@@ -48,7 +49,12 @@ if HAS_TRITON:
         old = tl.load(old_ptr + offs, mask=active, other=0.0)
         adv = tl.load(adv_ptr + offs // T, mask=active, other=0.0)
         w = tl.load(w_ptr + offs, mask=active, other=0.0)
-        ratio = tl.exp(logp - old)
+        # The log-ratio clamped to +-LOG_RATIO_CLAMP before exp (verl), so exp never overflows to inf (inf * 0 is
+        # NaN); past the clamp the ratio is constant in logp: its gradient is zero there, as torch.clamp's is.
+        log_ratio = logp - old
+        ratio_live = (log_ratio >= -clamp) & (log_ratio <= clamp)
+        ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -clamp), clamp))
+        dratio = tl.where(ratio_live, ratio, 0.0)  # d ratio / d logp
         if SURROGATE == 1:  # CISPO: the capped ratio, a constant weight on the log-prob: every token keeps a gradient
             weight = tl.minimum(ratio, 1.0 + eps_high)
             loss = -adv * weight * logp
@@ -59,7 +65,7 @@ if HAS_TRITON:
             tau = tl.where(adv > 0.0, tau_pos, tau_neg)
             gate = tl.sigmoid(tau * (ratio - 1.0))
             loss = -adv * gate * 4.0 / tau
-            dloss = -adv * 4.0 * gate * (1.0 - gate) * ratio
+            dloss = -adv * 4.0 * gate * (1.0 - gate) * dratio
             clip_low = active & (ratio < 0.0)  # none: nothing is clipped
             clip_high = clip_low
         elif SURROGATE == 3:  # VESPO: -A * logp; the sequence's gamma weight arrives in the IS weight s
@@ -73,7 +79,7 @@ if HAS_TRITON:
             loss = tl.maximum(pg_unclipped, pg_clipped)
             # d(-A * ratio)/dlogp = -A * ratio; the clipped branch, when it wins, is constant in logp, and so is
             # the unclipped one past delta.
-            dloss = tl.where((pg_unclipped >= pg_clipped) & (ratio <= delta), pg_unclipped, 0.0)
+            dloss = tl.where((pg_unclipped >= pg_clipped) & (ratio <= delta), -adv * dratio, 0.0)
             clip_low = active & (ratio < 1.0 - eps_low) & (adv < 0.0)
             clip_high = active & (((ratio > 1.0 + eps_high) & (adv > 0.0)) | ((ratio > delta) & (adv < 0.0)))
         if HAS_IS:  # importance-sampling weight of the surrogate (not of the KL below)
@@ -82,15 +88,17 @@ if HAS_TRITON:
             dloss = s * dloss
         k3 = tl.zeros([BLOCK], dtype=tl.float32)
         if HAS_REF:
-            diff = tl.load(ref_ptr + offs, mask=active, other=0.0) - logp
+            raw_diff = tl.load(ref_ptr + offs, mask=active, other=0.0) - logp
+            diff = tl.minimum(tl.maximum(raw_diff, -clamp), clamp)  # clamped as the log-ratio is
             exp_diff = tl.exp(diff)
             k3 = exp_diff - diff - 1.0
-            if KL_RATIO:  # ratio * k3: d/dlogp = ratio * (k3 + 1 - exp_diff) = ratio * (logp - ref)
+            dk3 = tl.where((raw_diff >= -clamp) & (raw_diff <= clamp), 1.0 - exp_diff, 0.0)  # d k3 / d logp
+            if KL_RATIO:  # ratio * k3: d/dlogp = dratio * k3 + ratio * dk3 (= ratio * (logp - ref) unclamped)
                 loss += kl_coef * ratio * k3
-                dloss += kl_coef * ratio * -diff
+                dloss += kl_coef * (dratio * k3 + ratio * dk3)
             else:
                 loss += kl_coef * k3
-                dloss += kl_coef * (1.0 - exp_diff)
+                dloss += kl_coef * dk3
         tl.store(grad_ptr + offs, tl.where(active, w * dloss, 0.0), mask=offs < num_el)
         base = partial_ptr + pid * 5
         tl.store(base + 0, tl.sum(tl.where(active, w * loss, 0.0), axis=0))
@@ -118,7 +126,7 @@ class _PolicyLoss(torch.autograd.Function):
             _policy_loss_kernel[(num_blocks,)](
                 logp, old_logp, ref_logp if ref_logp is not None else logp, advantages, mask, weights,
                 is_weights if is_weights is not None else logp, grad, partials, num_el, seq_len, eps_low, eps_high,
-                kl_coef, delta, tau_pos, tau_neg, HAS_REF=ref_logp is not None, HAS_IS=is_weights is not None,
+                kl_coef, delta, tau_pos, tau_neg, LOG_RATIO_CLAMP, HAS_REF=ref_logp is not None, HAS_IS=is_weights is not None,
                 SURROGATE=surrogate, KL_RATIO=kl_ratio, BLOCK=block)
         ctx.save_for_backward(grad)
         sums = partials.sum(0)  # [5]
@@ -168,7 +176,7 @@ def _triton_policy_loss(logp, old_logp, advantages, mask, ref_logp, eps_low, eps
                                                  delta)
             loss, kl_sum = loss + kl_loss, kl_sums[3]
         with torch.no_grad():  # token counts of the rows whose ratio is clipped, as the token level counts them
-            ratio = log_ratio.detach().exp()
+            ratio = log_ratio.detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
             clipped = surrogate == "clip"  # SAPO's gate clips nothing
             low = (ratio < 1.0 - eps_low) & (advantages < 0) & clipped
             high = (((ratio > 1.0 + eps_high) & (advantages > 0)) | ((ratio > delta) & (advantages < 0))) & clipped

@@ -13,6 +13,9 @@ RATIO_LEVELS = ("token", "sequence")  # PPO/GRPO's per-token ratio; GSPO's one r
 SURROGATES = ("clip", "cispo", "sapo", "vespo")  # PPO's clipped ratio; CISPO's capped ratio weighing logp; SAPO's
 # gate; VESPO's gamma weight of the sequence's ratio weighing logp
 VESPO_PARAMS = (2.0, 3.0, 3.0, 2.0)  # (k_pos, lambda_pos, k_neg, lambda_neg): TRL's defaults
+# |logp - old_logp| and |ref_logp - logp| are clamped to this before exp (verl's clamp): past it exp overflows
+# fp32 near 88, and inf times a zero advantage or coefficient is NaN. Ordinary steps sit far inside it.
+LOG_RATIO_CLAMP = 20.0
 
 
 def logprobs_reference(hidden, weight, targets, temperature=1.0):
@@ -46,6 +49,10 @@ def vespo_weights(logp, old_logp, advantages, mask, params=VESPO_PARAMS, log_is=
     k = torch.where(positive, float(k_pos), float(k_neg))
     lam = torch.where(positive, float(lambda_pos), float(lambda_neg)).clamp(min=1e-4)
     return torch.exp(lam + k * log_w - lam * log_w.exp()).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _clamp_log_ratio(log_ratio):
+    return torch.clamp(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
 
 
 def loss_token_weights(mask, loss_agg, norm_length=None):
@@ -87,9 +94,9 @@ def policy_loss_reference(logp, old_logp, advantages, mask, *, ref_logp=None, ep
     adv = advantages.float().unsqueeze(-1)  # [B, 1]
     if ratio_level == "sequence":  # GSPO: one ratio per row, from the mean log-ratio of its tokens
         log_ratio = (logp - old_logp).sum(-1) / m.sum(-1).clamp(min=1)  # [B]
-        ratio = torch.exp(log_ratio)[:, None].expand_as(logp)  # [B, T]
+        ratio = torch.exp(_clamp_log_ratio(log_ratio))[:, None].expand_as(logp)  # [B, T]
     else:
-        ratio = torch.exp(logp - old_logp)  # [B, T]
+        ratio = torch.exp(_clamp_log_ratio(logp - old_logp))  # [B, T]
     if surrogate == "vespo":  # the sequence's gamma weight (a constant) weighs the log-prob
         per_token = -adv * vespo_weights(logp, old_logp, advantages, m, vespo_params, vespo_log_is) * logp  # [B, T]
     elif surrogate == "cispo":  # the capped ratio weighs the log-prob, as a constant
@@ -105,7 +112,7 @@ def policy_loss_reference(logp, old_logp, advantages, mask, *, ref_logp=None, ep
     if is_weights is not None:  # importance-sampling correction of the surrogate only, never of the KL
         per_token = per_token * torch.where(m, is_weights.detach().float(), 0.0)
     if ref_logp is not None:
-        diff = torch.where(m, ref_logp.float(), 0.0) - logp  # [B, T]
+        diff = _clamp_log_ratio(torch.where(m, ref_logp.float(), 0.0) - logp)  # [B, T]
         k3 = torch.exp(diff) - diff - 1.0  # [B, T]
         # times the (differentiable) ratio: the unbiased gradient of KL(pi || ref) off-policy and on (TRL's
         # use_bias_correction_kl, DeepSeek-V3.2); its value is k3 on-policy, its gradient ratio * (logp - ref)
