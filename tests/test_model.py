@@ -133,10 +133,15 @@ def test_save_copies_tokenizer_and_replaces_atomically(tmp_path):
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(str(src))
     model = rpo_engine.load_model(src)
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
+    make_hf_model("qwen2").save_pretrained(str(out), max_shard_size="20KB")  # an earlier, sharded save
+    (out / "notes.txt").write_text("mine")
+    (out / "checkpoints" / "step-1").mkdir(parents=True)
     model.save_pretrained(out)
-    assert (out / "tokenizer.json").is_file() and not (out / "stale.txt").exists()
+    assert (out / "tokenizer.json").is_file()
+    # what else the directory held stays; the earlier save's shards and index go (the loader would read them)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "checkpoints" / "step-1").is_dir()
+    assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+    assert torch.equal(rpo_engine.load_model(out).lm_head.weight, model.lm_head.weight)
     assert rpo_engine.load_tokenizer(out).encode("a b", add_special_tokens=False) == [1, 2]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
     # generation_config.json (stop tokens, sampling defaults) is copied also when a tokenizer is given, as the
@@ -248,3 +253,144 @@ def test_corrupt_safetensors(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(UserError, match="model.safetensors: not a readable safetensors file"):
         rpo_engine.load_model(tmp_path)
+
+
+def _edit_config(directory, **changes):
+    """config.json with `changes` applied; a value None deletes the key."""
+    cfg = json.loads((directory / "config.json").read_text())
+    for key, value in changes.items():
+        cfg.pop(key, None) if value is None else cfg.__setitem__(key, value)
+    (directory / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(rope_parameters=None, rope_theta="1e4"), "rope_theta must be a finite number"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": None}), "rope_parameters.rope_theta must be a"),
+    (dict(rms_norm_eps="1e-6x"), "rms_norm_eps must be a finite number"),
+    (dict(rope_scaling="linear"), "rope_scaling must be a JSON object"),
+    (dict(rope_parameters=[1, 2]), "rope_parameters must be a JSON object"),
+    (dict(rope_parameters={"rope_type": "llama3", "factor": "8", "low_freq_factor": 1, "high_freq_factor": 4,
+                           "original_max_position_embeddings": 64}), "rope_scaling factor must be a finite number"),
+    (dict(eos_token_id="</s>"), "eos_token_id must be a token id"),
+    (dict(eos_token_id=[2, -1]), "eos_token_id must be a token id"),
+    (dict(num_attention_heads="4"), "wrong type or value"),
+    (dict(quantization_config={"quant_method": "fp8"}), "quantization_config \\('fp8'\\): quantized checkpoints"),
+    (dict(use_sliding_window=True, sliding_window=16, max_window_layers=1, layer_types=None), "sliding-window"),
+    (dict(use_sliding_window=True, sliding_window=16, layer_types=["full_attention", "sliding_attention"]),
+     "sliding-window"),
+])
+def test_config_fields_of_the_wrong_type_or_value_are_named(tmp_path, changes, message):
+    save_hf_checkpoint("llama" if "llama3" in str(changes) else "qwen2", tmp_path)
+    _edit_config(tmp_path, **changes)
+    with pytest.raises(UserError, match=rf"config\.json: .*{message}"):
+        rpo_engine.load_model(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_config_defaults_are_transformers(tmp_path, family):
+    """Fields a config.json leaves out take transformers' defaults: an untied LM head (Qwen's lm_head.weight
+    was dropped for the embedding before), a 32k context; "swish" is SiLU; a sliding window that no layer
+    uses (max_window_layers past the last layer) or that covers the context is no sliding window."""
+    from transformers import AutoModelForCausalLM
+
+    save_hf_checkpoint(family, tmp_path, tie_word_embeddings=False)
+    _edit_config(tmp_path, tie_word_embeddings=None, max_position_embeddings=None, hidden_act="swish",
+                 use_sliding_window=True, sliding_window=8, max_window_layers=2, layer_types=None)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
+    ours = rpo_engine.load_model(tmp_path)
+    assert not ours.config.tie_word_embeddings and ours.config.max_position_embeddings == 32768
+    ids = random_ids(hf.config.vocab_size, T=23)  # longer than the window
+    with torch.no_grad():
+        assert rel_err(ours(ids), hf(ids).logits) < 1e-5
+    _edit_config(tmp_path, max_window_layers=1)  # now layer 1 slides
+    with pytest.raises(UserError, match="1 layer\\(s\\) a 8-token window \\(from layer 1\\)"):
+        rpo_engine.load_model(tmp_path)
+    _edit_config(tmp_path, sliding_window=32768)  # a window as long as the context never cuts anything
+    assert rpo_engine.load_model(tmp_path).config.num_hidden_layers == 2
+
+
+def test_rope_parameters_win_over_top_level_rope_theta(tmp_path):
+    """transformers 5 reads rope_parameters first; a config with both forms means what it says there."""
+    from transformers import AutoModelForCausalLM
+
+    save_hf_checkpoint("qwen3", tmp_path)
+    _edit_config(tmp_path, rope_parameters={"rope_type": "default", "rope_theta": 500.0}, rope_theta=1e6)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
+    ours = rpo_engine.load_model(tmp_path)
+    assert ours.config.rope_theta == 500.0
+    ids = random_ids(hf.config.vocab_size)
+    with torch.no_grad():
+        assert rel_err(ours(ids), hf(ids).logits) < 1e-5
+
+
+def test_quantized_weights_are_refused(tmp_path):
+    save_hf_checkpoint("qwen2", tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"
+    state[name] = (state[name] * 100).to(torch.float8_e4m3fn)
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(UserError, match=rf"tensor '{name}' is float8_e4m3fn, not a float16/bfloat16/float32"):
+        rpo_engine.load_model(tmp_path)
+
+
+@pytest.mark.parametrize("weight_map", [None, ["model.safetensors"], {"model.norm.weight": None}])
+def test_broken_shard_index(tmp_path, weight_map):
+    save_hf_checkpoint("qwen2", tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(UserError, match="model.safetensors.index.json: .*weight_map"):
+        rpo_engine.load_model(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_save_names_the_dtype_it_wrote(tmp_path, dtype):
+    """A checkpoint converted on load is saved in its new dtype and says so: transformers 5 reads config.json's
+    "dtype" (which the source's config brought along), 4.x "torch_dtype"."""
+    from transformers import AutoModelForCausalLM
+
+    source = make_hf_model("qwen2").to(torch.float16)
+    source.save_pretrained(str(tmp_path / "src"))
+    assert json.loads((tmp_path / "src" / "config.json").read_text()).get("dtype") == "float16"
+    rpo_engine.load_model(tmp_path / "src", dtype=dtype).save_pretrained(tmp_path / "out")
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["dtype"] == cfg["torch_dtype"] == dtype
+    assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype="auto").dtype == getattr(torch, dtype)
+
+
+def test_interrupted_saves_leave_the_good_copy_in_reach(tmp_path, monkeypatch):
+    """A save killed between renaming the old directory out and the new one in leaves only the hidden old copy;
+    a save killed while deleting the old copy leaves it half carried over; one killed while writing leaves a
+    temporary directory. The next save puts each right: the good copy back, the user's files kept, the
+    temporary directories gone."""
+    from rpo_engine.model import atomic
+
+    save_hf_checkpoint("qwen2", tmp_path / "src")
+    model = rpo_engine.load_model(tmp_path / "src")
+    out = tmp_path / "out"
+    model.save_pretrained(out)
+    (out / "notes.txt").write_text("mine")
+    out.rename(tmp_path / ".out.old-1")  # killed between the renames
+    (tmp_path / ".out.tmp-x").mkdir()  # killed while writing
+    model.save_pretrained(out)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+    # killed while carrying over: the old copy still holds an entry the new one lacks
+    (tmp_path / ".out.old-7").mkdir()
+    (tmp_path / ".out.old-7" / "metrics.jsonl").write_text("{}")
+    (tmp_path / ".out.old-7" / "model-00001-of-00002.safetensors").write_text("stale shard")
+    model.save_pretrained(out)
+    assert (out / "metrics.jsonl").is_file() and not (out / "model-00001-of-00002.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+    # a failure inside the block deletes the new directory and leaves the old one as it was
+    monkeypatch.setattr(rpo_engine.model.checkpoint, "save_file", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        model.save_pretrained(out)
+    assert (out / "notes.txt").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+    monkeypatch.undo()
+    # a file in the way is refused before anything is written; a symlink is followed to its directory
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="file: exists and is not a directory"):
+        model.save_pretrained(tmp_path / "file")
+    (tmp_path / "latest").symlink_to(out)
+    model.save_pretrained(tmp_path / "latest")
+    assert (tmp_path / "latest").is_symlink() and (out / "notes.txt").is_file()
+    assert atomic.replacing_directory  # the module the saves share

@@ -231,7 +231,7 @@ def test_micro_batches_keep_padding_down():
 def test_sharing_pays_for_rpo_prefixes_not_long_completions():
     config = ModelConfig.from_hf_dict(dict(model_type="qwen2", vocab_size=151936, hidden_size=1536,
                                            intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                                           num_key_value_heads=2))  # Qwen2.5-1.5B
+                                           num_key_value_heads=2, tie_word_embeddings=True))  # Qwen2.5-1.5B
     group = lambda P, n, G: PrefixGroup([5] * P, [[5] * n] * G, P)  # noqa: E731
     assert sharing_pays(group(1500, 100, 8), config) and sharing_pays(group(1500, 100, 1), config) is False
     assert sharing_pays(group(200, 300, 8), config)  # full path, moderate completions: still pays

@@ -35,7 +35,7 @@ def test_varlen_packing_equals_padded_sdpa(left, kv_heads):
 def test_model_with_varlen_backend_matches_default(one_thread):
     config = ModelConfig.from_hf_dict(dict(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64,
                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                           max_position_embeddings=64))
+                                           max_position_embeddings=64, tie_word_embeddings=True))
     model = CausalLM(config).init_weights(0.2)
     ids = torch.randint(0, 64, (3, 9))
     mask = _mask([9, 4, 6], 9, left=True)

@@ -1,8 +1,9 @@
 """Hugging Face checkpoint directories in and out: config.json + safetensors (single file or sharded).
 
-Loading checks every tensor the architecture needs: a missing or misshaped one is a UserError naming
-the file and the tensor, never a half-initialised model. Saving writes into a temporary directory
-and renames it into place, so an interrupted save never leaves a broken model where a good one was.
+Loading checks every tensor the architecture needs: a missing, misshaped or quantized one is a UserError
+naming the file and the tensor, never a half-initialised model. Saving writes into a temporary directory
+and renames it into place, so an interrupted save never leaves a broken model where a good one was; other
+files in the directory stay.
 """
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ from rpo_engine.model.lora import merged_state_dict
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
 
+# An earlier save's weights, which a new save replaces even where it names its files differently (shards)
+WEIGHT_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+                "pytorch_model.bin.index.json")
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -42,8 +47,10 @@ def _weight_files(directory: Path) -> dict[str, Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise UserError(f"{index}: not a valid safetensors index ({e!r})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise UserError(f"{index}: weight_map must map each tensor name to a shard file name")
         files = {name: directory / shard for name, shard in weight_map.items()}
         for shard in set(files.values()):
             if not shard.is_file():
@@ -93,6 +100,10 @@ def load_model(path, dtype=None, device=None) -> CausalLM:
             with safe_open(file, framework="pt", device="cpu") as f:
                 for name in names:
                     tensor = f.get_tensor(name)
+                    if tensor.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+                        raise UserError(f"{file}: tensor {name!r} is {str(tensor.dtype).removeprefix('torch.')}, "
+                                        f"not a float16/bfloat16/float32 weight (quantized checkpoints are not "
+                                        f"supported)")
                     if tuple(tensor.shape) != tuple(expected[name].shape):
                         raise UserError(f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, "
                                         f"expected {tuple(expected[name].shape)}")
@@ -119,14 +130,15 @@ def save_pretrained(model: CausalLM, directory, tokenizer=None) -> None:
     The tokenizer comes from `tokenizer` (anything with save_pretrained) or is copied from the
     directory the model was loaded from.
     """
-    with replacing_directory(directory) as tmp:
+    with replacing_directory(directory, supersedes=WEIGHT_FILES) as tmp:
         # LoRA adapters are merged into their weights: the directory is a plain model (model/lora.py)
         state = {k: v.detach().contiguous().cpu() for k, v in merged_state_dict(model).items()}
         if model.config.tie_word_embeddings:
             state.pop("lm_head.weight")  # safetensors refuses shared tensors; transformers re-ties on load
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         hf = model.config.to_hf_dict()
-        hf["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+        # transformers 5 reads "dtype" (copied from the source's config, maybe another dtype), 4.x "torch_dtype"
+        hf["dtype"] = hf["torch_dtype"] = str(model.dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
         # generation_config.json comes along either way: its stop tokens and sampling defaults are the model's.
         copied = ("generation_config.json",) + (TOKENIZER_FILES if tokenizer is None else ())

@@ -70,10 +70,15 @@ class ModelConfig:
             if rope_type not in SUPPORTED_ROPE_TYPES:
                 raise UserError(f"unsupported rope_scaling type {rope_type!r}; expected one of {SUPPORTED_ROPE_TYPES}")
             if rope_type == "llama3":
-                missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                       "original_max_position_embeddings") if k not in self.rope_scaling]
+                keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+                missing = [k for k in keys if k not in self.rope_scaling]
                 if missing:
                     raise UserError(f"llama3 rope_scaling is missing {missing}")
+                for key in keys:
+                    if _number(self.rope_scaling[key], f"rope_scaling {key}") <= 0:
+                        raise UserError(f"rope_scaling {key} must be > 0, got {self.rope_scaling[key]!r}")
+                if self.rope_scaling["high_freq_factor"] <= self.rope_scaling["low_freq_factor"]:
+                    raise UserError("rope_scaling high_freq_factor must be above low_freq_factor")
 
     @property
     def num_query_groups(self) -> int:
@@ -81,62 +86,84 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
+        """Read a transformers config.json, with transformers' defaults for what it leaves out; a field of the
+        wrong type or value is a UserError naming `source`, never a traceback or a different model."""
+        try:
+            return cls._from_hf_dict(hf)
+        except UserError as e:
+            raise UserError(f"{source}: {e}") from None
+        except (TypeError, ValueError, AttributeError, OverflowError) as e:
+            raise UserError(f"{source}: a field has the wrong type or value ({e})") from None
+
+    @classmethod
+    def _from_hf_dict(cls, hf: dict) -> "ModelConfig":
         def need(key):
             if key not in hf:
-                raise UserError(f"{source}: missing required field {key!r}")
+                raise UserError(f"missing required field {key!r}")
             return hf[key]
 
         model_type = need("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise UserError(f"{source}: unsupported model_type {model_type!r}; expected one of {SUPPORTED_MODEL_TYPES}")
+            raise UserError(f"unsupported model_type {model_type!r}; expected one of {SUPPORTED_MODEL_TYPES}")
+        if hf.get("quantization_config"):  # fp8 / GPTQ / AWQ weights would load as if they were plain ones
+            method = hf["quantization_config"].get("quant_method") if isinstance(hf["quantization_config"], dict) \
+                else hf["quantization_config"]
+            raise UserError(f"quantization_config ({method!r}): quantized checkpoints are not supported; "
+                            f"use the bf16 / fp16 / fp32 release")
         act = hf.get("hidden_act", "silu")
-        if act != "silu":
-            raise UserError(f"{source}: unsupported hidden_act {act!r}; expected 'silu'")
-        if hf.get("use_sliding_window", False):
-            raise UserError(f"{source}: use_sliding_window=true is not supported")
+        if act not in ("silu", "swish"):  # transformers: "swish" is SiLU too
+            raise UserError(f"unsupported hidden_act {act!r}; expected 'silu'")
+        num_layers = need("num_hidden_layers")
+        # transformers' defaults where a config leaves a field out
+        default_context = 2048 if model_type == "llama" else 32768
+        context = hf.get("max_position_embeddings", default_context)
+        sliding = _sliding_layers(hf, num_layers, context)
+        if sliding:
+            raise UserError(f"use_sliding_window=true gives {len(sliding)} layer(s) a {hf.get('sliding_window')}-token "
+                            f"window (from layer {sliding[0]}): sliding-window attention is not supported")
 
-        # transformers>=5 nests rope_theta and the scaling rule in `rope_parameters`; older configs
-        # (and every released Qwen/Llama checkpoint) keep `rope_theta` and `rope_scaling` at the top.
-        rope_params = dict(hf.get("rope_parameters") or {})
-        rope_theta = float(hf.get("rope_theta", rope_params.get("rope_theta", 10000.0)))
-        rope_scaling = hf.get("rope_scaling") or rope_params or None
-        if rope_scaling is not None:
-            rope_scaling = {k: v for k, v in rope_scaling.items() if k != "rope_theta"}
-            rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
-            if rope_type == "default":
-                rope_scaling = None
+        # transformers>=5 nests rope_theta and the scaling rule in `rope_parameters` (and reads it first); older
+        # configs (and every released Qwen/Llama checkpoint) keep `rope_theta` and `rope_scaling` at the top.
+        rope_params = hf.get("rope_parameters") or {}
+        top_scaling = hf.get("rope_scaling") or None
+        for key, value in (("rope_parameters", rope_params), ("rope_scaling", top_scaling or {})):
+            if not isinstance(value, dict):
+                raise UserError(f"{key} must be a JSON object, got {value!r}")
+        rope_theta = _number(rope_params["rope_theta"], "rope_parameters.rope_theta") if "rope_theta" in rope_params \
+            else _number(hf.get("rope_theta", 10000.0), "rope_theta")
+        scaled_params = rope_params.get("rope_type", rope_params.get("type", "default")) != "default"
+        rope_scaling = dict(rope_params if scaled_params or top_scaling is None else top_scaling)
+        rope_scaling.pop("rope_theta", None)
+        if rope_scaling.get("rope_type", rope_scaling.get("type", "default")) == "default":
+            rope_scaling = None
 
         num_heads = need("num_attention_heads")
         hidden = need("hidden_size")
         attention_bias = bool(hf.get("attention_bias", False))
-        eos = hf.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        try:
-            return cls(
-                model_type=model_type,
-                vocab_size=need("vocab_size"),
-                hidden_size=hidden,
-                intermediate_size=need("intermediate_size"),
-                num_hidden_layers=need("num_hidden_layers"),
-                num_attention_heads=num_heads,
-                num_key_value_heads=hf.get("num_key_value_heads") or num_heads,
-                head_dim=hf.get("head_dim") or hidden // num_heads,
-                max_position_embeddings=hf.get("max_position_embeddings", 2048),
-                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                rope_theta=rope_theta,
-                rope_scaling=rope_scaling,
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", model_type != "llama")),
-                qkv_bias=True if model_type == "qwen2" else attention_bias,
-                o_bias=False if model_type == "qwen2" else attention_bias,
-                mlp_bias=bool(hf.get("mlp_bias", False)),
-                qk_norm=model_type == "qwen3",
-                bos_token_id=hf.get("bos_token_id"),
-                eos_token_ids=eos_ids,
-                pad_token_id=hf.get("pad_token_id"),
-                hf_config=dict(hf),
-            )
-        except UserError as e:
-            raise UserError(f"{source}: {e}") from None
+        default_head_dim = 128 if model_type == "qwen3" else hidden // num_heads
+        return cls(
+            model_type=model_type,
+            vocab_size=need("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=need("intermediate_size"),
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or num_heads,
+            head_dim=hf.get("head_dim") or default_head_dim,
+            max_position_embeddings=context,
+            rms_norm_eps=_number(hf.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=True if model_type == "qwen2" else attention_bias,
+            o_bias=False if model_type == "qwen2" else attention_bias,
+            mlp_bias=model_type == "llama" and bool(hf.get("mlp_bias", False)),  # Qwen's modules have none
+            qk_norm=model_type == "qwen3",
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=token_ids(hf.get("eos_token_id"), "eos_token_id"),
+            pad_token_id=hf.get("pad_token_id"),
+            hf_config=dict(hf),
+        )
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
@@ -178,6 +205,36 @@ class ModelConfig:
         return hf
 
 
+def _number(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def token_ids(value, name: str) -> tuple[int, ...]:
+    """An eos_token_id field (a token id, a list of them, or null) as a tuple; anything else is a UserError."""
+    ids = [] if value is None else value if isinstance(value, list) else [value]
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+        raise UserError(f"{name} must be a token id or a list of them, got {value!r}")
+    return tuple(ids)
+
+
+def _sliding_layers(hf: dict, num_layers, context) -> list[int]:
+    """The layers transformers' Qwen2/Qwen3 give sliding-window attention: none unless use_sliding_window, then
+    those `layer_types` names "sliding_attention" (or, without it, those from max_window_layers on), and
+    none when the window covers the whole context anyway."""
+    window = hf.get("sliding_window")
+    if not hf.get("use_sliding_window", False) or window is None or not isinstance(num_layers, int):
+        return []
+    if isinstance(window, int) and isinstance(context, int) and window >= context:
+        return []
+    layer_types = hf.get("layer_types")
+    if isinstance(layer_types, list):
+        return [i for i, kind in enumerate(layer_types) if kind == "sliding_attention"]
+    first = hf.get("max_window_layers", 28)
+    return list(range(first, num_layers)) if isinstance(first, int) else list(range(num_layers))
+
+
 def read_json_object(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
@@ -194,11 +251,10 @@ def read_generation_eos(path: str | Path) -> tuple[int, ...]:
     path = Path(path)
     if not path.is_file():
         return ()
-    eos = read_json_object(path).get("eos_token_id")
-    ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
-    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
-        raise UserError(f"{path}: eos_token_id must be a token id or a list of them, got {eos!r}")
-    return tuple(ids)
+    try:
+        return token_ids(read_json_object(path).get("eos_token_id"), "eos_token_id")
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
 
 
 def rope_inv_freq(config: ModelConfig):
