@@ -76,9 +76,13 @@ def test_adapters_start_at_the_base_and_switch_off(family_dir):
         torch.testing.assert_close(model(ids), expected, rtol=0, atol=0)  # B = 0
         randomize_adapters(model)
         assert (model(ids) - expected).abs().max() > 1e-2
+        adapted = model(ids)
         with adapters_disabled(model):
             torch.testing.assert_close(model(ids), expected, rtol=0, atol=0)
-        assert (model(ids) - expected).abs().max() > 1e-2  # back on after the block
+            with adapters_disabled(model):  # blocks nest: the outer one still computes the base after
+                pass
+            torch.testing.assert_close(model(ids), expected, rtol=0, atol=0)
+        torch.testing.assert_close(model(ids), adapted, rtol=0, atol=0)  # back on after the block
     # A is drawn from the seed alone, and the global RNG is left as it was
     torch.manual_seed(5)
     untouched = torch.rand(4)
@@ -164,6 +168,17 @@ def test_rollout_reads_the_live_adapters(tmp_path, tiny_model_dir, merge_lora):
     with torch.no_grad():
         torch.testing.assert_close(model(ids), merged(ids), rtol=1e-5, atol=1e-5)
     assert all((m.rollout_weight is not None) == merge_lora for m in lora_modules(model).values())
+    # adapters replaced by new Parameters (their version counters start again) are merged again, however often
+    for seed in (11, 12):
+        for m in lora_modules(model).values():
+            m.lora_B.weight = torch.nn.Parameter(torch.randn_like(m.lora_B.weight) * 1.5)
+        check_against_merged()
+    # generating from the base with the adapters switched off: a merged copy is not the base
+    base = RolloutEngine(rpo_engine.load_model(tiny_model_dir, device=DEVICE))
+    greedy = SamplingParams(max_new_tokens=12, temperature=0.0)
+    with adapters_disabled(model):
+        got = engine.generate(prompts, greedy)
+    assert [c[0].token_ids for c in got] == [c[0].token_ids for c in base.generate(prompts, greedy)]
 
 
 def test_optimizer_holds_adapter_state_only(tiny_model_dir):
@@ -202,6 +217,19 @@ def test_bad_adapters_are_user_errors(tmp_path, tiny_model_dir, monkeypatch):
         load_adapter(rpo_engine.load_model(tiny_model_dir), tmp_path / "a")
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(dict(config, target_modules=["q_proj"])))
     with pytest.raises(UserError, match="no place for"):  # v_proj's tensors
+        load_adapter(rpo_engine.load_model(tiny_model_dir), tmp_path / "a")
+    # PEFT's other spellings of the targets: full module names (its all-linear on a small model), name suffixes,
+    # a regular expression; a name that is no projection is named with the file
+    for targets in (["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "self_attn.v_proj"],
+                    r"model\.layers\.\d+\.self_attn\.(q|v)_proj"):
+        (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(dict(config, target_modules=targets)))
+        loaded = load_adapter(rpo_engine.load_model(tiny_model_dir), tmp_path / "a")
+        assert loaded.lora_settings.target_modules == ("q_proj", "v_proj")
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(dict(config, target_modules=["q_proj", "lm_head"])))
+    with pytest.raises(UserError, match="adapter_config.json: target_modules 'lm_head' is not one of"):
+        load_adapter(rpo_engine.load_model(tiny_model_dir), tmp_path / "a")
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(dict(config, lora_dropout=0.05)))
+    with pytest.warns(UserWarning, match="lora_dropout 0.05 is ignored"):
         load_adapter(rpo_engine.load_model(tiny_model_dir), tmp_path / "a")
     (tmp_path / "a" / "adapter_config.json").write_text("{not json")
     with pytest.raises(UserError, match="not valid JSON"):

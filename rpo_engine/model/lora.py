@@ -15,15 +15,18 @@ nothing is merged for rollout and nothing is synced.
 Adapters are saved in PEFT's layout (adapter_model.safetensors with `base_model.model.<module>.lora_A.weight`
 keys, adapter_config.json), so `peft.PeftModel.from_pretrained` loads them; `save_pretrained` writes
 the merged weights W + B A alpha / r, a plain Hugging Face model. rsLoRA (alpha / sqrt(r), PEFT's
-use_rslora) is supported. Not supported (a clear error when an adapter asks for them): dropout on the
-adapter input (it would make the training forward differ from the rollout's, which the policy ratio
-reads as a change of policy), DoRA, bias training, adapters on the embeddings or the LM head.
+use_rslora) is supported. Not supported (a clear error when an adapter asks for them): DoRA, bias training,
+adapters on the embeddings or the LM head, on some layers only. An adapter's lora_dropout is ignored with a
+warning: dropout on the adapter input would make the training forward differ from the rollout's, which the
+policy ratio reads as a change of policy.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import math
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,16 +89,15 @@ class LoRALinear(nn.Linear):
         self.adapter_enabled = True
         # A merged copy for rollouts (RolloutEngine(merge_lora=True)); not a parameter, not saved.
         self.rollout_weight: torch.Tensor | None = None
-        self.rollout_weight_versions: tuple[int, int, int] | None = None  # of W, A, B when it was merged
+        self.rollout_weight_versions: tuple | None = None  # (storage, version) of W, A, B when it was merged
         self.use_rollout_weight = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.adapter_enabled:  # the base, whether or not a merged copy is in use
+            return F.linear(x, self.weight, self.bias)
         if self.use_rollout_weight:
             return F.linear(x, self.rollout_weight, self.bias)
-        out = F.linear(x, self.weight, self.bias)
-        if not self.adapter_enabled:
-            return out
-        return out + self.lora_B(self.lora_A(x)) * self.scaling
+        return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(x)) * self.scaling
 
     def merged_weight(self) -> torch.Tensor:
         """W + B A * scaling [out, in], computed in fp32 (fp64 for an fp64 model) and rounded to W's dtype."""
@@ -143,15 +145,15 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32.0, target_module
 
 @contextlib.contextmanager
 def _switched(model: nn.Module, flag: str, value: bool):
-    """Every adapter's `flag` set to `value` inside the block, back to `not value` after."""
-    modules = list(lora_modules(model).values())
-    for m in modules:
+    """Every adapter's `flag` set to `value` inside the block, back to what it was after (blocks nest)."""
+    before = {m: getattr(m, flag) for m in lora_modules(model).values()}
+    for m in before:
         setattr(m, flag, value)
     try:
         yield model
     finally:
-        for m in modules:
-            setattr(m, flag, not value)
+        for m, previous in before.items():
+            setattr(m, flag, previous)
 
 
 def adapters_disabled(model: nn.Module):
@@ -163,12 +165,14 @@ def adapters_disabled(model: nn.Module):
 @torch.no_grad()
 def refresh_rollout_weights(model: nn.Module) -> int:
     """Give each adapter a merged copy of its weight for rollouts (allocated on the first call) and bring
-    it up to date: recomputed only where W, A or B changed in place since (their version counters, which
-    an optimizer step or a load bumps), and written in place, so captured CUDA graphs read the new values.
+    it up to date: recomputed only where W, A or B changed since (their version counters, which an optimizer
+    step or a load bumps, and their storage, which a replaced Parameter changes), and written in place, so
+    captured CUDA graphs read the new values.
     Returns how many were recomputed."""
     done = 0
     for m in lora_modules(model).values():
-        versions = (m.weight._version, m.lora_A.weight._version, m.lora_B.weight._version)
+        # A replaced Parameter (or `.data`) starts its version count again: its storage tells it apart.
+        versions = tuple((t.data_ptr(), t._version) for t in (m.weight, m.lora_A.weight, m.lora_B.weight))
         if m.rollout_weight is None:
             m.rollout_weight = torch.empty_like(m.weight)
         elif versions == m.rollout_weight_versions:
@@ -213,7 +217,7 @@ def save_adapter(model: nn.Module, directory, base_model_name_or_path: str | Non
     settings = lora_settings(model)
     if settings is None:
         raise ValueError("the model has no LoRA adapters")
-    with replacing_directory(directory) as tmp:
+    with replacing_directory(directory, supersedes=(ADAPTER_WEIGHTS, ADAPTER_CONFIG, "adapter_model.bin")) as tmp:
         save_file(adapter_state_dict(model), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         config = {
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": settings.r, "lora_alpha": settings.alpha,
@@ -246,12 +250,40 @@ def read_adapter_settings(directory) -> LoRASettings:
     for key in ("rank_pattern", "alpha_pattern"):
         if config.get(key):
             raise UserError(f"{path}: {key} is not supported (one rank and alpha for every module)")
+    if config.get("lora_dropout"):  # a training-time regularizer; we train without it (see the docstring)
+        warnings.warn(f"{path}: lora_dropout {config['lora_dropout']} is ignored: rpo_engine trains without adapter "
+                      f"dropout", stacklevel=2)
     try:
         return LoRASettings(int(config["r"]), float(config.get("lora_alpha", 8)),
-                            parse_targets(config.get("target_modules") or "all-linear"),
+                            _adapter_targets(config.get("target_modules") or "all-linear"),
                             bool(config.get("use_rslora", False)))
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{path}: bad LoRA settings ({e!r})") from None
+
+
+def _adapter_targets(spec) -> tuple[str, ...]:
+    """PEFT's target_modules: "all-linear", a list of module names or name suffixes (a module is a target when
+    its name ends with one: "q_proj", "self_attn.q_proj", "model.layers.0.self_attn.q_proj"), or a regular
+    expression over full module names. -> the projections targeted in some layer; load_adapter's tensor check
+    refuses an adapter that skips a layer."""
+    if spec == "all-linear":
+        return TARGETS
+    names = {f"model.layers.0.{_PARENT[t]}.{t}": t for t in TARGETS}  # layer 0 stands for the naming
+    if isinstance(spec, str):
+        hit = {t for full, t in names.items() if re.fullmatch(spec, full)} or \
+            {t for i in range(1024) for t in TARGETS if re.fullmatch(spec, f"model.layers.{i}.{_PARENT[t]}.{t}")}
+    elif isinstance(spec, list) and all(isinstance(n, str) for n in spec):
+        hit = {t for n in spec for t in TARGETS if n == t or n.endswith(f".{t}") or n.endswith(f".{_PARENT[t]}.{t}")}
+        unknown = [n for n in spec if not any(n == t or n.endswith(f".{t}") for t in TARGETS)]
+        if unknown:
+            raise UserError(f"target_modules {unknown[0]!r} is not one of the projections {','.join(TARGETS)}")
+    else:
+        raise UserError(f"target_modules must be a list of module names or a regular expression, got {spec!r}")
+    if not hit:
+        raise UserError(f"target_modules {spec!r} matches none of the projections {','.join(TARGETS)}")
+    return tuple(t for t in TARGETS if t in hit)
 
 
 def load_adapter(model: nn.Module, directory) -> nn.Module:
