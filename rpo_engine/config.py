@@ -17,6 +17,7 @@ from pathlib import Path
 
 from rpo_engine.errors import UserError
 from rpo_engine.model.lora import TARGETS as LORA_TARGETS, parse_targets as parse_lora_targets
+from rpo_engine.rollout.sequence import MIN_TEMPERATURE
 
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "seq-mean-token-sum")
 # TRL's GRPOConfig.loss_type -> ours (verl's names). TRL's dr_grpo, like ours, divides by max_completion_length.
@@ -314,7 +315,7 @@ class TrainConfig:
             _check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         # one sample is its group's mean: its advantage is always 0, so nothing would be learned (TRL: >= 2 too)
         _check(self.num_generations >= 2, f"--num-generations must be >= 2, got {self.num_generations}")
-        _check(self.temperature > 0, f"--temperature must be > 0, got {self.temperature}")
+        _check(self.temperature >= MIN_TEMPERATURE, f"--temperature must be >= {MIN_TEMPERATURE}, got {self.temperature}")
         _check(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
         _check(self.top_k >= 0, f"--top-k must be >= 0, got {self.top_k}")
         _check(0 <= self.min_p <= 1, f"--min-p must be in [0, 1], got {self.min_p}")

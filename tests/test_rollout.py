@@ -426,8 +426,9 @@ def test_edge_cases_and_bad_input(checkpoints):
     with pytest.raises(ValueError):
         SamplingParams(max_new_tokens=-1)
     # each mistake is named: the field, the token, the argument
-    for kwargs, message in (({"temperature": float("inf")}, "temperature must be a finite number"),
-                            ({"temperature": True}, "temperature must be a finite number"),
+    for kwargs, message in (({"temperature": float("inf")}, "temperature must be 0 \\(greedy\\) or a finite number"),
+                            ({"temperature": True}, "temperature must be 0 \\(greedy\\) or a finite number"),
+                            ({"temperature": 1e-39}, "temperature must be 0 \\(greedy\\) or a finite number >= 1e-05"),
                             ({"stop_token_ids": 2}, "stop_token_ids must be a list of ints or None"),
                             ({"top_p": float("nan")}, "top_p must be in")):
         with pytest.raises(ValueError, match=message):
@@ -445,6 +446,31 @@ def test_edge_cases_and_bad_input(checkpoints):
         RolloutEngine(hf)
     with pytest.raises(ValueError, match="block_size and max_num_seqs must be integers >= 1"):
         RolloutEngine(model, block_size=16.0)
+    for name, value in (("num_blocks", 2.5), ("num_blocks", "8"), ("max_num_batched_tokens", 0),
+                        ("max_num_batched_tokens", -5), ("kv_cache_bytes", 0)):
+        with pytest.raises(ValueError, match=f"{name} must be None or an integer >= 1"):
+            RolloutEngine(model, **{name: value})
+    with pytest.raises(ValueError, match="params must be one SamplingParams or a list of 1"):
+        engine.generate([[3, 4]], 5)
+
+
+def test_stop_tokens_from_an_iterator_and_the_cache_fit_bound(checkpoints):
+    """stop_token_ids from a generator are read once, not used up by the check; a completion's last token
+    gets no K/V, so a prompt and budget fit when all but that token do, and a budget of 0 needs none."""
+    hf, model = checkpoints["qwen2"]
+    engine = RolloutEngine(model, block_size=4, num_blocks=3)  # 12 tokens of K/V
+    greedy = SamplingParams(max_new_tokens=2, temperature=0.0, stop_token_ids=[])
+    prompt = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]  # 11 + 2 tokens: 12 of them cached
+    first = engine.generate([prompt], greedy)[0][0]
+    assert first.finish_reason == "length" and len(first.token_ids) == 2
+    assert first.token_ids == hf_greedy(hf, prompt, 2)
+    assert engine.block_manager.num_used_blocks == 0
+    stop = SamplingParams(max_new_tokens=2, temperature=0.0, stop_token_ids=(t for t in [first.token_ids[0]]))
+    assert stop.stop_token_ids == [first.token_ids[0]]
+    assert engine.generate([prompt], stop)[0][0].finish_reason == "stop"
+    assert engine.generate([prompt + [16, 17]], SamplingParams(max_new_tokens=0))[0][0].token_ids == []
+    with pytest.raises(ValueError, match="prompt 0: 13 tokens of K/V do not fit the KV cache"):
+        engine.generate([prompt + [16]], greedy)
 
 
 def test_numpy_token_ids_and_params_sample_as_ints(checkpoints):

@@ -122,8 +122,15 @@ class RolloutEngine:
                             f"{type(model).__name__}")
         if attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton', got {attention_backend!r}")
-        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in (block_size, max_num_seqs)):
+        def positive_int(x):
+            return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+        if not all(positive_int(x) for x in (block_size, max_num_seqs)):
             raise ValueError(f"block_size and max_num_seqs must be integers >= 1, got {block_size!r}, {max_num_seqs!r}")
+        for name, value in (("num_blocks", num_blocks), ("kv_cache_bytes", kv_cache_bytes),
+                            ("max_num_batched_tokens", max_num_batched_tokens)):
+            if value is not None and not positive_int(value):
+                raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
         cuda = model.device.type == "cuda"
         if attention_backend == "auto":
             attention_backend = "triton" if cuda else "torch"
@@ -142,7 +149,8 @@ class RolloutEngine:
         self.enable_prefix_sharing = enable_prefix_sharing
         self.async_scheduling = async_scheduling
         self._inflight: InFlight | None = None
-        max_num_batched_tokens = max_num_batched_tokens or max(8192, self.config.max_position_embeddings)
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = max(8192, self.config.max_position_embeddings)
         self.merge_lora = merge_lora and bool(lora_modules(model))
         if self.merge_lora:
             refresh_rollout_weights(model)  # allocated before the K/V cache is sized, so counted as in use
@@ -300,6 +308,9 @@ class RolloutEngine:
             raise ValueError(f"prompts must be a list of token-id lists, got {type(prompts).__name__}")
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
+        if not isinstance(params, (list, tuple)):
+            raise ValueError(f"params must be one SamplingParams or a list of {len(prompts)} (one per prompt), "
+                             f"got {type(params).__name__}")
         params = list(params)
         if len(params) != len(prompts) or not all(isinstance(p, SamplingParams) for p in params):
             raise ValueError(f"params must be one SamplingParams or a list of {len(prompts)} (one per prompt)")
@@ -323,9 +334,10 @@ class RolloutEngine:
             if len(prompt) + p.max_new_tokens > max_len:
                 raise ValueError(f"prompt {i}: {len(prompt)} tokens + max_new_tokens {p.max_new_tokens} exceed "
                                  f"the model's max_position_embeddings {max_len}")
-            if -(-(len(prompt) + p.max_new_tokens) // self.block_size) > self.num_blocks:
-                raise ValueError(f"prompt {i}: {len(prompt) + p.max_new_tokens} tokens do not fit the KV cache "
-                                 f"({self.num_blocks} blocks of {self.block_size}); raise num_blocks/kv_cache_bytes")
+            cached = len(prompt) + p.max_new_tokens - 1 if p.max_new_tokens else 0  # the last token needs no K/V
+            if -(-cached // self.block_size) > self.num_blocks:
+                raise ValueError(f"prompt {i}: {cached} tokens of K/V do not fit the KV cache ({self.num_blocks} "
+                                 f"blocks of {self.block_size}); raise num_blocks/kv_cache_bytes")
             if p.n > self.max_num_seqs:
                 raise ValueError(f"prompt {i}: n={p.n} is more than max_num_seqs={self.max_num_seqs}")
         return prompts, params

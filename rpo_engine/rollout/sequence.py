@@ -15,6 +15,8 @@ from enum import Enum, auto
 
 from rpo_engine.rollout.sampler import sample_stream
 
+MIN_TEMPERATURE = 1e-5  # the smallest sampling temperature short of greedy (vLLM's threshold for greedy)
+
 
 @dataclass
 class SamplingParams:
@@ -57,8 +59,10 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.n must be an integer >= 1, got {self.n!r}")
         if not integer("max_new_tokens", 0):
             raise ValueError(f"SamplingParams.max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
-        if not real(self.temperature) or not self.temperature >= 0:
-            raise ValueError(f"SamplingParams.temperature must be a finite number >= 0 (0 = greedy), "
+        # logits / T overflows fp32 long before T reaches 0 (and fp32 rounds the smallest to 0): a near-zero T is
+        # refused, not silently sampled at T = 1 or with NaN log-probs
+        if not real(self.temperature) or not (self.temperature == 0 or self.temperature >= MIN_TEMPERATURE):
+            raise ValueError(f"SamplingParams.temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, "
                              f"got {self.temperature!r}")
         if not real(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p!r}")
@@ -68,7 +72,9 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.min_p must be in [0, 1], got {self.min_p!r}")
         if self.stop_token_ids is not None:
             ids = self.stop_token_ids
-            if (isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__")
+            if not isinstance(ids, (str, bytes)) and hasattr(ids, "__iter__"):
+                ids = list(ids)  # once: a generator read by the check below would be empty after it
+            if (not isinstance(ids, list)
                     or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids)):
                 raise ValueError(f"SamplingParams.stop_token_ids must be a list of ints or None, got {ids!r}")
             self.stop_token_ids = [int(t) for t in ids]
