@@ -360,7 +360,7 @@ def test_algo_defaults():
     ({"steps": 0}, "--steps must be >= 1"),
     ({"num_generations": 1}, "--num-generations must be >= 2"),
     ({"rpo_max_cut": 0}, r"--rpo-max-cut \(0\) must be >= --rpo-min-cut"),
-    ({"temperature": 0}, "--temperature must be > 0"),
+    ({"temperature": 0}, "--temperature must be >= 1e-05"),
     ({"bogus": 1}, "unknown option 'bogus'"),
     ({"rpo_cache_policy": "best"}, "--rpo-cache-policy must be one of"),
     ({"rpo_unverified_cut": "random"}, "--rpo-unverified-cut must be one of"),
