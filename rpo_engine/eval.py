@@ -80,8 +80,11 @@ def main(argv=None) -> int:
         load_adapter(model, args.adapter)
     tokenizer = rpo_engine.load_tokenizer(config.model)
     _, rows = load_rows(config)
-    prompts = [encode_prompt(tokenizer, r, prompt_token_limit(config, model), chat_template_kwargs(config))
-               for r in rows]
+    try:
+        prompts = [encode_prompt(tokenizer, r, prompt_token_limit(config, model), chat_template_kwargs(config))
+                   for r in rows]
+    except UserError as e:
+        raise UserError(f"{args.dataset or 'built-in eval split'}: {e}") from None
     eos_ids = stop_ids(model, tokenizer)
     params = [SamplingParams(n=args.num_samples, max_new_tokens=config.max_completion_length,
                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,

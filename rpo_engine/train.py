@@ -67,7 +67,11 @@ def resolve_rewards(config: TrainConfig, device: torch.device | None = None, fir
     from rpo_engine.rewards.pool import reward_function
 
     functions = []
-    for i, name in enumerate(reward_specs(config)[:1] if first_only else reward_specs(config)):
+    for i, name in enumerate(reward_specs(config)):
+        if first_only and i > 0:  # not loaded (a reward model would take memory for nothing), but named right
+            if not (name in ("exact", "math") or is_reward_model_dir(name)):
+                reward_function(name) if ":" in name else _unknown_reward(name)
+            continue
         if name in ("exact", "math"):
             functions.append(reward_function(name))
         elif is_reward_model_dir(name):
@@ -81,9 +85,13 @@ def resolve_rewards(config: TrainConfig, device: torch.device | None = None, fir
         elif ":" in name:
             functions.append(reward_function(name))
         else:
-            raise UserError(f"--reward must be exact, math, module:function or a reward model directory (or a "
-                            f"comma-separated list), got {name!r}")
+            _unknown_reward(name)
     return functions
+
+
+def _unknown_reward(name: str):
+    raise UserError(f"--reward must be exact, math, module:function or a reward model directory (or a "
+                    f"comma-separated list), got {name!r}")
 
 
 def reward_specs(config: TrainConfig) -> list[str]:

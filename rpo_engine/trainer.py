@@ -104,7 +104,13 @@ class Trainer:
         # forward, under torchrun wrapped in DDP or FSDP2 (then `model` is a replica of the shards).
         self.model, self.policy = self.dist.wrap(model, config.temperature)
         self.replica_stale = False
-        self.prompt_ids = {row["id"]: self.encode_prompt(row) for row in train_rows + eval_rows}
+        self.prompt_ids = {}
+        for rows, source in ((train_rows, config.dataset or "built-in task"),
+                             (eval_rows, config.eval_dataset or "built-in task's eval split")):
+            try:
+                self.prompt_ids.update((row["id"], self.encode_prompt(row)) for row in rows)
+            except UserError as e:  # named with its file: a train and an eval row may share an id
+                raise UserError(f"{source}: {e}") from None
         try:
             self.engine = RolloutEngine(self.model, async_scheduling=config.async_scheduling,
                                         gpu_memory_utilization=config.gpu_memory_utilization,
@@ -960,7 +966,7 @@ def encode_prompt(tokenizer, row: dict, limit: int, template_kwargs: dict | None
                                             continue_final_message=prefilled, tokenize=True, **(template_kwargs or {}))
         ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     elif not isinstance(text, str):
-        raise UserError(f"prompt of row {row['id']!r} is a conversation, and the tokenizer has no chat template "
+        raise UserError(f"prompt of row {_dataset_id(row)!r} is a conversation, and the tokenizer has no chat template "
                         f"to render it (give the prompt as a string)")
     else:  # with the tokenizer's special tokens (Llama's BOS), as TRL and vLLM encode a text prompt
         ids = tokenizer.encode(text)
@@ -968,11 +974,16 @@ def encode_prompt(tokenizer, row: dict, limit: int, template_kwargs: dict | None
         if eos is not None and ids and ids[-1] == eos and tokenizer.encode(text, add_special_tokens=False)[-1:] != [eos]:
             ids = ids[:-1]  # a tokenizer that also appends EOS would end the prompt before the answer
     if not ids:
-        raise UserError(f"prompt of row {row['id']!r} is empty after tokenization")
+        raise UserError(f"prompt of row {_dataset_id(row)!r} is empty after tokenization")
     if len(ids) > limit:
-        raise UserError(f"prompt of row {row['id']!r} has {len(ids)} tokens, more than the {limit} allowed "
+        raise UserError(f"prompt of row {_dataset_id(row)!r} has {len(ids)} tokens, more than the {limit} allowed "
                         f"(--max-prompt-length, and the model's context minus --max-completion-length)")
     return ids
+
+
+def _dataset_id(row: dict) -> str:
+    """The row's id as its dataset has it: load_rows prefixes eval rows' ids to keep the splits apart."""
+    return row["id"].removeprefix("eval:")
 
 
 def greedy_graded(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens,

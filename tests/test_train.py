@@ -1427,8 +1427,34 @@ def test_eval_cli(tmp_path, tiny_model_dir):
            "--max-completion-length", "8", "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0 and "accuracy 0.0000 on 1 rows" in proc.stdout, proc.stderr
-    assert_user_error(subprocess.run([*cmd, "--max-prompt-length", "300"], capture_output=True, text=True, cwd=REPO),
-                      "has 402 tokens, more than the 300 allowed")
+    proc = subprocess.run([*cmd, "--max-prompt-length", "300"], capture_output=True, text=True, cwd=REPO)
+    assert_user_error(proc, f"error: {long}: prompt of row '0' has 402 tokens, more than the 300 allowed")
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr  # one line: the file, the row, the limit
+    # every --reward entry is checked, though eval grades with the first alone
+    for rewards, message in (("exact,bogus", "got 'bogus'"), ("exact,nomod:fn", "cannot import 'nomod'")):
+        assert_user_error(subprocess.run([*cmd, "--reward", rewards], capture_output=True, text=True, cwd=REPO),
+                          message)
+
+
+def test_tokenizer_leaves_the_prompt_length_to_our_check(tmp_path, tiny_model_dir):
+    """A tokenizer_config.json's model_max_length below a prompt: transformers' warning would print a line
+    before our one-line error (and is wrong about what matters: the model's context)."""
+    import logging
+
+    from rpo_engine import load_tokenizer
+
+    shutil.copytree(tiny_model_dir, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "tokenizer_config.json").read_text())
+    (tmp_path / "m" / "tokenizer_config.json").write_text(json.dumps(dict(config, model_max_length=8)))
+    tokenizer = load_tokenizer(tmp_path / "m")
+    records, handler = [], logging.Handler()
+    handler.emit = records.append  # transformers' loggers do not propagate to pytest's
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        assert len(tokenizer.encode("1+" * 20)) > 8
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not [r for r in records if "Token indices sequence length" in r.getMessage()]
 
 
 def test_eval_cli_samples(tmp_path, tiny_model_dir):

@@ -161,6 +161,11 @@ def load_tokenizer(path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(directory))
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
     except (OSError, ValueError, json.JSONDecodeError) as e:
         raise UserError(f"{directory}: tokenizer could not be loaded ({str(e).splitlines()[0]})") from None
+    # Prompt lengths are checked against the model's context (a one-line error naming the row); transformers'
+    # warning about tokenizer_config.json's model_max_length would print a second line first. Marked as given.
+    if isinstance(getattr(tokenizer, "deprecation_warnings", None), dict):
+        tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
+    return tokenizer
