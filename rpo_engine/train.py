@@ -255,11 +255,19 @@ def build_trainer(config: TrainConfig, checkpoint: Path | None = None, dist: Dis
                    extra_rewards=extra_rewards)
 
 
-@record  # under torchrun, a rank's exception reaches torchrun's failure summary
+@record  # under torchrun, a rank's exception (a bug, not a user mistake) reaches torchrun's failure summary
 def main(argv=None) -> int:
-    config = parse_args(argv)
-    dist = Dist.from_env(config.parallel, resolve_device(config)[0].type, config.dist_timeout)
-    code = train(config, dist)
+    try:
+        config = parse_args(argv)
+        dist = Dist.from_env(config.parallel, resolve_device(config)[0].type, config.dist_timeout)
+        code = train(config, dist)
+    except UserError as e:
+        if "RANK" not in os.environ:  # a single process: run_cli prints it
+            raise
+        # a rank's one line and exit code 2 (torchrun then stops the others), without the traceback @record
+        # would hand torchrun's summary
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     dist.close()  # not on an exception: torchrun stops the other ranks, a peer would hang in a collective
     return code
 

@@ -176,6 +176,8 @@ def test_bad_launch_is_a_one_line_error(tiny_model_dir, tmp_path):
     assert proc.returncode != 0 and not (tmp_path / "o").exists()
     assert ("error: --prompts-per-step (3) must be divisible by the number of ranks (2)") in proc.stderr
     assert "exitcode  : 2" in proc.stderr  # torchrun reports the rank's user-error exit code
+    # each rank's one line, not its traceback in torchrun's summary (torchrun's own trace of its launcher stays)
+    assert "UserError" not in proc.stderr and "rpo_engine/train.py" not in proc.stderr
 
 
 def test_ddp_buffer_sync_keyword_follows_the_torch_version():
