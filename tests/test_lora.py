@@ -9,7 +9,7 @@ from torch.func import functional_call
 import rpo_engine
 from rpo_engine.errors import UserError
 from rpo_engine.model.lora import (
-    TARGETS, adapter_state_dict, adapters_disabled, apply_lora, load_adapter, lora_modules, merged_state_dict,
+    TARGETS, adapters_disabled, apply_lora, load_adapter, lora_modules, merged_state_dict,
     save_adapter)
 from rpo_engine.optim import MasterWeightAdamW, make_adamw
 from tests.helpers import DEVICE, FAMILIES, save_hf_checkpoint
