@@ -199,8 +199,9 @@ def test_optimizer_holds_adapter_state_only(tiny_model_dir):
 def test_bad_adapters_are_user_errors(tmp_path, tiny_model_dir, monkeypatch):
     with pytest.raises(UserError, match="target modules .* got 'lm_head'"):
         apply_lora(rpo_engine.load_model(tiny_model_dir), target_modules="q_proj,lm_head")
-    with pytest.raises(UserError, match="rank must be >= 1"):
-        apply_lora(rpo_engine.load_model(tiny_model_dir), r=0)
+    for r in (0, 1.7, "4"):
+        with pytest.raises(UserError, match="rank must be an integer >= 1"):
+            apply_lora(rpo_engine.load_model(tiny_model_dir), r=r)
     with pytest.raises(UserError, match="not a LoRA adapter directory"):
         load_adapter(rpo_engine.load_model(tiny_model_dir), tmp_path)
     model = apply_lora(rpo_engine.load_model(tiny_model_dir), r=2, alpha=4.0, target_modules="q_proj,v_proj")
@@ -213,8 +214,10 @@ def test_bad_adapters_are_user_errors(tmp_path, tiny_model_dir, monkeypatch):
     with pytest.raises(UserError, match="use_dora = True is not supported"):
         load_adapter(rpo_engine.load_model(tiny_model_dir), tmp_path / "a")
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(dict(config, target_modules=["q_proj", "k_proj"])))
+    untouched = rpo_engine.load_model(tiny_model_dir)
     with pytest.raises(UserError, match="missing 4 tensor"):  # k_proj's A and B, in both layers
-        load_adapter(rpo_engine.load_model(tiny_model_dir), tmp_path / "a")
+        load_adapter(untouched, tmp_path / "a")
+    assert not lora_modules(untouched) and all(p.requires_grad for p in untouched.parameters())  # left as it was
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(dict(config, target_modules=["q_proj"])))
     with pytest.raises(UserError, match="no place for"):  # v_proj's tensors
         load_adapter(rpo_engine.load_model(tiny_model_dir), tmp_path / "a")

@@ -122,8 +122,8 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32.0, target_module
     starting adapters depend on its seed only. use_rslora: scale by alpha / sqrt(r) instead of alpha / r."""
     if lora_settings(model) is not None:
         raise ValueError("the model already has LoRA adapters")
-    if r < 1:
-        raise UserError(f"LoRA rank must be >= 1, got {r}")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise UserError(f"LoRA rank must be an integer >= 1, got {r!r}")
     if not (alpha > 0 and math.isfinite(alpha)):
         raise UserError(f"LoRA alpha must be > 0, got {alpha}")
     settings = LoRASettings(int(r), float(alpha), parse_targets(target_modules), bool(use_rslora))
@@ -294,29 +294,33 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
 
     directory = Path(directory)
     settings = read_adapter_settings(directory)
-    if lora_settings(model) is None:
-        apply_lora(model, settings.r, settings.alpha, settings.target_modules, use_rslora=settings.use_rslora)
-    elif lora_settings(model) != settings:
+    if lora_settings(model) is not None and lora_settings(model) != settings:
         raise UserError(f"{directory}: adapter has {settings.describe()}; this run has {lora_settings(model).describe()}")
     path = directory / ADAPTER_WEIGHTS
     try:
         saved = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path}: not a readable safetensors file ({e})") from None
-    expected = {}
-    for name, m in lora_modules(model).items():
-        for ab in "AB":
-            expected[f"{_PEFT_PREFIX}{name}.lora_{ab}.weight"] = getattr(m, f"lora_{ab}").weight
+    # every tensor checked before the model is touched: a broken adapter leaves it as it was
+    expected = {}  # PEFT name -> shape
+    for i, layer in enumerate(model.model.layers):
+        for t in settings.target_modules:
+            linear, name = getattr(getattr(layer, _PARENT[t]), t), f"model.layers.{i}.{_PARENT[t]}.{t}"
+            expected[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = (settings.r, linear.in_features)
+            expected[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = (linear.out_features, settings.r)
     missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
     if missing:
         raise UserError(f"{path}: adapter is missing {len(missing)} tensor(s), first {missing[0]!r}")
     if unexpected:
         raise UserError(f"{path}: adapter has {len(unexpected)} tensor(s) this model has no place for, "
                         f"first {unexpected[0]!r}")
+    for name, shape in expected.items():
+        if tuple(saved[name].shape) != shape:
+            raise UserError(f"{path}: tensor {name!r} has shape {tuple(saved[name].shape)}, expected {shape}")
+    if lora_settings(model) is None:
+        apply_lora(model, settings.r, settings.alpha, settings.target_modules, use_rslora=settings.use_rslora)
     with torch.no_grad():
-        for name, param in expected.items():
-            if saved[name].shape != param.shape:
-                raise UserError(f"{path}: tensor {name!r} has shape {tuple(saved[name].shape)}, "
-                                f"expected {tuple(param.shape)}")
-            param.copy_(saved[name])
+        for name, m in lora_modules(model).items():
+            for ab in "AB":
+                getattr(m, f"lora_{ab}").weight.copy_(saved[f"{_PEFT_PREFIX}{name}.lora_{ab}.weight"])
     return model
