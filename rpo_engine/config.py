@@ -86,7 +86,7 @@ class RPOConfig:
     rpo_extra_budget: int = field(default=16, metadata={"help": "suffix budget = cut + this many tokens"})
     rpo_cache_policy: str = field(default="correct-only", metadata={
         "help": f"cache update rule: {CACHE_POLICIES} (paper: epsilon-greedy; correct-only never replaces a correct path by a wrong answer)"})
-    rpo_epsilon: float = field(default=0.5, metadata={"help": "probability of caching the best completion (else a random one)"})
+    rpo_epsilon: float = field(default=0.5, metadata={"help": "probability of caching the best completion by length-shaped accuracy (else a random one)"})
     rpo_loss_on_prefix: bool = field(default=False, metadata={"help": "also train on the cached-prefix tokens"})
     length_shaping: bool = field(default=True, metadata={"help": "length-aware accuracy reward among a group's correct answers"})
     length_alpha: float = field(default=0.1, metadata={"help": "sigmoid slope of the length-aware reward"})

@@ -78,6 +78,7 @@ class GroupResult(NamedTuple):
     score_sums: list[float]  # each reward function's scores, summed over the samples
     advantage_rewards: list[float]  # what the advantages are taken from (Trainer.advantage_rewards)
     accuracy: list[float]  # the accuracy function's scores, before shaping (DAPO's filter)
+    shaped_accuracy: list[float]  # after length shaping, weighed by nothing else: what RPO's cache keeps the best of
 
 
 class Trainer:
@@ -682,7 +683,7 @@ class Trainer:
 
     # ---- the step ----------------------------------------------------------------------------
     def step(self) -> dict:
-        c, algo, G = self.config, self.algo, self.config.num_generations
+        c, algo = self.config, self.algo
         start = time.perf_counter()
         self.sync_rollout_weights()
         before = self.engine_counters()
@@ -693,6 +694,7 @@ class Trainer:
         totals = {"generated": 0, "cold_starts": 0, "cache_hits": 0, "verified": 0}
         completions = []  # --log-completions: this rank's groups of each round (gathered once advantages are set)
         all_rewards, num_prompts, zero_std = [], 0, 0
+        sampled = []  # every group's GroupResult, every round's (DAPO's dropped groups too): the rollout's statistics
         score_sums = [0.0] * len(self.reward_weights)  # each reward function's, unweighted
         for round_index in range(1 + (algo.max_resample_rounds if algo.dynamic_sampling else 0)):
             rows = self.next_rows(c.prompts_per_step - len(kept))
@@ -705,15 +707,17 @@ class Trainer:
             self.score_groups(groups)
             results = [r for part in self.dist.gather([
                 GroupResult(g.rewards, g.correct, [len(s) for s in g.suffix_ids], g.finish_reasons.count("length"),
-                            [sum(x) for x in g.scores], self.advantage_rewards(g), g.scores[0]) for g in groups])
-                       for r in part]
+                            [sum(x) for x in g.scores], self.advantage_rewards(g), g.scores[0], g.terms[0])
+                for g in groups]) for r in part]
+            sampled += results
             all_rewards += [x for r in results for x in r.rewards]
             for r in results:
                 score_sums = [a + b for a, b in zip(score_sums, r.score_sums)]
             zero_std += sum(1 for r in results if max(r.rewards) == min(r.rewards))  # no advantage: no gradient
             # 3. cache update (every group, kept or not)
-            if self.rpo.rpo:
-                self.update_cache(rows, groups, [r.rewards for r in results], [r.correct for r in results])
+            if self.rpo.rpo:  # the best by accuracy (length-shaped), as the paper's code: never a wrong answer that
+                # a format bonus or the overlong penalty ranked above a right one
+                self.update_cache(rows, groups, [r.shaped_accuracy for r in results], [r.correct for r in results])
             informative = [True] * len(results)
             if algo.dynamic_sampling:  # DAPO: a group is kept when its accuracy scores differ (not all right or wrong)
                 signal = [r.accuracy if algo.dynamic_sampling_metric == "acc" else r.advantage_rewards
@@ -762,7 +766,7 @@ class Trainer:
         generated, cold_starts, cache_hits, verified, prefill, reused = map(int, self.dist.sum(
             [totals["generated"], totals["cold_starts"], totals["cache_hits"], totals["verified"],
              after["prefill"] - before["prefill"], after["reused"] - before["reused"]]))
-        suffix_lens = [n for r in kept for n in r.suffix_lens]
+        suffix_lens = [n for r in sampled for n in r.suffix_lens]
         rollout_time, update_time, step_time, decode_steps = self.dist.max(  # the slowest rank's
             [rollout_time, time.perf_counter() - update_start, time.perf_counter() - start,
              after["decode_steps"] - before["decode_steps"]])
@@ -770,13 +774,13 @@ class Trainer:
             "step": self.step_num,
             "reward_mean": sum(all_rewards) / len(all_rewards),
             "reward_std": float(torch.tensor(all_rewards).std()) if len(all_rewards) > 1 else 0.0,
-            "accuracy_mean": sum(x for r in kept for x in r.correct) / max(1, len(kept) * G),
+            "accuracy_mean": sum(x for r in sampled for x in r.correct) / len(suffix_lens),
             "rollout_generated_tokens": generated,
             "rollout_prefill_tokens": prefill,
             "rollout_reused_tokens": reused,
             "rollout_decode_steps": int(decode_steps),  # the rollout's depth: its longest completion sets it
             "suffix_len_mean": sum(suffix_lens) / max(1, len(suffix_lens)),
-            "frac_truncated": sum(r.truncated for r in kept) / max(1, len(suffix_lens)),  # out of budget (TRL: clipped_ratio)
+            "frac_truncated": sum(r.truncated for r in sampled) / len(suffix_lens),  # out of budget (TRL: clipped_ratio)
             "num_prompts_sampled": num_prompts,
             "num_groups_trained": len(kept),
             "frac_reward_zero_std": zero_std / num_prompts,

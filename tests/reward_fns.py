@@ -28,6 +28,11 @@ def length_reward(completion_text: str, answer: str) -> float:
     return len(completion_text) / 100
 
 
+def wrong_bonus(completion_text: str, answer: str) -> float:
+    """A second reward that pays hash_reward's wrong answers well: a total reward that ranks wrong above right."""
+    return 5.0 * (1.0 - hash_reward(completion_text, answer))
+
+
 def always_right(completion_text: str, answer: str) -> float:
     """Every answer right: every group's G answers agree, so no group carries signal."""
     return 1.0

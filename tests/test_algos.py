@@ -213,6 +213,8 @@ def test_cache_counts_saturated_visits_and_restores_them():
     restored = ExperienceCache()
     restored.load_state_dict(cache.state_dict())
     assert (restored.saturation("p"), restored.saturation("q")) == (1, 2)
+    # the update rule stays the loading cache's: a resumed run's --rpo-cache-policy / --rpo-epsilon govern
+    assert (restored.policy, restored.epsilon) == ("epsilon-greedy", 0.5)
     old = cache.state_dict()
     del old["saturated"]  # a checkpoint from before the count
     restored.load_state_dict(old)

@@ -464,6 +464,22 @@ def test_cache_verifies_right_answers_whatever_their_shaped_reward(tmp_path, tin
     assert verified_low > 0  # right answers whose shaped reward fell below the old 0.5 threshold
 
 
+def test_cache_keeps_the_most_accurate_answer_whatever_else_scores_it(tmp_path, tiny_model_dir):
+    """The cache keeps a group's best answer by its (length-shaped) accuracy, as the paper's code does: a second
+    reward that pays wrong answers well (or a format bonus, or the overlong penalty) never makes a wrong answer
+    the one kept when the group had a right one."""
+    out = tmp_path / "o"
+    run_train("--model", tiny_model_dir, "--steps", 1, "--eval-steps", 0, "--train-size", 6, "--output", out,
+              "--reward", "tests.reward_fns:hash_reward,tests.reward_fns:wrong_bonus", "--rpo-cache-policy",
+              "epsilon-greedy", "--rpo-epsilon", 1, "--log-completions", "--save-steps", 1, *SMALL)
+    paths = torch.load(out / "checkpoints" / "step-1" / "trainer_state.pt", weights_only=True)["cache"]["paths"]
+    right_in_group = {}
+    for r in map(json.loads, (out / "completions.jsonl").read_text().splitlines()):
+        right_in_group[r["prompt_id"]] = right_in_group.get(r["prompt_id"], False) or r["correct"]
+    assert len(right_in_group) == 3 and any(right_in_group.values())
+    assert {p: paths[p][3] for p in right_in_group} == right_in_group  # kept right whenever one was right
+
+
 def test_cached_paths_carry_their_sampling_logprobs(tmp_path, tiny_model_dir):
     """Each cached path's log-probs (kept part's from earlier steps + the suffix's) are its tokens' log-probs
     under the policy: with the weights all but frozen, a teacher-forced pass over prompt + path gives them."""
@@ -543,6 +559,10 @@ def test_dapo_dynamic_sampling_is_bounded(tmp_path, tiny_model_dir):
     run_train(*dapo, "--reward", "tests.reward_fns:length_reward", "--output", tmp_path / "graded")
     m = read_metrics(tmp_path / "graded")[0]
     assert m["accuracy_mean"] == 0.0 and m["num_groups_trained"] == 3 and m["num_prompts_sampled"] == 3
+    # every answer right: no group is kept, and the rollout's statistics still cover what was sampled
+    run_train(*dapo, "--reward", "tests.reward_fns:always_right", "--output", tmp_path / "right")
+    m = read_metrics(tmp_path / "right")[0]
+    assert m["num_groups_trained"] == 0 and m["accuracy_mean"] == 1.0 and m["suffix_len_mean"] > 0
 
 
 def test_kl_to_reference(tmp_path, tiny_model_dir):

@@ -127,7 +127,8 @@ class ExperienceCache:
                 "saturated": dict(self.saturated)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.policy, self.epsilon = state["policy"], state["epsilon"]
+        """The checkpoint's paths; the update rule (policy, epsilon) stays this cache's: a resumed run's options
+        govern from its first step, as its optimizer's do."""
         self.correct_threshold = state["correct_threshold"]
         self.paths = {}
         self.saturated = {k: int(v) for k, v in state.get("saturated", {}).items()}  # older checkpoints: none
