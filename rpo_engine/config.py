@@ -66,7 +66,7 @@ class RPOConfig:
     """Partial Reasoning Optimization: regenerate only the tail of each prompt's cached reasoning path."""
     rpo: bool = field(default=True, metadata={"help": "generate suffixes from cached paths (--no-rpo: full-path GRPO/DAPO)"})
     rpo_min_cut: int = field(default=1, metadata={"help": "fewest tokens cut from the end of a cached path"})
-    rpo_max_cut: int = field(default=300, metadata={"help": "most tokens cut from the end of a verified path (paper: 300)"})
+    rpo_max_cut: int = field(default=300, metadata={"help": "most tokens cut from the end of a verified path (the paper's code: 1..299)"})
     rpo_max_cut_fraction: float = field(default=0.25, metadata={"help": "never cut more than this fraction of a verified path (runs where each prompt recurs many times kept their accuracy better at 0.5: README)"})
     rpo_saturated_cut_growth: float = field(default=1.0, metadata={
         "help": "each consecutive visit on which all of a prompt's G answers were right (a group without signal) "
@@ -135,7 +135,7 @@ class AlgoConfig:
     scale_rewards: str = field(default="group", metadata={"help": "divide each advantage r - group mean by the std of the group's rewards (group), of the whole batch's (batch: Lite PPO) or by nothing (none: Dr.GRPO) (TRL's name and values; true / false in YAML: group / none)"})
     dynamic_sampling: bool | None = field(default=None, metadata={"help": "drop groups without signal and sample more prompts (default: dapo on)"})
     dynamic_sampling_metric: str = field(default="acc", metadata={"help": f"which groups dynamic sampling drops (verl's filter_groups.metric): {FILTER_METRICS}; acc: those whose accuracy scores (the first --reward function's, before any shaping) are all equal, so all right or all wrong with a right/wrong reward (the DAPO paper's rule); reward: those whose rewards are all equal (a length penalty or a second function can tell apart answers that are all wrong)"})
-    max_resample_rounds: int = field(default=3, metadata={"help": "extra sampling rounds allowed to fill a dynamic-sampling batch"})
+    max_resample_rounds: int = field(default=3, metadata={"help": "extra sampling rounds allowed to fill a dynamic-sampling batch; past them the step trains on the groups it has, or skips its update when it has none (verl stops the run with an error)"})
     overlong_buffer: int | None = field(default=None, metadata={"help": "soft overlong penalty over the last N budget tokens (default: dapo L/4, grpo 0)"})
     overlong_penalty: float = field(default=1.0, metadata={"help": "reward subtracted at the very end of the overlong buffer"})
     importance_sampling_correction: bool = field(default=False, metadata={"help": "weight each token's surrogate by p_train / p_rollout, the training forward's probability of the token over the one it was sampled with, truncated or masked at --importance-sampling-clip-max (TRL's vllm_importance_sampling_correction, on there by default for vLLM's different kernels); here the rollout reads the trained weights and in fp32 matches the training forward exactly: for bf16 GPU runs and --lora-merged-rollout"})
