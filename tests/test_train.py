@@ -455,13 +455,16 @@ def test_cache_verifies_right_answers_whatever_their_shaped_reward(tmp_path, tin
     # step 2 cut the paths step 1 left: its metric counts those verified
     assert read_metrics(out)[1]["cache_verified_rate"] == sum(p[3] for p in first.values()) / 3
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    verified_low = 0
-    for ids, reward, _, verified, logprobs in paths.values():
+    verified = 0
+    for ids, reward, _, right_path, logprobs in paths.values():
         assert len(logprobs) == len(ids)
         right = hash_reward(tokenizer.decode(ids, skip_special_tokens=True), "") == 1.0
-        assert verified == (right and reward == reward)  # a cold start's path (reward NaN) is not verified
-        verified_low += verified and reward < 0.5
-    assert verified_low > 0  # right answers whose shaped reward fell below the old 0.5 threshold
+        assert right_path == (right and reward == reward)  # a cold start's path (reward NaN) is not verified
+        # a kept answer's reward is its length-shaped accuracy (a right one's in [0.5, 1]), not the total the
+        # overlong penalty pushed down
+        assert not right_path or 0.5 <= reward <= 1.0
+        verified += right_path
+    assert verified > 0
 
 
 def test_cache_keeps_the_most_accurate_answer_whatever_else_scores_it(tmp_path, tiny_model_dir):

@@ -92,7 +92,7 @@ class ModelConfig:
             return cls._from_hf_dict(hf)
         except UserError as e:
             raise UserError(f"{source}: {e}") from None
-        except (TypeError, ValueError, AttributeError, OverflowError) as e:
+        except (TypeError, ValueError, AttributeError, ArithmeticError) as e:
             raise UserError(f"{source}: a field has the wrong type or value ({e})") from None
 
     @classmethod
