@@ -1,6 +1,7 @@
 """`python -m rpo_engine.eval --model DIR --dataset FILE`: greedy accuracy of a model on a dataset.
 
-Without --dataset it uses the built-in task's held-out split; without --model, the starter model.
+Without --dataset it uses the built-in task's held-out split (the default run's, seed 0: a training run with
+--seed N holds out seed N's); without --model, the starter model.
 `--output FILE.jsonl` also writes each row's greedy completion, reward and verdict. `--adapter DIR` applies a
 LoRA adapter (a run's final-adapter/, or one PEFT saved) to --model.
 `--num-samples K --temperature T` samples K completions a row instead (one prefill each, shared by its
@@ -28,7 +29,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", help="Hugging Face model directory (default: the built-in starter model)")
     parser.add_argument("--adapter", help="a LoRA adapter directory (PEFT's layout, e.g. a run's final-adapter/) applied to "
                                            "--model (default: none)")
-    parser.add_argument("--dataset", help="JSONL/Parquet rows with prompt and answer, or a `datasets` save_to_disk directory (default: built-in eval split)")
+    parser.add_argument("--dataset", help="JSONL/Parquet rows with prompt and answer, or a `datasets` save_to_disk directory (default: the built-in task's eval split of seed 0, the default training run's)")
     parser.add_argument("--eval-size", type=int, default=512, help="most rows to evaluate (default: 512)")
     parser.add_argument("--max-prompt-length", type=int, default=512,
                         help="longest prompt in tokens, as in training; longer is an error (default: 512)")
