@@ -67,7 +67,7 @@ class RPOConfig:
     rpo: bool = field(default=True, metadata={"help": "generate suffixes from cached paths (--no-rpo: full-path GRPO/DAPO)"})
     rpo_min_cut: int = field(default=1, metadata={"help": "fewest tokens cut from the end of a cached path"})
     rpo_max_cut: int = field(default=300, metadata={"help": "most tokens cut from the end of a verified path (the paper's code: 1..299)"})
-    rpo_max_cut_fraction: float = field(default=0.25, metadata={"help": "never cut more than this fraction of a verified path (runs where each prompt recurs many times kept their accuracy better at 0.5: README)"})
+    rpo_max_cut_fraction: float = field(default=0.25, metadata={"help": "never cut more than this fraction of a verified path, nor less than --rpo-min-cut (runs where each prompt recurs many times kept their accuracy better at 0.5: README)"})
     rpo_saturated_cut_growth: float = field(default=1.0, metadata={
         "help": "each consecutive visit on which all of a prompt's G answers were right (a group without signal) "
                 "multiplies the next cut of its verified path, fraction and token cap, by this, up to the whole "
