@@ -10,8 +10,9 @@ rate (the whole answer right), the groups with both right and wrong answers (the
 from), and the tokens generated per suffix. The right cold starts are cut the same two ways within a
 verified path's bounds (`--max-cut-fraction`; the trainer draws those uniformly), to show whether the
 rule would matter there. The bounds default to those the committed figures were measured with (a wrong
-path cut anywhere, a right one by at most a quarter), not the trainer's defaults. Writes
-benchmarks/results/cut_<device>.json.
+path cut anywhere, a right one by at most a quarter), not the trainer's defaults. The model runs where a
+training run would put it (--device auto: CUDA when there is one, in bf16), and the file is named for
+it: benchmarks/results/cut_<device>.json.
 
     python benchmarks/bench_cut.py                          # the starter model, 64 prompts x 3 seeds, G = 8
     python benchmarks/bench_cut.py --model DIR --prompts 16 --seeds 0
@@ -27,13 +28,13 @@ from pathlib import Path
 import torch
 
 import rpo_engine
-from common import git_commit, machine, save_json
+from common import arg_parser, cli, fraction, git_commit, machine, out_path, positive_int, save_json
 from rpo_engine.config import RPOConfig, TrainConfig
 from rpo_engine.data.arithmetic import make_split
 from rpo_engine.rewards import is_correct, score_completions
 from rpo_engine.rollout import RolloutEngine, SamplingParams
 from rpo_engine.rpo.truncation import cut_cached_path, least_likely_truncation
-from rpo_engine.train import resolve_reward
+from rpo_engine.train import resolve_device, resolve_reward
 from rpo_engine.trainer import encode_prompt
 
 RULES = ("uniform", "least-likely")
@@ -85,25 +86,32 @@ def measure(engine, tokenizer, reward_fn, seed: int, args) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = arg_parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model directory (default: the starter model, built if missing)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--prompts", type=positive_int, default=64)
     parser.add_argument("--num-generations", type=int, default=8)
     parser.add_argument("--max-completion-length", type=int, default=320)
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--unverified-cut-fraction", type=float, default=1.0,
+    parser.add_argument("--unverified-cut-fraction", type=fraction, default=1.0,
                         help="a wrong path is cut within this last fraction of it (1.0: anywhere)")
-    parser.add_argument("--max-cut-fraction", type=float, default=0.25, help="a right path's bound")
+    parser.add_argument("--max-cut-fraction", type=fraction, default=0.25, help="a right path's bound")
     parser.add_argument("--reward", default="exact", help="as the trainer's --reward: exact, math or module:function")
-    parser.add_argument("--out", default=None, help="JSON path (default: results/cut_<device>.json)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="as the trainer's --device (auto: CUDA when there is one)")
+    parser.add_argument("--out", type=out_path, default=None, help="JSON path (default: results/cut_<device>.json)")
     args = parser.parse_args(argv)
+    # the trainer's checks of the options it shares, and its device and dtype, before a model is loaded
+    config = TrainConfig(reward=args.reward, device=args.device, num_generations=args.num_generations,
+                         max_completion_length=args.max_completion_length, temperature=args.temperature)
+    device, dtype = resolve_device(config)
+    reward_fn = resolve_reward(config)
     if args.model is None:
         from rpo_engine.data.starter import ensure_starter_model
         args.model = str(ensure_starter_model())
     torch.manual_seed(0)
-    model, tokenizer = rpo_engine.load_model(args.model), rpo_engine.load_tokenizer(args.model)
-    engine, reward_fn = RolloutEngine(model), resolve_reward(TrainConfig(reward=args.reward))
+    model = rpo_engine.load_model(args.model, dtype=dtype, device=device)
+    engine, tokenizer = RolloutEngine(model), rpo_engine.load_tokenizer(args.model)
     runs = []
     for seed in args.seeds:
         runs.append(measure(engine, tokenizer, reward_fn, seed, args))
@@ -117,12 +125,12 @@ def main(argv=None):
     cases = [*RULES, *(f"verified {rule}" for rule in RULES)]
     summary = {case: {key: statistics.mean(r[case][key] for r in runs)
                       for key in ("suffix_success", "mixed_groups", "tokens_per_suffix", "mean_cut")} for case in cases}
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    save_json(args.out or Path(__file__).parent / "results" / f"cut_{device}.json", {
-        "benchmark": "bench_cut", "machine": machine(), "date": datetime.date.today().isoformat(),
-        "git_commit": git_commit(), "torch": torch.__version__, "model": args.model,
-        "settings": {k: v for k, v in vars(args).items() if k != "model"}, "summary": summary, "runs": runs})
+    save_json(args.out or Path(__file__).parent / "results" / f"cut_{device.type}.json", {
+        "benchmark": "bench_cut", "machine": machine(device), "date": datetime.date.today().isoformat(),
+        "git_commit": git_commit(), "torch": torch.__version__, "model": args.model, "dtype": str(dtype),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "model"},
+        "summary": summary, "runs": runs})
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -5,7 +5,9 @@ inputs and appending the sampled tokens. Here the forward is replaced by zero lo
 host work is timed (plus sampling a 512-token vocabulary on the CPU). On a GPU a decode step ends in one
 host sync (the sampled tokens), so this time is added to every step's device time: compare it with
 `decode_step_ms` in rollout_cuda.json. Not counted: on CUDA, the copies into the CUDA graph's input
-buffers and the graph launch.
+buffers and the graph launch. The engine is built on the CPU, on a GPU box too, with TRITON_INTERPRET=1
+set here: RolloutEngine asks for it for the Triton backend off CUDA, but with the forward replaced no
+kernel runs, so the interpreter never does.
 
 Cases: 64 and 256 sequences (8 samples of each prompt) at 1k and 4k tokens of context, 128 new tokens,
 a 150k-block cache (about what bench_rollout --gpu gives a 1.5B model: 90% of an H100, 448 KiB a
@@ -17,12 +19,15 @@ benchmarks/results/host_cpu.json.
 import argparse, datetime, json, os, statistics, subprocess, sys, time  # noqa: E401
 from pathlib import Path
 
-import torch
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: see the docstring (no kernel runs)
 
-import rpo_engine
-from common import git_commit, machine, save_json
-from rpo_engine.model import CausalLM, ModelConfig
-from rpo_engine.rollout import RolloutEngine, SamplingParams
+import torch  # noqa: E402
+
+import rpo_engine  # noqa: E402
+from common import arg_parser, cli, git_commit, machine, out_path, positive_int, save_json  # noqa: E402
+from rpo_engine.errors import UserError  # noqa: E402
+from rpo_engine.model import CausalLM, ModelConfig  # noqa: E402
+from rpo_engine.rollout import RolloutEngine, SamplingParams  # noqa: E402
 
 CASES = [(64, 1024), (64, 4096), (256, 1024), (256, 4096)]  # (sequences, context tokens)
 SAMPLES, NEW_TOKENS, NUM_BLOCKS, VOCAB = 8, 128, 150_000, 512
@@ -90,18 +95,33 @@ def measure_all(repeats, cases):
     return rows
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--repeats", type=int, default=3, help="generate calls per case (each ~128 decode steps)")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    ap.add_argument("--cases", default=",".join(f"{s}x{c}" for s, c in CASES), help="e.g. 64x1024,256x4096")
+def parse_cases(text):
+    """--cases "64x1024,256x4096": sequences (a multiple of SAMPLES) x context tokens (more than NEW_TOKENS)."""
+    cases = []
+    for case in text.split(","):
+        seqs, _, context = case.partition("x")
+        if not (seqs.isdigit() and context.isdigit() and int(seqs) % SAMPLES == 0 and int(seqs) > 0
+                and int(context) > NEW_TOKENS):
+            raise argparse.ArgumentTypeError(f"{case!r} is not SEQUENCESxCONTEXT, sequences a positive multiple of "
+                                             f"{SAMPLES} (samples per prompt), context more than {NEW_TOKENS} tokens")
+        cases.append((int(seqs), int(context)))
+    return cases
+
+
+def main(argv=None):
+    ap = arg_parser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=positive_int, default=3, help="generate calls per case (each ~128 decode steps)")
+    ap.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
+    ap.add_argument("--cases", type=parse_cases, default=CASES, help="e.g. 64x1024,256x4096")
     ap.add_argument("--baseline-src", type=Path, default=None,
                     help="another checkout of the repository: the same cases run on its rpo_engine too")
     ap.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)  # the baseline subprocess
-    ap.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/host_cpu.json)")
-    args = ap.parse_args()
+    ap.add_argument("--out", type=out_path, default=None, help="JSON path (default: benchmarks/results/host_cpu.json)")
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cases = [tuple(map(int, c.split("x"))) for c in args.cases.split(",")]
+    cases = args.cases
+    if args.baseline_src and not (args.baseline_src / "rpo_engine" / "__init__.py").is_file():
+        raise UserError(f"--baseline-src {args.baseline_src}: not a checkout of this repository (no rpo_engine/)")
     if args.rows_only:
         print("ROWS " + json.dumps(measure_all(args.repeats, cases)))
         return
@@ -117,7 +137,7 @@ def main():
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=src).stdout.strip()
         env = {**os.environ, "PYTHONPATH": str(src)}  # its rpo_engine before the installed one
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--rows-only", "--repeats", str(args.repeats),
-                               "--threads", str(args.threads), "--cases", args.cases],
+                               "--threads", str(args.threads), "--cases", ",".join(f"{s}x{c}" for s, c in cases)],
                               capture_output=True, text=True, env=env, cwd=Path(__file__).parent)
         if proc.returncode:
             sys.exit(f"baseline run failed: {proc.stderr[-2000:]}")
@@ -131,4 +151,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

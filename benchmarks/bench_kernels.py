@@ -9,7 +9,8 @@ Each method runs in a fresh child process so its peak memory is its own: on CUDA
 torch.cuda.max_memory_allocated minus what was allocated before the call, on CPU the peak RSS
 (ru_maxrss) minus the peak before the call. Both count everything the step allocates, the returned
 gradients included. Time: median of a few repeats after one warm-up. CPU runs fp32 and no Triton
-(the interpreter is not a benchmark). Usage: python benchmarks/bench_kernels.py [--repeats 3]
+(the interpreter is not a benchmark). Writes benchmarks/results/kernels_<cpu|cuda>.json; until every method
+has run, kernels_<...>.partial.json. Usage: python benchmarks/bench_kernels.py [--repeats 3]
 """
 import argparse, datetime, importlib.metadata, importlib.util, json, os, platform  # noqa: E401
 import resource, statistics, subprocess, sys, time  # noqa: E401
@@ -18,7 +19,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from common import git_commit, machine, save_json  # noqa: E402
+from common import arg_parser, cli, git_commit, machine, out_path, positive_int, save_json  # noqa: E402
 from rpo_engine.kernels import fused_logprobs, logprobs_reference  # noqa: E402
 
 CPU_SHAPES = [(8192, 256, 32000, torch.float32)]
@@ -68,12 +69,12 @@ def child(method, n, h, v, dtype, repeats):
     print(json.dumps({"ms": 1e3 * statistics.median(times[1:]), "peak_extra_mib": (peak_bytes() - base) / 2**20}))
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/)")
+def main(argv=None):
+    p = arg_parser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--out", type=out_path, default=None, help="JSON path (default: benchmarks/results/)")
     p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.child:
         m, n, h, v, dt = args.child
         return child(m, int(n), int(h), int(v), getattr(torch, dt), args.repeats)
@@ -81,7 +82,7 @@ def main():
     liger = cuda and importlib.util.find_spec("liger_kernel") is not None
     methods = ["naive", "torch"] + ["triton"] * cuda + ["liger"] * liger
     with_entropy = ["naive+entropy", "torch+entropy"] + ["triton+entropy"] * cuda
-    rows = []
+    rows, failed = [], []
     print(f"{machine('cuda' if cuda else 'cpu')}: fused_logprobs fwd+bwd, median of {args.repeats}; memory = "
           f"{'max_memory_allocated' if cuda else 'peak RSS (ru_maxrss)'} delta incl. gradients")
     print(f"{'tokens':>6} {'hidden':>6} {'vocab':>6} {'dtype':>8} {'method':>14} {'ms':>9} {'peak MiB':>9} "
@@ -92,14 +93,15 @@ def main():
               "torch": torch.__version__, "triton": triton_version, "repeats": args.repeats,
               "memory_method": "cuda max_memory_allocated delta" if cuda else "ru_maxrss delta (fresh process)",
               "results": rows}
-    out_path = args.out or os.path.join(HERE, "results", f"kernels_{'cuda' if cuda else 'cpu'}.json")
+    json_path = args.out or os.path.join(HERE, "results", f"kernels_{'cuda' if cuda else 'cpu'}.json")
     for i, (n, h, v, dtype) in enumerate(GPU_SHAPES if cuda else CPU_SHAPES):
         dt = str(dtype).split(".")[1]
         for m in methods + (with_entropy if i == 0 else []):
             out = subprocess.run([sys.executable, __file__, "--repeats", str(args.repeats), "--child", m, str(n),
                                   str(h), str(v), dt], capture_output=True, text=True)
             if out.returncode:
-                print(f"{m}: failed: {out.stderr.strip().splitlines()[-1]}")
+                print(f"{m}: failed: {(out.stderr.strip().splitlines() or ['no output'])[-1]}")
+                failed.append(m)
                 continue
             r = dict(json.loads(out.stdout.strip().splitlines()[-1]), tokens=n, hidden=h, vocab=v, dtype=dt, method=m)
             baseline = "naive+entropy" if m.endswith("+entropy") else "naive"
@@ -108,8 +110,11 @@ def main():
                   f"{r['ms'] / naive['ms']:>10.2f} {r['peak_extra_mib'] / naive['peak_extra_mib']:>9.3f}")
             rows.append(r)
             result["load_avg_1m"] = os.getloadavg()[0]  # other jobs skew the times, not memory
-            save_json(out_path, result)  # after every row: a run stopped at its time limit keeps what it measured
+            save_json(json_path, result, partial=True)  # after every row: a time limit keeps what was measured
+    save_json(json_path, result, partial=bool(failed))  # the complete file only when every method ran
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

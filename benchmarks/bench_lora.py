@@ -1,6 +1,7 @@
 """LoRA (--use-peft) against full fine-tuning: memory held for training, update time, the adapters' decode cost.
 
-Per model shape, side by side in one process on the same random weights:
+Per model shape, side by side in one process on the same random weights and the same work (one draw of
+the update's group and the decode's prompts for all of a shape's rows):
   update  one training update as the trainer runs it (shared-prefix group_logprobs + policy_loss + backward +
           AdamW step; fp32 masters for bf16 weights), full vs LoRA (r=16, alpha=32, all-linear): median time
           over --repeats after a warm-up, and the training state it leaves resident: the distinct storages of
@@ -13,14 +14,14 @@ CPU: a small Qwen2-shaped model in fp32. --gpu: Qwen2.5-1.5B's shape (full and L
 only: its full fine-tuning state, ~16 bytes a parameter, is more than an 80 GB GPU holds) in bf16.
 Writes benchmarks/results/lora_<cpu|cuda>.json. Usage: python benchmarks/bench_lora.py [--gpu]
 """
-import argparse, datetime, gc, os, platform, random, statistics, sys, time  # noqa: E401
+import datetime, gc, os, platform, random, statistics, sys, time  # noqa: E401
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 from bench_shared_prefix import QWEN25_15B, SMALL, make_group, step  # noqa: E402
-from common import git_commit, machine, save_json  # noqa: E402
+from common import arg_parser, check_gpu, cli, git_commit, machine, out_path, positive_int, save_json  # noqa: E402
 from rpo_engine.model import CausalLM, ModelConfig, apply_lora  # noqa: E402
 from rpo_engine.optim import MasterWeightAdamW, make_adamw  # noqa: E402
 from rpo_engine.rollout import RolloutEngine, SamplingParams  # noqa: E402
@@ -65,6 +66,7 @@ def measure_update(model, groups, repeats):
         sync()
         times.append(time.perf_counter() - t0)
     row = {"update_ms": 1e3 * statistics.median(times[1:]),
+           "update_suffix_tokens": sum(len(s) for g in groups for s in g.suffix_ids),
            "trained_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
            **{f"{k}_gib": v / 2**30 for k, v in resident_bytes(model, optimizer).items()}}
     row["training_state_gib"] = row["weights_gib"] + row["grads_gib"] + row["optimizer_gib"]
@@ -97,12 +99,13 @@ def measure_decode(model, prompts, new_tokens, n, repeats, merge_lora=False):
     return {"decode_s": seconds, "new_tokens": tokens, "tokens_per_s": tokens / seconds}
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None):
+    p = arg_parser(description=__doc__.splitlines()[0])
     p.add_argument("--gpu", action="store_true", default=torch.cuda.is_available())
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/)")
-    args = p.parse_args()
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--out", type=out_path, default=None, help="JSON path (default: benchmarks/results/)")
+    args = p.parse_args(argv)
+    check_gpu(args.gpu)
     device, dtype = ("cuda", torch.bfloat16) if args.gpu else ("cpu", torch.float32)
     # (name, shape, run full fine-tuning too?), prefix length, G, prompts x samples x (prompt, new) tokens of the decode
     shapes = [("qwen2.5-1.5b", QWEN25_15B, True), ("qwen2.5-7b", QWEN25_7B, False)] if args.gpu else [("small", SMALL, True)]
@@ -113,11 +116,11 @@ def main():
           f"median of {args.repeats}; decode = {num_prompts} prompts x {n}, {prompt_len} + {new_tokens} tokens")
     rows = []
     for name, shape, with_full in shapes:
+        # drawn once for the shape: full fine-tuning and LoRA train and decode the same tokens
+        groups = [make_group(prefix_len, G, shape["vocab_size"], rng)]
+        prompts = [[rng.randrange(shape["vocab_size"]) for _ in range(prompt_len)] for _ in range(num_prompts)]
         for lora in ([False, True] if with_full else [True]):
             model = make_model(shape, device, dtype, lora)
-            vocab = model.config.vocab_size
-            groups = [make_group(prefix_len, G, vocab, rng)]
-            prompts = [[rng.randrange(vocab) for _ in range(prompt_len)] for _ in range(num_prompts)]
             row = {"model": name, "params": model.num_parameters(), "method": "lora r=16 all-linear" if lora else "full"}
             row.update(measure_update(model, groups, args.repeats))
             model.zero_grad(set_to_none=True)
@@ -144,4 +147,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -11,7 +11,8 @@ AdamW step, through the trainer's own path: a group's prefix runs once in forwar
 (shared-prefix layout) where that costs fewer FLOPs, which is every RPO group here; full-path groups
 (short prompt, long completions) run padded. `--no-prefix-sharing` pads every group, to compare.
 Medians over --repeats, full and RPO interleaved in one process. With --gpu (or --cascade-variant) RPO
-also runs on a second engine with triton_cascade=True, each prefix's K/V read once for its G suffixes.
+also runs on a second engine with triton_cascade=True, each prefix's K/V read once for its G suffixes
+(on the CPU through the Triton interpreter: run with TRITON_INTERPRET=1).
 
     python benchmarks/bench_paper_shape.py                 # CPU: small model, 1 x 8 samples of 1536 tokens
     python benchmarks/bench_paper_shape.py --gpu           # CUDA: Qwen2.5-1.5B shape, bf16, 8 x 8 samples
@@ -22,8 +23,10 @@ from pathlib import Path
 
 import torch
 
-from common import git_commit, machine, save_json
+from common import arg_parser, check_gpu, cli, git_commit, machine, out_path, positive_int, save_json
+from rpo_engine.errors import UserError
 from rpo_engine.kernels import policy_loss
+from rpo_engine.kernels.fused_logprobs import _triton_interpreted
 from rpo_engine.model.config import ModelConfig
 from rpo_engine.model.decoder import CausalLM
 from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, plan_micro_batches
@@ -86,27 +89,39 @@ def one_step(model, engine, optimizer, prompts, cached, args, seed):
                 rollout_s=t1 - t0, update_s=t2 - t1, step_s=t2 - t0)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv=None):
+    ap = arg_parser(description=__doc__.split("\n")[0])
     ap.add_argument("--gpu", action="store_true", default=torch.cuda.is_available())
     ap.add_argument("--cpu", dest="gpu", action="store_false")
-    ap.add_argument("--prompts", type=int, default=None, help="prompts per step B (default: 1 CPU, 8 GPU)")
-    ap.add_argument("--num-generations", type=int, default=8, help="samples per prompt G")
-    ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--full-len", type=int, default=1536, help="full-path completion length")
-    ap.add_argument("--suffix-len", type=int, default=100, help="RPO suffix length (cached path = full-len - this)")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--micro-batch-tokens", type=int, default=None, help="default: 16384 CPU, 8192 GPU")
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--prompts", type=positive_int, default=None, help="prompts per step B (default: 1 CPU, 8 GPU)")
+    ap.add_argument("--num-generations", type=positive_int, default=8, help="samples per prompt G")
+    ap.add_argument("--prompt-len", type=positive_int, default=128)
+    ap.add_argument("--full-len", type=positive_int, default=1536, help="full-path completion length")
+    ap.add_argument("--suffix-len", type=positive_int, default=100,
+                    help="RPO suffix length, at most --full-len (cached path = full-len - this)")
+    ap.add_argument("--repeats", type=positive_int, default=3)
+    ap.add_argument("--micro-batch-tokens", type=positive_int, default=None, help="default: 16384 CPU, 8192 GPU")
+    ap.add_argument("--out", type=out_path, default=None)
     ap.add_argument("--no-prefix-sharing", dest="prefix_sharing", action="store_false",
                     help="update with one padded row per sample (the trainer's --no-prefix-sharing)")
     ap.add_argument("--cascade-variant", action=argparse.BooleanOptionalAction, default=None,
                     help="also run RPO with a second engine, Triton decode with triton_cascade=True (its own "
-                         "small K/V budget); default on with --gpu (on the CPU it is the Triton interpreter: slow)")
-    args = ap.parse_args()
+                         "small K/V budget); default on with --gpu (on the CPU it is the Triton interpreter, "
+                         "TRITON_INTERPRET=1: slow)")
+    args = ap.parse_args(argv)
+    check_gpu(args.gpu)
     device = torch.device("cuda" if args.gpu else "cpu")
     dtype = torch.bfloat16 if args.gpu else torch.float32
     shape = QWEN25_15B if args.gpu else CPU_SHAPE
+    if args.suffix_len > args.full_len:
+        raise UserError(f"--suffix-len {args.suffix_len} is longer than --full-len {args.full_len}, the path it ends")
+    if args.prompt_len + args.full_len > shape["max_position_embeddings"]:
+        raise UserError(f"--prompt-len + --full-len ({args.prompt_len + args.full_len}) is more than the model's "
+                        f"{shape['max_position_embeddings']} positions")
+    cascade = args.gpu if args.cascade_variant is None else args.cascade_variant
+    if cascade and not args.gpu and not _triton_interpreted():  # the engine's own check, before the model is made
+        raise UserError("--cascade-variant on the CPU runs the Triton kernels through the interpreter: run with "
+                        "TRITON_INTERPRET=1")
     args.prompts = args.prompts or (8 if args.gpu else 1)
     args.micro_batch_tokens = args.micro_batch_tokens or (8192 if args.gpu else 16384)
     model = random_model(shape, device, dtype)
@@ -116,7 +131,7 @@ def main():
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     engine = RolloutEngine(model)
     engines = {"full": engine, "rpo": engine}
-    if args.gpu if args.cascade_variant is None else args.cascade_variant:
+    if cascade:
         # Room for every sample's whole path without sharing: the first engine holds its share of the GPU.
         blocks = args.prompts * args.num_generations * -(-(args.prompt_len + args.full_len) // 16)
         engines["rpo_cascade"] = RolloutEngine(model, attention_backend="triton", triton_cascade=True,
@@ -166,4 +181,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -8,10 +8,10 @@ math-verify's parser and comparison run as they do on a math dataset. Reports th
 for each worker count (the pool started and warmed up beforehand; its start-up is reported on its own).
 Writes benchmarks/results/rewards_cpu.json.
 """
-import argparse, datetime, os, random, statistics, sys, time  # noqa: E401
+import datetime, os, random, statistics, sys, time  # noqa: E401
 from pathlib import Path
 
-from common import git_commit, machine, save_json
+from common import arg_parser, cli, git_commit, machine, out_path, positive_int, save_json
 from rpo_engine.rewards.pool import RewardPool, reward_function
 
 
@@ -39,11 +39,12 @@ def completions(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--completions", type=int, default=512)
-    parser.add_argument("--workers", type=int, nargs="+", help="worker counts (default: 1, 2, 4, 8 up to the CPUs)")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default=None)
+    parser = arg_parser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--completions", type=positive_int, default=512)
+    parser.add_argument("--workers", type=positive_int, nargs="+",
+                        help="worker counts (default: 1, 2, 4, 8 up to the CPUs)")
+    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--out", type=out_path, default=None)
     args = parser.parse_args(argv)
     cpus = os.cpu_count() or 1
     counts = args.workers or [w for w in (1, 2, 4, 8, 16) if w <= cpus]
@@ -87,4 +88,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -11,16 +11,16 @@ also with triton_cascade=True (shared prompt K/V read once per prompt; its achie
 effective figure: the bytes the plain path reads). Every load also runs with async_scheduling=True (each
 decode step scheduled while the previous one runs), on the CPU too, where it has nothing to overlap and
 should cost nothing. New tokens/s counts every returned token over the call's wall time. Writes
-benchmarks/results/rollout_<cpu|cuda>.json.
+benchmarks/results/rollout_<cpu|cuda>.json; until every case has run without an error, rollout_<...>.partial.json.
 """
-import argparse, datetime, json, os, statistics, sys, tempfile, time, traceback  # noqa: E401
+import datetime, json, os, statistics, sys, tempfile, time, traceback  # noqa: E401
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import rpo_engine
-from common import git_commit, machine, save_json
+from common import arg_parser, check_gpu, cli, git_commit, machine, out_path, positive_int, save_json
 from rpo_engine.rollout import RolloutEngine, SamplingParams
 
 TINY = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -115,15 +115,16 @@ def run_case(name, hf, model, num_prompts, n, prompt_len, new_tokens, repeats, w
     return row
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv=None):
+    ap = arg_parser(description=__doc__.split("\n")[0])
     ap.add_argument("--gpu", action="store_true", default=torch.cuda.is_available())
     ap.add_argument("--cpu", dest="gpu", action="store_false")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--repeats", type=positive_int, default=3)
+    ap.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/)")
-    args = ap.parse_args()
+    ap.add_argument("--out", type=out_path, default=None, help="JSON path (default: benchmarks/results/)")
+    args = ap.parse_args(argv)
+    check_gpu(args.gpu)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.gpu else "cpu")
@@ -170,10 +171,12 @@ def main():
             result["rows"].append(dict(case=name, error=f"{type(e).__name__}: {e}"))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        save_json(out, result)  # after every case: a time limit keeps what was measured
-    if any("error" in row for row in result["rows"]):
+        save_json(out, result, partial=True)  # after every case: a time limit keeps what was measured
+    failed = any("error" in row for row in result["rows"])
+    save_json(out, result, partial=failed)  # the complete file only when every case ran
+    if failed:
         sys.exit(1)
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -9,12 +9,12 @@ them (flags from its Python lists): T = 1 (RL rollouts' default), top-p 0.95, to
 Each case checks that both draw the same tokens. Reports median ms per call. Writes
 benchmarks/results/sampler_cpu.json (sampler_cuda.json with --gpu).
 """
-import argparse, datetime, statistics, sys, time  # noqa: E401
+import datetime, statistics, sys, time  # noqa: E401
 from pathlib import Path
 
 import torch
 
-from common import git_commit, machine, save_json
+from common import arg_parser, check_gpu, cli, git_commit, machine, out_path, positive_int, save_json
 from rpo_engine.rollout.sampler import sample, sample_reference
 
 VOCAB = 151_936
@@ -37,16 +37,15 @@ def timed(fn, repeats: int, device) -> float:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = arg_parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpu", action="store_true", help="run on CUDA (64 and 256 rows)")
-    parser.add_argument("--rows", type=int, nargs="+", help="rows per call (default 64; with --gpu 64 256)")
-    parser.add_argument("--vocab", type=int, default=VOCAB)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--rows", type=positive_int, nargs="+", help="rows per call (default 64; with --gpu 64 256)")
+    parser.add_argument("--vocab", type=positive_int, default=VOCAB)
+    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--out", type=out_path, default=None)
     args = parser.parse_args(argv)
+    check_gpu(args.gpu)
     device = torch.device("cuda" if args.gpu else "cpu")
-    if args.gpu and not torch.cuda.is_available():
-        sys.exit("--gpu: no CUDA device")
     rows_list = args.rows or ([64, 256] if args.gpu else [64])
     g = torch.Generator().manual_seed(0)
     results = []
@@ -77,4 +76,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -10,13 +10,13 @@ device; on CUDA also torch.cuda.max_memory_allocated minus what was allocated be
 CPU: a small Qwen2-shaped model in fp32. --gpu (default on CUDA): Qwen2.5-1.5B's shape in bf16.
 Writes benchmarks/results/shared_prefix_<cpu|cuda>.json. Usage: python benchmarks/bench_shared_prefix.py
 """
-import argparse, datetime, os, platform, random, statistics, sys, time  # noqa: E401
+import datetime, os, platform, random, statistics, sys, time  # noqa: E401
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from common import git_commit, machine, save_json  # noqa: E402
+from common import arg_parser, check_gpu, cli, git_commit, machine, out_path, positive_int, save_json  # noqa: E402
 from rpo_engine.kernels import policy_loss  # noqa: E402
 from rpo_engine.model import CausalLM, ModelConfig  # noqa: E402
 from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, layout_tokens  # noqa: E402
@@ -87,12 +87,13 @@ def measure(model, groups, shared, repeats):
     return row
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None):
+    p = arg_parser(description=__doc__.splitlines()[0])
     p.add_argument("--gpu", action="store_true", default=torch.cuda.is_available())
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/)")
-    args = p.parse_args()
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--out", type=out_path, default=None, help="JSON path (default: benchmarks/results/)")
+    args = p.parse_args(argv)
+    check_gpu(args.gpu)
     device, dtype = ("cuda", torch.bfloat16) if args.gpu else ("cpu", torch.float32)
     shape = QWEN25_15B if args.gpu else SMALL
     config = ModelConfig.from_hf_dict(dict(model_type="qwen2", max_position_embeddings=32768, tie_word_embeddings=True,
@@ -129,4 +130,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

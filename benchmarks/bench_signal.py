@@ -22,7 +22,6 @@ a path was not verified). Writes benchmarks/results/signal_<device>.json.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import datetime
 import shlex
@@ -31,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from common import git_commit, machine, save_json
-from rpo_engine.config import parse_args
+from common import arg_parser, cli, git_commit, machine, out_path, positive_int, save_json, train_config
 from rpo_engine.data.arithmetic import check_trace, make_split
+from rpo_engine.errors import UserError
 from rpo_engine.train import build_trainer
 from rpo_engine.trainer import greedy_graded
 
@@ -60,12 +59,22 @@ def grade_greedy(trainer, rows: list[dict]) -> dict:
             "wrong_from_quarter": {q: wrong[q] for q in QUARTERS}}
 
 
-def audit(flags: str, seed: int, steps: int, output: Path, grade_eval: int) -> dict:
-    config = parse_args(["--seed", str(seed), "--steps", str(steps), "--eval-steps", "0", "--no-progress",
-                         "--output", str(output), *shlex.split(flags)])
+def run_config(flags: str, seed: int, steps: int, output: Path):
+    """The run's TrainConfig, checked (main checks every run's before the first starts)."""
+    option = f"--runs {flags!r}"
+    try:
+        argv = shlex.split(flags)
+    except ValueError as e:  # an unclosed quote
+        raise UserError(f"{option}: {e}") from None
+    config = train_config(["--seed", str(seed), "--steps", str(steps), "--eval-steps", "0", "--no-progress",
+                           "--output", str(output), *argv], option)
     if config.dataset is not None:
-        raise SystemExit("bench_signal grades traces of the built-in task: run it without --dataset")
-    trainer = build_trainer(config)
+        raise UserError(f"{option}: bench_signal grades traces of the built-in task: run it without --dataset")
+    return config
+
+
+def audit(flags: str, seed: int, steps: int, output: Path, grade_eval: int) -> dict:
+    trainer = build_trainer(run_config(flags, seed, steps, output))
     counts, score = collections.Counter(), trainer.score_groups
 
     def graded_score(groups):  # the trainer's own scoring, then the trace grade of each answer
@@ -94,17 +103,19 @@ def audit(flags: str, seed: int, steps: int, output: Path, grade_eval: int) -> d
             "greedy_eval": grade_greedy(trainer, make_split("eval", grade_eval, seed))}
 
 
-def main():
-    parser = argparse.ArgumentParser()
+def main(argv=None):
+    parser = arg_parser()
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=positive_int, default=40)
     parser.add_argument("--runs", nargs="+", metavar="FLAGS",
                         default=["--no-rpo", "--rpo", "--rpo --rpo-unverified-cut-fraction 0.5"],
                         help="train flags of each run, one quoted string each")
-    parser.add_argument("--grade-eval", type=int, default=512,
+    parser.add_argument("--grade-eval", type=positive_int, default=512,
                         help="held-out problems the trained model answers greedily, graded line by line")
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    parser.add_argument("--out", type=out_path, default=None)
+    args = parser.parse_args(argv)
+    for flags in args.runs:  # a bad run is an error now, not after the runs before it
+        run_config(flags, args.seed, args.steps, Path("unused"))
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for k, flags in enumerate(args.runs):
@@ -123,4 +134,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

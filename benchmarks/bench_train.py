@@ -1,4 +1,4 @@
-"""RPO against full-path GRPO/DAPO on the built-in task and starter model, side by side in one process.
+"""RPO against full-path GRPO/DAPO on the built-in task and starter model, side by side in one run.
 
 For each algorithm pair (full path vs RPO) and seed: generated tokens per step, prefill tokens,
 median step time, training wall-clock to reach a target eval accuracy (by default the seed's starting
@@ -11,8 +11,9 @@ against wall-clock.
     python benchmarks/bench_train.py --rpo-variants "--rpo-unverified-cut-fraction 0.5" --jobs 2
                                                           # more RPO settings against the same full-path runs
 
---jobs N runs N trainings at once, one process each: on an N-core box give each one thread
-(OMP_NUM_THREADS=1), so step times stay comparable within the run.
+Each training runs in a worker process (rpo_engine.train's main); --jobs N runs N of them at once: on an
+N-core box give each one thread (OMP_NUM_THREADS=1), so step times stay comparable within the run. Every
+run's train flags are checked before the first one starts, and the first failed run stops the rest.
 """
 from __future__ import annotations
 
@@ -28,16 +29,22 @@ from pathlib import Path
 
 import torch
 
-from common import git_commit, machine, save_json
+from common import arg_parser, cli, git_commit, machine, out_path, positive_int, save_json, train_config
+from rpo_engine.errors import UserError
 from rpo_engine.train import main as train_main
+
+
+def train_argv(algo: str, rpo: bool, seed: int, steps: int, extra: list[str], output: Path, variant: str) -> list[str]:
+    """rpo_engine.train's flags for one run (main checks every run's before the first starts)."""
+    return ["--algo", algo, "--rpo" if rpo else "--no-rpo", "--seed", str(seed), "--steps", str(steps),
+            "--output", str(output), "--no-progress", *extra, *shlex.split(variant)]
 
 
 def run(algo: str, rpo: bool, seed: int, steps: int, extra: list[str], out: Path, variant: str = "") -> dict:
     """One training run; `variant` holds more flags for an RPO run ("" = the defaults)."""
     name = f"{algo}-{'rpo' if rpo else 'full'}-s{seed}" + re.sub(r"[^\w.]+", "_", variant)
     output = out / name
-    train_main(["--algo", algo, "--rpo" if rpo else "--no-rpo", "--seed", str(seed), "--steps", str(steps),
-                "--output", str(output), "--no-progress", *extra, *shlex.split(variant)])
+    train_main(train_argv(algo, rpo, seed, steps, extra, output, variant))
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     steps_ = [r for r in records if "reward_mean" in r]
     evals = [r for r in records if "eval_accuracy" in r]
@@ -138,36 +145,47 @@ def plot(runs: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=100, bbox_inches="tight")
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--algos", nargs="+", default=["grpo"])
+def main(argv=None):
+    parser = arg_parser()
+    parser.add_argument("--algos", nargs="+", default=["grpo"], choices=["grpo", "dapo"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=positive_int, default=40)
     parser.add_argument("--target", type=float, default=None,
                         help="eval accuracy whose first crossing is timed (default: each seed's starting accuracy "
                         "+ --target-gain)")
     parser.add_argument("--target-gain", type=float, default=0.05)
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (the PNG goes beside it)")
+    parser.add_argument("--out", type=out_path, default=None, help="JSON path (the PNG goes beside it)")
     parser.add_argument("--rpo-variants", nargs="*", default=[], metavar="FLAGS",
                         help='more RPO runs per seed, each with these train flags: one quoted string each, '
                         'with a leading space if it is one flag (" --no-length-shaping")')
-    parser.add_argument("--jobs", type=int, default=1, help="trainings run at once (one process each)")
+    parser.add_argument("--jobs", type=positive_int, default=1, help="trainings run at once (one process each)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more rpo_engine.train flags")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.rpo_variants = [v.strip() for v in args.rpo_variants]
     plan = [(algo, rpo, seed, variant) for algo in args.algos for seed in args.seeds
             for rpo, variant in [(False, ""), (True, "")] + [(True, v) for v in args.rpo_variants]]
+    for algo, rpo, seed, variant in plan:  # a bad flag is an error now, not after the runs queued before it
+        option = f"--rpo-variants {variant!r}" if variant else "--extra"
+        try:
+            flags = train_argv(algo, rpo, seed, args.steps, args.extra, Path("unused"), variant)
+        except ValueError as e:  # shlex: an unclosed quote
+            raise UserError(f"{option}: {e}") from None
+        train_config(flags, option)
     with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
         futures = [pool.submit(run, algo, rpo, seed, args.steps, args.extra, Path(tmp), variant)
                    for algo, rpo, seed, variant in plan]
         runs = []
-        for future in futures:
-            runs.append(future.result())
-            r = runs[-1]
-            print(f"{r['algo']:5s} rpo={r['rpo']!s:5s} seed={r['seed']} {r['variant'] or ''} "
-                  f"gen_tok/step={r['generated_tokens_per_step']:8.0f} median_step={r['median_step_time_s']:6.2f}s "
-                  f"({r['median_decode_steps']:.0f} decode steps) "
-                  f"eval {r['initial_eval_accuracy']:.3f} -> {r['final_eval_accuracy']:.3f}", flush=True)
+        try:
+            for future in futures:
+                runs.append(future.result())
+                r = runs[-1]
+                print(f"{r['algo']:5s} rpo={r['rpo']!s:5s} seed={r['seed']} {r['variant'] or ''} "
+                      f"gen_tok/step={r['generated_tokens_per_step']:8.0f} median_step={r['median_step_time_s']:6.2f}s "
+                      f"({r['median_decode_steps']:.0f} decode steps) "
+                      f"eval {r['initial_eval_accuracy']:.3f} -> {r['final_eval_accuracy']:.3f}", flush=True)
+        except BaseException:  # a failed run: the queued ones would only delay its error
+            pool.shutdown(cancel_futures=True)
+            raise
     summary = summarize(runs, args.target, args.target_gain)
     for row in summary:
         print(f"{row['algo']}{' [' + row['variant'] + ']' if row['variant'] else ''}: RPO generates "
@@ -187,4 +205,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -1,6 +1,6 @@
 """GRPO step time against TRL's GRPOTrainer: same checkpoint, rows, group size, budget and reward, one process.
 
-Three runs, one after the other in this process, on the built-in starter model and arithmetic task:
+Three runs, one after the other in this process, on the built-in starter model (--model: another) and arithmetic task:
   trl   TRL GRPOTrainer (transformers generate, no vLLM), loss_type="grpo", beta=0
   full  python -m rpo_engine.train --no-rpo   (full-path GRPO: our rollout engine + fused kernels)
   rpo   python -m rpo_engine.train --rpo      (suffixes from cached paths)
@@ -14,17 +14,20 @@ Reported per system: median seconds per step (split into rollout and update; TRL
 `_generate` call, ours also scores rewards), median seconds per step per 1k generated tokens, reward
 (mean of the measured steps, last step), and greedy eval accuracy of the final weights, all measured
 by our engine on the same held-out rows.
-Writes benchmarks/results/trl_<cpu|cuda>.json (or --out). Needs `pip install -e ".[bench]"`.
+Writes benchmarks/results/trl_<cpu|cuda>.json (or --out). The trl system needs `pip install -e ".[bench]"`
+(TRL and datasets); full and rpo alone do not.
 """
-import argparse, datetime, json, os, statistics, tempfile, time  # noqa: E401
+import datetime, json, os, statistics, tempfile, time  # noqa: E401
 from pathlib import Path
 
 import torch
 
 import rpo_engine
-from common import git_commit, machine, save_json
+from common import arg_parser, check_gpu, cli, git_commit, machine, out_path, positive_int, save_json
+from rpo_engine.config import parse_args
 from rpo_engine.data.arithmetic import make_split
 from rpo_engine.data.starter import ensure_starter_model
+from rpo_engine.errors import UserError
 from rpo_engine.rewards import exact_answer_reward
 from rpo_engine.rollout import RolloutEngine
 from rpo_engine.train import main as train_main
@@ -90,13 +93,18 @@ def run_trl(model_dir, rows, args, device, output):
     return steps, output / "final"
 
 
+def ours_argv(rpo, args, device, output):
+    """rpo_engine.train's flags for our systems: the settings shared with TRL."""
+    return ["--rpo" if rpo else "--no-rpo", *(["--model", str(args.model)] if args.model else []), "--device", device,
+            "--seed", str(args.seed), "--steps", str(args.steps), "--train-size", str(args.train_size),
+            "--prompts-per-step", str(args.prompts_per_step), "--num-generations", str(args.num_generations),
+            "--max-completion-length", str(args.max_completion_length), "--learning-rate", str(args.learning_rate),
+            "--reward", "exact", "--no-length-shaping", "--eval-steps", "0", "--save-steps", "0",
+            "--no-progress", "--output", str(output)]
+
+
 def run_ours(rpo, args, device, output):
-    train_main(["--rpo" if rpo else "--no-rpo", "--device", device, "--seed", str(args.seed), "--steps", str(args.steps),
-                "--train-size", str(args.train_size), "--prompts-per-step", str(args.prompts_per_step),
-                "--num-generations", str(args.num_generations),
-                "--max-completion-length", str(args.max_completion_length), "--learning-rate", str(args.learning_rate),
-                "--reward", "exact", "--no-length-shaping", "--eval-steps", "0", "--save-steps", "0",
-                "--no-progress", "--output", str(output)])
+    train_main(ours_argv(rpo, args, device, output))
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     return [dict(step_time_s=r["step_time_s"], generated_tokens=r["rollout_generated_tokens"],
                  reward_mean=r["reward_mean"], cache_hit_rate=r["cache_hit_rate"],
@@ -129,30 +137,42 @@ def summarize(name, passes, skip):
                 reward_last_step=[steps[-1]["reward_mean"] for steps in passes], passes=passes)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv=None):
+    ap = arg_parser(description=__doc__.split("\n")[0])
     ap.add_argument("--gpu", action="store_true", default=torch.cuda.is_available())
     ap.add_argument("--cpu", dest="gpu", action="store_false")
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--prompts-per-step", type=int, default=4)
-    ap.add_argument("--num-generations", type=int, default=8)
-    ap.add_argument("--max-completion-length", type=int, default=320)
-    ap.add_argument("--train-size", type=int, default=None, help="default: 2 x prompts-per-step")
+    ap.add_argument("--model", type=Path, default=None,
+                    help="model directory (default: the starter model, built if missing)")
+    ap.add_argument("--steps", type=positive_int, default=6)
+    ap.add_argument("--prompts-per-step", type=positive_int, default=4)
+    ap.add_argument("--num-generations", type=positive_int, default=8)
+    ap.add_argument("--max-completion-length", type=positive_int, default=320)
+    ap.add_argument("--train-size", type=positive_int, default=None, help="default: 2 x prompts-per-step")
     ap.add_argument("--learning-rate", type=float, default=2e-4)
-    ap.add_argument("--eval-size", type=int, default=64)
+    ap.add_argument("--eval-size", type=positive_int, default=64)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--passes", type=int, default=2, help="runs per system; even passes go in reverse order")
+    ap.add_argument("--passes", type=positive_int, default=2, help="runs per system; even passes go in reverse order")
     ap.add_argument("--systems", nargs="+", default=["trl", "full", "rpo"], choices=["trl", "full", "rpo"])
-    ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args()
+    ap.add_argument("--out", type=out_path, default=None)
+    args = ap.parse_args(argv)
+    check_gpu(args.gpu)
+    trl_version = None
+    if "trl" in args.systems:  # only that system needs TRL; full and rpo run without it
+        try:
+            import datasets, trl  # noqa: E401, F401
+        except ImportError as e:
+            raise UserError(f"--systems trl needs the {e.name or 'trl'} package: pip install -e \".[bench]\" "
+                            f"(or leave trl out of --systems)") from None
+        trl_version = trl.__version__
     device = "cuda" if args.gpu else "cpu"
     args.train_size = args.train_size or 2 * args.prompts_per_step
     skip = min(args.steps - 1, -(-args.train_size // args.prompts_per_step))  # the first epoch
-    model_dir = ensure_starter_model()
+    if args.model is not None and not args.model.is_dir():
+        raise UserError(f"--model {args.model}: model directory not found")
+    parse_args(ours_argv(True, args, device, Path("unused")))  # the trainer's checks of the shared settings, up front
+    model_dir = args.model = args.model or ensure_starter_model()
     rows = make_split("train", args.train_size, args.seed)  # what rpo_engine.train loads for --train-size/--seed
     eval_rows = make_split("eval", args.eval_size, args.seed)
-    import trl
-
     initial = eval_accuracy(model_dir, eval_rows, args, device)
     steps, evals = {name: [] for name in args.systems}, {name: [] for name in args.systems}
     with tempfile.TemporaryDirectory() as tmp:
@@ -188,7 +208,7 @@ def main():
     record = dict(benchmark="trl", device=device, machine=machine(device),
                   date=datetime.datetime.now().isoformat(timespec="seconds"),
                   git_commit=git_commit(),
-                  torch=torch.__version__, trl=trl.__version__, threads=torch.get_num_threads(),
+                  torch=torch.__version__, trl=trl_version, threads=torch.get_num_threads(),
                   load_average_1_5_15=os.getloadavg(), model=str(model_dir.name),
                   settings=dict(steps=args.steps, passes=args.passes, measured_from_step=skip + 1, prompts_per_step=args.prompts_per_step,
                                 num_generations=args.num_generations, max_completion_length=args.max_completion_length,
@@ -199,4 +219,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -1,15 +1,94 @@
-"""What every benchmark records beside its figures (the machine, the commit) and how it writes them."""
+"""What every benchmark shares: its command line (one-line errors on bad input), what it records beside its
+figures (the machine, the commit) and how it writes them."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
+from rpo_engine.errors import UserError, run_cli
+
 HERE = Path(__file__).resolve().parent
+
+
+def arg_parser(**kwargs) -> argparse.ArgumentParser:
+    """argparse whose mistakes are one line and exit 2 (rpo_engine.config.OneLineParser), named as it was run."""
+    try:
+        from rpo_engine.config import OneLineParser
+    except ImportError:  # bench_host's baseline run on an older checkout's rpo_engine, given our own arguments
+        return argparse.ArgumentParser(prog=sys.argv[0], **kwargs)
+    return OneLineParser(prog=sys.argv[0], **kwargs)
+
+
+def cli(main) -> None:
+    """Run `main(argv)` as a command: a UserError (bad input) is `error: <message>` and exit code 2, no traceback."""
+    sys.exit(run_cli(main))
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a count of repeats, prompts, tokens, ...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def out_path(text: str) -> Path:
+    """argparse type of --out: a file we can write, checked before the run rather than found out after it."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; pass a file path")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"{existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{existing} is not writable")
+    return path
+
+
+def check_gpu(gpu: bool) -> None:
+    if gpu and not torch.cuda.is_available():
+        raise UserError("--gpu: torch sees no CUDA device")
+
+
+def train_config(argv: list[str], option: str):
+    """rpo_engine.train's config for `argv`, checked before any training starts: a flag it does not take, a bad
+    value or a missing --model/--dataset is a one-line error naming `option`, the benchmark flag that passed it,
+    not a failure minutes into the run (or in a worker process)."""
+    from rpo_engine.config import parse_args
+
+    try:
+        config = parse_args(argv)
+    except UserError as e:
+        raise UserError(f"{option}: {e}") from None
+    if config.model is not None and not Path(config.model).is_dir():
+        raise UserError(f"{option}: --model {config.model}: model directory not found")
+    for flag, path in (("--dataset", config.dataset), ("--eval-dataset", config.eval_dataset)):
+        if path is not None and not Path(path).exists():
+            raise UserError(f"{option}: {flag} {path}: not found")
+    return config
 
 
 def machine(device=None) -> str:
@@ -26,10 +105,27 @@ def git_commit() -> str:
     return head or os.environ.get("GIT_COMMIT", "unknown")
 
 
-def save_json(path, record: dict) -> Path:
-    """Write `record` to `path` (parents created) and say so, with the load that may have skewed the times."""
+def partial_path(path) -> Path:
+    """Where a run that has not finished keeps what it measured: results/x.json -> results/x.partial.json."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {path} (1-min load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
-    return path
+    return path.with_name(f"{path.stem}.partial{path.suffix}")
+
+
+def save_json(path, record: dict, partial: bool = False) -> Path:
+    """Write `record` to `path` (parents created) and say so, with the load that may have skewed the times.
+
+    partial=True (a run saving as it goes, so a time limit keeps what it measured, or one with failed cases)
+    writes beside it, to partial_path(path): a complete file, e.g. a committed result, is only ever replaced
+    by a complete one, which also removes the partial file. Each write goes to a temporary file renamed over
+    the target, so an interrupted write leaves no torn file either."""
+    path = Path(path)
+    target = partial_path(path) if partial else path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, target)
+    if not partial:
+        partial_path(path).unlink(missing_ok=True)
+    print(f"wrote {target}{' (partial)' if partial else ''} (1-min load average {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} CPUs)")
+    return target

@@ -14,13 +14,17 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 liger-kernel==0.8.5 \
   math-verify==0.9.0 latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2
 python3 - <<'PY'
+from pathlib import Path
 from rpo_engine.data.starter import ensure_starter_model
 import shutil
 src = ensure_starter_model()
-dst = f".cache/rpo_engine/{src.name}"
-shutil.rmtree(dst, ignore_errors=True)
-shutil.copytree(src, dst)
-print("starter model copied to", dst)
+dst = Path(".cache/rpo_engine") / src.name
+if dst.resolve() == src.resolve():  # RPO_ENGINE_CACHE is .cache/rpo_engine: removing dst would remove src
+    print("starter model already in", dst)
+else:
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    print("starter model copied to", dst)
 PY
 du -sh .whl .cache
 echo 'device run: command "OUT=$OUT bash benchmarks/gpu_suite.sh", carry [".whl", ".cache"]'

@@ -9,7 +9,8 @@
 #   suite.json         per step: status (ok / failed / timeout / skipped), exit code, seconds
 #   env.json           GPU (nvidia-smi), torch/triton/python versions, importable extras, git commit, date
 #   suite.tar.gz       raw/: logs/<step>.log of each step, tests.xml (pytest's JUnit report),
-#                      <bench>_cuda.json (and .png) of each benchmark, torchrun/ metrics
+#                      <bench>_cuda.json (and .png) of each benchmark (<bench>_cuda.partial.json: what a step
+#                      stopped at its time limit, or with a failed case, had measured), torchrun/ metrics
 # Usage, from the repository root:  OUT=/some/dir bash benchmarks/gpu_suite.sh
 #   SUITE_BUDGET_S=530 total seconds;  SUITE_SKIP_INSTALL=1 skips the pip steps (a dry run on a dev box)
 #   GIT_COMMIT=<sha>   names the commit when the copy has no .git
@@ -53,8 +54,8 @@ step() {
   tail -n 3 "$OUT/logs/$name.log"
 }
 
-# bench NAME LIMIT_S CMD...: a step, then every results/*.json (and .png) it wrote is copied to $OUT
-# (bench_rollout/kernels/train/shared_prefix write only to benchmarks/results/; a stale file is never copied).
+# bench NAME LIMIT_S CMD...: a step. Each benchmark below writes into $OUT (its --out); a results/*.json or .png
+# a step wrote all the same is copied to $OUT too (a stale file never is).
 bench() {
   local marker; marker=$(mktemp)
   step "$@"

@@ -1,7 +1,7 @@
 """Smoke runs of the training benchmarks on a tiny random model, so the scripts cannot rot unseen.
 
 The figures themselves are measured by hand (README); these check that the scripts run end to end and
-write what the README reads from them.
+write what the README reads from them, and that bad input is a one-line error, not a traceback.
 """
 import json
 import os
@@ -9,15 +9,28 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def run_bench(script, *args):
-    env = {**os.environ, "PYTHONPATH": str(BENCHMARKS.parent)}  # the user reward function lives in tests/
+def bench_env(**extra):
+    """The environment a user runs a benchmark in: not the tests' TRITON_INTERPRET=1 (conftest.py), which a
+    script must not need unless it says so; PYTHONPATH for the user reward function in tests/."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return {**env, "PYTHONPATH": str(BENCHMARKS.parent), **extra}
+
+
+def run_bench(script, *args, env=None, code=0):
     proc = subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True, timeout=600,
-                          cwd=BENCHMARKS, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+                          cwd=BENCHMARKS, env=env or bench_env())
+    assert proc.returncode == code, proc.stderr[-3000:]
+    return proc.stdout if code == 0 else proc.stderr
+
+
+def assert_one_line_error(stderr, *words):
+    assert "Traceback" not in stderr and stderr.startswith("error: ") and stderr.count("\n") == 1, stderr[-3000:]
+    assert all(w in stderr for w in words), stderr
 
 
 def tiny_flags(model_dir):
@@ -103,8 +116,11 @@ def test_bench_paper_shape_runs_the_trainers_update(tmp_path):
 
 def test_bench_paper_shape_cascade_variant(tmp_path):
     out = tmp_path / "paper_shape.json"
-    run_bench("bench_paper_shape.py", "--cpu", "--prompt-len", 16, "--full-len", 24, "--suffix-len", 4,
-              "--num-generations", 3, "--repeats", 1, "--cascade-variant", "--out", out)
+    flags = ["--cpu", "--prompt-len", 16, "--full-len", 24, "--suffix-len", 4, "--num-generations", 3, "--repeats", 1,
+             "--cascade-variant", "--out", out]
+    # on the CPU its Triton kernels run through the interpreter, which must be asked for before the run
+    assert_one_line_error(run_bench("bench_paper_shape.py", *flags, code=2), "TRITON_INTERPRET=1")
+    run_bench("bench_paper_shape.py", *flags, env=bench_env(TRITON_INTERPRET="1"))
     median = json.loads(out.read_text())["median"]
     assert median["rpo_cascade"]["generated_tokens"] == median["rpo"]["generated_tokens"] == 3 * 4
 
@@ -143,6 +159,8 @@ def test_bench_lora_measures_full_and_adapter_training(tmp_path):
     run_bench("bench_lora.py", "--repeats", 1, "--out", out)
     full, lora = json.loads(out.read_text())["results"]
     assert full["method"] == "full" and lora["method"].startswith("lora")
+    # the same work for both: one draw of the update's group and the decode's prompts
+    assert full["update_suffix_tokens"] == lora["update_suffix_tokens"] and full["new_tokens"] == lora["new_tokens"]
     assert lora["trained_params"] < full["trained_params"] / 10 and lora["weights_gib"] > full["weights_gib"]
     # AdamW holds two moments per trained parameter: full fine-tuning's state is twice the weights
     assert full["optimizer_gib"] > 1.9 * full["weights_gib"] and lora["optimizer_gib"] < full["optimizer_gib"] / 10
@@ -176,3 +194,63 @@ def test_gpu_suite_skeleton_and_its_benchmark_flags(tmp_path):
         assert usage.returncode == 0, (bench, usage.stderr[-2000:])
         listed = set(re.findall(r"--[a-z][a-z0-9-]*", usage.stdout))
         assert set(flags) <= listed, (bench, set(flags) - listed)
+
+
+SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("bench_*.py"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_benchmark_checks_out_before_it_runs(tmp_path, script):
+    """--out naming a directory is a one-line error at once, not a failure after the whole run."""
+    assert_one_line_error(run_bench(script, "--out", tmp_path, code=2), "--out", str(tmp_path), "directory")
+
+
+@pytest.mark.parametrize("script, args, words", [
+    ("bench_host.py", ["--bogus"], ["--bogus", "--help"]),
+    ("bench_host.py", ["--cases", "foo"], ["--cases", "foo"]),
+    ("bench_cut.py", ["--model", "/nonexistent"], ["/nonexistent"]),
+    ("bench_cut.py", ["--reward", "bogus"], ["--reward", "bogus"]),
+    ("bench_signal.py", ["--runs", " --bogus"], ["--runs", "--bogus"]),
+    ("bench_signal.py", ["--runs", " --model /nonexistent"], ["--runs", "/nonexistent"]),
+    ("bench_sampler.py", ["--repeats", "0"], ["--repeats"]),
+    ("bench_rewards.py", ["--repeats", "0"], ["--repeats"]),
+    ("bench_rewards.py", ["--completions", "0"], ["--completions"]),
+    ("bench_trl.py", ["--prompts-per-step", "0"], ["--prompts-per-step"]),
+    ("bench_paper_shape.py", ["--cpu", "--suffix-len", "16", "--full-len", "8"], ["--suffix-len", "--full-len"]),
+    # every run's train flags are checked before the first training starts
+    ("bench_train.py", ["--rpo-variants", " --bogus"], ["--rpo-variants", "--bogus"]),
+    ("bench_train.py", ["--extra", "--bogus-flag"], ["--extra", "--bogus-flag"]),
+])
+def test_bad_input_is_one_line_and_exit_code_2(script, args, words):
+    assert_one_line_error(run_bench(script, *args, code=2), *words)
+
+
+def test_bench_trl_runs_our_systems_without_trl(tmp_path, tiny_model_dir):
+    """TRL is needed by its own system only: with it missing, --systems trl says what to install, and full and
+    rpo still run."""
+    fake = tmp_path / "no_trl" / "trl"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'trl'\", name='trl')\n")
+    env = bench_env(PYTHONPATH=f"{fake.parent}{os.pathsep}{BENCHMARKS.parent}")
+    assert_one_line_error(run_bench("bench_trl.py", "--systems", "trl", "full", env=env, code=2), "trl", ".[bench]")
+    out = tmp_path / "trl.json"
+    run_bench("bench_trl.py", "--model", tiny_model_dir, "--systems", "full", "rpo", "--steps", 2, "--prompts-per-step",
+              2, "--num-generations", 2, "--max-completion-length", 16, "--eval-size", 4, "--passes", 1, "--out", out,
+              env=env)
+    record = json.loads(out.read_text())
+    assert [r["system"] for r in record["results"]] == ["full", "rpo"] and record["trl"] is None
+
+
+def test_save_json_replaces_a_complete_file_only_with_a_complete_one(tmp_path):
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from common import partial_path, save_json
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    out = tmp_path / "rollout_cpu.json"
+    save_json(out, {"rows": [1, 2]})
+    save_json(out, {"rows": [1]}, partial=True)  # a later run, stopped after its first case
+    assert json.loads(out.read_text()) == {"rows": [1, 2]}
+    assert json.loads(partial_path(out).read_text()) == {"rows": [1]}
+    save_json(out, {"rows": [3, 4]})  # complete: replaces the file, the partial one goes
+    assert json.loads(out.read_text()) == {"rows": [3, 4]} and sorted(os.listdir(tmp_path)) == ["rollout_cpu.json"]
