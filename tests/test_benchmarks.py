@@ -208,10 +208,10 @@ def test_every_benchmark_checks_out_before_it_runs(tmp_path, script):
 @pytest.mark.parametrize("script, args, words", [
     ("bench_host.py", ["--bogus"], ["--bogus", "--help"]),
     ("bench_host.py", ["--cases", "foo"], ["--cases", "foo"]),
-    ("bench_cut.py", ["--model", "/nonexistent"], ["/nonexistent"]),
+    ("bench_cut.py", ["--model", "MISSING"], ["MISSING"]),
     ("bench_cut.py", ["--reward", "bogus"], ["--reward", "bogus"]),
     ("bench_signal.py", ["--runs", " --bogus"], ["--runs", "--bogus"]),
-    ("bench_signal.py", ["--runs", " --model /nonexistent"], ["--runs", "/nonexistent"]),
+    ("bench_signal.py", ["--runs", " --model MISSING"], ["--runs", "MISSING"]),
     ("bench_sampler.py", ["--repeats", "0"], ["--repeats"]),
     ("bench_rewards.py", ["--repeats", "0"], ["--repeats"]),
     ("bench_rewards.py", ["--completions", "0"], ["--completions"]),
@@ -221,8 +221,11 @@ def test_every_benchmark_checks_out_before_it_runs(tmp_path, script):
     ("bench_train.py", ["--rpo-variants", " --bogus"], ["--rpo-variants", "--bogus"]),
     ("bench_train.py", ["--extra", "--bogus-flag"], ["--extra", "--bogus-flag"]),
 ])
-def test_bad_input_is_one_line_and_exit_code_2(script, args, words):
-    assert_one_line_error(run_bench(script, *args, code=2), *words)
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, script, args, words):
+    # MISSING: a path that surely does not exist; --out: a run that wrongly went ahead writes nothing committed
+    missing = str(tmp_path / "missing")
+    args, words = [a.replace("MISSING", missing) for a in args], [w.replace("MISSING", missing) for w in words]
+    assert_one_line_error(run_bench(script, *args, "--out", tmp_path / "out.json", code=2), *words)
 
 
 def test_bench_trl_runs_our_systems_without_trl(tmp_path, tiny_model_dir):
