@@ -1,5 +1,6 @@
 """Our decoder against transformers on tiny random checkpoints of each family."""
 import json
+import os
 
 import pytest
 import torch
@@ -393,4 +394,18 @@ def test_interrupted_saves_leave_the_good_copy_in_reach(tmp_path, monkeypatch):
     (tmp_path / "latest").symlink_to(out)
     model.save_pretrained(tmp_path / "latest")
     assert (tmp_path / "latest").is_symlink() and (out / "notes.txt").is_file()
-    assert atomic.replacing_directory  # the module the saves share
+    # a live save's temporary directory (another process saving here at the same time: two runs building the
+    # starter model) is left alone; an exited process's is not, nor is another host's touched
+    import socket
+    import subprocess
+    import sys
+
+    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    live, dead, remote = (tmp_path / f".out.tmp-{host}-{os.getppid()}-abc", tmp_path / f".out.tmp-{host}-"
+                          f"{exited.stdout.strip()}-abc", tmp_path / ".out.tmp-elsewhere-1-abc")
+    for d in (live, dead, remote):
+        d.mkdir()
+    model.save_pretrained(out)
+    assert live.is_dir() and remote.is_dir() and not dead.exists()
+    assert atomic._OWNER == f"{host}-{os.getpid()}"

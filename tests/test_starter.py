@@ -51,3 +51,19 @@ def test_built_once_then_reused(tmp_path):
     with torch.no_grad():
         logits = model(torch.tensor([tok.encode("Q: 12+34\nA:")]))
     assert torch.isfinite(logits).all()
+
+
+def test_an_unusable_cache_is_named_before_the_build(tmp_path, monkeypatch):
+    """A cache path that is a file, or a file where the starter's directory goes: a one-line error naming it,
+    before minutes of training rather than at the save after them."""
+    import pytest
+
+    from rpo_engine.errors import UserError
+
+    monkeypatch.setattr(starter, "train_starter_model", lambda *a, **k: pytest.fail("trained before the check"))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match=f"{tmp_path / 'file'}: cannot be made a directory .*RPO_ENGINE_CACHE"):
+        ensure_starter_model(tmp_path / "file", progress=False)
+    starter.starter_model_dir(tmp_path).write_text("x")
+    with pytest.raises(UserError, match="starter-.*: exists and is not a directory; remove it"):
+        ensure_starter_model(tmp_path, progress=False)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from rpo_engine.data.arithmetic import ArithmeticConfig, make_split
+from rpo_engine.errors import UserError
 from rpo_engine.data.tokenizer import build_task_tokenizer
 from rpo_engine.model.config import ModelConfig
 from rpo_engine.model.decoder import CausalLM
@@ -154,7 +155,22 @@ def ensure_starter_model(cache_dir=None, progress: bool = True, recipe: StarterR
     """The cached starter model directory, built first if it is not there yet."""
     directory = starter_model_dir(cache_dir, recipe)
     if not (directory / "starter.json").is_file():
+        _check_writable(directory)  # before minutes of training, not at the save after them
         if progress:
             print(f"building the starter model in {directory} (once; about 3 minutes on 2 CPU cores)")
         train_starter_model(directory, recipe, progress=progress)
     return directory
+
+
+def _check_writable(directory: Path) -> None:
+    """The starter can be saved at `directory`: its cache directory is (or can be made) a writable directory and
+    nothing but a directory is in the way; else a UserError naming the path (and RPO_ENGINE_CACHE)."""
+    fix = "set RPO_ENGINE_CACHE to a writable directory for the starter model (default ~/.cache/rpo_engine)"
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"{directory}: exists and is not a directory; remove it, or {fix}")
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{directory.parent}: cannot be made a directory ({e.strerror or e}); {fix}") from None
+    if not os.access(directory.parent, os.W_OK | os.X_OK):
+        raise UserError(f"{directory.parent}: not writable; {fix}")

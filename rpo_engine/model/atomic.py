@@ -6,6 +6,7 @@ import contextlib
 import fnmatch
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -24,7 +25,7 @@ def replacing_directory(directory, supersedes=()):
         raise NotADirectoryError(f"{directory}: exists and is not a directory")
     directory.parent.mkdir(parents=True, exist_ok=True)
     _finish_interrupted(directory, supersedes)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-{_OWNER}-", dir=directory.parent))
     try:
         yield tmp
     except BaseException:
@@ -32,7 +33,7 @@ def replacing_directory(directory, supersedes=()):
         raise
     old = None
     if directory.exists():
-        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        old = directory.with_name(f".{directory.name}.old-{_OWNER}")
         directory.rename(old)
     tmp.rename(directory)  # between the two renames `directory` is missing: _finish_interrupted restores it
     if old is not None:
@@ -47,16 +48,42 @@ def _carry_over(old: Path, new: Path, supersedes) -> None:
     shutil.rmtree(old)
 
 
+_OWNER = f"{socket.gethostname()}-{os.getpid()}"  # in the names of a save's temporary and old directories
+
+
+def _left_by_a_dead_save(owner: str) -> bool:
+    """Whether a temporary or old directory whose name carries `owner` ("host-pid") was left by a save that is no
+    longer running: one of this host's processes that has exited (or this process). Another host's, or a live
+    process's (two saves of one directory at once, e.g. two runs building the starter model), is left alone."""
+    host, _, pid = owner.rpartition("-")
+    if not host or not pid.isdigit():  # an older version's name (no host): no save running now made it
+        return True
+    if host != socket.gethostname():
+        return False
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
 def _finish_interrupted(directory: Path, supersedes) -> None:
     """What a save killed midway left beside `directory`: its old copy renamed out but the new one not yet in
     (put back), an old copy whose entries were not all carried over (carried now), temporary directories
-    (deleted: they never hold anything but the new save's own files)."""
-    prefix = f".{directory.name}."
-    leftovers = sorted(p for p in directory.parent.iterdir() if p.name.startswith(prefix) and p.is_dir())
-    olds = [p for p in leftovers if p.name.startswith(prefix + "old-")]
-    for tmp in leftovers:
-        if tmp.name.startswith(prefix + "tmp-"):
-            shutil.rmtree(tmp, ignore_errors=True)
+    (deleted: they never hold anything but the new save's own files). Only a dead save's: see
+    _left_by_a_dead_save."""
+    olds, prefix = [], f".{directory.name}."
+    for path in sorted(directory.parent.iterdir()):
+        if path.name.startswith(prefix + "old-") and path.is_dir():  # .NAME.old-HOST-PID
+            if _left_by_a_dead_save(path.name[len(prefix) + 4:]):
+                olds.append(path)
+        elif path.name.startswith(prefix + "tmp-") and path.is_dir():  # .NAME.tmp-HOST-PID-RANDOM
+            if _left_by_a_dead_save(path.name[len(prefix) + 4:].rpartition("-")[0]):
+                shutil.rmtree(path, ignore_errors=True)
     if olds and not directory.exists():
         olds.pop().rename(directory)
     for old in olds:
