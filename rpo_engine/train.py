@@ -68,30 +68,26 @@ def resolve_rewards(config: TrainConfig, device: torch.device | None = None, fir
 
     functions = []
     for i, name in enumerate(reward_specs(config)):
-        if first_only and i > 0:  # not loaded (a reward model would take memory for nothing), but named right
-            if not (name in ("exact", "math") or is_reward_model_dir(name)):
-                reward_function(name) if ":" in name else _unknown_reward(name)
-            continue
         if name in ("exact", "math"):
-            functions.append(reward_function(name))
+            function = reward_function(name)
         elif is_reward_model_dir(name):
             if i == 0:
                 raise UserError(f"--reward {config.reward}: the first reward decides right answers (eval accuracy, "
                                 f"RPO's verified paths), so it cannot be the reward model {name!r}; put an answer "
                                 f"check first (exact, math or module:function)")
+            if first_only:  # named right, but not loaded: it would take memory for nothing
+                continue
             device = device or torch.device("cpu")
-            functions.append(RewardModel(name, device, torch.bfloat16 if device.type == "cuda" else torch.float32,
-                                         progress=config.progress))
+            function = RewardModel(name, device, torch.bfloat16 if device.type == "cuda" else torch.float32,
+                                   progress=config.progress)
         elif ":" in name:
-            functions.append(reward_function(name))
+            function = reward_function(name)  # imported: a later entry's mistake is named with first_only too
         else:
-            _unknown_reward(name)
+            raise UserError(f"--reward must be exact, math, module:function or a reward model directory (or a "
+                            f"comma-separated list), got {name!r}")
+        if i == 0 or not first_only:
+            functions.append(function)
     return functions
-
-
-def _unknown_reward(name: str):
-    raise UserError(f"--reward must be exact, math, module:function or a reward model directory (or a "
-                    f"comma-separated list), got {name!r}")
 
 
 def reward_specs(config: TrainConfig) -> list[str]:

@@ -106,12 +106,11 @@ class Trainer:
         self.model, self.policy = self.dist.wrap(model, config.temperature)
         self.replica_stale = False
         self.prompt_ids = {}
+        limit, template_kwargs = prompt_token_limit(config, self.model), chat_template_kwargs(config)
         for rows, source in ((train_rows, config.dataset or "built-in task"),
                              (eval_rows, config.eval_dataset or "built-in task's eval split")):
-            try:
-                self.prompt_ids.update((row["id"], self.encode_prompt(row)) for row in rows)
-            except UserError as e:  # named with its file: a train and an eval row may share an id
-                raise UserError(f"{source}: {e}") from None
+            ids = encode_prompts(tokenizer, rows, limit, template_kwargs, source)
+            self.prompt_ids.update(zip([row["id"] for row in rows], ids))
         try:
             self.engine = RolloutEngine(self.model, async_scheduling=config.async_scheduling,
                                         gpu_memory_utilization=config.gpu_memory_utilization,
@@ -142,10 +141,6 @@ class Trainer:
         self.eos_ids = stop_ids(model, tokenizer)
 
     # ---- data --------------------------------------------------------------------------------
-    def encode_prompt(self, row: dict) -> list[int]:
-        return encode_prompt(self.tokenizer, row, prompt_token_limit(self.config, self.model),
-                             chat_template_kwargs(self.config))
-
     def row_at(self, position: int) -> dict:
         """The training row handed out at `position` (counted over all epochs). Each epoch's order is a
         shuffle seeded by (run seed, epoch), so rows can be read ahead without touching any RNG; with
@@ -693,16 +688,13 @@ class Trainer:
         kept_groups, kept_positions, kept = [], [], []
         totals = {"generated": 0, "cold_starts": 0, "cache_hits": 0, "verified": 0}
         completions = []  # --log-completions: this rank's groups of each round (gathered once advantages are set)
-        all_rewards, num_prompts, zero_std = [], 0, 0
         sampled = []  # every group's GroupResult, every round's (DAPO's dropped groups too): the rollout's statistics
-        score_sums = [0.0] * len(self.reward_weights)  # each reward function's, unweighted
         for round_index in range(1 + (algo.max_resample_rounds if algo.dynamic_sampling else 0)):
             rows = self.next_rows(c.prompts_per_step - len(kept))
             upcoming = self.upcoming_cold_rows(rows) if round_index == 0 else []
             groups, counters = self.rollout(rows, round_index, upcoming)
             for key in counters:
                 totals[key] += counters[key]
-            num_prompts += len(rows)
             # 2. rewards; every rank sees every group's (rewards, correct, suffix lengths)
             self.score_groups(groups)
             results = [r for part in self.dist.gather([
@@ -710,10 +702,6 @@ class Trainer:
                             [sum(x) for x in g.scores], self.advantage_rewards(g), g.scores[0], g.terms[0])
                 for g in groups]) for r in part]
             sampled += results
-            all_rewards += [x for r in results for x in r.rewards]
-            for r in results:
-                score_sums = [a + b for a, b in zip(score_sums, r.score_sums)]
-            zero_std += sum(1 for r in results if max(r.rewards) == min(r.rewards))  # no advantage: no gradient
             # 3. cache update (every group, kept or not)
             if self.rpo.rpo:  # the best by accuracy (length-shaped), as the paper's code: never a wrong answer that
                 # a format bonus or the overlong penalty ranked above a right one
@@ -766,6 +754,8 @@ class Trainer:
         generated, cold_starts, cache_hits, verified, prefill, reused = map(int, self.dist.sum(
             [totals["generated"], totals["cold_starts"], totals["cache_hits"], totals["verified"],
              after["prefill"] - before["prefill"], after["reused"] - before["reused"]]))
+        num_prompts, all_rewards = len(sampled), [x for r in sampled for x in r.rewards]
+        zero_std = sum(1 for r in sampled if max(r.rewards) == min(r.rewards))  # no advantage: no gradient
         suffix_lens = [n for r in sampled for n in r.suffix_lens]
         rollout_time, update_time, step_time, decode_steps = self.dist.max(  # the slowest rank's
             [rollout_time, time.perf_counter() - update_start, time.perf_counter() - start,
@@ -794,6 +784,7 @@ class Trainer:
             **stats,
         }
         if self.extra_rewards:  # each function's mean score, unweighted (TRL's rewards/<name>/mean)
+            score_sums = [sum(r.score_sums[i] for r in sampled) for i in range(len(self.reward_weights))]  # unweighted
             metrics.update({f"rewards/{name}/mean": total / len(all_rewards)
                             for name, total in zip(self.reward_names(), score_sums)})
         return metrics
@@ -983,6 +974,15 @@ def encode_prompt(tokenizer, row: dict, limit: int, template_kwargs: dict | None
         raise UserError(f"prompt of row {_dataset_id(row)!r} has {len(ids)} tokens, more than the {limit} allowed "
                         f"(--max-prompt-length, and the model's context minus --max-completion-length)")
     return ids
+
+
+def encode_prompts(tokenizer, rows: list[dict], limit: int, template_kwargs: dict | None, source: str) -> list[list[int]]:
+    """Each row's prompt ids (encode_prompt); a mistake in one is named with `source`, its dataset (a train and
+    an eval row may share an id)."""
+    try:
+        return [encode_prompt(tokenizer, row, limit, template_kwargs) for row in rows]
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
 
 
 def _dataset_id(row: dict) -> str:

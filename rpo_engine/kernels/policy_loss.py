@@ -27,7 +27,7 @@ import math
 import torch
 
 from .fused_logprobs import HAS_TRITON, _triton_interpreted
-from .reference import (LOG_RATIO_CLAMP, LOSS_AGG_MODES, RATIO_LEVELS, SURROGATES, VESPO_PARAMS,
+from .reference import (LOG_RATIO_CLAMP, LOSS_AGG_MODES, RATIO_LEVELS, SURROGATES, VESPO_PARAMS, _clamp_log_ratio,
                         loss_token_weights, policy_loss_reference, vespo_weights)
 
 if HAS_TRITON:
@@ -176,7 +176,7 @@ def _triton_policy_loss(logp, old_logp, advantages, mask, ref_logp, eps_low, eps
                                                  delta)
             loss, kl_sum = loss + kl_loss, kl_sums[3]
         with torch.no_grad():  # token counts of the rows whose ratio is clipped, as the token level counts them
-            ratio = log_ratio.detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
+            ratio = _clamp_log_ratio(log_ratio.detach()).exp()
             clipped = surrogate == "clip"  # SAPO's gate clips nothing
             low = (ratio < 1.0 - eps_low) & (advantages < 0) & clipped
             high = (((ratio > 1.0 + eps_high) & (advantages > 0)) | ((ratio > delta) & (advantages < 0))) & clipped
