@@ -141,6 +141,10 @@ class Trainer:
         self.eos_ids = stop_ids(model, tokenizer)
 
     # ---- data --------------------------------------------------------------------------------
+    def encode_prompt(self, row: dict) -> list[int]:
+        return encode_prompt(self.tokenizer, row, prompt_token_limit(self.config, self.model),
+                             chat_template_kwargs(self.config))
+
     def row_at(self, position: int) -> dict:
         """The training row handed out at `position` (counted over all epochs). Each epoch's order is a
         shuffle seeded by (run seed, epoch), so rows can be read ahead without touching any RNG; with
