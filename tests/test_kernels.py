@@ -159,6 +159,23 @@ def test_entropy_without_grad_is_a_plain_value(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_entropy_of_confident_rows_keeps_its_precision(backend):
+    # Logits near 40 with the target 14-30 nats ahead: H is 1e-9..1e-4, and lse - E_p[x] taken on the
+    # raw logits cancels it away in fp32 (the Triton forward gave 0 on half of these rows).
+    n, h, v = 32, 48, 600
+    hidden, weight = torch.zeros(n, h, dtype=torch.float64), torch.zeros(v, h, dtype=torch.float64)
+    hidden[:, 0], weight[:, 0] = 1.0, 40.0  # a common offset
+    hidden[:, 1], weight[:, 1] = 1.0, torch.randn(v, dtype=torch.float64)  # a spread
+    targets = torch.randint(0, v, (n,))
+    hidden[torch.arange(n), 2 + torch.arange(n)] = torch.linspace(14, 30, n, dtype=torch.float64)
+    weight[targets, 2 + torch.arange(n)] = 1.0
+    exact = entropy_reference(hidden, weight)
+    _, entropy = fused_logprobs(hidden.float(), weight.float(), targets, backend=backend, return_entropy=True)
+    rel = (entropy.double() - exact).abs() / exact
+    assert bool((entropy > 0).all()) and float(rel.median()) < 1e-2, (entropy, exact)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_entropy_gradient_bf16_within_reference_error(backend):
     n, h, v = 37, 48, 331
     hidden, weight, targets = _lm_inputs(n, h, v, torch.bfloat16)
@@ -257,6 +274,7 @@ def test_logprobs_bad_inputs(backend):
         (dict(hidden=torch.randn(8)), "hidden"),
         (dict(temperature=0.0), "temperature"),
         (dict(temperature=-1.0), "temperature"),
+        (dict(temperature=torch.tensor(0.8, requires_grad=True)), "constant"),  # its grad would be dropped
         (dict(backend="cuda"), "backend"),
     ]
     for override, match in cases:

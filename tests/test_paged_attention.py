@@ -118,6 +118,23 @@ def test_triton_decode_production_shapes(heads, kv_heads, head_dim, splits, dtyp
     torch.testing.assert_close(out.float(), ref, atol=2e-2 if dtype == torch.bfloat16 else 4e-3, rtol=0)
 
 
+@pytest.mark.gpu
+def test_triton_decode_refuses_rows_that_do_not_line_up():
+    """Tables, lengths and queries of different row counts read past each other (uninitialised rows
+    or another sequence's blocks), so they are refused, as is num_splits 0 (which wrote nothing)."""
+    from rpo_engine.kernels.paged_attention import paged_decode
+
+    k_cache, v_cache = (c.to(DEVICE) for c in random_cache(8, 4, 2, 16))
+    q = torch.randn(3, 4, 16, device=DEVICE)
+    tables = torch.arange(6, dtype=torch.int32, device=DEVICE).view(3, 2)
+    lens = torch.tensor([8, 5, 1], dtype=torch.int32, device=DEVICE)
+    for args, match in [((q, tables[:2], lens[:2]), "a row per sequence"), ((q, tables, lens[:2]), "a row per"),
+                        ((q[:2], tables, lens), "a row per"), ((q, tables, lens, 0), "num_splits")]:
+        with pytest.raises(ValueError, match=match):
+            paged_decode(args[0], k_cache, v_cache, *args[1:])
+    assert paged_decode(q, k_cache, v_cache, tables, lens).shape == q.shape
+
+
 def _triton_decode_and_reference(heads, kv_heads, head_dim, block_size, splits, dtype, lens):
     """The kernel on DEVICE against the fp32 reference on the CPU, over a cache with scattered blocks.
     -> (kernel output on the CPU, reference, (k_cache, v_cache, q, tables) as used, on the CPU)."""

@@ -52,12 +52,14 @@ if HAS_TRITON:
                      UPCAST: tl.constexpr):
         """(hidden[offs_n] @ weight[offs_v].T) / T as an fp32 [BLOCK_N, BLOCK_V] tile."""
         acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+        rows_n = offs_n.to(tl.int64)[:, None] * H  # int64: N * H or V * H may pass 2^31
+        rows_v = offs_v.to(tl.int64)[:, None] * H
         for h0 in range(0, H, BLOCK_H):
             offs_h = h0 + tl.arange(0, BLOCK_H)
             mask_h = offs_h < H
-            a = tl.load(h_ptr + offs_n[:, None] * H + offs_h[None, :],
+            a = tl.load(h_ptr + rows_n + offs_h[None, :],
                         mask=mask_n[:, None] & mask_h[None, :], other=0.0)  # [BLOCK_N, BLOCK_H]
-            b = tl.load(w_ptr + offs_v[:, None] * H + offs_h[None, :],
+            b = tl.load(w_ptr + rows_v + offs_h[None, :],
                         mask=mask_v[:, None] & mask_h[None, :], other=0.0)  # [BLOCK_V, BLOCK_H]
             if UPCAST:  # the interpreter's bf16 dot is wrong (triton 3.9); bf16 products are exact in fp32
                 a = a.to(tl.float32)
@@ -74,7 +76,9 @@ if HAS_TRITON:
         tgt = tl.load(tgt_ptr + offs_n, mask=mask_n, other=0)  # [BLOCK_N]
         row_max = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
         sum_exp = tl.zeros([BLOCK_N], dtype=tl.float32)
-        sum_exp_x = tl.zeros([BLOCK_N], dtype=tl.float32)  # sum exp(x - max) * x, for the entropy
+        # sum exp(x - max) * (x - max), for the entropy: taken relative to the running max, since
+        # lse - E_p[x] of raw logits cancels to nothing for a confident row (both ~40, H ~1e-4)
+        sum_exp_x = tl.zeros([BLOCK_N], dtype=tl.float32)
         tgt_logit = tl.zeros([BLOCK_N], dtype=tl.float32)
         for v0 in range(0, V, BLOCK_V):
             offs_v = v0 + tl.arange(0, BLOCK_V)
@@ -85,16 +89,18 @@ if HAS_TRITON:
             new_max = tl.maximum(row_max, tl.max(x, axis=1))  # [BLOCK_N]
             scale = tl.exp(row_max - new_max)  # 0 on the first tile (row_max = -inf)
             p = tl.exp(x - new_max[:, None])  # [BLOCK_N, BLOCK_V]
+            if WITH_ENTROPY:  # re-base the old sum on the new max: (x - old) = (x - new) + (new - old)
+                shift = tl.where(row_max == float("-inf"), 0.0, row_max - new_max)  # no -inf * 0 on tile 1
+                sum_exp_x = scale * (sum_exp_x + shift * sum_exp) + tl.sum(
+                    p * tl.where(mask_v[None, :], x - new_max[:, None], 0.0), axis=1)
             sum_exp = sum_exp * scale + tl.sum(p, axis=1)
-            if WITH_ENTROPY:
-                sum_exp_x = sum_exp_x * scale + tl.sum(p * tl.where(mask_v[None, :], x, 0.0), axis=1)
             tgt_logit += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], x, 0.0), axis=1)
             row_max = new_max
         lse = row_max + tl.log(sum_exp)
         tl.store(lse_ptr + offs_n, lse, mask=mask_n)
         tl.store(tgt_logit_ptr + offs_n, tgt_logit, mask=mask_n)
-        if WITH_ENTROPY:  # H = lse - E_p[x]
-            tl.store(ent_ptr + offs_n, lse - sum_exp_x / sum_exp, mask=mask_n)
+        if WITH_ENTROPY:  # H = lse - E_p[x] = log(sum_exp) - E_p[x - max]
+            tl.store(ent_ptr + offs_n, tl.log(sum_exp) - sum_exp_x / sum_exp, mask=mask_n)
 
     @triton.jit
     def _grad_logits_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, grad_ptr, ent_ptr, grad_ent_ptr, out_ptr, N, V, H,
@@ -122,7 +128,7 @@ if HAS_TRITON:
             grad = onehot * g[:, None] - p * (g[:, None] + ge[:, None] * (x - lse[:, None] + ent[:, None]))
         else:
             grad = (onehot - p) * g[:, None]
-        tl.store(out_ptr + offs_n[:, None] * V + offs_v[None, :], grad.to(out_ptr.dtype.element_ty),
+        tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * V + offs_v[None, :], grad.to(out_ptr.dtype.element_ty),
                  mask=mask_n[:, None] & mask_v[None, :])
 
 
@@ -308,6 +314,9 @@ def _check_inputs(hidden, weight, targets, temperature, backend):
     if targets.numel() and bool(((targets < 0) | (targets >= vocab)).any()):
         raise ValueError(f"targets must lie in [0, {vocab}) (vocab size of weight), got values in "
                          f"[{int(targets.min())}, {int(targets.max())}]")
+    if isinstance(temperature, torch.Tensor) and temperature.requires_grad:
+        raise ValueError("temperature is taken as a constant: a tensor that requires grad would get none "
+                         "(pass a float or temperature.detach())")
     try:
         t = float(temperature)
     except (TypeError, ValueError):

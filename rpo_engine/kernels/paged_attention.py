@@ -132,6 +132,13 @@ def paged_decode_partials(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         raise ValueError("paged_decode: the caches and block tables must be contiguous")
     if members is not None and (members.shape[0] != block_tables.shape[0] or members.stride(1) != 1):
         raise ValueError(f"paged_decode: members {tuple(members.shape)} must be contiguous, a row per table row")
+    # Shapes only (free): checking the lengths against the tables' width would sync with the GPU
+    # every decode step; the engine builds them together (rollout/attention.py).
+    if context_lens.shape != block_tables.shape[:1] or (members is None and block_tables.shape[0] != S):
+        raise ValueError(f"paged_decode: {S} queries, block_tables {tuple(block_tables.shape)} and context_lens "
+                         f"{tuple(context_lens.shape)} must have a row per sequence (per table row with members)")
+    if not (isinstance(num_splits, int) and num_splits >= 1):
+        raise ValueError(f"paged_decode: num_splits must be an int >= 1, got {num_splits!r}")
     q = q.contiguous()
     group = H // KVH
     num_members = 1 if members is None else members.shape[1]
