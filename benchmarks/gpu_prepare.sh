@@ -27,4 +27,9 @@ else:
     print("starter model copied to", dst)
 PY
 du -sh .whl .cache
-echo 'device run: command "OUT=$OUT bash benchmarks/gpu_suite.sh", carry [".whl", ".cache"]'
+# The copy on the device has no .git: the commit travels in GIT_COMMIT. Steps: gpu_suite.sh's header
+# lists each call's, in the order the open issues wait for them.
+commit=$(git rev-parse HEAD)
+git diff --quiet HEAD || echo "warning: uncommitted changes: the results will name $commit all the same"
+echo "device run 1: command \"GIT_COMMIT=$commit SUITE_STEPS='tests_kernels kernels rollout' OUT=\$OUT bash benchmarks/gpu_suite.sh\", carry [\".whl\", \".cache\"], timeout_s 600"
+echo "then, with 5+ minutes left: SUITE_STEPS='shared_prefix torchrun paper_shape trl' SUITE_BUDGET_S=<left - 60>"

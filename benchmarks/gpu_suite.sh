@@ -2,13 +2,19 @@
 # Everything a lent GPU machine should run: install (no network: pip --no-deps), env.json, GPU
 # tests, then each benchmark in --gpu mode. Every step has its own time limit (also cut to what is
 # left of SUITE_BUDGET_S), a failing or timed-out step is recorded and the suite goes on.
-# All of it is more than one 10-minute device call: SUITE_STEPS picks the steps of a call, e.g.
-#   SUITE_STEPS="tests torchrun", then "kernels rollout host rewards", then "paper_shape shared_prefix train trl sampler",
-#   then "lora"
-# (install and wheels always run; each call's $OUT comes back on its own). Results, in $OUT (the device returns at most 8 files):
+# A task that draws a GPU gets ~15 minutes of device time, machine starts included: one ~9-minute
+# call, perhaps a short second one. SUITE_STEPS picks a call's steps, in this order of what the open
+# issues wait for:
+#   1. "tests_kernels kernels rollout"     kernels compiled and checked, then vs naive/Liger; rollout roofline and
+#                                           the ratio to transformers.generate (issues 3, 4)
+#   2. "shared_prefix torchrun paper_shape trl"   1.5B-shaped sharing, the torchrun launcher path, the
+#                                           paper-shaped step, the TRL ratio (issues 8, 7, 6)
+#   3. "tests host rewards sampler lora train"     the rest of the GPU tests and benchmarks
+# (install and wheels always run.) After every step suite.json and suite.tar.gz are written again, so a
+# call cut short still brings back what it finished. Results, in $OUT (the device returns at most 8 files):
 #   suite.json         per step: status (ok / failed / timeout / skipped), exit code, seconds
 #   env.json           GPU (nvidia-smi), torch/triton/python versions, importable extras, git commit, date
-#   suite.tar.gz       raw/: logs/<step>.log of each step, tests.xml (pytest's JUnit report),
+#   suite.tar.gz       raw/: logs/<step>.log of each step, tests*.xml (pytest's JUnit reports),
 #                      <bench>_cuda.json (and .png) of each benchmark (<bench>_cuda.partial.json: what a step
 #                      stopped at its time limit, or with a failed case, had measured), torchrun/ metrics
 # Usage, from the repository root:  OUT=/some/dir bash benchmarks/gpu_suite.sh
@@ -26,6 +32,7 @@ BUDGET=${SUITE_BUDGET_S:-530}
 START=$SECONDS
 unset TRITON_INTERPRET  # compiled kernels here: tests/conftest.py sets it only for RPO_TEST_DEVICE=cpu
 export PYTHONUNBUFFERED=1
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1  # no network there: fail fast, never wait
 [ -d .cache/rpo_engine ] && export RPO_ENGINE_CACHE=${RPO_ENGINE_CACHE:-$PWD/.cache/rpo_engine}
 RESULTS=benchmarks/results
 mkdir -p "$RESULTS"
@@ -35,6 +42,20 @@ STEPS_JSON=$OUT/.steps.jsonl
 record() {  # name status rc seconds
   printf '{"step": "%s", "status": "%s", "rc": %s, "seconds": %s}\n' "$1" "$2" "$3" "$4" >> "$STEPS_JSON"
   echo "== $1: $2 (rc $3, $4 s; $((SECONDS - START)) s into the suite)"
+}
+
+# pack: suite.json and suite.tar.gz from what has run so far (after every step: a call stopped at its
+# limit still returns them).
+pack() {
+  python - "$STEPS_JSON" "$FINAL/suite.json" $((SECONDS - START)) <<'EOF'
+import json, sys
+steps = [json.loads(line) for line in open(sys.argv[1])]
+failed = [s["step"] for s in steps if s["status"] in ("failed", "timeout")]
+json.dump({"total_seconds": int(sys.argv[3]), "failed": failed, "steps": steps}, open(sys.argv[2], "w"), indent=1)
+print(f"suite: {len(steps)} steps, failed or timed out: {failed or 'none'}; {sys.argv[3]} s")
+EOF
+  cp "$OUT/env.json" "$FINAL/env.json" 2>/dev/null
+  tar -czf "$FINAL/suite.tar.gz.tmp" -C "$FINAL" --exclude=.steps.jsonl raw && mv "$FINAL/suite.tar.gz.tmp" "$FINAL/suite.tar.gz"
 }
 
 # step NAME LIMIT_S CMD...: run CMD under min(LIMIT_S, time left), log to logs/NAME.log.
@@ -52,6 +73,7 @@ step() {
   if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then status=timeout; elif [ $rc -ne 0 ]; then status=failed; fi
   record "$name" "$status" "$rc" $((SECONDS - t0))
   tail -n 3 "$OUT/logs/$name.log"
+  pack > /dev/null
 }
 
 # bench NAME LIMIT_S CMD...: a step. Each benchmark below writes into $OUT (its --out); a results/*.json or .png
@@ -61,6 +83,7 @@ bench() {
   step "$@"
   find "$RESULTS" -maxdepth 1 \( -name '*.json' -o -name '*.png' \) -newer "$marker" -exec cp {} "$OUT/" \;
   rm -f "$marker"
+  pack > /dev/null
 }
 
 if [ -z "${SUITE_SKIP_INSTALL:-}" ]; then
@@ -74,7 +97,7 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # this copy wins even if the install step failed
 
 export GIT_COMMIT=${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}  # benchmarks record it too
-python - "$OUT/env.json" <<'EOF' > "$OUT/logs/env.log" 2>&1
+timeout -k 5 60 python - "$OUT/env.json" <<'EOF' > "$OUT/logs/env.log" 2>&1
 import datetime, importlib, json, os, platform, subprocess, sys
 env = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": os.environ["GIT_COMMIT"],
        "python": sys.version, "platform": platform.platform(), "cpu_count": os.cpu_count()}
@@ -102,11 +125,16 @@ cat "$OUT/logs/env.log"
 # The tests written to run on the GPU (`-m gpu`: kernels at test and production shapes, the rollout engine
 # with Triton decode + CUDA graphs against transformers, shared-prefix training, a bf16 training run);
 # the rest of the suite is the CPU suite CI runs.
-step tests 400 env RPO_TEST_DEVICE=cuda python -m pytest -q -p no:cacheprovider -m gpu tests --junitxml="$OUT/tests.xml"
+# The kernels' own tests first (a few minutes at most): the benchmarks after them time kernels these checked.
+KERNEL_TESTS="tests/test_kernels.py tests/test_paged_attention.py"
+step tests_kernels 120 env RPO_TEST_DEVICE=cuda python -m pytest -q -p no:cacheprovider -m gpu $KERNEL_TESTS \
+  --junitxml="$OUT/tests_kernels.xml"
+step tests 400 env RPO_TEST_DEVICE=cuda python -m pytest -q -p no:cacheprovider -m gpu tests \
+  $(for f in $KERNEL_TESTS; do echo "--ignore=$f"; done) --junitxml="$OUT/tests.xml"
 
 # torchrun on the GPU, 1 rank (NCCL): 3 steps with DDP, then 3 with FSDP2, on a tiny random model.
 TINY=$OUT/torchrun/tiny_model
-python - "$TINY" <<'EOF' > "$OUT/logs/tiny_model.log" 2>&1
+timeout -k 5 120 python - "$TINY" <<'EOF' > "$OUT/logs/tiny_model.log" 2>&1
 import sys, torch
 from rpo_engine.data.tokenizer import build_task_tokenizer
 from rpo_engine.model import CausalLM, ModelConfig
@@ -136,20 +164,11 @@ bench shared_prefix 60 python benchmarks/bench_shared_prefix.py --gpu --out "$OU
 # LoRA: full fine-tuning vs adapters at Qwen2.5-1.5B's shape, and a 7B-shaped model trained with adapters on one GPU
 bench lora 120 python benchmarks/bench_lora.py --gpu --repeats 2 --out "$OUT/lora_cuda.json"
 bench train 90 python benchmarks/bench_train.py --seeds 0 --steps 10 --out "$OUT/train_cuda.json"
-if python -c "import trl, datasets" 2>/dev/null; then
+if timeout -k 5 60 python -c "import trl, datasets" 2>/dev/null; then
   bench trl 90 python benchmarks/bench_trl.py --gpu --passes 1 --out "$OUT/trl_cuda.json"
 else
   step trl 20 python -c "import trl, datasets"  # recorded failed (no TRL here: gpu_prepare.sh), or not selected
 fi
 
-python - "$STEPS_JSON" "$FINAL/suite.json" $((SECONDS - START)) <<'EOF'
-import json, sys
-steps = [json.loads(line) for line in open(sys.argv[1])]
-failed = [s["step"] for s in steps if s["status"] in ("failed", "timeout")]
-json.dump({"total_seconds": int(sys.argv[3]), "failed": failed, "steps": steps}, open(sys.argv[2], "w"), indent=1)
-print(f"suite: {len(steps)} steps, failed or timed out: {failed or 'none'}; {sys.argv[3]} s")
-EOF
-rm -f "$STEPS_JSON"
-cp "$OUT/env.json" "$FINAL/env.json" 2>/dev/null
-tar -czf "$FINAL/suite.tar.gz" -C "$FINAL" raw && rm -rf "$OUT"
+pack && rm -rf "$OUT"
 ls -la "$FINAL"
