@@ -33,14 +33,15 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, members_ptr,
                          stride_qs, stride_qh, stride_kb, stride_kt, stride_kh, stride_tab, stride_mem, num_seqs,
                          scale, HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                          MEMBERS: tl.constexpr, HAS_MEMBERS: tl.constexpr, BLOCK_R: tl.constexpr,
-                         BLOCK_D: tl.constexpr, TILE_N: tl.constexpr,
+                         BLOCK_D: tl.constexpr, TILE_N: tl.constexpr, SPLIT: tl.constexpr,
                          UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     # Program (p, KV head, split). Its query rows r = member * GROUP + query head within the KV head;
     # without members, p is a sequence and its only member.
     p, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     # The split count is the grid's third axis, not a constexpr: the CUDA graphs' batch sizes use ~7
-    # different counts, and each constexpr value would be one more compile of the kernel.
-    num_splits = tl.num_programs(2)
+    # different counts, and each value would be one more compile. SPLIT (count > 1) stays a constexpr:
+    # the unsplit kernel knows its range statically (the fp32 cascade spilled 1 KB on sm_90 without).
+    num_splits = tl.num_programs(2) if SPLIT else 1
     offs_r = tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, TILE_N)
@@ -157,7 +158,7 @@ def paged_decode_partials(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         0 if members is None else members.stride(0), S, D ** -0.5, HEAD_DIM=D, GROUP=group, BLOCK_SIZE=block_size,
         MEMBERS=num_members, HAS_MEMBERS=members is not None, BLOCK_R=_pow2(num_members * group),
-        BLOCK_D=_pow2(D), TILE_N=_tile_n(_pow2(D), q.dtype), UPCAST=upcast,
+        BLOCK_D=_pow2(D), TILE_N=_tile_n(_pow2(D), q.dtype), SPLIT=num_splits > 1, UPCAST=upcast,
         PRECISION="ieee" if upcast else "tf32",  # fp32 operands: no TF32 rounding; bf16/fp16: native MMA
         num_warps=4 if members is None else 8)  # 64 query rows: 4 warps would need > 255 registers (ptxas)
     return out, lse
