@@ -168,19 +168,25 @@ def full_tensor(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def consolidated_optimizer_state(optimizer, low_precision: bool) -> dict:
-    """fsdp: the optimizer's state with every sharded tensor gathered whole (a collective).
+def consolidated_optimizer_state(optimizer, low_precision: bool, keep: bool) -> dict | None:
+    """fsdp: the optimizer's state with every sharded tensor gathered whole (a collective: every rank calls it).
 
     The result has the layout of a one-process optimizer's state_dict, so a checkpoint resumes on any
     number of ranks, sharded or not. When the replica is low precision, the float32 shards are also
-    written as the `master_weights` a one-process bf16 run keeps (rpo_engine/optim.py).
+    written as the `master_weights` a one-process bf16 run keeps (rpo_engine/optim.py). Only a rank
+    that `keep`s it (the one that writes it) builds the whole state on the CPU; the others join each
+    gather and drop its result at once (None), holding one gathered tensor at a time.
     """
+    def gathered(t):
+        whole = full_tensor(t)
+        return whole.cpu() if keep else None
+
     state = optimizer.state_dict()
-    state["state"] = {i: {k: full_tensor(v).cpu() for k, v in s.items()} for i, s in state["state"].items()}
+    state["state"] = {i: {k: gathered(v) for k, v in s.items()} for i, s in state["state"].items()}
     if low_precision:
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        state["master_weights"] = [full_tensor(p.detach()).cpu() for p in params]
-    return state
+        state["master_weights"] = [gathered(p.detach()) for p in params]
+    return state if keep else None
 
 
 @torch.no_grad()

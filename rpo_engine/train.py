@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import sys
+import zipfile
 from pathlib import Path
 
 import torch
@@ -299,10 +300,16 @@ def train(config: TrainConfig, dist: Dist) -> int:
               f"{trainer.engine.num_blocks * trainer.engine.block_size} tokens")
     records = []
     if checkpoint is not None:
+        state_file = checkpoint / "trainer_state.pt"
         try:
-            trainer.load_state_dict(torch.load(checkpoint / "trainer_state.pt", weights_only=True))
+            # Mapped, not read into every rank's memory: its pages are the page cache's, shared by the ranks of a
+            # machine, and a rank keeps only what it loads from them (its shards under fsdp). Onto the CPU, not onto
+            # the GPU rank 0 saved its tensors from (every rank would load them there). torch.save writes a zip;
+            # any other file (legacy format, broken) is read as before, for torch's own error.
+            trainer.load_state_dict(torch.load(state_file, map_location="cpu", weights_only=True,
+                                               mmap=zipfile.is_zipfile(state_file)))
         except (KeyError, TypeError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
-            raise UserError(f"{checkpoint / 'trainer_state.pt'}: not a checkpoint this rpo_engine can resume "
+            raise UserError(f"{state_file}: not a checkpoint this rpo_engine can resume "
                             f"({load_error_reason(e)})") from None
         if main_rank:  # the log loses the steps after the checkpoint: this run writes them again
             records = truncate_log(metrics_path, trainer.step_num, keep=True)
