@@ -27,13 +27,17 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import os
+import time
+import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
 from rpo_engine.errors import UserError
 from rpo_engine.model.shared_prefix import group_logprobs
@@ -210,6 +214,35 @@ def load_consolidated_optimizer_state(optimizer, state: dict) -> None:
             p.copy_(like(w, p))
     state["state"] = {i: {k: like(v, params[int(i)]) for k, v in s.items()} for i, s in state["state"].items()}
     optimizer.load_state_dict(state)
+
+
+# How gloo words a collective whose peer process is gone (that peer failed first, or was killed).
+PEER_GONE = ("closed by peer", "reset by peer", "broken pipe")
+
+
+def write_torchrun_error(message: str, callstack: str | None = None, later_by_s: int = 0) -> None:
+    """Under torchrun, this rank's failure for torchrun's summary: the error file it gives each rank
+    (TORCHELASTIC_ERROR_FILE), in torch.distributed.elastic's ErrorHandler format. Of the failed ranks, torchrun
+    names the one with the earliest timestamp (whole seconds) the root cause; a rank without an error file is
+    stamped when torchrun sees it exit."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    extra = {"timestamp": str(int(time.time()) + later_by_s)}
+    if callstack is not None:  # torchrun shows it in place of the message (an empty one: nothing at all)
+        extra["py_callstack"] = callstack
+    with open(path, "w") as f:
+        json.dump({"message": {"message": message, "extraInfo": extra}}, f)
+
+
+class RankErrorHandler(ErrorHandler):
+    """@record's error file for a rank's exception (a bug, not a user mistake), stamped a second late when it is
+    a collective that lost its peer: the peer failed first (its error file is written before its connections
+    close), and its failure, not this consequence of it, is the root cause torchrun should name."""
+
+    def record_exception(self, e: BaseException) -> None:
+        peer_gone = any(words in str(e).lower() for words in PEER_GONE)
+        write_torchrun_error(f"{type(e).__name__}: {e}", traceback.format_exc(), later_by_s=int(peer_gone))
 
 
 def check_divisible(prompts_per_step: int, world_size: int) -> None:

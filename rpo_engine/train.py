@@ -16,13 +16,14 @@ import pickle
 import re
 import sys
 import zipfile
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from rpo_engine.config import TrainConfig, config_to_dict, parse_args, reward_names
-from rpo_engine.distributed import Dist, check_divisible
+from rpo_engine.distributed import Dist, RankErrorHandler, check_divisible, write_torchrun_error
 from rpo_engine.errors import UserError, run_cli
 
 
@@ -252,7 +253,8 @@ def build_trainer(config: TrainConfig, checkpoint: Path | None = None, dist: Dis
                    extra_rewards=extra_rewards)
 
 
-@record  # under torchrun, a rank's exception (a bug, not a user mistake) reaches torchrun's failure summary
+# under torchrun, a rank's exception (a bug, not a user mistake) reaches torchrun's failure summary
+@partial(record, error_handler=RankErrorHandler())
 def main(argv=None) -> int:
     try:
         config = parse_args(argv)
@@ -261,9 +263,13 @@ def main(argv=None) -> int:
     except UserError as e:
         if "RANK" not in os.environ:  # a single process: run_cli prints it
             raise
-        # a rank's one line and exit code 2 (torchrun then stops the others), without the traceback @record
-        # would hand torchrun's summary
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        # a rank's one line, naming the rank, and exit code 2 (torchrun then stops the others), without the
+        # traceback @record would hand torchrun's summary; the line is that summary's root cause, not the lost
+        # connection the other ranks' collectives then fail with
+        which = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+        line = f"error: {which}{e}"
+        print(line, file=sys.stderr, flush=True)
+        write_torchrun_error(line)
         return 2
     dist.close()  # not on an exception: torchrun stops the other ranks, a peer would hang in a collective
     return code

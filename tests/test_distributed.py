@@ -3,6 +3,7 @@ checkpoint resumes on 1 or 2 ranks; a failing rank stops the job; bad launches a
 import inspect
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -167,6 +168,29 @@ def test_failing_rank_stops_the_job(tiny_model_dir, tmp_path):
     assert "RPO_ENGINE_TEST_FAIL_AT: rank 1 fails at step 2" in proc.stderr
     assert time.monotonic() - start < 60  # rank 0, waiting in a collective, did not hang to the timeout
     assert [m["step"] for m in read_metrics(tmp_path / "o")] == [0, 1]
+    # torchrun's root cause is rank 1's error, not rank 0's collective that lost it
+    root = root_cause(proc)
+    assert "rank      : 1 (local_rank: 1)" in root and "RPO_ENGINE_TEST_FAIL_AT: rank 1 fails" in root
+
+
+def test_user_error_on_one_rank_is_the_root_cause(tiny_model_dir, tmp_path):
+    """A user mistake on rank 1 only: its one line, naming the rank, is what torchrun's summary gives as the
+    root cause (not rank 0's traceback of the connection rank 1 closed), and the job ends at once."""
+    start = time.monotonic()
+    proc = run(["--model", tiny_model_dir, *COMMON, "--reward", "tests.reward_fns:rank_one_failing_reward",
+                "--output", tmp_path / "o", "--dist-timeout", 30], nproc=2, timeout=120)
+    assert proc.returncode != 0 and time.monotonic() - start < 60
+    line = ("error: [rank 1] reward function 'tests.reward_fns:rank_one_failing_reward' raised ZeroDivisionError: "
+            "rank 1 reward bug (")
+    assert line in proc.stderr
+    root = root_cause(proc)
+    assert "rank      : 1 (local_rank: 1)" in root and "exitcode  : 2" in root
+    assert f"traceback : {line}" in root and "Traceback" not in root
+
+
+def root_cause(proc) -> str:
+    """The root-cause section of torchrun's failure summary."""
+    return proc.stderr.split("Root Cause (first observed failure):", 1)[1]
 
 
 def test_bad_launch_is_a_one_line_error(tiny_model_dir, tmp_path):
@@ -176,7 +200,9 @@ def test_bad_launch_is_a_one_line_error(tiny_model_dir, tmp_path):
     proc = run(["--model", tiny_model_dir, "--prompts-per-step", 3, "--device", "cpu", "--output", tmp_path / "o"],
                nproc=2, timeout=120)
     assert proc.returncode != 0 and not (tmp_path / "o").exists()
-    assert ("error: --prompts-per-step (3) must be divisible by the number of ranks (2)") in proc.stderr
+    # a rank's line names it (the first to fail can end the other before it reaches its own)
+    assert re.search(r"error: \[rank [01]\] --prompts-per-step \(3\) must be divisible by the number of ranks \(2\)",
+                     proc.stderr)
     assert "exitcode  : 2" in proc.stderr  # torchrun reports the rank's user-error exit code
     # each rank's one line, not its traceback in torchrun's summary (torchrun's own trace of its launcher stays)
     assert "UserError" not in proc.stderr and "rpo_engine/train.py" not in proc.stderr
