@@ -147,14 +147,7 @@ class Dist:
             # rank) never change, so they are not broadcast on every forward.
             ids = [self.local_rank] if self.device.type == "cuda" else None
             return model, DDP(PolicyForward(model, temperature), device_ids=ids, **no_forward_buffer_sync(DDP))
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        train = copy.deepcopy(model).float()  # sharded float32 masters; `model` stays the rollout replica
-        mp = MixedPrecisionPolicy(param_dtype=model.dtype, reduce_dtype=torch.float32)
-        for layer in train.model.layers:
-            fully_shard(layer, mp_policy=mp)
-        policy = fully_shard(PolicyForward(train, temperature), mp_policy=mp)
-        return model, policy
+        return model, float32_shards(model, temperature)
 
     @torch.no_grad()
     def copy_to_replica(self, policy: nn.Module, replica: nn.Module) -> None:
@@ -164,6 +157,34 @@ class Dist:
         assert len(sharded) == len(plain)
         for p, q in zip(sharded, plain):
             q.copy_(full_tensor(p))
+
+
+@torch.no_grad()
+def float32_shards(model: nn.Module, temperature: float) -> nn.Module:
+    """fsdp: the gradient forward over a float32 copy of `model` (the sharded masters; `model` stays the rollout
+    replica), fully_shard-ed per decoder layer and at the root. The copy never exists whole: it is made on the
+    meta device (no memory), sharded there, given memory for this rank's shards only, and filled from `model`
+    one parameter at a time (each rank cuts its shard from its own replica, which every rank loaded alike)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    def float32_on_meta(t):
+        return torch.empty_like(t, device="meta", dtype=torch.float32 if t.is_floating_point() else t.dtype)
+
+    # deepcopy's memo gives each tensor its meta stand-in; the rest (config, flags) is copied as it is
+    stand_ins = {id(p): nn.Parameter(float32_on_meta(p), requires_grad=p.requires_grad) for p in model.parameters()}
+    stand_ins.update({id(b): float32_on_meta(b) for b in model.buffers()})
+    train = copy.deepcopy(model, stand_ins)
+    mp = MixedPrecisionPolicy(param_dtype=model.dtype, reduce_dtype=torch.float32)
+    for layer in train.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    policy = fully_shard(PolicyForward(train, temperature), mp_policy=mp)
+    policy.to_empty(device=model.device)
+    for shard, whole in zip(policy.parameters(), model.parameters(), strict=True):
+        shard.copy_(distribute_tensor(whole.float(), shard.device_mesh, shard.placements, src_data_rank=None))
+    for copied, buffer in zip(policy.buffers(), model.buffers(), strict=True):
+        copied.copy_(buffer)
+    return policy
 
 
 def full_tensor(t):

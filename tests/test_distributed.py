@@ -260,6 +260,38 @@ def test_fsdp_checkpoint_state_is_built_on_rank_zero_only(tmp_path):
     torch.multiprocessing.spawn(_consolidate_on_two_ranks, args=(str(tmp_path / "rendezvous"),), nprocs=2)
 
 
+def _shard_on_two_ranks(rank, rendezvous):
+    """One rank of test_fsdp_wrap_never_holds_a_whole_float32_copy: how far this process's peak memory rises while
+    Dist.wrap shards a bf16 replica's float32 copy (the model is big enough to stand out of the noise)."""
+    import resource
+
+    import torch.distributed as dist
+
+    from rpo_engine import distributed
+    from rpo_engine.model import CausalLM, ModelConfig
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    config = ModelConfig.from_hf_dict(dict(model_type="qwen2", vocab_size=1024, hidden_size=512, intermediate_size=1024,
+                                           num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8))
+    with torch.device("meta"):  # made in bf16: no float32 model passes through the peak before the wrap
+        replica = CausalLM(config).bfloat16()
+    replica.to_empty(device="cpu").init_weights(0.02)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes (Linux counts KiB)
+    distributed.Dist(rank, 2, 0, "fsdp").wrap(replica, 1.0)
+    growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    whole_float32 = 4 * sum(p.numel() for p in replica.parameters())
+    # this rank's half of the float32 copy and a parameter in passing (~0.6), not the whole copy (~1.1)
+    assert growth < 0.8 * whole_float32, (growth, whole_float32)
+    dist.destroy_process_group()
+
+
+def test_fsdp_wrap_never_holds_a_whole_float32_copy(tmp_path):
+    """fsdp: each rank keeps its shard of a float32 copy of the model; building the copy whole first, then
+    sharding it, would need a whole float32 model per GPU at start-up, twice the bf16 replica beside it."""
+    torch.multiprocessing.spawn(_shard_on_two_ranks, args=(str(tmp_path / "rendezvous"),), nprocs=2)
+
+
 def test_ddp_buffer_sync_keyword_follows_the_torch_version():
     """torch 2.13 takes forward_sync_buffers (broadcast_buffers=False is deprecated there); the 2.11 on the
     GPU image knows only broadcast_buffers, and an unknown keyword would stop DDP at construction."""
