@@ -303,7 +303,7 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
     dtype: str = field(default="auto", metadata={"help": "float32 | bfloat16 | auto (bf16 on CUDA, fp32 on CPU)"})
     parallel: str = field(default="ddp", metadata={"help": "under torchrun: ddp (full model per rank) or fsdp (FSDP2: sharded float32 weights, grads and AdamW state)"})
-    dist_timeout: float = field(default=1800.0, metadata={"help": "under torchrun: seconds a collective waits for the other ranks before the job fails"})
+    dist_timeout: float = field(default=1800.0, metadata={"help": "under torchrun: seconds a collective waits for the other ranks before the job fails; must exceed the longest wait of a rank for the others: a step's rollout or eval, rank 0 writing a checkpoint or final/, the starter model's first build"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     rpo: RPOConfig = field(default_factory=RPOConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)

@@ -27,13 +27,17 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import os
+import time
+import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
 from rpo_engine.errors import UserError
 from rpo_engine.model.shared_prefix import group_logprobs
@@ -143,14 +147,7 @@ class Dist:
             # rank) never change, so they are not broadcast on every forward.
             ids = [self.local_rank] if self.device.type == "cuda" else None
             return model, DDP(PolicyForward(model, temperature), device_ids=ids, **no_forward_buffer_sync(DDP))
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        train = copy.deepcopy(model).float()  # sharded float32 masters; `model` stays the rollout replica
-        mp = MixedPrecisionPolicy(param_dtype=model.dtype, reduce_dtype=torch.float32)
-        for layer in train.model.layers:
-            fully_shard(layer, mp_policy=mp)
-        policy = fully_shard(PolicyForward(train, temperature), mp_policy=mp)
-        return model, policy
+        return model, float32_shards(model, temperature)
 
     @torch.no_grad()
     def copy_to_replica(self, policy: nn.Module, replica: nn.Module) -> None:
@@ -162,25 +159,59 @@ class Dist:
             q.copy_(full_tensor(p))
 
 
+@torch.no_grad()
+def float32_shards(model: nn.Module, temperature: float) -> nn.Module:
+    """fsdp: the gradient forward over a float32 copy of `model` (the sharded masters; `model` stays the rollout
+    replica), fully_shard-ed per decoder layer and at the root. The copy never exists whole: it is made on the
+    meta device (no memory), sharded there, given memory for this rank's shards only, and filled from `model`
+    one parameter at a time (each rank cuts its shard from its own replica, which every rank loaded alike)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    def float32_on_meta(t):
+        return torch.empty_like(t, device="meta", dtype=torch.float32 if t.is_floating_point() else t.dtype)
+
+    # deepcopy's memo gives each tensor its meta stand-in; the rest (config, flags) is copied as it is
+    stand_ins = {id(p): nn.Parameter(float32_on_meta(p), requires_grad=p.requires_grad) for p in model.parameters()}
+    stand_ins.update({id(b): float32_on_meta(b) for b in model.buffers()})
+    train = copy.deepcopy(model, stand_ins)
+    mp = MixedPrecisionPolicy(param_dtype=model.dtype, reduce_dtype=torch.float32)
+    for layer in train.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    policy = fully_shard(PolicyForward(train, temperature), mp_policy=mp)
+    policy.to_empty(device=model.device)
+    for shard, whole in zip(policy.parameters(), model.parameters(), strict=True):
+        shard.copy_(distribute_tensor(whole.float(), shard.device_mesh, shard.placements, src_data_rank=None))
+    for copied, buffer in zip(policy.buffers(), model.buffers(), strict=True):
+        copied.copy_(buffer)
+    return policy
+
+
 def full_tensor(t):
     from torch.distributed.tensor import DTensor
 
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def consolidated_optimizer_state(optimizer, low_precision: bool) -> dict:
-    """fsdp: the optimizer's state with every sharded tensor gathered whole (a collective).
+def consolidated_optimizer_state(optimizer, low_precision: bool, keep: bool) -> dict | None:
+    """fsdp: the optimizer's state with every sharded tensor gathered whole (a collective: every rank calls it).
 
     The result has the layout of a one-process optimizer's state_dict, so a checkpoint resumes on any
     number of ranks, sharded or not. When the replica is low precision, the float32 shards are also
-    written as the `master_weights` a one-process bf16 run keeps (rpo_engine/optim.py).
+    written as the `master_weights` a one-process bf16 run keeps (rpo_engine/optim.py). Only a rank
+    that `keep`s it (the one that writes it) builds the whole state on the CPU; the others join each
+    gather and drop its result at once (None), holding one gathered tensor at a time.
     """
+    def gathered(t):
+        whole = full_tensor(t)
+        return whole.cpu() if keep else None
+
     state = optimizer.state_dict()
-    state["state"] = {i: {k: full_tensor(v).cpu() for k, v in s.items()} for i, s in state["state"].items()}
+    state["state"] = {i: {k: gathered(v) for k, v in s.items()} for i, s in state["state"].items()}
     if low_precision:
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        state["master_weights"] = [full_tensor(p.detach()).cpu() for p in params]
-    return state
+        state["master_weights"] = [gathered(p.detach()) for p in params]
+    return state if keep else None
 
 
 @torch.no_grad()
@@ -204,6 +235,35 @@ def load_consolidated_optimizer_state(optimizer, state: dict) -> None:
             p.copy_(like(w, p))
     state["state"] = {i: {k: like(v, params[int(i)]) for k, v in s.items()} for i, s in state["state"].items()}
     optimizer.load_state_dict(state)
+
+
+# How gloo words a collective whose peer process is gone (that peer failed first, or was killed).
+PEER_GONE = ("closed by peer", "reset by peer", "broken pipe")
+
+
+def write_torchrun_error(message: str, callstack: str | None = None, later_by_s: int = 0) -> None:
+    """Under torchrun, this rank's failure for torchrun's summary: the error file it gives each rank
+    (TORCHELASTIC_ERROR_FILE), in torch.distributed.elastic's ErrorHandler format. Of the failed ranks, torchrun
+    names the one with the earliest timestamp (whole seconds) the root cause; a rank without an error file is
+    stamped when torchrun sees it exit."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    extra = {"timestamp": str(int(time.time()) + later_by_s)}
+    if callstack is not None:  # torchrun shows it in place of the message (an empty one: nothing at all)
+        extra["py_callstack"] = callstack
+    with open(path, "w") as f:
+        json.dump({"message": {"message": message, "extraInfo": extra}}, f)
+
+
+class RankErrorHandler(ErrorHandler):
+    """@record's error file for a rank's exception (a bug, not a user mistake), stamped a second late when it is
+    a collective that lost its peer: the peer failed first (its error file is written before its connections
+    close), and its failure, not this consequence of it, is the root cause torchrun should name."""
+
+    def record_exception(self, e: BaseException) -> None:
+        peer_gone = any(words in str(e).lower() for words in PEER_GONE)
+        write_torchrun_error(f"{type(e).__name__}: {e}", traceback.format_exc(), later_by_s=int(peer_gone))
 
 
 def check_divisible(prompts_per_step: int, world_size: int) -> None:

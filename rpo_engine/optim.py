@@ -70,7 +70,8 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
     def state_dict(self):
         state = super().state_dict()
-        state["master_weights"] = [m.detach().clone() for _, m in self.low_precision_pairs()]
+        # a copy on the CPU, where a checkpoint goes anyway: no second set of fp32 masters on the device
+        state["master_weights"] = [m.detach().to("cpu", copy=True) for _, m in self.low_precision_pairs()]
         return state
 
     @torch.no_grad()

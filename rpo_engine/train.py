@@ -15,13 +15,15 @@ import os
 import pickle
 import re
 import sys
+import zipfile
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from rpo_engine.config import TrainConfig, config_to_dict, parse_args, reward_names
-from rpo_engine.distributed import Dist, check_divisible
+from rpo_engine.distributed import Dist, RankErrorHandler, check_divisible, write_torchrun_error
 from rpo_engine.errors import UserError, run_cli
 
 
@@ -251,7 +253,8 @@ def build_trainer(config: TrainConfig, checkpoint: Path | None = None, dist: Dis
                    extra_rewards=extra_rewards)
 
 
-@record  # under torchrun, a rank's exception (a bug, not a user mistake) reaches torchrun's failure summary
+# under torchrun, a rank's exception (a bug, not a user mistake) reaches torchrun's failure summary
+@partial(record, error_handler=RankErrorHandler())
 def main(argv=None) -> int:
     try:
         config = parse_args(argv)
@@ -260,9 +263,13 @@ def main(argv=None) -> int:
     except UserError as e:
         if "RANK" not in os.environ:  # a single process: run_cli prints it
             raise
-        # a rank's one line and exit code 2 (torchrun then stops the others), without the traceback @record
-        # would hand torchrun's summary
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        # a rank's one line, naming the rank, and exit code 2 (torchrun then stops the others), without the
+        # traceback @record would hand torchrun's summary; the line is that summary's root cause, not the lost
+        # connection the other ranks' collectives then fail with
+        which = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+        line = f"error: {which}{e}"
+        print(line, file=sys.stderr, flush=True)
+        write_torchrun_error(line)
         return 2
     dist.close()  # not on an exception: torchrun stops the other ranks, a peer would hang in a collective
     return code
@@ -299,10 +306,16 @@ def train(config: TrainConfig, dist: Dist) -> int:
               f"{trainer.engine.num_blocks * trainer.engine.block_size} tokens")
     records = []
     if checkpoint is not None:
+        state_file = checkpoint / "trainer_state.pt"
         try:
-            trainer.load_state_dict(torch.load(checkpoint / "trainer_state.pt", weights_only=True))
+            # Mapped, not read into every rank's memory: its pages are the page cache's, shared by the ranks of a
+            # machine, and a rank keeps only what it loads from them (its shards under fsdp). Onto the CPU, not onto
+            # the GPU rank 0 saved its tensors from (every rank would load them there). torch.save writes a zip;
+            # any other file (legacy format, broken) is read as before, for torch's own error.
+            trainer.load_state_dict(torch.load(state_file, map_location="cpu", weights_only=True,
+                                               mmap=zipfile.is_zipfile(state_file)))
         except (KeyError, TypeError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
-            raise UserError(f"{checkpoint / 'trainer_state.pt'}: not a checkpoint this rpo_engine can resume "
+            raise UserError(f"{state_file}: not a checkpoint this rpo_engine can resume "
                             f"({load_error_reason(e)})") from None
         if main_rank:  # the log loses the steps after the checkpoint: this run writes them again
             records = truncate_log(metrics_path, trainer.step_num, keep=True)

@@ -853,10 +853,15 @@ class Trainer:
         return correct / total if total else float("nan")
 
     # ---- checkpoints -------------------------------------------------------------------------
+    @property
+    def low_precision_replica(self) -> bool:
+        """fsdp: the rollout replica is not float32, so a checkpoint carries the float32 masters."""
+        return self.model.dtype != torch.float32
+
     def state_dict(self) -> dict:
         """Independent of the rank count: a checkpoint resumes on any number of ranks (a collective under fsdp)."""
         if self.dist.parallel == "fsdp":
-            optimizer = consolidated_optimizer_state(self.optimizer, self.model.dtype != torch.float32)
+            optimizer = consolidated_optimizer_state(self.optimizer, self.low_precision_replica, keep=True)
         else:
             optimizer = self.optimizer.state_dict()
         return {"step": self.step_num, "optimizer": optimizer,
@@ -905,9 +910,11 @@ class Trainer:
         trainer_state.pt (+ reference/ with --sync-ref-model), written under a temporary name, then renamed;
         by rank 0 (every rank calls it)."""
         self.sync_rollout_weights()
-        state = self.state_dict()
         if not self.dist.is_main:
-            return
+            if self.dist.parallel == "fsdp":  # join rank 0's gathers of the sharded state, keep none of it
+                consolidated_optimizer_state(self.optimizer, self.low_precision_replica, keep=False)
+            return  # under ddp rank 0's state is complete on its own: nothing to join
+        state = self.state_dict()
         import shutil
 
         directory = Path(directory)

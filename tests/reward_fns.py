@@ -51,3 +51,12 @@ def exiting_reward(completion_text: str, answer: str) -> float:
     import os
 
     os._exit(3)
+
+
+def rank_one_failing_reward(completion_text: str, answer: str) -> float:
+    """A user mistake on one rank only: under torchrun, rank 1's calls raise; elsewhere hash_reward."""
+    import os
+
+    if os.environ.get("RANK") == "1":
+        raise ZeroDivisionError("rank 1 reward bug")
+    return hash_reward(completion_text, answer)

@@ -1,8 +1,9 @@
 """torchrun on the CPU (gloo): 2 ranks take the same steps as 1 process, with DDP and FSDP2; a 2-rank
-checkpoint resumes on 1 rank; a failing rank stops the job; bad launches are one-line errors."""
+checkpoint resumes on 1 or 2 ranks; a failing rank stops the job; bad launches are one-line errors."""
 import inspect
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -111,12 +112,14 @@ def test_fsdp_matches_ddp(runs):
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
 
 
-def test_two_rank_checkpoint_resumes_on_one_rank(runs, tiny_model_dir, tmp_path):
-    # The FSDP2 run's step-2 checkpoint (sharded optimizer state, consolidated by rank 0), resumed
-    # by one plain process, gives the uninterrupted 1-process run's step 3.
+@pytest.mark.parametrize("nproc", [None, 2], ids=["one-process", "two-fsdp-ranks"])
+def test_two_rank_checkpoint_resumes(runs, tiny_model_dir, tmp_path, nproc):
+    # The FSDP2 run's step-2 checkpoint (sharded optimizer state, consolidated by rank 0), resumed by one plain
+    # process or sharded again on two ranks, gives the uninterrupted run's step 3.
     part = tmp_path / "part"
     shutil.copytree(runs / "fsdp", part, ignore=shutil.ignore_patterns("step-3", "final", "tensorboard"))
-    proc = check(run(["--model", tiny_model_dir, *COMMON, *SYNC, "--output", part, "--resume"]))
+    sharded = ["--parallel", "fsdp"] if nproc else []
+    proc = check(run(["--model", tiny_model_dir, *COMMON, *SYNC, *sharded, "--output", part, "--resume"], nproc=nproc))
     assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
     one, resumed = read_metrics(runs / "one"), read_metrics(part)
     assert [m["step"] for m in resumed] == [0, 1, 2, 3]
@@ -165,6 +168,29 @@ def test_failing_rank_stops_the_job(tiny_model_dir, tmp_path):
     assert "RPO_ENGINE_TEST_FAIL_AT: rank 1 fails at step 2" in proc.stderr
     assert time.monotonic() - start < 60  # rank 0, waiting in a collective, did not hang to the timeout
     assert [m["step"] for m in read_metrics(tmp_path / "o")] == [0, 1]
+    # torchrun's root cause is rank 1's error, not rank 0's collective that lost it
+    root = root_cause(proc)
+    assert "rank      : 1 (local_rank: 1)" in root and "RPO_ENGINE_TEST_FAIL_AT: rank 1 fails" in root
+
+
+def test_user_error_on_one_rank_is_the_root_cause(tiny_model_dir, tmp_path):
+    """A user mistake on rank 1 only: its one line, naming the rank, is what torchrun's summary gives as the
+    root cause (not rank 0's traceback of the connection rank 1 closed), and the job ends at once."""
+    start = time.monotonic()
+    proc = run(["--model", tiny_model_dir, *COMMON, "--reward", "tests.reward_fns:rank_one_failing_reward",
+                "--output", tmp_path / "o", "--dist-timeout", 30], nproc=2, timeout=120)
+    assert proc.returncode != 0 and time.monotonic() - start < 60
+    line = ("error: [rank 1] reward function 'tests.reward_fns:rank_one_failing_reward' raised ZeroDivisionError: "
+            "rank 1 reward bug (")
+    assert line in proc.stderr
+    root = root_cause(proc)
+    assert "rank      : 1 (local_rank: 1)" in root and "exitcode  : 2" in root
+    assert f"traceback : {line}" in root and "Traceback" not in root
+
+
+def root_cause(proc) -> str:
+    """The root-cause section of torchrun's failure summary."""
+    return proc.stderr.split("Root Cause (first observed failure):", 1)[1]
 
 
 def test_bad_launch_is_a_one_line_error(tiny_model_dir, tmp_path):
@@ -174,10 +200,96 @@ def test_bad_launch_is_a_one_line_error(tiny_model_dir, tmp_path):
     proc = run(["--model", tiny_model_dir, "--prompts-per-step", 3, "--device", "cpu", "--output", tmp_path / "o"],
                nproc=2, timeout=120)
     assert proc.returncode != 0 and not (tmp_path / "o").exists()
-    assert ("error: --prompts-per-step (3) must be divisible by the number of ranks (2)") in proc.stderr
+    # a rank's line names it (the first to fail can end the other before it reaches its own)
+    assert re.search(r"error: \[rank [01]\] --prompts-per-step \(3\) must be divisible by the number of ranks \(2\)",
+                     proc.stderr)
     assert "exitcode  : 2" in proc.stderr  # torchrun reports the rank's user-error exit code
     # each rank's one line, not its traceback in torchrun's summary (torchrun's own trace of its launcher stays)
     assert "UserError" not in proc.stderr and "rpo_engine/train.py" not in proc.stderr
+
+
+def _consolidate_on_two_ranks(rank, rendezvous):
+    """One rank of test_fsdp_checkpoint_state_is_built_on_rank_zero_only: an FSDP2 tiny model after one AdamW
+    step; its consolidated optimizer state, kept by rank 0 only, with each gathered tensor watched."""
+    import weakref
+
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from rpo_engine import distributed
+    from rpo_engine.model import CausalLM, ModelConfig
+    from rpo_engine.optim import make_adamw
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    config = ModelConfig.from_hf_dict(dict(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    torch.manual_seed(0)
+    replica = CausalLM(config).init_weights(0.02).bfloat16()  # low precision: the masters are saved too
+    _, policy = distributed.Dist(rank, 2, 0, "fsdp").wrap(replica, 1.0)
+    optimizer = make_adamw(policy, lr=1e-3, weight_decay=0.0)
+    for p in policy.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+
+    gathered, most_alive = [], 0
+    def watched(t):
+        nonlocal most_alive
+        whole = full_tensor(t)
+        if isinstance(t, DTensor):
+            gathered.append(weakref.ref(whole))
+            most_alive = max(most_alive, sum(ref() is not None for ref in gathered))
+        return whole
+
+    full_tensor, distributed.full_tensor = distributed.full_tensor, watched
+    state = distributed.consolidated_optimizer_state(optimizer, low_precision=True, keep=rank == 0)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if rank == 0:  # everything whole: exp_avg, exp_avg_sq and a master per parameter
+        assert len(gathered) == most_alive == 3 * len(params)
+        assert [w.shape for w in state["master_weights"]] == [p.shape for p in params]  # a DTensor's: the whole
+        assert all(type(s["exp_avg"]) is torch.Tensor and s["exp_avg"].shape == p.shape
+                   for s, p in zip(state["state"].values(), params))
+    else:  # joined every gather, held one gathered tensor at a time, built nothing
+        assert len(gathered) == 3 * len(params) and most_alive == 1 and state is None
+    dist.destroy_process_group()
+
+
+def test_fsdp_checkpoint_state_is_built_on_rank_zero_only(tmp_path):
+    """Consolidating the sharded optimizer state is a collective, but only rank 0 writes it: the other ranks
+    keep none of it, not the whole state (and fp32 masters) on every rank's host at every save."""
+    torch.multiprocessing.spawn(_consolidate_on_two_ranks, args=(str(tmp_path / "rendezvous"),), nprocs=2)
+
+
+def _shard_on_two_ranks(rank, rendezvous):
+    """One rank of test_fsdp_wrap_never_holds_a_whole_float32_copy: how far this process's peak memory rises while
+    Dist.wrap shards a bf16 replica's float32 copy (the model is big enough to stand out of the noise)."""
+    import resource
+
+    import torch.distributed as dist
+
+    from rpo_engine import distributed
+    from rpo_engine.model import CausalLM, ModelConfig
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    config = ModelConfig.from_hf_dict(dict(model_type="qwen2", vocab_size=1024, hidden_size=512, intermediate_size=1024,
+                                           num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8))
+    with torch.device("meta"):  # made in bf16: no float32 model passes through the peak before the wrap
+        replica = CausalLM(config).bfloat16()
+    replica.to_empty(device="cpu").init_weights(0.02)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes (Linux counts KiB)
+    distributed.Dist(rank, 2, 0, "fsdp").wrap(replica, 1.0)
+    growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    whole_float32 = 4 * sum(p.numel() for p in replica.parameters())
+    # this rank's half of the float32 copy and a parameter in passing (~0.6), not the whole copy (~1.1)
+    assert growth < 0.8 * whole_float32, (growth, whole_float32)
+    dist.destroy_process_group()
+
+
+def test_fsdp_wrap_never_holds_a_whole_float32_copy(tmp_path):
+    """fsdp: each rank keeps its shard of a float32 copy of the model; building the copy whole first, then
+    sharding it, would need a whole float32 model per GPU at start-up, twice the bf16 replica beside it."""
+    torch.multiprocessing.spawn(_shard_on_two_ranks, args=(str(tmp_path / "rendezvous"),), nprocs=2)
 
 
 def test_ddp_buffer_sync_keyword_follows_the_torch_version():

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from rpo_engine.optim import MasterWeightAdamW, lr_multiplier, make_adamw
+from tests.helpers import DEVICE
 
 
 def _pair(seed=0):
@@ -21,7 +22,7 @@ def _set_grads(models, step):
     for params in zip(*(m.parameters() for m in models)):
         grad = torch.randn(params[0].shape, generator=g).bfloat16()  # representable in both dtypes
         for p in params:
-            p.grad = grad.to(p.dtype)
+            p.grad = grad.to(p.device, p.dtype)
 
 
 def test_masters_follow_fp32_adamw_exactly():
@@ -83,6 +84,28 @@ def test_state_dict_resumes_from_the_masters():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     for a, b in zip(low.parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_state_dict_masters_are_cpu_copies_and_load_back_onto_the_device():
+    """The saved masters go to a CPU file: copied there, not cloned on the device (a second fp32 model's worth
+    of GPU memory at every save); loading puts them back as fp32 beside the model, which takes their rounding."""
+    _, low = _pair()
+    low.to(DEVICE)
+    opt = MasterWeightAdamW(low.parameters(), lr=1e-3)
+    _set_grads([low], 0)
+    opt.step()
+    saved = opt.state_dict()["master_weights"]
+    assert [w.device.type for w in saved] == ["cpu"] * len(opt.masters())
+    for w, m in zip(saved, opt.masters()):
+        assert w.dtype == torch.float32 and torch.equal(w, m.cpu()) and w.data_ptr() != m.data_ptr()
+    _, resumed = _pair(seed=1)
+    resumed.to(DEVICE)
+    opt2 = MasterWeightAdamW(resumed.parameters(), lr=1e-3)
+    opt2.load_state_dict(opt.state_dict())
+    for m, w, p in zip(opt2.masters(), saved, resumed.parameters()):
+        assert m.device == p.device and m.dtype == torch.float32 and torch.equal(m.cpu(), w)
+        assert torch.equal(p, m.bfloat16())
 
 
 def test_make_adamw_is_plain_adamw_for_fp32_models():
