@@ -99,10 +99,19 @@ def machine(device=None) -> str:
     return f"{names[0] if names else platform.processor()} ({torch.get_num_threads()} threads)"
 
 
+def git_head(directory) -> str | None:
+    """HEAD of the checkout at `directory`, or None where there is no git binary or no .git."""
+    try:
+        proc = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=directory, check=True)
+    except (OSError, subprocess.CalledProcessError):  # OSError: FileNotFoundError when git is not installed
+        return None
+    return proc.stdout.strip() or None
+
+
 def git_commit() -> str:
-    """HEAD of this checkout; $GIT_COMMIT where the copy has no .git (the GPU machine's copy may not)."""
-    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
-    return head or os.environ.get("GIT_COMMIT", "unknown")
+    """$GIT_COMMIT (the GPU machine's copy may have no .git, or no git), else HEAD of this checkout, else
+    "unknown": it is recorded beside the figures, so it must never fail the run."""
+    return os.environ.get("GIT_COMMIT") or git_head(HERE) or "unknown"
 
 
 def partial_path(path) -> Path:

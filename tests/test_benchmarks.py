@@ -3,6 +3,7 @@
 The figures themselves are measured by hand (README); these check that the scripts run end to end and
 write what the README reads from them, and that bad input is a one-line error, not a traceback.
 """
+import importlib
 import json
 import os
 import subprocess
@@ -19,6 +20,15 @@ def bench_env(**extra):
     script must not need unless it says so; PYTHONPATH for the user reward function in tests/."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     return {**env, "PYTHONPATH": str(BENCHMARKS.parent), **extra}
+
+
+def bench_module(name):
+    """A module of benchmarks/, imported as the scripts import each other (benchmarks/ on sys.path)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
 
 
 def run_bench(script, *args, env=None, code=0):
@@ -77,11 +87,7 @@ def test_bench_signal_grades_every_answer(tmp_path, tiny_model_dir):
 
 
 def test_first_wrong_quarter_places_the_first_departing_line():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        from bench_signal import first_wrong_quarter
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    first_wrong_quarter = bench_module("bench_signal").first_wrong_quarter
     solution = " a\nb\nc\nd\ne\nf\ng\n#### 8"  # 8 lines, two a quarter; line numbers below count from 0
     assert first_wrong_quarter(" a\nX\nc", solution) == "first"  # line 1
     assert first_wrong_quarter(" a\nb\nX", solution) == "second"  # line 2
@@ -245,11 +251,8 @@ def test_bench_trl_runs_our_systems_without_trl(tmp_path, tiny_model_dir):
 
 
 def test_save_json_replaces_a_complete_file_only_with_a_complete_one(tmp_path):
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        from common import partial_path, save_json
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    common = bench_module("common")
+    partial_path, save_json = common.partial_path, common.save_json
     out = tmp_path / "rollout_cpu.json"
     save_json(out, {"rows": [1, 2]})
     save_json(out, {"rows": [1]}, partial=True)  # a later run, stopped after its first case
@@ -257,3 +260,15 @@ def test_save_json_replaces_a_complete_file_only_with_a_complete_one(tmp_path):
     assert json.loads(partial_path(out).read_text()) == {"rows": [1]}
     save_json(out, {"rows": [3, 4]})  # complete: replaces the file, the partial one goes
     assert json.loads(out.read_text()) == {"rows": [3, 4]} and sorted(os.listdir(tmp_path)) == ["rollout_cpu.json"]
+
+
+def test_git_commit_without_git_or_a_checkout(tmp_path, monkeypatch):
+    """The GPU machine's copy may have no .git and no git binary: the commit is $GIT_COMMIT, else "unknown",
+    never an error (a benchmark records it beside its figures, and would lose them)."""
+    common = bench_module("common")
+    assert common.git_head(tmp_path) is None  # not a checkout: git rev-parse fails
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git binary on it
+    monkeypatch.delenv("GIT_COMMIT", raising=False)
+    assert common.git_head(BENCHMARKS) is None and common.git_commit() == "unknown"
+    monkeypatch.setenv("GIT_COMMIT", "0123abc")
+    assert common.git_commit() == "0123abc"
