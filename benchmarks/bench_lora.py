@@ -12,7 +12,8 @@ the update's group and the decode's prompts for all of a shape's rows):
           --lora-merged-rollout in training): median of --repeats calls after a warm-up.
 CPU: a small Qwen2-shaped model in fp32. --gpu: Qwen2.5-1.5B's shape (full and LoRA) and Qwen2.5-7B's (LoRA
 only: its full fine-tuning state, ~16 bytes a parameter, is more than an 80 GB GPU holds) in bf16.
-Writes benchmarks/results/lora_<cpu|cuda>.json. Usage: python benchmarks/bench_lora.py [--gpu]
+Writes benchmarks/results/lora_<cpu|cuda>.json; until every row has run, lora_<...>.partial.json (what a time
+limit leaves). Usage: python benchmarks/bench_lora.py [--gpu]
 """
 import datetime, gc, os, platform, random, statistics, sys, time  # noqa: E401
 
@@ -115,6 +116,13 @@ def main(argv=None):
     print(f"{machine(device)}; {dtype}; update = one group, prefix {prefix_len} + G={G} suffixes of 64-128 tokens, "
           f"median of {args.repeats}; decode = {num_prompts} prompts x {n}, {prompt_len} + {new_tokens} tokens")
     rows = []
+    result = {"benchmark": "lora", "machine": machine(device), "platform": platform.platform(),
+              "date": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": git_commit(),
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(dtype),
+              "update_load": {"prefix": prefix_len, "G": G, "suffix_tokens": "uniform 64..128"},
+              "decode_load": {"prompts": num_prompts, "n": n, "prompt_tokens": prompt_len, "new_tokens": new_tokens},
+              "repeats": args.repeats, "results": rows}
+    out = args.out or os.path.join(HERE, "results", f"lora_{'cuda' if args.gpu else 'cpu'}.json")
     for name, shape, with_full in shapes:
         # drawn once for the shape: full fine-tuning and LoRA train and decode the same tokens
         groups = [make_group(prefix_len, G, shape["vocab_size"], rng)]
@@ -133,17 +141,13 @@ def main(argv=None):
                   f"optimizer {row['optimizer_gib']:.2f})" + (f", peak {row['cuda_peak_gib']:.1f} GiB" if args.gpu else "")
                   + f"; decode {row['tokens_per_s']:6.0f} tokens/s"
                   + (f" ({row['merged_tokens_per_s']:.0f} merged)" if lora else ""))
+            result["load_avg_1m"] = os.getloadavg()[0]  # other jobs skew the times, not memory
+            save_json(out, result, partial=True)  # after every row: a time limit keeps what was measured
             del model
             gc.collect()
             if args.gpu:
                 torch.cuda.empty_cache()
-    result = {"benchmark": "lora", "machine": machine(device), "platform": platform.platform(),
-              "date": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": git_commit(),
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(dtype),
-              "update_load": {"prefix": prefix_len, "G": G, "suffix_tokens": "uniform 64..128"},
-              "decode_load": {"prompts": num_prompts, "n": n, "prompt_tokens": prompt_len, "new_tokens": new_tokens},
-              "repeats": args.repeats, "load_avg_1m": os.getloadavg()[0], "results": rows}
-    save_json(args.out or os.path.join(HERE, "results", f"lora_{'cuda' if args.gpu else 'cpu'}.json"), result)
+    save_json(out, result)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ also runs on a second engine with triton_cascade=True, each prefix's K/V read on
 
     python benchmarks/bench_paper_shape.py                 # CPU: small model, 1 x 8 samples of 1536 tokens
     python benchmarks/bench_paper_shape.py --gpu           # CUDA: Qwen2.5-1.5B shape, bf16, 8 x 8 samples
-Writes benchmarks/results/paper_shape_<cpu|cuda>.json (or --out PATH).
+Writes benchmarks/results/paper_shape_<cpu|cuda>.json (or --out PATH); until the last step has run,
+paper_shape_<...>.partial.json (what a time limit leaves).
 """
 import argparse, datetime, json, os, random, statistics, time  # noqa: E401
 from pathlib import Path
@@ -148,19 +149,6 @@ def main(argv=None):
         one_step(model, eng, optimizer, [p[:32] for p in prompts], None if name == "full" else [c[:8] for c in cached],
                  warm, seed=0)
     runs = {name: [] for name in engines}
-    for r in range(args.repeats):  # interleaved, so drift on a shared box hits all alike
-        for name, eng in engines.items():
-            runs[name].append(one_step(model, eng, optimizer, prompts, None if name == "full" else cached, args,
-                                       seed=1 + r))
-            print(name, json.dumps({k: round(v, 3) for k, v in runs[name][-1].items()}), flush=True)
-    med = {name: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for name, rs in runs.items()}
-    full, rpo = med["full"], med["rpo"]
-    reduction = {k: 1 - rpo[k] / full[k] for k in ("generated_tokens", "rollout_s", "update_s", "step_s")}
-    if "rpo_cascade" in med:  # the same RPO step, its rollout reading each prefix's K/V once for the G suffixes
-        print(f"RPO rollout with triton_cascade: {med['rpo_cascade']['rollout_s']:.3f} s vs {rpo['rollout_s']:.3f} s")
-    print(f"RPO vs full path: generated tokens {-reduction['generated_tokens']:+.1%}, rollout time "
-          f"{-reduction['rollout_s']:+.1%}, update time {-reduction['update_s']:+.1%}, step time {-reduction['step_s']:+.1%}"
-          f" (paper: ~95% fewer tokens, 72-90% less training time)")
     result = dict(benchmark="paper_shape", device=device.type, machine=machine(device),
                   date=datetime.datetime.now().isoformat(timespec="seconds"),
                   git_commit=git_commit(),
@@ -176,8 +164,24 @@ def main(argv=None):
                                 update=("the trainer's path: shared-prefix groups where sharing_pays, else padded"
                                         if args.prefix_sharing else "padded batch: every sample runs its whole prefix")
                                        + "; loss on generated tokens only"),
-                  median=med, reduction=reduction, runs=runs)
-    save_json(args.out or Path(__file__).parent / "results" / f"paper_shape_{device.type}.json", result)
+                  runs=runs)
+    out = args.out or Path(__file__).parent / "results" / f"paper_shape_{device.type}.json"
+    for r in range(args.repeats):  # interleaved, so drift on a shared box hits all alike
+        for name, eng in engines.items():
+            runs[name].append(one_step(model, eng, optimizer, prompts, None if name == "full" else cached, args,
+                                       seed=1 + r))
+            print(name, json.dumps({k: round(v, 3) for k, v in runs[name][-1].items()}), flush=True)
+            save_json(out, result, partial=True)  # after every step: a time limit keeps what was measured
+    med = {name: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for name, rs in runs.items()}
+    full, rpo = med["full"], med["rpo"]
+    reduction = {k: 1 - rpo[k] / full[k] for k in ("generated_tokens", "rollout_s", "update_s", "step_s")}
+    if "rpo_cascade" in med:  # the same RPO step, its rollout reading each prefix's K/V once for the G suffixes
+        print(f"RPO rollout with triton_cascade: {med['rpo_cascade']['rollout_s']:.3f} s vs {rpo['rollout_s']:.3f} s")
+    print(f"RPO vs full path: generated tokens {-reduction['generated_tokens']:+.1%}, rollout time "
+          f"{-reduction['rollout_s']:+.1%}, update time {-reduction['update_s']:+.1%}, step time {-reduction['step_s']:+.1%}"
+          f" (paper: ~95% fewer tokens, 72-90% less training time)")
+    result.update(median=med, reduction=reduction)
+    save_json(out, result)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ process's CPU time, which other jobs on a shared machine disturb less. Activatio
 distinct tensors autograd saves for backward (a saved-tensors hook; parameters excluded), on every
 device; on CUDA also torch.cuda.max_memory_allocated minus what was allocated before the step.
 CPU: a small Qwen2-shaped model in fp32. --gpu (default on CUDA): Qwen2.5-1.5B's shape in bf16.
-Writes benchmarks/results/shared_prefix_<cpu|cuda>.json. Usage: python benchmarks/bench_shared_prefix.py
+Writes benchmarks/results/shared_prefix_<cpu|cuda>.json; until every load has run, shared_prefix_<...>.partial.json
+(what a time limit leaves). Usage: python benchmarks/bench_shared_prefix.py
 """
 import datetime, os, platform, random, statistics, sys, time  # noqa: E401
 
@@ -106,6 +107,14 @@ def main(argv=None):
     print(f"{'prefix':>6} {'G':>3} {'path':>7} {'tokens':>7} {'ms':>8} {'cpu ms':>8} {'saved MiB':>10} {'cuda MiB':>9} "
           f"{'speedup':>8} {'mem /':>6}")
     rows, rng, nan = [], random.Random(0), float("nan")
+    result = {"machine": machine("cuda" if args.gpu else "cpu"), "platform": platform.platform(),
+              "date": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": git_commit(),
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(dtype), "model": shape,
+              "suffix_tokens": "uniform 64..128", "repeats": args.repeats,
+              "memory_method": "distinct storages saved for backward (saved_tensors_hooks), parameters excluded"
+                               + ("; cuda max_memory_allocated delta" if args.gpu else ""),
+              "results": rows}
+    out = args.out or os.path.join(HERE, "results", f"shared_prefix_{'cuda' if args.gpu else 'cpu'}.json")
     for prefix_len, G in LOADS:
         groups = [make_group(prefix_len, G, config.vocab_size, rng)]
         plain = dict(measure(model, groups, False, args.repeats), path="padded", prefix=prefix_len, G=G)
@@ -119,14 +128,9 @@ def main(argv=None):
                   + (f" {r['speedup']:>7.2f}x {r['memory_reduction']:>5.2f}x" if "speedup" in r else "")
                   + ("  OOM" if r.get("oom") else ""))
         rows += [plain, shared]
-    result = {"machine": machine("cuda" if args.gpu else "cpu"), "platform": platform.platform(),
-              "date": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": git_commit(),
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(dtype), "model": shape,
-              "suffix_tokens": "uniform 64..128", "repeats": args.repeats,
-              "memory_method": "distinct storages saved for backward (saved_tensors_hooks), parameters excluded"
-                               + ("; cuda max_memory_allocated delta" if args.gpu else ""),
-              "load_avg_1m": os.getloadavg()[0], "results": rows}  # other jobs skew the times, not memory
-    save_json(args.out or os.path.join(HERE, "results", f"shared_prefix_{'cuda' if args.gpu else 'cpu'}.json"), result)
+        result["load_avg_1m"] = os.getloadavg()[0]  # other jobs skew the times, not memory
+        save_json(out, result, partial=True)  # after every load: a time limit keeps what was measured
+    save_json(out, result)
 
 
 if __name__ == "__main__":

@@ -131,8 +131,12 @@ def save_json(path, record: dict, partial: bool = False) -> Path:
     target = partial_path(path) if partial else path
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, target)
+    try:
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(tmp, target)
+    except BaseException:  # e.g. a time limit's SIGINT mid-write: the target is intact, drop the torn copy
+        tmp.unlink(missing_ok=True)
+        raise
     if not partial:
         partial_path(path).unlink(missing_ok=True)
     print(f"wrote {target}{' (partial)' if partial else ''} (1-min load average {os.getloadavg()[0]:.1f} on "

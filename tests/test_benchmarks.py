@@ -6,6 +6,7 @@ write what the README reads from them, and that bad input is a one-line error, n
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,15 @@ def run_bench(script, *args, env=None, code=0):
     return proc.stdout if code == 0 else proc.stderr
 
 
+def assert_saved_as_it_went(stdout, out, cases):
+    """The run wrote `out`'s partial file after each of its `cases` cases (what a time limit would leave), then
+    the complete file, which removed it."""
+    partial = bench_module("common").partial_path(out)
+    writes = [line.split()[1] for line in stdout.splitlines() if line.startswith("wrote ")]
+    assert writes == [str(partial)] * cases + [str(out)], writes
+    assert not partial.exists()
+
+
 def assert_one_line_error(stderr, *words):
     assert "Traceback" not in stderr and stderr.startswith("error: ") and stderr.count("\n") == 1, stderr[-3000:]
     assert all(w in stderr for w in words), stderr
@@ -50,9 +60,10 @@ def tiny_flags(model_dir):
 
 def test_bench_train_compares_each_rpo_variant_with_full_path(tmp_path, tiny_model_dir):
     out = tmp_path / "train.json"
-    run_bench("bench_train.py", "--seeds", 0, 1, "--steps", 2, "--jobs", 2, "--out", out,
-              "--rpo-variants", "--rpo-unverified-cut-fraction 0.5",
-              "--extra", *tiny_flags(tiny_model_dir), "--eval-steps", 1)
+    stdout = run_bench("bench_train.py", "--seeds", 0, 1, "--steps", 2, "--jobs", 2, "--out", out,
+                       "--rpo-variants", "--rpo-unverified-cut-fraction 0.5",
+                       "--extra", *tiny_flags(tiny_model_dir), "--eval-steps", 1)
+    assert_saved_as_it_went(stdout, out, cases=6)
     record = json.loads(out.read_text())
     assert [(r["algo"], r["variant"]) for r in record["summary"]] == [
         ("grpo", ""), ("grpo", "--rpo-unverified-cut-fraction 0.5")]
@@ -111,8 +122,9 @@ def test_bench_cut_regrows_every_wrong_path_by_each_rule(tmp_path, tiny_model_di
 
 def test_bench_paper_shape_runs_the_trainers_update(tmp_path):
     out = tmp_path / "paper_shape.json"
-    run_bench("bench_paper_shape.py", "--cpu", "--prompt-len", 16, "--full-len", 48, "--suffix-len", 8,
-              "--repeats", 1, "--out", out)
+    stdout = run_bench("bench_paper_shape.py", "--cpu", "--prompt-len", 16, "--full-len", 48, "--suffix-len", 8,
+                       "--repeats", 1, "--out", out)
+    assert_saved_as_it_went(stdout, out, cases=2)  # a full-path step, an RPO step
     record = json.loads(out.read_text())
     full, rpo = record["median"]["full"], record["median"]["rpo"]
     assert full["generated_tokens"] == 8 * 48 and rpo["generated_tokens"] == 8 * 8
@@ -162,7 +174,7 @@ def test_bench_rewards_scores_in_workers_as_here(tmp_path):
 
 def test_bench_lora_measures_full_and_adapter_training(tmp_path):
     out = tmp_path / "lora.json"
-    run_bench("bench_lora.py", "--repeats", 1, "--out", out)
+    assert_saved_as_it_went(run_bench("bench_lora.py", "--repeats", 1, "--out", out), out, cases=2)
     full, lora = json.loads(out.read_text())["results"]
     assert full["method"] == "full" and lora["method"].startswith("lora")
     # the same work for both: one draw of the update's group and the decode's prompts
@@ -243,9 +255,10 @@ def test_bench_trl_runs_our_systems_without_trl(tmp_path, tiny_model_dir):
     env = bench_env(PYTHONPATH=f"{fake.parent}{os.pathsep}{BENCHMARKS.parent}")
     assert_one_line_error(run_bench("bench_trl.py", "--systems", "trl", "full", env=env, code=2), "trl", ".[bench]")
     out = tmp_path / "trl.json"
-    run_bench("bench_trl.py", "--model", tiny_model_dir, "--systems", "full", "rpo", "--steps", 2, "--prompts-per-step",
-              2, "--num-generations", 2, "--max-completion-length", 16, "--eval-size", 4, "--passes", 1, "--out", out,
-              env=env)
+    stdout = run_bench("bench_trl.py", "--model", tiny_model_dir, "--systems", "full", "rpo", "--steps", 2,
+                       "--prompts-per-step", 2, "--num-generations", 2, "--max-completion-length", 16, "--eval-size", 4,
+                       "--passes", 1, "--out", out, env=env)
+    assert_saved_as_it_went(stdout, out, cases=2)
     record = json.loads(out.read_text())
     assert [r["system"] for r in record["results"]] == ["full", "rpo"] and record["trl"] is None
 
@@ -272,3 +285,22 @@ def test_git_commit_without_git_or_a_checkout(tmp_path, monkeypatch):
     assert common.git_head(BENCHMARKS) is None and common.git_commit() == "unknown"
     monkeypatch.setenv("GIT_COMMIT", "0123abc")
     assert common.git_commit() == "0123abc"
+
+
+def test_an_interrupted_benchmark_leaves_what_it_measured(tmp_path):
+    """A time limit (timeout -s INT) stops a run part-way: the partial file holds the steps measured before."""
+    out = tmp_path / "paper_shape.json"
+    proc = subprocess.Popen([sys.executable, "bench_paper_shape.py", "--cpu", "--prompt-len", "16", "--full-len", "48",
+                             "--suffix-len", "8", "--repeats", "50", "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=BENCHMARKS, env=bench_env(PYTHONUNBUFFERED="1"))
+    try:
+        next((line for line in proc.stdout if line.startswith("wrote ")), None)  # the first step's partial file
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, output[-3000:]
+    partial = bench_module("common").partial_path(out)
+    assert len(json.loads(partial.read_text())["runs"]["full"]) >= 1
+    assert os.listdir(tmp_path) == [partial.name]  # no complete file, no temporary file beside it
+
