@@ -263,6 +263,25 @@ def test_bench_trl_runs_our_systems_without_trl(tmp_path, tiny_model_dir):
     assert [r["system"] for r in record["results"]] == ["full", "rpo"] and record["trl"] is None
 
 
+def test_bench_trl_keeps_our_systems_when_trl_fails(tmp_path, tiny_model_dir):
+    """TRL failing at run time (here: a stand-in whose GRPOConfig raises) is recorded, left out of the later
+    passes, and our system's figures make a complete file."""
+    fake = tmp_path / "broken"
+    broken_trl = ("__version__ = 'broken'\nGRPOTrainer = None\n\n\nclass GRPOConfig:\n"
+                  "    def __init__(self, **kwargs):\n        raise RuntimeError('CUBLAS_STATUS_EXECUTION_FAILED')\n")
+    for package, code in (("trl", broken_trl), ("datasets", "class Dataset:\n    from_list = staticmethod(list)\n")):
+        (fake / package).mkdir(parents=True)
+        (fake / package / "__init__.py").write_text(code)
+    out = tmp_path / "trl.json"
+    stdout = run_bench("bench_trl.py", "--model", tiny_model_dir, "--systems", "trl", "full", "--steps", 2,
+                       "--prompts-per-step", 2, "--num-generations", 2, "--max-completion-length", 16, "--eval-size", 4,
+                       "--passes", 2, "--out", out, env=bench_env(PYTHONPATH=f"{fake}{os.pathsep}{BENCHMARKS.parent}"))
+    assert_saved_as_it_went(stdout, out, cases=2)  # full's two passes; trl ran once
+    record = json.loads(out.read_text())
+    assert record["trl_error"] == "RuntimeError: CUBLAS_STATUS_EXECUTION_FAILED" and record["ratios"] == {}
+    assert [(r["system"], len(r["passes"])) for r in record["results"]] == [("full", 2)]
+
+
 def test_save_json_replaces_a_complete_file_only_with_a_complete_one(tmp_path):
     common = bench_module("common")
     partial_path, save_json = common.partial_path, common.save_json
@@ -304,3 +323,15 @@ def test_an_interrupted_benchmark_leaves_what_it_measured(tmp_path):
     assert len(json.loads(partial.read_text())["runs"]["full"]) >= 1
     assert os.listdir(tmp_path) == [partial.name]  # no complete file, no temporary file beside it
 
+
+def test_bench_rollout_keeps_our_figures_when_transformers_fails(tiny_model_dir):
+    from rpo_engine import load_model
+
+    class FailingPeer:  # transformers' generate failing as cuBLAS might on a GPU
+        def generate(self, *args, **kwargs):
+            raise RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED")
+
+    row = bench_module("bench_rollout").run_case("tiny", FailingPeer(), load_model(tiny_model_dir), num_prompts=2, n=2,
+                                                 prompt_len=8, new_tokens=4, repeats=1)
+    assert row["ours_tok_s"] > 0 and row["hf_s"] is None
+    assert row["hf_error"] == "RuntimeError: CUBLAS_STATUS_EXECUTION_FAILED"
