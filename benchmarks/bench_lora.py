@@ -22,8 +22,9 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 from bench_shared_prefix import QWEN25_15B, SMALL, make_group, step  # noqa: E402
-from common import arg_parser, check_gpu, cli, git_commit, machine, out_path, positive_int, save_json  # noqa: E402
-from rpo_engine.model import CausalLM, ModelConfig, apply_lora  # noqa: E402
+from common import (arg_parser, check_gpu, cli, git_commit, machine, out_path, positive_int, random_model,  # noqa: E402
+                    save_json)
+from rpo_engine.model import ModelConfig, apply_lora  # noqa: E402
 from rpo_engine.optim import MasterWeightAdamW, make_adamw  # noqa: E402
 from rpo_engine.rollout import RolloutEngine, SamplingParams  # noqa: E402
 
@@ -34,9 +35,7 @@ QWEN25_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28
 def make_model(shape, device, dtype, lora):
     config = ModelConfig.from_hf_dict(dict(dict(model_type="qwen2", max_position_embeddings=32768,
                                                 tie_word_embeddings=True), **shape))
-    torch.manual_seed(0)
-    with torch.device(device):  # made and initialised on the device: a 7B model on the CPU first would take minutes
-        model = CausalLM(config).init_weights().to(dtype).train()
+    model = random_model(config, device, dtype).train()
     return apply_lora(model, r=16, alpha=32.0) if lora else model
 
 

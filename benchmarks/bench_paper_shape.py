@@ -24,12 +24,11 @@ from pathlib import Path
 
 import torch
 
-from common import arg_parser, check_gpu, cli, git_commit, machine, out_path, positive_int, save_json
+from common import arg_parser, check_gpu, cli, git_commit, machine, out_path, positive_int, random_model, save_json
 from rpo_engine.errors import UserError
 from rpo_engine.kernels import policy_loss
 from rpo_engine.kernels.fused_logprobs import _triton_interpreted
 from rpo_engine.model.config import ModelConfig
-from rpo_engine.model.decoder import CausalLM
 from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, plan_micro_batches
 from rpo_engine.rollout import RolloutEngine, SamplingParams
 
@@ -42,14 +41,6 @@ QWEN25_15B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def random_model(shape, device, dtype):
-    config = ModelConfig.from_hf_dict(dict(model_type="qwen2", tie_word_embeddings=True, eos_token_id=2,
-                                           bos_token_id=1, pad_token_id=0, **shape))
-    torch.manual_seed(0)
-    with torch.device(device):
-        return CausalLM(config).init_weights(0.02).to(dtype)
 
 
 def update(model, optimizer, groups, micro_batch_tokens, norm_length, prefix_sharing):
@@ -125,7 +116,9 @@ def main(argv=None):
                         "TRITON_INTERPRET=1")
     args.prompts = args.prompts or (8 if args.gpu else 1)
     args.micro_batch_tokens = args.micro_batch_tokens or (8192 if args.gpu else 16384)
-    model = random_model(shape, device, dtype)
+    config = ModelConfig.from_hf_dict(dict(model_type="qwen2", tie_word_embeddings=True, eos_token_id=2,
+                                           bos_token_id=1, pad_token_id=0, **shape))
+    model = random_model(config, device, dtype)
     if args.gpu:  # 1.5B at 8k tokens per micro-batch: keep only each layer's input, recompute the rest
         model.gradient_checkpointing_enable()
     model.train()

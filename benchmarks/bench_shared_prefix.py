@@ -17,9 +17,10 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from common import arg_parser, check_gpu, cli, git_commit, machine, out_path, positive_int, save_json  # noqa: E402
+from common import (arg_parser, check_gpu, cli, git_commit, machine, out_path, positive_int, random_model,  # noqa: E402
+                    save_json)
 from rpo_engine.kernels import policy_loss  # noqa: E402
-from rpo_engine.model import CausalLM, ModelConfig  # noqa: E402
+from rpo_engine.model import ModelConfig  # noqa: E402
 from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, layout_tokens  # noqa: E402
 
 SMALL = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -99,9 +100,7 @@ def main(argv=None):
     shape = QWEN25_15B if args.gpu else SMALL
     config = ModelConfig.from_hf_dict(dict(model_type="qwen2", max_position_embeddings=32768, tie_word_embeddings=True,
                                            **shape))
-    torch.manual_seed(0)
-    with torch.device(device):  # a 1.5B model made and initialised on the CPU would take ~20 s before any GPU work
-        model = CausalLM(config).init_weights().to(dtype).train()
+    model = random_model(config, device, dtype).train()
     print(f"{machine('cuda' if args.gpu else 'cpu')}; {model.num_parameters() / 1e6:.1f}M params {dtype}; "
           f"fwd+bwd median of {args.repeats}; memory = bytes saved for backward")
     print(f"{'prefix':>6} {'G':>3} {'path':>7} {'tokens':>7} {'ms':>8} {'cpu ms':>8} {'saved MiB':>10} {'cuda MiB':>9} "

@@ -91,6 +91,21 @@ def train_config(argv: list[str], option: str):
     return config
 
 
+def random_model(config, device, dtype):
+    """A random-weight CausalLM (seed 0, transformers' initialisation) made on `device` in `dtype` as load_model
+    makes a checkpoint's: Module.to(dtype) rounds RoPE's inv_freq buffer too (in bf16 a frequency is up to 0.4% off,
+    radians of angle 4k positions in), so it is recomputed in fp32 after the cast, as load_model does."""
+    # imported here: bench_host's baseline run imports this module with an older checkout's rpo_engine
+    from rpo_engine.model import CausalLM
+    from rpo_engine.model.config import rope_inv_freq
+
+    torch.manual_seed(0)
+    with torch.device(device):  # made and initialised on the device: a 7B model on the CPU first would take minutes
+        model = CausalLM(config).init_weights().to(dtype)
+    model.model.rotary_emb.inv_freq = rope_inv_freq(config).to(device)
+    return model
+
+
 def machine(device=None) -> str:
     """The GPU's name, or the CPU model and torch's thread count."""
     if torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type == "cuda":

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -335,3 +336,22 @@ def test_bench_rollout_keeps_our_figures_when_transformers_fails(tiny_model_dir)
                                                  prompt_len=8, new_tokens=4, repeats=1)
     assert row["ours_tok_s"] > 0 and row["hf_s"] is None
     assert row["hf_error"] == "RuntimeError: CUBLAS_STATUS_EXECUTION_FAILED"
+
+
+def test_random_benchmark_models_match_loaded_ones(tmp_path):
+    """A benchmark's bf16 model has RoPE's frequencies in fp32, as load_model gives a checkpoint's."""
+    from rpo_engine import load_model
+    from rpo_engine.model import ModelConfig
+
+    config = ModelConfig.from_hf_dict(dict(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                           rope_theta=1e6, max_position_embeddings=4096))
+    model = bench_module("common").random_model(config, "cpu", torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    loaded = load_model(tmp_path, dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16 and model.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(model.model.rotary_emb.inv_freq, loaded.model.rotary_emb.inv_freq)
+    positions = torch.arange(4096)[None]
+    for ours, theirs in zip(model.model.rotary_emb(positions, torch.bfloat16),
+                            loaded.model.rotary_emb(positions, torch.bfloat16)):
+        assert torch.equal(ours, theirs)
