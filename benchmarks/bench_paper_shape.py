@@ -6,8 +6,9 @@ benchmark reads the token and step-time reduction at paper lengths directly:
   full path: B prompts, G samples of `--full-len` new tokens each (no stop tokens: fixed lengths);
   RPO:       B prefixes = prompt + (full_len - suffix_len) cached tokens, G suffixes of `--suffix-len`.
 The update is one forward+backward over each sample with the fused LM-head log-prob kernel and the
-clipped-ratio loss on the generated tokens only (the suffix for RPO, as the trainer does), then an
-AdamW step, through the trainer's own path: a group's prefix runs once in forward and backward
+clipped-ratio loss on the generated tokens only (the suffix for RPO, as the trainer does), then the
+trainer's AdamW step (rpo_engine.optim.make_adamw: fp32 master weights for bf16; the JSON's settings.optimizer
+names it), through the trainer's own path: a group's prefix runs once in forward and backward
 (shared-prefix layout) where that costs fewer FLOPs, which is every RPO group here; full-path groups
 (short prompt, long completions) run padded. `--no-prefix-sharing` pads every group, to compare.
 Medians over --repeats, full and RPO interleaved in one process. With --gpu (or --cascade-variant) RPO
@@ -30,6 +31,7 @@ from rpo_engine.kernels import policy_loss
 from rpo_engine.kernels.fused_logprobs import _triton_interpreted
 from rpo_engine.model.config import ModelConfig
 from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, plan_micro_batches
+from rpo_engine.optim import make_adamw
 from rpo_engine.rollout import RolloutEngine, SamplingParams
 
 CPU_SHAPE = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
@@ -122,7 +124,7 @@ def main(argv=None):
     if args.gpu:  # 1.5B at 8k tokens per micro-batch: keep only each layer's input, recompute the rest
         model.gradient_checkpointing_enable()
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    optimizer = make_adamw(model, 1e-6, 0.0)  # the trainer's: fp32 masters for bf16 weights, their cost timed too
     engine = RolloutEngine(model)
     engines = {"full": engine, "rpo": engine}
     if cascade:
@@ -152,7 +154,7 @@ def main(argv=None):
                                 full_len=args.full_len, suffix_len=args.suffix_len,
                                 cached_len=args.full_len - args.suffix_len, repeats=args.repeats,
                                 micro_batch_tokens=args.micro_batch_tokens,
-                                gradient_checkpointing=bool(args.gpu),
+                                gradient_checkpointing=bool(args.gpu), optimizer=type(optimizer).__name__,
                                 prefix_sharing=args.prefix_sharing,
                                 update=("the trainer's path: shared-prefix groups where sharing_pays, else padded"
                                         if args.prefix_sharing else "padded batch: every sample runs its whole prefix")

@@ -127,6 +127,7 @@ def test_bench_paper_shape_runs_the_trainers_update(tmp_path):
                        "--repeats", 1, "--out", out)
     assert_saved_as_it_went(stdout, out, cases=2)  # a full-path step, an RPO step
     record = json.loads(out.read_text())
+    assert record["settings"]["optimizer"] == "AdamW"  # the trainer's for fp32 weights (bf16: MasterWeightAdamW)
     full, rpo = record["median"]["full"], record["median"]["rpo"]
     assert full["generated_tokens"] == 8 * 48 and rpo["generated_tokens"] == 8 * 8
     assert 0 < record["reduction"]["generated_tokens"] < 1 and rpo["update_s"] > 0
