@@ -24,7 +24,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: see the docst
 import torch  # noqa: E402
 
 import rpo_engine  # noqa: E402
-from common import arg_parser, cli, git_commit, machine, out_path, positive_int, save_json  # noqa: E402
+from common import arg_parser, cli, git_commit, git_head, machine, out_path, positive_int, save_json  # noqa: E402
 from rpo_engine.errors import UserError  # noqa: E402
 from rpo_engine.model import CausalLM, ModelConfig  # noqa: E402
 from rpo_engine.rollout import RolloutEngine, SamplingParams  # noqa: E402
@@ -134,7 +134,6 @@ def main(argv=None):
                   load_average_1_5_15=os.getloadavg(), rows=measure_all(args.repeats, cases))
     if args.baseline_src:
         src = args.baseline_src.resolve()
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=src).stdout.strip()
         env = {**os.environ, "PYTHONPATH": str(src)}  # its rpo_engine before the installed one
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--rows-only", "--repeats", str(args.repeats),
                                "--threads", str(args.threads), "--cases", ",".join(f"{s}x{c}" for s, c in cases)],
@@ -142,7 +141,7 @@ def main(argv=None):
         if proc.returncode:
             sys.exit(f"baseline run failed: {proc.stderr[-2000:]}")
         line = next(line for line in proc.stdout.splitlines() if line.startswith("ROWS "))
-        result["baseline"] = dict(src=str(src), git_commit=commit or "unknown", rows=json.loads(line[5:]))
+        result["baseline"] = dict(src=str(src), git_commit=git_head(src) or "unknown", rows=json.loads(line[5:]))
         for row, base in zip(result["rows"], result["baseline"]["rows"]):
             if base is not None:
                 row["baseline_host_ms_per_decode_step"] = base["host_ms_per_decode_step"]

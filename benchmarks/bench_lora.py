@@ -12,7 +12,8 @@ the update's group and the decode's prompts for all of a shape's rows):
           --lora-merged-rollout in training): median of --repeats calls after a warm-up.
 CPU: a small Qwen2-shaped model in fp32. --gpu: Qwen2.5-1.5B's shape (full and LoRA) and Qwen2.5-7B's (LoRA
 only: its full fine-tuning state, ~16 bytes a parameter, is more than an 80 GB GPU holds) in bf16.
-Writes benchmarks/results/lora_<cpu|cuda>.json. Usage: python benchmarks/bench_lora.py [--gpu]
+Writes benchmarks/results/lora_<cpu|cuda>.json; until every row has run, lora_<...>.partial.json (what a time
+limit leaves). Usage: python benchmarks/bench_lora.py [--gpu]
 """
 import datetime, gc, os, platform, random, statistics, sys, time  # noqa: E401
 
@@ -21,8 +22,9 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 from bench_shared_prefix import QWEN25_15B, SMALL, make_group, step  # noqa: E402
-from common import arg_parser, check_gpu, cli, git_commit, machine, out_path, positive_int, save_json  # noqa: E402
-from rpo_engine.model import CausalLM, ModelConfig, apply_lora  # noqa: E402
+from common import (arg_parser, check_gpu, cli, git_commit, machine, out_path, positive_int, random_model,  # noqa: E402
+                    save_json)
+from rpo_engine.model import ModelConfig, apply_lora  # noqa: E402
 from rpo_engine.optim import MasterWeightAdamW, make_adamw  # noqa: E402
 from rpo_engine.rollout import RolloutEngine, SamplingParams  # noqa: E402
 
@@ -33,9 +35,7 @@ QWEN25_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28
 def make_model(shape, device, dtype, lora):
     config = ModelConfig.from_hf_dict(dict(dict(model_type="qwen2", max_position_embeddings=32768,
                                                 tie_word_embeddings=True), **shape))
-    torch.manual_seed(0)
-    with torch.device(device):  # made and initialised on the device: a 7B model on the CPU first would take minutes
-        model = CausalLM(config).init_weights().to(dtype).train()
+    model = random_model(config, device, dtype).train()
     return apply_lora(model, r=16, alpha=32.0) if lora else model
 
 
@@ -115,6 +115,13 @@ def main(argv=None):
     print(f"{machine(device)}; {dtype}; update = one group, prefix {prefix_len} + G={G} suffixes of 64-128 tokens, "
           f"median of {args.repeats}; decode = {num_prompts} prompts x {n}, {prompt_len} + {new_tokens} tokens")
     rows = []
+    result = {"benchmark": "lora", "machine": machine(device), "platform": platform.platform(),
+              "date": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": git_commit(),
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(dtype),
+              "update_load": {"prefix": prefix_len, "G": G, "suffix_tokens": "uniform 64..128"},
+              "decode_load": {"prompts": num_prompts, "n": n, "prompt_tokens": prompt_len, "new_tokens": new_tokens},
+              "repeats": args.repeats, "results": rows}
+    out = args.out or os.path.join(HERE, "results", f"lora_{'cuda' if args.gpu else 'cpu'}.json")
     for name, shape, with_full in shapes:
         # drawn once for the shape: full fine-tuning and LoRA train and decode the same tokens
         groups = [make_group(prefix_len, G, shape["vocab_size"], rng)]
@@ -133,17 +140,13 @@ def main(argv=None):
                   f"optimizer {row['optimizer_gib']:.2f})" + (f", peak {row['cuda_peak_gib']:.1f} GiB" if args.gpu else "")
                   + f"; decode {row['tokens_per_s']:6.0f} tokens/s"
                   + (f" ({row['merged_tokens_per_s']:.0f} merged)" if lora else ""))
+            result["load_avg_1m"] = os.getloadavg()[0]  # other jobs skew the times, not memory
+            save_json(out, result, partial=True)  # after every row: a time limit keeps what was measured
             del model
             gc.collect()
             if args.gpu:
                 torch.cuda.empty_cache()
-    result = {"benchmark": "lora", "machine": machine(device), "platform": platform.platform(),
-              "date": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": git_commit(),
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(dtype),
-              "update_load": {"prefix": prefix_len, "G": G, "suffix_tokens": "uniform 64..128"},
-              "decode_load": {"prompts": num_prompts, "n": n, "prompt_tokens": prompt_len, "new_tokens": new_tokens},
-              "repeats": args.repeats, "load_avg_1m": os.getloadavg()[0], "results": rows}
-    save_json(args.out or os.path.join(HERE, "results", f"lora_{'cuda' if args.gpu else 'cpu'}.json"), result)
+    save_json(out, result)
 
 
 if __name__ == "__main__":

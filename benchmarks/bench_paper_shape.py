@@ -6,8 +6,9 @@ benchmark reads the token and step-time reduction at paper lengths directly:
   full path: B prompts, G samples of `--full-len` new tokens each (no stop tokens: fixed lengths);
   RPO:       B prefixes = prompt + (full_len - suffix_len) cached tokens, G suffixes of `--suffix-len`.
 The update is one forward+backward over each sample with the fused LM-head log-prob kernel and the
-clipped-ratio loss on the generated tokens only (the suffix for RPO, as the trainer does), then an
-AdamW step, through the trainer's own path: a group's prefix runs once in forward and backward
+clipped-ratio loss on the generated tokens only (the suffix for RPO, as the trainer does), then the
+trainer's AdamW step (rpo_engine.optim.make_adamw: fp32 master weights for bf16; the JSON's settings.optimizer
+names it), through the trainer's own path: a group's prefix runs once in forward and backward
 (shared-prefix layout) where that costs fewer FLOPs, which is every RPO group here; full-path groups
 (short prompt, long completions) run padded. `--no-prefix-sharing` pads every group, to compare.
 Medians over --repeats, full and RPO interleaved in one process. With --gpu (or --cascade-variant) RPO
@@ -16,20 +17,21 @@ also runs on a second engine with triton_cascade=True, each prefix's K/V read on
 
     python benchmarks/bench_paper_shape.py                 # CPU: small model, 1 x 8 samples of 1536 tokens
     python benchmarks/bench_paper_shape.py --gpu           # CUDA: Qwen2.5-1.5B shape, bf16, 8 x 8 samples
-Writes benchmarks/results/paper_shape_<cpu|cuda>.json (or --out PATH).
+Writes benchmarks/results/paper_shape_<cpu|cuda>.json (or --out PATH); until the last step has run,
+paper_shape_<...>.partial.json (what a time limit leaves).
 """
 import argparse, datetime, json, os, random, statistics, time  # noqa: E401
 from pathlib import Path
 
 import torch
 
-from common import arg_parser, check_gpu, cli, git_commit, machine, out_path, positive_int, save_json
+from common import arg_parser, check_gpu, cli, git_commit, machine, out_path, positive_int, random_model, save_json
 from rpo_engine.errors import UserError
 from rpo_engine.kernels import policy_loss
 from rpo_engine.kernels.fused_logprobs import _triton_interpreted
 from rpo_engine.model.config import ModelConfig
-from rpo_engine.model.decoder import CausalLM
 from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, plan_micro_batches
+from rpo_engine.optim import make_adamw
 from rpo_engine.rollout import RolloutEngine, SamplingParams
 
 CPU_SHAPE = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
@@ -41,14 +43,6 @@ QWEN25_15B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def random_model(shape, device, dtype):
-    config = ModelConfig.from_hf_dict(dict(model_type="qwen2", tie_word_embeddings=True, eos_token_id=2,
-                                           bos_token_id=1, pad_token_id=0, **shape))
-    torch.manual_seed(0)
-    with torch.device(device):
-        return CausalLM(config).init_weights(0.02).to(dtype)
 
 
 def update(model, optimizer, groups, micro_batch_tokens, norm_length, prefix_sharing):
@@ -124,11 +118,13 @@ def main(argv=None):
                         "TRITON_INTERPRET=1")
     args.prompts = args.prompts or (8 if args.gpu else 1)
     args.micro_batch_tokens = args.micro_batch_tokens or (8192 if args.gpu else 16384)
-    model = random_model(shape, device, dtype)
+    config = ModelConfig.from_hf_dict(dict(model_type="qwen2", tie_word_embeddings=True, eos_token_id=2,
+                                           bos_token_id=1, pad_token_id=0, **shape))
+    model = random_model(config, device, dtype)
     if args.gpu:  # 1.5B at 8k tokens per micro-batch: keep only each layer's input, recompute the rest
         model.gradient_checkpointing_enable()
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    optimizer = make_adamw(model, 1e-6, 0.0)  # the trainer's: fp32 masters for bf16 weights, their cost timed too
     engine = RolloutEngine(model)
     engines = {"full": engine, "rpo": engine}
     if cascade:
@@ -148,19 +144,6 @@ def main(argv=None):
         one_step(model, eng, optimizer, [p[:32] for p in prompts], None if name == "full" else [c[:8] for c in cached],
                  warm, seed=0)
     runs = {name: [] for name in engines}
-    for r in range(args.repeats):  # interleaved, so drift on a shared box hits all alike
-        for name, eng in engines.items():
-            runs[name].append(one_step(model, eng, optimizer, prompts, None if name == "full" else cached, args,
-                                       seed=1 + r))
-            print(name, json.dumps({k: round(v, 3) for k, v in runs[name][-1].items()}), flush=True)
-    med = {name: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for name, rs in runs.items()}
-    full, rpo = med["full"], med["rpo"]
-    reduction = {k: 1 - rpo[k] / full[k] for k in ("generated_tokens", "rollout_s", "update_s", "step_s")}
-    if "rpo_cascade" in med:  # the same RPO step, its rollout reading each prefix's K/V once for the G suffixes
-        print(f"RPO rollout with triton_cascade: {med['rpo_cascade']['rollout_s']:.3f} s vs {rpo['rollout_s']:.3f} s")
-    print(f"RPO vs full path: generated tokens {-reduction['generated_tokens']:+.1%}, rollout time "
-          f"{-reduction['rollout_s']:+.1%}, update time {-reduction['update_s']:+.1%}, step time {-reduction['step_s']:+.1%}"
-          f" (paper: ~95% fewer tokens, 72-90% less training time)")
     result = dict(benchmark="paper_shape", device=device.type, machine=machine(device),
                   date=datetime.datetime.now().isoformat(timespec="seconds"),
                   git_commit=git_commit(),
@@ -171,13 +154,29 @@ def main(argv=None):
                                 full_len=args.full_len, suffix_len=args.suffix_len,
                                 cached_len=args.full_len - args.suffix_len, repeats=args.repeats,
                                 micro_batch_tokens=args.micro_batch_tokens,
-                                gradient_checkpointing=bool(args.gpu),
+                                gradient_checkpointing=bool(args.gpu), optimizer=type(optimizer).__name__,
                                 prefix_sharing=args.prefix_sharing,
                                 update=("the trainer's path: shared-prefix groups where sharing_pays, else padded"
                                         if args.prefix_sharing else "padded batch: every sample runs its whole prefix")
                                        + "; loss on generated tokens only"),
-                  median=med, reduction=reduction, runs=runs)
-    save_json(args.out or Path(__file__).parent / "results" / f"paper_shape_{device.type}.json", result)
+                  runs=runs)
+    out = args.out or Path(__file__).parent / "results" / f"paper_shape_{device.type}.json"
+    for r in range(args.repeats):  # interleaved, so drift on a shared box hits all alike
+        for name, eng in engines.items():
+            runs[name].append(one_step(model, eng, optimizer, prompts, None if name == "full" else cached, args,
+                                       seed=1 + r))
+            print(name, json.dumps({k: round(v, 3) for k, v in runs[name][-1].items()}), flush=True)
+            save_json(out, result, partial=True)  # after every step: a time limit keeps what was measured
+    med = {name: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for name, rs in runs.items()}
+    full, rpo = med["full"], med["rpo"]
+    reduction = {k: 1 - rpo[k] / full[k] for k in ("generated_tokens", "rollout_s", "update_s", "step_s")}
+    if "rpo_cascade" in med:  # the same RPO step, its rollout reading each prefix's K/V once for the G suffixes
+        print(f"RPO rollout with triton_cascade: {med['rpo_cascade']['rollout_s']:.3f} s vs {rpo['rollout_s']:.3f} s")
+    print(f"RPO vs full path: generated tokens {-reduction['generated_tokens']:+.1%}, rollout time "
+          f"{-reduction['rollout_s']:+.1%}, update time {-reduction['update_s']:+.1%}, step time {-reduction['step_s']:+.1%}"
+          f" (paper: ~95% fewer tokens, 72-90% less training time)")
+    result.update(median=med, reduction=reduction)
+    save_json(out, result)
 
 
 if __name__ == "__main__":

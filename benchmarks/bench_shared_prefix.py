@@ -8,7 +8,8 @@ process's CPU time, which other jobs on a shared machine disturb less. Activatio
 distinct tensors autograd saves for backward (a saved-tensors hook; parameters excluded), on every
 device; on CUDA also torch.cuda.max_memory_allocated minus what was allocated before the step.
 CPU: a small Qwen2-shaped model in fp32. --gpu (default on CUDA): Qwen2.5-1.5B's shape in bf16.
-Writes benchmarks/results/shared_prefix_<cpu|cuda>.json. Usage: python benchmarks/bench_shared_prefix.py
+Writes benchmarks/results/shared_prefix_<cpu|cuda>.json; until every load has run, shared_prefix_<...>.partial.json
+(what a time limit leaves). Usage: python benchmarks/bench_shared_prefix.py
 """
 import datetime, os, platform, random, statistics, sys, time  # noqa: E401
 
@@ -16,9 +17,10 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from common import arg_parser, check_gpu, cli, git_commit, machine, out_path, positive_int, save_json  # noqa: E402
+from common import (arg_parser, check_gpu, cli, git_commit, machine, out_path, positive_int, random_model,  # noqa: E402
+                    save_json)
 from rpo_engine.kernels import policy_loss  # noqa: E402
-from rpo_engine.model import CausalLM, ModelConfig  # noqa: E402
+from rpo_engine.model import ModelConfig  # noqa: E402
 from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, layout_tokens  # noqa: E402
 
 SMALL = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -98,14 +100,20 @@ def main(argv=None):
     shape = QWEN25_15B if args.gpu else SMALL
     config = ModelConfig.from_hf_dict(dict(model_type="qwen2", max_position_embeddings=32768, tie_word_embeddings=True,
                                            **shape))
-    torch.manual_seed(0)
-    with torch.device(device):  # a 1.5B model made and initialised on the CPU would take ~20 s before any GPU work
-        model = CausalLM(config).init_weights().to(dtype).train()
+    model = random_model(config, device, dtype).train()
     print(f"{machine('cuda' if args.gpu else 'cpu')}; {model.num_parameters() / 1e6:.1f}M params {dtype}; "
           f"fwd+bwd median of {args.repeats}; memory = bytes saved for backward")
     print(f"{'prefix':>6} {'G':>3} {'path':>7} {'tokens':>7} {'ms':>8} {'cpu ms':>8} {'saved MiB':>10} {'cuda MiB':>9} "
           f"{'speedup':>8} {'mem /':>6}")
     rows, rng, nan = [], random.Random(0), float("nan")
+    result = {"machine": machine("cuda" if args.gpu else "cpu"), "platform": platform.platform(),
+              "date": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": git_commit(),
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(dtype), "model": shape,
+              "suffix_tokens": "uniform 64..128", "repeats": args.repeats,
+              "memory_method": "distinct storages saved for backward (saved_tensors_hooks), parameters excluded"
+                               + ("; cuda max_memory_allocated delta" if args.gpu else ""),
+              "results": rows}
+    out = args.out or os.path.join(HERE, "results", f"shared_prefix_{'cuda' if args.gpu else 'cpu'}.json")
     for prefix_len, G in LOADS:
         groups = [make_group(prefix_len, G, config.vocab_size, rng)]
         plain = dict(measure(model, groups, False, args.repeats), path="padded", prefix=prefix_len, G=G)
@@ -119,14 +127,9 @@ def main(argv=None):
                   + (f" {r['speedup']:>7.2f}x {r['memory_reduction']:>5.2f}x" if "speedup" in r else "")
                   + ("  OOM" if r.get("oom") else ""))
         rows += [plain, shared]
-    result = {"machine": machine("cuda" if args.gpu else "cpu"), "platform": platform.platform(),
-              "date": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": git_commit(),
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(dtype), "model": shape,
-              "suffix_tokens": "uniform 64..128", "repeats": args.repeats,
-              "memory_method": "distinct storages saved for backward (saved_tensors_hooks), parameters excluded"
-                               + ("; cuda max_memory_allocated delta" if args.gpu else ""),
-              "load_avg_1m": os.getloadavg()[0], "results": rows}  # other jobs skew the times, not memory
-    save_json(args.out or os.path.join(HERE, "results", f"shared_prefix_{'cuda' if args.gpu else 'cpu'}.json"), result)
+        result["load_avg_1m"] = os.getloadavg()[0]  # other jobs skew the times, not memory
+        save_json(out, result, partial=True)  # after every load: a time limit keeps what was measured
+    save_json(out, result)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ For each algorithm pair (full path vs RPO) and seed: generated tokens per step, 
 median step time, training wall-clock to reach a target eval accuracy (by default the seed's starting
 accuracy + 0.05: the starter model's own accuracy depends on the machine that built it), final eval accuracy. Writes
 benchmarks/results/train_<device>.json and a PNG with reward and eval accuracy against steps and
-against wall-clock.
+against wall-clock; until the last run has finished, train_<device>.partial.json with the runs so far (what a
+time limit leaves).
 
     python benchmarks/bench_train.py                      # GRPO vs RPO-GRPO, 3 seeds, default job settings
     python benchmarks/bench_train.py --algos grpo dapo --seeds 0 1 2 --steps 40
@@ -171,10 +172,15 @@ def main(argv=None):
         except ValueError as e:  # shlex: an unclosed quote
             raise UserError(f"{option}: {e}") from None
         train_config(flags, option)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    runs = []
+    record = {"benchmark": "train", "machine": machine(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "git_commit": git_commit(), "torch": torch.__version__, "steps": args.steps, "seeds": args.seeds,
+              "extra_flags": args.extra, "rpo_variants": args.rpo_variants, "jobs": args.jobs, "runs": runs}
+    out = args.out or Path(__file__).parent / "results" / f"train_{device}.json"
     with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
         futures = [pool.submit(run, algo, rpo, seed, args.steps, args.extra, Path(tmp), variant)
                    for algo, rpo, seed, variant in plan]
-        runs = []
         try:
             for future in futures:
                 runs.append(future.result())
@@ -183,6 +189,7 @@ def main(argv=None):
                       f"gen_tok/step={r['generated_tokens_per_step']:8.0f} median_step={r['median_step_time_s']:6.2f}s "
                       f"({r['median_decode_steps']:.0f} decode steps) "
                       f"eval {r['initial_eval_accuracy']:.3f} -> {r['final_eval_accuracy']:.3f}", flush=True)
+                save_json(out, record, partial=True)  # after every run: a time limit keeps what was measured
         except BaseException:  # a failed run: the queued ones would only delay its error
             pool.shutdown(cancel_futures=True)
             raise
@@ -194,13 +201,8 @@ def main(argv=None):
               f"rpo {row['frac_groups_no_signal_rpo']:.0%}; final eval full {row['final_eval_full']} rpo {row['final_eval_rpo']} "
               f"(RPO - full: {row['eval_gap_mean']:+.3f} +- {row['eval_gap_std']:.3f}); seconds to eval >= "
               f"{row['target_eval_accuracy']}: full {row['seconds_to_target_full']} rpo {row['seconds_to_target_rpo']}")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    results = Path(__file__).parent / "results"
-    record = {"benchmark": "train", "machine": machine(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "git_commit": git_commit(), "torch": torch.__version__, "steps": args.steps, "seeds": args.seeds,
-              "extra_flags": args.extra, "rpo_variants": args.rpo_variants, "jobs": args.jobs,
-              "summary": summary, "runs": runs}
-    out = save_json(args.out or results / f"train_{device}.json", record)
+    record["summary"] = summary
+    save_json(out, record)
     plot(runs, out.with_suffix(".png"))
 
 

@@ -14,10 +14,12 @@ Reported per system: median seconds per step (split into rollout and update; TRL
 `_generate` call, ours also scores rewards), median seconds per step per 1k generated tokens, reward
 (mean of the measured steps, last step), and greedy eval accuracy of the final weights, all measured
 by our engine on the same held-out rows.
-Writes benchmarks/results/trl_<cpu|cuda>.json (or --out). The trl system needs `pip install -e ".[bench]"`
+Writes benchmarks/results/trl_<cpu|cuda>.json (or --out); until the last run has finished, trl_<...>.partial.json
+with the systems' results so far (what a time limit leaves). TRL failing fails nothing: trl_error says why, the
+later passes leave it out, and ours still run. The trl system needs `pip install -e ".[bench]"`
 (TRL and datasets); full and rpo alone do not.
 """
-import datetime, json, os, statistics, tempfile, time  # noqa: E401
+import datetime, json, os, statistics, tempfile, time, traceback  # noqa: E401
 from pathlib import Path
 
 import torch
@@ -137,6 +139,12 @@ def summarize(name, passes, skip):
                 reward_last_step=[steps[-1]["reward_mean"] for steps in passes], passes=passes)
 
 
+def results_so_far(systems, steps, evals, skip):
+    """summarize's row, with the final eval accuracies, for each system that has finished a pass."""
+    return [dict(summarize(name, steps[name], skip), final_eval_accuracy=evals[name])
+            for name in systems if steps[name]]
+
+
 def main(argv=None):
     ap = arg_parser(description=__doc__.split("\n")[0])
     ap.add_argument("--gpu", action="store_true", default=torch.cuda.is_available())
@@ -175,36 +183,6 @@ def main(argv=None):
     eval_rows = make_split("eval", args.eval_size, args.seed)
     initial = eval_accuracy(model_dir, eval_rows, args, device)
     steps, evals = {name: [] for name in args.systems}, {name: [] for name in args.systems}
-    with tempfile.TemporaryDirectory() as tmp:
-        # A shared box drifts over minutes: alternate the order (A B C, C B A, ...) so drift hits all alike.
-        for p in range(args.passes):
-            for name in args.systems if p % 2 == 0 else args.systems[::-1]:
-                output = Path(tmp) / f"{name}-{p}"
-                run, final = run_trl(model_dir, rows, args, device, output) if name == "trl" else \
-                    run_ours(name == "rpo", args, device, output)
-                steps[name].append(run)
-                evals[name].append(eval_accuracy(final, eval_rows, args, device))
-                print(f"pass {p} {name}: median step {statistics.median(s['step_time_s'] for s in run[skip:]):.2f}s",
-                      flush=True)
-    results = []
-    for name in args.systems:
-        row = summarize(name, steps[name], skip)
-        row["final_eval_accuracy"] = evals[name]
-        results.append(row)
-        print(f"{name:4s} median step {row['median_step_time_s']:.2f}s (rollout {row['median_rollout_time_s']:.2f}s, "
-              f"update {row['median_update_time_s']:.2f}s), gen tokens/step "
-              f"{row['median_generated_tokens']:.0f}, s/step per 1k tokens {row['median_s_per_step_per_1k_tokens']:.3f}, "
-              f"reward {row['reward_mean_measured']:.3f}, eval {initial:.3f} -> {evals[name]}")
-    by = {r["system"]: r for r in results}
-    ratios = {}
-    if "trl" in by:
-        for name in ("full", "rpo"):
-            if name in by:  # < 1: we are faster
-                ratios[f"{name}_vs_trl_step_time"] = by[name]["median_step_time_s"] / by["trl"]["median_step_time_s"]
-                ratios[f"{name}_vs_trl_time_per_token"] = (by[name]["median_s_per_step_per_1k_tokens"]
-                                                           / by["trl"]["median_s_per_step_per_1k_tokens"])
-    for k, v in ratios.items():
-        print(f"{k}: {v:.3f}")
     record = dict(benchmark="trl", device=device, machine=machine(device),
                   date=datetime.datetime.now().isoformat(timespec="seconds"),
                   git_commit=git_commit(),
@@ -214,8 +192,48 @@ def main(argv=None):
                                 num_generations=args.num_generations, max_completion_length=args.max_completion_length,
                                 train_size=args.train_size, learning_rate=args.learning_rate, seed=args.seed,
                                 eval_size=args.eval_size, reward="exact answer, 0/1"),
-                  initial_eval_accuracy=initial, ratios=ratios, results=results)
-    save_json(args.out or Path(__file__).parent / "results" / f"trl_{device}.json", record)
+                  initial_eval_accuracy=initial, trl_error=None, ratios={}, results=[])
+    out = args.out or Path(__file__).parent / "results" / f"trl_{device}.json"
+    with tempfile.TemporaryDirectory() as tmp:
+        # A shared box drifts over minutes: alternate the order (A B C, C B A, ...) so drift hits all alike.
+        for p in range(args.passes):
+            for name in args.systems if p % 2 == 0 else args.systems[::-1]:
+                if name == "trl" and record["trl_error"]:
+                    continue  # it would fail again, in time our systems need
+                output = Path(tmp) / f"{name}-{p}"
+                try:
+                    run, final = run_trl(model_dir, rows, args, device, output) if name == "trl" else \
+                        run_ours(name == "rpo", args, device, output)
+                    accuracy = eval_accuracy(final, eval_rows, args, device)
+                except Exception as e:  # noqa: BLE001 -- TRL's failure is recorded; ours is the benchmark's own
+                    if name != "trl":
+                        raise
+                    traceback.print_exc()
+                    record["trl_error"] = f"{type(e).__name__}: {e}"
+                    continue
+                steps[name].append(run)
+                evals[name].append(accuracy)
+                print(f"pass {p} {name}: median step {statistics.median(s['step_time_s'] for s in run[skip:]):.2f}s",
+                      flush=True)
+                record["load_average_1_5_15"] = os.getloadavg()
+                record["results"] = results_so_far(args.systems, steps, evals, skip)
+                save_json(out, record, partial=True)  # after every run: a time limit keeps what was measured
+    for row in record["results"]:
+        print(f"{row['system']:4s} median step {row['median_step_time_s']:.2f}s "
+              f"(rollout {row['median_rollout_time_s']:.2f}s, update {row['median_update_time_s']:.2f}s), "
+              f"gen tokens/step {row['median_generated_tokens']:.0f}, s/step per 1k tokens {row['median_s_per_step_per_1k_tokens']:.3f}, "
+              f"reward {row['reward_mean_measured']:.3f}, eval {initial:.3f} -> {row['final_eval_accuracy']}")
+    by = {r["system"]: r for r in record["results"]}
+    ratios = record["ratios"]
+    if "trl" in by:
+        for name in ("full", "rpo"):
+            if name in by:  # < 1: we are faster
+                ratios[f"{name}_vs_trl_step_time"] = by[name]["median_step_time_s"] / by["trl"]["median_step_time_s"]
+                ratios[f"{name}_vs_trl_time_per_token"] = (by[name]["median_s_per_step_per_1k_tokens"]
+                                                           / by["trl"]["median_s_per_step_per_1k_tokens"])
+    for k, v in ratios.items():
+        print(f"{k}: {v:.3f}")
+    save_json(out, record)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,21 @@ def train_config(argv: list[str], option: str):
     return config
 
 
+def random_model(config, device, dtype):
+    """A random-weight CausalLM (seed 0, transformers' initialisation) made on `device` in `dtype` as load_model
+    makes a checkpoint's: Module.to(dtype) rounds RoPE's inv_freq buffer too (in bf16 a frequency is up to 0.4% off,
+    radians of angle 4k positions in), so it is recomputed in fp32 after the cast, as load_model does."""
+    # imported here: bench_host's baseline run imports this module with an older checkout's rpo_engine
+    from rpo_engine.model import CausalLM
+    from rpo_engine.model.config import rope_inv_freq
+
+    torch.manual_seed(0)
+    with torch.device(device):  # made and initialised on the device: a 7B model on the CPU first would take minutes
+        model = CausalLM(config).init_weights().to(dtype)
+    model.model.rotary_emb.inv_freq = rope_inv_freq(config).to(device)
+    return model
+
+
 def machine(device=None) -> str:
     """The GPU's name, or the CPU model and torch's thread count."""
     if torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type == "cuda":
@@ -99,10 +114,19 @@ def machine(device=None) -> str:
     return f"{names[0] if names else platform.processor()} ({torch.get_num_threads()} threads)"
 
 
+def git_head(directory) -> str | None:
+    """HEAD of the checkout at `directory`, or None where there is no git binary or no .git."""
+    try:
+        proc = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=directory, check=True)
+    except (OSError, subprocess.CalledProcessError):  # OSError: FileNotFoundError when git is not installed
+        return None
+    return proc.stdout.strip() or None
+
+
 def git_commit() -> str:
-    """HEAD of this checkout; $GIT_COMMIT where the copy has no .git (the GPU machine's copy may not)."""
-    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
-    return head or os.environ.get("GIT_COMMIT", "unknown")
+    """$GIT_COMMIT (the GPU machine's copy may have no .git, or no git), else HEAD of this checkout, else
+    "unknown": it is recorded beside the figures, so it must never fail the run."""
+    return os.environ.get("GIT_COMMIT") or git_head(HERE) or "unknown"
 
 
 def partial_path(path) -> Path:
@@ -122,8 +146,12 @@ def save_json(path, record: dict, partial: bool = False) -> Path:
     target = partial_path(path) if partial else path
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, target)
+    try:
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(tmp, target)
+    except BaseException:  # e.g. a time limit's SIGINT mid-write: the target is intact, drop the torn copy
+        tmp.unlink(missing_ok=True)
+        raise
     if not partial:
         partial_path(path).unlink(missing_ok=True)
     print(f"wrote {target}{' (partial)' if partial else ''} (1-min load average {os.getloadavg()[0]:.1f} on "

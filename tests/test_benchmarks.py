@@ -3,13 +3,16 @@
 The figures themselves are measured by hand (README); these check that the scripts run end to end and
 write what the README reads from them, and that bad input is a one-line error, not a traceback.
 """
+import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -21,11 +24,29 @@ def bench_env(**extra):
     return {**env, "PYTHONPATH": str(BENCHMARKS.parent), **extra}
 
 
+def bench_module(name):
+    """A module of benchmarks/, imported as the scripts import each other (benchmarks/ on sys.path)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
 def run_bench(script, *args, env=None, code=0):
     proc = subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True, timeout=600,
                           cwd=BENCHMARKS, env=env or bench_env())
     assert proc.returncode == code, proc.stderr[-3000:]
     return proc.stdout if code == 0 else proc.stderr
+
+
+def assert_saved_as_it_went(stdout, out, cases):
+    """The run wrote `out`'s partial file after each of its `cases` cases (what a time limit would leave), then
+    the complete file, which removed it."""
+    partial = bench_module("common").partial_path(out)
+    writes = [line.split()[1] for line in stdout.splitlines() if line.startswith("wrote ")]
+    assert writes == [str(partial)] * cases + [str(out)], writes
+    assert not partial.exists()
 
 
 def assert_one_line_error(stderr, *words):
@@ -40,9 +61,10 @@ def tiny_flags(model_dir):
 
 def test_bench_train_compares_each_rpo_variant_with_full_path(tmp_path, tiny_model_dir):
     out = tmp_path / "train.json"
-    run_bench("bench_train.py", "--seeds", 0, 1, "--steps", 2, "--jobs", 2, "--out", out,
-              "--rpo-variants", "--rpo-unverified-cut-fraction 0.5",
-              "--extra", *tiny_flags(tiny_model_dir), "--eval-steps", 1)
+    stdout = run_bench("bench_train.py", "--seeds", 0, 1, "--steps", 2, "--jobs", 2, "--out", out,
+                       "--rpo-variants", "--rpo-unverified-cut-fraction 0.5",
+                       "--extra", *tiny_flags(tiny_model_dir), "--eval-steps", 1)
+    assert_saved_as_it_went(stdout, out, cases=6)
     record = json.loads(out.read_text())
     assert [(r["algo"], r["variant"]) for r in record["summary"]] == [
         ("grpo", ""), ("grpo", "--rpo-unverified-cut-fraction 0.5")]
@@ -77,11 +99,7 @@ def test_bench_signal_grades_every_answer(tmp_path, tiny_model_dir):
 
 
 def test_first_wrong_quarter_places_the_first_departing_line():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        from bench_signal import first_wrong_quarter
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    first_wrong_quarter = bench_module("bench_signal").first_wrong_quarter
     solution = " a\nb\nc\nd\ne\nf\ng\n#### 8"  # 8 lines, two a quarter; line numbers below count from 0
     assert first_wrong_quarter(" a\nX\nc", solution) == "first"  # line 1
     assert first_wrong_quarter(" a\nb\nX", solution) == "second"  # line 2
@@ -105,9 +123,11 @@ def test_bench_cut_regrows_every_wrong_path_by_each_rule(tmp_path, tiny_model_di
 
 def test_bench_paper_shape_runs_the_trainers_update(tmp_path):
     out = tmp_path / "paper_shape.json"
-    run_bench("bench_paper_shape.py", "--cpu", "--prompt-len", 16, "--full-len", 48, "--suffix-len", 8,
-              "--repeats", 1, "--out", out)
+    stdout = run_bench("bench_paper_shape.py", "--cpu", "--prompt-len", 16, "--full-len", 48, "--suffix-len", 8,
+                       "--repeats", 1, "--out", out)
+    assert_saved_as_it_went(stdout, out, cases=2)  # a full-path step, an RPO step
     record = json.loads(out.read_text())
+    assert record["settings"]["optimizer"] == "AdamW"  # the trainer's for fp32 weights (bf16: MasterWeightAdamW)
     full, rpo = record["median"]["full"], record["median"]["rpo"]
     assert full["generated_tokens"] == 8 * 48 and rpo["generated_tokens"] == 8 * 8
     assert 0 < record["reduction"]["generated_tokens"] < 1 and rpo["update_s"] > 0
@@ -156,7 +176,7 @@ def test_bench_rewards_scores_in_workers_as_here(tmp_path):
 
 def test_bench_lora_measures_full_and_adapter_training(tmp_path):
     out = tmp_path / "lora.json"
-    run_bench("bench_lora.py", "--repeats", 1, "--out", out)
+    assert_saved_as_it_went(run_bench("bench_lora.py", "--repeats", 1, "--out", out), out, cases=2)
     full, lora = json.loads(out.read_text())["results"]
     assert full["method"] == "full" and lora["method"].startswith("lora")
     # the same work for both: one draw of the update's group and the decode's prompts
@@ -237,19 +257,36 @@ def test_bench_trl_runs_our_systems_without_trl(tmp_path, tiny_model_dir):
     env = bench_env(PYTHONPATH=f"{fake.parent}{os.pathsep}{BENCHMARKS.parent}")
     assert_one_line_error(run_bench("bench_trl.py", "--systems", "trl", "full", env=env, code=2), "trl", ".[bench]")
     out = tmp_path / "trl.json"
-    run_bench("bench_trl.py", "--model", tiny_model_dir, "--systems", "full", "rpo", "--steps", 2, "--prompts-per-step",
-              2, "--num-generations", 2, "--max-completion-length", 16, "--eval-size", 4, "--passes", 1, "--out", out,
-              env=env)
+    stdout = run_bench("bench_trl.py", "--model", tiny_model_dir, "--systems", "full", "rpo", "--steps", 2,
+                       "--prompts-per-step", 2, "--num-generations", 2, "--max-completion-length", 16, "--eval-size", 4,
+                       "--passes", 1, "--out", out, env=env)
+    assert_saved_as_it_went(stdout, out, cases=2)
     record = json.loads(out.read_text())
     assert [r["system"] for r in record["results"]] == ["full", "rpo"] and record["trl"] is None
 
 
+def test_bench_trl_keeps_our_systems_when_trl_fails(tmp_path, tiny_model_dir):
+    """TRL failing at run time (here: a stand-in whose GRPOConfig raises) is recorded, left out of the later
+    passes, and our system's figures make a complete file."""
+    fake = tmp_path / "broken"
+    broken_trl = ("__version__ = 'broken'\nGRPOTrainer = None\n\n\nclass GRPOConfig:\n"
+                  "    def __init__(self, **kwargs):\n        raise RuntimeError('CUBLAS_STATUS_EXECUTION_FAILED')\n")
+    for package, code in (("trl", broken_trl), ("datasets", "class Dataset:\n    from_list = staticmethod(list)\n")):
+        (fake / package).mkdir(parents=True)
+        (fake / package / "__init__.py").write_text(code)
+    out = tmp_path / "trl.json"
+    stdout = run_bench("bench_trl.py", "--model", tiny_model_dir, "--systems", "trl", "full", "--steps", 2,
+                       "--prompts-per-step", 2, "--num-generations", 2, "--max-completion-length", 16, "--eval-size", 4,
+                       "--passes", 2, "--out", out, env=bench_env(PYTHONPATH=f"{fake}{os.pathsep}{BENCHMARKS.parent}"))
+    assert_saved_as_it_went(stdout, out, cases=2)  # full's two passes; trl ran once
+    record = json.loads(out.read_text())
+    assert record["trl_error"] == "RuntimeError: CUBLAS_STATUS_EXECUTION_FAILED" and record["ratios"] == {}
+    assert [(r["system"], len(r["passes"])) for r in record["results"]] == [("full", 2)]
+
+
 def test_save_json_replaces_a_complete_file_only_with_a_complete_one(tmp_path):
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        from common import partial_path, save_json
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    common = bench_module("common")
+    partial_path, save_json = common.partial_path, common.save_json
     out = tmp_path / "rollout_cpu.json"
     save_json(out, {"rows": [1, 2]})
     save_json(out, {"rows": [1]}, partial=True)  # a later run, stopped after its first case
@@ -257,3 +294,65 @@ def test_save_json_replaces_a_complete_file_only_with_a_complete_one(tmp_path):
     assert json.loads(partial_path(out).read_text()) == {"rows": [1]}
     save_json(out, {"rows": [3, 4]})  # complete: replaces the file, the partial one goes
     assert json.loads(out.read_text()) == {"rows": [3, 4]} and sorted(os.listdir(tmp_path)) == ["rollout_cpu.json"]
+
+
+def test_git_commit_without_git_or_a_checkout(tmp_path, monkeypatch):
+    """The GPU machine's copy may have no .git and no git binary: the commit is $GIT_COMMIT, else "unknown",
+    never an error (a benchmark records it beside its figures, and would lose them)."""
+    common = bench_module("common")
+    assert common.git_head(tmp_path) is None  # not a checkout: git rev-parse fails
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git binary on it
+    monkeypatch.delenv("GIT_COMMIT", raising=False)
+    assert common.git_head(BENCHMARKS) is None and common.git_commit() == "unknown"
+    monkeypatch.setenv("GIT_COMMIT", "0123abc")
+    assert common.git_commit() == "0123abc"
+
+
+def test_an_interrupted_benchmark_leaves_what_it_measured(tmp_path):
+    """A time limit (timeout -s INT) stops a run part-way: the partial file holds the steps measured before."""
+    out = tmp_path / "paper_shape.json"
+    proc = subprocess.Popen([sys.executable, "bench_paper_shape.py", "--cpu", "--prompt-len", "16", "--full-len", "48",
+                             "--suffix-len", "8", "--repeats", "50", "--out", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=BENCHMARKS, env=bench_env(PYTHONUNBUFFERED="1"))
+    try:
+        next((line for line in proc.stdout if line.startswith("wrote ")), None)  # the first step's partial file
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, output[-3000:]
+    partial = bench_module("common").partial_path(out)
+    assert len(json.loads(partial.read_text())["runs"]["full"]) >= 1
+    assert os.listdir(tmp_path) == [partial.name]  # no complete file, no temporary file beside it
+
+
+def test_bench_rollout_keeps_our_figures_when_transformers_fails(tiny_model_dir):
+    from rpo_engine import load_model
+
+    class FailingPeer:  # transformers' generate failing as cuBLAS might on a GPU
+        def generate(self, *args, **kwargs):
+            raise RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED")
+
+    row = bench_module("bench_rollout").run_case("tiny", FailingPeer(), load_model(tiny_model_dir), num_prompts=2, n=2,
+                                                 prompt_len=8, new_tokens=4, repeats=1)
+    assert row["ours_tok_s"] > 0 and row["hf_s"] is None
+    assert row["hf_error"] == "RuntimeError: CUBLAS_STATUS_EXECUTION_FAILED"
+
+
+def test_random_benchmark_models_match_loaded_ones(tmp_path):
+    """A benchmark's bf16 model has RoPE's frequencies in fp32, as load_model gives a checkpoint's."""
+    from rpo_engine import load_model
+    from rpo_engine.model import ModelConfig
+
+    config = ModelConfig.from_hf_dict(dict(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                           rope_theta=1e6, max_position_embeddings=4096))
+    model = bench_module("common").random_model(config, "cpu", torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    loaded = load_model(tmp_path, dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16 and model.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(model.model.rotary_emb.inv_freq, loaded.model.rotary_emb.inv_freq)
+    positions = torch.arange(4096)[None]
+    for ours, theirs in zip(model.model.rotary_emb(positions, torch.bfloat16),
+                            loaded.model.rotary_emb(positions, torch.bfloat16)):
+        assert torch.equal(ours, theirs)
