@@ -120,8 +120,13 @@ def resolve_reward(config: TrainConfig):
 def check_output_dir(output: Path) -> None:
     """Fail before minutes of loading when --output cannot become a directory we write to."""
     existing = output
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    try:
+        while not existing.exists() and existing != existing.parent:
+            if existing.is_symlink():  # mkdir would fail on it after the model loaded
+                raise UserError(f"{existing}: a broken symbolic link (to {os.readlink(existing)}) (--output {output})")
+            existing = existing.parent
+    except OSError as e:  # a name too long, a directory we may not search
+        raise UserError(f"--output {output}: {e.strerror or e}") from None
     if not existing.is_dir():
         raise UserError(f"{existing}: is a file, not a directory (--output {output})")
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -280,6 +285,8 @@ def train(config: TrainConfig, dist: Dist) -> int:
 
     check_divisible(config.prompts_per_step, dist.world_size)
     main_rank = dist.is_main  # rank 0 writes every output; the others compute
+    if not config.output:  # Path("") is the current directory: the run would fill it
+        raise UserError("--output is empty; name the run's directory")
     output = Path(config.output)
     check_output_dir(output)
     metrics_path = output / "metrics.jsonl"
@@ -436,7 +443,8 @@ def _flat(options: dict) -> dict:
 def truncate_log(path: Path, step: int, keep: bool = False) -> list[dict]:
     """Drop the records of a JSONL log past `step`, line by line into a temporary file renamed over it (a
     crash here loses nothing); -> the kept records if `keep`. A last line cut short (the run was killed
-    while writing it) is dropped; any other line that does not parse is a UserError."""
+    while writing it) is dropped; any other line that does not parse is a UserError, as is a log that cannot
+    be read."""
     kept = []
     if not path.exists():
         return kept
@@ -458,6 +466,11 @@ def truncate_log(path: Path, step: int, keep: bool = False) -> list[dict]:
                     if keep:
                         kept.append(record)
         os.replace(tmp, path)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (a line holds the byte 0x{e.object[e.start]:02x}); fix or remove "
+                        f"that line") from None
+    except OSError as e:  # a directory in its place, no permission, a full disk
+        raise UserError(f"{e.filename or path}: {e.strerror or e}") from None
     finally:
         tmp.unlink(missing_ok=True)
     return kept

@@ -117,6 +117,14 @@ def test_truncate_log(tmp_path):
         truncate_log(log, 5)
     assert log.read_text() == '{"step": 1}\n{"step": 2, "a"\n{"step": 3}\n'  # untouched
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # no temporary file left
+    # a log we cannot read is a one-line error too, not a traceback
+    log.write_bytes(b'{"step": 1}\n{"step": 2, "note": "\xff"}\n')
+    with pytest.raises(UserError, match=r"metrics\.jsonl: not UTF-8 text \(a line holds the byte 0xff\)"):
+        truncate_log(log, 1)
+    log.unlink()
+    log.mkdir()
+    with pytest.raises(UserError, match=r"metrics\.jsonl: Is a directory"):
+        truncate_log(log, 1)
 
 
 def test_log_completions(tmp_path, tiny_model_dir):
@@ -1398,12 +1406,28 @@ def test_broken_config_file(tmp_path):
     assert_user_error(run_train("--config", cfg, check=False), "c.yaml", "steps must be an integer, got 'ten'")
 
 
-def test_output_that_is_a_file(tmp_path):
+def test_output_that_is_a_file(tmp_path, monkeypatch):
     taken = tmp_path / "taken"
     taken.write_text("keep me")
     for output in (taken, taken / "run"):
         assert_user_error(run_train("--output", output, check=False), "taken: is a file, not a directory")
     assert taken.read_text() == "keep me"
+    # what mkdir would trip on after the model loaded: a link to nowhere, a name too long; and no --output at all
+    from rpo_engine import train
+    from rpo_engine.config import parse_args
+    from rpo_engine.distributed import Dist
+    from rpo_engine.errors import UserError
+
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    for output in (tmp_path / "link", tmp_path / "link" / "run"):
+        with pytest.raises(UserError, match=re.escape(f"{tmp_path / 'link'}: a broken symbolic link (to {tmp_path}/nowhere)")):
+            train.check_output_dir(output)
+    with pytest.raises(UserError, match="File name too long"):
+        train.check_output_dir(tmp_path / ("x" * 300) / "run")
+    monkeypatch.chdir(tmp_path)  # where "" would train, were it let through
+    monkeypatch.setattr(train, "build_trainer", lambda *args, **kwargs: pytest.fail("--output '' was taken"))
+    with pytest.raises(UserError, match="--output is empty"):
+        train.train(parse_args(["--output", ""]), Dist())
 
 
 def test_help_lists_options():
