@@ -178,6 +178,47 @@ def latest_checkpoint(output: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[1])
+
+
+_NO_RECORD = object()
+
+
+def started_model(output: Path, checkpoint: Path):
+    """The --model the run in `output` started from (None: the starter model), as its config.json records
+    it, else the checkpoint's; _NO_RECORD when neither is readable."""
+    for saved in (output / "config.json", checkpoint / "config.json"):
+        try:
+            model = json.loads(saved.read_text())["model"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if model is None or isinstance(model, str):
+            return model
+    return _NO_RECORD
+
+
+def check_resume(output: Path, checkpoint: Path, config: TrainConfig) -> None:
+    """What resuming from `checkpoint` cannot do, said before minutes of loading and before anything is written."""
+    from rpo_engine.data.starter import starter_model_dir
+
+    started = started_model(output, checkpoint)
+    if started is not _NO_RECORD and started != config.model:
+        # the checkpoint holds the policy (under LoRA its adapter), --model the KL reference (under LoRA the base):
+        # another model than the run's own would pair the policy with an unrelated one
+        given, recorded = (Path(m).resolve() if m is not None else starter_model_dir() for m in (config.model, started))
+        if given != recorded:
+            raise UserError(f"{f'--model {config.model}' if config.model else 'no --model (the starter model)'}: the run "
+                            f"in {output} started from {started or 'the starter model'}, and a resumed run keeps its "
+                            f"model; resume with {f'--model {started}' if started else 'no --model'}")
+    at = checkpoint_step(checkpoint)
+    if config.steps < at:
+        raise UserError(f"--steps {config.steps} is below step {at}, where the run in {output} was checkpointed; a "
+                        f"resumed run cannot go back: pass --steps {at} or more")
+    for log in ("metrics.jsonl", "completions.jsonl")[:2 if config.log_completions else 1]:  # cut back to `at` later
+        truncate_log(output / log, at, check_only=True)
+
+
 def prune_checkpoints(output: Path, keep: int) -> None:
     """Delete all but the newest `keep` complete checkpoints (HF Trainer's save_total_limit): a 7B run's
     checkpoint holds weights and AdamW state, ~12 bytes per parameter."""
@@ -304,6 +345,10 @@ def train(config: TrainConfig, dist: Dist) -> int:
         if config.resume and dist.is_main:  # resume-or-start, as a preempted job's command reruns as it is
             print(f"--resume: {output} holds no run yet; starting a new one")
     checkpoint = found if config.resume else None
+    if checkpoint is not None:
+        check_resume(output, checkpoint, config)
+        if config.steps == checkpoint_step(checkpoint) and main_rank:
+            print(f"--resume: {checkpoint} is at --steps {config.steps}: nothing left to train; writing final/ from it")
     if len(set(dist.gather(str(checkpoint)))) > 1:  # also: every rank has looked before rank 0 writes
         raise UserError(f"{output}: the ranks see different checkpoints; --output must be on a filesystem every node shares")
 
@@ -440,15 +485,15 @@ def _flat(options: dict) -> dict:
     return {k2: v2 for k, v in options.items() for k2, v2 in (v.items() if isinstance(v, dict) else [(k, v)])}
 
 
-def truncate_log(path: Path, step: int, keep: bool = False) -> list[dict]:
+def truncate_log(path: Path, step: int, keep: bool = False, check_only: bool = False) -> list[dict]:
     """Drop the records of a JSONL log past `step`, line by line into a temporary file renamed over it (a
     crash here loses nothing); -> the kept records if `keep`. A last line cut short (the run was killed
     while writing it) is dropped; any other line that does not parse is a UserError, as is a log that cannot
-    be read."""
+    be read. `check_only`: read it for those errors, write nothing."""
     kept = []
     if not path.exists():
         return kept
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = Path(os.devnull) if check_only else path.with_name(f".{path.name}.tmp")
     try:
         with open(path) as src, open(tmp, "w") as dst:
             broken = None
@@ -465,14 +510,16 @@ def truncate_log(path: Path, step: int, keep: bool = False) -> list[dict]:
                     dst.write(line if line.endswith("\n") else line + "\n")
                     if keep:
                         kept.append(record)
-        os.replace(tmp, path)
+        if not check_only:
+            os.replace(tmp, path)
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text (a line holds the byte 0x{e.object[e.start]:02x}); fix or remove "
                         f"that line") from None
     except OSError as e:  # a directory in its place, no permission, a full disk
         raise UserError(f"{e.filename or path}: {e.strerror or e}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if not check_only:
+            tmp.unlink(missing_ok=True)
     return kept
 
 

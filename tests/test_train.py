@@ -117,6 +117,9 @@ def test_truncate_log(tmp_path):
         truncate_log(log, 5)
     assert log.read_text() == '{"step": 1}\n{"step": 2, "a"\n{"step": 3}\n'  # untouched
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # no temporary file left
+    log.write_text('{"step": 1}\n{"step": 2}\n')
+    assert truncate_log(log, 1, keep=True, check_only=True) == [{"step": 1}]
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n'  # only read
     # a log we cannot read is a one-line error too, not a traceback
     log.write_bytes(b'{"step": 1}\n{"step": 2, "note": "\xff"}\n')
     with pytest.raises(UserError, match=r"metrics\.jsonl: not UTF-8 text \(a line holds the byte 0xff\)"):
@@ -1349,6 +1352,62 @@ def test_existing_run_is_not_overwritten(tmp_path, tiny_model_dir):
     proc = run_train("--model", tiny_model_dir, "--output", out, "--resume", check=False)
     assert_user_error(proc, "--resume found no complete checkpoint", "remove the directory to start again")
     assert (out / "metrics.jsonl").read_text() == '{"step": 1}\n'
+
+
+def test_what_a_resume_cannot_do_is_refused_before_loading(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """Another --model (the policy would come from the checkpoint, the KL reference or LoRA base from it), fewer
+    --steps than the checkpoint's, an unreadable log: one line each, before the model loads (build_trainer) and
+    before anything is written."""
+    from rpo_engine import train
+    from rpo_engine.config import parse_args
+    from rpo_engine.distributed import Dist
+    from rpo_engine.errors import UserError
+
+    class Built(Exception):
+        pass
+
+    def built(*args, **kwargs):
+        raise Built
+
+    monkeypatch.setattr(train, "build_trainer", built)
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step-2" / "model").mkdir(parents=True)
+    (out / "checkpoints" / "step-2" / "trainer_state.pt").touch()
+    (out / "config.json").write_text(json.dumps({"model": str(tiny_model_dir)}))
+    (out / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def resume(*flags):
+        return train.train(parse_args(["--output", str(out), "--resume", *map(str, flags)]), Dist())
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    with pytest.raises(UserError, match=re.escape(f"--model {other}: the run in {out} started from {tiny_model_dir}, "
+                                                  f"and a resumed run keeps its model; resume with --model {tiny_model_dir}")):
+        resume("--model", other)
+    with pytest.raises(UserError, match=re.escape("no --model (the starter model): the run")):  # nothing built
+        resume()
+    with pytest.raises(UserError, match=re.escape(f"--steps 1 is below step 2, where the run in {out} was checkpointed")):
+        resume("--model", tiny_model_dir, "--steps", 1)
+    for broken in (b'{"step": 1}\n\xff\n', None):
+        if broken is None:
+            (out / "metrics.jsonl").unlink()
+            (out / "metrics.jsonl").mkdir()
+        else:
+            (out / "metrics.jsonl").write_bytes(broken)
+        with pytest.raises(UserError, match="metrics.jsonl: (not UTF-8 text|Is a directory)"):
+            resume("--model", tiny_model_dir)
+    (out / "metrics.jsonl").rmdir()
+    (out / "metrics.jsonl").write_bytes(before[out / "metrics.jsonl"])
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    # the same model by another path; as many --steps as done: said, and final/ is written from the checkpoint
+    with pytest.raises(Built):
+        resume("--model", tiny_model_dir / ".." / tiny_model_dir.name, "--steps", 2)
+    assert "is at --steps 2: nothing left to train" in capsys.readouterr().out
+    (out / "config.json").write_text(json.dumps({"model": None}))  # started from the starter model
+    with pytest.raises(UserError, match=re.escape(f"started from the starter model, and a resumed run keeps its "
+                                                  f"model; resume with no --model")):
+        resume("--model", tiny_model_dir)
 
 
 def test_output_holding_a_model_is_refused(tmp_path, tiny_model_dir):
