@@ -167,6 +167,9 @@ def complete_checkpoints(output: Path) -> list[Path]:
 
 def check_checkpoint_kind(checkpoint: Path, config: TrainConfig) -> None:
     """A LoRA run resumes from an adapter, a full fine-tuning run from a model: the other is a user error."""
+    if not (checkpoint / "adapter").is_dir() and not (checkpoint / "model").is_dir():
+        raise UserError(f"{checkpoint}: has lost its weights (no model/ directory, nor a LoRA run's adapter/); "
+                        f"remove it to resume from an earlier checkpoint")
     if config.use_peft and not (checkpoint / "adapter").is_dir():
         raise UserError(f"{checkpoint}: holds full weights, not a LoRA adapter; resume without --use-peft")
     if not config.use_peft and not (checkpoint / "model").is_dir():

@@ -1356,8 +1356,8 @@ def test_existing_run_is_not_overwritten(tmp_path, tiny_model_dir):
 
 def test_what_a_resume_cannot_do_is_refused_before_loading(tmp_path, tiny_model_dir, monkeypatch, capsys):
     """Another --model (the policy would come from the checkpoint, the KL reference or LoRA base from it), fewer
-    --steps than the checkpoint's, an unreadable log: one line each, before the model loads (build_trainer) and
-    before anything is written."""
+    --steps than the checkpoint's, an unreadable log, a checkpoint without weights: one line each, before the
+    model loads (build_trainer) and before anything is written."""
     from rpo_engine import train
     from rpo_engine.config import parse_args
     from rpo_engine.distributed import Dist
@@ -1408,6 +1408,11 @@ def test_what_a_resume_cannot_do_is_refused_before_loading(tmp_path, tiny_model_
     with pytest.raises(UserError, match=re.escape(f"started from the starter model, and a resumed run keeps its "
                                                   f"model; resume with no --model")):
         resume("--model", tiny_model_dir)
+    # a checkpoint that lost its weights says so, not that it holds the other kind
+    shutil.rmtree(out / "checkpoints" / "step-2" / "model")
+    for peft in (False, True):
+        with pytest.raises(UserError, match=r"step-2: has lost its weights \(no model/ directory, nor a LoRA run's"):
+            train.check_checkpoint_kind(out / "checkpoints" / "step-2", parse_args(["--use-peft"] if peft else []))
 
 
 def test_output_holding_a_model_is_refused(tmp_path, tiny_model_dir):
