@@ -185,6 +185,19 @@ def checkpoint_step(checkpoint: Path) -> int:
     return int(checkpoint.name.split("-")[1])
 
 
+def nothing_to_keep(output: Path) -> bool:
+    """A run's directory whose run stopped before its first step ended (interrupted, or a user error in the
+    step-0 eval or step 1): no checkpoint, no final/, and in metrics.jsonl at most the step-0 eval of the
+    starting model, which a new run redoes. Starting again there loses nothing."""
+    if latest_checkpoint(output) or (output / "final").exists():
+        return False
+    try:
+        records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):  # unreadable: not ours to overwrite
+        return False
+    return all(isinstance(r, dict) and r.get("step") == 0 for r in records)
+
+
 _NO_RECORD = object()
 
 
@@ -335,7 +348,11 @@ def train(config: TrainConfig, dist: Dist) -> int:
     check_output_dir(output)
     metrics_path = output / "metrics.jsonl"
     found = latest_checkpoint(output)
-    if metrics_path.exists() or found:  # a run's directory
+    if metrics_path.exists() and nothing_to_keep(output):  # resume-or-start, and a plain rerun likewise
+        if main_rank:
+            print(f"{output}: its run stopped before its first step ended (no checkpoint, no step in metrics.jsonl); "
+                  f"starting it again")
+    elif metrics_path.exists() or found:  # a run's directory
         if not config.resume:
             raise UserError(f"{output}: already holds a run; pass --resume or another --output" if found
                             else f"{output}: holds a run that stopped before its first checkpoint (metrics.jsonl, no "
@@ -383,7 +400,7 @@ def train(config: TrainConfig, dist: Dist) -> int:
             warn_changed_options(output / "config.json", config)
         (output / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
         writer = _tensorboard(output)
-        log = open(metrics_path, "a")
+        log = open(metrics_path, "a" if checkpoint is not None else "w")  # "w": a run started again
         if config.log_completions:
             truncate_log(output / "completions.jsonl", trainer.step_num)
             completions_log = open(output / "completions.jsonl", "a")

@@ -1317,12 +1317,23 @@ def test_unknown_algo_and_option(tmp_path):
 
 
 def test_user_reward_mistakes(tmp_path, tiny_model_dir):
-    for fn, why in (("text_reward", "returned 'wrong' (str), expected a finite number"),
-                    ("failing_reward", "raised IndexError: list index out of range (")):
-        out = tmp_path / fn
+    """A run stopped by a reward mistake in its first step leaves nothing worth keeping: running it again, with
+    or without --resume, starts over (keeping files not the run's)."""
+    out = tmp_path / "run"
+    for i, (fn, why) in enumerate((("text_reward", "returned 'wrong' (str), expected a finite number"),
+                                   ("failing_reward", "raised IndexError: list index out of range ("))):
         proc = run_train("--model", tiny_model_dir, "--steps", 1, "--output", out, "--reward", f"tests.reward_fns:{fn}",
                          *SMALL, check=False)
         assert_user_error(proc, f"reward function 'tests.reward_fns:{fn}'", why)
+        assert ("stopped before its first step ended" in proc.stdout) == (i == 1)  # the first run's directory
+    (out / "notes.txt").write_text("mine")
+    with open(out / "metrics.jsonl", "a") as f:  # as if stopped after the starting model's eval
+        f.write('{"step": 0, "eval_accuracy": 0.5}\n')
+    proc = run_train("--model", tiny_model_dir, "--steps", 1, "--output", out, "--resume", "--reward",
+                     "tests.reward_fns:hash_reward", *SMALL)
+    assert f"{out}: its run stopped before its first step ended" in proc.stdout
+    assert [m["step"] for m in read_metrics(out)] == [0, 1] and read_metrics(out)[0]["eval_accuracy"] != 0.5
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_prompt_too_long(tmp_path, tiny_model_dir):
