@@ -28,7 +28,8 @@ def main(argv=None) -> int:
     parser = OneLineParser(prog="python -m rpo_engine.eval", description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="Hugging Face model directory (default: the built-in starter model)")
     parser.add_argument("--adapter", help="a LoRA adapter directory (PEFT's layout, e.g. a run's final-adapter/) applied to "
-                                           "--model (default: none)")
+                                           "--model, the base it was trained on; a run's final/ has its adapter merged "
+                                           "in already (default: none)")
     parser.add_argument("--dataset", help="JSONL/Parquet rows with prompt and answer, or a `datasets` save_to_disk directory (default: the built-in task's eval split of seed 0, the default training run's)")
     parser.add_argument("--eval-size", type=int, default=512, help="most rows to evaluate (default: 512)")
     parser.add_argument("--max-prompt-length", type=int, default=512,
@@ -59,6 +60,13 @@ def main(argv=None) -> int:
                        min_p=args.min_p, seed=args.seed)
     except ValueError as e:  # its message names the field: say the option
         raise UserError(re.sub(r"SamplingParams\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(e))) from None
+    if args.adapter is not None and args.model is not None:
+        # a LoRA run saves DIR (the merged model) beside DIR-adapter: applying the one to the other adds it twice
+        model_dir = Path(args.model).resolve()
+        adapter = Path(args.adapter)
+        if adapter.is_dir() and adapter.resolve() == model_dir.with_name(f"{model_dir.name}-adapter"):
+            raise UserError(f"--adapter {args.adapter}: already merged into --model {args.model} (the same run's); pass "
+                            f"that --model alone, or the base model the run trained with --adapter")
     output = Path(args.output) if args.output else None
     if output is not None and output.exists():
         raise UserError(f"{output}: already exists; pass another --output")

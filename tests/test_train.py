@@ -675,6 +675,11 @@ def test_lora_run_resumes_exactly_and_saves_merged_and_peft(tmp_path, tiny_model
         assert proc.returncode == 0, proc.stderr[-2000:]
         evals.append([json.loads(line)["completion"] for line in out.read_text().splitlines()])
     assert evals[0] == evals[1] and len(evals[0]) == 4
+    from rpo_engine.errors import UserError
+    from rpo_engine.eval import main as eval_main
+
+    with pytest.raises(UserError, match=re.escape(f"--adapter {full / 'final-adapter'}: already merged into --model")):
+        eval_main(["--model", str(full / "final"), "--adapter", str(full / "final-adapter")])  # not applied twice
     proc = subprocess.run([sys.executable, "-m", "rpo_engine.eval", "--model", str(tiny_model_dir), "--adapter",
                            str(tmp_path)], capture_output=True, text=True, cwd=REPO)
     assert_user_error(proc, "not a LoRA adapter directory")
