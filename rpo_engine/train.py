@@ -405,6 +405,8 @@ def train(config: TrainConfig, dist: Dist) -> int:
             truncate_log(output / "completions.jsonl", trainer.step_num)
             completions_log = open(output / "completions.jsonl", "a")
     if trainer.step_num == 0 and config.eval_steps and trainer.eval_rows:
+        if main_rank:  # before the training bar: what the wait is for
+            print(f"step 0: evaluating the starting model on {len(trainer.eval_rows)} prompts", flush=True)
         first_eval = {"step": 0, "eval_accuracy": trainer.evaluate()}
         records.append(first_eval)
         if main_rank:
@@ -423,6 +425,7 @@ def train(config: TrainConfig, dist: Dist) -> int:
         m = step_or_explain(trainer, config)
         step = m["step"]
         if config.eval_steps and trainer.eval_rows and (step % config.eval_steps == 0 or step == config.steps):
+            bar.set_postfix_str(f"step {step}: eval on {len(trainer.eval_rows)} prompts")  # its bar shows below
             m["eval_accuracy"] = trainer.evaluate()
         if main_rank:
             records.append(m)

@@ -843,12 +843,13 @@ class Trainer:
     # ---- eval --------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Greedy accuracy on the eval rows; each rank evaluates its share."""
+        """Greedy accuracy on the eval rows; each rank evaluates its share (rank 0's with a progress bar: a large
+        eval set takes minutes)."""
         self.sync_rollout_weights()
         rows = [self.eval_rows[i] for i in self.dist.share(len(self.eval_rows))]
         correct = greedy_correct(self.engine, self.tokenizer, rows, self.reward_fn,
                                  [self.prompt_ids[r["id"]] for r in rows], self.config.max_completion_length,
-                                 self.eos_ids)
+                                 self.eos_ids, progress=self.config.progress and self.dist.is_main)
         correct, total = self.dist.sum([correct, len(rows)])
         return correct / total if total else float("nan")
 
@@ -1023,9 +1024,9 @@ def sampled_graded(engine, tokenizer, rows, reward_fn, prompt_ids, params,
             for row_texts, row_rewards in zip(texts, rewards)]
 
 
-def greedy_correct(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens, eos_ids) -> int:
+def greedy_correct(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens, eos_ids, progress=False) -> int:
     """How many rows' greedy completions earn the full reward."""
-    graded = greedy_graded(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens, eos_ids)
+    graded = greedy_graded(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens, eos_ids, progress)
     return sum(right for _, _, right in graded)
 
 

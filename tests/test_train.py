@@ -16,9 +16,9 @@ from tests.helpers import DEVICE, ON_CUDA
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_train(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "rpo_engine.train", "--no-progress", *map(str, args)],
-                          capture_output=True, text=True, timeout=600, cwd=REPO)
+def run_train(*args, check=True, progress=False):
+    proc = subprocess.run([sys.executable, "-m", "rpo_engine.train", *([] if progress else ["--no-progress"]),
+                           *map(str, args)], capture_output=True, text=True, timeout=600, cwd=REPO)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -1444,11 +1444,18 @@ def test_output_holding_a_model_is_refused(tmp_path, tiny_model_dir):
 
 
 def test_resume_without_a_run_starts_one(tmp_path, tiny_model_dir):
-    """--resume where no run is yet starts one (a preempted job's command reruns as it is), and says so."""
+    """--resume where no run is yet starts one (a preempted job's command reruns as it is), and says so; its
+    evals show progress."""
     out = tmp_path / "new"
-    proc = run_train("--model", tiny_model_dir, "--steps", 1, "--eval-steps", 0, "--output", out, "--resume", *SMALL)
+    proc = run_train("--model", tiny_model_dir, "--steps", 1, "--eval-steps", 1, "--output", out, "--resume", *SMALL,
+                     progress=True)
     assert f"--resume: {out} holds no run yet; starting a new one" in proc.stdout
-    assert [m["step"] for m in read_metrics(out)] == [1]
+    assert [m["step"] for m in read_metrics(out)] == [0, 1]
+    # the evals show progress: the step-0 one before the training bar, the later ones beside it
+    assert "step 0: evaluating the starting model on 4 prompts" in proc.stdout
+    bars = proc.stderr  # the eval's bars are the engine's "generate" (the rollout's shows none)
+    assert "generate:" in bars[:bars.index("RPO-GRPO:")], bars
+    assert "generate:" in bars[bars.index("RPO-GRPO:"):].split("step 1: eval on 4 prompts", 1)[1], bars
 
 
 @pytest.mark.parametrize("flag, value, message", [
