@@ -115,7 +115,7 @@ class AlgoConfig:
     """GRPO or DAPO. `algo` picks the defaults of the fields left as None."""
     algo: str = field(default="grpo", metadata={"help": "grpo or dapo"})
     epsilon: float = field(default=0.2, metadata={"help": "lower clip range of the ratio (eps_low)"})
-    epsilon_high: float | None = field(default=None, metadata={"help": "upper clip range (default: grpo 0.2, dapo 0.28)"})
+    epsilon_high: float | None = field(default=None, metadata={"help": "upper clip range (default: grpo the same as --epsilon, dapo 0.28)"})
     beta: float | None = field(default=None, metadata={"help": "KL coefficient to the frozen reference (default 0: no reference model)"})
     loss_agg: str | None = field(default=None, metadata={"help": f"{LOSS_AGGREGATIONS} (default: grpo seq-mean-token-mean, dapo token-mean)"})
     loss_type: str | None = field(default=None, metadata={"help": "TRL's name for the aggregation, instead of --loss-agg: grpo (seq-mean-token-mean), bnpo or dapo (token-mean), dr_grpo (seq-mean-token-sum-norm, over --max-completion-length); or cispo (MiniMax-M1: token-mean, each token's log-prob weighted by its ratio capped at --epsilon-high, which is then the cap itself, as in TRL, and must be given: TRL recommends 5.0, ScaleRL's eps_max) or sapo (seq-mean-token-mean, a sigmoid gate of the ratio in place of the clip, --sapo-temperature-pos/-neg) or luspo (seq-mean-token-sum: GSPO with each sequence's loss scaled by its length, meant with --importance-sampling-level sequence) or vespo (token-mean, each token's log-prob weighted by a gamma function of its sequence's importance ratio, --vespo-k-pos/--vespo-lambda-pos/--vespo-k-neg/--vespo-lambda-neg, in place of the clip) (default: none)"})
