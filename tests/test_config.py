@@ -1,9 +1,73 @@
 """Options and config files: a mistake in them is a one-line UserError naming the file or option."""
+import os
+import signal
+import threading
+import time
+
 import pytest
 
 from rpo_engine.config import build_parser
+from tests.reward_fns import hash_reward
 
 
 def test_help_says_grpo_epsilon_high_follows_epsilon():
     text = " ".join(build_parser().format_help().split())  # argparse wraps the help text
     assert "--epsilon-high EPSILON_HIGH upper clip range (default: grpo the same as --epsilon, dapo 0.28)" in text
+
+
+def _ignores_sigint(pid: int) -> bool:
+    status = open(f"/proc/{pid}/status").read()
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), 16)
+    return bool(mask & (1 << (signal.SIGINT - 1)))
+
+
+def _exits(pid: int, timeout: float) -> bool:
+    """Whether process `pid` ends within `timeout` s (by /proc: the pool's own thread reaps its workers, so
+    Process.is_alive here would race it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_reward_workers_leave_ctrl_c_to_the_trainer(capfd):
+    """A terminal's Ctrl-C reaches every process of the group: the workers ignore it (the trainer's process
+    stops the pool) instead of each printing its own KeyboardInterrupt traceback and dying."""
+    from rpo_engine.rewards.pool import RewardPool
+
+    with RewardPool({0: "tests.reward_fns:hash_reward"}, workers=2) as pool:
+        assert pool.score(0, ["a", "b"], ["1", "1"]) == [hash_reward("a", "1"), hash_reward("b", "1")]
+        processes = list(pool.executor._processes.values())
+        deadline = time.monotonic() + 30
+        while not all(_ignores_sigint(p.pid) for p in processes) and time.monotonic() < deadline:
+            time.sleep(0.1)  # a worker still starting up
+        for process in processes:
+            os.kill(process.pid, signal.SIGINT)
+        time.sleep(0.5)
+        assert all(p.is_alive() for p in processes)
+        assert pool.score(0, ["c"], ["1"]) == [hash_reward("c", "1")]
+    assert "KeyboardInterrupt" not in capfd.readouterr().err
+
+
+def test_ctrl_c_while_scoring_stops_the_reward_workers_at_once():
+    """The workers ignore Ctrl-C, so an interrupt of the trainer's process in the middle of a scoring call
+    stops them there, instead of leaving them to work through every queued chunk (10 s here)."""
+    from rpo_engine.rewards.pool import RewardPool
+
+    pool = RewardPool({0: "tests.reward_fns:slow_reward"}, workers=2)
+    try:
+        assert pool.score(0, ["x"], ["1"]) == [0.0]  # a worker is up
+        processes = list(pool.executor._processes.values())
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+        start = time.perf_counter()
+        with pytest.raises(KeyboardInterrupt):
+            pool.score(0, ["x"] * 40, ["1"] * 40)
+        assert time.perf_counter() - start < 5
+        assert all(_exits(p.pid, 5) for p in processes)
+    finally:
+        pool.close(wait=False)
