@@ -409,16 +409,68 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_yaml(path: str) -> dict:
+class _DuplicateKey(Exception):
+    def __init__(self, key, line: int):
+        super().__init__(key, line)
+        self.key, self.line = key, line
+
+
+def _unique_key_loader():
+    """PyYAML's SafeLoader, but a key repeated in one mapping is an error (SafeLoader keeps the last value
+    without a word, so `steps: 1` then `steps: 2` trained 2 steps)."""
     import yaml
 
-    p = Path(path)
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    repeated = key in seen
+                except TypeError:  # an unhashable key: SafeLoader's own error follows
+                    continue
+                if repeated:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
+def _read_yaml(p: Path):
+    import yaml
+
+    if p.is_dir():
+        raise UserError(f"{p}: is a directory, not a config file")
     if not p.is_file():
         raise UserError(f"{p}: config file not found")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        raw = p.read_bytes()
+    except OSError as e:
+        raise UserError(f"{p}: cannot read the config file ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise UserError(f"{p}:{line}: not valid UTF-8 (a config file is UTF-8 YAML)") from None
+    try:
+        return yaml.load(text, Loader=_unique_key_loader())
+    except _DuplicateKey as e:
+        raise UserError(f"{p}:{e.line}: key {_yaml_key(e.key)} given twice (give each option once)") from None
     except yaml.YAMLError as e:
         raise UserError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
+def _yaml_key(key) -> str:
+    """A YAML key as YAML writes it: null, true, 1, 'steps'."""
+    return repr(key) if isinstance(key, str) else json.dumps(key, default=str)
+
+
+def _load_yaml(path: str) -> dict:
+    p = Path(path)
+    data = _read_yaml(p) or {}
     if not isinstance(data, dict):
         raise UserError(f"{p}: expected a mapping of option: value")
     flat = {}

@@ -6,8 +6,20 @@ import time
 
 import pytest
 
-from rpo_engine.config import build_parser
+from rpo_engine.config import build_parser, parse_args
+from rpo_engine.errors import UserError
 from tests.reward_fns import hash_reward
+
+
+def _config_error(tmp_path, text: str | bytes) -> str:
+    """The one-line error of `--config` with a file holding `text`."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(UserError) as e:
+        parse_args(["--config", str(cfg)])
+    message = str(e.value)
+    assert "\n" not in message and str(cfg) in message, message
+    return message
 
 
 def test_help_says_grpo_epsilon_high_follows_epsilon():
@@ -71,3 +83,26 @@ def test_ctrl_c_while_scoring_stops_the_reward_workers_at_once():
         assert all(_exits(p.pid, 5) for p in processes)
     finally:
         pool.close(wait=False)
+
+
+def test_config_file_that_is_not_utf8_or_not_a_file(tmp_path):
+    message = _config_error(tmp_path, b"steps: 1\nseed: \xff\xfe\n")
+    assert message.endswith("c.yaml:2: not valid UTF-8 (a config file is UTF-8 YAML)")
+    (tmp_path / "d.yaml").mkdir()
+    with pytest.raises(UserError, match="d.yaml: is a directory, not a config file"):
+        parse_args(["--config", str(tmp_path / "d.yaml")])
+    cfg = tmp_path / "bom.yaml"
+    cfg.write_bytes("\ufeffsteps: 3\n".encode())  # a byte-order mark is still UTF-8
+    assert parse_args(["--config", str(cfg)]).steps == 3
+
+
+def test_config_key_given_twice(tmp_path):
+    message = _config_error(tmp_path, "steps: 1\nseed: 2\nsteps: 2\n")
+    assert message.endswith("c.yaml:3: key 'steps' given twice (give each option once)")
+    nested = _config_error(tmp_path, "rpo:\n  rpo_max_cut: 5\n  rpo_max_cut: 6\n")
+    assert "c.yaml:3: key 'rpo_max_cut' given twice" in nested
+    # YAML's merge key sets defaults that a mapping's own keys override: not a repetition
+    cfg = tmp_path / "merge.yaml"
+    cfg.write_text("algo:\n  <<: {beta: 0.1, epsilon: 0.3}\n  epsilon: 0.25\n")
+    config = parse_args(["--config", str(cfg)])
+    assert (config.algo.beta, config.algo.epsilon) == (0.1, 0.25)
