@@ -88,10 +88,13 @@ class RewardPool:
     def close(self, wait: bool = True) -> None:
         """Shut the workers down once their calls in flight are done, or (`wait=False`: an error or an
         interrupt is on its way) at once."""
-        if not wait:  # before Python 3.14 no public call stops a worker in the middle of its chunk
-            for process in list((getattr(self.executor, "_processes", None) or {}).values()):
-                process.terminate()
+        processes = list((getattr(self.executor, "_processes", None) or {}).values())  # shutdown forgets them
+        # shut down first: the pool's thread then drops the cancelled calls before it finds the workers gone
+        # (Python 3.11's fails on a cancelled call with an InvalidStateError traceback)
         self.executor.shutdown(wait=wait, cancel_futures=True)
+        if not wait:  # before Python 3.14 no public call stops a worker in the middle of its chunk
+            for process in processes:
+                process.terminate()
 
     def functions(self, functions: list) -> list:
         """`functions` (resolved from --reward, in order) with each one this pool serves made a PooledReward."""
