@@ -470,20 +470,32 @@ def _yaml_key(key) -> str:
 
 def _load_yaml(path: str) -> dict:
     p = Path(path)
-    data = _read_yaml(p) or {}
+    data = _read_yaml(p)
+    data = {} if data is None else data  # an empty file
     if not isinstance(data, dict):
         raise UserError(f"{p}: expected a mapping of option: value")
-    flat = {}
+    entries = []
     for key, value in data.items():
+        if isinstance(key, str) and key.replace("-", "_") in SECTIONS and isinstance(value, dict):
+            entries += [(f"{key}: ", k, v) for k, v in value.items()]
+        else:
+            entries.append(("", key, value))
+    flat = {}
+    for section, key, value in entries:
+        if not isinstance(key, str):
+            raise UserError(f"{p}: {section}key {_yaml_key(key)} is not an option name (option names are strings)")
         key = key.replace("-", "_")
+        if key == "config":  # one file holds the options; --config is read once, before the flags
+            raise UserError(f"{p}: {section}config: nested config files are not supported (give one --config)")
+        if key in flat:  # `rpo_max_cut` and `rpo: {rpo_max_cut}`, or rpo-max-cut and rpo_max_cut
+            raise UserError(f"{p}: option {key} given twice")
         if key in ("reward", "reward_weights", "lora_target_modules") and isinstance(value, list):  # YAML lists
             value = ",".join(map(str, value))
+        if key == "reward_weights" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)  # one function's weight, as --reward-weights 2 and [2] take it
         if key == "chat_template_kwargs" and isinstance(value, dict):  # a YAML mapping: the flag's JSON
             value = json.dumps(value)
-        if key in SECTIONS and isinstance(value, dict):
-            flat.update({k.replace("-", "_"): v for k, v in value.items()})
-        else:
-            flat[key] = value
+        flat[key] = value
     return flat
 
 

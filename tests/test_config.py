@@ -1,14 +1,19 @@
 """Options and config files: a mistake in them is a one-line UserError naming the file or option."""
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from rpo_engine.config import build_parser, parse_args
+from rpo_engine.config import build_parser, parse_args, reward_weights
 from rpo_engine.errors import UserError
 from tests.reward_fns import hash_reward
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _config_error(tmp_path, text: str | bytes) -> str:
@@ -110,8 +115,45 @@ def test_config_key_given_twice(tmp_path):
     assert message.endswith("c.yaml:3: key 'steps' given twice (give each option once)")
     nested = _config_error(tmp_path, "rpo:\n  rpo_max_cut: 5\n  rpo_max_cut: 6\n")
     assert "c.yaml:3: key 'rpo_max_cut' given twice" in nested
+    # the same option by another spelling or at another level
+    assert "option rpo_max_cut given twice" in _config_error(tmp_path, "rpo_max_cut: 5\nrpo:\n  rpo_max_cut: 6\n")
+    assert "option rpo_max_cut given twice" in _config_error(tmp_path, "rpo-max-cut: 5\nrpo_max_cut: 6\n")
     # YAML's merge key sets defaults that a mapping's own keys override: not a repetition
     cfg = tmp_path / "merge.yaml"
     cfg.write_text("algo:\n  <<: {beta: 0.1, epsilon: 0.3}\n  epsilon: 0.25\n")
     config = parse_args(["--config", str(cfg)])
     assert (config.algo.beta, config.algo.epsilon) == (0.1, 0.25)
+
+
+@pytest.mark.parametrize("text, key", [("1: 2\n", "key 1 "), ("null: 3\n", "key null "),
+                                       ("steps: 1\ntrue: 3\n", "key true "), ("rpo:\n  1: 2\n", "rpo: key 1 ")])
+def test_config_key_that_is_not_a_string(tmp_path, text, key):
+    assert f"{key}is not an option name" in _config_error(tmp_path, text)
+
+
+@pytest.mark.parametrize("text", ["0\n", "false\n", "[steps]\n"])
+def test_config_document_that_is_not_a_mapping(tmp_path, text):
+    assert "expected a mapping of option: value" in _config_error(tmp_path, text)
+
+
+def test_config_file_naming_another_config_file(tmp_path):
+    assert "config: nested config files are not supported" in _config_error(tmp_path, "steps: 1\nconfig: other.yaml\n")
+
+
+@pytest.mark.parametrize("value, want", [("2", [2.0]), ("0.5", [0.5]), ("[2]", [2.0]), ("'2'", [2.0])])
+def test_config_reward_weights_as_a_number(tmp_path, value, want):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"reward_weights: {value}\n")
+    flag = parse_args(["--reward-weights", value.strip("[]'")])
+    assert reward_weights(parse_args(["--config", str(cfg)])) == want == reward_weights(flag)
+
+
+def test_config_mistake_on_the_command_line_is_one_line(tmp_path):
+    # the run's exit code and output for a YAML mistake (an integer key was an AttributeError traceback)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("1: 2\n")
+    proc = subprocess.run([sys.executable, "-m", "rpo_engine.train", "--config", str(cfg), "--output",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 2
+    assert proc.stderr == f"error: {cfg}: key 1 is not an option name (option names are strings)\n"
+    assert not (tmp_path / "out").exists()
