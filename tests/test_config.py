@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from rpo_engine.config import build_parser, parse_args, reward_weights
+from rpo_engine.data.datasets import load_dataset_rows
 from rpo_engine.errors import UserError
 from tests.reward_fns import hash_reward
 
@@ -157,3 +158,23 @@ def test_config_mistake_on_the_command_line_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr == f"error: {cfg}: key 1 is not an option name (option names are strings)\n"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("line, what", [
+    ('{"prompt": "x", "answer": "1"}\n{"prompt": "2 + \\ud800", "answer": "1"}',
+     "d.jsonl:2: 'prompt' holds '\\ud800' at character 5"),
+    ('{"prompt": "x", "answer": "\\udfff"}', "d.jsonl:1: 'answer' holds '\\udfff' at character 1"),
+    ('{"id": "a\\ud800", "prompt": "x", "answer": "1"}', "d.jsonl:1: 'id' holds"),
+    ('{"prompt": [{"role": "user", "content": "\\ud800"}], "answer": "1"}',
+     "d.jsonl:1: prompt message 0's 'content' holds"),
+    ('[{"prompt": "\\ud800", "answer": "1"}]', "d.json: row 0: 'prompt' holds")])
+def test_dataset_string_with_a_lone_surrogate(tmp_path, line, what):
+    """JSON's escape of half a surrogate pair decodes to a string that is not text: the loader rejects it
+    (train and eval both load through it), where the tokenizer failed steps later with a TypeError."""
+    path = tmp_path / ("d.json" if line.startswith("[") else "d.jsonl")
+    path.write_text(line + "\n")
+    with pytest.raises(UserError) as e:
+        load_dataset_rows(path)
+    assert str(e.value).startswith(f"{tmp_path}/{what}") and str(e.value).endswith("that UTF-8 cannot encode")
+    path.write_text('{"prompt": "smile \\ud83d\\ude00", "answer": "1"}\n')  # a whole pair is one character
+    assert load_dataset_rows(path)[0]["prompt"] == "smile \U0001F600"
