@@ -178,3 +178,16 @@ def test_dataset_string_with_a_lone_surrogate(tmp_path, line, what):
     assert str(e.value).startswith(f"{tmp_path}/{what}") and str(e.value).endswith("that UTF-8 cannot encode")
     path.write_text('{"prompt": "smile \\ud83d\\ude00", "answer": "1"}\n')  # a whole pair is one character
     assert load_dataset_rows(path)[0]["prompt"] == "smile \U0001F600"
+
+
+@pytest.mark.parametrize("text, message", [("{", "not valid JSON (Expecting property name"),
+                                           ("[1]", "expected a JSON object, got list"),
+                                           ('{"eos_token_id": "</s>"}', "eos_token_id must be a token id")])
+def test_broken_generation_config_names_its_file_once(tmp_path, text, message):
+    from rpo_engine.model.config import read_generation_eos
+
+    path = tmp_path / "generation_config.json"
+    path.write_text(text)
+    with pytest.raises(UserError) as e:
+        read_generation_eos(path)
+    assert str(e.value).startswith(f"{path}: {message}") and str(e.value).count("generation_config.json") == 1
