@@ -52,6 +52,16 @@ def _check(cond: bool, message: str):
         raise UserError(message)
 
 
+def _reject_given(config, names: tuple[str, ...], why: str) -> None:
+    """Options `names` set off their defaults where they do nothing (`why`, e.g. "without --use-peft") are an
+    error, not a run that quietly ignores them; a file or flag that repeats a default stays harmless."""
+    defaults = {f.name: f.default for f in fields(config)}
+    given = [f"--{name.replace('_', '-')}" for name in names if getattr(config, name) != defaults[name]]
+    if given:
+        listed = given[0] if len(given) == 1 else f"{', '.join(given[:-1])} and {given[-1]}"
+        raise UserError(f"{listed} {'does' if len(given) == 1 else 'do'} nothing {why}")
+
+
 def _check_finite(config) -> None:
     """Every float option a finite number: a NaN passes every `x > 0` check as False and every `x <= 1` too,
     so without this `--weight-decay nan` trained to NaN weights without a word."""
@@ -108,6 +118,8 @@ class RPOConfig:
                f"--rpo-cache-policy must be one of {CACHE_POLICIES}, got {self.rpo_cache_policy!r}")
         _check(0 <= self.rpo_epsilon <= 1, f"--rpo-epsilon must be in [0, 1], got {self.rpo_epsilon}")
         _check(self.length_alpha > 0, f"--length-alpha must be > 0, got {self.length_alpha}")
+        if not self.length_shaping:
+            _reject_given(self, ("length_alpha",), "with --no-length-shaping")
 
 
 @dataclass
@@ -170,6 +182,11 @@ class AlgoConfig:
                    "--vespo-k-pos, --vespo-lambda-pos, --vespo-k-neg and --vespo-lambda-neg must be >= 0")
         _check(self.delta is None or self.surrogate == "clip",
                f"--delta caps the clipped ratio; --loss-type {self.loss_type} has none")
+        if self.surrogate in ("sapo", "vespo"):
+            _reject_given(self, ("epsilon", "epsilon_high"),
+                          f"with --loss-type {self.loss_type}: it has no clipped ratio")
+        if self.surrogate == "cispo":
+            _reject_given(self, ("epsilon",), "with --loss-type cispo: it caps the ratio above only, at --epsilon-high")
         _check(self.sapo_temperature_pos > 0 and self.sapo_temperature_neg > 0,
                "--sapo-temperature-pos and --sapo-temperature-neg must be > 0")
         if self.epsilon_high is None:
@@ -233,6 +250,28 @@ class AlgoConfig:
         _check(self.delta is None or self.delta > 1 + self.epsilon_high,
                f"--delta must be > 1 + epsilon_high = {1 + self.epsilon_high:g} (else it clips positive advantages "
                f"too), got {self.delta}")
+        if self.surrogate != "sapo":
+            _reject_given(self, ("sapo_temperature_pos", "sapo_temperature_neg"), "without --loss-type sapo")
+        if self.surrogate != "vespo":
+            _reject_given(self, ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"),
+                          "without --loss-type vespo")
+        if not self.importance_sampling_correction:
+            _reject_given(self, ("importance_sampling_mode", "importance_sampling_clip_max"),
+                          "without --importance-sampling-correction")
+        if not self.use_adaptive_entropy:
+            _reject_given(self, ("entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target"),
+                          "without --use-adaptive-entropy")
+        if not self.sync_ref_model:
+            _reject_given(self, ("ref_model_mixup_alpha", "ref_model_sync_steps"), "without --sync-ref-model")
+        if not self.dynamic_sampling:
+            _reject_given(self, ("dynamic_sampling_metric", "max_resample_rounds"),
+                          "without dynamic sampling (--algo dapo, or --dynamic-sampling)")
+        if not (self.overlong_buffer or (self.overlong_buffer is None and dapo)):  # the trainer's overlong_buffer()
+            _reject_given(self, ("overlong_penalty",),
+                          "without an overlong buffer (--overlong-buffer N > 0; --algo dapo has one by default)")
+        if self.multi_objective_aggregation == "normalize_then_sum":
+            _reject_given(self, ("scale_rewards",),
+                          "with --multi-objective-aggregation normalize_then_sum (it scales by the batch's std)")
 
     @property
     def surrogate(self) -> str:
@@ -364,6 +403,13 @@ class TrainConfig:
                    f"--reward-weights must be {len(names)} comma-separated number(s), one per --reward function, "
                    f"got {self.reward_weights!r}")
         _check(self.dist_timeout > 0, f"--dist-timeout must be > 0, got {self.dist_timeout}")
+        if not self.use_peft:
+            _reject_given(self, ("lora_r", "lora_alpha", "lora_target_modules", "use_rslora", "lora_merged_rollout"),
+                          "without --use-peft (the run trains every weight)")
+        if self.dataset is not None:
+            _reject_given(self, ("train_size",), "with --dataset (it sizes the built-in task)")
+        if self.lr_scheduler_type == "constant" and self.warmup_ratio:  # 0 (TRL's default) says what constant does
+            _reject_given(self, ("warmup_ratio",), "with --lr-scheduler-type constant (constant_with_warmup warms up)")
 
 
 SECTIONS = {"rpo": RPOConfig, "algo": AlgoConfig}

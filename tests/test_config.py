@@ -191,3 +191,79 @@ def test_broken_generation_config_names_its_file_once(tmp_path, text, message):
     with pytest.raises(UserError) as e:
         read_generation_eos(path)
     assert str(e.value).startswith(f"{path}: {message}") and str(e.value).count("generation_config.json") == 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lora-r", "8", "--use-rslora"], "--lora-r and --use-rslora do nothing without --use-peft"),
+    (["--lora-alpha", "8", "--lora-target-modules", "q_proj", "--lora-merged-rollout"],
+     "--lora-alpha, --lora-target-modules and --lora-merged-rollout do nothing without --use-peft (the run trains "
+     "every weight)"),
+    (["--sapo-temperature-pos", "2"], "--sapo-temperature-pos does nothing without --loss-type sapo"),
+    (["--loss-type", "vespo", "--sapo-temperature-neg", "1"],
+     "--sapo-temperature-neg does nothing without --loss-type sapo"),
+    (["--vespo-lambda-neg", "1"], "--vespo-lambda-neg does nothing without --loss-type vespo"),
+    (["--importance-sampling-mode", "token_mask", "--importance-sampling-clip-max", "2"],
+     "--importance-sampling-mode and --importance-sampling-clip-max do nothing without "
+     "--importance-sampling-correction"),
+    (["--entropy-coef", "0.1", "--entropy-coef-max", "0.5"],
+     "--entropy-coef-max does nothing without --use-adaptive-entropy"),
+    (["--entropy-coef-min", "0.1", "--entropy-coef-delta", "0.1", "--entropy-target", "1"],
+     "--entropy-coef-min, --entropy-coef-delta and --entropy-target do nothing without --use-adaptive-entropy"),
+    (["--beta", "0.1", "--ref-model-sync-steps", "2"], "--ref-model-sync-steps does nothing without --sync-ref-model"),
+    (["--max-resample-rounds", "1"], "--max-resample-rounds does nothing without dynamic sampling"),
+    (["--algo", "dapo", "--no-dynamic-sampling", "--dynamic-sampling-metric", "reward"],
+     "--dynamic-sampling-metric does nothing without dynamic sampling (--algo dapo, or --dynamic-sampling)"),
+    (["--overlong-penalty", "2"], "--overlong-penalty does nothing without an overlong buffer"),
+    (["--algo", "dapo", "--overlong-buffer", "0", "--overlong-penalty", "2"], "--overlong-penalty does nothing"),
+    (["--multi-objective-aggregation", "normalize_then_sum", "--scale-rewards", "batch"],
+     "--scale-rewards does nothing with --multi-objective-aggregation normalize_then_sum"),
+    (["--loss-type", "sapo", "--epsilon", "0.1"],
+     "--epsilon does nothing with --loss-type sapo: it has no clipped ratio"),
+    (["--loss-type", "vespo", "--epsilon-high", "0.3"], "--epsilon-high does nothing with --loss-type vespo"),
+    (["--loss-type", "cispo", "--epsilon-high", "5", "--epsilon", "0.1"],
+     "--epsilon does nothing with --loss-type cispo"),
+    (["--no-length-shaping", "--length-alpha", "0.2"], "--length-alpha does nothing with --no-length-shaping"),
+    (["--dataset", "d.jsonl", "--train-size", "10"], "--train-size does nothing with --dataset"),
+    (["--lr-scheduler-type", "constant", "--warmup-ratio", "0.1"],
+     "--warmup-ratio does nothing with --lr-scheduler-type constant"),
+])
+def test_option_that_does_nothing_in_this_run(flags, message):
+    """A flag the run would ignore is an error naming it (LoRA's without --use-peft: the run quietly trained
+    every weight)."""
+    with pytest.raises(UserError) as e:
+        parse_args(flags)
+    assert str(e.value).startswith(message), str(e.value)
+
+
+@pytest.mark.parametrize("flags", [
+    ["--use-peft", "--lora-r", "8", "--use-rslora", "--lora-merged-rollout", "--lora-target-modules", "q_proj"],
+    ["--lora-r", "16", "--no-use-rslora", "--lora-target-modules", "all-linear"],  # the defaults, repeated
+    ["--loss-type", "sapo", "--sapo-temperature-pos", "2", "--epsilon", "0.2"],
+    ["--loss-type", "vespo", "--vespo-k-pos", "1"],
+    ["--importance-sampling-correction", "--importance-sampling-mode", "token_mask",
+     "--importance-sampling-clip-max", "2"],
+    ["--use-adaptive-entropy", "--entropy-coef-max", "0.5", "--entropy-target", "1"],
+    ["--beta", "0.1", "--sync-ref-model", "--ref-model-sync-steps", "2", "--ref-model-mixup-alpha", "0.5"],
+    ["--algo", "dapo", "--max-resample-rounds", "1", "--dynamic-sampling-metric", "reward"],
+    ["--dynamic-sampling", "--max-resample-rounds", "1"],
+    ["--algo", "dapo", "--overlong-penalty", "2"], ["--overlong-buffer", "8", "--overlong-penalty", "2"],
+    ["--multi-objective-aggregation", "normalize_then_sum", "--scale-rewards", "group"],
+    ["--loss-type", "cispo", "--epsilon-high", "5"],
+    ["--loss-type", "luspo", "--epsilon", "3e-4", "--epsilon-high", "4e-4"],
+    ["--length-alpha", "0.2"], ["--dataset", "d.jsonl"],
+    ["--lr-scheduler-type", "constant", "--warmup-ratio", "0"],  # TRL's default, which is what constant does
+    ["--lr-scheduler-type", "constant_with_warmup", "--warmup-ratio", "0.1"],
+    ["--no-rpo", "--rpo-max-cut", "8"],  # the RPO options stay: one command line runs both arms of a comparison
+])
+def test_option_that_acts_in_this_run(flags):
+    parse_args(flags)
+
+
+def test_config_file_option_that_does_nothing(tmp_path):
+    # a file that repeats a default is harmless; one that sets an option the run would ignore is not
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lora_r: 16\nsapo_temperature_pos: 1.0\nalgo:\n  importance_sampling_clip_max: 3\n")
+    assert parse_args(["--config", str(cfg)]).lora_r == 16
+    cfg.write_text("lora_r: 8\n")
+    with pytest.raises(UserError, match=r"^--lora-r does nothing without --use-peft \(the run trains every weight\)$"):
+        parse_args(["--config", str(cfg)])
