@@ -206,6 +206,8 @@ class AlgoConfig:
             self.dynamic_sampling = dapo
         _check(self.loss_agg in LOSS_AGGREGATIONS, f"--loss-agg must be one of {LOSS_AGGREGATIONS}, got {self.loss_agg!r}")
         _check(self.epsilon >= 0 and self.epsilon_high >= 0, "--epsilon and --epsilon-high must be >= 0")
+        # the ratio's lower clip bound is 1 - epsilon: the loss kernel refused >= 1 mid-run, with a traceback
+        _check(self.epsilon < 1, f"--epsilon must be < 1, got {self.epsilon}")
         _check(self.beta >= 0, f"--beta must be >= 0, got {self.beta}")
         _check(not self.use_bias_correction_kl or self.beta > 0,
                "--use-bias-correction-kl weights the KL term: it needs --beta > 0")

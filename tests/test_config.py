@@ -267,3 +267,9 @@ def test_config_file_option_that_does_nothing(tmp_path):
     cfg.write_text("lora_r: 8\n")
     with pytest.raises(UserError, match=r"^--lora-r does nothing without --use-peft \(the run trains every weight\)$"):
         parse_args(["--config", str(cfg)])
+
+
+@pytest.mark.parametrize("value", ["1", "1.5"])
+def test_epsilon_of_one_or_more(value):
+    with pytest.raises(UserError, match=rf"^--epsilon must be < 1, got {float(value)}$"):
+        parse_args(["--epsilon", value])
