@@ -52,6 +52,16 @@ def _check(cond: bool, message: str):
         raise UserError(message)
 
 
+def _reject_given(config, names: tuple[str, ...], why: str) -> None:
+    """Options `names` set off their defaults where they do nothing (`why`, e.g. "without --use-peft") are an
+    error, not a run that quietly ignores them; a file or flag that repeats a default stays harmless."""
+    defaults = {f.name: f.default for f in fields(config)}
+    given = [f"--{name.replace('_', '-')}" for name in names if getattr(config, name) != defaults[name]]
+    if given:
+        listed = given[0] if len(given) == 1 else f"{', '.join(given[:-1])} and {given[-1]}"
+        raise UserError(f"{listed} {'does' if len(given) == 1 else 'do'} nothing {why}")
+
+
 def _check_finite(config) -> None:
     """Every float option a finite number: a NaN passes every `x > 0` check as False and every `x <= 1` too,
     so without this `--weight-decay nan` trained to NaN weights without a word."""
@@ -108,6 +118,8 @@ class RPOConfig:
                f"--rpo-cache-policy must be one of {CACHE_POLICIES}, got {self.rpo_cache_policy!r}")
         _check(0 <= self.rpo_epsilon <= 1, f"--rpo-epsilon must be in [0, 1], got {self.rpo_epsilon}")
         _check(self.length_alpha > 0, f"--length-alpha must be > 0, got {self.length_alpha}")
+        if not self.length_shaping:
+            _reject_given(self, ("length_alpha",), "with --no-length-shaping")
 
 
 @dataclass
@@ -115,7 +127,7 @@ class AlgoConfig:
     """GRPO or DAPO. `algo` picks the defaults of the fields left as None."""
     algo: str = field(default="grpo", metadata={"help": "grpo or dapo"})
     epsilon: float = field(default=0.2, metadata={"help": "lower clip range of the ratio (eps_low)"})
-    epsilon_high: float | None = field(default=None, metadata={"help": "upper clip range (default: grpo 0.2, dapo 0.28)"})
+    epsilon_high: float | None = field(default=None, metadata={"help": "upper clip range (default: grpo the same as --epsilon, dapo 0.28)"})
     beta: float | None = field(default=None, metadata={"help": "KL coefficient to the frozen reference (default 0: no reference model)"})
     loss_agg: str | None = field(default=None, metadata={"help": f"{LOSS_AGGREGATIONS} (default: grpo seq-mean-token-mean, dapo token-mean)"})
     loss_type: str | None = field(default=None, metadata={"help": "TRL's name for the aggregation, instead of --loss-agg: grpo (seq-mean-token-mean), bnpo or dapo (token-mean), dr_grpo (seq-mean-token-sum-norm, over --max-completion-length); or cispo (MiniMax-M1: token-mean, each token's log-prob weighted by its ratio capped at --epsilon-high, which is then the cap itself, as in TRL, and must be given: TRL recommends 5.0, ScaleRL's eps_max) or sapo (seq-mean-token-mean, a sigmoid gate of the ratio in place of the clip, --sapo-temperature-pos/-neg) or luspo (seq-mean-token-sum: GSPO with each sequence's loss scaled by its length, meant with --importance-sampling-level sequence) or vespo (token-mean, each token's log-prob weighted by a gamma function of its sequence's importance ratio, --vespo-k-pos/--vespo-lambda-pos/--vespo-k-neg/--vespo-lambda-neg, in place of the clip) (default: none)"})
@@ -170,6 +182,11 @@ class AlgoConfig:
                    "--vespo-k-pos, --vespo-lambda-pos, --vespo-k-neg and --vespo-lambda-neg must be >= 0")
         _check(self.delta is None or self.surrogate == "clip",
                f"--delta caps the clipped ratio; --loss-type {self.loss_type} has none")
+        if self.surrogate in ("sapo", "vespo"):
+            _reject_given(self, ("epsilon", "epsilon_high"),
+                          f"with --loss-type {self.loss_type}: it has no clipped ratio")
+        if self.surrogate == "cispo":
+            _reject_given(self, ("epsilon",), "with --loss-type cispo: it caps the ratio above only, at --epsilon-high")
         _check(self.sapo_temperature_pos > 0 and self.sapo_temperature_neg > 0,
                "--sapo-temperature-pos and --sapo-temperature-neg must be > 0")
         if self.epsilon_high is None:
@@ -189,6 +206,8 @@ class AlgoConfig:
             self.dynamic_sampling = dapo
         _check(self.loss_agg in LOSS_AGGREGATIONS, f"--loss-agg must be one of {LOSS_AGGREGATIONS}, got {self.loss_agg!r}")
         _check(self.epsilon >= 0 and self.epsilon_high >= 0, "--epsilon and --epsilon-high must be >= 0")
+        # the ratio's lower clip bound is 1 - epsilon: the loss kernel refused >= 1 mid-run, with a traceback
+        _check(self.epsilon < 1, f"--epsilon must be < 1, got {self.epsilon}")
         _check(self.beta >= 0, f"--beta must be >= 0, got {self.beta}")
         _check(not self.use_bias_correction_kl or self.beta > 0,
                "--use-bias-correction-kl weights the KL term: it needs --beta > 0")
@@ -233,6 +252,28 @@ class AlgoConfig:
         _check(self.delta is None or self.delta > 1 + self.epsilon_high,
                f"--delta must be > 1 + epsilon_high = {1 + self.epsilon_high:g} (else it clips positive advantages "
                f"too), got {self.delta}")
+        if self.surrogate != "sapo":
+            _reject_given(self, ("sapo_temperature_pos", "sapo_temperature_neg"), "without --loss-type sapo")
+        if self.surrogate != "vespo":
+            _reject_given(self, ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"),
+                          "without --loss-type vespo")
+        if not self.importance_sampling_correction:
+            _reject_given(self, ("importance_sampling_mode", "importance_sampling_clip_max"),
+                          "without --importance-sampling-correction")
+        if not self.use_adaptive_entropy:
+            _reject_given(self, ("entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target"),
+                          "without --use-adaptive-entropy")
+        if not self.sync_ref_model:
+            _reject_given(self, ("ref_model_mixup_alpha", "ref_model_sync_steps"), "without --sync-ref-model")
+        if not self.dynamic_sampling:
+            _reject_given(self, ("dynamic_sampling_metric", "max_resample_rounds"),
+                          "without dynamic sampling (--algo dapo, or --dynamic-sampling)")
+        if not (self.overlong_buffer or (self.overlong_buffer is None and dapo)):  # the trainer's overlong_buffer()
+            _reject_given(self, ("overlong_penalty",),
+                          "without an overlong buffer (--overlong-buffer N > 0; --algo dapo has one by default)")
+        if self.multi_objective_aggregation == "normalize_then_sum":
+            _reject_given(self, ("scale_rewards",),
+                          "with --multi-objective-aggregation normalize_then_sum (it scales by the batch's std)")
 
     @property
     def surrogate(self) -> str:
@@ -364,6 +405,13 @@ class TrainConfig:
                    f"--reward-weights must be {len(names)} comma-separated number(s), one per --reward function, "
                    f"got {self.reward_weights!r}")
         _check(self.dist_timeout > 0, f"--dist-timeout must be > 0, got {self.dist_timeout}")
+        if not self.use_peft:
+            _reject_given(self, ("lora_r", "lora_alpha", "lora_target_modules", "use_rslora", "lora_merged_rollout"),
+                          "without --use-peft (the run trains every weight)")
+        if self.dataset is not None:
+            _reject_given(self, ("train_size",), "with --dataset (it sizes the built-in task)")
+        if self.lr_scheduler_type == "constant" and self.warmup_ratio:  # 0 (TRL's default) says what constant does
+            _reject_given(self, ("warmup_ratio",), "with --lr-scheduler-type constant (constant_with_warmup warms up)")
 
 
 SECTIONS = {"rpo": RPOConfig, "algo": AlgoConfig}
@@ -409,29 +457,93 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_yaml(path: str) -> dict:
+class _DuplicateKey(Exception):
+    def __init__(self, key, line: int):
+        super().__init__(key, line)
+        self.key, self.line = key, line
+
+
+def _unique_key_loader():
+    """PyYAML's SafeLoader, but a key repeated in one mapping is an error (SafeLoader keeps the last value
+    without a word, so `steps: 1` then `steps: 2` trained 2 steps)."""
     import yaml
 
-    p = Path(path)
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    repeated = key in seen
+                except TypeError:  # an unhashable key: SafeLoader's own error follows
+                    continue
+                if repeated:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
+def _read_yaml(p: Path):
+    import yaml
+
+    if p.is_dir():
+        raise UserError(f"{p}: is a directory, not a config file")
     if not p.is_file():
         raise UserError(f"{p}: config file not found")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        raw = p.read_bytes()
+    except OSError as e:
+        raise UserError(f"{p}: cannot read the config file ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise UserError(f"{p}:{line}: not valid UTF-8 (a config file is UTF-8 YAML)") from None
+    try:
+        return yaml.load(text, Loader=_unique_key_loader())
+    except _DuplicateKey as e:
+        raise UserError(f"{p}:{e.line}: key {_yaml_key(e.key)} given twice (give each option once)") from None
     except yaml.YAMLError as e:
         raise UserError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
+def _yaml_key(key) -> str:
+    """A YAML key as YAML writes it: null, true, 1, 'steps'."""
+    return repr(key) if isinstance(key, str) else json.dumps(key, default=str)
+
+
+def _load_yaml(path: str) -> dict:
+    p = Path(path)
+    data = _read_yaml(p)
+    data = {} if data is None else data  # an empty file
     if not isinstance(data, dict):
         raise UserError(f"{p}: expected a mapping of option: value")
-    flat = {}
+    entries = []
     for key, value in data.items():
+        if isinstance(key, str) and key.replace("-", "_") in SECTIONS and isinstance(value, dict):
+            entries += [(f"{key}: ", k, v) for k, v in value.items()]
+        else:
+            entries.append(("", key, value))
+    flat = {}
+    for section, key, value in entries:
+        if not isinstance(key, str):
+            raise UserError(f"{p}: {section}key {_yaml_key(key)} is not an option name (option names are strings)")
         key = key.replace("-", "_")
+        if key == "config":  # one file holds the options; --config is read once, before the flags
+            raise UserError(f"{p}: {section}config: nested config files are not supported (give one --config)")
+        if key in flat:  # `rpo_max_cut` and `rpo: {rpo_max_cut}`, or rpo-max-cut and rpo_max_cut
+            raise UserError(f"{p}: option {key} given twice")
         if key in ("reward", "reward_weights", "lora_target_modules") and isinstance(value, list):  # YAML lists
             value = ",".join(map(str, value))
+        if key == "reward_weights" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)  # one function's weight, as --reward-weights 2 and [2] take it
         if key == "chat_template_kwargs" and isinstance(value, dict):  # a YAML mapping: the flag's JSON
             value = json.dumps(value)
-        if key in SECTIONS and isinstance(value, dict):
-            flat.update({k.replace("-", "_"): v for k, v in value.items()})
-        else:
-            flat[key] = value
+        flat[key] = value
     return flat
 
 

@@ -15,6 +15,8 @@ Row rules:
 - ``id``: optional; a string or an integer (converted to a string). Default: the row's index (0-based,
   counting only non-blank lines) as a string. Ids must be unique.
 - Other fields (e.g. ``solution``) are kept as they are.
+- The strings above must be text: a JSON escape of half a UTF-16 surrogate pair (a lone ``"\\ud800"``) is
+  rejected, as the tokenizer cannot encode it.
 Blank lines are skipped; a UTF-8 byte-order mark is ignored; ``.json`` may also hold one JSON array of rows.
 """
 from __future__ import annotations
@@ -45,6 +47,16 @@ def _type_name(value) -> str:
             int: "a number", float: "a number"}.get(type(value), type(value).__name__)
 
 
+def _check_text(value: str, where: str, what: str) -> None:
+    """`value` encodable as UTF-8: json.loads turns a lone "\\ud800" escape into a surrogate that the loader
+    would pass and the tokenizer fail on, steps later, with a TypeError."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{where}: {what} holds {value[e.start]!r} at character {e.start + 1}, an unpaired UTF-16 "
+                        f"surrogate that UTF-8 cannot encode") from None
+
+
 def _check_row(row, where: str, index: int) -> dict:
     if not isinstance(row, dict):
         raise UserError(f"{where}: {_EXPECTED}, got {_type_name(row)}")
@@ -68,11 +80,13 @@ def _check_row(row, where: str, index: int) -> dict:
             raise UserError(f"{where}: '{key}' must be a string, got {_type_name(v)} {_short(v)}")
         if not v.strip():
             raise UserError(f"{where}: '{key}' is empty (expected a non-empty string)")
+        _check_text(v, where, f"'{key}'")
         out[key] = v
     if "id" in row and row["id"] is not None:
         rid = row["id"]
         if isinstance(rid, bool) or not isinstance(rid, (str, int)):
             raise UserError(f"{where}: 'id' must be a string or an integer, got {_type_name(rid)} {_short(rid)}")
+        _check_text(str(rid), where, "'id'")
         out["id"] = str(rid)
     else:
         out["id"] = str(index)
@@ -91,6 +105,8 @@ def _check_messages(messages, where: str) -> list[dict]:
         if not isinstance(m, dict) or not all(isinstance(m.get(k), str) and m[k].strip() for k in ("role", "content")):
             raise UserError(f"{where}: prompt message {i} must have a non-empty 'role' and 'content' string, "
                             f"got {_short(m)}")
+        for key in ("role", "content"):
+            _check_text(m[key], where, f"prompt message {i}'s '{key}'")
         out.append({"role": m["role"], "content": m["content"]})
     return out
 

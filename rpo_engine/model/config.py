@@ -251,8 +251,9 @@ def read_generation_eos(path: str | Path) -> tuple[int, ...]:
     path = Path(path)
     if not path.is_file():
         return ()
+    data = read_json_object(path)  # its errors name the file already
     try:
-        return token_ids(read_json_object(path).get("eos_token_id"), "eos_token_id")
+        return token_ids(data.get("eos_token_id"), "eos_token_id")
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import concurrent.futures
 import concurrent.futures.process
 import multiprocessing
+import signal
 
 from rpo_engine.errors import UserError
 
@@ -38,7 +39,10 @@ def reward_function(name: str):
     return load_reward_fn(name)
 
 
-def _load(names: dict[int, str]) -> None:
+def _start_worker(names: dict[int, str]) -> None:
+    # Ctrl-C reaches the whole process group: the trainer's process handles it and stops the pool, so a
+    # worker that took it too would only add its own KeyboardInterrupt traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _FUNCTIONS.update({index: reward_function(name) for index, name in names.items()})
 
 
@@ -56,7 +60,8 @@ class RewardPool:
             raise ValueError(f"a reward pool needs at least one worker, got {workers}")
         self.names, self.workers = dict(names), workers
         self.executor = concurrent.futures.ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_load, initargs=(self.names,))
+            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+            initargs=(self.names,))
 
     def serves(self, index: int) -> bool:
         return index in self.names
@@ -76,14 +81,20 @@ class RewardPool:
             raise UserError(f"reward function {self.names[index]!r}: a --reward-workers process died while "
                             f"scoring (a crash or an exit in the function, or out of memory); without "
                             f"--reward-workers its error shows here") from None
+        except KeyboardInterrupt:  # the workers ignore it and would finish every queued chunk first
+            self.close(wait=False)
+            raise
 
     def close(self, wait: bool = True) -> None:
         """Shut the workers down once their calls in flight are done, or (`wait=False`: an error or an
         interrupt is on its way) at once."""
-        if not wait:  # before Python 3.14 no public call stops a worker in the middle of its chunk
-            for process in list((getattr(self.executor, "_processes", None) or {}).values()):
-                process.terminate()
+        processes = list((getattr(self.executor, "_processes", None) or {}).values())  # shutdown forgets them
+        # shut down first: the pool's thread then drops the cancelled calls before it finds the workers gone
+        # (Python 3.11's fails on a cancelled call with an InvalidStateError traceback)
         self.executor.shutdown(wait=wait, cancel_futures=True)
+        if not wait:  # before Python 3.14 no public call stops a worker in the middle of its chunk
+            for process in processes:
+                process.terminate()
 
     def functions(self, functions: list) -> list:
         """`functions` (resolved from --reward, in order) with each one this pool serves made a PooledReward."""

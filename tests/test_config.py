@@ -1,0 +1,275 @@
+"""Options and config files: a mistake in them is a one-line UserError naming the file or option."""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from rpo_engine.config import build_parser, parse_args, reward_weights
+from rpo_engine.data.datasets import load_dataset_rows
+from rpo_engine.errors import UserError
+from tests.reward_fns import hash_reward
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _config_error(tmp_path, text: str | bytes) -> str:
+    """The one-line error of `--config` with a file holding `text`."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(UserError) as e:
+        parse_args(["--config", str(cfg)])
+    message = str(e.value)
+    assert "\n" not in message and str(cfg) in message, message
+    return message
+
+
+def test_help_says_grpo_epsilon_high_follows_epsilon():
+    text = " ".join(build_parser().format_help().split())  # argparse wraps the help text
+    assert "--epsilon-high EPSILON_HIGH upper clip range (default: grpo the same as --epsilon, dapo 0.28)" in text
+
+
+def _ignores_sigint(pid: int) -> bool:
+    status = open(f"/proc/{pid}/status").read()
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), 16)
+    return bool(mask & (1 << (signal.SIGINT - 1)))
+
+
+def _exits(pid: int, timeout: float) -> bool:
+    """Whether process `pid` ends within `timeout` s (by /proc: the pool's own thread reaps its workers, so
+    Process.is_alive here would race it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_reward_workers_leave_ctrl_c_to_the_trainer(capfd):
+    """A terminal's Ctrl-C reaches every process of the group: the workers ignore it (the trainer's process
+    stops the pool) instead of each printing its own KeyboardInterrupt traceback and dying."""
+    from rpo_engine.rewards.pool import RewardPool
+
+    with RewardPool({0: "tests.reward_fns:hash_reward"}, workers=2) as pool:
+        assert pool.score(0, ["a", "b"], ["1", "1"]) == [hash_reward("a", "1"), hash_reward("b", "1")]
+        processes = list(pool.executor._processes.values())
+        deadline = time.monotonic() + 30
+        while not all(_ignores_sigint(p.pid) for p in processes) and time.monotonic() < deadline:
+            time.sleep(0.1)  # a worker still starting up
+        for process in processes:
+            os.kill(process.pid, signal.SIGINT)
+        time.sleep(0.5)
+        assert all(p.is_alive() for p in processes)
+        assert pool.score(0, ["c"], ["1"]) == [hash_reward("c", "1")]
+    assert "KeyboardInterrupt" not in capfd.readouterr().err
+
+
+def test_ctrl_c_while_scoring_stops_the_reward_workers_at_once(monkeypatch):
+    """The workers ignore Ctrl-C, so an interrupt of the trainer's process in the middle of a scoring call
+    stops them there, instead of leaving them to work through every queued chunk (10 s here); quietly:
+    the pool's own thread does not fail on the calls the interrupt cancelled."""
+    from rpo_engine.rewards.pool import RewardPool
+
+    thread_errors = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: thread_errors.append(args.exc_value))
+    pool = RewardPool({0: "tests.reward_fns:slow_reward"}, workers=2)
+    try:
+        assert pool.score(0, ["x"], ["1"]) == [0.0]  # a worker is up
+        manager = pool.executor._executor_manager_thread
+        processes = list(pool.executor._processes.values())
+        shutdown = pool.executor.shutdown
+        # a busy machine's timing: the pool's thread sees the workers end before it hears of the shutdown
+        monkeypatch.setattr(pool.executor, "shutdown", lambda *a, **k: (time.sleep(0.5), shutdown(*a, **k)))
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+        start = time.perf_counter()
+        with pytest.raises(KeyboardInterrupt):
+            pool.score(0, ["x"] * 40, ["1"] * 40)
+        assert time.perf_counter() - start < 5
+        assert all(_exits(p.pid, 5) for p in processes)
+        manager.join(5)
+        assert not manager.is_alive() and thread_errors == []
+    finally:
+        pool.close(wait=False)
+
+
+def test_config_file_that_is_not_utf8_or_not_a_file(tmp_path):
+    message = _config_error(tmp_path, b"steps: 1\nseed: \xff\xfe\n")
+    assert message.endswith("c.yaml:2: not valid UTF-8 (a config file is UTF-8 YAML)")
+    (tmp_path / "d.yaml").mkdir()
+    with pytest.raises(UserError, match="d.yaml: is a directory, not a config file"):
+        parse_args(["--config", str(tmp_path / "d.yaml")])
+    cfg = tmp_path / "bom.yaml"
+    cfg.write_bytes("\ufeffsteps: 3\n".encode())  # a byte-order mark is still UTF-8
+    assert parse_args(["--config", str(cfg)]).steps == 3
+
+
+def test_config_key_given_twice(tmp_path):
+    message = _config_error(tmp_path, "steps: 1\nseed: 2\nsteps: 2\n")
+    assert message.endswith("c.yaml:3: key 'steps' given twice (give each option once)")
+    nested = _config_error(tmp_path, "rpo:\n  rpo_max_cut: 5\n  rpo_max_cut: 6\n")
+    assert "c.yaml:3: key 'rpo_max_cut' given twice" in nested
+    # the same option by another spelling or at another level
+    assert "option rpo_max_cut given twice" in _config_error(tmp_path, "rpo_max_cut: 5\nrpo:\n  rpo_max_cut: 6\n")
+    assert "option rpo_max_cut given twice" in _config_error(tmp_path, "rpo-max-cut: 5\nrpo_max_cut: 6\n")
+    # YAML's merge key sets defaults that a mapping's own keys override: not a repetition
+    cfg = tmp_path / "merge.yaml"
+    cfg.write_text("algo:\n  <<: {beta: 0.1, epsilon: 0.3}\n  epsilon: 0.25\n")
+    config = parse_args(["--config", str(cfg)])
+    assert (config.algo.beta, config.algo.epsilon) == (0.1, 0.25)
+
+
+@pytest.mark.parametrize("text, key", [("1: 2\n", "key 1 "), ("null: 3\n", "key null "),
+                                       ("steps: 1\ntrue: 3\n", "key true "), ("rpo:\n  1: 2\n", "rpo: key 1 ")])
+def test_config_key_that_is_not_a_string(tmp_path, text, key):
+    assert f"{key}is not an option name" in _config_error(tmp_path, text)
+
+
+@pytest.mark.parametrize("text", ["0\n", "false\n", "[steps]\n"])
+def test_config_document_that_is_not_a_mapping(tmp_path, text):
+    assert "expected a mapping of option: value" in _config_error(tmp_path, text)
+
+
+def test_config_file_naming_another_config_file(tmp_path):
+    assert "config: nested config files are not supported" in _config_error(tmp_path, "steps: 1\nconfig: other.yaml\n")
+
+
+@pytest.mark.parametrize("value, want", [("2", [2.0]), ("0.5", [0.5]), ("[2]", [2.0]), ("'2'", [2.0])])
+def test_config_reward_weights_as_a_number(tmp_path, value, want):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"reward_weights: {value}\n")
+    flag = parse_args(["--reward-weights", value.strip("[]'")])
+    assert reward_weights(parse_args(["--config", str(cfg)])) == want == reward_weights(flag)
+
+
+def test_config_mistake_on_the_command_line_is_one_line(tmp_path):
+    # the run's exit code and output for a YAML mistake (an integer key was an AttributeError traceback)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("1: 2\n")
+    proc = subprocess.run([sys.executable, "-m", "rpo_engine.train", "--config", str(cfg), "--output",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 2
+    assert proc.stderr == f"error: {cfg}: key 1 is not an option name (option names are strings)\n"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("line, what", [
+    ('{"prompt": "x", "answer": "1"}\n{"prompt": "2 + \\ud800", "answer": "1"}',
+     "d.jsonl:2: 'prompt' holds '\\ud800' at character 5"),
+    ('{"prompt": "x", "answer": "\\udfff"}', "d.jsonl:1: 'answer' holds '\\udfff' at character 1"),
+    ('{"id": "a\\ud800", "prompt": "x", "answer": "1"}', "d.jsonl:1: 'id' holds"),
+    ('{"prompt": [{"role": "user", "content": "\\ud800"}], "answer": "1"}',
+     "d.jsonl:1: prompt message 0's 'content' holds"),
+    ('[{"prompt": "\\ud800", "answer": "1"}]', "d.json: row 0: 'prompt' holds")])
+def test_dataset_string_with_a_lone_surrogate(tmp_path, line, what):
+    """JSON's escape of half a surrogate pair decodes to a string that is not text: the loader rejects it
+    (train and eval both load through it), where the tokenizer failed steps later with a TypeError."""
+    path = tmp_path / ("d.json" if line.startswith("[") else "d.jsonl")
+    path.write_text(line + "\n")
+    with pytest.raises(UserError) as e:
+        load_dataset_rows(path)
+    assert str(e.value).startswith(f"{tmp_path}/{what}") and str(e.value).endswith("that UTF-8 cannot encode")
+    path.write_text('{"prompt": "smile \\ud83d\\ude00", "answer": "1"}\n')  # a whole pair is one character
+    assert load_dataset_rows(path)[0]["prompt"] == "smile \U0001F600"
+
+
+@pytest.mark.parametrize("text, message", [("{", "not valid JSON (Expecting property name"),
+                                           ("[1]", "expected a JSON object, got list"),
+                                           ('{"eos_token_id": "</s>"}', "eos_token_id must be a token id")])
+def test_broken_generation_config_names_its_file_once(tmp_path, text, message):
+    from rpo_engine.model.config import read_generation_eos
+
+    path = tmp_path / "generation_config.json"
+    path.write_text(text)
+    with pytest.raises(UserError) as e:
+        read_generation_eos(path)
+    assert str(e.value).startswith(f"{path}: {message}") and str(e.value).count("generation_config.json") == 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lora-r", "8", "--use-rslora"], "--lora-r and --use-rslora do nothing without --use-peft"),
+    (["--lora-alpha", "8", "--lora-target-modules", "q_proj", "--lora-merged-rollout"],
+     "--lora-alpha, --lora-target-modules and --lora-merged-rollout do nothing without --use-peft (the run trains "
+     "every weight)"),
+    (["--sapo-temperature-pos", "2"], "--sapo-temperature-pos does nothing without --loss-type sapo"),
+    (["--loss-type", "vespo", "--sapo-temperature-neg", "1"],
+     "--sapo-temperature-neg does nothing without --loss-type sapo"),
+    (["--vespo-lambda-neg", "1"], "--vespo-lambda-neg does nothing without --loss-type vespo"),
+    (["--importance-sampling-mode", "token_mask", "--importance-sampling-clip-max", "2"],
+     "--importance-sampling-mode and --importance-sampling-clip-max do nothing without "
+     "--importance-sampling-correction"),
+    (["--entropy-coef", "0.1", "--entropy-coef-max", "0.5"],
+     "--entropy-coef-max does nothing without --use-adaptive-entropy"),
+    (["--entropy-coef-min", "0.1", "--entropy-coef-delta", "0.1", "--entropy-target", "1"],
+     "--entropy-coef-min, --entropy-coef-delta and --entropy-target do nothing without --use-adaptive-entropy"),
+    (["--beta", "0.1", "--ref-model-sync-steps", "2"], "--ref-model-sync-steps does nothing without --sync-ref-model"),
+    (["--max-resample-rounds", "1"], "--max-resample-rounds does nothing without dynamic sampling"),
+    (["--algo", "dapo", "--no-dynamic-sampling", "--dynamic-sampling-metric", "reward"],
+     "--dynamic-sampling-metric does nothing without dynamic sampling (--algo dapo, or --dynamic-sampling)"),
+    (["--overlong-penalty", "2"], "--overlong-penalty does nothing without an overlong buffer"),
+    (["--algo", "dapo", "--overlong-buffer", "0", "--overlong-penalty", "2"], "--overlong-penalty does nothing"),
+    (["--multi-objective-aggregation", "normalize_then_sum", "--scale-rewards", "batch"],
+     "--scale-rewards does nothing with --multi-objective-aggregation normalize_then_sum"),
+    (["--loss-type", "sapo", "--epsilon", "0.1"],
+     "--epsilon does nothing with --loss-type sapo: it has no clipped ratio"),
+    (["--loss-type", "vespo", "--epsilon-high", "0.3"], "--epsilon-high does nothing with --loss-type vespo"),
+    (["--loss-type", "cispo", "--epsilon-high", "5", "--epsilon", "0.1"],
+     "--epsilon does nothing with --loss-type cispo"),
+    (["--no-length-shaping", "--length-alpha", "0.2"], "--length-alpha does nothing with --no-length-shaping"),
+    (["--dataset", "d.jsonl", "--train-size", "10"], "--train-size does nothing with --dataset"),
+    (["--lr-scheduler-type", "constant", "--warmup-ratio", "0.1"],
+     "--warmup-ratio does nothing with --lr-scheduler-type constant"),
+])
+def test_option_that_does_nothing_in_this_run(flags, message):
+    """A flag the run would ignore is an error naming it (LoRA's without --use-peft: the run quietly trained
+    every weight)."""
+    with pytest.raises(UserError) as e:
+        parse_args(flags)
+    assert str(e.value).startswith(message), str(e.value)
+
+
+@pytest.mark.parametrize("flags", [
+    ["--use-peft", "--lora-r", "8", "--use-rslora", "--lora-merged-rollout", "--lora-target-modules", "q_proj"],
+    ["--lora-r", "16", "--no-use-rslora", "--lora-target-modules", "all-linear"],  # the defaults, repeated
+    ["--loss-type", "sapo", "--sapo-temperature-pos", "2", "--epsilon", "0.2"],
+    ["--loss-type", "vespo", "--vespo-k-pos", "1"],
+    ["--importance-sampling-correction", "--importance-sampling-mode", "token_mask",
+     "--importance-sampling-clip-max", "2"],
+    ["--use-adaptive-entropy", "--entropy-coef-max", "0.5", "--entropy-target", "1"],
+    ["--beta", "0.1", "--sync-ref-model", "--ref-model-sync-steps", "2", "--ref-model-mixup-alpha", "0.5"],
+    ["--algo", "dapo", "--max-resample-rounds", "1", "--dynamic-sampling-metric", "reward"],
+    ["--dynamic-sampling", "--max-resample-rounds", "1"],
+    ["--algo", "dapo", "--overlong-penalty", "2"], ["--overlong-buffer", "8", "--overlong-penalty", "2"],
+    ["--multi-objective-aggregation", "normalize_then_sum", "--scale-rewards", "group"],
+    ["--loss-type", "cispo", "--epsilon-high", "5"],
+    ["--loss-type", "luspo", "--epsilon", "3e-4", "--epsilon-high", "4e-4"],
+    ["--length-alpha", "0.2"], ["--dataset", "d.jsonl"],
+    ["--lr-scheduler-type", "constant", "--warmup-ratio", "0"],  # TRL's default, which is what constant does
+    ["--lr-scheduler-type", "constant_with_warmup", "--warmup-ratio", "0.1"],
+    ["--no-rpo", "--rpo-max-cut", "8"],  # the RPO options stay: one command line runs both arms of a comparison
+])
+def test_option_that_acts_in_this_run(flags):
+    parse_args(flags)
+
+
+def test_config_file_option_that_does_nothing(tmp_path):
+    # a file that repeats a default is harmless; one that sets an option the run would ignore is not
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lora_r: 16\nsapo_temperature_pos: 1.0\nalgo:\n  importance_sampling_clip_max: 3\n")
+    assert parse_args(["--config", str(cfg)]).lora_r == 16
+    cfg.write_text("lora_r: 8\n")
+    with pytest.raises(UserError, match=r"^--lora-r does nothing without --use-peft \(the run trains every weight\)$"):
+        parse_args(["--config", str(cfg)])
+
+
+@pytest.mark.parametrize("value", ["1", "1.5"])
+def test_epsilon_of_one_or_more(value):
+    with pytest.raises(UserError, match=rf"^--epsilon must be < 1, got {float(value)}$"):
+        parse_args(["--epsilon", value])
