@@ -637,9 +637,10 @@ def test_lora_run_resumes_exactly_and_saves_merged_and_peft(tmp_path, tiny_model
     from safetensors.torch import load_file
 
     full, part = tmp_path / "full", tmp_path / "part"
-    common = ["--model", tiny_model_dir, "--use-peft", "--lora-r", 4, "--lora-alpha", 8, "--lora-target-modules",
-              "q_proj,v_proj,down_proj", "--beta", 0.05, "--save-steps", 2, "--eval-steps", 2,
-              "--reward", "tests.reward_fns:hash_reward", "--train-size", 3, *SMALL]
+    not_lora = ["--model", tiny_model_dir, "--beta", 0.05, "--save-steps", 2, "--eval-steps", 2,
+                "--reward", "tests.reward_fns:hash_reward", "--train-size", 3, *SMALL]
+    common = ["--use-peft", "--lora-r", 4, "--lora-alpha", 8, "--lora-target-modules", "q_proj,v_proj,down_proj",
+              *not_lora]
     run_train(*common, "--steps", 4, "--output", full)
     assert sorted(p.name for p in (full / "checkpoints" / "step-2").iterdir()) == ["adapter", "config.json", "trainer_state.pt"]
     stopped_after(full, 2, part)
@@ -662,9 +663,10 @@ def test_lora_run_resumes_exactly_and_saves_merged_and_peft(tmp_path, tiny_model
     adapted = load_adapter(rpo_engine.load_model(tiny_model_dir), full / "final-adapter")
     assert all(torch.equal(v, final[k]) for k, v in merged_state_dict(adapted).items() if k in final)
     # resuming it as another kind of run, or with other adapter settings, is a one-line error
-    for flags, message in ((["--no-use-peft"], "holds a LoRA adapter; resume with --use-peft"),
-                           (["--lora-r", 8], "adapter has r=4, alpha=8, targets q_proj,v_proj,down_proj; this run has r=8")):
-        assert_user_error(run_train(*common, *flags, "--steps", 5, "--output", full, "--resume", check=False), message)
+    for flags, message in ((not_lora, "holds a LoRA adapter; resume with --use-peft"),
+                           ([*common, "--lora-r", 8], "adapter has r=4, alpha=8, targets q_proj,v_proj,down_proj; this "
+                                                      "run has r=8")):
+        assert_user_error(run_train(*flags, "--steps", 5, "--output", full, "--resume", check=False), message)
     # eval: the base with the adapter applied (--adapter) answers as the merged final/ does
     evals = []
     for model_flags in (["--model", full / "final"], ["--model", tiny_model_dir, "--adapter", full / "final-adapter"]):
