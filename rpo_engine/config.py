@@ -183,7 +183,9 @@ class AlgoConfig:
         _check(self.delta is None or self.surrogate == "clip",
                f"--delta caps the clipped ratio; --loss-type {self.loss_type} has none")
         if self.surrogate in ("sapo", "vespo"):
-            _reject_given(self, ("epsilon", "epsilon_high"),
+            # epsilon_high as its default resolves (a run's config.json records it so) is not "given"
+            resolved = self.epsilon_high in (None, 0.28 if dapo else self.epsilon)
+            _reject_given(self, ("epsilon",) if resolved else ("epsilon", "epsilon_high"),
                           f"with --loss-type {self.loss_type}: it has no clipped ratio")
         if self.surrogate == "cispo":
             _reject_given(self, ("epsilon",), "with --loss-type cispo: it caps the ratio above only, at --epsilon-high")
@@ -534,7 +536,10 @@ def _load_yaml(path: str) -> dict:
             raise UserError(f"{p}: {section}key {_yaml_key(key)} is not an option name (option names are strings)")
         key = key.replace("-", "_")
         if key == "config":  # one file holds the options; --config is read once, before the flags
-            raise UserError(f"{p}: {section}config: nested config files are not supported (give one --config)")
+            if value is None:  # a run's config.json records its --config: none, so it can be fed back as it is
+                continue
+            raise UserError(f"{p}: {section}config: {value}: nested config files are not supported (give one "
+                            f"--config; in a run's config.json, remove this line)")
         if key in flat:  # `rpo_max_cut` and `rpo: {rpo_max_cut}`, or rpo-max-cut and rpo_max_cut
             raise UserError(f"{p}: option {key} given twice")
         if key in ("reward", "reward_weights", "lora_target_modules") and isinstance(value, list):  # YAML lists

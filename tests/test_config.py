@@ -137,8 +137,23 @@ def test_config_document_that_is_not_a_mapping(tmp_path, text):
     assert "expected a mapping of option: value" in _config_error(tmp_path, text)
 
 
+@pytest.mark.parametrize("flags", [[], ["--algo", "dapo"], ["--loss-type", "sapo"], ["--algo", "dapo", "--loss-type", "vespo"],
+                                   ["--loss-type", "cispo", "--epsilon-high", "5"], ["--use-peft", "--lora-r", "4"]])
+def test_a_runs_config_json_is_a_config_file(tmp_path, flags):
+    """A run's config.json (every option, as resolved, and `config: null`) fed back as --config is the same run."""
+    import json
+
+    from rpo_engine.config import config_to_dict
+
+    recorded = config_to_dict(parse_args(flags))
+    (tmp_path / "config.json").write_text(json.dumps(recorded))
+    again = config_to_dict(parse_args(["--config", str(tmp_path / "config.json")]))
+    assert again == {**recorded, "config": str(tmp_path / "config.json")}
+
+
 def test_config_file_naming_another_config_file(tmp_path):
-    assert "config: nested config files are not supported" in _config_error(tmp_path, "steps: 1\nconfig: other.yaml\n")
+    assert "config: other.yaml: nested config files are not supported" in _config_error(
+        tmp_path, "steps: 1\nconfig: other.yaml\n")
 
 
 @pytest.mark.parametrize("value, want", [("2", [2.0]), ("0.5", [0.5]), ("[2]", [2.0]), ("'2'", [2.0])])
