@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     pool = reward_pool(config, [reward])
     try:
         graded = sampled_graded(engine, tokenizer, rows, reward if pool is None else pool.functions([reward])[0],
-                                prompts, params, progress=not args.no_progress)
+                                prompts, params, progress="eval" if not args.no_progress else False)
     finally:
         if pool is not None:
             pool.close()

@@ -849,7 +849,7 @@ class Trainer:
         rows = [self.eval_rows[i] for i in self.dist.share(len(self.eval_rows))]
         correct = greedy_correct(self.engine, self.tokenizer, rows, self.reward_fn,
                                  [self.prompt_ids[r["id"]] for r in rows], self.config.max_completion_length,
-                                 self.eos_ids, progress=self.config.progress and self.dist.is_main)
+                                 self.eos_ids, progress="eval" if self.config.progress and self.dist.is_main else False)
         correct, total = self.dist.sum([correct, len(rows)])
         return correct / total if total else float("nan")
 

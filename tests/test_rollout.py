@@ -90,7 +90,10 @@ def test_progress_bar_changes_nothing(checkpoints, capsys):
     plain = RolloutEngine(model).generate(prompts, params)
     shown = RolloutEngine(model).generate(prompts, params, progress=True)
     assert [[c.token_ids for c in o] for o in shown] == [[c.token_ids for c in o] for o in plain]
-    assert "5/5" in capsys.readouterr().err  # every sample counted, the budget-0 ones too
+    bar = capsys.readouterr().err
+    assert "5/5" in bar and bar.lstrip("\r").startswith("generate")  # every sample counted, the budget-0 ones too
+    RolloutEngine(model).generate(prompts, params, progress="eval")  # a string names the bar
+    assert capsys.readouterr().err.lstrip("\r").startswith("eval")
 
 
 def test_generation_config_eos_stops_like_transformers(tmp_path):

@@ -1455,9 +1455,9 @@ def test_resume_without_a_run_starts_one(tmp_path, tiny_model_dir):
     assert [m["step"] for m in read_metrics(out)] == [0, 1]
     # the evals show progress: the step-0 one before the training bar, the later ones beside it
     assert "step 0: evaluating the starting model on 4 prompts" in proc.stdout
-    bars = proc.stderr  # the eval's bars are the engine's "generate" (the rollout's shows none)
-    assert "generate:" in bars[:bars.index("RPO-GRPO:")], bars
-    assert "generate:" in bars[bars.index("RPO-GRPO:"):].split("step 1: eval on 4 prompts", 1)[1], bars
+    bars = proc.stderr  # the evals show the engine's bar, named "eval" (the rollout's shows none)
+    assert "eval:" in bars[:bars.index("RPO-GRPO:")], bars
+    assert "eval:" in bars[bars.index("RPO-GRPO:"):].split("step 1: eval on 4 prompts", 1)[1], bars
 
 
 @pytest.mark.parametrize("flag, value, message", [

@@ -180,9 +180,9 @@ class RolloutEngine:
         return self.runner.num_blocks * self.runner.block_bytes
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
-                 progress: bool = False) -> list[list[Completion]]:
+                 progress: bool | str = False) -> list[list[Completion]]:
         """-> for each prompt its n completions. progress: a bar of finished samples with new tokens/s
-        (vLLM's use_tqdm), for long offline runs such as an eval."""
+        (vLLM's use_tqdm), for long offline runs such as an eval; a string names the bar (default "generate")."""
         prompts, params_list = self._validate(prompts, params)
         if self.merge_lora:
             refresh_rollout_weights(self.model)
@@ -210,7 +210,7 @@ class RolloutEngine:
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=sum(p.n for p in params_list), desc="generate", unit="seq", dynamic_ncols=True)
+            bar = tqdm(total=sum(p.n for p in params_list), desc=progress if isinstance(progress, str) else "generate", unit="seq", dynamic_ncols=True)
             bar.update(sum(p.n for p in params_list if p.max_new_tokens == 0))
         try:
             while not self.scheduler.is_finished() or self._inflight is not None:
