@@ -157,11 +157,15 @@ def load_error_reason(e: Exception) -> str:
     return f"{type(e).__name__}: {next(iter(text.splitlines()), '')}"  # torch's load errors run to many lines
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[1])  # step-N
+
+
 def complete_checkpoints(output: Path) -> list[Path]:
     """OUTPUT/checkpoints/step-N directories that were fully written, oldest first (other names, a user's
     step-4.bak, are not ours)."""
     ckpts = [p for p in (output / "checkpoints").glob("step-*") if re.fullmatch(r"step-\d+", p.name)]
-    ckpts.sort(key=lambda p: int(p.name.split("-")[1]))
+    ckpts.sort(key=checkpoint_step)
     return [p for p in ckpts if (p / "trainer_state.pt").is_file()]
 
 
@@ -181,15 +185,11 @@ def latest_checkpoint(output: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def checkpoint_step(checkpoint: Path) -> int:
-    return int(checkpoint.name.split("-")[1])
-
-
-def nothing_to_keep(output: Path) -> bool:
+def nothing_to_keep(output: Path, checkpoint: Path | None) -> bool:
     """A run's directory whose run stopped before its first step ended (interrupted, or a user error in the
     step-0 eval or step 1): no checkpoint, no final/, and in metrics.jsonl at most the step-0 eval of the
-    starting model, which a new run redoes. Starting again there loses nothing."""
-    if latest_checkpoint(output) or (output / "final").exists():
+    starting model, which a new run redoes. Starting again there loses nothing. `checkpoint`: its latest."""
+    if checkpoint is not None or (output / "final").exists():
         return False
     try:
         records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -348,7 +348,7 @@ def train(config: TrainConfig, dist: Dist) -> int:
     check_output_dir(output)
     metrics_path = output / "metrics.jsonl"
     found = latest_checkpoint(output)
-    if metrics_path.exists() and nothing_to_keep(output):  # resume-or-start, and a plain rerun likewise
+    if metrics_path.exists() and nothing_to_keep(output, found):  # resume-or-start, and a plain rerun likewise
         if main_rank:
             print(f"{output}: its run stopped before its first step ended (no checkpoint, no step in metrics.jsonl); "
                   f"starting it again")
