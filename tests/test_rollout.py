@@ -152,7 +152,7 @@ def exact_distribution(logits, temperature, top_k, top_p, min_p=0.0):
     low = p < min_p * p.max()  # min-p: relative to the most likely token, whatever top-k/top-p keep
     order = p.argsort(descending=True)
     keep = torch.zeros_like(p, dtype=torch.bool)
-    kept_k = order[:top_k] if top_k > 0 else order
+    kept_k = p >= p[order[top_k - 1]] if top_k > 0 else order  # ties with the k-th kept, as in transformers
     q = torch.zeros_like(p)
     q[kept_k] = p[kept_k]
     q /= q.sum()
@@ -254,6 +254,33 @@ def test_sample_equals_the_reference_on_a_large_vocabulary():
                                any_greedy=t == 0, all_greedy=t == 0, min_p=min_p[part].to(DEVICE) if m else None)
         assert torch.equal(got, want[part]), kinds[i]
         torch.testing.assert_close(got_logp, want_logp[part], atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("V", [50, 4 * CANDIDATES + 301])
+def test_top_k_keeps_the_tokens_tied_with_its_kth_as_transformers_does(V):
+    """transformers and vLLM keep every token whose logit equals the k-th largest (bf16 logits often tie
+    there). A tie run inside the candidates, one past them, one past the 8x wider look (then the whole sort);
+    V = 50 is drawn by sample_reference."""
+    from transformers.generation.logits_process import TopKLogitsWarper
+
+    k, N = 5, 1000
+    runs = [4, 100, 2000] if V > 2 * CHUNK else [4, 20]
+    rows = []
+    for length in runs:  # three tokens at 2, then `length` tied at 1, the rest far below
+        row = torch.full((V,), -10.0) - torch.arange(V) * 1e-3
+        row[:3], row[3:3 + length] = 2.0, 1.0
+        rows.append(row[torch.randperm(V, generator=torch.Generator().manual_seed(length))])
+    for row, length in zip(rows, runs):
+        kept = TopKLogitsWarper(k)(None, row[None])[0] > float("-inf")
+        assert int(kept.sum()) == 3 + length
+        u = ((torch.arange(N, dtype=torch.float64) + 0.5) / N).to(DEVICE)
+        tokens, _ = sample(row.expand(N, V).to(DEVICE), torch.ones(N, device=DEVICE),
+                           torch.full((N,), k, device=DEVICE), torch.ones(N, device=DEVICE), u)
+        tokens = tokens.cpu()
+        assert kept[tokens].all()
+        tied = (row[tokens] == 1.0).double().mean().item()
+        expected = length * math.e / (3 * math.e ** 2 + length * math.e)  # k = 5 by rank would give 0.08
+        assert abs(tied - expected) < 0.01, (length, tied, expected)
 
 
 def test_top_p_looks_among_more_candidates_before_sorting_the_vocabulary(monkeypatch):

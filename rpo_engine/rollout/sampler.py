@@ -62,18 +62,19 @@ def uniform(key: int, sample_index: int, position: int) -> float:
 
 def truncate_sorted(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                     min_p: torch.Tensor | None = None) -> torch.Tensor:
-    """Mask (-inf) all but the top-k, then all but the top-p nucleus of what is left, then (min-p) every
-    token less likely than min_p times the most likely one (transformers' order; as the most likely token
-    is always kept, min-p is then just the intersection).
+    """Mask (-inf) every token below the k-th largest logit (a token tied with it is kept, as transformers
+    and vLLM keep it), then all but the top-p nucleus of what is left, then (min-p) every token less likely
+    than min_p times the most likely one (transformers' order; as the most likely token is always kept,
+    min-p is then just the intersection).
 
     sorted_logits [R, V] in descending order (temperature applied); top_k [R] (<= 0: off); top_p [R];
     min_p [R] (0: off). The nucleus is the smallest prefix whose mass reaches top_p (the token that
     crosses it is kept).
     """
     R, V = sorted_logits.shape
-    ranks = torch.arange(V, device=sorted_logits.device)  # [V]
-    k = torch.where(top_k > 0, top_k, V)  # [R]
-    logits = sorted_logits.masked_fill(ranks[None, :] >= k[:, None], float("-inf"))
+    k = torch.where(top_k > 0, top_k.clamp_max(V), V)  # [R]
+    kth = sorted_logits.gather(1, k[:, None] - 1)  # [R, 1] the k-th largest logit
+    logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
     probs = logits.softmax(-1)
     mass_before = probs.cumsum(-1) - probs  # [R, V] mass of the strictly better tokens
     outside = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1)  # top_p 1 is off, whatever the rounding
@@ -152,7 +153,8 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     float or None (off for every row).
 
     Returns token ids [R] and their log-probs [R] (see the module docstring), the same draws as
-    `sample_reference` but for rounding (a u within ~1e-7 of a boundary between two tokens). `truncate`
+    `sample_reference` but for rounding (a u within ~1e-7 of a boundary between two tokens) and for which of
+    two tied logits comes first (the same distribution either way). `truncate`
     (any row uses top-k/top-p), `any_greedy` and `all_greedy` let the caller skip work it knows no row
     needs; None: read from the tensors (a host sync on CUDA, which the engine avoids by passing them).
     Min-p (None: no row uses it) is a mask on the probabilities relative to the row's most likely token,
@@ -160,8 +162,9 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
 
     Nothing of size [R, V] is sorted or held in fp64: the probabilities are exp(logit - max) in fp32, drawn
     from by `inverse_cdf`. Top-k/top-p look for their tokens among the top K (topk, not a sort), K the
-    largest of the rows' top_k (CANDIDATES for a row with top-p alone); a row whose top-p nucleus is not
-    among them looks among 8x as many, then (a flat distribution) is drawn by `sample_reference`. A
+    largest of the rows' top_k + 32 (CANDIDATES for a row with top-p alone); a row whose top-p nucleus, or
+    the run of tokens tied with its k-th, is not among them looks among 8x as many (top-k: + 256), then (a
+    flat distribution) is drawn by `sample_reference`. A
     vocabulary of at most 2 * CHUNK tokens is drawn by `sample_reference` (fewer ops; the same draws).
     """
     logits = logits.float()
@@ -194,13 +197,15 @@ def _sample_truncated(logits, scaled, weights, temperature, top_k, top_p, u, can
     """Top-k/top-p (and min-p) draws (rows without top-k or top-p get some token, replaced by the caller)."""
     R, V = scaled.shape
     k = torch.where(top_k > 0, top_k.clamp_max(V), V)  # [R]
-    # Candidates: each row's top-k, or `candidates` for a top-p-only row. Host syncs: truncation is rare in RL.
-    K = min(V, int(torch.where(top_k > 0, k, candidates).max()))
+    # Candidates: each row's top-k and a few past it (tokens tied with its k-th are kept too: bf16 logits
+    # often tie there), or `candidates` for a top-p-only row. Host syncs: truncation is rare in RL.
+    K = min(V, int(torch.where(top_k > 0, k + candidates // 32, candidates).max()))
     if 4 * K > V:  # most of the vocabulary: the plain sort costs no more
         return sample_reference(logits, temperature, top_k, top_p, u, min_p=min_p)[0]
     values, order = scaled.topk(K, -1)  # [R, K] descending
-    ranks = torch.arange(K, device=scaled.device)
-    top_weights = torch.exp(values - values[:, :1]).masked_fill_(ranks[None, :] >= k[:, None], 0.0)  # [R, K]
+    kth = values.gather(1, k.clamp_max(K)[:, None] - 1)  # [R, 1] (meaningless for a row without top-k)
+    in_top_k = (values >= kth) | (top_k <= 0)[:, None]  # [R, K]
+    top_weights = torch.exp(values - values[:, :1]).masked_fill_(~in_top_k, 0.0)  # [R, K]
     # With top-k the distribution is the top-k tokens'; without, the whole vocabulary's.
     cum = top_weights.cumsum(-1)  # [R, K]
     total = torch.where(top_k > 0, cum[:, -1], weights.sum(-1))  # [R] (the row's max has weight 1 in both)
@@ -211,6 +216,7 @@ def _sample_truncated(logits, scaled, weights, temperature, top_k, top_p, u, can
     # Without top-k, the nucleus lies among the K candidates only if their mass reaches top_p (else the
     # next token would be in it too).
     outside = (top_k <= 0) & (top_p < 1) & (cum[:, -1] / total < top_p)
+    outside |= (top_k > 0) & in_top_k[:, -1]  # the tie at the k-th token may go on past the candidates
     if bool(outside.any()):  # a flatter row: look among 8x as many, then in the whole sorted vocabulary
         rows = outside.nonzero().squeeze(1)
         tokens[rows] = _sample_truncated(logits[rows], scaled[rows], weights[rows], temperature[rows], top_k[rows],
