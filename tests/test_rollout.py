@@ -147,6 +147,28 @@ def test_logprobs_equal_teacher_forcing(checkpoints, temperature, top_k, top_p, 
             torch.testing.assert_close(torch.tensor(c.logprobs), expected, atol=1e-5, rtol=0)
 
 
+def test_each_token_is_drawn_with_the_uniform_of_its_sample_and_position(checkpoints):
+    """The module's promise, end to end: token t of sample j is what the teacher-forced logits give with
+    uniform(request_key(seed, prompt), j, len(prompt) + t): a fresh draw at every position (not one u reused
+    along a sample), its own for each of the n samples."""
+    hf, model = checkpoints["qwen2"]
+    prompts = random_prompts(hf.config.vocab_size, [6, 11])
+    params = SamplingParams(n=3, max_new_tokens=12, temperature=1.3, top_p=0.95, stop_token_ids=[], seed=9)
+    outs = RolloutEngine(model, block_size=4).generate(prompts, params)
+    for prompt, samples in zip(prompts, outs):
+        key = request_key(params.seed, prompt)
+        for j, c in enumerate(samples):
+            ids = torch.tensor([prompt + c.token_ids], device=model.device)
+            with torch.no_grad():
+                logits = model(ids)[0, len(prompt) - 1:-1].float().cpu()  # [12, V]
+            L = len(c.token_ids)
+            u = torch.tensor([uniform(key, j, len(prompt) + t) for t in range(L)], dtype=torch.float64)
+            want, _ = sample_reference(logits, torch.full((L,), 1.3), torch.zeros(L, dtype=torch.long),
+                                       torch.full((L,), 0.95), u)
+            assert c.token_ids == want.tolist(), (j, c.token_ids, want.tolist())
+        assert len({tuple(c.token_ids) for c in samples}) == len(samples)
+
+
 def exact_distribution(logits, temperature, top_k, top_p, min_p=0.0):
     p = torch.softmax(logits.double() / temperature, -1)
     low = p < min_p * p.max()  # min-p: relative to the most likely token, whatever top-k/top-p keep
@@ -201,6 +223,22 @@ def test_stream_uniforms_equal_the_scalar_draws():
     streams = [s * 3 % 2 ** 64 for s in streams]  # spread over all 64 bits
     positions = [int(x) for x in torch.randint(0, 2 ** 31, (len(streams),), generator=g)]
     assert stream_uniforms(streams, positions).tolist() == [stream_uniform(s, p) for s, p in zip(streams, positions)]
+
+
+def test_uniforms_are_uniform_and_independent_along_a_sample_and_across_samples():
+    """What the engine draws with: along one sample's positions (each token a fresh u), and between two
+    samples of one request or two seeds at the same positions, 20-bin chi-square and correlations."""
+    N = 5000
+    key = request_key(3, [4, 5, 6])
+    draws = {name: torch.tensor([uniform(k, j, 7 + t) for t in range(N)], dtype=torch.float64)
+             for name, k, j in (("a", key, 0), ("b", key, 1), ("c", request_key(4, [4, 5, 6]), 0))}
+    for u in draws.values():
+        counts = torch.bincount((u * 20).long(), minlength=20).double()
+        assert ((counts - N / 20) ** 2 / (N / 20)).sum() < 50  # chi-square, 19 df: p ~ 1e-4
+        assert abs(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1]) < 4 / math.sqrt(N)  # lag 1
+    a = draws["a"]
+    for other in ("b", "c"):
+        assert abs(torch.corrcoef(torch.stack([a, draws[other]]))[0, 1]) < 4 / math.sqrt(N)
 
 
 def test_inverse_cdf_draws_like_a_full_fp64_cumsum_and_never_a_zero_weight():
