@@ -937,9 +937,11 @@ class Trainer:
 
 
 def stop_ids(model, tokenizer) -> list[int]:
-    """The tokens a completion ends at: the model's eos ids (config.json, generation_config.json), else the
+    """The tokens a completion ends at: the model's eos ids (config.json, generation_config.json) and the
     tokenizer's eos token. None of them is a one-line error: no completion could ever stop."""
-    ids = list(model.config.stop_token_ids) or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    ids = list(model.config.stop_token_ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)  # as TRL and vLLM stop: a tokenizer whose eos the config does not name
     if not ids:
         where = getattr(model, "source_dir", None) or "the model"
         raise UserError(f"{where}: no end-of-sequence token (config.json's or generation_config.json's eos_token_id, "
@@ -969,8 +971,16 @@ def encode_prompt(tokenizer, row: dict, limit: int, template_kwargs: dict | None
         messages = [{"role": "user", "content": text}] if isinstance(text, str) else text
         # A conversation ending in an assistant message continues it (TRL's rule), else a new turn opens.
         prefilled = messages[-1]["role"] == "assistant"
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=not prefilled,
-                                            continue_final_message=prefilled, tokenize=True, **(template_kwargs or {}))
+        from jinja2.exceptions import TemplateError
+
+        try:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=not prefilled,
+                                                continue_final_message=prefilled, tokenize=True, **(template_kwargs or {}))
+        except (TemplateError, ValueError) as e:  # the template's raise_exception (Qwen3's "No user query found")
+            why = ("it rewrites the final assistant message, which therefore cannot be continued"  # R1's </think> cut
+                   if prefilled and isinstance(e, ValueError) else " ".join(str(e).split())[:200])
+            raise UserError(f"prompt of row {_dataset_id(row)!r}: the tokenizer's chat template cannot render it "
+                            f"({why})") from None
         ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     elif not isinstance(text, str):
         raise UserError(f"prompt of row {_dataset_id(row)!r} is a conversation, and the tokenizer has no chat template "
