@@ -291,7 +291,7 @@ def test_chat_template_refusing_a_row_is_a_one_line_error():
 
     no_user = ("{% if messages | selectattr('role', 'equalto', 'user') | list | length == 0 %}"
                "{{ raise_exception('No user query found in messages.') }}{% endif %}" + QWEN_CHAT_TEMPLATE)
-    row = {"id": "eval:7", "prompt": [{"role": "system", "content": "what is"}]}
+    row = {"id": "7", "prompt": [{"role": "system", "content": "what is"}]}
     with pytest.raises(UserError) as e:
         encode_prompts(word_tokenizer(chat_template=no_user), [row], 100, {}, "d.jsonl")
     assert str(e.value) == ("d.jsonl: prompt of row '7': the tokenizer's chat template cannot render it "
@@ -320,3 +320,14 @@ def test_stop_ids_include_the_tokenizers_eos():
     assert stop_ids(model, tok) == [4, 2]
     model.config.stop_token_ids = ()
     assert stop_ids(model, tok) == [4]
+
+
+def test_eval_rows_keep_their_dataset_ids(tmp_path):
+    """Eval rows were renamed 'eval:<id>': a TRL-style reward reading the `id` column (tests keyed by problem
+    id) got a KeyError at eval only. The splits' ids may overlap; each keeps its own."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import load_rows
+
+    p = _write(tmp_path / "d.jsonl", '{"id": "a", "prompt": "p", "answer": "1"}\n{"prompt": "q", "answer": "2"}\n')
+    train, evals = load_rows(parse_args(["--dataset", str(p), "--eval-dataset", str(p)]))
+    assert [r["id"] for r in train] == [r["id"] for r in evals] == ["a", "1"]
