@@ -33,6 +33,10 @@ FILTER_METRICS = ("acc", "reward")  # verl's algorithm.filter_groups.metric (its
 UNVERIFIED_CUTS = ("uniform", "least-likely", "full")
 # Hugging Face's lr_scheduler_type names (the warmup is ours in each: it starts above 0, see optim.lr_multiplier)
 LR_SCHEDULERS = ("cosine_with_min_lr", "cosine", "linear", "constant", "constant_with_warmup")
+# apply_chat_template arguments that --chat-template-kwargs may not pass (messages: the template's own variable)
+_ENCODING_ARGUMENTS = frozenset({"conversation", "messages", "add_generation_prompt", "continue_final_message", "tokenize",
+                                 "padding", "truncation", "max_length", "return_tensors", "return_dict",
+                                 "return_assistant_tokens_mask", "tokenizer_kwargs"})
 
 
 def reward_names(config) -> list[str]:
@@ -395,6 +399,12 @@ class TrainConfig:
                 kwargs = None
             _check(isinstance(kwargs, dict),
                    f"--chat-template-kwargs must be a JSON object, got {self.chat_template_kwargs!r}")
+            # apply_chat_template's own arguments, which the prompt encoding sets (or which would truncate the
+            # prompt or return tensors): passed again, they are a TypeError or wrong ids, not template variables
+            taken = sorted(set(kwargs) & _ENCODING_ARGUMENTS)
+            _check(not taken, f"--chat-template-kwargs cannot set {', '.join(map(repr, taken))} (apply_chat_template's "
+                              f"own arguments, set by the prompt encoding: a generation prompt opens unless the "
+                              f"conversation ends in an assistant message); pass template variables, e.g. enable_thinking")
         names = reward_names(self)
         _check(all(names) and ("auto" not in names or len(names) == 1),
                f"--reward must name one function or a comma-separated list of them (auto alone), got {self.reward!r}")

@@ -108,8 +108,7 @@ def main(argv=None) -> int:
         try:
             with open(output, "x") as f:
                 for row, samples in zip(rows, graded):
-                    # the dataset's own id (load_rows prefixes eval rows' ids to keep them apart from training's)
-                    record = {"id": row["id"].removeprefix("eval:"), "prompt": row["prompt"], "answer": row["answer"]}
+                    record = {"id": row["id"], "prompt": row["prompt"], "answer": row["answer"]}
                     if args.num_samples == 1:
                         (text, reward, right), = samples
                         record.update(completion=text, reward=reward, correct=right)

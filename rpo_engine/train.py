@@ -56,8 +56,6 @@ def load_rows(config: TrainConfig) -> tuple[list[dict], list[dict]]:
         eval_rows = make_split("eval", config.eval_size, config.seed)
     else:
         eval_rows = []
-    # ids name prompts in the experience cache; keep the two splits apart.
-    eval_rows = [dict(r, id=f"eval:{r['id']}") for r in eval_rows]
     return train, eval_rows
 
 

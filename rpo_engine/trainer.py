@@ -105,12 +105,13 @@ class Trainer:
         # forward, under torchrun wrapped in DDP or FSDP2 (then `model` is a replica of the shards).
         self.model, self.policy = self.dist.wrap(model, config.temperature)
         self.replica_stale = False
-        self.prompt_ids = {}
         limit, template_kwargs = prompt_token_limit(config, self.model), chat_template_kwargs(config)
-        for rows, source in ((train_rows, config.dataset or "built-in task"),
-                             (eval_rows, config.eval_dataset or "built-in task's eval split")):
-            ids = encode_prompts(tokenizer, rows, limit, template_kwargs, source)
-            self.prompt_ids.update(zip([row["id"] for row in rows], ids))
+        # training prompts by id (the experience cache's key); eval rows by position: the two files' ids may
+        # overlap, and reward functions see each row's own id (TRL-style ones read the `id` column)
+        self.prompt_ids = dict(zip([row["id"] for row in train_rows], encode_prompts(
+            tokenizer, train_rows, limit, template_kwargs, config.dataset or "built-in task")))
+        self.eval_prompt_ids = encode_prompts(tokenizer, eval_rows, limit, template_kwargs,
+                                              config.eval_dataset or "built-in task's eval split")
         try:
             self.engine = RolloutEngine(self.model, async_scheduling=config.async_scheduling,
                                         gpu_memory_utilization=config.gpu_memory_utilization,
@@ -846,9 +847,10 @@ class Trainer:
         """Greedy accuracy on the eval rows; each rank evaluates its share (rank 0's with a progress bar: a large
         eval set takes minutes)."""
         self.sync_rollout_weights()
-        rows = [self.eval_rows[i] for i in self.dist.share(len(self.eval_rows))]
+        share = self.dist.share(len(self.eval_rows))
+        rows = [self.eval_rows[i] for i in share]
         correct = greedy_correct(self.engine, self.tokenizer, rows, self.reward_fn,
-                                 [self.prompt_ids[r["id"]] for r in rows], self.config.max_completion_length,
+                                 [self.eval_prompt_ids[i] for i in share], self.config.max_completion_length,
                                  self.eos_ids, progress="eval" if self.config.progress and self.dist.is_main else False)
         correct, total = self.dist.sum([correct, len(rows)])
         return correct / total if total else float("nan")
@@ -937,9 +939,11 @@ class Trainer:
 
 
 def stop_ids(model, tokenizer) -> list[int]:
-    """The tokens a completion ends at: the model's eos ids (config.json, generation_config.json), else the
+    """The tokens a completion ends at: the model's eos ids (config.json, generation_config.json) and the
     tokenizer's eos token. None of them is a one-line error: no completion could ever stop."""
-    ids = list(model.config.stop_token_ids) or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    ids = list(model.config.stop_token_ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)  # as TRL and vLLM stop: a tokenizer whose eos the config does not name
     if not ids:
         where = getattr(model, "source_dir", None) or "the model"
         raise UserError(f"{where}: no end-of-sequence token (config.json's or generation_config.json's eos_token_id, "
@@ -969,11 +973,19 @@ def encode_prompt(tokenizer, row: dict, limit: int, template_kwargs: dict | None
         messages = [{"role": "user", "content": text}] if isinstance(text, str) else text
         # A conversation ending in an assistant message continues it (TRL's rule), else a new turn opens.
         prefilled = messages[-1]["role"] == "assistant"
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=not prefilled,
-                                            continue_final_message=prefilled, tokenize=True, **(template_kwargs or {}))
+        from jinja2.exceptions import TemplateError
+
+        try:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=not prefilled,
+                                                continue_final_message=prefilled, tokenize=True, **(template_kwargs or {}))
+        except (TemplateError, ValueError) as e:  # the template's raise_exception (Qwen3's "No user query found")
+            why = ("it rewrites the final assistant message, which therefore cannot be continued"  # R1's </think> cut
+                   if prefilled and isinstance(e, ValueError) else " ".join(str(e).split())[:200])
+            raise UserError(f"prompt of row {row['id']!r}: the tokenizer's chat template cannot render it "
+                            f"({why})") from None
         ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     elif not isinstance(text, str):
-        raise UserError(f"prompt of row {_dataset_id(row)!r} is a conversation, and the tokenizer has no chat template "
+        raise UserError(f"prompt of row {row['id']!r} is a conversation, and the tokenizer has no chat template "
                         f"to render it (give the prompt as a string)")
     else:  # with the tokenizer's special tokens (Llama's BOS), as TRL and vLLM encode a text prompt
         ids = tokenizer.encode(text)
@@ -981,9 +993,9 @@ def encode_prompt(tokenizer, row: dict, limit: int, template_kwargs: dict | None
         if eos is not None and ids and ids[-1] == eos and tokenizer.encode(text, add_special_tokens=False)[-1:] != [eos]:
             ids = ids[:-1]  # a tokenizer that also appends EOS would end the prompt before the answer
     if not ids:
-        raise UserError(f"prompt of row {_dataset_id(row)!r} is empty after tokenization")
+        raise UserError(f"prompt of row {row['id']!r} is empty after tokenization")
     if len(ids) > limit:
-        raise UserError(f"prompt of row {_dataset_id(row)!r} has {len(ids)} tokens, more than the {limit} allowed "
+        raise UserError(f"prompt of row {row['id']!r} has {len(ids)} tokens, more than the {limit} allowed "
                         f"(--max-prompt-length, and the model's context minus --max-completion-length)")
     return ids
 
@@ -995,11 +1007,6 @@ def encode_prompts(tokenizer, rows: list[dict], limit: int, template_kwargs: dic
         return [encode_prompt(tokenizer, row, limit, template_kwargs) for row in rows]
     except UserError as e:
         raise UserError(f"{source}: {e}") from None
-
-
-def _dataset_id(row: dict) -> str:
-    """The row's id as its dataset has it: load_rows prefixes eval rows' ids to keep the splits apart."""
-    return row["id"].removeprefix("eval:")
 
 
 def greedy_graded(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens,

@@ -272,3 +272,62 @@ def test_chat_template_kwargs_reach_the_template():
     assert kwargs == {"enable_thinking": False}
     assert tok.convert_ids_to_tokens(encode_prompt(tok, row, 100, kwargs))[-3:] == ["<|im_start|>", "assistant", "what"]
     assert tok.convert_ids_to_tokens(encode_prompt(tok, row, 100))[-2:] == ["<|im_start|>", "assistant"]
+
+
+def test_chat_template_kwargs_cannot_set_the_encodings_own_arguments():
+    """apply_chat_template's arguments given again were a TypeError traceback (or tensors for ids)."""
+    from rpo_engine.config import parse_args
+
+    for kwargs in ('{"add_generation_prompt": false}', '{"tokenize": false, "enable_thinking": true}',
+                   '{"return_tensors": "pt"}', '{"messages": []}'):
+        with pytest.raises(UserError, match=r"--chat-template-kwargs cannot set '\w+'"):
+            parse_args(["--chat-template-kwargs", kwargs])
+
+
+def test_chat_template_refusing_a_row_is_a_one_line_error():
+    """A template's raise_exception (Qwen3's "No user query found in messages.") and a final assistant message
+    the template rewrites (DeepSeek-R1's cut at </think>, here </s>) name the dataset and row."""
+    from rpo_engine.trainer import encode_prompts
+
+    no_user = ("{% if messages | selectattr('role', 'equalto', 'user') | list | length == 0 %}"
+               "{{ raise_exception('No user query found in messages.') }}{% endif %}" + QWEN_CHAT_TEMPLATE)
+    row = {"id": "7", "prompt": [{"role": "system", "content": "what is"}]}
+    with pytest.raises(UserError) as e:
+        encode_prompts(word_tokenizer(chat_template=no_user), [row], 100, {}, "d.jsonl")
+    assert str(e.value) == ("d.jsonl: prompt of row '7': the tokenizer's chat template cannot render it "
+                            "(No user query found in messages.)")
+    cut = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'].split('</s>')[-1] }} {% endfor %}"
+           "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+    row = {"id": "r", "prompt": [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "what"}]}
+    assert encode_prompts(word_tokenizer(chat_template=cut), [row], 100, {}, "d.jsonl") == [[3, 5, 9, 3, 6, 7]]
+    row["prompt"][1]["content"] = "what </s>"
+    with pytest.raises(UserError, match=r"^d.jsonl: prompt of row 'r': .*\(it rewrites the final assistant message"):
+        encode_prompts(word_tokenizer(chat_template=cut), [row], 100, {}, "d.jsonl")
+
+
+def test_stop_ids_include_the_tokenizers_eos():
+    """As TRL (generation_config's eos ids and the tokenizer's) and vLLM stop: a tokenizer whose eos_token
+    (<|im_end|> set by hand on a base model) the config does not name still ends a completion."""
+    from types import SimpleNamespace
+
+    from rpo_engine.trainer import stop_ids
+
+    tok = word_tokenizer()
+    tok.eos_token = "<|im_end|>"
+    model = SimpleNamespace(config=SimpleNamespace(stop_token_ids=(2,)))
+    assert stop_ids(model, tok) == [2, 4]
+    model.config.stop_token_ids = (4, 2)
+    assert stop_ids(model, tok) == [4, 2]
+    model.config.stop_token_ids = ()
+    assert stop_ids(model, tok) == [4]
+
+
+def test_eval_rows_keep_their_dataset_ids(tmp_path):
+    """Eval rows were renamed 'eval:<id>': a TRL-style reward reading the `id` column (tests keyed by problem
+    id) got a KeyError at eval only. The splits' ids may overlap; each keeps its own."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import load_rows
+
+    p = _write(tmp_path / "d.jsonl", '{"id": "a", "prompt": "p", "answer": "1"}\n{"prompt": "q", "answer": "2"}\n')
+    train, evals = load_rows(parse_args(["--dataset", str(p), "--eval-dataset", str(p)]))
+    assert [r["id"] for r in train] == [r["id"] for r in evals] == ["a", "1"]
