@@ -213,6 +213,17 @@ def test_bad_adapters_are_user_errors(tmp_path, tiny_model_dir, monkeypatch):
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(dict(config, use_dora=True)))
     with pytest.raises(UserError, match="use_dora = True is not supported"):
         load_adapter(rpo_engine.load_model(tiny_model_dir), tmp_path / "a")
+    # plain LoRA's tensors that PEFT computes something else with: PiSSA saved unconverted (PEFT takes its initial
+    # B A out of the base when loading it), aLoRA (the adapter only from its invocation tokens on)
+    for key, value, message in (("init_lora_weights", "pissa_niter_4", "init_lora_weights = 'pissa_niter_4' is not "
+                                 "supported: PEFT changes the base weights"), ("init_lora_weights", "olora", "'olora'"),
+                                ("alora_invocation_tokens", [5, 6], "alora_invocation_tokens = \\[5, 6\\] is not")):
+        (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(dict(config, **{key: value})))
+        with pytest.raises(UserError, match=message):
+            load_adapter(rpo_engine.load_model(tiny_model_dir), tmp_path / "a")
+    for init in (False, "gaussian", "eva"):  # inits that leave the base as it is load as they are
+        (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(dict(config, init_lora_weights=init)))
+        load_adapter(rpo_engine.load_model(tiny_model_dir), tmp_path / "a")
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(dict(config, target_modules=["q_proj", "k_proj"])))
     untouched = rpo_engine.load_model(tiny_model_dir)
     with pytest.raises(UserError, match="missing 4 tensor"):  # k_proj's A and B, in both layers

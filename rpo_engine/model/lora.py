@@ -16,9 +16,10 @@ Adapters are saved in PEFT's layout (adapter_model.safetensors with `base_model.
 keys, adapter_config.json), so `peft.PeftModel.from_pretrained` loads them; `save_pretrained` writes
 the merged weights W + B A alpha / r, a plain Hugging Face model. rsLoRA (alpha / sqrt(r), PEFT's
 use_rslora) is supported. Not supported (a clear error when an adapter asks for them): DoRA, bias training,
-adapters on the embeddings or the LM head, on some layers only. An adapter's lora_dropout is ignored with a
-warning: dropout on the adapter input would make the training forward differ from the rollout's, which the
-policy ratio reads as a change of policy.
+adapters on the embeddings or the LM head, on some layers only, variants such as aLoRA, and PiSSA, OLoRA,
+CorDA or LoftQ adapters saved unconverted (PEFT rewrites the base weights when it loads those). An adapter's
+lora_dropout is ignored with a warning: dropout on the adapter input would make the training forward differ
+from the rollout's, which the policy ratio reads as a change of policy.
 """
 from __future__ import annotations
 
@@ -250,6 +251,18 @@ def read_adapter_settings(directory) -> LoRASettings:
     for key in ("rank_pattern", "alpha_pattern"):
         if config.get(key):
             raise UserError(f"{path}: {key} is not supported (one rank and alpha for every module)")
+    # variants whose tensors have plain LoRA's names and shapes but compute something else (aLoRA: the adapter
+    # only from its invocation tokens on): loaded as plain LoRA they would be another model, silently
+    for key in ("alora_invocation_tokens", "use_bdlora", "arrow_config", "use_qalora", "lora_bias"):
+        if config.get(key):
+            raise UserError(f"{path}: {key} = {config[key]!r} is not supported (only plain LoRA)")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(("pissa", "corda", "olora", "loftq")):
+        # PEFT rebuilds these adapters' residual base (W minus the initial B A) when it loads them; on the
+        # original base their B A would be added to the weights it was taken out of
+        raise UserError(f"{path}: init_lora_weights = {init!r} is not supported: PEFT changes the base weights when "
+                        f"it loads such an adapter; save it as plain LoRA with PEFT's save_pretrained("
+                        f"path_initial_model_for_weight_conversion=...)")
     if config.get("lora_dropout"):  # a training-time regularizer; we train without it (see the docstring)
         warnings.warn(f"{path}: lora_dropout {config['lora_dropout']} is ignored: rpo_engine trains without adapter "
                       f"dropout", stacklevel=2)
