@@ -173,6 +173,11 @@ def test_rollout_reads_the_live_adapters(tmp_path, tiny_model_dir, merge_lora):
         for m in lora_modules(model).values():
             m.lora_B.weight = torch.nn.Parameter(torch.randn_like(m.lora_B.weight) * 1.5)
         check_against_merged()
+    # a fused optimizer step (AdamW(fused=True)), or a write through .data, leaves the version counters as they were
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.data.copy_(torch.randn_like(m.lora_B.weight) * 1.5)
+    check_against_merged()
     # generating from the base with the adapters switched off: a merged copy is not the base
     base = RolloutEngine(rpo_engine.load_model(tiny_model_dir, device=DEVICE))
     greedy = SamplingParams(max_new_tokens=12, temperature=0.0)

@@ -90,7 +90,8 @@ class LoRALinear(nn.Linear):
         self.adapter_enabled = True
         # A merged copy for rollouts (RolloutEngine(merge_lora=True)); not a parameter, not saved.
         self.rollout_weight: torch.Tensor | None = None
-        self.rollout_weight_versions: tuple | None = None  # (storage, version) of W, A, B when it was merged
+        self.rollout_weight_versions: tuple | None = None  # (storage, version) of W when it was merged
+        self.rollout_adapters: tuple | None = None  # copies of A and B as they were merged
         self.use_rollout_weight = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,20 +167,22 @@ def adapters_disabled(model: nn.Module):
 @torch.no_grad()
 def refresh_rollout_weights(model: nn.Module) -> int:
     """Give each adapter a merged copy of its weight for rollouts (allocated on the first call) and bring
-    it up to date: recomputed only where W, A or B changed since (their version counters, which an optimizer
-    step or a load bumps, and their storage, which a replaced Parameter changes), and written in place, so
-    captured CUDA graphs read the new values.
+    it up to date: recomputed only where W, A or B changed since, and written in place, so captured CUDA graphs
+    read the new values. A and B are compared by value with copies kept at the last merge (a fused optimizer
+    step, or a write through `.data`, changes them without bumping their version counters); W, frozen, by its
+    version counter and storage (a replaced Parameter starts its count again).
     Returns how many were recomputed."""
     done = 0
     for m in lora_modules(model).values():
-        # A replaced Parameter (or `.data`) starts its version count again: its storage tells it apart.
-        versions = tuple((t.data_ptr(), t._version) for t in (m.weight, m.lora_A.weight, m.lora_B.weight))
+        base = (m.weight.data_ptr(), m.weight._version)
+        adapters = (m.lora_A.weight, m.lora_B.weight)
         if m.rollout_weight is None:
             m.rollout_weight = torch.empty_like(m.weight)
-        elif versions == m.rollout_weight_versions:
+        elif base == m.rollout_weight_versions and all(map(torch.equal, adapters, m.rollout_adapters)):
             continue
         m.rollout_weight.copy_(m.merged_weight())
-        m.rollout_weight_versions = versions
+        m.rollout_weight_versions = base
+        m.rollout_adapters = tuple(a.detach().clone() for a in adapters)
         done += 1
     return done
 
