@@ -244,6 +244,15 @@ def test_bad_adapters_are_user_errors(tmp_path, tiny_model_dir, monkeypatch):
         (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(dict(config, target_modules=targets)))
         loaded = load_adapter(rpo_engine.load_model(tiny_model_dir), tmp_path / "a")
         assert loaded.lora_settings.target_modules == ("q_proj", "v_proj")
+    # PEFT's exclude_modules takes projections out of the targets (all-linear minus k_proj: plain LoRA on the rest)
+    for excluded in (["k_proj"], r".*\.k_proj"):
+        (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(dict(
+            config, target_modules=["q_proj", "k_proj", "v_proj"], exclude_modules=excluded)))
+        loaded = load_adapter(rpo_engine.load_model(tiny_model_dir), tmp_path / "a")
+        assert loaded.lora_settings.target_modules == ("q_proj", "v_proj")
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(dict(config, exclude_modules=["q_proj", "v_proj"])))
+    with pytest.raises(UserError, match="exclude_modules .* leaves no projection to adapt"):
+        load_adapter(rpo_engine.load_model(tiny_model_dir), tmp_path / "a")
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(dict(config, target_modules=["q_proj", "lm_head"])))
     with pytest.raises(UserError, match="adapter_config.json: target_modules 'lm_head' is not one of"):
         load_adapter(rpo_engine.load_model(tiny_model_dir), tmp_path / "a")

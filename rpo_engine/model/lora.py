@@ -270,9 +270,12 @@ def read_adapter_settings(directory) -> LoRASettings:
         warnings.warn(f"{path}: lora_dropout {config['lora_dropout']} is ignored: rpo_engine trains without adapter "
                       f"dropout", stacklevel=2)
     try:
+        targets = _adapter_targets(config.get("target_modules") or "all-linear")
+        excluded = _excluded_targets(config.get("exclude_modules"))
+        if not set(targets) - excluded:
+            raise UserError(f"exclude_modules {config['exclude_modules']!r} leaves no projection to adapt")
         return LoRASettings(int(config["r"]), float(config.get("lora_alpha", 8)),
-                            _adapter_targets(config.get("target_modules") or "all-linear"),
-                            bool(config.get("use_rslora", False)))
+                            tuple(t for t in targets if t not in excluded), bool(config.get("use_rslora", False)))
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
     except (KeyError, TypeError, ValueError) as e:
@@ -300,6 +303,21 @@ def _adapter_targets(spec) -> tuple[str, ...]:
     if not hit:
         raise UserError(f"target_modules {spec!r} matches none of the projections {','.join(TARGETS)}")
     return tuple(t for t in TARGETS if t in hit)
+
+
+def _excluded_targets(spec) -> set[str]:
+    """PEFT's exclude_modules (names or name suffixes, or a regular expression over full module names; what it
+    names is no target even where target_modules matches it, as with all-linear minus o_proj) -> the
+    projections it excludes, layer 0 standing for every layer: an exclusion of some layers only leaves tensors
+    that load_adapter's check finds missing or unexpected."""
+    if not spec:
+        return set()
+    names = {f"model.layers.0.{_PARENT[t]}.{t}": t for t in TARGETS}
+    if isinstance(spec, str):
+        return {t for full, t in names.items() if re.fullmatch(spec, full)}
+    if isinstance(spec, list) and all(isinstance(n, str) for n in spec):
+        return {t for full, t in names.items() for n in spec if full == n or full.endswith(f".{n}")}
+    raise UserError(f"exclude_modules must be a list of module names or a regular expression, got {spec!r}")
 
 
 def load_adapter(model: nn.Module, directory) -> nn.Module:
