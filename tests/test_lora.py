@@ -173,6 +173,11 @@ def test_rollout_reads_the_live_adapters(tmp_path, tiny_model_dir, merge_lora):
         for m in lora_modules(model).values():
             m.lora_B.weight = torch.nn.Parameter(torch.randn_like(m.lora_B.weight) * 1.5)
         check_against_merged()
+    # a fused optimizer step (AdamW(fused=True)), or a write through .data, leaves the version counters as they were
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.data.copy_(torch.randn_like(m.lora_B.weight) * 1.5)
+    check_against_merged()
     # generating from the base with the adapters switched off: a merged copy is not the base
     base = RolloutEngine(rpo_engine.load_model(tiny_model_dir, device=DEVICE))
     greedy = SamplingParams(max_new_tokens=12, temperature=0.0)
@@ -213,6 +218,17 @@ def test_bad_adapters_are_user_errors(tmp_path, tiny_model_dir, monkeypatch):
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(dict(config, use_dora=True)))
     with pytest.raises(UserError, match="use_dora = True is not supported"):
         load_adapter(rpo_engine.load_model(tiny_model_dir), tmp_path / "a")
+    # plain LoRA's tensors that PEFT computes something else with: PiSSA saved unconverted (PEFT takes its initial
+    # B A out of the base when loading it), aLoRA (the adapter only from its invocation tokens on)
+    for key, value, message in (("init_lora_weights", "pissa_niter_4", "init_lora_weights = 'pissa_niter_4' is not "
+                                 "supported: PEFT changes the base weights"), ("init_lora_weights", "olora", "'olora'"),
+                                ("alora_invocation_tokens", [5, 6], "alora_invocation_tokens = \\[5, 6\\] is not")):
+        (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(dict(config, **{key: value})))
+        with pytest.raises(UserError, match=message):
+            load_adapter(rpo_engine.load_model(tiny_model_dir), tmp_path / "a")
+    for init in (False, "gaussian", "eva"):  # inits that leave the base as it is load as they are
+        (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(dict(config, init_lora_weights=init)))
+        load_adapter(rpo_engine.load_model(tiny_model_dir), tmp_path / "a")
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(dict(config, target_modules=["q_proj", "k_proj"])))
     untouched = rpo_engine.load_model(tiny_model_dir)
     with pytest.raises(UserError, match="missing 4 tensor"):  # k_proj's A and B, in both layers
@@ -228,6 +244,15 @@ def test_bad_adapters_are_user_errors(tmp_path, tiny_model_dir, monkeypatch):
         (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(dict(config, target_modules=targets)))
         loaded = load_adapter(rpo_engine.load_model(tiny_model_dir), tmp_path / "a")
         assert loaded.lora_settings.target_modules == ("q_proj", "v_proj")
+    # PEFT's exclude_modules takes projections out of the targets (all-linear minus k_proj: plain LoRA on the rest)
+    for excluded in (["k_proj"], r".*\.k_proj"):
+        (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(dict(
+            config, target_modules=["q_proj", "k_proj", "v_proj"], exclude_modules=excluded)))
+        loaded = load_adapter(rpo_engine.load_model(tiny_model_dir), tmp_path / "a")
+        assert loaded.lora_settings.target_modules == ("q_proj", "v_proj")
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(dict(config, exclude_modules=["q_proj", "v_proj"])))
+    with pytest.raises(UserError, match="exclude_modules .* leaves no projection to adapt"):
+        load_adapter(rpo_engine.load_model(tiny_model_dir), tmp_path / "a")
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(dict(config, target_modules=["q_proj", "lm_head"])))
     with pytest.raises(UserError, match="adapter_config.json: target_modules 'lm_head' is not one of"):
         load_adapter(rpo_engine.load_model(tiny_model_dir), tmp_path / "a")

@@ -16,9 +16,10 @@ Adapters are saved in PEFT's layout (adapter_model.safetensors with `base_model.
 keys, adapter_config.json), so `peft.PeftModel.from_pretrained` loads them; `save_pretrained` writes
 the merged weights W + B A alpha / r, a plain Hugging Face model. rsLoRA (alpha / sqrt(r), PEFT's
 use_rslora) is supported. Not supported (a clear error when an adapter asks for them): DoRA, bias training,
-adapters on the embeddings or the LM head, on some layers only. An adapter's lora_dropout is ignored with a
-warning: dropout on the adapter input would make the training forward differ from the rollout's, which the
-policy ratio reads as a change of policy.
+adapters on the embeddings or the LM head, on some layers only, variants such as aLoRA, and PiSSA, OLoRA,
+CorDA or LoftQ adapters saved unconverted (PEFT rewrites the base weights when it loads those). An adapter's
+lora_dropout is ignored with a warning: dropout on the adapter input would make the training forward differ
+from the rollout's, which the policy ratio reads as a change of policy.
 """
 from __future__ import annotations
 
@@ -89,7 +90,8 @@ class LoRALinear(nn.Linear):
         self.adapter_enabled = True
         # A merged copy for rollouts (RolloutEngine(merge_lora=True)); not a parameter, not saved.
         self.rollout_weight: torch.Tensor | None = None
-        self.rollout_weight_versions: tuple | None = None  # (storage, version) of W, A, B when it was merged
+        self.rollout_weight_versions: tuple | None = None  # (storage, version) of W when it was merged
+        self.rollout_adapters: tuple | None = None  # copies of A and B as they were merged
         self.use_rollout_weight = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -165,20 +167,22 @@ def adapters_disabled(model: nn.Module):
 @torch.no_grad()
 def refresh_rollout_weights(model: nn.Module) -> int:
     """Give each adapter a merged copy of its weight for rollouts (allocated on the first call) and bring
-    it up to date: recomputed only where W, A or B changed since (their version counters, which an optimizer
-    step or a load bumps, and their storage, which a replaced Parameter changes), and written in place, so
-    captured CUDA graphs read the new values.
+    it up to date: recomputed only where W, A or B changed since, and written in place, so captured CUDA graphs
+    read the new values. A and B are compared by value with copies kept at the last merge (a fused optimizer
+    step, or a write through `.data`, changes them without bumping their version counters); W, frozen, by its
+    version counter and storage (a replaced Parameter starts its count again).
     Returns how many were recomputed."""
     done = 0
     for m in lora_modules(model).values():
-        # A replaced Parameter (or `.data`) starts its version count again: its storage tells it apart.
-        versions = tuple((t.data_ptr(), t._version) for t in (m.weight, m.lora_A.weight, m.lora_B.weight))
+        base = (m.weight.data_ptr(), m.weight._version)
+        adapters = (m.lora_A.weight, m.lora_B.weight)
         if m.rollout_weight is None:
             m.rollout_weight = torch.empty_like(m.weight)
-        elif versions == m.rollout_weight_versions:
+        elif base == m.rollout_weight_versions and all(map(torch.equal, adapters, m.rollout_adapters)):
             continue
         m.rollout_weight.copy_(m.merged_weight())
-        m.rollout_weight_versions = versions
+        m.rollout_weight_versions = base
+        m.rollout_adapters = tuple(a.detach().clone() for a in adapters)
         done += 1
     return done
 
@@ -250,13 +254,28 @@ def read_adapter_settings(directory) -> LoRASettings:
     for key in ("rank_pattern", "alpha_pattern"):
         if config.get(key):
             raise UserError(f"{path}: {key} is not supported (one rank and alpha for every module)")
+    # variants whose tensors have plain LoRA's names and shapes but compute something else (aLoRA: the adapter
+    # only from its invocation tokens on): loaded as plain LoRA they would be another model, silently
+    for key in ("alora_invocation_tokens", "use_bdlora", "arrow_config", "use_qalora", "lora_bias"):
+        if config.get(key):
+            raise UserError(f"{path}: {key} = {config[key]!r} is not supported (only plain LoRA)")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(("pissa", "corda", "olora", "loftq")):
+        # PEFT rebuilds these adapters' residual base (W minus the initial B A) when it loads them; on the
+        # original base their B A would be added to the weights it was taken out of
+        raise UserError(f"{path}: init_lora_weights = {init!r} is not supported: PEFT changes the base weights when "
+                        f"it loads such an adapter; save it as plain LoRA with PEFT's save_pretrained("
+                        f"path_initial_model_for_weight_conversion=...)")
     if config.get("lora_dropout"):  # a training-time regularizer; we train without it (see the docstring)
         warnings.warn(f"{path}: lora_dropout {config['lora_dropout']} is ignored: rpo_engine trains without adapter "
                       f"dropout", stacklevel=2)
     try:
+        targets = _adapter_targets(config.get("target_modules") or "all-linear")
+        excluded = _excluded_targets(config.get("exclude_modules"))
+        if not set(targets) - excluded:
+            raise UserError(f"exclude_modules {config['exclude_modules']!r} leaves no projection to adapt")
         return LoRASettings(int(config["r"]), float(config.get("lora_alpha", 8)),
-                            _adapter_targets(config.get("target_modules") or "all-linear"),
-                            bool(config.get("use_rslora", False)))
+                            tuple(t for t in targets if t not in excluded), bool(config.get("use_rslora", False)))
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
     except (KeyError, TypeError, ValueError) as e:
@@ -284,6 +303,21 @@ def _adapter_targets(spec) -> tuple[str, ...]:
     if not hit:
         raise UserError(f"target_modules {spec!r} matches none of the projections {','.join(TARGETS)}")
     return tuple(t for t in TARGETS if t in hit)
+
+
+def _excluded_targets(spec) -> set[str]:
+    """PEFT's exclude_modules (names or name suffixes, or a regular expression over full module names; what it
+    names is no target even where target_modules matches it, as with all-linear minus o_proj) -> the
+    projections it excludes, layer 0 standing for every layer: an exclusion of some layers only leaves tensors
+    that load_adapter's check finds missing or unexpected."""
+    if not spec:
+        return set()
+    names = {f"model.layers.0.{_PARENT[t]}.{t}": t for t in TARGETS}
+    if isinstance(spec, str):
+        return {t for full, t in names.items() if re.fullmatch(spec, full)}
+    if isinstance(spec, list) and all(isinstance(n, str) for n in spec):
+        return {t for full, t in names.items() for n in spec if full == n or full.endswith(f".{n}")}
+    raise UserError(f"exclude_modules must be a list of module names or a regular expression, got {spec!r}")
 
 
 def load_adapter(model: nn.Module, directory) -> nn.Module:
