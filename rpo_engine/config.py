@@ -338,6 +338,7 @@ class TrainConfig:
     gpu_memory_utilization: float = field(default=0.5, metadata={"help": "CUDA: the share of the GPU's memory that the weights and the rollout's K/V cache may fill; the rest is the update's (vLLM's name): lower it when the update runs out of memory"})
     async_scheduling: bool = field(default=False, metadata={"help": "rollout: schedule each decode step while the previous one runs, hiding the host's work behind the GPU's (the same samples; nothing to gain on a CPU)"})
     reward: str = field(default="auto", metadata={"help": "exact | math | module:function (auto: exact for the built-in task, math otherwise); or several, comma-separated: the first decides right answers (eval accuracy, RPO's verified paths), each adds its weighted score to the reward"})
+    chat_template: bool = field(default=True, metadata={"help": "render prompts with the tokenizer's chat template when it has one (--no-chat-template: a string prompt is encoded as it is, as TRL does with a string, e.g. for RL from a base model's own prompt format)"})
     chat_template_kwargs: str | None = field(default=None, metadata={"help": "a JSON object of extra arguments for the chat template (TRL's name), e.g. '{\"enable_thinking\": false}' for Qwen3 (default: none)"})
     reward_weights: str | None = field(default=None, metadata={"help": "comma-separated weight of each --reward function (TRL's name) (default: 1 each)"})
     reward_workers: int = field(default=0, metadata={"help": "score the reward functions of the one-completion-a-call kind (exact, math, module:function) in this many worker processes (0: in the trainer's process); math-verify takes 3-6 ms a completion, seconds a step at 512 completions"})
@@ -420,6 +421,8 @@ class TrainConfig:
         if not self.use_peft:
             _reject_given(self, ("lora_r", "lora_alpha", "lora_target_modules", "use_rslora", "lora_merged_rollout"),
                           "without --use-peft (the run trains every weight)")
+        if not self.chat_template:
+            _reject_given(self, ("chat_template_kwargs",), "with --no-chat-template")
         if self.dataset is not None:
             _reject_given(self, ("train_size",), "with --dataset (it sizes the built-in task)")
         if self.lr_scheduler_type == "constant" and self.warmup_ratio:  # 0 (TRL's default) says what constant does

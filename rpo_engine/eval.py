@@ -48,6 +48,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed; row i draws from seed + i (default: 0)")
     parser.add_argument("--chat-template-kwargs", help="a JSON object of extra arguments for the chat template, "
                                                        "as in training (default: none)")
+    parser.add_argument("--no-chat-template", action="store_true",
+                        help="encode string prompts as they are, not through the tokenizer's chat template, as in "
+                             "training (default: the template, when the tokenizer has one)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: one, on stderr)")
     parser.add_argument("--output", help="JSONL file for each row's completion, reward and verdict (must not exist)")
     args = parser.parse_args(argv)
@@ -77,7 +80,8 @@ def main(argv=None) -> int:
     config = config_from_dict({"model": args.model, "eval_dataset": args.dataset, "eval_size": args.eval_size,
                                "max_prompt_length": args.max_prompt_length,
                                "max_completion_length": args.max_completion_length, "reward": args.reward,
-                               "device": args.device, "chat_template_kwargs": args.chat_template_kwargs,
+                               "device": args.device, "chat_template": not args.no_chat_template,
+                               "chat_template_kwargs": args.chat_template_kwargs,
                                "reward_workers": args.reward_workers})
     device, dtype = resolve_device(config)
     if config.model is None:
@@ -90,7 +94,7 @@ def main(argv=None) -> int:
     tokenizer = rpo_engine.load_tokenizer(config.model)
     _, rows = load_rows(config)
     prompts = encode_prompts(tokenizer, rows, prompt_token_limit(config, model), chat_template_kwargs(config),
-                             args.dataset or "built-in eval split")
+                             args.dataset or "built-in eval split", config.chat_template)
     eos_ids = stop_ids(model, tokenizer)
     params = [SamplingParams(n=args.num_samples, max_new_tokens=config.max_completion_length,
                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,

@@ -109,9 +109,9 @@ class Trainer:
         # training prompts by id (the experience cache's key); eval rows by position: the two files' ids may
         # overlap, and reward functions see each row's own id (TRL-style ones read the `id` column)
         self.prompt_ids = dict(zip([row["id"] for row in train_rows], encode_prompts(
-            tokenizer, train_rows, limit, template_kwargs, config.dataset or "built-in task")))
+            tokenizer, train_rows, limit, template_kwargs, config.dataset or "built-in task", config.chat_template)))
         self.eval_prompt_ids = encode_prompts(tokenizer, eval_rows, limit, template_kwargs,
-                                              config.eval_dataset or "built-in task's eval split")
+                                              config.eval_dataset or "built-in task's eval split", config.chat_template)
         try:
             self.engine = RolloutEngine(self.model, async_scheduling=config.async_scheduling,
                                         gpu_memory_utilization=config.gpu_memory_utilization,
@@ -144,7 +144,7 @@ class Trainer:
     # ---- data --------------------------------------------------------------------------------
     def encode_prompt(self, row: dict) -> list[int]:
         return encode_prompt(self.tokenizer, row, prompt_token_limit(self.config, self.model),
-                             chat_template_kwargs(self.config))
+                             chat_template_kwargs(self.config), self.config.chat_template)
 
     def row_at(self, position: int) -> dict:
         """The training row handed out at `position` (counted over all epochs). Each epoch's order is a
@@ -964,12 +964,13 @@ def chat_template_kwargs(config: TrainConfig) -> dict:
     return {} if config.chat_template_kwargs is None else json.loads(config.chat_template_kwargs)
 
 
-def encode_prompt(tokenizer, row: dict, limit: int, template_kwargs: dict | None = None) -> list[int]:
-    """Token ids of a row's prompt: through the chat template when the tokenizer has one (a string as a user
-    turn; a conversation as it is; the assistant turn opened; `template_kwargs` passed to the template),
-    else the text with the tokenizer's leading special tokens."""
+def encode_prompt(tokenizer, row: dict, limit: int, template_kwargs: dict | None = None,
+                  chat_template: bool = True) -> list[int]:
+    """Token ids of a row's prompt: through the chat template when the tokenizer has one and `chat_template`
+    (a string as a user turn; a conversation as it is; the assistant turn opened; `template_kwargs` passed to
+    the template), else the text with the tokenizer's leading special tokens."""
     text = row["prompt"]
-    if getattr(tokenizer, "chat_template", None):
+    if chat_template and getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": text}] if isinstance(text, str) else text
         # A conversation ending in an assistant message continues it (TRL's rule), else a new turn opens.
         prefilled = messages[-1]["role"] == "assistant"
@@ -985,8 +986,9 @@ def encode_prompt(tokenizer, row: dict, limit: int, template_kwargs: dict | None
                             f"({why})") from None
         ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     elif not isinstance(text, str):
-        raise UserError(f"prompt of row {row['id']!r} is a conversation, and the tokenizer has no chat template "
-                        f"to render it (give the prompt as a string)")
+        why = "the tokenizer has no chat template" if chat_template else "--no-chat-template is set"
+        raise UserError(f"prompt of row {row['id']!r} is a conversation, and {why} to render it (give the prompt "
+                        f"as a string)")
     else:  # with the tokenizer's special tokens (Llama's BOS), as TRL and vLLM encode a text prompt
         ids = tokenizer.encode(text)
         eos = tokenizer.eos_token_id
@@ -1000,11 +1002,12 @@ def encode_prompt(tokenizer, row: dict, limit: int, template_kwargs: dict | None
     return ids
 
 
-def encode_prompts(tokenizer, rows: list[dict], limit: int, template_kwargs: dict | None, source: str) -> list[list[int]]:
+def encode_prompts(tokenizer, rows: list[dict], limit: int, template_kwargs: dict | None, source: str,
+                   chat_template: bool = True) -> list[list[int]]:
     """Each row's prompt ids (encode_prompt); a mistake in one is named with `source`, its dataset (a train and
     an eval row may share an id)."""
     try:
-        return [encode_prompt(tokenizer, row, limit, template_kwargs) for row in rows]
+        return [encode_prompt(tokenizer, row, limit, template_kwargs, chat_template) for row in rows]
     except UserError as e:
         raise UserError(f"{source}: {e}") from None
 

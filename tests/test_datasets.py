@@ -274,6 +274,22 @@ def test_chat_template_kwargs_reach_the_template():
     assert tok.convert_ids_to_tokens(encode_prompt(tok, row, 100))[-2:] == ["<|im_start|>", "assistant"]
 
 
+def test_no_chat_template_encodes_the_text_as_it_is():
+    """--no-chat-template: a string prompt goes in raw (TRL's way with a string), BOS and all, even where the
+    tokenizer has a template; a conversation then has nothing to render it."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.trainer import encode_prompts
+
+    tok, row = word_tokenizer(bos=True, chat_template=QWEN_CHAT_TEMPLATE), {"id": "r", "prompt": "what is 1+1 ?"}
+    config = parse_args(["--no-chat-template"])
+    assert encode_prompts(tok, [row], 100, {}, "d.jsonl", config.chat_template) == [[1, 7, 8, 9, 10]]
+    assert encode_prompts(tok, [row], 100, {}, "d.jsonl")[0][:2] == [3, 5]  # the template by default
+    with pytest.raises(UserError, match="prompt of row 'c' is a conversation, and --no-chat-template is set"):
+        encode_prompts(tok, [{"id": "c", "prompt": [{"role": "user", "content": "1+1"}]}], 100, {}, "d.jsonl", False)
+    with pytest.raises(UserError, match="--chat-template-kwargs does nothing with --no-chat-template"):
+        parse_args(["--no-chat-template", "--chat-template-kwargs", '{"enable_thinking": false}'])
+
+
 def test_chat_template_kwargs_cannot_set_the_encodings_own_arguments():
     """apply_chat_template's arguments given again were a TypeError traceback (or tensors for ids)."""
     from rpo_engine.config import parse_args
