@@ -90,8 +90,9 @@ def test_duplicate_id_names_first_line(tmp_path):
 
 def test_float_answers_are_written_out_and_math_columns_named(tmp_path):
     p = _write(tmp_path / "f.jsonl", '{"prompt": "p", "answer": 1e-05}\n{"prompt": "q", "answer": 1e20}\n'
-                                     '{"prompt": "r", "answer": 0.5}\n')
-    assert [r["answer"] for r in load_dataset_rows(p)] == ["0.00001", "100000000000000000000", "0.5"]
+                                     '{"prompt": "r", "answer": 0.5}\n{"prompt": "s", "answer": 18.0}\n')
+    # 18.0: an integer column with a gap is float in pandas/Parquet; "18.0" failed --reward exact on "18"
+    assert [r["answer"] for r in load_dataset_rows(p)] == ["0.00001", "100000000000000000000", "0.5", "18"]
     p = _write(tmp_path / "math.jsonl", '{"problem": "p", "solution": "s"}\n')  # MATH's columns
     assert "rename 'problem' to 'prompt'?" in _error(p)
     p = _write(tmp_path / "gsm.jsonl", '{"prompt": "p", "solution": "s"}\n')

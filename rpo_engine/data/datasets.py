@@ -10,7 +10,7 @@ Row rules:
   ``{"role": str, "content": str}`` (e.g. a system message, then the user's), which needs a tokenizer with
   a chat template.
 - ``answer``: a non-empty string. An integer (``"answer": 42``) or a finite float is accepted and converted
-  to its text (``"42"``, ``"0.5"``; ``1e-05`` written out, ``"0.00001"``), because numeric answers are common
+  to its text (``"42"``, ``"0.5"``; ``1e-05`` written out, ``"0.00001"``; ``18.0``, ``"18"``), because numeric answers are common
   in math datasets and the rewards compare strings/expressions; booleans, lists, objects and null are rejected.
 - ``id``: optional; a string or an integer (converted to a string). Default: the row's index (0-based,
   counting only non-blank lines) as a string. Ids must be unique.
@@ -74,7 +74,10 @@ def _check_row(row, where: str, index: int) -> dict:
             if isinstance(v, float) and not math.isfinite(v):
                 raise UserError(f"{where}: 'answer' must be a string, got {_short(v)}")
             # numeric answers are accepted and compared as their text (42 -> "42"), written out positionally:
-            # str(1e-05) is "1e-05", which no completion writes
+            # str(1e-05) is "1e-05", which no completion writes; a whole float (18.0: an integer column with a
+            # gap is float in pandas and Parquet) is the integer's text, which --reward exact compares
+            if isinstance(v, float) and v.is_integer():
+                v = int(v)
             v = str(v) if isinstance(v, int) else format(decimal.Decimal(repr(v)), "f")
         if not isinstance(v, str):
             raise UserError(f"{where}: '{key}' must be a string, got {_type_name(v)} {_short(v)}")
