@@ -306,6 +306,9 @@ def test_config_defaults_are_transformers(tmp_path, family):
     _edit_config(tmp_path, max_window_layers=1)  # now layer 1 slides
     with pytest.raises(UserError, match="1 layer\\(s\\) a 8-token window \\(from layer 1\\)"):
         rpo_engine.load_model(tmp_path)
+    _edit_config(tmp_path, sliding_window=None)  # left out: transformers' default window, 4096 tokens
+    with pytest.raises(UserError, match="1 layer\\(s\\) a 4096-token window"):
+        rpo_engine.load_model(tmp_path)
     _edit_config(tmp_path, sliding_window=32768)  # a window as long as the context never cuts anything
     assert rpo_engine.load_model(tmp_path).config.num_hidden_layers == 2
 
@@ -322,6 +325,33 @@ def test_rope_parameters_win_over_top_level_rope_theta(tmp_path):
     ids = random_ids(hf.config.vocab_size)
     with torch.no_grad():
         assert rel_err(ours(ids), hf(ids).logits) < 1e-5
+
+
+def test_rope_scaling_beside_rope_parameters(tmp_path):
+    """transformers (4.x and 5.x) reads a top-level rope_scaling, with the top-level rope_theta, before
+    rope_parameters, and 5.x a top-level original_max_position_embeddings before the scaling's own: a config
+    means what transformers reads, and one whose rope_parameters say something transformers drops is refused."""
+    from transformers import AutoModelForCausalLM
+
+    save_hf_checkpoint("llama", tmp_path)  # transformers 5 wrote rope_parameters: llama3, factor 8, theta 5e4
+    params = json.loads((tmp_path / "config.json").read_text())["rope_parameters"]
+    scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    ids = random_ids(131, T=40)
+    for changes in (dict(rope_scaling=scaling, rope_theta=params["rope_theta"]),  # the same RoPE twice
+                    dict(rope_scaling=scaling, rope_theta=params["rope_theta"],
+                         rope_parameters={"rope_type": "default"})):  # a default beside it says nothing
+        _edit_config(tmp_path, **changes)
+        hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
+        with torch.no_grad():
+            assert rel_err(rpo_engine.load_model(tmp_path)(ids), hf(ids).logits) < 1e-5
+    for changes, message in [
+            (dict(rope_parameters=params, rope_scaling=dict(scaling, factor=4.0)), "rope_parameters"),
+            (dict(rope_parameters={"rope_type": "default", "rope_theta": 500.0}), "rope_parameters.rope_theta"),
+            (dict(rope_parameters=params, rope_scaling=None, original_max_position_embeddings=32),
+             "original_max_position_embeddings")]:
+        _edit_config(tmp_path, **changes)
+        with pytest.raises(UserError, match=rf"config\.json: .*{message}.*transformers"):
+            rpo_engine.load_model(tmp_path)
 
 
 def test_quantized_weights_are_refused(tmp_path):
