@@ -1,6 +1,7 @@
 """Our decoder against transformers on tiny random checkpoints of each family."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -238,6 +239,26 @@ def test_missing_tensor(tmp_path):
     save_file(state, tmp_path / "model.safetensors")
     with pytest.raises(UserError, match="missing 1 tensor.*model.layers.1.mlp.up_proj.weight"):
         rpo_engine.load_model(tmp_path)
+
+
+@pytest.mark.parametrize("family,changes,extra", [
+    ("qwen2", dict(model_type="llama", layer_types=None), "model.layers.0.self_attn.k_proj.bias"),  # biases dropped
+    ("llama", dict(mlp_bias=False), "model.layers.0.mlp.down_proj.bias"),
+    ("qwen3", dict(num_hidden_layers=1, layer_types=None), "model.layers.1.input_layernorm.weight")])
+def test_tensors_the_config_has_no_place_for_are_refused(tmp_path, family, changes, extra):
+    """A checkpoint whose tensors the config does not use describes another model (transformers loads it with
+    an UNEXPECTED report and drops them): refused, naming one. A tied model's lm_head.weight (transformers
+    re-ties it) and old checkpoints' rotary inv_freq buffers are no weights and stay allowed."""
+    save_hf_checkpoint(family, tmp_path)
+    _edit_config(tmp_path, **changes)
+    with pytest.raises(UserError, match=rf"\d+ tensor\(s\) config\.json has no place for, first '{re.escape(extra)}'"):
+        rpo_engine.load_model(tmp_path)
+    save_hf_checkpoint("qwen2", tmp_path)  # tied
+    state = load_file(tmp_path / "model.safetensors")
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(state, tmp_path / "model.safetensors")
+    assert rpo_engine.load_model(tmp_path).config.tie_word_embeddings
 
 
 def test_misshaped_tensor(tmp_path):
