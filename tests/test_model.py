@@ -251,7 +251,8 @@ def test_tensors_the_config_has_no_place_for_are_refused(tmp_path, family, chang
     re-ties it) and old checkpoints' rotary inv_freq buffers are no weights and stay allowed."""
     save_hf_checkpoint(family, tmp_path)
     _edit_config(tmp_path, **changes)
-    with pytest.raises(UserError, match=rf"\d+ tensor\(s\) config\.json has no place for, first '{re.escape(extra)}'"):
+    unused = rf"\d+ tensor\(s\) config\.json has no place for, first '{re.escape(extra)}'"
+    with pytest.raises(UserError, match=unused):
         rpo_engine.load_model(tmp_path)
     save_hf_checkpoint("qwen2", tmp_path)  # tied
     state = load_file(tmp_path / "model.safetensors")
@@ -373,6 +374,18 @@ def test_rope_scaling_beside_rope_parameters(tmp_path):
         _edit_config(tmp_path, **changes)
         with pytest.raises(UserError, match=rf"config\.json: .*{message}.*transformers"):
             rpo_engine.load_model(tmp_path)
+
+
+def test_model_config_with_default_rope_scaling_is_unscaled():
+    """ModelConfig is public: a rope_scaling of type "default", as transformers writes it, means no scaling."""
+    from rpo_engine.model import CausalLM, ModelConfig
+
+    fields = dict(model_type="llama", vocab_size=16, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+    config = ModelConfig(**fields, rope_scaling={"rope_type": "default", "rope_theta": 10000.0})
+    assert config.rope_scaling is None and config == ModelConfig(**fields)
+    unscaled = CausalLM(ModelConfig(**fields)).model.rotary_emb.inv_freq
+    assert torch.equal(CausalLM(config).model.rotary_emb.inv_freq, unscaled)
 
 
 def test_quantized_weights_are_refused(tmp_path):

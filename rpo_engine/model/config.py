@@ -69,6 +69,8 @@ class ModelConfig:
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if rope_type not in SUPPORTED_ROPE_TYPES:
                 raise UserError(f"unsupported rope_scaling type {rope_type!r}; expected one of {SUPPORTED_ROPE_TYPES}")
+            if rope_type == "default":  # no scaling: None is how the rest of the code reads it
+                object.__setattr__(self, "rope_scaling", None)
             if rope_type == "llama3":
                 keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
                 missing = [k for k in keys if k not in self.rope_scaling]
