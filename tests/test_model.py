@@ -44,6 +44,31 @@ def test_logits_match_transformers_fp32(tmp_path, family, overrides):
     assert rel_err(got, expected) < 1e-5
 
 
+@pytest.mark.parametrize("family,overrides", [
+    ("llama", dict(rope_theta=5e5, rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 1024})),
+    ("qwen2", dict(rope_theta=1e6)), ("qwen3", dict(rope_theta=1e6))])
+def test_long_positions_match_transformers(tmp_path, family, overrides):
+    """Positions in the thousands, past a Llama 3.1-style original context (where its RoPE scaling bites), and
+    past max_position_embeddings (transformers computes them as well): fp32 tight; bf16 within transformers' own
+    bf16 error (the same ops in the same order give the same bits, but that is no contract)."""
+    from transformers import AutoModelForCausalLM
+
+    hf = make_hf_model(family, **overrides)
+    hf.config.max_position_embeddings = 4096
+    hf.save_pretrained(str(tmp_path))
+    hf16 = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.bfloat16, attn_implementation="sdpa")
+    ours, ours16 = rpo_engine.load_model(tmp_path), rpo_engine.load_model(tmp_path, dtype="bf16")
+    ids = random_ids(hf.config.vocab_size, B=2, T=16)
+    for start in (1500, 3000, 5000):
+        positions = torch.arange(start, start + 16).expand(2, 16)
+        with torch.no_grad():
+            ref = hf(ids, position_ids=positions).logits
+            assert rel_err(ours(ids, position_ids=positions), ref) < 1e-5
+            hf_err = rel_err(hf16(ids, position_ids=positions).logits, ref)
+            assert rel_err(ours16(ids, position_ids=positions), ref) <= 2 * hf_err + 1e-3
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rms_norm_and_rope_equal_their_written_out_forms_bit_for_bit(dtype):
     """RMSNorm is F.rms_norm and RoPE a roll with a pre-signed sine: the same bits as transformers' formulas."""
