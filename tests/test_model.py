@@ -1,6 +1,7 @@
 """Our decoder against transformers on tiny random checkpoints of each family."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -41,6 +42,31 @@ def test_logits_match_transformers_fp32(tmp_path, family, overrides):
         got = ours(ids)
     assert got.shape == expected.shape
     assert rel_err(got, expected) < 1e-5
+
+
+@pytest.mark.parametrize("family,overrides", [
+    ("llama", dict(rope_theta=5e5, rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 1024})),
+    ("qwen2", dict(rope_theta=1e6)), ("qwen3", dict(rope_theta=1e6))])
+def test_long_positions_match_transformers(tmp_path, family, overrides):
+    """Positions in the thousands, past a Llama 3.1-style original context (where its RoPE scaling bites), and
+    past max_position_embeddings (transformers computes them as well): fp32 tight; bf16 within transformers' own
+    bf16 error (the same ops in the same order give the same bits, but that is no contract)."""
+    from transformers import AutoModelForCausalLM
+
+    hf = make_hf_model(family, **overrides)
+    hf.config.max_position_embeddings = 4096
+    hf.save_pretrained(str(tmp_path))
+    hf16 = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.bfloat16, attn_implementation="sdpa")
+    ours, ours16 = rpo_engine.load_model(tmp_path), rpo_engine.load_model(tmp_path, dtype="bf16")
+    ids = random_ids(hf.config.vocab_size, B=2, T=16)
+    for start in (1500, 3000, 5000):
+        positions = torch.arange(start, start + 16).expand(2, 16)
+        with torch.no_grad():
+            ref = hf(ids, position_ids=positions).logits
+            assert rel_err(ours(ids, position_ids=positions), ref) < 1e-5
+            hf_err = rel_err(hf16(ids, position_ids=positions).logits, ref)
+            assert rel_err(ours16(ids, position_ids=positions), ref) <= 2 * hf_err + 1e-3
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -240,6 +266,27 @@ def test_missing_tensor(tmp_path):
         rpo_engine.load_model(tmp_path)
 
 
+@pytest.mark.parametrize("family,changes,extra", [
+    ("qwen2", dict(model_type="llama", layer_types=None), "model.layers.0.self_attn.k_proj.bias"),  # biases dropped
+    ("llama", dict(mlp_bias=False), "model.layers.0.mlp.down_proj.bias"),
+    ("qwen3", dict(num_hidden_layers=1, layer_types=None), "model.layers.1.input_layernorm.weight")])
+def test_tensors_the_config_has_no_place_for_are_refused(tmp_path, family, changes, extra):
+    """A checkpoint whose tensors the config does not use describes another model (transformers loads it with
+    an UNEXPECTED report and drops them): refused, naming one. A tied model's lm_head.weight (transformers
+    re-ties it) and old checkpoints' rotary inv_freq buffers are no weights and stay allowed."""
+    save_hf_checkpoint(family, tmp_path)
+    _edit_config(tmp_path, **changes)
+    unused = rf"\d+ tensor\(s\) config\.json has no place for, first '{re.escape(extra)}'"
+    with pytest.raises(UserError, match=unused):
+        rpo_engine.load_model(tmp_path)
+    save_hf_checkpoint("qwen2", tmp_path)  # tied
+    state = load_file(tmp_path / "model.safetensors")
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(state, tmp_path / "model.safetensors")
+    assert rpo_engine.load_model(tmp_path).config.tie_word_embeddings
+
+
 def test_misshaped_tensor(tmp_path):
     save_hf_checkpoint("qwen2", tmp_path)
     state = load_file(tmp_path / "model.safetensors")
@@ -306,6 +353,9 @@ def test_config_defaults_are_transformers(tmp_path, family):
     _edit_config(tmp_path, max_window_layers=1)  # now layer 1 slides
     with pytest.raises(UserError, match="1 layer\\(s\\) a 8-token window \\(from layer 1\\)"):
         rpo_engine.load_model(tmp_path)
+    _edit_config(tmp_path, sliding_window=None)  # left out: transformers' default window, 4096 tokens
+    with pytest.raises(UserError, match="1 layer\\(s\\) a 4096-token window"):
+        rpo_engine.load_model(tmp_path)
     _edit_config(tmp_path, sliding_window=32768)  # a window as long as the context never cuts anything
     assert rpo_engine.load_model(tmp_path).config.num_hidden_layers == 2
 
@@ -322,6 +372,45 @@ def test_rope_parameters_win_over_top_level_rope_theta(tmp_path):
     ids = random_ids(hf.config.vocab_size)
     with torch.no_grad():
         assert rel_err(ours(ids), hf(ids).logits) < 1e-5
+
+
+def test_rope_scaling_beside_rope_parameters(tmp_path):
+    """transformers (4.x and 5.x) reads a top-level rope_scaling, with the top-level rope_theta, before
+    rope_parameters, and 5.x a top-level original_max_position_embeddings before the scaling's own: a config
+    means what transformers reads, and one whose rope_parameters say something transformers drops is refused."""
+    from transformers import AutoModelForCausalLM
+
+    save_hf_checkpoint("llama", tmp_path)  # transformers 5 wrote rope_parameters: llama3, factor 8, theta 5e4
+    params = json.loads((tmp_path / "config.json").read_text())["rope_parameters"]
+    scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    ids = random_ids(131, T=40)
+    for changes in (dict(rope_scaling=scaling, rope_theta=params["rope_theta"]),  # the same RoPE twice
+                    dict(rope_scaling=scaling, rope_theta=params["rope_theta"],
+                         rope_parameters={"rope_type": "default"})):  # a default beside it says nothing
+        _edit_config(tmp_path, **changes)
+        hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
+        with torch.no_grad():
+            assert rel_err(rpo_engine.load_model(tmp_path)(ids), hf(ids).logits) < 1e-5
+    for changes, message in [
+            (dict(rope_parameters=params, rope_scaling=dict(scaling, factor=4.0)), "rope_parameters"),
+            (dict(rope_parameters={"rope_type": "default", "rope_theta": 500.0}), "rope_parameters.rope_theta"),
+            (dict(rope_parameters=params, rope_scaling=None, original_max_position_embeddings=32),
+             "original_max_position_embeddings")]:
+        _edit_config(tmp_path, **changes)
+        with pytest.raises(UserError, match=rf"config\.json: .*{message}.*transformers"):
+            rpo_engine.load_model(tmp_path)
+
+
+def test_model_config_with_default_rope_scaling_is_unscaled():
+    """ModelConfig is public: a rope_scaling of type "default", as transformers writes it, means no scaling."""
+    from rpo_engine.model import CausalLM, ModelConfig
+
+    fields = dict(model_type="llama", vocab_size=16, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+    config = ModelConfig(**fields, rope_scaling={"rope_type": "default", "rope_theta": 10000.0})
+    assert config.rope_scaling is None and config == ModelConfig(**fields)
+    unscaled = CausalLM(ModelConfig(**fields)).model.rotary_emb.inv_freq
+    assert torch.equal(CausalLM(config).model.rotary_emb.inv_freq, unscaled)
 
 
 def test_quantized_weights_are_refused(tmp_path):

@@ -90,6 +90,14 @@ def load_model(path, dtype=None, device=None) -> CausalLM:
     missing = sorted(set(expected) - set(files))
     if missing:
         raise UserError(f"{directory}: checkpoint is missing {len(missing)} tensor(s), first {missing[0]!r}")
+    # Tensors the config has no place for belong to another model (biases config.json leaves out, more layers):
+    # dropping them would run a different one. A tied head's own copy and old rotary buffers are no weights.
+    unused = sorted(name for name in set(files) - set(expected) if name != "lm_head.weight"
+                    and not name.endswith("rotary_emb.inv_freq"))
+    if unused:
+        raise UserError(f"{directory}: checkpoint has {len(unused)} tensor(s) config.json has no place for, first "
+                        f"{unused[0]!r} (a field such as attention_bias, mlp_bias or num_hidden_layers that does "
+                        f"not match the weights, or another architecture)")
 
     state = {}
     by_file: dict[Path, list[str]] = {}

@@ -69,6 +69,8 @@ class ModelConfig:
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if rope_type not in SUPPORTED_ROPE_TYPES:
                 raise UserError(f"unsupported rope_scaling type {rope_type!r}; expected one of {SUPPORTED_ROPE_TYPES}")
+            if rope_type == "default":  # no scaling: None is how the rest of the code reads it
+                object.__setattr__(self, "rope_scaling", None)
             if rope_type == "llama3":
                 keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
                 missing = [k for k in keys if k not in self.rope_scaling]
@@ -119,23 +121,44 @@ class ModelConfig:
         context = hf.get("max_position_embeddings", default_context)
         sliding = _sliding_layers(hf, num_layers, context)
         if sliding:
-            raise UserError(f"use_sliding_window=true gives {len(sliding)} layer(s) a {hf.get('sliding_window')}-token "
-                            f"window (from layer {sliding[0]}): sliding-window attention is not supported")
+            raise UserError(f"use_sliding_window=true gives {len(sliding)} layer(s) a "
+                            f"{hf.get('sliding_window', 4096)}-token window (from layer {sliding[0]}): "
+                            f"sliding-window attention is not supported")
 
-        # transformers>=5 nests rope_theta and the scaling rule in `rope_parameters` (and reads it first); older
-        # configs (and every released Qwen/Llama checkpoint) keep `rope_theta` and `rope_scaling` at the top.
+        # transformers>=5 nests rope_theta and the scaling rule in `rope_parameters`; older configs (and every
+        # released Qwen/Llama checkpoint) keep `rope_theta` and `rope_scaling` at the top. Where a config has a
+        # top-level rope_scaling, transformers (4.x and 5.x) reads it with the top-level rope_theta and drops
+        # rope_parameters: one that says otherwise is refused, not silently dropped (nor silently preferred).
         rope_params = hf.get("rope_parameters") or {}
         top_scaling = hf.get("rope_scaling") or None
         for key, value in (("rope_parameters", rope_params), ("rope_scaling", top_scaling or {})):
             if not isinstance(value, dict):
                 raise UserError(f"{key} must be a JSON object, got {value!r}")
-        rope_theta = _number(rope_params["rope_theta"], "rope_parameters.rope_theta") if "rope_theta" in rope_params \
-            else _number(hf.get("rope_theta", 10000.0), "rope_theta")
-        scaled_params = rope_params.get("rope_type", rope_params.get("type", "default")) != "default"
-        rope_scaling = dict(rope_params if scaled_params or top_scaling is None else top_scaling)
-        rope_scaling.pop("rope_theta", None)
-        if rope_scaling.get("rope_type", rope_scaling.get("type", "default")) == "default":
-            rope_scaling = None
+
+        def rope(source: dict, name: str):
+            theta = _number(source["rope_theta"], f"{name}.rope_theta") if "rope_theta" in source \
+                else _number(hf.get("rope_theta", 10000.0), "rope_theta")
+            rule = {k: v for k, v in source.items() if k not in ("rope_theta", "type", "rope_type")}
+            kind = source.get("rope_type", source.get("type", "default"))
+            return theta, (None if kind == "default" else dict(rule, rope_type=kind))
+
+        read, read_name = (top_scaling, "rope_scaling") if top_scaling else (rope_params, "rope_parameters")
+        rope_theta, rope_scaling = rope(read, read_name)
+        if top_scaling and rope_params:
+            theta, scaling = rope(rope_params, "rope_parameters")
+            if "rope_theta" in rope_params and theta != rope_theta:
+                raise UserError(f"rope_parameters.rope_theta {theta} differs from the rope_theta {rope_theta} "
+                                f"transformers reads beside rope_scaling; keep one of rope_scaling, rope_parameters")
+            if scaling is not None and scaling != rope_scaling:
+                raise UserError(f"rope_parameters {rope_params} differ from rope_scaling {top_scaling}, which "
+                                f"transformers reads instead; keep one of them")
+        # transformers 5 takes a top-level original_max_position_embeddings over the scaling rule's own
+        top_original = hf.get("original_max_position_embeddings")
+        if rope_scaling is not None and top_original is not None:
+            if rope_scaling.setdefault("original_max_position_embeddings", top_original) != top_original:
+                raise UserError(f"original_max_position_embeddings {top_original} differs from the rope scaling's "
+                                f"{rope_scaling['original_max_position_embeddings']} (transformers 5 reads the "
+                                f"top-level one, 4.x the other); keep one")
 
         num_heads = need("num_attention_heads")
         hidden = need("hidden_size")
@@ -223,7 +246,7 @@ def _sliding_layers(hf: dict, num_layers, context) -> list[int]:
     """The layers transformers' Qwen2/Qwen3 give sliding-window attention: none unless use_sliding_window, then
     those `layer_types` names "sliding_attention" (or, without it, those from max_window_layers on), and
     none when the window covers the whole context anyway."""
-    window = hf.get("sliding_window")
+    window = hf.get("sliding_window", 4096)  # transformers' default where the field is left out (null: none)
     if not hf.get("use_sliding_window", False) or window is None or not isinstance(num_layers, int):
         return []
     if isinstance(window, int) and isinstance(context, int) and window >= context:
