@@ -413,6 +413,22 @@ def test_model_config_with_default_rope_scaling_is_unscaled():
     assert torch.equal(CausalLM(config).model.rotary_emb.inv_freq, unscaled)
 
 
+def test_attention_dropout_is_ignored_with_a_warning():
+    """transformers drops attention weights in train mode; our training forward never does (it would differ
+    from the rollout's), so a config asking for it is told, and 0.0 (every release's) passes quietly."""
+    import warnings
+
+    from rpo_engine.model import ModelConfig
+
+    hf = dict(model_type="qwen2", vocab_size=16, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+              num_attention_heads=2, num_key_value_heads=2)
+    with pytest.warns(UserWarning, match="attention_dropout 0.1 is ignored"):
+        ModelConfig.from_hf_dict(dict(hf, attention_dropout=0.1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ModelConfig.from_hf_dict(dict(hf, attention_dropout=0.0))
+
+
 def test_quantized_weights_are_refused(tmp_path):
     save_hf_checkpoint("qwen2", tmp_path)
     state = load_file(tmp_path / "model.safetensors")

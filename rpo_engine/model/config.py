@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,6 +117,11 @@ class ModelConfig:
         if act not in ("silu", "swish"):  # transformers: "swish" is SiLU too
             raise UserError(f"unsupported hidden_act {act!r}; expected 'silu'")
         num_layers = need("num_hidden_layers")
+        dropout = hf.get("attention_dropout") or 0.0
+        if dropout:  # transformers drops attention weights in train mode; RL trains without (as TRL's disable_dropout)
+            warnings.warn(f"attention_dropout {dropout} is ignored: rpo_engine trains without dropout, which would make "
+                          f"the training forward differ from the rollout's (the policy ratio would read it as a change "
+                          f"of policy)", stacklevel=3)
         # transformers' defaults where a config leaves a field out
         default_context = 2048 if model_type == "llama" else 32768
         context = hf.get("max_position_embeddings", default_context)
