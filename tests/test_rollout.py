@@ -188,6 +188,24 @@ def exact_distribution(logits, temperature, top_k, top_p, min_p=0.0):
     return q / q.sum()
 
 
+def test_head_logits_keep_cublas_fp32_accumulator_on_cuda():
+    """The sampler's logits: on CUDA a bf16 model's come from cuBLAS in fp32, never rounded to bf16 (~0.4% of
+    a logit), as the Triton fused log-prob of the training forward keeps them; elsewhere the model dtype's
+    product, as the torch fused log-prob rounds it."""
+    from rpo_engine.rollout.model_runner import head_logits
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(5, 256, generator=g).bfloat16().to(DEVICE)
+    weight = torch.randn(1000, 256, generator=g).bfloat16().to(DEVICE)
+    got = head_logits(hidden, weight)
+    assert got.dtype == torch.float32 and got.shape == (5, 1000)
+    if ON_CUDA:
+        exact = hidden.double() @ weight.double().T
+        assert ((got.double() - exact).abs().max() / exact.abs().max()).item() < 1e-5
+    else:
+        assert torch.equal(got, (hidden @ weight.T).float())
+
+
 @pytest.mark.parametrize("temperature,top_k,top_p,min_p", [(1.0, 0, 1.0, 0.0), (0.6, 0, 1.0, 0.0), (1.0, 4, 1.0, 0.0),
                                                            (1.0, 0, 0.7, 0.0), (1.5, 6, 0.8, 0.0), (1.0, 0, 1.0, 0.15),
                                                            (1.5, 8, 0.9, 0.3)])

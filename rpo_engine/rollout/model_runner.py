@@ -25,6 +25,17 @@ from rpo_engine.rollout.sequence import Sequence
 from rpo_engine.rollout.transfer import host_tensor, to_device
 
 
+def head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """fp32 logits hidden @ weight.T. On CUDA a bf16/fp16 model's come from cuBLAS in fp32 (its accumulator,
+    never rounded to the model dtype), as the Triton fused log-prob of the training forward keeps them: a
+    bf16 LM head's rounding (~0.4% of a logit, 0.05-0.1 nats at logits of 16-32) is the largest single
+    source of the rollout-vs-training probability gap (MiniMax-M1 found it so). Elsewhere the model dtype's
+    product, as the torch fused log-prob rounds it."""
+    if hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16) and weight.dtype == hidden.dtype:
+        return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+    return F.linear(hidden, weight).float()
+
+
 class ModelRunner:
     def __init__(self, model, block_size: int, num_blocks: int | None, kv_cache_bytes: int | None,
                  max_num_seqs: int, max_num_batched_tokens: int, attention_backend: str, use_cuda_graphs: bool,
@@ -113,11 +124,11 @@ class ModelRunner:
             if is_prefill:
                 ids, pos, attn, last = self._prepare_prefill(seqs)
                 hidden = self.model.hidden_states(ids, position_ids=pos, attn=attn)[0, last]  # [S, hidden]
-                return F.linear(hidden, self.model.lm_head.weight).float()
+                return head_logits(hidden, self.model.lm_head.weight)
             ids, pos, meta = self._prepare_decode(seqs, input_ids)
             if self.graphs:
                 return self._replay(ids, pos, meta)
-            return self._decode_forward(ids, pos, self._decode_backend(meta, len(seqs))).float()
+            return self._decode_forward(ids, pos, self._decode_backend(meta, len(seqs)))
 
     def _prepare_prefill(self, seqs):
         bs, ids, pos, slots, new_lens, cached_lens, tables, last = self.block_size, [], [], [], [], [], [], []
@@ -189,7 +200,7 @@ class ModelRunner:
 
     def _decode_forward(self, ids, pos, attn) -> torch.Tensor:
         hidden = self.model.hidden_states(ids, position_ids=pos, attn=attn)[:, 0]  # [S, hidden]
-        return F.linear(hidden, self.model.lm_head.weight)  # [S, vocab] in the model dtype
+        return head_logits(hidden, self.model.lm_head.weight)  # [S, vocab] fp32
 
     # ---- CUDA graphs ------------------------------------------------------------------------------
     def capture(self):
@@ -273,4 +284,4 @@ class ModelRunner:
         self._fill_padding(S, size)
         graph, logits = self.graphs[size]
         graph.replay()
-        return logits[:S].float()
+        return logits[:S]
