@@ -28,9 +28,9 @@ from rpo_engine.rollout.transfer import host_tensor, to_device
 def head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """fp32 logits hidden @ weight.T. On CUDA a bf16/fp16 model's come from cuBLAS in fp32 (its accumulator,
     never rounded to the model dtype), as the Triton fused log-prob of the training forward keeps them: a
-    bf16 LM head's rounding (~0.4% of a logit, 0.05-0.1 nats at logits of 16-32) is the largest single
-    source of the rollout-vs-training probability gap (MiniMax-M1 found it so). Elsewhere the model dtype's
-    product, as the torch fused log-prob rounds it."""
+    bf16 LM head's rounding (half a bf16 step: up to 0.06 at a logit of 16, 0.12 at 32) is the largest
+    single source of the rollout-vs-training probability gap (MiniMax-M1 found it so). Elsewhere the model
+    dtype's product, as the torch fused log-prob rounds it."""
     if hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16) and weight.dtype == hidden.dtype:
         return torch.mm(hidden, weight.t(), out_dtype=torch.float32)
     return F.linear(hidden, weight).float()
