@@ -149,3 +149,19 @@ def test_make_adamw_takes_betas_and_eps():
     assert all(g["betas"] == (0.8, 0.95) and g["eps"] == 1e-6 for g in opt.param_groups)
     low = make_adamw(torch.nn.Linear(4, 2).bfloat16(), 1e-3, 0.0, (0.8, 0.95), 1e-6)
     assert isinstance(low, MasterWeightAdamW) and low.param_groups[0]["eps"] == 1e-6
+
+
+def test_warmup_steps_round_up_as_hugging_face():
+    """--warmup-ratio's step count is Hugging Face's (TrainingArguments.get_warmup_steps: rounded up), so a short
+    run still warms up: 5% of 10 steps is one step, not none."""
+    from types import SimpleNamespace
+
+    from transformers import TrainingArguments
+
+    from rpo_engine.optim import warmup_steps
+
+    for ratio in (0.0, 0.03, 0.05, 0.1, 0.2, 0.25, 0.5, 0.99):
+        for total in (1, 3, 4, 10, 19, 20, 30, 39, 40, 100, 333):
+            hf = TrainingArguments.get_warmup_steps(SimpleNamespace(warmup_steps=ratio), total)
+            assert warmup_steps(ratio, total) == hf, (ratio, total)
+    assert warmup_steps(0.05, 10) == 1 and warmup_steps(0.05, 40) == 2
