@@ -37,7 +37,7 @@ from rpo_engine.errors import UserError
 from rpo_engine.kernels import policy_loss
 from rpo_engine.model.lora import adapters_disabled, lora_settings, save_adapter
 from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, plan_micro_batches
-from rpo_engine.optim import lr_multiplier, make_adamw, warmup_steps
+from rpo_engine.optim import load_adamw_state, lr_multiplier, make_adamw, warmup_steps
 from rpo_engine.rewards.answers import is_correct, score_groups
 from rpo_engine.rewards.pool import PooledReward
 from rpo_engine.rewards.shaping import length_aware_accuracy, overlong_penalty
@@ -880,8 +880,8 @@ class Trainer:
         if self.dist.parallel == "fsdp":
             load_consolidated_optimizer_state(self.optimizer, state["optimizer"])
             self.replica_stale = True  # the float32 masters may differ from the loaded (bf16) weights
-        else:
-            self.optimizer.load_state_dict(state["optimizer"])
+        else:  # a bf16 run's fp32 masters too, resumed in float32
+            load_adamw_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scheduler.base_lrs = base_lrs
         for group, options, base, multiplier in zip(self.optimizer.param_groups, configured, base_lrs,
