@@ -618,8 +618,11 @@ class Trainer:
                 self.optimizer.step()
                 self.replica_stale = True
                 grad_norms.append(grad_norm.item())
-                stats["loss"] += step_loss / num_steps
-                policy_loss_total += step_policy_loss / num_steps
+                stats["loss"] += step_loss
+                policy_loss_total += step_policy_loss
+        # means over the optimizer steps taken, as grad_norm's: a skipped (non-finite) step has no loss to count
+        stats["loss"] /= max(1, len(grad_norms))
+        policy_loss_total /= max(1, len(grad_norms))
         stats["grad_norm"] = sum(grad_norms) / max(1, len(grad_norms))
         if bonus:  # TRL's names: the surrogate (and KL) part of the loss; the coefficient after this update
             stats["policy_loss"], stats["entropy_coef"] = policy_loss_total, self.entropy_coef

@@ -304,6 +304,27 @@ def test_logprob_mismatch_is_read_on_the_rollouts_weights_with_mini_batches(tiny
     assert stats["grad_norm"] > 0 and stats["logprob_mismatch"] < 1e-5
 
 
+def test_a_skipped_mini_batch_step_leaves_the_loss_a_mean_over_the_steps_taken(tiny_model_dir):
+    """--ppo-mini-batch-size 2 over 4 groups: mini-batches {0, 2} and {1, 3}. A NaN in the second skips its
+    step (weights and moments untouched); the logged loss and grad_norm are the first step's, the one taken (the
+    loss was divided by both steps, halving it)."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+
+    flags = ["--model", str(tiny_model_dir), "--ppo-mini-batch-size", "2"]
+    trainers = [build_trainer(parse_args(flags)) for _ in range(2)]
+    groups = random_groups(0, num_groups=4)
+    groups[3].advantages[0] = math.nan
+    with pytest.warns(UserWarning, match="non-finite loss or gradient; update skipped"):
+        skipped = trainers[0].update(groups)
+    first = trainers[1].update(groups[0::2], positions=[0, 2])  # the first mini-batch alone: one step
+    assert skipped["skipped_updates"] == 1 and first["skipped_updates"] == 0 and first["loss"] != 0
+    for key in ("loss", "grad_norm"):
+        assert skipped[key] == pytest.approx(first[key], rel=1e-6), key
+    for a, b in zip(trainers[0].model.parameters(), trainers[1].model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_max_grad_norm_zero_turns_clipping_off(tiny_model_dir):
     """--max-grad-norm 0 is Hugging Face's "no clipping": the step a bound that never binds gives (clipping to 0
     would zero the gradient, and AdamW's first step with it would not move the weights at all)."""
