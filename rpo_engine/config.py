@@ -319,7 +319,7 @@ class TrainConfig:
     top_k: int = field(default=0, metadata={"help": "top-k sampling (0: off)"})
     min_p: float = field(default=0.0, metadata={"help": "min-p sampling: drop tokens less likely than min_p times the most likely one (0: off)"})
     learning_rate: float = field(default=1.5e-5, metadata={"help": "peak learning rate (AdamW; the default suits the built-in starter model, use ~1e-6 for 1B+ models)"})
-    warmup_ratio: float = field(default=0.05, metadata={"help": "fraction of steps of linear warmup before the decay (none with --lr-scheduler-type constant)"})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "fraction of steps (rounded up, as Hugging Face rounds it) of linear warmup before the decay (none with --lr-scheduler-type constant)"})
     lr_scheduler_type: str = field(default="cosine_with_min_lr", metadata={"help": f"learning-rate decay after the warmup (Hugging Face's names): {', '.join(LR_SCHEDULERS)}; cosine_with_min_lr ends at 10%% of the peak, cosine and linear at 0 (Hugging Face's default is linear)"})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     adam_beta2: float = field(default=0.99, metadata={"help": "AdamW beta2 (Hugging Face's default is 0.999)"})

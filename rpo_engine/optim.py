@@ -77,14 +77,44 @@ class MasterWeightAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
-        saved = state_dict.pop("master_weights", [])
+        saved = state_dict.pop("master_weights", None)
         super().load_state_dict(state_dict)
         low = self.low_precision_pairs()
+        if saved is None:  # a float32 run's state, resumed in bf16: the masters are the model's (rounded) weights
+            for p, m in low:
+                m.copy_(p)
+            return
         if len(saved) != len(low):
             raise ValueError(f"optimizer state has {len(saved)} master weights, the model needs {len(low)}")
         for (p, m), w in zip(low, saved):
             m.copy_(w)
             p.copy_(m)
+
+
+@torch.no_grad()
+def load_adamw_state(optimizer: torch.optim.AdamW, state: dict) -> None:
+    """`optimizer.load_state_dict(state)`, also where the run resumed with other weights' dtype than it saved
+    with (--dtype, or --dtype auto on another device): a bf16 run's fp32 masters become a float32 model's
+    weights, exactly (its checkpoint's weights are their bf16 rounding), and a float32 run's state starts
+    MasterWeightAdamW's masters from the model's weights."""
+    if isinstance(optimizer, MasterWeightAdamW):
+        optimizer.load_state_dict(state)
+        return
+    state = dict(state)
+    masters = state.pop("master_weights", None)
+    optimizer.load_state_dict(state)
+    if masters:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if len(masters) != len(params):
+            raise ValueError(f"optimizer state has {len(masters)} master weights, the model needs {len(params)}")
+        for p, w in zip(params, masters):
+            p.copy_(w)
+
+
+def warmup_steps(warmup_ratio: float, total: int) -> int:
+    """The warmup's length in optimizer steps: --warmup-ratio of `total`, rounded up as Hugging Face's
+    TrainingArguments.get_warmup_steps rounds it (truncating gave a short run no warmup at all)."""
+    return math.ceil(total * warmup_ratio)
 
 
 def lr_multiplier(step: int, total: int, warmup: int, kind: str = "cosine_with_min_lr") -> float:

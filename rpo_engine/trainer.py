@@ -37,7 +37,7 @@ from rpo_engine.errors import UserError
 from rpo_engine.kernels import policy_loss
 from rpo_engine.model.lora import adapters_disabled, lora_settings, save_adapter
 from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, plan_micro_batches
-from rpo_engine.optim import lr_multiplier, make_adamw
+from rpo_engine.optim import load_adamw_state, lr_multiplier, make_adamw, warmup_steps
 from rpo_engine.rewards.answers import is_correct, score_groups
 from rpo_engine.rewards.pool import PooledReward
 from rpo_engine.rewards.shaping import length_aware_accuracy, overlong_penalty
@@ -127,7 +127,7 @@ class Trainer:
         # bf16 weights (GPU default) are stepped through fp32 masters inside the optimizer (rpo_engine/optim.py)
         self.optimizer = make_adamw(self.policy, config.learning_rate, config.weight_decay,
                                     (config.adam_beta1, config.adam_beta2), config.adam_epsilon)
-        warmup = int(config.warmup_ratio * config.steps)
+        warmup = warmup_steps(config.warmup_ratio, config.steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_multiplier(step, config.steps, warmup, config.lr_scheduler_type))
         self.cache = ExperienceCache(self.rpo.rpo_cache_policy, self.rpo.rpo_epsilon)
@@ -619,8 +619,11 @@ class Trainer:
                 self.optimizer.step()
                 self.replica_stale = True
                 grad_norms.append(grad_norm.item())
-                stats["loss"] += step_loss / num_steps
-                policy_loss_total += step_policy_loss / num_steps
+                stats["loss"] += step_loss
+                policy_loss_total += step_policy_loss
+        # means over the optimizer steps taken, as grad_norm's: a skipped (non-finite) step has no loss to count
+        stats["loss"] /= max(1, len(grad_norms))
+        policy_loss_total /= max(1, len(grad_norms))
         stats["grad_norm"] = sum(grad_norms) / max(1, len(grad_norms))
         if bonus:  # TRL's names: the surrogate (and KL) part of the loss; the coefficient after this update
             stats["policy_loss"], stats["entropy_coef"] = policy_loss_total, self.entropy_coef
@@ -882,8 +885,8 @@ class Trainer:
         if self.dist.parallel == "fsdp":
             load_consolidated_optimizer_state(self.optimizer, state["optimizer"])
             self.replica_stale = True  # the float32 masters may differ from the loaded (bf16) weights
-        else:
-            self.optimizer.load_state_dict(state["optimizer"])
+        else:  # a bf16 run's fp32 masters too, resumed in float32
+            load_adamw_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scheduler.base_lrs = base_lrs
         for group, options, base, multiplier in zip(self.optimizer.param_groups, configured, base_lrs,

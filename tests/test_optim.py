@@ -149,3 +149,52 @@ def test_make_adamw_takes_betas_and_eps():
     assert all(g["betas"] == (0.8, 0.95) and g["eps"] == 1e-6 for g in opt.param_groups)
     low = make_adamw(torch.nn.Linear(4, 2).bfloat16(), 1e-3, 0.0, (0.8, 0.95), 1e-6)
     assert isinstance(low, MasterWeightAdamW) and low.param_groups[0]["eps"] == 1e-6
+
+
+def test_warmup_steps_round_up_as_hugging_face():
+    """--warmup-ratio's step count is Hugging Face's (TrainingArguments.get_warmup_steps: rounded up), so a short
+    run still warms up: 5% of 10 steps is one step, not none."""
+    from types import SimpleNamespace
+
+    from transformers import TrainingArguments
+
+    from rpo_engine.optim import warmup_steps
+
+    for ratio in (0.0, 0.03, 0.05, 0.1, 0.2, 0.25, 0.5, 0.99):
+        for total in (1, 3, 4, 10, 19, 20, 30, 39, 40, 100, 333):
+            hf = TrainingArguments.get_warmup_steps(SimpleNamespace(warmup_steps=ratio), total)
+            assert warmup_steps(ratio, total) == hf, (ratio, total)
+    assert warmup_steps(0.05, 10) == 1 and warmup_steps(0.05, 40) == 2
+
+
+def test_resume_across_a_change_of_the_weights_dtype():
+    """A run resumed in another dtype than it saved in (--dtype, or --dtype auto on another device): a bf16 run's
+    fp32 masters become a float32 model's weights exactly (not their bf16 rounding, which its checkpoint holds),
+    and a float32 run's state loads into MasterWeightAdamW, the masters started from the model's weights."""
+    from rpo_engine.optim import load_adamw_state
+
+    _, low = _pair()
+    opt = make_adamw(low, lr=1e-4, weight_decay=0.1)
+    for step in range(3):
+        _set_grads([low], step)
+        opt.step()
+    state = opt.state_dict()
+    high = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4))
+    high.load_state_dict({k: v.float() for k, v in low.state_dict().items()})  # the checkpoint's bf16 weights
+    opt_high = make_adamw(high, lr=1e-4, weight_decay=0.1)
+    load_adamw_state(opt_high, state)
+    masters = {id(p): m for p, m in zip(opt.model_params, opt.masters())}
+    assert any(not torch.equal(p.float(), masters[id(p)]) for p in low.parameters())  # sub-ulp updates held there
+    for p, q in zip(low.parameters(), high.parameters()):
+        assert torch.equal(q, masters[id(p)])
+    assert torch.equal(opt_high.state_dict()["state"][0]["exp_avg"], state["state"][0]["exp_avg"])
+
+    fp32_state = opt_high.state_dict()
+    _, back = _pair(seed=1)
+    back.load_state_dict({k: v.bfloat16() for k, v in high.state_dict().items()})
+    opt_back = make_adamw(back, lr=1e-4, weight_decay=0.1)
+    load_adamw_state(opt_back, fp32_state)
+    assert all(torch.equal(m, p.float()) for p, m in opt_back.low_precision_pairs())
+    assert torch.equal(opt_back.state_dict()["state"][0]["exp_avg_sq"], fp32_state["state"][0]["exp_avg_sq"])
+    _set_grads([back], 3)
+    opt_back.step()

@@ -66,8 +66,8 @@ def test_train_resume_matches_uninterrupted(tmp_path, tiny_model_dir):
             assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), key
     from rpo_engine.optim import lr_multiplier
 
-    # each step logs the rate it trained at (4 steps, no warmup: the peak first, the decay's last value at step 4)
-    assert [m["lr"] for m in a[1:]] == pytest.approx([1e-3 * lr_multiplier(s, 4, 0) for s in range(4)])
+    # each step logs the rate it trained at (4 steps, one of warmup: 5% of 4, rounded up as Hugging Face does)
+    assert [m["lr"] for m in a[1:]] == pytest.approx([1e-3 * lr_multiplier(s, 4, 1) for s in range(4)])
     for m in a[1:]:
         assert m["rollout_generated_tokens"] > 0 and m["step_time_s"] > 0
         assert m["grad_norm"] > 0 and m["logprob_mismatch"] < 1e-4  # rollout log-probs equal the training forward's
@@ -83,7 +83,7 @@ def test_train_resume_matches_uninterrupted(tmp_path, tiny_model_dir):
     proc = run_train(*common, "--steps", 3, "--output", changed, "--resume", "--learning-rate", 2e-3)
     assert "warning: resuming with changed options: learning_rate 0.001 -> 0.002" in proc.stderr
     # and the change governs from the first resumed step: the new peak, on the schedule of the new length
-    assert read_metrics(changed)[-1]["lr"] == pytest.approx(2e-3 * lr_multiplier(2, 3, 0))
+    assert read_metrics(changed)[-1]["lr"] == pytest.approx(2e-3 * lr_multiplier(2, 3, 1))
 
 
 def test_resume_redoes_an_incomplete_checkpoint_and_ignores_names_not_ours(tmp_path, tiny_model_dir):
@@ -239,14 +239,14 @@ def test_resume_applies_this_runs_optimizer_options(tiny_model_dir):
                                         "--adam-epsilon", "1e-6"]))
     resumed.load_state_dict(state)
     decay, no_decay = resumed.optimizer.param_groups
-    assert decay["lr"] == no_decay["lr"] == pytest.approx(3e-4 * lr_multiplier(4, 6, 0, "linear")) and decay["lr"] > 0
+    assert decay["lr"] == no_decay["lr"] == pytest.approx(3e-4 * lr_multiplier(4, 6, 1, "linear")) and decay["lr"] > 0
     assert resumed.scheduler.get_last_lr() == [decay["lr"], no_decay["lr"]]
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
     assert all(g["betas"] == (0.9, 0.95) and g["eps"] == 1e-6 for g in (decay, no_decay))
     assert resumed.optimizer.state_dict()["state"].keys() == first.optimizer.state_dict()["state"].keys()  # the moments came
     resumed.optimizer.step()
     resumed.scheduler.step()
-    assert decay["lr"] == pytest.approx(3e-4 * lr_multiplier(5, 6, 0, "linear"))
+    assert decay["lr"] == pytest.approx(3e-4 * lr_multiplier(5, 6, 1, "linear"))
 
 
 @pytest.mark.parametrize("flags", [["--top-entropy-quantile", "0.5"], ["--mask-truncated-completions"]])
@@ -302,6 +302,27 @@ def test_logprob_mismatch_is_read_on_the_rollouts_weights_with_mini_batches(tiny
         g.advantages = [(-1.0) ** (i + k) for i in range(len(g.suffix_ids))]
     stats = trainer.update(groups, positions=[0, 1, 2])
     assert stats["grad_norm"] > 0 and stats["logprob_mismatch"] < 1e-5
+
+
+def test_a_skipped_mini_batch_step_leaves_the_loss_a_mean_over_the_steps_taken(tiny_model_dir):
+    """--ppo-mini-batch-size 2 over 4 groups: mini-batches {0, 2} and {1, 3}. A NaN in the second skips its
+    step (weights and moments untouched); the logged loss and grad_norm are the first step's, the one taken (the
+    loss was divided by both steps, halving it)."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+
+    flags = ["--model", str(tiny_model_dir), "--ppo-mini-batch-size", "2"]
+    trainers = [build_trainer(parse_args(flags)) for _ in range(2)]
+    groups = random_groups(0, num_groups=4)
+    groups[3].advantages[0] = math.nan
+    with pytest.warns(UserWarning, match="non-finite loss or gradient; update skipped"):
+        skipped = trainers[0].update(groups)
+    first = trainers[1].update(groups[0::2], positions=[0, 2])  # the first mini-batch alone: one step
+    assert skipped["skipped_updates"] == 1 and first["skipped_updates"] == 0 and first["loss"] != 0
+    for key in ("loss", "grad_norm"):
+        assert skipped[key] == pytest.approx(first[key], rel=1e-6), key
+    for a, b in zip(trainers[0].model.parameters(), trainers[1].model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_max_grad_norm_zero_turns_clipping_off(tiny_model_dir):
