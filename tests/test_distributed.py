@@ -70,6 +70,7 @@ COMMON = ["--steps", 3, "--save-steps", 2, "--eval-steps", 3, "--eval-size", 5, 
           # entropy is below the target) and must come back from a checkpoint
           "--use-adaptive-entropy", "--entropy-coef", 0.02, "--entropy-coef-delta", 0.01, "--entropy-target", 10,
           "--dist-timeout", 60, "--log-completions",
+          "--warmup-ratio", 0,  # no warmup step: with it (ceil of 5% of 3 steps) these draws hold no resample round
           "--device", "cpu"]  # gloo: on a GPU box two ranks cannot share its one GPU
 # The full-weight runs also move their KL reference after step 2 (saved in the step-2 checkpoint, so the
 # 2-rank checkpoint resumed on one rank must load it to give step 3's KL).
