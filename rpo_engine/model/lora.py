@@ -43,6 +43,8 @@ _PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", 
            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 _PEFT_PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel -> LoraModel -> the transformers model
+# full module names in layer 0, which stands for every layer in PEFT's target_modules/exclude_modules matching
+_LAYER0_NAMES = {f"model.layers.0.{_PARENT[t]}.{t}": t for t in TARGETS}
 
 
 @dataclass(frozen=True)
@@ -289,9 +291,8 @@ def _adapter_targets(spec) -> tuple[str, ...]:
     refuses an adapter that skips a layer."""
     if spec == "all-linear":
         return TARGETS
-    names = {f"model.layers.0.{_PARENT[t]}.{t}": t for t in TARGETS}  # layer 0 stands for the naming
     if isinstance(spec, str):
-        hit = {t for full, t in names.items() if re.fullmatch(spec, full)} or \
+        hit = {t for full, t in _LAYER0_NAMES.items() if re.fullmatch(spec, full)} or \
             {t for i in range(1024) for t in TARGETS if re.fullmatch(spec, f"model.layers.{i}.{_PARENT[t]}.{t}")}
     elif isinstance(spec, list) and all(isinstance(n, str) for n in spec):
         hit = {t for n in spec for t in TARGETS if n == t or n.endswith(f".{t}") or n.endswith(f".{_PARENT[t]}.{t}")}
@@ -312,11 +313,10 @@ def _excluded_targets(spec) -> set[str]:
     that load_adapter's check finds missing or unexpected."""
     if not spec:
         return set()
-    names = {f"model.layers.0.{_PARENT[t]}.{t}": t for t in TARGETS}
     if isinstance(spec, str):
-        return {t for full, t in names.items() if re.fullmatch(spec, full)}
+        return {t for full, t in _LAYER0_NAMES.items() if re.fullmatch(spec, full)}
     if isinstance(spec, list) and all(isinstance(n, str) for n in spec):
-        return {t for full, t in names.items() for n in spec if full == n or full.endswith(f".{n}")}
+        return {t for full, t in _LAYER0_NAMES.items() for n in spec if full == n or full.endswith(f".{n}")}
     raise UserError(f"exclude_modules must be a list of module names or a regular expression, got {spec!r}")
 
 
