@@ -210,7 +210,8 @@ class RolloutEngine:
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=sum(p.n for p in params_list), desc=progress if isinstance(progress, str) else "generate", unit="seq", dynamic_ncols=True)
+            name = progress if isinstance(progress, str) else "generate"
+            bar = tqdm(total=sum(p.n for p in params_list), desc=name, unit="seq", dynamic_ncols=True)
             bar.update(sum(p.n for p in params_list if p.max_new_tokens == 0))
         try:
             while not self.scheduler.is_finished() or self._inflight is not None:
