@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     from rpo_engine.model.lora import load_adapter
     from rpo_engine.rollout import RolloutEngine, SamplingParams
     from rpo_engine.train import load_rows, resolve_device, resolve_reward, reward_pool
-    from rpo_engine.trainer import chat_template_kwargs, encode_prompts, prompt_token_limit, sampled_graded, stop_ids
+    from rpo_engine.trainer import encode_run_prompts, sampled_graded, stop_ids
 
     parser = OneLineParser(prog="python -m rpo_engine.eval", description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="Hugging Face model directory (default: the built-in starter model)")
@@ -93,8 +93,7 @@ def main(argv=None) -> int:
         load_adapter(model, args.adapter)
     tokenizer = rpo_engine.load_tokenizer(config.model)
     _, rows = load_rows(config)
-    prompts = encode_prompts(tokenizer, rows, prompt_token_limit(config, model), chat_template_kwargs(config),
-                             args.dataset or "built-in eval split", config.chat_template)
+    prompts = encode_run_prompts(tokenizer, rows, config, model, args.dataset or "built-in eval split")
     eos_ids = stop_ids(model, tokenizer)
     params = [SamplingParams(n=args.num_samples, max_new_tokens=config.max_completion_length,
                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,

@@ -105,13 +105,12 @@ class Trainer:
         # forward, under torchrun wrapped in DDP or FSDP2 (then `model` is a replica of the shards).
         self.model, self.policy = self.dist.wrap(model, config.temperature)
         self.replica_stale = False
-        limit, template_kwargs = prompt_token_limit(config, self.model), chat_template_kwargs(config)
         # training prompts by id (the experience cache's key); eval rows by position: the two files' ids may
         # overlap, and reward functions see each row's own id (TRL-style ones read the `id` column)
-        self.prompt_ids = dict(zip([row["id"] for row in train_rows], encode_prompts(
-            tokenizer, train_rows, limit, template_kwargs, config.dataset or "built-in task", config.chat_template)))
-        self.eval_prompt_ids = encode_prompts(tokenizer, eval_rows, limit, template_kwargs,
-                                              config.eval_dataset or "built-in task's eval split", config.chat_template)
+        self.prompt_ids = dict(zip([row["id"] for row in train_rows], encode_run_prompts(
+            tokenizer, train_rows, config, self.model, config.dataset or "built-in task")))
+        self.eval_prompt_ids = encode_run_prompts(tokenizer, eval_rows, config, self.model,
+                                                  config.eval_dataset or "built-in task's eval split")
         try:
             self.engine = RolloutEngine(self.model, async_scheduling=config.async_scheduling,
                                         gpu_memory_utilization=config.gpu_memory_utilization,
@@ -1013,6 +1012,12 @@ def encode_prompts(tokenizer, rows: list[dict], limit: int, template_kwargs: dic
         return [encode_prompt(tokenizer, row, limit, template_kwargs, chat_template) for row in rows]
     except UserError as e:
         raise UserError(f"{source}: {e}") from None
+
+
+def encode_run_prompts(tokenizer, rows: list[dict], config: TrainConfig, model, source: str) -> list[list[int]]:
+    """encode_prompts with a run's options: its prompt length limit for `model` and its chat-template ones."""
+    return encode_prompts(tokenizer, rows, prompt_token_limit(config, model), chat_template_kwargs(config), source,
+                          config.chat_template)
 
 
 def greedy_graded(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens,
