@@ -55,16 +55,15 @@ def fraction(text: str) -> float:
 
 def out_path(text: str) -> Path:
     """argparse type of --out: a file we can write, checked before the run rather than found out after it."""
+    from rpo_engine.train import check_output_dir
+
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a directory; pass a file path")
-    existing = path.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise argparse.ArgumentTypeError(f"{existing} is a file, not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise argparse.ArgumentTypeError(f"{existing} is not writable")
+    try:  # its directory: the one a training run's --output must be able to become
+        check_output_dir(path.parent, f"--out {text}")
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return path
 
 

@@ -115,20 +115,22 @@ def resolve_reward(config: TrainConfig):
     return resolve_rewards(config, first_only=True)[0]
 
 
-def check_output_dir(output: Path) -> None:
-    """Fail before minutes of loading when --output cannot become a directory we write to."""
+def check_output_dir(output: Path, option: str | None = None) -> None:
+    """Fail before minutes of loading when `output` cannot become a directory we write to; `option` names the
+    flag that gave it (default: --output OUTPUT)."""
+    option = option or f"--output {output}"
     existing = output
     try:
         while not existing.exists() and existing != existing.parent:
             if existing.is_symlink():  # mkdir would fail on it after the model loaded
-                raise UserError(f"{existing}: a broken symbolic link (to {os.readlink(existing)}) (--output {output})")
+                raise UserError(f"{existing}: a broken symbolic link (to {os.readlink(existing)}) ({option})")
             existing = existing.parent
     except OSError as e:  # a name too long, a directory we may not search
-        raise UserError(f"--output {output}: {e.strerror or e}") from None
+        raise UserError(f"{option}: {e.strerror or e}") from None
     if not existing.is_dir():
-        raise UserError(f"{existing}: is a file, not a directory (--output {output})")
+        raise UserError(f"{existing}: is a file, not a directory ({option})")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{existing}: not writable (--output {output})")
+        raise UserError(f"{existing}: not writable ({option})")
 
 
 # what a run writes at the top of --output: finding one of them without metrics.jsonl means the directory is
