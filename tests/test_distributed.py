@@ -227,7 +227,8 @@ def _consolidate_on_two_ranks(rank, rendezvous):
                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
     torch.manual_seed(0)
     replica = CausalLM(config).init_weights(0.02).bfloat16()  # low precision: the masters are saved too
-    _, policy = distributed.Dist(rank, 2, 0, "fsdp").wrap(replica, 1.0)
+    group = distributed.Dist(rank, 2, 0, "fsdp")
+    _, policy = group.wrap(replica, 1.0)
     optimizer = make_adamw(policy, lr=1e-3, weight_decay=0.0)
     for p in policy.parameters():
         p.grad = torch.ones_like(p)
@@ -252,7 +253,7 @@ def _consolidate_on_two_ranks(rank, rendezvous):
                    for s, p in zip(state["state"].values(), params))
     else:  # joined every gather, held one gathered tensor at a time, built nothing
         assert len(gathered) == 3 * len(params) and most_alive == 1 and state is None
-    dist.destroy_process_group()
+    group.close()  # as the trainer leaves: a barrier first, so no rank shuts gloo down under its peer
 
 
 def test_fsdp_checkpoint_state_is_built_on_rank_zero_only(tmp_path):
@@ -279,12 +280,13 @@ def _shard_on_two_ranks(rank, rendezvous):
         replica = CausalLM(config).bfloat16()
     replica.to_empty(device="cpu").init_weights(0.02)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes (Linux counts KiB)
-    distributed.Dist(rank, 2, 0, "fsdp").wrap(replica, 1.0)
+    group = distributed.Dist(rank, 2, 0, "fsdp")
+    group.wrap(replica, 1.0)
     growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     whole_float32 = 4 * sum(p.numel() for p in replica.parameters())
     # this rank's half of the float32 copy and a parameter in passing (~0.6), not the whole copy (~1.1)
     assert growth < 0.8 * whole_float32, (growth, whole_float32)
-    dist.destroy_process_group()
+    group.close()
 
 
 def test_fsdp_wrap_never_holds_a_whole_float32_copy(tmp_path):
