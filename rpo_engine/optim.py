@@ -7,9 +7,15 @@ is most of them. So the optimizer keeps an fp32 copy of each bf16 parameter, ste
 with the gradient promoted to fp32, and writes the rounded result back into the model: the usual
 "bf16 params + fp32 master weights" mixed precision (Megatron, DeepSpeed), without autocast re-casting
 weights on every forward. Parameters that are already fp32 are stepped in place, as plain AdamW does.
+
+With `fp32_grad_accumulation`, each backward's bf16 gradient is added into the master's fp32 gradient as
+soon as autograd has it (and the bf16 one dropped), so micro-batches sum in fp32 as Megatron's and
+DeepSpeed's bf16 optimizers sum them: summed in bf16, 6-33 micro-batches lose 0.3-0.5% of the gradient.
+The gradients then live on the masters, which is where clipping must read them (`grad_params`).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -24,7 +30,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
     fp32 weights rather than from their bf16 rounding.
     """
 
-    def __init__(self, params, **kwargs):
+    def __init__(self, params, fp32_grad_accumulation: bool = False, **kwargs):
         groups = list(params)
         if groups and not isinstance(groups[0], dict):
             groups = [{"params": groups}]
@@ -40,6 +46,12 @@ class MasterWeightAdamW(torch.optim.AdamW):
                     masters.append(p.detach().float().clone().requires_grad_(p.requires_grad))
             master_groups.append(dict(group, params=masters))
         super().__init__(master_groups, **kwargs)
+        # Off by default: an embedder's own loop that clips model.parameters() would find no gradients there.
+        # Not under DDP either: its reducer reads each bf16 .grad after the hook would have taken it.
+        self.fp32_grad_accumulation = fp32_grad_accumulation
+        if fp32_grad_accumulation:
+            for p, m in self.low_precision_pairs():
+                p.register_post_accumulate_grad_hook(functools.partial(_add_grad_into, m))
 
     def masters(self) -> list[torch.Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -48,15 +60,25 @@ class MasterWeightAdamW(torch.optim.AdamW):
         """(model parameter, its fp32 master) for the parameters that are not fp32 themselves."""
         return [(p, m) for p, m in zip(self.model_params, self.masters()) if p is not m]
 
+    def grad_params(self) -> list[torch.Tensor]:
+        """The tensors whose .grad the next step uses (to clip, or to check for inf/NaN): the masters when
+        gradients accumulate in fp32, else the model's parameters."""
+        return self.masters() if self.fp32_grad_accumulation else list(self.model_params)
+
     @torch.no_grad()
     def step(self, closure=None):
         pairs = self.low_precision_pairs()
         for p, m in pairs:
-            m.grad = None if p.grad is None else p.grad.float()
+            if self.fp32_grad_accumulation:
+                if p.grad is not None:  # set by hand, not by a backward: the hook never saw it
+                    _add_grad_into(m, p)
+            else:
+                m.grad = None if p.grad is None else p.grad.float()
         loss = super().step(closure)
         for p, m in pairs:
             p.copy_(m)  # round to the model's dtype
-            m.grad = None
+            if not self.fp32_grad_accumulation:
+                m.grad = None  # the model's .grad is the gradient; this was its fp32 copy
         return loss
 
     def zero_grad(self, set_to_none: bool = True):
@@ -89,6 +111,16 @@ class MasterWeightAdamW(torch.optim.AdamW):
         for (p, m), w in zip(low, saved):
             m.copy_(w)
             p.copy_(m)
+
+
+@torch.no_grad()
+def _add_grad_into(master: torch.Tensor, param: torch.Tensor) -> None:
+    """Move `param`'s low-precision gradient into `master`'s fp32 one (the sum of the backwards so far)."""
+    if master.grad is None:
+        master.grad = param.grad.float()
+    else:
+        master.grad.add_(param.grad)
+    param.grad = None
 
 
 @torch.no_grad()
@@ -139,13 +171,15 @@ def lr_multiplier(step: int, total: int, warmup: int, kind: str = "cosine_with_m
     raise ValueError(f"unknown learning-rate schedule {kind!r}")
 
 
-def make_adamw(model, lr: float, weight_decay: float, betas=(0.9, 0.99), eps: float = 1e-8) -> torch.optim.AdamW:
+def make_adamw(model, lr: float, weight_decay: float, betas=(0.9, 0.99), eps: float = 1e-8,
+               fp32_grad_accumulation: bool = False) -> torch.optim.AdamW:
     """AdamW over the trainable parameters (frozen ones, a LoRA base, get no state and no fp32 master), with
-    weight decay on matrices only; fp32 masters when the trained weights are low precision."""
+    weight decay on matrices only; fp32 masters when the trained weights are low precision (and, with
+    `fp32_grad_accumulation`, their gradients summed in fp32: see MasterWeightAdamW)."""
     trained = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trained if p.ndim >= 2]
     no_decay = [p for p in trained if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if any(p.dtype != torch.float32 for p in trained):
-        return MasterWeightAdamW(groups, lr=lr, betas=betas, eps=eps)
+        return MasterWeightAdamW(groups, lr=lr, betas=betas, eps=eps, fp32_grad_accumulation=fp32_grad_accumulation)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)

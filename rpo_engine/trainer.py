@@ -37,7 +37,7 @@ from rpo_engine.errors import UserError
 from rpo_engine.kernels import policy_loss
 from rpo_engine.model.lora import adapters_disabled, lora_settings, save_adapter
 from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, plan_micro_batches
-from rpo_engine.optim import load_adamw_state, lr_multiplier, make_adamw, warmup_steps
+from rpo_engine.optim import MasterWeightAdamW, load_adamw_state, lr_multiplier, make_adamw, warmup_steps
 from rpo_engine.rewards.answers import is_correct, score_groups
 from rpo_engine.rewards.pool import PooledReward
 from rpo_engine.rewards.shaping import length_aware_accuracy, overlong_penalty
@@ -123,9 +123,12 @@ class Trainer:
         self.reference = None
         if self.algo.beta > 0 and not self.lora:
             self.reference = (reference or copy.deepcopy(self.model)).eval().requires_grad_(False)
-        # bf16 weights (GPU default) are stepped through fp32 masters inside the optimizer (rpo_engine/optim.py)
+        # bf16 weights (GPU default) are stepped through fp32 masters inside the optimizer (rpo_engine/optim.py),
+        # their micro-batches' gradients summed in fp32 there (fsdp's fp32 shards sum in fp32 themselves; DDP's
+        # reducer needs the bf16 .grad, so under ddp they sum in bf16)
         self.optimizer = make_adamw(self.policy, config.learning_rate, config.weight_decay,
-                                    (config.adam_beta1, config.adam_beta2), config.adam_epsilon)
+                                    (config.adam_beta1, config.adam_beta2), config.adam_epsilon,
+                                    fp32_grad_accumulation=self.dist.parallel == "none")
         warmup = warmup_steps(config.warmup_ratio, config.steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_multiplier(step, config.steps, warmup, config.lr_scheduler_type))
@@ -605,8 +608,9 @@ class Trainer:
                     stats["clip_low_frac"] += st["clip_low_frac"].item() * weight
                     stats["clip_high_frac"] += st["clip_high_frac"].item() * weight
                     stats["kl"] += st["kl_mean"].item() * weight
-                grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(
-                    self.policy.parameters(), self.config.max_grad_norm or math.inf))
+                with_grads = (self.optimizer.grad_params() if isinstance(self.optimizer, MasterWeightAdamW)
+                              else self.policy.parameters())
+                grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(with_grads, self.config.max_grad_norm or math.inf))
                 step_loss, step_policy_loss = self.dist.sum([step_loss, step_policy_loss])  # every rank skips, or none
                 if algo.use_adaptive_entropy:
                     self.adapt_entropy_coef(*self.dist.sum(window))

@@ -966,6 +966,31 @@ def random_groups(seed, zero=(), num_groups=6, min_len=0):
     return out
 
 
+def test_bf16_micro_batches_sum_their_gradients_in_fp32(tiny_model_dir):
+    """A bf16 run's micro-batches: the step's gradient norm is that of the fp32 sum of every backward's bf16
+    gradient (recorded as autograd hands it over), not of a sum rounded to bf16 at each micro-batch."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+
+    trainer = build_trainer(parse_args(["--model", str(tiny_model_dir), "--dtype", "bfloat16",
+                                        "--micro-batch-tokens", "60"]))
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    assert all(p.dtype == torch.bfloat16 for p in params)
+    sums = [torch.zeros(p.shape) for p in params]
+
+    def add_to(total):
+        def hook(grad):
+            total.add_(grad)  # returns nothing: the gradient goes on unchanged
+        return hook
+
+    for p, total in zip(params, sums):
+        p.register_hook(add_to(total))
+    stats = trainer.update(random_groups(0))
+    assert stats["num_micro_batches"] > 3
+    want = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(total) for total in sums]))
+    assert stats["grad_norm"] == pytest.approx(float(want), rel=1e-5)
+
+
 @pytest.mark.parametrize("quantile", [0.3, 0.0])
 def test_top_entropy_quantile_keeps_the_high_entropy_tokens(tiny_model_dir, monkeypatch, quantile):
     """The surrogate keeps the tokens at or above the (1 - q) quantile of the step's entropies, whatever the
