@@ -612,13 +612,13 @@ class Trainer:
                               else self.policy.parameters())
                 grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(with_grads, self.config.max_grad_norm or math.inf))
                 step_loss, step_policy_loss = self.dist.sum([step_loss, step_policy_loss])  # every rank skips, or none
-                if algo.use_adaptive_entropy:
-                    self.adapt_entropy_coef(*self.dist.sum(window))
                 if not (math.isfinite(step_loss) and torch.isfinite(grad_norm)):
                     warnings.warn(f"step {self.step_num}: non-finite loss or gradient; update skipped")
                     self.optimizer.zero_grad(set_to_none=True)
                     skipped += 1
                     continue
+                if algo.use_adaptive_entropy:  # a skipped step leaves the coefficient where it was
+                    self.adapt_entropy_coef(*self.dist.sum(window))
                 self.optimizer.step()
                 self.replica_stale = True
                 grad_norms.append(grad_norm.item())

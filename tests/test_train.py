@@ -1256,7 +1256,8 @@ def test_saturated_prompts_are_cut_deeper_on_their_next_visit(tiny_model_dir, mo
 def test_adaptive_entropy_control(tiny_model_dir, tmp_path):
     """--use-adaptive-entropy (TRL's rule): no bonus until an entropy was measured; then the coefficient
     moves by delta each optimizer step, up at or below the target and down above it, within its bounds,
-    and the bonus applies while the last measured entropy is at or below the target. Checkpointed."""
+    and the bonus applies while the last measured entropy is at or below the target; a skipped step moves
+    nothing. Checkpointed."""
     from rpo_engine.config import parse_args
     from rpo_engine.train import build_trainer
 
@@ -1279,6 +1280,12 @@ def test_adaptive_entropy_control(tiny_model_dir, tmp_path):
     for want in (0.2, 0.1, 0.0, 0.0):  # down to --entropy-coef-min, never applied
         stats = above.update(groups)
         assert above.entropy_coef == pytest.approx(want) and stats["loss"] == pytest.approx(stats["policy_loss"])
+
+    skipping = build_trainer(parse_args([*common, "--entropy-target", "100"]))
+    groups[1].advantages[0] = math.nan  # a non-finite loss: the step is skipped, and the coefficient stays
+    with pytest.warns(UserWarning, match="update skipped"):
+        assert skipping.update(groups)["skipped_updates"] == 1
+    assert (skipping.entropy_coef, skipping.last_entropy) == (0.3, math.inf)
 
 
 @pytest.mark.parametrize("flags", [[], ["--algo", "dapo", "--num-iterations", "2"], ["--loss-type", "dr_grpo"],
