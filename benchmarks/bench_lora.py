@@ -46,14 +46,15 @@ def resident_bytes(model, optimizer) -> dict:
     params = list(model.parameters())
     state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
     masters = [m for _, m in optimizer.low_precision_pairs()] if isinstance(optimizer, MasterWeightAdamW) else []
-    return {"weights": total(params), "grads": total(p.grad for p in params if p.grad is not None),
+    # a bf16 model's gradients sum on its fp32 masters, as the trainer's do (make_adamw below)
+    return {"weights": total(params), "grads": total(t.grad for t in params + masters if t.grad is not None),
             "optimizer": total(state + masters)}
 
 
 def measure_update(model, groups, repeats):
     cuda = model.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    optimizer = make_adamw(model, 1e-6, 0.0)
+    optimizer = make_adamw(model, 1e-6, 0.0, fp32_grad_accumulation=True)  # as the trainer's, in one process
     times = []
     if cuda:
         torch.cuda.reset_peak_memory_stats()

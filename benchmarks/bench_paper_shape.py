@@ -31,7 +31,7 @@ from rpo_engine.kernels import policy_loss
 from rpo_engine.kernels.fused_logprobs import _triton_interpreted
 from rpo_engine.model.config import ModelConfig
 from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, plan_micro_batches
-from rpo_engine.optim import make_adamw
+from rpo_engine.optim import make_adamw, params_with_gradients
 from rpo_engine.rollout import RolloutEngine, SamplingParams
 
 CPU_SHAPE = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
@@ -55,7 +55,7 @@ def update(model, optimizer, groups, micro_batch_tokens, norm_length, prefix_sha
         adv = torch.tensor([a for g in batch for a in g.advantages], device=model.device)
         loss, _ = policy_loss(logp, logp.detach(), adv, mask, norm_length=norm_length)
         (loss * len(adv) / total).backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    torch.nn.utils.clip_grad_norm_(params_with_gradients(optimizer), 1.0)
     optimizer.step()
 
 
@@ -124,7 +124,8 @@ def main(argv=None):
     if args.gpu:  # 1.5B at 8k tokens per micro-batch: keep only each layer's input, recompute the rest
         model.gradient_checkpointing_enable()
     model.train()
-    optimizer = make_adamw(model, 1e-6, 0.0)  # the trainer's: fp32 masters for bf16 weights, their cost timed too
+    # the trainer's: fp32 masters for bf16 weights, the micro-batches' gradients summed on them; their cost timed too
+    optimizer = make_adamw(model, 1e-6, 0.0, fp32_grad_accumulation=True)
     engine = RolloutEngine(model)
     engines = {"full": engine, "rpo": engine}
     if cascade:

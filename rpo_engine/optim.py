@@ -113,6 +113,13 @@ class MasterWeightAdamW(torch.optim.AdamW):
             p.copy_(m)
 
 
+def params_with_gradients(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The tensors whose .grad the optimizer's next step reads: what to clip, and to check for inf/NaN."""
+    if isinstance(optimizer, MasterWeightAdamW):
+        return optimizer.grad_params()
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 @torch.no_grad()
 def _add_grad_into(master: torch.Tensor, param: torch.Tensor) -> None:
     """Move `param`'s low-precision gradient into `master`'s fp32 one (the sum of the backwards so far)."""

@@ -37,7 +37,7 @@ from rpo_engine.errors import UserError
 from rpo_engine.kernels import policy_loss
 from rpo_engine.model.lora import adapters_disabled, lora_settings, save_adapter
 from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, plan_micro_batches
-from rpo_engine.optim import MasterWeightAdamW, load_adamw_state, lr_multiplier, make_adamw, warmup_steps
+from rpo_engine.optim import load_adamw_state, lr_multiplier, make_adamw, params_with_gradients, warmup_steps
 from rpo_engine.rewards.answers import is_correct, score_groups
 from rpo_engine.rewards.pool import PooledReward
 from rpo_engine.rewards.shaping import length_aware_accuracy, overlong_penalty
@@ -608,9 +608,8 @@ class Trainer:
                     stats["clip_low_frac"] += st["clip_low_frac"].item() * weight
                     stats["clip_high_frac"] += st["clip_high_frac"].item() * weight
                     stats["kl"] += st["kl_mean"].item() * weight
-                with_grads = (self.optimizer.grad_params() if isinstance(self.optimizer, MasterWeightAdamW)
-                              else self.policy.parameters())
-                grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(with_grads, self.config.max_grad_norm or math.inf))
+                grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params_with_gradients(self.optimizer),
+                                                                       self.config.max_grad_norm or math.inf))
                 step_loss, step_policy_loss = self.dist.sum([step_loss, step_policy_loss])  # every rank skips, or none
                 if not (math.isfinite(step_loss) and torch.isfinite(grad_norm)):
                     warnings.warn(f"step {self.step_num}: non-finite loss or gradient; update skipped")
