@@ -417,7 +417,9 @@ class TrainConfig:
             _check(len(weights) == len(names) and all(map(math.isfinite, weights)),
                    f"--reward-weights must be {len(names)} comma-separated number(s), one per --reward function, "
                    f"got {self.reward_weights!r}")
-        _check(self.dist_timeout > 0, f"--dist-timeout must be > 0, got {self.dist_timeout}")
+        # torch.distributed's timers overflow far past 1e9 s (gloo: 9e9 s hangs the job, 1e10 s fails it at once)
+        _check(0 < self.dist_timeout <= 1e9, f"--dist-timeout must be > 0 and at most 1e9 seconds (about 31 years), "
+                                            f"got {self.dist_timeout}")
         if not self.use_peft:
             _reject_given(self, ("lora_r", "lora_alpha", "lora_target_modules", "use_rslora", "lora_merged_rollout"),
                           "without --use-peft (the run trains every weight)")

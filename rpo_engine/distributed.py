@@ -81,13 +81,21 @@ class Dist:
             return cls()
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if device_type == "cuda":
+            gpus = torch.cuda.device_count()
+            if local_rank >= gpus:  # else CUDA's "invalid device ordinal" traceback
+                raise UserError(f"local rank {local_rank} has no GPU of its own: this machine shows {gpus}; start at "
+                                f"most {gpus} ranks per machine (--nproc-per-node), or train with --device cpu")
             torch.cuda.set_device(local_rank)
             backend, device = "nccl", torch.device("cuda", local_rank)
         else:
             backend, device = "gloo", torch.device("cpu")
         # The timeout bounds a collective that waits on a dead peer (gloo raises; NCCL aborts), so a
         # failure torchrun does not see (another node's) still ends the job instead of hanging it.
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        try:
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        except ValueError as e:  # env:// without MASTER_ADDR / MASTER_PORT: RANK left set in a plain shell or job
+            raise UserError(f"torch.distributed cannot start: {e}; RANK and WORLD_SIZE are set as torchrun sets them, "
+                            f"without its rendezvous: launch with torchrun, or unset them to train in one process") from None
         return cls(dist.get_rank(), dist.get_world_size(), local_rank, parallel, device)
 
     @property

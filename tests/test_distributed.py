@@ -309,3 +309,42 @@ def test_ddp_buffer_sync_keyword_follows_the_torch_version():
     assert no_forward_buffer_sync(OldDDP) == {"broadcast_buffers": False}
     expected = no_forward_buffer_sync(DistributedDataParallel)
     assert set(expected) <= set(inspect.signature(DistributedDataParallel.__init__).parameters)
+
+
+def test_dist_timeout_beyond_torch_timers_is_a_one_line_error():
+    """gloo's timers overflow far past 1e9 s: --dist-timeout 9e9 hung the job at start, 1e10 failed it, 1e15 was an
+    OverflowError traceback; a user meaning "no timeout" gets the bound instead."""
+    from rpo_engine.config import config_from_dict
+    from rpo_engine.errors import UserError
+
+    assert config_from_dict({"dist_timeout": 1e9}).dist_timeout == 1e9
+    for value in (9e9, 1e15):
+        with pytest.raises(UserError, match=r"--dist-timeout must be > 0 and at most 1e9 seconds .*, got "):
+            config_from_dict({"dist_timeout": value})
+
+
+def test_rank_variables_without_torchrun_are_a_one_line_error(monkeypatch):
+    """RANK and WORLD_SIZE left set (a job script, an export) without torchrun's MASTER_ADDR: torch's ValueError
+    traceback was all a plain `python -m rpo_engine.train` gave."""
+    from rpo_engine.distributed import Dist
+    from rpo_engine.errors import UserError
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(UserError, match="MASTER_ADDR expected.*launch with torchrun, or unset them"):
+        Dist.from_env("ddp", "cpu", 60)
+
+
+def test_more_ranks_than_gpus_is_a_one_line_error(monkeypatch):
+    """torchrun --nproc-per-node 2 on a one-GPU machine: rank 1 names the mistake, not CUDA's invalid device ordinal."""
+    from rpo_engine.distributed import Dist
+    from rpo_engine.errors import UserError
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match=r"local rank 1 has no GPU of its own: this machine shows 1; .*--nproc-per-node"):
+        Dist.from_env("ddp", "cuda", 60)
