@@ -104,6 +104,22 @@ def test_resume_redoes_an_incomplete_checkpoint_and_ignores_names_not_ours(tmp_p
             assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (x["step"], key)
 
 
+def test_generation_config_outlives_the_checkpoint_a_run_resumed_from(tmp_path, tiny_model_dir):
+    """A resumed run's model comes from checkpoints/step-N/model, which --save-total-limit prunes after the next
+    save: the later checkpoints and final/ keep the stop tokens and sampling defaults of generation_config.json
+    (a second resume from one of them would otherwise stop completions at other tokens)."""
+    import rpo_engine
+
+    step = tmp_path / "checkpoints" / "step-2" / "model"
+    shutil.copytree(tiny_model_dir, step)
+    (step / "generation_config.json").write_text('{"eos_token_id": [0, 5], "temperature": 0.7}\n')
+    model, tokenizer = rpo_engine.load_model(step), rpo_engine.load_tokenizer(step)
+    shutil.rmtree(step.parent)  # pruned
+    model.save_pretrained(tmp_path / "final", tokenizer=tokenizer)
+    assert (tmp_path / "final" / "generation_config.json").read_text() == '{"eos_token_id": [0, 5], "temperature": 0.7}\n'
+    assert rpo_engine.load_model(tmp_path / "final").config.generation_eos_token_ids == (0, 5)
+
+
 def test_truncate_log(tmp_path):
     from rpo_engine.errors import UserError
     from rpo_engine.train import truncate_log
