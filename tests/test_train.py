@@ -120,6 +120,34 @@ def test_generation_config_outlives_the_checkpoint_a_run_resumed_from(tmp_path, 
     assert rpo_engine.load_model(tmp_path / "final").config.generation_eos_token_ids == (0, 5)
 
 
+def test_resume_drops_cached_paths_of_prompts_that_changed_under_their_id(tiny_model_dir, capsys):
+    """The experience cache is keyed by prompt id: resumed on other rows under the same ids (the built-in task
+    under another --seed, another or an edited dataset), a path answers another question, and a verified one
+    would be kept and continued. Those are dropped, said once; the same rows keep every path."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+
+    def trainer(*flags):
+        return build_trainer(parse_args(["--model", str(tiny_model_dir), "--train-size", "3", "--eval-size", "1",
+                                         "--no-progress", *flags]))
+
+    first = trainer()
+    for row in first.train_rows:
+        first.cache.put(row["id"], [5, 6, 7], 1.0, 1)
+    state = first.state_dict()
+    first.load_state_dict(state)
+    assert len(first.cache) == 3 and "dropped" not in capsys.readouterr().err
+    other = trainer("--seed", "7")
+    assert [r["id"] for r in other.train_rows] == [r["id"] for r in first.train_rows]  # the same ids, other problems
+    other.load_state_dict(state)
+    assert len(other.cache) == 0
+    assert "warning: resuming: dropped 3 cached RPO path(s) saved for another prompt under the same id (first " \
+           "'train-000000'" in capsys.readouterr().err
+    del state["cache"]["prompt_keys"]  # a checkpoint from before the digests: nothing to compare, all kept
+    other.load_state_dict(state)
+    assert len(other.cache) == 3
+
+
 def test_truncate_log(tmp_path):
     from rpo_engine.errors import UserError
     from rpo_engine.train import truncate_log
