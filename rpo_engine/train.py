@@ -484,10 +484,13 @@ def step_or_explain(trainer, config: TrainConfig) -> dict:
                         + ("" if config.use_peft else " or --use-peft")) from None
 
 
-# Options a resumed run may change without changing what it trains (more --steps extends the run).
+# Options a resumed run may change without changing what it trains (more --steps extends the run); from
+# async_scheduling on, how, not what, is computed (step_or_explain tells a run out of GPU memory to change
+# micro_batch_tokens or gradient_checkpointing: resuming with them is no changed run).
 _RESUME_FREE = {"resume", "steps", "output", "config", "progress", "log_completions", "eval_steps", "eval_size",
                 "save_steps", "save_total_limit", "dist_timeout", "async_scheduling", "gpu_memory_utilization",
-                "lora_merged_rollout", "parallel", "reward_workers"}  # the last two: how, not what, is computed
+                "lora_merged_rollout", "parallel", "reward_workers", "micro_batch_tokens", "gradient_checkpointing",
+                "prefix_sharing"}
 
 
 def warn_changed_options(saved: Path, config: TrainConfig) -> None:

@@ -148,6 +148,22 @@ def test_resume_drops_cached_paths_of_prompts_that_changed_under_their_id(tiny_m
     assert len(other.cache) == 3
 
 
+def test_resuming_with_other_memory_settings_is_no_changed_run(tmp_path, capsys):
+    """A run out of GPU memory is told to lower --micro-batch-tokens or add --gradient-checkpointing: resumed with
+    them (or with --no-prefix-sharing, the layout's reference) it trains what it did, so no warning names them;
+    a training option still is."""
+    from rpo_engine.config import config_to_dict, parse_args
+    from rpo_engine.train import warn_changed_options
+
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps(config_to_dict(parse_args(["--learning-rate", "1e-3"]))))
+    warn_changed_options(saved, parse_args(["--learning-rate", "1e-3", "--micro-batch-tokens", "1024",
+                                            "--gradient-checkpointing", "--no-prefix-sharing"]))
+    assert capsys.readouterr().err == ""
+    warn_changed_options(saved, parse_args(["--learning-rate", "2e-3", "--micro-batch-tokens", "1024"]))
+    assert capsys.readouterr().err == "warning: resuming with changed options: learning_rate 0.001 -> 0.002\n"
+
+
 def test_truncate_log(tmp_path):
     from rpo_engine.errors import UserError
     from rpo_engine.train import truncate_log
