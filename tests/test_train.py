@@ -164,6 +164,38 @@ def test_resuming_with_other_memory_settings_is_no_changed_run(tmp_path, capsys)
     assert capsys.readouterr().err == "warning: resuming with changed options: learning_rate 0.001 -> 0.002\n"
 
 
+def test_resume_matches_uninterrupted_with_dapo_mini_batches_and_a_moving_reference(tmp_path, tiny_model_dir):
+    """What the end-to-end resume tests leave out, together, through a checkpoint on disk as train.py resumes:
+    DAPO resampling in a resumed step, two mini-batches and two passes per step, a KL reference that
+    --sync-ref-model moves (restored from the checkpoint's reference/), warmup into a cosine schedule, and
+    the data crossing an epoch boundary of a 4-row set. Every later step, the cache, the weights: the same."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+
+    config = parse_args(["--model", str(tiny_model_dir), "--no-progress", "--steps", "3", "--train-size", "4",
+                         "--prompts-per-step", "3", "--num-generations", "4", "--max-completion-length", "12",
+                         "--eval-size", "1", "--learning-rate", "1e-3", "--reward", "tests.reward_fns:hash_reward",
+                         "--algo", "dapo", "--max-resample-rounds", "2", "--ppo-mini-batch-size", "2",
+                         "--num-iterations", "2", "--beta", "0.05", "--sync-ref-model", "--ref-model-sync-steps", "1",
+                         "--warmup-ratio", "0.5", "--lr-scheduler-type", "cosine"])
+    full = build_trainer(config)
+    first = full.step()
+    full.save_checkpoint(tmp_path / "step-1")
+    later = [full.step() for _ in range(2)]
+    resumed = build_trainer(config, tmp_path / "step-1")
+    resumed.load_state_dict(torch.load(tmp_path / "step-1" / "trainer_state.pt", map_location="cpu", weights_only=True))
+    assert first["lr"] < later[0]["lr"]  # in the warmup at the checkpoint
+    for x in later:
+        y = resumed.step()
+        assert {k: v for k, v in x.items() if not k.endswith("_time_s")} == \
+               {k: v for k, v in y.items() if not k.endswith("_time_s")}
+    assert later[0]["num_prompts_sampled"] > 3  # DAPO resampled in the first resumed step
+    assert resumed.rows_drawn == full.rows_drawn > 4
+    assert str(resumed.cache.state_dict()) == str(full.cache.state_dict())  # str: a cold start's reward is NaN
+    for a, b in ((full.model, resumed.model), (full.reference, resumed.reference)):
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
 def test_truncate_log(tmp_path):
     from rpo_engine.errors import UserError
     from rpo_engine.train import truncate_log
