@@ -396,11 +396,13 @@ def train(config: TrainConfig, dist: Dist) -> int:
     writer, log, completions_log = None, None, None
     if main_rank:
         output.mkdir(parents=True, exist_ok=True)
+        # the log before config.json: a run killed between the two (TensorBoard's import takes seconds) must leave
+        # a run's directory, which a rerun starts again, not a config.json that reads as another program's
+        log = open(metrics_path, "a" if checkpoint is not None else "w")  # "w": a run started again
         if checkpoint is not None:
             warn_changed_options(output / "config.json", config)
         (output / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
         writer = _tensorboard(output)
-        log = open(metrics_path, "a" if checkpoint is not None else "w")  # "w": a run started again
         if config.log_completions:
             truncate_log(output / "completions.jsonl", trainer.step_num)
             completions_log = open(output / "completions.jsonl", "a")

@@ -1546,6 +1546,37 @@ def test_what_a_resume_cannot_do_is_refused_before_loading(tmp_path, tiny_model_
             train.check_checkpoint_kind(out / "checkpoints" / "step-2", parse_args(["--use-peft"] if peft else []))
 
 
+def test_a_run_killed_before_its_log_opened_starts_again(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """A run writes OUTPUT/config.json and opens metrics.jsonl once its model has loaded, with TensorBoard's
+    import (seconds) in between: killed there, its directory is still a run's, which the same command (a preempted
+    job's, with --resume or without) starts again, never a config.json alone that reads as a model directory's."""
+    from rpo_engine import train
+    from rpo_engine.config import parse_args
+    from rpo_engine.distributed import Dist
+
+    class Built(Exception):
+        pass
+
+    def preempted(output):
+        raise KeyboardInterrupt
+
+    def built(*args, **kwargs):
+        raise Built
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(train, "_tensorboard", preempted)
+    for resume in ([], ["--resume"]):
+        config = parse_args(["--model", str(tiny_model_dir), "--output", str(out), "--steps", "1", "--eval-steps", "0",
+                             "--no-progress", *resume])
+        with pytest.raises(KeyboardInterrupt):
+            train.train(config, Dist())
+        with monkeypatch.context() as patch:
+            patch.setattr(train, "build_trainer", built)
+            with pytest.raises(Built):
+                train.train(config, Dist())
+        assert "its run stopped before its first step ended" in capsys.readouterr().out
+
+
 def test_output_holding_a_model_is_refused(tmp_path, tiny_model_dir):
     """A run writes its options to OUTPUT/config.json: --output pointed at a model directory (--model's own
     too) would overwrite the model's config.json, so a directory holding a run's files but no run is refused."""
