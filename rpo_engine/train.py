@@ -396,11 +396,13 @@ def train(config: TrainConfig, dist: Dist) -> int:
     writer, log, completions_log = None, None, None
     if main_rank:
         output.mkdir(parents=True, exist_ok=True)
+        # the log before config.json: a run killed between the two (TensorBoard's import takes seconds) must leave
+        # a run's directory, which a rerun starts again, not a config.json that reads as another program's
+        log = open(metrics_path, "a" if checkpoint is not None else "w")  # "w": a run started again
         if checkpoint is not None:
             warn_changed_options(output / "config.json", config)
         (output / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
         writer = _tensorboard(output)
-        log = open(metrics_path, "a" if checkpoint is not None else "w")  # "w": a run started again
         if config.log_completions:
             truncate_log(output / "completions.jsonl", trainer.step_num)
             completions_log = open(output / "completions.jsonl", "a")
@@ -484,10 +486,13 @@ def step_or_explain(trainer, config: TrainConfig) -> dict:
                         + ("" if config.use_peft else " or --use-peft")) from None
 
 
-# Options a resumed run may change without changing what it trains (more --steps extends the run).
+# Options a resumed run may change without changing what it trains (more --steps extends the run); from
+# async_scheduling on, how, not what, is computed (step_or_explain tells a run out of GPU memory to change
+# micro_batch_tokens or gradient_checkpointing: resuming with them is no changed run).
 _RESUME_FREE = {"resume", "steps", "output", "config", "progress", "log_completions", "eval_steps", "eval_size",
                 "save_steps", "save_total_limit", "dist_timeout", "async_scheduling", "gpu_memory_utilization",
-                "lora_merged_rollout", "parallel", "reward_workers"}  # the last two: how, not what, is computed
+                "lora_merged_rollout", "parallel", "reward_workers", "micro_batch_tokens", "gradient_checkpointing",
+                "prefix_sharing"}
 
 
 def warn_changed_options(saved: Path, config: TrainConfig) -> None:

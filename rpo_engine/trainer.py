@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import math
 import random
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -107,6 +109,7 @@ class Trainer:
         self.replica_stale = False
         # training prompts by id (the experience cache's key); eval rows by position: the two files' ids may
         # overlap, and reward functions see each row's own id (TRL-style ones read the `id` column)
+        self.row_index = {row["id"]: i for i, row in enumerate(train_rows)}
         self.prompt_ids = dict(zip([row["id"] for row in train_rows], encode_run_prompts(
             tokenizer, train_rows, config, self.model, config.dataset or "built-in task")))
         self.eval_prompt_ids = encode_run_prompts(tokenizer, eval_rows, config, self.model,
@@ -875,7 +878,15 @@ class Trainer:
         return {"step": self.step_num, "optimizer": optimizer,
                 "scheduler": self.scheduler.state_dict(), "rng": list(self.rng.getstate()),
                 "torch_rng": torch.get_rng_state(), "rows_drawn": self.rows_drawn,
-                "cache": self.cache.state_dict(), "entropy_control": [self.entropy_coef, self.last_entropy]}
+                "cache": self.cache.state_dict(self.prompt_keys(self.cache.paths)),
+                "entropy_control": [self.entropy_coef, self.last_entropy]}
+
+    def prompt_keys(self, ids) -> dict[str, str]:
+        """Each of `ids` that is a training prompt's -> a digest of its row's prompt and answer (what a cached
+        path answers)."""
+        rows = (self.train_rows[self.row_index[i]] for i in ids if i in self.row_index)
+        return {row["id"]: hashlib.sha1(json.dumps([row["prompt"], row.get("answer")], sort_keys=True,
+                                                   default=str).encode()).hexdigest()[:16] for row in rows}
 
     def load_state_dict(self, state: dict) -> None:
         self.step_num = state["step"]
@@ -899,7 +910,11 @@ class Trainer:
         self.rng.setstate((version, tuple(internal), gauss))
         torch.set_rng_state(state["torch_rng"])
         self.rows_drawn = state["rows_drawn"]
-        self.cache.load_state_dict(state["cache"])
+        stale = self.cache.load_state_dict(state["cache"], self.prompt_keys(state["cache"]["paths"]))
+        if stale and self.dist.is_main:
+            print(f"warning: resuming: dropped {len(stale)} cached RPO path(s) saved for another prompt under the "
+                  f"same id (first {stale[0]!r}: the dataset, or the built-in task's --seed, changed); those prompts "
+                  f"cold-start again", file=sys.stderr)
         if self.algo.use_adaptive_entropy and "entropy_control" in state:  # else --entropy-coef is the config's
             self.entropy_coef, self.last_entropy = state["entropy_control"]
 

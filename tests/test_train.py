@@ -104,6 +104,98 @@ def test_resume_redoes_an_incomplete_checkpoint_and_ignores_names_not_ours(tmp_p
             assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (x["step"], key)
 
 
+def test_generation_config_outlives_the_checkpoint_a_run_resumed_from(tmp_path, tiny_model_dir):
+    """A resumed run's model comes from checkpoints/step-N/model, which --save-total-limit prunes after the next
+    save: the later checkpoints and final/ keep the stop tokens and sampling defaults of generation_config.json
+    (a second resume from one of them would otherwise stop completions at other tokens)."""
+    import rpo_engine
+
+    step = tmp_path / "checkpoints" / "step-2" / "model"
+    shutil.copytree(tiny_model_dir, step)
+    (step / "generation_config.json").write_text('{"eos_token_id": [0, 5], "temperature": 0.7}\n')
+    model, tokenizer = rpo_engine.load_model(step), rpo_engine.load_tokenizer(step)
+    shutil.rmtree(step.parent)  # pruned
+    model.save_pretrained(tmp_path / "final", tokenizer=tokenizer)
+    assert (tmp_path / "final" / "generation_config.json").read_text() == '{"eos_token_id": [0, 5], "temperature": 0.7}\n'
+    assert rpo_engine.load_model(tmp_path / "final").config.generation_eos_token_ids == (0, 5)
+
+
+def test_resume_drops_cached_paths_of_prompts_that_changed_under_their_id(tiny_model_dir, capsys):
+    """The experience cache is keyed by prompt id: resumed on other rows under the same ids (the built-in task
+    under another --seed, another or an edited dataset), a path answers another question, and a verified one
+    would be kept and continued. Those are dropped, said once; the same rows keep every path."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+
+    def trainer(*flags):
+        return build_trainer(parse_args(["--model", str(tiny_model_dir), "--train-size", "3", "--eval-size", "1",
+                                         "--no-progress", *flags]))
+
+    first = trainer()
+    for row in first.train_rows:
+        first.cache.put(row["id"], [5, 6, 7], 1.0, 1)
+    state = first.state_dict()
+    first.load_state_dict(state)
+    assert len(first.cache) == 3 and "dropped" not in capsys.readouterr().err
+    other = trainer("--seed", "7")
+    assert [r["id"] for r in other.train_rows] == [r["id"] for r in first.train_rows]  # the same ids, other problems
+    other.load_state_dict(state)
+    assert len(other.cache) == 0
+    assert "warning: resuming: dropped 3 cached RPO path(s) saved for another prompt under the same id (first " \
+           "'train-000000'" in capsys.readouterr().err
+    del state["cache"]["prompt_keys"]  # a checkpoint from before the digests: nothing to compare, all kept
+    other.load_state_dict(state)
+    assert len(other.cache) == 3
+
+
+def test_resuming_with_other_memory_settings_is_no_changed_run(tmp_path, capsys):
+    """A run out of GPU memory is told to lower --micro-batch-tokens or add --gradient-checkpointing: resumed with
+    them (or with --no-prefix-sharing, the layout's reference) it trains what it did, so no warning names them;
+    a training option still is."""
+    from rpo_engine.config import config_to_dict, parse_args
+    from rpo_engine.train import warn_changed_options
+
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps(config_to_dict(parse_args(["--learning-rate", "1e-3"]))))
+    warn_changed_options(saved, parse_args(["--learning-rate", "1e-3", "--micro-batch-tokens", "1024",
+                                            "--gradient-checkpointing", "--no-prefix-sharing"]))
+    assert capsys.readouterr().err == ""
+    warn_changed_options(saved, parse_args(["--learning-rate", "2e-3", "--micro-batch-tokens", "1024"]))
+    assert capsys.readouterr().err == "warning: resuming with changed options: learning_rate 0.001 -> 0.002\n"
+
+
+def test_resume_matches_uninterrupted_with_dapo_mini_batches_and_a_moving_reference(tmp_path, tiny_model_dir):
+    """What the end-to-end resume tests leave out, together, through a checkpoint on disk as train.py resumes:
+    DAPO resampling in a resumed step, two mini-batches and two passes per step, a KL reference that
+    --sync-ref-model moves (restored from the checkpoint's reference/), warmup into a cosine schedule, and
+    the data crossing an epoch boundary of a 4-row set. Every later step, the cache, the weights: the same."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+
+    config = parse_args(["--model", str(tiny_model_dir), "--no-progress", "--steps", "3", "--train-size", "4",
+                         "--prompts-per-step", "3", "--num-generations", "4", "--max-completion-length", "12",
+                         "--eval-size", "1", "--learning-rate", "1e-3", "--reward", "tests.reward_fns:hash_reward",
+                         "--algo", "dapo", "--max-resample-rounds", "2", "--ppo-mini-batch-size", "2",
+                         "--num-iterations", "2", "--beta", "0.05", "--sync-ref-model", "--ref-model-sync-steps", "1",
+                         "--warmup-ratio", "0.5", "--lr-scheduler-type", "cosine"])
+    full = build_trainer(config)
+    first = full.step()
+    full.save_checkpoint(tmp_path / "step-1")
+    later = [full.step() for _ in range(2)]
+    resumed = build_trainer(config, tmp_path / "step-1")
+    resumed.load_state_dict(torch.load(tmp_path / "step-1" / "trainer_state.pt", map_location="cpu", weights_only=True))
+    assert first["lr"] < later[0]["lr"]  # in the warmup at the checkpoint
+    for x in later:
+        y = resumed.step()
+        assert {k: v for k, v in x.items() if not k.endswith("_time_s")} == \
+               {k: v for k, v in y.items() if not k.endswith("_time_s")}
+    assert later[0]["num_prompts_sampled"] > 3  # DAPO resampled in the first resumed step
+    assert resumed.rows_drawn == full.rows_drawn > 4
+    assert str(resumed.cache.state_dict()) == str(full.cache.state_dict())  # str: a cold start's reward is NaN
+    for a, b in ((full.model, resumed.model), (full.reference, resumed.reference)):
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
 def test_truncate_log(tmp_path):
     from rpo_engine.errors import UserError
     from rpo_engine.train import truncate_log
@@ -1484,6 +1576,37 @@ def test_what_a_resume_cannot_do_is_refused_before_loading(tmp_path, tiny_model_
     for peft in (False, True):
         with pytest.raises(UserError, match=r"step-2: has lost its weights \(no model/ directory, nor a LoRA run's"):
             train.check_checkpoint_kind(out / "checkpoints" / "step-2", parse_args(["--use-peft"] if peft else []))
+
+
+def test_a_run_killed_before_its_log_opened_starts_again(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """A run writes OUTPUT/config.json and opens metrics.jsonl once its model has loaded, with TensorBoard's
+    import (seconds) in between: killed there, its directory is still a run's, which the same command (a preempted
+    job's, with --resume or without) starts again, never a config.json alone that reads as a model directory's."""
+    from rpo_engine import train
+    from rpo_engine.config import parse_args
+    from rpo_engine.distributed import Dist
+
+    class Built(Exception):
+        pass
+
+    def preempted(output):
+        raise KeyboardInterrupt
+
+    def built(*args, **kwargs):
+        raise Built
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(train, "_tensorboard", preempted)
+    for resume in ([], ["--resume"]):
+        config = parse_args(["--model", str(tiny_model_dir), "--output", str(out), "--steps", "1", "--eval-steps", "0",
+                             "--no-progress", *resume])
+        with pytest.raises(KeyboardInterrupt):
+            train.train(config, Dist())
+        with monkeypatch.context() as patch:
+            patch.setattr(train, "build_trainer", built)
+            with pytest.raises(Built):
+                train.train(config, Dist())
+        assert "its run stopped before its first step ended" in capsys.readouterr().out
 
 
 def test_output_holding_a_model_is_refused(tmp_path, tiny_model_dir):

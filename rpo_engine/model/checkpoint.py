@@ -76,8 +76,8 @@ def load_model(path, dtype=None, device=None) -> CausalLM:
     if not directory.is_dir():
         raise UserError(f"{directory}: model directory not found")
     config = ModelConfig.from_file(directory / "config.json")
-    config = dataclasses.replace(config, generation_eos_token_ids=read_generation_eos(
-        directory / "generation_config.json"))
+    generation = directory / "generation_config.json"
+    config = dataclasses.replace(config, generation_eos_token_ids=read_generation_eos(generation))
     dtype = resolve_dtype(dtype)
     device = torch.device(device or "cpu")
     files = _weight_files(directory)
@@ -128,6 +128,7 @@ def load_model(path, dtype=None, device=None) -> CausalLM:
         model.lm_head.weight = model.model.embed_tokens.weight  # assign=True replaced the shared Parameter
     model.model.rotary_emb.inv_freq = rope_inv_freq(config).to(device)  # to_empty left it uninitialised
     model.source_dir = directory
+    model.generation_config_file = generation.read_bytes() if generation.is_file() else None
     return model
 
 
@@ -149,7 +150,9 @@ def save_pretrained(model: CausalLM, directory, tokenizer=None) -> None:
         hf["dtype"] = hf["torch_dtype"] = str(model.dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
         # generation_config.json comes along either way: its stop tokens and sampling defaults are the model's.
-        copied = ("generation_config.json",) + (TOKENIZER_FILES if tokenizer is None else ())
+        if model.generation_config_file is not None:
+            (tmp / "generation_config.json").write_bytes(model.generation_config_file)
+        copied = TOKENIZER_FILES if tokenizer is None else ()
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if model.source_dir is not None:

@@ -224,6 +224,9 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
         self.source_dir = None  # the checkpoint directory we were loaded from, if any (for tokenizer files)
+        # its generation_config.json as loaded, saved with the model: the directory may be gone by then (a resumed
+        # run's checkpoint, pruned by --save-total-limit)
+        self.generation_config_file: bytes | None = None
 
     @property
     def device(self) -> torch.device:

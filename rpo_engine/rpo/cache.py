@@ -121,17 +121,31 @@ class ExperienceCache:
         self.put(prompt_id, answer, reward, step, correct, logprobs)
         return True
 
-    def state_dict(self) -> dict:
-        return {"policy": self.policy, "epsilon": self.epsilon, "correct_threshold": self.correct_threshold,
-                "paths": {k: [v.token_ids, v.reward, v.step, v.correct, v.logprobs] for k, v in self.paths.items()},
-                "saturated": dict(self.saturated)}
+    def state_dict(self, prompt_keys: dict[str, str] | None = None) -> dict:
+        """`prompt_keys`: prompt id -> a digest of the prompt (and answer) it stands for, stored with the paths so
+        that a resumed run can tell a path from a prompt that has since changed under the same id."""
+        state = {"policy": self.policy, "epsilon": self.epsilon, "correct_threshold": self.correct_threshold,
+                 "paths": {k: [v.token_ids, v.reward, v.step, v.correct, v.logprobs] for k, v in self.paths.items()},
+                 "saturated": dict(self.saturated)}
+        if prompt_keys is not None:
+            state["prompt_keys"] = {k: prompt_keys[k] for k in self.paths if k in prompt_keys}
+        return state
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, prompt_keys: dict[str, str] | None = None) -> list[str]:
         """The checkpoint's paths; the update rule (policy, epsilon) stays this cache's: a resumed run's options
-        govern from its first step, as its optimizer's do."""
+        govern from its first step, as its optimizer's do. With `prompt_keys` (as state_dict's), a path saved for
+        another prompt than its id now names (another dataset, a file edited, the built-in task under another
+        seed) is dropped: its prompt cold-starts again rather than continue an answer to another question.
+        -> the ids dropped."""
         self.correct_threshold = state["correct_threshold"]
         self.paths = {}
         self.saturated = {k: int(v) for k, v in state.get("saturated", {}).items()}  # older checkpoints: none
         # older checkpoints: no `correct` (judged by reward), no `logprobs`
         for k, (ids, r, s, *rest) in state["paths"].items():
             self.put(k, ids, r, int(s), bool(rest[0]) if rest else None, rest[1] if len(rest) > 1 else None)
+        saved = state.get("prompt_keys", {})  # older checkpoints: none, every path kept
+        stale = [k for k in self.paths if k in saved and k in (prompt_keys or {}) and saved[k] != prompt_keys[k]]
+        for k in stale:
+            del self.paths[k]
+            self.saturated.pop(k, None)
+        return stale
