@@ -408,6 +408,25 @@ def test_several_rewards_add_their_weighted_scores(tiny_model_dir):
     assert m["reward_mean"] == pytest.approx(2 * means[0] + 0.25 * means[1]) and means[1] > 0
 
 
+def test_a_reward_that_does_not_apply_is_left_out_of_its_mean(tiny_model_dir):
+    """A TRL-style extra reward's None ("does not apply") adds 0 to the reward, and its rewards/<name>/mean is
+    over the completions it applies to (TRL's nanmean), not diluted by zeros; completions.jsonl shows null."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+
+    trainer = build_trainer(parse_args(["--model", str(tiny_model_dir), "--no-length-shaping", "--no-rpo",
+                                        "--reward", "tests.reward_fns:hash_reward,tests.reward_fns:trl_partly_applies",
+                                        "--log-completions", "--prompts-per-step", "2", "--num-generations", "4",
+                                        "--max-completion-length", "6", "--train-size", "2", "--eval-size", "1"]))
+    m = trainer.step()
+    applied = [r["scores"]["trl_partly_applies"] for r in trainer.completions]
+    assert None in applied and 0.5 in applied and set(applied) <= {None, 0.5}
+    assert m["rewards/trl_partly_applies/mean"] == 0.5  # TRL's nanmean; the zeros it was diluted by gave less
+    for r in trainer.completions:
+        assert r["reward"] == r["scores"]["hash_reward"] + (r["scores"]["trl_partly_applies"] or 0.0)
+    assert m["reward_mean"] == pytest.approx(sum(r["reward"] for r in trainer.completions) / 8)
+
+
 def test_gdpo_normalizes_each_reward_term_before_the_sum(tiny_model_dir):
     """--multi-objective-aggregation normalize_then_sum: a step's advantages are each group's terms (the
     length-shaped accuracy, a second function, the format bonus, the overlong penalty) normalized within the
