@@ -250,15 +250,20 @@ def write_plot(metrics: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     steps = [m for m in metrics if "reward_mean" in m]
     evals = [m for m in metrics if "eval_accuracy" in m]
+    marker = "o" if len(steps) == 1 else None  # a line through one point draws nothing
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    axes[0].plot([m["step"] for m in steps], [m["reward_mean"] for m in steps])
+    axes[0].plot([m["step"] for m in steps], [m["reward_mean"] for m in steps], marker=marker)
     axes[0].set(title="reward (mean over samples)", xlabel="step")
     axes[1].plot([m["step"] for m in evals], [m["eval_accuracy"] for m in evals], marker="o")
     axes[1].set(title="greedy eval accuracy", xlabel="step", ylim=(0, 1))
-    axes[2].plot([m["step"] for m in steps], [m["rollout_generated_tokens"] for m in steps])
+    axes[2].plot([m["step"] for m in steps], [m["rollout_generated_tokens"] for m in steps], marker=marker)
     axes[2].set(title="generated tokens per step", xlabel="step", ylim=(0, None))
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # steps, not 1.25
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -130,6 +130,23 @@ def test_truncate_log(tmp_path):
         truncate_log(log, 1)
 
 
+@pytest.mark.parametrize("num_steps", [1, 3])
+def test_plot_draws_every_panel(tmp_path, num_steps):
+    """curves.png shows each series, a one-step run's too (a line through one point draws nothing)."""
+    import matplotlib.image
+    import numpy as np
+
+    from rpo_engine.train import write_plot
+
+    records = [{"step": 0, "eval_accuracy": 0.5}] + [
+        {"step": s, "reward_mean": 0.2 * s, "rollout_generated_tokens": 100 + s} for s in range(1, num_steps + 1)]
+    write_plot(records, tmp_path / "curves.png", "test")
+    image = matplotlib.image.imread(tmp_path / "curves.png")[..., :3]
+    blue = (np.abs(image - np.array([0x1f, 0x77, 0xb4]) / 255).max(-1) < 0.05)  # matplotlib's first line colour
+    thirds = np.array_split(blue, 3, axis=1)
+    assert all(panel.sum() > 20 for panel in thirds), [int(panel.sum()) for panel in thirds]
+
+
 def test_log_completions(tmp_path, tiny_model_dir):
     common = ["--model", tiny_model_dir, "--steps", 2, "--eval-steps", 0, "--train-size", 3, "--log-completions",
               "--reward", "tests.reward_fns:hash_reward", *SMALL]
