@@ -404,7 +404,9 @@ def train(config: TrainConfig, dist: Dist) -> int:
         if checkpoint is not None:
             warn_changed_options(output / "config.json", config)
         (output / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
-        writer = _tensorboard(output)
+        # TensorBoard hides what an earlier run of this directory logged from this run's first step on, as
+        # metrics.jsonl was cut back (a resume redoes the steps after its checkpoint)
+        writer = _tensorboard(output, purge_step=trainer.step_num + 1 if checkpoint is not None else 0)
         log = open(metrics_path, "a" if checkpoint is not None else "w")  # "w": a run started again
         if config.log_completions:
             truncate_log(output / "completions.jsonl", trainer.step_num)
@@ -417,6 +419,7 @@ def train(config: TrainConfig, dist: Dist) -> int:
         if main_rank:
             log.write(json.dumps(first_eval) + "\n")
             log.flush()
+            log_scalars(writer, first_eval)
             print(f"step 0: eval accuracy {first_eval['eval_accuracy']:.3f}")
 
     algo_name = f"{'RPO-' if config.rpo.rpo else ''}{config.algo.algo.upper()}"
@@ -439,10 +442,7 @@ def train(config: TrainConfig, dist: Dist) -> int:
             if completions_log is not None:
                 completions_log.writelines(json.dumps(r) + "\n" for r in trainer.completions)
                 completions_log.flush()
-            if writer is not None:
-                for key, value in m.items():
-                    if isinstance(value, (int, float)) and key != "step":
-                        writer.add_scalar(key, value, step)
+            log_scalars(writer, m)
             generated += m["rollout_generated_tokens"]
             seconds += m["step_time_s"]
             # accuracy beside the reward: the reward also holds length shaping and any other functions
@@ -551,12 +551,21 @@ def truncate_log(path: Path, step: int, keep: bool = False, check_only: bool = F
     return kept
 
 
-def _tensorboard(output: Path):
+def _tensorboard(output: Path, purge_step: int):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional
         return None
-    return SummaryWriter(str(output / "tensorboard"))
+    return SummaryWriter(str(output / "tensorboard"), purge_step=purge_step)
+
+
+def log_scalars(writer, record: dict) -> None:
+    """A metrics.jsonl record's numbers as TensorBoard scalars at its step (None: no writer)."""
+    if writer is None:
+        return
+    for key, value in record.items():
+        if isinstance(value, (int, float)) and key != "step":
+            writer.add_scalar(key, value, record["step"])
 
 
 if __name__ == "__main__":

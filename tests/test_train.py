@@ -130,6 +130,35 @@ def test_truncate_log(tmp_path):
         truncate_log(log, 1)
 
 
+def test_tensorboard_logs_what_metrics_jsonl_holds(tmp_path, tiny_model_dir, monkeypatch):
+    """TensorBoard gets every metrics.jsonl record at its step, the step-0 eval too, and a resumed run hides
+    what the run before logged past its checkpoint (purge_step), as metrics.jsonl is cut back there."""
+    from rpo_engine import train
+
+    class Writer:
+        def __init__(self, purge_step):
+            self.purge_step, self.scalars = purge_step, []
+
+        def add_scalar(self, key, value, step):
+            self.scalars.append((key, value, step))
+
+        def close(self):
+            pass
+
+    writers = []
+    monkeypatch.setattr(train, "_tensorboard", lambda output, purge_step: writers.append(Writer(purge_step)) or writers[-1])
+    monkeypatch.setattr(train, "write_plot", lambda *args: None)  # its own test; here it would double the time
+    args = ["--model", tiny_model_dir, "--output", tmp_path, "--no-progress", "--prompts-per-step", 1,
+            "--num-generations", 2, "--max-completion-length", 4, "--train-size", 1, "--eval-size", 1]
+    assert train.main(list(map(str, [*args, "--steps", 1]))) == 0
+    assert train.main(list(map(str, [*args, "--steps", 2, "--resume"]))) == 0
+    assert [w.purge_step for w in writers] == [0, 2]
+    logged = [(key, value, step) for w in writers for key, value, step in w.scalars]
+    expected = [(key, value, m["step"]) for m in read_metrics(tmp_path) for key, value in m.items()
+                if key != "step" and value is not None]
+    assert logged == expected and ("eval_accuracy", expected[0][1], 0) == expected[0]
+
+
 @pytest.mark.parametrize("num_steps", [1, 3])
 def test_plot_draws_every_panel(tmp_path, num_steps):
     """curves.png shows each series, a one-step run's too (a line through one point draws nothing)."""
