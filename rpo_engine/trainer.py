@@ -21,6 +21,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import random
 import time
 import warnings
@@ -807,16 +808,20 @@ class Trainer:
         """One record per sampled completion of `groups`, as text: the prompt, the kept part of its cached
         path (RPO; "" on the full path), the generated text, and what the step made of it. `advantage` is
         None for a group DAPO's dynamic sampling dropped. The prompt is the text the model read, chat-template
-        markers and all; the answer's parts are decoded as the reward functions read them."""
+        markers and all; `kept` + `completion` is the answer's text as the reward functions read it."""
         def decode(ids):
             return self.tokenizer.decode(ids, skip_special_tokens=True)
 
         records, names = [], self.reward_names() if self.extra_rewards else None
         for g in groups:
-            prompt, kept = self.tokenizer.decode(g.prompt_ids), decode(g.kept_ids)
+            prompt, kept_alone = self.tokenizer.decode(g.prompt_ids), decode(g.kept_ids)
             for i, suffix in enumerate(g.suffix_ids):
-                records.append({"step": self.step_num, "prompt_id": g.row["id"], "prompt": prompt, "kept": kept,
-                                "kept_tokens": len(g.kept_ids), "completion": decode(suffix),
+                # split the whole answer's text, not decode each part: a cut inside a character's bytes (a
+                # byte-level BPE's) would show it as two U+FFFD halves that the reward never read
+                answer = decode(g.kept_ids + suffix)
+                cut = len(os.path.commonprefix([kept_alone, answer]))
+                records.append({"step": self.step_num, "prompt_id": g.row["id"], "prompt": prompt,
+                                "kept": answer[:cut], "kept_tokens": len(g.kept_ids), "completion": answer[cut:],
                                 "completion_tokens": len(suffix), "finish_reason": g.finish_reasons[i],
                                 "reward": g.rewards[i], "correct": g.correct[i],
                                 "advantage": g.advantages[i] if g.advantages else None})

@@ -197,6 +197,24 @@ def test_log_completions(tmp_path, tiny_model_dir):
         assert (max(kept) > 0) if name == "rpo" else (max(kept) == 0 and {r["kept"] for r in records} == {""})
 
 
+def test_completion_records_split_the_text_the_reward_read(tiny_model_dir):
+    """A cut inside a character's bytes: `kept` + `completion` is still the answer's text, not two halves
+    decoded apart (U+FFFD each)."""
+    from rpo_engine import load_tokenizer
+    from rpo_engine.trainer import Group, Trainer
+
+    trainer = object.__new__(Trainer)  # completion_records reads the tokenizer and the step alone
+    trainer.tokenizer, trainer.extra_rewards, trainer.step_num = load_tokenizer(tiny_model_dir), [], 1
+    ids = trainer.tokenizer.encode("12 é€ 3", add_special_tokens=False)
+    cut = len(trainer.tokenizer.encode("12 ", add_special_tokens=False)) + 1  # inside é's two bytes
+    assert trainer.tokenizer.decode(ids[:cut]).endswith("\ufffd")
+    group = Group({"id": "0"}, [5], ids[:cut], [ids[cut:]], [[0.0] * (len(ids) - cut)], ["stop"],
+                  rewards=[0.0], correct=[False])
+    record, = trainer.completion_records([group])
+    assert record["kept"] + record["completion"] == "12 é€ 3" and record["kept"] == "12 "
+    assert record["kept_tokens"] == cut and record["completion_tokens"] == len(ids) - cut
+
+
 def test_conversational_dataset_through_the_chat_template(tmp_path, tiny_model_dir):
     """TRL-style rows (a system message, then the user's) train through the model's chat template."""
     import rpo_engine
