@@ -797,6 +797,8 @@ class Trainer:
             "step_time_s": step_time,
             **stats,
         }
+        if not algo.beta:  # no reference, so no KL was measured: not a KL of 0 (TRL logs none)
+            metrics["kl"] = None
         if self.extra_rewards:  # each function's mean score, unweighted, over the samples it applies to (TRL's
             # rewards/<name>/mean, a nanmean; None where it applied to none)
             for i, name in enumerate(self.reward_names()):

@@ -489,6 +489,7 @@ def test_a_reward_that_does_not_apply_is_left_out_of_its_mean(tiny_model_dir):
     for r in trainer.completions:
         assert r["reward"] == r["scores"]["hash_reward"] + (r["scores"]["trl_partly_applies"] or 0.0)
     assert m["reward_mean"] == pytest.approx(sum(r["reward"] for r in trainer.completions) / 8)
+    assert m["kl"] is None  # --beta 0: no reference, no KL measured (not a KL of 0)
 
 
 def test_gdpo_normalizes_each_reward_term_before_the_sum(tiny_model_dir):
