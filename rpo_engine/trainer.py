@@ -517,12 +517,17 @@ class Trainer:
         # --top-entropy-quantile: which tokens the surrogate keeps, from every micro-batch's entropies at once
         select = algo.top_entropy_quantile < 1
         keep, entropies = [None] * len(batches), []
+        # the logged entropy is the policy's before the update: a later mini-batch's forward runs on weights already
+        # stepped, so with several its entropy comes from this pass, as its old log-probs do
+        entropy_before = [None] * len(batches)
         if moves or algo.beta > 0 or select:
             with torch.no_grad():  # self.model holds the weights the rollout used
                 for k, (batch, shared, _, _) in enumerate(batches):
                     if moves or select:
-                        logp, mask, *entropy = self.sequence_logprobs(self.model, batch, shared, with_entropy=select)
+                        logp, mask, *entropy = self.sequence_logprobs(self.model, batch, shared,
+                                                                      with_entropy=select or M > 1)
                         old[k] = logp if moves else None
+                        entropy_before[k] = entropy[0] if M > 1 else None
                         if select:
                             entropies.append(entropy[0].masked_fill(~self.loss_mask(batch, mask), math.nan))
                     if algo.beta > 0:
@@ -563,7 +568,8 @@ class Trainer:
                             # a later mini-batch's forward runs on weights already stepped: its old_logp was taken
                             # before the update, on the rollout's weights
                             mismatch += self.rollout_mismatch(batch, logp.detach() if old_logp is None else old_logp)
-                            entropy_sum += float((entropy[0].detach() * mask).sum())
+                            before = entropy[0].detach() if entropy_before[k] is None else entropy_before[k]
+                            entropy_sum += float((before * mask).sum())
                             entropy_tokens += int(mask.sum())
                         if old_logp is None:
                             old_logp = logp.detach()  # one step: the weights have not moved since the rollout

@@ -355,17 +355,21 @@ def test_step_statistics_do_not_depend_on_the_packing(tiny_model_dir, algo):
 
 def test_logprob_mismatch_is_read_on_the_rollouts_weights_with_mini_batches(tiny_model_dir):
     """With several optimizer steps a batch, a later mini-batch is trained on weights already stepped; the
-    rollout-vs-training mismatch compares the rollout with the weights it sampled from (fp32: ~0)."""
+    rollout-vs-training mismatch compares the rollout with the weights it sampled from (fp32: ~0), and the
+    entropy is the policy's before the update, as with one step."""
     from rpo_engine.config import parse_args
     from rpo_engine.train import build_trainer
 
     trainer = build_trainer(parse_args(["--model", str(tiny_model_dir), "--ppo-mini-batch-size", "1",
-                                        "--learning-rate", "1e-2", "--max-completion-length", "16"]))
+                                        "--learning-rate", "1e-1", "--max-completion-length", "16"]))
     groups, _ = trainer.rollout(trainer.train_rows[:3], 0)
     for k, g in enumerate(groups):
         g.advantages = [(-1.0) ** (i + k) for i in range(len(g.suffix_ids))]
+    with torch.no_grad():
+        _, mask, entropy = trainer.sequence_logprobs(trainer.model, trainer.training_batch(groups), False, True)
     stats = trainer.update(groups, positions=[0, 1, 2])
     assert stats["grad_norm"] > 0 and stats["logprob_mismatch"] < 1e-5
+    assert stats["entropy"] == pytest.approx(float((entropy * mask).sum() / mask.sum()), rel=1e-5)
 
 
 def test_a_skipped_mini_batch_step_leaves_the_loss_a_mean_over_the_steps_taken(tiny_model_dir):
