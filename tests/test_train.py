@@ -1681,6 +1681,22 @@ def test_eval_cli(tmp_path, tiny_model_dir):
                           message)
 
 
+def test_eval_cli_names_the_model_in_a_run_directory(tmp_path):
+    """--model given a run's directory or a checkpoint (their config.json holds the run's options): the error
+    names the directory that holds the model, not a field the options lack."""
+    from rpo_engine.errors import UserError
+    from rpo_engine.eval import main
+
+    run = tmp_path / "run"
+    for directory in (run / "final", run / "checkpoints" / "step-2" / "model"):
+        directory.mkdir(parents=True)
+    for where in (run, run / "checkpoints" / "step-2"):
+        (where / "config.json").write_text(json.dumps({"model": None, "steps": 2}))
+    for given, want in ((run, run / "final"), (run / "checkpoints" / "step-2", run / "checkpoints" / "step-2" / "model")):
+        with pytest.raises(UserError, match=f"pass its .*--model {re.escape(str(want))}$"):
+            main(["--model", str(given), "--no-progress"])
+
+
 def test_tokenizer_leaves_the_prompt_length_to_our_check(tmp_path, tiny_model_dir):
     """A tokenizer_config.json's model_max_length below a prompt: transformers' warning would print a line
     before our one-line error (and is wrong about what matters: the model's context)."""
