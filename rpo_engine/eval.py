@@ -88,6 +88,7 @@ def main(argv=None) -> int:
         from rpo_engine.data.starter import ensure_starter_model
 
         config.model = str(ensure_starter_model())
+    check_not_a_run(Path(config.model))
     model = rpo_engine.load_model(config.model, dtype=dtype, device=device)
     if args.adapter is not None:
         load_adapter(model, args.adapter)
@@ -130,6 +131,28 @@ def main(argv=None) -> int:
         print(f"avg@{args.num_samples} {mean:.4f}, pass@{args.num_samples} {solved:.4f} on {len(rows)} rows, "
               f"temperature {args.temperature:g} ({source})")
     return 0
+
+
+def check_not_a_run(model: Path) -> None:
+    """--model given a training run's directory, or one of its checkpoints: their config.json holds the run's
+    options, not a model's, so loading would fail on a field it lacks; name the directory that is the model."""
+    if not (model / "config.json").is_file() or "model_type" in _json_keys(model / "config.json"):
+        return
+    if (model / "final").is_dir():
+        raise UserError(f"--model {model}: a training run's directory; pass its final model, --model {model / 'final'}")
+    if (model / "model").is_dir():
+        raise UserError(f"--model {model}: a training checkpoint; pass its model, --model {model / 'model'}")
+    if (model / "adapter").is_dir():
+        raise UserError(f"--model {model}: a LoRA run's checkpoint; pass the run's base --model and --adapter "
+                        f"{model / 'adapter'}")
+
+
+def _json_keys(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # the loader says what is wrong with it
+    return data if isinstance(data, dict) else {}
 
 
 if __name__ == "__main__":

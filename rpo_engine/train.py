@@ -250,15 +250,20 @@ def write_plot(metrics: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     steps = [m for m in metrics if "reward_mean" in m]
     evals = [m for m in metrics if "eval_accuracy" in m]
+    marker = "o" if len(steps) == 1 else None  # a line through one point draws nothing
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    axes[0].plot([m["step"] for m in steps], [m["reward_mean"] for m in steps])
+    axes[0].plot([m["step"] for m in steps], [m["reward_mean"] for m in steps], marker=marker)
     axes[0].set(title="reward (mean over samples)", xlabel="step")
     axes[1].plot([m["step"] for m in evals], [m["eval_accuracy"] for m in evals], marker="o")
     axes[1].set(title="greedy eval accuracy", xlabel="step", ylim=(0, 1))
-    axes[2].plot([m["step"] for m in steps], [m["rollout_generated_tokens"] for m in steps])
+    axes[2].plot([m["step"] for m in steps], [m["rollout_generated_tokens"] for m in steps], marker=marker)
     axes[2].set(title="generated tokens per step", xlabel="step", ylim=(0, None))
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # steps, not 1.25
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -402,7 +407,9 @@ def train(config: TrainConfig, dist: Dist) -> int:
         if checkpoint is not None:
             warn_changed_options(output / "config.json", config)
         (output / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
-        writer = _tensorboard(output)
+        # TensorBoard hides what an earlier run of this directory logged from this run's first step on, as
+        # metrics.jsonl was cut back (a resume redoes the steps after its checkpoint)
+        writer = _tensorboard(output, purge_step=trainer.step_num + 1 if checkpoint is not None else 0)
         if config.log_completions:
             truncate_log(output / "completions.jsonl", trainer.step_num)
             completions_log = open(output / "completions.jsonl", "a")
@@ -414,6 +421,7 @@ def train(config: TrainConfig, dist: Dist) -> int:
         if main_rank:
             log.write(json.dumps(first_eval) + "\n")
             log.flush()
+            log_scalars(writer, first_eval)
             print(f"step 0: eval accuracy {first_eval['eval_accuracy']:.3f}")
 
     algo_name = f"{'RPO-' if config.rpo.rpo else ''}{config.algo.algo.upper()}"
@@ -436,10 +444,7 @@ def train(config: TrainConfig, dist: Dist) -> int:
             if completions_log is not None:
                 completions_log.writelines(json.dumps(r) + "\n" for r in trainer.completions)
                 completions_log.flush()
-            if writer is not None:
-                for key, value in m.items():
-                    if isinstance(value, (int, float)) and key != "step":
-                        writer.add_scalar(key, value, step)
+            log_scalars(writer, m)
             generated += m["rollout_generated_tokens"]
             seconds += m["step_time_s"]
             # accuracy beside the reward: the reward also holds length shaping and any other functions
@@ -551,12 +556,21 @@ def truncate_log(path: Path, step: int, keep: bool = False, check_only: bool = F
     return kept
 
 
-def _tensorboard(output: Path):
+def _tensorboard(output: Path, purge_step: int):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional
         return None
-    return SummaryWriter(str(output / "tensorboard"))
+    return SummaryWriter(str(output / "tensorboard"), purge_step=purge_step)
+
+
+def log_scalars(writer, record: dict) -> None:
+    """A metrics.jsonl record's numbers as TensorBoard scalars at its step (None: no writer)."""
+    if writer is None:
+        return
+    for key, value in record.items():
+        if isinstance(value, (int, float)) and key != "step":
+            writer.add_scalar(key, value, record["step"])
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -60,7 +61,8 @@ class Group:
     rewards: list[float] = field(default_factory=list)
     correct: list[bool] = field(default_factory=list)
     advantages: list[float] = field(default_factory=list)
-    scores: list[list[float]] = field(default_factory=list)  # each reward function's scores, unweighted
+    # each reward function's scores, unweighted; NaN where a later TRL-style one returned None ("does not apply")
+    scores: list[list[float]] = field(default_factory=list)
     terms: list[list[float]] = field(default_factory=list)  # each term of the reward, unweighted (Trainer.reward_terms)
 
     def answer_ids(self, i: int) -> list[int]:
@@ -77,7 +79,8 @@ class GroupResult(NamedTuple):
     correct: list[bool]
     suffix_lens: list[int]
     truncated: int  # samples that ran out of budget
-    score_sums: list[float]  # each reward function's scores, summed over the samples
+    score_sums: list[float]  # each reward function's scores, summed over the samples it applies to
+    score_counts: list[int]  # how many samples each function applies to (a TRL-style None does not)
     advantage_rewards: list[float]  # what the advantages are taken from (Trainer.advantage_rewards)
     accuracy: list[float]  # the accuracy function's scores, before shaping (DAPO's filter)
     shaped_accuracy: list[float]  # after length shaping, weighed by nothing else: what RPO's cache keeps the best of
@@ -273,7 +276,7 @@ class Trainer:
         called per group (a TRL-style one, or a reward model, once per group), in this process."""
         answers = [[g.answer_ids(i) for i in range(len(g.suffix_ids))] for g in groups]
         texts = [[self.tokenizer.decode(ids, skip_special_tokens=True) for ids in group] for group in answers]
-        scores = [score_groups(fn, texts, [g.row for g in groups], answers, none_as_zero=index > 0)
+        scores = [score_groups(fn, texts, [g.row for g in groups], answers, none_as_nan=index > 0)
                   for index, fn in enumerate([self.reward_fn, *self.extra_rewards])]  # [function][group][sample]
         for j, g in enumerate(groups):
             self.shape_rewards(g, [len(ids) for ids in answers[j]], texts[j], [s[j] for s in scores])
@@ -296,8 +299,10 @@ class Trainer:
         else:
             rewards = accuracy
         weight, *extra_weights = self.reward_weights
-        rewards, group.scores, group.terms = [weight * r for r in rewards], list(scores), [rewards, *scores[1:]]
-        for extra, w in zip(scores[1:], extra_weights):
+        # a later function's None (NaN) adds 0, as TRL's nansum over the functions
+        extras = [[0.0 if math.isnan(x) else x for x in extra] for extra in scores[1:]]
+        rewards, group.scores, group.terms = [weight * r for r in rewards], list(scores), [rewards, *extras]
+        for extra, w in zip(extras, extra_weights):
             rewards = [r + w * x for r, x in zip(rewards, extra)]
         if c.format_reward_weight:
             from rpo_engine.rewards import format_reward
@@ -518,12 +523,17 @@ class Trainer:
         # --top-entropy-quantile: which tokens the surrogate keeps, from every micro-batch's entropies at once
         select = algo.top_entropy_quantile < 1
         keep, entropies = [None] * len(batches), []
+        # the logged entropy is the policy's before the update: a later mini-batch's forward runs on weights already
+        # stepped, so with several its entropy comes from this pass, as its old log-probs do
+        entropy_before = [None] * len(batches)
         if moves or algo.beta > 0 or select:
             with torch.no_grad():  # self.model holds the weights the rollout used
                 for k, (batch, shared, _, _) in enumerate(batches):
                     if moves or select:
-                        logp, mask, *entropy = self.sequence_logprobs(self.model, batch, shared, with_entropy=select)
+                        logp, mask, *entropy = self.sequence_logprobs(self.model, batch, shared,
+                                                                      with_entropy=select or M > 1)
                         old[k] = logp if moves else None
+                        entropy_before[k] = entropy[0] if M > 1 else None
                         if select:
                             entropies.append(entropy[0].masked_fill(~self.loss_mask(batch, mask), math.nan))
                     if algo.beta > 0:
@@ -564,7 +574,8 @@ class Trainer:
                             # a later mini-batch's forward runs on weights already stepped: its old_logp was taken
                             # before the update, on the rollout's weights
                             mismatch += self.rollout_mismatch(batch, logp.detach() if old_logp is None else old_logp)
-                            entropy_sum += float((entropy[0].detach() * mask).sum())
+                            before = entropy[0].detach() if entropy_before[k] is None else entropy_before[k]
+                            entropy_sum += float((before * mask).sum())
                             entropy_tokens += int(mask.sum())
                         if old_logp is None:
                             old_logp = logp.detach()  # one step: the weights have not moved since the rollout
@@ -712,7 +723,9 @@ class Trainer:
             self.score_groups(groups)
             results = [r for part in self.dist.gather([
                 GroupResult(g.rewards, g.correct, [len(s) for s in g.suffix_ids], g.finish_reasons.count("length"),
-                            [sum(x) for x in g.scores], self.advantage_rewards(g), g.scores[0], g.terms[0])
+                            [sum(v for v in x if not math.isnan(v)) for x in g.scores],
+                            [sum(not math.isnan(v) for v in x) for x in g.scores],
+                            self.advantage_rewards(g), g.scores[0], g.terms[0])
                 for g in groups]) for r in part]
             sampled += results
             # 3. cache update (every group, kept or not)
@@ -796,31 +809,39 @@ class Trainer:
             "step_time_s": step_time,
             **stats,
         }
-        if self.extra_rewards:  # each function's mean score, unweighted (TRL's rewards/<name>/mean)
-            score_sums = [sum(r.score_sums[i] for r in sampled) for i in range(len(self.reward_weights))]  # unweighted
-            metrics.update({f"rewards/{name}/mean": total / len(all_rewards)
-                            for name, total in zip(self.reward_names(), score_sums)})
+        if not algo.beta:  # no reference, so no KL was measured: not a KL of 0 (TRL logs none)
+            metrics["kl"] = None
+        if self.extra_rewards:  # each function's mean score, unweighted, over the samples it applies to (TRL's
+            # rewards/<name>/mean, a nanmean; None where it applied to none)
+            for i, name in enumerate(self.reward_names()):
+                total, count = sum(r.score_sums[i] for r in sampled), sum(r.score_counts[i] for r in sampled)
+                metrics[f"rewards/{name}/mean"] = total / count if count else None
         return metrics
 
     def completion_records(self, groups: list[Group]) -> list[dict]:
         """One record per sampled completion of `groups`, as text: the prompt, the kept part of its cached
         path (RPO; "" on the full path), the generated text, and what the step made of it. `advantage` is
         None for a group DAPO's dynamic sampling dropped. The prompt is the text the model read, chat-template
-        markers and all; the answer's parts are decoded as the reward functions read them."""
+        markers and all; `kept` + `completion` is the answer's text as the reward functions read it."""
         def decode(ids):
             return self.tokenizer.decode(ids, skip_special_tokens=True)
 
         records, names = [], self.reward_names() if self.extra_rewards else None
         for g in groups:
-            prompt, kept = self.tokenizer.decode(g.prompt_ids), decode(g.kept_ids)
+            prompt, kept_alone = self.tokenizer.decode(g.prompt_ids), decode(g.kept_ids)
             for i, suffix in enumerate(g.suffix_ids):
-                records.append({"step": self.step_num, "prompt_id": g.row["id"], "prompt": prompt, "kept": kept,
-                                "kept_tokens": len(g.kept_ids), "completion": decode(suffix),
+                # split the whole answer's text, not decode each part: a cut inside a character's bytes (a
+                # byte-level BPE's) would show it as two U+FFFD halves that the reward never read
+                answer = decode(g.kept_ids + suffix)
+                cut = len(os.path.commonprefix([kept_alone, answer]))
+                records.append({"step": self.step_num, "prompt_id": g.row["id"], "prompt": prompt,
+                                "kept": answer[:cut], "kept_tokens": len(g.kept_ids), "completion": answer[cut:],
                                 "completion_tokens": len(suffix), "finish_reason": g.finish_reasons[i],
                                 "reward": g.rewards[i], "correct": g.correct[i],
                                 "advantage": g.advantages[i] if g.advantages else None})
                 if names:  # several reward functions: each one's score, unweighted (TRL's table has a column each)
-                    records[-1]["scores"] = {name: scores[i] for name, scores in zip(names, g.scores)}
+                    records[-1]["scores"] = {name: None if math.isnan(scores[i]) else scores[i]  # None: not applied
+                                             for name, scores in zip(names, g.scores)}
         return records
 
     @torch.no_grad()

@@ -60,3 +60,9 @@ def rank_one_failing_reward(completion_text: str, answer: str) -> float:
     if os.environ.get("RANK") == "1":
         raise ZeroDivisionError("rank 1 reward bug")
     return hash_reward(completion_text, answer)
+
+
+def trl_partly_applies(completions, **kwargs):
+    """TRL-style, an extra reward that applies to some completions only: 0.5 there, None ("does not apply")
+    elsewhere, keyed by the text as hash_reward is (another byte of its hash)."""
+    return [0.5 if hashlib.sha256(c.encode()).digest()[1] % 2 else None for c in completions]

@@ -1,4 +1,5 @@
 """Verifiable rewards: exact `####` match, math-verify equivalence, format, user reward loading."""
+import math
 import threading
 import time
 import warnings
@@ -244,8 +245,9 @@ def test_trl_style_reward_mistakes_are_one_line_errors(tmp_path, monkeypatch):
         msg = str(e.value)
         assert f"bad_trl_rewards:{fn}" in msg and why in msg and "\n" not in msg, msg
     assert "bad_trl_rewards.py:8;" in msg
-    # an extra reward's None ("does not apply"): 0, as TRL's nansum over functions makes it
-    assert score_completions(load_reward_fn("bad_trl_rewards:none"), ["x", "y"], rows, none_as_zero=True) == [0.0, 0.0]
+    # an extra reward's None ("does not apply"): NaN, which the trainer adds as 0 and leaves out of its mean (TRL's)
+    scores = score_completions(load_reward_fn("bad_trl_rewards:none"), ["x", "y"], rows, none_as_nan=True)
+    assert len(scores) == 2 and all(math.isnan(x) for x in scores)
 
 
 # ---- a reward model (TRL's reward_funcs given a model) ----------------------------------------------

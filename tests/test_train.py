@@ -222,6 +222,52 @@ def test_truncate_log(tmp_path):
         truncate_log(log, 1)
 
 
+def test_tensorboard_logs_what_metrics_jsonl_holds(tmp_path, tiny_model_dir, monkeypatch):
+    """TensorBoard gets every metrics.jsonl record at its step, the step-0 eval too, and a resumed run hides
+    what the run before logged past its checkpoint (purge_step), as metrics.jsonl is cut back there."""
+    from rpo_engine import train
+
+    class Writer:
+        def __init__(self, purge_step):
+            self.purge_step, self.scalars = purge_step, []
+
+        def add_scalar(self, key, value, step):
+            self.scalars.append((key, value, step))
+
+        def close(self):
+            pass
+
+    writers = []
+    monkeypatch.setattr(train, "_tensorboard", lambda output, purge_step: writers.append(Writer(purge_step)) or writers[-1])
+    monkeypatch.setattr(train, "write_plot", lambda *args: None)  # its own test; here it would double the time
+    args = ["--model", tiny_model_dir, "--output", tmp_path, "--no-progress", "--prompts-per-step", 1,
+            "--num-generations", 2, "--max-completion-length", 4, "--train-size", 1, "--eval-size", 1]
+    assert train.main(list(map(str, [*args, "--steps", 1]))) == 0
+    assert train.main(list(map(str, [*args, "--steps", 2, "--resume"]))) == 0
+    assert [w.purge_step for w in writers] == [0, 2]
+    logged = [(key, value, step) for w in writers for key, value, step in w.scalars]
+    expected = [(key, value, m["step"]) for m in read_metrics(tmp_path) for key, value in m.items()
+                if key != "step" and value is not None]
+    assert logged == expected and ("eval_accuracy", expected[0][1], 0) == expected[0]
+
+
+@pytest.mark.parametrize("num_steps", [1, 3])
+def test_plot_draws_every_panel(tmp_path, num_steps):
+    """curves.png shows each series, a one-step run's too (a line through one point draws nothing)."""
+    import matplotlib.image
+    import numpy as np
+
+    from rpo_engine.train import write_plot
+
+    records = [{"step": 0, "eval_accuracy": 0.5}] + [
+        {"step": s, "reward_mean": 0.2 * s, "rollout_generated_tokens": 100 + s} for s in range(1, num_steps + 1)]
+    write_plot(records, tmp_path / "curves.png", "test")
+    image = matplotlib.image.imread(tmp_path / "curves.png")[..., :3]
+    blue = (np.abs(image - np.array([0x1f, 0x77, 0xb4]) / 255).max(-1) < 0.05)  # matplotlib's first line colour
+    thirds = np.array_split(blue, 3, axis=1)
+    assert all(panel.sum() > 20 for panel in thirds), [int(panel.sum()) for panel in thirds]
+
+
 def test_log_completions(tmp_path, tiny_model_dir):
     common = ["--model", tiny_model_dir, "--steps", 2, "--eval-steps", 0, "--train-size", 3, "--log-completions",
               "--reward", "tests.reward_fns:hash_reward", *SMALL]
@@ -241,6 +287,24 @@ def test_log_completions(tmp_path, tiny_model_dir):
         assert all(isinstance(r["completion"], str) and r["finish_reason"] in ("stop", "length") for r in records)
         kept = [r["kept_tokens"] for r in records]
         assert (max(kept) > 0) if name == "rpo" else (max(kept) == 0 and {r["kept"] for r in records} == {""})
+
+
+def test_completion_records_split_the_text_the_reward_read(tiny_model_dir):
+    """A cut inside a character's bytes: `kept` + `completion` is still the answer's text, not two halves
+    decoded apart (U+FFFD each)."""
+    from rpo_engine import load_tokenizer
+    from rpo_engine.trainer import Group, Trainer
+
+    trainer = object.__new__(Trainer)  # completion_records reads the tokenizer and the step alone
+    trainer.tokenizer, trainer.extra_rewards, trainer.step_num = load_tokenizer(tiny_model_dir), [], 1
+    ids = trainer.tokenizer.encode("12 é€ 3", add_special_tokens=False)
+    cut = len(trainer.tokenizer.encode("12 ", add_special_tokens=False)) + 1  # inside é's two bytes
+    assert trainer.tokenizer.decode(ids[:cut]).endswith("\ufffd")
+    group = Group({"id": "0"}, [5], ids[:cut], [ids[cut:]], [[0.0] * (len(ids) - cut)], ["stop"],
+                  rewards=[0.0], correct=[False])
+    record, = trainer.completion_records([group])
+    assert record["kept"] + record["completion"] == "12 é€ 3" and record["kept"] == "12 "
+    assert record["kept_tokens"] == cut and record["completion_tokens"] == len(ids) - cut
 
 
 def test_conversational_dataset_through_the_chat_template(tmp_path, tiny_model_dir):
@@ -383,17 +447,21 @@ def test_step_statistics_do_not_depend_on_the_packing(tiny_model_dir, algo):
 
 def test_logprob_mismatch_is_read_on_the_rollouts_weights_with_mini_batches(tiny_model_dir):
     """With several optimizer steps a batch, a later mini-batch is trained on weights already stepped; the
-    rollout-vs-training mismatch compares the rollout with the weights it sampled from (fp32: ~0)."""
+    rollout-vs-training mismatch compares the rollout with the weights it sampled from (fp32: ~0), and the
+    entropy is the policy's before the update, as with one step."""
     from rpo_engine.config import parse_args
     from rpo_engine.train import build_trainer
 
     trainer = build_trainer(parse_args(["--model", str(tiny_model_dir), "--ppo-mini-batch-size", "1",
-                                        "--learning-rate", "1e-2", "--max-completion-length", "16"]))
+                                        "--learning-rate", "1e-1", "--max-completion-length", "16"]))
     groups, _ = trainer.rollout(trainer.train_rows[:3], 0)
     for k, g in enumerate(groups):
         g.advantages = [(-1.0) ** (i + k) for i in range(len(g.suffix_ids))]
+    with torch.no_grad():
+        _, mask, entropy = trainer.sequence_logprobs(trainer.model, trainer.training_batch(groups), False, True)
     stats = trainer.update(groups, positions=[0, 1, 2])
     assert stats["grad_norm"] > 0 and stats["logprob_mismatch"] < 1e-5
+    assert stats["entropy"] == pytest.approx(float((entropy * mask).sum() / mask.sum()), rel=1e-5)
 
 
 def test_a_skipped_mini_batch_step_leaves_the_loss_a_mean_over_the_steps_taken(tiny_model_dir):
@@ -498,6 +566,26 @@ def test_several_rewards_add_their_weighted_scores(tiny_model_dir):
     m = trainer.step()  # each function's mean score is logged, TRL's way
     means = m["rewards/hash_reward/mean"], m["rewards/length_reward/mean"]
     assert m["reward_mean"] == pytest.approx(2 * means[0] + 0.25 * means[1]) and means[1] > 0
+
+
+def test_a_reward_that_does_not_apply_is_left_out_of_its_mean(tiny_model_dir):
+    """A TRL-style extra reward's None ("does not apply") adds 0 to the reward, and its rewards/<name>/mean is
+    over the completions it applies to (TRL's nanmean), not diluted by zeros; completions.jsonl shows null."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+
+    trainer = build_trainer(parse_args(["--model", str(tiny_model_dir), "--no-length-shaping", "--no-rpo",
+                                        "--reward", "tests.reward_fns:hash_reward,tests.reward_fns:trl_partly_applies",
+                                        "--log-completions", "--prompts-per-step", "2", "--num-generations", "4",
+                                        "--max-completion-length", "6", "--train-size", "2", "--eval-size", "1"]))
+    m = trainer.step()
+    applied = [r["scores"]["trl_partly_applies"] for r in trainer.completions]
+    assert None in applied and 0.5 in applied and set(applied) <= {None, 0.5}
+    assert m["rewards/trl_partly_applies/mean"] == 0.5  # TRL's nanmean; the zeros it was diluted by gave less
+    for r in trainer.completions:
+        assert r["reward"] == r["scores"]["hash_reward"] + (r["scores"]["trl_partly_applies"] or 0.0)
+    assert m["reward_mean"] == pytest.approx(sum(r["reward"] for r in trainer.completions) / 8)
+    assert m["kl"] is None  # --beta 0: no reference, no KL measured (not a KL of 0)
 
 
 def test_gdpo_normalizes_each_reward_term_before_the_sum(tiny_model_dir):
@@ -1746,6 +1834,22 @@ def test_eval_cli(tmp_path, tiny_model_dir):
     for rewards, message in (("exact,bogus", "got 'bogus'"), ("exact,nomod:fn", "cannot import 'nomod'")):
         assert_user_error(subprocess.run([*cmd, "--reward", rewards], capture_output=True, text=True, cwd=REPO),
                           message)
+
+
+def test_eval_cli_names_the_model_in_a_run_directory(tmp_path):
+    """--model given a run's directory or a checkpoint (their config.json holds the run's options): the error
+    names the directory that holds the model, not a field the options lack."""
+    from rpo_engine.errors import UserError
+    from rpo_engine.eval import main
+
+    run = tmp_path / "run"
+    for directory in (run / "final", run / "checkpoints" / "step-2" / "model"):
+        directory.mkdir(parents=True)
+    for where in (run, run / "checkpoints" / "step-2"):
+        (where / "config.json").write_text(json.dumps({"model": None, "steps": 2}))
+    for given, want in ((run, run / "final"), (run / "checkpoints" / "step-2", run / "checkpoints" / "step-2" / "model")):
+        with pytest.raises(UserError, match=f"pass its .*--model {re.escape(str(want))}$"):
+            main(["--model", str(given), "--no-progress"])
 
 
 def test_tokenizer_leaves_the_prompt_length_to_our_check(tmp_path, tiny_model_dir):

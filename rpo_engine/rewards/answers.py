@@ -314,15 +314,16 @@ class TRLStyleReward:
     `prompts` (each row's prompt: a string, or its messages), `completions` (strings; for conversational
     prompts TRL's `[{"role": "assistant", "content": text}]`), `completion_ids`, and each of the rows' other
     columns as a list (`answer`, `id`, ...); one finite number per completion back. TRL's `None` ("does not
-    apply") adds nothing from a second or later function (`none_as_zero`, TRL's nansum over functions); from
-    the accuracy, which must say right or wrong, it is an error."""
+    apply") from a second or later function is NaN here (`none_as_nan`): the trainer adds it as 0 (TRL's nansum
+    over functions) and leaves it out of the function's mean score (TRL's nanmean); from the accuracy, which
+    must say right or wrong, it is an error."""
 
     def __init__(self, fn, name: str):
         self.fn, self.name = fn, name
         functools.update_wrapper(self, fn)
 
     def score(self, texts: list[str], rows: list[dict], completion_ids: list[list[int]] | None = None,
-              none_as_zero: bool = False) -> list[float]:
+              none_as_nan: bool = False) -> list[float]:
         if not texts:
             return []
         conversational = not isinstance(rows[0]["prompt"], str)
@@ -339,29 +340,29 @@ class TRLStyleReward:
                 f"a {type(values).__name__}" if hasattr(values, "__len__") else repr(values)
             raise UserError(f"reward function {self.name!r} returned {got} for {len(texts)} completions, "
                             f"expected a list of one number per completion (TRL's convention)")
-        numbers = [0.0 if v is None and none_as_zero else _finite(v) for v in values]
+        numbers = [_finite(v) for v in values]
         for value, number, row in zip(values, numbers, rows):
-            if not math.isfinite(number):
+            if not math.isfinite(number) and not (value is None and none_as_nan):
                 raise UserError(f"reward function {self.name!r} returned {value!r} ({type(value).__name__}) for a "
                                 f"completion, expected a finite number (reference answer {row['answer']!r})")
         return numbers
 
 
 def score_completions(reward_fn, texts: list[str], rows: list[dict],
-                      completion_ids: list[list[int]] | None = None, none_as_zero: bool = False) -> list[float]:
+                      completion_ids: list[list[int]] | None = None, none_as_nan: bool = False) -> list[float]:
     """Rewards of `texts`, completion i answering `rows[i]`: a TRLStyleReward, a RewardModel or a PooledReward
     once for all, any other reward function (ours: `fn(completion_text, answer)`) once per completion.
-    `none_as_zero`: a TRL-style function's None counts 0 (an extra reward that does not apply to a completion)."""
+    `none_as_nan`: a TRL-style function's None is NaN (an extra reward that does not apply to a completion)."""
     from rpo_engine.rewards.model import RewardModel  # here: answers.py itself imports no torch
     from rpo_engine.rewards.pool import PooledReward
 
     if isinstance(reward_fn, (TRLStyleReward, RewardModel, PooledReward)):  # one call for all
-        return reward_fn.score(texts, rows, completion_ids, none_as_zero)
+        return reward_fn.score(texts, rows, completion_ids, none_as_nan)
     return [float(reward_fn(text, row["answer"])) for text, row in zip(texts, rows)]
 
 
 def score_groups(reward_fn, texts: list[list[str]], rows: list[dict],
-                 completion_ids: list[list[list[int]]] | None = None, none_as_zero: bool = False) -> list[list[float]]:
+                 completion_ids: list[list[list[int]]] | None = None, none_as_nan: bool = False) -> list[list[float]]:
     """Rewards of several groups of completions, group j's `texts[j]` answering `rows[j]`: a PooledReward
     scores every group in one call, spread over its workers; any other function group by group
     (`score_completions`: a TRL-style function or a reward model once per group)."""
@@ -372,7 +373,7 @@ def score_groups(reward_fn, texts: list[list[str]], rows: list[dict],
                                     [row for row, group in zip(rows, texts) for _ in group]))
         return [[next(flat) for _ in group] for group in texts]
     ids = completion_ids if completion_ids is not None else [None] * len(texts)
-    return [score_completions(reward_fn, group, [row] * len(group), group_ids, none_as_zero)
+    return [score_completions(reward_fn, group, [row] * len(group), group_ids, none_as_nan)
             for group, row, group_ids in zip(texts, rows, ids)]
 
 

@@ -70,7 +70,7 @@ class RewardModel:
         return out
 
     @torch.no_grad()
-    def score(self, texts: list[str], rows: list[dict], completion_ids=None, none_as_zero: bool = False) -> list[float]:
+    def score(self, texts: list[str], rows: list[dict], completion_ids=None, none_as_nan: bool = False) -> list[float]:
         inputs, scores = self.texts(texts, rows), []
         for start in range(0, len(inputs), self.batch_size):
             batch = self.tokenizer(inputs[start:start + self.batch_size], return_tensors="pt", padding=True,

@@ -119,5 +119,5 @@ class PooledReward:
     def __call__(self, completion_text: str, answer: str) -> float:
         return self.fn(completion_text, answer)
 
-    def score(self, texts: list[str], rows: list[dict], completion_ids=None, none_as_zero: bool = False) -> list[float]:
+    def score(self, texts: list[str], rows: list[dict], completion_ids=None, none_as_nan: bool = False) -> list[float]:
         return self.pool.score(self.index, list(texts), [row["answer"] for row in rows])
