@@ -502,6 +502,8 @@ TRL_EQUIVALENTS = {
     "report_to": "is not here: metrics.jsonl, and TensorBoard when installed",
     "eval_strategy": "is --eval-steps here (0: never)", "save_strategy": "is --save-steps here (0: only at the end)",
     "lr_scheduler_kwargs": "is not here: cosine_with_min_lr ends at 10% of the peak (min_lr_rate 0.1)",
+    "lora_dropout": "is not here: no adapter dropout, so the training forward is the rollout's (README, LoRA)",
+    "repetition_penalty": "is not here", "num_generations_eval": "is not here: eval is greedy, one answer a prompt",
 }
 
 
