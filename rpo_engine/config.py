@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -396,8 +397,9 @@ class TrainConfig:
         _check(self.eval_steps >= 0 and self.save_steps >= 0, "--eval-steps and --save-steps must be >= 0")
         _check(self.reward_workers >= 0, f"--reward-workers must be >= 0, got {self.reward_workers}")
         _check(self.save_total_limit >= 0, f"--save-total-limit must be >= 0, got {self.save_total_limit}")
-        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-               f"--device must be cpu, cuda or auto, got {self.device!r}")
+        # cuda:N, N a GPU index (torch.device raised on cuda:x or cuda:-1, a traceback)
+        _check(self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device) is not None,
+               f"--device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
         _check(self.dtype in ("auto", "float32", "bfloat16"), f"--dtype must be float32, bfloat16 or auto, got {self.dtype!r}")
         _check(self.parallel in ("ddp", "fsdp"), f"--parallel must be ddp or fsdp, got {self.parallel!r}")
         _check(0 < self.gpu_memory_utilization <= 1,

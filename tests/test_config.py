@@ -392,3 +392,23 @@ def test_config_file_section_left_empty(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("steps: 3\nalgo:\n  # epsilon: 0.1\nrpo:\n")  # every key of a section commented out
     assert parse_args(["--config", str(cfg)]).steps == 3
+
+
+@pytest.mark.parametrize("device", ["cuda:abc", "cuda:-1", "cuda:", "gpu"])
+def test_device_that_is_not_one(device):
+    # torch.device raised on the first two (a traceback); the last two are no device at all
+    with pytest.raises(UserError, match=rf"^--device must be cpu, cuda, cuda:N or auto, got '{device}'$"):
+        parse_args(["--device", device])
+
+
+def test_device_index_past_the_gpus(monkeypatch):
+    """cuda:7 on a one-GPU machine: a one-line error, where moving the model raised 'invalid device ordinal'."""
+    import torch
+
+    from rpo_engine.train import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match=r"^--device cuda:1: there are 1 CUDA devices \(0 to 0\)$"):
+        resolve_device(parse_args(["--device", "cuda:1"]))
+    assert resolve_device(parse_args(["--device", "cuda:0"]))[0] == torch.device("cuda:0")
