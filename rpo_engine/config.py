@@ -374,6 +374,8 @@ class TrainConfig:
         for name in ("steps", "train_size", "prompts_per_step", "num_generations", "max_prompt_length", "max_completion_length",
                      "micro_batch_tokens", "eval_size"):
             _check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        # torch's generators (LoRA's initialisation) take a 64-bit seed: past it, a traceback
+        _check(-2**63 <= self.seed < 2**64, f"--seed must fit in 64 bits, got {self.seed}")
         # one sample is its group's mean: its advantage is always 0, so nothing would be learned (TRL: >= 2 too)
         _check(self.num_generations >= 2, f"--num-generations must be >= 2, got {self.num_generations}")
         _check(self.temperature >= MIN_TEMPERATURE, f"--temperature must be >= {MIN_TEMPERATURE}, got {self.temperature}")

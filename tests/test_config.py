@@ -412,3 +412,9 @@ def test_device_index_past_the_gpus(monkeypatch):
     with pytest.raises(UserError, match=r"^--device cuda:1: there are 1 CUDA devices \(0 to 0\)$"):
         resolve_device(parse_args(["--device", "cuda:1"]))
     assert resolve_device(parse_args(["--device", "cuda:0"]))[0] == torch.device("cuda:0")
+
+
+def test_seed_past_64_bits():
+    with pytest.raises(UserError, match=r"^--seed must fit in 64 bits, got 18446744073709551616$"):
+        parse_args(["--seed", str(2**64)])
+    parse_args(["--seed", str(2**64 - 1)]), parse_args(["--seed", "-1"])
