@@ -1,8 +1,8 @@
 """Training configuration: small dataclasses per concern, a YAML file, and CLI flags generated from them.
 
-Every field is an option: `--learning-rate 1e-5` on the command line, `learning_rate: 1e-5` in the
-YAML file (flat, or nested under the section names `rpo:` / `algo:`). Precedence: defaults < YAML <
-flags. Names follow TRL's GRPOConfig where TRL has one (learning_rate, num_generations,
+Every field is an option: `--learning-rate 1e-5` (or TRL's spelling, `--learning_rate 1e-5`) on the command
+line, `learning_rate: 1e-5` in the YAML file (flat, or nested under the section names `rpo:` / `algo:`).
+Precedence: defaults < YAML < flags. Names follow TRL's GRPOConfig where TRL has one (learning_rate, num_generations,
 max_completion_length, beta, epsilon, epsilon_high, num_iterations, temperature, ...).
 Validation happens once, in `__post_init__`, with messages that name the option.
 """
@@ -12,6 +12,8 @@ import argparse
 import dataclasses
 import json
 import math
+import re
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -49,6 +51,14 @@ def reward_weights(config) -> list[float]:
     if config.reward_weights is None:
         return [1.0] * len(reward_names(config))
     return [float(w) for w in config.reward_weights.split(",")]
+
+
+def warmup_length(config) -> int:
+    """The warmup in optimizer steps: --warmup-steps as transformers 5 reads it (N >= 1 steps, below 1 a
+    fraction), else --warmup-ratio; a fraction of --steps is rounded up, as Hugging Face rounds it."""
+    if config.warmup_steps is not None and config.warmup_steps >= 1:
+        return int(config.warmup_steps)
+    return math.ceil(config.steps * (config.warmup_ratio if config.warmup_steps is None else config.warmup_steps))
 
 
 def _check(cond: bool, message: str):
@@ -231,6 +241,8 @@ class AlgoConfig:
         _check(self.dynamic_sampling_metric in FILTER_METRICS,
                f"--dynamic-sampling-metric must be one of {FILTER_METRICS}, got {self.dynamic_sampling_metric!r}")
         _check(self.overlong_buffer is None or self.overlong_buffer >= 0, "--overlong-buffer must be >= 0")
+        # below 0 it would reward running over the budget
+        _check(self.overlong_penalty >= 0, f"--overlong-penalty must be >= 0, got {self.overlong_penalty}")
         _check(self.importance_sampling_mode in IS_MODES,
                f"--importance-sampling-mode must be one of {IS_MODES}, got {self.importance_sampling_mode!r}")
         _check(self.importance_sampling_clip_max > 0,
@@ -320,6 +332,7 @@ class TrainConfig:
     min_p: float = field(default=0.0, metadata={"help": "min-p sampling: drop tokens less likely than min_p times the most likely one (0: off)"})
     learning_rate: float = field(default=1.5e-5, metadata={"help": "peak learning rate (AdamW; the default suits the built-in starter model, use ~1e-6 for 1B+ models)"})
     warmup_ratio: float = field(default=0.05, metadata={"help": "fraction of steps (rounded up, as Hugging Face rounds it) of linear warmup before the decay (none with --lr-scheduler-type constant)"})
+    warmup_steps: float | None = field(default=None, metadata={"help": "the warmup as transformers 5 (TRL 1.x) gives it, in place of --warmup-ratio: N >= 1 steps, or below 1 a fraction of --steps, rounded up (default: none, --warmup-ratio applies)"})
     lr_scheduler_type: str = field(default="cosine_with_min_lr", metadata={"help": f"learning-rate decay after the warmup (Hugging Face's names): {', '.join(LR_SCHEDULERS)}; cosine_with_min_lr ends at 10%% of the peak, cosine and linear at 0 (Hugging Face's default is linear)"})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
     adam_beta2: float = field(default=0.99, metadata={"help": "AdamW beta2 (Hugging Face's default is 0.999)"})
@@ -345,7 +358,7 @@ class TrainConfig:
     format_reward_weight: float = field(default=0.0, metadata={"help": "weight of the format reward added to accuracy"})
     log_completions: bool = field(default=False, metadata={"help": "write every sampled completion (prompt, kept path, generated text, reward, advantage) to OUTPUT/completions.jsonl (TRL's name)"})
     eval_steps: int = field(default=10, metadata={"help": "greedy eval every N steps (0: never)"})
-    eval_size: int = field(default=128, metadata={"help": "eval prompts"})
+    eval_size: int = field(default=128, metadata={"help": "eval prompts: the built-in task's eval split, or the first N rows of --eval-dataset"})
     save_steps: int = field(default=20, metadata={"help": "checkpoint every N steps (0: only at the end)"})
     save_total_limit: int = field(default=0, metadata={"help": "keep only the newest N checkpoints, deleting older ones after each save (0: keep all)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
@@ -361,6 +374,8 @@ class TrainConfig:
         for name in ("steps", "train_size", "prompts_per_step", "num_generations", "max_prompt_length", "max_completion_length",
                      "micro_batch_tokens", "eval_size"):
             _check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        # torch's generators (LoRA's initialisation) take a 64-bit seed: past it, a traceback
+        _check(-2**63 <= self.seed < 2**64, f"--seed must fit in 64 bits, got {self.seed}")
         # one sample is its group's mean: its advantage is always 0, so nothing would be learned (TRL: >= 2 too)
         _check(self.num_generations >= 2, f"--num-generations must be >= 2, got {self.num_generations}")
         _check(self.temperature >= MIN_TEMPERATURE, f"--temperature must be >= {MIN_TEMPERATURE}, got {self.temperature}")
@@ -369,6 +384,10 @@ class TrainConfig:
         _check(0 <= self.min_p <= 1, f"--min-p must be in [0, 1], got {self.min_p}")
         _check(self.learning_rate > 0, f"--learning-rate must be > 0, got {self.learning_rate}")
         _check(0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.warmup_steps is not None:
+            _check(self.warmup_steps >= 0 and (self.warmup_steps < 1 or self.warmup_steps.is_integer()),
+                   f"--warmup-steps must be a whole number of steps or a fraction in [0, 1), got {self.warmup_steps}")
+            _reject_given(self, ("warmup_ratio",), "with --warmup-steps (give one of the two)")
         _check(self.lr_scheduler_type in LR_SCHEDULERS,
                f"--lr-scheduler-type must be one of {LR_SCHEDULERS}, got {self.lr_scheduler_type!r}")
         _check(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1,
@@ -380,8 +399,9 @@ class TrainConfig:
         _check(self.eval_steps >= 0 and self.save_steps >= 0, "--eval-steps and --save-steps must be >= 0")
         _check(self.reward_workers >= 0, f"--reward-workers must be >= 0, got {self.reward_workers}")
         _check(self.save_total_limit >= 0, f"--save-total-limit must be >= 0, got {self.save_total_limit}")
-        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-               f"--device must be cpu, cuda or auto, got {self.device!r}")
+        # cuda:N, N a GPU index (torch.device raised on cuda:x or cuda:-1, a traceback)
+        _check(self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", self.device) is not None,
+               f"--device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
         _check(self.dtype in ("auto", "float32", "bfloat16"), f"--dtype must be float32, bfloat16 or auto, got {self.dtype!r}")
         _check(self.parallel in ("ddp", "fsdp"), f"--parallel must be ddp or fsdp, got {self.parallel!r}")
         _check(0 < self.gpu_memory_utilization <= 1,
@@ -429,6 +449,20 @@ class TrainConfig:
             _reject_given(self, ("train_size",), "with --dataset (it sizes the built-in task)")
         if self.lr_scheduler_type == "constant" and self.warmup_ratio:  # 0 (TRL's default) says what constant does
             _reject_given(self, ("warmup_ratio",), "with --lr-scheduler-type constant (constant_with_warmup warms up)")
+        _check(not (self.lr_scheduler_type == "constant" and self.warmup_steps),
+               "--warmup-steps does nothing with --lr-scheduler-type constant (constant_with_warmup warms up)")
+        # the buffer is the budget's last tokens: a longer one penalized every answer, a 1-token one too
+        _check(self.algo.overlong_buffer is None or self.algo.overlong_buffer <= self.max_completion_length,
+               f"--overlong-buffer ({self.algo.overlong_buffer}) must be <= --max-completion-length "
+               f"({self.max_completion_length}): it is the last tokens of the budget")
+        # verl refuses it too: the batch never holds more groups than --prompts-per-step (global under torchrun)
+        _check(self.algo.ppo_mini_batch_size is None or self.algo.ppo_mini_batch_size <= self.prompts_per_step,
+               f"--ppo-mini-batch-size ({self.algo.ppo_mini_batch_size}) does nothing above --prompts-per-step "
+               f"({self.prompts_per_step}): a step has one mini-batch of at most that many groups")
+        if self.dataset is not None and self.eval_dataset is None and self.eval_steps:
+            # a --dataset run evaluates only on --eval-dataset: without it these ran no eval at all, silently
+            _reject_given(self, ("eval_steps", "eval_size"),
+                          "without --eval-dataset (a --dataset run has no eval set of its own)")
 
 
 SECTIONS = {"rpo": RPOConfig, "algo": AlgoConfig}
@@ -452,6 +486,69 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UserError(f"{message} (python {self.prog.removeprefix('python ')} --help lists every option)")
+
+
+# TRL / Hugging Face option names that are not ours: an unknown-option error says what is (README, Coming from TRL)
+TRL_EQUIVALENTS = {
+    "max_steps": "is --steps here", "num_train_epochs": "is --steps here (a run is sized in steps)",
+    "output_dir": "is --output here", "model_name_or_path": "is --model here",
+    "dataset_name": "is --dataset here (a JSONL or Parquet file, or a save_to_disk directory)",
+    "reward_funcs": "is --reward here (comma-separated, or a YAML list)",
+    "per_device_train_batch_size": "is --prompts-per-step here, which counts prompts, not completions",
+    "generation_batch_size": "is --prompts-per-step here, which counts prompts, not completions",
+    "gradient_accumulation_steps": "is --micro-batch-tokens here (micro-batches by tokens, one optimizer step a batch)",
+    "steps_per_generation": "is --ppo-mini-batch-size here (prompts per optimizer step)",
+    "bf16": "is --dtype bfloat16 here (--dtype auto: bf16 on CUDA)", "fp16": "is not here: --dtype float32 or bfloat16",
+    "use_vllm": "is not here: the rollout engine is built in", "vllm_mode": "is not here: the rollout engine is built in",
+    "vllm_gpu_memory_utilization": "is --gpu-memory-utilization here",
+    "vllm_importance_sampling_correction": "is --importance-sampling-correction here",
+    "vllm_importance_sampling_mode": "is --importance-sampling-mode here",
+    "vllm_importance_sampling_clip_max": "is --importance-sampling-clip-max here",
+    "logging_steps": "is not here: metrics.jsonl records every step",
+    "report_to": "is not here: metrics.jsonl, and TensorBoard when installed",
+    "eval_strategy": "is --eval-steps here (0: never)", "save_strategy": "is --save-steps here (0: only at the end)",
+    "lr_scheduler_kwargs": "is not here: cosine_with_min_lr ends at 10% of the peak (min_lr_rate 0.1)",
+    "lora_dropout": "is not here: no adapter dropout, so the training forward is the rollout's (README, LoRA)",
+    "repetition_penalty": "is not here", "num_generations_eval": "is not here: eval is greedy, one answer a prompt",
+}
+
+
+def _unknown(name: str) -> str:
+    """`name` is not an option: what to say, with what we have instead when it is a TRL name."""
+    trl_name = name.replace("-", "_")
+    return f"unknown option {name!r}" + (f" (TRL's {trl_name} {TRL_EQUIVALENTS[trl_name]})"
+                                          if trl_name in TRL_EQUIVALENTS else "")
+
+
+_BOOLEAN_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def _trl_spelling(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """TRL's command-line spelling (HfArgumentParser's) read as ours: `--num_generations 4` is
+    `--num-generations 4`, and a boolean given a value, `--use_peft true` or `--rpo=false`, is `--use-peft` or
+    `--no-rpo`; a TRL name that is not ours is an error naming what is."""
+    actions = parser._option_string_actions
+    out, i = [], 0
+    while i < len(argv):
+        token, i = argv[i], i + 1
+        if not token.startswith("--") or token == "--":
+            out.append(token)
+            continue
+        name, eq, value = token.partition("=")
+        if name not in actions and "--" + name[2:].replace("_", "-") in actions:
+            name = "--" + name[2:].replace("_", "-")
+        if name not in actions and name[2:].replace("-", "_") in TRL_EQUIVALENTS:
+            raise UserError(_unknown(name[2:]))
+        if isinstance(actions.get(name), argparse.BooleanOptionalAction) and not name.startswith("--no-"):
+            if not eq and i < len(argv) and argv[i].lower() in _BOOLEAN_WORDS:
+                eq, value, i = "=", argv[i], i + 1
+            if eq:
+                if value.lower() not in _BOOLEAN_WORDS:
+                    raise UserError(f"{name} takes true or false (or no value), got {value!r}")
+                out.append(name if _BOOLEAN_WORDS[value.lower()] else "--no-" + name[2:])
+                continue
+        out.append(name + eq + value)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -533,7 +630,8 @@ def _yaml_key(key) -> str:
     return repr(key) if isinstance(key, str) else json.dumps(key, default=str)
 
 
-def _load_yaml(path: str) -> dict:
+def _load_yaml(path: str) -> tuple[dict, bool]:
+    """-> (the file's options, flat; whether it is a run's config.json, which records `config: null`)."""
     p = Path(path)
     data = _read_yaml(p)
     data = {} if data is None else data  # an empty file
@@ -541,17 +639,18 @@ def _load_yaml(path: str) -> dict:
         raise UserError(f"{p}: expected a mapping of option: value")
     entries = []
     for key, value in data.items():
-        if isinstance(key, str) and key.replace("-", "_") in SECTIONS and isinstance(value, dict):
-            entries += [(f"{key}: ", k, v) for k, v in value.items()]
+        if isinstance(key, str) and key.replace("-", "_") in SECTIONS and isinstance(value, (dict, type(None))):
+            entries += [(f"{key}: ", k, v) for k, v in (value or {}).items()]  # `algo:` with its keys commented out
         else:
             entries.append(("", key, value))
-    flat = {}
+    flat, record = {}, False
     for section, key, value in entries:
         if not isinstance(key, str):
             raise UserError(f"{p}: {section}key {_yaml_key(key)} is not an option name (option names are strings)")
         key = key.replace("-", "_")
         if key == "config":  # one file holds the options; --config is read once, before the flags
             if value is None:  # a run's config.json records its --config: none, so it can be fed back as it is
+                record = True
                 continue
             raise UserError(f"{p}: {section}config: {value}: nested config files are not supported (give one "
                             f"--config; in a run's config.json, remove this line)")
@@ -564,7 +663,7 @@ def _load_yaml(path: str) -> dict:
         if key == "chat_template_kwargs" and isinstance(value, dict):  # a YAML mapping: the flag's JSON
             value = json.dumps(value)
         flat[key] = value
-    return flat
+    return flat, record
 
 
 _KINDS = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
@@ -599,7 +698,7 @@ def config_from_dict(values: dict, source: str = "options") -> TrainConfig:
     known = {name: section for name, (section, _) in fields_by_name.items()}
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise UserError(f"{source}: unknown option {unknown[0]!r}")
+        raise UserError(f"{source}: {_unknown(unknown[0])}")
     if isinstance(values.get("scale_rewards"), bool):  # TRL's boolean form: true is "group", false "none"
         values = dict(values, scale_rewards="group" if values["scale_rewards"] else "none")
     values = {k: _typed(k, fields_by_name[k][1].type, v, source) for k, v in values.items()}
@@ -611,11 +710,33 @@ def config_from_dict(values: dict, source: str = "options") -> TrainConfig:
         raise UserError(f"{source}: {e}") from None
 
 
+def _unpin_resolved(values: dict) -> dict:
+    """A run's config.json records what AlgoConfig resolved from --algo, --epsilon and --loss-type (epsilon_high,
+    loss_agg, dynamic_sampling) as plain values. Fed back with a flag that changes those, they pinned the run to the
+    old resolution (`--algo dapo` trained with GRPO's symmetric clip and aggregation, without dynamic sampling;
+    `--epsilon 0.1` kept --epsilon-high at 0.2): a recorded value that the record's other options resolve it to is
+    left out, to be resolved again; one that differs (it was given) stays."""
+    kept = dict(values)
+    for name in ("epsilon_high", "loss_agg", "dynamic_sampling"):
+        if name not in values:
+            continue
+        try:
+            resolved = AlgoConfig(**{f.name: _typed(f.name, f.type, values[f.name], "") for f in fields(AlgoConfig)
+                                     if f.name in values and f.name != name})
+        except (UserError, TypeError):  # the record's own mistake (config_from_dict names it), or cispo's cap
+            continue
+        if values[name] == getattr(resolved, name):
+            del kept[name]
+    return kept
+
+
 def parse_args(argv=None) -> TrainConfig:
-    args = vars(build_parser().parse_args(argv))
+    parser = build_parser()
+    args = vars(parser.parse_args(_trl_spelling(parser, sys.argv[1:] if argv is None else list(argv))))
     values = {}
     if args.get("config"):
-        values.update(_load_yaml(args["config"]))
+        file_values, record = _load_yaml(args["config"])
+        values.update(_unpin_resolved(file_values) if record else file_values)
     values.update({k: v for k, v in args.items() if v is not None})
     return config_from_dict(values, source=args.get("config") or "options")
 

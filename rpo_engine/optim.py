@@ -150,12 +150,6 @@ def load_adamw_state(optimizer: torch.optim.AdamW, state: dict) -> None:
             p.copy_(w)
 
 
-def warmup_steps(warmup_ratio: float, total: int) -> int:
-    """The warmup's length in optimizer steps: --warmup-ratio of `total`, rounded up as Hugging Face's
-    TrainingArguments.get_warmup_steps rounds it (truncating gave a short run no warmup at all)."""
-    return math.ceil(total * warmup_ratio)
-
-
 def lr_multiplier(step: int, total: int, warmup: int, kind: str = "cosine_with_min_lr") -> float:
     """The learning rate at optimizer step `step` (0-based) of `total`, as a fraction of the peak: a linear
     warmup over the first `warmup` steps, then `kind`'s decay over the rest (Hugging Face's schedules by

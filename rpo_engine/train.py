@@ -34,6 +34,9 @@ def resolve_device(config: TrainConfig) -> tuple[torch.device, torch.dtype]:
         device = torch.device(config.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA device is available")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {config.device}: there are {torch.cuda.device_count()} CUDA devices (0 to "
+                            f"{torch.cuda.device_count() - 1})")
     if config.dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:

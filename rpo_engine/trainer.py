@@ -34,13 +34,13 @@ from typing import NamedTuple
 import torch
 
 from rpo_engine.algos.grpo import decoupled_rewards, group_advantages, informative_groups
-from rpo_engine.config import TrainConfig, config_to_dict, reward_weights
+from rpo_engine.config import TrainConfig, config_to_dict, reward_weights, warmup_length
 from rpo_engine.distributed import Dist, consolidated_optimizer_state, full_tensor, load_consolidated_optimizer_state
 from rpo_engine.errors import UserError
 from rpo_engine.kernels import policy_loss
 from rpo_engine.model.lora import adapters_disabled, lora_settings, save_adapter
 from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, plan_micro_batches
-from rpo_engine.optim import load_adamw_state, lr_multiplier, make_adamw, params_with_gradients, warmup_steps
+from rpo_engine.optim import load_adamw_state, lr_multiplier, make_adamw, params_with_gradients
 from rpo_engine.rewards.answers import is_correct, score_groups
 from rpo_engine.rewards.pool import PooledReward
 from rpo_engine.rewards.shaping import length_aware_accuracy, overlong_penalty
@@ -135,7 +135,7 @@ class Trainer:
         self.optimizer = make_adamw(self.policy, config.learning_rate, config.weight_decay,
                                     (config.adam_beta1, config.adam_beta2), config.adam_epsilon,
                                     fp32_grad_accumulation=self.dist.parallel == "none")
-        warmup = warmup_steps(config.warmup_ratio, config.steps)
+        warmup = warmup_length(config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_multiplier(step, config.steps, warmup, config.lr_scheduler_type))
         self.cache = ExperienceCache(self.rpo.rpo_cache_policy, self.rpo.rpo_epsilon)

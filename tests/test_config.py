@@ -241,6 +241,15 @@ def test_broken_generation_config_names_its_file_once(tmp_path, text, message):
     (["--dataset", "d.jsonl", "--train-size", "10"], "--train-size does nothing with --dataset"),
     (["--lr-scheduler-type", "constant", "--warmup-ratio", "0.1"],
      "--warmup-ratio does nothing with --lr-scheduler-type constant"),
+    (["--lr-scheduler-type", "constant", "--warmup-steps", "3"],
+     "--warmup-steps does nothing with --lr-scheduler-type constant"),
+    (["--warmup-steps", "3", "--warmup-ratio", "0.1"], "--warmup-ratio does nothing with --warmup-steps"),
+    # one mini-batch of at most --prompts-per-step groups: the default run, quietly (verl refuses it)
+    (["--prompts-per-step", "8", "--ppo-mini-batch-size", "16"],
+     "--ppo-mini-batch-size (16) does nothing above --prompts-per-step (8)"),
+    # a --dataset run evaluates on --eval-dataset only: without it, no eval ran at all
+    (["--dataset", "d.jsonl", "--eval-steps", "5"], "--eval-steps does nothing without --eval-dataset"),
+    (["--dataset", "d.jsonl", "--eval-size", "64"], "--eval-size does nothing without --eval-dataset"),
 ])
 def test_option_that_does_nothing_in_this_run(flags, message):
     """A flag the run would ignore is an error naming it (LoRA's without --use-peft: the run quietly trained
@@ -269,6 +278,11 @@ def test_option_that_does_nothing_in_this_run(flags, message):
     ["--lr-scheduler-type", "constant", "--warmup-ratio", "0"],  # TRL's default, which is what constant does
     ["--lr-scheduler-type", "constant_with_warmup", "--warmup-ratio", "0.1"],
     ["--no-rpo", "--rpo-max-cut", "8"],  # the RPO options stay: one command line runs both arms of a comparison
+    ["--warmup-steps", "3", "--warmup-ratio", "0.05"], ["--lr-scheduler-type", "constant", "--warmup-steps", "0"],
+    ["--prompts-per-step", "8", "--ppo-mini-batch-size", "8"],
+    ["--dataset", "d.jsonl", "--eval-dataset", "e.jsonl", "--eval-steps", "5", "--eval-size", "64"],
+    ["--dataset", "d.jsonl", "--eval-steps", "0", "--eval-size", "4"],  # no eval, said so: a shared size is moot
+    ["--eval-steps", "5", "--eval-size", "64"],  # the built-in task's eval split
 ])
 def test_option_that_acts_in_this_run(flags):
     parse_args(flags)
@@ -288,3 +302,119 @@ def test_config_file_option_that_does_nothing(tmp_path):
 def test_epsilon_of_one_or_more(value):
     with pytest.raises(UserError, match=rf"^--epsilon must be < 1, got {float(value)}$"):
         parse_args(["--epsilon", value])
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--num_generations", "4"], {"num_generations": 4}),  # HfArgumentParser's spelling
+    (["--learning_rate=1e-6"], {"learning_rate": 1e-6}),
+    (["--use_peft", "true", "--lora_r", "8"], {"use_peft": True, "lora_r": 8}),
+    (["--rpo", "false", "--steps", "3"], {"rpo": False, "steps": 3}),
+    (["--rpo=no"], {"rpo": False}), (["--no_rpo"], {"rpo": False}),
+    (["--mask-truncated-completions", "True"], {"mask_truncated_completions": True}),
+    (["--rpo", "--num_generations", "4"], {"rpo": True, "num_generations": 4}),
+])
+def test_trl_command_line_spelling(flags, expected):
+    """A TRL command line (underscores; a boolean given true or false) means what it says there, where argparse
+    stopped at 'unrecognized arguments: --num_generations 4' or '... false'."""
+    config = parse_args(flags)
+    flat = {**vars(config), **vars(config.rpo), **vars(config.algo)}
+    assert {k: flat[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--rpo=maybe"], "--rpo takes true or false (or no value), got 'maybe'"),
+    (["--max_steps", "3"], "unknown option 'max_steps' (TRL's max_steps is --steps here)"),
+    (["--per-device-train-batch-size", "8"], "unknown option 'per-device-train-batch-size' (TRL's "
+                                              "per_device_train_batch_size is --prompts-per-step here"),
+])
+def test_trl_command_line_mistakes(flags, message):
+    with pytest.raises(UserError) as e:
+        parse_args(flags)
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_trl_yaml_key_that_is_not_ours_names_ours(tmp_path):
+    message = _config_error(tmp_path, "max_steps: 100\nlearning_rate: 1e-6\n")
+    assert message.endswith("unknown option 'max_steps' (TRL's max_steps is --steps here)"), message
+    assert _config_error(tmp_path, "stepz: 1\n").endswith("unknown option 'stepz'")  # no TRL name: no hint
+
+
+# (--warmup-steps, --steps, warmup steps) as transformers 5.25's TrainingArguments.get_warmup_steps gives them
+@pytest.mark.parametrize("warmup_steps,steps,expected", [
+    (0, 40, 0), (0.05, 40, 2), (0.1, 40, 4), (0.5, 40, 20), (0.999, 40, 40), (1, 40, 1), (3, 40, 3), (60, 40, 60),
+    (0.05, 7, 1), (0.3, 7, 3), (1, 7, 1)])
+def test_warmup_steps_as_transformers_reads_them(warmup_steps, steps, expected):
+    """--warmup-steps, transformers 5's only warmup option (it dropped warmup_ratio): N >= 1 steps, below 1 a
+    fraction of the steps, rounded up."""
+    from rpo_engine.config import warmup_length
+
+    assert warmup_length(parse_args(["--warmup-steps", str(warmup_steps), "--steps", str(steps)])) == expected
+    assert warmup_length(parse_args(["--steps", str(steps)])) == -(-steps * 5 // 100)  # without it, 5% rounded up
+
+
+@pytest.mark.parametrize("flags,message", [
+    # the buffer past the budget penalized every answer, one of a single token too
+    (["--overlong-buffer", "400", "--max-completion-length", "320"],
+     r"^--overlong-buffer \(400\) must be <= --max-completion-length \(320\)"),
+    (["--overlong-buffer", "8", "--overlong-penalty", "-1"], r"^--overlong-penalty must be >= 0, got -1.0$"),  # a bonus
+])
+def test_overlong_shaping_bad_values(flags, message):
+    with pytest.raises(UserError, match=message):
+        parse_args(flags)
+    parse_args(["--overlong-buffer", "320", "--max-completion-length", "320"])  # a length penalty over the whole budget
+
+
+def test_warmup_steps_bad_value():
+    for value in ("-1", "2.5"):
+        with pytest.raises(UserError, match="--warmup-steps must be a whole number of steps or a fraction in"):
+            parse_args(["--warmup-steps", value])
+
+
+@pytest.mark.parametrize("run,then", [
+    ([], ["--algo", "dapo"]), ([], ["--epsilon", "0.1"]), ([], ["--loss-type", "dapo"]), (["--algo", "dapo"], ["--algo", "grpo"]),
+    (["--epsilon-high", "0.3"], ["--algo", "dapo"]), (["--loss-type", "cispo", "--epsilon-high", "5"], ["--algo", "dapo"])])
+def test_run_record_fed_back_resolves_again(tmp_path, run, then):
+    """A run's config.json records what --algo, --epsilon and --loss-type resolved (epsilon_high, loss_agg,
+    dynamic_sampling); fed back with a flag that changes them, it is the run that flag gives, where the record
+    pinned the old resolution (`--algo dapo`: GRPO's clip and aggregation, no dynamic sampling) or refused it."""
+    import dataclasses
+    import json
+
+    from rpo_engine.config import config_to_dict
+
+    record = tmp_path / "config.json"
+    record.write_text(json.dumps(config_to_dict(parse_args(run))))
+    assert dataclasses.replace(parse_args(["--config", str(record)]), config=None) == parse_args(run)  # as it is
+    assert parse_args(["--config", str(record), *then]).algo == parse_args([*run, *then]).algo
+
+
+def test_config_file_section_left_empty(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("steps: 3\nalgo:\n  # epsilon: 0.1\nrpo:\n")  # every key of a section commented out
+    assert parse_args(["--config", str(cfg)]).steps == 3
+
+
+@pytest.mark.parametrize("device", ["cuda:abc", "cuda:-1", "cuda:", "gpu"])
+def test_device_that_is_not_one(device):
+    # torch.device raised on the first two (a traceback); the last two are no device at all
+    with pytest.raises(UserError, match=rf"^--device must be cpu, cuda, cuda:N or auto, got '{device}'$"):
+        parse_args(["--device", device])
+
+
+def test_device_index_past_the_gpus(monkeypatch):
+    """cuda:7 on a one-GPU machine: a one-line error, where moving the model raised 'invalid device ordinal'."""
+    import torch
+
+    from rpo_engine.train import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UserError, match=r"^--device cuda:1: there are 1 CUDA devices \(0 to 0\)$"):
+        resolve_device(parse_args(["--device", "cuda:1"]))
+    assert resolve_device(parse_args(["--device", "cuda:0"]))[0] == torch.device("cuda:0")
+
+
+def test_seed_past_64_bits():
+    with pytest.raises(UserError, match=r"^--seed must fit in 64 bits, got 18446744073709551616$"):
+        parse_args(["--seed", str(2**64)])
+    parse_args(["--seed", str(2**64 - 1)]), parse_args(["--seed", "-1"])

@@ -158,7 +158,10 @@ def test_warmup_steps_round_up_as_hugging_face():
 
     from transformers import TrainingArguments
 
-    from rpo_engine.optim import warmup_steps
+    from rpo_engine.config import warmup_length
+
+    def warmup_steps(ratio, total):
+        return warmup_length(SimpleNamespace(warmup_steps=None, warmup_ratio=ratio, steps=total))
 
     for ratio in (0.0, 0.03, 0.05, 0.1, 0.2, 0.25, 0.5, 0.99):
         for total in (1, 3, 4, 10, 19, 20, 30, 39, 40, 100, 333):

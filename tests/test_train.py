@@ -358,14 +358,15 @@ def test_sampling_options_reach_the_engine(tiny_model_dir):
     assert all(len(g.suffix_ids) == 8 for g in groups)
 
 
-def test_optimizer_options_reach_the_optimizer(tiny_model_dir):
+@pytest.mark.parametrize("warmup", [["--warmup-ratio", "0.2"], ["--warmup-steps", "2"]])  # the latter transformers 5's
+def test_optimizer_options_reach_the_optimizer(tiny_model_dir, warmup):
     from rpo_engine.config import parse_args
     from rpo_engine.optim import lr_multiplier
     from rpo_engine.train import build_trainer
 
     trainer = build_trainer(parse_args(["--model", str(tiny_model_dir), "--adam-beta1", "0.8", "--adam-beta2", "0.9",
                                         "--adam-epsilon", "1e-6", "--lr-scheduler-type", "linear", "--steps", "10",
-                                        "--warmup-ratio", "0.2", "--learning-rate", "1e-3"]))
+                                        *warmup, "--learning-rate", "1e-3"]))
     assert all(g["betas"] == (0.8, 0.9) and g["eps"] == 1e-6 for g in trainer.optimizer.param_groups)
     lrs = []
     for _ in range(10):
