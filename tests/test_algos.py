@@ -10,7 +10,8 @@ from rpo_engine.config import AlgoConfig, RPOConfig, TrainConfig, config_from_di
 from rpo_engine.errors import UserError
 from rpo_engine.rewards.shaping import length_aware_accuracy, overlong_penalty
 from rpo_engine.rpo.cache import ExperienceCache
-from rpo_engine.rpo.truncation import cut_cached_path, least_likely_truncation, sample_truncation, truncation_at
+from rpo_engine.rpo.truncation import (Truncation, cut_cached_path, least_likely_truncation, sample_truncation,
+                                      truncation_at)
 
 
 def test_group_advantages_hand_computed():
@@ -415,3 +416,126 @@ def test_yaml_lists_and_mappings(tmp_path):
     config = parse_args(["--config", str(path)])
     assert reward_names(config) == ["math", "tests.reward_fns:hash_reward"] and reward_weights(config) == [1.0, 0.5]
     assert config.chat_template_kwargs == '{"enable_thinking": false}'  # a YAML mapping, as the flag's JSON
+
+
+# ---- mutation audit (audit_mut_algo): cases the hand-computed tests above left open ----------------------
+
+def test_group_advantages_center_each_group_on_its_own_mean():
+    """Kills `rewards - rewards.mean()` (the batch's mean): two groups whose means (0.25, 0.75) differ from the
+    batch's (0.5), so each centre shows; G = 2 is still scaled by its std (kills `shape[1] <= 2`)."""
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 0.0]])
+    torch.testing.assert_close(group_advantages(rewards, "none"),
+                               torch.tensor([[0.75, -0.25, -0.25, -0.25], [0.25, 0.25, 0.25, -0.75]]))
+    std = math.sqrt(0.75 / 3)  # unbiased std of [1, 0, 0, 0] and of [1, 1, 1, 0]
+    torch.testing.assert_close(group_advantages(rewards),
+                               torch.tensor([[0.75, -0.25, -0.25, -0.25], [0.25, 0.25, 0.25, -0.75]]) / (std + 1e-4))
+    pair = group_advantages(torch.tensor([[1.0, 0.0]]))  # std of [1, 0]: sqrt(1/2)
+    torch.testing.assert_close(pair, torch.tensor([[0.5, -0.5]]) / (math.sqrt(0.5) + 1e-4))
+    assert torch.equal(group_advantages(torch.tensor([[1.0], [0.0]])), torch.zeros(2, 1))  # G = 1: nothing to compare
+
+
+def test_truncation_of_empty_and_one_token_paths():
+    """An empty path (a cold start that ended at once) with --rpo-extra-budget 0 still gets a one-token
+    suffix (kills dropping `max(1, ...)` from the budget); a one-token path is cut whole (its only cut,
+    1, is within every bound: kills drawing only when `upper > 1`)."""
+    rng = random.Random(0)
+    assert truncation_at(0, 0, 0, 100) == Truncation(cut=0, kept=0, budget=1)
+    assert sample_truncation(0, rng, 1, 300, 0.25, 0, 100).budget == 1
+    assert least_likely_truncation([], 1, 8, 1.0, 0, 100).budget == 1
+    for min_cut in (1, 2):
+        cuts = {sample_truncation(1, rng, min_cut, 300, 0.25, 16, 400) for _ in range(20)}
+        assert cuts == {Truncation(cut=1, kept=0, budget=17)}
+    assert cut_cached_path(1, True, rng, 400).kept == 0
+
+
+def test_least_likely_cut_reaches_as_far_as_the_unverified_fraction():
+    """--rpo-unverified-cut least-likely bounds the cut of a path not known right by
+    --rpo-unverified-cut-fraction (default 1: anywhere), not by the verified paths' --rpo-max-cut-fraction
+    (0.25): its least likely token, token 5 of 40, is reached, and at a fraction of 0.5 the least likely of the
+    last 20."""
+    logprobs = [-0.1] * 40
+    logprobs[5], logprobs[25] = -6.0, -3.0
+    rng = random.Random(0)
+    assert cut_cached_path(40, False, rng, 400, RPOConfig(rpo_unverified_cut="least-likely"), logprobs).kept == 5
+    half = RPOConfig(rpo_unverified_cut="least-likely", rpo_unverified_cut_fraction=0.5)
+    assert cut_cached_path(40, False, rng, 400, half, logprobs).kept == 25
+
+
+def test_cache_update_keeps_the_chosen_answers_correctness_and_logprobs():
+    """update() stores the picked answer's own `correct` and `logprobs` (kills indexing them by 0): the right
+    answer is the second, with the higher reward and epsilon 1."""
+    cache = ExperienceCache("correct-only", epsilon=1.0)
+    assert cache.update("p", [[1], [2, 3]], [0.0, 1.0], 0, random.Random(0), correct=[False, True],
+                        logprobs=[[-1.0], [-0.5, -0.25]])
+    path = cache.get("p")
+    assert (path.token_ids, path.correct, path.logprobs) == ([2, 3], True, [-0.5, -0.25])
+
+
+def test_cache_load_drops_stale_paths_with_their_saturation_and_keeps_its_threshold():
+    """load_state_dict with prompt digests keeps a path whose prompt is unchanged and drops (and returns) one
+    whose prompt changed, its saturation count with it (kills `==` for `!=` and a missing pop); the saved
+    correct_threshold judges an old checkpoint's paths (kills not restoring it)."""
+    cache = ExperienceCache(correct_threshold=0.8)
+    cache.put("same", [1], 1.0, 0)
+    cache.put("changed", [2], 1.0, 0)
+    for pid in ("same", "changed"):
+        cache.note_group(pid, True)
+    state = cache.state_dict({"same": "a", "changed": "b"})
+    other = ExperienceCache()
+    assert other.load_state_dict(state, {"same": "a", "changed": "c"}) == ["changed"]
+    assert "same" in other and "changed" not in other
+    assert (other.saturation("same"), other.saturation("changed")) == (1, 0)
+    old = cache.state_dict()
+    old["paths"] = {"p": [[3], 0.6, 0]}  # before paths carried `correct`: judged by the saved threshold
+    other.load_state_dict(old)
+    assert other.correct_threshold == 0.8 and not other.verified("p")
+
+
+def test_dapo_overlong_buffer_defaults_to_a_quarter_of_the_budget():
+    """The trainer's overlong buffer: DAPO's default is a quarter of --max-completion-length, GRPO's none, and a
+    given --overlong-buffer is used as given (kills a wrong default fraction or algorithm name)."""
+    from types import SimpleNamespace
+
+    from rpo_engine.trainer import Trainer
+
+    def buffer(algo, given=None, length=320):
+        return Trainer.overlong_buffer(SimpleNamespace(algo=AlgoConfig(algo, overlong_buffer=given),
+                                                       config=SimpleNamespace(max_completion_length=length)))
+
+    assert (buffer("dapo"), buffer("dapo", length=100), buffer("grpo")) == (80, 25, 0)
+    assert (buffer("dapo", 0), buffer("grpo", 8), buffer("dapo", 8)) == (0, 8, 8)
+
+
+def test_trainer_counts_a_visit_saturated_only_when_every_answer_was_right():
+    """Trainer.update_cache: a group with one wrong answer resets the prompt's saturation count, an all-right one
+    adds to it (kills `any(right)` for `all(right)`); the kept answer is the best by the rewards it is given."""
+    from types import SimpleNamespace
+
+    from rpo_engine.distributed import Dist
+    from rpo_engine.trainer import Group, Trainer
+
+    cache = ExperienceCache("correct-only", epsilon=1.0)
+    trainer = SimpleNamespace(cache=cache, rng=random.Random(0), dist=Dist(), step_num=3)
+    rows = [{"id": "mixed"}, {"id": "right"}]
+    groups = [Group(row, [9], [], [[1], [2, 2]], [[-0.5], [-0.5, -0.5]], ["stop", "stop"]) for row in rows]
+    for _ in range(2):
+        Trainer.update_cache(trainer, rows, groups, [[1.0, 0.0], [0.6, 1.0]], [[True, False], [True, True]])
+    assert (cache.saturation("mixed"), cache.saturation("right")) == (0, 2)
+    assert cache.get("mixed").token_ids == [1] and cache.get("right").token_ids == [2, 2] and cache.get("right").step == 3
+
+
+def test_trainer_subtracts_the_overlong_penalty_from_the_reward():
+    """Trainer.shape_rewards with DAPO's overlong buffer (8 of a 16-token budget, penalty 1) and no length
+    shaping: answers of 4, 12 and 16 tokens lose 0, 0.5 and 1 (kills adding the penalty's negation); the
+    penalty is kept as the last reward term."""
+    from types import SimpleNamespace
+
+    from rpo_engine.trainer import Group, Trainer
+
+    trainer = SimpleNamespace(config=SimpleNamespace(max_completion_length=16, format_reward_weight=0.0),
+                              rpo=SimpleNamespace(length_shaping=False), reward_weights=[1.0],
+                              algo=SimpleNamespace(overlong_penalty=1.0), overlong_buffer=lambda: 8)
+    group = Group({"id": "p"}, [9], [], [[1] * 4, [1] * 12, [1] * 16], [[]] * 3, ["stop"] * 3)
+    Trainer.shape_rewards(trainer, group, [4, 12, 16], ["a", "b", "c"], [[1.0, 1.0, 0.0]])
+    assert group.rewards == pytest.approx([1.0, 0.5, -1.0]) and group.correct == [True, True, False]
+    assert group.terms[-1] == pytest.approx([0.0, -0.5, -1.0])
