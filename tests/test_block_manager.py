@@ -144,7 +144,8 @@ def test_scheduler_preempts_newest_when_blocks_run_out():
 
 
 @pytest.mark.parametrize("bad", [dict(n=0), dict(max_new_tokens=-1), dict(temperature=-0.5), dict(top_p=0.0),
-                                 dict(top_p=1.5), dict(top_k=-2), dict(stop_token_ids="2"), dict(seed=1.5)])
+                                 dict(top_p=1.5), dict(top_k=-2), dict(stop_token_ids="2"), dict(seed=1.5),
+                                 dict(min_p=1.5), dict(min_p=-0.1), dict(top_k=2.5)])
 def test_sampling_params_validation(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
@@ -181,3 +182,156 @@ def test_random_workload_keeps_tables_mirrored_and_frees_everything(seed):
     assert sched.is_finished() and all(s.finish_reason for s in seqs)
     assert sched.num_preemptions > 0 and bm.tables.rows.shape[0] > 2
     assert bm.num_used_blocks == 0 and len(bm.tables.free_slots) == bm.tables.rows.shape[0]
+
+
+def test_free_releases_the_last_block_first_so_a_freed_prefix_stays_cached_longest():
+    """`free` returns a table's blocks last first: the free list hands out the oldest freed first, so the
+    prompt's leading (most shareable) blocks are the last to be overwritten."""
+    bm = BlockManager(3, BS)
+    a = make_seq(list(range(9)))  # 2 full blocks (hashed) + a partial one: the whole cache
+    bm.allocate(a)
+    bm.free(a)
+    other = make_seq([50, 51, 52])
+    bm.allocate(other)  # one new block: a's partial one, not its first
+    bm.free(other)
+    assert bm.allocate(make_seq(list(range(9)))) == 8  # both of a's full blocks still hit
+
+
+def test_append_cost_is_what_may_append_takes():
+    """`append_cost` (what can_append and fits_ahead reserve) equals the free blocks `may_append` then
+    takes, at every position of a block: a new block, none, or a copy of a shared partial block."""
+    for start in range(1, 3 * BS):
+        bm = BlockManager(12, BS)
+        parent = make_seq(list(range(start)), n=2)
+        bm.allocate(parent)
+        samples = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64).fork(parent)
+        for step in range(2 * BS):
+            for s in samples:
+                s.token_ids.append(100 + step)
+                cost, free = bm.append_cost(s), bm.num_free_blocks
+                bm.may_append(s)
+                assert free - bm.num_free_blocks == cost, (start, step)
+    # a lone sequence whose K/V exactly fill the cache still fits: no preemption of itself
+    bm = BlockManager(3, BS)
+    seq = make_seq(list(range(11)))
+    bm.allocate(seq)
+    seq.token_ids.append(99)  # 12 tokens: the step writes token 11's K/V into block 2
+    assert bm.append_cost(seq) == 0 and bm.can_append(seq)
+
+
+def test_a_block_filled_after_an_unhashed_one_is_not_hashed_as_a_first_block():
+    """Async scheduling leaves a block unhashed when its last token was still pending as it filled; a later
+    block then has no chain to hash on. Hashed on its own (as a first block) it would hand K/V computed
+    after a different prefix to any prompt starting with its tokens."""
+    bm = BlockManager(8, BS)
+    seq = make_seq([1, 2, 3])
+    bm.allocate(seq)
+    seq.num_pending = 1  # token 3 sampled on the device, unread: block 0 fills but is not hashed
+    bm.may_append(seq)
+    seq.num_pending = 0
+    seq.token_ids.append(4)  # read back by a synchronous step (postprocess registers nothing then)
+    assert bm.blocks[seq.block_table[0]].hash == -1
+    for t in (5, 6, 7, 8):
+        seq.token_ids.append(t)
+        bm.may_append(seq)
+    other = make_seq([5, 6, 7, 8, 9])  # its first block's tokens are seq's block 1
+    assert bm.allocate(other) == 0
+
+
+def test_reset_prefix_cache_empties_the_lookup_table():
+    """Every generate call starts with a reset: the table must not keep one stale entry per hashed block of
+    every earlier call (it would grow over a whole training run)."""
+    bm = BlockManager(8, BS)
+    for prompt in (list(range(9)), list(range(20, 29))):
+        seq = make_seq(prompt)
+        bm.allocate(seq)
+        bm.free(seq)
+        assert bm.hash_to_block_id
+        bm.reset_prefix_cache()
+        assert bm.hash_to_block_id == {}
+
+
+def test_prefill_admission_honours_max_num_seqs_and_max_num_batched_tokens():
+    """Samples (forks) count against max_num_seqs, up to it exactly; prompt tokens against
+    max_num_batched_tokens; the first request is always admitted."""
+    sched = Scheduler(BlockManager(40, BS), max_num_seqs=4, max_num_batched_tokens=64)
+    for n in (2, 2, 1):
+        sched.add(make_seq(list(range(10 * n, 10 * n + 5)), n=n))
+    seqs, is_prefill, _ = sched.schedule()
+    assert is_prefill and [s.num_forks for s in seqs] == [2, 2] and len(sched.waiting) == 1
+    sched = Scheduler(BlockManager(40, BS), max_num_seqs=8, max_num_batched_tokens=10)
+    for start in (0, 20, 40):
+        sched.add(make_seq(list(range(start, start + 6))))
+    seqs, _, _ = sched.schedule()
+    assert len(seqs) == 1 and len(sched.waiting) == 2  # 6 + 6 > 10
+
+
+def test_admission_keeps_a_block_per_new_sample_for_its_first_decode():
+    """A request joining a busy batch is admitted only if its blocks and one more per sample are free."""
+    bm = BlockManager(5, BS)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
+    sched.add(make_seq(list(range(8))))  # 2 blocks
+    sched.add(make_seq(list(range(20, 27)), n=2))  # 2 blocks + 2 for its samples' first decode: 1 short
+    seqs, _, _ = sched.schedule()
+    assert len(seqs) == 1 and len(sched.waiting) == 1
+
+
+def test_preemption_takes_the_newest_and_puts_it_back_first_in_line():
+    """Out of blocks, each sequence's decode preempts the newest running one (not the next in line), and
+    the preempted go back to the front of the waiting queue, in their order, before a request that waits."""
+    bm = BlockManager(8, BS)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
+    a, b, c, d = (make_seq([4 * i, 4 * i + 1, 4 * i + 2, 4 * i + 3]) for i in range(4))
+    for s in (a, b, c, d):
+        sched.add(s)
+    seqs, _, _ = sched.schedule()
+    assert seqs == [a, b, c, d] and bm.num_free_blocks == 4
+    sched.postprocess(seqs, [90, 91, 92, 93], [0.0] * 4)  # 5 tokens each: every one needs a 2nd block
+    bm.allocate(make_seq(list(range(100, 116))))  # another holder takes the 4 free blocks
+    late = make_seq(list(range(200, 209)))
+    sched.add(late)  # waits: no block for it
+    seqs, is_prefill, _ = sched.schedule()
+    assert not is_prefill and seqs == [a, b] and sched.num_preemptions == 2
+    assert list(sched.waiting) == [c, d, late]
+
+
+def test_abort_frees_every_block_and_slot():
+    bm = BlockManager(10, BS)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
+    sched.add(make_seq(list(range(9)), n=3))
+    seqs, _, _ = sched.schedule()
+    sched.fork(seqs[0])
+    sched.add(make_seq([1, 2]))
+    sched.abort()
+    assert sched.is_finished() and bm.num_used_blocks == 0 and bm.num_free_blocks == 10
+    assert len(bm.tables.free_slots) == bm.tables.rows.shape[0]
+
+
+def test_fits_ahead_leaves_out_sequences_whose_last_token_is_pending():
+    """Async: a sequence whose pending token is its last runs no more steps, so it reserves no block."""
+    bm = BlockManager(3, BS)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
+    seq = Sequence(list(range(7)), SamplingParams(max_new_tokens=2), BS, stop_token_ids=(), key=0, request_index=0)
+    sched.add(seq)
+    sched.schedule()
+    sched.postprocess([seq], [9], [0.0])  # 8 tokens: the next step writes token 7 into block 1
+    sched.schedule()
+    seq.num_pending = 1  # its 2nd and last token in flight: a next step would need block 2
+    bm.allocate(make_seq([1]))  # another holder takes the last free block
+    assert bm.num_free_blocks == 0
+    assert sched.fits_ahead()
+
+
+def test_a_stop_token_that_is_the_last_of_the_budget_finishes_as_stop():
+    seq = make_seq([1, 2, 3])
+    seq.stop_token_ids = frozenset({7})
+    for t in (5,) * 7 + (7,):  # the 8th (max_new_tokens) token is the stop token
+        seq.append_token(t, 0.0)
+    assert seq.finish_reason == "stop" and seq.completion().finish_reason == "stop"
+
+
+def test_sampling_params_accept_their_documented_values():
+    """top_k -1 is off (vLLM's convention), min_p 1 and top_p 1 the ends of their ranges, any integer seed."""
+    for kwargs in (dict(top_k=-1), dict(top_k=0), dict(min_p=1.0), dict(min_p=0.0), dict(top_p=1.0),
+                   dict(seed=-5), dict(seed=2 ** 63 - 1), dict(temperature=1e-5)):
+        SamplingParams(**kwargs)

@@ -810,3 +810,58 @@ def test_decode_keeps_gathered_kv_across_steps(checkpoints, monkeypatch):
                 assert_same_samples(out, want)
         # per layer and step: 2 (K, V) or 4 (cascade) gathers without; with, only where a copy is rebuilt
         assert counts["kept"] < counts["gathered"] // 4 and counts["over budget"] == counts["gathered"]
+
+
+def test_request_key_mixes_in_the_prompt():
+    """Two prompts under one seed (one seed per generate call is the usual case) draw independent noise."""
+    N = 4000
+    k1, k2 = request_key(7, [4, 5, 6]), request_key(7, [4, 5, 7])
+    assert k1 != k2
+    a = torch.tensor([uniform(k1, 0, 3 + t) for t in range(N)], dtype=torch.float64)
+    b = torch.tensor([uniform(k2, 0, 3 + t) for t in range(N)], dtype=torch.float64)
+    assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1]) < 4 / math.sqrt(N)
+
+
+@pytest.mark.parametrize("V", [6, 4 * CANDIDATES + 301])
+def test_a_zero_probability_token_is_never_drawn_even_at_u_zero(V):
+    """u = 0 (one draw in 2**53) takes the first token WITH weight: a -inf logit (or one cut by min-p or
+    top-k) at the front of the row is never drawn, by the plain and the reference sampler alike."""
+    logits = -0.01 * torch.arange(V, dtype=torch.float32).expand(4, V).clone()  # no ties: one order
+    logits[:, 0] = float("-inf")
+    logits[2:, 1] = -30.0  # cut by min-p
+    u = torch.zeros(4, dtype=torch.float64)
+    ones, no_p = torch.ones(4), torch.ones(4)
+    min_p = torch.tensor([0.0, 0.0, 0.5, 0.5])
+    top_k = torch.tensor([0, 3, 0, 3])
+    for fn in (sample, sample_reference):
+        tokens, logp = fn(logits, ones, top_k, no_p, u, min_p=min_p)
+        assert tokens[:2].tolist() == [1, 1] and tokens[2:].tolist() == [2, 2], fn.__name__
+        assert torch.isfinite(logp).all()
+
+
+def test_stats_count_each_call_exactly(checkpoints):
+    """The counters a run logs, against hand counts: prefill tokens computed and reused, decode tokens (one
+    per sample and step: all but each sample's first token), preemptions and peak blocks of THIS call,
+    the peak including a block taken by a step whose sample then finished."""
+    hf, model = checkpoints["qwen2"]
+    prompts = random_prompts(hf.config.vocab_size, [9, 14, 6, 11])
+    params = SamplingParams(n=3, max_new_tokens=16, temperature=0, stop_token_ids=[])
+    tight = RolloutEngine(model, block_size=4, num_blocks=12)
+    tight.generate(prompts, params)
+    before = tight.scheduler.num_preemptions  # the second call's preemptions only
+    tight.generate(prompts, params)
+    s = tight.last_stats
+    assert s.preemptions == tight.scheduler.num_preemptions - before > 0
+    assert s.sampled_tokens == 4 * 3 * 16 and s.blocks_used == 0
+    engine = RolloutEngine(model, block_size=4)
+    engine.generate(prompts, params)
+    s = engine.last_stats
+    assert s.preemptions == 0 and s.sampled_tokens == 4 * 3 * 16
+    assert s.decode_tokens == 4 * 3 * 15  # the first token of each sample comes from its prompt's prefill
+    assert s.prefill_tokens == 9 + 14 + 6 + 11 and s.forked_tokens == 2 * (9 + 14 + 6 + 11)
+    big = engine.stats.peak_blocks_used
+    # one prompt of 2 blocks, 2 tokens: the decode step writes token 8's K/V into a 3rd block, then finishes
+    engine.generate([prompts[1][:8]], SamplingParams(max_new_tokens=2, temperature=0, stop_token_ids=[]))
+    s = engine.last_stats
+    assert s.peak_blocks_used == 3 < big == engine.stats.peak_blocks_used
+    assert (s.prefill_tokens, s.decode_tokens, s.sampled_tokens, s.blocks_used) == (8, 1, 2, 0)
