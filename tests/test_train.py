@@ -1678,7 +1678,7 @@ def test_a_run_killed_before_its_log_opened_starts_again(tmp_path, tiny_model_di
     class Built(Exception):
         pass
 
-    def preempted(output):
+    def preempted(output, **kwargs):
         raise KeyboardInterrupt
 
     def built(*args, **kwargs):
