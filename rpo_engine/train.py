@@ -23,7 +23,7 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from rpo_engine.config import TrainConfig, config_to_dict, parse_args, reward_names
-from rpo_engine.distributed import Dist, RankErrorHandler, check_divisible, write_torchrun_error
+from rpo_engine.distributed import Dist, RankErrorHandler, check_divisible, leave_process, write_torchrun_error
 from rpo_engine.errors import UserError, run_cli
 
 
@@ -342,6 +342,8 @@ def main(argv=None) -> int:
         write_torchrun_error(line)
         return 2
     dist.close()  # not on an exception: torchrun stops the other ranks, a peer would hang in a collective
+    if dist.enabled:
+        leave_process(code)
     return code
 
 

@@ -253,7 +253,8 @@ def _consolidate_on_two_ranks(rank, rendezvous):
                    for s, p in zip(state["state"].values(), params))
     else:  # joined every gather, held one gathered tensor at a time, built nothing
         assert len(gathered) == 3 * len(params) and most_alive == 1 and state is None
-    group.close()  # as the trainer leaves: a barrier first, so no rank shuts gloo down under its peer
+    group.close()  # as the trainer leaves: a barrier first, so no rank shuts gloo down under its peer, and
+    distributed.leave_process(0)  # no interpreter teardown, where the group's destructor can abort the process
 
 
 def test_fsdp_checkpoint_state_is_built_on_rank_zero_only(tmp_path):
@@ -287,6 +288,7 @@ def _shard_on_two_ranks(rank, rendezvous):
     # this rank's half of the float32 copy and a parameter in passing (~0.6), not the whole copy (~1.1)
     assert growth < 0.8 * whole_float32, (growth, whole_float32)
     group.close()
+    distributed.leave_process(0)  # as the trainer leaves
 
 
 def test_fsdp_wrap_never_holds_a_whole_float32_copy(tmp_path):
