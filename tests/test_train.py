@@ -1657,8 +1657,8 @@ def test_what_a_resume_cannot_do_is_refused_before_loading(tmp_path, tiny_model_
         resume("--model", tiny_model_dir / ".." / tiny_model_dir.name, "--steps", 2)
     assert "is at --steps 2: nothing left to train" in capsys.readouterr().out
     (out / "config.json").write_text(json.dumps({"model": None}))  # started from the starter model
-    with pytest.raises(UserError, match=re.escape(f"started from the starter model, and a resumed run keeps its "
-                                                  f"model; resume with no --model")):
+    with pytest.raises(UserError, match=re.escape("started from the starter model, and a resumed run keeps its "
+                                                  "model; resume with no --model")):
         resume("--model", tiny_model_dir)
     # a checkpoint that lost its weights says so, not that it holds the other kind
     shutil.rmtree(out / "checkpoints" / "step-2" / "model")
