@@ -11,7 +11,7 @@ weights on every forward. Parameters that are already fp32 are stepped in place,
 With `fp32_grad_accumulation`, each backward's bf16 gradient is added into the master's fp32 gradient as
 soon as autograd has it (and the bf16 one dropped), so micro-batches sum in fp32 as Megatron's and
 DeepSpeed's bf16 optimizers sum them: summed in bf16, 6-33 micro-batches lose 0.3-0.5% of the gradient.
-The gradients then live on the masters, which is where clipping must read them (`grad_params`).
+The gradients then live on the masters, which is where clipping must read them (`params_with_gradients`).
 """
 from __future__ import annotations
 
@@ -59,11 +59,6 @@ class MasterWeightAdamW(torch.optim.AdamW):
     def low_precision_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(model parameter, its fp32 master) for the parameters that are not fp32 themselves."""
         return [(p, m) for p, m in zip(self.model_params, self.masters()) if p is not m]
-
-    def grad_params(self) -> list[torch.Tensor]:
-        """The tensors whose .grad the next step uses (to clip, or to check for inf/NaN): the masters when
-        gradients accumulate in fp32, else the model's parameters."""
-        return self.masters() if self.fp32_grad_accumulation else list(self.model_params)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -114,9 +109,10 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
 
 def params_with_gradients(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """The tensors whose .grad the optimizer's next step reads: what to clip, and to check for inf/NaN."""
-    if isinstance(optimizer, MasterWeightAdamW):
-        return optimizer.grad_params()
+    """The tensors whose .grad the optimizer's next step reads: what to clip, and to check for inf/NaN (under
+    MasterWeightAdamW the masters when gradients accumulate in fp32, else the model's parameters)."""
+    if isinstance(optimizer, MasterWeightAdamW) and not optimizer.fp32_grad_accumulation:
+        return list(optimizer.model_params)
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 

@@ -4,7 +4,7 @@ import io
 import pytest
 import torch
 
-from rpo_engine.optim import MasterWeightAdamW, lr_multiplier, make_adamw
+from rpo_engine.optim import MasterWeightAdamW, lr_multiplier, make_adamw, params_with_gradients
 from tests.helpers import DEVICE
 
 
@@ -239,7 +239,7 @@ def test_fp32_grad_accumulation_sums_micro_batches_in_fp32():
         model(x).square().sum().backward()
         bf16_sum(x).square().sum().backward()
     assert all(p.grad is None for p in model.parameters())
-    assert optimizer.grad_params() == optimizer.masters()
+    assert params_with_gradients(optimizer) == optimizer.masters()
     for m, w in zip(optimizer.masters(), want):
         torch.testing.assert_close(m.grad, w, rtol=0, atol=0)
     err = max(float((p.grad.float() - w).norm() / w.norm()) for p, w in zip(bf16_sum.parameters(), want))
@@ -247,7 +247,7 @@ def test_fp32_grad_accumulation_sums_micro_batches_in_fp32():
 
 
 def test_fp32_grad_accumulation_steps_as_fp32_adamw_on_the_summed_gradient():
-    """Two optimizer steps of 5 micro-batches each, clipped through grad_params(): the masters equal fp32 AdamW
+    """Two optimizer steps of 5 micro-batches each, clipped through params_with_gradients(): the masters equal fp32 AdamW
     stepped with the fp32 sum (clipped alike), bitwise; zero_grad clears the sum between steps."""
     torch.manual_seed(1)
     sizes = (16, 8, 4)
@@ -263,7 +263,7 @@ def test_fp32_grad_accumulation_steps_as_fp32_adamw_on_the_summed_gradient():
         optimizer.zero_grad()
         for x in inputs:
             low(x).square().sum().backward()
-        norm = torch.nn.utils.clip_grad_norm_(optimizer.grad_params(), 1.0)
+        norm = torch.nn.utils.clip_grad_norm_(params_with_gradients(optimizer), 1.0)
         optimizer.step()
         torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0), rtol=0, atol=0)
         opt_ref.step()
