@@ -481,10 +481,37 @@ def _is_bool(f) -> bool:
     return f.type in ("bool", "bool | None", bool)
 
 
+def closest_names(name: str, names) -> list[str]:
+    """The names a mistyped `name` most likely meant: those it begins (an abbreviation), those whose words'
+    initials it is (`lr` for learning-rate), then the most alike by difflib's ratio; at most three."""
+    import difflib
+
+    bare = name.lstrip("-").replace("_", "-").lower()
+    strip = {n: n.lstrip("-").replace("_", "-") for n in names}
+    begun = [n for n, b in strip.items() if bare and b.startswith(bare)]
+    initials = [n for n, b in strip.items() if len(bare) > 1 and "".join(w[:1] for w in b.split("-")) == bare]
+    if begun or initials:
+        return list(dict.fromkeys(initials + begun))[:3]
+    alike = difflib.get_close_matches(bare, list(strip.values()), n=3, cutoff=0.75)
+    return [n for n, b in strip.items() if b in alike][:3]
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a mistake is one line (a UserError: exit 2), not the whole usage: train's runs to 100 lines."""
+    """argparse, but a mistake is one line (a UserError: exit 2), not the whole usage: train's runs to 100 lines.
+    An option is read only by its whole name: argparse's default took any unambiguous beginning (`--lr 1e-5`
+    was --lr-scheduler-type), so a later option sharing the beginning would change what an old command meant."""
+
+    def __init__(self, *args, allow_abbrev: bool = False, **kwargs):
+        super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
 
     def error(self, message):
+        if message.startswith("unrecognized arguments: "):
+            given = next((a for a in message.removeprefix("unrecognized arguments: ").split() if a.startswith("-")), None)
+            if given is not None:
+                name = given.partition("=")[0]
+                known = [o for o in self._option_string_actions if o.startswith("--")]
+                meant = closest_names(name, known)
+                message = f"unknown option {name!r}" + (f"; did you mean {' or '.join(meant)}?" if meant else "")
         raise UserError(f"{message} (python {self.prog.removeprefix('python ')} --help lists every option)")
 
 
@@ -514,10 +541,13 @@ TRL_EQUIVALENTS = {
 
 
 def _unknown(name: str) -> str:
-    """`name` is not an option: what to say, with what we have instead when it is a TRL name."""
+    """`name` is not an option: what to say, with what we have instead when it is a TRL name, else the
+    option names it most likely meant."""
     trl_name = name.replace("-", "_")
-    return f"unknown option {name!r}" + (f" (TRL's {trl_name} {TRL_EQUIVALENTS[trl_name]})"
-                                          if trl_name in TRL_EQUIVALENTS else "")
+    if trl_name in TRL_EQUIVALENTS:
+        return f"unknown option {name!r} (TRL's {trl_name} {TRL_EQUIVALENTS[trl_name]})"
+    meant = closest_names(name, [f.name for _, f in _flat_fields()])
+    return f"unknown option {name!r}" + (f"; did you mean {' or '.join(meant)}?" if meant else "")
 
 
 _BOOLEAN_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}

@@ -336,7 +336,22 @@ def test_trl_command_line_mistakes(flags, message):
 def test_trl_yaml_key_that_is_not_ours_names_ours(tmp_path):
     message = _config_error(tmp_path, "max_steps: 100\nlearning_rate: 1e-6\n")
     assert message.endswith("unknown option 'max_steps' (TRL's max_steps is --steps here)"), message
-    assert _config_error(tmp_path, "stepz: 1\n").endswith("unknown option 'stepz'")  # no TRL name: no hint
+    assert _config_error(tmp_path, "stepz: 1\n").endswith("unknown option 'stepz'; did you mean steps?")
+    assert _config_error(tmp_path, "zzz: 1\n").endswith("unknown option 'zzz'")  # nothing alike: no hint
+
+
+@pytest.mark.parametrize("flags,message", [
+    # argparse took any unambiguous beginning: --lr was --lr-scheduler-type, --learning --learning-rate
+    (["--lr", "1e-5"], "unknown option '--lr'; did you mean --learning-rate or --lora-r or --lr-scheduler-type?"),
+    (["--learning", "1e-5"], "unknown option '--learning'; did you mean --learning-rate?"),
+    (["--num-generation=4"], "unknown option '--num-generation'; did you mean --num-generations?"),
+    (["--temprature", "0.7"], "unknown option '--temprature'; did you mean --temperature?"),
+    (["--zzz", "1"], "unknown option '--zzz' (python -m rpo_engine.train --help lists every option)"),
+])
+def test_option_read_only_by_its_whole_name(flags, message):
+    with pytest.raises(UserError) as e:
+        parse_args(flags)
+    assert str(e.value).startswith(message), str(e.value)
 
 
 # (--warmup-steps, --steps, warmup steps) as transformers 5.25's TrainingArguments.get_warmup_steps gives them
