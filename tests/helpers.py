@@ -25,6 +25,19 @@ FAMILIES = {
 }
 
 
+# The rope scalings long-context users put in config.json, with an original context of 16 tokens so that
+# longer inputs run past it: YaRN as Qwen's model cards give it (a factor of 4), YaRN with its optional keys
+# (factors that are no power of two; beta_slow 0.25 puts a ramp end where truncation would round), and linear.
+SCALED_ROPES = {
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+    "yarn-attention-factor": {"rope_type": "yarn", "factor": 2.5, "original_max_position_embeddings": 16,
+                              "attention_factor": 0.8, "beta_fast": 8, "beta_slow": 2},
+    "yarn-mscale": {"rope_type": "yarn", "factor": 3.0, "original_max_position_embeddings": 16, "mscale": 0.707,
+                    "mscale_all_dim": 1.0, "beta_fast": 4, "beta_slow": 0.25, "truncate": False},
+    "linear": {"rope_type": "linear", "factor": 3.0},
+}
+
+
 def hf_config(family: str, num_layers: int = 2, **overrides):
     from transformers import AutoConfig
 

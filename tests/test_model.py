@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import rpo_engine
 from rpo_engine.errors import UserError
-from tests.helpers import FAMILIES, make_hf_model, save_hf_checkpoint
+from tests.helpers import FAMILIES, SCALED_ROPES, make_hf_model, save_hf_checkpoint
 
 VARIANTS = [
     ("llama", {}),
@@ -67,6 +67,57 @@ def test_long_positions_match_transformers(tmp_path, family, overrides):
             assert rel_err(ours(ids, position_ids=positions), ref) < 1e-5
             hf_err = rel_err(hf16(ids, position_ids=positions).logits, ref)
             assert rel_err(ours16(ids, position_ids=positions), ref) <= 2 * hf_err + 1e-3
+
+
+@pytest.mark.parametrize("rope", sorted(SCALED_ROPES))
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_scaled_rope_matches_transformers_past_the_original_context(tmp_path, family, rope):
+    """YaRN and linear RoPE scaling, read from the rope_parameters transformers 5 writes: fp32 logits equal
+    transformers' at positions past original_max_position_embeddings, where the scaling bites."""
+    hf = save_hf_checkpoint(family, tmp_path, rope_scaling=dict(SCALED_ROPES[rope]))
+    ours = rpo_engine.load_model(tmp_path)
+    assert ours.config.rope_scaling["rope_type"] == SCALED_ROPES[rope]["rope_type"]
+    ids = random_ids(hf.config.vocab_size, B=2, T=48)
+    with torch.no_grad():
+        assert rel_err(ours(ids), hf(ids).logits) < 1e-5
+
+
+def test_yarn_as_qwen_model_cards_give_it(tmp_path):
+    """Qwen2.5 / Qwen3 cards: add a top-level "rope_scaling" (older cards: "type") to config.json, the original
+    context the checkpoint's max_position_embeddings. Read as transformers reads it; a yarn rule without
+    original_max_position_embeddings takes max_position_embeddings, as transformers 5 does."""
+    from transformers import AutoModelForCausalLM
+
+    save_hf_checkpoint("qwen2", tmp_path)
+    ids = random_ids(127, B=2, T=40)
+    for scaling in ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096},
+                    {"type": "yarn", "factor": 8.0}):  # static YaRN: these positions are scaled too
+        _edit_config(tmp_path, rope_parameters=None, rope_theta=1e6, rope_scaling=scaling, max_position_embeddings=4096)
+        hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
+        ours = rpo_engine.load_model(tmp_path)
+        with torch.no_grad():
+            assert rel_err(ours(ids), hf(ids).logits) < 1e-5
+
+
+@pytest.mark.parametrize("rope", ["yarn-mscale", "linear"])
+def test_scaled_rope_survives_a_save(tmp_path, rope):
+    """Our save writes the rope scaling back as it was given; transformers and we read the same model from it."""
+    from transformers import AutoModelForCausalLM
+
+    given = dict(SCALED_ROPES[rope])
+    save_hf_checkpoint("qwen3", tmp_path / "src")
+    _edit_config(tmp_path / "src", rope_parameters=None, rope_theta=1e6, rope_scaling=given)
+    ours = rpo_engine.load_model(tmp_path / "src")
+    ours.save_pretrained(tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["rope_scaling"] == given and saved["rope_theta"] == 1e6
+    again = rpo_engine.load_model(tmp_path / "out")
+    assert again.config.rope_scaling == given and again.config == ours.config
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32)
+    ids = random_ids(113, B=2, T=40)
+    with torch.no_grad():
+        assert torch.equal(again(ids), ours(ids))
+        assert rel_err(ours(ids), reloaded(ids).logits) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -246,14 +297,18 @@ def test_unsupported_model_type(tmp_path):
         rpo_engine.load_model(tmp_path)
 
 
-def test_unsupported_rope_type(tmp_path):
+@pytest.mark.parametrize("rope_type,message", [
+    ("dynamic", "unsupported rope_scaling type 'dynamic': its frequencies change with the sequence length"),
+    ("longrope", "unsupported rope_scaling type 'longrope'; expected one of"),
+])
+def test_unsupported_rope_type(tmp_path, rope_type, message):
     save_hf_checkpoint("llama", tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     for key in ("rope_scaling", "rope_parameters"):
         if cfg.get(key):
-            cfg[key]["rope_type"] = "yarn"
+            cfg[key]["rope_type"] = rope_type
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UserError, match="unsupported rope_scaling type 'yarn'"):
+    with pytest.raises(UserError, match=message):
         rpo_engine.load_model(tmp_path)
 
 
@@ -319,6 +374,20 @@ def _edit_config(directory, **changes):
     (dict(rope_parameters=[1, 2]), "rope_parameters must be a JSON object"),
     (dict(rope_parameters={"rope_type": "llama3", "factor": "8", "low_freq_factor": 1, "high_freq_factor": 4,
                            "original_max_position_embeddings": 64}), "rope_scaling factor must be a finite number"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 0, "original_max_position_embeddings": 64}),
+     "rope_scaling factor must be > 0"),
+    (dict(rope_parameters={"rope_type": "yarn", "original_max_position_embeddings": 64}),
+     r"yarn rope_scaling is missing \['factor'\]"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": "32k"}),
+     "rope_scaling original_max_position_embeddings must be a finite number"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 4, "attention_factor": -1.0}),
+     "rope_scaling attention_factor must be > 0"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 4, "mscale": "1"}), "rope_scaling mscale must be a finite"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 4, "beta_fast": 1, "beta_slow": 4}),
+     r"rope_scaling beta_fast \(1\) must be at least beta_slow \(4\)"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 4, "truncate": "yes"}), "rope_scaling truncate must be true"),
+    (dict(rope_parameters={"rope_type": "linear", "factor": -2}), "rope_scaling factor must be > 0"),
+    (dict(rope_parameters={"type": "linear"}), r"linear rope_scaling is missing \['factor'\]"),
     (dict(eos_token_id="</s>"), "eos_token_id must be a token id"),
     (dict(eos_token_id=[2, -1]), "eos_token_id must be a token id"),
     (dict(num_attention_heads="4"), "wrong type or value"),

@@ -14,7 +14,7 @@ import rpo_engine
 from rpo_engine.rollout import RolloutEngine, SamplingParams
 from rpo_engine.rollout.sampler import (CANDIDATES, CHUNK, inverse_cdf, request_key, sample, sample_reference,
                                         stream_uniform, stream_uniforms, uniform)
-from tests.helpers import DEVICE, ON_CUDA, check_tables, save_hf_checkpoint
+from tests.helpers import DEVICE, ON_CUDA, SCALED_ROPES, check_tables, save_hf_checkpoint
 
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.gpu]
@@ -62,6 +62,20 @@ def test_greedy_matches_transformers(checkpoints, family):
     # Same results with sharing off (each sample prefills its own prompt).
     plain = RolloutEngine(model, block_size=4, enable_prefix_sharing=False).generate(prompts, params)
     assert [[c.token_ids for c in o] for o in plain] == [[c.token_ids for c in o] for o in outs]
+
+
+@pytest.mark.parametrize("family,rope", [("llama", "yarn-mscale"), ("qwen2", "yarn-attention-factor"),
+                                         ("qwen3", "yarn"), ("qwen2", "linear")])
+def test_greedy_with_scaled_rope_matches_transformers(tmp_path, family, rope):
+    """YaRN / linear RoPE through the paged path (prefill, cached keys, decode) past the original 16-token
+    context: token for token what transformers' generate gives."""
+    hf = save_hf_checkpoint(family, tmp_path, rope_scaling=dict(SCALED_ROPES[rope]))
+    model = rpo_engine.load_model(tmp_path, device=DEVICE)
+    prompts, budgets = random_prompts(hf.config.vocab_size, [11, 20]), [30, 24]
+    params = [SamplingParams(max_new_tokens=b, temperature=0, stop_token_ids=[]) for b in budgets]
+    outs = RolloutEngine(model, block_size=4).generate(prompts, params)
+    for prompt, budget, (sample,) in zip(prompts, budgets, outs):
+        assert sample.token_ids == hf_greedy(hf, prompt, budget)
 
 
 def test_stop_tokens(checkpoints):

@@ -2,8 +2,8 @@
 
 One dataclass covers the Llama, Qwen2 and Qwen3 families; the differences are three switches
 (`qkv_bias`, `o_bias`, `qk_norm`) plus the RoPE scaling rule. Anything we do not implement
-(sliding windows, other RoPE types, other activations) is a UserError naming the field, never a
-silently different model.
+(sliding windows, RoPE types other than default / llama3 / yarn / linear, other activations) is a
+UserError naming the field, never a silently different model.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 from rpo_engine.errors import UserError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
-SUPPORTED_ROPE_TYPES = ("default", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class ModelConfig:
     max_position_embeddings: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor", "low_freq_factor", ...} or None
+    rope_scaling: dict | None = None  # {"rope_type": "llama3" / "yarn" / "linear", "factor", ...} or None
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2: always on; Llama/Qwen3: `attention_bias`
     o_bias: bool = False  # Llama/Qwen3 `attention_bias` also biases o_proj; Qwen2 never does
@@ -68,6 +68,10 @@ class ModelConfig:
             raise UserError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.rope_scaling is not None:
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if rope_type == "dynamic":
+                raise UserError("unsupported rope_scaling type 'dynamic': its frequencies change with the sequence "
+                                "length at run time, which keys already rotated into the paged KV cache at shorter "
+                                "lengths cannot follow (the static 'yarn' and 'linear' scalings are supported)")
             if rope_type not in SUPPORTED_ROPE_TYPES:
                 raise UserError(f"unsupported rope_scaling type {rope_type!r}; expected one of {SUPPORTED_ROPE_TYPES}")
             if rope_type == "default":  # no scaling: None is how the rest of the code reads it
@@ -82,6 +86,13 @@ class ModelConfig:
                         raise UserError(f"rope_scaling {key} must be > 0, got {self.rope_scaling[key]!r}")
                 if self.rope_scaling["high_freq_factor"] <= self.rope_scaling["low_freq_factor"]:
                     raise UserError("rope_scaling high_freq_factor must be above low_freq_factor")
+            if rope_type == "linear":
+                if "factor" not in self.rope_scaling:
+                    raise UserError("linear rope_scaling is missing ['factor']")
+                if _number(self.rope_scaling["factor"], "rope_scaling factor") <= 0:
+                    raise UserError(f"rope_scaling factor must be > 0, got {self.rope_scaling['factor']!r}")
+            if rope_type == "yarn":
+                _check_yarn(self.rope_scaling)
 
     @property
     def num_query_groups(self) -> int:
@@ -160,7 +171,8 @@ class ModelConfig:
                                 f"transformers reads instead; keep one of them")
         # transformers 5 takes a top-level original_max_position_embeddings over the scaling rule's own
         top_original = hf.get("original_max_position_embeddings")
-        if rope_scaling is not None and top_original is not None:
+        if rope_scaling is not None and top_original is not None \
+                and rope_scaling["rope_type"] in ("llama3", "yarn"):  # the types that read it
             if rope_scaling.setdefault("original_max_position_embeddings", top_original) != top_original:
                 raise UserError(f"original_max_position_embeddings {top_original} differs from the rope scaling's "
                                 f"{rope_scaling['original_max_position_embeddings']} (transformers 5 reads the "
@@ -287,16 +299,41 @@ def read_generation_eos(path: str | Path) -> tuple[int, ...]:
         raise UserError(f"{path}: {e}") from None
 
 
-def rope_inv_freq(config: ModelConfig):
-    """Inverse frequencies [head_dim // 2] in fp32, with Llama-3 frequency scaling when configured."""
+def _check_yarn(s: dict) -> None:
+    """The YaRN keys transformers 5 reads, each a UserError naming it when it cannot mean a rotary embedding.
+    An optional key left out or null takes transformers' default; `factor` null is transformers' DeepSeek rule
+    (max_position_embeddings / original_max_position_embeddings)."""
+    if "factor" not in s:
+        raise UserError("yarn rope_scaling is missing ['factor']")
+    for key in ("factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow"):
+        if s.get(key) is not None and _number(s[key], f"rope_scaling {key}") <= 0:
+            raise UserError(f"rope_scaling {key} must be > 0, got {s[key]!r}")
+    for key in ("mscale", "mscale_all_dim"):  # 0 (as null) means unset to transformers
+        if s.get(key) is not None and _number(s[key], f"rope_scaling {key}") < 0:
+            raise UserError(f"rope_scaling {key} must be >= 0, got {s[key]!r}")
+    if (s.get("beta_fast") or 32) < (s.get("beta_slow") or 1):  # the ramp would run backwards
+        raise UserError(f"rope_scaling beta_fast ({s.get('beta_fast') or 32}) must be at least beta_slow "
+                        f"({s.get('beta_slow') or 1})")
+    if "truncate" in s and not isinstance(s["truncate"], bool):  # transformers reads null as false, absent as true
+        raise UserError(f"rope_scaling truncate must be true or false, got {s['truncate']!r}")
+
+
+def rope_frequencies(config: ModelConfig):
+    """(inverse frequencies [head_dim // 2] in fp32, the factor cos and sin are scaled by), as transformers 5's
+    rope init functions compute them for the config's rope_scaling: the one computation every forward uses."""
     import torch
 
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    if config.rope_scaling is None:
-        return inv_freq
-    # Llama 3.1: long wavelengths are divided by `factor`, short ones kept, the band between interpolated.
     s = config.rope_scaling
+    if s is None:
+        return inv_freq, 1.0
+    rope_type = s.get("rope_type", s.get("type"))
+    if rope_type == "linear":  # positions / factor
+        return inv_freq / s["factor"], 1.0
+    if rope_type == "yarn":
+        return _yarn_frequencies(config, inv_freq)
+    # Llama 3.1: long wavelengths are divided by `factor`, short ones kept, the band between interpolated.
     factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
     old_context = s["original_max_position_embeddings"]
     low_freq_wavelen, high_freq_wavelen = old_context / low, old_context / high
@@ -305,4 +342,51 @@ def rope_inv_freq(config: ModelConfig):
     smooth = (old_context / wavelen - low) / (high - low)
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
-    return torch.where(is_medium, smoothed, scaled)
+    return torch.where(is_medium, smoothed, scaled), 1.0
+
+
+def _yarn_frequencies(config: ModelConfig, inv_freq_extrapolation):
+    """YaRN, step for step as transformers 5's _compute_yarn_parameters: the frequencies that turn fewer than
+    beta_slow times over the original context are interpolated (divided by factor), those that turn more than
+    beta_fast times kept, a linear ramp between; cos and sin are scaled by the attention factor."""
+    import torch
+
+    s, dim, base = config.rope_scaling, config.head_dim, config.rope_theta
+    # transformers 5 fills a missing original_max_position_embeddings with max_position_embeddings
+    original = s.get("original_max_position_embeddings") or config.max_position_embeddings
+    factor = s["factor"]
+    if factor is None:
+        factor = config.max_position_embeddings / original
+    attention_factor = s.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = s.get("mscale"), s.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = float(_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim))
+        else:
+            attention_factor = _yarn_mscale(factor)
+    beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+
+    def correction_dim(num_rotations):  # the dimension that turns num_rotations times over the original context
+        return (dim * math.log(original / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    inv_freq_interpolation = 1.0 / (factor * pos_freqs)
+    extrapolation = 1 - ramp
+    inv_freq = inv_freq_interpolation * (1 - extrapolation) + inv_freq_extrapolation * extrapolation
+    return inv_freq, attention_factor
+
+
+def _yarn_mscale(scale, mscale=1):
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_inv_freq(config: ModelConfig):
+    """Inverse frequencies [head_dim // 2] in fp32 (rope_frequencies' first half)."""
+    return rope_frequencies(config)[0]

@@ -2,7 +2,7 @@
 
 Module and parameter names mirror transformers' (`model.layers.0.self_attn.q_proj.weight`, ...), so a
 checkpoint's state dict loads and saves without renaming. The families differ by three switches in
-ModelConfig: q/k/v biases (Qwen2), q/k RMSNorm (Qwen3), and the RoPE scaling rule (Llama 3).
+ModelConfig: q/k/v biases (Qwen2), q/k RMSNorm (Qwen3), and the RoPE scaling rule (Llama 3, YaRN, linear).
 
 Attention is pluggable: every layer computes q, k, v (after norm and RoPE) and hands them to an
 `attn` object, `attn(layer_idx, q, k, v) -> out`. The default, `PaddedAttention`, is causal SDPA over a
@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from rpo_engine.model.config import ModelConfig, rope_inv_freq
+from rpo_engine.model.config import ModelConfig, rope_frequencies
 
 
 class RMSNorm(nn.Module):
@@ -57,14 +57,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
 class RotaryEmbedding(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        # Not a checkpoint tensor (persistent=False): always recomputed from the config.
-        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        # Not a checkpoint tensor (persistent=False): always recomputed from the config. The attention scaling
+        # (YaRN's; 1.0 for the others) is a plain float, so no device move or dtype cast touches it.
+        inv_freq, self.attention_scaling = rope_frequencies(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype):
         """positions [B, T] -> cos, signed sin [B, T, 1, D] (broadcast over heads), for `apply_rope`: computed in
         fp32, then cast (as transformers does); the sine's first half negated (exact), for the roll."""
         freqs = positions.float().unsqueeze(-1) * self.inv_freq.float()  # [B, T, D/2]
-        cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
+        cos, sin = freqs.cos(), freqs.sin()
+        if self.attention_scaling != 1.0:  # YaRN: in fp32, before the cast, as transformers does
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+        cos, sin = cos.to(dtype), sin.to(dtype)
         return torch.cat((cos, cos), -1).unsqueeze(2), torch.cat((-sin, sin), -1).unsqueeze(2)
 
 
