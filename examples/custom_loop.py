@@ -72,7 +72,7 @@ def main(argv=None):
     reward_fn = load_reward_fn(args.reward) if args.reward else exact_answer_reward
     rows = make_split("train", args.train_size, args.seed)
     # The trainer's encoding: the chat template when the tokenizer has one, else the text (with Llama's BOS).
-    limit = model.config.max_position_embeddings - args.max_completion_length
+    limit = model.config.max_model_len - args.max_completion_length
     prompt_ids = {r["id"]: encode_prompt(tokenizer, r, limit) for r in rows}
     eos = stop_ids(model, tokenizer)
     engine = RolloutEngine(model)  # reads the live weights: what the optimizer changes, the next rollout sees

@@ -41,11 +41,10 @@ SCALED_ROPES = {
 def hf_config(family: str, num_layers: int = 2, **overrides):
     from transformers import AutoConfig
 
-    kwargs = dict(FAMILIES[family])
+    kwargs = dict(FAMILIES[family], num_hidden_layers=num_layers, max_position_embeddings=256, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=0)
     kwargs.update(overrides)
-    model_type = kwargs.pop("model_type")
-    return AutoConfig.for_model(model_type, num_hidden_layers=num_layers, max_position_embeddings=256,
-                                bos_token_id=1, eos_token_id=2, pad_token_id=0, **kwargs)
+    return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
 
 
 def make_hf_model(family: str, seed: int = 0, **overrides):

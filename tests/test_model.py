@@ -403,6 +403,24 @@ def test_config_fields_of_the_wrong_type_or_value_are_named(tmp_path, changes, m
         rpo_engine.load_model(tmp_path)
 
 
+@pytest.mark.parametrize("scaling,expected", [
+    (None, 256),
+    ({"rope_type": "linear", "factor": 3.0}, 768),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}, 512),  # the original, scaled
+    ({"type": "yarn", "factor": 2.5, "original_max_position_embeddings": 200}, 500),
+    ({"rope_type": "yarn", "factor": 2.5, "original_max_position_embeddings": 16}, 256),  # vLLM's 40: the config's
+    ({"rope_type": "yarn", "factor": 4.0}, 1024),  # no original: transformers takes max_position_embeddings
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 32}, 256),  # Llama 3.1 states the scaled context itself
+])
+def test_max_model_len_is_vllms(scaling, expected):
+    from rpo_engine.model.config import ModelConfig
+
+    config = ModelConfig.from_hf_dict(dict(FAMILIES["llama"], num_hidden_layers=1, max_position_embeddings=256,
+                                           rope_scaling=scaling))
+    assert config.max_model_len == expected
+
+
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
 def test_config_defaults_are_transformers(tmp_path, family):
     """Fields a config.json leaves out take transformers' defaults: an untied LM head (Qwen's lm_head.weight

@@ -78,6 +78,22 @@ def test_greedy_with_scaled_rope_matches_transformers(tmp_path, family, rope):
         assert sample.token_ids == hf_greedy(hf, prompt, budget)
 
 
+def test_scaled_rope_context_is_vllms(tmp_path):
+    """A YaRN config's sequences reach its factor times its original context (vLLM's max_model_len), past a
+    max_position_embeddings left at the original, as Qwen's model cards leave it; no further."""
+    scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+    hf = save_hf_checkpoint("qwen2", tmp_path, rope_scaling=scaling, max_position_embeddings=16)
+    model = rpo_engine.load_model(tmp_path, device=DEVICE)
+    assert model.config.max_model_len == 64
+    prompt = random_prompts(hf.config.vocab_size, [20])[0]
+    engine = RolloutEngine(model, block_size=4)
+    (sample,), = engine.generate([prompt], SamplingParams(max_new_tokens=44, temperature=0, stop_token_ids=[]))
+    assert sample.token_ids == hf_greedy(hf, prompt, 44)
+    with pytest.raises(ValueError, match=r"exceed the model's context of 64 tokens \(max_position_embeddings, with "
+                                         r"its rope_scaling\)"):
+        engine.generate([prompt], SamplingParams(max_new_tokens=45))
+
+
 def test_stop_tokens(checkpoints):
     hf, model = checkpoints["qwen2"]
     prompt = random_prompts(hf.config.vocab_size, [7])[0]

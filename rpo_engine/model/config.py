@@ -53,6 +53,21 @@ class ModelConfig:
         return self.eos_token_ids + tuple(t for t in dict.fromkeys(self.generation_eos_token_ids)
                                           if t not in self.eos_token_ids)
 
+    @property
+    def max_model_len(self) -> int:
+        """The longest sequence (prompt + completion) the model takes: max_position_embeddings, or vLLM's
+        scaled context where it is longer: a linear rope_scaling's factor times max_position_embeddings, YaRN's
+        factor times its original context (Qwen's model cards add YaRN to config.json and leave
+        max_position_embeddings at the original 32768). llama3 configs give the scaled context themselves."""
+        s, scaled = self.rope_scaling, 0
+        rope_type = None if s is None else s.get("rope_type", s.get("type"))
+        if rope_type == "linear":
+            scaled = self.max_position_embeddings * s["factor"]
+        if rope_type == "yarn":
+            original = s.get("original_max_position_embeddings") or self.max_position_embeddings
+            scaled = original * (s["factor"] if s["factor"] is not None else self.max_position_embeddings / original)
+        return max(self.max_position_embeddings, int(scaled))
+
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise UserError(f"unsupported model_type {self.model_type!r}; expected one of {SUPPORTED_MODEL_TYPES}")

@@ -4,7 +4,7 @@
 forward, fork fresh prefills into their n samples, sample, append. Each prompt is prefilled once and
 its n samples share its blocks; identical full blocks across the prompts of a call are reused. The
 prefix cache is emptied at the start of every call, because the model may have been trained since.
-Lengths: prompt + max_new_tokens must fit in max_position_embeddings (a ValueError otherwise).
+Lengths: prompt + max_new_tokens must fit in the model's max_model_len (a ValueError otherwise).
 
 Async scheduling (`async_scheduling=True`): a decode step is scheduled and launched before the
 previous step's sampled tokens reach the host; its input ids are those tokens, still on the device,
@@ -99,7 +99,7 @@ class RolloutEngine:
           training shares the GPU; a rollout-only process can ask for 0.9); either default at most
           what max_num_seqs sequences of the model's full context can fill.
         max_num_seqs: sequences decoded together (and the largest CUDA graph).
-        max_num_batched_tokens: tokens per prefill step (default max(8192, max_position_embeddings)).
+        max_num_batched_tokens: tokens per prefill step (default max(8192, the model's max_model_len)).
         attention_backend: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
         use_cuda_graphs: None = on for CUDA + Triton. enable_prefix_sharing=False turns off forks,
           prefix caching and the shared-prefix decode: each sample prefills its own prompt (a baseline).
@@ -150,7 +150,7 @@ class RolloutEngine:
         self.async_scheduling = async_scheduling
         self._inflight: InFlight | None = None
         if max_num_batched_tokens is None:
-            max_num_batched_tokens = max(8192, self.config.max_position_embeddings)
+            max_num_batched_tokens = max(8192, self.config.max_model_len)
         self.merge_lora = merge_lora and bool(lora_modules(model))
         if self.merge_lora:
             refresh_rollout_weights(model)  # allocated before the K/V cache is sized, so counted as in use
@@ -317,7 +317,7 @@ class RolloutEngine:
             raise ValueError(f"params must be one SamplingParams or a list of {len(prompts)} (one per prompt)")
         for p in {id(p): p for p in params}.values():  # again: a SamplingParams' fields may have changed since
             p.validate()
-        vocab, max_len = self.config.vocab_size, self.config.max_position_embeddings
+        vocab, max_len = self.config.vocab_size, self.config.max_model_len
         prompts = list(prompts)
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             if isinstance(prompt, (str, bytes)) or not isinstance(prompt, (list, tuple)) or len(prompt) == 0:
@@ -334,7 +334,8 @@ class RolloutEngine:
                 prompts[i] = prompt = [int(t) for t in prompt]
             if len(prompt) + p.max_new_tokens > max_len:
                 raise ValueError(f"prompt {i}: {len(prompt)} tokens + max_new_tokens {p.max_new_tokens} exceed "
-                                 f"the model's max_position_embeddings {max_len}")
+                                 f"the model's context of {max_len} tokens (max_position_embeddings"
+                                 f"{', with its rope_scaling' if max_len != self.config.max_position_embeddings else ''})")
             cached = len(prompt) + p.max_new_tokens - 1 if p.max_new_tokens else 0  # the last token needs no K/V
             if -(-cached // self.block_size) > self.num_blocks:
                 raise ValueError(f"prompt {i}: {cached} tokens of K/V do not fit the KV cache ({self.num_blocks} "

@@ -61,7 +61,7 @@ class ModelRunner:
         kv_token_bytes = 2 * cfg.num_key_value_heads * cfg.head_dim * elem  # one token's K and V, one layer
         self.cascade_min_saved_tokens = -(-(5 << 18) // kv_token_bytes) if attention_backend == "torch" else 512
         self.block_bytes = 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
-        self.max_blocks_per_seq = -(-cfg.max_position_embeddings // block_size)
+        self.max_blocks_per_seq = -(-cfg.max_model_len // block_size)
         sized_by_default = num_blocks is None and not kv_cache_bytes
         if num_blocks is None:
             num_blocks = (kv_cache_bytes or self._default_kv_bytes(gpu_memory_utilization)) // self.block_bytes
