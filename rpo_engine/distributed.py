@@ -9,7 +9,9 @@ experience cache. The step's prompts are the same list on every rank; rank r rol
 share of them, whole groups only, with its own RolloutEngine. What decides the next move (rewards,
 the cache's pick per group, DAPO's informative groups) is gathered to every rank, so all ranks draw
 the same cuts and cache choices from the same RNG and agree on resample rounds and on updating. The
-update then runs each rank's own groups; gradients are reduced by DDP or FSDP2.
+update then runs each rank's own groups; gradients are reduced by DDP or FSDP2, in fp32 either way: under
+ddp with bf16 weights, not by DDP (its reducer all-reduces the bf16 .grad) but by `Dist.sum_gradients`,
+which sums the optimizer's fp32 masters' gradients once the mini-batch's backwards are done.
 
 Weights for rollout:
 - ddp: every rank holds the full model; the engine reads it live, as in one process.
@@ -44,6 +46,11 @@ from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
 from rpo_engine.errors import UserError
 from rpo_engine.model.shared_prefix import group_logprobs
+from rpo_engine.optim import trains_low_precision
+
+# The most bytes one coalesced collective moves (Dist.sum_gradients, the start-up weight broadcast): a few large
+# flat buffers a step, not one collective a parameter; each is also a temporary copy of what it moves.
+COALESCED_BUCKET_BYTES = 128 * 2**20
 
 
 def no_forward_buffer_sync(ddp_class) -> dict:
@@ -136,6 +143,28 @@ class Dist:
         dist.all_reduce(t, op=op)
         return t.tolist()
 
+    def sums_master_gradients(self, model: nn.Module) -> bool:
+        """ddp with low-precision trained weights (bf16 on a GPU, fp32 masters in the optimizer): the policy is not
+        DDP-wrapped, each backward's gradient is summed into the fp32 masters as in one process, and the trainer
+        all-reduces them with `sum_gradients` after the mini-batch's last backward."""
+        return self.parallel == "ddp" and trains_low_precision(model)
+
+    @torch.no_grad()
+    def sum_gradients(self, params: list[torch.Tensor]) -> None:
+        """Every rank's gradients of `params` (the fp32 masters), summed in fp32 into each rank's .grad. The
+        trainer's loss is normalised over every rank's tokens, so the sum is the global batch's gradient (DDP's
+        mean of world_size-scaled losses, without scaling the bf16 backward). A parameter without a gradient here
+        joins with zeros; one without on every rank keeps None, as in one process. Coalesced into flat buckets,
+        one all-reduce each. Its cost, against DDP's over bf16: not overlapped with the backward (it runs after
+        the last one) and twice the bytes; the price of micro-batches and ranks summing in fp32."""
+        if not self.enabled or not params:
+            return
+        had = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        coalesced(dist.all_reduce, [*grads, had])
+        for p, grad, any_rank in zip(params, grads, had.tolist()):
+            p.grad = grad if any_rank else None
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
@@ -151,6 +180,11 @@ class Dist:
     def wrap(self, model: nn.Module, temperature: float) -> tuple[nn.Module, nn.Module]:
         """(rollout model, policy): the plain module with full weights, and the gradient forward."""
         if self.parallel == "none":
+            return model, PolicyForward(model, temperature)
+        if self.sums_master_gradients(model):
+            # No DDP: it would all-reduce the bf16 gradients (see sum_gradients). What it does at the wrap, start
+            # every rank from rank 0's weights, is done here; buffers (RoPE frequencies) come from the config.
+            coalesced(lambda flat: dist.broadcast(flat, src=0), list(model.parameters()))
             return model, PolicyForward(model, temperature)
         if self.parallel == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -169,6 +203,34 @@ class Dist:
         assert len(sharded) == len(plain)
         for p, q in zip(sharded, plain):
             q.copy_(full_tensor(p))
+
+
+@torch.no_grad()
+def coalesced(collective, tensors: list[torch.Tensor]) -> None:
+    """Run an in-place collective (all_reduce, a broadcast) on `tensors` through flat buffers of one dtype and
+    device, at most COALESCED_BUCKET_BYTES each (a tensor larger than that gets one of its own), written back in
+    place. Every rank must pass tensors of the same shapes, in the same order."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    buckets: dict[tuple, list[torch.Tensor]] = {}  # by (dtype, device)
+    sizes: dict[tuple, int] = {}
+
+    def flush(key):
+        bucket = buckets.pop(key)
+        del sizes[key]
+        flat = _flatten_dense_tensors(bucket)
+        collective(flat)
+        for t, done in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+            t.copy_(done)
+
+    for t in tensors:
+        key = (t.dtype, t.device)
+        if key in buckets and sizes[key] + t.nbytes > COALESCED_BUCKET_BYTES:
+            flush(key)
+        buckets.setdefault(key, []).append(t)
+        sizes[key] = sizes.get(key, 0) + t.nbytes
+    for key in list(buckets):
+        flush(key)
 
 
 @torch.no_grad()

@@ -12,6 +12,8 @@ With `fp32_grad_accumulation`, each backward's bf16 gradient is added into the m
 soon as autograd has it (and the bf16 one dropped), so micro-batches sum in fp32 as Megatron's and
 DeepSpeed's bf16 optimizers sum them: summed in bf16, 6-33 micro-batches lose 0.3-0.5% of the gradient.
 The gradients then live on the masters, which is where clipping must read them (`params_with_gradients`).
+Under `--parallel ddp` too: the trainer then keeps DDP's reducer (which would read and all-reduce each bf16
+.grad) out of it and all-reduces the masters' fp32 gradients itself (distributed.Dist.sum_gradients).
 """
 from __future__ import annotations
 
@@ -46,8 +48,8 @@ class MasterWeightAdamW(torch.optim.AdamW):
                     masters.append(p.detach().float().clone().requires_grad_(p.requires_grad))
             master_groups.append(dict(group, params=masters))
         super().__init__(master_groups, **kwargs)
-        # Off by default: an embedder's own loop that clips model.parameters() would find no gradients there.
-        # Not under DDP either: its reducer reads each bf16 .grad after the hook would have taken it.
+        # Off by default: an embedder's own loop that clips model.parameters() would find no gradients there, and
+        # a DDP reducer would find no bf16 .grad to all-reduce (the trainer's ddp path runs without one).
         self.fp32_grad_accumulation = fp32_grad_accumulation
         if fp32_grad_accumulation:
             for p, m in self.low_precision_pairs():
@@ -177,6 +179,11 @@ def make_adamw(model, lr: float, weight_decay: float, betas=(0.9, 0.99), eps: fl
     decay = [p for p in trained if p.ndim >= 2]
     no_decay = [p for p in trained if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if any(p.dtype != torch.float32 for p in trained):
+    if trains_low_precision(model):
         return MasterWeightAdamW(groups, lr=lr, betas=betas, eps=eps, fp32_grad_accumulation=fp32_grad_accumulation)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+
+
+def trains_low_precision(model) -> bool:
+    """Whether some trained parameter of `model` is not fp32: then make_adamw keeps fp32 masters."""
+    return any(p.requires_grad and p.dtype != torch.float32 for p in model.parameters())

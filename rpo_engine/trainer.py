@@ -107,7 +107,9 @@ class Trainer:
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         # model: full weights, read live by the engine (and evaluated, saved); policy: the gradient
-        # forward, under torchrun wrapped in DDP or FSDP2 (then `model` is a replica of the shards).
+        # forward, under torchrun wrapped in DDP or FSDP2 (then `model` is a replica of the shards), or under ddp
+        # with bf16 weights left plain: the trainer all-reduces their fp32 masters' gradients itself.
+        self.sums_master_gradients = self.dist.sums_master_gradients(model)
         self.model, self.policy = self.dist.wrap(model, config.temperature)
         self.replica_stale = False
         # training prompts by id (the experience cache's key); eval rows by position: the two files' ids may
@@ -130,11 +132,11 @@ class Trainer:
         if self.algo.beta > 0 and not self.lora:
             self.reference = (reference or copy.deepcopy(self.model)).eval().requires_grad_(False)
         # bf16 weights (GPU default) are stepped through fp32 masters inside the optimizer (rpo_engine/optim.py),
-        # their micro-batches' gradients summed in fp32 there (fsdp's fp32 shards sum in fp32 themselves; DDP's
-        # reducer needs the bf16 .grad, so under ddp they sum in bf16)
+        # their micro-batches' gradients summed in fp32 there, and under ddp all-reduced in fp32 from there
+        # (Dist.sum_gradients); fsdp's shards are fp32, summed and reduced in fp32 by FSDP2 (no masters)
         self.optimizer = make_adamw(self.policy, config.learning_rate, config.weight_decay,
                                     (config.adam_beta1, config.adam_beta2), config.adam_epsilon,
-                                    fp32_grad_accumulation=self.dist.parallel == "none")
+                                    fp32_grad_accumulation=True)
         warmup = warmup_length(config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_multiplier(step, config.steps, warmup, config.lr_scheduler_type))
@@ -514,8 +516,10 @@ class Trainer:
         positions = list(range(len(groups))) if positions is None else positions
         batches, counts, M = self.plan_update(self.training_batch(groups), positions, skip_zero_advantage)
         num_real = sum(1 for b in batches if b[3])
-        # DDP and FSDP2 average gradients over ranks; the loss is already normalised globally.
-        grad_scale = self.dist.world_size
+        # The loss is already normalised globally: DDP and FSDP2 average gradients over ranks, so each rank's is
+        # scaled by their number; Dist.sum_gradients (ddp, bf16 weights) sums them, unscaled.
+        grad_scale = 1 if self.sums_master_gradients else self.dist.world_size
+        ddp_reducer = self.dist.parallel == "ddp" and not self.sums_master_gradients
         # Old log-probs need a no-grad pass only when the weights move before a micro-batch runs (several
         # optimizer steps); with one they are the gradient pass's own values, detached.
         moves = algo.num_iterations > 1 or M > 1
@@ -566,7 +570,7 @@ class Trainer:
                 for k in members:
                     (batch, shared, _, real), old_logp, ref_logp = batches[k], old[k], ref[k]
                     # DDP: gradients are all-reduced once, in the mini-batch's last backward
-                    last = k == members[-1] or self.dist.parallel != "ddp"
+                    last = k == members[-1] or not ddp_reducer
                     with contextlib.nullcontext() if last else self.policy.no_sync():
                         logp, mask, *entropy = self.policy(batch, shared, iteration == 0 or bonus)
                         mask = self.loss_mask(batch, mask)  # --mask-truncated-completions
@@ -622,6 +626,8 @@ class Trainer:
                     stats["clip_low_frac"] += st["clip_low_frac"].item() * weight
                     stats["clip_high_frac"] += st["clip_high_frac"].item() * weight
                     stats["kl"] += st["kl_mean"].item() * weight
+                if self.sums_master_gradients:  # every rank's, in fp32, before the norm and the step read them
+                    self.dist.sum_gradients(params_with_gradients(self.optimizer))
                 grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params_with_gradients(self.optimizer),
                                                                        self.config.max_grad_norm or math.inf))
                 step_loss, step_policy_loss = self.dist.sum([step_loss, step_policy_loss])  # every rank skips, or none

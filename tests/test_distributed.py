@@ -297,6 +297,106 @@ def test_fsdp_wrap_never_holds_a_whole_float32_copy(tmp_path):
     torch.multiprocessing.spawn(_shard_on_two_ranks, args=(str(tmp_path / "rendezvous"),), nprocs=2)
 
 
+# A bf16 model's update with several micro-batches a rank (each group its own: the budget fits no two) and no
+# clipping, so the gradient the step reads is the plain sum.
+BF16_UPDATE = ["--dtype", "bfloat16", "--micro-batch-tokens", 24, "--max-grad-norm", 0, "--device", "cpu"]
+
+
+def _bf16_gradients(model_dir, rank=0, world_size=1, rendezvous=None):
+    """The gradients the optimizer's step reads after one bf16 update of 6 groups, on this rank of `world_size`
+    (each rank running its share of the groups), as fp32 tensors; with the number of micro-batches run."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.distributed import Dist
+    from rpo_engine.optim import params_with_gradients
+    from rpo_engine.train import build_trainer
+    from tests.test_train import random_groups
+
+    torch.set_num_threads(1)
+    group = Dist()
+    if world_size > 1:
+        import torch.distributed as dist
+        dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size)
+        group = Dist(rank, world_size, 0, "ddp")
+    trainer = build_trainer(parse_args(["--model", str(model_dir), *map(str, BF16_UPDATE)]), dist=group)
+    share = list(group.share(6))
+    stats = trainer.update([random_groups(0, min_len=1)[i] for i in share], positions=share)
+    grads = [p.grad.float() for p in params_with_gradients(trainer.optimizer)]
+    return grads, stats["num_micro_batches"]
+
+
+def _bf16_gradients_on_two_ranks(rank, rendezvous, model_dir, out):
+    from rpo_engine.distributed import Dist, leave_process
+
+    grads, micro_batches = _bf16_gradients(model_dir, rank, 2, rendezvous)
+    torch.save((grads, micro_batches), out / f"rank{rank}.pt")
+    Dist(rank, 2, 0, "ddp").close()
+    leave_process(0)
+
+
+def test_ddp_sums_bf16_gradients_in_fp32_like_one_process(tiny_model_dir, tmp_path, one_thread):
+    """--parallel ddp with bf16 weights: each rank's micro-batches sum into the fp32 masters and the ranks' sums
+    are all-reduced in fp32, so the step reads what one process's fp32 sum of the same bf16 backwards gives (up
+    to fp32's summation order). DDP's reducer summed and all-reduced them in bf16: ~1e-3 off."""
+    want, micro_batches = _bf16_gradients(tiny_model_dir)
+    # forked: the ranks start with the modules this process has imported (spawned ones took seconds to import)
+    torch.multiprocessing.start_processes(_bf16_gradients_on_two_ranks, nprocs=2, start_method="fork",
+                                          args=(str(tmp_path / "rendezvous"), tiny_model_dir, tmp_path))
+    (got, micro_0), (other, micro_1) = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert micro_batches == micro_0 == micro_1 > 6  # every group alone (a larger one split), whatever the ranks
+    for g, o, w in zip(got, other, want, strict=True):
+        assert torch.equal(g, o)  # every rank steps with the same gradient
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6 * float(w.abs().max()))
+
+
+def _master_gradients_on_two_ranks(rank, rendezvous):
+    """One rank of test_ddp_with_bf16_weights_sums_fp32_master_gradients_itself."""
+    import torch.distributed as dist
+
+    from rpo_engine import distributed
+    from rpo_engine.model import CausalLM, ModelConfig
+    from rpo_engine.optim import make_adamw, params_with_gradients
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    config = ModelConfig.from_hf_dict(dict(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+    torch.manual_seed(rank)  # the ranks start apart: the wrap gives every rank rank 0's weights
+    model = CausalLM(config).init_weights(0.02).bfloat16()
+    group = distributed.Dist(rank, 2, 0, "ddp")
+    assert group.sums_master_gradients(model)
+    _, policy = group.wrap(model, 1.0)
+    assert type(policy) is distributed.PolicyForward  # no DDP reducer to all-reduce the bf16 gradients
+    torch.manual_seed(0)
+    rank_zero = CausalLM(config).init_weights(0.02).bfloat16()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), rank_zero.parameters(), strict=True))
+
+    optimizer = make_adamw(policy, lr=1e-3, weight_decay=0.0, fp32_grad_accumulation=True)
+    masters = params_with_gradients(optimizer)
+    for i, m in enumerate(masters):  # rank 0: every other one has no gradient; rank 1: the last has none either
+        if (rank == 0 and i % 2) or i == len(masters) - 1:
+            continue
+        m.grad = torch.full_like(m, 1 + 2 ** -12 * (rank + 1))  # an fp32 sum of 2 + 3 * 2**-12 (bf16's is 2)
+    calls = []
+    all_reduce = dist.all_reduce
+    dist.all_reduce = lambda t, *a, **k: calls.append(t.numel()) or all_reduce(t, *a, **k)
+    distributed.COALESCED_BUCKET_BYTES = 16 * 1024  # a few buckets for this model's ~10k fp32 gradients
+    group.sum_gradients(masters)
+    for i, m in enumerate(masters[:-1]):
+        assert torch.equal(m.grad, torch.full_like(m, 1 + 2 ** -12 * 2 if i % 2 else 2 + 3 * 2 ** -12)), i
+    assert masters[-1].grad is None  # no rank had one: as in one process, AdamW leaves it be
+    assert 1 < len(calls) < len(masters) and sum(calls) == sum(m.numel() for m in masters) + len(masters)
+    group.close()
+    distributed.leave_process(0)
+
+
+def test_ddp_with_bf16_weights_sums_fp32_master_gradients_itself(tmp_path):
+    """--parallel ddp with bf16 weights has no DDP wrapper (its reducer would sum bf16 .grad): the wrap broadcasts
+    rank 0's weights as DDP's does, and Dist.sum_gradients sums the fp32 masters' gradients over the ranks in a few
+    flat collectives, a rank without a gradient joining with zeros."""
+    torch.multiprocessing.start_processes(_master_gradients_on_two_ranks, args=(str(tmp_path / "rendezvous"),),
+                                          nprocs=2, start_method="fork")
+
+
 def test_ddp_buffer_sync_keyword_follows_the_torch_version():
     """torch 2.13 takes forward_sync_buffers (broadcast_buffers=False is deprecated there); the 2.11 on the
     GPU image knows only broadcast_buffers, and an unknown keyword would stop DDP at construction."""
