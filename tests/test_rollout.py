@@ -74,8 +74,8 @@ def test_greedy_with_scaled_rope_matches_transformers(tmp_path, family, rope):
     prompts, budgets = random_prompts(hf.config.vocab_size, [11, 20]), [30, 24]
     params = [SamplingParams(max_new_tokens=b, temperature=0, stop_token_ids=[]) for b in budgets]
     outs = RolloutEngine(model, block_size=4).generate(prompts, params)
-    for prompt, budget, (sample,) in zip(prompts, budgets, outs):
-        assert sample.token_ids == hf_greedy(hf, prompt, budget)
+    for prompt, budget, (completion,) in zip(prompts, budgets, outs):
+        assert completion.token_ids == hf_greedy(hf, prompt, budget)
 
 
 def test_scaled_rope_context_is_vllms(tmp_path):
@@ -87,8 +87,8 @@ def test_scaled_rope_context_is_vllms(tmp_path):
     assert model.config.max_model_len == 64
     prompt = random_prompts(hf.config.vocab_size, [20])[0]
     engine = RolloutEngine(model, block_size=4)
-    (sample,), = engine.generate([prompt], SamplingParams(max_new_tokens=44, temperature=0, stop_token_ids=[]))
-    assert sample.token_ids == hf_greedy(hf, prompt, 44)
+    (completion,), = engine.generate([prompt], SamplingParams(max_new_tokens=44, temperature=0, stop_token_ids=[]))
+    assert completion.token_ids == hf_greedy(hf, prompt, 44)
     with pytest.raises(ValueError, match=r"exceed the model's context of 64 tokens \(max_position_embeddings, with "
                                          r"its rope_scaling\)"):
         engine.generate([prompt], SamplingParams(max_new_tokens=45))
