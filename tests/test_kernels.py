@@ -7,6 +7,7 @@ chunks the vocabulary when N <= V and the tokens when N > V, so shapes of both k
 With RPO_TEST_DEVICE=cuda every tensor is made on the GPU and the Triton kernels run compiled.
 """
 import math
+import weakref
 
 import pytest
 import torch
@@ -813,3 +814,46 @@ def test_references_and_kernels_by_hand(backend):
     logp, entropy = fused_logprobs(hidden.float(), weight.float(), targets, 2.0, backend=backend, return_entropy=True)
     torch.testing.assert_close(logp.double(), want_logp, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(entropy.double(), want_entropy, rtol=1e-6, atol=1e-6)
+
+
+class _PeakLiveBytes(TorchDispatchMode):
+    """Peak bytes of the storages that aten ops made and that something still references at once (the
+    inputs' storages and their views left out): what a chunked computation really holds, which the largest
+    single tensor (_MaxBytes) does not show when one chunk's buffer outlives the next one's allocation."""
+
+    def __init__(self, *inputs):
+        super().__init__()
+        self.exclude = {t.untyped_storage().data_ptr() for t in inputs}
+        self.live, self.peak = {}, 0  # storage ptr -> [nbytes, weak references to the tensors on it]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.exclude:
+                storage = t.untyped_storage()
+                self.live.setdefault(storage.data_ptr(), [storage.nbytes(), []])[1].append(weakref.ref(t))
+        self.live = {p: e for p, e in self.live.items() if any(r() is not None for r in e[1])}
+        self.peak = max(self.peak, sum(e[0] for e in self.live.values()))
+        return out
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+@pytest.mark.parametrize("n,v", [(64, 2000), (2000, 64)])  # backward by vocabulary slices / by token slices
+def test_torch_logprobs_hold_one_chunk_of_logits_at_once(n, v, with_entropy):
+    """chunk_numel bounds the fp32 logits alive at once, forward and backward, entropy's second buffer included
+    (it halves the chunk), and the chunks fill it: not 2x the bound (a chunk's buffer kept alive while the
+    next is made, or the entropy's two full-size buffers), nor a sliver of it (chunks cut along the wrong axis
+    run hundreds of tiny matmuls). Beyond the chunk: gradient accumulators [N, H] and [V, H], O(N + V) vectors."""
+    h, chunk_numel = 4, 32 * 1024  # 128 KiB of fp32 logits; [N, V] is 500 KiB
+    hidden, weight, targets = _lm_inputs(n, h, v)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    budget, slack = 4 * chunk_numel, 4 * (n + v) * h + 24 * (n + v)  # fp32 accumulators; six fp32 [N] or [V]
+    with _PeakLiveBytes(hidden, weight, targets) as forward:
+        out = fused_logprobs(hidden, weight, targets, backend="torch", chunk_numel=chunk_numel,
+                             return_entropy=with_entropy)
+    loss = (out[0] + 0.1 * out[1] if with_entropy else out).sum()
+    with _PeakLiveBytes(hidden, weight, targets) as backward:
+        loss.backward()
+    for peak in (forward.peak, backward.peak):
+        assert 0.75 * budget <= peak <= budget + slack, (forward.peak, backward.peak, budget, slack)
