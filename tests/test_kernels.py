@@ -7,6 +7,7 @@ chunks the vocabulary when N <= V and the tokens when N > V, so shapes of both k
 With RPO_TEST_DEVICE=cuda every tensor is made on the GPU and the Triton kernels run compiled.
 """
 import math
+import weakref
 
 import pytest
 import torch
@@ -739,3 +740,120 @@ def test_policy_loss_bad_inputs(backend):
         args = dict(logp=logp, old_logp=old_logp, advantages=adv, mask=mask, backend=backend) | override
         with pytest.raises(ValueError, match=match):
             policy_loss(**args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dr_grpo_norm_length_defaults_to_the_padded_length(backend):
+    # Dr.GRPO without norm_length divides each row's token sum by T (the padded length, mask.shape[-1]), not
+    # by B or a row's own length. On-policy every ratio is 1, so each token's loss is -A: row 0 has 3 tokens
+    # with A = 1, row 1 5 tokens with A = -2, row 2 none. B = 3, T = 5: (-3 + 10) / (5 * 2 non-empty rows).
+    logp = torch.randn(3, 5)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    adv = torch.tensor([1.0, -2.0, 0.5])
+    kw = dict(loss_agg="seq-mean-token-sum-norm", backend=backend)
+    loss, _ = policy_loss(logp, logp, adv, mask, **kw)
+    assert loss.item() == pytest.approx(0.7, abs=1e-6)
+    assert torch.equal(loss, policy_loss(logp, logp, adv, mask, norm_length=5, **kw)[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_policy_loss_gradient_scales_with_the_upstream_gradient(backend, level):
+    # The trainer backpropagates a scaled loss (micro-batch shares, loss scaling): logp's gradient must be
+    # the incoming gradient times dloss/dlogp, not dloss/dlogp alone. KL and IS weights on, both levels.
+    logp, old_logp, ref_logp, adv, mask = _policy_inputs()
+    is_weights, grads = torch.rand_like(logp), []
+    for scale in (1.0, -3.0):
+        lp = logp.clone().requires_grad_()
+        loss, _ = policy_loss(lp, old_logp, adv, mask, ref_logp=ref_logp, kl_coef=0.1, ratio_level=level,
+                              is_weights=is_weights, backend=backend)
+        (scale * loss).backward()
+        grads.append(lp.grad)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], -3.0 * grads[0], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_policy_loss_kl_mean_stat_at_both_ratio_levels(backend, level):
+    # kl_mean is the mean k3 over masked tokens whatever the ratio level (GSPO's sequence ratio does not
+    # touch the KL term): checked against the naive per-token k3.
+    logp, old_logp, ref_logp, adv, mask = _policy_inputs()
+    _, stats = policy_loss(logp, old_logp, adv, mask, ref_logp=ref_logp, kl_coef=0.05, ratio_level=level,
+                           backend=backend)
+    want = _naive_stats(logp.double(), old_logp.double(), adv.double(), mask, ref_logp.double(), 0.2, 0.2)["kl_mean"]
+    assert want > 1e-3
+    assert stats["kl_mean"].item() == pytest.approx(want, rel=1e-5)
+
+
+def test_policy_loss_rejects_eps_low_of_one():
+    # eps_low must be < 1 (the lower clip bound 1 - eps_low > 0), on the boundary too; just under it is fine
+    logp, old_logp, _, adv, mask = _policy_inputs(3, 5)
+    with pytest.raises(ValueError, match="eps_low must be < 1"):
+        policy_loss(logp, old_logp, adv, mask, eps_low=1.0, eps_high=1.0, backend="torch")
+    assert torch.isfinite(policy_loss(logp, old_logp, adv, mask, eps_low=0.999, backend="torch")[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_references_and_kernels_by_hand(backend):
+    """The references every other test trusts, against numbers worked by hand (math, not log_softmax): a bug
+    shared by the reference and a backend (temperature multiplied, the wrong axis) would pass every
+    comparison between them. hidden @ weight.T gives the logits [2, 0, -1] and [0, 3, 0]; T = 2."""
+    hidden = torch.tensor([[1.0, 0.0], [0.0, 1.5]], dtype=torch.float64)
+    weight = torch.tensor([[2.0, 0.0], [0.0, 2.0], [-1.0, 0.0]], dtype=torch.float64)
+    targets = torch.tensor([2, 1])
+    want_logp, want_entropy = [], []
+    for logits, t in (([2.0, 0.0, -1.0], 2), ([0.0, 3.0, 0.0], 1)):
+        x = [z / 2.0 for z in logits]
+        lse = math.log(sum(math.exp(z) for z in x))
+        want_logp.append(x[t] - lse)
+        want_entropy.append(-sum(math.exp(z - lse) * (z - lse) for z in x))
+    want_logp, want_entropy = torch.tensor(want_logp, dtype=torch.float64), torch.tensor(want_entropy, dtype=torch.float64)
+    torch.testing.assert_close(logprobs_reference(hidden, weight, targets, 2.0), want_logp, rtol=1e-12, atol=0)
+    torch.testing.assert_close(entropy_reference(hidden, weight, 2.0), want_entropy, rtol=1e-12, atol=0)
+    logp, entropy = fused_logprobs(hidden.float(), weight.float(), targets, 2.0, backend=backend, return_entropy=True)
+    torch.testing.assert_close(logp.double(), want_logp, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(entropy.double(), want_entropy, rtol=1e-6, atol=1e-6)
+
+
+class _PeakLiveBytes(TorchDispatchMode):
+    """Peak bytes of the storages that aten ops made and that something still references at once (the
+    inputs' storages and their views left out): what a chunked computation really holds, which the largest
+    single tensor (_MaxBytes) does not show when one chunk's buffer outlives the next one's allocation."""
+
+    def __init__(self, *inputs):
+        super().__init__()
+        self.exclude = {t.untyped_storage().data_ptr() for t in inputs}
+        self.live, self.peak = {}, 0  # storage ptr -> [nbytes, weak references to the tensors on it]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.exclude:
+                storage = t.untyped_storage()
+                self.live.setdefault(storage.data_ptr(), [storage.nbytes(), []])[1].append(weakref.ref(t))
+        self.live = {p: e for p, e in self.live.items() if any(r() is not None for r in e[1])}
+        self.peak = max(self.peak, sum(e[0] for e in self.live.values()))
+        return out
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+@pytest.mark.parametrize("n,v", [(64, 2000), (2000, 64)])  # backward by vocabulary slices / by token slices
+def test_torch_logprobs_hold_one_chunk_of_logits_at_once(n, v, with_entropy):
+    """chunk_numel bounds the fp32 logits alive at once, forward and backward, entropy's second buffer included
+    (it halves the chunk), and the chunks fill it: not 2x the bound (a chunk's buffer kept alive while the
+    next is made, or the entropy's two full-size buffers), nor a sliver of it (chunks cut along the wrong axis
+    run hundreds of tiny matmuls). Beyond the chunk: gradient accumulators [N, H] and [V, H], O(N + V) vectors."""
+    h, chunk_numel = 4, 32 * 1024  # 128 KiB of fp32 logits; [N, V] is 500 KiB
+    hidden, weight, targets = _lm_inputs(n, h, v)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    budget, slack = 4 * chunk_numel, 4 * (n + v) * h + 24 * (n + v)  # fp32 accumulators; six fp32 [N] or [V]
+    with _PeakLiveBytes(hidden, weight, targets) as forward:
+        out = fused_logprobs(hidden, weight, targets, backend="torch", chunk_numel=chunk_numel,
+                             return_entropy=with_entropy)
+    loss = (out[0] + 0.1 * out[1] if with_entropy else out).sum()
+    with _PeakLiveBytes(hidden, weight, targets) as backward:
+        loss.backward()
+    for peak in (forward.peak, backward.peak):
+        assert 0.75 * budget <= peak <= budget + slack, (forward.peak, backward.peak, budget, slack)

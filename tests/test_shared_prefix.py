@@ -273,3 +273,27 @@ def test_trainer_step_same_with_and_without_sharing(tiny_model_dir, flags, monke
     assert on["entropy"] > 0
     assert on["logprob_mismatch"] < 1e-4  # rollout log-probs equal the shared-prefix training forward's
     assert on["num_micro_batches"] < off["num_micro_batches"]  # the budget counts each prefix once
+
+
+def test_loss_start_must_leave_a_predicting_position():
+    # loss_start 0 would score the first prefix token from row index base - 1: another group's last position
+    # (or the batch's very last, wrapped around); past the prefix it would skip suffix tokens
+    for bad in (0, -1, 4):
+        with pytest.raises(ValueError, match="loss_start must be in"):
+            PrefixGroup([5, 6, 7], [[8]], bad)
+    assert PrefixGroup([5, 6, 7], [[8]], 1).span(0) == 3 and PrefixGroup([5, 6, 7], [[8]], 3).span(0) == 1
+
+
+def test_a_split_group_keeps_each_samples_own_data():
+    """A group over the token budget is split into runs of samples (take): each piece carries the advantages,
+    rollout log-probs and --mask-truncated-completions flags of its own samples, not the first ones'."""
+    suffixes = [[10 + i] * (3 + i) for i in range(5)]
+    group = PrefixGroup([5] * 20, suffixes, 20, advantages=[0.1 * i for i in range(5)],
+                        rollout_logp=[[-0.5 * i] * (3 + i) for i in range(5)], trained=[True, False, True, True, False])
+    pieces = [g for b in micro_batches([group], 30, shared=False) for g in b]
+    assert len(pieces) > 1
+    got = [(s, a, r, g.is_trained(i)) for g in pieces for i, (s, a, r) in
+           enumerate(zip(g.suffix_ids, g.advantages, g.rollout_logp))]
+    want = [(s, group.advantages[i], group.rollout_logp[i], group.trained[i]) for i, s in enumerate(suffixes)]
+    assert sorted(got) == sorted(want)
+    assert all(len(g.trained) == len(g.suffix_ids) for g in pieces)

@@ -175,6 +175,7 @@ def _torch_forward(hidden, weight, targets, temperature, chunk_numel, with_entro
         else:
             sum_exp = x.exp_().sum(-1)  # [C]
         lse[s:e] = row_max.squeeze(1) + sum_exp.log()
+        x = p = None  # freed before the next chunk's logits exist: one chunk at a time, not two
     return lse, tgt_logit, entropy
 
 
@@ -282,6 +283,7 @@ class _FusedLogprobs(torch.autograd.Function):
                 _write_or_accumulate(grad_hidden, rows, grad_x, w_c, accumulate=by_vocab)
             if need_weight:
                 _write_or_accumulate(grad_weight, cols, grad_x.T, h_c, accumulate=not by_vocab)
+            grad_x = None  # freed before the next chunk's logits exist
         grad_hidden = grad_hidden.to(hidden.dtype) if need_hidden else None
         grad_weight = grad_weight.to(weight.dtype) if need_weight else None
         return grad_hidden, grad_weight, None, None, None, None, None
