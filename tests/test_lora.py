@@ -337,3 +337,16 @@ def test_targets_are_kept_in_model_order_and_alpha_must_be_finite(tmp_path, tiny
     load_adapter(model, tmp_path / "a")
     with pytest.raises(UserError, match="alpha must be > 0"):
         apply_lora(rpo_engine.load_model(tiny_model_dir), alpha=float("inf"))
+
+
+def test_merge_of_a_bf16_model_is_computed_in_fp32(tiny_model_dir):
+    """merged_state_dict / merged_weight: W + B A * scaling computed in fp32 and rounded to bf16 once (kills
+    computing B A and the sum in bf16, which rounds twice and gives other weights)."""
+    model = apply_lora(rpo_engine.load_model(tiny_model_dir, dtype=torch.bfloat16), r=4, alpha=8.0,
+                       target_modules="q_proj")
+    randomize_adapters(model)
+    state = merged_state_dict(model)
+    for name, m in lora_modules(model).items():
+        want = (m.weight.float() + (m.lora_B.weight.float() @ m.lora_A.weight.float()) * m.scaling).to(torch.bfloat16)
+        assert state[f"{name}.weight"].dtype == torch.bfloat16
+        assert torch.equal(state[f"{name}.weight"], want), name
