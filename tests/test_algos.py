@@ -539,3 +539,23 @@ def test_trainer_subtracts_the_overlong_penalty_from_the_reward():
     Trainer.shape_rewards(trainer, group, [4, 12, 16], ["a", "b", "c"], [[1.0, 1.0, 0.0]])
     assert group.rewards == pytest.approx([1.0, 0.5, -1.0]) and group.correct == [True, True, False]
     assert group.terms[-1] == pytest.approx([0.0, -0.5, -1.0])
+
+
+def test_partial_accuracy_is_not_a_right_answer_under_length_shaping():
+    """Trainer.shape_rewards: a partial accuracy (0.5) is not a right answer (`is_correct` needs full marks): it
+    is marked wrong and shaped to 0, and takes no share of the right answers' length mean (kills is_correct's
+    `>= 1.0` -> `> 0.0`)."""
+    from types import SimpleNamespace
+
+    from rpo_engine.rewards.answers import is_correct
+    from rpo_engine.trainer import Group, Trainer
+
+    trainer = SimpleNamespace(config=SimpleNamespace(max_completion_length=16, format_reward_weight=0.0),
+                              rpo=SimpleNamespace(length_shaping=True, length_alpha=0.1), reward_weights=[1.0],
+                              algo=SimpleNamespace(overlong_penalty=1.0), overlong_buffer=lambda: 0,
+                              warned_partial_scores=True)
+    group = Group({"id": "p"}, [9], [], [[1] * 10, [1] * 30, [1] * 5], [[]] * 3, ["stop"] * 3)
+    Trainer.shape_rewards(trainer, group, [10, 30, 5], ["a", "b", "c"], [[1.0, 0.5, 0.0]])
+    assert group.correct == [True, False, False]
+    assert group.rewards == pytest.approx([0.5, 0.0, 0.0])
+    assert is_correct(1.0) and not is_correct(0.999) and not is_correct(0.0)

@@ -348,3 +348,35 @@ def test_eval_rows_keep_their_dataset_ids(tmp_path):
     p = _write(tmp_path / "d.jsonl", '{"id": "a", "prompt": "p", "answer": "1"}\n{"prompt": "q", "answer": "2"}\n')
     train, evals = load_rows(parse_args(["--dataset", str(p), "--eval-dataset", str(p)]))
     assert [r["id"] for r in train] == [r["id"] for r in evals] == ["a", "1"]
+
+
+# ----------------------------------------------------------------------------- mutation-audit additions
+
+def test_json_array_after_leading_blank_lines(tmp_path):
+    """A .json file whose array starts after blank lines or spaces is still one array of rows (kills testing
+    data[:1] instead of data.lstrip()[:1])."""
+    p = _write(tmp_path / "lead.json", "\n  \n " + json.dumps([{"prompt": "p", "answer": "a"}, {"prompt": "q", "answer": "b"}]))
+    assert load_dataset_rows(p) == [{"id": "0", "prompt": "p", "answer": "a"}, {"id": "1", "prompt": "q", "answer": "b"}]
+
+
+def test_null_and_boolean_ids(tmp_path):
+    """A null id (a Parquet column with gaps) stands for the row's index (kills dropping `is not None`); a
+    boolean id is refused, not turned into "True" (kills dropping the bool check)."""
+    p = _write(tmp_path / "ids.jsonl", '{"id": null, "prompt": "p", "answer": "a"}\n{"id": "k", "prompt": "q", "answer": "b"}\n')
+    assert [r["id"] for r in load_dataset_rows(p)] == ["0", "k"]
+    msg = _error(_write(tmp_path / "bool.jsonl", '{"prompt": "p", "answer": "a"}\n{"id": true, "prompt": "q", "answer": "b"}\n'))
+    assert ":2:" in msg and "'id' must be a string or an integer, got a boolean" in msg, msg
+
+
+def test_non_finite_answers_are_refused(tmp_path):
+    """Python's json reads NaN and Infinity: such an answer is refused, not written out as "NaN" (kills
+    skipping the isfinite check)."""
+    for token in ("NaN", "Infinity", "-Infinity"):
+        msg = _error(_write(tmp_path / "nf.jsonl", '{"prompt": "p", "answer": "a"}\n{"prompt": "q", "answer": %s}\n' % token))
+        assert ":2:" in msg and "'answer' must be a string" in msg, msg
+
+
+def test_unpaired_surrogate_names_its_character(tmp_path):
+    """The 1-based character of the lone surrogate is named (kills an off-by-one in the position)."""
+    msg = _error(_write(tmp_path / "s.jsonl", '{"prompt": "ab\\ud800c", "answer": "a"}\n'))
+    assert ":1:" in msg and "'prompt' holds '\\ud800' at character 3" in msg, msg

@@ -276,3 +276,77 @@ def test_bad_adapters_are_user_errors(tmp_path, tiny_model_dir, monkeypatch):
         save_adapter(model, tmp_path / "a")
     assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no temporary left behind
+
+
+# ----------------------------------------------------------------------------- mutation-audit additions
+
+def test_adapter_a_is_drawn_as_peft_draws_it(tiny_model_dir):
+    """A ~ U(-1/sqrt(in), 1/sqrt(in)) (nn.Linear's and PEFT's kaiming_uniform(a=sqrt(5))), B = 0 (kills a
+    bound of 1/in, which starts every adapter sqrt(in) times too small)."""
+    import math
+
+    model = apply_lora(rpo_engine.load_model(tiny_model_dir), r=8, alpha=16.0, seed=0)
+    for m in lora_modules(model).values():
+        bound, top = 1 / math.sqrt(m.in_features), m.lora_A.weight.abs().max().item()
+        assert 0.8 * bound < top <= bound, (top, bound)
+        assert torch.count_nonzero(m.lora_B.weight) == 0
+
+
+def test_peft_config_defaults_and_empty_lists(tmp_path, tiny_model_dir):
+    """An adapter_config.json without lora_alpha gets PEFT's default, 8 (kills another default); PEFT's empty
+    modules_to_save / layers_to_transform lists mean none, as null does (kills refusing [])."""
+    model = apply_lora(rpo_engine.load_model(tiny_model_dir), r=2, alpha=4.0, target_modules="q_proj")
+    save_adapter(model, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    del config["lora_alpha"]
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(dict(config, modules_to_save=[], layers_to_transform=[])))
+    loaded = load_adapter(rpo_engine.load_model(tiny_model_dir), tmp_path / "a")
+    assert loaded.lora_settings.alpha == 8.0 and loaded.lora_settings.scaling == 4.0
+
+
+def test_rslora_adapter_loads_as_rslora_into_a_plain_model(tmp_path, tiny_model_dir):
+    """An rsLoRA adapter loaded into a model without adapters keeps alpha / sqrt(r) (kills apply_lora called
+    without use_rslora in load_adapter): same settings, same logits."""
+    model = apply_lora(rpo_engine.load_model(tiny_model_dir), r=4, alpha=8.0, target_modules="q_proj,v_proj",
+                       use_rslora=True)
+    randomize_adapters(model)
+    save_adapter(model, tmp_path / "rs")
+    loaded = load_adapter(rpo_engine.load_model(tiny_model_dir), tmp_path / "rs")
+    assert loaded.lora_settings == model.lora_settings and loaded.lora_settings.scaling == 4.0
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), model(ids))
+
+
+def test_adapter_alpha_must_match_the_runs(tmp_path, tiny_model_dir):
+    """load_adapter into a model with adapters compares alpha too, not only the rank (kills comparing r alone,
+    which would load alpha-4 tensors under this run's alpha-8 scaling)."""
+    save_adapter(apply_lora(rpo_engine.load_model(tiny_model_dir), r=2, alpha=4.0, target_modules="q_proj"), tmp_path / "a")
+    with pytest.raises(UserError, match="adapter has r=2, alpha=4.*this run has r=2, alpha=8"):
+        load_adapter(apply_lora(rpo_engine.load_model(tiny_model_dir), r=2, alpha=8.0, target_modules="q_proj"),
+                     tmp_path / "a")
+
+
+def test_targets_are_kept_in_model_order_and_alpha_must_be_finite(tmp_path, tiny_model_dir):
+    """--lora-target-modules v_proj,q_proj is the same run as q_proj,v_proj: its own saved adapter loads back
+    (kills keeping the user's order, which then differs from the saved config's); an infinite alpha is refused
+    (kills dropping the isfinite check)."""
+    model = apply_lora(rpo_engine.load_model(tiny_model_dir), r=2, alpha=4.0, target_modules="v_proj,q_proj")
+    assert model.lora_settings.target_modules == ("q_proj", "v_proj")
+    save_adapter(model, tmp_path / "a")
+    load_adapter(model, tmp_path / "a")
+    with pytest.raises(UserError, match="alpha must be > 0"):
+        apply_lora(rpo_engine.load_model(tiny_model_dir), alpha=float("inf"))
+
+
+def test_merge_of_a_bf16_model_is_computed_in_fp32(tiny_model_dir):
+    """merged_state_dict / merged_weight: W + B A * scaling computed in fp32 and rounded to bf16 once (kills
+    computing B A and the sum in bf16, which rounds twice and gives other weights)."""
+    model = apply_lora(rpo_engine.load_model(tiny_model_dir, dtype=torch.bfloat16), r=4, alpha=8.0,
+                       target_modules="q_proj")
+    randomize_adapters(model)
+    state = merged_state_dict(model)
+    for name, m in lora_modules(model).items():
+        want = (m.weight.float() + (m.lora_B.weight.float() @ m.lora_A.weight.float()) * m.scaling).to(torch.bfloat16)
+        assert state[f"{name}.weight"].dtype == torch.bfloat16
+        assert torch.equal(state[f"{name}.weight"], want), name

@@ -414,3 +414,78 @@ def test_reward_model_loads_without_a_bar_under_no_progress(reward_model_dir, ca
     assert "Loading weights" not in capfd.readouterr().err and hf_logging.is_progress_bar_enabled()
     RewardModel(str(reward_model_dir))
     assert "Loading weights" in capfd.readouterr().err
+
+
+# ----------------------------------------------------------------------------- mutation-audit additions
+
+def test_math_reward_fast_path_compares_decimals_by_value():
+    """The plain-number fast path keeps a decimal's point: 1.5 is not 15 (kills reading the number without its
+    '.'), and 3.50 is 3.5."""
+    assert math_answer_reward("#### 1.5", "15") == 0.0
+    assert math_answer_reward("#### 3.50", "3.5") == 1.0
+    assert math_answer_reward("#### 12.5 dollars", "125") == 0.0
+
+
+def test_math_reward_reads_after_the_last_think_end():
+    """Only what follows the LAST </think> counts (kills rfind -> find): a box between two thinking blocks is a
+    draft, not the answer."""
+    text = "<think>first try</think> draft \\boxed{5} <think>no, check again</think> The total is 7."
+    assert math_answer_reward(text, "7") == 1.0
+    assert math_answer_reward(text, "5") == 0.0
+
+
+def test_format_reward_final_line_length_limit_and_boxes():
+    # '#### <answer>' with an answer of at most 100 characters (kills {0,99} -> {0,98})
+    assert format_reward("#### " + "9" * 100) == 1.0
+    assert format_reward("#### " + "9" * 101) == 0.0
+    # a box of blanks is an empty answer (kills `content.strip()` -> `content`)
+    assert format_reward("\\boxed{ }") == 0.0 and format_reward("so \\boxed{  }.") == 0.0
+    # the last box of the last line is the answer, earlier ones on it are drafts (kills rfind -> find)
+    assert format_reward("first \\boxed{5}, then corrected: \\boxed{7}") == 1.0
+
+
+def test_user_reward_returning_inf_or_a_numeric_string_is_an_error(tmp_path, monkeypatch):
+    """checked_reward: infinity is no finite score (kills isfinite -> isnan), and a str is no number even when it
+    reads as one (kills float() on strings)."""
+    (tmp_path / "mutaudit_rewards.py").write_text(
+        "import math\n"
+        "def inf(c, a):\n    return math.inf\n"
+        "def numeric_text(c, a):\n    return '1.0'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for fn, why in (("inf", "returned inf (float)"), ("numeric_text", "returned '1.0' (str)")):
+        with pytest.raises(UserError) as e:
+            load_reward_fn(f"mutaudit_rewards:{fn}")("#### 3", "3")
+        assert why in str(e.value) and "expected a finite number" in str(e.value), str(e.value)
+
+
+def test_score_groups_through_a_pool_pairs_each_group_with_its_row():
+    """score_groups' PooledReward path flattens groups of different sizes and pairs each completion with its own
+    group's row (kills pairing every completion with the first row, or mis-reshaping), as the per-group path does.
+    The pool here scores in this process: the pairing is what is tested, not the workers."""
+    from rpo_engine.rewards.answers import score_groups
+    from rpo_engine.rewards.pool import PooledReward
+
+    class InProcessPool:
+        def score(self, index, texts, answers):
+            assert index == 3
+            return [exact_answer_reward(t, a) for t, a in zip(texts, answers)]
+
+    pooled = PooledReward(InProcessPool(), 3, exact_answer_reward)
+    texts = [["#### 1", "#### 2"], ["#### 2"], ["#### 3", "#### 1", "#### 3"]]
+    rows = [{"answer": "1"}, {"answer": "2"}, {"answer": "3"}]
+    expected = [[1.0, 0.0], [1.0], [1.0, 0.0, 1.0]]
+    assert score_groups(pooled, texts, rows) == expected
+    assert score_groups(exact_answer_reward, texts, rows) == expected
+
+
+def test_reward_pool_refuses_texts_and_answers_of_different_lengths():
+    """RewardPool.score checks the lengths before any work is sent (kills dropping the check, which zip would
+    silently truncate); no worker is started for it."""
+    from rpo_engine.rewards.pool import RewardPool
+
+    pool = RewardPool({0: "exact"}, workers=1)
+    try:
+        with pytest.raises(ValueError, match="2 texts for 1 answers"):
+            pool.score(0, ["#### 1", "#### 2"], ["1"])
+    finally:
+        pool.close(wait=False)

@@ -244,3 +244,39 @@ def test_trace_token_lengths_default_config(tok):
     # the hardest problems of the default config stay well inside the budget
     assert len(tok.encode(solve_trace(99999, "+", 99999), add_special_tokens=False)) <= 200
     assert len(tok.encode(solve_trace(99, "*", 99), add_special_tokens=False)) <= 300
+
+
+# --------------------------------------------------------------------------------------------- mutation-audit additions
+
+def test_eval_split_is_one_problem_in_eight():
+    """problem_split puts about 1/EVAL_BUCKETS of the problems in eval (kills swapping the eval and train test,
+    which keeps the splits disjoint but makes eval 7/8 of all problems)."""
+    rng = random.Random(0)
+    problems = [(rng.choice("+*"), rng.randint(10, 99999), rng.randint(10, 99999)) for _ in range(4000)]
+    share = sum(problem_split(op, a, b) == "eval" for op, a, b in problems) / len(problems)
+    assert 0.10 < share < 0.15, share
+
+
+def test_multiplier_digits_follow_their_own_knobs():
+    """The multiplier b is drawn from mul_*_digits_b, the multiplicand a from mul_*_digits_a (kills drawing b
+    with a's knobs)."""
+    cfg = ArithmeticConfig(mul_fraction=1.0, mul_min_digits_a=3, mul_max_digits_a=3, mul_min_digits_b=1,
+                           mul_max_digits_b=1)
+    problems = [_problem(r) for r in make_split("train", 200, seed=0, config=cfg)]
+    assert all(op == "*" and len(str(a)) == 3 and len(str(b)) == 1 for a, op, b in problems)
+
+
+def test_split_ids_count_from_zero():
+    """Ids are "<split>-<index>", the index 0-based and zero-padded (kills an off-by-one in the index)."""
+    assert [r["id"] for r in make_split("eval", 3, seed=0)] == ["eval-000000", "eval-000001", "eval-000002"]
+    assert [r["id"] for r in make_split("train", 2, seed=4)] == ["train-000000", "train-000001"]
+
+
+def test_check_trace_catches_a_carry_into_a_chain_start_and_a_cut_off_end():
+    """check_trace on traces whose every other check passes: a chain that starts with a carry of 1 (kills
+    dropping the carry-in check), and a trace cut off mid-chain with no #### line (kills dropping the end check)."""
+    carried = " 12+34: 2+4+1=07 w7 c0 r7\n1+3: 1+3+0=04 w4 c0 r47\n#### 47"
+    assert any("carry in 1, expected 0" in e for e in check_trace(carried))
+    cut = " 12+34: 2+4+0=06 w6 c0 r6"
+    assert check_trace(cut) == ["end: the last chain stopped before its operands and carry ran out"]
+    assert check_trace(" 12+34: 2+4+0=06 w6 c0 r6\n1+3: 1+3+0=04 w4 c0 r46\n#### 46") == []
