@@ -347,6 +347,13 @@ def test_algo_defaults():
     ({"entropy_coef": -0.1}, r"--entropy-coef must be >= 0, got -0.1"),
     ({"off_policy_mask_threshold": 0.0}, r"--off-policy-mask-threshold must be > 0, got 0.0"),
     ({"use_bias_correction_kl": True}, "--use-bias-correction-kl weights the KL term: it needs --beta > 0"),
+    # an on-policy token's ratio is 1: a mask mode's cap at 0.5 masked every token (a run that trained nothing)
+    ({"importance_sampling_correction": True, "importance_sampling_clip_max": 0.5},
+     r"--importance-sampling-clip-max must be > 1 with --importance-sampling-mode sequence_mask .*, got 0.5"),
+    ({"importance_sampling_correction": True, "importance_sampling_mode": "token_mask", "importance_sampling_clip_max": 1.0},
+     "--importance-sampling-clip-max must be > 1 with --importance-sampling-mode token_mask"),
+    ({"importance_sampling_correction": True, "importance_sampling_mode": "token_truncate",
+      "importance_sampling_clip_max": 0.5}, "--importance-sampling-clip-max must be >= 1 with --importance-sampling-mode token_truncate"),
     ({"loss_type": "vespo", "importance_sampling_level": "sequence"}, "--loss-type vespo weighs each sequence"),
     ({"loss_type": "vespo", "vespo_lambda_neg": -1.0}, "--vespo-lambda-neg must be >= 0"),
     ({"loss_type": "vespo", "delta": 4.0}, "--delta caps the clipped ratio; --loss-type vespo has none"),
