@@ -460,6 +460,9 @@ class TrainConfig:
         _check(self.algo.overlong_buffer is None or self.algo.overlong_buffer <= self.max_completion_length,
                f"--overlong-buffer ({self.algo.overlong_buffer}) must be <= --max-completion-length "
                f"({self.max_completion_length}): it is the last tokens of the budget")
+        if self.algo.algo == "dapo" and self.algo.overlong_buffer is None and self.max_completion_length < 4:
+            _reject_given(self.algo, ("overlong_penalty",), f"with --max-completion-length {self.max_completion_length} "
+                                                            f"(--algo dapo's overlong buffer, a quarter of it, is 0 tokens)")
         # verl refuses it too: the batch never holds more groups than --prompts-per-step (global under torchrun)
         _check(self.algo.ppo_mini_batch_size is None or self.algo.ppo_mini_batch_size <= self.prompts_per_step,
                f"--ppo-mini-batch-size ({self.algo.ppo_mini_batch_size}) does nothing above --prompts-per-step "

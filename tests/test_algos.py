@@ -362,6 +362,8 @@ def test_algo_defaults():
     ({"use_adaptive_entropy": True, "entropy_coef_min": 0.5, "entropy_coef_max": 0.1}, "--entropy-coef-min .0.5."),
     ({"use_adaptive_entropy": True, "entropy_coef_delta": 0.0}, "--entropy-coef-delta must be > 0"),
     ({"algo": "dapo", "delta": 1.25}, r"--delta must be > 1 \+ epsilon_high = 1.28"),
+    ({"algo": "dapo", "max_completion_length": 3, "overlong_penalty": 2.0},  # its buffer, L // 4, is 0
+     r"^--overlong-penalty does nothing with --max-completion-length 3 \(--algo dapo's overlong buffer"),
     ({"reward": "math,"}, "--reward must name one function or a comma-separated list"),
     ({"reward": "auto,math"}, "--reward must name one function or a comma-separated list"),
     ({"reward": "math,m:f", "reward_weights": "1"}, "--reward-weights must be 2 comma-separated number"),
