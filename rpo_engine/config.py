@@ -134,6 +134,9 @@ class RPOConfig:
         _check(self.length_alpha > 0, f"--length-alpha must be > 0, got {self.length_alpha}")
         if not self.length_shaping:
             _reject_given(self, ("length_alpha",), "with --no-length-shaping")
+        if self.rpo_unverified_cut == "full":
+            _reject_given(self, ("rpo_unverified_cut_fraction",),
+                          "with --rpo-unverified-cut full (it regrows a path not verified correct whole)")
 
 
 @dataclass

@@ -377,6 +377,8 @@ def test_algo_defaults():
     ({"bogus": 1}, "unknown option 'bogus'"),
     ({"rpo_cache_policy": "best"}, "--rpo-cache-policy must be one of"),
     ({"rpo_unverified_cut": "random"}, "--rpo-unverified-cut must be one of"),
+    ({"rpo_unverified_cut": "full", "rpo_unverified_cut_fraction": 0.5},  # cut_cached_path never read it
+     r"^--rpo-unverified-cut-fraction does nothing with --rpo-unverified-cut full \(it regrows"),
     ({"lr_scheduler_type": "exponential"}, "--lr-scheduler-type must be one of"),
     ({"adam_beta2": 1.0}, r"--adam-beta1 and --adam-beta2 must be in \[0, 1\)"),
     ({"adam_epsilon": 0}, "--adam-epsilon must be > 0"),
