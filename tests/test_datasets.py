@@ -348,3 +348,16 @@ def test_eval_rows_keep_their_dataset_ids(tmp_path):
     p = _write(tmp_path / "d.jsonl", '{"id": "a", "prompt": "p", "answer": "1"}\n{"prompt": "q", "answer": "2"}\n')
     train, evals = load_rows(parse_args(["--dataset", str(p), "--eval-dataset", str(p)]))
     assert [r["id"] for r in train] == [r["id"] for r in evals] == ["a", "1"]
+
+
+def test_chat_template_kwargs_without_a_chat_template_is_an_error():
+    # the text was encoded as it is and the arguments dropped without a word (the starter model has no template)
+    from types import SimpleNamespace
+
+    from rpo_engine.config import parse_args
+    from rpo_engine.trainer import encode_run_prompts
+
+    tok, model = word_tokenizer(), SimpleNamespace(config=SimpleNamespace(max_position_embeddings=512))
+    config = parse_args(["--max-completion-length", "8", "--chat-template-kwargs", '{"enable_thinking": false}'])
+    with pytest.raises(UserError, match=r"^--chat-template-kwargs does nothing: the tokenizer of the starter model has no chat template$"):
+        encode_run_prompts(tok, [{"id": "r", "prompt": "1+1"}], config, model, "d.jsonl")
