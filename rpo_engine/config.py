@@ -134,6 +134,9 @@ class RPOConfig:
         _check(self.length_alpha > 0, f"--length-alpha must be > 0, got {self.length_alpha}")
         if not self.length_shaping:
             _reject_given(self, ("length_alpha",), "with --no-length-shaping")
+        if self.rpo_unverified_cut == "full":
+            _reject_given(self, ("rpo_unverified_cut_fraction",),
+                          "with --rpo-unverified-cut full (it regrows a path not verified correct whole)")
 
 
 @dataclass
@@ -166,7 +169,7 @@ class AlgoConfig:
     overlong_penalty: float = field(default=1.0, metadata={"help": "reward subtracted at the very end of the overlong buffer"})
     importance_sampling_correction: bool = field(default=False, metadata={"help": "weight each token's surrogate by p_train / p_rollout, the training forward's probability of the token over the one it was sampled with, truncated or masked at --importance-sampling-clip-max (TRL's vllm_importance_sampling_correction, on there by default for vLLM's different kernels); here the rollout reads the trained weights and in fp32 matches the training forward exactly: for bf16 GPU runs and --lora-merged-rollout"})
     importance_sampling_mode: str = field(default="sequence_mask", metadata={"help": f"{IS_MODES} (TRL's names): per token or per sequence (the product of its tokens' ratios); truncate clips the ratio at the cap, mask zeroes it above the cap"})
-    importance_sampling_clip_max: float = field(default=3.0, metadata={"help": "the cap of the importance-sampling ratio (TRL's vllm_importance_sampling_clip_max)"})
+    importance_sampling_clip_max: float = field(default=3.0, metadata={"help": "the cap of the importance-sampling ratio, above the on-policy ratio 1 (TRL's vllm_importance_sampling_clip_max)"})
     delta: float | None = field(default=None, metadata={"help": "two-sided clipping (TRL's name; INTELLECT-2): the ratio of a token with a negative advantage is capped at delta, so one unlikely token cannot make the loss unbounded; must be > 1 + epsilon_high (INTELLECT-2: 4) (default: off)"})
     importance_sampling_level: str = field(default="token", metadata={"help": "token (GRPO: a ratio per token) or sequence (GSPO: one ratio per completion, the exp of its tokens' mean log-ratio, clipped as a token's; the GSPO paper clips at --epsilon 3e-4 --epsilon-high 4e-4) (TRL's name)"})
     top_entropy_quantile: float = field(default=1.0, metadata={"help": "keep in the policy-gradient term (not the KL) only the tokens whose entropy is in this top fraction of the step's, the policy's entropy before the update over every rank's trained tokens with a nonzero advantage (TRL's name; 'Beyond the 80/20 rule' trains on the top 0.2); 1 keeps all; below 1 the update runs one more forward without gradient"})
@@ -245,8 +248,13 @@ class AlgoConfig:
         _check(self.overlong_penalty >= 0, f"--overlong-penalty must be >= 0, got {self.overlong_penalty}")
         _check(self.importance_sampling_mode in IS_MODES,
                f"--importance-sampling-mode must be one of {IS_MODES}, got {self.importance_sampling_mode!r}")
-        _check(self.importance_sampling_clip_max > 0,
-               f"--importance-sampling-clip-max must be > 0, got {self.importance_sampling_clip_max}")
+        # an on-policy token's ratio is 1: a mask mode's cap at or below it drops tokens sampled from the very weights
+        # trained (0.5 masked all of them, a run that trained nothing; 1 about half, by rounding), and a truncate
+        # mode's cap below it scales every token's weight down
+        masks = self.importance_sampling_mode.endswith("mask")
+        _check(self.importance_sampling_clip_max > 1 if masks else self.importance_sampling_clip_max >= 1,
+               f"--importance-sampling-clip-max must be {'> 1' if masks else '>= 1'} with --importance-sampling-mode "
+               f"{self.importance_sampling_mode} (an on-policy token's ratio is 1), got {self.importance_sampling_clip_max}")
         _check(self.multi_objective_aggregation in AGGREGATIONS,
                f"--multi-objective-aggregation must be one of {AGGREGATIONS}, got {self.multi_objective_aggregation!r}")
         _check(self.scale_rewards in SCALE_REWARDS,
@@ -455,6 +463,9 @@ class TrainConfig:
         _check(self.algo.overlong_buffer is None or self.algo.overlong_buffer <= self.max_completion_length,
                f"--overlong-buffer ({self.algo.overlong_buffer}) must be <= --max-completion-length "
                f"({self.max_completion_length}): it is the last tokens of the budget")
+        if self.algo.algo == "dapo" and self.algo.overlong_buffer is None and self.max_completion_length < 4:
+            _reject_given(self.algo, ("overlong_penalty",), f"with --max-completion-length {self.max_completion_length} "
+                                                            f"(--algo dapo's overlong buffer, a quarter of it, is 0 tokens)")
         # verl refuses it too: the batch never holds more groups than --prompts-per-step (global under torchrun)
         _check(self.algo.ppo_mini_batch_size is None or self.algo.ppo_mini_batch_size <= self.prompts_per_step,
                f"--ppo-mini-batch-size ({self.algo.ppo_mini_batch_size}) does nothing above --prompts-per-step "

@@ -58,6 +58,14 @@ def main(argv=None) -> int:
         raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.num_samples > 1 and args.temperature <= 0:
         raise UserError(f"--num-samples {args.num_samples} needs --temperature > 0 (greedy samples are all the same)")
+    if args.temperature == 0:  # greedy takes the most likely token, which every filter keeps: these changed nothing
+        given = [flag for flag, value, default in (("--top-p", args.top_p, 1.0), ("--top-k", args.top_k, 0),
+                                                   ("--min-p", args.min_p, 0.0), ("--seed", args.seed, 0))
+                 if value != default]
+        if given:
+            listed = given[0] if len(given) == 1 else f"{', '.join(given[:-1])} and {given[-1]}"
+            raise UserError(f"{listed} {'does' if len(given) == 1 else 'do'} nothing with --temperature 0 (greedy; "
+                            f"give --temperature > 0 to sample)")
     try:  # before any loading: SamplingParams checks the sampling options
         SamplingParams(n=args.num_samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                        min_p=args.min_p, seed=args.seed)

@@ -101,7 +101,7 @@ def reward_specs(config: TrainConfig) -> list[str]:
 
 def reward_pool(config: TrainConfig, functions: list):
     """--reward-workers N: a RewardPool for those of `functions` (resolved from --reward, in order; the first
-    alone for `resolve_reward`'s) that score one completion a call; None when N is 0 or none does."""
+    alone for `resolve_reward`'s) that score one completion a call; None when N is 0; an error when none does."""
     from rpo_engine.rewards import TRLStyleReward
     from rpo_engine.rewards.model import RewardModel
     from rpo_engine.rewards.pool import RewardPool
@@ -110,7 +110,11 @@ def reward_pool(config: TrainConfig, functions: list):
         return None
     pooled = {i: name for i, (name, fn) in enumerate(zip(reward_specs(config), functions))
               if not isinstance(fn, (TRLStyleReward, RewardModel))}
-    return RewardPool(pooled, config.reward_workers) if pooled else None
+    if not pooled:  # else the workers were asked for and silently never started
+        scored = config.reward if len(functions) > 1 else reward_specs(config)[0]
+        raise UserError(f"--reward-workers does nothing with --reward {scored}: the workers score functions that take "
+                        f"one completion a call, and a TRL-style function or a reward model scores a batch a call")
+    return RewardPool(pooled, config.reward_workers)
 
 
 def resolve_reward(config: TrainConfig):

@@ -347,6 +347,13 @@ def test_algo_defaults():
     ({"entropy_coef": -0.1}, r"--entropy-coef must be >= 0, got -0.1"),
     ({"off_policy_mask_threshold": 0.0}, r"--off-policy-mask-threshold must be > 0, got 0.0"),
     ({"use_bias_correction_kl": True}, "--use-bias-correction-kl weights the KL term: it needs --beta > 0"),
+    # an on-policy token's ratio is 1: a mask mode's cap at 0.5 masked every token (a run that trained nothing)
+    ({"importance_sampling_correction": True, "importance_sampling_clip_max": 0.5},
+     r"--importance-sampling-clip-max must be > 1 with --importance-sampling-mode sequence_mask .*, got 0.5"),
+    ({"importance_sampling_correction": True, "importance_sampling_mode": "token_mask", "importance_sampling_clip_max": 1.0},
+     "--importance-sampling-clip-max must be > 1 with --importance-sampling-mode token_mask"),
+    ({"importance_sampling_correction": True, "importance_sampling_mode": "token_truncate",
+      "importance_sampling_clip_max": 0.5}, "--importance-sampling-clip-max must be >= 1 with --importance-sampling-mode token_truncate"),
     ({"loss_type": "vespo", "importance_sampling_level": "sequence"}, "--loss-type vespo weighs each sequence"),
     ({"loss_type": "vespo", "vespo_lambda_neg": -1.0}, "--vespo-lambda-neg must be >= 0"),
     ({"loss_type": "vespo", "delta": 4.0}, "--delta caps the clipped ratio; --loss-type vespo has none"),
@@ -355,6 +362,8 @@ def test_algo_defaults():
     ({"use_adaptive_entropy": True, "entropy_coef_min": 0.5, "entropy_coef_max": 0.1}, "--entropy-coef-min .0.5."),
     ({"use_adaptive_entropy": True, "entropy_coef_delta": 0.0}, "--entropy-coef-delta must be > 0"),
     ({"algo": "dapo", "delta": 1.25}, r"--delta must be > 1 \+ epsilon_high = 1.28"),
+    ({"algo": "dapo", "max_completion_length": 3, "overlong_penalty": 2.0},  # its buffer, L // 4, is 0
+     r"^--overlong-penalty does nothing with --max-completion-length 3 \(--algo dapo's overlong buffer"),
     ({"reward": "math,"}, "--reward must name one function or a comma-separated list"),
     ({"reward": "auto,math"}, "--reward must name one function or a comma-separated list"),
     ({"reward": "math,m:f", "reward_weights": "1"}, "--reward-weights must be 2 comma-separated number"),
@@ -368,6 +377,8 @@ def test_algo_defaults():
     ({"bogus": 1}, "unknown option 'bogus'"),
     ({"rpo_cache_policy": "best"}, "--rpo-cache-policy must be one of"),
     ({"rpo_unverified_cut": "random"}, "--rpo-unverified-cut must be one of"),
+    ({"rpo_unverified_cut": "full", "rpo_unverified_cut_fraction": 0.5},  # cut_cached_path never read it
+     r"^--rpo-unverified-cut-fraction does nothing with --rpo-unverified-cut full \(it regrows"),
     ({"lr_scheduler_type": "exponential"}, "--lr-scheduler-type must be one of"),
     ({"adam_beta2": 1.0}, r"--adam-beta1 and --adam-beta2 must be in \[0, 1\)"),
     ({"adam_epsilon": 0}, "--adam-epsilon must be > 0"),

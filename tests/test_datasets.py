@@ -380,3 +380,16 @@ def test_unpaired_surrogate_names_its_character(tmp_path):
     """The 1-based character of the lone surrogate is named (kills an off-by-one in the position)."""
     msg = _error(_write(tmp_path / "s.jsonl", '{"prompt": "ab\\ud800c", "answer": "a"}\n'))
     assert ":1:" in msg and "'prompt' holds '\\ud800' at character 3" in msg, msg
+
+
+def test_chat_template_kwargs_without_a_chat_template_is_an_error():
+    # the text was encoded as it is and the arguments dropped without a word (the starter model has no template)
+    from types import SimpleNamespace
+
+    from rpo_engine.config import parse_args
+    from rpo_engine.trainer import encode_run_prompts
+
+    tok, model = word_tokenizer(), SimpleNamespace(config=SimpleNamespace(max_position_embeddings=512))
+    config = parse_args(["--max-completion-length", "8", "--chat-template-kwargs", '{"enable_thinking": false}'])
+    with pytest.raises(UserError, match=r"^--chat-template-kwargs does nothing: the tokenizer of the starter model has no chat template$"):
+        encode_run_prompts(tok, [{"id": "r", "prompt": "1+1"}], config, model, "d.jsonl")

@@ -489,3 +489,15 @@ def test_reward_pool_refuses_texts_and_answers_of_different_lengths():
             pool.score(0, ["#### 1", "#### 2"], ["1"])
     finally:
         pool.close(wait=False)
+
+
+def test_reward_workers_with_nothing_to_pool_is_an_error():
+    # a TRL-style function scores a batch a call, in the trainer's process: the workers were silently never started
+    from rpo_engine.config import parse_args
+    from rpo_engine.errors import UserError
+    from rpo_engine.train import resolve_rewards, reward_pool
+
+    config = parse_args(["--reward", "tests.reward_fns:trl_hash_reward", "--reward-workers", "2"])
+    with pytest.raises(UserError, match="^--reward-workers does nothing with --reward tests.reward_fns:trl_hash_reward: "):
+        reward_pool(config, resolve_rewards(config))
+    assert reward_pool(parse_args(["--reward", "tests.reward_fns:trl_hash_reward"]), resolve_rewards(config)) is None

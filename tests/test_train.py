@@ -1853,6 +1853,18 @@ def test_eval_cli_names_the_model_in_a_run_directory(tmp_path):
             main(["--model", str(given), "--no-progress"])
 
 
+def test_eval_sampling_options_with_greedy_decoding_are_an_error():
+    # greedy decoding (--temperature 0, the default) takes the most likely token, which top-k, top-p and min-p all
+    # keep, and draws nothing: these options were read and silently changed nothing
+    from rpo_engine.errors import UserError
+    from rpo_engine.eval import main
+
+    with pytest.raises(UserError, match=r"^--top-k does nothing with --temperature 0 \(greedy; give --temperature > 0"):
+        main(["--top-k", "3"])
+    with pytest.raises(UserError, match=r"^--top-p, --min-p and --seed do nothing with --temperature 0 "):
+        main(["--top-p", "0.5", "--min-p", "0.1", "--seed", "7", "--temperature", "0"])
+
+
 def test_tokenizer_leaves_the_prompt_length_to_our_check(tmp_path, tiny_model_dir):
     """A tokenizer_config.json's model_max_length below a prompt: transformers' warning would print a line
     before our one-line error (and is wrong about what matters: the model's context)."""
