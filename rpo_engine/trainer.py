@@ -766,8 +766,8 @@ class Trainer:
         if kept:  # every rank updates, or none (a rank with no kept group joins with a zero-weight pass)
             stats = self.update(kept_groups, positions=kept_positions)
         else:  # DAPO found no group with signal within its resampling bound: nothing to learn
-            stats = dict.fromkeys(("loss", "clip_frac", "clip_low_frac", "clip_high_frac", "kl", "grad_norm",
-                                   "num_micro_batches", "prefix_shared_groups"), 0.0)
+            stats = dict.fromkeys(("loss", "clip_frac", "clip_low_frac", "clip_high_frac", "kl", "grad_norm"), 0.0)
+            stats["num_micro_batches"] = stats["prefix_shared_groups"] = 0  # counts, as an update's are
             stats["skipped_updates"] = algo.num_iterations
             stats["entropy"] = stats["logprob_mismatch"] = None  # no token was trained
             if algo.entropy_bonus:

@@ -761,6 +761,7 @@ def test_dapo_dynamic_sampling_is_bounded(tmp_path, tiny_model_dir):
     assert m["num_prompts_sampled"] == 3 * (1 + 3) and m["num_groups_trained"] == 0 and m["skipped_updates"] == 1
     assert m["frac_reward_zero_std"] == 1.0
     assert m["entropy"] is None and m["logprob_mismatch"] is None  # no token was trained, none measured
+    assert type(m["num_micro_batches"]) is int and m["num_micro_batches"] == 0  # a count, as an update's
     # all wrong but told apart by a second reward (a length score): DAPO's rule (acc, the default) drops those
     # groups as it would all-wrong ones; --dynamic-sampling-metric reward keeps them
     dapo = ["--model", tiny_model_dir, "--steps", 1, "--algo", "dapo", "--eval-steps", 0, "--overlong-buffer", 0, *SMALL]
