@@ -448,7 +448,9 @@ class Trainer:
             return None
         logs = torch.clamp(torch.log(is_weights), math.log(1e-8), 20.0)  # [b, span]
         if self.algo.importance_sampling_mode.startswith("sequence"):
-            return logs[:, 0]  # the row's ratio, laid over its tokens
+            # the row's ratio, laid over its tokens; a micro-batch without a scored token (a group of empty
+            # suffixes) has no column to read it from: its rows' ratio is 1
+            return logs[:, :1].sum(-1)
         return (logs * mask).sum(-1)
 
     def off_policy_mask(self, batch: list[PrefixGroup], logp: torch.Tensor, mask: torch.Tensor,

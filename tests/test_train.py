@@ -406,11 +406,13 @@ def test_resume_applies_this_runs_optimizer_options(tiny_model_dir):
     assert decay["lr"] == pytest.approx(3e-4 * lr_multiplier(5, 6, 1, "linear"))
 
 
-@pytest.mark.parametrize("flags", [["--top-entropy-quantile", "0.5"], ["--mask-truncated-completions"]])
+@pytest.mark.parametrize("flags", [["--top-entropy-quantile", "0.5"], ["--mask-truncated-completions"],
+                                   ["--loss-type", "vespo", "--importance-sampling-correction"]])
 @pytest.mark.parametrize("sharing", [True, False])
 def test_a_group_of_empty_suffixes_updates_with_token_selection(tiny_model_dir, monkeypatch, flags, sharing):
     """A micro-batch whose samples generated nothing (a group of empty suffixes, in a batch of its own under a
-    small budget) has a [S, 0] mask: a bool one, so the token selections of these options apply to it."""
+    small budget) has a [S, 0] mask: a bool one, so the token selections of these options apply to it, and
+    VESPO's folded sequence-level importance ratio reads no column of it (an IndexError before)."""
     import rpo_engine.model.shared_prefix as shared_prefix
     from rpo_engine.config import parse_args
     from rpo_engine.train import build_trainer
