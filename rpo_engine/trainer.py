@@ -547,7 +547,7 @@ class Trainer:
         if select:
             threshold = self.entropy_threshold([(b[0], b[1]) for b in batches if b[3]],
                                                [e for b, e in zip(batches, entropies) if b[3]])
-            keep = [entropy >= threshold for entropy in entropies]  # NaN (outside the loss): False
+            keep = [at_or_above(entropy, threshold) for entropy in entropies]  # NaN (outside the loss): False
         bonus = algo.entropy_bonus
         bonus_tokens = [counts[2 * j] for j in range(M)]  # the tokens each mini-batch's entropy is averaged over
         if bonus and select:
@@ -998,6 +998,16 @@ def stop_ids(model, tokenizer) -> list[int]:
         raise UserError(f"{where}: no end-of-sequence token (config.json's or generation_config.json's eos_token_id, "
                         f"or the tokenizer's eos_token); completions could never stop")
     return ids
+
+
+def at_or_above(values: torch.Tensor, threshold: float) -> torch.Tensor:
+    """values >= threshold, a value within a few fp32 ulps below it counted as a tie (--top-entropy-quantile's
+    rule): a group's samples predict their first suffix token from one context, so those entropies tie, and
+    computed in another layout (padded, another micro-batch) they differ in the last bits; a threshold on the
+    tie must keep all of them, whatever the layout. NaN: False."""
+    if not math.isfinite(threshold):
+        return values >= threshold
+    return values >= threshold - 8 * torch.finfo(torch.float32).eps * abs(threshold)
 
 
 def prompt_token_limit(config: TrainConfig, model) -> int:

@@ -1961,3 +1961,18 @@ def test_broken_checkpoint_is_a_user_error(tmp_path, tiny_model_dir):
                          *SMALL, check=False)
         assert_user_error(proc, "trainer_state.pt", "not a checkpoint this rpo_engine can resume")
         assert (out / "metrics.jsonl").read_text() == metrics
+
+
+def test_top_entropy_quantile_counts_last_bit_differences_as_ties():
+    """A group's G samples predict their first suffix token from one context, so those entropies tie; computed in
+    another layout (padded, a sample a micro-batch) they differ in the last bits (5.399603366851807 shared,
+    5.399603843688965 padded, in the update fuzz). A threshold on the tie kept all G shared and a layout-dependent
+    subset padded, so the kept tokens and the loss changed with --no-prefix-sharing and the budget."""
+    from rpo_engine.trainer import at_or_above
+
+    tied, below = 5.399603366851807, 5.399603843688965 * (1 - 1e-5)
+    values = torch.tensor([[tied, 5.399603843688965, below, math.nan]])
+    assert at_or_above(values, 5.399603843688965).tolist() == [[True, True, False, False]]
+    assert at_or_above(values, tied).tolist() == [[True, True, False, False]]
+    assert not at_or_above(values, math.inf).any()  # no token with a policy gradient: none kept
+    assert at_or_above(torch.tensor([-2.0, -2.0 * (1 + 2 ** -22)]), -2.0).tolist() == [True, True]
