@@ -570,6 +570,17 @@ def test_edge_cases_and_bad_input(checkpoints):
         engine.generate([[3, 4]], 5)
 
 
+def test_gpu_memory_utilization_and_seed_bounds(checkpoints):
+    """gpu_memory_utilization outside (0, 1] (5 for 0.5) is named at once, on the CPU too, not a CUDA cache sized past
+    the GPU; a seed is any integer, negative or not, of any size (the sampler keeps its low 64 bits)."""
+    _, model = checkpoints["qwen2"]
+    for value in (0, 5.0, -0.5, float("nan"), "0.5", True):
+        with pytest.raises(ValueError, match="gpu_memory_utilization must be in \\(0, 1\\]"):
+            RolloutEngine(model, num_blocks=8, gpu_memory_utilization=value)
+    assert RolloutEngine(model, num_blocks=8, gpu_memory_utilization=1.0).num_blocks == 8
+    assert SamplingParams(seed=-2 ** 70).seed == -2 ** 70 and SamplingParams(seed=2 ** 70).seed == 2 ** 70
+
+
 def test_stop_tokens_from_an_iterator_and_the_cache_fit_bound(checkpoints):
     """stop_token_ids from a generator are read once, not used up by the check; a completion's last token
     gets no K/V, so a prompt and budget fit when all but that token do, and a budget of 0 needs none."""

@@ -131,6 +131,10 @@ class RolloutEngine:
                             ("max_num_batched_tokens", max_num_batched_tokens)):
             if value is not None and not positive_int(value):
                 raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
+        # checked on the CPU too, where it is unused: a value of 5 (not 0.5) would size a CUDA cache past the GPU
+        if (isinstance(gpu_memory_utilization, bool) or not isinstance(gpu_memory_utilization, numbers.Real)
+                or not 0 < gpu_memory_utilization <= 1):
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
         cuda = model.device.type == "cuda"
         if attention_backend == "auto":
             attention_backend = "triton" if cuda else "torch"

@@ -78,7 +78,7 @@ class SamplingParams:
                     or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids)):
                 raise ValueError(f"SamplingParams.stop_token_ids must be a list of ints or None, got {ids!r}")
             self.stop_token_ids = [int(t) for t in ids]
-        if self.seed is not None and not integer("seed", -2 ** 63):
+        if self.seed is not None and not integer("seed", -math.inf):  # any integer: the sampler keeps its low 64 bits
             raise ValueError(f"SamplingParams.seed must be an integer or None, got {self.seed!r}")
 
 
