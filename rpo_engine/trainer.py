@@ -1014,9 +1014,8 @@ def prompt_token_limit(config: TrainConfig, model) -> int:
     context = model.config.max_model_len
     if config.max_completion_length >= context:
         where = getattr(model, "source_dir", None) or "the model"
-        scaled = ", with its rope_scaling" if context != model.config.max_position_embeddings else ""
         raise UserError(f"--max-completion-length {config.max_completion_length} leaves no room for a prompt in "
-                        f"{where}'s context of {context} tokens (max_position_embeddings{scaled})")
+                        f"{where}'s {model.config.describe_context()}")
     return min(config.max_prompt_length, context - config.max_completion_length)
 
 

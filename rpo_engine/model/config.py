@@ -64,9 +64,14 @@ class ModelConfig:
         if rope_type == "linear":
             scaled = self.max_position_embeddings * s["factor"]
         if rope_type == "yarn":
-            original = s.get("original_max_position_embeddings") or self.max_position_embeddings
-            scaled = original * (s["factor"] if s["factor"] is not None else self.max_position_embeddings / original)
+            original, factor = _yarn_context(self)
+            scaled = original * factor
         return max(self.max_position_embeddings, int(scaled))
+
+    def describe_context(self) -> str:
+        """max_model_len and where it comes from, for the errors of a sequence too long for it."""
+        scaled = ", with its rope_scaling" if self.max_model_len != self.max_position_embeddings else ""
+        return f"context of {self.max_model_len} tokens (max_position_embeddings{scaled})"
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -367,11 +372,7 @@ def _yarn_frequencies(config: ModelConfig, inv_freq_extrapolation):
     import torch
 
     s, dim, base = config.rope_scaling, config.head_dim, config.rope_theta
-    # transformers 5 fills a missing original_max_position_embeddings with max_position_embeddings
-    original = s.get("original_max_position_embeddings") or config.max_position_embeddings
-    factor = s["factor"]
-    if factor is None:
-        factor = config.max_position_embeddings / original
+    original, factor = _yarn_context(config)
     attention_factor = s.get("attention_factor")
     if attention_factor is None:
         mscale, mscale_all_dim = s.get("mscale"), s.get("mscale_all_dim")
@@ -396,6 +397,14 @@ def _yarn_frequencies(config: ModelConfig, inv_freq_extrapolation):
     extrapolation = 1 - ramp
     inv_freq = inv_freq_interpolation * (1 - extrapolation) + inv_freq_extrapolation * extrapolation
     return inv_freq, attention_factor
+
+
+def _yarn_context(config: ModelConfig) -> tuple[int, float]:
+    """YaRN's original context and factor, with transformers 5's defaults: a missing
+    original_max_position_embeddings is max_position_embeddings, a null factor max_position_embeddings over it."""
+    s = config.rope_scaling
+    original = s.get("original_max_position_embeddings") or config.max_position_embeddings
+    return original, s["factor"] if s["factor"] is not None else config.max_position_embeddings / original
 
 
 def _yarn_mscale(scale, mscale=1):

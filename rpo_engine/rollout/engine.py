@@ -338,8 +338,7 @@ class RolloutEngine:
                 prompts[i] = prompt = [int(t) for t in prompt]
             if len(prompt) + p.max_new_tokens > max_len:
                 raise ValueError(f"prompt {i}: {len(prompt)} tokens + max_new_tokens {p.max_new_tokens} exceed "
-                                 f"the model's context of {max_len} tokens (max_position_embeddings"
-                                 f"{', with its rope_scaling' if max_len != self.config.max_position_embeddings else ''})")
+                                 f"the model's {self.config.describe_context()}")
             cached = len(prompt) + p.max_new_tokens - 1 if p.max_new_tokens else 0  # the last token needs no K/V
             if -(-cached // self.block_size) > self.num_blocks:
                 raise ValueError(f"prompt {i}: {cached} tokens of K/V do not fit the KV cache ({self.num_blocks} "
