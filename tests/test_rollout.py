@@ -581,6 +581,23 @@ def test_gpu_memory_utilization_and_seed_bounds(checkpoints):
     assert SamplingParams(seed=-2 ** 70).seed == -2 ** 70 and SamplingParams(seed=2 ** 70).seed == 2 ** 70
 
 
+def test_stop_ids_outside_the_vocabulary_and_switches_that_are_not_bools(checkpoints):
+    """A stop id no logit row has (another tokenizer's) could never stop anything: named, before any work. A
+    switch given as "false" or 0 would be read as truthy or silently: named too."""
+    _, model = checkpoints["qwen2"]
+    engine = RolloutEngine(model, block_size=4, num_blocks=40)
+    V = model.config.vocab_size
+    for ids in ([V], [3, -1], [V + 100]):
+        with pytest.raises(ValueError, match=f"stop_token_ids \\[{ids[-1]}\\] are not in the vocabulary \\[0, {V}\\)"):
+            engine.generate([[5, 6]], SamplingParams(max_new_tokens=2, stop_token_ids=ids))
+    assert engine.stats.prefill_tokens == 0
+    assert len(engine.generate([[5, 6]], SamplingParams(max_new_tokens=2, stop_token_ids=[V - 1]))[0][0].token_ids) >= 1
+    for name in ("enable_prefix_sharing", "triton_cascade", "async_scheduling", "merge_lora", "use_cuda_graphs"):
+        for value in ("false", 0, 1):
+            with pytest.raises(ValueError, match=f"{name} must be (None, )?True or False"):
+                RolloutEngine(model, num_blocks=8, **{name: value})
+
+
 def test_stop_tokens_from_an_iterator_and_the_cache_fit_bound(checkpoints):
     """stop_token_ids from a generator are read once, not used up by the check; a completion's last token
     gets no K/V, so a prompt and budget fit when all but that token do, and a budget of 0 needs none."""

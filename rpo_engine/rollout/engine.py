@@ -125,6 +125,14 @@ class RolloutEngine:
         def positive_int(x):
             return isinstance(x, int) and not isinstance(x, bool) and x >= 1
 
+        # a switch given as a string ("false") or a number would be truthy, and silently turn a feature on
+        for name, value in (("enable_prefix_sharing", enable_prefix_sharing), ("triton_cascade", triton_cascade),
+                            ("async_scheduling", async_scheduling), ("merge_lora", merge_lora)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+        if use_cuda_graphs is not None and not isinstance(use_cuda_graphs, bool):
+            raise ValueError(f"use_cuda_graphs must be None, True or False, got {use_cuda_graphs!r}")
+
         if not all(positive_int(x) for x in (block_size, max_num_seqs)):
             raise ValueError(f"block_size and max_num_seqs must be integers >= 1, got {block_size!r}, {max_num_seqs!r}")
         for name, value in (("num_blocks", num_blocks), ("kv_cache_bytes", kv_cache_bytes),
@@ -319,9 +327,13 @@ class RolloutEngine:
         params = list(params)
         if len(params) != len(prompts) or not all(isinstance(p, SamplingParams) for p in params):
             raise ValueError(f"params must be one SamplingParams or a list of {len(prompts)} (one per prompt)")
+        vocab, max_len = self.config.vocab_size, self.config.max_model_len
         for p in {id(p): p for p in params}.values():  # again: a SamplingParams' fields may have changed since
             p.validate()
-        vocab, max_len = self.config.vocab_size, self.config.max_model_len
+            # an id no row of the logits has can never be sampled, so the run would ignore it (another tokenizer's)
+            outside = [t for t in p.stop_token_ids or () if not 0 <= t < vocab]
+            if outside:
+                raise ValueError(f"SamplingParams.stop_token_ids {outside} are not in the vocabulary [0, {vocab})")
         prompts = list(prompts)
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             if isinstance(prompt, (str, bytes)) or not isinstance(prompt, (list, tuple)) or len(prompt) == 0:
