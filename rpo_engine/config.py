@@ -320,7 +320,7 @@ class AlgoConfig:
 
 @dataclass
 class TrainConfig:
-    model: str | None = field(default=None, metadata={"help": "Hugging Face model directory (default: the built-in starter model)"})
+    model: str | None = field(default=None, metadata={"help": "Hugging Face model directory, or a Hub id (org/name) in the local cache or to download (default: the built-in starter model)"})
     dataset: str | None = field(default=None, metadata={"help": "JSONL/Parquet rows with prompt and answer, or a `datasets` save_to_disk directory (default: the built-in arithmetic task)"})
     shuffle_dataset: bool = field(default=True, metadata={"help": "each epoch in a fresh order, seeded by --seed and the epoch (TRL's name; --no-shuffle-dataset: the dataset's own order, e.g. a curriculum)"})
     train_size: int = field(default=64, metadata={"help": "built-in task: training problems; each recurs every train_size / prompts_per_step steps, where RPO's cache pays off"})

@@ -26,7 +26,8 @@ def main(argv=None) -> int:
     from rpo_engine.trainer import encode_run_prompts, sampled_graded, stop_ids
 
     parser = OneLineParser(prog="python -m rpo_engine.eval", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="Hugging Face model directory (default: the built-in starter model)")
+    parser.add_argument("--model", help="Hugging Face model directory, or a Hub id (org/name) in the local cache or to "
+                                         "download (default: the built-in starter model)")
     parser.add_argument("--adapter", help="a LoRA adapter directory (PEFT's layout, e.g. a run's final-adapter/) applied to "
                                            "--model, the base it was trained on; a run's final/ has its adapter merged "
                                            "in already (default: none)")

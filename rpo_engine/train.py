@@ -221,6 +221,16 @@ def started_model(output: Path, checkpoint: Path):
     return _NO_RECORD
 
 
+def where_model_is(name: str) -> Path:
+    """The directory a --model names (a Hub id: its cached snapshot), resolved; as written where it is gone."""
+    from rpo_engine.model.checkpoint import model_directory
+
+    try:
+        return model_directory(name).resolve()
+    except UserError:  # a full fine-tune resumes from its checkpoint without it
+        return Path(name).resolve()
+
+
 def check_resume(output: Path, checkpoint: Path, config: TrainConfig) -> None:
     """What resuming from `checkpoint` cannot do, said before minutes of loading and before anything is written."""
     from rpo_engine.data.starter import starter_model_dir
@@ -229,7 +239,7 @@ def check_resume(output: Path, checkpoint: Path, config: TrainConfig) -> None:
     if started is not _NO_RECORD and started != config.model:
         # the checkpoint holds the policy (under LoRA its adapter), --model the KL reference (under LoRA the base):
         # another model than the run's own would pair the policy with an unrelated one
-        given, recorded = (Path(m).resolve() if m is not None else starter_model_dir() for m in (config.model, started))
+        given, recorded = (starter_model_dir() if m is None else where_model_is(m) for m in (config.model, started))
         if given != recorded:
             raise UserError(f"{f'--model {config.model}' if config.model else 'no --model (the starter model)'}: the run "
                             f"in {output} started from {started or 'the starter model'}, and a resumed run keeps its "
@@ -500,10 +510,11 @@ def step_or_explain(trainer, config: TrainConfig) -> dict:
                         + ("" if config.use_peft else " or --use-peft")) from None
 
 
-# Options a resumed run may change without changing what it trains (more --steps extends the run); from
+# Options a resumed run may change without changing what it trains (more --steps extends the run; a --model
+# that check_resume let through names the same model, e.g. a Hub id's snapshot directory); from
 # async_scheduling on, how, not what, is computed (step_or_explain tells a run out of GPU memory to change
 # micro_batch_tokens or gradient_checkpointing: resuming with them is no changed run).
-_RESUME_FREE = {"resume", "steps", "output", "config", "progress", "log_completions", "eval_steps", "eval_size",
+_RESUME_FREE = {"resume", "steps", "output", "config", "progress", "log_completions", "eval_steps", "eval_size", "model",
                 "save_steps", "save_total_limit", "dist_timeout", "async_scheduling", "gpu_memory_utilization",
                 "lora_merged_rollout", "parallel", "reward_workers", "micro_batch_tokens", "gradient_checkpointing",
                 "prefix_sharing"}

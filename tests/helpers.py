@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import torch
 
@@ -81,3 +83,14 @@ def check_tables(bm, seqs):
         assert row == s.block_table + [tables.pad] * (tables.width - len(s.block_table))
     for slot in tables.free_slots:
         assert tables.rows[slot].eq(tables.pad).all()
+
+
+def hub_snapshot(cache, repo_id: str, source) -> Path:
+    """Put the model directory `source` into a Hugging Face hub cache at `cache` as `repo_id`'s main revision
+    (the layout huggingface_hub's downloads leave: refs/main names the commit, snapshots/<commit>/ holds the
+    files); -> the snapshot directory."""
+    repo = Path(cache) / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return Path(shutil.copytree(source, repo / "snapshots" / commit))

@@ -271,6 +271,36 @@ def test_missing_directory(tmp_path):
         rpo_engine.load_model(tmp_path / "nope")
 
 
+def test_a_hub_model_id_loads_from_the_local_cache(tmp_path, monkeypatch, tiny_model_dir):
+    """`org/name` (from_pretrained's and TRL's model_name_or_path) is the model in the Hugging Face cache (offline
+    here; online, huggingface_hub brings it up to date or downloads it first); a local directory of that relative
+    name wins, as in from_pretrained; an id in no cache is one error naming it, the cache and why."""
+    import huggingface_hub
+
+    from tests.helpers import hub_snapshot
+
+    cache = tmp_path / "hub"
+    snapshot = hub_snapshot(cache, "org/tiny", tiny_model_dir)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    model = rpo_engine.load_model("org/tiny")
+    assert model.source_dir == snapshot
+    want = rpo_engine.load_model(tiny_model_dir).state_dict()
+    assert all(torch.equal(t, want[k]) for k, t in model.state_dict().items())
+    assert rpo_engine.load_tokenizer("org/tiny").get_vocab() == rpo_engine.load_tokenizer(tiny_model_dir).get_vocab()
+    local = save_hf_checkpoint("qwen2", tmp_path / "cwd" / "org" / "tiny")
+    monkeypatch.chdir(tmp_path / "cwd")
+    assert rpo_engine.load_model("org/tiny").config.vocab_size == local.config.vocab_size != model.config.vocab_size
+    with pytest.raises(UserError, match=f"^org/missing: no such directory, and no Hugging Face Hub model of that name "
+                                        f"in the local cache \\({re.escape(str(cache))}\\) or to download "
+                                        f"\\(HF_HUB_OFFLINE is set\\)$"):
+        rpo_engine.load_model("org/missing")
+    with pytest.raises(UserError, match="^org/missing: no such directory, and no Hugging Face Hub model"):
+        rpo_engine.load_tokenizer("org/missing")
+    with pytest.raises(UserError, match="model directory not found"):  # a path, not an id: never looked up
+        rpo_engine.load_model("org/tiny/extra")
+
+
 def test_config_not_json(tmp_path):
     save_hf_checkpoint("qwen2", tmp_path)
     (tmp_path / "config.json").write_text("{not json")

@@ -148,6 +148,38 @@ def test_resume_drops_cached_paths_of_prompts_that_changed_under_their_id(tiny_m
     assert len(other.cache) == 3
 
 
+def test_a_hub_model_id_trains_and_resumes_from_the_local_cache(tmp_path, tiny_model_dir):
+    """--model org/name: the Hugging Face cache's copy (HF_HUB_OFFLINE here), recorded as the id; the snapshot's
+    directory names the same model on resume (no error, no changed-option warning); an id in no cache is one
+    line, exit 2, nothing written."""
+    import os
+
+    from tests.helpers import hub_snapshot
+
+    cache = tmp_path / "hub"
+    snapshot = hub_snapshot(cache, "org/tiny", tiny_model_dir)
+    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
+
+    def train(*args):
+        return subprocess.run([sys.executable, "-m", "rpo_engine.train", "--no-progress", *map(str, args), *map(str, SMALL),
+                               "--eval-steps", "0"], capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+
+    out = tmp_path / "run"
+    proc = train("--model", "org/tiny", "--steps", 1, "--save-steps", 1, "--output", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["model"] == "org/tiny"
+    import rpo_engine
+
+    assert rpo_engine.load_tokenizer(out / "final").get_vocab() == rpo_engine.load_tokenizer(snapshot).get_vocab()
+    proc = train("--model", snapshot, "--steps", 2, "--resume", "--output", out)
+    assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr[-3000:]
+    assert [m["step"] for m in read_metrics(out)] == [1, 2]
+    proc = train("--model", "org/missing", "--steps", 1, "--output", tmp_path / "other")
+    assert_user_error(proc, "org/missing: no such directory, and no Hugging Face Hub model", str(cache),
+                      "HF_HUB_OFFLINE is set")
+    assert not (tmp_path / "other").exists()
+
+
 def test_resuming_with_other_memory_settings_is_no_changed_run(tmp_path, capsys):
     """A run out of GPU memory is told to lower --micro-batch-tokens or add --gradient-checkpointing: resumed with
     them (or with --no-prefix-sharing, the layout's reference) it trains what it did, so no warning names them;

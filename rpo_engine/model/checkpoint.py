@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -66,13 +67,41 @@ def _weight_files(directory: Path) -> dict[str, Path]:
         raise UserError(f"{single}: not a readable safetensors file ({e})") from None
 
 
+# What a model needs from a Hub repository: config and index JSON, safetensors weights, tokenizer files, a chat
+# template; never the .bin / .pth / .gguf / ONNX copies many repositories also hold (gigabytes we do not read)
+HUB_FILES = ("*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_]")  # org/name, as huggingface_hub validates it
+
+
+def model_directory(path) -> Path:
+    """`path` itself when it exists or is no Hub id; else the Hugging Face Hub model `org/name` resolved as
+    transformers' from_pretrained does: its snapshot in the local cache (HF_HOME / HF_HUB_CACHE), brought up
+    to date or downloaded first where the network allows (HF_HUB_OFFLINE=1: the cache alone). A local
+    directory of the same relative name wins, as in from_pretrained."""
+    directory = Path(path)
+    if directory.exists() or not _HUB_ID.fullmatch(str(path)):
+        return directory
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        return Path(snapshot_download(str(path), allow_patterns=list(HUB_FILES)))
+    except (OSError, ValueError, HfHubHTTPError) as e:
+        cause = e.__cause__ or e  # the request's own error (a ConnectError, a 404) where the cache was tried after it
+        reason = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else
+                  f"{type(cause).__name__}: {(str(cause).strip() or '-').splitlines()[0]}")
+        raise UserError(f"{path}: no such directory, and no Hugging Face Hub model of that name in the local cache "
+                        f"({constants.HF_HUB_CACHE}) or to download ({reason})") from None
+
+
 def load_model(path, dtype=None, device=None) -> CausalLM:
-    """Load a Llama / Qwen2 / Qwen3 checkpoint directory.
+    """Load a Llama / Qwen2 / Qwen3 checkpoint directory, or a Hub model id (`Qwen/Qwen2.5-0.5B-Instruct`:
+    the local cache's copy, downloaded first where missing; `model_directory`).
 
     dtype None (or "auto", transformers' spelling) keeps the dtype the weights are stored in; device None means
     CPU. The model comes back in train mode (it has no dropout, so eval mode changes nothing).
     """
-    directory = Path(path)
+    directory = model_directory(path)
     if not directory.is_dir():
         raise UserError(f"{directory}: model directory not found")
     config = ModelConfig.from_file(directory / "config.json")
@@ -163,8 +192,8 @@ def save_pretrained(model: CausalLM, directory, tokenizer=None) -> None:
 
 
 def load_tokenizer(path):
-    """A transformers tokenizer from a model directory (tokenizer.json and friends)."""
-    directory = Path(path)
+    """A transformers tokenizer from a model directory (tokenizer.json and friends) or a Hub model id."""
+    directory = model_directory(path)
     if not directory.is_dir():
         raise UserError(f"{directory}: tokenizer directory not found")
     if not any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
