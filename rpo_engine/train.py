@@ -86,8 +86,8 @@ def resolve_rewards(config: TrainConfig, device: torch.device | None = None, fir
         elif ":" in name:
             function = reward_function(name)  # imported: a later entry's mistake is named with first_only too
         else:
-            raise UserError(f"--reward must be exact, math, module:function or a reward model directory (or a "
-                            f"comma-separated list), got {name!r}")
+            raise UserError(f"--reward must be exact, math, module:function or a reward model directory or Hub id "
+                            f"(or a comma-separated list), got {name!r}")
         if i == 0 or not first_only:
             functions.append(function)
     return functions

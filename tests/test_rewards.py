@@ -315,6 +315,26 @@ def test_reward_model_mistakes_are_one_line_errors(tmp_path, reward_model_dir, t
         resolve_rewards(config_from_dict({"reward": f"exact,{tmp_path / 'missing'}"}))
 
 
+def test_reward_model_by_hub_id(tmp_path, monkeypatch, reward_model_dir):
+    """--reward math,org/rm: the reward model in the Hugging Face cache (TRL takes a model id among its
+    reward_funcs), scoring as its directory does, named rewards/rm/mean; an id in no cache names itself."""
+    import huggingface_hub
+
+    from rpo_engine.config import config_from_dict
+    from rpo_engine.train import resolve_rewards
+    from tests.helpers import hub_snapshot
+
+    hub_snapshot(tmp_path / "hub", "org/rm", reward_model_dir)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    (_, by_id), (_, by_dir) = (resolve_rewards(config_from_dict({"reward": f"exact,{rm}"}))
+                               for rm in ("org/rm", reward_model_dir))
+    rows, texts = [{"prompt": "12+3=", "answer": "15"}], [" 15"]
+    assert by_id.__name__ == "rm" and by_id.score(texts, rows) == by_dir.score(texts, rows)
+    with pytest.raises(UserError, match="^org/missing: no such directory, and no Hugging Face Hub model"):
+        resolve_rewards(config_from_dict({"reward": "exact,org/missing"}))
+
+
 def test_reward_model_adds_its_weighted_score_in_training(reward_model_dir, tiny_model_dir):
     """--reward fn,RM_DIR --reward-weights 1,0.5: each completion's reward is its accuracy plus half the reward
     model's logit on it; the metric rewards/<model>/mean is the model's mean score."""

@@ -17,8 +17,11 @@ from rpo_engine.errors import UserError
 
 
 def is_reward_model_dir(name: str) -> bool:
-    """Whether a --reward entry names a model directory (a config.json inside) rather than a function."""
-    return (Path(name) / "config.json").is_file()
+    """Whether a --reward entry names a model directory (a config.json inside), or a Hub model id (`org/name`,
+    as TRL's reward_funcs take it) found in the cache or downloaded, rather than a function."""
+    from rpo_engine.model.checkpoint import model_directory
+
+    return (model_directory(name) / "config.json").is_file()
 
 
 class RewardModel:
@@ -30,7 +33,9 @@ class RewardModel:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
-        directory = Path(path)
+        from rpo_engine.model.checkpoint import model_directory
+
+        directory = model_directory(path)  # a Hub id: its snapshot in the cache
         try:
             config = json.loads((directory / "config.json").read_text())
         except (OSError, ValueError) as e:
@@ -55,7 +60,8 @@ class RewardModel:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.to(device).eval().requires_grad_(False)
         self.device, self.batch_size = torch.device(device), batch_size
-        self.__name__ = directory.resolve().name  # the metric's name: rewards/<name>/mean (TRL: the model's)
+        # the metric's name: rewards/<name>/mean (TRL: the model's); a Hub id's name, not its snapshot's hash
+        self.__name__ = (directory.resolve() if directory == Path(path) else Path(path)).name
 
     def texts(self, completions: list[str], rows: list[dict]) -> list[str]:
         """What the reward model reads: prompt + completion, a conversation through its chat template."""
