@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from rpo_engine.errors import UserError
+from rpo_engine.hub import hub_snapshot, is_hub_id
 from rpo_engine.model.atomic import replacing_directory
 from rpo_engine.model.config import ModelConfig, read_generation_eos, rope_inv_freq
 from rpo_engine.model.decoder import CausalLM
@@ -70,28 +70,12 @@ def _weight_files(directory: Path) -> dict[str, Path]:
 # What a model needs from a Hub repository: config and index JSON, safetensors weights, tokenizer files, a chat
 # template; never the .bin / .pth / .gguf / ONNX copies many repositories also hold (gigabytes we do not read)
 HUB_FILES = ("*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja")
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_]")  # org/name, as huggingface_hub validates it
 
 
 def model_directory(path) -> Path:
-    """`path` itself when it exists or is no Hub id; else the Hugging Face Hub model `org/name` resolved as
-    transformers' from_pretrained does: its snapshot in the local cache (HF_HOME / HF_HUB_CACHE), brought up
-    to date or downloaded first where the network allows (HF_HUB_OFFLINE=1: the cache alone). A local
-    directory of the same relative name wins, as in from_pretrained."""
-    directory = Path(path)
-    if directory.exists() or not _HUB_ID.fullmatch(str(path)):
-        return directory
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError
-
-    try:
-        return Path(snapshot_download(str(path), allow_patterns=list(HUB_FILES)))
-    except (OSError, ValueError, HfHubHTTPError) as e:
-        cause = e.__cause__ or e  # the request's own error (a ConnectError, a 404) where the cache was tried after it
-        reason = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else
-                  f"{type(cause).__name__}: {(str(cause).strip() or '-').splitlines()[0]}")
-        raise UserError(f"{path}: no such directory, and no Hugging Face Hub model of that name in the local cache "
-                        f"({constants.HF_HUB_CACHE}) or to download ({reason})") from None
+    """`path` itself, or where it is a Hub id (`Qwen/Qwen2.5-0.5B-Instruct`) and no local path, its snapshot in
+    the Hugging Face cache (rpo_engine.hub): only the JSON, safetensors and tokenizer files."""
+    return hub_snapshot(str(path), "model", HUB_FILES) if is_hub_id(path) else Path(path)
 
 
 def load_model(path, dtype=None, device=None) -> CausalLM:
