@@ -22,8 +22,9 @@ setup(
     ],
     extras_require={
         # peft: the LoRA tests load our adapters in PEFT and PEFT's in ours (pure Python); pytest-xdist: the
-        # README's `-n 2` runs the suite in two processes (most tests use one core: 8 minutes instead of 12)
-        "test": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark", "peft>=0.13"],
+        # README's `-n 2` runs the suite in two processes (most tests use one core: 8 minutes instead of 12);
+        # datasets: Hub datasets are read through it (an optional dependency of a run, tested here)
+        "test": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark", "peft>=0.13", "datasets"],
         "gpu": ["flash-attn", "xformers"],
         # benchmarks/bench_trl.py (the TRL peer). Install torch first: with a torch present pip keeps it.
         "bench": ["trl>=1.16", "datasets", "accelerate"],

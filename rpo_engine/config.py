@@ -321,10 +321,15 @@ class AlgoConfig:
 @dataclass
 class TrainConfig:
     model: str | None = field(default=None, metadata={"help": "Hugging Face model directory, or a Hub id (org/name) in the local cache or to download (default: the built-in starter model)"})
-    dataset: str | None = field(default=None, metadata={"help": "JSONL/Parquet rows with prompt and answer, or a `datasets` save_to_disk directory (default: the built-in arithmetic task)"})
+    dataset: str | None = field(default=None, metadata={"help": "JSONL/Parquet rows with prompt and answer, a `datasets` save_to_disk directory, or a Hugging Face Hub dataset id (org/name, in the local cache or to download; needs `datasets`) (default: the built-in arithmetic task)"})
     shuffle_dataset: bool = field(default=True, metadata={"help": "each epoch in a fresh order, seeded by --seed and the epoch (TRL's name; --no-shuffle-dataset: the dataset's own order, e.g. a curriculum)"})
     train_size: int = field(default=64, metadata={"help": "built-in task: training problems; each recurs every train_size / prompts_per_step steps, where RPO's cache pays off"})
-    eval_dataset: str | None = field(default=None, metadata={"help": "held-out rows for eval (default: the built-in task's eval split, or none)"})
+    eval_dataset: str | None = field(default=None, metadata={"help": "held-out rows for eval, as --dataset takes them (default: the built-in task's eval split, or none)"})
+    dataset_config: str | None = field(default=None, metadata={"help": "a Hub dataset's configuration, e.g. main for openai/gsm8k (TRL's name)"})
+    dataset_train_split: str = field(default="train", metadata={"help": "the split of a Hub --dataset to train on (TRL's name)"})
+    dataset_test_split: str = field(default="test", metadata={"help": "the split of a Hub --eval-dataset to evaluate on (TRL's name)"})
+    dataset_prompt_column: str = field(default="prompt", metadata={"help": "the dataset field read as the prompt, e.g. question (GSM8K)"})
+    dataset_answer_column: str = field(default="answer", metadata={"help": "the dataset field read as the reference answer"})
     output: str = field(default="runs/default", metadata={"help": "output directory (metrics.jsonl, checkpoints, final/)"})
     resume: bool = field(default=False, metadata={"help": "resume from the latest checkpoint in --output"})
     config: str | None = field(default=None, metadata={"help": "YAML file of options (flags override it)"})
@@ -455,6 +460,7 @@ class TrainConfig:
             _reject_given(self, ("chat_template_kwargs",), "with --no-chat-template")
         if self.dataset is not None:
             _reject_given(self, ("train_size",), "with --dataset (it sizes the built-in task)")
+        self.check_dataset_options()
         if self.lr_scheduler_type == "constant" and self.warmup_ratio:  # 0 (TRL's default) says what constant does
             _reject_given(self, ("warmup_ratio",), "with --lr-scheduler-type constant (constant_with_warmup warms up)")
         _check(not (self.lr_scheduler_type == "constant" and self.warmup_steps),
@@ -474,6 +480,22 @@ class TrainConfig:
             # a --dataset run evaluates only on --eval-dataset: without it these ran no eval at all, silently
             _reject_given(self, ("eval_steps", "eval_size"),
                           "without --eval-dataset (a --dataset run has no eval set of its own)")
+
+
+    def check_dataset_options(self) -> None:
+        """The options that say how to read --dataset / --eval-dataset, given where they read nothing."""
+        from rpo_engine.hub import is_hub_id
+
+        if self.dataset is None and self.eval_dataset is None:
+            _reject_given(self, ("dataset_prompt_column", "dataset_answer_column"),
+                          "without --dataset or --eval-dataset (the built-in task has its own fields)")
+        hub_train, hub_eval = is_hub_id(self.dataset), is_hub_id(self.eval_dataset)
+        if not (hub_train or hub_eval):
+            _reject_given(self, ("dataset_config",), "without a Hub --dataset or --eval-dataset (org/name)")
+        if not hub_train:
+            _reject_given(self, ("dataset_train_split",), "without a Hub --dataset (org/name)")
+        if not hub_eval:
+            _reject_given(self, ("dataset_test_split",), "without a Hub --eval-dataset (org/name)")
 
 
 SECTIONS = {"rpo": RPOConfig, "algo": AlgoConfig}
@@ -530,7 +552,7 @@ class OneLineParser(argparse.ArgumentParser):
 TRL_EQUIVALENTS = {
     "max_steps": "is --steps here", "num_train_epochs": "is --steps here (a run is sized in steps)",
     "output_dir": "is --output here", "model_name_or_path": "is --model here",
-    "dataset_name": "is --dataset here (a JSONL or Parquet file, or a save_to_disk directory)",
+    "dataset_name": "is --dataset here (a JSONL or Parquet file, a save_to_disk directory or a Hub id)",
     "reward_funcs": "is --reward here (comma-separated, or a YAML list)",
     "per_device_train_batch_size": "is --prompts-per-step here, which counts prompts, not completions",
     "generation_batch_size": "is --prompts-per-step here, which counts prompts, not completions",

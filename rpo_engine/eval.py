@@ -31,7 +31,14 @@ def main(argv=None) -> int:
     parser.add_argument("--adapter", help="a LoRA adapter directory (PEFT's layout, e.g. a run's final-adapter/) applied to "
                                            "--model, the base it was trained on; a run's final/ has its adapter merged "
                                            "in already (default: none)")
-    parser.add_argument("--dataset", help="JSONL/Parquet rows with prompt and answer, or a `datasets` save_to_disk directory (default: the built-in task's eval split of seed 0, the default training run's)")
+    parser.add_argument("--dataset", help="JSONL/Parquet rows with prompt and answer, a `datasets` save_to_disk directory, "
+                                           "or a Hugging Face Hub dataset id (org/name; needs `datasets`) (default: the "
+                                           "built-in task's eval split of seed 0, the default training run's)")
+    # as in training: how to read --dataset (a Hub one's configuration and split; the fields of prompt and answer)
+    parser.add_argument("--dataset-config", help="a Hub dataset's configuration, e.g. main for openai/gsm8k")
+    parser.add_argument("--dataset-test-split", help="the split of a Hub --dataset to evaluate (default: test)")
+    parser.add_argument("--dataset-prompt-column", help="the field read as the prompt, e.g. question (default: prompt)")
+    parser.add_argument("--dataset-answer-column", help="the field read as the reference answer (default: answer)")
     parser.add_argument("--eval-size", type=int, default=512, help="most rows to evaluate (default: 512)")
     parser.add_argument("--max-prompt-length", type=int, default=512,
                         help="longest prompt in tokens, as in training; longer is an error (default: 512)")
@@ -86,12 +93,18 @@ def main(argv=None) -> int:
         raise UserError(f"{output.parent}: no such directory (--output {output})")
 
     # The same option checks and loaders as training: the dataset is the eval set here.
-    config = config_from_dict({"model": args.model, "eval_dataset": args.dataset, "eval_size": args.eval_size,
-                               "max_prompt_length": args.max_prompt_length,
-                               "max_completion_length": args.max_completion_length, "reward": args.reward,
-                               "device": args.device, "chat_template": not args.no_chat_template,
-                               "chat_template_kwargs": args.chat_template_kwargs,
-                               "reward_workers": args.reward_workers})
+    try:
+        config = config_from_dict({"model": args.model, "eval_dataset": args.dataset, "eval_size": args.eval_size,
+                                   "max_prompt_length": args.max_prompt_length,
+                                   "max_completion_length": args.max_completion_length, "reward": args.reward,
+                                   "device": args.device, "chat_template": not args.no_chat_template,
+                                   "chat_template_kwargs": args.chat_template_kwargs,
+                                   "reward_workers": args.reward_workers,
+                                   **{key: getattr(args, key) for key in ("dataset_config", "dataset_test_split",
+                                                                         "dataset_prompt_column", "dataset_answer_column")
+                                      if getattr(args, key) is not None}})
+    except UserError as e:  # training's words: its --eval-dataset is --dataset here
+        raise UserError(re.sub(r"(--dataset or )?--eval-dataset", "--dataset", str(e))) from None
     device, dtype = resolve_device(config)
     if config.model is None:
         from rpo_engine.data.starter import ensure_starter_model

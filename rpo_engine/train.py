@@ -48,13 +48,15 @@ def load_rows(config: TrainConfig) -> tuple[list[dict], list[dict]]:
     from rpo_engine.data.arithmetic import make_split
     from rpo_engine.data.datasets import load_dataset_rows
 
+    columns = dict(prompt_column=config.dataset_prompt_column, answer_column=config.dataset_answer_column,
+                   config_name=config.dataset_config)
     if config.dataset is None:
         train = make_split("train", config.train_size, config.seed)
     else:
-        train = load_dataset_rows(config.dataset)
+        train = load_dataset_rows(config.dataset, split=config.dataset_train_split, **columns)
     # Eval: the given file, else the built-in task's held-out split (only when training on it), else none.
     if config.eval_dataset:
-        eval_rows = load_dataset_rows(config.eval_dataset)[:config.eval_size]
+        eval_rows = load_dataset_rows(config.eval_dataset, split=config.dataset_test_split, **columns)[:config.eval_size]
     elif config.dataset is None:
         eval_rows = make_split("eval", config.eval_size, config.seed)
     else:

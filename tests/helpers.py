@@ -85,11 +85,11 @@ def check_tables(bm, seqs):
         assert tables.rows[slot].eq(tables.pad).all()
 
 
-def hub_snapshot(cache, repo_id: str, source) -> Path:
-    """Put the model directory `source` into a Hugging Face hub cache at `cache` as `repo_id`'s main revision
-    (the layout huggingface_hub's downloads leave: refs/main names the commit, snapshots/<commit>/ holds the
-    files); -> the snapshot directory."""
-    repo = Path(cache) / f"models--{repo_id.replace('/', '--')}"
+def hub_snapshot(cache, repo_id: str, source, repo_type: str = "model") -> Path:
+    """Put the directory `source` (a model's, or a dataset repository's) into a Hugging Face hub cache at `cache`
+    as `repo_id`'s main revision (the layout huggingface_hub's downloads leave: refs/main names the commit,
+    snapshots/<commit>/ holds the files); -> the snapshot directory."""
+    repo = Path(cache) / f"{repo_type}s--{repo_id.replace('/', '--')}"
     commit = "0123456789abcdef0123456789abcdef01234567"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)

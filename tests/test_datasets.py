@@ -1,5 +1,6 @@
 """Loading user datasets (JSONL / Parquet / `datasets` directories) and their one-line errors."""
 import json
+import re
 import sys
 
 import pytest
@@ -94,9 +95,9 @@ def test_float_answers_are_written_out_and_math_columns_named(tmp_path):
     # 18.0: an integer column with a gap is float in pandas/Parquet; "18.0" failed --reward exact on "18"
     assert [r["answer"] for r in load_dataset_rows(p)] == ["0.00001", "100000000000000000000", "0.5", "18"]
     p = _write(tmp_path / "math.jsonl", '{"problem": "p", "solution": "s"}\n')  # MATH's columns
-    assert "rename 'problem' to 'prompt'?" in _error(p)
+    assert "rename 'problem' to 'prompt', or pass --dataset-prompt-column problem?" in _error(p)
     p = _write(tmp_path / "gsm.jsonl", '{"prompt": "p", "solution": "s"}\n')
-    assert "rename 'solution' to 'answer'?" in _error(p)
+    assert "rename 'solution' to 'answer', or pass --dataset-answer-column solution?" in _error(p)
 
 
 def test_empty_files(tmp_path):
@@ -393,3 +394,128 @@ def test_chat_template_kwargs_without_a_chat_template_is_an_error():
     config = parse_args(["--max-completion-length", "8", "--chat-template-kwargs", '{"enable_thinking": false}'])
     with pytest.raises(UserError, match=r"^--chat-template-kwargs does nothing: the tokenizer of the starter model has no chat template$"):
         encode_run_prompts(tok, [{"id": "r", "prompt": "1+1"}], config, model, "d.jsonl")
+
+
+# ---- Hugging Face Hub datasets and the columns read as prompt and answer ----------------------------
+
+GSM8K_CARD = """---
+configs:
+- config_name: main
+  data_files:
+  - split: train
+    path: main/train-*
+  - split: test
+    path: main/test-*
+- config_name: socratic
+  data_files:
+  - split: train
+    path: socratic/train-*
+---
+"""
+
+
+@pytest.fixture
+def gsm8k_like_hub(tmp_path, monkeypatch):
+    """openai/gsm8k's layout (a dataset card declaring two configurations, Parquet files per split, question
+    and answer columns) as `org/gsm` in a Hugging Face cache, offline; `datasets` writes its cache in tmp_path."""
+    datasets = pytest.importorskip("datasets")
+    pa = pytest.importorskip("pyarrow")
+    import huggingface_hub
+    import pyarrow.parquet as pq
+
+    from tests.helpers import hub_snapshot
+
+    repo = tmp_path / "repo"
+    for config, split, n in (("main", "train", 5), ("main", "test", 3), ("socratic", "train", 2)):
+        (repo / config).mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"question": [f"{config} {split} {i}+1=?" for i in range(n)],
+                                 "answer": [f"{i} plus one\n#### {i + 1}" for i in range(n)]}),
+                       repo / config / f"{split}-00000-of-00001.parquet")
+    (repo / "README.md").write_text(GSM8K_CARD)
+    hub_snapshot(tmp_path / "hub", "org/gsm", repo, repo_type="dataset")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    return tmp_path / "hub"
+
+
+def test_hub_dataset_split_and_configuration_as_load_dataset_reads_them(gsm8k_like_hub):
+    """`org/gsm` is the split of the configuration asked for (TRL's dataset_config / dataset_*_split), its
+    question column read as the prompt; a configuration or split the card does not declare, or a dataset in no
+    cache, is one line listing what there is."""
+    rows = load_dataset_rows("org/gsm", prompt_column="question", config_name="main", split="test")
+    assert [(r["id"], r["prompt"], r["answer"]) for r in rows] == [
+        (str(i), f"main test {i}+1=?", f"{i} plus one\n#### {i + 1}") for i in range(3)]
+    assert rows[0]["question"] == rows[0]["prompt"]  # the column itself stays, for reward functions reading it
+    assert len(load_dataset_rows("org/gsm", prompt_column="question", config_name="socratic")) == 2  # split train
+    for kwargs, message in ((dict(config_name="nope"), "org/gsm: BuilderConfig 'nope' not found. Available: \\['main', 'socratic'\\]$"),
+                            (dict(), "org/gsm: Config name is missing. Please pick one among the available configs: \\['main', 'socratic'\\]$"),
+                            (dict(config_name="main", split="validation"), "org/gsm: Unknown split \"validation\". Should be one of \\['train', 'test'\\].$")):
+        with pytest.raises(UserError, match=f"^{message}"):
+            load_dataset_rows("org/gsm", prompt_column="question", **kwargs)
+    with pytest.raises(UserError, match="^org/gsm \\(main, split test\\): row 0: missing 'prompt' .*"
+                                        "rename 'question' to 'prompt', or pass --dataset-prompt-column question\\?\\)$"):
+        load_dataset_rows("org/gsm", config_name="main", split="test")
+    with pytest.raises(UserError, match=f"^org/other: no such file, and no Hugging Face Hub dataset of that name in the "
+                                        f"local cache \\({gsm8k_like_hub}\\) or to download \\(HF_HUB_OFFLINE is set\\)$"):
+        load_dataset_rows("org/other")
+
+
+def test_training_options_read_a_hub_dataset_and_its_columns(gsm8k_like_hub):
+    """--dataset org/gsm --dataset-config main --dataset-prompt-column question --eval-dataset org/gsm: train
+    on its train split, evaluate on its test split (TRL's defaults; --dataset-*-split name others)."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import load_rows
+
+    config = parse_args(["--dataset", "org/gsm", "--eval-dataset", "org/gsm", "--dataset-config", "main",
+                         "--dataset-prompt-column", "question", "--eval-size", "2"])
+    train, eval_rows = load_rows(config)
+    assert [r["prompt"] for r in train] == [f"main train {i}+1=?" for i in range(5)]
+    assert [r["prompt"] for r in eval_rows] == [f"main test {i}+1=?" for i in range(2)]
+    config = parse_args(["--dataset", "org/gsm", "--dataset-config", "main", "--dataset-train-split", "test",
+                         "--dataset-prompt-column", "question", "--eval-steps", "0"])
+    assert len(load_rows(config)[0]) == 3
+
+
+def test_dataset_options_that_read_nothing_are_named(tmp_path):
+    from rpo_engine.config import parse_args
+
+    data = _write(tmp_path / "d.jsonl", '{"question": "1+1=", "answer": "2"}\n')
+    for args, message in (
+            (["--dataset-config", "main"], "--dataset-config does nothing without a Hub --dataset or --eval-dataset"),
+            (["--dataset", str(data), "--eval-steps", "0", "--dataset-train-split", "test"],
+             "--dataset-train-split does nothing without a Hub --dataset (org/name)"),
+            (["--dataset", str(data), "--eval-steps", "0", "--dataset-test-split", "dev"],
+             "--dataset-test-split does nothing without a Hub --eval-dataset (org/name)"),
+            (["--dataset-prompt-column", "question"], "--dataset-prompt-column does nothing without --dataset or "
+                                                       "--eval-dataset (the built-in task has its own fields)")):
+        with pytest.raises(UserError, match=f"^{re.escape(message)}"):
+            parse_args(args)
+
+
+def test_columns_read_as_prompt_and_answer_in_local_files(tmp_path):
+    """GSM8K's question / MATH's problem and solution, named by the column options, in any format; a column
+    that is not there is named with the keys that are."""
+    data = _write(tmp_path / "d.jsonl", '{"question": "1+1=", "final": 2}\n{"question": "2+2=", "final": "4"}\n')
+    rows = load_dataset_rows(data, prompt_column="question", answer_column="final")
+    assert [(r["prompt"], r["answer"]) for r in rows] == [("1+1=", "2"), ("2+2=", "4")]
+    with pytest.raises(UserError, match=f"^{data}:1: missing 'prompt' .*found keys \\['final', 'question'\\]; "
+                                        f"rename 'question' to 'prompt', or pass --dataset-prompt-column question\\?\\)$"):
+        load_dataset_rows(data, answer_column="final")
+    with pytest.raises(UserError, match=f"^{data}:1: no column 'query' \\(--dataset-prompt-column\\); found keys "
+                                        f"\\['final', 'question'\\]$"):
+        load_dataset_rows(data, prompt_column="query", answer_column="final")
+
+
+def test_eval_cli_reads_a_hub_datasets_test_split(gsm8k_like_hub, tiny_model_dir, tmp_path, capsys):
+    from rpo_engine.eval import main
+
+    out = tmp_path / "preds.jsonl"
+    main(["--model", str(tiny_model_dir), "--dataset", "org/gsm", "--dataset-config", "main",
+          "--dataset-prompt-column", "question", "--max-completion-length", "4", "--no-progress", "--output", str(out)])
+    assert "on 3 rows" in capsys.readouterr().out
+    preds = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(p["prompt"], p["answer"]) for p in preds] == [(f"main test {i}+1=?", f"{i} plus one\n#### {i + 1}")
+                                                           for i in range(3)]
+    with pytest.raises(UserError, match="^--dataset-test-split does nothing without a Hub --dataset \\(org/name\\)$"):
+        main(["--model", str(tiny_model_dir), "--dataset", str(out), "--dataset-test-split", "dev"])

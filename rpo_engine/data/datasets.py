@@ -1,5 +1,6 @@
-"""Loading user datasets: JSONL or Parquet rows, or a `datasets` directory (``save_to_disk``), with a
-``prompt`` string and an ``answer`` string.
+"""Loading user datasets: JSONL or Parquet rows, a `datasets` directory (``save_to_disk``), or a split of a
+Hugging Face Hub dataset (`org/name`), with a ``prompt`` string and an ``answer`` string (or the columns named
+to stand for them).
 
 Every problem is reported as a `UserError` with a one-line message ``<file>:<line>: <what was expected>``
 (``<file>: row <n>: ...`` for Parquet and `datasets` directories, whose rows have no line numbers), so
@@ -27,10 +28,12 @@ import math
 import os
 
 from rpo_engine.errors import UserError
+from rpo_engine.hub import hub_snapshot, is_hub_id
 
 __all__ = ["load_dataset_rows", "validate_rows"]
 
 _EXPECTED = "expected a JSON object with a 'prompt' string and an 'answer' string"
+COLUMNS = ("prompt", "answer")
 _ALIASES = {"prompt": ("problem", "question", "query", "input"), "answer": ("solution", "ground_truth", "target")}
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
@@ -57,15 +60,21 @@ def _check_text(value: str, where: str, what: str) -> None:
                         f"surrogate that UTF-8 cannot encode") from None
 
 
-def _check_row(row, where: str, index: int) -> dict:
+def _check_row(row, where: str, index: int, columns: tuple[str, str] = COLUMNS) -> dict:
     if not isinstance(row, dict):
         raise UserError(f"{where}: {_EXPECTED}, got {_type_name(row)}")
+    keys = sorted(map(str, row))
+    if columns != COLUMNS:  # --dataset-prompt-column / --dataset-answer-column: read as prompt and answer
+        for key, column in zip(COLUMNS, columns):
+            if column != key and column not in row:
+                raise UserError(f"{where}: no column {column!r} (--dataset-{key}-column); found keys {keys}")
+        row = {**row, **{key: row[column] for key, column in zip(COLUMNS, columns) if column != key}}
     out = dict(row)
     for key in ("prompt", "answer"):
         if key not in row:
             alias = next((k for k in _ALIASES[key] if k in row), None)  # MATH's problem/solution, GSM8K's question
-            hint = f"; rename '{alias}' to '{key}'?" if alias else ""
-            raise UserError(f"{where}: missing '{key}' ({_EXPECTED}; found keys {sorted(map(str, row))}{hint})")
+            hint = f"; rename '{alias}' to '{key}', or pass --dataset-{key}-column {alias}?" if alias else ""
+            raise UserError(f"{where}: missing '{key}' ({_EXPECTED}; found keys {keys}{hint})")
         v = row[key]
         if key == "prompt" and not isinstance(v, str):
             out[key] = _check_messages(v, where)
@@ -114,12 +123,13 @@ def _check_messages(messages, where: str) -> list[dict]:
     return out
 
 
-def validate_rows(rows, wheres, source: str) -> list[dict]:
-    """Check rows (see the module doc) and that ids are unique. `wheres[i]` names row i in messages."""
+def validate_rows(rows, wheres, source: str, columns: tuple[str, str] = COLUMNS) -> list[dict]:
+    """Check rows (see the module doc) and that ids are unique. `wheres[i]` names row i in messages;
+    `columns`: the fields read as prompt and answer (copied to those names)."""
     out: list[dict] = []
     first_seen: dict[str, str] = {}
     for i, (row, where) in enumerate(zip(rows, wheres)):
-        r = _check_row(row, where, i)
+        r = _check_row(row, where, i, columns)
         if r["id"] in first_seen:
             own = row.get("id") is not None if isinstance(row, dict) else True
             raise UserError(f"{where}: duplicate id {r['id']!r}" + ("" if own else " (this row has no id: its row number, "
@@ -131,14 +141,14 @@ def validate_rows(rows, wheres, source: str) -> list[dict]:
     return out
 
 
-def _read_jsonl(path: str) -> list[dict]:
+def _read_jsonl(path: str, columns: tuple[str, str]) -> list[dict]:
     rows, wheres = [], []
     with open(path, "rb") as f:
         data = f.read()
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     if path.lower().endswith(".json") and data.lstrip()[:1] == b"[":
-        return _read_json_array(path, data)
+        return _read_json_array(path, data, columns)
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
         where = f"{path}:{lineno}"
         try:
@@ -153,10 +163,10 @@ def _read_jsonl(path: str) -> list[dict]:
             raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); {_EXPECTED}") from None
         rows.append(row)
         wheres.append(where)
-    return validate_rows(rows, wheres, path)
+    return validate_rows(rows, wheres, path, columns)
 
 
-def _read_json_array(path: str, data: bytes) -> list[dict]:
+def _read_json_array(path: str, data: bytes, columns: tuple[str, str]) -> list[dict]:
     try:
         rows = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as e:
@@ -164,10 +174,10 @@ def _read_json_array(path: str, data: bytes) -> list[dict]:
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}); "
                         f"expected a JSON array of rows or JSON lines") from None
-    return validate_rows(rows, [f"{path}: row {i}" for i in range(len(rows))], path)
+    return validate_rows(rows, [f"{path}: row {i}" for i in range(len(rows))], path, columns)
 
 
-def _read_parquet(path: str) -> list[dict]:
+def _read_parquet(path: str, columns: tuple[str, str]) -> list[dict]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -188,10 +198,10 @@ def _read_parquet(path: str) -> list[dict]:
             raise UserError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
         except Exception as e:  # noqa: BLE001
             raise UserError(f"{path}: not a readable Parquet file ({' '.join(str(e).split())[:200]})") from None
-    return validate_rows(rows, [f"{path}: row {i}" for i in range(len(rows))], path)
+    return validate_rows(rows, [f"{path}: row {i}" for i in range(len(rows))], path, columns)
 
 
-def _read_arrow_dir(path: str) -> list[dict]:
+def _read_arrow_dir(path: str, columns: tuple[str, str]) -> list[dict]:
     """A directory written by `datasets`' ``Dataset.save_to_disk``: state.json names the Arrow stream files
     (indices are already applied on save). Read with pyarrow, which `datasets` itself is built on, so
     `datasets` need not be installed. A ``DatasetDict`` directory names its splits instead."""
@@ -227,31 +237,57 @@ def _read_arrow_dir(path: str) -> list[dict]:
             raise UserError(f"{file}: missing (listed in {state})") from None
         except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
             raise UserError(f"{file}: not a readable Arrow stream ({' '.join(str(e).split())[:200]})") from None
-    return validate_rows(rows, [f"{path}: row {i}" for i in range(len(rows))], path)
+    return validate_rows(rows, [f"{path}: row {i}" for i in range(len(rows))], path, columns)
 
 
-def load_dataset_rows(path) -> list[dict]:
-    """Rows of a JSONL (``.jsonl``/``.json``/``.ndjson``) or Parquet (``.parquet``) dataset, or of a directory
-    written by `datasets`' ``save_to_disk``, each a dict with ``id``, ``prompt`` and ``answer`` strings (plus
-    any other fields of the row). Raises UserError (one line, naming the file and line) for a missing file,
-    an unknown extension, an unparsable line, a row without a ``prompt``/``answer`` string, a duplicate id,
-    or an empty dataset."""
+def load_dataset_rows(path, prompt_column: str = "prompt", answer_column: str = "answer",
+                      config_name: str | None = None, split: str = "train") -> list[dict]:
+    """Rows of a JSONL (``.jsonl``/``.json``/``.ndjson``) or Parquet (``.parquet``) dataset, of a directory
+    written by `datasets`' ``save_to_disk``, or of a Hugging Face Hub dataset (`org/name` where no such path is:
+    its `split`, of its configuration `config_name`; load_hub_dataset_rows), each a dict with ``id``, ``prompt``
+    and ``answer`` strings (plus any other fields of the row). `prompt_column` / `answer_column`: the fields read
+    as the prompt and the answer (GSM8K's ``question``). Raises UserError (one line, naming the file and line)
+    for a missing file, an unknown extension, an unparsable line, a row without a ``prompt``/``answer`` string,
+    a duplicate id, or an empty dataset."""
+    columns = (prompt_column, answer_column)
+    if is_hub_id(path):
+        return load_hub_dataset_rows(os.fspath(path), config_name, split, columns)
     path = os.fspath(path)
     if not os.path.exists(path):
         raise UserError(f"{path}: no such file (expected a .jsonl or .parquet dataset)")
     if os.path.isdir(path):
         try:
-            return _read_arrow_dir(path)
+            return _read_arrow_dir(path, columns)
         except PermissionError:
             raise UserError(f"{path}: permission denied (cannot read the dataset)") from None
     lower = path.lower()
     try:
         if lower.endswith(_JSONL_SUFFIXES):
-            return _read_jsonl(path)
+            return _read_jsonl(path, columns)
         if lower.endswith((".parquet", ".pq")):
-            return _read_parquet(path)
+            return _read_parquet(path, columns)
     except PermissionError:
         raise UserError(f"{path}: permission denied (cannot read the dataset)") from None
     except IsADirectoryError:
         raise UserError(f"{path}: is a directory (expected a dataset file)") from None
     raise UserError(f"{path}: unknown dataset format (expected a .jsonl, .json or .parquet file)")
+
+
+def load_hub_dataset_rows(repo_id: str, config_name: str | None = None, split: str = "train",
+                          columns: tuple[str, str] = COLUMNS) -> list[dict]:
+    """The `split` of the Hub dataset `repo_id` (of its configuration `config_name`), as `datasets`'
+    load_dataset(repo_id, config_name, split=split) gives it: the repository's snapshot from the Hugging Face
+    cache (downloaded first where needed and possible: rpo_engine.hub), read by `datasets` as its dataset card
+    declares its configurations and split files. Needs the `datasets` package."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"{repo_id}: reading a Hub dataset needs the datasets package (pip install datasets)") from None
+    directory = hub_snapshot(repo_id, "dataset")
+    try:
+        rows = datasets.load_dataset(str(directory), name=config_name, split=split).to_list()
+    except ValueError as e:  # an unknown or missing configuration, an unknown split: it lists the ones there are
+        message = " ".join(line.strip() for line in str(e).split("Example of usage")[0].splitlines() if line.strip())
+        raise UserError(f"{repo_id}: {message}") from None
+    source = f"{repo_id} ({f'{config_name}, ' if config_name else ''}split {split})"
+    return validate_rows(rows, [f"{source}: row {i}" for i in range(len(rows))], source, columns)
