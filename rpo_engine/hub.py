@@ -13,9 +13,18 @@ from rpo_engine.errors import UserError
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_]")  # org/name, as huggingface_hub validates it
 
 
+# a name ending like a data file is a path with a typo (data/train.jsonl), not a repository
+_FILE_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet", ".pq", ".csv", ".txt", ".safetensors")
+
+
 def is_hub_id(name) -> bool:
-    """`name` is read as a Hub id: it has the form org/name and no such local path exists."""
-    return isinstance(name, (str, os.PathLike)) and bool(_HUB_ID.fullmatch(os.fspath(name))) and not os.path.exists(name)
+    """`name` is read as a Hub id: it has the form org/name, does not end like a data file, and no such local
+    path exists."""
+    if not isinstance(name, (str, os.PathLike)):
+        return False
+    name = os.fspath(name)
+    return (bool(_HUB_ID.fullmatch(name)) and not name.lower().endswith(_FILE_SUFFIXES)
+            and not os.path.exists(name))
 
 
 def hub_snapshot(repo_id: str, repo_type: str = "model", allow_patterns: tuple[str, ...] | None = None) -> Path:

@@ -459,6 +459,8 @@ def test_hub_dataset_split_and_configuration_as_load_dataset_reads_them(gsm8k_li
     with pytest.raises(UserError, match=f"^org/other: no such file, and no Hugging Face Hub dataset of that name in the "
                                         f"local cache \\({gsm8k_like_hub}\\) or to download \\(HF_HUB_OFFLINE is set\\)$"):
         load_dataset_rows("org/other")
+    with pytest.raises(UserError, match="^data/train.jsonl: no such file"):  # a path with a typo, not a repository
+        load_dataset_rows("data/train.jsonl")
 
 
 def test_training_options_read_a_hub_dataset_and_its_columns(gsm8k_like_hub):
