@@ -379,6 +379,7 @@ class TrainConfig:
     parallel: str = field(default="ddp", metadata={"help": "under torchrun: ddp (full model per rank) or fsdp (FSDP2: sharded float32 weights, grads and AdamW state)"})
     dist_timeout: float = field(default=1800.0, metadata={"help": "under torchrun: seconds a collective waits for the other ranks before the job fails; must exceed the longest wait of a rank for the others: a step's rollout or eval, rank 0 writing a checkpoint or final/, the starter model's first build"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    report_to: str = field(default="auto", metadata={"help": "where each step's metrics go besides metrics.jsonl: tensorboard, wandb (W&B, project $WANDB_PROJECT or rpo_engine), comma-separated, or none (TRL's name; auto: TensorBoard when installed)"})
     rpo: RPOConfig = field(default_factory=RPOConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
 
@@ -461,6 +462,9 @@ class TrainConfig:
         if self.dataset is not None:
             _reject_given(self, ("train_size",), "with --dataset (it sizes the built-in task)")
         self.check_dataset_options()
+        from rpo_engine.reporting import report_targets
+
+        report_targets(self.report_to)  # a sink named that is not installed: said now, not after the model loads
         if self.lr_scheduler_type == "constant" and self.warmup_ratio:  # 0 (TRL's default) says what constant does
             _reject_given(self, ("warmup_ratio",), "with --lr-scheduler-type constant (constant_with_warmup warms up)")
         _check(not (self.lr_scheduler_type == "constant" and self.warmup_steps),
@@ -565,7 +569,6 @@ TRL_EQUIVALENTS = {
     "vllm_importance_sampling_mode": "is --importance-sampling-mode here",
     "vllm_importance_sampling_clip_max": "is --importance-sampling-clip-max here",
     "logging_steps": "is not here: metrics.jsonl records every step",
-    "report_to": "is not here: metrics.jsonl, and TensorBoard when installed",
     "eval_strategy": "is --eval-steps here (0: never)", "save_strategy": "is --save-steps here (0: only at the end)",
     "lr_scheduler_kwargs": "is not here: cosine_with_min_lr ends at 10% of the peak (min_lr_rate 0.1)",
     "lora_dropout": "is not here: no adapter dropout, so the training forward is the rollout's (README, LoRA)",

@@ -25,6 +25,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from rpo_engine.config import TrainConfig, config_to_dict, parse_args, reward_names
 from rpo_engine.distributed import Dist, RankErrorHandler, check_divisible, leave_process, write_torchrun_error
 from rpo_engine.errors import UserError, run_cli
+from rpo_engine.reporting import Reporter, report_targets
 
 
 def resolve_device(config: TrainConfig) -> tuple[torch.device, torch.dtype]:
@@ -419,7 +420,7 @@ def train(config: TrainConfig, dist: Dist) -> int:
             records = truncate_log(metrics_path, trainer.step_num, keep=True)
             print(f"resumed from {checkpoint} at step {trainer.step_num}" +
                   (f" on {dist.world_size} ranks" if dist.enabled else ""))
-    writer, log, completions_log = None, None, None
+    reporter, log, completions_log = None, None, None
     if main_rank:
         output.mkdir(parents=True, exist_ok=True)
         # the log before config.json: a run killed between the two (TensorBoard's import takes seconds) must leave
@@ -428,9 +429,8 @@ def train(config: TrainConfig, dist: Dist) -> int:
         if checkpoint is not None:
             warn_changed_options(output / "config.json", config)
         (output / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
-        # TensorBoard hides what an earlier run of this directory logged from this run's first step on, as
-        # metrics.jsonl was cut back (a resume redoes the steps after its checkpoint)
-        writer = _tensorboard(output, purge_step=trainer.step_num + 1 if checkpoint is not None else 0)
+        reporter = Reporter(report_targets(config.report_to), output, config_to_dict(config),
+                            resumed_at=trainer.step_num if checkpoint is not None else None)
         if config.log_completions:
             truncate_log(output / "completions.jsonl", trainer.step_num)
             completions_log = open(output / "completions.jsonl", "a")
@@ -442,7 +442,7 @@ def train(config: TrainConfig, dist: Dist) -> int:
         if main_rank:
             log.write(json.dumps(first_eval) + "\n")
             log.flush()
-            log_scalars(writer, first_eval)
+            reporter.log(first_eval)
             print(f"step 0: eval accuracy {first_eval['eval_accuracy']:.3f}")
 
     algo_name = f"{'RPO-' if config.rpo.rpo else ''}{config.algo.algo.upper()}"
@@ -465,7 +465,7 @@ def train(config: TrainConfig, dist: Dist) -> int:
             if completions_log is not None:
                 completions_log.writelines(json.dumps(r) + "\n" for r in trainer.completions)
                 completions_log.flush()
-            log_scalars(writer, m)
+            reporter.log(m)
             generated += m["rollout_generated_tokens"]
             seconds += m["step_time_s"]
             # accuracy beside the reward: the reward also holds length shaping and any other functions
@@ -487,8 +487,7 @@ def train(config: TrainConfig, dist: Dist) -> int:
     log.close()
     if completions_log is not None:
         completions_log.close()
-    if writer is not None:
-        writer.close()
+    reporter.close()
     write_plot(records, output / "curves.png", f"{algo_name} on {config.dataset or 'the built-in arithmetic task'}")
     evals = [r["eval_accuracy"] for r in records if "eval_accuracy" in r]
     summary = f"done: {output / 'final'}"
@@ -516,10 +515,10 @@ def step_or_explain(trainer, config: TrainConfig) -> dict:
 # that check_resume let through names the same model, e.g. a Hub id's snapshot directory); from
 # async_scheduling on, how, not what, is computed (step_or_explain tells a run out of GPU memory to change
 # micro_batch_tokens or gradient_checkpointing: resuming with them is no changed run).
-_RESUME_FREE = {"resume", "steps", "output", "config", "progress", "log_completions", "eval_steps", "eval_size", "model",
-                "save_steps", "save_total_limit", "dist_timeout", "async_scheduling", "gpu_memory_utilization",
-                "lora_merged_rollout", "parallel", "reward_workers", "micro_batch_tokens", "gradient_checkpointing",
-                "prefix_sharing"}
+_RESUME_FREE = {"resume", "steps", "output", "config", "progress", "report_to", "log_completions", "eval_steps",
+                "eval_size", "model", "save_steps", "save_total_limit", "dist_timeout", "async_scheduling",
+                "gpu_memory_utilization", "lora_merged_rollout", "parallel", "reward_workers", "micro_batch_tokens",
+                "gradient_checkpointing", "prefix_sharing"}
 
 
 def warn_changed_options(saved: Path, config: TrainConfig) -> None:
@@ -576,23 +575,6 @@ def truncate_log(path: Path, step: int, keep: bool = False, check_only: bool = F
         if not check_only:
             tmp.unlink(missing_ok=True)
     return kept
-
-
-def _tensorboard(output: Path, purge_step: int):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
-    return SummaryWriter(str(output / "tensorboard"), purge_step=purge_step)
-
-
-def log_scalars(writer, record: dict) -> None:
-    """A metrics.jsonl record's numbers as TensorBoard scalars at its step (None: no writer)."""
-    if writer is None:
-        return
-    for key, value in record.items():
-        if isinstance(value, (int, float)) and key != "step":
-            writer.add_scalar(key, value, record["step"])
 
 
 if __name__ == "__main__":

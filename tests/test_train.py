@@ -255,9 +255,10 @@ def test_truncate_log(tmp_path):
 
 
 def test_tensorboard_logs_what_metrics_jsonl_holds(tmp_path, tiny_model_dir, monkeypatch):
-    """TensorBoard gets every metrics.jsonl record at its step, the step-0 eval too, and a resumed run hides
-    what the run before logged past its checkpoint (purge_step), as metrics.jsonl is cut back there."""
-    from rpo_engine import train
+    """TensorBoard (--report-to auto, where it is installed) gets every metrics.jsonl record at its step, the step-0
+    eval too, and a resumed run hides what the run before logged past its checkpoint (purge_step), as
+    metrics.jsonl is cut back there."""
+    from rpo_engine import reporting, train
 
     class Writer:
         def __init__(self, purge_step):
@@ -270,7 +271,9 @@ def test_tensorboard_logs_what_metrics_jsonl_holds(tmp_path, tiny_model_dir, mon
             pass
 
     writers = []
-    monkeypatch.setattr(train, "_tensorboard", lambda output, purge_step: writers.append(Writer(purge_step)) or writers[-1])
+    monkeypatch.setattr(reporting, "installed", lambda package: package == "tensorboard")
+    monkeypatch.setattr(reporting, "open_tensorboard",
+                        lambda output, purge_step: writers.append(Writer(purge_step)) or writers[-1])
     monkeypatch.setattr(train, "write_plot", lambda *args: None)  # its own test; here it would double the time
     args = ["--model", tiny_model_dir, "--output", tmp_path, "--no-progress", "--prompts-per-step", 1,
             "--num-generations", 2, "--max-completion-length", 4, "--train-size", 1, "--eval-size", 1]
@@ -281,6 +284,75 @@ def test_tensorboard_logs_what_metrics_jsonl_holds(tmp_path, tiny_model_dir, mon
     expected = [(key, value, m["step"]) for m in read_metrics(tmp_path) for key, value in m.items()
                 if key != "step" and value is not None]
     assert logged == expected and ("eval_accuracy", expected[0][1], 0) == expected[0]
+
+
+def test_report_to_wandb_logs_each_record_and_a_resume_continues_its_run(tmp_path, tiny_model_dir, monkeypatch):
+    """--report-to wandb: one W&B run for the run's options (project $WANDB_PROJECT), every metrics.jsonl record
+    logged with its step as the x axis, finished at the end; a resume continues the same W&B run (its id kept in
+    OUTPUT/wandb_run_id) and logs the redone steps again. W&B itself is a stand-in here (not installed in CI):
+    what is checked is the calls, as W&B's API documents them."""
+    import types
+
+    from rpo_engine import reporting, train
+
+    runs = []
+
+    class Run:
+        def __init__(self, **kwargs):
+            self.init, self.metrics, self.logged, self.finished = kwargs, [], [], False
+
+        def define_metric(self, name, step_metric=None):
+            self.metrics.append((name, step_metric))
+
+        def log(self, data):
+            self.logged.append(dict(data))
+
+        def finish(self):
+            self.finished = True
+
+    wandb = types.ModuleType("wandb")
+    wandb.init = lambda **kwargs: runs.append(Run(**kwargs)) or runs[-1]
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.setattr(reporting, "installed", lambda package: package == "wandb")
+    monkeypatch.setattr(train, "write_plot", lambda *args: None)
+    monkeypatch.setenv("WANDB_PROJECT", "grpo-tests")
+    out = tmp_path / "run-7"
+    args = ["--model", tiny_model_dir, "--output", out, "--no-progress", "--prompts-per-step", 1, "--num-generations", 2,
+            "--max-completion-length", 4, "--train-size", 1, "--eval-size", 1, "--eval-steps", 2, "--report-to", "wandb"]
+    assert train.main(list(map(str, [*args, "--steps", 2, "--save-steps", 1]))) == 0
+    first = runs[0]
+    assert first.init["project"] == "grpo-tests" and first.init["name"] == "run-7" and first.init["resume"] == "allow"
+    assert first.init["config"] == json.loads((out / "config.json").read_text()) and first.init["dir"] == str(out)
+    assert (out / "wandb_run_id").read_text().strip() == first.init["id"] and first.finished
+    assert first.metrics == [("step", None), ("*", "step")]
+    records = read_metrics(out)
+    assert first.logged == [{k: v for k, v in m.items() if isinstance(v, (int, float))} for m in records]
+    assert [m["step"] for m in first.logged] == [0, 1, 2] and "eval_accuracy" in first.logged[0]
+    # resumed from step 1's checkpoint: the same W&B run, step 2 logged again
+    shutil.rmtree(out / "checkpoints" / "step-2")
+    assert train.main(list(map(str, [*args, "--steps", 3, "--resume"]))) == 0
+    assert runs[1].init["id"] == first.init["id"] and [m["step"] for m in runs[1].logged] == [2, 3]
+    assert runs[1].logged == [{k: v for k, v in m.items() if isinstance(v, (int, float))} for m in read_metrics(out)[2:]]
+
+
+def test_report_to_names_what_it_cannot_do(monkeypatch):
+    from rpo_engine import reporting
+    from rpo_engine.config import parse_args
+    from rpo_engine.errors import UserError
+
+    monkeypatch.setattr(reporting, "installed", lambda package: False)
+    with pytest.raises(UserError, match=r"^--report-to wandb: wandb is not installed \(pip install wandb\)$"):
+        parse_args(["--report-to", "wandb"])
+    with pytest.raises(UserError, match=r"^--report-to tensorboard: tensorboard is not installed"):
+        parse_args(["--report-to", "tensorboard"])
+    for value in ("mlflow", "none,wandb", "", "auto,wandb"):
+        with pytest.raises(UserError, match=f"^--report-to {value}: expected auto, none, or a comma-separated list of "
+                                            f"tensorboard, wandb$"):
+            parse_args(["--report-to", value])
+    assert reporting.report_targets("none") == [] and reporting.report_targets("auto") == []  # nothing installed
+    monkeypatch.setattr(reporting, "installed", lambda package: True)
+    assert reporting.report_targets("wandb, tensorboard,wandb") == ["wandb", "tensorboard"]
+    assert reporting.report_targets("auto") == ["tensorboard"]  # as before the option: TensorBoard where installed
 
 
 @pytest.mark.parametrize("num_steps", [1, 3])
@@ -1713,14 +1785,14 @@ def test_a_run_killed_before_its_log_opened_starts_again(tmp_path, tiny_model_di
     class Built(Exception):
         pass
 
-    def preempted(output, **kwargs):
+    def preempted(*args, **kwargs):
         raise KeyboardInterrupt
 
     def built(*args, **kwargs):
         raise Built
 
     out = tmp_path / "run"
-    monkeypatch.setattr(train, "_tensorboard", preempted)
+    monkeypatch.setattr(train, "Reporter", preempted)
     for resume in ([], ["--resume"]):
         config = parse_args(["--model", str(tiny_model_dir), "--output", str(out), "--steps", "1", "--eval-steps", "0",
                              "--no-progress", *resume])
