@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from rpo_engine.errors import UserError
+from rpo_engine.reporting import report_targets
 from rpo_engine.model.lora import TARGETS as LORA_TARGETS, parse_targets as parse_lora_targets
 from rpo_engine.rollout.sequence import MIN_TEMPERATURE
 
@@ -462,8 +463,6 @@ class TrainConfig:
         if self.dataset is not None:
             _reject_given(self, ("train_size",), "with --dataset (it sizes the built-in task)")
         self.check_dataset_options()
-        from rpo_engine.reporting import report_targets
-
         report_targets(self.report_to)  # a sink named that is not installed: said now, not after the model loads
         if self.lr_scheduler_type == "constant" and self.warmup_ratio:  # 0 (TRL's default) says what constant does
             _reject_given(self, ("warmup_ratio",), "with --lr-scheduler-type constant (constant_with_warmup warms up)")
@@ -484,7 +483,6 @@ class TrainConfig:
             # a --dataset run evaluates only on --eval-dataset: without it these ran no eval at all, silently
             _reject_given(self, ("eval_steps", "eval_size"),
                           "without --eval-dataset (a --dataset run has no eval set of its own)")
-
 
     def check_dataset_options(self) -> None:
         """The options that say how to read --dataset / --eval-dataset, given where they read nothing."""

@@ -11,8 +11,6 @@ from pathlib import Path
 from rpo_engine.errors import UserError
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_]")  # org/name, as huggingface_hub validates it
-
-
 # a name ending like a data file is a path with a typo (data/train.jsonl), not a repository
 _FILE_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet", ".pq", ".csv", ".txt", ".safetensors")
 
@@ -27,14 +25,15 @@ def is_hub_id(name) -> bool:
             and not os.path.exists(name))
 
 
-def hub_snapshot(repo_id: str, repo_type: str = "model", allow_patterns: tuple[str, ...] | None = None) -> Path:
-    """The directory of `repo_id`'s snapshot in the cache (downloaded first where needed and possible); a
-    UserError naming the id, the cache and why when there is none."""
+def hub_snapshot(repo_id: str, repo_type: str = "model", allow_patterns: tuple[str, ...] | None = None,
+                 cached_only: bool = False) -> Path:
+    """The directory of `repo_id`'s snapshot in the cache (downloaded first where needed and possible, unless
+    `cached_only`); a UserError naming the id, the cache and why when there is none."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError
 
     try:
-        return Path(snapshot_download(repo_id, repo_type=repo_type,
+        return Path(snapshot_download(repo_id, repo_type=repo_type, local_files_only=cached_only,
                                       allow_patterns=None if allow_patterns is None else list(allow_patterns)))
     except (OSError, ValueError, HfHubHTTPError) as e:
         cause = e.__cause__ or e  # the request's own error (a ConnectError, a 404) where the cache was tried after it

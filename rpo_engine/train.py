@@ -225,11 +225,12 @@ def started_model(output: Path, checkpoint: Path):
 
 
 def where_model_is(name: str) -> Path:
-    """The directory a --model names (a Hub id: its cached snapshot), resolved; as written where it is gone."""
+    """The directory a --model names (a Hub id: its snapshot already in the cache, never downloaded to compare),
+    resolved; as written where there is none."""
     from rpo_engine.model.checkpoint import model_directory
 
     try:
-        return model_directory(name).resolve()
+        return model_directory(name, cached_only=True).resolve()
     except UserError:  # a full fine-tune resumes from its checkpoint without it
         return Path(name).resolve()
 

@@ -30,7 +30,7 @@ import os
 from rpo_engine.errors import UserError
 from rpo_engine.hub import hub_snapshot, is_hub_id
 
-__all__ = ["load_dataset_rows", "validate_rows"]
+__all__ = ["load_dataset_rows", "load_hub_dataset_rows", "validate_rows"]
 
 _EXPECTED = "expected a JSON object with a 'prompt' string and an 'answer' string"
 COLUMNS = ("prompt", "answer")

@@ -72,10 +72,10 @@ def _weight_files(directory: Path) -> dict[str, Path]:
 HUB_FILES = ("*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja")
 
 
-def model_directory(path) -> Path:
+def model_directory(path, cached_only: bool = False) -> Path:
     """`path` itself, or where it is a Hub id (`Qwen/Qwen2.5-0.5B-Instruct`) and no local path, its snapshot in
     the Hugging Face cache (rpo_engine.hub): only the JSON, safetensors and tokenizer files."""
-    return hub_snapshot(str(path), "model", HUB_FILES) if is_hub_id(path) else Path(path)
+    return hub_snapshot(str(path), "model", HUB_FILES, cached_only) if is_hub_id(path) else Path(path)
 
 
 def load_model(path, dtype=None, device=None) -> CausalLM:
