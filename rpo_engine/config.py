@@ -720,8 +720,8 @@ def _load_yaml(path: str) -> tuple[dict, bool]:
                             f"--config; in a run's config.json, remove this line)")
         if key in flat:  # `rpo_max_cut` and `rpo: {rpo_max_cut}`, or rpo-max-cut and rpo_max_cut
             raise UserError(f"{p}: option {key} given twice")
-        if key in ("reward", "reward_weights", "lora_target_modules") and isinstance(value, list):  # YAML lists
-            value = ",".join(map(str, value))
+        if key in ("reward", "reward_weights", "lora_target_modules", "report_to") and isinstance(value, list):
+            value = ",".join(map(str, value))  # a YAML list: the flag's comma-separated names
         if key == "reward_weights" and isinstance(value, (int, float)) and not isinstance(value, bool):
             value = str(value)  # one function's weight, as --reward-weights 2 and [2] take it
         if key == "chat_template_kwargs" and isinstance(value, dict):  # a YAML mapping: the flag's JSON

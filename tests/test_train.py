@@ -335,7 +335,7 @@ def test_report_to_wandb_logs_each_record_and_a_resume_continues_its_run(tmp_pat
     assert runs[1].logged == [{k: v for k, v in m.items() if isinstance(v, (int, float))} for m in read_metrics(out)[2:]]
 
 
-def test_report_to_names_what_it_cannot_do(monkeypatch):
+def test_report_to_names_what_it_cannot_do(monkeypatch, tmp_path):
     from rpo_engine import reporting
     from rpo_engine.config import parse_args
     from rpo_engine.errors import UserError
@@ -353,6 +353,9 @@ def test_report_to_names_what_it_cannot_do(monkeypatch):
     monkeypatch.setattr(reporting, "installed", lambda package: True)
     assert reporting.report_targets("wandb, tensorboard,wandb") == ["wandb", "tensorboard"]
     assert reporting.report_targets("auto") == ["tensorboard"]  # as before the option: TensorBoard where installed
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text("report_to: [wandb, tensorboard]\n")  # TRL's YAML writes a list
+    assert parse_args(["--config", str(yaml)]).report_to == "wandb,tensorboard"
 
 
 @pytest.mark.parametrize("num_steps", [1, 3])
