@@ -521,3 +521,29 @@ def test_eval_cli_reads_a_hub_datasets_test_split(gsm8k_like_hub, tiny_model_dir
                                                            for i in range(3)]
     with pytest.raises(UserError, match="^--dataset-test-split does nothing without a Hub --dataset \\(org/name\\)$"):
         main(["--model", str(tiny_model_dir), "--dataset", str(out), "--dataset-test-split", "dev"])
+
+
+def test_a_hub_dataset_that_datasets_cannot_read_is_one_line(gsm8k_like_hub, tmp_path):
+    """`datasets`' own errors besides ValueError (no data files, a file that does not read, a card whose YAML
+    does not parse) are a UserError naming the dataset, not a traceback."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.helpers import hub_snapshot
+
+    for name, files, message in (
+            ("org/none", {"loader.py": "print()\n"}, "No \\(supported\\) data files found in "),
+            ("org/card", {"README.md": "---\nconfigs: [\n---\n", "d.jsonl": '{"prompt": "a", "answer": "b"}\n'},
+             "its dataset card \\(README.md\\) is not valid YAML \\(while parsing a flow node"),
+            ("org/cast", {"data/train-0.parquet": {"prompt": ["a"], "answer": ["b"]}, "data/train-1.parquet": {"q": [1]}},
+             "An error occurred while generating the dataset \\(.*Couldn't cast")):
+        repo = tmp_path / name.replace("/", "_")
+        for file, text in files.items():
+            (repo / file).parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(text, dict):  # Parquet; org/cast's second file has another dataset's columns
+                pq.write_table(pa.table(text), repo / file)
+            else:
+                (repo / file).write_text(text)
+        hub_snapshot(gsm8k_like_hub, name, repo, repo_type="dataset")
+        with pytest.raises(UserError, match=f"^{name}: {message}[^\n]*$"):
+            load_dataset_rows(name)

@@ -281,6 +281,7 @@ def load_hub_dataset_rows(repo_id: str, config_name: str | None = None, split: s
     declares its configurations and split files. Needs the `datasets` package."""
     try:
         import datasets
+        import yaml  # datasets reads a dataset card's YAML with it
     except ImportError:
         raise UserError(f"{repo_id}: reading a Hub dataset needs the datasets package (pip install datasets)") from None
     directory = hub_snapshot(repo_id, "dataset")
@@ -289,5 +290,15 @@ def load_hub_dataset_rows(repo_id: str, config_name: str | None = None, split: s
     except ValueError as e:  # an unknown or missing configuration, an unknown split: it lists the ones there are
         message = " ".join(line.strip() for line in str(e).split("Example of usage")[0].splitlines() if line.strip())
         raise UserError(f"{repo_id}: {message}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{repo_id}: its dataset card (README.md) is not valid YAML "
+                        f"({' '.join(str(e).split())[:200]})") from None
+    except (OSError, datasets.exceptions.DatasetsError) as e:
+        # no data files, a file that does not read (DatasetGenerationError: the reader's error is its cause): one
+        # line, not a traceback
+        cause = e.__cause__ or e
+        raise UserError(f"{repo_id}: {' '.join(str(e).split())}"
+                        + (f" ({type(cause).__name__}: {' '.join(str(cause).split())[:200]})" if cause is not e else "")
+                        ) from None
     source = f"{repo_id} ({f'{config_name}, ' if config_name else ''}split {split})"
     return validate_rows(rows, [f"{source}: row {i}" for i in range(len(rows))], source, columns)
