@@ -60,7 +60,7 @@ class Reporter:
 
             id_file = output / "wandb_run_id"
             run_id = id_file.read_text().strip() if resumed_at is not None and id_file.is_file() else None
-            if run_id is None:
+            if not run_id:  # a new run, or the file missing or empty (W&B refuses an empty id): a new W&B run
                 run_id = secrets.token_hex(4)
                 id_file.write_text(run_id + "\n")
             self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "rpo_engine"), name=output.name,

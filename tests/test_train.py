@@ -335,6 +335,28 @@ def test_report_to_wandb_logs_each_record_and_a_resume_continues_its_run(tmp_pat
     assert runs[1].logged == [{k: v for k, v in m.items() if isinstance(v, (int, float))} for m in read_metrics(out)[2:]]
 
 
+def test_a_resume_whose_wandb_run_id_is_empty_starts_a_new_wandb_run(tmp_path, monkeypatch):
+    """OUTPUT/wandb_run_id emptied (or gone): a new W&B run with a new id, kept in the file; never id ''."""
+    import types
+
+    from rpo_engine.reporting import Reporter
+
+    inits = []
+
+    class Run:
+        define_metric = log = finish = lambda self, *args, **kwargs: None
+
+    wandb = types.ModuleType("wandb")
+    wandb.init = lambda **kwargs: inits.append(kwargs) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    for text in ("", "\n", None):
+        (tmp_path / "wandb_run_id").unlink(missing_ok=True)
+        if text is not None:
+            (tmp_path / "wandb_run_id").write_text(text)
+        Reporter(["wandb"], tmp_path, {}, resumed_at=3)
+        assert inits[-1]["id"] and (tmp_path / "wandb_run_id").read_text() == inits[-1]["id"] + "\n"
+
+
 def test_report_to_names_what_it_cannot_do(monkeypatch, tmp_path):
     from rpo_engine import reporting
     from rpo_engine.config import parse_args
