@@ -18,7 +18,10 @@ SINKS = ("tensorboard", "wandb")
 
 
 def installed(package: str) -> bool:
-    return importlib.util.find_spec(package) is not None
+    # a directory of that name on sys.path (the working directory's tensorboard/ of event files, or wandb/ of
+    # W&B's runs) is found as a namespace package (no origin), which is not the package
+    spec = importlib.util.find_spec(package)
+    return spec is not None and spec.origin is not None
 
 
 def report_targets(report_to: str) -> list[str]:

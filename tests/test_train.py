@@ -357,6 +357,18 @@ def test_a_resume_whose_wandb_run_id_is_empty_starts_a_new_wandb_run(tmp_path, m
         assert inits[-1]["id"] and (tmp_path / "wandb_run_id").read_text() == inits[-1]["id"] + "\n"
 
 
+def test_a_directory_named_like_a_sink_is_not_the_sink(tmp_path, monkeypatch):
+    """A run started where its --output's tensorboard/ (or a wandb/ of W&B's runs) lies: that directory, found on
+    sys.path as a namespace package, is not TensorBoard or W&B installed (auto: no TensorBoard, as before)."""
+    from rpo_engine import reporting
+
+    for name in ("tensorboard", "wandb"):
+        (tmp_path / name).mkdir()
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert reporting.installed("json") and not reporting.installed("tensorboard") and not reporting.installed("wandb")
+
+
 def test_report_to_names_what_it_cannot_do(monkeypatch, tmp_path):
     from rpo_engine import reporting
     from rpo_engine.config import parse_args
