@@ -954,8 +954,12 @@ class Trainer:
         if self.dist.is_main:
             self.model.save_pretrained(directory, tokenizer=self.tokenizer)
             if self.lora:
+                from rpo_engine.hub import is_hub_id
+
                 directory = Path(directory)
-                save_adapter(self.model, directory.with_name(f"{directory.name}-adapter"))
+                # a Hub --model is named by its id, as PEFT names it, not by this machine's cache snapshot
+                base = self.config.model if is_hub_id(self.config.model) else None
+                save_adapter(self.model, directory.with_name(f"{directory.name}-adapter"), base)
 
     def save_checkpoint(self, directory: Path) -> None:
         """model/ (a Hugging Face directory; under LoRA adapter/, the base being the run's --model) +

@@ -357,6 +357,31 @@ def test_a_resume_whose_wandb_run_id_is_empty_starts_a_new_wandb_run(tmp_path, m
         assert inits[-1]["id"] and (tmp_path / "wandb_run_id").read_text() == inits[-1]["id"] + "\n"
 
 
+def test_a_lora_run_on_a_hub_model_names_its_base_by_the_id(tmp_path, tiny_model_dir, monkeypatch):
+    """--model org/name --use-peft: final-adapter/'s adapter_config.json names the base as PEFT does, by the id
+    (loadable on another machine), not by this machine's cache snapshot."""
+    import types
+
+    import huggingface_hub
+
+    import rpo_engine
+    from rpo_engine.config import parse_args
+    from rpo_engine.model.lora import apply_lora
+    from rpo_engine.trainer import Trainer
+    from tests.helpers import hub_snapshot
+
+    hub_snapshot(tmp_path / "hub", "org/tiny", tiny_model_dir)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    trainer = types.SimpleNamespace(  # what save_model reads of a Trainer
+        model=apply_lora(rpo_engine.load_model("org/tiny"), r=2), lora=True, tokenizer=None,
+        config=parse_args(["--model", "org/tiny", "--use-peft"]), dist=types.SimpleNamespace(is_main=True),
+        sync_rollout_weights=lambda: None)
+    Trainer.save_model(trainer, tmp_path / "final")
+    assert json.loads((tmp_path / "final-adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] \
+        == "org/tiny"
+
+
 def test_a_directory_named_like_a_sink_is_not_the_sink(tmp_path, monkeypatch):
     """A run started where its --output's tensorboard/ (or a wandb/ of W&B's runs) lies: that directory, found on
     sys.path as a namespace package, is not TensorBoard or W&B installed (auto: no TensorBoard, as before)."""
