@@ -615,12 +615,41 @@ def _trl_spelling(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]
     return out
 
 
+# --help in sections: the top-level options by what they set; the rpo and algo sections' whole
+HELP_GROUPS = {
+    "model and data": ("model", "dataset", "shuffle_dataset", "train_size", "eval_dataset", "dataset_config",
+                       "dataset_train_split", "dataset_test_split", "dataset_prompt_column", "dataset_answer_column"),
+    "run": ("output", "resume", "config", "seed", "steps"),
+    "rollout": ("prompts_per_step", "num_generations", "max_prompt_length", "max_completion_length", "temperature",
+                "top_p", "top_k", "min_p", "gpu_memory_utilization", "async_scheduling"),
+    "rewards and prompts": ("reward", "reward_weights", "reward_workers", "format_reward_weight", "chat_template",
+                            "chat_template_kwargs"),
+    "optimization": ("learning_rate", "warmup_ratio", "warmup_steps", "lr_scheduler_type", "adam_beta1", "adam_beta2",
+                     "adam_epsilon", "weight_decay", "max_grad_norm", "micro_batch_tokens", "prefix_sharing",
+                     "gradient_checkpointing"),
+    "LoRA": ("use_peft", "lora_r", "lora_alpha", "use_rslora", "lora_merged_rollout", "lora_target_modules"),
+    "evaluation, checkpoints and logging": ("eval_steps", "eval_size", "save_steps", "save_total_limit",
+                                            "log_completions", "report_to", "progress"),
+    "device and processes": ("device", "dtype", "parallel", "dist_timeout"),
+    "rpo": ("RPO", "the experience cache, the cut of a cached path, the suffix budget (--no-rpo: full-path GRPO/DAPO)"),
+    "algo": ("algorithm", "GRPO / DAPO, the loss and its variants, dynamic sampling, the KL term, importance sampling"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
-        prog="python -m rpo_engine.train",
+        prog="python -m rpo_engine.train", usage="%(prog)s [options]",
         description="GRPO/DAPO fine-tuning with RPO (partial reasoning optimization). "
                     "With no arguments: the built-in arithmetic task on the built-in starter model.")
+    groups, group_of = {}, {}
+    for title, members in HELP_GROUPS.items():
+        if len(members) == 2 and title in SECTIONS:  # a config section, all of it: a name and what it holds
+            groups[title] = parser.add_argument_group(*members)
+        else:
+            groups[title] = parser.add_argument_group(title)
+            group_of.update(dict.fromkeys(members, title))
     for section, f in _flat_fields():
+        group = groups[section if section is not None else group_of[f.name]]  # KeyError: an option in no group
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else None
@@ -628,10 +657,10 @@ def build_parser() -> argparse.ArgumentParser:
             shown = "none" if default is None else ("on" if default else "off") if _is_bool(f) else default
             help_text = f"{help_text} (default: {shown})"
         if _is_bool(f):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(f.type, str)
-            parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=help_text)
+            group.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=help_text)
     return parser
 
 

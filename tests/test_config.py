@@ -1,5 +1,6 @@
 """Options and config files: a mistake in them is a one-line UserError naming the file or option."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,6 +32,27 @@ def _config_error(tmp_path, text: str | bytes) -> str:
 def test_help_says_grpo_epsilon_high_follows_epsilon():
     text = " ".join(build_parser().format_help().split())  # argparse wraps the help text
     assert "--epsilon-high EPSILON_HIGH upper clip range (default: grpo the same as --epsilon, dapo 0.28)" in text
+
+
+def test_help_lists_every_option_once_by_section():
+    """--help groups the ~100 options by what they set (an option added without a group fails to build the
+    parser), each listed once, under a one-line usage."""
+    from rpo_engine.config import HELP_GROUPS, _flat_fields
+
+    parser = build_parser()
+    text = parser.format_help()
+    assert text.startswith("usage: python -m rpo_engine.train [options]\n")
+    flags = ["--" + f.name.replace("_", "-") for _, f in _flat_fields()]
+    listed = re.findall(r"^  (--[a-z0-9-]+)", text, flags=re.M)
+    assert sorted(listed) == sorted(flags) and len(flags) == len(set(flags)) > 90
+    titles = [g.title for g in parser._action_groups if g._group_actions and g.title != "options"]
+    assert titles == [members[0] if key in ("rpo", "algo") else key for key, members in HELP_GROUPS.items()]
+    for group in parser._action_groups:  # RPO's options under RPO, the algorithm's under algorithm
+        options = {a.dest for a in group._group_actions}
+        if group.title == "RPO":
+            assert "rpo_max_cut" in options and "epsilon" not in options
+        if group.title == "algorithm":
+            assert {"epsilon", "beta", "loss_type"} <= options and "rpo" not in options
 
 
 def _ignores_sigint(pid: int) -> bool:
