@@ -367,6 +367,7 @@ class TrainConfig:
     reward: str = field(default="auto", metadata={"help": "exact | math | module:function (auto: exact for the built-in task, math otherwise); or several, comma-separated: the first decides right answers (eval accuracy, RPO's verified paths), each adds its weighted score to the reward"})
     chat_template: bool = field(default=True, metadata={"help": "render prompts with the tokenizer's chat template when it has one (--no-chat-template: a string prompt is encoded as it is, as TRL does with a string, e.g. for RL from a base model's own prompt format)"})
     chat_template_kwargs: str | None = field(default=None, metadata={"help": "a JSON object of extra arguments for the chat template (TRL's name), e.g. '{\"enable_thinking\": false}' for Qwen3 (default: none)"})
+    system_prompt: str | None = field(default=None, metadata={"help": "a system message before every prompt, through the chat template (open-r1's name); a conversation with a system message of its own keeps that one (default: none)"})
     reward_weights: str | None = field(default=None, metadata={"help": "comma-separated weight of each --reward function (TRL's name) (default: 1 each)"})
     reward_workers: int = field(default=0, metadata={"help": "score the reward functions of the one-completion-a-call kind (exact, math, module:function) in this many worker processes (0: in the trainer's process); math-verify takes 3-6 ms a completion, seconds a step at 512 completions"})
     format_reward_weight: float = field(default=0.0, metadata={"help": "weight of the format reward added to accuracy"})
@@ -459,7 +460,7 @@ class TrainConfig:
             _reject_given(self, ("lora_r", "lora_alpha", "lora_target_modules", "use_rslora", "lora_merged_rollout"),
                           "without --use-peft (the run trains every weight)")
         if not self.chat_template:
-            _reject_given(self, ("chat_template_kwargs",), "with --no-chat-template")
+            _reject_given(self, ("chat_template_kwargs", "system_prompt"), "with --no-chat-template")
         if self.dataset is not None:
             _reject_given(self, ("train_size",), "with --dataset (it sizes the built-in task)")
         self.check_dataset_options()
@@ -623,7 +624,7 @@ HELP_GROUPS = {
     "rollout": ("prompts_per_step", "num_generations", "max_prompt_length", "max_completion_length", "temperature",
                 "top_p", "top_k", "min_p", "gpu_memory_utilization", "async_scheduling"),
     "rewards and prompts": ("reward", "reward_weights", "reward_workers", "format_reward_weight", "chat_template",
-                            "chat_template_kwargs"),
+                            "chat_template_kwargs", "system_prompt"),
     "optimization": ("learning_rate", "warmup_ratio", "warmup_steps", "lr_scheduler_type", "adam_beta1", "adam_beta2",
                      "adam_epsilon", "weight_decay", "max_grad_norm", "micro_batch_tokens", "prefix_sharing",
                      "gradient_checkpointing"),

@@ -56,6 +56,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed; row i draws from seed + i (default: 0)")
     parser.add_argument("--chat-template-kwargs", help="a JSON object of extra arguments for the chat template, "
                                                        "as in training (default: none)")
+    parser.add_argument("--system-prompt", help="a system message before every prompt, as in training (default: none)")
     parser.add_argument("--no-chat-template", action="store_true",
                         help="encode string prompts as they are, not through the tokenizer's chat template, as in "
                              "training (default: the template, when the tokenizer has one)")
@@ -99,6 +100,7 @@ def main(argv=None) -> int:
                                    "max_completion_length": args.max_completion_length, "reward": args.reward,
                                    "device": args.device, "chat_template": not args.no_chat_template,
                                    "chat_template_kwargs": args.chat_template_kwargs,
+                                   "system_prompt": args.system_prompt,
                                    "reward_workers": args.reward_workers,
                                    **{key: getattr(args, key) for key in ("dataset_config", "dataset_test_split",
                                                                          "dataset_prompt_column", "dataset_answer_column")

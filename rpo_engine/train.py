@@ -62,7 +62,24 @@ def load_rows(config: TrainConfig) -> tuple[list[dict], list[dict]]:
         eval_rows = make_split("eval", config.eval_size, config.seed)
     else:
         eval_rows = []
+    if config.system_prompt is not None:
+        train, eval_rows = (with_system_prompt(rows, config.system_prompt) for rows in (train, eval_rows))
     return train, eval_rows
+
+
+def with_system_prompt(rows: list[dict], text: str) -> list[dict]:
+    """Each row's prompt as a conversation that opens with the system message `text`: a string prompt becomes
+    the user's turn after it; a conversation gets it first unless it opens with a system message of its own."""
+    system = {"role": "system", "content": text}
+    out = []
+    for row in rows:
+        prompt = row["prompt"]
+        if isinstance(prompt, str):
+            prompt = [system, {"role": "user", "content": prompt}]
+        elif prompt[0]["role"] != "system":
+            prompt = [system, *prompt]
+        out.append({**row, "prompt": prompt})
+    return out
 
 
 def resolve_rewards(config: TrainConfig, device: torch.device | None = None, first_only: bool = False) -> list:

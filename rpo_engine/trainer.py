@@ -1077,10 +1077,14 @@ def encode_prompts(tokenizer, rows: list[dict], limit: int, template_kwargs: dic
 
 def encode_run_prompts(tokenizer, rows: list[dict], config: TrainConfig, model, source: str) -> list[list[int]]:
     """encode_prompts with a run's options: its prompt length limit for `model` and its chat-template ones."""
-    if config.chat_template_kwargs is not None and not getattr(tokenizer, "chat_template", None):
+    if not getattr(tokenizer, "chat_template", None):
         # encode_prompt encodes the text as it is then: the arguments (Qwen3's enable_thinking) were dropped silently
-        raise UserError(f"--chat-template-kwargs does nothing: the tokenizer of "
-                        f"{config.model or 'the starter model'} has no chat template")
+        if config.chat_template_kwargs is not None:
+            raise UserError(f"--chat-template-kwargs does nothing: the tokenizer of "
+                            f"{config.model or 'the starter model'} has no chat template")
+        if config.system_prompt is not None:  # its conversations could not be encoded
+            raise UserError(f"--system-prompt needs a chat template: the tokenizer of "
+                            f"{config.model or 'the starter model'} has none")
     return encode_prompts(tokenizer, rows, prompt_token_limit(config, model), chat_template_kwargs(config), source,
                           config.chat_template)
 

@@ -547,3 +547,45 @@ def test_a_hub_dataset_that_datasets_cannot_read_is_one_line(gsm8k_like_hub, tmp
         hub_snapshot(gsm8k_like_hub, name, repo, repo_type="dataset")
         with pytest.raises(UserError, match=f"^{name}: {message}[^\n]*$"):
             load_dataset_rows(name)
+
+
+def test_system_prompt_opens_every_conversation(tmp_path, tiny_model_dir):
+    """--system-prompt (open-r1's name): a string prompt becomes [system, user] through the chat template; a
+    conversation gets the system message first unless it has its own; eval rows too. Without a chat template
+    (or with --no-chat-template) it is an error naming why, not prompts encoded without it."""
+    import shutil
+
+    import rpo_engine
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import load_rows
+    from rpo_engine.trainer import encode_run_prompts
+
+    model_dir = tmp_path / "chat_model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    tokenizer = rpo_engine.load_tokenizer(model_dir)
+    tokenizer.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}[assistant] {% endif %}")
+    tokenizer.save_pretrained(str(model_dir))
+    data = _write(tmp_path / "d.jsonl", '{"prompt": "1+1=", "answer": "2"}\n'
+                  '{"prompt": [{"role": "user", "content": "2+2="}], "answer": "4"}\n'
+                  '{"prompt": [{"role": "system", "content": "Own."}, {"role": "user", "content": "3+3="}], "answer": "6"}\n')
+    config = parse_args(["--model", str(model_dir), "--dataset", str(data), "--eval-dataset", str(data),
+                         "--system-prompt", "Box it."])
+    train, eval_rows = load_rows(config)
+    assert train == eval_rows and [r["answer"] for r in train] == ["2", "4", "6"]
+    ids = encode_run_prompts(tokenizer, train, config, rpo_engine.load_model(model_dir), "d.jsonl")
+    assert [tokenizer.decode(i) for i in ids] == ["[system] Box it.\n[user] 1+1=\n[assistant] ",
+                                                  "[system] Box it.\n[user] 2+2=\n[assistant] ",
+                                                  "[system] Own.\n[user] 3+3=\n[assistant] "]
+    with pytest.raises(UserError, match="^--system-prompt does nothing with --no-chat-template$"):
+        parse_args(["--system-prompt", "x", "--no-chat-template"])
+    starter_like = parse_args(["--model", str(tiny_model_dir), "--dataset", str(data), "--eval-steps", "0",
+                               "--system-prompt", "x"])
+    with pytest.raises(UserError, match=f"^--system-prompt needs a chat template: the tokenizer of {tiny_model_dir} "
+                                        f"has none$"):
+        encode_run_prompts(rpo_engine.load_tokenizer(tiny_model_dir), load_rows(starter_like)[0], starter_like,
+                           rpo_engine.load_model(tiny_model_dir), "d.jsonl")
+    from rpo_engine.eval import main as eval_main
+
+    with pytest.raises(UserError, match="^--system-prompt needs a chat template"):  # eval reads it as training does
+        eval_main(["--model", str(tiny_model_dir), "--dataset", str(data), "--system-prompt", "x", "--no-progress"])
