@@ -55,6 +55,22 @@ def test_help_lists_every_option_once_by_section():
             assert {"epsilon", "beta", "loss_type"} <= options and "rpo" not in options
 
 
+def test_help_sections_hold_each_top_level_option_once(monkeypatch):
+    """HELP_GROUPS' sections hold every top-level option (the rpo and algo sections aside) exactly once, by what it
+    sets (the dataset options under model and data, --report-to with logging); an option left out of them fails
+    build_parser with its name, rather than landing in some section."""
+    from rpo_engine import config
+
+    members = [m for title, ms in config.HELP_GROUPS.items() if title not in config.SECTIONS for m in ms]
+    assert sorted(members) == sorted(f.name for section, f in config._flat_fields() if section is None)
+    assert {"dataset_config", "dataset_train_split", "dataset_test_split", "dataset_prompt_column",
+            "dataset_answer_column"} <= set(config.HELP_GROUPS["model and data"])
+    assert "report_to" in config.HELP_GROUPS["evaluation, checkpoints and logging"]
+    monkeypatch.setitem(config.HELP_GROUPS, "run", ("output", "resume", "config", "steps"))
+    with pytest.raises(KeyError, match="seed"):
+        config.build_parser()
+
+
 def _ignores_sigint(pid: int) -> bool:
     status = open(f"/proc/{pid}/status").read()
     mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), 16)

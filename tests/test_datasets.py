@@ -2,6 +2,7 @@
 import json
 import re
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -463,6 +464,20 @@ def test_hub_dataset_split_and_configuration_as_load_dataset_reads_them(gsm8k_li
         load_dataset_rows("data/train.jsonl")
 
 
+def test_a_name_ending_like_a_data_or_weights_file_is_a_path_not_a_hub_id(tmp_path, monkeypatch):
+    """org/name (a str or a path) where no such path is, is a Hub id; a name ending like a data or weights file
+    (any case) is a path with a typo, never looked up; so are deeper paths, bare names and what is no path."""
+    from rpo_engine.hub import is_hub_id
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("data/train.jsonl", "data/Train.JSONL", "data/t.json", "data/t.ndjson", "data/t.parquet", "data/t.pq",
+                 "data/t.csv", "data/t.txt", "out/model.safetensors", "org/tiny/extra", "gsm", None, 3):
+        assert not is_hub_id(name), name
+    assert is_hub_id("org/gsm") and is_hub_id("Qwen/Qwen2.5-0.5B-Instruct") and is_hub_id(Path("org/gsm"))
+    (tmp_path / "org" / "gsm").mkdir(parents=True)
+    assert not is_hub_id("org/gsm")  # a local path of that name wins
+
+
 def test_training_options_read_a_hub_dataset_and_its_columns(gsm8k_like_hub):
     """--dataset org/gsm --dataset-config main --dataset-prompt-column question --eval-dataset org/gsm: train
     on its train split, evaluate on its test split (TRL's defaults; --dataset-*-split name others)."""
@@ -493,6 +508,31 @@ def test_dataset_options_that_read_nothing_are_named(tmp_path):
                                                        "--eval-dataset (the built-in task has its own fields)")):
         with pytest.raises(UserError, match=f"^{re.escape(message)}"):
             parse_args(args)
+
+
+def test_split_options_go_with_their_own_dataset(tmp_path):
+    """--dataset-train-split reads the Hub --dataset, --dataset-test-split the Hub --eval-dataset: each given
+    where only the other one is a Hub id does nothing, and is named."""
+    from rpo_engine.config import parse_args
+
+    data = _write(tmp_path / "d.jsonl", '{"prompt": "1+1=", "answer": "2"}\n')
+    for args, message in (
+            (["--dataset", "org/gsm", "--eval-dataset", str(data), "--dataset-test-split", "dev"],
+             "--dataset-test-split does nothing without a Hub --eval-dataset (org/name)"),
+            (["--dataset", str(data), "--eval-dataset", "org/gsm", "--dataset-train-split", "test"],
+             "--dataset-train-split does nothing without a Hub --dataset (org/name)")):
+        with pytest.raises(UserError, match=f"^{re.escape(message)}"):
+            parse_args(args)
+
+
+def test_every_known_column_name_is_hinted(tmp_path):
+    """A row without 'prompt' or 'answer' but with a column other datasets use for it (problem, question, query,
+    input; solution, ground_truth, target) names that column and the option that reads it."""
+    for key, other, aliases in (("prompt", "answer", ("problem", "question", "query", "input")),
+                                ("answer", "prompt", ("solution", "ground_truth", "target"))):
+        for alias in aliases:
+            p = _write(tmp_path / f"{alias}.jsonl", json.dumps({other: "x", alias: "y"}) + "\n")
+            assert f"rename '{alias}' to '{key}', or pass --dataset-{key}-column {alias}?" in _error(p)
 
 
 def test_columns_read_as_prompt_and_answer_in_local_files(tmp_path):
@@ -589,3 +629,25 @@ def test_system_prompt_opens_every_conversation(tmp_path, tiny_model_dir):
 
     with pytest.raises(UserError, match="^--system-prompt needs a chat template"):  # eval reads it as training does
         eval_main(["--model", str(tiny_model_dir), "--dataset", str(data), "--system-prompt", "x", "--no-progress"])
+
+
+def test_a_hub_dataset_whose_files_are_not_where_its_card_says_is_one_line(gsm8k_like_hub, tmp_path):
+    """A card's configuration whose data_dir holds no files (`datasets` raises a FileNotFoundError of its own, not
+    one of its DatasetsErrors) is one line naming the dataset, with the error it stems from; an error with no
+    other behind it is not repeated in parentheses."""
+    from tests.helpers import hub_snapshot
+
+    repo = tmp_path / "org_dir"
+    (repo / "elsewhere").mkdir(parents=True)
+    (repo / "elsewhere" / "d.jsonl").write_text('{"prompt": "a", "answer": "b"}\n')
+    (repo / "README.md").write_text("---\nconfigs:\n- config_name: main\n  data_dir: nothere\n---\n")
+    hub_snapshot(gsm8k_like_hub, "org/dir", repo, repo_type="dataset")
+    with pytest.raises(UserError, match="^org/dir: Dataset at .* doesn't contain data files matching the patterns for "
+                                        "config 'main'.* \\(EmptyDatasetError: The directory at .*nothere doesn't "
+                                        "contain any data files\\)$"):
+        load_dataset_rows("org/dir", config_name="main")
+    (tmp_path / "org_none").mkdir()
+    (tmp_path / "org_none" / "loader.py").write_text("print()\n")
+    snapshot = hub_snapshot(gsm8k_like_hub, "org/none", tmp_path / "org_none", repo_type="dataset")
+    with pytest.raises(UserError, match=f"^org/none: No \\(supported\\) data files found in {re.escape(str(snapshot))}$"):
+        load_dataset_rows("org/none")

@@ -301,6 +301,55 @@ def test_a_hub_model_id_loads_from_the_local_cache(tmp_path, monkeypatch, tiny_m
         rpo_engine.load_model("org/tiny/extra")
 
 
+def test_a_hub_model_brings_only_its_weights_configs_and_tokenizer(tmp_path, monkeypatch):
+    """A Hub id asks huggingface_hub for the safetensors weights, the JSON files and every kind of tokenizer file
+    (SentencePiece, tiktoken, vocab/merges text, a chat template file), not the .bin/.pth/.gguf copies of the
+    weights beside them; what the resume check reads (where_model_is) is the cache alone, never a download."""
+    import fnmatch
+
+    import huggingface_hub
+
+    from rpo_engine.model.checkpoint import model_directory
+    from rpo_engine.train import where_model_is
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, **kwargs: calls.append(dict(kwargs, repo_id=repo_id)) or str(tmp_path))
+    assert model_directory("org/tiny") == tmp_path
+    assert calls[0]["repo_id"] == "org/tiny" and calls[0]["repo_type"] == "model"
+    assert calls[0]["local_files_only"] is False  # brought up to date or downloaded where the network allows
+    patterns = calls[0]["allow_patterns"]
+    wanted = ["config.json", "generation_config.json", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
+              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "qwen.tiktoken",
+              "vocab.txt", "merges.txt", "chat_template.jinja"]
+    assert [f for f in wanted if not any(fnmatch.fnmatch(f, p) for p in patterns)] == []
+    unwanted = ["pytorch_model.bin", "consolidated.00.pth", "model.gguf", "flax_model.msgpack"]
+    assert [f for f in unwanted if any(fnmatch.fnmatch(f, p) for p in patterns)] == []
+    assert where_model_is("org/tiny") == tmp_path.resolve() and calls[1]["local_files_only"] is True
+
+
+def test_a_hub_id_that_cannot_be_fetched_names_the_requests_own_error(monkeypatch):
+    """Online, an id neither downloaded nor in the cache is one line naming the request's error (the first line
+    of it), which huggingface_hub's cache miss was raised from, not the cache miss that hides it."""
+    import huggingface_hub.constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from rpo_engine.model.checkpoint import model_directory
+
+    def snapshot_download(repo_id, **kwargs):
+        try:
+            raise ConnectionError("[Errno 101] Network is unreachable\nwhile connecting")
+        except ConnectionError as e:
+            raise LocalEntryNotFoundError("cannot find the requested files in the local cache") from e
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    with pytest.raises(UserError, match=r"^org/tiny: no such directory, and no Hugging Face Hub model of that name in "
+                                        r"the local cache \(.*\) or to download \(ConnectionError: \[Errno 101\] "
+                                        r"Network is unreachable\)$"):
+        model_directory("org/tiny")
+
+
 def test_config_not_json(tmp_path):
     save_hf_checkpoint("qwen2", tmp_path)
     (tmp_path / "config.json").write_text("{not json")

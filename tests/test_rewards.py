@@ -335,6 +335,14 @@ def test_reward_model_by_hub_id(tmp_path, monkeypatch, reward_model_dir):
         resolve_rewards(config_from_dict({"reward": "exact,org/missing"}))
 
 
+def test_reward_model_named_by_a_relative_directory(monkeypatch, reward_model_dir):
+    """A reward model given as "." (run from inside its directory) is named by that directory, not ''."""
+    from rpo_engine.rewards.model import RewardModel
+
+    monkeypatch.chdir(reward_model_dir)
+    assert RewardModel(".", progress=False).__name__ == reward_model_dir.name
+
+
 def test_reward_model_adds_its_weighted_score_in_training(reward_model_dir, tiny_model_dir):
     """--reward fn,RM_DIR --reward-weights 1,0.5: each completion's reward is its accuracy plus half the reward
     model's logit on it; the metric rewards/<model>/mean is the model's mean score."""

@@ -180,6 +180,22 @@ def test_a_hub_model_id_trains_and_resumes_from_the_local_cache(tmp_path, tiny_m
     assert not (tmp_path / "other").exists()
 
 
+def test_where_model_is_resolves_a_directory_and_keeps_an_id_in_no_cache(tmp_path, monkeypatch):
+    """The resume check compares --model by where it is: a directory as its resolved path (a relative and an
+    absolute spelling are one model), and a Hub id in no cache as written, resolved, not an error (a full
+    fine-tune resumes from its checkpoint without its --model)."""
+    import huggingface_hub.constants
+
+    from rpo_engine.train import where_model_is
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert where_model_is("models/m") == where_model_is(str(tmp_path / "models" / "m")) == (tmp_path / "models/m").resolve()
+    assert where_model_is("org/missing") == (tmp_path / "org" / "missing").resolve()
+
+
 def test_resuming_with_other_memory_settings_is_no_changed_run(tmp_path, capsys):
     """A run out of GPU memory is told to lower --micro-batch-tokens or add --gradient-checkpointing: resumed with
     them (or with --no-prefix-sharing, the layout's reference) it trains what it did, so no warning names them;
@@ -355,6 +371,41 @@ def test_a_resume_whose_wandb_run_id_is_empty_starts_a_new_wandb_run(tmp_path, m
             (tmp_path / "wandb_run_id").write_text(text)
         Reporter(["wandb"], tmp_path, {}, resumed_at=3)
         assert inits[-1]["id"] and (tmp_path / "wandb_run_id").read_text() == inits[-1]["id"] + "\n"
+
+
+def test_a_new_run_starts_its_own_wandb_run_and_logs_only_numbers(tmp_path, monkeypatch):
+    """A new run (not a resume) where an earlier run left OUTPUT/wandb_run_id starts a W&B run of its own, in
+    project rpo_engine where $WANDB_PROJECT is unset; a record's booleans, strings and nulls are not logged."""
+    import types
+
+    from rpo_engine.reporting import Reporter
+
+    inits, logged = [], []
+
+    class Run:
+        define_metric = finish = lambda self, *args, **kwargs: None
+
+        def log(self, data):
+            logged.append(data)
+
+    wandb = types.ModuleType("wandb")
+    wandb.init = lambda **kwargs: inits.append(kwargs) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    (tmp_path / "wandb_run_id").write_text("earlier\n")
+    reporter = Reporter(["wandb"], tmp_path, {}, resumed_at=None)
+    assert inits[0]["id"] != "earlier" and (tmp_path / "wandb_run_id").read_text() == inits[0]["id"] + "\n"
+    assert inits[0]["project"] == "rpo_engine"
+    reporter.log({"step": 3, "loss": 0.5, "tokens": 7, "truncated": True, "note": "x", "eval_accuracy": None})
+    assert logged == [{"step": 3, "loss": 0.5, "tokens": 7}]
+
+
+def test_report_to_none_reports_nowhere_where_tensorboard_is_installed(monkeypatch):
+    """--report-to none is no sink at all, TensorBoard installed or not (auto would pick it)."""
+    from rpo_engine import reporting
+
+    monkeypatch.setattr(reporting, "installed", lambda package: True)
+    assert reporting.report_targets("none") == [] and reporting.report_targets(" none ") == []
 
 
 def test_a_lora_run_on_a_hub_model_names_its_base_by_the_id(tmp_path, tiny_model_dir, monkeypatch):
