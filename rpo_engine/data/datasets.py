@@ -298,7 +298,7 @@ def load_hub_dataset_rows(repo_id: str, config_name: str | None = None, split: s
         # line, not a traceback
         cause = e.__cause__ or e
         raise UserError(f"{repo_id}: {' '.join(str(e).split())}"
-                        + (f" ({type(cause).__name__}: {' '.join(str(cause).split())[:200]})" if cause is not e else "")
+                        + (f" ({type(cause).__name__}: {' '.join(str(cause).split())[:400]})" if cause is not e else "")
                         ) from None
     source = f"{repo_id} ({f'{config_name}, ' if config_name else ''}split {split})"
     return validate_rows(rows, [f"{source}: row {i}" for i in range(len(rows))], source, columns)
