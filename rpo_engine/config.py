@@ -616,7 +616,8 @@ def _trl_spelling(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]
     return out
 
 
-# --help in sections: the top-level options by what they set; the rpo and algo sections' whole
+# --help in sections: the top-level options grouped by what they set; the rpo and algo sections each whole,
+# under a name and what it holds
 HELP_GROUPS = {
     "model and data": ("model", "dataset", "shuffle_dataset", "train_size", "eval_dataset", "dataset_config",
                        "dataset_train_split", "dataset_test_split", "dataset_prompt_column", "dataset_answer_column"),

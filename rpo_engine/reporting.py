@@ -28,9 +28,9 @@ def report_targets(report_to: str) -> list[str]:
     """The sinks `report_to` names ("auto": TensorBoard where installed; "none": none); a UserError for an
     unknown name or a named sink that is not installed."""
     names = [name.strip() for name in report_to.split(",") if name.strip()]
-    if names in (["auto"], ["none"]):
-        if names == ["none"]:
-            return []
+    if names == ["none"]:
+        return []
+    if names == ["auto"]:
         return ["tensorboard"] if installed("tensorboard") else []
     unknown = [name for name in names if name not in SINKS]
     if not names or unknown:
