@@ -60,7 +60,7 @@ class ModelConfig:
         factor times its original context (Qwen's model cards add YaRN to config.json and leave
         max_position_embeddings at the original 32768). llama3 configs give the scaled context themselves."""
         s, scaled = self.rope_scaling, 0
-        rope_type = None if s is None else s.get("rope_type", s.get("type"))
+        rope_type = _rope_type(s)
         if rope_type == "linear":
             scaled = self.max_position_embeddings * s["factor"]
         if rope_type == "yarn":
@@ -87,7 +87,7 @@ class ModelConfig:
         if self.head_dim % 2:
             raise UserError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.rope_scaling is not None:
-            rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            rope_type = _rope_type(self.rope_scaling)
             if rope_type == "dynamic":
                 raise UserError("unsupported rope_scaling type 'dynamic': its frequencies change with the sequence "
                                 "length at run time, which keys already rotated into the paged KV cache at shorter "
@@ -319,6 +319,11 @@ def read_generation_eos(path: str | Path) -> tuple[int, ...]:
         raise UserError(f"{path}: {e}") from None
 
 
+def _rope_type(rope_scaling: dict | None) -> str | None:
+    """The scaling rule's name: `rope_type`, or the older `type` key (None: no scaling)."""
+    return None if rope_scaling is None else rope_scaling.get("rope_type", rope_scaling.get("type"))
+
+
 def _check_yarn(s: dict) -> None:
     """The YaRN keys transformers 5 reads, each a UserError naming it when it cannot mean a rotary embedding.
     An optional key left out or null takes transformers' default; `factor` null is transformers' DeepSeek rule
@@ -348,7 +353,7 @@ def rope_frequencies(config: ModelConfig):
     s = config.rope_scaling
     if s is None:
         return inv_freq, 1.0
-    rope_type = s.get("rope_type", s.get("type"))
+    rope_type = _rope_type(s)
     if rope_type == "linear":  # positions / factor
         return inv_freq / s["factor"], 1.0
     if rope_type == "yarn":
