@@ -20,6 +20,7 @@ from rpo_engine.errors import UserError, run_cli
 def main(argv=None) -> int:
     import rpo_engine
     from rpo_engine.config import OneLineParser, config_from_dict
+    from rpo_engine.model.checkpoint import model_directory
     from rpo_engine.model.lora import load_adapter
     from rpo_engine.rollout import RolloutEngine, SamplingParams
     from rpo_engine.train import load_rows, resolve_device, resolve_reward, reward_pool
@@ -112,11 +113,12 @@ def main(argv=None) -> int:
         from rpo_engine.data.starter import ensure_starter_model
 
         config.model = str(ensure_starter_model())
-    check_not_a_run(Path(config.model))
-    model = rpo_engine.load_model(config.model, dtype=dtype, device=device)
+    model_dir = model_directory(config.model)  # a Hub id looked up once, for the model and its tokenizer
+    check_not_a_run(model_dir)
+    model = rpo_engine.load_model(model_dir, dtype=dtype, device=device)
     if args.adapter is not None:
         load_adapter(model, args.adapter)
-    tokenizer = rpo_engine.load_tokenizer(config.model)
+    tokenizer = rpo_engine.load_tokenizer(model_dir)
     _, rows = load_rows(config)
     prompts = encode_run_prompts(tokenizer, rows, config, model, args.dataset or "built-in eval split")
     eos_ids = stop_ids(model, tokenizer)

@@ -16,7 +16,7 @@ import pickle
 import re
 import sys
 import zipfile
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import torch
@@ -311,6 +311,7 @@ def write_plot(metrics: list[dict], path: Path, title: str) -> None:
 def build_trainer(config: TrainConfig, checkpoint: Path | None = None, dist: Dist | None = None):
     """A Trainer for `config`, its weights from `checkpoint` (a step-N directory) when resuming."""
     import rpo_engine
+    from rpo_engine.model.checkpoint import model_directory
     from rpo_engine.model.lora import apply_lora, load_adapter
     from rpo_engine.trainer import Trainer
 
@@ -319,9 +320,10 @@ def build_trainer(config: TrainConfig, checkpoint: Path | None = None, dist: Dis
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
 
+    @cache  # one lookup of a Hub id: the model, its tokenizer and the KL reference read the same snapshot
     def initial_model_dir() -> Path:
         if config.model is not None:
-            return Path(config.model)
+            return model_directory(config.model)
         from rpo_engine.data.starter import ensure_starter_model
 
         if dist.local_rank == 0:  # one builder per machine; the others wait, then load it
