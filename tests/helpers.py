@@ -94,3 +94,14 @@ def hub_snapshot(cache, repo_id: str, source, repo_type: str = "model") -> Path:
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     return Path(shutil.copytree(source, repo / "snapshots" / commit))
+
+
+def with_chat_template(source, directory, template: str) -> Path:
+    """A copy of the model directory `source` at `directory` whose tokenizer has the chat template `template`."""
+    from rpo_engine import load_tokenizer
+
+    shutil.copytree(source, directory)
+    tokenizer = load_tokenizer(directory)
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(str(directory))
+    return Path(directory)

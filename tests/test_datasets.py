@@ -593,19 +593,16 @@ def test_system_prompt_opens_every_conversation(tmp_path, tiny_model_dir):
     """--system-prompt (open-r1's name): a string prompt becomes [system, user] through the chat template; a
     conversation gets the system message first unless it has its own; eval rows too. Without a chat template
     (or with --no-chat-template) it is an error naming why, not prompts encoded without it."""
-    import shutil
-
     import rpo_engine
     from rpo_engine.config import parse_args
     from rpo_engine.train import load_rows
     from rpo_engine.trainer import encode_run_prompts
+    from tests.helpers import with_chat_template
 
-    model_dir = tmp_path / "chat_model"
-    shutil.copytree(tiny_model_dir, model_dir)
+    model_dir = with_chat_template(tiny_model_dir, tmp_path / "chat_model",
+                                   "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                                   "{% if add_generation_prompt %}[assistant] {% endif %}")
     tokenizer = rpo_engine.load_tokenizer(model_dir)
-    tokenizer.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-                               "{% if add_generation_prompt %}[assistant] {% endif %}")
-    tokenizer.save_pretrained(str(model_dir))
     data = _write(tmp_path / "d.jsonl", '{"prompt": "1+1=", "answer": "2"}\n'
                   '{"prompt": [{"role": "user", "content": "2+2="}], "answer": "4"}\n'
                   '{"prompt": [{"role": "system", "content": "Own."}, {"role": "user", "content": "3+3="}], "answer": "6"}\n')

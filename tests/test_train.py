@@ -526,15 +526,12 @@ def test_completion_records_split_the_text_the_reward_read(tiny_model_dir):
 
 def test_conversational_dataset_through_the_chat_template(tmp_path, tiny_model_dir):
     """TRL-style rows (a system message, then the user's) train through the model's chat template."""
-    import rpo_engine
+    from tests.helpers import with_chat_template
 
-    model_dir = tmp_path / "chat_model"
-    shutil.copytree(tiny_model_dir, model_dir)
-    tokenizer = rpo_engine.load_tokenizer(model_dir)
     # each turn ends in a special token, as Qwen's <|im_end|>: the logged prompt keeps it (what the model read)
-    tokenizer.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}<|endoftext|>\n{% endfor %}"
-                               "{% if add_generation_prompt %}[assistant] {% endif %}")
-    tokenizer.save_pretrained(str(model_dir))
+    model_dir = with_chat_template(tiny_model_dir, tmp_path / "chat_model",
+                                   "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}<|endoftext|>\n"
+                                   "{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}")
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps({"prompt": [{"role": "system", "content": "Add."},
                                                    {"role": "user", "content": f"{i}+{i}="}], "answer": str(2 * i)})
