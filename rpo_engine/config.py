@@ -344,6 +344,7 @@ class TrainConfig:
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
     top_k: int = field(default=0, metadata={"help": "top-k sampling (0: off)"})
     min_p: float = field(default=0.0, metadata={"help": "min-p sampling: drop tokens less likely than min_p times the most likely one (0: off)"})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "divide the logit of each token already in the prompt or the completion by this where positive, multiply where negative, before the temperature (TRL's name; transformers' and vLLM's rule): above 1 discourages repeats; the rollout's log-probs stay the policy's, without it, as training recomputes them; the greedy eval decodes without it, as without the temperature (1: off)"})
     learning_rate: float = field(default=1.5e-5, metadata={"help": "peak learning rate (AdamW; the default suits the built-in starter model, use ~1e-6 for 1B+ models)"})
     warmup_ratio: float = field(default=0.05, metadata={"help": "fraction of steps (rounded up, as Hugging Face rounds it) of linear warmup before the decay (none with --lr-scheduler-type constant)"})
     warmup_steps: float | None = field(default=None, metadata={"help": "the warmup as transformers 5 (TRL 1.x) gives it, in place of --warmup-ratio: N >= 1 steps, or below 1 a fraction of --steps, rounded up (default: none, --warmup-ratio applies)"})
@@ -398,6 +399,7 @@ class TrainConfig:
         _check(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
         _check(self.top_k >= 0, f"--top-k must be >= 0, got {self.top_k}")
         _check(0 <= self.min_p <= 1, f"--min-p must be in [0, 1], got {self.min_p}")
+        _check(self.repetition_penalty > 0, f"--repetition-penalty must be > 0 (1: off), got {self.repetition_penalty}")
         _check(self.learning_rate > 0, f"--learning-rate must be > 0, got {self.learning_rate}")
         _check(0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.warmup_steps is not None:
@@ -571,7 +573,7 @@ TRL_EQUIVALENTS = {
     "eval_strategy": "is --eval-steps here (0: never)", "save_strategy": "is --save-steps here (0: only at the end)",
     "lr_scheduler_kwargs": "is not here: cosine_with_min_lr ends at 10% of the peak (min_lr_rate 0.1)",
     "lora_dropout": "is not here: no adapter dropout, so the training forward is the rollout's (README, LoRA)",
-    "repetition_penalty": "is not here", "num_generations_eval": "is not here: eval is greedy, one answer a prompt",
+    "num_generations_eval": "is not here: eval is greedy, one answer a prompt",
 }
 
 
@@ -623,7 +625,7 @@ HELP_GROUPS = {
                        "dataset_train_split", "dataset_test_split", "dataset_prompt_column", "dataset_answer_column"),
     "run": ("output", "resume", "config", "seed", "steps"),
     "rollout": ("prompts_per_step", "num_generations", "max_prompt_length", "max_completion_length", "temperature",
-                "top_p", "top_k", "min_p", "gpu_memory_utilization", "async_scheduling"),
+                "top_p", "top_k", "min_p", "repetition_penalty", "gpu_memory_utilization", "async_scheduling"),
     "rewards and prompts": ("reward", "reward_weights", "reward_workers", "format_reward_weight", "chat_template",
                             "chat_template_kwargs", "system_prompt"),
     "optimization": ("learning_rate", "warmup_ratio", "warmup_steps", "lr_scheduler_type", "adam_beta1", "adam_beta2",

@@ -54,6 +54,9 @@ def main(argv=None) -> int:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1.0)")
     parser.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0: off (default: 0)")
     parser.add_argument("--min-p", type=float, default=0.0, help="min-p sampling, 0: off (default: 0)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="divide a seen token's positive logit by this, multiply a negative one, greedy "
+                             "decoding included (transformers' rule; default: 1, off)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed; row i draws from seed + i (default: 0)")
     parser.add_argument("--chat-template-kwargs", help="a JSON object of extra arguments for the chat template, "
                                                        "as in training (default: none)")
@@ -78,7 +81,7 @@ def main(argv=None) -> int:
                             f"give --temperature > 0 to sample)")
     try:  # before any loading: SamplingParams checks the sampling options
         SamplingParams(n=args.num_samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                       min_p=args.min_p, seed=args.seed)
+                       min_p=args.min_p, seed=args.seed, repetition_penalty=args.repetition_penalty)
     except ValueError as e:  # its message names the field: say the option
         raise UserError(re.sub(r"SamplingParams\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(e))) from None
     if args.adapter is not None and args.model is not None:
@@ -124,6 +127,7 @@ def main(argv=None) -> int:
     eos_ids = stop_ids(model, tokenizer)
     params = [SamplingParams(n=args.num_samples, max_new_tokens=config.max_completion_length,
                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                             repetition_penalty=args.repetition_penalty,
                              stop_token_ids=eos_ids, seed=args.seed + i) for i in range(len(rows))]
     engine = RolloutEngine(model, merge_lora=True)  # an adapter is decoded merged: nothing trains it here
     reward = resolve_reward(config)

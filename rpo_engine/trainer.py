@@ -186,7 +186,8 @@ class Trainer:
 
         c = self.config
         return SamplingParams(n=n, max_new_tokens=budget, temperature=c.temperature, top_p=c.top_p,
-                              top_k=c.top_k, min_p=c.min_p, stop_token_ids=self.eos_ids, seed=seed)
+                              top_k=c.top_k, min_p=c.min_p, repetition_penalty=c.repetition_penalty,
+                              stop_token_ids=self.eos_ids, seed=seed)
 
     def seed_for(self, row_index: int, salt: int, step: int | None = None) -> int:
         # Sampling seeds derive from (run seed, step, position): resumed runs draw the same samples.

@@ -145,7 +145,9 @@ def test_scheduler_preempts_newest_when_blocks_run_out():
 
 @pytest.mark.parametrize("bad", [dict(n=0), dict(max_new_tokens=-1), dict(temperature=-0.5), dict(top_p=0.0),
                                  dict(top_p=1.5), dict(top_k=-2), dict(stop_token_ids="2"), dict(seed=1.5),
-                                 dict(min_p=1.5), dict(min_p=-0.1), dict(top_k=2.5)])
+                                 dict(min_p=1.5), dict(min_p=-0.1), dict(top_k=2.5), dict(repetition_penalty=0.0),
+                                 dict(repetition_penalty=-1.2), dict(repetition_penalty=float("nan")),
+                                 dict(repetition_penalty=True)])
 def test_sampling_params_validation(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)

@@ -6,6 +6,7 @@ path (Triton decode attention, CUDA graphs) against transformers on the CPU."""
 import copy
 import dataclasses
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -923,3 +924,109 @@ def test_stats_count_each_call_exactly(checkpoints):
     s = engine.last_stats
     assert s.peak_blocks_used == 3 < big == engine.stats.peak_blocks_used
     assert (s.prefill_tokens, s.decode_tokens, s.sampled_tokens, s.blocks_used) == (8, 1, 2, 0)
+
+
+def penalized_reference(logits, seen_ids, penalty):
+    """transformers' RepetitionPenaltyLogitsProcessor written out token by token."""
+    out = logits.clone()
+    for t in set(seen_ids):
+        out[t] = logits[t] / penalty if logits[t] > 0 else logits[t] * penalty
+    return out
+
+
+def test_apply_repetition_penalty_equals_the_token_by_token_rule():
+    from rpo_engine.rollout.penalty import apply_repetition_penalty
+
+    g = torch.Generator().manual_seed(4)
+    R, V = 5, 37
+    logits = torch.randn(R, V, generator=g) * 3
+    logits[0, :4] = 0.0  # a zero logit stays zero
+    seen_ids = [torch.randint(0, V, (n,), generator=g).tolist() for n in (0, 1, 9, 30, 80)]
+    penalty = torch.tensor([1.3, 0.7, 1.0, 2.5, 1.1])
+    seen = torch.zeros(R, V, dtype=torch.bool)
+    for r, ids in enumerate(seen_ids):
+        seen[r, ids] = True
+    got = apply_repetition_penalty(logits, seen, penalty)
+    for r in range(R):
+        torch.testing.assert_close(got[r], penalized_reference(logits[r], seen_ids[r], penalty[r].item()),
+                                   atol=0, rtol=0)
+    assert not torch.equal(got[3], logits[3]) and torch.equal(got[2], logits[2])
+
+
+def test_seen_tokens_rows_are_filled_marked_released_and_reused():
+    from rpo_engine.rollout.penalty import SeenTokens
+
+    seqs = [SimpleNamespace(uid=100 + i, token_ids=ids) for i, ids in
+            enumerate([[1, 2, 2, 5], [1, 2, 2, 5], [7], list(range(3, 40))])]
+    seen = SeenTokens(50, torch.device("cpu"))
+    rows = seen.rows(seqs[:3])
+    assert rows.tolist() == [0, 1, 2] and len(seen.mask) == 16
+    seen.mark(rows, torch.tensor([9, 5, 7]))
+    assert [seen.mask[r].nonzero().flatten().tolist() for r in rows.tolist()] == [[1, 2, 5, 9], [1, 2, 5], [7]]
+    seen.release(seqs[:1])
+    more = [SimpleNamespace(uid=200 + i, token_ids=[i]) for i in range(20)]  # past the capacity: it grows
+    new_rows = seen.rows(seqs[3:] + more)
+    got = set(new_rows.tolist())  # 21 rows: the released row 0 among them, never a live one's (1, 2)
+    assert len(got) == 21 and 0 in got and not {1, 2} & got and max(got) < len(seen.mask) == 32
+    assert seen.mask[new_rows[0]].nonzero().flatten().tolist() == list(range(3, 40))  # each zeroed, then filled
+    assert seen.mask[1].nonzero().flatten().tolist() == [1, 2, 5]  # kept through the growth
+    assert [seen.mask[r].nonzero().flatten().tolist() for r in new_rows[1:].tolist()] == [[i] for i in range(20)]
+    assert torch.equal(seen.rows(seqs[1:3]), rows[1:])  # a known sequence keeps its row
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_greedy_with_repetition_penalty_matches_transformers(checkpoints, family):
+    hf, model = checkpoints[family]
+    prompts = random_prompts(hf.config.vocab_size, [5, 13, 8, 3])
+    budgets = [14, 6, 18, 9]
+    for penalty in (1.3, 0.8):
+        params = [SamplingParams(n=2, max_new_tokens=b, temperature=0, stop_token_ids=[], repetition_penalty=penalty)
+                  for b in budgets]
+        plain = [dataclasses.replace(p, repetition_penalty=1.0) for p in params]
+        for sharing in (True, False):
+            engine = RolloutEngine(model, block_size=4, enable_prefix_sharing=sharing)
+            outs = engine.generate(prompts, params)
+            for prompt, budget, samples in zip(prompts, budgets, outs):
+                ids = torch.tensor([prompt])
+                expected = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                       max_new_tokens=budget, min_new_tokens=budget, eos_token_id=None,
+                                       pad_token_id=0, repetition_penalty=penalty)[0, len(prompt):].tolist()
+                assert all(c.token_ids == expected for c in samples), (penalty, sharing)
+            assert engine._seen is None and engine.block_manager.num_used_blocks == 0
+        unpenalized = RolloutEngine(model, block_size=4).generate(prompts, plain)
+        assert [o[0].token_ids for o in outs] != [o[0].token_ids for o in unpenalized]  # it changed something
+
+
+def test_repetition_penalty_draws_from_the_penalized_distribution_with_policy_logprobs(checkpoints):
+    """Each sampled token is the one `sample_reference` draws, with its uniform, from the teacher-forced logits
+    penalized over the prompt and the tokens before it; its log-prob is the unpenalized policy's. The same
+    completions under preemption and async scheduling (whose pending token must count as seen), and a prompt
+    without a penalty in the same call samples as in a call without one."""
+    hf, model = checkpoints["qwen2"]
+    prompts = random_prompts(hf.config.vocab_size, [6, 11, 9])
+    T, penalty = 0.9, 1.8
+    params = [SamplingParams(n=3, max_new_tokens=14, temperature=T, top_p=0.95, stop_token_ids=[], seed=7,
+                             repetition_penalty=penalty) for _ in prompts]
+    params[2] = dataclasses.replace(params[2], repetition_penalty=1.0)
+    outs = RolloutEngine(model, block_size=4).generate(prompts, params)
+    for prompt, p, samples in zip(prompts[:2], params, outs):
+        key = request_key(p.seed, prompt)
+        for j, c in enumerate(samples):
+            ids = torch.tensor([prompt + c.token_ids], device=model.device)
+            with torch.no_grad():
+                logits = model(ids)[0, len(prompt) - 1:-1].float().cpu()  # [14, V]
+            for t, token in enumerate(c.token_ids):
+                row = penalized_reference(logits[t], prompt + c.token_ids[:t], penalty)[None]
+                u = torch.tensor([uniform(key, j, len(prompt) + t)], dtype=torch.float64)
+                want, _ = sample_reference(row, torch.tensor([T]), torch.tensor([0]), torch.tensor([0.95]), u)
+                assert token == want.item(), (j, t)
+            torch.testing.assert_close(torch.tensor(c.logprobs), teacher_forced_logprobs(model, prompt, c.token_ids, T),
+                                       atol=1e-5, rtol=0)
+    alone = RolloutEngine(model, block_size=4).generate(prompts[2:], params[2:])
+    assert_same_samples(outs[2:], alone)
+    tight = RolloutEngine(model, block_size=4, num_blocks=10)
+    assert_same_samples(tight.generate(prompts, params), outs)
+    assert tight.last_stats.preemptions > 0
+    sync, ahead = async_twin(model, block_size=4)
+    assert_same_samples(ahead.generate(prompts, params), outs)
+    assert sum(ahead.ahead_steps) > len(ahead.ahead_steps) // 2

@@ -564,9 +564,10 @@ def test_sampling_options_reach_the_engine(tiny_model_dir):
     from rpo_engine.train import build_trainer
 
     trainer = build_trainer(parse_args(["--model", str(tiny_model_dir), "--temperature", "0.9", "--top-p", "0.95",
-                                        "--top-k", "40", "--min-p", "0.05"]))
+                                        "--top-k", "40", "--min-p", "0.05", "--repetition-penalty", "1.2"]))
     p = trainer.sampling_params(4, 16, seed=1)
-    assert (p.n, p.max_new_tokens, p.temperature, p.top_p, p.top_k, p.min_p) == (4, 16, 0.9, 0.95, 40, 0.05)
+    assert ((p.n, p.max_new_tokens, p.temperature, p.top_p, p.top_k, p.min_p, p.repetition_penalty)
+            == (4, 16, 0.9, 0.95, 40, 0.05, 1.2))
     rows = trainer.train_rows[:2]
     groups, _ = trainer.rollout(rows, 0)  # and the engine samples with them
     assert all(len(g.suffix_ids) == 8 for g in groups)
@@ -2190,3 +2191,18 @@ def test_top_entropy_quantile_counts_last_bit_differences_as_ties():
     assert at_or_above(values, tied).tolist() == [[True, True, False, False]]
     assert not at_or_above(values, math.inf).any()  # no token with a policy gradient: none kept
     assert at_or_above(torch.tensor([-2.0, -2.0 * (1 + 2 ** -22)]), -2.0).tolist() == [True, True]
+
+
+def test_eval_cli_repetition_penalty_applies_to_greedy_decoding(tmp_path, tiny_model_dir):
+    # transformers' generate applies it to greedy decoding too, so unlike --top-k it is no error with --temperature 0
+    from rpo_engine.eval import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q: {i}+1\nA:", "answer": str(i + 1)}) + "\n" for i in range(4)))
+    common = ["--model", str(tiny_model_dir), "--dataset", str(data), "--max-completion-length", "24", "--no-progress",
+              "--reward", "tests.reward_fns:hash_reward"]
+    main([*common, "--output", str(tmp_path / "plain.jsonl")])
+    main([*common, "--output", str(tmp_path / "penalized.jsonl"), "--repetition-penalty", "2.0"])
+    plain, penalized = ([json.loads(line)["completion"] for line in (tmp_path / name).read_text().splitlines()]
+                        for name in ("plain.jsonl", "penalized.jsonl"))
+    assert len(plain) == len(penalized) == 4 and plain != penalized

@@ -27,6 +27,7 @@ import torch
 from rpo_engine.model.lora import lora_modules, refresh_rollout_weights, rollout_weights_in_use
 from rpo_engine.rollout.block_manager import BlockManager
 from rpo_engine.rollout.model_runner import ModelRunner
+from rpo_engine.rollout.penalty import SeenTokens
 from rpo_engine.rollout.sampler import request_key, sample_sequences
 from rpo_engine.rollout.scheduler import Scheduler
 from rpo_engine.rollout.sequence import Completion, SamplingParams, Sequence, SequenceStatus
@@ -161,6 +162,7 @@ class RolloutEngine:
         self.enable_prefix_sharing = enable_prefix_sharing
         self.async_scheduling = async_scheduling
         self._inflight: InFlight | None = None
+        self._seen: SeenTokens | None = None  # during a call with a repetition penalty: each sequence's tokens
         if max_num_batched_tokens is None:
             max_num_batched_tokens = max(8192, self.config.max_model_len)
         self.merge_lora = merge_lora and bool(lora_modules(model))
@@ -206,6 +208,8 @@ class RolloutEngine:
         self.runner.refresh()
         before, self._call_peak = dataclasses.replace(self.stats), self.block_manager.num_used_blocks
         outputs: list[list[Completion | None]] = [[None] * p.n for p in params_list]
+        if any(p.repetition_penalty != 1 for p in params_list):
+            self._seen = SeenTokens(self.config.vocab_size, self.runner.device)
         for i, (prompt, p) in enumerate(zip(prompts, params_list)):
             if p.max_new_tokens == 0:
                 outputs[i] = [Completion([], [], "length") for _ in range(p.n)]
@@ -230,6 +234,8 @@ class RolloutEngine:
                 finished = self.step()
                 for seq in finished:
                     outputs[seq.request_index][seq.sample_index] = seq.completion()
+                if self._seen is not None:
+                    self._seen.release(finished)
                 if bar is not None and finished:
                     elapsed = bar.format_dict["elapsed"]
                     new_tokens = self.stats.sampled_tokens - before.sampled_tokens
@@ -243,6 +249,7 @@ class RolloutEngine:
             raise
         finally:
             self.runner.release()
+            self._seen = None  # its rows: a bool per vocabulary token per sequence
             if bar is not None:
                 bar.close()
         self.last_stats = self.stats.delta(before, self._call_peak)
@@ -267,7 +274,7 @@ class RolloutEngine:
             rows = torch.tensor([i for i, seq in enumerate(seqs) for _ in range(seq.num_forks)], device=logits.device)
             seqs = [sample for seq in seqs for sample in self.scheduler.fork(seq)]
             logits = logits[rows]  # [num samples, vocab]
-        tokens, logprobs = sample_sequences(logits, seqs)
+        tokens, logprobs = sample_sequences(logits, seqs, self._seen)
         if self.async_scheduling and not is_prefill:
             step = InFlight(seqs, tokens, logprobs)
             for seq in seqs:

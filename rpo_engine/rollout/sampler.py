@@ -10,14 +10,16 @@ drawn. `sample` does it in work linear in the vocabulary (no sort, no fp64 copy 
 `sample_reference` is the plain version it is tested against.
 
 Log-probs. The returned log-prob is log_softmax(logits / T) at the drawn token, BEFORE top-k/top-p/min-p
-truncation (T = 1 for greedy): exactly what the trainer recomputes by teacher forcing. With one of them
-on, the token was drawn from the truncated distribution, whose log-prob is this minus log(kept mass).
+truncation and a repetition penalty (T = 1 for greedy): exactly what the trainer recomputes by teacher
+forcing. With a truncation on, the token was drawn from the truncated distribution, whose log-prob is
+this minus log(kept mass).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from rpo_engine.rollout.penalty import SeenTokens, apply_repetition_penalty
 from rpo_engine.rollout.transfer import to_device
 
 _M64 = (1 << 64) - 1
@@ -225,16 +227,28 @@ def _sample_truncated(logits, scaled, weights, temperature, top_k, top_p, u, can
     return tokens
 
 
-def sample_sequences(logits: torch.Tensor, seqs) -> tuple[torch.Tensor, torch.Tensor]:
+def policy_logprobs(logits: torch.Tensor, temperature: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits / T)[token] per row (T = 1 for a greedy row): the log-prob `sample` returns,
+    taken from logits it did not draw from (a repetition penalty's)."""
+    scaled = logits.float() / torch.where(temperature == 0, 1.0, temperature)[:, None]
+    return scaled.gather(1, tokens[:, None]).squeeze(1) - scaled.logsumexp(-1)
+
+
+def sample_sequences(logits: torch.Tensor, seqs, seen: SeenTokens | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample the next token of each sequence from its logits row [len(seqs), V] -> (token ids [S] long,
     log-probs [S] fp32) on the logits' device. No host sync (but with top-k/top-p, see `sample`): the
     per-row inputs go to the device in one copy from pinned memory, which does not wait for the forward.
     Each token is drawn for position `seq.num_tokens` (a pending token of async scheduling counted).
+
+    A sequence with a repetition penalty (`seen`: the call's SeenTokens, needed then) draws from its
+    penalized logits; its log-prob stays the unpenalized distribution's, the policy's that training
+    recomputes, as with top-k/top-p/min-p.
     """
     params = [seq.params for seq in seqs]
     temperature = [p.temperature for p in params]
     any_min_p = any(p.min_p > 0 for p in params)
-    rows = np.empty((4 + any_min_p, len(seqs)))  # fp64
+    penalized = any(p.repetition_penalty != 1 for p in params)
+    rows = np.empty((4 + any_min_p + penalized, len(seqs)))  # fp64
     rows[0] = temperature
     rows[1] = [p.top_p for p in params]
     rows[2] = [p.top_k for p in params]  # ints < 2**53: exact in fp64
@@ -242,8 +256,20 @@ def sample_sequences(logits: torch.Tensor, seqs) -> tuple[torch.Tensor, torch.Te
                               [len(seq.token_ids) + seq.num_pending for seq in seqs])  # at seq.num_tokens
     if any_min_p:
         rows[4] = [p.min_p for p in params]
+    if penalized:
+        rows[-1] = [p.repetition_penalty for p in params]
     truncate = any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in params)
     num_greedy = sum(t == 0 for t in temperature)
-    rows = to_device(torch.from_numpy(rows), logits.device)  # [4 or 5, S]
-    return sample(logits, rows[0].float(), rows[2].long(), rows[1].float(), rows[3], truncate,
-                  num_greedy > 0, num_greedy == len(seqs), rows[4].float() if any_min_p else None)
+    rows = to_device(torch.from_numpy(rows), logits.device)  # [4 to 6, S]
+    drawn_from = logits.float()
+    if penalized:
+        if seen is None:
+            raise ValueError("sample_sequences: a repetition penalty needs the call's SeenTokens")
+        seen_rows = seen.rows(seqs)
+        drawn_from = apply_repetition_penalty(drawn_from, seen.mask[seen_rows], rows[-1].float())
+    tokens, logprobs = sample(drawn_from, rows[0].float(), rows[2].long(), rows[1].float(), rows[3], truncate,
+                              num_greedy > 0, num_greedy == len(seqs), rows[4].float() if any_min_p else None)
+    if penalized:
+        logprobs = policy_logprobs(logits, rows[0].float(), tokens)
+        seen.mark(seen_rows, tokens)
+    return tokens, logprobs

@@ -22,6 +22,9 @@ MIN_TEMPERATURE = 1e-5  # the smallest sampling temperature short of greedy (vLL
 class SamplingParams:
     """How to sample. `top_k` 0 or -1, `top_p` 1.0 and `min_p` 0 are off; `temperature` 0 is greedy.
     `min_p` (vLLM's and TRL's): drop tokens less likely than min_p times the most likely one.
+    `repetition_penalty` (transformers', vLLM's and TRL's; 1: off): a token already in the prompt or the
+    completion has its logit divided by it where positive and multiplied by it where negative, before the
+    temperature, greedy decoding included (rpo_engine/rollout/penalty.py).
 
     `stop_token_ids=None` stops at the model's eos ids (config.json's and generation_config.json's), `[]`
     never stops early. `seed=None` draws a fresh seed from torch's global generator (so
@@ -38,6 +41,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     seed: int | None = None
     min_p: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self):
         self.validate()
@@ -70,6 +74,9 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_k must be an integer >= 1, or 0 / -1 for off, got {self.top_k!r}")
         if not real(self.min_p) or not 0 <= self.min_p <= 1:
             raise ValueError(f"SamplingParams.min_p must be in [0, 1], got {self.min_p!r}")
+        if not real(self.repetition_penalty) or not self.repetition_penalty > 0:
+            raise ValueError(f"SamplingParams.repetition_penalty must be a finite number > 0 (1: off), "
+                             f"got {self.repetition_penalty!r}")
         if self.stop_token_ids is not None:
             ids = self.stop_token_ids
             if not isinstance(ids, (str, bytes)) and hasattr(ids, "__iter__"):
@@ -85,7 +92,8 @@ class SamplingParams:
 @dataclass
 class Completion:
     """One sample. `logprobs[i]` = log_softmax(logits / T)[token_ids[i]] (T = 1 when greedy), taken
-    BEFORE top-k/top-p/min-p truncation: the trainer's teacher-forced log-prob of the same token."""
+    BEFORE top-k/top-p/min-p truncation and a repetition penalty: the trainer's teacher-forced log-prob of
+    the same token."""
 
     token_ids: list[int]
     logprobs: list[float]
