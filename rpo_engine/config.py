@@ -331,6 +331,7 @@ class TrainConfig:
     dataset_test_split: str = field(default="test", metadata={"help": "the split of a Hub --eval-dataset to evaluate on (TRL's name)"})
     dataset_prompt_column: str = field(default="prompt", metadata={"help": "the dataset field read as the prompt, e.g. question (GSM8K)"})
     dataset_answer_column: str = field(default="answer", metadata={"help": "the dataset field read as the reference answer"})
+    filter_overlong_prompts: bool = field(default=False, metadata={"help": "leave out of the training and eval sets the rows whose prompts have more tokens than --max-prompt-length allows, saying how many (verl's name; off: such a prompt is an error naming its row)"})
     output: str = field(default="runs/default", metadata={"help": "output directory (metrics.jsonl, checkpoints, final/)"})
     resume: bool = field(default=False, metadata={"help": "resume from the latest checkpoint in --output"})
     config: str | None = field(default=None, metadata={"help": "YAML file of options (flags override it)"})
@@ -622,7 +623,8 @@ def _trl_spelling(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]
 # under a name and what it holds
 HELP_GROUPS = {
     "model and data": ("model", "dataset", "shuffle_dataset", "train_size", "eval_dataset", "dataset_config",
-                       "dataset_train_split", "dataset_test_split", "dataset_prompt_column", "dataset_answer_column"),
+                       "dataset_train_split", "dataset_test_split", "dataset_prompt_column", "dataset_answer_column",
+                       "filter_overlong_prompts"),
     "run": ("output", "resume", "config", "seed", "steps"),
     "rollout": ("prompts_per_step", "num_generations", "max_prompt_length", "max_completion_length", "temperature",
                 "top_p", "top_k", "min_p", "repetition_penalty", "gpu_memory_utilization", "async_scheduling"),

@@ -44,6 +44,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-prompt-length", type=int, default=512,
                         help="longest prompt in tokens, as in training; longer is an error (default: 512)")
     parser.add_argument("--max-completion-length", type=int, default=320, help="token budget of each completion (default: 320)")
+    parser.add_argument("--filter-overlong-prompts", action="store_true",
+                        help="leave out the rows whose prompts are longer than --max-prompt-length allows, saying how "
+                             "many, as in training (default: such a prompt is an error)")
     parser.add_argument("--reward", default="auto", help="exact | math | module:function (default: auto: exact for the built-in task, math otherwise)")
     parser.add_argument("--reward-workers", type=int, default=0,
                         help="score the reward in this many worker processes, as in training (default: 0, here)")
@@ -105,6 +108,7 @@ def main(argv=None) -> int:
                                    "device": args.device, "chat_template": not args.no_chat_template,
                                    "chat_template_kwargs": args.chat_template_kwargs,
                                    "system_prompt": args.system_prompt,
+                                   "filter_overlong_prompts": args.filter_overlong_prompts,
                                    "reward_workers": args.reward_workers,
                                    **{key: getattr(args, key) for key in ("dataset_config", "dataset_test_split",
                                                                          "dataset_prompt_column", "dataset_answer_column")
@@ -123,7 +127,7 @@ def main(argv=None) -> int:
         load_adapter(model, args.adapter)
     tokenizer = rpo_engine.load_tokenizer(model_dir)
     _, rows = load_rows(config)
-    prompts = encode_run_prompts(tokenizer, rows, config, model, args.dataset or "built-in eval split")
+    rows, prompts = encode_run_prompts(tokenizer, rows, config, model, args.dataset or "built-in eval split")
     eos_ids = stop_ids(model, tokenizer)
     params = [SamplingParams(n=args.num_samples, max_new_tokens=config.max_completion_length,
                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,

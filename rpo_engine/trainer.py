@@ -114,11 +114,14 @@ class Trainer:
         self.replica_stale = False
         # training prompts by id (the experience cache's key); eval rows by position: the two files' ids may
         # overlap, and reward functions see each row's own id (TRL-style ones read the `id` column)
-        self.row_index = {row["id"]: i for i, row in enumerate(train_rows)}
-        self.prompt_ids = dict(zip([row["id"] for row in train_rows], encode_run_prompts(
-            tokenizer, train_rows, config, self.model, config.dataset or "built-in task")))
-        self.eval_prompt_ids = encode_run_prompts(tokenizer, eval_rows, config, self.model,
-                                                  config.eval_dataset or "built-in task's eval split")
+        # (--filter-overlong-prompts: without the rows whose prompts are too long)
+        say = self.dist.is_main
+        self.train_rows, train_ids = encode_run_prompts(tokenizer, train_rows, config, self.model,
+                                                        config.dataset or "built-in task", say)
+        self.eval_rows, self.eval_prompt_ids = encode_run_prompts(tokenizer, eval_rows, config, self.model,
+                                                                  config.eval_dataset or "built-in task's eval split", say)
+        self.row_index = {row["id"]: i for i, row in enumerate(self.train_rows)}
+        self.prompt_ids = dict(zip([row["id"] for row in self.train_rows], train_ids))
         try:
             self.engine = RolloutEngine(self.model, async_scheduling=config.async_scheduling,
                                         gpu_memory_utilization=config.gpu_memory_utilization,
@@ -1061,23 +1064,50 @@ def encode_prompt(tokenizer, row: dict, limit: int, template_kwargs: dict | None
     if not ids:
         raise UserError(f"prompt of row {row['id']!r} is empty after tokenization")
     if len(ids) > limit:
-        raise UserError(f"prompt of row {row['id']!r} has {len(ids)} tokens, more than the {limit} allowed "
-                        f"(--max-prompt-length, and the model's context minus --max-completion-length)")
+        raise PromptTooLong(f"prompt of row {row['id']!r} has {len(ids)} tokens, more than the {limit} allowed "
+                            f"(--max-prompt-length, and the model's context minus --max-completion-length; "
+                            f"--filter-overlong-prompts drops such rows)", len(ids))
     return ids
 
 
+class PromptTooLong(UserError):
+    def __init__(self, message: str, num_tokens: int):
+        super().__init__(message)
+        self.num_tokens = num_tokens
+
+
 def encode_prompts(tokenizer, rows: list[dict], limit: int, template_kwargs: dict | None, source: str,
-                   chat_template: bool = True) -> list[list[int]]:
-    """Each row's prompt ids (encode_prompt); a mistake in one is named with `source`, its dataset (a train and
-    an eval row may share an id)."""
-    try:
-        return [encode_prompt(tokenizer, row, limit, template_kwargs, chat_template) for row in rows]
-    except UserError as e:
-        raise UserError(f"{source}: {e}") from None
+                   chat_template: bool = True, drop_overlong: bool = False,
+                   say: bool = True) -> tuple[list[dict], list[list[int]]]:
+    """Each row's prompt ids (encode_prompt) -> (the rows, their ids); a mistake in one is named with `source`,
+    its dataset (a train and an eval row may share an id). `drop_overlong` (verl's filter_overlong_prompts):
+    the rows whose prompts exceed `limit` are left out, with a line on stderr saying how many (`say`), and
+    an error if that is all of them."""
+    kept, ids, longest = [], [], []
+    for row in rows:
+        try:
+            ids.append(encode_prompt(tokenizer, row, limit, template_kwargs, chat_template))
+        except PromptTooLong as e:
+            if not drop_overlong:
+                raise UserError(f"{source}: {e}") from None
+            longest.append(e.num_tokens)
+            continue
+        except UserError as e:
+            raise UserError(f"{source}: {e}") from None
+        kept.append(row)
+    if longest:
+        what = f"{len(longest)} of its {len(rows)} rows, whose prompts exceed {limit} tokens (the longest {max(longest)})"
+        if not kept:
+            raise UserError(f"{source}: --filter-overlong-prompts would drop all {what}: raise --max-prompt-length")
+        if say:
+            print(f"{source}: --filter-overlong-prompts dropped {what}", file=sys.stderr)
+    return kept, ids
 
 
-def encode_run_prompts(tokenizer, rows: list[dict], config: TrainConfig, model, source: str) -> list[list[int]]:
-    """encode_prompts with a run's options: its prompt length limit for `model` and its chat-template ones."""
+def encode_run_prompts(tokenizer, rows: list[dict], config: TrainConfig, model, source: str,
+                       say: bool = True) -> tuple[list[dict], list[list[int]]]:
+    """encode_prompts with a run's options: its prompt length limit for `model`, its chat-template ones and
+    --filter-overlong-prompts -> (the rows kept, their prompt ids)."""
     if not getattr(tokenizer, "chat_template", None):
         # encode_prompt encodes the text as it is then: the arguments (Qwen3's enable_thinking) were dropped silently
         if config.chat_template_kwargs is not None:
@@ -1087,7 +1117,7 @@ def encode_run_prompts(tokenizer, rows: list[dict], config: TrainConfig, model, 
             raise UserError(f"--system-prompt needs a chat template: the tokenizer of "
                             f"{config.model or 'the starter model'} has none")
     return encode_prompts(tokenizer, rows, prompt_token_limit(config, model), chat_template_kwargs(config), source,
-                          config.chat_template)
+                          config.chat_template, config.filter_overlong_prompts, say)
 
 
 def greedy_graded(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens,

@@ -2206,3 +2206,44 @@ def test_eval_cli_repetition_penalty_applies_to_greedy_decoding(tmp_path, tiny_m
     plain, penalized = ([json.loads(line)["completion"] for line in (tmp_path / name).read_text().splitlines()]
                         for name in ("plain.jsonl", "penalized.jsonl"))
     assert len(plain) == len(penalized) == 4 and plain != penalized
+
+
+def test_filter_overlong_prompts_drops_those_rows_and_says_how_many(tmp_path, tiny_model_dir):
+    """verl's filter_overlong_prompts: the rows whose prompts are over the limit leave the training and eval
+    sets (counted on stderr); the others train as they would alone. Without it the first is an error naming
+    the option; with every row too long, an error too."""
+    short = [{"id": f"s{i}", "prompt": f"Q: {i}+1\nA:", "answer": str(i + 1)} for i in range(6)]
+    long = [{"id": f"l{i}", "prompt": "1+" * (150 + i) + "1=", "answer": "1"} for i in range(2)]  # 300+ tokens
+    mixed, only_short, only_long = tmp_path / "mixed.jsonl", tmp_path / "short.jsonl", tmp_path / "long.jsonl"
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in short[:3] + long[:1] + short[3:] + long[1:]))
+    only_short.write_text("".join(json.dumps(r) + "\n" for r in short))
+    only_long.write_text("".join(json.dumps(r) + "\n" for r in long))
+    common = ["--model", tiny_model_dir, "--max-prompt-length", 200, "--steps", 2, "--eval-steps", 1,
+              "--reward", "tests.reward_fns:hash_reward", *SMALL]
+    assert_user_error(run_train(*common, "--dataset", mixed, "--eval-dataset", only_short, "--output", tmp_path / "x",
+                                check=False), "prompt of row 'l0' has", "--filter-overlong-prompts drops such rows")
+    filtered = run_train(*common, "--dataset", mixed, "--eval-dataset", mixed, "--filter-overlong-prompts",
+                         "--output", tmp_path / "filtered")
+    assert (f"{mixed}: --filter-overlong-prompts dropped 2 of its 8 rows, whose prompts exceed 200 tokens "
+            f"(the longest 304)") in filtered.stderr
+    assert filtered.stderr.count("--filter-overlong-prompts dropped") == 2  # the training and the eval set
+    run_train(*common, "--dataset", only_short, "--eval-dataset", only_short, "--output", tmp_path / "alone")
+    for a, b in zip(read_metrics(tmp_path / "filtered"), read_metrics(tmp_path / "alone")):
+        for key in ("eval_accuracy", "reward_mean", "rollout_generated_tokens", "loss"):
+            assert a.get(key) == pytest.approx(b.get(key), rel=1e-5), key
+    assert_user_error(run_train(*common, "--dataset", only_long, "--eval-dataset", only_short,
+                                "--filter-overlong-prompts", "--output", tmp_path / "y", check=False),
+                      f"{only_long}: --filter-overlong-prompts would drop all 2 of its 2 rows",
+                      "raise --max-prompt-length")
+
+
+def test_eval_cli_filter_overlong_prompts(tmp_path, tiny_model_dir, capsys):
+    from rpo_engine.eval import main
+
+    data = tmp_path / "d.jsonl"
+    rows = [{"prompt": f"Q: {i}+1\nA:", "answer": str(i + 1)} for i in range(3)] + [{"prompt": "1+" * 150, "answer": "1"}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    main(["--model", str(tiny_model_dir), "--dataset", str(data), "--max-prompt-length", "200",
+          "--max-completion-length", "8", "--no-progress", "--filter-overlong-prompts"])
+    out = capsys.readouterr()
+    assert "on 3 rows" in out.out and f"{data}: --filter-overlong-prompts dropped 1 of its 4 rows" in out.err
