@@ -285,8 +285,8 @@ def test_no_chat_template_encodes_the_text_as_it_is():
 
     tok, row = word_tokenizer(bos=True, chat_template=QWEN_CHAT_TEMPLATE), {"id": "r", "prompt": "what is 1+1 ?"}
     config = parse_args(["--no-chat-template"])
-    assert encode_prompts(tok, [row], 100, {}, "d.jsonl", config.chat_template) == [[1, 7, 8, 9, 10]]
-    assert encode_prompts(tok, [row], 100, {}, "d.jsonl")[0][:2] == [3, 5]  # the template by default
+    assert encode_prompts(tok, [row], 100, {}, "d.jsonl", config.chat_template) == ([row], [[1, 7, 8, 9, 10]])
+    assert encode_prompts(tok, [row], 100, {}, "d.jsonl")[1][0][:2] == [3, 5]  # the template by default
     with pytest.raises(UserError, match="prompt of row 'c' is a conversation, and --no-chat-template is set"):
         encode_prompts(tok, [{"id": "c", "prompt": [{"role": "user", "content": "1+1"}]}], 100, {}, "d.jsonl", False)
     with pytest.raises(UserError, match="--chat-template-kwargs does nothing with --no-chat-template"):
@@ -318,7 +318,7 @@ def test_chat_template_refusing_a_row_is_a_one_line_error():
     cut = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'].split('</s>')[-1] }} {% endfor %}"
            "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
     row = {"id": "r", "prompt": [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "what"}]}
-    assert encode_prompts(word_tokenizer(chat_template=cut), [row], 100, {}, "d.jsonl") == [[3, 5, 9, 3, 6, 7]]
+    assert encode_prompts(word_tokenizer(chat_template=cut), [row], 100, {}, "d.jsonl")[1] == [[3, 5, 9, 3, 6, 7]]
     row["prompt"][1]["content"] = "what </s>"
     with pytest.raises(UserError, match=r"^d.jsonl: prompt of row 'r': .*\(it rewrites the final assistant message"):
         encode_prompts(word_tokenizer(chat_template=cut), [row], 100, {}, "d.jsonl")
@@ -610,7 +610,7 @@ def test_system_prompt_opens_every_conversation(tmp_path, tiny_model_dir):
                          "--system-prompt", "Box it."])
     train, eval_rows = load_rows(config)
     assert train == eval_rows and [r["answer"] for r in train] == ["2", "4", "6"]
-    ids = encode_run_prompts(tokenizer, train, config, rpo_engine.load_model(model_dir), "d.jsonl")
+    _, ids = encode_run_prompts(tokenizer, train, config, rpo_engine.load_model(model_dir), "d.jsonl")
     assert [tokenizer.decode(i) for i in ids] == ["[system] Box it.\n[user] 1+1=\n[assistant] ",
                                                   "[system] Box it.\n[user] 2+2=\n[assistant] ",
                                                   "[system] Own.\n[user] 3+3=\n[assistant] "]
