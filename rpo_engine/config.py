@@ -374,8 +374,12 @@ class TrainConfig:
     reward_workers: int = field(default=0, metadata={"help": "score the reward functions of the one-completion-a-call kind (exact, math, module:function) in this many worker processes (0: in the trainer's process); math-verify takes 3-6 ms a completion, seconds a step at 512 completions"})
     format_reward_weight: float = field(default=0.0, metadata={"help": "weight of the format reward added to accuracy"})
     log_completions: bool = field(default=False, metadata={"help": "write every sampled completion (prompt, kept path, generated text, reward, advantage) to OUTPUT/completions.jsonl (TRL's name)"})
-    eval_steps: int = field(default=10, metadata={"help": "greedy eval every N steps (0: never)"})
+    eval_steps: int = field(default=10, metadata={"help": "eval every N steps, greedy unless --eval-temperature (0: never)"})
     eval_size: int = field(default=128, metadata={"help": "eval prompts: the built-in task's eval split, or the first N rows of --eval-dataset"})
+    eval_temperature: float = field(default=0.0, metadata={"help": "sample the eval's answers at this temperature (verl's val_kwargs.temperature; 0: greedy): for reasoning models that loop under greedy decoding (Qwen3's model card advises against it), e.g. 0.6"})
+    eval_top_p: float = field(default=1.0, metadata={"help": "nucleus sampling of the eval's answers (with --eval-temperature)"})
+    eval_top_k: int = field(default=0, metadata={"help": "top-k sampling of the eval's answers (with --eval-temperature; 0: off)"})
+    num_generations_eval: int = field(default=1, metadata={"help": "answers sampled for each eval prompt (TRL's name; with --eval-temperature): eval_accuracy is their mean accuracy (avg@K), eval_pass_at_k the share of prompts answered right at least once"})
     save_steps: int = field(default=20, metadata={"help": "checkpoint every N steps (0: only at the end)"})
     save_total_limit: int = field(default=0, metadata={"help": "keep only the newest N checkpoints, deleting older ones after each save (0: keep all)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
@@ -487,6 +491,16 @@ class TrainConfig:
             # a --dataset run evaluates only on --eval-dataset: without it these ran no eval at all, silently
             _reject_given(self, ("eval_steps", "eval_size"),
                           "without --eval-dataset (a --dataset run has no eval set of its own)")
+        _check(self.eval_temperature == 0 or self.eval_temperature >= MIN_TEMPERATURE,
+               f"--eval-temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}, got {self.eval_temperature}")
+        _check(0 < self.eval_top_p <= 1, f"--eval-top-p must be in (0, 1], got {self.eval_top_p}")
+        _check(self.eval_top_k >= 0, f"--eval-top-k must be >= 0, got {self.eval_top_k}")
+        _check(self.num_generations_eval >= 1, f"--num-generations-eval must be >= 1, got {self.num_generations_eval}")
+        eval_sampling = ("eval_temperature", "eval_top_p", "eval_top_k", "num_generations_eval")
+        if not self.eval_steps:
+            _reject_given(self, eval_sampling, "with --eval-steps 0 (no eval)")
+        if self.eval_temperature == 0:  # greedy takes the most likely token, which the filters keep, the same K times
+            _reject_given(self, eval_sampling[1:], "without --eval-temperature > 0 (the eval is greedy)")
 
     def check_dataset_options(self) -> None:
         """The options that say how to read --dataset / --eval-dataset, given where they read nothing."""
@@ -574,7 +588,6 @@ TRL_EQUIVALENTS = {
     "eval_strategy": "is --eval-steps here (0: never)", "save_strategy": "is --save-steps here (0: only at the end)",
     "lr_scheduler_kwargs": "is not here: cosine_with_min_lr ends at 10% of the peak (min_lr_rate 0.1)",
     "lora_dropout": "is not here: no adapter dropout, so the training forward is the rollout's (README, LoRA)",
-    "num_generations_eval": "is not here: eval is greedy, one answer a prompt",
 }
 
 
@@ -634,7 +647,8 @@ HELP_GROUPS = {
                      "adam_epsilon", "weight_decay", "max_grad_norm", "micro_batch_tokens", "prefix_sharing",
                      "gradient_checkpointing"),
     "LoRA": ("use_peft", "lora_r", "lora_alpha", "use_rslora", "lora_merged_rollout", "lora_target_modules"),
-    "evaluation, checkpoints and logging": ("eval_steps", "eval_size", "save_steps", "save_total_limit",
+    "evaluation, checkpoints and logging": ("eval_steps", "eval_size", "eval_temperature", "eval_top_p", "eval_top_k",
+                                            "num_generations_eval", "save_steps", "save_total_limit",
                                             "log_completions", "report_to", "progress"),
     "device and processes": ("device", "dtype", "parallel", "dist_timeout"),
     "rpo": ("RPO", "the experience cache, the cut of a cached path, the suffix budget (--no-rpo: full-path GRPO/DAPO)"),

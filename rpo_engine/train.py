@@ -282,7 +282,14 @@ def prune_checkpoints(output: Path, keep: int) -> None:
         shutil.rmtree(old)
 
 
-def write_plot(metrics: list[dict], path: Path, title: str) -> None:
+def eval_label(config: TrainConfig) -> str:
+    """What eval_accuracy measures under `config`: greedy, or avg@K of sampled answers."""
+    if config.eval_temperature == 0:
+        return "greedy eval accuracy"
+    return f"eval accuracy, avg@{config.num_generations_eval} at T={config.eval_temperature:g}"
+
+
+def write_plot(metrics: list[dict], path: Path, title: str, eval_title: str = "greedy eval accuracy") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -297,7 +304,7 @@ def write_plot(metrics: list[dict], path: Path, title: str) -> None:
     axes[0].plot([m["step"] for m in steps], [m["reward_mean"] for m in steps], marker=marker)
     axes[0].set(title="reward (mean over samples)", xlabel="step")
     axes[1].plot([m["step"] for m in evals], [m["eval_accuracy"] for m in evals], marker="o")
-    axes[1].set(title="greedy eval accuracy", xlabel="step", ylim=(0, 1))
+    axes[1].set(title=eval_title, xlabel="step", ylim=(0, 1))
     axes[2].plot([m["step"] for m in steps], [m["rollout_generated_tokens"] for m in steps], marker=marker)
     axes[2].set(title="generated tokens per step", xlabel="step", ylim=(0, None))
     for ax in axes:
@@ -457,13 +464,15 @@ def train(config: TrainConfig, dist: Dist) -> int:
     if trainer.step_num == 0 and config.eval_steps and trainer.eval_rows:
         if main_rank:  # before the training bar: what the wait is for
             print(f"step 0: evaluating the starting model on {len(trainer.eval_rows)} prompts", flush=True)
-        first_eval = {"step": 0, "eval_accuracy": trainer.evaluate()}
+        first_eval = {"step": 0, **trainer.evaluate_metrics()}
         records.append(first_eval)
         if main_rank:
             log.write(json.dumps(first_eval) + "\n")
             log.flush()
             reporter.log(first_eval)
-            print(f"step 0: eval accuracy {first_eval['eval_accuracy']:.3f}")
+            pass_at_k = (f", pass@{config.num_generations_eval} {first_eval['eval_pass_at_k']:.3f}"
+                         if "eval_pass_at_k" in first_eval else "")
+            print(f"step 0: eval accuracy {first_eval['eval_accuracy']:.3f}{pass_at_k}")
 
     algo_name = f"{'RPO-' if config.rpo.rpo else ''}{config.algo.algo.upper()}"
     bar = tqdm(total=config.steps, initial=trainer.step_num, desc=algo_name,
@@ -477,7 +486,7 @@ def train(config: TrainConfig, dist: Dist) -> int:
         step = m["step"]
         if config.eval_steps and trainer.eval_rows and (step % config.eval_steps == 0 or step == config.steps):
             bar.set_postfix_str(f"step {step}: eval on {len(trainer.eval_rows)} prompts")  # its bar shows below
-            m["eval_accuracy"] = trainer.evaluate()
+            m.update(trainer.evaluate_metrics())
         if main_rank:
             records.append(m)
             log.write(json.dumps(m) + "\n")
@@ -508,7 +517,8 @@ def train(config: TrainConfig, dist: Dist) -> int:
     if completions_log is not None:
         completions_log.close()
     reporter.close()
-    write_plot(records, output / "curves.png", f"{algo_name} on {config.dataset or 'the built-in arithmetic task'}")
+    write_plot(records, output / "curves.png", f"{algo_name} on {config.dataset or 'the built-in arithmetic task'}",
+               eval_label(config))
     evals = [r["eval_accuracy"] for r in records if "eval_accuracy" in r]
     summary = f"done: {output / 'final'}"
     if evals:

@@ -47,6 +47,8 @@ from rpo_engine.rewards.shaping import length_aware_accuracy, overlong_penalty
 from rpo_engine.rpo.cache import ExperienceCache
 from rpo_engine.rpo.truncation import cut_cached_path
 
+EVAL_SALT = 4999  # seed_for's salt of a sampled eval's answers
+
 
 @dataclass
 class Group:
@@ -193,7 +195,8 @@ class Trainer:
                               stop_token_ids=self.eos_ids, seed=seed)
 
     def seed_for(self, row_index: int, salt: int, step: int | None = None) -> int:
-        # Sampling seeds derive from (run seed, step, position): resumed runs draw the same samples.
+        # Sampling seeds derive from (run seed, step, position): resumed runs draw the same samples. Salts: the
+        # sampling round (suffixes), 7919 + round (cold starts), EVAL_SALT (a sampled eval).
         step = self.step_num if step is None else step
         return (self.config.seed * 1_000_003 + step * 10_007 + row_index * 101 + salt) % (2**31)
 
@@ -883,18 +886,41 @@ class Trainer:
         self.reward_fn, *self.extra_rewards = [fn.fn if isinstance(fn, PooledReward) else fn for fn in functions]
 
     # ---- eval --------------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> float:
-        """Greedy accuracy on the eval rows; each rank evaluates its share (rank 0's with a progress bar: a large
-        eval set takes minutes)."""
+        """The eval accuracy (evaluate_metrics' eval_accuracy)."""
+        return self.evaluate_metrics()["eval_accuracy"]
+
+    @torch.no_grad()
+    def evaluate_metrics(self) -> dict:
+        """Accuracy on the eval rows: greedy, or the mean over --num-generations-eval answers sampled at
+        --eval-temperature (then also eval_pass_at_k, the share of rows answered right at least once). Each rank
+        evaluates its share (rank 0's with a progress bar: a large eval set takes minutes). Sampled answers are
+        seeded by (run seed, step, row), so a resumed run evaluates as the uninterrupted one did."""
+        from rpo_engine.rollout import SamplingParams
+
+        c = self.config
         self.sync_rollout_weights()
         share = self.dist.share(len(self.eval_rows))
         rows = [self.eval_rows[i] for i in share]
-        correct = greedy_correct(self.engine, self.tokenizer, rows, self.reward_fn,
-                                 [self.eval_prompt_ids[i] for i in share], self.config.max_completion_length,
-                                 self.eos_ids, progress="eval" if self.config.progress and self.dist.is_main else False)
-        correct, total = self.dist.sum([correct, len(rows)])
-        return correct / total if total else float("nan")
+        if c.eval_temperature == 0:
+            params = SamplingParams(n=1, max_new_tokens=c.max_completion_length, temperature=0.0,
+                                    stop_token_ids=self.eos_ids)
+        else:
+            params = [SamplingParams(n=c.num_generations_eval, max_new_tokens=c.max_completion_length,
+                                     temperature=c.eval_temperature, top_p=c.eval_top_p, top_k=c.eval_top_k,
+                                     stop_token_ids=self.eos_ids, seed=self.seed_for(i, EVAL_SALT)) for i in share]
+        graded = sampled_graded(self.engine, self.tokenizer, rows, self.reward_fn,
+                                [self.eval_prompt_ids[i] for i in share], params,
+                                progress="eval" if c.progress and self.dist.is_main else False)
+        correct = sum(right for samples in graded for _, _, right in samples)
+        solved = sum(any(right for _, _, right in samples) for samples in graded)
+        correct, solved, total = self.dist.sum([correct, solved, len(rows)])
+        if not total:
+            return {"eval_accuracy": float("nan")}
+        metrics = {"eval_accuracy": correct / (total * c.num_generations_eval)}
+        if c.num_generations_eval > 1:
+            metrics["eval_pass_at_k"] = solved / total
+        return metrics
 
     # ---- checkpoints -------------------------------------------------------------------------
     @property

@@ -382,8 +382,8 @@ def test_trl_yaml_key_that_is_not_ours_names_ours(tmp_path):
     # argparse took any unambiguous beginning: --lr was --lr-scheduler-type, --learning --learning-rate
     (["--lr", "1e-5"], "unknown option '--lr'; did you mean --learning-rate or --lora-r or --lr-scheduler-type?"),
     (["--learning", "1e-5"], "unknown option '--learning'; did you mean --learning-rate?"),
-    (["--num-generation=4"], "unknown option '--num-generation'; did you mean --num-generations?"),
-    (["--temprature", "0.7"], "unknown option '--temprature'; did you mean --temperature?"),
+    (["--num-generation=4"], "unknown option '--num-generation'; did you mean --num-generations or --num-generations-eval?"),
+    (["--temprature", "0.7"], "unknown option '--temprature'; did you mean --temperature or --eval-temperature?"),
     (["--zzz", "1"], "unknown option '--zzz' (python -m rpo_engine.train --help lists every option)"),
 ])
 def test_option_read_only_by_its_whole_name(flags, message):

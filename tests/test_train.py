@@ -2247,3 +2247,43 @@ def test_eval_cli_filter_overlong_prompts(tmp_path, tiny_model_dir, capsys):
           "--max-completion-length", "8", "--no-progress", "--filter-overlong-prompts"])
     out = capsys.readouterr()
     assert "on 3 rows" in out.out and f"{data}: --filter-overlong-prompts dropped 1 of its 4 rows" in out.err
+
+
+def test_sampled_eval_reports_avg_and_pass_at_k_and_resumes_alike(tmp_path, tiny_model_dir):
+    """--eval-temperature / --num-generations-eval (verl's val_kwargs, TRL's num_generations_eval): eval_accuracy
+    is the mean over K sampled answers a prompt, eval_pass_at_k the share of prompts with a right one; seeded by
+    (run seed, step, row), so a resumed run evaluates as the uninterrupted one."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    common = ["--model", tiny_model_dir, "--save-steps", 1, "--eval-steps", 1, "--reward", "tests.reward_fns:hash_reward",
+              "--eval-temperature", 1.0, "--num-generations-eval", 4, "--eval-top-k", 50, *SMALL]
+    proc = run_train(*common, "--steps", 2, "--output", full)
+    a = read_metrics(full)
+    evals = [(m["eval_accuracy"], m["eval_pass_at_k"]) for m in a]
+    assert len(evals) == 3 and all(0 < acc < pass_ <= 1 for acc, pass_ in evals), evals  # 4 tries beat 1
+    assert all(acc * 16 == int(acc * 16) for acc, _ in evals)  # 4 eval prompts x 4 answers
+    assert f"step 0: eval accuracy {evals[0][0]:.3f}, pass@4 {evals[0][1]:.3f}" in proc.stdout
+    stopped_after(full, 1, part)
+    shutil.copy(full / "config.json", part / "config.json")
+    run_train(*common, "--steps", 2, "--output", part, "--resume")
+    b = read_metrics(part)
+    assert [m["step"] for m in b] == [0, 1, 2] and b[2]["eval_accuracy"] == a[2]["eval_accuracy"]
+    assert b[2]["eval_pass_at_k"] == a[2]["eval_pass_at_k"]
+    greedy = run_train("--model", tiny_model_dir, "--eval-steps", 1, "--reward", "tests.reward_fns:hash_reward",
+                       *SMALL, "--steps", 1, "--output", tmp_path / "greedy")
+    assert "pass@" not in greedy.stdout and all("eval_pass_at_k" not in m for m in read_metrics(tmp_path / "greedy"))
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--num-generations-eval", "4"], "--num-generations-eval does nothing without --eval-temperature > 0"),
+    (["--eval-top-p", "0.9", "--eval-top-k", "5"], "--eval-top-p and --eval-top-k do nothing without --eval-temperature"),
+    (["--eval-temperature", "0.6", "--eval-steps", "0"], "--eval-temperature does nothing with --eval-steps 0"),
+    (["--eval-temperature", "1e-9"], "--eval-temperature must be 0 (greedy) or >="),
+    (["--eval-temperature", "0.6", "--num-generations-eval", "0"], "--num-generations-eval must be >= 1"),
+    (["--eval-temperature", "0.6", "--eval-top-p", "0"], "--eval-top-p must be in (0, 1]"),
+])
+def test_eval_sampling_options_are_checked(flags, message):
+    from rpo_engine.config import parse_args
+    from rpo_engine.errors import UserError
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        parse_args(flags)
