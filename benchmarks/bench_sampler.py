@@ -6,8 +6,12 @@ Cases: rows of 64 (CPU) or 64 and 256 (--gpu) sequences, each row's logits N(0, 
 peaked distribution (a top-p 0.95 nucleus of ~10-80 tokens, as a trained model's usually is), scale 1 a
 flat one (a nucleus of most of the vocabulary: top-p falls back to the sort). Settings as the engine runs
 them (flags from its Python lists): T = 1 (RL rollouts' default), top-p 0.95, top-k 50 at T = 0.7, greedy.
-Each case checks that both draw the same tokens. Reports median ms per call. Writes
-benchmarks/results/sampler_cpu.json (sampler_cuda.json with --gpu).
+Each case checks that both draw the same tokens. Reports median ms per call.
+
+Then the cost of a repetition penalty: the engine's `sample_sequences` at T = 1 over the same rows, each
+sequence holding 1,024 distinct tokens, with the penalty off and at 1.1 (the seen-token rows gathered, the
+logits penalized, the policy's log-probs taken from the unpenalized logits, the drawn tokens marked).
+Writes benchmarks/results/sampler_cpu.json (sampler_cuda.json with --gpu).
 """
 import datetime, statistics, sys, time  # noqa: E401
 from pathlib import Path
@@ -15,7 +19,9 @@ from pathlib import Path
 import torch
 
 from common import arg_parser, check_gpu, cli, git_commit, machine, out_path, positive_int, save_json
-from rpo_engine.rollout.sampler import sample, sample_reference
+from rpo_engine.rollout.penalty import SeenTokens
+from rpo_engine.rollout.sampler import sample, sample_reference, sample_sequences
+from rpo_engine.rollout.sequence import SamplingParams, Sequence
 
 VOCAB = 151_936
 SETTINGS = {"T=1": (1.0, 0, 1.0), "top_p=0.95": (1.0, 0, 0.95), "top_k=50,T=0.7": (0.7, 50, 1.0),
@@ -66,9 +72,23 @@ def main(argv=None):
                 results.append(row)
                 print(f"{rows} rows, scale {scale}, {name}: {fast:.2f} ms vs reference {reference:.2f} ms "
                       f"({reference / fast:.1f}x), same tokens: {same}", flush=True)
+    penalty = []
+    for rows in rows_list:
+        logits = (torch.randn(rows, args.vocab, generator=g) * 6.0).to(device)
+        ms = {}
+        for value in (1.0, 1.1):
+            params = SamplingParams(temperature=1.0, repetition_penalty=value, seed=0)
+            seqs = [Sequence(torch.randperm(args.vocab, generator=g)[:1024].tolist(), params, 16, [], i, i)
+                    for i in range(rows)]
+            seen = SeenTokens(args.vocab, device)
+            ms[value] = timed(lambda: sample_sequences(logits, seqs, seen), args.repeats, device)
+        penalty.append(dict(rows=rows, off_ms=round(ms[1.0], 3), penalty_ms=round(ms[1.1], 3),
+                            added_ms=round(ms[1.1] - ms[1.0], 3)))
+        print(f"{rows} rows, sample_sequences T=1: {ms[1.0]:.2f} ms, with repetition_penalty 1.1: {ms[1.1]:.2f} ms",
+              flush=True)
     record = dict(benchmark="sampler", machine=machine(device), date=datetime.date.today().isoformat(),
                   git_commit=git_commit(), torch=torch.__version__, vocab=args.vocab, repeats=args.repeats,
-                  results=results)
+                  results=results, repetition_penalty=penalty)
     default = f"sampler_{'cuda' if args.gpu else 'cpu'}.json"
     save_json(args.out or Path(__file__).resolve().parent / "results" / default, record)
     if not all(r["same_tokens"] for r in results):

@@ -934,8 +934,11 @@ def penalized_reference(logits, seen_ids, penalty):
     return out
 
 
-def test_apply_repetition_penalty_equals_the_token_by_token_rule():
-    from rpo_engine.rollout.penalty import apply_repetition_penalty
+@pytest.mark.parametrize("path", ["dense", "sparse"])  # CUDA's and the CPU's
+def test_apply_repetition_penalty_equals_the_token_by_token_rule(path):
+    from rpo_engine.rollout import penalty as module
+
+    apply_repetition_penalty = getattr(module, f"_penalized_{path}")
 
     g = torch.Generator().manual_seed(4)
     R, V = 5, 37
@@ -1030,3 +1033,15 @@ def test_repetition_penalty_draws_from_the_penalized_distribution_with_policy_lo
     sync, ahead = async_twin(model, block_size=4)
     assert_same_samples(ahead.generate(prompts, params), outs)
     assert sum(ahead.ahead_steps) > len(ahead.ahead_steps) // 2
+
+
+def test_policy_logprobs_with_and_without_temperatures():
+    from rpo_engine.rollout.sampler import policy_logprobs
+
+    g = torch.Generator().manual_seed(2)
+    logits, tokens = torch.randn(4, 30, generator=g) * 3, torch.tensor([0, 7, 29, 3])
+    temperature = torch.tensor([0.0, 0.5, 1.0, 1.7])  # greedy rows count T = 1
+    want = torch.log_softmax(logits / torch.tensor([1.0, 0.5, 1.0, 1.7])[:, None], -1)[torch.arange(4), tokens]
+    torch.testing.assert_close(policy_logprobs(logits, temperature, tokens), want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(policy_logprobs(logits, None, tokens), logits.log_softmax(-1)[torch.arange(4), tokens],
+                               atol=1e-6, rtol=0)

@@ -227,10 +227,13 @@ def _sample_truncated(logits, scaled, weights, temperature, top_k, top_p, u, can
     return tokens
 
 
-def policy_logprobs(logits: torch.Tensor, temperature: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log_softmax(logits / T)[token] per row (T = 1 for a greedy row): the log-prob `sample` returns,
-    taken from logits it did not draw from (a repetition penalty's)."""
-    scaled = logits.float() / torch.where(temperature == 0, 1.0, temperature)[:, None]
+def policy_logprobs(logits: torch.Tensor, temperature: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits / T)[token] per row (T = 1 for a greedy row; temperature None: 1 for every row, one
+    pass over the logits fewer): the log-prob `sample` returns, from logits it did not draw from (a repetition
+    penalty's)."""
+    scaled = logits.float()
+    if temperature is not None:
+        scaled = scaled / torch.where(temperature == 0, 1.0, temperature)[:, None]
     return scaled.gather(1, tokens[:, None]).squeeze(1) - scaled.logsumexp(-1)
 
 
@@ -270,6 +273,7 @@ def sample_sequences(logits: torch.Tensor, seqs, seen: SeenTokens | None = None)
     tokens, logprobs = sample(drawn_from, rows[0].float(), rows[2].long(), rows[1].float(), rows[3], truncate,
                               num_greedy > 0, num_greedy == len(seqs), rows[4].float() if any_min_p else None)
     if penalized:
-        logprobs = policy_logprobs(logits, rows[0].float(), tokens)
+        unit = all(t in (0, 1) for t in temperature)  # RL's usual T = 1: no division
+        logprobs = policy_logprobs(logits, None if unit else rows[0].float(), tokens)
         seen.mark(seen_rows, tokens)
     return tokens, logprobs
