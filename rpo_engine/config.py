@@ -382,6 +382,9 @@ class TrainConfig:
     num_generations_eval: int = field(default=1, metadata={"help": "answers sampled for each eval prompt (TRL's name; with --eval-temperature): eval_accuracy is their mean accuracy (avg@K), eval_pass_at_k the share of prompts answered right at least once"})
     save_steps: int = field(default=20, metadata={"help": "checkpoint every N steps (0: only at the end)"})
     save_total_limit: int = field(default=0, metadata={"help": "keep only the newest N checkpoints, deleting older ones after each save (0: keep all)"})
+    push_to_hub: bool = field(default=False, metadata={"help": "at the end, upload final/ (with --use-peft the adapter, final-adapter/, as TRL does) to a Hugging Face Hub model repository, created at the start so that a missing token or network fails before the training (TRL's name; needs a token: HF_TOKEN or `hf auth login`)"})
+    hub_model_id: str | None = field(default=None, metadata={"help": "the repository of --push-to-hub: org/name, or a name in the token's namespace (TRL's name) (default: --output's last part)"})
+    hub_private_repo: bool | None = field(default=None, metadata={"help": "--push-to-hub creates the repository private (TRL's name; an existing one keeps its visibility) (default: the Hub's, public unless the organization says otherwise)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
     dtype: str = field(default="auto", metadata={"help": "float32 | bfloat16 | auto (bf16 on CUDA, fp32 on CPU)"})
     parallel: str = field(default="ddp", metadata={"help": "under torchrun: ddp (full model per rank) or fsdp (FSDP2: sharded float32 weights, grads and AdamW state)"})
@@ -496,6 +499,8 @@ class TrainConfig:
         _check(0 < self.eval_top_p <= 1, f"--eval-top-p must be in (0, 1], got {self.eval_top_p}")
         _check(self.eval_top_k >= 0, f"--eval-top-k must be >= 0, got {self.eval_top_k}")
         _check(self.num_generations_eval >= 1, f"--num-generations-eval must be >= 1, got {self.num_generations_eval}")
+        if not self.push_to_hub:
+            _reject_given(self, ("hub_model_id", "hub_private_repo"), "without --push-to-hub")
         eval_sampling = ("eval_temperature", "eval_top_p", "eval_top_k", "num_generations_eval")
         if not self.eval_steps:
             _reject_given(self, eval_sampling, "with --eval-steps 0 (no eval)")
@@ -648,7 +653,8 @@ HELP_GROUPS = {
                      "gradient_checkpointing"),
     "LoRA": ("use_peft", "lora_r", "lora_alpha", "use_rslora", "lora_merged_rollout", "lora_target_modules"),
     "evaluation, checkpoints and logging": ("eval_steps", "eval_size", "eval_temperature", "eval_top_p", "eval_top_k",
-                                            "num_generations_eval", "save_steps", "save_total_limit",
+                                            "num_generations_eval", "save_steps", "save_total_limit", "push_to_hub",
+                                            "hub_model_id", "hub_private_repo",
                                             "log_completions", "report_to", "progress"),
     "device and processes": ("device", "dtype", "parallel", "dist_timeout"),
     "rpo": ("RPO", "the experience cache, the cut of a cached path, the suffix budget (--no-rpo: full-path GRPO/DAPO)"),

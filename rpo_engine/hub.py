@@ -42,3 +42,58 @@ def hub_snapshot(repo_id: str, repo_type: str = "model", allow_patterns: tuple[s
         raise UserError(f"{repo_id}: no such {'directory' if repo_type == 'model' else 'file'}, and no Hugging Face "
                         f"Hub {repo_type} of that name in the local cache ({constants.HF_HUB_CACHE}) or to download "
                         f"({reason})") from None
+
+
+def _why(e: BaseException) -> str:
+    cause = e.__cause__ or e
+    return f"{type(cause).__name__}: {(str(cause).strip() or '-').splitlines()[0][:300]}"
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    """What a Hub request raises: HTTP errors, the transport's own (a ConnectError is no OSError), a bad id."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    errors: tuple[type[BaseException], ...] = (OSError, ValueError, HfHubHTTPError)
+    try:
+        import httpx
+
+        errors += (httpx.HTTPError,)
+    except ImportError:  # huggingface_hub before 1.0 speaks requests, whose errors are OSErrors
+        pass
+    return errors
+
+
+def create_push_repo(repo_id: str, private: bool | None) -> str:
+    """--push-to-hub, at the start of a run (as transformers' Trainer does it): the model repository `repo_id`
+    (`name` in the token's own namespace, or `org/name`) created, or found, now, so that a missing token, a name
+    taken by someone else or no network is an error before the training, not after it -> its full id."""
+    from huggingface_hub import HfApi, constants, get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if constants.HF_HUB_OFFLINE:
+        raise UserError("--push-to-hub: HF_HUB_OFFLINE is set, so nothing can be uploaded")
+    if get_token() is None:
+        raise UserError("--push-to-hub needs a Hugging Face token that may write: set HF_TOKEN or run `hf auth login`")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise UserError(f"--hub-model-id {repo_id!r}: not a Hub repository id ({' '.join(str(e).split())[:200]})") from None
+    try:
+        return HfApi().create_repo(repo_id, private=private, exist_ok=True).repo_id
+    except _hub_errors() as e:
+        raise UserError(f"--push-to-hub: cannot create or reach the model repository {repo_id} ({_why(e)})") from None
+
+
+def push_folder(repo_id: str, folder: Path, message: str) -> str:
+    """Upload `folder` as the content of the model repository `repo_id` (made by create_push_repo) -> its URL.
+    A failure is one line that says the folder is kept and how to upload it by hand."""
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=message)
+    except _hub_errors() as e:
+        raise UserError(f"--push-to-hub: uploading {folder} to {repo_id} failed ({_why(e)}); it is kept: upload it "
+                        f"with `hf upload {repo_id} {folder}`") from None
+    from huggingface_hub import constants
+
+    return f"{constants.ENDPOINT}/{repo_id}"

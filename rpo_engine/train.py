@@ -426,6 +426,11 @@ def train(config: TrainConfig, dist: Dist) -> int:
     if len(set(dist.gather(str(checkpoint)))) > 1:  # also: every rank has looked before rank 0 writes
         raise UserError(f"{output}: the ranks see different checkpoints; --output must be on a filesystem every node shares")
 
+    hub_repo = None
+    if config.push_to_hub and main_rank:  # before the training: a missing token or network fails now, not in hours
+        from rpo_engine.hub import create_push_repo
+
+        hub_repo = create_push_repo(config.hub_model_id or output.resolve().name, config.hub_private_repo)
     trainer = build_trainer(config, checkpoint, dist=dist)
     if main_rank and trainer.device.type == "cuda":  # what --gpu-memory-utilization gave the rollout
         print(f"rollout K/V cache: {trainer.engine.kv_cache_bytes / 2**30:.1f} GiB, "
@@ -524,6 +529,12 @@ def train(config: TrainConfig, dist: Dist) -> int:
     if evals:
         summary += f"; eval accuracy {evals[0]:.3f} -> {evals[-1]:.3f}"
     print(summary)
+    if hub_repo is not None:  # a LoRA run pushes its adapter, as TRL pushes a PEFT model
+        from rpo_engine.hub import push_folder
+
+        folder = output / ("final-adapter" if config.use_peft else "final")
+        url = push_folder(hub_repo, folder, f"rpo_engine: {algo_name}, {config.steps} steps")
+        print(f"pushed {folder} to {url}")
     return 0
 
 
@@ -548,7 +559,8 @@ def step_or_explain(trainer, config: TrainConfig) -> dict:
 _RESUME_FREE = {"resume", "steps", "output", "config", "progress", "report_to", "log_completions", "eval_steps",
                 "eval_size", "model", "save_steps", "save_total_limit", "dist_timeout", "async_scheduling",
                 "gpu_memory_utilization", "lora_merged_rollout", "parallel", "reward_workers", "micro_batch_tokens",
-                "gradient_checkpointing", "prefix_sharing"}
+                "gradient_checkpointing", "prefix_sharing", "push_to_hub", "hub_model_id", "hub_private_repo",
+                "eval_temperature", "eval_top_p", "eval_top_k", "num_generations_eval"}
 
 
 def warn_changed_options(saved: Path, config: TrainConfig) -> None:

@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 from pathlib import Path
 
@@ -2287,3 +2288,76 @@ def test_eval_sampling_options_are_checked(flags, message):
 
     with pytest.raises(UserError, match=re.escape(message)):
         parse_args(flags)
+
+
+class FakeHub:
+    """huggingface_hub.HfApi's create_repo and upload_folder, recorded (no network here); `fail` names a call
+    that raises as a lost connection would."""
+
+    def __init__(self, fail=None):
+        self.calls, self.fail = [], fail
+
+    def api(self):
+        hub = self
+
+        class Api:
+            def create_repo(self, repo_id, private=None, exist_ok=False):
+                hub.calls.append(("create_repo", repo_id, private, exist_ok))
+                if hub.fail == "create_repo":
+                    raise OSError("Connection refused")
+                return SimpleNamespace(repo_id=repo_id if "/" in repo_id else f"me/{repo_id}")
+
+            def upload_folder(self, repo_id, folder_path, commit_message):
+                hub.calls.append(("upload_folder", repo_id, sorted(p.name for p in Path(folder_path).iterdir()),
+                                  commit_message))
+                if hub.fail == "upload_folder":
+                    raise OSError("Connection reset by peer")
+
+        return Api
+
+
+def test_push_to_hub_creates_the_repo_first_and_uploads_final(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from rpo_engine import train
+    from rpo_engine.errors import UserError
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_x")
+    monkeypatch.setattr(train, "write_plot", lambda *args: None)
+    args = ["--model", tiny_model_dir, "--no-progress", "--prompts-per-step", 1, "--num-generations", 2,
+            "--max-completion-length", 4, "--train-size", 1, "--eval-size", 1, "--steps", 1, "--push-to-hub"]
+    hub = FakeHub()
+    monkeypatch.setattr(huggingface_hub, "HfApi", hub.api())
+    assert train.main(list(map(str, [*args, "--output", tmp_path / "run-a", "--hub-private-repo"]))) == 0
+    assert hub.calls[0] == ("create_repo", "run-a", True, True)  # --output's name in the token's namespace
+    _, repo, files, message = hub.calls[1]
+    assert repo == "me/run-a" and "model.safetensors" in files and "config.json" in files and "RPO-GRPO" in message
+    assert f"pushed {tmp_path / 'run-a' / 'final'} to https://huggingface.co/me/run-a" in capsys.readouterr().out
+    hub = FakeHub()
+    monkeypatch.setattr(huggingface_hub, "HfApi", hub.api())
+    assert train.main(list(map(str, [*args, "--output", tmp_path / "lora", "--hub-model-id", "org/x", "--use-peft",
+                                     "--lora-r", 2]))) == 0
+    assert hub.calls[0] == ("create_repo", "org/x", None, True)
+    assert "adapter_config.json" in hub.calls[1][2] and "config.json" not in hub.calls[1][2]  # the adapter, as TRL
+    # a lost connection: at the start nothing trains; at the end the model is kept and the command to upload it named
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub("create_repo").api())
+    with pytest.raises(UserError, match=r"cannot create or reach the model repository me/y \(OSError: Connection refused"):
+        train.main(list(map(str, [*args, "--output", tmp_path / "none", "--hub-model-id", "me/y"])))
+    assert not (tmp_path / "none" / "metrics.jsonl").exists()
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub("upload_folder").api())
+    final = tmp_path / "late" / "final"
+    with pytest.raises(UserError, match=re.escape(f"it is kept: upload it with `hf upload me/late {final}`")):
+        train.main(list(map(str, [*args, "--output", tmp_path / "late"])))
+    assert (final / "model.safetensors").is_file()
+    with pytest.raises(UserError, match="--hub-model-id and --hub-private-repo do nothing without --push-to-hub"):
+        train.main(list(map(str, [*args[:-1], "--hub-model-id", "a/b", "--hub-private-repo"])))
+    with pytest.raises(UserError, match="--hub-model-id 'a/b/c': not a Hub repository id"):
+        train.main(list(map(str, [*args, "--output", tmp_path / "never", "--hub-model-id", "a/b/c"])))
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    with pytest.raises(UserError, match="needs a Hugging Face token that may write: set HF_TOKEN"):
+        train.main(list(map(str, [*args, "--output", tmp_path / "never"])))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE is set, so nothing can be uploaded"):
+        train.main(list(map(str, [*args, "--output", tmp_path / "never", "--hub-model-id", "a/b/c"])))
