@@ -70,6 +70,7 @@ COMMON = ["--steps", 3, "--save-steps", 2, "--eval-steps", 3, "--eval-size", 5, 
           # entropy is below the target) and must come back from a checkpoint
           "--use-adaptive-entropy", "--entropy-coef", 0.02, "--entropy-coef-delta", 0.01, "--entropy-target", 10,
           "--dist-timeout", 60, "--log-completions",
+          "--eval-temperature", 1.0, "--num-generations-eval", 3,  # sampled eval rows split 3 / 2 over the ranks
           "--warmup-ratio", 0,  # no warmup step: with it (ceil of 5% of 3 steps) these draws hold no resample round
           "--device", "cpu"]  # gloo: on a GPU box two ranks cannot share its one GPU
 # The full-weight runs also move their KL reference after step 2 (saved in the step-2 checkpoint, so the
@@ -92,7 +93,9 @@ def test_two_ranks_match_one_process(runs):
     one, ddp = read_metrics(runs / "one"), read_metrics(runs / "ddp")
     assert [m["step"] for m in ddp] == [0, 1, 2, 3]
     assert_same_steps(one, ddp, [1, 2, 3])
-    assert one[-1]["eval_accuracy"] == ddp[-1]["eval_accuracy"]
+    for key in ("eval_accuracy", "eval_pass_at_k"):  # each row's answers seeded by its place in the eval set
+        assert [m[key] for m in one if key in m] == [m[key] for m in ddp if key in m], key
+    assert len([m for m in one if "eval_pass_at_k" in m]) == 2
     # every round's completions of every rank, in the one process's order (a resample round included)
     assert (runs / "one" / "completions.jsonl").read_text() == (runs / "ddp" / "completions.jsonl").read_text()
     assert any(m["num_prompts_sampled"] > 4 for m in one[1:])  # a resample round ran (odd rows: a rank without)
