@@ -459,6 +459,12 @@ class TrainConfig:
         if not self.use_peft:
             _reject_given(self, ("lora_r", "lora_alpha", "lora_target_modules", "use_rslora", "lora_merged_rollout"),
                           "without --use-peft (the run trains every weight)")
+        # an empty name is no name: --eval-dataset "" read as none (the built-in split, or no eval at all beside
+        # --dataset), --model "" as the working directory, --dataset-config "" as the default configuration
+        for name in ("model", "dataset", "eval_dataset", "dataset_config"):
+            _check(getattr(self, name) != "", f"--{name.replace('_', '-')} is empty; name "
+                                              f"{'a configuration' if name == 'dataset_config' else 'a path or a Hub id'} "
+                                              f"or leave the option out")
         if not self.chat_template:
             _reject_given(self, ("chat_template_kwargs", "system_prompt"), "with --no-chat-template")
         if self.dataset is not None:
