@@ -648,3 +648,19 @@ def test_a_hub_dataset_whose_files_are_not_where_its_card_says_is_one_line(gsm8k
     snapshot = hub_snapshot(gsm8k_like_hub, "org/none", tmp_path / "org_none", repo_type="dataset")
     with pytest.raises(UserError, match=f"^org/none: No \\(supported\\) data files found in {re.escape(str(snapshot))}$"):
         load_dataset_rows("org/none")
+
+
+def test_a_system_prompt_that_is_empty_or_not_text_is_refused(tmp_path):
+    """--system-prompt "" (or blanks) put an empty system message before every prompt, where a dataset's own empty
+    message is refused; one holding an unpaired surrogate (a YAML "\\ud800", or a command line's byte that is not
+    UTF-8) failed in the tokenizer with a TypeError traceback. Both are one line naming the option."""
+    from rpo_engine.config import parse_args
+
+    for text in ("", "  \n"):
+        with pytest.raises(UserError, match="^--system-prompt is empty; "):
+            parse_args(["--system-prompt", text])
+    config = _write(tmp_path / "c.yaml", 'system_prompt: "Box \\ud800"\n')
+    with pytest.raises(UserError, match="^--system-prompt holds '\\\\ud800' at character 5, which UTF-8 cannot encode"):
+        parse_args(["--config", str(config)])
+    with pytest.raises(UserError, match="^--system-prompt holds '\\\\udcff' at character 1, "):
+        parse_args(["--system-prompt", b"\xff".decode("utf-8", "surrogateescape")])
