@@ -664,3 +664,23 @@ def test_a_system_prompt_that_is_empty_or_not_text_is_refused(tmp_path):
         parse_args(["--config", str(config)])
     with pytest.raises(UserError, match="^--system-prompt holds '\\\\udcff' at character 1, "):
         parse_args(["--system-prompt", b"\xff".decode("utf-8", "surrogateescape")])
+
+
+def test_a_hub_datasets_broken_file_is_named_in_one_line_and_nothing_else(gsm8k_like_hub, tmp_path, capfd):
+    """`datasets` logs a file it cannot read (naming it) on stderr before raising: a second line beside the one-line
+    error, which itself did not name the file (a Parquet file's error is pyarrow's alone). The logged line is the
+    error's reason now, and nothing else is printed."""
+    from tests.helpers import hub_snapshot
+
+    for name, file, data in (("org/badpq", "data/train.parquet", b"PAR1 not parquet PAR1"),
+                             ("org/badjson", "data/train.jsonl", b'{"prompt": "a", "answer": "b"}\n{not json\n')):
+        repo = tmp_path / name.replace("/", "_")
+        (repo / "data").mkdir(parents=True)
+        (repo / file).write_bytes(data)
+        snapshot = hub_snapshot(gsm8k_like_hub, name, repo, repo_type="dataset")
+        capfd.readouterr()
+        with pytest.raises(UserError) as e:
+            load_dataset_rows(name)
+        message = str(e.value)
+        assert message.startswith(f"{name}: ") and str(snapshot / file) in message and "\n" not in message, message
+        assert "Failed to" not in capfd.readouterr().err

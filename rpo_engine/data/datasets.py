@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import decimal
 import json
+import logging
 import math
 import os
 
@@ -273,6 +274,21 @@ def load_dataset_rows(path, prompt_column: str = "prompt", answer_column: str = 
     raise UserError(f"{path}: unknown dataset format (expected a .jsonl, .json or .parquet file)")
 
 
+class _LoggedErrors(logging.Filter):
+    """`datasets` logs a data file it cannot read (naming the file, which its exception does not) on stderr, then
+    raises: kept as the one-line error's reason instead of printed as a line beside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.last = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        self.last = " ".join(record.getMessage().split())
+        return False
+
+
 def load_hub_dataset_rows(repo_id: str, config_name: str | None = None, split: str = "train",
                           columns: tuple[str, str] = COLUMNS) -> list[dict]:
     """The `split` of the Hub dataset `repo_id` (of its configuration `config_name`), as `datasets`'
@@ -285,11 +301,15 @@ def load_hub_dataset_rows(repo_id: str, config_name: str | None = None, split: s
     except ImportError:
         raise UserError(f"{repo_id}: reading a Hub dataset needs the datasets package (pip install datasets)") from None
     directory = hub_snapshot(repo_id, "dataset")
+    logged = _LoggedErrors()
+    handlers = list(logging.getLogger("datasets").handlers)
+    for handler in handlers:
+        handler.addFilter(logged)
     try:
         rows = datasets.load_dataset(str(directory), name=config_name, split=split).to_list()
     except ValueError as e:  # an unknown or missing configuration, an unknown split: it lists the ones there are
         message = " ".join(line.strip() for line in str(e).split("Example of usage")[0].splitlines() if line.strip())
-        raise UserError(f"{repo_id}: {message}") from None
+        raise UserError(f"{repo_id}: {logged.last or message}") from None  # pyarrow's ArrowInvalid is a ValueError
     except yaml.YAMLError as e:
         raise UserError(f"{repo_id}: its dataset card (README.md) is not valid YAML "
                         f"({' '.join(str(e).split())[:200]})") from None
@@ -297,8 +317,10 @@ def load_hub_dataset_rows(repo_id: str, config_name: str | None = None, split: s
         # no data files, a file that does not read (DatasetGenerationError: the reader's error is its cause): one
         # line, not a traceback
         cause = e.__cause__ or e
-        raise UserError(f"{repo_id}: {' '.join(str(e).split())}"
-                        + (f" ({type(cause).__name__}: {' '.join(str(cause).split())[:400]})" if cause is not e else "")
-                        ) from None
+        reason = logged.last or (f"{type(cause).__name__}: {' '.join(str(cause).split())}" if cause is not e else "")
+        raise UserError(f"{repo_id}: {' '.join(str(e).split())}" + (f" ({reason[:400]})" if reason else "")) from None
+    finally:
+        for handler in handlers:
+            handler.removeFilter(logged)
     source = f"{repo_id} ({f'{config_name}, ' if config_name else ''}split {split})"
     return validate_rows(rows, [f"{source}: row {i}" for i in range(len(rows))], source, columns)
