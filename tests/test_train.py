@@ -2190,3 +2190,26 @@ def test_top_entropy_quantile_counts_last_bit_differences_as_ties():
     assert at_or_above(values, tied).tolist() == [[True, True, False, False]]
     assert not at_or_above(values, math.inf).any()  # no token with a policy gradient: none kept
     assert at_or_above(torch.tensor([-2.0, -2.0 * (1 + 2 ** -22)]), -2.0).tolist() == [True, True]
+
+
+def test_a_local_spelling_of_an_id_is_never_looked_up_on_the_hub(tmp_path, tiny_model_dir, monkeypatch):
+    """./org/tiny and org/tiny/ are local paths (is_hub_id says so), and with no such directory an error: a Path
+    drops the ./ and the trailing /, so the model, its tokenizer and a train or eval run (which resolve the name,
+    then load what it resolved to) read the Hub's org/tiny in their place."""
+    import huggingface_hub
+
+    import rpo_engine
+    from rpo_engine.errors import UserError
+    from rpo_engine.model.checkpoint import model_directory
+    from tests.helpers import hub_snapshot
+
+    hub_snapshot(tmp_path / "hub", "org/tiny", tiny_model_dir)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    for name in ("./org/tiny", "org/tiny/"):
+        for load in (rpo_engine.load_model, rpo_engine.load_tokenizer):
+            with pytest.raises(UserError, match=f"^{re.escape(str(tmp_path / 'org' / 'tiny'))}: (model|tokenizer) "
+                                                f"directory not found$"):
+                load(model_directory(name))
+    assert model_directory("org/tiny").parent.name == "snapshots"  # the id itself still is the Hub's
