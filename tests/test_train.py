@@ -2213,3 +2213,29 @@ def test_a_local_spelling_of_an_id_is_never_looked_up_on_the_hub(tmp_path, tiny_
                                                 f"directory not found$"):
                 load(model_directory(name))
     assert model_directory("org/tiny").parent.name == "snapshots"  # the id itself still is the Hub's
+
+
+def test_a_wandb_run_that_cannot_start_is_one_line(tmp_path, monkeypatch):
+    """wandb.init refusing (no API key: `wandb login` never run; a project name W&B does not take; no connection)
+    raises one of W&B's errors, which went up as a traceback (exit 1) after the model had loaded: one line now,
+    naming --report-to wandb and W&B's reason."""
+    import types
+
+    from rpo_engine.errors import UserError
+    from rpo_engine.reporting import Reporter
+
+    class Error(Exception):
+        pass
+
+    class UsageError(Error):
+        pass
+
+    def init(**kwargs):
+        raise UsageError("No API key configured. Use `wandb login` to log in.\nmore")
+
+    wandb = types.ModuleType("wandb")
+    wandb.init, wandb.errors = init, types.SimpleNamespace(Error=Error, UsageError=UsageError)
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    with pytest.raises(UserError, match=r"^--report-to wandb: W&B could not start a run \(UsageError: No API key "
+                                        r"configured\. Use `wandb login` to log in\.\)$"):
+        Reporter(["wandb"], tmp_path, {}, resumed_at=None)
