@@ -50,7 +50,7 @@ def load_rows(config: TrainConfig) -> tuple[list[dict], list[dict]]:
     from rpo_engine.data.datasets import load_dataset_rows
 
     columns = dict(prompt_column=config.dataset_prompt_column, answer_column=config.dataset_answer_column,
-                   config_name=config.dataset_config)
+                   config_name=config.dataset_config, progress=config.progress)
     if config.dataset is None:
         train = make_split("train", config.train_size, config.seed)
     else:

@@ -684,3 +684,25 @@ def test_a_hub_datasets_broken_file_is_named_in_one_line_and_nothing_else(gsm8k_
         message = str(e.value)
         assert message.startswith(f"{name}: ") and str(snapshot / file) in message and "\n" not in message, message
         assert "Failed to" not in capfd.readouterr().err
+
+
+def test_no_progress_hides_the_hub_datasets_bars(gsm8k_like_hub, tiny_model_dir, capfd):
+    """--no-progress (train and eval) hid every bar but `datasets`' "Generating train split" ones, printed when a Hub
+    dataset is first read; they go too now, and stay where progress is asked for (and are on again after)."""
+    import datasets
+
+    from rpo_engine.config import parse_args
+    from rpo_engine.eval import main
+    from rpo_engine.train import load_rows
+
+    capfd.readouterr()
+    config = parse_args(["--dataset", "org/gsm", "--dataset-config", "main", "--dataset-prompt-column", "question",
+                         "--eval-steps", "0", "--no-progress"])
+    assert len(load_rows(config)[0]) == 5 and "Generating" not in capfd.readouterr().err
+    assert datasets.is_progress_bar_enabled()
+    main(["--model", str(tiny_model_dir), "--dataset", "org/gsm", "--dataset-config", "socratic", "--dataset-test-split",
+          "train", "--dataset-prompt-column", "question", "--max-completion-length", "2", "--no-progress"])
+    assert "Generating" not in capfd.readouterr().err
+    datasets.config.HF_DATASETS_CACHE = str(gsm8k_like_hub.parent / "datasets-again")  # generated again, shown
+    assert len(load_dataset_rows("org/gsm", prompt_column="question", config_name="main")) == 5
+    assert "Generating train split" in capfd.readouterr().err

@@ -242,17 +242,17 @@ def _read_arrow_dir(path: str, columns: tuple[str, str]) -> list[dict]:
 
 
 def load_dataset_rows(path, prompt_column: str = "prompt", answer_column: str = "answer",
-                      config_name: str | None = None, split: str = "train") -> list[dict]:
+                      config_name: str | None = None, split: str = "train", progress: bool = True) -> list[dict]:
     """Rows of a JSONL (``.jsonl``/``.json``/``.ndjson``) or Parquet (``.parquet``) dataset, of a directory
     written by `datasets`' ``save_to_disk``, or of a Hugging Face Hub dataset (`org/name` where no such path is:
     its `split`, of its configuration `config_name`; load_hub_dataset_rows), each a dict with ``id``, ``prompt``
     and ``answer`` strings (plus any other fields of the row). `prompt_column` / `answer_column`: the fields read
-    as the prompt and the answer (GSM8K's ``question``). Raises UserError (one line, naming the file and line)
+    as the prompt and the answer (GSM8K's ``question``); `progress`: `datasets`' bars where it reads one. Raises UserError (one line, naming the file and line)
     for a missing file, an unknown extension, an unparsable line, a row without a ``prompt``/``answer`` string,
     a duplicate id, or an empty dataset."""
     columns = (prompt_column, answer_column)
     if is_hub_id(path):
-        return load_hub_dataset_rows(os.fspath(path), config_name, split, columns)
+        return load_hub_dataset_rows(os.fspath(path), config_name, split, columns, progress)
     path = os.fspath(path)
     if not os.path.exists(path):
         raise UserError(f"{path}: no such file (expected a .jsonl or .parquet dataset)")
@@ -290,7 +290,7 @@ class _LoggedErrors(logging.Filter):
 
 
 def load_hub_dataset_rows(repo_id: str, config_name: str | None = None, split: str = "train",
-                          columns: tuple[str, str] = COLUMNS) -> list[dict]:
+                          columns: tuple[str, str] = COLUMNS, progress: bool = True) -> list[dict]:
     """The `split` of the Hub dataset `repo_id` (of its configuration `config_name`), as `datasets`'
     load_dataset(repo_id, config_name, split=split) gives it: the repository's snapshot from the Hugging Face
     cache (downloaded first where needed and possible: rpo_engine.hub), read by `datasets` as its dataset card
@@ -305,6 +305,9 @@ def load_hub_dataset_rows(repo_id: str, config_name: str | None = None, split: s
     handlers = list(logging.getLogger("datasets").handlers)
     for handler in handlers:
         handler.addFilter(logged)
+    bars = datasets.is_progress_bar_enabled()
+    if not progress:  # --no-progress: its "Generating train split" bars too
+        datasets.disable_progress_bars()
     try:
         rows = datasets.load_dataset(str(directory), name=config_name, split=split).to_list()
     except ValueError as e:  # an unknown or missing configuration, an unknown split: it lists the ones there are
@@ -322,5 +325,7 @@ def load_hub_dataset_rows(repo_id: str, config_name: str | None = None, split: s
     finally:
         for handler in handlers:
             handler.removeFilter(logged)
+        if bars:
+            datasets.enable_progress_bars()
     source = f"{repo_id} ({f'{config_name}, ' if config_name else ''}split {split})"
     return validate_rows(rows, [f"{source}: row {i}" for i in range(len(rows))], source, columns)
