@@ -706,3 +706,25 @@ def test_no_progress_hides_the_hub_datasets_bars(gsm8k_like_hub, tiny_model_dir,
     datasets.config.HF_DATASETS_CACHE = str(gsm8k_like_hub.parent / "datasets-again")  # generated again, shown
     assert len(load_dataset_rows("org/gsm", prompt_column="question", config_name="main")) == 5
     assert "Generating train split" in capfd.readouterr().err
+
+
+def test_a_name_the_hub_refuses_as_an_id_is_a_path(tmp_path, monkeypatch):
+    """org/name spellings huggingface_hub refuses as a repository id (-- or .., a name starting with . or -, past
+    96 characters, ending in .git) were taken for Hub ids: offline, "no Hugging Face Hub model of that name ...
+    (HF_HUB_OFFLINE is set)", as if going online could find one. They are paths, as for huggingface_hub."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    from rpo_engine.hub import is_hub_id
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("org/x--y", "org/a..b", "o--rg/x", "org/.x", "org/-x", "org/_x", "org/x_", "o/x", f"org/{'a' * 96}",
+                 f"org/{'a' * 97}", f"{'a' * 97}/x", "org/x.git", "org/x.gitx", "Qwen/Qwen2.5-0.5B-Instruct", "a.b/c-d"):
+        try:
+            validate_repo_id(name)
+            valid = True
+        except HFValidationError:
+            valid = False
+        assert is_hub_id(name) == valid, name
+    with pytest.raises(UserError, match="^org/x--y: no such file"):
+        load_dataset_rows("org/x--y")
