@@ -469,6 +469,23 @@ class TrainConfig:
         if not self.use_peft:
             _reject_given(self, ("lora_r", "lora_alpha", "lora_target_modules", "use_rslora", "lora_merged_rollout"),
                           "without --use-peft (the run trains every weight)")
+        # an empty name is no name: --eval-dataset "" read as none (the built-in split, or no eval at all beside
+        # --dataset), --model "" as the working directory, --dataset-config "" as the default configuration
+        for name in ("model", "dataset", "eval_dataset", "dataset_config"):
+            _check(getattr(self, name) != "", f"--{name.replace('_', '-')} is empty; name "
+                                              f"{'a configuration' if name == 'dataset_config' else 'a path or a Hub id'} "
+                                              f"or leave the option out")
+        if self.system_prompt is not None:
+            # an empty system message is refused in a dataset's own conversations; a surrogate (a YAML "\ud800", a
+            # command line's byte that is not UTF-8) failed in the tokenizer, a TypeError traceback
+            _check(bool(self.system_prompt.strip()), "--system-prompt is empty; give the system message's text or "
+                                                     "leave the option out")
+            try:
+                self.system_prompt.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise UserError(f"--system-prompt holds {self.system_prompt[e.start]!r} at character {e.start + 1}, "
+                                f"which UTF-8 cannot encode (an unpaired surrogate, or a byte of the command line "
+                                f"that is not UTF-8)") from None
         if not self.chat_template:
             _reject_given(self, ("chat_template_kwargs", "system_prompt"), "with --no-chat-template")
         if self.dataset is not None:

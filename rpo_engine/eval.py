@@ -109,7 +109,7 @@ def main(argv=None) -> int:
                                    "chat_template_kwargs": args.chat_template_kwargs,
                                    "system_prompt": args.system_prompt,
                                    "filter_overlong_prompts": args.filter_overlong_prompts,
-                                   "reward_workers": args.reward_workers,
+                                   "reward_workers": args.reward_workers, "progress": not args.no_progress,
                                    **{key: getattr(args, key) for key in ("dataset_config", "dataset_test_split",
                                                                          "dataset_prompt_column", "dataset_answer_column")
                                       if getattr(args, key) is not None}})

@@ -10,7 +10,9 @@ from pathlib import Path
 
 from rpo_engine.errors import UserError
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_]")  # org/name, as huggingface_hub validates it
+# org/name as huggingface_hub's validate_repo_id takes it: each part 1 to 96 of \w . -, neither starting nor ending
+# with . or -, no -- or .. and no .git at the end (a name it refuses was "no Hub model of that name" offline)
+_HUB_ID = re.compile(r"\b[\w.-]{1,96}\b/\b[\w.-]{1,96}\b")
 # a name ending like a data file is a path with a typo (data/train.jsonl), not a repository
 _FILE_SUFFIXES = (".jsonl", ".json", ".ndjson", ".parquet", ".pq", ".csv", ".txt", ".safetensors")
 
@@ -21,8 +23,8 @@ def is_hub_id(name) -> bool:
     if not isinstance(name, (str, os.PathLike)):
         return False
     name = os.fspath(name)
-    return (bool(_HUB_ID.fullmatch(name)) and not name.lower().endswith(_FILE_SUFFIXES)
-            and not os.path.exists(name))
+    return (bool(_HUB_ID.fullmatch(name)) and "--" not in name and ".." not in name and not name.endswith(".git")
+            and not name.lower().endswith(_FILE_SUFFIXES) and not os.path.exists(name))
 
 
 def hub_snapshot(repo_id: str, repo_type: str = "model", allow_patterns: tuple[str, ...] | None = None,

@@ -66,8 +66,12 @@ class Reporter:
             if not run_id:  # a new run, or the file missing or empty (W&B refuses an empty id): a new W&B run
                 run_id = secrets.token_hex(4)
                 id_file.write_text(run_id + "\n")
-            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "rpo_engine"), name=output.name,
-                                    id=run_id, resume="allow", config=options, dir=str(output))
+            try:
+                self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "rpo_engine"), name=output.name,
+                                        id=run_id, resume="allow", config=options, dir=str(output))
+            except wandb.errors.Error as e:  # no API key (never logged in), a project W&B refuses, no connection
+                reason = next(iter(str(e).strip().splitlines()), "")
+                raise UserError(f"--report-to wandb: W&B could not start a run ({type(e).__name__}: {reason})") from None
             self.wandb.define_metric("step")
             self.wandb.define_metric("*", step_metric="step")
 

@@ -50,7 +50,7 @@ def load_rows(config: TrainConfig) -> tuple[list[dict], list[dict]]:
     from rpo_engine.data.datasets import load_dataset_rows
 
     columns = dict(prompt_column=config.dataset_prompt_column, answer_column=config.dataset_answer_column,
-                   config_name=config.dataset_config)
+                   config_name=config.dataset_config, progress=config.progress)
     if config.dataset is None:
         train = make_split("train", config.train_size, config.seed)
     else:
@@ -111,6 +111,20 @@ def resolve_rewards(config: TrainConfig, device: torch.device | None = None, fir
         if i == 0 or not first_only:
             functions.append(function)
     return functions
+
+
+def check_reward_models_read(config: TrainConfig, functions: list, rows: list[dict]) -> None:
+    """A reward model reads a conversation prompt through its own chat template: without one, step 1's scoring
+    raised transformers' ValueError, a traceback after minutes of loading."""
+    from rpo_engine.rewards.model import RewardModel
+
+    if all(isinstance(row["prompt"], str) for row in rows):
+        return
+    for name, function in zip(reward_specs(config), functions):
+        if isinstance(function, RewardModel) and not getattr(function.tokenizer, "chat_template", None):
+            why = "--system-prompt makes every prompt one" if config.system_prompt else "the dataset's messages"
+            raise UserError(f"--reward {config.reward}: the reward model {name} has no chat template to read the "
+                            f"conversation prompts ({why}); give it one, or use string prompts")
 
 
 def reward_specs(config: TrainConfig) -> list[str]:
@@ -361,6 +375,7 @@ def build_trainer(config: TrainConfig, checkpoint: Path | None = None, dist: Dis
         reference = rpo_engine.load_model(synced if config.algo.sync_ref_model and synced.is_dir()
                                           else initial_model_dir(), dtype=dtype, device=device)
     functions = resolve_rewards(config, device)
+    check_reward_models_read(config, functions, train_rows)
     pool = reward_pool(config, functions)
     accuracy, *extra_rewards = functions if pool is None else pool.functions(functions)
     return Trainer(config, model, tokenizer, train_rows, eval_rows, accuracy, device, dist, reference=reference,

@@ -471,3 +471,19 @@ def test_seed_past_64_bits():
     with pytest.raises(UserError, match=r"^--seed must fit in 64 bits, got 18446744073709551616$"):
         parse_args(["--seed", str(2**64)])
     parse_args(["--seed", str(2**64 - 1)]), parse_args(["--seed", "-1"])
+
+
+@pytest.mark.parametrize("option", ["--model", "--dataset", "--eval-dataset", "--dataset-config"])
+def test_an_empty_name_is_refused(option, tmp_path):
+    """--eval-dataset "" was read as no eval dataset (the built-in split, or silently no eval with --dataset), --model
+    "" as the working directory, --dataset-config "" as no configuration: each is one line naming the option."""
+    extra = ["--dataset", "org/gsm"] if option == "--dataset-config" else []
+    with pytest.raises(UserError, match=f"^{option} is empty; "):
+        parse_args([*extra, option, ""])
+
+
+def test_eval_cli_refuses_an_empty_dataset(tiny_model_dir):
+    from rpo_engine.eval import main
+
+    with pytest.raises(UserError, match="^--dataset is empty; "):  # not the built-in split, evaluated silently
+        main(["--model", str(tiny_model_dir), "--dataset", "", "--no-progress"])

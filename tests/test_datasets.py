@@ -648,3 +648,83 @@ def test_a_hub_dataset_whose_files_are_not_where_its_card_says_is_one_line(gsm8k
     snapshot = hub_snapshot(gsm8k_like_hub, "org/none", tmp_path / "org_none", repo_type="dataset")
     with pytest.raises(UserError, match=f"^org/none: No \\(supported\\) data files found in {re.escape(str(snapshot))}$"):
         load_dataset_rows("org/none")
+
+
+def test_a_system_prompt_that_is_empty_or_not_text_is_refused(tmp_path):
+    """--system-prompt "" (or blanks) put an empty system message before every prompt, where a dataset's own empty
+    message is refused; one holding an unpaired surrogate (a YAML "\\ud800", or a command line's byte that is not
+    UTF-8) failed in the tokenizer with a TypeError traceback. Both are one line naming the option."""
+    from rpo_engine.config import parse_args
+
+    for text in ("", "  \n"):
+        with pytest.raises(UserError, match="^--system-prompt is empty; "):
+            parse_args(["--system-prompt", text])
+    config = _write(tmp_path / "c.yaml", 'system_prompt: "Box \\ud800"\n')
+    with pytest.raises(UserError, match="^--system-prompt holds '\\\\ud800' at character 5, which UTF-8 cannot encode"):
+        parse_args(["--config", str(config)])
+    with pytest.raises(UserError, match="^--system-prompt holds '\\\\udcff' at character 1, "):
+        parse_args(["--system-prompt", b"\xff".decode("utf-8", "surrogateescape")])
+
+
+def test_a_hub_datasets_broken_file_is_named_in_one_line_and_nothing_else(gsm8k_like_hub, tmp_path, capfd):
+    """`datasets` logs a file it cannot read (naming it) on stderr before raising: a second line beside the one-line
+    error, which itself did not name the file (a Parquet file's error is pyarrow's alone). The logged line is the
+    error's reason now, and nothing else is printed."""
+    from tests.helpers import hub_snapshot
+
+    for name, file, data in (("org/badpq", "data/train.parquet", b"PAR1 not parquet PAR1"),
+                             ("org/badjson", "data/train.jsonl", b'{"prompt": "a", "answer": "b"}\n{not json\n')):
+        repo = tmp_path / name.replace("/", "_")
+        (repo / "data").mkdir(parents=True)
+        (repo / file).write_bytes(data)
+        snapshot = hub_snapshot(gsm8k_like_hub, name, repo, repo_type="dataset")
+        capfd.readouterr()
+        with pytest.raises(UserError) as e:
+            load_dataset_rows(name)
+        message = str(e.value)
+        assert message.startswith(f"{name}: ") and str(snapshot / file) in message and "\n" not in message, message
+        assert "Failed to" not in capfd.readouterr().err
+
+
+def test_no_progress_hides_the_hub_datasets_bars(gsm8k_like_hub, tiny_model_dir, capfd):
+    """--no-progress (train and eval) hid every bar but `datasets`' "Generating train split" ones, printed when a Hub
+    dataset is first read; they go too now, and stay where progress is asked for (and are on again after)."""
+    import datasets
+
+    from rpo_engine.config import parse_args
+    from rpo_engine.eval import main
+    from rpo_engine.train import load_rows
+
+    capfd.readouterr()
+    config = parse_args(["--dataset", "org/gsm", "--dataset-config", "main", "--dataset-prompt-column", "question",
+                         "--eval-steps", "0", "--no-progress"])
+    assert len(load_rows(config)[0]) == 5 and "Generating" not in capfd.readouterr().err
+    assert datasets.is_progress_bar_enabled()
+    main(["--model", str(tiny_model_dir), "--dataset", "org/gsm", "--dataset-config", "socratic", "--dataset-test-split",
+          "train", "--dataset-prompt-column", "question", "--max-completion-length", "2", "--no-progress"])
+    assert "Generating" not in capfd.readouterr().err
+    datasets.config.HF_DATASETS_CACHE = str(gsm8k_like_hub.parent / "datasets-again")  # generated again, shown
+    assert len(load_dataset_rows("org/gsm", prompt_column="question", config_name="main")) == 5
+    assert "Generating train split" in capfd.readouterr().err
+
+
+def test_a_name_the_hub_refuses_as_an_id_is_a_path(tmp_path, monkeypatch):
+    """org/name spellings huggingface_hub refuses as a repository id (-- or .., a name starting with . or -, past
+    96 characters, ending in .git) were taken for Hub ids: offline, "no Hugging Face Hub model of that name ...
+    (HF_HUB_OFFLINE is set)", as if going online could find one. They are paths, as for huggingface_hub."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    from rpo_engine.hub import is_hub_id
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("org/x--y", "org/a..b", "o--rg/x", "org/.x", "org/-x", "org/_x", "org/x_", "o/x", f"org/{'a' * 96}",
+                 f"org/{'a' * 97}", f"{'a' * 97}/x", "org/x.git", "org/x.gitx", "Qwen/Qwen2.5-0.5B-Instruct", "a.b/c-d"):
+        try:
+            validate_repo_id(name)
+            valid = True
+        except HFValidationError:
+            valid = False
+        assert is_hub_id(name) == valid, name
+    with pytest.raises(UserError, match="^org/x--y: no such file"):
+        load_dataset_rows("org/x--y")

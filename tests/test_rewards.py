@@ -529,3 +529,35 @@ def test_reward_workers_with_nothing_to_pool_is_an_error():
     with pytest.raises(UserError, match="^--reward-workers does nothing with --reward tests.reward_fns:trl_hash_reward: "):
         reward_pool(config, resolve_rewards(config))
     assert reward_pool(parse_args(["--reward", "tests.reward_fns:trl_hash_reward"]), resolve_rewards(config)) is None
+
+
+def test_a_reward_model_without_a_chat_template_on_conversations_is_one_line(tmp_path, reward_model_dir, tiny_model_dir):
+    """A reward model reads a conversation prompt (--system-prompt makes every prompt one; a dataset's messages)
+    through its own chat template: without one, step 1's scoring raised transformers' ValueError, a traceback after
+    the loading. Named before training now; string prompts still need none."""
+    import re
+    import shutil
+
+    from rpo_engine import load_tokenizer
+    from rpo_engine.config import parse_args
+    from rpo_engine.errors import UserError
+    from rpo_engine.train import build_trainer
+    from tests.helpers import with_chat_template
+
+    plain = tmp_path / "rm_plain"
+    shutil.copytree(reward_model_dir, plain)
+    tokenizer = load_tokenizer(plain)
+    tokenizer.chat_template = None
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    tokenizer.save_pretrained(str(plain))
+    assert not load_tokenizer(plain).chat_template
+    policy = with_chat_template(tiny_model_dir, tmp_path / "chat", "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", "answer": "4"}\n')
+    args = ["--model", str(policy), "--dataset", str(data), "--eval-steps", "0", "--no-progress", "--prompts-per-step", "2",
+            "--num-generations", "2", "--max-completion-length", "4", "--reward", f"exact,{plain}"]
+    with pytest.raises(UserError, match=f"^--reward exact,{re.escape(str(plain))}: the reward model {re.escape(str(plain))} "
+                                        f"has no chat template to read the conversation prompts \\(--system-prompt makes "
+                                        f"every prompt one\\)"):
+        build_trainer(parse_args([*args, "--system-prompt", "Box it."]))
+    build_trainer(parse_args(args)).step()  # string prompts: joined to the completion, no template needed

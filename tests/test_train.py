@@ -2360,4 +2360,53 @@ def test_push_to_hub_creates_the_repo_first_and_uploads_final(tmp_path, tiny_mod
         train.main(list(map(str, [*args, "--output", tmp_path / "never"])))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError, match="HF_HUB_OFFLINE is set, so nothing can be uploaded"):
-        train.main(list(map(str, [*args, "--output", tmp_path / "never", "--hub-model-id", "a/b/c"])))
+        train.main(list(map(str, [*args, "--output", tmp_path / "never"])))
+
+
+def test_a_local_spelling_of_an_id_is_never_looked_up_on_the_hub(tmp_path, tiny_model_dir, monkeypatch):
+    """./org/tiny and org/tiny/ are local paths (is_hub_id says so), and with no such directory an error: a Path
+    drops the ./ and the trailing /, so the model, its tokenizer and a train or eval run (which resolve the name,
+    then load what it resolved to) read the Hub's org/tiny in their place."""
+    import huggingface_hub
+
+    import rpo_engine
+    from rpo_engine.errors import UserError
+    from rpo_engine.model.checkpoint import model_directory
+    from tests.helpers import hub_snapshot
+
+    hub_snapshot(tmp_path / "hub", "org/tiny", tiny_model_dir)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    for name in ("./org/tiny", "org/tiny/"):
+        for load in (rpo_engine.load_model, rpo_engine.load_tokenizer):
+            with pytest.raises(UserError, match=f"^{re.escape(str(tmp_path / 'org' / 'tiny'))}: (model|tokenizer) "
+                                                f"directory not found$"):
+                load(model_directory(name))
+    assert model_directory("org/tiny").parent.name == "snapshots"  # the id itself still is the Hub's
+
+
+def test_a_wandb_run_that_cannot_start_is_one_line(tmp_path, monkeypatch):
+    """wandb.init refusing (no API key: `wandb login` never run; a project name W&B does not take; no connection)
+    raises one of W&B's errors, which went up as a traceback (exit 1) after the model had loaded: one line now,
+    naming --report-to wandb and W&B's reason."""
+    import types
+
+    from rpo_engine.errors import UserError
+    from rpo_engine.reporting import Reporter
+
+    class Error(Exception):
+        pass
+
+    class UsageError(Error):
+        pass
+
+    def init(**kwargs):
+        raise UsageError("No API key configured. Use `wandb login` to log in.\nmore")
+
+    wandb = types.ModuleType("wandb")
+    wandb.init, wandb.errors = init, types.SimpleNamespace(Error=Error, UsageError=UsageError)
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    with pytest.raises(UserError, match=r"^--report-to wandb: W&B could not start a run \(UsageError: No API key "
+                                        r"configured\. Use `wandb login` to log in\.\)$"):
+        Reporter(["wandb"], tmp_path, {}, resumed_at=None)

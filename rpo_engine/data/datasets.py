@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import decimal
 import json
+import logging
 import math
 import os
 
@@ -241,17 +242,17 @@ def _read_arrow_dir(path: str, columns: tuple[str, str]) -> list[dict]:
 
 
 def load_dataset_rows(path, prompt_column: str = "prompt", answer_column: str = "answer",
-                      config_name: str | None = None, split: str = "train") -> list[dict]:
+                      config_name: str | None = None, split: str = "train", progress: bool = True) -> list[dict]:
     """Rows of a JSONL (``.jsonl``/``.json``/``.ndjson``) or Parquet (``.parquet``) dataset, of a directory
     written by `datasets`' ``save_to_disk``, or of a Hugging Face Hub dataset (`org/name` where no such path is:
     its `split`, of its configuration `config_name`; load_hub_dataset_rows), each a dict with ``id``, ``prompt``
     and ``answer`` strings (plus any other fields of the row). `prompt_column` / `answer_column`: the fields read
-    as the prompt and the answer (GSM8K's ``question``). Raises UserError (one line, naming the file and line)
+    as the prompt and the answer (GSM8K's ``question``); `progress`: `datasets`' bars where it reads one. Raises UserError (one line, naming the file and line)
     for a missing file, an unknown extension, an unparsable line, a row without a ``prompt``/``answer`` string,
     a duplicate id, or an empty dataset."""
     columns = (prompt_column, answer_column)
     if is_hub_id(path):
-        return load_hub_dataset_rows(os.fspath(path), config_name, split, columns)
+        return load_hub_dataset_rows(os.fspath(path), config_name, split, columns, progress)
     path = os.fspath(path)
     if not os.path.exists(path):
         raise UserError(f"{path}: no such file (expected a .jsonl or .parquet dataset)")
@@ -273,8 +274,23 @@ def load_dataset_rows(path, prompt_column: str = "prompt", answer_column: str = 
     raise UserError(f"{path}: unknown dataset format (expected a .jsonl, .json or .parquet file)")
 
 
+class _LoggedErrors(logging.Filter):
+    """`datasets` logs a data file it cannot read (naming the file, which its exception does not) on stderr, then
+    raises: kept as the one-line error's reason instead of printed as a line beside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.last = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        self.last = " ".join(record.getMessage().split())
+        return False
+
+
 def load_hub_dataset_rows(repo_id: str, config_name: str | None = None, split: str = "train",
-                          columns: tuple[str, str] = COLUMNS) -> list[dict]:
+                          columns: tuple[str, str] = COLUMNS, progress: bool = True) -> list[dict]:
     """The `split` of the Hub dataset `repo_id` (of its configuration `config_name`), as `datasets`'
     load_dataset(repo_id, config_name, split=split) gives it: the repository's snapshot from the Hugging Face
     cache (downloaded first where needed and possible: rpo_engine.hub), read by `datasets` as its dataset card
@@ -285,11 +301,18 @@ def load_hub_dataset_rows(repo_id: str, config_name: str | None = None, split: s
     except ImportError:
         raise UserError(f"{repo_id}: reading a Hub dataset needs the datasets package (pip install datasets)") from None
     directory = hub_snapshot(repo_id, "dataset")
+    logged = _LoggedErrors()
+    handlers = list(logging.getLogger("datasets").handlers)
+    for handler in handlers:
+        handler.addFilter(logged)
+    bars = datasets.is_progress_bar_enabled()
+    if not progress:  # --no-progress: its "Generating train split" bars too
+        datasets.disable_progress_bars()
     try:
         rows = datasets.load_dataset(str(directory), name=config_name, split=split).to_list()
     except ValueError as e:  # an unknown or missing configuration, an unknown split: it lists the ones there are
         message = " ".join(line.strip() for line in str(e).split("Example of usage")[0].splitlines() if line.strip())
-        raise UserError(f"{repo_id}: {message}") from None
+        raise UserError(f"{repo_id}: {logged.last or message}") from None  # pyarrow's ArrowInvalid is a ValueError
     except yaml.YAMLError as e:
         raise UserError(f"{repo_id}: its dataset card (README.md) is not valid YAML "
                         f"({' '.join(str(e).split())[:200]})") from None
@@ -297,8 +320,12 @@ def load_hub_dataset_rows(repo_id: str, config_name: str | None = None, split: s
         # no data files, a file that does not read (DatasetGenerationError: the reader's error is its cause): one
         # line, not a traceback
         cause = e.__cause__ or e
-        raise UserError(f"{repo_id}: {' '.join(str(e).split())}"
-                        + (f" ({type(cause).__name__}: {' '.join(str(cause).split())[:400]})" if cause is not e else "")
-                        ) from None
+        reason = logged.last or (f"{type(cause).__name__}: {' '.join(str(cause).split())}" if cause is not e else "")
+        raise UserError(f"{repo_id}: {' '.join(str(e).split())}" + (f" ({reason[:400]})" if reason else "")) from None
+    finally:
+        for handler in handlers:
+            handler.removeFilter(logged)
+        if bars:
+            datasets.enable_progress_bars()
     source = f"{repo_id} ({f'{config_name}, ' if config_name else ''}split {split})"
     return validate_rows(rows, [f"{source}: row {i}" for i in range(len(rows))], source, columns)

@@ -75,7 +75,12 @@ HUB_FILES = ("*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jin
 def model_directory(path, cached_only: bool = False) -> Path:
     """`path` itself, or where it is a Hub id (`Qwen/Qwen2.5-0.5B-Instruct`) and no local path, its snapshot in
     the Hugging Face cache (rpo_engine.hub): only the JSON, safetensors and tokenizer files."""
-    return hub_snapshot(str(path), "model", HUB_FILES, cached_only) if is_hub_id(path) else Path(path)
+    if is_hub_id(path):
+        return hub_snapshot(str(path), "model", HUB_FILES, cached_only)
+    # ./org/tiny or org/tiny/ is a local path, but a Path drops the ./ and the /: made absolute, or a caller that
+    # resolves what this returns again (load_model, given a run's model directory) would read the Hub's org/tiny
+    directory = Path(path)
+    return directory.absolute() if is_hub_id(directory) else directory
 
 
 def load_model(path, dtype=None, device=None) -> CausalLM:
