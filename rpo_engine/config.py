@@ -531,6 +531,9 @@ class TrainConfig:
         if self.dataset is None and self.eval_dataset is None:
             _reject_given(self, ("dataset_prompt_column", "dataset_answer_column"),
                           "without --dataset or --eval-dataset (the built-in task has its own fields)")
+        # the prompt would hold the answer it is graded against
+        _check(self.dataset_prompt_column != self.dataset_answer_column,
+               f"--dataset-prompt-column and --dataset-answer-column both name {self.dataset_prompt_column!r}")
         hub_train, hub_eval = is_hub_id(self.dataset), is_hub_id(self.eval_dataset)
         if not (hub_train or hub_eval):
             _reject_given(self, ("dataset_config",), "without a Hub --dataset or --eval-dataset (org/name)")

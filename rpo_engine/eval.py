@@ -70,6 +70,10 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: one, on stderr)")
     parser.add_argument("--output", help="JSONL file for each row's completion, reward and verdict (must not exist)")
     args = parser.parse_args(argv)
+    if args.no_progress:
+        from rpo_engine.hub import hide_download_bars
+
+        hide_download_bars()
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.num_samples > 1 and args.temperature <= 0:

@@ -27,6 +27,14 @@ def is_hub_id(name) -> bool:
             and not name.lower().endswith(_FILE_SUFFIXES) and not os.path.exists(name))
 
 
+def hide_download_bars() -> None:
+    """--no-progress: huggingface_hub's download bars (a Hub model, dataset or reward model) stay hidden too, for
+    the rest of this command's process."""
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
+
+
 def hub_snapshot(repo_id: str, repo_type: str = "model", allow_patterns: tuple[str, ...] | None = None,
                  cached_only: bool = False) -> Path:
     """The directory of `repo_id`'s snapshot in the cache (downloaded first where needed and possible, unless

@@ -27,7 +27,10 @@ def installed(package: str) -> bool:
 def report_targets(report_to: str) -> list[str]:
     """The sinks `report_to` names ("auto": TensorBoard where installed; "none": none); a UserError for an
     unknown name or a named sink that is not installed."""
-    names = [name.strip() for name in report_to.split(",") if name.strip()]
+    names = [name.strip() for name in report_to.split(",")]
+    if "" in names and names != [""]:  # "tensorboard," as --reward and --lora-target-modules refuse it
+        raise UserError(f"--report-to {report_to}: an empty name in the list")
+    names = [name for name in names if name]
     if names == ["none"]:
         return []
     if names == ["auto"]:

@@ -55,8 +55,11 @@ def load_rows(config: TrainConfig) -> tuple[list[dict], list[dict]]:
         train = make_split("train", config.train_size, config.seed)
     else:
         train = load_dataset_rows(config.dataset, split=config.dataset_train_split, **columns)
-    # Eval: the given file, else the built-in task's held-out split (only when training on it), else none.
-    if config.eval_dataset:
+    # Eval: the given file, else the built-in task's held-out split (only when training on it), else none; none
+    # read at all with --eval-steps 0 (a Hub eval set is not downloaded for nothing).
+    if not config.eval_steps:
+        eval_rows = []
+    elif config.eval_dataset:
         eval_rows = load_dataset_rows(config.eval_dataset, split=config.dataset_test_split, **columns)[:config.eval_size]
     elif config.dataset is None:
         eval_rows = make_split("eval", config.eval_size, config.seed)
@@ -411,6 +414,10 @@ def train(config: TrainConfig, dist: Dist) -> int:
 
     check_divisible(config.prompts_per_step, dist.world_size)
     main_rank = dist.is_main  # rank 0 writes every output; the others compute
+    if not config.progress:
+        from rpo_engine.hub import hide_download_bars
+
+        hide_download_bars()
     if not config.output:  # Path("") is the current directory: the run would fill it
         raise UserError("--output is empty; name the run's directory")
     output = Path(config.output)

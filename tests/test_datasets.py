@@ -547,6 +547,23 @@ def test_columns_read_as_prompt_and_answer_in_local_files(tmp_path):
     with pytest.raises(UserError, match=f"^{data}:1: no column 'query' \\(--dataset-prompt-column\\); found keys "
                                         f"\\['final', 'question'\\]$"):
         load_dataset_rows(data, prompt_column="query", answer_column="final")
+    from rpo_engine.config import parse_args
+
+    with pytest.raises(UserError, match="^--dataset-prompt-column and --dataset-answer-column both name 'final'$"):
+        parse_args(["--dataset", str(data), "--dataset-prompt-column", "final", "--dataset-answer-column", "final"])
+
+
+def test_eval_steps_0_reads_no_eval_set(tmp_path):
+    """--eval-steps 0: no eval set is read (a Hub one would be downloaded for nothing, a broken one stop the run)."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import load_rows
+
+    train = _write(tmp_path / "t.jsonl", '{"prompt": "1+1=", "answer": "2"}\n')
+    broken = _write(tmp_path / "e.jsonl", "{not json\n")
+    assert load_rows(parse_args(["--dataset", str(train), "--eval-dataset", str(broken), "--eval-steps", "0"]))[1] == []
+    assert load_rows(parse_args(["--eval-steps", "0"]))[1] == []  # nor the built-in task's split
+    with pytest.raises(UserError, match=f"^{broken}:1"):
+        load_rows(parse_args(["--dataset", str(train), "--eval-dataset", str(broken)]))
 
 
 def test_eval_cli_reads_a_hub_datasets_test_split(gsm8k_like_hub, tiny_model_dir, tmp_path, capsys):

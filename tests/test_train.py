@@ -461,6 +461,9 @@ def test_report_to_names_what_it_cannot_do(monkeypatch, tmp_path):
                                             f"tensorboard, wandb$"):
             parse_args(["--report-to", value])
     assert reporting.report_targets("none") == [] and reporting.report_targets("auto") == []  # nothing installed
+    for value in ("none,", "tensorboard,,wandb", ",auto"):  # as --reward and --lora-target-modules refuse them
+        with pytest.raises(UserError, match=f"^--report-to {value}: an empty name in the list$"):
+            reporting.report_targets(value)
     monkeypatch.setattr(reporting, "installed", lambda package: True)
     assert reporting.report_targets("wandb, tensorboard,wandb") == ["wandb", "tensorboard"]
     assert reporting.report_targets("auto") == ["tensorboard"]  # as before the option: TensorBoard where installed
@@ -2410,3 +2413,22 @@ def test_a_wandb_run_that_cannot_start_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"^--report-to wandb: W&B could not start a run \(UsageError: No API key "
                                         r"configured\. Use `wandb login` to log in\.\)$"):
         Reporter(["wandb"], tmp_path, {}, resumed_at=None)
+
+
+def test_no_progress_hides_huggingface_hub_download_bars(tmp_path, tiny_model_dir, monkeypatch):
+    import huggingface_hub.utils
+
+    from rpo_engine import eval as eval_cli
+    from rpo_engine import train
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub.utils, "disable_progress_bars", lambda: calls.append("off"))
+    monkeypatch.setattr(train, "write_plot", lambda *args: None)
+    args = ["--model", tiny_model_dir, "--prompts-per-step", 1, "--num-generations", 2, "--max-completion-length", 4,
+            "--train-size", 1, "--eval-steps", 0, "--steps", 1]
+    assert train.main(list(map(str, [*args, "--output", tmp_path / "a", "--no-progress"]))) == 0
+    assert calls == ["off"]
+    eval_cli.main(["--model", str(tiny_model_dir), "--eval-size", "1", "--max-completion-length", "2", "--no-progress"])
+    assert calls == ["off", "off"]
+    assert train.main(list(map(str, [*args, "--output", tmp_path / "b"]))) == 0
+    assert calls == ["off", "off"]  # with its bars on, theirs too
