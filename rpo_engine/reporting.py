@@ -89,6 +89,19 @@ class Reporter:
         if self.wandb is not None:
             self.wandb.log(numbers)
 
+    def log_completions(self, step: int, records: list[dict]) -> None:
+        """--log-completions: the step's completions (completions.jsonl's records) as a W&B table, as TRL logs
+        them ("completions", a row each, one column per reward function's score)."""
+        if self.wandb is None or not records:
+            return
+        import wandb
+
+        flat = [{**{k: v for k, v in r.items() if k != "scores"},
+                 **{f"score/{name}": score for name, score in r.get("scores", {}).items()}} for r in records]
+        columns = list(flat[0])
+        self.wandb.log({"completions": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in flat]),
+                        "step": step})
+
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()

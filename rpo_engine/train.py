@@ -518,10 +518,11 @@ def train(config: TrainConfig, dist: Dist) -> int:
             records.append(m)
             log.write(json.dumps(m) + "\n")
             log.flush()
+            reporter.log(m)
             if completions_log is not None:
                 completions_log.writelines(json.dumps(r) + "\n" for r in trainer.completions)
                 completions_log.flush()
-            reporter.log(m)
+                reporter.log_completions(step, trainer.completions)
             generated += m["rollout_generated_tokens"]
             seconds += m["step_time_s"]
             # accuracy beside the reward: the reward also holds length shaping and any other functions

@@ -2432,3 +2432,46 @@ def test_no_progress_hides_huggingface_hub_download_bars(tmp_path, tiny_model_di
     assert calls == ["off", "off"]
     assert train.main(list(map(str, [*args, "--output", tmp_path / "b"]))) == 0
     assert calls == ["off", "off"]  # with its bars on, theirs too
+
+
+def test_log_completions_go_to_wandb_as_a_table(tmp_path, tiny_model_dir, monkeypatch):
+    """--log-completions --report-to wandb: each step's completions.jsonl records also as a W&B table (TRL's
+    "completions"), a column per field and per reward function's score. W&B is a stand-in (not installed in CI)."""
+    import types
+
+    from rpo_engine import reporting, train
+
+    logged = []
+
+    class Run:
+        def define_metric(self, name, step_metric=None):
+            pass
+
+        def log(self, data):
+            logged.append(data)
+
+        def finish(self):
+            pass
+
+    class Table:
+        def __init__(self, columns, data):
+            self.columns, self.data = columns, data
+
+    wandb = types.ModuleType("wandb")
+    wandb.init, wandb.Table = (lambda **kwargs: Run()), Table
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.setattr(reporting, "installed", lambda package: package == "wandb")
+    monkeypatch.setattr(train, "write_plot", lambda *args: None)
+    out = tmp_path / "run"
+    args = ["--model", tiny_model_dir, "--output", out, "--no-progress", "--prompts-per-step", 1, "--num-generations", 2,
+            "--max-completion-length", 4, "--train-size", 1, "--eval-steps", 0, "--report-to", "wandb",
+            "--log-completions", "--reward", "tests.reward_fns:hash_reward,exact", "--steps", 2]
+    assert train.main(list(map(str, args))) == 0
+    tables = [(d["step"], d["completions"]) for d in logged if "completions" in d]
+    written = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert [step for step, _ in tables] == [1, 2] and all(len(t.data) == 2 for _, t in tables)
+    columns = tables[0][1].columns
+    assert columns[:3] == ["step", "prompt_id", "prompt"] and columns[-2:] == ["score/hash_reward", "score/exact_answer_reward"]
+    rows = [dict(zip(t.columns, row)) for _, t in tables for row in t.data]
+    assert [(r["completion"], r["reward"], r["score/exact_answer_reward"]) for r in rows] == \
+        [(w["completion"], w["reward"], w["scores"]["exact_answer_reward"]) for w in written]
