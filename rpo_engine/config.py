@@ -322,13 +322,13 @@ class AlgoConfig:
 @dataclass
 class TrainConfig:
     model: str | None = field(default=None, metadata={"help": "Hugging Face model directory, or a Hub id (org/name) in the local cache or to download (default: the built-in starter model)"})
-    dataset: str | None = field(default=None, metadata={"help": "JSONL/Parquet rows with prompt and answer, a `datasets` save_to_disk directory, or a Hugging Face Hub dataset id (org/name, in the local cache or to download; needs `datasets`) (default: the built-in arithmetic task)"})
+    dataset: str | None = field(default=None, metadata={"help": "JSONL/Parquet rows with prompt and answer, a `datasets` save_to_disk directory, a Hugging Face Hub dataset id (org/name, in the local cache or to download; needs `datasets`) or such a repository's directory (hf download --local-dir, a git clone, or train.jsonl beside test.jsonl) (default: the built-in arithmetic task)"})
     shuffle_dataset: bool = field(default=True, metadata={"help": "each epoch in a fresh order, seeded by --seed and the epoch (TRL's name; --no-shuffle-dataset: the dataset's own order, e.g. a curriculum)"})
     train_size: int = field(default=64, metadata={"help": "built-in task: training problems; each recurs every train_size / prompts_per_step steps, where RPO's cache pays off"})
     eval_dataset: str | None = field(default=None, metadata={"help": "held-out rows for eval, as --dataset takes them (default: the built-in task's eval split, or none)"})
-    dataset_config: str | None = field(default=None, metadata={"help": "a Hub dataset's configuration, e.g. main for openai/gsm8k (TRL's name)"})
-    dataset_train_split: str = field(default="train", metadata={"help": "the split of a Hub --dataset to train on (TRL's name)"})
-    dataset_test_split: str = field(default="test", metadata={"help": "the split of a Hub --eval-dataset to evaluate on (TRL's name)"})
+    dataset_config: str | None = field(default=None, metadata={"help": "a Hub (or repository directory) dataset's configuration, e.g. main for openai/gsm8k (TRL's name)"})
+    dataset_train_split: str = field(default="train", metadata={"help": "the split of a --dataset with splits (a Hub id, a repository directory, a DatasetDict) to train on (TRL's name)"})
+    dataset_test_split: str = field(default="test", metadata={"help": "the split of a --eval-dataset with splits (a Hub id, a repository directory, a DatasetDict) to evaluate on (TRL's name)"})
     dataset_prompt_column: str = field(default="prompt", metadata={"help": "the dataset field read as the prompt, e.g. question (GSM8K)"})
     dataset_answer_column: str = field(default="answer", metadata={"help": "the dataset field read as the reference answer"})
     filter_overlong_prompts: bool = field(default=False, metadata={"help": "leave out of the training and eval sets the rows whose prompts have more tokens than --max-prompt-length allows, saying how many (verl's name; off: such a prompt is an error naming its row)"})
@@ -526,7 +526,7 @@ class TrainConfig:
 
     def check_dataset_options(self) -> None:
         """The options that say how to read --dataset / --eval-dataset, given where they read nothing."""
-        from rpo_engine.hub import is_hub_id
+        from rpo_engine.data.datasets import dataset_layout
 
         if self.dataset is None and self.eval_dataset is None:
             _reject_given(self, ("dataset_prompt_column", "dataset_answer_column"),
@@ -534,13 +534,19 @@ class TrainConfig:
         # the prompt would hold the answer it is graded against
         _check(self.dataset_prompt_column != self.dataset_answer_column,
                f"--dataset-prompt-column and --dataset-answer-column both name {self.dataset_prompt_column!r}")
-        hub_train, hub_eval = is_hub_id(self.dataset), is_hub_id(self.eval_dataset)
-        if not (hub_train or hub_eval):
-            _reject_given(self, ("dataset_config",), "without a Hub --dataset or --eval-dataset (org/name)")
-        if not hub_train:
-            _reject_given(self, ("dataset_train_split",), "without a Hub --dataset (org/name)")
-        if not hub_eval:
-            _reject_given(self, ("dataset_test_split",), "without a Hub --eval-dataset (org/name)")
+        layouts = [dataset_layout(self.dataset), dataset_layout(self.eval_dataset)]
+        configs = [layout in ("hub", "repository") for layout in layouts]  # configurations: a repository's card
+        splits = [layout in ("hub", "repository", "splits") for layout in layouts]
+        if not any(configs):
+            _reject_given(self, ("dataset_config",), f"without a --dataset or --eval-dataset {_CONFIGURED}")
+        if not splits[0]:
+            _reject_given(self, ("dataset_train_split",), f"without a --dataset {_SPLIT}")
+        if not splits[1]:
+            _reject_given(self, ("dataset_test_split",), f"without a --eval-dataset {_SPLIT}")
+
+
+_CONFIGURED = "with configurations (a Hub id, org/name, or a dataset repository's directory)"
+_SPLIT = "with splits (a Hub id, org/name, a dataset repository's directory or a `datasets` DatasetDict's)"
 
 
 SECTIONS = {"rpo": RPOConfig, "algo": AlgoConfig}
@@ -597,7 +603,7 @@ class OneLineParser(argparse.ArgumentParser):
 TRL_EQUIVALENTS = {
     "max_steps": "is --steps here", "num_train_epochs": "is --steps here (a run is sized in steps)",
     "output_dir": "is --output here", "model_name_or_path": "is --model here",
-    "dataset_name": "is --dataset here (a JSONL or Parquet file, a save_to_disk directory or a Hub id)",
+    "dataset_name": "is --dataset here (a JSONL or Parquet file, a save_to_disk directory, a Hub id or its repository's directory)",
     "reward_funcs": "is --reward here (comma-separated, or a YAML list)",
     "per_device_train_batch_size": "is --prompts-per-step here, which counts prompts, not completions",
     "generation_batch_size": "is --prompts-per-step here, which counts prompts, not completions",

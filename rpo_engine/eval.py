@@ -33,11 +33,12 @@ def main(argv=None) -> int:
                                            "--model, the base it was trained on; a run's final/ has its adapter merged "
                                            "in already (default: none)")
     parser.add_argument("--dataset", help="JSONL/Parquet rows with prompt and answer, a `datasets` save_to_disk directory, "
-                                           "or a Hugging Face Hub dataset id (org/name; needs `datasets`) (default: the "
+                                           "a Hugging Face Hub dataset id (org/name; needs `datasets`) or such a "
+                                           "repository's directory (default: the "
                                            "built-in task's eval split of seed 0, the default training run's)")
     # as in training: how to read --dataset (a Hub one's configuration and split; the fields of prompt and answer)
-    parser.add_argument("--dataset-config", help="a Hub dataset's configuration, e.g. main for openai/gsm8k")
-    parser.add_argument("--dataset-test-split", help="the split of a Hub --dataset to evaluate (default: test)")
+    parser.add_argument("--dataset-config", help="a Hub (or repository directory) dataset's configuration, e.g. main for openai/gsm8k")
+    parser.add_argument("--dataset-test-split", help="the split of a --dataset with splits (a Hub id, a repository directory, a DatasetDict) to evaluate (default: test)")
     parser.add_argument("--dataset-prompt-column", help="the field read as the prompt, e.g. question (default: prompt)")
     parser.add_argument("--dataset-answer-column", help="the field read as the reference answer (default: answer)")
     parser.add_argument("--eval-size", type=int, default=512, help="most rows to evaluate (default: 512)")

@@ -15,9 +15,9 @@ def _write(path, text):
     return path
 
 
-def _error(path):
+def _error(path, **kwargs):
     with pytest.raises(UserError) as e:
-        load_dataset_rows(path)
+        load_dataset_rows(path, **kwargs)
     msg = str(e.value)
     assert "\n" not in msg and str(path) in msg, msg
     return msg
@@ -51,7 +51,8 @@ def test_json_suffix_lines_bom_and_array(tmp_path):
 
 def test_missing_file_directory_and_extension(tmp_path):
     assert "no such file" in _error(tmp_path / "nope.jsonl")
-    assert "directory without state.json" in _error(tmp_path)
+    # a directory that save_to_disk did not write is read as a dataset repository's (load_dataset's layouts)
+    assert f"{tmp_path}: The directory at {tmp_path} doesn't contain any data files" in _error(tmp_path)
     assert "unknown dataset format" in _error(_write(tmp_path / "d.csv", "prompt,answer\n"))
 
 
@@ -172,8 +173,9 @@ def test_datasets_directory(tmp_path):
     splits = tmp_path / "dd"
     splits.mkdir()
     (splits / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
-    msg = _error(splits)
-    assert "splits train, test" in msg and str(splits / "train") in msg
+    assert _error(splits) == f"{splits / 'train'}: missing (a split listed in {splits}/dataset_dict.json)"
+    assert _error(splits, split="dev") == (f"{splits}: a `datasets` DatasetDict without a split 'dev' (it has train, "
+                                           f"test; --dataset-train-split and --dataset-test-split choose)")
 
 
 def test_datasets_save_to_disk_roundtrip(tmp_path):
@@ -182,9 +184,10 @@ def test_datasets_save_to_disk_roundtrip(tmp_path):
     ds.shuffle(seed=1).select([0, 3]).save_to_disk(tmp_path / "sub")  # indices are applied on save
     expected = [{**r, "id": str(r["id"])} for r in datasets.load_from_disk(tmp_path / "sub")]
     assert load_dataset_rows(tmp_path / "sub") == expected and len(expected) == 2
-    datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(tmp_path / "dd")
-    assert "splits train, test" in _error(tmp_path / "dd")
-    assert len(load_dataset_rows(tmp_path / "dd" / "train")) == 5
+    datasets.DatasetDict({"train": ds, "test": ds.select([1])}).save_to_disk(tmp_path / "dd")
+    assert load_dataset_rows(tmp_path / "dd") == load_dataset_rows(tmp_path / "dd" / "train") and \
+        len(load_dataset_rows(tmp_path / "dd")) == 5  # a DatasetDict's split chosen as a Hub dataset's is
+    assert [r["prompt"] for r in load_dataset_rows(tmp_path / "dd", split="test")] == ["p1"]
 
 
 # ---- prompt encoding -------------------------------------------------------------------------
@@ -499,11 +502,13 @@ def test_dataset_options_that_read_nothing_are_named(tmp_path):
 
     data = _write(tmp_path / "d.jsonl", '{"question": "1+1=", "answer": "2"}\n')
     for args, message in (
-            (["--dataset-config", "main"], "--dataset-config does nothing without a Hub --dataset or --eval-dataset"),
+            (["--dataset-config", "main"], "--dataset-config does nothing without a --dataset or --eval-dataset with "
+                                           "configurations (a Hub id, org/name, or a dataset repository's directory)"),
             (["--dataset", str(data), "--eval-steps", "0", "--dataset-train-split", "test"],
-             "--dataset-train-split does nothing without a Hub --dataset (org/name)"),
+             "--dataset-train-split does nothing without a --dataset with splits (a Hub id, org/name, a dataset "
+             "repository's directory or a `datasets` DatasetDict's)"),
             (["--dataset", str(data), "--eval-steps", "0", "--dataset-test-split", "dev"],
-             "--dataset-test-split does nothing without a Hub --eval-dataset (org/name)"),
+             "--dataset-test-split does nothing without a --eval-dataset with splits"),
             (["--dataset-prompt-column", "question"], "--dataset-prompt-column does nothing without --dataset or "
                                                        "--eval-dataset (the built-in task has its own fields)")):
         with pytest.raises(UserError, match=f"^{re.escape(message)}"):
@@ -518,9 +523,9 @@ def test_split_options_go_with_their_own_dataset(tmp_path):
     data = _write(tmp_path / "d.jsonl", '{"prompt": "1+1=", "answer": "2"}\n')
     for args, message in (
             (["--dataset", "org/gsm", "--eval-dataset", str(data), "--dataset-test-split", "dev"],
-             "--dataset-test-split does nothing without a Hub --eval-dataset (org/name)"),
+             "--dataset-test-split does nothing without a --eval-dataset with splits"),
             (["--dataset", str(data), "--eval-dataset", "org/gsm", "--dataset-train-split", "test"],
-             "--dataset-train-split does nothing without a Hub --dataset (org/name)")):
+             "--dataset-train-split does nothing without a --dataset with splits")):
         with pytest.raises(UserError, match=f"^{re.escape(message)}"):
             parse_args(args)
 
@@ -576,7 +581,7 @@ def test_eval_cli_reads_a_hub_datasets_test_split(gsm8k_like_hub, tiny_model_dir
     preds = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(p["prompt"], p["answer"]) for p in preds] == [(f"main test {i}+1=?", f"{i} plus one\n#### {i + 1}")
                                                            for i in range(3)]
-    with pytest.raises(UserError, match="^--dataset-test-split does nothing without a Hub --dataset \\(org/name\\)$"):
+    with pytest.raises(UserError, match="^--dataset-test-split does nothing without a --dataset with splits "):
         main(["--model", str(tiny_model_dir), "--dataset", str(out), "--dataset-test-split", "dev"])
 
 
@@ -745,3 +750,28 @@ def test_a_name_the_hub_refuses_as_an_id_is_a_path(tmp_path, monkeypatch):
         assert is_hub_id(name) == valid, name
     with pytest.raises(UserError, match="^org/x--y: no such file"):
         load_dataset_rows("org/x--y")
+
+
+def test_a_dataset_repository_directory_reads_as_its_hub_id_does(gsm8k_like_hub, tmp_path):
+    """A directory that save_to_disk did not write (a Hub dataset downloaded with `hf download --local-dir`, a git
+    clone, or train.jsonl beside test.jsonl) is read as `datasets`' load_dataset reads it: its configurations and
+    splits chosen by the same options as a Hub id's."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import load_rows
+
+    repo = tmp_path / "repo"  # the fixture's files of org/gsm
+    for config, split in (("main", "test"), ("socratic", "train")):
+        assert load_dataset_rows(repo, prompt_column="question", config_name=config, split=split) == \
+            load_dataset_rows("org/gsm", prompt_column="question", config_name=config, split=split)
+    config = parse_args(["--dataset", str(repo), "--dataset-config", "main", "--eval-dataset", str(repo),
+                         "--dataset-prompt-column", "question"])
+    train, eval_rows = load_rows(config)
+    assert (len(train), len(eval_rows)) == (5, 3) and eval_rows[0]["prompt"] == "main test 0+1=?"
+    with pytest.raises(UserError, match=f"^{re.escape(str(repo))}: Unknown split \"dev\". Should be one of"):
+        load_dataset_rows(repo, prompt_column="question", config_name="main", split="dev")
+    files = tmp_path / "files"
+    files.mkdir()
+    _write(files / "train.jsonl", '{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2=", "answer": "4"}\n')
+    _write(files / "test.jsonl", '{"prompt": "3+3=", "answer": "6"}\n')
+    assert [r["prompt"] for r in load_dataset_rows(files)] == ["1+1=", "2+2="]
+    assert [r["prompt"] for r in load_dataset_rows(files, split="test")] == ["3+3="]

@@ -202,26 +202,49 @@ def _read_parquet(path: str, columns: tuple[str, str]) -> list[dict]:
     return validate_rows(rows, [f"{path}: row {i}" for i in range(len(rows))], path, columns)
 
 
+def dataset_layout(path) -> str:
+    """How load_dataset_rows reads `path`: "hub" (an org/name id, no such path), "saved" (a directory written by
+    `datasets`' Dataset.save_to_disk), "splits" (a DatasetDict's: one split a directory), "repository" (any other
+    directory: a Hub dataset repository's files, as `hf download --repo-type dataset --local-dir` or a git clone
+    leave them, or data files such as train.jsonl beside test.jsonl; read as `datasets`' load_dataset reads it),
+    "file", or "missing"."""
+    if is_hub_id(path):
+        return "hub"
+    if path is None or not os.path.exists(path):
+        return "missing"
+    if not os.path.isdir(path):
+        return "file"
+    if os.path.isfile(os.path.join(path, "dataset_dict.json")):
+        return "splits"
+    return "saved" if os.path.isfile(os.path.join(path, "state.json")) else "repository"
+
+
+def _split_dir(path: str, split: str) -> str:
+    """The directory of `split` in a DatasetDict's `path` (its dataset_dict.json lists the splits)."""
+    try:
+        with open(os.path.join(path, "dataset_dict.json")) as f:
+            names = [str(n) for n in json.load(f)["splits"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        names = sorted(n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n)))
+    if split not in names:
+        raise UserError(f"{path}: a `datasets` DatasetDict without a split {split!r} (it has {', '.join(names)}; "
+                        f"--dataset-train-split and --dataset-test-split choose)")
+    if not os.path.isdir(os.path.join(path, split)):
+        raise UserError(f"{os.path.join(path, split)}: missing (a split listed in {path}/dataset_dict.json)")
+    return os.path.join(path, split)
+
+
 def _read_arrow_dir(path: str, columns: tuple[str, str]) -> list[dict]:
     """A directory written by `datasets`' ``Dataset.save_to_disk``: state.json names the Arrow stream files
     (indices are already applied on save). Read with pyarrow, which `datasets` itself is built on, so
-    `datasets` need not be installed. A ``DatasetDict`` directory names its splits instead."""
-    splits = os.path.join(path, "dataset_dict.json")
-    if os.path.isfile(splits):
-        try:
-            with open(splits) as f:
-                names = json.load(f)["splits"]
-        except (OSError, ValueError, KeyError, TypeError):
-            names = sorted(n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n)))
-        raise UserError(f"{path}: a `datasets` DatasetDict with splits {', '.join(map(str, names))}; "
-                        f"pass one split's directory, e.g. {os.path.join(path, str(names[0]) if names else 'train')}")
+    `datasets` need not be installed."""
     state = os.path.join(path, "state.json")
     try:
         with open(state) as f:
             files = [entry["filename"] for entry in json.load(f)["_data_files"]]
     except FileNotFoundError:
-        raise UserError(f"{path}: is a directory without state.json (expected a .jsonl or .parquet file, "
-                        f"or a directory written by `datasets`' save_to_disk)") from None
+        raise UserError(f"{path}: is a directory without state.json (expected a directory written by `datasets`' "
+                        f"save_to_disk)") from None
     except (ValueError, KeyError, TypeError):
         raise UserError(f"{state}: not a `datasets` state file (expected JSON with a '_data_files' list)") from None
     try:
@@ -251,14 +274,17 @@ def load_dataset_rows(path, prompt_column: str = "prompt", answer_column: str = 
     for a missing file, an unknown extension, an unparsable line, a row without a ``prompt``/``answer`` string,
     a duplicate id, or an empty dataset."""
     columns = (prompt_column, answer_column)
-    if is_hub_id(path):
+    layout = dataset_layout(path)
+    if layout == "hub":
         return load_hub_dataset_rows(os.fspath(path), config_name, split, columns, progress)
     path = os.fspath(path)
-    if not os.path.exists(path):
+    if layout == "missing":
         raise UserError(f"{path}: no such file (expected a .jsonl or .parquet dataset)")
-    if os.path.isdir(path):
+    if layout == "repository":
+        return _read_repository(path, path, config_name, split, columns, progress)
+    if layout in ("saved", "splits"):
         try:
-            return _read_arrow_dir(path, columns)
+            return _read_arrow_dir(_split_dir(path, split) if layout == "splits" else path, columns)
         except PermissionError:
             raise UserError(f"{path}: permission denied (cannot read the dataset)") from None
     lower = path.lower()
@@ -296,11 +322,23 @@ def load_hub_dataset_rows(repo_id: str, config_name: str | None = None, split: s
     cache (downloaded first where needed and possible: rpo_engine.hub), read by `datasets` as its dataset card
     declares its configurations and split files. Needs the `datasets` package."""
     try:
+        import datasets  # noqa: F401
+    except ImportError:
+        raise UserError(f"{repo_id}: reading a Hub dataset needs the datasets package (pip install datasets)") from None
+    return _read_repository(str(hub_snapshot(repo_id, "dataset")), repo_id, config_name, split, columns, progress)
+
+
+def _read_repository(directory: str, name: str, config_name: str | None, split: str, columns: tuple[str, str],
+                     progress: bool) -> list[dict]:
+    """`split` (of the configuration `config_name`) of the dataset repository in `directory`, as `datasets`'
+    load_dataset reads it (its card's configurations and split files, or the layout of its data files); errors
+    name the dataset `name` (a Hub id, or the directory itself)."""
+    try:
         import datasets
         import yaml  # datasets reads a dataset card's YAML with it
     except ImportError:
-        raise UserError(f"{repo_id}: reading a Hub dataset needs the datasets package (pip install datasets)") from None
-    directory = hub_snapshot(repo_id, "dataset")
+        raise UserError(f"{name}: reading a dataset repository directory needs the datasets package (pip install "
+                        f"datasets), or give a .jsonl or .parquet file") from None
     logged = _LoggedErrors()
     handlers = list(logging.getLogger("datasets").handlers)
     for handler in handlers:
@@ -309,23 +347,23 @@ def load_hub_dataset_rows(repo_id: str, config_name: str | None = None, split: s
     if not progress:  # --no-progress: its "Generating train split" bars too
         datasets.disable_progress_bars()
     try:
-        rows = datasets.load_dataset(str(directory), name=config_name, split=split).to_list()
+        rows = datasets.load_dataset(directory, name=config_name, split=split).to_list()
     except ValueError as e:  # an unknown or missing configuration, an unknown split: it lists the ones there are
         message = " ".join(line.strip() for line in str(e).split("Example of usage")[0].splitlines() if line.strip())
-        raise UserError(f"{repo_id}: {logged.last or message}") from None  # pyarrow's ArrowInvalid is a ValueError
+        raise UserError(f"{name}: {logged.last or message}") from None  # pyarrow's ArrowInvalid is a ValueError
     except yaml.YAMLError as e:
-        raise UserError(f"{repo_id}: its dataset card (README.md) is not valid YAML "
+        raise UserError(f"{name}: its dataset card (README.md) is not valid YAML "
                         f"({' '.join(str(e).split())[:200]})") from None
     except (OSError, datasets.exceptions.DatasetsError) as e:
         # no data files, a file that does not read (DatasetGenerationError: the reader's error is its cause): one
         # line, not a traceback
         cause = e.__cause__ or e
         reason = logged.last or (f"{type(cause).__name__}: {' '.join(str(cause).split())}" if cause is not e else "")
-        raise UserError(f"{repo_id}: {' '.join(str(e).split())}" + (f" ({reason[:400]})" if reason else "")) from None
+        raise UserError(f"{name}: {' '.join(str(e).split())}" + (f" ({reason[:400]})" if reason else "")) from None
     finally:
         for handler in handlers:
             handler.removeFilter(logged)
         if bars:
             datasets.enable_progress_bars()
-    source = f"{repo_id} ({f'{config_name}, ' if config_name else ''}split {split})"
+    source = f"{name} ({f'{config_name}, ' if config_name else ''}split {split})"
     return validate_rows(rows, [f"{source}: row {i}" for i in range(len(rows))], source, columns)
