@@ -775,3 +775,16 @@ def test_a_dataset_repository_directory_reads_as_its_hub_id_does(gsm8k_like_hub,
     _write(files / "test.jsonl", '{"prompt": "3+3=", "answer": "6"}\n')
     assert [r["prompt"] for r in load_dataset_rows(files)] == ["1+1=", "2+2="]
     assert [r["prompt"] for r in load_dataset_rows(files, split="test")] == ["3+3="]
+
+
+def test_without_the_datasets_package_a_hub_or_repository_dataset_is_one_line(tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "datasets" else find_spec(name, *a))
+    with pytest.raises(UserError, match=r"^org/x: reading a Hub dataset needs the datasets package \(pip install"):
+        load_dataset_rows("org/x")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets: ImportError
+    with pytest.raises(UserError, match=f"^{re.escape(str(tmp_path))}: reading a dataset repository directory needs "):
+        load_dataset_rows(tmp_path)

@@ -23,6 +23,7 @@ Blank lines are skipped; a UTF-8 byte-order mark is ignored; ``.json`` may also 
 from __future__ import annotations
 
 import decimal
+import importlib.util
 import json
 import logging
 import math
@@ -321,10 +322,8 @@ def load_hub_dataset_rows(repo_id: str, config_name: str | None = None, split: s
     load_dataset(repo_id, config_name, split=split) gives it: the repository's snapshot from the Hugging Face
     cache (downloaded first where needed and possible: rpo_engine.hub), read by `datasets` as its dataset card
     declares its configurations and split files. Needs the `datasets` package."""
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        raise UserError(f"{repo_id}: reading a Hub dataset needs the datasets package (pip install datasets)") from None
+    if importlib.util.find_spec("datasets") is None:  # before any download
+        raise UserError(f"{repo_id}: reading a Hub dataset needs the datasets package (pip install datasets)")
     return _read_repository(str(hub_snapshot(repo_id, "dataset")), repo_id, config_name, split, columns, progress)
 
 
