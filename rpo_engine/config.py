@@ -518,9 +518,8 @@ class TrainConfig:
         _check(self.num_generations_eval >= 1, f"--num-generations-eval must be >= 1, got {self.num_generations_eval}")
         if not self.push_to_hub:
             _reject_given(self, ("hub_model_id", "hub_private_repo"), "without --push-to-hub")
+        # (with --eval-steps 0 they are let be, as --eval-size is: a shared file's eval settings, eval switched off)
         eval_sampling = ("eval_temperature", "eval_top_p", "eval_top_k", "num_generations_eval")
-        if not self.eval_steps:
-            _reject_given(self, eval_sampling, "with --eval-steps 0 (no eval)")
         if self.eval_temperature == 0:  # greedy takes the most likely token, which the filters keep, the same K times
             _reject_given(self, eval_sampling[1:], "without --eval-temperature > 0 (the eval is greedy)")
 

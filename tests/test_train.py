@@ -2280,7 +2280,6 @@ def test_sampled_eval_reports_avg_and_pass_at_k_and_resumes_alike(tmp_path, tiny
 @pytest.mark.parametrize("flags,message", [
     (["--num-generations-eval", "4"], "--num-generations-eval does nothing without --eval-temperature > 0"),
     (["--eval-top-p", "0.9", "--eval-top-k", "5"], "--eval-top-p and --eval-top-k do nothing without --eval-temperature"),
-    (["--eval-temperature", "0.6", "--eval-steps", "0"], "--eval-temperature does nothing with --eval-steps 0"),
     (["--eval-temperature", "1e-9"], "--eval-temperature must be 0 (greedy) or >="),
     (["--eval-temperature", "0.6", "--num-generations-eval", "0"], "--num-generations-eval must be >= 1"),
     (["--eval-temperature", "0.6", "--eval-top-p", "0"], "--eval-top-p must be in (0, 1]"),
