@@ -89,14 +89,17 @@ def resolve_rewards(config: TrainConfig, device: torch.device | None = None, fir
     """The --reward functions, in order: the first is the accuracy (what counts as a right answer). A reward
     model directory (TRL's reward_funcs given a model) is loaded on `device`; it scores, so it cannot be the
     first, which must say right or wrong."""
-    from rpo_engine.rewards.model import RewardModel, is_reward_model_dir
+    from rpo_engine.hub import is_hub_id
+    from rpo_engine.rewards.model import RewardModel, reward_model_directory
     from rpo_engine.rewards.pool import reward_function
 
     functions = []
     for i, name in enumerate(reward_specs(config)):
         if name in ("exact", "math"):
             function = reward_function(name)
-        elif is_reward_model_dir(name):
+        elif i > 0 and first_only and is_hub_id(name):
+            continue  # the first alone grades: a Hub reward model is not looked up (downloaded) for nothing
+        elif (directory := reward_model_directory(name)) is not None:
             if i == 0:
                 raise UserError(f"--reward {config.reward}: the first reward decides right answers (eval accuracy, "
                                 f"RPO's verified paths), so it cannot be the reward model {name!r}; put an answer "
@@ -105,7 +108,7 @@ def resolve_rewards(config: TrainConfig, device: torch.device | None = None, fir
                 continue
             device = device or torch.device("cpu")
             function = RewardModel(name, device, torch.bfloat16 if device.type == "cuda" else torch.float32,
-                                   progress=config.progress)
+                                   progress=config.progress, directory=directory)
         elif ":" in name:
             function = reward_function(name)  # imported: a later entry's mistake is named with first_only too
         else:

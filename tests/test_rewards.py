@@ -333,6 +333,14 @@ def test_reward_model_by_hub_id(tmp_path, monkeypatch, reward_model_dir):
     assert by_id.__name__ == "rm" and by_id.score(texts, rows) == by_dir.score(texts, rows)
     with pytest.raises(UserError, match="^org/missing: no such directory, and no Hugging Face Hub model"):
         resolve_rewards(config_from_dict({"reward": "exact,org/missing"}))
+    # one lookup of the id (online, each is a request), and none where only the first reward is used (eval's)
+    lookups, snapshot_download = [], huggingface_hub.snapshot_download
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, **kw: lookups.append(repo_id) or snapshot_download(repo_id, **kw))
+    resolve_rewards(config_from_dict({"reward": "exact,org/rm"}))
+    assert lookups == ["org/rm"]
+    assert len(resolve_rewards(config_from_dict({"reward": "exact,org/missing"}), first_only=True)) == 1
+    assert lookups == ["org/rm"]
 
 
 def test_reward_model_named_by_a_relative_directory(monkeypatch, reward_model_dir):

@@ -16,12 +16,13 @@ import torch
 from rpo_engine.errors import UserError
 
 
-def is_reward_model_dir(name: str) -> bool:
-    """Whether a --reward entry names a model directory (a config.json inside), or a Hub model id (`org/name`,
-    as TRL's reward_funcs take it) found in the cache or downloaded, rather than a function."""
+def reward_model_directory(name: str) -> Path | None:
+    """The model directory a --reward entry names (a config.json inside), a Hub model id's (`org/name`, as TRL's
+    reward_funcs take it) snapshot in the cache, downloaded first where needed; None: the entry is no model."""
     from rpo_engine.model.checkpoint import model_directory
 
-    return (model_directory(name) / "config.json").is_file()
+    directory = model_directory(name)
+    return directory if (directory / "config.json").is_file() else None
 
 
 class RewardModel:
@@ -29,13 +30,16 @@ class RewardModel:
     in batches of `batch_size` rows, on `device` in `dtype` (bf16 on a GPU, as the policy)."""
 
     def __init__(self, path: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 batch_size: int = 32, progress: bool = True):
+                 batch_size: int = 32, progress: bool = True, directory: Path | None = None):
+        """path: a directory or Hub id; directory: where it was found already (reward_model_directory), so that
+        a Hub id is not looked up twice (online, a request each)."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
         from rpo_engine.model.checkpoint import model_directory
 
-        directory = model_directory(path)  # a Hub id: its snapshot in the cache
+        if directory is None:
+            directory = model_directory(path)  # a Hub id: its snapshot in the cache
         try:
             config = json.loads((directory / "config.json").read_text())
         except (OSError, ValueError) as e:
