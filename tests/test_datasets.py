@@ -788,3 +788,33 @@ def test_without_the_datasets_package_a_hub_or_repository_dataset_is_one_line(tm
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets: ImportError
     with pytest.raises(UserError, match=f"^{re.escape(str(tmp_path))}: reading a dataset repository directory needs "):
         load_dataset_rows(tmp_path)
+
+
+def test_a_hub_dataset_fetches_only_its_configurations_files(gsm8k_like_hub, tmp_path, monkeypatch):
+    """The card first, then the files its `configs:` give the configuration asked for (every split of it, as
+    datasets resolves them all): never another configuration's, which may be many GB; the whole repository
+    where the card does not say (no card or configs, a configuration it lacks: datasets' own error lists them)."""
+    import huggingface_hub
+
+    from rpo_engine.data.datasets import config_data_files
+
+    asked, snapshot_download = [], huggingface_hub.snapshot_download
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, **kw: asked.append(kw["allow_patterns"]) or snapshot_download(repo_id, **kw))
+    assert len(load_dataset_rows("org/gsm", prompt_column="question", config_name="main", split="test")) == 3
+    assert asked == [["README.md"], ["README.md", "main/train-*", "main/test-*"]]
+    asked.clear()
+    with pytest.raises(UserError, match="BuilderConfig 'nope' not found"):
+        load_dataset_rows("org/gsm", prompt_column="question", config_name="nope")
+    assert asked == [["README.md"], None]
+    card = tmp_path / "README.md"
+    for text, name, want in (
+            ("---\nconfigs:\n- config_name: default\n  data_files: data/*.parquet\n---\n", None, ("data/*.parquet",)),
+            ("---\nconfigs:\n- config_name: a\n  data_files: [a/x.jsonl, a/y.jsonl]\n- config_name: b\n  default: true\n"
+             "  data_files:\n  - split: train\n    path: [b/1.jsonl, b/2.jsonl]\n---\n", None, ("b/1.jsonl", "b/2.jsonl")),
+            ("---\nconfigs:\n- config_name: a\n  data_files: a/*\n- config_name: b\n  data_files: b/*\n---\n", None, None),
+            ("---\nlicense: mit\n---\n# no configs\n", None, None), ("# no front matter\n", "main", None),
+            ("---\nconfigs: [\n---\n", None, None)):
+        card.write_text(text)
+        assert config_data_files(card, name) == want, text
+    assert config_data_files(tmp_path / "missing.md", None) is None

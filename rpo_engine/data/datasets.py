@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+from pathlib import Path
 
 from rpo_engine.errors import UserError
 from rpo_engine.hub import hub_snapshot, is_hub_id
@@ -324,7 +325,45 @@ def load_hub_dataset_rows(repo_id: str, config_name: str | None = None, split: s
     declares its configurations and split files. Needs the `datasets` package."""
     if importlib.util.find_spec("datasets") is None:  # before any download
         raise UserError(f"{repo_id}: reading a Hub dataset needs the datasets package (pip install datasets)")
-    return _read_repository(str(hub_snapshot(repo_id, "dataset")), repo_id, config_name, split, columns, progress)
+    # The card first: where it declares the configuration's files, only those are fetched (a repository may hold
+    # other configurations of many GB); else the whole repository, for datasets to infer its layout.
+    card = hub_snapshot(repo_id, "dataset", allow_patterns=("README.md",)) / "README.md"
+    files = config_data_files(card, config_name)
+    directory = hub_snapshot(repo_id, "dataset", allow_patterns=None if files is None else ("README.md", *files))
+    return _read_repository(str(directory), repo_id, config_name, split, columns, progress)
+
+
+def config_data_files(card: Path, config_name: str | None) -> tuple[str, ...] | None:
+    """The data-file patterns (every split's) that a dataset card's YAML `configs:` gives the configuration
+    `config_name` (None: its only one, or the one marked default, as `datasets` picks it); None where the card
+    does not say (no card, no configs, a name it lacks: `datasets` then reads, or refuses, the whole
+    repository)."""
+    import yaml
+
+    try:
+        text = card.read_text(encoding="utf-8")
+        meta = yaml.safe_load(text[3:text.index("\n---", 3)]) if text.startswith("---") else None
+    except (OSError, ValueError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    configs = meta.get("configs") if isinstance(meta, dict) else None
+    if not isinstance(configs, list) or not all(isinstance(c, dict) for c in configs):
+        return None
+    if config_name is not None:
+        chosen = [c for c in configs if c.get("config_name") == config_name]
+    else:
+        chosen = configs if len(configs) == 1 else [c for c in configs if c.get("default")]
+    if len(chosen) != 1:
+        return None
+    data_files = chosen[0].get("data_files")
+    entries = data_files if isinstance(data_files, list) else [data_files]
+    patterns = []
+    for entry in entries:
+        paths = entry.get("path") if isinstance(entry, dict) else entry
+        for path in paths if isinstance(paths, list) else [paths]:
+            if not isinstance(path, str):
+                return None
+            patterns.append(path)
+    return tuple(patterns) or None
 
 
 def _read_repository(directory: str, name: str, config_name: str | None, split: str, columns: tuple[str, str],
