@@ -365,6 +365,7 @@ class TrainConfig:
     lora_merged_rollout: bool = field(default=False, metadata={"help": "with --use-peft: roll out from merged copies of the adapted weights, refreshed after each update (one matmul a projection instead of three, for a copy of those weights in memory) instead of the live adapters"})
     lora_target_modules: str = field(default="all-linear", metadata={"help": f"projections given adapters (with --use-peft): all-linear or a comma-separated subset of {','.join(LORA_TARGETS)}"})
     gpu_memory_utilization: float = field(default=0.5, metadata={"help": "CUDA: the share of the GPU's memory that the weights and the rollout's K/V cache may fill; the rest is the update's (vLLM's name): lower it when the update runs out of memory"})
+    enable_sleep_mode: bool = field(default=False, metadata={"help": "free the rollout's K/V cache during each update, so the update's activations can use its memory (TRL's vllm_enable_sleep_mode, verl's free_cache_engine): a larger model or batch at the same --gpu-memory-utilization (the optimizer's state must still fit beside the cache), for making the cache again each step, and on CUDA capturing the decode graphs again where it lands elsewhere (not yet measured on a GPU)"})
     async_scheduling: bool = field(default=False, metadata={"help": "rollout: schedule each decode step while the previous one runs, hiding the host's work behind the GPU's (the same samples; nothing to gain on a CPU)"})
     reward: str = field(default="auto", metadata={"help": "exact | math | module:function (auto: exact for the built-in task, math otherwise); or several, comma-separated: the first decides right answers (eval accuracy, RPO's verified paths), each adds its weighted score to the reward"})
     chat_template: bool = field(default=True, metadata={"help": "render prompts with the tokenizer's chat template when it has one (--no-chat-template: a string prompt is encoded as it is, as TRL does with a string, e.g. for RL from a base model's own prompt format)"})
@@ -611,6 +612,7 @@ TRL_EQUIVALENTS = {
     "bf16": "is --dtype bfloat16 here (--dtype auto: bf16 on CUDA)", "fp16": "is not here: --dtype float32 or bfloat16",
     "use_vllm": "is not here: the rollout engine is built in", "vllm_mode": "is not here: the rollout engine is built in",
     "vllm_gpu_memory_utilization": "is --gpu-memory-utilization here",
+    "vllm_enable_sleep_mode": "is --enable-sleep-mode here",
     "vllm_importance_sampling_correction": "is --importance-sampling-correction here",
     "vllm_importance_sampling_mode": "is --importance-sampling-mode here",
     "vllm_importance_sampling_clip_max": "is --importance-sampling-clip-max here",
@@ -670,7 +672,7 @@ HELP_GROUPS = {
                        "filter_overlong_prompts"),
     "run": ("output", "resume", "config", "seed", "steps"),
     "rollout": ("prompts_per_step", "num_generations", "max_prompt_length", "max_completion_length", "temperature",
-                "top_p", "top_k", "min_p", "repetition_penalty", "gpu_memory_utilization", "async_scheduling"),
+                "top_p", "top_k", "min_p", "repetition_penalty", "gpu_memory_utilization", "enable_sleep_mode", "async_scheduling"),
     "rewards and prompts": ("reward", "reward_weights", "reward_workers", "format_reward_weight", "chat_template",
                             "chat_template_kwargs", "system_prompt"),
     "optimization": ("learning_rate", "warmup_ratio", "warmup_steps", "lr_scheduler_type", "adam_beta1", "adam_beta2",

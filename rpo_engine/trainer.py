@@ -771,6 +771,8 @@ class Trainer:
             for g, a in zip(kept_groups, adv.tolist()):
                 g.advantages = a
         # 5. policy update over the generated suffix tokens
+        if c.enable_sleep_mode:  # the K/V cache's memory is the update's until the next rollout
+            self.engine.sleep()
         update_start = time.perf_counter()
         if kept:  # every rank updates, or none (a rank with no kept group joins with a zero-weight pass)
             stats = self.update(kept_groups, positions=kept_positions)

@@ -740,6 +740,13 @@ def test_graph_replay_pads_batches_and_recaptures_replaced_weights(checkpoints, 
     assert_same_samples(cascaded.generate(prompts, params), eager.generate(prompts, params))
     assert sorted(set(programs)) == [1, 2, 3]  # a group per prompt whose samples are still running
 
+    # A sleep drops the K/V cache the graphs read: the next call makes it again and, as it lies elsewhere,
+    # captures the graphs again (here the old graphs still hold the old cache, so it cannot lie in the same place)
+    graphs_before = dict(graphed.runner.graphs)
+    graphed.sleep()
+    assert_same_samples(graphed.generate(prompts, params), eager.generate(prompts, params))
+    assert all(graphed.runner.graphs[s] is not graphs_before[s] for s in graphs_before)
+
     graphs_before = dict(graphed.runner.graphs)
     weight = model.model.layers[0].mlp.down_proj.weight
     original = weight.data
@@ -1045,3 +1052,26 @@ def test_policy_logprobs_with_and_without_temperatures():
     torch.testing.assert_close(policy_logprobs(logits, temperature, tokens), want, atol=1e-6, rtol=0)
     torch.testing.assert_close(policy_logprobs(logits, None, tokens), logits.log_softmax(-1)[torch.arange(4), tokens],
                                atol=1e-6, rtol=0)
+
+
+def test_sleep_frees_the_kv_cache_and_the_next_call_makes_it_again(checkpoints):
+    """RolloutEngine.sleep (vLLM's, TRL's sleep mode): the cache's memory is given back (no reference to it is
+    left), the next generate call makes it again and samples what an engine that never slept samples."""
+    import weakref
+
+    hf, model = checkpoints["llama"]
+    prompts = random_prompts(hf.config.vocab_size, [6, 13])
+    engine, twin = RolloutEngine(model, block_size=4), RolloutEngine(model, block_size=4)
+    engine.runner.cascade_min_saved_tokens = twin.runner.cascade_min_saved_tokens = 1  # the kept-K/V decode path too
+    for params in (SamplingParams(n=3, max_new_tokens=9, temperature=0, stop_token_ids=[]),
+                   SamplingParams(n=3, max_new_tokens=9, temperature=1.0, top_p=0.9, seed=4, stop_token_ids=[])):
+        want = twin.generate(prompts, params)
+        caches = [weakref.ref(engine.runner.k_cache), weakref.ref(engine.runner.v_cache)]
+        engine.sleep()
+        assert engine.is_sleeping and all(ref() is None for ref in caches)  # freed, not merely unnamed
+        engine.sleep()  # twice: nothing more to free
+        assert_same_samples(engine.generate(prompts, params), want)
+        assert not engine.is_sleeping and engine.runner.k_cache.shape == twin.runner.k_cache.shape
+    engine.sleep()
+    engine.wake_up()
+    assert not engine.is_sleeping and not engine.runner.k_cache.any()  # made again as zeros (finite padding reads)

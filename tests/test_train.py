@@ -2474,3 +2474,28 @@ def test_log_completions_go_to_wandb_as_a_table(tmp_path, tiny_model_dir, monkey
     rows = [dict(zip(t.columns, row)) for _, t in tables for row in t.data]
     assert [(r["completion"], r["reward"], r["score/exact_answer_reward"]) for r in rows] == \
         [(w["completion"], w["reward"], w["scores"]["exact_answer_reward"]) for w in written]
+
+
+def test_sleep_mode_frees_the_rollout_cache_for_the_update_and_trains_alike(tiny_model_dir):
+    """--enable-sleep-mode (TRL's vllm_enable_sleep_mode): the engine sleeps through each update (its K/V cache
+    freed for the update's activations) and the run is the run without it, step for step."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+
+    args = ["--model", str(tiny_model_dir), "--reward", "tests.reward_fns:hash_reward", "--prompts-per-step", "2",
+            "--num-generations", "4", "--max-completion-length", "16", "--eval-steps", "0", "--learning-rate", "1e-3"]
+    plain, sleepy = build_trainer(parse_args(args)), build_trainer(parse_args([*args, "--enable-sleep-mode"]))
+    sleeps = []
+    update = sleepy.update
+
+    def recorded(*a, **kw):
+        sleeps.append(sleepy.engine.is_sleeping)
+        return update(*a, **kw)
+
+    sleepy.update = recorded
+    for _ in range(2):
+        a, b = plain.step(), sleepy.step()
+        for key in ("reward_mean", "rollout_generated_tokens", "loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
+        assert sleepy.engine.is_sleeping and not plain.engine.is_sleeping
+    assert sleeps == [True, True]  # asleep through each update

@@ -181,6 +181,24 @@ class RolloutEngine:
         self.last_stats = RolloutStats()  # the last generate call's share
         self._call_peak = 0
 
+    def sleep(self) -> None:
+        """Give the K/V cache's memory back until the next generate call (vLLM's sleep, TRL's sleep mode, verl's
+        free_cache_engine): on CUDA to torch's caching allocator, where a training step run meanwhile reuses it
+        for its activations. Nothing is lost: the cache holds nothing from one call to the next (each starts with
+        an empty prefix cache). The next call makes it again, and where it lands elsewhere, captures the CUDA
+        graphs again (they read its address)."""
+        if self._inflight is not None or not self.scheduler.is_finished():
+            raise RuntimeError("RolloutEngine.sleep() in the middle of a generate call")
+        self.runner.sleep()
+
+    def wake_up(self) -> None:
+        """Make the K/V cache again now (generate does it when needed)."""
+        self.runner.wake_up()
+
+    @property
+    def is_sleeping(self) -> bool:
+        return self.runner.k_cache is None
+
     def _rollout_weights(self):
         return rollout_weights_in_use(self.model) if self.merge_lora else contextlib.nullcontext()
 

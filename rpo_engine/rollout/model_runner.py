@@ -76,9 +76,9 @@ class ModelRunner:
                         "or pass kv_cache_bytes / num_blocks")
             raise ValueError(f"KV cache budget too small: not one block of {self.block_bytes} bytes{hint}")
         self.num_blocks = int(num_blocks)
-        shape = (cfg.num_hidden_layers, self.num_blocks + 1, block_size, cfg.num_key_value_heads, cfg.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)  # zeros: padding reads stay finite
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_shape = (cfg.num_hidden_layers, self.num_blocks + 1, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        self.k_cache = self.v_cache = None
+        self.wake_up()
         self.pad_block = self.num_blocks
         # The block manager writes each live sequence's block table here (a row per sequence).
         self.block_tables = BlockTables(min(self.max_blocks_per_seq, self.num_blocks), self.pad_block,
@@ -88,7 +88,7 @@ class ModelRunner:
         self._batch = None  # the decode batch's sequence ids, in order
         self.graphs: dict[int, tuple] = {}
         self.use_cuda_graphs = use_cuda_graphs
-        self._param_ptrs = None
+        self._captured_ptrs = None  # the storage the graphs read: every parameter's, then the K/V cache's
         if use_cuda_graphs:
             self.capture()
 
@@ -233,7 +233,10 @@ class ModelRunner:
                 self.graphs[size] = (graph, logits)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        self._param_ptrs = [p.data_ptr() for p in self.model.parameters()]
+        self._captured_ptrs = self._graph_storage()
+
+    def _graph_storage(self) -> list[int]:
+        return [p.data_ptr() for p in self.model.parameters()] + [self.k_cache.data_ptr(), self.v_cache.data_ptr()]
 
     @staticmethod
     def _capture_graph(forward, pool):
@@ -249,11 +252,23 @@ class ModelRunner:
         if self.decode_kv is not None:
             self.decode_kv.reset()
 
+    def sleep(self):
+        """Drop the K/V cache (RolloutEngine.sleep); `wake_up` makes it again."""
+        self.release()
+        self.k_cache = self.v_cache = None
+
+    def wake_up(self):
+        if self.k_cache is None:  # zeros: the padding block's reads stay finite
+            self.k_cache = torch.zeros(self.kv_shape, dtype=self.dtype, device=self.device)
+            self.v_cache = torch.zeros(self.kv_shape, dtype=self.dtype, device=self.device)
+
     def refresh(self):
         if (self.model.dtype, self.model.device) != (self.dtype, self.device):  # the cache is sized and typed for these
             raise RuntimeError(f"the model is now {self.model.dtype} on {self.model.device}; this RolloutEngine's "
                                f"K/V cache was made for {self.dtype} on {self.device}: make a new RolloutEngine")
-        if self.graphs and self._param_ptrs != [p.data_ptr() for p in self.model.parameters()]:
+        self.wake_up()
+        # a parameter's storage replaced, or the cache made again elsewhere after a sleep: the graphs read the old
+        if self.graphs and self._captured_ptrs != self._graph_storage():
             self.capture()
 
     def _fill_padding(self, start: int, end: int):
