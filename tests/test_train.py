@@ -1239,14 +1239,16 @@ def test_lora_options_and_their_mistakes(tmp_path, tiny_model_dir):
 @pytest.mark.gpu
 @pytest.mark.parametrize("peft", [[], ["--use-peft", "--lora-r", 4],
                                   ["--entropy-coef", 0.01, "--beta", 0.05, "--use-bias-correction-kl",
-                                   "--off-policy-mask-threshold", 0.5, "--num-iterations", 2]],
-                         ids=["full", "lora", "loss_options"])
+                                   "--off-policy-mask-threshold", 0.5, "--num-iterations", 2],
+                                  ["--enable-sleep-mode"]],
+                         ids=["full", "lora", "loss_options", "sleep_mode"])
 def test_trains_on_the_test_device(tmp_path, tiny_model_dir, peft):
     """On CUDA the job's defaults differ from the CPU's: bf16 weights with fp32 masters, the Triton
     log-prob, loss and decode kernels, CUDA-graph rollouts of the live weights (with LoRA: of the live
     adapters, on a frozen base). They train, evaluate and save, and the rollout's log-probs stay close to
     the training forward's; also with the kernels' optional paths (the entropy's gradient, the
-    ratio-weighted KL) and the off-policy mask."""
+    ratio-weighted KL) and the off-policy mask; and with the K/V cache freed through each update (its decode
+    graphs captured again wherever it is made)."""
     import rpo_engine
 
     out = tmp_path / "run"
