@@ -10,6 +10,7 @@ samples) and reports their mean accuracy (avg@K) and the fraction of rows with a
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -166,10 +167,22 @@ def main(argv=None) -> int:
     if args.num_samples == 1:
         print(f"accuracy {mean:.4f} on {len(rows)} rows ({source})")
     else:
+        K = args.num_samples
         solved = sum(any(right for _, _, right in samples) for samples in graded) / len(rows)
-        print(f"avg@{args.num_samples} {mean:.4f}, pass@{args.num_samples} {solved:.4f} on {len(rows)} rows, "
-              f"temperature {args.temperature:g} ({source})")
+        print(f"avg@{K} {mean:.4f}, pass@{K} {solved:.4f} on {len(rows)} rows, temperature {args.temperature:g} "
+              f"({source})")
+        ks = [k for k in (2 ** i for i in range(1, K.bit_length())) if k < K]
+        if ks:  # each from all K answers a row: the unbiased estimator, not the first k answers
+            rights = [sum(right for _, _, right in samples) for samples in graded]
+            print(", ".join(f"pass@{k} {sum(pass_at_k(K, c, k) for c in rights) / len(rows):.4f}" for k in ks)
+                  + f" (unbiased, from the {K} answers a row)")
     return 0
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The chance that k of a row's n answers drawn without replacement hold one of its c right ones:
+    1 - C(n - c, k) / C(n, k) (Chen et al. 2021's unbiased estimator of pass@k)."""
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 def check_not_a_run(model: Path) -> None:

@@ -2130,6 +2130,10 @@ def test_eval_cli_samples(tmp_path, tiny_model_dir):
     avg = sum(sum(r["correct"]) for r in rows) / 24
     solved = sum(any(r["correct"]) for r in rows) / 6
     assert 0 < avg < 1 and f"avg@4 {avg:.4f}, pass@4 {solved:.4f} on 6 rows" in proc.stdout
+    from rpo_engine.eval import pass_at_k
+
+    pass_2 = sum(pass_at_k(4, sum(r["correct"]), 2) for r in rows) / 6
+    assert f"\npass@2 {pass_2:.4f} (unbiased, from the 4 answers a row)\n" in proc.stdout
     assert_user_error(subprocess.run([*cmd, "--temperature", "0"], capture_output=True, text=True, cwd=REPO),
                       "--num-samples 4 needs --temperature > 0")
 
@@ -2501,3 +2505,17 @@ def test_sleep_mode_frees_the_rollout_cache_for_the_update_and_trains_alike(tiny
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
         assert sleepy.engine.is_sleeping and not plain.engine.is_sleeping
     assert sleeps == [True, True]  # asleep through each update
+
+
+def test_pass_at_k_is_the_unbiased_estimator():
+    """1 - C(n-c, k) / C(n, k): the chance that k answers drawn from the n hold a right one, checked by counting
+    every k-subset; pass@n is 'any right', pass@1 the mean."""
+    import itertools
+
+    from rpo_engine.eval import pass_at_k
+
+    for n, c, k in ((8, 0, 2), (8, 3, 1), (8, 3, 4), (6, 5, 2), (6, 6, 3), (5, 2, 5), (7, 1, 3)):
+        answers = [True] * c + [False] * (n - c)
+        subsets = list(itertools.combinations(answers, k))
+        assert pass_at_k(n, c, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets)), (n, c, k)
+    assert pass_at_k(8, 3, 1) == pytest.approx(3 / 8) and pass_at_k(8, 1, 8) == 1.0 and pass_at_k(8, 0, 8) == 0.0
