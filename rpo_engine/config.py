@@ -603,6 +603,8 @@ class OneLineParser(argparse.ArgumentParser):
 TRL_EQUIVALENTS = {
     "max_steps": "is --steps here", "num_train_epochs": "is --steps here (a run is sized in steps)",
     "output_dir": "is --output here", "model_name_or_path": "is --model here",
+    "resume_from_checkpoint": "is --resume here: from the newest checkpoints/step-N in --output (move later ones "
+                              "away to resume from an earlier one)",
     "dataset_name": "is --dataset here (a JSONL or Parquet file, a save_to_disk directory, a Hub id or its repository's directory)",
     "reward_funcs": "is --reward here (comma-separated, or a YAML list)",
     "per_device_train_batch_size": "is --prompts-per-step here, which counts prompts, not completions",
