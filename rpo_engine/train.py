@@ -324,6 +324,10 @@ def write_plot(metrics: list[dict], path: Path, title: str, eval_title: str = "g
     axes[0].plot([m["step"] for m in steps], [m["reward_mean"] for m in steps], marker=marker)
     axes[0].set(title="reward (mean over samples)", xlabel="step")
     axes[1].plot([m["step"] for m in evals], [m["eval_accuracy"] for m in evals], marker="o")
+    passes = [m for m in evals if "eval_pass_at_k" in m]  # a sampled eval's pass@K beside its avg@K
+    if passes:
+        axes[1].plot([m["step"] for m in passes], [m["eval_pass_at_k"] for m in passes], marker="o")
+        axes[1].legend(["avg@K", "pass@K"], loc="lower right")
     axes[1].set(title=eval_title, xlabel="step", ylim=(0, 1))
     axes[2].plot([m["step"] for m in steps], [m["rollout_generated_tokens"] for m in steps], marker=marker)
     axes[2].set(title="generated tokens per step", xlabel="step", ylim=(0, None))

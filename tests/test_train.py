@@ -487,6 +487,11 @@ def test_plot_draws_every_panel(tmp_path, num_steps):
     blue = (np.abs(image - np.array([0x1f, 0x77, 0xb4]) / 255).max(-1) < 0.05)  # matplotlib's first line colour
     thirds = np.array_split(blue, 3, axis=1)
     assert all(panel.sum() > 20 for panel in thirds), [int(panel.sum()) for panel in thirds]
+    orange = lambda image: (np.abs(image - np.array([0xff, 0x7f, 0x0e]) / 255).max(-1) < 0.05).sum()  # the second
+    assert orange(image) == 0
+    records[0]["eval_pass_at_k"] = 0.75  # a sampled eval: pass@K drawn beside avg@K
+    write_plot(records, tmp_path / "sampled.png", "test", "eval accuracy, avg@4 at T=1")
+    assert orange(matplotlib.image.imread(tmp_path / "sampled.png")[..., :3]) > 20
 
 
 def test_log_completions(tmp_path, tiny_model_dir):
