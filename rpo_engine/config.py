@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from rpo_engine.errors import UserError
+from rpo_engine.kernels.reference import KL_TYPES
 from rpo_engine.reporting import report_targets
 from rpo_engine.model.lora import TARGETS as LORA_TARGETS, parse_targets as parse_lora_targets
 from rpo_engine.rollout.sequence import MIN_TEMPERATURE
@@ -84,6 +85,9 @@ def _check_finite(config) -> None:
         value = getattr(config, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+
+
+_KL_ALIASES = {"low_var_kl": "k3", "kl": "k1", "mse": "k2"}  # verl's names of the estimators
 
 
 @dataclass
@@ -155,6 +159,7 @@ class AlgoConfig:
     vespo_lambda_pos: float = field(default=3.0, metadata={"help": "--loss-type vespo: the decay lambda of that weight, how hard w > 1 is down-weighted (TRL's name)"})
     vespo_k_neg: float = field(default=3.0, metadata={"help": "--loss-type vespo: k for a sequence with a negative advantage (TRL's name)"})
     vespo_lambda_neg: float = field(default=2.0, metadata={"help": "--loss-type vespo: lambda for a sequence with a negative advantage (TRL's name)"})
+    kl_loss_type: str = field(default="k3", metadata={"help": "the per-token estimate of KL(policy || reference) that --beta weighs, x = logp - ref_logp (verl's name and values): k3 or low_var_kl, exp(-x) + x - 1 (TRL's, verl's default); k1 or kl, x; k2 or mse, x^2 / 2, whose gradient x is the reverse KL's for on-policy samples; abs, |x| (the metric kl is its mean)"})
     use_bias_correction_kl: bool = field(default=False, metadata={"help": "weight each token's KL term by its importance ratio (differentiable), so the KL's gradient is the unbiased gradient of the reverse KL, ratio * (logp - ref_logp), where the k3 estimator's own gradient is biased (TRL's name, on by default there; DeepSeek-V3.2); token level only; needs --beta > 0 (default: off, verl's low_var_kl)"})
     sync_ref_model: bool = field(default=False, metadata={"help": "move the KL reference toward the policy every --ref-model-sync-steps steps: ref = alpha * policy + (1 - alpha) * ref (TRL's name, TR-DPO); needs --beta > 0; checkpoints then hold the reference too"})
     ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "alpha of --sync-ref-model (TRL's name)"})
@@ -229,8 +234,15 @@ class AlgoConfig:
         # the ratio's lower clip bound is 1 - epsilon: the loss kernel refused >= 1 mid-run, with a traceback
         _check(self.epsilon < 1, f"--epsilon must be < 1, got {self.epsilon}")
         _check(self.beta >= 0, f"--beta must be >= 0, got {self.beta}")
+        self.kl_loss_type = _KL_ALIASES.get(self.kl_loss_type, self.kl_loss_type)
+        _check(self.kl_loss_type in KL_TYPES, f"--kl-loss-type must be one of k3 (low_var_kl), k1 (kl), k2 (mse) or "
+                                              f"abs, got {self.kl_loss_type!r}")
         _check(not self.use_bias_correction_kl or self.beta > 0,
                "--use-bias-correction-kl weights the KL term: it needs --beta > 0")
+        if not self.beta:
+            _reject_given(self, ("kl_loss_type",), "without --beta > 0 (no KL term)")
+        _check(not self.use_bias_correction_kl or self.kl_loss_type == "k3",
+               f"--use-bias-correction-kl corrects k3's gradient: --kl-loss-type k3, got {self.kl_loss_type}")
         _check(not self.use_bias_correction_kl or self.importance_sampling_level == "token",
                "--use-bias-correction-kl weighs each token's KL by its own ratio: --importance-sampling-level token")
         _check(not self.sync_ref_model or self.beta > 0,

@@ -610,7 +610,7 @@ class Trainer:
                                                is_weights=surrogate_weights, delta=algo.delta,
                                                ratio_level=algo.importance_sampling_level, surrogate=algo.surrogate,
                                                sapo_temperatures=(algo.sapo_temperature_pos, algo.sapo_temperature_neg),
-                                               kl_ratio_weighted=algo.use_bias_correction_kl,
+                                               kl_ratio_weighted=algo.use_bias_correction_kl, kl_type=algo.kl_loss_type,
                                                vespo_params=(algo.vespo_k_pos, algo.vespo_lambda_pos,
                                                              algo.vespo_k_neg, algo.vespo_lambda_neg),
                                                vespo_log_is=self.vespo_log_is(is_weights[k], mask))

@@ -487,3 +487,18 @@ def test_eval_cli_refuses_an_empty_dataset(tiny_model_dir):
 
     with pytest.raises(UserError, match="^--dataset is empty; "):  # not the built-in split, evaluated silently
         main(["--model", str(tiny_model_dir), "--dataset", "", "--no-progress"])
+
+
+def test_kl_loss_type_takes_verls_names_and_needs_a_kl_term():
+    from rpo_engine.config import parse_args
+
+    for name, canonical in (("k1", "k1"), ("kl", "k1"), ("mse", "k2"), ("k2", "k2"), ("abs", "abs"),
+                            ("low_var_kl", "k3"), ("k3", "k3")):
+        assert parse_args(["--beta", "0.01", "--kl-loss-type", name]).algo.kl_loss_type == canonical
+    assert parse_args(["--kl-loss-type", "low_var_kl"]).algo.kl_loss_type == "k3"  # the default by another name
+    for flags, message in ((["--kl-loss-type", "k2"], "--kl-loss-type does nothing without --beta > 0"),
+                           (["--beta", "0.01", "--kl-loss-type", "full"], "--kl-loss-type must be one of k3"),
+                           (["--beta", "0.01", "--kl-loss-type", "k1", "--use-bias-correction-kl"],
+                            "--use-bias-correction-kl corrects k3's gradient: --kl-loss-type k3, got k1")):
+        with pytest.raises(UserError, match=re.escape(message)):
+            parse_args(flags)

@@ -294,7 +294,7 @@ def test_logprobs_auto_is_triton_on_cuda_else_torch():
 
 def _naive_policy_loss(logp, old_logp, adv, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg, norm_length,
                        is_weights=None, delta=None, level="token", surrogate="clip", sapo_temperatures=(1.0, 1.05),
-                       bias_correction_kl=False, vespo_params=(2.0, 3.0, 3.0, 2.0), vespo_log_is=None):
+                       bias_correction_kl=False, vespo_params=(2.0, 3.0, 3.0, 2.0), vespo_log_is=None, kl_type="k3"):
     """Row by row, as TRL's GRPOTrainer._compute_loss writes it: the log importance weight per token, or per
     sequence (the masked mean, GSPO), coef_1 = exp of it capped at delta, coef_2 = clip(exp of it),
     -min(coef_1 A, coef_2 A) (times the IS weight) + kl_coef k3, then the mode's means."""
@@ -329,6 +329,8 @@ def _naive_policy_loss(logp, old_logp, adv, mask, ref_logp, eps_low, eps_high, k
         if ref_logp is not None:
             d = torch.clamp(ref_logp[b][m] - logp[b][m], -20, 20)
             kl = torch.exp(d) - d - 1
+            x = logp[b][m] - ref_logp[b][m]  # verl's kl_penalty: kl (k1), mse (k2), abs
+            kl = {"k3": kl, "k1": x, "k2": 0.5 * x.square(), "abs": x.abs()}[kl_type]
             if bias_correction_kl:  # TRL's use_bias_correction_kl: per_token_kl * coef_1 (before delta's cap)
                 kl = kl * torch.exp(log_w)
             tok = tok + kl_coef * kl
@@ -421,7 +423,7 @@ def _spread_policy_inputs(b=8, t=13):
 
 def _matches_naive(backend, loss_agg, with_ref_is, eps_high=0.28, delta=None, level="token", surrogate="clip",
                    sapo_temperatures=(1.0, 1.05), kl_ratio_weighted=False, vespo_params=(2.0, 3.0, 3.0, 2.0), inputs=None,
-                   vespo_log_is=None):
+                   vespo_log_is=None, kl_type="k3"):
     """policy_loss on the spread inputs (garbage at padding; KL and IS weights with_ref_is) against
     _naive_policy_loss in fp64: value and gradient. -> (logp, old_logp, adv, mask, logp's gradient, stats).
     `inputs` replaces the spread inputs (logp, old_logp, ref_logp, adv, mask)."""
@@ -431,7 +433,8 @@ def _matches_naive(backend, loss_agg, with_ref_is, eps_high=0.28, delta=None, le
     kl_coef = 0.05 if with_ref_is else 0.0
     norm_length = 20 if loss_agg == "seq-mean-token-sum-norm" else None
     options = dict(delta=delta, ratio_level=level, surrogate=surrogate, sapo_temperatures=sapo_temperatures,
-                   kl_ratio_weighted=kl_ratio_weighted, vespo_params=vespo_params, vespo_log_is=vespo_log_is)
+                   kl_ratio_weighted=kl_ratio_weighted, vespo_params=vespo_params, vespo_log_is=vespo_log_is,
+                   kl_type=kl_type)
     lp = logp.masked_fill(~mask, float("-inf")).requires_grad_()  # padding must not leak in
     loss, stats = policy_loss(lp, old_logp, adv, mask, ref_logp=ref_logp, is_weights=is_weights, eps_low=0.2,
                               eps_high=eps_high, kl_coef=kl_coef, loss_agg=loss_agg, norm_length=norm_length,
@@ -442,7 +445,7 @@ def _matches_naive(backend, loss_agg, with_ref_is, eps_high=0.28, delta=None, le
                                   None if ref_logp is None else ref_logp.double(), 0.2, eps_high, kl_coef, loss_agg,
                                   norm_length, None if is_weights is None else is_weights.double(), delta, level,
                                   surrogate, sapo_temperatures, kl_ratio_weighted, vespo_params,
-                                  None if vespo_log_is is None else vespo_log_is.double())
+                                  None if vespo_log_is is None else vespo_log_is.double(), kl_type)
     expected.backward()
     # fp32 rounding scales with the size of the sums: the token-sum mode's are a row's length larger
     scale = 13.0 if loss_agg == "seq-mean-token-sum" else 1.0
@@ -857,3 +860,29 @@ def test_torch_logprobs_hold_one_chunk_of_logits_at_once(n, v, with_entropy):
         loss.backward()
     for peak in (forward.peak, backward.peak):
         assert 0.75 * budget <= peak <= budget + slack, (forward.peak, backward.peak, budget, slack)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kl_type", ["k1", "k2", "abs", "k3"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_policy_loss_kl_estimators_match_verls(backend, kl_type, level):
+    """kl_type (verl's kl_loss_type): k1 = x, k2 = x^2 / 2, abs = |x|, k3 = exp(-x) + x - 1, x = logp - ref_logp,
+    value and gradient against the fp64 row-by-row loss, at both ratio levels; kl_mean is the estimator's mean."""
+    inputs = _spread_policy_inputs()
+    ref_logp = inputs[2]
+    logp, old_logp, adv, mask, grad, stats = _matches_naive(backend, "token-mean", True, level=level, kl_type=kl_type,
+                                                            inputs=inputs)
+    x = (logp - ref_logp)[mask.bool()].double()
+    want = {"k1": x, "k2": 0.5 * x.square(), "abs": x.abs(), "k3": torch.exp(-x) + x - 1}[kl_type].mean()
+    assert abs(stats["kl_mean"].item() - want.item()) < 1e-6
+
+
+def test_policy_loss_kl_estimators_differ_and_are_checked():
+    logp, old_logp, ref_logp, adv, mask = _policy_inputs()
+    losses = {k: policy_loss(logp, old_logp, adv, mask, ref_logp=ref_logp, kl_coef=0.5, kl_type=k)[0].item()
+              for k in ("k1", "k2", "k3", "abs")}
+    assert len(set(losses.values())) == 4
+    with pytest.raises(ValueError, match=r"kl_type must be one of \('k3', 'k1', 'k2', 'abs'\), got 'low_var_kl'"):
+        policy_loss(logp, old_logp, adv, mask, ref_logp=ref_logp, kl_coef=0.5, kl_type="low_var_kl")
+    with pytest.raises(ValueError, match="kl_ratio_weighted corrects k3's gradient: kl_type='k3', got 'k2'"):
+        policy_loss(logp, old_logp, adv, mask, ref_logp=ref_logp, kl_coef=0.5, kl_type="k2", kl_ratio_weighted=True)

@@ -1294,7 +1294,7 @@ def test_async_scheduling_trains_on_the_same_samples(tmp_path, tiny_model_dir):
 
 
 def test_loss_options_reach_the_loss(tiny_model_dir, monkeypatch):
-    """--importance-sampling-level (GSPO), --delta and --scale-rewards batch: what the step hands the loss and
+    """--importance-sampling-level (GSPO), --delta, --scale-rewards batch and --kl-loss-type: what the step hands the loss and
     the advantages (each is tested against TRL's formulas in test_kernels.py / test_algos.py)."""
     import rpo_engine.trainer as trainer_module
     from rpo_engine.config import parse_args
@@ -1316,10 +1316,12 @@ def test_loss_options_reach_the_loss(tiny_model_dir, monkeypatch):
     trainer = build_trainer(parse_args(["--model", str(tiny_model_dir), "--no-progress", "--no-rpo", "--eval-steps", "0",
                                         "--reward", "tests.reward_fns:hash_reward", *map(str, SMALL),
                                         "--importance-sampling-level", "sequence", "--delta", "4",
-                                        "--scale-rewards", "batch", "--num-iterations", "2"]))
+                                        "--scale-rewards", "batch", "--num-iterations", "2",
+                                        "--beta", "0.05", "--kl-loss-type", "mse"]))  # verl's name of k2
     metrics = trainer.step()
-    assert math.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
-    assert calls["loss"] and all(k["ratio_level"] == "sequence" and k["delta"] == 4.0 for k in calls["loss"])
+    assert math.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0 and metrics["kl"] > 0
+    assert calls["loss"] and all(k["ratio_level"] == "sequence" and k["delta"] == 4.0 and k["kl_type"] == "k2"
+                                 for k in calls["loss"])
     (rewards, scale, batch_rewards), = calls["advantages"]
     assert scale == "batch" and sorted(batch_rewards.tolist()) == sorted(rewards.flatten().tolist())
 

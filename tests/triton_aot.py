@@ -106,6 +106,10 @@ def record_launches():
         # the KL term weighted by the ratio (--use-bias-correction-kl)
         pl._PolicyLoss.apply(logp, logp, logp, torch.zeros(4), logp, logp, None, 0.2, 0.28, 0.04, float("inf"),
                              0, 1.0, 1.05, True)
+        # the other KL estimators (--kl-loss-type k1, k2, abs)
+        for kl_type in (1, 2, 3):
+            pl._PolicyLoss.apply(logp, logp, logp, torch.zeros(4), logp, logp, None, 0.2, 0.28, 0.04, float("inf"),
+                                 0, 1.0, 1.05, False, kl_type)
         # Paged decode: (heads, KV heads, head dim) of Qwen2.5-0.5B, Qwen2.5-1.5B, Llama-3-8B / Qwen3-8B;
         # bf16 and fp16 caches, and fp32 (a float32 model); one split and flash-decoding splits.
         bf16 = torch.bfloat16

@@ -1,8 +1,9 @@
-"""Clipped-ratio policy loss (PPO/GRPO/DAPO/Dr.GRPO) with optional k3 KL, fused in Triton.
+"""Clipped-ratio policy loss (PPO/GRPO/DAPO/Dr.GRPO) with an optional KL term, fused in Triton.
 
 Per masked token: ratio = exp(logp - old_logp),
-    loss_t = s * max(-A * min(ratio, delta), -A * clip(ratio, 1 - eps_low, 1 + eps_high)) + kl_coef * k3,
-    k3 = exp(ref_logp - logp) - (ref_logp - logp) - 1 (times the ratio, with kl_ratio_weighted),
+    loss_t = s * max(-A * min(ratio, delta), -A * clip(ratio, 1 - eps_low, 1 + eps_high)) + kl_coef * kl,
+    kl = k3 = exp(ref_logp - logp) - (ref_logp - logp) - 1 (times the ratio, with kl_ratio_weighted), or with
+    kl_type the estimator k1 = logp - ref_logp, k2 = (logp - ref_logp)^2 / 2 or abs = |logp - ref_logp|,
 both log-differences clamped to +-20 before exp (verl's guard against fp32 overflow),
 or with CISPO's surrogate s * -A * sg(min(ratio, 1 + eps_high)) * logp, SAPO's
 s * -A * sigmoid(tau (ratio - 1)) * 4 / tau, or VESPO's s * -A * sg(phi) * logp (phi the gamma weight of the
@@ -27,20 +28,20 @@ import math
 import torch
 
 from .fused_logprobs import HAS_TRITON, _triton_interpreted
-from .reference import (LOG_RATIO_CLAMP, LOSS_AGG_MODES, RATIO_LEVELS, SURROGATES, VESPO_PARAMS, _clamp_log_ratio,
-                        loss_token_weights, policy_loss_reference, vespo_weights)
+from .reference import (KL_TYPES, LOG_RATIO_CLAMP, LOSS_AGG_MODES, RATIO_LEVELS, SURROGATES, VESPO_PARAMS,
+                        _clamp_log_ratio, loss_token_weights, policy_loss_reference, vespo_weights)
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    _NUM_PARTIALS = 5  # loss, clip_low count, clip_high count, k3 sum, ratio sum
+    _NUM_PARTIALS = 5  # loss, clip_low count, clip_high count, KL sum, ratio sum
 
     @triton.jit
     def _policy_loss_kernel(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, w_ptr, is_ptr, grad_ptr, partial_ptr,
                             num_el, T, eps_low, eps_high, kl_coef, delta, tau_pos, tau_neg, clamp,
                             HAS_REF: tl.constexpr, HAS_IS: tl.constexpr, SURROGATE: tl.constexpr,
-                            KL_RATIO: tl.constexpr, BLOCK: tl.constexpr):
+                            KL_RATIO: tl.constexpr, KL_TYPE: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         active = (offs < num_el) & (tl.load(mask_ptr + offs, mask=offs < num_el, other=0.0) != 0.0)
@@ -86,25 +87,35 @@ if HAS_TRITON:
             s = tl.load(is_ptr + offs, mask=active, other=0.0)
             loss = s * loss
             dloss = s * dloss
-        k3 = tl.zeros([BLOCK], dtype=tl.float32)
+        kl = tl.zeros([BLOCK], dtype=tl.float32)
         if HAS_REF:
-            raw_diff = tl.load(ref_ptr + offs, mask=active, other=0.0) - logp
-            diff = tl.minimum(tl.maximum(raw_diff, -clamp), clamp)  # clamped as the log-ratio is
-            exp_diff = tl.exp(diff)
-            k3 = exp_diff - diff - 1.0
-            dk3 = tl.where((raw_diff >= -clamp) & (raw_diff <= clamp), 1.0 - exp_diff, 0.0)  # d k3 / d logp
+            raw_diff = tl.load(ref_ptr + offs, mask=active, other=0.0) - logp  # ref_logp - logp = -x
+            if KL_TYPE == 0:  # k3, its exp of the difference clamped as the log-ratio's is
+                diff = tl.minimum(tl.maximum(raw_diff, -clamp), clamp)
+                exp_diff = tl.exp(diff)
+                kl = exp_diff - diff - 1.0
+                dkl = tl.where((raw_diff >= -clamp) & (raw_diff <= clamp), 1.0 - exp_diff, 0.0)  # d k3 / d logp
+            elif KL_TYPE == 1:  # k1 = x
+                kl = -raw_diff
+                dkl = tl.full([BLOCK], 1.0, tl.float32)
+            elif KL_TYPE == 2:  # k2 = x^2 / 2
+                kl = 0.5 * raw_diff * raw_diff
+                dkl = -raw_diff
+            else:  # abs = |x|, its gradient the sign (0 at 0, as torch's)
+                kl = tl.abs(raw_diff)
+                dkl = tl.where(raw_diff < 0.0, 1.0, tl.where(raw_diff > 0.0, -1.0, 0.0))
             if KL_RATIO:  # ratio * k3: d/dlogp = dratio * k3 + ratio * dk3 (= ratio * (logp - ref) unclamped)
-                loss += kl_coef * ratio * k3
-                dloss += kl_coef * (dratio * k3 + ratio * dk3)
+                loss += kl_coef * ratio * kl
+                dloss += kl_coef * (dratio * kl + ratio * dkl)
             else:
-                loss += kl_coef * k3
-                dloss += kl_coef * dk3
+                loss += kl_coef * kl
+                dloss += kl_coef * dkl
         tl.store(grad_ptr + offs, tl.where(active, w * dloss, 0.0), mask=offs < num_el)
         base = partial_ptr + pid * 5
         tl.store(base + 0, tl.sum(tl.where(active, w * loss, 0.0), axis=0))
         tl.store(base + 1, tl.sum(clip_low.to(tl.float32), axis=0))
         tl.store(base + 2, tl.sum(clip_high.to(tl.float32), axis=0))
-        tl.store(base + 3, tl.sum(tl.where(active, k3, 0.0), axis=0))
+        tl.store(base + 3, tl.sum(tl.where(active, kl, 0.0), axis=0))
         tl.store(base + 4, tl.sum(tl.where(active, ratio, 0.0), axis=0))
 
 
@@ -116,7 +127,7 @@ def _block_size(device: torch.device) -> int:
 class _PolicyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logp, old_logp, ref_logp, advantages, mask, weights, is_weights, eps_low, eps_high, kl_coef,
-                delta, surrogate=0, tau_pos=1.0, tau_neg=1.0, kl_ratio=False):
+                delta, surrogate=0, tau_pos=1.0, tau_neg=1.0, kl_ratio=False, kl_type=0):
         num_el, seq_len = logp.numel(), logp.shape[-1]
         block = _block_size(logp.device)
         num_blocks = max(1, triton.cdiv(num_el, block))
@@ -127,7 +138,7 @@ class _PolicyLoss(torch.autograd.Function):
                 logp, old_logp, ref_logp if ref_logp is not None else logp, advantages, mask, weights,
                 is_weights if is_weights is not None else logp, grad, partials, num_el, seq_len, eps_low, eps_high,
                 kl_coef, delta, tau_pos, tau_neg, LOG_RATIO_CLAMP, HAS_REF=ref_logp is not None, HAS_IS=is_weights is not None,
-                SURROGATE=surrogate, KL_RATIO=kl_ratio, BLOCK=block)
+                SURROGATE=surrogate, KL_RATIO=kl_ratio, KL_TYPE=kl_type, BLOCK=block)
         ctx.save_for_backward(grad)
         sums = partials.sum(0)  # [5]
         ctx.mark_non_differentiable(sums)
@@ -136,13 +147,14 @@ class _PolicyLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_sums):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss, *[None] * 14  # logp's gradient; the other 14 inputs take none
+        return grad * grad_loss, *[None] * 15  # logp's gradient; the other 15 inputs take none
 
 
 def _triton_policy_loss(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg,
                         norm_length, is_weights, delta, ratio_level, surrogate="clip", sapo_temperatures=(1.0, 1.05),
-                        kl_ratio_weighted=False, vespo_params=VESPO_PARAMS, vespo_log_is=None):
+                        kl_ratio_weighted=False, vespo_params=VESPO_PARAMS, vespo_log_is=None, kl_type="k3"):
     weights = loss_token_weights(mask, loss_agg, norm_length).contiguous()  # [B, T]
+    kl_kind = KL_TYPES.index(kl_type)
     mask_f = mask.to(torch.float32).contiguous()  # [B, T]
     ref = ref_logp.float().contiguous() if ref_logp is not None else None
     is_w = is_weights.detach().float().contiguous() if is_weights is not None else None
@@ -157,7 +169,7 @@ def _triton_policy_loss(logp, old_logp, advantages, mask, ref_logp, eps_low, eps
     if ratio_level == "token":
         loss, sums = _PolicyLoss.apply(logp, old_logp, ref, advantages, mask_f, weights, is_w,
                                        float(eps_low), float(eps_high), float(kl_coef), delta, kind, tau_pos, tau_neg,
-                                       bool(kl_ratio_weighted and ref is not None))
+                                       bool(kl_ratio_weighted and ref is not None), kl_kind)
         clip_low, clip_high, kl_sum, ratio_sum = sums[1], sums[2], sums[3], sums[4]
     else:  # GSPO: the clipped surrogate over rows, its ratio the mean log-ratio of the row's tokens
         m = mask_f.bool()
@@ -173,7 +185,7 @@ def _triton_policy_loss(logp, old_logp, advantages, mask, ref_logp, eps_low, eps
         if ref is not None:  # the KL term per token, with A = 0 (no surrogate) and ratio 1
             kl_loss, kl_sums = _PolicyLoss.apply(logp, logp.detach(), ref, torch.zeros_like(advantages), mask_f,
                                                  weights, None, float(eps_low), float(eps_high), float(kl_coef),
-                                                 delta)
+                                                 delta, 0, 1.0, 1.0, False, kl_kind)
             loss, kl_sum = loss + kl_loss, kl_sums[3]
         with torch.no_grad():  # token counts of the rows whose ratio is clipped, as the token level counts them
             ratio = _clamp_log_ratio(log_ratio.detach()).exp()
@@ -195,9 +207,13 @@ def _triton_policy_loss(logp, old_logp, advantages, mask, ref_logp, eps_low, eps
 def _check_inputs(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg,
                   norm_length, backend, is_weights=None, delta=None, ratio_level="token", surrogate="clip",
                   sapo_temperatures=(1.0, 1.05), kl_ratio_weighted=False, vespo_params=VESPO_PARAMS,
-                  vespo_log_is=None):
+                  vespo_log_is=None, kl_type="k3"):
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be one of ('auto', 'torch', 'triton'), got {backend!r}")
+    if kl_type not in KL_TYPES:
+        raise ValueError(f"kl_type must be one of {KL_TYPES}, got {kl_type!r}")
+    if kl_ratio_weighted and kl_type != "k3":  # TRL's correction is of k3's biased gradient
+        raise ValueError(f"kl_ratio_weighted corrects k3's gradient: kl_type='k3', got {kl_type!r}")
     if loss_agg not in LOSS_AGG_MODES:
         raise ValueError(f"loss_agg must be one of {LOSS_AGG_MODES}, got {loss_agg!r}")
     if not isinstance(logp, torch.Tensor) or logp.dim() != 2 or not logp.is_floating_point():
@@ -256,7 +272,7 @@ def _check_inputs(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high,
 def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2, eps_high=0.2, kl_coef=0.0,
                 loss_agg="seq-mean-token-mean", norm_length=None, is_weights=None, delta=None, ratio_level="token",
                 surrogate="clip", sapo_temperatures=(1.0, 1.05), kl_ratio_weighted=False, vespo_params=VESPO_PARAMS,
-                vespo_log_is=None, backend="auto"):
+                vespo_log_is=None, kl_type="k3", backend="auto"):
     """Clipped-ratio policy loss over masked tokens; returns (loss, stats).
 
     logp, old_logp, ref_logp: [B, T] log-probs (only logp carries the grad: every other tensor argument is
@@ -285,18 +301,21 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2,
     kl_ratio_weighted (TRL's use_bias_correction_kl, DeepSeek-V3.2): the KL term is ratio * k3, the ratio
     differentiable, so its gradient is ratio * (logp - ref_logp) * dlogp, the unbiased gradient of the
     reverse KL for samples drawn from the old policy (k3's own gradient is not); token level only.
+    kl_type (verl's kl_loss_type): the per-token estimate of KL(pi || ref) weighted by kl_coef, x = logp - ref_logp:
+    "k3" exp(-x) + x - 1 (verl's low_var_kl, TRL's; the default), "k1" x, "k2" x^2 / 2 (its gradient x dlogp,
+    the reverse KL's for on-policy samples), "abs" |x|.
 
     stats (detached fp32 scalars, averaged over masked tokens; 0 when there are none):
       clip_low_frac  tokens with ratio < 1 - eps_low and A < 0: the clipped branch is the active one
       clip_high_frac tokens with ratio > 1 + eps_high and A > 0 (or ratio > delta and A < 0): likewise
                      on the high side
       clip_frac      their sum, i.e. verl's pg_clipfrac (tokens whose gradient the clip zeroes)
-      kl_mean        mean k3 KL to the reference (0 without ref_logp)
+      kl_mean        mean KL estimate (kl_type's) to the reference (0 without ref_logp)
       ratio_mean     mean ratio
     """
     _check_inputs(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef, loss_agg, norm_length,
                   backend, is_weights, delta, ratio_level, surrogate, sapo_temperatures, kl_ratio_weighted,
-                  vespo_params, vespo_log_is)
+                  vespo_params, vespo_log_is, kl_type)
     # only logp is differentiated: the others are constants of the step in both backends (the Triton one has no
     # gradient for them; through torch, an old_logp that requires grad would cancel logp's gradient)
     old_logp, advantages, ref_logp, is_weights, vespo_log_is = (
@@ -311,9 +330,9 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2,
                              "first imported")
         return _triton_policy_loss(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef,
                                    loss_agg, norm_length, is_weights, delta, ratio_level, surrogate, sapo_temperatures,
-                                   kl_ratio_weighted, vespo_params, vespo_log_is)
+                                   kl_ratio_weighted, vespo_params, vespo_log_is, kl_type)
     return policy_loss_reference(logp, old_logp, advantages, mask, ref_logp=ref_logp, eps_low=eps_low,
                                  eps_high=eps_high, kl_coef=kl_coef, loss_agg=loss_agg, norm_length=norm_length,
                                  is_weights=is_weights, delta=delta, ratio_level=ratio_level, surrogate=surrogate,
                                  sapo_temperatures=sapo_temperatures, kl_ratio_weighted=kl_ratio_weighted,
-                                 vespo_params=vespo_params, vespo_log_is=vespo_log_is)
+                                 vespo_params=vespo_params, vespo_log_is=vespo_log_is, kl_type=kl_type)

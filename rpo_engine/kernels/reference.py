@@ -13,6 +13,9 @@ RATIO_LEVELS = ("token", "sequence")  # PPO/GRPO's per-token ratio; GSPO's one r
 SURROGATES = ("clip", "cispo", "sapo", "vespo")  # PPO's clipped ratio; CISPO's capped ratio weighing logp; SAPO's
 # gate; VESPO's gamma weight of the sequence's ratio weighing logp
 VESPO_PARAMS = (2.0, 3.0, 3.0, 2.0)  # (k_pos, lambda_pos, k_neg, lambda_neg): TRL's defaults
+# The per-token KL estimators of KL(pi || ref), x = logp - ref_logp (verl's kl_loss_type; Schulman's k1, k2, k3):
+# k1 = x, k2 = x^2 / 2, k3 = exp(-x) + x - 1 (verl's low_var_kl, TRL's, the default), abs = |x|.
+KL_TYPES = ("k3", "k1", "k2", "abs")
 # |logp - old_logp| and |ref_logp - logp| are clamped to this before exp (verl's clamp): past it exp overflows
 # fp32 near 88, and inf times a zero advantage or coefficient is NaN. Ordinary steps sit far inside it.
 LOG_RATIO_CLAMP = 20.0
@@ -82,9 +85,9 @@ def loss_token_weights(mask, loss_agg, norm_length=None):
 def policy_loss_reference(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2, eps_high=0.2,
                           kl_coef=0.0, loss_agg="seq-mean-token-mean", norm_length=None, is_weights=None, delta=None,
                           ratio_level="token", surrogate="clip", sapo_temperatures=(1.0, 1.05),
-                          kl_ratio_weighted=False, vespo_params=VESPO_PARAMS, vespo_log_is=None):
-    """Clipped-ratio surrogate (times is_weights) (+ k3 KL, times the ratio with kl_ratio_weighted) aggregated
-    by `loss_agg`; returns (loss, stats).
+                          kl_ratio_weighted=False, vespo_params=VESPO_PARAMS, vespo_log_is=None, kl_type="k3"):
+    """Clipped-ratio surrogate (times is_weights) (+ the `kl_type` KL estimate, times the ratio with
+    kl_ratio_weighted) aggregated by `loss_agg`; returns (loss, stats).
     See policy_loss."""
     m = mask.bool()  # [B, T]
     # Masked positions may hold garbage (padding, -inf): zero them before exp so no NaN reaches the
@@ -112,11 +115,15 @@ def policy_loss_reference(logp, old_logp, advantages, mask, *, ref_logp=None, ep
     if is_weights is not None:  # importance-sampling correction of the surrogate only, never of the KL
         per_token = per_token * torch.where(m, is_weights.detach().float(), 0.0)
     if ref_logp is not None:
-        diff = _clamp_log_ratio(torch.where(m, ref_logp.float(), 0.0) - logp)  # [B, T]
-        k3 = torch.exp(diff) - diff - 1.0  # [B, T]
+        x = logp - torch.where(m, ref_logp.float(), 0.0)  # [B, T] logp - ref_logp
+        if kl_type == "k3":  # exp only of the clamped difference, as the ratio's
+            diff = _clamp_log_ratio(-x)
+            kl = torch.exp(diff) - diff - 1.0  # [B, T]
+        else:
+            kl = {"k1": x, "k2": 0.5 * x * x, "abs": x.abs()}[kl_type]
         # times the (differentiable) ratio: the unbiased gradient of KL(pi || ref) off-policy and on (TRL's
         # use_bias_correction_kl, DeepSeek-V3.2); its value is k3 on-policy, its gradient ratio * (logp - ref)
-        per_token = per_token + kl_coef * (k3 * ratio if kl_ratio_weighted else k3)
+        per_token = per_token + kl_coef * (kl * ratio if kl_ratio_weighted else kl)
     weights = loss_token_weights(mask, loss_agg, norm_length)  # [B, T]
     loss = (weights * torch.where(m, per_token, 0.0)).sum()
 
@@ -132,7 +139,7 @@ def policy_loss_reference(logp, old_logp, advantages, mask, *, ref_logp=None, ep
         if delta is not None:  # a negative advantage's ratio past delta: its gradient is zeroed too
             high = high | ((ratio > delta) & (adv < 0))
         clip_high = (high & m).float().sum() / num_tokens
-        kl_mean = (k3 * mf).sum() / num_tokens if ref_logp is not None else torch.zeros((), device=logp.device)
+        kl_mean = (kl * mf).sum() / num_tokens if ref_logp is not None else torch.zeros((), device=logp.device)
         stats = {
             "clip_low_frac": clip_low,
             "clip_high_frac": clip_high,
