@@ -173,6 +173,13 @@ def test_rollout_reads_the_live_adapters(tmp_path, tiny_model_dir, merge_lora):
         for m in lora_modules(model).values():
             m.lora_B.weight = torch.nn.Parameter(torch.randn_like(m.lora_B.weight) * 1.5)
         check_against_merged()
+    # asleep through an update (--enable-sleep-mode): the cache and the merged copies are freed, then made again
+    # (the decode graphs captured again where they land elsewhere), from the adapters' new values
+    engine.sleep()
+    assert engine.is_sleeping and all(m.rollout_weight is None for m in lora_modules(model).values())
+    randomize_adapters(model, seed=13, std=1.0)
+    check_against_merged()
+    assert all((m.rollout_weight is not None) == merge_lora for m in lora_modules(model).values())
     # a fused optimizer step (AdamW(fused=True)), or a write through .data, leaves the version counters as they were
     with torch.no_grad():
         for m in lora_modules(model).values():

@@ -189,6 +189,12 @@ def refresh_rollout_weights(model: nn.Module) -> int:
     return done
 
 
+def free_rollout_weights(model: nn.Module) -> None:
+    """Drop the merged rollout copies (RolloutEngine.sleep): the next refresh_rollout_weights makes them again."""
+    for m in lora_modules(model).values():
+        m.rollout_weight = m.rollout_weight_versions = m.rollout_adapters = None
+
+
 def rollout_weights_in_use(model: nn.Module):
     """Inside the block every adapted projection computes with its merged rollout copy (one matmul instead
     of three); outside, the training forward runs the live adapters."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rpo_engine.model.lora import lora_modules, refresh_rollout_weights, rollout_weights_in_use
+from rpo_engine.model.lora import free_rollout_weights, lora_modules, refresh_rollout_weights, rollout_weights_in_use
 from rpo_engine.rollout.block_manager import BlockManager
 from rpo_engine.rollout.model_runner import ModelRunner
 from rpo_engine.rollout.penalty import SeenTokens
@@ -183,16 +183,21 @@ class RolloutEngine:
 
     def sleep(self) -> None:
         """Give the K/V cache's memory back until the next generate call (vLLM's sleep, TRL's sleep mode, verl's
-        free_cache_engine): on CUDA to torch's caching allocator, where a training step run meanwhile reuses it
-        for its activations. Nothing is lost: the cache holds nothing from one call to the next (each starts with
-        an empty prefix cache). The next call makes it again, and where it lands elsewhere, captures the CUDA
-        graphs again (they read its address)."""
+        free_cache_engine), and with merge_lora the merged copies of the adapted weights too: on CUDA to torch's
+        caching allocator, where a training step run meanwhile reuses it for its activations. Nothing is lost:
+        the cache holds nothing from one call to the next (each starts with an empty prefix cache), and the
+        merged copies are remade whenever an adapter changed. The next call makes both again, and where they land
+        elsewhere, captures the CUDA graphs again (they read their addresses)."""
         if self._inflight is not None or not self.scheduler.is_finished():
             raise RuntimeError("RolloutEngine.sleep() in the middle of a generate call")
         self.runner.sleep()
+        if self.merge_lora:
+            free_rollout_weights(self.model)
 
     def wake_up(self) -> None:
-        """Make the K/V cache again now (generate does it when needed)."""
+        """Make the K/V cache (and merged LoRA copies) again now; generate does it when needed."""
+        if self.merge_lora:
+            refresh_rollout_weights(self.model)
         self.runner.wake_up()
 
     @property

@@ -18,6 +18,7 @@ import gc
 import torch
 import torch.nn.functional as F
 
+from rpo_engine.model.lora import lora_modules
 from rpo_engine.rollout.attention import (DecodeKV, DecodeMetadata, PagedDecode, PagedPrefill, PrefillMetadata,
                                           TritonDecode, cascade_layout, decode_metadata)
 from rpo_engine.rollout.block_manager import BlockTables
@@ -236,7 +237,10 @@ class ModelRunner:
         self._captured_ptrs = self._graph_storage()
 
     def _graph_storage(self) -> list[int]:
-        return [p.data_ptr() for p in self.model.parameters()] + [self.k_cache.data_ptr(), self.v_cache.data_ptr()]
+        """Where the graphs read: the parameters, LoRA's merged rollout copies (made again after a sleep), the cache."""
+        merged = [m.rollout_weight.data_ptr() for m in lora_modules(self.model).values() if m.rollout_weight is not None]
+        return ([p.data_ptr() for p in self.model.parameters()] + merged
+                + [self.k_cache.data_ptr(), self.v_cache.data_ptr()])
 
     @staticmethod
     def _capture_graph(forward, pool):
