@@ -2520,3 +2520,27 @@ def test_only_the_main_rank_says_which_rows_filter_overlong_prompts_dropped(tmp_
         trainer = build_trainer(parse_args(flags), dist=Dist(rank=rank, world_size=2))
         assert len(trainer.train_rows) == len(trainer.eval_rows) == 2
         assert capsys.readouterr().err.count("--filter-overlong-prompts dropped 1 of its 3 rows") == lines, rank
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--eval-temperature", "1", "--num-generations-eval", "300"], "--num-generations-eval 300: more than the 256 "),
+    (["--num-generations", "300"], "--num-generations 300: more than the 256 "),
+])
+def test_more_samples_a_prompt_than_the_engine_decodes_at_once_is_one_line(tiny_model_dir, flags, message):
+    # the engine's ValueError (n above max_num_seqs) was a traceback at the first rollout or eval: after a resume,
+    # after --eval-steps steps of training
+    from rpo_engine.config import parse_args
+    from rpo_engine.errors import UserError
+    from rpo_engine.train import build_trainer
+
+    with pytest.raises(UserError, match=f"^{re.escape(message)}"):
+        build_trainer(parse_args(["--model", str(tiny_model_dir), "--eval-size", "2", "--no-progress", *flags]))
+
+
+def test_eval_cli_more_samples_than_the_engine_decodes_at_once_is_one_line(tiny_model_dir):
+    from rpo_engine.errors import UserError
+    from rpo_engine.eval import main
+
+    with pytest.raises(UserError, match="^--num-samples 300: more than the 256 "):
+        main(["--model", str(tiny_model_dir), "--num-samples", "300", "--temperature", "1", "--eval-size", "2",
+              "--max-completion-length", "2", "--no-progress"])
