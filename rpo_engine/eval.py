@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     from rpo_engine.model.lora import load_adapter
     from rpo_engine.rollout import RolloutEngine, SamplingParams
     from rpo_engine.train import load_rows, resolve_device, resolve_reward, reward_pool
-    from rpo_engine.trainer import encode_run_prompts, sampled_graded, stop_ids
+    from rpo_engine.trainer import check_samples_fit, encode_run_prompts, sampled_graded, stop_ids
 
     parser = OneLineParser(prog="python -m rpo_engine.eval", description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="Hugging Face model directory, or a Hub id (org/name) in the local cache or to "
@@ -140,6 +140,7 @@ def main(argv=None) -> int:
                              repetition_penalty=args.repetition_penalty,
                              stop_token_ids=eos_ids, seed=args.seed + i) for i in range(len(rows))]
     engine = RolloutEngine(model, merge_lora=True)  # an adapter is decoded merged: nothing trains it here
+    check_samples_fit(engine, "--num-samples", args.num_samples)
     reward = resolve_reward(config)
     pool = reward_pool(config, [reward])
     try:

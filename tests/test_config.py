@@ -502,3 +502,14 @@ def test_kl_loss_type_takes_verls_names_and_needs_a_kl_term():
                             "--use-bias-correction-kl corrects k3's gradient: --kl-loss-type k3, got k1")):
         with pytest.raises(UserError, match=re.escape(message)):
             parse_args(flags)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--repetition-penalty", "0"], "^--repetition-penalty must be > 0 \\(1: off\\), got 0.0$"),
+    (["--repetition-penalty", "-1.2"], "^--repetition-penalty must be > 0 \\(1: off\\), got -1.2$"),
+    (["--eval-temperature", "0.6", "--eval-top-k", "-2"], "^--eval-top-k must be >= 0, got -2$"),
+])
+def test_penalty_and_eval_top_k_out_of_range_are_refused_before_loading(flags, message):
+    # past the check, SamplingParams refused them at the first rollout or eval: a ValueError traceback after the loading
+    with pytest.raises(UserError, match=message):
+        parse_args(flags)

@@ -818,3 +818,27 @@ def test_a_hub_dataset_fetches_only_its_configurations_files(gsm8k_like_hub, tmp
         card.write_text(text)
         assert config_data_files(card, name) == want, text
     assert config_data_files(tmp_path / "missing.md", None) is None
+
+
+def test_a_datasetdict_directory_takes_the_split_options_but_no_configuration(tmp_path):
+    """A DatasetDict's directory has splits (--dataset-train-split / --dataset-test-split choose, through the config
+    checks too) but no configurations; a broken dataset_dict.json still finds the splits by their directories."""
+    import datasets
+
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import load_rows
+
+    dd = tmp_path / "dd"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([{"prompt": "a", "answer": "1"}, {"prompt": "b", "answer": "2"}]),
+                          "dev": datasets.Dataset.from_list([{"prompt": "c", "answer": "3"}])}).save_to_disk(dd)
+    config = parse_args(["--dataset", str(dd), "--dataset-train-split", "dev", "--eval-dataset", str(dd),
+                         "--dataset-test-split", "train"])
+    train, eval_rows = load_rows(config)
+    assert [r["prompt"] for r in train] == ["c"] and [r["prompt"] for r in eval_rows] == ["a", "b"]
+    with pytest.raises(UserError, match="^--dataset-config does nothing without a --dataset or --eval-dataset with "
+                                        "configurations"):
+        parse_args(["--dataset", str(dd), "--dataset-config", "main"])
+    (dd / "dataset_dict.json").write_text("{not json")
+    assert [r["prompt"] for r in load_dataset_rows(dd, split="dev")] == ["c"]
+    assert _error(dd, split="test") == (f"{dd}: a `datasets` DatasetDict without a split 'test' (it has dev, train; "
+                                        f"--dataset-train-split and --dataset-test-split choose)")

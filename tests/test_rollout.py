@@ -1075,3 +1075,56 @@ def test_sleep_frees_the_kv_cache_and_the_next_call_makes_it_again(checkpoints):
     engine.sleep()
     engine.wake_up()
     assert not engine.is_sleeping and not engine.runner.k_cache.any()  # made again as zeros (finite padding reads)
+
+
+def test_repetition_penalty_beside_other_temperatures_and_min_p_in_one_call(checkpoints):
+    """One call mixing what the sampler keeps per row: T = 1, T = 0.7 and greedy rows, top-k, top-p and min-p, each
+    with a penalty. Every token is the reference draw from its penalized teacher-forced logits, and every log-prob
+    the unpenalized policy's at that row's own temperature (only an all-T=1 call may skip the division)."""
+    hf, model = checkpoints["llama"]
+    prompts = random_prompts(hf.config.vocab_size, [7, 4, 10, 6], seed=5)
+    params = [SamplingParams(n=2, max_new_tokens=10, temperature=1.0, min_p=0.05, stop_token_ids=[], seed=3,
+                             repetition_penalty=1.6),
+              SamplingParams(n=2, max_new_tokens=10, temperature=0.7, top_k=20, min_p=0.1, stop_token_ids=[], seed=4,
+                             repetition_penalty=0.8),
+              SamplingParams(n=1, max_new_tokens=10, temperature=0, stop_token_ids=[], repetition_penalty=1.4),
+              SamplingParams(n=2, max_new_tokens=10, temperature=1.0, top_p=0.8, stop_token_ids=[], seed=6,
+                             repetition_penalty=1.0)]
+    outs = RolloutEngine(model, block_size=4).generate(prompts, params)
+    for prompt, p, samples in zip(prompts, params, outs):
+        key = request_key(p.seed or 0, prompt)
+        for j, c in enumerate(samples):
+            ids = torch.tensor([prompt + c.token_ids], device=model.device)
+            with torch.no_grad():
+                logits = model(ids)[0, len(prompt) - 1:-1].float().cpu()
+            for t, token in enumerate(c.token_ids):
+                row = penalized_reference(logits[t], prompt + c.token_ids[:t], p.repetition_penalty)[None]
+                u = torch.tensor([uniform(key, j, len(prompt) + t)], dtype=torch.float64)
+                want, _ = sample_reference(row, torch.tensor([p.temperature]), torch.tensor([p.top_k]),
+                                           torch.tensor([p.top_p]), u, min_p=torch.tensor([p.min_p]))
+                assert token == want.item(), (p, j, t)
+            torch.testing.assert_close(torch.tensor(c.logprobs),
+                                       teacher_forced_logprobs(model, prompt, c.token_ids, p.temperature),
+                                       atol=1e-5, rtol=0)
+
+
+def test_repetition_penalty_rows_of_finished_sequences_are_reused(checkpoints, monkeypatch):
+    """A finished sequence's row of seen tokens goes back to the call's pool: 24 sequences, at most 4 live at once,
+    never hold more than the first 16 rows (one bool per vocabulary token each: a large call would otherwise hold
+    one row per sequence it ever ran)."""
+    from rpo_engine.rollout import penalty
+
+    hf, model = checkpoints["qwen2"]
+    prompts = random_prompts(hf.config.vocab_size, [3 + i % 5 for i in range(12)], seed=2)
+    params = SamplingParams(n=2, max_new_tokens=6, temperature=1.0, stop_token_ids=[], seed=1, repetition_penalty=1.3)
+    capacities, grow = [], penalty.SeenTokens._grow
+
+    def recorded(self, needed):
+        grow(self, needed)
+        capacities.append(len(self.mask))
+
+    monkeypatch.setattr(penalty.SeenTokens, "_grow", recorded)
+    for async_scheduling in (False, True):
+        capacities.clear()
+        RolloutEngine(model, block_size=4, max_num_seqs=4, async_scheduling=async_scheduling).generate(prompts, params)
+        assert capacities and max(capacities) == 16, (async_scheduling, capacities)

@@ -2526,3 +2526,73 @@ def test_pass_at_k_is_the_unbiased_estimator():
         subsets = list(itertools.combinations(answers, k))
         assert pass_at_k(n, c, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets)), (n, c, k)
     assert pass_at_k(8, 3, 1) == pytest.approx(3 / 8) and pass_at_k(8, 1, 8) == 1.0 and pass_at_k(8, 0, 8) == 0.0
+
+
+def test_sampled_eval_takes_the_eval_options_and_seeds_by_step_and_row(tiny_model_dir, monkeypatch):
+    """The sampled eval's requests: --eval-temperature/-top-p/-top-k and K answers (not the training's sampling
+    options), seeded by (run seed, step, row): the same eval at the same step (a resume's), fresh draws at another
+    step, a seed a row. The greedy eval decodes without --repetition-penalty (README), as without the temperature."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+
+    common = ["--model", str(tiny_model_dir), "--eval-size", "3", "--max-completion-length", "4", "--temperature",
+              "0.9", "--top-p", "0.95", "--top-k", "30", "--repetition-penalty", "1.3", "--no-progress"]
+    for flags in (["--eval-temperature", "0.6", "--eval-top-p", "0.8", "--eval-top-k", "7", "--num-generations-eval", "2"],
+                  []):
+        trainer = build_trainer(parse_args([*common, *flags]))
+        calls, generate = [], trainer.engine.generate
+
+        def recorded(prompts, params, progress=False):
+            calls.append(params if isinstance(params, list) else [params] * len(prompts))
+            return generate(prompts, params, progress=progress)
+
+        monkeypatch.setattr(trainer.engine, "generate", recorded)
+        for step in (0, 5, 0):
+            trainer.step_num = step
+            trainer.evaluate_metrics()
+        sampling = {(p.n, p.temperature, p.top_p, p.top_k, p.repetition_penalty) for c in calls for p in c}
+        if flags:
+            assert sampling == {(2, 0.6, 0.8, 7, 1.0)}
+            seeds = [[p.seed for p in c] for c in calls]
+            assert seeds[0] == seeds[2] and len(set(seeds[0])) == 3 and not set(seeds[0]) & set(seeds[1]), seeds
+        else:
+            assert sampling == {(1, 0.0, 1.0, 0, 1.0)}
+
+
+def test_only_the_main_rank_says_which_rows_filter_overlong_prompts_dropped(tmp_path, tiny_model_dir, capsys):
+    from rpo_engine.config import parse_args
+    from rpo_engine.distributed import Dist
+    from rpo_engine.train import build_trainer
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "answer": "1"}) + "\n" for p in ("1+0=", "1+" * 60 + "0=", "0+1=")))
+    flags = ["--model", str(tiny_model_dir), "--dataset", str(data), "--eval-dataset", str(data), "--max-prompt-length",
+             "40", "--filter-overlong-prompts", "--no-progress"]
+    for rank, lines in ((1, 0), (0, 2)):  # the training and the eval set, each said once by rank 0
+        trainer = build_trainer(parse_args(flags), dist=Dist(rank=rank, world_size=2))
+        assert len(trainer.train_rows) == len(trainer.eval_rows) == 2
+        assert capsys.readouterr().err.count("--filter-overlong-prompts dropped 1 of its 3 rows") == lines, rank
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--eval-temperature", "1", "--num-generations-eval", "300"], "--num-generations-eval 300: more than the 256 "),
+    (["--num-generations", "300"], "--num-generations 300: more than the 256 "),
+])
+def test_more_samples_a_prompt_than_the_engine_decodes_at_once_is_one_line(tiny_model_dir, flags, message):
+    # the engine's ValueError (n above max_num_seqs) was a traceback at the first rollout or eval: after a resume,
+    # after --eval-steps steps of training
+    from rpo_engine.config import parse_args
+    from rpo_engine.errors import UserError
+    from rpo_engine.train import build_trainer
+
+    with pytest.raises(UserError, match=f"^{re.escape(message)}"):
+        build_trainer(parse_args(["--model", str(tiny_model_dir), "--eval-size", "2", "--no-progress", *flags]))
+
+
+def test_eval_cli_more_samples_than_the_engine_decodes_at_once_is_one_line(tiny_model_dir):
+    from rpo_engine.errors import UserError
+    from rpo_engine.eval import main
+
+    with pytest.raises(UserError, match="^--num-samples 300: more than the 256 "):
+        main(["--model", str(tiny_model_dir), "--num-samples", "300", "--temperature", "1", "--eval-size", "2",
+              "--max-completion-length", "2", "--no-progress"])
