@@ -842,3 +842,16 @@ def test_a_datasetdict_directory_takes_the_split_options_but_no_configuration(tm
     assert [r["prompt"] for r in load_dataset_rows(dd, split="dev")] == ["c"]
     assert _error(dd, split="test") == (f"{dd}: a `datasets` DatasetDict without a split 'test' (it has dev, train; "
                                         f"--dataset-train-split and --dataset-test-split choose)")
+
+
+def test_a_repository_directory_with_a_prose_readme_reads_quietly(tmp_path, capfd):
+    """A README without YAML metadata is a card with none: huggingface_hub's line saying so is not printed."""
+    import logging
+
+    pytest.importorskip("datasets")
+    (tmp_path / "README.md").write_text("# notes on this data\n")
+    _write(tmp_path / "train.jsonl", '{"prompt": "1+1=", "answer": "2"}\n')
+    level = logging.getLogger("huggingface_hub.repocard").level
+    assert [r["answer"] for r in load_dataset_rows(tmp_path, progress=False)] == ["2"]
+    assert "metadata" not in capfd.readouterr().err
+    assert logging.getLogger("huggingface_hub.repocard").level == level  # as it was

@@ -384,6 +384,10 @@ def _read_repository(directory: str, name: str, config_name: str | None, split: 
     bars = datasets.is_progress_bar_enabled()
     if not progress:  # --no-progress: its "Generating train split" bars too
         datasets.disable_progress_bars()
+    # a card without YAML metadata (a README of prose) is read as one with none, but said so on stderr
+    card_log = logging.getLogger("huggingface_hub.repocard")
+    card_level = card_log.level
+    card_log.setLevel(logging.ERROR)
     try:
         rows = datasets.load_dataset(directory, name=config_name, split=split).to_list()
     except ValueError as e:  # an unknown or missing configuration, an unknown split: it lists the ones there are
@@ -401,6 +405,7 @@ def _read_repository(directory: str, name: str, config_name: str | None, split: 
     finally:
         for handler in handlers:
             handler.removeFilter(logged)
+        card_log.setLevel(card_level)
         if bars:
             datasets.enable_progress_bars()
     source = f"{name} ({f'{config_name}, ' if config_name else ''}split {split})"
