@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     from rpo_engine.model.lora import load_adapter
     from rpo_engine.rollout import RolloutEngine, SamplingParams
     from rpo_engine.train import load_rows, resolve_device, resolve_reward, reward_pool
-    from rpo_engine.trainer import check_samples_fit, encode_run_prompts, sampled_graded, stop_ids
+    from rpo_engine.trainer import check_samples_fit, encode_run_prompts, right_answers, sampled_graded, stop_ids
 
     parser = OneLineParser(prog="python -m rpo_engine.eval", description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="Hugging Face model directory, or a Hub id (org/name) in the local cache or to "
@@ -164,17 +164,17 @@ def main(argv=None) -> int:
         except OSError as e:
             raise UserError(f"{output}: cannot write ({e.strerror or e})") from None
     source = args.dataset or "built-in eval split"
-    mean = sum(right for samples in graded for _, _, right in samples) / (len(rows) * args.num_samples)
+    rights = right_answers(graded)
+    mean = sum(rights) / (len(rows) * args.num_samples)
     if args.num_samples == 1:
         print(f"accuracy {mean:.4f} on {len(rows)} rows ({source})")
     else:
         K = args.num_samples
-        solved = sum(any(right for _, _, right in samples) for samples in graded) / len(rows)
+        solved = sum(n > 0 for n in rights) / len(rows)
         print(f"avg@{K} {mean:.4f}, pass@{K} {solved:.4f} on {len(rows)} rows, temperature {args.temperature:g} "
               f"({source})")
         ks = [k for k in (2 ** i for i in range(1, K.bit_length())) if k < K]
         if ks:  # each from all K answers a row: the unbiased estimator, not the first k answers
-            rights = [sum(right for _, _, right in samples) for samples in graded]
             print(", ".join(f"pass@{k} {sum(pass_at_k(K, c, k) for c in rights) / len(rows):.4f}" for k in ks)
                   + f" (unbiased, from the {K} answers a row)")
     return 0

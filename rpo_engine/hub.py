@@ -97,13 +97,11 @@ def create_push_repo(repo_id: str, private: bool | None) -> str:
 def push_folder(repo_id: str, folder: Path, message: str) -> str:
     """Upload `folder` as the content of the model repository `repo_id` (made by create_push_repo) -> its URL.
     A failure is one line that says the folder is kept and how to upload it by hand."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, constants
 
     try:
         HfApi().upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=message)
     except _hub_errors() as e:
         raise UserError(f"--push-to-hub: uploading {folder} to {repo_id} failed ({_why(e)}); it is kept: upload it "
                         f"with `hf upload {repo_id} {folder}`") from None
-    from huggingface_hub import constants
-
     return f"{constants.ENDPOINT}/{repo_id}"

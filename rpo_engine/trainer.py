@@ -919,9 +919,8 @@ class Trainer:
         graded = sampled_graded(self.engine, self.tokenizer, rows, self.reward_fn,
                                 [self.eval_prompt_ids[i] for i in share], params,
                                 progress="eval" if c.progress and self.dist.is_main else False)
-        correct = sum(right for samples in graded for _, _, right in samples)
-        solved = sum(any(right for _, _, right in samples) for samples in graded)
-        correct, solved, total = self.dist.sum([correct, solved, len(rows)])
+        rights = right_answers(graded)
+        correct, solved, total = self.dist.sum([sum(rights), sum(n > 0 for n in rights), len(rows)])
         if not total:
             return {"eval_accuracy": float("nan")}
         metrics = {"eval_accuracy": correct / (total * c.num_generations_eval)}
@@ -1180,6 +1179,11 @@ def sampled_graded(engine, tokenizer, rows, reward_fn, prompt_ids, params,
     rewards = score_groups(reward_fn, texts, rows, ids)  # a row's samples are a group
     return [[(text, reward, is_correct(reward)) for text, reward in zip(row_texts, row_rewards)]
             for row_texts, row_rewards in zip(texts, rewards)]
+
+
+def right_answers(graded: list[list[tuple[str, float, bool]]]) -> list[int]:
+    """How many of each row's graded samples (sampled_graded's) are right."""
+    return [sum(right for _, _, right in samples) for samples in graded]
 
 
 def greedy_correct(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens, eos_ids, progress=False) -> int:
