@@ -331,6 +331,9 @@ class AlgoConfig:
         return self.epsilon_high - 1 if self.surrogate == "cispo" else self.epsilon_high
 
 
+_DEFAULT_OUTPUT = "runs/default"
+
+
 @dataclass
 class TrainConfig:
     model: str | None = field(default=None, metadata={"help": "Hugging Face model directory, or a Hub id (org/name) in the local cache or to download (default: the built-in starter model)"})
@@ -344,8 +347,9 @@ class TrainConfig:
     dataset_prompt_column: str = field(default="prompt", metadata={"help": "the dataset field read as the prompt, e.g. question (GSM8K)"})
     dataset_answer_column: str = field(default="answer", metadata={"help": "the dataset field read as the reference answer"})
     filter_overlong_prompts: bool = field(default=False, metadata={"help": "leave out of the training and eval sets the rows whose prompts have more tokens than --max-prompt-length allows, saying how many (verl's name; off: such a prompt is an error naming its row)"})
-    output: str = field(default="runs/default", metadata={"help": "output directory (metrics.jsonl, checkpoints, final/)"})
+    output: str = field(default=_DEFAULT_OUTPUT, metadata={"help": "output directory (metrics.jsonl, checkpoints, final/)"})
     resume: bool = field(default=False, metadata={"help": "resume from the latest checkpoint in --output"})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "resume from this checkpoint, OUTPUT/checkpoints/step-N, rather than the newest (TRL's name; implies --resume; --output defaults to its run): what the run wrote after it, the later checkpoints and final/, is kept aside as NAME.superseded, and the logs are cut back to step N (default: none)"})
     config: str | None = field(default=None, metadata={"help": "YAML file of options (flags override it)"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     steps: int = field(default=40, metadata={"help": "training steps"})
@@ -488,6 +492,11 @@ class TrainConfig:
             _check(getattr(self, name) != "", f"--{name.replace('_', '-')} is empty; name "
                                               f"{'a configuration' if name == 'dataset_config' else 'a path or a Hub id'} "
                                               f"or leave the option out")
+        if self.resume_from_checkpoint is not None:
+            _check(self.resume_from_checkpoint != "", "--resume-from-checkpoint is empty; name a checkpoint "
+                                                      "(OUTPUT/checkpoints/step-N) or leave the option out")
+            if self.output == _DEFAULT_OUTPUT:  # the checkpoint names its run: OUTPUT/checkpoints/step-N
+                self.output = str(Path(self.resume_from_checkpoint).parent.parent)
         if self.system_prompt is not None:
             # an empty system message is refused in a dataset's own conversations; a surrogate (a YAML "\ud800", a
             # command line's byte that is not UTF-8) failed in the tokenizer, a TypeError traceback
@@ -615,8 +624,6 @@ class OneLineParser(argparse.ArgumentParser):
 TRL_EQUIVALENTS = {
     "max_steps": "is --steps here", "num_train_epochs": "is --steps here (a run is sized in steps)",
     "output_dir": "is --output here", "model_name_or_path": "is --model here",
-    "resume_from_checkpoint": "is --resume here: from the newest checkpoints/step-N in --output (move later ones "
-                              "away to resume from an earlier one)",
     "dataset_name": "is --dataset here (a JSONL or Parquet file, a save_to_disk directory, a Hub id or its repository's directory)",
     "reward_funcs": "is --reward here (comma-separated, or a YAML list)",
     "per_device_train_batch_size": "is --prompts-per-step here, which counts prompts, not completions",
@@ -684,7 +691,7 @@ HELP_GROUPS = {
     "model and data": ("model", "dataset", "shuffle_dataset", "train_size", "eval_dataset", "dataset_config",
                        "dataset_train_split", "dataset_test_split", "dataset_prompt_column", "dataset_answer_column",
                        "filter_overlong_prompts"),
-    "run": ("output", "resume", "config", "seed", "steps"),
+    "run": ("output", "resume", "resume_from_checkpoint", "config", "seed", "steps"),
     "rollout": ("prompts_per_step", "num_generations", "max_prompt_length", "max_completion_length", "temperature",
                 "top_p", "top_k", "min_p", "repetition_penalty", "gpu_memory_utilization", "enable_sleep_mode", "async_scheduling"),
     "rewards and prompts": ("reward", "reward_weights", "reward_workers", "format_reward_weight", "chat_template",
@@ -861,6 +868,12 @@ def config_from_dict(values: dict, source: str = "options") -> TrainConfig:
         raise UserError(f"{source}: {_unknown(unknown[0])}")
     if isinstance(values.get("scale_rewards"), bool):  # TRL's boolean form: true is "group", false "none"
         values = dict(values, scale_rewards="group" if values["scale_rewards"] else "none")
+    chosen = values.get("resume_from_checkpoint")
+    if isinstance(chosen, bool) or (isinstance(chosen, str) and chosen.lower() in ("true", "false")):
+        # TRL's boolean form: true resumes from the newest checkpoint, as --resume does; false from none
+        resume = chosen if isinstance(chosen, bool) else chosen.lower() == "true"
+        values = {k: v for k, v in values.items() if k != "resume_from_checkpoint"}
+        values = dict(values, resume=True) if resume else values
     values = {k: _typed(k, fields_by_name[k][1].type, v, source) for k, v in values.items()}
     top = {k: v for k, v in values.items() if known[k] is None}
     sub = {name: {k: v for k, v in values.items() if known[k] == name} for name in SECTIONS}
@@ -896,7 +909,9 @@ def parse_args(argv=None) -> TrainConfig:
     values = {}
     if args.get("config"):
         file_values, record = _load_yaml(args["config"])
-        values.update(_unpin_resolved(file_values) if record else file_values)
+        if record:  # a run's config.json: its resume_from_checkpoint was an act on that run, not an option to repeat
+            file_values = _unpin_resolved({k: v for k, v in file_values.items() if k != "resume_from_checkpoint"})
+        values.update(file_values)
     values.update({k: v for k, v in args.items() if v is not None})
     return config_from_dict(values, source=args.get("config") or "options")
 

@@ -232,6 +232,42 @@ def latest_checkpoint(output: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def chosen_checkpoint(output: Path, given: str) -> Path:
+    """--resume-from-checkpoint's directory, checked before anything loads: a complete OUTPUT/checkpoints/step-N
+    of the run in --output (a resume continues that run's logs)."""
+    path, option = Path(given), f"--resume-from-checkpoint {given}"
+    if not path.exists():
+        raise UserError(f"{option}: no such directory")
+    if not path.is_dir() or not re.fullmatch(r"step-\d+", path.name) or path.parent.name != "checkpoints":
+        raise UserError(f"{option}: not a checkpoint (a run's OUTPUT/checkpoints/step-N directory)")
+    run = path.parent.parent
+    if run.resolve() != output.resolve():
+        raise UserError(f"{option}: a checkpoint of the run in {run}, not of --output {output}; to branch a run "
+                        f"off, copy its directory and resume the copy")
+    if not (path / "trainer_state.pt").is_file():
+        raise UserError(f"{option}: an incomplete checkpoint (no trainer_state.pt: its save was cut short); name an "
+                        f"earlier one")
+    return output / "checkpoints" / path.name
+
+
+def set_aside_later(output: Path, checkpoint: Path) -> list[Path]:
+    """A resume from a checkpoint older than the newest: rename what the run wrote after it, its later
+    checkpoints and the final/ (and final-adapter/) the newest one's run ended with, NAME.superseded (-2, -3
+    where taken): kept, never deleted, and no longer taken for this run's (by a later --resume, or by this
+    run's saves, which replace a step-N directory they meet). -> the new paths."""
+    later = [p for p in complete_checkpoints(output) if checkpoint_step(p) > checkpoint_step(checkpoint)]
+    if later:
+        later += [output / name for name in ("final", "final-adapter") if (output / name).exists()]
+    moved = []
+    for path in later:
+        target, n = path.with_name(f"{path.name}.superseded"), 2
+        while target.exists() or target.is_symlink():
+            target, n = path.with_name(f"{path.name}.superseded-{n}"), n + 1
+        path.rename(target)
+        moved.append(target)
+    return moved
+
+
 def nothing_to_keep(output: Path, checkpoint: Path | None) -> bool:
     """A run's directory whose run stopped before its first step ended (interrupted, or a user error in the
     step-0 eval or step 1): no checkpoint, no final/, and in metrics.jsonl at most the step-0 eval of the
@@ -431,12 +467,14 @@ def train(config: TrainConfig, dist: Dist) -> int:
     check_output_dir(output)
     metrics_path = output / "metrics.jsonl"
     found = latest_checkpoint(output)
+    chosen = chosen_checkpoint(output, config.resume_from_checkpoint) if config.resume_from_checkpoint else None
+    resume = config.resume or chosen is not None
     if metrics_path.exists() and nothing_to_keep(output, found):  # resume-or-start, and a plain rerun likewise
         if main_rank:
             print(f"{output}: its run stopped before its first step ended (no checkpoint, no step in metrics.jsonl); "
                   f"starting it again")
     elif metrics_path.exists() or found:  # a run's directory
-        if not config.resume:
+        if not resume:
             raise UserError(f"{output}: already holds a run; pass --resume or another --output" if found
                             else f"{output}: holds a run that stopped before its first checkpoint (metrics.jsonl, no "
                                  f"checkpoints/step-N); remove it or pass another --output")
@@ -445,9 +483,9 @@ def train(config: TrainConfig, dist: Dist) -> int:
                             f"--save-steps); remove the directory to start again")
     else:
         check_not_foreign(output)
-        if config.resume and dist.is_main:  # resume-or-start, as a preempted job's command reruns as it is
+        if resume and dist.is_main:  # resume-or-start, as a preempted job's command reruns as it is
             print(f"--resume: {output} holds no run yet; starting a new one")
-    checkpoint = found if config.resume else None
+    checkpoint = (chosen or found) if resume else None
     if checkpoint is not None:
         check_resume(output, checkpoint, config)
         if config.steps == checkpoint_step(checkpoint) and main_rank:
@@ -478,9 +516,13 @@ def train(config: TrainConfig, dist: Dist) -> int:
             raise UserError(f"{state_file}: not a checkpoint this rpo_engine can resume "
                             f"({load_error_reason(e)})") from None
         if main_rank:  # the log loses the steps after the checkpoint: this run writes them again
+            set_aside = set_aside_later(output, checkpoint)
             records = truncate_log(metrics_path, trainer.step_num, keep=True)
             print(f"resumed from {checkpoint} at step {trainer.step_num}" +
                   (f" on {dist.world_size} ranks" if dist.enabled else ""))
+            if set_aside:
+                print(f"kept aside what the run wrote after step {trainer.step_num}: "
+                      f"{', '.join(str(p.relative_to(output)) for p in set_aside)}")
     reporter, log, completions_log = None, None, None
     if main_rank:
         output.mkdir(parents=True, exist_ok=True)
@@ -586,7 +628,7 @@ def step_or_explain(trainer, config: TrainConfig) -> dict:
 # that check_resume let through names the same model, e.g. a Hub id's snapshot directory); from
 # async_scheduling on, how, not what, is computed (step_or_explain tells a run out of GPU memory to change
 # micro_batch_tokens or gradient_checkpointing: resuming with them is no changed run).
-_RESUME_FREE = {"resume", "steps", "output", "config", "progress", "report_to", "log_completions", "eval_steps",
+_RESUME_FREE = {"resume", "resume_from_checkpoint", "steps", "output", "config", "progress", "report_to", "log_completions", "eval_steps",
                 "eval_size", "model", "save_steps", "save_total_limit", "dist_timeout", "async_scheduling",
                 "gpu_memory_utilization", "lora_merged_rollout", "parallel", "reward_workers", "micro_batch_tokens",
                 "gradient_checkpointing", "prefix_sharing", "push_to_hub", "hub_model_id", "hub_private_repo", "enable_sleep_mode",

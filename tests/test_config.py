@@ -66,7 +66,7 @@ def test_help_sections_hold_each_top_level_option_once(monkeypatch):
     assert {"dataset_config", "dataset_train_split", "dataset_test_split", "dataset_prompt_column",
             "dataset_answer_column"} <= set(config.HELP_GROUPS["model and data"])
     assert "report_to" in config.HELP_GROUPS["evaluation, checkpoints and logging"]
-    monkeypatch.setitem(config.HELP_GROUPS, "run", ("output", "resume", "config", "steps"))
+    monkeypatch.setitem(config.HELP_GROUPS, "run", ("output", "resume", "resume_from_checkpoint", "config", "steps"))
     with pytest.raises(KeyError, match="seed"):
         config.build_parser()
 

@@ -105,6 +105,75 @@ def test_resume_redoes_an_incomplete_checkpoint_and_ignores_names_not_ours(tmp_p
             assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (x["step"], key)
 
 
+def test_resume_from_an_earlier_checkpoint_redoes_the_later_steps_and_keeps_what_they_wrote(tmp_path, tiny_model_dir):
+    """--resume-from-checkpoint OUTPUT/checkpoints/step-2 of a finished 4-step run (TRL's resume_from_checkpoint
+    with a path): --output is its run's; the later steps come again as the run first took them, each step once in
+    the log; the step-4 checkpoint and final/ the run first wrote are kept aside as *.superseded, never deleted nor
+    taken for the new run's; TRL's boolean spelling resumes from the newest."""
+    out = tmp_path / "run"
+    common = ["--model", tiny_model_dir, "--save-steps", 2, "--eval-steps", 2, "--reward", "tests.reward_fns:hash_reward",
+              "--train-size", 3, "--steps", 4, *SMALL]
+    run_train(*common, "--output", out)
+    first = read_metrics(out)
+    first_final = (out / "final" / "model.safetensors").read_bytes()
+    proc = run_train(*common, "--resume-from-checkpoint", out / "checkpoints" / "step-2")  # no --output: the run's
+    assert f"resumed from {out / 'checkpoints' / 'step-2'} at step 2" in proc.stdout
+    assert "kept aside what the run wrote after step 2: checkpoints/step-4.superseded, final.superseded" in proc.stdout
+    again = read_metrics(out)
+    assert [m["step"] for m in again] == [0, 1, 2, 3, 4]
+    for x, y in zip(first, again, strict=True):
+        for key in ("reward_mean", "rollout_generated_tokens", "loss", "eval_accuracy"):
+            assert x.get(key) == pytest.approx(y.get(key), rel=1e-4, abs=1e-6), (x["step"], key)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2", "step-4", "step-4.superseded"]
+    assert (out / "final.superseded" / "model.safetensors").read_bytes() == first_final
+    assert (out / "final" / "model.safetensors").is_file()
+    # a second rewind keeps the first one's leftovers too; the boolean spelling is --resume (from the newest: step-4)
+    run_train(*common, "--output", out, "--resume_from_checkpoint", out / "checkpoints" / "step-2")
+    assert (out / "final.superseded-2").is_dir() and (out / "checkpoints" / "step-4.superseded-2").is_dir()
+    proc = run_train(*common, "--output", out, "--resume_from_checkpoint", "true")
+    assert f"resumed from {out / 'checkpoints' / 'step-4'} at step 4" in proc.stdout
+
+
+def test_resume_from_checkpoint_refuses_what_is_not_a_checkpoint_of_the_run(tmp_path, monkeypatch):
+    """A missing path, a directory that is no step-N checkpoint, another run's checkpoint, one whose save was cut
+    short: one line each, before anything loads or is written; a run's config.json fed back as --config does not
+    repeat its resume_from_checkpoint."""
+    from rpo_engine import train
+    from rpo_engine.config import parse_args
+    from rpo_engine.distributed import Dist
+    from rpo_engine.errors import UserError
+
+    monkeypatch.setattr(train, "build_trainer", lambda *a, **k: pytest.fail("built a trainer"))
+    out, other = tmp_path / "run", tmp_path / "other"
+    for run in (out, other):
+        (run / "checkpoints" / "step-2").mkdir(parents=True)
+        (run / "checkpoints" / "step-2" / "trainer_state.pt").touch()
+        (run / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    (out / "checkpoints" / "step-3").mkdir()  # its save cut short
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    def resume(path, *flags):
+        return train.train(parse_args(["--resume-from-checkpoint", str(path), *flags]), Dist())
+
+    for path, said in [(out / "checkpoints" / "step-9", "no such directory"),
+                       (out / "checkpoints", "not a checkpoint (a run's OUTPUT/checkpoints/step-N directory)"),
+                       (out / "metrics.jsonl", "not a checkpoint"),
+                       (out / "checkpoints" / "step-3", "an incomplete checkpoint (no trainer_state.pt")]:
+        with pytest.raises(UserError, match=re.escape(f"--resume-from-checkpoint {path}: {said}")):
+            resume(path)
+    with pytest.raises(UserError, match=re.escape(f"a checkpoint of the run in {other}, not of --output {out}; to "
+                                                  f"branch a run off, copy its directory and resume the copy")):
+        resume(other / "checkpoints" / "step-2", "--output", str(out))
+    with pytest.raises(UserError, match="--resume-from-checkpoint is empty"):
+        parse_args(["--resume-from-checkpoint", ""])
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert parse_args(["--resume-from-checkpoint", str(out / "checkpoints" / "step-2")]).output == str(out)
+    assert parse_args(["--resume_from_checkpoint", "false"]).resume is False
+    record = tmp_path / "config.json"
+    record.write_text(json.dumps({"config": None, "output": str(out), "resume_from_checkpoint": str(other)}))
+    assert parse_args(["--config", str(record)]).resume_from_checkpoint is None
+
+
 def test_generation_config_outlives_the_checkpoint_a_run_resumed_from(tmp_path, tiny_model_dir):
     """A resumed run's model comes from checkpoints/step-N/model, which --save-total-limit prunes after the next
     save: the later checkpoints and final/ keep the stop tokens and sampling defaults of generation_config.json
