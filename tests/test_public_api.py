@@ -8,6 +8,11 @@ import rpo_engine
 from tests.helpers import ON_CUDA
 
 
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_dir):
+    return rpo_engine.load_model(tiny_model_dir)
+
+
 def test_load_model_takes_an_integer_device_as_torch_does(tiny_model_dir):
     # torch.device(0) is cuda:0; `device or "cpu"` read it as no device and loaded onto the CPU
     if ON_CUDA:
@@ -23,3 +28,24 @@ def test_load_model_refuses_a_dtype_that_is_not_floating(tiny_model_dir):
         rpo_engine.load_model(tiny_model_dir, dtype=torch.int8)
     with pytest.raises(rpo_engine.UserError, match="unknown dtype"):
         rpo_engine.load_model(tiny_model_dir, dtype=["bf16"])  # not a TypeError from a dict lookup
+
+
+def test_model_call_names_bad_input_ids_and_mask(tiny_model):
+    vocab = tiny_model.config.vocab_size
+    ids = torch.randint(0, vocab, (2, 5))
+    cases = [
+        (dict(input_ids=ids[0]), r"input_ids must be an integer tensor of shape \[B, T\], got torch.int64 \(5,\)"),
+        (dict(input_ids=ids.float()), "input_ids must be an integer tensor"),
+        (dict(input_ids=ids.tolist()), "input_ids must be an integer tensor"),
+        (dict(input_ids=ids, attention_mask=torch.ones(2, 4)), r"attention_mask must have the shape of input_ids"),
+        (dict(input_ids=torch.full((1, 3), vocab)), rf"input_ids must lie in \[0, {vocab}\).*\[{vocab}, {vocab}\]"),
+        (dict(input_ids=torch.tensor([[3, -1]])), r"got values in \[-1, 3\]"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            tiny_model(**kwargs)
+    with pytest.raises(ValueError, match="input_ids must lie in"):
+        tiny_model.hidden_states(torch.full((1, 3), vocab))
+    with torch.no_grad():  # what is accepted is unchanged: int32 ids, a bool mask
+        mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+        assert torch.equal(tiny_model(ids.int(), attention_mask=mask.bool()), tiny_model(ids, attention_mask=mask))
