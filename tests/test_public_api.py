@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import rpo_engine
+from rpo_engine.kernels import fused_logprobs
 from tests.helpers import ON_CUDA
 
 
@@ -49,3 +50,11 @@ def test_model_call_names_bad_input_ids_and_mask(tiny_model):
     with torch.no_grad():  # what is accepted is unchanged: int32 ids, a bool mask
         mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
         assert torch.equal(tiny_model(ids.int(), attention_mask=mask.bool()), tiny_model(ids, attention_mask=mask))
+
+
+@pytest.mark.parametrize("chunk_numel", [2.5, "4096", True, 0])
+def test_fused_logprobs_chunk_numel_must_be_a_positive_integer(chunk_numel):
+    # int() made 2.5 into 2 silently, "4096" into 4096, and "x" into a message that named no argument
+    hidden, weight, targets = torch.randn(3, 8), torch.randn(11, 8), torch.tensor([1, 2, 3])
+    with pytest.raises(ValueError, match="chunk_numel must be None or an integer >= 1"):
+        fused_logprobs(hidden, weight, targets, chunk_numel=chunk_numel, backend="torch")

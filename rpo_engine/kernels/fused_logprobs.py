@@ -29,6 +29,7 @@ fused linear cross-entropy does the gradient in the forward instead; recomputing
 cheap when log-probs are computed without grad (old/ref log-probs of a rollout).
 """
 import math
+import numbers
 
 import torch
 
@@ -344,8 +345,10 @@ def fused_logprobs(hidden, weight, targets, temperature=1.0, backend="auto", ret
         if not hidden.is_cuda and not _triton_interpreted():
             raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is "
                              "first imported")
-    if chunk_numel is not None and int(chunk_numel) < 1:
-        raise ValueError(f"chunk_numel must be >= 1, got {chunk_numel}")
+    # an integer: int() would turn 2.5 into 2 silently and fail on "x" with a message that names nothing
+    if chunk_numel is not None and (isinstance(chunk_numel, bool) or not isinstance(chunk_numel, numbers.Integral)
+                                    or chunk_numel < 1):
+        raise ValueError(f"chunk_numel must be None or an integer >= 1, got {chunk_numel!r}")
     out_shape = targets.shape
     hidden2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()  # [N, H]
     targets2 = targets.reshape(-1).to(torch.int64).contiguous()  # [N]
