@@ -1,11 +1,13 @@
 """The embeddable API as a user's own trainer calls it: arguments it gets wrong are named, not crashed on deep
 inside, and the shapes a user naturally passes (a tensor row of rewards, an integer device) work."""
+import random
 
 import pytest
 import torch
 
 import rpo_engine
 from rpo_engine.kernels import fused_logprobs
+from rpo_engine.rpo import ExperienceCache
 from tests.helpers import ON_CUDA
 
 
@@ -58,3 +60,21 @@ def test_fused_logprobs_chunk_numel_must_be_a_positive_integer(chunk_numel):
     hidden, weight, targets = torch.randn(3, 8), torch.randn(11, 8), torch.tensor([1, 2, 3])
     with pytest.raises(ValueError, match="chunk_numel must be None or an integer >= 1"):
         fused_logprobs(hidden, weight, targets, chunk_numel=chunk_numel, backend="torch")
+
+
+def test_experience_cache_takes_a_tensor_row_of_rewards_and_keeps_ints():
+    # rewards[i] of a [B, G] tensor is what a trainer holds; `if not rewards` raised on it
+    rewards = torch.tensor([[0.0, 1.0, 0.0]])
+    cache = ExperienceCache("correct-only", epsilon=1.0)
+    answers = [torch.tensor([5, 6]), torch.tensor([7, 8, 9]), torch.tensor([4])]
+    assert cache.update("q", answers, rewards[0], step=1, rng=random.Random(0))
+    path = cache.get("q")
+    assert path.token_ids == [7, 8, 9] and all(type(t) is int for t in path.token_ids)
+    assert type(path.reward) is float and path.correct
+    assert cache.choose(torch.tensor([0.0, float("nan"), 2.0]), random.Random(0)) == 2
+
+
+def test_experience_cache_epsilon_must_be_a_number():
+    for epsilon in ("0.5", None, True):
+        with pytest.raises(ValueError, match=r"epsilon must be in \[0, 1\] \(a number\)"):
+            ExperienceCache(epsilon=epsilon)
