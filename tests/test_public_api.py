@@ -78,3 +78,7 @@ def test_experience_cache_epsilon_must_be_a_number():
     for epsilon in ("0.5", None, True):
         with pytest.raises(ValueError, match=r"epsilon must be in \[0, 1\] \(a number\)"):
             ExperienceCache(epsilon=epsilon)
+
+
+def test_dir_lists_the_lazy_names():
+    assert {"RolloutEngine", "SamplingParams", "TrainConfig", "Trainer", "load_model"} <= set(dir(rpo_engine))
