@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import rpo_engine
-from rpo_engine.kernels import fused_logprobs
+from rpo_engine.kernels import fused_logprobs, policy_loss
 from rpo_engine.rpo import ExperienceCache
 from tests.helpers import ON_CUDA
 
@@ -82,3 +82,11 @@ def test_experience_cache_epsilon_must_be_a_number():
 
 def test_dir_lists_the_lazy_names():
     assert {"RolloutEngine", "SamplingParams", "TrainConfig", "Trainer", "load_model"} <= set(dir(rpo_engine))
+
+
+@pytest.mark.parametrize("name", ["eps_low", "eps_high", "kl_coef", "norm_length", "delta"])
+def test_policy_loss_scalar_options_that_are_not_numbers_are_named(name):
+    # a YAML or CLI value left as a string: `"0.2" >= 0` raised a TypeError that named no argument
+    logp = torch.randn(2, 3)
+    with pytest.raises(ValueError, match=f"{name} must be a number, got '2.5'"):
+        policy_loss(logp, logp, torch.ones(2), torch.ones(2, 3), backend="torch", **{name: "2.5"})
