@@ -90,3 +90,21 @@ def test_policy_loss_scalar_options_that_are_not_numbers_are_named(name):
     logp = torch.randn(2, 3)
     with pytest.raises(ValueError, match=f"{name} must be a number, got '2.5'"):
         policy_loss(logp, logp, torch.ones(2), torch.ones(2, 3), backend="torch", **{name: "2.5"})
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_logprobs_under_autocast_computes_in_the_inputs_dtype(backend):
+    # A trainer's forward under torch.autocast: the torch backend's forward matmul ran in bf16 there while its
+    # backward recomputed the logits in fp32 against the bf16 forward's logsumexp (softmax rows off 1 by ~3%)
+    # and the Triton backend ignored autocast: the two backends differed by ~3e-2 in value and gradient.
+    hidden = torch.randn(16, 64, requires_grad=True)
+    weight = (0.5 * torch.randn(500, 64)).requires_grad_()
+    targets = torch.randint(0, 500, (16,))
+    plain = fused_logprobs(hidden, weight, targets, backend=backend)
+    plain_grads = torch.autograd.grad(plain.sum(), (hidden, weight))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = fused_logprobs(hidden, weight, targets, backend=backend)
+    mixed_grads = torch.autograd.grad(mixed.sum(), (hidden, weight))
+    torch.testing.assert_close(mixed, plain)
+    for a, b in zip(mixed_grads, plain_grads):
+        torch.testing.assert_close(a, b)
