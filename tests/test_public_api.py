@@ -108,3 +108,16 @@ def test_fused_logprobs_under_autocast_computes_in_the_inputs_dtype(backend):
     torch.testing.assert_close(mixed, plain)
     for a, b in zip(mixed_grads, plain_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_model_config_from_a_transformers_config_object(tmp_path):
+    # what `AutoConfig.from_pretrained` returns: it was read as a broken config.json ("object is not subscriptable")
+    from transformers import AutoConfig
+
+    from tests.helpers import save_hf_checkpoint
+
+    save_hf_checkpoint("qwen3", tmp_path)
+    ours = rpo_engine.ModelConfig.from_hf_dict(AutoConfig.from_pretrained(tmp_path))
+    assert ours == rpo_engine.ModelConfig.from_file(tmp_path / "config.json")
+    with pytest.raises(rpo_engine.UserError, match="config.json's contents as a dict, got str"):
+        rpo_engine.ModelConfig.from_hf_dict(str(tmp_path / "config.json"))
