@@ -90,8 +90,9 @@ def main(argv=None):
         kept, kept_logprobs, params = [], [], []
         for i, row in enumerate(batch):
             path = cache.get(row["id"]) if args.rpo and row["id"] in cache else None
-            # a path verified correct loses at most a quarter (<= 300 tokens); any other may be wrong anywhere,
-            # and is regrown from its least likely token (by the log-probs it was sampled with)
+            # a path verified correct loses at most a quarter (<= 300 tokens); any other may be wrong anywhere, and
+            # is cut at a uniform draw along it (the default RPOConfig's rule; rpo_unverified_cut="least-likely"
+            # would cut it at its least likely token, by the log-probs passed here)
             cut = cut_cached_path(len(path.token_ids), path.correct, rng, args.max_completion_length,
                                   logprobs=path.logprobs) if path else None
             kept.append(path.token_ids[:cut.kept] if cut else [])

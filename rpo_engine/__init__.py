@@ -21,4 +21,8 @@ def __getattr__(name):
     raise AttributeError(f"module 'rpo_engine' has no attribute {name!r}")
 
 
+def __dir__():  # the lazy names too, for dir() and tab completion
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = ["CausalLM", "ModelConfig", "UserError", "load_model", "load_tokenizer", *_LAZY]

@@ -6,8 +6,9 @@
 In bf16 the two backends round differently: "torch" rounds the logits to bf16 (cuBLAS's output) before
 the fp32 softmax, as that formula does, while "triton" accumulates each logit in fp32 and never rounds it,
 so it is the closer to the exact (fp64) value by ~1e-2 on a bf16 model, and "auto" (Triton on CUDA) gives
-slightly different values on a GPU than on a CPU. The result is fp32 whatever the inputs' dtype (fp64 too),
-and every target must be a vocabulary index: there is no ignore index (mask the positions you do not want).
+slightly different values on a GPU than on a CPU. Under torch.autocast both compute in the inputs' dtypes.
+The result is fp32 whatever the inputs' dtype (fp64 too), and every target must be a vocabulary index: there
+is no ignore index (mask the positions you do not want).
 
 Forward: only lse (fp32), the target logit and optionally the entropy are kept, O(N) memory. Backward:
 the logits are recomputed one chunk at a time, grad_logits = (onehot - softmax) * grad / T for the
@@ -29,6 +30,7 @@ fused linear cross-entropy does the gradient in the forward instead; recomputing
 cheap when log-probs are computed without grad (old/ref log-probs of a rollout).
 """
 import math
+import numbers
 
 import torch
 
@@ -237,8 +239,23 @@ def _write_or_accumulate(out, index, a, b, accumulate):
 
 
 class _FusedLogprobs(torch.autograd.Function):
+    # Both halves in the inputs' dtype, autocast or not: as the Triton kernels compute, and so that the backward's
+    # recomputed logits are the forward's (a bf16 forward's logsumexp against fp32 logits leaves softmax rows
+    # that do not sum to 1).
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, use_triton, chunk_numel, with_entropy):
+        with torch.autocast(hidden.device.type, enabled=False):
+            return _FusedLogprobs._forward(ctx, hidden, weight, targets, temperature, use_triton, chunk_numel,
+                                           with_entropy)
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        with torch.autocast(ctx.device_type, enabled=False):
+            return _FusedLogprobs._backward(ctx, grad_logp, grad_entropy)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, targets, temperature, use_triton, chunk_numel, with_entropy):
+        ctx.device_type = hidden.device.type
         if use_triton:
             lse, tgt_logit, entropy = _triton_forward(hidden, weight, targets, temperature, with_entropy)
         else:
@@ -254,7 +271,7 @@ class _FusedLogprobs(torch.autograd.Function):
         return logp, entropy
 
     @staticmethod
-    def backward(ctx, grad_logp, grad_entropy):
+    def _backward(ctx, grad_logp, grad_entropy):
         hidden, weight, targets, lse, entropy = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         grad_logits_fn = _triton_grad_logits if ctx.use_triton else _torch_grad_logits
@@ -344,8 +361,10 @@ def fused_logprobs(hidden, weight, targets, temperature=1.0, backend="auto", ret
         if not hidden.is_cuda and not _triton_interpreted():
             raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is "
                              "first imported")
-    if chunk_numel is not None and int(chunk_numel) < 1:
-        raise ValueError(f"chunk_numel must be >= 1, got {chunk_numel}")
+    # an integer: int() would turn 2.5 into 2 silently and fail on "x" with a message that names nothing
+    if chunk_numel is not None and (isinstance(chunk_numel, bool) or not isinstance(chunk_numel, numbers.Integral)
+                                    or chunk_numel < 1):
+        raise ValueError(f"chunk_numel must be None or an integer >= 1, got {chunk_numel!r}")
     out_shape = targets.shape
     hidden2 = hidden.reshape(-1, hidden.shape[-1]).contiguous()  # [N, H]
     targets2 = targets.reshape(-1).to(torch.int64).contiguous()  # [N]

@@ -24,6 +24,7 @@ Each program also writes its partial sums (loss, clip counts, KL, ratio), reduce
 atomics, so the result is deterministic.
 """
 import math
+import numbers
 
 import torch
 
@@ -210,6 +211,12 @@ def _check_inputs(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high,
                   vespo_log_is=None, kl_type="k3"):
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be one of ('auto', 'torch', 'triton'), got {backend!r}")
+    # before the comparisons below: a string from a config file would raise a TypeError that names nothing
+    optional = (("norm_length", norm_length), ("delta", delta))  # None: off
+    for name, value in (("eps_low", eps_low), ("eps_high", eps_high), ("kl_coef", kl_coef),
+                        *((n, v) for n, v in optional if v is not None)):
+        if isinstance(value, (bool, str, bytes)) or not isinstance(value, (numbers.Real, torch.Tensor)):
+            raise ValueError(f"{name} must be a number, got {value!r}")
     if kl_type not in KL_TYPES:
         raise ValueError(f"kl_type must be one of {KL_TYPES}, got {kl_type!r}")
     if kl_ratio_weighted and kl_type != "k3":  # TRL's correction is of k3's biased gradient

@@ -35,9 +35,13 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def resolve_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):  # "auto": transformers' name for None's
-        return None if dtype == "auto" else dtype
-    if dtype in DTYPES:
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:  # torch.int8 would cast every weight to integers (no quantization here)
+            raise UserError(f"dtype must be a floating-point dtype, got {dtype}")
+        return dtype
+    if dtype is None or dtype == "auto":  # "auto": transformers' name for None's
+        return None
+    if isinstance(dtype, str) and dtype in DTYPES:
         return DTYPES[dtype]
     raise UserError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
 
@@ -97,7 +101,12 @@ def load_model(path, dtype=None, device=None) -> CausalLM:
     generation = directory / "generation_config.json"
     config = dataclasses.replace(config, generation_eos_token_ids=read_generation_eos(generation))
     dtype = resolve_dtype(dtype)
-    device = torch.device(device or "cpu")
+    try:  # not `device or "cpu"`: device 0 is torch's cuda:0
+        device = torch.device("cpu" if device is None else device)
+    except (RuntimeError, TypeError) as e:  # "gpu", or 0 where torch sees no accelerator
+        raise UserError(f"device {device!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():  # else an AssertionError deep in torch
+        raise UserError(f"device {str(device)!r}: torch sees no CUDA device")
     files = _weight_files(directory)
 
     with torch.device("meta"):

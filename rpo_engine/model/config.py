@@ -121,7 +121,13 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
         """Read a transformers config.json, with transformers' defaults for what it leaves out; a field of the
-        wrong type or value is a UserError naming `source`, never a traceback or a different model."""
+        wrong type or value is a UserError naming `source`, never a traceback or a different model. A transformers
+        config object (AutoConfig.from_pretrained's) is read through its to_dict()."""
+        if not isinstance(hf, dict) and callable(getattr(hf, "to_dict", None)):
+            hf = hf.to_dict()
+        if not isinstance(hf, dict):  # a path, say: else "missing required field 'model_type'"
+            raise UserError(f"ModelConfig.from_hf_dict takes config.json's contents as a dict, got "
+                            f"{type(hf).__name__} (ModelConfig.from_file reads a file)")
         try:
             return cls._from_hf_dict(hf)
         except UserError as e:

@@ -247,7 +247,9 @@ class CausalLM(nn.Module):
         position_ids default to each token's index among the real tokens of its row (so left-padded
         rows start at 0), or 0..T-1 without a mask. `attn` defaults to causal SDPA over the padded batch
         (flash-attn's varlen kernel instead, for a padded bf16/fp16 batch on a GPU, when it is installed).
+        input_ids that are not [B, T] integer ids in [0, vocab_size), or a mask of another shape: a ValueError.
         """
+        self._check_inputs(input_ids, attention_mask, check_ids=attn is None)
         B, T = input_ids.shape
         if position_ids is None:
             if attention_mask is not None:
@@ -265,6 +267,27 @@ class CausalLM(nn.Module):
             else:
                 x = layer(x, cos, sin, attn)
         return self.model.norm(x)
+
+    def _check_inputs(self, input_ids, attention_mask, check_ids: bool) -> None:
+        """A ValueError naming the argument, not an unpacking error, an embedding IndexError or (on CUDA) a
+        device-side assert that ends the process's CUDA context. The id range costs a host sync, so it is
+        checked only for callers without their own attention backend (the rollout engine and shared-prefix
+        training pass one, with ids they made) and never while a CUDA graph is being captured."""
+        if (not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point()
+                or input_ids.is_complex() or input_ids.dtype == torch.bool):
+            raise ValueError(f"input_ids must be an integer tensor of shape [B, T], got "
+                             f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} "
+                             f"{tuple(getattr(input_ids, 'shape', ()))}")
+        if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
+                                           or tuple(attention_mask.shape) != tuple(input_ids.shape)):
+            raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got "
+                             f"{tuple(getattr(attention_mask, 'shape', ()))}")
+        if check_ids and input_ids.numel() and not (input_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
+            low, high = (int(x) for x in torch.aminmax(input_ids))
+            vocab = self.config.vocab_size
+            if low < 0 or high >= vocab:
+                raise ValueError(f"input_ids must lie in [0, {vocab}) (the model's vocab_size), got values in "
+                                 f"[{low}, {high}]")
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, attn=None) -> torch.Tensor:
         return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, attn))

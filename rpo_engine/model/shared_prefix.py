@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from rpo_engine.kernels import fused_logprobs
+from rpo_engine.model.decoder import PaddedAttention
 
 
 @dataclass
@@ -328,7 +329,8 @@ def padded_logprobs(model, groups: list[PrefixGroup], temperature: float = 1.0, 
         take.append(list(range(len(rows), len(rows) + len(ids) - start)))
         rows += range(b * T + start - 1, b * T + len(ids) - 1)  # the position that predicts each target
         targets += ids[start:]
-    hidden = model.hidden_states(input_ids.to(device))  # [b, T, H]
+    # the default attention, passed so that hidden_states skips its id-range check (a host sync): ids made here
+    hidden = model.hidden_states(input_ids.to(device), attn=PaddedAttention(None, T, device))  # [b, T, H]
     return _score(model, hidden, rows, targets, take, temperature, with_entropy)
 
 

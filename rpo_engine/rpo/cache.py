@@ -26,6 +26,7 @@ NaN), stored inside every checkpoint's trainer_state.pt (torch.save, loaded with
 """
 from __future__ import annotations
 
+import numbers
 import random
 from dataclasses import dataclass
 
@@ -45,8 +46,8 @@ class ExperienceCache:
     def __init__(self, policy: str = "epsilon-greedy", epsilon: float = 0.5, correct_threshold: float = 0.5):
         if policy not in CACHE_POLICIES:
             raise ValueError(f"ExperienceCache policy must be one of {CACHE_POLICIES}, got {policy!r}")
-        if not 0 <= epsilon <= 1:
-            raise ValueError(f"ExperienceCache epsilon must be in [0, 1], got {epsilon}")
+        if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) or not 0 <= epsilon <= 1:
+            raise ValueError(f"ExperienceCache epsilon must be in [0, 1] (a number), got {epsilon!r}")
         self.policy, self.epsilon, self.correct_threshold = policy, epsilon, correct_threshold
         self.paths: dict[str, CachedPath] = {}
         self.saturated: dict[str, int] = {}  # consecutive visits whose G answers were all right
@@ -66,7 +67,9 @@ class ExperienceCache:
         token, are optional."""
         if logprobs is not None and len(logprobs) != len(token_ids):
             raise ValueError(f"path of {len(token_ids)} tokens with {len(logprobs)} log-probs")
-        self.paths[prompt_id] = CachedPath(list(token_ids), float(reward), step, self.is_correct(reward, correct),
+        # ints, not a tensor's 0-d elements: the path goes back into generate() and into a checkpoint
+        self.paths[prompt_id] = CachedPath([int(t) for t in token_ids], float(reward), step,
+                                           self.is_correct(reward, correct),
                                            None if logprobs is None else [float(x) for x in logprobs])
 
     def is_correct(self, reward: float, correct: bool | None) -> bool:
@@ -88,7 +91,8 @@ class ExperienceCache:
 
     def choose(self, rewards: list[float], rng: random.Random) -> int:
         """Index of the completion to keep for a group: the best (ties at random; a NaN reward is never the
-        best) with probability epsilon, else a random one."""
+        best) with probability epsilon, else a random one. `rewards`: any sequence of numbers (a tensor row too)."""
+        rewards = [float(r) for r in rewards]  # `not tensor` and `max` over 0-d tensors would fail or mislead
         if not rewards:
             raise ValueError("ExperienceCache.choose: a group of no completions")
         scored = [r for r in rewards if r == r]  # NaN != NaN
@@ -107,8 +111,8 @@ class ExperienceCache:
             if values is not None and len(values) != len(answers):
                 raise ValueError(f"ExperienceCache.update: {len(answers)} answers with {len(values)} {name}")
         index = self.choose(rewards, rng)
-        return self.apply(prompt_id, answers[index], rewards[index], step, None if correct is None else correct[index],
-                          None if logprobs is None else logprobs[index])
+        return self.apply(prompt_id, answers[index], float(rewards[index]), step,
+                          None if correct is None else correct[index], None if logprobs is None else logprobs[index])
 
     def apply(self, prompt_id: str, answer: list[int], reward: float, step: int, correct: bool | None = None,
               logprobs: list[float] | None = None) -> bool:

@@ -1,0 +1,123 @@
+"""The embeddable API as a user's own trainer calls it: arguments it gets wrong are named, not crashed on deep
+inside, and the shapes a user naturally passes (a tensor row of rewards, an integer device) work."""
+import random
+
+import pytest
+import torch
+
+import rpo_engine
+from rpo_engine.kernels import fused_logprobs, policy_loss
+from rpo_engine.rpo import ExperienceCache
+from tests.helpers import ON_CUDA
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_dir):
+    return rpo_engine.load_model(tiny_model_dir)
+
+
+def test_load_model_takes_an_integer_device_as_torch_does(tiny_model_dir):
+    # torch.device(0) is cuda:0; `device or "cpu"` read it as no device and loaded onto the CPU
+    if ON_CUDA:
+        assert rpo_engine.load_model(tiny_model_dir, device=0).device == torch.device("cuda", 0)
+    else:
+        for device in (0, "cuda"):  # torch's own errors here: "Cannot access accelerator", an AssertionError
+            with pytest.raises(rpo_engine.UserError, match=f"^device {device!r}: "):
+                rpo_engine.load_model(tiny_model_dir, device=device)
+
+
+def test_load_model_refuses_a_dtype_that_is_not_floating(tiny_model_dir):
+    with pytest.raises(rpo_engine.UserError, match="dtype must be a floating-point dtype, got torch.int8"):
+        rpo_engine.load_model(tiny_model_dir, dtype=torch.int8)
+    with pytest.raises(rpo_engine.UserError, match="unknown dtype"):
+        rpo_engine.load_model(tiny_model_dir, dtype=["bf16"])  # not a TypeError from a dict lookup
+
+
+def test_model_call_names_bad_input_ids_and_mask(tiny_model):
+    vocab = tiny_model.config.vocab_size
+    ids = torch.randint(0, vocab, (2, 5))
+    cases = [
+        (dict(input_ids=ids[0]), r"input_ids must be an integer tensor of shape \[B, T\], got torch.int64 \(5,\)"),
+        (dict(input_ids=ids.float()), "input_ids must be an integer tensor"),
+        (dict(input_ids=ids.tolist()), "input_ids must be an integer tensor"),
+        (dict(input_ids=ids, attention_mask=torch.ones(2, 4)), r"attention_mask must have the shape of input_ids"),
+        (dict(input_ids=torch.full((1, 3), vocab)), rf"input_ids must lie in \[0, {vocab}\).*\[{vocab}, {vocab}\]"),
+        (dict(input_ids=torch.tensor([[3, -1]])), r"got values in \[-1, 3\]"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            tiny_model(**kwargs)
+    with pytest.raises(ValueError, match="input_ids must lie in"):
+        tiny_model.hidden_states(torch.full((1, 3), vocab))
+    with torch.no_grad():  # what is accepted is unchanged: int32 ids, a bool mask
+        mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+        assert torch.equal(tiny_model(ids.int(), attention_mask=mask.bool()), tiny_model(ids, attention_mask=mask))
+
+
+@pytest.mark.parametrize("chunk_numel", [2.5, "4096", True, 0])
+def test_fused_logprobs_chunk_numel_must_be_a_positive_integer(chunk_numel):
+    # int() made 2.5 into 2 silently, "4096" into 4096, and "x" into a message that named no argument
+    hidden, weight, targets = torch.randn(3, 8), torch.randn(11, 8), torch.tensor([1, 2, 3])
+    with pytest.raises(ValueError, match="chunk_numel must be None or an integer >= 1"):
+        fused_logprobs(hidden, weight, targets, chunk_numel=chunk_numel, backend="torch")
+
+
+def test_experience_cache_takes_a_tensor_row_of_rewards_and_keeps_ints():
+    # rewards[i] of a [B, G] tensor is what a trainer holds; `if not rewards` raised on it
+    rewards = torch.tensor([[0.0, 1.0, 0.0]])
+    cache = ExperienceCache("correct-only", epsilon=1.0)
+    answers = [torch.tensor([5, 6]), torch.tensor([7, 8, 9]), torch.tensor([4])]
+    assert cache.update("q", answers, rewards[0], step=1, rng=random.Random(0))
+    path = cache.get("q")
+    assert path.token_ids == [7, 8, 9] and all(type(t) is int for t in path.token_ids)
+    assert type(path.reward) is float and path.correct
+    assert cache.choose(torch.tensor([0.0, float("nan"), 2.0]), random.Random(0)) == 2
+
+
+def test_experience_cache_epsilon_must_be_a_number():
+    for epsilon in ("0.5", None, True):
+        with pytest.raises(ValueError, match=r"epsilon must be in \[0, 1\] \(a number\)"):
+            ExperienceCache(epsilon=epsilon)
+
+
+def test_dir_lists_the_lazy_names():
+    assert {"RolloutEngine", "SamplingParams", "TrainConfig", "Trainer", "load_model"} <= set(dir(rpo_engine))
+
+
+@pytest.mark.parametrize("name", ["eps_low", "eps_high", "kl_coef", "norm_length", "delta"])
+def test_policy_loss_scalar_options_that_are_not_numbers_are_named(name):
+    # a YAML or CLI value left as a string: `"0.2" >= 0` raised a TypeError that named no argument
+    logp = torch.randn(2, 3)
+    with pytest.raises(ValueError, match=f"{name} must be a number, got '2.5'"):
+        policy_loss(logp, logp, torch.ones(2), torch.ones(2, 3), backend="torch", **{name: "2.5"})
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_logprobs_under_autocast_computes_in_the_inputs_dtype(backend):
+    # A trainer's forward under torch.autocast: the torch backend's forward matmul ran in bf16 there while its
+    # backward recomputed the logits in fp32 against the bf16 forward's logsumexp (softmax rows off 1 by ~3%)
+    # and the Triton backend ignored autocast: the two backends differed by ~3e-2 in value and gradient.
+    hidden = torch.randn(16, 64, requires_grad=True)
+    weight = (0.5 * torch.randn(500, 64)).requires_grad_()
+    targets = torch.randint(0, 500, (16,))
+    plain = fused_logprobs(hidden, weight, targets, backend=backend)
+    plain_grads = torch.autograd.grad(plain.sum(), (hidden, weight))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = fused_logprobs(hidden, weight, targets, backend=backend)
+    mixed_grads = torch.autograd.grad(mixed.sum(), (hidden, weight))
+    torch.testing.assert_close(mixed, plain)
+    for a, b in zip(mixed_grads, plain_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_model_config_from_a_transformers_config_object(tmp_path):
+    # what `AutoConfig.from_pretrained` returns: it was read as a broken config.json ("object is not subscriptable")
+    from transformers import AutoConfig
+
+    from tests.helpers import save_hf_checkpoint
+
+    save_hf_checkpoint("qwen3", tmp_path)
+    ours = rpo_engine.ModelConfig.from_hf_dict(AutoConfig.from_pretrained(tmp_path))
+    assert ours == rpo_engine.ModelConfig.from_file(tmp_path / "config.json")
+    with pytest.raises(rpo_engine.UserError, match="config.json's contents as a dict, got str"):
+        rpo_engine.ModelConfig.from_hf_dict(str(tmp_path / "config.json"))
