@@ -121,3 +121,15 @@ def test_model_config_from_a_transformers_config_object(tmp_path):
     assert ours == rpo_engine.ModelConfig.from_file(tmp_path / "config.json")
     with pytest.raises(rpo_engine.UserError, match="config.json's contents as a dict, got str"):
         rpo_engine.ModelConfig.from_hf_dict(str(tmp_path / "config.json"))
+
+
+def test_group_advantages_takes_integer_rewards_and_refuses_a_flat_batch():
+    """0/1 correctness as an integer tensor gives the float rewards' advantages; a 1-D batch is refused, not taken
+    for groups of one sample."""
+    from rpo_engine.algos import group_advantages
+
+    right = torch.tensor([[1, 0, 1, 1], [0, 0, 1, 0]])
+    for scale in ("group", "batch", "none"):
+        assert torch.equal(group_advantages(right, scale), group_advantages(right.float(), scale))
+    with pytest.raises(ValueError, match=r"rewards must be \[num_groups, G\], got shape \(4,\)"):
+        group_advantages(right[0].float())

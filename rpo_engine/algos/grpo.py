@@ -20,6 +20,10 @@ def group_advantages(rewards: torch.Tensor, scale_rewards: str = "group",
     batch's, of which its groups are a share)."""
     if scale_rewards not in ("group", "batch", "none"):
         raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
+    if rewards.dim() != 2:  # one group of G is [1, G]: a flat batch would be taken for G groups of one
+        raise ValueError(f"rewards must be [num_groups, G], got shape {tuple(rewards.shape)}")
+    if not rewards.is_floating_point():  # 0/1 correctness as integers: mean() takes no integer tensor
+        rewards = rewards.float()
     centered = rewards - rewards.mean(dim=1, keepdim=True)
     centered = torch.where(informative_groups(rewards)[:, None], centered, 0.0)
     if scale_rewards == "none" or rewards.shape[1] < 2:
