@@ -20,12 +20,12 @@ from rpo_engine.errors import UserError, run_cli
 
 def main(argv=None) -> int:
     import rpo_engine
-    from rpo_engine.config import OneLineParser, config_from_dict
+    from rpo_engine.config import OneLineParser, config_from_dict, samples_past_engine
     from rpo_engine.model.checkpoint import model_directory
     from rpo_engine.model.lora import load_adapter
     from rpo_engine.rollout import RolloutEngine, SamplingParams
     from rpo_engine.train import load_rows, resolve_device, resolve_reward, reward_pool
-    from rpo_engine.trainer import check_samples_fit, encode_run_prompts, right_answers, sampled_graded, stop_ids
+    from rpo_engine.trainer import encode_run_prompts, right_answers, sampled_graded, stop_ids
 
     parser = OneLineParser(prog="python -m rpo_engine.eval", description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="Hugging Face model directory, or a Hub id (org/name) in the local cache or to "
@@ -69,6 +69,13 @@ def main(argv=None) -> int:
     parser.add_argument("--no-chat-template", action="store_true",
                         help="encode string prompts as they are, not through the tokenizer's chat template, as in "
                              "training (default: the template, when the tokenizer has one)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="CUDA: the share of the GPU's memory the weights and the K/V cache may fill (vLLM's name "
+                             "and default: nothing trains here; training's default is 0.5) (default: 0.9)")
+    parser.add_argument("--max-num-seqs", type=int, default=256,
+                        help="the most sequences decoded together, a row's samples together (vLLM's name) (default: 256)")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="CUDA: decode without CUDA graphs, for debugging (vLLM's name) (default: with them)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: one, on stderr)")
     parser.add_argument("--output", help="JSONL file for each row's completion, reward and verdict (must not exist)")
     args = parser.parse_args(argv)
@@ -78,6 +85,12 @@ def main(argv=None) -> int:
         hide_download_bars()
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.max_num_seqs < 1:
+        raise UserError(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
+    if args.num_samples > args.max_num_seqs:
+        raise UserError(samples_past_engine("--num-samples", args.num_samples, args.max_num_seqs))
+    if not 0 < args.gpu_memory_utilization <= 1:  # NaN too
+        raise UserError(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
     if args.num_samples > 1 and args.temperature <= 0:
         raise UserError(f"--num-samples {args.num_samples} needs --temperature > 0 (greedy samples are all the same)")
     if args.temperature == 0:  # greedy takes the most likely token, which every filter keeps: these changed nothing
@@ -139,8 +152,11 @@ def main(argv=None) -> int:
                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                              repetition_penalty=args.repetition_penalty,
                              stop_token_ids=eos_ids, seed=args.seed + i) for i in range(len(rows))]
-    engine = RolloutEngine(model, merge_lora=True)  # an adapter is decoded merged: nothing trains it here
-    check_samples_fit(engine, "--num-samples", args.num_samples)
+    try:  # an adapter is decoded merged: nothing trains it here
+        engine = RolloutEngine(model, merge_lora=True, gpu_memory_utilization=args.gpu_memory_utilization,
+                               max_num_seqs=args.max_num_seqs, use_cuda_graphs=False if args.enforce_eager else None)
+    except ValueError as e:  # its K/V budget: the weights alone fill the --gpu-memory-utilization share
+        raise UserError(f"rollout engine: {e} (--gpu-memory-utilization {args.gpu_memory_utilization})") from None
     reward = resolve_reward(config)
     pool = reward_pool(config, [reward])
     try:

@@ -630,7 +630,7 @@ def step_or_explain(trainer, config: TrainConfig) -> dict:
 # micro_batch_tokens or gradient_checkpointing: resuming with them is no changed run).
 _RESUME_FREE = {"resume", "resume_from_checkpoint", "steps", "output", "config", "progress", "report_to", "log_completions", "eval_steps",
                 "eval_size", "model", "save_steps", "save_total_limit", "dist_timeout", "async_scheduling",
-                "gpu_memory_utilization", "lora_merged_rollout", "parallel", "reward_workers", "micro_batch_tokens",
+                "gpu_memory_utilization", "max_num_seqs", "enforce_eager", "lora_merged_rollout", "parallel", "reward_workers", "micro_batch_tokens",
                 "gradient_checkpointing", "prefix_sharing", "push_to_hub", "hub_model_id", "hub_private_repo", "enable_sleep_mode",
                 "eval_temperature", "eval_top_p", "eval_top_k", "num_generations_eval"}
 

@@ -127,14 +127,10 @@ class Trainer:
         try:
             self.engine = RolloutEngine(self.model, async_scheduling=config.async_scheduling,
                                         gpu_memory_utilization=config.gpu_memory_utilization,
-                                        merge_lora=config.lora_merged_rollout)
+                                        merge_lora=config.lora_merged_rollout, max_num_seqs=config.max_num_seqs,
+                                        use_cuda_graphs=False if config.enforce_eager else None)
         except ValueError as e:  # its K/V budget: the weights alone fill the --gpu-memory-utilization share
             raise UserError(f"rollout engine: {e} (--gpu-memory-utilization {config.gpu_memory_utilization})") from None
-        # a prompt's samples are decoded together: more than the engine's max_num_seqs was its ValueError, a
-        # traceback at the first rollout or eval (after a resume, --eval-steps steps of training later)
-        for option, n in (("--num-generations", config.num_generations),
-                          ("--num-generations-eval", config.num_generations_eval)):
-            check_samples_fit(self.engine, option, n)
         # The KL reference: with LoRA the base model itself, its adapters switched off (no second model);
         # else a frozen copy of the initial policy.
         self.lora = lora_settings(self.model) is not None
@@ -1159,13 +1155,6 @@ def greedy_graded(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens
 
     params = SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=eos_ids)
     return [samples[0] for samples in sampled_graded(engine, tokenizer, rows, reward_fn, prompt_ids, params, progress)]
-
-
-def check_samples_fit(engine, option: str, n: int) -> None:
-    """A UserError naming `option` where its n samples of a prompt exceed what `engine` decodes at once."""
-    if n > engine.max_num_seqs:
-        raise UserError(f"{option} {n}: more than the {engine.max_num_seqs} sequences the rollout engine decodes at "
-                        f"once, a prompt's samples together")
 
 
 @torch.no_grad()

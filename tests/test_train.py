@@ -2646,22 +2646,45 @@ def test_only_the_main_rank_says_which_rows_filter_overlong_prompts_dropped(tmp_
 @pytest.mark.parametrize("flags, message", [
     (["--eval-temperature", "1", "--num-generations-eval", "300"], "--num-generations-eval 300: more than the 256 "),
     (["--num-generations", "300"], "--num-generations 300: more than the 256 "),
+    (["--num-generations", "8", "--max-num-seqs", "4"], "--num-generations 8: more than the 4 "),
 ])
-def test_more_samples_a_prompt_than_the_engine_decodes_at_once_is_one_line(tiny_model_dir, flags, message):
+def test_more_samples_a_prompt_than_the_engine_decodes_at_once_is_one_line(flags, message):
     # the engine's ValueError (n above max_num_seqs) was a traceback at the first rollout or eval: after a resume,
-    # after --eval-steps steps of training
+    # after --eval-steps steps of training; now said before anything loads
     from rpo_engine.config import parse_args
     from rpo_engine.errors import UserError
-    from rpo_engine.train import build_trainer
 
-    with pytest.raises(UserError, match=f"^{re.escape(message)}"):
-        build_trainer(parse_args(["--model", str(tiny_model_dir), "--eval-size", "2", "--no-progress", *flags]))
+    with pytest.raises(UserError, match=f"^{re.escape(message)}.*; raise --max-num-seqs$"):
+        parse_args(flags)
 
 
-def test_eval_cli_more_samples_than_the_engine_decodes_at_once_is_one_line(tiny_model_dir):
+def test_eval_cli_more_samples_than_the_engine_decodes_at_once_is_one_line(monkeypatch):
+    import rpo_engine
     from rpo_engine.errors import UserError
     from rpo_engine.eval import main
 
-    with pytest.raises(UserError, match="^--num-samples 300: more than the 256 "):
-        main(["--model", str(tiny_model_dir), "--num-samples", "300", "--temperature", "1", "--eval-size", "2",
-              "--max-completion-length", "2", "--no-progress"])
+    monkeypatch.setattr(rpo_engine, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    for flags, message in ((["--num-samples", "300"], "--num-samples 300: more than the 256 "),
+                           (["--num-samples", "3", "--max-num-seqs", "2"], "--num-samples 3: more than the 2 "),
+                           (["--max-num-seqs", "0"], "--max-num-seqs must be >= 1, got 0"),
+                           (["--gpu-memory-utilization", "nan"], "--gpu-memory-utilization must be in (0, 1], got nan")):
+        with pytest.raises(UserError, match=f"^{re.escape(message)}"):
+            main(["--temperature", "1", "--max-completion-length", "2", "--no-progress", *flags])
+
+
+def test_max_num_seqs_changes_how_the_rollout_is_batched_not_what_it_samples(tmp_path, tiny_model_dir):
+    """--max-num-seqs 4 decodes a step's 3 x 4 samples a prompt at a time (its 4 samples wait for room
+    together): each request's own seeded generator draws the same tokens, so the run's steps are the same."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+
+    runs = []
+    for flags in ([], ["--max-num-seqs", "4", "--enforce-eager"]):
+        trainer = build_trainer(parse_args(["--model", str(tiny_model_dir), "--reward", "tests.reward_fns:hash_reward",
+                                            "--train-size", "3", "--steps", "2", "--eval-steps", "0", "--no-progress",
+                                            *map(str, SMALL), *flags]))
+        assert trainer.engine.max_num_seqs == (4 if flags else 256)
+        runs.append([trainer.step() for _ in range(2)])
+    for a, b in zip(*runs):
+        for key in ("reward_mean", "rollout_generated_tokens", "loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
