@@ -71,10 +71,10 @@ def test_help_sections_hold_each_top_level_option_once(monkeypatch):
         config.build_parser()
 
 
-def _ignores_sigint(pid: int) -> bool:
+def _ignores_sigint(pid: int, signum: int = signal.SIGINT) -> bool:
     status = open(f"/proc/{pid}/status").read()
     mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), 16)
-    return bool(mask & (1 << (signal.SIGINT - 1)))
+    return bool(mask & (1 << (signum - 1)))
 
 
 def _exits(pid: int, timeout: float) -> bool:
@@ -108,6 +108,37 @@ def test_reward_workers_leave_ctrl_c_to_the_trainer(capfd):
         assert all(p.is_alive() for p in processes)
         assert pool.score(0, ["c"], ["1"]) == [hash_reward("c", "1")]
     assert "KeyboardInterrupt" not in capfd.readouterr().err
+
+
+def test_reward_workers_leave_sigusr1_to_the_trainer_and_end_when_it_is_killed(tmp_path):
+    """SLURM's --signal=USR1 reaches every process of the job: the workers ignore it (the trainer stops after its
+    step). A trainer killed outright (SIGKILL, the OOM killer) shuts nothing down: its workers, which waited on
+    the pool's queue for ever, end within seconds."""
+    script = tmp_path / "pooled.py"
+    script.write_text("import os, signal, sys, time\n"
+                      "from rpo_engine.rewards.pool import RewardPool\n"
+                      "if __name__ == '__main__':\n"
+                      "    pool = RewardPool({0: 'tests.reward_fns:hash_reward'}, workers=2)\n"
+                      "    pool.score(0, ['a', 'b', 'c', 'd'], ['1'] * 4)\n"
+                      "    print(*[p.pid for p in pool.executor._processes.values()], flush=True)\n"
+                      "    time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        pids = [int(pid) for pid in proc.stdout.readline().split()]
+        assert len(pids) == 2
+        deadline = time.monotonic() + 30
+        while not all(_ignores_sigint(pid, signal.SIGUSR1) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in pids:
+            os.kill(pid, signal.SIGUSR1)
+        time.sleep(0.5)
+        assert not any(_exits(pid, 1) for pid in pids)  # alive a second later
+        proc.kill()
+        proc.wait()
+        assert all(_exits(pid, 10) for pid in pids)
+    finally:
+        proc.kill()
 
 
 def test_ctrl_c_while_scoring_stops_the_reward_workers_at_once(monkeypatch):

@@ -20,7 +20,10 @@ from __future__ import annotations
 import concurrent.futures
 import concurrent.futures.process
 import multiprocessing
+import os
 import signal
+import threading
+import time
 
 from rpo_engine.errors import UserError
 
@@ -40,10 +43,22 @@ def reward_function(name: str):
 
 
 def _start_worker(names: dict[int, str]) -> None:
-    # Ctrl-C reaches the whole process group: the trainer's process handles it and stops the pool, so a
-    # worker that took it too would only add its own KeyboardInterrupt traceback
+    # Ctrl-C reaches the whole process group, a scheduler's SIGUSR1 (SLURM's --signal) every process of the job:
+    # the trainer's process handles them (it stops the pool; it stops the run after the step, with a checkpoint),
+    # so a worker that took one too would only add its own traceback, or die and break the step's scoring.
+    # (SIGTERM is left as it is: the pool stops a worker with it.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     _FUNCTIONS.update({index: reward_function(name) for index, name in names.items()})
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker's watch: once the process that started it is gone (killed, so nothing shut the pool down), the
+    worker ends too, instead of waiting on the pool's queue for ever."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def _score(index: int, texts: list[str], answers: list[str]) -> list[float]:
