@@ -14,7 +14,9 @@ import json
 import os
 import pickle
 import re
+import signal
 import sys
+import threading
 import zipfile
 from functools import cache, partial
 from pathlib import Path
@@ -553,49 +555,63 @@ def train(config: TrainConfig, dist: Dist) -> int:
     algo_name = f"{'RPO-' if config.rpo.rpo else ''}{config.algo.algo.upper()}"
     bar = tqdm(total=config.steps, initial=trainer.step_num, desc=algo_name,
                disable=not (config.progress and main_rank), dynamic_ncols=True)
-    generated, seconds = 0, 0.0
+    generated, seconds, stopped_by = 0, 0.0, 0
     fail_at = os.environ.get("RPO_ENGINE_TEST_FAIL_AT")  # tests only, "RANK:STEP": that rank raises there
-    while trainer.step_num < config.steps:
-        if fail_at == f"{dist.rank}:{trainer.step_num + 1}":
-            raise RuntimeError(f"RPO_ENGINE_TEST_FAIL_AT: rank {dist.rank} fails at step {trainer.step_num + 1}")
-        m = step_or_explain(trainer, config)
-        step = m["step"]
-        if config.eval_steps and trainer.eval_rows and (step % config.eval_steps == 0 or step == config.steps):
-            bar.set_postfix_str(f"step {step}: eval on {len(trainer.eval_rows)} prompts")  # its bar shows below
-            m.update(trainer.evaluate_metrics())
-        if main_rank:
-            records.append(m)
-            log.write(json.dumps(m) + "\n")
-            log.flush()
-            reporter.log(m)
-            if completions_log is not None:
-                completions_log.writelines(json.dumps(r) + "\n" for r in trainer.completions)
-                completions_log.flush()
-                reporter.log_completions(step, trainer.completions)
-            generated += m["rollout_generated_tokens"]
-            seconds += m["step_time_s"]
-            # accuracy beside the reward: the reward also holds length shaping and any other functions
-            postfix = {"reward": f"{m['reward_mean']:.3f}", "acc": f"{m['accuracy_mean']:.3f}",
-                       "gen_tok/s": f"{generated / seconds:.0f}", "step_s": f"{m['step_time_s']:.1f}"}
-            if "eval_accuracy" in m:
-                postfix["eval"] = f"{m['eval_accuracy']:.3f}"
-            bar.set_postfix(postfix)
-            bar.update(1)
-        if (config.save_steps and step % config.save_steps == 0) or step == config.steps:
-            trainer.save_checkpoint(output / "checkpoints" / f"step-{step}")  # every rank: a collective under fsdp
-            if main_rank and config.save_total_limit:
-                prune_checkpoints(output, config.save_total_limit)
+    stop = StopSignals().install()
+    try:
+        while trainer.step_num < config.steps:
+            if fail_at == f"{dist.rank}:{trainer.step_num + 1}":
+                raise RuntimeError(f"RPO_ENGINE_TEST_FAIL_AT: rank {dist.rank} fails at step {trainer.step_num + 1}")
+            m = step_or_explain(trainer, config)
+            step = m["step"]
+            if config.eval_steps and trainer.eval_rows and (step % config.eval_steps == 0 or step == config.steps):
+                bar.set_postfix_str(f"step {step}: eval on {len(trainer.eval_rows)} prompts")  # its bar shows below
+                m.update(trainer.evaluate_metrics())
+            if main_rank:
+                records.append(m)
+                log.write(json.dumps(m) + "\n")
+                log.flush()
+                reporter.log(m)
+                if completions_log is not None:
+                    completions_log.writelines(json.dumps(r) + "\n" for r in trainer.completions)
+                    completions_log.flush()
+                    reporter.log_completions(step, trainer.completions)
+                generated += m["rollout_generated_tokens"]
+                seconds += m["step_time_s"]
+                # accuracy beside the reward: the reward also holds length shaping and any other functions
+                postfix = {"reward": f"{m['reward_mean']:.3f}", "acc": f"{m['accuracy_mean']:.3f}",
+                           "gen_tok/s": f"{generated / seconds:.0f}", "step_s": f"{m['step_time_s']:.1f}"}
+                if "eval_accuracy" in m:
+                    postfix["eval"] = f"{m['eval_accuracy']:.3f}"
+                bar.set_postfix(postfix)
+                bar.update(1)
+            stopped_by = int(dist.max([stop.received])[0])  # a rank's signal stops every rank after the same step
+            if (config.save_steps and step % config.save_steps == 0) or step == config.steps or stopped_by:
+                trainer.save_checkpoint(output / "checkpoints" / f"step-{step}")  # every rank: a collective under fsdp
+                if main_rank and config.save_total_limit:
+                    prune_checkpoints(output, config.save_total_limit)
+            if stopped_by:
+                break
+    finally:
+        stop.restore()
     bar.close()
     trainer.close()
-    trainer.save_model(output / "final")
+    stopped = trainer.step_num < config.steps
+    if not stopped:
+        trainer.save_model(output / "final")
     if not main_rank:
-        return 0
+        return 128 + stopped_by if stopped else 0
     log.close()
     if completions_log is not None:
         completions_log.close()
     reporter.close()
     write_plot(records, output / "curves.png", f"{algo_name} on {config.dataset or 'the built-in arithmetic task'}",
                eval_label(config))
+    if stopped:
+        print(f"stopped by {signal.Signals(stopped_by).name} after step {trainer.step_num} of {config.steps}: "
+              f"{output / 'checkpoints' / f'step-{trainer.step_num}'} written; the same command with --resume goes on "
+              f"from it", flush=True)
+        return 128 + stopped_by
     evals = [r["eval_accuracy"] for r in records if "eval_accuracy" in r]
     summary = f"done: {output / 'final'}"
     if evals:
@@ -608,6 +624,36 @@ def train(config: TrainConfig, dist: Dist) -> int:
         url = push_folder(hub_repo, folder, f"rpo_engine: {algo_name}, {config.steps} steps")
         print(f"pushed {folder} to {url}")
     return 0
+
+
+class StopSignals:
+    """SIGTERM (`kill`, Kubernetes, a torchrun stopping its ranks) or SIGUSR1 (SLURM's --signal=USR1@SECONDS,
+    sent ahead of a time limit) asks a run to stop after the step it is in: it writes a checkpoint and exits
+    with 128 + the signal's number, as a process the signal ended, for --resume to go on from. A second one
+    stops it at once, as without this. `received`: the first signal's number (0: none)."""
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received, self.previous = 0, {}
+
+    def install(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+            self.previous = {signum: signal.signal(signum, self.handle) for signum in self.SIGNALS}
+        return self
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+    def handle(self, signum, frame) -> None:
+        if self.received:
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        self.received = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step, with a checkpoint (send it again to stop "
+              f"at once)", file=sys.stderr, flush=True)
 
 
 def step_or_explain(trainer, config: TrainConfig) -> dict:

@@ -66,3 +66,23 @@ def trl_partly_applies(completions, **kwargs):
     """TRL-style, an extra reward that applies to some completions only: 0.5 there, None ("does not apply")
     elsewhere, keyed by the text as hash_reward is (another byte of its hash)."""
     return [0.5 if hashlib.sha256(c.encode()).digest()[1] % 2 else None for c in completions]
+
+
+_calls = 0
+
+
+def signalling_reward(completion_text: str, answer: str) -> float:
+    """hash_reward, which at its call number $RPO_ENGINE_TEST_SIGNAL_AT_CALL sends its own process the signal
+    $RPO_ENGINE_TEST_SIGNAL (TERM, USR1; twice where $RPO_ENGINE_TEST_SIGNAL_TWICE is set), on the rank
+    $RPO_ENGINE_TEST_SIGNAL_RANK only where that is set: a scheduler's stop request at a known point of a run."""
+    import os
+    import signal
+
+    global _calls
+    _calls += 1
+    rank = os.environ.get("RPO_ENGINE_TEST_SIGNAL_RANK")
+    if _calls == int(os.environ["RPO_ENGINE_TEST_SIGNAL_AT_CALL"]) and rank in (None, os.environ.get("RANK", "0")):
+        signum = signal.Signals["SIG" + os.environ["RPO_ENGINE_TEST_SIGNAL"]]
+        for _ in range(2 if os.environ.get("RPO_ENGINE_TEST_SIGNAL_TWICE") else 1):
+            os.kill(os.getpid(), signum)
+    return hash_reward(completion_text, answer)

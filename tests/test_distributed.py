@@ -177,6 +177,24 @@ def test_failing_rank_stops_the_job(tiny_model_dir, tmp_path):
     assert "rank      : 1 (local_rank: 1)" in root and "RPO_ENGINE_TEST_FAIL_AT: rank 1 fails" in root
 
 
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tiny_model_dir, tmp_path):
+    """SIGUSR1 reaching rank 1 alone, in step 2 (each rank scores its 1 prompt x 4 completions a step): both
+    ranks finish step 2, write its checkpoint together and end, each with 128 + SIGUSR1."""
+    import signal
+
+    proc = run(["--model", tiny_model_dir, "--output", tmp_path / "o", "--steps", 4, "--save-steps", 0, "--eval-steps", 0,
+                "--prompts-per-step", 2, "--num-generations", 4, "--max-completion-length", 16, "--train-size", 2,
+                "--reward", "tests.reward_fns:signalling_reward", "--dist-timeout", 60, "--device", "cpu"], nproc=2,
+               env={"RPO_ENGINE_TEST_SIGNAL": "USR1", "RPO_ENGINE_TEST_SIGNAL_AT_CALL": "5",
+                    "RPO_ENGINE_TEST_SIGNAL_RANK": "1"}, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.count("SIGUSR1: stopping after this step") == 1
+    assert f"stopped by SIGUSR1 after step 2 of 4: {tmp_path / 'o' / 'checkpoints' / 'step-2'} written" in proc.stdout
+    assert proc.stderr.count(f"exitcode  : {128 + signal.SIGUSR1}") == 2  # torchrun's summary: both ranks
+    assert [m["step"] for m in read_metrics(tmp_path / "o")] == [1, 2]
+    assert (tmp_path / "o" / "checkpoints" / "step-2" / "trainer_state.pt").is_file()
+
+
 def test_user_error_on_one_rank_is_the_root_cause(tiny_model_dir, tmp_path):
     """A user mistake on rank 1 only: its one line, naming the rank, is what torchrun's summary gives as the
     root cause (not rank 0's traceback of the connection rank 1 closed), and the job ends at once."""

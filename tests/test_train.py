@@ -1,6 +1,7 @@
 """The training loop end to end on a tiny random model, resume equivalence, and the CLI's bad-input handling."""
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -17,9 +18,10 @@ from tests.helpers import DEVICE, ON_CUDA
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_train(*args, check=True, progress=False):
+def run_train(*args, check=True, progress=False, env=None):
     proc = subprocess.run([sys.executable, "-m", "rpo_engine.train", *([] if progress else ["--no-progress"]),
-                           *map(str, args)], capture_output=True, text=True, timeout=600, cwd=REPO)
+                           *map(str, args)], capture_output=True, text=True, timeout=600, cwd=REPO,
+                          env=None if env is None else {**os.environ, **env})
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -172,6 +174,36 @@ def test_resume_from_checkpoint_refuses_what_is_not_a_checkpoint_of_the_run(tmp_
     record = tmp_path / "config.json"
     record.write_text(json.dumps({"config": None, "output": str(out), "resume_from_checkpoint": str(other)}))
     assert parse_args(["--config", str(record)]).resume_from_checkpoint is None
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_that_resumes_as_if_never_stopped(tmp_path, tiny_model_dir):
+    """SIGTERM in the middle of step 2 (here while its rewards are scored) of a 3-step run: step 2 finishes, a
+    checkpoint is written though --save-steps asks for none there, no final/, exit code 143 (128 + SIGTERM), as
+    a process the signal ended; --resume then gives the uninterrupted run's steps. A second signal stops the run
+    at once."""
+    import signal
+
+    common = ["--model", tiny_model_dir, "--save-steps", 0, "--eval-steps", 0, "--train-size", 3, "--steps", 3, *SMALL]
+    run_train(*common, "--reward", "tests.reward_fns:hash_reward", "--output", tmp_path / "whole")
+    out = tmp_path / "stopped"
+    signalled = ["--reward", "tests.reward_fns:signalling_reward", "--output", out]
+    env = {"RPO_ENGINE_TEST_SIGNAL": "TERM", "RPO_ENGINE_TEST_SIGNAL_AT_CALL": "13"}  # 3 x 4 completions a step
+    proc = run_train(*common, *signalled, check=False, env=env)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert "SIGTERM: stopping after this step, with a checkpoint (send it again to stop at once)" in proc.stderr
+    assert (f"stopped by SIGTERM after step 2 of 3: {out / 'checkpoints' / 'step-2'} written; the same command with "
+            f"--resume goes on from it") in proc.stdout
+    assert [m["step"] for m in read_metrics(out)] == [1, 2]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-2"] and not (out / "final").exists()
+    run_train(*common, *signalled, "--resume", env=dict(env, RPO_ENGINE_TEST_SIGNAL_AT_CALL="0"))
+    for x, y in zip(read_metrics(tmp_path / "whole"), read_metrics(out), strict=True):
+        for key in ("reward_mean", "rollout_generated_tokens", "loss", "grad_norm"):
+            assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), (x["step"], key)
+    # a second SIGUSR1 (SLURM's --signal) ends it at once, as without the handler: no checkpoint
+    proc = run_train(*common, *signalled[:2], "--output", tmp_path / "now", check=False,
+                     env=dict(env, RPO_ENGINE_TEST_SIGNAL="USR1", RPO_ENGINE_TEST_SIGNAL_TWICE="1"))
+    assert proc.returncode == -signal.SIGUSR1 and "SIGUSR1: stopping after this step" in proc.stderr
+    assert not (tmp_path / "now" / "checkpoints").exists()
 
 
 def test_generation_config_outlives_the_checkpoint_a_run_resumed_from(tmp_path, tiny_model_dir):
