@@ -109,7 +109,7 @@ class RPOConfig:
         "help": f"where a path not verified correct is cut, within that bound: {UNVERIFIED_CUTS}; uniform draws "
                 "the cut (the paper's code); least-likely regenerates it from its least likely token (by the "
                 "log-prob it was sampled with), where a wrong path most often went wrong: fewer tokens with one "
-                "starter model; with a weaker one 2.3 eval points lower over 40 steps, 1.6 higher over 120 (README); "
+                "starter model; with a weaker one 2.3 eval points lower over 40 steps, 1.6 higher over 120 (benchmarks/RESULTS.md); "
                 "full regenerates it whole (a full completion, --max-completion-length tokens), so RPO continues "
                 "only paths known to be right"})
     rpo_extra_budget: int = field(default=16, metadata={"help": "suffix budget = cut + this many tokens"})
