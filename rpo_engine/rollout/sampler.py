@@ -155,8 +155,9 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     float or None (off for every row).
 
     Returns token ids [R] and their log-probs [R] (see the module docstring), the same draws as
-    `sample_reference` but for rounding (a u within ~1e-7 of a boundary between two tokens) and for which of
-    two tied logits comes first (the same distribution either way). `truncate`
+    `sample_reference` but for rounding (a u within ~1e-7 of a boundary between two tokens, or a row whose
+    probability mass before some token lies within ~1e-8 of its top_p, where the two nuclei may end one token
+    apart) and for which of two tied logits comes first (the same distribution either way). `truncate`
     (any row uses top-k/top-p), `any_greedy` and `all_greedy` let the caller skip work it knows no row
     needs; None: read from the tensors (a host sync on CUDA, which the engine avoids by passing them).
     Min-p (None: no row uses it) is a mask on the probabilities relative to the row's most likely token,
