@@ -102,7 +102,13 @@ class Dist:
         # The timeout bounds a collective that waits on a dead peer (gloo raises; NCCL aborts), so a
         # failure torchrun does not see (another node's) still ends the job instead of hanging it.
         try:
-            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+            store, rank, world_size = next(dist.rendezvous("env://", timeout=timedelta(seconds=timeout_s)))
+            # torchrun's agent keeps its store across the restarts of --max-restarts, and the group's keys (each
+            # rank's address) from the attempt before: read again, a restarted gloo group connected to ranks that
+            # were gone, and failed. Each attempt keys its group apart.
+            store = dist.PrefixStore(f"rpo_engine/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                    timeout=timedelta(seconds=timeout_s))
         except ValueError as e:  # env:// without MASTER_ADDR / MASTER_PORT: RANK left set in a plain shell or job
             raise UserError(f"torch.distributed cannot start: {e}; RANK and WORLD_SIZE are set as torchrun sets them, "
                             f"without its rendezvous: launch with torchrun, or unset them to train in one process") from None

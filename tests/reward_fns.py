@@ -86,3 +86,16 @@ def signalling_reward(completion_text: str, answer: str) -> float:
         for _ in range(2 if os.environ.get("RPO_ENGINE_TEST_SIGNAL_TWICE") else 1):
             os.kill(os.getpid(), signum)
     return hash_reward(completion_text, answer)
+
+
+def first_attempt_failing_reward(completion_text: str, answer: str) -> float:
+    """hash_reward, which raises at its call number $RPO_ENGINE_TEST_FAIL_AT_CALL on rank 1 in torchrun's first
+    attempt only ($TORCHELASTIC_RESTART_COUNT 0): a rank's failure that a restart gets past."""
+    import os
+
+    global _calls
+    _calls += 1
+    if (os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0" and os.environ.get("RANK") == "1"
+            and _calls == int(os.environ["RPO_ENGINE_TEST_FAIL_AT_CALL"])):
+        raise RuntimeError("rank 1 fails in the first attempt")
+    return hash_reward(completion_text, answer)

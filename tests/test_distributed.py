@@ -195,6 +195,26 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tiny_model_di
     assert (tmp_path / "o" / "checkpoints" / "step-2" / "trainer_state.pt").is_file()
 
 
+def test_torchrun_restarts_a_failed_job_which_resumes_as_if_never_failed(tiny_model_dir, tmp_path):
+    """torchrun --max-restarts 1 with --resume: rank 1 fails in step 4 of the first attempt (each rank scores 1
+    prompt x 4 completions a step); torchrun starts both ranks again, which resume from the step-2 checkpoint and
+    give the steps of a job that never failed. (A restarted gloo group read the first attempt's addresses from
+    torchrun's store, and failed to connect.)"""
+    flags = ["--model", tiny_model_dir, "--steps", 4, "--save-steps", 2, "--eval-steps", 0, "--prompts-per-step", 2,
+             "--num-generations", 4, "--max-completion-length", 16, "--train-size", 2, "--learning-rate", 1e-3,
+             "--reward", "tests.reward_fns:first_attempt_failing_reward", "--dist-timeout", 60, "--device", "cpu"]
+    env = {"RPO_ENGINE_TEST_FAIL_AT_CALL": "13"}
+    whole = check(run([*flags, "--output", tmp_path / "whole"], nproc=2, env=dict(env, RPO_ENGINE_TEST_FAIL_AT_CALL="0")))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
+              "-m", "rpo_engine.train", "--no-progress", "--resume", "--output", str(tmp_path / "restarted")]
+    proc = check(subprocess.run([*launch, *map(str, flags)], capture_output=True, text=True, timeout=180, cwd=REPO,
+                                env=dict(ENV, **env)))
+    assert "error: [rank 1] reward function 'tests.reward_fns:first_attempt_failing_reward' raised" in proc.stderr
+    assert f"resumed from {tmp_path / 'restarted' / 'checkpoints' / 'step-2'} at step 2 on 2 ranks" in proc.stdout
+    assert "done:" in whole.stdout and "done:" in proc.stdout
+    assert_same_steps(read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "restarted"), [1, 2, 3, 4])
+
+
 def test_user_error_on_one_rank_is_the_root_cause(tiny_model_dir, tmp_path):
     """A user mistake on rank 1 only: its one line, naming the rank, is what torchrun's summary gives as the
     root cause (not rank 0's traceback of the connection rank 1 closed), and the job ends at once."""
