@@ -19,9 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_train(*args, check=True, progress=False, env=None):
+    # one torch thread: on a busy 2-core box (pytest -n 2) a second thread's wake-ups cost seconds a step
     proc = subprocess.run([sys.executable, "-m", "rpo_engine.train", *([] if progress else ["--no-progress"]),
                            *map(str, args)], capture_output=True, text=True, timeout=600, cwd=REPO,
-                          env=None if env is None else {**os.environ, **env})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
