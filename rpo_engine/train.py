@@ -608,9 +608,11 @@ def train(config: TrainConfig, dist: Dist) -> int:
     write_plot(records, output / "curves.png", f"{algo_name} on {config.dataset or 'the built-in arithmetic task'}",
                eval_label(config))
     if stopped:
+        # the same command with --resume-from-checkpoint would go back to that checkpoint, not on from this one
+        again = ("--resume in place of --resume-from-checkpoint" if config.resume_from_checkpoint
+                 else "the same command with --resume")
         print(f"stopped by {signal.Signals(stopped_by).name} after step {trainer.step_num} of {config.steps}: "
-              f"{output / 'checkpoints' / f'step-{trainer.step_num}'} written; the same command with --resume goes on "
-              f"from it", flush=True)
+              f"{output / 'checkpoints' / f'step-{trainer.step_num}'} written; {again} goes on from it", flush=True)
         return 128 + stopped_by
     evals = [r["eval_accuracy"] for r in records if "eval_accuracy" in r]
     summary = f"done: {output / 'final'}"
