@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -105,3 +106,19 @@ def with_chat_template(source, directory, template: str) -> Path:
     tokenizer.chat_template = template
     tokenizer.save_pretrained(str(directory))
     return Path(directory)
+
+
+def process_ended(pid: int, timeout: float) -> bool:
+    """Whether process `pid` ends within `timeout` s, read from /proc (a zombie counts as ended): a reward pool's
+    own thread reaps its workers, so Process.is_alive or join in a test races it (its waitpid fails, and the
+    process reads as alive)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except FileNotFoundError:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)

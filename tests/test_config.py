@@ -13,6 +13,7 @@ import pytest
 from rpo_engine.config import build_parser, parse_args, reward_weights
 from rpo_engine.data.datasets import load_dataset_rows
 from rpo_engine.errors import UserError
+from tests.helpers import process_ended
 from tests.reward_fns import hash_reward
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,20 +78,6 @@ def _ignores_sigint(pid: int, signum: int = signal.SIGINT) -> bool:
     return bool(mask & (1 << (signum - 1)))
 
 
-def _exits(pid: int, timeout: float) -> bool:
-    """Whether process `pid` ends within `timeout` s (by /proc: the pool's own thread reaps its workers, so
-    Process.is_alive here would race it)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
-                return True
-        except FileNotFoundError:
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def test_reward_workers_leave_ctrl_c_to_the_trainer(capfd):
     """A terminal's Ctrl-C reaches every process of the group: the workers ignore it (the trainer's process
     stops the pool) instead of each printing its own KeyboardInterrupt traceback and dying."""
@@ -133,10 +120,10 @@ def test_reward_workers_leave_sigusr1_to_the_trainer_and_end_when_it_is_killed(t
         for pid in pids:
             os.kill(pid, signal.SIGUSR1)
         time.sleep(0.5)
-        assert not any(_exits(pid, 1) for pid in pids)  # alive a second later
+        assert not any(process_ended(pid, 1) for pid in pids)  # alive a second later
         proc.kill()
         proc.wait()
-        assert all(_exits(pid, 10) for pid in pids)
+        assert all(process_ended(pid, 10) for pid in pids)
     finally:
         proc.kill()
 
@@ -162,7 +149,7 @@ def test_ctrl_c_while_scoring_stops_the_reward_workers_at_once(monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             pool.score(0, ["x"] * 40, ["1"] * 40)
         assert time.perf_counter() - start < 5
-        assert all(_exits(p.pid, 5) for p in processes)
+        assert all(process_ended(p.pid, 5) for p in processes)
         manager.join(5)
         assert not manager.is_alive() and thread_errors == []
     finally:

@@ -10,6 +10,7 @@ from rpo_engine.errors import UserError
 from rpo_engine.rewards import (
     exact_answer_reward, extract_answer, format_reward, load_reward_fn, math_answer_reward,
 )
+from tests.helpers import process_ended
 
 GARBAGE = ["", "   ", "\x00\x01\x02", "{{{{{{", "\\boxed{", "#### ", "####", "$$$", "\\frac{", "}}}{{{" * 50,
            "1/0", "nan", "\\boxed{\\boxed{\\boxed{", "(" * 200, "#" * 1000]
@@ -435,9 +436,7 @@ def test_reward_pool_left_on_an_error_stops_its_workers_at_once():
             start = time.perf_counter()
             raise RuntimeError("stop")
     assert time.perf_counter() - start < 5
-    for process in processes:
-        process.join(5)
-        assert not process.is_alive()
+    assert all(process_ended(process.pid, 5) for process in processes)
 
 
 def test_reward_model_loads_without_a_bar_under_no_progress(reward_model_dir, capfd):
