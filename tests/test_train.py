@@ -184,7 +184,8 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_that_resumes_as_if_never
     at once."""
     import signal
 
-    common = ["--model", tiny_model_dir, "--save-steps", 0, "--eval-steps", 0, "--train-size", 3, "--steps", 3, *SMALL]
+    base = ["--model", tiny_model_dir, "--save-steps", 0, "--eval-steps", 0, "--train-size", 3, *SMALL]
+    common = [*base, "--steps", 3]
     run_train(*common, "--reward", "tests.reward_fns:hash_reward", "--output", tmp_path / "whole")
     out = tmp_path / "stopped"
     signalled = ["--reward", "tests.reward_fns:signalling_reward", "--output", out]
@@ -200,6 +201,11 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_that_resumes_as_if_never
     for x, y in zip(read_metrics(tmp_path / "whole"), read_metrics(out), strict=True):
         for key in ("reward_mean", "rollout_generated_tokens", "loss", "grad_norm"):
             assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-7), (x["step"], key)
+    # stopped in a run that went back to a checkpoint: its command would go back again, so --resume is what goes on
+    proc = run_train(*base, "--steps", 4, *signalled[:2], "--resume-from-checkpoint", out / "checkpoints" / "step-2", check=False,
+                     env=dict(env, RPO_ENGINE_TEST_SIGNAL_AT_CALL="1"))
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert "step-3 written; --resume in place of --resume-from-checkpoint goes on from it" in proc.stdout
     # a second SIGUSR1 (SLURM's --signal) ends it at once, as without the handler: no checkpoint
     proc = run_train(*common, *signalled[:2], "--output", tmp_path / "now", check=False,
                      env=dict(env, RPO_ENGINE_TEST_SIGNAL="USR1", RPO_ENGINE_TEST_SIGNAL_TWICE="1"))
@@ -2703,6 +2709,28 @@ def test_eval_cli_more_samples_than_the_engine_decodes_at_once_is_one_line(monke
                            (["--gpu-memory-utilization", "nan"], "--gpu-memory-utilization must be in (0, 1], got nan")):
         with pytest.raises(UserError, match=f"^{re.escape(message)}"):
             main(["--temperature", "1", "--max-completion-length", "2", "--no-progress", *flags])
+
+
+def test_eval_cli_max_num_seqs_batches_the_samples_without_changing_them(tmp_path, tiny_model_dir, monkeypatch):
+    """eval's --max-num-seqs 3 decodes 4 rows x 3 samples a row at a time, --enforce-eager asks for no graphs:
+    the same samples as the defaults (each row's own seed)."""
+    import rpo_engine.rollout
+    from rpo_engine.eval import main
+
+    made = []
+
+    class Recorded(rpo_engine.rollout.RolloutEngine):
+        def __init__(self, model, **kwargs):
+            made.append(kwargs)
+            super().__init__(model, **kwargs)
+
+    monkeypatch.setattr(rpo_engine.rollout, "RolloutEngine", Recorded)
+    for name, flags in (("default", []), ("few", ["--max-num-seqs", "3", "--enforce-eager"])):
+        assert main(["--model", str(tiny_model_dir), "--num-samples", "3", "--temperature", "1", "--eval-size", "4",
+                     "--max-completion-length", "8", "--no-progress", "--output", str(tmp_path / name), *flags]) == 0
+    assert [(k["max_num_seqs"], k["use_cuda_graphs"], k["gpu_memory_utilization"]) for k in made] == [
+        (256, None, 0.9), (3, False, 0.9)]
+    assert (tmp_path / "default").read_text() == (tmp_path / "few").read_text()
 
 
 def test_max_num_seqs_changes_how_the_rollout_is_batched_not_what_it_samples(tmp_path, tiny_model_dir):
