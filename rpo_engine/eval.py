@@ -23,9 +23,9 @@ def main(argv=None) -> int:
     from rpo_engine.config import OneLineParser, config_from_dict, samples_past_engine
     from rpo_engine.model.checkpoint import model_directory
     from rpo_engine.model.lora import load_adapter
-    from rpo_engine.rollout import RolloutEngine, SamplingParams
+    from rpo_engine.rollout import SamplingParams
     from rpo_engine.train import load_rows, resolve_device, resolve_reward, reward_pool
-    from rpo_engine.trainer import encode_run_prompts, right_answers, sampled_graded, stop_ids
+    from rpo_engine.trainer import encode_run_prompts, right_answers, rollout_engine, sampled_graded, stop_ids
 
     parser = OneLineParser(prog="python -m rpo_engine.eval", description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="Hugging Face model directory, or a Hub id (org/name) in the local cache or to "
@@ -152,11 +152,8 @@ def main(argv=None) -> int:
                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                              repetition_penalty=args.repetition_penalty,
                              stop_token_ids=eos_ids, seed=args.seed + i) for i in range(len(rows))]
-    try:  # an adapter is decoded merged: nothing trains it here
-        engine = RolloutEngine(model, merge_lora=True, gpu_memory_utilization=args.gpu_memory_utilization,
-                               max_num_seqs=args.max_num_seqs, use_cuda_graphs=False if args.enforce_eager else None)
-    except ValueError as e:  # its K/V budget: the weights alone fill the --gpu-memory-utilization share
-        raise UserError(f"rollout engine: {e} (--gpu-memory-utilization {args.gpu_memory_utilization})") from None
+    # an adapter is decoded merged: nothing trains it here
+    engine = rollout_engine(model, args.gpu_memory_utilization, args.max_num_seqs, args.enforce_eager, merge_lora=True)
     reward = resolve_reward(config)
     pool = reward_pool(config, [reward])
     try:

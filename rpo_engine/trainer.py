@@ -95,8 +95,6 @@ class Trainer:
         functions, each adding its score to the reward, all weighted by config.reward_weights (1 each by
         default); any may be a rewards.pool.PooledReward (scored in worker processes; `close()` shuts its
         pool down). `reference`: the frozen KL reference when it is not `model` (on resume, the starting model)."""
-        from rpo_engine.rollout import RolloutEngine
-
         self.config, self.tokenizer, self.dist = config, tokenizer, dist or Dist()
         self.train_rows, self.eval_rows, self.reward_fn, self.device = train_rows, eval_rows, reward_fn, device
         self.algo, self.rpo = config.algo, config.rpo
@@ -124,13 +122,9 @@ class Trainer:
                                                                   config.eval_dataset or "built-in task's eval split", say)
         self.row_index = {row["id"]: i for i, row in enumerate(self.train_rows)}
         self.prompt_ids = dict(zip([row["id"] for row in self.train_rows], train_ids))
-        try:
-            self.engine = RolloutEngine(self.model, async_scheduling=config.async_scheduling,
-                                        gpu_memory_utilization=config.gpu_memory_utilization,
-                                        merge_lora=config.lora_merged_rollout, max_num_seqs=config.max_num_seqs,
-                                        use_cuda_graphs=False if config.enforce_eager else None)
-        except ValueError as e:  # its K/V budget: the weights alone fill the --gpu-memory-utilization share
-            raise UserError(f"rollout engine: {e} (--gpu-memory-utilization {config.gpu_memory_utilization})") from None
+        self.engine = rollout_engine(self.model, config.gpu_memory_utilization, config.max_num_seqs,
+                                     config.enforce_eager, async_scheduling=config.async_scheduling,
+                                     merge_lora=config.lora_merged_rollout)
         # The KL reference: with LoRA the base model itself, its adapters switched off (no second model);
         # else a frozen copy of the initial policy.
         self.lora = lora_settings(self.model) is not None
@@ -1146,6 +1140,18 @@ def encode_run_prompts(tokenizer, rows: list[dict], config: TrainConfig, model, 
                             f"{config.model or 'the starter model'} has none")
     return encode_prompts(tokenizer, rows, prompt_token_limit(config, model), chat_template_kwargs(config), source,
                           config.chat_template, config.filter_overlong_prompts, say)
+
+
+def rollout_engine(model, gpu_memory_utilization: float, max_num_seqs: int, enforce_eager: bool, **options):
+    """A RolloutEngine with the command's rollout options (a run's or the eval's); its ValueError, the weights
+    alone filling the --gpu-memory-utilization share of the GPU, a UserError naming that option."""
+    from rpo_engine.rollout import RolloutEngine
+
+    try:
+        return RolloutEngine(model, gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
+                             use_cuda_graphs=False if enforce_eager else None, **options)
+    except ValueError as e:
+        raise UserError(f"rollout engine: {e} (--gpu-memory-utilization {gpu_memory_utilization})") from None
 
 
 def greedy_graded(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens,
