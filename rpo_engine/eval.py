@@ -25,7 +25,9 @@ def main(argv=None) -> int:
     from rpo_engine.model.lora import load_adapter
     from rpo_engine.rollout import SamplingParams
     from rpo_engine.train import load_rows, resolve_device, resolve_reward, reward_pool
-    from rpo_engine.trainer import encode_run_prompts, right_answers, rollout_engine, sampled_graded, stop_ids
+    from rpo_engine.rewards.answers import RewardLog
+    from rpo_engine.trainer import (add_columns, encode_run_prompts, right_answers, rollout_engine, sampled_graded,
+                                    stop_ids)
 
     parser = OneLineParser(prog="python -m rpo_engine.eval", description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="Hugging Face model directory, or a Hub id (org/name) in the local cache or to "
@@ -156,16 +158,17 @@ def main(argv=None) -> int:
     engine = rollout_engine(model, args.gpu_memory_utilization, args.max_num_seqs, args.enforce_eager, merge_lora=True)
     reward = resolve_reward(config)
     pool = reward_pool(config, [reward])
+    log = RewardLog()  # a TRL-style reward's log_metric / log_extra
     try:
         graded = sampled_graded(engine, tokenizer, rows, reward if pool is None else pool.functions([reward])[0],
-                                prompts, params, progress="eval" if not args.no_progress else False)
+                                prompts, params, progress="eval" if not args.no_progress else False, log=log)
     finally:
         if pool is not None:
             pool.close()
     if output is not None:
         try:
             with open(output, "x") as f:
-                for row, samples in zip(rows, graded):
+                for j, (row, samples) in enumerate(zip(rows, graded)):
                     record = {"id": row["id"], "prompt": row["prompt"], "answer": row["answer"]}
                     if args.num_samples == 1:
                         (text, reward, right), = samples
@@ -173,6 +176,7 @@ def main(argv=None) -> int:
                     else:
                         record.update(completions=[t for t, _, _ in samples], rewards=[r for _, r, _ in samples],
                                       correct=[c for _, _, c in samples])
+                    add_columns(record, log.columns.get(j, {}), 0 if args.num_samples == 1 else None)
                     f.write(json.dumps(record) + "\n")
         except OSError as e:
             raise UserError(f"{output}: cannot write ({e.strerror or e})") from None
@@ -190,6 +194,8 @@ def main(argv=None) -> int:
         if ks:  # each from all K answers a row: the unbiased estimator, not the first k answers
             print(", ".join(f"pass@{k} {sum(pass_at_k(K, c, k) for c in rights) / len(rows):.4f}" for k in ks)
                   + f" (unbiased, from the {K} answers a row)")
+    if log.metrics:  # what the reward function logged (log_metric), as the trainer's eval logs it
+        print(", ".join(f"{name} {mean:.4g}" for name, mean in RewardLog.metric_means([log.metrics], "eval_").items()))
     return 0
 
 

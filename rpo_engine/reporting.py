@@ -98,8 +98,8 @@ class Reporter:
 
         flat = [{**{k: v for k, v in r.items() if k != "scores"},
                  **{f"score/{name}": score for name, score in r.get("scores", {}).items()}} for r in records]
-        columns = list(flat[0])
-        self.wandb.log({"completions": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in flat]),
+        columns = list(dict.fromkeys(c for r in flat for c in r))  # a reward's log_extra column may miss some rows
+        self.wandb.log({"completions": wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in flat]),
                         "step": step})
 
     def close(self) -> None:

@@ -41,7 +41,7 @@ from rpo_engine.kernels import policy_loss
 from rpo_engine.model.lora import adapters_disabled, lora_settings, save_adapter
 from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, plan_micro_batches
 from rpo_engine.optim import load_adamw_state, lr_multiplier, make_adamw, params_with_gradients
-from rpo_engine.rewards.answers import is_correct, score_groups
+from rpo_engine.rewards.answers import RewardLog, TRLStyleReward, is_correct, score_groups
 from rpo_engine.rewards.pool import PooledReward
 from rpo_engine.rewards.shaping import length_aware_accuracy, overlong_penalty
 from rpo_engine.rpo.cache import ExperienceCache
@@ -66,6 +66,7 @@ class Group:
     # each reward function's scores, unweighted; NaN where a later TRL-style one returned None ("does not apply")
     scores: list[list[float]] = field(default_factory=list)
     terms: list[list[float]] = field(default_factory=list)  # each term of the reward, unweighted (Trainer.reward_terms)
+    extra_columns: dict[str, list] = field(default_factory=dict)  # what TRL-style rewards logged (log_extra)
 
     def answer_ids(self, i: int) -> list[int]:
         return self.kept_ids + self.suffix_ids[i]
@@ -100,6 +101,7 @@ class Trainer:
         self.algo, self.rpo = config.algo, config.rpo
         self.extra_rewards = list(extra_rewards)
         self.warned_partial_scores = False
+        self.reward_metrics: dict[str, list[float]] = {}  # log_metric's values this step (score_groups)
         self.reward_weights = reward_weights(config) if config.reward_weights is not None else \
             [1.0] * (1 + len(self.extra_rewards))
         if len(self.reward_weights) != 1 + len(self.extra_rewards):
@@ -277,13 +279,50 @@ class Trainer:
     def score_groups(self, groups: list[Group]) -> None:
         """Each group's rewards (and correct answers, and each reward function's scores). A PooledReward
         scores every group's answers in one call, spread over its pool's workers; any other function is
-        called per group (a TRL-style one, or a reward model, once per group), in this process."""
+        called per group (a TRL-style one, or a reward model, once per group), in this process. What TRL-style
+        functions log goes to the step's metrics (log_metric) and the groups' completions (log_extra)."""
         answers = [[g.answer_ids(i) for i in range(len(g.suffix_ids))] for g in groups]
         texts = [[self.tokenizer.decode(ids, skip_special_tokens=True) for ids in group] for group in answers]
-        scores = [score_groups(fn, texts, [g.row for g in groups], answers, none_as_nan=index > 0)
+        log, state = RewardLog(), self.trainer_state() if self.reward_kwargs_taken("trainer_state") else None
+        scores = [score_groups(fn, texts, [g.row for g in groups], answers, none_as_nan=index > 0,
+                               trainer_state=state, log=log)
                   for index, fn in enumerate([self.reward_fn, *self.extra_rewards])]  # [function][group][sample]
         for j, g in enumerate(groups):
+            g.extra_columns = log.columns.get(j, {})
             self.shape_rewards(g, [len(ids) for ids in answers[j]], texts[j], [s[j] for s in scores])
+        for name, values in log.metrics.items():
+            self.reward_metrics.setdefault(name, []).extend(values)
+
+    def reward_kwargs_taken(self, keyword: str) -> bool:
+        """Whether a reward function takes TRL's `keyword` (trainer_state, log_metric, log_extra): the same on
+        every rank, so what depends on it may be a collective."""
+        return any(isinstance(fn, TRLStyleReward) and keyword in fn.trainer_kwargs
+                   for fn in [self.reward_fn, *self.extra_rewards])
+
+    def trainer_state(self):
+        """What a TRL-style reward function gets as `trainer_state`: transformers' TrainerState as TRL's
+        GRPOTrainer has it while it scores a step, global_step the optimizer steps done before this one."""
+        from transformers import TrainerState
+
+        c = self.config
+        return TrainerState(global_step=self.step_num, max_steps=c.steps,
+                            epoch=self.step_num * c.prompts_per_step / len(self.train_rows),
+                            num_train_epochs=math.ceil(c.steps * c.prompts_per_step / len(self.train_rows)),
+                            logging_steps=1, eval_steps=c.eval_steps, save_steps=c.save_steps,
+                            train_batch_size=c.prompts_per_step * c.num_generations,
+                            is_local_process_zero=self.dist.local_rank == 0, is_world_process_zero=self.dist.is_main)
+
+    def logged_reward_metrics(self, logged: dict[str, list[float]], metrics: dict, prefix: str = "") -> dict:
+        """`metrics` with the mean of each metric that reward functions logged (every rank's values), under its
+        own name (TRL's) after `prefix`; a name the trainer logs itself is an error, not a silent overwrite."""
+        if not self.reward_kwargs_taken("log_metric"):
+            return metrics
+        means = RewardLog.metric_means(self.dist.gather(logged), prefix)
+        taken = sorted(set(means) & set(metrics))
+        if taken:
+            raise UserError(f"a reward function logged the metric {taken[0]!r} (log_metric), a name the trainer "
+                            f"logs itself: give it another name")
+        return {**metrics, **means}
 
     def shape_rewards(self, group: Group, lengths: list[int], texts: list[str], scores: list[list[float]]) -> None:
         """The group's rewards from each reward function's `scores` (the accuracy's first): the accuracy,
@@ -722,6 +761,7 @@ class Trainer:
         kept_groups, kept_positions, kept = [], [], []
         totals = {"generated": 0, "cold_starts": 0, "cache_hits": 0, "verified": 0}
         completions = []  # --log-completions: this rank's groups of each round (gathered once advantages are set)
+        self.reward_metrics = {}  # what reward functions logged through log_metric this step, by name
         sampled = []  # every group's GroupResult, every round's (DAPO's dropped groups too): the rollout's statistics
         for round_index in range(1 + (algo.max_resample_rounds if algo.dynamic_sampling else 0)):
             rows = self.next_rows(c.prompts_per_step - len(kept))
@@ -828,7 +868,7 @@ class Trainer:
             for i, name in enumerate(self.reward_names()):
                 total, count = sum(r.score_sums[i] for r in sampled), sum(r.score_counts[i] for r in sampled)
                 metrics[f"rewards/{name}/mean"] = total / count if count else None
-        return metrics
+        return self.logged_reward_metrics(self.reward_metrics, metrics)
 
     def completion_records(self, groups: list[Group]) -> list[dict]:
         """One record per sampled completion of `groups`, as text: the prompt, the kept part of its cached
@@ -854,6 +894,7 @@ class Trainer:
                 if names:  # several reward functions: each one's score, unweighted (TRL's table has a column each)
                     records[-1]["scores"] = {name: None if math.isnan(scores[i]) else scores[i]  # None: not applied
                                              for name, scores in zip(names, g.scores)}
+                add_columns(records[-1], g.extra_columns, i)
         return records
 
     @torch.no_grad()
@@ -906,9 +947,12 @@ class Trainer:
             params = [SamplingParams(n=c.num_generations_eval, max_new_tokens=c.max_completion_length,
                                      temperature=c.eval_temperature, top_p=c.eval_top_p, top_k=c.eval_top_k,
                                      stop_token_ids=self.eos_ids, seed=self.seed_for(i, EVAL_SALT)) for i in share]
+        log = RewardLog()
         graded = sampled_graded(self.engine, self.tokenizer, rows, self.reward_fn,
                                 [self.eval_prompt_ids[i] for i in share], params,
-                                progress="eval" if c.progress and self.dist.is_main else False)
+                                progress="eval" if c.progress and self.dist.is_main else False,
+                                trainer_state=self.trainer_state() if self.reward_kwargs_taken("trainer_state") else None,
+                                log=log)
         rights = right_answers(graded)
         correct, solved, total = self.dist.sum([sum(rights), sum(n > 0 for n in rights), len(rows)])
         if not total:
@@ -916,7 +960,7 @@ class Trainer:
         metrics = {"eval_accuracy": correct / (total * c.num_generations_eval)}
         if c.num_generations_eval > 1:
             metrics["eval_pass_at_k"] = solved / total
-        return metrics
+        return self.logged_reward_metrics(log.metrics, metrics, prefix="eval_")  # TRL's eval metrics' prefix
 
     # ---- checkpoints -------------------------------------------------------------------------
     @property
@@ -1164,16 +1208,28 @@ def greedy_graded(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens
 
 
 @torch.no_grad()
-def sampled_graded(engine, tokenizer, rows, reward_fn, prompt_ids, params,
-                   progress=False) -> list[list[tuple[str, float, bool]]]:
+def sampled_graded(engine, tokenizer, rows, reward_fn, prompt_ids, params, progress=False, trainer_state=None,
+                   log: RewardLog | None = None) -> list[list[tuple[str, float, bool]]]:
     """Each row's samples under `params` (one SamplingParams, or one a row), each decoded, with its reward
-    and whether that is the full reward (a right answer)."""
+    and whether that is the full reward (a right answer). `trainer_state` and `log`: a TRL-style reward
+    function's (score_groups); row j's log_extra columns land in `log.columns[j]`."""
     outs = engine.generate(prompt_ids, params, progress=progress) if prompt_ids else []
     ids = [[c.token_ids for c in samples] for samples in outs]
     texts = [[tokenizer.decode(i, skip_special_tokens=True) for i in row_ids] for row_ids in ids]
-    rewards = score_groups(reward_fn, texts, rows, ids)  # a row's samples are a group
+    rewards = score_groups(reward_fn, texts, rows, ids, trainer_state=trainer_state, log=log)  # a row's samples: a group
     return [[(text, reward, is_correct(reward)) for text, reward in zip(row_texts, row_rewards)]
             for row_texts, row_rewards in zip(texts, rewards)]
+
+
+def add_columns(record: dict, columns: dict[str, list], i: int | None) -> None:
+    """A completions record with what reward functions logged for it (log_extra): value i of each column, or
+    (`i` None: a record of all the row's samples) the whole column. A column named as one of the record's
+    own fields is an error, not an overwrite."""
+    for column, values in columns.items():
+        if column in record:
+            raise UserError(f"a reward function logged the column {column!r} (log_extra), a name the completions "
+                            f"log uses itself: give it another name")
+        record[column] = values if i is None else values[i]
 
 
 def right_answers(graded: list[list[tuple[str, float, bool]]]) -> list[int]:

@@ -99,3 +99,17 @@ def first_attempt_failing_reward(completion_text: str, answer: str) -> float:
             and _calls == int(os.environ["RPO_ENGINE_TEST_FAIL_AT_CALL"])):
         raise RuntimeError("rank 1 fails in the first attempt")
     return hash_reward(completion_text, answer)
+
+
+async def async_judge(completions, answer, trainer_state, log_metric, log_extra, **kwargs):
+    """hash_reward as an async TRL-style judge (a network call's await), which also logs what TRL lets a reward
+    log: the global_step it was shown and its group's mean score (log_metric), a verdict per completion
+    (log_extra)."""
+    import asyncio
+
+    await asyncio.sleep(0)
+    scores = [hash_reward(c, a) for c, a in zip(completions, answer)]
+    log_metric("judge/global_step", trainer_state.global_step)
+    log_metric("judge/group_mean", sum(scores) / len(scores))
+    log_extra("judge_verdict", ["right" if s else "wrong" for s in scores])
+    return scores

@@ -134,10 +134,11 @@ def test_two_rank_checkpoint_resumes(runs, tiny_model_dir, tmp_path, nproc):
 def test_two_ranks_skipping_groups_without_signal_match_one_process(tiny_model_dir, tmp_path):
     """GRPO without a KL term: each rank leaves its groups with all-equal rewards out of the forward and
     backward (coin flips over G = 2: half the groups), so ranks run different numbers of micro-batches, or
-    none and pad; the loss normalisers still count every group of every rank."""
+    none and pad; the loss normalisers still count every group of every rank. The coin flips come from an
+    async TRL-style judge, which logs a metric (its mean is over every rank's calls) and a completions column."""
     common = ["--model", tiny_model_dir, "--steps", 3, "--eval-steps", 0, "--seed", 2, "--prompts-per-step", 4,
               "--num-generations", 2, "--max-completion-length", 32, "--train-size", 8, "--no-length-shaping",
-              "--micro-batch-tokens", 40, "--learning-rate", 1e-3, "--reward", "tests.reward_fns:hash_reward",
+              "--micro-batch-tokens", 40, "--learning-rate", 1e-3, "--reward", "tests.reward_fns:async_judge",
               "--rpo-unverified-cut", "least-likely",  # these samples give every step a mix of groups
               "--dist-timeout", 60, "--device", "cpu"]
     check(run([*common, "--output", tmp_path / "one", "--log-completions"]))
@@ -147,6 +148,8 @@ def test_two_ranks_skipping_groups_without_signal_match_one_process(tiny_model_d
     # rank 0 writes every rank's completions, in the one process's order
     assert (tmp_path / "one" / "completions.jsonl").read_text() == (tmp_path / "ddp" / "completions.jsonl").read_text()
     assert all(0 < m["frac_reward_zero_std"] < 1 and m["grad_norm"] > 0 for m in one[1:])
+    assert [m["judge/group_mean"] for m in one] == pytest.approx([m["judge/group_mean"] for m in ddp], abs=1e-12)
+    assert [m["judge/group_mean"] for m in one] == pytest.approx([m["reward_mean"] for m in one], abs=1e-12)
 
 
 def test_two_ranks_train_lora_adapters_like_one_process(tiny_model_dir, tmp_path):

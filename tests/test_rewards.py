@@ -2,6 +2,7 @@
 import math
 import threading
 import time
+import types
 import warnings
 
 import pytest
@@ -217,6 +218,9 @@ def test_trl_style_reward_is_called_the_way_trl_calls_it(tmp_path, monkeypatch):
             {"id": "b", "prompt": "2+2=", "answer": "4", "solution": "4"}]
     assert score_completions(reward, ["it is 2", "it is 5"], rows, [[7, 8], [9]]) == [1.0, 0.0]
     call = trl_rewards.calls[-1]
+    # TRL's trainer_state, log_metric and log_extra come too (**kwargs takes them): outside a run, a fresh state
+    state, log_metric, log_extra = (call.pop(k) for k in ("trainer_state", "log_metric", "log_extra"))
+    assert (state.global_step, state.epoch) == (0, 0) and callable(log_metric) and callable(log_extra)
     assert call == {"prompts": ["1+1=", "2+2="], "completions": ["it is 2", "it is 5"], "completion_ids": [[7, 8], [9]],
                     "answer": ["2", "4"], "id": ["a", "b"], "solution": ["2", "4"]}
     chat = [dict(rows[0], prompt=[{"role": "user", "content": "1+1="}])]
@@ -249,6 +253,76 @@ def test_trl_style_reward_mistakes_are_one_line_errors(tmp_path, monkeypatch):
     # an extra reward's None ("does not apply"): NaN, which the trainer adds as 0 and leaves out of its mean (TRL's)
     scores = score_completions(load_reward_fn("bad_trl_rewards:none"), ["x", "y"], rows, none_as_nan=True)
     assert len(scores) == 2 and all(math.isnan(x) for x in scores)
+
+
+def test_async_trl_reward_groups_are_awaited_together_on_one_lasting_loop(tmp_path, monkeypatch):
+    """An async TRL-style function (TRL awaits them): one call a group, every group's call in flight at once (a
+    barrier that needs all three would time out one call at a time), on the same event loop from one scoring to
+    the next (a client made in an earlier call stays usable). An async callable object and a functools.partial
+    of an async function are awaited too."""
+    from rpo_engine.rewards.answers import score_groups
+
+    (tmp_path / "async_rewards.py").write_text(
+        "import asyncio, functools\n"
+        "loops, state = [], {}\n"
+        "async def judge(completions, answer, **kwargs):\n"
+        "    loops.append(asyncio.get_running_loop())\n"
+        "    barrier = state.setdefault(len(loops) > 3, asyncio.Barrier(3))\n"
+        "    await asyncio.wait_for(barrier.wait(), 10)\n"
+        "    return [float(c == a) for c, a in zip(completions, answer)]\n"
+        "class Judge:\n"
+        "    async def __call__(self, completions, answer, **kwargs):\n"
+        "        return [float(c == a) for c, a in zip(completions, answer)]\n"
+        "judge_object = Judge()\n"
+        "async def _scaled(completions, answer, scale, **kwargs):\n"
+        "    return [scale * (c == a) for c, a in zip(completions, answer)]\n"
+        "judge_partial = functools.partial(_scaled, scale=2.0)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import async_rewards
+
+    rows = [{"id": str(i), "prompt": f"{i}+0=", "answer": str(i)} for i in range(3)]
+    texts = [["0", "9"], ["1"], ["5", "2", "2"]]
+    expected = [[1.0, 0.0], [1.0], [0.0, 1.0, 1.0]]
+    for _ in range(2):  # twice: a second scoring's calls meet on the first's loop
+        assert score_groups(load_reward_fn("async_rewards:judge"), texts, rows) == expected
+    assert len(async_rewards.loops) == 6 and len(set(async_rewards.loops)) == 1
+    assert score_groups(load_reward_fn("async_rewards:judge_object"), texts, rows) == expected
+    assert score_groups(load_reward_fn("async_rewards:judge_partial"), texts, rows) == [[2 * x for x in e] for e in expected]
+
+
+def test_trl_reward_logging_and_state_mistakes_are_one_line_errors(tmp_path, monkeypatch):
+    """What TRL lets a reward function log, checked: log_metric takes a finite number, log_extra one value per
+    completion of its call, a column once per group; an async function's exception names it and its line. A
+    function that takes none of TRL's extra arguments gets none of them."""
+    from rpo_engine.rewards.answers import RewardLog, score_groups
+
+    (tmp_path / "logging_rewards.py").write_text(
+        "def nan_metric(completions, log_metric, **kwargs):\n    log_metric('judge/score', float('nan'))\n    return [0.0] * len(completions)\n"
+        "def short_column(completions, log_extra, **kwargs):\n    log_extra('why', ['a'])\n    return [0.0] * len(completions)\n"
+        "def twice(completions, log_extra, **kwargs):\n    log_extra('why', ['a'] * len(completions))\n"
+        "    log_extra('why', ['b'] * len(completions))\n    return [0.0] * len(completions)\n"
+        "async def boom(completions, **kwargs):\n    return [1 / 0]\n"
+        "def good(completions, trainer_state, log_metric, log_extra, **kwargs):\n"
+        "    log_metric('judge/step', trainer_state.global_step)\n"
+        "    log_extra('why', [f'{c}!' for c in completions])\n    return [1.0] * len(completions)\n"
+        "def bare(completions, prompts, completion_ids, answer, id):\n    return [1.0] * len(completions)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rows = [{"id": "a", "prompt": "p", "answer": "2"}, {"id": "b", "prompt": "q", "answer": "3"}]
+    texts = [["x", "y"], ["z"]]
+    for fn, why in (("nan_metric", "logged nan (float) as metric 'judge/score', expected a finite number"),
+                    ("short_column", "logged 1 values as column 'why' for 2 completions"),
+                    ("twice", "logged column 'why' twice for one group"),
+                    ("boom", "raised ZeroDivisionError: division by zero (")):
+        with pytest.raises(UserError) as e:
+            score_groups(load_reward_fn(f"logging_rewards:{fn}"), texts, rows)
+        msg = str(e.value)
+        assert f"logging_rewards:{fn}" in msg and why in msg and "\n" not in msg, msg
+    assert "logging_rewards.py:12;" in msg  # where the awaited code raised
+    log, state = RewardLog(), types.SimpleNamespace(global_step=7)
+    assert score_groups(load_reward_fn("logging_rewards:good"), texts, rows, trainer_state=state, log=log) == [[1.0, 1.0], [1.0]]
+    assert log.metrics == {"judge/step": [7, 7]} and log.columns == {0: {"why": ["x!", "y!"]}, 1: {"why": ["z!"]}}
+    assert RewardLog.metric_means([log.metrics, {"judge/step": [1]}], "eval_") == {"eval_judge/step": 5.0}
+    assert score_groups(load_reward_fn("logging_rewards:bare"), texts, rows) == [[1.0, 1.0], [1.0]]
 
 
 # ---- a reward model (TRL's reward_funcs given a model) ----------------------------------------------

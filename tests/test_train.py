@@ -641,6 +641,26 @@ def test_completion_records_split_the_text_the_reward_read(tiny_model_dir):
     assert record["kept_tokens"] == cut and record["completion_tokens"] == len(ids) - cut
 
 
+def test_what_rewards_log_under_a_name_the_trainer_uses_is_an_error_not_an_overwrite():
+    """log_metric's name or log_extra's column, when the trainer's metrics or completions record already use it."""
+    from rpo_engine.distributed import Dist
+    from rpo_engine.errors import UserError
+    from rpo_engine.rewards import TRLStyleReward
+    from rpo_engine.trainer import Trainer, add_columns
+
+    record = {"step": 1, "completion": "2"}
+    add_columns(record, {"why": ["a", "b"]}, 1)
+    assert record == {"step": 1, "completion": "2", "why": "b"}
+    with pytest.raises(UserError, match="logged the column 'completion' \\(log_extra\\), a name the completions log uses"):
+        add_columns(record, {"completion": ["x", "y"]}, 0)
+    trainer = object.__new__(Trainer)
+    trainer.dist, trainer.extra_rewards = Dist(), []
+    trainer.reward_fn = TRLStyleReward(lambda completions, log_metric: [0.0] * len(completions), "judge")
+    assert trainer.logged_reward_metrics({"judge/x": [1.0, 2.0]}, {"loss": 0.5}) == {"loss": 0.5, "judge/x": 1.5}
+    with pytest.raises(UserError, match="logged the metric 'eval_accuracy' \\(log_metric\\), a name the trainer logs"):
+        trainer.logged_reward_metrics({"accuracy": [1.0]}, {"eval_accuracy": 0.5}, prefix="eval_")
+
+
 def test_conversational_dataset_through_the_chat_template(tmp_path, tiny_model_dir):
     """TRL-style rows (a system message, then the user's) train through the model's chat template."""
     from tests.helpers import with_chat_template
@@ -661,13 +681,20 @@ def test_conversational_dataset_through_the_chat_template(tmp_path, tiny_model_d
 
 
 def test_trl_style_reward_trains_like_ours(tmp_path, tiny_model_dir):
-    """The same reward written TRL's way (a list of completions in, a list of rewards out) trains the same run."""
+    """The same reward written TRL's way (a list of completions in, a list of rewards out) trains the same run;
+    so does an async one, which logs, as TRL lets it, a metric (the trainer_state.global_step it was shown:
+    the steps done before) and a column of the completions log."""
     common = ["--model", tiny_model_dir, "--steps", 2, "--eval-steps", 2, "--train-size", 3, *SMALL]
     run_train(*common, "--reward", "tests.reward_fns:hash_reward", "--output", tmp_path / "ours")
     run_train(*common, "--reward", "tests.reward_fns:trl_hash_reward", "--output", tmp_path / "trl")
-    ours, trl = read_metrics(tmp_path / "ours"), read_metrics(tmp_path / "trl")
+    run_train(*common, "--reward", "tests.reward_fns:async_judge", "--log-completions", "--output", tmp_path / "judge")
+    ours, trl, judge = read_metrics(tmp_path / "ours"), read_metrics(tmp_path / "trl"), read_metrics(tmp_path / "judge")
     assert len(ours) == len(trl) == 3 and 0 < ours[1]["reward_mean"] < 1
-    for a, b in zip(ours, trl):
+    assert [(m.get("judge/global_step"), m.get("eval_judge/global_step")) for m in judge] == \
+        [(None, 0), (0, None), (1, 2)]  # evals at steps 0 and 2; step k's rewards are scored after k - 1 steps
+    records = [json.loads(line) for line in (tmp_path / "judge" / "completions.jsonl").read_text().splitlines()]
+    assert len(records) == 2 * 3 * 4 and all(r["judge_verdict"] == ("right" if r["correct"] else "wrong") for r in records)
+    for a, b in [*zip(ours, trl), *zip(ours, judge)]:
         for key in ("eval_accuracy", "reward_mean", "rollout_generated_tokens", "cache_verified_rate"):
             assert a.get(key) == b.get(key), key
         for key in ("loss", "grad_norm"):  # the same computation; approx only against thread-count rounding
@@ -2240,6 +2267,14 @@ def test_eval_cli_samples(tmp_path, tiny_model_dir):
         outs.append([json.loads(line) for line in (tmp_path / name).read_text().splitlines()])
     assert outs[0] == outs[1] == outs[2]  # seeded; scored in worker processes the same
     rows = outs[0]
+    # the same reward as an async TRL-style judge: the same verdicts, with what it logged (a column of each row's
+    # K values; its metric, the trainer_state.global_step of a model no run is training)
+    judged = subprocess.run([*cmd[:-1], "tests.reward_fns:async_judge", "--output", str(tmp_path / "judge.jsonl")],
+                            capture_output=True, text=True, cwd=REPO)
+    assert judged.returncode == 0 and "eval_judge/global_step 0\n" in judged.stdout, judged.stderr
+    judge = [json.loads(line) for line in (tmp_path / "judge.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in r.items() if k != "judge_verdict"} for r in judge] == rows
+    assert [r["judge_verdict"] for r in judge] == [["right" if c else "wrong" for c in r["correct"]] for r in rows]
     assert all(len(r["completions"]) == len(r["rewards"]) == len(r["correct"]) == 4 for r in rows)
     assert len({c for r in rows for c in r["completions"]}) > 6  # sampled, not the same completion four times
     avg = sum(sum(r["correct"]) for r in rows) / 24

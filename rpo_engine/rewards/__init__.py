@@ -8,6 +8,7 @@ from rpo_engine.rewards.answers import (
     is_correct,
     load_reward_fn,
     math_answer_reward,
+    RewardLog,
     score_completions,
     TRLStyleReward,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "is_correct",
     "load_reward_fn",
     "math_answer_reward",
+    "RewardLog",
     "score_completions",
     "TRLStyleReward",
 ]

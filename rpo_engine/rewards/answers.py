@@ -5,13 +5,16 @@ Convention for every reward function (built-in or user-supplied): ``fn(completio
 without the prompt) and ``answer`` is the dataset row's reference answer. A user function with a
 ``completions`` parameter is called TRL's way instead, once per group of completions:
 ``fn(prompts=[...], completions=[...], completion_ids=[...], answer=[...], <other columns>=[...])
--> list[float]`` (`TRLStyleReward`). `score_completions` calls either kind.
+-> list[float]`` (`TRLStyleReward`). `score_completions` calls either kind. As in TRL, such a function may
+be async (its groups are then awaited together), and it is also given ``trainer_state``, ``log_metric`` and
+``log_extra`` where its signature takes them (`RewardLog`).
 
 A reference answer may itself be a worked solution ending in ``#### <answer>`` (GSM8K style); then only
 the part after its last ``####`` is compared.
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import importlib
 import importlib.util
@@ -38,6 +41,7 @@ __all__ = [
     "score_completions",
     "score_groups",
     "TRLStyleReward",
+    "RewardLog",
     "BUILTIN_REWARDS",
 ]
 
@@ -309,6 +313,95 @@ def _finite(value) -> float:
         return math.nan
 
 
+_ASYNC_LOOP: tuple[int, asyncio.AbstractEventLoop] | None = None  # (the process that started it, the loop)
+_ASYNC_LOCK = threading.Lock()
+
+
+def await_together(awaitables: list) -> list:
+    """Each of `awaitables`' result, or the exception it raised, in order, awaited together on an event loop
+    that lives as long as the process (on a daemon thread), as TRL awaits async reward functions: a client
+    that a function's earlier call made (an httpx.AsyncClient, say) stays bound to a running loop."""
+    global _ASYNC_LOOP
+    with _ASYNC_LOCK:
+        if _ASYNC_LOOP is None or _ASYNC_LOOP[0] != os.getpid():  # a forked child has the loop but not its thread
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="rpo_engine-async-rewards", daemon=True).start()
+            _ASYNC_LOOP = (os.getpid(), loop)
+        loop = _ASYNC_LOOP[1]
+
+    async def together():
+        return await asyncio.gather(*awaitables, return_exceptions=True)
+
+    return asyncio.run_coroutine_threadsafe(together(), loop).result()
+
+
+class RewardLog:
+    """What TRL-style reward functions report besides their scores, through the keyword arguments TRL gives
+    them: `log_metric(name, value)`, a scalar (`metrics` keeps every value, the trainer logs their mean), and
+    `log_extra(column, values)`, a column of the completions table with one value per completion of the call
+    (`columns`: group index among the scored groups -> column -> values)."""
+
+    def __init__(self):
+        self.metrics: dict[str, list[float]] = {}
+        self.columns: dict[int, dict[str, list]] = {}
+
+    def add_metric(self, function: str, name, value) -> None:
+        if not isinstance(name, str) or not name:
+            raise UserError(f"reward function {function!r} called log_metric with the name {name!r}, expected a "
+                            f"non-empty string")
+        number = _finite(value)
+        if not math.isfinite(number):
+            raise UserError(f"reward function {function!r} logged {value!r} ({type(value).__name__}) as metric "
+                            f"{name!r}, expected a finite number")
+        self.metrics.setdefault(name, []).append(number)
+
+    def add_column(self, function: str, group: int, count: int, column, values) -> None:
+        if not isinstance(column, str) or not column:
+            raise UserError(f"reward function {function!r} called log_extra with the column {column!r}, expected "
+                            f"a non-empty string")
+        values = values.tolist() if hasattr(values, "tolist") else values
+        if not isinstance(values, (list, tuple)) or len(values) != count:
+            got = f"{len(values)} values" if isinstance(values, (list, tuple)) else repr(values)
+            raise UserError(f"reward function {function!r} logged {got} as column {column!r} for {count} "
+                            f"completions, expected a list of one value per completion")
+        columns = self.columns.setdefault(group, {})
+        if column in columns:  # two functions' columns of one name: neither would show
+            raise UserError(f"reward function {function!r} logged column {column!r} twice for one group of "
+                            f"completions (two reward functions using one column name?)")
+        columns[column] = [_plain(v) for v in values]
+
+    @staticmethod
+    def metric_means(logs: list[dict[str, list[float]]], prefix: str = "") -> dict[str, float]:
+        """The mean of each metric over `logs` (RewardLog.metrics of several ranks or calls), names prefixed."""
+        merged: dict[str, list[float]] = {}
+        for log in logs:
+            for name, values in log.items():
+                merged.setdefault(name, []).extend(values)
+        return {prefix + name: sum(values) / len(values) for name, values in merged.items()}
+
+
+def _plain(value):
+    """A logged value as JSON can write it: a numpy or torch scalar as its number, anything else not JSON's as
+    its str (TRL's table takes any object; completions.jsonl cannot)."""
+    if hasattr(value, "tolist") and hasattr(value, "ndim"):  # a numpy / torch scalar or array
+        value = value.tolist()
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return str(value)
+
+
+def default_trainer_state():
+    """The trainer_state a TRL-style function gets outside a training run (the eval command, an embedding
+    caller's score_completions): transformers' TrainerState before any step."""
+    from transformers import TrainerState
+
+    return TrainerState()
+
+
 class TRLStyleReward:
     """A reward function written for TRL's GRPOTrainer, called the way TRL calls it: keyword arguments
     `prompts` (each row's prompt: a string, or its messages), `completions` (strings; for conversational
@@ -316,24 +409,80 @@ class TRLStyleReward:
     columns as a list (`answer`, `id`, ...); one finite number per completion back. TRL's `None` ("does not
     apply") from a second or later function is NaN here (`none_as_nan`): the trainer adds it as 0 (TRL's nansum
     over functions) and leaves it out of the function's mean score (TRL's nanmean); from the accuracy, which
-    must say right or wrong, it is an error."""
+    must say right or wrong, it is an error.
+
+    Also as in TRL: an async function (or one returning an awaitable) has its groups' calls awaited together,
+    so a judge or sandbox behind a network call serves them at once; and a function whose signature takes
+    them (by name or through **kwargs) gets `trainer_state` (transformers' TrainerState: global_step, the
+    steps done before this one, max_steps, epoch, ...), `log_metric(name, value)` and `log_extra(column,
+    values)` (`RewardLog`)."""
+
+    TRAINER_KWARGS = ("trainer_state", "log_metric", "log_extra")
 
     def __init__(self, fn, name: str):
         self.fn, self.name = fn, name
         functools.update_wrapper(self, fn)
+        try:
+            parameters = inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            parameters = {}
+        any_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+        self.trainer_kwargs = [k for k in self.TRAINER_KWARGS if any_keyword or k in parameters]
 
     def score(self, texts: list[str], rows: list[dict], completion_ids: list[list[int]] | None = None,
-              none_as_nan: bool = False) -> list[float]:
-        if not texts:
-            return []
+              none_as_nan: bool = False, trainer_state=None, log: RewardLog | None = None) -> list[float]:
+        return self.score_groups([texts], [rows], [completion_ids], none_as_nan, trainer_state, log)[0]
+
+    def score_groups(self, texts: list[list[str]], rows: list[list[dict]], completion_ids: list | None = None,
+                     none_as_nan: bool = False, trainer_state=None, log: RewardLog | None = None) -> list[list[float]]:
+        """Each group's scores: one call a group (group j's completions `texts[j]` answering `rows[j]`),
+        the calls of an async function awaited together. `log` collects what the calls log (group j's columns
+        under j)."""
+        log = log if log is not None else RewardLog()
+        if "trainer_state" in self.trainer_kwargs and trainer_state is None:
+            trainer_state = default_trainer_state()
+        ids = completion_ids if completion_ids is not None else [None] * len(texts)
+        values, waiting = [[] for _ in texts], {}
+        try:
+            for j, (group, group_rows, group_ids) in enumerate(zip(texts, rows, ids)):
+                if group:
+                    value = self.call(group, group_rows, group_ids, trainer_state, log, j)
+                    if inspect.isawaitable(value):
+                        waiting[j] = value
+                    else:
+                        values[j] = value
+        except BaseException:
+            for value in waiting.values():  # never awaited: closed, so Python does not warn of each
+                getattr(value, "close", lambda: None)()
+            raise
+        if waiting:
+            for j, value in zip(waiting, await_together(list(waiting.values()))):
+                if isinstance(value, BaseException):  # a log_metric / log_extra mistake is already named
+                    if isinstance(value, UserError) or not isinstance(value, Exception):
+                        raise value
+                    raise _raised(self.name, value, f"awaited TRL's way on {len(texts[j])} completions") from None
+                values[j] = value
+        return [self.checked(value, group, group_rows, none_as_nan) if group else []
+                for value, group, group_rows in zip(values, texts, rows)]
+
+    def call(self, texts: list[str], rows: list[dict], completion_ids, trainer_state, log: RewardLog, group: int):
+        """One call of the function on one group's completions: its return value (an awaitable for an async one)."""
         conversational = not isinstance(rows[0]["prompt"], str)
         completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else list(texts)
         columns = {key: [row.get(key) for row in rows] for key in rows[0] if key not in ("prompt", "completion")}
+        extras = {"trainer_state": trainer_state,
+                  "log_metric": lambda name, value: log.add_metric(self.name, name, value),
+                  "log_extra": lambda column, values: log.add_column(self.name, group, len(texts), column, values)}
         try:
-            values = self.fn(prompts=[row["prompt"] for row in rows], completions=completions,
-                             completion_ids=completion_ids, **columns)
+            return self.fn(prompts=[row["prompt"] for row in rows], completions=completions,
+                           completion_ids=completion_ids, **columns, **{k: extras[k] for k in self.trainer_kwargs})
+        except UserError:  # a log_metric / log_extra mistake, already named
+            raise
         except Exception as e:  # noqa: BLE001 - the user's code; reported, not hidden
             raise _raised(self.name, e, f"called TRL's way on {len(texts)} completions") from None
+
+    def checked(self, values, texts: list[str], rows: list[dict], none_as_nan: bool) -> list[float]:
+        """The function's return value for one group as finite numbers, or a one-line error naming it."""
         values = values.tolist() if hasattr(values, "tolist") else values
         if not isinstance(values, (list, tuple)) or len(values) != len(texts):  # a dict's keys are no scores
             got = f"{len(values)} values" if isinstance(values, (list, tuple)) else \
@@ -349,25 +498,35 @@ class TRLStyleReward:
 
 
 def score_completions(reward_fn, texts: list[str], rows: list[dict],
-                      completion_ids: list[list[int]] | None = None, none_as_nan: bool = False) -> list[float]:
+                      completion_ids: list[list[int]] | None = None, none_as_nan: bool = False,
+                      trainer_state=None, log: RewardLog | None = None) -> list[float]:
     """Rewards of `texts`, completion i answering `rows[i]`: a TRLStyleReward, a RewardModel or a PooledReward
     once for all, any other reward function (ours: `fn(completion_text, answer)`) once per completion.
-    `none_as_nan`: a TRL-style function's None is NaN (an extra reward that does not apply to a completion)."""
+    `none_as_nan`: a TRL-style function's None is NaN (an extra reward that does not apply to a completion).
+    `trainer_state` and `log`: what a TRL-style function is given as trainer_state, and where its log_metric
+    and log_extra calls go (TRLStyleReward)."""
     from rpo_engine.rewards.model import RewardModel  # here: answers.py itself imports no torch
     from rpo_engine.rewards.pool import PooledReward
 
-    if isinstance(reward_fn, (TRLStyleReward, RewardModel, PooledReward)):  # one call for all
+    if isinstance(reward_fn, TRLStyleReward):
+        return reward_fn.score(texts, rows, completion_ids, none_as_nan, trainer_state, log)
+    if isinstance(reward_fn, (RewardModel, PooledReward)):  # one call for all
         return reward_fn.score(texts, rows, completion_ids, none_as_nan)
     return [float(reward_fn(text, row["answer"])) for text, row in zip(texts, rows)]
 
 
 def score_groups(reward_fn, texts: list[list[str]], rows: list[dict],
-                 completion_ids: list[list[list[int]]] | None = None, none_as_nan: bool = False) -> list[list[float]]:
+                 completion_ids: list[list[list[int]]] | None = None, none_as_nan: bool = False,
+                 trainer_state=None, log: RewardLog | None = None) -> list[list[float]]:
     """Rewards of several groups of completions, group j's `texts[j]` answering `rows[j]`: a PooledReward
-    scores every group in one call, spread over its workers; any other function group by group
-    (`score_completions`: a TRL-style function or a reward model once per group)."""
+    scores every group in one call, spread over its workers; a TRL-style function is called once per group
+    (an async one's calls awaited together; group j's log_extra columns in `log.columns[j]`); any other
+    function group by group (`score_completions`: a reward model once per group)."""
     from rpo_engine.rewards.pool import PooledReward
 
+    if isinstance(reward_fn, TRLStyleReward):
+        return reward_fn.score_groups(texts, [[row] * len(group) for row, group in zip(rows, texts)],
+                                      completion_ids, none_as_nan, trainer_state, log)
     if isinstance(reward_fn, PooledReward):
         flat = iter(reward_fn.score([t for group in texts for t in group],
                                     [row for row, group in zip(rows, texts) for _ in group]))
