@@ -41,7 +41,7 @@ from rpo_engine.kernels import policy_loss
 from rpo_engine.model.lora import adapters_disabled, lora_settings, save_adapter
 from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, plan_micro_batches
 from rpo_engine.optim import load_adamw_state, lr_multiplier, make_adamw, params_with_gradients
-from rpo_engine.rewards.answers import RewardLog, TRLStyleReward, is_correct, score_groups
+from rpo_engine.rewards.answers import RewardLog, TRLStyleReward, is_correct, score_functions, score_groups
 from rpo_engine.rewards.pool import PooledReward
 from rpo_engine.rewards.shaping import length_aware_accuracy, overlong_penalty
 from rpo_engine.rpo.cache import ExperienceCache
@@ -278,15 +278,15 @@ class Trainer:
 
     def score_groups(self, groups: list[Group]) -> None:
         """Each group's rewards (and correct answers, and each reward function's scores). A PooledReward
-        scores every group's answers in one call, spread over its pool's workers; any other function is
-        called per group (a TRL-style one, or a reward model, once per group), in this process. What TRL-style
-        functions log goes to the step's metrics (log_metric) and the groups' completions (log_extra)."""
+        scores every group's answers in one call, spread over its pool's workers; a TRL-style function is
+        called once for all of them (TRL's once a batch; the async ones awaited together), a reward model and
+        ours group by group, in this process (score_functions). What TRL-style functions log goes to the
+        step's metrics (log_metric) and the groups' completions (log_extra)."""
         answers = [[g.answer_ids(i) for i in range(len(g.suffix_ids))] for g in groups]
         texts = [[self.tokenizer.decode(ids, skip_special_tokens=True) for ids in group] for group in answers]
         log, state = RewardLog(), self.trainer_state() if self.reward_kwargs_taken("trainer_state") else None
-        scores = [score_groups(fn, texts, [g.row for g in groups], answers, none_as_nan=index > 0,
-                               trainer_state=state, log=log)
-                  for index, fn in enumerate([self.reward_fn, *self.extra_rewards])]  # [function][group][sample]
+        scores = score_functions([self.reward_fn, *self.extra_rewards], texts, [g.row for g in groups], answers,
+                                 trainer_state=state, log=log)  # [function][group][sample]
         for j, g in enumerate(groups):
             g.extra_columns = log.columns.get(j, {})
             self.shape_rewards(g, [len(ids) for ids in answers[j]], texts[j], [s[j] for s in scores])

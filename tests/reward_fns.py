@@ -103,13 +103,12 @@ def first_attempt_failing_reward(completion_text: str, answer: str) -> float:
 
 async def async_judge(completions, answer, trainer_state, log_metric, log_extra, **kwargs):
     """hash_reward as an async TRL-style judge (a network call's await), which also logs what TRL lets a reward
-    log: the global_step it was shown and its group's mean score (log_metric), a verdict per completion
-    (log_extra)."""
+    log: the global_step it was shown and its mean score (log_metric), a verdict per completion (log_extra)."""
     import asyncio
 
     await asyncio.sleep(0)
     scores = [hash_reward(c, a) for c, a in zip(completions, answer)]
     log_metric("judge/global_step", trainer_state.global_step)
-    log_metric("judge/group_mean", sum(scores) / len(scores))
+    log_metric("judge/mean_score", sum(scores) / len(scores))
     log_extra("judge_verdict", ["right" if s else "wrong" for s in scores])
     return scores

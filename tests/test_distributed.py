@@ -148,8 +148,8 @@ def test_two_ranks_skipping_groups_without_signal_match_one_process(tiny_model_d
     # rank 0 writes every rank's completions, in the one process's order
     assert (tmp_path / "one" / "completions.jsonl").read_text() == (tmp_path / "ddp" / "completions.jsonl").read_text()
     assert all(0 < m["frac_reward_zero_std"] < 1 and m["grad_norm"] > 0 for m in one[1:])
-    assert [m["judge/group_mean"] for m in one] == pytest.approx([m["judge/group_mean"] for m in ddp], abs=1e-12)
-    assert [m["judge/group_mean"] for m in one] == pytest.approx([m["reward_mean"] for m in one], abs=1e-12)
+    assert [m["judge/mean_score"] for m in one] == pytest.approx([m["judge/mean_score"] for m in ddp], abs=1e-12)
+    assert [m["judge/mean_score"] for m in one] == pytest.approx([m["reward_mean"] for m in one], abs=1e-12)
 
 
 def test_two_ranks_train_lora_adapters_like_one_process(tiny_model_dir, tmp_path):

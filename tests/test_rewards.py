@@ -201,7 +201,7 @@ def test_user_reward_mistakes_are_one_line_errors(tmp_path, monkeypatch):
 
 
 def test_trl_style_reward_is_called_the_way_trl_calls_it(tmp_path, monkeypatch):
-    """A function with a `completions` parameter gets TRL's keyword arguments, one call per group."""
+    """A function with a `completions` parameter gets TRL's keyword arguments, one call for all."""
     from rpo_engine.rewards import TRLStyleReward, score_completions
 
     (tmp_path / "trl_rewards.py").write_text(
@@ -255,21 +255,22 @@ def test_trl_style_reward_mistakes_are_one_line_errors(tmp_path, monkeypatch):
     assert len(scores) == 2 and all(math.isnan(x) for x in scores)
 
 
-def test_async_trl_reward_groups_are_awaited_together_on_one_lasting_loop(tmp_path, monkeypatch):
-    """An async TRL-style function (TRL awaits them): one call a group, every group's call in flight at once (a
-    barrier that needs all three would time out one call at a time), on the same event loop from one scoring to
-    the next (a client made in an earlier call stays usable). An async callable object and a functools.partial
-    of an async function are awaited too."""
-    from rpo_engine.rewards.answers import score_groups
+def test_trl_rewards_are_called_once_a_batch_and_async_ones_awaited_together_on_one_lasting_loop(tmp_path, monkeypatch):
+    """TRL-style functions are called once for all the groups scored together (TRL's once a batch), and the async
+    ones (TRL awaits them) together: two judges that each wait for the other at a barrier would time out one
+    after the other. The event loop is the same from one scoring to the next (a client made in an earlier call
+    stays usable). An async callable object and a functools.partial of an async function are awaited too."""
+    from rpo_engine.rewards.answers import score_functions, score_groups
 
     (tmp_path / "async_rewards.py").write_text(
         "import asyncio, functools\n"
-        "loops, state = [], {}\n"
+        "calls, barriers = [], {}\n"
         "async def judge(completions, answer, **kwargs):\n"
-        "    loops.append(asyncio.get_running_loop())\n"
-        "    barrier = state.setdefault(len(loops) > 3, asyncio.Barrier(3))\n"
+        "    calls.append((asyncio.get_running_loop(), len(completions)))\n"
+        "    barrier = barriers.setdefault(len(calls) > 2, asyncio.Barrier(2))\n"
         "    await asyncio.wait_for(barrier.wait(), 10)\n"
         "    return [float(c == a) for c, a in zip(completions, answer)]\n"
+        "other_judge = judge\n"
         "class Judge:\n"
         "    async def __call__(self, completions, answer, **kwargs):\n"
         "        return [float(c == a) for c, a in zip(completions, answer)]\n"
@@ -283,9 +284,10 @@ def test_async_trl_reward_groups_are_awaited_together_on_one_lasting_loop(tmp_pa
     rows = [{"id": str(i), "prompt": f"{i}+0=", "answer": str(i)} for i in range(3)]
     texts = [["0", "9"], ["1"], ["5", "2", "2"]]
     expected = [[1.0, 0.0], [1.0], [0.0, 1.0, 1.0]]
-    for _ in range(2):  # twice: a second scoring's calls meet on the first's loop
-        assert score_groups(load_reward_fn("async_rewards:judge"), texts, rows) == expected
-    assert len(async_rewards.loops) == 6 and len(set(async_rewards.loops)) == 1
+    judges = [load_reward_fn("async_rewards:judge"), load_reward_fn("async_rewards:other_judge")]
+    for _ in range(2):  # twice: the second scoring's calls meet on the first's loop
+        assert score_functions(judges, texts, rows) == [expected, expected]
+    assert [n for _, n in async_rewards.calls] == [6] * 4 and len({loop for loop, _ in async_rewards.calls}) == 1
     assert score_groups(load_reward_fn("async_rewards:judge_object"), texts, rows) == expected
     assert score_groups(load_reward_fn("async_rewards:judge_partial"), texts, rows) == [[2 * x for x in e] for e in expected]
 
@@ -310,8 +312,8 @@ def test_trl_reward_logging_and_state_mistakes_are_one_line_errors(tmp_path, mon
     rows = [{"id": "a", "prompt": "p", "answer": "2"}, {"id": "b", "prompt": "q", "answer": "3"}]
     texts = [["x", "y"], ["z"]]
     for fn, why in (("nan_metric", "logged nan (float) as metric 'judge/score', expected a finite number"),
-                    ("short_column", "logged 1 values as column 'why' for 2 completions"),
-                    ("twice", "logged column 'why' twice for one group"),
+                    ("short_column", "logged 1 values as column 'why' for 3 completions"),
+                    ("twice", "logged column 'why' twice for the same completions"),
                     ("boom", "raised ZeroDivisionError: division by zero (")):
         with pytest.raises(UserError) as e:
             score_groups(load_reward_fn(f"logging_rewards:{fn}"), texts, rows)
@@ -320,8 +322,9 @@ def test_trl_reward_logging_and_state_mistakes_are_one_line_errors(tmp_path, mon
     assert "logging_rewards.py:12;" in msg  # where the awaited code raised
     log, state = RewardLog(), types.SimpleNamespace(global_step=7)
     assert score_groups(load_reward_fn("logging_rewards:good"), texts, rows, trainer_state=state, log=log) == [[1.0, 1.0], [1.0]]
-    assert log.metrics == {"judge/step": [7, 7]} and log.columns == {0: {"why": ["x!", "y!"]}, 1: {"why": ["z!"]}}
-    assert RewardLog.metric_means([log.metrics, {"judge/step": [1]}], "eval_") == {"eval_judge/step": 5.0}
+    # one call for both groups; its column cut back into the groups'
+    assert log.metrics == {"judge/step": [7]} and log.columns == {0: {"why": ["x!", "y!"]}, 1: {"why": ["z!"]}}
+    assert RewardLog.metric_means([log.metrics, {"judge/step": [1, 4]}], "eval_") == {"eval_judge/step": 4.0}
     assert score_groups(load_reward_fn("logging_rewards:bare"), texts, rows) == [[1.0, 1.0], [1.0]]
 
 

@@ -3,11 +3,11 @@
 Convention for every reward function (built-in or user-supplied): ``fn(completion_text: str, answer: str)
 -> float``, where ``completion_text`` is the decoded completion (the kept RPO path + the generated suffix,
 without the prompt) and ``answer`` is the dataset row's reference answer. A user function with a
-``completions`` parameter is called TRL's way instead, once per group of completions:
+``completions`` parameter is called TRL's way instead, once per batch of completions:
 ``fn(prompts=[...], completions=[...], completion_ids=[...], answer=[...], <other columns>=[...])
 -> list[float]`` (`TRLStyleReward`). `score_completions` calls either kind. As in TRL, such a function may
-be async (its groups are then awaited together), and it is also given ``trainer_state``, ``log_metric`` and
-``log_extra`` where its signature takes them (`RewardLog`).
+be async (the batch's async functions are then awaited together), and it is also given ``trainer_state``,
+``log_metric`` and ``log_extra`` where its signature takes them (`RewardLog`).
 
 A reference answer may itself be a worked solution ending in ``#### <answer>`` (GSM8K style); then only
 the part after its last ``####`` is compared.
@@ -39,6 +39,7 @@ __all__ = [
     "load_reward_fn",
     "is_correct",
     "score_completions",
+    "score_functions",
     "score_groups",
     "TRLStyleReward",
     "RewardLog",
@@ -355,20 +356,22 @@ class RewardLog:
                             f"{name!r}, expected a finite number")
         self.metrics.setdefault(name, []).append(number)
 
-    def add_column(self, function: str, group: int, count: int, column, values) -> None:
+    def add_column(self, function: str, sizes: list[int], column, values) -> None:
+        """A call's column, over the completions of groups of `sizes`: kept group by group."""
         if not isinstance(column, str) or not column:
             raise UserError(f"reward function {function!r} called log_extra with the column {column!r}, expected "
                             f"a non-empty string")
         values = values.tolist() if hasattr(values, "tolist") else values
+        count = sum(sizes)
         if not isinstance(values, (list, tuple)) or len(values) != count:
             got = f"{len(values)} values" if isinstance(values, (list, tuple)) else repr(values)
             raise UserError(f"reward function {function!r} logged {got} as column {column!r} for {count} "
                             f"completions, expected a list of one value per completion")
-        columns = self.columns.setdefault(group, {})
-        if column in columns:  # two functions' columns of one name: neither would show
-            raise UserError(f"reward function {function!r} logged column {column!r} twice for one group of "
+        if any(column in self.columns.get(j, {}) for j in range(len(sizes))):  # neither would show
+            raise UserError(f"reward function {function!r} logged column {column!r} twice for the same "
                             f"completions (two reward functions using one column name?)")
-        columns[column] = [_plain(v) for v in values]
+        for j, part in enumerate(_split([_plain(v) for v in values], sizes)):
+            self.columns.setdefault(j, {})[column] = part
 
     @staticmethod
     def metric_means(logs: list[dict[str, list[float]]], prefix: str = "") -> dict[str, float]:
@@ -406,16 +409,17 @@ class TRLStyleReward:
     """A reward function written for TRL's GRPOTrainer, called the way TRL calls it: keyword arguments
     `prompts` (each row's prompt: a string, or its messages), `completions` (strings; for conversational
     prompts TRL's `[{"role": "assistant", "content": text}]`), `completion_ids`, and each of the rows' other
-    columns as a list (`answer`, `id`, ...); one finite number per completion back. TRL's `None` ("does not
-    apply") from a second or later function is NaN here (`none_as_nan`): the trainer adds it as 0 (TRL's nansum
-    over functions) and leaves it out of the function's mean score (TRL's nanmean); from the accuracy, which
-    must say right or wrong, it is an error.
+    columns as a list (`answer`, `id`, ...); one finite number per completion back. It is called once for a
+    whole batch (every group the trainer scores at once), as TRL calls it once per batch. TRL's `None` ("does
+    not apply") from a second or later function is NaN here (`none_as_nan`): the trainer adds it as 0 (TRL's
+    nansum over functions) and leaves it out of the function's mean score (TRL's nanmean); from the accuracy,
+    which must say right or wrong, it is an error.
 
-    Also as in TRL: an async function (or one returning an awaitable) has its groups' calls awaited together,
-    so a judge or sandbox behind a network call serves them at once; and a function whose signature takes
-    them (by name or through **kwargs) gets `trainer_state` (transformers' TrainerState: global_step, the
-    steps done before this one, max_steps, epoch, ...), `log_metric(name, value)` and `log_extra(column,
-    values)` (`RewardLog`)."""
+    Also as in TRL: an async function (or one returning an awaitable) is awaited, together with the other
+    async functions of the batch (`score_functions`), so judges or sandboxes behind network calls serve them
+    at once; and a function whose signature takes them (by name or through **kwargs) gets `trainer_state`
+    (transformers' TrainerState: global_step, the steps done before this one, max_steps, epoch, ...),
+    `log_metric(name, value)` and `log_extra(column, values)` (`RewardLog`)."""
 
     TRAINER_KWARGS = ("trainer_state", "log_metric", "log_extra")
 
@@ -431,48 +435,19 @@ class TRLStyleReward:
 
     def score(self, texts: list[str], rows: list[dict], completion_ids: list[list[int]] | None = None,
               none_as_nan: bool = False, trainer_state=None, log: RewardLog | None = None) -> list[float]:
-        return self.score_groups([texts], [rows], [completion_ids], none_as_nan, trainer_state, log)[0]
+        """One score per completion, completion i answering `rows[i]`: one call (awaited, for an async function)."""
+        return _score_trl([self], [none_as_nan], texts, rows, completion_ids, [len(texts)], trainer_state, log)[0]
 
-    def score_groups(self, texts: list[list[str]], rows: list[list[dict]], completion_ids: list | None = None,
-                     none_as_nan: bool = False, trainer_state=None, log: RewardLog | None = None) -> list[list[float]]:
-        """Each group's scores: one call a group (group j's completions `texts[j]` answering `rows[j]`),
-        the calls of an async function awaited together. `log` collects what the calls log (group j's columns
-        under j)."""
-        log = log if log is not None else RewardLog()
-        if "trainer_state" in self.trainer_kwargs and trainer_state is None:
-            trainer_state = default_trainer_state()
-        ids = completion_ids if completion_ids is not None else [None] * len(texts)
-        values, waiting = [[] for _ in texts], {}
-        try:
-            for j, (group, group_rows, group_ids) in enumerate(zip(texts, rows, ids)):
-                if group:
-                    value = self.call(group, group_rows, group_ids, trainer_state, log, j)
-                    if inspect.isawaitable(value):
-                        waiting[j] = value
-                    else:
-                        values[j] = value
-        except BaseException:
-            for value in waiting.values():  # never awaited: closed, so Python does not warn of each
-                getattr(value, "close", lambda: None)()
-            raise
-        if waiting:
-            for j, value in zip(waiting, await_together(list(waiting.values()))):
-                if isinstance(value, BaseException):  # a log_metric / log_extra mistake is already named
-                    if isinstance(value, UserError) or not isinstance(value, Exception):
-                        raise value
-                    raise _raised(self.name, value, f"awaited TRL's way on {len(texts[j])} completions") from None
-                values[j] = value
-        return [self.checked(value, group, group_rows, none_as_nan) if group else []
-                for value, group, group_rows in zip(values, texts, rows)]
-
-    def call(self, texts: list[str], rows: list[dict], completion_ids, trainer_state, log: RewardLog, group: int):
-        """One call of the function on one group's completions: its return value (an awaitable for an async one)."""
+    def call(self, texts: list[str], rows: list[dict], completion_ids, trainer_state, log: RewardLog,
+             sizes: list[int]):
+        """The function called on `texts` (the completions of groups of `sizes`, in order): its return value,
+        an awaitable for an async function."""
         conversational = not isinstance(rows[0]["prompt"], str)
         completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else list(texts)
         columns = {key: [row.get(key) for row in rows] for key in rows[0] if key not in ("prompt", "completion")}
         extras = {"trainer_state": trainer_state,
                   "log_metric": lambda name, value: log.add_metric(self.name, name, value),
-                  "log_extra": lambda column, values: log.add_column(self.name, group, len(texts), column, values)}
+                  "log_extra": lambda column, values: log.add_column(self.name, sizes, column, values)}
         try:
             return self.fn(prompts=[row["prompt"] for row in rows], completions=completions,
                            completion_ids=completion_ids, **columns, **{k: extras[k] for k in self.trainer_kwargs})
@@ -482,7 +457,7 @@ class TRLStyleReward:
             raise _raised(self.name, e, f"called TRL's way on {len(texts)} completions") from None
 
     def checked(self, values, texts: list[str], rows: list[dict], none_as_nan: bool) -> list[float]:
-        """The function's return value for one group as finite numbers, or a one-line error naming it."""
+        """What the function returned for `texts` as finite numbers, or a one-line error naming it."""
         values = values.tolist() if hasattr(values, "tolist") else values
         if not isinstance(values, (list, tuple)) or len(values) != len(texts):  # a dict's keys are no scores
             got = f"{len(values)} values" if isinstance(values, (list, tuple)) else \
@@ -495,6 +470,35 @@ class TRLStyleReward:
                 raise UserError(f"reward function {self.name!r} returned {value!r} ({type(value).__name__}) for a "
                                 f"completion, expected a finite number (reference answer {row['answer']!r})")
         return numbers
+
+
+def _score_trl(functions: list[TRLStyleReward], none_as_nan: list[bool], texts: list[str], rows: list[dict],
+               completion_ids, sizes: list[int], trainer_state, log: RewardLog | None) -> list[list[float]]:
+    """Each TRL-style function's scores of `texts` (completion i answering `rows[i]`; groups of `sizes`), each
+    called once, the async ones awaited together."""
+    if not texts:
+        return [[] for _ in functions]
+    log = log if log is not None else RewardLog()
+    if trainer_state is None and any("trainer_state" in fn.trainer_kwargs for fn in functions):
+        trainer_state = default_trainer_state()
+    returned = []
+    try:
+        for fn in functions:
+            returned.append(fn.call(texts, rows, completion_ids, trainer_state, log, sizes))
+    except BaseException:
+        for value in returned:  # never to be awaited: closed, so Python does not warn of each
+            if inspect.iscoroutine(value):
+                value.close()
+        raise
+    waiting = [i for i, value in enumerate(returned) if inspect.isawaitable(value)]
+    if waiting:
+        for i, value in zip(waiting, await_together([returned[i] for i in waiting])):
+            if isinstance(value, BaseException):  # a log_metric / log_extra mistake is already named
+                if isinstance(value, UserError) or not isinstance(value, Exception):
+                    raise value
+                raise _raised(functions[i].name, value, f"awaited TRL's way on {len(texts)} completions") from None
+            returned[i] = value
+    return [fn.checked(value, texts, rows, nan) for fn, value, nan in zip(functions, returned, none_as_nan)]
 
 
 def score_completions(reward_fn, texts: list[str], rows: list[dict],
@@ -515,25 +519,52 @@ def score_completions(reward_fn, texts: list[str], rows: list[dict],
     return [float(reward_fn(text, row["answer"])) for text, row in zip(texts, rows)]
 
 
+def score_functions(functions: list, texts: list[list[str]], rows: list[dict],
+                    completion_ids: list[list[list[int]]] | None = None, none_as_nan: list[bool] | None = None,
+                    trainer_state=None, log: RewardLog | None = None) -> list[list[list[float]]]:
+    """Each function's rewards ([function][group][sample]) of several groups of completions, group j's
+    `texts[j]` answering `rows[j]`. The TRL-style functions are each called once for every group's
+    completions, as TRL calls them once per batch, and the async ones among them are awaited together
+    (group j's log_extra columns land in `log.columns[j]`); a PooledReward scores every group in one call,
+    spread over its workers; a reward model and ours go group by group (`score_completions`).
+    `none_as_nan`: per function, whether its None is NaN; by default the first function's is an error (it
+    decides right answers) and the others' NaN (TRL's "does not apply")."""
+    from rpo_engine.rewards.pool import PooledReward
+
+    none_as_nan = none_as_nan if none_as_nan is not None else [i > 0 for i in range(len(functions))]
+    ids = completion_ids if completion_ids is not None else [None] * len(texts)
+    sizes = [len(group) for group in texts]
+    trl = [i for i, fn in enumerate(functions) if isinstance(fn, TRLStyleReward)]
+    scores: dict[int, list[list[float]]] = {}
+    if trl:
+        flat_ids = None if completion_ids is None else [i for group in ids for i in group]
+        flat = _score_trl([functions[i] for i in trl], [none_as_nan[i] for i in trl], [t for g in texts for t in g],
+                          [row for row, group in zip(rows, texts) for _ in group], flat_ids, sizes, trainer_state, log)
+        scores.update({i: _split(values, sizes) for i, values in zip(trl, flat)})
+    for i, fn in enumerate(functions):
+        if i in scores:
+            continue
+        if isinstance(fn, PooledReward):
+            scores[i] = _split(fn.score([t for g in texts for t in g], [row for row, g in zip(rows, texts) for _ in g]),
+                               sizes)
+        else:
+            scores[i] = [score_completions(fn, group, [row] * len(group), group_ids, none_as_nan[i])
+                         for group, row, group_ids in zip(texts, rows, ids)]
+    return [scores[i] for i in range(len(functions))]
+
+
 def score_groups(reward_fn, texts: list[list[str]], rows: list[dict],
                  completion_ids: list[list[list[int]]] | None = None, none_as_nan: bool = False,
                  trainer_state=None, log: RewardLog | None = None) -> list[list[float]]:
-    """Rewards of several groups of completions, group j's `texts[j]` answering `rows[j]`: a PooledReward
-    scores every group in one call, spread over its workers; a TRL-style function is called once per group
-    (an async one's calls awaited together; group j's log_extra columns in `log.columns[j]`); any other
-    function group by group (`score_completions`: a reward model once per group)."""
-    from rpo_engine.rewards.pool import PooledReward
+    """Rewards of several groups of completions, group j's `texts[j]` answering `rows[j]`, by one function
+    (`score_functions`: a TRL-style function or a PooledReward scores every group in one call)."""
+    return score_functions([reward_fn], texts, rows, completion_ids, [none_as_nan], trainer_state, log)[0]
 
-    if isinstance(reward_fn, TRLStyleReward):
-        return reward_fn.score_groups(texts, [[row] * len(group) for row, group in zip(rows, texts)],
-                                      completion_ids, none_as_nan, trainer_state, log)
-    if isinstance(reward_fn, PooledReward):
-        flat = iter(reward_fn.score([t for group in texts for t in group],
-                                    [row for row, group in zip(rows, texts) for _ in group]))
-        return [[next(flat) for _ in group] for group in texts]
-    ids = completion_ids if completion_ids is not None else [None] * len(texts)
-    return [score_completions(reward_fn, group, [row] * len(group), group_ids, none_as_nan)
-            for group, row, group_ids in zip(texts, rows, ids)]
+
+def _split(values: list, sizes: list[int]) -> list[list]:
+    """`values` cut into consecutive runs of `sizes`."""
+    it = iter(values)
+    return [[next(it) for _ in range(n)] for n in sizes]
 
 
 def checked_reward(fn, name: str):

@@ -8,7 +8,7 @@ in the same order.
 
 The workers resolve the functions from their `--reward` names themselves (a closure, or the checked
 wrapper around a user's function, does not pickle), and are started by spawn: a forked copy of a
-process that holds torch's thread pools can deadlock. TRL-style functions (called once per group, and
+process that holds torch's thread pools can deadlock. TRL-style functions (called once per batch, and
 free to batch or keep state) and reward models (a model on the GPU) are scored in the trainer's process.
 A user function that raises, or returns something that is not a number, fails the same one-line way as
 in the trainer's process: the error comes back from the worker. As with any spawned worker, a script of
