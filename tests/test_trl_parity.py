@@ -10,7 +10,7 @@ a single micro-batch is where they must agree.
 The inputs are fp32 values held in fp64: TRL computes in fp64 on them, our loss in fp32 (its kernel's dtype,
 and the torch reference's), so the tolerances are fp32's, not 1e-10.
 
-CI does not install TRL: the module is skipped there.
+TRL is a test requirement (setup.py's `test` extra), so CI runs this; without TRL the module is skipped.
 """
 import collections
 import math
