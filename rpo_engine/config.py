@@ -55,6 +55,24 @@ def reward_weights(config) -> list[float]:
     return [float(w) for w in config.reward_weights.split(",")]
 
 
+def stop_strings(value: str | None, flag: str = "--stop") -> list[str] | None:
+    """The stop strings an option gives: a JSON list of strings ('["</answer>", "\\n\\n"]') or JSON string
+    ('"\\n\\n"'), or any other text as the one string it is ('</answer>'); None for none."""
+    if value is None:
+        return None
+    parsed = value  # a string: itself (`--stop 42` stops at "42")
+    if value.startswith(("[", '"')):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            pass  # not JSON after all ('[END]'): the string itself
+    strings = [parsed] if isinstance(parsed, str) else parsed
+    if not isinstance(strings, list) or not strings or not all(isinstance(x, str) and x for x in strings):
+        raise UserError(f"{flag} must be a string or a JSON list of non-empty strings, e.g. '[\"</answer>\"]', "
+                        f"got {value!r}")
+    return strings
+
+
 def warmup_length(config) -> int:
     """The warmup in optimizer steps: --warmup-steps as transformers 5 reads it (N >= 1 steps, below 1 a
     fraction), else --warmup-ratio; a fraction of --steps is rounded up, as Hugging Face rounds it."""
@@ -367,6 +385,7 @@ class TrainConfig:
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
     top_k: int = field(default=0, metadata={"help": "top-k sampling (0: off)"})
     min_p: float = field(default=0.0, metadata={"help": "min-p sampling: drop tokens less likely than min_p times the most likely one (0: off)"})
+    stop: str | None = field(default=None, metadata={"help": "end a completion at the token that completes this string in its text, kept as a stop token is; several: a JSON list, '[\"</answer>\", \"\\n\\n\"]' (vLLM's name; transformers' stop_strings rule, the text before the completion included, so an RPO suffix completing a string its kept path began stops too); the evals stop there too (default: none)"})
     repetition_penalty: float = field(default=1.0, metadata={"help": "divide the logit of each token already in the prompt or the completion by this where positive, multiply where negative, before the temperature (TRL's name; transformers' and vLLM's rule): above 1 discourages repeats; the rollout's log-probs stay the policy's, without it, as training recomputes them; the greedy eval decodes without it, as without the temperature (1: off)"})
     learning_rate: float = field(default=1.5e-5, metadata={"help": "peak learning rate (AdamW; the default suits the built-in starter model, use ~1e-6 for 1B+ models)"})
     warmup_ratio: float = field(default=0.05, metadata={"help": "fraction of steps (rounded up, as Hugging Face rounds it) of linear warmup before the decay (none with --lr-scheduler-type constant)"})
@@ -433,6 +452,7 @@ class TrainConfig:
         _check(self.top_k >= 0, f"--top-k must be >= 0, got {self.top_k}")
         _check(0 <= self.min_p <= 1, f"--min-p must be in [0, 1], got {self.min_p}")
         _check(self.repetition_penalty > 0, f"--repetition-penalty must be > 0 (1: off), got {self.repetition_penalty}")
+        stop_strings(self.stop)
         _check(self.learning_rate > 0, f"--learning-rate must be > 0, got {self.learning_rate}")
         _check(0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.warmup_steps is not None:
@@ -704,7 +724,7 @@ HELP_GROUPS = {
                        "filter_overlong_prompts"),
     "run": ("output", "resume", "resume_from_checkpoint", "config", "seed", "steps"),
     "rollout": ("prompts_per_step", "num_generations", "max_prompt_length", "max_completion_length", "temperature",
-                "top_p", "top_k", "min_p", "repetition_penalty", "gpu_memory_utilization", "enable_sleep_mode", "max_num_seqs", "enforce_eager",
+                "top_p", "top_k", "min_p", "stop", "repetition_penalty", "gpu_memory_utilization", "enable_sleep_mode", "max_num_seqs", "enforce_eager",
                 "async_scheduling"),
     "rewards and prompts": ("reward", "reward_weights", "reward_workers", "format_reward_weight", "chat_template",
                             "chat_template_kwargs", "system_prompt"),
@@ -840,6 +860,8 @@ def _load_yaml(path: str) -> tuple[dict, bool]:
         if key == "reward_weights" and isinstance(value, (int, float)) and not isinstance(value, bool):
             value = str(value)  # one function's weight, as --reward-weights 2 and [2] take it
         if key == "chat_template_kwargs" and isinstance(value, dict):  # a YAML mapping: the flag's JSON
+            value = json.dumps(value)
+        if key == "stop" and isinstance(value, list):  # a YAML list of strings: the flag's JSON
             value = json.dumps(value)
         flat[key] = value
     return flat, record

@@ -20,7 +20,7 @@ from rpo_engine.errors import UserError, run_cli
 
 def main(argv=None) -> int:
     import rpo_engine
-    from rpo_engine.config import OneLineParser, config_from_dict, samples_past_engine
+    from rpo_engine.config import OneLineParser, config_from_dict, samples_past_engine, stop_strings
     from rpo_engine.model.checkpoint import model_directory
     from rpo_engine.model.lora import load_adapter
     from rpo_engine.rollout import SamplingParams
@@ -61,6 +61,8 @@ def main(argv=None) -> int:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1.0)")
     parser.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0: off (default: 0)")
     parser.add_argument("--min-p", type=float, default=0.0, help="min-p sampling, 0: off (default: 0)")
+    parser.add_argument("--stop", help="end a completion at the token that completes this string in its text; several: "
+                                        "a JSON list, '[\"</answer>\", \"\\n\\n\"]', as in training (default: none)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0,
                         help="divide a seen token's positive logit by this, multiply a negative one, greedy "
                              "decoding included (transformers' rule; default: 1, off)")
@@ -103,6 +105,7 @@ def main(argv=None) -> int:
             listed = given[0] if len(given) == 1 else f"{', '.join(given[:-1])} and {given[-1]}"
             raise UserError(f"{listed} {'does' if len(given) == 1 else 'do'} nothing with --temperature 0 (greedy; "
                             f"give --temperature > 0 to sample)")
+    stop = stop_strings(args.stop)
     try:  # before any loading: SamplingParams checks the sampling options
         SamplingParams(n=args.num_samples, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                        min_p=args.min_p, seed=args.seed, repetition_penalty=args.repetition_penalty)
@@ -152,10 +155,11 @@ def main(argv=None) -> int:
     eos_ids = stop_ids(model, tokenizer)
     params = [SamplingParams(n=args.num_samples, max_new_tokens=config.max_completion_length,
                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
-                             repetition_penalty=args.repetition_penalty,
+                             repetition_penalty=args.repetition_penalty, stop=stop,
                              stop_token_ids=eos_ids, seed=args.seed + i) for i in range(len(rows))]
     # an adapter is decoded merged: nothing trains it here
-    engine = rollout_engine(model, args.gpu_memory_utilization, args.max_num_seqs, args.enforce_eager, merge_lora=True)
+    engine = rollout_engine(model, args.gpu_memory_utilization, args.max_num_seqs, args.enforce_eager, merge_lora=True,
+                            tokenizer=tokenizer)
     reward = resolve_reward(config)
     pool = reward_pool(config, [reward])
     log = RewardLog()  # a TRL-style reward's log_metric / log_extra

@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 
 from rpo_engine.algos.grpo import decoupled_rewards, group_advantages, informative_groups
-from rpo_engine.config import TrainConfig, config_to_dict, reward_weights, warmup_length
+from rpo_engine.config import TrainConfig, config_to_dict, reward_weights, stop_strings, warmup_length
 from rpo_engine.distributed import Dist, consolidated_optimizer_state, full_tensor, load_consolidated_optimizer_state
 from rpo_engine.errors import UserError
 from rpo_engine.kernels import policy_loss
@@ -126,7 +126,8 @@ class Trainer:
         self.prompt_ids = dict(zip([row["id"] for row in self.train_rows], train_ids))
         self.engine = rollout_engine(self.model, config.gpu_memory_utilization, config.max_num_seqs,
                                      config.enforce_eager, async_scheduling=config.async_scheduling,
-                                     merge_lora=config.lora_merged_rollout)
+                                     merge_lora=config.lora_merged_rollout, tokenizer=tokenizer)
+        self.stop = stop_strings(config.stop)  # --stop, for the rollout and the evals
         # The KL reference: with LoRA the base model itself, its adapters switched off (no second model);
         # else a frozen copy of the initial policy.
         self.lora = lora_settings(self.model) is not None
@@ -189,7 +190,7 @@ class Trainer:
         c = self.config
         return SamplingParams(n=n, max_new_tokens=budget, temperature=c.temperature, top_p=c.top_p,
                               top_k=c.top_k, min_p=c.min_p, repetition_penalty=c.repetition_penalty,
-                              stop_token_ids=self.eos_ids, seed=seed)
+                              stop_token_ids=self.eos_ids, stop=self.stop, seed=seed)
 
     def seed_for(self, row_index: int, salt: int, step: int | None = None) -> int:
         # Sampling seeds derive from (run seed, step, position): resumed runs draw the same samples. Salts: the
@@ -942,11 +943,12 @@ class Trainer:
         rows = [self.eval_rows[i] for i in share]
         if c.eval_temperature == 0:
             params = SamplingParams(n=1, max_new_tokens=c.max_completion_length, temperature=0.0,
-                                    stop_token_ids=self.eos_ids)
+                                    stop_token_ids=self.eos_ids, stop=self.stop)
         else:
             params = [SamplingParams(n=c.num_generations_eval, max_new_tokens=c.max_completion_length,
                                      temperature=c.eval_temperature, top_p=c.eval_top_p, top_k=c.eval_top_k,
-                                     stop_token_ids=self.eos_ids, seed=self.seed_for(i, EVAL_SALT)) for i in share]
+                                     stop_token_ids=self.eos_ids, stop=self.stop, seed=self.seed_for(i, EVAL_SALT))
+                      for i in share]
         log = RewardLog()
         graded = sampled_graded(self.engine, self.tokenizer, rows, self.reward_fn,
                                 [self.eval_prompt_ids[i] for i in share], params,

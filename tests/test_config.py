@@ -531,3 +531,15 @@ def test_penalty_and_eval_top_k_out_of_range_are_refused_before_loading(flags, m
     # past the check, SamplingParams refused them at the first rollout or eval: a ValueError traceback after the loading
     with pytest.raises(UserError, match=message):
         parse_args(flags)
+
+
+def test_stop_strings_option_reads_a_string_or_a_json_list():
+    from rpo_engine.config import stop_strings
+
+    assert stop_strings(None) is None
+    assert stop_strings("</answer>") == ["</answer>"] and stop_strings("42") == ["42"]  # not JSON's number
+    assert stop_strings('["</answer>", "\\n\\n"]') == ["</answer>", "\n\n"] and stop_strings('"\\n"') == ["\n"]
+    assert stop_strings("[END]") == ["[END]"] and stop_strings('"') == ['"']  # start like JSON, are not: themselves
+    for bad in ("", "[]", '[""]', "[1]"):
+        with pytest.raises(UserError, match="--stop must be a string or a JSON list of non-empty strings"):
+            stop_strings(bad)

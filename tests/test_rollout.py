@@ -114,6 +114,123 @@ def test_stop_tokens(checkpoints):
     assert got.token_ids == free.token_ids[:first + 1] and got.finish_reason == "stop"
 
 
+@pytest.fixture(scope="module")
+def worded_checkpoints(tmp_path_factory):
+    """The three families with the task tokenizer's byte-level vocabulary (random weights write any of its
+    bytes, so a stop string is met across token boundaries, inside a token and within a multi-byte character)."""
+    from rpo_engine.data.tokenizer import build_task_tokenizer
+
+    tok, out = build_task_tokenizer(), {}
+    for family in ("llama", "qwen2", "qwen3"):
+        directory = tmp_path_factory.mktemp(f"worded_{family}")
+        out[family] = (save_hf_checkpoint(family, directory, vocab_size=len(tok)),
+                       rpo_engine.load_model(directory, device=DEVICE))
+    return tok, out
+
+
+def first_stop(tok, tokens, prompt_len, strings):
+    """The index (among the completion's tokens) of the first token that completes one of `strings` in the
+    text of the prompt and completion, decoded whole each time; None where none does (the rule, by brute force)."""
+    import os
+
+    for i in range(prompt_len, len(tokens)):
+        before, after = (tok.decode(tokens[:j], skip_special_tokens=True) for j in (i, i + 1))
+        new_from = len(os.path.commonprefix([before, after]))
+        if any(after.find(x, max(0, new_from - len(x) + 1)) != -1 for x in strings):
+            return i - prompt_len
+    return None
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_stop_strings_match_transformers(worded_checkpoints, family):
+    """SamplingParams.stop (vLLM's name) ends each greedy sample at the token transformers' generate(stop_strings=)
+    ends it at, token for token; several prompts with their own stop strings in one call, n = 2."""
+    tok, checkpoints = worded_checkpoints
+    hf, model = checkpoints[family]
+    prompts = random_prompts(len(tok), [5, 13, 8, 3])
+    engine = RolloutEngine(model, block_size=4, tokenizer=tok)
+    free = engine.generate(prompts, SamplingParams(max_new_tokens=40, temperature=0, stop_token_ids=[]))
+    stops = []  # for each prompt, two 3-character pieces of its free completion's text (not a cut character)
+    for (c,) in free:
+        text = tok.decode(c.token_ids, skip_special_tokens=True)
+        stops.append([p for p in (text[3:6], text[14:17]) if p and "\ufffd" not in p] or ["no such text"])
+    params = [SamplingParams(n=2, max_new_tokens=40, temperature=0, stop_token_ids=[], stop=s) for s in stops]
+    outs = engine.generate(prompts, params)
+    stopped = 0
+    for prompt, strings, samples in zip(prompts, stops, outs):
+        ids = torch.tensor([prompt])
+        expected = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=40,
+                               eos_token_id=None, pad_token_id=0, stop_strings=strings, tokenizer=tok)
+        expected = expected[0, len(prompt):].tolist()
+        for c in samples:
+            assert c.token_ids == expected
+            assert c.finish_reason == ("stop" if len(expected) < 40 else "length")
+        stopped += len(expected) < 40
+    assert stopped >= 3  # the strings were met, mostly before the budget
+    assert engine.last_stats.blocks_used == 0
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_stop_strings_by_brute_force_with_sampling_async_steps_and_preemption(worded_checkpoints, streaming, monkeypatch):
+    """Sampled completions end at the first token that completes a stop string, by the text decoded whole
+    each step (the engine reads it a token at a time from a DecodeStream, or decodes a window: both ways),
+    the prompt's tail included: one begun in a kept RPO path and completed by the suffix stops it. The same
+    completions with async scheduling and a K/V budget that preempts."""
+    import functools
+
+    from rpo_engine.rollout import engine as engine_module
+    from rpo_engine.rollout.stop import StopStrings
+
+    monkeypatch.setattr(engine_module, "StopStrings", functools.partial(StopStrings, streaming=streaming))
+    tok, checkpoints = worded_checkpoints
+    _, model = checkpoints["qwen2"]
+    prompts = random_prompts(len(tok), [6, 11, 4, 9], seed=3)
+    free_params = [SamplingParams(n=4, max_new_tokens=30, temperature=1.0, stop_token_ids=[], seed=i)
+                   for i in range(len(prompts))]
+    engine = RolloutEngine(model, block_size=4, tokenizer=tok)
+    free = engine.generate(prompts, free_params)
+    # stop strings from the first sample's text: a pair, two characters, and one that never occurs
+    stops = []
+    for samples in free:
+        text = tok.decode(samples[0].token_ids, skip_special_tokens=True).replace("\ufffd", "")
+        stops.append([text[6:8] or "zz", text[15:16] or "z", text[4:5] or "z", "never in this text \u20ac"])
+    params = [dataclasses.replace(p, stop=s) for p, s in zip(free_params, stops)]
+    outs = engine.generate(prompts, params)
+    ended = 0
+    for prompt, strings, samples, free_samples in zip(prompts, stops, outs, free):
+        for c, f in zip(samples, free_samples):
+            at = first_stop(tok, prompt + f.token_ids, len(prompt), strings)  # the same draws, cut at the stop
+            assert c.token_ids == (f.token_ids if at is None else f.token_ids[:at + 1])
+            assert c.finish_reason == ("length" if at is None else "stop")
+            ended += at is not None
+    assert ended >= 6  # of 16 (and the others ran to their budget)
+    small = RolloutEngine(model, block_size=4, num_blocks=12, async_scheduling=True, tokenizer=tok)
+    assert [[c.token_ids for c in o] for o in small.generate(prompts, params)] == [[c.token_ids for c in o] for o in outs]
+    assert small.stats.preemptions > 0
+    # a stop string that a kept path began (the text of its last token and the next): the suffix's first token
+    # completes it, and ends it
+    path = engine.generate([prompts[0]], SamplingParams(max_new_tokens=30, temperature=0, stop_token_ids=[]))[0][0].token_ids
+    k = next(k for k in range(1, 30) if all(tok.decode([t]) and "\ufffd" not in tok.decode([t]) for t in path[k - 1:k + 1]))
+    spanning = tok.decode(path[k - 1:k + 1])
+    (suffix,), = engine.generate([prompts[0] + path[:k]], SamplingParams(max_new_tokens=5, temperature=0,
+                                                                         stop_token_ids=[], stop=spanning))
+    assert suffix.token_ids == [path[k]] and suffix.finish_reason == "stop"
+
+
+def test_stop_strings_need_the_tokenizer_and_are_strings(checkpoints):
+    _, model = checkpoints["qwen2"]
+    assert SamplingParams(stop="</answer>").stop == ["</answer>"]  # one string, as vLLM takes it
+    assert SamplingParams(stop=("a", "b")).stop == ["a", "b"]
+    for bad in ([""], [1], ["a", None], b"x"):
+        with pytest.raises(ValueError, match="SamplingParams.stop must be a string or a list of non-empty strings"):
+            SamplingParams(stop=bad)
+    with pytest.raises(ValueError, match=r"SamplingParams.stop \['x'\] needs the text: build the engine with the "
+                                         r"model's tokenizer, RolloutEngine\(model, tokenizer=...\)"):
+        RolloutEngine(model).generate([[5, 6]], SamplingParams(max_new_tokens=2, stop=["x"]))
+    with pytest.raises(ValueError, match="tokenizer must be a tokenizer"):
+        RolloutEngine(model, tokenizer="gpt2")
+
+
 def test_progress_bar_changes_nothing(checkpoints, capsys):
     hf, model = checkpoints["qwen2"]
     prompts = random_prompts(hf.config.vocab_size, [5, 9])

@@ -623,6 +623,40 @@ def test_log_completions(tmp_path, tiny_model_dir):
         assert (max(kept) > 0) if name == "rpo" else (max(kept) == 0 and {r["kept"] for r in records} == {""})
 
 
+def test_stop_strings_end_rpo_and_full_path_completions(tmp_path, tiny_model_dir):
+    """--stop (vLLM's name): every sample, an RPO suffix after its kept path included, ends at the first of its
+    tokens that completes a stop string in the text (the brute-force rule of test_rollout), or runs to its
+    budget or eos without one; a YAML list is the flag's JSON list; a bad value is one line."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+    from tests.test_rollout import first_stop
+
+    strings = ["1", "2", "3", " ", "a"]
+    base = ["--model", str(tiny_model_dir), "--no-progress", "--eval-steps", "0", "--train-size", "3",
+            "--stop", json.dumps(strings), *map(str, SMALL)]
+    stopped, samples, kept = 0, 0, 0
+    for flags in ([], ["--no-rpo"]):
+        trainer = build_trainer(parse_args([*base, *flags]))
+        groups, score = [], trainer.score_groups
+        trainer.score_groups = lambda gs: (score(gs), groups.extend(gs))
+        for _ in range(3):
+            trainer.step()
+        for g in groups:
+            before = g.prompt_ids + g.kept_ids
+            kept += len(g.kept_ids) > 0
+            for suffix, reason in zip(g.suffix_ids, g.finish_reasons):
+                at = first_stop(trainer.tokenizer, before + suffix, len(before), strings)
+                ends_at_eos = suffix and suffix[-1] in trainer.eos_ids
+                assert at == (len(suffix) - 1 if reason == "stop" and not ends_at_eos else None), (suffix, reason)
+                stopped, samples = stopped + (at is not None), samples + 1
+    assert stopped > samples // 2 and kept > 0  # most samples met one; RPO continued kept paths
+    (tmp_path / "stop.yaml").write_text("stop: " + json.dumps(strings) + "\n")
+    assert parse_args(["--config", str(tmp_path / "stop.yaml")]).stop == json.dumps(strings)
+    for value in ('[""]', "[1]", '["a", 2]', '""'):
+        proc = run_train("--output", tmp_path / "bad", "--stop", value, check=False)
+        assert_user_error(proc, f"--stop must be a string or a JSON list of non-empty strings, e.g. '[\"</answer>\"]', got {value!r}")
+
+
 def test_completion_records_split_the_text_the_reward_read(tiny_model_dir):
     """A cut inside a character's bytes: `kept` + `completion` is still the answer's text, not two halves
     decoded apart (U+FFFD each)."""
@@ -2182,6 +2216,12 @@ def test_eval_cli(tmp_path, tiny_model_dir):
     assert [r["answer"] for r in rows] == ["2", "4"] and all(r["correct"] is False and r["reward"] == 0.0 for r in rows)
     assert [r["id"] for r in rows] == ["0", "1"]  # the dataset's ids (here its row numbers), to join the file back
     assert all(isinstance(r["completion"], str) and r["prompt"].startswith("Q: ") for r in rows)
+    # --stop: the random model writes "::::::::" after the prompt's "A:"; its first ":" completes "::" with the
+    # prompt's last character, and ends there (transformers' stop_strings rule: the text before counts)
+    assert [r["completion"] for r in rows] == ["::::::::"] * 2
+    stopped = [*cmd[:-1], str(tmp_path / "stopped.jsonl"), "--stop", '["::", "never"]']
+    assert subprocess.run(stopped, capture_output=True, text=True, cwd=REPO).returncode == 0
+    assert [json.loads(line)["completion"] for line in (tmp_path / "stopped.jsonl").read_text().splitlines()] == [":"] * 2
     before = preds.read_text()
     assert_user_error(subprocess.run(cmd, capture_output=True, text=True, cwd=REPO), f"{preds}: already exists")
     assert preds.read_text() == before  # nothing overwritten

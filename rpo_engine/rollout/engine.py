@@ -31,6 +31,7 @@ from rpo_engine.rollout.penalty import SeenTokens
 from rpo_engine.rollout.sampler import request_key, sample_sequences
 from rpo_engine.rollout.scheduler import Scheduler
 from rpo_engine.rollout.sequence import Completion, SamplingParams, Sequence, SequenceStatus
+from rpo_engine.rollout.stop import StopStrings
 from rpo_engine.rollout.transfer import host_tensor
 
 
@@ -92,7 +93,8 @@ class RolloutEngine:
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
                  use_cuda_graphs: bool | None = None, attention_backend: str = "auto",
                  enable_prefix_sharing: bool = True, gpu_memory_utilization: float = 0.5,
-                 triton_cascade: bool = False, async_scheduling: bool = False, merge_lora: bool = False):
+                 triton_cascade: bool = False, async_scheduling: bool = False, merge_lora: bool = False,
+                 tokenizer=None):
         """
         block_size: tokens per K/V block. num_blocks or kv_cache_bytes: the K/V budget; by default
           64k tokens on CPU (capped at max(weights' size, 1 GiB)), and on CUDA what is left of
@@ -115,6 +117,8 @@ class RolloutEngine:
           alpha / r, recomputed at each generate call where an adapter changed) instead of the live adapters:
           one matmul a projection instead of three, for a copy of each adapted weight in memory. Off by
           default until measured on a GPU (bench_lora.py runs both); without adapters it does nothing.
+        tokenizer: the model's (Hugging Face) tokenizer, which SamplingParams.stop needs to read the text; token
+          ids are all the engine needs otherwise.
         """
         from rpo_engine.model import CausalLM
 
@@ -157,7 +161,9 @@ class RolloutEngine:
             use_cuda_graphs = cuda and attention_backend == "triton"
         if use_cuda_graphs and not (cuda and attention_backend == "triton"):
             raise ValueError("use_cuda_graphs needs a CUDA model and the triton attention backend")
-        self.model, self.config = model, model.config
+        if tokenizer is not None and not callable(getattr(tokenizer, "decode", None)):
+            raise ValueError(f"tokenizer must be a tokenizer (with decode), got {type(tokenizer).__name__}")
+        self.model, self.config, self.tokenizer = model, model.config, tokenizer
         self.block_size, self.max_num_seqs = block_size, max_num_seqs
         self.enable_prefix_sharing = enable_prefix_sharing
         self.async_scheduling = async_scheduling
@@ -233,18 +239,21 @@ class RolloutEngine:
         outputs: list[list[Completion | None]] = [[None] * p.n for p in params_list]
         if any(p.repetition_penalty != 1 for p in params_list):
             self._seen = SeenTokens(self.config.vocab_size, self.runner.device)
+        stop_strings = {id(p): StopStrings(p.stop, self.tokenizer) for p in params_list if p.stop}
         for i, (prompt, p) in enumerate(zip(prompts, params_list)):
             if p.max_new_tokens == 0:
                 outputs[i] = [Completion([], [], "length") for _ in range(p.n)]
                 continue
             seed = p.seed if p.seed is not None else int(torch.randint(0, 2 ** 62, ()).item())
             stop = p.stop_token_ids if p.stop_token_ids is not None else self.config.stop_token_ids
-            key = request_key(seed, prompt)
+            key, strings = request_key(seed, prompt), stop_strings.get(id(p))
             if self.enable_prefix_sharing:
-                self.scheduler.add(Sequence(prompt, p, self.block_size, stop, key, i, num_forks=p.n))
+                self.scheduler.add(Sequence(prompt, p, self.block_size, stop, key, i, num_forks=p.n,
+                                            stop_strings=strings))
             else:
                 for j in range(p.n):
-                    self.scheduler.add(Sequence(prompt, p, self.block_size, stop, key, i, sample_index=j))
+                    self.scheduler.add(Sequence(prompt, p, self.block_size, stop, key, i, sample_index=j,
+                                                stop_strings=strings))
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -364,6 +373,9 @@ class RolloutEngine:
             outside = [t for t in p.stop_token_ids or () if not 0 <= t < vocab]
             if outside:
                 raise ValueError(f"SamplingParams.stop_token_ids {outside} are not in the vocabulary [0, {vocab})")
+            if p.stop and self.tokenizer is None:
+                raise ValueError(f"SamplingParams.stop {p.stop!r} needs the text: build the engine with the "
+                                 f"model's tokenizer, RolloutEngine(model, tokenizer=...)")
         prompts = list(prompts)
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             if isinstance(prompt, (str, bytes)) or not isinstance(prompt, (list, tuple)) or len(prompt) == 0:

@@ -27,7 +27,9 @@ class SamplingParams:
     temperature, greedy decoding included (rpo_engine/rollout/penalty.py).
 
     `stop_token_ids=None` stops at the model's eos ids (config.json's and generation_config.json's), `[]`
-    never stops early. `seed=None` draws a fresh seed from torch's global generator (so
+    never stops early. `stop` (vLLM's name; transformers' stop_strings): strings whose appearance in the
+    decoded text ends the sample at the token that completes one (that token kept, as a stop token is); the
+    engine needs the tokenizer for it (`RolloutEngine(..., tokenizer=)`; rollout/stop.py). `seed=None` draws a fresh seed from torch's global generator (so
     `torch.manual_seed` reproduces a run). A sample's draws depend only on its request's seed and prompt,
     its index among the n and its position (as vLLM's per-request seeds): the same prompt given twice with
     one seed samples the same completions twice, so ask for G samples of a prompt with n=G, not G copies.
@@ -42,6 +44,7 @@ class SamplingParams:
     seed: int | None = None
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    stop: list[str] | None = None
 
     def __post_init__(self):
         self.validate()
@@ -85,6 +88,13 @@ class SamplingParams:
                     or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids)):
                 raise ValueError(f"SamplingParams.stop_token_ids must be a list of ints or None, got {ids!r}")
             self.stop_token_ids = [int(t) for t in ids]
+        if self.stop is not None:
+            stop = [self.stop] if isinstance(self.stop, str) else self.stop  # one string, as vLLM takes it
+            if not isinstance(stop, bytes) and hasattr(stop, "__iter__"):
+                stop = list(stop)
+            if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop):
+                raise ValueError(f"SamplingParams.stop must be a string or a list of non-empty strings, got {self.stop!r}")
+            self.stop = stop
         if self.seed is not None and not integer("seed", -math.inf):  # any integer: the sampler keeps its low 64 bits
             raise ValueError(f"SamplingParams.seed must be an integer or None, got {self.seed!r}")
 
@@ -97,7 +107,7 @@ class Completion:
 
     token_ids: list[int]
     logprobs: list[float]
-    finish_reason: str  # "stop" (the stop token is the last of token_ids) or "length"
+    finish_reason: str  # "stop" (the stop token, or the token completing a stop string, is the last) or "length"
 
 
 class SequenceStatus(Enum):
@@ -110,7 +120,7 @@ class Sequence:
     _uids = itertools.count()
 
     def __init__(self, token_ids: list[int], params: SamplingParams, block_size: int, stop_token_ids,
-                 key: int, request_index: int, num_forks: int = 1, sample_index: int = 0):
+                 key: int, request_index: int, num_forks: int = 1, sample_index: int = 0, stop_strings=None):
         self.uid = next(Sequence._uids)  # unique over the process: names the sequence in a batch's identity
         self.token_ids = list(token_ids)
         self.num_prompt_tokens = len(token_ids)  # the request's prompt; never changes (not even on preemption)
@@ -124,6 +134,8 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.params = params
         self.stop_token_ids = frozenset(stop_token_ids)
+        self.stop_strings = stop_strings  # a StopStrings (rollout/stop.py) where params.stop has some
+        self.stop_state = None  # its reading of this sequence's text so far
         self.key = key  # seed mixed with the prompt: the sampler's random stream for this request
         self.request_index = request_index
         self.num_forks = num_forks  # > 1 only for a fresh request, until its prefill
@@ -155,7 +167,7 @@ class Sequence:
     def fork(self, sample_index: int) -> "Sequence":
         """A sibling sample with the same tokens and block table (the block manager adds the refs)."""
         child = Sequence(self.token_ids, self.params, self.block_size, self.stop_token_ids, self.key,
-                         self.request_index, 1, sample_index)
+                         self.request_index, 1, sample_index, self.stop_strings)
         child.num_prompt_tokens = self.num_prompt_tokens
         child.num_cached_tokens = self.num_cached_tokens
         child.block_table = list(self.block_table)
@@ -167,8 +179,14 @@ class Sequence:
         self.logprobs.append(logprob)
         if token_id in self.stop_token_ids:
             self.finish_reason = "stop"
+        elif self.stop_strings is not None and self.stop_completed():
+            self.finish_reason = "stop"
         elif len(self.token_ids) - self.num_prompt_tokens >= self.params.max_new_tokens:
             self.finish_reason = "length"
+
+    def stop_completed(self) -> bool:
+        completed, self.stop_state = self.stop_strings.completed_by_last(self.token_ids, self.stop_state)
+        return completed
 
     def completion(self) -> Completion:
         return Completion(self.token_ids[self.num_prompt_tokens:], list(self.logprobs), self.finish_reason)
