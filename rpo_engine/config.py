@@ -672,6 +672,8 @@ TRL_EQUIVALENTS = {
     "eval_strategy": "is --eval-steps here (0: never)", "save_strategy": "is --save-steps here (0: only at the end)",
     "lr_scheduler_kwargs": "is not here: cosine_with_min_lr ends at 10% of the peak (min_lr_rate 0.1)",
     "lora_dropout": "is not here: no adapter dropout, so the training forward is the rollout's (README, LoRA)",
+    "generation_kwargs": "is not here: the sampling options are flags (--temperature, --top-p, --top-k, --min-p, "
+                         "--repetition-penalty, --stop)",
 }
 
 

@@ -382,6 +382,9 @@ def test_trl_command_line_spelling(flags, expected):
     (["--max_steps", "3"], "unknown option 'max_steps' (TRL's max_steps is --steps here)"),
     (["--per-device-train-batch-size", "8"], "unknown option 'per-device-train-batch-size' (TRL's "
                                               "per_device_train_batch_size is --prompts-per-step here"),
+    (["--generation_kwargs", '{"stop": ["</answer>"]}'], "unknown option 'generation_kwargs' (TRL's generation_kwargs "
+                                                       "is not here: the sampling options are flags (--temperature, "
+                                                       "--top-p, --top-k, --min-p, --repetition-penalty, --stop))"),
 ])
 def test_trl_command_line_mistakes(flags, message):
     with pytest.raises(UserError) as e:
