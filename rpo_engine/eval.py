@@ -170,18 +170,20 @@ def main(argv=None) -> int:
         if pool is not None:
             pool.close()
     if output is not None:
+        records = []  # all of them before the file: a record that cannot be made leaves no file behind
+        for j, (row, samples) in enumerate(zip(rows, graded)):
+            record = {"id": row["id"], "prompt": row["prompt"], "answer": row["answer"]}
+            if args.num_samples == 1:
+                (text, reward, right), = samples
+                record.update(completion=text, reward=reward, correct=right)
+            else:
+                record.update(completions=[t for t, _, _ in samples], rewards=[r for _, r, _ in samples],
+                              correct=[c for _, _, c in samples])
+            add_columns(record, log.columns.get(j, {}), 0 if args.num_samples == 1 else None)
+            records.append(record)
         try:
             with open(output, "x") as f:
-                for j, (row, samples) in enumerate(zip(rows, graded)):
-                    record = {"id": row["id"], "prompt": row["prompt"], "answer": row["answer"]}
-                    if args.num_samples == 1:
-                        (text, reward, right), = samples
-                        record.update(completion=text, reward=reward, correct=right)
-                    else:
-                        record.update(completions=[t for t, _, _ in samples], rewards=[r for _, r, _ in samples],
-                                      correct=[c for _, _, c in samples])
-                    add_columns(record, log.columns.get(j, {}), 0 if args.num_samples == 1 else None)
-                    f.write(json.dumps(record) + "\n")
+                f.writelines(json.dumps(record) + "\n" for record in records)
         except OSError as e:
             raise UserError(f"{output}: cannot write ({e.strerror or e})") from None
     source = args.dataset or "built-in eval split"
