@@ -141,6 +141,34 @@ def first_stop(tok, tokens, prompt_len, strings):
     return None
 
 
+@pytest.mark.parametrize("streaming", [True, False])
+def test_stop_strings_reading_equals_the_brute_force_on_random_token_streams(streaming):
+    """StopStrings fed a sequence's tokens one by one, as the engine feeds it, stops where the text decoded whole
+    each time says, on random byte-level tokens: a prompt that ends inside a character, characters cut in
+    two inside the completion, strings of one and of several characters."""
+    import random
+
+    from rpo_engine.data.tokenizer import build_task_tokenizer
+    from rpo_engine.rollout.stop import StopStrings
+
+    tok, rng = build_task_tokenizer(), random.Random(0)
+    partial = [i for i in range(len(tok)) if tok.decode([i]) == "\ufffd"]  # a lone byte of a cut character
+    for trial in range(120):
+        prompt = [rng.randrange(len(tok)) for _ in range(rng.randrange(1, 12))]
+        if trial % 2:
+            prompt.append(rng.choice(partial))
+        completion = [rng.choice(partial) if rng.random() < 0.2 else rng.randrange(len(tok)) for _ in range(24)]
+        text = tok.decode(completion, skip_special_tokens=True).replace("\ufffd", "")
+        strings = [text[5:6] or "x", text[9:11] or "yz", "q"]
+        stop, state, at = StopStrings(strings, tok, streaming=streaming), None, None
+        for i in range(len(completion)):
+            completed, state = stop.completed_by_last(prompt + completion[:i + 1], state)
+            if completed:
+                at = i
+                break
+        assert at == first_stop(tok, prompt + completion, len(prompt), strings), (prompt, completion, strings)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_stop_strings_match_transformers(worded_checkpoints, family):
     """SamplingParams.stop (vLLM's name) ends each greedy sample at the token transformers' generate(stop_strings=)

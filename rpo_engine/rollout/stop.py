@@ -50,8 +50,10 @@ class StopStrings:
             new_from = len(os.path.commonprefix([before, after]))  # the text that changed: the new token's
             return self.occurs(after, new_from), None
         if state is None:  # the sequence's first generated token: the text before it, from the last tokens
+            # a token at a time: a stream given many at once that end inside a character gives none of their
+            # text until that character is whole, and would then give it all as the new token's
             stream = self.new_stream()
-            state = [stream, stream.step(self.backend, token_ids[-(self.window + 1):-1]) or ""]
+            state = [stream, "".join(stream.step(self.backend, t) or "" for t in token_ids[-(self.window + 1):-1])]
         stream, tail = state
         new = stream.step(self.backend, token_ids[-1])
         if not new:  # part of a character (or a skipped special token): no new text yet
