@@ -1354,3 +1354,39 @@ def test_stop_strings_completed_by_a_token_that_ends_in_a_cut_character(streamin
     assert [bool(criteria(torch.tensor([tokens[:i]]), None)) for i in (2, 3)] == [True, False]
     assert first_stop(tok, tokens, 1, ["x "]) == 0
     assert first_stop_by_steps(StopStrings(["x "], tok, streaming=streaming), tokens, 1) == 0
+
+
+@pytest.mark.parametrize("settings", [dict(enable_prefix_sharing=False),
+                                      dict(attention_backend="triton", use_cuda_graphs=False),
+                                      dict(async_scheduling=True, num_blocks=10, enable_prefix_sharing=False)],
+                         ids=["unshared", "triton", "async-preempting-unshared"])
+def test_stop_strings_with_stop_tokens_and_engine_settings(worded_checkpoints, settings):
+    """Stop strings and stop_token_ids together end a sample at whichever comes first, n = 3, under other engine
+    settings; a budget reached by the token that completes a stop string is a "stop" (vLLM's precedence)."""
+    tok, checkpoints = worded_checkpoints
+    _, model = checkpoints["qwen2"]
+    prompts = random_prompts(len(tok), [6, 11, 4, 9], seed=3)
+    free_params = [SamplingParams(n=3, max_new_tokens=20, temperature=1.0, stop_token_ids=[], seed=i) for i in range(4)]
+    engine = RolloutEngine(model, block_size=4, tokenizer=tok, **settings)
+    free = engine.generate(prompts, free_params)
+    params = []
+    for p, samples in zip(free_params, free):
+        text = tok.decode(samples[0].token_ids, skip_special_tokens=True).replace("\ufffd", "")
+        params.append(dataclasses.replace(p, stop=[text[6:8] or "zz", text[12:13] or "z"],
+                                          stop_token_ids=[samples[1].token_ids[3]]))
+    outs = engine.generate(prompts, params)
+    budget_checks = 0
+    for prompt, p, samples, free_samples in zip(prompts, params, outs, free):
+        for c, f in zip(samples, free_samples):
+            at_string = first_stop(tok, prompt + f.token_ids, len(prompt), p.stop)
+            at_token = next((i for i, t in enumerate(f.token_ids) if t in p.stop_token_ids), None)
+            at = min((a for a in (at_string, at_token) if a is not None), default=None)
+            assert c.token_ids == (f.token_ids if at is None else f.token_ids[:at + 1])
+            assert c.finish_reason == ("length" if at is None else "stop")
+        at = first_stop(tok, prompt + free_samples[0].token_ids, len(prompt), p.stop)
+        if at is not None:
+            budget = dataclasses.replace(p, n=1, max_new_tokens=at + 1, stop_token_ids=[])
+            (c,), = engine.generate([prompt], budget)
+            assert c.token_ids == free_samples[0].token_ids[:at + 1] and c.finish_reason == "stop"
+            budget_checks += 1
+    assert budget_checks >= 2 and engine.last_stats.blocks_used == 0
