@@ -711,3 +711,25 @@ def test_trl_style_log_extra_nan_stays_valid_json():
     assert RewardLog.metric_means([log.metrics]) == {"calls": 24.5}
     assert json.loads(json.dumps(log.columns[0], allow_nan=False)) == {
         "judge_score": [1.5, None], "details": [{"p": None, "ids": [0, 1]}, [None, "b'x'"]]}
+
+
+def test_trl_style_reward_objects_and_partials_are_named_as_trl_names_them():
+    """The trainer's metric names (reward/NAME) for a TRL-style class instance and a functools.partial are TRL's
+    get_callable_name: the class's name, the wrapped function's (not 'TRLStyleReward')."""
+    import functools
+    from types import SimpleNamespace
+
+    from rpo_engine.rewards.answers import TRLStyleReward
+    from rpo_engine.trainer import Trainer
+
+    class Judge:
+        def __call__(self, prompts, completions, **kwargs):
+            return [1.0] * len(completions)
+
+    def graded(prompts, completions, strict, **kwargs):
+        return [1.0] * len(completions)
+
+    trainer = SimpleNamespace(reward_fn=TRLStyleReward(Judge(), "judges.py:Judge"),
+                              extra_rewards=[TRLStyleReward(functools.partial(graded, strict=True), "graded.py:strict"),
+                                             TRLStyleReward(graded, "graded.py:graded")])
+    assert Trainer.reward_names(trainer) == ["Judge", "graded_1", "graded_2"]
