@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -271,7 +272,13 @@ class Trainer:
     # ---- rewards -----------------------------------------------------------------------------
     def reward_names(self) -> list[str]:
         """A name for each reward function (its own, numbered where two share one)."""
-        names = [getattr(fn, "__name__", type(fn).__name__) for fn in [self.reward_fn, *self.extra_rewards]]
+        def name(fn):  # TRL's get_callable_name: a partial's function's, an object's class's
+            fn = fn.fn if isinstance(fn, TRLStyleReward) else fn
+            while isinstance(fn, functools.partial):
+                fn = fn.func
+            return getattr(fn, "__name__", type(fn).__name__)
+
+        names = [name(fn) for fn in [self.reward_fn, *self.extra_rewards]]
         return [name if names.count(name) == 1 else f"{name}_{i}" for i, name in enumerate(names)]
 
     def score(self, group: Group) -> None:

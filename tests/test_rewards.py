@@ -645,3 +645,91 @@ def test_a_reward_model_without_a_chat_template_on_conversations_is_one_line(tmp
                                         f"every prompt one\\)"):
         build_trainer(parse_args([*args, "--system-prompt", "Box it."]))
     build_trainer(parse_args(args)).step()  # string prompts: joined to the completion, no template needed
+
+
+def test_trl_style_async_function_raising_keyboard_interrupt_neither_hangs_nor_stops_the_loop():
+    """A KeyboardInterrupt (or SystemExit) raised in an async reward function reaches the caller; before, it
+    ended the event loop's thread, and this call and every later one waited forever."""
+    import asyncio
+    import concurrent.futures
+
+    from rpo_engine.rewards.answers import TRLStyleReward, score_functions
+
+    async def fine(prompts, completions, **kwargs):
+        return [1.0] * len(completions)
+
+    async def interrupted(prompts, completions, **kwargs):
+        await asyncio.sleep(0)
+        raise KeyboardInterrupt
+
+    rows = [{"prompt": "p", "answer": "1"}]
+    calls = concurrent.futures.ThreadPoolExecutor(1)  # a hang fails the test, not the run
+    first = calls.submit(score_functions, [TRLStyleReward(fine, "fine"), TRLStyleReward(interrupted, "interrupted")],
+                         [["a", "b"]], rows)
+    with pytest.raises(KeyboardInterrupt):
+        first.result(timeout=5)
+    assert calls.submit(score_functions, [TRLStyleReward(fine, "fine")], [["a"]], rows).result(timeout=5) == [[[1.0]]]
+    calls.shutdown(wait=False)
+
+
+def test_trl_style_reward_object_with_attributes_named_like_ours():
+    """A reward class instance (async __call__) whose attributes are named `fn` and `name` is still what is
+    called, under the name it was loaded by (functools.update_wrapper copied its __dict__ over ours)."""
+    from rpo_engine.rewards.answers import TRLStyleReward, score_functions
+
+    class Judge:
+        def __init__(self):
+            self.name, self.fn = "judge", lambda **kwargs: "not the reward"
+
+        async def __call__(self, prompts, completions, trainer_state, **kwargs):
+            return [float(trainer_state.global_step) + 0.5] * len(completions)
+
+    reward = TRLStyleReward(Judge(), "judges.py:judge")
+    assert reward.name == "judges.py:judge"
+    assert score_functions([reward], [["a", "b"]], [{"prompt": "p", "answer": "1"}]) == [[[0.5, 0.5]]]
+
+
+def test_trl_style_log_extra_nan_stays_valid_json():
+    """log_extra values that JSON has no number for (NaN, inf; numpy's too, nested) are written as null, so
+    completions.jsonl stays valid JSON."""
+    import json
+
+    import numpy as np
+
+    from rpo_engine.rewards.answers import RewardLog, TRLStyleReward, score_functions
+
+    def logs(prompts, completions, log_extra, log_metric, **kwargs):
+        for i in range(50):
+            log_metric("calls", np.float32(i))
+        log_extra("judge_score", np.array([1.5, np.nan]))
+        log_extra("details", [{"p": np.float64(np.inf), "ids": np.arange(2)}, (float("-inf"), b"x")])
+        return np.array([0.5, 1.0])
+
+    log = RewardLog()
+    assert score_functions([TRLStyleReward(logs, "logs")], [["a", "b"]], [{"prompt": "p", "answer": "1"}],
+                           log=log) == [[[0.5, 1.0]]]
+    assert RewardLog.metric_means([log.metrics]) == {"calls": 24.5}
+    assert json.loads(json.dumps(log.columns[0], allow_nan=False)) == {
+        "judge_score": [1.5, None], "details": [{"p": None, "ids": [0, 1]}, [None, "b'x'"]]}
+
+
+def test_trl_style_reward_objects_and_partials_are_named_as_trl_names_them():
+    """The trainer's metric names (reward/NAME) for a TRL-style class instance and a functools.partial are TRL's
+    get_callable_name: the class's name, the wrapped function's (not 'TRLStyleReward')."""
+    import functools
+    from types import SimpleNamespace
+
+    from rpo_engine.rewards.answers import TRLStyleReward
+    from rpo_engine.trainer import Trainer
+
+    class Judge:
+        def __call__(self, prompts, completions, **kwargs):
+            return [1.0] * len(completions)
+
+    def graded(prompts, completions, strict, **kwargs):
+        return [1.0] * len(completions)
+
+    trainer = SimpleNamespace(reward_fn=TRLStyleReward(Judge(), "judges.py:Judge"),
+                              extra_rewards=[TRLStyleReward(functools.partial(graded, strict=True), "graded.py:strict"),
+                                             TRLStyleReward(graded, "graded.py:graded")])
+    assert Trainer.reward_names(trainer) == ["Judge", "graded_1", "graded_2"]

@@ -1273,3 +1273,148 @@ def test_repetition_penalty_rows_of_finished_sequences_are_reused(checkpoints, m
         capacities.clear()
         RolloutEngine(model, block_size=4, max_num_seqs=4, async_scheduling=async_scheduling).generate(prompts, params)
         assert capacities and max(capacities) == 16, (async_scheduling, capacities)
+
+
+def sentencepiece_like_tokenizer():
+    """A Llama-2 / Mistral style tokenizer, built offline: a Unigram vocabulary with byte fallback (<0xNN>
+    pieces), "▁" for a space, and their decoder (the leading space stripped); plus an added (non-special)
+    token and an added special token."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    words = ["▁", "a", "b", "c", "é", "€", "中", "文", "▁a", "▁b", "ab", "▁ab", "▁é", "é▁", "c▁", "▁▁", "▁中",
+             "ba", "x", "<", ">", "/", "an", "er", "▁</", "wer>"]
+    backend = Tokenizer(models.Unigram([(p, 0.0) for p in pieces] + [(w, -1.0 - i) for i, w in enumerate(words)],
+                                       unk_id=0, byte_fallback=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.add_tokens(["<tool>"])
+    tok.add_special_tokens({"additional_special_tokens": ["<|sep|>"]})
+    return tok
+
+
+def first_stop_by_steps(stop_strings, tokens, prompt_len):
+    """The completion index at which StopStrings says a stop string is completed, calling it token by token."""
+    state = None
+    for i in range(prompt_len, len(tokens)):
+        completed, state = stop_strings.completed_by_last(tokens[:i + 1], state)
+        if completed:
+            return i - prompt_len
+    return None
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_stop_strings_with_a_byte_fallback_tokenizer_by_brute_force(streaming):
+    """Random token streams of a byte-fallback (SentencePiece-like) tokenizer, lone and cut UTF-8 bytes, special
+    and added tokens among them: both readings stop where the text decoded whole says (a DecodeStream raises
+    "Invalid prefix" on bytes that decode non-monotonically, and holds back a cut character's text)."""
+    import random
+
+    from rpo_engine.rollout.stop import StopStrings
+
+    tok = sentencepiece_like_tokenizer()
+    byte_tokens = [tok.convert_tokens_to_ids(f"<0x{b:02X}>")
+                   for b in (0xC3, 0xA9, 0xE2, 0x82, 0xAC, 0xE4, 0xB8, 0x20)]
+    others = [i for i in range(len(tok)) if i not in range(3, 259)]
+    rng, disagreements = random.Random(0), []
+    for _ in range(400):
+        tokens = [rng.choice(byte_tokens) if rng.random() < 0.3 else rng.choice(others)
+                  for _ in range(rng.randint(1, 24))]
+        prompt_len = rng.randint(0, min(5, len(tokens) - 1))
+        text = tok.decode(tokens, skip_special_tokens=True)
+        start = rng.randrange(max(1, len(text) - 1))
+        candidates = [" a", "a ", "é", "€", "中", " ", "é a", "中文", "<tool>", "r>",
+                      text[start:start + rng.randint(1, 3)]]
+        strings = [s for s in rng.sample(candidates, 2) if s and "\ufffd" not in s] or ["ab"]
+        expected = first_stop(tok, tokens, prompt_len, strings)
+        try:
+            got = first_stop_by_steps(StopStrings(strings, tok, streaming=streaming), tokens, prompt_len)
+        except Exception as e:  # noqa: BLE001
+            got = repr(e)
+        if got != expected:
+            disagreements.append((strings, tokens, prompt_len, expected, got))
+    assert disagreements == []
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_stop_strings_at_a_cut_character_and_past_special_tokens(streaming):
+    """The task tokenizer (byte-level): a prompt that ends in a character's first byte holds a stop string that
+    the token completing the character does not take part in (no stop); a stop string's two parts with more
+    special tokens between them than the window holds (special tokens have no text: a stop)."""
+    from rpo_engine.data.tokenizer import build_task_tokenizer
+    from rpo_engine.rollout.stop import StopStrings
+
+    tok = build_task_tokenizer()
+    e_acute, ab = tok.encode("é"), tok.encode("ab")
+    assert len(e_acute) == 2
+    stop = StopStrings(["ab"], tok, streaming=streaming)
+    assert first_stop(tok, ab + e_acute, len(ab) + 1, ["ab"]) is None
+    assert first_stop_by_steps(stop, ab + e_acute, len(ab) + 1) is None
+    tokens = tok.encode("a") + [tok.eos_token_id] * 40 + tok.encode("b")
+    assert first_stop(tok, tokens, 1, ["ab"]) == 40
+    assert first_stop_by_steps(stop, tokens, 1) == 40  # the sequence token by token
+    assert first_stop_by_steps(stop, tokens, len(tokens) - 1) == 0  # the prompt's tail
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_stop_strings_completed_by_a_token_that_ends_in_a_cut_character(streaming):
+    """A byte-level token holding a space and the first byte of "é" (as Qwen's and GPT-2's vocabularies hold
+    such tokens) completes "x " itself, as transformers' StopStringCriteria says, not the token after it (a
+    DecodeStream gives its text only once the character is whole)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.generation.stopping_criteria import StopStringCriteria
+
+    from rpo_engine.rollout.stop import StopStrings
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["ĠÃ"] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab, [("Ġ", "Ã")]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend)
+    tokens = tok.encode("x é")
+    assert tokens[1] == vocab["ĠÃ"] and len(tokens) == 3
+    criteria = StopStringCriteria(tok, ["x "])
+    assert [bool(criteria(torch.tensor([tokens[:i]]), None)) for i in (2, 3)] == [True, False]
+    assert first_stop(tok, tokens, 1, ["x "]) == 0
+    assert first_stop_by_steps(StopStrings(["x "], tok, streaming=streaming), tokens, 1) == 0
+
+
+@pytest.mark.parametrize("settings", [dict(enable_prefix_sharing=False),
+                                      dict(attention_backend="triton", use_cuda_graphs=False),
+                                      dict(async_scheduling=True, num_blocks=10, enable_prefix_sharing=False)],
+                         ids=["unshared", "triton", "async-preempting-unshared"])
+def test_stop_strings_with_stop_tokens_and_engine_settings(worded_checkpoints, settings):
+    """Stop strings and stop_token_ids together end a sample at whichever comes first, n = 3, under other engine
+    settings; a budget reached by the token that completes a stop string is a "stop" (vLLM's precedence)."""
+    tok, checkpoints = worded_checkpoints
+    _, model = checkpoints["qwen2"]
+    prompts = random_prompts(len(tok), [6, 11, 4, 9], seed=3)
+    free_params = [SamplingParams(n=3, max_new_tokens=20, temperature=1.0, stop_token_ids=[], seed=i) for i in range(4)]
+    engine = RolloutEngine(model, block_size=4, tokenizer=tok, **settings)
+    free = engine.generate(prompts, free_params)
+    params = []
+    for p, samples in zip(free_params, free):
+        text = tok.decode(samples[0].token_ids, skip_special_tokens=True).replace("\ufffd", "")
+        params.append(dataclasses.replace(p, stop=[text[6:8] or "zz", text[12:13] or "z"],
+                                          stop_token_ids=[samples[1].token_ids[3]]))
+    outs = engine.generate(prompts, params)
+    budget_checks = 0
+    for prompt, p, samples, free_samples in zip(prompts, params, outs, free):
+        for c, f in zip(samples, free_samples):
+            at_string = first_stop(tok, prompt + f.token_ids, len(prompt), p.stop)
+            at_token = next((i for i, t in enumerate(f.token_ids) if t in p.stop_token_ids), None)
+            at = min((a for a in (at_string, at_token) if a is not None), default=None)
+            assert c.token_ids == (f.token_ids if at is None else f.token_ids[:at + 1])
+            assert c.finish_reason == ("length" if at is None else "stop")
+        at = first_stop(tok, prompt + free_samples[0].token_ids, len(prompt), p.stop)
+        if at is not None:
+            budget = dataclasses.replace(p, n=1, max_new_tokens=at + 1, stop_token_ids=[])
+            (c,), = engine.generate([prompt], budget)
+            assert c.token_ids == free_samples[0].token_ids[:at + 1] and c.finish_reason == "stop"
+            budget_checks += 1
+    assert budget_checks >= 2 and engine.last_stats.blocks_used == 0

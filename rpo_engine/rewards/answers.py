@@ -330,8 +330,16 @@ def await_together(awaitables: list) -> list:
             _ASYNC_LOOP = (os.getpid(), loop)
         loop = _ASYNC_LOOP[1]
 
+    async def caught(awaitable):
+        try:
+            return await awaitable
+        # a KeyboardInterrupt / SystemExit raised out of a task ends the loop's thread for good (this call and every
+        # later one would wait forever): returned, for the caller to raise
+        except BaseException as e:  # noqa: BLE001
+            return e
+
     async def together():
-        return await asyncio.gather(*awaitables, return_exceptions=True)
+        return await asyncio.gather(*map(caught, awaitables))
 
     return asyncio.run_coroutine_threadsafe(together(), loop).result()
 
@@ -388,6 +396,8 @@ def _plain(value):
     its str (TRL's table takes any object; completions.jsonl cannot)."""
     if hasattr(value, "tolist") and hasattr(value, "ndim"):  # a numpy / torch scalar or array
         value = value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # json.dumps would write NaN / Infinity, which is not JSON
     if value is None or isinstance(value, (str, bool, int, float)):
         return value
     if isinstance(value, (list, tuple)):
@@ -425,7 +435,7 @@ class TRLStyleReward:
 
     def __init__(self, fn, name: str):
         self.fn, self.name = fn, name
-        functools.update_wrapper(self, fn)
+        functools.update_wrapper(self, fn, updated=())  # not fn's __dict__: an object's `fn` or `name` replaced ours
         try:
             parameters = inspect.signature(fn).parameters
         except (TypeError, ValueError):

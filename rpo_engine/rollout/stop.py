@@ -8,13 +8,15 @@ occurrence. The text is what the trainer's reward functions read: special tokens
 
 A fast tokenizer's text comes a token at a time from `tokenizers`' DecodeStream (about a microsecond a
 token; vLLM's detokenizer uses it too): a sequence keeps its stream and the last len(longest) - 1
-characters, and an occurrence must end in the new text (a token that ends a character cut in two gives
-none until the character is whole). Any other tokenizer decodes a window of the last tokens twice, without
-and with the new one (tens of microseconds a token): an occurrence the new token takes part in ends past
-the two texts' common prefix and starts at most len(string) - 1 characters before it; a character is at
-most 4 tokens of a byte-level vocabulary (its UTF-8 bytes), so a window of 4 * len(string) tokens before
-the new one holds it, and a few more keep it clear of what decoding does at a window's start (a
-character cut in two, a dropped leading space). A stream starts from the same window.
+characters, and an occurrence must end in the new text. Where the stream holds text back (a token that ends
+in a cut character, and the token after it) or raises (byte-fallback bytes whose text is not monotonic:
+"Invalid prefix"), that token is read by the window, as other tokenizers' are. Any other tokenizer decodes a
+window of the last tokens twice, without and with the new one (tens of microseconds a token): an occurrence
+the new token takes part in ends past the two texts' common prefix and starts at most len(string) - 1
+characters before it; a character is at most 4 tokens of a byte-level vocabulary (its UTF-8 bytes), so a
+window of 4 * len(string) tokens before the new one holds it, and a few more keep it clear of what decoding
+does at a window's start (a character cut in two, a dropped leading space); special tokens, which have no
+text, are left out of it. A stream starts from the same window.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ class StopStrings:
         self.longest = max(len(s) for s in self.strings)
         self.window = 4 * self.longest + self.MARGIN
         self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+        self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()))
         self.backend = getattr(tokenizer, "backend_tokenizer", None) if streaming else None
         if self.backend is not None:
             try:
@@ -45,22 +48,42 @@ class StopStrings:
         """Whether the last of `token_ids` completes an occurrence of one of the strings; and the state to pass
         with the sequence's next token (None at its first generated token)."""
         if self.backend is None:
-            window = token_ids[-(self.window + 1):]
-            before, after = self.decode(window[:-1]), self.decode(window)
-            new_from = len(os.path.commonprefix([before, after]))  # the text that changed: the new token's
-            return self.occurs(after, new_from), None
+            return self.read_window(token_ids), None
         if state is None:  # the sequence's first generated token: the text before it, from the last tokens
-            # a token at a time: a stream given many at once that end inside a character gives none of their
-            # text until that character is whole, and would then give it all as the new token's
             stream = self.new_stream()
-            state = [stream, "".join(stream.step(self.backend, t) or "" for t in token_ids[-(self.window + 1):-1])]
-        stream, tail = state
-        new = stream.step(self.backend, token_ids[-1])
-        if not new:  # part of a character (or a skipped special token): no new text yet
-            return False, state
-        text = tail + new
-        state[1] = text[len(text) - self.longest + 1:] if self.longest > 1 else ""
+            before = stream.step(self.backend, self.text_window(token_ids[:-1]))
+            state = [stream, before or "", before is None]  # None: the window's text ends in a cut character
+        stream, tail, held = state
+        try:
+            new = stream.step(self.backend, token_ids[-1])
+        except Exception:  # "Invalid prefix": byte-fallback bytes that decode non-monotonically; start over
+            return self.read_window(token_ids), None
+        state[2] = new is None
+        if new:
+            text = tail + new
+            state[1] = text[len(text) - self.longest + 1:] if self.longest > 1 else ""
+        if held or new is None:  # the stream holds back text (a cut character): its new text is not this token's
+            return self.read_window(token_ids), state
         return self.occurs(text, len(tail)), state
+
+    def read_window(self, token_ids: list[int]) -> bool:
+        """The window reading: decode the last tokens without and with the new one."""
+        if token_ids[-1] in self.special_ids:  # skipped in the text: it completes nothing
+            return False
+        window = self.text_window(token_ids)
+        before, after = self.decode(window[:-1]), self.decode(window)
+        new_from = len(os.path.commonprefix([before, after]))  # the text that changed: the new token's
+        return self.occurs(after, new_from)
+
+    def text_window(self, token_ids: list[int]) -> list[int]:
+        """The last window + 1 tokens, special tokens left out (they have no text, and would narrow it)."""
+        window = []
+        for t in reversed(token_ids):
+            if t not in self.special_ids:
+                window.append(t)
+                if len(window) > self.window:
+                    break
+        return window[::-1]
 
     def occurs(self, text: str, new_from: int) -> bool:
         """Whether one of the strings occurs in `text` ending at or past `new_from` (in its new part)."""
