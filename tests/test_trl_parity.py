@@ -382,7 +382,7 @@ def trl_advantages(rewards, G, scale_rewards):
 @pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
 def test_advantages_match_trl(scale_rewards):
     g = torch.Generator().manual_seed(3)
-    N, G = 5, 6
+    G = 6  # 5 groups
     rewards = torch.cat([torch.rand(3, G, generator=g, dtype=torch.float64),
                          torch.randint(0, 2, (1, G), generator=g).double(),
                          torch.full((1, G), 1.0, dtype=torch.float64)])  # a group without signal: 0 both sides
