@@ -249,7 +249,7 @@ def test_stop_strings_need_the_tokenizer_and_are_strings(checkpoints):
     _, model = checkpoints["qwen2"]
     assert SamplingParams(stop="</answer>").stop == ["</answer>"]  # one string, as vLLM takes it
     assert SamplingParams(stop=("a", "b")).stop == ["a", "b"]
-    for bad in ([""], [1], ["a", None], b"x"):
+    for bad in ([""], [1], ["a", None], b"x", {"a": 1}):
         with pytest.raises(ValueError, match="SamplingParams.stop must be a string or a list of non-empty strings"):
             SamplingParams(stop=bad)
     with pytest.raises(ValueError, match=r"SamplingParams.stop \['x'\] needs the text: build the engine with the "

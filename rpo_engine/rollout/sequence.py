@@ -90,7 +90,7 @@ class SamplingParams:
             self.stop_token_ids = [int(t) for t in ids]
         if self.stop is not None:
             stop = [self.stop] if isinstance(self.stop, str) else self.stop  # one string, as vLLM takes it
-            if not isinstance(stop, bytes) and hasattr(stop, "__iter__"):
+            if not isinstance(stop, (bytes, dict)) and hasattr(stop, "__iter__"):  # a dict's keys are no list
                 stop = list(stop)
             if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop):
                 raise ValueError(f"SamplingParams.stop must be a string or a list of non-empty strings, got {self.stop!r}")
