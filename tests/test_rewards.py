@@ -328,6 +328,22 @@ def test_trl_reward_logging_and_state_mistakes_are_one_line_errors(tmp_path, mon
     assert score_groups(load_reward_fn("logging_rewards:bare"), texts, rows) == [[1.0, 1.0], [1.0]]
 
 
+def test_trls_own_reward_functions_score_through_ours():
+    """TRL's reward functions (trl.rewards) by their import path: accuracy_reward (math-verify against a `solution`
+    column, logging its parses through log_extra) and think_format_reward, on conversational rows, in one batch."""
+    pytest.importorskip("trl")
+    from rpo_engine.rewards.answers import RewardLog, score_functions
+
+    accuracy, think = load_reward_fn("trl.rewards:accuracy_reward"), load_reward_fn("trl.rewards:think_format_reward")
+    rows = [{"id": "a", "prompt": [{"role": "user", "content": "2+2?"}], "answer": "4", "solution": "$4$"},
+            {"id": "b", "prompt": [{"role": "user", "content": "3*3?"}], "answer": "9", "solution": "$9$"}]
+    texts = [["<think>2 and 2</think> It is $\\boxed{4}$.", "no idea"], ["<think>hm</think> $\\boxed{6}$"]]
+    log = RewardLog()
+    assert score_functions([accuracy, think], texts, rows, log=log) == [[[1.0, 0.0], [0.0]], [[1.0, 0.0], [1.0]]]
+    assert log.columns[0]["solution"] == ["$4$", "$4$"] and log.columns[1]["solution"] == ["$9$"]
+    assert log.columns[0]["answer_parsed"][1] == "[unparseable]"
+
+
 # ---- a reward model (TRL's reward_funcs given a model) ----------------------------------------------
 
 @pytest.fixture(scope="module")
