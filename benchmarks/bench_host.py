@@ -12,7 +12,11 @@ kernel runs, so the interpreter never does.
 Cases: 64 and 256 sequences (8 samples of each prompt) at 1k and 4k tokens of context, 128 new tokens,
 a 150k-block cache (about what bench_rollout --gpu gives a 1.5B model: 90% of an H100, 448 KiB a
 block), for the metadata of the Triton decode kernel (the CUDA path), of the same with
-triton_cascade=True, and of the torch cascade path (the CPU one). --baseline-src DIR runs the same cases on another checkout of the package (e.g. a git
+triton_cascade=True, and of the torch cascade path (the CPU one); and the torch path again with two stop
+strings that never occur (SamplingParams.stop, read in the built-in task tokenizer's text): their
+reading's cost a step. `torch_stop`: tokens uniform over that byte-level vocabulary, a quarter of them
+pieces of characters (a worst case: real text seldom cuts a character); `torch_stop_text`: whole
+characters only. --baseline-src DIR runs the same cases on another checkout of the package (e.g. a git
 worktree of an older commit) in a subprocess of the same run, so both appear side by side. Writes
 benchmarks/results/host_cpu.json.
 """
@@ -33,31 +37,42 @@ CASES = [(64, 1024), (64, 4096), (256, 1024), (256, 4096)]  # (sequences, contex
 SAMPLES, NEW_TOKENS, NUM_BLOCKS, VOCAB = 8, 128, 150_000, 512
 
 
-def host_only(runner, vocab):
+def host_only(runner, logits):
     """runner.run without the forward: prepare the step's inputs and metadata (with triton_cascade also the
-    cascade programs a CUDA graph replay fills), return zero logits."""
+    cascade programs a CUDA graph replay fills), return `logits` (a [vocab] row) for every sequence."""
     def run(seqs, is_prefill, copies, input_ids=None):
         if is_prefill:
             runner._prepare_prefill(seqs)
-            return torch.zeros(len(seqs), vocab)
+            return logits.expand(len(seqs), -1)
         _, _, meta = runner._prepare_decode(seqs)
         if getattr(runner, "triton_cascade", False) and meta.group_tables is not None:
             runner._cascade_programs(meta)  # what a graph replay makes (or reuses) before filling its buffers
-        return torch.zeros(len(seqs), vocab)
+        return logits.expand(len(seqs), -1)
     return run
 
 
 def measure(num_seqs, context, backend, repeats):
-    config = ModelConfig(model_type="qwen2", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+    vocab, stop, extra = VOCAB, None, {}
+    if backend == "triton_cascade":
+        extra = dict(triton_cascade=True)
+    if backend.startswith("torch_stop"):
+        from rpo_engine.data.tokenizer import build_task_tokenizer
+
+        extra = dict(tokenizer=build_task_tokenizer())
+        vocab, stop = len(extra["tokenizer"]), ["never in this text \u20ac", "zzzz"]
+    logits = torch.zeros(vocab)
+    if backend == "torch_stop_text":  # only tokens that are whole characters, as text mostly is
+        pieces = [i for i in range(vocab) if "\ufffd" in extra["tokenizer"].decode([i])]
+        logits[pieces] = float("-inf")
+    config = ModelConfig(model_type="qwen2", vocab_size=vocab, hidden_size=32, intermediate_size=64,
                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
                          max_position_embeddings=8192)
-    extra = dict(triton_cascade=True) if backend == "triton_cascade" else {}
     try:
         engine = RolloutEngine(CausalLM(config).eval(), attention_backend=backend.split("_")[0],
                                num_blocks=NUM_BLOCKS, max_num_seqs=256, **extra)
-    except TypeError:  # a baseline checkout from before triton_cascade
+    except TypeError:  # a baseline checkout from before triton_cascade (or stop strings)
         return None
-    engine.runner.run = host_only(engine.runner, VOCAB)
+    engine.runner.run = host_only(engine.runner, logits)
     step, decode_times, call_times = engine.step, [], []
 
     def timed_step():
@@ -71,8 +86,9 @@ def measure(num_seqs, context, backend, repeats):
     engine.step = timed_step
     g = torch.Generator().manual_seed(0)
     prompt_len = context - NEW_TOKENS
-    prompts = torch.randint(3, VOCAB, (num_seqs // SAMPLES, prompt_len), generator=g).tolist()
-    params = SamplingParams(n=SAMPLES, max_new_tokens=NEW_TOKENS, stop_token_ids=[], seed=0)
+    prompts = torch.randint(3, vocab, (num_seqs // SAMPLES, prompt_len), generator=g).tolist()
+    params = SamplingParams(n=SAMPLES, max_new_tokens=NEW_TOKENS, stop_token_ids=[], seed=0,
+                            **(dict(stop=stop) if stop else {}))
     engine.generate(prompts, params)  # warm-up
     decode_times.clear()
     for _ in range(repeats):
@@ -87,7 +103,7 @@ def measure(num_seqs, context, backend, repeats):
 def measure_all(repeats, cases):
     rows = []
     for num_seqs, context in cases:
-        for backend in ("triton", "triton_cascade", "torch"):
+        for backend in ("triton", "triton_cascade", "torch", "torch_stop", "torch_stop_text"):
             row = measure(num_seqs, context, backend, repeats)
             if row is not None:
                 print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)

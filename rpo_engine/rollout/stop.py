@@ -9,8 +9,8 @@ occurrence. The text is what the trainer's reward functions read: special tokens
 A fast tokenizer's text comes a token at a time from `tokenizers`' DecodeStream (about a microsecond a
 token; vLLM's detokenizer uses it too): a sequence keeps its stream and the last len(longest) - 1
 characters, and an occurrence must end in the new text. Where the stream holds text back (a token that ends
-in a cut character, and the token after it) or raises (byte-fallback bytes whose text is not monotonic:
-"Invalid prefix"), that token is read by the window, as other tokenizers' are. Any other tokenizer decodes a
+in a cut character) and the token has a whole character of its own, or where it raises (byte-fallback bytes
+whose text is not monotonic: "Invalid prefix"), that token is read by the window, as other tokenizers' are. Any other tokenizer decodes a
 window of the last tokens twice, without and with the new one (tens of microseconds a token): an occurrence
 the new token takes part in ends past the two texts' common prefix and starts at most len(string) - 1
 characters before it; a character is at most 4 tokens of a byte-level vocabulary (its UTF-8 bytes), so a
@@ -35,6 +35,7 @@ class StopStrings:
         self.window = 4 * self.longest + self.MARGIN
         self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
         self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()))
+        self.own_text: dict[int, bool] = {}  # has_own_text's answers, by token
         self.backend = getattr(tokenizer, "backend_tokenizer", None) if streaming else None
         if self.backend is not None:
             try:
@@ -50,21 +51,34 @@ class StopStrings:
         if self.backend is None:
             return self.read_window(token_ids), None
         if state is None:  # the sequence's first generated token: the text before it, from the last tokens
-            stream = self.new_stream()
-            before = stream.step(self.backend, self.text_window(token_ids[:-1]))
-            state = [stream, before or "", before is None]  # None: the window's text ends in a cut character
-        stream, tail, held = state
+            # a token at a time: a stream given many at once that end inside a character holds all their text
+            # back, and gives it with the next token as if that token's
+            stream, before = self.new_stream(), []
+            try:
+                for t in self.text_window(token_ids[:-1]):
+                    before.append(stream.step(self.backend, t) or "")
+            except Exception:  # "Invalid prefix" (below): the window reads this token, a new stream the next
+                return self.read_window(token_ids), None
+            state = [stream, "".join(before)]
+        stream, tail = state
         try:
             new = stream.step(self.backend, token_ids[-1])
         except Exception:  # "Invalid prefix": byte-fallback bytes that decode non-monotonically; start over
             return self.read_window(token_ids), None
-        state[2] = new is None
-        if new:
-            text = tail + new
-            state[1] = text[len(text) - self.longest + 1:] if self.longest > 1 else ""
-        if held or new is None:  # the stream holds back text (a cut character): its new text is not this token's
-            return self.read_window(token_ids), state
+        if new is None:  # the stream holds text back until a cut character is whole: no new character of its
+            # own, unless the token has text before its cut character (a byte-level "Ġ\xc3" ends " "), which the
+            # window reads (the stream gives that text later, beside the whole character, past the tail)
+            return (self.read_window(token_ids) if self.has_own_text(token_ids[-1]) else False), state
+        text = tail + new  # `new` may hold what earlier tokens' cut character left back: new text all the same
+        state[1] = text[len(text) - self.longest + 1:] if self.longest > 1 else ""
         return self.occurs(text, len(tail)), state
+
+    def has_own_text(self, token: int) -> bool:
+        """Whether the token alone decodes to some whole character (not only the pieces of a cut one)."""
+        own = self.own_text.get(token)
+        if own is None:
+            own = self.own_text[token] = bool(self.decode([token]).replace("\ufffd", ""))
+        return own
 
     def read_window(self, token_ids: list[int]) -> bool:
         """The window reading: decode the last tokens without and with the new one."""
