@@ -245,6 +245,32 @@ def test_stop_strings_by_brute_force_with_sampling_async_steps_and_preemption(wo
     assert suffix.token_ids == [path[k]] and suffix.finish_reason == "stop"
 
 
+def test_text_prompts_and_completion_text_with_the_tokenizer(worded_checkpoints):
+    """With its tokenizer the engine takes text prompts (encoded as the tokenizer encodes them, special tokens
+    and all, as vLLM does) beside token ids, and each Completion has its `text` (vLLM's name): the same samples
+    as from the ids, decoded as the rewards read them. Without the tokenizer, either is a one-line error."""
+    tok, checkpoints = worded_checkpoints
+    _, model = checkpoints["qwen2"]
+    engine = RolloutEngine(model, block_size=4, tokenizer=tok)
+    texts = ["Q: 12+30=\nA:", "héllo"]
+    params = SamplingParams(n=2, max_new_tokens=10, temperature=1.0, seed=3, stop_token_ids=[])
+    from_text = engine.generate([texts[0], tok.encode(texts[1])], params)
+    from_ids = engine.generate([tok.encode(t) for t in texts], params)
+    assert from_text == from_ids  # the same samples (Completion's equality leaves the tokenizer out)
+    for samples in from_text:
+        for c in samples:
+            assert c.text == tok.decode(c.token_ids, skip_special_tokens=True)
+    bare = RolloutEngine(model, block_size=4)
+    with pytest.raises(ValueError, match=r"prompt 0 is text: pass token ids, or build the engine with the model's "
+                                         r"tokenizer"):
+        bare.generate(["2+2="], params)
+    (c, _), = bare.generate([tok.encode(texts[0])], params)
+    with pytest.raises(ValueError, match="Completion.text needs the tokenizer"):
+        c.text
+    with pytest.raises(ValueError, match="prompt 0 must be a non-empty list of token ids"):
+        engine.generate([""], params)
+
+
 def test_stop_strings_need_the_tokenizer_and_are_strings(checkpoints):
     _, model = checkpoints["qwen2"]
     assert SamplingParams(stop="</answer>").stop == ["</answer>"]  # one string, as vLLM takes it

@@ -242,7 +242,7 @@ class RolloutEngine:
         stop_strings = {id(p): StopStrings(p.stop, self.tokenizer) for p in params_list if p.stop}
         for i, (prompt, p) in enumerate(zip(prompts, params_list)):
             if p.max_new_tokens == 0:
-                outputs[i] = [Completion([], [], "length") for _ in range(p.n)]
+                outputs[i] = [Completion([], [], "length", self.tokenizer) for _ in range(p.n)]
                 continue
             seed = p.seed if p.seed is not None else int(torch.randint(0, 2 ** 62, ()).item())
             stop = p.stop_token_ids if p.stop_token_ids is not None else self.config.stop_token_ids
@@ -265,7 +265,7 @@ class RolloutEngine:
             while not self.scheduler.is_finished() or self._inflight is not None:
                 finished = self.step()
                 for seq in finished:
-                    outputs[seq.request_index][seq.sample_index] = seq.completion()
+                    outputs[seq.request_index][seq.sample_index] = seq.completion(self.tokenizer)
                 if self._seen is not None:
                     self._seen.release(finished)
                 if bar is not None and finished:
@@ -378,8 +378,13 @@ class RolloutEngine:
                                  f"model's tokenizer, RolloutEngine(model, tokenizer=...)")
         prompts = list(prompts)
         for i, (prompt, p) in enumerate(zip(prompts, params)):
-            if isinstance(prompt, (str, bytes)) or not isinstance(prompt, (list, tuple)) or len(prompt) == 0:
-                raise ValueError(f"prompt {i} must be a non-empty list of token ids")
+            if isinstance(prompt, str):  # text, as vLLM takes it: encoded with the tokenizer's special tokens (a BOS)
+                if self.tokenizer is None:
+                    raise ValueError(f"prompt {i} is text: pass token ids, or build the engine with the model's "
+                                     f"tokenizer, RolloutEngine(model, tokenizer=...)")
+                prompts[i] = prompt = self.tokenizer.encode(prompt)
+            if isinstance(prompt, bytes) or not isinstance(prompt, (list, tuple)) or len(prompt) == 0:
+                raise ValueError(f"prompt {i} must be a non-empty list of token ids (or text, with a tokenizer)")
             cast = False
             for t in prompt:
                 if type(t) is not int:  # numpy's integers are taken too (made ints below); bools are not

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum, auto
 
 from rpo_engine.rollout.sampler import sample_stream
@@ -108,6 +108,16 @@ class Completion:
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: str  # "stop" (the stop token, or the token completing a stop string, is the last) or "length"
+    _tokenizer: object = field(default=None, repr=False, compare=False)  # the engine's, for `text`
+
+    @property
+    def text(self) -> str:
+        """The completion decoded (special tokens skipped, as the trainer's rewards read it; vLLM's
+        CompletionOutput.text), by the engine's tokenizer."""
+        if self._tokenizer is None:
+            raise ValueError("Completion.text needs the tokenizer: build the engine with RolloutEngine(model, "
+                             "tokenizer=...)")
+        return self._tokenizer.decode(self.token_ids, skip_special_tokens=True)
 
 
 class SequenceStatus(Enum):
@@ -188,5 +198,5 @@ class Sequence:
         completed, self.stop_state = self.stop_strings.completed_by_last(self.token_ids, self.stop_state)
         return completed
 
-    def completion(self) -> Completion:
-        return Completion(self.token_ids[self.num_prompt_tokens:], list(self.logprobs), self.finish_reason)
+    def completion(self, tokenizer=None) -> Completion:
+        return Completion(self.token_ids[self.num_prompt_tokens:], list(self.logprobs), self.finish_reason, tokenizer)
