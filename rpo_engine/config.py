@@ -64,8 +64,13 @@ def stop_strings(value: str | None, flag: str = "--stop") -> list[str] | None:
     if value.startswith(("[", '"')):
         try:
             parsed = json.loads(value)
-        except ValueError:
-            pass  # not JSON after all ('[END]'): the string itself
+        except ValueError:  # not JSON after all ('[END]'): the string itself, unless it looks like a list
+            if value[:2] in ('["', "['", "[ "):
+                raise UserError(f"{flag} {value!r} is not a JSON list of strings (double quotes, as in "
+                                f"'[\"</answer>\", \"\\n\\n\"]')") from None
+    if parsed is value and re.search(r"\\[ntr]", value):  # the shell passed a backslash and a letter, not a newline
+        raise UserError(f"{flag} {value!r} holds a backslash escape, which a plain value keeps as two characters; "
+                        f"write it as JSON, e.g. '\"\\n\\n\"' or '[\"</answer>\", \"\\n\\n\"]'")
     strings = [parsed] if isinstance(parsed, str) else parsed
     if not isinstance(strings, list) or not strings or not all(isinstance(x, str) and x for x in strings):
         raise UserError(f"{flag} must be a string or a JSON list of non-empty strings, e.g. '[\"</answer>\"]', "
@@ -385,7 +390,7 @@ class TrainConfig:
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
     top_k: int = field(default=0, metadata={"help": "top-k sampling (0: off)"})
     min_p: float = field(default=0.0, metadata={"help": "min-p sampling: drop tokens less likely than min_p times the most likely one (0: off)"})
-    stop: str | None = field(default=None, metadata={"help": "end a completion at the token that completes this string in its text, kept as a stop token is; several: a JSON list, '[\"</answer>\", \"\\n\\n\"]' (vLLM's name; transformers' stop_strings rule, the text before the completion included, so an RPO suffix completing a string its kept path began stops too); the evals stop there too (default: none)"})
+    stop: str | None = field(default=None, metadata={"help": "end a completion at the token that completes this string in its text, kept as a stop token is; several: a JSON list, '[\"</answer>\", \"\\n\\n\"]' (vLLM's name and rule: the generated text, and an RPO suffix's kept path, which is part of the answer; not the prompt); the evals stop there too (default: none)"})
     repetition_penalty: float = field(default=1.0, metadata={"help": "divide the logit of each token already in the prompt or the completion by this where positive, multiply where negative, before the temperature (TRL's name; transformers' and vLLM's rule): above 1 discourages repeats; the rollout's log-probs stay the policy's, without it, as training recomputes them; the greedy eval decodes without it, as without the temperature (1: off)"})
     learning_rate: float = field(default=1.5e-5, metadata={"help": "peak learning rate (AdamW; the default suits the built-in starter model, use ~1e-6 for 1B+ models)"})
     warmup_ratio: float = field(default=0.05, metadata={"help": "fraction of steps (rounded up, as Hugging Face rounds it) of linear warmup before the decay (none with --lr-scheduler-type constant)"})

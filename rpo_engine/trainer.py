@@ -185,13 +185,14 @@ class Trainer:
         return [self.row_at(self.rows_drawn + j) for j in range(n)]
 
     # ---- rollout -----------------------------------------------------------------------------
-    def sampling_params(self, n: int, budget: int, seed: int):
+    def sampling_params(self, n: int, budget: int, seed: int, kept: int = 0):
+        """`kept`: the tokens of an RPO kept path at the prompt's end: part of the answer, so --stop reads them."""
         from rpo_engine.rollout import SamplingParams
 
         c = self.config
         return SamplingParams(n=n, max_new_tokens=budget, temperature=c.temperature, top_p=c.top_p,
                               top_k=c.top_k, min_p=c.min_p, repetition_penalty=c.repetition_penalty,
-                              stop_token_ids=self.eos_ids, stop=self.stop, seed=seed)
+                              stop_token_ids=self.eos_ids, stop=self.stop, stop_prompt_tokens=kept, seed=seed)
 
     def seed_for(self, row_index: int, salt: int, step: int | None = None) -> int:
         # Sampling seeds derive from (run seed, step, position): resumed runs draw the same samples. Salts: the
@@ -255,7 +256,7 @@ class Trainer:
                 counters["verified"] += path.correct and i in mine
                 if path.logprobs is not None:
                     kept_logprobs[i] = path.logprobs[:cut.kept]
-        params = [self.sampling_params(G, budgets[i], self.seed_for(i, round_index)) for i in mine]
+        params = [self.sampling_params(G, budgets[i], self.seed_for(i, round_index), len(kept[i])) for i in mine]
         my_upcoming = self.dist.share(len(upcoming))
         ahead_prompts, ahead_params = self.cold_start_requests(upcoming, my_upcoming, 7919, self.step_num + 1)
         outs = self.generate([prompts[i] + kept[i] for i in mine] + ahead_prompts, params + ahead_params)
@@ -317,7 +318,7 @@ class Trainer:
                             epoch=self.step_num * c.prompts_per_step / len(self.train_rows),
                             num_train_epochs=math.ceil(c.steps * c.prompts_per_step / len(self.train_rows)),
                             logging_steps=1, eval_steps=c.eval_steps, save_steps=c.save_steps,
-                            train_batch_size=c.prompts_per_step * c.num_generations,
+                            train_batch_size=len(self.dist.share(c.prompts_per_step)) * c.num_generations,  # a rank's
                             is_local_process_zero=self.dist.local_rank == 0, is_world_process_zero=self.dist.is_main)
 
     def logged_reward_metrics(self, logged: dict[str, list[float]], metrics: dict, prefix: str = "") -> dict:
@@ -326,10 +327,11 @@ class Trainer:
         if not self.reward_kwargs_taken("log_metric"):
             return metrics
         means = RewardLog.metric_means(self.dist.gather(logged), prefix)
-        taken = sorted(set(means) & set(metrics))
+        # an eval_ name from a step would be overwritten by an eval's metrics at an eval step
+        taken = sorted(set(means) & set(metrics) | {name for name in means if not prefix and name.startswith("eval_")})
         if taken:
             raise UserError(f"a reward function logged the metric {taken[0]!r} (log_metric), a name the trainer "
-                            f"logs itself: give it another name")
+                            f"logs itself (or an eval's, eval_*): give it another name")
         return {**metrics, **means}
 
     def shape_rewards(self, group: Group, lengths: list[int], texts: list[str], scores: list[list[float]]) -> None:

@@ -150,11 +150,12 @@ def test_bench_host_times_decode_steps_beside_a_baseline_checkout(tmp_path):
     repo = BENCHMARKS.parent  # as its own baseline: the script's subprocess path works
     run_bench("bench_host.py", "--cases", "16x256", "--repeats", 1, "--baseline-src", repo, "--out", out)
     record = json.loads(out.read_text())
-    assert [r["backend"] for r in record["rows"]] == ["triton", "triton_cascade", "torch"]
+    assert [r["backend"] for r in record["rows"]] == ["triton", "triton_cascade", "torch", "torch_stop",
+                                                      "torch_stop_text"]  # the last two: with stop strings
     for row in record["rows"]:
         assert (row["num_seqs"], row["context"], row["decode_steps"]) == (16, 256, 127)
         assert row["host_ms_per_decode_step"] > 0 and row["speedup"] > 0
-    assert len(record["baseline"]["rows"]) == 3
+    assert len(record["baseline"]["rows"]) == 5
 
 
 def test_bench_sampler_compares_with_the_reference(tmp_path):

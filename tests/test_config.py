@@ -546,3 +546,10 @@ def test_stop_strings_option_reads_a_string_or_a_json_list():
     for bad in ("", "[]", '[""]', "[1]"):
         with pytest.raises(UserError, match="--stop must be a string or a JSON list of non-empty strings"):
             stop_strings(bad)
+    # what would otherwise match nothing, silently: a Python-style or unclosed list, a shell's backslash-n
+    for bad in ("['</answer>']", '["</answer>", "\\n"'):
+        with pytest.raises(UserError, match="is not a JSON list of strings"):
+            stop_strings(bad)
+    for bad in ("\\n\\n", "</answer>\\t"):
+        with pytest.raises(UserError, match="holds a backslash escape, which a plain value keeps as two characters"):
+            stop_strings(bad)

@@ -128,15 +128,18 @@ def worded_checkpoints(tmp_path_factory):
     return tok, out
 
 
-def first_stop(tok, tokens, prompt_len, strings):
+def first_stop(tok, tokens, prompt_len, strings, count_from=0):
     """The index (among the completion's tokens) of the first token that completes one of `strings` in the
-    text of the prompt and completion, decoded whole each time; None where none does (the rule, by brute force)."""
+    text of the prompt and completion, decoded whole each time, counting the text of tokens[count_from:]
+    (0: all of it, transformers' rule; prompt_len: the generated text, vLLM's); None where none does (the
+    rule, by brute force)."""
     import os
 
+    counted = len(tok.decode(tokens[:count_from], skip_special_tokens=True)) if count_from else 0
     for i in range(prompt_len, len(tokens)):
         before, after = (tok.decode(tokens[:j], skip_special_tokens=True) for j in (i, i + 1))
         new_from = len(os.path.commonprefix([before, after]))
-        if any(after.find(x, max(0, new_from - len(x) + 1)) != -1 for x in strings):
+        if any(after.find(x, max(counted, new_from - len(x) + 1)) != -1 for x in strings):
             return i - prompt_len
     return None
 
@@ -145,7 +148,8 @@ def first_stop(tok, tokens, prompt_len, strings):
 def test_stop_strings_reading_equals_the_brute_force_on_random_token_streams(streaming):
     """StopStrings fed a sequence's tokens one by one, as the engine feeds it, stops where the text decoded whole
     each time says, on random byte-level tokens: a prompt that ends inside a character, characters cut in
-    two inside the completion, strings of one and of several characters."""
+    two inside the completion, strings of one and of several characters, the counted text starting anywhere
+    in the prompt or with the completion."""
     import random
 
     from rpo_engine.data.tokenizer import build_task_tokenizer
@@ -160,13 +164,14 @@ def test_stop_strings_reading_equals_the_brute_force_on_random_token_streams(str
         completion = [rng.choice(partial) if rng.random() < 0.2 else rng.randrange(len(tok)) for _ in range(24)]
         text = tok.decode(completion, skip_special_tokens=True).replace("\ufffd", "")
         strings = [text[5:6] or "x", text[9:11] or "yz", "q"]
+        start = rng.randrange(len(prompt) + 1)  # the counted text begins in the prompt, or with the completion
         stop, state, at = StopStrings(strings, tok, streaming=streaming), None, None
         for i in range(len(completion)):
-            completed, state = stop.completed_by_last(prompt + completion[:i + 1], state)
+            completed, state = stop.completed_by_last(prompt + completion[:i + 1], state, start)
             if completed:
                 at = i
                 break
-        assert at == first_stop(tok, prompt + completion, len(prompt), strings), (prompt, completion, strings)
+        assert at == first_stop(tok, prompt + completion, len(prompt), strings, start), (prompt, completion, start)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
@@ -182,7 +187,8 @@ def test_stop_strings_match_transformers(worded_checkpoints, family):
     for (c,) in free:
         text = tok.decode(c.token_ids, skip_special_tokens=True)
         stops.append([p for p in (text[3:6], text[14:17]) if p and "\ufffd" not in p] or ["no such text"])
-    params = [SamplingParams(n=2, max_new_tokens=40, temperature=0, stop_token_ids=[], stop=s) for s in stops]
+    params = [SamplingParams(n=2, max_new_tokens=40, temperature=0, stop_token_ids=[], stop=s,
+                             stop_prompt_tokens=len(prompt)) for s, prompt in zip(stops, prompts)]  # transformers' text
     outs = engine.generate(prompts, params)
     stopped = 0
     for prompt, strings, samples in zip(prompts, stops, outs):
@@ -227,7 +233,7 @@ def test_stop_strings_by_brute_force_with_sampling_async_steps_and_preemption(wo
     ended = 0
     for prompt, strings, samples, free_samples in zip(prompts, stops, outs, free):
         for c, f in zip(samples, free_samples):
-            at = first_stop(tok, prompt + f.token_ids, len(prompt), strings)  # the same draws, cut at the stop
+            at = first_stop(tok, prompt + f.token_ids, len(prompt), strings, len(prompt))  # the same draws, cut
             assert c.token_ids == (f.token_ids if at is None else f.token_ids[:at + 1])
             assert c.finish_reason == ("length" if at is None else "stop")
             ended += at is not None
@@ -235,14 +241,17 @@ def test_stop_strings_by_brute_force_with_sampling_async_steps_and_preemption(wo
     small = RolloutEngine(model, block_size=4, num_blocks=12, async_scheduling=True, tokenizer=tok)
     assert [[c.token_ids for c in o] for o in small.generate(prompts, params)] == [[c.token_ids for c in o] for o in outs]
     assert small.stats.preemptions > 0
-    # a stop string that a kept path began (the text of its last token and the next): the suffix's first token
-    # completes it, and ends it
+    # a stop string that a kept path began (the text of its last token and the next): with the kept path counted
+    # (stop_prompt_tokens, as the trainer asks), the suffix's first token completes it, and ends it; without, the
+    # text before the suffix is the prompt's and does not count (vLLM's rule)
     path = engine.generate([prompts[0]], SamplingParams(max_new_tokens=30, temperature=0, stop_token_ids=[]))[0][0].token_ids
-    k = next(k for k in range(1, 30) if all(tok.decode([t]) and "\ufffd" not in tok.decode([t]) for t in path[k - 1:k + 1]))
+    k = next(k for k in range(1, 30) if all(tok.decode([t]) and "\ufffd" not in tok.decode([t]) for t in path[k - 1:k + 1])
+             and tok.decode(path[k - 1:k + 1]) not in tok.decode(path[k:]))
     spanning = tok.decode(path[k - 1:k + 1])
-    (suffix,), = engine.generate([prompts[0] + path[:k]], SamplingParams(max_new_tokens=5, temperature=0,
-                                                                         stop_token_ids=[], stop=spanning))
-    assert suffix.token_ids == [path[k]] and suffix.finish_reason == "stop"
+    for counted in (k, 1, 0):
+        (suffix,), = engine.generate([prompts[0] + path[:k]], SamplingParams(max_new_tokens=5, temperature=0, stop_token_ids=[],
+                                                                             stop=spanning, stop_prompt_tokens=counted))
+        assert (suffix.token_ids == [path[k]] and suffix.finish_reason == "stop") == (counted > 0), counted
 
 
 def test_text_prompts_and_completion_text_with_the_tokenizer(worded_checkpoints):
@@ -260,6 +269,11 @@ def test_text_prompts_and_completion_text_with_the_tokenizer(worded_checkpoints)
     for samples in from_text:
         for c in samples:
             assert c.text == tok.decode(c.token_ids, skip_special_tokens=True)
+    import pickle
+
+    c = from_text[0][0]
+    assert dataclasses.asdict(c) == {"token_ids": c.token_ids, "logprobs": c.logprobs, "finish_reason": c.finish_reason}
+    assert pickle.loads(pickle.dumps(c)) == c and len(pickle.dumps(c)) < 1000  # no tokenizer inside
     bare = RolloutEngine(model, block_size=4)
     with pytest.raises(ValueError, match=r"prompt 0 is text: pass token ids, or build the engine with the model's "
                                          r"tokenizer"):
@@ -1432,12 +1446,12 @@ def test_stop_strings_with_stop_tokens_and_engine_settings(worded_checkpoints, s
     budget_checks = 0
     for prompt, p, samples, free_samples in zip(prompts, params, outs, free):
         for c, f in zip(samples, free_samples):
-            at_string = first_stop(tok, prompt + f.token_ids, len(prompt), p.stop)
+            at_string = first_stop(tok, prompt + f.token_ids, len(prompt), p.stop, len(prompt))
             at_token = next((i for i, t in enumerate(f.token_ids) if t in p.stop_token_ids), None)
             at = min((a for a in (at_string, at_token) if a is not None), default=None)
             assert c.token_ids == (f.token_ids if at is None else f.token_ids[:at + 1])
             assert c.finish_reason == ("length" if at is None else "stop")
-        at = first_stop(tok, prompt + free_samples[0].token_ids, len(prompt), p.stop)
+        at = first_stop(tok, prompt + free_samples[0].token_ids, len(prompt), p.stop, len(prompt))
         if at is not None:
             budget = dataclasses.replace(p, n=1, max_new_tokens=at + 1, stop_token_ids=[])
             (c,), = engine.generate([prompt], budget)

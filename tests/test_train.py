@@ -624,9 +624,9 @@ def test_log_completions(tmp_path, tiny_model_dir):
 
 
 def test_stop_strings_end_rpo_and_full_path_completions(tmp_path, tiny_model_dir):
-    """--stop (vLLM's name): every sample, an RPO suffix after its kept path included, ends at the first of its
-    tokens that completes a stop string in the text (the brute-force rule of test_rollout), or runs to its
-    budget or eos without one; a YAML list is the flag's JSON list; a bad value is one line."""
+    """--stop (vLLM's name): every sample ends at the first of its tokens that completes a stop string in the
+    answer's text, an RPO suffix's kept path included, the prompt's not (the brute-force rule of test_rollout),
+    or runs to its budget or eos without one; a YAML list is the flag's JSON list; a bad value is one line."""
     from rpo_engine.config import parse_args
     from rpo_engine.train import build_trainer
     from tests.test_rollout import first_stop
@@ -645,7 +645,7 @@ def test_stop_strings_end_rpo_and_full_path_completions(tmp_path, tiny_model_dir
             before = g.prompt_ids + g.kept_ids
             kept += len(g.kept_ids) > 0
             for suffix, reason in zip(g.suffix_ids, g.finish_reasons):
-                at = first_stop(trainer.tokenizer, before + suffix, len(before), strings)
+                at = first_stop(trainer.tokenizer, before + suffix, len(before), strings, len(g.prompt_ids))
                 ends_at_eos = suffix and suffix[-1] in trainer.eos_ids
                 assert at == (len(suffix) - 1 if reason == "stop" and not ends_at_eos else None), (suffix, reason)
                 stopped, samples = stopped + (at is not None), samples + 1
@@ -693,6 +693,8 @@ def test_what_rewards_log_under_a_name_the_trainer_uses_is_an_error_not_an_overw
     assert trainer.logged_reward_metrics({"judge/x": [1.0, 2.0]}, {"loss": 0.5}) == {"loss": 0.5, "judge/x": 1.5}
     with pytest.raises(UserError, match="logged the metric 'eval_accuracy' \\(log_metric\\), a name the trainer logs"):
         trainer.logged_reward_metrics({"accuracy": [1.0]}, {"eval_accuracy": 0.5}, prefix="eval_")
+    with pytest.raises(UserError, match="logged the metric 'eval_judge' .* \\(or an eval's, eval_\\*\\)"):
+        trainer.logged_reward_metrics({"eval_judge": [1.0]}, {"loss": 0.5})  # an eval step's would overwrite it
 
 
 def test_conversational_dataset_through_the_chat_template(tmp_path, tiny_model_dir):
@@ -2216,12 +2218,12 @@ def test_eval_cli(tmp_path, tiny_model_dir):
     assert [r["answer"] for r in rows] == ["2", "4"] and all(r["correct"] is False and r["reward"] == 0.0 for r in rows)
     assert [r["id"] for r in rows] == ["0", "1"]  # the dataset's ids (here its row numbers), to join the file back
     assert all(isinstance(r["completion"], str) and r["prompt"].startswith("Q: ") for r in rows)
-    # --stop: the random model writes "::::::::" after the prompt's "A:"; its first ":" completes "::" with the
-    # prompt's last character, and ends there (transformers' stop_strings rule: the text before counts)
+    # --stop: the random model writes "::::::::" after the prompt's "A:"; its first ":" makes "::" with the prompt's
+    # last character, which does not count (the generated text alone, as vLLM), its second completes "::"
     assert [r["completion"] for r in rows] == ["::::::::"] * 2
     stopped = [*cmd[:-1], str(tmp_path / "stopped.jsonl"), "--stop", '["::", "never"]']
     assert subprocess.run(stopped, capture_output=True, text=True, cwd=REPO).returncode == 0
-    assert [json.loads(line)["completion"] for line in (tmp_path / "stopped.jsonl").read_text().splitlines()] == [":"] * 2
+    assert [json.loads(line)["completion"] for line in (tmp_path / "stopped.jsonl").read_text().splitlines()] == ["::"] * 2
     before = preds.read_text()
     assert_user_error(subprocess.run(cmd, capture_output=True, text=True, cwd=REPO), f"{preds}: already exists")
     assert preds.read_text() == before  # nothing overwritten

@@ -454,7 +454,9 @@ class TRLStyleReward:
         an awaitable for an async function."""
         conversational = not isinstance(rows[0]["prompt"], str)
         completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else list(texts)
-        columns = {key: [row.get(key) for row in rows] for key in rows[0] if key not in ("prompt", "completion")}
+        # a column of one of the call's own names is left out, as TRL leaves out completion_ids
+        columns = {key: [row.get(key) for row in rows] for key in rows[0]
+                   if key not in ("prompt", "completion", "completion_ids", *self.trainer_kwargs)}
         extras = {"trainer_state": trainer_state,
                   "log_metric": lambda name, value: log.add_metric(self.name, name, value),
                   "log_extra": lambda column, values: log.add_column(self.name, sizes, column, values)}

@@ -30,7 +30,7 @@ from rpo_engine.rollout.model_runner import ModelRunner
 from rpo_engine.rollout.penalty import SeenTokens
 from rpo_engine.rollout.sampler import request_key, sample_sequences
 from rpo_engine.rollout.scheduler import Scheduler
-from rpo_engine.rollout.sequence import Completion, SamplingParams, Sequence, SequenceStatus
+from rpo_engine.rollout.sequence import Completion, SamplingParams, Sequence, SequenceStatus, with_tokenizer
 from rpo_engine.rollout.stop import StopStrings
 from rpo_engine.rollout.transfer import host_tensor
 
@@ -222,9 +222,9 @@ class RolloutEngine:
         """The K/V cache's size (both tensors, every layer, the padding block left out)."""
         return self.runner.num_blocks * self.runner.block_bytes
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+    def generate(self, prompts: list[list[int] | str], params: SamplingParams | list[SamplingParams] | None = None,
                  progress: bool | str = False) -> list[list[Completion]]:
-        """-> for each prompt its n completions. progress: a bar of finished samples with new tokens/s
+        """-> for each prompt (token ids; or text, with the engine's tokenizer) its n completions. progress: a bar of finished samples with new tokens/s
         (vLLM's use_tqdm), for long offline runs such as an eval; a string names the bar (default "generate")."""
         prompts, params_list = self._validate(prompts, params)
         if self.merge_lora:
@@ -242,7 +242,7 @@ class RolloutEngine:
         stop_strings = {id(p): StopStrings(p.stop, self.tokenizer) for p in params_list if p.stop}
         for i, (prompt, p) in enumerate(zip(prompts, params_list)):
             if p.max_new_tokens == 0:
-                outputs[i] = [Completion([], [], "length", self.tokenizer) for _ in range(p.n)]
+                outputs[i] = [with_tokenizer(Completion([], [], "length"), self.tokenizer) for _ in range(p.n)]
                 continue
             seed = p.seed if p.seed is not None else int(torch.randint(0, 2 ** 62, ()).item())
             stop = p.stop_token_ids if p.stop_token_ids is not None else self.config.stop_token_ids

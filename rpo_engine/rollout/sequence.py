@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum, auto
 
 from rpo_engine.rollout.sampler import sample_stream
@@ -29,7 +29,10 @@ class SamplingParams:
     `stop_token_ids=None` stops at the model's eos ids (config.json's and generation_config.json's), `[]`
     never stops early. `stop` (vLLM's name; transformers' stop_strings): strings whose appearance in the
     decoded text ends the sample at the token that completes one (that token kept, as a stop token is); the
-    engine needs the tokenizer for it (`RolloutEngine(..., tokenizer=)`; rollout/stop.py). `seed=None` draws a fresh seed from torch's global generator (so
+    engine needs the tokenizer for it (`RolloutEngine(..., tokenizer=)`; rollout/stop.py). The text is the
+    generated text, as vLLM's, and the prompt's last `stop_prompt_tokens` tokens before it (the trainer
+    counts an RPO kept path, which is part of the answer; transformers counts the whole prompt: give its
+    length). `seed=None` draws a fresh seed from torch's global generator (so
     `torch.manual_seed` reproduces a run). A sample's draws depend only on its request's seed and prompt,
     its index among the n and its position (as vLLM's per-request seeds): the same prompt given twice with
     one seed samples the same completions twice, so ask for G samples of a prompt with n=G, not G copies.
@@ -45,6 +48,7 @@ class SamplingParams:
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     stop: list[str] | None = None
+    stop_prompt_tokens: int = 0
 
     def __post_init__(self):
         self.validate()
@@ -95,6 +99,8 @@ class SamplingParams:
             if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop):
                 raise ValueError(f"SamplingParams.stop must be a string or a list of non-empty strings, got {self.stop!r}")
             self.stop = stop
+        if not integer("stop_prompt_tokens", 0):
+            raise ValueError(f"SamplingParams.stop_prompt_tokens must be an integer >= 0, got {self.stop_prompt_tokens!r}")
         if self.seed is not None and not integer("seed", -math.inf):  # any integer: the sampler keeps its low 64 bits
             raise ValueError(f"SamplingParams.seed must be an integer or None, got {self.seed!r}")
 
@@ -108,7 +114,10 @@ class Completion:
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: str  # "stop" (the stop token, or the token completing a stop string, is the last) or "length"
-    _tokenizer: object = field(default=None, repr=False, compare=False)  # the engine's, for `text`
+    _tokenizer = None  # the engine's, for `text`: set on the instance, not a field (asdict, pickling leave it out)
+
+    def __getstate__(self):  # a pickled completion (to another process) does not carry the whole tokenizer
+        return {k: v for k, v in self.__dict__.items() if k != "_tokenizer"}
 
     @property
     def text(self) -> str:
@@ -118,6 +127,13 @@ class Completion:
             raise ValueError("Completion.text needs the tokenizer: build the engine with RolloutEngine(model, "
                              "tokenizer=...)")
         return self._tokenizer.decode(self.token_ids, skip_special_tokens=True)
+
+
+def with_tokenizer(completion: Completion, tokenizer) -> Completion:
+    """`completion`, its `text` read with `tokenizer` (None: no text)."""
+    if tokenizer is not None:
+        completion._tokenizer = tokenizer
+    return completion
 
 
 class SequenceStatus(Enum):
@@ -195,8 +211,10 @@ class Sequence:
             self.finish_reason = "length"
 
     def stop_completed(self) -> bool:
-        completed, self.stop_state = self.stop_strings.completed_by_last(self.token_ids, self.stop_state)
+        start = self.num_prompt_tokens - min(self.params.stop_prompt_tokens, self.num_prompt_tokens)
+        completed, self.stop_state = self.stop_strings.completed_by_last(self.token_ids, self.stop_state, start)
         return completed
 
     def completion(self, tokenizer=None) -> Completion:
-        return Completion(self.token_ids[self.num_prompt_tokens:], list(self.logprobs), self.finish_reason, tokenizer)
+        return with_tokenizer(Completion(self.token_ids[self.num_prompt_tokens:], list(self.logprobs),
+                                         self.finish_reason), tokenizer)

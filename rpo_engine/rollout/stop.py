@@ -1,10 +1,12 @@
 """Stop strings (`SamplingParams.stop`): a sample ends at the token that completes one of them in its text.
 
 The rule is transformers' `stop_strings` (StopStringCriteria): after each new token, a stop string counts
-when the decoded text holds an occurrence that the new token takes part in. The text before the new token
-counts too, the prompt's tail included, so an RPO suffix that completes a stop string its kept path began
-stops where the whole path would have. vLLM matches the generated text alone, and does not see such an
-occurrence. The text is what the trainer's reward functions read: special tokens skipped.
+when the decoded text holds an occurrence that the new token takes part in. Which text: the generated text,
+as vLLM's (a chat template's closing newline does not meet a "\n\n" with the first token), and before it
+the prompt's last `SamplingParams.stop_prompt_tokens` tokens: the trainer counts an RPO kept path, so a
+suffix that completes a stop string its kept path began stops where the whole path would have; the whole
+prompt gives transformers' rule. The text is what the trainer's reward functions read: special tokens
+skipped.
 
 A fast tokenizer's text comes a token at a time from `tokenizers`' DecodeStream (about a microsecond a
 token; vLLM's detokenizer uses it too): a sequence keeps its stream and the last len(longest) - 1
@@ -45,30 +47,35 @@ class StopStrings:
             else:
                 self.new_stream = lambda: DecodeStream(skip_special_tokens=True)
 
-    def completed_by_last(self, token_ids: list[int], state: list | None) -> tuple[bool, list | None]:
-        """Whether the last of `token_ids` completes an occurrence of one of the strings; and the state to pass
+    def completed_by_last(self, token_ids: list[int], state: list | None, start: int = 0) -> tuple[bool, list | None]:
+        """Whether the last of `token_ids` completes an occurrence of one of the strings in the text of the tokens
+        from `start` on (the generated ones, and the prompt's last ones the request counts); and the state to pass
         with the sequence's next token (None at its first generated token)."""
         if self.backend is None:
-            return self.read_window(token_ids), None
+            return self.read_window(token_ids, start), None
         if state is None:  # the sequence's first generated token: the text before it, from the last tokens
             # a token at a time: a stream given many at once that end inside a character holds all their text
-            # back, and gives it with the next token as if that token's
+            # back, and gives it with the next token as if that token's. The tokens before `start` are read for
+            # their context (a leading space, a character they begin), their text left out.
             stream, before = self.new_stream(), []
+            window, uncounted = self.text_window(token_ids[:-1], start)
             try:
-                for t in self.text_window(token_ids[:-1]):
-                    before.append(stream.step(self.backend, t) or "")
+                for i, t in enumerate(window):
+                    text = stream.step(self.backend, t)
+                    if i >= uncounted:
+                        before.append(text or "")
             except Exception:  # "Invalid prefix" (below): the window reads this token, a new stream the next
-                return self.read_window(token_ids), None
+                return self.read_window(token_ids, start), None
             state = [stream, "".join(before)]
         stream, tail = state
         try:
             new = stream.step(self.backend, token_ids[-1])
         except Exception:  # "Invalid prefix": byte-fallback bytes that decode non-monotonically; start over
-            return self.read_window(token_ids), None
+            return self.read_window(token_ids, start), None
         if new is None:  # the stream holds text back until a cut character is whole: no new character of its
             # own, unless the token has text before its cut character (a byte-level "Ġ\xc3" ends " "), which the
             # window reads (the stream gives that text later, beside the whole character, past the tail)
-            return (self.read_window(token_ids) if self.has_own_text(token_ids[-1]) else False), state
+            return (self.read_window(token_ids, start) if self.has_own_text(token_ids[-1]) else False), state
         text = tail + new  # `new` may hold what earlier tokens' cut character left back: new text all the same
         state[1] = text[len(text) - self.longest + 1:] if self.longest > 1 else ""
         return self.occurs(text, len(tail)), state
@@ -80,25 +87,29 @@ class StopStrings:
             own = self.own_text[token] = bool(self.decode([token]).replace("\ufffd", ""))
         return own
 
-    def read_window(self, token_ids: list[int]) -> bool:
+    def read_window(self, token_ids: list[int], start: int = 0) -> bool:
         """The window reading: decode the last tokens without and with the new one."""
         if token_ids[-1] in self.special_ids:  # skipped in the text: it completes nothing
             return False
-        window = self.text_window(token_ids)
+        window, uncounted = self.text_window(token_ids, start)
         before, after = self.decode(window[:-1]), self.decode(window)
         new_from = len(os.path.commonprefix([before, after]))  # the text that changed: the new token's
-        return self.occurs(after, new_from)
+        return self.occurs(after, new_from, len(self.decode(window[:uncounted])) if uncounted else 0)
 
-    def text_window(self, token_ids: list[int]) -> list[int]:
-        """The last window + 1 tokens, special tokens left out (they have no text, and would narrow it)."""
-        window = []
-        for t in reversed(token_ids):
+    def text_window(self, token_ids: list[int], start: int = 0) -> tuple[list[int], int]:
+        """The last window + 1 tokens, special tokens left out (they have no text, and would narrow it); and how
+        many of them come before `start` (read for context, not counted)."""
+        window, uncounted = [], 0
+        for i in range(len(token_ids) - 1, -1, -1):
+            t = token_ids[i]
             if t not in self.special_ids:
                 window.append(t)
+                uncounted += i < start
                 if len(window) > self.window:
                     break
-        return window[::-1]
+        return window[::-1], uncounted
 
-    def occurs(self, text: str, new_from: int) -> bool:
-        """Whether one of the strings occurs in `text` ending at or past `new_from` (in its new part)."""
-        return any(text.find(s, max(0, new_from - len(s) + 1)) != -1 for s in self.strings)
+    def occurs(self, text: str, new_from: int, counted_from: int = 0) -> bool:
+        """Whether one of the strings occurs in `text` ending at or past `new_from` (in its new part) and starting
+        at or past `counted_from`."""
+        return any(text.find(s, max(counted_from, new_from - len(s) + 1)) != -1 for s in self.strings)
