@@ -288,8 +288,8 @@ class Trainer:
     def score_groups(self, groups: list[Group]) -> None:
         """Each group's rewards (and correct answers, and each reward function's scores). A PooledReward
         scores every group's answers in one call, spread over its pool's workers; a TRL-style function is
-        called once for all of them (TRL's once a batch; the async ones awaited together), a reward model and
-        ours group by group, in this process (score_functions). What TRL-style functions log goes to the
+        called once for all of them (TRL's once a batch; the async ones awaited together), a reward model on
+        all of them in its batches, ours one completion at a time, in this process (score_functions). What TRL-style functions log goes to the
         step's metrics (log_metric) and the groups' completions (log_extra)."""
         answers = [[g.answer_ids(i) for i in range(len(g.suffix_ids))] for g in groups]
         texts = [[self.tokenizer.decode(ids, skip_special_tokens=True) for ids in group] for group in answers]

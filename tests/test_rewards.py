@@ -367,6 +367,23 @@ def reward_model_dir(tmp_path_factory):
     return directory
 
 
+def test_reward_model_scores_every_group_of_a_batch_in_one_call(reward_model_dir):
+    """score_functions hands a reward model all the groups' completions at once (its forwards batch them), as
+    TRL scores a batch, and cuts the scores back into the groups: the scores one group at a time gives."""
+    from rpo_engine.rewards.answers import score_functions
+    from rpo_engine.rewards.model import RewardModel
+
+    model, calls = RewardModel(str(reward_model_dir), batch_size=4), []
+    score = model.score
+    model.score = lambda texts, rows, *args: (calls.append(len(texts)), score(texts, rows, *args))[1]
+    rows = [{"prompt": "12+3=", "answer": "15"}, {"prompt": "7+8=", "answer": "15"}, {"prompt": "2+2=", "answer": "4"}]
+    texts = [[" 15", " 16", " 15 and more"], [" 1"], [" 4", " 44"]]
+    together = score_functions([model], texts, rows)[0]
+    assert calls == [6] and [len(g) for g in together] == [3, 1, 2]
+    apart = [score(group, [row] * len(group)) for group, row in zip(texts, rows)]
+    assert together == [pytest.approx(a, abs=1e-5) for a in apart]
+
+
 def test_reward_model_scores_prompt_and_completion_as_transformers_does(reward_model_dir):
     """Each completion's reward is the classifier's logit on prompt + completion (string prompts) or on the
     conversation with the completion as the assistant's turn, whatever the batch and its padding."""

@@ -538,9 +538,11 @@ def score_functions(functions: list, texts: list[list[str]], rows: list[dict],
     `texts[j]` answering `rows[j]`. The TRL-style functions are each called once for every group's
     completions, as TRL calls them once per batch, and the async ones among them are awaited together
     (group j's log_extra columns land in `log.columns[j]`); a PooledReward scores every group in one call,
-    spread over its workers; a reward model and ours go group by group (`score_completions`).
+    spread over its workers, a reward model in batches of its batch size over them; ours go completion by
+    completion (`score_completions`).
     `none_as_nan`: per function, whether its None is NaN; by default the first function's is an error (it
     decides right answers) and the others' NaN (TRL's "does not apply")."""
+    from rpo_engine.rewards.model import RewardModel  # here: answers.py itself imports no torch
     from rpo_engine.rewards.pool import PooledReward
 
     none_as_nan = none_as_nan if none_as_nan is not None else [i > 0 for i in range(len(functions))]
@@ -556,7 +558,7 @@ def score_functions(functions: list, texts: list[list[str]], rows: list[dict],
     for i, fn in enumerate(functions):
         if i in scores:
             continue
-        if isinstance(fn, PooledReward):
+        if isinstance(fn, (PooledReward, RewardModel)):  # all at once: over the pool's workers, in full batches
             scores[i] = _split(fn.score([t for g in texts for t in g], [row for row, g in zip(rows, texts) for _ in g]),
                                sizes)
         else:
