@@ -289,8 +289,8 @@ class Trainer:
         """Each group's rewards (and correct answers, and each reward function's scores). A PooledReward
         scores every group's answers in one call, spread over its pool's workers; a TRL-style function is
         called once for all of them (TRL's once a batch; the async ones awaited together), a reward model on
-        all of them in its batches, ours one completion at a time, in this process (score_functions). What TRL-style functions log goes to the
-        step's metrics (log_metric) and the groups' completions (log_extra)."""
+        all of them in its batches, ours one completion at a time, in this process (score_functions). What
+        TRL-style functions log goes to the step's metrics (log_metric) and the groups' completions (log_extra)."""
         answers = [[g.answer_ids(i) for i in range(len(g.suffix_ids))] for g in groups]
         texts = [[self.tokenizer.decode(ids, skip_special_tokens=True) for ids in group] for group in answers]
         log, state = RewardLog(), self.trainer_state() if self.reward_kwargs_taken("trainer_state") else None
@@ -958,12 +958,11 @@ class Trainer:
                                      temperature=c.eval_temperature, top_p=c.eval_top_p, top_k=c.eval_top_k,
                                      stop_token_ids=self.eos_ids, stop=self.stop, seed=self.seed_for(i, EVAL_SALT))
                       for i in share]
-        log = RewardLog()
+        log, state = RewardLog(), self.trainer_state() if self.reward_kwargs_taken("trainer_state") else None
         graded = sampled_graded(self.engine, self.tokenizer, rows, self.reward_fn,
                                 [self.eval_prompt_ids[i] for i in share], params,
                                 progress="eval" if c.progress and self.dist.is_main else False,
-                                trainer_state=self.trainer_state() if self.reward_kwargs_taken("trainer_state") else None,
-                                log=log)
+                                trainer_state=state, log=log)
         rights = right_answers(graded)
         correct, solved, total = self.dist.sum([sum(rights), sum(n > 0 for n in rights), len(rows)])
         if not total:

@@ -224,8 +224,9 @@ class RolloutEngine:
 
     def generate(self, prompts: list[list[int] | str], params: SamplingParams | list[SamplingParams] | None = None,
                  progress: bool | str = False) -> list[list[Completion]]:
-        """-> for each prompt (token ids; or text, with the engine's tokenizer) its n completions. progress: a bar of finished samples with new tokens/s
-        (vLLM's use_tqdm), for long offline runs such as an eval; a string names the bar (default "generate")."""
+        """-> for each prompt (token ids; or text, with the engine's tokenizer) its n completions. progress: a
+        bar of finished samples with new tokens/s (vLLM's use_tqdm), for long offline runs such as an eval; a
+        string names the bar (default "generate")."""
         prompts, params_list = self._validate(prompts, params)
         if self.merge_lora:
             refresh_rollout_weights(self.model)

@@ -11,14 +11,15 @@ skipped.
 A fast tokenizer's text comes a token at a time from `tokenizers`' DecodeStream (about a microsecond a
 token; vLLM's detokenizer uses it too): a sequence keeps its stream and the last len(longest) - 1
 characters, and an occurrence must end in the new text. Where the stream holds text back (a token that ends
-in a cut character) and the token has a whole character of its own, or where it raises (byte-fallback bytes
-whose text is not monotonic: "Invalid prefix"), that token is read by the window, as other tokenizers' are. Any other tokenizer decodes a
-window of the last tokens twice, without and with the new one (tens of microseconds a token): an occurrence
-the new token takes part in ends past the two texts' common prefix and starts at most len(string) - 1
-characters before it; a character is at most 4 tokens of a byte-level vocabulary (its UTF-8 bytes), so a
-window of 4 * len(string) tokens before the new one holds it, and a few more keep it clear of what decoding
-does at a window's start (a character cut in two, a dropped leading space); special tokens, which have no
-text, are left out of it. A stream starts from the same window.
+in a cut character) and the token has a whole character of its own, or where it raises (byte-fallback
+bytes whose text is not monotonic: "Invalid prefix"), that token is read by the window, as other
+tokenizers' are. Any other tokenizer decodes a window of the last tokens twice, without and with the new
+one (tens of microseconds a token): an occurrence the new token takes part in ends past the two texts'
+common prefix and starts at most len(string) - 1 characters before it; a character is at most 4 tokens of a
+byte-level vocabulary (its UTF-8 bytes), so a window of 4 * len(string) tokens before the new one holds it,
+and a few more keep it clear of what decoding does at a window's start (a character cut in two, a dropped
+leading space); special tokens, which have no text, are left out of it. A stream starts from the same
+window.
 """
 from __future__ import annotations
 
