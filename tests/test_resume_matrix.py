@@ -44,6 +44,7 @@ def bf16_case_ran_its_features(resumed):
 
 def sapo_case_ran_its_features(resumed):
     assert any(m["off_policy_masked_frac"] > 0 for m in resumed)
+    assert all(m["judge/global_step"] == m["step"] - 1 for m in resumed)  # the async judge's log_metric
     assert all(m["cache_hit_rate"] == 1 for m in resumed)  # every prompt continues a path the checkpoint held
 
 
@@ -74,11 +75,13 @@ CASES = {
          "--dataset", "{data}", "--eval-dataset", "{data}", "--no-shuffle-dataset", "--rpo-loss-on-prefix",
          "--rpo-unverified-cut", "full", "--mask-truncated-completions", "--format-reward-weight", 0.1,
          "--lr-scheduler-type", "cosine", "--weight-decay", 0.1, "--save-steps", 2], 2, bf16_case_ran_its_features),
-    # stopped after the first step (the cache holds the first choices and the read-ahead cold paths): two reward
-    # functions normalized apart (GDPO), SAPO with off-policy masking over two passes, padded rows in small
-    # micro-batches, fewer decode slots than samples, top-k/top-p sampling
+    # stopped after the first step (the cache holds the first choices and the read-ahead cold paths): three reward
+    # functions normalized apart (GDPO), one an async TRL-style judge that logs a metric and a column, SAPO with
+    # off-policy masking over two passes, padded rows in small micro-batches, fewer decode slots than samples,
+    # top-k/top-p sampling, stop strings
     "first-step-checkpoint-gdpo-sapo-off-policy-mask": (
-        ["--reward", "tests.reward_fns:hash_reward,tests.reward_fns:length_reward", "--reward-weights", "1,0.5",
+        ["--reward", "tests.reward_fns:hash_reward,tests.reward_fns:length_reward,tests.reward_fns:async_judge",
+         "--reward-weights", "1,0.5,0.5", "--stop", '["3", "a"]',
          "--multi-objective-aggregation", "normalize_then_sum", "--loss-type", "sapo",
          "--off-policy-mask-threshold", 0.001, "--num-iterations", 2, "--no-prefix-sharing",
          "--micro-batch-tokens", 96, "--max-num-seqs", 5, "--top-k", 8, "--top-p", 0.8, "--temperature", 0.9,
