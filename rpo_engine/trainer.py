@@ -293,9 +293,9 @@ class Trainer:
         TRL-style functions log goes to the step's metrics (log_metric) and the groups' completions (log_extra)."""
         answers = [[g.answer_ids(i) for i in range(len(g.suffix_ids))] for g in groups]
         texts = [[self.tokenizer.decode(ids, skip_special_tokens=True) for ids in group] for group in answers]
-        log, state = RewardLog(), self.trainer_state() if self.reward_kwargs_taken("trainer_state") else None
+        log = RewardLog()
         scores = score_functions([self.reward_fn, *self.extra_rewards], texts, [g.row for g in groups], answers,
-                                 trainer_state=state, log=log)  # [function][group][sample]
+                                 trainer_state=self.reward_trainer_state(), log=log)  # [function][group][sample]
         for j, g in enumerate(groups):
             g.extra_columns = log.columns.get(j, {})
             self.shape_rewards(g, [len(ids) for ids in answers[j]], texts[j], [s[j] for s in scores])
@@ -308,9 +308,12 @@ class Trainer:
         return any(isinstance(fn, TRLStyleReward) and keyword in fn.trainer_kwargs
                    for fn in [self.reward_fn, *self.extra_rewards])
 
-    def trainer_state(self):
+    def reward_trainer_state(self):
         """What a TRL-style reward function gets as `trainer_state`: transformers' TrainerState as TRL's
-        GRPOTrainer has it while it scores a step, global_step the optimizer steps done before this one."""
+        GRPOTrainer has it while it scores a step, global_step the optimizer steps done before this one; None
+        (not built) where no reward function takes it."""
+        if not self.reward_kwargs_taken("trainer_state"):
+            return None
         from transformers import TrainerState
 
         c = self.config
@@ -958,11 +961,11 @@ class Trainer:
                                      temperature=c.eval_temperature, top_p=c.eval_top_p, top_k=c.eval_top_k,
                                      stop_token_ids=self.eos_ids, stop=self.stop, seed=self.seed_for(i, EVAL_SALT))
                       for i in share]
-        log, state = RewardLog(), self.trainer_state() if self.reward_kwargs_taken("trainer_state") else None
+        log = RewardLog()
         graded = sampled_graded(self.engine, self.tokenizer, rows, self.reward_fn,
                                 [self.eval_prompt_ids[i] for i in share], params,
                                 progress="eval" if c.progress and self.dist.is_main else False,
-                                trainer_state=state, log=log)
+                                trainer_state=self.reward_trainer_state(), log=log)
         rights = right_answers(graded)
         correct, solved, total = self.dist.sum([sum(rights), sum(n > 0 for n in rights), len(rows)])
         if not total:

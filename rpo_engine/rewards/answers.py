@@ -548,19 +548,19 @@ def score_functions(functions: list, texts: list[list[str]], rows: list[dict],
     none_as_nan = none_as_nan if none_as_nan is not None else [i > 0 for i in range(len(functions))]
     ids = completion_ids if completion_ids is not None else [None] * len(texts)
     sizes = [len(group) for group in texts]
+    flat_texts, flat_rows = [t for g in texts for t in g], [row for row, g in zip(rows, texts) for _ in g]
     trl = [i for i, fn in enumerate(functions) if isinstance(fn, TRLStyleReward)]
     scores: dict[int, list[list[float]]] = {}
     if trl:
         flat_ids = None if completion_ids is None else [i for group in ids for i in group]
-        flat = _score_trl([functions[i] for i in trl], [none_as_nan[i] for i in trl], [t for g in texts for t in g],
-                          [row for row, group in zip(rows, texts) for _ in group], flat_ids, sizes, trainer_state, log)
+        flat = _score_trl([functions[i] for i in trl], [none_as_nan[i] for i in trl], flat_texts, flat_rows,
+                          flat_ids, sizes, trainer_state, log)
         scores.update({i: _split(values, sizes) for i, values in zip(trl, flat)})
     for i, fn in enumerate(functions):
         if i in scores:
             continue
         if isinstance(fn, (PooledReward, RewardModel)):  # all at once: over the pool's workers, in full batches
-            scores[i] = _split(fn.score([t for g in texts for t in g], [row for row, g in zip(rows, texts) for _ in g]),
-                               sizes)
+            scores[i] = _split(fn.score(flat_texts, flat_rows), sizes)
         else:
             scores[i] = [score_completions(fn, group, [row] * len(group), group_ids, none_as_nan[i])
                          for group, row, group_ids in zip(texts, rows, ids)]
