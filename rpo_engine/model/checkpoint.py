@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from rpo_engine.errors import UserError
 from rpo_engine.hub import hub_snapshot, is_hub_id
 from rpo_engine.model.atomic import replacing_directory
-from rpo_engine.model.config import ModelConfig, read_generation_eos, rope_inv_freq
+from rpo_engine.model.config import ModelConfig, read_generation_eos, rope_inv_freq, token_ids
 from rpo_engine.model.decoder import CausalLM
 from rpo_engine.model.lora import merged_state_dict
 
@@ -156,6 +156,65 @@ def load_model(path, dtype=None, device=None) -> CausalLM:
     model.model.rotary_emb.inv_freq = rope_inv_freq(config).to(device)  # to_empty left it uninitialised
     model.source_dir = directory
     model.generation_config_file = generation.read_bytes() if generation.is_file() else None
+    return model
+
+
+def from_transformers(hf_model) -> CausalLM:
+    """Our decoder on a transformers model's own parameters: the same Parameter objects, no copy. An optimizer
+    stepping either model steps both, so a RolloutEngine on the result samples from the weights being trained
+    (how rpo_engine.integrations.trl rolls out inside TRL's GRPOTrainer, with no second copy and no weight sync).
+
+    `hf_model`: a Llama / Qwen2 / Qwen3 causal LM (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM) with
+    plain parameters on one device in one dtype. A PEFT-wrapped model, or parameters sharded by DeepSpeed ZeRO-3
+    or FSDP, are a UserError: their weights are not whole tensors here. RoPE's inverse frequencies are computed
+    from the config, as load_model computes them. The result is in train mode, as a loaded model is (neither has
+    dropout: a config's attention_dropout is warned about and ignored)."""
+    name = type(hf_model).__name__
+    if hasattr(hf_model, "peft_config"):  # PeftModel, or a transformers model with adapters added
+        raise UserError(f"from_transformers: {name} has PEFT adapters; merge them (merge_and_unload()) or pass the "
+                        f"base model (rpo_engine's own LoRA: apply_lora)")
+    config_object = getattr(hf_model, "config", None)
+    if config_object is None or not callable(getattr(hf_model, "named_parameters", None)):
+        raise UserError(f"from_transformers takes a transformers causal LM (with .config), got {name}")
+    config = ModelConfig.from_hf_dict(config_object, source=f"{name}.config")
+    generation = getattr(hf_model, "generation_config", None)
+    eos = getattr(generation, "eos_token_id", None)
+    config = dataclasses.replace(config, generation_eos_token_ids=token_ids(eos, f"{name}.generation_config.eos_token_id"))
+
+    theirs = dict(hf_model.named_parameters(remove_duplicate=False))  # a tied head under both names
+    with torch.device("meta"):
+        model = CausalLM(config)
+    ours = dict(model.named_parameters(remove_duplicate=False))
+    missing = sorted(set(ours) - set(theirs))
+    if missing:
+        raise UserError(f"from_transformers: {name} has no parameter {missing[0]!r} ({len(missing)} missing): not a "
+                        f"{config.model_type} causal LM as its config describes")
+    unused = sorted(set(theirs) - set(ours))
+    if unused:
+        raise UserError(f"from_transformers: {name} has {len(unused)} parameter(s) our decoder has no place for, "
+                        f"first {unused[0]!r}")
+    kinds = set()
+    for key, p in ours.items():
+        param = theirs[key]
+        if type(param) is not torch.nn.Parameter or hasattr(param, "ds_id"):  # a DTensor shard, a ZeRO-3 stub
+            raise UserError(f"from_transformers: {name}'s {key!r} is a {type(param).__name__}"
+                            f"{' (DeepSpeed ZeRO-3)' if hasattr(param, 'ds_id') else ''}, not a whole tensor: "
+                            f"sharded weights are not supported")
+        if tuple(param.shape) != tuple(p.shape):
+            raise UserError(f"from_transformers: {name}'s {key!r} has shape {tuple(param.shape)}, expected "
+                            f"{tuple(p.shape)} from its config")
+        kinds.add((param.device, param.dtype))
+    if len(kinds) != 1:
+        raise UserError(f"from_transformers: {name}'s parameters are on several devices or in several dtypes "
+                        f"({sorted(str(k) for k in kinds)}); the rollout engine runs one")
+    for key in ours:
+        module_name, _, attr = key.rpartition(".")
+        model.get_submodule(module_name)._parameters[attr] = theirs[key]  # the object itself: no copy
+    (device, _), = kinds
+    model.model.rotary_emb.inv_freq = rope_inv_freq(config).to(device)
+    source = Path(str(getattr(hf_model, "name_or_path", "") or ""))
+    model.source_dir = source if str(source) and source.is_dir() else None  # tokenizer files for save_pretrained
+    model.generation_config_file = generation.to_json_string(use_diff=True).encode() if generation is not None else None
     return model
 
 

@@ -1,0 +1,183 @@
+"""rpo_engine inside TRL: from_transformers (our decoder on a transformers model's own parameters) and
+TRLRollout, GRPOTrainer's rollout_func, checked against transformers and inside a real TRL 1.16 run."""
+import types
+
+import pytest
+import torch
+
+from rpo_engine.errors import UserError
+from rpo_engine.model import from_transformers
+from tests.helpers import make_hf_model, with_chat_template
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("tie", [False, True])
+def test_from_transformers_runs_on_the_same_parameters(family, tie):
+    hf = make_hf_model(family, tie_word_embeddings=tie)
+    ours = from_transformers(hf)
+    theirs = dict(hf.named_parameters(remove_duplicate=False))
+    assert all(p is theirs[name] for name, p in ours.named_parameters(remove_duplicate=False))
+    assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == tie
+    ids = torch.randint(0, hf.config.vocab_size, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, rtol=1e-5, atol=1e-5)
+        # an update to transformers' weights is an update to ours: no copy to sync
+        before = ours(ids)
+        hf.model.layers[0].mlp.down_proj.weight.mul_(-1.5)
+        after = ours(ids)
+        assert (after - before).abs().max() > 1e-3
+        torch.testing.assert_close(after, hf(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_from_transformers_refuses_what_it_cannot_share():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with pytest.raises(UserError, match="unsupported model_type 'gpt2'"):
+        from_transformers(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)))
+    hf = make_hf_model("qwen2")
+    hf.lm_head.to(torch.float64)
+    with pytest.raises(UserError, match="several devices or in several dtypes"):
+        from_transformers(hf)
+    with pytest.raises(UserError, match="takes a transformers causal LM"):
+        from_transformers(torch.nn.Linear(2, 2))
+    peft = pytest.importorskip("peft")
+    wrapped = peft.get_peft_model(make_hf_model("qwen2"), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(UserError, match="PEFT adapters"):
+        from_transformers(wrapped)
+
+
+def stub_trainer(model, tokenizer, **overrides):
+    """The attributes TRLRollout reads from a GRPOTrainer, with TRL 1.16's defaults."""
+    fields = dict(model=model, accelerator=types.SimpleNamespace(unwrap_model=lambda m: m),
+                  processing_class=tokenizer, chat_template=None, chat_template_kwargs={}, temperature=1.0,
+                  top_p=1.0, top_k=0, min_p=None, repetition_penalty=1.0, max_completion_length=12,
+                  eos_token_ids=[tokenizer.eos_token_id], use_vllm=False, tools=[], environment_factories=None,
+                  args=types.SimpleNamespace(generation_kwargs=None, vllm_gpu_memory_utilization=0.3,
+                                             vllm_enable_sleep_mode=False))
+    fields.update(overrides)
+    return types.SimpleNamespace(**fields)
+
+
+@pytest.fixture
+def hf_tiny(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def test_greedy_rollout_matches_transformers_generate(hf_tiny):
+    from rpo_engine.integrations.trl import TRLRollout
+
+    hf, tok = hf_tiny
+    hf.eval()
+    prompts = ["12+34=", "7*8=", "7*8=", "100-1="]
+    out = TRLRollout()(prompts, stub_trainer(hf, tok, temperature=0.0))
+    assert out["prompt_ids"] == [tok(p)["input_ids"] for p in prompts]
+    for ids, completion in zip(out["prompt_ids"], out["completion_ids"]):
+        expected = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=12, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+        if tok.eos_token_id in expected:  # generate pads after eos
+            expected = expected[:expected.index(tok.eos_token_id) + 1]
+        assert completion == expected
+
+
+def test_engine_is_built_again_when_the_model_changes_its_parameters(hf_tiny):
+    from rpo_engine.integrations.trl import TRLRollout
+
+    hf, tok = hf_tiny
+    rollout, trainer = TRLRollout(), stub_trainer(hf, tok, temperature=0.0)
+    first = rollout(["1+2="], trainer)
+    engine = rollout.engine
+    rollout(["1+2="], trainer)
+    assert rollout.engine is engine
+    hf.resize_token_embeddings(hf.config.vocab_size + 8)  # new embedding and head Parameters
+    assert rollout(["1+2="], trainer)["completion_ids"] == first["completion_ids"]  # (8 more tokens to normalize over)
+    assert rollout.engine is not engine and rollout.engine.config.vocab_size == hf.config.vocab_size
+
+
+def test_chat_prompts_are_templated_as_trl_templates_them(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rpo_engine.integrations.trl import tokenize_prompts
+
+    template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                "{% if add_generation_prompt %}<assistant>{% if think %}think{% endif %}{% endif %}")
+    directory = with_chat_template(tiny_model_dir, tmp_path / "chat", template)
+    tok = AutoTokenizer.from_pretrained(directory)
+    hf = AutoModelForCausalLM.from_pretrained(directory)
+    prompts = [[{"role": "user", "content": "1+2="}], [{"role": "system", "content": "be brief"},
+                                                       {"role": "user", "content": "3*4="}]]
+    ids = tokenize_prompts(prompts, stub_trainer(hf, tok, chat_template_kwargs={"think": True}))
+    assert [tok.decode(i) for i in ids] == ["<user>1+2=<assistant>think",
+                                            "<system>be brief<user>3*4=<assistant>think"]
+
+
+def test_sampling_settings_and_generation_kwargs(hf_tiny):
+    from rpo_engine.integrations.trl import TRLRollout, sampling_params
+
+    hf, tok = hf_tiny
+    args = types.SimpleNamespace(generation_kwargs={"stop": ["="], "stop_token_ids": [5, tok.eos_token_id],
+                                                    "max_tokens": 4})
+    trainer = stub_trainer(hf, tok, top_k=None, min_p=0.1, temperature=0.7, args=args)
+    params = sampling_params(trainer)
+    assert params == dict(max_new_tokens=4, temperature=0.7, top_p=1.0, top_k=0, min_p=0.1, repetition_penalty=1.0,
+                          stop_token_ids=[tok.eos_token_id, 5], stop=["="])
+    with pytest.raises(ValueError, match=r"generation_kwargs \['presence_penalty'\] are not taken"):
+        sampling_params(stub_trainer(hf, tok, args=types.SimpleNamespace(generation_kwargs={"presence_penalty": 1})))
+    with pytest.raises(ValueError, match="set use_vllm=False"):
+        TRLRollout()(["1+1="], stub_trainer(hf, tok, use_vllm=True))
+    with pytest.raises(ValueError, match="does not run tool calls"):
+        TRLRollout()(["1+1="], stub_trainer(hf, tok, tools=[print]))
+
+
+def test_trl_grpo_trainer_rolls_out_with_the_engine_on_live_weights(hf_tiny, tmp_path, monkeypatch):
+    """A real TRL GRPOTrainer run with rollout_func=TRLRollout(): each step's prompts (each repeated
+    num_generations times) are prefilled once, and every completion's log-probs are the trained model's own
+    teacher-forced ones at that moment, although the weights change from step to step."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rpo_engine.integrations.trl import TRLRollout
+
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    hf, tok = hf_tiny
+    rollout, calls = TRLRollout(), []
+
+    def checked_rollout(prompts, trainer):
+        out = rollout(prompts, trainer)
+        weights = trainer.model.model.layers[0].mlp.up_proj.weight.detach().clone()
+        worst = 0.0
+        with torch.no_grad():
+            for p, c, lp in zip(out["prompt_ids"], out["completion_ids"], out["logprobs"]):
+                logits = trainer.model(torch.tensor([p + c])).logits[0, len(p) - 1:-1] / trainer.temperature
+                ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(c)[:, None])[:, 0]
+                worst = max(worst, (ref - torch.tensor(lp)).abs().max().item())
+        calls.append(dict(prompts=list(prompts), out=out, weights=weights, worst=worst,
+                          stats=rollout.engine.last_stats, engine=rollout.engine))
+        return out
+
+    def digits(completions, **kwargs):  # varies within a group, so every step has a gradient
+        return [float(sum(ch.isdigit() for ch in c)) for c in completions]
+
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in [(12, 34), (5, 6), (70, 8), (9, 99)]]
+    config = GRPOConfig(output_dir=str(tmp_path / "out"), max_steps=2, num_generations=4, per_device_train_batch_size=8,
+                        max_completion_length=10, learning_rate=0.05, use_cpu=True, bf16=False, report_to="none",
+                        disable_tqdm=True, logging_steps=1, save_strategy="no", seed=3)
+    trainer = GRPOTrainer(model=hf, reward_funcs=digits, args=config, train_dataset=Dataset.from_list(rows),
+                          processing_class=tok, rollout_func=checked_rollout)
+    trainer.train()
+
+    assert len(calls) == 2
+    for call in calls:
+        prompts, out, stats = call["prompts"], call["out"], call["stats"]
+        assert len(prompts) == 8 and len(out["completion_ids"]) == 8
+        assert all(prompts[i] == prompts[i - i % 4] for i in range(8))  # TRL's runs of num_generations copies
+        lengths = [len(ids) for ids in out["prompt_ids"][::4]]
+        assert stats.prefill_tokens == sum(lengths) and stats.forked_tokens == 3 * sum(lengths)
+        assert call["worst"] < 1e-4
+    assert (calls[1]["weights"] - calls[0]["weights"]).abs().max() > 1e-4  # the second rollout saw trained weights
+    assert calls[1]["engine"] is calls[0]["engine"]  # built once: its K/V cache is not made again each step
+    assert all("loss" in entry for entry in trainer.state.log_history if "grad_norm" in entry)
