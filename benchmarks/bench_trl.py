@@ -1,17 +1,19 @@
 """GRPO step time against TRL's GRPOTrainer: same checkpoint, rows, group size, budget and reward, one process.
 
-Three runs, one after the other in this process, on the built-in starter model (--model: another) and arithmetic task:
-  trl   TRL GRPOTrainer (transformers generate, no vLLM), loss_type="grpo", beta=0
-  full  python -m rpo_engine.train --no-rpo   (full-path GRPO: our rollout engine + fused kernels)
-  rpo   python -m rpo_engine.train --rpo      (suffixes from cached paths)
-Settings shared by all three: B prompts x G samples per step, one optimizer step per rollout batch
+Four runs, one after the other in this process, on the built-in starter model (--model: another) and arithmetic task:
+  trl         TRL GRPOTrainer (transformers generate, no vLLM), loss_type="grpo", beta=0
+  trl_engine  the same TRL trainer with rollout_func=rpo_engine.integrations.trl.TRLRollout(): our rollout engine
+              on TRL's live weights, everything else TRL's
+  full        python -m rpo_engine.train --no-rpo   (full-path GRPO: our rollout engine + fused kernels)
+  rpo         python -m rpo_engine.train --rpo      (suffixes from cached paths)
+Settings shared by all: B prompts x G samples per step, one optimizer step per rollout batch
 (TRL: per_device_train_batch_size = B*G, steps_per_generation = 1), max_completion_length, temperature
 1, top_p 1, top_k 0, learning rate, no KL, no gradient checkpointing, the exact-answer reward (0/1; our
 length-aware shaping off). --train-size is 2*B by default so every prompt recurs: the first epoch
 (train_size/B steps: warm-up for all, RPO's cold starts) is dropped and medians are over the rest.
 Each system runs --passes times, the order reversed every other pass, and medians pool the passes.
 Reported per system: median seconds per step (split into rollout and update; TRL's rollout is its
-`_generate` call, ours also scores rewards), median seconds per step per 1k generated tokens, reward
+`_generate` call, rollout_func's included; ours also scores rewards), median seconds per step per 1k generated tokens, reward
 (mean of the measured steps, last step), and greedy eval accuracy of the final weights, all measured
 by our engine on the same held-out rows.
 Writes benchmarks/results/trl_<cpu|cuda>.json (or --out); until the last run has finished, trl_<...>.partial.json
@@ -30,14 +32,19 @@ from rpo_engine.config import parse_args
 from rpo_engine.data.arithmetic import make_split
 from rpo_engine.data.starter import ensure_starter_model
 from rpo_engine.errors import UserError
+from rpo_engine.integrations.trl import TRLRollout
 from rpo_engine.rewards import exact_answer_reward
 from rpo_engine.rollout import RolloutEngine
 from rpo_engine.train import main as train_main
 from rpo_engine.trainer import encode_prompt, evaluate_accuracy, stop_ids
 
+SYSTEMS = ("trl", "trl_engine", "full", "rpo")
+TRL_SYSTEMS = ("trl", "trl_engine")  # TRL's trainer: the trl package needed, its failure recorded, not raised
 
-def run_trl(model_dir, rows, args, device, output):
-    """TRL GRPOTrainer for args.steps steps; per step: wall time, generated tokens, mean reward."""
+
+def run_trl(model_dir, rows, args, device, output, rollout_func=None):
+    """TRL GRPOTrainer for args.steps steps; per step: wall time, generated tokens, mean reward. rollout_func:
+    TRL's generation backend hook (None: its own transformers generate)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -76,8 +83,10 @@ def run_trl(model_dir, rows, args, device, output):
     # Same weights dtype as ours: fp32 on CPU, bf16 on CUDA.
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if gpu else torch.float32)
     dataset = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in rows])
+    if rollout_func is not None:
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is experimental in TRL 1.16
     trainer = GRPOTrainer(model=model, reward_funcs=exact_reward, args=config, train_dataset=dataset,
-                          processing_class=tokenizer, callbacks=[StepTimer()])
+                          processing_class=tokenizer, callbacks=[StepTimer()], rollout_func=rollout_func)
     generate = trainer._generate  # TRL's generation call, timed to split the step like ours
 
     def timed_generate(*a, **k):
@@ -160,17 +169,17 @@ def main(argv=None):
     ap.add_argument("--eval-size", type=positive_int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--passes", type=positive_int, default=2, help="runs per system; even passes go in reverse order")
-    ap.add_argument("--systems", nargs="+", default=["trl", "full", "rpo"], choices=["trl", "full", "rpo"])
+    ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     ap.add_argument("--out", type=out_path, default=None)
     args = ap.parse_args(argv)
     check_gpu(args.gpu)
     trl_version = None
-    if "trl" in args.systems:  # only that system needs TRL; full and rpo run without it
+    if set(TRL_SYSTEMS) & set(args.systems):  # only those systems need TRL; full and rpo run without it
         try:
             import datasets, trl  # noqa: E401, F401
         except ImportError as e:
-            raise UserError(f"--systems trl needs the {e.name or 'trl'} package: pip install -e \".[bench]\" "
-                            f"(or leave trl out of --systems)") from None
+            raise UserError(f"--systems {' '.join(TRL_SYSTEMS)} need the {e.name or 'trl'} package: pip install -e "
+                            f"\".[bench]\" (or leave them out of --systems)") from None
         trl_version = trl.__version__
     device = "cuda" if args.gpu else "cpu"
     args.train_size = args.train_size or 2 * args.prompts_per_step
@@ -198,15 +207,18 @@ def main(argv=None):
         # A shared box drifts over minutes: alternate the order (A B C, C B A, ...) so drift hits all alike.
         for p in range(args.passes):
             for name in args.systems if p % 2 == 0 else args.systems[::-1]:
-                if name == "trl" and record["trl_error"]:
+                if name in TRL_SYSTEMS and record["trl_error"]:
                     continue  # it would fail again, in time our systems need
                 output = Path(tmp) / f"{name}-{p}"
                 try:
-                    run, final = run_trl(model_dir, rows, args, device, output) if name == "trl" else \
-                        run_ours(name == "rpo", args, device, output)
+                    if name in TRL_SYSTEMS:
+                        run, final = run_trl(model_dir, rows, args, device, output,
+                                             TRLRollout() if name == "trl_engine" else None)
+                    else:
+                        run, final = run_ours(name == "rpo", args, device, output)
                     accuracy = eval_accuracy(final, eval_rows, args, device)
                 except Exception as e:  # noqa: BLE001 -- TRL's failure is recorded; ours is the benchmark's own
-                    if name != "trl":
+                    if name not in TRL_SYSTEMS:
                         raise
                     traceback.print_exc()
                     record["trl_error"] = f"{type(e).__name__}: {e}"
@@ -219,14 +231,17 @@ def main(argv=None):
                 record["results"] = results_so_far(args.systems, steps, evals, skip)
                 save_json(out, record, partial=True)  # after every run: a time limit keeps what was measured
     for row in record["results"]:
-        print(f"{row['system']:4s} median step {row['median_step_time_s']:.2f}s "
+        print(f"{row['system']:10s} median step {row['median_step_time_s']:.2f}s "
               f"(rollout {row['median_rollout_time_s']:.2f}s, update {row['median_update_time_s']:.2f}s), "
               f"gen tokens/step {row['median_generated_tokens']:.0f}, s/step per 1k tokens {row['median_s_per_step_per_1k_tokens']:.3f}, "
               f"reward {row['reward_mean_measured']:.3f}, eval {initial:.3f} -> {row['final_eval_accuracy']}")
     by = {r["system"]: r for r in record["results"]}
     ratios = record["ratios"]
     if "trl" in by:
-        for name in ("full", "rpo"):
+        if "trl_engine" in by:  # the same trainer, the rollout swapped
+            ratios["trl_engine_vs_trl_rollout_time"] = (by["trl_engine"]["median_rollout_time_s"]
+                                                        / by["trl"]["median_rollout_time_s"])
+        for name in ("trl_engine", "full", "rpo"):
             if name in by:  # < 1: we are faster
                 ratios[f"{name}_vs_trl_step_time"] = by[name]["median_step_time_s"] / by["trl"]["median_step_time_s"]
                 ratios[f"{name}_vs_trl_time_per_token"] = (by[name]["median_s_per_step_per_1k_tokens"]

@@ -266,6 +266,22 @@ def test_bench_trl_runs_our_systems_without_trl(tmp_path, tiny_model_dir):
     assert [r["system"] for r in record["results"]] == ["full", "rpo"] and record["trl"] is None
 
 
+def test_bench_trl_runs_trl_with_and_without_our_rollout(tmp_path, tiny_model_dir):
+    """The trl and trl_engine systems: TRL's own trainer, generating with transformers or through TRLRollout,
+    side by side in one run, with the ratios between them."""
+    pytest.importorskip("trl")
+    out = tmp_path / "trl.json"
+    stdout = run_bench("bench_trl.py", "--model", tiny_model_dir, "--systems", "trl", "trl_engine", "--steps", 2,
+                       "--prompts-per-step", 2, "--num-generations", 2, "--max-completion-length", 8, "--eval-size", 4,
+                       "--passes", 1, "--out", out)
+    assert_saved_as_it_went(stdout, out, cases=2)
+    record = json.loads(out.read_text())
+    assert record["trl_error"] is None and [r["system"] for r in record["results"]] == ["trl", "trl_engine"]
+    assert all(r["median_generated_tokens"] > 0 for r in record["results"])
+    assert sorted(record["ratios"]) == ["trl_engine_vs_trl_rollout_time", "trl_engine_vs_trl_step_time",
+                                        "trl_engine_vs_trl_time_per_token"]
+
+
 def test_bench_trl_keeps_our_systems_when_trl_fails(tmp_path, tiny_model_dir):
     """TRL failing at run time (here: a stand-in whose GRPOConfig raises) is recorded, left out of the later
     passes, and our system's figures make a complete file."""
