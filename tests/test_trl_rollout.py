@@ -42,10 +42,69 @@ def test_from_transformers_refuses_what_it_cannot_share():
         from_transformers(hf)
     with pytest.raises(UserError, match="takes a transformers causal LM"):
         from_transformers(torch.nn.Linear(2, 2))
+
+
+def peft_model(family="qwen2", dtype=torch.float32, **lora):
+    """A PEFT LoRA model on a random transformers model, with B random too (PEFT starts it at zero, which
+    would hide an adapter left out)."""
     peft = pytest.importorskip("peft")
-    wrapped = peft.get_peft_model(make_hf_model("qwen2"), peft.LoraConfig(r=2, target_modules=["q_proj"]))
-    with pytest.raises(UserError, match="PEFT adapters"):
-        from_transformers(wrapped)
+    lora = dict(dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]), **lora)
+    model = peft.get_peft_model(make_hf_model(family).to(dtype), peft.LoraConfig(**lora))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("lora", [{}, {"use_rslora": True, "r": 8, "target_modules": "all-linear"}],
+                         ids=["three-projections", "rslora-all-linear"])
+def test_from_transformers_runs_peft_adapters_live(lora):
+    from rpo_engine.model.lora import lora_modules
+
+    model = peft_model(**lora)
+    ours = from_transformers(model)
+    adapted = lora_modules(ours)
+    peft_layers = {name.removeprefix("base_model.model."): m for name, m in model.named_modules() if hasattr(m, "lora_A")}
+    assert sorted(adapted) == sorted(peft_layers) and adapted
+    for name, m in adapted.items():
+        assert m.lora_A.weight is peft_layers[name].lora_A["default"].weight
+        assert m.lora_B.weight is peft_layers[name].lora_B["default"].weight
+        assert m.weight is peft_layers[name].base_layer.weight
+    ids = torch.randint(0, model.config.vocab_size, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), model(ids).logits, rtol=1e-5, atol=1e-5)
+        for m in peft_layers.values():  # a step on the adapters is a step of ours
+            m.lora_A["default"].weight.mul_(2.0)
+        torch.testing.assert_close(ours(ids), model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_from_transformers_peft_fp32_adapters_on_a_bf16_base():
+    """PEFT keeps adapters in fp32 on a bf16 base (autocast_adapter_dtype): ours is as close to the model in
+    fp32 as PEFT's own bf16 forward is."""
+    import copy
+
+    model = peft_model(dtype=torch.bfloat16)
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
+    exact = copy.deepcopy(model).float()
+    ours = from_transformers(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 11))
+    with torch.no_grad():
+        truth = exact(ids).logits
+        ours_error = (ours(ids).float() - truth).abs().max().item()
+        peft_error = (model(ids).logits.float() - truth).abs().max().item()
+        with model.disable_adapter():  # what leaving the adapters out would cost: far more than rounding
+            assert (model(ids).logits.float() - truth).abs().max().item() > 10 * peft_error
+    assert ours_error <= 1.5 * peft_error
+
+
+@pytest.mark.parametrize("lora, words", [
+    ({"use_dora": True}, "DoRA"),
+    ({"target_modules": ["q_proj", "lm_head"]}, "adapter on lm_head"),
+])
+def test_from_transformers_refuses_peft_adapters_it_cannot_compute(lora, words):
+    with pytest.raises(UserError, match=words):
+        from_transformers(peft_model(**lora))
 
 
 def stub_trainer(model, tokenizer, **overrides):
@@ -132,15 +191,18 @@ def test_sampling_settings_and_generation_kwargs(hf_tiny):
         TRLRollout()(["1+1="], stub_trainer(hf, tok, tools=[print]))
 
 
-def test_trl_grpo_trainer_rolls_out_with_the_engine_on_live_weights(hf_tiny, tmp_path, monkeypatch):
-    """A real TRL GRPOTrainer run with rollout_func=TRLRollout(): each step's prompts (each repeated
-    num_generations times) are prefilled once, and every completion's log-probs are the trained model's own
-    teacher-forced ones at that moment, although the weights change from step to step."""
+@pytest.mark.parametrize("use_peft", [False, True], ids=["full", "peft"])
+def test_trl_grpo_trainer_rolls_out_with_the_engine_on_live_weights(hf_tiny, tmp_path, monkeypatch, use_peft):
+    """A real TRL GRPOTrainer run with rollout_func=TRLRollout(), fully fine-tuned or with TRL's peft_config:
+    each step's prompts (each repeated num_generations times) are prefilled once, and every completion's
+    log-probs are the trained model's own teacher-forced ones at that moment, although the trained weights
+    change from step to step."""
     pytest.importorskip("trl")
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
     from rpo_engine.integrations.trl import TRLRollout
+    from rpo_engine.model.lora import lora_modules
 
     monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
     hf, tok = hf_tiny
@@ -148,7 +210,7 @@ def test_trl_grpo_trainer_rolls_out_with_the_engine_on_live_weights(hf_tiny, tmp
 
     def checked_rollout(prompts, trainer):
         out = rollout(prompts, trainer)
-        weights = trainer.model.model.layers[0].mlp.up_proj.weight.detach().clone()
+        weights = torch.cat([p.detach().flatten() for p in trainer.model.parameters() if p.requires_grad])
         worst = 0.0
         with torch.no_grad():
             for p, c, lp in zip(out["prompt_ids"], out["completion_ids"], out["logprobs"]):
@@ -166,8 +228,12 @@ def test_trl_grpo_trainer_rolls_out_with_the_engine_on_live_weights(hf_tiny, tmp
     config = GRPOConfig(output_dir=str(tmp_path / "out"), max_steps=2, num_generations=4, per_device_train_batch_size=8,
                         max_completion_length=10, learning_rate=0.05, use_cpu=True, bf16=False, report_to="none",
                         disable_tqdm=True, logging_steps=1, save_strategy="no", seed=3)
+    peft_config = None
+    if use_peft:
+        peft = pytest.importorskip("peft")
+        peft_config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
     trainer = GRPOTrainer(model=hf, reward_funcs=digits, args=config, train_dataset=Dataset.from_list(rows),
-                          processing_class=tok, rollout_func=checked_rollout)
+                          processing_class=tok, rollout_func=checked_rollout, peft_config=peft_config)
     trainer.train()
 
     assert len(calls) == 2
@@ -180,4 +246,5 @@ def test_trl_grpo_trainer_rolls_out_with_the_engine_on_live_weights(hf_tiny, tmp
         assert call["worst"] < 1e-4
     assert (calls[1]["weights"] - calls[0]["weights"]).abs().max() > 1e-4  # the second rollout saw trained weights
     assert calls[1]["engine"] is calls[0]["engine"]  # built once: its K/V cache is not made again each step
+    assert bool(lora_modules(calls[0]["engine"].model)) == use_peft
     assert all("loss" in entry for entry in trainer.state.log_history if "grad_norm" in entry)

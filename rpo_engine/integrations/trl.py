@@ -4,9 +4,10 @@
     trainer = GRPOTrainer(model=model, reward_funcs=..., args=GRPOConfig(...), rollout_func=TRLRollout())
 
 TRL then samples its completions with our paged-KV-cache engine, running in its process on the parameters it
-trains (`from_transformers`: the same tensors, so no weight copy, no sync step, no vLLM server): each prompt is
-prefilled once for its num_generations samples, which share its K/V blocks. Everything else (rewards,
-advantages, loss, logging) stays TRL's.
+trains (`from_transformers`: the same tensors, so no weight copy, no sync step, no vLLM server; with TRL's
+peft_config the LoRA adapters are read live too, not merged and synced each step): each prompt is prefilled
+once for its num_generations samples, which share its K/V blocks. Everything else (rewards, advantages, loss,
+logging) stays TRL's.
 
 What it reads from the trainer, as TRL's own generation would: the chat template and its kwargs, temperature,
 top_p, top_k, min_p, repetition_penalty, max_completion_length, the eos ids (the tokenizer's and the model's
@@ -16,10 +17,13 @@ temperature-scaled distribution, as TRL's own (`logits / temperature`). TRL's co
 engine where not given here: `vllm_gpu_memory_utilization` (the share of the GPU the weights and the K/V cache
 may fill) and `vllm_enable_sleep_mode` (free the K/V cache between rollouts, for the update's activations).
 
+The rollout computes in the weights' dtype: a model loaded in fp32 and trained with TRL's bf16=True (autocast)
+is sampled in fp32, a bf16 model in bf16, as vLLM would sample it.
+
 Written against TRL 1.16 (`rollout_func` is experimental there; set TRL_EXPERIMENTAL_SILENCE=1 to silence its
 warning). Not supported: tools and environments (TRL's tool loop would continue with its own generation),
-vision-language processors, PEFT-wrapped models and ZeRO-3 / FSDP-sharded weights (from_transformers refuses
-those).
+vision-language processors, ZeRO-3 / FSDP-sharded weights, and PEFT adapters other than plain LoRA on the
+layers' projections (from_transformers refuses those).
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from rpo_engine.hub import hub_snapshot, is_hub_id
 from rpo_engine.model.atomic import replacing_directory
 from rpo_engine.model.config import ModelConfig, read_generation_eos, rope_inv_freq, token_ids
 from rpo_engine.model.decoder import CausalLM
-from rpo_engine.model.lora import merged_state_dict
+from rpo_engine.model.lora import is_peft_adapter_parameter, merged_state_dict, share_peft_adapters
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
@@ -165,23 +165,26 @@ def from_transformers(hf_model) -> CausalLM:
     (how rpo_engine.integrations.trl rolls out inside TRL's GRPOTrainer, with no second copy and no weight sync).
 
     `hf_model`: a Llama / Qwen2 / Qwen3 causal LM (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM) with
-    plain parameters on one device in one dtype. A PEFT-wrapped model, or parameters sharded by DeepSpeed ZeRO-3
-    or FSDP, are a UserError: their weights are not whole tensors here. RoPE's inverse frequencies are computed
-    from the config, as load_model computes them. The result is in train mode, as a loaded model is (neither has
-    dropout: a config's attention_dropout is warned about and ignored)."""
+    whole parameters on one device in one dtype, or such a model with PEFT LoRA adapters (a PeftModel, TRL's
+    peft_config): each adapted projection becomes a LoRALinear on the adapter's own A and B (model/lora.py:
+    share_peft_adapters), so the adapters too are read live. Parameters sharded by DeepSpeed ZeRO-3 or FSDP are
+    a UserError: they are not whole tensors here. RoPE's inverse frequencies are computed from the config, as
+    load_model computes them. The result is in train mode, as a loaded model is (neither has dropout: a config's
+    attention_dropout is warned about and ignored)."""
     name = type(hf_model).__name__
-    if hasattr(hf_model, "peft_config"):  # PeftModel, or a transformers model with adapters added
-        raise UserError(f"from_transformers: {name} has PEFT adapters; merge them (merge_and_unload()) or pass the "
-                        f"base model (rpo_engine's own LoRA: apply_lora)")
-    config_object = getattr(hf_model, "config", None)
-    if config_object is None or not callable(getattr(hf_model, "named_parameters", None)):
+    # a PeftModel wraps the transformers model, whose adapted projections hold the base Linear as `base_layer`
+    inner = hf_model.get_base_model() if callable(getattr(hf_model, "get_base_model", None)) else hf_model
+    config_object = getattr(inner, "config", None)
+    if config_object is None or not callable(getattr(inner, "named_parameters", None)):
         raise UserError(f"from_transformers takes a transformers causal LM (with .config), got {name}")
     config = ModelConfig.from_hf_dict(config_object, source=f"{name}.config")
-    generation = getattr(hf_model, "generation_config", None)
+    generation = getattr(inner, "generation_config", None)
     eos = getattr(generation, "eos_token_id", None)
     config = dataclasses.replace(config, generation_eos_token_ids=token_ids(eos, f"{name}.generation_config.eos_token_id"))
 
-    theirs = dict(hf_model.named_parameters(remove_duplicate=False))  # a tied head under both names
+    # a tied head under both names; an adapted projection's base weight under the plain projection's name
+    theirs = {key.replace(".base_layer.", "."): p for key, p in inner.named_parameters(remove_duplicate=False)
+              if not is_peft_adapter_parameter(key)}
     with torch.device("meta"):
         model = CausalLM(config)
     ours = dict(model.named_parameters(remove_duplicate=False))
@@ -212,6 +215,7 @@ def from_transformers(hf_model) -> CausalLM:
         model.get_submodule(module_name)._parameters[attr] = theirs[key]  # the object itself: no copy
     (device, _), = kinds
     model.model.rotary_emb.inv_freq = rope_inv_freq(config).to(device)
+    share_peft_adapters(model, inner)
     source = Path(str(getattr(hf_model, "name_or_path", "") or ""))
     model.source_dir = source if str(source) and source.is_dir() else None  # tokenizer files for save_pretrained
     model.generation_config_file = generation.to_json_string(use_diff=True).encode() if generation is not None else None

@@ -101,13 +101,59 @@ class LoRALinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         if self.use_rollout_weight:
             return F.linear(x, self.rollout_weight, self.bias)
-        return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(x)) * self.scaling
+        adapter_dtype = self.lora_A.weight.dtype
+        if adapter_dtype == x.dtype:
+            return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(x)) * self.scaling
+        # PEFT's fp32 adapters on a bf16 base (share_peft_adapters): as PEFT computes it, the adapter in its
+        # dtype, the sum in the wider one, rounded back
+        delta = self.lora_B(self.lora_A(x.to(adapter_dtype))) * self.scaling
+        return (F.linear(x, self.weight, self.bias) + delta).to(x.dtype)
 
     def merged_weight(self) -> torch.Tensor:
         """W + B A * scaling [out, in], computed in fp32 (fp64 for an fp64 model) and rounded to W's dtype."""
         dtype = torch.promote_types(self.weight.dtype, torch.float32)
         delta = (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype)) * self.scaling
         return (self.weight.to(dtype) + delta).to(self.weight.dtype)
+
+
+_PEFT_ADAPTER_PARAMETER = re.compile(r"\.(lora_A|lora_B|lora_magnitude_vector)\.[^.]+\.weight$")
+
+
+def is_peft_adapter_parameter(name: str) -> bool:
+    """Whether a transformers model's parameter `name` belongs to a PEFT LoRA adapter (`...q_proj.lora_A.default.weight`;
+    DoRA's magnitude too, so that share_peft_adapters names DoRA in its error)."""
+    return _PEFT_ADAPTER_PARAMETER.search(name) is not None
+
+
+def share_peft_adapters(model: nn.Module, peft_model: nn.Module) -> None:
+    """Give our `model` (whose base weights are already `peft_model`'s, from_transformers) each PEFT LoRA adapter
+    of the transformers model `peft_model`: a LoRALinear on the adapter's own A and B Parameters and its scaling,
+    so an optimizer step on them is a step of ours. One active adapter a projection, on the layers' seven
+    projections only; DoRA, adapter biases and other PEFT tuners are a UserError (they would run as plain
+    LoRA or not at all). A merged adapter is in the base weight already and stays out. PEFT's lora_dropout is
+    not applied (no dropout in a rollout, as in vLLM's); its disable_adapter() switch is not followed."""
+    for name, module in peft_model.named_modules():
+        if hasattr(module, "base_layer") and not (hasattr(module, "lora_A") and hasattr(module, "lora_B")):
+            raise UserError(f"from_transformers: {name} is a {type(module).__name__}, a PEFT layer other than LoRA")
+        if not hasattr(module, "lora_A") or not hasattr(module, "base_layer") or getattr(module, "merged", False):
+            continue
+        active = list(module.active_adapters)
+        if len(active) != 1:
+            raise UserError(f"from_transformers: {name} has {len(active)} active adapters {active}; one is supported")
+        adapter = active[0]
+        if getattr(module, "use_dora", {}).get(adapter) or getattr(module, "lora_bias", {}).get(adapter):
+            raise UserError(f"from_transformers: {name}'s adapter uses {'DoRA' if module.use_dora.get(adapter) else 'a bias'}, "
+                            f"which rpo_engine's LoRA does not compute")
+        target = name.rpartition(".")[2]
+        if target not in TARGETS or not re.fullmatch(rf"model\.layers\.\d+\.{_PARENT[target]}\.{target}", name):
+            raise UserError(f"from_transformers: a LoRA adapter on {name}; only the layers' projections "
+                            f"({','.join(TARGETS)}) can have one")
+        A, B = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        adapted = LoRALinear(getattr(parent, attr), A.shape[0], float(module.scaling[adapter]))
+        adapted.lora_A._parameters["weight"], adapted.lora_B._parameters["weight"] = A, B  # the objects: no copy
+        setattr(parent, attr, adapted)
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
