@@ -196,9 +196,10 @@ class AlgoConfig:
     max_resample_rounds: int = field(default=3, metadata={"help": "extra sampling rounds allowed to fill a dynamic-sampling batch; past them the step trains on the groups it has, or skips its update when it has none (verl stops the run with an error)"})
     overlong_buffer: int | None = field(default=None, metadata={"help": "soft overlong penalty over the last N budget tokens (default: dapo L/4, grpo 0)"})
     overlong_penalty: float = field(default=1.0, metadata={"help": "reward subtracted at the very end of the overlong buffer"})
-    importance_sampling_correction: bool = field(default=False, metadata={"help": "weight each token's surrogate by p_train / p_rollout, the training forward's probability of the token over the one it was sampled with, truncated or masked at --importance-sampling-clip-max (TRL's vllm_importance_sampling_correction, on there by default for vLLM's different kernels); here the rollout reads the trained weights and in fp32 matches the training forward exactly: for bf16 GPU runs and --lora-merged-rollout"})
-    importance_sampling_mode: str = field(default="sequence_mask", metadata={"help": f"{IS_MODES} (TRL's names): per token or per sequence (the product of its tokens' ratios); truncate clips the ratio at the cap, mask zeroes it above the cap"})
+    importance_sampling_correction: bool = field(default=False, metadata={"help": "weight each token's surrogate by p_train / p_rollout, the training forward's probability of the token over the one it was sampled with, truncated or masked at --importance-sampling-clip-max (and -clip-min) (TRL's vllm_importance_sampling_correction, on there by default for vLLM's different kernels); here the rollout reads the trained weights and in fp32 matches the training forward exactly: for bf16 GPU runs and --lora-merged-rollout"})
+    importance_sampling_mode: str = field(default="sequence_mask", metadata={"help": f"{IS_MODES} (TRL's names): per token or per sequence (the product of its tokens' ratios); truncate clips the ratio at the cap (and the floor, --importance-sampling-clip-min), mask zeroes it above the cap (or below the floor)"})
     importance_sampling_clip_max: float = field(default=3.0, metadata={"help": "the cap of the importance-sampling ratio, above the on-policy ratio 1 (TRL's vllm_importance_sampling_clip_max)"})
+    importance_sampling_clip_min: float | None = field(default=None, metadata={"help": "the floor of the importance-sampling ratio, below the on-policy ratio 1: truncate raises a ratio below it to it, mask zeroes it (TRL's vllm_importance_sampling_clip_min) (default: none, no floor)"})
     delta: float | None = field(default=None, metadata={"help": "two-sided clipping (TRL's name; INTELLECT-2): the ratio of a token with a negative advantage is capped at delta, so one unlikely token cannot make the loss unbounded; must be > 1 + epsilon_high (INTELLECT-2: 4) (default: off)"})
     importance_sampling_level: str = field(default="token", metadata={"help": "token (GRPO: a ratio per token) or sequence (GSPO: one ratio per completion, the exp of its tokens' mean log-ratio, clipped as a token's; the GSPO paper clips at --epsilon 3e-4 --epsilon-high 4e-4) (TRL's name)"})
     top_entropy_quantile: float = field(default=1.0, metadata={"help": "keep in the policy-gradient term (not the KL) only the tokens whose entropy is in this top fraction of the step's, the policy's entropy before the update over every rank's trained tokens with a nonzero advantage (TRL's name; 'Beyond the 80/20 rule' trains on the top 0.2); 1 keeps all; below 1 the update runs one more forward without gradient"})
@@ -291,6 +292,18 @@ class AlgoConfig:
         _check(self.importance_sampling_clip_max > 1 if masks else self.importance_sampling_clip_max >= 1,
                f"--importance-sampling-clip-max must be {'> 1' if masks else '>= 1'} with --importance-sampling-mode "
                f"{self.importance_sampling_mode} (an on-policy token's ratio is 1), got {self.importance_sampling_clip_max}")
+        # the cap's rule mirrored below 1: a mask mode's floor at 1 drops on-policy tokens (about half, by rounding),
+        # a truncate mode's above 1 scales every token's weight up; a negative one is a slip (a ratio is positive)
+        floor = self.importance_sampling_clip_min
+        if floor is not None:
+            _check(0 <= floor < 1 if masks else 0 <= floor <= 1,
+                   f"--importance-sampling-clip-min must be >= 0 and {'< 1' if masks else '<= 1'} with "
+                   f"--importance-sampling-mode {self.importance_sampling_mode} (a ratio is positive, an on-policy "
+                   f"token's is 1), got {floor}")
+            # TRL's rule; only truncate's [1, 1] reaches it here: every weight 1, a correction that corrects nothing
+            _check(floor < self.importance_sampling_clip_max,
+                   f"--importance-sampling-clip-min ({floor}) must be < --importance-sampling-clip-max "
+                   f"({self.importance_sampling_clip_max})")
         _check(self.multi_objective_aggregation in AGGREGATIONS,
                f"--multi-objective-aggregation must be one of {AGGREGATIONS}, got {self.multi_objective_aggregation!r}")
         _check(self.scale_rewards in SCALE_REWARDS,
@@ -320,7 +333,8 @@ class AlgoConfig:
             _reject_given(self, ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"),
                           "without --loss-type vespo")
         if not self.importance_sampling_correction:
-            _reject_given(self, ("importance_sampling_mode", "importance_sampling_clip_max"),
+            _reject_given(self, ("importance_sampling_mode", "importance_sampling_clip_max",
+                                 "importance_sampling_clip_min"),
                           "without --importance-sampling-correction")
         if not self.use_adaptive_entropy:
             _reject_given(self, ("entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target"),
@@ -673,6 +687,7 @@ TRL_EQUIVALENTS = {
     "vllm_importance_sampling_correction": "is --importance-sampling-correction here",
     "vllm_importance_sampling_mode": "is --importance-sampling-mode here",
     "vllm_importance_sampling_clip_max": "is --importance-sampling-clip-max here",
+    "vllm_importance_sampling_clip_min": "is --importance-sampling-clip-min here",
     "logging_steps": "is not here: metrics.jsonl records every step",
     "eval_strategy": "is --eval-steps here (0: never)", "save_strategy": "is --save-steps here (0: only at the end)",
     "lr_scheduler_kwargs": "is not here: cosine_with_min_lr ends at 10% of the peak (min_lr_rate 0.1)",

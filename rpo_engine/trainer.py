@@ -464,18 +464,18 @@ class Trainer:
 
     def importance_weights(self, batch: list[PrefixGroup], old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """--importance-sampling-correction: [b, span] weights p_train / p_rollout of the loss tokens, per token
-        or per sequence (the product), truncated or masked at the cap (TRL's modes). old_logp: the training
-        forward's log-probs under the rollout's weights. Tokens without a rollout log-prob (a kept prefix
-        trained with --rpo-loss-on-prefix) count as ratio 1."""
+        or per sequence (the product), truncated or masked at the cap and at the floor if one is given (TRL's
+        modes). old_logp: the training forward's log-probs under the rollout's weights. Tokens without a
+        rollout log-prob (a kept prefix trained with --rpo-loss-on-prefix) count as ratio 1."""
         algo = self.algo
         rollout = self.rollout_logp_layout(batch, old_logp)  # [b, span]
         diff = torch.nan_to_num(old_logp - rollout, nan=0.0) * mask  # [b, span]
         if algo.importance_sampling_mode.startswith("sequence"):
             diff = diff.sum(-1, keepdim=True)  # [b, 1]
         ratio = diff.exp()
-        cap = algo.importance_sampling_clip_max
-        ratio = ratio.clamp(max=cap) if algo.importance_sampling_mode.endswith("truncate") else \
-            ratio.masked_fill(ratio > cap, 0.0)
+        cap, floor = algo.importance_sampling_clip_max, algo.importance_sampling_clip_min  # floor None: none
+        ratio = ratio.clamp(min=floor, max=cap) if algo.importance_sampling_mode.endswith("truncate") else \
+            ratio.masked_fill((ratio > cap) | (ratio < (-math.inf if floor is None else floor)), 0.0)
         return ratio.expand_as(old_logp)
 
     def surrogate_weights(self, batch: list[PrefixGroup], logp: torch.Tensor, mask: torch.Tensor,

@@ -354,6 +354,27 @@ def test_algo_defaults():
      "--importance-sampling-clip-max must be > 1 with --importance-sampling-mode token_mask"),
     ({"importance_sampling_correction": True, "importance_sampling_mode": "token_truncate",
       "importance_sampling_clip_max": 0.5}, "--importance-sampling-clip-max must be >= 1 with --importance-sampling-mode token_truncate"),
+    # the lower bound mirrors it below 1: a mask mode's floor at 1 drops about half of the on-policy tokens, by
+    # rounding; a truncate mode's above 1 raises every token's weight
+    ({"importance_sampling_correction": True, "importance_sampling_clip_min": 1.0},
+     r"^--importance-sampling-clip-min must be >= 0 and < 1 with --importance-sampling-mode sequence_mask "
+     r"\(a ratio is positive, an on-policy token's is 1\), got 1.0$"),
+    ({"importance_sampling_correction": True, "importance_sampling_mode": "token_mask",
+      "importance_sampling_clip_min": -0.1}, r"^--importance-sampling-clip-min must be >= 0 and < 1 with "
+                                             r"--importance-sampling-mode token_mask .*, got -0.1$"),
+    ({"importance_sampling_correction": True, "importance_sampling_mode": "sequence_truncate",
+      "importance_sampling_clip_min": 1.5}, r"^--importance-sampling-clip-min must be >= 0 and <= 1 with "
+                                            r"--importance-sampling-mode sequence_truncate .*, got 1.5$"),
+    ({"importance_sampling_correction": True, "importance_sampling_mode": "token_truncate",
+      "importance_sampling_clip_min": -1}, r"^--importance-sampling-clip-min must be >= 0 and <= 1 with .*, got -1.0$"),
+    # TRL's rule: truncating to [1, 1] makes every weight 1, a correction that corrects nothing
+    ({"importance_sampling_correction": True, "importance_sampling_mode": "token_truncate",
+      "importance_sampling_clip_min": 1.0, "importance_sampling_clip_max": 1.0},
+     r"^--importance-sampling-clip-min \(1.0\) must be < --importance-sampling-clip-max \(1.0\)"),
+    ({"importance_sampling_correction": True, "importance_sampling_clip_min": "inf"},
+     "--importance-sampling-clip-min must be a finite number, got inf"),
+    ({"importance_sampling_clip_min": 0.5},
+     r"^--importance-sampling-clip-min does nothing without --importance-sampling-correction$"),
     ({"loss_type": "vespo", "importance_sampling_level": "sequence"}, "--loss-type vespo weighs each sequence"),
     ({"loss_type": "vespo", "vespo_lambda_neg": -1.0}, "--vespo-lambda-neg must be >= 0"),
     ({"loss_type": "vespo", "delta": 4.0}, "--delta caps the clipped ratio; --loss-type vespo has none"),

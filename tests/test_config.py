@@ -276,6 +276,8 @@ def test_broken_generation_config_names_its_file_once(tmp_path, text, message):
     (["--importance-sampling-mode", "token_mask", "--importance-sampling-clip-max", "2"],
      "--importance-sampling-mode and --importance-sampling-clip-max do nothing without "
      "--importance-sampling-correction"),
+    (["--importance-sampling-clip-min", "0.5"],
+     "--importance-sampling-clip-min does nothing without --importance-sampling-correction"),
     (["--entropy-coef", "0.1", "--entropy-coef-max", "0.5"],
      "--entropy-coef-max does nothing without --use-adaptive-entropy"),
     (["--entropy-coef-min", "0.1", "--entropy-coef-delta", "0.1", "--entropy-target", "1"],
@@ -322,6 +324,9 @@ def test_option_that_does_nothing_in_this_run(flags, message):
     ["--loss-type", "vespo", "--vespo-k-pos", "1"],
     ["--importance-sampling-correction", "--importance-sampling-mode", "token_mask",
      "--importance-sampling-clip-max", "2"],
+    ["--importance-sampling-correction", "--importance-sampling-mode", "token_truncate",
+     "--importance-sampling-clip-min", "0.5"],
+    ["--importance-sampling-correction", "--importance-sampling-clip-min", "0"],  # a floor no ratio is below
     ["--use-adaptive-entropy", "--entropy-coef-max", "0.5", "--entropy-target", "1"],
     ["--beta", "0.1", "--sync-ref-model", "--ref-model-sync-steps", "2", "--ref-model-mixup-alpha", "0.5"],
     ["--algo", "dapo", "--max-resample-rounds", "1", "--dynamic-sampling-metric", "reward"],
@@ -385,6 +390,9 @@ def test_trl_command_line_spelling(flags, expected):
     (["--generation_kwargs", '{"stop": ["</answer>"]}'], "unknown option 'generation_kwargs' (TRL's generation_kwargs "
                                                        "is not here: the sampling options are flags (--temperature, "
                                                        "--top-p, --top-k, --min-p, --repetition-penalty, --stop))"),
+    (["--vllm_importance_sampling_clip_min", "0.5"], "unknown option 'vllm_importance_sampling_clip_min' (TRL's "
+                                                     "vllm_importance_sampling_clip_min is "
+                                                     "--importance-sampling-clip-min here)"),
 ])
 def test_trl_command_line_mistakes(flags, message):
     with pytest.raises(UserError) as e:

@@ -1306,10 +1306,12 @@ def test_lora_merged_rollout_samples_what_the_live_adapters_do(tmp_path, tiny_mo
         assert b["logprob_mismatch"] < 1e-4  # the training forward (live adapters) scores what the rollout drew
 
 
+@pytest.mark.parametrize("clip_min", [None, 0.7])
 @pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
-def test_importance_weights_by_hand(mode):
+def test_importance_weights_by_hand(mode, clip_min):
     # two samples: rollout log-probs 0.5 above / 1.0 below the training forward's on their suffix tokens; a
-    # kept-prefix token (loss on prefix) has no rollout log-prob: ratio 1; the cap is 2
+    # kept-prefix token (loss on prefix) has no rollout log-prob: ratio 1; the cap is 2, the floor (if any) 0.7,
+    # above the first sample's ratios e^-0.5 (per token) and e^-1 (its sequence's)
     from types import SimpleNamespace
 
     from rpo_engine.model.shared_prefix import PrefixGroup
@@ -1319,15 +1321,19 @@ def test_importance_weights_by_hand(mode):
                         rollout_logp=[[-1.5, -0.5], [-3.0, -2.0, -4.0]])
     old = torch.tensor([[-2.0, -2.0, -1.0, 0.0], [-2.0, -2.0, -1.0, -3.0]])  # [b, span]: prefix token, then suffix
     mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
-    algo = SimpleNamespace(importance_sampling_mode=mode, importance_sampling_clip_max=2.0)
+    algo = SimpleNamespace(importance_sampling_mode=mode, importance_sampling_clip_max=2.0,
+                           importance_sampling_clip_min=clip_min)
     got = Trainer.importance_weights(SimpleNamespace(algo=algo, rollout_logp_layout=Trainer.rollout_logp_layout),
                                      [group], old, mask)
     e = torch.exp
     token = torch.tensor([[1.0, e(torch.tensor(-0.5)), e(torch.tensor(-0.5)), 1.0],
                           [1.0, e(torch.tensor(1.0)), e(torch.tensor(1.0)), e(torch.tensor(1.0))]])
     sequence = torch.tensor([[e(torch.tensor(-1.0))] * 4, [e(torch.tensor(3.0))] * 4])
-    want = {"token_truncate": token.clamp(max=2.0), "token_mask": token.masked_fill(token > 2.0, 0.0),
-            "sequence_truncate": sequence.clamp(max=2.0), "sequence_mask": sequence.masked_fill(sequence > 2.0, 0.0)}
+    low = 0.0 if clip_min is None else clip_min
+    want = {"token_truncate": token.clamp(min=low, max=2.0),
+            "token_mask": token.masked_fill((token > 2.0) | (token < low), 0.0),
+            "sequence_truncate": sequence.clamp(min=low, max=2.0),
+            "sequence_mask": sequence.masked_fill((sequence > 2.0) | (sequence < low), 0.0)}
     torch.testing.assert_close(got, want[mode] * torch.ones_like(old), rtol=1e-6, atol=1e-7)
 
 
@@ -1952,6 +1958,11 @@ def test_unknown_algo_and_option(tmp_path):
     assert_user_error(proc, "--algo must be grpo or dapo")
     proc = run_train("--importance-sampling-mode", "token", "--output", tmp_path / "o", check=False)
     assert_user_error(proc, "--importance-sampling-mode must be one of ('token_truncate', 'token_mask', ")
+    proc = run_train("--importance-sampling-correction", "--importance-sampling-clip-min", "1", "--output",
+                     tmp_path / "o", check=False)
+    assert_user_error(proc, "--importance-sampling-clip-min must be >= 0 and < 1 with --importance-sampling-mode "
+                            "sequence_mask")
+    assert len(proc.stderr.strip().splitlines()) == 1
     # argparse's mistakes are one line too, not its 100-line usage
     assert_user_error(run_train("--no-such-option", "1", check=False), "unknown option '--no-such-option'",
                       "--help lists every option")

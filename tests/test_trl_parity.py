@@ -86,16 +86,18 @@ class _TRLStub:
         return *self._forward, None
 
 
-def trl_importance_sampling_ratio(old_logp, sampling_logp, mask, mode, clip_max):
+def trl_importance_sampling_ratio(old_logp, sampling_logp, mask, mode, clip_max, clip_min=None):
     """TRL's vLLM importance-sampling ratio, written out from _generate_and_score_completions (inline there, so
-    not callable alone): (B, T) for token_* modes, (B, 1) for sequence_* modes."""
+    not callable alone): (B, T) for token_* modes, (B, 1) for sequence_* modes. clip_min None: no lower bound."""
     diff = torch.nan_to_num((old_logp - sampling_logp) * mask, nan=0.0)
     if mode.startswith("sequence"):
         diff = diff.sum(dim=-1, keepdim=True)
     ratio = torch.exp(diff)
     if mode.endswith("truncate"):
-        return torch.clamp(ratio, min=None, max=clip_max)
-    return ratio.masked_fill(ratio > clip_max, 0.0)
+        return torch.clamp(ratio, min=clip_min, max=clip_max)
+    min_val = clip_min if clip_min is not None else -math.inf
+    max_val = clip_max if clip_max is not None else math.inf
+    return ratio.masked_fill((ratio < min_val) | (ratio > max_val), 0.0)
 
 
 def trl_loss(t, opts):
@@ -113,7 +115,7 @@ def trl_loss(t, opts):
     if opts.get("importance_sampling_mode"):
         inputs["importance_sampling_ratio"] = trl_importance_sampling_ratio(
             t["old"], t["sampling"], mask, opts["importance_sampling_mode"],
-            opts.get("importance_sampling_clip_max", 3.0))
+            opts.get("importance_sampling_clip_max", 3.0), opts.get("importance_sampling_clip_min"))
     stub = _TRLStub(logp, entropies, opts)
     loss = stub._compute_loss(None, inputs)
     grad_logp, grad_entropy = torch.autograd.grad(loss, (logp, entropies), allow_unused=True)
@@ -142,7 +144,8 @@ def algo_config(opts):
     keys = ("loss_type", "epsilon", "epsilon_high", "delta", "beta", "importance_sampling_level",
             "use_bias_correction_kl", "top_entropy_quantile", "off_policy_mask_threshold",
             "mask_truncated_completions", "entropy_coef", "importance_sampling_mode", "importance_sampling_clip_max",
-            "use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta", "entropy_target")
+            "importance_sampling_clip_min", "use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max",
+            "entropy_coef_delta", "entropy_target")
     kwargs = {k: opts[k] for k in keys if opts.get(k) is not None}
     if "importance_sampling_mode" in kwargs:
         kwargs["importance_sampling_correction"] = True
@@ -215,6 +218,7 @@ def make_inputs(seed, zero_advantage=True):
 
 
 SEEDS = (0, 1)
+CLIP_MIN = 0.8  # high enough that every mode floors some ratios here (test_importance_sampling_cases_cap_some_ratios)
 CASES = {
     **{f"{lt}": {"loss_type": lt} for lt in ("grpo", "bnpo", "dapo", "dr_grpo", "sapo", "luspo", "vespo", "cispo")},
     "dapo-asymmetric": {"loss_type": "dapo", "epsilon": 0.2, "epsilon_high": 0.28},
@@ -240,6 +244,13 @@ CASES = {
        for mode in ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")},
     **{f"vespo-is-{mode}": {"loss_type": "vespo", "importance_sampling_mode": mode}
        for mode in ("token_mask", "sequence_truncate")},
+    # with a floor (TRL's vllm_importance_sampling_clip_min): truncate raises the ratios below it, mask zeroes them
+    **{f"dapo-is-{mode}-clip-min": {"loss_type": "dapo", "importance_sampling_mode": mode,
+                                    "importance_sampling_clip_min": CLIP_MIN}
+       for mode in ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")},
+    **{f"vespo-is-{mode}-clip-min": {"loss_type": "vespo", "importance_sampling_mode": mode,
+                                     "importance_sampling_clip_min": CLIP_MIN}
+       for mode in ("token_truncate", "token_mask")},  # TRL's VESPO takes the token modes only
     "dapo-entropy-quantile-mask-truncated": {"loss_type": "dapo", "top_entropy_quantile": 0.37,
                                              "mask_truncated_completions": True},
     "vespo-is-mask-truncated": {"loss_type": "vespo", "importance_sampling_mode": "token_truncate",
@@ -322,6 +333,8 @@ def test_importance_sampling_cases_cap_some_ratios(mode):
         t = make_inputs(seed)
         ratio = trl_importance_sampling_ratio(t["old"], t["sampling"], t["mask"], mode, math.inf)
         assert bool((ratio > 1.3).any()) and bool((ratio < 1.3).any())
+        # and some below the clip-min cases' lower bound, some between the two bounds
+        assert bool((ratio < CLIP_MIN).any()) and bool(((ratio > CLIP_MIN) & (ratio < 1.3)).any())
 
 
 def test_clip_cases_clip_on_both_sides():
