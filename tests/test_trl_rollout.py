@@ -248,3 +248,85 @@ def test_trl_grpo_trainer_rolls_out_with_the_engine_on_live_weights(hf_tiny, tmp
     assert calls[1]["engine"] is calls[0]["engine"]  # built once: its K/V cache is not made again each step
     assert bool(lora_modules(calls[0]["engine"].model)) == use_peft
     assert all("loss" in entry for entry in trainer.state.log_history if "grad_norm" in entry)
+
+
+def test_rpo_rollout_in_a_trl_run(hf_tiny, tmp_path, monkeypatch):
+    """RPORollout in a real TRL run whose two prompts come back every step: the first rollout cold-starts
+    both, every later one continues a kept prefix of the answer the tracked reward chose; TRL's rewards see
+    whole answers (kept + suffix), its loss mask (env_mask) only the suffix, and the suffix log-probs are the
+    trained model's own."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rpo_engine.integrations.trl import RPORollout, prompt_key
+
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    hf, tok = hf_tiny
+    rpo = RPORollout(seed=1, rpo_cache_policy="epsilon-greedy", rpo_unverified_cut_fraction=0.5)
+    calls, scored = [], []
+
+    def checked_rollout(prompts, trainer):
+        cached = {key: list(path.token_ids) for key, path in rpo.cache.paths.items()}
+        cold_before = rpo.counters["cold_starts"]
+        out = rpo(prompts, trainer)
+        worst = 0.0
+        with torch.no_grad():
+            for p, c, lp, mask in zip(out["prompt_ids"], out["completion_ids"], out["logprobs"], out["env_mask"]):
+                kept = mask.index(1) if 1 in mask else len(mask)
+                logits = trainer.model(torch.tensor([p + c])).logits[0, len(p) + kept - 1:-1] / trainer.temperature
+                ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(c[kept:])[:, None])[:, 0]
+                worst = max(worst, (ref - torch.tensor(lp[kept:])).abs().max().item())
+        calls.append(dict(out=out, cached=cached, cold=rpo.counters["cold_starts"] - cold_before, worst=worst))
+        return out
+
+    def longer(completions, completion_ids, **kwargs):  # varies within a group; the cache keeps by it
+        scored.append(dict(completions=list(completions), ids=[list(c) for c in completion_ids]))
+        return [len(c) / 10.0 for c in completions]
+
+    rows = [{"prompt": "12+34=", "answer": "46"}, {"prompt": "7*8=", "answer": "56"}]
+    config = GRPOConfig(output_dir=str(tmp_path / "out"), max_steps=3, num_generations=4, per_device_train_batch_size=8,
+                        max_completion_length=24, learning_rate=0.01, use_cpu=True, bf16=False, report_to="none",
+                        disable_tqdm=True, logging_steps=1, save_strategy="no", seed=3)
+    trainer = GRPOTrainer(model=hf, reward_funcs=rpo.tracked(longer), args=config, train_dataset=Dataset.from_list(rows),
+                          processing_class=tok, rollout_func=checked_rollout)
+    trainer.train()
+
+    assert [c["cold"] for c in calls] == [2, 0, 0]
+    for call, rewarded in zip(calls, scored):
+        out = call["out"]
+        assert rewarded["ids"] == out["completion_ids"]  # TRL rewards the whole answer
+        assert rewarded["completions"] == tok.batch_decode(out["completion_ids"], skip_special_tokens=True)
+        assert call["worst"] < 1e-4
+        for p, c, mask, key in zip(out["prompt_ids"], out["completion_ids"], out["env_mask"], out["rpo_prompt_key"]):
+            kept = mask.count(0)
+            assert mask == [0] * kept + [1] * (len(c) - kept) and len(c) > kept and key == prompt_key(p)
+            if call is not calls[0]:  # a kept prefix of the answer the cache held: cut, never whole
+                assert kept < len(call["cached"][key]) and c[:kept] == call["cached"][key][:kept]
+    # after each step the cache holds one of each group's answers, chosen by the tracked reward
+    after = [c["cached"] for c in calls[1:]] + [{key: path.token_ids for key, path in rpo.cache.paths.items()}]
+    for call, cached in zip(calls, after):
+        out = call["out"]
+        assert sorted(cached) == sorted(set(out["rpo_prompt_key"]))
+        for key, path in cached.items():
+            assert path in [c for c, k in zip(out["completion_ids"], out["rpo_prompt_key"]) if k == key]
+    assert any(mask.count(0) for call in calls[1:] for mask in call["out"]["env_mask"])  # prefixes were kept
+    lengths = [e["completions/mean_length"] for e in trainer.state.log_history if "completions/mean_length" in e]
+    suffixes = [sum(sum(m) for m in c["out"]["env_mask"]) / 8 for c in calls]
+    assert lengths == pytest.approx(suffixes)  # TRL counts (and trains) the suffix tokens only
+
+
+def test_rpo_rollout_options_and_eval_rollouts(hf_tiny):
+    from rpo_engine.integrations.trl import RPORollout
+
+    with pytest.raises(ValueError, match=r"\['rpo_max_cuts'\] are not RPOConfig's"):
+        RPORollout(rpo_max_cuts=3)
+    with pytest.raises(ValueError, match=r"\['rpo'\]"):
+        RPORollout(rpo=False)
+    with pytest.raises(UserError, match="--rpo-max-cut-fraction must be in"):
+        RPORollout(rpo_max_cut_fraction=2.0)
+    hf, tok = hf_tiny
+    hf.eval()  # TRL's eval: full completions from the prompt, the cache untouched
+    rpo = RPORollout()
+    out = rpo(["1+2=", "1+2="], stub_trainer(hf, tok, temperature=0.0))
+    assert "env_mask" not in out and len(rpo.cache) == 0 and out["completion_ids"][0] == out["completion_ids"][1]

@@ -27,8 +27,18 @@ layers' projections (from_transformers refuses those).
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
+import inspect
+import math
+import random
+
+from rpo_engine.config import RPOConfig
 from rpo_engine.model.checkpoint import from_transformers
 from rpo_engine.rollout import RolloutEngine, SamplingParams
+from rpo_engine.rpo.cache import ExperienceCache
+from rpo_engine.rpo.truncation import cut_cached_path
 
 # generation_kwargs keys taken (vLLM's and transformers' names), and the SamplingParams field each sets
 GENERATION_KWARGS = {"stop": "stop", "stop_strings": "stop", "stop_token_ids": "stop_token_ids",
@@ -56,26 +66,8 @@ class TRLRollout:
         engine = self.engine_for(trainer)
         prompt_ids = tokenize_prompts(prompts, trainer)
         params = sampling_params(trainer)
-        # TRL repeats each prompt num_generations times in a row: one request with n = the run's length, so the
-        # prompt is prefilled once and its samples fork from it
-        runs: list[list[int]] = []
-        counts: list[int] = []
-        for ids in prompt_ids:
-            if runs and ids == runs[-1]:
-                counts[-1] += 1
-            else:
-                runs.append(ids)
-                counts.append(1)
-        max_len = engine.config.max_model_len
-        requests = []
-        for ids, n in zip(runs, counts):
-            room = max_len - len(ids)
-            if room < 1:
-                raise ValueError(f"a prompt of {len(ids)} tokens leaves no room to generate in the model's "
-                                 f"{engine.config.describe_context()}")
-            # vLLM's rule: a completion ends at the context's end (finish reason "length")
-            requests.append(SamplingParams(**{**params, "n": n, "max_new_tokens": min(params["max_new_tokens"], room)}))
-        outputs = engine.generate(runs, requests)
+        runs, counts = repeated_runs(prompt_ids)
+        outputs = engine.generate(runs, [self.request(engine, ids, params, n) for ids, n in zip(runs, counts)])
         if self.sleeping(trainer):
             engine.sleep()
         out = {"prompt_ids": [], "completion_ids": [], "logprobs": []}
@@ -85,6 +77,17 @@ class TRLRollout:
                 out["completion_ids"].append(list(c.token_ids))
                 out["logprobs"].append(list(c.logprobs))
         return out
+
+    @staticmethod
+    def request(engine: RolloutEngine, prefix: list[int], params: dict, n: int, **changes) -> SamplingParams:
+        """n samples continuing `prefix`, their budget cut where the context ends (vLLM's rule: such a
+        completion ends there, finish reason "length")."""
+        room = engine.config.max_model_len - len(prefix)
+        if room < 1:
+            raise ValueError(f"a prompt of {len(prefix)} tokens leaves no room to generate in the model's "
+                             f"{engine.config.describe_context()}")
+        params = {**params, **changes}
+        return SamplingParams(**{**params, "n": n, "max_new_tokens": min(params["max_new_tokens"], room)})
 
     def sleeping(self, trainer) -> bool:
         if self.enable_sleep_mode is not None:
@@ -116,6 +119,20 @@ class TRLRollout:
         self.engine = RolloutEngine(from_transformers(model), tokenizer=trainer.processing_class, **options)
         self._built_for = key
         return self.engine
+
+
+def repeated_runs(prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """TRL repeats each prompt num_generations times in a row: each run of equal prompts once, with its length
+    (one request with n = that, so the prompt is prefilled once and its samples fork from it)."""
+    runs: list[list[int]] = []
+    counts: list[int] = []
+    for ids in prompt_ids:
+        if runs and ids == runs[-1]:
+            counts[-1] += 1
+        else:
+            runs.append(ids)
+            counts.append(1)
+    return runs, counts
 
 
 def tokenize_prompts(prompts: list, trainer) -> list[list[int]]:
@@ -150,3 +167,144 @@ def sampling_params(trainer) -> dict:
             value = params["stop_token_ids"] + [t for t in value if t not in params["stop_token_ids"]]
         params[field] = value
     return params
+
+
+class RPORollout(TRLRollout):
+    """RPO inside TRL's GRPOTrainer: a TRLRollout that keeps each prompt's last answer in an experience cache
+    and generates only suffixes of it, as `python -m rpo_engine.train --rpo` does.
+
+        rpo = RPORollout(rpo_max_cut=300)
+        trainer = GRPOTrainer(model=model, reward_funcs=[rpo.tracked(accuracy), format_reward], args=config,
+                              train_dataset=dataset, rollout_func=rpo)
+
+    Each training rollout, per prompt: a prompt without a cached path first gets one full completion (its
+    cold start, kept as an unverified path); the path is cut (`cut_cached_path`, by the RPOConfig options:
+    a path verified right loses at most rpo_max_cut tokens and rpo_max_cut_fraction of it, any other is
+    cut anywhere) and the prompt's num_generations samples continue the kept part. TRL receives each
+    answer whole, kept part + suffix, as its completion, so its reward functions score the whole answer, and
+    `env_mask` 0 over the kept part, so its loss covers the generated suffix only (rpo_loss_on_prefix: the
+    whole answer). Eval rollouts (the model in eval mode) are full completions.
+
+    The cache learns from the reward function wrapped by `tracked`: one answer per group is kept, the best by
+    that function's rewards with probability rpo_epsilon, else a random one (rpo_cache_policy "correct-only",
+    the default: never a wrong answer over a right path; right: reward >= correct_threshold). One process:
+    under several, each keeps its own cache of the prompts it served. The cache is not in TRL's checkpoints:
+    save `state_dict()` beside them and `load_state_dict` it when resuming.
+
+    rpo_options: RPOConfig's fields (rpo_max_cut, rpo_max_cut_fraction, rpo_unverified_cut, rpo_extra_budget,
+    rpo_cache_policy, rpo_epsilon, rpo_loss_on_prefix, ...); seed: the cuts' and the cache choices' RNG.
+    """
+
+    def __init__(self, seed: int = 0, correct_threshold: float = 0.5, gpu_memory_utilization: float | None = None,
+                 enable_sleep_mode: bool | None = None, engine_options: dict | None = None, **rpo_options):
+        super().__init__(gpu_memory_utilization, enable_sleep_mode, **(engine_options or {}))
+        unknown = sorted(set(rpo_options) - {f.name for f in dataclasses.fields(RPOConfig)} - {"rpo"})
+        if unknown or "rpo" in rpo_options:
+            raise ValueError(f"RPORollout options {unknown or ['rpo']} are not RPOConfig's (rpo_max_cut, "
+                             f"rpo_max_cut_fraction, ...; RPO is on by definition here)")
+        self.rpo = RPOConfig(**rpo_options)
+        self.cache = ExperienceCache(self.rpo.rpo_cache_policy, self.rpo.rpo_epsilon, correct_threshold)
+        self.rng = random.Random(seed)
+        self.counters = {"cold_starts": 0, "kept_tokens": 0, "generated_tokens": 0}
+
+    def __call__(self, prompts: list, trainer) -> dict:
+        if not trainer.model.training:  # an eval: the policy answers from the prompt
+            return super().__call__(prompts, trainer)
+        engine = self.engine_for(trainer)
+        runs, counts = repeated_runs(tokenize_prompts(prompts, trainer))
+        params = sampling_params(trainer)
+        keys = [prompt_key(ids) for ids in runs]
+        step = trainer.state.global_step
+        cold = [i for i, key in enumerate(keys) if key not in self.cache]
+        if cold and self.rpo.rpo_unverified_cut != "full":  # "full" regrows an unverified path whole: none needed
+            outputs = engine.generate([runs[i] for i in cold], [self.request(engine, runs[i], params, 1) for i in cold])
+            for i, (answer,) in zip(cold, outputs):
+                self.cache.put(keys[i], answer.token_ids, math.nan, step, False, answer.logprobs)
+                self.counters["cold_starts"] += 1
+                self.counters["generated_tokens"] += len(answer.token_ids)
+        kept, kept_logprobs, requests = [], [], []
+        for ids, key, n in zip(runs, keys, counts):
+            path = self.cache.get(key)
+            budget = min(params["max_new_tokens"], engine.config.max_model_len - len(ids))
+            if path is None:
+                kept.append([])
+                kept_logprobs.append([])
+            else:
+                cut = cut_cached_path(len(path.token_ids), path.correct, self.rng, budget, self.rpo, path.logprobs,
+                                      self.cache.saturation(key))
+                kept.append(path.token_ids[:cut.kept])
+                kept_logprobs.append(path.logprobs[:cut.kept] if path.logprobs else [math.nan] * cut.kept)
+                budget = cut.budget
+            # a stop string completed across the kept part and the suffix ends the suffix (as in the trainer)
+            requests.append(self.request(engine, ids + kept[-1], params, n, max_new_tokens=budget,
+                                         stop_prompt_tokens=len(kept[-1])))
+        outputs = engine.generate([ids + k for ids, k in zip(runs, kept)], requests)
+        if self.sleeping(trainer):
+            engine.sleep()
+        out = {key: [] for key in ("prompt_ids", "completion_ids", "logprobs", "env_mask", "rpo_prompt_key")}
+        for ids, key, k, k_logprobs, completions in zip(runs, keys, kept, kept_logprobs, outputs):
+            for c in completions:
+                out["prompt_ids"].append(list(ids))
+                out["completion_ids"].append(k + list(c.token_ids))
+                out["logprobs"].append(k_logprobs + list(c.logprobs))
+                trained = 1 if self.rpo.rpo_loss_on_prefix else 0
+                out["env_mask"].append([trained] * len(k) + [1] * len(c.token_ids))
+                out["rpo_prompt_key"].append(key)
+                self.counters["kept_tokens"] += len(k)
+                self.counters["generated_tokens"] += len(c.token_ids)
+        out["rpo_logprobs"] = out["logprobs"]  # reward functions see the extra fields, not "logprobs": for the cache
+        return out
+
+    def tracked(self, reward_func):
+        """`reward_func` (a TRL reward function) unchanged, except that on a training batch of this rollout its
+        rewards also choose each group's answer to keep in the cache. Also logs (TRL's log_metric) the cache's
+        size and the share of answer tokens the step generated."""
+        def keep(rewards, kwargs):
+            keys = kwargs.get("rpo_prompt_key")
+            if keys is not None:  # a training batch of ours (eval batches are full completions, none kept)
+                self.update_cache(keys, kwargs["completion_ids"], rewards, kwargs.get("rpo_logprobs"),
+                                  kwargs["trainer_state"].global_step)
+                log_metric = kwargs.get("log_metric")
+                if callable(log_metric):
+                    log_metric("rpo/cached_prompts", float(len(self.cache)))
+            return rewards
+
+        if inspect.iscoroutinefunction(reward_func):
+            @functools.wraps(reward_func)
+            async def scored(**kwargs):
+                return keep(await reward_func(**kwargs), kwargs)
+        else:
+            @functools.wraps(reward_func)
+            def scored(**kwargs):
+                return keep(reward_func(**kwargs), kwargs)
+        return scored
+
+    def update_cache(self, keys: list[str], answers: list[list[int]], rewards: list, logprobs: list | None,
+                     step: int) -> None:
+        """Keep one answer of each group (a run of equal keys) by its rewards (None, TRL's "no score": NaN)."""
+        rewards = [math.nan if r is None else float(r) for r in rewards]
+        start = 0
+        while start < len(keys):
+            end = start + 1
+            while end < len(keys) and keys[end] == keys[start]:
+                end += 1
+            group_logprobs = None
+            if logprobs is not None:  # TRL may hand the ids back cut at the eos; the log-probs follow them
+                group_logprobs = [list(lp[:len(a)]) for lp, a in zip(logprobs[start:end], answers[start:end])]
+            self.cache.update(keys[start], [list(a) for a in answers[start:end]], rewards[start:end], step, self.rng,
+                              logprobs=group_logprobs)
+            self.cache.note_group(keys[start], all(r >= self.cache.correct_threshold for r in rewards[start:end]))
+            start = end
+
+    def state_dict(self) -> dict:
+        return {"cache": self.cache.state_dict(), "rng": self.rng.getstate(), "counters": dict(self.counters)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cache.load_state_dict(state["cache"])
+        self.rng.setstate(state["rng"])
+        self.counters = dict(state["counters"])
+
+
+def prompt_key(ids: list[int]) -> str:
+    """A prompt's key in the cache: a digest of its token ids (TRL's rows need no id column)."""
+    return hashlib.sha1(",".join(map(str, ids)).encode()).hexdigest()
