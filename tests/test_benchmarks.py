@@ -271,15 +271,20 @@ def test_bench_trl_runs_trl_with_and_without_our_rollout(tmp_path, tiny_model_di
     side by side in one run, with the ratios between them."""
     pytest.importorskip("trl")
     out = tmp_path / "trl.json"
-    stdout = run_bench("bench_trl.py", "--model", tiny_model_dir, "--systems", "trl", "trl_engine", "--steps", 2,
-                       "--prompts-per-step", 2, "--num-generations", 2, "--max-completion-length", 8, "--eval-size", 4,
-                       "--passes", 1, "--out", out)
-    assert_saved_as_it_went(stdout, out, cases=2)
+    stdout = run_bench("bench_trl.py", "--model", tiny_model_dir, "--systems", "trl", "trl_engine", "trl_rpo",
+                       "--steps", 3, "--prompts-per-step", 2, "--num-generations", 2, "--max-completion-length", 8,
+                       "--eval-size", 4, "--passes", 1, "--out", out)
+    assert_saved_as_it_went(stdout, out, cases=3)
     record = json.loads(out.read_text())
-    assert record["trl_error"] is None and [r["system"] for r in record["results"]] == ["trl", "trl_engine"]
+    assert record["trl_error"] is None and [r["system"] for r in record["results"]] == ["trl", "trl_engine", "trl_rpo"]
+    by = {r["system"]: r for r in record["results"]}
     assert all(r["median_generated_tokens"] > 0 for r in record["results"])
+    # RPO's own count: after the cold starts, suffixes only, fewer than the full completions (budget 8 each)
+    later = {name: sum(step["generated_tokens"] for step in by[name]["passes"][0][1:]) for name in ("trl", "trl_rpo")}
+    assert later["trl_rpo"] < later["trl"]
     assert sorted(record["ratios"]) == ["trl_engine_vs_trl_rollout_time", "trl_engine_vs_trl_step_time",
-                                        "trl_engine_vs_trl_time_per_token"]
+                                        "trl_engine_vs_trl_time_per_token", "trl_rpo_vs_trl_step_time",
+                                        "trl_rpo_vs_trl_time_per_token"]
 
 
 def test_bench_trl_keeps_our_systems_when_trl_fails(tmp_path, tiny_model_dir):
