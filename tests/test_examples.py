@@ -51,3 +51,28 @@ def test_custom_loop_trains_tiny_model(tmp_path, lora):
     if lora:  # the adapters' targets (every projection), merged into final/; nothing else moved
         assert all(name.endswith("_proj.weight") for name in changed) and (tmp_path / "final-adapter").is_dir()
     assert all(torch.isfinite(p).all() for p in final.state_dict().values())
+
+
+@pytest.mark.parametrize("rpo", [True, False], ids=["rpo", "grpo"])
+def test_trl_example_trains_with_our_rollout(tmp_path, rpo):
+    """examples/trl_grpo.py: TRL's GRPOTrainer with RPORollout (or TRLRollout) runs its steps; RPO's cache
+    state saves with weights_only-safe types and loads into a fresh RPORollout."""
+    pytest.importorskip("trl")
+    cmd = [sys.executable, str(ROOT / "examples" / "trl_grpo.py"), "--tiny", "--steps", "3", "--prompts-per-step", "2",
+           "--num-generations", "4", "--max-completion-length", "16", "--output", str(tmp_path)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    out = subprocess.run(cmd + ([] if rpo else ["--no-rpo"]), capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    steps = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps if "loss" in s] == [1, 2, 3]
+    assert all(0 < s["completions/mean_length"] <= 16 for s in steps if "loss" in s)
+    if not rpo:
+        assert not (tmp_path / "rpo_state.pt").exists()
+        return
+    from rpo_engine.integrations.trl import RPORollout
+
+    state = torch.load(tmp_path / "rpo_state.pt", weights_only=True)
+    restored = RPORollout()
+    restored.load_state_dict(state)
+    assert len(restored.cache) == 4 and restored.counters["cold_starts"] == 4
+    assert "RPO: " in out.stdout
