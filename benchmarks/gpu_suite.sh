@@ -165,7 +165,8 @@ bench shared_prefix 60 python benchmarks/bench_shared_prefix.py --gpu --out "$OU
 bench lora 120 python benchmarks/bench_lora.py --gpu --repeats 2 --out "$OUT/lora_cuda.json"
 bench train 90 python benchmarks/bench_train.py --seeds 0 --steps 10 --out "$OUT/train_cuda.json"
 if timeout -k 5 60 python -c "import trl, datasets" 2>/dev/null; then
-  bench trl 90 python benchmarks/bench_trl.py --gpu --passes 1 --out "$OUT/trl_cuda.json"
+  # issue 6's ratio (trl, full) first: a time limit keeps what finished (trl_cuda.partial.json)
+  bench trl 150 python benchmarks/bench_trl.py --gpu --passes 1 --systems trl full rpo trl_engine trl_rpo --out "$OUT/trl_cuda.json"
 else
   step trl 20 python -c "import trl, datasets"  # recorded failed (no TRL here: gpu_prepare.sh), or not selected
 fi
