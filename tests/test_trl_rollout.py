@@ -330,3 +330,54 @@ def test_rpo_rollout_options_and_eval_rollouts(hf_tiny):
     rpo = RPORollout()
     out = rpo(["1+2=", "1+2="], stub_trainer(hf, tok, temperature=0.0))
     assert "env_mask" not in out and len(rpo.cache) == 0 and out["completion_ids"][0] == out["completion_ids"][1]
+
+
+def test_rpo_rollout_cache_rides_in_trl_checkpoints(tiny_model_dir, tmp_path, monkeypatch):
+    """The cache is saved with each TRL checkpoint and restored on resume: the resumed run cold-starts
+    nothing and continues prefixes of the paths the stopped run had cached. (Its rollouts are not an
+    uninterrupted run's: TRL's resumed sampler orders a batch's prompts differently.)"""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rpo_engine.integrations.trl import RPORollout
+
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    rows = [{"prompt": p, "answer": "1"} for p in ("12+34=", "7*8=", "5-3=", "9+9=")]
+
+    def run(output, max_steps, resume=False):
+        rpo, seen = RPORollout(seed=5), []
+
+        def rollout(prompts, trainer):
+            out = rpo(prompts, trainer)
+            seen.append((trainer.state.global_step, out))
+            return out
+
+        def digits(completions, **kwargs):
+            return [float(sum(ch.isdigit() for ch in c)) for c in completions]
+
+        config = GRPOConfig(output_dir=str(output), max_steps=max_steps, num_generations=4, per_device_train_batch_size=8,
+                            max_completion_length=12, learning_rate=0.01, use_cpu=True, bf16=False, report_to="none",
+                            disable_tqdm=True, logging_steps=1, save_strategy="steps", save_steps=2, seed=3)
+        trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), reward_funcs=rpo.tracked(digits),
+                              args=config, train_dataset=Dataset.from_list(rows),
+                              processing_class=AutoTokenizer.from_pretrained(tiny_model_dir), rollout_func=rollout)
+        trainer.train(resume_from_checkpoint=resume or None)
+        return rpo, seen
+
+    first, _ = run(tmp_path / "run", 2)
+    saved = {key: list(path.token_ids) for key, path in first.cache.paths.items()}
+    assert len(saved) == 4 and (tmp_path / "run" / "checkpoint-2" / "rpo_state.pt").is_file()
+    resumed, seen = run(tmp_path / "run", 4, resume=True)
+    assert [step for step, _ in seen] == [2, 3]
+    assert resumed.counters["cold_starts"] == first.counters["cold_starts"] == 4  # none in the resumed run
+    out = seen[0][1]  # its first rollout: cut from the paths the stopped run saved
+    for completion, mask, key in zip(out["completion_ids"], out["env_mask"], out["rpo_prompt_key"]):
+        kept = mask.count(0)
+        assert completion[:kept] == saved[key][:kept] and kept < len(saved[key])
+    assert any(mask.count(0) for mask in out["env_mask"])
+    (tmp_path / "run" / "checkpoint-4" / "rpo_state.pt").unlink()
+    with pytest.warns(UserWarning, match="cold-start again"):  # resumed where no cache was saved
+        again, _ = run(tmp_path / "run", 6, resume=True)
+    assert again.counters["cold_starts"] == 4

@@ -33,6 +33,10 @@ import hashlib
 import inspect
 import math
 import random
+import warnings
+from pathlib import Path
+
+import torch
 
 from rpo_engine.config import RPOConfig
 from rpo_engine.model.checkpoint import from_transformers
@@ -188,8 +192,10 @@ class RPORollout(TRLRollout):
     The cache learns from the reward function wrapped by `tracked`: one answer per group is kept, the best by
     that function's rewards with probability rpo_epsilon, else a random one (rpo_cache_policy "correct-only",
     the default: never a wrong answer over a right path; right: reward >= correct_threshold). One process:
-    under several, each keeps its own cache of the prompts it served. The cache is not in TRL's checkpoints:
-    save `state_dict()` beside them and `load_state_dict` it when resuming.
+    under several, each keeps its own cache of the prompts it served. The cache goes into each of TRL's
+    checkpoints as `rpo_state.pt` (`rpo_state_rank<i>.pt` with several processes; a callback added to the
+    trainer at the first rollout) and comes back from the checkpoint a resumed run starts at (in its
+    output_dir): without one, a warning, and the prompts cold-start again.
 
     rpo_options: RPOConfig's fields (rpo_max_cut, rpo_max_cut_fraction, rpo_unverified_cut, rpo_extra_budget,
     rpo_cache_policy, rpo_epsilon, rpo_loss_on_prefix, ...); seed: the cuts' and the cache choices' RNG.
@@ -206,10 +212,42 @@ class RPORollout(TRLRollout):
         self.cache = ExperienceCache(self.rpo.rpo_cache_policy, self.rpo.rpo_epsilon, correct_threshold)
         self.rng = random.Random(seed)
         self.counters = {"cold_starts": 0, "kept_tokens": 0, "generated_tokens": 0}
+        self._checkpointing = None  # the trainer whose checkpoints carry the cache
+
+    def attach(self, trainer) -> None:
+        """Save the cache with each of `trainer`'s checkpoints from now on, and, on a resumed run (its first
+        rollout past step 0), load it from the checkpoint it resumed from."""
+        from transformers import TrainerCallback
+
+        rollout = self
+
+        class SaveRPOState(TrainerCallback):
+            def on_save(self, args, state, control, **kwargs):
+                directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if directory.is_dir():  # the checkpoint just written (save_strategy "no": none)
+                    torch.save(rollout.state_dict(), directory / rollout.state_file(trainer))
+
+        trainer.add_callback(SaveRPOState())
+        self._checkpointing = trainer
+        step = trainer.state.global_step
+        if step > 0 and len(self.cache) == 0:
+            path = Path(trainer.args.output_dir) / f"checkpoint-{step}" / self.state_file(trainer)
+            if path.is_file():
+                self.load_state_dict(torch.load(path, weights_only=True))
+            else:
+                warnings.warn(f"RPORollout: no {path} to resume the experience cache from: its prompts cold-start "
+                              f"again", stacklevel=3)
+
+    @staticmethod
+    def state_file(trainer) -> str:
+        processes = trainer.accelerator.num_processes
+        return "rpo_state.pt" if processes == 1 else f"rpo_state_rank{trainer.accelerator.process_index}.pt"
 
     def __call__(self, prompts: list, trainer) -> dict:
         if not trainer.model.training:  # an eval: the policy answers from the prompt
             return super().__call__(prompts, trainer)
+        if self._checkpointing is not trainer:
+            self.attach(trainer)
         engine = self.engine_for(trainer)
         runs, counts = repeated_runs(tokenize_prompts(prompts, trainer))
         params = sampling_params(trainer)
