@@ -6,8 +6,8 @@ optimizer, logging. Needs `pip install -e ".[bench]"` (TRL and datasets).
     python examples/trl_grpo.py --no-rpo             # full-path GRPO, sampled by our engine
     python examples/trl_grpo.py --tiny --steps 2     # a tiny random model: seconds, for a smoke test
 
-Writes OUTPUT/log.jsonl (TRL's log entries, one a step, plus our count of generated tokens) and
-OUTPUT/rpo_state.pt (the experience cache, which TRL's checkpoints do not hold).
+Writes OUTPUT/log.jsonl (TRL's log entries, one a step) and OUTPUT/rpo_state.pt (the experience cache at
+the end; with checkpoints on, each holds one too).
 """
 import argparse
 import json
