@@ -381,3 +381,29 @@ def test_rpo_rollout_cache_rides_in_trl_checkpoints(tiny_model_dir, tmp_path, mo
     with pytest.warns(UserWarning, match="cold-start again"):  # resumed where no cache was saved
         again, _ = run(tmp_path / "run", 6, resume=True)
     assert again.counters["cold_starts"] == 4
+
+
+def test_length_aware_reward_by_hand():
+    """Two groups (runs of equal prompts); right answers shaped against their own group's mean right length."""
+    import asyncio
+    import math
+
+    from rpo_engine.integrations.trl import length_aware
+
+    def accuracy(prompts, completions, completion_ids, **kwargs):
+        return [1.0 if c.endswith("!") else 0.0 for c in completions]
+
+    async def async_accuracy(**kwargs):
+        return accuracy(**kwargs)
+
+    prompts = ["a", "a", "a", "b", "b"]
+    completions = ["x!", "y!", "z", "u!", "v"]
+    ids = [[1] * 10, [1] * 30, [1] * 5, [1] * 7, [1] * 3]
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    # group a: right lengths 10 and 30, mean 20: 10 -> sigmoid(1) = 0.731, 30 -> sigmoid(-1) = 0.269 -> 0.5
+    expected = [sigmoid(1.0), 0.5, 0.0, 0.5, 0.0]  # group b: one right answer, at its own mean: sigmoid(0)
+    shaped = length_aware(accuracy)(prompts=prompts, completions=completions, completion_ids=ids)
+    assert shaped == pytest.approx(expected)
+    assert length_aware(accuracy).__name__ == "accuracy"  # TRL names its reward metrics by __name__
+    result = asyncio.run(length_aware(async_accuracy)(prompts=prompts, completions=completions, completion_ids=ids))
+    assert result == pytest.approx(expected)

@@ -40,6 +40,7 @@ import torch
 
 from rpo_engine.config import RPOConfig
 from rpo_engine.model.checkpoint import from_transformers
+from rpo_engine.rewards.shaping import length_aware_accuracy
 from rpo_engine.rollout import RolloutEngine, SamplingParams
 from rpo_engine.rpo.cache import ExperienceCache
 from rpo_engine.rpo.truncation import cut_cached_path
@@ -346,3 +347,32 @@ class RPORollout(TRLRollout):
 def prompt_key(ids: list[int]) -> str:
     """A prompt's key in the cache: a digest of its token ids (TRL's rows need no id column)."""
     return hashlib.sha1(",".join(map(str, ids)).encode()).hexdigest()
+
+
+def length_aware(accuracy_func, alpha: float = 0.1, correct_threshold: float = 0.5):
+    """The RPO paper's accuracy reward as a TRL reward function (`--length-shaping` in our trainer): wraps
+    `accuracy_func` (TRL's signature; a reward >= correct_threshold is a right answer) and, within each group
+    (a run of equal prompts: TRL's num_generations copies), scores a right answer clip(sigmoid(alpha * (mean
+    length of the group's right answers - its length)), 0.5, 1) and a wrong one 0 (rewards/shaping.py), lengths
+    in tokens of the whole answer (completion_ids: with RPORollout, kept path + suffix). Compose it under
+    `tracked` (`rpo.tracked(length_aware(accuracy))`) to keep answers by it, as the trainer does."""
+    def shape(prompts, completion_ids, rewards):
+        right = [r is not None and r >= correct_threshold for r in rewards]
+        shaped, start = [], 0
+        while start < len(prompts):
+            end = start + 1
+            while end < len(prompts) and prompts[end] == prompts[start]:
+                end += 1
+            shaped += length_aware_accuracy(right[start:end], [len(c) for c in completion_ids[start:end]], alpha)
+            start = end
+        return shaped
+
+    if inspect.iscoroutinefunction(accuracy_func):
+        @functools.wraps(accuracy_func)
+        async def length_aware_reward(**kwargs):
+            return shape(kwargs["prompts"], kwargs["completion_ids"], await accuracy_func(**kwargs))
+    else:
+        @functools.wraps(accuracy_func)
+        def length_aware_reward(**kwargs):
+            return shape(kwargs["prompts"], kwargs["completion_ids"], accuracy_func(**kwargs))
+    return length_aware_reward
