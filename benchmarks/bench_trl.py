@@ -18,9 +18,9 @@ Reported per system: median seconds per step (split into rollout and update; TRL
 (mean of the measured steps, last step), and greedy eval accuracy of the final weights, all measured
 by our engine on the same held-out rows.
 Writes benchmarks/results/trl_<cpu|cuda>.json (or --out); until the last run has finished, trl_<...>.partial.json
-with the systems' results so far (what a time limit leaves). TRL failing fails nothing: trl_error says why, the
-later passes leave it out, and ours still run. The trl system needs `pip install -e ".[bench]"`
-(TRL and datasets); full and rpo alone do not.
+with the systems' results so far (what a time limit leaves). A TRL-hosted system failing fails nothing: errors
+says why (trl_error: the trl system's), the later passes leave that system out, and the others still run.
+The TRL systems need `pip install -e ".[bench]"` (TRL and datasets); full and rpo alone do not.
 """
 import datetime, json, os, statistics, tempfile, time, traceback  # noqa: E401
 from pathlib import Path
@@ -210,14 +210,14 @@ def main(argv=None):
                                 num_generations=args.num_generations, max_completion_length=args.max_completion_length,
                                 train_size=args.train_size, learning_rate=args.learning_rate, seed=args.seed,
                                 eval_size=args.eval_size, reward="exact answer, 0/1"),
-                  initial_eval_accuracy=initial, trl_error=None, ratios={}, results=[])
+                  initial_eval_accuracy=initial, trl_error=None, errors={}, ratios={}, results=[])
     out = args.out or Path(__file__).parent / "results" / f"trl_{device}.json"
     with tempfile.TemporaryDirectory() as tmp:
         # A shared box drifts over minutes: alternate the order (A B C, C B A, ...) so drift hits all alike.
         for p in range(args.passes):
             for name in args.systems if p % 2 == 0 else args.systems[::-1]:
-                if name in TRL_SYSTEMS and record["trl_error"]:
-                    continue  # it would fail again, in time our systems need
+                if name in record["errors"]:
+                    continue  # it would fail again, in time the other systems need
                 output = Path(tmp) / f"{name}-{p}"
                 try:
                     if name in TRL_SYSTEMS:
@@ -226,11 +226,13 @@ def main(argv=None):
                     else:
                         run, final = run_ours(name == "rpo", args, device, output)
                     accuracy = eval_accuracy(final, eval_rows, args, device)
-                except Exception as e:  # noqa: BLE001 -- TRL's failure is recorded; ours is the benchmark's own
+                except Exception as e:  # noqa: BLE001 -- a TRL system's failure is recorded; full's and rpo's raise
                     if name not in TRL_SYSTEMS:
                         raise
                     traceback.print_exc()
-                    record["trl_error"] = f"{type(e).__name__}: {e}"
+                    # each TRL-hosted system on its own: our rollout failing in TRL leaves TRL's baseline running
+                    record["errors"][name] = f"{type(e).__name__}: {e}"
+                    record["trl_error"] = record["errors"].get("trl")
                     continue
                 steps[name].append(run)
                 evals[name].append(accuracy)

@@ -276,7 +276,7 @@ def test_bench_trl_runs_trl_with_and_without_our_rollout(tmp_path, tiny_model_di
                        "--eval-size", 4, "--passes", 1, "--out", out)
     assert_saved_as_it_went(stdout, out, cases=3)
     record = json.loads(out.read_text())
-    assert record["trl_error"] is None and [r["system"] for r in record["results"]] == ["trl", "trl_engine", "trl_rpo"]
+    assert record["errors"] == {} and [r["system"] for r in record["results"]] == ["trl", "trl_engine", "trl_rpo"]
     by = {r["system"]: r for r in record["results"]}
     assert all(r["median_generated_tokens"] > 0 for r in record["results"])
     # RPO's own count: after the cold starts, suffixes only, fewer than the full completions (budget 8 each)
@@ -303,6 +303,7 @@ def test_bench_trl_keeps_our_systems_when_trl_fails(tmp_path, tiny_model_dir):
     assert_saved_as_it_went(stdout, out, cases=2)  # full's two passes; trl ran once
     record = json.loads(out.read_text())
     assert record["trl_error"] == "RuntimeError: CUBLAS_STATUS_EXECUTION_FAILED" and record["ratios"] == {}
+    assert record["errors"] == {"trl": record["trl_error"]}
     assert [(r["system"], len(r["passes"])) for r in record["results"]] == [("full", 2)]
 
 

@@ -42,6 +42,10 @@ def test_from_transformers_refuses_what_it_cannot_share():
         from_transformers(hf)
     with pytest.raises(UserError, match="takes a transformers causal LM"):
         from_transformers(torch.nn.Linear(2, 2))
+    hf = make_hf_model("qwen2").to(torch.bfloat16)
+    hf.lm_head.to(torch.float32)  # what TRL's cast_lm_head_to_fp32 does
+    with pytest.raises(UserError, match="cast_lm_head_to_fp32"):
+        from_transformers(hf)
 
 
 def peft_model(family="qwen2", dtype=torch.float32, **lora):
@@ -101,6 +105,7 @@ def test_from_transformers_peft_fp32_adapters_on_a_bf16_base():
 @pytest.mark.parametrize("lora, words", [
     ({"use_dora": True}, "DoRA"),
     ({"target_modules": ["q_proj", "lm_head"]}, "adapter on lm_head"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
 ])
 def test_from_transformers_refuses_peft_adapters_it_cannot_compute(lora, words):
     with pytest.raises(UserError, match=words):
@@ -154,6 +159,11 @@ def test_engine_is_built_again_when_the_model_changes_its_parameters(hf_tiny):
     hf.resize_token_embeddings(hf.config.vocab_size + 8)  # new embedding and head Parameters
     assert rollout(["1+2="], trainer)["completion_ids"] == first["completion_ids"]  # (8 more tokens to normalize over)
     assert rollout.engine is not engine and rollout.engine.config.vocab_size == hf.config.vocab_size
+    engine = rollout.engine
+    mlp = hf.model.layers[0].mlp
+    mlp.up_proj.weight = torch.nn.Parameter(mlp.up_proj.weight.detach() * 3)  # a Parameter replaced: rebuilt on it
+    rollout(["1+2="], trainer)
+    assert rollout.engine is not engine and rollout.engine.model.model.layers[0].mlp.up_proj.weight is mlp.up_proj.weight
 
 
 def test_chat_prompts_are_templated_as_trl_templates_them(tiny_model_dir, tmp_path):
@@ -185,6 +195,11 @@ def test_sampling_settings_and_generation_kwargs(hf_tiny):
                           stop_token_ids=[tok.eos_token_id, 5], stop=["="])
     with pytest.raises(ValueError, match=r"generation_kwargs \['presence_penalty'\] are not taken"):
         sampling_params(stub_trainer(hf, tok, args=types.SimpleNamespace(generation_kwargs={"presence_penalty": 1})))
+    for kwargs, words in (({"stop_token_ids": 5}, "stop_token_ids must be a list"),
+                          ({"max_tokens": None}, "max_new_tokens must be an integer"),
+                          ({"stop": [""]}, "stop must be a string or a list of non-empty strings")):
+        with pytest.raises(ValueError, match=words):
+            sampling_params(stub_trainer(hf, tok, args=types.SimpleNamespace(generation_kwargs=kwargs)))
     with pytest.raises(ValueError, match="set use_vllm=False"):
         TRLRollout()(["1+1="], stub_trainer(hf, tok, use_vllm=True))
     with pytest.raises(ValueError, match="does not run tool calls"):
@@ -247,7 +262,7 @@ def test_trl_grpo_trainer_rolls_out_with_the_engine_on_live_weights(hf_tiny, tmp
     assert (calls[1]["weights"] - calls[0]["weights"]).abs().max() > 1e-4  # the second rollout saw trained weights
     assert calls[1]["engine"] is calls[0]["engine"]  # built once: its K/V cache is not made again each step
     assert bool(lora_modules(calls[0]["engine"].model)) == use_peft
-    assert all("loss" in entry for entry in trainer.state.log_history if "grad_norm" in entry)
+    assert any(entry.get("grad_norm", 0) > 0 for entry in trainer.state.log_history)  # it trained
 
 
 def test_rpo_rollout_in_a_trl_run(hf_tiny, tmp_path, monkeypatch):
@@ -404,6 +419,82 @@ def test_length_aware_reward_by_hand():
     expected = [sigmoid(1.0), 0.5, 0.0, 0.5, 0.0]  # group b: one right answer, at its own mean: sigmoid(0)
     shaped = length_aware(accuracy)(prompts=prompts, completions=completions, completion_ids=ids)
     assert shaped == pytest.approx(expected)
+
+    def unscorable_last(**kwargs):  # TRL's None: no score; it stays None, and counts as not right
+        return accuracy(**kwargs)[:-1] + [None]
+
+    assert length_aware(unscorable_last)(prompts=prompts, completions=completions, completion_ids=ids)[-1] is None
     assert length_aware(accuracy).__name__ == "accuracy"  # TRL names its reward metrics by __name__
     result = asyncio.run(length_aware(async_accuracy)(prompts=prompts, completions=completions, completion_ids=ids))
     assert result == pytest.approx(expected)
+
+
+def test_tracked_keeps_the_reward_functions_kind_and_name():
+    """TRL names a reward's metrics by the function (get_callable_name) and awaits an async one, also an
+    object with an async __call__ or a partial; a reward model or a Hub id is no function to wrap."""
+    import asyncio
+    import functools
+
+    from rpo_engine.integrations.trl import RPORollout
+
+    class Judge:
+        async def __call__(self, completions, **kwargs):
+            return [1.0] * len(completions)
+
+    def scaled(completions, scale, **kwargs):
+        return [scale] * len(completions)
+
+    rpo = RPORollout()
+    judge, part = rpo.tracked(Judge()), rpo.tracked(functools.partial(scaled, scale=0.5))
+    assert judge.__name__ == "Judge" and part.__name__ == "scaled"
+    assert asyncio.run(judge(prompts=["a"], completions=["b"], completion_ids=[[1]])) == [1.0]  # eval: no rpo fields
+    assert part(prompts=["a"], completions=["b"], completion_ids=[[1]]) == [0.5]
+    for wrong in (torch.nn.Linear(2, 1), "org/reward-model"):
+        with pytest.raises(ValueError, match="reward model stays a plain entry"):
+            rpo.tracked(wrong)
+
+
+def test_rpo_rollout_refusals_and_one_cold_start_a_prompt(hf_tiny, tmp_path):
+    from rpo_engine.integrations.trl import RPORollout
+
+    hf, tok = hf_tiny
+    hf.train()  # a training rollout (transformers loads models in eval mode; TRL trains them)
+    accelerator = types.SimpleNamespace(unwrap_model=lambda m: m, num_processes=1, process_index=0)
+    trainer = stub_trainer(hf, tok, accelerator=accelerator, state=types.SimpleNamespace(global_step=0),
+                           add_callback=lambda callback: None, temperature=0.0,
+                           args=types.SimpleNamespace(generation_kwargs=None, output_dir=str(tmp_path),
+                                                      vllm_enable_sleep_mode=False))
+    rpo = RPORollout()
+    out = rpo(["1+2="] * 2 + ["3+4="] * 2 + ["1+2="] * 2, trainer)  # a prompt leading two groups
+    assert rpo.counters["cold_starts"] == 2 and len(out["completion_ids"]) == 6
+    with pytest.raises(ValueError, match="no tracked reward function updated"):  # no reward tracked it
+        rpo(["1+2="] * 2, trainer)
+    two = types.SimpleNamespace(unwrap_model=lambda m: m, num_processes=2, process_index=0)
+    with pytest.raises(ValueError, match="runs in one process"):
+        RPORollout()(["1+2="] * 2, stub_trainer(hf, tok, accelerator=two))
+
+
+def test_two_tracked_reward_functions_are_refused(hf_tiny, tmp_path, monkeypatch):
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rpo_engine.integrations.trl import RPORollout
+
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    hf, tok = hf_tiny
+    rpo = RPORollout()
+
+    def one(completions, **kwargs):
+        return [1.0] * len(completions)
+
+    def two(completions, **kwargs):
+        return [0.0] * len(completions)
+
+    config = GRPOConfig(output_dir=str(tmp_path), max_steps=1, num_generations=2, per_device_train_batch_size=2,
+                        max_completion_length=4, use_cpu=True, bf16=False, report_to="none", disable_tqdm=True,
+                        save_strategy="no")
+    trainer = GRPOTrainer(model=hf, reward_funcs=[rpo.tracked(one), rpo.tracked(two)], args=config,
+                          train_dataset=Dataset.from_list([{"prompt": "1+2="}]), processing_class=tok, rollout_func=rpo)
+    with pytest.raises(ValueError, match="a second tracked reward function"):
+        trainer.train()

@@ -13,9 +13,8 @@ What it reads from the trainer, as TRL's own generation would: the chat template
 top_p, top_k, min_p, repetition_penalty, max_completion_length, the eos ids (the tokenizer's and the model's
 generation_config's), and from `generation_kwargs` the stop strings (`stop` or `stop_strings`), extra
 `stop_token_ids` and a `max_tokens` / `max_new_tokens` budget. A completion's log-probs are under the
-temperature-scaled distribution, as TRL's own (`logits / temperature`). TRL's colocated-vLLM options size the
-engine where not given here: `vllm_gpu_memory_utilization` (the share of the GPU the weights and the K/V cache
-may fill) and `vllm_enable_sleep_mode` (free the K/V cache between rollouts, for the update's activations).
+temperature-scaled distribution, as TRL's own (`logits / temperature`). TRL's `vllm_enable_sleep_mode` frees
+the K/V cache between rollouts, for the update's activations, as it would colocated vLLM's.
 
 The rollout computes in the weights' dtype: a model loaded in fp32 and trained with TRL's bf16=True (autocast)
 is sampled in fp32, a bf16 model in bf16, as vLLM would sample it.
@@ -28,9 +27,7 @@ layers' projections (from_transformers refuses those).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
-import inspect
 import math
 import random
 import warnings
@@ -53,10 +50,12 @@ GENERATION_KWARGS = {"stop": "stop", "stop_strings": "stop", "stop_token_ids": "
 class TRLRollout:
     """A TRL `rollout_func`: `TRLRollout()(prompts, trainer) -> {"prompt_ids", "completion_ids", "logprobs"}`.
 
-    gpu_memory_utilization, enable_sleep_mode: None takes TRL's vllm_gpu_memory_utilization and
-    vllm_enable_sleep_mode from the trainer's args. engine_options: RolloutEngine's other options
-    (max_num_seqs, block_size, use_cuda_graphs, async_scheduling, ...). The engine is built at the first call
-    and built again only if the model's parameters, device or dtype change.
+    gpu_memory_utilization: on CUDA, the share of the GPU the process's weights (the trained model's, a
+    reference's, reward models') and the K/V cache may fill (None: the engine's default, 0.5; TRL's
+    vllm_gpu_memory_utilization, 0.3 by default, is for vLLM's own copy and is not read). enable_sleep_mode:
+    None takes TRL's vllm_enable_sleep_mode. engine_options: RolloutEngine's other options (max_num_seqs,
+    block_size, use_cuda_graphs, async_scheduling, ...). The engine is built at the first call and built
+    again only if the model's parameters, device or dtype change.
     """
 
     def __init__(self, gpu_memory_utilization: float | None = None, enable_sleep_mode: bool | None = None,
@@ -65,7 +64,7 @@ class TRLRollout:
         self.enable_sleep_mode = enable_sleep_mode
         self.engine_options = engine_options
         self.engine: RolloutEngine | None = None
-        self._built_for = None  # (model, its head Parameter, device, dtype, shape) the engine was built on
+        self._built_for = None  # (model, its Parameters, the head's device, dtype, shape), by id, as built on
 
     def __call__(self, prompts: list, trainer) -> dict:
         engine = self.engine_for(trainer)
@@ -100,14 +99,14 @@ class TRLRollout:
         return bool(getattr(trainer.args, "vllm_enable_sleep_mode", False))
 
     def engine_for(self, trainer) -> RolloutEngine:
-        """The engine on the trainer's model, built (again) where the model is new or its head's Parameter,
-        device, dtype or shape changed since (.to() moves every weight's data, resize_token_embeddings the
-        head's: the engine's K/V cache and vocabulary would be stale)."""
+        """The engine on the trainer's model, built (again) where the model is new, a Parameter was replaced
+        (load_state_dict(assign=True), adapters injected again), or the head's device, dtype or shape changed
+        (.to() moves every weight's data, resize_token_embeddings the head's): the engine's weights, K/V cache
+        or vocabulary would be stale."""
         model = trainer.accelerator.unwrap_model(trainer.model)
         head = model.get_output_embeddings().weight
-        key = (model, head, head.device, head.dtype, tuple(head.shape))
-        built = self._built_for
-        if self.engine is not None and key[0] is built[0] and key[1] is built[1] and key[2:] == built[2:]:
+        key = (id(model), tuple(map(id, model.parameters())), head.device, head.dtype, tuple(head.shape))
+        if self.engine is not None and key == self._built_for:
             return self.engine
         if getattr(trainer, "tools", None) or getattr(trainer, "environment_factories", None):
             raise ValueError("TRLRollout does not run tool calls: TRL's tool loop would continue the completions "
@@ -115,13 +114,13 @@ class TRLRollout:
         if getattr(trainer, "use_vllm", False):
             raise ValueError("TRLRollout replaces vLLM: set use_vllm=False")
         options = dict(self.engine_options)
-        share = self.gpu_memory_utilization
-        if share is None:
-            share = getattr(trainer.args, "vllm_gpu_memory_utilization", None)
-        if share is not None:
-            options["gpu_memory_utilization"] = share
+        if self.gpu_memory_utilization is not None:
+            options["gpu_memory_utilization"] = self.gpu_memory_utilization
         self.engine = None  # the old engine's K/V cache freed before the new one is sized
-        self.engine = RolloutEngine(from_transformers(model), tokenizer=trainer.processing_class, **options)
+        try:
+            self.engine = RolloutEngine(from_transformers(model), tokenizer=trainer.processing_class, **options)
+        except ValueError as e:  # name the knob the TRL user has
+            raise ValueError(f"{e} (TRLRollout(gpu_memory_utilization=...), default 0.5)") from None
         self._built_for = key
         return self.engine
 
@@ -169,8 +168,14 @@ def sampling_params(trainer) -> dict:
     for key, value in extra.items():
         field = GENERATION_KWARGS[key]
         if field == "stop_token_ids":  # vLLM's: stop at these as well as at the eos ids
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(f"generation_kwargs stop_token_ids must be a list of token ids, got {value!r}")
             value = params["stop_token_ids"] + [t for t in value if t not in params["stop_token_ids"]]
         params[field] = value
+    try:  # SamplingParams' checks, each naming its field
+        SamplingParams(**params)
+    except ValueError as e:
+        raise ValueError(f"TRL's sampling settings or generation_kwargs: {e}") from None
     return params
 
 
@@ -193,7 +198,8 @@ class RPORollout(TRLRollout):
     The cache learns from the reward function wrapped by `tracked`: one answer per group is kept, the best by
     that function's rewards with probability rpo_epsilon, else a random one (rpo_cache_policy "correct-only",
     the default: never a wrong answer over a right path; right: reward >= correct_threshold). One process:
-    under several, each keeps its own cache of the prompts it served. The cache goes into each of TRL's
+    under several, TRL splits a prompt's group over them: a ValueError. A prompt's cache key is its token ids, so
+    two dataset rows with the same prompt share one path. The cache goes into each of TRL's
     checkpoints as `rpo_state.pt` (`rpo_state_rank<i>.pt` with several processes; a callback added to the
     trainer at the first rollout) and comes back from the checkpoint a resumed run starts at (in its
     output_dir): without one, a warning, and the prompts cold-start again.
@@ -214,6 +220,7 @@ class RPORollout(TRLRollout):
         self.rng = random.Random(seed)
         self.counters = {"cold_starts": 0, "kept_tokens": 0, "generated_tokens": 0}
         self._checkpointing = None  # the trainer whose checkpoints carry the cache
+        self._batch = None  # the last training rollout: [its number, whether a tracked reward updated the cache]
 
     def attach(self, trainer) -> None:
         """Save the cache with each of `trainer`'s checkpoints from now on, and, on a resumed run (its first
@@ -247,6 +254,12 @@ class RPORollout(TRLRollout):
     def __call__(self, prompts: list, trainer) -> dict:
         if not trainer.model.training:  # an eval: the policy answers from the prompt
             return super().__call__(prompts, trainer)
+        if trainer.accelerator.num_processes > 1:
+            raise ValueError("RPORollout runs in one process: TRL spreads a prompt's num_generations copies over the "
+                             "processes, whose own caches would give one group different kept prefixes")
+        if self._batch is not None and not self._batch[1]:
+            raise ValueError("RPORollout: no tracked reward function updated the experience cache after the last "
+                             "rollout; pass reward_funcs=[rpo.tracked(accuracy), ...] with this RPORollout's tracked")
         if self._checkpointing is not trainer:
             self.attach(trainer)
         engine = self.engine_for(trainer)
@@ -254,7 +267,10 @@ class RPORollout(TRLRollout):
         params = sampling_params(trainer)
         keys = [prompt_key(ids) for ids in runs]
         step = trainer.state.global_step
-        cold = [i for i, key in enumerate(keys) if key not in self.cache]
+        cold = []  # each uncached prompt once, if it leads two groups of the batch too
+        for i, key in enumerate(keys):
+            if key not in self.cache and key not in (keys[j] for j in cold):
+                cold.append(i)
         if cold and self.rpo.rpo_unverified_cut != "full":  # "full" regrows an unverified path whole: none needed
             outputs = engine.generate([runs[i] for i in cold], [self.request(engine, runs[i], params, 1) for i in cold])
             for i, (answer,) in zip(cold, outputs):
@@ -292,31 +308,34 @@ class RPORollout(TRLRollout):
                 self.counters["kept_tokens"] += len(k)
                 self.counters["generated_tokens"] += len(c.token_ids)
         out["rpo_logprobs"] = out["logprobs"]  # reward functions see the extra fields, not "logprobs": for the cache
+        self._batch = [self._batch[0] + 1 if self._batch else 1, False]  # (its number, whether the cache learned)
+        out["rpo_batch"] = [(id(self), self._batch[0])] * len(out["completion_ids"])
         return out
 
     def tracked(self, reward_func):
-        """`reward_func` (a TRL reward function) unchanged, except that on a training batch of this rollout its
-        rewards also choose each group's answer to keep in the cache. Also logs (TRL's log_metric) the cache's
-        size and the share of answer tokens the step generated."""
+        """`reward_func` (a TRL reward function: a function, an async one, a callable object) unchanged, except
+        that on a training batch of this rollout its rewards also choose each group's answer to keep in the
+        cache; track exactly one (a second, or one tracked by another RPORollout, is a ValueError at its first
+        batch; none, at the next rollout). Also logs (TRL's log_metric) rpo/cached_prompts, the cache's size."""
         def keep(rewards, kwargs):
             keys = kwargs.get("rpo_prompt_key")
-            if keys is not None:  # a training batch of ours (eval batches are full completions, none kept)
-                self.update_cache(keys, kwargs["completion_ids"], rewards, kwargs.get("rpo_logprobs"),
-                                  kwargs["trainer_state"].global_step)
-                log_metric = kwargs.get("log_metric")
-                if callable(log_metric):
-                    log_metric("rpo/cached_prompts", float(len(self.cache)))
+            if keys is None:  # not a training batch of an RPORollout (an eval's: full completions, none kept)
+                return rewards
+            owner, number = kwargs["rpo_batch"][0]
+            if owner != id(self):
+                raise ValueError("RPORollout.tracked: this reward function is tracked by another RPORollout than "
+                                 "the trainer's rollout_func")
+            if self._batch[1] or number != self._batch[0]:
+                raise ValueError("RPORollout.tracked: a second tracked reward function for the same batch; track one")
+            self._batch[1] = True
+            self.update_cache(keys, kwargs["completion_ids"], rewards, kwargs.get("rpo_logprobs"),
+                              kwargs["trainer_state"].global_step)
+            log_metric = kwargs.get("log_metric")
+            if callable(log_metric):
+                log_metric("rpo/cached_prompts", float(len(self.cache)))
             return rewards
 
-        if inspect.iscoroutinefunction(reward_func):
-            @functools.wraps(reward_func)
-            async def scored(**kwargs):
-                return keep(await reward_func(**kwargs), kwargs)
-        else:
-            @functools.wraps(reward_func)
-            def scored(**kwargs):
-                return keep(reward_func(**kwargs), kwargs)
-        return scored
+        return wrap_reward(reward_func, keep)
 
     def update_cache(self, keys: list[str], answers: list[list[int]], rewards: list, logprobs: list | None,
                      step: int) -> None:
@@ -349,14 +368,35 @@ def prompt_key(ids: list[int]) -> str:
     return hashlib.sha1(",".join(map(str, ids)).encode()).hexdigest()
 
 
+def wrap_reward(reward_func, after):
+    """A TRL reward function that calls `reward_func` and returns after(its rewards, the call's kwargs), async
+    where it is (an async function, an async __call__, a partial of one), under its TRL metric name."""
+    from trl.trainer.utils import get_callable_name, is_async_callable
+
+    if isinstance(reward_func, (str, torch.nn.Module)) or not callable(reward_func):
+        raise ValueError(f"a reward function (TRL's signature) is wrapped here, not a {type(reward_func).__name__}: "
+                         f"a reward model stays a plain entry of reward_funcs")
+    if is_async_callable(reward_func):
+        async def wrapped(**kwargs):
+            return after(await reward_func(**kwargs), kwargs)
+    else:
+        def wrapped(**kwargs):
+            return after(reward_func(**kwargs), kwargs)
+    wrapped.__name__ = wrapped.__qualname__ = get_callable_name(reward_func)  # TRL logs rewards/<name>/mean
+    wrapped.__doc__ = getattr(reward_func, "__doc__", None)
+    return wrapped
+
+
 def length_aware(accuracy_func, alpha: float = 0.1, correct_threshold: float = 0.5):
     """The RPO paper's accuracy reward as a TRL reward function (`--length-shaping` in our trainer): wraps
     `accuracy_func` (TRL's signature; a reward >= correct_threshold is a right answer) and, within each group
     (a run of equal prompts: TRL's num_generations copies), scores a right answer clip(sigmoid(alpha * (mean
     length of the group's right answers - its length)), 0.5, 1) and a wrong one 0 (rewards/shaping.py), lengths
-    in tokens of the whole answer (completion_ids: with RPORollout, kept path + suffix). Compose it under
-    `tracked` (`rpo.tracked(length_aware(accuracy))`) to keep answers by it, as the trainer does."""
-    def shape(prompts, completion_ids, rewards):
+    in tokens of the whole answer (completion_ids: with RPORollout, kept path + suffix); a None (TRL's
+    "unscorable") stays None. Compose it under `tracked` (`rpo.tracked(length_aware(accuracy))`) to keep
+    answers by it, as the trainer does. One process: under several, TRL splits a group over them."""
+    def shape(rewards, kwargs):
+        prompts, completion_ids = kwargs["prompts"], kwargs["completion_ids"]
         right = [r is not None and r >= correct_threshold for r in rewards]
         shaped, start = [], 0
         while start < len(prompts):
@@ -365,14 +405,6 @@ def length_aware(accuracy_func, alpha: float = 0.1, correct_threshold: float = 0
                 end += 1
             shaped += length_aware_accuracy(right[start:end], [len(c) for c in completion_ids[start:end]], alpha)
             start = end
-        return shaped
+        return [None if r is None else x for r, x in zip(rewards, shaped)]  # TRL's "unscorable" stays so
 
-    if inspect.iscoroutinefunction(accuracy_func):
-        @functools.wraps(accuracy_func)
-        async def length_aware_reward(**kwargs):
-            return shape(kwargs["prompts"], kwargs["completion_ids"], await accuracy_func(**kwargs))
-    else:
-        @functools.wraps(accuracy_func)
-        def length_aware_reward(**kwargs):
-            return shape(kwargs["prompts"], kwargs["completion_ids"], accuracy_func(**kwargs))
-    return length_aware_reward
+    return wrap_reward(accuracy_func, shape)

@@ -185,6 +185,12 @@ def from_transformers(hf_model) -> CausalLM:
     # a tied head under both names; an adapted projection's base weight under the plain projection's name
     theirs = {key.replace(".base_layer.", "."): p for key, p in inner.named_parameters(remove_duplicate=False)
               if not is_peft_adapter_parameter(key)}
+    for key in theirs:  # wrappers whose weights are not the plain modules': a clear refusal, not "missing"
+        if ".modules_to_save." in key or ".original_module." in key:
+            raise UserError(f"from_transformers: {name} trains a full copy of a module through PEFT's modules_to_save "
+                            f"({key!r}); not supported (LoRA adapters on the layers' projections are)")
+        if "_flat_param" in key or "_fsdp_wrapped_module" in key:
+            raise UserError(f"from_transformers: {name} is wrapped by FSDP ({key!r}): sharded weights are not supported")
     with torch.device("meta"):
         model = CausalLM(config)
     ours = dict(model.named_parameters(remove_duplicate=False))
@@ -208,8 +214,10 @@ def from_transformers(hf_model) -> CausalLM:
                             f"{tuple(p.shape)} from its config")
         kinds.add((param.device, param.dtype))
     if len(kinds) != 1:
+        mixed = len({dtype for _, dtype in kinds}) > 1 and theirs["lm_head.weight"].dtype == torch.float32
+        cast = " (TRL's cast_lm_head_to_fp32 makes the head fp32: not supported, leave it off)" if mixed else ""
         raise UserError(f"from_transformers: {name}'s parameters are on several devices or in several dtypes "
-                        f"({sorted(str(k) for k in kinds)}); the rollout engine runs one")
+                        f"({sorted(str(k) for k in kinds)}); the rollout engine runs one{cast}")
     for key in ours:
         module_name, _, attr = key.rpartition(".")
         model.get_submodule(module_name)._parameters[attr] = theirs[key]  # the object itself: no copy
