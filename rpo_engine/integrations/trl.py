@@ -321,7 +321,7 @@ class RPORollout(TRLRollout):
             keys = kwargs.get("rpo_prompt_key")
             if keys is None:  # not a training batch of an RPORollout (an eval's: full completions, none kept)
                 return rewards
-            owner, number = kwargs["rpo_batch"][0]
+            owner, number = (kwargs.get("rpo_batch") or [(None, None)])[0]
             if owner != id(self):
                 raise ValueError("RPORollout.tracked: this reward function is tracked by another RPORollout than "
                                  "the trainer's rollout_func")
