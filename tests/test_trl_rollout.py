@@ -454,7 +454,7 @@ def test_tracked_keeps_the_reward_functions_kind_and_name():
             rpo.tracked(wrong)
 
 
-def test_rpo_rollout_refusals_and_one_cold_start_a_prompt(hf_tiny, tmp_path):
+def test_rpo_rollout_cold_starts_a_prompt_once_and_needs_a_tracked_reward(hf_tiny, tmp_path):
     from rpo_engine.integrations.trl import RPORollout
 
     hf, tok = hf_tiny
@@ -469,9 +469,6 @@ def test_rpo_rollout_refusals_and_one_cold_start_a_prompt(hf_tiny, tmp_path):
     assert rpo.counters["cold_starts"] == 2 and len(out["completion_ids"]) == 6
     with pytest.raises(ValueError, match="no tracked reward function updated"):  # no reward tracked it
         rpo(["1+2="] * 2, trainer)
-    two = types.SimpleNamespace(unwrap_model=lambda m: m, num_processes=2, process_index=0)
-    with pytest.raises(ValueError, match="runs in one process"):
-        RPORollout()(["1+2="] * 2, stub_trainer(hf, tok, accelerator=two))
 
 
 def test_two_tracked_reward_functions_are_refused(hf_tiny, tmp_path, monkeypatch):
@@ -498,3 +495,45 @@ def test_two_tracked_reward_functions_are_refused(hf_tiny, tmp_path, monkeypatch
                           train_dataset=Dataset.from_list([{"prompt": "1+2="}]), processing_class=tok, rollout_func=rpo)
     with pytest.raises(ValueError, match="a second tracked reward function"):
         trainer.train()
+
+
+def test_rpo_rollout_on_two_processes_keeps_one_cache(tiny_model_dir, tmp_path):
+    """torchrun, 2 CPU processes, TRL splitting every group of 4 over them: both hold the same cache after
+    each step, a group's members continue the same kept prefix on both, and length_aware shapes each group
+    as a whole (what one process computes on the whole batch)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("trl")
+    from rpo_engine.integrations.trl import length_aware
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(repo / "tests" / "trl_ranks.py"), str(tmp_path), str(tiny_model_dir)],
+                          capture_output=True, text=True, timeout=300, cwd=repo,
+                          env=dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    steps = list(zip(ranks[0]["rollouts"], ranks[1]["rollouts"]))
+    assert len(steps) == 3
+    seen = {key for a, b in steps for key in a["rpo_prompt_key"] + b["rpo_prompt_key"]}
+    assert ranks[0]["cache"] == ranks[1]["cache"] and set(ranks[0]["cache"]) == seen
+    for number, (a, b) in enumerate(steps):
+        kept = {}
+        for share in (a, b):
+            for completion, mask, key in zip(share["completion_ids"], share["env_mask"], share["rpo_prompt_key"]):
+                kept.setdefault(key, set()).add(tuple(completion[:mask.count(0)]))
+        both = set(a["rpo_prompt_key"]) & set(b["rpo_prompt_key"])
+        assert both, "no group was split over the processes"
+        assert all(len(kept[key]) == 1 for key in kept)  # one kept prefix a prompt, on both processes
+        if number:  # after the cold starts, prefixes are kept
+            assert any(len(prefix) for prefixes in kept.values() for prefix in prefixes)
+    for a, b in zip(ranks[0]["scored"], ranks[1]["scored"]):
+        whole = {k: a[k] + b[k] for k in ("prompts", "lengths", "accuracy", "rewards")}
+        expected = length_aware(lambda **kwargs: whole["accuracy"])(
+            prompts=whole["prompts"], completion_ids=[[0] * n for n in whole["lengths"]])
+        assert whole["rewards"] == pytest.approx(expected)
+        assert any(0 < r < 1 for r in whole["rewards"])  # some group had right answers of different lengths

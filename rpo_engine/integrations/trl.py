@@ -197,15 +197,21 @@ class RPORollout(TRLRollout):
 
     The cache learns from the reward function wrapped by `tracked`: one answer per group is kept, the best by
     that function's rewards with probability rpo_epsilon, else a random one (rpo_cache_policy "correct-only",
-    the default: never a wrong answer over a right path; right: reward >= correct_threshold). One process:
-    under several, TRL splits a prompt's group over them: a ValueError. A prompt's cache key is its token ids, so
-    two dataset rows with the same prompt share one path. The cache goes into each of TRL's
-    checkpoints as `rpo_state.pt` (`rpo_state_rank<i>.pt` with several processes; a callback added to the
-    trainer at the first rollout) and comes back from the checkpoint a resumed run starts at (in its
+    the default: never a wrong answer over a right path; right: reward >= correct_threshold). A prompt's cache
+    key is its token ids, so two dataset rows with the same prompt share one path.
+
+    Several processes (accelerate, torchrun): TRL spreads a prompt's num_generations copies over them, so every
+    process keeps the same cache: a cold start is drawn with a seed of its prompt's (the same answer on every
+    process that has the prompt; each takes the lowest process's), each cut and each choice of the answer to
+    keep draws from an RNG seeded by (seed, step, prompt), and the tracked rewards of a batch are gathered
+    from all processes before any group's answer is chosen (torch.distributed.all_gather_object).
+
+    The cache goes into each of TRL's checkpoints as `rpo_state.pt` (by the main process; a callback added to
+    the trainer at the first rollout) and comes back from the checkpoint a resumed run starts at (in its
     output_dir): without one, a warning, and the prompts cold-start again.
 
     rpo_options: RPOConfig's fields (rpo_max_cut, rpo_max_cut_fraction, rpo_unverified_cut, rpo_extra_budget,
-    rpo_cache_policy, rpo_epsilon, rpo_loss_on_prefix, ...); seed: the cuts' and the cache choices' RNG.
+    rpo_cache_policy, rpo_epsilon, rpo_loss_on_prefix, ...); seed: the cold starts', cuts' and choices' seed.
     """
 
     def __init__(self, seed: int = 0, correct_threshold: float = 0.5, gpu_memory_utilization: float | None = None,
@@ -217,7 +223,7 @@ class RPORollout(TRLRollout):
                              f"rpo_max_cut_fraction, ...; RPO is on by definition here)")
         self.rpo = RPOConfig(**rpo_options)
         self.cache = ExperienceCache(self.rpo.rpo_cache_policy, self.rpo.rpo_epsilon, correct_threshold)
-        self.rng = random.Random(seed)
+        self.seed = seed
         self.counters = {"cold_starts": 0, "kept_tokens": 0, "generated_tokens": 0}
         self._checkpointing = None  # the trainer whose checkpoints carry the cache
         self._batch = None  # the last training rollout: [its number, whether a tracked reward updated the cache]
@@ -232,31 +238,28 @@ class RPORollout(TRLRollout):
         class SaveRPOState(TrainerCallback):
             def on_save(self, args, state, control, **kwargs):
                 directory = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                if directory.is_dir():  # the checkpoint just written (save_strategy "no": none)
-                    torch.save(rollout.state_dict(), directory / rollout.state_file(trainer))
+                # the checkpoint just written (save_strategy "no": none); every process holds the same cache
+                if directory.is_dir() and trainer.accelerator.is_main_process:
+                    torch.save(rollout.state_dict(), directory / STATE_FILE)
 
         trainer.add_callback(SaveRPOState())
         self._checkpointing = trainer
         step = trainer.state.global_step
         if step > 0 and len(self.cache) == 0:
-            path = Path(trainer.args.output_dir) / f"checkpoint-{step}" / self.state_file(trainer)
+            path = Path(trainer.args.output_dir) / f"checkpoint-{step}" / STATE_FILE
             if path.is_file():
                 self.load_state_dict(torch.load(path, weights_only=True))
             else:
                 warnings.warn(f"RPORollout: no {path} to resume the experience cache from: its prompts cold-start "
                               f"again", stacklevel=3)
 
-    @staticmethod
-    def state_file(trainer) -> str:
-        processes = trainer.accelerator.num_processes
-        return "rpo_state.pt" if processes == 1 else f"rpo_state_rank{trainer.accelerator.process_index}.pt"
+    def rng(self, step: int, key: str, what: str) -> random.Random:
+        """The same draws on every process and after a resume: seeded by (seed, step, prompt, purpose)."""
+        return random.Random(f"{self.seed}/{step}/{key}/{what}")
 
     def __call__(self, prompts: list, trainer) -> dict:
         if not trainer.model.training:  # an eval: the policy answers from the prompt
             return super().__call__(prompts, trainer)
-        if trainer.accelerator.num_processes > 1:
-            raise ValueError("RPORollout runs in one process: TRL spreads a prompt's num_generations copies over the "
-                             "processes, whose own caches would give one group different kept prefixes")
         if self._batch is not None and not self._batch[1]:
             raise ValueError("RPORollout: no tracked reward function updated the experience cache after the last "
                              "rollout; pass reward_funcs=[rpo.tracked(accuracy), ...] with this RPORollout's tracked")
@@ -271,12 +274,18 @@ class RPORollout(TRLRollout):
         for i, key in enumerate(keys):
             if key not in self.cache and key not in (keys[j] for j in cold):
                 cold.append(i)
-        if cold and self.rpo.rpo_unverified_cut != "full":  # "full" regrows an unverified path whole: none needed
-            outputs = engine.generate([runs[i] for i in cold], [self.request(engine, runs[i], params, 1) for i in cold])
-            for i, (answer,) in zip(cold, outputs):
-                self.cache.put(keys[i], answer.token_ids, math.nan, step, False, answer.logprobs)
-                self.counters["cold_starts"] += 1
-                self.counters["generated_tokens"] += len(answer.token_ids)
+        if self.rpo.rpo_unverified_cut == "full":  # an unverified path regrows whole: no cold start needed
+            cold = []
+        outputs = engine.generate([runs[i] for i in cold], [
+            self.request(engine, runs[i], params, 1, seed=self.rng(0, keys[i], "cold").getrandbits(63)) for i in cold])
+        found = []
+        for i, (answer,) in zip(cold, outputs):
+            found.append((keys[i], list(answer.token_ids), list(answer.logprobs)))
+            self.counters["cold_starts"] += 1
+            self.counters["generated_tokens"] += len(answer.token_ids)
+        for key, answer, logprobs in gather_lists(found)[0]:  # every process's, in process order
+            if key not in self.cache:  # the lowest process's, where two drew one
+                self.cache.put(key, answer, math.nan, step, False, logprobs)
         kept, kept_logprobs, requests = [], [], []
         for ids, key, n in zip(runs, keys, counts):
             path = self.cache.get(key)
@@ -285,8 +294,8 @@ class RPORollout(TRLRollout):
                 kept.append([])
                 kept_logprobs.append([])
             else:
-                cut = cut_cached_path(len(path.token_ids), path.correct, self.rng, budget, self.rpo, path.logprobs,
-                                      self.cache.saturation(key))
+                cut = cut_cached_path(len(path.token_ids), path.correct, self.rng(step, key, "cut"), budget, self.rpo,
+                                      path.logprobs, self.cache.saturation(key))
                 kept.append(path.token_ids[:cut.kept])
                 kept_logprobs.append(path.logprobs[:cut.kept] if path.logprobs else [math.nan] * cut.kept)
                 budget = cut.budget
@@ -339,28 +348,53 @@ class RPORollout(TRLRollout):
 
     def update_cache(self, keys: list[str], answers: list[list[int]], rewards: list, logprobs: list | None,
                      step: int) -> None:
-        """Keep one answer of each group (a run of equal keys) by its rewards (None, TRL's "no score": NaN)."""
+        """Keep one answer of each group (a run of equal keys, over every process's share of the batch) by its
+        rewards (None, TRL's "no score": NaN)."""
         rewards = [math.nan if r is None else float(r) for r in rewards]
+        if logprobs is None:
+            logprobs = [None] * len(keys)
+        (keys, answers, rewards, logprobs), _ = gather_columns(keys, [list(a) for a in answers], rewards,
+                                                               [None if lp is None else list(lp) for lp in logprobs])
         start = 0
         while start < len(keys):
             end = start + 1
             while end < len(keys) and keys[end] == keys[start]:
                 end += 1
             group_logprobs = None
-            if logprobs is not None:  # TRL may hand the ids back cut at the eos; the log-probs follow them
-                group_logprobs = [list(lp[:len(a)]) for lp, a in zip(logprobs[start:end], answers[start:end])]
-            self.cache.update(keys[start], [list(a) for a in answers[start:end]], rewards[start:end], step, self.rng,
-                              logprobs=group_logprobs)
+            if all(lp is not None for lp in logprobs[start:end]):  # TRL may hand the ids back cut at the eos
+                group_logprobs = [lp[:len(a)] for lp, a in zip(logprobs[start:end], answers[start:end])]
+            self.cache.update(keys[start], answers[start:end], rewards[start:end], step,
+                              self.rng(step, keys[start], "keep"), logprobs=group_logprobs)
             self.cache.note_group(keys[start], all(r >= self.cache.correct_threshold for r in rewards[start:end]))
             start = end
 
     def state_dict(self) -> dict:
-        return {"cache": self.cache.state_dict(), "rng": self.rng.getstate(), "counters": dict(self.counters)}
+        return {"cache": self.cache.state_dict(), "counters": dict(self.counters)}
 
     def load_state_dict(self, state: dict) -> None:
         self.cache.load_state_dict(state["cache"])
-        self.rng.setstate(state["rng"])
         self.counters = dict(state["counters"])
+
+
+STATE_FILE = "rpo_state.pt"  # the experience cache's file in each TRL checkpoint
+
+
+def gather_lists(items: list) -> tuple[list, int]:
+    """Every process's `items`, concatenated in process order, and where this process's begin (one process:
+    `items`, 0). TRL hands each process a contiguous share of the batch, so this is the batch in order."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(items), 0
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part], sum(len(part) for part in parts[:dist.get_rank()])
+
+
+def gather_columns(*columns: list) -> tuple[tuple[list, ...], int]:
+    """gather_lists for parallel lists: each gathered, and where this process's rows begin."""
+    rows, start = gather_lists(list(zip(*columns)))
+    return tuple(list(column) for column in zip(*rows)) if rows else tuple([] for _ in columns), start
 
 
 def prompt_key(ids: list[int]) -> str:
@@ -394,17 +428,21 @@ def length_aware(accuracy_func, alpha: float = 0.1, correct_threshold: float = 0
     length of the group's right answers - its length)), 0.5, 1) and a wrong one 0 (rewards/shaping.py), lengths
     in tokens of the whole answer (completion_ids: with RPORollout, kept path + suffix); a None (TRL's
     "unscorable") stays None. Compose it under `tracked` (`rpo.tracked(length_aware(accuracy))`) to keep
-    answers by it, as the trainer does. One process: under several, TRL splits a group over them."""
+    answers by it, as the trainer does. Under several processes the groups are gathered whole first."""
     def shape(rewards, kwargs):
-        prompts, completion_ids = kwargs["prompts"], kwargs["completion_ids"]
+        mine = len(rewards)
+        # a group may straddle processes (TRL spreads its copies): shaped over every process's share
+        (prompts, lengths, rewards), offset = gather_columns(
+            [str(p) for p in kwargs["prompts"]], [len(c) for c in kwargs["completion_ids"]], list(rewards))
         right = [r is not None and r >= correct_threshold for r in rewards]
         shaped, start = [], 0
         while start < len(prompts):
             end = start + 1
             while end < len(prompts) and prompts[end] == prompts[start]:
                 end += 1
-            shaped += length_aware_accuracy(right[start:end], [len(c) for c in completion_ids[start:end]], alpha)
+            shaped += length_aware_accuracy(right[start:end], lengths[start:end], alpha)
             start = end
-        return [None if r is None else x for r, x in zip(rewards, shaped)]  # TRL's "unscorable" stays so
+        shaped = [None if r is None else x for r, x in zip(rewards, shaped)]  # TRL's "unscorable" stays so
+        return shaped[offset:offset + mine]
 
     return wrap_reward(accuracy_func, shape)
