@@ -130,7 +130,8 @@ def share_peft_adapters(model: nn.Module, peft_model: nn.Module) -> None:
     of the transformers model `peft_model`: a LoRALinear on the adapter's own A and B Parameters and its scaling,
     so an optimizer step on them is a step of ours. One active adapter a projection, on the layers' seven
     projections only; DoRA, adapter biases and other PEFT tuners are a UserError (they would run as plain
-    LoRA or not at all). A merged adapter is in the base weight already and stays out. PEFT's lora_dropout is
+    LoRA or not at all). An adapter merged at the build is in the base weight already and stays out; one merged
+    or unmerged later (PEFT's merge_adapter) is counted twice or lost: build again after. PEFT's lora_dropout is
     not applied (no dropout in a rollout, as in vLLM's); its disable_adapter() switch is not followed."""
     for name, module in peft_model.named_modules():
         if hasattr(module, "base_layer") and not (hasattr(module, "lora_A") and hasattr(module, "lora_B")):
