@@ -306,13 +306,13 @@ class RPORollout(TRLRollout):
         if self.sleeping(trainer):
             engine.sleep()
         out = {key: [] for key in ("prompt_ids", "completion_ids", "logprobs", "env_mask", "rpo_prompt_key")}
+        kept_mask = 1 if self.rpo.rpo_loss_on_prefix else 0  # env_mask 0: out of TRL's loss
         for ids, key, k, k_logprobs, completions in zip(runs, keys, kept, kept_logprobs, outputs):
             for c in completions:
                 out["prompt_ids"].append(list(ids))
                 out["completion_ids"].append(k + list(c.token_ids))
                 out["logprobs"].append(k_logprobs + list(c.logprobs))
-                trained = 1 if self.rpo.rpo_loss_on_prefix else 0
-                out["env_mask"].append([trained] * len(k) + [1] * len(c.token_ids))
+                out["env_mask"].append([kept_mask] * len(k) + [1] * len(c.token_ids))
                 out["rpo_prompt_key"].append(key)
                 self.counters["kept_tokens"] += len(k)
                 self.counters["generated_tokens"] += len(c.token_ids)
