@@ -106,6 +106,7 @@ def test_from_transformers_peft_fp32_adapters_on_a_bf16_base():
     ({"use_dora": True}, "DoRA"),
     ({"target_modules": ["q_proj", "lm_head"]}, "adapter on lm_head"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ({"lora_bias": True}, "uses a bias"),
 ])
 def test_from_transformers_refuses_peft_adapters_it_cannot_compute(lora, words):
     with pytest.raises(UserError, match=words):

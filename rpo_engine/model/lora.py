@@ -116,12 +116,12 @@ class LoRALinear(nn.Linear):
         return (self.weight.to(dtype) + delta).to(self.weight.dtype)
 
 
-_PEFT_ADAPTER_PARAMETER = re.compile(r"\.(lora_A|lora_B|lora_magnitude_vector)\.[^.]+\.weight$")
+_PEFT_ADAPTER_PARAMETER = re.compile(r"\.(lora_A|lora_B|lora_magnitude_vector)\.[^.]+\.(weight|bias)$")
 
 
 def is_peft_adapter_parameter(name: str) -> bool:
     """Whether a transformers model's parameter `name` belongs to a PEFT LoRA adapter (`...q_proj.lora_A.default.weight`;
-    DoRA's magnitude too, so that share_peft_adapters names DoRA in its error)."""
+    DoRA's magnitude and a lora_bias too, so that share_peft_adapters names them in its error)."""
     return _PEFT_ADAPTER_PARAMETER.search(name) is not None
 
 
