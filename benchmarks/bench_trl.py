@@ -1,6 +1,6 @@
 """GRPO step time against TRL's GRPOTrainer: same checkpoint, rows, group size, budget and reward, one process.
 
-Four runs, one after the other in this process, on the built-in starter model (--model: another) and arithmetic task:
+Five runs, one after the other in this process, on the built-in starter model (--model: another) and arithmetic task:
   trl         TRL GRPOTrainer (transformers generate, no vLLM), loss_type="grpo", beta=0
   trl_engine  the same TRL trainer with rollout_func=rpo_engine.integrations.trl.TRLRollout(): our rollout engine
               on TRL's live weights, everything else TRL's
@@ -52,8 +52,7 @@ def run_trl(model_dir, rows, args, device, output, rollout_func=None):
     from trl import GRPOConfig, GRPOTrainer
 
     steps, current = [], {}
-
-    counted = {"generated": 0}
+    counted = {"generated": 0}  # an RPORollout's count at the last step
 
     def exact_reward(completions, answer, completion_ids, **kwargs):  # TRL's reward signature
         rewards = [exact_answer_reward(c, a) for c, a in zip(completions, answer)]
