@@ -205,6 +205,8 @@ def test_sampling_settings_and_generation_kwargs(hf_tiny):
         TRLRollout()(["1+1="], stub_trainer(hf, tok, use_vllm=True))
     with pytest.raises(ValueError, match="does not run tool calls"):
         TRLRollout()(["1+1="], stub_trainer(hf, tok, tools=[print]))
+    with pytest.raises(ValueError, match=r"rollout_func=TRLRollout\(\), not the class"):
+        TRLRollout(["1+1="], stub_trainer(hf, tok))  # what TRL does with rollout_func=TRLRollout
 
 
 @pytest.mark.parametrize("use_peft", [False, True], ids=["full", "peft"])

@@ -60,6 +60,8 @@ class TRLRollout:
 
     def __init__(self, gpu_memory_utilization: float | None = None, enable_sleep_mode: bool | None = None,
                  **engine_options):
+        if isinstance(gpu_memory_utilization, list):  # TRL called the class with (prompts, trainer)
+            raise ValueError(f"rollout_func takes an instance: rollout_func={type(self).__name__}(), not the class")
         self.gpu_memory_utilization = gpu_memory_utilization
         self.enable_sleep_mode = enable_sleep_mode
         self.engine_options = engine_options
