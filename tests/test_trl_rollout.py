@@ -185,7 +185,7 @@ def test_chat_prompts_are_templated_as_trl_templates_them(tiny_model_dir, tmp_pa
 
 
 def test_sampling_settings_and_generation_kwargs(hf_tiny):
-    from rpo_engine.integrations.trl import TRLRollout, sampling_params
+    from rpo_engine.integrations.trl import RPORollout, TRLRollout, sampling_params
 
     hf, tok = hf_tiny
     args = types.SimpleNamespace(generation_kwargs={"stop": ["="], "stop_token_ids": [5, tok.eos_token_id],
@@ -207,6 +207,8 @@ def test_sampling_settings_and_generation_kwargs(hf_tiny):
         TRLRollout()(["1+1="], stub_trainer(hf, tok, tools=[print]))
     with pytest.raises(ValueError, match=r"rollout_func=TRLRollout\(\), not the class"):
         TRLRollout(["1+1="], stub_trainer(hf, tok))  # what TRL does with rollout_func=TRLRollout
+    with pytest.raises(ValueError, match=r"rollout_func=RPORollout\(\), not the class"):
+        RPORollout(["1+1="], stub_trainer(hf, tok))
 
 
 @pytest.mark.parametrize("use_peft", [False, True], ids=["full", "peft"])

@@ -218,6 +218,8 @@ class RPORollout(TRLRollout):
 
     def __init__(self, seed: int = 0, correct_threshold: float = 0.5, gpu_memory_utilization: float | None = None,
                  enable_sleep_mode: bool | None = None, engine_options: dict | None = None, **rpo_options):
+        if isinstance(seed, list):  # TRL called the class with (prompts, trainer)
+            raise ValueError("rollout_func takes an instance: rollout_func=RPORollout(), not the class")
         super().__init__(gpu_memory_utilization, enable_sleep_mode, **(engine_options or {}))
         unknown = sorted(set(rpo_options) - {f.name for f in dataclasses.fields(RPOConfig)} - {"rpo"})
         if unknown or "rpo" in rpo_options:
