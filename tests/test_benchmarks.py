@@ -336,7 +336,9 @@ def test_an_interrupted_benchmark_leaves_what_it_measured(tmp_path):
     out = tmp_path / "paper_shape.json"
     proc = subprocess.Popen([sys.executable, "bench_paper_shape.py", "--cpu", "--prompt-len", "16", "--full-len", "48",
                              "--suffix-len", "8", "--repeats", "50", "--out", str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=BENCHMARKS, env=bench_env(PYTHONUNBUFFERED="1"))
+                            stderr=subprocess.STDOUT, text=True, cwd=BENCHMARKS, env=bench_env(PYTHONUNBUFFERED="1"),
+                            # SIGINT handled as by default, also where the suite runs with it ignored (`cmd &`)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         next((line for line in proc.stdout if line.startswith("wrote ")), None)  # the first step's partial file
         proc.send_signal(signal.SIGINT)

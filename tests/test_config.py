@@ -137,6 +137,8 @@ def test_ctrl_c_while_scoring_stops_the_reward_workers_at_once(monkeypatch):
     thread_errors = []
     monkeypatch.setattr(threading, "excepthook", lambda args: thread_errors.append(args.exc_value))
     pool = RewardPool({0: "tests.reward_fns:slow_reward"}, workers=2)
+    # Ctrl-C's Python handler, also where the suite was started with SIGINT ignored (`cmd &` in a script)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         assert pool.score(0, ["x"], ["1"]) == [0.0]  # a worker is up
         manager = pool.executor._executor_manager_thread
@@ -154,6 +156,7 @@ def test_ctrl_c_while_scoring_stops_the_reward_workers_at_once(monkeypatch):
         assert not manager.is_alive() and thread_errors == []
     finally:
         pool.close(wait=False)
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_config_file_that_is_not_utf8_or_not_a_file(tmp_path):
