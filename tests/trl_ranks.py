@@ -12,6 +12,7 @@ from pathlib import Path
 
 os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
 
+import torch.distributed  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
@@ -50,6 +51,10 @@ def main(out: Path, model_dir: str):
     rank = trainer.accelerator.process_index
     cache = {key: path.token_ids for key, path in rpo.cache.paths.items()}
     (out / f"rank{rank}.json").write_text(json.dumps(dict(rollouts=rollouts, scored=scored, cache=cache)))
+    # gloo's threads stopped before the interpreter exits: left to exit, a rank can abort ("terminate called
+    # without an active exception") on a busy machine
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
