@@ -40,15 +40,9 @@ def build_model(tiny: bool, seed: int):
 
         path = ensure_starter_model()
         return rpo_engine.load_model(path), rpo_engine.load_tokenizer(path)
-    from rpo_engine.data.tokenizer import build_task_tokenizer
+    from rpo_engine.data.starter import tiny_task_model
 
-    tokenizer = build_task_tokenizer()
-    config = rpo_engine.ModelConfig.from_hf_dict(dict(
-        model_type="qwen2", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    torch.manual_seed(seed)
-    return rpo_engine.CausalLM(config).init_weights(0.02), tokenizer
+    return tiny_task_model(hidden_size=64, seed=seed)
 
 
 def main(argv=None):

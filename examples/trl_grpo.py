@@ -27,18 +27,11 @@ def model_directory(tiny: bool, output: Path) -> Path:
         from rpo_engine.data.starter import ensure_starter_model
 
         return ensure_starter_model()
-    from rpo_engine.data.tokenizer import build_task_tokenizer
-    from rpo_engine.model import CausalLM, ModelConfig
+    from rpo_engine.data.starter import tiny_task_model
 
-    tokenizer = build_task_tokenizer()
-    config = ModelConfig.from_hf_dict(dict(
-        model_type="qwen2", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    torch.manual_seed(0)
-    directory = output / "tiny-model"
-    CausalLM(config).init_weights(0.02).save_pretrained(directory, tokenizer=tokenizer)
-    return directory
+    model, tokenizer = tiny_task_model()
+    model.save_pretrained(output / "tiny-model", tokenizer=tokenizer)
+    return output / "tiny-model"
 
 
 def main(argv=None):

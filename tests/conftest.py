@@ -37,15 +37,9 @@ def one_thread():
 def tiny_model_dir(tmp_path_factory):
     """A random 2-layer Qwen2-shaped model (tied embeddings) with the task tokenizer: fast, and (small init)
     its samples vary."""
-    from rpo_engine.data.tokenizer import build_task_tokenizer
-    from rpo_engine.model import CausalLM, ModelConfig
+    from rpo_engine.data.starter import tiny_task_model
 
     directory = tmp_path_factory.mktemp("tiny")
-    tok = build_task_tokenizer()
-    config = ModelConfig.from_hf_dict(dict(
-        model_type="qwen2", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
-    torch.manual_seed(0)
-    CausalLM(config).init_weights(0.02).save_pretrained(directory, tokenizer=tok)
+    model, tok = tiny_task_model(hidden_size=32, seed=0)
+    model.save_pretrained(directory, tokenizer=tok)
     return directory

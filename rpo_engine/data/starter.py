@@ -73,6 +73,18 @@ def new_starter_model(tokenizer, init_std: float) -> CausalLM:
     return model
 
 
+def tiny_task_model(hidden_size: int = 32, seed: int = 0) -> tuple[CausalLM, object]:
+    """(model, tokenizer): a 2-layer random Qwen2-shaped model (tied embeddings, N(0, 0.02) weights) with the task
+    tokenizer, seeded by `seed`: built in a second, for smoke tests and examples; its samples vary."""
+    tokenizer = build_task_tokenizer()
+    config = ModelConfig.from_hf_dict(dict(
+        model_type="qwen2", vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    torch.manual_seed(seed)
+    return CausalLM(config).init_weights(0.02), tokenizer
+
+
 def tokenize_rows(tokenizer, rows) -> list[tuple[list[int], list[int]]]:
     """(prompt_ids, solution_ids + eos) per row, tokenized apart as RL will see them (prompt alone)."""
     eos = tokenizer.eos_token_id
