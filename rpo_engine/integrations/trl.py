@@ -127,18 +127,21 @@ class TRLRollout:
         return self.engine
 
 
+def equal_runs(items: list) -> list[range]:
+    """The spans of consecutive equal items: TRL's groups, a prompt's num_generations copies in a row."""
+    spans, start = [], 0
+    for end in range(1, len(items) + 1):
+        if end == len(items) or items[end] != items[start]:
+            spans.append(range(start, end))
+            start = end
+    return spans
+
+
 def repeated_runs(prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[int]]:
-    """TRL repeats each prompt num_generations times in a row: each run of equal prompts once, with its length
-    (one request with n = that, so the prompt is prefilled once and its samples fork from it)."""
-    runs: list[list[int]] = []
-    counts: list[int] = []
-    for ids in prompt_ids:
-        if runs and ids == runs[-1]:
-            counts[-1] += 1
-        else:
-            runs.append(ids)
-            counts.append(1)
-    return runs, counts
+    """Each run of equal prompts once, with its length (one request with n = that, so the prompt is prefilled
+    once and its samples fork from it)."""
+    spans = equal_runs(prompt_ids)
+    return [prompt_ids[span.start] for span in spans], [len(span) for span in spans]
 
 
 def tokenize_prompts(prompts: list, trainer) -> list[list[int]]:
@@ -359,18 +362,14 @@ class RPORollout(TRLRollout):
             logprobs = [None] * len(keys)
         (keys, answers, rewards, logprobs), _ = gather_columns(keys, [list(a) for a in answers], rewards,
                                                                [None if lp is None else list(lp) for lp in logprobs])
-        start = 0
-        while start < len(keys):
-            end = start + 1
-            while end < len(keys) and keys[end] == keys[start]:
-                end += 1
+        for span in equal_runs(keys):
+            key, group = keys[span.start], slice(span.start, span.stop)
             group_logprobs = None
-            if all(lp is not None for lp in logprobs[start:end]):  # TRL may hand the ids back cut at the eos
-                group_logprobs = [lp[:len(a)] for lp, a in zip(logprobs[start:end], answers[start:end])]
-            self.cache.update(keys[start], answers[start:end], rewards[start:end], step,
-                              self.rng(step, keys[start], "keep"), logprobs=group_logprobs)
-            self.cache.note_group(keys[start], all(r >= self.cache.correct_threshold for r in rewards[start:end]))
-            start = end
+            if all(lp is not None for lp in logprobs[group]):  # TRL may hand the ids back cut at the eos
+                group_logprobs = [lp[:len(a)] for lp, a in zip(logprobs[group], answers[group])]
+            self.cache.update(key, answers[group], rewards[group], step, self.rng(step, key, "keep"),
+                              logprobs=group_logprobs)
+            self.cache.note_group(key, all(r >= self.cache.correct_threshold for r in rewards[group]))
 
     def state_dict(self) -> dict:
         return {"cache": self.cache.state_dict(), "counters": dict(self.counters)}
@@ -439,13 +438,8 @@ def length_aware(accuracy_func, alpha: float = 0.1, correct_threshold: float = 0
         (prompts, lengths, rewards), offset = gather_columns(
             [str(p) for p in kwargs["prompts"]], [len(c) for c in kwargs["completion_ids"]], list(rewards))
         right = [r is not None and r >= correct_threshold for r in rewards]
-        shaped, start = [], 0
-        while start < len(prompts):
-            end = start + 1
-            while end < len(prompts) and prompts[end] == prompts[start]:
-                end += 1
-            shaped += length_aware_accuracy(right[start:end], lengths[start:end], alpha)
-            start = end
+        shaped = [x for span in equal_runs(prompts)
+                  for x in length_aware_accuracy(right[span.start:span.stop], lengths[span.start:span.stop], alpha)]
         shaped = [None if r is None else x for r, x in zip(rewards, shaped)]  # TRL's "unscorable" stays so
         return shaped[offset:offset + mine]
 
