@@ -167,6 +167,41 @@ def test_engine_is_built_again_when_the_model_changes_its_parameters(hf_tiny):
     assert rollout.engine is not engine and rollout.engine.model.model.layers[0].mlp.up_proj.weight is mlp.up_proj.weight
 
 
+def test_rollout_follows_peft_merge_and_disable_adapter(hf_tiny):
+    """PEFT's switches after the engine was built: inside disable_adapter() the rollout samples the base model,
+    after merge_adapter() the merged weights (the adapter not counted twice), after unmerge_adapter() base plus
+    adapter again; each time a completion's log-probs are the PEFT model's teacher-forced ones."""
+    peft = pytest.importorskip("peft")
+    from rpo_engine.integrations.trl import TRLRollout
+
+    hf, tok = hf_tiny
+    model = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # PEFT starts B at zero, which would hide an adapter counted wrongly
+    rollout, trainer = TRLRollout(), stub_trainer(model, tok, temperature=1.0, max_completion_length=8)
+    prompts = ["12+34=", "7*8="]
+
+    def worst_logprob_gap():
+        out = rollout(prompts, trainer)
+        worst = 0.0
+        with torch.no_grad():
+            for p, c, lp in zip(out["prompt_ids"], out["completion_ids"], out["logprobs"]):
+                ids = torch.tensor([p + c])
+                ref = torch.log_softmax(model(ids).logits[0, len(p) - 1:-1], -1).gather(-1, ids[0, len(p):, None])[:, 0]
+                worst = max(worst, (ref - torch.tensor(lp)).abs().max().item())
+        return worst
+
+    assert worst_logprob_gap() < 1e-4
+    with model.disable_adapter():
+        assert worst_logprob_gap() < 1e-4
+    model.merge_adapter()
+    assert worst_logprob_gap() < 1e-4
+    model.unmerge_adapter()
+    assert worst_logprob_gap() < 1e-4
+
+
 def test_chat_prompts_are_templated_as_trl_templates_them(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -37,6 +37,7 @@ import torch
 
 from rpo_engine.config import RPOConfig
 from rpo_engine.model.checkpoint import from_transformers
+from rpo_engine.model.lora import peft_adapter_state
 from rpo_engine.rewards.shaping import length_aware_accuracy
 from rpo_engine.rollout import RolloutEngine, SamplingParams
 from rpo_engine.rpo.cache import ExperienceCache
@@ -55,7 +56,8 @@ class TRLRollout:
     vllm_gpu_memory_utilization, 0.3 by default, is for vLLM's own copy and is not read). enable_sleep_mode:
     None takes TRL's vllm_enable_sleep_mode. engine_options: RolloutEngine's other options (max_num_seqs,
     block_size, use_cuda_graphs, async_scheduling, ...). The engine is built at the first call and built
-    again only if the model's parameters, device or dtype change.
+    again only if the model's parameters, device or dtype change, or its PEFT adapters are merged, unmerged,
+    switched off or on (so a rollout inside PEFT's disable_adapter() samples the base model).
     """
 
     def __init__(self, gpu_memory_utilization: float | None = None, enable_sleep_mode: bool | None = None,
@@ -103,11 +105,13 @@ class TRLRollout:
     def engine_for(self, trainer) -> RolloutEngine:
         """The engine on the trainer's model, built (again) where the model is new, a Parameter was replaced
         (load_state_dict(assign=True), adapters injected again), or the head's device, dtype or shape changed
-        (.to() moves every weight's data, resize_token_embeddings the head's): the engine's weights, K/V cache
-        or vocabulary would be stale."""
+        (.to() moves every weight's data, resize_token_embeddings the head's), or PEFT's adapters were merged,
+        unmerged, switched off or on, or another made active: the engine's weights, K/V cache or vocabulary
+        would be stale."""
         model = trainer.accelerator.unwrap_model(trainer.model)
         head = model.get_output_embeddings().weight
-        key = (id(model), tuple(map(id, model.parameters())), head.device, head.dtype, tuple(head.shape))
+        key = (id(model), tuple(map(id, model.parameters())), head.device, head.dtype, tuple(head.shape),
+               peft_adapter_state(model))
         if self.engine is not None and key == self._built_for:
             return self.engine
         if getattr(trainer, "tools", None) or getattr(trainer, "environment_factories", None):

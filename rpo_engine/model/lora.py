@@ -130,13 +130,16 @@ def share_peft_adapters(model: nn.Module, peft_model: nn.Module) -> None:
     of the transformers model `peft_model`: a LoRALinear on the adapter's own A and B Parameters and its scaling,
     so an optimizer step on them is a step of ours. One active adapter a projection, on the layers' seven
     projections only; DoRA, adapter biases and other PEFT tuners are a UserError (they would run as plain
-    LoRA or not at all). An adapter merged at the build is in the base weight already and stays out; one merged
-    or unmerged later (PEFT's merge_adapter) is counted twice or lost: build again after. PEFT's lora_dropout is
-    not applied (no dropout in a rollout, as in vLLM's); its disable_adapter() switch is not followed."""
+    LoRA or not at all). The adapters are taken as they stand at the build: one merged (PEFT's merge_adapter)
+    is in the base weight already and stays out, as do adapters switched off (inside disable_adapter()). A
+    later merge, unmerge, switch or set_adapter changes peft_adapter_state, and the model must be built again
+    (TRLRollout does). PEFT's lora_dropout is not applied (no dropout in a rollout, as in vLLM's)."""
     for name, module in peft_model.named_modules():
         if hasattr(module, "base_layer") and not (hasattr(module, "lora_A") and hasattr(module, "lora_B")):
             raise UserError(f"from_transformers: {name} is a {type(module).__name__}, a PEFT layer other than LoRA")
         if not hasattr(module, "lora_A") or not hasattr(module, "base_layer") or getattr(module, "merged", False):
+            continue
+        if getattr(module, "disable_adapters", False):  # the base alone, as PEFT computes it in there
             continue
         active = list(module.active_adapters)
         if len(active) != 1:
@@ -155,6 +158,15 @@ def share_peft_adapters(model: nn.Module, peft_model: nn.Module) -> None:
         adapted = LoRALinear(getattr(parent, attr), A.shape[0], float(module.scaling[adapter]))
         adapted.lora_A._parameters["weight"], adapted.lora_B._parameters["weight"] = A, B  # the objects: no copy
         setattr(parent, attr, adapted)
+
+
+def peft_adapter_state(peft_model: nn.Module) -> tuple:
+    """What share_peft_adapters reads of each PEFT LoRA layer beyond its Parameters: which adapters are
+    merged into the base, whether the adapters are switched off, which are active. Equal states, equal
+    Parameters: a model built by from_transformers still computes what `peft_model` does."""
+    return tuple((name, tuple(getattr(m, "merged_adapters", ())), bool(getattr(m, "disable_adapters", False)),
+                  tuple(getattr(m, "active_adapters", ())))
+                 for name, m in peft_model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
