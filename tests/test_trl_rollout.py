@@ -580,3 +580,178 @@ def test_rpo_rollout_on_two_processes_keeps_one_cache(tiny_model_dir, tmp_path):
             prompts=whole["prompts"], completion_ids=[[0] * n for n in whole["lengths"]])
         assert whole["rewards"] == pytest.approx(expected)
         assert any(0 < r < 1 for r in whole["rewards"])  # some group had right answers of different lengths
+
+
+def trl_batch(tok, groups, width, seed=0):
+    """A TRL-shaped batch: each (prompt, kept, suffix lengths) group gives a row per suffix, prompt left-padded
+    to `width` columns, kept + a random suffix right-padded; rows shuffled, as TRL's shuffled batches come."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for prompt, kept, suffix_lengths in groups:
+        ids = tok(prompt)["input_ids"]
+        for m in suffix_lengths:
+            suffix = torch.randint(3, tok.vocab_size, (m,), generator=generator).tolist()
+            rows.append((ids, kept + suffix))
+    order = torch.randperm(len(rows), generator=generator).tolist()
+    rows = [rows[i] for i in order]
+    C = max(len(c) for _, c in rows)
+    input_ids = torch.full((len(rows), width + C), tok.pad_token_id)
+    mask = torch.zeros(len(rows), width + C, dtype=torch.long)
+    for r, (p, c) in enumerate(rows):
+        input_ids[r, width - len(p):width], mask[r, width - len(p):width] = torch.tensor(p), 1
+        input_ids[r, width:width + len(c)], mask[r, width:width + len(c)] = torch.tensor(c, dtype=torch.long), 1
+    return input_ids, mask, C
+
+
+def shared_prefix_trainer(hf, tok, tmp_path, **config):
+    from datasets import Dataset
+    from trl import GRPOConfig
+
+    from rpo_engine.integrations.trl import SharedPrefixGRPOTrainer
+
+    rows = [{"prompt": "12+34=", "answer": "46"}, {"prompt": "7*8=", "answer": "56"}]
+    config = GRPOConfig(**{**dict(output_dir=str(tmp_path / "out"), max_steps=3, num_generations=4,
+                                  per_device_train_batch_size=8, max_completion_length=24, learning_rate=0.01,
+                                  use_cpu=True, bf16=False, report_to="none", disable_tqdm=True, logging_steps=1,
+                                  save_strategy="no", seed=3), **config})
+    return SharedPrefixGRPOTrainer(model=hf, reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+                                   args=config, train_dataset=Dataset.from_list(rows), processing_class=tok)
+
+
+def test_shared_prefix_trainer_logprobs_and_gradients_equal_trls_own_pass(hf_tiny, tmp_path, monkeypatch):
+    """SharedPrefixGRPOTrainer's log-prob pass against GRPOTrainer's own on the same TRL-shaped batch:
+    groups of different prompts with kept paths (RPO) and ragged suffixes, a group of one, a group whose
+    suffixes are all empty but one, a row whose completion is masked out, rows shuffled. Log-probs,
+    entropies and every parameter's gradient equal (fp32), chunked or not."""
+    pytest.importorskip("trl")
+    from trl import GRPOTrainer
+
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    hf, tok = hf_tiny
+    trainer = shared_prefix_trainer(hf, tok, tmp_path)
+    kept = tok("3 carry 1, 4+1")["input_ids"]
+    input_ids, mask, C = trl_batch(tok, [("12+34=", kept, [5, 1, 9, 3]), ("7*8=", [], [4, 7, 2, 6]),
+                                         ("100-1=", kept[:3], [6]), ("5+5=", kept[:2], [0, 0, 3, 0])], width=10)
+    mask[3, 10:] = 0  # TRL's mask_truncated_completions: a truncated row's completion masked whole
+    completion_mask = mask[:, 10:].bool()
+    weights = torch.randn(input_ids.shape[0], C)
+
+    def run(method, **kw):
+        hf.zero_grad(set_to_none=True)
+        logps, entropies, _ = method(trainer, trainer.model, input_ids, mask, C, compute_entropy=True, **kw)
+        ((logps * weights)[completion_mask].sum() + entropies[completion_mask].sum()).backward()
+        return (logps.detach()[completion_mask], entropies.detach()[completion_mask],
+                {n: p.grad.clone() for n, p in hf.named_parameters() if p.grad is not None})
+
+    ours = run(type(trainer)._get_per_token_logps_and_entropies)
+    theirs = run(GRPOTrainer._get_per_token_logps_and_entropies)
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-5, atol=1e-5)
+    assert sorted(ours[2]) == sorted(theirs[2]) and len(ours[2]) == len(list(hf.parameters()))
+    for name in theirs[2]:
+        torch.testing.assert_close(ours[2][name], theirs[2][name], rtol=1e-4, atol=1e-5, msg=name)
+    with torch.no_grad():  # TRL's chunked passes (the old policy's, the reference's): the same numbers
+        chunked, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, mask, C, batch_size=3)
+    torch.testing.assert_close(chunked[completion_mask], theirs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_groups_from_a_trl_batch(hf_tiny):
+    from rpo_engine.integrations.trl import trl_prefix_groups
+
+    _, tok = hf_tiny
+    kept = tok("3 carry 1")["input_ids"]
+    input_ids, mask, C = trl_batch(tok, [("12+34=", kept, [5, 1, 2]), ("7*8=", [], [4, 7])], width=8)
+    groups, rows = trl_prefix_groups(input_ids, mask, C)
+    prompt = tok("12+34=")["input_ids"]
+    first = next(g for g in groups if g.prefix_ids[:len(prompt)] == prompt)
+    assert first.loss_start == len(prompt) and first.prefix_ids[len(prompt):][:len(kept)] == kept
+    assert sorted(rows) == list(range(5)) and sum(len(g.suffix_ids) for g in groups) == 5
+    for g, start in zip(groups, [0, len(groups[0].suffix_ids)]):
+        for i, suffix in enumerate(g.suffix_ids):
+            r = rows[start + i]
+            row = input_ids[r][mask[r].bool()].tolist()
+            assert g.prefix_ids + suffix == row
+    right_padded = mask.clone()
+    right_padded[0, :8] = torch.tensor([1] * 8)  # a prompt mask with a hole (padding inside): not ours to share
+    right_padded[0, 0] = 0
+    right_padded[0, 1] = 1
+    right_padded[0, 7] = 0
+    assert trl_prefix_groups(input_ids, right_padded, C) is None
+
+
+@pytest.mark.parametrize("use_peft", [False, True], ids=["full", "peft"])
+def test_shared_prefix_trainer_trains_as_grpo_trainer(hf_tiny, tiny_model_dir, tmp_path, monkeypatch, use_peft):
+    """The same RPO run (RPORollout, seeded) under GRPOTrainer and under SharedPrefixGRPOTrainer: the same
+    samples, rewards, losses and gradient norms step after step, and no fallback to TRL's own pass. With
+    TRL's peft_config too (its LoRA adapters trained, the reference pass inside disable_adapter())."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rpo_engine.integrations.trl import RPORollout, SharedPrefixGRPOTrainer
+
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    _, tok = hf_tiny
+    rows = [{"prompt": "12+34=", "answer": "46"}, {"prompt": "7*8=", "answer": "56"}]
+
+    def longer(completions, **kwargs):
+        return [len(c) / 10.0 for c in completions]
+
+    def run(trainer_class):
+        rpo = RPORollout(seed=1, rpo_cache_policy="epsilon-greedy", rpo_unverified_cut_fraction=0.5)
+        samples = []
+
+        def recorded(prompts, trainer):
+            out = rpo(prompts, trainer)
+            samples.append(out["completion_ids"])
+            return out
+
+        config = GRPOConfig(output_dir=str(tmp_path / trainer_class.__name__), max_steps=3, num_generations=4,
+                            per_device_train_batch_size=8, max_completion_length=24, learning_rate=0.01, use_cpu=True,
+                            bf16=False, report_to="none", disable_tqdm=True, logging_steps=1, save_strategy="no",
+                            seed=3, beta=0.04 if use_peft else 0.0)
+        peft_config = None
+        if use_peft:
+            peft = pytest.importorskip("peft")
+            peft_config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
+        trainer = trainer_class(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                reward_funcs=rpo.tracked(longer), args=config, train_dataset=Dataset.from_list(rows),
+                                processing_class=tok, rollout_func=recorded, peft_config=peft_config)
+        trainer.train()
+        return samples, [e for e in trainer.state.log_history if "loss" in e]
+
+    import warnings
+    theirs = run(GRPOTrainer)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="SharedPrefixGRPOTrainer")  # no fallback to TRL's pass
+        ours = run(SharedPrefixGRPOTrainer)
+    assert ours[0] == theirs[0] and len(ours[0]) == 3  # the same samples
+    for mine, trl_log in zip(ours[1], theirs[1], strict=True):
+        for key in ("loss", "grad_norm", "reward", "entropy") + (("kl",) if use_peft else ()):
+            assert mine[key] == pytest.approx(trl_log[key], rel=1e-4, abs=1e-6), key
+    assert any(e["grad_norm"] > 0 for e in ours[1])
+
+
+def test_shared_prefix_trainer_under_autocast(hf_tiny, tmp_path, monkeypatch):
+    """TRL's bf16 mixed precision (an fp32 model under autocast): the layers compute in bf16, our LM head in
+    fp32 outside autocast (TRL's cast_lm_head_to_fp32); within bf16's rounding of TRL's own pass, and nearer
+    the fp32 truth than it."""
+    pytest.importorskip("trl")
+    from trl import GRPOTrainer
+
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    hf, tok = hf_tiny
+    trainer = shared_prefix_trainer(hf, tok, tmp_path)
+    kept = tok("3 carry 1, 4+1")["input_ids"]
+    input_ids, mask, C = trl_batch(tok, [("12+34=", kept, [5, 1, 9, 3]), ("7*8=", [], [4, 7, 2, 6])], width=8)
+    completion_mask = mask[:, 8:].bool()
+    with torch.no_grad():
+        truth = GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.model, input_ids, mask, C)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours = trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, mask, C)[0]
+            theirs = GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.model, input_ids, mask, C)[0]
+    assert ours.dtype == torch.float32
+    ours, theirs, truth = (t[completion_mask] for t in (ours, theirs, truth))
+    assert (ours - theirs).abs().max() < 0.01
+    assert (ours - truth).abs().mean() <= (theirs - truth).abs().mean()

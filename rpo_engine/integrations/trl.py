@@ -27,6 +27,7 @@ layers' projections (from_transformers refuses those).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import random
@@ -34,10 +35,14 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from trl import GRPOTrainer
 
 from rpo_engine.config import RPOConfig
+from rpo_engine.errors import UserError
 from rpo_engine.model.checkpoint import from_transformers
 from rpo_engine.model.lora import peft_adapter_state
+from rpo_engine.model.shared_prefix import PrefixGroup, shared_prefix_logprobs
 from rpo_engine.rewards.shaping import length_aware_accuracy
 from rpo_engine.rollout import RolloutEngine, SamplingParams
 from rpo_engine.rpo.cache import ExperienceCache
@@ -448,3 +453,121 @@ def length_aware(accuracy_func, alpha: float = 0.1, correct_threshold: float = 0
         return shaped[offset:offset + mine]
 
     return wrap_reward(accuracy_func, shape)
+
+
+class SharedPrefixGRPOTrainer(GRPOTrainer):
+    """TRL's GRPOTrainer whose log-prob passes (the loss's, and the old and the reference policy's) run each
+    group's shared prefix once, as our trainer's update does (rpo_engine.model.shared_prefix). The rows of a
+    batch with the same prompt form a group, and its prefix is their longest common prefix: the prompt, and
+    under RPORollout the kept path too, most of each row. Each suffix attends to the prefix's keys and values,
+    so the log-probs, entropies and gradients are the padded batch's (up to rounding; tested against
+    GRPOTrainer's own pass), at the cost of one prefix a group instead of one a row.
+
+        trainer = SharedPrefixGRPOTrainer(model=model, reward_funcs=..., args=config, rollout_func=RPORollout())
+
+    Our decoder runs on the model's own Parameters (from_transformers: Llama, Qwen2, Qwen3, with PEFT LoRA
+    adapters), under TRL's autocast; the LM head runs outside it, in the weights' dtype, as TRL's
+    cast_lm_head_to_fp32 would. TRL's own pass runs instead, after one warning saying why, where sharing
+    cannot: several processes (DDP's gradient hooks expect its own forward; the passes without gradient are
+    still shared), vision inputs, a MoE auxiliary loss, a model from_transformers refuses.
+    """
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **multimodal):
+        plain = functools.partial(super()._get_per_token_logps_and_entropies, model, input_ids, attention_mask,
+                                  logits_to_keep, batch_size, compute_entropy, compute_aux_loss, **multimodal)
+        if compute_aux_loss or any(v is not None for v in multimodal.values()):
+            return self._unshared(plain, "vision inputs or a MoE auxiliary loss")
+        if torch.is_grad_enabled() and self.accelerator.num_processes > 1:
+            return self._unshared(plain, "several processes (DDP's gradient hooks expect its own forward)")
+        layout = trl_prefix_groups(input_ids, attention_mask, logits_to_keep)
+        if layout is None:
+            return self._unshared(plain, "a row whose prompt or completion mask is not one run of tokens")
+        try:
+            ours = self._shared_model(self.accelerator.unwrap_model(model))
+        except UserError as e:
+            return self._unshared(plain, str(e))
+        groups, rows = layout
+        logps, entropies = [], []
+        with self.accelerator.autocast():
+            for chunk in _chunks(groups, batch_size or len(rows)):
+                out = shared_prefix_logprobs(ours, chunk, self.temperature, with_entropy=compute_entropy)
+                logps.append(F.pad(out[0], (0, logits_to_keep - out[0].shape[1])))
+                if compute_entropy:
+                    entropies.append(F.pad(out[2], (0, logits_to_keep - out[2].shape[1])))
+        # samples in group order -> TRL's rows
+        order = torch.empty(len(rows), dtype=torch.long)
+        order[torch.tensor(rows)] = torch.arange(len(rows))
+        order = order.to(input_ids.device)
+        logps = torch.cat(logps)[order]
+        return logps, torch.cat(entropies)[order] if compute_entropy else None, None
+
+    def _unshared(self, plain, why: str):
+        if why not in getattr(self, "_unshared_reasons", set()):
+            self._unshared_reasons = getattr(self, "_unshared_reasons", set()) | {why}
+            warnings.warn(f"SharedPrefixGRPOTrainer: TRL's own log-prob pass runs here: {why}", stacklevel=3)
+        return plain()
+
+    def _shared_model(self, model):
+        """Our decoder on `model`'s Parameters, built again where they, or its PEFT adapters' state (TRL's
+        reference pass disables them), changed; the transformers model's gradient checkpointing followed."""
+        built = getattr(self, "_shared_models", None)
+        if built is None:
+            built = self._shared_models = {}
+        key = (tuple(map(id, model.parameters())), peft_adapter_state(model))
+        if built.get(id(model), (None,))[0] != key:
+            built[id(model)] = (key, from_transformers(model))
+        ours = built[id(model)][1]
+        ours.gradient_checkpointing = checkpointing(model)
+        return ours
+
+
+def checkpointing(model) -> bool:
+    """Whether a transformers model recomputes its activations (transformers 5's name first, then 4's)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name) or hasattr(model, name):
+            return bool(getattr(model, name))
+    return False
+
+
+def trl_prefix_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      logits_to_keep: int) -> tuple[list[PrefixGroup], list[int]] | None:
+    """TRL's batch (prompts left-padded, then logits_to_keep completion columns right-padded) as PrefixGroups:
+    the rows with the same prompt, each group's prefix their longest common prefix, its loss from the first
+    completion token on. -> (groups, rows): rows[s] is the batch row of the groups' s-th sample. None where a
+    row's prompt or completion is not one run of real tokens."""
+    ids, mask = input_ids.tolist(), attention_mask.tolist()
+    width = len(ids[0]) - logits_to_keep if ids else 0  # the prompt columns
+    by_prompt: dict[tuple, list[tuple[int, list[int]]]] = {}
+    for r, (row, row_mask) in enumerate(zip(ids, mask)):
+        p, c = sum(row_mask[:width]), sum(row_mask[width:])
+        if p == 0 or row_mask[width - p:width] != [1] * p or row_mask[width:width + c] != [1] * c:
+            return None
+        by_prompt.setdefault(tuple(row[width - p:width]), []).append((r, row[width:width + c]))
+    groups, rows = [], []
+    for prompt, members in by_prompt.items():
+        sequences = [list(prompt) + completion for _, completion in members]
+        n = common_prefix_length(sequences)
+        groups.append(PrefixGroup(sequences[0][:n], [s[n:] for s in sequences], loss_start=len(prompt)))
+        rows += [r for r, _ in members]
+    return groups, rows
+
+
+def common_prefix_length(sequences: list[list[int]]) -> int:
+    first = sequences[0]
+    n = min(len(s) for s in sequences)
+    for s in sequences[1:]:
+        n = next((i for i in range(n) if s[i] != first[i]), n)
+    return n
+
+
+def _chunks(groups: list[PrefixGroup], rows: int) -> list[list[PrefixGroup]]:
+    """Consecutive groups with at most `rows` samples a chunk (TRL's batch_size; a larger group alone)."""
+    chunks, size = [], 0
+    for g in groups:
+        if not chunks or size + len(g.suffix_ids) > rows:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(g)
+        size += len(g.suffix_ids)
+    return chunks

@@ -108,6 +108,9 @@ class SharedPrefixAttention:
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q [B, P + S, H, D], k/v [B, P + S, KVH, D] -> [B, P + S, H, D]
         if self.layout is not None:
+            device = q.device.type
+            if torch.is_autocast_enabled(device):  # in autocast's dtype, as SDPA under autocast takes them
+                q, k, v = (t.to(torch.get_autocast_dtype(device)) for t in (q, k, v))
             return _SplitAttention.apply(q, k, v, self.layout)
         P, gqa = self.prefix_len, k.shape[2] != q.shape[2]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, P + S, D]
@@ -169,11 +172,12 @@ def split_attention_available() -> bool:
     where it behaves otherwise, the masked path runs instead."""
     gen = torch.Generator().manual_seed(0)  # leaves the global RNG alone
     q, k, v = (torch.randn(1, heads, 5, 8, generator=gen) for heads in (4, 2, 2))
-    try:
-        out, lse = _flash(q, k, v, is_causal=True)
-    except (AttributeError, RuntimeError, TypeError):
-        return False
-    ref = F.scaled_dot_product_attention(q, *(t.repeat_interleave(2, dim=1) for t in (k, v)), is_causal=True)
+    with torch.autocast("cpu", enabled=False):  # the first call may come under a caller's autocast (TRL's)
+        try:
+            out, lse = _flash(q, k, v, is_causal=True)
+        except (AttributeError, RuntimeError, TypeError):
+            return False
+        ref = F.scaled_dot_product_attention(q, *(t.repeat_interleave(2, dim=1) for t in (k, v)), is_causal=True)
     return out.shape == ref.shape and lse.shape == (1, 4, 5) and torch.allclose(out, ref, atol=1e-5)
 
 
@@ -259,8 +263,11 @@ def _score(model, hidden, rows: list[int], targets: list[int], take: list[list[i
     with_entropy: also the entropy of each of those tokens' next-token distributions, laid out alike."""
     device = hidden.device
     picked = hidden.reshape(-1, hidden.shape[-1])[torch.tensor(rows, dtype=torch.long, device=device)]  # [n, H]
-    out = fused_logprobs(picked, model.lm_head.weight, torch.tensor(targets, dtype=torch.long, device=device),
-                         temperature, return_entropy=with_entropy)  # [n], or ([n], [n])
+    # under autocast (TRL's mixed precision) the hidden states come in its dtype: the head runs in the weight's
+    with torch.autocast(device.type, enabled=False):
+        out = fused_logprobs(picked.to(model.lm_head.weight.dtype), model.lm_head.weight,
+                             torch.tensor(targets, dtype=torch.long, device=device), temperature,
+                             return_entropy=with_entropy)  # [n], or ([n], [n])
     if not with_entropy:
         return _scatter_rows(out, take, device)
     logp, mask = _scatter_rows(out[0], take, device)
