@@ -1,10 +1,12 @@
 """GRPO step time against TRL's GRPOTrainer: same checkpoint, rows, group size, budget and reward, one process.
 
-Five runs, one after the other in this process, on the built-in starter model (--model: another) and arithmetic task:
+Seven runs, one after the other in this process, on the built-in starter model (--model: another) and arithmetic task:
   trl         TRL GRPOTrainer (transformers generate, no vLLM), loss_type="grpo", beta=0
   trl_engine  the same TRL trainer with rollout_func=rpo_engine.integrations.trl.TRLRollout(): our rollout engine
               on TRL's live weights, everything else TRL's
   trl_rpo     the same with rollout_func=RPORollout() (its cache kept by the exact reward): RPO inside TRL
+  trl_shared, trl_rpo_shared  trl_engine and trl_rpo in SharedPrefixGRPOTrainer: TRL's trainer whose log-prob
+              passes run each group's shared prefix (prompt, and RPO's kept path) once
   full        python -m rpo_engine.train --no-rpo   (full-path GRPO: our rollout engine + fused kernels)
   rpo         python -m rpo_engine.train --rpo      (suffixes from cached paths)
 Settings shared by all: B prompts x G samples per step, one optimizer step per rollout batch
@@ -33,23 +35,30 @@ from rpo_engine.config import parse_args
 from rpo_engine.data.arithmetic import make_split
 from rpo_engine.data.starter import ensure_starter_model
 from rpo_engine.errors import UserError
-from rpo_engine.integrations.trl import RPORollout, TRLRollout
 from rpo_engine.rewards import exact_answer_reward
 from rpo_engine.rollout import RolloutEngine
 from rpo_engine.train import main as train_main
 from rpo_engine.trainer import encode_prompt, evaluate_accuracy, stop_ids
 
-SYSTEMS = ("trl", "trl_engine", "trl_rpo", "full", "rpo")
-TRL_SYSTEMS = ("trl", "trl_engine", "trl_rpo")  # TRL's trainer: the trl package needed, its failure recorded, not raised
+SYSTEMS = ("trl", "trl_engine", "trl_rpo", "trl_shared", "trl_rpo_shared", "full", "rpo")
+# TRL's trainer: the trl package needed, its failure recorded, not raised
+TRL_SYSTEMS = ("trl", "trl_engine", "trl_rpo", "trl_shared", "trl_rpo_shared")
 
 
-def run_trl(model_dir, rows, args, device, output, rollout_func=None):
-    """TRL GRPOTrainer for args.steps steps; per step: wall time, generated tokens, mean reward. rollout_func:
-    TRL's generation backend hook (None: its own transformers generate); an RPORollout's generated tokens are
-    its own count (cold starts and suffixes), not the completions' length (which includes the kept prefixes)."""
+def run_trl(model_dir, rows, args, device, output, system):
+    """A TRL-hosted system (TRL_SYSTEMS) for args.steps steps; per step: wall time, generated tokens, mean reward.
+    An RPORollout's generated tokens are its own count (cold starts and suffixes), not the completions' length
+    (which includes the kept prefixes)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
+
+    from rpo_engine.integrations.trl import RPORollout, SharedPrefixGRPOTrainer, TRLRollout
+
+    # TRL's generation backend hook (None: its own transformers generate), and the trainer class
+    rollout_func = {"trl": None, "trl_engine": TRLRollout(), "trl_shared": TRLRollout()}.get(system)
+    rollout_func = RPORollout(seed=args.seed) if system.startswith("trl_rpo") else rollout_func
+    trainer_class = SharedPrefixGRPOTrainer if system.endswith("_shared") else GRPOTrainer
 
     steps, current = [], {}
     counted = {"generated": 0}  # an RPORollout's count at the last step
@@ -93,7 +102,7 @@ def run_trl(model_dir, rows, args, device, output, rollout_func=None):
     if rollout_func is not None:
         os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # rollout_func is experimental in TRL 1.16
     rewards = rollout_func.tracked(exact_reward) if isinstance(rollout_func, RPORollout) else exact_reward
-    trainer = GRPOTrainer(model=model, reward_funcs=rewards, args=config, train_dataset=dataset,
+    trainer = trainer_class(model=model, reward_funcs=rewards, args=config, train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[StepTimer()], rollout_func=rollout_func)
     generate = trainer._generate  # TRL's generation call, timed to split the step like ours
 
@@ -220,8 +229,7 @@ def main(argv=None):
                 output = Path(tmp) / f"{name}-{p}"
                 try:
                     if name in TRL_SYSTEMS:
-                        rollout_func = {"trl": None, "trl_engine": TRLRollout(), "trl_rpo": RPORollout(seed=args.seed)}
-                        run, final = run_trl(model_dir, rows, args, device, output, rollout_func[name])
+                        run, final = run_trl(model_dir, rows, args, device, output, name)
                     else:
                         run, final = run_ours(name == "rpo", args, device, output)
                     accuracy = eval_accuracy(final, eval_rows, args, device)
@@ -251,7 +259,7 @@ def main(argv=None):
         if "trl_engine" in by:  # the same trainer, the rollout swapped
             ratios["trl_engine_vs_trl_rollout_time"] = (by["trl_engine"]["median_rollout_time_s"]
                                                         / by["trl"]["median_rollout_time_s"])
-        for name in ("trl_engine", "trl_rpo", "full", "rpo"):
+        for name in SYSTEMS[1:]:
             if name in by:  # < 1: we are faster
                 ratios[f"{name}_vs_trl_step_time"] = by[name]["median_step_time_s"] / by["trl"]["median_step_time_s"]
                 ratios[f"{name}_vs_trl_time_per_token"] = (by[name]["median_s_per_step_per_1k_tokens"]

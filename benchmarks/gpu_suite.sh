@@ -166,7 +166,7 @@ bench lora 120 python benchmarks/bench_lora.py --gpu --repeats 2 --out "$OUT/lor
 bench train 90 python benchmarks/bench_train.py --seeds 0 --steps 10 --out "$OUT/train_cuda.json"
 if timeout -k 5 60 python -c "import trl, datasets" 2>/dev/null; then
   # issue 6's ratio (trl, full) first: a time limit keeps what finished (trl_cuda.partial.json)
-  bench trl 150 python benchmarks/bench_trl.py --gpu --passes 1 --systems trl full rpo trl_engine trl_rpo --out "$OUT/trl_cuda.json"
+  bench trl 150 python benchmarks/bench_trl.py --gpu --passes 1 --systems trl full rpo trl_engine trl_rpo trl_rpo_shared --out "$OUT/trl_cuda.json"
 else
   step trl 20 python -c "import trl, datasets"  # recorded failed (no TRL here: gpu_prepare.sh), or not selected
 fi

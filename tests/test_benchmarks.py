@@ -267,23 +267,24 @@ def test_bench_trl_runs_our_systems_without_trl(tmp_path, tiny_model_dir):
 
 
 def test_bench_trl_runs_trl_with_and_without_our_rollout(tmp_path, tiny_model_dir):
-    """The trl and trl_engine systems: TRL's own trainer, generating with transformers or through TRLRollout,
-    side by side in one run, with the ratios between them."""
+    """The TRL-hosted systems: TRL's own trainer, generating with transformers or through TRLRollout or
+    RPORollout, and SharedPrefixGRPOTrainer with RPORollout, side by side in one run, with the ratios to TRL."""
     pytest.importorskip("trl")
     out = tmp_path / "trl.json"
-    stdout = run_bench("bench_trl.py", "--model", tiny_model_dir, "--systems", "trl", "trl_engine", "trl_rpo",
-                       "--steps", 3, "--prompts-per-step", 2, "--num-generations", 2, "--max-completion-length", 8,
+    systems = ["trl", "trl_engine", "trl_rpo", "trl_rpo_shared"]
+    stdout = run_bench("bench_trl.py", "--model", tiny_model_dir, "--systems", *systems, "--steps", 3, "--prompts-per-step", 2, "--num-generations", 2, "--max-completion-length", 8,
                        "--eval-size", 4, "--passes", 1, "--out", out)
-    assert_saved_as_it_went(stdout, out, cases=3)
+    assert_saved_as_it_went(stdout, out, cases=4)
     record = json.loads(out.read_text())
-    assert record["errors"] == {} and [r["system"] for r in record["results"]] == ["trl", "trl_engine", "trl_rpo"]
+    assert record["errors"] == {} and [r["system"] for r in record["results"]] == systems
     by = {r["system"]: r for r in record["results"]}
     assert all(r["median_generated_tokens"] > 0 for r in record["results"])
     # RPO's own count: after the cold starts, suffixes only, fewer than the full completions (budget 8 each)
-    later = {name: sum(step["generated_tokens"] for step in by[name]["passes"][0][1:]) for name in ("trl", "trl_rpo")}
-    assert later["trl_rpo"] < later["trl"]
+    later = {name: sum(step["generated_tokens"] for step in by[name]["passes"][0][1:]) for name in systems}
+    assert later["trl_rpo"] < later["trl"] and later["trl_rpo_shared"] < later["trl"]
     assert sorted(record["ratios"]) == ["trl_engine_vs_trl_rollout_time", "trl_engine_vs_trl_step_time",
-                                        "trl_engine_vs_trl_time_per_token", "trl_rpo_vs_trl_step_time",
+                                        "trl_engine_vs_trl_time_per_token", "trl_rpo_shared_vs_trl_step_time",
+                                        "trl_rpo_shared_vs_trl_time_per_token", "trl_rpo_vs_trl_step_time",
                                         "trl_rpo_vs_trl_time_per_token"]
 
 
@@ -291,7 +292,7 @@ def test_bench_trl_keeps_our_systems_when_trl_fails(tmp_path, tiny_model_dir):
     """TRL failing at run time (here: a stand-in whose GRPOConfig raises) is recorded, left out of the later
     passes, and our system's figures make a complete file."""
     fake = tmp_path / "broken"
-    broken_trl = ("__version__ = 'broken'\nGRPOTrainer = None\n\n\nclass GRPOConfig:\n"
+    broken_trl = ("__version__ = 'broken'\n\n\nclass GRPOTrainer:\n    pass\n\n\nclass GRPOConfig:\n"
                   "    def __init__(self, **kwargs):\n        raise RuntimeError('CUBLAS_STATUS_EXECUTION_FAILED')\n")
     for package, code in (("trl", broken_trl), ("datasets", "class Dataset:\n    from_list = staticmethod(list)\n")):
         (fake / package).mkdir(parents=True)
