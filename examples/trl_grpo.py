@@ -1,9 +1,11 @@
 """TRL's GRPOTrainer with rpo_engine as its rollout: RPO (RPORollout) or plain GRPO sampled by our engine
-(TRLRollout), on the built-in arithmetic task. Everything but the rollout is TRL's: rewards, advantages, loss,
-optimizer, logging. Needs `pip install -e ".[bench]"` (TRL and datasets).
+(TRLRollout), on the built-in arithmetic task, in SharedPrefixGRPOTrainer (GRPOTrainer whose log-prob passes
+run each group's prompt and kept path once). Everything else is TRL's: rewards, advantages, loss, optimizer,
+logging. Needs `pip install -e ".[bench]"` (TRL and datasets).
 
     python examples/trl_grpo.py                      # RPO on the starter model (built once, ~3 min on CPU)
     python examples/trl_grpo.py --no-rpo             # full-path GRPO, sampled by our engine
+    python examples/trl_grpo.py --no-shared-prefix   # TRL's own update over every row's prompt and kept path
     python examples/trl_grpo.py --tiny --steps 2     # a tiny random model: seconds, for a smoke test
 
 Writes OUTPUT/log.jsonl (TRL's log entries, one a step) and OUTPUT/rpo_state.pt (the experience cache at
@@ -17,7 +19,7 @@ from pathlib import Path
 import torch
 
 from rpo_engine.data.arithmetic import make_split
-from rpo_engine.integrations.trl import RPORollout, TRLRollout
+from rpo_engine.integrations.trl import RPORollout, SharedPrefixGRPOTrainer, TRLRollout
 from rpo_engine.rewards import exact_answer_reward
 
 
@@ -37,6 +39,8 @@ def model_directory(tiny: bool, output: Path) -> Path:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rpo", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--shared-prefix", action=argparse.BooleanOptionalAction, default=True,
+                    help="SharedPrefixGRPOTrainer: each group's prompt and kept path run once in the update")
     ap.add_argument("--tiny", action="store_true", help="a tiny random model instead of the starter")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--prompts-per-step", type=int, default=4)
@@ -65,10 +69,11 @@ def main(argv=None):
                         max_completion_length=args.max_completion_length, use_cpu=not torch.cuda.is_available(),
                         bf16=torch.cuda.is_available(), logging_steps=1, save_strategy="no", report_to="none")
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32  # the rollout computes in this dtype
-    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(directory, dtype=dtype),
-                          reward_funcs=rollout.tracked(accuracy) if args.rpo else accuracy, args=config,
-                          train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(directory),
-                          rollout_func=rollout)
+    trainer_class = SharedPrefixGRPOTrainer if args.shared_prefix else GRPOTrainer
+    trainer = trainer_class(model=AutoModelForCausalLM.from_pretrained(directory, dtype=dtype),
+                            reward_funcs=rollout.tracked(accuracy) if args.rpo else accuracy, args=config,
+                            train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(directory),
+                            rollout_func=rollout)
     trainer.train()
     with open(args.output / "log.jsonl", "w") as f:
         for entry in trainer.state.log_history:

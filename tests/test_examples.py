@@ -63,6 +63,7 @@ def test_trl_example_trains_with_our_rollout(tmp_path, rpo):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     out = subprocess.run(cmd + ([] if rpo else ["--no-rpo"]), capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "SharedPrefixGRPOTrainer: TRL's own log-prob pass runs" not in out.stderr  # the shared pass ran
     steps = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps if "loss" in s] == [1, 2, 3]
     assert all(0 < s["completions/mean_length"] <= 16 for s in steps if "loss" in s)
