@@ -312,6 +312,29 @@ def test_progress_bar_changes_nothing(checkpoints, capsys):
     assert capsys.readouterr().err.lstrip("\r").startswith("eval")
 
 
+def test_a_progress_bar_that_fails_to_open_queues_nothing_for_the_next_call(checkpoints, monkeypatch):
+    """tqdm raises where there is no stderr to write to (sys.stderr None: pythonw, some daemons). The requests of
+    that call must not stay queued: the next call would run them too and write their samples over its own."""
+    import tqdm.auto
+
+    hf, model = checkpoints["qwen2"]
+    first, second = random_prompts(hf.config.vocab_size, [5, 9])
+    params = SamplingParams(n=2, max_new_tokens=4, temperature=0, stop_token_ids=[])
+    engine = RolloutEngine(model, block_size=4, num_blocks=40)
+    want = engine.generate([second], params)
+
+    def no_stderr(*args, **kwargs):
+        raise AttributeError("'NoneType' object has no attribute 'write'")
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", no_stderr)
+    with pytest.raises(AttributeError):
+        engine.generate([first], params, progress=True)
+    monkeypatch.undo()
+    assert engine.scheduler.is_finished() and engine.block_manager.num_used_blocks == 0
+    got = engine.generate([second], params)
+    assert [c.token_ids for c in got[0]] == [c.token_ids for c in want[0]]
+
+
 def test_generation_config_eos_stops_like_transformers(tmp_path):
     """Llama-3-Instruct names its end of turn (<|eot_id|>) only in generation_config.json's eos list: by
     default the engine stops where transformers' generate, which reads that file, stops."""
