@@ -285,6 +285,27 @@ def test_text_prompts_and_completion_text_with_the_tokenizer(worded_checkpoints)
         engine.generate([""], params)
 
 
+def test_a_copied_completion_keeps_its_text():
+    """copy.copy / copy.deepcopy of a Completion (a caller keeping a rollout's results) read the text as the original
+    does: they share the engine's tokenizer (not copied). Only pickling leaves it out."""
+    import copy
+    import pickle
+
+    from rpo_engine.rollout.sequence import Completion, with_tokenizer
+
+    class Letters:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(ord("a") + t) for t in ids)
+
+    tokenizer = Letters()
+    c = with_tokenizer(Completion([0, 1, 2], [-0.5, -0.25, -1.0], "length"), tokenizer)
+    shallow, deep = copy.copy(c), copy.deepcopy(c)
+    assert shallow.text == deep.text == c.text == "abc"
+    assert deep == c and deep.token_ids is not c.token_ids and deep._tokenizer is tokenizer
+    assert [x.text for x in copy.deepcopy([c, c])] == ["abc", "abc"]
+    assert "_tokenizer" not in pickle.loads(pickle.dumps(c)).__dict__
+
+
 def test_stop_strings_need_the_tokenizer_and_are_strings(checkpoints):
     _, model = checkpoints["qwen2"]
     assert SamplingParams(stop="</answer>").stop == ["</answer>"]  # one string, as vLLM takes it
