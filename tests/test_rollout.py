@@ -285,6 +285,27 @@ def test_text_prompts_and_completion_text_with_the_tokenizer(worded_checkpoints)
         engine.generate([""], params)
 
 
+def test_a_copied_completion_keeps_its_text():
+    """copy.copy / copy.deepcopy of a Completion (a caller keeping a rollout's results) read the text as the original
+    does: they share the engine's tokenizer (not copied). Only pickling leaves it out."""
+    import copy
+    import pickle
+
+    from rpo_engine.rollout.sequence import Completion, with_tokenizer
+
+    class Letters:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(ord("a") + t) for t in ids)
+
+    tokenizer = Letters()
+    c = with_tokenizer(Completion([0, 1, 2], [-0.5, -0.25, -1.0], "length"), tokenizer)
+    shallow, deep = copy.copy(c), copy.deepcopy(c)
+    assert shallow.text == deep.text == c.text == "abc"
+    assert deep == c and deep.token_ids is not c.token_ids and deep._tokenizer is tokenizer
+    assert [x.text for x in copy.deepcopy([c, c])] == ["abc", "abc"]
+    assert "_tokenizer" not in pickle.loads(pickle.dumps(c)).__dict__
+
+
 def test_stop_strings_need_the_tokenizer_and_are_strings(checkpoints):
     _, model = checkpoints["qwen2"]
     assert SamplingParams(stop="</answer>").stop == ["</answer>"]  # one string, as vLLM takes it
@@ -310,6 +331,29 @@ def test_progress_bar_changes_nothing(checkpoints, capsys):
     assert "5/5" in bar and bar.lstrip("\r").startswith("generate")  # every sample counted, the budget-0 ones too
     RolloutEngine(model).generate(prompts, params, progress="eval")  # a string names the bar
     assert capsys.readouterr().err.lstrip("\r").startswith("eval")
+
+
+def test_a_progress_bar_that_fails_to_open_queues_nothing_for_the_next_call(checkpoints, monkeypatch):
+    """tqdm raises where there is no stderr to write to (sys.stderr None: pythonw, some daemons). The requests of
+    that call must not stay queued: the next call would run them too and write their samples over its own."""
+    import tqdm.auto
+
+    hf, model = checkpoints["qwen2"]
+    first, second = random_prompts(hf.config.vocab_size, [5, 9])
+    params = SamplingParams(n=2, max_new_tokens=4, temperature=0, stop_token_ids=[])
+    engine = RolloutEngine(model, block_size=4, num_blocks=40)
+    want = engine.generate([second], params)
+
+    def no_stderr(*args, **kwargs):
+        raise AttributeError("'NoneType' object has no attribute 'write'")
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", no_stderr)
+    with pytest.raises(AttributeError):
+        engine.generate([first], params, progress=True)
+    monkeypatch.undo()
+    assert engine.scheduler.is_finished() and engine.block_manager.num_used_blocks == 0
+    got = engine.generate([second], params)
+    assert [c.token_ids for c in got[0]] == [c.token_ids for c in want[0]]
 
 
 def test_generation_config_eos_stops_like_transformers(tmp_path):

@@ -241,28 +241,30 @@ class RolloutEngine:
         if any(p.repetition_penalty != 1 for p in params_list):
             self._seen = SeenTokens(self.config.vocab_size, self.runner.device)
         stop_strings = {id(p): StopStrings(p.stop, self.tokenizer) for p in params_list if p.stop}
-        for i, (prompt, p) in enumerate(zip(prompts, params_list)):
-            if p.max_new_tokens == 0:
-                outputs[i] = [with_tokenizer(Completion([], [], "length"), self.tokenizer) for _ in range(p.n)]
-                continue
-            seed = p.seed if p.seed is not None else int(torch.randint(0, 2 ** 62, ()).item())
-            stop = p.stop_token_ids if p.stop_token_ids is not None else self.config.stop_token_ids
-            key, strings = request_key(seed, prompt), stop_strings.get(id(p))
-            if self.enable_prefix_sharing:
-                self.scheduler.add(Sequence(prompt, p, self.block_size, stop, key, i, num_forks=p.n,
-                                            stop_strings=strings))
-            else:
-                for j in range(p.n):
-                    self.scheduler.add(Sequence(prompt, p, self.block_size, stop, key, i, sample_index=j,
-                                                stop_strings=strings))
         bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            name = progress if isinstance(progress, str) else "generate"
-            bar = tqdm(total=sum(p.n for p in params_list), desc=name, unit="seq", dynamic_ncols=True)
-            bar.update(sum(p.n for p in params_list if p.max_new_tokens == 0))
+        # Queued inside the try, after the bar opens: a call that fails before its loop (tqdm raises without a
+        # stderr) must leave no request queued, or the next call would run it and write it into its own outputs.
         try:
+            if progress:
+                from tqdm.auto import tqdm
+
+                name = progress if isinstance(progress, str) else "generate"
+                bar = tqdm(total=sum(p.n for p in params_list), desc=name, unit="seq", dynamic_ncols=True)
+                bar.update(sum(p.n for p in params_list if p.max_new_tokens == 0))
+            for i, (prompt, p) in enumerate(zip(prompts, params_list)):
+                if p.max_new_tokens == 0:
+                    outputs[i] = [with_tokenizer(Completion([], [], "length"), self.tokenizer) for _ in range(p.n)]
+                    continue
+                seed = p.seed if p.seed is not None else int(torch.randint(0, 2 ** 62, ()).item())
+                stop = p.stop_token_ids if p.stop_token_ids is not None else self.config.stop_token_ids
+                key, strings = request_key(seed, prompt), stop_strings.get(id(p))
+                if self.enable_prefix_sharing:
+                    self.scheduler.add(Sequence(prompt, p, self.block_size, stop, key, i, num_forks=p.n,
+                                                stop_strings=strings))
+                else:
+                    for j in range(p.n):
+                        self.scheduler.add(Sequence(prompt, p, self.block_size, stop, key, i, sample_index=j,
+                                                    stop_strings=strings))
             while not self.scheduler.is_finished() or self._inflight is not None:
                 finished = self.step()
                 for seq in finished:

@@ -7,6 +7,7 @@ with `num_forks = n`; after its prefill it splits into n samples that share its 
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import numbers
@@ -118,6 +119,17 @@ class Completion:
 
     def __getstate__(self):  # a pickled completion (to another process) does not carry the whole tokenizer
         return {k: v for k, v in self.__dict__.items() if k != "_tokenizer"}
+
+    # copy and deepcopy go through __getstate__ too, which would drop the tokenizer: a copy shares it instead
+    def __copy__(self):
+        out = object.__new__(type(self))
+        out.__dict__.update(self.__dict__)
+        return out
+
+    def __deepcopy__(self, memo):
+        out = memo[id(self)] = object.__new__(type(self))
+        out.__dict__.update({k: v if k == "_tokenizer" else copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
+        return out
 
     @property
     def text(self) -> str:
