@@ -509,15 +509,19 @@ class SharedPrefixGRPOTrainer(GRPOTrainer):
         return plain()
 
     def _shared_model(self, model):
-        """Our decoder on `model`'s Parameters, built again where they, or its PEFT adapters' state (TRL's
-        reference pass disables them), changed; the transformers model's gradient checkpointing followed."""
+        """Our decoder on `model`'s Parameters, one per state of its PEFT adapters (TRL's reference pass
+        switches them off), built again where a Parameter was replaced; the few last kept. The transformers
+        model's gradient checkpointing followed."""
         built = getattr(self, "_shared_models", None)
         if built is None:
             built = self._shared_models = {}
-        key = (tuple(map(id, model.parameters())), peft_adapter_state(model))
-        if built.get(id(model), (None,))[0] != key:
-            built[id(model)] = (key, from_transformers(model))
-        ours = built[id(model)][1]
+        key = (id(model), tuple(map(id, model.parameters())), peft_adapter_state(model))
+        ours = built.pop(key, None)
+        if ours is None:
+            ours = from_transformers(model)
+        built[key] = ours  # the most recent last
+        while len(built) > 4:  # the policy and its reference, adapters on and off
+            del built[next(iter(built))]
         ours.gradient_checkpointing = checkpointing(model)
         return ours
 
