@@ -543,7 +543,8 @@ def test_two_tracked_reward_functions_are_refused(hf_tiny, tmp_path, monkeypatch
 def test_rpo_rollout_on_two_processes_keeps_one_cache(tiny_model_dir, tmp_path):
     """torchrun, 2 CPU processes, TRL splitting every group of 4 over them: both hold the same cache after
     each step, a group's members continue the same kept prefix on both, and length_aware shapes each group
-    as a whole (what one process computes on the whole batch)."""
+    as a whole (what one process computes on the whole batch). SharedPrefixGRPOTrainer there runs TRL's own
+    pass for the gradient (DDP's hooks), saying so once a process."""
     import json
     import os
     import subprocess
@@ -564,6 +565,8 @@ def test_rpo_rollout_on_two_processes_keeps_one_cache(tiny_model_dir, tmp_path):
     assert len(steps) == 3
     seen = {key for a, b in steps for key in a["rpo_prompt_key"] + b["rpo_prompt_key"]}
     assert ranks[0]["cache"] == ranks[1]["cache"] and set(ranks[0]["cache"]) == seen
+    for rank in ranks:
+        assert len(rank["fallbacks"]) == 1 and "several processes" in rank["fallbacks"][0]
     for number, (a, b) in enumerate(steps):
         kept = {}
         for share in (a, b):

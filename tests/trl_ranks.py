@@ -1,13 +1,15 @@
-"""Run by tests/test_trl_rollout.py under torchrun: TRL's GRPOTrainer with RPORollout on 2 CPU processes,
-each group split over them (per_device_train_batch_size 2 of num_generations 4). Each rank writes what it
-saw to OUT/rank<r>.json: per rollout its share of the batch, the length-aware rewards it returned with their
-inputs, and the cache at the end.
+"""Run by tests/test_trl_rollout.py under torchrun: TRL's GRPOTrainer (SharedPrefixGRPOTrainer, which falls back
+to TRL's own pass for the gradient under DDP) with RPORollout on 2 CPU processes, each group split over them
+(per_device_train_batch_size 2 of num_generations 4). Each rank writes what it saw to OUT/rank<r>.json: per
+rollout its share of the batch, the length-aware rewards it returned with their inputs, the cache at the end
+and SharedPrefixGRPOTrainer's warnings.
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/trl_ranks.py OUT MODEL_DIR
 """
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
@@ -15,9 +17,9 @@ os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
 import torch.distributed  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from trl import GRPOConfig  # noqa: E402
 
-from rpo_engine.integrations.trl import RPORollout, length_aware  # noqa: E402
+from rpo_engine.integrations.trl import RPORollout, SharedPrefixGRPOTrainer, length_aware  # noqa: E402
 
 
 def main(out: Path, model_dir: str):
@@ -44,13 +46,18 @@ def main(out: Path, model_dir: str):
     config = GRPOConfig(output_dir=str(out / "trl"), max_steps=3, num_generations=4, per_device_train_batch_size=2,
                         max_completion_length=10, learning_rate=0.01, use_cpu=True, bf16=False, report_to="none",
                         disable_tqdm=True, logging_steps=1, save_strategy="no", seed=1)
-    trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), reward_funcs=rpo.tracked(recorded),
-                          args=config, train_dataset=Dataset.from_list(rows),
-                          processing_class=AutoTokenizer.from_pretrained(model_dir), rollout_func=rollout)
-    trainer.train()
+    trainer = SharedPrefixGRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir),
+                                      reward_funcs=rpo.tracked(recorded), args=config,
+                                      train_dataset=Dataset.from_list(rows),
+                                      processing_class=AutoTokenizer.from_pretrained(model_dir), rollout_func=rollout)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    fallbacks = [str(w.message) for w in caught if "SharedPrefixGRPOTrainer" in str(w.message)]
     rank = trainer.accelerator.process_index
     cache = {key: path.token_ids for key, path in rpo.cache.paths.items()}
-    (out / f"rank{rank}.json").write_text(json.dumps(dict(rollouts=rollouts, scored=scored, cache=cache)))
+    (out / f"rank{rank}.json").write_text(json.dumps(dict(rollouts=rollouts, scored=scored, cache=cache,
+                                                          fallbacks=fallbacks)))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
