@@ -766,3 +766,12 @@ def test_trl_style_reward_objects_and_partials_are_named_as_trl_names_them():
                               extra_rewards=[TRLStyleReward(functools.partial(graded, strict=True), "graded.py:strict"),
                                              TRLStyleReward(graded, "graded.py:graded")])
     assert Trainer.reward_names(trainer) == ["Judge", "graded_1", "graded_2"]
+
+
+def test_length_aware_accuracy_of_far_apart_lengths_does_not_overflow():
+    from rpo_engine.rewards.shaping import length_aware_accuracy
+
+    # 8k-token completions: one right answer ~7.2k tokens past its group's mean took math.exp past a float
+    shaped = length_aware_accuracy([True] * 8, [100] * 7 + [8300], alpha=0.1)
+    assert shaped[-1] == 0.5 and shaped[:7] == [1.0] * 7
+    assert length_aware_accuracy([True, True, False], [10, 3000, 5], alpha=1.0) == [1.0, 0.5, 0.0]
