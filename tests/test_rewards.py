@@ -768,6 +768,19 @@ def test_trl_style_reward_objects_and_partials_are_named_as_trl_names_them():
     assert Trainer.reward_names(trainer) == ["Judge", "graded_1", "graded_2"]
 
 
+def test_reward_module_that_exits_on_import_is_a_one_line_error(tmp_path, monkeypatch):
+    # a script with sys.exit() or argparse at module level: SystemExit is no Exception, and escaped the import
+    # (`sys.exit()` ended the command with code 0, having done nothing)
+    (tmp_path / "exits_quietly.py").write_text("import sys\nsys.exit()\ndef score(c, a):\n    return 1.0\n")
+    (tmp_path / "parses_args.py").write_text("import sys\nsys.exit(2)\ndef score(c, a):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for path in ("exits_quietly:score", "parses_args:score", f"{tmp_path / 'exits_quietly.py'}:score"):
+        with pytest.raises(UserError) as e:
+            load_reward_fn(path)
+        msg = str(e.value)
+        assert path in msg and "cannot import" in msg and "SystemExit" in msg and "\n" not in msg, msg
+
+
 def test_length_aware_accuracy_of_far_apart_lengths_does_not_overflow():
     from rpo_engine.rewards.shaping import length_aware_accuracy
 

@@ -277,6 +277,10 @@ def load_reward_fn(path: str):
             module = importlib.import_module(module_name)
     except UserError:
         raise
+    except SystemExit as e:  # sys.exit() or argparse at a script's top level: it would end the command, code 0 too
+        raise UserError(f"reward function {path!r}: cannot import {module_name!r} (SystemExit with code {e.code!r} "
+                        f"while importing it: does it run a script's code outside `if __name__ == \"__main__\":`?)"
+                        ) from None
     except Exception as e:  # noqa: BLE001 - ImportError, or anything the module raises while importing
         msg = " ".join(str(e).split()) or type(e).__name__
         raise UserError(f"reward function {path!r}: cannot import {module_name!r} ({type(e).__name__}: {msg})") from None
