@@ -788,3 +788,33 @@ def test_length_aware_accuracy_of_far_apart_lengths_does_not_overflow():
     shaped = length_aware_accuracy([True] * 8, [100] * 7 + [8300], alpha=0.1)
     assert shaped[-1] == 0.5 and shaped[:7] == [1.0] * 7
     assert length_aware_accuracy([True, True, False], [10, 3000, 5], alpha=1.0) == [1.0, 0.5, 0.0]
+
+
+def test_reward_model_with_broken_files_is_a_one_line_error(tmp_path, reward_model_dir):
+    """A truncated safetensors file (SafetensorError, no OSError), a config.json that is no object, and a
+    directory without tokenizer files (transformers 5 then makes an empty tokenizer, and the first scoring, a
+    training step in, failed in the model) are each one line naming the reward model, at load."""
+    import json
+    import shutil
+
+    from rpo_engine.rewards.model import RewardModel
+
+    def variant(name, change):
+        directory = tmp_path / name
+        shutil.copytree(reward_model_dir, directory)
+        change(directory)
+        return directory
+
+    weights = (reward_model_dir / "model.safetensors").read_bytes()
+    cases = {
+        "truncated": (lambda d: (d / "model.safetensors").write_bytes(weights[:500]), "cannot load"),
+        "list_config": (lambda d: (d / "config.json").write_text(json.dumps([1])), "not a readable model config"),
+        "no_tokenizer": (lambda d: [p.unlink() for p in d.iterdir() if p.name.startswith(("tokenizer", "special"))],
+                         "tokenizer encodes no text"),
+    }
+    for name, (change, why) in cases.items():
+        directory = variant(name, change)
+        with pytest.raises(UserError) as e:
+            RewardModel(str(directory)).score(["a"], [{"prompt": "p", "answer": "1"}])
+        msg = str(e.value)
+        assert str(directory) in msg and why in msg and "\n" not in msg, msg
