@@ -818,3 +818,11 @@ def test_reward_model_with_broken_files_is_a_one_line_error(tmp_path, reward_mod
             RewardModel(str(directory)).score(["a"], [{"prompt": "p", "answer": "1"}])
         msg = str(e.value)
         assert str(directory) in msg and why in msg and "\n" not in msg, msg
+
+
+def test_math_reward_reads_past_trailing_whitespace():
+    # a completion that ran out its budget on newlines: its last 2000 characters held no answer at all
+    for tail in ("\n" * 3000, " \n" * 1500, "\t" * 2500):
+        assert math_answer_reward("So the total is 7" + tail, "7") == 1.0
+        assert math_answer_reward("So the total is 7" + tail, "8") == 0.0
+        assert math_answer_reward("7" + tail, "7") == 1.0

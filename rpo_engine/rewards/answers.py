@@ -131,7 +131,9 @@ def _graded_part(completion_text: str) -> tuple[str, str | None]:
 
 def _tail(text: str) -> str:
     """What math-verify reads of a long completion: its last _MATH_MAX_CHARS characters, or from its last
-    ``\\boxed`` on when that lies before them (an answer boxed, then checked at length)."""
+    ``\\boxed`` on when that lies before them (an answer boxed, then checked at length). Trailing whitespace does
+    not count: a completion that ran out its budget on newlines kept its answer before them."""
+    text = text.rstrip()
     start, box = max(len(text) - _MATH_MAX_CHARS, 0), text.rfind("\\boxed")
     return text[box:box + _MATH_MAX_CHARS] if 0 <= box < start else text[start:]
 
