@@ -826,3 +826,26 @@ def test_math_reward_reads_past_trailing_whitespace():
         assert math_answer_reward("So the total is 7" + tail, "7") == 1.0
         assert math_answer_reward("So the total is 7" + tail, "8") == 0.0
         assert math_answer_reward("7" + tail, "7") == 1.0
+
+
+def test_a_reward_model_whose_chat_template_refuses_a_conversation_is_one_line(tmp_path, reward_model_dir):
+    """A template's raise_exception (Mistral's "roles must alternate", one without a system role) while the reward
+    model reads a conversation: a jinja2 TemplateError traceback in a training step before; one line naming it."""
+    import shutil
+
+    from rpo_engine.rewards.model import RewardModel
+
+    strict = tmp_path / "rm_strict"
+    shutil.copytree(reward_model_dir, strict)
+    model = RewardModel(str(strict))
+    model.tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                                     "{{ raise_exception('System role not supported') }}{% endif %}"
+                                     "[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}")
+    rows = [{"prompt": [{"role": "user", "content": "2+2="}], "answer": "4", "id": "a"},
+            {"prompt": [{"role": "system", "content": "Box it."}, {"role": "user", "content": "2+2="}],
+             "answer": "4", "id": "b"}]
+    assert len(model.score([" 4"], rows[:1])) == 1
+    with pytest.raises(UserError) as e:
+        model.score([" 4", " 4"], rows)
+    msg = str(e.value)
+    assert str(strict) in msg and "System role not supported" in msg and "'b'" in msg and "\n" not in msg, msg

@@ -71,20 +71,26 @@ class RewardModel:
         if self.model.config.pad_token_id is None:  # the head pools each row's last token before padding
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.to(device).eval().requires_grad_(False)
-        self.device, self.batch_size = torch.device(device), batch_size
+        self.device, self.batch_size, self.path = torch.device(device), batch_size, path
         # the metric's name: rewards/<name>/mean (TRL: the model's); a Hub id's name, not its snapshot's hash
         self.__name__ = (directory.resolve() if directory == Path(path) else Path(path)).name
 
     def texts(self, completions: list[str], rows: list[dict]) -> list[str]:
         """What the reward model reads: prompt + completion, a conversation through its chat template."""
+        from jinja2.exceptions import TemplateError
+
         out = []
         for text, row in zip(completions, rows):
             prompt = row["prompt"]
             if isinstance(prompt, str):
                 out.append(prompt + text)
-            else:
+                continue
+            try:
                 out.append(self.tokenizer.apply_chat_template(
                     [*prompt, {"role": "assistant", "content": text}], tokenize=False))
+            except (TemplateError, ValueError) as e:  # the template's raise_exception (no system role, say)
+                raise UserError(f"reward model {self.path!r}: its chat template cannot render the conversation of "
+                                f"row {row.get('id')!r} ({' '.join(str(e).split())[:200]})") from None
         return out
 
     @torch.no_grad()
