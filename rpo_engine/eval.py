@@ -119,8 +119,9 @@ def main(argv=None) -> int:
             raise UserError(f"--adapter {args.adapter}: already merged into --model {args.model} (the same run's); pass "
                             f"that --model alone, or the base model the run trained with --adapter")
     output = Path(args.output) if args.output else None
-    if output is not None and output.exists():
-        raise UserError(f"{output}: already exists; pass another --output")
+    if output is not None and (output.exists() or output.is_symlink()):  # a dangling link too: open(, "x") refuses it
+        link = " (a broken symbolic link)" if not output.exists() else ""
+        raise UserError(f"{output}: already exists{link}; pass another --output")
     if output is not None and not output.parent.is_dir():  # before minutes of decoding, not after
         raise UserError(f"{output.parent}: no such directory (--output {output})")
 

@@ -855,3 +855,20 @@ def test_a_repository_directory_with_a_prose_readme_reads_quietly(tmp_path, capf
     assert [r["answer"] for r in load_dataset_rows(tmp_path, progress=False)] == ["2"]
     assert "metadata" not in capfd.readouterr().err
     assert logging.getLogger("huggingface_hub.repocard").level == level  # as it was
+
+
+def test_eval_output_that_is_a_broken_symlink_is_refused_before_decoding(tiny_model_dir, tmp_path, monkeypatch):
+    """--output naming a dangling symbolic link: Path.exists() follows it and says no, so the check passed and the
+    write ('x' mode) failed with "File exists" after every row was decoded; refused at the start now."""
+    import rpo_engine.eval as eval_cli
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "Q: 1+2\\nA:", "answer": "3"}\n')
+    link = tmp_path / "preds.jsonl"
+    link.symlink_to(tmp_path / "gone" / "preds.jsonl")
+    loaded = []
+    monkeypatch.setattr("rpo_engine.load_model", lambda *a, **k: loaded.append(a) or pytest.fail("loaded the model"))
+    with pytest.raises(UserError, match=f"^{link}: already exists"):
+        eval_cli.main(["--model", str(tiny_model_dir), "--dataset", str(data), "--max-completion-length", "2",
+                       "--no-progress", "--output", str(link)])
+    assert link.is_symlink() and not loaded

@@ -766,3 +766,86 @@ def test_trl_style_reward_objects_and_partials_are_named_as_trl_names_them():
                               extra_rewards=[TRLStyleReward(functools.partial(graded, strict=True), "graded.py:strict"),
                                              TRLStyleReward(graded, "graded.py:graded")])
     assert Trainer.reward_names(trainer) == ["Judge", "graded_1", "graded_2"]
+
+
+def test_reward_module_that_exits_on_import_is_a_one_line_error(tmp_path, monkeypatch):
+    # a script with sys.exit() or argparse at module level: SystemExit is no Exception, and escaped the import
+    # (`sys.exit()` ended the command with code 0, having done nothing)
+    (tmp_path / "exits_quietly.py").write_text("import sys\nsys.exit()\ndef score(c, a):\n    return 1.0\n")
+    (tmp_path / "parses_args.py").write_text("import sys\nsys.exit(2)\ndef score(c, a):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for path in ("exits_quietly:score", "parses_args:score", f"{tmp_path / 'exits_quietly.py'}:score"):
+        with pytest.raises(UserError) as e:
+            load_reward_fn(path)
+        msg = str(e.value)
+        assert path in msg and "cannot import" in msg and "SystemExit" in msg and "\n" not in msg, msg
+
+
+def test_length_aware_accuracy_of_far_apart_lengths_does_not_overflow():
+    from rpo_engine.rewards.shaping import length_aware_accuracy
+
+    # 8k-token completions: one right answer ~7.2k tokens past its group's mean took math.exp past a float
+    shaped = length_aware_accuracy([True] * 8, [100] * 7 + [8300], alpha=0.1)
+    assert shaped[-1] == 0.5 and shaped[:7] == [1.0] * 7
+    assert length_aware_accuracy([True, True, False], [10, 3000, 5], alpha=1.0) == [1.0, 0.5, 0.0]
+
+
+def test_reward_model_with_broken_files_is_a_one_line_error(tmp_path, reward_model_dir):
+    """A truncated safetensors file (SafetensorError, no OSError), a config.json that is no object, and a
+    directory without tokenizer files (transformers 5 then makes an empty tokenizer, and the first scoring, a
+    training step in, failed in the model) are each one line naming the reward model, at load."""
+    import json
+    import shutil
+
+    from rpo_engine.rewards.model import RewardModel
+
+    def variant(name, change):
+        directory = tmp_path / name
+        shutil.copytree(reward_model_dir, directory)
+        change(directory)
+        return directory
+
+    weights = (reward_model_dir / "model.safetensors").read_bytes()
+    cases = {
+        "truncated": (lambda d: (d / "model.safetensors").write_bytes(weights[:500]), "cannot load"),
+        "list_config": (lambda d: (d / "config.json").write_text(json.dumps([1])), "not a readable model config"),
+        "no_tokenizer": (lambda d: [p.unlink() for p in d.iterdir() if p.name.startswith(("tokenizer", "special"))],
+                         "tokenizer encodes no text"),
+    }
+    for name, (change, why) in cases.items():
+        directory = variant(name, change)
+        with pytest.raises(UserError) as e:
+            RewardModel(str(directory)).score(["a"], [{"prompt": "p", "answer": "1"}])
+        msg = str(e.value)
+        assert str(directory) in msg and why in msg and "\n" not in msg, msg
+
+
+def test_math_reward_reads_past_trailing_whitespace():
+    # a completion that ran out its budget on newlines: its last 2000 characters held no answer at all
+    for tail in ("\n" * 3000, " \n" * 1500, "\t" * 2500):
+        assert math_answer_reward("So the total is 7" + tail, "7") == 1.0
+        assert math_answer_reward("So the total is 7" + tail, "8") == 0.0
+        assert math_answer_reward("7" + tail, "7") == 1.0
+
+
+def test_a_reward_model_whose_chat_template_refuses_a_conversation_is_one_line(tmp_path, reward_model_dir):
+    """A template's raise_exception (Mistral's "roles must alternate", one without a system role) while the reward
+    model reads a conversation: a jinja2 TemplateError traceback in a training step before; one line naming it."""
+    import shutil
+
+    from rpo_engine.rewards.model import RewardModel
+
+    strict = tmp_path / "rm_strict"
+    shutil.copytree(reward_model_dir, strict)
+    model = RewardModel(str(strict))
+    model.tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                                     "{{ raise_exception('System role not supported') }}{% endif %}"
+                                     "[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}")
+    rows = [{"prompt": [{"role": "user", "content": "2+2="}], "answer": "4", "id": "a"},
+            {"prompt": [{"role": "system", "content": "Box it."}, {"role": "user", "content": "2+2="}],
+             "answer": "4", "id": "b"}]
+    assert len(model.score([" 4"], rows[:1])) == 1
+    with pytest.raises(UserError) as e:
+        model.score([" 4", " 4"], rows)
+    msg = str(e.value)
+    assert str(strict) in msg and "System role not supported" in msg and "'b'" in msg and "\n" not in msg, msg

@@ -131,7 +131,9 @@ def _graded_part(completion_text: str) -> tuple[str, str | None]:
 
 def _tail(text: str) -> str:
     """What math-verify reads of a long completion: its last _MATH_MAX_CHARS characters, or from its last
-    ``\\boxed`` on when that lies before them (an answer boxed, then checked at length)."""
+    ``\\boxed`` on when that lies before them (an answer boxed, then checked at length). Trailing whitespace does
+    not count: a completion that ran out its budget on newlines kept its answer before them."""
+    text = text.rstrip()
     start, box = max(len(text) - _MATH_MAX_CHARS, 0), text.rfind("\\boxed")
     return text[box:box + _MATH_MAX_CHARS] if 0 <= box < start else text[start:]
 
@@ -277,6 +279,10 @@ def load_reward_fn(path: str):
             module = importlib.import_module(module_name)
     except UserError:
         raise
+    except SystemExit as e:  # sys.exit() or argparse at a script's top level: it would end the command, code 0 too
+        raise UserError(f"reward function {path!r}: cannot import {module_name!r} (SystemExit with code {e.code!r} "
+                        f"while importing it: does it run a script's code outside `if __name__ == \"__main__\":`?)"
+                        ) from None
     except Exception as e:  # noqa: BLE001 - ImportError, or anything the module raises while importing
         msg = " ".join(str(e).split()) or type(e).__name__
         raise UserError(f"reward function {path!r}: cannot import {module_name!r} ({type(e).__name__}: {msg})") from None

@@ -33,6 +33,7 @@ class RewardModel:
                  batch_size: int = 32, progress: bool = True, directory: Path | None = None):
         """path: a directory or Hub id; directory: where it was found already (reward_model_directory), so that
         a Hub id is not looked up twice (online, a request each)."""
+        from safetensors import SafetensorError
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
@@ -44,6 +45,9 @@ class RewardModel:
             config = json.loads((directory / "config.json").read_text())
         except (OSError, ValueError) as e:
             raise UserError(f"{directory / 'config.json'}: not a readable model config ({e})") from None
+        if not isinstance(config, dict):
+            raise UserError(f"{directory / 'config.json'}: not a readable model config (a JSON "
+                            f"{type(config).__name__}, expected an object)")
         if not any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
             raise UserError(f"reward model {path!r}: its config.json names {config.get('architectures')}, "
                             f"not a *ForSequenceClassification model (a reward model has a scalar head)")
@@ -53,30 +57,40 @@ class RewardModel:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(directory))
             self.model = AutoModelForSequenceClassification.from_pretrained(str(directory), dtype=dtype)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # a truncated file; a head of another shape
             raise UserError(f"reward model {path!r}: cannot load ({' '.join(str(e).split())[:200]})") from None
         finally:
             if bars:
                 hf_logging.enable_progress_bar()
+        # without tokenizer files transformers 5 makes an empty tokenizer, and the first scoring (a training step
+        # in) failed inside the model; what a file holds is the tokenizer's own business (BERT's vocab.txt, spm.model)
+        if not self.tokenizer("a", add_special_tokens=False)["input_ids"]:
+            raise UserError(f"reward model {path!r}: its tokenizer encodes no text (no tokenizer files in {directory}?)")
         if self.tokenizer.pad_token is None:  # Llama's: padding on the right is never read
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if self.model.config.pad_token_id is None:  # the head pools each row's last token before padding
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.to(device).eval().requires_grad_(False)
-        self.device, self.batch_size = torch.device(device), batch_size
+        self.device, self.batch_size, self.path = torch.device(device), batch_size, path
         # the metric's name: rewards/<name>/mean (TRL: the model's); a Hub id's name, not its snapshot's hash
         self.__name__ = (directory.resolve() if directory == Path(path) else Path(path)).name
 
     def texts(self, completions: list[str], rows: list[dict]) -> list[str]:
         """What the reward model reads: prompt + completion, a conversation through its chat template."""
+        from jinja2.exceptions import TemplateError
+
         out = []
         for text, row in zip(completions, rows):
             prompt = row["prompt"]
             if isinstance(prompt, str):
                 out.append(prompt + text)
-            else:
+                continue
+            try:
                 out.append(self.tokenizer.apply_chat_template(
                     [*prompt, {"role": "assistant", "content": text}], tokenize=False))
+            except (TemplateError, ValueError) as e:  # the template's raise_exception (no system role, say)
+                raise UserError(f"reward model {self.path!r}: its chat template cannot render the conversation of "
+                                f"row {row.get('id')!r} ({' '.join(str(e).split())[:200]})") from None
         return out
 
     @torch.no_grad()

@@ -18,7 +18,10 @@ def length_aware_accuracy(correct: list[bool], lengths: list[int], alpha: float 
     mean_len = sum(correct_lengths) / len(correct_lengths)
 
     def shaped(n):
-        return min(1.0, max(0.5, 1.0 / (1.0 + math.exp(-alpha * (mean_len - n)))))
+        z = alpha * (mean_len - n)
+        if z <= 0:  # sigmoid(z) <= 0.5, clipped to it; exp(-z) overflows a float past z = -709 (8k-token answers)
+            return 0.5
+        return min(1.0, max(0.5, 1.0 / (1.0 + math.exp(-z))))
 
     return [shaped(n) if ok else 0.0 for ok, n in zip(correct, lengths)]
 
