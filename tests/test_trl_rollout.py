@@ -597,6 +597,7 @@ def trl_batch(tok, groups, width, seed=0):
             rows.append((ids, kept + suffix))
     order = torch.randperm(len(rows), generator=generator).tolist()
     rows = [rows[i] for i in order]
+    trl_batch.prompts = [tok.decode(p) for p, _ in rows]  # each row's prompt, for a test that needs it
     C = max(len(c) for _, c in rows)
     input_ids = torch.full((len(rows), width + C), tok.pad_token_id)
     mask = torch.zeros(len(rows), width + C, dtype=torch.long)
@@ -758,3 +759,42 @@ def test_shared_prefix_trainer_under_autocast(hf_tiny, tmp_path, monkeypatch):
     ours, theirs, truth = (t[completion_mask] for t in (ours, theirs, truth))
     assert (ours - theirs).abs().max() < 0.01
     assert (ours - truth).abs().mean() <= (theirs - truth).abs().mean()
+
+
+def test_shared_prefix_trainer_leaves_groups_without_signal_out_of_the_gradient(hf_tiny, tmp_path, monkeypatch):
+    """In the loss's pass (no KL term, no entropy bonus) a group whose advantages are all zero adds exactly zero
+    to the gradient: its values are computed for TRL's metrics without one. Gradients of a loss proportional to
+    the advantages, log-probs and entropies: TRL's own pass's."""
+    pytest.importorskip("trl")
+    from trl import GRPOTrainer
+
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    hf, tok = hf_tiny
+    trainer = shared_prefix_trainer(hf, tok, tmp_path)
+    kept = tok("3 carry 1, 4+1")["input_ids"]
+    input_ids, mask, C = trl_batch(tok, [("12+34=", kept, [5, 1, 9, 3]), ("7*8=", [], [4, 7, 2, 6]),
+                                         ("5+5=", kept[:2], [2, 0, 3])], width=10)
+    without_signal = torch.tensor([p == "7*8=" for p in trl_batch.prompts])
+    advantages = torch.randn(len(without_signal)).masked_fill(without_signal, 0.0)
+    completion_mask = mask[:, 10:].bool()
+
+    def run(method):
+        hf.zero_grad(set_to_none=True)
+        trainer._loss_advantages = advantages  # as _compute_loss sets it for its pass
+        logps, entropies, _ = method(trainer, trainer.model, input_ids, mask, C, compute_entropy=True)
+        trainer._loss_advantages = None
+        (logps * advantages[:, None])[completion_mask].sum().backward()
+        return (logps.detach()[completion_mask], entropies.detach()[completion_mask],
+                {n: p.grad.clone() for n, p in hf.named_parameters() if p.grad is not None})
+
+    ours = run(type(trainer)._get_per_token_logps_and_entropies)
+    assert trainer.last_logprob_pass["rows_with_gradient"] == len(without_signal) - int(without_signal.sum()) > 0
+    theirs = run(GRPOTrainer._get_per_token_logps_and_entropies)
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-5, atol=1e-5)
+    for name in theirs[2]:
+        torch.testing.assert_close(ours[2][name], theirs[2][name], rtol=1e-4, atol=1e-5, msg=name)
+    trainer.beta = 0.04  # a KL term has a gradient at advantage 0: every row runs with one
+    trainer._loss_advantages = advantages
+    trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, mask, C)
+    assert trainer.last_logprob_pass["rows_with_gradient"] == len(without_signal)

@@ -488,19 +488,51 @@ class SharedPrefixGRPOTrainer(GRPOTrainer):
         except UserError as e:
             return self._unshared(plain, str(e))
         groups, rows = layout
+        # the groups whose loss has a gradient first, the others' values (for TRL's metrics) without one
+        signal = self._rows_with_signal()
+        members, start = [], 0
+        for g in groups:
+            members.append(rows[start:start + len(g.suffix_ids)])
+            start += len(g.suffix_ids)
+        trained = [signal is None or any(signal[r] for r in m) for m in members]
+        passes = [(True, [g for g, t in zip(groups, trained) if t]), (False, [g for g, t in zip(groups, trained) if not t])]
+        rows = [r for want in (True, False) for m, t in zip(members, trained) if t == want for r in m]
+        self.last_logprob_pass = dict(rows=len(rows), rows_with_gradient=sum(len(m) for m, t in zip(members, trained) if t),
+                                      groups=len(groups), tokens=sum(len(g.prefix_ids) + sum(map(len, g.suffix_ids))
+                                                                     for g in groups))
         logps, entropies = [], []
         with self.accelerator.autocast():
-            for chunk in _chunks(groups, batch_size or len(rows)):
-                out = shared_prefix_logprobs(ours, chunk, self.temperature, with_entropy=compute_entropy)
-                logps.append(F.pad(out[0], (0, logits_to_keep - out[0].shape[1])))
-                if compute_entropy:
-                    entropies.append(F.pad(out[2], (0, logits_to_keep - out[2].shape[1])))
-        # samples in group order -> TRL's rows
+            for with_gradient, some in passes:
+                with torch.set_grad_enabled(with_gradient and torch.is_grad_enabled()):
+                    for chunk in _chunks(some, batch_size or len(rows)):
+                        out = shared_prefix_logprobs(ours, chunk, self.temperature, with_entropy=compute_entropy)
+                        logps.append(F.pad(out[0], (0, logits_to_keep - out[0].shape[1])))
+                        if compute_entropy:
+                            entropies.append(F.pad(out[2], (0, logits_to_keep - out[2].shape[1])))
+        # samples in pass and group order -> TRL's rows
         order = torch.empty(len(rows), dtype=torch.long)
         order[torch.tensor(rows)] = torch.arange(len(rows))
         order = order.to(input_ids.device)
         logps = torch.cat(logps)[order]
         return logps, torch.cat(entropies)[order] if compute_entropy else None, None
+
+    def _compute_loss(self, model, inputs):
+        self._loss_advantages = inputs["advantages"]  # for _rows_with_signal, during this loss's pass
+        try:
+            return super()._compute_loss(model, inputs)
+        finally:
+            self._loss_advantages = None
+
+    def _rows_with_signal(self) -> list[bool] | None:
+        """Per row of the loss's pass, whether its loss can have a gradient. Without a KL term, an entropy bonus
+        or an auxiliary loss, every term of each of TRL's loss types is a multiple of the row's advantage, so a
+        row whose advantages are all 0 adds exactly 0 (our trainer's skip of groups without signal). None:
+        every row may (another pass, or a loss with such a term)."""
+        advantages = getattr(self, "_loss_advantages", None)
+        if (advantages is None or not torch.is_grad_enabled() or self.beta != 0.0 or self.aux_loss_enabled
+                or getattr(self, "_entropy_bonus_enabled", True)):  # (not knowing is "may")
+            return None
+        return (advantages.reshape(len(advantages), -1) != 0).any(-1).tolist()
 
     def _unshared(self, plain, why: str):
         if why not in getattr(self, "_unshared_reasons", set()):
