@@ -699,8 +699,8 @@ def test_shared_prefix_trainer_trains_as_grpo_trainer(hf_tiny, tiny_model_dir, t
     _, tok = hf_tiny
     rows = [{"prompt": "12+34=", "answer": "46"}, {"prompt": "7*8=", "answer": "56"}]
 
-    def longer(completions, **kwargs):
-        return [len(c) / 10.0 for c in completions]
+    def longer(prompts, completions, **kwargs):  # one prompt's group without signal: left out of the gradient
+        return [1.0 if p == "7*8=" else len(c) / 10.0 for p, c in zip(prompts, completions)]
 
     def run(trainer_class):
         rpo = RPORollout(seed=1, rpo_cache_policy="epsilon-greedy", rpo_unverified_cut_fraction=0.5)
@@ -723,6 +723,8 @@ def test_shared_prefix_trainer_trains_as_grpo_trainer(hf_tiny, tiny_model_dir, t
                                 reward_funcs=rpo.tracked(longer), args=config, train_dataset=Dataset.from_list(rows),
                                 processing_class=tok, rollout_func=recorded, peft_config=peft_config)
         trainer.train()
+        if trainer_class is SharedPrefixGRPOTrainer:  # the last step's pass: with a KL term every row has a gradient
+            assert trainer.last_logprob_pass["rows_with_gradient"] == (8 if use_peft else 4)
         return samples, [e for e in trainer.state.log_history if "loss" in e]
 
     import warnings
