@@ -461,7 +461,10 @@ class SharedPrefixGRPOTrainer(GRPOTrainer):
     batch with the same prompt form a group, and its prefix is their longest common prefix: the prompt, and
     under RPORollout the kept path too, most of each row. Each suffix attends to the prefix's keys and values,
     so the log-probs, entropies and gradients are the padded batch's (up to rounding; tested against
-    GRPOTrainer's own pass), at the cost of one prefix a group instead of one a row.
+    GRPOTrainer's own pass), at the cost of one prefix a group instead of one a row. In the loss's pass a
+    group whose advantages are all zero runs without gradient (its values feed TRL's metrics) where the loss
+    has no KL term, entropy bonus or auxiliary loss: it adds exactly zero to the gradient then.
+    `last_logprob_pass` tells what the last pass ran (rows, rows_with_gradient, groups, tokens).
 
         trainer = SharedPrefixGRPOTrainer(model=model, reward_funcs=..., args=config, rollout_func=RPORollout())
 
