@@ -498,11 +498,11 @@ class SharedPrefixGRPOTrainer(GRPOTrainer):
             members.append(rows[start:start + len(g.suffix_ids)])
             start += len(g.suffix_ids)
         trained = [signal is None or any(signal[r] for r in m) for m in members]
-        passes = [(True, [g for g, t in zip(groups, trained) if t]), (False, [g for g, t in zip(groups, trained) if not t])]
+        passes = [(want, [g for g, t in zip(groups, trained) if t == want]) for want in (True, False)]
         rows = [r for want in (True, False) for m, t in zip(members, trained) if t == want for r in m]
-        self.last_logprob_pass = dict(rows=len(rows), rows_with_gradient=sum(len(m) for m, t in zip(members, trained) if t),
-                                      groups=len(groups), tokens=sum(len(g.prefix_ids) + sum(map(len, g.suffix_ids))
-                                                                     for g in groups))
+        self.last_logprob_pass = dict(
+            rows=len(rows), rows_with_gradient=sum(len(m) for m, t in zip(members, trained) if t), groups=len(groups),
+            tokens=sum(len(g.prefix_ids) + sum(map(len, g.suffix_ids)) for g in groups))
         logps, entropies = [], []
         with self.accelerator.autocast():
             for with_gradient, some in passes:
