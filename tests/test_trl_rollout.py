@@ -739,14 +739,19 @@ def test_shared_prefix_trainer_trains_as_grpo_trainer(hf_tiny, tiny_model_dir, t
     assert any(e["grad_norm"] > 0 for e in ours[1])
 
 
-def test_shared_prefix_trainer_under_autocast(hf_tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("split", [True, False], ids=["split-attention", "masked-sdpa"])
+def test_shared_prefix_trainer_under_autocast(hf_tiny, tmp_path, monkeypatch, split):
     """TRL's bf16 mixed precision (an fp32 model under autocast): the layers compute in bf16, our LM head in
     fp32 outside autocast (TRL's cast_lm_head_to_fp32); within bf16's rounding of TRL's own pass, and nearer
-    the fp32 truth than it."""
+    the fp32 truth than it. Both attention paths: the CPU's split flash calls and the masked SDPA a GPU runs."""
     pytest.importorskip("trl")
     from trl import GRPOTrainer
 
+    import rpo_engine.model.shared_prefix as shared_prefix
+
     monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    if not split:
+        monkeypatch.setattr(shared_prefix, "split_attention_available", lambda: False)
     hf, tok = hf_tiny
     trainer = shared_prefix_trainer(hf, tok, tmp_path)
     kept = tok("3 carry 1, 4+1")["input_ids"]
