@@ -858,6 +858,10 @@ def _load_yaml(path: str) -> tuple[dict, bool]:
     data = {} if data is None else data  # an empty file
     if not isinstance(data, dict):
         raise UserError(f"{p}: expected a mapping of option: value")
+    # a run's config.json holds every option; its `config` names the file the run read them from (null: none),
+    # whose options the record already holds
+    record_keys = {f.name for f in fields(TrainConfig)}
+    is_record = record_keys <= {key for key in data if isinstance(key, str)}
     entries = []
     for key, value in data.items():
         if isinstance(key, str) and key.replace("-", "_") in SECTIONS and isinstance(value, (dict, type(None))):
@@ -870,7 +874,7 @@ def _load_yaml(path: str) -> tuple[dict, bool]:
             raise UserError(f"{p}: {section}key {_yaml_key(key)} is not an option name (option names are strings)")
         key = key.replace("-", "_")
         if key == "config":  # one file holds the options; --config is read once, before the flags
-            if value is None:  # a run's config.json records its --config: none, so it can be fed back as it is
+            if value is None or is_record:  # a run's config.json records its --config: it can be fed back as it is
                 record = True
                 continue
             raise UserError(f"{p}: {section}config: {value}: nested config files are not supported (give one "

@@ -215,6 +215,23 @@ def test_config_file_naming_another_config_file(tmp_path):
         tmp_path, "steps: 1\nconfig: other.yaml\n")
 
 
+def test_the_config_json_of_a_run_started_from_a_yaml_file_is_a_config_file(tmp_path):
+    """A run started with --config run.yaml records `config: run.yaml` among its resolved options; fed back (the
+    README's `--config runs/x/config.json`), that line is where the options came from, not a file to read again:
+    it was refused as a nested config file."""
+    import dataclasses
+    import json
+
+    from rpo_engine.config import config_to_dict
+
+    (tmp_path / "run.yaml").write_text("steps: 3\nalgo: dapo\n")
+    run = parse_args(["--config", str(tmp_path / "run.yaml"), "--seed", "2"])
+    record = tmp_path / "config.json"
+    record.write_text(json.dumps(config_to_dict(run)))
+    again = parse_args(["--config", str(record)])
+    assert dataclasses.replace(again, config=run.config) == run
+
+
 @pytest.mark.parametrize("value, want", [("2", [2.0]), ("0.5", [0.5]), ("[2]", [2.0]), ("'2'", [2.0])])
 def test_config_reward_weights_as_a_number(tmp_path, value, want):
     cfg = tmp_path / "c.yaml"
