@@ -191,6 +191,18 @@ def test_config_key_that_is_not_a_string(tmp_path, text, key):
     assert f"{key}is not an option name" in _config_error(tmp_path, text)
 
 
+@pytest.mark.parametrize("text, message", [
+    # YAML values JSON has no type for: json.dumps raised a TypeError traceback
+    ("chat_template_kwargs: {day: 2024-01-01}\n", "chat_template_kwargs must be a JSON-like mapping"),
+    ("chat_template_kwargs: {data: !!binary aGVsbG8=}\n", "chat_template_kwargs must be a JSON-like mapping"),
+    ("stop: [2024-01-01]\n", "stop must be a list of strings"),
+    # an integer past a float's range: float() raised an OverflowError traceback
+    ("learning_rate: 1" + "0" * 400 + "\n", "learning_rate must be a number"),
+])
+def test_config_value_of_a_type_no_option_takes(tmp_path, text, message):
+    assert message in _config_error(tmp_path, text)
+
+
 @pytest.mark.parametrize("text", ["0\n", "false\n", "[steps]\n"])
 def test_config_document_that_is_not_a_mapping(tmp_path, text):
     assert "expected a mapping of option: value" in _config_error(tmp_path, text)
