@@ -2111,6 +2111,35 @@ def test_a_run_killed_before_its_log_opened_starts_again(tmp_path, tiny_model_di
         assert "its run stopped before its first step ended" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("lines", [
+    ['{"step": 0, "eval_a'],  # killed while writing the step-0 eval's record
+    ['{"step": 0, "eval_accuracy": 0.0}', '{"step": 1, "reward_mean": 0.2, "rew'],  # while writing step 1's
+])
+def test_a_run_killed_while_writing_its_first_record_starts_again(tmp_path, monkeypatch, capsys, lines):
+    """A last line cut short is a record the run never finished writing (truncate_log drops it): with no
+    checkpoint behind it, the run stopped before its first step ended and the same command, with --resume or
+    without, starts it again, where it was refused as a run to remove by hand."""
+    from rpo_engine import train
+    from rpo_engine.config import parse_args
+    from rpo_engine.distributed import Dist
+
+    class Built(Exception):
+        pass
+
+    def built(*args, **kwargs):
+        raise Built
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("".join(line + "\n" for line in lines[:-1]) + lines[-1])
+    monkeypatch.setattr(train, "build_trainer", built)
+    for resume in ([], ["--resume"]):
+        config = parse_args(["--output", str(out), "--steps", "1", "--no-progress", *resume])
+        with pytest.raises(Built):
+            train.train(config, Dist())
+        assert "its run stopped before its first step ended" in capsys.readouterr().out
+
+
 def test_output_holding_a_model_is_refused(tmp_path, tiny_model_dir):
     """A run writes its options to OUTPUT/config.json: --output pointed at a model directory (--model's own
     too) would overwrite the model's config.json, so a directory holding a run's files but no run is refused."""
