@@ -1877,6 +1877,21 @@ def test_adaptive_entropy_control(tiny_model_dir, tmp_path):
     assert (skipping.entropy_coef, skipping.last_entropy) == (0.3, math.inf)
 
 
+def test_adaptive_entropy_switched_on_at_a_resume_starts_from_this_runs_coefficient(tiny_model_dir):
+    """A checkpoint of a run without --use-adaptive-entropy holds its fixed coefficient, no adaptive state: a
+    run resumed from it with --use-adaptive-entropy --entropy-coef 0.05 adapts from 0.05 (this run's option
+    governs from its first step), where it took the old run's 0 and adapted from there."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+
+    fixed = build_trainer(parse_args(["--model", str(tiny_model_dir)]))
+    fixed.update(random_groups(2, zero={0}))
+    resumed = build_trainer(parse_args(["--model", str(tiny_model_dir), "--use-adaptive-entropy",
+                                        "--entropy-coef", "0.05"]))
+    resumed.load_state_dict(fixed.state_dict())
+    assert (resumed.entropy_coef, resumed.last_entropy) == (0.05, math.inf)
+
+
 @pytest.mark.parametrize("flags", [[], ["--algo", "dapo", "--num-iterations", "2"], ["--loss-type", "dr_grpo"],
                                    ["--no-prefix-sharing"]])
 def test_masking_truncated_completions_trains_as_without_them(tiny_model_dir, flags):
