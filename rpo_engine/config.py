@@ -858,6 +858,10 @@ def _load_yaml(path: str) -> tuple[dict, bool]:
     data = {} if data is None else data  # an empty file
     if not isinstance(data, dict):
         raise UserError(f"{p}: expected a mapping of option: value")
+    # a run's config.json holds every option; its `config` names the file the run read them from (null: none),
+    # whose options the record already holds
+    record_keys = {f.name for f in fields(TrainConfig)}
+    is_record = record_keys <= {key for key in data if isinstance(key, str)}
     entries = []
     for key, value in data.items():
         if isinstance(key, str) and key.replace("-", "_") in SECTIONS and isinstance(value, (dict, type(None))):
@@ -870,7 +874,7 @@ def _load_yaml(path: str) -> tuple[dict, bool]:
             raise UserError(f"{p}: {section}key {_yaml_key(key)} is not an option name (option names are strings)")
         key = key.replace("-", "_")
         if key == "config":  # one file holds the options; --config is read once, before the flags
-            if value is None:  # a run's config.json records its --config: none, so it can be fed back as it is
+            if value is None or is_record:  # a run's config.json records its --config: it can be fed back as it is
                 record = True
                 continue
             raise UserError(f"{p}: {section}config: {value}: nested config files are not supported (give one "
@@ -882,11 +886,19 @@ def _load_yaml(path: str) -> tuple[dict, bool]:
         if key == "reward_weights" and isinstance(value, (int, float)) and not isinstance(value, bool):
             value = str(value)  # one function's weight, as --reward-weights 2 and [2] take it
         if key == "chat_template_kwargs" and isinstance(value, dict):  # a YAML mapping: the flag's JSON
-            value = json.dumps(value)
+            value = _as_json(value, p, section, key, "a JSON-like mapping (strings, numbers, booleans, lists, mappings)")
         if key == "stop" and isinstance(value, list):  # a YAML list of strings: the flag's JSON
-            value = json.dumps(value)
+            value = _as_json(value, p, section, key, "a list of strings")
         flat[key] = value
     return flat, record
+
+
+def _as_json(value, path: Path, section: str, key: str, kind: str) -> str:
+    """A YAML value as the JSON text its flag takes; a value JSON has no type for (a date, !!binary) names the key."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{path}: {section}{key} must be {kind}, got {value!r}") from None
 
 
 _KINDS = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
@@ -904,8 +916,10 @@ def _typed(name: str, kind: str, value, source: str):
         return value
     if base == "str" and isinstance(value, str):
         return value
-    if base in ("int", "float") and isinstance(value, int) and not isinstance(value, bool):
-        return value if base == "int" else float(value)
+    if base == "int" and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if base == "float" and isinstance(value, int) and not isinstance(value, bool) and abs(value) <= sys.float_info.max:
+        return float(value)  # past a float's range: float() raised OverflowError
     if base == "float" and isinstance(value, float):
         return value
     if base == "float" and isinstance(value, str):

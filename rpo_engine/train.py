@@ -277,9 +277,16 @@ def nothing_to_keep(output: Path, checkpoint: Path | None) -> bool:
     if checkpoint is not None or (output / "final").exists():
         return False
     try:
-        records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        lines = [line for line in (output / "metrics.jsonl").read_text().splitlines() if line.strip()]
     except (OSError, ValueError):  # unreadable: not ours to overwrite
         return False
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if number < len(lines):  # only the last line may be cut short (truncate_log's rule)
+                return False
     return all(isinstance(r, dict) and r.get("step") == 0 for r in records)
 
 

@@ -991,7 +991,8 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "rng": list(self.rng.getstate()),
                 "torch_rng": torch.get_rng_state(), "rows_drawn": self.rows_drawn,
                 "cache": self.cache.state_dict(self.prompt_keys(self.cache.paths)),
-                "entropy_control": [self.entropy_coef, self.last_entropy]}
+                # whether this run adapted: a fixed coefficient is an option, not state to carry into an adaptive run
+                "entropy_control": [self.entropy_coef, self.last_entropy, self.algo.use_adaptive_entropy]}
 
     def prompt_keys(self, ids) -> dict[str, str]:
         """Each of `ids` that is a training prompt's -> a digest of its row's prompt and answer (what a cached
@@ -1027,8 +1028,10 @@ class Trainer:
             print(f"warning: resuming: dropped {len(stale)} cached RPO path(s) saved for another prompt under the "
                   f"same id (first {stale[0]!r}: the dataset, or the built-in task's --seed, changed); those prompts "
                   f"cold-start again", file=sys.stderr)
-        if self.algo.use_adaptive_entropy and "entropy_control" in state:  # else --entropy-coef is the config's
-            self.entropy_coef, self.last_entropy = state["entropy_control"]
+        # else --entropy-coef is the config's; older checkpoints do not say whether their run adapted
+        coef, last_entropy, *adapted = state.get("entropy_control", (None, None, False))
+        if self.algo.use_adaptive_entropy and adapted != [False]:
+            self.entropy_coef, self.last_entropy = coef, last_entropy
 
     def save_model(self, directory: Path) -> None:
         """The model as a Hugging Face directory (LoRA adapters merged in), and under LoRA the adapter alone

@@ -191,6 +191,18 @@ def test_config_key_that_is_not_a_string(tmp_path, text, key):
     assert f"{key}is not an option name" in _config_error(tmp_path, text)
 
 
+@pytest.mark.parametrize("text, message", [
+    # YAML values JSON has no type for: json.dumps raised a TypeError traceback
+    ("chat_template_kwargs: {day: 2024-01-01}\n", "chat_template_kwargs must be a JSON-like mapping"),
+    ("chat_template_kwargs: {data: !!binary aGVsbG8=}\n", "chat_template_kwargs must be a JSON-like mapping"),
+    ("stop: [2024-01-01]\n", "stop must be a list of strings"),
+    # an integer past a float's range: float() raised an OverflowError traceback
+    ("learning_rate: 1" + "0" * 400 + "\n", "learning_rate must be a number"),
+])
+def test_config_value_of_a_type_no_option_takes(tmp_path, text, message):
+    assert message in _config_error(tmp_path, text)
+
+
 @pytest.mark.parametrize("text", ["0\n", "false\n", "[steps]\n"])
 def test_config_document_that_is_not_a_mapping(tmp_path, text):
     assert "expected a mapping of option: value" in _config_error(tmp_path, text)
@@ -213,6 +225,23 @@ def test_a_runs_config_json_is_a_config_file(tmp_path, flags):
 def test_config_file_naming_another_config_file(tmp_path):
     assert "config: other.yaml: nested config files are not supported" in _config_error(
         tmp_path, "steps: 1\nconfig: other.yaml\n")
+
+
+def test_the_config_json_of_a_run_started_from_a_yaml_file_is_a_config_file(tmp_path):
+    """A run started with --config run.yaml records `config: run.yaml` among its resolved options; fed back (the
+    README's `--config runs/x/config.json`), that line is where the options came from, not a file to read again:
+    it was refused as a nested config file."""
+    import dataclasses
+    import json
+
+    from rpo_engine.config import config_to_dict
+
+    (tmp_path / "run.yaml").write_text("steps: 3\nalgo: dapo\n")
+    run = parse_args(["--config", str(tmp_path / "run.yaml"), "--seed", "2"])
+    record = tmp_path / "config.json"
+    record.write_text(json.dumps(config_to_dict(run)))
+    again = parse_args(["--config", str(record)])
+    assert dataclasses.replace(again, config=run.config) == run
 
 
 @pytest.mark.parametrize("value, want", [("2", [2.0]), ("0.5", [0.5]), ("[2]", [2.0]), ("'2'", [2.0])])

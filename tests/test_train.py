@@ -1877,6 +1877,21 @@ def test_adaptive_entropy_control(tiny_model_dir, tmp_path):
     assert (skipping.entropy_coef, skipping.last_entropy) == (0.3, math.inf)
 
 
+def test_adaptive_entropy_switched_on_at_a_resume_starts_from_this_runs_coefficient(tiny_model_dir):
+    """A checkpoint of a run without --use-adaptive-entropy holds its fixed coefficient, no adaptive state: a
+    run resumed from it with --use-adaptive-entropy --entropy-coef 0.05 adapts from 0.05 (this run's option
+    governs from its first step), where it took the old run's 0 and adapted from there."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+
+    fixed = build_trainer(parse_args(["--model", str(tiny_model_dir)]))
+    fixed.update(random_groups(2, zero={0}))
+    resumed = build_trainer(parse_args(["--model", str(tiny_model_dir), "--use-adaptive-entropy",
+                                        "--entropy-coef", "0.05"]))
+    resumed.load_state_dict(fixed.state_dict())
+    assert (resumed.entropy_coef, resumed.last_entropy) == (0.05, math.inf)
+
+
 @pytest.mark.parametrize("flags", [[], ["--algo", "dapo", "--num-iterations", "2"], ["--loss-type", "dr_grpo"],
                                    ["--no-prefix-sharing"]])
 def test_masking_truncated_completions_trains_as_without_them(tiny_model_dir, flags):
@@ -2108,6 +2123,35 @@ def test_a_run_killed_before_its_log_opened_starts_again(tmp_path, tiny_model_di
             patch.setattr(train, "build_trainer", built)
             with pytest.raises(Built):
                 train.train(config, Dist())
+        assert "its run stopped before its first step ended" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("lines", [
+    ['{"step": 0, "eval_a'],  # killed while writing the step-0 eval's record
+    ['{"step": 0, "eval_accuracy": 0.0}', '{"step": 1, "reward_mean": 0.2, "rew'],  # while writing step 1's
+])
+def test_a_run_killed_while_writing_its_first_record_starts_again(tmp_path, monkeypatch, capsys, lines):
+    """A last line cut short is a record the run never finished writing (truncate_log drops it): with no
+    checkpoint behind it, the run stopped before its first step ended and the same command, with --resume or
+    without, starts it again, where it was refused as a run to remove by hand."""
+    from rpo_engine import train
+    from rpo_engine.config import parse_args
+    from rpo_engine.distributed import Dist
+
+    class Built(Exception):
+        pass
+
+    def built(*args, **kwargs):
+        raise Built
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("".join(line + "\n" for line in lines[:-1]) + lines[-1])
+    monkeypatch.setattr(train, "build_trainer", built)
+    for resume in ([], ["--resume"]):
+        config = parse_args(["--output", str(out), "--steps", "1", "--no-progress", *resume])
+        with pytest.raises(Built):
+            train.train(config, Dist())
         assert "its run stopped before its first step ended" in capsys.readouterr().out
 
 
