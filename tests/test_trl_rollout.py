@@ -805,6 +805,13 @@ def test_shared_prefix_trainer_leaves_groups_without_signal_out_of_the_gradient(
     torch.testing.assert_close(ours[1], theirs[1], rtol=1e-5, atol=1e-5)
     for name in theirs[2]:
         torch.testing.assert_close(ours[2][name], theirs[2][name], rtol=1e-4, atol=1e-5, msg=name)
+    # a batch without signal: one group still runs with a gradient (all zero, as TRL's), so backward works and
+    # AdamW steps every parameter by its moments as it would after TRL's pass
+    advantages = torch.zeros_like(advantages)
+    ours = run(type(trainer)._get_per_token_logps_and_entropies)
+    theirs = run(GRPOTrainer._get_per_token_logps_and_entropies)
+    assert 0 < trainer.last_logprob_pass["rows_with_gradient"] < len(without_signal)
+    assert sorted(ours[2]) == sorted(theirs[2]) and all(not g.any() for g in ours[2].values())
     trainer.beta = 0.04  # a KL term has a gradient at advantage 0: every row runs with one
     trainer._loss_advantages = advantages
     trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, mask, C)

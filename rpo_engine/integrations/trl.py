@@ -498,6 +498,8 @@ class SharedPrefixGRPOTrainer(GRPOTrainer):
             members.append(rows[start:start + len(g.suffix_ids)])
             start += len(g.suffix_ids)
         trained = [signal is None or any(signal[r] for r in m) for m in members]
+        if not any(trained):  # one group still runs: the loss keeps its graph, every parameter a (zero) gradient
+            trained[0] = True
         passes = [(want, [g for g, t in zip(groups, trained) if t == want]) for want in (True, False)]
         rows = [r for want in (True, False) for m, t in zip(members, trained) if t == want for r in m]
         self.last_logprob_pass = dict(
