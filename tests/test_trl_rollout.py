@@ -587,7 +587,8 @@ def test_rpo_rollout_on_two_processes_keeps_one_cache(tiny_model_dir, tmp_path):
 
 def trl_batch(tok, groups, width, seed=0):
     """A TRL-shaped batch: each (prompt, kept, suffix lengths) group gives a row per suffix, prompt left-padded
-    to `width` columns, kept + a random suffix right-padded; rows shuffled, as TRL's shuffled batches come."""
+    to `width` columns, kept + a random suffix right-padded; rows shuffled, as TRL's shuffled batches come.
+    -> input_ids, attention mask, completion columns, each row's prompt."""
     generator = torch.Generator().manual_seed(seed)
     rows = []
     for prompt, kept, suffix_lengths in groups:
@@ -597,22 +598,23 @@ def trl_batch(tok, groups, width, seed=0):
             rows.append((ids, kept + suffix))
     order = torch.randperm(len(rows), generator=generator).tolist()
     rows = [rows[i] for i in order]
-    trl_batch.prompts = [tok.decode(p) for p, _ in rows]  # each row's prompt, for a test that needs it
     C = max(len(c) for _, c in rows)
     input_ids = torch.full((len(rows), width + C), tok.pad_token_id)
     mask = torch.zeros(len(rows), width + C, dtype=torch.long)
     for r, (p, c) in enumerate(rows):
         input_ids[r, width - len(p):width], mask[r, width - len(p):width] = torch.tensor(p), 1
         input_ids[r, width:width + len(c)], mask[r, width:width + len(c)] = torch.tensor(c, dtype=torch.long), 1
-    return input_ids, mask, C
+    return input_ids, mask, C, [tok.decode(p) for p, _ in rows]
 
 
-def shared_prefix_trainer(hf, tok, tmp_path, **config):
+def shared_prefix_trainer(hf, tok, tmp_path, monkeypatch, **config):
+    pytest.importorskip("trl")
     from datasets import Dataset
     from trl import GRPOConfig
 
     from rpo_engine.integrations.trl import SharedPrefixGRPOTrainer
 
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
     rows = [{"prompt": "12+34=", "answer": "46"}, {"prompt": "7*8=", "answer": "56"}]
     config = GRPOConfig(**{**dict(output_dir=str(tmp_path / "out"), max_steps=3, num_generations=4,
                                   per_device_train_batch_size=8, max_completion_length=24, learning_rate=0.01,
@@ -632,11 +634,10 @@ def test_shared_prefix_trainer_logprobs_and_gradients_equal_trls_own_pass(hf_tin
     pytest.importorskip("trl")
     from trl import GRPOTrainer
 
-    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
     hf, tok = hf_tiny
-    trainer = shared_prefix_trainer(hf, tok, tmp_path)
+    trainer = shared_prefix_trainer(hf, tok, tmp_path, monkeypatch)
     kept = tok("3 carry 1, 4+1")["input_ids"]
-    input_ids, mask, C = trl_batch(tok, [("12+34=", kept, [5, 1, 9, 3]), ("7*8=", [], [4, 7, 2, 6]),
+    input_ids, mask, C, prompts = trl_batch(tok, [("12+34=", kept, [5, 1, 9, 3]), ("7*8=", [], [4, 7, 2, 6]),
                                          ("100-1=", kept[:3], [6]), ("5+5=", kept[:2], [0, 0, 3, 0])], width=10)
     mask[3, 10:] = 0  # TRL's mask_truncated_completions: a truncated row's completion masked whole
     input_ids, mask = input_ids.to(trainer.model.device), mask.to(trainer.model.device)
@@ -668,7 +669,7 @@ def test_prefix_groups_from_a_trl_batch(hf_tiny):
 
     _, tok = hf_tiny
     kept = tok("3 carry 1")["input_ids"]
-    input_ids, mask, C = trl_batch(tok, [("12+34=", kept, [5, 1, 2]), ("7*8=", [], [4, 7])], width=8)
+    input_ids, mask, C, prompts = trl_batch(tok, [("12+34=", kept, [5, 1, 2]), ("7*8=", [], [4, 7])], width=8)
     groups, rows = trl_prefix_groups(input_ids, mask, C)
     prompt = tok("12+34=")["input_ids"]
     first = next(g for g in groups if g.prefix_ids[:len(prompt)] == prompt)
@@ -753,13 +754,12 @@ def test_shared_prefix_trainer_under_autocast(hf_tiny, tmp_path, monkeypatch, sp
 
     import rpo_engine.model.shared_prefix as shared_prefix
 
-    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
     if not split:
         monkeypatch.setattr(shared_prefix, "split_attention_available", lambda: False)
     hf, tok = hf_tiny
-    trainer = shared_prefix_trainer(hf, tok, tmp_path)
+    trainer = shared_prefix_trainer(hf, tok, tmp_path, monkeypatch)
     kept = tok("3 carry 1, 4+1")["input_ids"]
-    input_ids, mask, C = trl_batch(tok, [("12+34=", kept, [5, 1, 9, 3]), ("7*8=", [], [4, 7, 2, 6])], width=8)
+    input_ids, mask, C, prompts = trl_batch(tok, [("12+34=", kept, [5, 1, 9, 3]), ("7*8=", [], [4, 7, 2, 6])], width=8)
     completion_mask = mask[:, 8:].bool()
     with torch.no_grad():
         truth = GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.model, input_ids, mask, C)[0]
@@ -779,13 +779,12 @@ def test_shared_prefix_trainer_leaves_groups_without_signal_out_of_the_gradient(
     pytest.importorskip("trl")
     from trl import GRPOTrainer
 
-    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
     hf, tok = hf_tiny
-    trainer = shared_prefix_trainer(hf, tok, tmp_path)
+    trainer = shared_prefix_trainer(hf, tok, tmp_path, monkeypatch)
     kept = tok("3 carry 1, 4+1")["input_ids"]
-    input_ids, mask, C = trl_batch(tok, [("12+34=", kept, [5, 1, 9, 3]), ("7*8=", [], [4, 7, 2, 6]),
+    input_ids, mask, C, prompts = trl_batch(tok, [("12+34=", kept, [5, 1, 9, 3]), ("7*8=", [], [4, 7, 2, 6]),
                                          ("5+5=", kept[:2], [2, 0, 3])], width=10)
-    without_signal = torch.tensor([p == "7*8=" for p in trl_batch.prompts])
+    without_signal = torch.tensor([p == "7*8=" for p in prompts])
     advantages = torch.randn(len(without_signal)).masked_fill(without_signal, 0.0)
     completion_mask = mask[:, 10:].bool()
 
