@@ -104,6 +104,7 @@ def test_from_transformers_peft_fp32_adapters_on_a_bf16_base():
 
 @pytest.mark.parametrize("lora, words", [
     ({"use_dora": True}, "DoRA"),
+    ({"alora_invocation_tokens": [5, 6]}, "LoRA variant"),
     ({"target_modules": ["q_proj", "lm_head"]}, "adapter on lm_head"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
     ({"lora_bias": True}, "uses a bias"),
@@ -111,6 +112,34 @@ def test_from_transformers_peft_fp32_adapters_on_a_bf16_base():
 def test_from_transformers_refuses_peft_adapters_it_cannot_compute(lora, words):
     with pytest.raises(UserError, match=words):
         from_transformers(peft_model(**lora))
+
+
+def test_from_transformers_refuses_an_adapter_merged_and_switched_off():
+    model = peft_model()
+    model.merge_adapter()
+    with model.disable_adapter(), pytest.raises(UserError, match="merged into its weight and switched off"):
+        from_transformers(model)
+
+
+def test_from_transformers_applies_peft_lora_dropout_as_peft_does():
+    """PEFT's lora_dropout on the adapter's input in train mode: the same draw as PEFT's layer under the same
+    seed; none in eval mode (how TRLRollout builds the rollout's model)."""
+    model = peft_model(lora_dropout=0.3)
+    ours = from_transformers(model)
+    theirs_layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    our_layer = ours.model.layers[0].self_attn.q_proj
+    assert our_layer.dropout == 0.3
+    x = torch.randn(3, 5, theirs_layer.in_features)
+    with torch.no_grad():
+        model.train(), ours.train()
+        torch.manual_seed(7)
+        dropped = theirs_layer(x)
+        torch.manual_seed(7)
+        torch.testing.assert_close(our_layer(x), dropped, rtol=1e-6, atol=1e-6)
+        model.eval(), ours.eval()
+        plain = theirs_layer(x)
+        torch.testing.assert_close(our_layer(x), plain, rtol=1e-6, atol=1e-6)
+        assert (dropped - plain).abs().max() > 1e-3  # the dropout acted
 
 
 def stub_trainer(model, tokenizer, **overrides):
@@ -200,6 +229,28 @@ def test_rollout_follows_peft_merge_and_disable_adapter(hf_tiny):
     assert worst_logprob_gap() < 1e-4
     model.unmerge_adapter()
     assert worst_logprob_gap() < 1e-4
+
+
+def test_rollout_has_no_lora_dropout(hf_tiny):
+    """A PEFT model with lora_dropout, in train mode as TRL holds it: the rollout samples without dropout (its
+    log-probs are the model's own in eval mode), as vLLM's would."""
+    peft = pytest.importorskip("peft")
+    from rpo_engine.integrations.trl import TRLRollout
+
+    hf, tok = hf_tiny
+    model = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    model.train()
+    out = TRLRollout()(["12+34=", "7*8="], stub_trainer(model, tok, temperature=1.0, max_completion_length=8))
+    model.eval()
+    with torch.no_grad():
+        for p, c, lp in zip(out["prompt_ids"], out["completion_ids"], out["logprobs"]):
+            ids = torch.tensor([p + c])
+            ref = torch.log_softmax(model(ids).logits[0, len(p) - 1:-1], -1).gather(-1, ids[0, len(p):, None])[:, 0]
+            torch.testing.assert_close(torch.tensor(lp), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_chat_prompts_are_templated_as_trl_templates_them(tiny_model_dir, tmp_path):
@@ -815,3 +866,37 @@ def test_shared_prefix_trainer_leaves_groups_without_signal_out_of_the_gradient(
     trainer._loss_advantages = advantages
     trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, mask, C)
     assert trainer.last_logprob_pass["rows_with_gradient"] == len(without_signal)
+
+
+def test_shared_prefix_trainer_dropout(hf_tiny, tmp_path, monkeypatch):
+    """PEFT's lora_dropout: our pass applies it in train mode, as TRL's does (each call another draw), and in
+    eval mode equals TRL's pass. A config's attention_dropout, which our decoder does not compute, sends the
+    train-mode passes to TRL's own, with a warning."""
+    peft = pytest.importorskip("peft")
+    from trl import GRPOTrainer
+
+    hf, tok = hf_tiny
+    model = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    trainer = shared_prefix_trainer(model, tok, tmp_path, monkeypatch)
+    input_ids, mask, C, _ = trl_batch(tok, [("12+34=", [], [5, 1, 9, 3]), ("7*8=", [], [4, 7, 2, 6])], width=8)
+    completion_mask = mask[:, 8:].bool()
+
+    def ours():
+        with torch.no_grad():
+            return trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, mask, C)[0][completion_mask]
+
+    trainer.model.train()
+    assert (ours() - ours()).abs().max() > 1e-3  # another dropout draw each call
+    trainer.model.eval()
+    with torch.no_grad():
+        theirs = GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.model, input_ids, mask, C)[0]
+    torch.testing.assert_close(ours(), theirs[completion_mask], rtol=1e-5, atol=1e-5)
+
+    trainer.model.train()
+    model.config.attention_dropout = 0.1
+    with pytest.warns(UserWarning, match="attention_dropout"):
+        trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, mask, C)

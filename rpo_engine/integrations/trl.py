@@ -129,7 +129,8 @@ class TRLRollout:
             options["gpu_memory_utilization"] = self.gpu_memory_utilization
         self.engine = None  # the old engine's K/V cache freed before the new one is sized
         try:
-            self.engine = RolloutEngine(from_transformers(model), tokenizer=trainer.processing_class, **options)
+            # in eval mode: no dropout in a rollout (PEFT's lora_dropout applies in train mode)
+            self.engine = RolloutEngine(from_transformers(model).eval(), tokenizer=trainer.processing_class, **options)
         except ValueError as e:  # name the knob the TRL user has
             raise ValueError(f"{e} (TRLRollout(gpu_memory_utilization=...), default 0.5)") from None
         self._built_for = key
@@ -486,8 +487,11 @@ class SharedPrefixGRPOTrainer(GRPOTrainer):
         layout = trl_prefix_groups(input_ids, attention_mask, logits_to_keep)
         if layout is None:
             return self._unshared(plain, "a row whose prompt or completion mask is not one run of tokens")
+        model = self.accelerator.unwrap_model(model)
+        if model.training and (getattr(model.config, "attention_dropout", 0.0) or 0.0) > 0:
+            return self._unshared(plain, "attention_dropout > 0 in the model's config (ours computes none)")
         try:
-            ours = self._shared_model(self.accelerator.unwrap_model(model))
+            ours = self._shared_model(model)
         except UserError as e:
             return self._unshared(plain, str(e))
         groups, rows = layout
@@ -547,18 +551,20 @@ class SharedPrefixGRPOTrainer(GRPOTrainer):
 
     def _shared_model(self, model):
         """Our decoder on `model`'s Parameters, one per state of its PEFT adapters (TRL's reference pass
-        switches them off), built again where a Parameter was replaced; the few last kept. The transformers
-        model's gradient checkpointing followed."""
+        switches them off), built again where a Parameter was replaced or moved; the few last kept. The
+        transformers model's train mode (PEFT's lora_dropout) and gradient checkpointing followed."""
         built = getattr(self, "_shared_models", None)
         if built is None:
             built = self._shared_models = {}
-        key = (id(model), tuple(map(id, model.parameters())), peft_adapter_state(model))
+        head = model.get_output_embeddings().weight
+        key = (id(model), tuple(map(id, model.parameters())), head.device, head.dtype, peft_adapter_state(model))
         ours = built.pop(key, None)
         if ours is None:
             ours = from_transformers(model)
         built[key] = ours  # the most recent last
         while len(built) > 4:  # the policy and its reference, adapters on and off
             del built[next(iter(built))]
+        ours.train(model.training)
         ours.gradient_checkpointing = checkpointing(model)
         return ours
 

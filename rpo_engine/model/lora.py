@@ -19,7 +19,8 @@ use_rslora) is supported. Not supported (a clear error when an adapter asks for 
 adapters on the embeddings or the LM head, on some layers only, variants such as aLoRA, and PiSSA, OLoRA,
 CorDA or LoftQ adapters saved unconverted (PEFT rewrites the base weights when it loads those). An adapter's
 lora_dropout is ignored with a warning: dropout on the adapter input would make the training forward differ
-from the rollout's, which the policy ratio reads as a change of policy.
+from the rollout's, which the policy ratio reads as a change of policy. (Under TRL, on a live PEFT model,
+share_peft_adapters applies it in train mode, because TRL's own passes do.)
 """
 from __future__ import annotations
 
@@ -89,6 +90,7 @@ class LoRALinear(nn.Linear):
         self.lora_A = nn.utils.skip_init(nn.Linear, self.in_features, r, **kw)  # [r, in]
         self.lora_B = nn.utils.skip_init(nn.Linear, r, self.out_features, **kw)  # [out, r]
         self.scaling = scaling
+        self.dropout = 0.0  # on the adapter's input in train mode (PEFT's lora_dropout, share_peft_adapters)
         self.adapter_enabled = True
         # A merged copy for rollouts (RolloutEngine(merge_lora=True)); not a parameter, not saved.
         self.rollout_weight: torch.Tensor | None = None
@@ -103,11 +105,14 @@ class LoRALinear(nn.Linear):
             return F.linear(x, self.rollout_weight, self.bias)
         adapter_dtype = self.lora_A.weight.dtype
         if adapter_dtype == x.dtype:
-            return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(x)) * self.scaling
+            return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(self._dropped(x))) * self.scaling
         # PEFT's fp32 adapters on a bf16 base (share_peft_adapters): as PEFT computes it, the adapter in its
         # dtype, the sum in the wider one, rounded back
-        delta = self.lora_B(self.lora_A(x.to(adapter_dtype))) * self.scaling
+        delta = self.lora_B(self.lora_A(self._dropped(x.to(adapter_dtype)))) * self.scaling
         return (F.linear(x, self.weight, self.bias) + delta).to(x.dtype)
+
+    def _dropped(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.dropout, training=True) if self.dropout and self.training else x
 
     def merged_weight(self) -> torch.Tensor:
         """W + B A * scaling [out, in], computed in fp32 (fp64 for an fp64 model) and rounded to W's dtype."""
@@ -130,16 +135,22 @@ def share_peft_adapters(model: nn.Module, peft_model: nn.Module) -> None:
     of the transformers model `peft_model`: a LoRALinear on the adapter's own A and B Parameters and its scaling,
     so an optimizer step on them is a step of ours. One active adapter a projection, on the layers' seven
     projections only; DoRA, adapter biases and other PEFT tuners are a UserError (they would run as plain
-    LoRA or not at all). The adapters are taken as they stand at the build: one merged (PEFT's merge_adapter)
-    is in the base weight already and stays out, as do adapters switched off (inside disable_adapter()). A
-    later merge, unmerge, switch or set_adapter changes peft_adapter_state, and the model must be built again
-    (TRLRollout does). PEFT's lora_dropout is not applied (no dropout in a rollout, as in vLLM's)."""
+    LoRA or not at all), as are PEFT's LoRA variants (aLoRA, ...). The adapters are taken as they stand at the
+    build: one merged (PEFT's merge_adapter) is in the base weight already and stays out, as do adapters switched
+    off (inside disable_adapter()); merged and switched off at once is a UserError (PEFT unmerges at its next
+    forward). A later merge, unmerge, switch, set_adapter or set_scale changes peft_adapter_state, and the model
+    must be built again (TRLRollout and SharedPrefixGRPOTrainer do). PEFT's lora_dropout is applied as PEFT
+    applies it, on the adapter's input in train mode (LoRALinear.dropout): build in eval mode for a rollout."""
     for name, module in peft_model.named_modules():
         if hasattr(module, "base_layer") and not (hasattr(module, "lora_A") and hasattr(module, "lora_B")):
             raise UserError(f"from_transformers: {name} is a {type(module).__name__}, a PEFT layer other than LoRA")
-        if not hasattr(module, "lora_A") or not hasattr(module, "base_layer") or getattr(module, "merged", False):
+        if not hasattr(module, "lora_A") or not hasattr(module, "base_layer"):
             continue
-        if getattr(module, "disable_adapters", False):  # the base alone, as PEFT computes it in there
+        merged, disabled = getattr(module, "merged", False), getattr(module, "disable_adapters", False)
+        if merged and disabled:  # PEFT computes the base, unmerging first: the weight still holds the adapter
+            raise UserError(f"from_transformers: {name}'s adapter is merged into its weight and switched off "
+                            f"(disable_adapter()); call unmerge_adapter() first")
+        if merged or disabled:  # in the base weight already; or the base alone, as PEFT computes it in there
             continue
         active = list(module.active_adapters)
         if len(active) != 1:
@@ -147,6 +158,10 @@ def share_peft_adapters(model: nn.Module, peft_model: nn.Module) -> None:
         adapter = active[0]
         if getattr(module, "use_dora", {}).get(adapter) or getattr(module, "lora_bias", {}).get(adapter):
             raise UserError(f"from_transformers: {name}'s adapter uses {'DoRA' if module.use_dora.get(adapter) else 'a bias'}, "
+                            f"which rpo_engine's LoRA does not compute")
+        variant = getattr(module, "lora_variant", {}).get(adapter)
+        if variant is not None:  # aLoRA and the like: computed otherwise than W x + B A x s
+            raise UserError(f"from_transformers: {name}'s adapter is a PEFT LoRA variant ({type(variant).__name__}), "
                             f"which rpo_engine's LoRA does not compute")
         target = name.rpartition(".")[2]
         if target not in TARGETS or not re.fullmatch(rf"model\.layers\.\d+\.{_PARENT[target]}\.{target}", name):
@@ -157,15 +172,17 @@ def share_peft_adapters(model: nn.Module, peft_model: nn.Module) -> None:
         parent = model.get_submodule(parent_name)
         adapted = LoRALinear(getattr(parent, attr), A.shape[0], float(module.scaling[adapter]))
         adapted.lora_A._parameters["weight"], adapted.lora_B._parameters["weight"] = A, B  # the objects: no copy
+        dropout = module.lora_dropout[adapter] if hasattr(module, "lora_dropout") else None
+        adapted.dropout = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) else 0.0
         setattr(parent, attr, adapted)
 
 
 def peft_adapter_state(peft_model: nn.Module) -> tuple:
     """What share_peft_adapters reads of each PEFT LoRA layer beyond its Parameters: which adapters are
-    merged into the base, whether the adapters are switched off, which are active. Equal states, equal
-    Parameters: a model built by from_transformers still computes what `peft_model` does."""
+    merged into the base, whether the adapters are switched off, which are active, their scalings. Equal
+    states, equal Parameters: a model built by from_transformers still computes what `peft_model` does."""
     return tuple((name, tuple(getattr(m, "merged_adapters", ())), bool(getattr(m, "disable_adapters", False)),
-                  tuple(getattr(m, "active_adapters", ())))
+                  tuple(getattr(m, "active_adapters", ())), tuple(sorted(getattr(m, "scaling", {}).items())))
                  for name, m in peft_model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
 
 
