@@ -900,3 +900,27 @@ def test_shared_prefix_trainer_dropout(hf_tiny, tmp_path, monkeypatch):
     model.config.attention_dropout = 0.1
     with pytest.warns(UserWarning, match="attention_dropout"):
         trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, mask, C)
+
+
+def test_shared_prefix_trainer_follows_replaced_parameters(hf_tiny, tmp_path, monkeypatch):
+    """Parameters resized (resize_token_embeddings) or replaced after a pass: the next pass runs on them, equal
+    to TRL's, and the decoder on the old ones is let go (it would keep them alive)."""
+    from trl import GRPOTrainer
+
+    hf, tok = hf_tiny
+    trainer = shared_prefix_trainer(hf, tok, tmp_path, monkeypatch)
+    input_ids, mask, C, _ = trl_batch(tok, [("12+34=", [], [5, 1, 9]), ("7*8=", [], [4, 7])], width=8)
+    completion_mask = mask[:, 8:].bool()
+    mlp = hf.model.layers[0].mlp
+    for change in (lambda: hf.resize_token_embeddings(hf.config.vocab_size + 8),
+                   lambda: setattr(mlp, "up_proj", torch.nn.Linear(mlp.up_proj.in_features, mlp.up_proj.out_features,
+                                                                   bias=False))):
+        with torch.no_grad():
+            trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, mask, C)
+            change()
+            ours = trainer._get_per_token_logps_and_entropies(trainer.model, input_ids, mask, C)[0]
+            theirs = GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.model, input_ids, mask, C)[0]
+        torch.testing.assert_close(ours[completion_mask], theirs[completion_mask], rtol=1e-5, atol=1e-5)
+        (decoder,) = trainer._shared_models.values()
+        assert decoder.config.vocab_size == hf.config.vocab_size
+        assert decoder.model.layers[0].mlp.up_proj.weight is mlp.up_proj.weight

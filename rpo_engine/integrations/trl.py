@@ -551,16 +551,19 @@ class SharedPrefixGRPOTrainer(GRPOTrainer):
 
     def _shared_model(self, model):
         """Our decoder on `model`'s Parameters, one per state of its PEFT adapters (TRL's reference pass
-        switches them off), built again where a Parameter was replaced or moved; the few last kept. The
+        switches them off), built again where a Parameter was replaced, moved or resized; the few last kept. The
         transformers model's train mode (PEFT's lora_dropout) and gradient checkpointing followed."""
         built = getattr(self, "_shared_models", None)
         if built is None:
             built = self._shared_models = {}
         head = model.get_output_embeddings().weight
-        key = (id(model), tuple(map(id, model.parameters())), head.device, head.dtype, peft_adapter_state(model))
+        key = (id(model), tuple(map(id, model.parameters())), head.device, head.dtype, tuple(head.shape),
+               peft_adapter_state(model))
         ours = built.pop(key, None)
         if ours is None:
             ours = from_transformers(model)
+            for stale in [k for k in built if k[0] == key[0] and k[1:5] != key[1:5]]:  # on replaced Parameters
+                del built[stale]  # (they would stay alive through it)
         built[key] = ours  # the most recent last
         while len(built) > 4:  # the policy and its reference, adapters on and off
             del built[next(iter(built))]
