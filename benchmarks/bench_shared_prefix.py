@@ -18,7 +18,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 from common import (arg_parser, check_gpu, cli, git_commit, machine, out_path, positive_int, random_model,  # noqa: E402
-                    save_json)
+                    saved_activation_bytes, save_json)
 from rpo_engine.kernels import policy_loss  # noqa: E402
 from rpo_engine.model import ModelConfig  # noqa: E402
 from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, layout_tokens  # noqa: E402
@@ -43,21 +43,6 @@ def step(model, groups, shared):
     loss.backward()
 
 
-def saved_activation_bytes(model, groups, shared):
-    """Bytes of the distinct storages autograd keeps for backward, parameters excluded."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step(model, groups, shared)
-    model.zero_grad(set_to_none=True)
-    return sum(seen.values())
 
 
 def measure(model, groups, shared, repeats):
@@ -81,7 +66,8 @@ def measure(model, groups, shared, repeats):
         else:  # CPU time of this 1-thread process: less disturbed by other jobs than the wall clock
             row["cpu_ms"] = 1e3 * statistics.median(cpu_times[1:])
         row["ms"] = 1e3 * statistics.median(times[1:])
-        row["saved_mib"] = saved_activation_bytes(model, groups, shared) / 2**20
+        row["saved_mib"] = saved_activation_bytes(model.parameters(), lambda: step(model, groups, shared)) / 2**20
+        model.zero_grad(set_to_none=True)
     except torch.cuda.OutOfMemoryError:  # the padded batch of the 1.5B shape at G=16 may not fit
         model.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()

@@ -105,6 +105,22 @@ def random_model(config, device, dtype):
     return model
 
 
+def saved_activation_bytes(parameters, step) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while `step()` runs, `parameters` excluded."""
+    params = {p.untyped_storage().data_ptr() for p in parameters}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(seen.values())
+
+
 def machine(device=None) -> str:
     """The GPU's name, or the CPU model and torch's thread count."""
     if torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type == "cuda":

@@ -32,4 +32,4 @@ du -sh .whl .cache
 commit=$(git rev-parse HEAD)
 git diff --quiet HEAD || echo "warning: uncommitted changes: the results will name $commit all the same"
 echo "device run 1: command \"GIT_COMMIT=$commit SUITE_STEPS='tests_kernels kernels rollout' OUT=\$OUT bash benchmarks/gpu_suite.sh\", carry [\".whl\", \".cache\"], timeout_s 600"
-echo "then, with 5+ minutes left: SUITE_STEPS='shared_prefix torchrun paper_shape trl' SUITE_BUDGET_S=<left - 60>"
+echo "then, with 5+ minutes left: SUITE_STEPS='shared_prefix torchrun paper_shape trl trl_update' SUITE_BUDGET_S=<left - 60>"

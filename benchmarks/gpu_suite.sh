@@ -7,8 +7,8 @@
 # issues wait for:
 #   1. "tests_kernels kernels rollout"     kernels compiled and checked, then vs naive/Liger; rollout roofline and
 #                                           the ratio to transformers.generate (issues 3, 4)
-#   2. "shared_prefix torchrun paper_shape trl"   1.5B-shaped sharing, the torchrun launcher path, the
-#                                           paper-shaped step, the TRL ratio (issues 8, 7, 6)
+#   2. "shared_prefix torchrun paper_shape trl trl_update"   1.5B-shaped sharing, the torchrun launcher path, the
+#                                           paper-shaped step, the TRL ratio and TRL's update (issues 8, 7, 6)
 #   3. "tests host rewards sampler lora train"     the rest of the GPU tests and benchmarks
 # (install and wheels always run.) After every step suite.json and suite.tar.gz are written again, so a
 # call cut short still brings back what it finished. Results, in $OUT (the device returns at most 8 files):
@@ -167,6 +167,8 @@ bench train 90 python benchmarks/bench_train.py --seeds 0 --steps 10 --out "$OUT
 if timeout -k 5 60 python -c "import trl, datasets" 2>/dev/null; then
   # issue 6's ratio (trl, full) first: a time limit keeps what finished (trl_cuda.partial.json)
   bench trl 150 python benchmarks/bench_trl.py --gpu --passes 1 --systems trl full rpo trl_engine trl_rpo trl_rpo_shared --out "$OUT/trl_cuda.json"
+  # TRL's update on a paper-shaped RPO group at Qwen2.5-1.5B's shape: GRPOTrainer vs SharedPrefixGRPOTrainer
+  bench trl_update 90 python benchmarks/bench_trl_update.py --gpu --repeats 2 --out "$OUT/trl_update_cuda.json"
 else
   step trl 20 python -c "import trl, datasets"  # recorded failed (no TRL here: gpu_prepare.sh), or not selected
 fi

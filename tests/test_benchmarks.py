@@ -237,6 +237,7 @@ def test_every_benchmark_checks_out_before_it_runs(tmp_path, script):
     ("bench_rewards.py", ["--repeats", "0"], ["--repeats"]),
     ("bench_rewards.py", ["--completions", "0"], ["--completions"]),
     ("bench_trl.py", ["--prompts-per-step", "0"], ["--prompts-per-step"]),
+    ("bench_trl_update.py", ["--loads", "64:8"], ["--loads", "64:8", "prompt"]),
     ("bench_paper_shape.py", ["--cpu", "--suffix-len", "16", "--full-len", "8"], ["--suffix-len", "--full-len"]),
     # every run's train flags are checked before the first training starts
     ("bench_train.py", ["--rpo-variants", " --bogus"], ["--rpo-variants", "--bogus"]),
@@ -286,6 +287,22 @@ def test_bench_trl_runs_trl_with_and_without_our_rollout(tmp_path, tiny_model_di
                                         "trl_engine_vs_trl_time_per_token", "trl_rpo_shared_vs_trl_step_time",
                                         "trl_rpo_shared_vs_trl_time_per_token", "trl_rpo_vs_trl_step_time",
                                         "trl_rpo_vs_trl_time_per_token"]
+
+
+def test_bench_trl_update_measures_both_trainers_on_the_same_computation(tmp_path):
+    """bench_trl_update: GRPOTrainer's loss pass and SharedPrefixGRPOTrainer's on the same RPO inputs, the same
+    loss and gradients, with the speedup and memory ratio."""
+    pytest.importorskip("trl")
+    out = tmp_path / "update.json"
+    stdout = run_bench("bench_trl_update.py", "--tiny", "--loads", "160:2", "200:3", "--repeats", 1, "--out", out)
+    assert_saved_as_it_went(stdout, out, cases=2)
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["trainer"], r["prefix"], r["G"]) for r in rows] == [
+        ("GRPOTrainer", 160, 2), ("SharedPrefixGRPOTrainer", 160, 2),
+        ("GRPOTrainer", 200, 3), ("SharedPrefixGRPOTrainer", 200, 3)]
+    for plain, shared in (rows[:2], rows[2:]):
+        assert shared["loss"] == pytest.approx(plain["loss"], rel=1e-5, abs=1e-6)
+        assert shared["max_grad_difference"] < 1e-3 and shared["speedup"] > 0 and shared["memory_reduction"] > 1
 
 
 def test_bench_trl_keeps_our_systems_when_trl_fails(tmp_path, tiny_model_dir):
