@@ -6,7 +6,7 @@ loses every update smaller than half a bf16 ulp (about 0.4% of the weight), whic
 is most of them. So the optimizer keeps an fp32 copy of each bf16 parameter, steps AdamW on the copy
 with the gradient promoted to fp32, and writes the rounded result back into the model: the usual
 "bf16 params + fp32 master weights" mixed precision (Megatron, DeepSpeed), without autocast re-casting
-weights on every forward. Parameters that are already fp32 are stepped in place, as plain AdamW does.
+weights on every forward. Parameters that are already fp32 (or fp64) are stepped in place, as plain AdamW does.
 
 With `fp32_grad_accumulation`, each backward's bf16 gradient is added into the master's fp32 gradient as
 soon as autograd has it (and the bf16 one dropped), so micro-batches sum in fp32 as Megatron's and
@@ -42,7 +42,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
             masters = []
             for p in group["params"]:
                 self.model_params.append(p)
-                if p.dtype == torch.float32:
+                if not _needs_master(p):
                     masters.append(p)
                 else:
                     masters.append(p.detach().float().clone().requires_grad_(p.requires_grad))
@@ -185,5 +185,11 @@ def make_adamw(model, lr: float, weight_decay: float, betas=(0.9, 0.99), eps: fl
 
 
 def trains_low_precision(model) -> bool:
-    """Whether some trained parameter of `model` is not fp32: then make_adamw keeps fp32 masters."""
-    return any(p.requires_grad and p.dtype != torch.float32 for p in model.parameters())
+    """Whether some trained parameter of `model` is narrower than fp32: then make_adamw keeps fp32 masters."""
+    return any(p.requires_grad and _needs_master(p) for p in model.parameters())
+
+
+def _needs_master(p: torch.Tensor) -> bool:
+    """bf16 / fp16 weights get an fp32 master; fp32 and fp64 ones are stepped in place (an fp32 master of an fp64
+    weight would round it to fp32 at every step)."""
+    return p.is_floating_point() and torch.finfo(p.dtype).bits < 32

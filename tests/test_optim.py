@@ -116,6 +116,33 @@ def test_make_adamw_is_plain_adamw_for_fp32_models():
     assert isinstance(make_adamw(model.bfloat16(), lr=1e-3, weight_decay=0.01), MasterWeightAdamW)
 
 
+def test_fp64_weights_are_stepped_in_fp64():
+    """Masters are for weights narrower than fp32: an fp64 model (load_model(dtype=torch.float64), the tests'
+    exact references) is stepped as plain AdamW steps it, not through fp32 copies that round every weight to
+    fp32 at each step; given to MasterWeightAdamW, its fp64 parameters are stepped in place like fp32 ones."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4)).double()
+    ref = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4)).double()
+    ref.load_state_dict(model.state_dict())
+    opt = make_adamw(model, lr=1e-3, weight_decay=0.1)
+    opt_ref = torch.optim.AdamW([{"params": [p for p in ref.parameters() if p.ndim >= 2], "weight_decay": 0.1},
+                                 {"params": [p for p in ref.parameters() if p.ndim < 2], "weight_decay": 0.0}],
+                                lr=1e-3, betas=(0.9, 0.99), eps=1e-8)
+    mixed = torch.nn.Sequential(torch.nn.Linear(16, 8).double(), torch.nn.Linear(8, 4).bfloat16())
+    opt_mixed = MasterWeightAdamW(mixed.parameters(), lr=1e-3)
+    assert [p.dtype for p, _ in opt_mixed.low_precision_pairs()] == [torch.bfloat16] * 2
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        for p, q in zip(model.parameters(), ref.parameters()):
+            p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            q.grad = p.grad.clone()
+        opt.step()
+        opt_ref.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert p.dtype == torch.float64
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
 def test_lr_schedules_match_hugging_face_after_the_warmup():
     """Each --lr-scheduler-type is Hugging Face's schedule of that name from the warmup's end on (during the
     warmup ours starts at 1 / (warmup + 1) instead of 0), on fresh lengths."""
