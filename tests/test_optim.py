@@ -59,6 +59,34 @@ def test_updates_below_bf16_resolution_accumulate():
     assert plain_moved < mixed_moved // 2
 
 
+@pytest.mark.parametrize("fp32_grad_accumulation", [False, True])
+def test_a_param_group_added_later_gets_masters_too(fp32_grad_accumulation):
+    """add_param_group (unfreezing layers mid-run): the new group's bf16 weights are stepped through fp32 masters
+    as the first groups' are, and their masters are saved, not stepped in bf16 in place."""
+    ref, low = _pair()
+    opt_ref = torch.optim.AdamW(ref[0].parameters(), lr=1e-3)
+    opt_ref.add_param_group({"params": list(ref[1].parameters()), "lr": 1e-2})
+    opt = MasterWeightAdamW(low[0].parameters(), lr=1e-3, fp32_grad_accumulation=fp32_grad_accumulation)
+    opt.add_param_group({"params": list(low[1].parameters()), "lr": 1e-2})
+    assert len(opt.low_precision_pairs()) == 4
+    x = torch.randn(3, 16)
+    for step in range(3):
+        opt.zero_grad()
+        opt_ref.zero_grad()
+        ref(x).square().sum().backward()
+        low(x.bfloat16()).square().sum().backward()
+        grads = [m.grad if fp32_grad_accumulation else p.grad for p, m in opt.low_precision_pairs()]
+        for r, g in zip(ref.parameters(), grads):
+            r.grad = g.float()  # the same gradient for both
+        opt.step()
+        opt_ref.step()
+    for r, m, p in zip(ref.parameters(), opt.masters(), low.parameters()):
+        assert m.dtype == torch.float32
+        torch.testing.assert_close(m, r, rtol=0, atol=0)
+        torch.testing.assert_close(p, r.bfloat16(), rtol=0, atol=0)
+    assert len(opt.state_dict()["master_weights"]) == 4
+
+
 def test_state_dict_resumes_from_the_masters():
     _, low = _pair()
     opt = MasterWeightAdamW(low.parameters(), lr=1e-3)
