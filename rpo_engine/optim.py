@@ -6,7 +6,7 @@ loses every update smaller than half a bf16 ulp (about 0.4% of the weight), whic
 is most of them. So the optimizer keeps an fp32 copy of each bf16 parameter, steps AdamW on the copy
 with the gradient promoted to fp32, and writes the rounded result back into the model: the usual
 "bf16 params + fp32 master weights" mixed precision (Megatron, DeepSpeed), without autocast re-casting
-weights on every forward. Parameters that are already fp32 are stepped in place, as plain AdamW does.
+weights on every forward. Parameters that are already fp32 (or fp64) are stepped in place, as plain AdamW does.
 
 With `fp32_grad_accumulation`, each backward's bf16 gradient is added into the master's fp32 gradient as
 soon as autograd has it (and the bf16 one dropped), so micro-batches sum in fp32 as Megatron's and
@@ -33,26 +33,27 @@ class MasterWeightAdamW(torch.optim.AdamW):
     """
 
     def __init__(self, params, fp32_grad_accumulation: bool = False, **kwargs):
-        groups = list(params)
-        if groups and not isinstance(groups[0], dict):
-            groups = [{"params": groups}]
         self.model_params: list[torch.Tensor] = []
-        master_groups = []
-        for group in groups:
-            masters = []
-            for p in group["params"]:
-                self.model_params.append(p)
-                if p.dtype == torch.float32:
-                    masters.append(p)
-                else:
-                    masters.append(p.detach().float().clone().requires_grad_(p.requires_grad))
-            master_groups.append(dict(group, params=masters))
-        super().__init__(master_groups, **kwargs)
         # Off by default: an embedder's own loop that clips model.parameters() would find no gradients there, and
         # a DDP reducer would find no bf16 .grad to all-reduce (the trainer's ddp path runs without one).
         self.fp32_grad_accumulation = fp32_grad_accumulation
-        if fp32_grad_accumulation:
-            for p, m in self.low_precision_pairs():
+        super().__init__(params, **kwargs)  # each group through add_param_group below
+
+    def add_param_group(self, param_group: dict) -> None:
+        """A group of model parameters, each low-precision one replaced by its fp32 master: torch's __init__ adds
+        the first groups through here, and a group added later (layers unfrozen mid-run) gets masters alike."""
+        params = param_group["params"]
+        if isinstance(params, set):  # torch's refusal (an unordered set would scramble a saved state's order)
+            return super().add_param_group(param_group)
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if not {id(q) for q in self.model_params}.isdisjoint(map(id, params)):  # torch's would see two fresh masters
+            raise ValueError("some parameters appear in more than one parameter group")
+        masters = [p.detach().float().clone().requires_grad_(p.requires_grad) if _needs_master(p) else p
+                   for p in params]
+        super().add_param_group(dict(param_group, params=masters))
+        self.model_params.extend(params)
+        for p, m in zip(params, masters):
+            if self.fp32_grad_accumulation and p is not m:
                 p.register_post_accumulate_grad_hook(functools.partial(_add_grad_into, m))
 
     def masters(self) -> list[torch.Tensor]:
@@ -185,5 +186,11 @@ def make_adamw(model, lr: float, weight_decay: float, betas=(0.9, 0.99), eps: fl
 
 
 def trains_low_precision(model) -> bool:
-    """Whether some trained parameter of `model` is not fp32: then make_adamw keeps fp32 masters."""
-    return any(p.requires_grad and p.dtype != torch.float32 for p in model.parameters())
+    """Whether some trained parameter of `model` is narrower than fp32: then make_adamw keeps fp32 masters."""
+    return any(p.requires_grad and _needs_master(p) for p in model.parameters())
+
+
+def _needs_master(p: torch.Tensor) -> bool:
+    """bf16 / fp16 weights get an fp32 master; fp32 and fp64 ones are stepped in place (an fp32 master of an fp64
+    weight would round it to fp32 at every step)."""
+    return p.is_floating_point() and torch.finfo(p.dtype).bits < 32

@@ -391,6 +391,27 @@ def test_unsupported_rope_type(tmp_path, rope_type, message):
         rpo_engine.load_model(tmp_path)
 
 
+def test_llama_partial_rotary_factor_is_refused(tmp_path):
+    """A Llama config.json with partial_rotary_factor < 1 asks for RoPE on part of each head (vLLM's Llama rotates
+    that part; transformers' computes that many frequencies and then fails to apply them): our decoder rotates
+    every dimension, so it is a one-line error naming the field, top-level or in rope_parameters; 1.0 is plain
+    RoPE. (Qwen2/Qwen3 in transformers ignore the field, as we do.)"""
+    from transformers import AutoModelForCausalLM
+
+    save_hf_checkpoint("llama", tmp_path)
+    params = json.loads((tmp_path / "config.json").read_text())["rope_parameters"]
+    for changes in (dict(partial_rotary_factor=0.5), dict(rope_parameters=dict(params, partial_rotary_factor=0.5))):
+        _edit_config(tmp_path, **changes)
+        with pytest.raises(UserError, match=r"config\.json: partial_rotary_factor 0\.5: .*not supported"):
+            rpo_engine.load_model(tmp_path)
+        _edit_config(tmp_path, partial_rotary_factor=None, rope_parameters=params)
+    _edit_config(tmp_path, partial_rotary_factor=1.0)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
+    ids = random_ids(131)
+    with torch.no_grad():
+        assert rel_err(rpo_engine.load_model(tmp_path)(ids), hf(ids).logits) < 1e-5
+
+
 def test_missing_tensor(tmp_path):
     save_hf_checkpoint("qwen2", tmp_path)
     state = load_file(tmp_path / "model.safetensors")

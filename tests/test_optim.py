@@ -59,6 +59,34 @@ def test_updates_below_bf16_resolution_accumulate():
     assert plain_moved < mixed_moved // 2
 
 
+@pytest.mark.parametrize("fp32_grad_accumulation", [False, True])
+def test_a_param_group_added_later_gets_masters_too(fp32_grad_accumulation):
+    """add_param_group (unfreezing layers mid-run): the new group's bf16 weights are stepped through fp32 masters
+    as the first groups' are, and their masters are saved, not stepped in bf16 in place."""
+    ref, low = _pair()
+    opt_ref = torch.optim.AdamW(ref[0].parameters(), lr=1e-3)
+    opt_ref.add_param_group({"params": list(ref[1].parameters()), "lr": 1e-2})
+    opt = MasterWeightAdamW(low[0].parameters(), lr=1e-3, fp32_grad_accumulation=fp32_grad_accumulation)
+    opt.add_param_group({"params": list(low[1].parameters()), "lr": 1e-2})
+    assert len(opt.low_precision_pairs()) == 4
+    x = torch.randn(3, 16)
+    for step in range(3):
+        opt.zero_grad()
+        opt_ref.zero_grad()
+        ref(x).square().sum().backward()
+        low(x.bfloat16()).square().sum().backward()
+        grads = [m.grad if fp32_grad_accumulation else p.grad for p, m in opt.low_precision_pairs()]
+        for r, g in zip(ref.parameters(), grads):
+            r.grad = g.float()  # the same gradient for both
+        opt.step()
+        opt_ref.step()
+    for r, m, p in zip(ref.parameters(), opt.masters(), low.parameters()):
+        assert m.dtype == torch.float32
+        torch.testing.assert_close(m, r, rtol=0, atol=0)
+        torch.testing.assert_close(p, r.bfloat16(), rtol=0, atol=0)
+    assert len(opt.state_dict()["master_weights"]) == 4
+
+
 def test_state_dict_resumes_from_the_masters():
     _, low = _pair()
     opt = MasterWeightAdamW(low.parameters(), lr=1e-3)
@@ -114,6 +142,33 @@ def test_make_adamw_is_plain_adamw_for_fp32_models():
     assert type(opt) is torch.optim.AdamW
     assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
     assert isinstance(make_adamw(model.bfloat16(), lr=1e-3, weight_decay=0.01), MasterWeightAdamW)
+
+
+def test_fp64_weights_are_stepped_in_fp64():
+    """Masters are for weights narrower than fp32: an fp64 model (load_model(dtype=torch.float64), the tests'
+    exact references) is stepped as plain AdamW steps it, not through fp32 copies that round every weight to
+    fp32 at each step; given to MasterWeightAdamW, its fp64 parameters are stepped in place like fp32 ones."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4)).double()
+    ref = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4)).double()
+    ref.load_state_dict(model.state_dict())
+    opt = make_adamw(model, lr=1e-3, weight_decay=0.1)
+    opt_ref = torch.optim.AdamW([{"params": [p for p in ref.parameters() if p.ndim >= 2], "weight_decay": 0.1},
+                                 {"params": [p for p in ref.parameters() if p.ndim < 2], "weight_decay": 0.0}],
+                                lr=1e-3, betas=(0.9, 0.99), eps=1e-8)
+    mixed = torch.nn.Sequential(torch.nn.Linear(16, 8).double(), torch.nn.Linear(8, 4).bfloat16())
+    opt_mixed = MasterWeightAdamW(mixed.parameters(), lr=1e-3)
+    assert [p.dtype for p, _ in opt_mixed.low_precision_pairs()] == [torch.bfloat16] * 2
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        for p, q in zip(model.parameters(), ref.parameters()):
+            p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            q.grad = p.grad.clone()
+        opt.step()
+        opt_ref.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert p.dtype == torch.float64
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
 def test_lr_schedules_match_hugging_face_after_the_warmup():

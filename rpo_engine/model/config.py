@@ -195,6 +195,13 @@ class ModelConfig:
             if scaling is not None and scaling != rope_scaling:
                 raise UserError(f"rope_parameters {rope_params} differ from rope_scaling {top_scaling}, which "
                                 f"transformers reads instead; keep one of them")
+        # RoPE on part of each head: vLLM's Llama rotates that part, transformers' fails; we rotate every dimension.
+        # (transformers' Qwen2/Qwen3 ignore the field, as we do.)
+        for partial in (hf.get("partial_rotary_factor"), rope_params.get("partial_rotary_factor"),
+                        (top_scaling or {}).get("partial_rotary_factor")):
+            if model_type == "llama" and partial is not None and partial != 1:
+                raise UserError(f"partial_rotary_factor {partial}: rotary embeddings on part of each head are not "
+                                f"supported")
         # transformers 5 takes a top-level original_max_position_embeddings over the scaling rule's own
         top_original = hf.get("original_max_position_embeddings")
         if rope_scaling is not None and top_original is not None \
