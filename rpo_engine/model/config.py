@@ -155,7 +155,7 @@ class ModelConfig:
             raise UserError(f"unsupported hidden_act {act!r}; expected 'silu'")
         num_layers = need("num_hidden_layers")
         dropout = hf.get("attention_dropout") or 0.0
-        if dropout:  # transformers drops attention weights in train mode; RL trains without (as TRL's disable_dropout)
+        if dropout:  # transformers drops attention weights in train mode (TRL's disable_dropout leaves it); we never
             warnings.warn(f"attention_dropout {dropout} is ignored: rpo_engine trains without dropout, which would make "
                           f"the training forward differ from the rollout's (the policy ratio would read it as a change "
                           f"of policy)", stacklevel=3)
