@@ -11,14 +11,14 @@ CPU: a small Qwen2-shaped model in fp32. --gpu (default on CUDA): Qwen2.5-1.5B's
 Writes benchmarks/results/shared_prefix_<cpu|cuda>.json; until every load has run, shared_prefix_<...>.partial.json
 (what a time limit leaves). Usage: python benchmarks/bench_shared_prefix.py
 """
-import datetime, os, platform, random, statistics, sys, time  # noqa: E401
+import datetime, os, platform, random, sys  # noqa: E401
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 from common import (arg_parser, check_gpu, cli, git_commit, machine, out_path, positive_int, random_model,  # noqa: E402
-                    saved_activation_bytes, save_json)
+                    saved_activation_bytes, save_json, time_step)
 from rpo_engine.kernels import policy_loss  # noqa: E402
 from rpo_engine.model import ModelConfig  # noqa: E402
 from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, layout_tokens  # noqa: E402
@@ -46,26 +46,10 @@ def step(model, groups, shared):
 
 
 def measure(model, groups, shared, repeats):
-    cuda = model.device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    row, times, cpu_times = {"layout_tokens": layout_tokens(groups, shared)}, [], []
+    row = {"layout_tokens": layout_tokens(groups, shared)}
     try:
-        for _ in range(repeats + 1):
-            model.zero_grad(set_to_none=True)
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-            sync()
-            t0, c0 = time.perf_counter(), time.process_time()
-            step(model, groups, shared)
-            sync()
-            times.append(time.perf_counter() - t0)
-            cpu_times.append(time.process_time() - c0)
-        if cuda:  # of the last timed step: activations + gradients + transients
-            row["cuda_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-        else:  # CPU time of this 1-thread process: less disturbed by other jobs than the wall clock
-            row["cpu_ms"] = 1e3 * statistics.median(cpu_times[1:])
-        row["ms"] = 1e3 * statistics.median(times[1:])
+        row.update(time_step(model, lambda: step(model, groups, shared), repeats)[0])
+        model.zero_grad(set_to_none=True)
         row["saved_mib"] = saved_activation_bytes(model.parameters(), lambda: step(model, groups, shared)) / 2**20
         model.zero_grad(set_to_none=True)
     except torch.cuda.OutOfMemoryError:  # the padded batch of the 1.5B shape at G=16 may not fit

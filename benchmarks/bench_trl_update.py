@@ -11,22 +11,18 @@ recorded: the same computation. CPU: a small Qwen2 shape in fp32; --gpu (default
 Writes benchmarks/results/trl_update_<cpu|cuda>.json; until every load has run, trl_update_<...>.partial.json.
 Needs TRL (`pip install -e ".[bench]"`). Usage: python benchmarks/bench_trl_update.py
 """
-import datetime, os, platform, random, statistics, sys, tempfile, time  # noqa: E401
+import datetime, os, platform, random, sys, tempfile  # noqa: E401
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 from common import (arg_parser, check_gpu, cli, git_commit, machine, out_path, positive_int,  # noqa: E402
-                    saved_activation_bytes, save_json)
+                    saved_activation_bytes, save_json, time_step)
+from bench_shared_prefix import LOADS, QWEN25_15B, SMALL  # noqa: E402  (our update's benchmark: the same shapes)
 from rpo_engine.errors import UserError  # noqa: E402
 
-SMALL = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-             vocab_size=8192)
-QWEN25_15B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                  num_key_value_heads=2, vocab_size=151936, rope_theta=1e6)
-LOADS = [(1024, 8), (2048, 8), (2048, 16)]  # (prefix length: prompt + kept path, G)
-PROMPT = 64
+PROMPT = 64  # of each LOADS prefix: the rest is the kept path
 
 
 def load(text: str) -> tuple[int, int]:
@@ -94,35 +90,20 @@ def loss_pass(trainer, inputs):
 
 
 def measure(trainer, inputs, repeats):
-    model, cuda = trainer.model, inputs["prompt_ids"].is_cuda
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    row, times, cpu_times = {}, [], []
+    """-> (time and memory row with the loss, the last timed pass's gradients; None on CUDA OOM)."""
+    model = trainer.model
     try:
-        for _ in range(repeats + 1):
-            model.zero_grad(set_to_none=True)
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-            sync()
-            t0, c0 = time.perf_counter(), time.process_time()
-            row["loss"] = loss_pass(trainer, inputs)
-            sync()
-            times.append(time.perf_counter() - t0)
-            cpu_times.append(time.process_time() - c0)
-        if cuda:
-            row["cuda_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-        else:
-            row["cpu_ms"] = 1e3 * statistics.median(cpu_times[1:])
-        row["ms"] = 1e3 * statistics.median(times[1:])
+        row, loss = time_step(model, lambda: loss_pass(trainer, inputs), repeats)
         grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
         model.zero_grad(set_to_none=True)
-        row["saved_mib"] = saved_activation_bytes(model.parameters(), lambda: loss_pass(trainer, inputs)) / 2**20
+        row.update(loss=loss, saved_mib=saved_activation_bytes(model.parameters(), lambda: loss_pass(trainer, inputs))
+                   / 2**20)
         model.zero_grad(set_to_none=True)
         return row, grads
     except torch.cuda.OutOfMemoryError:  # the padded batch of the 1.5B shape at G=16 may not fit
         model.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
-        return dict(row, oom=True), None
+        return {"oom": True}, None
 
 
 def main(argv=None):

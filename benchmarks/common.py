@@ -6,8 +6,10 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -103,6 +105,33 @@ def random_model(config, device, dtype):
         model = CausalLM(config).init_weights().to(dtype)
     model.model.rotary_emb.inv_freq = rope_inv_freq(config).to(device)
     return model
+
+
+def time_step(model, step, repeats: int) -> tuple[dict, object]:
+    """Run `step()` (a forward and backward of `model`) once to warm up, then `repeats` times, each from zeroed
+    gradients. -> ({"ms": median wall ms, and on CUDA "cuda_peak_mib" (the last run's peak above what was allocated
+    before it), on CPU "cpu_ms" (this process's CPU time, which other jobs on a shared machine disturb less)},
+    the last run's return value). The last run's gradients stay."""
+    cuda = next(model.parameters()).is_cuda
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    row, times, cpu_times, result = {}, [], [], None
+    for _ in range(repeats + 1):
+        model.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        sync()
+        t0, c0 = time.perf_counter(), time.process_time()
+        result = step()
+        sync()
+        times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
+    if cuda:
+        row["cuda_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        row["cpu_ms"] = 1e3 * statistics.median(cpu_times[1:])
+    row["ms"] = 1e3 * statistics.median(times[1:])
+    return row, result
 
 
 def saved_activation_bytes(parameters, step) -> int:

@@ -48,17 +48,22 @@ def test_from_transformers_refuses_what_it_cannot_share():
         from_transformers(hf)
 
 
-def peft_model(family="qwen2", dtype=torch.float32, **lora):
-    """A PEFT LoRA model on a random transformers model, with B random too (PEFT starts it at zero, which
-    would hide an adapter left out)."""
+def with_adapters(model, std=0.1, **lora):
+    """PEFT LoRA on a transformers `model` (r 4, alpha 8, three projections unless `lora` says otherwise), with
+    B random too (PEFT starts it at zero, which would hide an adapter left out or counted twice)."""
     peft = pytest.importorskip("peft")
     lora = dict(dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]), **lora)
-    model = peft.get_peft_model(make_hf_model(family).to(dtype), peft.LoraConfig(**lora))
+    model = peft.get_peft_model(model, peft.LoraConfig(**lora))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.1)
+                p.normal_(0, std)
     return model
+
+
+def peft_model(family="qwen2", dtype=torch.float32, **lora):
+    """A PEFT LoRA model on a random transformers model of `family`."""
+    return with_adapters(make_hf_model(family).to(dtype), **lora)
 
 
 @pytest.mark.parametrize("lora", [{}, {"use_rslora": True, "r": 8, "target_modules": "all-linear"}],
@@ -200,15 +205,10 @@ def test_rollout_follows_peft_merge_and_disable_adapter(hf_tiny):
     """PEFT's switches after the engine was built: inside disable_adapter() the rollout samples the base model,
     after merge_adapter() the merged weights (the adapter not counted twice), after unmerge_adapter() base plus
     adapter again; each time a completion's log-probs are the PEFT model's teacher-forced ones."""
-    peft = pytest.importorskip("peft")
     from rpo_engine.integrations.trl import TRLRollout
 
     hf, tok = hf_tiny
-    model = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)  # PEFT starts B at zero, which would hide an adapter counted wrongly
+    model = with_adapters(hf, std=0.5)
     rollout, trainer = TRLRollout(), stub_trainer(model, tok, temperature=1.0, max_completion_length=8)
     prompts = ["12+34=", "7*8="]
 
@@ -234,15 +234,10 @@ def test_rollout_follows_peft_merge_and_disable_adapter(hf_tiny):
 def test_rollout_has_no_lora_dropout(hf_tiny):
     """A PEFT model with lora_dropout, in train mode as TRL holds it: the rollout samples without dropout (its
     log-probs are the model's own in eval mode), as vLLM's would."""
-    peft = pytest.importorskip("peft")
     from rpo_engine.integrations.trl import TRLRollout
 
     hf, tok = hf_tiny
-    model = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules="all-linear"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
+    model = with_adapters(hf, std=0.5, lora_dropout=0.5, target_modules="all-linear")
     model.train()
     out = TRLRollout()(["12+34=", "7*8="], stub_trainer(model, tok, temperature=1.0, max_completion_length=8))
     model.eval()
@@ -872,15 +867,11 @@ def test_shared_prefix_trainer_dropout(hf_tiny, tmp_path, monkeypatch):
     """PEFT's lora_dropout: our pass applies it in train mode, as TRL's does (each call another draw), and in
     eval mode equals TRL's pass. A config's attention_dropout, which our decoder does not compute, sends the
     train-mode passes to TRL's own, with a warning."""
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("trl")
     from trl import GRPOTrainer
 
     hf, tok = hf_tiny
-    model = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules="all-linear"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
+    model = with_adapters(hf, std=0.5, lora_dropout=0.3, target_modules="all-linear")
     trainer = shared_prefix_trainer(model, tok, tmp_path, monkeypatch)
     input_ids, mask, C, _ = trl_batch(tok, [("12+34=", [], [5, 1, 9, 3]), ("7*8=", [], [4, 7, 2, 6])], width=8)
     completion_mask = mask[:, 8:].bool()
