@@ -237,8 +237,7 @@ def save_pretrained(model: CausalLM, directory, tokenizer=None) -> None:
     The tokenizer comes from `tokenizer` (anything with save_pretrained) or is copied from the
     directory the model was loaded from.
     """
-    # the model's own generation_config.json, or none: an earlier model's stop tokens must not stay behind
-    with replacing_directory(directory, supersedes=WEIGHT_FILES + ("generation_config.json",)) as tmp:
+    with replacing_directory(directory, supersedes=WEIGHT_FILES) as tmp:
         # LoRA adapters are merged into their weights: the directory is a plain model (model/lora.py)
         state = {k: v.detach().contiguous().cpu() for k, v in merged_state_dict(model).items()}
         if model.config.tie_word_embeddings:
