@@ -589,8 +589,8 @@ def test_two_tracked_reward_functions_are_refused(hf_tiny, tmp_path, monkeypatch
 def test_rpo_rollout_on_two_processes_keeps_one_cache(tiny_model_dir, tmp_path):
     """torchrun, 2 CPU processes, TRL splitting every group of 4 over them: both hold the same cache after
     each step, a group's members continue the same kept prefix on both, and length_aware shapes each group
-    as a whole (what one process computes on the whole batch). SharedPrefixGRPOTrainer there runs TRL's own
-    pass for the gradient (DDP's hooks), saying so once a process."""
+    as a whole (what one process computes on the whole batch). SharedPrefixGRPOTrainer there, its loss pass
+    through DDP's wrapper, trains as GRPOTrainer does: the same losses, gradient norms and weights."""
     import json
     import os
     import subprocess
@@ -601,18 +601,27 @@ def test_rpo_rollout_on_two_processes_keeps_one_cache(tiny_model_dir, tmp_path):
     from rpo_engine.integrations.trl import length_aware
 
     repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(repo / "tests" / "trl_ranks.py"), str(tmp_path), str(tiny_model_dir)],
-                          capture_output=True, text=True, timeout=300, cwd=repo,
-                          env=dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+    def torchrun(trainer, out):
+        out.mkdir()
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               str(repo / "tests" / "trl_ranks.py"), str(out), str(tiny_model_dir), trainer],
+                              capture_output=True, text=True, timeout=300, cwd=repo,
+                              env=dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1"))
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+    ranks, plain = torchrun("shared", tmp_path / "shared"), torchrun("grpo", tmp_path / "grpo")
+    for shared, theirs in zip(ranks, plain):  # DDP's all-reduce ran: every rank trained as GRPOTrainer's did
+        assert shared["fallbacks"] == [] and len(shared["log"]) == 3
+        for mine, trl_log in zip(shared["log"], theirs["log"], strict=True):
+            assert mine == pytest.approx(trl_log, rel=1e-4, abs=1e-6)
+        assert shared["weights"] == pytest.approx(theirs["weights"], rel=1e-6)
+    assert ranks[0]["weights"] == ranks[1]["weights"]  # the same weights on both processes
     steps = list(zip(ranks[0]["rollouts"], ranks[1]["rollouts"]))
     assert len(steps) == 3
     seen = {key for a, b in steps for key in a["rpo_prompt_key"] + b["rpo_prompt_key"]}
     assert ranks[0]["cache"] == ranks[1]["cache"] and set(ranks[0]["cache"]) == seen
-    for rank in ranks:
-        assert len(rank["fallbacks"]) == 1 and "several processes" in rank["fallbacks"][0]
     for number, (a, b) in enumerate(steps):
         kept = {}
         for share in (a, b):

@@ -471,9 +471,10 @@ class SharedPrefixGRPOTrainer(GRPOTrainer):
 
     Our decoder runs on the model's own Parameters (from_transformers: Llama, Qwen2, Qwen3, with PEFT LoRA
     adapters), under TRL's autocast; the LM head runs outside it, in the weights' dtype, as TRL's
-    cast_lm_head_to_fp32 would. TRL's own pass runs instead, after one warning saying why, where sharing
-    cannot: several processes (DDP's gradient hooks expect its own forward; the passes without gradient are
-    still shared), vision inputs, a MoE auxiliary loss, a model from_transformers refuses.
+    cast_lm_head_to_fp32 would. Under DDP (several processes, accelerate's default) the loss's pass runs as the
+    forward of DDP's wrapper, which arms its gradient all-reduce. TRL's own pass runs instead, after one warning
+    saying why, where sharing cannot: several processes without DDP (DeepSpeed, FSDP), vision inputs, a MoE
+    auxiliary loss, a config's attention_dropout, a model from_transformers refuses.
     """
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
@@ -482,12 +483,13 @@ class SharedPrefixGRPOTrainer(GRPOTrainer):
                                   logits_to_keep, batch_size, compute_entropy, compute_aux_loss, **multimodal)
         if compute_aux_loss or any(v is not None for v in multimodal.values()):
             return self._unshared(plain, "vision inputs or a MoE auxiliary loss")
-        if torch.is_grad_enabled() and self.accelerator.num_processes > 1:
-            return self._unshared(plain, "several processes (DDP's gradient hooks expect its own forward)")
+        ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        if torch.is_grad_enabled() and self.accelerator.num_processes > 1 and not ddp:
+            return self._unshared(plain, "several processes without DDP (DeepSpeed, FSDP)")
         layout = trl_prefix_groups(input_ids, attention_mask, logits_to_keep)
         if layout is None:
             return self._unshared(plain, "a row whose prompt or completion mask is not one run of tokens")
-        model = self.accelerator.unwrap_model(model)
+        wrapper, model = model, self.accelerator.unwrap_model(model)
         if model.training and (getattr(model.config, "attention_dropout", 0.0) or 0.0) > 0:
             return self._unshared(plain, "attention_dropout > 0 in the model's config (ours computes none)")
         try:
@@ -509,21 +511,25 @@ class SharedPrefixGRPOTrainer(GRPOTrainer):
         self.last_logprob_pass = dict(
             rows=len(rows), rows_with_gradient=sum(len(m) for m, t in zip(members, trained) if t), groups=len(groups),
             tokens=sum(len(g.prefix_ids) + sum(map(len, g.suffix_ids)) for g in groups))
-        logps, entropies = [], []
-        with self.accelerator.autocast():
-            for with_gradient, some in passes:
-                with torch.set_grad_enabled(with_gradient and torch.is_grad_enabled()):
-                    for chunk in _chunks(some, batch_size or len(rows)):
-                        out = shared_prefix_logprobs(ours, chunk, self.temperature, with_entropy=compute_entropy)
-                        logps.append(F.pad(out[0], (0, logits_to_keep - out[0].shape[1])))
-                        if compute_entropy:
-                            entropies.append(F.pad(out[2], (0, logits_to_keep - out[2].shape[1])))
         # samples in pass and group order -> TRL's rows
         order = torch.empty(len(rows), dtype=torch.long)
         order[torch.tensor(rows)] = torch.arange(len(rows))
         order = order.to(input_ids.device)
-        logps = torch.cat(logps)[order]
-        return logps, torch.cat(entropies)[order] if compute_entropy else None, None
+
+        def shared_pass():
+            logps, entropies = [], []
+            with self.accelerator.autocast():
+                for with_gradient, some in passes:
+                    with torch.set_grad_enabled(with_gradient and torch.is_grad_enabled()):
+                        for chunk in _chunks(some, batch_size or len(rows)):
+                            out = shared_prefix_logprobs(ours, chunk, self.temperature, with_entropy=compute_entropy)
+                            logps.append(F.pad(out[0], (0, logits_to_keep - out[0].shape[1])))
+                            if compute_entropy:
+                                entropies.append(F.pad(out[2], (0, logits_to_keep - out[2].shape[1])))
+            return torch.cat(logps)[order], torch.cat(entropies)[order] if compute_entropy else None
+
+        logps, entropies = through_ddp(wrapper, shared_pass) if ddp and torch.is_grad_enabled() else shared_pass()
+        return logps, entropies, None
 
     def _compute_loss(self, model, inputs):
         self._loss_advantages = inputs["advantages"]  # for _rows_with_signal, during this loss's pass
@@ -570,6 +576,21 @@ class SharedPrefixGRPOTrainer(GRPOTrainer):
         ours.train(model.training)
         ours.gradient_checkpointing = checkpointing(model)
         return ours
+
+
+def through_ddp(wrapper, shared_pass):
+    """shared_pass() run as the forward of the DDP `wrapper`'s module: DDP arms its gradient all-reduce in its own
+    forward (a backward through our decoder alone would leave each process its own gradient, silently)."""
+    module = wrapper.module
+    own = module.__dict__.get("forward")  # an instance's forward (accelerate's autocast, TRL's fused head), or none
+    module.forward = shared_pass
+    try:
+        return wrapper()
+    finally:
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
 
 
 def checkpointing(model) -> bool:
