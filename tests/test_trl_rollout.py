@@ -725,14 +725,14 @@ def test_prefix_groups_from_a_trl_batch(hf_tiny):
     _, tok = hf_tiny
     kept = tok("3 carry 1")["input_ids"]
     input_ids, mask, C, prompts = trl_batch(tok, [("12+34=", kept, [5, 1, 2]), ("7*8=", [], [4, 7])], width=8)
-    groups, rows = trl_prefix_groups(input_ids, mask, C)
+    groups, members = trl_prefix_groups(input_ids, mask, C)
     prompt = tok("12+34=")["input_ids"]
     first = next(g for g in groups if g.prefix_ids[:len(prompt)] == prompt)
     assert first.loss_start == len(prompt) and first.prefix_ids[len(prompt):][:len(kept)] == kept
-    assert sorted(rows) == list(range(5)) and sum(len(g.suffix_ids) for g in groups) == 5
-    for g, start in zip(groups, [0, len(groups[0].suffix_ids)]):
-        for i, suffix in enumerate(g.suffix_ids):
-            r = rows[start + i]
+    assert sorted(r for rows in members for r in rows) == list(range(5)) and sum(len(g.suffix_ids) for g in groups) == 5
+    for g, rows in zip(groups, members, strict=True):
+        assert len(rows) == len(g.suffix_ids)
+        for r, suffix in zip(rows, g.suffix_ids):
             row = input_ids[r][mask[r].bool()].tolist()
             assert g.prefix_ids + suffix == row
     right_padded = mask.clone()

@@ -477,6 +477,13 @@ class SharedPrefixGRPOTrainer(GRPOTrainer):
     auxiliary loss, a config's attention_dropout, a model from_transformers refuses.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._shared_models = {}  # our decoder per (model, its Parameters, head, PEFT state): _shared_model
+        self._unshared_reasons = set()  # each fallback's warning, given once
+        self._loss_advantages = None  # the loss's advantages while its pass runs (_compute_loss)
+        self.last_logprob_pass = None
+
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **multimodal):
         plain = functools.partial(super()._get_per_token_logps_and_entropies, model, input_ids, attention_mask,
@@ -496,13 +503,9 @@ class SharedPrefixGRPOTrainer(GRPOTrainer):
             ours = self._shared_model(model)
         except UserError as e:
             return self._unshared(plain, str(e))
-        groups, rows = layout
+        groups, members = layout
         # the groups whose loss has a gradient first, the others' values (for TRL's metrics) without one
         signal = self._rows_with_signal()
-        members, start = [], 0
-        for g in groups:
-            members.append(rows[start:start + len(g.suffix_ids)])
-            start += len(g.suffix_ids)
         trained = [signal is None or any(signal[r] for r in m) for m in members]
         if not any(trained):  # one group still runs: the loss keeps its graph, every parameter a (zero) gradient
             trained[0] = True
@@ -543,15 +546,15 @@ class SharedPrefixGRPOTrainer(GRPOTrainer):
         or an auxiliary loss, every term of each of TRL's loss types is a multiple of the row's advantage, so a
         row whose advantages are all 0 adds exactly 0 (our trainer's skip of groups without signal). None:
         every row may (another pass, or a loss with such a term)."""
-        advantages = getattr(self, "_loss_advantages", None)
+        advantages = self._loss_advantages
         if (advantages is None or not torch.is_grad_enabled() or self.beta != 0.0 or self.aux_loss_enabled
                 or getattr(self, "_entropy_bonus_enabled", True)):  # (not knowing is "may")
             return None
         return (advantages.reshape(len(advantages), -1) != 0).any(-1).tolist()
 
     def _unshared(self, plain, why: str):
-        if why not in getattr(self, "_unshared_reasons", set()):
-            self._unshared_reasons = getattr(self, "_unshared_reasons", set()) | {why}
+        if why not in self._unshared_reasons:
+            self._unshared_reasons.add(why)
             warnings.warn(f"SharedPrefixGRPOTrainer: TRL's own log-prob pass runs here: {why}", stacklevel=3)
         return plain()
 
@@ -559,9 +562,7 @@ class SharedPrefixGRPOTrainer(GRPOTrainer):
         """Our decoder on `model`'s Parameters, one per state of its PEFT adapters (TRL's reference pass
         switches them off), built again where a Parameter was replaced, moved or resized; the few last kept. The
         transformers model's train mode (PEFT's lora_dropout) and gradient checkpointing followed."""
-        built = getattr(self, "_shared_models", None)
-        if built is None:
-            built = self._shared_models = {}
+        built = self._shared_models
         head = model.get_output_embeddings().weight
         key = (id(model), tuple(map(id, model.parameters())), head.device, head.dtype, tuple(head.shape),
                peft_adapter_state(model))
@@ -602,11 +603,11 @@ def checkpointing(model) -> bool:
 
 
 def trl_prefix_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      logits_to_keep: int) -> tuple[list[PrefixGroup], list[int]] | None:
+                      logits_to_keep: int) -> tuple[list[PrefixGroup], list[list[int]]] | None:
     """TRL's batch (prompts left-padded, then logits_to_keep completion columns right-padded) as PrefixGroups:
     the rows with the same prompt, each group's prefix their longest common prefix, its loss from the first
-    completion token on. -> (groups, rows): rows[s] is the batch row of the groups' s-th sample. None where a
-    row's prompt or completion is not one run of real tokens."""
+    completion token on. -> (groups, members): members[i][j] is the batch row of group i's sample j. None where
+    a row's prompt or completion is not one run of real tokens."""
     ids, mask = input_ids.tolist(), attention_mask.tolist()
     width = len(ids[0]) - logits_to_keep if ids else 0  # the prompt columns
     by_prompt: dict[tuple, list[tuple[int, list[int]]]] = {}
@@ -615,13 +616,12 @@ def trl_prefix_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor,
         if p == 0 or row_mask[width - p:width] != [1] * p or row_mask[width:width + c] != [1] * c:
             return None
         by_prompt.setdefault(tuple(row[width - p:width]), []).append((r, row[width:width + c]))
-    groups, rows = [], []
-    for prompt, members in by_prompt.items():
-        sequences = [list(prompt) + completion for _, completion in members]
+    groups = []
+    for prompt, rows in by_prompt.items():
+        sequences = [list(prompt) + completion for _, completion in rows]
         n = common_prefix_length(sequences)
         groups.append(PrefixGroup(sequences[0][:n], [s[n:] for s in sequences], loss_start=len(prompt)))
-        rows += [r for r, _ in members]
-    return groups, rows
+    return groups, [[r for r, _ in rows] for rows in by_prompt.values()]
 
 
 def common_prefix_length(sequences: list[list[int]]) -> int:
