@@ -18,7 +18,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 from common import (arg_parser, check_gpu, cli, git_commit, machine, out_path, positive_int, random_model,  # noqa: E402
-                    saved_activation_bytes, save_json, time_step)
+                    compare_steps, saved_activation_bytes, save_json, step_columns, time_step)
 from rpo_engine.kernels import policy_loss  # noqa: E402
 from rpo_engine.model import ModelConfig  # noqa: E402
 from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, layout_tokens  # noqa: E402
@@ -75,7 +75,7 @@ def main(argv=None):
           f"fwd+bwd median of {args.repeats}; memory = bytes saved for backward")
     print(f"{'prefix':>6} {'G':>3} {'path':>7} {'tokens':>7} {'ms':>8} {'cpu ms':>8} {'saved MiB':>10} {'cuda MiB':>9} "
           f"{'speedup':>8} {'mem /':>6}")
-    rows, rng, nan = [], random.Random(0), float("nan")
+    rows, rng = [], random.Random(0)
     result = {"machine": machine("cuda" if args.gpu else "cpu"), "platform": platform.platform(),
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": git_commit(),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": str(dtype), "model": shape,
@@ -88,14 +88,9 @@ def main(argv=None):
         groups = [make_group(prefix_len, G, config.vocab_size, rng)]
         plain = dict(measure(model, groups, False, args.repeats), path="padded", prefix=prefix_len, G=G)
         shared = dict(measure(model, groups, True, args.repeats), path="shared", prefix=prefix_len, G=G)
-        if not plain.get("oom") and not shared.get("oom"):
-            shared["speedup"] = plain["ms"] / shared["ms"]
-            shared["memory_reduction"] = plain["saved_mib"] / shared["saved_mib"]
+        compare_steps(plain, shared)
         for r in (plain, shared):
-            print(f"{prefix_len:>6} {G:>3} {r['path']:>7} {r['layout_tokens']:>7} {r.get('ms', nan):>8.0f} "
-                  f"{r.get('cpu_ms', nan):>8.0f} {r.get('saved_mib', nan):>10.1f} {r.get('cuda_peak_mib', nan):>9.0f}"
-                  + (f" {r['speedup']:>7.2f}x {r['memory_reduction']:>5.2f}x" if "speedup" in r else "")
-                  + ("  OOM" if r.get("oom") else ""))
+            print(f"{prefix_len:>6} {G:>3} {r['path']:>7} {r['layout_tokens']:>7} {step_columns(r)}")
         rows += [plain, shared]
         result["load_avg_1m"] = os.getloadavg()[0]  # other jobs skew the times, not memory
         save_json(out, result, partial=True)  # after every load: a time limit keeps what was measured

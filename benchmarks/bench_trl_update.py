@@ -18,7 +18,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 from common import (arg_parser, check_gpu, cli, git_commit, machine, out_path, positive_int,  # noqa: E402
-                    saved_activation_bytes, save_json, time_step)
+                    compare_steps, saved_activation_bytes, save_json, step_columns, time_step)
 from bench_shared_prefix import LOADS, QWEN25_15B, SMALL  # noqa: E402  (our update's benchmark: the same shapes)
 from rpo_engine.errors import UserError  # noqa: E402
 
@@ -122,7 +122,7 @@ def main(argv=None):
     device, dtype = ("cuda", torch.bfloat16) if args.gpu else ("cpu", torch.float32)
     shape = dict(SMALL, hidden_size=64, intermediate_size=128, num_hidden_layers=2) if args.tiny else (
         QWEN25_15B if args.gpu else SMALL)
-    rows, rng, nan = [], random.Random(0), float("nan")
+    rows, rng = [], random.Random(0)
     result = {"machine": machine(device), "platform": platform.platform(),
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": git_commit(),
               "torch": torch.__version__, "trl": trl.__version__, "threads": torch.get_num_threads(),
@@ -142,16 +142,12 @@ def main(argv=None):
             shared, shared_grads = measure(shared_trainer, inputs, args.repeats)
             plain.update(trainer="GRPOTrainer", prefix=prefix_len, G=G)
             shared.update(trainer="SharedPrefixGRPOTrainer", prefix=prefix_len, G=G)
+            compare_steps(plain, shared)
             if plain_grads is not None and shared_grads is not None:
-                shared["speedup"] = plain["ms"] / shared["ms"]
-                shared["memory_reduction"] = plain["saved_mib"] / shared["saved_mib"]
                 shared["max_grad_difference"] = max((plain_grads[n] - g).abs().max().item()
                                                     for n, g in shared_grads.items())
             for r in (plain, shared):
-                print(f"{prefix_len:>6} {G:>3} {r['trainer']:>22} {r.get('ms', nan):>8.0f} {r.get('cpu_ms', nan):>8.0f} "
-                      f"{r.get('saved_mib', nan):>10.1f} {r.get('cuda_peak_mib', nan):>9.0f}"
-                      + (f" {r['speedup']:>7.2f}x {r['memory_reduction']:>5.2f}x" if "speedup" in r else "")
-                      + ("  OOM" if r.get("oom") else ""))
+                print(f"{prefix_len:>6} {G:>3} {r['trainer']:>22} {step_columns(r)}")
             rows += [plain, shared]
             del plain_trainer, shared_trainer, plain_grads, shared_grads
             if args.gpu:

@@ -134,6 +134,23 @@ def time_step(model, step, repeats: int) -> tuple[dict, object]:
     return row, result
 
 
+def compare_steps(plain: dict, shared: dict) -> None:
+    """shared's speedup and memory reduction over plain (time_step + saved_mib rows), unless either ran out of
+    memory."""
+    if not plain.get("oom") and not shared.get("oom"):
+        shared["speedup"] = plain["ms"] / shared["ms"]
+        shared["memory_reduction"] = plain["saved_mib"] / shared["saved_mib"]
+
+
+def step_columns(row: dict) -> str:
+    """A compared row's ms, cpu ms, saved MiB, cuda MiB (nan where not measured), speedup and memory ratio, OOM."""
+    nan = float("nan")
+    return (f"{row.get('ms', nan):>8.0f} {row.get('cpu_ms', nan):>8.0f} {row.get('saved_mib', nan):>10.1f} "
+            f"{row.get('cuda_peak_mib', nan):>9.0f}"
+            + (f" {row['speedup']:>7.2f}x {row['memory_reduction']:>5.2f}x" if "speedup" in row else "")
+            + ("  OOM" if row.get("oom") else ""))
+
+
 def saved_activation_bytes(parameters, step) -> int:
     """Bytes of the distinct storages autograd keeps for backward while `step()` runs, `parameters` excluded."""
     params = {p.untyped_storage().data_ptr() for p in parameters}
