@@ -371,12 +371,6 @@ class AlgoConfig:
 _DEFAULT_OUTPUT = "runs/default"
 
 
-def samples_past_engine(option: str, n: int, max_num_seqs: int) -> str:
-    """What to say where `option`'s n samples of a prompt, which are decoded together, exceed --max-num-seqs."""
-    return (f"{option} {n}: more than the {max_num_seqs} sequences the rollout engine decodes at once, a prompt's "
-            f"samples together; raise --max-num-seqs")
-
-
 @dataclass
 class TrainConfig:
     model: str | None = field(default=None, metadata={"help": "Hugging Face model directory, or a Hub id (org/name) in the local cache or to download (default: the built-in starter model)"})
@@ -426,7 +420,7 @@ class TrainConfig:
     lora_target_modules: str = field(default="all-linear", metadata={"help": f"projections given adapters (with --use-peft): all-linear or a comma-separated subset of {','.join(LORA_TARGETS)}"})
     gpu_memory_utilization: float = field(default=0.5, metadata={"help": "CUDA: the share of the GPU's memory that the weights and the rollout's K/V cache may fill; the rest is the update's (vLLM's name): lower it when the update runs out of memory"})
     enable_sleep_mode: bool = field(default=False, metadata={"help": "free the rollout's K/V cache during each update, so the update's activations can use its memory (TRL's vllm_enable_sleep_mode, verl's free_cache_engine): a larger model or batch at the same --gpu-memory-utilization (the optimizer's state must still fit beside the cache), for making the cache again each step, and on CUDA capturing the decode graphs again where it lands elsewhere (not yet measured on a GPU)"})
-    max_num_seqs: int = field(default=256, metadata={"help": "rollout: the most sequences decoded together, and on CUDA the largest decode graph captured (vLLM's and verl's name): a step's prompts x generations beyond it wait for a place; a prompt's samples are decoded together, so it bounds --num-generations too"})
+    max_num_seqs: int = field(default=256, metadata={"help": "rollout: the most sequences decoded together, and on CUDA the largest decode graph captured (vLLM's and verl's name): a step's prompts x generations beyond it wait for a place (a prompt's samples beyond it: a second prefill of the prompt's last block, the rest read from the prefix cache)"})
     enforce_eager: bool = field(default=False, metadata={"help": "rollout on CUDA: decode without CUDA graphs (vLLM's and verl's name): no capture time nor graph memory, slower decoding; for debugging (no effect on a CPU)"})
     async_scheduling: bool = field(default=False, metadata={"help": "rollout: schedule each decode step while the previous one runs, hiding the host's work behind the GPU's (the same samples; nothing to gain on a CPU)"})
     reward: str = field(default="auto", metadata={"help": "exact | math | module:function (auto: exact for the built-in task, math otherwise); or several, comma-separated: the first decides right answers (eval accuracy, RPO's verified paths), each adds its weighted score to the reward"})
@@ -585,9 +579,6 @@ class TrainConfig:
         _check(0 < self.eval_top_p <= 1, f"--eval-top-p must be in (0, 1], got {self.eval_top_p}")
         _check(self.eval_top_k >= 0, f"--eval-top-k must be >= 0, got {self.eval_top_k}")
         _check(self.num_generations_eval >= 1, f"--num-generations-eval must be >= 1, got {self.num_generations_eval}")
-        for name in ("num_generations", "num_generations_eval"):  # else the engine's ValueError at the first rollout
-            _check(getattr(self, name) <= self.max_num_seqs, samples_past_engine(f"--{name.replace('_', '-')}",
-                                                                                 getattr(self, name), self.max_num_seqs))
         if not self.push_to_hub:
             _reject_given(self, ("hub_model_id", "hub_private_repo"), "without --push-to-hub")
         # (with --eval-steps 0 they are let be, as --eval-size is: a shared file's eval settings, eval switched off)

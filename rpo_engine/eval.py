@@ -20,7 +20,7 @@ from rpo_engine.errors import UserError, run_cli
 
 def main(argv=None) -> int:
     import rpo_engine
-    from rpo_engine.config import OneLineParser, config_from_dict, samples_past_engine, stop_strings
+    from rpo_engine.config import OneLineParser, config_from_dict, stop_strings
     from rpo_engine.model.checkpoint import model_directory
     from rpo_engine.model.lora import load_adapter
     from rpo_engine.rollout import SamplingParams
@@ -77,7 +77,8 @@ def main(argv=None) -> int:
                         help="CUDA: the share of the GPU's memory the weights and the K/V cache may fill (vLLM's name "
                              "and default: nothing trains here; training's default is 0.5) (default: 0.9)")
     parser.add_argument("--max-num-seqs", type=int, default=256,
-                        help="the most sequences decoded together, a row's samples together (vLLM's name) (default: 256)")
+                        help="the most sequences decoded together (vLLM's name): rows, and a row's samples beyond it, wait for "
+                             "room (default: 256)")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="CUDA: decode without CUDA graphs, for debugging (vLLM's name) (default: with them)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: one, on stderr)")
@@ -91,8 +92,6 @@ def main(argv=None) -> int:
         raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.max_num_seqs < 1:
         raise UserError(f"--max-num-seqs must be >= 1, got {args.max_num_seqs}")
-    if args.num_samples > args.max_num_seqs:
-        raise UserError(samples_past_engine("--num-samples", args.num_samples, args.max_num_seqs))
     if not 0 < args.gpu_memory_utilization <= 1:  # NaN too
         raise UserError(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
     if args.num_samples > 1 and args.temperature <= 0:

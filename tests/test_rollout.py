@@ -676,6 +676,32 @@ def test_prefix_cache_hit_on_repeated_prompt(checkpoints):
     assert engine.stats.cached_tokens == 12  # cumulative
 
 
+def test_more_samples_than_max_num_seqs_go_in_parts_with_the_same_samples(checkpoints):
+    """n = 7 with max_num_seqs = 3: the request goes in as parts of 3, 3 and 1 samples, never more than 3 decoded
+    at once; the later parts read the prompt's full blocks from the prefix cache. The samples and log-probs are
+    those of one engine that holds all 7 (each sample's draws depend on its index, not on its part)."""
+    hf, model = checkpoints["qwen2"]
+    prompts = random_prompts(hf.config.vocab_size, [9, 5])
+    params = SamplingParams(n=7, max_new_tokens=6, temperature=1.0, stop_token_ids=[], seed=3)
+    expected = RolloutEngine(model, block_size=4).generate(prompts, params)
+    narrow = RolloutEngine(model, block_size=4, max_num_seqs=3)
+    widths, step = [], narrow.step
+
+    def counted_step():
+        widths.append(len(narrow.scheduler.running))
+        return step()
+
+    narrow.step = counted_step
+    got = narrow.generate(prompts, params)
+    assert max(widths) <= 3 and len({tuple(c.token_ids) for c in got[0]}) > 1
+    assert [[c.token_ids for c in o] for o in got] == [[c.token_ids for c in o] for o in expected]
+    for o, e in zip(got, expected):
+        for c, d in zip(o, e):
+            torch.testing.assert_close(c.logprobs, d.logprobs, atol=1e-5, rtol=0)
+    assert narrow.last_stats.cached_tokens == 2 * 8 + 2 * 4  # the 9-token prompt's 2 full blocks, the 5's one
+    assert narrow.block_manager.num_used_blocks == 0
+
+
 def test_preemption_under_a_small_kv_budget_gives_same_results(checkpoints):
     hf, model = checkpoints["qwen2"]
     prompts = random_prompts(hf.config.vocab_size, [9, 14, 6, 11])
@@ -762,7 +788,6 @@ def test_edge_cases_and_bad_input(checkpoints):
         ([[1] * 100], SamplingParams(max_new_tokens=80)),  # more than the KV cache holds (160 tokens)
         ([[1, 2], [3]], [SamplingParams()]),  # one params per prompt
         ("not a list", SamplingParams()),
-        ([[1, 2]], SamplingParams(n=1000)),  # more samples than max_num_seqs
     ]
     for prompts, params in bad:
         with pytest.raises(ValueError):

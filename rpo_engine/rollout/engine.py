@@ -101,7 +101,8 @@ class RolloutEngine:
           `gpu_memory_utilization` of the device after a warm-up forward (0.5 by default, since
           training shares the GPU; a rollout-only process can ask for 0.9); either default at most
           what max_num_seqs sequences of the model's full context can fill.
-        max_num_seqs: sequences decoded together (and the largest CUDA graph).
+        max_num_seqs: sequences decoded together (and the largest CUDA graph). A request of more samples (n)
+          goes in as parts of at most max_num_seqs: the same samples, a prefill of its last block per part.
         max_num_batched_tokens: tokens per prefill step (default max(8192, the model's max_model_len)).
         attention_backend: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
         use_cuda_graphs: None = on for CUDA + Triton. enable_prefix_sharing=False turns off forks,
@@ -259,8 +260,12 @@ class RolloutEngine:
                 stop = p.stop_token_ids if p.stop_token_ids is not None else self.config.stop_token_ids
                 key, strings = request_key(seed, prompt), stop_strings.get(id(p))
                 if self.enable_prefix_sharing:
-                    self.scheduler.add(Sequence(prompt, p, self.block_size, stop, key, i, num_forks=p.n,
-                                                stop_strings=strings))
+                    # more samples than a decode batch holds: the request goes in as several, each forking at
+                    # most max_num_seqs; the later ones find the prompt's full blocks in the prefix cache
+                    for first in range(0, p.n, self.max_num_seqs):
+                        self.scheduler.add(Sequence(prompt, p, self.block_size, stop, key, i,
+                                                    num_forks=min(self.max_num_seqs, p.n - first),
+                                                    sample_index=first, stop_strings=strings))
                 else:
                     for j in range(p.n):
                         self.scheduler.add(Sequence(prompt, p, self.block_size, stop, key, i, sample_index=j,
@@ -405,6 +410,4 @@ class RolloutEngine:
             if -(-cached // self.block_size) > self.num_blocks:
                 raise ValueError(f"prompt {i}: {cached} tokens of K/V do not fit the KV cache ({self.num_blocks} "
                                  f"blocks of {self.block_size}); raise num_blocks/kv_cache_bytes")
-            if p.n > self.max_num_seqs:
-                raise ValueError(f"prompt {i}: n={p.n} is more than max_num_seqs={self.max_num_seqs}")
         return prompts, params

@@ -117,7 +117,7 @@ class Scheduler:
         """After a prefill: the request's samples, the sequence itself first. Siblings share every block."""
         samples = [seq]
         for i in range(1, seq.num_forks):
-            child = seq.fork(sample_index=i)
+            child = seq.fork(sample_index=seq.sample_index + i)  # a request split in parts: numbered on
             self.block_manager.fork(child)
             samples.append(child)
         seq.num_forks = 1
