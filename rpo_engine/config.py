@@ -464,7 +464,8 @@ class TrainConfig:
         _check(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
         _check(self.top_k >= 0, f"--top-k must be >= 0, got {self.top_k}")
         _check(0 <= self.min_p <= 1, f"--min-p must be in [0, 1], got {self.min_p}")
-        _check(self.repetition_penalty > 0, f"--repetition-penalty must be > 0 (1: off), got {self.repetition_penalty}")
+        _check(self.repetition_penalty >= MIN_TEMPERATURE,
+               f"--repetition-penalty must be >= {MIN_TEMPERATURE} (1: off), got {self.repetition_penalty}")
         stop_strings(self.stop)
         _check(self.learning_rate > 0, f"--learning-rate must be > 0, got {self.learning_rate}")
         _check(0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")

@@ -566,8 +566,9 @@ def test_kl_loss_type_takes_verls_names_and_needs_a_kl_term():
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--repetition-penalty", "0"], "^--repetition-penalty must be > 0 \\(1: off\\), got 0.0$"),
-    (["--repetition-penalty", "-1.2"], "^--repetition-penalty must be > 0 \\(1: off\\), got -1.2$"),
+    (["--repetition-penalty", "0"], "^--repetition-penalty must be >= 1e-05 \\(1: off\\), got 0.0$"),
+    (["--repetition-penalty", "-1.2"], "^--repetition-penalty must be >= 1e-05 \\(1: off\\), got -1.2$"),
+    (["--repetition-penalty", "1e-40"], "^--repetition-penalty must be >= 1e-05 \\(1: off\\), got 1e-40$"),
     (["--eval-temperature", "0.6", "--eval-top-k", "-2"], "^--eval-top-k must be >= 0, got -2$"),
 ])
 def test_penalty_and_eval_top_k_out_of_range_are_refused_before_loading(flags, message):

@@ -800,6 +800,7 @@ def test_edge_cases_and_bad_input(checkpoints):
     for kwargs, message in (({"temperature": float("inf")}, "temperature must be 0 \\(greedy\\) or a finite number"),
                             ({"temperature": True}, "temperature must be 0 \\(greedy\\) or a finite number"),
                             ({"temperature": 1e-39}, "temperature must be 0 \\(greedy\\) or a finite number >= 1e-05"),
+                            ({"repetition_penalty": 1e-40}, "repetition_penalty must be a finite number >= 1e-05"),
                             ({"stop_token_ids": 2}, "stop_token_ids must be a list of ints or None"),
                             ({"top_p": float("nan")}, "top_p must be in")):
         with pytest.raises(ValueError, match=message):

@@ -82,9 +82,11 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_k must be an integer >= 1, or 0 / -1 for off, got {self.top_k!r}")
         if not real(self.min_p) or not 0 <= self.min_p <= 1:
             raise ValueError(f"SamplingParams.min_p must be in [0, 1], got {self.min_p!r}")
-        if not real(self.repetition_penalty) or not self.repetition_penalty > 0:
-            raise ValueError(f"SamplingParams.repetition_penalty must be a finite number > 0 (1: off), "
-                             f"got {self.repetition_penalty!r}")
+        # a seen token's positive logit is divided by it: below ~1e-37 that overflows fp32 to inf (NaN samples);
+        # the bound is temperature's, as far from any useful penalty (< 1 favours repetition)
+        if not real(self.repetition_penalty) or not self.repetition_penalty >= MIN_TEMPERATURE:
+            raise ValueError(f"SamplingParams.repetition_penalty must be a finite number >= {MIN_TEMPERATURE} "
+                             f"(1: off), got {self.repetition_penalty!r}")
         if self.stop_token_ids is not None:
             ids = self.stop_token_ids
             if not isinstance(ids, (str, bytes)) and hasattr(ids, "__iter__"):
