@@ -679,6 +679,27 @@ def shared_prefix_trainer(hf, tok, tmp_path, monkeypatch, **config):
                                    args=config, train_dataset=Dataset.from_list(rows), processing_class=tok)
 
 
+def test_shared_prefix_trainer_refuses_a_trl_with_other_internals(monkeypatch):
+    """A TRL whose GRPOTrainer renamed or reordered what SharedPrefixGRPOTrainer overrides is refused before the
+    trainer is built, not run through TRL's own pass silently (or ours called with the wrong arguments)."""
+    pytest.importorskip("trl")
+    from trl import GRPOTrainer
+
+    from rpo_engine.integrations.trl import SharedPrefixGRPOTrainer
+
+    def reordered(self, model, input_ids, logits_to_keep, attention_mask, batch_size=None):
+        pass
+
+    monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", reordered)
+    with pytest.raises(RuntimeError, match=r"TRL 1\.16 has them; TRL .* has _get_per_token_logps_and_entropies\(self, model, "
+                                           r"input_ids, logits_to_keep, .*use GRPOTrainer"):
+        SharedPrefixGRPOTrainer(model=None)
+    monkeypatch.undo()
+    monkeypatch.delattr(GRPOTrainer, "_compute_loss")
+    with pytest.raises(RuntimeError, match="has _compute_loss missing: use GRPOTrainer"):
+        SharedPrefixGRPOTrainer(model=None)
+
+
 @pytest.mark.gpu
 def test_shared_prefix_trainer_logprobs_and_gradients_equal_trls_own_pass(hf_tiny, tmp_path, monkeypatch):
     """SharedPrefixGRPOTrainer's log-prob pass against GRPOTrainer's own on the same TRL-shaped batch:

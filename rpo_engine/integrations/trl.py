@@ -20,7 +20,7 @@ The rollout computes in the weights' dtype: a model loaded in fp32 and trained w
 is sampled in fp32, a bf16 model in bf16, as vLLM would sample it.
 
 Written against TRL 1.16 (`rollout_func` is experimental there; set TRL_EXPERIMENTAL_SILENCE=1 to silence its
-warning). Not supported: tools and environments (TRL's tool loop would continue with its own generation),
+warning; SharedPrefixGRPOTrainer refuses a TRL whose GRPOTrainer internals it overrides differ). Not supported: tools and environments (TRL's tool loop would continue with its own generation),
 vision-language processors, ZeRO-3 / FSDP-sharded weights, and PEFT adapters other than plain LoRA on the
 layers' projections (from_transformers refuses those).
 """
@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import inspect
 import math
 import random
 import warnings
@@ -478,6 +479,7 @@ class SharedPrefixGRPOTrainer(GRPOTrainer):
     """
 
     def __init__(self, *args, **kwargs):
+        check_trl_internals()
         super().__init__(*args, **kwargs)
         self._shared_models = {}  # our decoder per (model, its Parameters, head, PEFT state): _shared_model
         self._unshared_reasons = set()  # each fallback's warning, given once
@@ -577,6 +579,28 @@ class SharedPrefixGRPOTrainer(GRPOTrainer):
         ours.train(model.training)
         ours.gradient_checkpointing = checkpointing(model)
         return ours
+
+
+# GRPOTrainer's internals that SharedPrefixGRPOTrainer replaces, as TRL 1.16 has them (their leading parameters)
+TRL_LOGPROB_PASS = ("self", "model", "input_ids", "attention_mask", "logits_to_keep", "batch_size", "compute_entropy",
+                    "compute_aux_loss")
+TRL_COMPUTE_LOSS = ("self", "model", "inputs")
+
+
+def check_trl_internals() -> None:
+    """Refuse a TRL whose GRPOTrainer passes its log-prob pass or loss other arguments than TRL 1.16's: the
+    override would be called wrongly, or not at all (a renamed method: TRL's own pass, silently)."""
+    import trl
+
+    found = []
+    for name, expected in (("_get_per_token_logps_and_entropies", TRL_LOGPROB_PASS), ("_compute_loss", TRL_COMPUTE_LOSS)):
+        method = getattr(GRPOTrainer, name, None)
+        parameters = tuple(inspect.signature(method).parameters)[:len(expected)] if callable(method) else None
+        if parameters != expected:
+            found.append(f"{name}{'(' + ', '.join(parameters) + ')' if parameters is not None else ' missing'}")
+    if found:
+        raise RuntimeError(f"SharedPrefixGRPOTrainer replaces GRPOTrainer's internals as TRL 1.16 has them; TRL "
+                           f"{trl.__version__} has {'; '.join(found)}: use GRPOTrainer, or TRL 1.16")
 
 
 def through_ddp(wrapper, shared_pass):
