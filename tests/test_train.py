@@ -2095,6 +2095,41 @@ def test_what_a_resume_cannot_do_is_refused_before_loading(tmp_path, tiny_model_
             train.check_checkpoint_kind(out / "checkpoints" / "step-2", parse_args(["--use-peft"] if peft else []))
 
 
+def test_a_resume_knows_the_runs_model_from_any_working_directory(tmp_path, monkeypatch):
+    """A relative --model is recorded as the directory it names: resumed from another working directory, that
+    directory by another path is the run's model, and the same text naming another directory there is not."""
+    from rpo_engine import train
+    from rpo_engine.config import config_to_dict, parse_args
+    from rpo_engine.distributed import Dist
+    from rpo_engine.errors import UserError
+
+    class Built(Exception):
+        pass
+
+    def built(*args, **kwargs):
+        raise Built
+
+    monkeypatch.setattr(train, "build_trainer", built)
+    first, second, out = tmp_path.resolve() / "a", tmp_path / "b", tmp_path / "run"
+    (first / "m").mkdir(parents=True)
+    (second / "m").mkdir(parents=True)
+    (out / "checkpoints" / "step-2" / "model").mkdir(parents=True)
+    (out / "checkpoints" / "step-2" / "trainer_state.pt").touch()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    monkeypatch.chdir(first)
+    (out / "config.json").write_text(json.dumps(config_to_dict(parse_args(["--model", "m"]))))
+    monkeypatch.chdir(second)
+
+    def resume(model):
+        return train.train(parse_args(["--output", str(out), "--resume", "--model", model]), Dist())
+
+    with pytest.raises(Built):
+        resume("../a/m")
+    with pytest.raises(UserError, match=re.escape(f"the run in {out} started from {first / 'm'}, and a resumed run "
+                                                  f"keeps its model; resume with --model {first / 'm'}")):
+        resume("m")
+
+
 def test_a_run_killed_before_its_log_opened_starts_again(tmp_path, tiny_model_dir, monkeypatch, capsys):
     """A run writes OUTPUT/config.json and opens metrics.jsonl once its model has loaded, with TensorBoard's
     import (seconds) in between: killed there, its directory is still a run's, which the same command (a preempted
