@@ -2130,6 +2130,38 @@ def test_a_resume_knows_the_runs_model_from_any_working_directory(tmp_path, monk
         resume("m")
 
 
+def test_a_resume_without_log_completions_still_cuts_completions_back(tmp_path, monkeypatch):
+    """completions.jsonl's records past the checkpoint describe steps the resumed run undoes: cut back as
+    metrics.jsonl is, also when the resumed run no longer passes --log-completions."""
+    from rpo_engine import train
+    from rpo_engine.config import parse_args
+    from rpo_engine.distributed import Dist
+
+    class Stepped(Exception):
+        pass
+
+    class Resumed:  # what train() asks of a trainer until its first step
+        device, step_num, eval_rows = torch.device("cpu"), 0, []
+
+        def load_state_dict(self, state):
+            self.step_num = 2
+
+        def step(self):
+            raise Stepped
+
+    monkeypatch.setattr(train, "build_trainer", lambda *args, **kwargs: Resumed())
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step-2" / "model").mkdir(parents=True)
+    torch.save({}, out / "checkpoints" / "step-2" / "trainer_state.pt")
+    (out / "config.json").write_text(json.dumps({"model": None}))
+    for name in ("metrics.jsonl", "completions.jsonl"):  # killed after logging step 3, before its checkpoint
+        (out / name).write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)))
+    config = parse_args(["--output", str(out), "--resume", "--steps", "3", "--no-progress", "--report-to", "none"])
+    with pytest.raises(Stepped):
+        train.train(config, Dist())
+    assert [json.loads(line)["step"] for line in (out / "completions.jsonl").read_text().splitlines()] == [1, 2]
+
+
 def test_a_run_killed_before_its_log_opened_starts_again(tmp_path, tiny_model_dir, monkeypatch, capsys):
     """A run writes OUTPUT/config.json and opens metrics.jsonl once its model has loaded, with TensorBoard's
     import (seconds) in between: killed there, its directory is still a run's, which the same command (a preempted
