@@ -1151,13 +1151,15 @@ def test_full_unverified_cut_keeps_only_right_paths(tmp_path, tiny_model_dir):
 def test_dapo_dynamic_sampling_is_bounded(tmp_path, tiny_model_dir):
     out = tmp_path / "dapo"
     run_train("--model", tiny_model_dir, "--steps", 1, "--output", out, "--algo", "dapo", "--eval-steps", 0,
-              "--overlong-buffer", 0, *SMALL)
+              "--overlong-buffer", 0, "--beta", 0.05, *SMALL)
     m = read_metrics(out)[0]
     # a random model earns no reward, so no group is informative: 1 + 3 resampling rounds, then no update
     assert m["reward_mean"] == 0.0 and m["reward_std"] == 0.0
     assert m["num_prompts_sampled"] == 3 * (1 + 3) and m["num_groups_trained"] == 0 and m["skipped_updates"] == 1
     assert m["frac_reward_zero_std"] == 1.0
-    assert m["entropy"] is None and m["logprob_mismatch"] is None  # no token was trained, none measured
+    # no token was trained, so none of what an update measures was (a KL reference too: not a KL of 0)
+    for key in ("entropy", "logprob_mismatch", "loss", "grad_norm", "kl", "clip_frac", "clip_low_frac", "clip_high_frac"):
+        assert m[key] is None, key
     assert type(m["num_micro_batches"]) is int and m["num_micro_batches"] == 0  # a count, as an update's
     # all wrong but told apart by a second reward (a length score): DAPO's rule (acc, the default) drops those
     # groups as it would all-wrong ones; --dynamic-sampling-metric reward keeps them
