@@ -181,6 +181,22 @@ def test_load_reward_fn(tmp_path, monkeypatch):
         load_reward_fn("")
 
 
+def test_a_reward_file_imports_the_modules_beside_it(tmp_path):
+    """--reward path/to/rewards.py:fn imports a helpers.py beside it, as the file run as a script would; sys.path
+    is left as it was, and another file's own helpers.py, loaded later in the process, is its own."""
+    import sys
+
+    path_before = list(sys.path)
+    for name, value in (("a", 1.0), ("b", 0.5)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "helpers.py").write_text(f"VALUE = {value}\n")
+        (tmp_path / name / "rewards.py").write_text(
+            "from helpers import VALUE\n\ndef score(completion_text, answer):\n    return VALUE\n")
+    assert load_reward_fn(f"{tmp_path / 'a' / 'rewards.py'}:score")("x", "x") == 1.0
+    assert load_reward_fn(f"{tmp_path / 'b' / 'rewards.py'}:score")("x", "x") == 0.5
+    assert sys.path == path_before and "helpers" not in sys.modules
+
+
 def test_user_reward_mistakes_are_one_line_errors(tmp_path, monkeypatch):
     (tmp_path / "user_rewards.py").write_text(
         "import math\n"
