@@ -74,6 +74,17 @@ def test_math_answer_reward_reads_what_models_write():
     assert m("\\boxed{18}" + " and checking 1 2 3" * 200, "18") == 1.0
 
 
+def test_math_answer_reward_gives_a_hedged_answer_no_credit():
+    """Several candidates (math-verify reads several boxes as a set) are right only where the reference is that
+    set, a problem with several solutions; against one value a hedge scores 0, or RL would learn to list guesses.
+    A `####` line counts by its first number alone, so a second one never helps either."""
+    m = math_answer_reward
+    for hedge in ("\\boxed{5} or \\boxed{6}", "\\boxed{6} or \\boxed{5}", "\\boxed{5, 6}", "\\boxed{5 \\text{ or } 6}"):
+        assert m(hedge, "5") == 0.0 and m(hedge, "5, 6") == 1.0, hedge
+    assert m("\\boxed{5}, \\boxed{6}, \\boxed{7}", "5, 6") == 0.0 and m("\\boxed{5}", "5, 6") == 0.0
+    assert m("#### 6 or 5", "5") == 0.0
+
+
 def test_math_reward_names_a_reference_it_cannot_read_once():
     import rpo_engine.rewards.answers as answers
 
