@@ -979,4 +979,11 @@ def parse_args(argv=None) -> TrainConfig:
 
 
 def config_to_dict(config: TrainConfig) -> dict:
-    return dataclasses.asdict(config)
+    """The record of a run's options (its config.json, a checkpoint's). A local --model is recorded as the directory
+    it names, resolved: a relative path read from another working directory (a resume's) would name another one."""
+    from rpo_engine.hub import is_hub_id
+
+    record = dataclasses.asdict(config)
+    if config.model is not None and not is_hub_id(config.model):
+        record["model"] = str(Path(config.model).resolve())
+    return record

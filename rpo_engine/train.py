@@ -334,7 +334,7 @@ def check_resume(output: Path, checkpoint: Path, config: TrainConfig) -> None:
     if config.steps < at:
         raise UserError(f"--steps {config.steps} is below step {at}, where the run in {output} was checkpointed; a "
                         f"resumed run cannot go back: pass --steps {at} or more")
-    for log in ("metrics.jsonl", "completions.jsonl")[:2 if config.log_completions else 1]:  # cut back to `at` later
+    for log in ("metrics.jsonl", "completions.jsonl"):  # cut back to `at` later
         truncate_log(output / log, at, check_only=True)
 
 
@@ -543,8 +543,9 @@ def train(config: TrainConfig, dist: Dist) -> int:
         (output / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
         reporter = Reporter(report_targets(config.report_to), output, config_to_dict(config),
                             resumed_at=trainer.step_num if checkpoint is not None else None)
+        # also without --log-completions now: its records past the checkpoint describe steps this run undoes
+        truncate_log(output / "completions.jsonl", trainer.step_num)
         if config.log_completions:
-            truncate_log(output / "completions.jsonl", trainer.step_num)
             completions_log = open(output / "completions.jsonl", "a")
     if trainer.step_num == 0 and config.eval_steps and trainer.eval_rows:
         if main_rank:  # before the training bar: what the wait is for

@@ -825,12 +825,13 @@ class Trainer:
         if kept:  # every rank updates, or none (a rank with no kept group joins with a zero-weight pass)
             stats = self.update(kept_groups, positions=kept_positions)
         else:  # DAPO found no group with signal within its resampling bound: nothing to learn
-            stats = dict.fromkeys(("loss", "clip_frac", "clip_low_frac", "clip_high_frac", "kl", "grad_norm"), 0.0)
+            # no token was trained, so nothing an update measures was: None (a gap in TensorBoard and W&B), not 0
+            stats = dict.fromkeys(("loss", "clip_frac", "clip_low_frac", "clip_high_frac", "kl", "grad_norm",
+                                   "entropy", "logprob_mismatch"))
             stats["num_micro_batches"] = stats["prefix_shared_groups"] = 0  # counts, as an update's are
             stats["skipped_updates"] = algo.num_iterations
-            stats["entropy"] = stats["logprob_mismatch"] = None  # no token was trained
             if algo.entropy_bonus:
-                stats["policy_loss"], stats["entropy_coef"] = 0.0, self.entropy_coef
+                stats["policy_loss"], stats["entropy_coef"] = None, self.entropy_coef
         lr = self.scheduler.get_last_lr()[0]  # the rate this step trained at (the schedule moves on below)
         with warnings.catch_warnings():  # a step without an optimizer step (DAPO found no signal) still moves the schedule
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")

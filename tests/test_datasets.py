@@ -373,6 +373,26 @@ def test_null_and_boolean_ids(tmp_path):
     assert ":2:" in msg and "'id' must be a string or an integer, got a boolean" in msg, msg
 
 
+def test_float_ids_of_an_integer_column_with_gaps(tmp_path):
+    """pandas and Parquet make an integer id column with a gap float (3.0, and null or NaN): a whole float is the
+    integer's id and a gap, NaN too, the row's index, as null is; a fraction, or a float past 2**53 (no longer the
+    integer it was), is refused naming the row."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    def ids(*values):
+        path = tmp_path / "ids.parquet"
+        pq.write_table(pa.table({"prompt": [f"p{i}" for i in range(len(values))], "answer": ["1"] * len(values),
+                                 "id": pa.array(values, pa.float64())}), path)
+        return path
+
+    assert [r["id"] for r in load_dataset_rows(ids(5.0, None, 7.0, float("nan")))] == ["5", "1", "7", "3"]
+    assert "row 1: duplicate id '1' (this row has no id: its row number" in _error(ids(1.0, float("nan")))
+    assert "row 1: 'id' must be a string or an integer, got a number 1.5" in _error(ids(1.0, 1.5))
+    msg = _error(ids(1.0, 2.0 ** 60))
+    assert "row 1: 'id' 1.152921504606847e+18 is a float past 2**53" in msg, msg
+
+
 def test_non_finite_answers_are_refused(tmp_path):
     """Python's json reads NaN and Infinity: such an answer is refused, not written out as "NaN" (kills
     skipping the isfinite check)."""

@@ -74,6 +74,17 @@ def test_math_answer_reward_reads_what_models_write():
     assert m("\\boxed{18}" + " and checking 1 2 3" * 200, "18") == 1.0
 
 
+def test_math_answer_reward_gives_a_hedged_answer_no_credit():
+    """Several candidates (math-verify reads several boxes as a set) are right only where the reference is that
+    set, a problem with several solutions; against one value a hedge scores 0, or RL would learn to list guesses.
+    A `####` line counts by its first number alone, so a second one never helps either."""
+    m = math_answer_reward
+    for hedge in ("\\boxed{5} or \\boxed{6}", "\\boxed{6} or \\boxed{5}", "\\boxed{5, 6}", "\\boxed{5 \\text{ or } 6}"):
+        assert m(hedge, "5") == 0.0 and m(hedge, "5, 6") == 1.0, hedge
+    assert m("\\boxed{5}, \\boxed{6}, \\boxed{7}", "5, 6") == 0.0 and m("\\boxed{5}", "5, 6") == 0.0
+    assert m("#### 6 or 5", "5") == 0.0
+
+
 def test_math_reward_names_a_reference_it_cannot_read_once():
     import rpo_engine.rewards.answers as answers
 
@@ -179,6 +190,22 @@ def test_load_reward_fn(tmp_path, monkeypatch):
         assert path in msg and why in msg and "\n" not in msg, msg
     with pytest.raises(UserError):
         load_reward_fn("")
+
+
+def test_a_reward_file_imports_the_modules_beside_it(tmp_path):
+    """--reward path/to/rewards.py:fn imports a helpers.py beside it, as the file run as a script would; sys.path
+    is left as it was, and another file's own helpers.py, loaded later in the process, is its own."""
+    import sys
+
+    path_before = list(sys.path)
+    for name, value in (("a", 1.0), ("b", 0.5)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "helpers.py").write_text(f"VALUE = {value}\n")
+        (tmp_path / name / "rewards.py").write_text(
+            "from helpers import VALUE\n\ndef score(completion_text, answer):\n    return VALUE\n")
+    assert load_reward_fn(f"{tmp_path / 'a' / 'rewards.py'}:score")("x", "x") == 1.0
+    assert load_reward_fn(f"{tmp_path / 'b' / 'rewards.py'}:score")("x", "x") == 0.5
+    assert sys.path == path_before and "helpers" not in sys.modules
 
 
 def test_user_reward_mistakes_are_one_line_errors(tmp_path, monkeypatch):

@@ -1151,13 +1151,15 @@ def test_full_unverified_cut_keeps_only_right_paths(tmp_path, tiny_model_dir):
 def test_dapo_dynamic_sampling_is_bounded(tmp_path, tiny_model_dir):
     out = tmp_path / "dapo"
     run_train("--model", tiny_model_dir, "--steps", 1, "--output", out, "--algo", "dapo", "--eval-steps", 0,
-              "--overlong-buffer", 0, *SMALL)
+              "--overlong-buffer", 0, "--beta", 0.05, *SMALL)
     m = read_metrics(out)[0]
     # a random model earns no reward, so no group is informative: 1 + 3 resampling rounds, then no update
     assert m["reward_mean"] == 0.0 and m["reward_std"] == 0.0
     assert m["num_prompts_sampled"] == 3 * (1 + 3) and m["num_groups_trained"] == 0 and m["skipped_updates"] == 1
     assert m["frac_reward_zero_std"] == 1.0
-    assert m["entropy"] is None and m["logprob_mismatch"] is None  # no token was trained, none measured
+    # no token was trained, so none of what an update measures was (a KL reference too: not a KL of 0)
+    for key in ("entropy", "logprob_mismatch", "loss", "grad_norm", "kl", "clip_frac", "clip_low_frac", "clip_high_frac"):
+        assert m[key] is None, key
     assert type(m["num_micro_batches"]) is int and m["num_micro_batches"] == 0  # a count, as an update's
     # all wrong but told apart by a second reward (a length score): DAPO's rule (acc, the default) drops those
     # groups as it would all-wrong ones; --dynamic-sampling-metric reward keeps them
@@ -2093,6 +2095,73 @@ def test_what_a_resume_cannot_do_is_refused_before_loading(tmp_path, tiny_model_
     for peft in (False, True):
         with pytest.raises(UserError, match=r"step-2: has lost its weights \(no model/ directory, nor a LoRA run's"):
             train.check_checkpoint_kind(out / "checkpoints" / "step-2", parse_args(["--use-peft"] if peft else []))
+
+
+def test_a_resume_knows_the_runs_model_from_any_working_directory(tmp_path, monkeypatch):
+    """A relative --model is recorded as the directory it names: resumed from another working directory, that
+    directory by another path is the run's model, and the same text naming another directory there is not."""
+    from rpo_engine import train
+    from rpo_engine.config import config_to_dict, parse_args
+    from rpo_engine.distributed import Dist
+    from rpo_engine.errors import UserError
+
+    class Built(Exception):
+        pass
+
+    def built(*args, **kwargs):
+        raise Built
+
+    monkeypatch.setattr(train, "build_trainer", built)
+    first, second, out = tmp_path.resolve() / "a", tmp_path / "b", tmp_path / "run"
+    (first / "m").mkdir(parents=True)
+    (second / "m").mkdir(parents=True)
+    (out / "checkpoints" / "step-2" / "model").mkdir(parents=True)
+    (out / "checkpoints" / "step-2" / "trainer_state.pt").touch()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    monkeypatch.chdir(first)
+    (out / "config.json").write_text(json.dumps(config_to_dict(parse_args(["--model", "m"]))))
+    monkeypatch.chdir(second)
+
+    def resume(model):
+        return train.train(parse_args(["--output", str(out), "--resume", "--model", model]), Dist())
+
+    with pytest.raises(Built):
+        resume("../a/m")
+    with pytest.raises(UserError, match=re.escape(f"the run in {out} started from {first / 'm'}, and a resumed run "
+                                                  f"keeps its model; resume with --model {first / 'm'}")):
+        resume("m")
+
+
+def test_a_resume_without_log_completions_still_cuts_completions_back(tmp_path, monkeypatch):
+    """completions.jsonl's records past the checkpoint describe steps the resumed run undoes: cut back as
+    metrics.jsonl is, also when the resumed run no longer passes --log-completions."""
+    from rpo_engine import train
+    from rpo_engine.config import parse_args
+    from rpo_engine.distributed import Dist
+
+    class Stepped(Exception):
+        pass
+
+    class Resumed:  # what train() asks of a trainer until its first step
+        device, step_num, eval_rows = torch.device("cpu"), 0, []
+
+        def load_state_dict(self, state):
+            self.step_num = 2
+
+        def step(self):
+            raise Stepped
+
+    monkeypatch.setattr(train, "build_trainer", lambda *args, **kwargs: Resumed())
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step-2" / "model").mkdir(parents=True)
+    torch.save({}, out / "checkpoints" / "step-2" / "trainer_state.pt")
+    (out / "config.json").write_text(json.dumps({"model": None}))
+    for name in ("metrics.jsonl", "completions.jsonl"):  # killed after logging step 3, before its checkpoint
+        (out / name).write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)))
+    config = parse_args(["--output", str(out), "--resume", "--steps", "3", "--no-progress", "--report-to", "none"])
+    with pytest.raises(Stepped):
+        train.train(config, Dist())
+    assert [json.loads(line)["step"] for line in (out / "completions.jsonl").read_text().splitlines()] == [1, 2]
 
 
 def test_a_run_killed_before_its_log_opened_starts_again(tmp_path, tiny_model_dir, monkeypatch, capsys):

@@ -13,8 +13,9 @@ Row rules:
 - ``answer``: a non-empty string. An integer (``"answer": 42``) or a finite float is accepted and converted
   to its text (``"42"``, ``"0.5"``; ``1e-05`` written out, ``"0.00001"``; ``18.0``, ``"18"``), because numeric answers are common
   in math datasets and the rewards compare strings/expressions; booleans, lists, objects and null are rejected.
-- ``id``: optional; a string or an integer (converted to a string). Default: the row's index (0-based,
-  counting only non-blank lines) as a string. Ids must be unique.
+- ``id``: optional; a string or an integer (converted to a string); a whole float is its integer (``3.0``:
+  an integer column with a gap is float in pandas and Parquet), and null or NaN (that gap) is no id.
+  Default: the row's index (0-based, counting only non-blank lines) as a string. Ids must be unique.
 - Other fields (e.g. ``solution``) are kept as they are.
 - The strings above must be text: a JSON escape of half a UTF-16 surrogate pair (a lone ``"\\ud800"``) is
   rejected, as the tokenizer cannot encode it.
@@ -97,8 +98,13 @@ def _check_row(row, where: str, index: int, columns: tuple[str, str] = COLUMNS) 
             raise UserError(f"{where}: '{key}' is empty (expected a non-empty string)")
         _check_text(v, where, f"'{key}'")
         out[key] = v
-    if "id" in row and row["id"] is not None:
+    if not _missing_id(row):
         rid = row["id"]
+        if isinstance(rid, float) and rid.is_integer():  # an integer column with a gap, read as float
+            if abs(rid) > 2 ** 53:  # past float's exact integers: another id than the one written
+                raise UserError(f"{where}: 'id' {rid!r} is a float past 2**53, no longer the integer it was; write "
+                                f"the ids as integers or strings")
+            rid = int(rid)
         if isinstance(rid, bool) or not isinstance(rid, (str, int)):
             raise UserError(f"{where}: 'id' must be a string or an integer, got {_type_name(rid)} {_short(rid)}")
         _check_text(str(rid), where, "'id'")
@@ -106,6 +112,12 @@ def _check_row(row, where: str, index: int, columns: tuple[str, str] = COLUMNS) 
     else:
         out["id"] = str(index)
     return out
+
+
+def _missing_id(row) -> bool:
+    """No id: none given, null, or NaN (pandas' gap in a float column, and its JSON's NaN)."""
+    rid = row.get("id")
+    return rid is None or (isinstance(rid, float) and math.isnan(rid))
 
 
 def _check_messages(messages, where: str) -> list[dict]:
@@ -134,7 +146,7 @@ def validate_rows(rows, wheres, source: str, columns: tuple[str, str] = COLUMNS)
     for i, (row, where) in enumerate(zip(rows, wheres)):
         r = _check_row(row, where, i, columns)
         if r["id"] in first_seen:
-            own = row.get("id") is not None if isinstance(row, dict) else True
+            own = not _missing_id(row) if isinstance(row, dict) else True
             raise UserError(f"{where}: duplicate id {r['id']!r}" + ("" if own else " (this row has no id: its row number, "
                             "counted from 0, stands in)") + f" (first used at {first_seen[r['id']]}); ids must be unique")
         first_seen[r["id"]] = where

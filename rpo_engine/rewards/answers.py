@@ -274,7 +274,7 @@ def load_reward_fn(path: str):
                 raise UserError(f"reward function {path!r}: cannot load {module_name!r} as a Python file")
             module = importlib.util.module_from_spec(spec)
             sys.modules[name] = module
-            spec.loader.exec_module(module)
+            run_beside(spec, module, os.path.dirname(os.path.abspath(module_name)))
         else:
             module = importlib.import_module(module_name)
     except UserError:
@@ -296,6 +296,32 @@ def load_reward_fn(path: str):
     if obj in BUILTIN_REWARDS.values():
         return obj  # ours are checked by tests
     return TRLStyleReward(obj, path) if takes_completions(obj) else checked_reward(obj, path)
+
+
+def run_beside(spec, module, directory: str) -> None:
+    """Run a reward file's code as Python runs a script's, its directory first on sys.path, so that it imports
+    the modules beside it (`from helpers import x`). Then sys.path is as it was, and the modules it imported from
+    there leave sys.modules (the reward module holds them): another file's own helpers.py, loaded later in this
+    process, is imported anew, not taken for this one's."""
+    before = set(sys.modules)
+    sys.path.insert(0, directory)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(directory)
+        beside = [name for name in set(sys.modules) - before if _found_in(name, directory)]
+        for name in beside:
+            del sys.modules[name]
+
+
+def _found_in(name: str, directory: str) -> bool:
+    """Whether module `name` was imported from `directory` itself (directory/name.py, or a package
+    directory/name/ and its submodules), not from deeper down (a virtual environment's site-packages there)."""
+    top = sys.modules.get(name.partition(".")[0])
+    file = getattr(top, "__file__", None)
+    places = [os.path.dirname(file)] if isinstance(file, str) else []
+    places += [os.path.dirname(p) for p in getattr(top, "__path__", None) or []]  # a package's: directory/name
+    return directory in places
 
 
 def takes_completions(fn) -> bool:
