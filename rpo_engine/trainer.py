@@ -699,10 +699,12 @@ class Trainer:
                 grad_norms.append(grad_norm.item())
                 stats["loss"] += step_loss
                 policy_loss_total += step_policy_loss
-        # means over the optimizer steps taken, as grad_norm's: a skipped (non-finite) step has no loss to count
-        stats["loss"] /= max(1, len(grad_norms))
-        policy_loss_total /= max(1, len(grad_norms))
-        stats["grad_norm"] = sum(grad_norms) / max(1, len(grad_norms))
+        # means over the optimizer steps taken, as grad_norm's: a skipped (non-finite) step has no loss to count, and
+        # with none taken nothing was measured (None, as a DAPO step without groups logs)
+        taken = len(grad_norms)
+        stats["loss"] = stats["loss"] / taken if taken else None
+        policy_loss_total = policy_loss_total / taken if taken else None
+        stats["grad_norm"] = sum(grad_norms) / taken if taken else None
         if bonus:  # TRL's names: the surrogate (and KL) part of the loss; the coefficient after this update
             stats["policy_loss"], stats["entropy_coef"] = policy_loss_total, self.entropy_coef
         stats["skipped_updates"] = skipped

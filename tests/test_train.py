@@ -881,6 +881,10 @@ def test_a_skipped_mini_batch_step_leaves_the_loss_a_mean_over_the_steps_taken(t
         assert skipped[key] == pytest.approx(first[key], rel=1e-6), key
     for a, b in zip(trainers[0].model.parameters(), trainers[1].model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    groups[0].advantages[0] = math.nan  # every step skipped: no loss or gradient was measured (None), not 0.0
+    with pytest.warns(UserWarning, match="update skipped"):
+        none_taken = trainers[0].update(groups)
+    assert none_taken["skipped_updates"] == 2 and none_taken["loss"] is None and none_taken["grad_norm"] is None
 
 
 def test_max_grad_norm_zero_turns_clipping_off(tiny_model_dir):
