@@ -1107,6 +1107,55 @@ def test_decode_keeps_gathered_kv_across_steps(checkpoints, monkeypatch):
         assert counts["kept"] < counts["gathered"] // 4 and counts["over budget"] == counts["gathered"]
 
 
+def test_steps_run_in_inference_mode_and_sample_as_under_no_grad(checkpoints, monkeypatch):
+    """ModelRunner.run makes its metadata and runs the forward under torch.inference_mode: the same completions as
+    under no_grad (sync and async steps, preemption, a prefix-cache hit, a repetition penalty, cascade groups, the
+    kept K/V copies), and the model still trains with autograd between and after the calls."""
+    import contextlib
+
+    from rpo_engine.rollout.model_runner import ModelRunner
+
+    hf, model = checkpoints["qwen2"]
+    prompts = random_prompts(hf.config.vocab_size, [9, 14, 6])
+    prompts.append(list(prompts[0]))  # a prefix-cache hit
+    params = [SamplingParams(n=3, max_new_tokens=b, temperature=1.0, seed=5, stop_token_ids=[],
+                             repetition_penalty=1.3 if b == 11 else 1.0) for b in (16, 11, 20, 9)]
+    settings = [dict(), dict(num_blocks=14), dict(async_scheduling=True), dict(cascade=True)]
+
+    def generate_all():
+        outs = []
+        for kwargs in settings:
+            kwargs = dict(kwargs)
+            cascade = kwargs.pop("cascade", False)
+            engine = RolloutEngine(model, block_size=4, **kwargs)
+            if cascade:
+                engine.runner.cascade_min_saved_tokens = 1
+            outs.append(engine.generate(prompts, params))
+            if kwargs.get("num_blocks"):
+                assert engine.last_stats.preemptions > 0
+        return outs
+
+    modes, forward = [], ModelRunner._decode_forward
+    monkeypatch.setattr(ModelRunner, "_decode_forward",
+                        lambda self, *a: modes.append(torch.is_inference_mode_enabled()) or forward(self, *a))
+    got = generate_all()
+    assert modes and all(modes)
+    with monkeypatch.context() as m:  # the same steps under no_grad
+        m.setattr(torch, "inference_mode", lambda mode=True: torch.no_grad() if mode else contextlib.nullcontext())
+        modes.clear()
+        want = generate_all()
+        assert not any(modes)
+    for g, w in zip(got, want):
+        assert_same_samples(g, w, atol=0)
+
+    ids = torch.tensor([prompts[1]], device=model.device)
+    model.zero_grad(set_to_none=True)
+    model(ids).logsumexp(-1).mean().backward()  # the weights the engine read train with autograd
+    assert all(p.grad is not None for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+    assert_same_samples(generate_all()[0], got[0], atol=0)
+
+
 def test_request_key_mixes_in_the_prompt():
     """Two prompts under one seed (one seed per generate call is the usual case) draw independent noise."""
     N = 4000
