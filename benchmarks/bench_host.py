@@ -41,13 +41,14 @@ def host_only(runner, logits):
     """runner.run without the forward: prepare the step's inputs and metadata (with triton_cascade also the
     cascade programs a CUDA graph replay fills), return `logits` (a [vocab] row) for every sequence."""
     def run(seqs, is_prefill, copies, input_ids=None):
-        if is_prefill:
-            runner._prepare_prefill(seqs)
+        with torch.inference_mode():  # as ModelRunner.run prepares them (a baseline checkout's, too: conservative)
+            if is_prefill:
+                runner._prepare_prefill(seqs)
+                return logits.expand(len(seqs), -1)
+            _, _, meta = runner._prepare_decode(seqs)
+            if getattr(runner, "triton_cascade", False) and meta.group_tables is not None:
+                runner._cascade_programs(meta)  # what a graph replay makes (or reuses) before filling its buffers
             return logits.expand(len(seqs), -1)
-        _, _, meta = runner._prepare_decode(seqs)
-        if getattr(runner, "triton_cascade", False) and meta.group_tables is not None:
-            runner._cascade_programs(meta)  # what a graph replay makes (or reuses) before filling its buffers
-        return logits.expand(len(seqs), -1)
     return run
 
 

@@ -1133,6 +1133,55 @@ def test_decode_keeps_gathered_kv_across_steps(checkpoints, monkeypatch):
         assert counts["kept"] < counts["gathered"] // 4 and counts["over budget"] == counts["gathered"]
 
 
+def test_steps_run_in_inference_mode_and_sample_as_under_no_grad(checkpoints, monkeypatch):
+    """ModelRunner.run makes its metadata and runs the forward under torch.inference_mode: the same completions as
+    under no_grad (sync and async steps, preemption, a prefix-cache hit, a repetition penalty, cascade groups, the
+    kept K/V copies), and the model still trains with autograd between and after the calls."""
+    import contextlib
+
+    from rpo_engine.rollout.model_runner import ModelRunner
+
+    hf, model = checkpoints["qwen2"]
+    prompts = random_prompts(hf.config.vocab_size, [9, 14, 6])
+    prompts.append(list(prompts[0]))  # a prefix-cache hit
+    params = [SamplingParams(n=3, max_new_tokens=b, temperature=1.0, seed=5, stop_token_ids=[],
+                             repetition_penalty=1.3 if b == 11 else 1.0) for b in (16, 11, 20, 9)]
+    settings = [dict(), dict(num_blocks=14), dict(async_scheduling=True), dict(cascade=True)]
+
+    def generate_all():
+        outs = []
+        for kwargs in settings:
+            kwargs = dict(kwargs)
+            cascade = kwargs.pop("cascade", False)
+            engine = RolloutEngine(model, block_size=4, **kwargs)
+            if cascade:
+                engine.runner.cascade_min_saved_tokens = 1
+            outs.append(engine.generate(prompts, params))
+            if kwargs.get("num_blocks"):
+                assert engine.last_stats.preemptions > 0
+        return outs
+
+    modes, forward = [], ModelRunner._decode_forward
+    monkeypatch.setattr(ModelRunner, "_decode_forward",
+                        lambda self, *a: modes.append(torch.is_inference_mode_enabled()) or forward(self, *a))
+    got = generate_all()
+    assert modes and all(modes)
+    with monkeypatch.context() as m:  # the same steps under no_grad
+        m.setattr(torch, "inference_mode", lambda mode=True: torch.no_grad() if mode else contextlib.nullcontext())
+        modes.clear()
+        want = generate_all()
+        assert not any(modes)
+    for g, w in zip(got, want):
+        assert_same_samples(g, w, atol=0)
+
+    ids = torch.tensor([prompts[1]], device=model.device)
+    model.zero_grad(set_to_none=True)
+    model(ids).logsumexp(-1).mean().backward()  # the weights the engine read train with autograd
+    assert all(p.grad is not None for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+    assert_same_samples(generate_all()[0], got[0], atol=0)
+
+
 def test_request_key_mixes_in_the_prompt():
     """Two prompts under one seed (one seed per generate call is the usual case) draw independent noise."""
     N = 4000
@@ -1307,6 +1356,75 @@ def test_policy_logprobs_with_and_without_temperatures():
     torch.testing.assert_close(policy_logprobs(logits, temperature, tokens), want, atol=1e-6, rtol=0)
     torch.testing.assert_close(policy_logprobs(logits, None, tokens), logits.log_softmax(-1)[torch.arange(4), tokens],
                                atol=1e-6, rtol=0)
+
+
+def every_row_sample_sequences(logits, seqs, seen=None):
+    """sample_sequences as it was written before it read the distinct SamplingParams: every row's temperature,
+    top-p and top-k (and min-p and penalty where a row has one) made into tensors, the flags counted over rows."""
+    import numpy as np
+
+    from rpo_engine.rollout.penalty import apply_repetition_penalty
+    from rpo_engine.rollout.sampler import policy_logprobs
+
+    params = [seq.params for seq in seqs]
+    temperature = [p.temperature for p in params]
+    any_min_p = any(p.min_p > 0 for p in params)
+    penalized = any(p.repetition_penalty != 1 for p in params)
+    rows = np.empty((4 + any_min_p + penalized, len(seqs)))
+    rows[0], rows[1], rows[2] = temperature, [p.top_p for p in params], [p.top_k for p in params]
+    rows[3] = stream_uniforms([seq.stream for seq in seqs], [len(seq.token_ids) + seq.num_pending for seq in seqs])
+    if any_min_p:
+        rows[4] = [p.min_p for p in params]
+    if penalized:
+        rows[-1] = [p.repetition_penalty for p in params]
+    truncate = any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in params)
+    num_greedy = sum(t == 0 for t in temperature)
+    rows = torch.from_numpy(rows).to(logits.device)
+    drawn_from = logits.float()
+    if penalized:
+        seen_rows = seen.rows(seqs)
+        drawn_from = apply_repetition_penalty(drawn_from, seen.mask[seen_rows], rows[-1].float())
+    tokens, logprobs = sample(drawn_from, rows[0].float(), rows[2].long(), rows[1].float(), rows[3], truncate,
+                              num_greedy > 0, num_greedy == len(seqs), rows[4].float() if any_min_p else None)
+    if penalized:
+        logprobs = policy_logprobs(logits, None if all(t in (0, 1) for t in temperature) else rows[0].float(), tokens)
+        seen.mark(seen_rows, tokens)
+    return tokens, logprobs
+
+
+@pytest.mark.parametrize("V", [50, 3 * CHUNK + 7])  # sample_reference's vocabulary, and `sample`'s own path
+@pytest.mark.parametrize("settings", [
+    [{}], [{}, {"temperature": 0.7}], [{}, {"temperature": 0.0}], [{"temperature": 0.0}],
+    [{}, {"top_k": 5}, {"temperature": 1.3, "top_p": 0.8}], [{"temperature": 0.0, "top_k": 3}, {}],
+    [{}, {"min_p": 0.1}], [{"temperature": 0.6}, {"repetition_penalty": 1.4}, {"temperature": 0.0}],
+    [{"repetition_penalty": 0.8}]], ids=lambda s: "+".join("-".join(f"{k}{v}" for k, v in d.items()) or "T1" for d in s))
+def test_sample_sequences_makes_only_the_rows_it_needs_and_draws_as_with_every_row(V, settings):
+    """sample_sequences reads its flags from the step's distinct SamplingParams and makes only the per-row
+    inputs some row needs (at T = 1 and nothing else, the uniforms alone, the logits not divided): the same
+    tokens and log-probs, bit for bit, as with every row's settings given (the way it was written before)."""
+    from rpo_engine.rollout.penalty import SeenTokens
+    from rpo_engine.rollout.sampler import sample_sequences
+    from rpo_engine.rollout.sequence import Sequence
+
+    g = torch.Generator().manual_seed(V + len(settings))
+    seqs = []
+    for i in range(12):  # requests of a few samples each, their settings taken in turn; every request its own seed
+        params = SamplingParams(n=3, seed=i, **settings[i % len(settings)])
+        prompt = torch.randint(0, V, (int(torch.randint(1, 9, (), generator=g)),), generator=g).tolist()
+        for j in range(3):
+            seq = Sequence(prompt, params, 4, [], request_key(i, prompt), i, sample_index=j)
+            seq.token_ids += torch.randint(0, V, (int(torch.randint(0, 6, (), generator=g)),), generator=g).tolist()
+            seqs.append(seq)
+    logits = (torch.randn(len(seqs), V, generator=g) * 3).to(DEVICE)
+    logits[::5, :V // 3] = 0.0  # ties
+    seen, seen_before = SeenTokens(V, logits.device), SeenTokens(V, logits.device)
+    for _ in range(2):  # the penalty's second step reads the tokens the first one marked
+        tokens, logprobs = sample_sequences(logits, seqs, seen)
+        want_tokens, want_logprobs = every_row_sample_sequences(logits, seqs, seen_before)
+        assert torch.equal(tokens, want_tokens)
+        assert torch.equal(logprobs, want_logprobs)
+        for seq, token in zip(seqs, tokens.tolist()):
+            seq.token_ids.append(token)
 
 
 def test_sleep_frees_the_kv_cache_and_the_next_call_makes_it_again(checkpoints):
