@@ -5,7 +5,8 @@ Each step is either a prefill (waiting sequences admitted while blocks, `max_num
 sequence. When a decode step runs out of blocks, the most recently admitted sequence is preempted:
 its blocks are freed and it goes back to the front of the waiting queue, to be recomputed from its
 tokens (prompt + what it has sampled so far; its full blocks are often still cached). A fresh request
-admits as one sequence; after its prefill `fork` splits it into its n samples.
+admits as one sequence (one per max_num_seqs of its samples); after its prefill `fork` splits it into its
+samples.
 
 With async scheduling (the engine's), a decode step is scheduled while the previous one's tokens are
 still on the device: each sequence then counts one pending token, a sequence whose pending token is its

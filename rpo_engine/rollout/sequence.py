@@ -3,7 +3,8 @@
 A Sequence holds its token ids (prompt, then sampled tokens), how many of them already have keys
 and values in the paged cache (`num_cached_tokens`), the ids of its cache blocks, and what the
 sampler needs (params, seed key, sample index). It owns no tensors. A fresh request is ONE sequence
-with `num_forks = n`; after its prefill it splits into n samples that share its blocks.
+with `num_forks = n` (n above the engine's max_num_seqs: several, numbered on from their `sample_index`);
+after its prefill it splits into its samples, which share its blocks.
 """
 from __future__ import annotations
 
