@@ -494,3 +494,28 @@ def test_more_ranks_than_gpus_is_a_one_line_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(UserError, match=r"local rank 1 has no GPU of its own: this machine shows 1; .*--nproc-per-node"):
         Dist.from_env("ddp", "cuda", 60)
+
+
+def test_ranks_part_before_rank_zero_uploads_to_the_hub(tiny_model_dir, tmp_path, monkeypatch):
+    """--push-to-hub: the other ranks' last wait (Dist.close's barrier, bounded by --dist-timeout) ends before rank
+    0 uploads final/; an upload longer than the timeout (a large model, a slow link) failed their barrier, and
+    torchrun then stopped rank 0 in the middle of it."""
+    from rpo_engine import hub, train
+    from rpo_engine.config import parse_args
+    from rpo_engine.distributed import Dist
+
+    calls = []
+
+    class WatchedDist(Dist):
+        def close(self):
+            calls.append("close")
+
+    monkeypatch.setattr(hub, "create_push_repo", lambda repo_id, private: f"me/{repo_id}")
+    monkeypatch.setattr(hub, "push_folder", lambda repo, folder, message: calls.append("push") or "url")
+    monkeypatch.setattr(train, "write_plot", lambda *args: None)
+    config = parse_args(list(map(str, ["--model", tiny_model_dir, "--no-progress", "--prompts-per-step", 1,
+                                       "--num-generations", 2, "--max-completion-length", 4, "--train-size", 1,
+                                       "--eval-size", 1, "--eval-steps", 0, "--steps", 1, "--push-to-hub",
+                                       "--output", tmp_path / "run"])))
+    assert train.train(config, WatchedDist()) == 0
+    assert calls[:2] == ["close", "push"]
