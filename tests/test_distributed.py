@@ -270,9 +270,14 @@ def _consolidate_on_two_ranks(rank, rendezvous):
     config = ModelConfig.from_hf_dict(dict(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64,
                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
     torch.manual_seed(0)
-    replica = CausalLM(config).init_weights(0.02).bfloat16()  # low precision: the masters are saved too
+    rank0_weights = CausalLM(config).init_weights(0.02).bfloat16()  # low precision: the masters are saved too
+    torch.manual_seed(rank)  # rank 1 loaded other weights (a node's own Hub snapshot or starter model)
+    replica = CausalLM(config).init_weights(0.02).bfloat16()
     group = distributed.Dist(rank, 2, 0, "fsdp")
     _, policy = group.wrap(replica, 1.0)
+    # every rank trains and rolls out rank 0's weights, as DDP's wrap makes them
+    for whole, shard, mine in zip(rank0_weights.parameters(), policy.parameters(), replica.parameters(), strict=True):
+        assert torch.equal(mine, whole) and torch.equal(distributed.full_tensor(shard), whole.float())
     optimizer = make_adamw(policy, lr=1e-3, weight_decay=0.0)
     for p in policy.parameters():
         p.grad = torch.ones_like(p)
