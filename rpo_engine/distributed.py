@@ -199,6 +199,10 @@ class Dist:
             # rank) never change, so they are not broadcast on every forward.
             ids = [self.local_rank] if self.device.type == "cuda" else None
             return model, DDP(PolicyForward(model, temperature), device_ids=ids, **no_forward_buffer_sync(DDP))
+        # Rank 0's weights, as DDP's wrap gives them: each rank cuts its shard from its own replica, and ranks can
+        # load different ones (each node's own Hub snapshot, or starter model built on its own CPUs); the rollout
+        # replica is then rank 0's too. One broadcast of the replica's dtype, at start.
+        coalesced(lambda flat: dist.broadcast(flat, src=0), list(model.parameters()))
         return model, float32_shards(model, temperature)
 
     @torch.no_grad()
@@ -244,7 +248,7 @@ def float32_shards(model: nn.Module, temperature: float) -> nn.Module:
     """fsdp: the gradient forward over a float32 copy of `model` (the sharded masters; `model` stays the rollout
     replica), fully_shard-ed per decoder layer and at the root. The copy never exists whole: it is made on the
     meta device (no memory), sharded there, given memory for this rank's shards only, and filled from `model`
-    one parameter at a time (each rank cuts its shard from its own replica, which every rank loaded alike)."""
+    one parameter at a time (each rank cuts its shard from its own replica, which Dist.wrap made rank 0's)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.tensor import distribute_tensor
 

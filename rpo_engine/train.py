@@ -630,6 +630,11 @@ def train(config: TrainConfig, dist: Dist) -> int:
     if hub_repo is not None:  # a LoRA run pushes its adapter, as TRL pushes a PEFT model
         from rpo_engine.hub import push_folder
 
+        # The ranks part first (main's close is then a no-op): the others wait there under --dist-timeout, and an
+        # upload can outlast it (a large model, a slow link); their failed barrier made torchrun stop this one
+        # mid-upload. The trainer goes first, so that close collects its FSDP cycles while the group is up.
+        del trainer
+        dist.close()
         folder = output / ("final-adapter" if config.use_peft else "final")
         url = push_folder(hub_repo, folder, f"rpo_engine: {algo_name}, {config.steps} steps")
         print(f"pushed {folder} to {url}")

@@ -270,9 +270,14 @@ def _consolidate_on_two_ranks(rank, rendezvous):
     config = ModelConfig.from_hf_dict(dict(model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64,
                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
     torch.manual_seed(0)
-    replica = CausalLM(config).init_weights(0.02).bfloat16()  # low precision: the masters are saved too
+    rank0_weights = CausalLM(config).init_weights(0.02).bfloat16()  # low precision: the masters are saved too
+    torch.manual_seed(rank)  # rank 1 loaded other weights (a node's own Hub snapshot or starter model)
+    replica = CausalLM(config).init_weights(0.02).bfloat16()
     group = distributed.Dist(rank, 2, 0, "fsdp")
     _, policy = group.wrap(replica, 1.0)
+    # every rank trains and rolls out rank 0's weights, as DDP's wrap makes them
+    for whole, shard, mine in zip(rank0_weights.parameters(), policy.parameters(), replica.parameters(), strict=True):
+        assert torch.equal(mine, whole) and torch.equal(distributed.full_tensor(shard), whole.float())
     optimizer = make_adamw(policy, lr=1e-3, weight_decay=0.0)
     for p in policy.parameters():
         p.grad = torch.ones_like(p)
@@ -494,3 +499,28 @@ def test_more_ranks_than_gpus_is_a_one_line_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(UserError, match=r"local rank 1 has no GPU of its own: this machine shows 1; .*--nproc-per-node"):
         Dist.from_env("ddp", "cuda", 60)
+
+
+def test_ranks_part_before_rank_zero_uploads_to_the_hub(tiny_model_dir, tmp_path, monkeypatch):
+    """--push-to-hub: the other ranks' last wait (Dist.close's barrier, bounded by --dist-timeout) ends before rank
+    0 uploads final/; an upload longer than the timeout (a large model, a slow link) failed their barrier, and
+    torchrun then stopped rank 0 in the middle of it."""
+    from rpo_engine import hub, train
+    from rpo_engine.config import parse_args
+    from rpo_engine.distributed import Dist
+
+    calls = []
+
+    class WatchedDist(Dist):
+        def close(self):
+            calls.append("close")
+
+    monkeypatch.setattr(hub, "create_push_repo", lambda repo_id, private: f"me/{repo_id}")
+    monkeypatch.setattr(hub, "push_folder", lambda repo, folder, message: calls.append("push") or "url")
+    monkeypatch.setattr(train, "write_plot", lambda *args: None)
+    config = parse_args(list(map(str, ["--model", tiny_model_dir, "--no-progress", "--prompts-per-step", 1,
+                                       "--num-generations", 2, "--max-completion-length", 4, "--train-size", 1,
+                                       "--eval-size", 1, "--eval-steps", 0, "--steps", 1, "--push-to-hub",
+                                       "--output", tmp_path / "run"])))
+    assert train.train(config, WatchedDist()) == 0
+    assert calls[:2] == ["close", "push"]
