@@ -146,6 +146,7 @@ def main(argv=None) -> int:
         config.model = str(ensure_starter_model())
     model_dir = model_directory(config.model)  # a Hub id looked up once, for the model and its tokenizer
     check_not_a_run(model_dir)
+    check_not_an_adapter(model_dir, args.adapter)
     model = rpo_engine.load_model(model_dir, dtype=dtype, device=device)
     if args.adapter is not None:
         load_adapter(model, args.adapter)
@@ -223,6 +224,24 @@ def check_not_a_run(model: Path) -> None:
     if (model / "adapter").is_dir():
         raise UserError(f"--model {model}: a LoRA run's checkpoint; pass the run's base --model and --adapter "
                         f"{model / 'adapter'}")
+
+
+def check_not_an_adapter(model: Path, adapter) -> None:
+    """--model given a LoRA adapter's directory (PEFT's adapter_config.json: a run's final-adapter/, a PEFT save):
+    alone it has no model to load; beside a model's config.json, transformers' from_pretrained applies it to that
+    model, and loading the weights alone would evaluate another model. Either way say which command does what."""
+    from rpo_engine.model.lora import ADAPTER_CONFIG
+
+    if not (model / ADAPTER_CONFIG).is_file():
+        return
+    if not (model / "config.json").is_file():
+        base = _json_keys(model / ADAPTER_CONFIG).get("base_model_name_or_path") or "BASE"
+        raise UserError(f"--model {model}: a LoRA adapter, not a model; pass its base model and the adapter: "
+                        f"--model {base} --adapter {model}")
+    if adapter is None:  # an --adapter given is the user's choice of adapter
+        raise UserError(f"--model {model}: holds a LoRA adapter ({ADAPTER_CONFIG}) beside the model, which "
+                        f"transformers applies when it loads the directory; pass --adapter {model} to evaluate it "
+                        f"applied, or a copy without {ADAPTER_CONFIG} for the model alone")
 
 
 def _json_keys(path: Path) -> dict:

@@ -2389,6 +2389,33 @@ def test_eval_cli_names_the_model_in_a_run_directory(tmp_path):
             main(["--model", str(given), "--no-progress"])
 
 
+def test_eval_cli_model_that_is_or_holds_a_lora_adapter(tmp_path, tiny_model_dir, monkeypatch):
+    """--model given a LoRA adapter's directory (adapter_config.json, as a run's final-adapter/ or PEFT's save):
+    alone, the error said config.json was missing; beside a model's config.json (which transformers' from_pretrained
+    loads with the adapter applied) the adapter was silently left out, evaluating the base. Both are one line that
+    names the command, before the model loads; --adapter DIR applies the adapter there as anywhere."""
+    import rpo_engine
+    from rpo_engine.errors import UserError
+    from rpo_engine.eval import main
+    from rpo_engine.model.lora import apply_lora, save_adapter
+
+    save_adapter(apply_lora(rpo_engine.load_model(tiny_model_dir), r=2, alpha=4.0), tmp_path / "adapter",
+                 base_model_name_or_path="org/base")
+    shutil.copytree(tiny_model_dir, tmp_path / "both")
+    shutil.copytree(tmp_path / "adapter", tmp_path / "both", dirs_exist_ok=True)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "Q: 1+1\\nA:", "answer": "2"}\n')
+    monkeypatch.setattr(rpo_engine, "load_model", lambda *args, **kwargs: pytest.fail("loaded the model first"))
+    with pytest.raises(UserError, match=re.escape(f"--model {tmp_path / 'adapter'}: a LoRA adapter, not a model; pass "
+                                                  f"its base model and the adapter: --model org/base --adapter "
+                                                  f"{tmp_path / 'adapter'}")):
+        main(["--model", str(tmp_path / "adapter"), "--dataset", str(data), "--no-progress"])
+    with pytest.raises(UserError, match=re.escape(f"--model {tmp_path / 'both'}: holds a LoRA adapter "
+                                                  f"(adapter_config.json) beside the model") + ".*--adapter " +
+                                        re.escape(str(tmp_path / "both"))):
+        main(["--model", str(tmp_path / "both"), "--dataset", str(data), "--no-progress"])
+
+
 def test_eval_sampling_options_with_greedy_decoding_are_an_error():
     # greedy decoding (--temperature 0, the default) takes the most likely token, which top-k, top-p and min-p all
     # keep, and draws nothing: these options were read and silently changed nothing
