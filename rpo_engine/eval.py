@@ -3,7 +3,7 @@
 Without --dataset it uses the built-in task's held-out split (the default run's, seed 0: a training run with
 --seed N holds out seed N's); without --model, the starter model.
 `--output FILE.jsonl` also writes each row's greedy completion, reward and verdict. `--adapter DIR` applies a
-LoRA adapter (a run's final-adapter/, or one PEFT saved) to --model.
+LoRA adapter (a run's final-adapter/, or one PEFT saved; or its Hub id) to --model.
 `--num-samples K --temperature T` samples K completions a row instead (one prefill each, shared by its
 samples) and reports their mean accuracy (avg@K) and the fraction of rows with a right one (pass@K).
 """
@@ -13,6 +13,7 @@ import json
 import math
 import re
 import sys
+import warnings
 from pathlib import Path
 
 from rpo_engine.errors import UserError, run_cli
@@ -22,7 +23,7 @@ def main(argv=None) -> int:
     import rpo_engine
     from rpo_engine.config import OneLineParser, config_from_dict, stop_strings
     from rpo_engine.model.checkpoint import model_directory
-    from rpo_engine.model.lora import load_adapter
+    from rpo_engine.model.lora import load_adapter, read_adapter_settings
     from rpo_engine.rollout import SamplingParams
     from rpo_engine.train import load_rows, resolve_device, resolve_reward, reward_pool
     from rpo_engine.rewards.answers import RewardLog
@@ -32,8 +33,8 @@ def main(argv=None) -> int:
     parser = OneLineParser(prog="python -m rpo_engine.eval", description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="Hugging Face model directory, or a Hub id (org/name) in the local cache or to "
                                          "download (default: the built-in starter model)")
-    parser.add_argument("--adapter", help="a LoRA adapter directory (PEFT's layout, e.g. a run's final-adapter/) applied to "
-                                           "--model, the base it was trained on; a run's final/ has its adapter merged "
+    parser.add_argument("--adapter", help="a LoRA adapter directory (PEFT's layout, e.g. a run's final-adapter/), or "
+                                           "its Hub id, applied to --model, the base it was trained on; a run's final/ has its adapter merged "
                                            "in already (default: none)")
     parser.add_argument("--dataset", help="JSONL/Parquet rows with prompt and answer, a `datasets` save_to_disk directory, "
                                            "a Hugging Face Hub dataset id (org/name; needs `datasets`) or such a "
@@ -147,9 +148,15 @@ def main(argv=None) -> int:
     model_dir = model_directory(config.model)  # a Hub id looked up once, for the model and its tokenizer
     check_not_a_run(model_dir)
     check_not_an_adapter(model_dir, args.adapter)
+    adapter_dir = None
+    if args.adapter is not None:  # a Hub id too (a LoRA run's --push-to-hub uploads its adapter), as --model
+        adapter_dir = model_directory(args.adapter)
+        with warnings.catch_warnings():  # read now, not after minutes of loading; load_adapter warns again
+            warnings.simplefilter("ignore")
+            read_adapter_settings(adapter_dir)
     model = rpo_engine.load_model(model_dir, dtype=dtype, device=device)
-    if args.adapter is not None:
-        load_adapter(model, args.adapter)
+    if adapter_dir is not None:
+        load_adapter(model, adapter_dir)
     tokenizer = rpo_engine.load_tokenizer(model_dir)
     _, rows = load_rows(config)
     rows, prompts = encode_run_prompts(tokenizer, rows, config, model, args.dataset or "built-in eval split")

@@ -2416,6 +2416,43 @@ def test_eval_cli_model_that_is_or_holds_a_lora_adapter(tmp_path, tiny_model_dir
         main(["--model", str(tmp_path / "both"), "--dataset", str(data), "--no-progress"])
 
 
+def test_eval_cli_adapter_is_checked_first_and_may_be_a_hub_id(tmp_path, tiny_model_dir, monkeypatch):
+    """--adapter with a typo failed only after the model had loaded (minutes at 7B); and a Hub id, as --push-to-hub
+    uploads a LoRA run's adapter (PEFT's from_pretrained takes one), was no directory. Now the adapter is read
+    before the model, and an id is resolved as --model's are: the local cache here (HF_HUB_OFFLINE)."""
+    import huggingface_hub
+
+    import rpo_engine
+    import rpo_engine.model.lora
+    from rpo_engine.errors import UserError
+    from rpo_engine.eval import main
+    from rpo_engine.model.lora import apply_lora, save_adapter
+    from tests.helpers import hub_snapshot
+
+    save_adapter(apply_lora(rpo_engine.load_model(tiny_model_dir), r=2, alpha=4.0), tmp_path / "adapter")
+    snapshot = hub_snapshot(tmp_path / "hub", "me/run-a", tmp_path / "adapter")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "Q: 1+1\\nA:", "answer": "2"}\n')
+    args = ["--model", str(tiny_model_dir), "--dataset", str(data), "--no-progress", "--adapter"]
+    load_model = rpo_engine.load_model
+    monkeypatch.setattr(rpo_engine, "load_model", lambda *a, **kw: pytest.fail("loaded the model first"))
+    with pytest.raises(UserError, match="nope: no adapter_config.json"):
+        main([*args, str(tmp_path / "nope")])
+    monkeypatch.setattr(rpo_engine, "load_model", load_model)
+    applied = []
+
+    def stop_after(model, directory):
+        applied.append(directory)
+        raise KeyboardInterrupt  # the rest is test_eval_cli's
+
+    monkeypatch.setattr(rpo_engine.model.lora, "load_adapter", stop_after)
+    with pytest.raises(KeyboardInterrupt):
+        main([*args, "me/run-a"])
+    assert applied == [snapshot]
+
+
 def test_eval_sampling_options_with_greedy_decoding_are_an_error():
     # greedy decoding (--temperature 0, the default) takes the most likely token, which top-k, top-p and min-p all
     # keep, and draws nothing: these options were read and silently changed nothing
