@@ -34,8 +34,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", help="Hugging Face model directory, or a Hub id (org/name) in the local cache or to "
                                          "download (default: the built-in starter model)")
     parser.add_argument("--adapter", help="a LoRA adapter directory (PEFT's layout, e.g. a run's final-adapter/), or "
-                                           "its Hub id, applied to --model, the base it was trained on; a run's final/ has its adapter merged "
-                                           "in already (default: none)")
+                                           "its Hub id, applied to --model, the base it was trained on; a run's final/ "
+                                           "has its adapter merged in already (default: none)")
     parser.add_argument("--dataset", help="JSONL/Parquet rows with prompt and answer, a `datasets` save_to_disk directory, "
                                            "a Hugging Face Hub dataset id (org/name; needs `datasets`) or such a "
                                            "repository's directory (default: the "

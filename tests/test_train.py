@@ -509,6 +509,28 @@ def test_a_new_run_starts_its_own_wandb_run_and_logs_only_numbers(tmp_path, monk
     assert logged == [{"step": 3, "loss": 0.5, "tokens": 7}]
 
 
+def test_a_wandb_run_is_named_by_the_output_directory_however_written(tmp_path, monkeypatch):
+    """--output . (or ..) has no name of its own: W&B got name "" and made one up, where --push-to-hub's repository
+    takes the directory's real name; both name the run alike now."""
+    import types
+
+    from rpo_engine.reporting import Reporter
+
+    inits = []
+
+    class Run:
+        define_metric = log = finish = lambda self, *args, **kwargs: None
+
+    wandb = types.ModuleType("wandb")
+    wandb.init = lambda **kwargs: inits.append(kwargs) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    (tmp_path / "run-3" / "sub").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "run-3" / "sub")
+    for output in (Path("."), Path("..")):
+        Reporter(["wandb"], output, {}, resumed_at=None)
+    assert [kwargs["name"] for kwargs in inits] == ["sub", "run-3"]
+
+
 def test_report_to_none_reports_nowhere_where_tensorboard_is_installed(monkeypatch):
     """--report-to none is no sink at all, TensorBoard installed or not (auto would pick it)."""
     from rpo_engine import reporting
