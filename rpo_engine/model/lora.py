@@ -321,7 +321,11 @@ def read_adapter_settings(directory) -> LoRASettings:
     """The LoRA settings of a PEFT adapter directory; anything we cannot apply exactly is a UserError."""
     path = Path(directory) / ADAPTER_CONFIG
     if not path.is_file():
-        raise UserError(f"{directory}: no {ADAPTER_CONFIG} (not a LoRA adapter directory)")
+        # a LoRA run's directory, or one of its checkpoints: the adapter is inside
+        inside = [Path(directory) / name for name in ("final-adapter", "adapter")
+                  if (Path(directory) / name / ADAPTER_CONFIG).is_file()]
+        raise UserError(f"{directory}: no {ADAPTER_CONFIG} (not a LoRA adapter directory"
+                        + (f"; pass {inside[0]})" if inside else ")"))
     try:
         config = json.loads(path.read_text())
         if not isinstance(config, dict):
