@@ -3,7 +3,7 @@
 Without --dataset it uses the built-in task's held-out split (the default run's, seed 0: a training run with
 --seed N holds out seed N's); without --model, the starter model.
 `--output FILE.jsonl` also writes each row's greedy completion, reward and verdict. `--adapter DIR` applies a
-LoRA adapter (a run's final-adapter/, or one PEFT saved) to --model.
+LoRA adapter (a run's final-adapter/, or one PEFT saved; or its Hub id) to --model.
 `--num-samples K --temperature T` samples K completions a row instead (one prefill each, shared by its
 samples) and reports their mean accuracy (avg@K) and the fraction of rows with a right one (pass@K).
 """
@@ -13,6 +13,7 @@ import json
 import math
 import re
 import sys
+import warnings
 from pathlib import Path
 
 from rpo_engine.errors import UserError, run_cli
@@ -22,7 +23,7 @@ def main(argv=None) -> int:
     import rpo_engine
     from rpo_engine.config import OneLineParser, config_from_dict, stop_strings
     from rpo_engine.model.checkpoint import model_directory
-    from rpo_engine.model.lora import load_adapter
+    from rpo_engine.model.lora import load_adapter, read_adapter_settings
     from rpo_engine.rollout import SamplingParams
     from rpo_engine.train import load_rows, resolve_device, resolve_reward, reward_pool
     from rpo_engine.rewards.answers import RewardLog
@@ -32,9 +33,9 @@ def main(argv=None) -> int:
     parser = OneLineParser(prog="python -m rpo_engine.eval", description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="Hugging Face model directory, or a Hub id (org/name) in the local cache or to "
                                          "download (default: the built-in starter model)")
-    parser.add_argument("--adapter", help="a LoRA adapter directory (PEFT's layout, e.g. a run's final-adapter/) applied to "
-                                           "--model, the base it was trained on; a run's final/ has its adapter merged "
-                                           "in already (default: none)")
+    parser.add_argument("--adapter", help="a LoRA adapter directory (PEFT's layout, e.g. a run's final-adapter/), or "
+                                           "its Hub id, applied to --model, the base it was trained on; a run's final/ "
+                                           "has its adapter merged in already (default: none)")
     parser.add_argument("--dataset", help="JSONL/Parquet rows with prompt and answer, a `datasets` save_to_disk directory, "
                                            "a Hugging Face Hub dataset id (org/name; needs `datasets`) or such a "
                                            "repository's directory (default: the "
@@ -146,9 +147,16 @@ def main(argv=None) -> int:
         config.model = str(ensure_starter_model())
     model_dir = model_directory(config.model)  # a Hub id looked up once, for the model and its tokenizer
     check_not_a_run(model_dir)
+    check_not_an_adapter(model_dir, args.adapter)
+    adapter_dir = None
+    if args.adapter is not None:  # a Hub id too (a LoRA run's --push-to-hub uploads its adapter), as --model
+        adapter_dir = model_directory(args.adapter)
+        with warnings.catch_warnings():  # read now, not after minutes of loading; load_adapter warns again
+            warnings.simplefilter("ignore")
+            read_adapter_settings(adapter_dir)
     model = rpo_engine.load_model(model_dir, dtype=dtype, device=device)
-    if args.adapter is not None:
-        load_adapter(model, args.adapter)
+    if adapter_dir is not None:
+        load_adapter(model, adapter_dir)
     tokenizer = rpo_engine.load_tokenizer(model_dir)
     _, rows = load_rows(config)
     rows, prompts = encode_run_prompts(tokenizer, rows, config, model, args.dataset or "built-in eval split")
@@ -223,6 +231,24 @@ def check_not_a_run(model: Path) -> None:
     if (model / "adapter").is_dir():
         raise UserError(f"--model {model}: a LoRA run's checkpoint; pass the run's base --model and --adapter "
                         f"{model / 'adapter'}")
+
+
+def check_not_an_adapter(model: Path, adapter) -> None:
+    """--model given a LoRA adapter's directory (PEFT's adapter_config.json: a run's final-adapter/, a PEFT save):
+    alone it has no model to load; beside a model's config.json, transformers' from_pretrained applies it to that
+    model, and loading the weights alone would evaluate another model. Either way say which command does what."""
+    from rpo_engine.model.lora import ADAPTER_CONFIG
+
+    if not (model / ADAPTER_CONFIG).is_file():
+        return
+    if not (model / "config.json").is_file():
+        base = _json_keys(model / ADAPTER_CONFIG).get("base_model_name_or_path") or "BASE"
+        raise UserError(f"--model {model}: a LoRA adapter, not a model; pass its base model and the adapter: "
+                        f"--model {base} --adapter {model}")
+    if adapter is None:  # an --adapter given is the user's choice of adapter
+        raise UserError(f"--model {model}: holds a LoRA adapter ({ADAPTER_CONFIG}) beside the model, which "
+                        f"transformers applies when it loads the directory; pass --adapter {model} to evaluate it "
+                        f"applied, or a copy without {ADAPTER_CONFIG} for the model alone")
 
 
 def _json_keys(path: Path) -> dict:

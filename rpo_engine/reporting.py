@@ -70,8 +70,9 @@ class Reporter:
                 run_id = secrets.token_hex(4)
                 id_file.write_text(run_id + "\n")
             try:
-                self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "rpo_engine"), name=output.name,
-                                        id=run_id, resume="allow", config=options, dir=str(output))
+                # resolved: --output . has no name of its own (W&B would make one up); --push-to-hub's repo does so too
+                self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "rpo_engine"),
+                                        name=output.resolve().name, id=run_id, resume="allow", config=options, dir=str(output))
             except wandb.errors.Error as e:  # no API key (never logged in), a project W&B refuses, no connection
                 reason = next(iter(str(e).strip().splitlines()), "")
                 raise UserError(f"--report-to wandb: W&B could not start a run ({type(e).__name__}: {reason})") from None

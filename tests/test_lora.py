@@ -1,6 +1,7 @@
 """LoRA adapters: the adapted forward and its gradients against the merged weights, PEFT's format both ways,
 the rollout engine reading live adapters, the optimizer holding adapter state only, and bad adapters."""
 import json
+import re
 
 import pytest
 import torch
@@ -357,3 +358,30 @@ def test_merge_of_a_bf16_model_is_computed_in_fp32(tiny_model_dir):
         want = (m.weight.float() + (m.lora_B.weight.float() @ m.lora_A.weight.float()) * m.scaling).to(torch.bfloat16)
         assert state[f"{name}.weight"].dtype == torch.bfloat16
         assert torch.equal(state[f"{name}.weight"], want), name
+
+
+def test_an_adapter_for_replicated_layers_is_refused(tmp_path, tiny_model_dir):
+    """PEFT's layer_replication builds the model from copies of its layers ([[0, 1], [0, 1]]: layer 0 twice); an
+    adapter saved so has the plain layers' tensor names and loaded silently into the model as it is, another model
+    (0.29 apart in the logits from PEFT's on the tiny one). Refused as the other non-plain settings are."""
+    save_adapter(apply_lora(rpo_engine.load_model(tiny_model_dir), r=2, alpha=4.0, target_modules="q_proj"), tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(dict(config, layer_replication=[[0, 1], [0, 1]])))
+    untouched = rpo_engine.load_model(tiny_model_dir)
+    with pytest.raises(UserError, match=r"layer_replication = \[\[0, 1\], \[0, 1\]\] is not supported"):
+        load_adapter(untouched, tmp_path / "a")
+    assert not lora_modules(untouched)
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(dict(config, layer_replication=None)))
+    load_adapter(rpo_engine.load_model(tiny_model_dir), tmp_path / "a")  # PEFT's default, null, is plain
+
+
+def test_a_run_or_checkpoint_given_as_the_adapter_names_the_adapter_inside(tmp_path, tiny_model_dir):
+    """eval --adapter given a LoRA run's directory or one of its checkpoints (the adapter is in final-adapter/,
+    step-N/adapter/) said only "not a LoRA adapter directory"; now the error names the directory that is."""
+    model = apply_lora(rpo_engine.load_model(tiny_model_dir), r=2, alpha=4.0, target_modules="q_proj")
+    run, step = tmp_path / "run", tmp_path / "run" / "checkpoints" / "step-2"
+    save_adapter(model, run / "final-adapter")
+    save_adapter(model, step / "adapter")
+    for given, inside in ((run, run / "final-adapter"), (step, step / "adapter")):
+        with pytest.raises(UserError, match=re.escape(f"not a LoRA adapter directory; pass {inside})") + "$"):
+            load_adapter(rpo_engine.load_model(tiny_model_dir), given)

@@ -509,6 +509,28 @@ def test_a_new_run_starts_its_own_wandb_run_and_logs_only_numbers(tmp_path, monk
     assert logged == [{"step": 3, "loss": 0.5, "tokens": 7}]
 
 
+def test_a_wandb_run_is_named_by_the_output_directory_however_written(tmp_path, monkeypatch):
+    """--output . (or ..) has no name of its own: W&B got name "" and made one up, where --push-to-hub's repository
+    takes the directory's real name; both name the run alike now."""
+    import types
+
+    from rpo_engine.reporting import Reporter
+
+    inits = []
+
+    class Run:
+        define_metric = log = finish = lambda self, *args, **kwargs: None
+
+    wandb = types.ModuleType("wandb")
+    wandb.init = lambda **kwargs: inits.append(kwargs) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    (tmp_path / "run-3" / "sub").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "run-3" / "sub")
+    for output in (Path("."), Path("..")):
+        Reporter(["wandb"], output, {}, resumed_at=None)
+    assert [kwargs["name"] for kwargs in inits] == ["sub", "run-3"]
+
+
 def test_report_to_none_reports_nowhere_where_tensorboard_is_installed(monkeypatch):
     """--report-to none is no sink at all, TensorBoard installed or not (auto would pick it)."""
     from rpo_engine import reporting
@@ -2387,6 +2409,70 @@ def test_eval_cli_names_the_model_in_a_run_directory(tmp_path):
     for given, want in ((run, run / "final"), (run / "checkpoints" / "step-2", run / "checkpoints" / "step-2" / "model")):
         with pytest.raises(UserError, match=f"pass its .*--model {re.escape(str(want))}$"):
             main(["--model", str(given), "--no-progress"])
+
+
+def test_eval_cli_model_that_is_or_holds_a_lora_adapter(tmp_path, tiny_model_dir, monkeypatch):
+    """--model given a LoRA adapter's directory (adapter_config.json, as a run's final-adapter/ or PEFT's save):
+    alone, the error said config.json was missing; beside a model's config.json (which transformers' from_pretrained
+    loads with the adapter applied) the adapter was silently left out, evaluating the base. Both are one line that
+    names the command, before the model loads; --adapter DIR applies the adapter there as anywhere."""
+    import rpo_engine
+    from rpo_engine.errors import UserError
+    from rpo_engine.eval import main
+    from rpo_engine.model.lora import apply_lora, save_adapter
+
+    save_adapter(apply_lora(rpo_engine.load_model(tiny_model_dir), r=2, alpha=4.0), tmp_path / "adapter",
+                 base_model_name_or_path="org/base")
+    shutil.copytree(tiny_model_dir, tmp_path / "both")
+    shutil.copytree(tmp_path / "adapter", tmp_path / "both", dirs_exist_ok=True)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "Q: 1+1\\nA:", "answer": "2"}\n')
+    monkeypatch.setattr(rpo_engine, "load_model", lambda *args, **kwargs: pytest.fail("loaded the model first"))
+    with pytest.raises(UserError, match=re.escape(f"--model {tmp_path / 'adapter'}: a LoRA adapter, not a model; pass "
+                                                  f"its base model and the adapter: --model org/base --adapter "
+                                                  f"{tmp_path / 'adapter'}")):
+        main(["--model", str(tmp_path / "adapter"), "--dataset", str(data), "--no-progress"])
+    with pytest.raises(UserError, match=re.escape(f"--model {tmp_path / 'both'}: holds a LoRA adapter "
+                                                  f"(adapter_config.json) beside the model") + ".*--adapter " +
+                                        re.escape(str(tmp_path / "both"))):
+        main(["--model", str(tmp_path / "both"), "--dataset", str(data), "--no-progress"])
+
+
+def test_eval_cli_adapter_is_checked_first_and_may_be_a_hub_id(tmp_path, tiny_model_dir, monkeypatch):
+    """--adapter with a typo failed only after the model had loaded (minutes at 7B); and a Hub id, as --push-to-hub
+    uploads a LoRA run's adapter (PEFT's from_pretrained takes one), was no directory. Now the adapter is read
+    before the model, and an id is resolved as --model's are: the local cache here (HF_HUB_OFFLINE)."""
+    import huggingface_hub
+
+    import rpo_engine
+    import rpo_engine.model.lora
+    from rpo_engine.errors import UserError
+    from rpo_engine.eval import main
+    from rpo_engine.model.lora import apply_lora, save_adapter
+    from tests.helpers import hub_snapshot
+
+    save_adapter(apply_lora(rpo_engine.load_model(tiny_model_dir), r=2, alpha=4.0), tmp_path / "adapter")
+    snapshot = hub_snapshot(tmp_path / "hub", "me/run-a", tmp_path / "adapter")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "Q: 1+1\\nA:", "answer": "2"}\n')
+    args = ["--model", str(tiny_model_dir), "--dataset", str(data), "--no-progress", "--adapter"]
+    load_model = rpo_engine.load_model
+    monkeypatch.setattr(rpo_engine, "load_model", lambda *a, **kw: pytest.fail("loaded the model first"))
+    with pytest.raises(UserError, match="nope: no adapter_config.json"):
+        main([*args, str(tmp_path / "nope")])
+    monkeypatch.setattr(rpo_engine, "load_model", load_model)
+    applied = []
+
+    def stop_after(model, directory):
+        applied.append(directory)
+        raise KeyboardInterrupt  # the rest is test_eval_cli's
+
+    monkeypatch.setattr(rpo_engine.model.lora, "load_adapter", stop_after)
+    with pytest.raises(KeyboardInterrupt):
+        main([*args, "me/run-a"])
+    assert applied == [snapshot]
 
 
 def test_eval_sampling_options_with_greedy_decoding_are_an_error():

@@ -16,10 +16,10 @@ Adapters are saved in PEFT's layout (adapter_model.safetensors with `base_model.
 keys, adapter_config.json), so `peft.PeftModel.from_pretrained` loads them; `save_pretrained` writes
 the merged weights W + B A alpha / r, a plain Hugging Face model. rsLoRA (alpha / sqrt(r), PEFT's
 use_rslora) is supported. Not supported (a clear error when an adapter asks for them): DoRA, bias training,
-adapters on the embeddings or the LM head, on some layers only, variants such as aLoRA, and PiSSA, OLoRA,
-CorDA or LoftQ adapters saved unconverted (PEFT rewrites the base weights when it loads those). An adapter's
-lora_dropout is ignored with a warning: dropout on the adapter input would make the training forward differ
-from the rollout's, which the policy ratio reads as a change of policy. (Under TRL, on a live PEFT model,
+adapters on the embeddings or the LM head, on some layers only, variants such as aLoRA, PEFT's
+layer_replication, and PiSSA, OLoRA, CorDA or LoftQ adapters saved unconverted (PEFT rewrites the base weights
+when it loads those). An adapter's lora_dropout is ignored with a warning: dropout on the adapter input would make
+the training forward differ from the rollout's, which the policy ratio reads as a change of policy. (Under TRL, on a live PEFT model,
 share_peft_adapters applies it in train mode, because TRL's own passes do.)
 """
 from __future__ import annotations
@@ -321,7 +321,11 @@ def read_adapter_settings(directory) -> LoRASettings:
     """The LoRA settings of a PEFT adapter directory; anything we cannot apply exactly is a UserError."""
     path = Path(directory) / ADAPTER_CONFIG
     if not path.is_file():
-        raise UserError(f"{directory}: no {ADAPTER_CONFIG} (not a LoRA adapter directory)")
+        # a LoRA run's directory, or one of its checkpoints: the adapter is inside
+        inside = [Path(directory) / name for name in ("final-adapter", "adapter")
+                  if (Path(directory) / name / ADAPTER_CONFIG).is_file()]
+        raise UserError(f"{directory}: no {ADAPTER_CONFIG} (not a LoRA adapter directory"
+                        + (f"; pass {inside[0]})" if inside else ")"))
     try:
         config = json.loads(path.read_text())
         if not isinstance(config, dict):
@@ -339,8 +343,9 @@ def read_adapter_settings(directory) -> LoRASettings:
         if config.get(key):
             raise UserError(f"{path}: {key} is not supported (one rank and alpha for every module)")
     # variants whose tensors have plain LoRA's names and shapes but compute something else (aLoRA: the adapter
-    # only from its invocation tokens on): loaded as plain LoRA they would be another model, silently
-    for key in ("alora_invocation_tokens", "use_bdlora", "arrow_config", "use_qalora", "lora_bias"):
+    # only from its invocation tokens on; layer_replication: a model of copied layers): loaded as plain LoRA they
+    # would be another model, silently
+    for key in ("alora_invocation_tokens", "use_bdlora", "arrow_config", "use_qalora", "lora_bias", "layer_replication"):
         if config.get(key):
             raise UserError(f"{path}: {key} = {config[key]!r} is not supported (only plain LoRA)")
     init = config.get("init_lora_weights", True)
