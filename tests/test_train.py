@@ -460,20 +460,30 @@ def test_report_to_wandb_logs_each_record_and_a_resume_continues_its_run(tmp_pat
     assert runs[1].logged == [{k: v for k, v in m.items() if isinstance(v, (int, float))} for m in read_metrics(out)[2:]]
 
 
-def test_a_resume_whose_wandb_run_id_is_empty_starts_a_new_wandb_run(tmp_path, monkeypatch):
-    """OUTPUT/wandb_run_id emptied (or gone): a new W&B run with a new id, kept in the file; never id ''."""
+def fake_wandb(monkeypatch, logged: list | None = None) -> list[dict]:
+    """A stand-in `wandb` module: -> the keyword arguments of each wandb.init; `logged` gets what the runs log."""
     import types
-
-    from rpo_engine.reporting import Reporter
 
     inits = []
 
     class Run:
-        define_metric = log = finish = lambda self, *args, **kwargs: None
+        define_metric = finish = lambda self, *args, **kwargs: None
+
+        def log(self, data):
+            if logged is not None:
+                logged.append(data)
 
     wandb = types.ModuleType("wandb")
     wandb.init = lambda **kwargs: inits.append(kwargs) or Run()
     monkeypatch.setitem(sys.modules, "wandb", wandb)
+    return inits
+
+
+def test_a_resume_whose_wandb_run_id_is_empty_starts_a_new_wandb_run(tmp_path, monkeypatch):
+    """OUTPUT/wandb_run_id emptied (or gone): a new W&B run with a new id, kept in the file; never id ''."""
+    from rpo_engine.reporting import Reporter
+
+    inits = fake_wandb(monkeypatch)
     for text in ("", "\n", None):
         (tmp_path / "wandb_run_id").unlink(missing_ok=True)
         if text is not None:
@@ -485,21 +495,10 @@ def test_a_resume_whose_wandb_run_id_is_empty_starts_a_new_wandb_run(tmp_path, m
 def test_a_new_run_starts_its_own_wandb_run_and_logs_only_numbers(tmp_path, monkeypatch):
     """A new run (not a resume) where an earlier run left OUTPUT/wandb_run_id starts a W&B run of its own, in
     project rpo_engine where $WANDB_PROJECT is unset; a record's booleans, strings and nulls are not logged."""
-    import types
-
     from rpo_engine.reporting import Reporter
 
-    inits, logged = [], []
-
-    class Run:
-        define_metric = finish = lambda self, *args, **kwargs: None
-
-        def log(self, data):
-            logged.append(data)
-
-    wandb = types.ModuleType("wandb")
-    wandb.init = lambda **kwargs: inits.append(kwargs) or Run()
-    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    logged = []
+    inits = fake_wandb(monkeypatch, logged)
     monkeypatch.delenv("WANDB_PROJECT", raising=False)
     (tmp_path / "wandb_run_id").write_text("earlier\n")
     reporter = Reporter(["wandb"], tmp_path, {}, resumed_at=None)
@@ -512,18 +511,9 @@ def test_a_new_run_starts_its_own_wandb_run_and_logs_only_numbers(tmp_path, monk
 def test_a_wandb_run_is_named_by_the_output_directory_however_written(tmp_path, monkeypatch):
     """--output . (or ..) has no name of its own: W&B got name "" and made one up, where --push-to-hub's repository
     takes the directory's real name; both name the run alike now."""
-    import types
-
     from rpo_engine.reporting import Reporter
 
-    inits = []
-
-    class Run:
-        define_metric = log = finish = lambda self, *args, **kwargs: None
-
-    wandb = types.ModuleType("wandb")
-    wandb.init = lambda **kwargs: inits.append(kwargs) or Run()
-    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    inits = fake_wandb(monkeypatch)
     (tmp_path / "run-3" / "sub").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "run-3" / "sub")
     for output in (Path("."), Path("..")):
