@@ -384,6 +384,22 @@ def write_plot(metrics: list[dict], path: Path, title: str, eval_title: str = "g
     plt.close(fig)
 
 
+def check_model_is_no_adapter(model: Path) -> None:
+    """--model given a LoRA adapter's directory (adapter_config.json: a run's final-adapter/, a PEFT save): alone it
+    holds no model; beside a model's config.json, transformers loads that model with the adapter applied, where
+    training would start from the model without it."""
+    from rpo_engine.model.lora import ADAPTER_CONFIG
+
+    if not (model / ADAPTER_CONFIG).is_file():
+        return
+    if not (model / "config.json").is_file():
+        raise UserError(f"--model {model}: a LoRA adapter, not a model; train from its base model (--use-peft for a "
+                        f"new adapter), or from a merged model (a LoRA run's final/)")
+    raise UserError(f"--model {model}: holds a LoRA adapter ({ADAPTER_CONFIG}) beside the model, which transformers "
+                    f"applies when it loads the directory and training would leave out; pass a merged model (a LoRA "
+                    f"run's final/) or a copy without {ADAPTER_CONFIG}")
+
+
 def build_trainer(config: TrainConfig, checkpoint: Path | None = None, dist: Dist | None = None):
     """A Trainer for `config`, its weights from `checkpoint` (a step-N directory) when resuming."""
     import rpo_engine
@@ -410,6 +426,8 @@ def build_trainer(config: TrainConfig, checkpoint: Path | None = None, dist: Dis
     resuming = checkpoint is not None
     if resuming:
         check_checkpoint_kind(checkpoint, config)
+    elif config.model is not None:
+        check_model_is_no_adapter(initial_model_dir())
     # Under LoRA the checkpoint holds the adapter only: the base is --model, as when the run started.
     model_dir = checkpoint / "model" if resuming and not config.use_peft else initial_model_dir()
     model = rpo_engine.load_model(model_dir, dtype=dtype, device=device)

@@ -2428,6 +2428,26 @@ def test_eval_cli_model_that_is_or_holds_a_lora_adapter(tmp_path, tiny_model_dir
         main(["--model", str(tmp_path / "both"), "--dataset", str(data), "--no-progress"])
 
 
+def test_training_model_that_is_or_holds_a_lora_adapter(tmp_path, tiny_model_dir, monkeypatch):
+    """Training's --model given a LoRA adapter's directory said config.json was missing; given a model directory
+    holding an adapter beside it (transformers loads it applied), training started from the model without it,
+    silently. Both are one line before the model loads."""
+    import rpo_engine
+    from rpo_engine.config import parse_args
+    from rpo_engine.errors import UserError
+    from rpo_engine.model.lora import apply_lora, save_adapter
+    from rpo_engine.train import build_trainer
+
+    save_adapter(apply_lora(rpo_engine.load_model(tiny_model_dir), r=2, alpha=4.0), tmp_path / "adapter")
+    shutil.copytree(tiny_model_dir, tmp_path / "both")
+    shutil.copytree(tmp_path / "adapter", tmp_path / "both", dirs_exist_ok=True)
+    monkeypatch.setattr(rpo_engine, "load_model", lambda *args, **kwargs: pytest.fail("loaded the model first"))
+    for name, message in (("adapter", "a LoRA adapter, not a model; train from its base model"),
+                          ("both", "holds a LoRA adapter (adapter_config.json) beside the model")):
+        with pytest.raises(UserError, match=re.escape(f"--model {tmp_path / name}: {message}")):
+            build_trainer(parse_args(["--model", str(tmp_path / name), "--no-progress"]))
+
+
 def test_eval_cli_adapter_is_checked_first_and_may_be_a_hub_id(tmp_path, tiny_model_dir, monkeypatch):
     """--adapter with a typo failed only after the model had loaded (minutes at 7B); and a Hub id, as --push-to-hub
     uploads a LoRA run's adapter (PEFT's from_pretrained takes one), was no directory. Now the adapter is read
