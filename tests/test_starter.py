@@ -1,6 +1,8 @@
 """The starter model's recipe plumbing: length-bucketed batches, the cache key, build once and reuse."""
 import json
 import random
+import shutil
+from pathlib import Path
 
 import torch
 
@@ -67,3 +69,31 @@ def test_an_unusable_cache_is_named_before_the_build(tmp_path, monkeypatch):
     starter.starter_model_dir(tmp_path).write_text("x")
     with pytest.raises(UserError, match="starter-.*: exists and is not a directory; remove it"):
         ensure_starter_model(tmp_path, progress=False)
+
+
+def test_concurrent_builds_never_show_a_half_written_starter(tmp_path, monkeypatch):
+    """Two builders at once (two runs on one machine, or nodes sharing the cache through NFS): each builds in its
+    own temporary directory, renamed into place whole; the one that finishes second keeps the first's and drops
+    its own. A directory an interrupted build of an older version left (no starter.json) is replaced."""
+    directory = starter.starter_model_dir(tmp_path)
+    builds = []
+
+    def build(target, recipe, progress):
+        builds.append(Path(target))
+        assert Path(target).parent == directory.parent and Path(target) != directory  # never where readers look
+        (Path(target) / "model.safetensors").write_text("mine")
+        (Path(target) / "starter.json").write_text("{}")
+        if len(builds) == 2:  # another builder finishes first, while this one still trains
+            directory.mkdir()
+            (directory / "model.safetensors").write_text("theirs")
+            (directory / "starter.json").write_text("{}")
+
+    monkeypatch.setattr(starter, "train_starter_model", build)
+    directory.mkdir(parents=True)
+    (directory / "model.safetensors").write_text("half")  # an interrupted older build
+    assert ensure_starter_model(tmp_path, progress=False) == directory
+    assert (directory / "model.safetensors").read_text() == "mine"
+    shutil.rmtree(directory)
+    assert ensure_starter_model(tmp_path, progress=False) == directory
+    assert (directory / "model.safetensors").read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [directory.name]  # no temporary directory left

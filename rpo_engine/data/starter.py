@@ -14,6 +14,8 @@ import json
 import math
 import os
 import random
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,7 +172,20 @@ def ensure_starter_model(cache_dir=None, progress: bool = True, recipe: StarterR
         _check_writable(directory)  # before minutes of training, not at the save after them
         if progress:
             print(f"building the starter model in {directory} (once; about 3 minutes on 2 CPU cores)")
-        train_starter_model(directory, recipe, progress=progress)
+        # Built beside it and renamed into place whole: another run (or node, on a shared cache) may be building
+        # or loading it meanwhile, and must never see a half-written directory.
+        building = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.building-"))
+        try:
+            train_starter_model(building, recipe, progress=progress)
+            if directory.is_dir() and not (directory / "starter.json").is_file():
+                shutil.rmtree(directory, ignore_errors=True)  # an interrupted build of an older version
+            try:
+                building.rename(directory)
+            except OSError:  # another builder got there first: theirs is whole, keep it
+                if not (directory / "starter.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
     return directory
 
 
