@@ -237,15 +237,14 @@ def check_not_an_adapter(model: Path, adapter) -> None:
     """--model given a LoRA adapter's directory (PEFT's adapter_config.json: a run's final-adapter/, a PEFT save):
     alone it has no model to load; beside a model's config.json, transformers' from_pretrained applies it to that
     model, and loading the weights alone would evaluate another model. Either way say which command does what."""
-    from rpo_engine.model.lora import ADAPTER_CONFIG
+    from rpo_engine.model.lora import ADAPTER_CONFIG, adapter_in
 
-    if not (model / ADAPTER_CONFIG).is_file():
-        return
-    if not (model / "config.json").is_file():
+    kind = adapter_in(model)
+    if kind == "alone":
         base = _json_keys(model / ADAPTER_CONFIG).get("base_model_name_or_path") or "BASE"
         raise UserError(f"--model {model}: a LoRA adapter, not a model; pass its base model and the adapter: "
                         f"--model {base} --adapter {model}")
-    if adapter is None:  # an --adapter given is the user's choice of adapter
+    if kind == "beside" and adapter is None:  # an --adapter given is the user's choice of adapter
         raise UserError(f"--model {model}: holds a LoRA adapter ({ADAPTER_CONFIG}) beside the model, which "
                         f"transformers applies when it loads the directory; pass --adapter {model} to evaluate it "
                         f"applied, or a copy without {ADAPTER_CONFIG} for the model alone")

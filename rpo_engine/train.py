@@ -385,19 +385,17 @@ def write_plot(metrics: list[dict], path: Path, title: str, eval_title: str = "g
 
 
 def check_model_is_no_adapter(model: Path) -> None:
-    """--model given a LoRA adapter's directory (adapter_config.json: a run's final-adapter/, a PEFT save): alone it
-    holds no model; beside a model's config.json, transformers loads that model with the adapter applied, where
-    training would start from the model without it."""
-    from rpo_engine.model.lora import ADAPTER_CONFIG
+    """--model given a LoRA adapter's directory (a run's final-adapter/, a PEFT save), or a model's holding one."""
+    from rpo_engine.model.lora import ADAPTER_CONFIG, adapter_in
 
-    if not (model / ADAPTER_CONFIG).is_file():
-        return
-    if not (model / "config.json").is_file():
+    kind = adapter_in(model)
+    if kind == "alone":
         raise UserError(f"--model {model}: a LoRA adapter, not a model; train from its base model (--use-peft for a "
                         f"new adapter), or from a merged model (a LoRA run's final/)")
-    raise UserError(f"--model {model}: holds a LoRA adapter ({ADAPTER_CONFIG}) beside the model, which transformers "
-                    f"applies when it loads the directory and training would leave out; pass a merged model (a LoRA "
-                    f"run's final/) or a copy without {ADAPTER_CONFIG}")
+    if kind == "beside":
+            raise UserError(f"--model {model}: holds a LoRA adapter ({ADAPTER_CONFIG}) beside the model, which transformers "
+                        f"applies when it loads the directory and training would leave out; pass a merged model (a "
+                        f"LoRA run's final/) or a copy without {ADAPTER_CONFIG}")
 
 
 def build_trainer(config: TrainConfig, checkpoint: Path | None = None, dist: Dist | None = None):

@@ -317,6 +317,15 @@ def save_adapter(model: nn.Module, directory, base_model_name_or_path: str | Non
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
 
+def adapter_in(directory: Path) -> str | None:
+    """Whether a model directory given as --model holds a PEFT adapter (adapter_config.json): "alone" (no model's
+    config.json: an adapter, not a model), "beside" (a model's too, which transformers' from_pretrained loads with
+    the adapter applied, where our loader would leave it out), or None."""
+    if not (directory / ADAPTER_CONFIG).is_file():
+        return None
+    return "beside" if (directory / "config.json").is_file() else "alone"
+
+
 def read_adapter_settings(directory) -> LoRASettings:
     """The LoRA settings of a PEFT adapter directory; anything we cannot apply exactly is a UserError."""
     path = Path(directory) / ADAPTER_CONFIG
