@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import datetime
 import json
 import re
 import shlex
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
@@ -45,7 +47,10 @@ def run(algo: str, rpo: bool, seed: int, steps: int, extra: list[str], out: Path
     """One training run; `variant` holds more flags for an RPO run ("" = the defaults)."""
     name = f"{algo}-{'rpo' if rpo else 'full'}-s{seed}" + re.sub(r"[^\w.]+", "_", variant)
     output = out / name
-    train_main(train_argv(algo, rpo, seed, steps, extra, output, variant))
+    # the training's own lines to stderr, with its progress bar: it runs in a worker process, beside others, and its
+    # block-buffered stdout, flushed whenever, cut into the benchmark's lines there (a "wrote ..." line lost)
+    with contextlib.redirect_stdout(sys.stderr):
+        train_main(train_argv(algo, rpo, seed, steps, extra, output, variant))
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     steps_ = [r for r in records if "reward_mean" in r]
     evals = [r for r in records if "eval_accuracy" in r]
