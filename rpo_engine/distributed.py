@@ -187,22 +187,20 @@ class Dist:
         """(rollout model, policy): the plain module with full weights, and the gradient forward."""
         if self.parallel == "none":
             return model, PolicyForward(model, temperature)
-        if self.sums_master_gradients(model):
-            # No DDP: it would all-reduce the bf16 gradients (see sum_gradients). What it does at the wrap, start
-            # every rank from rank 0's weights, is done here; buffers (RoPE frequencies) come from the config.
-            coalesced(lambda flat: dist.broadcast(flat, src=0), list(model.parameters()))
-            return model, PolicyForward(model, temperature)
-        if self.parallel == "ddp":
+        plain_ddp = self.sums_master_gradients(model)  # no DDP: it would all-reduce the bf16 gradients (sum_gradients)
+        if self.parallel == "ddp" and not plain_ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             # Rank 0's weights are broadcast here; buffers (RoPE frequencies, computed from the config on every
             # rank) never change, so they are not broadcast on every forward.
             ids = [self.local_rank] if self.device.type == "cuda" else None
             return model, DDP(PolicyForward(model, temperature), device_ids=ids, **no_forward_buffer_sync(DDP))
-        # Rank 0's weights, as DDP's wrap gives them: each rank cuts its shard from its own replica, and ranks can
-        # load different ones (each node's own Hub snapshot, or starter model built on its own CPUs); the rollout
-        # replica is then rank 0's too. One broadcast of the replica's dtype, at start.
+        # What DDP's wrap does, done here: every rank starts from rank 0's weights, one broadcast. Ranks can load
+        # different ones (each node's own Hub snapshot, or starter model built on its own CPUs); under fsdp each
+        # rank cuts its shard from its replica, which the rollout reads too. Buffers come from the config.
         coalesced(lambda flat: dist.broadcast(flat, src=0), list(model.parameters()))
+        if plain_ddp:
+            return model, PolicyForward(model, temperature)
         return model, float32_shards(model, temperature)
 
     @torch.no_grad()
