@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass, field, fields
@@ -979,11 +980,24 @@ def parse_args(argv=None) -> TrainConfig:
 
 
 def config_to_dict(config: TrainConfig) -> dict:
-    """The record of a run's options (its config.json, a checkpoint's). A local --model is recorded as the directory
-    it names, resolved: a relative path read from another working directory (a resume's) would name another one."""
+    """The record of a run's options (its config.json, a checkpoint's). A local --model, --dataset, --eval-dataset
+    and a --reward file (path/to/file.py:fn) are recorded as the paths they name, resolved: a relative path read
+    from another working directory (a resume's, `--config runs/x/config.json`'s) would name another one."""
     from rpo_engine.hub import is_hub_id
 
     record = dataclasses.asdict(config)
     if config.model is not None and not is_hub_id(config.model):
         record["model"] = str(Path(config.model).resolve())
+    for name in ("dataset", "eval_dataset"):
+        if record[name] is not None and os.path.exists(record[name]):  # a Hub id stays as it is
+            record[name] = str(Path(record[name]).resolve())
+    record["reward"] = ",".join(_reward_file_resolved(name) for name in reward_names(config))
     return record
+
+
+def _reward_file_resolved(name: str) -> str:
+    """A --reward given as path/to/file.py:fn with the file's path resolved; any other name as it is."""
+    module, sep, function = name.rpartition(":")
+    if sep and os.path.isfile(module):
+        return f"{Path(module).resolve()}:{function}"
+    return name

@@ -594,3 +594,30 @@ def test_stop_strings_option_reads_a_string_or_a_json_list():
     for bad in ("\\n\\n", "</answer>\\t"):
         with pytest.raises(UserError, match="holds a backslash escape, which a plain value keeps as two characters"):
             stop_strings(bad)
+
+
+def test_a_runs_config_json_names_its_local_files_from_any_working_directory(tmp_path, monkeypatch):
+    """config.json records a relative --dataset, --eval-dataset and --reward file as the paths they name: fed back
+    as --config from another working directory (README's `--config runs/x/config.json`), the same files. A Hub id,
+    an importable module and a built-in reward stay as written."""
+    import json
+
+    from rpo_engine.config import config_to_dict
+
+    here = tmp_path.resolve() / "here"
+    (here / "data").mkdir(parents=True)
+    for name in ("train.jsonl", "test.jsonl", "score.py"):
+        (here / "data" / name).write_text("")
+    monkeypatch.chdir(here)
+    recorded = config_to_dict(parse_args([
+        "--dataset", "data/train.jsonl", "--eval-dataset", "openai/gsm8k",
+        "--reward", "data/score.py:score, my_rewards:score,format"]))
+    assert recorded["dataset"] == str(here / "data" / "train.jsonl")
+    assert recorded["eval_dataset"] == "openai/gsm8k"
+    assert recorded["reward"] == f"{here / 'data' / 'score.py'}:score,my_rewards:score,format"
+    (tmp_path / "config.json").write_text(json.dumps(recorded))
+    monkeypatch.chdir(tmp_path)
+    again = parse_args(["--config", "config.json", "--eval-dataset", "here/data/test.jsonl"])
+    assert again.dataset == recorded["dataset"]
+    assert config_to_dict(again)["eval_dataset"] == str(here / "data" / "test.jsonl")
+    assert config_to_dict(again)["reward"] == recorded["reward"]
