@@ -2,6 +2,7 @@
 the rollout engine reading live adapters, the optimizer holding adapter state only, and bad adapters."""
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -310,6 +311,24 @@ def test_peft_config_defaults_and_empty_lists(tmp_path, tiny_model_dir):
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(dict(config, modules_to_save=[], layers_to_transform=[])))
     loaded = load_adapter(rpo_engine.load_model(tiny_model_dir), tmp_path / "a")
     assert loaded.lora_settings.alpha == 8.0 and loaded.lora_settings.scaling == 4.0
+
+
+def test_adapter_without_target_modules_has_pefts_default_targets(tmp_path, tiny_model_dir):
+    """target_modules null (or absent) in adapter_config.json: PEFT adapts its default modules for the model
+    type, not every linear layer (the adapter's q/v tensors were refused as missing the others)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+    model = apply_lora(rpo_engine.load_model(tiny_model_dir), r=2, alpha=4.0, target_modules="q_proj,v_proj")
+    randomize_adapters(model)
+    save_adapter(model, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    model_type = json.loads((Path(tiny_model_dir) / "config.json").read_text())["model_type"]
+    for absent in (dict(config, target_modules=None), {k: v for k, v in config.items() if k != "target_modules"}):
+        (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(absent))
+        loaded = load_adapter(rpo_engine.load_model(tiny_model_dir), tmp_path / "a")
+        assert loaded.lora_settings.target_modules == tuple(PEFT_DEFAULTS[model_type])
+        ids = torch.tensor([[1, 5, 9, 3]])
+        torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=0)
 
 
 def test_rslora_adapter_loads_as_rslora_into_a_plain_model(tmp_path, tiny_model_dir):

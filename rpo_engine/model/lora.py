@@ -368,7 +368,9 @@ def read_adapter_settings(directory) -> LoRASettings:
         warnings.warn(f"{path}: lora_dropout {config['lora_dropout']} is ignored: rpo_engine trains without adapter "
                       f"dropout", stacklevel=2)
     try:
-        targets = _adapter_targets(config.get("target_modules") or "all-linear")
+        # null: PEFT's default for the model type, q_proj and v_proj for every family we load
+        targets = _adapter_targets(config["target_modules"] if config.get("target_modules") is not None
+                                   else ["q_proj", "v_proj"])
         excluded = _excluded_targets(config.get("exclude_modules"))
         if not set(targets) - excluded:
             raise UserError(f"exclude_modules {config['exclude_modules']!r} leaves no projection to adapt")
