@@ -195,13 +195,19 @@ class Dist:
             # rank) never change, so they are not broadcast on every forward.
             ids = [self.local_rank] if self.device.type == "cuda" else None
             return model, DDP(PolicyForward(model, temperature), device_ids=ids, **no_forward_buffer_sync(DDP))
-        # What DDP's wrap does, done here: every rank starts from rank 0's weights, one broadcast. Ranks can load
-        # different ones (each node's own Hub snapshot, or starter model built on its own CPUs); under fsdp each
-        # rank cuts its shard from its replica, which the rollout reads too. Buffers come from the config.
-        coalesced(lambda flat: dist.broadcast(flat, src=0), list(model.parameters()))
+        # What DDP's wrap does, done here: every rank starts from rank 0's weights. Under fsdp each rank cuts its
+        # shard from its replica, which the rollout reads too.
+        self.broadcast_weights(model)
         if plain_ddp:
             return model, PolicyForward(model, temperature)
         return model, float32_shards(model, temperature)
+
+    def broadcast_weights(self, model: nn.Module) -> None:
+        """Rank 0's parameters into every rank's `model`, one coalesced broadcast. Ranks can load different
+        weights from one name (each node's own Hub snapshot, or starter model built on its own CPUs). Buffers
+        (RoPE frequencies) come from the config."""
+        if self.enabled:
+            coalesced(lambda flat: dist.broadcast(flat, src=0), list(model.parameters()))
 
     @torch.no_grad()
     def copy_to_replica(self, policy: nn.Module, replica: nn.Module) -> None:

@@ -134,6 +134,8 @@ class Trainer:
         self.lora = lora_settings(self.model) is not None
         self.reference = None
         if self.algo.beta > 0 and not self.lora:
+            if reference is not None:  # loaded by each rank (a resume's): rank 0's, as the policy is
+                self.dist.broadcast_weights(reference)
             self.reference = (reference or copy.deepcopy(self.model)).eval().requires_grad_(False)
         # bf16 weights (GPU default) are stepped through fp32 masters inside the optimizer (rpo_engine/optim.py),
         # their micro-batches' gradients summed in fp32 there, and under ddp all-reduced in fp32 from there

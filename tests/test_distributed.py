@@ -524,3 +524,41 @@ def test_ranks_part_before_rank_zero_uploads_to_the_hub(tiny_model_dir, tmp_path
                                        "--output", tmp_path / "run"])))
     assert train.train(config, WatchedDist()) == 0
     assert calls[:2] == ["close", "push"]
+
+
+def _reference_on_two_ranks(rank, rendezvous, model_dir, out):
+    """One rank of test_a_resumed_runs_kl_reference_is_rank_zeros: a Trainer given a KL reference (a resume loads
+    it on each rank) whose weights differ on rank 1; the reference it keeps, saved for the test."""
+    import torch.distributed as dist
+
+    import rpo_engine
+    from rpo_engine.config import parse_args
+    from rpo_engine.distributed import Dist, leave_process
+    from rpo_engine.train import load_rows, resolve_reward
+    from rpo_engine.trainer import Trainer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    group = Dist(rank, 2, 0, "ddp")
+    config = parse_args(["--model", str(model_dir), "--beta", "0.04", "--device", "cpu", "--no-progress"])
+    model, reference = rpo_engine.load_model(model_dir), rpo_engine.load_model(model_dir)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(rank)  # rank 1 loaded another starting model (a node's own snapshot)
+    trainer = Trainer(config, model, rpo_engine.load_tokenizer(model_dir), *load_rows(config), resolve_reward(config),
+                      torch.device("cpu"), group, reference=reference)
+    torch.save([p.detach().clone() for p in trainer.reference.parameters()], out / f"reference{rank}.pt")
+    group.close()
+    leave_process(0)
+
+
+def test_a_resumed_runs_kl_reference_is_rank_zeros(tiny_model_dir, tmp_path, one_thread):
+    """A resumed run loads the KL reference (the starting model) on each rank; every rank keeps rank 0's, as the
+    policy starts from rank 0's weights, so the KL term is the same on every rank."""
+    import rpo_engine
+
+    torch.multiprocessing.start_processes(_reference_on_two_ranks, nprocs=2, start_method="fork",
+                                          args=(str(tmp_path / "rendezvous"), tiny_model_dir, tmp_path))
+    first, second = (torch.load(tmp_path / f"reference{r}.pt") for r in range(2))
+    for a, b, loaded in zip(first, second, rpo_engine.load_model(tiny_model_dir).parameters(), strict=True):
+        assert torch.equal(a, loaded) and torch.equal(b, loaded)
