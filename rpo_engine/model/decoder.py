@@ -73,6 +73,33 @@ class RotaryEmbedding(nn.Module):
         return torch.cat((cos, cos), -1).unsqueeze(2), torch.cat((-sin, sin), -1).unsqueeze(2)
 
 
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+         is_causal: bool = False, repeat_kv: bool | None = None) -> torch.Tensor:
+    """F.scaled_dot_product_attention of q [B, H, Tq, D] over k/v [B, KVH, Tk, D], KVH dividing H.
+
+    Grouped K/V heads go in as they are (enable_gqa), unless no fused CUDA kernel takes them with this call's mask:
+    torch's memory-efficient kernel took no grouped heads (torch 2.11; transformers' use_gqa_in_sdpa gives CUDA a mask
+    only with repeated heads), so SDPA ran its math kernel, which holds [B, H, Tq, Tk] fp32 scores: 9 GB a layer for a
+    7B model's group of 8 suffixes of 1k tokens under a 1k prefix. Then K/V are repeated to H heads first, as
+    transformers does. `repeat_kv` forces either way (tests)."""
+    gqa = k.shape[1] != q.shape[1]
+    if gqa and repeat_kv is None:
+        repeat_kv = attn_mask is not None and q.is_cuda and not _fused_kernel_takes(q, k, v, attn_mask, is_causal)
+    if gqa and repeat_kv:
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))  # query head h reads h // group
+        gqa = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=gqa)
+
+
+def _fused_kernel_takes(q, k, v, attn_mask, is_causal) -> bool:
+    """Whether torch's flash or memory-efficient CUDA kernel (both ahead of the math kernel in SDPA's order) takes
+    this grouped-head call."""
+    from torch.backends import cuda
+
+    params = cuda.SDPAParams(q, k, v, attn_mask, 0.0, is_causal, True)
+    return cuda.can_use_flash_attention(params, False) or cuda.can_use_efficient_attention(params, False)
+
+
 class PaddedAttention:
     """Causal attention over a padded batch with torch SDPA.
 
@@ -91,9 +118,7 @@ class PaddedAttention:
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q [B, T, H, D], k/v [B, T, KVH, D] -> [B, T, H, D]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, is_causal=self.mask is None,
-                                             enable_gqa=k.shape[1] != q.shape[1])
-        return out.transpose(1, 2)
+        return sdpa(q, k, v, attn_mask=self.mask, is_causal=self.mask is None).transpose(1, 2)
 
 
 def flash_attn_available() -> bool:
