@@ -315,6 +315,19 @@ def test_hidden_states_feed_lm_head(tmp_path):
 
 # ---- bad input -------------------------------------------------------------------------------
 
+@pytest.mark.skipif(not ON_CUDA, reason="device memory: run with RPO_TEST_DEVICE=cuda")
+def test_loading_onto_a_gpu_allocates_the_weights_once(tmp_path):
+    """load_model puts one copy of the weights on the device, each converted as it arrives: the peak allocation is
+    about the model's size, not twice it (an uninitialised copy made first, then replaced: 32 GB at 8B in bf16)."""
+    save_hf_checkpoint("llama", tmp_path, hidden_size=256, intermediate_size=1024, vocab_size=512)  # fp32 on disk
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    model = rpo_engine.load_model(tmp_path, dtype="bfloat16", device=DEVICE)
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert size <= torch.cuda.max_memory_allocated() - before < 1.5 * size  # a tensor in transit: at most 23% more
+
+
 def test_missing_directory(tmp_path):
     with pytest.raises(UserError, match="not found"):
         rpo_engine.load_model(tmp_path / "nope")
