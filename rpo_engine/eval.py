@@ -27,8 +27,8 @@ def main(argv=None) -> int:
     from rpo_engine.rollout import SamplingParams
     from rpo_engine.train import load_rows, resolve_device, resolve_reward, reward_pool
     from rpo_engine.rewards.answers import RewardLog
-    from rpo_engine.trainer import (add_columns, encode_run_prompts, right_answers, rollout_engine, sampled_graded,
-                                    stop_ids)
+    from rpo_engine.trainer import (add_columns, encode_run_prompts, prefill_token_budget, right_answers, rollout_engine,
+                                    sampled_graded, stop_ids)
 
     parser = OneLineParser(prog="python -m rpo_engine.eval", description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="Hugging Face model directory, or a Hub id (org/name) in the local cache or to "
@@ -167,7 +167,8 @@ def main(argv=None) -> int:
                              stop_token_ids=eos_ids, seed=args.seed + i) for i in range(len(rows))]
     # an adapter is decoded merged: nothing trains it here
     engine = rollout_engine(model, args.gpu_memory_utilization, args.max_num_seqs, args.enforce_eager, merge_lora=True,
-                            tokenizer=tokenizer)
+                            tokenizer=tokenizer, max_num_batched_tokens=prefill_token_budget(
+                                model, prompts, config.max_completion_length))
     reward = resolve_reward(config)
     pool = reward_pool(config, [reward])
     log = RewardLog()  # a TRL-style reward's log_metric / log_extra

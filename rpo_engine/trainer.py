@@ -127,7 +127,9 @@ class Trainer:
         self.prompt_ids = dict(zip([row["id"] for row in self.train_rows], train_ids))
         self.engine = rollout_engine(self.model, config.gpu_memory_utilization, config.max_num_seqs,
                                      config.enforce_eager, async_scheduling=config.async_scheduling,
-                                     merge_lora=config.lora_merged_rollout, tokenizer=tokenizer)
+                                     merge_lora=config.lora_merged_rollout, tokenizer=tokenizer,
+                                     max_num_batched_tokens=prefill_token_budget(
+                                         self.model, train_ids + self.eval_prompt_ids, config.max_completion_length))
         self.stop = stop_strings(config.stop)  # --stop, for the rollout and the evals
         # The KL reference: with LoRA the base model itself, its adapters switched off (no second model);
         # else a frozen copy of the initial policy.
@@ -1205,6 +1207,16 @@ def encode_run_prompts(tokenizer, rows: list[dict], config: TrainConfig, model, 
                             f"{config.model or 'the starter model'} has none")
     return encode_prompts(tokenizer, rows, prompt_token_limit(config, model), chat_template_kwargs(config), source,
                           config.chat_template, config.filter_overlong_prompts, say)
+
+
+def prefill_token_budget(model, prompts: list[list[int]], max_new_tokens: int) -> int:
+    """The rollout engine's tokens per prefill step for a run of these prompts: 8192, or where longer, the longest
+    sequence one of its prefills can hold (a prompt, with RPO its kept path too, or a preempted sample's prompt and
+    tokens so far: at most the prompt + max_new_tokens + 1, an RPO suffix's one token past a whole kept path).
+    Not the engine's default, the model's whole context: on CUDA the engine runs a forward of that many tokens
+    before sizing its K/V cache and holds back its activations, ~15 GB at Llama 3.1 8B's 131072 tokens."""
+    longest = max((len(ids) for ids in prompts), default=0)
+    return max(8192, min(model.config.max_model_len, longest + max_new_tokens + 1))
 
 
 def rollout_engine(model, gpu_memory_utilization: float, max_num_seqs: int, enforce_eager: bool, **options):

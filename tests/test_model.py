@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import rpo_engine
 from rpo_engine.errors import UserError
-from tests.helpers import FAMILIES, SCALED_ROPES, make_hf_model, save_hf_checkpoint
+from tests.helpers import DEVICE, FAMILIES, ON_CUDA, SCALED_ROPES, make_hf_model, save_hf_checkpoint
 
 VARIANTS = [
     ("llama", {}),
@@ -162,6 +162,55 @@ def test_padded_batch_matches_transformers(tmp_path, family):
     assert torch.isfinite(got).all()
 
 
+def test_sdpa_repeats_grouped_kv_heads_in_the_query_heads_order():
+    """Where no fused CUDA kernel takes grouped K/V heads with a mask, sdpa repeats them to the query heads first
+    (else SDPA's math kernel holds [B, H, Tq, Tk] fp32 scores): query head h still reads K/V head h // (H / KVH),
+    the same attention and gradients as SDPA's own grouping and as that rule written out."""
+    from rpo_engine.model.decoder import sdpa
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, heads, T, 8, generator=g, dtype=torch.float64) for heads, T in ((6, 5), (2, 7), (2, 7)))
+    mask = torch.rand(2, 1, 5, 7, generator=g) < 0.6
+    mask[..., 0] = True  # every query sees a key
+    written_out = torch.stack([torch.softmax((q[:, h] @ k[:, h // 3].transpose(-1, -2) / 8 ** 0.5).masked_fill(
+        ~mask[:, 0], float("-inf")), -1) @ v[:, h // 3] for h in range(6)], 1)
+    results = []
+    for repeat_kv in (False, True):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = sdpa(*inputs, attn_mask=mask, repeat_kv=repeat_kv)
+        out.sum().backward()
+        assert torch.allclose(out, written_out)
+        results.append([out, *(t.grad for t in inputs)])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="which SDPA kernel runs: run with RPO_TEST_DEVICE=cuda")
+def test_masked_attention_of_grouped_heads_runs_without_sdpas_math_kernel():
+    """A padded batch, a shared-prefix batch (both bf16, GQA 4:2) and a prefill after a prefix-cache hit, each under a
+    mask, forward and backward with SDPA's math kernel switched off: torch's fused kernels run them (with enable_gqa
+    and a mask, torch 2.11 had none that did, and the math kernel materialised every score)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from rpo_engine.model.shared_prefix import PrefixGroup, padded_logprobs, shared_prefix_logprobs
+    from rpo_engine.rollout import RolloutEngine, SamplingParams
+
+    model = rpo_engine.model.CausalLM(rpo_engine.model.ModelConfig.from_hf_dict(
+        dict(FAMILIES["llama"], num_hidden_layers=2, max_position_embeddings=256))).init_weights()
+    model = model.to(device=DEVICE, dtype=torch.bfloat16)
+    groups = [PrefixGroup(list(range(3, 40)), [list(range(5, 17)), list(range(9, 14)), [7]], 37)]
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        for fn in (padded_logprobs, shared_prefix_logprobs):
+            model.zero_grad(set_to_none=True)
+            logp, mask = fn(model, groups)
+            (logp * mask).sum().backward()
+            assert torch.isfinite(logp).all() and model.lm_head.weight.grad is not None
+        engine = RolloutEngine(model, num_blocks=32, attention_backend="torch")  # PagedPrefill
+        prompt = list(range(3, 40))
+        engine.generate([prompt, prompt[:33] + [60, 61, 62]], SamplingParams(max_new_tokens=2, temperature=0))
+        assert engine.last_stats.prefill_tokens < 2 * len(prompt)  # the second prompt's first blocks were cached
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_bf16_within_transformers_own_bf16_error(tmp_path, family):
     hf32 = save_hf_checkpoint(family, tmp_path)
@@ -265,6 +314,19 @@ def test_hidden_states_feed_lm_head(tmp_path):
 
 
 # ---- bad input -------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not ON_CUDA, reason="device memory: run with RPO_TEST_DEVICE=cuda")
+def test_loading_onto_a_gpu_allocates_the_weights_once(tmp_path):
+    """load_model puts one copy of the weights on the device, each converted as it arrives: the peak allocation is
+    about the model's size, not twice it (an uninitialised copy made first, then replaced: 32 GB at 8B in bf16)."""
+    save_hf_checkpoint("llama", tmp_path, hidden_size=256, intermediate_size=1024, vocab_size=512)  # fp32 on disk
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    model = rpo_engine.load_model(tmp_path, dtype="bfloat16", device=DEVICE)
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert size <= torch.cuda.max_memory_allocated() - before < 1.5 * size  # a tensor in transit: at most 23% more
+
 
 def test_missing_directory(tmp_path):
     with pytest.raises(UserError, match="not found"):

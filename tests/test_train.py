@@ -765,6 +765,34 @@ def test_sampling_options_reach_the_engine(tiny_model_dir):
     assert all(len(g.suffix_ids) == 8 for g in groups)
 
 
+def test_the_rollout_prefills_what_the_run_can_hold_not_the_whole_context(tmp_path, tiny_model_dir, monkeypatch):
+    """The engine's tokens per prefill step size its CUDA warm-up forward, whose activations it holds back from the
+    K/V cache: a model of Llama 3.1's 131072-token context (here a tiny one that says so) gets 8192, or the longest
+    prompt + --max-completion-length + 1 where longer, in training and in the eval command, not 131072."""
+    import rpo_engine.rollout
+    from rpo_engine.config import parse_args
+    from rpo_engine.eval import main
+    from rpo_engine.train import build_trainer
+
+    model = tmp_path / "long"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(dict(config, max_position_embeddings=131072)))
+    for completion in (40, 9000):
+        trainer = build_trainer(parse_args(["--model", str(model), "--train-size", "3", "--eval-size", "2",
+                                            "--max-completion-length", str(completion), "--no-progress"]))
+        longest = max(map(len, [*trainer.prompt_ids.values(), *trainer.eval_prompt_ids]))
+        assert trainer.engine.scheduler.max_num_batched_tokens == max(8192, longest + completion + 1)
+
+    def recorded(self, model, **kwargs):  # the eval's engine, not its 9000-token greedy decoding
+        raise RuntimeError(f"max_num_batched_tokens={kwargs['max_num_batched_tokens']}")
+
+    monkeypatch.setattr(rpo_engine.rollout.RolloutEngine, "__init__", recorded)
+    longest = max(map(len, trainer.eval_prompt_ids))
+    with pytest.raises(RuntimeError, match=f"^max_num_batched_tokens={longest + 9001}$"):
+        main(["--model", str(model), "--eval-size", "2", "--max-completion-length", "9000", "--no-progress"])
+
+
 @pytest.mark.parametrize("warmup", [["--warmup-ratio", "0.2"], ["--warmup-steps", "2"]])  # the latter transformers 5's
 def test_optimizer_options_reach_the_optimizer(tiny_model_dir, warmup):
     from rpo_engine.config import parse_args

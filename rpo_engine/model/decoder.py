@@ -12,6 +12,8 @@ backend instead, and shared-prefix training a prefix-aware one; the decoder itse
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -73,6 +75,36 @@ class RotaryEmbedding(nn.Module):
         return torch.cat((cos, cos), -1).unsqueeze(2), torch.cat((-sin, sin), -1).unsqueeze(2)
 
 
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+         is_causal: bool = False, repeat_kv: bool | None = None) -> torch.Tensor:
+    """F.scaled_dot_product_attention of q [B, H, Tq, D] over k/v [B, KVH, Tk, D], KVH dividing H.
+
+    Grouped K/V heads go in as they are (enable_gqa), unless a mask comes with them on a GPU whose torch has no
+    fused kernel for that: flash takes no mask, and the memory-efficient kernel took no grouped heads (torch 2.11;
+    transformers' use_gqa_in_sdpa gives CUDA a mask only with repeated heads), so SDPA ran its math kernel, which
+    holds [B, H, Tq, Tk] fp32 scores: ~8 GB a layer for a 7B model's group of 8 suffixes of 1k tokens under a 1k
+    prefix. Then K/V are repeated to H heads first, as transformers does. `repeat_kv` forces either way (tests)."""
+    gqa = k.shape[1] != q.shape[1]
+    if gqa and repeat_kv is None:
+        repeat_kv = attn_mask is not None and q.is_cuda and not _masked_gqa_fused(q.dtype, q.shape[-1], q.device)
+    if gqa and repeat_kv:
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))  # query head h reads h // group
+        gqa = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=gqa)
+
+
+@functools.cache
+def _masked_gqa_fused(dtype: torch.dtype, head_dim: int, device: torch.device) -> bool:
+    """Whether torch's memory-efficient CUDA kernel (ahead of the math kernel in SDPA's order) takes grouped heads
+    with a mask, asked once per dtype, head dim and GPU on small tensors of that kind."""
+    from torch.backends import cuda
+
+    q = torch.zeros(1, 2, 8, head_dim, dtype=dtype, device=device)
+    k = torch.zeros(1, 1, 8, head_dim, dtype=dtype, device=device)
+    mask = torch.ones(1, 1, 8, 8, dtype=torch.bool, device=device)
+    return cuda.can_use_efficient_attention(cuda.SDPAParams(q, k, k, mask, 0.0, False, True), False)
+
+
 class PaddedAttention:
     """Causal attention over a padded batch with torch SDPA.
 
@@ -91,9 +123,7 @@ class PaddedAttention:
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q [B, T, H, D], k/v [B, T, KVH, D] -> [B, T, H, D]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, is_causal=self.mask is None,
-                                             enable_gqa=k.shape[1] != q.shape[1])
-        return out.transpose(1, 2)
+        return sdpa(q, k, v, attn_mask=self.mask, is_causal=self.mask is None).transpose(1, 2)
 
 
 def flash_attn_available() -> bool:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from rpo_engine.kernels import fused_logprobs
-from rpo_engine.model.decoder import PaddedAttention
+from rpo_engine.model.decoder import PaddedAttention, sdpa
 
 
 @dataclass
@@ -112,14 +112,13 @@ class SharedPrefixAttention:
             if torch.is_autocast_enabled(device):  # in autocast's dtype, as SDPA under autocast takes them
                 q, k, v = (t.to(torch.get_autocast_dtype(device)) for t in (q, k, v))
             return _SplitAttention.apply(q, k, v, self.layout)
-        P, gqa = self.prefix_len, k.shape[2] != q.shape[2]
+        P = self.prefix_len
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, P + S, D]
         # Prefix queries see only the prefix: plain causal; right padding is invisible to real tokens.
-        out = F.scaled_dot_product_attention(q[:, :, :P], k[:, :, :P], v[:, :, :P], is_causal=True, enable_gqa=gqa)
+        out = sdpa(q[:, :, :P], k[:, :, :P], v[:, :, :P], is_causal=True)
         if self.mask is not None:
             # Suffix queries: keys are the whole row, [prefix ; all suffixes of the group], masked.
-            out_suffix = F.scaled_dot_product_attention(q[:, :, P:], k, v, attn_mask=self.attn_bias(q.dtype),
-                                                        enable_gqa=gqa)
+            out_suffix = sdpa(q[:, :, P:], k, v, attn_mask=self.attn_bias(q.dtype))
             out = torch.cat([out, out_suffix], dim=2)
         return out.transpose(1, 2)
 

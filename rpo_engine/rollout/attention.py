@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from rpo_engine.model.decoder import sdpa
 from rpo_engine.rollout.transfer import host_tensor, to_device
 
 
@@ -91,7 +92,6 @@ class PagedPrefill:
         # q [1, N, H, D]; k/v [1, N, KVH, D] -> [1, N, H, D]
         kc, vc, m = self.k_cache[layer_idx], self.v_cache[layer_idx], self.meta
         write_kv(kc, vc, k[0], v[0], m.slot_mapping)
-        gqa = k.shape[2] != q.shape[2]
         outs, start = [], 0
         for n, c, table in zip(m.new_lens, m.cached_lens, m.block_tables):
             qi = q[0, start:start + n]  # [n, H, D]
@@ -102,9 +102,8 @@ class PagedPrefill:
                 vi = gather(vc, table[None])[0, :c + n]
                 pos = torch.arange(c + n, device=q.device)
                 mask = pos[None, :] <= (c + pos[:n])[:, None]  # [n, c + n]: query j sits at position c + j
-            o = F.scaled_dot_product_attention(qi.transpose(0, 1)[None], ki.transpose(0, 1)[None],
-                                               vi.transpose(0, 1)[None], attn_mask=mask,
-                                               is_causal=mask is None, enable_gqa=gqa)  # [1, H, n, D]
+            o = sdpa(qi.transpose(0, 1)[None], ki.transpose(0, 1)[None], vi.transpose(0, 1)[None], attn_mask=mask,
+                     is_causal=mask is None)  # [1, H, n, D]
             outs.append(o[0].transpose(0, 1))
             start += n
         return torch.cat(outs)[None]
