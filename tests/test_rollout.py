@@ -975,6 +975,8 @@ def test_graph_replay_pads_batches_and_recaptures_replaced_weights(checkpoints, 
     graphed = RolloutEngine(model, block_size=4, attention_backend="triton", use_cuda_graphs=False, max_num_seqs=16)
     graphed.runner.capture()
     assert sorted(graphed.runner.graphs) == [1, 2, 4, 8, 16]
+    # every graph writes its rows of one logits buffer: a graph's own output stays allocated in the pool
+    assert {logits.data_ptr() for _, logits in graphed.runner.graphs.values()} == {graphed.runner.g_logits.data_ptr()}
     assert_same_samples(graphed.generate(prompts, params), eager.generate(prompts, params))
     assert set(EagerGraph.replays) == {16, 8, 4} and graphed.block_manager.num_used_blocks == 0
 
