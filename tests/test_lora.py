@@ -14,7 +14,7 @@ from rpo_engine.model.lora import (
     TARGETS, adapters_disabled, apply_lora, load_adapter, lora_modules, merged_state_dict,
     save_adapter)
 from rpo_engine.optim import MasterWeightAdamW, make_adamw
-from tests.helpers import DEVICE, FAMILIES, save_hf_checkpoint
+from tests.helpers import DEVICE, FAMILIES, ON_CUDA, save_hf_checkpoint
 
 
 def randomize_adapters(model, seed=1, std=0.2):
@@ -364,6 +364,21 @@ def test_targets_are_kept_in_model_order_and_alpha_must_be_finite(tmp_path, tiny
     load_adapter(model, tmp_path / "a")
     with pytest.raises(UserError, match="alpha must be > 0"):
         apply_lora(rpo_engine.load_model(tiny_model_dir), alpha=float("inf"))
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="device memory: run with RPO_TEST_DEVICE=cuda")
+def test_saving_a_lora_model_merges_one_weight_at_a_time_on_the_gpu(tmp_path):
+    """save_pretrained of an adapted model on a GPU moves each merged weight to the host as it is made: the device
+    never holds every merged weight at once (13 GB for a 7B model's all-linear adapters)."""
+    save_hf_checkpoint("llama", tmp_path / "base", hidden_size=256, intermediate_size=1024, vocab_size=512)
+    model = apply_lora(rpo_engine.load_model(tmp_path / "base", device=DEVICE), r=2, alpha=4.0)
+    adapted = sum(m.weight.numel() * m.weight.element_size() for m in lora_modules(model).values())
+    largest = max(m.weight.numel() * m.weight.element_size() for m in lora_modules(model).values())
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    model.save_pretrained(tmp_path / "merged")
+    assert torch.cuda.max_memory_allocated() - before < min(adapted / 2, 4 * largest)
 
 
 def test_merge_of_a_bf16_model_is_computed_in_fp32(tiny_model_dir):

@@ -240,7 +240,7 @@ def save_pretrained(model: CausalLM, directory, tokenizer=None) -> None:
     """
     with replacing_directory(directory, supersedes=WEIGHT_FILES) as tmp:
         # LoRA adapters are merged into their weights: the directory is a plain model (model/lora.py)
-        state = {k: v.detach().contiguous().cpu() for k, v in merged_state_dict(model).items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in merged_state_dict(model, device="cpu").items()}
         if model.config.tie_word_embeddings:
             state.pop("lm_head.weight")  # safetensors refuses shared tensors; transformers re-ties on load
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
