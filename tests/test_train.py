@@ -2180,6 +2180,26 @@ def test_a_resume_without_log_completions_still_cuts_completions_back(tmp_path, 
     assert [json.loads(line)["step"] for line in (out / "completions.jsonl").read_text().splitlines()] == [1, 2]
 
 
+def test_a_run_keeps_only_what_its_plot_reads_of_each_step(tmp_path, tiny_model_dir, monkeypatch):
+    """The run holds every step's record until its end for curves.png: all of its ~40 metrics grew a long run's
+    process by ~1.3 KiB a step; it keeps the plotted ones, also of the steps a resumed run read back."""
+    from rpo_engine import train
+    from rpo_engine.config import parse_args
+    from rpo_engine.distributed import Dist
+
+    kept = []
+    monkeypatch.setattr(train, "write_plot", lambda records, *args: kept.append(records))
+    out = tmp_path / "run"
+    for steps, resume in ((2, []), (3, ["--resume"])):
+        config = parse_args(["--model", str(tiny_model_dir), "--output", str(out), "--steps", str(steps),
+                             "--eval-steps", "2", "--save-steps", "2", "--no-progress", "--report-to", "none",
+                             *resume, *map(str, SMALL)])
+        assert train.train(config, Dist()) == 0
+    assert [r["step"] for r in kept[1]] == [0, 1, 2, 3]
+    assert {key for records in kept for r in records for key in r} == {"step", "reward_mean", "rollout_generated_tokens",
+                                                                       "eval_accuracy"}
+
+
 def test_a_run_killed_before_its_log_opened_starts_again(tmp_path, tiny_model_dir, monkeypatch, capsys):
     """A run writes OUTPUT/config.json and opens metrics.jsonl once its model has loaded, with TensorBoard's
     import (seconds) in between: killed there, its directory is still a run's, which the same command (a preempted
