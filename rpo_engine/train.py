@@ -340,11 +340,26 @@ def check_resume(output: Path, checkpoint: Path, config: TrainConfig) -> None:
 
 def prune_checkpoints(output: Path, keep: int) -> None:
     """Delete all but the newest `keep` complete checkpoints (HF Trainer's save_total_limit): a 7B run's
-    checkpoint holds weights and AdamW state, ~12 bytes per parameter."""
+    checkpoint holds weights and AdamW state, ~12 bytes per parameter. Each is renamed .step-N.pruned first: a
+    run killed mid-delete left a step-N missing its trainer_state.pt, which no later prune counted (kept for
+    good) or one missing its weights, still counted as complete."""
     import shutil
 
     for old in complete_checkpoints(output)[:-keep]:
-        shutil.rmtree(old)
+        gone = old.with_name(f".{old.name}.pruned")
+        old.rename(gone)
+        shutil.rmtree(gone)
+
+
+def remove_save_leftovers(output: Path) -> None:
+    """What a run killed while it saved or pruned left in OUTPUT/checkpoints: a .step-N.tmp (a checkpoint's size;
+    only a later save of the same step removed it, never made where the run goes on with other --save-steps or
+    was saving at a stop signal's step) and a .step-N.pruned. Rank 0 of the one run writing --output calls it."""
+    import shutil
+
+    for path in (output / "checkpoints").glob(".step-*"):
+        if re.fullmatch(r"\.step-\d+\.(tmp|pruned)", path.name) and path.is_dir():
+            shutil.rmtree(path)
 
 
 def eval_label(config: TrainConfig) -> str:
@@ -561,6 +576,7 @@ def train(config: TrainConfig, dist: Dist) -> int:
     reporter, log, completions_log = None, None, None
     if main_rank:
         output.mkdir(parents=True, exist_ok=True)
+        remove_save_leftovers(output)
         # the log before config.json: a run killed between the two (TensorBoard's import takes seconds) must leave
         # a run's directory, which a rerun starts again, not a config.json that reads as another program's
         log = open(metrics_path, "a" if checkpoint is not None else "w")  # "w": a run started again

@@ -108,6 +108,44 @@ def test_resume_redoes_an_incomplete_checkpoint_and_ignores_names_not_ours(tmp_p
             assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (x["step"], key)
 
 
+def test_a_resumed_run_removes_what_a_save_or_prune_killed_midway_left(tmp_path, tiny_model_dir):
+    """A run killed while it wrote checkpoints/step-N (its .step-N.tmp, a checkpoint's size) or deleted one for
+    --save-total-limit (.step-N.pruned): the next run removes them, also where it never saves step N again (other
+    --save-steps, or a stop signal's step off them); a user's names are left alone."""
+    out = tmp_path / "run"
+    common = ["--model", tiny_model_dir, "--eval-steps", 0, "--train-size", 3, *SMALL]
+    run_train(*common, "--steps", 2, "--save-steps", 2, "--output", out)
+    ckpts = out / "checkpoints"
+    for name in (".step-3.tmp", ".step-1.pruned"):
+        (ckpts / name / "model").mkdir(parents=True)
+        (ckpts / name / "model" / "model.safetensors").write_bytes(b"partial")
+    (ckpts / ".step-3.tmp.bak").mkdir()
+    run_train(*common, "--steps", 4, "--save-steps", 4, "--output", out, "--resume")
+    assert sorted(p.name for p in ckpts.iterdir()) == [".step-3.tmp.bak", "step-2", "step-4"]
+
+
+def test_prune_killed_midway_leaves_no_checkpoint_missing_files(tmp_path, monkeypatch):
+    """--save-total-limit deletes a checkpoint with rmtree: killed midway (here after its trainer_state.pt went),
+    a step-N without its trainer state was never counted, nor pruned, again (its weights kept for good); one
+    without its weights, still counted as complete. It is renamed out of checkpoints/step-N first."""
+    import shutil
+
+    from rpo_engine import train
+
+    for n in (1, 2, 3):
+        (tmp_path / "checkpoints" / f"step-{n}" / "model").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"step-{n}" / "trainer_state.pt").touch()
+
+    def killed(path, *args, **kwargs):
+        (Path(path) / "trainer_state.pt").unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train.prune_checkpoints(tmp_path, 2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [".step-1.pruned", "step-2", "step-3"]
+
+
 def test_resume_from_an_earlier_checkpoint_redoes_the_later_steps_and_keeps_what_they_wrote(tmp_path, tiny_model_dir):
     """--resume-from-checkpoint OUTPUT/checkpoints/step-2 of a finished 4-step run (TRL's resume_from_checkpoint
     with a path): --output is its run's; the later steps come again as the run first took them, each step once in
