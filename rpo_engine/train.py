@@ -684,18 +684,21 @@ def train(config: TrainConfig, dist: Dist) -> int:
 
 
 class StopSignals:
-    """SIGTERM (`kill`, Kubernetes, a torchrun stopping its ranks) or SIGUSR1 (SLURM's --signal=USR1@SECONDS,
-    sent ahead of a time limit) asks a run to stop after the step it is in: it writes a checkpoint and exits
-    with 128 + the signal's number, as a process the signal ended, for --resume to go on from. A second one
-    stops it at once, as without this. `received`: the first signal's number (0: none)."""
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    """SIGTERM (`kill`, Kubernetes, a torchrun stopping its ranks), SIGUSR1 (SLURM's --signal=USR1@SECONDS,
+    sent ahead of a time limit) or SIGINT (Ctrl-C) asks a run to stop after the step it is in: it writes a
+    checkpoint and exits with 128 + the signal's number, as a process the signal ended, for --resume to go on
+    from. A second one stops it at once, as without this (Ctrl-C: a KeyboardInterrupt). `received`: the first
+    signal's number (0: none)."""
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
         self.received, self.previous = 0, {}
 
     def install(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
-            self.previous = {signum: signal.signal(signum, self.handle) for signum in self.SIGNALS}
+            # a Ctrl-C the process was started ignoring (a script's `cmd &`, nohup-like wrappers) stays ignored
+            self.previous = {signum: signal.signal(signum, self.handle) for signum in self.SIGNALS
+                             if not (signum == signal.SIGINT and signal.getsignal(signum) == signal.SIG_IGN)}
         return self
 
     def restore(self) -> None:

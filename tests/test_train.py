@@ -251,6 +251,33 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_that_resumes_as_if_never
     assert not (tmp_path / "now" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("ignored", [False, True])
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint(tmp_path, tiny_model_dir, ignored):
+    """Ctrl-C (SIGINT) in the middle of step 2 stops the run as SIGTERM does: step 2 finishes, its checkpoint is
+    written, exit code 130, and the line says how to go on (it ended at once with 'interrupted', the steps since
+    the last --save-steps lost, no word of resuming). A process started with SIGINT ignored (a script's `cmd &`)
+    keeps ignoring it."""
+    import signal
+
+    out = tmp_path / "run"
+    args = ["--model", tiny_model_dir, "--save-steps", 0, "--eval-steps", 0, "--train-size", 3, *SMALL, "--steps", 3,
+            "--reward", "tests.reward_fns:signalling_reward", "--output", out]
+    handler = signal.SIG_IGN if ignored else signal.SIG_DFL  # not the suite's own (`cmd &` ignores it)
+    proc = subprocess.run([sys.executable, "-m", "rpo_engine.train", "--no-progress", *map(str, args)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, handler),
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "RPO_ENGINE_TEST_SIGNAL": "INT",
+                               "RPO_ENGINE_TEST_SIGNAL_AT_CALL": "13"})
+    if ignored:
+        assert proc.returncode == 0 and (out / "final").is_dir(), proc.stderr[-2000:]
+        return
+    assert proc.returncode == 128 + signal.SIGINT, proc.stderr[-2000:]
+    assert "SIGINT: stopping after this step, with a checkpoint (send it again to stop at once)" in proc.stderr
+    assert (f"stopped by SIGINT after step 2 of 3: {out / 'checkpoints' / 'step-2'} written; the same command with "
+            f"--resume goes on from it") in proc.stdout
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-2"] and not (out / "final").exists()
+
+
 def test_generation_config_outlives_the_checkpoint_a_run_resumed_from(tmp_path, tiny_model_dir):
     """A resumed run's model comes from checkpoints/step-N/model, which --save-total-limit prunes after the next
     save: the later checkpoints and final/ keep the stop tokens and sampling defaults of generation_config.json
