@@ -760,13 +760,24 @@ def _flat(options: dict) -> dict:
 
 
 def truncate_log(path: Path, step: int, keep: bool = False, check_only: bool = False) -> list[dict]:
-    """Drop the records of a JSONL log past `step`, line by line into a temporary file renamed over it (a
-    crash here loses nothing); -> the kept records if `keep`. A last line cut short (the run was killed
-    while writing it) is dropped; any other line that does not parse is a UserError, as is a log that cannot
-    be read. `check_only`: read it for those errors, write nothing."""
+    """Drop the records of a JSONL log past `step`; -> the kept records if `keep`. A last line cut short (the
+    run was killed while writing it) is dropped; any other line that does not parse is a UserError, as is a log
+    that cannot be read. `check_only`: read it for those errors, write nothing. Where the dropped lines are the
+    log's end (a log written in step order) it is cut there in place, else rewritten line by line into a
+    temporary file renamed over it (a crash here loses nothing either way)."""
     kept = []
     if not path.exists():
         return kept
+    if not check_only:
+        # a long run's --log-completions log holds gigabytes: a rewrite of it at every resume took as much again
+        # of free disk (none left: the run could not resume) and the time to copy it
+        end, kept = _kept_prefix(path, step, keep)
+        if end is not None:
+            if end < path.stat().st_size:
+                with open(path, "r+b") as f:
+                    f.truncate(end)
+            return kept
+        kept = []
     tmp = Path(os.devnull) if check_only else path.with_name(f".{path.name}.tmp")
     try:
         with open(path) as src, open(tmp, "w") as dst:
@@ -795,6 +806,39 @@ def truncate_log(path: Path, step: int, keep: bool = False, check_only: bool = F
         if not check_only:
             tmp.unlink(missing_ok=True)
     return kept
+
+
+def _kept_prefix(path: Path, step: int, keep: bool) -> tuple[int | None, list[dict]]:
+    """For truncate_log: (the byte length of the log's lines up to the first it drops, where every line from there
+    on is dropped and none before is blank or lacks its newline, else None; the kept records if `keep`). Its
+    errors are truncate_log's."""
+    kept, end, dropping, broken = [], 0, False, None
+    try:
+        with open(path, "rb") as src:
+            for number, raw in enumerate(src, 1):
+                if broken is not None:  # the bad line was not the last
+                    raise UserError(f"{path}:{broken}: not a JSON record with a step; fix or remove the line")
+                line = raw.decode()
+                try:
+                    record = json.loads(line) if line.strip() else None
+                    record_step = None if record is None else int(record["step"])
+                except (ValueError, TypeError, KeyError):
+                    broken, dropping = number, True
+                    continue
+                if record_step is not None and record_step <= step:
+                    if dropping or not line.endswith("\n"):
+                        return None, []  # a kept record after a dropped line: only a rewrite leaves it out
+                    end += len(raw)
+                    if keep:
+                        kept.append(record)
+                else:
+                    dropping = True
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (a line holds the byte 0x{e.object[e.start]:02x}); fix or remove "
+                        f"that line") from None
+    except OSError as e:
+        raise UserError(f"{e.filename or path}: {e.strerror or e}") from None
+    return end, kept
 
 
 if __name__ == "__main__":

@@ -444,6 +444,25 @@ def test_truncate_log(tmp_path):
         truncate_log(log, 1)
 
 
+def test_truncate_log_cuts_a_log_in_step_order_in_place(tmp_path):
+    """A long run's --log-completions log holds gigabytes: each resume copied it whole into a temporary file (as
+    much free disk again, or the resume failed) even where nothing was dropped. Its end is cut in place; a log
+    whose dropped lines are not its end is still rewritten."""
+    from rpo_engine.train import truncate_log
+
+    log = tmp_path / "completions.jsonl"
+    log.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 2, 3)) + '{"step": 4, "a"')  # killed mid-line
+    inode = log.stat().st_ino
+    assert truncate_log(log, 3, keep=True) == [{"step": 1}, {"step": 2}, {"step": 2}, {"step": 3}]
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n{"step": 2}\n{"step": 3}\n'
+    assert truncate_log(log, 3) == [] and truncate_log(log, 1) == []
+    assert log.read_text() == '{"step": 1}\n' and log.stat().st_ino == inode
+    assert [p.name for p in tmp_path.iterdir()] == ["completions.jsonl"]
+    log.write_text('{"step": 1}\n{"step": 3}\n{"step": 2}\n')  # not in step order
+    assert truncate_log(log, 2, keep=True) == [{"step": 1}, {"step": 2}]
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
 def test_tensorboard_logs_what_metrics_jsonl_holds(tmp_path, tiny_model_dir, monkeypatch):
     """TensorBoard (--report-to auto, where it is installed) gets every metrics.jsonl record at its step, the step-0
     eval too, and a resumed run hides what the run before logged past its checkpoint (purge_step), as
