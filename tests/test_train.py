@@ -108,6 +108,44 @@ def test_resume_redoes_an_incomplete_checkpoint_and_ignores_names_not_ours(tmp_p
             assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (x["step"], key)
 
 
+def test_a_resumed_run_removes_what_a_save_or_prune_killed_midway_left(tmp_path, tiny_model_dir):
+    """A run killed while it wrote checkpoints/step-N (its .step-N.tmp, a checkpoint's size) or deleted one for
+    --save-total-limit (.step-N.pruned): the next run removes them, also where it never saves step N again (other
+    --save-steps, or a stop signal's step off them); a user's names are left alone."""
+    out = tmp_path / "run"
+    common = ["--model", tiny_model_dir, "--eval-steps", 0, "--train-size", 3, *SMALL]
+    run_train(*common, "--steps", 2, "--save-steps", 2, "--output", out)
+    ckpts = out / "checkpoints"
+    for name in (".step-3.tmp", ".step-1.pruned"):
+        (ckpts / name / "model").mkdir(parents=True)
+        (ckpts / name / "model" / "model.safetensors").write_bytes(b"partial")
+    (ckpts / ".step-3.tmp.bak").mkdir()
+    run_train(*common, "--steps", 4, "--save-steps", 4, "--output", out, "--resume")
+    assert sorted(p.name for p in ckpts.iterdir()) == [".step-3.tmp.bak", "step-2", "step-4"]
+
+
+def test_prune_killed_midway_leaves_no_checkpoint_missing_files(tmp_path, monkeypatch):
+    """--save-total-limit deletes a checkpoint with rmtree: killed midway (here after its trainer_state.pt went),
+    a step-N without its trainer state was never counted, nor pruned, again (its weights kept for good); one
+    without its weights, still counted as complete. It is renamed out of checkpoints/step-N first."""
+    import shutil
+
+    from rpo_engine import train
+
+    for n in (1, 2, 3):
+        (tmp_path / "checkpoints" / f"step-{n}" / "model").mkdir(parents=True)
+        (tmp_path / "checkpoints" / f"step-{n}" / "trainer_state.pt").touch()
+
+    def killed(path, *args, **kwargs):
+        (Path(path) / "trainer_state.pt").unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train.prune_checkpoints(tmp_path, 2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [".step-1.pruned", "step-2", "step-3"]
+
+
 def test_resume_from_an_earlier_checkpoint_redoes_the_later_steps_and_keeps_what_they_wrote(tmp_path, tiny_model_dir):
     """--resume-from-checkpoint OUTPUT/checkpoints/step-2 of a finished 4-step run (TRL's resume_from_checkpoint
     with a path): --output is its run's; the later steps come again as the run first took them, each step once in
@@ -211,6 +249,33 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_that_resumes_as_if_never
                      env=dict(env, RPO_ENGINE_TEST_SIGNAL="USR1", RPO_ENGINE_TEST_SIGNAL_TWICE="1"))
     assert proc.returncode == -signal.SIGUSR1 and "SIGUSR1: stopping after this step" in proc.stderr
     assert not (tmp_path / "now" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("ignored", [False, True])
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint(tmp_path, tiny_model_dir, ignored):
+    """Ctrl-C (SIGINT) in the middle of step 2 stops the run as SIGTERM does: step 2 finishes, its checkpoint is
+    written, exit code 130, and the line says how to go on (it ended at once with 'interrupted', the steps since
+    the last --save-steps lost, no word of resuming). A process started with SIGINT ignored (a script's `cmd &`)
+    keeps ignoring it."""
+    import signal
+
+    out = tmp_path / "run"
+    args = ["--model", tiny_model_dir, "--save-steps", 0, "--eval-steps", 0, "--train-size", 3, *SMALL, "--steps", 3,
+            "--reward", "tests.reward_fns:signalling_reward", "--output", out]
+    handler = signal.SIG_IGN if ignored else signal.SIG_DFL  # not the suite's own (`cmd &` ignores it)
+    proc = subprocess.run([sys.executable, "-m", "rpo_engine.train", "--no-progress", *map(str, args)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, handler),
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "RPO_ENGINE_TEST_SIGNAL": "INT",
+                               "RPO_ENGINE_TEST_SIGNAL_AT_CALL": "13"})
+    if ignored:
+        assert proc.returncode == 0 and (out / "final").is_dir(), proc.stderr[-2000:]
+        return
+    assert proc.returncode == 128 + signal.SIGINT, proc.stderr[-2000:]
+    assert "SIGINT: stopping after this step, with a checkpoint (send it again to stop at once)" in proc.stderr
+    assert (f"stopped by SIGINT after step 2 of 3: {out / 'checkpoints' / 'step-2'} written; the same command with "
+            f"--resume goes on from it") in proc.stdout
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-2"] and not (out / "final").exists()
 
 
 def test_generation_config_outlives_the_checkpoint_a_run_resumed_from(tmp_path, tiny_model_dir):
@@ -377,6 +442,25 @@ def test_truncate_log(tmp_path):
     log.mkdir()
     with pytest.raises(UserError, match=r"metrics\.jsonl: Is a directory"):
         truncate_log(log, 1)
+
+
+def test_truncate_log_cuts_a_log_in_step_order_in_place(tmp_path):
+    """A long run's --log-completions log holds gigabytes: each resume copied it whole into a temporary file (as
+    much free disk again, or the resume failed) even where nothing was dropped. Its end is cut in place; a log
+    whose dropped lines are not its end is still rewritten."""
+    from rpo_engine.train import truncate_log
+
+    log = tmp_path / "completions.jsonl"
+    log.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 2, 3)) + '{"step": 4, "a"')  # killed mid-line
+    inode = log.stat().st_ino
+    assert truncate_log(log, 3, keep=True) == [{"step": 1}, {"step": 2}, {"step": 2}, {"step": 3}]
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n{"step": 2}\n{"step": 3}\n'
+    assert truncate_log(log, 3) == [] and truncate_log(log, 1) == []
+    assert log.read_text() == '{"step": 1}\n' and log.stat().st_ino == inode
+    assert [p.name for p in tmp_path.iterdir()] == ["completions.jsonl"]
+    log.write_text('{"step": 1}\n{"step": 3}\n{"step": 2}\n')  # not in step order
+    assert truncate_log(log, 2, keep=True) == [{"step": 1}, {"step": 2}]
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
 
 
 def test_tensorboard_logs_what_metrics_jsonl_holds(tmp_path, tiny_model_dir, monkeypatch):
@@ -2206,6 +2290,26 @@ def test_a_resume_without_log_completions_still_cuts_completions_back(tmp_path, 
     with pytest.raises(Stepped):
         train.train(config, Dist())
     assert [json.loads(line)["step"] for line in (out / "completions.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_run_keeps_only_what_its_plot_reads_of_each_step(tmp_path, tiny_model_dir, monkeypatch):
+    """The run holds every step's record until its end for curves.png: all of its ~40 metrics grew a long run's
+    process by ~1.3 KiB a step; it keeps the plotted ones, also of the steps a resumed run read back."""
+    from rpo_engine import train
+    from rpo_engine.config import parse_args
+    from rpo_engine.distributed import Dist
+
+    kept = []
+    monkeypatch.setattr(train, "write_plot", lambda records, *args: kept.append(records))
+    out = tmp_path / "run"
+    for steps, resume in ((2, []), (3, ["--resume"])):
+        config = parse_args(["--model", str(tiny_model_dir), "--output", str(out), "--steps", str(steps),
+                             "--eval-steps", "2", "--save-steps", "2", "--no-progress", "--report-to", "none",
+                             *resume, *map(str, SMALL)])
+        assert train.train(config, Dist()) == 0
+    assert [r["step"] for r in kept[1]] == [0, 1, 2, 3]
+    assert {key for records in kept for r in records for key in r} == {"step", "reward_mean", "rollout_generated_tokens",
+                                                                       "eval_accuracy"}
 
 
 def test_a_run_killed_before_its_log_opened_starts_again(tmp_path, tiny_model_dir, monkeypatch, capsys):
