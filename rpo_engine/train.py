@@ -762,57 +762,48 @@ def _flat(options: dict) -> dict:
 def truncate_log(path: Path, step: int, keep: bool = False, check_only: bool = False) -> list[dict]:
     """Drop the records of a JSONL log past `step`; -> the kept records if `keep`. A last line cut short (the
     run was killed while writing it) is dropped; any other line that does not parse is a UserError, as is a log
-    that cannot be read. `check_only`: read it for those errors, write nothing. Where the dropped lines are the
-    log's end (a log written in step order) it is cut there in place, else rewritten line by line into a
-    temporary file renamed over it (a crash here loses nothing either way)."""
-    kept = []
+    that cannot be read. `check_only`: read it for those errors, write nothing. Where the kept lines are the
+    log's first (a log written in step order) it is cut after them in place: a long run's --log-completions log
+    holds gigabytes, and a rewrite at every resume took as much free disk again and the time to copy it. Else it
+    is rewritten into a temporary file renamed over it (a crash here loses nothing either way)."""
     if not path.exists():
+        return []
+    kept, kept_bytes, in_place, dropped = [], 0, True, False
+    for raw, record_step, record in _log_lines(path):
+        if record_step is not None and record_step <= step:
+            in_place = in_place and not dropped and raw.endswith(b"\n")
+            kept_bytes += len(raw)
+            if keep:
+                kept.append(record)
+        else:
+            dropped = True
+    if check_only:
         return kept
-    if not check_only:
-        # a long run's --log-completions log holds gigabytes: a rewrite of it at every resume took as much again
-        # of free disk (none left: the run could not resume) and the time to copy it
-        end, kept = _kept_prefix(path, step, keep)
-        if end is not None:
-            if end < path.stat().st_size:
-                with open(path, "r+b") as f:
-                    f.truncate(end)
-            return kept
-        kept = []
-    tmp = Path(os.devnull) if check_only else path.with_name(f".{path.name}.tmp")
     try:
-        with open(path) as src, open(tmp, "w") as dst:
-            broken = None
-            for number, line in enumerate(src, 1):
-                if broken is not None:  # the bad line was not the last
-                    raise UserError(f"{path}:{broken}: not a JSON record with a step; fix or remove the line")
-                try:
-                    record = json.loads(line) if line.strip() else None
-                    record_step = None if record is None else int(record["step"])
-                except (ValueError, TypeError, KeyError):
-                    broken = number
-                    continue
-                if record_step is not None and record_step <= step:
-                    dst.write(line if line.endswith("\n") else line + "\n")
-                    if keep:
-                        kept.append(record)
-        if not check_only:
+        if in_place:
+            if kept_bytes < path.stat().st_size:
+                with open(path, "r+b") as f:
+                    f.truncate(kept_bytes)
+            return kept
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            with open(tmp, "wb") as dst:
+                for raw, record_step, _ in _log_lines(path):
+                    if record_step is not None and record_step <= step:
+                        dst.write(raw if raw.endswith(b"\n") else raw + b"\n")
             os.replace(tmp, path)
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (a line holds the byte 0x{e.object[e.start]:02x}); fix or remove "
-                        f"that line") from None
-    except OSError as e:  # a directory in its place, no permission, a full disk
-        raise UserError(f"{e.filename or path}: {e.strerror or e}") from None
-    finally:
-        if not check_only:
+        finally:
             tmp.unlink(missing_ok=True)
+    except OSError as e:  # no permission, a full disk
+        raise UserError(f"{e.filename or path}: {e.strerror or e}") from None
     return kept
 
 
-def _kept_prefix(path: Path, step: int, keep: bool) -> tuple[int | None, list[dict]]:
-    """For truncate_log: (the byte length of the log's lines up to the first it drops, where every line from there
-    on is dropped and none before is blank or lacks its newline, else None; the kept records if `keep`). Its
-    errors are truncate_log's."""
-    kept, end, dropping, broken = [], 0, False, None
+def _log_lines(path: Path):
+    """truncate_log's reading of a JSONL log: each line as (its bytes, its record's step, the record), step and
+    record None for a blank line; a last line that does not parse is left out, any other is a UserError, as is a
+    log that cannot be read."""
+    broken = None
     try:
         with open(path, "rb") as src:
             for number, raw in enumerate(src, 1):
@@ -823,22 +814,14 @@ def _kept_prefix(path: Path, step: int, keep: bool) -> tuple[int | None, list[di
                     record = json.loads(line) if line.strip() else None
                     record_step = None if record is None else int(record["step"])
                 except (ValueError, TypeError, KeyError):
-                    broken, dropping = number, True
+                    broken = number
                     continue
-                if record_step is not None and record_step <= step:
-                    if dropping or not line.endswith("\n"):
-                        return None, []  # a kept record after a dropped line: only a rewrite leaves it out
-                    end += len(raw)
-                    if keep:
-                        kept.append(record)
-                else:
-                    dropping = True
+                yield raw, record_step, record
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text (a line holds the byte 0x{e.object[e.start]:02x}); fix or remove "
                         f"that line") from None
-    except OSError as e:
+    except OSError as e:  # a directory in its place, no permission
         raise UserError(f"{e.filename or path}: {e.strerror or e}") from None
-    return end, kept
 
 
 if __name__ == "__main__":
