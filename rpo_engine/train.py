@@ -769,12 +769,12 @@ def truncate_log(path: Path, step: int, keep: bool = False, check_only: bool = F
     if not path.exists():
         return []
     kept, kept_bytes, in_place, dropped = [], 0, True, False
-    for raw, record_step, record in _log_lines(path):
+    for raw, record_step, entry in _log_lines(path):
         if record_step is not None and record_step <= step:
             in_place = in_place and not dropped and raw.endswith(b"\n")
             kept_bytes += len(raw)
             if keep:
-                kept.append(record)
+                kept.append(entry)
         else:
             dropped = True
     if check_only:
@@ -811,12 +811,12 @@ def _log_lines(path: Path):
                     raise UserError(f"{path}:{broken}: not a JSON record with a step; fix or remove the line")
                 line = raw.decode()
                 try:
-                    record = json.loads(line) if line.strip() else None
-                    record_step = None if record is None else int(record["step"])
+                    entry = json.loads(line) if line.strip() else None
+                    record_step = None if entry is None else int(entry["step"])
                 except (ValueError, TypeError, KeyError):
                     broken = number
                     continue
-                yield raw, record_step, record
+                yield raw, record_step, entry
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text (a line holds the byte 0x{e.object[e.start]:02x}); fix or remove "
                         f"that line") from None
