@@ -200,6 +200,9 @@ def test_saturated_paths_are_cut_deeper():
     assert 300 < max(long) <= 600
     assert max(cut_cached_path(40, False, rng, 400, grow, None, 0).cut for _ in range(400)) > 30
     assert cut_cached_path(40, True, rng, 400, RPOConfig(rpo_saturated_cut_growth=10.0), None, 5000).cut <= 40
+    # the grown fraction is capped at 1 before it meets the path length: 20000 * 1e304 would be inf (int() raises)
+    whole = RPOConfig(rpo_saturated_cut_growth=10.0, rpo_max_cut_fraction=1.0)
+    assert 1 <= cut_cached_path(20000, True, rng, 40000, whole, None, 5000).cut <= 20000
     with pytest.raises(UserError, match="--rpo-saturated-cut-growth must be >= 1"):
         RPOConfig(rpo_saturated_cut_growth=0.5)
 
@@ -491,6 +494,10 @@ def test_least_likely_cut_reaches_as_far_as_the_unverified_fraction():
     assert cut_cached_path(40, False, rng, 400, RPOConfig(rpo_unverified_cut="least-likely"), logprobs).kept == 5
     half = RPOConfig(rpo_unverified_cut="least-likely", rpo_unverified_cut_fraction=0.5)
     assert cut_cached_path(40, False, rng, 400, half, logprobs).kept == 25
+    # nor by --rpo-max-cut (300 tokens), which bounds verified paths only: token 10 of 400 is reached
+    long = [-0.1] * 400
+    long[10] = -6.0
+    assert cut_cached_path(400, False, rng, 800, RPOConfig(rpo_unverified_cut="least-likely"), long).kept == 10
 
 
 def test_cache_update_keeps_the_chosen_answers_correctness_and_logprobs():
