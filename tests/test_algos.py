@@ -580,6 +580,26 @@ def test_trainer_subtracts_the_overlong_penalty_from_the_reward():
     assert group.terms[-1] == pytest.approx([0.0, -0.5, -1.0])
 
 
+def test_trainer_penalizes_the_whole_answer_kept_path_included():
+    """Trainer.score_groups: under RPO an answer is the kept path plus its suffix, and DAPO's overlong penalty
+    reads its whole length (8 kept + 4 or 8 generated of a 16-token budget, buffer 8: -0.5 and -1), not the
+    suffix's (4 and 8: no penalty)."""
+    from types import SimpleNamespace
+
+    from rpo_engine.trainer import Group, Trainer
+
+    trainer = SimpleNamespace(config=SimpleNamespace(max_completion_length=16, format_reward_weight=0.0),
+                              rpo=SimpleNamespace(length_shaping=False), reward_weights=[1.0],
+                              algo=SimpleNamespace(overlong_penalty=1.0), overlong_buffer=lambda: 8,
+                              tokenizer=SimpleNamespace(decode=lambda ids, skip_special_tokens: str(ids)),
+                              reward_fn=lambda text, answer: 1.0, extra_rewards=[], reward_metrics={},
+                              reward_trainer_state=lambda: None)
+    trainer.shape_rewards = lambda *args: Trainer.shape_rewards(trainer, *args)
+    group = Group({"id": "p", "answer": "1"}, [9], [7] * 8, [[1] * 4, [1] * 8], [[]] * 2, ["stop"] * 2)
+    Trainer.score_groups(trainer, [group])
+    assert group.rewards == pytest.approx([0.5, 0.0])
+
+
 def test_partial_accuracy_is_not_a_right_answer_under_length_shaping():
     """Trainer.shape_rewards: a partial accuracy (0.5) is not a right answer (`is_correct` needs full marks): it
     is marked wrong and shaped to 0, and takes no share of the right answers' length mean (kills is_correct's
