@@ -695,6 +695,10 @@ def test_prefix_cache_hit_on_repeated_prompt(checkpoints):
     params = SamplingParams(n=2, max_new_tokens=5, temperature=0, stop_token_ids=[])
     a, b = engine.generate([prompt, prompt], params)
     assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    # the same log-probs too: the hit's last prompt token runs at its own position (12), not at 0 (greedy tokens
+    # of this tiny model do not tell)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(torch.tensor(y.logprobs), torch.tensor(x.logprobs), rtol=0, atol=1e-4)
     stats = engine.last_stats
     assert stats.cached_tokens == 12  # 3 full blocks; the last token's block is computed
     assert stats.prefill_tokens == 13 + 1
