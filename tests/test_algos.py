@@ -200,6 +200,9 @@ def test_saturated_paths_are_cut_deeper():
     assert 300 < max(long) <= 600
     assert max(cut_cached_path(40, False, rng, 400, grow, None, 0).cut for _ in range(400)) > 30
     assert cut_cached_path(40, True, rng, 400, RPOConfig(rpo_saturated_cut_growth=10.0), None, 5000).cut <= 40
+    # the grown fraction is capped at 1 before it meets the path length: 20000 * 1e304 would be inf (int() raises)
+    whole = RPOConfig(rpo_saturated_cut_growth=10.0, rpo_max_cut_fraction=1.0)
+    assert 1 <= cut_cached_path(20000, True, rng, 40000, whole, None, 5000).cut <= 20000
     with pytest.raises(UserError, match="--rpo-saturated-cut-growth must be >= 1"):
         RPOConfig(rpo_saturated_cut_growth=0.5)
 
@@ -491,6 +494,10 @@ def test_least_likely_cut_reaches_as_far_as_the_unverified_fraction():
     assert cut_cached_path(40, False, rng, 400, RPOConfig(rpo_unverified_cut="least-likely"), logprobs).kept == 5
     half = RPOConfig(rpo_unverified_cut="least-likely", rpo_unverified_cut_fraction=0.5)
     assert cut_cached_path(40, False, rng, 400, half, logprobs).kept == 25
+    # nor by --rpo-max-cut (300 tokens), which bounds verified paths only: token 10 of 400 is reached
+    long = [-0.1] * 400
+    long[10] = -6.0
+    assert cut_cached_path(400, False, rng, 800, RPOConfig(rpo_unverified_cut="least-likely"), long).kept == 10
 
 
 def test_cache_update_keeps_the_chosen_answers_correctness_and_logprobs():
@@ -571,6 +578,26 @@ def test_trainer_subtracts_the_overlong_penalty_from_the_reward():
     Trainer.shape_rewards(trainer, group, [4, 12, 16], ["a", "b", "c"], [[1.0, 1.0, 0.0]])
     assert group.rewards == pytest.approx([1.0, 0.5, -1.0]) and group.correct == [True, True, False]
     assert group.terms[-1] == pytest.approx([0.0, -0.5, -1.0])
+
+
+def test_trainer_penalizes_the_whole_answer_kept_path_included():
+    """Trainer.score_groups: under RPO an answer is the kept path plus its suffix, and DAPO's overlong penalty
+    reads its whole length (8 kept + 4 or 8 generated of a 16-token budget, buffer 8: -0.5 and -1), not the
+    suffix's (4 and 8: no penalty)."""
+    from types import SimpleNamespace
+
+    from rpo_engine.trainer import Group, Trainer
+
+    trainer = SimpleNamespace(config=SimpleNamespace(max_completion_length=16, format_reward_weight=0.0),
+                              rpo=SimpleNamespace(length_shaping=False), reward_weights=[1.0],
+                              algo=SimpleNamespace(overlong_penalty=1.0), overlong_buffer=lambda: 8,
+                              tokenizer=SimpleNamespace(decode=lambda ids, skip_special_tokens: str(ids)),
+                              reward_fn=lambda text, answer: 1.0, extra_rewards=[], reward_metrics={},
+                              reward_trainer_state=lambda: None)
+    trainer.shape_rewards = lambda *args: Trainer.shape_rewards(trainer, *args)
+    group = Group({"id": "p", "answer": "1"}, [9], [7] * 8, [[1] * 4, [1] * 8], [[]] * 2, ["stop"] * 2)
+    Trainer.score_groups(trainer, [group])
+    assert group.rewards == pytest.approx([0.5, 0.0])
 
 
 def test_partial_accuracy_is_not_a_right_answer_under_length_shaping():

@@ -268,6 +268,37 @@ def test_prefill_admission_honours_max_num_seqs_and_max_num_batched_tokens():
     assert len(seqs) == 1 and len(sched.waiting) == 2  # 6 + 6 > 10
 
 
+def test_prefill_admission_counts_only_the_tokens_a_prefix_hit_leaves_to_compute():
+    """max_num_batched_tokens bounds the tokens a prefill computes: a request whose first 8 tokens are cached
+    costs 1, so a 9-token one joins it under a budget of 10."""
+    bm = BlockManager(40, BS)
+    tokens = list(range(9))
+    earlier = make_seq(tokens)
+    bm.allocate(earlier)
+    bm.free(earlier)  # its two full blocks stay cached
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=10)
+    sched.add(make_seq(tokens))
+    sched.add(make_seq(list(range(50, 59))))
+    seqs, is_prefill, _ = sched.schedule()
+    assert is_prefill and len(seqs) == 2 and seqs[0].num_cached_tokens == 8
+
+
+def test_a_decode_step_that_fills_a_block_hashes_it_for_prefix_hits():
+    """Through the scheduler: the decode step that writes a block's last token registers the block, so a later
+    request holding those tokens finds them cached (the steps within a block take a path that hashes nothing)."""
+    bm = BlockManager(40, BS)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64)
+    seq = make_seq(list(range(5)))
+    sched.add(seq)
+    for token in (20, 21, 22):  # 6, 7, then 8 tokens: the step for token 22 fills block 1
+        seqs, _, _ = sched.schedule()
+        sched.postprocess(seqs, [token], [0.0])
+    sched.schedule()
+    assert bm.hash_to_block_id[bm.blocks[seq.block_table[1]].hash] == seq.block_table[1]
+    later = make_seq(seq.token_ids + [99])
+    assert bm.allocate(later) == 8
+
+
 def test_admission_keeps_a_block_per_new_sample_for_its_first_decode():
     """A request joining a busy batch is admitted only if its blocks and one more per sample are free."""
     bm = BlockManager(5, BS)

@@ -313,6 +313,22 @@ def test_hidden_states_feed_lm_head(tmp_path):
         torch.testing.assert_close(h @ model.lm_head.weight.T, model(ids))
 
 
+def test_a_tied_model_built_from_its_config_shares_its_head_and_saves_what_it_runs(tmp_path):
+    """A tied model made from a config (the starter's, tiny_task_model's) has one tensor for embedding and head:
+    a step moves both, and the checkpoint, which stores it once, loads with the same logits (a head of its own
+    would be dropped by the save, and the load would tie it back to the embedding)."""
+    from rpo_engine.data.starter import tiny_task_model
+
+    model, tok = tiny_task_model(hidden_size=16, seed=3)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = random_ids(model.config.vocab_size, B=2, T=7)
+    model(ids).square().mean().backward()
+    torch.optim.SGD(model.parameters(), lr=1.0).step()
+    model.save_pretrained(tmp_path, tokenizer=tok)
+    with torch.no_grad():
+        torch.testing.assert_close(rpo_engine.load_model(tmp_path)(ids), model(ids), rtol=0, atol=0)
+
+
 # ---- bad input -------------------------------------------------------------------------------
 
 @pytest.mark.skipif(not ON_CUDA, reason="device memory: run with RPO_TEST_DEVICE=cuda")

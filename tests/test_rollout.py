@@ -599,6 +599,32 @@ def test_top_k_keeps_the_tokens_tied_with_its_kth_as_transformers_does(V):
         assert abs(tied - expected) < 0.01, (length, tied, expected)
 
 
+@pytest.mark.parametrize("V", [50, 4 * CANDIDATES + 301])
+def test_top_p_and_min_p_at_their_exact_boundaries_keep_what_transformers_keeps(V):
+    """Equal logits make the boundaries exact: four tokens of 1/4 at top_p 0.5, the third token's mass before it is
+    exactly 0.5, so the nucleus is two tokens (transformers drops a token whose mass before it reaches top_p);
+    min_p 1 keeps the tokens tied with the most likely one (it drops only those less likely), with top-k on or off.
+    V = 50 is drawn by sample_reference, the larger vocabulary by the candidate search."""
+    from transformers.generation.logits_process import MinPLogitsWarper, TopPLogitsWarper
+
+    N = 400
+    u = ((torch.arange(N, dtype=torch.float64) + 0.5) / N).to(DEVICE)
+    ones, no_k = torch.ones(N, device=DEVICE), torch.zeros(N, dtype=torch.long, device=DEVICE)
+    flat = torch.full((V,), -1e4)  # exp(-1e4) is 0 in fp32: outside every distribution
+    flat[[3, 8, 20, 41]] = 0.0
+    assert int((TopPLogitsWarper(0.5)(None, flat[None])[0] > float("-inf")).sum()) == 2
+    tokens, _ = sample(flat.expand(N, V).to(DEVICE), ones, no_k, torch.full((N,), 0.5, device=DEVICE), u)
+    assert len(set(tokens.tolist())) == 2 and set(tokens.tolist()) <= {3, 8, 20, 41}
+    tied = torch.full((V,), -1e4)
+    tied[[5, 30]], tied[[7, 12]] = 0.0, torch.tensor([-0.5, -1.0])
+    kept = MinPLogitsWarper(1.0)(None, tied[None])[0] > float("-inf")
+    assert kept.nonzero().flatten().tolist() == [5, 30]
+    for top_k in (0, 3):
+        tokens, _ = sample(tied.expand(N, V).to(DEVICE), ones, torch.full((N,), top_k, device=DEVICE), ones, u,
+                           min_p=ones)
+        assert set(tokens.tolist()) == {5, 30}, top_k
+
+
 def test_top_p_looks_among_more_candidates_before_sorting_the_vocabulary(monkeypatch):
     """A nucleus past the first CANDIDATES tokens is found among 8x as many; only a flat row sorts the whole
     vocabulary (sample_reference). The draws are the reference's either way."""
@@ -669,6 +695,10 @@ def test_prefix_cache_hit_on_repeated_prompt(checkpoints):
     params = SamplingParams(n=2, max_new_tokens=5, temperature=0, stop_token_ids=[])
     a, b = engine.generate([prompt, prompt], params)
     assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    # the same log-probs too: the hit's last prompt token runs at its own position (12), not at 0 (greedy tokens
+    # of this tiny model do not tell)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(torch.tensor(y.logprobs), torch.tensor(x.logprobs), rtol=0, atol=1e-4)
     stats = engine.last_stats
     assert stats.cached_tokens == 12  # 3 full blocks; the last token's block is computed
     assert stats.prefill_tokens == 13 + 1

@@ -1467,6 +1467,20 @@ def test_importance_weights_by_hand(mode, clip_min):
     torch.testing.assert_close(got, want[mode] * torch.ones_like(old), rtol=1e-6, atol=1e-7)
 
 
+def test_rollout_mismatch_by_hand():
+    """logprob_mismatch per sample: the mean |rollout - training| log-prob over its generated tokens, a kept-prefix
+    token (loss on prefix) and padding left out; deviations of both signs add, they do not cancel, and a sample
+    with no generated token has none."""
+    from rpo_engine.model.shared_prefix import PrefixGroup
+    from rpo_engine.trainer import Trainer
+
+    group = PrefixGroup([5, 6, 7], [[8, 9], [10, 11, 12], []], 2, advantages=[1.0, -1.0, 0.0],
+                        rollout_logp=[[-1.5, -0.5], [-3.0, -2.0, -4.0], []])
+    logp = torch.tensor([[-9.0, -1.0, -1.0, 0.0], [-9.0, -2.5, -1.5, -6.0], [-9.0, 0.0, 0.0, 0.0]])  # [b, span]
+    got = Trainer.rollout_mismatch(SimpleNamespace(rollout_logp_layout=Trainer.rollout_logp_layout), [group], logp)
+    assert got == pytest.approx([0.5, 1.0])  # |0.5| and |-0.5|; |0.5|, |0.5| and |-2.0| over 3
+
+
 def test_importance_sampling_correction_scales_the_step_by_the_weights(tiny_model_dir):
     # rollout log-probs shifted by +0.5 (a rollout that is off by a constant): token_truncate weights every
     # surrogate by exp(-0.5); at the first step (ratio 1, nothing clipped) the gradient scales by exactly that
