@@ -53,3 +53,16 @@ def test_paged_decode_does_not_spill(compiled):
     assert {r["config"]["HAS_MEMBERS"] for r in decode} == {False, True}  # plain and cascade launches
     for r in decode:
         assert r["registers"] and r["spill_bytes"] <= 1024, r
+
+
+@pytest.mark.parametrize("args, code, says", [(["--help"], 0, "usage:"), (["--bogus"], 2, "unrecognized arguments"),
+                                              (["--out"], 2, "expected one argument")])
+def test_report_options_are_parsed(args, code, says):
+    """`python tests/triton_aot.py --help` prints its usage, and a mistyped option is an error: neither starts the
+    minutes-long compile of every launch (an unparsed argv ran it for any option but --out)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")  # a compile started by mistake stops at once, with another message
+    out = subprocess.run([sys.executable, str(Path(__file__).with_name("triton_aot.py")), *args], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == code, out.stderr[-2000:]
+    assert says in out.stdout + out.stderr
+    assert not any(line.startswith("{") for line in out.stdout.splitlines())  # no launch compiled

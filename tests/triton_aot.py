@@ -10,6 +10,7 @@ TRITON_INTERPRET), it prints one JSON line per launch; tests/test_triton_compile
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import os
@@ -171,9 +172,13 @@ def compile_launches() -> list[dict]:
     return rows
 
 
-def main() -> int:
+def main(argv=None) -> int:
     """`python tests/triton_aot.py [--out FILE]`: FILE gets the report with the machine, date and commit."""
-    out = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None
+    parser = argparse.ArgumentParser(description="Compile every Triton launch site for sm_90 and sm_80 (no GPU "
+                                     "needed); prints one JSON line a launch (registers, spills, shared memory).")
+    parser.add_argument("--out", metavar="FILE", default=None,
+                        help="also write the report, with the machine, date and commit, to this JSON file")
+    out = parser.parse_args(argv).out
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("run without TRITON_INTERPRET=1: the interpreter replaces the kernels", file=sys.stderr)
         return 2
