@@ -980,12 +980,14 @@ def parse_args(argv=None) -> TrainConfig:
 
 
 def config_to_dict(config: TrainConfig) -> dict:
-    """The record of a run's options (its config.json, a checkpoint's). A local --model, --dataset, --eval-dataset
-    and a --reward file (path/to/file.py:fn) are recorded as the paths they name, resolved: a relative path read
-    from another working directory (a resume's, `--config runs/x/config.json`'s) would name another one."""
+    """The record of a run's options (its config.json, a checkpoint's). --output, a local --model, --dataset,
+    --eval-dataset and a --reward file (path/to/file.py:fn) are recorded as the paths they name, resolved: a
+    relative path read from another working directory (`--config runs/x/config.json --resume`'s) would name
+    another one."""
     from rpo_engine.hub import is_hub_id
 
     record = dataclasses.asdict(config)
+    record["output"] = str(Path(config.output).resolve())
     if config.model is not None and not is_hub_id(config.model):
         record["model"] = str(Path(config.model).resolve())
     for name in ("dataset", "eval_dataset"):

@@ -237,7 +237,7 @@ def test_the_config_json_of_a_run_started_from_a_yaml_file_is_a_config_file(tmp_
     from rpo_engine.config import config_to_dict
 
     (tmp_path / "run.yaml").write_text("steps: 3\nalgo: dapo\n")
-    run = parse_args(["--config", str(tmp_path / "run.yaml"), "--seed", "2"])
+    run = parse_args(["--config", str(tmp_path / "run.yaml"), "--seed", "2", "--output", str(tmp_path.resolve())])
     record = tmp_path / "config.json"
     record.write_text(json.dumps(config_to_dict(run)))
     again = parse_args(["--config", str(record)])
@@ -497,6 +497,7 @@ def test_run_record_fed_back_resolves_again(tmp_path, run, then):
     from rpo_engine.config import config_to_dict
 
     record = tmp_path / "config.json"
+    run = [*run, "--output", str(tmp_path.resolve() / "run")]  # as recorded: resolved
     record.write_text(json.dumps(config_to_dict(parse_args(run))))
     assert dataclasses.replace(parse_args(["--config", str(record)]), config=None) == parse_args(run)  # as it is
     assert parse_args(["--config", str(record), *then]).algo == parse_args([*run, *then]).algo
@@ -597,7 +598,7 @@ def test_stop_strings_option_reads_a_string_or_a_json_list():
 
 
 def test_a_runs_config_json_names_its_local_files_from_any_working_directory(tmp_path, monkeypatch):
-    """config.json records a relative --dataset, --eval-dataset and --reward file as the paths they name: fed back
+    """config.json records a relative --output, --dataset, --eval-dataset and --reward file as the paths they name: fed back
     as --config from another working directory (README's `--config runs/x/config.json`), the same files. A Hub id,
     an importable module and a built-in reward stay as written."""
     import json
@@ -611,7 +612,8 @@ def test_a_runs_config_json_names_its_local_files_from_any_working_directory(tmp
     monkeypatch.chdir(here)
     recorded = config_to_dict(parse_args([
         "--dataset", "data/train.jsonl", "--eval-dataset", "openai/gsm8k",
-        "--reward", "data/score.py:score, my_rewards:score,format"]))
+        "--reward", "data/score.py:score, my_rewards:score,format", "--output", "runs/x"]))
+    assert recorded["output"] == str(here / "runs" / "x")  # where `--config runs/x/config.json --resume` goes on
     assert recorded["dataset"] == str(here / "data" / "train.jsonl")
     assert recorded["eval_dataset"] == "openai/gsm8k"
     assert recorded["reward"] == f"{here / 'data' / 'score.py'}:score,my_rewards:score,format"
