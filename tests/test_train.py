@@ -1728,6 +1728,21 @@ def test_the_loss_covers_the_suffixes_only_unless_rpo_loss_on_prefix(tiny_model_
     assert stats["grad_norm"] == pytest.approx(want, rel=1e-5)
 
 
+def test_dr_grpo_divides_each_sum_by_max_completion_length(tiny_model_dir):
+    """--loss-type dr_grpo: each sample's token sum over --max-completion-length (not the batch's or a
+    micro-batch's width); at the first step (ratio 1) the loss is -sum_i adv_i * n_i / (L * samples)."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+
+    trainer = build_trainer(parse_args(["--model", str(tiny_model_dir), "--micro-batch-tokens", "60",
+                                        "--loss-type", "dr_grpo", "--max-completion-length", "37"]))
+    groups = random_groups(1, min_len=1)  # (a sample with no token to train counts in no normaliser)
+    pairs = [(a, len(s)) for g in groups for a, s in zip(g.advantages, g.suffix_ids)]
+    stats = trainer.update(groups)
+    assert stats["num_micro_batches"] > 1
+    assert stats["loss"] == pytest.approx(-sum(a * n for a, n in pairs) / (37 * len(pairs)), rel=1e-5)
+
+
 def test_bf16_micro_batches_sum_their_gradients_in_fp32(tiny_model_dir):
     """A bf16 run's micro-batches: the step's gradient norm is that of the fp32 sum of every backward's bf16
     gradient (recorded as autograd hands it over), not of a sum rounded to bf16 at each micro-batch."""
