@@ -521,16 +521,20 @@ def test_uniforms_are_uniform_and_independent_along_a_sample_and_across_samples(
 
 def test_inverse_cdf_draws_like_a_full_fp64_cumsum_and_never_a_zero_weight():
     """The two-level search against one fp64 cumulative sum over the row, with zero-weight tokens and chunks,
-    a vocabulary that is not a multiple of the chunk, and u at 0, just below 1 and on chunk boundaries."""
+    a vocabulary that is not a multiple of the chunk, and u at 0, just below 1 and exactly on token and chunk
+    boundaries."""
     g = torch.Generator().manual_seed(3)
     V = 3 * CHUNK + 37
     weights = torch.rand(6, V, generator=g) ** 8  # some tiny, many near zero
     weights[:, CHUNK:2 * CHUNK] = 0  # a whole empty chunk
     weights[weights < 0.05] = 0
     weights[1, :] = 0
-    weights[1, [5, CHUNK - 1, 3 * CHUNK + 36]] = torch.tensor([1.0, 2.0, 0.5])  # three tokens, one in the tail
+    # four tokens, one in the tail, of total 8: u = k/8 puts u * total exactly on the boundary between two
+    # tokens (1/8), two chunks (4/8) and a chunk and an empty one (3/8), where a draw takes the token below
+    weights[1, [5, CHUNK - 1, 2 * CHUNK + 3, 3 * CHUNK + 36]] = torch.tensor([1.0, 2.0, 1.0, 4.0])
     cdf = weights.double().cumsum(-1)
-    u = torch.cat([torch.tensor([0.0, 1 - 2 ** -53]), torch.rand(198, generator=g, dtype=torch.float64)])
+    u = torch.cat([torch.tensor([0.0, 1 - 2 ** -53, 1 / 8, 3 / 8, 4 / 8]),
+                   torch.rand(195, generator=g, dtype=torch.float64)])
     for row in range(weights.shape[0]):
         w = weights[row].expand(len(u), V).to(DEVICE)
         got = inverse_cdf(w, u.to(DEVICE)).cpu()
