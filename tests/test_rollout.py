@@ -42,6 +42,16 @@ def hf_greedy(hf, prompt, max_new_tokens):
     return out[0, len(prompt):].tolist()
 
 
+def assert_hf_logprobs(hf, prompt, completion, atol=1e-4):
+    """The completion's log-probs (T = 1) are what one transformers forward over prompt + completion gives: a
+    position or logit error that leaves the greedy tokens of a tiny random model alone shows here."""
+    ids = torch.tensor([prompt + completion.token_ids])
+    with torch.no_grad():
+        logits = hf(ids).logits[0, len(prompt) - 1:-1].float()
+    want = torch.log_softmax(logits, -1).gather(1, torch.tensor(completion.token_ids)[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(completion.logprobs), want, atol=atol, rtol=0)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_greedy_matches_transformers(checkpoints, family):
     hf, model = checkpoints[family]
@@ -56,6 +66,7 @@ def test_greedy_matches_transformers(checkpoints, family):
         expected = hf_greedy(hf, prompt, budget)
         for c in samples:
             assert c.token_ids == expected and c.finish_reason == "length" and len(c.logprobs) == budget
+            assert_hf_logprobs(hf, prompt, c)
     stats = engine.last_stats
     assert stats.prefill_tokens == sum(map(len, prompts))  # each prompt prefilled once
     assert stats.forked_tokens == 2 * sum(map(len, prompts))
@@ -77,6 +88,7 @@ def test_greedy_with_scaled_rope_matches_transformers(tmp_path, family, rope):
     outs = RolloutEngine(model, block_size=4).generate(prompts, params)
     for prompt, budget, (completion,) in zip(prompts, budgets, outs):
         assert completion.token_ids == hf_greedy(hf, prompt, budget)
+        assert_hf_logprobs(hf, prompt, completion)
 
 
 def test_scaled_rope_context_is_vllms(tmp_path):
@@ -90,6 +102,7 @@ def test_scaled_rope_context_is_vllms(tmp_path):
     engine = RolloutEngine(model, block_size=4)
     (completion,), = engine.generate([prompt], SamplingParams(max_new_tokens=44, temperature=0, stop_token_ids=[]))
     assert completion.token_ids == hf_greedy(hf, prompt, 44)
+    assert_hf_logprobs(hf, prompt, completion)
     with pytest.raises(ValueError, match=r"exceed the model's context of 64 tokens \(max_position_embeddings, with "
                                          r"its rope_scaling\)"):
         engine.generate([prompt], SamplingParams(max_new_tokens=45))
