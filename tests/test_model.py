@@ -721,6 +721,9 @@ def test_save_names_the_dtype_it_wrote(tmp_path, dtype):
     source = make_hf_model("qwen2").to(torch.float16)
     source.save_pretrained(str(tmp_path / "src"))
     assert json.loads((tmp_path / "src" / "config.json").read_text()).get("dtype") == "float16"
+    # unconverted (no dtype, or transformers' "auto"), a model keeps the dtype its weights are stored in
+    assert rpo_engine.load_model(tmp_path / "src").dtype == rpo_engine.load_model(tmp_path / "src", dtype="auto").dtype \
+        == torch.float16
     rpo_engine.load_model(tmp_path / "src", dtype=dtype).save_pretrained(tmp_path / "out")
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["dtype"] == cfg["torch_dtype"] == dtype
