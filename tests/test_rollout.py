@@ -778,6 +778,8 @@ def test_seeds_reproduce_regardless_of_batch(checkpoints):
     mixed = engine.generate([b, a, c], [SamplingParams(n=2, max_new_tokens=5, seed=1), p,
                                         SamplingParams(n=4, max_new_tokens=9)])[1]
     assert [x.token_ids for x in alone] == [x.token_ids for x in again] == [x.token_ids for x in mixed]
+    for x, y in zip(alone, mixed):  # batched beside other lengths: the same positions and logits
+        torch.testing.assert_close(torch.tensor(y.logprobs), torch.tensor(x.logprobs), atol=1e-5, rtol=0)
     other = engine.generate([a], SamplingParams(n=3, max_new_tokens=8, seed=43, stop_token_ids=[]))[0]
     assert [x.token_ids for x in other] != [x.token_ids for x in alone]
     torch.manual_seed(0)
