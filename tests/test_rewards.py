@@ -115,6 +115,9 @@ def test_math_answer_reward_never_raises_on_garbage(monkeypatch):
     monkeypatch.setattr(answers, "_parse", lambda text, timeout: parsed.append(len(text)) or parse(text, timeout))
     assert math_answer_reward("x" * 200_000 + " \\boxed{7}", "7") == 1.0
     assert parsed and max(parsed) <= answers._MATH_MAX_CHARS + 2
+    parsed.clear()  # a `####` line as long: its tail too
+    assert math_answer_reward("#### " + "x+" * 100_000 + "7", "7") == 0.0
+    assert parsed and max(parsed) <= answers._MATH_MAX_CHARS + 2
 
 
 def test_math_answer_reward_in_a_thread():
