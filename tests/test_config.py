@@ -35,6 +35,27 @@ def test_help_says_grpo_epsilon_high_follows_epsilon():
     assert "--epsilon-high EPSILON_HIGH upper clip range (default: grpo the same as --epsilon, dapo 0.28)" in text
 
 
+@pytest.mark.parametrize("flags,want", [
+    ([], (0.2, 0.2, "seq-mean-token-mean", False)),
+    (["--epsilon", "0.1"], (0.1, 0.1, "seq-mean-token-mean", False)),  # grpo's epsilon_high follows --epsilon
+    (["--algo", "dapo"], (0.2, 0.28, "token-mean", True)),
+    (["--algo", "dapo", "--epsilon-high", "0.3", "--loss-agg", "seq-mean-token-mean", "--no-dynamic-sampling"],
+     (0.2, 0.3, "seq-mean-token-mean", False)),
+    (["--loss-type", "bnpo"], (0.2, 0.2, "token-mean", False)),
+    (["--loss-type", "dapo"], (0.2, 0.2, "token-mean", False)),  # TRL's aggregation only, not --algo dapo
+    (["--loss-type", "dr_grpo"], (0.2, 0.2, "seq-mean-token-sum-norm", False)),
+    (["--loss-type", "luspo"], (0.2, 0.2, "seq-mean-token-sum", False)),
+    (["--loss-type", "sapo"], (0.2, 0.2, "seq-mean-token-mean", False)),
+    (["--loss-type", "vespo"], (0.2, 0.2, "token-mean", False)),
+    (["--loss-type", "cispo", "--epsilon-high", "5"], (0.2, 5.0, "token-mean", False))])
+def test_algo_defaults_resolve_per_algo_and_loss_type(flags, want):
+    """What --algo and --loss-type leave unset resolves as the help and README say: (epsilon, epsilon_high,
+    loss_agg, dynamic_sampling); the loss's upper clip is epsilon_high, CISPO's cap epsilon_high itself."""
+    algo = parse_args(flags).algo
+    assert (algo.epsilon, algo.epsilon_high, algo.loss_agg, algo.dynamic_sampling) == want
+    assert algo.loss_eps_high == (want[1] - 1 if "cispo" in flags else want[1])
+
+
 def test_help_lists_every_option_once_by_section():
     """--help groups the ~100 options by what they set (an option added without a group fails to build the
     parser), each listed once, under a one-line usage."""
@@ -340,6 +361,9 @@ def test_broken_generation_config_names_its_file_once(tmp_path, text, message):
     # a --dataset run evaluates on --eval-dataset only: without it, no eval ran at all
     (["--dataset", "d.jsonl", "--eval-steps", "5"], "--eval-steps does nothing without --eval-dataset"),
     (["--dataset", "d.jsonl", "--eval-size", "64"], "--eval-size does nothing without --eval-dataset"),
+    # TRL's name and ours for one setting, saying two things: neither wins quietly
+    (["--loss-type", "dr_grpo", "--loss-agg", "token-mean"],
+     "--loss-type dr_grpo is --loss-agg seq-mean-token-sum-norm, not token-mean"),
 ])
 def test_option_that_does_nothing_in_this_run(flags, message):
     """A flag the run would ignore is an error naming it (LoRA's without --use-peft: the run quietly trained
@@ -354,6 +378,9 @@ def test_option_that_does_nothing_in_this_run(flags, message):
     ["--lora-r", "16", "--no-use-rslora", "--lora-target-modules", "all-linear"],  # the defaults, repeated
     ["--loss-type", "sapo", "--sapo-temperature-pos", "2", "--epsilon", "0.2"],
     ["--loss-type", "vespo", "--vespo-k-pos", "1"],
+    # the clip bound sapo and vespo have no use for, at the value it resolves to (as a run's record holds it)
+    ["--loss-type", "sapo", "--epsilon-high", "0.2"], ["--algo", "dapo", "--loss-type", "vespo", "--epsilon-high", "0.28"],
+    ["--loss-type", "dr_grpo", "--loss-agg", "seq-mean-token-sum-norm"],
     ["--importance-sampling-correction", "--importance-sampling-mode", "token_mask",
      "--importance-sampling-clip-max", "2"],
     ["--importance-sampling-correction", "--importance-sampling-mode", "token_truncate",

@@ -66,6 +66,7 @@ def test_missing_file_directory_and_extension(tmp_path):
     ('{"prompt": ["p"], "answer": "a"}\n', 1, "prompt message 0 must have a non-empty 'role' and 'content'"),
     ('{"prompt": [{"role": "user", "content": "q"}, {"role": "user"}], "answer": "a"}\n', 1,
      "prompt message 1 must have"),
+    ('{"prompt": [{"role": "user", "content": " \\n"}], "answer": "a"}\n', 1, "prompt message 0 must have"),  # blank
     ('{"prompt": "p", "answer": null}\n', 1, "'answer' must be a string"),
     ('{"prompt": "p", "answer": true}\n', 1, "'answer' must be a string"),
     ('{"prompt": "p", "answer": {"x": 1}}\n', 1, "'answer' must be a string"),

@@ -462,6 +462,35 @@ def test_ddp_buffer_sync_keyword_follows_the_torch_version():
     assert set(expected) <= set(inspect.signature(DistributedDataParallel.__init__).parameters)
 
 
+def test_shares_of_the_ranks_cover_every_item_once_in_order():
+    """Dist.share on any world size, n not a multiple of it too (an eval set's rows, a resample round): contiguous
+    shares in rank order that cover range(n) once, sizes at most one apart."""
+    from rpo_engine.distributed import Dist
+
+    for world_size in (1, 2, 3, 4):
+        for n in range(10):
+            shares = [Dist(rank, world_size, 0, "ddp").share(n) for rank in range(world_size)]
+            assert [i for share in shares for i in share] == list(range(n)), (world_size, n)
+            assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_coalesced_runs_the_collective_on_every_tensor_once_in_place(monkeypatch):
+    """Mixed dtypes and a bucket limit that splits them: each tensor comes back from the collective (here x2 + 1,
+    which a tensor run twice or left out would show), in place, whatever bucket it went in."""
+    from rpo_engine import distributed
+
+    monkeypatch.setattr(distributed, "COALESCED_BUCKET_BYTES", 64)
+    tensors = [torch.arange(n, dtype=dtype).reshape(-1, 1) for n, dtype in
+               [(3, torch.float32), (20, torch.float32), (5, torch.float64), (4, torch.float32), (1, torch.float64)]]
+    want = [t * 2 + 1 for t in tensors]
+    storages = [t.data_ptr() for t in tensors]
+    calls = []
+    distributed.coalesced(lambda flat: calls.append(flat.numel()) or flat.mul_(2).add_(1), tensors)
+    for t, w, ptr in zip(tensors, want, storages):
+        assert t.data_ptr() == ptr and torch.equal(t, w)
+    assert len(calls) > 2 and sum(calls) == sum(t.numel() for t in tensors)
+
+
 def test_dist_timeout_beyond_torch_timers_is_a_one_line_error():
     """gloo's timers overflow far past 1e9 s: --dist-timeout 9e9 hung the job at start, 1e10 failed it, 1e15 was an
     OverflowError traceback; a user meaning "no timeout" gets the bound instead."""

@@ -195,6 +195,28 @@ def test_rollout_reads_the_live_adapters(tmp_path, tiny_model_dir, merge_lora):
     assert [c[0].token_ids for c in got] == [c[0].token_ids for c in base.generate(prompts, greedy)]
 
 
+def test_merged_rollout_weights_follow_the_base_and_the_adapters(tiny_model_dir):
+    """refresh_rollout_weights recomputes a merged copy where W changed in place (a resume's load, a weight sync)
+    or was replaced, or A or B changed, and only there."""
+    from rpo_engine.model.lora import refresh_rollout_weights
+
+    model = apply_lora(rpo_engine.load_model(tiny_model_dir), r=4, target_modules="q_proj,v_proj")
+    randomize_adapters(model)
+    (first, m), (second, other) = list(lora_modules(model).items())[:2]
+    count = len(lora_modules(model))
+    assert refresh_rollout_weights(model) == count and refresh_rollout_weights(model) == 0
+    with torch.no_grad():
+        m.weight.add_(0.5)  # W in place
+    assert refresh_rollout_weights(model) == 1
+    other.weight = torch.nn.Parameter(other.weight.detach() * 2, requires_grad=False)  # W replaced
+    assert refresh_rollout_weights(model) == 1
+    with torch.no_grad():
+        m.lora_A.weight.data.mul_(3)  # A through .data: no version bump
+    assert refresh_rollout_weights(model) == 1
+    for module in lora_modules(model).values():
+        torch.testing.assert_close(module.rollout_weight, module.merged_weight(), rtol=0, atol=0)
+
+
 def test_optimizer_holds_adapter_state_only(tiny_model_dir):
     for dtype in (torch.float32, torch.bfloat16):
         model = apply_lora(rpo_engine.load_model(tiny_model_dir, dtype=dtype), r=2, alpha=4.0, target_modules="q_proj")

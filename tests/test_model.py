@@ -288,6 +288,10 @@ def test_sharded_checkpoint(tmp_path):
     ids = random_ids(hf.config.vocab_size)
     with torch.no_grad():
         assert rel_err(ours(ids), hf(ids).logits) < 1e-5
+    last = sorted(tmp_path.glob("model-*-of-*.safetensors"))[-1]
+    last.unlink()  # a download cut short: the index names the shard that is missing
+    with pytest.raises(UserError, match=f"model.safetensors.index.json: shard {last.name} is missing"):
+        rpo_engine.load_model(tmp_path)
 
 
 def test_gradient_checkpointing_same_grads(tmp_path):
@@ -599,6 +603,26 @@ def test_max_model_len_is_vllms(scaling, expected):
     assert config.max_model_len == expected
 
 
+def test_yarn_factor_null_is_the_context_over_the_original():
+    """YaRN's factor left null (transformers 5's DeepSeek rule): max_position_embeddings over the original context,
+    the frequencies and context the factor written out gives."""
+    import dataclasses
+
+    from rpo_engine.model.config import ModelConfig, rope_frequencies
+
+    def config(factor):
+        return ModelConfig.from_hf_dict(dict(FAMILIES["qwen2"], num_hidden_layers=1, max_position_embeddings=64,
+                                             rope_scaling={"rope_type": "yarn", "factor": factor,
+                                                           "original_max_position_embeddings": 16}))
+
+    null, four = config(None), config(4.0)
+    assert null.max_model_len == four.max_model_len == 64
+    (a, scale_a), (b, scale_b) = rope_frequencies(null), rope_frequencies(four)
+    assert torch.equal(a, b) and scale_a == scale_b > 1
+    # generation_config.json's stop ids after config.json's, each once
+    assert dataclasses.replace(four, eos_token_ids=(2,), generation_eos_token_ids=(5, 2, 5, 7)).stop_token_ids == (2, 5, 7)
+
+
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
 def test_config_defaults_are_transformers(tmp_path, family):
     """Fields a config.json leaves out take transformers' defaults: an untied LM head (Qwen's lm_head.weight
@@ -623,6 +647,48 @@ def test_config_defaults_are_transformers(tmp_path, family):
         rpo_engine.load_model(tmp_path)
     _edit_config(tmp_path, sliding_window=32768)  # a window as long as the context never cuts anything
     assert rpo_engine.load_model(tmp_path).config.num_hidden_layers == 2
+
+
+def test_fields_left_out_take_transformers_defaults_of_their_family(tmp_path):
+    """Llama's max_position_embeddings left out is transformers' 2048 (Qwen's 32768: the context runs are checked
+    against); Qwen3's head_dim left out is 128 (not hidden / heads, as for Llama and Qwen2)."""
+    from transformers import AutoConfig
+
+    from rpo_engine.model.config import ModelConfig
+    from tests.helpers import hf_config
+
+    save_hf_checkpoint("llama", tmp_path)
+    _edit_config(tmp_path, max_position_embeddings=None)
+    want = AutoConfig.from_pretrained(str(tmp_path)).max_position_embeddings
+    assert rpo_engine.load_model(tmp_path).config.max_position_embeddings == want == 2048
+    qwen3 = hf_config("qwen3").to_dict()
+    del qwen3["head_dim"]
+    assert ModelConfig.from_hf_dict(qwen3).head_dim == AutoConfig.for_model(**qwen3).head_dim == 128
+
+
+@pytest.mark.parametrize("family,dropped,added", [
+    ("llama", ("num_key_value_heads", "rms_norm_eps", "head_dim"), {}),
+    ("qwen2", ("rms_norm_eps",), {"attention_bias": True, "mlp_bias": True}),  # Qwen2: q/k/v biases, whatever it says
+    ("qwen3", ("head_dim", "rms_norm_eps"), {"attention_bias": True, "mlp_bias": True})])
+def test_config_builds_the_modules_transformers_builds(family, dropped, added):
+    """From a config.json with fields left out or set that the family ignores, our decoder has the tensors (names
+    and shapes) transformers' model has, and its norms' eps: such a checkpoint loads, and computes the same."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rpo_engine.model.config import ModelConfig
+    from rpo_engine.model.decoder import CausalLM
+    from tests.helpers import hf_config
+
+    hf = hf_config(family).to_dict()
+    for key in dropped:
+        del hf[key]
+    hf.update(added)
+    theirs_config = AutoConfig.for_model(**hf)
+    with torch.device("meta"):
+        theirs, ours = AutoModelForCausalLM.from_config(theirs_config), CausalLM(ModelConfig.from_hf_dict(hf))
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items() if not k.endswith("inv_freq")}
+    assert shapes(ours) == shapes(theirs)
+    assert ours.config.rms_norm_eps == theirs_config.rms_norm_eps
 
 
 def test_rope_parameters_win_over_top_level_rope_theta(tmp_path):
@@ -721,6 +787,9 @@ def test_save_names_the_dtype_it_wrote(tmp_path, dtype):
     source = make_hf_model("qwen2").to(torch.float16)
     source.save_pretrained(str(tmp_path / "src"))
     assert json.loads((tmp_path / "src" / "config.json").read_text()).get("dtype") == "float16"
+    # unconverted (no dtype, or transformers' "auto"), a model keeps the dtype its weights are stored in
+    assert rpo_engine.load_model(tmp_path / "src").dtype == rpo_engine.load_model(tmp_path / "src", dtype="auto").dtype \
+        == torch.float16
     rpo_engine.load_model(tmp_path / "src", dtype=dtype).save_pretrained(tmp_path / "out")
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["dtype"] == cfg["torch_dtype"] == dtype

@@ -25,6 +25,7 @@ def test_exact_answer_reward():
     assert exact_answer_reward(" trace\n#### 8", "7") == 0.0           # wrong
     assert exact_answer_reward("the answer is 7", "7") == 0.0          # missing ####
     assert exact_answer_reward("#### 07", "7") == 0.0                  # exact, not numeric
+    assert exact_answer_reward("#### 7", "17") == 0.0                  # the whole reference, not a part of it
     assert exact_answer_reward("\\boxed{7}", "7") == 0.0
     assert exact_answer_reward("#### 72", "Natalia sold 48+24 = 72 clips.\n#### 72") == 1.0  # GSM8K-style ref
     for g in GARBAGE:
@@ -64,6 +65,9 @@ def test_math_answer_reward_reads_what_models_write():
     for line in ("#### 18 dollars", "#### 18 eggs", "#### **18**", "#### 18 (since 6*3)", "#### 18."):
         assert m(line, "18") == 1.0, line
     assert m("#### 18/5", "18") == 0.0 and m("#### 18 dollars", "19") == 0.0
+    # nor a decimal's integer part; and a line that starts with a number is the answer whatever text follows it
+    assert m("#### 18.5%", "18") == 0.0 and m("#### 1.5/2", "1") == 0.0
+    assert m("#### 18\nThat is 3 more than 15.", "18") == 1.0
     # MATH's escaped dollar is a currency sign, not math mode
     assert m("so \\boxed{\\$1.17}", "\\$1.17") == 1.0 and m("\\boxed{1.17}", "\\$1.17") == 1.0
     assert m("\\boxed{32000}", "\\$32,\\!000") == 1.0 and m("\\boxed{1.18}", "\\$1.17") == 0.0
@@ -111,6 +115,9 @@ def test_math_answer_reward_never_raises_on_garbage(monkeypatch):
     monkeypatch.setattr(answers, "_parse", lambda text, timeout: parsed.append(len(text)) or parse(text, timeout))
     assert math_answer_reward("x" * 200_000 + " \\boxed{7}", "7") == 1.0
     assert parsed and max(parsed) <= answers._MATH_MAX_CHARS + 2
+    parsed.clear()  # a `####` line as long: its tail too
+    assert math_answer_reward("#### " + "x+" * 100_000 + "7", "7") == 0.0
+    assert parsed and max(parsed) <= answers._MATH_MAX_CHARS + 2
 
 
 def test_math_answer_reward_in_a_thread():
@@ -141,6 +148,7 @@ def test_format_reward():
     for text in ("Thus:\n\\[\n\\boxed{18}\n\\]", "$$\n\\boxed{18}\n$$", "**\\boxed{18}**", "\\[ \\boxed{18} \\]"):
         assert format_reward(text) == 1.0, text
     assert format_reward("\\]") == 0.0 and format_reward("\\boxed{7} and more\n$$") == 0.0
+    assert format_reward("\\[ \\boxed{18}\n\\]") == 1.0  # the box's line and the closing line alone
 
 
 def test_rewards_on_task_rows():
@@ -241,8 +249,9 @@ def test_trl_style_reward_is_called_the_way_trl_calls_it(tmp_path, monkeypatch):
     assert isinstance(reward, TRLStyleReward)
     import trl_rewards
 
-    rows = [{"id": "a", "prompt": "1+1=", "answer": "2", "solution": "2"},
-            {"id": "b", "prompt": "2+2=", "answer": "4", "solution": "4"}]
+    # a "completion" column (an SFT dataset's) is left out, as TRL leaves it out
+    rows = [{"id": "a", "prompt": "1+1=", "answer": "2", "solution": "2", "completion": "2"},
+            {"id": "b", "prompt": "2+2=", "answer": "4", "solution": "4", "completion": "4"}]
     assert score_completions(reward, ["it is 2", "it is 5"], rows, [[7, 8], [9]]) == [1.0, 0.0]
     call = trl_rewards.calls[-1]
     # TRL's trainer_state, log_metric and log_extra come too (**kwargs takes them): outside a run, a fresh state
@@ -277,6 +286,13 @@ def test_trl_style_reward_mistakes_are_one_line_errors(tmp_path, monkeypatch):
         msg = str(e.value)
         assert f"bad_trl_rewards:{fn}" in msg and why in msg and "\n" not in msg, msg
     assert "bad_trl_rewards.py:8;" in msg
+    # the trainer's call: the first function decides right answers, so its None is an error; a later one's is NaN
+    from rpo_engine.rewards.answers import score_functions
+    none = load_reward_fn("bad_trl_rewards:none")
+    with pytest.raises(UserError, match="returned None"):
+        score_functions([none, exact_answer_reward], [["x", "y"]], rows[:1])
+    (first,), (extra,) = score_functions([exact_answer_reward, none], [["x", "#### 2"]], rows[:1])
+    assert first == [0.0, 1.0] and all(math.isnan(x) for x in extra)
     # an extra reward's None ("does not apply"): NaN, which the trainer adds as 0 and leaves out of its mean (TRL's)
     scores = score_completions(load_reward_fn("bad_trl_rewards:none"), ["x", "y"], rows, none_as_nan=True)
     assert len(scores) == 2 and all(math.isnan(x) for x in scores)
@@ -596,6 +612,20 @@ def test_math_reward_fast_path_compares_decimals_by_value():
     assert math_answer_reward("#### 1.5", "15") == 0.0
     assert math_answer_reward("#### 3.50", "3.5") == 1.0
     assert math_answer_reward("#### 12.5 dollars", "125") == 0.0
+
+
+def test_math_reward_reads_plain_numbers_without_math_verify(monkeypatch):
+    """Plain numbers (thousands commas, a trailing period, inline math) are compared exactly on the fast path:
+    math-verify's parse is slow and its timeout works in the main thread only."""
+    from rpo_engine.rewards import answers
+
+    parsed = []
+    monkeypatch.setattr(answers, "_parse", lambda text, timeout: parsed.append(text))
+    for completion, reference in (("1234", "1,234"), ("1,234", "1234"), ("42.", "42"), ("42", "42."), ("$42$", "42"),
+                                  ("#### 42", "$42$"), ("#### 1,234 apples", "1234")):
+        assert math_answer_reward(completion, reference) == 1.0, (completion, reference)
+    assert math_answer_reward("#### 41", "$42$") == 0.0
+    assert parsed == []
 
 
 def test_math_reward_reads_after_the_last_think_end():

@@ -42,6 +42,16 @@ def hf_greedy(hf, prompt, max_new_tokens):
     return out[0, len(prompt):].tolist()
 
 
+def assert_hf_logprobs(hf, prompt, completion, atol=1e-4):
+    """The completion's log-probs (T = 1) are what one transformers forward over prompt + completion gives: a
+    position or logit error that leaves the greedy tokens of a tiny random model alone shows here."""
+    ids = torch.tensor([prompt + completion.token_ids])
+    with torch.no_grad():
+        logits = hf(ids).logits[0, len(prompt) - 1:-1].float()
+    want = torch.log_softmax(logits, -1).gather(1, torch.tensor(completion.token_ids)[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(completion.logprobs), want, atol=atol, rtol=0)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
 def test_greedy_matches_transformers(checkpoints, family):
     hf, model = checkpoints[family]
@@ -56,6 +66,7 @@ def test_greedy_matches_transformers(checkpoints, family):
         expected = hf_greedy(hf, prompt, budget)
         for c in samples:
             assert c.token_ids == expected and c.finish_reason == "length" and len(c.logprobs) == budget
+            assert_hf_logprobs(hf, prompt, c)
     stats = engine.last_stats
     assert stats.prefill_tokens == sum(map(len, prompts))  # each prompt prefilled once
     assert stats.forked_tokens == 2 * sum(map(len, prompts))
@@ -77,6 +88,7 @@ def test_greedy_with_scaled_rope_matches_transformers(tmp_path, family, rope):
     outs = RolloutEngine(model, block_size=4).generate(prompts, params)
     for prompt, budget, (completion,) in zip(prompts, budgets, outs):
         assert completion.token_ids == hf_greedy(hf, prompt, budget)
+        assert_hf_logprobs(hf, prompt, completion)
 
 
 def test_scaled_rope_context_is_vllms(tmp_path):
@@ -90,6 +102,7 @@ def test_scaled_rope_context_is_vllms(tmp_path):
     engine = RolloutEngine(model, block_size=4)
     (completion,), = engine.generate([prompt], SamplingParams(max_new_tokens=44, temperature=0, stop_token_ids=[]))
     assert completion.token_ids == hf_greedy(hf, prompt, 44)
+    assert_hf_logprobs(hf, prompt, completion)
     with pytest.raises(ValueError, match=r"exceed the model's context of 64 tokens \(max_position_embeddings, with "
                                          r"its rope_scaling\)"):
         engine.generate([prompt], SamplingParams(max_new_tokens=45))
@@ -521,16 +534,20 @@ def test_uniforms_are_uniform_and_independent_along_a_sample_and_across_samples(
 
 def test_inverse_cdf_draws_like_a_full_fp64_cumsum_and_never_a_zero_weight():
     """The two-level search against one fp64 cumulative sum over the row, with zero-weight tokens and chunks,
-    a vocabulary that is not a multiple of the chunk, and u at 0, just below 1 and on chunk boundaries."""
+    a vocabulary that is not a multiple of the chunk, and u at 0, just below 1 and exactly on token and chunk
+    boundaries."""
     g = torch.Generator().manual_seed(3)
     V = 3 * CHUNK + 37
     weights = torch.rand(6, V, generator=g) ** 8  # some tiny, many near zero
     weights[:, CHUNK:2 * CHUNK] = 0  # a whole empty chunk
     weights[weights < 0.05] = 0
     weights[1, :] = 0
-    weights[1, [5, CHUNK - 1, 3 * CHUNK + 36]] = torch.tensor([1.0, 2.0, 0.5])  # three tokens, one in the tail
+    # four tokens, one in the tail, of total 8: u = k/8 puts u * total exactly on the boundary between two
+    # tokens (1/8), two chunks (4/8) and a chunk and an empty one (3/8), where a draw takes the token below
+    weights[1, [5, CHUNK - 1, 2 * CHUNK + 3, 3 * CHUNK + 36]] = torch.tensor([1.0, 2.0, 1.0, 4.0])
     cdf = weights.double().cumsum(-1)
-    u = torch.cat([torch.tensor([0.0, 1 - 2 ** -53]), torch.rand(198, generator=g, dtype=torch.float64)])
+    u = torch.cat([torch.tensor([0.0, 1 - 2 ** -53, 1 / 8, 3 / 8, 4 / 8]),
+                   torch.rand(195, generator=g, dtype=torch.float64)])
     for row in range(weights.shape[0]):
         w = weights[row].expand(len(u), V).to(DEVICE)
         got = inverse_cdf(w, u.to(DEVICE)).cpu()
@@ -761,6 +778,8 @@ def test_seeds_reproduce_regardless_of_batch(checkpoints):
     mixed = engine.generate([b, a, c], [SamplingParams(n=2, max_new_tokens=5, seed=1), p,
                                         SamplingParams(n=4, max_new_tokens=9)])[1]
     assert [x.token_ids for x in alone] == [x.token_ids for x in again] == [x.token_ids for x in mixed]
+    for x, y in zip(alone, mixed):  # batched beside other lengths: the same positions and logits
+        torch.testing.assert_close(torch.tensor(y.logprobs), torch.tensor(x.logprobs), atol=1e-5, rtol=0)
     other = engine.generate([a], SamplingParams(n=3, max_new_tokens=8, seed=43, stop_token_ids=[]))[0]
     assert [x.token_ids for x in other] != [x.token_ids for x in alone]
     torch.manual_seed(0)

@@ -257,6 +257,15 @@ def test_eval_split_is_one_problem_in_eight():
     assert 0.10 < share < 0.15, share
 
 
+def test_the_built_in_splits_are_the_published_ones():
+    """The problems of the built-in splits are fixed across versions (the README's held-out accuracies are measured
+    on them): a change to the hash, its eval bucket or the draws would silently change every eval number."""
+    assert [r["prompt"] for r in make_split("eval", 4, seed=0)] == [
+        "Q: 55*9\nA:", "Q: 62*72\nA:", "Q: 5445+361\nA:", "Q: 48+7529\nA:"]
+    assert [r["prompt"] for r in make_split("train", 4, seed=0)] == [
+        "Q: 5226+86818\nA:", "Q: 97*2\nA:", "Q: 79*2\nA:", "Q: 73+82142\nA:"]
+
+
 def test_multiplier_digits_follow_their_own_knobs():
     """The multiplier b is drawn from mul_*_digits_b, the multiplicand a from mul_*_digits_a (kills drawing b
     with a's knobs)."""

@@ -1699,6 +1699,50 @@ def random_groups(seed, zero=(), num_groups=6, min_len=0):
     return out
 
 
+@pytest.mark.parametrize("on_prefix", [False, True])
+def test_the_loss_covers_the_suffixes_only_unless_rpo_loss_on_prefix(tiny_model_dir, on_prefix):
+    """RPO's kept path is a cached answer the samples share, not theirs: the step's gradient is that of the loss
+    over the generated suffix tokens (a reference whose loss starts at the end of prompt + kept path), and with
+    --rpo-loss-on-prefix that of the loss over the kept path too (the kept tokens: advantage, ratio 1)."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.kernels import policy_loss
+    from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs
+    from rpo_engine.train import build_trainer
+
+    trainer = build_trainer(parse_args(["--model", str(tiny_model_dir), "--micro-batch-tokens", "60",
+                                        *(["--rpo-loss-on-prefix"] if on_prefix else [])]))
+    groups = random_groups(0, min_len=1)
+    assert all(g.kept_ids for g in groups)
+    batch = [PrefixGroup(g.prompt_ids + g.kept_ids, g.suffix_ids,
+                         len(g.prompt_ids) + (0 if on_prefix else len(g.kept_ids)), advantages=g.advantages)
+             for g in groups]
+    logp, mask = group_logprobs(trainer.model, batch, trainer.config.temperature, shared=False)
+    adv = torch.tensor([a for g in groups for a in g.advantages])
+    algo = trainer.algo
+    loss, _ = policy_loss(logp, logp.detach(), adv, mask, eps_low=algo.epsilon, eps_high=algo.epsilon_high,
+                          loss_agg=algo.loss_agg, backend="torch")
+    grads = torch.autograd.grad(loss, [p for p in trainer.model.parameters() if p.requires_grad])
+    want = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+    stats = trainer.update(groups)
+    assert stats["num_micro_batches"] > 1
+    assert stats["grad_norm"] == pytest.approx(want, rel=1e-5)
+
+
+def test_dr_grpo_divides_each_sum_by_max_completion_length(tiny_model_dir):
+    """--loss-type dr_grpo: each sample's token sum over --max-completion-length (not the batch's or a
+    micro-batch's width); at the first step (ratio 1) the loss is -sum_i adv_i * n_i / (L * samples)."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+
+    trainer = build_trainer(parse_args(["--model", str(tiny_model_dir), "--micro-batch-tokens", "60",
+                                        "--loss-type", "dr_grpo", "--max-completion-length", "37"]))
+    groups = random_groups(1, min_len=1)  # (a sample with no token to train counts in no normaliser)
+    pairs = [(a, len(s)) for g in groups for a, s in zip(g.advantages, g.suffix_ids)]
+    stats = trainer.update(groups)
+    assert stats["num_micro_batches"] > 1
+    assert stats["loss"] == pytest.approx(-sum(a * n for a, n in pairs) / (37 * len(pairs)), rel=1e-5)
+
+
 def test_bf16_micro_batches_sum_their_gradients_in_fp32(tiny_model_dir):
     """A bf16 run's micro-batches: the step's gradient norm is that of the fp32 sum of every backward's bf16
     gradient (recorded as autograd hands it over), not of a sum rounded to bf16 at each micro-batch."""

@@ -105,6 +105,14 @@ def test_from_transformers_peft_fp32_adapters_on_a_bf16_base():
         with model.disable_adapter():  # what leaving the adapters out would cost: far more than rounding
             assert (model(ids).logits.float() - truth).abs().max().item() > 10 * peft_error
     assert ours_error <= 1.5 * peft_error
+    # each projection as PEFT computes it, bit for bit: the fp32 adapter added to the bf16 base in fp32, then rounded
+    from rpo_engine.model.lora import lora_modules
+
+    peft_layers = {name.removeprefix("base_model.model."): m for name, m in model.named_modules() if hasattr(m, "lora_A")}
+    with torch.no_grad():
+        for name, m in lora_modules(ours).items():
+            x = torch.randn(4, m.in_features).to(torch.bfloat16)
+            assert torch.equal(m(x), peft_layers[name](x)), name
 
 
 @pytest.mark.parametrize("lora, words", [
