@@ -399,3 +399,20 @@ def test_random_benchmark_models_match_loaded_ones(tmp_path):
     for ours, theirs in zip(model.model.rotary_emb(positions, torch.bfloat16),
                             loaded.model.rotary_emb(positions, torch.bfloat16)):
         assert torch.equal(ours, theirs)
+
+
+def test_every_cuda_only_test_is_in_the_gpu_suite():
+    """gpu_suite.sh runs `pytest -m gpu`: a test skipped off CUDA without the gpu mark would run nowhere (three such
+    tests were written this way)."""
+    import re
+
+    unmarked = []
+    for path in sorted((BENCHMARKS.parent / "tests").glob("test_*.py")):
+        text = path.read_text()
+        if re.search(r"^pytestmark = .*pytest\.mark\.gpu", text, re.M):
+            continue
+        for decorators, name in re.findall(r"((?:^@.*\n(?:^ .*\n)*)+)def (test_\w+)", text, re.M):
+            skips_off_cuda = re.search(r"skipif\(not [^,]*(ON_CUDA|cuda)", decorators, re.I)
+            if skips_off_cuda and "@pytest.mark.gpu" not in decorators:
+                unmarked.append(f"{path.name}::{name}")
+    assert not unmarked

@@ -388,6 +388,7 @@ def test_targets_are_kept_in_model_order_and_alpha_must_be_finite(tmp_path, tiny
         apply_lora(rpo_engine.load_model(tiny_model_dir), alpha=float("inf"))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not ON_CUDA, reason="device memory: run with RPO_TEST_DEVICE=cuda")
 def test_saving_a_lora_model_merges_one_weight_at_a_time_on_the_gpu(tmp_path):
     """save_pretrained of an adapted model on a GPU moves each merged weight to the host as it is made: the device

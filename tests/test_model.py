@@ -185,6 +185,7 @@ def test_sdpa_repeats_grouped_kv_heads_in_the_query_heads_order():
         assert torch.allclose(a, b)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not ON_CUDA, reason="which SDPA kernel runs: run with RPO_TEST_DEVICE=cuda")
 def test_masked_attention_of_grouped_heads_runs_without_sdpas_math_kernel():
     """A padded batch, a shared-prefix batch (both bf16, GQA 4:2) and a prefill after a prefix-cache hit, each under a
@@ -335,6 +336,7 @@ def test_a_tied_model_built_from_its_config_shares_its_head_and_saves_what_it_ru
 
 # ---- bad input -------------------------------------------------------------------------------
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not ON_CUDA, reason="device memory: run with RPO_TEST_DEVICE=cuda")
 def test_loading_onto_a_gpu_allocates_the_weights_once(tmp_path):
     """load_model puts one copy of the weights on the device, each converted as it arrives: the peak allocation is
