@@ -418,7 +418,7 @@ def check_model_is_no_adapter(model: Path) -> None:
         raise UserError(f"--model {model}: a LoRA adapter, not a model; train from its base model (--use-peft for a "
                         f"new adapter), or from a merged model (a LoRA run's final/)")
     if kind == "beside":
-            raise UserError(f"--model {model}: holds a LoRA adapter ({ADAPTER_CONFIG}) beside the model, which transformers "
+        raise UserError(f"--model {model}: holds a LoRA adapter ({ADAPTER_CONFIG}) beside the model, which transformers "
                         f"applies when it loads the directory and training would leave out; pass a merged model (a "
                         f"LoRA run's final/) or a copy without {ADAPTER_CONFIG}")
 
