@@ -56,7 +56,7 @@ def reward_weights(config) -> list[float]:
     return [float(w) for w in config.reward_weights.split(",")]
 
 
-def stop_strings(value: str | None, flag: str = "--stop") -> list[str] | None:
+def stop_strings(value: str | None) -> list[str] | None:
     """The stop strings an option gives: a JSON list of strings ('["</answer>", "\\n\\n"]') or JSON string
     ('"\\n\\n"'), or any other text as the one string it is ('</answer>'); None for none."""
     if value is None:
@@ -67,14 +67,14 @@ def stop_strings(value: str | None, flag: str = "--stop") -> list[str] | None:
             parsed = json.loads(value)
         except ValueError:  # not JSON after all ('[END]'): the string itself, unless it looks like a list
             if value[:2] in ('["', "['", "[ "):
-                raise UserError(f"{flag} {value!r} is not a JSON list of strings (double quotes, as in "
+                raise UserError(f"--stop {value!r} is not a JSON list of strings (double quotes, as in "
                                 f"'[\"</answer>\", \"\\n\\n\"]')") from None
     if parsed is value and re.search(r"\\[ntr]", value):  # the shell passed a backslash and a letter, not a newline
-        raise UserError(f"{flag} {value!r} holds a backslash escape, which a plain value keeps as two characters; "
+        raise UserError(f"--stop {value!r} holds a backslash escape, which a plain value keeps as two characters; "
                         f"write it as JSON, e.g. '\"\\n\\n\"' or '[\"</answer>\", \"\\n\\n\"]'")
     strings = [parsed] if isinstance(parsed, str) else parsed
     if not isinstance(strings, list) or not strings or not all(isinstance(x, str) and x for x in strings):
-        raise UserError(f"{flag} must be a string or a JSON list of non-empty strings, e.g. '[\"</answer>\"]', "
+        raise UserError(f"--stop must be a string or a JSON list of non-empty strings, e.g. '[\"</answer>\"]', "
                         f"got {value!r}")
     return strings
 
