@@ -1270,9 +1270,9 @@ def right_answers(graded: list[list[tuple[str, float, bool]]]) -> list[int]:
     return [sum(right for _, _, right in samples) for samples in graded]
 
 
-def greedy_correct(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens, eos_ids, progress=False) -> int:
+def greedy_correct(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens, eos_ids) -> int:
     """How many rows' greedy completions earn the full reward."""
-    graded = greedy_graded(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens, eos_ids, progress)
+    graded = greedy_graded(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens, eos_ids)
     return sum(right for _, _, right in graded)
 
 
