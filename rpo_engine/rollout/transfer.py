@@ -16,6 +16,6 @@ def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
-def host_tensor(values, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
+def host_tensor(values, device: torch.device | str) -> torch.Tensor:
     """torch.tensor(values) on `device`, copied without waiting for the device."""
-    return to_device(torch.tensor(values, dtype=dtype), device)
+    return to_device(torch.tensor(values), device)
