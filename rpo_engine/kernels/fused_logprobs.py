@@ -138,6 +138,19 @@ def _triton_interpreted():
     return HAS_TRITON and type(_fwd_kernel).__name__ == "InterpretedFunction"
 
 
+def _resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """"auto" as "triton" or "torch" for tensors like `x`; "triton" refused where it cannot run on them."""
+    if backend == "auto":
+        return "triton" if HAS_TRITON and x.is_cuda else "torch"
+    if backend == "triton":
+        if not HAS_TRITON:
+            raise ValueError("backend='triton' needs the triton package, which does not import here")
+        if not x.is_cuda and not _triton_interpreted():
+            raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is "
+                             "first imported")
+    return backend
+
+
 def _block_sizes(device, dtype):
     """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps). tl.dot needs every block >= 16."""
     if device.type == "cuda":
@@ -353,14 +366,7 @@ def fused_logprobs(hidden, weight, targets, temperature=1.0, backend="auto", ret
     `chunk_numel` bounds the logits that exist at once (default 2^25: 128 MiB in fp32).
     """
     _check_inputs(hidden, weight, targets, temperature, backend)
-    if backend == "auto":
-        backend = "triton" if HAS_TRITON and hidden.is_cuda else "torch"
-    if backend == "triton":
-        if not HAS_TRITON:
-            raise ValueError("backend='triton' needs the triton package, which does not import here")
-        if not hidden.is_cuda and not _triton_interpreted():
-            raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is "
-                             "first imported")
+    backend = _resolve_backend(backend, hidden)
     # an integer: int() would turn 2.5 into 2 silently and fail on "x" with a message that names nothing
     if chunk_numel is not None and (isinstance(chunk_numel, bool) or not isinstance(chunk_numel, numbers.Integral)
                                     or chunk_numel < 1):

@@ -28,7 +28,7 @@ import numbers
 
 import torch
 
-from .fused_logprobs import HAS_TRITON, _triton_interpreted
+from .fused_logprobs import HAS_TRITON, _resolve_backend
 from .reference import (KL_TYPES, LOG_RATIO_CLAMP, LOSS_AGG_MODES, RATIO_LEVELS, SURROGATES, VESPO_PARAMS,
                         _clamp_log_ratio, loss_token_weights, policy_loss_reference, vespo_weights)
 
@@ -327,14 +327,7 @@ def policy_loss(logp, old_logp, advantages, mask, *, ref_logp=None, eps_low=0.2,
     # gradient for them; through torch, an old_logp that requires grad would cancel logp's gradient)
     old_logp, advantages, ref_logp, is_weights, vespo_log_is = (
         None if t is None else t.detach() for t in (old_logp, advantages, ref_logp, is_weights, vespo_log_is))
-    if backend == "auto":
-        backend = "triton" if HAS_TRITON and logp.is_cuda else "torch"
-    if backend == "triton":
-        if not HAS_TRITON:
-            raise ValueError("backend='triton' needs the triton package, which does not import here")
-        if not logp.is_cuda and not _triton_interpreted():
-            raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is "
-                             "first imported")
+    if _resolve_backend(backend, logp) == "triton":
         return _triton_policy_loss(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high, kl_coef,
                                    loss_agg, norm_length, is_weights, delta, ratio_level, surrogate, sapo_temperatures,
                                    kl_ratio_weighted, vespo_params, vespo_log_is, kl_type)
