@@ -600,11 +600,12 @@ def score_functions(functions: list, texts: list[list[str]], rows: list[dict],
 
 
 def score_groups(reward_fn, texts: list[list[str]], rows: list[dict],
-                 completion_ids: list[list[list[int]]] | None = None, none_as_nan: bool = False,
+                 completion_ids: list[list[list[int]]] | None = None,
                  trainer_state=None, log: RewardLog | None = None) -> list[list[float]]:
     """Rewards of several groups of completions, group j's `texts[j]` answering `rows[j]`, by one function
-    (`score_functions`: a TRL-style function or a PooledReward scores every group in one call)."""
-    return score_functions([reward_fn], texts, rows, completion_ids, [none_as_nan], trainer_state, log)[0]
+    (`score_functions`: a TRL-style function or a PooledReward scores every group in one call); its None is
+    an error, as the first function's is."""
+    return score_functions([reward_fn], texts, rows, completion_ids, [False], trainer_state, log)[0]
 
 
 def _split(values: list, sizes: list[int]) -> list[list]:
