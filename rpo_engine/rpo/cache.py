@@ -31,6 +31,7 @@ import random
 from dataclasses import dataclass
 
 from rpo_engine.config import CACHE_POLICIES
+from rpo_engine.rpo.truncation import check_rng
 
 
 @dataclass
@@ -92,6 +93,7 @@ class ExperienceCache:
     def choose(self, rewards: list[float], rng: random.Random) -> int:
         """Index of the completion to keep for a group: the best (ties at random; a NaN reward is never the
         best) with probability epsilon, else a random one. `rewards`: any sequence of numbers (a tensor row too)."""
+        check_rng(rng)
         rewards = [float(r) for r in rewards]  # `not tensor` and `max` over 0-d tensors would fail or mislead
         if not rewards:
             raise ValueError("ExperienceCache.choose: a group of no completions")
