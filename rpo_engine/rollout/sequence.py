@@ -28,8 +28,10 @@ class SamplingParams:
     completion has its logit divided by it where positive and multiplied by it where negative, before the
     temperature, greedy decoding included (rpo_engine/rollout/penalty.py).
 
-    `stop_token_ids=None` stops at the model's eos ids (config.json's and generation_config.json's), `[]`
-    never stops early. `stop` (vLLM's name; transformers' stop_strings): strings whose appearance in the
+    `stop_token_ids=None` stops at the model's eos ids (config.json's and generation_config.json's) and at the
+    engine's tokenizer's eos token (vLLM's eos); a list is the whole set, in their place (vLLM adds its
+    stop_token_ids to the eos: give both here, e.g. list(model.config.stop_token_ids) + [...]); `[]` never stops
+    early (vLLM's ignore_eos=True). `stop` (vLLM's name; transformers' stop_strings): strings whose appearance in the
     decoded text ends the sample at the token that completes one (that token kept, as a stop token is); the
     engine needs the tokenizer for it (`RolloutEngine(..., tokenizer=)`; rollout/stop.py). The text is the
     generated text, as vLLM's, and the prompt's last `stop_prompt_tokens` tokens before it (the trainer
