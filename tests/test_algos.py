@@ -269,6 +269,15 @@ def test_rpo_draws_refuse_an_rng_that_is_not_a_random_random():
     assert cut_cached_path(40, True, random.Random(0), 100).cut in range(1, 11)
 
 
+def test_cache_refuses_a_correct_threshold_that_is_not_a_number():
+    """A threshold read from a config as text ("0.5") failed at the first put with a TypeError naming nothing,
+    and NaN made every path unverified without a word: a ValueError naming correct_threshold at construction."""
+    for bad in ("0.5", None, float("nan"), True):
+        with pytest.raises(ValueError, match="correct_threshold must be a finite number"):
+            ExperienceCache(correct_threshold=bad)
+    assert ExperienceCache(correct_threshold=1).correct_threshold == 1
+
+
 def test_cache_correct_only_keeps_old_path():
     rng = random.Random(0)
     cache = ExperienceCache("correct-only", epsilon=0.0)

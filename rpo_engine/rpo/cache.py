@@ -26,6 +26,7 @@ NaN), stored inside every checkpoint's trainer_state.pt (torch.save, loaded with
 """
 from __future__ import annotations
 
+import math
 import numbers
 import random
 from dataclasses import dataclass
@@ -44,11 +45,18 @@ class CachedPath:
 
 
 class ExperienceCache:
+    """policy: "epsilon-greedy" (the paper's rule, this class's default) or "correct-only" (the trainer's and
+    RPORollout's default, --rpo-cache-policy); correct_threshold: the reward at which an answer counts as right
+    where the caller does not say (`correct`)."""
+
     def __init__(self, policy: str = "epsilon-greedy", epsilon: float = 0.5, correct_threshold: float = 0.5):
         if policy not in CACHE_POLICIES:
             raise ValueError(f"ExperienceCache policy must be one of {CACHE_POLICIES}, got {policy!r}")
         if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) or not 0 <= epsilon <= 1:
             raise ValueError(f"ExperienceCache epsilon must be in [0, 1] (a number), got {epsilon!r}")
+        if (isinstance(correct_threshold, bool) or not isinstance(correct_threshold, numbers.Real)
+                or not math.isfinite(correct_threshold)):  # text would fail at the first put; NaN verifies nothing
+            raise ValueError(f"ExperienceCache correct_threshold must be a finite number, got {correct_threshold!r}")
         self.policy, self.epsilon, self.correct_threshold = policy, epsilon, correct_threshold
         self.paths: dict[str, CachedPath] = {}
         self.saturated: dict[str, int] = {}  # consecutive visits whose G answers were all right
