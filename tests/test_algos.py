@@ -253,6 +253,31 @@ def test_cache_skips_nan_rewards_and_refuses_bad_arguments():
         cache.update("p", [], [], 0, random.Random(0))
 
 
+def test_rpo_draws_refuse_an_rng_that_is_not_a_random_random():
+    """The cut and the cache's choice draw from a random.Random. numpy's RandomState also has randint and random,
+    but its randint excludes the upper bound: a verified path's deepest cut was never drawn, and a path whose
+    bounds met (lower == upper) failed inside numpy; None or a seed failed with an AttributeError. A TypeError
+    naming rng instead."""
+    np = pytest.importorskip("numpy")
+    for rng in (np.random.RandomState(0), None, 0):
+        with pytest.raises(TypeError, match="rng must be a random.Random"):
+            cut_cached_path(40, True, rng, 100)
+        with pytest.raises(TypeError, match="rng must be a random.Random"):
+            sample_truncation(40, rng, 1, 10, 0.25, 16, 100)
+        with pytest.raises(TypeError, match="rng must be a random.Random"):
+            ExperienceCache().update("p", [[1], [2]], [0.0, 1.0], 0, rng)
+    assert cut_cached_path(40, True, random.Random(0), 100).cut in range(1, 11)
+
+
+def test_cache_refuses_a_correct_threshold_that_is_not_a_number():
+    """A threshold read from a config as text ("0.5") failed at the first put with a TypeError naming nothing,
+    and NaN made every path unverified without a word: a ValueError naming correct_threshold at construction."""
+    for bad in ("0.5", None, float("nan"), True):
+        with pytest.raises(ValueError, match="correct_threshold must be a finite number"):
+            ExperienceCache(correct_threshold=bad)
+    assert ExperienceCache(correct_threshold=1).correct_threshold == 1
+
+
 def test_cache_correct_only_keeps_old_path():
     rng = random.Random(0)
     cache = ExperienceCache("correct-only", epsilon=0.0)

@@ -789,6 +789,20 @@ def test_policy_loss_kl_mean_stat_at_both_ratio_levels(backend, level):
     assert stats["kl_mean"].item() == pytest.approx(want, rel=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_policy_loss_mask_values_other_than_0_and_1_are_refused(backend):
+    # The mask is a selection (bool or 0/1, as TRL's completion_mask and verl's response_mask): a soft weight
+    # (0.5) or another library's ignore value (-100) was read as a token weight by the aggregation and as
+    # "selected" by the clip statistics, and the two backends disagreed on ratio_mean. 0/1 in any dtype is fine.
+    logp, old_logp, _, adv, mask = _policy_inputs(3, 5)
+    for bad in (mask.float() * 0.5, torch.where(mask, 1, -100), mask.float().masked_fill(~mask, float("nan"))):
+        with pytest.raises(ValueError, match="mask must be bool or hold only 0 and 1"):
+            policy_loss(logp, old_logp, adv, bad, backend=backend)
+    want = policy_loss(logp, old_logp, adv, mask, backend=backend)[0]
+    for ok in (mask.float(), mask.long(), mask.to(torch.uint8)):
+        assert torch.equal(policy_loss(logp, old_logp, adv, ok, backend=backend)[0], want)
+
+
 def test_policy_loss_rejects_eps_low_of_one():
     # eps_low must be < 1 (the lower clip bound 1 - eps_low > 0), on the boundary too; just under it is fine
     logp, old_logp, _, adv, mask = _policy_inputs(3, 5)

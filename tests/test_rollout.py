@@ -369,6 +369,30 @@ def test_a_progress_bar_that_fails_to_open_queues_nothing_for_the_next_call(chec
     assert [c.token_ids for c in got[0]] == [c.token_ids for c in want[0]]
 
 
+def test_default_stop_includes_the_engines_tokenizer_eos():
+    """With stop_token_ids=None an engine built with a tokenizer also stops at the tokenizer's eos token, as vLLM
+    stops and as the trainer's stop_ids do: a fine-tuned tokenizer's end of turn that config.json does not name
+    (here: a token the model emits greedily) must not run the completion on to its budget."""
+    from rpo_engine.data.starter import tiny_task_model
+
+    model, tok = tiny_task_model(hidden_size=32, seed=0)
+    prompt = tok.encode("12+30=", add_special_tokens=False)
+    free = RolloutEngine(model).generate([prompt], SamplingParams(max_new_tokens=12, temperature=0,
+                                                                  stop_token_ids=[]))[0][0].token_ids
+    end = next(t for t in free if t not in model.config.stop_token_ids)
+    tok = copy.deepcopy(tok)
+    tok.eos_token = tok.convert_ids_to_tokens(end)
+    assert tok.eos_token_id == end and end not in model.config.stop_token_ids
+    got = RolloutEngine(model, tokenizer=tok).generate([prompt], SamplingParams(max_new_tokens=12, temperature=0))[0][0]
+    assert got.token_ids == free[:free.index(end) + 1] and got.finish_reason == "stop"
+    # an explicit list is the whole set; [] never stops; without a tokenizer the model's eos ids alone
+    assert RolloutEngine(model, tokenizer=tok).generate([prompt], SamplingParams(
+        max_new_tokens=12, temperature=0, stop_token_ids=[]))[0][0].token_ids == free
+    assert RolloutEngine(model).generate([prompt], SamplingParams(max_new_tokens=12, temperature=0))[0][0].token_ids \
+        == RolloutEngine(model).generate([prompt], SamplingParams(
+            max_new_tokens=12, temperature=0, stop_token_ids=list(model.config.stop_token_ids)))[0][0].token_ids
+
+
 def test_generation_config_eos_stops_like_transformers(tmp_path):
     """Llama-3-Instruct names its end of turn (<|eot_id|>) only in generation_config.json's eos list: by
     default the engine stops where transformers' generate, which reads that file, stops."""

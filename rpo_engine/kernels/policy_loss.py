@@ -234,6 +234,11 @@ def _check_inputs(logp, old_logp, advantages, mask, ref_logp, eps_low, eps_high,
             raise ValueError(f"{name} must have the shape of logp {shape}, got {tuple(getattr(t, 'shape', ()))}")
         if t.device != logp.device:
             raise ValueError(f"{name} is on {t.device} but logp is on {logp.device}")
+    # a soft weight (0.5) or an ignore value (-100) would weigh tokens in the aggregation while the clip statistics
+    # read it as selected: refused, not silently mixed (a bool mask, the trainer's, needs no check and no sync)
+    if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError(f"mask must be bool or hold only 0 and 1 (False/0: outside the loss), got values "
+                         f"{sorted(set(mask[(mask != 0) & (mask != 1)].flatten().tolist()))[:5]}")
     if not isinstance(advantages, torch.Tensor) or tuple(advantages.shape) != shape[:1]:
         raise ValueError(f"advantages must have shape [B] = {shape[:1]}, got "
                          f"{tuple(getattr(advantages, 'shape', ()))}")

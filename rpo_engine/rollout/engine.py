@@ -242,6 +242,7 @@ class RolloutEngine:
         if any(p.repetition_penalty != 1 for p in params_list):
             self._seen = SeenTokens(self.config.vocab_size, self.runner.device)
         stop_strings = {id(p): StopStrings(p.stop, self.tokenizer) for p in params_list if p.stop}
+        default_stop = self.default_stop_token_ids()
         bar = None
         # Queued inside the try, after the bar opens: a call that fails before its loop (tqdm raises without a
         # stderr) must leave no request queued, or the next call would run it and write it into its own outputs.
@@ -257,7 +258,7 @@ class RolloutEngine:
                     outputs[i] = [with_tokenizer(Completion([], [], "length"), self.tokenizer) for _ in range(p.n)]
                     continue
                 seed = p.seed if p.seed is not None else int(torch.randint(0, 2 ** 62, ()).item())
-                stop = p.stop_token_ids if p.stop_token_ids is not None else self.config.stop_token_ids
+                stop = p.stop_token_ids if p.stop_token_ids is not None else default_stop
                 key, strings = request_key(seed, prompt), stop_strings.get(id(p))
                 if self.enable_prefix_sharing:
                     # more samples than a decode batch holds: the request goes in as several, each forking at
@@ -294,6 +295,16 @@ class RolloutEngine:
                 bar.close()
         self.last_stats = self.stats.delta(before, self._call_peak)
         return outputs
+
+    def default_stop_token_ids(self) -> tuple[int, ...]:
+        """Where `stop_token_ids=None` stops: the model's eos ids (config.json's, generation_config.json's) and the
+        tokenizer's eos token, as vLLM stops (and the trainer's stop_ids): a fine-tuned tokenizer's end of turn that
+        config.json does not name would otherwise run every completion to its budget."""
+        ids = tuple(self.config.stop_token_ids)
+        eos = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None
+        if isinstance(eos, int) and 0 <= eos < self.config.vocab_size and eos not in ids:
+            ids += (eos,)
+        return ids
 
     def step(self) -> list[Sequence]:
         """One forward for the scheduled batch; returns the sequences that finished (with async

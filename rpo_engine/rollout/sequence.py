@@ -23,14 +23,20 @@ MIN_TEMPERATURE = 1e-5  # the smallest sampling temperature short of greedy (vLL
 @dataclass
 class SamplingParams:
     """How to sample. `top_k` 0 or -1, `top_p` 1.0 and `min_p` 0 are off; `temperature` 0 is greedy.
+    `max_new_tokens` is vLLM's max_tokens (a completion's budget; prompt + budget must fit the model's context).
+    Not taken (a TypeError, not ignored): vLLM's presence/frequency penalties, `logprobs` (every completion carries
+    its sampled tokens' log-probs, see Completion), `ignore_eos` (`stop_token_ids=[]`).
     `min_p` (vLLM's and TRL's): drop tokens less likely than min_p times the most likely one.
     `repetition_penalty` (transformers', vLLM's and TRL's; 1: off): a token already in the prompt or the
     completion has its logit divided by it where positive and multiplied by it where negative, before the
     temperature, greedy decoding included (rpo_engine/rollout/penalty.py).
 
-    `stop_token_ids=None` stops at the model's eos ids (config.json's and generation_config.json's), `[]`
-    never stops early. `stop` (vLLM's name; transformers' stop_strings): strings whose appearance in the
-    decoded text ends the sample at the token that completes one (that token kept, as a stop token is); the
+    `stop_token_ids=None` stops at the model's eos ids (config.json's and generation_config.json's) and at the
+    engine's tokenizer's eos token (vLLM's eos); a list is the whole set, in their place (vLLM adds its
+    stop_token_ids to the eos: give both here, e.g. list(model.config.stop_token_ids) + [...]); `[]` never stops
+    early (vLLM's ignore_eos=True). `stop` (vLLM's name; transformers' stop_strings): strings whose appearance in the
+    decoded text ends the sample at the token that completes one (that token kept, as a stop token is, so
+    `Completion.text` holds the string: vLLM's include_stop_str_in_output=True, where vLLM's default cuts it); the
     engine needs the tokenizer for it (`RolloutEngine(..., tokenizer=)`; rollout/stop.py). The text is the
     generated text, as vLLM's, and the prompt's last `stop_prompt_tokens` tokens before it (the trainer
     counts an RPO kept path, which is part of the answer; transformers counts the whole prompt: give its

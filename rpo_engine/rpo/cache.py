@@ -26,11 +26,13 @@ NaN), stored inside every checkpoint's trainer_state.pt (torch.save, loaded with
 """
 from __future__ import annotations
 
+import math
 import numbers
 import random
 from dataclasses import dataclass
 
 from rpo_engine.config import CACHE_POLICIES
+from rpo_engine.rpo.truncation import check_rng
 
 
 @dataclass
@@ -43,11 +45,18 @@ class CachedPath:
 
 
 class ExperienceCache:
+    """policy: "epsilon-greedy" (the paper's rule, this class's default) or "correct-only" (the trainer's and
+    RPORollout's default, --rpo-cache-policy); correct_threshold: the reward at which an answer counts as right
+    where the caller does not say (`correct`)."""
+
     def __init__(self, policy: str = "epsilon-greedy", epsilon: float = 0.5, correct_threshold: float = 0.5):
         if policy not in CACHE_POLICIES:
             raise ValueError(f"ExperienceCache policy must be one of {CACHE_POLICIES}, got {policy!r}")
         if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real) or not 0 <= epsilon <= 1:
             raise ValueError(f"ExperienceCache epsilon must be in [0, 1] (a number), got {epsilon!r}")
+        if (isinstance(correct_threshold, bool) or not isinstance(correct_threshold, numbers.Real)
+                or not math.isfinite(correct_threshold)):  # text would fail at the first put; NaN verifies nothing
+            raise ValueError(f"ExperienceCache correct_threshold must be a finite number, got {correct_threshold!r}")
         self.policy, self.epsilon, self.correct_threshold = policy, epsilon, correct_threshold
         self.paths: dict[str, CachedPath] = {}
         self.saturated: dict[str, int] = {}  # consecutive visits whose G answers were all right
@@ -92,6 +101,7 @@ class ExperienceCache:
     def choose(self, rewards: list[float], rng: random.Random) -> int:
         """Index of the completion to keep for a group: the best (ties at random; a NaN reward is never the
         best) with probability epsilon, else a random one. `rewards`: any sequence of numbers (a tensor row too)."""
+        check_rng(rng)
         rewards = [float(r) for r in rewards]  # `not tensor` and `max` over 0-d tensors would fail or mislead
         if not rewards:
             raise ValueError("ExperienceCache.choose: a group of no completions")

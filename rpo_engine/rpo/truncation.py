@@ -24,6 +24,13 @@ class Truncation:
     budget: int  # max_new_tokens for the suffixes
 
 
+def check_rng(rng) -> None:
+    """The draws need a random.Random: numpy's RandomState has randint and random too, but its randint leaves out
+    the upper bound (the deepest cut never drawn) and fails where the bounds meet."""
+    if not isinstance(rng, random.Random):
+        raise TypeError(f"rng must be a random.Random (e.g. random.Random(seed)), got {type(rng).__name__}")
+
+
 def cut_bounds(path_len: int, min_cut: int, max_cut: int, max_cut_fraction: float) -> tuple[int, int]:
     """The fewest and most tokens a path of `path_len` tokens may lose (0, 0 for an empty path)."""
     upper = min(max_cut, max(min_cut, int(path_len * max_cut_fraction)), path_len)
@@ -44,6 +51,7 @@ def truncation_at(path_len: int, cut: int, extra_budget: int, max_answer_length:
 def sample_truncation(path_len: int, rng: random.Random, min_cut: int, max_cut: int, max_cut_fraction: float,
                       extra_budget: int, max_answer_length: int) -> Truncation:
     """A cut drawn uniformly within the bounds for a path of `path_len` tokens."""
+    check_rng(rng)
     lower, upper = cut_bounds(path_len, min_cut, max_cut, max_cut_fraction)
     cut = rng.randint(lower, upper) if upper > 0 else 0
     return truncation_at(path_len, cut, extra_budget, max_answer_length)
@@ -75,6 +83,7 @@ def cut_cached_path(path_len: int, verified: bool, rng: random.Random, max_answe
     "full" whole, with a full completion's budget. A verified path whose last `saturated` visits all came
     back right has both its bounds multiplied by `rpo_saturated_cut_growth` that many times (the fraction
     up to 1)."""
+    check_rng(rng)
     rpo = rpo or RPOConfig()
     if verified:
         # growth ** saturated, kept finite for a prompt saturated thousands of times (the bounds cap it anyway)
