@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import signal
+import socket
 import sys
 import threading
 import zipfile
@@ -180,6 +181,39 @@ def check_output_dir(output: Path, option: str | None = None) -> None:
         raise UserError(f"{existing}: is a file, not a directory ({option})")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{existing}: not writable ({option})")
+
+
+def lock_output(output: Path):
+    """Hold an exclusive lock on --output (flock on OUTPUT/.rpo_engine.lock) for the life of this process, released
+    however it ends: two runs writing one directory at once (a requeued job started while the first still runs)
+    truncated and interleaved each other's metrics.jsonl, set each other's checkpoints aside, and both exited 0.
+    -> the open lock file, to keep open; None where the filesystem takes no locks (then unlocked, as before)."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system
+        return None
+    path = output / ".rpo_engine.lock"
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        held = open(path, "a+")
+    except OSError as e:
+        raise UserError(f"{e.filename or path}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        held.seek(0)
+        holder = held.read().strip()
+        held.close()
+        raise UserError(f"{output}: another run is writing it{f' ({holder})' if holder else ''}; wait for it to end "
+                        f"or pass another --output") from None
+    except OSError:  # a filesystem without locks
+        held.close()
+        return None
+    held.seek(0)
+    held.truncate()
+    held.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    held.flush()
+    return held
 
 
 # what a run writes at the top of --output: finding one of them without metrics.jsonl means the directory is
@@ -542,6 +576,9 @@ def train(config: TrainConfig, dist: Dist) -> int:
             print(f"--resume: {checkpoint} is at --steps {config.steps}: nothing left to train; writing final/ from it")
     if len(set(dist.gather(str(checkpoint)))) > 1:  # also: every rank has looked before rank 0 writes
         raise UserError(f"{output}: the ranks see different checkpoints; --output must be on a filesystem every node shares")
+    # after the checks above (a directory they refuse, a model's, gets no lock file), before anything is written or
+    # loaded; kept until train returns
+    lock = lock_output(output) if main_rank else None  # noqa: F841
 
     hub_repo = None
     if config.push_to_hub and main_rank:  # before the training: a missing token or network fails now, not in hours

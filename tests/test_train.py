@@ -3225,3 +3225,27 @@ def test_max_num_seqs_changes_how_the_rollout_is_batched_not_what_it_samples(tmp
     for a, b in zip(*runs):
         for key in ("reward_mean", "rollout_generated_tokens", "loss", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+
+
+def test_a_second_run_on_an_output_another_run_is_writing_is_refused(tmp_path, tiny_model_dir):
+    """Two runs writing one --output at once (a requeued job started while the first still runs) truncated and
+    interleaved each other's metrics.jsonl, set each other's checkpoints aside, and both exited 0. The running
+    one holds a lock on the directory; the second is a one-line error and changes nothing."""
+    import fcntl
+
+    out, starting = tmp_path / "run", tmp_path / "starting"
+    common = ["--model", tiny_model_dir, "--eval-steps", 0, "--train-size", 3, *SMALL]
+    run_train(*common, "--steps", 1, "--output", out)
+    starting.mkdir()  # a run in its step-0 eval: a plain rerun would take it for one stopped there and start again
+    (starting / "metrics.jsonl").write_text('{"step": 0, "eval_accuracy": 0.5}\n')
+    for directory, extra in ((out, ["--resume", "--steps", 2]), (starting, ["--steps", 1])):
+        files = lambda: {p.relative_to(directory): p.read_bytes() for p in directory.rglob("*")  # noqa: E731
+                         if p.is_file() and p.name != ".rpo_engine.lock"}
+        before = files()
+        with open(directory / ".rpo_engine.lock", "a") as held:  # as the first run holds it while it trains
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            proc = run_train(*common, *extra, "--output", directory, check=False)
+            assert_user_error(proc, f"{directory}: another run is writing it")
+            assert files() == before
+    run_train(*common, "--resume", "--steps", 2, "--output", out)  # the lock goes with the process that held it
+    assert [m["step"] for m in read_metrics(out)] == [1, 2]
