@@ -3249,3 +3249,31 @@ def test_a_second_run_on_an_output_another_run_is_writing_is_refused(tmp_path, t
             assert files() == before
     run_train(*common, "--resume", "--steps", 2, "--output", out)  # the lock goes with the process that held it
     assert [m["step"] for m in read_metrics(out)] == [1, 2]
+
+
+def test_a_save_the_disk_refuses_is_one_line_and_keeps_the_earlier_checkpoint(tmp_path, tiny_model_dir):
+    """A full disk (here the file-size limit, which fails a write as ENOSPC does, with EFBIG) while a checkpoint or
+    final/ is written: a line naming the directory and the system's reason, not torch's "unexpected pos 51136 vs
+    51024" traceback; no half-written save left taking the space, the earlier checkpoint as it was."""
+    import resource
+    import signal
+
+    def limited(size):
+        def preexec():
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing
+            resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+        return preexec
+
+    out = tmp_path / "run"
+    common = ["--model", tiny_model_dir, "--eval-steps", 0, "--train-size", 3, "--output", out, *SMALL]
+    run_train(*common, "--steps", 1)
+    step1 = {p.relative_to(out): p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
+    shutil.rmtree(out / "final")
+    for steps, size, written in ((2, 150_000, "checkpoints/step-2"), (1, 50_000, "final")):
+        proc = subprocess.run([sys.executable, "-m", "rpo_engine.train", "--no-progress", *map(str, common), "--steps",
+                               str(steps), "--resume"], capture_output=True, text=True, timeout=600, cwd=REPO,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=limited(size))
+        assert_user_error(proc, f"{out / written}: ", "File too large")
+        assert {p.relative_to(out): p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()} == step1
+        assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["checkpoints"]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-1"]
