@@ -27,7 +27,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from rpo_engine.config import TrainConfig, config_to_dict, parse_args, reward_names
 from rpo_engine.distributed import Dist, RankErrorHandler, check_divisible, leave_process, write_torchrun_error
-from rpo_engine.errors import UserError, run_cli
+from rpo_engine.errors import UserError, refusals_named, run_cli
 from rpo_engine.reporting import Reporter, report_targets
 
 
@@ -439,8 +439,15 @@ def write_plot(metrics: list[dict], path: Path, title: str, eval_title: str = "g
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # steps, not 1.25
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    # written beside it and renamed over it: a full disk leaves the plot before, not half of a new one
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with refusals_named(path):
+            fig.savefig(tmp, dpi=100, format=path.suffix[1:] or "png")
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(fig)
 
 
 def check_model_is_no_adapter(model: Path) -> None:
@@ -616,24 +623,28 @@ def train(config: TrainConfig, dist: Dist) -> int:
         remove_save_leftovers(output)
         # the log before config.json: a run killed between the two (TensorBoard's import takes seconds) must leave
         # a run's directory, which a rerun starts again, not a config.json that reads as another program's
-        log = open(metrics_path, "a" if checkpoint is not None else "w")  # "w": a run started again
+        with refusals_named(metrics_path):
+            log = open(metrics_path, "a" if checkpoint is not None else "w")  # "w": a run started again
         if checkpoint is not None:
             warn_changed_options(output / "config.json", config)
-        (output / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+        with refusals_named(output / "config.json"):
+            (output / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
         reporter = Reporter(report_targets(config.report_to), output, config_to_dict(config),
                             resumed_at=trainer.step_num if checkpoint is not None else None)
         # also without --log-completions now: its records past the checkpoint describe steps this run undoes
         truncate_log(output / "completions.jsonl", trainer.step_num)
         if config.log_completions:
-            completions_log = open(output / "completions.jsonl", "a")
+            with refusals_named(output / "completions.jsonl"):
+                completions_log = open(output / "completions.jsonl", "a")
     if trainer.step_num == 0 and config.eval_steps and trainer.eval_rows:
         if main_rank:  # before the training bar: what the wait is for
             print(f"step 0: evaluating the starting model on {len(trainer.eval_rows)} prompts", flush=True)
         first_eval = {"step": 0, **trainer.evaluate_metrics()}
         records.append(plotted(first_eval))
         if main_rank:
-            log.write(json.dumps(first_eval) + "\n")
-            log.flush()
+            with refusals_named(metrics_path):
+                log.write(json.dumps(first_eval) + "\n")
+                log.flush()
             reporter.log(first_eval)
             pass_at_k = (f", pass@{config.num_generations_eval} {first_eval['eval_pass_at_k']:.3f}"
                          if "eval_pass_at_k" in first_eval else "")
@@ -656,12 +667,14 @@ def train(config: TrainConfig, dist: Dist) -> int:
                 m.update(trainer.evaluate_metrics())
             if main_rank:
                 records.append(plotted(m))
-                log.write(json.dumps(m) + "\n")
-                log.flush()
+                with refusals_named(metrics_path):
+                    log.write(json.dumps(m) + "\n")
+                    log.flush()
                 reporter.log(m)
                 if completions_log is not None:
-                    completions_log.writelines(json.dumps(r) + "\n" for r in trainer.completions)
-                    completions_log.flush()
+                    with refusals_named(output / "completions.jsonl"):
+                        completions_log.writelines(json.dumps(r) + "\n" for r in trainer.completions)
+                        completions_log.flush()
                     reporter.log_completions(step, trainer.completions)
                 generated += m["rollout_generated_tokens"]
                 seconds += m["step_time_s"]

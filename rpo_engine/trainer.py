@@ -37,7 +37,7 @@ import torch
 from rpo_engine.algos.grpo import decoupled_rewards, group_advantages, informative_groups
 from rpo_engine.config import TrainConfig, config_to_dict, reward_weights, stop_strings, warmup_length
 from rpo_engine.distributed import Dist, consolidated_optimizer_state, full_tensor, load_consolidated_optimizer_state
-from rpo_engine.errors import UserError, refused_write
+from rpo_engine.errors import UserError, refusals_named
 from rpo_engine.kernels import policy_loss
 from rpo_engine.model.lora import adapters_disabled, lora_settings, save_adapter
 from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, plan_micro_batches
@@ -1092,19 +1092,6 @@ class Trainer:
         if directory.exists():  # one left incomplete (a save cut short), which a resume from an earlier one redoes
             shutil.rmtree(directory)
         tmp.rename(directory)
-
-
-@contextlib.contextmanager
-def refusals_named(path: Path):
-    """The operating system refusing a write under `path` (a full disk, a quota): a one-line UserError naming
-    `path` and the system's reason, not a traceback in torch's or safetensors' words."""
-    try:
-        yield
-    except Exception as e:
-        refused = refused_write(e)
-        if refused is None:
-            raise
-        raise UserError(f"{path}: could not be written ({refused.strerror or refused})") from None
 
 
 def stop_ids(model, tokenizer) -> list[int]:

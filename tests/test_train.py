@@ -3277,3 +3277,48 @@ def test_a_save_the_disk_refuses_is_one_line_and_keeps_the_earlier_checkpoint(tm
         assert {p.relative_to(out): p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()} == step1
         assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["checkpoints"]
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-1"]
+
+
+def test_a_log_or_plot_write_the_disk_refuses_is_one_line_and_keeps_the_good_file(tmp_path, tiny_model_dir,
+                                                                                 monkeypatch, capsys):
+    """A full disk while the run writes metrics.jsonl or curves.png: a line naming the file and the system's reason,
+    not a traceback; curves.png is replaced whole, so a failed redraw leaves the one before."""
+    import errno
+
+    import matplotlib.figure
+
+    from rpo_engine import train
+    from rpo_engine.errors import run_cli
+
+    out = tmp_path / "run"
+    common = ["--model", str(tiny_model_dir), "--eval-steps", "0", "--train-size", "3", "--output", str(out),
+              "--no-progress", *map(str, SMALL)]
+    assert run_cli(train.main, [*common, "--steps", "1"]) == 0
+    plot = (out / "curves.png").read_bytes()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def half_written(fig, path, **kwargs):
+        Path(path).write_bytes(b"\x89PNG half")
+        full()
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half_written)
+    capsys.readouterr()
+    assert run_cli(train.main, [*common, "--steps", "2", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {out / 'curves.png'}: could not be written (No space left on device)", err
+    assert (out / "curves.png").read_bytes() == plot and not list(out.glob(".curves*"))
+
+    real_open = open
+
+    def open_full_log(path, *args, **kwargs):
+        f = real_open(path, *args, **kwargs)
+        if Path(path).name == "metrics.jsonl":
+            monkeypatch.setattr(f, "write", full, raising=False)
+        return f
+
+    monkeypatch.setattr(train, "open", open_full_log, raising=False)
+    assert run_cli(train.main, [*common, "--steps", "3", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {out / 'metrics.jsonl'}: could not be written (No space left on device)", err
