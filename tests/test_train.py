@@ -3322,3 +3322,24 @@ def test_a_log_or_plot_write_the_disk_refuses_is_one_line_and_keeps_the_good_fil
     assert run_cli(train.main, [*common, "--steps", "3", "--resume"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: {out / 'metrics.jsonl'}: could not be written (No space left on device)", err
+
+
+def test_eval_output_the_disk_refuses_leaves_no_partial_file(tmp_path, tiny_model_dir):
+    """A full disk (here the file-size limit, which fails a write as ENOSPC does) while eval writes --output: one line
+    naming it, and no half-written file left, which a rerun would refuse as "already exists"."""
+    import resource
+    import signal
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "Q: 1+1\\nA:", "answer": "2"}\n{"prompt": "Q: 2+2\\nA:", "answer": "4"}\n')
+    preds = tmp_path / "preds.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "rpo_engine.eval", "--model", str(tiny_model_dir), "--dataset",
+                           str(data), "--max-completion-length", "8", "--no-progress", "--output", str(preds)],
+                          capture_output=True, text=True, cwd=REPO, preexec_fn=limited,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert_user_error(proc, f"{preds}: cannot write (File too large)")
+    assert not preds.exists()
