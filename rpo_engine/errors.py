@@ -3,11 +3,39 @@
 Raised anywhere in the package; the command-line entry points catch `UserError`, print its one-line
 message and exit with code 2, so a user mistake never shows a traceback.
 """
+import contextlib
+import re
 import sys
 
 
 class UserError(Exception):
     """A mistake in what the user gave us (not a bug). The message names the file/option and what was expected."""
+
+
+def refused_write(e: BaseException) -> OSError | None:
+    """The operating system's refusal behind a failed write (a full disk, a quota, a file-size limit, a read-only
+    filesystem): `e` itself, the OSError that torch.save's RuntimeError ("unexpected pos 51136 vs 51024") hides as
+    its context when it writes to a Python file object, or the one safetensors names in its message ("I/O error:
+    No space left on device (os error 28)"); None for any other error."""
+    if isinstance(e, OSError):
+        return e
+    if isinstance(e, RuntimeError) and isinstance(e.__context__, OSError):
+        return e.__context__
+    found = re.search(r"I/O error: (.*) \(os error (\d+)\)", str(e)) if type(e).__name__ == "SafetensorError" else None
+    return OSError(int(found[2]), found[1]) if found else None
+
+
+@contextlib.contextmanager
+def refusals_named(path):
+    """The operating system refusing a write under `path` (a full disk, a quota): a one-line UserError naming
+    `path` and the system's reason, not a traceback in torch's or safetensors' words."""
+    try:
+        yield
+    except Exception as e:
+        refused = refused_write(e)
+        if refused is None:
+            raise
+        raise UserError(f"{path}: could not be written ({refused.strerror or refused})") from None
 
 
 def run_cli(main_fn, argv=None) -> int:

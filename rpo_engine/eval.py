@@ -190,10 +190,14 @@ def main(argv=None) -> int:
                               correct=[c for _, _, c in samples])
             add_columns(record, log.columns.get(j, {}), 0 if args.num_samples == 1 else None)
             records.append(record)
+        created = False
         try:
             with open(output, "x") as f:
+                created = True
                 f.writelines(json.dumps(record) + "\n" for record in records)
         except OSError as e:
+            if created:  # half of it (a full disk) would be refused by the rerun as "already exists"
+                output.unlink(missing_ok=True)
             raise UserError(f"{output}: cannot write ({e.strerror or e})") from None
     source = args.dataset or "built-in eval split"
     rights = right_answers(graded)

@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import signal
+import socket
 import sys
 import threading
 import zipfile
@@ -26,7 +27,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from rpo_engine.config import TrainConfig, config_to_dict, parse_args, reward_names
 from rpo_engine.distributed import Dist, RankErrorHandler, check_divisible, leave_process, write_torchrun_error
-from rpo_engine.errors import UserError, run_cli
+from rpo_engine.errors import UserError, refusals_named, run_cli
 from rpo_engine.reporting import Reporter, report_targets
 
 
@@ -180,6 +181,39 @@ def check_output_dir(output: Path, option: str | None = None) -> None:
         raise UserError(f"{existing}: is a file, not a directory ({option})")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{existing}: not writable ({option})")
+
+
+def lock_output(output: Path):
+    """Hold an exclusive lock on --output (flock on OUTPUT/.rpo_engine.lock) for the life of this process, released
+    however it ends: two runs writing one directory at once (a requeued job started while the first still runs)
+    truncated and interleaved each other's metrics.jsonl, set each other's checkpoints aside, and both exited 0.
+    -> the open lock file, to keep open; None where the filesystem takes no locks (then unlocked, as before)."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system
+        return None
+    path = output / ".rpo_engine.lock"
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        held = open(path, "a+")
+    except OSError as e:
+        raise UserError(f"{e.filename or path}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        held.seek(0)
+        holder = held.read().strip()
+        held.close()
+        raise UserError(f"{output}: another run is writing it{f' ({holder})' if holder else ''}; wait for it to end "
+                        f"or pass another --output") from None
+    except OSError:  # a filesystem without locks
+        held.close()
+        return None
+    held.seek(0)
+    held.truncate()
+    held.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    held.flush()
+    return held
 
 
 # what a run writes at the top of --output: finding one of them without metrics.jsonl means the directory is
@@ -405,8 +439,15 @@ def write_plot(metrics: list[dict], path: Path, title: str, eval_title: str = "g
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # steps, not 1.25
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    # written beside it and renamed over it: a full disk leaves the plot before, not half of a new one
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with refusals_named(path):
+            fig.savefig(tmp, dpi=100, format=path.suffix[1:] or "png")
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(fig)
 
 
 def check_model_is_no_adapter(model: Path) -> None:
@@ -542,6 +583,9 @@ def train(config: TrainConfig, dist: Dist) -> int:
             print(f"--resume: {checkpoint} is at --steps {config.steps}: nothing left to train; writing final/ from it")
     if len(set(dist.gather(str(checkpoint)))) > 1:  # also: every rank has looked before rank 0 writes
         raise UserError(f"{output}: the ranks see different checkpoints; --output must be on a filesystem every node shares")
+    # after the checks above (a directory they refuse, a model's, gets no lock file), before anything is written or
+    # loaded; kept until train returns
+    lock = lock_output(output) if main_rank else None  # noqa: F841
 
     hub_repo = None
     if config.push_to_hub and main_rank:  # before the training: a missing token or network fails now, not in hours
@@ -579,24 +623,28 @@ def train(config: TrainConfig, dist: Dist) -> int:
         remove_save_leftovers(output)
         # the log before config.json: a run killed between the two (TensorBoard's import takes seconds) must leave
         # a run's directory, which a rerun starts again, not a config.json that reads as another program's
-        log = open(metrics_path, "a" if checkpoint is not None else "w")  # "w": a run started again
+        with refusals_named(metrics_path):
+            log = open(metrics_path, "a" if checkpoint is not None else "w")  # "w": a run started again
         if checkpoint is not None:
             warn_changed_options(output / "config.json", config)
-        (output / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+        with refusals_named(output / "config.json"):
+            (output / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
         reporter = Reporter(report_targets(config.report_to), output, config_to_dict(config),
                             resumed_at=trainer.step_num if checkpoint is not None else None)
         # also without --log-completions now: its records past the checkpoint describe steps this run undoes
         truncate_log(output / "completions.jsonl", trainer.step_num)
         if config.log_completions:
-            completions_log = open(output / "completions.jsonl", "a")
+            with refusals_named(output / "completions.jsonl"):
+                completions_log = open(output / "completions.jsonl", "a")
     if trainer.step_num == 0 and config.eval_steps and trainer.eval_rows:
         if main_rank:  # before the training bar: what the wait is for
             print(f"step 0: evaluating the starting model on {len(trainer.eval_rows)} prompts", flush=True)
         first_eval = {"step": 0, **trainer.evaluate_metrics()}
         records.append(plotted(first_eval))
         if main_rank:
-            log.write(json.dumps(first_eval) + "\n")
-            log.flush()
+            with refusals_named(metrics_path):
+                log.write(json.dumps(first_eval) + "\n")
+                log.flush()
             reporter.log(first_eval)
             pass_at_k = (f", pass@{config.num_generations_eval} {first_eval['eval_pass_at_k']:.3f}"
                          if "eval_pass_at_k" in first_eval else "")
@@ -619,12 +667,14 @@ def train(config: TrainConfig, dist: Dist) -> int:
                 m.update(trainer.evaluate_metrics())
             if main_rank:
                 records.append(plotted(m))
-                log.write(json.dumps(m) + "\n")
-                log.flush()
+                with refusals_named(metrics_path):
+                    log.write(json.dumps(m) + "\n")
+                    log.flush()
                 reporter.log(m)
                 if completions_log is not None:
-                    completions_log.writelines(json.dumps(r) + "\n" for r in trainer.completions)
-                    completions_log.flush()
+                    with refusals_named(output / "completions.jsonl"):
+                        completions_log.writelines(json.dumps(r) + "\n" for r in trainer.completions)
+                        completions_log.flush()
                     reporter.log_completions(step, trainer.completions)
                 generated += m["rollout_generated_tokens"]
                 seconds += m["step_time_s"]

@@ -37,7 +37,7 @@ import torch
 from rpo_engine.algos.grpo import decoupled_rewards, group_advantages, informative_groups
 from rpo_engine.config import TrainConfig, config_to_dict, reward_weights, stop_strings, warmup_length
 from rpo_engine.distributed import Dist, consolidated_optimizer_state, full_tensor, load_consolidated_optimizer_state
-from rpo_engine.errors import UserError
+from rpo_engine.errors import UserError, refusals_named
 from rpo_engine.kernels import policy_loss
 from rpo_engine.model.lora import adapters_disabled, lora_settings, save_adapter
 from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, plan_micro_batches
@@ -1045,14 +1045,17 @@ class Trainer:
         in PEFT's layout beside it (DIRECTORY-adapter/); written by rank 0 (every rank calls it)."""
         self.sync_rollout_weights()
         if self.dist.is_main:
-            self.model.save_pretrained(directory, tokenizer=self.tokenizer)
+            with refusals_named(directory):  # each directory written whole or not at all (replacing_directory)
+                self.model.save_pretrained(directory, tokenizer=self.tokenizer)
             if self.lora:
                 from rpo_engine.hub import is_hub_id
 
                 directory = Path(directory)
                 # a Hub --model is named by its id, as PEFT names it, not by this machine's cache snapshot
                 base = self.config.model if is_hub_id(self.config.model) else None
-                save_adapter(self.model, directory.with_name(f"{directory.name}-adapter"), base)
+                adapter = directory.with_name(f"{directory.name}-adapter")
+                with refusals_named(adapter):
+                    save_adapter(self.model, adapter, base)
 
     def save_checkpoint(self, directory: Path) -> None:
         """model/ (a Hugging Face directory; under LoRA adapter/, the base being the run's --model) +
@@ -1070,15 +1073,22 @@ class Trainer:
         tmp = directory.with_name(f".{directory.name}.tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        if self.lora:
-            save_adapter(self.model, tmp / "adapter")
-        else:
-            self.model.save_pretrained(tmp / "model", tokenizer=self.tokenizer)
-        if self.algo.sync_ref_model:  # the reference has moved: a resume needs it, not the starting model
-            self.reference.save_pretrained(tmp / "reference")
-        torch.save(state, tmp / "trainer_state.pt")
-        (tmp / "config.json").write_text(json.dumps(config_to_dict(self.config), indent=2) + "\n")
+        try:
+            with refusals_named(directory):
+                tmp.mkdir(parents=True)
+                if self.lora:
+                    save_adapter(self.model, tmp / "adapter")
+                else:
+                    self.model.save_pretrained(tmp / "model", tokenizer=self.tokenizer)
+                if self.algo.sync_ref_model:  # the reference has moved: a resume needs it, not the starting model
+                    self.reference.save_pretrained(tmp / "reference")
+                # through a Python file: torch writing to a path reports a full disk as "unexpected pos", no errno
+                with open(tmp / "trainer_state.pt", "wb") as f:
+                    torch.save(state, f)
+                (tmp / "config.json").write_text(json.dumps(config_to_dict(self.config), indent=2) + "\n")
+        except BaseException:  # its space back on a full disk; the earlier checkpoints stay as they are
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if directory.exists():  # one left incomplete (a save cut short), which a resume from an earlier one redoes
             shutil.rmtree(directory)
         tmp.rename(directory)

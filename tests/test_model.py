@@ -850,3 +850,19 @@ def test_interrupted_saves_leave_the_good_copy_in_reach(tmp_path, monkeypatch):
     model.save_pretrained(out)
     assert live.is_dir() and remote.is_dir() and not dead.exists()
     assert atomic._OWNER == f"{host}-{os.getpid()}"
+
+
+def test_a_saved_directory_takes_the_umasks_mode_not_mkdtemps_private_one(tmp_path):
+    """A save is built in a mkdtemp directory (mode 0700) renamed into place: final/, a checkpoint's model/ and the
+    starter model in a cache several users' runs share came out readable by their owner alone, whatever the umask."""
+    import os
+
+    from rpo_engine.model.atomic import replacing_directory
+
+    old = os.umask(0o022)
+    try:
+        with replacing_directory(tmp_path / "model") as tmp:
+            (tmp / "config.json").write_text("{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755

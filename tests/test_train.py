@@ -3225,3 +3225,121 @@ def test_max_num_seqs_changes_how_the_rollout_is_batched_not_what_it_samples(tmp
     for a, b in zip(*runs):
         for key in ("reward_mean", "rollout_generated_tokens", "loss", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+
+
+def test_a_second_run_on_an_output_another_run_is_writing_is_refused(tmp_path, tiny_model_dir):
+    """Two runs writing one --output at once (a requeued job started while the first still runs) truncated and
+    interleaved each other's metrics.jsonl, set each other's checkpoints aside, and both exited 0. The running
+    one holds a lock on the directory; the second is a one-line error and changes nothing."""
+    import fcntl
+
+    out, starting = tmp_path / "run", tmp_path / "starting"
+    common = ["--model", tiny_model_dir, "--eval-steps", 0, "--train-size", 3, *SMALL]
+    run_train(*common, "--steps", 1, "--output", out)
+    starting.mkdir()  # a run in its step-0 eval: a plain rerun would take it for one stopped there and start again
+    (starting / "metrics.jsonl").write_text('{"step": 0, "eval_accuracy": 0.5}\n')
+    for directory, extra in ((out, ["--resume", "--steps", 2]), (starting, ["--steps", 1])):
+        files = lambda: {p.relative_to(directory): p.read_bytes() for p in directory.rglob("*")  # noqa: E731
+                         if p.is_file() and p.name != ".rpo_engine.lock"}
+        before = files()
+        with open(directory / ".rpo_engine.lock", "a") as held:  # as the first run holds it while it trains
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            proc = run_train(*common, *extra, "--output", directory, check=False)
+            assert_user_error(proc, f"{directory}: another run is writing it")
+            assert files() == before
+    run_train(*common, "--resume", "--steps", 2, "--output", out)  # the lock goes with the process that held it
+    assert [m["step"] for m in read_metrics(out)] == [1, 2]
+
+
+def test_a_save_the_disk_refuses_is_one_line_and_keeps_the_earlier_checkpoint(tmp_path, tiny_model_dir):
+    """A full disk (here the file-size limit, which fails a write as ENOSPC does, with EFBIG) while a checkpoint or
+    final/ is written: a line naming the directory and the system's reason, not torch's "unexpected pos 51136 vs
+    51024" traceback; no half-written save left taking the space, the earlier checkpoint as it was."""
+    import resource
+    import signal
+
+    def limited(size):
+        def preexec():
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing
+            resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+        return preexec
+
+    out = tmp_path / "run"
+    common = ["--model", tiny_model_dir, "--eval-steps", 0, "--train-size", 3, "--output", out, *SMALL]
+    run_train(*common, "--steps", 1)
+    step1 = {p.relative_to(out): p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
+    shutil.rmtree(out / "final")
+    for steps, size, written in ((2, 150_000, "checkpoints/step-2"), (1, 50_000, "final")):
+        proc = subprocess.run([sys.executable, "-m", "rpo_engine.train", "--no-progress", *map(str, common), "--steps",
+                               str(steps), "--resume"], capture_output=True, text=True, timeout=600, cwd=REPO,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=limited(size))
+        assert_user_error(proc, f"{out / written}: ", "File too large")
+        assert {p.relative_to(out): p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()} == step1
+        assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["checkpoints"]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-1"]
+
+
+def test_a_log_or_plot_write_the_disk_refuses_is_one_line_and_keeps_the_good_file(tmp_path, tiny_model_dir,
+                                                                                 monkeypatch, capsys):
+    """A full disk while the run writes metrics.jsonl or curves.png: a line naming the file and the system's reason,
+    not a traceback; curves.png is replaced whole, so a failed redraw leaves the one before."""
+    import errno
+
+    import matplotlib.figure
+
+    from rpo_engine import train
+    from rpo_engine.errors import run_cli
+
+    out = tmp_path / "run"
+    common = ["--model", str(tiny_model_dir), "--eval-steps", "0", "--train-size", "3", "--output", str(out),
+              "--no-progress", *map(str, SMALL)]
+    assert run_cli(train.main, [*common, "--steps", "1"]) == 0
+    plot = (out / "curves.png").read_bytes()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def half_written(fig, path, **kwargs):
+        Path(path).write_bytes(b"\x89PNG half")
+        full()
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half_written)
+    capsys.readouterr()
+    assert run_cli(train.main, [*common, "--steps", "2", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {out / 'curves.png'}: could not be written (No space left on device)", err
+    assert (out / "curves.png").read_bytes() == plot and not list(out.glob(".curves*"))
+
+    real_open = open
+
+    def open_full_log(path, *args, **kwargs):
+        f = real_open(path, *args, **kwargs)
+        if Path(path).name == "metrics.jsonl":
+            monkeypatch.setattr(f, "write", full, raising=False)
+        return f
+
+    monkeypatch.setattr(train, "open", open_full_log, raising=False)
+    assert run_cli(train.main, [*common, "--steps", "3", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {out / 'metrics.jsonl'}: could not be written (No space left on device)", err
+
+
+def test_eval_output_the_disk_refuses_leaves_no_partial_file(tmp_path, tiny_model_dir):
+    """A full disk (here the file-size limit, which fails a write as ENOSPC does) while eval writes --output: one line
+    naming it, and no half-written file left, which a rerun would refuse as "already exists"."""
+    import resource
+    import signal
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "Q: 1+1\\nA:", "answer": "2"}\n{"prompt": "Q: 2+2\\nA:", "answer": "4"}\n')
+    preds = tmp_path / "preds.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "rpo_engine.eval", "--model", str(tiny_model_dir), "--dataset",
+                           str(data), "--max-completion-length", "8", "--no-progress", "--output", str(preds)],
+                          capture_output=True, text=True, cwd=REPO, preexec_fn=limited,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert_user_error(proc, f"{preds}: cannot write (File too large)")
+    assert not preds.exists()

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from rpo_engine.data.arithmetic import ArithmeticConfig, make_split
 from rpo_engine.errors import UserError
 from rpo_engine.data.tokenizer import build_task_tokenizer
+from rpo_engine.model.atomic import private_to_umask
 from rpo_engine.model.config import ModelConfig
 from rpo_engine.model.decoder import CausalLM
 
@@ -174,7 +175,7 @@ def ensure_starter_model(cache_dir=None, progress: bool = True, recipe: StarterR
             print(f"building the starter model in {directory} (once; about 3 minutes on 2 CPU cores)")
         # Built beside it and renamed into place whole: another run (or node, on a shared cache) may be building
         # or loading it meanwhile, and must never see a half-written directory.
-        building = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.building-"))
+        building = private_to_umask(Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.building-")))
         try:
             train_starter_model(building, recipe, progress=progress)
             if directory.is_dir() and not (directory / "starter.json").is_file():

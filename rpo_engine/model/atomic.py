@@ -25,7 +25,7 @@ def replacing_directory(directory, supersedes=()):
         raise NotADirectoryError(f"{directory}: exists and is not a directory")
     directory.parent.mkdir(parents=True, exist_ok=True)
     _finish_interrupted(directory, supersedes)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-{_OWNER}-", dir=directory.parent))
+    tmp = private_to_umask(Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-{_OWNER}-", dir=directory.parent)))
     try:
         yield tmp
     except BaseException:
@@ -38,6 +38,15 @@ def replacing_directory(directory, supersedes=()):
     tmp.rename(directory)  # between the two renames `directory` is missing: _finish_interrupted restores it
     if old is not None:
         _carry_over(old, directory, supersedes)
+
+
+def private_to_umask(path: Path) -> Path:
+    """`path`, a mkdtemp directory (mode 0700) about to be renamed into place, given the mode a mkdir would: else
+    final/, a checkpoint's model/ or the starter model in a cache shared by several users is their owner's alone."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o777 & ~umask)
+    return path
 
 
 def _carry_over(old: Path, new: Path, supersedes) -> None:
