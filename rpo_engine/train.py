@@ -585,7 +585,7 @@ def train(config: TrainConfig, dist: Dist) -> int:
         raise UserError(f"{output}: the ranks see different checkpoints; --output must be on a filesystem every node shares")
     # after the checks above (a directory they refuse, a model's, gets no lock file), before anything is written or
     # loaded; kept until train returns
-    lock = lock_output(output) if main_rank else None  # noqa: F841
+    lock = lock_output(output) if main_rank else None
 
     hub_repo = None
     if config.push_to_hub and main_rank:  # before the training: a missing token or network fails now, not in hours
@@ -730,6 +730,8 @@ def train(config: TrainConfig, dist: Dist) -> int:
         folder = output / ("final-adapter" if config.use_peft else "final")
         url = push_folder(hub_repo, folder, f"rpo_engine: {algo_name}, {config.steps} steps")
         print(f"pushed {folder} to {url}")
+    if lock is not None:  # on the other ways out, the frame's end closes it
+        lock.close()
     return 0
 
 
