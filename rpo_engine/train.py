@@ -10,6 +10,7 @@ Under torchrun (`torchrun --nproc-per-node N -m rpo_engine.train ...`) the ranks
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -439,15 +440,24 @@ def write_plot(metrics: list[dict], path: Path, title: str, eval_title: str = "g
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # steps, not 1.25
     fig.suptitle(title)
     fig.tight_layout()
-    # written beside it and renamed over it: a full disk leaves the plot before, not half of a new one
+    try:
+        with replaced_whole(path) as tmp:
+            fig.savefig(tmp, dpi=100, format=path.suffix[1:] or "png")
+    finally:
+        plt.close(fig)
+
+
+@contextlib.contextmanager
+def replaced_whole(path: Path):
+    """A temporary name beside `path` to write, renamed over `path` once written: a write cut short (a full disk,
+    named in one line) leaves the file before, not half of a new one."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with refusals_named(path):
-            fig.savefig(tmp, dpi=100, format=path.suffix[1:] or "png")
+            yield tmp
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-        plt.close(fig)
 
 
 def check_model_is_no_adapter(model: Path) -> None:
@@ -544,6 +554,13 @@ def main(argv=None) -> int:
 
 
 def train(config: TrainConfig, dist: Dist) -> int:
+    """The run `config` asks for; -> its exit code. The lock on --output goes with it, however it ends (left to the
+    frame's end, an error's traceback could hold it past the run, refusing the next run in this process)."""
+    with contextlib.ExitStack() as held:
+        return run_training(config, dist, held)
+
+
+def run_training(config: TrainConfig, dist: Dist, held: contextlib.ExitStack) -> int:
     from tqdm.auto import tqdm
 
     check_divisible(config.prompts_per_step, dist.world_size)
@@ -584,8 +601,10 @@ def train(config: TrainConfig, dist: Dist) -> int:
     if len(set(dist.gather(str(checkpoint)))) > 1:  # also: every rank has looked before rank 0 writes
         raise UserError(f"{output}: the ranks see different checkpoints; --output must be on a filesystem every node shares")
     # after the checks above (a directory they refuse, a model's, gets no lock file), before anything is written or
-    # loaded; kept until train returns
+    # loaded; held until train returns
     lock = lock_output(output) if main_rank else None
+    if lock is not None:
+        held.enter_context(lock)
 
     hub_repo = None
     if config.push_to_hub and main_rank:  # before the training: a missing token or network fails now, not in hours
@@ -627,8 +646,8 @@ def train(config: TrainConfig, dist: Dist) -> int:
             log = open(metrics_path, "a" if checkpoint is not None else "w")  # "w": a run started again
         if checkpoint is not None:
             warn_changed_options(output / "config.json", config)
-        with refusals_named(output / "config.json"):
-            (output / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+        with replaced_whole(output / "config.json") as tmp:  # the record --config DIR/config.json --resume reads
+            tmp.write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
         reporter = Reporter(report_targets(config.report_to), output, config_to_dict(config),
                             resumed_at=trainer.step_num if checkpoint is not None else None)
         # also without --log-completions now: its records past the checkpoint describe steps this run undoes
@@ -730,8 +749,6 @@ def train(config: TrainConfig, dist: Dist) -> int:
         folder = output / ("final-adapter" if config.use_peft else "final")
         url = push_folder(hub_repo, folder, f"rpo_engine: {algo_name}, {config.steps} steps")
         print(f"pushed {folder} to {url}")
-    if lock is not None:  # on the other ways out, the frame's end closes it
-        lock.close()
     return 0
 
 

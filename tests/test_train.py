@@ -3323,6 +3323,23 @@ def test_a_log_or_plot_write_the_disk_refuses_is_one_line_and_keeps_the_good_fil
     err = capsys.readouterr().err.strip()
     assert err == f"error: {out / 'metrics.jsonl'}: could not be written (No space left on device)", err
 
+    # config.json, the record --config DIR/config.json --resume reads, is replaced whole too
+    monkeypatch.undo()
+    record = (out / "config.json").read_text()
+    real_write_text = Path.write_text
+
+    def half_written_record(path, text, *args, **kwargs):
+        if path.parent == out and "config.json" in path.name:  # the record, or the name it is written at first
+            real_write_text(path, text[:20], *args, **kwargs)
+            full()
+        return real_write_text(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", half_written_record)
+    assert run_cli(train.main, [*common, "--steps", "4", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {out / 'config.json'}: could not be written (No space left on device)", err
+    assert (out / "config.json").read_text() == record and not list(out.glob(".config*"))
+
 
 def test_eval_output_the_disk_refuses_leaves_no_partial_file(tmp_path, tiny_model_dir):
     """A full disk (here the file-size limit, which fails a write as ENOSPC does) while eval writes --output: one line
