@@ -1,5 +1,6 @@
 """The starter model's recipe plumbing: length-bucketed batches, the cache key, build once and reuse."""
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -97,3 +98,29 @@ def test_concurrent_builds_never_show_a_half_written_starter(tmp_path, monkeypat
     assert ensure_starter_model(tmp_path, progress=False) == directory
     assert (directory / "model.safetensors").read_text() == "theirs"
     assert sorted(p.name for p in tmp_path.iterdir()) == [directory.name]  # no temporary directory left
+
+
+def test_a_starter_save_the_disk_refuses_is_one_line_and_leaves_nothing(tmp_path):
+    """A full disk at the starter's save (here the file-size limit, which fails a write as ENOSPC does): one line
+    naming the directory and the system's reason, not safetensors' traceback; no half-built directory left."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # the 0.53M-parameter weights: ~2 MB
+
+    code = ("import sys; from rpo_engine.data.starter import StarterRecipe, ensure_starter_model; "
+            "from rpo_engine.errors import run_cli; "
+            "recipe = StarterRecipe(num_train_rows=64, steps=2, batch_size=4, warmup_steps=1); "
+            f"sys.exit(run_cli(lambda argv: ensure_starter_model({str(tmp_path)!r}, progress=False, recipe=recipe) "
+            "and 0))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, preexec_fn=limited,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    directory = starter.starter_model_dir(tmp_path, StarterRecipe(num_train_rows=64, steps=2, batch_size=4,
+                                                                  warmup_steps=1))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == f"error: {directory}: could not be written (File too large)", proc.stderr
+    assert list(tmp_path.iterdir()) == []

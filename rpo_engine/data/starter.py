@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from rpo_engine.data.arithmetic import ArithmeticConfig, make_split
-from rpo_engine.errors import UserError
+from rpo_engine.errors import UserError, refusals_named
 from rpo_engine.data.tokenizer import build_task_tokenizer
 from rpo_engine.model.atomic import private_to_umask
 from rpo_engine.model.config import ModelConfig
@@ -177,7 +177,8 @@ def ensure_starter_model(cache_dir=None, progress: bool = True, recipe: StarterR
         # or loading it meanwhile, and must never see a half-written directory.
         building = private_to_umask(Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.building-")))
         try:
-            train_starter_model(building, recipe, progress=progress)
+            with refusals_named(directory):  # a full disk at the save: one line, not safetensors' traceback
+                train_starter_model(building, recipe, progress=progress)
             if directory.is_dir() and not (directory / "starter.json").is_file():
                 shutil.rmtree(directory, ignore_errors=True)  # an interrupted build of an older version
             try:
