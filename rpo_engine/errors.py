@@ -4,6 +4,7 @@ Raised anywhere in the package; the command-line entry points catch `UserError`,
 message and exit with code 2, so a user mistake never shows a traceback.
 """
 import contextlib
+import errno
 import re
 import sys
 
@@ -38,12 +39,23 @@ def refusals_named(path):
         raise UserError(f"{path}: could not be written ({refused.strerror or refused})") from None
 
 
+# the system refusing a named file (no permission, a full disk or quota, a read-only filesystem, a size limit): the
+# user's environment to fix, never our bug, wherever in a run it comes from
+REFUSED = frozenset({errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
+
 def run_cli(main_fn, argv=None) -> int:
-    """Run `main_fn(argv)` and turn a UserError into `error: <message>` on stderr with exit code 2."""
+    """Run `main_fn(argv)` and turn a UserError, or the system refusing a named file (REFUSED), into
+    `error: <message>` on stderr with exit code 2."""
     try:
         return main_fn(argv) or 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in REFUSED or not e.filename:
+            raise
+        print(f"error: {e.filename}: {e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -3360,3 +3360,37 @@ def test_eval_output_the_disk_refuses_leaves_no_partial_file(tmp_path, tiny_mode
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert_user_error(proc, f"{preds}: cannot write (File too large)")
     assert not preds.exists()
+
+
+def test_a_named_file_the_system_refuses_anywhere_is_one_line(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """No permission (or a full disk, a read-only filesystem) on a file in a place no check foresaw - here the
+    checkpoints a resume from an earlier one sets aside - is one line naming it, exit 2; an OSError that names no
+    file, or that is not such a refusal, stays a traceback (it may be a bug)."""
+    import errno
+
+    from rpo_engine import train
+    from rpo_engine.errors import run_cli
+
+    out = tmp_path / "run"
+    common = ["--model", str(tiny_model_dir), "--eval-steps", "0", "--train-size", "3", "--output", str(out),
+              "--no-progress", "--save-steps", "1", *map(str, SMALL)]
+    assert run_cli(train.main, [*common, "--steps", "2"]) == 0
+    real_rename = Path.rename
+
+    def refused(path, target):
+        if path.name == "step-2":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_rename(path, target)
+
+    monkeypatch.setattr(Path, "rename", refused)
+    capsys.readouterr()
+    assert run_cli(train.main, [*common, "--steps", "2", "--resume-from-checkpoint",
+                                str(out / "checkpoints" / "step-1")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {out / 'checkpoints' / 'step-2'}: Permission denied"
+    assert (out / "checkpoints" / "step-2").is_dir()
+
+    for unnamed in (PermissionError(errno.EACCES, "Permission denied"), FileNotFoundError(errno.ENOENT, "gone", "x")):
+        def fails(argv, e=unnamed):
+            raise e
+        with pytest.raises(OSError):
+            run_cli(fails)
