@@ -948,8 +948,16 @@ class Trainer:
         """The eval accuracy (evaluate_metrics' eval_accuracy)."""
         return self.evaluate_metrics()["eval_accuracy"]
 
-    @torch.no_grad()
     def evaluate_metrics(self) -> dict:
+        """`_evaluate_metrics` under a forked torch RNG: an eval between steps must leave the training's random
+        streams as they were, and torch's global generator is one (checkpointed as the run's state, read by a
+        stochastic reward), which a greedy eval's unseeded requests and any eval's reward calls draw from."""
+        device = torch.device(self.device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return self._evaluate_metrics()
+
+    @torch.no_grad()
+    def _evaluate_metrics(self) -> dict:
         """Accuracy on the eval rows: greedy, or the mean over --num-generations-eval answers sampled at
         --eval-temperature (then also eval_pass_at_k, the share of rows answered right at least once). Each rank
         evaluates its share (rank 0's with a progress bar: a large eval set takes minutes). Sampled answers are
