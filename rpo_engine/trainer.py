@@ -150,6 +150,9 @@ class Trainer:
             self.optimizer, lambda step: lr_multiplier(step, config.steps, warmup, config.lr_scheduler_type))
         self.cache = ExperienceCache(self.rpo.rpo_cache_policy, self.rpo.rpo_epsilon)
         self.rng = random.Random(config.seed)  # cuts and cache choices: saved in checkpoints
+        # torch's global generator is a run's state too (checkpointed; a stochastic reward reads it): seeded by --seed,
+        # as TRL's set_seed does, or each process would start it where torch's import did (from the OS)
+        torch.manual_seed(config.seed)
         self.step_num = 0
         # --entropy-coef, moved by --use-adaptive-entropy after each optimizer step, which also gates the bonus
         # on the entropy the last step measured (inf: none yet, so no bonus on the first); both checkpointed
