@@ -150,6 +150,9 @@ class Trainer:
             self.optimizer, lambda step: lr_multiplier(step, config.steps, warmup, config.lr_scheduler_type))
         self.cache = ExperienceCache(self.rpo.rpo_cache_policy, self.rpo.rpo_epsilon)
         self.rng = random.Random(config.seed)  # cuts and cache choices: saved in checkpoints
+        # torch's global generator is a run's state too (checkpointed; a stochastic reward reads it): seeded by --seed,
+        # as TRL's set_seed does, or each process would start it where torch's import did (from the OS)
+        torch.manual_seed(config.seed)
         self.step_num = 0
         # --entropy-coef, moved by --use-adaptive-entropy after each optimizer step, which also gates the bonus
         # on the entropy the last step measured (inf: none yet, so no bonus on the first); both checkpointed
@@ -948,8 +951,16 @@ class Trainer:
         """The eval accuracy (evaluate_metrics' eval_accuracy)."""
         return self.evaluate_metrics()["eval_accuracy"]
 
-    @torch.no_grad()
     def evaluate_metrics(self) -> dict:
+        """`_evaluate_metrics` under a forked torch RNG: an eval between steps must leave the training's random
+        streams as they were, and torch's global generator is one (checkpointed as the run's state, read by a
+        stochastic reward), which a greedy eval's unseeded requests and any eval's reward calls draw from."""
+        device = torch.device(self.device)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return self._evaluate_metrics()
+
+    @torch.no_grad()
+    def _evaluate_metrics(self) -> dict:
         """Accuracy on the eval rows: greedy, or the mean over --num-generations-eval answers sampled at
         --eval-temperature (then also eval_pass_at_k, the share of rows answered right at least once). Each rank
         evaluates its share (rank 0's with a progress bar: a large eval set takes minutes). Sampled answers are

@@ -112,3 +112,11 @@ async def async_judge(completions, answer, trainer_state, log_metric, log_extra,
     log_metric("judge/mean_score", sum(scores) / len(scores))
     log_extra("judge_verdict", ["right" if s else "wrong" for s in scores])
     return scores
+
+
+def torch_coin_reward(completion_text: str, answer: str) -> float:
+    """A stochastic reward (a sampled judge, random tie-breaking) that draws from torch's global RNG, which a run
+    checkpoints as its own state: a coin flip."""
+    import torch
+
+    return float(torch.rand(()) < 0.5)

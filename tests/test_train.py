@@ -3159,6 +3159,61 @@ def test_sampled_eval_takes_the_eval_options_and_seeds_by_step_and_row(tiny_mode
             assert sampling == {(1, 0.0, 1.0, 0, 1.0)}
 
 
+def test_a_run_seeds_the_torch_rng_it_checkpoints(tiny_model_dir):
+    """torch's global generator is a run's state (checkpointed, so a resume draws on as the uninterrupted run did),
+    read by a stochastic reward: the run seeds it from --seed, as TRL's set_seed does, so the same command run twice
+    trains alike. It was left as the process found it (torch seeds it from the OS at import), so two runs of one
+    command gave other rewards and weights."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+
+    args = ["--model", str(tiny_model_dir), "--reward", "tests.reward_fns:torch_coin_reward", "--prompts-per-step",
+            "2", "--num-generations", "4", "--max-completion-length", "8", "--eval-steps", "0", "--learning-rate",
+            "1e-3", "--no-progress"]
+    runs = []
+    for process_seed in (1, 2):  # what two fresh processes find
+        torch.manual_seed(process_seed)
+        trainer = build_trainer(parse_args(args))
+        steps = [trainer.step() for _ in range(2)]
+        runs.append((steps, [p.detach().clone() for p in trainer.model.parameters()]))
+    for a, b in zip(runs[0][0], runs[1][0]):
+        for key in ("reward_mean", "rollout_generated_tokens", "loss", "grad_norm"):
+            assert a[key] == b[key], key
+    for a, b in zip(runs[0][1], runs[1][1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("eval_flags", [[], ["--eval-temperature", "1", "--num-generations-eval", "2"]])
+def test_evaluating_leaves_the_training_rng_alone(tiny_model_dir, eval_flags):
+    """An eval between steps must not move the RNG the training draws from: torch's global generator (a run's
+    state, in its checkpoints) read by a stochastic reward. A greedy eval's requests drew their seeds from it, and
+    any eval's reward calls draw from it too; so --eval-steps changed the training's rewards, hence its updates."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+
+    args = ["--model", str(tiny_model_dir), "--reward", "tests.reward_fns:torch_coin_reward", "--prompts-per-step",
+            "2", "--num-generations", "4", "--max-completion-length", "8", "--eval-size", "3", "--learning-rate",
+            "1e-3", "--no-progress", *eval_flags]
+    runs = []
+    for evaluating in (False, True):
+        trainer = build_trainer(parse_args(args))
+        torch.manual_seed(0)
+        steps = []
+        for _ in range(2):
+            if evaluating:
+                state = torch.get_rng_state()
+                trainer.evaluate_metrics()
+                assert torch.equal(torch.get_rng_state(), state)
+            steps.append(trainer.step())
+        runs.append((steps, [p.detach().clone() for p in trainer.model.parameters()]))
+    (plain, plain_weights), (evaluated, evaluated_weights) = runs
+    for a, b in zip(plain, evaluated):
+        for key in ("reward_mean", "rollout_generated_tokens", "loss", "grad_norm"):
+            assert a[key] == b[key], key
+    for a, b in zip(plain_weights, evaluated_weights):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_only_the_main_rank_says_which_rows_filter_overlong_prompts_dropped(tmp_path, tiny_model_dir, capsys):
     from rpo_engine.config import parse_args
     from rpo_engine.distributed import Dist
