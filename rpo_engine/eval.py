@@ -141,6 +141,9 @@ def main(argv=None) -> int:
     except UserError as e:  # training's words: its --eval-dataset is --dataset here
         raise UserError(re.sub(r"(--dataset or )?--eval-dataset", "--dataset", str(e))) from None
     device, dtype = resolve_device(config)
+    import torch
+
+    torch.manual_seed(args.seed)  # a reward drawing from torch's generator (a sampled judge) scores the same again
     if config.model is None:
         from rpo_engine.data.starter import ensure_starter_model
 

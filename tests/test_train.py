@@ -2745,6 +2745,21 @@ def test_eval_cli_samples(tmp_path, tiny_model_dir):
                       "--num-samples 4 needs --temperature > 0")
 
 
+def test_eval_cli_seeds_the_torch_rng_a_stochastic_reward_reads(tmp_path, tiny_model_dir):
+    """A reward drawing from torch's global generator (a sampled judge) scores the same in two eval processes: --seed
+    seeds it, as a training run's does (torch starts it from the OS in each process)."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q: {i}+1\nA:", "answer": str(i + 1)}) + "\n" for i in range(12)))
+    cmd = [sys.executable, "-m", "rpo_engine.eval", "--model", str(tiny_model_dir), "--dataset", str(data),
+           "--max-completion-length", "4", "--no-progress", "--reward", "tests.reward_fns:torch_coin_reward"]
+    rewards = []
+    for name in ("a.jsonl", "b.jsonl"):
+        proc = subprocess.run([*cmd, "--output", str(tmp_path / name)], capture_output=True, text=True, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr
+        rewards.append([json.loads(line)["reward"] for line in (tmp_path / name).read_text().splitlines()])
+    assert rewards[0] == rewards[1] and 0 < sum(rewards[0]) < 12, rewards  # the same 12 coins, not all alike
+
+
 def test_next_steps_cold_starts_run_with_this_steps_suffixes(tmp_path, tiny_model_dir):
     out = tmp_path / "ahead"
     run_train("--model", tiny_model_dir, "--steps", 3, "--eval-steps", 0, "--train-size", 6, "--output", out, *SMALL)
