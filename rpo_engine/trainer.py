@@ -150,9 +150,9 @@ class Trainer:
             self.optimizer, lambda step: lr_multiplier(step, config.steps, warmup, config.lr_scheduler_type))
         self.cache = ExperienceCache(self.rpo.rpo_cache_policy, self.rpo.rpo_epsilon)
         self.rng = random.Random(config.seed)  # cuts and cache choices: saved in checkpoints
-        # torch's global generator is a run's state too (checkpointed; a stochastic reward reads it): seeded by --seed,
-        # as TRL's set_seed does, or each process would start it where torch's import did (from the OS)
-        torch.manual_seed(config.seed)
+        # torch's, Python's and numpy's global generators are a run's state too (checkpointed; a stochastic reward
+        # reads them): seeded by --seed, as TRL's set_seed does, or each process would start them from the OS
+        seed_global_rngs(config.seed)
         self.step_num = 0
         # --entropy-coef, moved by --use-adaptive-entropy after each optimizer step, which also gates the bonus
         # on the entropy the last step measured (inf: none yet, so no bonus on the first); both checkpointed
@@ -1007,7 +1007,7 @@ class Trainer:
             optimizer = self.optimizer.state_dict()
         return {"step": self.step_num, "optimizer": optimizer,
                 "scheduler": self.scheduler.state_dict(), "rng": list(self.rng.getstate()),
-                "torch_rng": torch.get_rng_state(), "rows_drawn": self.rows_drawn,
+                **global_rng_states(), "rows_drawn": self.rows_drawn,
                 "cache": self.cache.state_dict(self.prompt_keys(self.cache.paths)),
                 # whether this run adapted: a fixed coefficient is an option, not state to carry into an adaptive run
                 "entropy_control": [self.entropy_coef, self.last_entropy, self.algo.use_adaptive_entropy]}
@@ -1039,7 +1039,7 @@ class Trainer:
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
-        torch.set_rng_state(state["torch_rng"])
+        restore_global_rng_states(state)
         self.rows_drawn = state["rows_drawn"]
         stale = self.cache.load_state_dict(state["cache"], self.prompt_keys(state["cache"]["paths"]))
         if stale and self.dist.is_main:
@@ -1139,6 +1139,39 @@ def prompt_token_limit(config: TrainConfig, model) -> int:
 
 def chat_template_kwargs(config: TrainConfig) -> dict:
     return {} if config.chat_template_kwargs is None else json.loads(config.chat_template_kwargs)
+
+
+def seed_global_rngs(seed: int) -> None:
+    """Python's, numpy's and torch's global generators from `seed`, as transformers' set_seed seeds them (the CUDA
+    ones too, through torch.manual_seed)."""
+    import numpy
+
+    random.seed(seed)
+    numpy.random.seed(seed % 2 ** 32)  # numpy takes 32 bits
+    torch.manual_seed(seed)
+
+
+def global_rng_states() -> dict:
+    """The global generators' states, in what torch.load(weights_only=True) reads back: a stochastic reward (a
+    sampled judge, random tie-breaking) draws from them, so a resumed run must go on where they were."""
+    import numpy
+
+    kind, keys, position, has_gauss, cached = numpy.random.get_state()
+    return {"torch_rng": torch.get_rng_state(), "python_rng": list(random.getstate()),
+            "numpy_rng": [kind, torch.from_numpy(keys.astype(numpy.int64)), position, has_gauss, cached]}
+
+
+def restore_global_rng_states(state: dict) -> None:
+    """global_rng_states' states back (a checkpoint from before Python's and numpy's were saved: torch's alone)."""
+    import numpy
+
+    torch.set_rng_state(state["torch_rng"])
+    if "python_rng" in state:
+        version, internal, gauss = state["python_rng"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy_rng" in state:
+        kind, keys, position, has_gauss, cached = state["numpy_rng"]
+        numpy.random.set_state((kind, keys.numpy().astype(numpy.uint32), position, has_gauss, cached))
 
 
 def encode_prompt(tokenizer, row: dict, limit: int, template_kwargs: dict | None = None,

@@ -120,3 +120,17 @@ def torch_coin_reward(completion_text: str, answer: str) -> float:
     import torch
 
     return float(torch.rand(()) < 0.5)
+
+
+def python_coin_reward(completion_text: str, answer: str) -> float:
+    """torch_coin_reward from Python's global generator (random.random)."""
+    import random
+
+    return float(random.random() < 0.5)
+
+
+def numpy_coin_reward(completion_text: str, answer: str) -> float:
+    """torch_coin_reward from numpy's global generator."""
+    import numpy
+
+    return float(numpy.random.rand() < 0.5)

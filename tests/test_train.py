@@ -1,4 +1,5 @@
 """The training loop end to end on a tiny random model, resume equivalence, and the CLI's bad-input handling."""
+import io
 import json
 import math
 import os
@@ -3174,20 +3175,28 @@ def test_sampled_eval_takes_the_eval_options_and_seeds_by_step_and_row(tiny_mode
             assert sampling == {(1, 0.0, 1.0, 0, 1.0)}
 
 
-def test_a_run_seeds_the_torch_rng_it_checkpoints(tiny_model_dir):
-    """torch's global generator is a run's state (checkpointed, so a resume draws on as the uninterrupted run did),
-    read by a stochastic reward: the run seeds it from --seed, as TRL's set_seed does, so the same command run twice
-    trains alike. It was left as the process found it (torch seeds it from the OS at import), so two runs of one
-    command gave other rewards and weights."""
+@pytest.mark.parametrize("source", ["torch", "python", "numpy"])
+def test_a_run_seeds_the_global_rngs_it_checkpoints(tiny_model_dir, source):
+    """torch's, Python's and numpy's global generators are a run's state (checkpointed, so a resume draws on as the
+    uninterrupted run did), read by a stochastic reward: the run seeds them from --seed, as TRL's set_seed does, so
+    the same command run twice trains alike. torch's was left as the process found it (torch seeds it from the OS
+    at import), so two runs of one command gave other rewards and weights; Python's and numpy's were neither
+    seeded nor checkpointed."""
+    import random
+
+    import numpy
+
     from rpo_engine.config import parse_args
     from rpo_engine.train import build_trainer
 
-    args = ["--model", str(tiny_model_dir), "--reward", "tests.reward_fns:torch_coin_reward", "--prompts-per-step",
+    args = ["--model", str(tiny_model_dir), "--reward", f"tests.reward_fns:{source}_coin_reward", "--prompts-per-step",
             "2", "--num-generations", "4", "--max-completion-length", "8", "--eval-steps", "0", "--learning-rate",
             "1e-3", "--no-progress"]
     runs = []
     for process_seed in (1, 2):  # what two fresh processes find
         torch.manual_seed(process_seed)
+        random.seed(process_seed)
+        numpy.random.seed(process_seed)
         trainer = build_trainer(parse_args(args))
         steps = [trainer.step() for _ in range(2)]
         runs.append((steps, [p.detach().clone() for p in trainer.model.parameters()]))
@@ -3196,6 +3205,20 @@ def test_a_run_seeds_the_torch_rng_it_checkpoints(tiny_model_dir):
             assert a[key] == b[key], key
     for a, b in zip(runs[0][1], runs[1][1]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    # a checkpoint's state (through torch.load's weights_only) puts them back where they were
+    buffer = io.BytesIO()
+    torch.save(trainer.state_dict(), buffer)
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    expected = trainer.step()
+    torch.manual_seed(7)  # a resuming process's
+    random.seed(7)
+    numpy.random.seed(7)
+    trainer.model.load_state_dict(weights)
+    trainer.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+    again = trainer.step()
+    for key in ("reward_mean", "rollout_generated_tokens", "loss"):
+        assert again[key] == expected[key], key
 
 
 @pytest.mark.parametrize("eval_flags", [[], ["--eval-temperature", "1", "--num-generations-eval", "2"]])
