@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     from rpo_engine.train import load_rows, resolve_device, resolve_reward, reward_pool
     from rpo_engine.rewards.answers import RewardLog
     from rpo_engine.trainer import (add_columns, encode_run_prompts, prefill_token_budget, right_answers, rollout_engine,
-                                    sampled_graded, stop_ids)
+                                    sampled_graded, seed_global_rngs, stop_ids)
 
     parser = OneLineParser(prog="python -m rpo_engine.eval", description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="Hugging Face model directory, or a Hub id (org/name) in the local cache or to "
@@ -141,9 +141,7 @@ def main(argv=None) -> int:
     except UserError as e:  # training's words: its --eval-dataset is --dataset here
         raise UserError(re.sub(r"(--dataset or )?--eval-dataset", "--dataset", str(e))) from None
     device, dtype = resolve_device(config)
-    import torch
-
-    torch.manual_seed(args.seed)  # a reward drawing from torch's generator (a sampled judge) scores the same again
+    seed_global_rngs(args.seed)  # a reward drawing from the global generators (a sampled judge) scores the same again
     if config.model is None:
         from rpo_engine.data.starter import ensure_starter_model
 
