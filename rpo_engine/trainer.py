@@ -627,8 +627,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 step_loss, num_tokens, num_rows = 0.0, counts[2 * j], counts[2 * j + 1]
                 step_policy_loss, window = 0.0, [0.0, 0]  # the bonus's entropy over this step's tokens: sum, count
-                adaptive_off = algo.use_adaptive_entropy and not self.last_entropy <= algo.entropy_target
-                coef = 0.0 if adaptive_off else self.entropy_coef
+                coef = self.bonus_coef()
                 members = [k for k, b in enumerate(batches) if b[2] == j]
                 for k in members:
                     (batch, shared, _, real), old_logp, ref_logp = batches[k], old[k], ref[k]
@@ -735,6 +734,14 @@ class Trainer:
             stats["sampling/importance_sampling_ratio/min"] = -neg_min if is_count else None
             stats["sampling/importance_sampling_ratio/max"] = is_max if is_count else None
         return stats
+
+    def bonus_coef(self) -> float:
+        """The entropy bonus's coefficient for the next optimizer step: --entropy-coef, or under
+        --use-adaptive-entropy its adapted value, applied only while the last step's entropy was at most the target
+        (TRL's gate; before any step, inf: off)."""
+        if self.algo.use_adaptive_entropy and not self.last_entropy <= self.algo.entropy_target:
+            return 0.0
+        return self.entropy_coef
 
     def adapt_entropy_coef(self, entropy_sum: float, tokens: int) -> None:
         """--use-adaptive-entropy (Skywork-OR1, TRL's rule): after an optimizer step, the coefficient moves by

@@ -406,7 +406,7 @@ def test_advantages_match_trl(scale_rewards):
     assert torch.equal(ours[-1], torch.zeros(G, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("last_entropy", [math.inf, 0.5, 2.0])  # the first step; at or below the target; above
+@pytest.mark.parametrize("last_entropy", [math.inf, 0.5, 0.7, 2.0])  # the first step; below, at (0.7) or above a target
 def test_adaptive_entropy_matches_trl(last_entropy):
     """use_adaptive_entropy: the bonus applied (gated by the entropy of the step before) and the coefficient's
     move after the step, from TRL's _compute_loss and from Trainer.adapt_entropy_coef."""
@@ -438,7 +438,7 @@ def test_adaptive_entropy_matches_trl(last_entropy):
         batch = [PrefixGroup([0], [[0] * n for n in LENGTHS], 1, advantages=t["adv"].tolist())]
         tokens = mask & at_or_above(masked_entropy, host.entropy_threshold([(batch, True)], [masked_entropy]))
         entropy = t["entropy"].clone().requires_grad_(True)
-        coef = 0.0 if not host.last_entropy <= algo.entropy_target else host.entropy_coef
+        coef = Trainer.bonus_coef(host)
         bonus = -coef * (entropy * tokens).sum() / int(tokens.sum())
         grad = torch.autograd.grad(bonus, entropy, allow_unused=True)[0]
         assert_grads_close(torch.zeros_like(entropy) if grad is None else grad, trl_grad)
