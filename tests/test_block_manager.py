@@ -1,5 +1,6 @@
 """Block manager and scheduler bookkeeping: ref counts, copy-on-write, prefix hashing, preemption."""
 import random
+import re
 
 import pytest
 
@@ -149,7 +150,8 @@ def test_scheduler_preempts_newest_when_blocks_run_out():
                                  dict(repetition_penalty=-1.2), dict(repetition_penalty=float("nan")),
                                  dict(repetition_penalty=True)])
 def test_sampling_params_validation(bad):
-    with pytest.raises(ValueError):
+    (field, value), = bad.items()
+    with pytest.raises(ValueError, match=rf"^SamplingParams\.{field} must .*, got {re.escape(repr(value))}$"):
         SamplingParams(**bad)
 
 

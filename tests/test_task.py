@@ -1,4 +1,5 @@
 """The built-in arithmetic task and its tokenizer."""
+import dataclasses
 import json
 import random
 import re
@@ -153,8 +154,8 @@ def test_config_validation():
     with pytest.raises(UserError):
         make_split("test", 3)
     cfg = ArithmeticConfig()
-    with pytest.raises(Exception):
-        cfg.add_max_digits = 3  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.add_max_digits = 3
 
 
 def test_difficulty_knobs():
