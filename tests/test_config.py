@@ -693,3 +693,20 @@ def test_a_runs_config_json_names_its_local_files_from_any_working_directory(tmp
     assert again.dataset == recorded["dataset"]
     assert config_to_dict(again)["eval_dataset"] == str(here / "data" / "test.jsonl")
     assert config_to_dict(again)["reward"] == recorded["reward"]
+
+
+def test_a_sigterm_to_the_reward_workers_while_scoring_leaves_the_step_scored():
+    """A SIGTERM sent to every process of a run (SLURM ending a job, `kill -- -PGID`) reaches the workers too: the
+    trainer stops after its step with a checkpoint, but its scoring failed on 'a --reward-workers process died',
+    exit 2, no checkpoint. The step is scored in the trainer's process instead; a crash is still that error."""
+    from rpo_engine.rewards.pool import RewardPool
+
+    with RewardPool({0: "tests.reward_fns:hash_reward"}, workers=2) as pool:
+        assert pool.score(0, ["a"], ["1"]) == [hash_reward("a", "1")]  # the workers are up
+        for process in pool.executor._processes.values():
+            os.kill(process.pid, signal.SIGTERM)
+        texts = [f"text {i}" for i in range(20)]
+        assert pool.score(0, texts, ["1"] * 20) == [hash_reward(t, "1") for t in texts]
+    with RewardPool({0: "tests.reward_fns:exiting_reward"}, workers=2) as pool:
+        with pytest.raises(UserError, match="a --reward-workers process died while scoring"):
+            pool.score(0, ["a", "b"], ["1", "1"])

@@ -108,12 +108,26 @@ class RewardPool:
                     signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             return [score for part in parts for score in part]
         except concurrent.futures.process.BrokenProcessPool:
+            if self._ended_by_sigterm():
+                # a SIGTERM sent to every process (SLURM ending a job, `kill -- -PGID`): the trainer took it too and
+                # stops after this step, with a checkpoint; this step's scores come from here (the same function)
+                fn = reward_function(self.names[index])
+                return [float(fn(text, answer)) for text, answer in zip(texts, answers)]
             raise UserError(f"reward function {self.names[index]!r}: a --reward-workers process died while "
                             f"scoring (a crash or an exit in the function, or out of memory); without "
                             f"--reward-workers its error shows here") from None
         except KeyboardInterrupt:  # the workers ignore it and would finish every queued chunk first
             self.close(wait=False)
             raise
+
+    def _ended_by_sigterm(self) -> bool:
+        """Whether every worker ended by SIGTERM, sent from outside (a crash or an exit ends one otherwise; the pool
+        then sends the others SIGTERM)."""
+        processes = list((getattr(self.executor, "_processes", None) or {}).values())
+        deadline = time.monotonic() + 5  # the pool's thread reaps them too: its join or ours reads the exit code
+        while any(process.exitcode is None for process in processes) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return bool(processes) and all(process.exitcode == -signal.SIGTERM for process in processes)
 
     def close(self, wait: bool = True) -> None:
         """Shut the workers down once their calls in flight are done, or (`wait=False`: an error or an
