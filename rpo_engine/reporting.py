@@ -103,8 +103,8 @@ class Reporter:
         self.wandb.log({"completions": wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in flat]),
                         "step": step})
 
-    def close(self) -> None:
+    def close(self, finish_wandb: bool = True) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
-        if self.wandb is not None:
+        if self.wandb is not None and finish_wandb:
             self.wandb.finish()

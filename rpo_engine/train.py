@@ -563,6 +563,8 @@ def train(config: TrainConfig, dist: Dist) -> int:
 def run_training(config: TrainConfig, dist: Dist, held: contextlib.ExitStack) -> int:
     from tqdm.auto import tqdm
 
+    from rpo_engine.rewards.pool import PooledReward
+
     check_divisible(config.prompts_per_step, dist.world_size)
     main_rank = dist.is_main  # rank 0 writes every output; the others compute
     if not config.progress:
@@ -612,6 +614,12 @@ def run_training(config: TrainConfig, dist: Dist, held: contextlib.ExitStack) ->
 
         hub_repo = create_push_repo(config.hub_model_id or output.resolve().name, config.hub_private_repo)
     trainer = build_trainer(config, checkpoint, dist=dist)
+    # What the run holds is let go on an error too (closed again at the normal end: no-ops then); left to the
+    # error's traceback, an in-process caller kept its reward workers, log files and TensorBoard writer (a
+    # thread) until a garbage collection. The pools, not the trainer: a push to the Hub frees it before its upload.
+    for pool in {id(fn.pool): fn.pool for fn in (trainer.reward_fn, *trainer.extra_rewards)
+                 if isinstance(fn, PooledReward)}.values():
+        held.callback(pool.close)
     if main_rank and trainer.device.type == "cuda":  # what --gpu-memory-utilization gave the rollout
         print(f"rollout K/V cache: {trainer.engine.kv_cache_bytes / 2**30:.1f} GiB, "
               f"{trainer.engine.num_blocks * trainer.engine.block_size} tokens")
@@ -644,17 +652,20 @@ def run_training(config: TrainConfig, dist: Dist, held: contextlib.ExitStack) ->
         # a run's directory, which a rerun starts again, not a config.json that reads as another program's
         with refusals_named(metrics_path):
             log = open(metrics_path, "a" if checkpoint is not None else "w")  # "w": a run started again
+        held.callback(log.close)
         if checkpoint is not None:
             warn_changed_options(output / "config.json", config)
         with replaced_whole(output / "config.json") as tmp:  # the record --config DIR/config.json --resume reads
             tmp.write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
         reporter = Reporter(report_targets(config.report_to), output, config_to_dict(config),
                             resumed_at=trainer.step_num if checkpoint is not None else None)
+        held.callback(reporter.close, finish_wandb=False)  # a W&B run an error ends is W&B's exit hook's to mark
         # also without --log-completions now: its records past the checkpoint describe steps this run undoes
         truncate_log(output / "completions.jsonl", trainer.step_num)
         if config.log_completions:
             with refusals_named(output / "completions.jsonl"):
                 completions_log = open(output / "completions.jsonl", "a")
+            held.callback(completions_log.close)
     if trainer.step_num == 0 and config.eval_steps and trainer.eval_rows:
         if main_rank:  # before the training bar: what the wait is for
             print(f"step 0: evaluating the starting model on {len(trainer.eval_rows)} prompts", flush=True)

@@ -118,6 +118,49 @@ def test_reward_workers_leave_ctrl_c_to_the_trainer(capfd):
     assert "KeyboardInterrupt" not in capfd.readouterr().err
 
 
+def _signal_state(pid: int, signum: int) -> dict:
+    fields = dict(line.split(":\t", 1) for line in open(f"/proc/{pid}/status").read().splitlines() if ":\t" in line)
+    return {key: bool(int(fields[key], 16) & (1 << (signum - 1))) for key in ("SigBlk", "SigIgn", "SigCgt")}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGUSR1])
+def test_ctrl_c_while_the_reward_workers_start_leaves_them_scoring(capfd, signum):
+    """A Ctrl-C (or SLURM's SIGUSR1) that reaches the process group in the seconds the workers spend starting (the
+    first scoring call: spawn imports torch and rpo_engine before _start_worker ignores it) killed each with a
+    KeyboardInterrupt traceback, and the run, asked to stop after its step, failed on a 'died while scoring' error."""
+    from rpo_engine.rewards.pool import RewardPool
+
+    sent, scored = [], threading.Event()
+
+    def interrupt_each_worker_once_python_runs():
+        deadline = time.monotonic() + 60
+        while len(sent) < 2 and not scored.is_set() and time.monotonic() < deadline:
+            for process in list((pool.executor._processes or {}).values()):
+                try:
+                    state = _signal_state(process.pid, signal.SIGINT)
+                    cmdline = open(f"/proc/{process.pid}/cmdline").read()
+                except (FileNotFoundError, ProcessLookupError):
+                    continue
+                # exec'd into the spawned interpreter, past its startup: Ctrl-C blocked, ignored or caught (Python's
+                # KeyboardInterrupt) -- sooner, SIGUSR1's default action would end even a worker that goes on to ignore it
+                if process.pid not in sent and "spawn_main" in cmdline and any(state.values()):
+                    os.kill(process.pid, signum)
+                    sent.append(process.pid)
+            time.sleep(0.005)
+
+    with RewardPool({0: "tests.reward_fns:hash_reward"}, workers=2) as pool:
+        killer = threading.Thread(target=interrupt_each_worker_once_python_runs)
+        killer.start()
+        try:
+            scores = pool.score(0, ["a", "b", "c", "d"], ["1"] * 4)
+        finally:
+            scored.set()
+            killer.join()
+        assert len(sent) == 2
+        assert scores == [hash_reward(t, "1") for t in "abcd"]
+    assert "KeyboardInterrupt" not in capfd.readouterr().err
+
+
 def test_reward_workers_leave_sigusr1_to_the_trainer_and_end_when_it_is_killed(tmp_path):
     """SLURM's --signal=USR1 reaches every process of the job: the workers ignore it (the trainer stops after its
     step). A trainer killed outright (SIGKILL, the OOM killer) shuts nothing down: its workers, which waited on
@@ -650,3 +693,20 @@ def test_a_runs_config_json_names_its_local_files_from_any_working_directory(tmp
     assert again.dataset == recorded["dataset"]
     assert config_to_dict(again)["eval_dataset"] == str(here / "data" / "test.jsonl")
     assert config_to_dict(again)["reward"] == recorded["reward"]
+
+
+def test_a_sigterm_to_the_reward_workers_while_scoring_leaves_the_step_scored():
+    """A SIGTERM sent to every process of a run (SLURM ending a job, `kill -- -PGID`) reaches the workers too: the
+    trainer stops after its step with a checkpoint, but its scoring failed on 'a --reward-workers process died',
+    exit 2, no checkpoint. The step is scored in the trainer's process instead; a crash is still that error."""
+    from rpo_engine.rewards.pool import RewardPool
+
+    with RewardPool({0: "tests.reward_fns:hash_reward"}, workers=2) as pool:
+        assert pool.score(0, ["a"], ["1"]) == [hash_reward("a", "1")]  # the workers are up
+        for process in pool.executor._processes.values():
+            os.kill(process.pid, signal.SIGTERM)
+        texts = [f"text {i}" for i in range(20)]
+        assert pool.score(0, texts, ["1"] * 20) == [hash_reward(t, "1") for t in texts]
+    with RewardPool({0: "tests.reward_fns:exiting_reward"}, workers=2) as pool:
+        with pytest.raises(UserError, match="a --reward-workers process died while scoring"):
+            pool.score(0, ["a", "b"], ["1", "1"])

@@ -1,4 +1,6 @@
 """The training loop end to end on a tiny random model, resume equivalence, and the CLI's bad-input handling."""
+import contextlib
+import gc
 import io
 import json
 import math
@@ -2331,6 +2333,7 @@ def test_a_resume_without_log_completions_still_cuts_completions_back(tmp_path, 
 
     class Resumed:  # what train() asks of a trainer until its first step
         device, step_num, eval_rows = torch.device("cpu"), 0, []
+        reward_fn, extra_rewards = None, []  # no reward workers to close
 
         def load_state_dict(self, state):
             self.step_num = 2
@@ -3487,3 +3490,49 @@ def test_a_named_file_the_system_refuses_anywhere_is_one_line(tmp_path, tiny_mod
             raise e
         with pytest.raises(OSError):
             run_cli(fails)
+
+
+def test_a_run_that_raises_in_process_leaves_no_reward_worker_log_file_or_writer_open(tmp_path, tiny_model_dir,
+                                                                                       monkeypatch):
+    """train.main called in a process that goes on (a notebook, a sweep, the test suite) and failing mid-run: its
+    reward workers (each holding torch's memory), its open metrics.jsonl and completions.jsonl and its TensorBoard
+    writer (a thread) outlived it, held by the error's traceback until a garbage collection, not closed as at a
+    run's normal end."""
+    from rpo_engine import reporting, train
+    from rpo_engine.rewards.pool import RewardPool
+    from tests.helpers import process_ended
+
+    class Writer:
+        closed = False
+
+        def add_scalar(self, *args):
+            pass
+
+        def close(self):
+            self.closed = True
+
+    writers, pids = [], []
+    monkeypatch.setattr(reporting, "installed", lambda package: package == "tensorboard")
+    monkeypatch.setattr(reporting, "open_tensorboard", lambda output, purge_step: writers.append(Writer()) or writers[-1])
+    score = RewardPool.score
+    monkeypatch.setattr(RewardPool, "score", lambda pool, *args: (
+        scores := score(pool, *args), pids.extend(p.pid for p in pool.executor._processes.values() if p.pid not in pids),
+        scores)[0])
+    monkeypatch.setenv("RPO_ENGINE_TEST_FAIL_AT", "0:2")
+    out = tmp_path / "run"
+    args = ["--model", tiny_model_dir, "--output", out, "--no-progress", "--prompts-per-step", 1, "--num-generations",
+            2, "--max-completion-length", 4, "--train-size", 1, "--eval-steps", 0, "--steps", 3, "--save-steps", 0,
+            "--reward", "tests.reward_fns:hash_reward", "--reward-workers", 2, "--log-completions"]
+    gc.disable()  # a collection of the traceback's cycles, whenever one comes, would hide what the run left open
+    try:
+        with pytest.raises(RuntimeError, match="RPO_ENGINE_TEST_FAIL_AT"):
+            train.main(list(map(str, args)))
+        assert len(pids) == 2 and all(process_ended(pid, 30) for pid in pids)
+        held = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(FileNotFoundError):  # listdir's own
+                held.append(os.readlink(f"/proc/self/fd/{fd}"))
+        assert not [name for name in held if name.startswith(str(out))]
+        assert len(writers) == 1 and writers[0].closed
+    finally:
+        gc.enable()

@@ -49,8 +49,15 @@ def _start_worker(names: dict[int, str]) -> None:
     # (SIGTERM is left as it is: the pool stops a worker with it.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # blocked since the spawn (RewardPool.score): one sent meanwhile is dropped now
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STARTUP_BLOCKED)
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     _FUNCTIONS.update({index: reward_function(name) for index, name in names.items()})
+
+
+# Blocked while the workers are spawned, a mask they inherit through exec: else one sent to the process group in the
+# seconds a worker imports torch and rpo_engine (before _start_worker ignores it) killed it, with a traceback.
+_STARTUP_BLOCKED = {signal.SIGINT, signal.SIGUSR1}
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -89,16 +96,38 @@ class RewardPool:
         size = max(1, -(-len(texts) // (4 * self.workers)))
         starts = range(0, len(texts), size)
         try:
-            parts = self.executor.map(_score, [index] * len(starts), [texts[i:i + size] for i in starts],
-                                      [answers[i:i + size] for i in starts])
+            # the first call spawns the workers: with Ctrl-C and SIGUSR1 blocked, here only for the submitting (one
+            # sent meanwhile reaches this process after), in a worker until _start_worker ignores them
+            blocked = (signal.pthread_sigmask(signal.SIG_BLOCK, _STARTUP_BLOCKED)
+                       if hasattr(signal, "pthread_sigmask") else None)
+            try:
+                parts = self.executor.map(_score, [index] * len(starts), [texts[i:i + size] for i in starts],
+                                          [answers[i:i + size] for i in starts])
+            finally:
+                if blocked is not None:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             return [score for part in parts for score in part]
         except concurrent.futures.process.BrokenProcessPool:
+            if self._ended_by_sigterm():
+                # a SIGTERM sent to every process (SLURM ending a job, `kill -- -PGID`): the trainer took it too and
+                # stops after this step, with a checkpoint; this step's scores come from here (the same function)
+                fn = reward_function(self.names[index])
+                return [float(fn(text, answer)) for text, answer in zip(texts, answers)]
             raise UserError(f"reward function {self.names[index]!r}: a --reward-workers process died while "
                             f"scoring (a crash or an exit in the function, or out of memory); without "
                             f"--reward-workers its error shows here") from None
         except KeyboardInterrupt:  # the workers ignore it and would finish every queued chunk first
             self.close(wait=False)
             raise
+
+    def _ended_by_sigterm(self) -> bool:
+        """Whether every worker ended by SIGTERM, sent from outside (a crash or an exit ends one otherwise; the pool
+        then sends the others SIGTERM)."""
+        processes = list((getattr(self.executor, "_processes", None) or {}).values())
+        deadline = time.monotonic() + 5  # the pool's thread reaps them too: its join or ours reads the exit code
+        while any(process.exitcode is None for process in processes) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return bool(processes) and all(process.exitcode == -signal.SIGTERM for process in processes)
 
     def close(self, wait: bool = True) -> None:
         """Shut the workers down once their calls in flight are done, or (`wait=False`: an error or an
