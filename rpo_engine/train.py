@@ -602,11 +602,6 @@ def run_training(config: TrainConfig, dist: Dist, held: contextlib.ExitStack) ->
             print(f"--resume: {checkpoint} is at --steps {config.steps}: nothing left to train; writing final/ from it")
     if len(set(dist.gather(str(checkpoint)))) > 1:  # also: every rank has looked before rank 0 writes
         raise UserError(f"{output}: the ranks see different checkpoints; --output must be on a filesystem every node shares")
-    # after the checks above (a directory they refuse, a model's, gets no lock file), before anything is written or
-    # loaded; held until train returns
-    lock = lock_output(output) if main_rank else None
-    if lock is not None:
-        held.enter_context(lock)
 
     hub_repo = None
     if config.push_to_hub and main_rank:  # before the training: a missing token or network fails now, not in hours
@@ -614,6 +609,11 @@ def run_training(config: TrainConfig, dist: Dist, held: contextlib.ExitStack) ->
 
         hub_repo = create_push_repo(config.hub_model_id or output.resolve().name, config.hub_private_repo)
     trainer = build_trainer(config, checkpoint, dist=dist)
+    # after the checks above and the loading (a directory they refuse, a model's, or a run's --output a bad --model or
+    # dataset stops, gets no lock file nor a directory made for it), before anything is written; held until train returns
+    lock = lock_output(output) if main_rank else None
+    if lock is not None:
+        held.enter_context(lock)
     # What the run holds is let go on an error too (closed again at the normal end: no-ops then); left to the
     # error's traceback, an in-process caller kept its reward workers, log files and TensorBoard writer (a
     # thread) until a garbage collection. The pools, not the trainer: a push to the Hub frees it before its upload.
