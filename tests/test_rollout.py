@@ -1088,6 +1088,40 @@ def test_graph_replay_pads_batches_and_recaptures_replaced_weights(checkpoints, 
         weight.data = original
 
 
+def test_graphs_are_captured_again_when_the_adapters_switch_branch(checkpoints, monkeypatch):
+    """A CUDA graph replays the adapter branch it captured (live adapters, the merged copy, or the base): a generate
+    call under adapters_disabled captures the graphs again, and the next one outside it too; unchanged switches
+    keep them (EagerGraph standing in for the capture, which on its own would read the switches live)."""
+    from rpo_engine.model.lora import adapters_disabled, apply_lora, lora_modules
+    from rpo_engine.rollout.model_runner import ModelRunner
+
+    def capture_eagerly(forward, pool):
+        output = forward()
+        return EagerGraph(forward, output), output
+
+    monkeypatch.setattr(ModelRunner, "_capture_graph", staticmethod(capture_eagerly))
+    _, base = checkpoints["qwen2"]
+    model = apply_lora(copy.deepcopy(base), r=2, alpha=4.0)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.weight.normal_(0.0, 1.0)
+    prompts, params = [[5, 6, 7]], SamplingParams(max_new_tokens=3, temperature=0)
+    for merge_lora in (False, True):
+        engine = RolloutEngine(model, block_size=4, attention_backend="triton", use_cuda_graphs=False,
+                               max_num_seqs=2, merge_lora=merge_lora)
+        engine.runner.capture()
+        engine.generate(prompts, params)
+        graphs = dict(engine.runner.graphs)
+        engine.generate(prompts, params)
+        assert all(engine.runner.graphs[s] is graphs[s] for s in graphs)  # nothing changed: the same graphs
+        with adapters_disabled(model):
+            engine.generate(prompts, params)
+        inside = dict(engine.runner.graphs)
+        assert all(inside[s] is not graphs[s] for s in graphs), merge_lora
+        engine.generate(prompts, params)
+        assert all(engine.runner.graphs[s] is not inside[s] for s in graphs), merge_lora
+
+
 def async_twin(model, **kwargs):
     """(sync engine, async engine) with the same settings; the async one records which decode steps ran
     on tokens still on the device (scheduled before the previous step's tokens were read)."""

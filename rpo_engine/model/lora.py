@@ -238,7 +238,8 @@ def _switched(model: nn.Module, flag: str, value: bool):
 
 def adapters_disabled(model: nn.Module):
     """The base model, for the KL reference: every adapter switched off inside the block. (A RolloutEngine's
-    CUDA graphs replay the forward they captured, adapters on: generate from the base with graphs off.)"""
+    CUDA graphs replay the forward they captured: a generate call inside the block captures them again, and
+    the next one outside it too.)"""
     return _switched(model, "adapter_enabled", False)
 
 

@@ -250,11 +250,15 @@ class ModelRunner:
             torch.cuda.synchronize()
         self._captured_ptrs = self._graph_storage()
 
-    def _graph_storage(self) -> list[int]:
-        """Where the graphs read: the parameters, LoRA's merged rollout copies (made again after a sleep), the cache."""
-        merged = [m.rollout_weight.data_ptr() for m in lora_modules(self.model).values() if m.rollout_weight is not None]
+    def _graph_storage(self) -> list:
+        """Where the graphs read: the parameters, LoRA's merged rollout copies (made again after a sleep), the cache;
+        and which of its branches each adapter took when captured (adapters_disabled, the merged copy in use): a
+        graph replays the branch it captured, whatever the flags say at replay."""
+        adapters = lora_modules(self.model).values()
+        merged = [m.rollout_weight.data_ptr() for m in adapters if m.rollout_weight is not None]
+        switches = [(m.adapter_enabled, m.use_rollout_weight) for m in adapters]
         return ([p.data_ptr() for p in self.model.parameters()] + merged
-                + [self.k_cache.data_ptr(), self.v_cache.data_ptr()])
+                + [self.k_cache.data_ptr(), self.v_cache.data_ptr()] + switches)
 
     @staticmethod
     def _capture_graph(forward, pool):
