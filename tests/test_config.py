@@ -594,9 +594,17 @@ def test_device_index_past_the_gpus(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
     with pytest.raises(UserError, match=r"^--device cuda:1: there are 1 CUDA devices \(0 to 0\)$"):
         resolve_device(parse_args(["--device", "cuda:1"]))
     assert resolve_device(parse_args(["--device", "cuda:0"]))[0] == torch.device("cuda:0")
+    # made the current device: Triton launches and CUDA graph captures run on the current one, not the tensors'
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device(parse_args(["--device", "cuda:1"]))[0] == torch.device("cuda:1")
+    assert current == [torch.device("cuda:0"), torch.device("cuda:1")]
+    resolve_device(parse_args(["--device", "cuda"]))  # no index: the current one stays
+    assert len(current) == 2
 
 
 def test_seed_past_64_bits():
