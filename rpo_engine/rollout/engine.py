@@ -88,6 +88,12 @@ class RolloutStats:
         return out
 
 
+def on_device(device: torch.device):
+    """On CUDA, `device` made the current device inside the block: Triton launches, CUDA graph captures and the
+    cache's sizing (mem_get_info) act on the current device, not the model's (cuda:1 beside a current cuda:0)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 class RolloutEngine:
     def __init__(self, model, block_size: int = 16, num_blocks: int | None = None, kv_cache_bytes: int | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int | None = None,
@@ -177,7 +183,7 @@ class RolloutEngine:
             refresh_rollout_weights(model)  # allocated before the K/V cache is sized, so counted as in use
         # the CUDA graphs capture the forward generate will run; the cache is made a normal tensor even in an
         # inference_mode block (an inference tensor could not be written to outside one)
-        with self._rollout_weights(), torch.inference_mode(False):
+        with self._rollout_weights(), torch.inference_mode(False), on_device(model.device):
             self.runner = ModelRunner(model, block_size, num_blocks, kv_cache_bytes, max_num_seqs,
                                       max_num_batched_tokens, attention_backend, use_cuda_graphs,
                                       gpu_memory_utilization, enable_prefix_sharing, triton_cascade)
@@ -205,7 +211,8 @@ class RolloutEngine:
         """Make the K/V cache (and merged LoRA copies) again now; generate does it when needed."""
         if self.merge_lora:
             refresh_rollout_weights(self.model)
-        self.runner.wake_up()
+        with on_device(self.runner.device):
+            self.runner.wake_up()
 
     @property
     def is_sleeping(self) -> bool:
@@ -231,7 +238,7 @@ class RolloutEngine:
         prompts, params_list = self._validate(prompts, params)
         if self.merge_lora:
             refresh_rollout_weights(self.model)
-        with self._rollout_weights():
+        with self._rollout_weights(), on_device(self.runner.device):
             return self._generate(prompts, params_list, progress)
 
     def _generate(self, prompts, params_list, progress) -> list[list[Completion]]:
