@@ -1557,6 +1557,12 @@ def test_sleep_frees_the_kv_cache_and_the_next_call_makes_it_again(checkpoints):
     engine.sleep()
     engine.wake_up()
     assert not engine.is_sleeping and not engine.runner.k_cache.any()  # made again as zeros (finite padding reads)
+    # made again by a call inside inference_mode (an eval's), the cache is still one a later call outside it writes
+    engine.sleep()
+    with torch.inference_mode():
+        assert_same_samples(engine.generate(prompts, params), want)
+    assert not engine.runner.k_cache.is_inference()
+    assert_same_samples(engine.generate(prompts, params), want)
 
 
 def test_repetition_penalty_beside_other_temperatures_and_min_p_in_one_call(checkpoints):

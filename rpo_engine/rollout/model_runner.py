@@ -215,6 +215,10 @@ class ModelRunner:
 
     def capture(self):
         """Capture the decode forward for batch sizes 1, 2, 4, 8, 16, 32, ... up to max_num_seqs."""
+        with torch.inference_mode(False):  # its buffers, written in place by every later call (see wake_up)
+            self._capture()
+
+    def _capture(self):
         n, d = self.max_num_seqs, self.device
         sizes = sorted({1, 2, 4, 8, *range(16, n + 1, 16), n})
         self.g_ids = torch.zeros(n, 1, dtype=torch.long, device=d)
@@ -280,9 +284,12 @@ class ModelRunner:
         self.k_cache = self.v_cache = None
 
     def wake_up(self):
-        if self.k_cache is None:  # zeros: the padding block's reads stay finite
-            self.k_cache = torch.zeros(self.kv_shape, dtype=self.dtype, device=self.device)
-            self.v_cache = torch.zeros(self.kv_shape, dtype=self.dtype, device=self.device)
+        # zeros: the padding block's reads stay finite. A normal tensor even when a call inside inference_mode (an
+        # eval's) makes it: a later call outside one writes into it in place, which an inference tensor refuses.
+        if self.k_cache is None:
+            with torch.inference_mode(False):
+                self.k_cache = torch.zeros(self.kv_shape, dtype=self.dtype, device=self.device)
+                self.v_cache = torch.zeros(self.kv_shape, dtype=self.dtype, device=self.device)
 
     def refresh(self):
         if (self.model.dtype, self.model.device) != (self.dtype, self.device):  # the cache is sized and typed for these
