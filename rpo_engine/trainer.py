@@ -959,12 +959,17 @@ class Trainer:
         return self.evaluate_metrics()["eval_accuracy"]
 
     def evaluate_metrics(self) -> dict:
-        """`_evaluate_metrics` under a forked torch RNG: an eval between steps must leave the training's random
-        streams as they were, and torch's global generator is one (checkpointed as the run's state, read by a
-        stochastic reward), which a greedy eval's unseeded requests and any eval's reward calls draw from."""
+        """`_evaluate_metrics` under forked global RNGs: an eval between steps must leave the training's random
+        streams as they were, and torch's, Python's and numpy's global generators are (checkpointed as the run's
+        state, read by a stochastic reward), which a greedy eval's unseeded requests and any eval's reward calls
+        draw from."""
         device = torch.device(self.device)
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            return self._evaluate_metrics()
+        states = global_rng_states()
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                return self._evaluate_metrics()
+        finally:  # Python's and numpy's too (fork_rng forks torch's alone)
+            restore_global_rng_states(states)
 
     @torch.no_grad()
     def _evaluate_metrics(self) -> dict:

@@ -3224,15 +3224,18 @@ def test_a_run_seeds_the_global_rngs_it_checkpoints(tiny_model_dir, source):
         assert again[key] == expected[key], key
 
 
+@pytest.mark.parametrize("source", ["torch", "python", "numpy"])
 @pytest.mark.parametrize("eval_flags", [[], ["--eval-temperature", "1", "--num-generations-eval", "2"]])
-def test_evaluating_leaves_the_training_rng_alone(tiny_model_dir, eval_flags):
-    """An eval between steps must not move the RNG the training draws from: torch's global generator (a run's
-    state, in its checkpoints) read by a stochastic reward. A greedy eval's requests drew their seeds from it, and
-    any eval's reward calls draw from it too; so --eval-steps changed the training's rewards, hence its updates."""
+def test_evaluating_leaves_the_training_rng_alone(tiny_model_dir, eval_flags, source):
+    """An eval between steps must not move the RNGs the training draws from: torch's, Python's and numpy's global
+    generators (a run's state, in its checkpoints) read by a stochastic reward. A greedy eval's requests drew their
+    seeds from torch's, and any eval's reward calls draw from them too; so --eval-steps changed the training's
+    rewards, hence its updates."""
     from rpo_engine.config import parse_args
     from rpo_engine.train import build_trainer
+    from rpo_engine.trainer import global_rng_states
 
-    args = ["--model", str(tiny_model_dir), "--reward", "tests.reward_fns:torch_coin_reward", "--prompts-per-step",
+    args = ["--model", str(tiny_model_dir), "--reward", f"tests.reward_fns:{source}_coin_reward", "--prompts-per-step",
             "2", "--num-generations", "4", "--max-completion-length", "8", "--eval-size", "3", "--learning-rate",
             "1e-3", "--no-progress", *eval_flags]
     runs = []
@@ -3242,9 +3245,11 @@ def test_evaluating_leaves_the_training_rng_alone(tiny_model_dir, eval_flags):
         steps = []
         for _ in range(2):
             if evaluating:
-                state = torch.get_rng_state()
+                state = global_rng_states()
                 trainer.evaluate_metrics()
-                assert torch.equal(torch.get_rng_state(), state)
+                assert torch.equal(torch.get_rng_state(), state["torch_rng"])
+                assert global_rng_states()["python_rng"] == state["python_rng"]
+                assert torch.equal(global_rng_states()["numpy_rng"][1], state["numpy_rng"][1])
             steps.append(trainer.step())
         runs.append((steps, [p.detach().clone() for p in trainer.model.parameters()]))
     (plain, plain_weights), (evaluated, evaluated_weights) = runs
