@@ -13,17 +13,25 @@ class UserError(Exception):
     """A mistake in what the user gave us (not a bug). The message names the file/option and what was expected."""
 
 
+# the system refusing a named file (no permission, a full disk or quota, a read-only filesystem, a size limit): the
+# user's environment to fix, never our bug, wherever in a run it comes from
+REFUSED = frozenset({errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
+
 def refused_write(e: BaseException) -> OSError | None:
     """The operating system's refusal behind a failed write (a full disk, a quota, a file-size limit, a read-only
-    filesystem): `e` itself, the OSError that torch.save's RuntimeError ("unexpected pos 51136 vs 51024") hides as
-    its context when it writes to a Python file object, or the one safetensors names in its message ("I/O error:
-    No space left on device (os error 28)"); None for any other error."""
+    filesystem: REFUSED): `e` itself, the OSError that torch.save's RuntimeError ("unexpected pos 51136 vs 51024")
+    hides as its context when it writes to a Python file object, or the one safetensors names in its message ("I/O
+    error: No space left on device (os error 28)"); None for any other error (another OSError may be a bug)."""
     if isinstance(e, OSError):
-        return e
-    if isinstance(e, RuntimeError) and isinstance(e.__context__, OSError):
-        return e.__context__
-    found = re.search(r"I/O error: (.*) \(os error (\d+)\)", str(e)) if type(e).__name__ == "SafetensorError" else None
-    return OSError(int(found[2]), found[1]) if found else None
+        found = e
+    elif isinstance(e, RuntimeError) and isinstance(e.__context__, OSError):
+        found = e.__context__
+    else:
+        named = (re.search(r"I/O error: (.*) \(os error (\d+)\)", str(e))
+                 if type(e).__name__ == "SafetensorError" else None)
+        found = OSError(int(named[2]), named[1]) if named else None
+    return found if found is not None and found.errno in REFUSED else None
 
 
 @contextlib.contextmanager
@@ -37,11 +45,6 @@ def refusals_named(path):
         if refused is None:
             raise
         raise UserError(f"{path}: could not be written ({refused.strerror or refused})") from None
-
-
-# the system refusing a named file (no permission, a full disk or quota, a read-only filesystem, a size limit): the
-# user's environment to fix, never our bug, wherever in a run it comes from
-REFUSED = frozenset({errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
 
 
 def run_cli(main_fn, argv=None) -> int:

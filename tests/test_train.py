@@ -3497,6 +3497,37 @@ def test_a_named_file_the_system_refuses_anywhere_is_one_line(tmp_path, tiny_mod
             run_cli(fails)
 
 
+def test_only_the_systems_refusals_of_a_write_are_one_line(tmp_path):
+    """refusals_named makes the system refusing a write (run_cli's REFUSED: a full disk, a quota, a size limit, a
+    read-only filesystem, no permission) one line naming the path; any other OSError there (a missing file, a
+    dropped connection), or a RuntimeError raised while one was handled, passes on as it is: it may be a bug, and
+    "could not be written" would name the wrong cause with exit code 2 (run_cli's rule too)."""
+    import errno
+
+    from rpo_engine.errors import UserError, refusals_named
+
+    def in_scope(error, context=None):
+        with refusals_named(tmp_path / "x"):
+            if context is None:
+                raise error
+            try:
+                raise context
+            except OSError:
+                raise error
+
+    for refusal, context in ((OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), None),
+                             (OSError(errno.EFBIG, os.strerror(errno.EFBIG)), None),
+                             (RuntimeError("unexpected pos 51136 vs 51024"),  # torch.save's words for a full disk
+                              OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))):
+        with pytest.raises(UserError, match="could not be written"):
+            in_scope(refusal, context)
+    for other, context in ((FileNotFoundError(errno.ENOENT, "No such file or directory", "y"), None),
+                           (ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"), None),
+                           (RuntimeError("a bug"), FileNotFoundError(errno.ENOENT, "No such file or directory"))):
+        with pytest.raises(type(other)):
+            in_scope(other, context)
+
+
 def test_a_run_that_raises_in_process_leaves_no_reward_worker_log_file_or_writer_open(tmp_path, tiny_model_dir,
                                                                                        monkeypatch):
     """train.main called in a process that goes on (a notebook, a sweep, the test suite) and failing mid-run: its
