@@ -1160,7 +1160,8 @@ def seed_global_rngs(seed: int) -> None:
 
     random.seed(seed)
     numpy.random.seed(seed % 2 ** 32)  # numpy takes 32 bits
-    torch.manual_seed(seed)
+    # torch takes 64 (eval's --seed is any integer: the sampler keeps its low 64 bits); within them, as it was
+    torch.manual_seed(seed if -2 ** 63 <= seed < 2 ** 64 else seed % 2 ** 64)
 
 
 def global_rng_states() -> dict:

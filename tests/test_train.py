@@ -2764,6 +2764,23 @@ def test_eval_cli_seeds_the_torch_rng_a_stochastic_reward_reads(tmp_path, tiny_m
     assert rewards[0] == rewards[1] and 0 < sum(rewards[0]) < 12, rewards  # the same 12 coins, not all alike
 
 
+def test_eval_cli_takes_a_seed_past_64_bits_as_its_sampler_does(tmp_path, tiny_model_dir):
+    """eval's --seed is any integer (the sampler keeps its low 64 bits); seeding the global generators with it too
+    made one past torch.manual_seed's range a ValueError traceback ("Overflow when unpacking long long")."""
+    from rpo_engine.eval import main
+    from rpo_engine.trainer import seed_global_rngs
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "Q: 1+1\nA:", "answer": "2"}) + "\n")
+    assert main(["--model", str(tiny_model_dir), "--dataset", str(data), "--max-completion-length", "2",
+                 "--no-progress", "--temperature", "1", "--seed", str(2 ** 64 + 5)]) == 0
+    for seed in (0, 5, -3, 2 ** 64 - 1):  # within torch's range: seeded as before
+        seed_global_rngs(seed)
+        state = torch.get_rng_state()
+        torch.manual_seed(seed)
+        assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_next_steps_cold_starts_run_with_this_steps_suffixes(tmp_path, tiny_model_dir):
     out = tmp_path / "ahead"
     run_train("--model", tiny_model_dir, "--steps", 3, "--eval-steps", 0, "--train-size", 6, "--output", out, *SMALL)
