@@ -220,6 +220,16 @@ def lock_output(output: Path):
     return held
 
 
+def run_written(output: Path) -> tuple:
+    """What a run writing `output` changes: its latest checkpoint, metrics.jsonl (size, time) and final/."""
+    try:
+        log = (output / "metrics.jsonl").stat()
+        log = (log.st_size, log.st_mtime_ns)
+    except OSError:
+        log = None
+    return latest_checkpoint(output), log, (output / "final").exists()
+
+
 # what a run writes at the top of --output: finding one of them without metrics.jsonl means the directory is
 # something else (a model's: its config.json would be overwritten by the run's options)
 RUN_FILES = ("config.json", "curves.png", "completions.jsonl", "final", "final-adapter", "checkpoints")
@@ -579,7 +589,7 @@ def run_training(config: TrainConfig, dist: Dist, held: contextlib.ExitStack) ->
     output = Path(config.output)
     check_output_dir(output)
     metrics_path = output / "metrics.jsonl"
-    found = latest_checkpoint(output)
+    found, seen = latest_checkpoint(output), run_written(output)
     chosen = chosen_checkpoint(output, config.resume_from_checkpoint) if config.resume_from_checkpoint else None
     resume = config.resume or chosen is not None
     if metrics_path.exists() and nothing_to_keep(output, found):  # resume-or-start, and a plain rerun likewise
@@ -617,6 +627,10 @@ def run_training(config: TrainConfig, dist: Dist, held: contextlib.ExitStack) ->
     lock = lock_output(output) if main_rank else None
     if lock is not None:
         held.enter_context(lock)
+        # a run that held it while this one loaded (and has ended) made the choices above stale: resuming from the
+        # checkpoint chosen then would set its later ones and final/ aside
+        if run_written(output) != seen:
+            raise UserError(f"{output}: another run wrote it while this one loaded; run the command again")
     # What the run holds is let go on an error too (closed again at the normal end: no-ops then); left to the
     # error's traceback, an in-process caller kept its reward workers, log files and TensorBoard writer (a
     # thread) until a garbage collection. The pools, not the trainer: a push to the Hub frees it before its upload.

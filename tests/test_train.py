@@ -3369,6 +3369,38 @@ def test_a_second_run_on_an_output_another_run_is_writing_is_refused(tmp_path, t
     assert [m["step"] for m in read_metrics(out)] == [1, 2]
 
 
+def test_a_run_another_run_wrote_to_while_it_loaded_is_refused(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """The lock is taken once the model has loaded (minutes), after the run chose its checkpoint: a run holding the
+    lock meanwhile and ending (a requeued job's first run, stopping with a checkpoint at the scheduler's signal)
+    wrote a later checkpoint and final/ that the stale choice then set aside, cutting metrics.jsonl back to its
+    step and training again. Refused with one line instead, changing nothing."""
+    from rpo_engine import train
+    from rpo_engine.errors import run_cli
+
+    out = tmp_path / "run"
+    common = ["--model", str(tiny_model_dir), "--eval-steps", "0", "--train-size", "3", "--output", str(out),
+              "--no-progress", "--save-steps", "1", *map(str, SMALL)]
+    assert run_cli(train.main, [*common, "--steps", "1"]) == 0
+    shutil.rmtree(out / "final")  # a run at step 1 that goes on
+    real, other = train.build_trainer, []
+
+    def other_run_ends_meanwhile(*args, **kwargs):
+        trainer = real(*args, **kwargs)
+        if not other:
+            other.append(None)  # the other run's own load does not start a third
+            other[0] = run_cli(train.main, [*common, "--steps", "2", "--resume"])
+        return trainer
+
+    monkeypatch.setattr(train, "build_trainer", other_run_ends_meanwhile)
+    capsys.readouterr()
+    code = run_cli(train.main, [*common, "--steps", "2", "--resume"])
+    assert other == [0]
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith(f"error: {out}: another run wrote it while this one loaded"), err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    assert (out / "final").is_dir() and [m["step"] for m in read_metrics(out)] == [1, 2]
+
+
 def test_a_save_the_disk_refuses_is_one_line_and_keeps_the_earlier_checkpoint(tmp_path, tiny_model_dir):
     """A full disk (here the file-size limit, which fails a write as ENOSPC does, with EFBIG) while a checkpoint or
     final/ is written: a line naming the directory and the system's reason, not torch's "unexpected pos 51136 vs
