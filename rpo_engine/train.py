@@ -42,8 +42,9 @@ def resolve_device(config: TrainConfig) -> tuple[torch.device, torch.dtype]:
         if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
             raise UserError(f"--device {config.device}: there are {torch.cuda.device_count()} CUDA devices (0 to "
                             f"{torch.cuda.device_count() - 1})")
-        if device.type == "cuda" and device.index is not None:
+        if device.type == "cuda" and device.index is not None and "RANK" not in os.environ:
             # Triton launches and CUDA graph captures run on the current device, not the one their tensors are on
+            # (under torchrun a rank's is its LOCAL_RANK's, made current by Dist.from_env; build_trainer puts it there)
             torch.cuda.set_device(device)
     if config.dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -607,6 +607,25 @@ def test_device_index_past_the_gpus(monkeypatch):
     assert len(current) == 2
 
 
+def test_device_index_under_torchrun_leaves_each_ranks_device_current(monkeypatch):
+    """Under torchrun each rank trains on its LOCAL_RANK's GPU (Dist.from_env makes it current; build_trainer puts
+    the model there, whatever --device's index): resolve_device, which build_trainer calls after, making --device
+    cuda:0 current again put every rank's Triton launches and CUDA graphs (and NCCL's barrier) on GPU 0."""
+    import torch
+
+    from rpo_engine.train import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device(parse_args(["--device", "cuda:0"]))[0] == torch.device("cuda:0")
+    assert current == []
+
+
 def test_seed_past_64_bits():
     with pytest.raises(UserError, match=r"^--seed must fit in 64 bits, got 18446744073709551616$"):
         parse_args(["--seed", str(2**64)])
