@@ -722,7 +722,7 @@ def test_a_runs_config_json_names_its_local_files_from_any_working_directory(tmp
     assert config_to_dict(again)["reward"] == recorded["reward"]
 
 
-def test_a_sigterm_to_the_reward_workers_while_scoring_leaves_the_step_scored():
+def test_a_sigterm_to_the_reward_workers_while_scoring_leaves_the_step_scored(capsys):
     """A SIGTERM sent to every process of a run (SLURM ending a job, `kill -- -PGID`) reaches the workers too: the
     trainer stops after its step with a checkpoint, but its scoring failed on 'a --reward-workers process died',
     exit 2, no checkpoint. The step is scored in the trainer's process instead; a crash is still that error."""
@@ -734,6 +734,8 @@ def test_a_sigterm_to_the_reward_workers_while_scoring_leaves_the_step_scored():
             os.kill(process.pid, signal.SIGTERM)
         texts = [f"text {i}" for i in range(20)]
         assert pool.score(0, texts, ["1"] * 20) == [hash_reward(t, "1") for t in texts]
+        assert pool.score(0, texts, ["1"] * 20) == [hash_reward(t, "1") for t in texts]  # and on, said once
+        assert capsys.readouterr().err.count("ended by SIGTERM; scoring in this process") == 1
     with RewardPool({0: "tests.reward_fns:exiting_reward"}, workers=2) as pool:
         with pytest.raises(UserError, match="a --reward-workers process died while scoring"):
             pool.score(0, ["a", "b"], ["1", "1"])

@@ -22,6 +22,7 @@ import concurrent.futures.process
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -81,6 +82,7 @@ class RewardPool:
         if workers < 1:
             raise ValueError(f"a reward pool needs at least one worker, got {workers}")
         self.names, self.workers = dict(names), workers
+        self._said_sigterm = False  # the warning that the workers' SIGTERM moved scoring here, given once
         self.executor = concurrent.futures.ProcessPoolExecutor(
             workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
             initargs=(self.names,))
@@ -110,7 +112,12 @@ class RewardPool:
         except concurrent.futures.process.BrokenProcessPool:
             if self._ended_by_sigterm():
                 # a SIGTERM sent to every process (SLURM ending a job, `kill -- -PGID`): the trainer took it too and
-                # stops after this step, with a checkpoint; this step's scores come from here (the same function)
+                # stops after this step, with a checkpoint; this step's scores come from here (the same function).
+                # Said once: where the trainer did not take it, every later call is scored here, slower
+                if not self._said_sigterm:
+                    self._said_sigterm = True
+                    print("warning: the --reward-workers processes were ended by SIGTERM; scoring in this process",
+                          file=sys.stderr, flush=True)
                 fn = reward_function(self.names[index])
                 return [float(fn(text, answer)) for text, answer in zip(texts, answers)]
             raise UserError(f"reward function {self.names[index]!r}: a --reward-workers process died while "
