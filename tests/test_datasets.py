@@ -579,6 +579,32 @@ def test_columns_read_as_prompt_and_answer_in_local_files(tmp_path):
         parse_args(["--dataset", str(data), "--dataset-prompt-column", "final", "--dataset-answer-column", "final"])
 
 
+def test_verl_parquet_reads_its_nested_ground_truth(tmp_path):
+    """verl's layout (its examples/data_preprocess: a chat `prompt`, the answer in `reward_model.ground_truth`): the
+    missing answer names that field, which --dataset-answer-column reads by its dotted path, in Parquet and JSONL; a
+    dotted name that leads nowhere is named with the row's keys; a column whose own name has a dot comes first."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"data_source": "openai/gsm8k", "prompt": [{"role": "user", "content": f"Q: {i}+1"}], "ability": "math",
+             "reward_model": {"style": "rule", "ground_truth": str(i + 1)}, "extra_info": {"split": "train", "index": i}}
+            for i in range(3)]
+    data = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), data)
+    with pytest.raises(UserError, match=re.escape("pass --dataset-answer-column reward_model.ground_truth (verl's "
+                                                  "layout)?")):
+        load_dataset_rows(data)
+    for path in (data, _write(tmp_path / "train.jsonl", "".join(json.dumps(r) + "\n" for r in rows))):
+        read = load_dataset_rows(path, answer_column="reward_model.ground_truth")
+        assert [(r["prompt"], r["answer"]) for r in read] == [
+            ([{"role": "user", "content": f"Q: {i}+1"}], str(i + 1)) for i in range(3)]
+    with pytest.raises(UserError, match=re.escape("row 0: no column 'reward_model.answer' (--dataset-answer-column); "
+                                                  "found keys ['ability', 'data_source'")):
+        load_dataset_rows(data, answer_column="reward_model.answer")
+    flat = _write(tmp_path / "flat.jsonl", json.dumps({"prompt": "p", "a.b": "1", "a": {"b": "2"}}) + "\n")
+    assert load_dataset_rows(flat, answer_column="a.b")[0]["answer"] == "1"
+
+
 def test_eval_steps_0_reads_no_eval_set(tmp_path):
     """--eval-steps 0: no eval set is read (a Hub one would be downloaded for nothing, a broken one stop the run)."""
     from rpo_engine.config import parse_args

@@ -69,15 +69,21 @@ def _check_row(row, where: str, index: int, columns: tuple[str, str] = COLUMNS) 
         raise UserError(f"{where}: {_EXPECTED}, got {_type_name(row)}")
     keys = sorted(map(str, row))
     if columns != COLUMNS:  # --dataset-prompt-column / --dataset-answer-column: read as prompt and answer
+        picked = {}
         for key, column in zip(COLUMNS, columns):
-            if column != key and column not in row:
-                raise UserError(f"{where}: no column {column!r} (--dataset-{key}-column); found keys {keys}")
-        row = {**row, **{key: row[column] for key, column in zip(COLUMNS, columns) if column != key}}
+            if column != key:
+                try:
+                    picked[key] = _field(row, column)
+                except KeyError:
+                    raise UserError(f"{where}: no column {column!r} (--dataset-{key}-column); found keys {keys}") from None
+        row = {**row, **picked}
     out = dict(row)
     for key in ("prompt", "answer"):
         if key not in row:
             alias = next((k for k in _ALIASES[key] if k in row), None)  # MATH's problem/solution, GSM8K's question
             hint = f"; rename '{alias}' to '{key}', or pass --dataset-{key}-column {alias}?" if alias else ""
+            if key == "answer" and isinstance(row.get("reward_model"), dict) and "ground_truth" in row["reward_model"]:
+                hint = "; pass --dataset-answer-column reward_model.ground_truth (verl's layout)?"
             raise UserError(f"{where}: missing '{key}' ({_EXPECTED}; found keys {keys}{hint})")
         v = row[key]
         if key == "prompt" and not isinstance(v, str):
@@ -112,6 +118,19 @@ def _check_row(row, where: str, index: int, columns: tuple[str, str] = COLUMNS) 
     else:
         out["id"] = str(index)
     return out
+
+
+def _field(row: dict, column: str):
+    """`row[column]`, or where no column has that name, the nested field a dotted one names (verl's
+    reward_model.ground_truth); KeyError where neither is there."""
+    if column in row:
+        return row[column]
+    value = row
+    for part in column.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(column)
+        value = value[part]
+    return value
 
 
 def _missing_id(row) -> bool:
