@@ -383,7 +383,7 @@ class TrainConfig:
     dataset_train_split: str = field(default="train", metadata={"help": "the split of a --dataset with splits (a Hub id, a repository directory, a DatasetDict) to train on (TRL's name)"})
     dataset_test_split: str = field(default="test", metadata={"help": "the split of a --eval-dataset with splits (a Hub id, a repository directory, a DatasetDict) to evaluate on (TRL's name)"})
     dataset_prompt_column: str = field(default="prompt", metadata={"help": "the dataset field read as the prompt, e.g. question (GSM8K)"})
-    dataset_answer_column: str = field(default="answer", metadata={"help": "the dataset field read as the reference answer"})
+    dataset_answer_column: str = field(default="answer", metadata={"help": "the dataset field read as the reference answer (a dotted path reads a nested one: reward_model.ground_truth in verl's Parquet)"})
     filter_overlong_prompts: bool = field(default=False, metadata={"help": "leave out of the training and eval sets the rows whose prompts have more tokens than --max-prompt-length allows, saying how many (verl's name; off: such a prompt is an error naming its row)"})
     output: str = field(default=_DEFAULT_OUTPUT, metadata={"help": "output directory (metrics.jsonl, checkpoints, final/)"})
     resume: bool = field(default=False, metadata={"help": "resume from the latest checkpoint in --output"})
