@@ -44,8 +44,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dataset-config", help="a Hub (or repository directory) dataset's configuration, e.g. main for openai/gsm8k")
     parser.add_argument("--dataset-test-split", help="the split of a --dataset with splits (a Hub id, a repository directory, a DatasetDict) to evaluate (default: test)")
     parser.add_argument("--dataset-prompt-column", help="the field read as the prompt, e.g. question (default: prompt)")
-    parser.add_argument("--dataset-answer-column", help="the field read as the reference answer (default: answer; a dotted path reads a nested one: "
-                                                               "reward_model.ground_truth in verl's Parquet)")
+    parser.add_argument("--dataset-answer-column", help="the field read as the reference answer (default: answer; a "
+                                                        "dotted path reads a nested one: reward_model.ground_truth "
+                                                        "in verl's Parquet)")
     parser.add_argument("--eval-size", type=int, default=512, help="most rows to evaluate (default: 512)")
     parser.add_argument("--max-prompt-length", type=int, default=512,
                         help="longest prompt in tokens, as in training; longer is an error (default: 512)")
