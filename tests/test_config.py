@@ -739,3 +739,27 @@ def test_a_sigterm_to_the_reward_workers_while_scoring_leaves_the_step_scored(ca
     with RewardPool({0: "tests.reward_fns:exiting_reward"}, workers=2) as pool:
         with pytest.raises(UserError, match="a --reward-workers process died while scoring"):
             pool.score(0, ["a", "b"], ["1", "1"])
+
+
+@pytest.mark.parametrize("flags,name", [
+    (["--delta", "1e300"], "--delta"), (["--epsilon-high", "1e300"], "--epsilon-high"),
+    (["--loss-type", "cispo", "--epsilon-high", "1e300"], "--epsilon-high"),
+    (["--loss-type", "sapo", "--sapo-temperature-neg", "1e300"], "--sapo-temperature-neg"),
+    (["--loss-type", "vespo", "--vespo-k-pos", "1e300"], "--vespo-k-pos"), (["--beta", "1e300"], "--beta"),
+    (["--overlong-buffer", "8", "--overlong-penalty", "1e300"], "--overlong-penalty"),
+    (["--reward-weights", "1e300"], "--reward-weights"), (["--format-reward-weight", "1e300"], "--format-reward-weight"),
+    (["--learning-rate", "1e300"], "--learning-rate"),
+])
+def test_a_value_past_float32_is_refused_not_a_traceback_or_nan_in_the_first_step(flags, name):
+    """The loss's options reach its float32 kernels, and the rewards are float32 tensors: past 3.4e38 the first
+    update raised "value cannot be converted to type float without overflow" (--delta, --epsilon-high, sapo's
+    and vespo's), or a reward of inf made reward_std NaN in metrics.jsonl and skipped every update."""
+    with pytest.raises(UserError, match=f"^{name} must be at most (3.4e\\+38|1e\\+30) in size"):
+        parse_args(flags)
+    parse_args([flag if flag != flags[-1] else "1e30" for flag in flags])  # large, but float32 holds it
+
+
+@pytest.mark.parametrize("extra", [["--reward-weights", "3e38"], ["--overlong-buffer", "8", "--overlong-penalty", "3e38"]])
+def test_a_reward_scale_that_overflows_a_groups_sum_is_refused(extra):
+    with pytest.raises(UserError, match=r"must be at most 1e\+30 in size"):
+        parse_args(extra)
