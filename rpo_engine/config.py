@@ -485,6 +485,10 @@ class TrainConfig:
         _check(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
         _check(self.top_k >= 0, f"--top-k must be >= 0, got {self.top_k}")
         _check(0 <= self.min_p <= 1, f"--min-p must be in [0, 1], got {self.min_p}")
+        # one candidate token a step: every group's G completions come out alike, so no group has an advantage
+        for flag, greedy in ((f"--top-k {self.top_k}", self.top_k == 1), (f"--min-p {self.min_p}", self.min_p == 1)):
+            _check(not greedy, f"{flag} samples greedily: a group's {self.num_generations} completions are all alike, "
+                               f"so none has an advantage and nothing is learned (--top-k 0 or > 1, --min-p < 1)")
         _check(self.repetition_penalty >= MIN_TEMPERATURE,
                f"--repetition-penalty must be >= {MIN_TEMPERATURE} (1: off), got {self.repetition_penalty}")
         stop_strings(self.stop)
@@ -605,6 +609,9 @@ class TrainConfig:
         _check(0 < self.eval_top_p <= 1, f"--eval-top-p must be in (0, 1], got {self.eval_top_p}")
         _check(self.eval_top_k >= 0, f"--eval-top-k must be >= 0, got {self.eval_top_k}")
         _check(self.num_generations_eval >= 1, f"--num-generations-eval must be >= 1, got {self.num_generations_eval}")
+        _check(not (self.eval_top_k == 1 and self.num_generations_eval > 1),
+               f"--eval-top-k 1 samples greedily: a prompt's {self.num_generations_eval} eval answers are all alike "
+               f"(--eval-top-k 0 or > 1, or --num-generations-eval 1)")
         if not self.push_to_hub:
             _reject_given(self, ("hub_model_id", "hub_private_repo"), "without --push-to-hub")
         # (with --eval-steps 0 they are let be, as --eval-size is: a shared file's eval settings, eval switched off)

@@ -763,3 +763,27 @@ def test_a_value_past_float32_is_refused_not_a_traceback_or_nan_in_the_first_ste
 def test_a_reward_scale_that_overflows_a_groups_sum_is_refused(extra):
     with pytest.raises(UserError, match=r"must be at most 1e\+30 in size"):
         parse_args(extra)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--top-k", "1"], r"^--top-k 1 samples greedily: a group's 8 completions are all alike"),
+    (["--min-p", "1"], r"^--min-p 1.0 samples greedily: a group's 8 completions are all alike"),
+    (["--eval-temperature", "0.7", "--eval-top-k", "1", "--num-generations-eval", "4"],
+     r"^--eval-top-k 1 samples greedily: a prompt's 4 eval answers are all alike"),
+])
+def test_sampling_that_is_greedy_is_refused_where_it_samples_several(flags, message):
+    """--top-k 1 or --min-p 1 keep only the most likely token: every group's G completions came out the same, so
+    no group ever had an advantage and the run trained nothing (frac_reward_zero_std 1.0), without a word."""
+    with pytest.raises(UserError, match=message):
+        parse_args(flags)
+    parse_args(["--top-k", "2", "--min-p", "0.99"])
+    parse_args(["--eval-temperature", "0.7", "--eval-top-k", "1"])  # one answer a prompt: greedy, as asked
+
+
+def test_eval_cli_refuses_several_samples_that_are_greedy(tmp_path):
+    for flags, name in ((["--top-k", "1"], "--top-k 1"), (["--min-p", "1"], "--min-p 1.0")):
+        proc = subprocess.run([sys.executable, "-m", "rpo_engine.eval", "--num-samples", "4", "--temperature", "0.7",
+                               *flags], capture_output=True, text=True, cwd=REPO)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(
+            f"error: --num-samples 4 with {name} samples greedily: a row's 4 completions are all alike"), proc.stderr
