@@ -550,6 +550,11 @@ class TrainConfig:
                    f"got {self.reward_weights!r}")
             for weight in weights:
                 _check_float32("reward_weights", weight)
+            overlong = self.algo.overlong_penalty and (self.algo.overlong_buffer or (
+                self.algo.overlong_buffer is None and self.algo.algo == "dapo" and self.max_completion_length >= 4))
+            _check(any(weights) or self.format_reward_weight or overlong,
+                   f"--reward-weights are all 0: every completion's reward is 0, so nothing is learned (give a "
+                   f"function a nonzero weight), got {self.reward_weights!r}")
         _check_float32("format_reward_weight", self.format_reward_weight)
         # torch.distributed's timers overflow far past 1e9 s (gloo: 9e9 s hangs the job, 1e10 s fails it at once)
         _check(0 < self.dist_timeout <= 1e9, f"--dist-timeout must be > 0 and at most 1e9 seconds (about 31 years), "

@@ -787,3 +787,13 @@ def test_eval_cli_refuses_several_samples_that_are_greedy(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(
             f"error: --num-samples 4 with {name} samples greedily: a row's 4 completions are all alike"), proc.stderr
+
+
+def test_reward_weights_all_zero_are_refused_where_nothing_else_rewards():
+    """--reward-weights 0 (or 0,0) made every reward 0: every group without signal, a run that trained nothing."""
+    for flags in (["--reward-weights", "0"], ["--reward", "math,tests.reward_fns:hash_reward", "--reward-weights", "0,0"]):
+        with pytest.raises(UserError, match=r"^--reward-weights are all 0: every completion's reward is 0"):
+            parse_args(flags)
+    parse_args(["--reward-weights", "0", "--format-reward-weight", "1"])  # the format reward still ranks them
+    parse_args(["--reward-weights", "0", "--algo", "dapo"])  # so does DAPO's overlong penalty
+    parse_args(["--reward", "math,tests.reward_fns:hash_reward", "--reward-weights", "0,1"])
