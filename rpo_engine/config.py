@@ -111,6 +111,23 @@ def _check_finite(config) -> None:
             raise UserError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+# a reward scale's bound leaves float32 room for the sums of a batch's rewards (3e38 overflowed a group's)
+REWARD_SCALE_MAX = 1e30
+_REWARD_SCALES = ("reward_weights", "format_reward_weight", "overlong_penalty")
+
+
+def _check_float32(name: str, value: float) -> None:
+    """A value that reaches a float32 tensor (the loss kernels' arguments, the learning rate, the rewards) within
+    its range: past it the first update raised "value cannot be converted to type float without overflow", or a
+    reward of inf made the advantages NaN and skipped every update."""
+    limit = REWARD_SCALE_MAX if name in _REWARD_SCALES else FLOAT32_MAX
+    _check(abs(value) <= limit, f"--{name.replace('_', '-')} must be at most {limit:.2g} in size (the loss "
+                                f"and the rewards are computed in float32), got {value:g}")
+
+
 _KL_ALIASES = {"low_var_kl": "k3", "kl": "k1", "mse": "k2"}  # verl's names of the estimators
 
 
@@ -215,6 +232,9 @@ class AlgoConfig:
 
     def __post_init__(self):
         _check_finite(self)
+        for f in fields(self):
+            if isinstance(getattr(self, f.name), float):
+                _check_float32(f.name, getattr(self, f.name))
         _check(self.algo in ("grpo", "dapo"), f"--algo must be grpo or dapo, got {self.algo!r}")
         dapo = self.algo == "dapo"
         if self.loss_type == "cispo":  # TRL's convention: epsilon_high is the cap of the weight itself
@@ -465,10 +485,15 @@ class TrainConfig:
         _check(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
         _check(self.top_k >= 0, f"--top-k must be >= 0, got {self.top_k}")
         _check(0 <= self.min_p <= 1, f"--min-p must be in [0, 1], got {self.min_p}")
+        # one candidate token a step: every group's G completions come out alike, so no group has an advantage
+        for flag, greedy in ((f"--top-k {self.top_k}", self.top_k == 1), (f"--min-p {self.min_p}", self.min_p == 1)):
+            _check(not greedy, f"{flag} samples greedily: a group's {self.num_generations} completions are all alike, "
+                               f"so none has an advantage and nothing is learned (--top-k 0 or > 1, --min-p < 1)")
         _check(self.repetition_penalty >= MIN_TEMPERATURE,
                f"--repetition-penalty must be >= {MIN_TEMPERATURE} (1: off), got {self.repetition_penalty}")
         stop_strings(self.stop)
         _check(self.learning_rate > 0, f"--learning-rate must be > 0, got {self.learning_rate}")
+        _check_float32("learning_rate", self.learning_rate)
         _check(0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.warmup_steps is not None:
             _check(self.warmup_steps >= 0 and (self.warmup_steps < 1 or self.warmup_steps.is_integer()),
@@ -523,6 +548,14 @@ class TrainConfig:
             _check(len(weights) == len(names) and all(map(math.isfinite, weights)),
                    f"--reward-weights must be {len(names)} comma-separated number(s), one per --reward function, "
                    f"got {self.reward_weights!r}")
+            for weight in weights:
+                _check_float32("reward_weights", weight)
+            overlong = self.algo.overlong_penalty and (self.algo.overlong_buffer or (
+                self.algo.overlong_buffer is None and self.algo.algo == "dapo" and self.max_completion_length >= 4))
+            _check(any(weights) or self.format_reward_weight or overlong,
+                   f"--reward-weights are all 0: every completion's reward is 0, so nothing is learned (give a "
+                   f"function a nonzero weight), got {self.reward_weights!r}")
+        _check_float32("format_reward_weight", self.format_reward_weight)
         # torch.distributed's timers overflow far past 1e9 s (gloo: 9e9 s hangs the job, 1e10 s fails it at once)
         _check(0 < self.dist_timeout <= 1e9, f"--dist-timeout must be > 0 and at most 1e9 seconds (about 31 years), "
                                             f"got {self.dist_timeout}")
@@ -581,6 +614,9 @@ class TrainConfig:
         _check(0 < self.eval_top_p <= 1, f"--eval-top-p must be in (0, 1], got {self.eval_top_p}")
         _check(self.eval_top_k >= 0, f"--eval-top-k must be >= 0, got {self.eval_top_k}")
         _check(self.num_generations_eval >= 1, f"--num-generations-eval must be >= 1, got {self.num_generations_eval}")
+        _check(not (self.eval_top_k == 1 and self.num_generations_eval > 1),
+               f"--eval-top-k 1 samples greedily: a prompt's {self.num_generations_eval} eval answers are all alike "
+               f"(--eval-top-k 0 or > 1, or --num-generations-eval 1)")
         if not self.push_to_hub:
             _reject_given(self, ("hub_model_id", "hub_private_repo"), "without --push-to-hub")
         # (with --eval-steps 0 they are let be, as --eval-size is: a shared file's eval settings, eval switched off)

@@ -739,3 +739,61 @@ def test_a_sigterm_to_the_reward_workers_while_scoring_leaves_the_step_scored(ca
     with RewardPool({0: "tests.reward_fns:exiting_reward"}, workers=2) as pool:
         with pytest.raises(UserError, match="a --reward-workers process died while scoring"):
             pool.score(0, ["a", "b"], ["1", "1"])
+
+
+@pytest.mark.parametrize("flags,name", [
+    (["--delta", "1e300"], "--delta"), (["--epsilon-high", "1e300"], "--epsilon-high"),
+    (["--loss-type", "cispo", "--epsilon-high", "1e300"], "--epsilon-high"),
+    (["--loss-type", "sapo", "--sapo-temperature-neg", "1e300"], "--sapo-temperature-neg"),
+    (["--loss-type", "vespo", "--vespo-k-pos", "1e300"], "--vespo-k-pos"), (["--beta", "1e300"], "--beta"),
+    (["--overlong-buffer", "8", "--overlong-penalty", "1e300"], "--overlong-penalty"),
+    (["--reward-weights", "1e300"], "--reward-weights"), (["--format-reward-weight", "1e300"], "--format-reward-weight"),
+    (["--learning-rate", "1e300"], "--learning-rate"),
+])
+def test_a_value_past_float32_is_refused_not_a_traceback_or_nan_in_the_first_step(flags, name):
+    """The loss's options reach its float32 kernels, and the rewards are float32 tensors: past 3.4e38 the first
+    update raised "value cannot be converted to type float without overflow" (--delta, --epsilon-high, sapo's
+    and vespo's), or a reward of inf made reward_std NaN in metrics.jsonl and skipped every update."""
+    with pytest.raises(UserError, match=f"^{name} must be at most (3.4e\\+38|1e\\+30) in size"):
+        parse_args(flags)
+    parse_args([flag if flag != flags[-1] else "1e30" for flag in flags])  # large, but float32 holds it
+
+
+@pytest.mark.parametrize("extra", [["--reward-weights", "3e38"], ["--overlong-buffer", "8", "--overlong-penalty", "3e38"]])
+def test_a_reward_scale_that_overflows_a_groups_sum_is_refused(extra):
+    with pytest.raises(UserError, match=r"must be at most 1e\+30 in size"):
+        parse_args(extra)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--top-k", "1"], r"^--top-k 1 samples greedily: a group's 8 completions are all alike"),
+    (["--min-p", "1"], r"^--min-p 1.0 samples greedily: a group's 8 completions are all alike"),
+    (["--eval-temperature", "0.7", "--eval-top-k", "1", "--num-generations-eval", "4"],
+     r"^--eval-top-k 1 samples greedily: a prompt's 4 eval answers are all alike"),
+])
+def test_sampling_that_is_greedy_is_refused_where_it_samples_several(flags, message):
+    """--top-k 1 or --min-p 1 keep only the most likely token: every group's G completions came out the same, so
+    no group ever had an advantage and the run trained nothing (frac_reward_zero_std 1.0), without a word."""
+    with pytest.raises(UserError, match=message):
+        parse_args(flags)
+    parse_args(["--top-k", "2", "--min-p", "0.99"])
+    parse_args(["--eval-temperature", "0.7", "--eval-top-k", "1"])  # one answer a prompt: greedy, as asked
+
+
+def test_eval_cli_refuses_several_samples_that_are_greedy(tmp_path):
+    for flags, name in ((["--top-k", "1"], "--top-k 1"), (["--min-p", "1"], "--min-p 1.0")):
+        proc = subprocess.run([sys.executable, "-m", "rpo_engine.eval", "--num-samples", "4", "--temperature", "0.7",
+                               *flags], capture_output=True, text=True, cwd=REPO)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(
+            f"error: --num-samples 4 with {name} samples greedily: a row's 4 completions are all alike"), proc.stderr
+
+
+def test_reward_weights_all_zero_are_refused_where_nothing_else_rewards():
+    """--reward-weights 0 (or 0,0) made every reward 0: every group without signal, a run that trained nothing."""
+    for flags in (["--reward-weights", "0"], ["--reward", "math,tests.reward_fns:hash_reward", "--reward-weights", "0,0"]):
+        with pytest.raises(UserError, match=r"^--reward-weights are all 0: every completion's reward is 0"):
+            parse_args(flags)
+    parse_args(["--reward-weights", "0", "--format-reward-weight", "1"])  # the format reward still ranks them
+    parse_args(["--reward-weights", "0", "--algo", "dapo"])  # so does DAPO's overlong penalty
+    parse_args(["--reward", "math,tests.reward_fns:hash_reward", "--reward-weights", "0,1"])
