@@ -131,6 +131,13 @@ def _check_float32(name: str, value: float) -> None:
 _KL_ALIASES = {"low_var_kl": "k3", "kl": "k1", "mse": "k2"}  # verl's names of the estimators
 
 
+def overlong_buffer(algo: "AlgoConfig", max_completion_length: int) -> int:
+    """DAPO's overlong shaping: the last tokens of the budget where a longer answer is penalized (0: none; --algo
+    dapo's default, a quarter of the budget)."""
+    buffer = algo.overlong_buffer
+    return max_completion_length // 4 if buffer is None and algo.algo == "dapo" else buffer or 0
+
+
 @dataclass
 class RPOConfig:
     """Partial Reasoning Optimization: regenerate only the tail of each prompt's cached reasoning path."""
@@ -550,8 +557,7 @@ class TrainConfig:
                    f"got {self.reward_weights!r}")
             for weight in weights:
                 _check_float32("reward_weights", weight)
-            overlong = self.algo.overlong_penalty and (self.algo.overlong_buffer or (
-                self.algo.overlong_buffer is None and self.algo.algo == "dapo" and self.max_completion_length >= 4))
+            overlong = self.algo.overlong_penalty and overlong_buffer(self.algo, self.max_completion_length)
             _check(any(weights) or self.format_reward_weight or overlong,
                    f"--reward-weights are all 0: every completion's reward is 0, so nothing is learned (give a "
                    f"function a nonzero weight), got {self.reward_weights!r}")

@@ -35,7 +35,8 @@ from typing import NamedTuple
 import torch
 
 from rpo_engine.algos.grpo import decoupled_rewards, group_advantages, informative_groups
-from rpo_engine.config import TrainConfig, config_to_dict, reward_weights, stop_strings, warmup_length
+from rpo_engine.config import (TrainConfig, config_to_dict, overlong_buffer, reward_weights, stop_strings,
+                               warmup_length)
 from rpo_engine.distributed import Dist, consolidated_optimizer_state, full_tensor, load_consolidated_optimizer_state
 from rpo_engine.errors import UserError, refusals_named
 from rpo_engine.kernels import policy_loss
@@ -388,9 +389,7 @@ class Trainer:
         return decoupled_rewards(parts, torch.tensor(self.reward_terms(), dtype=torch.float64))[0].tolist()
 
     def overlong_buffer(self) -> int:
-        """DAPO's overlong shaping: the last tokens of the budget where a longer answer is penalized (0: none)."""
-        buffer = self.algo.overlong_buffer
-        return self.config.max_completion_length // 4 if buffer is None and self.algo.algo == "dapo" else buffer or 0
+        return overlong_buffer(self.algo, self.config.max_completion_length)
 
     def reward_terms(self) -> list[float]:
         """The weight of each term of the reward, in Group.terms' order: the (length-shaped) accuracy, each
