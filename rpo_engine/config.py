@@ -350,6 +350,8 @@ class AlgoConfig:
             _check(self.entropy_coef_min <= self.entropy_coef <= self.entropy_coef_max,
                    f"--entropy-coef ({self.entropy_coef}) must lie in [--entropy-coef-min, --entropy-coef-max] = "
                    f"[{self.entropy_coef_min}, {self.entropy_coef_max}] with --use-adaptive-entropy")
+            _check(self.entropy_coef_max > 0, "--use-adaptive-entropy does nothing with --entropy-coef-max 0: the "
+                                              "coefficient stays 0 (no bonus)")
             _check(self.entropy_coef_delta > 0, f"--entropy-coef-delta must be > 0, got {self.entropy_coef_delta}")
             _check(self.entropy_target >= 0, f"--entropy-target must be >= 0, got {self.entropy_target}")
         _check(self.delta is None or self.delta > 1 + self.epsilon_high,

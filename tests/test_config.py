@@ -378,6 +378,8 @@ def test_broken_generation_config_names_its_file_once(tmp_path, text, message):
      "--entropy-coef-max does nothing without --use-adaptive-entropy"),
     (["--entropy-coef-min", "0.1", "--entropy-coef-delta", "0.1", "--entropy-target", "1"],
      "--entropy-coef-min, --entropy-coef-delta and --entropy-target do nothing without --use-adaptive-entropy"),
+    (["--use-adaptive-entropy", "--entropy-coef-max", "0"],
+     "--use-adaptive-entropy does nothing with --entropy-coef-max 0: the coefficient stays 0"),
     (["--beta", "0.1", "--ref-model-sync-steps", "2"], "--ref-model-sync-steps does nothing without --sync-ref-model"),
     (["--max-resample-rounds", "1"], "--max-resample-rounds does nothing without dynamic sampling"),
     (["--algo", "dapo", "--no-dynamic-sampling", "--dynamic-sampling-metric", "reward"],
