@@ -131,6 +131,14 @@ def _check_float32(name: str, value: float) -> None:
 _KL_ALIASES = {"low_var_kl": "k3", "kl": "k1", "mse": "k2"}  # verl's names of the estimators
 
 
+def greedy_filter(top_k: int, min_p: float) -> str | None:
+    """The filter that leaves one candidate token a step, so sampling is greedy at any temperature ("--top-k 1",
+    "--min-p 1.0"); None where neither does."""
+    if top_k == 1:
+        return f"--top-k {top_k}"
+    return f"--min-p {min_p}" if min_p == 1 else None
+
+
 def overlong_buffer(algo: "AlgoConfig", max_completion_length: int) -> int:
     """DAPO's overlong shaping: the last tokens of the budget where a longer answer is penalized (0: none; --algo
     dapo's default, a quarter of the budget)."""
@@ -495,9 +503,9 @@ class TrainConfig:
         _check(self.top_k >= 0, f"--top-k must be >= 0, got {self.top_k}")
         _check(0 <= self.min_p <= 1, f"--min-p must be in [0, 1], got {self.min_p}")
         # one candidate token a step: every group's G completions come out alike, so no group has an advantage
-        for flag, greedy in ((f"--top-k {self.top_k}", self.top_k == 1), (f"--min-p {self.min_p}", self.min_p == 1)):
-            _check(not greedy, f"{flag} samples greedily: a group's {self.num_generations} completions are all alike, "
-                               f"so none has an advantage and nothing is learned (--top-k 0 or > 1, --min-p < 1)")
+        flag = greedy_filter(self.top_k, self.min_p)
+        _check(flag is None, f"{flag} samples greedily: a group's {self.num_generations} completions are all alike, "
+                             f"so none has an advantage and nothing is learned (--top-k 0 or > 1, --min-p < 1)")
         _check(self.repetition_penalty >= MIN_TEMPERATURE,
                f"--repetition-penalty must be >= {MIN_TEMPERATURE} (1: off), got {self.repetition_penalty}")
         stop_strings(self.stop)

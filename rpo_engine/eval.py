@@ -21,7 +21,7 @@ from rpo_engine.errors import UserError, run_cli
 
 def main(argv=None) -> int:
     import rpo_engine
-    from rpo_engine.config import OneLineParser, config_from_dict, stop_strings
+    from rpo_engine.config import OneLineParser, config_from_dict, greedy_filter, stop_strings
     from rpo_engine.model.checkpoint import model_directory
     from rpo_engine.model.lora import load_adapter, read_adapter_settings
     from rpo_engine.rollout import SamplingParams
@@ -99,10 +99,10 @@ def main(argv=None) -> int:
         raise UserError(f"--gpu-memory-utilization must be in (0, 1], got {args.gpu_memory_utilization}")
     if args.num_samples > 1 and args.temperature <= 0:
         raise UserError(f"--num-samples {args.num_samples} needs --temperature > 0 (greedy samples are all the same)")
-    for flag, greedy in ((f"--top-k {args.top_k}", args.top_k == 1), (f"--min-p {args.min_p}", args.min_p == 1)):
-        if args.num_samples > 1 and greedy:  # one candidate token a step: greedy decoding, K times over
-            raise UserError(f"--num-samples {args.num_samples} with {flag} samples greedily: a row's {args.num_samples} "
-                            f"completions are all alike (--top-k 0 or > 1, --min-p < 1)")
+    greedy = greedy_filter(args.top_k, args.min_p)
+    if args.num_samples > 1 and greedy:  # one candidate token a step: greedy decoding, K times over
+        raise UserError(f"--num-samples {args.num_samples} with {greedy} samples greedily: a row's {args.num_samples} "
+                        f"completions are all alike (--top-k 0 or > 1, --min-p < 1)")
     if args.temperature == 0:  # greedy takes the most likely token, which every filter keeps: these changed nothing
         given = [flag for flag, value, default in (("--top-p", args.top_p, 1.0), ("--top-k", args.top_k, 0),
                                                    ("--min-p", args.min_p, 0.0), ("--seed", args.seed, 0))
