@@ -541,6 +541,11 @@ class TrainConfig:
         _check(not (self.use_peft and self.parallel == "fsdp"), "--use-peft trains with --parallel ddp, not fsdp")
         # under LoRA the reference is the base itself (adapters off): there is no second model to move
         _check(not (self.use_peft and self.algo.sync_ref_model), "--sync-ref-model does not apply with --use-peft")
+        # the reference moves at steps that are multiples of the interval: past --steps (TRL's default 512 is past most
+        # runs') it never moved, and the run trained against the initial model without a word
+        _check(not self.algo.sync_ref_model or self.algo.ref_model_sync_steps <= self.steps,
+               f"--sync-ref-model does nothing with --ref-model-sync-steps {self.algo.ref_model_sync_steps} above "
+               f"--steps {self.steps}: the reference would never move (give --ref-model-sync-steps <= --steps)")
         if self.chat_template_kwargs is not None:
             try:
                 kwargs = json.loads(self.chat_template_kwargs)

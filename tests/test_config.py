@@ -381,6 +381,9 @@ def test_broken_generation_config_names_its_file_once(tmp_path, text, message):
     (["--use-adaptive-entropy", "--entropy-coef-max", "0"],
      "--use-adaptive-entropy does nothing with --entropy-coef-max 0: the coefficient stays 0"),
     (["--beta", "0.1", "--ref-model-sync-steps", "2"], "--ref-model-sync-steps does nothing without --sync-ref-model"),
+    # TRL's default interval, 512 steps, is longer than most runs: the reference never moved, silently
+    (["--beta", "0.1", "--sync-ref-model", "--steps", "40"],
+     "--sync-ref-model does nothing with --ref-model-sync-steps 512 above --steps 40"),
     (["--max-resample-rounds", "1"], "--max-resample-rounds does nothing without dynamic sampling"),
     (["--algo", "dapo", "--no-dynamic-sampling", "--dynamic-sampling-metric", "reward"],
      "--dynamic-sampling-metric does nothing without dynamic sampling (--algo dapo, or --dynamic-sampling)"),
