@@ -385,6 +385,8 @@ class AlgoConfig:
         if not (self.overlong_buffer or (self.overlong_buffer is None and dapo)):  # the trainer's overlong_buffer()
             _reject_given(self, ("overlong_penalty",),
                           "without an overlong buffer (--overlong-buffer N > 0; --algo dapo has one by default)")
+        if not self.overlong_penalty and self.overlong_buffer:  # (--algo dapo's default buffer with 0: shaping off)
+            _reject_given(self, ("overlong_buffer",), "with --overlong-penalty 0 (it subtracts 0 from every reward)")
         if self.multi_objective_aggregation == "normalize_then_sum":
             _reject_given(self, ("scale_rewards",),
                           "with --multi-objective-aggregation normalize_then_sum (it scales by the batch's std)")

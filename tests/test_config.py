@@ -389,6 +389,8 @@ def test_broken_generation_config_names_its_file_once(tmp_path, text, message):
      "--dynamic-sampling-metric does nothing without dynamic sampling (--algo dapo, or --dynamic-sampling)"),
     (["--overlong-penalty", "2"], "--overlong-penalty does nothing without an overlong buffer"),
     (["--algo", "dapo", "--overlong-buffer", "0", "--overlong-penalty", "2"], "--overlong-penalty does nothing"),
+    # the other way round: a buffer whose penalty is 0 subtracts 0 from every reward
+    (["--overlong-buffer", "8", "--overlong-penalty", "0"], "--overlong-buffer does nothing with --overlong-penalty 0"),
     (["--multi-objective-aggregation", "normalize_then_sum", "--scale-rewards", "batch"],
      "--scale-rewards does nothing with --multi-objective-aggregation normalize_then_sum"),
     (["--loss-type", "sapo", "--epsilon", "0.1"],
@@ -439,6 +441,7 @@ def test_option_that_does_nothing_in_this_run(flags, message):
     ["--algo", "dapo", "--max-resample-rounds", "1", "--dynamic-sampling-metric", "reward"],
     ["--dynamic-sampling", "--max-resample-rounds", "1"],
     ["--algo", "dapo", "--overlong-penalty", "2"], ["--overlong-buffer", "8", "--overlong-penalty", "2"],
+    ["--algo", "dapo", "--overlong-penalty", "0"],  # DAPO's shaping switched off, its buffer left at its default
     ["--multi-objective-aggregation", "normalize_then_sum", "--scale-rewards", "group"],
     ["--loss-type", "cispo", "--epsilon-high", "5"],
     ["--loss-type", "luspo", "--epsilon", "3e-4", "--epsilon-high", "4e-4"],
