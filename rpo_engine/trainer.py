@@ -1031,6 +1031,9 @@ class Trainer:
                                                    default=str).encode()).hexdigest()[:16] for row in rows}
 
     def load_state_dict(self, state: dict) -> None:
+        for count in ("step", "rows_drawn"):  # an edited file's: the step is compared, the rows drawn indexed
+            if isinstance(state[count], bool) or not isinstance(state[count], int) or state[count] < 0:
+                raise ValueError(f"{count} is {state[count]!r}, not a count")
         self.step_num = state["step"]
         # torch restores the checkpoint's hyperparameters with the moments and the schedule's position: this run's
         # options (a --learning-rate, --weight-decay or AdamW beta changed on resume; a longer --steps, which
@@ -1052,7 +1055,8 @@ class Trainer:
         self.rng.setstate((version, tuple(internal), gauss))
         restore_global_rng_states(state)
         self.rows_drawn = state["rows_drawn"]
-        stale = self.cache.load_state_dict(state["cache"], self.prompt_keys(state["cache"]["paths"]))
+        stale = self.cache.load_state_dict(state["cache"], self.prompt_keys(state["cache"]["paths"]),
+                                           self.model.config.vocab_size)
         if stale and self.dist.is_main:
             print(f"warning: resuming: dropped {len(stale)} cached RPO path(s) saved for another prompt under the "
                   f"same id (first {stale[0]!r}: the dataset, or the built-in task's --seed, changed); those prompts "

@@ -2831,6 +2831,37 @@ def test_broken_checkpoint_is_a_user_error(tmp_path, tiny_model_dir):
         assert (out / "metrics.jsonl").read_text() == metrics
 
 
+def test_a_tampered_trainer_state_is_refused_in_one_line(tmp_path, tiny_model_dir):
+    """A trainer_state.pt that loads (weights only) but holds what no run saved: a cached path of token ids outside
+    the vocabulary (the rollout's traceback a step later), a cache whose paths are no dict, a step that is no count
+    or not its directory's (a checkpoint copied under another name). Each is refused in one line at the resume,
+    before anything is written."""
+    out = tmp_path / "run"
+    run_train("--model", tiny_model_dir, "--steps", 1, "--eval-steps", 0, "--output", out, *SMALL)
+    metrics = (out / "metrics.jsonl").read_text()
+    state_file = out / "checkpoints" / "step-1" / "trainer_state.pt"
+    saved = torch.load(state_file, weights_only=True)
+    assert saved["cache"]["paths"]  # RPO (the default) cached the cold starts' paths
+
+    def out_of_vocab(state, token):
+        first = next(iter(state["cache"]["paths"].values()))
+        first[0], first[4] = [token, *first[0][1:]], None
+    tampers = {"token id 1000000": lambda s: out_of_vocab(s, 10 ** 6), "token id -3": lambda s: out_of_vocab(s, -3),
+               "token id 2.5": lambda s: out_of_vocab(s, 2.5),
+               "paths is a list": lambda s: s["cache"].update(paths=[1, 2]),
+               "not [token ids, reward, step": lambda s: s["cache"]["paths"].update(extra=7),
+               "step is '1'": lambda s: s.update(step="1"), "rows_drawn is -3": lambda s: s.update(rows_drawn=-3),
+               "holds step 5, not its directory's 1": lambda s: s.update(step=5)}
+    for fragment, tamper in tampers.items():
+        state = {**saved, "cache": {**saved["cache"], "paths": {k: list(v) for k, v in saved["cache"]["paths"].items()}}}
+        tamper(state)
+        torch.save(state, state_file)
+        proc = run_train("--model", tiny_model_dir, "--steps", 2, "--eval-steps", 0, "--output", out, "--resume",
+                         *SMALL, check=False)
+        assert_user_error(proc, "trainer_state.pt", fragment)
+        assert (out / "metrics.jsonl").read_text() == metrics
+
+
 def test_top_entropy_quantile_counts_last_bit_differences_as_ties():
     """A group's G samples predict their first suffix token from one context, so those entropies tie; computed in
     another layout (padded, a sample a micro-batch) they differ in the last bits (5.399603366851807 shared,
