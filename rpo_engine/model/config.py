@@ -81,6 +81,11 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise UserError(f"config field {name} must be a positive integer, got {value!r}")
+        # transformers computes them too, into NaN rotary frequencies or norms: a silently different model
+        if self.rope_theta <= 0:
+            raise UserError(f"rope_theta must be > 0, got {self.rope_theta!r}")
+        if self.rms_norm_eps < 0:
+            raise UserError(f"rms_norm_eps must be >= 0, got {self.rms_norm_eps!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise UserError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                             f"num_key_value_heads ({self.num_key_value_heads})")
@@ -214,7 +219,8 @@ class ModelConfig:
         num_heads = need("num_attention_heads")
         hidden = need("hidden_size")
         attention_bias = bool(hf.get("attention_bias", False))
-        default_head_dim = 128 if model_type == "qwen3" else hidden // num_heads
+        # num_heads 0: __post_init__ names the field (a ZeroDivisionError here named none)
+        default_head_dim = 128 if model_type == "qwen3" or num_heads == 0 else hidden // num_heads
         return cls(
             model_type=model_type,
             vocab_size=need("vocab_size"),
