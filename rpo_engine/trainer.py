@@ -1126,10 +1126,15 @@ def stop_ids(model, tokenizer) -> list[int]:
     ids = list(model.config.stop_token_ids)
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)  # as TRL and vLLM stop: a tokenizer whose eos the config does not name
+    where = getattr(model, "source_dir", None) or "the model"
     if not ids:
-        where = getattr(model, "source_dir", None) or "the model"
         raise UserError(f"{where}: no end-of-sequence token (config.json's or generation_config.json's eos_token_id, "
                         f"or the tokenizer's eos_token); completions could never stop")
+    vocab = model.config.vocab_size
+    outside = [t for t in ids if not 0 <= t < vocab]  # the model never emits them: the rollout refused them later
+    if outside:
+        raise UserError(f"{where}: end-of-sequence token id(s) {outside} (config.json's or generation_config.json's "
+                        f"eos_token_id, or the tokenizer's eos_token) are not in the model's vocabulary [0, {vocab})")
     return ids
 
 

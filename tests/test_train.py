@@ -2147,6 +2147,24 @@ def test_model_without_an_end_of_sequence_token(tmp_path, tiny_model_dir):
                       "no_eos: no end-of-sequence token", "completions could never stop")
 
 
+def test_end_of_sequence_token_outside_the_vocabulary(tmp_path, tiny_model_dir):
+    """An eos_token_id (config.json's or generation_config.json's) the model cannot emit: one line naming it, from
+    the trainer and from eval, not the rollout's ValueError traceback at the first step."""
+    model_dir = tmp_path / "far_eos"
+    shutil.copytree(tiny_model_dir, model_dir)
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, vocab + 7]}))
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+1", "answer": "2"}\n')
+    expected = (f"far_eos: end-of-sequence token id(s) [{vocab + 7}] (config.json's or generation_config.json's "
+                f"eos_token_id, or the tokenizer's eos_token) are not in the model's vocabulary [0, {vocab})")
+    assert_user_error(run_train("--model", model_dir, "--output", tmp_path / "o", "--steps", 1, check=False), expected)
+    proc = subprocess.run([sys.executable, "-m", "rpo_engine.eval", "--model", str(model_dir), "--dataset", str(data)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert_user_error(proc, expected)
+    assert not (tmp_path / "o").exists()
+
+
 def test_missing_model(tmp_path):
     assert_user_error(run_train("--model", tmp_path / "nope", "--output", tmp_path / "o", check=False),
                       "nope", "not found")
