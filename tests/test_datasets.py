@@ -337,7 +337,7 @@ def test_stop_ids_include_the_tokenizers_eos():
 
     tok = word_tokenizer()
     tok.eos_token = "<|im_end|>"
-    model = SimpleNamespace(config=SimpleNamespace(stop_token_ids=(2,)))
+    model = SimpleNamespace(config=SimpleNamespace(stop_token_ids=(2,), vocab_size=word_tokenizer().vocab_size))
     assert stop_ids(model, tok) == [2, 4]
     model.config.stop_token_ids = (4, 2)
     assert stop_ids(model, tok) == [4, 2]
