@@ -15,6 +15,7 @@ the part after its last ``####`` is compared.
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import importlib
 import importlib.util
@@ -496,11 +497,14 @@ class TRLStyleReward:
         # a column of one of the call's own names is left out, as TRL leaves out completion_ids
         columns = {key: [row.get(key) for row in rows] for key in rows[0]
                    if key not in ("prompt", "completion", "completion_ids", *self.trainer_kwargs)}
+        # copies (strings are shared, not copied): a function editing a conversation or a list column in place
+        # edited the dataset's rows, for every later call and for the prompt digest a checkpoint stores
+        prompts, columns = copy.deepcopy(([row["prompt"] for row in rows], columns))
         extras = {"trainer_state": trainer_state,
                   "log_metric": lambda name, value: log.add_metric(self.name, name, value),
                   "log_extra": lambda column, values: log.add_column(self.name, sizes, column, values)}
         try:
-            return self.fn(prompts=[row["prompt"] for row in rows], completions=completions,
+            return self.fn(prompts=prompts, completions=completions,
                            completion_ids=completion_ids, **columns, **{k: extras[k] for k in self.trainer_kwargs})
         except UserError:  # a log_metric / log_extra mistake, already named
             raise
