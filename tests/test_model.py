@@ -582,6 +582,9 @@ def _edit_config(directory, **changes):
     (dict(rope_parameters=None, rope_theta=0), "rope_theta must be > 0, got 0"),
     (dict(rms_norm_eps=-1e-6), "rms_norm_eps must be >= 0, got -1e-06"),
     (dict(num_attention_heads=0), "config field num_attention_heads must be a positive integer, got 0"),
+    # "false" is truthy: the model was tied and the checkpoint's own lm_head.weight dropped, silently
+    (dict(tie_word_embeddings="false"), "tie_word_embeddings must be true or false, got 'false'"),
+    (dict(attention_bias="no"), "attention_bias must be true or false, got 'no'"),
     (dict(quantization_config={"quant_method": "fp8"}), "quantization_config \\('fp8'\\): quantized checkpoints"),
     (dict(use_sliding_window=True, sliding_window=16, max_window_layers=1, layer_types=None), "sliding-window"),
     (dict(use_sliding_window=True, sliding_window=16, layer_types=["full_attention", "sliding_attention"]),
