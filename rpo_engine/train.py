@@ -654,6 +654,9 @@ def run_training(config: TrainConfig, dist: Dist, held: contextlib.ExitStack) ->
         except (KeyError, TypeError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
             raise UserError(f"{state_file}: not a checkpoint this rpo_engine can resume "
                             f"({load_error_reason(e)})") from None
+        if trainer.step_num != checkpoint_step(checkpoint):  # copied under another step's name: which one is it?
+            raise UserError(f"{state_file}: holds step {trainer.step_num}, not its directory's "
+                            f"{checkpoint_step(checkpoint)}; not a checkpoint this rpo_engine can resume")
         if main_rank:  # the log loses the steps after the checkpoint: this run writes them again
             set_aside = set_aside_later(output, checkpoint)
             records = [plotted(r) for r in truncate_log(metrics_path, trainer.step_num, keep=True)]

@@ -1031,6 +1031,9 @@ class Trainer:
                                                    default=str).encode()).hexdigest()[:16] for row in rows}
 
     def load_state_dict(self, state: dict) -> None:
+        for count in ("step", "rows_drawn"):  # an edited file's: the step is compared, the rows drawn indexed
+            if isinstance(state[count], bool) or not isinstance(state[count], int) or state[count] < 0:
+                raise ValueError(f"{count} is {state[count]!r}, not a count")
         self.step_num = state["step"]
         # torch restores the checkpoint's hyperparameters with the moments and the schedule's position: this run's
         # options (a --learning-rate, --weight-decay or AdamW beta changed on resume; a longer --steps, which
@@ -1052,7 +1055,8 @@ class Trainer:
         self.rng.setstate((version, tuple(internal), gauss))
         restore_global_rng_states(state)
         self.rows_drawn = state["rows_drawn"]
-        stale = self.cache.load_state_dict(state["cache"], self.prompt_keys(state["cache"]["paths"]))
+        stale = self.cache.load_state_dict(state["cache"], self.prompt_keys(state["cache"]["paths"]),
+                                           self.model.config.vocab_size)
         if stale and self.dist.is_main:
             print(f"warning: resuming: dropped {len(stale)} cached RPO path(s) saved for another prompt under the "
                   f"same id (first {stale[0]!r}: the dataset, or the built-in task's --seed, changed); those prompts "
@@ -1122,10 +1126,15 @@ def stop_ids(model, tokenizer) -> list[int]:
     ids = list(model.config.stop_token_ids)
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)  # as TRL and vLLM stop: a tokenizer whose eos the config does not name
+    where = getattr(model, "source_dir", None) or "the model"
     if not ids:
-        where = getattr(model, "source_dir", None) or "the model"
         raise UserError(f"{where}: no end-of-sequence token (config.json's or generation_config.json's eos_token_id, "
                         f"or the tokenizer's eos_token); completions could never stop")
+    vocab = model.config.vocab_size
+    outside = [t for t in ids if not 0 <= t < vocab]  # the model never emits them: the rollout refused them later
+    if outside:
+        raise UserError(f"{where}: end-of-sequence token id(s) {outside} (config.json's or generation_config.json's "
+                        f"eos_token_id, or the tokenizer's eos_token) are not in the model's vocabulary [0, {vocab})")
     return ids
 
 

@@ -77,11 +77,26 @@ def test_missing_file_directory_and_extension(tmp_path):
     ('{"id": "a", "prompt": "p", "answer": "a"}\n{"id": "b", "prompt": "p", "answer": "a"}\n'
      '{"id": "a", "prompt": "p", "answer": "a"}\n', 3, "duplicate id 'a'"),
     ('{"prompt": "p", "answer": "a"}\n{"id": "0", "prompt": "p", "answer": "a"}\n', 2, "duplicate id '0'"),
+    # which answer is meant? json.loads took the last one silently
+    ('{"prompt": "p", "answer": "a"}\n{"prompt": "p", "answer": "1", "answer": "2"}\n', 2,
+     "not valid JSON (key 'answer' given twice)"),
+    ('{"prompt": [{"role": "user", "content": "q", "content": "r"}], "answer": "a"}\n', 1,
+     "not valid JSON (key 'content' given twice)"),
+    # json.loads' RecursionError was a traceback
+    pytest.param('{"prompt": "p", "answer": "a"}\n{"prompt": ' + "[" * 100000 + "]" * 100000 + ', "answer": "a"}\n',
+                 2, "not valid JSON (nested too deeply)", id="nested-too-deeply"),
 ])
 def test_jsonl_errors_name_file_and_line(tmp_path, content, line, why):
     p = _write(tmp_path / "bad.jsonl", content)
     msg = _error(p)
     assert f"{p}:{line}:" in msg and why in msg, msg
+
+
+def test_json_array_with_a_duplicate_key_or_nested_too_deeply(tmp_path):
+    p = _write(tmp_path / "dup.json", '[{"prompt": "p", "answer": "a"},\n {"prompt": "p", "prompt": "q", "answer": "a"}]')
+    assert f"{p}: not valid JSON (key 'prompt' given twice)" in _error(p)
+    p = _write(tmp_path / "deep.json", "[" * 100000 + "]" * 100000)
+    assert f"{p}: not valid JSON (nested too deeply)" in _error(p)
 
 
 def test_duplicate_id_names_first_line(tmp_path):
@@ -337,7 +352,7 @@ def test_stop_ids_include_the_tokenizers_eos():
 
     tok = word_tokenizer()
     tok.eos_token = "<|im_end|>"
-    model = SimpleNamespace(config=SimpleNamespace(stop_token_ids=(2,)))
+    model = SimpleNamespace(config=SimpleNamespace(stop_token_ids=(2,), vocab_size=word_tokenizer().vocab_size))
     assert stop_ids(model, tok) == [2, 4]
     model.config.stop_token_ids = (4, 2)
     assert stop_ids(model, tok) == [4, 2]

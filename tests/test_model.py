@@ -577,6 +577,14 @@ def _edit_config(directory, **changes):
     (dict(eos_token_id="</s>"), "eos_token_id must be a token id"),
     (dict(eos_token_id=[2, -1]), "eos_token_id must be a token id"),
     (dict(num_attention_heads="4"), "wrong type or value"),
+    # absurd values: NaN rotary frequencies (a silently different model), a division by zero that named no field
+    (dict(rope_parameters=None, rope_theta=-1.0), "rope_theta must be > 0, got -1.0"),
+    (dict(rope_parameters=None, rope_theta=0), "rope_theta must be > 0, got 0"),
+    (dict(rms_norm_eps=-1e-6), "rms_norm_eps must be >= 0, got -1e-06"),
+    (dict(num_attention_heads=0), "config field num_attention_heads must be a positive integer, got 0"),
+    # "false" is truthy: the model was tied and the checkpoint's own lm_head.weight dropped, silently
+    (dict(tie_word_embeddings="false"), "tie_word_embeddings must be true or false, got 'false'"),
+    (dict(attention_bias="no"), "attention_bias must be true or false, got 'no'"),
     (dict(quantization_config={"quant_method": "fp8"}), "quantization_config \\('fp8'\\): quantized checkpoints"),
     (dict(use_sliding_window=True, sliding_window=16, max_window_layers=1, layer_types=None), "sliding-window"),
     (dict(use_sliding_window=True, sliding_window=16, layer_types=["full_attention", "sliding_attention"]),
@@ -587,6 +595,21 @@ def test_config_fields_of_the_wrong_type_or_value_are_named(tmp_path, changes, m
     _edit_config(tmp_path, **changes)
     with pytest.raises(UserError, match=rf"config\.json: .*{message}"):
         rpo_engine.load_model(tmp_path)
+
+
+def test_more_layers_than_the_weights_hold_is_named_before_the_model_is_built(tmp_path, monkeypatch):
+    """num_hidden_layers above the weights' layers (a typo, or a hostile 1e9) is refused before the meta model is
+    built: a billion layers' modules, even on the meta device, took hours and memory before the missing-tensor
+    error."""
+    from rpo_engine.model import checkpoint
+
+    save_hf_checkpoint("qwen2", tmp_path)
+    for layers in (3, 10 ** 9):
+        _edit_config(tmp_path, num_hidden_layers=layers)
+        monkeypatch.setattr(checkpoint, "CausalLM", lambda config: pytest.fail("the model was built"))
+        with pytest.raises(UserError, match=re.escape(f"{tmp_path}: config.json's num_hidden_layers is {layers}, "
+                                                      f"but the weights hold layers 0 to 1 (2 layers)")):
+            rpo_engine.load_model(tmp_path)
 
 
 @pytest.mark.parametrize("scaling,expected", [

@@ -737,6 +737,50 @@ def test_a_reward_model_without_a_chat_template_on_conversations_is_one_line(tmp
     build_trainer(parse_args(args)).step()  # string prompts: joined to the completion, no template needed
 
 
+def test_trl_style_reward_that_edits_its_arguments_leaves_the_dataset_rows_as_they_were():
+    """A conversational prompt (a list of messages) and a list column were the dataset row's own objects: a function
+    that edited them in place (appended a message, say) changed the row for every later call (the edits piling up
+    each step), for completions.jsonl, and for the prompt digest a checkpoint stores (a resume then dropped the
+    cached paths as saved for another prompt)."""
+    import copy
+
+    from rpo_engine.rewards import TRLStyleReward, score_completions
+
+    def editing(prompts, completions, tests, **kwargs):
+        for prompt, test in zip(prompts, tests):
+            prompt.append({"role": "assistant", "content": "x"})
+            prompt[0]["content"] = "edited"
+            test.clear()
+        return [1.0] * len(completions)
+
+    rows = [{"id": "a", "prompt": [{"role": "user", "content": "1+1="}], "answer": "2", "tests": ["assert f(1)"]}]
+    before = copy.deepcopy(rows)
+    assert score_completions(TRLStyleReward(editing, "editing"), ["2"], rows) == [1.0]
+    assert rows == before
+
+
+def test_reward_function_calling_sys_exit_is_a_one_line_error(tmp_path, monkeypatch):
+    """sys.exit() (or exit()) in a reward function, of either kind, sync or async: SystemExit is no Exception, so
+    it went past the one-line errors and ended the run with the function's code, 0 (a scheduler's success) for a
+    bare sys.exit(), with no message and no final/. It is named like any other exception; a KeyboardInterrupt
+    still stops the run (the test above)."""
+    (tmp_path / "exiting_rewards.py").write_text(
+        "import sys\n"
+        "def ours(completion_text, answer):\n    sys.exit(0)\n"
+        "def trl(completions, **kwargs):\n    sys.exit(3)\n"
+        "async def awaited(completions, **kwargs):\n    sys.exit()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from rpo_engine.rewards import score_completions
+
+    rows = [{"id": "a", "prompt": "p", "answer": "2"}]
+    for fn, code, line in (("ours", 0, 3), ("trl", 3, 5), ("awaited", None, 7)):
+        with pytest.raises(UserError) as e:
+            score_completions(load_reward_fn(f"exiting_rewards:{fn}"), ["x"], rows)
+        assert f"reward function 'exiting_rewards:{fn}' raised SystemExit with code {code!r} (a reward function " \
+               f"returns its scores; sys.exit() would end the run) (" in str(e.value), str(e.value)
+        assert f"exiting_rewards.py:{line};" in str(e.value)
+
+
 def test_trl_style_async_function_raising_keyboard_interrupt_neither_hangs_nor_stops_the_loop():
     """A KeyboardInterrupt (or SystemExit) raised in an async reward function reaches the caller; before, it
     ended the event loop's thread, and this call and every later one waited forever."""

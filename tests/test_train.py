@@ -2147,6 +2147,24 @@ def test_model_without_an_end_of_sequence_token(tmp_path, tiny_model_dir):
                       "no_eos: no end-of-sequence token", "completions could never stop")
 
 
+def test_end_of_sequence_token_outside_the_vocabulary(tmp_path, tiny_model_dir):
+    """An eos_token_id (config.json's or generation_config.json's) the model cannot emit: one line naming it, from
+    the trainer and from eval, not the rollout's ValueError traceback at the first step."""
+    model_dir = tmp_path / "far_eos"
+    shutil.copytree(tiny_model_dir, model_dir)
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, vocab + 7]}))
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "1+1", "answer": "2"}\n')
+    expected = (f"far_eos: end-of-sequence token id(s) [{vocab + 7}] (config.json's or generation_config.json's "
+                f"eos_token_id, or the tokenizer's eos_token) are not in the model's vocabulary [0, {vocab})")
+    assert_user_error(run_train("--model", model_dir, "--output", tmp_path / "o", "--steps", 1, check=False), expected)
+    proc = subprocess.run([sys.executable, "-m", "rpo_engine.eval", "--model", str(model_dir), "--dataset", str(data)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert_user_error(proc, expected)
+    assert not (tmp_path / "o").exists()
+
+
 def test_missing_model(tmp_path):
     assert_user_error(run_train("--model", tmp_path / "nope", "--output", tmp_path / "o", check=False),
                       "nope", "not found")
@@ -2828,6 +2846,37 @@ def test_broken_checkpoint_is_a_user_error(tmp_path, tiny_model_dir):
         proc = run_train("--model", tiny_model_dir, "--steps", 2, "--eval-steps", 0, "--output", out, "--resume",
                          *SMALL, check=False)
         assert_user_error(proc, "trainer_state.pt", "not a checkpoint this rpo_engine can resume")
+        assert (out / "metrics.jsonl").read_text() == metrics
+
+
+def test_a_tampered_trainer_state_is_refused_in_one_line(tmp_path, tiny_model_dir):
+    """A trainer_state.pt that loads (weights only) but holds what no run saved: a cached path of token ids outside
+    the vocabulary (the rollout's traceback a step later), a cache whose paths are no dict, a step that is no count
+    or not its directory's (a checkpoint copied under another name). Each is refused in one line at the resume,
+    before anything is written."""
+    out = tmp_path / "run"
+    run_train("--model", tiny_model_dir, "--steps", 1, "--eval-steps", 0, "--output", out, *SMALL)
+    metrics = (out / "metrics.jsonl").read_text()
+    state_file = out / "checkpoints" / "step-1" / "trainer_state.pt"
+    saved = torch.load(state_file, weights_only=True)
+    assert saved["cache"]["paths"]  # RPO (the default) cached the cold starts' paths
+
+    def out_of_vocab(state, token):
+        first = next(iter(state["cache"]["paths"].values()))
+        first[0], first[4] = [token, *first[0][1:]], None
+    tampers = {"token id 1000000": lambda s: out_of_vocab(s, 10 ** 6), "token id -3": lambda s: out_of_vocab(s, -3),
+               "token id 2.5": lambda s: out_of_vocab(s, 2.5),
+               "paths is a list": lambda s: s["cache"].update(paths=[1, 2]),
+               "not [token ids, reward, step": lambda s: s["cache"]["paths"].update(extra=7),
+               "step is '1'": lambda s: s.update(step="1"), "rows_drawn is -3": lambda s: s.update(rows_drawn=-3),
+               "holds step 5, not its directory's 1": lambda s: s.update(step=5)}
+    for fragment, tamper in tampers.items():
+        state = {**saved, "cache": {**saved["cache"], "paths": {k: list(v) for k, v in saved["cache"]["paths"].items()}}}
+        tamper(state)
+        torch.save(state, state_file)
+        proc = run_train("--model", tiny_model_dir, "--steps", 2, "--eval-steps", 0, "--output", out, "--resume",
+                         *SMALL, check=False)
+        assert_user_error(proc, "trainer_state.pt", fragment)
         assert (out / "metrics.jsonl").read_text() == metrics
 
 

@@ -175,6 +175,32 @@ def validate_rows(rows, wheres, source: str, columns: tuple[str, str] = COLUMNS)
     return out
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    """An object with each key once: with a key twice json.loads keeps the last silently (which answer is meant?)."""
+    row = dict(pairs)
+    if len(row) != len(pairs):
+        seen = set()
+        raise _DuplicateKey(next(key for key, _ in pairs if key in seen or seen.add(key)))
+    return row
+
+
+def _parse_json(text: str):
+    """json.loads, each object's keys once. -> the value, or a one-line reason it is not valid JSON (a duplicate key,
+    nesting deeper than the parser's recursion limit: a RecursionError traceback before) with where it is, if known."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys), None
+    except json.JSONDecodeError as e:
+        return None, (f"{e.msg} at column {e.colno}", e.lineno)
+    except _DuplicateKey as e:
+        return None, (f"key {e.args[0]!r} given twice", None)
+    except RecursionError:
+        return None, ("nested too deeply", None)
+
+
 def _read_jsonl(path: str, columns: tuple[str, str]) -> list[dict]:
     rows, wheres = [], []
     with open(path, "rb") as f:
@@ -191,10 +217,9 @@ def _read_jsonl(path: str, columns: tuple[str, str]) -> list[dict]:
             raise UserError(f"{where}: not valid UTF-8 (byte {e.start + 1}); expected UTF-8 JSON lines") from None
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); {_EXPECTED}") from None
+        row, invalid = _parse_json(line)
+        if invalid:
+            raise UserError(f"{where}: not valid JSON ({invalid[0]}); {_EXPECTED}")
         rows.append(row)
         wheres.append(where)
     return validate_rows(rows, wheres, path, columns)
@@ -202,12 +227,14 @@ def _read_jsonl(path: str, columns: tuple[str, str]) -> list[dict]:
 
 def _read_json_array(path: str, data: bytes, columns: tuple[str, str]) -> list[dict]:
     try:
-        rows = json.loads(data.decode("utf-8"))
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not valid UTF-8 (byte {e.start + 1})") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}); "
-                        f"expected a JSON array of rows or JSON lines") from None
+    rows, invalid = _parse_json(text)
+    if invalid:
+        reason, lineno = invalid
+        raise UserError(f"{path}{'' if lineno is None else f':{lineno}'}: not valid JSON ({reason}); "
+                        f"expected a JSON array of rows or JSON lines")
     return validate_rows(rows, [f"{path}: row {i}" for i in range(len(rows))], path, columns)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -108,6 +109,11 @@ def load_model(path, dtype=None, device=None) -> CausalLM:
     if device.type == "cuda" and not torch.cuda.is_available():  # else an AssertionError deep in torch
         raise UserError(f"device {str(device)!r}: torch sees no CUDA device")
     files = _weight_files(directory)
+    held = sorted({int(m.group(1)) for name in files if (m := re.match(r"model\.layers\.(\d+)\.", name))})
+    if config.num_hidden_layers > len(held):  # before the meta model: a billion layers' modules take hours to build
+        holding = f"layers {held[0]} to {held[-1]} ({len(held)} layers)" if held else "no layers"
+        raise UserError(f"{directory}: config.json's num_hidden_layers is {config.num_hidden_layers}, but the "
+                        f"weights hold {holding}")
 
     with torch.device("meta"):
         model = CausalLM(config)

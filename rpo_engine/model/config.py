@@ -81,6 +81,11 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise UserError(f"config field {name} must be a positive integer, got {value!r}")
+        # transformers computes them too, into NaN rotary frequencies or norms: a silently different model
+        if self.rope_theta <= 0:
+            raise UserError(f"rope_theta must be > 0, got {self.rope_theta!r}")
+        if self.rms_norm_eps < 0:
+            raise UserError(f"rms_norm_eps must be >= 0, got {self.rms_norm_eps!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise UserError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                             f"num_key_value_heads ({self.num_key_value_heads})")
@@ -213,8 +218,9 @@ class ModelConfig:
 
         num_heads = need("num_attention_heads")
         hidden = need("hidden_size")
-        attention_bias = bool(hf.get("attention_bias", False))
-        default_head_dim = 128 if model_type == "qwen3" else hidden // num_heads
+        attention_bias = _flag(hf, "attention_bias")
+        # num_heads 0: __post_init__ names the field (a ZeroDivisionError here named none)
+        default_head_dim = 128 if model_type == "qwen3" or num_heads == 0 else hidden // num_heads
         return cls(
             model_type=model_type,
             vocab_size=need("vocab_size"),
@@ -228,10 +234,10 @@ class ModelConfig:
             rms_norm_eps=_number(hf.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            tie_word_embeddings=_flag(hf, "tie_word_embeddings"),
             qkv_bias=True if model_type == "qwen2" else attention_bias,
             o_bias=False if model_type == "qwen2" else attention_bias,
-            mlp_bias=model_type == "llama" and bool(hf.get("mlp_bias", False)),  # Qwen's modules have none
+            mlp_bias=model_type == "llama" and _flag(hf, "mlp_bias"),  # Qwen's modules have none
             qk_norm=model_type == "qwen3",
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=token_ids(hf.get("eos_token_id"), "eos_token_id"),
@@ -283,6 +289,15 @@ def _number(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise UserError(f"{name} must be a finite number, got {value!r}")
     return float(value)
+
+
+def _flag(hf: dict, name: str) -> bool:
+    """A true/false field, false where left out or null. A string is refused, as transformers 5 refuses it:
+    "false" is truthy, and tie_word_embeddings "false" tied the model, dropping the checkpoint's own lm_head."""
+    value = hf.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise UserError(f"{name} must be true or false, got {value!r}")
+    return bool(value)
 
 
 def token_ids(value, name: str) -> tuple[int, ...]:

@@ -15,6 +15,7 @@ the part after its last ``####`` is compared.
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import importlib
 import importlib.util
@@ -332,11 +333,18 @@ def takes_completions(fn) -> bool:
         return False
 
 
-def _raised(name: str, e: Exception, context: str) -> UserError:
+# What the user's reward code may raise, to be named in one line: SystemExit too (no Exception), which went past
+# and ended the run with sys.exit's code, 0 for a bare sys.exit(), with no message. A KeyboardInterrupt stops it.
+USER_CODE_ERRORS = (Exception, SystemExit)
+
+
+def _raised(name: str, e: BaseException, context: str) -> UserError:
     frame = traceback.extract_tb(e.__traceback__)[-1]
-    msg = " ".join(str(e).split()) or "(no message)"
-    return UserError(f"reward function {name!r} raised {type(e).__name__}: {msg} "
-                     f"({frame.filename}:{frame.lineno}; {context})")
+    if isinstance(e, SystemExit):
+        what = f"SystemExit with code {e.code!r} (a reward function returns its scores; sys.exit() would end the run)"
+    else:
+        what = f"{type(e).__name__}: {' '.join(str(e).split()) or '(no message)'}"
+    return UserError(f"reward function {name!r} raised {what} ({frame.filename}:{frame.lineno}; {context})")
 
 
 def _finite(value) -> float:
@@ -489,15 +497,18 @@ class TRLStyleReward:
         # a column of one of the call's own names is left out, as TRL leaves out completion_ids
         columns = {key: [row.get(key) for row in rows] for key in rows[0]
                    if key not in ("prompt", "completion", "completion_ids", *self.trainer_kwargs)}
+        # copies (strings are shared, not copied): a function editing a conversation or a list column in place
+        # edited the dataset's rows, for every later call and for the prompt digest a checkpoint stores
+        prompts, columns = copy.deepcopy(([row["prompt"] for row in rows], columns))
         extras = {"trainer_state": trainer_state,
                   "log_metric": lambda name, value: log.add_metric(self.name, name, value),
                   "log_extra": lambda column, values: log.add_column(self.name, sizes, column, values)}
         try:
-            return self.fn(prompts=[row["prompt"] for row in rows], completions=completions,
+            return self.fn(prompts=prompts, completions=completions,
                            completion_ids=completion_ids, **columns, **{k: extras[k] for k in self.trainer_kwargs})
         except UserError:  # a log_metric / log_extra mistake, already named
             raise
-        except Exception as e:  # noqa: BLE001 - the user's code; reported, not hidden
+        except USER_CODE_ERRORS as e:  # the user's code; reported, not hidden
             raise _raised(self.name, e, f"called TRL's way on {len(texts)} completions") from None
 
     def checked(self, values, texts: list[str], rows: list[dict], none_as_nan: bool) -> list[float]:
@@ -538,7 +549,7 @@ def _score_trl(functions: list[TRLStyleReward], none_as_nan: list[bool], texts: 
     if waiting:
         for i, value in zip(waiting, await_together([returned[i] for i in waiting])):
             if isinstance(value, BaseException):  # a log_metric / log_extra mistake is already named
-                if isinstance(value, UserError) or not isinstance(value, Exception):
+                if isinstance(value, UserError) or not isinstance(value, USER_CODE_ERRORS):
                     raise value
                 raise _raised(functions[i].name, value, f"awaited TRL's way on {len(texts)} completions") from None
             returned[i] = value
@@ -622,7 +633,7 @@ def checked_reward(fn, name: str):
     def reward(completion_text: str, answer: str) -> float:
         try:
             value = fn(completion_text, answer)
-        except Exception as e:  # noqa: BLE001 - the user's code; reported, not hidden
+        except USER_CODE_ERRORS as e:  # the user's code; reported, not hidden
             raise _raised(name, e, f"reference answer {answer!r}") from None
         number = _finite(value)
         if not math.isfinite(number):

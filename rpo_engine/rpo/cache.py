@@ -145,12 +145,14 @@ class ExperienceCache:
             state["prompt_keys"] = {k: prompt_keys[k] for k in self.paths if k in prompt_keys}
         return state
 
-    def load_state_dict(self, state: dict, prompt_keys: dict[str, str] | None = None) -> list[str]:
+    def load_state_dict(self, state: dict, prompt_keys: dict[str, str] | None = None,
+                        vocab_size: int | None = None) -> list[str]:
         """The checkpoint's paths; the update rule (policy, epsilon) stays this cache's: a resumed run's options
         govern from its first step, as its optimizer's do. With `prompt_keys` (as state_dict's), a path saved for
         another prompt than its id now names (another dataset, a file edited, the built-in task under another
         seed) is dropped: its prompt cold-starts again rather than continue an answer to another question.
-        -> the ids dropped."""
+        With `vocab_size`, a path of a token id outside [0, vocab_size) is a ValueError. -> the ids dropped."""
+        check_saved_paths(state, vocab_size)
         self.correct_threshold = state["correct_threshold"]
         self.paths = {}
         self.saturated = {k: int(v) for k, v in state.get("saturated", {}).items()}  # older checkpoints: none
@@ -163,3 +165,22 @@ class ExperienceCache:
             del self.paths[k]
             self.saturated.pop(k, None)
         return stale
+
+
+def check_saved_paths(state: dict, vocab_size: int | None) -> None:
+    """What state_dict writes, before any of it is used: a checkpoint file edited or from elsewhere may load
+    (weights only) and still hold paths no run saved; their token ids would reach the rollout a step or an
+    epoch later, as a traceback there (or an out-of-bounds embedding read on a GPU)."""
+    paths, saturated = state["paths"], state.get("saturated", {})
+    for name, value in (("paths", paths), ("saturated", saturated)):
+        if not isinstance(value, dict):
+            raise ValueError(f"experience cache: {name} is a {type(value).__name__}, not a dict by prompt id")
+    for key, entry in paths.items():
+        if not isinstance(key, str) or not isinstance(entry, (list, tuple)) or not 3 <= len(entry) <= 5 \
+                or not isinstance(entry[0], (list, tuple)):
+            raise ValueError(f"experience cache: path {key!r} is not [token ids, reward, step, correct, logprobs]")
+        limit = math.inf if vocab_size is None else vocab_size
+        for t in entry[0]:
+            if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < limit:
+                raise ValueError(f"experience cache: path {key!r} holds token id {t!r}, not in the model's "
+                                 f"vocabulary [0, {limit})")
