@@ -3644,3 +3644,20 @@ def test_cache_hit_rate_counts_the_groups_that_grew_from_a_cached_path(tiny_mode
     assert grew == {right}  # the wrong path and the uncached prompt: full-path groups
     assert metrics["cache_hit_rate"] == len(grew) / 3
     assert metrics["cache_verified_rate"] == 1 / 3 and metrics["cold_starts"] == 0
+
+
+def test_eval_names_a_sampled_single_answer_accuracy_as_sampled(tmp_path, tiny_model_dir, capsys):
+    """--temperature T with one sample a row: the accuracy printed is of sampled answers, not greedy ones, and says
+    so (as the avg@K line does), matching the rows --output holds."""
+    from rpo_engine.eval import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q: {i}+1\nA:", "answer": str(i + 1)}) + "\n" for i in range(6)))
+    args = ["--model", str(tiny_model_dir), "--dataset", str(data), "--max-completion-length", "4", "--no-progress",
+            "--reward", "tests.reward_fns:hash_reward"]
+    assert main([*args, "--output", str(tmp_path / "greedy.jsonl")]) == 0
+    greedy = [json.loads(line)["correct"] for line in (tmp_path / "greedy.jsonl").read_text().splitlines()]
+    assert f"accuracy {sum(greedy) / 6:.4f} on 6 rows ({data})\n" in capsys.readouterr().out
+    assert main([*args, "--temperature", "0.7", "--output", str(tmp_path / "sampled.jsonl")]) == 0
+    sampled = [json.loads(line)["correct"] for line in (tmp_path / "sampled.jsonl").read_text().splitlines()]
+    assert f"accuracy {sum(sampled) / 6:.4f} on 6 rows, temperature 0.7 ({data})\n" in capsys.readouterr().out
