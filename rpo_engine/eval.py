@@ -209,8 +209,9 @@ def main(argv=None) -> int:
     source = args.dataset or "built-in eval split"
     rights = right_answers(graded)
     mean = sum(rights) / (len(rows) * args.num_samples)
-    if args.num_samples == 1:
-        print(f"accuracy {mean:.4f} on {len(rows)} rows ({source})")
+    if args.num_samples == 1:  # a sampled answer's accuracy says so: it is not the greedy one
+        sampled = f", temperature {args.temperature:g}" if args.temperature > 0 else ""
+        print(f"accuracy {mean:.4f} on {len(rows)} rows{sampled} ({source})")
     else:
         K = args.num_samples
         solved = sum(n > 0 for n in rights) / len(rows)

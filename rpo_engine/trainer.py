@@ -248,7 +248,6 @@ class Trainer:
         budgets = [c.max_completion_length] * len(rows)
         if self.rpo.rpo:
             uncached = [i for i, row in enumerate(rows) if row["id"] not in self.cache]
-            counters["cache_hits"] = len(mine) - sum(1 for i in uncached if i in mine)
             if uncached and self.cold_starts_needed():
                 my_cold = [i for i in uncached if i in mine]
                 outs = self.generate(*self.cold_start_requests(rows, my_cold, 7919 + round_index))
@@ -261,6 +260,9 @@ class Trainer:
                 cut = cut_cached_path(len(path.token_ids), path.correct, self.rng, c.max_completion_length,
                                       self.rpo, path.logprobs, self.cache.saturation(row["id"]))
                 kept[i], budgets[i] = path.token_ids[:cut.kept], cut.budget
+                # a hit: the group grows from a path cached before this round (not a cut that kept none of it,
+                # as --rpo-unverified-cut full regrows a wrong one, nor a cold start just made)
+                counters["cache_hits"] += bool(kept[i]) and i in mine and i not in uncached
                 counters["verified"] += path.correct and i in mine
                 if path.logprobs is not None:
                     kept_logprobs[i] = path.logprobs[:cut.kept]

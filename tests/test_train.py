@@ -1258,8 +1258,11 @@ def test_full_unverified_cut_keeps_only_right_paths(tmp_path, tiny_model_dir):
     run_train(*common, "--output", tmp_path / "no-rpo", "--no-rpo")
     metrics = read_metrics(tmp_path / "full-cut")
     assert [m["cold_starts"] for m in metrics] == [0, 0, 0]
-    assert [m["cache_hit_rate"] for m in metrics] == [0.0, 1.0, 1.0]
     records = [json.loads(line) for line in (tmp_path / "full-cut" / "completions.jsonl").read_text().splitlines()]
+    # a hit: a prompt whose group grew from its cached path; a wrong one regrown whole is none
+    assert [m["cache_hit_rate"] for m in metrics] == \
+           [len({r["prompt_id"] for r in records if r["step"] == step and r["kept_tokens"] > 0}) / 3 for step in (1, 2, 3)]
+    assert metrics[0]["cache_hit_rate"] == 0.0 and metrics[1]["cache_hit_rate"] < 1.0
     first = [r for r in records if r["step"] == 1]
     plain = [json.loads(line) for line in (tmp_path / "no-rpo" / "completions.jsonl").read_text().splitlines()]
     assert [(r["completion"], r["reward"]) for r in first] == [(r["completion"], r["reward"]) for r in plain
@@ -3670,3 +3673,40 @@ def test_a_run_that_raises_in_process_leaves_no_reward_worker_log_file_or_writer
         assert len(writers) == 1 and writers[0].closed
     finally:
         gc.enable()
+
+
+def test_cache_hit_rate_counts_the_groups_that_grew_from_a_cached_path(tiny_model_dir):
+    """cache_hit_rate is the share of prompts whose group grew from a cached path (README): with --rpo-unverified-cut
+    full a cached wrong path is regrown whole from the prompt, so that prompt is no hit, though its path is in the
+    cache. Recomputed from the step's logged completions: the prompts whose kept part is not empty."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+
+    trainer = build_trainer(parse_args(["--model", str(tiny_model_dir), "--rpo-unverified-cut", "full", "--train-size", "3",
+                                        "--prompts-per-step", "3", "--num-generations", "2",
+                                        "--max-completion-length", "16", "--log-completions", "--no-shuffle-dataset"]))
+    right, wrong, new = (row["id"] for row in trainer.train_rows)
+    trainer.cache.put(right, [5] * 12, 1.0, 0, correct=True)
+    trainer.cache.put(wrong, [5] * 12, 0.0, 0, correct=False)
+    metrics = trainer.step()
+    grew = {r["prompt_id"] for r in trainer.completions if r["kept_tokens"] > 0}
+    assert grew == {right}  # the wrong path and the uncached prompt: full-path groups
+    assert metrics["cache_hit_rate"] == len(grew) / 3
+    assert metrics["cache_verified_rate"] == 1 / 3 and metrics["cold_starts"] == 0
+
+
+def test_eval_names_a_sampled_single_answer_accuracy_as_sampled(tmp_path, tiny_model_dir, capsys):
+    """--temperature T with one sample a row: the accuracy printed is of sampled answers, not greedy ones, and says
+    so (as the avg@K line does), matching the rows --output holds."""
+    from rpo_engine.eval import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q: {i}+1\nA:", "answer": str(i + 1)}) + "\n" for i in range(6)))
+    args = ["--model", str(tiny_model_dir), "--dataset", str(data), "--max-completion-length", "4", "--no-progress",
+            "--reward", "tests.reward_fns:hash_reward"]
+    assert main([*args, "--output", str(tmp_path / "greedy.jsonl")]) == 0
+    greedy = [json.loads(line)["correct"] for line in (tmp_path / "greedy.jsonl").read_text().splitlines()]
+    assert f"accuracy {sum(greedy) / 6:.4f} on 6 rows ({data})\n" in capsys.readouterr().out
+    assert main([*args, "--temperature", "0.7", "--output", str(tmp_path / "sampled.jsonl")]) == 0
+    sampled = [json.loads(line)["correct"] for line in (tmp_path / "sampled.jsonl").read_text().splitlines()]
+    assert f"accuracy {sum(sampled) / 6:.4f} on 6 rows, temperature 0.7 ({data})\n" in capsys.readouterr().out
