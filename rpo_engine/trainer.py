@@ -527,12 +527,13 @@ class Trainer:
         keep = (advantages >= 0) | (mean_drift <= self.algo.off_policy_mask_threshold)
         return keep.to(logp.dtype)[:, None]
 
-    def rollout_mismatch(self, batch: list[PrefixGroup], logp: torch.Tensor) -> list[float]:
-        """Per sample with generated tokens: mean |rollout log-prob - training log-prob| over them."""
+    def rollout_mismatch(self, batch: list[PrefixGroup], logp: torch.Tensor) -> tuple[float, int]:
+        """(sum of |rollout log-prob - training log-prob| over the generated tokens, how many there are): summed
+        over micro-batches and ranks, a mean over tokens (verl's rollout_probs_diff_mean), so a long sample counts
+        by its length."""
         rollout = self.rollout_logp_layout(batch, logp)  # [b, span]
         generated = ~rollout.isnan()
-        gap = torch.where(generated, logp - rollout, 0.0).abs().sum(-1) / generated.sum(-1).clamp(min=1)  # [b]
-        return gap[generated.any(-1)].tolist()
+        return float(torch.where(generated, logp - rollout, 0.0).abs().sum()), int(generated.sum())
 
     def plan_update(self, batch_groups: list[PrefixGroup], positions: list[int], skip_zero_advantage: bool):
         """-> (micro-batches, normalisers, M). Micro-batches: (groups, shared layout?, mini-batch, real?) in run
@@ -587,7 +588,7 @@ class Trainer:
         # Old log-probs need a no-grad pass only when the weights move before a micro-batch runs (several
         # optimizer steps); with one they are the gradient pass's own values, detached.
         moves = algo.num_iterations > 1 or M > 1
-        old, ref, mismatch = [None] * len(batches), [None] * len(batches), []
+        old, ref, mismatch = [None] * len(batches), [None] * len(batches), [0.0, 0]
         # --top-entropy-quantile: which tokens the surrogate keeps, from every micro-batch's entropies at once
         select = algo.top_entropy_quantile < 1
         keep, entropies = [None] * len(batches), []
@@ -640,7 +641,8 @@ class Trainer:
                         if iteration == 0 and real:  # the weights the rollout used (the mini-batch's first step)
                             # a later mini-batch's forward runs on weights already stepped: its old_logp was taken
                             # before the update, on the rollout's weights
-                            mismatch += self.rollout_mismatch(batch, logp.detach() if old_logp is None else old_logp)
+                            gap, tokens = self.rollout_mismatch(batch, logp.detach() if old_logp is None else old_logp)
+                            mismatch = [mismatch[0] + gap, mismatch[1] + tokens]
                             before = entropy[0].detach() if entropy_before[k] is None else entropy_before[k]
                             entropy_sum += float((before * mask).sum())
                             entropy_tokens += int(mask.sum())
@@ -717,7 +719,7 @@ class Trainer:
         stats["skipped_updates"] = skipped
         shared_groups = len({id(g.prefix_ids) for batch, shared, _, real in batches if real and shared for g in batch})
         keys = ("clip_frac", "clip_low_frac", "clip_high_frac", "kl")
-        totals = self.dist.sum([stats[k] for k in keys] + [sum(mismatch), len(mismatch), num_real, shared_groups,
+        totals = self.dist.sum([stats[k] for k in keys] + [*mismatch, num_real, shared_groups,
                                                            entropy_sum, entropy_tokens])
         stats.update(zip(keys, totals[:4]))
         stats["logprob_mismatch"] = totals[4] / totals[5] if totals[5] else None

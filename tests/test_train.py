@@ -1474,9 +1474,9 @@ def test_importance_weights_by_hand(mode, clip_min):
 
 
 def test_rollout_mismatch_by_hand():
-    """logprob_mismatch per sample: the mean |rollout - training| log-prob over its generated tokens, a kept-prefix
-    token (loss on prefix) and padding left out; deviations of both signs add, they do not cancel, and a sample
-    with no generated token has none."""
+    """logprob_mismatch's parts: the sum of |rollout - training| log-prob over the generated tokens and their count
+    (a mean over tokens, not over samples), a kept-prefix token (loss on prefix) and padding left out; deviations of
+    both signs add, they do not cancel, and a sample with no generated token adds nothing."""
     from rpo_engine.model.shared_prefix import PrefixGroup
     from rpo_engine.trainer import Trainer
 
@@ -1484,7 +1484,7 @@ def test_rollout_mismatch_by_hand():
                         rollout_logp=[[-1.5, -0.5], [-3.0, -2.0, -4.0], []])
     logp = torch.tensor([[-9.0, -1.0, -1.0, 0.0], [-9.0, -2.5, -1.5, -6.0], [-9.0, 0.0, 0.0, 0.0]])  # [b, span]
     got = Trainer.rollout_mismatch(SimpleNamespace(rollout_logp_layout=Trainer.rollout_logp_layout), [group], logp)
-    assert got == pytest.approx([0.5, 1.0])  # |0.5| and |-0.5|; |0.5|, |0.5| and |-2.0| over 3
+    assert got == (pytest.approx(4.0), 5)  # |0.5| and |-0.5|; |0.5|, |0.5| and |-2.0|: 4 over 5 tokens (per-sample: 0.75)
 
 
 def test_importance_sampling_correction_scales_the_step_by_the_weights(tiny_model_dir):
