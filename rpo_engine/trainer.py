@@ -866,7 +866,8 @@ class Trainer:
             [totals["generated"], totals["cold_starts"], totals["cache_hits"], totals["verified"],
              after["prefill"] - before["prefill"], after["reused"] - before["reused"]]))
         num_prompts, all_rewards = len(sampled), [x for r in sampled for x in r.rewards]
-        zero_std = sum(1 for r in sampled if max(r.rewards) == min(r.rewards))  # no advantage: no gradient
+        # no advantage, no gradient: what the advantages are taken from is all equal (under GDPO every term, not the sum)
+        zero_std = sum(1 for r in sampled if max(r.advantage_rewards) == min(r.advantage_rewards))
         suffix_lens = [n for r in sampled for n in r.suffix_lens]
         rollout_time, update_time, step_time, decode_steps = self.dist.max(  # the slowest rank's
             [rollout_time, time.perf_counter() - update_start, time.perf_counter() - start,

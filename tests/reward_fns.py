@@ -33,6 +33,11 @@ def wrong_bonus(completion_text: str, answer: str) -> float:
     return 5.0 * (1.0 - hash_reward(completion_text, answer))
 
 
+def half_wrong_hash(completion_text: str, answer: str) -> float:
+    """Half of hash_reward's miss: with weights 1,2 beside hash_reward every total is 1, while the terms differ."""
+    return (1.0 - hash_reward(completion_text, answer)) / 2
+
+
 def always_right(completion_text: str, answer: str) -> float:
     """Every answer right: every group's G answers agree, so no group carries signal."""
     return 1.0

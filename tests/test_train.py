@@ -1153,6 +1153,32 @@ def test_gdpo_normalizes_each_reward_term_before_the_sum(tiny_model_dir):
     assert any(any(g.advantages) for g in seen)
 
 
+def test_gdpo_zero_std_groups_are_those_whose_every_term_is_equal(tiny_model_dir):
+    """frac_reward_zero_std under normalize_then_sum counts the groups without signal: every total here is 1
+    (hash_reward + 2 * half_wrong_hash), yet a group whose terms differ gets advantages and is trained on."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+
+    trainer = build_trainer(parse_args([
+        "--model", str(tiny_model_dir), "--reward", "tests.reward_fns:hash_reward,tests.reward_fns:half_wrong_hash",
+        "--reward-weights", "1,2", "--multi-objective-aggregation", "normalize_then_sum", "--prompts-per-step", "4",
+        "--num-generations", "4", "--max-completion-length", "24", "--train-size", "4", "--eval-size", "2", "--no-rpo",
+        "--no-length-shaping"]))
+    seen, update = [], trainer.update
+
+    def spy(groups, *args, **kwargs):
+        seen.extend(groups)
+        return update(groups, *args, **kwargs)
+
+    trainer.update = spy
+    m = trainer.step()
+    assert m["reward_mean"] == pytest.approx(1.0) and m["reward_std"] == pytest.approx(0.0)
+    flat = [len(set(g.terms[0])) == 1 for g in seen]
+    assert not all(flat)  # some group's terms differ (hash_reward is a coin flip per text)
+    assert m["frac_reward_zero_std"] == pytest.approx(sum(flat) / 4)
+    assert all(any(g.advantages) != is_flat for g, is_flat in zip(seen, flat))
+
+
 def test_rpo_generates_fewer_tokens_than_full_path(tmp_path, tiny_model_dir):
     rpo, full = tmp_path / "rpo", tmp_path / "full"
     # three training prompts, three per step: every prompt recurs each step
