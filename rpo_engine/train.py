@@ -415,7 +415,11 @@ def eval_label(config: TrainConfig) -> str:
     """What eval_accuracy measures under `config`: greedy, or avg@K of sampled answers."""
     if config.eval_temperature == 0:
         return "greedy eval accuracy"
-    return f"eval accuracy, avg@{config.num_generations_eval} at T={config.eval_temperature:g}"
+    return f"eval accuracy, {sampled_eval(config)}"
+
+
+def sampled_eval(config: TrainConfig) -> str:
+    return f"avg@{config.num_generations_eval} at T={config.eval_temperature:g}"
 
 
 # what write_plot and the closing summary read of each step's record
@@ -699,7 +703,8 @@ def run_training(config: TrainConfig, dist: Dist, held: contextlib.ExitStack) ->
             reporter.log(first_eval)
             pass_at_k = (f", pass@{config.num_generations_eval} {first_eval['eval_pass_at_k']:.3f}"
                          if "eval_pass_at_k" in first_eval else "")
-            print(f"step 0: eval accuracy {first_eval['eval_accuracy']:.3f}{pass_at_k}")
+            kind = f" ({sampled_eval(config)})" if config.eval_temperature else ""  # a sampled eval says so
+            print(f"step 0: eval accuracy {first_eval['eval_accuracy']:.3f}{kind}{pass_at_k}")
 
     algo_name = f"{'RPO-' if config.rpo.rpo else ''}{config.algo.algo.upper()}"
     bar = tqdm(total=config.steps, initial=trainer.step_num, desc=algo_name,
@@ -769,6 +774,8 @@ def run_training(config: TrainConfig, dist: Dist, held: contextlib.ExitStack) ->
     summary = f"done: {output / 'final'}"
     if evals:
         summary += f"; eval accuracy {evals[0]:.3f} -> {evals[-1]:.3f}"
+        if config.eval_temperature:
+            summary += f" ({sampled_eval(config)})"
     print(summary)
     if hub_repo is not None:  # a LoRA run pushes its adapter, as TRL pushes a PEFT model
         from rpo_engine.hub import push_folder

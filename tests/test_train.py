@@ -2992,7 +2992,8 @@ def test_sampled_eval_reports_avg_and_pass_at_k_and_resumes_alike(tmp_path, tiny
     evals = [(m["eval_accuracy"], m["eval_pass_at_k"]) for m in a]
     assert len(evals) == 3 and all(0 < acc < pass_ <= 1 for acc, pass_ in evals), evals  # 4 tries beat 1
     assert all(acc * 16 == int(acc * 16) for acc, _ in evals)  # 4 eval prompts x 4 answers
-    assert f"step 0: eval accuracy {evals[0][0]:.3f}, pass@4 {evals[0][1]:.3f}" in proc.stdout
+    assert f"step 0: eval accuracy {evals[0][0]:.3f} (avg@4 at T=1), pass@4 {evals[0][1]:.3f}" in proc.stdout
+    assert f"eval accuracy {evals[0][0]:.3f} -> {evals[-1][0]:.3f} (avg@4 at T=1)" in proc.stdout  # the summary
     stopped_after(full, 1, part)
     shutil.copy(full / "config.json", part / "config.json")
     run_train(*common, "--steps", 2, "--output", part, "--resume")
