@@ -818,7 +818,7 @@ class Trainer:
             if algo.dynamic_sampling:  # DAPO: a group is kept when its accuracy scores differ (not all right or wrong)
                 signal = [r.accuracy if algo.dynamic_sampling_metric == "acc" else r.advantage_rewards
                           for r in results]
-                informative = informative_groups(torch.tensor(signal)).tolist()
+                informative = informative_groups(torch.tensor(signal, dtype=torch.float64)).tolist()
             mine = self.dist.share(len(rows))
             kept_groups += [g for g, keep in zip(groups, informative[mine.start:mine.stop]) if keep]
             # each of this rank's kept groups' place among every rank's (the update's mini-batches follow it)
@@ -832,9 +832,11 @@ class Trainer:
         # 4. advantages
         if kept_groups:
             scale = "batch" if algo.multi_objective_aggregation == "normalize_then_sum" else algo.scale_rewards
-            # this rank's kept groups are kept[p] for p in kept_positions: their advantage rewards, already computed
-            adv = group_advantages(torch.tensor([kept[p].advantage_rewards for p in kept_positions]), scale,
-                                   torch.tensor([x for r in kept for x in r.advantage_rewards]))  # every rank's
+            # this rank's kept groups are kept[p] for p in kept_positions: their advantage rewards, already computed.
+            # In fp64, as the rewards came: float32 would merge 1e8 and 1e8 + 1 (no advantage) and make 1e39 inf (NaN)
+            own = torch.tensor([kept[p].advantage_rewards for p in kept_positions], dtype=torch.float64)
+            batch_rewards = torch.tensor([x for r in kept for x in r.advantage_rewards], dtype=torch.float64)  # every rank's
+            adv = group_advantages(own, scale, batch_rewards)
             for g, a in zip(kept_groups, adv.tolist()):
                 g.advantages = a
         # 5. policy update over the generated suffix tokens
@@ -875,7 +877,7 @@ class Trainer:
         metrics = {
             "step": self.step_num,
             "reward_mean": sum(all_rewards) / len(all_rewards),
-            "reward_std": float(torch.tensor(all_rewards).std()) if len(all_rewards) > 1 else 0.0,
+            "reward_std": float(torch.tensor(all_rewards, dtype=torch.float64).std()) if len(all_rewards) > 1 else 0.0,
             "accuracy_mean": sum(x for r in sampled for x in r.correct) / len(suffix_lens),
             "rollout_generated_tokens": generated,
             "rollout_prefill_tokens": prefill,

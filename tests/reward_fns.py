@@ -139,3 +139,8 @@ def numpy_coin_reward(completion_text: str, answer: str) -> float:
     import numpy
 
     return float(numpy.random.rand() < 0.5)
+
+
+def offset_hash_reward(completion_text: str, answer: str) -> float:
+    """hash_reward on top of 1e8, where float32's spacing is 8: finite, legal rewards that fp32 merges into one."""
+    return 1e8 + hash_reward(completion_text, answer)

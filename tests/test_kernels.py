@@ -895,6 +895,31 @@ def test_policy_loss_kl_estimators_match_verls(backend, kl_type, level):
     assert abs(stats["kl_mean"].item() - want.item()) < 1e-6
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_k3_of_a_policy_near_its_reference_keeps_fp32_precision(backend, level):
+    """k3 = exp(-x) + x - 1 of x = logp - ref_logp near 0 (a policy a few steps from its reference) is ~x^2 / 2, far
+    below fp32's ulp of 1 (1.2e-7): written so, it is rounding noise, as often negative as not (x = 1e-4: -6e-8
+    instead of 5e-9), and its gradient 1 - exp(-x) ~ x loses as many digits. kl_mean, the KL loss (A = 0) and its
+    gradient for rows that each hold one x, against fp64, relative to the value; x from 1e-6 to 15 on both sides,
+    each side of the switch from a series to exp at |x| = 0.5."""
+    xs = [1e-6, -1e-6, 1e-4, -1e-4, 3e-3, -3e-3, 0.1, -0.1, 0.49, -0.49, 0.51, -0.51, 2.0, -2.0, 15.0, -15.0]
+    logp = torch.full((len(xs), 3), -1.5)
+    ref_logp = logp - torch.tensor(xs)[:, None]  # fp32: the x below is the difference these hold, exactly
+    mask = torch.ones_like(logp, dtype=torch.bool)
+    x = (logp.double() - ref_logp.double())[:, 0]
+    want, want_grad = torch.expm1(-x) + x, -torch.expm1(-x) * 0.5 / 3  # [rows] fp64: k3, d (0.5 * mean k3) / d logp
+    for row in range(len(xs)):
+        pick = torch.arange(len(xs)) == row
+        lp = logp[pick].clone().requires_grad_()
+        loss, stats = policy_loss(lp, logp[pick], torch.zeros(1), mask[pick], ref_logp=ref_logp[pick],
+                                  kl_coef=0.5, loss_agg="token-mean", ratio_level=level, backend=backend)
+        loss.backward()
+        for got, expected in ((stats["kl_mean"], want[row]), (loss, 0.5 * want[row]), (lp.grad, want_grad[row])):
+            err = (got.double() - expected).abs().max().item()
+            assert err <= 1e-5 * abs(expected.item()), (xs[row], got, expected.item())
+
+
 def test_policy_loss_kl_estimators_differ_and_are_checked():
     logp, old_logp, ref_logp, adv, mask = _policy_inputs()
     losses = {k: policy_loss(logp, old_logp, adv, mask, ref_logp=ref_logp, kl_coef=0.5, kl_type=k)[0].item()

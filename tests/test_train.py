@@ -722,6 +722,28 @@ def test_log_completions(tmp_path, tiny_model_dir):
         assert (max(kept) > 0) if name == "rpo" else (max(kept) == 0 and {r["kept"] for r in records} == {""})
 
 
+def test_advantages_keep_the_rewards_double_precision(tiny_model_dir):
+    """Rewards are Python floats: 1e8 + 0 and 1e8 + 1 differ, but are one float32 (spacing 8 there), which made every
+    group look uninformative (advantages 0, nothing learned), and past float32's range (1e39) inf, then NaN
+    advantages and a skipped update. The advantages are the fp64 formula of the rewards the function returned."""
+    from rpo_engine.algos.grpo import group_advantages
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+
+    trainer = build_trainer(parse_args(["--model", str(tiny_model_dir), "--no-progress", "--no-rpo", "--eval-steps", "0",
+                                        "--reward", "tests.reward_fns:offset_hash_reward", "--no-length-shaping",
+                                        "--log-completions", *map(str, SMALL)]))
+    trainer.step()
+    records = trainer.completions
+    groups = {}
+    for r in records:
+        groups.setdefault(r["prompt_id"], []).append(r)
+    assert any(len({r["reward"] for r in group}) > 1 for group in groups.values())  # else nothing to tell apart
+    for group in groups.values():
+        want = group_advantages(torch.tensor([[r["reward"] for r in group]], dtype=torch.float64))[0]
+        assert [r["advantage"] for r in group] == pytest.approx(want.tolist(), abs=1e-6)
+
+
 def test_stop_strings_end_rpo_and_full_path_completions(tmp_path, tiny_model_dir):
     """--stop (vLLM's name): every sample ends at the first of its tokens that completes a stop string in the
     answer's text, an RPO suffix's kept path included, the prompt's not (the brute-force rule of test_rollout),

@@ -29,7 +29,7 @@ import numbers
 import torch
 
 from .fused_logprobs import HAS_TRITON, _resolve_backend
-from .reference import (KL_TYPES, LOG_RATIO_CLAMP, LOSS_AGG_MODES, RATIO_LEVELS, SURROGATES, VESPO_PARAMS,
+from .reference import (K3_SERIES_BOUND, KL_TYPES, LOG_RATIO_CLAMP, LOSS_AGG_MODES, RATIO_LEVELS, SURROGATES, VESPO_PARAMS,
                         _clamp_log_ratio, loss_token_weights, policy_loss_reference, vespo_weights)
 
 if HAS_TRITON:
@@ -40,7 +40,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _policy_loss_kernel(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, w_ptr, is_ptr, grad_ptr, partial_ptr,
-                            num_el, T, eps_low, eps_high, kl_coef, delta, tau_pos, tau_neg, clamp,
+                            num_el, T, eps_low, eps_high, kl_coef, delta, tau_pos, tau_neg, clamp, series_bound,
                             HAS_REF: tl.constexpr, HAS_IS: tl.constexpr, SURROGATE: tl.constexpr,
                             KL_RATIO: tl.constexpr, KL_TYPE: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
@@ -93,9 +93,14 @@ if HAS_TRITON:
             raw_diff = tl.load(ref_ptr + offs, mask=active, other=0.0) - logp  # ref_logp - logp = -x
             if KL_TYPE == 0:  # k3, its exp of the difference clamped as the log-ratio's is
                 diff = tl.minimum(tl.maximum(raw_diff, -clamp), clamp)
+                # near 0 its Taylor series (reference.k3_estimate), whose d/d diff, diff + series, is expm1(diff)
+                series = diff * diff * (1 / 2 + diff * (1 / 6 + diff * (1 / 24 + diff * (1 / 120 + diff * (
+                    1 / 720 + diff * (1 / 5040 + diff * (1 / 40320 + diff / 362880)))))))
+                small = tl.abs(diff) < series_bound
                 exp_diff = tl.exp(diff)
-                kl = exp_diff - diff - 1.0
-                dkl = tl.where((raw_diff >= -clamp) & (raw_diff <= clamp), 1.0 - exp_diff, 0.0)  # d k3 / d logp
+                kl = tl.where(small, series, exp_diff - diff - 1.0)
+                expm1_diff = tl.where(small, diff + series, exp_diff - 1.0)
+                dkl = tl.where((raw_diff >= -clamp) & (raw_diff <= clamp), -expm1_diff, 0.0)  # d k3 / d logp
             elif KL_TYPE == 1:  # k1 = x
                 kl = -raw_diff
                 dkl = tl.full([BLOCK], 1.0, tl.float32)
@@ -138,7 +143,8 @@ class _PolicyLoss(torch.autograd.Function):
             _policy_loss_kernel[(num_blocks,)](
                 logp, old_logp, ref_logp if ref_logp is not None else logp, advantages, mask, weights,
                 is_weights if is_weights is not None else logp, grad, partials, num_el, seq_len, eps_low, eps_high,
-                kl_coef, delta, tau_pos, tau_neg, LOG_RATIO_CLAMP, HAS_REF=ref_logp is not None, HAS_IS=is_weights is not None,
+                kl_coef, delta, tau_pos, tau_neg, LOG_RATIO_CLAMP, K3_SERIES_BOUND, HAS_REF=ref_logp is not None,
+                HAS_IS=is_weights is not None,
                 SURROGATE=surrogate, KL_RATIO=kl_ratio, KL_TYPE=kl_type, BLOCK=block)
         ctx.save_for_backward(grad)
         sums = partials.sum(0)  # [5]
