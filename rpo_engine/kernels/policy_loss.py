@@ -29,8 +29,8 @@ import numbers
 import torch
 
 from .fused_logprobs import HAS_TRITON, _resolve_backend
-from .reference import (K3_SERIES_BOUND, KL_TYPES, LOG_RATIO_CLAMP, LOSS_AGG_MODES, RATIO_LEVELS, SURROGATES, VESPO_PARAMS,
-                        _clamp_log_ratio, loss_token_weights, policy_loss_reference, vespo_weights)
+from .reference import (K3_SERIES_BOUND, KL_TYPES, LOG_RATIO_CLAMP, LOSS_AGG_MODES, RATIO_LEVELS, SURROGATES,
+                        VESPO_PARAMS, _clamp_log_ratio, loss_token_weights, policy_loss_reference, vespo_weights)
 
 if HAS_TRITON:
     import triton
