@@ -469,6 +469,22 @@ def test_reward_model_mistakes_are_one_line_errors(tmp_path, reward_model_dir, t
         resolve_rewards(config_from_dict({"reward": f"exact,{tmp_path / 'missing'}"}))
 
 
+def test_a_reward_model_scoring_nan_is_a_one_line_error(reward_model_dir):
+    """A reward model whose score is not finite (weights or activations overflowing, say in bf16) stops the run
+    naming it and the row; a NaN reward otherwise made NaN advantages, every update skipped with a warning."""
+    import torch
+
+    from rpo_engine.rewards.model import RewardModel
+
+    model = RewardModel(str(reward_model_dir))
+    rows, texts = [{"prompt": "12+3=", "answer": "15", "id": "q7"}] * 2, [" 15", " 16"]
+    assert all(math.isfinite(x) for x in model.score(texts, rows))
+    with torch.no_grad():
+        model.model.score.weight.fill_(float("nan"))
+    with pytest.raises(UserError, match=r"reward model .*: score nan for row 'q7' \(not finite"):
+        model.score(texts, rows)
+
+
 def test_reward_model_by_hub_id(tmp_path, monkeypatch, reward_model_dir):
     """--reward math,org/rm: the reward model in the Hugging Face cache (TRL takes a model id among its
     reward_funcs), scoring as its directory does, named rewards/rm/mean; an id in no cache names itself."""

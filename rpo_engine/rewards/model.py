@@ -9,6 +9,7 @@ not share the policy's vocabulary.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -100,4 +101,8 @@ class RewardModel:
             batch = self.tokenizer(inputs[start:start + self.batch_size], return_tensors="pt", padding=True,
                                    padding_side="right", add_special_tokens=False).to(self.device)
             scores += self.model(**batch).logits[:, 0].float().tolist()  # [b]
+        for score, row in zip(scores, rows):  # else NaN advantages: every update skipped, with only a warning
+            if not math.isfinite(score):
+                raise UserError(f"reward model {self.path!r}: score {score} for row {row.get('id')!r} (not finite: "
+                                f"its weights, or its activations in {self.model.dtype}, overflow)")
         return scores
