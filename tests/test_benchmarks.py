@@ -80,6 +80,19 @@ def test_bench_train_compares_each_rpo_variant_with_full_path(tmp_path, tiny_mod
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
+def _inherited_parent_state():
+    return hasattr(torch, "_bench_train_parent_state")
+
+
+def test_bench_train_workers_start_fresh_not_forked(monkeypatch):
+    """bench_train's parent has asked CUDA whether it is there (torch.cuda.is_available): a forked worker inherits
+    that state and cannot initialise CUDA ("Cannot re-initialize CUDA in forked subprocess"), so every training on
+    a GPU failed. Its workers must start fresh; here, a mark set in the parent's torch stands for that state."""
+    monkeypatch.setattr(torch, "_bench_train_parent_state", True, raising=False)
+    with bench_module("bench_train").training_pool(1) as pool:
+        assert pool.submit(_inherited_parent_state).result(timeout=300) is False
+
+
 def test_bench_signal_grades_every_answer(tmp_path, tiny_model_dir):
     out = tmp_path / "signal.json"
     flags = " ".join(map(str, tiny_flags(tiny_model_dir)))
