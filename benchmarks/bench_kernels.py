@@ -11,7 +11,7 @@ torch.cuda.max_memory_allocated minus what was allocated before the call, on CPU
 gradients included. Time: median of a few repeats after one warm-up. CPU runs fp32 and no Triton
 (the interpreter is not a benchmark). Writes benchmarks/results/kernels_<cpu|cuda>.json; until every method
 has run, kernels_<...>.partial.json. Liger failing fails nothing: its row says why in error.
-Usage: python benchmarks/bench_kernels.py [--repeats 3]
+Usage: python benchmarks/bench_kernels.py [--repeats 3] [--shape TOKENS HIDDEN VOCAB]
 """
 import argparse, datetime, importlib.metadata, importlib.util, json, os, platform  # noqa: E401
 import resource, statistics, subprocess, sys, time  # noqa: E401
@@ -49,11 +49,19 @@ def step(method, hidden, weight, targets):
     logp.sum().backward()
 
 
+def make_inputs(n, h, v, dtype, dev):
+    """hidden [n, h], weight [v, h] and targets [n], with no temporary freed on the way: on the CPU the peak RSS
+    before the call is the memory baseline, so a freed temporary (the weight's unscaled draw, v*h floats: 31 MiB at
+    the CPU shape) would raise it above what is resident and read that much less of every method's extra memory."""
+    hidden = torch.randn(n, h, device=dev, dtype=dtype, requires_grad=True)
+    weight = torch.randn(v, h, device=dev, dtype=dtype).mul_(h**-0.5).requires_grad_()
+    targets = torch.randint(0, v, (n,), device=dev)
+    return hidden, weight, targets
+
+
 def child(method, n, h, v, dtype, repeats):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    hidden = torch.randn(n, h, device=dev, dtype=dtype, requires_grad=True)
-    weight = (torch.randn(v, h, device=dev) / h**0.5).to(dtype).requires_grad_()
-    targets = torch.randint(0, v, (n,), device=dev)
+    hidden, weight, targets = make_inputs(n, h, v, dtype, dev)
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     peak_bytes = torch.cuda.max_memory_allocated if dev == "cuda" else (
         lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # ru_maxrss is in KiB on Linux
@@ -75,6 +83,8 @@ def main(argv=None):
     p = arg_parser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=positive_int, default=3)
     p.add_argument("--out", type=out_path, default=None, help="JSON path (default: benchmarks/results/)")
+    p.add_argument("--shape", type=positive_int, nargs=3, metavar=("TOKENS", "HIDDEN", "VOCAB"), default=None,
+                   help="one shape instead of the default ones (fp32 on the CPU, bf16 on CUDA), e.g. a quick check")
     p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -96,7 +106,10 @@ def main(argv=None):
               "memory_method": "cuda max_memory_allocated delta" if cuda else "ru_maxrss delta (fresh process)",
               "results": rows}
     json_path = args.out or os.path.join(HERE, "results", f"kernels_{'cuda' if cuda else 'cpu'}.json")
-    for i, (n, h, v, dtype) in enumerate(GPU_SHAPES if cuda else CPU_SHAPES):
+    shapes = GPU_SHAPES if cuda else CPU_SHAPES
+    if args.shape:
+        shapes = [(*args.shape, shapes[0][3])]
+    for i, (n, h, v, dtype) in enumerate(shapes):
         dt = str(dtype).split(".")[1]
         for m in methods + (with_entropy if i == 0 else []):
             out = subprocess.run([sys.executable, __file__, "--repeats", str(args.repeats), "--child", m, str(n),

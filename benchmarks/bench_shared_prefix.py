@@ -11,7 +11,7 @@ CPU: a small Qwen2-shaped model in fp32. --gpu (default on CUDA): Qwen2.5-1.5B's
 Writes benchmarks/results/shared_prefix_<cpu|cuda>.json; until every load has run, shared_prefix_<...>.partial.json
 (what a time limit leaves). Usage: python benchmarks/bench_shared_prefix.py
 """
-import datetime, os, platform, random, sys  # noqa: E401
+import argparse, datetime, os, platform, random, sys  # noqa: E401
 
 import torch
 
@@ -28,6 +28,14 @@ SMALL = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_at
 QWEN25_15B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                   num_key_value_heads=2, vocab_size=151936, rope_theta=1e6)
 LOADS = [(1024, 8), (2048, 8), (2048, 16)]  # (prefix length, G)
+
+
+def load(text: str) -> tuple[int, int]:
+    """--loads "1024:8": a prefix length and a group size G, both at least 1."""
+    prefix, _, group = text.partition(":")
+    if not (prefix.isdigit() and group.isdigit() and int(prefix) > 0 and int(group) > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not PREFIX:G, two positive integers")
+    return int(prefix), int(group)
 
 
 def make_group(prefix_len, G, vocab, rng):
@@ -63,6 +71,8 @@ def main(argv=None):
     p = arg_parser(description=__doc__.splitlines()[0])
     p.add_argument("--gpu", action="store_true", default=torch.cuda.is_available())
     p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--loads", type=load, nargs="+", default=LOADS, metavar="PREFIX:G",
+                   help="prefix length and group size of each load (default: 1024:8 2048:8 2048:16)")
     p.add_argument("--out", type=out_path, default=None, help="JSON path (default: benchmarks/results/)")
     args = p.parse_args(argv)
     check_gpu(args.gpu)
@@ -84,7 +94,7 @@ def main(argv=None):
                                + ("; cuda max_memory_allocated delta" if args.gpu else ""),
               "results": rows}
     out = args.out or os.path.join(HERE, "results", f"shared_prefix_{'cuda' if args.gpu else 'cpu'}.json")
-    for prefix_len, G in LOADS:
+    for prefix_len, G in args.loads:
         groups = [make_group(prefix_len, G, config.vocab_size, rng)]
         plain = dict(measure(model, groups, False, args.repeats), path="padded", prefix=prefix_len, G=G)
         shared = dict(measure(model, groups, True, args.repeats), path="shared", prefix=prefix_len, G=G)

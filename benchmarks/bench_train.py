@@ -23,6 +23,7 @@ import concurrent.futures
 import contextlib
 import datetime
 import json
+import multiprocessing
 import re
 import shlex
 import statistics
@@ -74,6 +75,13 @@ def run(algo: str, rpo: bool, seed: int, steps: int, extra: list[str], out: Path
                       "entropy": [r.get("entropy") for r in steps_],
                       **({"entropy_coef": [r["entropy_coef"] for r in steps_]} if "entropy_coef" in steps_[0] else {}),
                       "eval_step": [r["step"] for r in evals], "eval_accuracy": [r["eval_accuracy"] for r in evals]}}
+
+
+def training_pool(jobs: int) -> concurrent.futures.ProcessPoolExecutor:
+    """Worker processes for the trainings, started fresh (spawn), not forked: this process has asked CUDA whether
+    it is there (torch.cuda.is_available, machine()), and a forked child cannot initialise CUDA after that ("Cannot
+    re-initialize CUDA in forked subprocess"): every training on a GPU would fail."""
+    return concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
 
 
 def target_accuracy(run: dict, target: float | None, gain: float) -> float:
@@ -183,7 +191,7 @@ def main(argv=None):
               "git_commit": git_commit(), "torch": torch.__version__, "steps": args.steps, "seeds": args.seeds,
               "extra_flags": args.extra, "rpo_variants": args.rpo_variants, "jobs": args.jobs, "runs": runs}
     out = args.out or Path(__file__).parent / "results" / f"train_{device}.json"
-    with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
+    with tempfile.TemporaryDirectory() as tmp, training_pool(args.jobs) as pool:
         futures = [pool.submit(run, algo, rpo, seed, args.steps, args.extra, Path(tmp), variant)
                    for algo, rpo, seed, variant in plan]
         try:

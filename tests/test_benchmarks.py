@@ -80,6 +80,19 @@ def test_bench_train_compares_each_rpo_variant_with_full_path(tmp_path, tiny_mod
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
+def _inherited_parent_state():
+    return hasattr(torch, "_bench_train_parent_state")
+
+
+def test_bench_train_workers_start_fresh_not_forked(monkeypatch):
+    """bench_train's parent has asked CUDA whether it is there (torch.cuda.is_available): a forked worker inherits
+    that state and cannot initialise CUDA ("Cannot re-initialize CUDA in forked subprocess"), so every training on
+    a GPU failed. Its workers must start fresh; here, a mark set in the parent's torch stands for that state."""
+    monkeypatch.setattr(torch, "_bench_train_parent_state", True, raising=False)
+    with bench_module("bench_train").training_pool(1) as pool:
+        assert pool.submit(_inherited_parent_state).result(timeout=300) is False
+
+
 def test_bench_signal_grades_every_answer(tmp_path, tiny_model_dir):
     out = tmp_path / "signal.json"
     flags = " ".join(map(str, tiny_flags(tiny_model_dir)))
@@ -158,6 +171,51 @@ def test_bench_host_times_decode_steps_beside_a_baseline_checkout(tmp_path):
     assert len(record["baseline"]["rows"]) == 5
 
 
+def test_bench_kernels_measures_each_method_against_the_naive_path(tmp_path):
+    """gpu_suite.sh's kernels step, at a small shape: each method in its own process, every row saved as it went."""
+    out = tmp_path / "kernels.json"
+    stdout = run_bench("bench_kernels.py", "--shape", 64, 32, 500, "--repeats", 1, "--out", out)
+    assert_saved_as_it_went(stdout, out, cases=4)
+    record = json.loads(out.read_text())
+    assert record["machine"] and record["git_commit"] and record["date"]
+    assert [r["method"] for r in record["results"]] == ["naive", "torch", "naive+entropy", "torch+entropy"]
+    assert all((r["tokens"], r["hidden"], r["vocab"], r["dtype"]) == (64, 32, 500, "float32") for r in record["results"])
+    assert all(r["ms"] > 0 for r in record["results"])
+
+
+def test_bench_kernels_cpu_memory_baseline_is_what_is_resident():
+    """On the CPU a method's extra memory is its peak RSS minus the peak before the call: making the inputs must not
+    raise that peak above what stays resident (an unscaled weight draw, freed, did by 31 MiB at the CPU shape: every
+    method's extra memory read 31 MiB low, the fused path's ratio to the naive one 0.053x where it was ~0.063x)."""
+    code = """if True:
+        import resource, sys, torch
+        sys.path.insert(0, "benchmarks")
+        from bench_kernels import make_inputs
+        inputs = make_inputs(1024, 256, 32000, torch.float32, "cpu")
+        resident = int(open("/proc/self/statm").read().split()[1]) * 4096
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - resident) / 2**20)
+    """
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=BENCHMARKS.parent, env=bench_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float(proc.stdout.split()[-1]) < 8  # MiB above the resident set: not the weight's 31 MiB draw
+
+
+def test_bench_shared_prefix_compares_both_layouts_on_each_load(tmp_path):
+    """gpu_suite.sh's shared_prefix step, on small loads: padded and shared side by side, with their ratios."""
+    out = tmp_path / "shared_prefix.json"
+    stdout = run_bench("bench_shared_prefix.py", "--loads", "48:2", "64:3", "--repeats", 1, "--out", out)
+    assert_saved_as_it_went(stdout, out, cases=2)
+    record = json.loads(out.read_text())
+    assert record["machine"] and record["git_commit"] and record["date"]
+    rows = record["results"]
+    assert [(r["path"], r["prefix"], r["G"]) for r in rows] == [
+        ("padded", 48, 2), ("shared", 48, 2), ("padded", 64, 3), ("shared", 64, 3)]
+    for padded, shared in (rows[:2], rows[2:]):  # the shared layout runs the prefix once, not once per sample
+        assert shared["layout_tokens"] < padded["layout_tokens"] and shared["saved_mib"] < padded["saved_mib"]
+        assert shared["speedup"] > 0 and shared["memory_reduction"] > 1
+
+
 def test_bench_sampler_compares_with_the_reference(tmp_path):
     out = tmp_path / "sampler.json"
     run_bench("bench_sampler.py", "--rows", 4, "--vocab", 5000, "--repeats", 1, "--out", out)
@@ -234,6 +292,8 @@ def test_every_benchmark_checks_out_before_it_runs(tmp_path, script):
     ("bench_signal.py", ["--runs", " --bogus"], ["--runs", "--bogus"]),
     ("bench_signal.py", ["--runs", " --model MISSING"], ["--runs", "MISSING"]),
     ("bench_sampler.py", ["--repeats", "0"], ["--repeats"]),
+    ("bench_kernels.py", ["--shape", "64", "0", "500"], ["--shape"]),
+    ("bench_shared_prefix.py", ["--loads", "64x2"], ["--loads", "64x2"]),
     ("bench_rewards.py", ["--repeats", "0"], ["--repeats"]),
     ("bench_rewards.py", ["--completions", "0"], ["--completions"]),
     ("bench_trl.py", ["--prompts-per-step", "0"], ["--prompts-per-step"]),
