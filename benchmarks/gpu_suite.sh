@@ -140,6 +140,10 @@ step tests_kernels 120 env RPO_TEST_DEVICE=cuda python -m pytest -q -p no:cachep
 step tests 400 env RPO_TEST_DEVICE=cuda python -m pytest -q -p no:cacheprovider -m gpu tests \
   $(for f in $KERNEL_TESTS; do echo "--ignore=$f"; done) --junitxml="$OUT/tests.xml"
 
+# The kernels just checked, timed against the naive path and Liger (issue 4), before the rollout's long step, so
+# that run 1's budget (install, tests_kernels, kernels, rollout) cannot starve it.
+bench kernels 180 python benchmarks/bench_kernels.py --repeats 3 --out "$OUT/kernels_cuda.json"
+
 # torchrun on the GPU, 1 rank (NCCL): 3 steps with DDP, then 3 with FSDP2, on a tiny random model.
 TINY=$OUT/torchrun/tiny_model
 selected torchrun && timeout -k 5 120 python - "$TINY" <<'EOF' > "$OUT/logs/tiny_model.log" 2>&1
@@ -167,7 +171,6 @@ bench host 60 python benchmarks/bench_host.py --repeats 2 --out "$OUT/host_gpu_b
 # math-verify over a step's 512 completions on this box's CPUs, in the trainer's process and in --reward-workers.
 bench rewards 60 python benchmarks/bench_rewards.py --repeats 3 --out "$OUT/rewards_gpu_box.json"
 bench sampler 60 python benchmarks/bench_sampler.py --gpu --out "$OUT/sampler_cuda.json"
-bench kernels 180 python benchmarks/bench_kernels.py --repeats 3 --out "$OUT/kernels_cuda.json"
 bench shared_prefix 60 python benchmarks/bench_shared_prefix.py --gpu --out "$OUT/shared_prefix_cuda.json"
 # LoRA: full fine-tuning vs adapters at Qwen2.5-1.5B's shape, and a 7B-shaped model trained with adapters on one GPU
 bench lora 120 python benchmarks/bench_lora.py --gpu --repeats 2 --out "$OUT/lora_cuda.json"
