@@ -1242,9 +1242,12 @@ def encode_prompt(tokenizer, row: dict, limit: int, template_kwargs: dict | None
                         f"as a string)")
     else:  # with the tokenizer's special tokens (Llama's BOS), as TRL and vLLM encode a text prompt
         ids = tokenizer.encode(text)
-        eos = tokenizer.eos_token_id
-        if eos is not None and ids and ids[-1] == eos and tokenizer.encode(text, add_special_tokens=False)[-1:] != [eos]:
+        plain = tokenizer.encode(text, add_special_tokens=False)
+        eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+        if eos is not None and ids and ids[-1] == eos and plain[-1:] != [eos]:
             ids = ids[:-1]  # a tokenizer that also appends EOS would end the prompt before the answer
+        if bos is not None and plain[:1] == [bos] and ids[:1] == [bos] and ids[1:len(plain) + 1] == plain:
+            ids = ids[1:]  # a text a chat template rendered opens with its BOS: the tokenizer's would be a second
     if not ids:
         raise UserError(f"prompt of row {row['id']!r} is empty after tokenization")
     if len(ids) > limit:
