@@ -50,6 +50,7 @@ from rpo_engine.rpo.cache import ExperienceCache
 from rpo_engine.rpo.truncation import cut_cached_path
 
 EVAL_SALT = 4999  # seed_for's salt of a sampled eval's answers
+TOKEN_DIGEST = "ids:"  # marks Trainer.prompt_keys' digests of prompt token ids (a checkpoint's before them: of rows)
 
 
 @dataclass
@@ -1030,12 +1031,22 @@ class Trainer:
                 # whether this run adapted: a fixed coefficient is an option, not state to carry into an adaptive run
                 "entropy_control": [self.entropy_coef, self.last_entropy, self.algo.use_adaptive_entropy]}
 
-    def prompt_keys(self, ids) -> dict[str, str]:
-        """Each of `ids` that is a training prompt's -> a digest of its row's prompt and answer (what a cached
-        path answers)."""
-        rows = (self.train_rows[self.row_index[i]] for i in ids if i in self.row_index)
-        return {row["id"]: hashlib.sha1(json.dumps([row["prompt"], row.get("answer")], sort_keys=True,
-                                                   default=str).encode()).hexdigest()[:16] for row in rows}
+    def prompt_keys(self, ids, saved: dict[str, str] | None = None) -> dict[str, str]:
+        """Each of `ids` that is a training prompt's -> a digest of what a cached path answers: the prompt's token
+        ids (the row's prompt as the chat template, its kwargs and the tokenizer encode it: the same row read
+        another way is another prompt to the model) and the row's answer. Where `saved` (a checkpoint's digests)
+        holds one from before the token ids were digested (no TOKEN_DIGEST mark), the row's prompt is digested
+        in their place, as it was then."""
+        keys = {}
+        for i in ids:
+            if i not in self.row_index:
+                continue
+            row = self.train_rows[self.row_index[i]]
+            legacy = saved is not None and i in saved and not str(saved[i]).startswith(TOKEN_DIGEST)
+            prompt = row["prompt"] if legacy else self.prompt_ids[i]
+            digest = hashlib.sha1(json.dumps([prompt, row.get("answer")], sort_keys=True, default=str).encode())
+            keys[i] = ("" if legacy else TOKEN_DIGEST) + digest.hexdigest()[:16]
+        return keys
 
     def load_state_dict(self, state: dict) -> None:
         for count in ("step", "rows_drawn"):  # an edited file's: the step is compared, the rows drawn indexed
@@ -1062,11 +1073,13 @@ class Trainer:
         self.rng.setstate((version, tuple(internal), gauss))
         restore_global_rng_states(state)
         self.rows_drawn = state["rows_drawn"]
-        stale = self.cache.load_state_dict(state["cache"], self.prompt_keys(state["cache"]["paths"]),
-                                           self.model.config.vocab_size)
+        saved_keys = state["cache"].get("prompt_keys")
+        stale = self.cache.load_state_dict(state["cache"], self.prompt_keys(
+            state["cache"]["paths"], saved_keys if isinstance(saved_keys, dict) else None), self.model.config.vocab_size)
         if stale and self.dist.is_main:
             print(f"warning: resuming: dropped {len(stale)} cached RPO path(s) saved for another prompt under the "
-                  f"same id (first {stale[0]!r}: the dataset, or the built-in task's --seed, changed); those prompts "
+                  f"same id (first {stale[0]!r}: the dataset, the built-in task's --seed, or how prompts are encoded "
+                  f"(the chat template, --chat-template-kwargs, --no-chat-template) changed); those prompts "
                   f"cold-start again", file=sys.stderr)
         # else --entropy-coef is the config's; older checkpoints do not say whether their run adapted
         coef, last_entropy, *adapted = state.get("entropy_control", (None, None, False))
@@ -1229,9 +1242,12 @@ def encode_prompt(tokenizer, row: dict, limit: int, template_kwargs: dict | None
                         f"as a string)")
     else:  # with the tokenizer's special tokens (Llama's BOS), as TRL and vLLM encode a text prompt
         ids = tokenizer.encode(text)
-        eos = tokenizer.eos_token_id
-        if eos is not None and ids and ids[-1] == eos and tokenizer.encode(text, add_special_tokens=False)[-1:] != [eos]:
+        plain = tokenizer.encode(text, add_special_tokens=False)
+        eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+        if eos is not None and ids and ids[-1] == eos and plain[-1:] != [eos]:
             ids = ids[:-1]  # a tokenizer that also appends EOS would end the prompt before the answer
+        if bos is not None and plain[:1] == [bos] and ids[:1] == [bos] and ids[1:len(plain) + 1] == plain:
+            ids = ids[1:]  # a text a chat template rendered opens with its BOS: the tokenizer's would be a second
     if not ids:
         raise UserError(f"prompt of row {row['id']!r} is empty after tokenization")
     if len(ids) > limit:

@@ -245,6 +245,21 @@ def test_text_prompt_keeps_bos_and_never_ends_in_eos(bos, eos):
     assert ids == [1] * bos + [7, 8, 9, 10]  # Llama's BOS kept (TRL and vLLM add it); an appended EOS is not
 
 
+@pytest.mark.parametrize("bos", [False, True])
+def test_text_prompt_that_opens_with_bos_gets_no_second_one(bos):
+    """A prompt already rendered by a chat template ("<|begin_of_text|>..." as verl's and many datasets hold it),
+    encoded as text (--no-chat-template): the tokenizer's BOS was added before the text's own, so Llama read
+    two; one is kept. A text without BOS still gets it, and a tokenizer that adds none leaves the text's."""
+    from rpo_engine.trainer import encode_prompt
+
+    assert encode_prompt(word_tokenizer(bos), {"id": "r", "prompt": "<s> what is 1+1 ?"}, 100, chat_template=False) \
+        == [1, 7, 8, 9, 10]
+    assert encode_prompt(word_tokenizer(bos), {"id": "r", "prompt": "<s> <s> what"}, 100, chat_template=False) \
+        == [1, 1, 7]  # the text's own two are the text's
+    assert encode_prompt(word_tokenizer(bos), {"id": "r", "prompt": "what <s>"}, 100, chat_template=False) \
+        == [1] * bos + [7, 1]
+
+
 def test_prompt_empty_or_too_long():
     from rpo_engine.trainer import encode_prompt
 

@@ -283,6 +283,37 @@ def test_save_copies_tokenizer_and_replaces_atomically(tmp_path):
     assert rpo_engine.load_model(tmp_path / "trained").config.generation_eos_token_ids == (1, 2)
 
 
+def test_save_writes_the_tokenizer_whole_with_its_named_chat_templates(tmp_path):
+    """A tokenizer with named chat templates keeps the others in additional_chat_templates/ (transformers 5): a
+    save copying the source's tokenizer brought the default alone. A save over an earlier model's directory
+    leaves none of that tokenizer's files behind: its chat_template.jinja gave the new tokenizer, which has no
+    template, the old one on reload."""
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    def tokenizer(chat_template):
+        tok = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "b": 2}, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        out = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+        out.chat_template = chat_template
+        return out
+
+    templates = {"default": "{{ messages[0]['content'] }}", "tool_use": "{{ tools }}{{ messages[0]['content'] }}"}
+    src = tmp_path / "src"
+    save_hf_checkpoint("qwen2", src)
+    tokenizer(templates).save_pretrained(str(src))
+    assert (src / "additional_chat_templates").is_dir()
+    rpo_engine.load_model(src).save_pretrained(tmp_path / "copied")
+    assert rpo_engine.load_tokenizer(tmp_path / "copied").chat_template == templates
+    base = tmp_path / "base"
+    save_hf_checkpoint("qwen2", base)
+    tokenizer(None).save_pretrained(str(base))
+    rpo_engine.load_model(base).save_pretrained(tmp_path / "copied", tokenizer=rpo_engine.load_tokenizer(base))
+    assert rpo_engine.load_tokenizer(tmp_path / "copied").chat_template is None
+    rpo_engine.load_model(src).save_pretrained(tmp_path / "copied")  # and back: the copy replaces it whole too
+    assert rpo_engine.load_tokenizer(tmp_path / "copied").chat_template == templates
+
+
 def test_sharded_checkpoint(tmp_path):
     hf = make_hf_model("llama")
     hf.save_pretrained(str(tmp_path), max_shard_size="20KB")

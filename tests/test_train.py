@@ -1,6 +1,7 @@
 """The training loop end to end on a tiny random model, resume equivalence, and the CLI's bad-input handling."""
 import contextlib
 import gc
+import hashlib
 import io
 import json
 import math
@@ -323,6 +324,48 @@ def test_resume_drops_cached_paths_of_prompts_that_changed_under_their_id(tiny_m
     del state["cache"]["prompt_keys"]  # a checkpoint from before the digests: nothing to compare, all kept
     other.load_state_dict(state)
     assert len(other.cache) == 3
+
+
+def test_resume_drops_cached_paths_whose_prompt_encodes_to_other_tokens(tmp_path, tiny_model_dir, capsys):
+    """The same rows read through another encoding (--chat-template-kwargs such as Qwen3's enable_thinking,
+    --no-chat-template; a tokenizer whose template changed): the prompt's token ids differ, so a cached path
+    continues an answer to a prompt the model no longer reads. Dropped, said once; the same encoding keeps them."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+    from tests.helpers import with_chat_template
+
+    model_dir = with_chat_template(tiny_model_dir, tmp_path / "chat_model",
+                                   "{% for m in messages %}Q: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt "
+                                   "%}A: {% if enable_thinking is defined and not enable_thinking %}<think></think>"
+                                   "{% endif %}{% endif %}")
+
+    def trainer(*flags):
+        return build_trainer(parse_args(["--model", str(model_dir), "--train-size", "3", "--eval-size", "1",
+                                         "--no-progress", *flags]))
+
+    first = trainer()
+    for row in first.train_rows:
+        first.cache.put(row["id"], [5, 6, 7], 1.0, 1)
+    state = first.state_dict()
+    trainer().load_state_dict(state)
+    assert "dropped" not in capsys.readouterr().err
+    for flags in (["--chat-template-kwargs", '{"enable_thinking": false}'], ["--no-chat-template"]):
+        other = trainer(*flags)
+        assert [r["prompt"] for r in other.train_rows] == [r["prompt"] for r in first.train_rows]
+        assert other.prompt_ids != first.prompt_ids
+        other.load_state_dict(state)
+        assert len(other.cache) == 0, flags
+        assert "warning: resuming: dropped 3 cached RPO path(s)" in capsys.readouterr().err
+    # a checkpoint from before the token ids were digested (its digests: of the rows' prompts and answers) keeps
+    # the same rows' paths, and drops those of other rows under the same ids
+    state["cache"]["prompt_keys"] = {row["id"]: hashlib.sha1(json.dumps([row["prompt"], row.get("answer")],
+                                     sort_keys=True, default=str).encode()).hexdigest()[:16] for row in first.train_rows}
+    again = trainer()
+    again.load_state_dict(state)
+    assert len(again.cache) == 3 and "dropped" not in capsys.readouterr().err
+    other = trainer("--seed", "7")
+    other.load_state_dict(state)
+    assert len(other.cache) == 0 and "dropped 3 cached RPO path(s)" in capsys.readouterr().err
 
 
 def test_a_hub_model_id_trains_and_resumes_from_the_local_cache(tmp_path, tiny_model_dir):

@@ -26,6 +26,8 @@ from rpo_engine.model.lora import is_peft_adapter_parameter, merged_state_dict, 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
+# transformers 5 writes a tokenizer's named chat templates (all but the default) as files in this folder
+CHAT_TEMPLATES_DIR = "additional_chat_templates"
 
 # An earlier save's weights, which a new save replaces even where it names its files differently (shards)
 WEIGHT_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
@@ -244,7 +246,13 @@ def save_pretrained(model: CausalLM, directory, tokenizer=None) -> None:
     The tokenizer comes from `tokenizer` (anything with save_pretrained) or is copied from the
     directory the model was loaded from.
     """
-    with replacing_directory(directory, supersedes=WEIGHT_FILES) as tmp:
+    # a tokenizer written (given, or copied from the source) replaces an earlier save's whole: a file of the other
+    # left behind (its chat_template.jinja beside a tokenizer without one) would be read with it on reload
+    source = Path(model.source_dir) if model.source_dir is not None else None
+    writes_tokenizer = tokenizer is not None or (source is not None and any(
+        (source / name).exists() for name in (*TOKENIZER_FILES, CHAT_TEMPLATES_DIR)))
+    tokenizer_files = (*TOKENIZER_FILES, CHAT_TEMPLATES_DIR) if writes_tokenizer else ()
+    with replacing_directory(directory, supersedes=WEIGHT_FILES + tokenizer_files) as tmp:
         # LoRA adapters are merged into their weights: the directory is a plain model (model/lora.py)
         state = {k: v.detach().contiguous().cpu() for k, v in merged_state_dict(model, device="cpu").items()}
         if model.config.tie_word_embeddings:
@@ -260,11 +268,12 @@ def save_pretrained(model: CausalLM, directory, tokenizer=None) -> None:
         copied = TOKENIZER_FILES if tokenizer is None else ()
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        if model.source_dir is not None:
+        if source is not None:
             for name in copied:
-                src = Path(model.source_dir) / name
-                if src.is_file():
-                    shutil.copy2(src, tmp / name)
+                if (source / name).is_file():
+                    shutil.copy2(source / name, tmp / name)
+            if tokenizer is None and (source / CHAT_TEMPLATES_DIR).is_dir():
+                shutil.copytree(source / CHAT_TEMPLATES_DIR, tmp / CHAT_TEMPLATES_DIR)
 
 
 def load_tokenizer(path):
