@@ -1031,8 +1031,10 @@ def parse_args(argv=None) -> TrainConfig:
     values = {}
     if args.get("config"):
         file_values, record = _load_yaml(args["config"])
-        if record:  # a run's config.json: its resume_from_checkpoint was an act on that run, not an option to repeat
-            file_values = _unpin_resolved({k: v for k, v in file_values.items() if k != "resume_from_checkpoint"})
+        if record:  # a run's config.json: its resume or resume_from_checkpoint was an act on that run, not an option
+            # to repeat (fed back with another --output, it resumed the run there, which a plain command refuses)
+            file_values = _unpin_resolved({k: v for k, v in file_values.items()
+                                           if k not in ("resume", "resume_from_checkpoint")})
         values.update(file_values)
     values.update({k: v for k, v in args.items() if v is not None})
     return config_from_dict(values, source=args.get("config") or "options")

@@ -286,6 +286,22 @@ def test_a_runs_config_json_is_a_config_file(tmp_path, flags):
     assert again == {**recorded, "config": str(tmp_path / "config.json")}
 
 
+def test_a_resumed_runs_config_json_fed_back_does_not_resume(tmp_path):
+    """A resumed run records `resume: true`; fed back (`--config runs/x/config.json --output runs/y`) that was an
+    act on runs/x, not an option to repeat: it resumed whatever run runs/y held, where a command without --resume
+    is refused there ("already holds a run"). --resume on the command line still resumes."""
+    import json
+
+    from rpo_engine.config import config_to_dict
+
+    record = tmp_path / "config.json"
+    record.write_text(json.dumps(config_to_dict(parse_args(["--resume", "--output", str(tmp_path / "x")]))))
+    assert parse_args(["--config", str(record), "--output", str(tmp_path / "y")]).resume is False
+    assert parse_args(["--config", str(record), "--resume"]).resume is True
+    (tmp_path / "run.yaml").write_text("resume: true\n")  # a config file a user wrote: its resume is an option
+    assert parse_args(["--config", str(tmp_path / "run.yaml")]).resume is True
+
+
 def test_config_file_naming_another_config_file(tmp_path):
     assert "config: other.yaml: nested config files are not supported" in _config_error(
         tmp_path, "steps: 1\nconfig: other.yaml\n")
