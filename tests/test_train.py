@@ -93,6 +93,23 @@ def test_train_resume_matches_uninterrupted(tmp_path, tiny_model_dir):
     assert read_metrics(changed)[-1]["lr"] == pytest.approx(2e-3 * lr_multiplier(2, 3, 1))
 
 
+def test_changed_options_are_those_the_checkpoint_was_trained_with(tmp_path, tiny_model_dir):
+    """The changed-options warning compares with the options the checkpoint resumed from was made with (its own
+    config.json), not with the last command's (OUTPUT/config.json): going back to a checkpoint from before a
+    resume that lowered the learning rate, with that lower rate, is a change, and was said nowhere."""
+    out = tmp_path / "run"
+    common = ["--model", tiny_model_dir, "--save-steps", 1, "--eval-steps", 0, "--reward", "tests.reward_fns:hash_reward",
+              "--train-size", 3, *SMALL, "--output", out]  # SMALL: --learning-rate 1e-3
+    run_train(*common, "--steps", 1)
+    proc = run_train(*common, "--steps", 2, "--resume", "--learning-rate", 5e-4)
+    assert "learning_rate 0.001 -> 0.0005" in proc.stderr
+    proc = run_train(*common, "--steps", 2, "--learning-rate", 5e-4,
+                     "--resume-from-checkpoint", out / "checkpoints" / "step-1")
+    assert "warning: resuming with changed options: learning_rate 0.001 -> 0.0005" in proc.stderr
+    proc = run_train(*common, "--steps", 2, "--resume-from-checkpoint", out / "checkpoints" / "step-1")
+    assert "changed options" not in proc.stderr  # step-1's own options: no change
+
+
 def test_resume_redoes_an_incomplete_checkpoint_and_ignores_names_not_ours(tmp_path, tiny_model_dir):
     """A step-N directory without its trainer state (a save cut short, a file removed) is passed over, and the
     resumed run writes step-N again over it; a step-3.bak beside them is a user's, not a checkpoint."""
