@@ -342,6 +342,31 @@ def test_resume_drops_cached_paths_of_prompts_that_changed_under_their_id(tiny_m
     assert len(other.cache) == 3
 
 
+def test_a_path_outside_a_resumed_runs_rows_keeps_its_prompts_digest(tiny_model_dir, capsys):
+    """A run resumed on fewer rows (--train-size 2) keeps the paths of the rows it left out, and its checkpoints
+    must keep their digests: they lost them, so a later resume on other rows under those ids (--train-size 3
+    --seed 7) kept such a path and continued an answer to another question."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+
+    def trainer(*flags):
+        return build_trainer(parse_args(["--model", str(tiny_model_dir), "--eval-size", "1", "--no-progress", *flags]))
+
+    first = trainer("--train-size", "3")
+    for row in first.train_rows:
+        first.cache.put(row["id"], [5, 6, 7], 1.0, 1)
+    fewer = trainer("--train-size", "2", "--prompts-per-step", "2")
+    fewer.load_state_dict(first.state_dict())
+    assert len(fewer.cache) == 3  # the left-out row's path is kept, for a run that takes that row again
+    other = trainer("--train-size", "3", "--seed", "7")
+    other.load_state_dict(fewer.state_dict())
+    assert len(other.cache) == 0
+    assert "dropped 3 cached RPO path(s)" in capsys.readouterr().err
+    again = trainer("--train-size", "3")  # the first run's rows: every path is still theirs
+    again.load_state_dict(fewer.state_dict())
+    assert len(again.cache) == 3
+
+
 def test_a_hub_model_id_trains_and_resumes_from_the_local_cache(tmp_path, tiny_model_dir):
     """--model org/name: the Hugging Face cache's copy (HF_HUB_OFFLINE here), recorded as the id; the snapshot's
     directory names the same model on resume (no error, no changed-option warning); an id in no cache is one
