@@ -60,8 +60,8 @@ class ExperienceCache:
         self.policy, self.epsilon, self.correct_threshold = policy, epsilon, correct_threshold
         self.paths: dict[str, CachedPath] = {}
         self.saturated: dict[str, int] = {}  # consecutive visits whose G answers were all right
-        # the digests a checkpoint stored with its paths: saved again for a path whose prompt the caller no longer
-        # has (a run resumed on fewer rows), which a later resume on other rows must still tell apart
+        # the digests a checkpoint stored with its paths: saved again (with the caller's `prompt_keys`) for a path
+        # whose prompt the caller no longer has (a run resumed on fewer rows), which a later resume must tell apart
         self.restored_keys: dict[str, str] = {}
 
     def __len__(self) -> int:
@@ -144,8 +144,8 @@ class ExperienceCache:
         state = {"policy": self.policy, "epsilon": self.epsilon, "correct_threshold": self.correct_threshold,
                  "paths": {k: [v.token_ids, v.reward, v.step, v.correct, v.logprobs] for k, v in self.paths.items()},
                  "saturated": dict(self.saturated)}
-        if prompt_keys is not None or self.restored_keys:
-            keys = {**self.restored_keys, **(prompt_keys or {})}
+        if prompt_keys is not None:
+            keys = {**self.restored_keys, **prompt_keys}
             state["prompt_keys"] = {k: keys[k] for k in self.paths if k in keys}
         return state
 
