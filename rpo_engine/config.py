@@ -1031,11 +1031,27 @@ def parse_args(argv=None) -> TrainConfig:
     values = {}
     if args.get("config"):
         file_values, record = _load_yaml(args["config"])
-        if record:  # a run's config.json: its resume_from_checkpoint was an act on that run, not an option to repeat
-            file_values = _unpin_resolved({k: v for k, v in file_values.items() if k != "resume_from_checkpoint"})
+        if record:  # a run's config.json: its resume or resume_from_checkpoint was an act on that run, not an option
+            # to repeat (fed back with another --output, it resumed the run there, which a plain command refuses)
+            file_values = _unpin_resolved({k: v for k, v in file_values.items()
+                                           if k not in ("resume", "resume_from_checkpoint")})
+            if args.get("output") is None:
+                _check_record_is_its_runs(Path(args["config"]), file_values.get("output"))
         values.update(file_values)
     values.update({k: v for k, v in args.items() if v is not None})
     return config_from_dict(values, source=args.get("config") or "options")
+
+
+def _check_record_is_its_runs(record: Path, output) -> None:
+    """A run's config.json names its --output as an absolute path: read from another run's directory (a copy made
+    to branch the run off, or the run moved), that path is the original's, which the command would go on with
+    (its final/ replaced) or start a new run in."""
+    here = record.parent
+    if not isinstance(output, str) or not ((here / "metrics.jsonl").exists() or (here / "checkpoints").is_dir()):
+        return  # a record kept elsewhere as a config file: its --output stands
+    if Path(output).resolve() != here.resolve():
+        raise UserError(f"--config {record}: the record of the run in {output}, read from another run's directory (a "
+                        f"copy, or the run moved?); pass --output {here} to go on with this one, or --output {output}")
 
 
 def config_to_dict(config: TrainConfig) -> dict:

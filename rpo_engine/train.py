@@ -678,8 +678,9 @@ def run_training(config: TrainConfig, dist: Dist, held: contextlib.ExitStack) ->
         with refusals_named(metrics_path):
             log = open(metrics_path, "a" if checkpoint is not None else "w")  # "w": a run started again
         held.callback(log.close)
-        if checkpoint is not None:
-            warn_changed_options(output / "config.json", config)
+        if checkpoint is not None:  # against the options the checkpoint was made with (older ones: the run's record)
+            made_with = checkpoint / "config.json"
+            warn_changed_options(made_with if made_with.is_file() else output / "config.json", config)
         with replaced_whole(output / "config.json") as tmp:  # the record --config DIR/config.json --resume reads
             tmp.write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
         reporter = Reporter(report_targets(config.report_to), output, config_to_dict(config),

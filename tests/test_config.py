@@ -1,6 +1,7 @@
 """Options and config files: a mistake in them is a one-line UserError naming the file or option."""
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -284,6 +285,49 @@ def test_a_runs_config_json_is_a_config_file(tmp_path, flags):
     (tmp_path / "config.json").write_text(json.dumps(recorded))
     again = config_to_dict(parse_args(["--config", str(tmp_path / "config.json")]))
     assert again == {**recorded, "config": str(tmp_path / "config.json")}
+
+
+def test_a_resumed_runs_config_json_fed_back_does_not_resume(tmp_path):
+    """A resumed run records `resume: true`; fed back (`--config runs/x/config.json --output runs/y`) that was an
+    act on runs/x, not an option to repeat: it resumed whatever run runs/y held, where a command without --resume
+    is refused there ("already holds a run"). --resume on the command line still resumes."""
+    import json
+
+    from rpo_engine.config import config_to_dict
+
+    record = tmp_path / "config.json"
+    record.write_text(json.dumps(config_to_dict(parse_args(["--resume", "--output", str(tmp_path / "x")]))))
+    assert parse_args(["--config", str(record), "--output", str(tmp_path / "y")]).resume is False
+    assert parse_args(["--config", str(record), "--resume"]).resume is True
+    (tmp_path / "run.yaml").write_text("resume: true\n")  # a config file a user wrote: its resume is an option
+    assert parse_args(["--config", str(tmp_path / "run.yaml")]).resume is True
+
+
+def test_the_config_json_of_a_copied_or_moved_run_names_no_other_runs_output(tmp_path):
+    """A run's config.json records its --output as an absolute path. Read from a copy of the run (the README's way
+    to branch a run off) or from the run moved elsewhere, `--config COPY/config.json --resume` went on with the
+    ORIGINAL run (its final/ replaced, its log extended with the copy's options) or started a new one where the
+    run no longer is: refused, naming both directories; --output given, or the record read from its own run's
+    directory, or from a file that is not in a run's directory, are as before."""
+    import json
+
+    from rpo_engine.config import config_to_dict
+
+    run, copy = tmp_path / "runs" / "x", tmp_path / "runs" / "branch"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(config_to_dict(parse_args(["--output", str(run)]))))
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    shutil.copytree(run, copy)
+    assert parse_args(["--config", str(run / "config.json"), "--resume"]).output == str(run.resolve())
+    with pytest.raises(UserError, match=re.escape(
+            f"--config {copy / 'config.json'}: the record of the run in {run.resolve()}, read from another run's "
+            f"directory (a copy, or the run moved?); pass --output {copy} to go on with this one")):
+        parse_args(["--config", str(copy / "config.json"), "--resume"])
+    assert parse_args(["--config", str(copy / "config.json"), "--resume", "--output", str(copy)]).output == str(copy)
+    alone = tmp_path / "configs"
+    alone.mkdir()
+    shutil.copy(run / "config.json", alone / "config.json")  # a record kept as a config file: its --output stands
+    assert parse_args(["--config", str(alone / "config.json")]).output == str(run.resolve())
 
 
 def test_config_file_naming_another_config_file(tmp_path):

@@ -94,6 +94,23 @@ def test_train_resume_matches_uninterrupted(tmp_path, tiny_model_dir):
     assert read_metrics(changed)[-1]["lr"] == pytest.approx(2e-3 * lr_multiplier(2, 3, 1))
 
 
+def test_changed_options_are_those_the_checkpoint_was_trained_with(tmp_path, tiny_model_dir):
+    """The changed-options warning compares with the options the checkpoint resumed from was made with (its own
+    config.json), not with the last command's (OUTPUT/config.json): going back to a checkpoint from before a
+    resume that lowered the learning rate, with that lower rate, is a change, and was said nowhere."""
+    out = tmp_path / "run"
+    common = ["--model", tiny_model_dir, "--save-steps", 1, "--eval-steps", 0, "--reward", "tests.reward_fns:hash_reward",
+              "--train-size", 3, *SMALL, "--output", out]  # SMALL: --learning-rate 1e-3
+    run_train(*common, "--steps", 1)
+    proc = run_train(*common, "--steps", 2, "--resume", "--learning-rate", 5e-4)
+    assert "learning_rate 0.001 -> 0.0005" in proc.stderr
+    proc = run_train(*common, "--steps", 2, "--learning-rate", 5e-4,
+                     "--resume-from-checkpoint", out / "checkpoints" / "step-1")
+    assert "warning: resuming with changed options: learning_rate 0.001 -> 0.0005" in proc.stderr
+    proc = run_train(*common, "--steps", 2, "--resume-from-checkpoint", out / "checkpoints" / "step-1")
+    assert "changed options" not in proc.stderr  # step-1's own options: no change
+
+
 def test_resume_redoes_an_incomplete_checkpoint_and_ignores_names_not_ours(tmp_path, tiny_model_dir):
     """A step-N directory without its trainer state (a save cut short, a file removed) is passed over, and the
     resumed run writes step-N again over it; a step-3.bak beside them is a user's, not a checkpoint."""
@@ -366,6 +383,31 @@ def test_resume_drops_cached_paths_whose_prompt_encodes_to_other_tokens(tmp_path
     other = trainer("--seed", "7")
     other.load_state_dict(state)
     assert len(other.cache) == 0 and "dropped 3 cached RPO path(s)" in capsys.readouterr().err
+
+
+def test_a_path_outside_a_resumed_runs_rows_keeps_its_prompts_digest(tiny_model_dir, capsys):
+    """A run resumed on fewer rows (--train-size 2) keeps the paths of the rows it left out, and its checkpoints
+    must keep their digests: they lost them, so a later resume on other rows under those ids (--train-size 3
+    --seed 7) kept such a path and continued an answer to another question."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+
+    def trainer(*flags):
+        return build_trainer(parse_args(["--model", str(tiny_model_dir), "--eval-size", "1", "--no-progress", *flags]))
+
+    first = trainer("--train-size", "3")
+    for row in first.train_rows:
+        first.cache.put(row["id"], [5, 6, 7], 1.0, 1)
+    fewer = trainer("--train-size", "2", "--prompts-per-step", "2")
+    fewer.load_state_dict(first.state_dict())
+    assert len(fewer.cache) == 3  # the left-out row's path is kept, for a run that takes that row again
+    other = trainer("--train-size", "3", "--seed", "7")
+    other.load_state_dict(fewer.state_dict())
+    assert len(other.cache) == 0
+    assert "dropped 3 cached RPO path(s)" in capsys.readouterr().err
+    again = trainer("--train-size", "3")  # the first run's rows: every path is still theirs
+    again.load_state_dict(fewer.state_dict())
+    assert len(again.cache) == 3
 
 
 def test_a_hub_model_id_trains_and_resumes_from_the_local_cache(tmp_path, tiny_model_dir):

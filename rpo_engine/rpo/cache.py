@@ -60,6 +60,9 @@ class ExperienceCache:
         self.policy, self.epsilon, self.correct_threshold = policy, epsilon, correct_threshold
         self.paths: dict[str, CachedPath] = {}
         self.saturated: dict[str, int] = {}  # consecutive visits whose G answers were all right
+        # the digests a checkpoint stored with its paths: saved again (with the caller's `prompt_keys`) for a path
+        # whose prompt the caller no longer has (a run resumed on fewer rows), which a later resume must tell apart
+        self.restored_keys: dict[str, str] = {}
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -142,7 +145,8 @@ class ExperienceCache:
                  "paths": {k: [v.token_ids, v.reward, v.step, v.correct, v.logprobs] for k, v in self.paths.items()},
                  "saturated": dict(self.saturated)}
         if prompt_keys is not None:
-            state["prompt_keys"] = {k: prompt_keys[k] for k in self.paths if k in prompt_keys}
+            keys = {**self.restored_keys, **prompt_keys}
+            state["prompt_keys"] = {k: keys[k] for k in self.paths if k in keys}
         return state
 
     def load_state_dict(self, state: dict, prompt_keys: dict[str, str] | None = None,
@@ -164,6 +168,7 @@ class ExperienceCache:
         for k in stale:
             del self.paths[k]
             self.saturated.pop(k, None)
+        self.restored_keys = {k: saved[k] for k in self.paths if k in saved}
         return stale
 
 
