@@ -1079,7 +1079,7 @@ class Trainer:
         if stale and self.dist.is_main:
             print(f"warning: resuming: dropped {len(stale)} cached RPO path(s) saved for another prompt under the "
                   f"same id (first {stale[0]!r}: the dataset, the built-in task's --seed, or how prompts are encoded "
-                  f"(the chat template, --chat-template-kwargs, --no-chat-template) changed); those prompts "
+                  f"(the chat template, --chat-template-kwargs, --system-prompt, --no-chat-template) changed); those prompts "
                   f"cold-start again", file=sys.stderr)
         # else --entropy-coef is the config's; older checkpoints do not say whether their run adapted
         coef, last_entropy, *adapted = state.get("entropy_control", (None, None, False))
