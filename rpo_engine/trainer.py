@@ -1074,13 +1074,13 @@ class Trainer:
         restore_global_rng_states(state)
         self.rows_drawn = state["rows_drawn"]
         saved_keys = state["cache"].get("prompt_keys")
-        stale = self.cache.load_state_dict(state["cache"], self.prompt_keys(
-            state["cache"]["paths"], saved_keys if isinstance(saved_keys, dict) else None), self.model.config.vocab_size)
+        keys = self.prompt_keys(state["cache"]["paths"], saved_keys if isinstance(saved_keys, dict) else None)
+        stale = self.cache.load_state_dict(state["cache"], keys, self.model.config.vocab_size)
         if stale and self.dist.is_main:
             print(f"warning: resuming: dropped {len(stale)} cached RPO path(s) saved for another prompt under the "
                   f"same id (first {stale[0]!r}: the dataset, the built-in task's --seed, or how prompts are encoded "
-                  f"(the chat template, --chat-template-kwargs, --system-prompt, --no-chat-template) changed); those prompts "
-                  f"cold-start again", file=sys.stderr)
+                  f"(the chat template, --chat-template-kwargs, --system-prompt, --no-chat-template) changed); "
+                  f"those prompts cold-start again", file=sys.stderr)
         # else --entropy-coef is the config's; older checkpoints do not say whether their run adapted
         coef, last_entropy, *adapted = state.get("entropy_control", (None, None, False))
         if self.algo.use_adaptive_entropy and adapted != [False]:
