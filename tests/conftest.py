@@ -7,13 +7,21 @@ import os
 DEVICE_NAME = os.environ.get("RPO_TEST_DEVICE", "cpu")
 if DEVICE_NAME not in ("cpu", "cuda"):
     raise SystemExit(f"RPO_TEST_DEVICE must be 'cpu' or 'cuda', got {DEVICE_NAME!r}")
+ONE_THREAD = DEVICE_NAME == "cpu" and "OMP_NUM_THREADS" not in os.environ
 if DEVICE_NAME == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # on a GPU box too: "auto" devices (the CLI's) resolve to the CPU, as in CI
+    # One torch thread in each worker and in the programs the tests start (unless OMP_NUM_THREADS says otherwise):
+    # `-n 2` on 2 cores already keeps both busy, and the tests' tiny tensors gain nothing from a second thread, whose
+    # wake-ups on a busy box cost seconds (an in-process 2-step training run: 21 s with 2 threads, 2 s with 1).
+    if ONE_THREAD:
+        os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if ONE_THREAD:
+    torch.set_num_threads(1)  # torch may have been imported before this file, OMP_NUM_THREADS then read
 if DEVICE_NAME == "cuda" and not torch.cuda.is_available():
     raise SystemExit("RPO_TEST_DEVICE=cuda, but torch sees no CUDA device")
 

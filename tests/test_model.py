@@ -383,6 +383,33 @@ def test_loading_onto_a_gpu_allocates_the_weights_once(tmp_path):
     assert size <= torch.cuda.max_memory_allocated() - before < 1.5 * size  # a tensor in transit: at most 23% more
 
 
+def test_loading_imports_neither_dynamo_nor_sympy(tiny_model_dir):
+    """load_model's shapes-only model on the meta device draws no random init and computes its rotary frequencies on
+    the CPU: normal_, arange and pow on meta import torch._dynamo and sympy, ~1.3 s of every eval CLI's start (and of
+    each of the suite's CLI runs that ends before the trainer's optimizer imports it)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import rpo_engine; rpo_engine.load_model(sys.argv[1]); "
+            "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code, str(tiny_model_dir)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_model_built_on_meta_has_the_cpu_models_rotary_frequencies(family):
+    """The meta model's rotary buffer (shape) and attention scaling (a float load_model keeps) are the CPU model's."""
+    from rpo_engine.model import CausalLM, ModelConfig
+
+    config = ModelConfig.from_hf_dict(json.loads(make_hf_model(family, num_layers=1).config.to_json_string()))
+    with torch.device("meta"):
+        meta = CausalLM(config)
+    cpu = CausalLM(config)
+    assert meta.model.rotary_emb.inv_freq.is_meta and meta.model.embed_tokens.weight.is_meta
+    assert meta.model.rotary_emb.inv_freq.shape == cpu.model.rotary_emb.inv_freq.shape
+    assert meta.model.rotary_emb.attention_scaling == cpu.model.rotary_emb.attention_scaling
+
 def test_missing_directory(tmp_path):
     with pytest.raises(UserError, match="not found"):
         rpo_engine.load_model(tmp_path / "nope")

@@ -61,8 +61,11 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         # Not a checkpoint tensor (persistent=False): always recomputed from the config. The attention scaling
         # (YaRN's; 1.0 for the others) is a plain float, so no device move or dtype cast touches it.
-        inv_freq, self.attention_scaling = rope_frequencies(config)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # Computed on the CPU, as load_model's: on the meta device (its shapes-only model) arange and pow import
+        # torch._dynamo and sympy, ~1.3 s of every CLI start.
+        with torch.device("cpu"):
+            inv_freq, self.attention_scaling = rope_frequencies(config)
+        self.register_buffer("inv_freq", inv_freq.to(torch.get_default_device()), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype):
         """positions [B, T] -> cos, signed sin [B, T, 1, D] (broadcast over heads), for `apply_rope`: computed in
@@ -241,7 +244,11 @@ class DecoderLayer(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        shape = (config.vocab_size, config.hidden_size)
+        # On the meta device (load_model's and from_transformers' shapes-only model: the weights are replaced) no
+        # random init: normal_ on meta imports torch._dynamo and sympy, ~1.3 s of every CLI start.
+        on_meta = torch.get_default_device().type == "meta"
+        self.embed_tokens = nn.Embedding(*shape, _weight=torch.empty(shape) if on_meta else None)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
