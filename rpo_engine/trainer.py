@@ -1244,8 +1244,8 @@ def encode_prompt(tokenizer, row: dict, limit: int, template_kwargs: dict | None
         ids = tokenizer.encode(text)
         plain = tokenizer.encode(text, add_special_tokens=False)
         eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
-        if eos is not None and ids and ids[-1] == eos and plain[-1:] != [eos]:
-            ids = ids[:-1]  # a tokenizer that also appends EOS would end the prompt before the answer
+        if eos is not None and _trailing(ids, eos) > _trailing(plain, eos):
+            ids = ids[:-1]  # the EOS a tokenizer appends would end the prompt before the answer (the text's own stays)
         if bos is not None and plain[:1] == [bos] and ids[:1] == [bos] and ids[1:len(plain) + 1] == plain:
             ids = ids[1:]  # a text a chat template rendered opens with its BOS: the tokenizer's would be a second
     if not ids:
@@ -1255,6 +1255,14 @@ def encode_prompt(tokenizer, row: dict, limit: int, template_kwargs: dict | None
                             f"(--max-prompt-length, and the model's context minus --max-completion-length; "
                             f"--filter-overlong-prompts drops such rows)", len(ids))
     return ids
+
+
+def _trailing(ids: list[int], token: int) -> int:
+    """How many times `token` ends `ids`."""
+    n = 0
+    while n < len(ids) and ids[-1 - n] == token:
+        n += 1
+    return n
 
 
 class PromptTooLong(UserError):

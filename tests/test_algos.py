@@ -1,6 +1,8 @@
 """GRPO/DAPO arithmetic, RPO truncation and cache rules, reward shaping: hand-computed cases."""
 import math
+import numbers
 import random
+import re
 
 import pytest
 import torch
@@ -553,6 +555,29 @@ def test_cache_load_drops_stale_paths_with_their_saturation_and_keeps_its_thresh
     old["paths"] = {"p": [[3], 0.6, 0]}  # before paths carried `correct`: judged by the saved threshold
     other.load_state_dict(old)
     assert other.correct_threshold == 0.8 and not other.verified("p")
+
+
+def test_saved_path_check_refuses_exactly_the_ids_outside_the_vocabulary():
+    """check_saved_paths screens each path's ids at C speed (type set, min, max) and names a bad one by the loop: it
+    refuses a path iff some id is no integer (a bool, a float) or outside [0, vocab) (the per-id rule), and names
+    that id; ids of another integer type (numpy's) still pass, as the per-id rule lets them."""
+    import numpy
+
+    from rpo_engine.rpo.cache import check_saved_paths
+
+    def bad(t, vocab):
+        return isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < vocab
+
+    cases = [[], [0, 9], [3, -1, 4], [3, 10], [3, 10 ** 30], [True, 2], [2.0, 3], [1, 2.5], [1, "2"],
+             [numpy.int64(4), 5], [1, numpy.int64(12)], (1, 2)]
+    for ids in cases:
+        state = {"paths": {"p": [ids, 1.0, 0]}}
+        wrong = [t for t in ids if bad(t, 10)]
+        if wrong:
+            with pytest.raises(ValueError, match=rf"path 'p' holds token id {re.escape(repr(wrong[0]))}, not in"):
+                check_saved_paths(state, 10)
+        else:
+            check_saved_paths(state, 10)
 
 
 def test_dapo_overlong_buffer_defaults_to_a_quarter_of_the_budget():

@@ -260,6 +260,23 @@ def test_text_prompt_that_opens_with_bos_gets_no_second_one(bos):
         == [1] * bos + [7, 1]
 
 
+@pytest.mark.parametrize("bos", [False, True])
+def test_text_prompt_that_ends_with_eos_gets_no_second_one(bos):
+    """The mirror of the BOS rule above, with a tokenizer that appends EOS: a text ending in its own EOS kept it and
+    the tokenizer's too (two EOS before the answer); the appended one goes, the text's stays, as does a text's EOS
+    where the tokenizer appends none. A text opening with BOS and ending with EOS gets neither twice."""
+    from rpo_engine.trainer import encode_prompt
+
+    def encode(prompt, eos=True):
+        return encode_prompt(word_tokenizer(bos, eos), {"id": "r", "prompt": prompt}, 100, chat_template=False)
+
+    assert encode("what </s>") == [1] * bos + [7, 2]
+    assert encode("what </s> </s>") == [1] * bos + [7, 2, 2]  # the text's own two are the text's
+    assert encode("what </s>", eos=False) == [1] * bos + [7, 2]
+    assert encode("<s> what </s>") == [1, 7, 2]
+    assert encode("</s>") == [1] * bos + [2]
+
+
 def test_prompt_empty_or_too_long():
     from rpo_engine.trainer import encode_prompt
 

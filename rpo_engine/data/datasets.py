@@ -182,9 +182,12 @@ class _DuplicateKey(ValueError):
 def _unique_keys(pairs: list) -> dict:
     """An object with each key once: with a key twice json.loads keeps the last silently (which answer is meant?)."""
     row = dict(pairs)
-    if len(row) != len(pairs):
+    if len(row) != len(pairs):  # name the first key seen twice
         seen = set()
-        raise _DuplicateKey(next(key for key, _ in pairs if key in seen or seen.add(key)))
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
     return row
 
 
