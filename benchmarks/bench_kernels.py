@@ -7,7 +7,8 @@ differentiable entropy, so it runs without.
 
 Each method runs in a fresh child process so its peak memory is its own: on CUDA
 torch.cuda.max_memory_allocated minus what was allocated before the call, on CPU the peak RSS
-(ru_maxrss) minus the peak before the call. Both count everything the step allocates, the returned
+(Linux's VmHWM, reset just before the call; kernels_cpu.json's recorded figures: ru_maxrss, the peak since the
+process's start) minus the resident set before the call. Both count everything the step allocates, the returned
 gradients included. Time: median of a few repeats after one warm-up. CPU runs fp32 and no Triton
 (the interpreter is not a benchmark). Writes benchmarks/results/kernels_<cpu|cuda>.json; until every method
 has run, kernels_<...>.partial.json. Liger failing fails nothing: its row says why in error.
@@ -59,14 +60,33 @@ def make_inputs(n, h, v, dtype, dev):
     return hidden, weight, targets
 
 
+def reset_cpu_peak() -> None:
+    """Linux: the peak resident set (VmHWM) starts again from the current one (clear_refs 5); elsewhere a no-op."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def cpu_peak_bytes() -> int:
+    """The peak resident set since reset_cpu_peak (Linux's VmHWM), or since the start (ru_maxrss, KiB on Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def child(method, n, h, v, dtype, repeats):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     hidden, weight, targets = make_inputs(n, h, v, dtype, dev)
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-    peak_bytes = torch.cuda.max_memory_allocated if dev == "cuda" else (
-        lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # ru_maxrss is in KiB on Linux
+    peak_bytes = torch.cuda.max_memory_allocated if dev == "cuda" else cpu_peak_bytes
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    else:  # the peak from here on: since the process's start it held the imports' (and pages evicted since)
+        reset_cpu_peak()
     base = torch.cuda.memory_allocated() if dev == "cuda" else peak_bytes()
     times = []
     for _ in range(repeats + 1):
@@ -96,14 +116,14 @@ def main(argv=None):
     with_entropy = ["naive+entropy", "torch+entropy"] + ["triton+entropy"] * cuda
     rows, failed = [], []
     print(f"{machine('cuda' if cuda else 'cpu')}: fused_logprobs fwd+bwd, median of {args.repeats}; memory = "
-          f"{'max_memory_allocated' if cuda else 'peak RSS (ru_maxrss)'} delta incl. gradients")
+          f"{'max_memory_allocated' if cuda else 'peak RSS (VmHWM, reset before the call)'} delta incl. gradients")
     print(f"{'tokens':>6} {'hidden':>6} {'vocab':>6} {'dtype':>8} {'method':>14} {'ms':>9} {'peak MiB':>9} "
           f"{'time/naive':>10} {'mem/naive':>9}")
     triton_version = importlib.metadata.version("triton") if importlib.util.find_spec("triton") else None
     result = {"machine": machine("cuda" if cuda else "cpu"), "platform": platform.platform(),
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": git_commit(),
               "torch": torch.__version__, "triton": triton_version, "repeats": args.repeats,
-              "memory_method": "cuda max_memory_allocated delta" if cuda else "ru_maxrss delta (fresh process)",
+              "memory_method": "cuda max_memory_allocated delta" if cuda else "peak RSS (VmHWM) reset before the call, delta",
               "results": rows}
     json_path = args.out or os.path.join(HERE, "results", f"kernels_{'cuda' if cuda else 'cpu'}.json")
     shapes = GPU_SHAPES if cuda else CPU_SHAPES
