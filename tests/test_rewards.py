@@ -775,6 +775,25 @@ def test_trl_style_reward_that_edits_its_arguments_leaves_the_dataset_rows_as_th
     assert rows == before
 
 
+def test_trl_style_reward_that_edits_completion_ids_leaves_them_to_the_next_function():
+    """completion_ids were the caller's lists: a function that edited one (cut its eos, say) changed what the next
+    function read, and the lengths the overlong penalty takes from them."""
+    from rpo_engine.rewards.answers import TRLStyleReward, score_functions
+
+    def cutting(completions, completion_ids, **kwargs):
+        for ids in completion_ids:
+            del ids[1:]
+        return [1.0] * len(completions)
+
+    def counting(completions, completion_ids, **kwargs):
+        return [float(len(ids)) for ids in completion_ids]
+
+    ids = [[[5, 6, 7], [8, 9]]]
+    got = score_functions([TRLStyleReward(cutting, "cutting"), TRLStyleReward(counting, "counting")],
+                          [["a", "b"]], [{"id": "q", "prompt": "1+1=", "answer": "2"}], ids)
+    assert got == [[[1.0, 1.0]], [[3.0, 2.0]]] and ids == [[[5, 6, 7], [8, 9]]]
+
+
 def test_reward_function_calling_sys_exit_is_a_one_line_error(tmp_path, monkeypatch):
     """sys.exit() (or exit()) in a reward function, of either kind, sync or async: SystemExit is no Exception, so
     it went past the one-line errors and ended the run with the function's code, 0 (a scheduler's success) for a

@@ -500,6 +500,8 @@ class TRLStyleReward:
         # copies (strings are shared, not copied): a function editing a conversation or a list column in place
         # edited the dataset's rows, for every later call and for the prompt digest a checkpoint stores
         prompts, columns = copy.deepcopy(([row["prompt"] for row in rows], columns))
+        if completion_ids is not None:  # the caller's: the next function and the overlong penalty read them
+            completion_ids = [list(ids) for ids in completion_ids]
         extras = {"trainer_state": trainer_state,
                   "log_metric": lambda name, value: log.add_metric(self.name, name, value),
                   "log_extra": lambda column, values: log.add_column(self.name, sizes, column, values)}
