@@ -543,6 +543,11 @@ class TrainConfig:
         _check(not (self.use_peft and self.parallel == "fsdp"), "--use-peft trains with --parallel ddp, not fsdp")
         # under LoRA the reference is the base itself (adapters off): there is no second model to move
         _check(not (self.use_peft and self.algo.sync_ref_model), "--sync-ref-model does not apply with --use-peft")
+        # a cached path is at most --max-completion-length tokens: cut by at least that, every group regrew whole
+        _check(not self.rpo.rpo or self.rpo.rpo_min_cut < self.max_completion_length,
+               f"--rpo-min-cut {self.rpo.rpo_min_cut} does nothing but regrow every cached path whole with "
+               f"--max-completion-length {self.max_completion_length} (a path is at most that long): RPO would be "
+               f"full-path GRPO; give --rpo-min-cut < --max-completion-length, or --no-rpo")
         # the reference moves at steps that are multiples of the interval: past --steps (TRL's default 512 is past most
         # runs') it never moved, and the run trained against the initial model without a word
         _check(not self.algo.sync_ref_model or self.algo.ref_model_sync_steps <= self.steps,

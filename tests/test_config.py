@@ -428,6 +428,9 @@ def test_broken_generation_config_names_its_file_once(tmp_path, text, message):
     # TRL's default interval, 512 steps, is longer than most runs: the reference never moved, silently
     (["--beta", "0.1", "--sync-ref-model", "--steps", "40"],
      "--sync-ref-model does nothing with --ref-model-sync-steps 512 above --steps 40"),
+    # every cached path (at most --max-completion-length tokens) cut whole: RPO quietly became full-path GRPO
+    (["--max-completion-length", "64", "--rpo-min-cut", "64"],
+     "--rpo-min-cut 64 does nothing but regrow every cached path whole with --max-completion-length 64"),
     (["--max-resample-rounds", "1"], "--max-resample-rounds does nothing without dynamic sampling"),
     (["--algo", "dapo", "--no-dynamic-sampling", "--dynamic-sampling-metric", "reward"],
      "--dynamic-sampling-metric does nothing without dynamic sampling (--algo dapo, or --dynamic-sampling)"),
@@ -490,6 +493,7 @@ def test_option_that_does_nothing_in_this_run(flags, message):
     ["--loss-type", "cispo", "--epsilon-high", "5"],
     ["--loss-type", "luspo", "--epsilon", "3e-4", "--epsilon-high", "4e-4"],
     ["--length-alpha", "0.2"], ["--dataset", "d.jsonl"],
+    ["--max-completion-length", "64", "--rpo-min-cut", "63"], ["--no-rpo", "--max-completion-length", "8"],
     ["--lr-scheduler-type", "constant", "--warmup-ratio", "0"],  # TRL's default, which is what constant does
     ["--lr-scheduler-type", "constant_with_warmup", "--warmup-ratio", "0.1"],
     ["--no-rpo", "--rpo-max-cut", "8"],  # the RPO options stay: one command line runs both arms of a comparison
