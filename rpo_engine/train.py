@@ -422,6 +422,11 @@ def sampled_eval(config: TrainConfig) -> str:
     return f"avg@{config.num_generations_eval} at T={config.eval_temperature:g}"
 
 
+def eval_note(config: TrainConfig) -> str:
+    """What a printed eval accuracy is, after it: " (avg@K at T=t)" for a sampled eval, nothing for a greedy one."""
+    return f" ({sampled_eval(config)})" if config.eval_temperature else ""
+
+
 # what write_plot and the closing summary read of each step's record
 PLOTTED = ("step", "reward_mean", "rollout_generated_tokens", "eval_accuracy", "eval_pass_at_k")
 
@@ -704,8 +709,7 @@ def run_training(config: TrainConfig, dist: Dist, held: contextlib.ExitStack) ->
             reporter.log(first_eval)
             pass_at_k = (f", pass@{config.num_generations_eval} {first_eval['eval_pass_at_k']:.3f}"
                          if "eval_pass_at_k" in first_eval else "")
-            kind = f" ({sampled_eval(config)})" if config.eval_temperature else ""  # a sampled eval says so
-            print(f"step 0: eval accuracy {first_eval['eval_accuracy']:.3f}{kind}{pass_at_k}")
+            print(f"step 0: eval accuracy {first_eval['eval_accuracy']:.3f}{eval_note(config)}{pass_at_k}")
 
     algo_name = f"{'RPO-' if config.rpo.rpo else ''}{config.algo.algo.upper()}"
     bar = tqdm(total=config.steps, initial=trainer.step_num, desc=algo_name,
@@ -774,9 +778,7 @@ def run_training(config: TrainConfig, dist: Dist, held: contextlib.ExitStack) ->
     evals = [r["eval_accuracy"] for r in records if "eval_accuracy" in r]
     summary = f"done: {output / 'final'}"
     if evals:
-        summary += f"; eval accuracy {evals[0]:.3f} -> {evals[-1]:.3f}"
-        if config.eval_temperature:
-            summary += f" ({sampled_eval(config)})"
+        summary += f"; eval accuracy {evals[0]:.3f} -> {evals[-1]:.3f}{eval_note(config)}"
     print(summary)
     if hub_repo is not None:  # a LoRA run pushes its adapter, as TRL pushes a PEFT model
         from rpo_engine.hub import push_folder
