@@ -180,11 +180,11 @@ def check_saved_paths(state: dict, vocab_size: int | None) -> None:
     for name, value in (("paths", paths), ("saturated", saturated)):
         if not isinstance(value, dict):
             raise ValueError(f"experience cache: {name} is a {type(value).__name__}, not a dict by prompt id")
+    limit = math.inf if vocab_size is None else vocab_size
     for key, entry in paths.items():
         if not isinstance(key, str) or not isinstance(entry, (list, tuple)) or not 3 <= len(entry) <= 5 \
                 or not isinstance(entry[0], (list, tuple)):
             raise ValueError(f"experience cache: path {key!r} is not [token ids, reward, step, correct, logprobs]")
-        limit = math.inf if vocab_size is None else vocab_size
         ids = entry[0]
         # screened at C speed (a large cache holds 1e8 ids: a loop per id added ~40% to torch.load's time);
         # the loop below, run only on a failed screen, names the first bad id
