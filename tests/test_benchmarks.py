@@ -192,13 +192,11 @@ def test_bench_kernels_cpu_memory_baseline_is_what_is_resident():
     code = """if True:
         import sys, torch
         sys.path.insert(0, "benchmarks")
-        from bench_kernels import make_inputs
-        def status(field):
-            return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+        from bench_kernels import cpu_peak_bytes, make_inputs, reset_cpu_peak
+        reset_cpu_peak()
         inputs = make_inputs(1024, 256, 32000, torch.float32, "cpu")
-        print((status("VmHWM") - status("VmRSS")) / 1024)
+        resident = int(open("/proc/self/statm").read().split()[1]) * 4096
+        print((cpu_peak_bytes() - resident) / 2**20)
     """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           cwd=BENCHMARKS.parent, env=bench_env())
