@@ -315,20 +315,29 @@ def test_generation_config_outlives_the_checkpoint_a_run_resumed_from(tmp_path, 
     assert rpo_engine.load_model(tmp_path / "final").config.generation_eos_token_ids == (0, 5)
 
 
+def cache_test_trainer(model_dir, *flags):
+    """A Trainer on `model_dir` with one eval row and no progress bar: the experience-cache resume tests' own."""
+    from rpo_engine.config import parse_args
+    from rpo_engine.train import build_trainer
+
+    return build_trainer(parse_args(["--model", str(model_dir), "--eval-size", "1", "--no-progress", *flags]))
+
+
+def cache_every_row(trainer):
+    """`trainer`, a cached path [5, 6, 7] put for each of its training rows."""
+    for row in trainer.train_rows:
+        trainer.cache.put(row["id"], [5, 6, 7], 1.0, 1)
+    return trainer
+
+
 def test_resume_drops_cached_paths_of_prompts_that_changed_under_their_id(tiny_model_dir, capsys):
     """The experience cache is keyed by prompt id: resumed on other rows under the same ids (the built-in task
     under another --seed, another or an edited dataset), a path answers another question, and a verified one
     would be kept and continued. Those are dropped, said once; the same rows keep every path."""
-    from rpo_engine.config import parse_args
-    from rpo_engine.train import build_trainer
-
     def trainer(*flags):
-        return build_trainer(parse_args(["--model", str(tiny_model_dir), "--train-size", "3", "--eval-size", "1",
-                                         "--no-progress", *flags]))
+        return cache_test_trainer(tiny_model_dir, "--train-size", "3", *flags)
 
-    first = trainer()
-    for row in first.train_rows:
-        first.cache.put(row["id"], [5, 6, 7], 1.0, 1)
+    first = cache_every_row(trainer())
     state = first.state_dict()
     first.load_state_dict(state)
     assert len(first.cache) == 3 and "dropped" not in capsys.readouterr().err
@@ -347,8 +356,6 @@ def test_resume_drops_cached_paths_whose_prompt_encodes_to_other_tokens(tmp_path
     """The same rows read through another encoding (--chat-template-kwargs such as Qwen3's enable_thinking,
     --no-chat-template; a tokenizer whose template changed): the prompt's token ids differ, so a cached path
     continues an answer to a prompt the model no longer reads. Dropped, said once; the same encoding keeps them."""
-    from rpo_engine.config import parse_args
-    from rpo_engine.train import build_trainer
     from tests.helpers import with_chat_template
 
     model_dir = with_chat_template(tiny_model_dir, tmp_path / "chat_model",
@@ -357,12 +364,9 @@ def test_resume_drops_cached_paths_whose_prompt_encodes_to_other_tokens(tmp_path
                                    "{% endif %}{% endif %}")
 
     def trainer(*flags):
-        return build_trainer(parse_args(["--model", str(model_dir), "--train-size", "3", "--eval-size", "1",
-                                         "--no-progress", *flags]))
+        return cache_test_trainer(model_dir, "--train-size", "3", *flags)
 
-    first = trainer()
-    for row in first.train_rows:
-        first.cache.put(row["id"], [5, 6, 7], 1.0, 1)
+    first = cache_every_row(trainer())
     state = first.state_dict()
     trainer().load_state_dict(state)
     assert "dropped" not in capsys.readouterr().err
@@ -389,15 +393,10 @@ def test_a_path_outside_a_resumed_runs_rows_keeps_its_prompts_digest(tiny_model_
     """A run resumed on fewer rows (--train-size 2) keeps the paths of the rows it left out, and its checkpoints
     must keep their digests: they lost them, so a later resume on other rows under those ids (--train-size 3
     --seed 7) kept such a path and continued an answer to another question."""
-    from rpo_engine.config import parse_args
-    from rpo_engine.train import build_trainer
-
     def trainer(*flags):
-        return build_trainer(parse_args(["--model", str(tiny_model_dir), "--eval-size", "1", "--no-progress", *flags]))
+        return cache_test_trainer(tiny_model_dir, *flags)
 
-    first = trainer("--train-size", "3")
-    for row in first.train_rows:
-        first.cache.put(row["id"], [5, 6, 7], 1.0, 1)
+    first = cache_every_row(trainer("--train-size", "3"))
     fewer = trainer("--train-size", "2", "--prompts-per-step", "2")
     fewer.load_state_dict(first.state_dict())
     assert len(fewer.cache) == 3  # the left-out row's path is kept, for a run that takes that row again
