@@ -255,6 +255,37 @@ def load_error_reason(e: Exception) -> str:
     return f"{type(e).__name__}: {next(iter(text.splitlines()), '')}"  # torch's load errors run to many lines
 
 
+@contextlib.contextmanager
+def not_resumable(checkpoint: Path):
+    """What reading or restoring `checkpoint`'s trainer_state.pt raises, as one line naming the file."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise UserError(f"{checkpoint / 'trainer_state.pt'}: not a checkpoint this rpo_engine can resume "
+                        f"({load_error_reason(e)})") from None
+
+
+def read_trainer_state(checkpoint: Path) -> dict:
+    """`checkpoint`'s trainer_state.pt, loaded weights-only, its step and rows_drawn checked (what can be without a
+    model: the cached paths' token ids are checked against the vocabulary as the trainer restores them)."""
+    from rpo_engine.trainer import check_state_counts
+
+    state_file = checkpoint / "trainer_state.pt"
+    with not_resumable(checkpoint):
+        # Mapped, not read into every rank's memory: its pages are the page cache's, shared by the ranks of a
+        # machine, and a rank keeps only what it loads from them (its shards under fsdp). Onto the CPU, not onto
+        # the GPU rank 0 saved its tensors from (every rank would load them there). torch.save writes a zip;
+        # any other file (legacy format, broken) is read as before, for torch's own error.
+        state = torch.load(state_file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(state_file))
+        if not isinstance(state, dict):
+            raise TypeError(f"it holds a {type(state).__name__}, not a trainer state")
+        check_state_counts(state)
+    if state["step"] != checkpoint_step(checkpoint):  # copied under another step's name: which one is it?
+        raise UserError(f"{state_file}: holds step {state['step']}, not its directory's "
+                        f"{checkpoint_step(checkpoint)}; not a checkpoint this rpo_engine can resume")
+    return state
+
+
 def checkpoint_step(checkpoint: Path) -> int:
     return int(checkpoint.name.split("-")[1])  # step-N
 
@@ -631,6 +662,8 @@ def run_training(config: TrainConfig, dist: Dist, held: contextlib.ExitStack) ->
         from rpo_engine.hub import create_push_repo
 
         hub_repo = create_push_repo(config.hub_model_id or output.resolve().name, config.hub_private_repo)
+    # read before the model loads: a broken or copied trainer_state.pt is said at once, not after a 7B model loaded
+    saved_state = read_trainer_state(checkpoint) if checkpoint is not None else None
     trainer = build_trainer(config, checkpoint, dist=dist)
     # after the checks above and the loading (a directory they refuse, a model's, or a run's --output a bad --model or
     # dataset stops, gets no lock file nor a directory made for it), before anything is written; held until train returns
@@ -652,20 +685,9 @@ def run_training(config: TrainConfig, dist: Dist, held: contextlib.ExitStack) ->
               f"{trainer.engine.num_blocks * trainer.engine.block_size} tokens")
     records = []
     if checkpoint is not None:
-        state_file = checkpoint / "trainer_state.pt"
-        try:
-            # Mapped, not read into every rank's memory: its pages are the page cache's, shared by the ranks of a
-            # machine, and a rank keeps only what it loads from them (its shards under fsdp). Onto the CPU, not onto
-            # the GPU rank 0 saved its tensors from (every rank would load them there). torch.save writes a zip;
-            # any other file (legacy format, broken) is read as before, for torch's own error.
-            trainer.load_state_dict(torch.load(state_file, map_location="cpu", weights_only=True,
-                                               mmap=zipfile.is_zipfile(state_file)))
-        except (KeyError, TypeError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
-            raise UserError(f"{state_file}: not a checkpoint this rpo_engine can resume "
-                            f"({load_error_reason(e)})") from None
-        if trainer.step_num != checkpoint_step(checkpoint):  # copied under another step's name: which one is it?
-            raise UserError(f"{state_file}: holds step {trainer.step_num}, not its directory's "
-                            f"{checkpoint_step(checkpoint)}; not a checkpoint this rpo_engine can resume")
+        with not_resumable(checkpoint):
+            trainer.load_state_dict(saved_state)
+        del saved_state
         if main_rank:  # the log loses the steps after the checkpoint: this run writes them again
             set_aside = set_aside_later(output, checkpoint)
             records = [plotted(r) for r in truncate_log(metrics_path, trainer.step_num, keep=True)]

@@ -1049,9 +1049,7 @@ class Trainer:
         return keys
 
     def load_state_dict(self, state: dict) -> None:
-        for count in ("step", "rows_drawn"):  # an edited file's: the step is compared, the rows drawn indexed
-            if isinstance(state[count], bool) or not isinstance(state[count], int) or state[count] < 0:
-                raise ValueError(f"{count} is {state[count]!r}, not a count")
+        check_state_counts(state)
         self.step_num = state["step"]
         # torch restores the checkpoint's hyperparameters with the moments and the schedule's position: this run's
         # options (a --learning-rate, --weight-decay or AdamW beta changed on resume; a longer --steps, which
@@ -1179,6 +1177,13 @@ def prompt_token_limit(config: TrainConfig, model) -> int:
 
 def chat_template_kwargs(config: TrainConfig) -> dict:
     return {} if config.chat_template_kwargs is None else json.loads(config.chat_template_kwargs)
+
+
+def check_state_counts(state: dict) -> None:
+    """A trainer state's step and rows_drawn are counts (an edited file's: the step is compared, the rows drawn indexed)."""
+    for count in ("step", "rows_drawn"):
+        if isinstance(state[count], bool) or not isinstance(state[count], int) or state[count] < 0:
+            raise ValueError(f"{count} is {state[count]!r}, not a count")
 
 
 def seed_global_rngs(seed: int) -> None:

@@ -2984,11 +2984,42 @@ def test_broken_checkpoint_is_a_user_error(tmp_path, tiny_model_dir):
         assert (out / "metrics.jsonl").read_text() == metrics
 
 
+def test_a_broken_trainer_state_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """What can be told of a trainer_state.pt without the model (not a torch file, not a trainer state, a step or
+    rows_drawn that is no count, a step not its directory's) is told before build_trainer loads one: at 7B that
+    is minutes, and each rank's memory."""
+    from rpo_engine import train
+    from rpo_engine.config import parse_args
+    from rpo_engine.distributed import Dist
+    from rpo_engine.errors import UserError
+
+    monkeypatch.setattr(train, "build_trainer", lambda *a, **k: pytest.fail("built a trainer"))
+    out = tmp_path / "run"
+    state_file = out / "checkpoints" / "step-1" / "trainer_state.pt"
+    state_file.parent.mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    cases = {"not a torch file": (b"not a checkpoint", "not a checkpoint this rpo_engine can resume"),
+             "a list": ([1, 2], "holds a list, not a trainer state"),
+             "no rows_drawn": ({"step": 1}, "KeyError: 'rows_drawn'"),
+             "a step that is text": ({"step": "1", "rows_drawn": 8}, "step is '1', not a count"),
+             "negative rows_drawn": ({"step": 1, "rows_drawn": -3}, "rows_drawn is -3, not a count"),
+             "another step's": ({"step": 5, "rows_drawn": 8}, "holds step 5, not its directory's 1")}
+    for case, (content, said) in cases.items():
+        if isinstance(content, bytes):
+            state_file.write_bytes(content)
+        else:
+            torch.save(content, state_file)
+        with pytest.raises(UserError, match=re.escape(said)) as raised:
+            train.train(parse_args(["--output", str(out), "--resume"]), Dist())
+        assert str(state_file) in str(raised.value), case
+    assert not (out / "config.json").exists()
+
+
 def test_a_tampered_trainer_state_is_refused_in_one_line(tmp_path, tiny_model_dir):
     """A trainer_state.pt that loads (weights only) but holds what no run saved: a cached path of token ids outside
-    the vocabulary (the rollout's traceback a step later), a cache whose paths are no dict, a step that is no count
-    or not its directory's (a checkpoint copied under another name). Each is refused in one line at the resume,
-    before anything is written."""
+    the vocabulary (the rollout's traceback a step later), a cache whose paths are no dict. Each is refused in one
+    line at the resume, before anything is written (a step that is no count or not its directory's: the test
+    above, before the model loads)."""
     out = tmp_path / "run"
     run_train("--model", tiny_model_dir, "--steps", 1, "--eval-steps", 0, "--output", out, *SMALL)
     metrics = (out / "metrics.jsonl").read_text()
@@ -3002,9 +3033,7 @@ def test_a_tampered_trainer_state_is_refused_in_one_line(tmp_path, tiny_model_di
     tampers = {"token id 1000000": lambda s: out_of_vocab(s, 10 ** 6), "token id -3": lambda s: out_of_vocab(s, -3),
                "token id 2.5": lambda s: out_of_vocab(s, 2.5),
                "paths is a list": lambda s: s["cache"].update(paths=[1, 2]),
-               "not [token ids, reward, step": lambda s: s["cache"]["paths"].update(extra=7),
-               "step is '1'": lambda s: s.update(step="1"), "rows_drawn is -3": lambda s: s.update(rows_drawn=-3),
-               "holds step 5, not its directory's 1": lambda s: s.update(step=5)}
+               "not [token ids, reward, step": lambda s: s["cache"]["paths"].update(extra=7)}
     for fragment, tamper in tampers.items():
         state = {**saved, "cache": {**saved["cache"], "paths": {k: list(v) for k, v in saved["cache"]["paths"].items()}}}
         tamper(state)
