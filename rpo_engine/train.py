@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from rpo_engine.config import TrainConfig, config_to_dict, parse_args, reward_names
+from rpo_engine.config import TrainConfig, config_to_dict, parse_args, reward_names, warmup_length
 from rpo_engine.distributed import Dist, RankErrorHandler, check_divisible, leave_process, write_torchrun_error
 from rpo_engine.errors import UserError, refusals_named, run_cli
 from rpo_engine.reporting import Reporter, report_targets
@@ -654,6 +654,9 @@ def run_training(config: TrainConfig, dist: Dist, held: contextlib.ExitStack) ->
         check_resume(output, checkpoint, config)
         if config.steps == checkpoint_step(checkpoint) and main_rank:
             print(f"--resume: {checkpoint} is at --steps {config.steps}: nothing left to train; writing final/ from it")
+    if main_rank and warmup_length(config) >= config.steps > 1:  # accepted, as transformers does; likely a slip
+        print(f"warning: the warmup ({warmup_length(config)} steps) is not shorter than --steps {config.steps}: the "
+              f"learning rate rises through the whole run, never reaching --learning-rate nor decaying", file=sys.stderr)
     if len(set(dist.gather(str(checkpoint)))) > 1:  # also: every rank has looked before rank 0 writes
         raise UserError(f"{output}: the ranks see different checkpoints; --output must be on a filesystem every node shares")
 

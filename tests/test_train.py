@@ -3015,6 +3015,31 @@ def test_a_broken_trainer_state_is_refused_before_the_model_loads(tmp_path, monk
     assert not (out / "config.json").exists()
 
 
+def test_a_warmup_as_long_as_the_run_is_warned_of(tmp_path, monkeypatch, capsys):
+    """--warmup-steps at or above --steps is accepted, as transformers accepts it, but said: the learning rate would
+    rise through the whole run and never decay (a 40-step default with a 100-step warmup from another recipe)."""
+    from rpo_engine import train
+    from rpo_engine.config import parse_args
+    from rpo_engine.distributed import Dist
+
+    class Built(Exception):
+        pass
+
+    def built(*args, **kwargs):
+        raise Built
+
+    monkeypatch.setattr(train, "build_trainer", built)
+    for flags, warned in [(["--warmup-steps", "40"], True), (["--warmup-steps", "100"], True),
+                          (["--warmup-steps", "39"], False), (["--warmup-steps", "0.999"], True), ([], False),
+                          (["--steps", "1"], False)]:  # one step: its warmup of 5% rounds up to the step itself
+        with pytest.raises(Built):
+            train.train(parse_args(["--output", str(tmp_path / "run"), "--steps", "40", *flags]), Dist())
+        err = capsys.readouterr().err
+        assert ("warning: the warmup (" in err) == warned, (flags, err)
+        if flags == ["--warmup-steps", "100"]:
+            assert "warning: the warmup (100 steps) is not shorter than --steps 40: the learning rate rises" in err
+
+
 def test_a_tampered_trainer_state_is_refused_in_one_line(tmp_path, tiny_model_dir):
     """A trainer_state.pt that loads (weights only) but holds what no run saved: a cached path of token ids outside
     the vocabulary (the rollout's traceback a step later), a cache whose paths are no dict. Each is refused in one
