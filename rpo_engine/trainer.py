@@ -1227,6 +1227,13 @@ def encode_prompt(tokenizer, row: dict, limit: int, template_kwargs: dict | None
     the template), else the text with the tokenizer's leading special tokens."""
     text = row["prompt"]
     if chat_template and getattr(tokenizer, "chat_template", None):
+        if isinstance(text, str):
+            held = [t for t in special_token_texts(tokenizer) if t in text]
+            rendered = min(held, key=text.find, default=None)  # the first in the text
+            if rendered is not None:  # a dataset of prompts rendered for vLLM: the template would wrap them again
+                raise UserError(f"prompt of row {row['id']!r} holds the special token {rendered!r}: a prompt a chat "
+                                f"template rendered already would be rendered again; --no-chat-template encodes it "
+                                f"as it is (or give the question alone)")
         messages = [{"role": "user", "content": text}] if isinstance(text, str) else text
         # A conversation ending in an assistant message continues it (TRL's rule), else a new turn opens.
         prefilled = messages[-1]["role"] == "assistant"
@@ -1260,6 +1267,13 @@ def encode_prompt(tokenizer, row: dict, limit: int, template_kwargs: dict | None
                             f"(--max-prompt-length, and the model's context minus --max-completion-length; "
                             f"--filter-overlong-prompts drops such rows)", len(ids))
     return ids
+
+
+def special_token_texts(tokenizer) -> tuple[str, ...]:
+    """The texts of `tokenizer`'s special tokens (BOS/EOS, a chat template's markers such as <|im_start|>)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+    texts = {*tokenizer.all_special_tokens, *(t.content for t in added if t.special)}
+    return tuple(sorted(t for t in texts if t))
 
 
 def _trailing(ids: list[int], token: int) -> int:

@@ -237,6 +237,26 @@ def test_prompt_through_the_chat_template():
                                               "<|im_start|>", "assistant"]
 
 
+def test_a_rendered_string_prompt_is_not_rendered_again():
+    """A string prompt holding the template's own markers (a dataset rendered for vLLM, as verl's hold them) went
+    into the template as a user turn: <|im_start|> user <|im_start|> user ... One line names the row and the token;
+    --no-chat-template encodes it as it is. A plain question, and a conversation, are rendered as before."""
+    from rpo_engine.errors import UserError
+    from rpo_engine.trainer import encode_prompt
+
+    tok = word_tokenizer(chat_template=QWEN_CHAT_TEMPLATE)
+    rendered = "<|im_start|> user what is 1+1 ? <|im_end|> <|im_start|> assistant"
+    for prompt, token in [(rendered, "<|im_start|>"), ("what is 1+1 ? </s>", "</s>")]:
+        with pytest.raises(UserError, match=re.escape(f"prompt of row 'r' holds the special token {token!r}: a prompt "
+                                                      f"a chat template rendered already")):
+            encode_prompt(tok, {"id": "r", "prompt": prompt}, 100)
+    assert tok.convert_ids_to_tokens(encode_prompt(tok, {"id": "r", "prompt": rendered}, 100, chat_template=False)) \
+        == ["<|im_start|>", "user", "what", "is", "1+1", "?", "<|im_end|>", "<|im_start|>", "assistant"]
+    conversation = [{"role": "user", "content": "what is 1+1 ?"}]
+    assert encode_prompt(tok, {"id": "r", "prompt": conversation}, 100) == \
+        encode_prompt(tok, {"id": "r", "prompt": "what is 1+1 ?"}, 100)
+
+
 @pytest.mark.parametrize("bos,eos", [(False, False), (True, False), (True, True)])
 def test_text_prompt_keeps_bos_and_never_ends_in_eos(bos, eos):
     from rpo_engine.trainer import encode_prompt
