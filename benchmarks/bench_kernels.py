@@ -7,8 +7,7 @@ differentiable entropy, so it runs without.
 
 Each method runs in a fresh child process so its peak memory is its own: on CUDA
 torch.cuda.max_memory_allocated minus what was allocated before the call, on CPU the peak RSS
-(Linux's VmHWM, reset just before the call; kernels_cpu.json's recorded figures: ru_maxrss, the peak since the
-process's start) minus the resident set before the call. Both count everything the step allocates, the returned
+(Linux's VmHWM, reset just before the call) minus the resident set before the call. Both count everything the step allocates, the returned
 gradients included. Time: median of a few repeats after one warm-up. CPU runs fp32 and no Triton
 (the interpreter is not a benchmark). Writes benchmarks/results/kernels_<cpu|cuda>.json; until every method
 has run, kernels_<...>.partial.json. Liger failing fails nothing: its row says why in error.

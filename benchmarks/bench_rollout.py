@@ -8,9 +8,9 @@ tokens/s, achieved GB/s (weights + K/V read per decode step / step time) against
 bandwidth, and the ratio to transformers; also the decode forward's own device time (CUDA events around
 each graph replay) and the GB/s it reaches, so host work and kernel speed show apart; at 4k context
 also with triton_cascade=True (shared prompt K/V read once per prompt; its achieved_GB_s is then an
-effective figure: the bytes the plain path reads). Every load also runs with async_scheduling=True (each
-decode step scheduled while the previous one runs), on the CPU too, where it has nothing to overlap and
-should cost nothing. New tokens/s counts every returned token over the call's wall time. Writes
+effective figure: the bytes the plain path reads). Every GPU load and the first CPU one also run with
+async_scheduling=True (each decode step scheduled while the previous one runs; on the CPU it has nothing
+to overlap and should cost nothing). New tokens/s counts every returned token over the call's wall time. Writes
 benchmarks/results/rollout_<cpu|cuda>.json; until every case has run without an error, rollout_<...>.partial.json.
 transformers failing on a case does not fail the case: its row keeps our figures and says why in hf_error.
 """

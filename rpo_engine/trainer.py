@@ -788,7 +788,8 @@ class Trainer:
         start = time.perf_counter()
         self.sync_rollout_weights()
         before = self.engine_counters()
-        # 1. rollout (DAPO: keep sampling until the batch has enough groups with signal: accuracy scores not all equal).
+        # 1. rollout (DAPO: keep sampling until the batch has enough groups with signal: accuracy scores not all equal,
+        # or with --dynamic-sampling-metric reward the advantages' rewards).
         # Ranks roll out their share of each round's rows; `kept` counts every rank's kept groups,
         # `kept_groups` are this rank's (the round asks for at most what is missing, so never too many).
         kept_groups, kept_positions, kept = [], [], []
@@ -816,7 +817,7 @@ class Trainer:
                 # a format bonus or the overlong penalty ranked above a right one
                 self.update_cache(rows, groups, [r.shaped_accuracy for r in results], [r.correct for r in results])
             informative = [True] * len(results)
-            if algo.dynamic_sampling:  # DAPO: a group is kept when its accuracy scores differ (not all right or wrong)
+            if algo.dynamic_sampling:  # DAPO: a group is kept when its accuracy scores (or, by the metric, rewards) differ
                 signal = [r.accuracy if algo.dynamic_sampling_metric == "acc" else r.advantage_rewards
                           for r in results]
                 informative = informative_groups(torch.tensor(signal, dtype=torch.float64)).tolist()

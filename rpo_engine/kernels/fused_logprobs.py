@@ -155,7 +155,8 @@ def _block_sizes(device, dtype):
     """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps). tl.dot needs every block >= 16."""
     if device.type == "cuda":
         # fp32 operands take twice the registers: at BLOCK_H 64 ptxas spilled ~3 KB per thread on sm_80
-        # (56-160 B on sm_90), at 32 it spills 0-124 B (compiled ahead of time, tests/triton_aot.py).
+        # (56-160 B on sm_90), at 32 it spills 0-112 B (0-128 B with triton 3.6; compiled ahead of time,
+        # tests/triton_aot.py).
         return (64, 128, 32, 8) if dtype == torch.float32 else (64, 128, 64, 8)
     # Interpreter: numpy per block, so big blocks are faster; these still give several vocab tiles
     # and a ragged last tile on the test shapes.

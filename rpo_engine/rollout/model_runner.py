@@ -214,7 +214,7 @@ class ModelRunner:
         return logits.copy_(self._decode_forward(ids, pos, attn))
 
     def capture(self):
-        """Capture the decode forward for batch sizes 1, 2, 4, 8, 16, 32, ... up to max_num_seqs."""
+        """Capture the decode forward for batch sizes 1, 2, 4, 8, then every multiple of 16, and max_num_seqs."""
         with torch.inference_mode(False):  # its buffers, written in place by every later call (see wake_up)
             self._capture()
 

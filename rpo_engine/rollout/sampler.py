@@ -277,7 +277,7 @@ def sample_sequences(logits: torch.Tensor, seqs, seen: SeenTokens | None = None)
                               [len(seq.token_ids) + seq.num_pending for seq in seqs])  # at seq.num_tokens
     for i, name in enumerate(names, 1):
         rows[i] = [getattr(seq.params, name) for seq in seqs]
-    u, *rest = to_device(torch.from_numpy(rows), logits.device)  # [1 to 7, S]: one copy
+    u, *rest = to_device(torch.from_numpy(rows), logits.device)  # [1 to 6, S]: one copy
     rows = dict(zip(names, rest))
     temperature = rows["temperature"].float() if "temperature" in rows else None
     drawn_from = logits.float()
