@@ -1,6 +1,8 @@
 """The embeddable API as a user's own trainer calls it: arguments it gets wrong are named, not crashed on deep
 inside, and the shapes a user naturally passes (a tensor row of rewards, an integer device) work."""
+import inspect
 import random
+import re
 
 import pytest
 import torch
@@ -133,3 +135,61 @@ def test_group_advantages_takes_integer_rewards_and_refuses_a_flat_batch():
         assert torch.equal(group_advantages(right, scale), group_advantages(right.float(), scale))
     with pytest.raises(ValueError, match=r"rewards must be \[num_groups, G\], got shape \(4,\)"):
         group_advantages(right[0].float())
+
+
+# ---- the contract of DESIGN.md ("Contract (tests outside the repo rely on these names)") -------------------------
+EMPTY = inspect.Parameter.empty
+
+
+def _parameters(fn) -> list[tuple[str, object]]:
+    return [(p.name, p.default) for p in inspect.signature(fn).parameters.values() if p.name != "self"]
+
+
+def test_the_top_level_names_design_lists_import_and_are_the_modules_own():
+    """`rpo_engine`'s public API by DESIGN.md's layout: each name in __all__, and the very object of the module
+    DESIGN.md names it in (a lazy name resolving to another object would split isinstance checks)."""
+    from rpo_engine import config, rollout, trainer
+
+    design = {"load_model": rpo_engine.model.load_model, "load_tokenizer": rpo_engine.model.load_tokenizer,
+              "RolloutEngine": rollout.RolloutEngine, "SamplingParams": rollout.SamplingParams,
+              "TrainConfig": config.TrainConfig, "Trainer": trainer.Trainer}
+    assert set(design) <= set(rpo_engine.__all__)
+    for name, obj in design.items():
+        assert getattr(rpo_engine, name) is obj, name
+    assert rollout.Completion.__module__ == "rpo_engine.rollout.sequence"
+
+
+def test_the_signatures_design_lists():
+    """The arguments DESIGN.md names, in its order (callers pass them positionally), with its defaults."""
+    from rpo_engine.model import CausalLM
+    from rpo_engine.rollout import Completion, RolloutEngine, SamplingParams
+
+    assert _parameters(rpo_engine.load_model) == [("path", EMPTY), ("dtype", None), ("device", None)]
+    assert [n for n, _ in _parameters(rpo_engine.load_tokenizer)] == ["path"]
+    assert _parameters(CausalLM.forward)[:2] == [("input_ids", EMPTY), ("attention_mask", None)]
+    assert [n for n, _ in _parameters(CausalLM.save_pretrained)][:1] == ["directory"]
+    assert [n for n, _ in _parameters(RolloutEngine)][:1] == ["model"]
+    assert [n for n, _ in _parameters(RolloutEngine.generate)][:2] == ["prompts", "params"]
+    assert [n for n, _ in _parameters(SamplingParams)][:7] == ["n", "max_new_tokens", "temperature", "top_p", "top_k",
+                                                              "stop_token_ids", "seed"]
+    assert SamplingParams().stop_token_ids is None  # None: the model's EOS tokens; [] never stops early
+    assert {"token_ids", "logprobs", "finish_reason"} <= set(Completion.__dataclass_fields__)
+    assert _parameters(fused_logprobs)[:5] == [("hidden", EMPTY), ("weight", EMPTY),
+                                               ("targets", EMPTY), ("temperature", 1.0), ("backend", "auto")]
+    assert [n for n, _ in _parameters(policy_loss)][:4] == ["logp", "old_logp", "advantages", "mask"]
+
+
+def test_the_cli_options_design_lists(capsys):
+    """DESIGN.md's `python -m rpo_engine.train` flags (at least those) and the eval's `--model DIR --dataset FILE`:
+    an option renamed for its field would drop one silently from --help."""
+    from rpo_engine import eval as eval_cli
+    from rpo_engine.config import build_parser
+
+    listed = set(re.findall(r"(--[a-z0-9-]+)", build_parser().format_help()))
+    assert {"--model", "--dataset", "--algo", "--rpo", "--no-rpo", "--steps", "--output", "--resume", "--seed",
+            "--config", "--num-generations", "--prompts-per-step", "--max-completion-length",
+            "--learning-rate", "--help"} <= listed
+    with pytest.raises(SystemExit) as stop:
+        eval_cli.main(["--help"])
+    assert stop.value.code == 0
+    assert {"--model", "--dataset"} <= set(re.findall(r"(--[a-z0-9-]+)", capsys.readouterr().out))
