@@ -607,11 +607,13 @@ def main(argv=None) -> int:
     return code
 
 
-def train(config: TrainConfig, dist: Dist) -> int:
-    """The run `config` asks for; -> its exit code. The lock on --output goes with it, however it ends (left to the
-    frame's end, an error's traceback could hold it past the run, refusing the next run in this process)."""
+def train(config: TrainConfig, dist: Dist | None = None) -> int:
+    """The run `config` asks for, in this process (`dist`: under torchrun, the process group main() joins); -> its
+    exit code (0, or 128 + the signal that stopped it after a step). A user mistake raises UserError. The lock on
+    --output goes with it, however it ends (left to the frame's end, an error's traceback could hold it past the
+    run, refusing the next run in this process)."""
     with contextlib.ExitStack() as held:
-        return run_training(config, dist, held)
+        return run_training(config, dist or Dist(), held)
 
 
 def run_training(config: TrainConfig, dist: Dist, held: contextlib.ExitStack) -> int:

@@ -3040,6 +3040,27 @@ def test_a_warmup_as_long_as_the_run_is_warned_of(tmp_path, monkeypatch, capsys)
             assert "warning: the warmup (100 steps) is not shorter than --steps 40: the learning rate rises" in err
 
 
+def test_a_run_from_python_with_a_train_config(tmp_path, tiny_model_dir):
+    """A whole run from a script, as TRL's `GRPOTrainer(...).train()` is: TrainConfig (nested AlgoConfig/RPOConfig,
+    checked as the flags are) into rpo_engine.train.train, the same outputs as the command line; a mistake raises
+    UserError instead of exiting."""
+    from rpo_engine import TrainConfig, UserError
+    from rpo_engine.config import AlgoConfig, RPOConfig
+    from rpo_engine.train import train
+
+    config = TrainConfig(model=str(tiny_model_dir), output=str(tmp_path / "run"), steps=2, prompts_per_step=3,
+                         num_generations=4, max_completion_length=48, eval_steps=0, progress=False,
+                         algo=AlgoConfig(algo="dapo"), rpo=RPOConfig(rpo_max_cut=8))
+    assert train(config) == 0
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1, 2]
+    assert (tmp_path / "run" / "final" / "config.json").is_file()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["algo"]["algo"] == "dapo"
+    with pytest.raises(UserError, match="already holds a run; pass --resume"):
+        train(config)
+    with pytest.raises(UserError, match="--steps must be >= 1"):
+        TrainConfig(steps=0)
+
+
 def test_a_tampered_trainer_state_is_refused_in_one_line(tmp_path, tiny_model_dir):
     """A trainer_state.pt that loads (weights only) but holds what no run saved: a cached path of token ids outside
     the vocabulary (the rollout's traceback a step later), a cache whose paths are no dict. Each is refused in one
