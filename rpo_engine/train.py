@@ -420,9 +420,10 @@ def check_resume(output: Path, checkpoint: Path, config: TrainConfig) -> None:
 
 def prune_checkpoints(output: Path, keep: int) -> None:
     """Delete all but the newest `keep` complete checkpoints (HF Trainer's save_total_limit): a 7B run's
-    checkpoint holds weights and AdamW state, ~12 bytes per parameter. Each is renamed .step-N.pruned first: a
-    run killed mid-delete left a step-N missing its trainer_state.pt, which no later prune counted (kept for
-    good) or one missing its weights, still counted as complete."""
+    checkpoint holds weights and AdamW state, ~14 bytes per parameter (bf16 weights, their fp32 masters, two fp32
+    moments). Each is renamed .step-N.pruned first: a run killed mid-delete left a step-N missing its
+    trainer_state.pt, which no later prune counted (kept for good) or one missing its weights, still counted as
+    complete."""
     import shutil
 
     for old in complete_checkpoints(output)[:-keep]:

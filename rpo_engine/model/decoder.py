@@ -112,7 +112,8 @@ class PaddedAttention:
     """Causal attention over a padded batch with torch SDPA.
 
     `attention_mask` [B, T] marks real tokens (1) and padding (0), left or right. A padding query
-    row attends to itself only, so it stays finite; its output is never used.
+    row attends to itself (and, after right padding, to the real tokens before it), so it always has a
+    key and stays finite; its output is never used.
     """
 
     def __init__(self, attention_mask: torch.Tensor | None, seq_len: int, device: torch.device):

@@ -1,7 +1,7 @@
 """LoRA: train low-rank updates of the projection matrices while the base weights stay frozen.
 
-Why: fully fine-tuning a 7-8B model keeps ~16 bytes a parameter on the GPU (bf16 weights and
-gradients, fp32 master weights and two AdamW moments), 120+ GB, more than one H100 holds. With LoRA
+Why: fully fine-tuning a 7-8B model keeps ~18 bytes a parameter on the GPU (bf16 weights, fp32 master
+weights and their fp32 gradients, two AdamW moments), 125+ GB, more than one H100 holds. With LoRA
 the base stays bf16 and frozen (2 bytes a parameter) and only the adapters carry gradients and
 optimizer state; the KL reference is the base itself, the adapters switched off (TRL with PEFT does
 the same), so no second model is loaded.

@@ -8,12 +8,13 @@ G times. `shared_prefix_logprobs` lays each group out as ONE row,
 
 with positions 0..P-1 for the prefix and P.. for each suffix (`SharedPrefixAttention`). Prefix
 queries attend causally over the prefix; a suffix query over the real prefix and, causally, its own
-suffix. On CPU that is three unmasked flash calls per layer: the prefix causally, each group's suffix
-queries against its prefix K/V, each suffix causally against itself (padded to the longest), the last
-two merged exactly by their log-sum-exps. Elsewhere it is two SDPA calls, the second with keys = the
-whole row under a block mask. Either way the keys are the row itself: no K/V is copied, per suffix or
-at all. Gradients reach each prefix token once per group. verl's PrefixGrouper instead repeats the
-prefix K/V per suffix and concatenates ("concat-attention"), which flash-attention's varlen kernels need.
+suffix. On CPU that is unmasked flash calls per layer: one for the prefixes causally, one per group for
+its suffix queries against its prefix K/V, one for every suffix causally against itself (the suffixes'
+tokens gathered, padded to the longest), the last two merged exactly by their log-sum-exps. Elsewhere it
+is two SDPA calls, the second with keys = the whole row under a block mask. Either way the prefix's K/V
+are the row's own, never copied per suffix. Gradients reach each prefix token once per group. verl's
+PrefixGrouper instead repeats the prefix K/V per suffix and concatenates ("concat-attention"), which
+flash-attention's varlen kernels need.
 
 Both functions return the same thing, so the trainer and the tests swap them freely:
 logp [S, span] fp32 and mask [S, span] for the S = sum of G samples, in group order; column j is the
