@@ -197,6 +197,33 @@ def test_torch_cascade_decode_matches_reference(block_size):
     assert layout(saved) is not None and layout(saved + 1) is None
 
 
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_torch_cascade_decode_of_bf16_rounds_once(block_size):
+    """bf16 K/V on the CPU: the shared-blocks part and the tail part are merged in fp32, so each output is the
+    exact (fp64) attention rounded once to bf16 (merged from two bf16-rounded parts: up to twice that error)."""
+    H, KVH, D, num_blocks = 4, 2, 16, 64
+    k_cache, v_cache = random_cache(num_blocks + 1, block_size, KVH, D, torch.bfloat16)
+    k_cache *= 3  # peaked softmaxes
+    tables, lens, shared, free = [], [], [], list(range(10, num_blocks))
+    for prompt, tail_tokens in (([3, 7, 1], [1, 5, block_size + 2]), ([9, 2], [2 * block_size, 3])):
+        for t in tail_tokens:
+            tables.append(prompt + [free.pop() for _ in range(-(-t // block_size))])
+            lens.append(len(prompt) * block_size + t)
+            shared.append(len(prompt))
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(len(lens), 1, H, D, generator=g).bfloat16()
+    new_k, new_v = (torch.randn(len(lens), 1, KVH, D, generator=g).bfloat16() for _ in range(2))
+    table = padded(tables, num_blocks)
+    meta = decode_metadata(table, lens, block_size, num_blocks, "cpu",
+                           cascade_layout(table, shared, block_size, num_blocks, "cpu"))
+    assert meta.group_tables is not None
+    out = PagedDecode(k_cache[None], v_cache[None], meta)(0, q, new_k, new_v)[:, 0]
+    assert out.dtype == torch.bfloat16
+    exact = paged_decode_reference(q[:, 0].double(), k_cache.double(), v_cache.double(), tables, lens)
+    one_rounding = (exact.bfloat16().double() - exact).abs().max()
+    assert (out.double() - exact).abs().max() <= one_rounding * 1.01
+
+
 def test_kept_decode_kv_equals_gathering_each_step():
     """DecodeKV over steps that add one token a row: its copies equal a fresh gather of each row's blocks
     up to its length, across rows outgrowing their copy; a step whose lengths did not grow by exactly one,

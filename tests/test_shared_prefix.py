@@ -175,6 +175,30 @@ def test_split_attention_equals_masked(kv_heads, dtype):
         assert rel(got, ref) < (1e-5 if dtype == torch.float32 else 1e-12)
 
 
+@pytest.mark.parametrize("kv_heads", [4, 1])
+def test_bf16_split_attention_rounds_its_output_once(kv_heads):
+    """In bf16 the split path's two suffix parts are merged in fp32: each suffix output is the exact (fp64)
+    attention rounded once to bf16, not two bf16-rounded parts merged and rounded again (up to 1.8x the
+    error of one rounding); gradients in bf16, as the inputs."""
+    prefix_lens, suffix_lens = [11, 17, 6, 9], [[5, 1, 8, 3], [2, 9, 0, 4], [7, 7, 1, 5], [0, 0]]
+    B, P, S, H, D = len(prefix_lens), max(prefix_lens), max(sum(s) for s in suffix_lens), 4, 16
+    sample_ids = torch.full((B, S), -1)
+    for r, lens in enumerate(suffix_lens):
+        sample_ids[r, :sum(lens)] = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
+    suffix = (sample_ids >= 0)[..., None, None].expand(B, S, H, D)
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(B, P + S, heads, D, generator=gen).bfloat16() for heads in (H, kv_heads, kv_heads)]
+    q, k, v = (t.clone().requires_grad_() for t in inputs)
+    out = SharedPrefixAttention(torch.tensor(prefix_lens), sample_ids, P, split=True)(0, q, k, v)
+    out.sum().backward()
+    assert out.dtype == q.grad.dtype == k.grad.dtype == v.grad.dtype == torch.bfloat16
+    exact = SharedPrefixAttention(torch.tensor(prefix_lens), sample_ids, P, split=False)(
+        0, *(t.double() for t in inputs))[:, P:][suffix]
+    err = (out[:, P:][suffix].double() - exact).abs().max()
+    one_rounding = (exact.bfloat16().double() - exact).abs().max()
+    assert err <= one_rounding * 1.01, (err / one_rounding).item()
+
+
 def test_split_attention_is_the_cpu_default_on_this_torch():
     """The probe finds torch's CPU flash kernel (CI's torch has it), so the fast path is what the
     trainer runs on CPU, not only what the test above forces."""

@@ -112,6 +112,11 @@ class SharedPrefixAttention:
             device = q.device.type
             if torch.is_autocast_enabled(device):  # in autocast's dtype, as SDPA under autocast takes them
                 q, k, v = (t.to(torch.get_autocast_dtype(device)) for t in (q, k, v))
+            if q.dtype in (torch.bfloat16, torch.float16):
+                # The flash kernel hands each part's output back rounded to q's dtype: merged and rounded again,
+                # a bf16 suffix output carried up to 1.8x one rounding's error. In fp32 (copies: the saved
+                # activations of this CPU path double) the merge, and the gradients summed over the parts, round once.
+                return _SplitAttention.apply(q.float(), k.float(), v.float(), self.layout).to(q.dtype)
             return _SplitAttention.apply(q, k, v, self.layout)
         P = self.prefix_len
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, P + S, D]

@@ -302,15 +302,21 @@ class PagedDecode:
         if m.group_tables is None:  # no cascade groups: one attention over each whole table
             keys, values = self._kv(layer_idx, kc, vc, m.block_tables, m.context_lens, k, v)
             return self._attend("whole", q, keys, values, m.context_lens)[0].to(q.dtype)
+        # torch's CPU flash kernel returns its output in the inputs' dtype: two bf16-rounded parts, merged and
+        # rounded again, would carry twice one rounding's error. In fp32 the merge rounds once, as the Triton
+        # kernel's fp32 partials do.
+        wide = (lambda t: t.float()) if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) \
+            else (lambda t: t)  # noqa: E731
         keys, values = self._kv(layer_idx, kc, vc, m.tail_tables, m.tail_lens, k, v)
-        out, lse = self._attend("tail", q, keys, values, m.tail_lens)  # [S, 1, H, *]
+        out, lse = self._attend("tail", wide(q), wide(keys), wide(values), m.tail_lens)  # [S, 1, H, *]
         S, _, H, D = q.shape
         q_pad = torch.cat([q[:, 0], q.new_zeros(1, H, D)])  # [S + 1, H, D]: row S is padding
         if self.kept is None:
             keys, values = gather(kc, m.group_tables), gather(vc, m.group_tables)
         else:
             keys, values = self.kept.group_kv(layer_idx, kc, vc, m.group_tables)
-        out_g, lse_g = self._attend("group", q_pad[m.member_index], keys, values, m.group_lens)  # [G, M, H, *]
+        out_g, lse_g = self._attend("group", wide(q_pad[m.member_index]), wide(keys), wide(values),
+                                    m.group_lens)  # [G, M, H, *]
         out_g = torch.cat([out_g.flatten(0, 1), out_g.new_zeros(1, H, D)])[m.member_slot]  # [S, H, D]
         lse_g = torch.cat([lse_g.flatten(0, 1), lse_g.new_full((1, H), float("-inf"))])[m.member_slot]
         lse_t, out_t = lse[:, 0], out[:, 0]
