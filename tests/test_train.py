@@ -36,6 +36,12 @@ def read_metrics(output):
     return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
 
 
+def placeholder_state(checkpoint):
+    """A trainer_state.pt that passes what is checked before the model loads (its step, the directory's), for tests
+    whose trainer is a stand-in or whose run is refused later."""
+    torch.save({"step": int(checkpoint.name.split("-")[1]), "rows_drawn": 0}, checkpoint / "trainer_state.pt")
+
+
 SMALL = ["--prompts-per-step", 3, "--num-generations", 4, "--max-completion-length", 48, "--eval-size", 4,
          "--learning-rate", 1e-3]
 
@@ -1555,7 +1561,7 @@ def test_lora_run_resumes_exactly_and_saves_merged_and_peft(tmp_path, tiny_model
     assert_user_error(proc, "not a LoRA adapter directory")
     fake = tmp_path / "fake" / "checkpoints" / "step-1"  # a full fine-tuning run's checkpoint
     (fake / "model").mkdir(parents=True)
-    (fake / "trainer_state.pt").touch()
+    placeholder_state(fake)
     assert_user_error(run_train(*common, "--steps", 5, "--output", tmp_path / "fake", "--resume", check=False),
                       "step-1: holds full weights, not a LoRA adapter; resume without --use-peft")
 
@@ -2396,7 +2402,7 @@ def test_what_a_resume_cannot_do_is_refused_before_loading(tmp_path, tiny_model_
     monkeypatch.setattr(train, "build_trainer", built)
     out = tmp_path / "run"
     (out / "checkpoints" / "step-2" / "model").mkdir(parents=True)
-    (out / "checkpoints" / "step-2" / "trainer_state.pt").touch()
+    placeholder_state(out / "checkpoints" / "step-2")
     (out / "config.json").write_text(json.dumps({"model": str(tiny_model_dir)}))
     (out / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
@@ -2458,7 +2464,7 @@ def test_a_resume_knows_the_runs_model_from_any_working_directory(tmp_path, monk
     (first / "m").mkdir(parents=True)
     (second / "m").mkdir(parents=True)
     (out / "checkpoints" / "step-2" / "model").mkdir(parents=True)
-    (out / "checkpoints" / "step-2" / "trainer_state.pt").touch()
+    placeholder_state(out / "checkpoints" / "step-2")
     (out / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
     monkeypatch.chdir(first)
     (out / "config.json").write_text(json.dumps(config_to_dict(parse_args(["--model", "m"]))))
@@ -2497,7 +2503,7 @@ def test_a_resume_without_log_completions_still_cuts_completions_back(tmp_path, 
     monkeypatch.setattr(train, "build_trainer", lambda *args, **kwargs: Resumed())
     out = tmp_path / "run"
     (out / "checkpoints" / "step-2" / "model").mkdir(parents=True)
-    torch.save({}, out / "checkpoints" / "step-2" / "trainer_state.pt")
+    placeholder_state(out / "checkpoints" / "step-2")
     (out / "config.json").write_text(json.dumps({"model": None}))
     for name in ("metrics.jsonl", "completions.jsonl"):  # killed after logging step 3, before its checkpoint
         (out / name).write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)))
