@@ -470,17 +470,16 @@ def plotted(record: dict) -> dict:
 
 
 def write_plot(metrics: list[dict], path: Path, title: str, eval_title: str = "greedy eval accuracy") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    # a Figure of its own, not pyplot's: matplotlib.use("Agg") switched a notebook's backend, and pyplot's figures
+    # are the caller's global state (its GUI backends refuse a worker thread)
+    from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     steps = [m for m in metrics if "reward_mean" in m]
     evals = [m for m in metrics if "eval_accuracy" in m]
     marker = "o" if len(steps) == 1 else None  # a line through one point draws nothing
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    fig = Figure(figsize=(14, 3.8))
+    axes = fig.subplots(1, 3)
     axes[0].plot([m["step"] for m in steps], [m["reward_mean"] for m in steps], marker=marker)
     axes[0].set(title="reward (mean over samples)", xlabel="step")
     axes[1].plot([m["step"] for m in evals], [m["eval_accuracy"] for m in evals], marker="o")
@@ -495,11 +494,8 @@ def write_plot(metrics: list[dict], path: Path, title: str, eval_title: str = "g
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # steps, not 1.25
     fig.suptitle(title)
     fig.tight_layout()
-    try:
-        with replaced_whole(path) as tmp:
-            fig.savefig(tmp, dpi=100, format=path.suffix[1:] or "png")
-    finally:
-        plt.close(fig)
+    with replaced_whole(path) as tmp:
+        fig.savefig(tmp, dpi=100, format=path.suffix[1:] or "png")
 
 
 @contextlib.contextmanager

@@ -785,6 +785,26 @@ def test_plot_draws_every_panel(tmp_path, num_steps):
     assert orange(matplotlib.image.imread(tmp_path / "sampled.png")[..., :3]) > 20
 
 
+def test_the_plot_leaves_the_callers_matplotlib_as_it_was(tmp_path):
+    """A run from a notebook or a script draws curves.png without pyplot: matplotlib.use("Agg") switched the
+    caller's backend (a notebook's inline plots stopped showing after train()), and pyplot's figures are its
+    global state (and its GUI backends refuse a worker thread)."""
+    script = f"""
+import matplotlib
+matplotlib.use("svg")  # the caller's backend (a notebook's inline one)
+import matplotlib.pyplot as plt
+from pathlib import Path
+from rpo_engine.train import write_plot
+plt.figure()
+write_plot([{{"step": 1, "reward_mean": 0.5, "rollout_generated_tokens": 3}}], Path({str(tmp_path / "c.png")!r}), "t")
+print(matplotlib.get_backend(), plt.get_fignums())
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("\n")[0] == "svg [1]"
+    assert (tmp_path / "c.png").stat().st_size > 1000
+
+
 def test_log_completions(tmp_path, tiny_model_dir):
     common = ["--model", tiny_model_dir, "--steps", 2, "--eval-steps", 0, "--train-size", 3, "--log-completions",
               "--reward", "tests.reward_fns:hash_reward", *SMALL]
