@@ -621,9 +621,9 @@ def run_training(config: TrainConfig, dist: Dist, held: contextlib.ExitStack) ->
     check_divisible(config.prompts_per_step, dist.world_size)
     main_rank = dist.is_main  # rank 0 writes every output; the others compute
     if not config.progress:
-        from rpo_engine.hub import hide_download_bars
+        from rpo_engine.hub import download_bars_hidden
 
-        hide_download_bars()
+        held.enter_context(download_bars_hidden())
     if not config.output:  # Path("") is the current directory: the run would fill it
         raise UserError("--output is empty; name the run's directory")
     output = Path(config.output)

@@ -3362,6 +3362,31 @@ def test_no_progress_hides_huggingface_hub_download_bars(tmp_path, tiny_model_di
     assert calls == ["off", "off"]  # with its bars on, theirs too
 
 
+def test_no_progress_shows_the_download_bars_again_after_a_run_or_eval_in_this_process(tmp_path, tiny_model_dir,
+                                                                                       monkeypatch):
+    """train(config) or eval's main from a notebook or script with --no-progress hides huggingface_hub's download
+    bars while it runs; they stayed hidden for the rest of the caller's process (its own downloads, its next run
+    with bars on), after a run that ended in an error too."""
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+
+    from rpo_engine import UserError
+    from rpo_engine import eval as eval_cli
+    from rpo_engine import train
+    from rpo_engine.config import parse_args
+
+    enable_progress_bars()  # as a fresh process has them
+    monkeypatch.setattr(train, "write_plot", lambda *args: None)
+    args = ["--model", tiny_model_dir, "--prompts-per-step", 1, "--num-generations", 2, "--max-completion-length", 4,
+            "--train-size", 1, "--eval-steps", 0, "--steps", 1, "--no-progress", "--report-to", "none"]
+    assert train.train(parse_args(list(map(str, [*args, "--output", tmp_path / "a"])))) == 0
+    assert not are_progress_bars_disabled()
+    with pytest.raises(UserError, match="already holds a run"):
+        train.train(parse_args(list(map(str, [*args, "--output", tmp_path / "a"]))))
+    assert not are_progress_bars_disabled()
+    eval_cli.main(["--model", str(tiny_model_dir), "--eval-size", "1", "--max-completion-length", "2", "--no-progress"])
+    assert not are_progress_bars_disabled()
+
+
 def test_log_completions_go_to_wandb_as_a_table(tmp_path, tiny_model_dir, monkeypatch):
     """--log-completions --report-to wandb: each step's completions.jsonl records also as a W&B table (TRL's
     "completions"), a column per field and per reward function's score. W&B is a stand-in (not installed in CI)."""
