@@ -738,6 +738,7 @@ def run_training(config: TrainConfig, dist: Dist, held: contextlib.ExitStack) ->
     algo_name = f"{'RPO-' if config.rpo.rpo else ''}{config.algo.algo.upper()}"
     bar = tqdm(total=config.steps, initial=trainer.step_num, desc=algo_name,
                disable=not (config.progress and main_rank), dynamic_ncols=True)
+    held.callback(bar.close)  # an error's traceback, which a notebook keeps, held it open: the next bar went below it
     generated, seconds, stopped_by = 0, 0.0, 0
     fail_at = os.environ.get("RPO_ENGINE_TEST_FAIL_AT")  # tests only, "RANK:STEP": that rank raises there
     stop = StopSignals().install()

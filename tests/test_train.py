@@ -3387,6 +3387,34 @@ def test_no_progress_shows_the_download_bars_again_after_a_run_or_eval_in_this_p
     assert not are_progress_bars_disabled()
 
 
+def test_a_run_that_raises_mid_training_closes_its_progress_bar(tmp_path, tiny_model_dir, monkeypatch):
+    """An error in a step (a reward function's bug, Ctrl-C) left the run's tqdm bar open for as long as the caller
+    held the error (a notebook keeps the last one): a later run's bar took the next free line below it."""
+    from tqdm.auto import tqdm
+
+    from rpo_engine import train
+    from rpo_engine.config import parse_args
+    from rpo_engine.trainer import Trainer
+
+    class RewardBug(Exception):
+        pass
+
+    step = Trainer.step
+
+    def step_then_fail(self):
+        if self.step_num == 1:
+            raise RewardBug
+        return step(self)
+
+    monkeypatch.setattr(Trainer, "step", step_then_fail)
+    monkeypatch.setattr(train, "write_plot", lambda *args: None)
+    config = parse_args(list(map(str, ["--model", tiny_model_dir, "--output", tmp_path / "run", "--steps", 3,
+                                       "--eval-steps", 0, "--report-to", "none", *SMALL])))
+    with pytest.raises(RewardBug) as raised:  # held, as a notebook holds it: its traceback holds the run's frames
+        train.train(config)
+    assert not [bar for bar in tqdm._instances if bar.desc == "RPO-GRPO"], raised
+
+
 def test_log_completions_go_to_wandb_as_a_table(tmp_path, tiny_model_dir, monkeypatch):
     """--log-completions --report-to wandb: each step's completions.jsonl records also as a W&B table (TRL's
     "completions"), a column per field and per reward function's score. W&B is a stand-in (not installed in CI)."""
