@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 import threading
+import traceback
 import zipfile
 from functools import cache, partial
 from pathlib import Path
@@ -609,8 +610,17 @@ def train(config: TrainConfig, dist: Dist | None = None) -> int:
     exit code (0, or 128 + the signal that stopped it after a step). A user mistake raises UserError. The lock on
     --output goes with it, however it ends (left to the frame's end, an error's traceback could hold it past the
     run, refusing the next run in this process)."""
-    with contextlib.ExitStack() as held:
-        return run_training(config, dist or Dist(), held)
+    try:
+        with contextlib.ExitStack() as held:
+            return run_training(config, dist or Dist(), held)
+    except UserError as e:
+        # A notebook keeps the last error: its traceback's frames (and its context's, the out-of-memory error one
+        # explains) held the trainer, the model and the K/V cache, from the corrected second call. A user
+        # mistake's traceback is no one's to debug.
+        while e is not None:
+            traceback.clear_frames(e.__traceback__)
+            e = e.__context__
+        raise
 
 
 def run_training(config: TrainConfig, dist: Dist, held: contextlib.ExitStack) -> int:

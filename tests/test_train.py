@@ -3415,6 +3415,32 @@ def test_a_run_that_raises_mid_training_closes_its_progress_bar(tmp_path, tiny_m
     assert not [bar for bar in tqdm._instances if bar.desc == "RPO-GRPO"], raised
 
 
+def test_a_user_error_mid_run_frees_the_trainer_for_the_corrected_call(tmp_path, tiny_model_dir, monkeypatch):
+    """A UserError in a step (out of GPU memory, said as the settings to lower) reaches a notebook's cell, which
+    keeps it: its traceback held the run's frames, and with them the model, the optimizer and the rollout's K/V
+    cache (on a GPU, the memory the corrected second call needs)."""
+    import gc
+    import weakref
+
+    from rpo_engine import UserError, train
+    from rpo_engine.config import parse_args
+    from rpo_engine.trainer import Trainer
+
+    trainers = []
+
+    def step_out_of_memory(self):
+        trainers.append(weakref.ref(self))
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (a stand-in)")
+
+    monkeypatch.setattr(Trainer, "step", step_out_of_memory)
+    config = parse_args(list(map(str, ["--model", tiny_model_dir, "--output", tmp_path / "run", "--steps", 2,
+                                       "--eval-steps", 0, "--report-to", "none", "--no-progress", *SMALL])))
+    with pytest.raises(UserError, match="out of GPU memory in step 1") as raised:  # held, as a notebook holds it
+        train.train(config)
+    gc.collect()
+    assert trainers and trainers[0]() is None, raised
+
+
 def test_log_completions_go_to_wandb_as_a_table(tmp_path, tiny_model_dir, monkeypatch):
     """--log-completions --report-to wandb: each step's completions.jsonl records also as a W&B table (TRL's
     "completions"), a column per field and per reward function's score. W&B is a stand-in (not installed in CI)."""
