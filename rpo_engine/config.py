@@ -102,6 +102,26 @@ def _reject_given(config, names: tuple[str, ...], why: str) -> None:
         raise UserError(f"{listed} {'does' if len(given) == 1 else 'do'} nothing {why}")
 
 
+def _take_types(config) -> None:
+    """Each option's value as its type, as config_from_dict types a YAML file's (an int for a float, a number
+    written as text for a float; here also a path object for a path, as its string). A config built in Python
+    passes no such reading: a string for a number was a TypeError deep in the checks, a section given as its name
+    an AttributeError, and "false" for a bool was taken as true."""
+    source = type(config).__name__
+    sections = {cls.__name__: cls for cls in SECTIONS.values()}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if f.type in sections:
+            if not isinstance(value, sections[f.type]):
+                example = {"AlgoConfig": "algo='dapo'", "RPOConfig": "rpo_max_cut=300"}[f.type]
+                raise UserError(f"{source}: {f.name} must be an {f.type} (rpo_engine.config.{f.type}({example})), "
+                                f"got {value!r}")
+            continue
+        if f.type.startswith("str") and isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        setattr(config, f.name, _typed(f.name, f.type, value, source))
+
+
 def _check_finite(config) -> None:
     """Every float option a finite number: a NaN passes every `x > 0` check as False and every `x <= 1` too,
     so without this `--weight-decay nan` trained to NaN weights without a word."""
@@ -177,6 +197,7 @@ class RPOConfig:
     length_alpha: float = field(default=0.1, metadata={"help": "sigmoid slope of the length-aware reward"})
 
     def __post_init__(self):
+        _take_types(self)
         _check_finite(self)
         _check(self.rpo_min_cut >= 1, f"--rpo-min-cut must be >= 1, got {self.rpo_min_cut}")
         _check(self.rpo_max_cut >= self.rpo_min_cut,
@@ -246,6 +267,7 @@ class AlgoConfig:
     mask_truncated_completions: bool = field(default=False, metadata={"help": "leave completions that ran out of budget (no EOS; with RPO, the suffix's budget) out of the loss, still counted in their group's advantages (TRL's name; DAPO's overlong filtering)"})
 
     def __post_init__(self):
+        _take_types(self)
         _check_finite(self)
         for f in fields(self):
             if isinstance(getattr(self, f.name), float):
@@ -492,6 +514,7 @@ class TrainConfig:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
 
     def __post_init__(self):
+        _take_types(self)
         _check_finite(self)
         for name in ("steps", "train_size", "prompts_per_step", "num_generations", "max_prompt_length", "max_completion_length",
                      "micro_batch_tokens", "eval_size", "max_num_seqs"):

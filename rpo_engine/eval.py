@@ -9,6 +9,7 @@ samples) and reports their mean accuracy (avg@K) and the fraction of rows with a
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -17,18 +18,11 @@ import warnings
 from pathlib import Path
 
 from rpo_engine.errors import UserError, run_cli
+from rpo_engine.hub import download_bars_hidden
 
 
 def main(argv=None) -> int:
-    import rpo_engine
-    from rpo_engine.config import OneLineParser, config_from_dict, greedy_filter, stop_strings
-    from rpo_engine.model.checkpoint import model_directory
-    from rpo_engine.model.lora import load_adapter, read_adapter_settings
-    from rpo_engine.rollout import SamplingParams
-    from rpo_engine.train import load_rows, resolve_device, resolve_reward, reward_pool
-    from rpo_engine.rewards.answers import RewardLog
-    from rpo_engine.trainer import (add_columns, encode_run_prompts, prefill_token_budget, right_answers, rollout_engine,
-                                    sampled_graded, seed_global_rngs, stop_ids)
+    from rpo_engine.config import OneLineParser
 
     parser = OneLineParser(prog="python -m rpo_engine.eval", description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="Hugging Face model directory, or a Hub id (org/name) in the local cache or to "
@@ -87,10 +81,22 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: one, on stderr)")
     parser.add_argument("--output", help="JSONL file for each row's completion, reward and verdict (must not exist)")
     args = parser.parse_args(argv)
-    if args.no_progress:
-        from rpo_engine.hub import hide_download_bars
+    with download_bars_hidden() if args.no_progress else contextlib.nullcontext():
+        return run_eval(args)
 
-        hide_download_bars()
+
+def run_eval(args) -> int:
+    """The eval `args` (main's parsed options) asks for: prints the accuracy; -> 0."""
+    import rpo_engine
+    from rpo_engine.config import config_from_dict, greedy_filter, stop_strings
+    from rpo_engine.model.checkpoint import model_directory
+    from rpo_engine.model.lora import load_adapter, read_adapter_settings
+    from rpo_engine.rollout import SamplingParams
+    from rpo_engine.train import load_rows, resolve_device, resolve_reward, reward_pool
+    from rpo_engine.rewards.answers import RewardLog
+    from rpo_engine.trainer import (add_columns, encode_run_prompts, prefill_token_budget, right_answers, rollout_engine,
+                                    sampled_graded, seed_global_rngs, stop_ids)
+
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.max_num_seqs < 1:

@@ -4,6 +4,7 @@ HF_HUB_CACHE), brought up to date or downloaded first where the network allows (
 alone). A local path of the same relative name wins, as in from_pretrained."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -27,12 +28,20 @@ def is_hub_id(name) -> bool:
             and not name.lower().endswith(_FILE_SUFFIXES) and not os.path.exists(name))
 
 
-def hide_download_bars() -> None:
-    """--no-progress: huggingface_hub's download bars (a Hub model, dataset or reward model) stay hidden too, for
-    the rest of this command's process."""
-    from huggingface_hub.utils import disable_progress_bars
+@contextlib.contextmanager
+def download_bars_hidden():
+    """--no-progress: huggingface_hub's download bars (a Hub model, dataset or reward model) hidden too while a run
+    or an eval runs, and shown again after it where they were: hidden for the rest of the process, they stayed
+    hidden for a notebook's or script's own downloads after train(config)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
+    shown = not are_progress_bars_disabled()
     disable_progress_bars()
+    try:
+        yield
+    finally:
+        if shown:
+            enable_progress_bars()
 
 
 def hub_snapshot(repo_id: str, repo_type: str = "model", allow_patterns: tuple[str, ...] | None = None,

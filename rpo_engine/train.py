@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 import threading
+import traceback
 import zipfile
 from functools import cache, partial
 from pathlib import Path
@@ -470,17 +471,16 @@ def plotted(record: dict) -> dict:
 
 
 def write_plot(metrics: list[dict], path: Path, title: str, eval_title: str = "greedy eval accuracy") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    # a Figure of its own, not pyplot's: matplotlib.use("Agg") switched a notebook's backend, and pyplot's figures
+    # are the caller's global state (its GUI backends refuse a worker thread)
+    from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     steps = [m for m in metrics if "reward_mean" in m]
     evals = [m for m in metrics if "eval_accuracy" in m]
     marker = "o" if len(steps) == 1 else None  # a line through one point draws nothing
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    fig = Figure(figsize=(14, 3.8))
+    axes = fig.subplots(1, 3)
     axes[0].plot([m["step"] for m in steps], [m["reward_mean"] for m in steps], marker=marker)
     axes[0].set(title="reward (mean over samples)", xlabel="step")
     axes[1].plot([m["step"] for m in evals], [m["eval_accuracy"] for m in evals], marker="o")
@@ -495,11 +495,8 @@ def write_plot(metrics: list[dict], path: Path, title: str, eval_title: str = "g
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # steps, not 1.25
     fig.suptitle(title)
     fig.tight_layout()
-    try:
-        with replaced_whole(path) as tmp:
-            fig.savefig(tmp, dpi=100, format=path.suffix[1:] or "png")
-    finally:
-        plt.close(fig)
+    with replaced_whole(path) as tmp:
+        fig.savefig(tmp, dpi=100, format=path.suffix[1:] or "png")
 
 
 @contextlib.contextmanager
@@ -613,8 +610,17 @@ def train(config: TrainConfig, dist: Dist | None = None) -> int:
     exit code (0, or 128 + the signal that stopped it after a step). A user mistake raises UserError. The lock on
     --output goes with it, however it ends (left to the frame's end, an error's traceback could hold it past the
     run, refusing the next run in this process)."""
-    with contextlib.ExitStack() as held:
-        return run_training(config, dist or Dist(), held)
+    try:
+        with contextlib.ExitStack() as held:
+            return run_training(config, dist or Dist(), held)
+    except UserError as e:
+        # A notebook keeps the last error: its traceback's frames (and its context's, the out-of-memory error one
+        # explains) held the trainer, the model and the K/V cache, from the corrected second call. A user
+        # mistake's traceback is no one's to debug.
+        while e is not None:
+            traceback.clear_frames(e.__traceback__)
+            e = e.__context__
+        raise
 
 
 def run_training(config: TrainConfig, dist: Dist, held: contextlib.ExitStack) -> int:
@@ -625,9 +631,9 @@ def run_training(config: TrainConfig, dist: Dist, held: contextlib.ExitStack) ->
     check_divisible(config.prompts_per_step, dist.world_size)
     main_rank = dist.is_main  # rank 0 writes every output; the others compute
     if not config.progress:
-        from rpo_engine.hub import hide_download_bars
+        from rpo_engine.hub import download_bars_hidden
 
-        hide_download_bars()
+        held.enter_context(download_bars_hidden())
     if not config.output:  # Path("") is the current directory: the run would fill it
         raise UserError("--output is empty; name the run's directory")
     output = Path(config.output)
@@ -742,6 +748,7 @@ def run_training(config: TrainConfig, dist: Dist, held: contextlib.ExitStack) ->
     algo_name = f"{'RPO-' if config.rpo.rpo else ''}{config.algo.algo.upper()}"
     bar = tqdm(total=config.steps, initial=trainer.step_num, desc=algo_name,
                disable=not (config.progress and main_rank), dynamic_ncols=True)
+    held.callback(bar.close)  # an error's traceback, which a notebook keeps, held it open: the next bar went below it
     generated, seconds, stopped_by = 0, 0.0, 0
     fail_at = os.environ.get("RPO_ENGINE_TEST_FAIL_AT")  # tests only, "RANK:STEP": that rank raises there
     stop = StopSignals().install()

@@ -3,6 +3,7 @@ import math
 import numbers
 import random
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -453,6 +454,55 @@ def test_config_values_take_their_option_type():
     c = config_from_dict({"learning_rate": "1e-5", "temperature": 1, "model": None, "eval_size": 7})
     assert c.learning_rate == 1e-5 and c.temperature == 1.0 and isinstance(c.temperature, float)
     assert c.model is None and c.eval_size == 7
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(steps="10"), "TrainConfig: steps must be an integer, got '10'"),
+    (dict(steps=2.5), "TrainConfig: steps must be an integer, got 2.5"),
+    (dict(steps=True), "TrainConfig: steps must be an integer, got True"),
+    (dict(seed=1.5), "TrainConfig: seed must be an integer, got 1.5"),
+    (dict(progress="false"), "TrainConfig: progress must be true or false, got 'false'"),  # truthy: bars shown
+    (dict(resume="no"), "TrainConfig: resume must be true or false, got 'no'"),
+    (dict(learning_rate="fast"), "TrainConfig: learning_rate must be a number, got 'fast'"),
+    (dict(eval_steps=None), "TrainConfig: eval_steps must be an integer, got None"),
+    (dict(reward=["exact", "math"]), "TrainConfig: reward must be a string, got"),
+    (dict(push_to_hub=True, hub_private_repo="false"), "TrainConfig: hub_private_repo must be true or false or null"),
+    (dict(algo="dapo"), r"TrainConfig: algo must be an AlgoConfig \(rpo_engine.config.AlgoConfig\(algo='dapo'\)\), got 'dapo'"),
+    (dict(rpo={"rpo_max_cut": 8}), r"TrainConfig: rpo must be an RPOConfig \(rpo_engine.config.RPOConfig\(rpo_max_cut=300\)\), got"),
+])
+def test_a_config_built_in_python_names_a_value_of_the_wrong_type(kwargs, message):
+    """TrainConfig built directly (a script's `train(TrainConfig(...))`) is not typed by config_from_dict: a string
+    for a number was a TypeError deep in the checks, a nested section given as its name an AttributeError, and a
+    string for a bool ("false", truthy) was taken as true without a word."""
+    with pytest.raises(UserError, match=message):
+        TrainConfig(**kwargs)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: AlgoConfig(epsilon="0.2x"), "AlgoConfig: epsilon must be a number, got '0.2x'"),
+    (lambda: AlgoConfig(num_iterations=2.0), "AlgoConfig: num_iterations must be an integer, got 2.0"),
+    (lambda: RPOConfig(rpo_max_cut="8"), "RPOConfig: rpo_max_cut must be an integer, got '8'"),
+    (lambda: RPOConfig(rpo="no"), "RPOConfig: rpo must be true or false, got 'no'"),
+])
+def test_a_section_built_in_python_names_a_value_of_the_wrong_type(make, message):
+    with pytest.raises(UserError, match=message):
+        make()
+
+
+def test_a_config_built_in_python_takes_what_its_options_mean(tmp_path):
+    """What the YAML file's reading takes (an int for a float, a number as text for a float) and a path object for a
+    path, each stored as the option's type; its record (a run's config.json) reads back as the same options."""
+    import dataclasses
+    import json
+
+    from rpo_engine.config import config_to_dict, parse_args
+
+    c = TrainConfig(learning_rate="1e-5", temperature=1, output=tmp_path / "run", model=tmp_path / "m", steps=3,
+                    algo=AlgoConfig(algo="dapo", beta=0), rpo=RPOConfig(rpo_max_cut=8))
+    assert (c.learning_rate, c.temperature, c.output, c.model) == (1e-5, 1.0, str(tmp_path / "run"), str(tmp_path / "m"))
+    assert isinstance(c.temperature, float) and isinstance(c.algo.beta, float)
+    (tmp_path / "c.json").write_text(json.dumps(config_to_dict(c)))
+    assert dataclasses.replace(parse_args(["--config", str(tmp_path / "c.json")]), config=None) == c
 
 
 def test_config_sections_route_flat_names():

@@ -791,6 +791,26 @@ def test_plot_draws_every_panel(tmp_path, num_steps):
     assert orange(matplotlib.image.imread(tmp_path / "sampled.png")[..., :3]) > 20
 
 
+def test_the_plot_leaves_the_callers_matplotlib_as_it_was(tmp_path):
+    """A run from a notebook or a script draws curves.png without pyplot: matplotlib.use("Agg") switched the
+    caller's backend (a notebook's inline plots stopped showing after train()), and pyplot's figures are its
+    global state (and its GUI backends refuse a worker thread)."""
+    script = f"""
+import matplotlib
+matplotlib.use("svg")  # the caller's backend (a notebook's inline one)
+import matplotlib.pyplot as plt
+from pathlib import Path
+from rpo_engine.train import write_plot
+plt.figure()
+write_plot([{{"step": 1, "reward_mean": 0.5, "rollout_generated_tokens": 3}}], Path({str(tmp_path / "c.png")!r}), "t")
+print(matplotlib.get_backend(), plt.get_fignums())
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("\n")[0] == "svg [1]"
+    assert (tmp_path / "c.png").stat().st_size > 1000
+
+
 def test_log_completions(tmp_path, tiny_model_dir):
     common = ["--model", tiny_model_dir, "--steps", 2, "--eval-steps", 0, "--train-size", 3, "--log-completions",
               "--reward", "tests.reward_fns:hash_reward", *SMALL]
@@ -3346,6 +3366,85 @@ def test_no_progress_hides_huggingface_hub_download_bars(tmp_path, tiny_model_di
     assert calls == ["off", "off"]
     assert train.main(list(map(str, [*args, "--output", tmp_path / "b"]))) == 0
     assert calls == ["off", "off"]  # with its bars on, theirs too
+
+
+def test_no_progress_shows_the_download_bars_again_after_a_run_or_eval_in_this_process(tmp_path, tiny_model_dir,
+                                                                                       monkeypatch):
+    """train(config) or eval's main from a notebook or script with --no-progress hides huggingface_hub's download
+    bars while it runs; they stayed hidden for the rest of the caller's process (its own downloads, its next run
+    with bars on), after a run that ended in an error too."""
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+
+    from rpo_engine import UserError
+    from rpo_engine import eval as eval_cli
+    from rpo_engine import train
+    from rpo_engine.config import parse_args
+
+    enable_progress_bars()  # as a fresh process has them
+    monkeypatch.setattr(train, "write_plot", lambda *args: None)
+    args = ["--model", tiny_model_dir, "--prompts-per-step", 1, "--num-generations", 2, "--max-completion-length", 4,
+            "--train-size", 1, "--eval-steps", 0, "--steps", 1, "--no-progress", "--report-to", "none"]
+    assert train.train(parse_args(list(map(str, [*args, "--output", tmp_path / "a"])))) == 0
+    assert not are_progress_bars_disabled()
+    with pytest.raises(UserError, match="already holds a run"):
+        train.train(parse_args(list(map(str, [*args, "--output", tmp_path / "a"]))))
+    assert not are_progress_bars_disabled()
+    eval_cli.main(["--model", str(tiny_model_dir), "--eval-size", "1", "--max-completion-length", "2", "--no-progress"])
+    assert not are_progress_bars_disabled()
+
+
+def test_a_run_that_raises_mid_training_closes_its_progress_bar(tmp_path, tiny_model_dir, monkeypatch):
+    """An error in a step (a reward function's bug, Ctrl-C) left the run's tqdm bar open for as long as the caller
+    held the error (a notebook keeps the last one): a later run's bar took the next free line below it."""
+    from tqdm.auto import tqdm
+
+    from rpo_engine import train
+    from rpo_engine.config import parse_args
+    from rpo_engine.trainer import Trainer
+
+    class RewardBug(Exception):
+        pass
+
+    step = Trainer.step
+
+    def step_then_fail(self):
+        if self.step_num == 1:
+            raise RewardBug
+        return step(self)
+
+    monkeypatch.setattr(Trainer, "step", step_then_fail)
+    monkeypatch.setattr(train, "write_plot", lambda *args: None)
+    config = parse_args(list(map(str, ["--model", tiny_model_dir, "--output", tmp_path / "run", "--steps", 3,
+                                       "--eval-steps", 0, "--report-to", "none", *SMALL])))
+    with pytest.raises(RewardBug) as raised:  # held, as a notebook holds it: its traceback holds the run's frames
+        train.train(config)
+    assert not [bar for bar in tqdm._instances if bar.desc == "RPO-GRPO"], raised
+
+
+def test_a_user_error_mid_run_frees_the_trainer_for_the_corrected_call(tmp_path, tiny_model_dir, monkeypatch):
+    """A UserError in a step (out of GPU memory, said as the settings to lower) reaches a notebook's cell, which
+    keeps it: its traceback held the run's frames, and with them the model, the optimizer and the rollout's K/V
+    cache (on a GPU, the memory the corrected second call needs)."""
+    import gc
+    import weakref
+
+    from rpo_engine import UserError, train
+    from rpo_engine.config import parse_args
+    from rpo_engine.trainer import Trainer
+
+    trainers = []
+
+    def step_out_of_memory(self):
+        trainers.append(weakref.ref(self))
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (a stand-in)")
+
+    monkeypatch.setattr(Trainer, "step", step_out_of_memory)
+    config = parse_args(list(map(str, ["--model", tiny_model_dir, "--output", tmp_path / "run", "--steps", 2,
+                                       "--eval-steps", 0, "--report-to", "none", "--no-progress", *SMALL])))
+    with pytest.raises(UserError, match="out of GPU memory in step 1") as raised:  # held, as a notebook holds it
+        train.train(config)
+    gc.collect()
+    assert trainers and trainers[0]() is None, raised
 
 
 def test_log_completions_go_to_wandb_as_a_table(tmp_path, tiny_model_dir, monkeypatch):
