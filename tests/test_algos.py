@@ -3,7 +3,6 @@ import math
 import numbers
 import random
 import re
-from pathlib import Path
 
 import pytest
 import torch
