@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import DEVICE, ON_CUDA
+from rpo_engine.rpo.cache import saved_paths
+from tests.helpers import DEVICE, ON_CUDA, legacy_cache_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -1323,8 +1324,8 @@ def test_cache_verifies_right_answers_whatever_their_shaped_reward(tmp_path, tin
     # an overlong buffer as long as the budget: every answer's reward is pushed down by its length
     run_train("--model", tiny_model_dir, "--steps", 2, "--eval-steps", 0, "--train-size", 3, "--output", out,
               "--reward", "tests.reward_fns:hash_reward", "--overlong-buffer", 48, "--save-steps", 1, *SMALL)
-    paths = torch.load(out / "checkpoints" / "step-2" / "trainer_state.pt", weights_only=True)["cache"]["paths"]
-    first = torch.load(out / "checkpoints" / "step-1" / "trainer_state.pt", weights_only=True)["cache"]["paths"]
+    paths = saved_paths(torch.load(out / "checkpoints" / "step-2" / "trainer_state.pt", weights_only=True)["cache"])
+    first = saved_paths(torch.load(out / "checkpoints" / "step-1" / "trainer_state.pt", weights_only=True)["cache"])
     # step 2 cut the paths step 1 left: its metric counts those verified
     assert read_metrics(out)[1]["cache_verified_rate"] == sum(p[3] for p in first.values()) / 3
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -1348,7 +1349,7 @@ def test_cache_keeps_the_most_accurate_answer_whatever_else_scores_it(tmp_path, 
     run_train("--model", tiny_model_dir, "--steps", 1, "--eval-steps", 0, "--train-size", 6, "--output", out,
               "--reward", "tests.reward_fns:hash_reward,tests.reward_fns:wrong_bonus", "--rpo-cache-policy",
               "epsilon-greedy", "--rpo-epsilon", 1, "--log-completions", "--save-steps", 1, *SMALL)
-    paths = torch.load(out / "checkpoints" / "step-1" / "trainer_state.pt", weights_only=True)["cache"]["paths"]
+    paths = saved_paths(torch.load(out / "checkpoints" / "step-1" / "trainer_state.pt", weights_only=True)["cache"])
     right_in_group = {}
     for r in map(json.loads, (out / "completions.jsonl").read_text().splitlines()):
         right_in_group[r["prompt_id"]] = right_in_group.get(r["prompt_id"], False) or r["correct"]
@@ -1368,7 +1369,7 @@ def test_cached_paths_carry_their_sampling_logprobs(tmp_path, tiny_model_dir):
               *SMALL, "--learning-rate", 1e-12)
     metrics = read_metrics(out)
     assert [m["cold_starts"] for m in metrics] == [3, 0, 0]  # paths were cut and regrown twice
-    paths = torch.load(out / "checkpoints" / "step-3" / "trainer_state.pt", weights_only=True)["cache"]["paths"]
+    paths = saved_paths(torch.load(out / "checkpoints" / "step-3" / "trainer_state.pt", weights_only=True)["cache"])
     model, tokenizer = rpo_engine.load_model(out / "final"), rpo_engine.load_tokenizer(out / "final")
     rows = {r["id"]: r for r in make_split("train", 3, 0)}
     assert set(paths) == set(rows)
@@ -3071,17 +3072,33 @@ def test_a_tampered_trainer_state_is_refused_in_one_line(tmp_path, tiny_model_di
     metrics = (out / "metrics.jsonl").read_text()
     state_file = out / "checkpoints" / "step-1" / "trainer_state.pt"
     saved = torch.load(state_file, weights_only=True)
-    assert saved["cache"]["paths"]  # RPO (the default) cached the cold starts' paths
+    assert saved["cache"]["packed_paths"]["ids"]  # RPO (the default) cached the cold starts' paths
+    legacy = legacy_cache_state(saved["cache"])  # as the code before packed paths saved it: still checked alike
 
     def out_of_vocab(state, token):
         first = next(iter(state["cache"]["paths"].values()))
         first[0], first[4] = [token, *first[0][1:]], None
+
+    def packed_token(state, token, dtype=torch.int32):
+        tokens = state["cache"]["packed_paths"]["tokens"].to(dtype)
+        tokens[3] = token
+        state["cache"]["packed_paths"]["tokens"] = tokens
     tampers = {"token id 1000000": lambda s: out_of_vocab(s, 10 ** 6), "token id -3": lambda s: out_of_vocab(s, -3),
                "token id 2.5": lambda s: out_of_vocab(s, 2.5),
                "paths is a list": lambda s: s["cache"].update(paths=[1, 2]),
                "not [token ids, reward, step": lambda s: s["cache"]["paths"].update(extra=7)}
-    for fragment, tamper in tampers.items():
-        state = {**saved, "cache": {**saved["cache"], "paths": {k: list(v) for k, v in saved["cache"]["paths"].items()}}}
+    packed_tampers = {"token id 1000000": lambda s: packed_token(s, 10 ** 6),
+                      "token id -3": lambda s: packed_token(s, -3),
+                      "tokens is not a 1-d tensor of integers": lambda s: packed_token(s, 2.5, torch.float32),
+                      "offsets do not split": lambda s: s["cache"]["packed_paths"]["offsets"].add_(1)}
+    for fragment, tamper, old_format in [*((f, t, True) for f, t in tampers.items()),
+                                         *((f, t, False) for f, t in packed_tampers.items())]:
+        if old_format:
+            cache = {**legacy, "paths": {k: list(v) for k, v in legacy["paths"].items()}}
+        else:
+            cache = {**saved["cache"], "packed_paths": {k: v.clone() if isinstance(v, torch.Tensor) else v
+                                                        for k, v in saved["cache"]["packed_paths"].items()}}
+        state = {**saved, "cache": cache}
         tamper(state)
         torch.save(state, state_file)
         proc = run_train("--model", tiny_model_dir, "--steps", 2, "--eval-steps", 0, "--output", out, "--resume",
