@@ -72,7 +72,10 @@ def measure(num_prompts: int, length: int) -> dict:
     pool_lp = torch.from_numpy(-rng.exponential(1.0, size=length + 4096)).float()  # float32 values, as sampled
     ids = [f"prompt-{n}" for n in range(num_prompts)]
     prompt_ids = {i: pool_ids[n % 4096:n % 4096 + PROMPT_TOKENS].tolist() for n, i in enumerate(ids)}
-    row = dict(prompts=num_prompts, tokens=length, ids_and_logprobs=num_prompts * length)
+    import rpo_engine
+
+    row = dict(prompts=num_prompts, tokens=length, ids_and_logprobs=num_prompts * length,
+               rpo_engine=str(Path(rpo_engine.__file__).parent))
 
     base = rss_mib()
     cache = ExperienceCache("correct-only", 0.5)
@@ -122,7 +125,7 @@ def measure(num_prompts: int, length: int) -> dict:
         # the load in a fresh process: its peak memory is the resume's alone
         code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_cache as b; "
                 f"b.print_load({str(path)!r}, {num_prompts}, {length})")
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)  # our cwd: benchmarks/
         if proc.returncode:
             raise RuntimeError(f"load failed: {proc.stderr[-2000:]}")
         loaded = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("LOAD "))[5:])
@@ -167,7 +170,9 @@ def run_cases(cases, src=None) -> list[dict]:
     for num_prompts, length in cases:
         code = (f"import sys, json; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_cache as b; "
                 f"print('ROW ' + json.dumps(b.measure({num_prompts}, {length})))")
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        # run in benchmarks/: `python -c` puts the working directory first on sys.path, before PYTHONPATH
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                              cwd=Path(__file__).parent)
         if proc.returncode:  # e.g. out of memory: recorded as such, the other cases still run
             rows.append(dict(prompts=num_prompts, tokens=length, failed=proc.stderr[-500:] or f"rc {proc.returncode}"))
         else:

@@ -95,6 +95,27 @@ def test_train_resume_matches_uninterrupted(tmp_path, tiny_model_dir):
     assert read_metrics(changed)[-1]["lr"] == pytest.approx(2e-3 * lr_multiplier(2, 3, 1))
 
 
+def test_a_checkpoint_of_list_paths_resumes_as_the_uninterrupted_run(tmp_path, tiny_model_dir):
+    """A checkpoint from before packed paths (its cache's `paths` as lists, float log-probs) resumes to the very
+    steps the uninterrupted run took: the same paths, cuts at the least likely token and completions."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    common = ["--model", tiny_model_dir, "--save-steps", 2, "--eval-steps", 0, "--reward", "tests.reward_fns:hash_reward",
+              "--train-size", 3, "--rpo-unverified-cut", "least-likely", *SMALL]
+    run_train(*common, "--steps", 4, "--output", full, "--log-completions")
+    stopped_after(full, 2, part)
+    shutil.copy(full / "config.json", part / "config.json")
+    state_file = part / "checkpoints" / "step-2" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    state["cache"] = legacy_cache_state(state["cache"])
+    assert all(p[4] is not None for p in state["cache"]["paths"].values())  # least-likely cuts read them
+    torch.save(state, state_file)
+    run_train(*common, "--steps", 4, "--output", part, "--resume", "--log-completions")
+    assert (full / "completions.jsonl").read_text() == (part / "completions.jsonl").read_text()
+    final = torch.load(full / "checkpoints" / "step-4" / "trainer_state.pt", weights_only=True)["cache"]
+    resumed = torch.load(part / "checkpoints" / "step-4" / "trainer_state.pt", weights_only=True)["cache"]
+    assert repr(saved_paths(final)) == repr(saved_paths(resumed))
+
+
 def test_changed_options_are_those_the_checkpoint_was_trained_with(tmp_path, tiny_model_dir):
     """The changed-options warning compares with the options the checkpoint resumed from was made with (its own
     config.json), not with the last command's (OUTPUT/config.json): going back to a checkpoint from before a
