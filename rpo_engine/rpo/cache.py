@@ -92,13 +92,17 @@ def token_array(token_ids) -> numpy.ndarray:
     when paths were lists. An id int32 cannot hold is a ValueError (no vocabulary comes near 2**31)."""
     if isinstance(token_ids, torch.Tensor):  # at C speed, not one 0-d tensor per id (int() truncates alike)
         token_ids = token_ids.detach().cpu().long().numpy()
-    if isinstance(token_ids, numpy.ndarray) and token_ids.dtype.kind in "biuf":
-        ids = token_ids.astype(numpy.int64).ravel()
-    else:
-        ids = numpy.fromiter(map(int, token_ids), dtype=numpy.int64)
-    if len(ids) and not (INT32.min <= ids.min() and ids.max() <= INT32.max):
-        bad = next(int(t) for t in ids if not INT32.min <= t <= INT32.max)
-        raise ValueError(f"experience cache: token id {bad} does not fit in int32")
+    if not isinstance(token_ids, (list, tuple, numpy.ndarray)):
+        token_ids = list(token_ids)
+    try:  # numpy's conversion of a list of ints: 3x a loop of int()s (which it matches, floats truncated too)
+        ids = numpy.array(token_ids, dtype=numpy.int64)
+    except OverflowError:
+        ids = None
+    if ids is None or ids.ndim != 1 or (len(ids) and not (INT32.min <= ids.min() and ids.max() <= INT32.max)):
+        bad = next((t for t in map(int, numpy.ravel(numpy.array(token_ids, dtype=object)))
+                    if not INT32.min <= t <= INT32.max), None)
+        raise ValueError(f"experience cache: token id {bad} does not fit in int32" if bad is not None else
+                         f"experience cache: token ids must be a flat sequence of integers")
     return ids.astype(numpy.int32)
 
 
@@ -107,10 +111,11 @@ def logprob_array(logprobs) -> numpy.ndarray:
     rounded log-prob could tie with another and move a least-likely cut."""
     if isinstance(logprobs, torch.Tensor):  # float64 holds any float dtype's values exactly (bfloat16's too)
         logprobs = logprobs.detach().cpu().double().numpy()
-    if isinstance(logprobs, numpy.ndarray) and logprobs.dtype.kind in "biuf":
-        values = logprobs.astype(numpy.float64).ravel()
-    else:
-        values = numpy.fromiter(map(float, logprobs), dtype=numpy.float64)
+    if not isinstance(logprobs, (list, tuple, numpy.ndarray)):
+        logprobs = list(logprobs)
+    values = numpy.array(logprobs, dtype=numpy.float64)
+    if values.ndim != 1:
+        raise ValueError("experience cache: log-probs must be a flat sequence of numbers")
     single = values.astype(numpy.float32)
     return single if numpy.array_equal(single, values, equal_nan=True) else values
 
