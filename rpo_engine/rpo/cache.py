@@ -26,7 +26,7 @@ is NaN), stored inside every checkpoint's trainer_state.pt (torch.save, loaded w
 
 Storage at dataset scale: a path's token ids are kept as int32 and its log-probs as float32 (float64 where a
 caller's values are not float32's: the least likely token must stay the one it was), not as Python lists: those
-cost ~36 bytes a token for an id and ~32 for a log-prob, 4.6 GB for DAPO-Math-17k's prompts at 4k tokens, and a
+cost ~36 bytes a token for an id and ~32 for a log-prob, 5.3 GB for DAPO-Math-17k's prompts at 4k tokens, and a
 checkpoint pickled and unpickled their ~1.4e8 objects one by one (benchmarks/bench_cache.py, README). A checkpoint
 holds all paths' tokens concatenated, with their offsets (`packed_paths`); one written before (`paths`: per
 prompt [token ids, reward, step, correct, logprobs]) loads as it did.
