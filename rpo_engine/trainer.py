@@ -46,7 +46,7 @@ from rpo_engine.optim import load_adamw_state, lr_multiplier, make_adamw, params
 from rpo_engine.rewards.answers import RewardLog, TRLStyleReward, is_correct, score_functions, score_groups
 from rpo_engine.rewards.pool import PooledReward
 from rpo_engine.rewards.shaping import length_aware_accuracy, overlong_penalty
-from rpo_engine.rpo.cache import ExperienceCache
+from rpo_engine.rpo.cache import ExperienceCache, saved_path_ids
 from rpo_engine.rpo.truncation import cut_cached_path
 
 EVAL_SALT = 4999  # seed_for's salt of a sampled eval's answers
@@ -258,15 +258,16 @@ class Trainer:
                 path = self.cache.get(row["id"])
                 if path is None:  # --rpo-unverified-cut full: no path yet, a full-path group (as a wrong one is)
                     continue
-                cut = cut_cached_path(len(path.token_ids), path.correct, self.rng, c.max_completion_length,
-                                      self.rpo, path.logprobs, self.cache.saturation(row["id"]))
+                logprobs = path.logprobs  # a list made from the stored array: once
+                cut = cut_cached_path(len(path), path.correct, self.rng, c.max_completion_length,
+                                      self.rpo, logprobs, self.cache.saturation(row["id"]))
                 kept[i], budgets[i] = path.token_ids[:cut.kept], cut.budget
                 # a hit: the group grows from a path cached before this round (not a cut that kept none of it,
                 # as --rpo-unverified-cut full regrows a wrong one, nor a cold start just made)
                 counters["cache_hits"] += bool(kept[i]) and i in mine and i not in uncached
                 counters["verified"] += path.correct and i in mine
-                if path.logprobs is not None:
-                    kept_logprobs[i] = path.logprobs[:cut.kept]
+                if logprobs is not None:
+                    kept_logprobs[i] = logprobs[:cut.kept]
         params = [self.sampling_params(G, budgets[i], self.seed_for(i, round_index), len(kept[i])) for i in mine]
         my_upcoming = self.dist.share(len(upcoming))
         ahead_prompts, ahead_params = self.cold_start_requests(upcoming, my_upcoming, 7919, self.step_num + 1)
@@ -1073,7 +1074,7 @@ class Trainer:
         restore_global_rng_states(state)
         self.rows_drawn = state["rows_drawn"]
         saved_keys = state["cache"].get("prompt_keys")
-        keys = self.prompt_keys(state["cache"]["paths"], saved_keys if isinstance(saved_keys, dict) else None)
+        keys = self.prompt_keys(saved_path_ids(state["cache"]), saved_keys if isinstance(saved_keys, dict) else None)
         stale = self.cache.load_state_dict(state["cache"], keys, self.model.config.vocab_size)
         if stale and self.dist.is_main:
             print(f"warning: resuming: dropped {len(stale)} cached RPO path(s) saved for another prompt under the "

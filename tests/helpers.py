@@ -122,3 +122,13 @@ def process_ended(pid: int, timeout: float) -> bool:
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.1)
+
+
+def legacy_cache_state(state: dict) -> dict:
+    """An ExperienceCache state as the code before packed paths wrote it: `paths`, per prompt id [token ids, reward,
+    step, correct, logprobs] as lists (the old state_dict, verbatim)."""
+    from rpo_engine.rpo.cache import saved_paths
+
+    old = {k: v for k, v in state.items() if k != "packed_paths"}
+    old["paths"] = saved_paths(state)
+    return old

@@ -1,9 +1,11 @@
 """GRPO/DAPO arithmetic, RPO truncation and cache rules, reward shaping: hand-computed cases."""
+import io
 import math
 import numbers
 import random
 import re
 
+import numpy
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from rpo_engine.rewards.shaping import length_aware_accuracy, overlong_penalty
 from rpo_engine.rpo.cache import ExperienceCache
 from rpo_engine.rpo.truncation import (Truncation, cut_cached_path, least_likely_truncation, sample_truncation,
                                       truncation_at)
+from tests.helpers import legacy_cache_state
 
 
 def test_group_advantages_hand_computed():
@@ -331,7 +334,7 @@ def test_cache_state_round_trip():
     assert other.get("a").token_ids == [1, 2] and len(other) == 2
     assert (other.policy, other.epsilon) == ("epsilon-greedy", 0.5)  # the loading cache's rule: this run's options
     assert other.verified("a") and other.verified("b")
-    old = cache.state_dict()  # a checkpoint written before paths carried `correct`: judged by reward
+    old = legacy_cache_state(cache.state_dict())  # a checkpoint written before paths carried `correct`: by reward
     old["paths"] = {k: v[:3] for k, v in old["paths"].items()}
     other.load_state_dict(old)
     assert other.verified("a") and not other.verified("b")
@@ -340,6 +343,112 @@ def test_cache_state_round_trip():
     assert other.get("c").logprobs == [-0.25, -1.5] and other.get("a").logprobs is None
     with pytest.raises(ValueError, match="log-probs"):
         cache.put("d", [1, 2, 3], 0.0, 6, logprobs=[-1.0])
+
+
+def random_cache(seed: int, size: int = 40) -> ExperienceCache:
+    """Paths of 0-50 ids from a large vocabulary, with float32 log-probs, float64 ones, or none; NaN, right and wrong
+    rewards; saturation counts."""
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    cache = ExperienceCache("correct-only")
+    for n in range(size):
+        length = rng.choice([0, 1, rng.randrange(2, 50)])
+        ids = torch.randint(0, 2 ** 31 - 1, (length,), generator=gen).tolist()
+        logprobs = [None, torch.randn(length, generator=gen).tolist(),  # float32's values
+                    torch.randn(length, generator=gen, dtype=torch.float64).tolist()][n % 3]
+        cache.put(f"p{n}", ids, rng.choice([float("nan"), 0.0, 1.0, rng.random()]), rng.randrange(100),
+                  rng.choice([None, True, False]), logprobs)
+        cache.note_group(f"p{n}", rng.random() < 0.5)
+    return cache
+
+
+def test_packed_cache_state_is_the_list_state_it_replaced():
+    """state_dict's packed paths (flat tensors) hold exactly what the list format did: each path loads back equal
+    (ids, reward (NaN too), step, correct, log-probs to the bit, none where none) from either format, on random
+    caches with float32 and float64 log-probs, empty paths, ids near 2**31."""
+    for seed in range(5):
+        cache = random_cache(seed)
+        packed = cache.state_dict({"p0": "k"})
+        assert set(packed) == {"policy", "epsilon", "correct_threshold", "packed_paths", "saturated", "prompt_keys"}
+        legacy = legacy_cache_state(packed)
+        expected = {k: [p.token_ids, p.reward, p.step, p.correct, p.logprobs] for k, p in cache.paths.items()}
+        assert repr(legacy["paths"]) == repr(expected)  # repr: NaN rewards compare equal
+        for state in (packed, legacy):
+            other = ExperienceCache("correct-only")
+            assert other.load_state_dict(state, {"p0": "k"}, 2 ** 31) == []
+            assert repr(other.paths) == repr(cache.paths) and other.saturated == cache.saturated
+            assert other.restored_keys == {"p0": "k"}
+            assert all(type(t) is int for p in other.paths.values() for t in p.token_ids)
+            assert all(p.ids.dtype == numpy.int32 for p in other.paths.values())
+            assert [None if p.logprob_array is None else p.logprob_array.dtype for p in other.paths.values()] == \
+                   [None if p.logprob_array is None else p.logprob_array.dtype for p in cache.paths.values()]
+        # what torch.save writes and weights_only loads (mapped, as read_trainer_state reads it)
+        buffer = io.BytesIO()
+        torch.save(packed, buffer)
+        buffer.seek(0)
+        other = ExperienceCache("correct-only")
+        other.load_state_dict(torch.load(buffer, weights_only=True))
+        assert repr(other.paths) == repr(cache.paths)
+
+
+def test_cached_logprobs_are_float32_only_where_that_moves_no_cut():
+    """The rollout's log-probs (float32 values) are kept as float32, 4 bytes a token; a caller's float64 values
+    that float32 would round into a tie are kept as float64: the least-likely cut stays the one the list gave."""
+    near = [-1.0, -1.0 - 1e-12, -0.5, -0.25]  # float32: the first two tie, and the earliest (0) would be least likely
+    assert numpy.float32(near[0]) == numpy.float32(near[1])
+    config = RPOConfig(rpo_unverified_cut="least-likely", rpo_unverified_cut_fraction=1.0, rpo_min_cut=1)
+    cache = ExperienceCache()
+    cache.put("near", [1, 2, 3, 4], float("nan"), 0, logprobs=near)
+    cache.put("sampled", [1, 2, 3, 4], float("nan"), 0, logprobs=torch.tensor(near).tolist())
+    assert cache.get("near").logprob_array.dtype == numpy.float64 and cache.get("near").logprobs == near
+    assert cache.get("sampled").logprob_array.dtype == numpy.float32
+    other = ExperienceCache()
+    other.load_state_dict(cache.state_dict())
+    for key, kept in (("near", 1), ("sampled", 0)):
+        path = other.get(key)
+        cut = cut_cached_path(len(path), False, random.Random(0), 10, config, path.logprobs)
+        assert cut.kept == kept == cut_cached_path(4, False, random.Random(0), 10, config,
+                                                   cache.get(key).logprobs).kept, key
+    with pytest.raises(ValueError, match="token id 2147483648 does not fit in int32"):
+        cache.put("huge", [1, 2 ** 31], 0.0, 0)
+
+
+def test_packed_paths_check_refuses_what_no_run_saved():
+    """check_saved_paths on the packed format: a token id outside the vocabulary names its path and id (an int32
+    one, or one past int32 in a wider tensor); fields of the wrong kind or count, offsets that do not split the
+    tokens, a prompt id twice, log-probs of another count are each a ValueError naming the fault."""
+    from rpo_engine.rpo.cache import check_saved_paths
+
+    cache = ExperienceCache()
+    for n, length in enumerate([3, 0, 4]):
+        cache.put(f"p{n}", list(range(length)), 1.0, 0, logprobs=[-1.0] * length if n != 2 else None)
+    check_saved_paths(cache.state_dict(), 4)
+
+    def tampered(change):
+        state = cache.state_dict()
+        change(state["packed_paths"])
+        return state
+
+    def put_token(index, value, dtype=torch.int32):
+        def change(packed):
+            packed["tokens"] = packed["tokens"].to(dtype)
+            packed["tokens"][index] = value
+        return change
+    cases = {"path 'p2' holds token id 4, not in the model's vocabulary": put_token(5, 4),
+             "path 'p0' holds token id -1, not": put_token(2, -1),
+             "path 'p2' holds token id 4294967296, not": put_token(6, 2 ** 32, torch.int64),
+             "tokens is not a 1-d tensor of integers": put_token(0, 0, torch.float32),
+             "correct is not a 1-d tensor of bools": lambda p: p.update(correct=torch.ones(3)),
+             "rewards is not a 1-d tensor of floats": lambda p: p.update(rewards=[1.0, 1.0, 1.0]),
+             "holds 3 paths and 2 steps": lambda p: p.update(steps=p["steps"][:2]),
+             "offsets do not split its 7 tokens into 3 paths": lambda p: p["offsets"].__setitem__(1, 5),
+             "offsets do not split": lambda p: p.update(offsets=p["offsets"][:3]),
+             "names a prompt id twice": lambda p: p.update(ids=["p0", "p1", "p0"]),
+             "no list of prompt ids": lambda p: p.update(ids=("p0", "p1", "p2")),
+             "another count of log-probs": lambda p: p.update(has_logprobs=torch.ones(3, dtype=torch.bool))}
+    for message, change in cases.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            check_saved_paths(tampered(change), 4)
 
 
 def test_algo_defaults():
@@ -600,7 +709,7 @@ def test_cache_load_drops_stale_paths_with_their_saturation_and_keeps_its_thresh
     assert other.load_state_dict(state, {"same": "a", "changed": "c"}) == ["changed"]
     assert "same" in other and "changed" not in other
     assert (other.saturation("same"), other.saturation("changed")) == (1, 0)
-    old = cache.state_dict()
+    old = legacy_cache_state(cache.state_dict())
     old["paths"] = {"p": [[3], 0.6, 0]}  # before paths carried `correct`: judged by the saved threshold
     other.load_state_dict(old)
     assert other.correct_threshold == 0.8 and not other.verified("p")

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import DEVICE, ON_CUDA
+from rpo_engine.rpo.cache import saved_paths
+from tests.helpers import DEVICE, ON_CUDA, legacy_cache_state
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,6 +99,27 @@ def test_train_resume_matches_uninterrupted(tmp_path, tiny_model_dir):
     assert "warning: resuming with changed options: learning_rate 0.001 -> 0.002" in proc.stderr
     # and the change governs from the first resumed step: the new peak, on the schedule of the new length
     assert read_metrics(changed)[-1]["lr"] == pytest.approx(2e-3 * lr_multiplier(2, 3, 1))
+
+
+def test_a_checkpoint_of_list_paths_resumes_as_the_uninterrupted_run(tmp_path, tiny_model_dir):
+    """A checkpoint from before packed paths (its cache's `paths` as lists, float log-probs) resumes to the very
+    steps the uninterrupted run took: the same paths, cuts at the least likely token and completions."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    common = ["--model", tiny_model_dir, "--save-steps", 2, "--eval-steps", 0, "--reward", "tests.reward_fns:hash_reward",
+              "--train-size", 3, "--rpo-unverified-cut", "least-likely", *SMALL]
+    run_train(*common, "--steps", 4, "--output", full, "--log-completions")
+    stopped_after(full, 2, part)
+    shutil.copy(full / "config.json", part / "config.json")
+    state_file = part / "checkpoints" / "step-2" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    state["cache"] = legacy_cache_state(state["cache"])
+    assert all(p[4] is not None for p in state["cache"]["paths"].values())  # least-likely cuts read them
+    torch.save(state, state_file)
+    run_train(*common, "--steps", 4, "--output", part, "--resume", "--log-completions")
+    assert (full / "completions.jsonl").read_text() == (part / "completions.jsonl").read_text()
+    final = torch.load(full / "checkpoints" / "step-4" / "trainer_state.pt", weights_only=True)["cache"]
+    resumed = torch.load(part / "checkpoints" / "step-4" / "trainer_state.pt", weights_only=True)["cache"]
+    assert repr(saved_paths(final)) == repr(saved_paths(resumed))
 
 
 def test_changed_options_are_those_the_checkpoint_was_trained_with(tmp_path, tiny_model_dir):
@@ -1349,8 +1371,8 @@ def test_cache_verifies_right_answers_whatever_their_shaped_reward(tmp_path, tin
     # an overlong buffer as long as the budget: every answer's reward is pushed down by its length
     run_train("--model", tiny_model_dir, "--steps", 2, "--eval-steps", 0, "--train-size", 3, "--output", out,
               "--reward", "tests.reward_fns:hash_reward", "--overlong-buffer", 48, "--save-steps", 1, *SMALL)
-    paths = torch.load(out / "checkpoints" / "step-2" / "trainer_state.pt", weights_only=True)["cache"]["paths"]
-    first = torch.load(out / "checkpoints" / "step-1" / "trainer_state.pt", weights_only=True)["cache"]["paths"]
+    paths = saved_paths(torch.load(out / "checkpoints" / "step-2" / "trainer_state.pt", weights_only=True)["cache"])
+    first = saved_paths(torch.load(out / "checkpoints" / "step-1" / "trainer_state.pt", weights_only=True)["cache"])
     # step 2 cut the paths step 1 left: its metric counts those verified
     assert read_metrics(out)[1]["cache_verified_rate"] == sum(p[3] for p in first.values()) / 3
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -1374,7 +1396,7 @@ def test_cache_keeps_the_most_accurate_answer_whatever_else_scores_it(tmp_path, 
     run_train("--model", tiny_model_dir, "--steps", 1, "--eval-steps", 0, "--train-size", 6, "--output", out,
               "--reward", "tests.reward_fns:hash_reward,tests.reward_fns:wrong_bonus", "--rpo-cache-policy",
               "epsilon-greedy", "--rpo-epsilon", 1, "--log-completions", "--save-steps", 1, *SMALL)
-    paths = torch.load(out / "checkpoints" / "step-1" / "trainer_state.pt", weights_only=True)["cache"]["paths"]
+    paths = saved_paths(torch.load(out / "checkpoints" / "step-1" / "trainer_state.pt", weights_only=True)["cache"])
     right_in_group = {}
     for r in map(json.loads, (out / "completions.jsonl").read_text().splitlines()):
         right_in_group[r["prompt_id"]] = right_in_group.get(r["prompt_id"], False) or r["correct"]
@@ -1394,7 +1416,7 @@ def test_cached_paths_carry_their_sampling_logprobs(tmp_path, tiny_model_dir):
               *SMALL, "--learning-rate", 1e-12)
     metrics = read_metrics(out)
     assert [m["cold_starts"] for m in metrics] == [3, 0, 0]  # paths were cut and regrown twice
-    paths = torch.load(out / "checkpoints" / "step-3" / "trainer_state.pt", weights_only=True)["cache"]["paths"]
+    paths = saved_paths(torch.load(out / "checkpoints" / "step-3" / "trainer_state.pt", weights_only=True)["cache"])
     model, tokenizer = rpo_engine.load_model(out / "final"), rpo_engine.load_tokenizer(out / "final")
     rows = {r["id"]: r for r in make_split("train", 3, 0)}
     assert set(paths) == set(rows)
@@ -3097,17 +3119,33 @@ def test_a_tampered_trainer_state_is_refused_in_one_line(tmp_path, tiny_model_di
     metrics = (out / "metrics.jsonl").read_text()
     state_file = out / "checkpoints" / "step-1" / "trainer_state.pt"
     saved = torch.load(state_file, weights_only=True)
-    assert saved["cache"]["paths"]  # RPO (the default) cached the cold starts' paths
+    assert saved["cache"]["packed_paths"]["ids"]  # RPO (the default) cached the cold starts' paths
+    legacy = legacy_cache_state(saved["cache"])  # as the code before packed paths saved it: still checked alike
 
     def out_of_vocab(state, token):
         first = next(iter(state["cache"]["paths"].values()))
         first[0], first[4] = [token, *first[0][1:]], None
+
+    def packed_token(state, token, dtype=torch.int32):
+        tokens = state["cache"]["packed_paths"]["tokens"].to(dtype)
+        tokens[3] = token
+        state["cache"]["packed_paths"]["tokens"] = tokens
     tampers = {"token id 1000000": lambda s: out_of_vocab(s, 10 ** 6), "token id -3": lambda s: out_of_vocab(s, -3),
                "token id 2.5": lambda s: out_of_vocab(s, 2.5),
                "paths is a list": lambda s: s["cache"].update(paths=[1, 2]),
                "not [token ids, reward, step": lambda s: s["cache"]["paths"].update(extra=7)}
-    for fragment, tamper in tampers.items():
-        state = {**saved, "cache": {**saved["cache"], "paths": {k: list(v) for k, v in saved["cache"]["paths"].items()}}}
+    packed_tampers = {"token id 1000000": lambda s: packed_token(s, 10 ** 6),
+                      "token id -3": lambda s: packed_token(s, -3),
+                      "tokens is not a 1-d tensor of integers": lambda s: packed_token(s, 2.5, torch.float32),
+                      "offsets do not split": lambda s: s["cache"]["packed_paths"]["offsets"].add_(1)}
+    for fragment, tamper, old_format in [*((f, t, True) for f, t in tampers.items()),
+                                         *((f, t, False) for f, t in packed_tampers.items())]:
+        if old_format:
+            cache = {**legacy, "paths": {k: list(v) for k, v in legacy["paths"].items()}}
+        else:
+            cache = {**saved["cache"], "packed_paths": {k: v.clone() if isinstance(v, torch.Tensor) else v
+                                                        for k, v in saved["cache"]["packed_paths"].items()}}
+        state = {**saved, "cache": cache}
         tamper(state)
         torch.save(state, state_file)
         proc = run_train("--model", tiny_model_dir, "--steps", 2, "--eval-steps", 0, "--output", out, "--resume",

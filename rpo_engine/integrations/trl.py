@@ -312,10 +312,11 @@ class RPORollout(TRLRollout):
                 kept.append([])
                 kept_logprobs.append([])
             else:
-                cut = cut_cached_path(len(path.token_ids), path.correct, self.rng(step, key, "cut"), budget, self.rpo,
-                                      path.logprobs, self.cache.saturation(key))
+                logprobs = path.logprobs  # a list made from the stored array: once
+                cut = cut_cached_path(len(path), path.correct, self.rng(step, key, "cut"), budget, self.rpo,
+                                      logprobs, self.cache.saturation(key))
                 kept.append(path.token_ids[:cut.kept])
-                kept_logprobs.append(path.logprobs[:cut.kept] if path.logprobs else [math.nan] * cut.kept)
+                kept_logprobs.append(logprobs[:cut.kept] if logprobs else [math.nan] * cut.kept)
                 budget = cut.budget
             # a stop string completed across the kept part and the suffix ends the suffix (as in the trainer)
             requests.append(self.request(engine, ids + kept[-1], params, n, max_new_tokens=budget,

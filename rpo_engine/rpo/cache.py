@@ -21,27 +21,106 @@ from the paper's public code (yhz5613813/RPO), and why:
   not store them has none, nor do the answers grown from it: that prompt keeps the uniform cut.
 - it counts, per prompt, the consecutive visits on which all G answers were right (`saturated`), so the
   trainer can cut a path that keeps coming back right deeper (`--rpo-saturated-cut-growth`).
-The cache saves to / restores from a plain dict of strings, lists and numbers (a cold start's reward is
-NaN), stored inside every checkpoint's trainer_state.pt (torch.save, loaded with weights_only=True).
+The cache saves to / restores from a plain dict of strings, numbers and a few flat tensors (a cold start's reward
+is NaN), stored inside every checkpoint's trainer_state.pt (torch.save, loaded with weights_only=True).
+
+Storage at dataset scale: a path's token ids are kept as int32 and its log-probs as float32 (float64 where a
+caller's values are not float32's: the least likely token must stay the one it was), not as Python lists: those
+cost ~36 bytes a token for an id and ~32 for a log-prob, 5.3 GB for DAPO-Math-17k's prompts at 4k tokens, and a
+checkpoint pickled and unpickled their ~1.4e8 objects one by one (benchmarks/bench_cache.py, README). A checkpoint
+holds all paths' tokens concatenated, with their offsets (`packed_paths`); one written before (`paths`: per
+prompt [token ids, reward, step, correct, logprobs]) loads as it did.
 """
 from __future__ import annotations
 
 import math
 import numbers
 import random
-from dataclasses import dataclass
+
+import numpy
+import torch
 
 from rpo_engine.config import CACHE_POLICIES
 from rpo_engine.rpo.truncation import check_rng
 
 
-@dataclass
 class CachedPath:
-    token_ids: list[int]
-    reward: float
-    step: int
-    correct: bool = False  # the answer was right (a cold start's is not known: False)
-    logprobs: list[float] | None = None  # each token's sampling log-prob, when the caller gave them
+    """A kept path. `token_ids` and `logprobs` read as lists (of ints, of floats: what generate() and the cut take);
+    they are stored as arrays, `ids` (int32) and `logprob_array` (float32, or float64 where that would round)."""
+    __slots__ = ("ids", "reward", "step", "correct", "logprob_array")
+
+    def __init__(self, token_ids, reward: float, step: int, correct: bool = False, logprobs=None):
+        self.reward, self.step, self.correct = reward, step, correct
+        self.token_ids, self.logprobs = token_ids, logprobs
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.ids.tolist()
+
+    @token_ids.setter
+    def token_ids(self, token_ids) -> None:
+        self.ids = token_array(token_ids)
+
+    @property
+    def logprobs(self) -> list[float] | None:
+        """Each token's sampling log-prob, when the caller gave them."""
+        return None if self.logprob_array is None else self.logprob_array.tolist()
+
+    @logprobs.setter
+    def logprobs(self, logprobs) -> None:
+        self.logprob_array = None if logprobs is None else logprob_array(logprobs)
+
+    def __len__(self) -> int:
+        """Its tokens (without making the list)."""
+        return len(self.ids)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, CachedPath):
+            return NotImplemented
+        return self.fields() == other.fields()
+
+    def fields(self) -> tuple:
+        return self.token_ids, self.reward, self.step, self.correct, self.logprobs
+
+    def __repr__(self) -> str:
+        return (f"CachedPath(token_ids={self.token_ids!r}, reward={self.reward!r}, step={self.step!r}, "
+                f"correct={self.correct!r}, logprobs={self.logprobs!r})")
+
+
+def token_array(token_ids) -> numpy.ndarray:
+    """`token_ids` (a list, a tensor, any iterable of integers) as an int32 array; ids are int()-ed as they were
+    when paths were lists. An id int32 cannot hold is a ValueError (no vocabulary comes near 2**31)."""
+    if isinstance(token_ids, torch.Tensor):  # at C speed, not one 0-d tensor per id (int() truncates alike)
+        token_ids = token_ids.detach().cpu().long().numpy()
+    if not isinstance(token_ids, (list, tuple, numpy.ndarray)):
+        token_ids = list(token_ids)
+    try:  # numpy's conversion of a list of ints: 3x a loop of int()s (which it matches, floats truncated too)
+        ids = numpy.array(token_ids, dtype=numpy.int64)
+    except OverflowError:
+        ids = None
+    if ids is None or ids.ndim != 1 or (len(ids) and not (INT32.min <= ids.min() and ids.max() <= INT32.max)):
+        bad = next((t for t in map(int, numpy.ravel(numpy.array(token_ids, dtype=object)))
+                    if not INT32.min <= t <= INT32.max), None)
+        raise ValueError(f"experience cache: token id {bad} does not fit in int32" if bad is not None else
+                         f"experience cache: token ids must be a flat sequence of integers")
+    return ids.astype(numpy.int32)
+
+
+def logprob_array(logprobs) -> numpy.ndarray:
+    """float32 where that holds each value exactly (the rollout's log-probs are float32's), else float64: a
+    rounded log-prob could tie with another and move a least-likely cut."""
+    if isinstance(logprobs, torch.Tensor):  # float64 holds any float dtype's values exactly (bfloat16's too)
+        logprobs = logprobs.detach().cpu().double().numpy()
+    if not isinstance(logprobs, (list, tuple, numpy.ndarray)):
+        logprobs = list(logprobs)
+    values = numpy.array(logprobs, dtype=numpy.float64)
+    if values.ndim != 1:
+        raise ValueError("experience cache: log-probs must be a flat sequence of numbers")
+    single = values.astype(numpy.float32)
+    return single if numpy.array_equal(single, values, equal_nan=True) else values
+
+
+INT32 = numpy.iinfo(numpy.int32)
 
 
 class ExperienceCache:
@@ -79,10 +158,7 @@ class ExperienceCache:
         token, are optional."""
         if logprobs is not None and len(logprobs) != len(token_ids):
             raise ValueError(f"path of {len(token_ids)} tokens with {len(logprobs)} log-probs")
-        # ints, not a tensor's 0-d elements: the path goes back into generate() and into a checkpoint
-        self.paths[prompt_id] = CachedPath([int(t) for t in token_ids], float(reward), step,
-                                           self.is_correct(reward, correct),
-                                           None if logprobs is None else [float(x) for x in logprobs])
+        self.paths[prompt_id] = CachedPath(token_ids, float(reward), step, self.is_correct(reward, correct), logprobs)
 
     def is_correct(self, reward: float, correct: bool | None) -> bool:
         """`correct` when the caller knows it, else reward >= correct_threshold (NaN, a cold start's, is not)."""
@@ -140,10 +216,11 @@ class ExperienceCache:
 
     def state_dict(self, prompt_keys: dict[str, str] | None = None) -> dict:
         """`prompt_keys`: prompt id -> a digest of the prompt (and answer) it stands for, stored with the paths so
-        that a resumed run can tell a path from a prompt that has since changed under the same id."""
+        that a resumed run can tell a path from a prompt that has since changed under the same id. The paths are
+        `packed_paths` (pack_paths): a few flat tensors, which torch.save writes and weights_only loads at
+        memory speed."""
         state = {"policy": self.policy, "epsilon": self.epsilon, "correct_threshold": self.correct_threshold,
-                 "paths": {k: [v.token_ids, v.reward, v.step, v.correct, v.logprobs] for k, v in self.paths.items()},
-                 "saturated": dict(self.saturated)}
+                 "packed_paths": pack_paths(self.paths), "saturated": dict(self.saturated)}
         if prompt_keys is not None:
             keys = {**self.restored_keys, **prompt_keys}
             state["prompt_keys"] = {k: keys[k] for k in self.paths if k in keys}
@@ -155,14 +232,17 @@ class ExperienceCache:
         govern from its first step, as its optimizer's do. With `prompt_keys` (as state_dict's), a path saved for
         another prompt than its id now names (another dataset, a file edited, the built-in task under another
         seed) is dropped: its prompt cold-starts again rather than continue an answer to another question.
-        With `vocab_size`, a path of a token id outside [0, vocab_size) is a ValueError. -> the ids dropped."""
+        With `vocab_size`, a path of a token id outside [0, vocab_size) is a ValueError. -> the ids dropped.
+        `state`: state_dict's, or an older checkpoint's (`paths` as lists)."""
         check_saved_paths(state, vocab_size)
         self.correct_threshold = state["correct_threshold"]
         self.paths = {}
         self.saturated = {k: int(v) for k, v in state.get("saturated", {}).items()}  # older checkpoints: none
-        # older checkpoints: no `correct` (judged by reward), no `logprobs`
-        for k, (ids, r, s, *rest) in state["paths"].items():
-            self.put(k, ids, r, int(s), bool(rest[0]) if rest else None, rest[1] if len(rest) > 1 else None)
+        if "packed_paths" in state:
+            self.paths = unpack_paths(state["packed_paths"])
+        else:  # older checkpoints: lists; before those, no `correct` (judged by reward), no `logprobs`
+            for k, (ids, r, s, *rest) in state["paths"].items():
+                self.put(k, ids, r, int(s), bool(rest[0]) if rest else None, rest[1] if len(rest) > 1 else None)
         saved = state.get("prompt_keys", {})  # older checkpoints: none, every path kept
         stale = [k for k in self.paths if k in saved and k in (prompt_keys or {}) and saved[k] != prompt_keys[k]]
         for k in stale:
@@ -172,11 +252,79 @@ class ExperienceCache:
         return stale
 
 
+def pack_paths(paths: dict[str, CachedPath]) -> dict:
+    """`paths` as flat tensors: `tokens` (int32) holds path i's ids at [offsets[i], offsets[i+1]); `logprobs`
+    (float32, float64 if any path's are) those of the paths with `has_logprobs`, concatenated in the same order;
+    `rewards`, `steps`, `correct` one per path; `ids` the prompt ids, a list of strings."""
+    values = list(paths.values())
+    offsets = numpy.zeros(len(values) + 1, dtype=numpy.int64)
+    numpy.cumsum([len(p.ids) for p in values], out=offsets[1:])
+    logprobs = [p.logprob_array for p in values if p.logprob_array is not None]
+    dtype = numpy.float32 if all(a.dtype == numpy.float32 for a in logprobs) else numpy.float64
+    return {"ids": list(paths), "offsets": torch.from_numpy(offsets),
+            "tokens": torch.from_numpy(numpy.concatenate([p.ids for p in values] or [numpy.zeros(0, numpy.int32)])),
+            "rewards": torch.tensor([p.reward for p in values], dtype=torch.float64),
+            "steps": torch.tensor([int(p.step) for p in values], dtype=torch.int64),
+            "correct": torch.tensor([bool(p.correct) for p in values], dtype=torch.bool),
+            "has_logprobs": torch.tensor([p.logprob_array is not None for p in values], dtype=torch.bool),
+            "logprobs": torch.from_numpy(numpy.concatenate([a.astype(dtype) for a in logprobs] or
+                                                           [numpy.zeros(0, dtype)]))}
+
+
+def unpack_paths(packed: dict) -> dict[str, CachedPath]:
+    """pack_paths' inverse (on a packed dict check_saved_paths let through); each path's arrays are its own copies,
+    not views of the (mapped) checkpoint."""
+    tokens, offsets = packed["tokens"].numpy(), packed["offsets"].tolist()
+    logprobs = packed["logprobs"].numpy()
+    single = logprobs.dtype == numpy.float32
+    paths, at = {}, 0
+    for n, (key, reward, step, correct, has_logprobs) in enumerate(zip(
+            packed["ids"], packed["rewards"].tolist(), packed["steps"].tolist(), packed["correct"].tolist(),
+            packed["has_logprobs"].tolist())):
+        path = CachedPath.__new__(CachedPath)
+        start, end = offsets[n], offsets[n + 1]
+        path.ids = tokens[start:end].astype(numpy.int32)  # a copy (astype copies), of whatever integer dtype
+        path.reward, path.step, path.correct, path.logprob_array = float(reward), int(step), bool(correct), None
+        if has_logprobs:
+            values = logprobs[at:at + end - start]
+            path.logprob_array = values.copy() if single else logprob_array(values)
+            at += end - start
+        paths[key] = path
+    return paths
+
+
+def saved_path_ids(state: dict) -> list[str]:
+    """The prompt ids of the paths a saved cache holds (either format), for the caller's prompt digests; a
+    packed_paths whose `ids` are no list of strings is a ValueError (check_saved_paths checks the rest)."""
+    if "packed_paths" not in state:
+        return list(state["paths"])
+    packed = state["packed_paths"]
+    if not isinstance(packed, dict) or not isinstance(packed.get("ids"), list) \
+            or not all(isinstance(k, str) for k in packed["ids"]):
+        raise ValueError("experience cache: packed_paths holds no list of prompt ids")
+    return packed["ids"]
+
+
+def saved_paths(state: dict) -> dict[str, list]:
+    """A saved cache's paths (either format) as the older one held them: prompt id -> [token ids, reward, step,
+    correct, logprobs] (lists; the last two missing from the oldest checkpoints): for reading a checkpoint."""
+    if "packed_paths" not in state:
+        return dict(state["paths"])
+    check_saved_paths(state, None)
+    return {k: [p.token_ids, p.reward, p.step, p.correct, p.logprobs]
+            for k, p in unpack_paths(state["packed_paths"]).items()}
+
+
 def check_saved_paths(state: dict, vocab_size: int | None) -> None:
     """What state_dict writes, before any of it is used: a checkpoint file edited or from elsewhere may load
     (weights only) and still hold paths no run saved; their token ids would reach the rollout a step or an
-    epoch later, as a traceback there (or an out-of-bounds embedding read on a GPU)."""
-    paths, saturated = state["paths"], state.get("saturated", {})
+    epoch later, as a traceback there (or an out-of-bounds embedding read on a GPU). Either format."""
+    if "packed_paths" in state:
+        paths = {}  # checked below, the saturation counts here
+        check_packed_paths(state["packed_paths"], vocab_size)
+    else:
+        paths = state["paths"]
+    saturated = state.get("saturated", {})
     for name, value in (("paths", paths), ("saturated", saturated)):
         if not isinstance(value, dict):
             raise ValueError(f"experience cache: {name} is a {type(value).__name__}, not a dict by prompt id")
@@ -194,3 +342,38 @@ def check_saved_paths(state: dict, vocab_size: int | None) -> None:
             if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < limit:
                 raise ValueError(f"experience cache: path {key!r} holds token id {t!r}, not in the model's "
                                  f"vocabulary [0, {limit})")
+
+
+def check_packed_paths(packed, vocab_size: int | None) -> None:
+    """check_saved_paths for pack_paths' format: each field there, of its kind and length, the offsets a split of
+    the tokens, every token id in [0, vocab_size) (and an int32), at tensor speed."""
+    ids = saved_path_ids({"packed_paths": packed})
+    if len(set(ids)) != len(ids):
+        raise ValueError("experience cache: packed_paths names a prompt id twice")
+    kinds = {"offsets": "integer", "tokens": "integer", "steps": "integer", "rewards": "float", "logprobs": "float",
+             "correct": "bool", "has_logprobs": "bool"}
+    for name, kind in kinds.items():
+        value = packed.get(name)
+        if not isinstance(value, torch.Tensor) or value.dim() != 1 or kind != (
+                "bool" if value.dtype == torch.bool else "float" if value.dtype.is_floating_point
+                else "integer" if not value.dtype.is_complex else "complex"):
+            raise ValueError(f"experience cache: packed_paths {name} is not a 1-d tensor of {kind}s")
+    for name in ("rewards", "steps", "correct", "has_logprobs"):
+        if len(packed[name]) != len(ids):
+            raise ValueError(f"experience cache: packed_paths holds {len(ids)} paths and {len(packed[name])} {name}")
+    offsets, tokens = packed["offsets"], packed["tokens"]
+    if len(offsets) != len(ids) + 1 or offsets[0] != 0 or offsets[-1] != len(tokens) \
+            or bool((offsets[1:] < offsets[:-1]).any()):
+        raise ValueError(f"experience cache: packed_paths offsets do not split its {len(tokens)} tokens "
+                         f"into {len(ids)} paths")
+    lengths = offsets[1:] - offsets[:-1]
+    if int(lengths[packed["has_logprobs"]].sum()) != len(packed["logprobs"]):
+        raise ValueError("experience cache: packed_paths holds another count of log-probs than its paths' tokens")
+    limit = INT32.max + 1 if vocab_size is None else min(vocab_size, INT32.max + 1)
+    # two reductions screen them (1e8 ids in well under a second); compared as Python ints, past any int32 wrap
+    if len(tokens) and not (int(tokens.min()) >= 0 and int(tokens.max()) < limit):
+        wide = tokens.long()
+        first = int(((wide < 0) | (wide >= limit)).nonzero()[0, 0])
+        key = ids[int(torch.searchsorted(offsets, first, right=True)) - 1]
+        raise ValueError(f"experience cache: path {key!r} holds token id {int(tokens[first])!r}, not in the model's "
+                         f"vocabulary [0, {limit})")
