@@ -102,7 +102,7 @@ def token_array(token_ids) -> numpy.ndarray:
         bad = next((t for t in map(int, numpy.ravel(numpy.array(token_ids, dtype=object)))
                     if not INT32.min <= t <= INT32.max), None)
         raise ValueError(f"experience cache: token id {bad} does not fit in int32" if bad is not None else
-                         f"experience cache: token ids must be a flat sequence of integers")
+                         "experience cache: token ids must be a flat sequence of integers")
     return ids.astype(numpy.int32)
 
 
