@@ -698,7 +698,8 @@ class Trainer:
                                                                        self.config.max_grad_norm or math.inf))
                 step_loss, step_policy_loss = self.dist.sum([step_loss, step_policy_loss])  # every rank skips, or none
                 if not (math.isfinite(step_loss) and torch.isfinite(grad_norm)):
-                    warnings.warn(f"step {self.step_num}: non-finite loss or gradient; update skipped")
+                    # step_num counts the steps done: this one is logged (metrics.jsonl, the bar) as step_num + 1
+                    warnings.warn(f"step {self.step_num + 1}: non-finite loss or gradient; update skipped")
                     self.optimizer.zero_grad(set_to_none=True)
                     skipped += 1
                     continue
