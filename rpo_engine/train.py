@@ -310,6 +310,22 @@ def check_checkpoint_kind(checkpoint: Path, config: TrainConfig) -> None:
         raise UserError(f"{checkpoint}: holds a LoRA adapter; resume with --use-peft and the same --model")
 
 
+def check_adapter_options(checkpoint: Path, config: TrainConfig) -> None:
+    """A LoRA run resumes its adapter with the options that shaped it: other ones were refused only after the
+    model loaded, in load_adapter's words, which named no option to give."""
+    from rpo_engine.model.lora import TARGETS, LoRASettings, parse_targets, read_adapter_settings
+
+    saved = read_adapter_settings(checkpoint / "adapter")
+    given = LoRASettings(config.lora_r, float(config.lora_alpha), parse_targets(config.lora_target_modules),
+                         config.use_rslora)
+    if saved != given:
+        targets = "all-linear" if saved.target_modules == TARGETS else ",".join(saved.target_modules)
+        flags = (f"--lora-r {saved.r} --lora-alpha {saved.alpha:g} --lora-target-modules {targets}"
+                 + (" --use-rslora" if saved.use_rslora else " and without --use-rslora" if config.use_rslora else ""))
+        raise UserError(f"{checkpoint / 'adapter'}: the run's adapter has {saved.describe()}, these options "
+                        f"{given.describe()}; a resumed run keeps its adapter: resume with {flags}")
+
+
 def latest_checkpoint(output: Path) -> Path | None:
     complete = complete_checkpoints(output)
     return complete[-1] if complete else None
@@ -411,6 +427,8 @@ def check_resume(output: Path, checkpoint: Path, config: TrainConfig) -> None:
             raise UserError(f"{f'--model {config.model}' if config.model else 'no --model (the starter model)'}: the run "
                             f"in {output} started from {started or 'the starter model'}, and a resumed run keeps its "
                             f"model; resume with {f'--model {started}' if started else 'no --model'}")
+    if config.use_peft and (checkpoint / "adapter").is_dir():
+        check_adapter_options(checkpoint, config)
     at = checkpoint_step(checkpoint)
     if config.steps < at:
         raise UserError(f"--steps {config.steps} is below step {at}, where the run in {output} was checkpointed; a "

@@ -1147,6 +1147,31 @@ def test_a_skipped_mini_batch_step_leaves_the_loss_a_mean_over_the_steps_taken(t
     assert none_taken["skipped_updates"] == 2 and none_taken["loss"] is None and none_taken["grad_norm"] is None
 
 
+def test_resuming_a_lora_run_with_other_adapter_options_names_the_options_before_the_model_loads(tiny_model_dir, tmp_path):
+    """The checkpoint's adapter has its run's rank, alpha, targets and rsLoRA: other options were refused only by
+    load_adapter, after the model loaded, naming no option; now before, with the options that resume it."""
+    import rpo_engine
+    from rpo_engine.config import parse_args
+    from rpo_engine.errors import UserError
+    from rpo_engine.model.lora import apply_lora, save_adapter
+    from rpo_engine.train import check_resume
+
+    out = tmp_path / "run"
+    checkpoint = out / "checkpoints" / "step-1"
+    save_adapter(apply_lora(rpo_engine.load_model(tiny_model_dir), r=4, alpha=8, target_modules="q_proj,v_proj"),
+                 checkpoint / "adapter")
+    same = ["--model", str(tiny_model_dir), "--output", str(out), "--resume", "--use-peft", "--lora-r", "4",
+            "--lora-alpha", "8", "--lora-target-modules", "v_proj,q_proj"]
+    check_resume(out, checkpoint, parse_args(same))
+    for other, unless in ((["--lora-r", "8"], ""), (["--use-rslora"], " and without --use-rslora")):
+        with pytest.raises(UserError) as e:
+            check_resume(out, checkpoint, parse_args([*same, *other]))
+        assert str(e.value) == (f"{checkpoint / 'adapter'}: the run's adapter has r=4, alpha=8, targets q_proj,v_proj, "
+                                f"these options {'r=8' if unless == '' else 'r=4'}, alpha=8, targets q_proj,v_proj"
+                                f"{'' if unless == '' else ', rsLoRA'}; a resumed run keeps its adapter: resume with "
+                                f"--lora-r 4 --lora-alpha 8 --lora-target-modules q_proj,v_proj{unless}")
+
+
 def test_max_grad_norm_zero_turns_clipping_off(tiny_model_dir):
     """--max-grad-norm 0 is Hugging Face's "no clipping": the step a bound that never binds gives (clipping to 0
     would zero the gradient, and AdamW's first step with it would not move the weights at all)."""
@@ -1559,8 +1584,10 @@ def test_lora_run_resumes_exactly_and_saves_merged_and_peft(tmp_path, tiny_model
     assert all(torch.equal(v, final[k]) for k, v in merged_state_dict(adapted).items() if k in final)
     # resuming it as another kind of run, or with other adapter settings, is a one-line error
     for flags, message in ((not_lora, "holds a LoRA adapter; resume with --use-peft"),
-                           ([*common, "--lora-r", 8], "adapter has r=4, alpha=8, targets q_proj,v_proj,down_proj; this "
-                                                      "run has r=8")):
+                           ([*common, "--lora-r", 8], "adapter has r=4, alpha=8, targets q_proj,v_proj,down_proj, these "
+                                                      "options r=8, alpha=8, targets q_proj,v_proj,down_proj; a resumed "
+                                                      "run keeps its adapter: resume with --lora-r 4 --lora-alpha 8 "
+                                                      "--lora-target-modules q_proj,v_proj,down_proj")):
         assert_user_error(run_train(*flags, "--steps", 5, "--output", full, "--resume", check=False), message)
     # eval: the base with the adapter applied (--adapter) answers as the merged final/ does
     evals = []
