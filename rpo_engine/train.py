@@ -414,6 +414,21 @@ def where_model_is(name: str) -> Path:
         return Path(name).resolve()
 
 
+def default_repo_name(output: Path) -> str:
+    """--push-to-hub's repository without --hub-model-id: --output's last part, checked as a Hub name here (the
+    check of a given id names --hub-model-id, which this user never gave)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    name = output.resolve().name
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise UserError(f"--push-to-hub: --output's last part {name!r}, the repository's default name, is not a Hub "
+                        f"repository name (letters, digits, '-', '_' and '.'); name the repository with "
+                        f"--hub-model-id") from None
+    return name
+
+
 def check_resume(output: Path, checkpoint: Path, config: TrainConfig) -> None:
     """What resuming from `checkpoint` cannot do, said before minutes of loading and before anything is written."""
     from rpo_engine.data.starter import starter_model_dir
@@ -691,7 +706,7 @@ def run_training(config: TrainConfig, dist: Dist, held: contextlib.ExitStack) ->
     if config.push_to_hub and main_rank:  # before the training: a missing token or network fails now, not in hours
         from rpo_engine.hub import create_push_repo
 
-        hub_repo = create_push_repo(config.hub_model_id or output.resolve().name, config.hub_private_repo)
+        hub_repo = create_push_repo(config.hub_model_id or default_repo_name(output), config.hub_private_repo)
     # read before the model loads: a broken or copied trainer_state.pt is said at once, not after a 7B model loaded
     saved_state = read_trainer_state(checkpoint) if checkpoint is not None else None
     trainer = build_trainer(config, checkpoint, dist=dist)

@@ -3320,6 +3320,11 @@ def test_push_to_hub_creates_the_repo_first_and_uploads_final(tmp_path, tiny_mod
         train.main(list(map(str, [*args[:-1], "--hub-model-id", "a/b", "--hub-private-repo"])))
     with pytest.raises(UserError, match="--hub-model-id 'a/b/c': not a Hub repository id"):
         train.main(list(map(str, [*args, "--output", tmp_path / "never", "--hub-model-id", "a/b/c"])))
+    # no --hub-model-id: the name is --output's, and the error says so (it named the --hub-model-id never given)
+    with pytest.raises(UserError, match=re.escape("--push-to-hub: --output's last part 'my run', the repository's "
+                                                  "default name, is not a Hub repository name")):
+        train.main(list(map(str, [*args, "--output", tmp_path / "my run"])))
+    assert not (tmp_path / "my run").exists()
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     with pytest.raises(UserError, match="needs a Hugging Face token that may write: set HF_TOKEN"):
         train.main(list(map(str, [*args, "--output", tmp_path / "never"])))
