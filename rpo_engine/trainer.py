@@ -1350,12 +1350,14 @@ def rollout_engine(model, gpu_memory_utilization: float, max_num_seqs: int, enfo
     """A RolloutEngine with the command's rollout options (a run's or the eval's); its ValueError, the weights
     alone filling the --gpu-memory-utilization share of the GPU, a UserError naming that option."""
     from rpo_engine.rollout import RolloutEngine
+    from rpo_engine.rollout.model_runner import NO_BLOCK_ADVICE
 
     try:
         return RolloutEngine(model, gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
                              use_cuda_graphs=False if enforce_eager else None, **options)
-    except ValueError as e:
-        raise UserError(f"rollout engine: {e} (--gpu-memory-utilization {gpu_memory_utilization})") from None
+    except ValueError as e:  # its advice names its own arguments, kv_cache_bytes and num_blocks, which no option sets
+        message = str(e).replace(NO_BLOCK_ADVICE, "raise --gpu-memory-utilization")
+        raise UserError(f"rollout engine: {message} (--gpu-memory-utilization {gpu_memory_utilization})") from None
 
 
 def greedy_graded(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens,

@@ -1726,12 +1726,17 @@ def test_out_of_gpu_memory_is_a_one_line_error_naming_the_settings(tmp_path, tin
     import rpo_engine.rollout
     from rpo_engine.train import build_trainer
 
+    from rpo_engine.rollout.model_runner import NO_BLOCK_ADVICE
+
     def no_budget(self, model, **kwargs):
         assert kwargs["gpu_memory_utilization"] == 0.4
-        raise ValueError("KV cache budget too small: not one block of 4096 bytes; 40% of the GPU is already in use")
+        raise ValueError(f"KV cache budget too small: not one block of 4096 bytes; 40% of the GPU is already in use: "
+                         f"{NO_BLOCK_ADVICE}")
 
     monkeypatch.setattr(rpo_engine.rollout.RolloutEngine, "__init__", no_budget)
-    with pytest.raises(UserError, match=r"^rollout engine: KV cache budget too small: .* \(--gpu-memory-utilization 0.4\)$"):
+    # the engine's advice (its kv_cache_bytes / num_blocks arguments, which no option sets) said as the option
+    with pytest.raises(UserError, match=r"^rollout engine: KV cache budget too small: .* already in use: raise "
+                                        r"--gpu-memory-utilization \(--gpu-memory-utilization 0.4\)$"):
         build_trainer(config)
 
 
