@@ -150,8 +150,8 @@ def run_eval(args) -> int:
                                    **{key: getattr(args, key) for key in ("dataset_config", "dataset_test_split",
                                                                          "dataset_prompt_column", "dataset_answer_column")
                                       if getattr(args, key) is not None}})
-    except UserError as e:  # training's words: its --eval-dataset is --dataset here
-        raise UserError(re.sub(r"(--dataset or )?--eval-dataset", "--dataset", str(e))) from None
+    except UserError as e:
+        raise UserError(in_eval_words(str(e))) from None
     device, dtype = resolve_device(config)
     seed_global_rngs(args.seed)  # a reward drawing from the global generators (a sampled judge) scores the same again
     if config.model is None:
@@ -171,7 +171,10 @@ def run_eval(args) -> int:
     if adapter_dir is not None:
         load_adapter(model, adapter_dir)
     tokenizer = rpo_engine.load_tokenizer(model_dir)
-    _, rows = load_rows(config)
+    try:
+        _, rows = load_rows(config)
+    except UserError as e:
+        raise UserError(in_eval_words(str(e))) from None
     rows, prompts = encode_run_prompts(tokenizer, rows, config, model, args.dataset or "built-in eval split")
     eos_ids = stop_ids(model, tokenizer)
     params = [SamplingParams(n=args.num_samples, max_new_tokens=config.max_completion_length,
@@ -230,6 +233,13 @@ def run_eval(args) -> int:
     if log.metrics:  # what the reward function logged (log_metric), as the trainer's eval logs it
         print(", ".join(f"{name} {mean:.4g}" for name, mean in RewardLog.metric_means([log.metrics], "eval_").items()))
     return 0
+
+
+def in_eval_words(message: str) -> str:
+    """A message of training's checks and loaders in the eval's options: training's --eval-dataset is --dataset here,
+    and a DatasetDict's split is chosen by --dataset-test-split alone (the eval has no --dataset-train-split)."""
+    message = message.replace("--dataset-train-split and --dataset-test-split choose", "--dataset-test-split chooses")
+    return re.sub(r"(--dataset or )?--eval-dataset", "--dataset", message)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

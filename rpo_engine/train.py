@@ -310,6 +310,22 @@ def check_checkpoint_kind(checkpoint: Path, config: TrainConfig) -> None:
         raise UserError(f"{checkpoint}: holds a LoRA adapter; resume with --use-peft and the same --model")
 
 
+def check_adapter_options(checkpoint: Path, config: TrainConfig) -> None:
+    """A LoRA run resumes its adapter with the options that shaped it: other ones were refused only after the
+    model loaded, in load_adapter's words, which named no option to give."""
+    from rpo_engine.model.lora import TARGETS, LoRASettings, parse_targets, read_adapter_settings
+
+    saved = read_adapter_settings(checkpoint / "adapter")
+    given = LoRASettings(config.lora_r, float(config.lora_alpha), parse_targets(config.lora_target_modules),
+                         config.use_rslora)
+    if saved != given:
+        targets = "all-linear" if saved.target_modules == TARGETS else ",".join(saved.target_modules)
+        flags = (f"--lora-r {saved.r} --lora-alpha {saved.alpha:g} --lora-target-modules {targets}"
+                 + (" --use-rslora" if saved.use_rslora else " and without --use-rslora" if config.use_rslora else ""))
+        raise UserError(f"{checkpoint / 'adapter'}: the run's adapter has {saved.describe()}, these options "
+                        f"{given.describe()}; a resumed run keeps its adapter: resume with {flags}")
+
+
 def latest_checkpoint(output: Path) -> Path | None:
     complete = complete_checkpoints(output)
     return complete[-1] if complete else None
@@ -398,6 +414,21 @@ def where_model_is(name: str) -> Path:
         return Path(name).resolve()
 
 
+def default_repo_name(output: Path) -> str:
+    """--push-to-hub's repository without --hub-model-id: --output's last part, checked as a Hub name here (the
+    check of a given id names --hub-model-id, which this user never gave)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    name = output.resolve().name
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise UserError(f"--push-to-hub: --output's last part {name!r}, the repository's default name, is not a Hub "
+                        f"repository name (letters, digits, '-', '_' and '.'); name the repository with "
+                        f"--hub-model-id") from None
+    return name
+
+
 def check_resume(output: Path, checkpoint: Path, config: TrainConfig) -> None:
     """What resuming from `checkpoint` cannot do, said before minutes of loading and before anything is written."""
     from rpo_engine.data.starter import starter_model_dir
@@ -411,6 +442,8 @@ def check_resume(output: Path, checkpoint: Path, config: TrainConfig) -> None:
             raise UserError(f"{f'--model {config.model}' if config.model else 'no --model (the starter model)'}: the run "
                             f"in {output} started from {started or 'the starter model'}, and a resumed run keeps its "
                             f"model; resume with {f'--model {started}' if started else 'no --model'}")
+    if config.use_peft and (checkpoint / "adapter").is_dir():
+        check_adapter_options(checkpoint, config)
     at = checkpoint_step(checkpoint)
     if config.steps < at:
         raise UserError(f"--steps {config.steps} is below step {at}, where the run in {output} was checkpointed; a "
@@ -673,7 +706,7 @@ def run_training(config: TrainConfig, dist: Dist, held: contextlib.ExitStack) ->
     if config.push_to_hub and main_rank:  # before the training: a missing token or network fails now, not in hours
         from rpo_engine.hub import create_push_repo
 
-        hub_repo = create_push_repo(config.hub_model_id or output.resolve().name, config.hub_private_repo)
+        hub_repo = create_push_repo(config.hub_model_id or default_repo_name(output), config.hub_private_repo)
     # read before the model loads: a broken or copied trainer_state.pt is said at once, not after a 7B model loaded
     saved_state = read_trainer_state(checkpoint) if checkpoint is not None else None
     trainer = build_trainer(config, checkpoint, dist=dist)

@@ -699,7 +699,8 @@ class Trainer:
                                                                        self.config.max_grad_norm or math.inf))
                 step_loss, step_policy_loss = self.dist.sum([step_loss, step_policy_loss])  # every rank skips, or none
                 if not (math.isfinite(step_loss) and torch.isfinite(grad_norm)):
-                    warnings.warn(f"step {self.step_num}: non-finite loss or gradient; update skipped")
+                    # step_num counts the steps done: this one is logged (metrics.jsonl, the bar) as step_num + 1
+                    warnings.warn(f"step {self.step_num + 1}: non-finite loss or gradient; update skipped")
                     self.optimizer.zero_grad(set_to_none=True)
                     skipped += 1
                     continue
@@ -1350,12 +1351,14 @@ def rollout_engine(model, gpu_memory_utilization: float, max_num_seqs: int, enfo
     """A RolloutEngine with the command's rollout options (a run's or the eval's); its ValueError, the weights
     alone filling the --gpu-memory-utilization share of the GPU, a UserError naming that option."""
     from rpo_engine.rollout import RolloutEngine
+    from rpo_engine.rollout.model_runner import NO_BLOCK_ADVICE
 
     try:
         return RolloutEngine(model, gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
                              use_cuda_graphs=False if enforce_eager else None, **options)
-    except ValueError as e:
-        raise UserError(f"rollout engine: {e} (--gpu-memory-utilization {gpu_memory_utilization})") from None
+    except ValueError as e:  # its advice names its own arguments, kv_cache_bytes and num_blocks, which no option sets
+        message = str(e).replace(NO_BLOCK_ADVICE, "raise --gpu-memory-utilization")
+        raise UserError(f"rollout engine: {message} (--gpu-memory-utilization {gpu_memory_utilization})") from None
 
 
 def greedy_graded(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens,

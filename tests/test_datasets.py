@@ -958,6 +958,20 @@ def test_a_datasetdict_directory_takes_the_split_options_but_no_configuration(tm
                                         f"--dataset-train-split and --dataset-test-split choose)")
 
 
+def test_the_eval_names_its_own_split_option_for_a_datasetdict_without_the_split(tmp_path, tiny_model_dir):
+    """The eval has --dataset-test-split only: a DatasetDict without its split named training's two options,
+    one of which the eval refuses as unknown."""
+    import datasets
+
+    from rpo_engine.eval import main as eval_main
+
+    dd = tmp_path / "dd"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([{"prompt": "a", "answer": "1"}])}).save_to_disk(dd)
+    with pytest.raises(UserError) as e:
+        eval_main(["--model", str(tiny_model_dir), "--dataset", str(dd), "--no-progress"])
+    assert str(e.value) == f"{dd}: a `datasets` DatasetDict without a split 'test' (it has train; --dataset-test-split chooses)"
+
+
 def test_a_repository_directory_with_a_prose_readme_reads_quietly(tmp_path, capfd):
     """A README without YAML metadata is a card with none: huggingface_hub's line saying so is not printed."""
     import logging

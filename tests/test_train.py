@@ -1154,7 +1154,8 @@ def test_a_skipped_mini_batch_step_leaves_the_loss_a_mean_over_the_steps_taken(t
     trainers = [build_trainer(parse_args(flags)) for _ in range(2)]
     groups = random_groups(0, num_groups=4)
     groups[3].advantages[0] = math.nan
-    with pytest.warns(UserWarning, match="non-finite loss or gradient; update skipped"):
+    # a fresh trainer's update is its step 1, as metrics.jsonl and the progress bar number it (it said step 0)
+    with pytest.warns(UserWarning, match="^step 1: non-finite loss or gradient; update skipped$"):
         skipped = trainers[0].update(groups)
     first = trainers[1].update(groups[0::2], positions=[0, 2])  # the first mini-batch alone: one step
     assert skipped["skipped_updates"] == 1 and first["skipped_updates"] == 0 and first["loss"] != 0
@@ -1166,6 +1167,31 @@ def test_a_skipped_mini_batch_step_leaves_the_loss_a_mean_over_the_steps_taken(t
     with pytest.warns(UserWarning, match="update skipped"):
         none_taken = trainers[0].update(groups)
     assert none_taken["skipped_updates"] == 2 and none_taken["loss"] is None and none_taken["grad_norm"] is None
+
+
+def test_resuming_a_lora_run_with_other_adapter_options_names_the_options_before_the_model_loads(tiny_model_dir, tmp_path):
+    """The checkpoint's adapter has its run's rank, alpha, targets and rsLoRA: other options were refused only by
+    load_adapter, after the model loaded, naming no option; now before, with the options that resume it."""
+    import rpo_engine
+    from rpo_engine.config import parse_args
+    from rpo_engine.errors import UserError
+    from rpo_engine.model.lora import apply_lora, save_adapter
+    from rpo_engine.train import check_resume
+
+    out = tmp_path / "run"
+    checkpoint = out / "checkpoints" / "step-1"
+    save_adapter(apply_lora(rpo_engine.load_model(tiny_model_dir), r=4, alpha=8, target_modules="q_proj,v_proj"),
+                 checkpoint / "adapter")
+    same = ["--model", str(tiny_model_dir), "--output", str(out), "--resume", "--use-peft", "--lora-r", "4",
+            "--lora-alpha", "8", "--lora-target-modules", "v_proj,q_proj"]
+    check_resume(out, checkpoint, parse_args(same))
+    for other, unless in ((["--lora-r", "8"], ""), (["--use-rslora"], " and without --use-rslora")):
+        with pytest.raises(UserError) as e:
+            check_resume(out, checkpoint, parse_args([*same, *other]))
+        assert str(e.value) == (f"{checkpoint / 'adapter'}: the run's adapter has r=4, alpha=8, targets q_proj,v_proj, "
+                                f"these options {'r=8' if unless == '' else 'r=4'}, alpha=8, targets q_proj,v_proj"
+                                f"{'' if unless == '' else ', rsLoRA'}; a resumed run keeps its adapter: resume with "
+                                f"--lora-r 4 --lora-alpha 8 --lora-target-modules q_proj,v_proj{unless}")
 
 
 def test_max_grad_norm_zero_turns_clipping_off(tiny_model_dir):
@@ -1580,8 +1606,10 @@ def test_lora_run_resumes_exactly_and_saves_merged_and_peft(tmp_path, tiny_model
     assert all(torch.equal(v, final[k]) for k, v in merged_state_dict(adapted).items() if k in final)
     # resuming it as another kind of run, or with other adapter settings, is a one-line error
     for flags, message in ((not_lora, "holds a LoRA adapter; resume with --use-peft"),
-                           ([*common, "--lora-r", 8], "adapter has r=4, alpha=8, targets q_proj,v_proj,down_proj; this "
-                                                      "run has r=8")):
+                           ([*common, "--lora-r", 8], "adapter has r=4, alpha=8, targets q_proj,v_proj,down_proj, these "
+                                                      "options r=8, alpha=8, targets q_proj,v_proj,down_proj; a resumed "
+                                                      "run keeps its adapter: resume with --lora-r 4 --lora-alpha 8 "
+                                                      "--lora-target-modules q_proj,v_proj,down_proj")):
         assert_user_error(run_train(*flags, "--steps", 5, "--output", full, "--resume", check=False), message)
     # eval: the base with the adapter applied (--adapter) answers as the merged final/ does
     evals = []
@@ -1720,12 +1748,17 @@ def test_out_of_gpu_memory_is_a_one_line_error_naming_the_settings(tmp_path, tin
     import rpo_engine.rollout
     from rpo_engine.train import build_trainer
 
+    from rpo_engine.rollout.model_runner import NO_BLOCK_ADVICE
+
     def no_budget(self, model, **kwargs):
         assert kwargs["gpu_memory_utilization"] == 0.4
-        raise ValueError("KV cache budget too small: not one block of 4096 bytes; 40% of the GPU is already in use")
+        raise ValueError(f"KV cache budget too small: not one block of 4096 bytes; 40% of the GPU is already in use: "
+                         f"{NO_BLOCK_ADVICE}")
 
     monkeypatch.setattr(rpo_engine.rollout.RolloutEngine, "__init__", no_budget)
-    with pytest.raises(UserError, match=r"^rollout engine: KV cache budget too small: .* \(--gpu-memory-utilization 0.4\)$"):
+    # the engine's advice (its kv_cache_bytes / num_blocks arguments, which no option sets) said as the option
+    with pytest.raises(UserError, match=r"^rollout engine: KV cache budget too small: .* already in use: raise "
+                                        r"--gpu-memory-utilization \(--gpu-memory-utilization 0.4\)$"):
         build_trainer(config)
 
 
@@ -3330,6 +3363,11 @@ def test_push_to_hub_creates_the_repo_first_and_uploads_final(tmp_path, tiny_mod
         train.main(list(map(str, [*args[:-1], "--hub-model-id", "a/b", "--hub-private-repo"])))
     with pytest.raises(UserError, match="--hub-model-id 'a/b/c': not a Hub repository id"):
         train.main(list(map(str, [*args, "--output", tmp_path / "never", "--hub-model-id", "a/b/c"])))
+    # no --hub-model-id: the name is --output's, and the error says so (it named the --hub-model-id never given)
+    with pytest.raises(UserError, match=re.escape("--push-to-hub: --output's last part 'my run', the repository's "
+                                                  "default name, is not a Hub repository name")):
+        train.main(list(map(str, [*args, "--output", tmp_path / "my run"])))
+    assert not (tmp_path / "my run").exists()
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     with pytest.raises(UserError, match="needs a Hugging Face token that may write: set HF_TOKEN"):
         train.main(list(map(str, [*args, "--output", tmp_path / "never"])))

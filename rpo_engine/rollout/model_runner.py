@@ -37,6 +37,10 @@ def head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(hidden, weight).float()
 
 
+# what a RolloutEngine whose budget holds no K/V block advises (its arguments; the trainer says its option instead)
+NO_BLOCK_ADVICE = "raise gpu_memory_utilization or pass kv_cache_bytes / num_blocks"
+
+
 class ModelRunner:
     def __init__(self, model, block_size: int, num_blocks: int | None, kv_cache_bytes: int | None,
                  max_num_seqs: int, max_num_batched_tokens: int, attention_backend: str, use_cuda_graphs: bool,
@@ -73,8 +77,7 @@ class ModelRunner:
         if num_blocks < 1:
             hint = ""
             if sized_by_default and self.device.type == "cuda":  # e.g. another engine already holds its share
-                hint = (f"; {gpu_memory_utilization:.0%} of the GPU is already in use: raise gpu_memory_utilization "
-                        "or pass kv_cache_bytes / num_blocks")
+                hint = f"; {gpu_memory_utilization:.0%} of the GPU is already in use: {NO_BLOCK_ADVICE}"
             raise ValueError(f"KV cache budget too small: not one block of {self.block_bytes} bytes{hint}")
         self.num_blocks = int(num_blocks)
         self.kv_shape = (cfg.num_hidden_layers, self.num_blocks + 1, block_size, cfg.num_key_value_heads, cfg.head_dim)
