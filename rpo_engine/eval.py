@@ -94,7 +94,7 @@ def run_eval(args) -> int:
     from rpo_engine.rollout import SamplingParams
     from rpo_engine.train import load_rows, resolve_device, resolve_reward, reward_pool
     from rpo_engine.rewards.answers import RewardLog
-    from rpo_engine.trainer import (add_columns, encode_run_prompts, prefill_token_budget, right_answers, rollout_engine,
+    from rpo_engine.trainer import (add_columns, encode_run_prompts, right_answers, rollout_engine,
                                     sampled_graded, seed_global_rngs, stop_ids)
 
     if args.num_samples < 1:
@@ -182,9 +182,8 @@ def run_eval(args) -> int:
                              repetition_penalty=args.repetition_penalty, stop=stop,
                              stop_token_ids=eos_ids, seed=args.seed + i) for i in range(len(rows))]
     # an adapter is decoded merged: nothing trains it here
-    engine = rollout_engine(model, args.gpu_memory_utilization, args.max_num_seqs, args.enforce_eager, merge_lora=True,
-                            tokenizer=tokenizer, max_num_batched_tokens=prefill_token_budget(
-                                model, prompts, config.max_completion_length))
+    engine = rollout_engine(model, args.gpu_memory_utilization, args.max_num_seqs, args.enforce_eager, prompts,
+                            config.max_completion_length, merge_lora=True, tokenizer=tokenizer)
     reward = resolve_reward(config)
     pool = reward_pool(config, [reward])
     log = RewardLog()  # a TRL-style reward's log_metric / log_extra

@@ -128,10 +128,9 @@ class Trainer:
         self.row_index = {row["id"]: i for i, row in enumerate(self.train_rows)}
         self.prompt_ids = dict(zip([row["id"] for row in self.train_rows], train_ids))
         self.engine = rollout_engine(self.model, config.gpu_memory_utilization, config.max_num_seqs,
-                                     config.enforce_eager, async_scheduling=config.async_scheduling,
-                                     merge_lora=config.lora_merged_rollout, tokenizer=tokenizer,
-                                     max_num_batched_tokens=prefill_token_budget(
-                                         self.model, train_ids + self.eval_prompt_ids, config.max_completion_length))
+                                     config.enforce_eager, train_ids + self.eval_prompt_ids,
+                                     config.max_completion_length, async_scheduling=config.async_scheduling,
+                                     merge_lora=config.lora_merged_rollout, tokenizer=tokenizer)
         self.stop = stop_strings(config.stop)  # --stop, for the rollout and the evals
         # The KL reference: with LoRA the base model itself, its adapters switched off (no second model);
         # else a frozen copy of the initial policy.
@@ -1347,18 +1346,30 @@ def prefill_token_budget(model, prompts: list[list[int]], max_new_tokens: int) -
     return max(8192, min(model.config.max_model_len, longest + max_new_tokens + 1))
 
 
-def rollout_engine(model, gpu_memory_utilization: float, max_num_seqs: int, enforce_eager: bool, **options):
-    """A RolloutEngine with the command's rollout options (a run's or the eval's); its ValueError, the weights
-    alone filling the --gpu-memory-utilization share of the GPU, a UserError naming that option."""
+def rollout_engine(model, gpu_memory_utilization: float, max_num_seqs: int, enforce_eager: bool,
+                   prompts: list[list[int]], max_new_tokens: int, **options):
+    """A RolloutEngine with the command's rollout options (a run's or the eval's), for `prompts` with budgets of
+    `max_new_tokens`; its ValueError, the weights alone filling the --gpu-memory-utilization share of the GPU, a
+    UserError naming that option, as is a K/V cache too small for the longest prompt and its budget (the engine
+    would refuse that prompt mid-run, with a traceback)."""
     from rpo_engine.rollout import RolloutEngine
     from rpo_engine.rollout.model_runner import NO_BLOCK_ADVICE
 
     try:
-        return RolloutEngine(model, gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
-                             use_cuda_graphs=False if enforce_eager else None, **options)
+        engine = RolloutEngine(model, gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
+                               use_cuda_graphs=False if enforce_eager else None,
+                               max_num_batched_tokens=prefill_token_budget(model, prompts, max_new_tokens), **options)
     except ValueError as e:  # its advice names its own arguments, kv_cache_bytes and num_blocks, which no option sets
         message = str(e).replace(NO_BLOCK_ADVICE, "raise --gpu-memory-utilization")
         raise UserError(f"rollout engine: {message} (--gpu-memory-utilization {gpu_memory_utilization})") from None
+    longest = max(map(len, prompts), default=0)
+    cached = longest + max_new_tokens - 1  # as the engine counts a sequence's K/V: the last token needs none
+    if -(-cached // engine.block_size) > engine.num_blocks:
+        raise UserError(f"rollout engine: the longest prompt ({longest} tokens) with --max-completion-length "
+                        f"{max_new_tokens} needs K/V for {cached} tokens, more than the cache's "
+                        f"{engine.num_blocks * engine.block_size}: raise --gpu-memory-utilization (now "
+                        f"{gpu_memory_utilization}), or lower --max-completion-length or --max-prompt-length")
+    return engine
 
 
 def greedy_graded(engine, tokenizer, rows, reward_fn, prompt_ids, max_new_tokens,

@@ -1762,6 +1762,37 @@ def test_out_of_gpu_memory_is_a_one_line_error_naming_the_settings(tmp_path, tin
         build_trainer(config)
 
 
+def test_a_kv_cache_too_small_for_the_longest_prompt_is_said_at_start(tmp_path, tiny_model_dir, monkeypatch):
+    """A K/V cache (--gpu-memory-utilization's share) that cannot hold the longest prompt with its whole budget: the
+    engine refused that prompt when it came up, mid-run or mid-eval, with a ValueError traceback naming its own
+    num_blocks/kv_cache_bytes arguments. Said at start by train and eval, in one line naming the options."""
+    import rpo_engine.rollout
+    from rpo_engine.config import parse_args
+    from rpo_engine.errors import UserError
+    from rpo_engine.eval import main as eval_main
+    from rpo_engine.train import build_trainer
+
+    built = rpo_engine.rollout.RolloutEngine.__init__
+
+    def small_cache(self, model, **kwargs):  # as a GPU's small share would size it: 2 blocks of 16 tokens
+        built(self, model, **{**kwargs, "num_blocks": 2, "block_size": 16})
+
+    monkeypatch.setattr(rpo_engine.rollout.RolloutEngine, "__init__", small_cache)
+    said = (r"^rollout engine: the longest prompt \(\d+ tokens\) with --max-completion-length 48 needs K/V for \d+ "
+            r"tokens, more than the cache's 32: raise --gpu-memory-utilization \(now [\d.]+\), or lower "
+            r"--max-completion-length or --max-prompt-length$")
+    with pytest.raises(UserError, match=said):
+        build_trainer(parse_args(["--model", str(tiny_model_dir), "--output", str(tmp_path / "o"),
+                                  "--max-completion-length", "48", "--train-size", "4", "--eval-size", "4"]))
+    with pytest.raises(UserError, match=said):
+        eval_main(["--model", str(tiny_model_dir), "--eval-size", "4", "--max-completion-length", "48", "--no-progress"])
+    # a budget the cache holds is no error
+    monkeypatch.setattr(rpo_engine.rollout.RolloutEngine, "__init__",
+                        lambda self, model, **kwargs: built(self, model, **{**kwargs, "num_blocks": 64, "block_size": 16}))
+    assert build_trainer(parse_args(["--model", str(tiny_model_dir), "--output", str(tmp_path / "o"),
+                                     "--max-completion-length", "48", "--train-size", "4", "--eval-size", "4"])).engine
+
+
 def test_lora_options_and_their_mistakes(tmp_path, tiny_model_dir):
     from rpo_engine.config import parse_args
     from rpo_engine.model.lora import lora_settings
