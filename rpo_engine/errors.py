@@ -5,8 +5,10 @@ message and exit with code 2, so a user mistake never shows a traceback.
 """
 import contextlib
 import errno
+import os
 import re
 import sys
+import warnings
 
 
 class UserError(Exception):
@@ -47,9 +49,22 @@ def refusals_named(path):
         raise UserError(f"{path}: could not be written ({refused.strerror or refused})") from None
 
 
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def one_line_warning(message, category, filename, lineno, line=None, _python_format=warnings.formatwarning):
+    """Our own UserWarnings (an ignored attention_dropout, a skipped update) as `warning: <message>`, the line the
+    command line's other warnings print; Python's "FILE:LINE: UserWarning: ..." and its source line are for a bug's
+    hunt. Everyone else's warnings keep Python's format."""
+    if category is UserWarning and os.path.abspath(filename).startswith(_PACKAGE):
+        return f"warning: {message}\n"
+    return _python_format(message, category, filename, lineno, line)
+
+
 def run_cli(main_fn, argv=None) -> int:
     """Run `main_fn(argv)` and turn a UserError, or the system refusing a named file (REFUSED), into
-    `error: <message>` on stderr with exit code 2."""
+    `error: <message>` on stderr with exit code 2; our warnings one line each (one_line_warning)."""
+    python_format, warnings.formatwarning = warnings.formatwarning, one_line_warning
     try:
         return main_fn(argv) or 0
     except UserError as e:
@@ -63,3 +78,5 @@ def run_cli(main_fn, argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:  # an in-process caller's warnings are its own again
+        warnings.formatwarning = python_format

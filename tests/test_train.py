@@ -1793,6 +1793,30 @@ def test_a_kv_cache_too_small_for_the_longest_prompt_is_said_at_start(tmp_path, 
                                      "--max-completion-length", "48", "--train-size", "4", "--eval-size", "4"])).engine
 
 
+def test_our_warnings_print_as_one_line_on_the_command_line(tmp_path, tiny_model_dir):
+    """A warning of ours (here a config.json's attention_dropout, which the decoder ignores) prints as the
+    command line's other warnings do, `warning: ...`, not as Python's "FILE:LINE: UserWarning: ..." with the
+    source line after it; a caller of run_cli in its own process gets Python's format back."""
+    import shutil
+    import warnings
+
+    from rpo_engine.errors import run_cli
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.1}))
+    proc = subprocess.run([sys.executable, "-m", "rpo_engine.eval", "--model", str(model), "--eval-size", "2",
+                           "--max-completion-length", "4", "--no-progress"], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    said = [line for line in proc.stderr.splitlines() if "attention_dropout" in line]
+    assert said and all(line.startswith("warning: attention_dropout 0.1 is ignored") for line in said), proc.stderr
+    assert "UserWarning" not in proc.stderr
+    before = warnings.formatwarning
+    assert run_cli(lambda argv: 0) == 0 and warnings.formatwarning is before
+
+
 def test_lora_options_and_their_mistakes(tmp_path, tiny_model_dir):
     from rpo_engine.config import parse_args
     from rpo_engine.model.lora import lora_settings
