@@ -985,3 +985,26 @@ def test_a_reward_model_whose_chat_template_refuses_a_conversation_is_one_line(t
         model.score([" 4", " 4"], rows)
     msg = str(e.value)
     assert str(strict) in msg and "System role not supported" in msg and "'b'" in msg and "\n" not in msg, msg
+
+
+# ----------------------------------------------------------------------------- peer-comparison audit
+
+def test_math_reward_gives_an_unclosed_thinking_block_no_credit():
+    """A completion cut off inside its <think> block gave no answer: a draft box in the thinking is not one
+    (TRL's reasoning_accuracy_reward scores it 0), or the experience cache kept a truncated path as verified."""
+    m = math_answer_reward
+    assert m("<think>\nSo maybe \\boxed{72}. Wait, let me re-check: 48 divided by", "72") == 0.0
+    assert m("<think>a</think> draft \\boxed{5} <think>checking again: \\boxed{72}, and", "72") == 0.0
+    assert m("<think>\nSo \\boxed{72}.\n</think>\nThe answer is \\boxed{72}.", "72") == 1.0
+    assert m("No thinking at all: \\boxed{72}", "72") == 1.0
+
+
+def test_math_reward_gives_an_unfinished_last_equation_no_credit():
+    """A completion that stops at '=' (cut off before the result) stated no answer: math-verify read the left
+    side (48 + 24) as the answer and verified it against 72."""
+    m = math_answer_reward
+    assert m("Let me compute 48/2 = 24 and then 48 + 24 =", "72") == 0.0
+    assert m("So $48 + 24 =", "72") == 0.0
+    assert m("So the answer is \\boxed{72}. Checking: 48 + 24 =", "72") == 1.0  # a box before it is the answer
+    assert m("48/2 = 24, and 48 + 24 = 72", "72") == 1.0
+

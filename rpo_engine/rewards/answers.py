@@ -101,6 +101,7 @@ def _parse(text: str, timeout):
 
 _UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")  # math mode, not MATH's escaped currency sign (\$1.17)
 _LEADING_NUMBER = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?=$|[\s*),;:!]|\.(?!\d))")
+_UNFINISHED_RE = re.compile(r"=\s*\$*\s*$")  # a last equation without its right side ("48 + 24 =")
 _UNREADABLE_REFERENCES: set[str] = set()  # each warned about once
 
 
@@ -119,6 +120,8 @@ def _graded_part(completion_text: str) -> tuple[str, str | None]:
     (``#### Step 2: ...``, ``#### Final Answer``)."""
     text = completion_text
     think_end = text.rfind("</think>")
+    if text.rfind("<think>") > think_end:  # cut off while thinking: no answer given (TRL's reasoning_accuracy_reward)
+        return "", None
     if think_end >= 0:
         text = text[think_end + len("</think>"):]
     hashed = extract_answer(text)
@@ -167,6 +170,8 @@ def math_answer_reward(completion_text: str, answer: str) -> float:
             return 0.0
         text, hashed = _graded_part(completion_text)
         pred_text = hashed if hashed is not None else _tail(text)
+        if hashed is None and _UNFINISHED_RE.search(pred_text) and "\\boxed" not in pred_text:
+            return 0.0  # cut off before the result: math-verify would take the left side for the answer
         ref_num = _as_number(ref)
         pred_num = _as_number(pred_text) if hashed is None else _hashed_number(hashed)
         if pred_num is not None and ref_num is not None:
