@@ -1008,3 +1008,14 @@ def test_math_reward_gives_an_unfinished_last_equation_no_credit():
     assert m("So the answer is \\boxed{72}. Checking: 48 + 24 =", "72") == 1.0  # a box before it is the answer
     assert m("48/2 = 24, and 48 + 24 = 72", "72") == 1.0
 
+
+def test_math_reward_reads_a_reference_given_as_a_number():
+    """JSON gives a dataset's numeric answers as int / float; str(1e-05) is '1e-05', which math-verify read as 1
+    (so every right answer scored 0 and the answer 1 scored 1)."""
+    m = math_answer_reward
+    assert m("\\boxed{72}", 72) == 1.0 and m("\\boxed{72}", 72.0) == 1.0 and m("\\boxed{0.5}", 0.5) == 1.0
+    assert m("\\boxed{0.00001}", 1e-05) == 1.0 and m("\\boxed{1}", 1e-05) == 0.0
+    assert m("\\boxed{\\frac{1}{100000}}", 1e-05) == 1.0
+    assert m("#### 100000000000000000000", 1e20) == 1.0 and m("\\boxed{1}", 1e20) == 0.0
+    assert m("\\boxed{0.00001}", "1e-05") == 1.0
+    assert exact_answer_reward("#### 18", 18.0) == 1.0 and exact_answer_reward("#### 0.00001", 1e-05) == 1.0

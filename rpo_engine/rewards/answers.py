@@ -27,6 +27,7 @@ import sys
 import threading
 import traceback
 import warnings
+from decimal import Decimal
 from fractions import Fraction
 
 from rpo_engine.data.arithmetic import extract_answer
@@ -59,10 +60,19 @@ def is_correct(accuracy: float) -> bool:
     return accuracy >= 1.0
 
 
+_SCIENTIFIC_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
 def _reference(answer) -> str:
+    """The reference answer as text: a GSM8K solution's ``####`` part; a number (a dataset row given to a reward
+    directly, not through load_dataset_rows) as that loader writes it, 18.0 as "18"."""
+    if isinstance(answer, float) and math.isfinite(answer) and answer.is_integer():
+        answer = int(answer)
     ref = "" if answer is None else str(answer).strip()
     if "####" in ref:
         ref = extract_answer(ref) or ""
+    if _SCIENTIFIC_RE.fullmatch(ref):  # a float's str (1e-05): math-verify reads "1e-05" as 1
+        ref = format(Decimal(ref), "f")
     return ref
 
 
