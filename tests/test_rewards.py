@@ -1019,3 +1019,54 @@ def test_math_reward_reads_a_reference_given_as_a_number():
     assert m("#### 100000000000000000000", 1e20) == 1.0 and m("\\boxed{1}", 1e20) == 0.0
     assert m("\\boxed{0.00001}", "1e-05") == 1.0
     assert exact_answer_reward("#### 18", 18.0) == 1.0 and exact_answer_reward("#### 0.00001", 1e-05) == 1.0
+
+
+def test_math_reward_in_a_thread_is_bounded_in_time():
+    """math-verify's timeouts are signal alarms, which work in the main thread only: in another thread (train() in
+    a framework's worker thread) a tower of powers held the step for ever, and the GIL with it. There it runs in
+    a helper process, where they work, killed past a deadline."""
+    import subprocess
+    import sys
+
+    code = ("import threading, time\n"
+            "from rpo_engine.rewards import math_answer_reward as m\n"
+            "out = []\n"
+            "def run():\n"
+            "    out.append(m('\\\\boxed{10^{10^{10}}}', '5'))\n"
+            "    t = time.monotonic(); out.append(m('\\\\boxed{9^{9^{9}}}', '5')); out.append(time.monotonic() - t)\n"
+            "    out.append(m('\\\\boxed{\\\\frac{2}{4}}', '1/2'))\n"
+            "th = threading.Thread(target=run); th.start(); th.join()\n"
+            "print(out)\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a tower of powers held math_answer_reward in a thread past 120 s")
+    assert done.returncode == 0, done.stderr[-2000:]
+    first, second, seconds, third = eval(done.stdout.strip().splitlines()[-1])
+    assert (first, second, third) == (0.0, 0.0, 1.0) and seconds < 30
+
+
+def test_math_reward_helper_agrees_with_the_main_thread_and_is_killed_past_its_deadline(monkeypatch):
+    """Outside the main thread the same verdicts come from the helper process; one that does not answer by the
+    deadline is killed, that answer scores 0, and the next call starts a new one."""
+    from rpo_engine.rewards import answers
+
+    cases = [("\\boxed{\\frac{2}{4}}", "1/2"), ("\\boxed{3}", "1/2"), ("#### x^2 + 2x + 1", "(x+1)^2"),
+             ("so \\boxed{\\$1.17}", "\\$1.17"), ("\\boxed{(-\\infty, 3]}", "(-\\infty,3]"), ("\\boxed{2, -3}", "-3, 2"),
+             ("The answer is $x = 3$.", "3"), ("\\boxed{5} or \\boxed{6}", "5")]
+
+    def in_a_thread(fn):
+        out = []
+        th = threading.Thread(target=lambda: out.append(fn()))
+        th.start(); th.join()
+        return out[0]
+
+    expected = [math_answer_reward(c, a) for c, a in cases]
+    assert expected == [1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]
+    assert in_a_thread(lambda: [math_answer_reward(c, a) for c, a in cases]) == expected
+    helper = answers._HELPER.process
+    monkeypatch.setattr(answers._MathVerifyHelper, "DEADLINE_S", 0.2)  # \boxed{10^{10^{10}}} takes its 2 s timeout
+    assert in_a_thread(lambda: math_answer_reward("\\boxed{10^{10^{10}}}", "5")) == 0.0
+    assert answers._HELPER.process is None and helper.poll() is not None  # killed
+    monkeypatch.undo()
+    assert in_a_thread(lambda: math_answer_reward("\\boxed{\\frac{2}{4}}", "0.5")) == 1.0
