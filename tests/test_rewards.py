@@ -1070,3 +1070,13 @@ def test_math_reward_helper_agrees_with_the_main_thread_and_is_killed_past_its_d
     assert answers._HELPER.process is None and helper.poll() is not None  # killed
     monkeypatch.undo()
     assert in_a_thread(lambda: math_answer_reward("\\boxed{\\frac{2}{4}}", "0.5")) == 1.0
+
+
+def test_math_reward_reads_latex_spaced_thousands():
+    """1\\,000 (a thin space between digit groups, as LaTeX typesets thousands) is 1000: math-verify read it as 1*0,
+    so it scored 0 against 1000 and 1 against 0."""
+    m = math_answer_reward
+    for written in ("\\boxed{1\\,000}", "\\boxed{1\\ 000}", "\\boxed{1~000}", "The total is $1\\,000$."):
+        assert m(written, "1000") == 1.0 and m(written, "0") == 0.0, written
+    assert m("\\boxed{1\\,000\\,000}", "10^6") == 1.0 and m("\\boxed{1000}", "1\\,000") == 1.0
+    assert m("\\boxed{2\\,x}", "2x") == 1.0 and m("\\boxed{(1,\\,234)}", "(1,234)") == 1.0  # other thin spaces stay

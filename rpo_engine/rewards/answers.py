@@ -106,6 +106,8 @@ def _parse(text: str, timeout):
 
 _UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")  # math mode, not MATH's escaped currency sign (\$1.17)
 _LEADING_NUMBER = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?=$|[\s*),;:!]|\.(?!\d))")
+# LaTeX's space between digit groups (1\\,000, 1\\ 000, 1~000), which math-verify reads as a product (1*0)
+_SPACED_THOUSANDS = re.compile(r"(?<=\d)(?:\\,|\\ |~)(?=\d{3}(?!\d))")
 _UNFINISHED_RE = re.compile(r"=\s*\$*\s*$")  # a last equation without its right side ("48 + 24 =")
 _UNREADABLE_REFERENCES: set[str] = set()  # each warned about once
 
@@ -202,6 +204,7 @@ def _math_verify_verdict(ref: str, pred_text: str, short_answer: bool, timeout) 
     against `ref`: 1.0 or 0.0, None when it cannot read `ref`. `timeout` works in the main thread only."""
     from math_verify import verify
 
+    ref, pred_text = _SPACED_THOUSANDS.sub("", ref), _SPACED_THOUSANDS.sub("", pred_text)
     gold = _parse_short_answer(ref, timeout)
     if not gold:
         return None
