@@ -164,9 +164,10 @@ def math_answer_reward(completion_text: str, answer: str) -> float:
 
     The final answer is the one after the last ``####`` if there is one and no ``\\boxed`` follows it, else
     what math-verify finds in the completion (``\\boxed{...}`` first, then the last expression); after a
-    ``</think>``, only what follows it is read. Plain numbers are compared exactly without math-verify (fast
+    ``</think>``, only what follows it is read; a completion cut off in an unclosed ``<think>`` or at a last ``=``
+    has no answer. Plain numbers are compared exactly without math-verify (fast
     path; a ``####`` answer by the number it starts with); anything else goes through
-    ``math_verify.parse``/``verify`` with a timeout. Never raises: garbage, timeouts and parser errors give
+    ``math_verify.parse``/``verify`` with a timeout (outside the main thread, in `_MathVerifyHelper`). Never raises: garbage, timeouts and parser errors give
     0.0. A reference math-verify cannot read scores every completion 0, with a warning (once per reference).
     """
     try:
