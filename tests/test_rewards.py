@@ -985,3 +985,98 @@ def test_a_reward_model_whose_chat_template_refuses_a_conversation_is_one_line(t
         model.score([" 4", " 4"], rows)
     msg = str(e.value)
     assert str(strict) in msg and "System role not supported" in msg and "'b'" in msg and "\n" not in msg, msg
+
+
+# ----------------------------------------------------------------------------- peer-comparison audit
+
+def test_math_reward_gives_an_unclosed_thinking_block_no_credit():
+    """A completion cut off inside its <think> block gave no answer: a draft box in the thinking is not one
+    (TRL's reasoning_accuracy_reward scores it 0), or the experience cache kept a truncated path as verified."""
+    m = math_answer_reward
+    assert m("<think>\nSo maybe \\boxed{72}. Wait, let me re-check: 48 divided by", "72") == 0.0
+    assert m("<think>a</think> draft \\boxed{5} <think>checking again: \\boxed{72}, and", "72") == 0.0
+    assert m("<think>\nSo \\boxed{72}.\n</think>\nThe answer is \\boxed{72}.", "72") == 1.0
+    assert m("No thinking at all: \\boxed{72}", "72") == 1.0
+
+
+def test_math_reward_gives_an_unfinished_last_equation_no_credit():
+    """A completion that stops at '=' (cut off before the result) stated no answer: math-verify read the left
+    side (48 + 24) as the answer and verified it against 72."""
+    m = math_answer_reward
+    assert m("Let me compute 48/2 = 24 and then 48 + 24 =", "72") == 0.0
+    assert m("So $48 + 24 =", "72") == 0.0
+    assert m("So the answer is \\boxed{72}. Checking: 48 + 24 =", "72") == 1.0  # a box before it is the answer
+    assert m("48/2 = 24, and 48 + 24 = 72", "72") == 1.0
+
+
+def test_math_reward_reads_a_reference_given_as_a_number():
+    """JSON gives a dataset's numeric answers as int / float; str(1e-05) is '1e-05', which math-verify read as 1
+    (so every right answer scored 0 and the answer 1 scored 1)."""
+    m = math_answer_reward
+    assert m("\\boxed{72}", 72) == 1.0 and m("\\boxed{72}", 72.0) == 1.0 and m("\\boxed{0.5}", 0.5) == 1.0
+    assert m("\\boxed{0.00001}", 1e-05) == 1.0 and m("\\boxed{1}", 1e-05) == 0.0
+    assert m("\\boxed{\\frac{1}{100000}}", 1e-05) == 1.0
+    assert m("#### 100000000000000000000", 1e20) == 1.0 and m("\\boxed{1}", 1e20) == 0.0
+    assert m("\\boxed{0.00001}", "1e-05") == 1.0
+    assert exact_answer_reward("#### 18", 18.0) == 1.0 and exact_answer_reward("#### 0.00001", 1e-05) == 1.0
+
+
+def test_math_reward_in_a_thread_is_bounded_in_time():
+    """math-verify's timeouts are signal alarms, which work in the main thread only: in another thread (train() in
+    a framework's worker thread) a tower of powers held the step for ever, and the GIL with it. There it runs in
+    a helper process, where they work, killed past a deadline."""
+    import subprocess
+    import sys
+
+    code = ("import threading, time\n"
+            "from rpo_engine.rewards import math_answer_reward as m\n"
+            "out = []\n"
+            "def run():\n"
+            "    out.append(m('\\\\boxed{10^{10^{10}}}', '5'))\n"
+            "    t = time.monotonic(); out.append(m('\\\\boxed{9^{9^{9}}}', '5')); out.append(time.monotonic() - t)\n"
+            "    out.append(m('\\\\boxed{\\\\frac{2}{4}}', '1/2'))\n"
+            "th = threading.Thread(target=run); th.start(); th.join()\n"
+            "print(out)\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a tower of powers held math_answer_reward in a thread past 120 s")
+    assert done.returncode == 0, done.stderr[-2000:]
+    first, second, seconds, third = eval(done.stdout.strip().splitlines()[-1])
+    assert (first, second, third) == (0.0, 0.0, 1.0) and seconds < 30
+
+
+def test_math_reward_helper_agrees_with_the_main_thread_and_is_killed_past_its_deadline(monkeypatch):
+    """Outside the main thread the same verdicts come from the helper process; one that does not answer by the
+    deadline is killed, that answer scores 0, and the next call starts a new one."""
+    from rpo_engine.rewards import answers
+
+    cases = [("\\boxed{\\frac{2}{4}}", "1/2"), ("\\boxed{3}", "1/2"), ("#### x^2 + 2x + 1", "(x+1)^2"),
+             ("so \\boxed{\\$1.17}", "\\$1.17"), ("\\boxed{(-\\infty, 3]}", "(-\\infty,3]"), ("\\boxed{2, -3}", "-3, 2"),
+             ("The answer is $x = 3$.", "3"), ("\\boxed{5} or \\boxed{6}", "5")]
+
+    def in_a_thread(fn):
+        out = []
+        th = threading.Thread(target=lambda: out.append(fn()))
+        th.start(); th.join()
+        return out[0]
+
+    expected = [math_answer_reward(c, a) for c, a in cases]
+    assert expected == [1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]
+    assert in_a_thread(lambda: [math_answer_reward(c, a) for c, a in cases]) == expected
+    helper = answers._HELPER.process
+    monkeypatch.setattr(answers._MathVerifyHelper, "DEADLINE_S", 0.2)  # \boxed{10^{10^{10}}} takes its 2 s timeout
+    assert in_a_thread(lambda: math_answer_reward("\\boxed{10^{10^{10}}}", "5")) == 0.0
+    assert answers._HELPER.process is None and helper.poll() is not None  # killed
+    monkeypatch.undo()
+    assert in_a_thread(lambda: math_answer_reward("\\boxed{\\frac{2}{4}}", "0.5")) == 1.0
+
+
+def test_math_reward_reads_latex_spaced_thousands():
+    """1\\,000 (a thin space between digit groups, as LaTeX typesets thousands) is 1000: math-verify read it as 1*0,
+    so it scored 0 against 1000 and 1 against 0."""
+    m = math_answer_reward
+    for written in ("\\boxed{1\\,000}", "\\boxed{1\\ 000}", "\\boxed{1~000}", "The total is $1\\,000$."):
+        assert m(written, "1000") == 1.0 and m(written, "0") == 0.0, written
+    assert m("\\boxed{1\\,000\\,000}", "10^6") == 1.0 and m("\\boxed{1000}", "1\\,000") == 1.0
+    assert m("\\boxed{2\\,x}", "2x") == 1.0 and m("\\boxed{(1,\\,234)}", "(1,234)") == 1.0  # other thin spaces stay

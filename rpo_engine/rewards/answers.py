@@ -27,6 +27,7 @@ import sys
 import threading
 import traceback
 import warnings
+from decimal import Decimal
 from fractions import Fraction
 
 from rpo_engine.data.arithmetic import extract_answer
@@ -50,7 +51,7 @@ __all__ = [
 # math-verify is only ever shown the tail of a completion: the final answer is at the end, and parsing a
 # huge degenerate completion is where its time goes.
 _MATH_MAX_CHARS = 2000
-_MATH_TIMEOUT_S = 2  # per parse / verify call (math-verify's signal timeout: main thread only)
+_MATH_TIMEOUT_S = 2  # per parse / verify call (math-verify's signal timeout: main thread only, _MathVerifyHelper)
 
 
 def is_correct(accuracy: float) -> bool:
@@ -59,10 +60,19 @@ def is_correct(accuracy: float) -> bool:
     return accuracy >= 1.0
 
 
+_SCIENTIFIC_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
 def _reference(answer) -> str:
+    """The reference answer as text: a GSM8K solution's ``####`` part; a number (a dataset row given to a reward
+    directly, not through load_dataset_rows) as that loader writes it, 18.0 as "18"."""
+    if isinstance(answer, float) and math.isfinite(answer) and answer.is_integer():
+        answer = int(answer)
     ref = "" if answer is None else str(answer).strip()
     if "####" in ref:
         ref = extract_answer(ref) or ""
+    if _SCIENTIFIC_RE.fullmatch(ref):  # a float's str (1e-05): math-verify reads "1e-05" as 1
+        ref = format(Decimal(ref), "f")
     return ref
 
 
@@ -88,11 +98,6 @@ def _as_number(text: str):
     return Fraction(t.replace(",", ""))
 
 
-def _timeouts() -> int | None:
-    # math-verify's timeouts use signal.alarm, which only works in the main thread (it raises elsewhere)
-    return _MATH_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
-
-
 def _parse(text: str, timeout):
     from math_verify import parse
 
@@ -101,6 +106,9 @@ def _parse(text: str, timeout):
 
 _UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")  # math mode, not MATH's escaped currency sign (\$1.17)
 _LEADING_NUMBER = re.compile(r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?=$|[\s*),;:!]|\.(?!\d))")
+# LaTeX's space between digit groups (1\\,000, 1\\ 000, 1~000), which math-verify reads as a product (1*0)
+_SPACED_THOUSANDS = re.compile(r"(?<=\d)(?:\\,|\\ |~)(?=\d{3}(?!\d))")
+_UNFINISHED_RE = re.compile(r"=\s*\$*\s*$")  # a last equation without its right side ("48 + 24 =")
 _UNREADABLE_REFERENCES: set[str] = set()  # each warned about once
 
 
@@ -119,6 +127,8 @@ def _graded_part(completion_text: str) -> tuple[str, str | None]:
     (``#### Step 2: ...``, ``#### Final Answer``)."""
     text = completion_text
     think_end = text.rfind("</think>")
+    if text.rfind("<think>") > think_end:  # cut off while thinking: no answer given (TRL's reasoning_accuracy_reward)
+        return "", None
     if think_end >= 0:
         text = text[think_end + len("</think>"):]
     hashed = extract_answer(text)
@@ -154,9 +164,10 @@ def math_answer_reward(completion_text: str, answer: str) -> float:
 
     The final answer is the one after the last ``####`` if there is one and no ``\\boxed`` follows it, else
     what math-verify finds in the completion (``\\boxed{...}`` first, then the last expression); after a
-    ``</think>``, only what follows it is read. Plain numbers are compared exactly without math-verify (fast
+    ``</think>``, only what follows it is read; a completion cut off in an unclosed ``<think>`` or at a last ``=``
+    has no answer. Plain numbers are compared exactly without math-verify (fast
     path; a ``####`` answer by the number it starts with); anything else goes through
-    ``math_verify.parse``/``verify`` with a timeout. Never raises: garbage, timeouts and parser errors give
+    ``math_verify.parse``/``verify`` with a timeout (outside the main thread, in `_MathVerifyHelper`). Never raises: garbage, timeouts and parser errors give
     0.0. A reference math-verify cannot read scores every completion 0, with a warning (once per reference).
     """
     try:
@@ -167,30 +178,124 @@ def math_answer_reward(completion_text: str, answer: str) -> float:
             return 0.0
         text, hashed = _graded_part(completion_text)
         pred_text = hashed if hashed is not None else _tail(text)
+        if hashed is None and _UNFINISHED_RE.search(pred_text) and "\\boxed" not in pred_text:
+            return 0.0  # cut off before the result: math-verify would take the left side for the answer
         ref_num = _as_number(ref)
         pred_num = _as_number(pred_text) if hashed is None else _hashed_number(hashed)
         if pred_num is not None and ref_num is not None:
             return 1.0 if pred_num == ref_num else 0.0
 
-        from math_verify import verify
-
-        timeout = _timeouts()
-        gold = _parse_short_answer(ref, timeout)
-        if not gold:
+        if threading.current_thread() is threading.main_thread():
+            verdict = _math_verify_verdict(ref, pred_text, hashed is not None, _MATH_TIMEOUT_S)
+        else:
+            verdict = _HELPER.verdict(ref, pred_text, hashed is not None)
+        if verdict is None:
             if ref not in _UNREADABLE_REFERENCES:
                 _UNREADABLE_REFERENCES.add(ref)
                 warnings.warn(f"math reward: math-verify cannot read the reference answer {ref!r}, so every "
                               f"completion for it scores 0", stacklevel=2)
             return 0.0
-        if hashed is not None:
-            pred = _parse_short_answer(pred_text[-_MATH_MAX_CHARS:], timeout)
-        else:
-            pred = _parse(pred_text, timeout)
-        if not pred:
-            return 0.0
-        return 1.0 if verify(gold, pred, timeout_seconds=timeout, raise_on_error=False) else 0.0
+        return verdict
     except Exception:  # noqa: BLE001 - a reward must never take the training step down
         return 0.0
+
+
+def _math_verify_verdict(ref: str, pred_text: str, short_answer: bool, timeout) -> float | None:
+    """math-verify's verdict on `pred_text` (a ``####`` answer when `short_answer`, else a completion's tail)
+    against `ref`: 1.0 or 0.0, None when it cannot read `ref`. `timeout` works in the main thread only."""
+    from math_verify import verify
+
+    ref, pred_text = _SPACED_THOUSANDS.sub("", ref), _SPACED_THOUSANDS.sub("", pred_text)
+    gold = _parse_short_answer(ref, timeout)
+    if not gold:
+        return None
+    pred = _parse_short_answer(pred_text[-_MATH_MAX_CHARS:], timeout) if short_answer else _parse(pred_text, timeout)
+    if not pred:
+        return 0.0
+    return 1.0 if verify(gold, pred, timeout_seconds=timeout, raise_on_error=False) else 0.0
+
+
+class _MathVerifyHelper:
+    """math-verify for the calls made outside the main thread, where its timeouts (signal alarms) do not work and a
+    tower of powers (``\\boxed{10^{10^{10}}}``) held the step for ever, and the GIL with it. One helper process
+    (a plain subprocess: no re-import of the caller's script, as spawn would) runs them in its main thread, with
+    the timeouts; one that has not answered by the deadline (stuck in C code) is killed and the answer scores 0.
+    Calls go one at a time: math-verify holds the GIL anyway."""
+
+    START_DEADLINE_S = 300.0  # it imports torch through rpo_engine, on a busy machine
+    DEADLINE_S = 6 * _MATH_TIMEOUT_S + 10.0  # up to five parses and a verify, each under its timeout, then slack
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.process = None
+
+    def verdict(self, ref: str, pred_text: str, short_answer: bool) -> float | None:
+        import json
+
+        with self.lock:
+            try:
+                if self.process is None or self.process.poll() is not None:
+                    self._start()
+                self.process.stdin.write(json.dumps([ref, pred_text, short_answer]) + "\n")
+                self.process.stdin.flush()
+                line = self._read_line(self.DEADLINE_S)
+                return json.loads(line)
+            except Exception:  # noqa: BLE001 - past the deadline, or the helper died: scored 0, a new one next time
+                self._stop()
+                return 0.0
+
+    def _start(self) -> None:
+        import subprocess
+
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", "from rpo_engine.rewards.answers import _serve_math_verify; _serve_math_verify()"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, start_new_session=True)
+        if self._read_line(self.START_DEADLINE_S) != "ready":
+            raise RuntimeError("the math-verify helper did not start")
+
+    def _read_line(self, deadline_s: float) -> str:
+        import select
+
+        ready, _, _ = select.select([self.process.stdout], [], [], deadline_s)
+        if not ready:
+            raise TimeoutError(f"no answer from the math-verify helper in {deadline_s:g} s")
+        line = self.process.stdout.readline()
+        if not line:
+            raise EOFError("the math-verify helper ended")
+        return line.strip()
+
+    def _stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+
+_HELPER = _MathVerifyHelper()
+
+
+def _serve_math_verify() -> None:
+    """The helper process's loop: a JSON line [ref, pred_text, short_answer] in, its verdict's JSON line out."""
+    import json
+    import logging
+
+    import math_verify  # noqa: F401 - imported before "ready": the caller's deadline is for the work
+
+    logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # its timeout messages: a 0 says it
+    if sys.platform.startswith("linux"):  # ended with the caller, though stuck in C code then
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    print("ready", flush=True)
+    for line in sys.stdin:
+        ref, pred_text, short_answer = json.loads(line)
+        try:
+            verdict = _math_verify_verdict(ref, pred_text, short_answer, _MATH_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - as math_answer_reward: a wrong answer, not a dead helper
+            verdict = 0.0
+        print(json.dumps(verdict), flush=True)
 
 
 # ------------------------------------------------------------------------------------------ format
