@@ -288,14 +288,15 @@ def _serve_math_verify() -> None:
         import ctypes
 
         ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
-    print("ready", flush=True)
+    answers, sys.stdout = sys.stdout, sys.stderr  # what math-verify or sympy print is no answer line
+    print("ready", file=answers, flush=True)
     for line in sys.stdin:
         ref, pred_text, short_answer = json.loads(line)
         try:
             verdict = _math_verify_verdict(ref, pred_text, short_answer, _MATH_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - as math_answer_reward: a wrong answer, not a dead helper
             verdict = 0.0
-        print(json.dumps(verdict), flush=True)
+        print(json.dumps(verdict), file=answers, flush=True)
 
 
 # ------------------------------------------------------------------------------------------ format
