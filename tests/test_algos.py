@@ -613,6 +613,25 @@ def test_a_config_built_in_python_takes_what_its_options_mean(tmp_path):
     assert dataclasses.replace(parse_args(["--config", str(tmp_path / "c.json")]), config=None) == c
 
 
+def test_a_config_built_in_python_takes_numpy_scalars_as_their_values():
+    """A sweep's values from numpy (numpy.arange steps, numpy.linspace rates, a numpy bool) are the numbers they
+    hold: "steps must be an integer, got np.int64(10)" refused an integer; stored as Python's, so config.json and
+    metrics write them (json refuses numpy's)."""
+    import json
+
+    from rpo_engine.config import config_to_dict
+
+    c = TrainConfig(steps=numpy.int64(10), seed=numpy.int32(3), learning_rate=numpy.float32(0.25),
+                    progress=numpy.bool_(False), algo=AlgoConfig(beta=numpy.float64(0.5)),
+                    rpo=RPOConfig(rpo_max_cut=numpy.int16(8)))
+    assert (c.steps, c.seed, c.learning_rate, c.progress, c.algo.beta, c.rpo.rpo_max_cut) == (10, 3, 0.25, False, 0.5, 8)
+    assert [type(v) for v in (c.steps, c.seed, c.learning_rate, c.progress, c.rpo.rpo_max_cut)] == \
+        [int, int, float, bool, int]
+    json.dumps(config_to_dict(c))
+    with pytest.raises(UserError, match=r"TrainConfig: steps must be an integer, got 2.5$"):
+        TrainConfig(steps=numpy.float64(2.5))
+
+
 def test_config_sections_route_flat_names():
     c = config_from_dict({"algo": "dapo", "rpo": False, "rpo_max_cut": 40, "steps": 3})
     assert isinstance(c, TrainConfig) and isinstance(c.rpo, RPOConfig)
