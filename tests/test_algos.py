@@ -391,6 +391,16 @@ def test_packed_cache_state_is_the_list_state_it_replaced():
         assert repr(other.paths) == repr(cache.paths)
 
 
+def test_a_cached_path_of_no_tokens_is_still_a_path():
+    """CachedPath's __len__ (its tokens) made a path of none falsy, unlike the dataclass it was: a caller's
+    `if cache.get(prompt_id):` (examples/custom_loop.py's `... if path else None`) took a kept empty answer for no
+    path at all."""
+    cache = ExperienceCache()
+    cache.put("empty", [], 1.0, 0, correct=True)
+    path = cache.get("empty")
+    assert len(path) == 0 and bool(path) is True and cache.verified("empty")
+
+
 def test_cached_logprobs_are_float32_only_where_that_moves_no_cut():
     """The rollout's log-probs (float32 values) are kept as float32, 4 bytes a token; a caller's float64 values
     that float32 would round into a tie are kept as float64: the least-likely cut stays the one the list gave."""

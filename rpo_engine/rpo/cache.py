@@ -74,6 +74,10 @@ class CachedPath:
         """Its tokens (without making the list)."""
         return len(self.ids)
 
+    def __bool__(self) -> bool:
+        """A path, however short (without it __len__ made one of no tokens falsy, read as no path)."""
+        return True
+
     def __eq__(self, other) -> bool:
         if not isinstance(other, CachedPath):
             return NotImplemented
