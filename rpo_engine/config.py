@@ -990,6 +990,8 @@ def _typed(name: str, kind: str, value, source: str):
     YAML 1.1 reads `1e-5` (no dot) as a string, so a number written that way is taken as the float it
     means; anything else of the wrong type is an error naming the option."""
     base, optional = kind.removesuffix(" | None"), kind.endswith(" | None")
+    if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
+        value = value.item()  # a numpy scalar (a sweep's numpy.arange value): its Python int, float or bool
     if value is None and optional:
         return None
     if base == "bool" and isinstance(value, bool):

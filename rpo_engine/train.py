@@ -701,14 +701,15 @@ def run_training(config: TrainConfig, dist: Dist, held: contextlib.ExitStack) ->
               f"learning rate rises through the whole run, never reaching --learning-rate nor decaying", file=sys.stderr)
     if len(set(dist.gather(str(checkpoint)))) > 1:  # also: every rank has looked before rank 0 writes
         raise UserError(f"{output}: the ranks see different checkpoints; --output must be on a filesystem every node shares")
+    # read before the model loads (a broken or copied trainer_state.pt said at once, not after a 7B model loaded) and
+    # before --push-to-hub makes its repository (for a run that cannot resume)
+    saved_state = read_trainer_state(checkpoint) if checkpoint is not None else None
 
     hub_repo = None
     if config.push_to_hub and main_rank:  # before the training: a missing token or network fails now, not in hours
         from rpo_engine.hub import create_push_repo
 
         hub_repo = create_push_repo(config.hub_model_id or default_repo_name(output), config.hub_private_repo)
-    # read before the model loads: a broken or copied trainer_state.pt is said at once, not after a 7B model loaded
-    saved_state = read_trainer_state(checkpoint) if checkpoint is not None else None
     trainer = build_trainer(config, checkpoint, dist=dist)
     # after the checks above and the loading (a directory they refuse, a model's, or a run's --output a bad --model or
     # dataset stops, gets no lock file nor a directory made for it), before anything is written; held until train returns

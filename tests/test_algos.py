@@ -391,6 +391,16 @@ def test_packed_cache_state_is_the_list_state_it_replaced():
         assert repr(other.paths) == repr(cache.paths)
 
 
+def test_a_cached_path_of_no_tokens_is_still_a_path():
+    """CachedPath's __len__ (its tokens) made a path of none falsy, unlike the dataclass it was: a caller's
+    `if cache.get(prompt_id):` (examples/custom_loop.py's `... if path else None`) took a kept empty answer for no
+    path at all."""
+    cache = ExperienceCache()
+    cache.put("empty", [], 1.0, 0, correct=True)
+    path = cache.get("empty")
+    assert len(path) == 0 and bool(path) is True and cache.verified("empty")
+
+
 def test_cached_logprobs_are_float32_only_where_that_moves_no_cut():
     """The rollout's log-probs (float32 values) are kept as float32, 4 bytes a token; a caller's float64 values
     that float32 would round into a tie are kept as float64: the least-likely cut stays the one the list gave."""
@@ -611,6 +621,25 @@ def test_a_config_built_in_python_takes_what_its_options_mean(tmp_path):
     assert isinstance(c.temperature, float) and isinstance(c.algo.beta, float)
     (tmp_path / "c.json").write_text(json.dumps(config_to_dict(c)))
     assert dataclasses.replace(parse_args(["--config", str(tmp_path / "c.json")]), config=None) == c
+
+
+def test_a_config_built_in_python_takes_numpy_scalars_as_their_values():
+    """A sweep's values from numpy (numpy.arange steps, numpy.linspace rates, a numpy bool) are the numbers they
+    hold: "steps must be an integer, got np.int64(10)" refused an integer; stored as Python's, so config.json and
+    metrics write them (json refuses numpy's)."""
+    import json
+
+    from rpo_engine.config import config_to_dict
+
+    c = TrainConfig(steps=numpy.int64(10), seed=numpy.int32(3), learning_rate=numpy.float32(0.25),
+                    progress=numpy.bool_(False), algo=AlgoConfig(beta=numpy.float64(0.5)),
+                    rpo=RPOConfig(rpo_max_cut=numpy.int16(8)))
+    assert (c.steps, c.seed, c.learning_rate, c.progress, c.algo.beta, c.rpo.rpo_max_cut) == (10, 3, 0.25, False, 0.5, 8)
+    assert [type(v) for v in (c.steps, c.seed, c.learning_rate, c.progress, c.rpo.rpo_max_cut)] == \
+        [int, int, float, bool, int]
+    json.dumps(config_to_dict(c))
+    with pytest.raises(UserError, match=r"TrainConfig: steps must be an integer, got 2.5$"):
+        TrainConfig(steps=numpy.float64(2.5))
 
 
 def test_config_sections_route_flat_names():

@@ -184,15 +184,20 @@ def test_bench_kernels_measures_each_method_against_the_naive_path(tmp_path):
 
 
 def test_bench_cache_measures_each_case_here_and_on_a_baseline_checkout(tmp_path):
-    """bench_cache.py at a small case, with --baseline-src naming this checkout: each side's row names the rpo_engine
-    it ran (a baseline run by mistake on the current code would show), and every figure is measured."""
-    out = tmp_path / "cache.json"
-    run_bench("bench_cache.py", "--cases", "64x32", "--baseline-src", BENCHMARKS.parent, "--out", out)
+    """bench_cache.py at a small case, with --baseline-src naming a copy of this checkout elsewhere: each side's row
+    names the rpo_engine it ran (a baseline run by mistake on the current code would show), and every figure is
+    measured."""
+    import shutil
+
+    out, baseline = tmp_path / "cache.json", tmp_path / "baseline"
+    shutil.copytree(BENCHMARKS.parent / "rpo_engine", baseline / "rpo_engine",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    run_bench("bench_cache.py", "--cases", "64x32", "--baseline-src", baseline, "--out", out)
     record = json.loads(out.read_text())
     assert record["machine"] and record["git_commit"] and record["date"]
-    for rows in (record["rows"], record["baseline"]["rows"]):
+    for rows, src in ((record["rows"], BENCHMARKS.parent), (record["baseline"]["rows"], baseline)):
         assert [(r["prompts"], r["tokens"]) for r in rows] == [(64, 32)]
-        assert rows[0]["rpo_engine"] == str(BENCHMARKS.parent / "rpo_engine")
+        assert rows[0]["rpo_engine"] == str(src / "rpo_engine")
         assert all(rows[0][key] > 0 for key in ("rss_mib", "step_ms", "save_s", "file_mib", "load_s"))
     stderr = run_bench("bench_cache.py", "--baseline-src", tmp_path, "--out", out, code=2)
     assert f"--baseline-src {tmp_path}: not a checkout of this repository" in stderr

@@ -3151,6 +3151,28 @@ def test_a_broken_trainer_state_is_refused_before_the_model_loads(tmp_path, monk
     assert not (out / "config.json").exists()
 
 
+def test_a_broken_trainer_state_is_refused_before_the_hub_repository_is_made(tmp_path, monkeypatch):
+    """--push-to-hub makes its Hub repository before the training (a missing token fails at once): a resume whose
+    trainer_state.pt cannot resume made it first, a repository for a run that never ran."""
+    import rpo_engine.hub
+    from rpo_engine import train
+    from rpo_engine.config import parse_args
+    from rpo_engine.distributed import Dist
+    from rpo_engine.errors import UserError
+
+    made = []
+    monkeypatch.setattr(rpo_engine.hub, "create_push_repo", lambda *args: made.append(args))
+    monkeypatch.setattr(train, "build_trainer", lambda *a, **k: pytest.fail("built a trainer"))
+    out = tmp_path / "run"
+    state_file = out / "checkpoints" / "step-1" / "trainer_state.pt"
+    state_file.parent.mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    torch.save({"step": 5, "rows_drawn": 8}, state_file)
+    with pytest.raises(UserError, match="holds step 5, not its directory's 1"):
+        train.train(parse_args(["--output", str(out), "--resume", "--push-to-hub", "--hub-model-id", "a/b"]), Dist())
+    assert made == []
+
+
 def test_a_warmup_as_long_as_the_run_is_warned_of(tmp_path, monkeypatch, capsys):
     """--warmup-steps at or above --steps is accepted, as transformers accepts it, but said: the learning rate would
     rise through the whole run and never decay (a 40-step default with a 100-step warmup from another recipe)."""

@@ -74,13 +74,18 @@ class CachedPath:
         """Its tokens (without making the list)."""
         return len(self.ids)
 
+    def __bool__(self) -> bool:
+        """A path, however short (without it __len__ made one of no tokens falsy, read as no path)."""
+        return True
+
     def __eq__(self, other) -> bool:
         if not isinstance(other, CachedPath):
             return NotImplemented
-        return self.fields() == other.fields()
+        return self.entry() == other.entry()
 
-    def fields(self) -> tuple:
-        return self.token_ids, self.reward, self.step, self.correct, self.logprobs
+    def entry(self) -> list:
+        """[token ids, reward, step, correct, logprobs]: the path as the list format (`paths`) saved it."""
+        return [self.token_ids, self.reward, self.step, self.correct, self.logprobs]
 
     def __repr__(self) -> str:
         return (f"CachedPath(token_ids={self.token_ids!r}, reward={self.reward!r}, step={self.step!r}, "
@@ -311,8 +316,7 @@ def saved_paths(state: dict) -> dict[str, list]:
     if "packed_paths" not in state:
         return dict(state["paths"])
     check_saved_paths(state, None)
-    return {k: [p.token_ids, p.reward, p.step, p.correct, p.logprobs]
-            for k, p in unpack_paths(state["packed_paths"]).items()}
+    return {k: p.entry() for k, p in unpack_paths(state["packed_paths"]).items()}
 
 
 def check_saved_paths(state: dict, vocab_size: int | None) -> None:
