@@ -1223,14 +1223,16 @@ def restore_global_rng_states(state: dict) -> None:
 
 
 def encode_prompt(tokenizer, row: dict, limit: int, template_kwargs: dict | None = None,
-                  chat_template: bool = True) -> list[int]:
+                  chat_template: bool = True, special_texts: tuple[str, ...] | None = None) -> list[int]:
     """Token ids of a row's prompt: through the chat template when the tokenizer has one and `chat_template`
     (a string as a user turn; a conversation as it is; the assistant turn opened; `template_kwargs` passed to
-    the template), else the text with the tokenizer's leading special tokens."""
+    the template), else the text with the tokenizer's leading special tokens. `special_texts`: the tokenizer's
+    special_token_texts, for a caller encoding many rows (a string prompt holding one is rendered already)."""
     text = row["prompt"]
     if chat_template and getattr(tokenizer, "chat_template", None):
         if isinstance(text, str):
-            held = [t for t in special_token_texts(tokenizer) if t in text]
+            special_texts = special_token_texts(tokenizer) if special_texts is None else special_texts
+            held = [t for t in special_texts if t in text]
             rendered = min(held, key=text.find, default=None)  # the first in the text
             if rendered is not None:  # a dataset of prompts rendered for vLLM: the template would wrap them again
                 raise UserError(f"prompt of row {row['id']!r} holds the special token {rendered!r}: a prompt a chat "
@@ -1300,9 +1302,10 @@ def encode_prompts(tokenizer, rows: list[dict], limit: int, template_kwargs: dic
     the rows whose prompts exceed `limit` are left out, with a line on stderr saying how many (`say`), and
     an error if that is all of them."""
     kept, ids, longest = [], [], []
+    special_texts = special_token_texts(tokenizer)  # once, not per row: ~40% of a row's encoding at Llama-3's 256
     for row in rows:
         try:
-            ids.append(encode_prompt(tokenizer, row, limit, template_kwargs, chat_template))
+            ids.append(encode_prompt(tokenizer, row, limit, template_kwargs, chat_template, special_texts))
         except PromptTooLong as e:
             if not drop_overlong:
                 raise UserError(f"{source}: {e}") from None
