@@ -1012,14 +1012,21 @@ def _typed(name: str, kind: str, value, source: str):
     raise UserError(f"{source}: {name} must be {_KINDS[base]}{' or null' if optional else ''}, got {value!r}")
 
 
+def boolean_scale_rewards_named(values: dict) -> dict:
+    """`values` (flat options) with a boolean scale_rewards as its name: TRL's form, and how config.json recorded
+    it before the names (true is "group", false "none")."""
+    if isinstance(values.get("scale_rewards"), bool):
+        return dict(values, scale_rewards="group" if values["scale_rewards"] else "none")
+    return values
+
+
 def config_from_dict(values: dict, source: str = "options") -> TrainConfig:
     fields_by_name = {f.name: (section, f) for section, f in _flat_fields()}
     known = {name: section for name, (section, _) in fields_by_name.items()}
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise UserError(f"{source}: {_unknown(unknown[0])}")
-    if isinstance(values.get("scale_rewards"), bool):  # TRL's boolean form: true is "group", false "none"
-        values = dict(values, scale_rewards="group" if values["scale_rewards"] else "none")
+    values = boolean_scale_rewards_named(values)
     chosen = values.get("resume_from_checkpoint")
     if isinstance(chosen, bool) or (isinstance(chosen, str) and chosen.lower() in ("true", "false")):
         # TRL's boolean form: true resumes from the newest checkpoint, as --resume does; false from none

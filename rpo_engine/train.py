@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from rpo_engine.config import TrainConfig, config_to_dict, parse_args, reward_names, warmup_length
+from rpo_engine.config import (TrainConfig, boolean_scale_rewards_named, config_to_dict, parse_args, reward_names,
+                                warmup_length)
 from rpo_engine.distributed import Dist, RankErrorHandler, check_divisible, leave_process, write_torchrun_error
 from rpo_engine.errors import UserError, refusals_named, run_cli
 from rpo_engine.reporting import Reporter, report_targets
@@ -928,6 +929,7 @@ def warn_changed_options(saved: Path, config: TrainConfig) -> None:
         before = _flat(json.loads(saved.read_text()))
     except (OSError, ValueError):
         return  # no readable record of the options: nothing to compare
+    before = boolean_scale_rewards_named(before)  # an older run's record: the same option, named now
     now = _flat(config_to_dict(config))
     changed = [f"{k} {before[k]!r} -> {now[k]!r}" for k in now if k in before and k not in _RESUME_FREE
                and before[k] != now[k]]

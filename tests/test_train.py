@@ -501,6 +501,24 @@ def test_resuming_with_other_memory_settings_is_no_changed_run(tmp_path, capsys)
     assert capsys.readouterr().err == "warning: resuming with changed options: learning_rate 0.001 -> 0.002\n"
 
 
+def test_an_older_runs_boolean_scale_rewards_is_no_changed_option(tmp_path, capsys):
+    """Runs written before --scale-rewards took TRL's names recorded it as a boolean (true: "group", false: "none",
+    as config_from_dict reads it): resumed with the same meaning, no warning names it; another meaning still is."""
+    from rpo_engine.config import config_to_dict, parse_args
+    from rpo_engine.train import warn_changed_options
+
+    saved = tmp_path / "config.json"
+    for recorded, same, other in ((True, "group", "none"), (False, "none", "batch")):
+        options = config_to_dict(parse_args([]))
+        options["algo"]["scale_rewards"] = recorded
+        saved.write_text(json.dumps(options))
+        warn_changed_options(saved, parse_args(["--scale-rewards", same]))
+        assert capsys.readouterr().err == ""
+        warn_changed_options(saved, parse_args(["--scale-rewards", other]))
+        assert capsys.readouterr().err == (f"warning: resuming with changed options: scale_rewards {same!r} -> "
+                                           f"{other!r}\n")
+
+
 def test_resume_matches_uninterrupted_with_dapo_mini_batches_and_a_moving_reference(tmp_path, tiny_model_dir):
     """What the end-to-end resume tests leave out, together, through a checkpoint on disk as train.py resumes:
     DAPO resampling in a resumed step, two mini-batches and two passes per step, a KL reference that
