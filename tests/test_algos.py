@@ -401,6 +401,20 @@ def test_a_cached_path_of_no_tokens_is_still_a_path():
     assert len(path) == 0 and bool(path) is True and cache.verified("empty")
 
 
+def test_cached_logprobs_that_are_not_numbers_are_refused_as_before():
+    """A None among a path's log-probs was a TypeError while paths were lists (float() of each); numpy's float64
+    conversion made it a NaN, silently, and a NaN log-prob then steered the least-likely cut. Numbers of other
+    kinds (ints, Decimals, numpy floats) are taken as float() takes them."""
+    from decimal import Decimal
+
+    cache = ExperienceCache()
+    with pytest.raises(TypeError):
+        cache.put("p", [1, 2, 3], float("nan"), 0, logprobs=[-0.5, None, -1.0])
+    assert "p" not in cache.paths
+    cache.put("p", [1, 2, 3], float("nan"), 0, logprobs=[-1, Decimal("-0.5"), numpy.float32(-0.25)])
+    assert cache.get("p").logprobs == [-1.0, -0.5, -0.25]
+
+
 def test_cached_logprobs_are_float32_only_where_that_moves_no_cut():
     """The rollout's log-probs (float32 values) are kept as float32, 4 bytes a token; a caller's float64 values
     that float32 would round into a tie are kept as float64: the least-likely cut stays the one the list gave."""

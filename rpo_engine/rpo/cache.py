@@ -118,7 +118,10 @@ def logprob_array(logprobs) -> numpy.ndarray:
         logprobs = logprobs.detach().cpu().double().numpy()
     if not isinstance(logprobs, (list, tuple, numpy.ndarray)):
         logprobs = list(logprobs)
-    values = numpy.array(logprobs, dtype=numpy.float64)
+    values = numpy.asarray(logprobs)
+    if values.dtype == object:  # mixed kinds: float() each, as before (numpy's float64 made a None a NaN, silently)
+        values = numpy.array([float(x) for x in values.ravel()]).reshape(values.shape)
+    values = values.astype(numpy.float64)
     if values.ndim != 1:
         raise ValueError("experience cache: log-probs must be a flat sequence of numbers")
     single = values.astype(numpy.float32)
