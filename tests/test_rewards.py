@@ -1080,3 +1080,50 @@ def test_math_reward_reads_latex_spaced_thousands():
         assert m(written, "1000") == 1.0 and m(written, "0") == 0.0, written
     assert m("\\boxed{1\\,000\\,000}", "10^6") == 1.0 and m("\\boxed{1000}", "1\\,000") == 1.0
     assert m("\\boxed{2\\,x}", "2x") == 1.0 and m("\\boxed{(1,\\,234)}", "(1,234)") == 1.0  # other thin spaces stay
+
+
+def test_math_reward_helper_outlives_the_thread_that_started_it():
+    """The helper's end-with-the-caller was PR_SET_PDEATHSIG, which fires when the *thread* that started it ends:
+    a thread's last call killed it, so the next thread paid a restart (the torch import), and a call already
+    under way in another thread found it dead and scored a right answer 0."""
+    from rpo_engine.rewards import answers
+
+    def in_a_thread():
+        out = []
+        th = threading.Thread(target=lambda: out.append(math_answer_reward("\\boxed{\\frac{2}{4}}", "1/2")))
+        th.start(); th.join()
+        return out[0]
+
+    assert in_a_thread() == 1.0
+    helper = answers._HELPER.process
+    time.sleep(0.5)
+    assert helper.poll() is None and in_a_thread() == 1.0 and answers._HELPER.process is helper
+
+
+def test_math_reward_helper_that_cannot_start_is_not_restarted_on_every_call(monkeypatch):
+    """A helper that cannot start (its python cannot import rpo_engine, or hangs in its import) was started again
+    on every later call, each paying the start (up to START_DEADLINE_S, 300 s, for one that hangs): a step of
+    many completions stalled by minutes. One failed start is warned about, and the next waits RETRY_AFTER_S."""
+    import subprocess
+    import sys
+
+    from rpo_engine.rewards import answers
+
+    started = []
+    real_popen = subprocess.Popen
+
+    def cannot_import(args, **kwargs):
+        started.append(args)
+        return real_popen([sys.executable, "-c", "raise SystemExit(1)"], **kwargs)
+
+    answers._HELPER._stop()
+    monkeypatch.setattr(subprocess, "Popen", cannot_import)
+    monkeypatch.setattr(answers, "_HELPER", answers._MathVerifyHelper())
+    out = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        th = threading.Thread(target=lambda: out.extend(math_answer_reward("\\boxed{\\frac{2}{4}}", "1/2")
+                                                         for _ in range(3)))
+        th.start(); th.join()
+    assert out == [0.0, 0.0, 0.0] and len(started) == 1
+    assert sum("math-verify helper" in str(w.message) for w in caught) == 1

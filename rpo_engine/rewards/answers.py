@@ -224,18 +224,31 @@ class _MathVerifyHelper:
 
     START_DEADLINE_S = 300.0  # it imports torch through rpo_engine, on a busy machine
     DEADLINE_S = 6 * _MATH_TIMEOUT_S + 10.0  # up to five parses and a verify, each under its timeout, then slack
+    RETRY_AFTER_S = 600.0  # after a failed start: not every call paying another (up to START_DEADLINE_S)
 
     def __init__(self):
         self.lock = threading.Lock()
         self.process = None
+        self.failed_start_at = None
 
     def verdict(self, ref: str, pred_text: str, short_answer: bool) -> float | None:
         import json
+        import time
 
         with self.lock:
+            if self.failed_start_at is not None and time.monotonic() - self.failed_start_at < self.RETRY_AFTER_S:
+                return 0.0
             try:
                 if self.process is None or self.process.poll() is not None:
-                    self._start()
+                    try:
+                        self._start()
+                    except Exception as e:
+                        self.failed_start_at = time.monotonic()
+                        warnings.warn(f"math reward: the math-verify helper (math-verify outside the main thread) "
+                                      f"did not start ({e}); answers that need math-verify score 0 for "
+                                      f"{self.RETRY_AFTER_S:g} s, then it is tried again", stacklevel=3)
+                        raise
+                    self.failed_start_at = None
                 self.process.stdin.write(json.dumps([ref, pred_text, short_answer]) + "\n")
                 self.process.stdin.flush()
                 line = self._read_line(self.DEADLINE_S)
@@ -280,18 +293,26 @@ def _serve_math_verify() -> None:
     """The helper process's loop: a JSON line [ref, pred_text, short_answer] in, its verdict's JSON line out."""
     import json
     import logging
+    import time
 
     import math_verify  # noqa: F401 - imported before "ready": the caller's deadline is for the work
 
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)  # its timeout messages: a 0 says it
-    if sys.platform.startswith("linux"):  # ended with the caller, though stuck in C code then
-        import ctypes
+    # Ended with the caller, though stuck in C code then (where math-verify's alarm is not handled, and the
+    # caller, dead, kills nothing): each call may use DEADLINE_S of CPU time, past that the kernel's SIGXCPU ends
+    # the process. Idle, the caller's end is EOF on stdin. (PR_SET_PDEATHSIG fires when the caller's *thread*
+    # that started it ends, a worker thread's, not when the caller does.)
+    import resource
 
-        ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))  # SIGXCPU: no core
+    cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
     answers, sys.stdout = sys.stdout, sys.stderr  # what math-verify or sympy print is no answer line
     print("ready", file=answers, flush=True)
     for line in sys.stdin:
         ref, pred_text, short_answer = json.loads(line)
+        cpu_limit = math.ceil(time.process_time() + _MathVerifyHelper.DEADLINE_S)
+        if cpu_hard == resource.RLIM_INFINITY or cpu_limit < cpu_hard:
+            resource.setrlimit(resource.RLIMIT_CPU, (cpu_limit, cpu_hard))
         try:
             verdict = _math_verify_verdict(ref, pred_text, short_answer, _MATH_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - as math_answer_reward: a wrong answer, not a dead helper
