@@ -1127,3 +1127,19 @@ def test_math_reward_helper_that_cannot_start_is_not_restarted_on_every_call(mon
         th.start(); th.join()
     assert out == [0.0, 0.0, 0.0] and len(started) == 1
     assert sum("math-verify helper" in str(w.message) for w in caught) == 1
+
+
+def test_math_reward_helper_imports_the_callers_rpo_engine_not_the_one_in_its_cwd(tmp_path, monkeypatch):
+    """The helper ran `python -c`, whose sys.path starts with the cwd: a caller run from a directory holding
+    another rpo_engine (an older checkout) had a helper import that one, and scored every answer 0."""
+    from rpo_engine.rewards import answers
+
+    (tmp_path / "rpo_engine").mkdir()
+    (tmp_path / "rpo_engine" / "__init__.py").write_text("raise ImportError('another checkout')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(answers, "_HELPER", answers._MathVerifyHelper())
+    out = []
+    th = threading.Thread(target=lambda: out.append(math_answer_reward("\\boxed{\\frac{2}{4}}", "1/2")))
+    th.start(); th.join()
+    answers._HELPER._stop()
+    assert out == [1.0]

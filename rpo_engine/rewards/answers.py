@@ -260,11 +260,13 @@ class _MathVerifyHelper:
     def _start(self) -> None:
         import subprocess
 
+        # this rpo_engine's directory in place of `-c`'s cwd: not another checkout in the caller's cwd, and not
+        # ahead of the standard library (as on PYTHONPATH) when it is site-packages
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
         self.process = subprocess.Popen(
-            [sys.executable, "-c", "from rpo_engine.rewards.answers import _serve_math_verify; _serve_math_verify()"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, start_new_session=True)
+            [sys.executable, "-c", "import sys; sys.path[0] = sys.argv[1]; "
+             "from rpo_engine.rewards.answers import _serve_math_verify; _serve_math_verify()", package_root],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
         if self._read_line(self.START_DEADLINE_S) != "ready":
             raise RuntimeError("the math-verify helper did not start")
 
