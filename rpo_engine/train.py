@@ -697,8 +697,9 @@ def run_training(config: TrainConfig, dist: Dist, held: contextlib.ExitStack) ->
         check_resume(output, checkpoint, config)
         if config.steps == checkpoint_step(checkpoint) and main_rank:
             print(f"--resume: {checkpoint} is at --steps {config.steps}: nothing left to train; writing final/ from it")
-    if main_rank and warmup_length(config) >= config.steps > 1:  # accepted, as transformers does; likely a slip
-        print(f"warning: the warmup ({warmup_length(config)} steps) is not shorter than --steps {config.steps}: the "
+    warmup = warmup_length(config)
+    if main_rank and warmup >= config.steps > 1:  # accepted, as transformers does; likely a slip
+        print(f"warning: the warmup ({warmup} steps) is not shorter than --steps {config.steps}: the "
               f"learning rate rises through the whole run, never reaching --learning-rate nor decaying", file=sys.stderr)
     if len(set(dist.gather(str(checkpoint)))) > 1:  # also: every rank has looked before rank 0 writes
         raise UserError(f"{output}: the ranks see different checkpoints; --output must be on a filesystem every node shares")

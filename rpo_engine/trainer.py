@@ -1366,8 +1366,8 @@ def rollout_engine(model, gpu_memory_utilization: float, max_num_seqs: int, enfo
         message = str(e).replace(NO_BLOCK_ADVICE, "raise --gpu-memory-utilization")
         raise UserError(f"rollout engine: {message} (--gpu-memory-utilization {gpu_memory_utilization})") from None
     longest = max(map(len, prompts), default=0)
-    cached = longest + max_new_tokens - 1  # as the engine counts a sequence's K/V: the last token needs none
-    if -(-cached // engine.block_size) > engine.num_blocks:
+    fits, cached = engine.kv_fits(longest, max_new_tokens)
+    if not fits:
         raise UserError(f"rollout engine: the longest prompt ({longest} tokens) with --max-completion-length "
                         f"{max_new_tokens} needs K/V for {cached} tokens, more than the cache's "
                         f"{engine.num_blocks * engine.block_size}: raise --gpu-memory-utilization (now "

@@ -225,6 +225,12 @@ class RolloutEngine:
     def num_blocks(self) -> int:
         return self.runner.num_blocks
 
+    def kv_fits(self, prompt_len: int, max_new_tokens: int) -> tuple[bool, int]:
+        """Whether one sequence of `prompt_len` tokens and `max_new_tokens` more fits the K/V cache, and the tokens
+        of K/V it needs (the last sampled token needs none)."""
+        cached = prompt_len + max_new_tokens - 1 if max_new_tokens else 0
+        return -(-cached // self.block_size) <= self.num_blocks, cached
+
     @property
     def kv_cache_bytes(self) -> int:
         """The K/V cache's size (both tensors, every layer, the padding block left out)."""
@@ -424,8 +430,8 @@ class RolloutEngine:
             if len(prompt) + p.max_new_tokens > max_len:
                 raise ValueError(f"prompt {i}: {len(prompt)} tokens + max_new_tokens {p.max_new_tokens} exceed "
                                  f"the model's {self.config.describe_context()}")
-            cached = len(prompt) + p.max_new_tokens - 1 if p.max_new_tokens else 0  # the last token needs no K/V
-            if -(-cached // self.block_size) > self.num_blocks:
+            fits, cached = self.kv_fits(len(prompt), p.max_new_tokens)
+            if not fits:
                 raise ValueError(f"prompt {i}: {cached} tokens of K/V do not fit the KV cache ({self.num_blocks} "
                                  f"blocks of {self.block_size}); raise num_blocks/kv_cache_bytes")
         return prompts, params
