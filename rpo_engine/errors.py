@@ -5,6 +5,7 @@ message and exit with code 2, so a user mistake never shows a traceback.
 """
 import contextlib
 import errno
+import functools
 import os
 import re
 import sys
@@ -52,19 +53,20 @@ def refusals_named(path):
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
-def one_line_warning(message, category, filename, lineno, line=None, _python_format=warnings.formatwarning):
+def one_line_warning(message, category, filename, lineno, line=None, others=warnings.formatwarning):
     """Our own UserWarnings (an ignored attention_dropout, a skipped update) as `warning: <message>`, the line the
     command line's other warnings print; Python's "FILE:LINE: UserWarning: ..." and its source line are for a bug's
-    hunt. Everyone else's warnings keep Python's format."""
+    hunt. Everyone else's warnings keep the format `others` gives them."""
     if category is UserWarning and os.path.abspath(filename).startswith(_PACKAGE):
         return f"warning: {message}\n"
-    return _python_format(message, category, filename, lineno, line)
+    return others(message, category, filename, lineno, line)
 
 
 def run_cli(main_fn, argv=None) -> int:
     """Run `main_fn(argv)` and turn a UserError, or the system refusing a named file (REFUSED), into
     `error: <message>` on stderr with exit code 2; our warnings one line each (one_line_warning)."""
-    python_format, warnings.formatwarning = warnings.formatwarning, one_line_warning
+    python_format = warnings.formatwarning  # the caller's, which formats everyone else's warnings
+    warnings.formatwarning = functools.partial(one_line_warning, others=python_format)
     try:
         return main_fn(argv) or 0
     except UserError as e:
