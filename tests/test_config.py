@@ -107,7 +107,7 @@ def test_reward_workers_leave_ctrl_c_to_the_trainer(capfd):
 
     with RewardPool({0: "tests.reward_fns:hash_reward"}, workers=2) as pool:
         assert pool.score(0, ["a", "b"], ["1", "1"]) == [hash_reward("a", "1"), hash_reward("b", "1")]
-        processes = list(pool.executor._processes.values())
+        processes = list(pool.processes)
         deadline = time.monotonic() + 30
         while not all(_ignores_sigint(p.pid) for p in processes) and time.monotonic() < deadline:
             time.sleep(0.1)  # a worker still starting up
@@ -136,7 +136,7 @@ def test_ctrl_c_while_the_reward_workers_start_leaves_them_scoring(capfd, signum
     def interrupt_each_worker_once_python_runs():
         deadline = time.monotonic() + 60
         while len(sent) < 2 and not scored.is_set() and time.monotonic() < deadline:
-            for process in list((pool.executor._processes or {}).values()):
+            for process in list(pool.processes):
                 try:
                     state = _signal_state(process.pid, signal.SIGINT)
                     cmdline = open(f"/proc/{process.pid}/cmdline").read()
@@ -172,7 +172,7 @@ def test_reward_workers_leave_sigusr1_to_the_trainer_and_end_when_it_is_killed(t
                       "if __name__ == '__main__':\n"
                       "    pool = RewardPool({0: 'tests.reward_fns:hash_reward'}, workers=2)\n"
                       "    pool.score(0, ['a', 'b', 'c', 'd'], ['1'] * 4)\n"
-                      "    print(*[p.pid for p in pool.executor._processes.values()], flush=True)\n"
+                      "    print(*[p.pid for p in pool.processes], flush=True)\n"
                       "    time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -193,10 +193,30 @@ def test_reward_workers_leave_sigusr1_to_the_trainer_and_end_when_it_is_killed(t
         proc.kill()
 
 
+def test_a_script_that_leaves_its_reward_pool_open_still_exits(tmp_path):
+    """A pool nobody closed (a notebook's, a script's that returns early) must not hold its process at exit:
+    multiprocessing's exit hook joins live workers, which wait for work for ever."""
+    script = tmp_path / "unclosed.py"
+    script.write_text("from rpo_engine.rewards.pool import RewardPool\n"
+                      "if __name__ == '__main__':\n"
+                      "    pool = RewardPool({0: 'tests.reward_fns:hash_reward'}, workers=2)\n"
+                      "    pool.score(0, ['a', 'b', 'c', 'd'], ['1'] * 4)\n"
+                      "    print(*[p.pid for p in pool.processes], flush=True)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        pids = [int(pid) for pid in proc.stdout.readline().split()]
+        assert len(pids) == 2
+        assert proc.wait(timeout=30) == 0
+        assert all(process_ended(pid, 10) for pid in pids)
+    finally:
+        proc.kill()
+
+
 def test_ctrl_c_while_scoring_stops_the_reward_workers_at_once(monkeypatch):
     """The workers ignore Ctrl-C, so an interrupt of the trainer's process in the middle of a scoring call
-    stops them there, instead of leaving them to work through every queued chunk (10 s here); quietly:
-    the pool's own thread does not fail on the calls the interrupt cancelled."""
+    stops them there, instead of leaving them to work through every queued chunk (10 s here); quietly, and for
+    good: a later call says the pool is closed."""
     from rpo_engine.rewards.pool import RewardPool
 
     thread_errors = []
@@ -205,20 +225,18 @@ def test_ctrl_c_while_scoring_stops_the_reward_workers_at_once(monkeypatch):
     # Ctrl-C's Python handler, also where the suite was started with SIGINT ignored (`cmd &` in a script)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        assert pool.score(0, ["x"], ["1"]) == [0.0]  # a worker is up
-        manager = pool.executor._executor_manager_thread
-        processes = list(pool.executor._processes.values())
-        shutdown = pool.executor.shutdown
-        # a busy machine's timing: the pool's thread sees the workers end before it hears of the shutdown
-        monkeypatch.setattr(pool.executor, "shutdown", lambda *a, **k: (time.sleep(0.5), shutdown(*a, **k)))
+        assert pool.score(0, ["x"], ["1"]) == [0.0]  # the workers are up
+        processes = list(pool.processes)
+        assert len(processes) == 2
         threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
         start = time.perf_counter()
         with pytest.raises(KeyboardInterrupt):
             pool.score(0, ["x"] * 40, ["1"] * 40)
         assert time.perf_counter() - start < 5
         assert all(process_ended(p.pid, 5) for p in processes)
-        manager.join(5)
-        assert not manager.is_alive() and thread_errors == []
+        assert thread_errors == [] and pool.processes == []
+        with pytest.raises(RuntimeError, match="this reward pool is closed"):
+            pool.score(0, ["x"], ["1"])
     finally:
         pool.close(wait=False)
         signal.signal(signal.SIGINT, previous)
@@ -784,17 +802,21 @@ def test_a_sigterm_to_the_reward_workers_while_scoring_leaves_the_step_scored(ca
     exit 2, no checkpoint. The step is scored in the trainer's process instead; a crash is still that error."""
     from rpo_engine.rewards.pool import RewardPool
 
+    texts = [f"text {i}" for i in range(20)]
     with RewardPool({0: "tests.reward_fns:hash_reward"}, workers=2) as pool:
         assert pool.score(0, ["a"], ["1"]) == [hash_reward("a", "1")]  # the workers are up
-        for process in pool.executor._processes.values():
-            os.kill(process.pid, signal.SIGTERM)
-        texts = [f"text {i}" for i in range(20)]
+        first, second = pool.processes
+        os.kill(first.pid, signal.SIGTERM)  # one of them: its work goes to the other
+        assert pool.score(0, texts, ["1"] * 20) == [hash_reward(t, "1") for t in texts]
+        assert pool.processes == [second] and capsys.readouterr().err == ""
+        os.kill(second.pid, signal.SIGTERM)
         assert pool.score(0, texts, ["1"] * 20) == [hash_reward(t, "1") for t in texts]
         assert pool.score(0, texts, ["1"] * 20) == [hash_reward(t, "1") for t in texts]  # and on, said once
         assert capsys.readouterr().err.count("ended by SIGTERM; scoring in this process") == 1
     with RewardPool({0: "tests.reward_fns:exiting_reward"}, workers=2) as pool:
-        with pytest.raises(UserError, match="a --reward-workers process died while scoring"):
+        with pytest.raises(UserError, match=r"a --reward-workers process died while scoring \(exit code 3"):
             pool.score(0, ["a", "b"], ["1", "1"])
+        assert pool.processes == []  # the other worker stopped too
 
 
 @pytest.mark.parametrize("flags,name", [

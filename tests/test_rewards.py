@@ -588,24 +588,38 @@ def test_reward_pool_reports_a_user_functions_mistake():
     with RewardPool({0: "tests.reward_fns:exiting_reward"}, workers=1) as pool:
         with pytest.raises(UserError, match="exiting_reward.*a --reward-workers process died"):
             pool.score(0, ["x"], ["42"])
+    with RewardPool({0: "tests.reward_fns:no_such_reward"}, workers=1) as pool:  # the worker's own import of it
+        with pytest.raises(UserError, match="'tests.reward_fns' has no attribute 'no_such_reward'"):
+            pool.score(0, ["x"], ["42"])
 
 
 def test_reward_pool_left_on_an_error_stops_its_workers_at_once():
     """Leaving a pool's `with` block by an exception (an interrupt, a failing step) stops its workers mid-call
     instead of waiting out the work in flight (here 10 s of it)."""
-    from rpo_engine.rewards import pool as pool_module
+    from rpo_engine.rewards.pool import RewardPool
 
-    start = None
+    start, outcome = None, []
     with pytest.raises(RuntimeError, match="stop"):
-        with pool_module.RewardPool({0: "tests.reward_fns:slow_reward"}, workers=1) as pool:
+        with RewardPool({0: "tests.reward_fns:slow_reward"}, workers=1) as pool:
             assert pool.score(0, ["x"], ["1"]) == [0.0]  # the worker is up
-            pool.executor.submit(pool_module._score, 0, ["x"] * 20, ["1"] * 20)
+            # a call in flight from another thread (an eval thread, a user's): it fails, and is not scored here instead
+            scoring = threading.Thread(target=lambda: outcome.append(_outcome(pool.score, 0, ["x"] * 20, ["1"] * 20)))
+            scoring.start()
             time.sleep(1.0)  # the worker is inside that call
-            processes = list(pool.executor._processes.values())
+            processes = list(pool.processes)
             start = time.perf_counter()
             raise RuntimeError("stop")
     assert time.perf_counter() - start < 5
     assert all(process_ended(process.pid, 5) for process in processes)
+    scoring.join(5)
+    assert not scoring.is_alive() and "closed while scoring" in str(outcome[0])
+
+
+def _outcome(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as error:  # noqa: BLE001
+        return error
 
 
 def test_reward_model_loads_without_a_bar_under_no_progress(reward_model_dir, capfd):

@@ -4137,7 +4137,7 @@ def test_a_run_that_raises_in_process_leaves_no_reward_worker_log_file_or_writer
     monkeypatch.setattr(reporting, "open_tensorboard", lambda output, purge_step: writers.append(Writer()) or writers[-1])
     score = RewardPool.score
     monkeypatch.setattr(RewardPool, "score", lambda pool, *args: (
-        scores := score(pool, *args), pids.extend(p.pid for p in pool.executor._processes.values() if p.pid not in pids),
+        scores := score(pool, *args), pids.extend(p.pid for p in pool.processes if p.pid not in pids),
         scores)[0])
     monkeypatch.setenv("RPO_ENGINE_TEST_FAIL_AT", "0:2")
     out = tmp_path / "run"

@@ -17,14 +17,18 @@ guard: each worker imports the script's main module.
 """
 from __future__ import annotations
 
-import concurrent.futures
-import concurrent.futures.process
+import atexit
+import collections
+import contextlib
 import multiprocessing
+import multiprocessing.connection
 import os
+import pickle
 import signal
 import sys
 import threading
 import time
+import weakref
 
 from rpo_engine.errors import UserError
 
@@ -63,7 +67,7 @@ _STARTUP_BLOCKED = {signal.SIGINT, signal.SIGUSR1}
 
 def _exit_with_parent(parent: int) -> None:
     """A worker's watch: once the process that started it is gone (killed, so nothing shut the pool down), the
-    worker ends too, instead of waiting on the pool's queue for ever."""
+    worker ends too, even one in the middle of a chunk, instead of living on."""
     while os.getppid() == parent:
         time.sleep(1.0)
     os._exit(1)
@@ -74,18 +78,79 @@ def _score(index: int, texts: list[str], answers: list[str]) -> list[float]:
     return [float(fn(text, answer)) for text, answer in zip(texts, answers)]
 
 
+class _Worker:
+    """One worker process and the pipe the pool talks to it over."""
+
+    def __init__(self, context, names: dict[int, str]):
+        self.connection, worker_end = context.Pipe()
+        self.process = context.Process(target=_serve, args=(worker_end, names), name="rpo_engine-reward-worker")
+        self.process.start()
+        worker_end.close()  # the worker's alone: its death is this end's end of file
+
+    def exit_code(self, wait_s: float = 5.0) -> int | None:
+        self.process.join(wait_s)
+        return self.process.exitcode
+
+
+def _serve(connection, names: dict[int, str]) -> None:
+    """A worker's loop: (index, texts, answers) in, ("scores", [...]) or ("error", exception) out; None or the
+    pool's end of file ends it."""
+    try:
+        _start_worker(names)
+        failed_start = None
+    except Exception as error:  # noqa: BLE001 - a --reward that does not import: each call's answer
+        failed_start = error
+    while True:
+        try:
+            request = connection.recv()
+        except EOFError:
+            return
+        if request is None:
+            return
+        try:
+            if failed_start is not None:
+                raise failed_start
+            reply = ("scores", _score(*request))
+        except Exception as error:  # noqa: BLE001 - the trainer's process raises it, as it would have itself
+            reply = ("error", _portable(error))
+        connection.send(reply)
+
+
+def _portable(error: Exception) -> Exception:
+    """`error`, or where it does not survive pickling (an exception class with other arguments) one that says it."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
 class RewardPool:
     """`workers` processes that score the reward functions `names` maps to (their index among --reward's
-    -> the name a worker resolves: exact, math or module:function; names with "auto" already resolved)."""
+    -> the name a worker resolves: exact, math or module:function; names with "auto" already resolved).
+
+    Its own small pool over pipes rather than concurrent.futures': the verdict on a worker that died (a SIGTERM
+    from outside, or a crash) must come from that worker's own exit code, and ProcessPoolExecutor terminates the
+    others itself, and may start a replacement mid-call, before anyone can look."""
 
     def __init__(self, names: dict[int, str], workers: int):
         if workers < 1:
             raise ValueError(f"a reward pool needs at least one worker, got {workers}")
         self.names, self.workers = dict(names), workers
-        self._said_sigterm = False  # the warning that the workers' SIGTERM moved scoring here, given once
-        self.executor = concurrent.futures.ProcessPoolExecutor(
-            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
-            initargs=(self.names,))
+        self._context = multiprocessing.get_context("spawn")
+        self._workers: list[_Worker] = []  # started by the first call; a worker ended by SIGTERM leaves the list
+        self._started = self._closed = self._said_scoring_here = False
+        self._lock = threading.Lock()  # one call at a time: replies are read in the order the chunks went out
+        # dropped unclosed, or at interpreter exit: stop the workers. Registered with atexit here, after
+        # multiprocessing's own exit hook (imported above), so it runs first: that hook joins live workers for ever
+        self._finalizer = weakref.finalize(self, _stop, self._workers)
+        self._finalizer.atexit = False
+        atexit.register(self._finalizer)
+
+    @property
+    def processes(self) -> list:
+        """The worker processes now serving (none before the first call)."""
+        return [worker.process for worker in self._workers]
 
     def serves(self, index: int) -> bool:
         return index in self.names
@@ -94,58 +159,106 @@ class RewardPool:
         """Reward function `index`'s score of each text against its answer, in order."""
         if len(texts) != len(answers):
             raise ValueError(f"{len(texts)} texts for {len(answers)} answers")
-        # Several chunks a worker, so one slow completion (a math-verify timeout) holds up little else.
-        size = max(1, -(-len(texts) // (4 * self.workers)))
-        starts = range(0, len(texts), size)
-        try:
-            # the first call spawns the workers: with Ctrl-C and SIGUSR1 blocked, here only for the submitting (one
-            # sent meanwhile reaches this process after), in a worker until _start_worker ignores them
-            blocked = (signal.pthread_sigmask(signal.SIG_BLOCK, _STARTUP_BLOCKED)
-                       if hasattr(signal, "pthread_sigmask") else None)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this reward pool is closed")
+            if not self._started:
+                self._start()
+            # Several chunks a worker, so one slow completion (a math-verify timeout) holds up little else.
+            size = max(1, -(-len(texts) // (4 * self.workers)))
+            chunks = [(index, texts[i:i + size], answers[i:i + size]) for i in range(0, len(texts), size)]
             try:
-                parts = self.executor.map(_score, [index] * len(starts), [texts[i:i + size] for i in starts],
-                                          [answers[i:i + size] for i in starts])
-            finally:
-                if blocked is not None:
-                    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+                parts = self._score_chunks(index, chunks)
+            except KeyboardInterrupt:  # the workers ignore it and would finish their chunks first
+                self.close(wait=False)
+                raise
             return [score for part in parts for score in part]
-        except concurrent.futures.process.BrokenProcessPool:
-            if self._ended_by_sigterm():
-                # a SIGTERM sent to every process (SLURM ending a job, `kill -- -PGID`): the trainer took it too and
-                # stops after this step, with a checkpoint; this step's scores come from here (the same function).
-                # Said once: where the trainer did not take it, every later call is scored here, slower
-                if not self._said_sigterm:
-                    self._said_sigterm = True
-                    print("warning: the --reward-workers processes were ended by SIGTERM; scoring in this process",
-                          file=sys.stderr, flush=True)
-                fn = reward_function(self.names[index])
-                return [float(fn(text, answer)) for text, answer in zip(texts, answers)]
-            raise UserError(f"reward function {self.names[index]!r}: a --reward-workers process died while "
-                            f"scoring (a crash or an exit in the function, or out of memory); without "
-                            f"--reward-workers its error shows here") from None
-        except KeyboardInterrupt:  # the workers ignore it and would finish every queued chunk first
-            self.close(wait=False)
-            raise
 
-    def _ended_by_sigterm(self) -> bool:
-        """Whether every worker ended by SIGTERM, sent from outside (a crash or an exit ends one otherwise; the pool
-        then sends the others SIGTERM)."""
-        processes = list((getattr(self.executor, "_processes", None) or {}).values())
-        deadline = time.monotonic() + 5  # the pool's thread reaps them too: its join or ours reads the exit code
-        while any(process.exitcode is None for process in processes) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return bool(processes) and all(process.exitcode == -signal.SIGTERM for process in processes)
+    def _start(self) -> None:
+        # with Ctrl-C and SIGUSR1 blocked, here only while spawning (one sent meanwhile reaches this process after), in
+        # a worker until _start_worker ignores them. multiprocessing's resource tracker first: the first spawn starts
+        # it, and unblocks Ctrl-C in this thread after (the workers would then start with it deliverable)
+        if sys.platform != "win32":
+            from multiprocessing import resource_tracker
+
+            resource_tracker.ensure_running()
+        blocked = (signal.pthread_sigmask(signal.SIG_BLOCK, _STARTUP_BLOCKED)
+                   if hasattr(signal, "pthread_sigmask") else None)
+        try:
+            for _ in range(self.workers):
+                self._workers.append(_Worker(self._context, self.names))
+        finally:
+            if blocked is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            self._started = True
+
+    def _score_chunks(self, index: int, chunks: list[tuple]) -> list[list[float]]:
+        parts: list = [None] * len(chunks)
+        waiting = collections.deque(range(len(chunks)))
+        busy: dict[_Worker, int] = {}  # worker -> the chunk it holds
+        error = None  # the first a function raised: raised once the chunks in flight are back (no stale replies)
+        while waiting or busy:
+            for worker in self._workers:
+                if worker not in busy and waiting and error is None:
+                    busy[worker] = waiting.popleft()
+                    try:
+                        worker.connection.send(chunks[busy[worker]])
+                    except OSError:  # it died between calls: its exit code says how, below
+                        pass
+            if not busy:  # every worker was ended by SIGTERM
+                if error is None:
+                    self._warn_scoring_here()
+                    fn = reward_function(self.names[index])
+                    for i in waiting:
+                        parts[i] = [float(fn(text, answer)) for text, answer in zip(*chunks[i][1:])]
+                break
+            ready = multiprocessing.connection.wait(
+                [worker.connection for worker in busy] + [worker.process.sentinel for worker in busy])
+            for worker in [worker for worker in busy if worker.connection in ready or worker.process.sentinel in ready]:
+                try:
+                    kind, value = worker.connection.recv()  # a reply sent just before a death is still read
+                except (EOFError, OSError):
+                    waiting.appendleft(busy.pop(worker))
+                    self._lost(worker, index)
+                    continue
+                i = busy.pop(worker)
+                if kind == "error":
+                    error = error or value
+                else:
+                    parts[i] = value
+        if error is not None:
+            raise error
+        return parts
+
+    def _lost(self, worker: _Worker, index: int) -> None:
+        """A worker that died: ended by SIGTERM from outside (SLURM ending a job, `kill -- -PGID`: the trainer took it
+        too and stops after this step, with a checkpoint), its chunks go to the others, or to this process once none
+        is left; a crash or an exit is the user's error."""
+        if self._closed:  # by close() from another thread (a `with` block left on an error): not a verdict
+            raise RuntimeError("this reward pool was closed while scoring")
+        code = worker.exit_code()
+        self._workers.remove(worker)
+        worker.connection.close()
+        if code != -signal.SIGTERM:
+            self.close(wait=False)
+            cause = f"exit code {code}" if code is None or code >= 0 else f"signal {signal.Signals(-code).name}"
+            raise UserError(f"reward function {self.names[index]!r}: a --reward-workers process "
+                            f"died while scoring ({cause}: a crash or an exit in the function, or out of memory); "
+                            f"without --reward-workers its error shows here")
+
+    def _warn_scoring_here(self) -> None:
+        # said once: where the trainer did not take the SIGTERM, every later call is scored here, slower
+        if not self._said_scoring_here:
+            self._said_scoring_here = True
+            print("warning: the --reward-workers processes were ended by SIGTERM; scoring in this process",
+                  file=sys.stderr, flush=True)
 
     def close(self, wait: bool = True) -> None:
-        """Shut the workers down once their calls in flight are done, or (`wait=False`: an error or an
-        interrupt is on its way) at once."""
-        processes = list((getattr(self.executor, "_processes", None) or {}).values())  # shutdown forgets them
-        # shut down first: the pool's thread then drops the cancelled calls before it finds the workers gone
-        # (Python 3.11's fails on a cancelled call with an InvalidStateError traceback)
-        self.executor.shutdown(wait=wait, cancel_futures=True)
-        if not wait:  # before Python 3.14 no public call stops a worker in the middle of its chunk
-            for process in processes:
-                process.terminate()
+        """Shut the workers down (between calls they are idle), or (`wait=False`: an error or an interrupt is on
+        its way) stop them at once, mid-chunk."""
+        self._closed = True
+        _stop(self._workers, wait)
+        atexit.unregister(self._finalizer)
 
     def functions(self, functions: list) -> list:
         """`functions` (resolved from --reward, in order) with each one this pool serves made a PooledReward."""
@@ -156,6 +269,22 @@ class RewardPool:
 
     def __exit__(self, exc_type, *exc):
         self.close(wait=exc_type is None)
+
+
+def _stop(workers: list[_Worker], wait: bool = False) -> None:
+    for worker in workers:
+        if wait:
+            with contextlib.suppress(OSError):  # one that died already
+                worker.connection.send(None)
+        else:
+            worker.process.terminate()
+    for worker in workers:
+        worker.process.join(30 if wait else 5)
+        if worker.process.is_alive():  # stuck in C code past SIGTERM, or a wait=True worker that did not stop
+            worker.process.kill()
+            worker.process.join()
+        worker.connection.close()
+    workers.clear()
 
 
 class PooledReward:
