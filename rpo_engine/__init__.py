@@ -1,11 +1,15 @@
 """rpo_engine: GRPO/DAPO fine-tuning with Partial Reasoning Optimization (arXiv 2601.19404)."""
 from rpo_engine.errors import UserError
-from rpo_engine.model import CausalLM, ModelConfig, load_model, load_tokenizer
 
 __version__ = "0.1.0"
 
-# The rollout engine and the trainer import lazily: `import rpo_engine` stays cheap.
+# The model, the rollout engine and the trainer import lazily: `import rpo_engine` stays cheap, without torch (a
+# reward function's process, math-verify's helper, reads rpo_engine.rewards alone).
 _LAZY = {
+    "CausalLM": "rpo_engine.model",
+    "ModelConfig": "rpo_engine.model",
+    "load_model": "rpo_engine.model",
+    "load_tokenizer": "rpo_engine.model",
     "RolloutEngine": "rpo_engine.rollout",
     "SamplingParams": "rpo_engine.rollout",
     "TrainConfig": "rpo_engine.config",
@@ -25,4 +29,4 @@ def __dir__():  # the lazy names too, for dir() and tab completion
     return sorted(set(globals()) | set(_LAZY))
 
 
-__all__ = ["CausalLM", "ModelConfig", "UserError", "load_model", "load_tokenizer", *_LAZY]
+__all__ = ["UserError", *_LAZY]

@@ -222,7 +222,7 @@ class _MathVerifyHelper:
     the timeouts; one that has not answered by the deadline (stuck in C code) is killed and the answer scores 0.
     Calls go one at a time: math-verify holds the GIL anyway."""
 
-    START_DEADLINE_S = 300.0  # it imports torch through rpo_engine, on a busy machine
+    START_DEADLINE_S = 300.0  # it imports math-verify (and sympy), on a busy machine
     DEADLINE_S = 6 * _MATH_TIMEOUT_S + 10.0  # up to five parses and a verify, each under its timeout, then slack
     RETRY_AFTER_S = 600.0  # after a failed start: not every call paying another (up to START_DEADLINE_S)
 
