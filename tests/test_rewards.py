@@ -1143,3 +1143,101 @@ def test_math_reward_helper_imports_the_callers_rpo_engine_not_the_one_in_its_cw
     th.start(); th.join()
     answers._HELPER._stop()
     assert out == [1.0]
+
+
+
+@pytest.mark.parametrize("held", ["between its write and its flush", "in its flush"])
+def test_math_reward_helper_in_a_child_forked_during_a_call(monkeypatch, held):
+    """A child forked while another thread was mid-call inherited the held lock, so its first call off the main
+    thread waited for ever, and the parent's helper and pipes: a child that dropped them flushed its copy of a
+    request written but not yet flushed into the parent's helper, whose extra answer the parent's next call then
+    read, and one that kept them (the dead thread's frames hold what they used) kept the helper's stdin open past
+    the parent's end. The child gets a fresh lock and a helper of its own; the parent's helper answers the parent
+    right and ends with its stdin."""
+    import inspect
+    import os
+    import select
+    import sys
+
+    from rpo_engine.rewards import answers
+
+    def in_a_thread(completion, answer):
+        out = []
+        th = threading.Thread(target=lambda: out.append(math_answer_reward(completion, answer)))
+        th.start(); th.join()
+        return out[0]
+
+    helper = answers._MathVerifyHelper()
+    monkeypatch.setattr(answers, "_HELPER", helper)
+    assert in_a_thread("\\boxed{\\frac{2}{4}}", "1/2") == 1.0
+    written, release = threading.Event(), threading.Event()
+
+    def hold():
+        written.set()
+        release.wait(60)
+
+    class FlushHeld:  # the helper's stdin, held in its flush: the call's frames hold it
+        def __init__(self, pipe):
+            self.pipe = pipe
+
+        def write(self, text):
+            return self.pipe.write(text)
+
+        def flush(self):
+            hold()
+            self.pipe.flush()
+
+        def fileno(self):
+            return self.pipe.fileno()
+
+    lines, first = inspect.getsourcelines(answers._MathVerifyHelper.verdict)
+    flush_line = first + next(i for i, line in enumerate(lines) if ".stdin.flush()" in line)
+
+    def at_the_flush_line(frame, event, arg):  # held with no frame holding the pipe, as a thread switch leaves it
+        if frame.f_code is answers._MathVerifyHelper.verdict.__code__:
+            if event == "line" and frame.f_lineno == flush_line:
+                hold()
+            return at_the_flush_line
+        return None
+
+    def call():
+        if held == "in its flush":
+            helper.process.stdin = FlushHeld(helper.process.stdin)
+        else:
+            sys.settrace(at_the_flush_line)
+        parent_out.append(math_answer_reward("\\boxed{3}", "1/2"))
+
+    parent_out = []
+    caller = threading.Thread(target=call)
+    caller.start()
+    assert written.wait(60)
+    report_read, report_write = os.pipe()
+    exit_read, exit_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            child_out = []
+            th = threading.Thread(target=lambda: child_out.append(
+                math_answer_reward("\\boxed{\\frac{2}{4}}", "1/2")), daemon=True)
+            th.start(); th.join(60)
+            os.write(report_write, repr(child_out).encode())
+            os.read(exit_read, 1)  # alive (holding whatever it kept) until the parent has checked its helper
+        finally:
+            os._exit(0)
+    os.close(report_write); os.close(exit_read)
+    try:
+        ready, _, _ = select.select([report_read], [], [], 90)
+        child_out = os.read(report_read, 100).decode() if ready else "no report in 90 s"
+        release.set(); caller.join()
+        if isinstance(helper.process.stdin, FlushHeld):
+            helper.process.stdin = helper.process.stdin.pipe
+        assert child_out == "[1.0]" and parent_out == [0.0]
+        assert in_a_thread("\\boxed{\\frac{2}{4}}", "1/2") == 1.0 and in_a_thread("\\boxed{5}", "1/2") == 0.0
+        process = helper.process
+        process.stdin.close()
+        assert process.wait(timeout=30) is not None  # EOF on its stdin: no copy of the write end left in the child
+    finally:
+        release.set()
+        os.write(exit_write, b"x"); os.close(exit_write); os.close(report_read)
+        os.waitpid(pid, 0)
+        helper._stop()

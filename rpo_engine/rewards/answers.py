@@ -27,6 +27,7 @@ import sys
 import threading
 import traceback
 import warnings
+import weakref
 from decimal import Decimal
 from fractions import Fraction
 
@@ -230,6 +231,22 @@ class _MathVerifyHelper:
         self.lock = threading.Lock()
         self.process = None
         self.failed_start_at = None
+        after_fork = weakref.WeakMethod(self._after_fork_in_child)  # the hook stays registered: it must not keep self
+        os.register_at_fork(after_in_child=lambda: (method := after_fork()) is not None and method())
+
+    def _after_fork_in_child(self) -> None:
+        """A forked child gets a lock of its own (a thread of the parent's, not in the child, may have held this one
+        mid-call) and no helper: it starts its own. Its copies of the parent's helper's pipe ends are pointed at
+        /dev/null in place, not closed through the file objects: one of them may hold a request the parent has
+        written and not yet flushed (a flush here would reach the parent's helper as one more call), and a dead
+        thread's frames may keep them open (keeping the helper's stdin open past the parent's end)."""
+        self.lock = threading.Lock()
+        if self.process is not None:
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for pipe in (self.process.stdin, self.process.stdout):
+                os.dup2(devnull, pipe.fileno(), inheritable=False)
+            os.close(devnull)
+            self.process = None
 
     def verdict(self, ref: str, pred_text: str, short_answer: bool) -> float | None:
         import json
