@@ -1241,3 +1241,38 @@ def test_math_reward_helper_in_a_child_forked_during_a_call(monkeypatch, held):
         os.write(exit_write, b"x"); os.close(exit_write); os.close(report_read)
         os.waitpid(pid, 0)
         helper._stop()
+
+
+def test_math_reward_helper_answers_right_when_its_libraries_write_to_stdout(monkeypatch):
+    """The helper answered on its stdout, where C code (or a library writing to fd 1) in math-verify's parsers
+    wrote too: the caller read that as an answer, and the answers after it belonged to earlier calls. Answers
+    go out on a private copy of fd 1, and fd 1 itself to stderr."""
+    import subprocess
+    import sys
+
+    from rpo_engine.rewards import answers
+
+    noisy_helper = ("import os, sys; sys.path[0] = sys.argv[1]\n"
+                    "from rpo_engine.rewards import answers\n"
+                    "verdict = answers._math_verify_verdict\n"
+                    "def noisy_verdict(*args):\n"
+                    "    os.write(1, b'1.0\\n0.0\\nunfinished line, ')\n"
+                    "    return verdict(*args)\n"
+                    "answers._math_verify_verdict = noisy_verdict\n"
+                    "answers._serve_math_verify()\n")
+    real_popen, started = subprocess.Popen, []
+
+    def noisy(args, **kwargs):  # the helper's command, its code run after noisy_helper's patch
+        assert args[1] == "-c" and "_serve_math_verify()" in args[2]
+        started.append(args)
+        return real_popen([args[0], "-c", noisy_helper, *args[3:]], **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", noisy)
+    monkeypatch.setattr(answers, "_HELPER", answers._MathVerifyHelper())
+    cases = [("\\boxed{\\frac{2}{4}}", "1/2"), ("\\boxed{3}", "1/2"), ("#### x^2 + 2x + 1", "(x+1)^2"),
+             ("\\boxed{5} or \\boxed{6}", "5"), ("\\boxed{(-\\infty, 3]}", "(-\\infty,3]"), ("\\boxed{2}", "x")]
+    out = []
+    th = threading.Thread(target=lambda: out.extend(math_answer_reward(c, a) for c, a in cases))
+    th.start(); th.join()
+    answers._HELPER._stop()
+    assert out == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0] and len(started) == 1  # one helper answered them all

@@ -325,7 +325,10 @@ def _serve_math_verify() -> None:
 
     resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))  # SIGXCPU: no core
     cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
-    answers, sys.stdout = sys.stdout, sys.stderr  # what math-verify or sympy print is no answer line
+    # Answers go out on a private copy of fd 1, and fd 1 (print's, and C code's in math-verify's parsers) to stderr:
+    # what they write is no answer line.
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     print("ready", file=answers, flush=True)
     for line in sys.stdin:
         ref, pred_text, short_answer = json.loads(line)
