@@ -1276,3 +1276,24 @@ def test_math_reward_helper_answers_right_when_its_libraries_write_to_stdout(mon
     th.start(); th.join()
     answers._HELPER._stop()
     assert out == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0] and len(started) == 1  # one helper answered them all
+
+
+def test_math_reward_helper_ends_quietly_when_its_caller_ends_mid_call():
+    """A caller that ended (killed, or Ctrl-C) while the helper worked on a call left it to write the answer
+    into a pipe nobody read: a BrokenPipeError traceback on the terminal after the caller had gone. It ends
+    quietly."""
+    import subprocess
+    import sys
+
+    code = ("import os, threading, time\n"
+            "from rpo_engine.rewards import answers, math_answer_reward as m\n"
+            "threading.Thread(target=lambda: m('\\\\boxed{\\\\frac{2}{4}}', '1/2'), daemon=True).start()\n"
+            "while answers._HELPER.process is None or not answers._HELPER.lock.locked(): time.sleep(0.01)\n"
+            "while answers._HELPER.lock.locked(): time.sleep(0.01)\n"
+            "threading.Thread(target=lambda: m('\\\\boxed{10^{10^{10}}}', '5'), daemon=True).start()\n"
+            "time.sleep(0.5)\n"  # the helper at work on the tower: its 2 s timeout
+            "print(answers._HELPER.process.pid, flush=True)\n"
+            "os._exit(0)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "Error" not in done.stderr, done.stderr[-2000:]  # to its end: the helper's too
+    assert process_ended(int(done.stdout), 30)

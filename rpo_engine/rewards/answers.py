@@ -326,20 +326,23 @@ def _serve_math_verify() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))  # SIGXCPU: no core
     cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
     # Answers go out on a private copy of fd 1, and fd 1 (print's, and C code's in math-verify's parsers) to stderr:
-    # what they write is no answer line.
-    answers = os.fdopen(os.dup(1), "w")
+    # what they write is no answer line. Unbuffered: a line a write, nothing left to flush (or fail) at exit.
+    answers = os.dup(1)
     os.dup2(2, 1)
-    print("ready", file=answers, flush=True)
-    for line in sys.stdin:
-        ref, pred_text, short_answer = json.loads(line)
-        cpu_limit = math.ceil(time.process_time() + _MathVerifyHelper.DEADLINE_S)
-        if cpu_hard == resource.RLIM_INFINITY or cpu_limit < cpu_hard:
-            resource.setrlimit(resource.RLIMIT_CPU, (cpu_limit, cpu_hard))
-        try:
-            verdict = _math_verify_verdict(ref, pred_text, short_answer, _MATH_TIMEOUT_S)
-        except Exception:  # noqa: BLE001 - as math_answer_reward: a wrong answer, not a dead helper
-            verdict = 0.0
-        print(json.dumps(verdict), file=answers, flush=True)
+    try:
+        os.write(answers, b"ready\n")
+        for line in sys.stdin:
+            ref, pred_text, short_answer = json.loads(line)
+            cpu_limit = math.ceil(time.process_time() + _MathVerifyHelper.DEADLINE_S)
+            if cpu_hard == resource.RLIM_INFINITY or cpu_limit < cpu_hard:
+                resource.setrlimit(resource.RLIMIT_CPU, (cpu_limit, cpu_hard))
+            try:
+                verdict = _math_verify_verdict(ref, pred_text, short_answer, _MATH_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - as math_answer_reward: a wrong answer, not a dead helper
+                verdict = 0.0
+            os.write(answers, f"{json.dumps(verdict)}\n".encode())
+    except BrokenPipeError:  # the caller ended during a call: no one to answer
+        pass
 
 
 # ------------------------------------------------------------------------------------------ format
