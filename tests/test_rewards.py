@@ -1291,6 +1291,7 @@ def test_math_reward_helper_ends_quietly_when_its_caller_ends_mid_call():
             "while answers._HELPER.process is None or not answers._HELPER.lock.locked(): time.sleep(0.01)\n"
             "while answers._HELPER.lock.locked(): time.sleep(0.01)\n"
             "threading.Thread(target=lambda: m('\\\\boxed{10^{10^{10}}}', '5'), daemon=True).start()\n"
+            "while not answers._HELPER.lock.locked(): time.sleep(0.01)\n"
             "time.sleep(0.5)\n"  # the helper at work on the tower: its 2 s timeout
             "print(answers._HELPER.process.pid, flush=True)\n"
             "os._exit(0)\n")
