@@ -1298,3 +1298,19 @@ def test_math_reward_helper_ends_quietly_when_its_caller_ends_mid_call():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "Error" not in done.stderr, done.stderr[-2000:]  # to its end: the helper's too
     assert process_ended(int(done.stdout), 30)
+
+
+def test_math_reward_helper_killed_past_its_deadline_has_its_pipes_closed(monkeypatch):
+    """A helper killed past its deadline was dropped with its pipes open, left to the garbage collector: a
+    ResourceWarning for each (under -W default, -X dev). They are closed with it."""
+    from rpo_engine.rewards import answers
+
+    monkeypatch.setattr(answers, "_HELPER", answers._MathVerifyHelper())
+    monkeypatch.setattr(answers._MathVerifyHelper, "DEADLINE_S", 0.2)  # \boxed{10^{10^{10}}} takes its 2 s timeout
+    out = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        th = threading.Thread(target=lambda: out.append(math_answer_reward("\\boxed{10^{10^{10}}}", "5")))
+        th.start(); th.join()
+    assert out == [0.0] and answers._HELPER.process is None
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []

@@ -15,6 +15,7 @@ the part after its last ``####`` is compared.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import functools
 import importlib
@@ -302,6 +303,9 @@ class _MathVerifyHelper:
         if self.process is not None:
             self.process.kill()
             self.process.wait()
+            for pipe in (self.process.stdin, self.process.stdout):
+                with contextlib.suppress(BrokenPipeError):  # a request it did not read: no one to flush it to
+                    pipe.close()
             self.process = None
 
 
