@@ -1157,3 +1157,174 @@ def test_math_reward_helper_imports_the_callers_rpo_engine_not_the_one_in_its_cw
     th.start(); th.join()
     answers._HELPER._stop()
     assert out == [1.0]
+
+
+
+@pytest.mark.parametrize("held", ["between its write and its flush", "in its flush"])
+def test_math_reward_helper_in_a_child_forked_during_a_call(monkeypatch, held):
+    """A child forked while another thread was mid-call inherited the held lock, so its first call off the main
+    thread waited for ever, and the parent's helper and pipes: a child that dropped them flushed its copy of a
+    request written but not yet flushed into the parent's helper, whose extra answer the parent's next call then
+    read, and one that kept them (the dead thread's frames hold what they used) kept the helper's stdin open past
+    the parent's end. The child gets a fresh lock and a helper of its own; the parent's helper answers the parent
+    right and ends with its stdin."""
+    import inspect
+    import os
+    import select
+    import sys
+
+    from rpo_engine.rewards import answers
+
+    def in_a_thread(completion, answer):
+        out = []
+        th = threading.Thread(target=lambda: out.append(math_answer_reward(completion, answer)))
+        th.start(); th.join()
+        return out[0]
+
+    helper = answers._MathVerifyHelper()
+    monkeypatch.setattr(answers, "_HELPER", helper)
+    assert in_a_thread("\\boxed{\\frac{2}{4}}", "1/2") == 1.0
+    written, release = threading.Event(), threading.Event()
+
+    def hold():
+        written.set()
+        release.wait(60)
+
+    class FlushHeld:  # the helper's stdin, held in its flush: the call's frames hold it
+        def __init__(self, pipe):
+            self.pipe = pipe
+
+        def write(self, text):
+            return self.pipe.write(text)
+
+        def flush(self):
+            hold()
+            self.pipe.flush()
+
+        def fileno(self):
+            return self.pipe.fileno()
+
+    lines, first = inspect.getsourcelines(answers._MathVerifyHelper.verdict)
+    flush_line = first + next(i for i, line in enumerate(lines) if ".stdin.flush()" in line)
+
+    def at_the_flush_line(frame, event, arg):  # held with no frame holding the pipe, as a thread switch leaves it
+        if frame.f_code is answers._MathVerifyHelper.verdict.__code__:
+            if event == "line" and frame.f_lineno == flush_line:
+                hold()
+            return at_the_flush_line
+        return None
+
+    def call():
+        if held == "in its flush":
+            helper.process.stdin = FlushHeld(helper.process.stdin)
+        else:
+            sys.settrace(at_the_flush_line)
+        parent_out.append(math_answer_reward("\\boxed{3}", "1/2"))
+
+    parent_out = []
+    caller = threading.Thread(target=call)
+    caller.start()
+    assert written.wait(60)
+    report_read, report_write = os.pipe()
+    exit_read, exit_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            child_out = []
+            th = threading.Thread(target=lambda: child_out.append(
+                math_answer_reward("\\boxed{\\frac{2}{4}}", "1/2")), daemon=True)
+            th.start(); th.join(60)
+            os.write(report_write, repr(child_out).encode())
+            os.read(exit_read, 1)  # alive (holding whatever it kept) until the parent has checked its helper
+        finally:
+            os._exit(0)
+    os.close(report_write); os.close(exit_read)
+    try:
+        ready, _, _ = select.select([report_read], [], [], 90)
+        child_out = os.read(report_read, 100).decode() if ready else "no report in 90 s"
+        release.set(); caller.join()
+        if isinstance(helper.process.stdin, FlushHeld):
+            helper.process.stdin = helper.process.stdin.pipe
+        assert child_out == "[1.0]" and parent_out == [0.0]
+        assert in_a_thread("\\boxed{\\frac{2}{4}}", "1/2") == 1.0 and in_a_thread("\\boxed{5}", "1/2") == 0.0
+        process = helper.process
+        process.stdin.close()
+        assert process.wait(timeout=30) is not None  # EOF on its stdin: no copy of the write end left in the child
+    finally:
+        release.set()
+        os.write(exit_write, b"x"); os.close(exit_write); os.close(report_read)
+        os.waitpid(pid, 0)
+        helper._stop()
+
+
+def test_math_reward_helper_answers_right_when_its_libraries_write_to_stdout(monkeypatch):
+    """The helper answered on its stdout, where C code (or a library writing to fd 1) in math-verify's parsers
+    wrote too: the caller read that as an answer, and the answers after it belonged to earlier calls. Answers
+    go out on a private copy of fd 1, and fd 1 itself to stderr."""
+    import subprocess
+    import sys
+
+    from rpo_engine.rewards import answers
+
+    noisy_helper = ("import os, sys; sys.path[0] = sys.argv[1]\n"
+                    "from rpo_engine.rewards import answers\n"
+                    "verdict = answers._math_verify_verdict\n"
+                    "def noisy_verdict(*args):\n"
+                    "    os.write(1, b'1.0\\n0.0\\nunfinished line, ')\n"
+                    "    return verdict(*args)\n"
+                    "answers._math_verify_verdict = noisy_verdict\n"
+                    "answers._serve_math_verify()\n")
+    real_popen, started = subprocess.Popen, []
+
+    def noisy(args, **kwargs):  # the helper's command, its code run after noisy_helper's patch
+        assert args[1] == "-c" and "_serve_math_verify()" in args[2]
+        started.append(args)
+        return real_popen([args[0], "-c", noisy_helper, *args[3:]], **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", noisy)
+    monkeypatch.setattr(answers, "_HELPER", answers._MathVerifyHelper())
+    cases = [("\\boxed{\\frac{2}{4}}", "1/2"), ("\\boxed{3}", "1/2"), ("#### x^2 + 2x + 1", "(x+1)^2"),
+             ("\\boxed{5} or \\boxed{6}", "5"), ("\\boxed{(-\\infty, 3]}", "(-\\infty,3]"), ("\\boxed{2}", "x")]
+    out = []
+    th = threading.Thread(target=lambda: out.extend(math_answer_reward(c, a) for c, a in cases))
+    th.start(); th.join()
+    answers._HELPER._stop()
+    assert out == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0] and len(started) == 1  # one helper answered them all
+
+
+def test_math_reward_helper_ends_quietly_when_its_caller_ends_mid_call():
+    """A caller that ended (killed, or Ctrl-C) while the helper worked on a call left it to write the answer
+    into a pipe nobody read: a BrokenPipeError traceback on the terminal after the caller had gone. It ends
+    quietly."""
+    import subprocess
+    import sys
+
+    code = ("import os, threading, time\n"
+            "from rpo_engine.rewards import answers, math_answer_reward as m\n"
+            "threading.Thread(target=lambda: m('\\\\boxed{\\\\frac{2}{4}}', '1/2'), daemon=True).start()\n"
+            "while answers._HELPER.process is None or not answers._HELPER.lock.locked(): time.sleep(0.01)\n"
+            "while answers._HELPER.lock.locked(): time.sleep(0.01)\n"
+            "threading.Thread(target=lambda: m('\\\\boxed{10^{10^{10}}}', '5'), daemon=True).start()\n"
+            "while not answers._HELPER.lock.locked(): time.sleep(0.01)\n"
+            "time.sleep(0.5)\n"  # the helper at work on the tower: its 2 s timeout
+            "print(answers._HELPER.process.pid, flush=True)\n"
+            "os._exit(0)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "Error" not in done.stderr, done.stderr[-2000:]  # to its end: the helper's too
+    assert process_ended(int(done.stdout), 30)
+
+
+def test_math_reward_helper_killed_past_its_deadline_has_its_pipes_closed(monkeypatch):
+    """A helper killed past its deadline was dropped with its pipes open, left to the garbage collector: a
+    ResourceWarning for each (under -W default, -X dev). They are closed with it."""
+    from rpo_engine.rewards import answers
+
+    monkeypatch.setattr(answers, "_HELPER", answers._MathVerifyHelper())
+    monkeypatch.setattr(answers._MathVerifyHelper, "DEADLINE_S", 0.2)  # \boxed{10^{10^{10}}} takes its 2 s timeout
+    out = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        th = threading.Thread(target=lambda: out.append(math_answer_reward("\\boxed{10^{10^{10}}}", "5")))
+        th.start(); th.join()
+    assert out == [0.0] and answers._HELPER.process is None
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []

@@ -15,6 +15,7 @@ the part after its last ``####`` is compared.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import functools
 import importlib
@@ -27,6 +28,7 @@ import sys
 import threading
 import traceback
 import warnings
+import weakref
 from decimal import Decimal
 from fractions import Fraction
 
@@ -230,6 +232,22 @@ class _MathVerifyHelper:
         self.lock = threading.Lock()
         self.process = None
         self.failed_start_at = None
+        after_fork = weakref.WeakMethod(self._after_fork_in_child)  # the hook stays registered: it must not keep self
+        os.register_at_fork(after_in_child=lambda: (method := after_fork()) is not None and method())
+
+    def _after_fork_in_child(self) -> None:
+        """A forked child gets a lock of its own (a thread of the parent's, not in the child, may have held this one
+        mid-call) and no helper: it starts its own. Its copies of the parent's helper's pipe ends are pointed at
+        /dev/null in place, not closed through the file objects: one of them may hold a request the parent has
+        written and not yet flushed (a flush here would reach the parent's helper as one more call), and a dead
+        thread's frames may keep them open (keeping the helper's stdin open past the parent's end)."""
+        self.lock = threading.Lock()
+        if self.process is not None:
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for pipe in (self.process.stdin, self.process.stdout):
+                os.dup2(devnull, pipe.fileno(), inheritable=False)
+            os.close(devnull)
+            self.process = None
 
     def verdict(self, ref: str, pred_text: str, short_answer: bool) -> float | None:
         import json
@@ -285,6 +303,9 @@ class _MathVerifyHelper:
         if self.process is not None:
             self.process.kill()
             self.process.wait()
+            for pipe in (self.process.stdin, self.process.stdout):
+                with contextlib.suppress(BrokenPipeError):  # a request it did not read: no one to flush it to
+                    pipe.close()
             self.process = None
 
 
@@ -308,18 +329,24 @@ def _serve_math_verify() -> None:
 
     resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))  # SIGXCPU: no core
     cpu_hard = resource.getrlimit(resource.RLIMIT_CPU)[1]
-    answers, sys.stdout = sys.stdout, sys.stderr  # what math-verify or sympy print is no answer line
-    print("ready", file=answers, flush=True)
-    for line in sys.stdin:
-        ref, pred_text, short_answer = json.loads(line)
-        cpu_limit = math.ceil(time.process_time() + _MathVerifyHelper.DEADLINE_S)
-        if cpu_hard == resource.RLIM_INFINITY or cpu_limit < cpu_hard:
-            resource.setrlimit(resource.RLIMIT_CPU, (cpu_limit, cpu_hard))
-        try:
-            verdict = _math_verify_verdict(ref, pred_text, short_answer, _MATH_TIMEOUT_S)
-        except Exception:  # noqa: BLE001 - as math_answer_reward: a wrong answer, not a dead helper
-            verdict = 0.0
-        print(json.dumps(verdict), file=answers, flush=True)
+    # Answers go out on a private copy of fd 1, and fd 1 (print's, and C code's in math-verify's parsers) to stderr:
+    # what they write is no answer line. Unbuffered: a line a write, nothing left to flush (or fail) at exit.
+    answers = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        os.write(answers, b"ready\n")
+        for line in sys.stdin:
+            ref, pred_text, short_answer = json.loads(line)
+            cpu_limit = math.ceil(time.process_time() + _MathVerifyHelper.DEADLINE_S)
+            if cpu_hard == resource.RLIM_INFINITY or cpu_limit < cpu_hard:
+                resource.setrlimit(resource.RLIMIT_CPU, (cpu_limit, cpu_hard))
+            try:
+                verdict = _math_verify_verdict(ref, pred_text, short_answer, _MATH_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - as math_answer_reward: a wrong answer, not a dead helper
+                verdict = 0.0
+            os.write(answers, f"{json.dumps(verdict)}\n".encode())
+    except BrokenPipeError:  # the caller ended during a call: no one to answer
+        pass
 
 
 # ------------------------------------------------------------------------------------------ format
