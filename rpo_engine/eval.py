@@ -102,13 +102,23 @@ def evaluate(**options) -> dict:
     and checked as the flags are, a mistake a UserError naming it. -> the metrics it prints, at full precision:
     "accuracy" (greedy, or with num_samples K the mean over all K answers a row: avg@K), for K > 1 "pass@k" for
     each power of two k < K (the unbiased estimate) and for K, "reward_mean" (of every answer's reward),
-    "rows" (how many were evaluated), and what the reward function logged (log_metric) as "eval_<name>"."""
+    "rows" (how many were evaluated), and what the reward function logged (log_metric) as "eval_<name>".
+    The global random generators, which --seed seeds, are the caller's again after it, as a trainer's own eval
+    leaves them."""
+    import torch
+
+    from rpo_engine.trainer import global_rng_states, restore_global_rng_states
+
     args = eval_options(options)
-    try:
-        return evaluated(args)
+    states = global_rng_states()
+    try:  # Python's and numpy's too (fork_rng forks torch's alone); of CUDA's, the device the eval runs on
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+            return evaluated(args)
     except UserError as e:
         clear_frames(e)  # a notebook keeps the error: its frames held the model
         raise
+    finally:
+        restore_global_rng_states(states)
 
 
 def eval_options(options: dict):

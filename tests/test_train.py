@@ -3116,6 +3116,26 @@ def test_evaluate_checks_its_options_as_the_command_line_does(tmp_path, tiny_mod
             evaluate(**options)
 
 
+def test_evaluate_leaves_the_callers_random_generators_as_they_were(tmp_path, tiny_model_dir):
+    """evaluate seeds the global generators (--seed: a stochastic reward scores the same again), which a
+    trainer calling it between its steps draws from: its random streams go on after the call as if there had
+    been none, as the trainer's own eval leaves them."""
+    import random
+
+    import numpy
+
+    from rpo_engine.eval import evaluate
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "Q: 1+1\nA:", "answer": "2"}) + "\n")
+    random.seed(11), numpy.random.seed(11), torch.manual_seed(11)
+    expected = (random.random(), numpy.random.rand(), torch.rand(()))
+    random.seed(11), numpy.random.seed(11), torch.manual_seed(11)
+    evaluate(model=tiny_model_dir, dataset=data, max_completion_length=2, temperature=1.0, seed=3,
+             reward="tests.reward_fns:torch_coin_reward", no_progress=True)
+    assert (random.random(), numpy.random.rand(), torch.rand(())) == expected
+
+
 def test_evaluate_frees_the_model_when_a_user_error_stops_it(tmp_path, tiny_model_dir, monkeypatch):
     """A UserError after the model loaded (a prompt too long for it) reaches a notebook's cell, which keeps it: its
     traceback's frames must not hold the model (on a GPU, the memory the corrected second call needs)."""
