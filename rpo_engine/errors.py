@@ -9,6 +9,7 @@ import functools
 import os
 import re
 import sys
+import traceback
 import warnings
 
 
@@ -48,6 +49,15 @@ def refusals_named(path):
         if refused is None:
             raise
         raise UserError(f"{path}: could not be written ({refused.strerror or refused})") from None
+
+
+def clear_frames(e: BaseException) -> None:
+    """Let go of what a user mistake's traceback holds: a notebook keeps the last error, and its traceback's frames
+    (and its context's, the out-of-memory error one explains) held the trainer, the model and the K/V cache, from
+    the corrected second call. A user mistake's traceback is no one's to debug."""
+    while e is not None:
+        traceback.clear_frames(e.__traceback__)
+        e = e.__context__
 
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep

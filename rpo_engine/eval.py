@@ -9,19 +9,22 @@ samples) and reports their mean accuracy (avg@K) and the fraction of rows with a
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
+import os
 import re
 import sys
 import warnings
 from pathlib import Path
 
-from rpo_engine.errors import UserError, run_cli
+from rpo_engine.errors import UserError, clear_frames, run_cli
 from rpo_engine.hub import download_bars_hidden
 
 
-def main(argv=None) -> int:
+def build_parser():
+    """The eval's options: main's flags, and (with underscores) evaluate's keyword arguments."""
     from rpo_engine.config import OneLineParser
 
     parser = OneLineParser(prog="python -m rpo_engine.eval", description=__doc__.splitlines()[0])
@@ -80,13 +83,101 @@ def main(argv=None) -> int:
                         help="CUDA: decode without CUDA graphs, for debugging (vLLM's name) (default: with them)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: one, on stderr)")
     parser.add_argument("--output", help="JSONL file for each row's completion, reward and verdict (must not exist)")
-    args = parser.parse_args(argv)
-    with download_bars_hidden() if args.no_progress else contextlib.nullcontext():
-        return run_eval(args)
+    return parser
+
+
+def main(argv=None) -> int:
+    return run_eval(build_parser().parse_args(argv))
 
 
 def run_eval(args) -> int:
-    """The eval `args` (main's parsed options) asks for: prints the accuracy; -> 0."""
+    """The eval `args` (main's parsed options) asks for: prints its metrics; -> 0."""
+    print_metrics(evaluated(args), args)
+    return 0
+
+
+def evaluate(**options) -> dict:
+    """The eval the command line runs, from Python (a notebook, a script, another trainer): `options` are its flags
+    by name with underscores (`model=`, `dataset=`, `num_samples=`, `no_progress=True`; --help lists them), typed
+    and checked as the flags are, a mistake a UserError naming it. -> the metrics it prints, at full precision:
+    "accuracy" (greedy, or with num_samples K the mean over all K answers a row: avg@K), for K > 1 "pass@k" for
+    each power of two k < K (the unbiased estimate) and for K, "reward_mean" (of every answer's reward),
+    "rows" (how many were evaluated), and what the reward function logged (log_metric) as "eval_<name>".
+    The global random generators, which --seed seeds, are the caller's again after it, as a trainer's own eval
+    leaves them."""
+    import torch
+
+    from rpo_engine.trainer import global_rng_states, restore_global_rng_states
+
+    args = eval_options(options)
+    states = global_rng_states()
+    try:  # Python's and numpy's too (fork_rng forks torch's alone); of CUDA's, the device the eval runs on
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+            return evaluated(args)
+    except UserError as e:
+        clear_frames(e)  # a notebook keeps the error: its frames held the model
+        raise
+    finally:
+        restore_global_rng_states(states)
+
+
+def eval_options(options: dict):
+    """`options` (evaluate's keyword arguments) as main's parsed options: the flags' defaults, with each given one
+    typed as its flag reads it (a path object as its string)."""
+    from rpo_engine.config import _typed, closest_names
+
+    actions = {action.dest: action for action in build_parser()._actions if action.dest != "help"}
+    unknown = sorted(set(options) - set(actions))
+    if unknown:
+        meant = closest_names(unknown[0], actions)
+        raise UserError(f"evaluate: unknown option {unknown[0]!r}" + (f"; did you mean {' or '.join(meant)}?" if meant
+                                                                       else ""))
+    args = argparse.Namespace(**{name: action.default for name, action in actions.items()})
+    for name, value in options.items():
+        action = actions[name]
+        kind = "bool" if action.nargs == 0 else {int: "int", float: "float", None: "str"}[action.type]  # 0: store_true
+        if kind == "str" and isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        setattr(args, name, _typed(name, kind + (" | None" if action.default is None else ""), value, "evaluate"))
+    return args
+
+
+def print_metrics(metrics: dict, args) -> None:
+    """What the command line prints of evaluated's `metrics`: accuracy (avg@K and pass@K), the unbiased pass@k,
+    and the means of what the reward function logged."""
+    source = args.dataset or "built-in eval split"
+    rows = metrics["rows"]
+    if args.num_samples == 1:  # a sampled answer's accuracy says so: it is not the greedy one
+        sampled = f", temperature {args.temperature:g}" if args.temperature > 0 else ""
+        print(f"accuracy {metrics['accuracy']:.4f} on {rows} rows{sampled} ({source})")
+    else:
+        K = args.num_samples
+        print(f"avg@{K} {metrics['accuracy']:.4f}, pass@{K} {metrics[f'pass@{K}']:.4f} on {rows} rows, temperature "
+              f"{args.temperature:g} ({source})")
+        ks = unbiased_ks(K)
+        if ks:
+            print(", ".join(f"pass@{k} {metrics[f'pass@{k}']:.4f}" for k in ks)
+                  + f" (unbiased, from the {K} answers a row)")
+    logged = {name: value for name, value in metrics.items() if name.startswith("eval_")}
+    if logged:
+        print(", ".join(f"{name} {value:.4g}" for name, value in logged.items()))
+
+
+def unbiased_ks(K: int) -> list[int]:
+    """The k of the pass@k reported beside pass@K: the powers of two below K."""
+    return [k for k in (2 ** i for i in range(1, K.bit_length())) if k < K]
+
+
+def evaluated(args) -> dict:
+    """The metrics of the eval `args` (main's parsed options) asks for (evaluate's); with --no-progress the Hub's
+    download bars hidden too."""
+    with download_bars_hidden() if args.no_progress else contextlib.nullcontext():
+        return _evaluated(args)
+
+
+def _evaluated(args) -> dict:
+    """evaluated's work: the options checked, the model and the rows loaded, each row's answers decoded and graded,
+    --output written; -> the metrics."""
     import rpo_engine
     from rpo_engine.config import config_from_dict, greedy_filter, stop_strings
     from rpo_engine.model.checkpoint import model_directory
@@ -214,24 +305,14 @@ def run_eval(args) -> int:
             if created:  # half of it (a full disk) would be refused by the rerun as "already exists"
                 output.unlink(missing_ok=True)
             raise UserError(f"{output}: cannot write ({e.strerror or e})") from None
-    source = args.dataset or "built-in eval split"
-    rights = right_answers(graded)
-    mean = sum(rights) / (len(rows) * args.num_samples)
-    if args.num_samples == 1:  # a sampled answer's accuracy says so: it is not the greedy one
-        sampled = f", temperature {args.temperature:g}" if args.temperature > 0 else ""
-        print(f"accuracy {mean:.4f} on {len(rows)} rows{sampled} ({source})")
-    else:
-        K = args.num_samples
-        solved = sum(n > 0 for n in rights) / len(rows)
-        print(f"avg@{K} {mean:.4f}, pass@{K} {solved:.4f} on {len(rows)} rows, temperature {args.temperature:g} "
-              f"({source})")
-        ks = [k for k in (2 ** i for i in range(1, K.bit_length())) if k < K]
-        if ks:  # each from all K answers a row: the unbiased estimator, not the first k answers
-            print(", ".join(f"pass@{k} {sum(pass_at_k(K, c, k) for c in rights) / len(rows):.4f}" for k in ks)
-                  + f" (unbiased, from the {K} answers a row)")
-    if log.metrics:  # what the reward function logged (log_metric), as the trainer's eval logs it
-        print(", ".join(f"{name} {mean:.4g}" for name, mean in RewardLog.metric_means([log.metrics], "eval_").items()))
-    return 0
+    K, rights = args.num_samples, right_answers(graded)
+    metrics = {"accuracy": sum(rights) / (len(rows) * K)}
+    if K > 1:  # each from all K answers a row: the unbiased estimator, not the first k answers (pass@K: any right)
+        metrics.update({f"pass@{k}": sum(pass_at_k(K, c, k) for c in rights) / len(rows) for k in [*unbiased_ks(K), K]})
+    metrics["reward_mean"] = sum(reward for samples in graded for _, reward, _ in samples) / (len(rows) * K)
+    metrics["rows"] = len(rows)
+    # what the reward function logged (log_metric), as the trainer's eval logs it
+    return {**metrics, **RewardLog.metric_means([log.metrics], "eval_")}
 
 
 def in_eval_words(message: str) -> str:

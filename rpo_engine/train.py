@@ -19,7 +19,6 @@ import signal
 import socket
 import sys
 import threading
-import traceback
 import zipfile
 from functools import cache, partial
 from pathlib import Path
@@ -30,7 +29,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from rpo_engine.config import (TrainConfig, boolean_scale_rewards_named, config_to_dict, parse_args, reward_names,
                                 warmup_length)
 from rpo_engine.distributed import Dist, RankErrorHandler, check_divisible, leave_process, write_torchrun_error
-from rpo_engine.errors import UserError, refusals_named, run_cli
+from rpo_engine.errors import UserError, clear_frames, refusals_named, run_cli
 from rpo_engine.reporting import Reporter, report_targets
 
 
@@ -648,12 +647,7 @@ def train(config: TrainConfig, dist: Dist | None = None) -> int:
         with contextlib.ExitStack() as held:
             return run_training(config, dist or Dist(), held)
     except UserError as e:
-        # A notebook keeps the last error: its traceback's frames (and its context's, the out-of-memory error one
-        # explains) held the trainer, the model and the K/V cache, from the corrected second call. A user
-        # mistake's traceback is no one's to debug.
-        while e is not None:
-            traceback.clear_frames(e.__traceback__)
-            e = e.__context__
+        clear_frames(e)  # a notebook keeps the error: its frames held the trainer, the model and the K/V cache
         raise
 
 

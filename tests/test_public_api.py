@@ -206,3 +206,15 @@ def test_the_cli_options_design_lists(capsys):
         eval_cli.main(["--help"])
     assert stop.value.code == 0
     assert {"--model", "--dataset"} <= set(re.findall(r"(--[a-z0-9-]+)", capsys.readouterr().out))
+
+
+def test_evaluate_takes_every_eval_flag_by_name():
+    """`rpo_engine.eval.evaluate(**options)`, the eval from Python as `rpo_engine.train.train(config)` is the run
+    (README): each of the command line's flags by its name with underscores, the flag's default given explicitly
+    reading as the flag left out (a flag of a type evaluate cannot take would raise here)."""
+    from rpo_engine.eval import build_parser, eval_options, evaluate
+
+    assert callable(evaluate)
+    defaults = {action.dest: action.default for action in build_parser()._actions if action.dest != "help"}
+    assert {"model", "dataset", "adapter", "num_samples", "temperature", "output", "no_progress"} <= set(defaults)
+    assert eval_options(defaults) == eval_options({}) == build_parser().parse_args([])

@@ -3056,6 +3056,112 @@ def test_eval_cli_samples(tmp_path, tiny_model_dir):
                       "--num-samples 4 needs --temperature > 0")
 
 
+def test_evaluate_returns_the_numbers_the_eval_cli_prints_and_writes(tmp_path, tiny_model_dir, capsys):
+    """rpo_engine.eval.evaluate: the eval from a notebook or a script, as train(TrainConfig(...)) is the training,
+    returning the numbers, which are the command line's on the same options: its printed accuracy, avg@K, pass@k
+    and logged reward metrics, and the mean of the rewards its --output writes."""
+    from rpo_engine.eval import evaluate, main, pass_at_k
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q: {i}+1\nA:", "answer": str(i + 1)}) + "\n" for i in range(6)))
+    common = {"model": Path(tiny_model_dir), "dataset": str(data), "max_completion_length": 6, "no_progress": True}
+    flags = ["--model", str(tiny_model_dir), "--dataset", str(data), "--max-completion-length", "6", "--no-progress"]
+    runs = {"greedy": (dict(common, reward="tests.reward_fns:hash_reward"),
+                       [*flags, "--reward", "tests.reward_fns:hash_reward"]),
+            "sampled": (dict(common, reward="tests.reward_fns:async_judge", num_samples=4, temperature=1),
+                        [*flags, "--reward", "tests.reward_fns:async_judge", "--num-samples", "4", "--temperature", "1"])}
+    for name, (options, argv) in runs.items():
+        assert main([*argv, "--output", str(tmp_path / f"{name}.jsonl")]) == 0
+        printed = capsys.readouterr().out
+        metrics = evaluate(**options)
+        assert capsys.readouterr().out == ""  # returned, not printed
+        rows = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+        if name == "greedy":
+            rewards = [r["reward"] for r in rows]
+            assert metrics == {"accuracy": sum(r["correct"] for r in rows) / 6, "reward_mean": sum(rewards) / 6,
+                               "rows": 6}
+            assert printed == f"accuracy {metrics['accuracy']:.4f} on 6 rows ({data})\n"
+        else:
+            rights = [sum(r["correct"]) for r in rows]
+            assert metrics == {"accuracy": sum(rights) / 24,
+                               "pass@2": sum(pass_at_k(4, c, 2) for c in rights) / 6,
+                               "pass@4": sum(c > 0 for c in rights) / 6,
+                               "reward_mean": sum(sum(r["rewards"]) for r in rows) / 24, "rows": 6,
+                               "eval_judge/global_step": 0, "eval_judge/mean_score": sum(rights) / 24}
+            assert 0 < metrics["accuracy"] < metrics["pass@2"] < metrics["pass@4"]
+            assert printed == (f"avg@4 {metrics['accuracy']:.4f}, pass@4 {metrics['pass@4']:.4f} on 6 rows, "
+                               f"temperature 1 ({data})\n"
+                               f"pass@2 {metrics['pass@2']:.4f} (unbiased, from the 4 answers a row)\n"
+                               f"eval_judge/global_step 0, eval_judge/mean_score {metrics['accuracy']:.4g}\n")
+
+
+def test_evaluate_checks_its_options_as_the_command_line_does(tmp_path, tiny_model_dir, monkeypatch):
+    """evaluate's keyword arguments are the eval's flags with underscores, typed and checked as the command line
+    checks them: a mistake is a UserError naming the option, before the model loads."""
+    import rpo_engine
+    from rpo_engine.errors import UserError
+    from rpo_engine.eval import evaluate
+
+    monkeypatch.setattr(rpo_engine, "load_model", lambda *args, **kwargs: pytest.fail("loaded the model"))
+    for options, message in (({"eval_sizes": 3}, "evaluate: unknown option 'eval_sizes'; did you mean eval_size?"),
+                             ({"eval_size": "3"}, "evaluate: eval_size must be an integer, got '3'"),
+                             ({"eval_size": 2.0}, "evaluate: eval_size must be an integer, got 2.0"),
+                             ({"no_progress": "yes"}, "evaluate: no_progress must be true or false, got 'yes'"),
+                             ({"dataset": 7}, "evaluate: dataset must be a string or null, got 7"),
+                             ({"num_samples": 0}, "--num-samples must be >= 1, got 0"),
+                             ({"top_k": 3}, "--top-k does nothing with --temperature 0"),
+                             ({"output": tmp_path / "no" / "p.jsonl"}, f"{tmp_path / 'no'}: no such directory"),
+                             ({"model": tiny_model_dir, "help": True}, "evaluate: unknown option 'help'")):
+        with pytest.raises(UserError, match=f"^{re.escape(message)}"):
+            evaluate(**options)
+
+
+def test_evaluate_leaves_the_callers_random_generators_as_they_were(tmp_path, tiny_model_dir):
+    """evaluate seeds the global generators (--seed: a stochastic reward scores the same again), which a
+    trainer calling it between its steps draws from: its random streams go on after the call as if there had
+    been none, as the trainer's own eval leaves them."""
+    import random
+
+    import numpy
+
+    from rpo_engine.eval import evaluate
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "Q: 1+1\nA:", "answer": "2"}) + "\n")
+    random.seed(11), numpy.random.seed(11), torch.manual_seed(11)
+    expected = (random.random(), numpy.random.rand(), torch.rand(()))
+    random.seed(11), numpy.random.seed(11), torch.manual_seed(11)
+    evaluate(model=tiny_model_dir, dataset=data, max_completion_length=2, temperature=1.0, seed=3,
+             reward="tests.reward_fns:torch_coin_reward", no_progress=True)
+    assert (random.random(), numpy.random.rand(), torch.rand(())) == expected
+
+
+def test_evaluate_frees_the_model_when_a_user_error_stops_it(tmp_path, tiny_model_dir, monkeypatch):
+    """A UserError after the model loaded (a prompt too long for it) reaches a notebook's cell, which keeps it: its
+    traceback's frames must not hold the model (on a GPU, the memory the corrected second call needs)."""
+    import gc
+    import weakref
+
+    import rpo_engine
+    from rpo_engine.errors import UserError
+    from rpo_engine.eval import evaluate
+
+    models, load_model = [], rpo_engine.load_model
+
+    def loaded(*args, **kwargs):
+        model = load_model(*args, **kwargs)
+        models.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(rpo_engine, "load_model", loaded)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "1+" * 200 + "1=", "answer": "201"}) + "\n")
+    with pytest.raises(UserError, match="prompt of row .0. has 402 tokens") as raised:  # held, as a notebook holds it
+        evaluate(model=tiny_model_dir, dataset=data, max_prompt_length=300, no_progress=True)
+    gc.collect()
+    assert models and models[0]() is None, raised
+
+
 def test_eval_cli_seeds_the_torch_rng_a_stochastic_reward_reads(tmp_path, tiny_model_dir):
     """A reward drawing from torch's global generator (a sampled judge) scores the same in two eval processes: --seed
     seeds it, as a training run's does (torch starts it from the OS in each process)."""
