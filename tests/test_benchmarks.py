@@ -499,3 +499,59 @@ def test_every_cuda_only_test_is_in_the_gpu_suite():
             if skips_off_cuda and "@pytest.mark.gpu" not in decorators:
                 unmarked.append(f"{path.name}::{name}")
     assert not unmarked
+
+
+def test_time_alternating_turns_the_order_every_round():
+    """Each round times every variant once, the order rotated (A B, B A, A B, ...), after the warm-up round: drift
+    on the machine falls on every variant alike; a variant that fails is left out of the rounds after."""
+    common, calls = bench_module("common"), []
+
+    def call(name):
+        def run():
+            calls.append(name)
+            if name == "c" and calls.count("c") == 2:
+                raise MemoryError
+            return len(calls)
+        return run
+
+    timed = common.time_alternating({n: call(n) for n in "abc"}, 3, errors=(MemoryError,))
+    # warm-up a b c; round 1 b c (c fails: left out); then a b, b a, as two variants turn
+    assert calls == [*"abc", *"bca", *"ab", *"ba"], calls
+    assert [len(timed[n]["wall"]) for n in "ab"] == [3, 3] and isinstance(timed["c"]["error"], MemoryError)
+    assert timed["a"]["results"] == [6, 7, 10] and all(t >= 0 for t in timed["a"]["wall"] + timed["a"]["cpu"])
+
+
+def test_time_steps_alternates_training_steps_from_zeroed_gradients():
+    common, order = bench_module("common"), []
+    models = {name: torch.nn.Linear(4, 1) for name in ("plain", "shared")}
+
+    def step(name):
+        def run():
+            assert models[name].weight.grad is None  # zeroed before each run
+            order.append(name)
+            models[name](torch.ones(1, 4)).sum().backward()
+            return name
+        return run
+
+    rows = common.time_steps({name: (m, step(name)) for name, m in models.items()}, 3)
+    assert order == ["plain", "shared", "shared", "plain", "plain", "shared", "shared", "plain"]
+    for name, (row, last) in rows.items():
+        assert last == name and row["ms"] > 0 and row["cpu_ms"] >= 0
+
+
+def test_bench_shared_prefix_alternates_the_layouts(monkeypatch):
+    import random
+
+    from rpo_engine.model import ModelConfig
+
+    bench, order = bench_module("bench_shared_prefix"), []
+    step = bench.step
+    monkeypatch.setattr(bench, "step", lambda model, groups, shared: (order.append(shared), step(model, groups, shared)))
+    config = ModelConfig.from_hf_dict(dict(model_type="qwen2", vocab_size=64, hidden_size=16, intermediate_size=32,
+                                           num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                           max_position_embeddings=512))
+    model = bench_module("common").random_model(config, "cpu", torch.float32).train()
+    plain, shared = bench.measure(model, [bench.make_group(32, 2, 64, random.Random(0))], repeats=3)
+    # the warm-up round, 3 timed rounds in turned orders, then each layout's saved-activation count
+    assert order == [False, True, True, False, False, True, True, False, False, True]
+    assert shared["layout_tokens"] < plain["layout_tokens"] and plain["ms"] > 0 and shared["saved_mib"] > 0
