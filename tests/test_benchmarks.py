@@ -555,3 +555,28 @@ def test_bench_shared_prefix_alternates_the_layouts(monkeypatch):
     # the warm-up round, 3 timed rounds in turned orders, then each layout's saved-activation count
     assert order == [False, True, True, False, False, True, True, False, False, True]
     assert shared["layout_tokens"] < plain["layout_tokens"] and plain["ms"] > 0 and shared["saved_mib"] > 0
+
+
+def longest_run(names: list) -> int:
+    """The most calls of one variant in a row."""
+    run = best = 0
+    for i, name in enumerate(names):
+        run = run + 1 if i and names[i - 1] == name else 1
+        best = max(best, run)
+    return best
+
+
+def test_bench_sampler_alternates_what_it_compares(tmp_path, monkeypatch):
+    """The fast sampler and the reference (and the penalty off and on) are timed in turns, not all of one's repeats
+    before the other's: two calls of one in a row at most, where a rotated round ends and the next begins."""
+    bench, calls = bench_module("bench_sampler"), []
+    for name in ("sample", "sample_reference"):
+        original = getattr(bench, name)
+        monkeypatch.setattr(bench, name, lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
+    sample_sequences = bench.sample_sequences
+    monkeypatch.setattr(bench, "sample_sequences", lambda logits, seqs, seen: (
+        calls.append(seqs[0].params.repetition_penalty), sample_sequences(logits, seqs, seen))[1])
+    bench.main(["--rows", "2", "--vocab", "3000", "--repeats", "4", "--out", str(tmp_path / "sampler.json")])
+    penalty = [c for c in calls if not isinstance(c, str)]
+    assert longest_run([c for c in calls if isinstance(c, str)]) <= 2 and longest_run(penalty) <= 2
+    assert penalty.count(1.0) == penalty.count(1.1) == 5  # a warm-up round and 4 timed ones
