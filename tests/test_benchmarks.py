@@ -580,3 +580,27 @@ def test_bench_sampler_alternates_what_it_compares(tmp_path, monkeypatch):
     penalty = [c for c in calls if not isinstance(c, str)]
     assert longest_run([c for c in calls if isinstance(c, str)]) <= 2 and longest_run(penalty) <= 2
     assert penalty.count(1.0) == penalty.count(1.1) == 5  # a warm-up round and 4 timed ones
+
+
+def test_bench_host_times_backends_and_the_baseline_in_turns(monkeypatch):
+    """A case's engines, ours and the baseline checkout's, take turns a generate call at a time."""
+    bench, calls = bench_module("bench_host"), []
+    monkeypatch.setattr(bench, "NUM_BLOCKS", 512)
+    build = bench.build
+
+    def recorded(num_seqs, context, backend):
+        run = build(num_seqs, context, backend)
+        return lambda: (calls.append(backend), run())[1]
+
+    class FakeBaseline:
+        def ask(self, request):
+            if request[0] == "build":
+                return ["torch"]
+            calls.append("baseline")
+            return [0.5, [0.001] * 3]
+
+    monkeypatch.setattr(bench, "build", recorded)
+    rows, base_rows = bench.measure_all(3, [(8, 160)], FakeBaseline())
+    assert longest_run(calls) == 1 and len(calls) == 3 * 6 and calls[:6] != calls[6:12]  # the order turns
+    assert [r["decode_steps"] for r in rows] == [3 * 127] * 5
+    assert base_rows[:2] == [None, None] and base_rows[2]["decode_steps"] == 9 and base_rows[2]["host_s_per_call"] == 0.5
