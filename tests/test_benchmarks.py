@@ -604,3 +604,11 @@ def test_bench_host_times_backends_and_the_baseline_in_turns(monkeypatch):
     assert longest_run(calls) == 1 and len(calls) == 3 * 6 and calls[:6] != calls[6:12]  # the order turns
     assert [r["decode_steps"] for r in rows] == [3 * 127] * 5
     assert base_rows[:2] == [None, None] and base_rows[2]["decode_steps"] == 9 and base_rows[2]["host_s_per_call"] == 0.5
+
+
+def test_bench_cache_runs_each_case_on_both_sides_before_the_next(monkeypatch):
+    bench, order = bench_module("bench_cache"), []
+    monkeypatch.setattr(bench, "run_case", lambda n, length, src=None: order.append((n, src)) or {"prompts": n})
+    rows, base_rows = bench.run_cases([(1, 2), (3, 4), (5, 6)], [(1, 2), (5, 6)], "old")
+    assert order == [(1, None), (1, "old"), (3, None), (5, None), (5, "old")]
+    assert [r["prompts"] for r in rows] == [1, 3, 5] and [r["prompts"] for r in base_rows] == [1, 5]
