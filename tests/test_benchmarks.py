@@ -612,3 +612,11 @@ def test_bench_cache_runs_each_case_on_both_sides_before_the_next(monkeypatch):
     rows, base_rows = bench.run_cases([(1, 2), (3, 4), (5, 6)], [(1, 2), (5, 6)], "old")
     assert order == [(1, None), (1, "old"), (3, None), (5, None), (5, "old")]
     assert [r["prompts"] for r in rows] == [1, 3, 5] and [r["prompts"] for r in base_rows] == [1, 5]
+
+
+def test_bench_rewards_times_the_worker_counts_in_turns(tmp_path, monkeypatch):
+    bench, calls = bench_module("bench_rewards"), []
+    score = bench.RewardPool.score
+    monkeypatch.setattr(bench.RewardPool, "score", lambda self, *a: (calls.append(self.workers), score(self, *a))[1])
+    bench.main(["--completions", "8", "--workers", "1", "2", "--repeats", "3", "--out", str(tmp_path / "r.json")])
+    assert calls[:2] == [1, 2] and longest_run(calls[2:]) <= 2 and sorted(calls[2:]) == [1, 1, 1, 2, 2, 2]
