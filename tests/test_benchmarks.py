@@ -620,3 +620,19 @@ def test_bench_rewards_times_the_worker_counts_in_turns(tmp_path, monkeypatch):
     monkeypatch.setattr(bench.RewardPool, "score", lambda self, *a: (calls.append(self.workers), score(self, *a))[1])
     bench.main(["--completions", "8", "--workers", "1", "2", "--repeats", "3", "--out", str(tmp_path / "r.json")])
     assert calls[:2] == [1, 2] and longest_run(calls[2:]) <= 2 and sorted(calls[2:]) == [1, 1, 1, 2, 2, 2]
+
+
+def test_bench_lora_times_full_and_adapters_in_turns(tmp_path, monkeypatch):
+    bench, updates, decodes = bench_module("bench_lora"), [], []
+    step = bench.step
+    monkeypatch.setattr(bench, "step", lambda model, groups, shared: (updates.append(id(model)), step(model, groups, shared)))
+
+    class RecordingEngine(bench.RolloutEngine):
+        def generate(self, prompts, params):
+            decodes.append(id(self))
+            return super().generate(prompts, params)
+
+    monkeypatch.setattr(bench, "RolloutEngine", RecordingEngine)
+    bench.main(["--repeats", "3", "--out", str(tmp_path / "lora.json")])
+    assert len(set(updates)) == 2 and len(updates) == 8 and longest_run(updates) <= 2
+    assert len(set(decodes)) == 3 and len(decodes) == 3 * 4 and longest_run(decodes[3:]) <= 2  # after the warm-ups
