@@ -119,16 +119,16 @@ def time_alternating(calls: dict, repeats: int, *, warmup: int = 1, sync=None, b
     order rotated every round (rotated), after `warmup` untimed rounds: drift on the machine (heat, another job,
     caches) falls on every variant alike, where timing all of A's repeats before B's would hand it to one of them.
     `sync` (torch.cuda.synchronize on CUDA) runs before and after each timed call, `before(name)` and
-    `after(name)` untimed around every call. A call that raises one of `errors` leaves its variant out of the
-    rounds after it. -> name -> {"wall": [seconds a timed call], "cpu": [this process's CPU seconds a timed
+    `after(name)` untimed around every call. A call (or its `before`) that raises one of `errors` leaves its
+    variant out of the rounds after it. -> name -> {"wall": [seconds a timed call], "cpu": [this process's CPU seconds a timed
     call], "results": [what each timed call returned]}, plus "error" (the exception) for a variant that failed."""
     sync = sync or (lambda: None)
     timings = {name: {"wall": [], "cpu": [], "results": []} for name in calls}
     for round_ in range(warmup + repeats):
         for name in rotated([n for n in calls if "error" not in timings[n]], round_):
-            if before:
-                before(name)
             try:
+                if before:
+                    before(name)
                 sync()
                 t0, c0 = time.perf_counter(), time.process_time()
                 result = calls[name]()

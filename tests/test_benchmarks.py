@@ -459,8 +459,8 @@ def test_bench_rollout_keeps_our_figures_when_transformers_fails(tiny_model_dir)
         def generate(self, *args, **kwargs):
             raise RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED")
 
-    row = bench_module("bench_rollout").run_case("tiny", FailingPeer(), load_model(tiny_model_dir), num_prompts=2, n=2,
-                                                 prompt_len=8, new_tokens=4, repeats=1)
+    row, = bench_module("bench_rollout").run_load(FailingPeer(), load_model(tiny_model_dir), num_prompts=2, n=2,
+                                                  prompt_len=8, new_tokens=4, repeats=1, variants=[("tiny", {})])
     assert row["ours_tok_s"] > 0 and row["hf_s"] is None
     assert row["hf_error"] == "RuntimeError: CUBLAS_STATUS_EXECUTION_FAILED"
 
@@ -636,3 +636,26 @@ def test_bench_lora_times_full_and_adapters_in_turns(tmp_path, monkeypatch):
     bench.main(["--repeats", "3", "--out", str(tmp_path / "lora.json")])
     assert len(set(updates)) == 2 and len(updates) == 8 and longest_run(updates) <= 2
     assert len(set(decodes)) == 3 and len(decodes) == 3 * 4 and longest_run(decodes[3:]) <= 2  # after the warm-ups
+
+
+def test_bench_rollout_times_a_loads_engines_and_transformers_in_turns(tiny_model_dir, monkeypatch):
+    from rpo_engine import load_model
+
+    bench, calls = bench_module("bench_rollout"), []
+
+    class RecordingPeer:
+        def generate(self, ids, **kwargs):
+            calls.append("hf")
+
+    class RecordingEngine(bench.RolloutEngine):
+        def generate(self, prompts, params):
+            calls.append("sharing" if self.enable_prefix_sharing else "plain")
+            return super().generate(prompts, params)
+
+    monkeypatch.setattr(bench, "RolloutEngine", RecordingEngine)
+    rows = bench.run_load(RecordingPeer(), load_model(tiny_model_dir), num_prompts=2, n=2, prompt_len=8, new_tokens=4,
+                          repeats=3, variants=[("sharing", dict(enable_prefix_sharing=True)),
+                                               ("plain", dict(enable_prefix_sharing=False))])
+    timed = calls[3:]  # after each one's warm-up
+    assert longest_run(timed) <= 2 and sorted(timed) == sorted(["hf", "plain", "sharing"] * 3), calls
+    assert [r["case"] for r in rows] == ["sharing", "plain"] and rows[0]["speedup"] > 0 and "speedup" not in rows[1]
