@@ -659,3 +659,14 @@ def test_bench_rollout_times_a_loads_engines_and_transformers_in_turns(tiny_mode
     timed = calls[3:]  # after each one's warm-up
     assert longest_run(timed) <= 2 and sorted(timed) == sorted(["hf", "plain", "sharing"] * 3), calls
     assert [r["case"] for r in rows] == ["sharing", "plain"] and rows[0]["speedup"] > 0 and "speedup" not in rows[1]
+
+
+def test_bench_kernels_times_the_methods_in_turns(tmp_path, monkeypatch):
+    """Each method's child process is started first, then the methods take turns a step at a time."""
+    bench, turns = bench_module("bench_kernels"), []
+    turn = bench.Child.turn
+    monkeypatch.setattr(bench.Child, "turn", lambda self: (turns.append(self.proc.args[3]), turn(self))[1])
+    bench.main(["--shape", "64", "32", "500", "--repeats", "3", "--out", str(tmp_path / "kernels.json")])
+    assert sorted(turns) == sorted(["naive", "torch", "naive+entropy", "torch+entropy"] * 3)
+    assert longest_run(turns) == 1 and turns[:4] != turns[4:8]
+    assert all(r["ms"] > 0 and r["peak_extra_mib"] > 0 for r in json.loads((tmp_path / "kernels.json").read_text())["results"])
