@@ -348,6 +348,8 @@ def test_bench_trl_runs_our_systems_without_trl(tmp_path, tiny_model_dir):
     assert_saved_as_it_went(stdout, out, cases=2)
     record = json.loads(out.read_text())
     assert [r["system"] for r in record["results"]] == ["full", "rpo"] and record["trl"] is None
+    # one pass: the file says so, and in what order the systems ran (drift between them is not averaged out)
+    assert record["run_order"] == [["full", "rpo"]] and record["timing"].startswith("one pass")
 
 
 def test_bench_trl_runs_trl_with_and_without_our_rollout(tmp_path, tiny_model_dir):
