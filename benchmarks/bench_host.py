@@ -124,8 +124,8 @@ class Baseline:
 
     def __init__(self, src, threads):
         env = {**os.environ, "PYTHONPATH": str(src)}  # its rpo_engine before the installed one
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--serve", "--threads", str(threads)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+        command = [sys.executable, str(Path(__file__).resolve()), "--serve", "--threads", str(threads)]
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
                                      cwd=Path(__file__).parent)
 
     def ask(self, request):

@@ -109,7 +109,8 @@ def measure_decodes(variants: dict, prompts, new_tokens, n, repeats) -> dict:
         if name not in engines:
             model, merge_lora = variants[name]
             engines[name] = RolloutEngine(model, merge_lora=merge_lora)
-            engines[name].generate(prompts[:1], SamplingParams(n=1, max_new_tokens=4, seed=0))  # warm-up (graphs, kernels)
+            warm_up = SamplingParams(n=1, max_new_tokens=4, seed=0)
+            engines[name].generate(prompts[:1], warm_up)  # graphs captured, kernels compiled
 
     def close_engine(name):
         del engines[name]

@@ -37,7 +37,8 @@ QWEN25_15B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28
 def copy_bandwidth(device):
     x = torch.empty(1 << 28, dtype=torch.float32, device=device)  # 1 GiB
     y = torch.empty_like(x)
-    timed = time_alternating({"copy": lambda: y.copy_(x)}, 5, sync=torch.cuda.synchronize if device.type == "cuda" else None)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    timed = time_alternating({"copy": lambda: y.copy_(x)}, 5, sync=sync)
     return 2 * x.numel() * 4 / statistics.median(timed["copy"]["wall"]) / 1e9  # read + write
 
 
@@ -137,7 +138,7 @@ def run_load(hf, model, num_prompts, n, prompt_len, new_tokens, repeats, variant
             weights = sum(p.numel() * p.element_size() for p in model.parameters())
             step_bytes = weights + num_prompts * n * (prompt_len + new_tokens / 2) * kv_token
             row["achieved_GB_s"] = step_bytes / (s.decode_time_s / s.decode_steps) / 1e9
-            if replays[name]:  # the forward alone, on the device: what is left of decode_step_ms is host work and sampling
+            if replays[name]:  # the forward alone on the device: the rest of decode_step_ms is host work and sampling
                 graph_ms = statistics.mean(start.elapsed_time(end) for start, end in replays[name])
                 row.update(graph_ms_per_decode_step=graph_ms, graph_GB_s=step_bytes / graph_ms / 1e6,
                            graph_share_of_decode_step=graph_ms / row["decode_step_ms"])

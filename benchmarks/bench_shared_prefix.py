@@ -63,7 +63,8 @@ def measure(model, groups, repeats):
         row = {"layout_tokens": layout_tokens(groups, shared), **timed[shared][0]}
         if not row.get("oom"):  # the padded batch of the 1.5B shape at G=16 may not fit
             try:
-                row["saved_mib"] = saved_activation_bytes(model.parameters(), lambda: step(model, groups, shared)) / 2**20
+                saved = saved_activation_bytes(model.parameters(), lambda: step(model, groups, shared))
+                row["saved_mib"] = saved / 2**20
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 row = {"layout_tokens": row["layout_tokens"], "oom": True}

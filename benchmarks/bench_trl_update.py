@@ -6,8 +6,8 @@ backward, on the `inputs` TRL builds for one RPO group: a prompt of 64 tokens; a
 path, so the loss covers the suffixes; random nonzero advantages (every row trains). The two trainers run on two
 identical random-weight transformers Qwen2 models (seed 0), side by side in one process, alternating (each round
 times each once, the order turned every round); median of --repeats after one warm-up round. Activation memory:
-bytes of the distinct tensors autograd saves for backward (parameters excluded); on CUDA also the peak allocated. The losses and the largest gradient difference are
-recorded: the same computation. CPU: a small Qwen2 shape in fp32; --gpu (default on CUDA): Qwen2.5-1.5B's in bf16.
+bytes of the distinct tensors autograd saves for backward (parameters excluded); on CUDA also the peak allocated.
+The losses and the largest gradient difference are recorded: the same computation. CPU: a small Qwen2 shape in fp32; --gpu (default on CUDA): Qwen2.5-1.5B's in bf16.
 Writes benchmarks/results/trl_update_<cpu|cuda>.json; until every load has run, trl_update_<...>.partial.json.
 Needs TRL (`pip install -e ".[bench]"`). Usage: python benchmarks/bench_trl_update.py
 """

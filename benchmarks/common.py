@@ -120,8 +120,9 @@ def time_alternating(calls: dict, repeats: int, *, warmup: int = 1, sync=None, b
     caches) falls on every variant alike, where timing all of A's repeats before B's would hand it to one of them.
     `sync` (torch.cuda.synchronize on CUDA) runs before and after each timed call, `before(name)` and
     `after(name)` untimed around every call. A call (or its `before`) that raises one of `errors` leaves its
-    variant out of the rounds after it. -> name -> {"wall": [seconds a timed call], "cpu": [this process's CPU seconds a timed
-    call], "results": [what each timed call returned]}, plus "error" (the exception) for a variant that failed."""
+    variant out of the rounds after it. -> name -> {"wall": [seconds a timed call], "cpu": [this process's CPU
+    seconds a timed call], "results": [what each timed call returned]}, plus "error" (the exception) for a variant
+    that failed."""
     sync = sync or (lambda: None)
     timings = {name: {"wall": [], "cpu": [], "results": []} for name in calls}
     for round_ in range(warmup + repeats):

@@ -548,7 +548,8 @@ def test_bench_shared_prefix_alternates_the_layouts(monkeypatch):
 
     bench, order = bench_module("bench_shared_prefix"), []
     step = bench.step
-    monkeypatch.setattr(bench, "step", lambda model, groups, shared: (order.append(shared), step(model, groups, shared)))
+    monkeypatch.setattr(bench, "step", lambda model, groups, shared: (order.append(shared),
+                                                                      step(model, groups, shared)))
     config = ModelConfig.from_hf_dict(dict(model_type="qwen2", vocab_size=64, hidden_size=16, intermediate_size=32,
                                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                                            max_position_embeddings=512))
@@ -605,7 +606,8 @@ def test_bench_host_times_backends_and_the_baseline_in_turns(monkeypatch):
     rows, base_rows = bench.measure_all(3, [(8, 160)], FakeBaseline())
     assert longest_run(calls) == 1 and len(calls) == 3 * 6 and calls[:6] != calls[6:12]  # the order turns
     assert [r["decode_steps"] for r in rows] == [3 * 127] * 5
-    assert base_rows[:2] == [None, None] and base_rows[2]["decode_steps"] == 9 and base_rows[2]["host_s_per_call"] == 0.5
+    assert base_rows[:2] == [None, None]
+    assert base_rows[2]["decode_steps"] == 9 and base_rows[2]["host_s_per_call"] == 0.5
 
 
 def test_bench_cache_runs_each_case_on_both_sides_before_the_next(monkeypatch):
@@ -627,7 +629,8 @@ def test_bench_rewards_times_the_worker_counts_in_turns(tmp_path, monkeypatch):
 def test_bench_lora_times_full_and_adapters_in_turns(tmp_path, monkeypatch):
     bench, updates, decodes = bench_module("bench_lora"), [], []
     step = bench.step
-    monkeypatch.setattr(bench, "step", lambda model, groups, shared: (updates.append(id(model)), step(model, groups, shared)))
+    monkeypatch.setattr(bench, "step", lambda model, groups, shared: (updates.append(id(model)),
+                                                                      step(model, groups, shared)))
 
     class RecordingEngine(bench.RolloutEngine):
         def generate(self, prompts, params):
@@ -671,4 +674,5 @@ def test_bench_kernels_times_the_methods_in_turns(tmp_path, monkeypatch):
     bench.main(["--shape", "64", "32", "500", "--repeats", "3", "--out", str(tmp_path / "kernels.json")])
     assert sorted(turns) == sorted(["naive", "torch", "naive+entropy", "torch+entropy"] * 3)
     assert longest_run(turns) == 1 and turns[:4] != turns[4:8]
-    assert all(r["ms"] > 0 and r["peak_extra_mib"] > 0 for r in json.loads((tmp_path / "kernels.json").read_text())["results"])
+    rows = json.loads((tmp_path / "kernels.json").read_text())["results"]
+    assert all(r["ms"] > 0 and r["peak_extra_mib"] > 0 for r in rows)
