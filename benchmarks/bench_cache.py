@@ -14,7 +14,8 @@ case in a fresh process (its memory is its own):
 - `step_ms`: one step's cache work for B=512 prompts (DAPO's batch): get, cut_cached_path (least-likely, on the
   log-probs), the kept prefix and its log-probs sliced out, then choose + apply of an L-token answer and note_group.
 --baseline-src DIR runs the same cases on another checkout's rpo_engine (e.g. `git worktree add /tmp/cache_old
-<commit>`) in subprocesses of the same run, side by side. Writes benchmarks/results/cache_cpu.json.
+<commit>`) in subprocesses of the same run, side by side: each case on both before the next, which side first
+turned case by case. Writes benchmarks/results/cache_cpu.json.
 """
 import argparse, datetime, json, os, random, subprocess, sys, tempfile, time  # noqa: E401
 from pathlib import Path
@@ -23,7 +24,7 @@ from types import SimpleNamespace
 import numpy
 import torch
 
-from common import arg_parser, cli, git_commit, git_head, machine, out_path, save_json
+from common import arg_parser, cli, git_commit, git_head, machine, out_path, rotated, save_json
 
 VOCAB, PROMPT_TOKENS, BATCH, GROUP = 152_064, 256, 512, 8
 CASES = [(17_000, 1024), (17_000, 4096), (100_000, 4096)]
@@ -163,22 +164,34 @@ def print_load(path: str, num_prompts: int, length: int) -> None:
     print("LOAD " + json.dumps(row))
 
 
-def run_cases(cases, src=None) -> list[dict]:
-    """Each case in its own process, on `src`'s rpo_engine where given (else this checkout's)."""
+def run_case(num_prompts: int, length: int, src=None) -> dict:
+    """One case in its own process, on `src`'s rpo_engine where given (else this checkout's)."""
     env = {**os.environ, "PYTHONPATH": str(src or Path(__file__).resolve().parents[1])}
-    rows = []
-    for num_prompts, length in cases:
-        code = (f"import sys, json; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_cache as b; "
-                f"print('ROW ' + json.dumps(b.measure({num_prompts}, {length})))")
-        # run in benchmarks/: `python -c` puts the working directory first on sys.path, before PYTHONPATH
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                              cwd=Path(__file__).parent)
-        if proc.returncode:  # e.g. out of memory: recorded as such, the other cases still run
-            rows.append(dict(prompts=num_prompts, tokens=length, failed=proc.stderr[-500:] or f"rc {proc.returncode}"))
-        else:
-            rows.append(json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("ROW "))[4:]))
-        print(("baseline " if src else "") + json.dumps(rows[-1]), flush=True)
-    return rows
+    code = (f"import sys, json; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_cache as b; "
+            f"print('ROW ' + json.dumps(b.measure({num_prompts}, {length})))")
+    # run in benchmarks/: `python -c` puts the working directory first on sys.path, before PYTHONPATH
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).parent)
+    if proc.returncode:  # e.g. out of memory: recorded as such, the other cases still run
+        row = dict(prompts=num_prompts, tokens=length, failed=proc.stderr[-500:] or f"rc {proc.returncode}")
+    else:
+        row = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("ROW "))[4:])
+    print(("baseline " if src else "") + json.dumps(row), flush=True)
+    return row
+
+
+def run_cases(cases, baseline_cases=(), src=None) -> tuple[list[dict], list[dict]]:
+    """Each case here and (`src`, its `baseline_cases`) on the baseline checkout, the two sides of a case one after
+    the other, which first turned case by case: drift on the box falls on both alike. -> (rows, baseline rows)."""
+    rows, base_rows = [], []
+    for i, case in enumerate(dict.fromkeys([*cases, *baseline_cases])):
+        sides = [side for side, wanted in (("here", cases), ("baseline", baseline_cases)) if case in wanted]
+        for side in rotated(sides, i):
+            if side == "here":
+                rows.append(run_case(*case))
+            else:
+                base_rows.append(run_case(*case, src))
+    return rows, base_rows
 
 
 def main(argv=None):
@@ -197,11 +210,11 @@ def main(argv=None):
     result = dict(benchmark="cache", machine=machine("cpu"), date=datetime.datetime.now().isoformat(timespec="seconds"),
                   git_commit=git_commit(), torch=torch.__version__,
                   settings=dict(vocab=VOCAB, prompt_tokens=PROMPT_TOKENS, step_batch=BATCH, group=GROUP),
-                  load_average_1_5_15=os.getloadavg(), rows=run_cases(args.cases))
-    if args.baseline_src:
-        src = args.baseline_src.resolve()
-        result["baseline"] = dict(src=str(src), git_commit=git_head(src) or "unknown",
-                                  rows=run_cases(args.baseline_cases or args.cases, src))
+                  load_average_1_5_15=os.getloadavg())
+    src = args.baseline_src.resolve() if args.baseline_src else None
+    result["rows"], base_rows = run_cases(args.cases, (args.baseline_cases or args.cases) if src else (), src)
+    if src:
+        result["baseline"] = dict(src=str(src), git_commit=git_head(src) or "unknown", rows=base_rows)
     save_json(args.out or Path(__file__).parent / "results" / "cache_cpu.json", result)
 
 

@@ -5,22 +5,24 @@ the gradient of both; the naive path takes both from one log-softmax of the full
 shape only (on a GPU each method is a fresh process: CUDA start-up and Triton compiles). Liger has no
 differentiable entropy, so it runs without.
 
-Each method runs in a fresh child process so its peak memory is its own: on CUDA
+Each method runs in a child process of its own so its peak memory is its own: on CUDA
 torch.cuda.max_memory_allocated minus what was allocated before the call, on CPU the peak RSS
 (Linux's VmHWM, reset just before the call) minus the resident set before the call. Both count everything the step allocates, the returned
-gradients included. Time: median of a few repeats after one warm-up. CPU runs fp32 and no Triton
+gradients included. Time: a shape's children are all started, then take turns (each round one timed step
+of each, the order turned every round, each timed step right after a warm-up step of its own, as a child
+gives its cached CUDA memory back between turns); the median of --repeats rounds. CPU runs fp32 and no Triton
 (the interpreter is not a benchmark). Writes benchmarks/results/kernels_<cpu|cuda>.json; until every method
 has run, kernels_<...>.partial.json. Liger failing fails nothing: its row says why in error.
 Usage: python benchmarks/bench_kernels.py [--repeats 3] [--shape TOKENS HIDDEN VOCAB]
 """
 import argparse, datetime, importlib.metadata, importlib.util, json, os, platform  # noqa: E401
-import resource, statistics, subprocess, sys, time  # noqa: E401
+import resource, statistics, subprocess, sys, tempfile, time  # noqa: E401
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from common import arg_parser, cli, git_commit, machine, out_path, positive_int, save_json  # noqa: E402
+from common import arg_parser, cli, git_commit, machine, out_path, positive_int, save_json, time_alternating  # noqa: E402
 from rpo_engine.kernels import fused_logprobs, logprobs_reference  # noqa: E402
 
 CPU_SHAPES = [(8192, 256, 32000, torch.float32)]
@@ -77,7 +79,10 @@ def cpu_peak_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def child(method, n, h, v, dtype, repeats):
+def child(method, n, h, v, dtype):
+    """A method's process: for each line on stdin (a turn) one warm-up step and one timed one, answered with a JSON
+    line {"ms"}; when stdin closes, {"peak_extra_mib"} over all its steps. Between turns it gives its cached CUDA
+    memory back (each turn's warm-up allocates it again), so the other methods' processes have the room."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     hidden, weight, targets = make_inputs(n, h, v, dtype, dev)
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
@@ -87,15 +92,57 @@ def child(method, n, h, v, dtype, repeats):
     else:  # the peak from here on: since the process's start it held the imports' (and pages evicted since)
         reset_cpu_peak()
     base = torch.cuda.memory_allocated() if dev == "cuda" else peak_bytes()
-    times = []
-    for _ in range(repeats + 1):
+    for _ in sys.stdin:
+        for warm_up in (True, False):
+            hidden.grad = weight.grad = None
+            sync()
+            t0 = time.perf_counter()
+            step(method, hidden, weight, targets)
+            sync()
+        ms = 1e3 * (time.perf_counter() - t0)
         hidden.grad = weight.grad = None
-        sync()
-        t0 = time.perf_counter()
-        step(method, hidden, weight, targets)
-        sync()
-        times.append(time.perf_counter() - t0)
-    print(json.dumps({"ms": 1e3 * statistics.median(times[1:]), "peak_extra_mib": (peak_bytes() - base) / 2**20}))
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+        print(json.dumps({"ms": ms}), flush=True)
+    print(json.dumps({"peak_extra_mib": (peak_bytes() - base) / 2**20}), flush=True)
+
+
+class Child:
+    """A method's child process (--child) at one shape, its stderr in a temporary file."""
+
+    def __init__(self, method, n, h, v, dt):
+        self.stderr = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen([sys.executable, __file__, "--child", method, str(n), str(h), str(v), dt],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
+
+    def reply(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            self.stderr.seek(0)
+            raise ChildFailed((self.stderr.read().strip().splitlines() or [f"exit code {self.proc.returncode}"])[-1])
+        return json.loads(line)
+
+    def turn(self) -> float:
+        self.proc.stdin.write("turn\n")
+        self.proc.stdin.flush()
+        return self.reply()["ms"]
+
+    def finish(self) -> float:
+        """Its peak extra MiB; the process ends."""
+        self.proc.stdin.close()
+        peak = self.reply()["peak_extra_mib"]
+        self.proc.wait()
+        return peak
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class ChildFailed(Exception):
+    pass
 
 
 def main(argv=None):
@@ -108,7 +155,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.child:
         m, n, h, v, dt = args.child
-        return child(m, int(n), int(h), int(v), getattr(torch, dt), args.repeats)
+        return child(m, int(n), int(h), int(v), getattr(torch, dt))
     cuda = torch.cuda.is_available()
     liger = cuda and importlib.util.find_spec("liger_kernel") is not None
     methods = ["naive", "torch"] + ["triton"] * cuda + ["liger"] * liger
@@ -130,27 +177,35 @@ def main(argv=None):
         shapes = [(*args.shape, shapes[0][3])]
     for i, (n, h, v, dtype) in enumerate(shapes):
         dt = str(dtype).split(".")[1]
-        for m in methods + (with_entropy if i == 0 else []):
-            out = subprocess.run([sys.executable, __file__, "--repeats", str(args.repeats), "--child", m, str(n),
-                                  str(h), str(v), dt], capture_output=True, text=True)
-            case = dict(tokens=n, hidden=h, vocab=v, dtype=dt, method=m)
-            if out.returncode:
-                error = (out.stderr.strip().splitlines() or ["no output"])[-1]
-                print(f"{m}: failed: {error}")
-                if m in PEERS:  # recorded in its row; our figures are complete without it
-                    rows.append(dict(case, error=error))
-                    save_json(json_path, result, partial=True)
-                else:
-                    failed.append(m)
-                continue
-            r = dict(json.loads(out.stdout.strip().splitlines()[-1]), **case)
-            baseline = "naive+entropy" if m.endswith("+entropy") else "naive"
-            naive = next((x for x in rows if x["method"] == baseline and x["hidden"] == h), r)
-            print(f"{n:>6} {h:>6} {v:>6} {dt:>8} {m:>14} {r['ms']:>9.1f} {r['peak_extra_mib']:>9.0f} "
-                  f"{r['ms'] / naive['ms']:>10.2f} {r['peak_extra_mib'] / naive['peak_extra_mib']:>9.3f}")
-            rows.append(r)
-            result["load_avg_1m"] = os.getloadavg()[0]  # other jobs skew the times, not memory
-            save_json(json_path, result, partial=True)  # after every row: a time limit keeps what was measured
+        shape_methods = methods + (with_entropy if i == 0 else [])
+        children = {m: Child(m, n, h, v, dt) for m in shape_methods}  # each started, then all timed in turns
+        try:
+            timings = time_alternating({m: c.turn for m, c in children.items()}, args.repeats, warmup=0,
+                                       errors=(ChildFailed,))
+            for m in shape_methods:
+                case = dict(tokens=n, hidden=h, vocab=v, dtype=dt, method=m)
+                try:
+                    if "error" in timings[m]:
+                        raise timings[m]["error"]
+                    r = dict(ms=statistics.median(timings[m]["results"]), peak_extra_mib=children[m].finish(), **case)
+                except ChildFailed as e:
+                    print(f"{m}: failed: {e}")
+                    if m in PEERS:  # recorded in its row; our figures are complete without it
+                        rows.append(dict(case, error=str(e)))
+                        save_json(json_path, result, partial=True)
+                    else:
+                        failed.append(m)
+                    continue
+                baseline = "naive+entropy" if m.endswith("+entropy") else "naive"
+                naive = next((x for x in rows if x["method"] == baseline and x["hidden"] == h), r)
+                print(f"{n:>6} {h:>6} {v:>6} {dt:>8} {m:>14} {r['ms']:>9.1f} {r['peak_extra_mib']:>9.0f} "
+                      f"{r['ms'] / naive['ms']:>10.2f} {r['peak_extra_mib'] / naive['peak_extra_mib']:>9.3f}")
+                rows.append(r)
+                result["load_avg_1m"] = os.getloadavg()[0]  # other jobs skew the times, not memory
+                save_json(json_path, result, partial=True)  # after every row: a time limit keeps what was measured
+        finally:
+            for c in children.values():
+                c.kill()
     save_json(json_path, result, partial=bool(failed))  # the complete file only when every method ran
     if failed:
         sys.exit(f"failed: {', '.join(failed)}")

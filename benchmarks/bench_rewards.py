@@ -5,13 +5,14 @@ The load: 512 completions (64 prompts x 8 samples) of ~1k characters of reasonin
 in a \\boxed{} answer (a fraction, a surd, a polynomial or an integer), about 60% of them right, against
 references written another way than the answer (\\frac12 for \\frac{1}{2}, 2\\sqrt 3 for 2\\sqrt{3}), so
 math-verify's parser and comparison run as they do on a math dataset. Reports the median seconds of R calls
-for each worker count (the pool started and warmed up beforehand; its start-up is reported on its own).
+for each worker count (every pool started and warmed up beforehand; its start-up is reported on its own), the
+counts timed in turns: each round one call of each, the order turned every round.
 Writes benchmarks/results/rewards_cpu.json.
 """
-import datetime, os, random, statistics, sys, time  # noqa: E401
+import contextlib, datetime, os, random, statistics, sys, time  # noqa: E401
 from pathlib import Path
 
-from common import arg_parser, cli, git_commit, machine, out_path, positive_int, save_json
+from common import arg_parser, cli, git_commit, machine, out_path, positive_int, save_json, time_alternating
 from rpo_engine.rewards.pool import RewardPool, reward_function
 
 
@@ -55,30 +56,26 @@ def main(argv=None):
         return [fn(t, a) for t, a in zip(texts, answers)]
 
     expected = serial()
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        serial()
-        times.append(time.perf_counter() - start)
-    here = statistics.median(times)
+    with contextlib.ExitStack() as stack:
+        pools, startup, same = {}, {}, {}
+        for workers in counts:  # every pool started and warmed up before any is timed
+            start = time.perf_counter()
+            pools[workers] = stack.enter_context(RewardPool({0: "math"}, workers))
+            same[workers] = pools[workers].score(0, texts, answers) == expected  # also the warm-up: imports math-verify
+            startup[workers] = time.perf_counter() - start
+        calls = {0: serial, **{w: lambda pool=pool: pool.score(0, texts, answers) for w, pool in pools.items()}}
+        timings = time_alternating(calls, args.repeats, warmup=0)  # in turns: drift on the box falls on all alike
+    here = statistics.median(timings[0]["wall"])
     print(f"{len(texts)} completions, {sum(expected):.0f} right: in this process {here:.3f} s "
           f"({here / len(texts) * 1e3:.2f} ms each)", flush=True)
     results = [dict(workers=0, median_s=round(here, 4), speedup=1.0, same_scores=True)]
     for workers in counts:
-        start = time.perf_counter()
-        with RewardPool({0: "math"}, workers) as pool:
-            same = pool.score(0, texts, answers) == expected  # also the warm-up: imports math-verify
-            startup = time.perf_counter() - start
-            times = []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                same &= pool.score(0, texts, answers) == expected
-                times.append(time.perf_counter() - start)
-        median = statistics.median(times)
+        median = statistics.median(timings[workers]["wall"])
+        same_scores = same[workers] and all(scores == expected for scores in timings[workers]["results"])
         results.append(dict(workers=workers, median_s=round(median, 4), speedup=round(here / median, 2),
-                            startup_s=round(startup, 2), same_scores=same))
+                            startup_s=round(startup[workers], 2), same_scores=same_scores))
         print(f"{workers} workers: {median:.3f} s ({here / median:.2f}x), start-up and first call "
-              f"{startup:.2f} s, same scores: {same}", flush=True)
+              f"{startup[workers]:.2f} s, same scores: {same_scores}", flush=True)
     record = dict(benchmark="rewards", machine=f"{machine('cpu')}, {cpus} CPUs", date=datetime.date.today().isoformat(),
                   git_commit=git_commit(), completions=len(texts), right=int(sum(expected)), repeats=args.repeats,
                   results=results)

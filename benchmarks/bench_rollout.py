@@ -10,18 +10,21 @@ each graph replay) and the GB/s it reaches, so host work and kernel speed show a
 also with triton_cascade=True (shared prompt K/V read once per prompt; its achieved_GB_s is then an
 effective figure: the bytes the plain path reads). Every GPU load and the first CPU one also run with
 async_scheduling=True (each decode step scheduled while the previous one runs; on the CPU it has nothing
-to overlap and should cost nothing). New tokens/s counts every returned token over the call's wall time. Writes
+to overlap and should cost nothing). A load's variants (and transformers) are timed in turns, one generate call
+of each a round, the order turned every round, medians over --repeats rounds; on CUDA each engine is built for
+its turn (each takes 90% of the GPU). New tokens/s counts every returned token over the call's wall time. Writes
 benchmarks/results/rollout_<cpu|cuda>.json; until every case has run without an error, rollout_<...>.partial.json.
 transformers failing on a case does not fail the case: its row keeps our figures and says why in hf_error.
 """
-import datetime, json, os, statistics, sys, tempfile, time, traceback  # noqa: E401
+import datetime, json, os, statistics, sys, tempfile, traceback  # noqa: E401
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import rpo_engine
-from common import arg_parser, check_gpu, cli, git_commit, machine, out_path, positive_int, save_json
+from common import (arg_parser, check_gpu, cli, git_commit, machine, out_path, positive_int, save_json,
+                    time_alternating)
 from rpo_engine.rollout import RolloutEngine, SamplingParams
 
 TINY = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -31,27 +34,12 @@ QWEN25_15B = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28
                   rope_theta=1e6)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_time(fn, repeats, device):
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def copy_bandwidth(device):
     x = torch.empty(1 << 28, dtype=torch.float32, device=device)  # 1 GiB
     y = torch.empty_like(x)
-    y.copy_(x)
-    return 2 * x.numel() * 4 / median_time(lambda: y.copy_(x), 5, device) / 1e9  # read + write
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    timed = time_alternating({"copy": lambda: y.copy_(x)}, 5, sync=sync)
+    return 2 * x.numel() * 4 / statistics.median(timed["copy"]["wall"]) / 1e9  # read + write
 
 
 class TimedGraph:
@@ -68,37 +56,51 @@ class TimedGraph:
         self.events.append((start, end))
 
 
-def run_case(name, hf, model, num_prompts, n, prompt_len, new_tokens, repeats, with_hf=True, engine_kwargs=None):
+HF = "transformers"  # the peer's name among a load's timed calls
+
+
+def run_load(hf, model, num_prompts, n, prompt_len, new_tokens, repeats, variants):
+    """One load (`num_prompts` random prompts x `n` samples of `new_tokens` after `prompt_len` tokens) on each of
+    `variants`, (case name, RolloutEngine keyword arguments) pairs, and on `hf` (transformers, None: not run)
+    beside the first. One generate call of each a round, in turns, the order turned every round
+    (time_alternating): drift on the box falls on all alike. On CUDA each engine is built for its turn and freed
+    after it (each takes 90% of the GPU's memory, and transformers needs room); on the CPU all are held.
+    -> one row per variant, the first with transformers' figures (or hf_error, why it failed)."""
     device = model.device
+    cuda = device.type == "cuda"
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, model.config.vocab_size, (num_prompts, prompt_len), generator=g)
-    engine = RolloutEngine(model, **(engine_kwargs or {}))
     params = SamplingParams(n=n, max_new_tokens=new_tokens, temperature=1.0, top_p=1.0, top_k=0, stop_token_ids=[])
-    engine.generate(prompts[:2, :32].tolist(), SamplingParams(n=2, max_new_tokens=4))  # warm-up
-    replays = []  # (start, end) events of each decode forward, when it runs as a CUDA graph
-    engine.runner.graphs = {size: (TimedGraph(graph, replays), out)
-                            for size, (graph, out) in engine.runner.graphs.items()}
-    ours = median_time(lambda: engine.generate(prompts.tolist(), params), repeats, device)
-    s = engine.last_stats
     total = num_prompts * n * new_tokens
-    assert s.sampled_tokens == total, (s.sampled_tokens, total)
-    row = dict(case=name, num_prompts=num_prompts, n=n, prompt_len=prompt_len, new_tokens=new_tokens,
-               ours_s=ours, ours_tok_s=total / ours, prefill_tokens=s.prefill_tokens, reused_tokens=s.reused_tokens,
-               decode_step_ms=1e3 * s.decode_time_s / max(1, s.decode_steps), num_blocks=engine.num_blocks)
-    if device.type == "cuda":  # bytes a decode step reads: every weight once + each sequence's K/V
-        cfg = model.config
-        kv_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * model.dtype.itemsize
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        step_bytes = weights + num_prompts * n * (prompt_len + new_tokens / 2) * kv_token
-        row["achieved_GB_s"] = step_bytes / (s.decode_time_s / s.decode_steps) / 1e9
-        if replays:  # the forward alone, on the device: what is left of decode_step_ms is host work and sampling
-            graph_ms = statistics.mean(start.elapsed_time(end) for start, end in replays)
-            row.update(graph_ms_per_decode_step=graph_ms, graph_GB_s=step_bytes / graph_ms / 1e6,
-                       graph_share_of_decode_step=graph_ms / row["decode_step_ms"])
-    del engine  # give its K/V cache back before transformers runs
-    if device.type == "cuda":
+    engine_kwargs = dict(variants)
+    engines, num_blocks = {}, {}
+    replays = {name: [] for name in engine_kwargs}  # (start, end) events of each decode forward run as a CUDA graph
+
+    def open_engine(name):
+        if name == HF or name in engines:
+            return
+        engine = RolloutEngine(model, **engine_kwargs[name])
+        engine.generate(prompts[:2, :32].tolist(), SamplingParams(n=2, max_new_tokens=4))  # warm-up
+        engine.runner.graphs = {size: (TimedGraph(graph, replays[name]), out)
+                                for size, (graph, out) in engine.runner.graphs.items()}
+        engines[name], num_blocks[name] = engine, engine.num_blocks
+
+    def close_engine(name):  # on CUDA: its K/V cache back before the next turn's engine (or transformers) runs
+        engines.pop(name, None)
         torch.cuda.empty_cache()
-    if with_hf and hf is not None:
+
+    def ours(name):
+        def call():
+            engines[name].generate(prompts.tolist(), params)
+            return engines[name].last_stats
+        return call
+
+    calls = {name: ours(name) for name in engine_kwargs}
+    if not cuda:  # all held at once
+        for name in engine_kwargs:
+            open_engine(name)
+    hf_error = None
+    if hf is not None:
         ids = prompts.to(device)
         kw = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, pad_token_id=0)
         warm = ids[:2, :32]
@@ -106,17 +108,53 @@ def run_case(name, hf, model, num_prompts, n, prompt_len, new_tokens, repeats, w
             hf.generate(warm, attention_mask=torch.ones_like(warm), num_return_sequences=2, max_new_tokens=4, **kw)
             kw.update(attention_mask=torch.ones_like(ids), num_return_sequences=n, max_new_tokens=new_tokens,
                       min_new_tokens=new_tokens)  # min_new_tokens: no early eos, same token count as ours
-            with torch.no_grad():
-                theirs = median_time(lambda: hf.generate(ids, **kw), repeats, device)
-            row.update(hf_s=theirs, hf_tok_s=total / theirs, speedup=theirs / ours)
-        except Exception as e:  # noqa: BLE001 -- recorded in the row, which keeps our figures, measured above
-            # e.g. out of memory: transformers prefills all n copies of each prompt at once
-            traceback.print_exc()
-            row.update(hf_s=None, hf_tok_s=None, speedup=None, hf_error=f"{type(e).__name__}: {e}")
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-    return row
+
+            def theirs():
+                with torch.no_grad():
+                    hf.generate(ids, **kw)
+            calls[HF] = theirs
+        except Exception as e:  # noqa: BLE001 -- recorded in the row, which keeps our figures
+            hf_error = e
+    timings = time_alternating(calls, repeats, warmup=0, sync=torch.cuda.synchronize if cuda else None,
+                               before=open_engine if cuda else None, after=close_engine if cuda else None,
+                               errors=(Exception,))  # recorded in the rows; the other variants still run
+    engines.clear()
+    rows = []
+    for name, timed in ((name, timings[name]) for name in engine_kwargs):
+        if "error" in timed:
+            e = timed["error"]
+            traceback.print_exception(e)
+            rows.append(dict(case=name, error=f"{type(e).__name__}: {e}"))
+            continue
+        s, ours_s = timed["results"][-1], statistics.median(timed["wall"])
+        assert s.sampled_tokens == total, (s.sampled_tokens, total)
+        row = dict(case=name, num_prompts=num_prompts, n=n, prompt_len=prompt_len, new_tokens=new_tokens,
+                   ours_s=ours_s, ours_tok_s=total / ours_s, prefill_tokens=s.prefill_tokens,
+                   reused_tokens=s.reused_tokens, decode_step_ms=1e3 * s.decode_time_s / max(1, s.decode_steps),
+                   num_blocks=num_blocks[name])
+        if cuda:  # bytes a decode step reads: every weight once + each sequence's K/V
+            cfg = model.config
+            kv_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * model.dtype.itemsize
+            weights = sum(p.numel() * p.element_size() for p in model.parameters())
+            step_bytes = weights + num_prompts * n * (prompt_len + new_tokens / 2) * kv_token
+            row["achieved_GB_s"] = step_bytes / (s.decode_time_s / s.decode_steps) / 1e9
+            if replays[name]:  # the forward alone on the device: the rest of decode_step_ms is host work and sampling
+                graph_ms = statistics.mean(start.elapsed_time(end) for start, end in replays[name])
+                row.update(graph_ms_per_decode_step=graph_ms, graph_GB_s=step_bytes / graph_ms / 1e6,
+                           graph_share_of_decode_step=graph_ms / row["decode_step_ms"])
+        if hf is not None and name == variants[0][0]:
+            hf_error = timings.get(HF, {}).get("error", hf_error)
+            if hf_error is None:
+                theirs_s = statistics.median(timings[HF]["wall"])
+                row.update(hf_s=theirs_s, hf_tok_s=total / theirs_s, speedup=theirs_s / ours_s)
+            else:  # e.g. out of memory: transformers prefills all n copies of each prompt at once
+                traceback.print_exception(hf_error)
+                row.update(hf_s=None, hf_tok_s=None, speedup=None, hf_error=f"{type(hf_error).__name__}: {hf_error}")
+        rows.append(row)
+        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+    if cuda:
+        torch.cuda.empty_cache()
+    return rows
 
 
 def main(argv=None):
@@ -142,24 +180,20 @@ def main(argv=None):
         hf.save_pretrained(tmp)
         model = rpo_engine.load_model(tmp, dtype=dtype, device=device)
     hf = None if args.skip_hf else hf
-    cases = []  # (name, run_case arguments after hf and model, keyword arguments)
+    loads = []  # (run_load's load arguments, its variants: (case name, RolloutEngine keyword arguments))
     if not args.gpu:
-        cases.append(("8x16 p256 g128", (8, 16, 256, 128, args.repeats), {}))
-        cases.append(("8x16 p256 g128 async_scheduling", (8, 16, 256, 128, args.repeats),
-                      dict(with_hf=False, engine_kwargs=dict(async_scheduling=True))))
-        for share in (True, False):
-            cases.append((f"rpo 8x16 p1024 g64 sharing={share}", (8, 16, 1024, 64, args.repeats),
-                          dict(with_hf=share, engine_kwargs=dict(enable_prefix_sharing=share))))
+        loads.append(((8, 16, 256, 128), [("8x16 p256 g128", {}),
+                                          ("8x16 p256 g128 async_scheduling", dict(async_scheduling=True))]))
+        loads.append(((8, 16, 1024, 64), [(f"rpo 8x16 p1024 g64 sharing={share}", dict(enable_prefix_sharing=share))
+                                          for share in (True, False)]))
     else:
         for num_seqs in (64, 256):
             for ctx in (1024, 4096):
-                load = (num_seqs // 8, 8, ctx - 256, 256, args.repeats)
-                cases.append((f"{num_seqs} seqs ctx {ctx}", load, dict(engine_kwargs=dict(gpu_memory_utilization=0.9))))
-                cases.append((f"{num_seqs} seqs ctx {ctx} async_scheduling", load, dict(
-                    with_hf=False, engine_kwargs=dict(gpu_memory_utilization=0.9, async_scheduling=True))))
+                name, gpu = f"{num_seqs} seqs ctx {ctx}", dict(gpu_memory_utilization=0.9)
+                variants = [(name, gpu), (f"{name} async_scheduling", dict(gpu, async_scheduling=True))]
                 if ctx == 4096:  # the same load with each prompt's K/V read once for its 8 samples
-                    cases.append((f"{num_seqs} seqs ctx {ctx} triton_cascade", load, dict(
-                        with_hf=False, engine_kwargs=dict(gpu_memory_utilization=0.9, triton_cascade=True))))
+                    variants.append((f"{name} triton_cascade", dict(gpu, triton_cascade=True)))
+                loads.append(((num_seqs // 8, 8, ctx - 256, 256), variants))
     result = dict(benchmark="rollout", device=device.type, machine=machine(device),
                   date=datetime.datetime.now().isoformat(timespec="seconds"),
                   git_commit=git_commit(),
@@ -167,15 +201,15 @@ def main(argv=None):
                   load_average_1_5_15=os.getloadavg() if device.type == "cpu" else None,  # the box may be shared
                   copy_GB_s=copy_bandwidth(device), rows=[])
     out = args.out or Path(__file__).parent / "results" / f"rollout_{device.type}.json"
-    for name, load, kwargs in cases:  # a failing case is recorded and the others still run (one GPU lease)
+    for load, variants in loads:  # a failing variant is recorded and the others still run (one GPU lease)
         try:
-            result["rows"].append(run_case(name, hf, model, *load, **kwargs))
+            result["rows"] += run_load(hf, model, *load, args.repeats, variants)
         except Exception as e:  # noqa: BLE001 -- recorded in the results, and the exit code says so
             traceback.print_exc()
-            result["rows"].append(dict(case=name, error=f"{type(e).__name__}: {e}"))
+            result["rows"] += [dict(case=name, error=f"{type(e).__name__}: {e}") for name, _ in variants]
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        save_json(out, result, partial=True)  # after every case: a time limit keeps what was measured
+        save_json(out, result, partial=True)  # after every load: a time limit keeps what was measured
     failed = any("error" in row for row in result["rows"])
     save_json(out, result, partial=failed)  # the complete file only when every case ran
     if failed:

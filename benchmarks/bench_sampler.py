@@ -6,19 +6,21 @@ Cases: rows of 64 (CPU) or 64 and 256 (--gpu) sequences, each row's logits N(0, 
 peaked distribution (a top-p 0.95 nucleus of ~10-80 tokens, as a trained model's usually is), scale 1 a
 flat one (a nucleus of most of the vocabulary: top-p falls back to the sort). Settings as the engine runs
 them (flags from its Python lists): T = 1 (RL rollouts' default), top-p 0.95, top-k 50 at T = 0.7, greedy.
-Each case checks that both draw the same tokens. Reports median ms per call.
+Each case checks that both draw the same tokens. Reports median ms per call, the two timed in turns (each round
+times each once, the order turned every round, after a warm-up round).
 
 Then the cost of a repetition penalty: the engine's `sample_sequences` at T = 1 over the same rows, each
 sequence holding 1,024 distinct tokens, with the penalty off and at 1.1 (the seen-token rows gathered, the
-logits penalized, the policy's log-probs taken from the unpenalized logits, the drawn tokens marked).
+logits penalized, the policy's log-probs taken from the unpenalized logits, the drawn tokens marked), the two
+timed in turns too.
 Writes benchmarks/results/sampler_cpu.json (sampler_cuda.json with --gpu).
 """
-import datetime, statistics, sys, time  # noqa: E401
+import datetime, statistics, sys  # noqa: E401
 from pathlib import Path
 
 import torch
 
-from common import arg_parser, check_gpu, cli, git_commit, machine, out_path, positive_int, save_json
+from common import arg_parser, check_gpu, cli, git_commit, machine, out_path, positive_int, save_json, time_alternating
 from rpo_engine.rollout.penalty import SeenTokens
 from rpo_engine.rollout.sampler import sample, sample_reference, sample_sequences
 from rpo_engine.rollout.sequence import SamplingParams, Sequence
@@ -28,18 +30,10 @@ SETTINGS = {"T=1": (1.0, 0, 1.0), "top_p=0.95": (1.0, 0, 0.95), "top_k=50,T=0.7"
             "greedy": (0.0, 0, 1.0)}
 
 
-def timed(fn, repeats: int, device) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+def timed(calls: dict, repeats: int, device) -> dict:
+    """Median ms a call of each of `calls`, timed in turns after a warm-up round (time_alternating)."""
+    timings = time_alternating(calls, repeats, sync=torch.cuda.synchronize if device.type == "cuda" else None)
+    return {name: statistics.median(t["wall"]) * 1e3 for name, t in timings.items()}
 
 
 def main(argv=None):
@@ -65,8 +59,9 @@ def main(argv=None):
                 flags = dict(truncate=t > 0 and (k > 0 or p < 1), any_greedy=t == 0, all_greedy=t == 0)
                 fast_tokens = sample(*inputs, **flags)[0]
                 same = bool(torch.equal(fast_tokens, sample_reference(*inputs)[0]))
-                fast = timed(lambda: sample(*inputs, **flags), args.repeats, device)
-                reference = timed(lambda: sample_reference(*inputs), args.repeats, device)
+                ms = timed({"fast": lambda: sample(*inputs, **flags), "reference": lambda: sample_reference(*inputs)},
+                           args.repeats, device)
+                fast, reference = ms["fast"], ms["reference"]
                 row = dict(rows=rows, logit_scale=scale, setting=name, fast_ms=round(fast, 3),
                            reference_ms=round(reference, 3), speedup=round(reference / fast, 2), same_tokens=same)
                 results.append(row)
@@ -75,13 +70,13 @@ def main(argv=None):
     penalty = []
     for rows in rows_list:
         logits = (torch.randn(rows, args.vocab, generator=g) * 6.0).to(device)
-        ms = {}
+        calls = {}
         for value in (1.0, 1.1):
             params = SamplingParams(temperature=1.0, repetition_penalty=value, seed=0)
             seqs = [Sequence(torch.randperm(args.vocab, generator=g)[:1024].tolist(), params, 16, [], i, i)
                     for i in range(rows)]
-            seen = SeenTokens(args.vocab, device)
-            ms[value] = timed(lambda: sample_sequences(logits, seqs, seen), args.repeats, device)
+            calls[value] = lambda seqs=seqs, seen=SeenTokens(args.vocab, device): sample_sequences(logits, seqs, seen)
+        ms = timed(calls, args.repeats, device)
         penalty.append(dict(rows=rows, off_ms=round(ms[1.0], 3), penalty_ms=round(ms[1.1], 3),
                             added_ms=round(ms[1.1] - ms[1.0], 3)))
         print(f"{rows} rows, sample_sequences T=1: {ms[1.0]:.2f} ms, with repetition_penalty 1.1: {ms[1.1]:.2f} ms",

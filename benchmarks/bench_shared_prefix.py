@@ -3,8 +3,9 @@
 RPO-shaped load: one group per micro-batch, prefix (prompt + kept path) of 1024-2048 tokens, G = 8 and
 16 suffixes of 64-128 tokens (~5%), the loss over the suffix tokens. One step = group_logprobs (fused
 LM-head log-probs) + policy_loss + backward, both paths side by side in one process on the same
-random-weight model. Time: median of --repeats after one warm-up, wall clock and (on CPU) this
-process's CPU time, which other jobs on a shared machine disturb less. Activation memory: bytes of the
+random-weight model, alternating (each round times each path once, the order turned every round). Time:
+median of --repeats after one warm-up round, wall clock and (on CPU) this process's CPU time, which other
+jobs on a shared machine disturb less. Activation memory: bytes of the
 distinct tensors autograd saves for backward (a saved-tensors hook; parameters excluded), on every
 device; on CUDA also torch.cuda.max_memory_allocated minus what was allocated before the step.
 CPU: a small Qwen2-shaped model in fp32. --gpu (default on CUDA): Qwen2.5-1.5B's shape in bf16.
@@ -18,7 +19,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 from common import (arg_parser, check_gpu, cli, git_commit, machine, out_path, positive_int, random_model,  # noqa: E402
-                    compare_steps, saved_activation_bytes, save_json, step_columns, time_step)
+                    compare_steps, saved_activation_bytes, save_json, step_columns, time_steps)
 from rpo_engine.kernels import policy_loss  # noqa: E402
 from rpo_engine.model import ModelConfig  # noqa: E402
 from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs, layout_tokens  # noqa: E402
@@ -53,18 +54,23 @@ def step(model, groups, shared):
 
 
 
-def measure(model, groups, shared, repeats):
-    row = {"layout_tokens": layout_tokens(groups, shared)}
-    try:
-        row.update(time_step(model, lambda: step(model, groups, shared), repeats)[0])
-        model.zero_grad(set_to_none=True)
-        row["saved_mib"] = saved_activation_bytes(model.parameters(), lambda: step(model, groups, shared)) / 2**20
-        model.zero_grad(set_to_none=True)
-    except torch.cuda.OutOfMemoryError:  # the padded batch of the 1.5B shape at G=16 may not fit
-        model.zero_grad(set_to_none=True)
-        torch.cuda.empty_cache()
-        row["oom"] = True
-    return row
+def measure(model, groups, repeats):
+    """The padded and the shared layout of `groups`, timed alternately (time_steps) -> (padded row, shared row)."""
+    timed = time_steps({shared: (model, lambda shared=shared: step(model, groups, shared)) for shared in (False, True)},
+                       repeats)
+    rows = []
+    for shared in (False, True):
+        row = {"layout_tokens": layout_tokens(groups, shared), **timed[shared][0]}
+        if not row.get("oom"):  # the padded batch of the 1.5B shape at G=16 may not fit
+            try:
+                saved = saved_activation_bytes(model.parameters(), lambda: step(model, groups, shared))
+                row["saved_mib"] = saved / 2**20
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                row = {"layout_tokens": row["layout_tokens"], "oom": True}
+            model.zero_grad(set_to_none=True)
+        rows.append(row)
+    return rows
 
 
 def main(argv=None):
@@ -96,8 +102,9 @@ def main(argv=None):
     out = args.out or os.path.join(HERE, "results", f"shared_prefix_{'cuda' if args.gpu else 'cpu'}.json")
     for prefix_len, G in args.loads:
         groups = [make_group(prefix_len, G, config.vocab_size, rng)]
-        plain = dict(measure(model, groups, False, args.repeats), path="padded", prefix=prefix_len, G=G)
-        shared = dict(measure(model, groups, True, args.repeats), path="shared", prefix=prefix_len, G=G)
+        plain, shared = measure(model, groups, args.repeats)
+        plain.update(path="padded", prefix=prefix_len, G=G)
+        shared.update(path="shared", prefix=prefix_len, G=G)
         compare_steps(plain, shared)
         for r in (plain, shared):
             print(f"{prefix_len:>6} {G:>3} {r['path']:>7} {r['layout_tokens']:>7} {step_columns(r)}")

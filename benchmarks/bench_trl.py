@@ -14,7 +14,8 @@ Settings shared by all: B prompts x G samples per step, one optimizer step per r
 1, top_p 1, top_k 0, learning rate, no KL, no gradient checkpointing, the exact-answer reward (0/1; our
 length-aware shaping off). --train-size is 2*B by default so every prompt recurs: the first epoch
 (train_size/B steps: warm-up for all, RPO's cold starts) is dropped and medians are over the rest.
-Each system runs --passes times, the order reversed every other pass, and medians pool the passes.
+Each system runs --passes times, the order reversed every other pass, and medians pool the passes; the JSON's
+run_order lists each pass's order and `timing` says how many passes there were (one: no alternation at all).
 Reported per system: median seconds per step (split into rollout and update; TRL's rollout is its
 `_generate` call, rollout_func's included; ours also scores rewards), median seconds per step per 1k generated tokens, reward
 (mean of the measured steps, last step), and greedy eval accuracy of the final weights, all measured
@@ -218,14 +219,21 @@ def main(argv=None):
                                 num_generations=args.num_generations, max_completion_length=args.max_completion_length,
                                 train_size=args.train_size, learning_rate=args.learning_rate, seed=args.seed,
                                 eval_size=args.eval_size, reward="exact answer, 0/1"),
-                  initial_eval_accuracy=initial, trl_error=None, errors={}, ratios={}, results=[])
+                  initial_eval_accuracy=initial, trl_error=None, errors={}, ratios={}, results=[],
+                  timing=("one pass: each system ran once, one after another in run_order, so drift on the machine "
+                          "between them is not averaged out (--passes 2 or more alternates the order)"
+                          if args.passes == 1 else f"{args.passes} passes, the order reversed every other pass "
+                          "(run_order); medians pool the passes"),
+                  run_order=[])
     out = args.out or Path(__file__).parent / "results" / f"trl_{device}.json"
     with tempfile.TemporaryDirectory() as tmp:
         # A shared box drifts over minutes: alternate the order (A B C, C B A, ...) so drift hits all alike.
         for p in range(args.passes):
+            record["run_order"].append([])
             for name in args.systems if p % 2 == 0 else args.systems[::-1]:
                 if name in record["errors"]:
                     continue  # it would fail again, in time the other systems need
+                record["run_order"][-1].append(name)
                 output = Path(tmp) / f"{name}-{p}"
                 try:
                     if name in TRL_SYSTEMS:

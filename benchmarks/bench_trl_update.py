@@ -4,10 +4,10 @@ One pass = TRL's `_compute_loss` (every completion token's log-prob, the clipped
 backward, on the `inputs` TRL builds for one RPO group: a prompt of 64 tokens; a completion of kept path (prefix
 - prompt) + a suffix of 64-128 tokens for each of G samples; `tool_mask` (RPORollout's env_mask) 0 over the kept
 path, so the loss covers the suffixes; random nonzero advantages (every row trains). The two trainers run on two
-identical random-weight transformers Qwen2 models (seed 0), side by side in one process, alternating; median of
---repeats after one warm-up. Activation memory: bytes of the distinct tensors autograd saves for backward
-(parameters excluded); on CUDA also the peak allocated. The losses and the largest gradient difference are
-recorded: the same computation. CPU: a small Qwen2 shape in fp32; --gpu (default on CUDA): Qwen2.5-1.5B's in bf16.
+identical random-weight transformers Qwen2 models (seed 0), side by side in one process, alternating (each round
+times each once, the order turned every round); median of --repeats after one warm-up round. Activation memory:
+bytes of the distinct tensors autograd saves for backward (parameters excluded); on CUDA also the peak allocated.
+The losses and the largest gradient difference are recorded: the same computation. CPU: a small Qwen2 shape in fp32; --gpu (default on CUDA): Qwen2.5-1.5B's in bf16.
 Writes benchmarks/results/trl_update_<cpu|cuda>.json; until every load has run, trl_update_<...>.partial.json.
 Needs TRL (`pip install -e ".[bench]"`). Usage: python benchmarks/bench_trl_update.py
 """
@@ -18,7 +18,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 from common import (arg_parser, check_gpu, cli, git_commit, machine, out_path, positive_int,  # noqa: E402
-                    compare_steps, saved_activation_bytes, save_json, step_columns, time_step)
+                    compare_steps, saved_activation_bytes, save_json, step_columns, time_steps)
 from bench_shared_prefix import LOADS, QWEN25_15B, SMALL  # noqa: E402  (our update's benchmark: the same shapes)
 from rpo_engine.errors import UserError  # noqa: E402
 
@@ -89,21 +89,28 @@ def loss_pass(trainer, inputs):
     return loss.detach().float().item()
 
 
-def measure(trainer, inputs, repeats):
-    """-> (time and memory row with the loss, the last timed pass's gradients; None on CUDA OOM)."""
-    model = trainer.model
-    try:
-        row, loss = time_step(model, lambda: loss_pass(trainer, inputs), repeats)
+def measure(plain_trainer, shared_trainer, inputs, repeats):
+    """Both trainers' loss passes on `inputs`, timed alternately (time_steps) -> for each, (time and memory row
+    with the loss, the last timed pass's gradients; None on CUDA OOM)."""
+    trainers = {"plain": plain_trainer, "shared": shared_trainer}
+    timed = time_steps({name: (t.model, lambda t=t: loss_pass(t, inputs)) for name, t in trainers.items()}, repeats)
+    measured = []
+    for name, trainer in trainers.items():
+        model, (row, loss) = trainer.model, timed[name]
+        if row.get("oom"):  # the padded batch of the 1.5B shape at G=16 may not fit
+            measured.append((row, None))
+            continue
         grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
         model.zero_grad(set_to_none=True)
-        row.update(loss=loss, saved_mib=saved_activation_bytes(model.parameters(), lambda: loss_pass(trainer, inputs))
-                   / 2**20)
+        try:
+            row.update(loss=loss, saved_mib=saved_activation_bytes(model.parameters(),
+                                                                   lambda: loss_pass(trainer, inputs)) / 2**20)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            row, grads = {"oom": True}, None
         model.zero_grad(set_to_none=True)
-        return row, grads
-    except torch.cuda.OutOfMemoryError:  # the padded batch of the 1.5B shape at G=16 may not fit
-        model.zero_grad(set_to_none=True)
-        torch.cuda.empty_cache()
-        return {"oom": True}, None
+        measured.append((row, grads))
+    return measured
 
 
 def main(argv=None):
@@ -138,8 +145,7 @@ def main(argv=None):
         for prefix_len, G in args.loads:
             plain_trainer, shared_trainer = trainers(shape, device, dtype, G, prefix_len - PROMPT + 128, tmp)
             inputs = rpo_inputs(prefix_len, G, shape["vocab_size"], device, rng)
-            plain, plain_grads = measure(plain_trainer, inputs, args.repeats)
-            shared, shared_grads = measure(shared_trainer, inputs, args.repeats)
+            (plain, plain_grads), (shared, shared_grads) = measure(plain_trainer, shared_trainer, inputs, args.repeats)
             plain.update(trainer="GRPOTrainer", prefix=prefix_len, G=G)
             shared.update(trainer="SharedPrefixGRPOTrainer", prefix=prefix_len, G=G)
             compare_steps(plain, shared)

@@ -107,35 +107,83 @@ def random_model(config, device, dtype):
     return model
 
 
-def time_step(model, step, repeats: int) -> tuple[dict, object]:
-    """Run `step()` (a forward and backward of `model`) once to warm up, then `repeats` times, each from zeroed
-    gradients. -> ({"ms": median wall ms, and on CUDA "cuda_peak_mib" (the last run's peak above what was allocated
-    before it), on CPU "cpu_ms" (this process's CPU time, which other jobs on a shared machine disturb less)},
-    the last run's return value). The last run's gradients stay."""
-    cuda = next(model.parameters()).is_cuda
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    row, times, cpu_times, result = {}, [], [], None
-    for _ in range(repeats + 1):
-        model.zero_grad(set_to_none=True)
+def rotated(names: list, round_: int) -> list:
+    """`names` in round `round_`'s order: A B C, then B C A, C A B, ... (each takes every place in turn)."""
+    k = round_ % len(names)
+    return names[k:] + names[:k]
+
+
+def time_alternating(calls: dict, repeats: int, *, warmup: int = 1, sync=None, before=None, after=None,
+                     errors: tuple = ()) -> dict:
+    """Time each of `calls` (name -> function of no arguments) `repeats` times, one call of each a round, the
+    order rotated every round (rotated), after `warmup` untimed rounds: drift on the machine (heat, another job,
+    caches) falls on every variant alike, where timing all of A's repeats before B's would hand it to one of them.
+    `sync` (torch.cuda.synchronize on CUDA) runs before and after each timed call, `before(name)` and
+    `after(name)` untimed around every call. A call (or its `before`) that raises one of `errors` leaves its
+    variant out of the rounds after it. -> name -> {"wall": [seconds a timed call], "cpu": [this process's CPU
+    seconds a timed call], "results": [what each timed call returned]}, plus "error" (the exception) for a variant
+    that failed."""
+    sync = sync or (lambda: None)
+    timings = {name: {"wall": [], "cpu": [], "results": []} for name in calls}
+    for round_ in range(warmup + repeats):
+        for name in rotated([n for n in calls if "error" not in timings[n]], round_):
+            try:
+                if before:
+                    before(name)
+                sync()
+                t0, c0 = time.perf_counter(), time.process_time()
+                result = calls[name]()
+                sync()
+                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            except errors as e:
+                timings[name]["error"] = e
+                continue
+            finally:
+                if after:
+                    after(name)
+            if round_ >= warmup:
+                timings[name]["wall"].append(wall)
+                timings[name]["cpu"].append(cpu)
+                timings[name]["results"].append(result)
+    return timings
+
+
+def time_steps(steps: dict, repeats: int) -> dict:
+    """time_alternating over training steps: `steps` maps a name to (model, step), `step()` a forward and backward
+    of `model`, each run from zeroed gradients, one warm-up round. -> name -> ({"ms": median wall ms, and on CUDA
+    "cuda_peak_mib" (its last run's peak above what was allocated before it), on CPU "cpu_ms" (this process's CPU
+    time, which other jobs on a shared machine disturb less)}, its last run's return value), or ({"oom": True},
+    None) where a step ran out of CUDA memory. Each model keeps its last run's gradients."""
+    cuda = next(next(iter(steps.values()))[0].parameters()).is_cuda
+    base, peak = {}, {}
+
+    def before(name):
+        steps[name][0].zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        sync()
-        t0, c0 = time.perf_counter(), time.process_time()
-        result = step()
-        sync()
-        times.append(time.perf_counter() - t0)
-        cpu_times.append(time.process_time() - c0)
-    if cuda:
-        row["cuda_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        row["cpu_ms"] = 1e3 * statistics.median(cpu_times[1:])
-    row["ms"] = 1e3 * statistics.median(times[1:])
-    return row, result
+            base[name] = torch.cuda.memory_allocated()
+
+    def after(name):
+        if cuda:
+            peak[name] = torch.cuda.max_memory_allocated() - base[name]
+
+    timings = time_alternating({name: step for name, (_, step) in steps.items()}, repeats,
+                               sync=torch.cuda.synchronize if cuda else None, before=before, after=after,
+                               errors=(torch.cuda.OutOfMemoryError,))
+    rows = {}
+    for name, t in timings.items():
+        if "error" in t:  # e.g. the padded batch of the 1.5B shape at G=16
+            steps[name][0].zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            rows[name] = ({"oom": True}, None)
+            continue
+        row = {"cuda_peak_mib": peak[name] / 2**20} if cuda else {"cpu_ms": 1e3 * statistics.median(t["cpu"])}
+        rows[name] = (dict(row, ms=1e3 * statistics.median(t["wall"])), t["results"][-1])
+    return rows
 
 
 def compare_steps(plain: dict, shared: dict) -> None:
-    """shared's speedup and memory reduction over plain (time_step + saved_mib rows), unless either ran out of
+    """shared's speedup and memory reduction over plain (time_steps + saved_mib rows), unless either ran out of
     memory."""
     if not plain.get("oom") and not shared.get("oom"):
         shared["speedup"] = plain["ms"] / shared["ms"]

@@ -178,7 +178,9 @@ bench train 90 python benchmarks/bench_train.py --seeds 0 --steps 10 --out "$OUT
 if ! selected trl trl_update; then
   :  # neither is this call's: no import probe (up to 60 s past the budget, at the end of the call)
 elif timeout -k 5 60 python -c "import trl, datasets" 2>/dev/null; then
-  # issue 6's ratio (trl, full) first: a time limit keeps what finished (trl_cuda.partial.json)
+  # issue 6's ratio (trl, full) first: a time limit keeps what finished (trl_cuda.partial.json). One pass (its time on a
+  # GPU is not measured yet; a second would double it): each system runs once, in this order, and the JSON says so
+  # (timing, run_order)
   bench trl 150 python benchmarks/bench_trl.py --gpu --passes 1 --systems trl full rpo trl_engine trl_rpo trl_rpo_shared --out "$OUT/trl_cuda.json"
   # TRL's update on a paper-shaped RPO group at Qwen2.5-1.5B's shape: GRPOTrainer vs SharedPrefixGRPOTrainer
   bench trl_update 90 python benchmarks/bench_trl_update.py --gpu --repeats 2 --out "$OUT/trl_update_cuda.json"

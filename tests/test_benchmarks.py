@@ -348,6 +348,8 @@ def test_bench_trl_runs_our_systems_without_trl(tmp_path, tiny_model_dir):
     assert_saved_as_it_went(stdout, out, cases=2)
     record = json.loads(out.read_text())
     assert [r["system"] for r in record["results"]] == ["full", "rpo"] and record["trl"] is None
+    # one pass: the file says so, and in what order the systems ran (drift between them is not averaged out)
+    assert record["run_order"] == [["full", "rpo"]] and record["timing"].startswith("one pass")
 
 
 def test_bench_trl_runs_trl_with_and_without_our_rollout(tmp_path, tiny_model_dir):
@@ -459,8 +461,8 @@ def test_bench_rollout_keeps_our_figures_when_transformers_fails(tiny_model_dir)
         def generate(self, *args, **kwargs):
             raise RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED")
 
-    row = bench_module("bench_rollout").run_case("tiny", FailingPeer(), load_model(tiny_model_dir), num_prompts=2, n=2,
-                                                 prompt_len=8, new_tokens=4, repeats=1)
+    row, = bench_module("bench_rollout").run_load(FailingPeer(), load_model(tiny_model_dir), num_prompts=2, n=2,
+                                                  prompt_len=8, new_tokens=4, repeats=1, variants=[("tiny", {})])
     assert row["ours_tok_s"] > 0 and row["hf_s"] is None
     assert row["hf_error"] == "RuntimeError: CUBLAS_STATUS_EXECUTION_FAILED"
 
@@ -499,3 +501,178 @@ def test_every_cuda_only_test_is_in_the_gpu_suite():
             if skips_off_cuda and "@pytest.mark.gpu" not in decorators:
                 unmarked.append(f"{path.name}::{name}")
     assert not unmarked
+
+
+def test_time_alternating_turns_the_order_every_round():
+    """Each round times every variant once, the order rotated (A B, B A, A B, ...), after the warm-up round: drift
+    on the machine falls on every variant alike; a variant that fails is left out of the rounds after."""
+    common, calls = bench_module("common"), []
+
+    def call(name):
+        def run():
+            calls.append(name)
+            if name == "c" and calls.count("c") == 2:
+                raise MemoryError
+            return len(calls)
+        return run
+
+    timed = common.time_alternating({n: call(n) for n in "abc"}, 3, errors=(MemoryError,))
+    # warm-up a b c; round 1 b c (c fails: left out); then a b, b a, as two variants turn
+    assert calls == [*"abc", *"bca", *"ab", *"ba"], calls
+    assert [len(timed[n]["wall"]) for n in "ab"] == [3, 3] and isinstance(timed["c"]["error"], MemoryError)
+    assert timed["a"]["results"] == [6, 7, 10] and all(t >= 0 for t in timed["a"]["wall"] + timed["a"]["cpu"])
+
+
+def test_time_steps_alternates_training_steps_from_zeroed_gradients():
+    common, order = bench_module("common"), []
+    models = {name: torch.nn.Linear(4, 1) for name in ("plain", "shared")}
+
+    def step(name):
+        def run():
+            assert models[name].weight.grad is None  # zeroed before each run
+            order.append(name)
+            models[name](torch.ones(1, 4)).sum().backward()
+            return name
+        return run
+
+    rows = common.time_steps({name: (m, step(name)) for name, m in models.items()}, 3)
+    assert order == ["plain", "shared", "shared", "plain", "plain", "shared", "shared", "plain"]
+    for name, (row, last) in rows.items():
+        assert last == name and row["ms"] > 0 and row["cpu_ms"] >= 0
+
+
+def test_bench_shared_prefix_alternates_the_layouts(monkeypatch):
+    import random
+
+    from rpo_engine.model import ModelConfig
+
+    bench, order = bench_module("bench_shared_prefix"), []
+    step = bench.step
+    monkeypatch.setattr(bench, "step", lambda model, groups, shared: (order.append(shared),
+                                                                      step(model, groups, shared)))
+    config = ModelConfig.from_hf_dict(dict(model_type="qwen2", vocab_size=64, hidden_size=16, intermediate_size=32,
+                                           num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                           max_position_embeddings=512))
+    model = bench_module("common").random_model(config, "cpu", torch.float32).train()
+    plain, shared = bench.measure(model, [bench.make_group(32, 2, 64, random.Random(0))], repeats=3)
+    # the warm-up round, 3 timed rounds in turned orders, then each layout's saved-activation count
+    assert order == [False, True, True, False, False, True, True, False, False, True]
+    assert shared["layout_tokens"] < plain["layout_tokens"] and plain["ms"] > 0 and shared["saved_mib"] > 0
+
+
+def longest_run(names: list) -> int:
+    """The most calls of one variant in a row."""
+    run = best = 0
+    for i, name in enumerate(names):
+        run = run + 1 if i and names[i - 1] == name else 1
+        best = max(best, run)
+    return best
+
+
+def test_bench_sampler_alternates_what_it_compares(tmp_path, monkeypatch):
+    """The fast sampler and the reference (and the penalty off and on) are timed in turns, not all of one's repeats
+    before the other's: two calls of one in a row at most, where a rotated round ends and the next begins."""
+    bench, calls = bench_module("bench_sampler"), []
+    for name in ("sample", "sample_reference"):
+        original = getattr(bench, name)
+        monkeypatch.setattr(bench, name, lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
+    sample_sequences = bench.sample_sequences
+    monkeypatch.setattr(bench, "sample_sequences", lambda logits, seqs, seen: (
+        calls.append(seqs[0].params.repetition_penalty), sample_sequences(logits, seqs, seen))[1])
+    bench.main(["--rows", "2", "--vocab", "3000", "--repeats", "4", "--out", str(tmp_path / "sampler.json")])
+    penalty = [c for c in calls if not isinstance(c, str)]
+    assert longest_run([c for c in calls if isinstance(c, str)]) <= 2 and longest_run(penalty) <= 2
+    assert penalty.count(1.0) == penalty.count(1.1) == 5  # a warm-up round and 4 timed ones
+
+
+def test_bench_host_times_backends_and_the_baseline_in_turns(monkeypatch):
+    """A case's engines, ours and the baseline checkout's, take turns a generate call at a time."""
+    bench, calls = bench_module("bench_host"), []
+    monkeypatch.setattr(bench, "NUM_BLOCKS", 512)
+    build = bench.build
+
+    def recorded(num_seqs, context, backend):
+        run = build(num_seqs, context, backend)
+        return lambda: (calls.append(backend), run())[1]
+
+    class FakeBaseline:
+        def ask(self, request):
+            if request[0] == "build":
+                return ["torch"]
+            calls.append("baseline")
+            return [0.5, [0.001] * 3]
+
+    monkeypatch.setattr(bench, "build", recorded)
+    rows, base_rows = bench.measure_all(3, [(8, 160)], FakeBaseline())
+    assert longest_run(calls) == 1 and len(calls) == 3 * 6 and calls[:6] != calls[6:12]  # the order turns
+    assert [r["decode_steps"] for r in rows] == [3 * 127] * 5
+    assert base_rows[:2] == [None, None]
+    assert base_rows[2]["decode_steps"] == 9 and base_rows[2]["host_s_per_call"] == 0.5
+
+
+def test_bench_cache_runs_each_case_on_both_sides_before_the_next(monkeypatch):
+    bench, order = bench_module("bench_cache"), []
+    monkeypatch.setattr(bench, "run_case", lambda n, length, src=None: order.append((n, src)) or {"prompts": n})
+    rows, base_rows = bench.run_cases([(1, 2), (3, 4), (5, 6)], [(1, 2), (5, 6)], "old")
+    assert order == [(1, None), (1, "old"), (3, None), (5, None), (5, "old")]
+    assert [r["prompts"] for r in rows] == [1, 3, 5] and [r["prompts"] for r in base_rows] == [1, 5]
+
+
+def test_bench_rewards_times_the_worker_counts_in_turns(tmp_path, monkeypatch):
+    bench, calls = bench_module("bench_rewards"), []
+    score = bench.RewardPool.score
+    monkeypatch.setattr(bench.RewardPool, "score", lambda self, *a: (calls.append(self.workers), score(self, *a))[1])
+    bench.main(["--completions", "8", "--workers", "1", "2", "--repeats", "3", "--out", str(tmp_path / "r.json")])
+    assert calls[:2] == [1, 2] and longest_run(calls[2:]) <= 2 and sorted(calls[2:]) == [1, 1, 1, 2, 2, 2]
+
+
+def test_bench_lora_times_full_and_adapters_in_turns(tmp_path, monkeypatch):
+    bench, updates, decodes = bench_module("bench_lora"), [], []
+    step = bench.step
+    monkeypatch.setattr(bench, "step", lambda model, groups, shared: (updates.append(id(model)),
+                                                                      step(model, groups, shared)))
+
+    class RecordingEngine(bench.RolloutEngine):
+        def generate(self, prompts, params):
+            decodes.append(id(self))
+            return super().generate(prompts, params)
+
+    monkeypatch.setattr(bench, "RolloutEngine", RecordingEngine)
+    bench.main(["--repeats", "3", "--out", str(tmp_path / "lora.json")])
+    assert len(set(updates)) == 2 and len(updates) == 8 and longest_run(updates) <= 2
+    assert len(set(decodes)) == 3 and len(decodes) == 3 * 4 and longest_run(decodes[3:]) <= 2  # after the warm-ups
+
+
+def test_bench_rollout_times_a_loads_engines_and_transformers_in_turns(tiny_model_dir, monkeypatch):
+    from rpo_engine import load_model
+
+    bench, calls = bench_module("bench_rollout"), []
+
+    class RecordingPeer:
+        def generate(self, ids, **kwargs):
+            calls.append("hf")
+
+    class RecordingEngine(bench.RolloutEngine):
+        def generate(self, prompts, params):
+            calls.append("sharing" if self.enable_prefix_sharing else "plain")
+            return super().generate(prompts, params)
+
+    monkeypatch.setattr(bench, "RolloutEngine", RecordingEngine)
+    rows = bench.run_load(RecordingPeer(), load_model(tiny_model_dir), num_prompts=2, n=2, prompt_len=8, new_tokens=4,
+                          repeats=3, variants=[("sharing", dict(enable_prefix_sharing=True)),
+                                               ("plain", dict(enable_prefix_sharing=False))])
+    timed = calls[3:]  # after each one's warm-up
+    assert longest_run(timed) <= 2 and sorted(timed) == sorted(["hf", "plain", "sharing"] * 3), calls
+    assert [r["case"] for r in rows] == ["sharing", "plain"] and rows[0]["speedup"] > 0 and "speedup" not in rows[1]
+
+
+def test_bench_kernels_times_the_methods_in_turns(tmp_path, monkeypatch):
+    """Each method's child process is started first, then the methods take turns a step at a time."""
+    bench, turns = bench_module("bench_kernels"), []
+    turn = bench.Child.turn
+    monkeypatch.setattr(bench.Child, "turn", lambda self: (turns.append(self.proc.args[3]), turn(self))[1])
+    bench.main(["--shape", "64", "32", "500", "--repeats", "3", "--out", str(tmp_path / "kernels.json")])
+    assert sorted(turns) == sorted(["naive", "torch", "naive+entropy", "torch+entropy"] * 3)
+    assert longest_run(turns) == 1 and turns[:4] != turns[4:8]
+    rows = json.loads((tmp_path / "kernels.json").read_text())["results"]
+    assert all(r["ms"] > 0 and r["peak_extra_mib"] > 0 for r in rows)
