@@ -95,10 +95,12 @@ bench() {
 }
 
 if [ -z "${SUITE_SKIP_INSTALL:-}" ]; then
-  step install 90 pip install --no-deps --no-build-isolation -e .
-  if ls .whl/*.whl > /dev/null 2>&1; then  # benchmarks/gpu_prepare.sh: peers and extras the image lacks
-    step wheels 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/rpo_site .whl/*.whl
+  step install 90 python -m pip install --no-deps --no-build-isolation -e .
+  # benchmarks/gpu_prepare.sh: peers and extras; of them, those the image lacks (its own stay ahead of any copy)
+  missing=$(python benchmarks/missing_wheels.py .whl/*.whl 2> /dev/null)
+  if [ -n "$missing" ]; then
+    step wheels 60 python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/rpo_site $missing
     export PYTHONPATH=/tmp/rpo_site
   fi
 fi

@@ -676,3 +676,65 @@ def test_bench_kernels_times_the_methods_in_turns(tmp_path, monkeypatch):
     assert longest_run(turns) == 1 and turns[:4] != turns[4:8]
     rows = json.loads((tmp_path / "kernels.json").read_text())["results"]
     assert all(r["ms"] > 0 and r["peak_extra_mib"] > 0 for r in rows)
+
+
+# What the GPU image brings of the package's and the suite's requirements: torch and triton, transformers (the
+# image's own) and what transformers itself requires. The rest must come from gpu_prepare.sh's wheels.
+IMAGE_HAS = {"torch", "triton", "transformers", "tokenizers", "safetensors", "numpy", "pyyaml", "tqdm"}
+
+
+def _requirement_name(spec: str) -> str:
+    import re
+
+    return re.match(r"[A-Za-z0-9._-]+", spec).group(0).lower().replace("_", "-")
+
+
+def test_gpu_prepare_ships_what_the_image_lacks():
+    """The GPU image has no network and installs rpo_engine with --no-deps: each requirement it does not bring
+    (matplotlib: every training run's curves.png; pytest: the suite's tests) needs a wheel from gpu_prepare.sh,
+    built for its Python (3.12), with every requirement of those wheels that the image lacks too."""
+    import ast
+    import re
+    import shlex
+
+    setup = ast.parse((BENCHMARKS.parent / "setup.py").read_text())
+    kwargs = next(n for n in ast.walk(setup) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    kwargs = {k.arg: ast.literal_eval(k.value) for k in kwargs.keywords if k.arg in ("install_requires", "extras_require")}
+    needed = {_requirement_name(r) for r in kwargs["install_requires"]} | {"pytest"}
+    script = (BENCHMARKS / "gpu_prepare.sh").read_text()
+    download = " ".join(shlex.split(re.search(r"pip download(.*?)\n(?!\s)", script.replace("\\\n", " "), re.S).group(1)))
+    shipped = {_requirement_name(w) for w in download.split() if "==" in w}
+    assert "--python-version 3.12" in download
+    assert needed - IMAGE_HAS <= shipped, needed - IMAGE_HAS - shipped
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
+
+    on_the_image = {"python_version": "3.12", "python_full_version": "3.12.0", "sys_platform": "linux",
+                    "platform_system": "Linux", "extra": ""}
+    for name in sorted(shipped):  # their own requirements (as installed here, at the versions shipped)
+        try:
+            specs = requires(name) or []
+        except PackageNotFoundError:  # not a CPU requirement (Liger-Kernel: it requires torch and triton alone)
+            continue
+        for spec in specs:
+            requirement = Requirement(spec)
+            if requirement.marker and not requirement.marker.evaluate(on_the_image):
+                continue
+            dep = _requirement_name(requirement.name)
+            if dep not in IMAGE_HAS | shipped | {"accelerate", "huggingface-hub", "packaging", "pyarrow", "pandas",
+                                                 "xxhash", "fsspec", "filelock", "jinja2", "psutil", "sympy"}:
+                raise AssertionError(f"{name} requires {dep}, neither on the image nor shipped")
+
+
+def test_gpu_suite_installs_only_the_wheels_the_image_lacks(tmp_path):
+    """A wheel whose distribution the image already has is left out: a second copy on PYTHONPATH would shadow the
+    image's own (a binary one, such as pillow's, built against other libraries), and so would its older plugins."""
+    wheels = [tmp_path / name for name in ("pytest-0.0.1-py3-none-any.whl", "no_such_dist_rpo-1.0-py3-none-any.whl",
+                                           "Python_Dateutil-2.9.0.post0-py2.py3-none-any.whl")]
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "missing_wheels.py"), *map(str, wheels)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [str(wheels[1])]
+    script = (BENCHMARKS / "gpu_suite.sh").read_text()
+    assert "benchmarks/missing_wheels.py" in script and "python3 " not in script  # one interpreter: `python`
