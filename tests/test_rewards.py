@@ -615,6 +615,37 @@ def test_reward_pool_left_on_an_error_stops_its_workers_at_once():
     assert not scoring.is_alive() and "closed while scoring" in str(outcome[0])
 
 
+def test_reward_pool_call_left_by_any_exception_leaves_no_reply_to_a_later_call():
+    """An exception out of a scoring call other than Ctrl-C (a user's signal handler: a time limit on eval) left its
+    chunks with the workers, and the next call read their replies as its own: 3 scores for 1 text. The pool stops
+    its workers as for Ctrl-C, and says it is closed."""
+    import signal
+
+    from rpo_engine.rewards.pool import RewardPool
+
+    class TimeLimit(Exception):
+        pass
+
+    def time_limit(signum, frame):
+        raise TimeLimit()
+
+    previous = signal.signal(signal.SIGALRM, time_limit)
+    try:
+        with RewardPool({0: "tests.reward_fns:slow_reward"}, workers=2) as pool:
+            assert pool.score(0, ["x"], ["1"]) == [0.0]  # the workers are up
+            processes = list(pool.processes)
+            signal.setitimer(signal.ITIMER_REAL, 0.5)
+            with pytest.raises(TimeLimit):
+                pool.score(0, ["x"] * 20, ["1"] * 20)  # chunks of 3 texts, 1.5 s each
+            time.sleep(2.0)  # the chunks' replies are back, where no worker was stopped
+            with pytest.raises(RuntimeError, match="this reward pool is closed"):
+                pool.score(0, ["x"], ["1"])
+            assert all(process_ended(process.pid, 5) for process in processes)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def _outcome(fn, *args):
     try:
         return fn(*args)

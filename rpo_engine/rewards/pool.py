@@ -141,6 +141,7 @@ class RewardPool:
         self._workers: list[_Worker] = []  # started by the first call; a worker ended by SIGTERM leaves the list
         self._started = self._closed = self._said_scoring_here = False
         self._lock = threading.Lock()  # one call at a time: replies are read in the order the chunks went out
+        self._closing = threading.Lock()  # one close at a time: a call's, stopped by another thread's close
         # dropped unclosed, or at interpreter exit: stop the workers. Registered with atexit here, after
         # multiprocessing's own exit hook (imported above), so it runs first: that hook joins live workers for ever
         self._finalizer = weakref.finalize(self, _stop, self._workers)
@@ -168,10 +169,12 @@ class RewardPool:
             size = max(1, -(-len(texts) // (4 * self.workers)))
             chunks = [(index, texts[i:i + size], answers[i:i + size]) for i in range(0, len(texts), size)]
             try:
-                parts = self._score_chunks(index, chunks)
-            except KeyboardInterrupt:  # the workers ignore it and would finish their chunks first
-                self.close(wait=False)
+                parts, error = self._score_chunks(index, chunks)
+            except BaseException:  # Ctrl-C (the workers ignore it), a signal handler's error: chunks may be out, and
+                self.close(wait=False)  # their replies must not reach a later call as its own, nor their work delay it
                 raise
+            if error is not None:
+                raise error
             return [score for part in parts for score in part]
 
     def _start(self) -> None:
@@ -192,11 +195,12 @@ class RewardPool:
                 signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             self._started = True
 
-    def _score_chunks(self, index: int, chunks: list[tuple]) -> list[list[float]]:
+    def _score_chunks(self, index: int, chunks: list[tuple]) -> tuple[list[list[float]], Exception | None]:
+        """Each chunk's scores, and the first error a function raised: returned once every chunk in flight is back."""
         parts: list = [None] * len(chunks)
         waiting = collections.deque(range(len(chunks)))
         busy: dict[_Worker, int] = {}  # worker -> the chunk it holds
-        error = None  # the first a function raised: raised once the chunks in flight are back (no stale replies)
+        error = None
         while waiting or busy:
             for worker in self._workers:
                 if worker not in busy and waiting and error is None:
@@ -226,9 +230,7 @@ class RewardPool:
                     error = error or value
                 else:
                     parts[i] = value
-        if error is not None:
-            raise error
-        return parts
+        return parts, error
 
     def _lost(self, worker: _Worker, index: int) -> None:
         """A worker that died: ended by SIGTERM from outside (SLURM ending a job, `kill -- -PGID`: the trainer took it
@@ -257,7 +259,8 @@ class RewardPool:
         """Shut the workers down (between calls they are idle), or (`wait=False`: an error or an interrupt is on
         its way) stop them at once, mid-chunk."""
         self._closed = True
-        _stop(self._workers, wait)
+        with self._closing:  # else both close a worker's connection, and one fails on a bad file descriptor
+            _stop(self._workers, wait)
         atexit.unregister(self._finalizer)
 
     def functions(self, functions: list) -> list:
