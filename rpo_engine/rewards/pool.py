@@ -113,7 +113,10 @@ def _serve(connection, names: dict[int, str]) -> None:
             reply = ("scores", _score(*request))
         except Exception as error:  # noqa: BLE001 - the trainer's process raises it, as it would have itself
             reply = ("error", _portable(error))
-        connection.send(reply)
+        try:
+            connection.send(reply)
+        except OSError:  # the pool's process is gone (killed outright): nobody waits for the reply
+            return
 
 
 def _portable(error: Exception) -> Exception:
