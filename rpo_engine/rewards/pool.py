@@ -147,7 +147,7 @@ class RewardPool:
         self._closing = threading.Lock()  # one close at a time: a call's, stopped by another thread's close
         # dropped unclosed, or at interpreter exit: stop the workers. Registered with atexit here, after
         # multiprocessing's own exit hook (imported above), so it runs first: that hook joins live workers for ever
-        self._finalizer = weakref.finalize(self, _stop, self._workers)
+        self._finalizer = weakref.finalize(self, _stop_if_ours, os.getpid(), self._workers)
         self._finalizer.atexit = False
         atexit.register(self._finalizer)
 
@@ -275,6 +275,11 @@ class RewardPool:
 
     def __exit__(self, exc_type, *exc):
         self.close(wait=exc_type is None)
+
+
+def _stop_if_ours(owner: int, workers: list[_Worker]) -> None:
+    if os.getpid() == owner:  # not in a forked copy of the pool's process (os.fork), whose workers they are not
+        _stop(workers)
 
 
 def _stop(workers: list[_Worker], wait: bool = False) -> None:
