@@ -646,6 +646,27 @@ def test_reward_pool_call_left_by_any_exception_leaves_no_reply_to_a_later_call(
         signal.signal(signal.SIGALRM, previous)
 
 
+def test_reward_pool_sees_a_worker_die_whose_helper_process_lives_on():
+    """A worker killed (the OOM killer) while a process it forked (a user function's helper) lives on: that process
+    holds the worker's end of the pipe and its exit sentinel open, so neither said it died, and the call waited as long
+    as the helper lived (for ever, for a server). Its exit code says so within a second or two."""
+    import os
+    import signal
+
+    from rpo_engine.rewards.pool import RewardPool
+    from tests.reward_fns import hash_reward
+
+    with RewardPool({0: "tests.reward_fns:helper_process_reward"}, workers=1) as pool:
+        assert pool.score(0, ["a", "e"], ["1", "1"]) == [hash_reward("a", "1"), hash_reward("e", "1")]
+        os.kill(pool.processes[0].pid, signal.SIGKILL)
+        outcome = []
+        scoring = threading.Thread(target=lambda: outcome.append(_outcome(pool.score, 0, ["a"], ["1"])), daemon=True)
+        scoring.start()
+        scoring.join(10)
+        assert not scoring.is_alive()
+        assert isinstance(outcome[0], UserError) and "signal SIGKILL" in str(outcome[0])
+
+
 def _outcome(fn, *args):
     try:
         return fn(*args)

@@ -219,10 +219,15 @@ class RewardPool:
                     for i in waiting:
                         parts[i] = [float(fn(text, answer)) for text, answer in zip(*chunks[i][1:])]
                 break
+            # a death shows as the sentinel, or the pipe's end of file; where a process the worker forked (a user
+            # function's helper) lives on and holds both open, as the exit code the timeout lets us look at
             ready = multiprocessing.connection.wait(
-                [worker.connection for worker in busy] + [worker.process.sentinel for worker in busy])
-            for worker in [worker for worker in busy if worker.connection in ready or worker.process.sentinel in ready]:
+                [worker.connection for worker in busy] + [worker.process.sentinel for worker in busy], timeout=1.0)
+            for worker in [worker for worker in busy if worker.connection in ready or worker.process.sentinel in ready
+                           or not worker.process.is_alive()]:
                 try:
+                    if not worker.connection.poll():  # dead, and nothing came (no end of file either: held open)
+                        raise EOFError
                     kind, value = worker.connection.recv()  # a reply sent just before a death is still read
                 except (EOFError, OSError):
                     waiting.appendleft(busy.pop(worker))
