@@ -667,6 +667,21 @@ def test_reward_pool_sees_a_worker_die_whose_helper_process_lives_on():
         assert isinstance(outcome[0], UserError) and "signal SIGKILL" in str(outcome[0])
 
 
+def test_reward_pool_names_a_worker_death_by_a_signal_without_a_name():
+    """A worker ended by a real-time signal (no name in signal.Signals) failed on a ValueError traceback, not the
+    one-line 'died while scoring' error."""
+    import os
+    import signal
+
+    from rpo_engine.rewards.pool import RewardPool
+
+    with RewardPool({0: "exact"}, workers=1) as pool:
+        assert pool.score(0, ["#### 1"], ["1"]) == [1.0]
+        os.kill(pool.processes[0].pid, signal.SIGRTMIN + 1)
+        with pytest.raises(UserError, match=rf"died while scoring \(signal {signal.SIGRTMIN + 1}: "):
+            pool.score(0, ["#### 1"], ["1"])
+
+
 def _outcome(fn, *args):
     try:
         return fn(*args)

@@ -251,7 +251,8 @@ class RewardPool:
         worker.connection.close()
         if code != -signal.SIGTERM:
             self.close(wait=False)
-            cause = f"exit code {code}" if code is None or code >= 0 else f"signal {signal.Signals(-code).name}"
+            names = {number.value: number.name for number in signal.Signals}  # a real-time signal has none
+            cause = f"exit code {code}" if code is None or code >= 0 else f"signal {names.get(-code, -code)}"
             raise UserError(f"reward function {self.names[index]!r}: a --reward-workers process "
                             f"died while scoring ({cause}: a crash or an exit in the function, or out of memory); "
                             f"without --reward-workers its error shows here")
