@@ -144,3 +144,19 @@ def numpy_coin_reward(completion_text: str, answer: str) -> float:
 def offset_hash_reward(completion_text: str, answer: str) -> float:
     """hash_reward on top of 1e8, where float32's spacing is 8: finite, legal rewards that fp32 merges into one."""
     return 1e8 + hash_reward(completion_text, answer)
+
+
+_helper = None
+
+
+def helper_process_reward(completion_text: str, answer: str) -> float:
+    """hash_reward from a process that keeps a helper process of its own, started by fork (multiprocessing's default
+    on Linux before Python 3.14), which outlives it by up to 20 s: it holds the pipes it inherited open."""
+    import multiprocessing
+    import time
+
+    global _helper
+    if _helper is None:
+        _helper = multiprocessing.get_context("fork").Process(target=time.sleep, args=(20,), daemon=True)
+        _helper.start()
+    return hash_reward(completion_text, answer)

@@ -213,6 +213,52 @@ def test_a_script_that_leaves_its_reward_pool_open_still_exits(tmp_path):
         proc.kill()
 
 
+def test_reward_workers_of_a_trainer_killed_mid_chunk_end_quietly(tmp_path):
+    """A trainer killed outright while its workers score: each finished its chunk, and its reply to the pool that
+    was gone failed on a BrokenPipeError traceback in the user's terminal, one a worker."""
+    script = tmp_path / "killed.py"
+    script.write_text("from rpo_engine.rewards.pool import RewardPool\n"
+                      "if __name__ == '__main__':\n"
+                      "    pool = RewardPool({0: 'tests.reward_fns:slow_reward'}, workers=2)\n"
+                      "    pool.score(0, ['x'], ['1'])\n"
+                      "    print(*[p.pid for p in pool.processes], flush=True)\n"
+                      "    pool.score(0, ['x'] * 8, ['1'] * 8)\n")  # chunks of 1 text, 0.5 s each
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        pids = [int(pid) for pid in proc.stdout.readline().split()]
+        assert len(pids) == 2
+        time.sleep(0.25)  # inside their first chunks
+        proc.kill()
+        proc.wait()
+        assert all(process_ended(pid, 10) for pid in pids)
+        assert "Traceback" not in proc.stderr.read()  # the workers' stderr is the script's
+    finally:
+        proc.kill()
+
+
+def test_a_forked_copy_of_the_trainer_leaves_its_reward_workers_alone(tmp_path):
+    """A process forked from one with a reward pool (os.fork) ran the pool's exit hook when it ended, and stopped its
+    parent's workers: every later call was scored in the parent's process, said as a SIGTERM from outside."""
+    script = tmp_path / "forks.py"
+    script.write_text("import os, sys\n"
+                      "from rpo_engine.rewards.pool import RewardPool\n"
+                      "if __name__ == '__main__':\n"
+                      "    pool = RewardPool({0: 'tests.reward_fns:hash_reward'}, workers=2)\n"
+                      "    pool.score(0, ['a', 'b'], ['1', '1'])\n"
+                      "    child = os.fork()\n"
+                      "    if child == 0:\n"
+                      "        sys.exit(0)  # a normal end runs the exit hooks\n"
+                      "    os.waitpid(child, 0)\n"
+                      "    print(all(p.is_alive() for p in pool.processes), pool.score(0, ['a', 'e'], ['1', '1']))\n"
+                      "    pool.close()\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=REPO, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split(maxsplit=1) == ["True", f"{[hash_reward('a', '1'), hash_reward('e', '1')]}\n"]
+    assert "SIGTERM" not in done.stderr
+
+
 def test_ctrl_c_while_scoring_stops_the_reward_workers_at_once(monkeypatch):
     """The workers ignore Ctrl-C, so an interrupt of the trainer's process in the middle of a scoring call
     stops them there, instead of leaving them to work through every queued chunk (10 s here); quietly, and for

@@ -615,6 +615,73 @@ def test_reward_pool_left_on_an_error_stops_its_workers_at_once():
     assert not scoring.is_alive() and "closed while scoring" in str(outcome[0])
 
 
+def test_reward_pool_call_left_by_any_exception_leaves_no_reply_to_a_later_call():
+    """An exception out of a scoring call other than Ctrl-C (a user's signal handler: a time limit on eval) left its
+    chunks with the workers, and the next call read their replies as its own: 3 scores for 1 text. The pool stops
+    its workers as for Ctrl-C, and says it is closed."""
+    import signal
+
+    from rpo_engine.rewards.pool import RewardPool
+
+    class TimeLimit(Exception):
+        pass
+
+    def time_limit(signum, frame):
+        raise TimeLimit()
+
+    previous = signal.signal(signal.SIGALRM, time_limit)
+    try:
+        with RewardPool({0: "tests.reward_fns:slow_reward"}, workers=2) as pool:
+            assert pool.score(0, ["x"], ["1"]) == [0.0]  # the workers are up
+            processes = list(pool.processes)
+            signal.setitimer(signal.ITIMER_REAL, 0.5)
+            with pytest.raises(TimeLimit):
+                pool.score(0, ["x"] * 20, ["1"] * 20)  # chunks of 3 texts, 1.5 s each
+            time.sleep(2.0)  # the chunks' replies are back, where no worker was stopped
+            with pytest.raises(RuntimeError, match="this reward pool is closed"):
+                pool.score(0, ["x"], ["1"])
+            assert all(process_ended(process.pid, 5) for process in processes)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_reward_pool_sees_a_worker_die_whose_helper_process_lives_on():
+    """A worker killed (the OOM killer) while a process it forked (a user function's helper) lives on: that process
+    holds the worker's end of the pipe and its exit sentinel open, so neither said it died, and the call waited as long
+    as the helper lived (for ever, for a server). Its exit code says so within a second or two."""
+    import os
+    import signal
+
+    from rpo_engine.rewards.pool import RewardPool
+    from tests.reward_fns import hash_reward
+
+    with RewardPool({0: "tests.reward_fns:helper_process_reward"}, workers=1) as pool:
+        assert pool.score(0, ["a", "e"], ["1", "1"]) == [hash_reward("a", "1"), hash_reward("e", "1")]
+        os.kill(pool.processes[0].pid, signal.SIGKILL)
+        outcome = []
+        scoring = threading.Thread(target=lambda: outcome.append(_outcome(pool.score, 0, ["a"], ["1"])), daemon=True)
+        scoring.start()
+        scoring.join(10)
+        assert not scoring.is_alive()
+        assert isinstance(outcome[0], UserError) and "signal SIGKILL" in str(outcome[0])
+
+
+def test_reward_pool_names_a_worker_death_by_a_signal_without_a_name():
+    """A worker ended by a real-time signal (no name in signal.Signals) failed on a ValueError traceback, not the
+    one-line 'died while scoring' error."""
+    import os
+    import signal
+
+    from rpo_engine.rewards.pool import RewardPool
+
+    with RewardPool({0: "exact"}, workers=1) as pool:
+        assert pool.score(0, ["#### 1"], ["1"]) == [1.0]
+        os.kill(pool.processes[0].pid, signal.SIGRTMIN + 1)
+        with pytest.raises(UserError, match=rf"died while scoring \(signal {signal.SIGRTMIN + 1}: "):
+            pool.score(0, ["#### 1"], ["1"])
+
+
 def _outcome(fn, *args):
     try:
         return fn(*args)

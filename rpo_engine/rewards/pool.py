@@ -113,7 +113,10 @@ def _serve(connection, names: dict[int, str]) -> None:
             reply = ("scores", _score(*request))
         except Exception as error:  # noqa: BLE001 - the trainer's process raises it, as it would have itself
             reply = ("error", _portable(error))
-        connection.send(reply)
+        try:
+            connection.send(reply)
+        except OSError:  # the pool's process is gone (killed outright): nobody waits for the reply
+            return
 
 
 def _portable(error: Exception) -> Exception:
@@ -141,9 +144,10 @@ class RewardPool:
         self._workers: list[_Worker] = []  # started by the first call; a worker ended by SIGTERM leaves the list
         self._started = self._closed = self._said_scoring_here = False
         self._lock = threading.Lock()  # one call at a time: replies are read in the order the chunks went out
+        self._closing = threading.Lock()  # one close at a time: a call's, stopped by another thread's close
         # dropped unclosed, or at interpreter exit: stop the workers. Registered with atexit here, after
         # multiprocessing's own exit hook (imported above), so it runs first: that hook joins live workers for ever
-        self._finalizer = weakref.finalize(self, _stop, self._workers)
+        self._finalizer = weakref.finalize(self, _stop_if_ours, os.getpid(), self._workers)
         self._finalizer.atexit = False
         atexit.register(self._finalizer)
 
@@ -168,10 +172,12 @@ class RewardPool:
             size = max(1, -(-len(texts) // (4 * self.workers)))
             chunks = [(index, texts[i:i + size], answers[i:i + size]) for i in range(0, len(texts), size)]
             try:
-                parts = self._score_chunks(index, chunks)
-            except KeyboardInterrupt:  # the workers ignore it and would finish their chunks first
-                self.close(wait=False)
+                parts, error = self._score_chunks(index, chunks)
+            except BaseException:  # Ctrl-C (the workers ignore it), a signal handler's error: chunks may be out, and
+                self.close(wait=False)  # their replies must not reach a later call as its own, nor their work delay it
                 raise
+            if error is not None:
+                raise error
             return [score for part in parts for score in part]
 
     def _start(self) -> None:
@@ -192,11 +198,12 @@ class RewardPool:
                 signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             self._started = True
 
-    def _score_chunks(self, index: int, chunks: list[tuple]) -> list[list[float]]:
+    def _score_chunks(self, index: int, chunks: list[tuple]) -> tuple[list[list[float]], Exception | None]:
+        """Each chunk's scores, and the first error a function raised: returned once every chunk in flight is back."""
         parts: list = [None] * len(chunks)
         waiting = collections.deque(range(len(chunks)))
         busy: dict[_Worker, int] = {}  # worker -> the chunk it holds
-        error = None  # the first a function raised: raised once the chunks in flight are back (no stale replies)
+        error = None
         while waiting or busy:
             for worker in self._workers:
                 if worker not in busy and waiting and error is None:
@@ -212,10 +219,15 @@ class RewardPool:
                     for i in waiting:
                         parts[i] = [float(fn(text, answer)) for text, answer in zip(*chunks[i][1:])]
                 break
+            # a death shows as the sentinel, or the pipe's end of file; where a process the worker forked (a user
+            # function's helper) lives on and holds both open, as the exit code the timeout lets us look at
             ready = multiprocessing.connection.wait(
-                [worker.connection for worker in busy] + [worker.process.sentinel for worker in busy])
-            for worker in [worker for worker in busy if worker.connection in ready or worker.process.sentinel in ready]:
+                [worker.connection for worker in busy] + [worker.process.sentinel for worker in busy], timeout=1.0)
+            for worker in [worker for worker in busy if worker.connection in ready or worker.process.sentinel in ready
+                           or not worker.process.is_alive()]:
                 try:
+                    if not worker.connection.poll():  # dead, and nothing came (no end of file either: held open)
+                        raise EOFError
                     kind, value = worker.connection.recv()  # a reply sent just before a death is still read
                 except (EOFError, OSError):
                     waiting.appendleft(busy.pop(worker))
@@ -226,9 +238,7 @@ class RewardPool:
                     error = error or value
                 else:
                     parts[i] = value
-        if error is not None:
-            raise error
-        return parts
+        return parts, error
 
     def _lost(self, worker: _Worker, index: int) -> None:
         """A worker that died: ended by SIGTERM from outside (SLURM ending a job, `kill -- -PGID`: the trainer took it
@@ -241,7 +251,8 @@ class RewardPool:
         worker.connection.close()
         if code != -signal.SIGTERM:
             self.close(wait=False)
-            cause = f"exit code {code}" if code is None or code >= 0 else f"signal {signal.Signals(-code).name}"
+            names = {number.value: number.name for number in signal.Signals}  # a real-time signal has none
+            cause = f"exit code {code}" if code is None or code >= 0 else f"signal {names.get(-code, -code)}"
             raise UserError(f"reward function {self.names[index]!r}: a --reward-workers process "
                             f"died while scoring ({cause}: a crash or an exit in the function, or out of memory); "
                             f"without --reward-workers its error shows here")
@@ -257,7 +268,8 @@ class RewardPool:
         """Shut the workers down (between calls they are idle), or (`wait=False`: an error or an interrupt is on
         its way) stop them at once, mid-chunk."""
         self._closed = True
-        _stop(self._workers, wait)
+        with self._closing:  # else both close a worker's connection, and one fails on a bad file descriptor
+            _stop(self._workers, wait)
         atexit.unregister(self._finalizer)
 
     def functions(self, functions: list) -> list:
@@ -269,6 +281,11 @@ class RewardPool:
 
     def __exit__(self, exc_type, *exc):
         self.close(wait=exc_type is None)
+
+
+def _stop_if_ours(owner: int, workers: list[_Worker]) -> None:
+    if os.getpid() == owner:  # not in a forked copy of the pool's process (os.fork), whose workers they are not
+        _stop(workers)
 
 
 def _stop(workers: list[_Worker], wait: bool = False) -> None:
