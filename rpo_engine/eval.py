@@ -168,8 +168,8 @@ def check_in_memory_options(model, tokenizer, args) -> None:
         raise UserError("evaluate: adapter= applies to a model loaded from a directory; a model object is evaluated "
                         "as it is (apply the adapter to it first: rpo_engine.model.lora.load_adapter)")
     if args.device != "auto":
-        raise UserError(f"evaluate: device= with a model object, which is evaluated where it is ({model.device}); "
-                        f"move it there first")
+        raise UserError(f"evaluate: device= with a model object, which is evaluated where it is ({model.device}): "
+                        f"leave device out (move the model to evaluate it elsewhere)")
     if tokenizer is None and model.source_dir is None:
         raise UserError(f"evaluate: pass tokenizer= with the {type(model).__name__} (it was not loaded from a "
                         f"directory to read one from)")

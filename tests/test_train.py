@@ -3326,7 +3326,9 @@ def test_evaluate_refuses_what_it_cannot_evaluate_in_memory(tmp_path, tiny_model
             ({"model": model, "adapter": str(tmp_path)}, "evaluate: adapter= applies to a model loaded from a "
                                                          "directory; a model object is evaluated as it is"),
             ({"model": model, "device": "cpu"}, "evaluate: device= with a model object, which is evaluated where "
-                                                "it is (cpu); move it there first"),
+                                                "it is (cpu): leave device out"),
+            ({"model": model, "tokenizer": tokenizer, "system_prompt": "Be brief."},
+             "--system-prompt needs a chat template: the tokenizer of the CausalLM given has none"),
             ({"model": unsaved}, "evaluate: pass tokenizer= with the CausalLM (it was not loaded from a directory "
                                  "to read one from)"),
             ({"model": model, "tokenizer": "tok"}, "evaluate: tokenizer must be the model's tokenizer, got str"),
