@@ -3210,8 +3210,8 @@ def test_evaluate_takes_the_model_being_trained_in_memory(tmp_path, tiny_model_d
     its model between steps without saving it. The metrics and completions are those of saving it (save_pretrained,
     LoRA adapters merged) and evaluating that directory, greedy and sampled, a reward drawing from the seeded
     global generators included; the live weights are read (the trained model answers otherwise than the
-    untrained one, sampling); and the model is left as it was: values, storage and version of each weight, requires_grad,
-    gradients, train/eval mode, no merged LoRA copy left on it."""
+    untrained one, sampling); and the model is left as it was: values, storage and version of each weight,
+    requires_grad, gradients, train/eval mode, no merged LoRA copy left on it."""
     import rpo_engine
     from rpo_engine.eval import evaluate
     from rpo_engine.model import apply_lora
