@@ -6,12 +6,14 @@ experience-cache update -> fused log-probs of the suffix tokens -> clipped-ratio
 
 Where this departs from rpo_engine.trainer (to stay short): a prompt without a cached path gets a
 full-path group (G complete samples) instead of one cold-start completion followed by suffixes; one
-forward per step (no micro-batching); no eval, checkpoints or KL.
+forward per step (no micro-batching); no checkpoints or KL. `--eval-every N` evaluates the live model in memory
+(rpo_engine.eval.evaluate, no save) on the built-in task's held-out rows.
 
     python examples/custom_loop.py                   # the built-in starter model (built once, ~3 min on CPU)
     python examples/custom_loop.py --tiny --steps 3  # a tiny random model: seconds, for a smoke test
     python examples/custom_loop.py --tiny --reward tests.reward_fns:hash_reward   # a reward that varies
     python examples/custom_loop.py --lora-r 8 --learning-rate 1.5e-4   # LoRA adapters on a frozen base
+    python examples/custom_loop.py --eval-every 5    # greedy accuracy on held-out rows every 5 steps and at the end
 """
 import argparse
 import json
@@ -24,6 +26,7 @@ import torch
 import rpo_engine
 from rpo_engine.algos import group_advantages
 from rpo_engine.data.arithmetic import make_split
+from rpo_engine.eval import evaluate
 from rpo_engine.kernels import policy_loss
 from rpo_engine.model import apply_lora, save_adapter
 from rpo_engine.model.shared_prefix import PrefixGroup, group_logprobs
@@ -58,6 +61,8 @@ def main(argv=None):
     ap.add_argument("--reward", default=None, help="module:function (default: exact answer)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lora-r", type=int, default=0, help="train LoRA adapters of this rank (alpha 2r) on a frozen base")
+    ap.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps and after the last (0: never)")
+    ap.add_argument("--eval-size", type=int, default=64, help="held-out rows each eval decodes")
     ap.add_argument("--output", type=Path, default=None, help="writes metrics.jsonl and final/ here")
     args = ap.parse_args(argv)
     model, tokenizer = build_model(args.tiny, args.seed)
@@ -119,6 +124,12 @@ def main(argv=None):
         record = {"step": step, "reward_mean": rewards.mean().item(), "loss": loss.item(),
                   "grad_norm": grad_norm.item(), "generated_tokens": sum(len(o.token_ids) for g in outs for o in g),
                   "cached_prompts": len(cache), "step_time_s": time.perf_counter() - start}
+        if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+            # the model as it is now, in memory: no save; its weights, gradients and mode, and the global random
+            # generators, are as they were after the call
+            record["eval_accuracy"] = evaluate(model=model, tokenizer=tokenizer, eval_size=args.eval_size,
+                                               max_completion_length=args.max_completion_length,
+                                               reward=args.reward or "exact", no_progress=True)["accuracy"]
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}), flush=True)
         if log:
             log.write(json.dumps(record) + "\n")

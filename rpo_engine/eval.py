@@ -104,21 +104,77 @@ def evaluate(**options) -> dict:
     each power of two k < K (the unbiased estimate) and for K, "reward_mean" (of every answer's reward),
     "rows" (how many were evaluated), and what the reward function logged (log_metric) as "eval_<name>".
     The global random generators, which --seed seeds, are the caller's again after it, as a trainer's own eval
-    leaves them."""
+    leaves them.
+
+    `model=` may also be the model object being trained (a loop of your own, between steps): rpo_engine's
+    CausalLM (LoRA adapters applied or not), a transformers causal LM, or a PEFT model of one, with
+    `tokenizer=` its tokenizer (default: the one in the directory it was loaded from). It is evaluated where it is,
+    in memory, with the metrics of saving it (save_pretrained) and evaluating that directory, and left as it was:
+    its weights, their gradients and requires_grad, its train/eval mode; the K/V cache the eval decodes with is
+    given back before it returns."""
     import torch
 
     from rpo_engine.trainer import global_rng_states, restore_global_rng_states
 
+    model, tokenizer = in_memory_model(options), options.pop("tokenizer", None)
+    if model is not None:
+        options = {name: value for name, value in options.items() if name != "model"}
+    elif tokenizer is not None:
+        raise UserError("evaluate: tokenizer= goes with a model object; model= as a directory or Hub id is evaluated "
+                        "with its own tokenizer")
     args = eval_options(options)
+    if model is not None:
+        check_in_memory_options(model, tokenizer, args)
+    devices = {torch.cuda.current_device()} if torch.cuda.is_available() else set()
+    if model is not None and model.device.type == "cuda":  # a reward may draw from the model's device's too
+        devices.add(model.device.index if model.device.index is not None else torch.cuda.current_device())
     states = global_rng_states()
-    try:  # Python's and numpy's too (fork_rng forks torch's alone); of CUDA's, the device the eval runs on
-        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-            return evaluated(args)
+    try:  # Python's and numpy's too (fork_rng forks torch's alone); of CUDA's, the devices the eval runs on
+        with torch.random.fork_rng(devices=sorted(devices)):
+            return evaluated(args, model, tokenizer)
     except UserError as e:
         clear_frames(e)  # a notebook keeps the error: its frames held the model
         raise
     finally:
         restore_global_rng_states(states)
+
+
+def in_memory_model(options: dict):
+    """evaluate's model= when it is a model object -> our CausalLM on its weights (the object itself; for a
+    transformers model, PEFT-wrapped or not, from_transformers' decoder on its own tensors, no copy); None when it
+    is a directory, a Hub id or left out. Another object is a UserError naming its type."""
+    import torch
+
+    from rpo_engine.model import CausalLM, from_transformers
+
+    model = options.get("model")
+    if model is None or isinstance(model, (str, os.PathLike)):
+        return None
+    if isinstance(model, CausalLM):
+        return model
+    transformers, peft = sys.modules.get("transformers"), sys.modules.get("peft")  # loaded if the model is theirs
+    if ((transformers is not None and isinstance(model, transformers.PreTrainedModel))
+            or (peft is not None and isinstance(model, peft.PeftModel))):
+        return from_transformers(model)
+    inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)  # DDP's, torch.compile's
+    wrapped = f"; pass the {type(inner).__name__} it wraps" if isinstance(inner, torch.nn.Module) else ""
+    raise UserError(f"evaluate: model must be a directory, a Hub id, or a model object (rpo_engine's CausalLM, a "
+                    f"transformers causal LM or a PEFT model of one), got {type(model).__name__}{wrapped}")
+
+
+def check_in_memory_options(model, tokenizer, args) -> None:
+    """The options that load a model, which a model object evaluated as it is, where it is, cannot take."""
+    if args.adapter is not None:  # applying it would change the caller's model
+        raise UserError("evaluate: adapter= applies to a model loaded from a directory; a model object is evaluated "
+                        "as it is (apply the adapter to it first: rpo_engine.model.lora.load_adapter)")
+    if args.device != "auto":
+        raise UserError(f"evaluate: device= with a model object, which is evaluated where it is ({model.device}): "
+                        f"leave device out (move the model to evaluate it elsewhere)")
+    if tokenizer is None and model.source_dir is None:
+        raise UserError(f"evaluate: pass tokenizer= with the {type(model).__name__} (it was not loaded from a "
+                        f"directory to read one from)")
+    if tokenizer is not None and not callable(getattr(tokenizer, "decode", None)):
+        raise UserError(f"evaluate: tokenizer must be the model's tokenizer, got {type(tokenizer).__name__}")
 
 
 def eval_options(options: dict):
@@ -168,25 +224,24 @@ def unbiased_ks(K: int) -> list[int]:
     return [k for k in (2 ** i for i in range(1, K.bit_length())) if k < K]
 
 
-def evaluated(args) -> dict:
-    """The metrics of the eval `args` (main's parsed options) asks for (evaluate's); with --no-progress the Hub's
-    download bars hidden too."""
+def evaluated(args, model=None, tokenizer=None) -> dict:
+    """The metrics of the eval `args` (main's parsed options) asks for (evaluate's), of --model or of `model`, a
+    CausalLM in memory (in_memory_model's) with `tokenizer` (None: its source directory's); with --no-progress
+    the Hub's download bars hidden too."""
     with download_bars_hidden() if args.no_progress else contextlib.nullcontext():
-        return _evaluated(args)
+        return _evaluated(args, model, tokenizer)
 
 
-def _evaluated(args) -> dict:
-    """evaluated's work: the options checked, the model and the rows loaded, each row's answers decoded and graded,
-    --output written; -> the metrics."""
+def _evaluated(args, model=None, tokenizer=None) -> dict:
+    """evaluated's work: the options checked, the model (unless given) and the rows loaded, each row's answers
+    decoded and graded, --output written; -> the metrics."""
     import rpo_engine
     from rpo_engine.config import config_from_dict, greedy_filter, stop_strings
-    from rpo_engine.model.checkpoint import model_directory
-    from rpo_engine.model.lora import load_adapter, read_adapter_settings
     from rpo_engine.rollout import SamplingParams
     from rpo_engine.train import load_rows, resolve_device, resolve_reward, reward_pool
     from rpo_engine.rewards.answers import RewardLog
-    from rpo_engine.trainer import (add_columns, encode_run_prompts, right_answers, rollout_engine,
-                                    sampled_graded, seed_global_rngs, stop_ids)
+    from rpo_engine.trainer import (add_columns, encode_run_prompts, right_answers, sampled_graded,
+                                    seed_global_rngs, stop_ids)
 
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
@@ -243,25 +298,15 @@ def _evaluated(args) -> dict:
                                       if getattr(args, key) is not None}})
     except UserError as e:
         raise UserError(in_eval_words(str(e))) from None
-    device, dtype = resolve_device(config)
+    if model is None:
+        device, dtype = resolve_device(config)
+    else:  # messages about its tokenizer name it
+        config.model = f"the {type(model).__name__} given"
     seed_global_rngs(args.seed)  # a reward drawing from the global generators (a sampled judge) scores the same again
-    if config.model is None:
-        from rpo_engine.data.starter import ensure_starter_model
-
-        config.model = str(ensure_starter_model())
-    model_dir = model_directory(config.model)  # a Hub id looked up once, for the model and its tokenizer
-    check_not_a_run(model_dir)
-    check_not_an_adapter(model_dir, args.adapter)
-    adapter_dir = None
-    if args.adapter is not None:  # a Hub id too (a LoRA run's --push-to-hub uploads its adapter), as --model
-        adapter_dir = model_directory(args.adapter)
-        with warnings.catch_warnings():  # read now, not after minutes of loading; load_adapter warns again
-            warnings.simplefilter("ignore")
-            read_adapter_settings(adapter_dir)
-    model = rpo_engine.load_model(model_dir, dtype=dtype, device=device)
-    if adapter_dir is not None:
-        load_adapter(model, adapter_dir)
-    tokenizer = rpo_engine.load_tokenizer(model_dir)
+    if model is None:
+        model, tokenizer = loaded_model(config, args.adapter, dtype, device)
+    elif tokenizer is None:
+        tokenizer = rpo_engine.load_tokenizer(model.source_dir)
     try:
         _, rows = load_rows(config)
     except UserError as e:
@@ -273,17 +318,17 @@ def _evaluated(args) -> dict:
                              repetition_penalty=args.repetition_penalty, stop=stop,
                              stop_token_ids=eos_ids, seed=args.seed + i) for i in range(len(rows))]
     # an adapter is decoded merged: nothing trains it here
-    engine = rollout_engine(model, args.gpu_memory_utilization, args.max_num_seqs, args.enforce_eager, prompts,
-                            config.max_completion_length, merge_lora=True, tokenizer=tokenizer)
-    reward = resolve_reward(config)
-    pool = reward_pool(config, [reward])
-    log = RewardLog()  # a TRL-style reward's log_metric / log_extra
-    try:
-        graded = sampled_graded(engine, tokenizer, rows, reward if pool is None else pool.functions([reward])[0],
-                                prompts, params, progress="eval" if not args.no_progress else False, log=log)
-    finally:
-        if pool is not None:
-            pool.close()
+    with released_engine(model, args.gpu_memory_utilization, args.max_num_seqs, args.enforce_eager, prompts,
+                         config.max_completion_length, merge_lora=True, tokenizer=tokenizer) as engine:
+        reward = resolve_reward(config)
+        pool = reward_pool(config, [reward])
+        log = RewardLog()  # a TRL-style reward's log_metric / log_extra
+        try:
+            graded = sampled_graded(engine, tokenizer, rows, reward if pool is None else pool.functions([reward])[0],
+                                    prompts, params, progress="eval" if not args.no_progress else False, log=log)
+        finally:
+            if pool is not None:
+                pool.close()
     if output is not None:
         records = []  # all of them before the file: a record that cannot be made leaves no file behind
         for j, (row, samples) in enumerate(zip(rows, graded)):
@@ -313,6 +358,52 @@ def _evaluated(args) -> dict:
     metrics["rows"] = len(rows)
     # what the reward function logged (log_metric), as the trainer's eval logs it
     return {**metrics, **RewardLog.metric_means([log.metrics], "eval_")}
+
+
+def loaded_model(config, adapter, dtype, device):
+    """(model, tokenizer) of --model (a directory, a Hub id; None: the starter model), with --adapter applied."""
+    import rpo_engine
+    from rpo_engine.model.checkpoint import model_directory
+    from rpo_engine.model.lora import load_adapter, read_adapter_settings
+
+    if config.model is None:
+        from rpo_engine.data.starter import ensure_starter_model
+
+        config.model = str(ensure_starter_model())
+    model_dir = model_directory(config.model)  # a Hub id looked up once, for the model and its tokenizer
+    check_not_a_run(model_dir)
+    check_not_an_adapter(model_dir, adapter)
+    adapter_dir = None
+    if adapter is not None:  # a Hub id too (a LoRA run's --push-to-hub uploads its adapter), as --model
+        adapter_dir = model_directory(adapter)
+        with warnings.catch_warnings():  # read now, not after minutes of loading; load_adapter warns again
+            warnings.simplefilter("ignore")
+            read_adapter_settings(adapter_dir)
+    model = rpo_engine.load_model(model_dir, dtype=dtype, device=device)
+    if adapter_dir is not None:
+        load_adapter(model, adapter_dir)
+    return model, rpo_engine.load_tokenizer(model_dir)
+
+
+@contextlib.contextmanager
+def released_engine(model, *args, **options):
+    """rollout_engine's engine on `model` for the block, its K/V cache given back when the block ends, however it
+    ends (a traceback a notebook keeps would hold the engine), and the merged LoRA copies it made on the model
+    dropped: a model passed in lives on and trains in that memory. Copies there before (the caller's own
+    engine's, merge_lora) stay, brought up to date in place, where that engine's CUDA graphs read them."""
+    from rpo_engine.model.lora import free_rollout_weights, lora_modules
+    from rpo_engine.trainer import rollout_engine
+
+    copies_before = any(m.rollout_weight is not None for m in lora_modules(model).values())
+    engine = None
+    try:
+        engine = rollout_engine(model, *args, **options)
+        yield engine
+    finally:
+        if engine is not None:
+            engine.runner.sleep()  # not engine.sleep(): that frees the merged copies, the caller's too
+        if not copies_before:
+            free_rollout_weights(model)
 
 
 def in_eval_words(message: str) -> str:

@@ -1,4 +1,5 @@
-"""examples/custom_loop.py runs as a script, logs sane numbers and really changes the weights."""
+"""examples/custom_loop.py runs as a script, logs sane numbers (its in-memory evals' too) and really changes the
+weights."""
 import importlib.util
 import json
 import math
@@ -22,7 +23,8 @@ def test_custom_loop_trains_tiny_model(tmp_path, lora):
     # zero advantages and no update; a keyed coin flip gives varied rewards and a real gradient.
     cmd = [sys.executable, str(EXAMPLE), "--tiny", "--steps", "2", "--prompts-per-step", "2", "--num-generations", "4",
            "--max-completion-length", "32", "--train-size", "2", "--reward", str(ROOT / "tests/reward_fns.py") + ":hash_reward",
-           "--output", str(tmp_path)] + (["--lora-r", "4", "--learning-rate", "1e-3"] if lora else [])
+           "--eval-every", "1", "--eval-size", "4", "--output", str(tmp_path)] + \
+        (["--lora-r", "4", "--learning-rate", "1e-3"] if lora else [])
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -34,6 +36,7 @@ def test_custom_loop_trains_tiny_model(tmp_path, lora):
         assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"])
         assert r["step_time_s"] > 0
         assert 0 < r["generated_tokens"] <= 2 * 4 * 32
+        assert r["eval_accuracy"] in (0.0, 0.25, 0.5, 0.75, 1.0)  # the live model, evaluated in memory on 4 rows
     assert records[0]["cached_prompts"] == 2
     # Step 1 is full path (nothing cached yet); step 2 regenerates only suffixes of the cached paths.
     assert records[1]["generated_tokens"] < records[0]["generated_tokens"]

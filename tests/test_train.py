@@ -3162,6 +3162,208 @@ def test_evaluate_frees_the_model_when_a_user_error_stops_it(tmp_path, tiny_mode
     assert models and models[0]() is None, raised
 
 
+def trained_step(model, tokenizer, lr: float = 0.5) -> None:
+    """One SGD step of next-token loss on a task line: the weights (with LoRA, the adapters) move, their gradients
+    stay on the parameters as a training loop leaves them before its next zero_grad."""
+    ids = torch.tensor([tokenizer.encode("Q: 2+3\nA: 5", add_special_tokens=False)], device=model.device)
+    logits = model(ids)
+    loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= lr * p.grad
+
+
+def model_state(model) -> dict:
+    """Everything of `model` an eval must leave alone: each parameter's values, storage, version (an in-place
+    write bumps it), requires_grad and gradient (the same tensor, the same values), each module's mode and
+    attributes (a merged LoRA copy left on an adapter)."""
+    return {"parameters": {name: (p.detach().clone(), p.data_ptr(), p._version, p.requires_grad,
+                                  None if p.grad is None else (id(p.grad), p.grad.clone()))
+                           for name, p in model.named_parameters()},
+            "modes": {name: m.training for name, m in model.named_modules()},
+            "attributes": {name: {k: v for k, v in vars(m).items() if not k.startswith("_")}
+                           for name, m in model.named_modules()}}
+
+
+def assert_same_state(before: dict, after: dict) -> None:
+    assert before["modes"] == after["modes"] and before["attributes"].keys() == after["attributes"].keys()
+    for name, attributes in before["attributes"].items():
+        assert attributes.keys() == after["attributes"][name].keys(), name
+        for key, value in attributes.items():
+            if not isinstance(value, torch.Tensor):
+                assert after["attributes"][name][key] is value or after["attributes"][name][key] == value, (name, key)
+    assert before["parameters"].keys() == after["parameters"].keys()
+    for name, (values, pointer, version, requires_grad, grad) in before["parameters"].items():
+        values_after, pointer_after, version_after, requires_grad_after, grad_after = after["parameters"][name]
+        assert torch.equal(values, values_after) and (pointer, version, requires_grad) == \
+            (pointer_after, version_after, requires_grad_after), name
+        assert (grad is None) == (grad_after is None), name
+        if grad is not None:
+            assert grad[0] == grad_after[0] and torch.equal(grad[1], grad_after[1]), name
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_evaluate_takes_the_model_being_trained_in_memory(tmp_path, tiny_model_dir, lora):
+    """evaluate(model=<the model object>, tokenizer=...): a loop of one's own (examples/custom_loop.py) evaluates
+    its model between steps without saving it. The metrics and completions are those of saving it (save_pretrained,
+    LoRA adapters merged) and evaluating that directory, greedy and sampled, a reward drawing from the seeded
+    global generators included; the live weights are read (the trained model answers otherwise than the
+    untrained one, sampling); and the model is left as it was: values, storage and version of each weight,
+    requires_grad, gradients, train/eval mode, no merged LoRA copy left on it."""
+    import rpo_engine
+    from rpo_engine.eval import evaluate
+    from rpo_engine.model import apply_lora
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q: {i}+1\nA:", "answer": str(i + 1)}) + "\n" for i in range(6)))
+    model, tokenizer = rpo_engine.load_model(tiny_model_dir), rpo_engine.load_tokenizer(tiny_model_dir)
+    if lora:
+        apply_lora(model, r=4, alpha=8.0)
+    trained_step(model, tokenizer)
+    for training in (True, False):
+        model.train(training)
+        before = model_state(model)
+        for name, options in {"greedy": dict(reward="tests.reward_fns:hash_reward"),
+                              "sampled": dict(reward="tests.reward_fns:torch_coin_reward", num_samples=4,
+                                              temperature=1.0, seed=5)}.items():
+            common = dict(dataset=data, max_completion_length=8, no_progress=True, **options)
+            run = tmp_path / f"{name}-{lora}-{training}"
+            run.mkdir()
+            in_memory = evaluate(model=model, tokenizer=tokenizer, output=run / "in_memory.jsonl", **common)
+            assert_same_state(before, model_state(model))
+            model.save_pretrained(run / "saved", tokenizer=tokenizer)
+            assert in_memory == evaluate(model=run / "saved", output=run / "saved.jsonl", **common)
+            assert (run / "in_memory.jsonl").read_text() == (run / "saved.jsonl").read_text()
+            if name == "sampled":  # the tiny model's greedy answers are all alike, trained or not
+                evaluate(model=tiny_model_dir, output=run / "untrained.jsonl", **common)
+                assert (run / "in_memory.jsonl").read_text() != (run / "untrained.jsonl").read_text()
+    # its tokenizer by default, as TRL's trainers read a model's own: the directory it was loaded from
+    assert evaluate(model=rpo_engine.load_model(tiny_model_dir), dataset=data, max_completion_length=8,
+                    no_progress=True) == evaluate(model=tiny_model_dir, dataset=data, max_completion_length=8,
+                                                  no_progress=True)
+
+
+def test_evaluate_keeps_the_merged_lora_copies_of_the_callers_own_engine(tmp_path, tiny_model_dir):
+    """A loop whose RolloutEngine decodes merged LoRA copies (merge_lora=True) keeps them through an eval of its
+    model: the same tensors (its CUDA graphs read them), brought up to date, and its next rollout unchanged."""
+    import rpo_engine
+    from rpo_engine.eval import evaluate
+    from rpo_engine.model import apply_lora
+    from rpo_engine.model.lora import lora_modules
+    from rpo_engine.rollout import RolloutEngine, SamplingParams
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "Q: 1+1\nA:", "answer": "2"}) + "\n")
+    model, tokenizer = rpo_engine.load_model(tiny_model_dir), rpo_engine.load_tokenizer(tiny_model_dir)
+    apply_lora(model, r=4, alpha=8.0)
+    engine = RolloutEngine(model, merge_lora=True, tokenizer=tokenizer)
+    params = SamplingParams(n=2, max_new_tokens=6, temperature=1.0, seed=1)
+    engine.generate([[5, 6, 7]], params)
+    trained_step(model, tokenizer)
+    copies = {name: m.rollout_weight for name, m in lora_modules(model).items()}
+    expected = engine.generate([[5, 6, 7]], params)
+    evaluate(model=model, tokenizer=tokenizer, dataset=data, max_completion_length=4, no_progress=True)
+    assert {name: m.rollout_weight for name, m in lora_modules(model).items()} == copies
+    assert [[c.token_ids for c in s] for s in engine.generate([[5, 6, 7]], params)] == \
+        [[c.token_ids for c in s] for s in expected]
+
+
+@pytest.mark.parametrize("given", ["object", "directory"])
+def test_evaluate_gives_the_kv_cache_back_however_it_ends(tmp_path, tiny_model_dir, monkeypatch, given):
+    """The eval's K/V cache is freed when the call returns, and when it fails with an error the caller keeps (a
+    notebook's cell keeps its traceback, whose frames hold the engine): the memory a training step needs next."""
+    import weakref
+
+    import rpo_engine
+    import rpo_engine.trainer
+    from rpo_engine.eval import evaluate
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "Q: 1+1\nA:", "answer": "2"}) + "\n")
+    model = dict(model=rpo_engine.load_model(tiny_model_dir), tokenizer=rpo_engine.load_tokenizer(tiny_model_dir)) \
+        if given == "object" else dict(model=tiny_model_dir)
+    caches, graded = [], rpo_engine.trainer.sampled_graded
+
+    def recorded(engine, *args, **kwargs):
+        caches.extend(weakref.ref(t) for t in (engine.runner.k_cache, engine.runner.v_cache))
+        if fail:
+            raise KeyboardInterrupt  # not a UserError: evaluate leaves its frames alone
+        return graded(engine, *args, **kwargs)
+
+    monkeypatch.setattr(rpo_engine.trainer, "sampled_graded", recorded)
+    for fail in (False, True):
+        caches.clear()
+        with pytest.raises(KeyboardInterrupt) if fail else contextlib.nullcontext() as raised:
+            evaluate(**model, dataset=data, max_completion_length=4, no_progress=True)
+        assert len(caches) == 2 and all(cache() is None for cache in caches), raised
+
+
+def test_evaluate_refuses_what_it_cannot_evaluate_in_memory(tmp_path, tiny_model_dir):
+    """evaluate's model object is our CausalLM, a transformers causal LM or a PEFT model of one; anything else, and
+    the options a model object cannot take (it is evaluated as it is, where it is), are one-line UserErrors."""
+    import rpo_engine
+    from rpo_engine.errors import UserError
+    from rpo_engine.eval import evaluate
+
+    class Wrapped(torch.nn.Module):  # as DistributedDataParallel wraps a model
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    model, tokenizer = rpo_engine.load_model(tiny_model_dir), rpo_engine.load_tokenizer(tiny_model_dir)
+    from rpo_engine.data.starter import tiny_task_model
+
+    unsaved, _ = tiny_task_model()
+    for options, message in (
+            ({"model": {"w": 1}}, "evaluate: model must be a directory, a Hub id, or a model object (rpo_engine's "
+                                  "CausalLM, a transformers causal LM or a PEFT model of one), got dict"),
+            ({"model": Wrapped(model)}, "evaluate: model must be a directory, a Hub id, or a model object "
+                                        "(rpo_engine's CausalLM, a transformers causal LM or a PEFT model of one), "
+                                        "got Wrapped; pass the CausalLM it wraps"),
+            ({"model": 7}, "evaluate: model must be a directory"),
+            ({"model": model, "adapter": str(tmp_path)}, "evaluate: adapter= applies to a model loaded from a "
+                                                         "directory; a model object is evaluated as it is"),
+            ({"model": model, "device": "cpu"}, "evaluate: device= with a model object, which is evaluated where "
+                                                "it is (cpu): leave device out"),
+            ({"model": model, "tokenizer": tokenizer, "system_prompt": "Be brief."},
+             "--system-prompt needs a chat template: the tokenizer of the CausalLM given has none"),
+            ({"model": unsaved}, "evaluate: pass tokenizer= with the CausalLM (it was not loaded from a directory "
+                                 "to read one from)"),
+            ({"model": model, "tokenizer": "tok"}, "evaluate: tokenizer must be the model's tokenizer, got str"),
+            ({"model": tiny_model_dir, "tokenizer": tokenizer}, "evaluate: tokenizer= goes with a model object"),
+            ({"tokenizer": tokenizer}, "evaluate: tokenizer= goes with a model object")):
+        with pytest.raises(UserError, match=f"^{re.escape(message)}"):
+            evaluate(**options)
+
+
+def test_evaluate_takes_a_transformers_model_in_memory(tmp_path, tiny_model_dir):
+    """A transformers causal LM (a TRL user's model), PEFT-wrapped or not, is evaluated on its own tensors
+    (from_transformers), with the metrics and completions of its directory's (with PEFT's adapter, --adapter),
+    and left as it was."""
+    transformers, peft = pytest.importorskip("transformers"), pytest.importorskip("peft")
+    from rpo_engine.eval import evaluate
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q: {i}+1\nA:", "answer": str(i + 1)}) + "\n" for i in range(4)))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    common = dict(dataset=data, max_completion_length=6, no_progress=True, reward="tests.reward_fns:hash_reward",
+                  num_samples=3, temperature=1.0)
+    for saved in ({}, {"adapter": tmp_path / "adapter"}):
+        model = hf if not saved else peft.get_peft_model(  # which adds the adapters to hf itself
+            hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+        before = model_state(model)
+        in_memory = evaluate(model=model, output=tmp_path / f"{len(saved)}-in_memory.jsonl", **common)
+        assert_same_state(before, model_state(model))
+        if saved:
+            model.save_pretrained(saved["adapter"])
+        assert in_memory == evaluate(model=tiny_model_dir, output=tmp_path / f"{len(saved)}-saved.jsonl", **saved,
+                                     **common)
+        assert (tmp_path / f"{len(saved)}-in_memory.jsonl").read_text() == \
+            (tmp_path / f"{len(saved)}-saved.jsonl").read_text()
+    assert (tmp_path / "0-in_memory.jsonl").read_text() != (tmp_path / "1-in_memory.jsonl").read_text()
+
 def test_eval_cli_seeds_the_torch_rng_a_stochastic_reward_reads(tmp_path, tiny_model_dir):
     """A reward drawing from torch's global generator (a sampled judge) scores the same in two eval processes: --seed
     seeds it, as a training run's does (torch starts it from the OS in each process)."""
