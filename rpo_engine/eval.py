@@ -55,6 +55,8 @@ def build_parser():
     parser.add_argument("--reward-workers", type=int, default=0,
                         help="score the reward in this many worker processes, as in training (default: 0, here)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    parser.add_argument("--dtype", default="auto", help="float32 | bfloat16 | auto (bf16 on CUDA, fp32 on CPU), as in "
+                                                        "training: a run's eval decoded in its --dtype (default: auto)")
     parser.add_argument("--num-samples", type=int, default=1,
                         help="completions a row (K > 1 needs --temperature > 0): avg@K and pass@K (default: 1)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default: 0)")
@@ -170,6 +172,9 @@ def check_in_memory_options(model, tokenizer, args) -> None:
     if args.device != "auto":
         raise UserError(f"evaluate: device= with a model object, which is evaluated where it is ({model.device}): "
                         f"leave device out (move the model to evaluate it elsewhere)")
+    if args.dtype != "auto":
+        raise UserError(f"evaluate: dtype= with a model object, which is evaluated in its own dtype ({model.dtype}): "
+                        f"leave dtype out (cast the model to evaluate it in another)")
     if tokenizer is None and model.source_dir is None:
         raise UserError(f"evaluate: pass tokenizer= with the {type(model).__name__} (it was not loaded from a "
                         f"directory to read one from)")
@@ -288,7 +293,8 @@ def _evaluated(args, model=None, tokenizer=None) -> dict:
         config = config_from_dict({"model": args.model, "eval_dataset": args.dataset, "eval_size": args.eval_size,
                                    "max_prompt_length": args.max_prompt_length,
                                    "max_completion_length": args.max_completion_length, "reward": args.reward,
-                                   "device": args.device, "chat_template": not args.no_chat_template,
+                                   "device": args.device, "dtype": args.dtype,
+                                   "chat_template": not args.no_chat_template,
                                    "chat_template_kwargs": args.chat_template_kwargs,
                                    "system_prompt": args.system_prompt,
                                    "filter_overlong_prompts": args.filter_overlong_prompts,

@@ -3327,6 +3327,8 @@ def test_evaluate_refuses_what_it_cannot_evaluate_in_memory(tmp_path, tiny_model
                                                          "directory; a model object is evaluated as it is"),
             ({"model": model, "device": "cpu"}, "evaluate: device= with a model object, which is evaluated where "
                                                 "it is (cpu): leave device out"),
+            ({"model": model, "dtype": "bfloat16"}, "evaluate: dtype= with a model object, which is evaluated in its "
+                                                    "own dtype (torch.float32): leave dtype out"),
             ({"model": model, "tokenizer": tokenizer, "system_prompt": "Be brief."},
              "--system-prompt needs a chat template: the tokenizer of the CausalLM given has none"),
             ({"model": unsaved}, "evaluate: pass tokenizer= with the CausalLM (it was not loaded from a directory "
@@ -4502,3 +4504,36 @@ def test_eval_names_a_sampled_single_answer_accuracy_as_sampled(tmp_path, tiny_m
     assert main([*args, "--temperature", "0.7", "--output", str(tmp_path / "sampled.jsonl")]) == 0
     sampled = [json.loads(line)["correct"] for line in (tmp_path / "sampled.jsonl").read_text().splitlines()]
     assert f"accuracy {sum(sampled) / 6:.4f} on 6 rows, temperature 0.7 ({data})\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case", ["bfloat16", "eval-dataset"])
+def test_the_eval_command_on_a_runs_model_gives_the_runs_greedy_eval_accuracy(tmp_path, tiny_model_dir, case):
+    """Two evals, one answer: a run's eval_accuracy at step N (metrics.jsonl) is what `python -m rpo_engine.eval`
+    gives on that step's model (checkpoints/step-N/model, and final/ at the last step) with the options README
+    names: --eval-size, the run's --eval-dataset as --dataset (else its --seed, which picks the built-in task's
+    split), and its --dtype, --max-completion-length, --reward and --stop. A run in bf16 on the CPU, or with
+    another --seed, was evaluated otherwise by the eval's defaults (fp32 on the CPU; seed 0's split), which no
+    option changed."""
+    from rpo_engine.eval import evaluate
+
+    shared = {"max_completion_length": 24, "reward": "tests.reward_fns:hash_reward", "eval_size": 16}
+    if case == "eval-dataset":
+        data = tmp_path / "eval.jsonl"
+        data.write_text("".join(json.dumps({"prompt": f"Q: {i}*{i + 7}\nA:", "answer": str(i * (i + 7))}) + "\n"
+                                for i in range(20)))
+        run_options = {**shared, "eval_dataset": data, "stop": "9"}
+        eval_options = {**shared, "dataset": data, "stop": "9"}
+    else:
+        run_options = eval_options = {**shared, **({"dtype": "bfloat16"} if case == "bfloat16" else {"seed": 3})}
+    flags = [arg for name, value in run_options.items() for arg in (f"--{name.replace('_', '-')}", value)]
+    run = tmp_path / "run"
+    run_train("--model", tiny_model_dir, "--output", run, "--steps", 2, "--eval-steps", 1, "--save-steps", 1,
+              "--train-size", 8, "--prompts-per-step", 3, "--num-generations", 4, "--learning-rate", 1e-2, *flags)
+    logged = {m["step"]: m["eval_accuracy"] for m in read_metrics(run)}
+    models = {0: tiny_model_dir, 1: run / "checkpoints" / "step-1" / "model", 2: run / "final"}
+    evaluated = {step: evaluate(model=model, no_progress=True, **eval_options) for step, model in models.items()}
+    assert {step: m["accuracy"] for step, m in evaluated.items()} == logged
+    assert all(m["rows"] == 16 for m in evaluated.values())
+    assert len(set(logged.values())) > 1  # the steps' models answer apart: the comparison tells them apart
+    if case != "eval-dataset":  # without the run's option the eval gives another number
+        assert evaluate(model=run / "final", no_progress=True, **shared)["accuracy"] != logged[2]
