@@ -1,6 +1,6 @@
 """`python -m rpo_engine.eval --model DIR --dataset FILE`: greedy accuracy of a model on a dataset.
 
-Without --dataset it uses the built-in task's held-out split (the default run's, seed 0: a training run with
+Without --dataset it uses the built-in task's held-out split of --seed (0, the default run's: a training run with
 --seed N holds out seed N's); without --model, the starter model.
 `--output FILE.jsonl` also writes each row's greedy completion, reward and verdict. `--adapter DIR` applies a
 LoRA adapter (a run's final-adapter/, or one PEFT saved; or its Hub id) to --model.
@@ -36,7 +36,7 @@ def build_parser():
     parser.add_argument("--dataset", help="JSONL/Parquet rows with prompt and answer, a `datasets` save_to_disk directory, "
                                            "a Hugging Face Hub dataset id (org/name; needs `datasets`) or such a "
                                            "repository's directory (default: the "
-                                           "built-in task's eval split of seed 0, the default training run's)")
+                                           "built-in task's eval split of --seed, a training run's of that seed)")
     # as in training: how to read --dataset (a Hub one's configuration and split; the fields of prompt and answer)
     parser.add_argument("--dataset-config", help="a Hub (or repository directory) dataset's configuration, e.g. main for openai/gsm8k")
     parser.add_argument("--dataset-test-split", help="the split of a --dataset with splits (a Hub id, a repository directory, a DatasetDict) to evaluate (default: test)")
@@ -68,7 +68,9 @@ def build_parser():
     parser.add_argument("--repetition-penalty", type=float, default=1.0,
                         help="divide a seen token's positive logit by this, multiply a negative one, greedy "
                              "decoding included (transformers' rule; default: 1, off)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed; row i draws from seed + i (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed, row i drawing from seed + i; without "
+                                                            "--dataset also the built-in task's eval split, as "
+                                                            "training's --seed picks it (default: 0)")
     parser.add_argument("--chat-template-kwargs", help="a JSON object of extra arguments for the chat template, "
                                                        "as in training (default: none)")
     parser.add_argument("--system-prompt", help="a system message before every prompt, as in training (default: none)")
@@ -261,9 +263,10 @@ def _evaluated(args, model=None, tokenizer=None) -> dict:
         raise UserError(f"--num-samples {args.num_samples} with {greedy} samples greedily: a row's {args.num_samples} "
                         f"completions are all alike (--top-k 0 or > 1, --min-p < 1)")
     if args.temperature == 0:  # greedy takes the most likely token, which every filter keeps: these changed nothing
+        # (and --seed, but for the built-in task's split it picks without --dataset)
         given = [flag for flag, value, default in (("--top-p", args.top_p, 1.0), ("--top-k", args.top_k, 0),
                                                    ("--min-p", args.min_p, 0.0), ("--seed", args.seed, 0))
-                 if value != default]
+                 if value != default and (flag != "--seed" or args.dataset is not None)]
         if given:
             listed = given[0] if len(given) == 1 else f"{', '.join(given[:-1])} and {given[-1]}"
             raise UserError(f"{listed} {'does' if len(given) == 1 else 'do'} nothing with --temperature 0 (greedy; "
@@ -299,6 +302,8 @@ def _evaluated(args, model=None, tokenizer=None) -> dict:
                                    "system_prompt": args.system_prompt,
                                    "filter_overlong_prompts": args.filter_overlong_prompts,
                                    "reward_workers": args.reward_workers, "progress": not args.no_progress,
+                                   # the built-in task's split is the seed's: a --seed N run's eval rows
+                                   **({"seed": args.seed} if args.dataset is None else {}),
                                    **{key: getattr(args, key) for key in ("dataset_config", "dataset_test_split",
                                                                          "dataset_prompt_column", "dataset_answer_column")
                                       if getattr(args, key) is not None}})
