@@ -44,7 +44,9 @@ def build_parser():
     parser.add_argument("--dataset-answer-column", help="the field read as the reference answer (default: answer; a "
                                                         "dotted path reads a nested one: reward_model.ground_truth "
                                                         "in verl's Parquet)")
-    parser.add_argument("--eval-size", type=int, default=512, help="most rows to evaluate (default: 512)")
+    parser.add_argument("--eval-size", type=int, default=512,
+                        help="most rows to evaluate, the first of --dataset or of the built-in split; a run's evals "
+                             "read its --eval-size, 128 by default (default: 512)")
     parser.add_argument("--max-prompt-length", type=int, default=512,
                         help="longest prompt in tokens, as in training; longer is an error (default: 512)")
     parser.add_argument("--max-completion-length", type=int, default=320, help="token budget of each completion (default: 320)")

@@ -4014,7 +4014,7 @@ def test_pass_at_k_is_the_unbiased_estimator():
 def test_sampled_eval_takes_the_eval_options_and_seeds_by_step_and_row(tiny_model_dir, monkeypatch):
     """The sampled eval's requests: --eval-temperature/-top-p/-top-k and K answers (not the training's sampling
     options), seeded by (run seed, step, row): the same eval at the same step (a resume's), fresh draws at another
-    step, a seed a row. The greedy eval decodes without --repetition-penalty (README), as without the temperature."""
+    step, a seed a row. The evals decode without --repetition-penalty (README), as without the temperature."""
     from rpo_engine.config import parse_args
     from rpo_engine.train import build_trainer
 
