@@ -162,23 +162,28 @@ def test_ctrl_c_while_the_reward_workers_start_leaves_them_scoring(capfd, signum
     assert "KeyboardInterrupt" not in capfd.readouterr().err
 
 
-def test_reward_workers_leave_sigusr1_to_the_trainer_and_end_when_it_is_killed(tmp_path):
-    """SLURM's --signal=USR1 reaches every process of the job: the workers ignore it (the trainer stops after its
-    step). A trainer killed outright (SIGKILL, the OOM killer) shuts nothing down: its workers, which waited on
-    the pool's queue for ever, end within seconds."""
+def _script_with_a_pool(tmp_path, then: str):
+    """A script of its own process that starts a 2-worker pool, scores, prints the workers' pids, then runs `then`.
+    -> (its process, the pids)."""
     script = tmp_path / "pooled.py"
-    script.write_text("import os, signal, sys, time\n"
-                      "from rpo_engine.rewards.pool import RewardPool\n"
+    script.write_text("from rpo_engine.rewards.pool import RewardPool\n"
                       "if __name__ == '__main__':\n"
                       "    pool = RewardPool({0: 'tests.reward_fns:hash_reward'}, workers=2)\n"
                       "    pool.score(0, ['a', 'b', 'c', 'd'], ['1'] * 4)\n"
-                      "    print(*[p.pid for p in pool.processes], flush=True)\n"
-                      "    time.sleep(60)\n")
+                      "    print(*[p.pid for p in pool.processes], flush=True)\n" + then)
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
+    pids = [int(pid) for pid in proc.stdout.readline().split()]
+    assert len(pids) == 2
+    return proc, pids
+
+
+def test_reward_workers_leave_sigusr1_to_the_trainer_and_end_when_it_is_killed(tmp_path):
+    """SLURM's --signal=USR1 reaches every process of the job: the workers ignore it (the trainer stops after its
+    step). A trainer killed outright (SIGKILL, the OOM killer) shuts nothing down: its workers, which would wait
+    for work for ever, end within seconds."""
+    proc, pids = _script_with_a_pool(tmp_path, then="    import time; time.sleep(60)\n")
     try:
-        pids = [int(pid) for pid in proc.stdout.readline().split()]
-        assert len(pids) == 2
         deadline = time.monotonic() + 30
         while not all(_ignores_sigint(pid, signal.SIGUSR1) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -196,17 +201,8 @@ def test_reward_workers_leave_sigusr1_to_the_trainer_and_end_when_it_is_killed(t
 def test_a_script_that_leaves_its_reward_pool_open_still_exits(tmp_path):
     """A pool nobody closed (a notebook's, a script's that returns early) must not hold its process at exit:
     multiprocessing's exit hook joins live workers, which wait for work for ever."""
-    script = tmp_path / "unclosed.py"
-    script.write_text("from rpo_engine.rewards.pool import RewardPool\n"
-                      "if __name__ == '__main__':\n"
-                      "    pool = RewardPool({0: 'tests.reward_fns:hash_reward'}, workers=2)\n"
-                      "    pool.score(0, ['a', 'b', 'c', 'd'], ['1'] * 4)\n"
-                      "    print(*[p.pid for p in pool.processes], flush=True)\n")
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc, pids = _script_with_a_pool(tmp_path, then="")  # and returns, the pool open
     try:
-        pids = [int(pid) for pid in proc.stdout.readline().split()]
-        assert len(pids) == 2
         assert proc.wait(timeout=30) == 0
         assert all(process_ended(pid, 10) for pid in pids)
     finally:
