@@ -529,6 +529,29 @@ def test_eval_rows_keep_their_dataset_ids(tmp_path):
 
 # ----------------------------------------------------------------------------- mutation-audit additions
 
+def test_jsonl_is_read_a_line_at_a_time(tmp_path):
+    """A JSONL file was read whole, then split into lines, both held while the rows were parsed: two copies of the
+    file beside its rows (+0.3 GB of peak memory at 200k rows of 1.5 kB, 2.6 GB at NuminaMath's 860k, in every
+    rank). Read a line at a time, the peak is the rows and little more."""
+    import tracemalloc
+
+    from rpo_engine.data import datasets
+
+    lines = [json.dumps({"prompt": f"row {i}: " + "\\frac{x}{2} " * 150, "answer": str(i)}) for i in range(1000)]
+    p = _write(tmp_path / "d.jsonl", "\ufeff" + "\n".join(lines) + "\n")
+    size = p.stat().st_size
+    tracemalloc.start()
+    try:
+        rows = load_dataset_rows(p)
+        held, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [r["answer"] for r in rows] == [str(i) for i in range(1000)] and rows[0]["prompt"].startswith("row 0")
+    assert peak - held < size / 4, (peak - held, size)
+    cut = _write(tmp_path / "cut.jsonl", lines[0] + '\n{"prompt": "p", "answer":\n' + lines[1] + "\n")
+    assert _error(cut) == f"{cut}:2: not valid JSON (Expecting value at column 26); {datasets._EXPECTED}"
+
+
 def test_json_array_after_leading_blank_lines(tmp_path):
     """A .json file whose array starts after blank lines or spaces is still one array of rows (kills testing
     data[:1] instead of data.lstrip()[:1])."""
