@@ -331,14 +331,14 @@ def _evaluated(args, model=None, tokenizer=None) -> dict:
                              repetition_penalty=args.repetition_penalty, stop=stop,
                              stop_token_ids=eos_ids, seed=args.seed + i) for i in range(len(rows))]
     # an adapter is decoded merged: nothing trains it here
-    with released_engine(model, args.gpu_memory_utilization, args.max_num_seqs, args.enforce_eager, prompts,
+    with released_engine(model, args.gpu_memory_utilization, args.max_num_seqs, args.enforce_eager, prompts.longest(),
                          config.max_completion_length, merge_lora=True, tokenizer=tokenizer) as engine:
         reward = resolve_reward(config)
         pool = reward_pool(config, [reward])
         log = RewardLog()  # a TRL-style reward's log_metric / log_extra
         try:
             graded = sampled_graded(engine, tokenizer, rows, reward if pool is None else pool.functions([reward])[0],
-                                    prompts, params, progress="eval" if not args.no_progress else False, log=log)
+                                    list(prompts), params, progress="eval" if not args.no_progress else False, log=log)
         finally:
             if pool is not None:
                 pool.close()

@@ -17,6 +17,7 @@ on the cached prefix too, weighted by each sample's advantage; `--rpo-loss-on-pr
 """
 from __future__ import annotations
 
+import array
 import contextlib
 import copy
 import functools
@@ -28,6 +29,7 @@ import random
 import sys
 import time
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -126,9 +128,9 @@ class Trainer:
         self.eval_rows, self.eval_prompt_ids = encode_run_prompts(tokenizer, eval_rows, config, self.model,
                                                                   config.eval_dataset or "built-in task's eval split", say)
         self.row_index = {row["id"]: i for i, row in enumerate(self.train_rows)}
-        self.prompt_ids = dict(zip([row["id"] for row in self.train_rows], train_ids))
+        self.prompt_ids = TokensById(train_ids, self.row_index)
         self.engine = rollout_engine(self.model, config.gpu_memory_utilization, config.max_num_seqs,
-                                     config.enforce_eager, train_ids + self.eval_prompt_ids,
+                                     config.enforce_eager, max(train_ids.longest(), self.eval_prompt_ids.longest()),
                                      config.max_completion_length, async_scheduling=config.async_scheduling,
                                      merge_lora=config.lora_merged_rollout, tokenizer=tokenizer)
         self.stop = stop_strings(config.stop)  # --stop, for the rollout and the evals
@@ -1223,11 +1225,13 @@ def restore_global_rng_states(state: dict) -> None:
 
 
 def encode_prompt(tokenizer, row: dict, limit: int, template_kwargs: dict | None = None,
-                  chat_template: bool = True, special_texts: tuple[str, ...] | None = None) -> list[int]:
+                  chat_template: bool = True, special_texts: tuple[str, ...] | None = None,
+                  encoded=None) -> list[int]:
     """Token ids of a row's prompt: through the chat template when the tokenizer has one and `chat_template`
     (a string as a user turn; a conversation as it is; the assistant turn opened; `template_kwargs` passed to
     the template), else the text with the tokenizer's leading special tokens. `special_texts`: the tokenizer's
-    special_token_texts, for a caller encoding many rows (a string prompt holding one is rendered already)."""
+    special_token_texts, and `encoded`: the row's batch_encoded entry, for a caller encoding many rows (a string
+    prompt holding one is rendered already)."""
     text = row["prompt"]
     if chat_template and getattr(tokenizer, "chat_template", None):
         if isinstance(text, str):
@@ -1238,27 +1242,28 @@ def encode_prompt(tokenizer, row: dict, limit: int, template_kwargs: dict | None
                 raise UserError(f"prompt of row {row['id']!r} holds the special token {rendered!r}: a prompt a chat "
                                 f"template rendered already would be rendered again; --no-chat-template encodes it "
                                 f"as it is (or give the question alone)")
-        messages = [{"role": "user", "content": text}] if isinstance(text, str) else text
-        # A conversation ending in an assistant message continues it (TRL's rule), else a new turn opens.
-        prefilled = messages[-1]["role"] == "assistant"
-        from jinja2.exceptions import TemplateError
+        if encoded is not None:
+            ids = encoded
+        else:
+            messages = conversation(text)
+            prefilled = messages[-1]["role"] == "assistant"
+            from jinja2.exceptions import TemplateError
 
-        try:
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=not prefilled,
-                                                continue_final_message=prefilled, tokenize=True, **(template_kwargs or {}))
-        except (TemplateError, ValueError) as e:  # the template's raise_exception (Qwen3's "No user query found")
-            why = ("it rewrites the final assistant message, which therefore cannot be continued"  # R1's </think> cut
-                   if prefilled and isinstance(e, ValueError) else " ".join(str(e).split())[:200])
-            raise UserError(f"prompt of row {row['id']!r}: the tokenizer's chat template cannot render it "
-                            f"({why})") from None
-        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            try:
+                ids = _token_lists(tokenizer.apply_chat_template(messages, **_template_options(prefilled),
+                                                                 **(template_kwargs or {})))
+            except (TemplateError, ValueError) as e:  # the template's raise_exception (Qwen3's "No user query found")
+                # R1's template cuts the final assistant message at </think>
+                why = ("it rewrites the final assistant message, which therefore cannot be continued"
+                       if prefilled and isinstance(e, ValueError) else " ".join(str(e).split())[:200])
+                raise UserError(f"prompt of row {row['id']!r}: the tokenizer's chat template cannot render it "
+                                f"({why})") from None
     elif not isinstance(text, str):
         why = "the tokenizer has no chat template" if chat_template else "--no-chat-template is set"
         raise UserError(f"prompt of row {row['id']!r} is a conversation, and {why} to render it (give the prompt "
                         f"as a string)")
     else:  # with the tokenizer's special tokens (Llama's BOS), as TRL and vLLM encode a text prompt
-        ids = tokenizer.encode(text)
-        plain = tokenizer.encode(text, add_special_tokens=False)
+        ids, plain = encoded if encoded is not None else _text_encodings(tokenizer, [text])[0]
         eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
         if eos is not None and _trailing(ids, eos) > _trailing(plain, eos):
             ids = ids[:-1]  # the EOS a tokenizer appends would end the prompt before the answer (the text's own stays)
@@ -1271,6 +1276,68 @@ def encode_prompt(tokenizer, row: dict, limit: int, template_kwargs: dict | None
                             f"(--max-prompt-length, and the model's context minus --max-completion-length; "
                             f"--filter-overlong-prompts drops such rows)", len(ids))
     return ids
+
+
+def conversation(prompt) -> list[dict]:
+    """A row's prompt as the messages its chat template renders: a string is the user's turn."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
+
+def _template_options(prefilled: bool) -> dict:
+    """apply_chat_template's arguments for token ids: a conversation ending in an assistant message (`prefilled`)
+    continues it (TRL's rule), else a new turn opens."""
+    return dict(add_generation_prompt=not prefilled, continue_final_message=prefilled, tokenize=True)
+
+
+def _token_lists(encoded) -> list:
+    """The token ids of apply_chat_template's or the tokenizer's output (a BatchEncoding, or the ids themselves)."""
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+def _text_encodings(tokenizer, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+    """Each text's ids with and without the special tokens the tokenizer adds (BOS, EOS), in one call each: a
+    tokenizer that adds none encodes each text once (its two encodings are then the same)."""
+    ids = _token_lists(tokenizer(texts))
+    try:
+        adds = tokenizer.num_special_tokens_to_add()
+    except (AttributeError, NotImplementedError, TypeError):  # a custom tokenizer's: encode again to know
+        adds = None
+    plain = ids if adds == 0 else _token_lists(tokenizer(texts, add_special_tokens=False))
+    return list(zip(ids, plain))
+
+
+# prompts the tokenizer encodes in one call: its Rust side spreads them over the cores, and holds their encodings
+# (~80 bytes a token) until the call returns: 1024 rows of 1.5 kB grew a process by 190 MB where 256 grew it by 80
+PROMPT_BATCH = 256
+
+
+def batch_encoded(tokenizer, rows: list[dict], template_kwargs: dict | None, chat_template: bool) -> list:
+    """encode_prompt's tokenizer output for each of `rows`, in a few calls, not one a row (one a row took ~90% of a
+    20k-row dataset's time to its first step): None for a row a call could not encode (a template refusing a
+    conversation), which encode_prompt then encodes alone, to name it."""
+    from jinja2.exceptions import TemplateError
+
+    out = [None] * len(rows)
+    templated = chat_template and getattr(tokenizer, "chat_template", None)
+    if templated:
+        groups = {}
+        for i, row in enumerate(rows):
+            messages = conversation(row["prompt"])
+            groups.setdefault(messages[-1]["role"] == "assistant", []).append((i, messages))
+        for prefilled, members in groups.items():
+            try:
+                encoded = _token_lists(tokenizer.apply_chat_template([m for _, m in members],
+                                                                     **_template_options(prefilled),
+                                                                     **(template_kwargs or {})))
+            except (TemplateError, ValueError):  # a row it refuses: each alone, in order
+                continue
+            for (i, _), ids in zip(members, encoded):
+                out[i] = ids
+        return out
+    texts = [(i, row["prompt"]) for i, row in enumerate(rows) if isinstance(row["prompt"], str)]
+    for (i, _), pair in zip(texts, _text_encodings(tokenizer, [text for _, text in texts]) if texts else []):
+        out[i] = pair
+    return out
 
 
 def special_token_texts(tokenizer) -> tuple[str, ...]:
@@ -1288,6 +1355,48 @@ def _trailing(ids: list[int], token: int) -> int:
     return n
 
 
+class TokenTable(Sequence):
+    """Lists of token ids (a dataset's prompts), held as one flat array of 4-byte ids: as lists of Python ints they
+    took 8 bytes a token and 28 more for each id past 256, ~14 GB for NuminaMath's 860k prompts of ~450 tokens in
+    every rank, where this holds 1.5 GB. An item is a fresh list."""
+
+    def __init__(self):
+        self.ids, self.ends = array.array("i"), array.array("q")
+
+    def append(self, ids: list[int]) -> None:
+        self.ids.extend(ids)
+        self.ends.append(len(self.ids))
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(len(self))[index]]
+        index = range(len(self.ends))[index]
+        return self.ids[self.ends[index - 1] if index else 0:self.ends[index]].tolist()
+
+    def longest(self) -> int:
+        """The most tokens an item holds (0 when empty), without making the lists."""
+        return max((end - start for start, end in zip((0, *self.ends), self.ends)), default=0)
+
+
+class TokensById(Mapping):
+    """A training row's id -> its prompt's token ids, read from `table` (a TokenTable) at the row's position."""
+
+    def __init__(self, table: TokenTable, positions: dict[str, int]):
+        self.table, self.positions = table, positions
+
+    def __getitem__(self, row_id: str) -> list[int]:
+        return self.table[self.positions[row_id]]
+
+    def __iter__(self):
+        return iter(self.positions)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+
 class PromptTooLong(UserError):
     def __init__(self, message: str, num_tokens: int):
         super().__init__(message)
@@ -1296,24 +1405,26 @@ class PromptTooLong(UserError):
 
 def encode_prompts(tokenizer, rows: list[dict], limit: int, template_kwargs: dict | None, source: str,
                    chat_template: bool = True, drop_overlong: bool = False,
-                   say: bool = True) -> tuple[list[dict], list[list[int]]]:
+                   say: bool = True) -> tuple[list[dict], TokenTable]:
     """Each row's prompt ids (encode_prompt) -> (the rows, their ids); a mistake in one is named with `source`,
     its dataset (a train and an eval row may share an id). `drop_overlong` (verl's filter_overlong_prompts):
     the rows whose prompts exceed `limit` are left out, with a line on stderr saying how many (`say`), and
     an error if that is all of them."""
-    kept, ids, longest = [], [], []
+    kept, ids, longest = [], TokenTable(), []
     special_texts = special_token_texts(tokenizer)  # once, not per row: ~40% of a row's encoding at Llama-3's 256
-    for row in rows:
-        try:
-            ids.append(encode_prompt(tokenizer, row, limit, template_kwargs, chat_template, special_texts))
-        except PromptTooLong as e:
-            if not drop_overlong:
+    for start in range(0, len(rows), PROMPT_BATCH):
+        batch = rows[start:start + PROMPT_BATCH]
+        for row, encoded in zip(batch, batch_encoded(tokenizer, batch, template_kwargs, chat_template)):
+            try:
+                ids.append(encode_prompt(tokenizer, row, limit, template_kwargs, chat_template, special_texts, encoded))
+            except PromptTooLong as e:
+                if not drop_overlong:
+                    raise UserError(f"{source}: {e}") from None
+                longest.append(e.num_tokens)
+                continue
+            except UserError as e:
                 raise UserError(f"{source}: {e}") from None
-            longest.append(e.num_tokens)
-            continue
-        except UserError as e:
-            raise UserError(f"{source}: {e}") from None
-        kept.append(row)
+            kept.append(row)
     if longest:
         what = f"{len(longest)} of its {len(rows)} rows, whose prompts exceed {limit} tokens (the longest {max(longest)})"
         if not kept:
@@ -1324,7 +1435,7 @@ def encode_prompts(tokenizer, rows: list[dict], limit: int, template_kwargs: dic
 
 
 def encode_run_prompts(tokenizer, rows: list[dict], config: TrainConfig, model, source: str,
-                       say: bool = True) -> tuple[list[dict], list[list[int]]]:
+                       say: bool = True) -> tuple[list[dict], TokenTable]:
     """encode_prompts with a run's options: its prompt length limit for `model`, its chat-template ones and
     --filter-overlong-prompts -> (the rows kept, their prompt ids)."""
     if not getattr(tokenizer, "chat_template", None):
@@ -1339,36 +1450,36 @@ def encode_run_prompts(tokenizer, rows: list[dict], config: TrainConfig, model, 
                           config.chat_template, config.filter_overlong_prompts, say)
 
 
-def prefill_token_budget(model, prompts: list[list[int]], max_new_tokens: int) -> int:
-    """The rollout engine's tokens per prefill step for a run of these prompts: 8192, or where longer, the longest
-    sequence one of its prefills can hold (a prompt, with RPO its kept path too, or a preempted sample's prompt and
-    tokens so far: at most the prompt + max_new_tokens + 1, an RPO suffix's one token past a whole kept path).
+def prefill_token_budget(model, longest_prompt: int, max_new_tokens: int) -> int:
+    """The rollout engine's tokens per prefill step for a run whose longest prompt has `longest_prompt` tokens:
+    8192, or where longer, the longest sequence one of its prefills can hold (a prompt, with RPO its kept path
+    too, or a preempted sample's prompt and tokens so far: at most the prompt + max_new_tokens + 1, an RPO
+    suffix's one token past a whole kept path).
     Not the engine's default, the model's whole context: on CUDA the engine runs a forward of that many tokens
     before sizing its K/V cache and holds back its activations, ~15 GB at Llama 3.1 8B's 131072 tokens."""
-    longest = max((len(ids) for ids in prompts), default=0)
-    return max(8192, min(model.config.max_model_len, longest + max_new_tokens + 1))
+    return max(8192, min(model.config.max_model_len, longest_prompt + max_new_tokens + 1))
 
 
 def rollout_engine(model, gpu_memory_utilization: float, max_num_seqs: int, enforce_eager: bool,
-                   prompts: list[list[int]], max_new_tokens: int, **options):
-    """A RolloutEngine with the command's rollout options (a run's or the eval's), for `prompts` with budgets of
-    `max_new_tokens`; its ValueError, the weights alone filling the --gpu-memory-utilization share of the GPU, a
-    UserError naming that option, as is a K/V cache too small for the longest prompt and its budget (the engine
-    would refuse that prompt mid-run, with a traceback)."""
+                   longest_prompt: int, max_new_tokens: int, **options):
+    """A RolloutEngine with the command's rollout options (a run's or the eval's), for prompts of at most
+    `longest_prompt` tokens with budgets of `max_new_tokens`; its ValueError, the weights alone filling the
+    --gpu-memory-utilization share of the GPU, a UserError naming that option, as is a K/V cache too small for the
+    longest prompt and its budget (the engine would refuse that prompt mid-run, with a traceback)."""
     from rpo_engine.rollout import RolloutEngine
     from rpo_engine.rollout.model_runner import NO_BLOCK_ADVICE
 
     try:
         engine = RolloutEngine(model, gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
                                use_cuda_graphs=False if enforce_eager else None,
-                               max_num_batched_tokens=prefill_token_budget(model, prompts, max_new_tokens), **options)
+                               max_num_batched_tokens=prefill_token_budget(model, longest_prompt, max_new_tokens),
+                               **options)
     except ValueError as e:  # its advice names its own arguments, kv_cache_bytes and num_blocks, which no option sets
         message = str(e).replace(NO_BLOCK_ADVICE, "raise --gpu-memory-utilization")
         raise UserError(f"rollout engine: {message} (--gpu-memory-utilization {gpu_memory_utilization})") from None
-    longest = max(map(len, prompts), default=0)
-    fits, cached = engine.kv_fits(longest, max_new_tokens)
+    fits, cached = engine.kv_fits(longest_prompt, max_new_tokens)
     if not fits:
-        raise UserError(f"rollout engine: the longest prompt ({longest} tokens) with --max-completion-length "
+        raise UserError(f"rollout engine: the longest prompt ({longest_prompt} tokens) with --max-completion-length "
                         f"{max_new_tokens} needs K/V for {cached} tokens, more than the cache's "
                         f"{engine.num_blocks * engine.block_size}: raise --gpu-memory-utilization (now "
                         f"{gpu_memory_utilization}), or lower --max-completion-length or --max-prompt-length")

@@ -205,26 +205,33 @@ def _parse_json(text: str):
 
 
 def _read_jsonl(path: str, columns: tuple[str, str]) -> list[dict]:
+    """A line at a time: the whole file and its lines, held beside the rows they parse to, were two more copies of
+    the dataset (2.6 GB at NuminaMath's 860k rows, in every rank)."""
     rows, wheres = [], []
     with open(path, "rb") as f:
-        data = f.read()
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    if path.lower().endswith(".json") and data.lstrip()[:1] == b"[":
-        return _read_json_array(path, data, columns)
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
-        where = f"{path}:{lineno}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise UserError(f"{where}: not valid UTF-8 (byte {e.start + 1}); expected UTF-8 JSON lines") from None
-        if not line.strip():
-            continue
-        row, invalid = _parse_json(line)
-        if invalid:
-            raise UserError(f"{where}: not valid JSON ({invalid[0]}); {_EXPECTED}")
-        rows.append(row)
-        wheres.append(where)
+        if f.read(3) != b"\xef\xbb\xbf":
+            f.seek(0)
+        start = f.tell()
+        if path.lower().endswith(".json"):
+            while (chunk := f.read(1 << 16)) and not chunk.strip():
+                pass
+            if chunk.lstrip()[:1] == b"[":
+                f.seek(start)
+                return _read_json_array(path, f.read(), columns)
+            f.seek(start)
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:  # without its newline: a JSON error at the line's end is at its last column, not the next line's first
+                line = raw.removesuffix(b"\n").decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{where}: not valid UTF-8 (byte {e.start + 1}); expected UTF-8 JSON lines") from None
+            if not line.strip():
+                continue
+            row, invalid = _parse_json(line)
+            if invalid:
+                raise UserError(f"{where}: not valid JSON ({invalid[0]}); {_EXPECTED}")
+            rows.append(row)
+            wheres.append(where)
     return validate_rows(rows, wheres, path, columns)
 
 
