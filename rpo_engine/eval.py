@@ -194,7 +194,7 @@ def eval_options(options: dict):
     actions = {action.dest: action for action in build_parser()._actions if action.dest != "help"}
     unknown = sorted(set(options) - set(actions))
     if unknown:
-        meant = closest_names(unknown[0], actions)
+        meant = closest_names(unknown[0], [*actions, "tokenizer"])  # evaluate's own, taken out before
         raise UserError(f"evaluate: unknown option {unknown[0]!r}" + (f"; did you mean {' or '.join(meant)}?" if meant
                                                                        else ""))
     args = argparse.Namespace(**{name: action.default for name, action in actions.items()})

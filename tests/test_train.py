@@ -3105,6 +3105,7 @@ def test_evaluate_checks_its_options_as_the_command_line_does(tmp_path, tiny_mod
 
     monkeypatch.setattr(rpo_engine, "load_model", lambda *args, **kwargs: pytest.fail("loaded the model"))
     for options, message in (({"eval_sizes": 3}, "evaluate: unknown option 'eval_sizes'; did you mean eval_size?"),
+                             ({"tokenzier": None}, "evaluate: unknown option 'tokenzier'; did you mean tokenizer?"),
                              ({"eval_size": "3"}, "evaluate: eval_size must be an integer, got '3'"),
                              ({"eval_size": 2.0}, "evaluate: eval_size must be an integer, got 2.0"),
                              ({"no_progress": "yes"}, "evaluate: no_progress must be true or false, got 'yes'"),
