@@ -304,13 +304,14 @@ def _evaluated(args, model=None, tokenizer=None) -> dict:
                                    "system_prompt": args.system_prompt,
                                    "filter_overlong_prompts": args.filter_overlong_prompts,
                                    "reward_workers": args.reward_workers, "progress": not args.no_progress,
-                                   # the built-in task's split is the seed's: a --seed N run's eval rows
-                                   **({"seed": args.seed} if args.dataset is None else {}),
                                    **{key: getattr(args, key) for key in ("dataset_config", "dataset_test_split",
                                                                          "dataset_prompt_column", "dataset_answer_column")
                                       if getattr(args, key) is not None}})
     except UserError as e:
         raise UserError(in_eval_words(str(e))) from None
+    # without --dataset, the built-in task's split of a --seed N run; set past training's check of its --seed
+    # (64 bits): the eval's is any integer, as the sampler's
+    config.seed = args.seed
     if model is None:
         device, dtype = resolve_device(config)
     else:  # messages about its tokenizer name it
