@@ -115,9 +115,9 @@ def evaluate(**options) -> dict:
     `model=` may also be the model object being trained (a loop of your own, between steps): rpo_engine's
     CausalLM (LoRA adapters applied or not), a transformers causal LM, or a PEFT model of one, with
     `tokenizer=` its tokenizer (default: the one in the directory it was loaded from). It is evaluated where it is,
-    in memory, with the metrics of saving it (save_pretrained) and evaluating that directory, and left as it was:
-    its weights, their gradients and requires_grad, its train/eval mode; the K/V cache the eval decodes with is
-    given back before it returns."""
+    in memory, with the metrics of saving it (save_pretrained) and evaluating that directory in its dtype on its
+    device, and left as it was: its weights, their gradients and requires_grad, its train/eval mode; the K/V cache
+    the eval decodes with is given back before it returns."""
     import torch
 
     from rpo_engine.trainer import global_rng_states, restore_global_rng_states
