@@ -115,9 +115,9 @@ def evaluate(**options) -> dict:
     `model=` may also be the model object being trained (a loop of your own, between steps): rpo_engine's
     CausalLM (LoRA adapters applied or not), a transformers causal LM, or a PEFT model of one, with
     `tokenizer=` its tokenizer (default: the one in the directory it was loaded from). It is evaluated where it is,
-    in memory, with the metrics of saving it (save_pretrained) and evaluating that directory, and left as it was:
-    its weights, their gradients and requires_grad, its train/eval mode; the K/V cache the eval decodes with is
-    given back before it returns."""
+    in memory, with the metrics of saving it (save_pretrained) and evaluating that directory in its dtype on its
+    device, and left as it was: its weights, their gradients and requires_grad, its train/eval mode; the K/V cache
+    the eval decodes with is given back before it returns."""
     import torch
 
     from rpo_engine.trainer import global_rng_states, restore_global_rng_states
@@ -194,7 +194,7 @@ def eval_options(options: dict):
     actions = {action.dest: action for action in build_parser()._actions if action.dest != "help"}
     unknown = sorted(set(options) - set(actions))
     if unknown:
-        meant = closest_names(unknown[0], actions)
+        meant = closest_names(unknown[0], [*actions, "tokenizer"])  # evaluate's own, taken out before
         raise UserError(f"evaluate: unknown option {unknown[0]!r}" + (f"; did you mean {' or '.join(meant)}?" if meant
                                                                        else ""))
     args = argparse.Namespace(**{name: action.default for name, action in actions.items()})
@@ -247,7 +247,7 @@ def _evaluated(args, model=None, tokenizer=None) -> dict:
     import rpo_engine
     from rpo_engine.config import config_from_dict, greedy_filter, stop_strings
     from rpo_engine.rollout import SamplingParams
-    from rpo_engine.train import load_rows, resolve_device, resolve_reward, reward_pool
+    from rpo_engine.train import load_rows, resolve_reward, reward_pool
     from rpo_engine.rewards.answers import RewardLog
     from rpo_engine.trainer import (add_columns, encode_run_prompts, right_answers, sampled_graded,
                                     seed_global_rngs, stop_ids)
@@ -265,7 +265,7 @@ def _evaluated(args, model=None, tokenizer=None) -> dict:
         raise UserError(f"--num-samples {args.num_samples} with {greedy} samples greedily: a row's {args.num_samples} "
                         f"completions are all alike (--top-k 0 or > 1, --min-p < 1)")
     if args.temperature == 0:  # greedy takes the most likely token, which every filter keeps: these changed nothing
-        # (and --seed, but for the built-in task's split it picks without --dataset)
+        # (--seed too, with --dataset: without, it picks the built-in task's split)
         given = [flag for flag, value, default in (("--top-p", args.top_p, 1.0), ("--top-k", args.top_k, 0),
                                                    ("--min-p", args.min_p, 0.0), ("--seed", args.seed, 0))
                  if value != default and (flag != "--seed" or args.dataset is not None)]
@@ -304,22 +304,21 @@ def _evaluated(args, model=None, tokenizer=None) -> dict:
                                    "system_prompt": args.system_prompt,
                                    "filter_overlong_prompts": args.filter_overlong_prompts,
                                    "reward_workers": args.reward_workers, "progress": not args.no_progress,
-                                   # the built-in task's split is the seed's: a --seed N run's eval rows
-                                   **({"seed": args.seed} if args.dataset is None else {}),
                                    **{key: getattr(args, key) for key in ("dataset_config", "dataset_test_split",
                                                                          "dataset_prompt_column", "dataset_answer_column")
                                       if getattr(args, key) is not None}})
     except UserError as e:
         raise UserError(in_eval_words(str(e))) from None
-    if model is None:
-        device, dtype = resolve_device(config)
-    else:  # messages about its tokenizer name it
-        config.model = f"the {type(model).__name__} given"
+    # without --dataset, the built-in task's split of a --seed N run; set past training's check of its --seed
+    # (64 bits): the eval's is any integer, as the sampler's
+    config.seed = args.seed
     seed_global_rngs(args.seed)  # a reward drawing from the global generators (a sampled judge) scores the same again
     if model is None:
-        model, tokenizer = loaded_model(config, args.adapter, dtype, device)
-    elif tokenizer is None:
-        tokenizer = rpo_engine.load_tokenizer(model.source_dir)
+        model, tokenizer = loaded_model(config, args.adapter)
+    else:
+        config.model = f"the {type(model).__name__} given"  # messages about its tokenizer name it
+        if tokenizer is None:
+            tokenizer = rpo_engine.load_tokenizer(model.source_dir)
     try:
         _, rows = load_rows(config)
     except UserError as e:
@@ -373,12 +372,15 @@ def _evaluated(args, model=None, tokenizer=None) -> dict:
     return {**metrics, **RewardLog.metric_means([log.metrics], "eval_")}
 
 
-def loaded_model(config, adapter, dtype, device):
-    """(model, tokenizer) of --model (a directory, a Hub id; None: the starter model), with --adapter applied."""
+def loaded_model(config, adapter):
+    """(model, tokenizer) of --model (a directory, a Hub id; None: the starter model) on --device in --dtype, with
+    --adapter applied."""
     import rpo_engine
     from rpo_engine.model.checkpoint import model_directory
     from rpo_engine.model.lora import load_adapter, read_adapter_settings
+    from rpo_engine.train import resolve_device
 
+    device, dtype = resolve_device(config)
     if config.model is None:
         from rpo_engine.data.starter import ensure_starter_model
 

@@ -3105,6 +3105,7 @@ def test_evaluate_checks_its_options_as_the_command_line_does(tmp_path, tiny_mod
 
     monkeypatch.setattr(rpo_engine, "load_model", lambda *args, **kwargs: pytest.fail("loaded the model"))
     for options, message in (({"eval_sizes": 3}, "evaluate: unknown option 'eval_sizes'; did you mean eval_size?"),
+                             ({"tokenzier": None}, "evaluate: unknown option 'tokenzier'; did you mean tokenizer?"),
                              ({"eval_size": "3"}, "evaluate: eval_size must be an integer, got '3'"),
                              ({"eval_size": 2.0}, "evaluate: eval_size must be an integer, got 2.0"),
                              ({"no_progress": "yes"}, "evaluate: no_progress must be true or false, got 'yes'"),
@@ -3384,14 +3385,16 @@ def test_eval_cli_seeds_the_torch_rng_a_stochastic_reward_reads(tmp_path, tiny_m
 
 def test_eval_cli_takes_a_seed_past_64_bits_as_its_sampler_does(tmp_path, tiny_model_dir):
     """eval's --seed is any integer (the sampler keeps its low 64 bits); seeding the global generators with it too
-    made one past torch.manual_seed's range a ValueError traceback ("Overflow when unpacking long long")."""
+    made one past torch.manual_seed's range a ValueError traceback ("Overflow when unpacking long long"). Without
+    --dataset too, where it also picks the built-in split: training's 64-bit check of its --seed refused it there."""
     from rpo_engine.eval import main
     from rpo_engine.trainer import seed_global_rngs
 
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"prompt": "Q: 1+1\nA:", "answer": "2"}) + "\n")
-    assert main(["--model", str(tiny_model_dir), "--dataset", str(data), "--max-completion-length", "2",
-                 "--no-progress", "--temperature", "1", "--seed", str(2 ** 64 + 5)]) == 0
+    for source in (["--dataset", str(data)], ["--eval-size", "2"]):
+        assert main(["--model", str(tiny_model_dir), *source, "--max-completion-length", "2",
+                     "--no-progress", "--temperature", "1", "--seed", str(2 ** 64 + 5)]) == 0
     for seed in (0, 5, -3, 2 ** 64 - 1):  # within torch's range: seeded as before
         seed_global_rngs(seed)
         state = torch.get_rng_state()
