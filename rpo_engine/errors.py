@@ -72,13 +72,31 @@ def one_line_warning(message, category, filename, lineno, line=None, others=warn
     return others(message, category, filename, lineno, line)
 
 
+@contextlib.contextmanager
+def stdout_escaping():
+    """Text stdout's encoding cannot hold (a non-ASCII path or prompt where stdout is ASCII: PYTHONIOENCODING=ascii,
+    LC_ALL=C with PYTHONUTF8=0, a Windows code page in a redirected log) printed as \\x escapes, as Python prints
+    it to stderr, not a UnicodeEncodeError after the command's work is done (before train's --push-to-hub)."""
+    stdout = sys.stdout
+    errors = getattr(stdout, "errors", None)
+    if errors != "strict" or not hasattr(stdout, "reconfigure"):  # closed (None), or not a text stream of ours
+        yield
+        return
+    stdout.reconfigure(errors="backslashreplace")
+    try:
+        yield
+    finally:  # an in-process caller's stdout is its own again
+        stdout.reconfigure(errors=errors)
+
+
 def run_cli(main_fn, argv=None) -> int:
     """Run `main_fn(argv)` and turn a UserError, or the system refusing a named file (REFUSED), into
     `error: <message>` on stderr with exit code 2; our warnings one line each (one_line_warning)."""
     python_format = warnings.formatwarning  # the caller's, which formats everyone else's warnings
     warnings.formatwarning = functools.partial(one_line_warning, others=python_format)
     try:
-        return main_fn(argv) or 0
+        with stdout_escaping():
+            return main_fn(argv) or 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
