@@ -8,6 +8,8 @@ import errno
 import functools
 import os
 import re
+import select
+import signal
 import sys
 import traceback
 import warnings
@@ -89,6 +91,22 @@ def stdout_escaping():
         stdout.reconfigure(errors=errors)
 
 
+def readers_gone() -> list[int]:
+    """The file descriptors of stdout and stderr that are pipes whose reader has exited (`| head -1` that has its
+    line): poll reports POLLERR on such a pipe's end."""
+    gone = []
+    for stream in (sys.__stdout__, sys.__stderr__):
+        try:
+            fd = stream.fileno()
+        except (AttributeError, OSError, ValueError):  # closed (None), or not a file
+            continue
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        if any(events & select.POLLERR for _, events in poller.poll(0)):
+            gone.append(fd)
+    return gone
+
+
 def run_cli(main_fn, argv=None) -> int:
     """Run `main_fn(argv)` and turn a UserError, or the system refusing a named file (REFUSED), into
     `error: <message>` on stderr with exit code 2; our warnings one line each (one_line_warning)."""
@@ -100,6 +118,17 @@ def run_cli(main_fn, argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        gone = readers_gone() if hasattr(select, "poll") else []
+        if not gone:  # another pipe (a reward worker's): a bug's traceback
+            raise
+        # Our output's reader has exited: end as a program that SIGPIPE ends, its exit code and no traceback.
+        # Those descriptors write to /dev/null from here, or Python's flush at exit says "Exception ignored".
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for fd in gone:
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
     except OSError as e:
         if e.errno not in REFUSED or not e.filename:
             raise
