@@ -652,8 +652,7 @@ def train(config: TrainConfig, dist: Dist | None = None) -> int:
 
 
 def run_training(config: TrainConfig, dist: Dist, held: contextlib.ExitStack) -> int:
-    from tqdm.auto import tqdm
-
+    from rpo_engine.progress import progress_bar
     from rpo_engine.rewards.pool import PooledReward
 
     check_divisible(config.prompts_per_step, dist.world_size)
@@ -776,8 +775,8 @@ def run_training(config: TrainConfig, dist: Dist, held: contextlib.ExitStack) ->
             print(f"step 0: eval accuracy {first_eval['eval_accuracy']:.3f}{eval_note(config)}{pass_at_k}")
 
     algo_name = f"{'RPO-' if config.rpo.rpo else ''}{config.algo.algo.upper()}"
-    bar = tqdm(total=config.steps, initial=trainer.step_num, desc=algo_name,
-               disable=not (config.progress and main_rank), dynamic_ncols=True)
+    bar = progress_bar(total=config.steps, initial=trainer.step_num, desc=algo_name,
+                       disable=not (config.progress and main_rank), dynamic_ncols=True)
     held.callback(bar.close)  # an error's traceback, which a notebook keeps, held it open: the next bar went below it
     generated, seconds, stopped_by = 0, 0.0, 0
     fail_at = os.environ.get("RPO_ENGINE_TEST_FAIL_AT")  # tests only, "RANK:STEP": that rank raises there

@@ -44,3 +44,20 @@ def test_a_reader_that_went_away_ends_the_command_quietly(tmp_path, tiny_model_d
     stderr = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 128 + signal.SIGPIPE, stderr
     assert stderr == ""
+
+
+def test_the_progress_bars_write_lines_to_a_log_file(tmp_path, tiny_model_dir):
+    """stderr redirected to a log file (a SLURM job, nohup, `2> log`): each bar writes whole lines (its first state,
+    at most one a LOG_INTERVAL_S, its last), not redraws joined by carriage returns into one endless line."""
+    data = write_rows(tmp_path / "d.jsonl", [{"prompt": f"{i}+{i}", "answer": str(2 * i)} for i in range(4)])
+    train = subprocess.run([sys.executable, "-m", "rpo_engine.train", "--model", str(tiny_model_dir), "--dataset",
+                            str(data), "--eval-dataset", str(data), "--steps", "3", "--prompts-per-step", "1",
+                            "--num-generations", "2",
+                            "--max-completion-length", "4", "--eval-steps", "3", "--eval-size", "2", "--output",
+                            str(tmp_path / "run")], capture_output=True, text=True, cwd=REPO, env=ENV)
+    evaluated = subprocess.run(eval_command(tiny_model_dir, data), capture_output=True, text=True, cwd=REPO, env=ENV)
+    for proc, bar, last in ((train, "RPO-GRPO", "3/3"), (evaluated, "eval:", "4/4")):
+        assert proc.returncode == 0, proc.stderr
+        assert "\r" not in proc.stderr and "\x1b[" not in proc.stderr
+        lines = [line for line in proc.stderr.splitlines() if line.startswith(bar)]
+        assert 2 <= len(lines) <= 3 and "0/" in lines[0] and f"| {last} [" in lines[-1], proc.stderr

@@ -133,7 +133,7 @@ def length_bucketed_batches(examples, batch_size: int, rng: random.Random, pool_
 
 def train_starter_model(directory, recipe: StarterRecipe = StarterRecipe(), progress: bool = True) -> dict:
     """Train the starter model by SFT and save it (with tokenizer) to `directory`. Returns a summary."""
-    from tqdm.auto import tqdm
+    from rpo_engine.progress import progress_bar
 
     torch.manual_seed(recipe.seed)
     rng = random.Random(recipe.seed)
@@ -155,7 +155,7 @@ def train_starter_model(directory, recipe: StarterRecipe = StarterRecipe(), prog
 
     batches = length_bucketed_batches(examples, recipe.batch_size, rng, recipe.bucket_pool)
     start = time.perf_counter()
-    bar = tqdm(range(recipe.steps), desc="starter SFT", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(range(recipe.steps), desc="starter SFT", disable=not progress, dynamic_ncols=True)
     num_tokens = 0
     for step in bar:
         input_ids, labels = sft_batch(next(batches), tokenizer.pad_token_id)
