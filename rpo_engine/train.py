@@ -39,7 +39,9 @@ def resolve_device(config: TrainConfig) -> tuple[torch.device, torch.dtype]:
     else:
         device = torch.device(config.device)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA device is available")
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            hidden = "" if visible is None else f" (CUDA_VISIBLE_DEVICES is {visible!r}, which may hide the GPUs)"
+            raise UserError(f"--device {config.device}: no CUDA device is available{hidden}")
         if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
             raise UserError(f"--device {config.device}: there are {torch.cuda.device_count()} CUDA devices (0 to "
                             f"{torch.cuda.device_count() - 1})")

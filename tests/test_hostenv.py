@@ -61,3 +61,13 @@ def test_the_progress_bars_write_lines_to_a_log_file(tmp_path, tiny_model_dir):
         assert "\r" not in proc.stderr and "\x1b[" not in proc.stderr
         lines = [line for line in proc.stderr.splitlines() if line.startswith(bar)]
         assert 2 <= len(lines) <= 3 and "0/" in lines[0] and f"| {last} [" in lines[-1], proc.stderr
+
+
+def test_a_cuda_device_hidden_by_cuda_visible_devices_names_the_variable(tmp_path, tiny_model_dir):
+    """CUDA_VISIBLE_DEVICES="" (a scheduler's, or a leftover export) hides every GPU: --device cuda says so, not
+    only that there is none, which reads as a driver or install problem."""
+    data = write_rows(tmp_path / "d.jsonl", [{"prompt": "2+2", "answer": "4"}])
+    for device in ("cuda", "cuda:0"):
+        proc = subprocess.run(eval_command(tiny_model_dir, data, "--device", device), capture_output=True, text=True,
+                              cwd=REPO, env={**ENV, "CUDA_VISIBLE_DEVICES": ""})
+        assert_user_error(proc, f"--device {device}: no CUDA device is available", "CUDA_VISIBLE_DEVICES is ''")
