@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.test_train import assert_user_error
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,3 +73,29 @@ def test_a_cuda_device_hidden_by_cuda_visible_devices_names_the_variable(tmp_pat
         proc = subprocess.run(eval_command(tiny_model_dir, data, "--device", device), capture_output=True, text=True,
                               cwd=REPO, env={**ENV, "CUDA_VISIBLE_DEVICES": ""})
         assert_user_error(proc, f"--device {device}: no CUDA device is available", "CUDA_VISIBLE_DEVICES is ''")
+
+
+def test_an_eval_output_that_cannot_be_written_is_refused_before_decoding(tmp_path, tiny_model_dir, monkeypatch):
+    """--output in a directory the user may not write to (read-only, another user's) was found out at the end, once
+    every row was decoded; and a parent that is a file was reported as missing."""
+    import rpo_engine.eval as eval_cli
+    from rpo_engine.errors import UserError
+
+    data = write_rows(tmp_path / "d.jsonl", [{"prompt": "2+2", "answer": "4"}])
+    (tmp_path / "file").write_text("x")
+    proc = subprocess.run(eval_command(tiny_model_dir, data, "--output", tmp_path / "file" / "preds.jsonl"),
+                          capture_output=True, text=True, cwd=REPO, env=ENV)
+    assert_user_error(proc, f"{tmp_path / 'file'}: is a file, not a directory (--output {tmp_path / 'file'}/")
+
+    locked, access = tmp_path / "locked", os.access
+    locked.mkdir()
+    # root writes anywhere, so the refusal a read-only filesystem or another user's directory gives is stood in for
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != locked and access(path, mode, **kw))
+
+    def decoded(*args, **kwargs):
+        raise AssertionError("decoded before --output was checked")
+
+    monkeypatch.setattr(eval_cli, "released_engine", decoded)
+    with pytest.raises(UserError, match=f"^{locked}: not writable \\(--output {locked / 'preds.jsonl'}\\)$"):
+        eval_cli.main(["--model", str(tiny_model_dir), "--dataset", str(data), "--no-progress",
+                       "--output", str(locked / "preds.jsonl")])
