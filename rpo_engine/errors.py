@@ -8,6 +8,8 @@ import errno
 import functools
 import os
 import re
+import select
+import signal
 import sys
 import traceback
 import warnings
@@ -72,16 +74,61 @@ def one_line_warning(message, category, filename, lineno, line=None, others=warn
     return others(message, category, filename, lineno, line)
 
 
+@contextlib.contextmanager
+def stdout_escaping():
+    """Text stdout's encoding cannot hold (a non-ASCII path or prompt where stdout is ASCII: PYTHONIOENCODING=ascii,
+    LC_ALL=C with PYTHONUTF8=0, a Windows code page in a redirected log) printed as \\x escapes, as Python prints
+    it to stderr, not a UnicodeEncodeError after the command's work is done (before train's --push-to-hub)."""
+    stdout = sys.stdout
+    errors = getattr(stdout, "errors", None)
+    if errors != "strict" or not hasattr(stdout, "reconfigure"):  # closed (None), or not a text stream of ours
+        yield
+        return
+    stdout.reconfigure(errors="backslashreplace")
+    try:
+        yield
+    finally:  # an in-process caller's stdout is its own again
+        stdout.reconfigure(errors=errors)
+
+
+def readers_gone() -> list[int]:
+    """The file descriptors of stdout and stderr that are pipes whose reader has exited (`| head -1` that has its
+    line): poll reports POLLERR on such a pipe's end."""
+    gone = []
+    for stream in (sys.__stdout__, sys.__stderr__):
+        try:
+            fd = stream.fileno()
+        except (AttributeError, OSError, ValueError):  # closed (None), or not a file
+            continue
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        if any(events & select.POLLERR for _, events in poller.poll(0)):
+            gone.append(fd)
+    return gone
+
+
 def run_cli(main_fn, argv=None) -> int:
     """Run `main_fn(argv)` and turn a UserError, or the system refusing a named file (REFUSED), into
     `error: <message>` on stderr with exit code 2; our warnings one line each (one_line_warning)."""
     python_format = warnings.formatwarning  # the caller's, which formats everyone else's warnings
     warnings.formatwarning = functools.partial(one_line_warning, others=python_format)
     try:
-        return main_fn(argv) or 0
+        with stdout_escaping():
+            return main_fn(argv) or 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        gone = readers_gone() if hasattr(select, "poll") else []
+        if not gone:  # another pipe (a reward worker's): a bug's traceback
+            raise
+        # Our output's reader has exited: end as a program that SIGPIPE ends, its exit code and no traceback.
+        # Those descriptors write to /dev/null from here, or Python's flush at exit says "Exception ignored".
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for fd in gone:
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
     except OSError as e:
         if e.errno not in REFUSED or not e.filename:
             raise

@@ -290,8 +290,12 @@ def _evaluated(args, model=None, tokenizer=None) -> dict:
     if output is not None and (output.exists() or output.is_symlink()):  # a dangling link too: open(, "x") refuses it
         link = " (a broken symbolic link)" if not output.exists() else ""
         raise UserError(f"{output}: already exists{link}; pass another --output")
-    if output is not None and not output.parent.is_dir():  # before minutes of decoding, not after
-        raise UserError(f"{output.parent}: no such directory (--output {output})")
+    if output is not None:  # before minutes of decoding, not after
+        if not output.parent.is_dir():
+            problem = "is a file, not a directory" if output.parent.exists() else "no such directory"
+            raise UserError(f"{output.parent}: {problem} (--output {output})")
+        if not os.access(output.parent, os.W_OK | os.X_OK):  # read-only, or another user's
+            raise UserError(f"{output.parent}: not writable (--output {output})")
 
     # The same option checks and loaders as training: the dataset is the eval set here.
     try:

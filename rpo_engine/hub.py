@@ -51,16 +51,34 @@ def hub_snapshot(repo_id: str, repo_type: str = "model", allow_patterns: tuple[s
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError
 
+    offline = offline_variable(repo_type)
     try:
-        return Path(snapshot_download(repo_id, repo_type=repo_type, local_files_only=cached_only,
+        return Path(snapshot_download(repo_id, repo_type=repo_type, local_files_only=cached_only or offline is not None,
                                       allow_patterns=None if allow_patterns is None else list(allow_patterns)))
     except (OSError, ValueError, HfHubHTTPError) as e:
         cause = e.__cause__ or e  # the request's own error (a ConnectError, a 404) where the cache was tried after it
-        reason = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else
+        reason = (f"{offline} is set" if offline is not None else
                   f"{type(cause).__name__}: {(str(cause).strip() or '-').splitlines()[0]}")
         raise UserError(f"{repo_id}: no such {'directory' if repo_type == 'model' else 'file'}, and no Hugging Face "
                         f"Hub {repo_type} of that name in the local cache ({constants.HF_HUB_CACHE}) or to download "
                         f"({reason})") from None
+
+
+def offline_variable(repo_type: str) -> str | None:
+    """The variable that keeps a `repo_type` repository to the cache, as the Hugging Face libraries read them:
+    HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE (huggingface_hub's), for a dataset also HF_DATASETS_OFFLINE, which
+    `load_dataset` obeys; None where downloads are allowed."""
+    from huggingface_hub import constants
+
+    def true(name):
+        return os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")
+
+    if constants.HF_HUB_OFFLINE:
+        only_transformers = true("TRANSFORMERS_OFFLINE") and not true("HF_HUB_OFFLINE")
+        return "TRANSFORMERS_OFFLINE" if only_transformers else "HF_HUB_OFFLINE"
+    if repo_type == "dataset" and true("HF_DATASETS_OFFLINE"):
+        return "HF_DATASETS_OFFLINE"
+    return None
 
 
 def _why(e: BaseException) -> str:

@@ -39,7 +39,9 @@ def resolve_device(config: TrainConfig) -> tuple[torch.device, torch.dtype]:
     else:
         device = torch.device(config.device)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA device is available")
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            hidden = "" if visible is None else f" (CUDA_VISIBLE_DEVICES is {visible!r}, which may hide the GPUs)"
+            raise UserError(f"--device {config.device}: no CUDA device is available{hidden}")
         if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
             raise UserError(f"--device {config.device}: there are {torch.cuda.device_count()} CUDA devices (0 to "
                             f"{torch.cuda.device_count() - 1})")
@@ -652,8 +654,7 @@ def train(config: TrainConfig, dist: Dist | None = None) -> int:
 
 
 def run_training(config: TrainConfig, dist: Dist, held: contextlib.ExitStack) -> int:
-    from tqdm.auto import tqdm
-
+    from rpo_engine.progress import progress_bar
     from rpo_engine.rewards.pool import PooledReward
 
     check_divisible(config.prompts_per_step, dist.world_size)
@@ -776,8 +777,8 @@ def run_training(config: TrainConfig, dist: Dist, held: contextlib.ExitStack) ->
             print(f"step 0: eval accuracy {first_eval['eval_accuracy']:.3f}{eval_note(config)}{pass_at_k}")
 
     algo_name = f"{'RPO-' if config.rpo.rpo else ''}{config.algo.algo.upper()}"
-    bar = tqdm(total=config.steps, initial=trainer.step_num, desc=algo_name,
-               disable=not (config.progress and main_rank), dynamic_ncols=True)
+    bar = progress_bar(total=config.steps, initial=trainer.step_num, desc=algo_name,
+                       disable=not (config.progress and main_rank), dynamic_ncols=True)
     held.callback(bar.close)  # an error's traceback, which a notebook keeps, held it open: the next bar went below it
     generated, seconds, stopped_by = 0, 0.0, 0
     fail_at = os.environ.get("RPO_ENGINE_TEST_FAIL_AT")  # tests only, "RANK:STEP": that rank raises there

@@ -658,6 +658,23 @@ def gsm8k_like_hub(tmp_path, monkeypatch):
     return tmp_path / "hub"
 
 
+@pytest.mark.parametrize("variable", ["HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"])
+def test_the_offline_variables_datasets_reads_keep_a_hub_dataset_to_the_cache(gsm8k_like_hub, monkeypatch, variable):
+    """HF_DATASETS_OFFLINE=1, which `load_dataset` obeys, kept no download from happening here (HF_HUB_OFFLINE
+    alone did); the cache's copy is read, and a dataset it lacks is one line naming the variable that is set."""
+    import huggingface_hub
+
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", variable == "TRANSFORMERS_OFFLINE")
+    assert len(load_dataset_rows("org/gsm", prompt_column="question", config_name="main", split="test")) == 3
+    with pytest.raises(UserError, match=f"^org/other: no such file, and no Hugging Face Hub dataset of that name in "
+                                        f"the local cache \\({gsm8k_like_hub}\\) or to download "
+                                        f"\\({variable} is set\\)$"):
+        load_dataset_rows("org/other")
+
+
 def test_hub_dataset_split_and_configuration_as_load_dataset_reads_them(gsm8k_like_hub):
     """`org/gsm` is the split of the configuration asked for (TRL's dataset_config / dataset_*_split), its
     question column read as the prompt; a configuration or split the card does not declare, or a dataset in no

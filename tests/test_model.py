@@ -949,3 +949,28 @@ def test_a_saved_directory_takes_the_umasks_mode_not_mkdtemps_private_one(tmp_pa
     finally:
         os.umask(old)
     assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_saved_weights_take_the_umasks_mode_as_the_other_files_do(tmp_path, tiny_model_dir, umask):
+    """safetensors 0.8 writes through a temporary file of mode 0600 renamed into place: model.safetensors (final/,
+    a checkpoint's, the starter model's) and adapter_model.safetensors came out readable by their owner alone
+    beside a config.json the umask made readable to the group or everyone, and another user's vLLM or
+    transformers could not load them. They take the umask's mode, as an open() does."""
+    import os
+
+    import rpo_engine
+    from rpo_engine.model.lora import apply_lora, save_adapter
+
+    model = apply_lora(rpo_engine.load_model(tiny_model_dir), r=2, alpha=4.0, target_modules="q_proj")
+    old = os.umask(umask)
+    try:
+        model.save_pretrained(tmp_path / "merged")
+        save_adapter(model, tmp_path / "adapter")
+    finally:
+        os.umask(old)
+    mode = 0o666 & ~umask
+    for directory, weights, config in ((tmp_path / "merged", "model.safetensors", "config.json"),
+                                       (tmp_path / "adapter", "adapter_model.safetensors", "adapter_config.json")):
+        assert (directory / config).stat().st_mode & 0o777 == mode
+        assert (directory / weights).stat().st_mode & 0o777 == mode, oct((directory / weights).stat().st_mode)

@@ -349,7 +349,7 @@ def test_progress_bar_changes_nothing(checkpoints, capsys):
 def test_a_progress_bar_that_fails_to_open_queues_nothing_for_the_next_call(checkpoints, monkeypatch):
     """tqdm raises where there is no stderr to write to (sys.stderr None: pythonw, some daemons). The requests of
     that call must not stay queued: the next call would run them too and write their samples over its own."""
-    import tqdm.auto
+    import rpo_engine.progress
 
     hf, model = checkpoints["qwen2"]
     first, second = random_prompts(hf.config.vocab_size, [5, 9])
@@ -360,7 +360,7 @@ def test_a_progress_bar_that_fails_to_open_queues_nothing_for_the_next_call(chec
     def no_stderr(*args, **kwargs):
         raise AttributeError("'NoneType' object has no attribute 'write'")
 
-    monkeypatch.setattr(tqdm.auto, "tqdm", no_stderr)
+    monkeypatch.setattr(rpo_engine.progress, "progress_bar", no_stderr)
     with pytest.raises(AttributeError):
         engine.generate([first], params, progress=True)
     monkeypatch.undo()

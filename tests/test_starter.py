@@ -72,6 +72,38 @@ def test_an_unusable_cache_is_named_before_the_build(tmp_path, monkeypatch):
         ensure_starter_model(tmp_path, progress=False)
 
 
+def test_the_cache_variables_are_read_as_huggingfaces_are(tmp_path, monkeypatch):
+    """RPO_ENGINE_CACHE set but empty (`export RPO_ENGINE_CACHE=` in a job script, a CI variable that is not set)
+    counts as unset, as XDG's rule has it: it was the current directory, which got a starter-*/ beside the user's
+    files. XDG_CACHE_HOME moves the default as it moves Hugging Face's and torch's caches (a cluster whose home is
+    read-only points it at scratch), and a leading ~ is the home directory in either."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("RPO_ENGINE_CACHE", "")
+    assert starter.default_cache_dir() == tmp_path / "home" / ".cache" / "rpo_engine"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "scratch"))
+    assert starter.default_cache_dir() == tmp_path / "scratch" / "rpo_engine"
+    monkeypatch.setenv("XDG_CACHE_HOME", "")
+    assert starter.default_cache_dir() == tmp_path / "home" / ".cache" / "rpo_engine"
+    monkeypatch.setenv("RPO_ENGINE_CACHE", "~/models")
+    assert starter.default_cache_dir() == tmp_path / "home" / "models"
+
+
+def test_no_home_directory_asks_for_rpo_engine_cache(tmp_path, monkeypatch):
+    """No HOME and no password entry for the user (a container run under an arbitrary uid): one line naming
+    RPO_ENGINE_CACHE, not pathlib's RuntimeError."""
+    import pytest
+
+    from rpo_engine.errors import UserError
+
+    monkeypatch.delenv("RPO_ENGINE_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(
+        RuntimeError("Could not determine home directory."))))
+    with pytest.raises(UserError, match="^no home directory .*; set RPO_ENGINE_CACHE"):
+        starter.default_cache_dir()
+
+
 def test_concurrent_builds_never_show_a_half_written_starter(tmp_path, monkeypatch):
     """Two builders at once (two runs on one machine, or nodes sharing the cache through NFS): each builds in its
     own temporary directory, renamed into place whole; the one that finishes second keeps the first's and drops

@@ -61,7 +61,19 @@ class StarterRecipe:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("RPO_ENGINE_CACHE", Path.home() / ".cache" / "rpo_engine"))
+    """RPO_ENGINE_CACHE, else rpo_engine/ in XDG_CACHE_HOME or ~/.cache, where Hugging Face's and torch's caches go.
+    An empty variable counts as unset (XDG's rule; "" would be the current directory), and ~ is expanded."""
+    chosen = os.environ.get("RPO_ENGINE_CACHE")
+    if chosen:
+        return Path(chosen).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg:
+        return Path(xdg).expanduser() / "rpo_engine"
+    try:
+        return Path.home() / ".cache" / "rpo_engine"
+    except RuntimeError:  # no HOME and no password entry: a container run under an arbitrary uid
+        raise UserError("no home directory to keep the starter model in (HOME is not set and the user has none); "
+                        "set RPO_ENGINE_CACHE to a writable directory") from None
 
 
 def starter_model_dir(cache_dir=None, recipe: StarterRecipe = StarterRecipe()) -> Path:
@@ -121,7 +133,7 @@ def length_bucketed_batches(examples, batch_size: int, rng: random.Random, pool_
 
 def train_starter_model(directory, recipe: StarterRecipe = StarterRecipe(), progress: bool = True) -> dict:
     """Train the starter model by SFT and save it (with tokenizer) to `directory`. Returns a summary."""
-    from tqdm.auto import tqdm
+    from rpo_engine.progress import progress_bar
 
     torch.manual_seed(recipe.seed)
     rng = random.Random(recipe.seed)
@@ -143,7 +155,7 @@ def train_starter_model(directory, recipe: StarterRecipe = StarterRecipe(), prog
 
     batches = length_bucketed_batches(examples, recipe.batch_size, rng, recipe.bucket_pool)
     start = time.perf_counter()
-    bar = tqdm(range(recipe.steps), desc="starter SFT", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(range(recipe.steps), desc="starter SFT", disable=not progress, dynamic_ncols=True)
     num_tokens = 0
     for step in bar:
         input_ids, labels = sft_batch(next(batches), tokenizer.pad_token_id)
@@ -194,7 +206,8 @@ def ensure_starter_model(cache_dir=None, progress: bool = True, recipe: StarterR
 def _check_writable(directory: Path) -> None:
     """The starter can be saved at `directory`: its cache directory is (or can be made) a writable directory and
     nothing but a directory is in the way; else a UserError naming the path (and RPO_ENGINE_CACHE)."""
-    fix = "set RPO_ENGINE_CACHE to a writable directory for the starter model (default ~/.cache/rpo_engine)"
+    fix = ("set RPO_ENGINE_CACHE to a writable directory for the starter model (default $XDG_CACHE_HOME/rpo_engine "
+           "or ~/.cache/rpo_engine)")
     if directory.exists() and not directory.is_dir():
         raise UserError(f"{directory}: exists and is not a directory; remove it, or {fix}")
     try:

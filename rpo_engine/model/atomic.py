@@ -41,11 +41,13 @@ def replacing_directory(directory, supersedes=()):
 
 
 def private_to_umask(path: Path) -> Path:
-    """`path`, a mkdtemp directory (mode 0700) about to be renamed into place, given the mode a mkdir would: else
-    final/, a checkpoint's model/ or the starter model in a cache shared by several users is their owner's alone."""
+    """`path`, a mkdtemp directory (mode 0700) about to be renamed into place, given the mode a mkdir would, or a
+    file safetensors wrote (0600: since 0.8 it writes a temporary file renamed into place) the mode an open()
+    would: else final/, a checkpoint's model/ or the starter model in a cache shared by several users is their
+    owner's alone."""
     umask = os.umask(0)
     os.umask(umask)
-    path.chmod(0o777 & ~umask)
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
     return path
 
 

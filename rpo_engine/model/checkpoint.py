@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from rpo_engine.errors import UserError
 from rpo_engine.hub import hub_snapshot, is_hub_id
-from rpo_engine.model.atomic import replacing_directory
+from rpo_engine.model.atomic import private_to_umask, replacing_directory
 from rpo_engine.model.config import ModelConfig, read_generation_eos, rope_inv_freq, token_ids
 from rpo_engine.model.decoder import CausalLM
 from rpo_engine.model.lora import is_peft_adapter_parameter, merged_state_dict, share_peft_adapters
@@ -258,6 +258,7 @@ def save_pretrained(model: CausalLM, directory, tokenizer=None) -> None:
         if model.config.tie_word_embeddings:
             state.pop("lm_head.weight")  # safetensors refuses shared tensors; transformers re-ties on load
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        private_to_umask(tmp / "model.safetensors")
         hf = model.config.to_hf_dict()
         # transformers 5 reads "dtype" (copied from the source's config, maybe another dtype), 4.x "torch_dtype"
         hf["dtype"] = hf["torch_dtype"] = str(model.dtype).removeprefix("torch.")

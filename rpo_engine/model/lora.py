@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rpo_engine.errors import UserError
-from rpo_engine.model.atomic import replacing_directory
+from rpo_engine.model.atomic import private_to_umask, replacing_directory
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
@@ -309,6 +309,7 @@ def save_adapter(model: nn.Module, directory, base_model_name_or_path: str | Non
         raise ValueError("the model has no LoRA adapters")
     with replacing_directory(directory, supersedes=(ADAPTER_WEIGHTS, ADAPTER_CONFIG, "adapter_model.bin")) as tmp:
         save_file(adapter_state_dict(model), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        private_to_umask(tmp / ADAPTER_WEIGHTS)
         config = {
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": settings.r, "lora_alpha": settings.alpha,
             "target_modules": list(settings.target_modules), "lora_dropout": 0.0, "bias": "none",

@@ -261,10 +261,10 @@ class RolloutEngine:
         # stderr) must leave no request queued, or the next call would run it and write it into its own outputs.
         try:
             if progress:
-                from tqdm.auto import tqdm
+                from rpo_engine.progress import progress_bar
 
                 name = progress if isinstance(progress, str) else "generate"
-                bar = tqdm(total=sum(p.n for p in params_list), desc=name, unit="seq", dynamic_ncols=True)
+                bar = progress_bar(total=sum(p.n for p in params_list), desc=name, unit="seq", dynamic_ncols=True)
                 bar.update(sum(p.n for p in params_list if p.max_new_tokens == 0))
             for i, (prompt, p) in enumerate(zip(prompts, params_list)):
                 if p.max_new_tokens == 0:
