@@ -1329,7 +1329,6 @@ def test_math_reward_helper_answers_right_when_its_libraries_write_to_stdout(mon
     wrote too: the caller read that as an answer, and the answers after it belonged to earlier calls. Answers
     go out on a private copy of fd 1, and fd 1 itself to stderr."""
     import subprocess
-    import sys
 
     from rpo_engine.rewards import answers
 
