@@ -247,7 +247,7 @@ def _evaluated(args, model=None, tokenizer=None) -> dict:
     import rpo_engine
     from rpo_engine.config import config_from_dict, greedy_filter, stop_strings
     from rpo_engine.rollout import SamplingParams
-    from rpo_engine.train import load_rows, resolve_reward, reward_pool
+    from rpo_engine.train import check_output_dir, load_rows, resolve_reward, reward_pool
     from rpo_engine.rewards.answers import RewardLog
     from rpo_engine.trainer import (add_columns, encode_run_prompts, right_answers, sampled_graded,
                                     seed_global_rngs, stop_ids)
@@ -291,11 +291,9 @@ def _evaluated(args, model=None, tokenizer=None) -> dict:
         link = " (a broken symbolic link)" if not output.exists() else ""
         raise UserError(f"{output}: already exists{link}; pass another --output")
     if output is not None:  # before minutes of decoding, not after
-        if not output.parent.is_dir():
-            problem = "is a file, not a directory" if output.parent.exists() else "no such directory"
-            raise UserError(f"{output.parent}: {problem} (--output {output})")
-        if not os.access(output.parent, os.W_OK | os.X_OK):  # read-only, or another user's
-            raise UserError(f"{output.parent}: not writable (--output {output})")
+        if not output.parent.exists():  # the file alone is made: not its directories, as training's --output's
+            raise UserError(f"{output.parent}: no such directory (--output {output})")
+        check_output_dir(output.parent, f"--output {output}")  # a file, read-only, or another user's
 
     # The same option checks and loaders as training: the dataset is the eval set here.
     try:
