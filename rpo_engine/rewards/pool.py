@@ -54,14 +54,16 @@ def _start_worker(names: dict[int, str]) -> None:
     # (SIGTERM is left as it is: the pool stops a worker with it.)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    if hasattr(signal, "pthread_sigmask"):  # blocked since the spawn (RewardPool.score): one sent meanwhile is dropped now
+    # blocked since the spawn (RewardPool._start): one sent meanwhile is dropped now
+    if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STARTUP_BLOCKED)
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     _FUNCTIONS.update({index: reward_function(name) for index, name in names.items()})
 
 
 # Blocked while the workers are spawned, a mask they inherit through exec: else one sent to the process group in the
-# seconds a worker imports torch and rpo_engine (before _start_worker ignores it) killed it, with a traceback.
+# seconds a worker imports the main module and the reward functions (before _start_worker ignores it) killed it, with a
+# traceback.
 _STARTUP_BLOCKED = {signal.SIGINT, signal.SIGUSR1}
 
 
@@ -74,7 +76,10 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def _score(index: int, texts: list[str], answers: list[str]) -> list[float]:
-    fn = _FUNCTIONS[index]
+    return scores_of(_FUNCTIONS[index], texts, answers)
+
+
+def scores_of(fn, texts: list[str], answers: list[str]) -> list[float]:
     return [float(fn(text, answer)) for text, answer in zip(texts, answers)]
 
 
@@ -217,7 +222,7 @@ class RewardPool:
                     self._warn_scoring_here()
                     fn = reward_function(self.names[index])
                     for i in waiting:
-                        parts[i] = [float(fn(text, answer)) for text, answer in zip(*chunks[i][1:])]
+                        parts[i] = scores_of(fn, *chunks[i][1:])
                 break
             # a death shows as the sentinel, or the pipe's end of file; where a process the worker forked (a user
             # function's helper) lives on and holds both open, as the exit code the timeout lets us look at
